@@ -1,0 +1,1 @@
+"""The single source of truth: declarative tables every codec, renderer and generator derives from."""

@@ -1,0 +1,60 @@
+"""`fsinspect` entry point: argparse subcommands, one module each under fsinspect.commands.
+
+Errors the user can fix (bad arguments, bad input files) end in one line on
+stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+# Subcommand modules, in help order.  A module is listed only once its command works.
+COMMANDS = ("decode",)
+
+
+class UserError(Exception):
+    """An error to report as one line, exit status 2 (bad input) unless `status` says otherwise."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fsinspect", description="virtio-fs debugger and FUSE protocol inspector")
+    p.add_argument("--version", action="version", version=f"fsinspect {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        mod = importlib.import_module(f"fsinspect.commands.{name}")
+        mod.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except UserError as e:
+        print(f"fsinspect {args.command}: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `fsinspect` subcommand; each exposes `register(subparsers)`."""
