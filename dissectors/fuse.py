@@ -70,7 +70,7 @@ class Message:
 
     @property
     def unique(self) -> int:
-        return self.header.unique  # type: ignore[attr-defined, no-any-return]
+        return self.header.unique
 
     def get(self, path: str, default: Any = None) -> Any:
         """Dotted access into args: 'entry.attr.flags', 'name'."""
@@ -108,7 +108,7 @@ class Request(Message):
 
     @property
     def nodeid(self) -> int:
-        return self.header.nodeid  # type: ignore[attr-defined, no-any-return]
+        return self.header.nodeid
 
     def __repr__(self) -> str:
         from .render import summary
@@ -134,7 +134,7 @@ class Reply(Message):
     @property
     def error(self) -> int:
         """Positive errno, 0 on success."""
-        return -self.header.error  # type: ignore[attr-defined, no-any-return]
+        return -self.header.error
 
     @property
     def errname(self) -> str | None:
@@ -308,7 +308,7 @@ def _dirents_part(part: Part, plus: bool) -> PartDecoder:
             if end - off < head:
                 raise DecodeError(f"{key}: truncated {codec.name} record", off)
             rec = dec(buf, off)
-            d = rec.dirent if plus else rec  # type: ignore[attr-defined]
+            d = rec.dirent if plus else rec
             namelen = d.namelen
             if namelen == 0 or namelen > spec.NAME_MAX:
                 raise DecodeError(f"{key}: bad namelen {namelen}", off)
@@ -452,12 +452,12 @@ def _decode_extensions(buf: Any, off: int, end: int) -> list[Any]:
         if end - off < _EXT_HEADER.size:
             raise DecodeError("truncated fuse_ext_header", off)
         eh = _EXT_HEADER.decode(buf, off)
-        size = eh.size  # type: ignore[attr-defined]
+        size = eh.size
         if size < _EXT_HEADER.size or size % 8 or off + size > end:
             raise DecodeError(f"bad extension size {size}", off)
         body = bytes(buf[off + _EXT_HEADER.size:off + size])
         value: Any = body
-        if eh.type == 32:  # type: ignore[attr-defined]  # FUSE_EXT_GROUPS
+        if eh.type == 32:  # FUSE_EXT_GROUPS
             if len(body) < 4:
                 raise DecodeError("truncated fuse_supp_groups", off + 8)
             (n,) = _U32.unpack_from(body, 0)
@@ -583,7 +583,7 @@ def encode_dirents(entries: Iterable[tuple[Any, bytes]], *, plus: bool = False) 
     for rec, nm in entries:
         rec = _as_record(codec, rec)
         if plus:
-            rec = rec._replace(dirent=rec.dirent._replace(namelen=len(nm)))  # type: ignore[attr-defined]
+            rec = rec._replace(dirent=rec.dirent._replace(namelen=len(nm)))
         else:
             rec = rec._replace(namelen=len(nm))
         body = codec.encode(rec) + nm
@@ -618,8 +618,8 @@ def encode_request_obj(req: Request, ctx: FuseContext = DEFAULT_CONTEXT) -> byte
         for eh, v in req.ext
     )
     # Pad the groups extension to its declared size (8-byte units).
-    return encode_request(req.op, req.args, unique=h.unique, nodeid=h.nodeid, uid=h.uid,  # type: ignore[attr-defined]
-                          gid=h.gid, pid=h.pid, ext=_pad8(ext), ctx=ctx)  # type: ignore[attr-defined]
+    return encode_request(req.op, req.args, unique=h.unique, nodeid=h.nodeid, uid=h.uid,
+                          gid=h.gid, pid=h.pid, ext=_pad8(ext), ctx=ctx)
 
 
 def _pad8(b: bytes) -> bytes:

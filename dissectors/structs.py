@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections import namedtuple
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .spec.types import SCALAR_SIZE, SCALARS, Field, Registry, StructDef
 
@@ -20,7 +20,7 @@ def pyname(cname: str) -> str:
     return cname.lstrip("_") or cname
 
 
-class Record(tuple):  # type: ignore[type-arg]
+class Record(tuple):
     """Base of generated struct records: immutable, tuple-fast, with the spec attached."""
 
     __slots__ = ()
@@ -33,6 +33,10 @@ class Record(tuple):  # type: ignore[type-arg]
 
     def _replace(self, **kw: Any) -> Any:  # overridden by namedtuple
         raise NotImplementedError
+
+    if TYPE_CHECKING:
+        # Fields are generated from the spec; to the type checker every field is Any.
+        def __getattr__(self, name: str) -> Any: ...
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (records inside become dicts, arrays lists)."""
@@ -61,7 +65,7 @@ class StructCodec:
         self.size = self.struct.size
         assert self.size == registry.sizeof(sdef.name), sdef.name
         fields = [pyname(f.name) for f in sdef.fields]
-        base = namedtuple(sdef.name, fields)  # type: ignore[misc]  # noqa: PYI024
+        base = namedtuple(sdef.name, fields)  # type: ignore[misc]
         self.cls: type[Record] = type(sdef.name, (base, Record), {"__slots__": (), "_spec": sdef, "_codec": self})
         self.decode: Callable[..., Record] = self._compile_decode()
         self.flatten_values: Callable[[Any], list[Any]] = self._compile_flatten()
@@ -105,8 +109,8 @@ class StructCodec:
         else:
             ns["_build"] = self._compile_build(ns)
             src = "def decode(buf, off=0):\n    return _build(_unpack(buf, off), 0)\n"
-        exec(src, ns)  # noqa: S102 - generated from the spec tables, like namedtuple
-        return ns["decode"]  # type: ignore[no-any-return]
+        exec(src, ns)  # generated from the spec tables, like namedtuple
+        return ns["decode"]
 
     def _compile_build(self, ns: dict[str, Any], prefix: str = "") -> Callable[[tuple[Any, ...], int], Record]:
         """A function building this record from a flat value tuple starting at index i."""
@@ -126,8 +130,8 @@ class StructCodec:
         ns[key] = self.cls
         fname = f"_build{prefix}"
         src = f"def {fname}(v, i):\n    return _new({key}, ({', '.join(parts)},))\n"
-        exec(src, ns)  # noqa: S102
-        return ns[fname]  # type: ignore[no-any-return]
+        exec(src, ns)  # generated from the spec tables, like namedtuple
+        return ns[fname]
 
     def _compile_flatten(self) -> Callable[[Any], list[Any]]:
         plan = self._plan

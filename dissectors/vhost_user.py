@@ -61,15 +61,15 @@ class VhostUserMessage:
         p = self.payload
         if isinstance(p, Record):
             if p._codec.name == "vhost_user_u64":
-                return p.u64 & spec.VRING_IDX_MASK  # type: ignore[attr-defined, no-any-return]
+                return p.u64 & spec.VRING_IDX_MASK
             if "index" in p._fields:
-                return p.index  # type: ignore[attr-defined, no-any-return]
+                return int(getattr(p, "index"))  # noqa: B009 - tuple.index shadows the field for mypy
         return None
 
     def nofd(self) -> bool:
         p = self.payload
         return isinstance(p, Record) and p._codec.name == "vhost_user_u64" and bool(
-            p.u64 & spec.VRING_NOFD_MASK)  # type: ignore[attr-defined]
+            p.u64 & spec.VRING_NOFD_MASK)
 
     def summary(self) -> str:
         from .render import record_lines
@@ -126,8 +126,8 @@ def decode_message(buf: bytes | bytearray | memoryview, fds: list[int] | None = 
             if size < _CONFIG.size:
                 raise DecodeError(f"config payload {size} < {_CONFIG.size}", 12, proto="vhost-user")
             hdr = _CONFIG.decode(body, 0)
-            if _CONFIG.size + hdr.size != size:  # type: ignore[attr-defined]
-                raise DecodeError(f"config size {hdr.size} disagrees with payload {size}",  # type: ignore[attr-defined]
+            if _CONFIG.size + hdr.size != size:
+                raise DecodeError(f"config size {hdr.size} disagrees with payload {size}",
                                   16, proto="vhost-user")
             msg.payload = hdr
             msg.extra["region"] = bytes(body[_CONFIG.size:])
@@ -149,7 +149,7 @@ def _decode_memory(body: memoryview) -> tuple[list[Any], dict[str, Any]]:
     if len(body) < _MEMORY.size:
         raise DecodeError("truncated memory table", 12, proto="vhost-user")
     head = _MEMORY.decode(body, 0)
-    n = head.num_regions  # type: ignore[attr-defined]
+    n = head.num_regions
     if n > spec.MEMORY_BASELINE_NREGIONS:
         raise DecodeError(f"{n} regions exceed {spec.MEMORY_BASELINE_NREGIONS}", 12, proto="vhost-user")
     if len(body) < _MEMORY.size + n * _REGION.size:

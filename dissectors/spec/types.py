@@ -61,12 +61,13 @@ class Enum:
     name: str
     values: tuple[tuple[str, int], ...]
     prefix: str = ""
+    _by_value: dict[int, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_value", {v: n for n, v in self.values})
 
     def name_of(self, value: int) -> str | None:
-        return self._by_value.get(value)  # type: ignore[attr-defined, no-any-return]
+        return self._by_value.get(value)
 
     def render(self, value: int) -> str:
         n = self.name_of(value)

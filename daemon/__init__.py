@@ -1,0 +1,1 @@
+"""The bundled passthrough daemon: engine, passthrough filesystem, transports."""

@@ -1,0 +1,1 @@
+"""Transports only move bytes: /dev/fuse (standalone) and vhost-user (QEMU)."""

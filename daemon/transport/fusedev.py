@@ -1,0 +1,219 @@
+"""Raw /dev/fuse transport: mount a FUSE connection on the host and move whole messages.
+
+This is an edge module (it does I/O).  As root it mounts with mount(2) through
+ctypes; otherwise it asks fusermount3 for the fd over a socketpair
+(_FUSE_COMMFD), as libfuse does.  Each read(2) on the device returns exactly one
+request; each write(2) must carry exactly one reply.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import stat
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+DEV_FUSE = "/dev/fuse"
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+# A read buffer must hold the largest request: max_write (1 MiB) plus headers (FUSE_MIN_READ_BUFFER is 8 KiB).
+DEFAULT_BUFSIZE = 1024 * 1024 + 4096
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class FuseDevError(OSError):
+    """A mount/unmount problem, phrased for the user."""
+
+
+class DeviceClosed(Exception):
+    """The connection is gone: unmounted (ENODEV) or aborted."""
+
+
+def _err(op: str, path: str) -> FuseDevError:
+    e = ctypes.get_errno()
+    return FuseDevError(e, f"{op} {path}: {os.strerror(e)}")
+
+
+def is_mountpoint(path: str) -> bool:
+    try:
+        st = os.stat(path)
+        parent = os.stat(os.path.join(path, ".."))
+    except OSError:
+        return False
+    return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
+
+
+def check_mountpoint(path: str) -> None:
+    """Clear errors before trying: missing, not a directory, already mounted (busy)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FuseDevError(errno.ENOENT, f"mountpoint {path} does not exist") from None
+    except OSError as e:
+        # ENOTCONN: a dead FUSE mount is still there.
+        raise FuseDevError(e.errno or errno.EIO,
+                           f"mountpoint {path}: {e.strerror} (a dead FUSE mount? try: fusermount3 -u {path} "
+                           f"or umount -l {path})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise FuseDevError(errno.ENOTDIR, f"mountpoint {path} is not a directory")
+    if is_mountpoint(path):
+        raise FuseDevError(errno.EBUSY, f"mountpoint {path} is busy: something is already mounted there")
+
+
+def open_device() -> int:
+    try:
+        return os.open(DEV_FUSE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FuseDevError(errno.ENOENT, f"{DEV_FUSE} is missing: load the fuse module (modprobe fuse)") from None
+    except PermissionError:
+        raise FuseDevError(errno.EACCES, f"{DEV_FUSE}: permission denied") from None
+
+
+@dataclass
+class MountOptions:
+    fsname: str = "fsinspect"
+    subtype: str = "fsinspect"
+    allow_other: bool = True
+    default_permissions: bool = False
+    max_read: int | None = None
+    extra: list[str] = field(default_factory=list)
+
+
+class FuseDev:
+    """One mounted FUSE connection."""
+
+    def __init__(self, fd: int, mountpoint: str, *, via_fusermount: bool, bufsize: int = DEFAULT_BUFSIZE) -> None:
+        self.fd = fd
+        self.mountpoint = mountpoint
+        self.via_fusermount = via_fusermount
+        self.bufsize = bufsize
+        self.mounted = True
+
+    @classmethod
+    def mount(cls, mountpoint: str, opts: MountOptions | None = None) -> FuseDev:
+        opts = opts or MountOptions()
+        mountpoint = os.path.abspath(mountpoint)
+        check_mountpoint(mountpoint)
+        if os.geteuid() == 0:
+            fd = open_device()
+            st = os.stat(mountpoint)
+            data = [f"fd={fd}", f"rootmode={stat.S_IFMT(st.st_mode):o}", f"user_id={os.getuid()}",
+                    f"group_id={os.getgid()}"]
+            if opts.allow_other:
+                data.append("allow_other")
+            if opts.default_permissions:
+                data.append("default_permissions")
+            if opts.max_read:
+                data.append(f"max_read={opts.max_read}")
+            data += opts.extra
+            rc = _libc.mount(opts.fsname.encode(), mountpoint.encode(), f"fuse.{opts.subtype}".encode(),
+                             MS_NOSUID | MS_NODEV, ",".join(data).encode())
+            if rc != 0:
+                err = _err("mount", mountpoint)
+                os.close(fd)
+                raise err
+            return cls(fd, mountpoint, via_fusermount=False)
+        return cls(_fusermount(mountpoint, opts), mountpoint, via_fusermount=True)
+
+    def read(self) -> bytes:
+        """One whole request.  Raises DeviceClosed when the filesystem is unmounted."""
+        while True:
+            try:
+                return os.read(self.fd, self.bufsize)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # the request was interrupted before we read it
+                    continue
+                if e.errno in (errno.ENODEV, errno.EBADF, errno.ECONNABORTED):
+                    raise DeviceClosed(str(e)) from None
+                raise
+
+    def write(self, data: bytes | Sequence[bytes]) -> None:
+        """Send one reply (bytes or a list of iovecs).  A reply to an interrupted request is dropped."""
+        try:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                os.write(self.fd, data)
+            else:
+                os.writev(self.fd, data)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return
+            if e.errno in (errno.ENODEV, errno.EBADF):
+                raise DeviceClosed(str(e)) from None
+            raise
+
+    def unmount(self, *, lazy: bool = False) -> None:
+        if self.mounted:
+            self.mounted = False
+            unmount(self.mountpoint, lazy=lazy, via_fusermount=self.via_fusermount)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> FuseDev:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.unmount()
+        except FuseDevError:
+            self.unmount(lazy=True)
+
+
+def unmount(mountpoint: str, *, lazy: bool = False, via_fusermount: bool | None = None) -> None:
+    """Unmount; lazy (MNT_DETACH / fusermount3 -uz) as the last resort for busy mounts."""
+    if via_fusermount is None:
+        via_fusermount = os.geteuid() != 0
+    if via_fusermount:
+        cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise FuseDevError(errno.EBUSY, f"{' '.join(cmd)}: {r.stderr.strip()}")
+        return
+    if _libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
+        e = ctypes.get_errno()
+        if e == errno.EINVAL:  # not mounted any more
+            return
+        raise _err("umount", mountpoint)
+
+
+def _fusermount(mountpoint: str, opts: MountOptions) -> int:
+    """Mount without root: fusermount3 opens /dev/fuse, mounts, and passes the fd back."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        o = [f"fsname={opts.fsname}", f"subtype={opts.subtype}"]
+        if opts.allow_other:
+            o.append("allow_other")
+        if opts.default_permissions:
+            o.append("default_permissions")
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        proc = subprocess.run(["fusermount3", "-o", ",".join(o + opts.extra), "--", mountpoint],
+                              env=env, pass_fds=(theirs.fileno(),), capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise FuseDevError(errno.EPERM, f"fusermount3 {mountpoint}: {proc.stderr.strip()}")
+        fds = array.array("i")
+        _msg, anc, _flags, _addr = ours.recvmsg(1, socket.CMSG_LEN(fds.itemsize))
+        for level, typ, data in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        if not fds:
+            raise FuseDevError(errno.EIO, "fusermount3 did not pass a /dev/fuse fd back")
+        os.set_inheritable(fds[0], False)
+        return fds[0]
+    finally:
+        ours.close()
+        theirs.close()
