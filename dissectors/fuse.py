@@ -30,6 +30,7 @@ _new = tuple.__new__
 _InHeader = IN_HEADER.cls
 _OutHeader = OUT_HEADER.cls
 IN_HEADER_SIZE = IN_HEADER.size
+_MAX = spec.MAX_MESSAGE
 OUT_HEADER_SIZE = OUT_HEADER.size
 ALL_INIT_FLAGS = 0
 for _n, _v in spec.INIT_FLAGS.bits:
@@ -216,9 +217,6 @@ def _struct_part(part: Part) -> PartDecoder:
     def decode(buf: Any, off: int, end: int, args: dict[str, Any], ctx: FuseContext, req: Any) -> int:
         avail = end - off
         if avail >= size:
-            if key == "setxattr" and not ctx.setxattr_ext:
-                args[key] = codec.decode_compat(buf, off, 8)
-                return off + 8
             args[key] = dec(buf, off)
             return off + size
         if optional and avail == 0:
@@ -229,7 +227,17 @@ def _struct_part(part: Part) -> PartDecoder:
             return off + avail
         raise DecodeError(f"{codec.name}: need {size} bytes, {avail} left", off)
 
-    return decode
+    if key != "setxattr":
+        return decode
+
+    def decode_setxattr(buf: Any, off: int, end: int, args: dict[str, Any], ctx: FuseContext, req: Any) -> int:
+        # Without FUSE_SETXATTR_EXT the struct is the 8-byte compat layout, then the name.
+        if not ctx.setxattr_ext and end - off >= 8:
+            args[key] = codec.decode_compat(buf, off, 8)
+            return off + 8
+        return decode(buf, off, end, args, ctx, req)
+
+    return decode_setxattr
 
 
 def _str_part(part: Part) -> PartDecoder:
@@ -386,17 +394,6 @@ def _compile(parts: Iterable[Part]) -> tuple[PartDecoder, ...]:
     return tuple(out)
 
 
-_REQ_DECODERS: dict[int, tuple[Opcode, tuple[PartDecoder, ...]]] = {
-    o.value: (o, _compile(o.request)) for o in spec.OPCODES
-}
-_REPLY_DECODERS: dict[int, tuple[PartDecoder, ...]] = {
-    o.value: _compile(o.reply) for o in spec.OPCODES if o.reply is not None
-}
-_NOTIFY_DECODERS: dict[int, tuple[Notify, tuple[PartDecoder, ...]]] = {
-    n.value: (n, _compile(n.body)) for n in spec.NOTIFIES
-}
-
-
 def _check_len(buf: Any, declared: int, head: int) -> None:
     n = len(buf)
     if declared > spec.MAX_MESSAGE:
@@ -409,14 +406,47 @@ def _check_len(buf: Any, declared: int, head: int) -> None:
         raise DecodeError(f"length mismatch: header says {declared} bytes, {n} present", declared)
 
 
-def _run(decoders: tuple[PartDecoder, ...], buf: Any, off: int, end: int, ctx: FuseContext,
-         req: Any) -> dict[str, Any]:
-    args: dict[str, Any] = {}
-    for d in decoders:
-        off = d(buf, off, end, args, ctx, req)
-    if off != end:
-        raise DecodeError(f"{end - off} trailing bytes after the body", off)
-    return args
+BodyDecoder = Callable[[Any, int, int, FuseContext, Any], dict[str, Any]]
+
+
+def _body(decoders: tuple[PartDecoder, ...]) -> BodyDecoder:
+    """One function per opcode that runs its part decoders and checks nothing is left over."""
+    if not decoders:
+        def run0(buf: Any, off: int, end: int, ctx: FuseContext, req: Any) -> dict[str, Any]:
+            if off != end:
+                raise DecodeError(f"{end - off} trailing bytes after the body", off)
+            return {}
+        return run0
+    if len(decoders) == 1:
+        (d1,) = decoders
+
+        def run1(buf: Any, off: int, end: int, ctx: FuseContext, req: Any) -> dict[str, Any]:
+            args: dict[str, Any] = {}
+            off = d1(buf, off, end, args, ctx, req)
+            if off != end:
+                raise DecodeError(f"{end - off} trailing bytes after the body", off)
+            return args
+        return run1
+
+    def run(buf: Any, off: int, end: int, ctx: FuseContext, req: Any) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        for d in decoders:
+            off = d(buf, off, end, args, ctx, req)
+        if off != end:
+            raise DecodeError(f"{end - off} trailing bytes after the body", off)
+        return args
+    return run
+
+
+_REQ_DECODERS: dict[int, tuple[Opcode, BodyDecoder]] = {
+    o.value: (o, _body(_compile(o.request))) for o in spec.OPCODES
+}
+_REPLY_DECODERS: dict[int, BodyDecoder] = {
+    o.value: _body(_compile(o.reply)) for o in spec.OPCODES if o.reply is not None
+}
+_NOTIFY_DECODERS: dict[int, tuple[Notify, BodyDecoder]] = {
+    n.value: (n, _body(_compile(n.body))) for n in spec.NOTIFIES
+}
 
 
 def decode_request(buf: bytes | bytearray | memoryview, ctx: FuseContext = DEFAULT_CONTEXT) -> Request:
@@ -425,11 +455,12 @@ def decode_request(buf: bytes | bytearray | memoryview, ctx: FuseContext = DEFAU
         if len(buf) < IN_HEADER_SIZE:
             raise DecodeError(f"truncated: {len(buf)} bytes, a fuse_in_header needs {IN_HEADER_SIZE}", len(buf))
         header = _new(_InHeader, _in_hdr_unpack(buf, 0))
-        _check_len(buf, header[0], IN_HEADER_SIZE)
+        if header[0] != len(buf) or header[0] > _MAX:
+            _check_len(buf, header[0], IN_HEADER_SIZE)
         entry = _REQ_DECODERS.get(header[1])
         if entry is None:
             raise DecodeError(f"unknown opcode {header[1]}", 4)
-        op, decoders = entry
+        op, body = entry
         end = header[0]
         ext = None
         if header[7]:  # total_extlen, in 8-byte units
@@ -438,8 +469,7 @@ def decode_request(buf: bytes | bytearray | memoryview, ctx: FuseContext = DEFAU
                 raise DecodeError(f"total_extlen {header[7]} runs past the header", 36)
             ext = _decode_extensions(buf, ext_start, end)
             end = ext_start
-        args = _run(decoders, buf, IN_HEADER_SIZE, end, ctx, None)
-        return Request(header, op, args, ext, header[0])
+        return Request(header, op, body(buf, IN_HEADER_SIZE, end, ctx, None), ext, header[0])
     except DecodeError:
         raise
     except (struct.error, ValueError, IndexError, TypeError, OverflowError, AttributeError, KeyError) as e:
@@ -476,10 +506,13 @@ def decode_reply(buf: bytes | bytearray | memoryview, request: Request | int | s
         if len(buf) < OUT_HEADER_SIZE:
             raise DecodeError(f"truncated: {len(buf)} bytes, a fuse_out_header needs {OUT_HEADER_SIZE}", len(buf))
         header = _new(_OutHeader, _out_hdr_unpack(buf, 0))
-        _check_len(buf, header[0], OUT_HEADER_SIZE)
+        if header[0] != len(buf) or header[0] > _MAX:
+            _check_len(buf, header[0], OUT_HEADER_SIZE)
         if header[2] == 0:
             return _decode_notify(buf, header, ctx)
-        if isinstance(request, Request):
+        if type(request) is Request:
+            op = request.op
+        elif isinstance(request, Request):
             op = request.op
         elif isinstance(request, int):
             op = spec.OPCODE_BY_VALUE.get(request)  # type: ignore[assignment]
@@ -496,11 +529,10 @@ def decode_reply(buf: bytes | bytearray | memoryview, request: Request | int | s
             if header[0] != OUT_HEADER_SIZE:
                 raise DecodeError(f"error reply carries {header[0] - OUT_HEADER_SIZE} body bytes", OUT_HEADER_SIZE)
             return Reply(header, op, {}, header[0])
-        decoders = _REPLY_DECODERS.get(op.value)
-        if decoders is None:
+        rbody = _REPLY_DECODERS.get(op.value)
+        if rbody is None:
             raise DecodeError(f"{op.name} has no reply by design", 8)
-        args = _run(decoders, buf, OUT_HEADER_SIZE, header[0], ctx, request)
-        return Reply(header, op, args, header[0])
+        return Reply(header, op, rbody(buf, OUT_HEADER_SIZE, header[0], ctx, request), header[0])
     except DecodeError:
         raise
     except (struct.error, ValueError, IndexError, TypeError, OverflowError, AttributeError, KeyError) as e:
@@ -512,9 +544,8 @@ def _decode_notify(buf: Any, header: Record, ctx: FuseContext) -> Notification:
     entry = _NOTIFY_DECODERS.get(code)
     if entry is None:
         raise DecodeError(f"unknown notify code {code}", 4)
-    notify, decoders = entry
-    args = _run(decoders, buf, OUT_HEADER_SIZE, header[0], ctx, None)
-    return Notification(header, notify, args, header[0])
+    notify, body = entry
+    return Notification(header, notify, body(buf, OUT_HEADER_SIZE, header[0], ctx, None), header[0])
 
 
 def peek_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int]:
