@@ -1,0 +1,1 @@
+"""Recordings: the fsinspect pcapng format (format), its writer, reader and side index."""

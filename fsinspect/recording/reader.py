@@ -1,0 +1,339 @@
+"""pcapng reader for fsinspect recordings: validates, iterates records, reports a truncated tail.
+
+Refuses (with `RecordingError`, one clear line) anything that is not pcapng, a big-endian or
+non-1.x section, an interface whose link type is not 252, and a format version newer than this code.
+A tail cut by a crash is not an error: iteration stops at the last complete block and `truncated`
+says where and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from . import format as fmt
+
+_U32 = struct.Struct("<I")
+_BLOCK_HEAD = struct.Struct("<II")
+_EPB_FIXED = struct.Struct("<IIIII")
+_OPT_HDR = struct.Struct("<HH")
+_EXP_TAG = struct.Struct(">HH")
+_META_BODY = struct.Struct("<HHII")  # queue, flags, head, epoch (after PEN, kind, reserved)
+MAX_BLOCK = 64 * 1024 * 1024
+
+
+class RecordingError(Exception):
+    """A file that this reader refuses; the message names the file problem in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    index: int
+    name: str
+    description: str
+    linktype: int
+    kind: str
+    queue: int
+    tsresol: int = 9
+
+
+@dataclass(slots=True)
+class Record:
+    """One captured message: the PDU bytes (exported-PDU tags removed) and its metadata."""
+
+    offset: int  # file offset of the EPB, for random access
+    iface: int
+    dissector: str
+    inbound: bool  # request / front-end message
+    ts_ns: int
+    data: bytes
+    orig_len: int  # PDU length before snapping
+    queue: int
+    head: int | None
+    epoch: int
+    flags: int
+    layout: list[tuple[int, int]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_fuse(self) -> bool:
+        return self.dissector == fmt.DISSECTOR_FUSE
+
+    @property
+    def snapped(self) -> bool:
+        return self.orig_len > len(self.data)
+
+
+@dataclass
+class Section:
+    """What a section header says: tool, format version, host, kernel, backend, comments, INIT."""
+
+    offset: int
+    meta: dict[str, Any]
+    userappl: str = ""
+    os: str = ""
+    hardware: str = ""
+    comments: list[str] = field(default_factory=list)
+    interfaces: list[Interface] = field(default_factory=list)
+
+    @property
+    def format_version(self) -> int:
+        return int(self.meta.get("format", 0))
+
+
+def _parse_options(buf: bytes, off: int, end: int) -> Iterator[tuple[int, bytes]]:
+    while off + 4 <= end:
+        code, ln = _OPT_HDR.unpack_from(buf, off)
+        if code == fmt.OPT_ENDOFOPT:
+            return
+        val = buf[off + 4:off + 4 + ln]
+        if len(val) < ln:
+            raise RecordingError(f"option {code} runs past its block")
+        yield code, val
+        off += 4 + ln + (-ln % 4)
+
+
+def _custom_json(val: bytes) -> dict[str, Any] | None:
+    if len(val) < 4 or _U32.unpack_from(val)[0] != fmt.PEN:
+        return None
+    try:
+        obj = json.loads(val[4:].decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def strip_exported_pdu(data: bytes) -> tuple[str, int | None, bytes]:
+    """(dissector name, p2p direction or None, PDU bytes) from an exported-PDU payload."""
+    off = 0
+    name = ""
+    p2p: int | None = None
+    n = len(data)
+    while off + 4 <= n:
+        tag, ln = _EXP_TAG.unpack_from(data, off)
+        off += 4
+        if tag == fmt.EXP_PDU_TAG_END_OF_OPT:
+            return name, p2p, data[off:]
+        val = data[off:off + ln]
+        if tag == fmt.EXP_PDU_TAG_DISSECTOR_NAME:
+            name = val.rstrip(b"\0").decode("utf-8", "replace")
+        elif tag == fmt.EXP_PDU_TAG_P2P_DIRECTION and ln == 4:
+            p2p = struct.unpack(">i", val)[0]
+        off += ln
+    raise RecordingError("exported PDU tags have no end tag")
+
+
+class RecordingReader:
+    """Sequential and random access to one recording file.
+
+    Opening reads and validates the first section header and the interfaces met while iterating.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise RecordingError(f"{self.path}: {e.strerror}") from None
+        self.size = os.fstat(self._f.fileno()).st_size
+        self.sections: list[Section] = []
+        self.truncated: str | None = None
+        self.count = 0
+        head = self._f.read(12)
+        if len(head) < 12:
+            self.close()
+            raise RecordingError(f"{self.path}: not a pcapng file ({len(head)} bytes, too short for a header)")
+        btype, _ = _BLOCK_HEAD.unpack_from(head)
+        if btype != fmt.BT_SHB:
+            self.close()
+            what = "a pcap (libpcap) file" if head[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4",
+                                                          b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else \
+                f"starts with {head[:4].hex()}, not the pcapng section header 0a0d0d0a"
+            raise RecordingError(f"{self.path}: not a pcapng file ({what})")
+        self._f.seek(0)
+        try:
+            first = self._read_block(0)
+        except RecordingError:
+            self.close()
+            raise
+        if first is None:
+            self.close()
+            raise RecordingError(f"{self.path}: the section header is incomplete ({self.truncated})")
+        self._section(0, first[1])
+
+    # -- header ----------------------------------------------------------------------------------
+    @property
+    def section(self) -> Section:
+        return self.sections[0]
+
+    @property
+    def interfaces(self) -> list[Interface]:
+        """Interfaces of the first section, complete once the file was iterated (IDBs may come late)."""
+        return self.sections[0].interfaces
+
+    def _section(self, offset: int, body: bytes) -> Section:
+        if len(body) < 16:
+            raise RecordingError(f"{self.path}: section header at offset {offset} is too short")
+        magic, major, minor = struct.unpack_from("<IHH", body)
+        if magic != fmt.BYTE_ORDER_MAGIC:
+            if magic == 0x4D3C2B1A:
+                raise RecordingError(f"{self.path}: big-endian pcapng sections are not supported")
+            raise RecordingError(f"{self.path}: bad byte-order magic 0x{magic:08x} at offset {offset + 8}")
+        if major != fmt.PCAPNG_MAJOR:
+            raise RecordingError(f"{self.path}: pcapng version {major}.{minor} is not supported (need 1.x)")
+        sec = Section(offset, {})
+        for code, val in _parse_options(body, 16, len(body)):
+            if code == fmt.OPT_COMMENT:
+                sec.comments.append(val.decode("utf-8", "replace"))
+            elif code == fmt.SHB_USERAPPL:
+                sec.userappl = val.decode("utf-8", "replace")
+            elif code == fmt.SHB_OS:
+                sec.os = val.decode("utf-8", "replace")
+            elif code == fmt.SHB_HARDWARE:
+                sec.hardware = val.decode("utf-8", "replace")
+            elif code == fmt.OPT_CUSTOM_STR:
+                obj = _custom_json(val)
+                if obj is not None and "format" in obj:
+                    sec.meta = obj
+        if not sec.meta:
+            raise RecordingError(f"{self.path}: a pcapng file, but not an fsinspect recording "
+                                 f"(no fsinspect option in the section header"
+                                 f"{', written by ' + sec.userappl if sec.userappl else ''})")
+        v = sec.meta.get("format")
+        if not isinstance(v, int) or v < 1:
+            raise RecordingError(f"{self.path}: bad recording format version {v!r}")
+        if v > fmt.FORMAT_VERSION:
+            raise RecordingError(f"{self.path}: recording format version {v} is newer than this fsinspect "
+                                 f"reads (up to {fmt.FORMAT_VERSION}); upgrade fsinspect")
+        self.sections.append(sec)
+        return sec
+
+    def _interface(self, offset: int, body: bytes) -> None:
+        sec = self.sections[-1]
+        linktype, _, _snap = struct.unpack_from("<HHI", body)
+        idx = len(sec.interfaces)
+        if linktype != fmt.LINKTYPE_WIRESHARK_UPPER_PDU:
+            raise RecordingError(f"{self.path}: interface {idx} has link type {linktype}, expected "
+                                 f"{fmt.LINKTYPE_WIRESHARK_UPPER_PDU} (WIRESHARK_UPPER_PDU)")
+        name = desc = kind = ""
+        queue = 0
+        tsresol = 6
+        for code, val in _parse_options(body, 8, len(body)):
+            if code == fmt.IF_NAME:
+                name = val.decode("utf-8", "replace")
+            elif code == fmt.IF_DESCRIPTION:
+                desc = val.decode("utf-8", "replace")
+            elif code == fmt.IF_TSRESOL and val:
+                tsresol = val[0]
+            elif code == fmt.OPT_CUSTOM_STR:
+                obj = _custom_json(val)
+                if obj is not None:
+                    kind = str(obj.get("kind", ""))
+                    queue = int(obj.get("queue", 0))
+        if tsresol != 9:
+            raise RecordingError(f"{self.path}: interface {idx} has if_tsresol {tsresol}; fsinspect writes 9 (ns)")
+        sec.interfaces.append(Interface(idx, name, desc, linktype, kind, queue, tsresol))
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def _read_block(self, offset: int) -> tuple[int, bytes, int] | None:
+        """(type, body, total length) of the block at offset, or None at a clean end / truncated tail."""
+        f = self._f
+        head = f.read(8)
+        if not head:
+            return None
+        if len(head) < 8:
+            self.truncated = f"truncated tail at offset {offset}: {len(head)} stray bytes"
+            return None
+        btype, total = _BLOCK_HEAD.unpack(head)
+        if total < 12 or total % 4 or total > MAX_BLOCK:
+            self.truncated = f"corrupt block at offset {offset}: length {total}"
+            return None
+        rest = f.read(total - 8)
+        if len(rest) < total - 8:
+            self.truncated = (f"truncated tail at offset {offset}: block needs {total} bytes, "
+                              f"{len(rest) + 8} present")
+            return None
+        if _U32.unpack_from(rest, total - 12)[0] != total:
+            self.truncated = f"corrupt block at offset {offset}: trailing length does not match {total}"
+            return None
+        return btype, rest[:-4], total
+
+    def _parse_epb(self, offset: int, body: bytes, check: bool = True) -> Record:
+        iface, ts_hi, ts_lo, caplen, origlen = _EPB_FIXED.unpack_from(body)
+        data = body[20:20 + caplen]
+        dissector, p2p, pdu = strip_exported_pdu(data)
+        orig = origlen - (len(data) - len(pdu))
+        inbound = p2p == fmt.P2P_DIR_RECV
+        queue = 0
+        head: int | None = None
+        epoch = 0
+        flags = 0
+        layout = None
+        notes: list[str] = []
+        for code, val in _parse_options(body, 20 + caplen + (-caplen % 4), len(body)):
+            if code == fmt.EPB_FLAGS and len(val) == 4:
+                d = _U32.unpack(val)[0] & 3
+                if d:
+                    inbound = d == fmt.DIR_INBOUND
+            elif code == fmt.OPT_CUSTOM_BIN and len(val) >= 8 and _U32.unpack_from(val)[0] == fmt.PEN:
+                kind = struct.unpack_from("<H", val, 4)[0]
+                if kind == fmt.META_RECORD and len(val) >= 20:
+                    queue, flags, h, epoch = _META_BODY.unpack_from(val, 8)
+                    head = None if h == fmt.NO_HEAD else h
+                elif kind == fmt.META_LAYOUT:
+                    layout = [(ln, fl) for ln, fl, _ in fmt.LAYOUT_ITEM.iter_unpack(val[8:8 + (len(val) - 8) // 8 * 8])]
+            elif code == fmt.OPT_COMMENT:
+                notes.append(val.decode("utf-8", "replace"))
+        if check and iface >= len(self.sections[-1].interfaces):
+            raise RecordingError(f"{self.path}: packet at offset {offset} names interface {iface}, "
+                                 f"but only {len(self.sections[-1].interfaces)} are defined")
+        return Record(offset, iface, dissector, inbound, (ts_hi << 32) | ts_lo, pdu, orig, queue, head, epoch,
+                      flags, layout, notes)
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.records()
+
+    def records(self) -> Iterator[Record]:
+        """Every record in file order; stops cleanly at a truncated tail (see `truncated`)."""
+        f = self._f
+        f.seek(0)
+        self.truncated = None
+        self.sections = []
+        offset = 0
+        count = 0
+        while True:
+            blk = self._read_block(offset)
+            if blk is None:
+                break
+            btype, body, total = blk
+            if btype == fmt.BT_EPB:
+                count += 1
+                yield self._parse_epb(offset, body)
+            elif btype == fmt.BT_IDB:
+                self._interface(offset, body)
+            elif btype == fmt.BT_SHB:
+                self._section(offset, body)
+            offset += total
+        self.count = count
+
+    def record_at(self, offset: int) -> Record:
+        """The EPB at a file offset (from the side index), read without scanning the file."""
+        self._f.seek(offset)
+        blk = self._read_block(offset)
+        if blk is None or blk[0] != fmt.BT_EPB:
+            raise RecordingError(f"{self.path}: no packet block at offset {offset}")
+        return self._parse_epb(offset, blk[1], check=False)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> RecordingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
