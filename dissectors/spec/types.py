@@ -139,6 +139,7 @@ class Opcode:
     doc: str = ""
     queue: str = "request"  # "hiprio" for FORGET/BATCH_FORGET on virtio-fs
     reply_optional: bool = False  # INTERRUPT: a reply only for EAGAIN
+    needs: str | None = None  # INIT flag that announces support: ENOSYS after negotiating it is a lint
 
 
 @dataclass(frozen=True)
