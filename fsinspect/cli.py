@@ -12,17 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .errors import UserError
+
+__all__ = ["UserError", "build_parser", "main"]
 
 # Subcommand modules, in help order.  A module is listed only once its command works.
 COMMANDS = ("decode",)
-
-
-class UserError(Exception):
-    """An error to report as one line, exit status 2 (bad input) unless `status` says otherwise."""
-
-    def __init__(self, message: str, status: int = 2) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class _Parser(argparse.ArgumentParser):

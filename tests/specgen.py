@@ -27,7 +27,7 @@ def fill(codec: StructCodec, seed: int = 1) -> Any:
                 return v
             vals[pyname(f.name)] = val(k) if f.count == 1 else tuple(val(k + j) for j in range(f.count))
         else:
-            vals[pyname(f.name)] = fill(F.CODECS[f.ctype], k)
+            vals[pyname(f.name)] = fill(codec._sub_codecs[f.name], k)
     return codec.cls(**vals)
 
 

@@ -15,7 +15,7 @@ from dissectors.render import message_json, message_lines, record_lines
 from dissectors.spec import fuse as fspec
 from dissectors.spec import vhost_user as vspec
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 def register(sub: Any) -> None:
@@ -71,10 +71,10 @@ def _opcode_arg(text: str) -> int:
 
 
 def _looks_like_request(buf: bytes, off: int) -> bool:
-    """A request's second word is an opcode; a reply's is 0 or a negated errno; a notify's a small code."""
+    """A request's second word is an opcode (positive); a reply's is 0 or a negated errno; a notify has unique 0."""
     word = int.from_bytes(buf[off + 4:off + 8], "little")
     unique = int.from_bytes(buf[off + 8:off + 16], "little")
-    return word in fspec.OPCODE_BY_VALUE and unique != 0 and len(buf) - off >= F.IN_HEADER_SIZE
+    return 0 < word < 0x80000000 and unique != 0
 
 
 def run(args: argparse.Namespace) -> int:
