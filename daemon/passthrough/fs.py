@@ -1,0 +1,545 @@
+"""The passthrough filesystem: serves one host directory, confined to it.
+
+Confinement: every name-based op is an *at() call relative to the parent's fd, with O_NOFOLLOW where it
+applies, and names are checked (no '/', no NUL, at most 255 bytes, '.'/'..' only in LOOKUP, where '..' of
+the root is the root).  Inodes are reopened through their handle or /proc/self/fd, never by path, so a
+symlink swapped in by the host can't redirect an op outside the shared directory.
+
+Credentials: files are created with the caller's uid/gid by switching this thread's fsuid/fsgid around
+the creating call only (a non-zero fsuid drops CAP_DAC_READ_SEARCH, which open_by_handle_at needs), as
+virtiofsd does.  The process umask is 0 (the kernel already applied the caller's umask).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from daemon.server import Context, DirEntry, Entry, FileSystem, StatLike
+from dissectors.spec import fuse as spec
+
+from . import syscalls as sc
+from .inodes import ROOT_ID, HandleMode, Inode, InodeStore
+
+log = logging.getLogger("fsinspect.daemon.passthrough")
+
+INIT = spec.INIT_FLAGS.by_name()
+FOPEN = spec.FOPEN.by_name()
+FATTR = spec.FATTR.by_name()
+ATTR_SUBMOUNT = spec.ATTR_FLAGS.by_name()["SUBMOUNT"]
+LK_FLOCK = spec.LK_FLAGS.by_name()["FLOCK"]
+LOCK_TYPE = spec.LOCK_TYPE.by_name()
+RENAME_FLAGS_OK = sum(v for _, v in spec.RENAME_FLAGS.bits)
+W_OK = spec.ACCESS_MASK.by_name()["W_OK"]
+NAME_MAX = 255
+DT = spec.DIRENT_TYPE.by_name()
+_IFMT_TO_DT = {stat.S_IFDIR: DT["DT_DIR"], stat.S_IFREG: DT["DT_REG"], stat.S_IFLNK: DT["DT_LNK"],
+               stat.S_IFCHR: DT["DT_CHR"], stat.S_IFBLK: DT["DT_BLK"], stat.S_IFIFO: DT["DT_FIFO"],
+               stat.S_IFSOCK: DT["DT_SOCK"]}
+
+
+class CacheMode(StrEnum):
+    NONE = "none"
+    AUTO = "auto"
+    ALWAYS = "always"
+    METADATA = "metadata"
+
+
+# virtiofsd's policies: (entry/attr timeout, FOPEN flags for files, FOPEN flags for dirs).
+CACHE_POLICY: dict[CacheMode, tuple[float, int, int]] = {
+    CacheMode.NONE: (0.0, FOPEN["DIRECT_IO"], 0),
+    CacheMode.AUTO: (1.0, 0, 0),
+    CacheMode.ALWAYS: (86400.0, FOPEN["KEEP_CACHE"], FOPEN["CACHE_DIR"] | FOPEN["KEEP_CACHE"]),
+    CacheMode.METADATA: (86400.0, FOPEN["DIRECT_IO"], 0),
+}
+
+
+@dataclass
+class Options:
+    shared_dir: str
+    cache: CacheMode = CacheMode.AUTO
+    inode_file_handles: HandleMode = HandleMode.PREFER
+    announce_submounts: bool = True
+    writeback: bool = False
+    xattr: bool = False
+    readonly: bool = False
+
+
+@dataclass(eq=False)
+class Handle:
+    """An open file or directory (fh)."""
+
+    fd: int
+    inode: Inode
+    is_dir: bool = False
+    listing: list[DirEntry] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def check_name(name: bytes, *, lookup: bool = False) -> None:
+    if not name or b"/" in name or b"\0" in name:
+        raise OSError(errno.EINVAL, f"invalid name {name!r}")
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
+    if not lookup and name in (b".", b".."):
+        raise OSError(errno.EINVAL, f"{name!r} is not allowed here")
+
+
+class PassthroughFS(FileSystem):
+    def __init__(self, opts: Options) -> None:
+        if not os.path.isdir(opts.shared_dir):
+            raise OSError(errno.ENOTDIR, f"shared dir {opts.shared_dir} is not a directory")
+        self.opts = opts
+        self.store = InodeStore(HandleMode(opts.inode_file_handles))
+        self.root = self.store.add_root(opts.shared_dir)
+        timeout, self._fopen_file, self._fopen_dir = CACHE_POLICY[CacheMode(opts.cache)]
+        self.timeout = timeout
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._lock = threading.Lock()
+        self._switch_creds = os.geteuid() == 0
+        self.submounts = False
+        self.writeback = False
+        self.syncfs_by_dev: Counter[int] = Counter()
+        os.umask(0)  # the kernel applied the caller's umask already (we don't negotiate DONT_MASK)
+
+    # ------------------------------------------------------------------ session
+    def init(self, kernel_flags: int) -> int:
+        want = (INIT["ASYNC_READ"] | INIT["ATOMIC_O_TRUNC"] | INIT["DO_READDIRPLUS"] | INIT["READDIRPLUS_AUTO"]
+                | INIT["PARALLEL_DIROPS"] | INIT["ASYNC_DIO"] | INIT["FLOCK_LOCKS"])
+        if self.opts.cache is CacheMode.AUTO:
+            want |= INIT["AUTO_INVAL_DATA"]
+        if self.opts.writeback and not self.opts.readonly:
+            want |= INIT["WRITEBACK_CACHE"]
+        if self.opts.announce_submounts:
+            want |= INIT["SUBMOUNTS"]
+        want &= kernel_flags
+        self.submounts = bool(want & INIT["SUBMOUNTS"])
+        self.writeback = bool(want & INIT["WRITEBACK_CACHE"])
+        return want
+
+    def destroy(self) -> None:
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for h in handles:
+            os.close(h.fd)
+        self.store.clear()
+
+    def close(self) -> None:
+        """Release everything including the root (the daemon is exiting)."""
+        self.destroy()
+        self.store.close()
+
+    def counters(self) -> dict[str, Any]:
+        return {"syncfs_by_dev": dict(self.syncfs_by_dev), "inodes": self.store.counts(),
+                "open_handles": len(self._handles)}
+
+    # ------------------------------------------------------------------ helpers
+    def _rw(self) -> None:
+        if self.opts.readonly:
+            raise OSError(errno.EROFS, "read-only export")
+
+    @contextmanager
+    def _creds(self, ctx: Context) -> Iterator[None]:
+        """Create as the caller: this thread's fsuid/fsgid, restored right after."""
+        if not self._switch_creds or (ctx.uid == 0 and ctx.gid == 0):
+            yield
+            return
+        sc.setfsgid(ctx.gid)
+        sc.setfsuid(ctx.uid)
+        try:
+            yield
+        finally:
+            sc.setfsuid(0)
+            sc.setfsgid(0)
+
+    def _handle(self, fh: int, *, is_dir: bool = False) -> Handle:
+        h = self._handles.get(fh)
+        if h is None or h.is_dir != is_dir:
+            raise OSError(errno.EBADF, f"bad fh {fh}")
+        return h
+
+    def _add_handle(self, fd: int, inode: Inode, *, is_dir: bool = False) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = Handle(fd, inode, is_dir)
+        return fh
+
+    def _entry(self, inode: Inode, st: StatLike, parent: Inode) -> Entry:
+        flags = 0
+        if (self.submounts and stat.S_ISDIR(st.st_mode)
+                and (inode.mnt_id != parent.mnt_id or inode.dev != parent.dev)):
+            flags = ATTR_SUBMOUNT
+        return Entry(inode.nodeid, inode.generation, st, flags, self.timeout, self.timeout)
+
+    def _do_lookup(self, parent: Inode, name: bytes) -> Entry:
+        if name == b"." or (name == b".." and parent.nodeid == ROOT_ID):
+            name = b"."  # '..' of the root is the root
+        with self.store.path_fd(parent) as pfd:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            st = sc.statx(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode = self.store.find_or_add(fd, st, parent)
+        return self._entry(inode, st, parent)
+
+    def _stat(self, inode: Inode) -> os.stat_result:
+        with self.store.path_fd(inode) as fd:
+            return os.stat(fd)
+
+    # ------------------------------------------------------------------ lookup / attributes
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        check_name(name, lookup=True)
+        return self._do_lookup(self.store.get(parent), name)
+
+    def forget(self, ctx: Context, nodeid: int, nlookup: int) -> None:
+        self.store.forget(nodeid, nlookup)
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[StatLike, float]:
+        inode = self.store.get(nodeid)
+        if fh is not None and fh in self._handles:
+            return os.fstat(self._handles[fh].fd), self.timeout
+        return self._stat(inode), self.timeout
+
+    def setattr(self, ctx: Context, nodeid: int, sa: Any) -> tuple[StatLike, float]:
+        self._rw()
+        inode = self.store.get(nodeid)
+        valid = sa.valid
+        hfd = self._handle(sa.fh, is_dir=inode.is_dir).fd if valid & FATTR["FH"] else None
+        with self.store.path_fd(inode) as pfd:
+            if valid & FATTR["MODE"]:
+                if hfd is not None:
+                    os.fchmod(hfd, sa.mode)
+                else:
+                    os.chmod(f"/proc/self/fd/{pfd}", sa.mode)
+            if valid & (FATTR["UID"] | FATTR["GID"]):
+                uid = sa.uid if valid & FATTR["UID"] else -1
+                gid = sa.gid if valid & FATTR["GID"] else -1
+                sc.fchown_empty(hfd if hfd is not None else pfd, uid, gid)
+            if valid & FATTR["SIZE"]:
+                if hfd is not None:
+                    os.ftruncate(hfd, sa.size)
+                else:
+                    fd = self.store.reopen(inode, os.O_WRONLY)
+                    try:
+                        os.ftruncate(fd, sa.size)
+                    finally:
+                        os.close(fd)
+            if valid & (FATTR["ATIME"] | FATTR["MTIME"] | FATTR["ATIME_NOW"] | FATTR["MTIME_NOW"]):
+                at = _utime(valid, "ATIME", sa.atime, sa.atimensec)
+                mt = _utime(valid, "MTIME", sa.mtime, sa.mtimensec)
+                if hfd is not None:
+                    sc.utimens(hfd, None, at, mt)
+                else:
+                    sc.utimens(sc.AT_FDCWD, f"/proc/self/fd/{pfd}".encode(), at, mt)
+            st = os.fstat(hfd) if hfd is not None else os.stat(pfd)
+        return st, self.timeout
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        inode = self.store.get(nodeid)
+        if not stat.S_ISLNK(inode.mode):
+            raise OSError(errno.EINVAL, "not a symlink")
+        with self.store.path_fd(inode) as fd:
+            return sc.readlink_empty(fd)
+
+    # ------------------------------------------------------------------ namespace
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        self._rw()
+        check_name(name)
+        if not target or len(target) >= spec.PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG if target else errno.ENOENT, "bad symlink target")
+        p = self.store.get(parent)
+        with self.store.path_fd(p) as pfd, self._creds(ctx):
+            os.symlink(target, name, dir_fd=pfd)
+        return self._do_lookup(p, name)
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
+        self._rw()
+        check_name(name)
+        p = self.store.get(parent)
+        with self.store.path_fd(p) as pfd, self._creds(ctx):
+            os.mknod(name, mode, rdev, dir_fd=pfd)
+        return self._do_lookup(p, name)
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        self._rw()
+        check_name(name)
+        p = self.store.get(parent)
+        with self.store.path_fd(p) as pfd, self._creds(ctx):
+            os.mkdir(name, mode, dir_fd=pfd)
+        return self._do_lookup(p, name)
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        self._rw()
+        check_name(name)
+        with self.store.path_fd(self.store.get(parent)) as pfd:
+            os.unlink(name, dir_fd=pfd)
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        self._rw()
+        check_name(name)
+        with self.store.path_fd(self.store.get(parent)) as pfd:
+            os.rmdir(name, dir_fd=pfd)
+
+    def rename(self, ctx: Context, olddir: int, oldname: bytes, newdir: int, newname: bytes, flags: int) -> None:
+        self._rw()
+        check_name(oldname)
+        check_name(newname)
+        if flags & ~RENAME_FLAGS_OK:
+            raise OSError(errno.EINVAL, f"unknown rename flags {flags:#x}")
+        od, nd = self.store.get(olddir), self.store.get(newdir)
+        with self.store.path_fd(od) as ofd, self.store.path_fd(nd) as nfd:
+            if flags:
+                sc.renameat2(ofd, oldname, nfd, newname, flags)
+            else:
+                os.rename(oldname, newname, src_dir_fd=ofd, dst_dir_fd=nfd)
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        self._rw()
+        check_name(newname)
+        inode, p = self.store.get(nodeid), self.store.get(newparent)
+        if inode.is_dir:
+            raise OSError(errno.EPERM, "hard links to directories")
+        with self.store.path_fd(inode) as fd, self.store.path_fd(p) as pfd:
+            os.link(f"/proc/self/fd/{fd}", newname, dst_dir_fd=pfd, follow_symlinks=True)
+        return self._do_lookup(p, newname)
+
+    # ------------------------------------------------------------------ files
+    def _open_flags(self, flags: int) -> int:
+        acc = flags & os.O_ACCMODE
+        if self.opts.readonly and (acc != os.O_RDONLY or flags & os.O_TRUNC):
+            raise OSError(errno.EROFS, "read-only export")
+        flags &= ~(os.O_DIRECT | os.O_NOCTTY)
+        if self.writeback:
+            # The kernel's page cache may read-modify-write and handles O_APPEND itself.
+            if acc == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags
+
+    def open(self, ctx: Context, nodeid: int, flags: int, open_flags: int) -> tuple[int, int]:
+        inode = self.store.get(nodeid)
+        if inode.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        fd = self.store.reopen(inode, self._open_flags(flags))
+        return self._add_handle(fd, inode), self._fopen_file
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
+               umask: int) -> tuple[Entry, int, int]:
+        self._rw()
+        check_name(name)
+        p = self.store.get(parent)
+        flags = self._open_flags(flags)
+        with self.store.path_fd(p) as pfd, self._creds(ctx):
+            fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o7777, dir_fd=pfd)
+        try:
+            entry = self._do_lookup(p, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return entry, self._add_handle(fd, self.store.get(entry.nodeid)), self._fopen_file
+
+    def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, int, int]:
+        self._rw()
+        p = self.store.get(parent)
+        flags = self._open_flags(flags) & ~(os.O_CREAT | os.O_EXCL)
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            flags |= os.O_RDWR
+        with self.store.path_fd(p) as pfd, self._creds(ctx):
+            fd = os.open(".", flags | sc.O_TMPFILE | os.O_CLOEXEC, mode & 0o7777, dir_fd=pfd)
+        try:
+            ofd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            st = sc.statx(ofd)
+            # An unlinked inode can't be reopened by handle: hold it by fd (LINK can then name it).
+            inode = self.store.find_or_add(ofd, st, p, force_fd=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._entry(inode, st, p), self._add_handle(fd, inode), self._fopen_file
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self._handle(fh).fd, size, offset)
+
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, data: Any, write_flags: int) -> int:
+        self._rw()
+        return os.pwrite(self._handle(fh).fd, data, offset)
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        # close() of a duplicate gives the host filesystem its close-time semantics (NFS, POSIX locks).
+        os.close(os.dup(self._handle(fh).fd))
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
+                lock_owner: int) -> None:
+        with self._lock:
+            h = self._handles.get(fh)
+            if h is None or h.is_dir:
+                raise OSError(errno.EBADF, f"bad fh {fh}")
+            del self._handles[fh]
+        os.close(h.fd)
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh).fd
+        os.fdatasync(fd) if datasync else os.fsync(fd)
+
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
+        self._rw()
+        sc.fallocate(self._handle(fh).fd, mode, offset, length)
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        return os.lseek(self._handle(fh).fd, offset, whence)
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int,
+                        fh_out: int, off_out: int, length: int, flags: int) -> int:
+        self._rw()
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
+        return os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, length, off_in, off_out)
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lk: Any, lk_flags: int, sleep: bool) -> None:
+        if not lk_flags & LK_FLOCK:
+            raise OSError(errno.ENOSYS, "POSIX locks are left to the kernel")
+        op = {LOCK_TYPE["F_RDLCK"]: fcntl.LOCK_SH, LOCK_TYPE["F_WRLCK"]: fcntl.LOCK_EX,
+              LOCK_TYPE["F_UNLCK"]: fcntl.LOCK_UN}.get(lk.type)
+        if op is None:
+            raise OSError(errno.EINVAL, f"bad lock type {lk.type}")
+        fcntl.flock(self._handle(fh).fd, op | (0 if sleep else fcntl.LOCK_NB))
+
+    # ------------------------------------------------------------------ directories
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        inode = self.store.get(nodeid)
+        if not inode.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        fd = self.store.reopen(inode, os.O_RDONLY | os.O_DIRECTORY)
+        return self._add_handle(fd, inode, is_dir=True), self._fopen_dir
+
+    def _list(self, h: Handle) -> list[DirEntry]:
+        """Snapshot the directory (offset 0 = rewinddir); cookies are positions in the snapshot."""
+        st = os.fstat(h.fd)
+        if h.inode.nodeid == ROOT_ID:
+            up = st.st_ino
+        else:
+            try:
+                up = os.stat("..", dir_fd=h.fd, follow_symlinks=False).st_ino
+            except OSError:
+                up = st.st_ino
+        out = [DirEntry(st.st_ino, 1, DT["DT_DIR"], b"."), DirEntry(up, 2, DT["DT_DIR"], b"..")]
+        with os.scandir(h.fd) as it:
+            for d in it:
+                try:
+                    if d.is_symlink():
+                        t = DT["DT_LNK"]
+                    elif d.is_dir(follow_symlinks=False):
+                        t = DT["DT_DIR"]
+                    elif d.is_file(follow_symlinks=False):
+                        t = DT["DT_REG"]
+                    else:
+                        t = _IFMT_TO_DT.get(stat.S_IFMT(d.stat(follow_symlinks=False).st_mode), 0)
+                except OSError:
+                    t = 0
+                out.append(DirEntry(d.inode(), len(out) + 1, t, os.fsencode(d.name)))
+        return out
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
+        h = self._handle(fh, is_dir=True)
+        with h.lock:
+            if offset == 0 or h.listing is None:
+                h.listing = self._list(h)
+            listing = h.listing
+        return iter(listing[offset:])
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        with self._lock:
+            h = self._handles.get(fh)
+            if h is None or not h.is_dir:
+                raise OSError(errno.EBADF, f"bad fh {fh}")
+            del self._handles[fh]
+        os.close(h.fd)
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh, is_dir=True).fd
+        os.fdatasync(fd) if datasync else os.fsync(fd)
+
+    # ------------------------------------------------------------------ filesystem-wide
+    def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
+        with self.store.path_fd(self.store.get(nodeid)) as fd:
+            return os.fstatvfs(fd)
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        inode = self.store.get(nodeid)
+        if mask & W_OK and self.opts.readonly:
+            raise OSError(errno.EROFS, "read-only export")
+        with self.store.path_fd(inode) as fd, self._creds(ctx):
+            if not os.access(f"/proc/self/fd/{fd}", mask, effective_ids=True):
+                raise OSError(errno.EACCES, "access denied")
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        """syncfs() the host filesystem behind this nodeid (the root's, or a submount's)."""
+        inode = self.store.get(nodeid)
+        fd = self.store.reopen(inode, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            sc.syncfs(fd)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.syncfs_by_dev[inode.dev] += 1
+
+    # ------------------------------------------------------------------ xattrs
+    def _xattr_path(self, nodeid: int) -> tuple[Inode, Any]:
+        if not self.opts.xattr:
+            raise OSError(errno.ENOSYS, "xattrs are off (--xattr)")
+        inode = self.store.get(nodeid)
+        return inode, self.store.path_fd(inode)
+
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        _inode, cm = self._xattr_path(nodeid)
+        self._rw()
+        with cm as fd:
+            os.setxattr(f"/proc/self/fd/{fd}", name, value, flags)
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
+        _inode, cm = self._xattr_path(nodeid)
+        with cm as fd:
+            v = os.getxattr(f"/proc/self/fd/{fd}", name)
+        return _sized(v, size)
+
+    def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
+        _inode, cm = self._xattr_path(nodeid)
+        with cm as fd:
+            names = os.listxattr(f"/proc/self/fd/{fd}")
+        return _sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        _inode, cm = self._xattr_path(nodeid)
+        self._rw()
+        with cm as fd:
+            os.removexattr(f"/proc/self/fd/{fd}", name)
+
+
+def _sized(v: bytes, size: int) -> bytes | int:
+    if size == 0:
+        return len(v)
+    if len(v) > size:
+        raise OSError(errno.ERANGE, "buffer too small")
+    return v
+
+
+def _utime(valid: int, which: str, sec: int, nsec: int) -> tuple[int, int]:
+    if valid & FATTR[f"{which}_NOW"]:
+        return (0, sc.UTIME_NOW)
+    if valid & FATTR[which]:
+        return (sec, nsec)
+    return (0, sc.UTIME_OMIT)

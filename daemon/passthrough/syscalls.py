@@ -1,0 +1,151 @@
+"""Linux syscalls Python's os module lacks, through ctypes: statx (for mnt_id), file handles, syncfs,
+renameat2, fchownat(AT_EMPTY_PATH), utimensat with UTIME_NOW/OMIT, fallocate modes and per-thread
+setfsuid/setfsgid.
+
+These are host-kernel ABI (struct statx, struct file_handle), not FUSE protocol, so their layouts live
+here rather than in dissectors/spec.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+from dataclasses import dataclass
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+O_PATH = os.O_PATH
+O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
+STATX_BASIC_STATS = 0x7FF
+STATX_MNT_ID = 0x1000
+MAX_HANDLE_SZ = 128
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.readlinkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+_libc.readlinkat.restype = ctypes.c_ssize_t
+_libc.syncfs.argtypes = [ctypes.c_int]
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.setfsuid.argtypes = [ctypes.c_uint]
+_libc.setfsgid.argtypes = [ctypes.c_uint]
+
+# struct statx (include/uapi/linux/stat.h), the fields we use, by offset.
+_STATX = struct.Struct("<IIQIIIH2xQQQQ" + "qI4x" * 4 + "IIIIQ")
+_STATX_BUF = 256
+
+
+def _raise(what: str, path: bytes | str | None = None) -> None:
+    e = ctypes.get_errno()
+    raise OSError(e, f"{what}: {os.strerror(e)}", path)
+
+
+@dataclass(slots=True)
+class Statx:
+    """The subset of struct statx the daemon needs, named like os.stat_result so it serves as one,
+    plus mnt_id (which os.stat lacks) for identity and submount detection."""
+
+    st_mode: int
+    st_ino: int
+    st_dev: int
+    mnt_id: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_size: int
+    st_blocks: int
+    st_blksize: int
+    st_rdev: int
+    st_atime_ns: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+
+def statx(dirfd: int, path: bytes = b"", flags: int = AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) -> Statx:
+    buf = ctypes.create_string_buffer(_STATX_BUF)
+    if _libc.statx(dirfd, path, flags, STATX_BASIC_STATS | STATX_MNT_ID, buf) != 0:
+        _raise("statx", path)
+    (mask, blksize, _attrs, nlink, uid, gid, mode, ino, size, blocks, _amask,
+     a_s, a_ns, _b_s, _b_ns, c_s, c_ns, m_s, m_ns, rmaj, rmin, dmaj, dmin, mnt_id) = _STATX.unpack_from(buf.raw)
+    if not mask & STATX_MNT_ID:
+        mnt_id = 0  # kernels before 5.8: identity falls back to (st_dev, st_ino)
+    return Statx(mode, ino, os.makedev(dmaj, dmin), mnt_id, nlink, uid, gid, size, blocks, blksize,
+                 os.makedev(rmaj, rmin), a_s * 1_000_000_000 + a_ns, m_s * 1_000_000_000 + m_ns,
+                 c_s * 1_000_000_000 + c_ns)
+
+
+def readlink_empty(fd: int) -> bytes:
+    """readlinkat(fd, "") on an O_PATH fd of a symlink: the link's own content."""
+    buf = ctypes.create_string_buffer(4097)
+    n = _libc.readlinkat(fd, b"", buf, 4097)
+    if n < 0:
+        _raise("readlinkat")
+    return buf.raw[:n]
+
+
+def name_to_handle_at(dirfd: int, path: bytes = b"", flags: int = AT_EMPTY_PATH) -> tuple[bytes, int]:
+    """(struct file_handle as bytes, mount_id).  Raises OSError (EOPNOTSUPP where handles are impossible)."""
+    buf = ctypes.create_string_buffer(8 + MAX_HANDLE_SZ)
+    struct.pack_into("<I", buf, 0, MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int(0)
+    if _libc.name_to_handle_at(dirfd, path, buf, ctypes.byref(mount_id), flags) != 0:
+        _raise("name_to_handle_at", path)
+    (nbytes,) = struct.unpack_from("<I", buf, 0)
+    return buf.raw[: 8 + nbytes], mount_id.value
+
+
+def open_by_handle_at(mount_fd: int, handle: bytes, flags: int) -> int:
+    """Needs CAP_DAC_READ_SEARCH (in the effective set: a non-zero fsuid drops it)."""
+    buf = ctypes.create_string_buffer(handle, len(handle))
+    fd = _libc.open_by_handle_at(mount_fd, buf, flags | os.O_CLOEXEC)
+    if fd < 0:
+        _raise("open_by_handle_at")
+    return int(fd)
+
+
+def syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        _raise("syncfs")
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
+    if _libc.renameat2(olddirfd, oldname, newdirfd, newname, flags) != 0:
+        _raise("renameat2", oldname)
+
+
+def fchown_empty(fd: int, uid: int, gid: int) -> None:
+    """fchownat(fd, "", ..., AT_EMPTY_PATH): works on O_PATH fds, and -1 (0xffffffff) leaves an id unchanged."""
+    if _libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0:
+        _raise("fchownat")
+
+
+def utimens(dirfd: int, path: bytes | None, atime: tuple[int, int], mtime: tuple[int, int], flags: int = 0) -> None:
+    """utimensat with (sec, nsec) pairs; nsec may be UTIME_NOW or UTIME_OMIT.  path None = futimens(dirfd)."""
+    ts = (ctypes.c_long * 4)(atime[0], atime[1], mtime[0], mtime[1])
+    if _libc.utimensat(dirfd, path, ts, flags) != 0:
+        _raise("utimensat", path)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        _raise("fallocate")
+
+
+def setfsuid(uid: int) -> int:
+    """Per-thread (a raw syscall; glibc does not broadcast it).  Returns the previous fsuid."""
+    return int(_libc.setfsuid(uid))
+
+
+def setfsgid(gid: int) -> int:
+    return int(_libc.setfsgid(gid))

@@ -1,0 +1,728 @@
+"""The transport-agnostic FUSE engine: decode -> `FileSystem` method -> encode.
+
+Modelled on the Rust virtiofsd `server.rs` + `filesystem.rs`: one dispatch on the opcode decodes the
+arguments, calls the filesystem method and encodes the reply.  `FileSystem` answers ENOSYS for every op,
+so a filesystem implements only what it supports.
+
+Transports call `Server.handle(request_bytes, reply, queue)`; `reply` receives one whole reply as a list
+of buffers (iovecs), possibly from another thread.  Concurrency model: requests are handled inline on
+the transport's thread (one per queue for virtio-fs, the reader thread(s) for /dev/fuse), except the ops
+that can block for long (READ, WRITE, fsync, syncfs, ...), which go to a thread pool so they never stall
+unrelated requests.  virtiofsd found inline-per-queue faster than a plain pool; `dispatch="pool"`
+exists to measure that choice.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dissectors import fuse as F
+from dissectors.errors import DecodeError
+from dissectors.spec import fuse as spec
+
+log = logging.getLogger("fsinspect.daemon")
+
+Buffer = bytes | bytearray | memoryview
+ReplySink = Callable[[Sequence[Buffer]], None]
+# tap(direction, queue, unique, ts_ns, raw): direction is "request" or "reply".
+Tap = Callable[[str, int, int, int, bytes], None]
+
+INIT_FLAG = spec.INIT_FLAGS.by_name()
+MIN_KERNEL_MINOR = 27
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
+GETATTR_FH = spec.GETATTR_FLAGS.by_name()["FH"]
+FSYNC_FDATASYNC = spec.FSYNC_FLAGS.by_name()["FDATASYNC"]
+LK_FLOCK = spec.LK_FLAGS.by_name()["FLOCK"]
+OP = {o.name: o.value for o in spec.OPCODES}
+
+# What the engine itself can carry; the filesystem narrows it in FileSystem.init().
+ENGINE_FLAGS = (
+    INIT_FLAG["ASYNC_READ"] | INIT_FLAG["BIG_WRITES"] | INIT_FLAG["ATOMIC_O_TRUNC"] | INIT_FLAG["MAX_PAGES"]
+    | INIT_FLAG["DO_READDIRPLUS"] | INIT_FLAG["READDIRPLUS_AUTO"] | INIT_FLAG["PARALLEL_DIROPS"]
+    | INIT_FLAG["ASYNC_DIO"] | INIT_FLAG["AUTO_INVAL_DATA"] | INIT_FLAG["WRITEBACK_CACHE"]
+    | INIT_FLAG["SUBMOUNTS"] | INIT_FLAG["FLOCK_LOCKS"]
+)
+
+# Ops that may block for long on the host: they run in the pool, everything else inline.
+BLOCKING_OPS = frozenset(OP[n] for n in (
+    "READ", "WRITE", "FSYNC", "FSYNCDIR", "SYNCFS", "FLUSH", "FALLOCATE", "COPY_FILE_RANGE", "SETLKW",
+    "COPY_FILE_RANGE_64",
+))
+NO_REPLY_OPS = frozenset((OP["FORGET"], OP["BATCH_FORGET"], OP["INTERRUPT"]))
+
+_attr_cls: Any = F.CODECS["fuse_attr"].cls
+_entry_codec: Any = F.CODECS["fuse_entry_out"]
+_attr_out_codec: Any = F.CODECS["fuse_attr_out"]
+_open_out_codec: Any = F.CODECS["fuse_open_out"]
+_dirent_codec: Any = F.CODECS["fuse_dirent"]
+_direntplus_codec: Any = F.CODECS["fuse_direntplus"]
+_out_pack = F.OUT_HEADER.struct.pack
+OUT_HEADER_SIZE = F.OUT_HEADER_SIZE
+DIRENT_SIZE = _dirent_codec.size
+DIRENTPLUS_SIZE = _direntplus_codec.size
+
+
+class StatLike(Protocol):
+    """os.stat_result or anything with the same fields (syscalls.Statx)."""
+
+    @property
+    def st_ino(self) -> int: ...
+
+    @property
+    def st_mode(self) -> int: ...
+
+    @property
+    def st_nlink(self) -> int: ...
+
+    @property
+    def st_uid(self) -> int: ...
+
+    @property
+    def st_gid(self) -> int: ...
+
+    @property
+    def st_rdev(self) -> int: ...
+
+    @property
+    def st_size(self) -> int: ...
+
+    @property
+    def st_blocks(self) -> int: ...
+
+    @property
+    def st_blksize(self) -> int: ...
+
+    @property
+    def st_atime_ns(self) -> int: ...
+
+    @property
+    def st_mtime_ns(self) -> int: ...
+
+    @property
+    def st_ctime_ns(self) -> int: ...
+
+
+@dataclass(slots=True)
+class Context:
+    """Who asked: the caller's credentials from fuse_in_header."""
+
+    uid: int
+    gid: int
+    pid: int
+    unique: int = 0
+    nodeid: int = 0
+
+
+@dataclass(slots=True)
+class Entry:
+    """A LOOKUP-style answer: a new reference (nlookup + 1) to `nodeid`."""
+
+    nodeid: int
+    generation: int
+    attr: StatLike
+    attr_flags: int = 0  # FUSE_ATTR_SUBMOUNT, ...
+    entry_timeout: float = 0.0
+    attr_timeout: float = 0.0
+
+
+@dataclass(slots=True)
+class DirEntry:
+    """One directory entry; `offset` is the cookie that resumes after it."""
+
+    ino: int
+    offset: int
+    type: int  # DT_*
+    name: bytes
+
+
+@dataclass
+class Negotiated:
+    """What FUSE_INIT agreed on (exposed for tests, the UI and the transports)."""
+
+    major: int = 0
+    minor: int = 0
+    kernel_flags: int = 0
+    flags: int = 0
+    max_write: int = MAX_WRITE
+    max_readahead: int = 0
+    done: bool = False
+
+    def has(self, name: str) -> bool:
+        return bool(self.flags & INIT_FLAG[name])
+
+
+def attr_from_stat(st: StatLike, flags: int = 0) -> Any:
+    """fuse_attr from an os.stat_result (or anything with the same fields)."""
+    a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    return _attr_cls(st.st_ino, st.st_size, st.st_blocks, a // 1_000_000_000, m // 1_000_000_000,
+                     c // 1_000_000_000, a % 1_000_000_000, m % 1_000_000_000, c % 1_000_000_000, st.st_mode,
+                     st.st_nlink, st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, flags)
+
+
+def _split_timeout(t: float) -> tuple[int, int]:
+    s = int(t)
+    return s, int((t - s) * 1e9)
+
+
+def _entry_values(e: Entry) -> list[Any]:
+    es, ens = _split_timeout(e.entry_timeout)
+    as_, ans = _split_timeout(e.attr_timeout)
+    return [e.nodeid, e.generation, es, as_, ens, ans, attr_from_stat(e.attr, e.attr_flags)]
+
+
+def encode_entry(e: Entry) -> bytes:
+    return _entry_codec.encode(_entry_codec.cls(*_entry_values(e)))
+
+
+def encode_attr_out(st: StatLike, timeout: float) -> bytes:
+    s, ns = _split_timeout(timeout)
+    return _attr_out_codec.encode(_attr_out_codec.cls(s, ns, 0, attr_from_stat(st)))
+
+
+def encode_open_out(fh: int, open_flags: int) -> bytes:
+    return _open_out_codec.encode(_open_out_codec.cls(fh, open_flags, 0))
+
+
+def _enosys(*_a: Any, **_k: Any) -> Any:
+    raise OSError(errno.ENOSYS, "not implemented")
+
+
+class FileSystem:
+    """The operations a FUSE server answers.  Every op raises ENOSYS unless a subclass overrides it.
+
+    Methods raise OSError to answer an error.  `nodeid`/`parent` are fuse nodeids; names are bytes.
+    """
+
+    def init(self, kernel_flags: int) -> int:
+        """Called at FUSE_INIT with what the kernel offers; return the flags this filesystem wants."""
+        return 0
+
+    def destroy(self) -> None:
+        """FUSE_DESTROY or transport shutdown: release everything."""
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        return _enosys()
+
+    def forget(self, ctx: Context, nodeid: int, nlookup: int) -> None:
+        """No reply either way."""
+
+    def batch_forget(self, ctx: Context, forgets: list[tuple[int, int]]) -> None:
+        for nodeid, n in forgets:
+            self.forget(ctx, nodeid, n)
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[StatLike, float]:
+        return _enosys()
+
+    def setattr(self, ctx: Context, nodeid: int, sa: Any) -> tuple[StatLike, float]:
+        """`sa` is the decoded fuse_setattr_in (valid mask + fields)."""
+        return _enosys()
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        return _enosys()
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        return _enosys()
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
+        return _enosys()
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        return _enosys()
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        _enosys()
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        _enosys()
+
+    def rename(self, ctx: Context, olddir: int, oldname: bytes, newdir: int, newname: bytes, flags: int) -> None:
+        _enosys()
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        return _enosys()
+
+    def open(self, ctx: Context, nodeid: int, flags: int, open_flags: int) -> tuple[int, int]:
+        """Returns (fh, FOPEN_* flags)."""
+        return _enosys()
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
+               umask: int) -> tuple[Entry, int, int]:
+        return _enosys()
+
+    def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, int, int]:
+        return _enosys()
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> Buffer:
+        return _enosys()
+
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, data: Buffer, write_flags: int) -> int:
+        return _enosys()
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        _enosys()
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
+                lock_owner: int) -> None:
+        _enosys()
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        _enosys()
+
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        return _enosys()
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
+        """Entries after cookie `offset`; the engine stops iterating when the reply is full."""
+        return _enosys()
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        _enosys()
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        _enosys()
+
+    def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
+        return _enosys()
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        _enosys()
+
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        _enosys()
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
+        """size 0 asks for the length (return an int); a value longer than `size` raises ERANGE."""
+        return _enosys()
+
+    def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
+        return _enosys()
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        _enosys()
+
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
+        _enosys()
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        return _enosys()
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int,
+                        fh_out: int, off_out: int, length: int, flags: int) -> int:
+        return _enosys()
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        _enosys()
+
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lk: Any, lk_flags: int) -> Any:
+        return _enosys()
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lk: Any, lk_flags: int, sleep: bool) -> None:
+        _enosys()
+
+    def counters(self) -> dict[str, Any]:
+        """Filesystem-specific counters merged into Server.counters()."""
+        return {}
+
+
+@dataclass
+class Counters:
+    ops: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    dropped: int = 0
+
+
+class Server:
+    """One FUSE session over any transport."""
+
+    def __init__(self, fs: FileSystem, *, tap: Tap | None = None, pool_size: int = 8,
+                 dispatch: str = "inline+pool") -> None:
+        if dispatch not in ("inline+pool", "pool", "inline"):
+            raise ValueError(f"unknown dispatch model {dispatch!r}")
+        self.fs = fs
+        self.tap = tap
+        self.dispatch = dispatch
+        self.negotiated = Negotiated()
+        self.ctx: F.FuseContext = F.DEFAULT_CONTEXT
+        self._pool = ThreadPoolExecutor(max_workers=max(1, pool_size), thread_name_prefix="fuse-pool") \
+            if dispatch != "inline" else None
+        self._stats = Counters()
+        self._lock = threading.Lock()
+        self.destroyed = False
+        self._handlers: dict[int, Callable[[Context, F.Request], list[Buffer] | None]] = {}
+        for o in spec.OPCODES:
+            h = getattr(self, f"_do_{o.name.lower()}", None)
+            if h is not None:
+                self._handlers[o.value] = h
+
+    # ------------------------------------------------------------------ entry point
+    def handle(self, buf: Buffer, reply: ReplySink, queue: int = 1) -> None:
+        """Serve one request; `reply` gets the reply (now, or later from a pool thread)."""
+        if self.tap is not None:
+            try:
+                _len, _opc, uniq = F.peek_header(buf)
+            except DecodeError:
+                uniq = 0
+            self.tap("request", queue, uniq, time.time_ns(), bytes(buf))
+        try:
+            req = F.decode_request(buf, self.ctx)
+        except DecodeError as e:
+            self._bad_request(buf, e, reply, queue)
+            return
+        opcode = req.op.value
+        if self._pool is not None and (self.dispatch == "pool" or opcode in BLOCKING_OPS):
+            self._pool.submit(self._serve, req, reply, queue)
+        else:
+            self._serve(req, reply, queue)
+
+    def _bad_request(self, buf: Buffer, e: DecodeError, reply: ReplySink, queue: int) -> None:
+        with self._lock:
+            self._stats.dropped += 1
+        try:
+            _length, opcode, unique = F.peek_header(buf)
+        except DecodeError:
+            log.warning("dropped a request: %s", e)
+            return
+        if opcode in NO_REPLY_OPS:
+            log.warning("dropped a malformed no-reply request (opcode %d, unique %d): %s", opcode, unique, e)
+            return
+        err = errno.ENOSYS if opcode not in spec.OPCODE_BY_VALUE else errno.EINVAL
+        log.warning("bad request (opcode %d, unique %d): %s -> %s", opcode, unique, e, errno.errorcode[err])
+        self._send(reply, queue, unique, [_out_pack(OUT_HEADER_SIZE, -err, unique)])
+
+    def _serve(self, req: F.Request, reply: ReplySink, queue: int) -> None:
+        h = req.header
+        unique = h.unique
+        opcode = req.op.value
+        name = req.op.name
+        ctx = Context(h.uid, h.gid, h.pid, unique, h.nodeid)
+        handler = self._handlers.get(opcode)
+        err = 0
+        body: list[Buffer] | None = None
+        try:
+            if handler is None:
+                raise OSError(errno.ENOSYS, f"{name} is not implemented")
+            if not self.negotiated.done and opcode != OP["INIT"]:
+                raise OSError(errno.EIO, f"{name} before FUSE_INIT")
+            body = handler(ctx, req)
+        except OSError as e:
+            err = e.errno or errno.EIO
+            if err < 1 or err > 4095:
+                err = errno.EIO
+        except Exception:  # a bug in an op must not kill the session
+            log.exception("%s (unique %d) failed", name, unique)
+            err = errno.EIO
+        with self._lock:
+            self._stats.ops[name] += 1
+            if err:
+                self._stats.errors[f"{name}:{errno.errorcode.get(err, err)}"] += 1
+        if opcode in NO_REPLY_OPS:
+            return
+        if err:
+            self._send(reply, queue, unique, [_out_pack(OUT_HEADER_SIZE, -err, unique)])
+            return
+        parts = body or []
+        total = OUT_HEADER_SIZE + sum(len(p) for p in parts)
+        self._send(reply, queue, unique, [_out_pack(total, 0, unique), *parts])
+
+    def _send(self, reply: ReplySink, queue: int, unique: int, parts: list[Buffer]) -> None:
+        if self.tap is not None:
+            self.tap("reply", queue, unique, time.time_ns(), b"".join(parts))
+        try:
+            reply(parts)
+        except Exception:
+            log.exception("sending the reply to unique %d failed", unique)
+
+    # ------------------------------------------------------------------ state
+    def counters(self) -> dict[str, Any]:
+        """Per-opcode counts, errors, dropped requests and the filesystem's own counters (syncfs per st_dev)."""
+        with self._lock:
+            out: dict[str, Any] = {"ops": dict(self._stats.ops), "errors": dict(self._stats.errors),
+                                   "dropped": self._stats.dropped}
+        out.update(self.fs.counters())
+        return out
+
+    def shutdown(self) -> None:
+        """Stop the pool and release the filesystem (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if not self.destroyed:
+            self.destroyed = True
+            self.fs.destroy()
+
+    # ------------------------------------------------------------------ op handlers
+    def _do_init(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        i = req.args["init"]
+        n = self.negotiated
+        if i.major < 7:
+            raise OSError(errno.EPROTO, f"FUSE major {i.major} is not supported")
+        if i.major > 7:
+            # Tell the kernel our major; it sends INIT again with 7.x.
+            out = F.make("fuse_init_out", major=7, minor=spec.KERNEL_MINOR_VERSION)
+            return [F.CODECS["fuse_init_out"].encode(out)]
+        if i.minor < MIN_KERNEL_MINOR:
+            log.error("kernel FUSE 7.%d is older than 7.%d, the oldest this daemon supports",
+                      i.minor, MIN_KERNEL_MINOR)
+            raise OSError(errno.EPROTO, "protocol too old")
+        kernel_flags = i.flags | ((i.flags2 << 32) if i.flags & INIT_FLAG["INIT_EXT"] else 0)
+        want = self.fs.init(kernel_flags & ENGINE_FLAGS) & ENGINE_FLAGS & kernel_flags
+        want |= kernel_flags & (INIT_FLAG["MAX_PAGES"] | INIT_FLAG["BIG_WRITES"])
+        n.major, n.minor = 7, min(i.minor, spec.KERNEL_MINOR_VERSION)
+        n.kernel_flags, n.flags = kernel_flags, want
+        n.max_readahead = i.max_readahead
+        n.max_write = MAX_WRITE
+        out = F.make("fuse_init_out", major=7, minor=spec.KERNEL_MINOR_VERSION, max_readahead=i.max_readahead,
+                     flags=want & 0xFFFFFFFF, max_background=64, congestion_threshold=48, max_write=MAX_WRITE,
+                     time_gran=1, max_pages=MAX_PAGES, flags2=want >> 32)
+        n.done = True
+        self.ctx = F.FuseContext(n.minor, want)
+        log.info("FUSE_INIT: kernel 7.%d, flags %s", i.minor, spec.INIT_FLAGS.render(want))
+        return [F.CODECS["fuse_init_out"].encode(out)]
+
+    def _do_destroy(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        self.fs.destroy()
+        self.negotiated.done = False
+        return []
+
+    def _do_lookup(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        return [encode_entry(self.fs.lookup(ctx, ctx.nodeid, req.args["name"]))]
+
+    def _do_forget(self, ctx: Context, req: F.Request) -> None:
+        self.fs.forget(ctx, ctx.nodeid, req.args["forget"].nlookup)
+
+    def _do_batch_forget(self, ctx: Context, req: F.Request) -> None:
+        self.fs.batch_forget(ctx, [(f.nodeid, f.nlookup) for f in req.args["forgets"]])
+
+    def _do_interrupt(self, ctx: Context, req: F.Request) -> None:
+        """Ops are not cancellable here; the kernel gets the op's own reply."""
+
+    def _do_getattr(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        g = req.args.get("getattr")
+        fh = g.fh if g is not None and g.getattr_flags & GETATTR_FH else None
+        st, timeout = self.fs.getattr(ctx, ctx.nodeid, fh)
+        return [encode_attr_out(st, timeout)]
+
+    def _do_setattr(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        st, timeout = self.fs.setattr(ctx, ctx.nodeid, req.args["setattr"])
+        return [encode_attr_out(st, timeout)]
+
+    def _do_readlink(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        return [self.fs.readlink(ctx, ctx.nodeid)]
+
+    def _do_symlink(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        return [encode_entry(self.fs.symlink(ctx, ctx.nodeid, req.args["name"], req.args["target"]))]
+
+    def _do_mknod(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        m = req.args["mknod"]
+        return [encode_entry(self.fs.mknod(ctx, ctx.nodeid, req.args["name"], m.mode, m.rdev, m.umask))]
+
+    def _do_mkdir(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        m = req.args["mkdir"]
+        return [encode_entry(self.fs.mkdir(ctx, ctx.nodeid, req.args["name"], m.mode, m.umask))]
+
+    def _do_unlink(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        self.fs.unlink(ctx, ctx.nodeid, req.args["name"])
+        return []
+
+    def _do_rmdir(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        self.fs.rmdir(ctx, ctx.nodeid, req.args["name"])
+        return []
+
+    def _do_rename(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        self.fs.rename(ctx, ctx.nodeid, req.args["name"], req.args["rename"].newdir, req.args["newname"], 0)
+        return []
+
+    def _do_rename2(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        r = req.args["rename"]
+        self.fs.rename(ctx, ctx.nodeid, req.args["name"], r.newdir, req.args["newname"], r.flags)
+        return []
+
+    def _do_link(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        return [encode_entry(self.fs.link(ctx, req.args["link"].oldnodeid, ctx.nodeid, req.args["newname"]))]
+
+    def _do_open(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        o = req.args["open"]
+        fh, flags = self.fs.open(ctx, ctx.nodeid, o.flags, o.open_flags)
+        return [encode_open_out(fh, flags)]
+
+    def _do_create(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        c = req.args["create"]
+        entry, fh, flags = self.fs.create(ctx, ctx.nodeid, req.args["name"], c.mode, c.flags, c.umask)
+        return [encode_entry(entry), encode_open_out(fh, flags)]
+
+    def _do_tmpfile(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        c = req.args["create"]
+        entry, fh, flags = self.fs.tmpfile(ctx, ctx.nodeid, c.mode, c.flags, c.umask)
+        return [encode_entry(entry), encode_open_out(fh, flags)]
+
+    def _do_read(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        r = req.args["read"]
+        return [self.fs.read(ctx, ctx.nodeid, r.fh, r.offset, min(r.size, MAX_WRITE))]
+
+    def _do_write(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        w = req.args["write"]
+        data = req.args["data"]
+        if len(data) != w.size:
+            raise OSError(errno.EINVAL, f"WRITE size {w.size} but {len(data)} data bytes")
+        n = self.fs.write(ctx, ctx.nodeid, w.fh, w.offset, data, w.write_flags)
+        return [F.CODECS["fuse_write_out"].struct.pack(n, 0)]
+
+    def _do_flush(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        f = req.args["flush"]
+        self.fs.flush(ctx, ctx.nodeid, f.fh, f.lock_owner)
+        return []
+
+    def _do_release(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        r = req.args["release"]
+        self.fs.release(ctx, ctx.nodeid, r.fh, r.flags, r.release_flags, r.lock_owner)
+        return []
+
+    def _do_fsync(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        f = req.args["fsync"]
+        self.fs.fsync(ctx, ctx.nodeid, f.fh, bool(f.fsync_flags & FSYNC_FDATASYNC))
+        return []
+
+    def _do_opendir(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        o = req.args["open"]
+        fh, flags = self.fs.opendir(ctx, ctx.nodeid, o.flags)
+        return [encode_open_out(fh, flags)]
+
+    def _do_readdir(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        return [self._readdir(ctx, req, plus=False)]
+
+    def _do_readdirplus(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        return [self._readdir(ctx, req, plus=True)]
+
+    def _readdir(self, ctx: Context, req: F.Request, *, plus: bool) -> bytes:
+        r = req.args["read"]
+        size = min(r.size, MAX_WRITE)
+        out = bytearray()
+        head = DIRENTPLUS_SIZE if plus else DIRENT_SIZE
+        for d in self.fs.readdir(ctx, ctx.nodeid, r.fh, r.offset):
+            reclen = spec.dirent_align(head + len(d.name))
+            if len(out) + reclen > size:
+                break
+            pad = b"\0" * (reclen - head - len(d.name))
+            dirent = (d.ino, d.offset, len(d.name), d.type)
+            if not plus:
+                out += _dirent_codec.struct.pack(*dirent) + d.name + pad
+                continue
+            if d.name in (b".", b".."):
+                vals: list[Any] = [0, 0, 0, 0, 0, 0, attr_from_stat(_ZERO_STAT)]
+            else:
+                try:
+                    e = self.fs.lookup(ctx, ctx.nodeid, d.name)
+                except OSError as ex:
+                    if ex.errno in (errno.ENOENT, errno.ESTALE):
+                        continue  # vanished since the listing
+                    if not out:
+                        raise
+                    break  # answer what we have; the kernel asks again from this offset
+                vals = _entry_values(e)
+            rec = _direntplus_codec.cls(_entry_codec.cls(*vals), _dirent_codec.cls(*dirent))
+            out += _direntplus_codec.encode(rec) + d.name + pad
+        return bytes(out)
+
+    def _do_releasedir(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        r = req.args["release"]
+        self.fs.releasedir(ctx, ctx.nodeid, r.fh, r.flags)
+        return []
+
+    def _do_fsyncdir(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        f = req.args["fsync"]
+        self.fs.fsyncdir(ctx, ctx.nodeid, f.fh, bool(f.fsync_flags & FSYNC_FDATASYNC))
+        return []
+
+    def _do_statfs(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        s = self.fs.statfs(ctx, ctx.nodeid)
+        st = F.make("fuse_kstatfs", blocks=s.f_blocks, bfree=s.f_bfree, bavail=s.f_bavail, files=s.f_files,
+                    ffree=s.f_ffree, bsize=s.f_bsize, namelen=s.f_namemax, frsize=s.f_frsize)
+        return [F.CODECS["fuse_statfs_out"].encode(F.CODECS["fuse_statfs_out"].cls(st))]
+
+    def _do_access(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        self.fs.access(ctx, ctx.nodeid, req.args["access"].mask)
+        return []
+
+    def _do_setxattr(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        s = req.args["setxattr"]
+        value = req.args["value"]
+        if len(value) != s.size:
+            raise OSError(errno.EINVAL, f"SETXATTR size {s.size} but {len(value)} value bytes")
+        self.fs.setxattr(ctx, ctx.nodeid, req.args["name"], value, s.flags)
+        return []
+
+    def _xattr_reply(self, res: bytes | int) -> list[Buffer]:
+        if isinstance(res, int):
+            return [F.CODECS["fuse_getxattr_out"].struct.pack(res, 0)]
+        return [res]
+
+    def _do_getxattr(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        size = req.args["getxattr"].size
+        return self._xattr_reply(self.fs.getxattr(ctx, ctx.nodeid, req.args["name"], size))
+
+    def _do_listxattr(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        return self._xattr_reply(self.fs.listxattr(ctx, ctx.nodeid, req.args["getxattr"].size))
+
+    def _do_removexattr(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        self.fs.removexattr(ctx, ctx.nodeid, req.args["name"])
+        return []
+
+    def _do_fallocate(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        f = req.args["fallocate"]
+        self.fs.fallocate(ctx, ctx.nodeid, f.fh, f.offset, f.length, f.mode)
+        return []
+
+    def _do_lseek(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        s = req.args["lseek"]
+        off = self.fs.lseek(ctx, ctx.nodeid, s.fh, s.offset, s.whence)
+        return [F.CODECS["fuse_lseek_out"].struct.pack(off)]
+
+    def _copy(self, ctx: Context, req: F.Request) -> int:
+        c = req.args["copy"]
+        return self.fs.copy_file_range(ctx, ctx.nodeid, c.fh_in, c.off_in, c.nodeid_out, c.fh_out, c.off_out,
+                                       c.len, c.flags)
+
+    def _do_copy_file_range(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        n = self._copy(ctx, req)
+        return [F.CODECS["fuse_write_out"].struct.pack(min(n, 0xFFFFFFFF), 0)]
+
+    def _do_copy_file_range_64(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        return [F.CODECS["fuse_copy_file_range_out"].struct.pack(self._copy(ctx, req))]
+
+    def _do_syncfs(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        self.fs.syncfs(ctx, ctx.nodeid)
+        return []
+
+    def _do_getlk(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        lk = req.args["lk"]
+        res = self.fs.getlk(ctx, ctx.nodeid, lk.fh, lk.owner, lk.lk, lk.lk_flags)
+        return [F.CODECS["fuse_lk_out"].encode(F.CODECS["fuse_lk_out"].cls(res))]
+
+    def _do_setlk(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        lk = req.args["lk"]
+        self.fs.setlk(ctx, ctx.nodeid, lk.fh, lk.owner, lk.lk, lk.lk_flags, False)
+        return []
+
+    def _do_setlkw(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        lk = req.args["lk"]
+        self.fs.setlk(ctx, ctx.nodeid, lk.fh, lk.owner, lk.lk, lk.lk_flags, True)
+        return []
+
+
+class _ZeroStat:
+    """Attributes of the '.'/'..' READDIRPLUS records (nodeid 0: the kernel ignores them)."""
+
+    st_ino = st_mode = st_nlink = st_uid = st_gid = st_rdev = st_size = st_blocks = st_blksize = 0
+    st_atime_ns = st_mtime_ns = st_ctime_ns = 0
+
+
+_ZERO_STAT: StatLike = _ZeroStat()
