@@ -1,0 +1,39 @@
+# io: dd a file with fsync, drop caches, read it back, checksum it (the host compares its own hash).
+# The file stays in the share (.fsi-io.bin) so the host can hash it; the next run overwrites it.
+IOF=$MNT/.fsi-io.bin
+
+io_prepare() {
+    must "seed" dd if=/dev/urandom of=/tmp/io.seed bs=1M count=1 2>/dev/null
+}
+
+io_source() {
+    _i=0
+    while [ $_i -lt "$IO_MB" ]; do cat /tmp/io.seed; _i=$((_i + 1)); done
+}
+
+io_write() {
+    # Random 1 MiB seed, repeated: cheap to produce under TCG and never all-zero.
+    io_source | dd of="$IOF" bs=1M iflag=fullblock conv=fsync 2>/tmp/dd.err || {
+        mark check-fail "$STEP" "dd write: $(cat /tmp/dd.err)"; return 1; }
+    expect "size" "$(stat -c %s "$IOF")" $((IO_MB * 1048576))
+}
+
+io_read() {
+    dd if="$IOF" of=/dev/null bs=1M 2>/tmp/dd.err || {
+        mark check-fail "$STEP" "dd read: $(cat /tmp/dd.err)"; return 1; }
+}
+
+io_sum() {
+    _s=$(sha256sum "$IOF") || return 1
+    mark sum "${_s%% *}" "$IOF"
+}
+
+wl_io() {
+    IO_MB=$(param io_mb 64)
+    mark metric io bytes=$((IO_MB * 1048576))
+    step io-prepare io_prepare
+    step io-write io_write
+    step io-drop-caches drop_caches
+    step io-read io_read
+    step io-sum io_sum
+}
