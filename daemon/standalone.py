@@ -1,0 +1,104 @@
+"""Standalone mode: the engine and the passthrough filesystem over raw /dev/fuse on the host.
+
+The kernel's plain FUSE client never offers FUSE_SUBMOUNTS nor sends FUSE_SYNCFS (those are virtio-fs
+only), so in this mode those two features stay idle; everything else is the same code the vhost-user
+transport uses.
+
+If the daemon is killed (SIGKILL), the mount stays behind as a dead FUSE mount ("Transport endpoint is
+not connected"); remove it with `fusermount3 -u MOUNTPOINT` (or `umount -l MOUNTPOINT` as root).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from daemon.passthrough import Options, PassthroughFS
+from daemon.server import Server, Tap
+from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
+
+log = logging.getLogger("fsinspect.daemon.standalone")
+
+
+class Stop(Exception):
+    """Raised in the main thread by SIGTERM/SIGINT to leave the read loop and unmount."""
+
+
+def _reader(dev: FuseDev, server: Server, queue: int) -> None:
+    write = dev.write
+    handle = server.handle
+    try:
+        while True:
+            handle(dev.read(), write, queue)
+    except DeviceClosed:
+        pass
+
+
+class Standalone:
+    """A mounted session: `serve()` blocks until unmounted or stopped; `stop()` from any thread."""
+
+    def __init__(self, mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
+                 dispatch: str = "inline+pool", tap: Tap | None = None) -> None:
+        self.fs = PassthroughFS(opts)
+        self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch)
+        self.readers = max(1, readers)
+        try:
+            self.dev = FuseDev.mount(mountpoint, MountOptions(fsname=opts.shared_dir, default_permissions=True,
+                                                              allow_other=True))
+        except BaseException:
+            self.fs.close()
+            raise
+        self.mountpoint = self.dev.mountpoint
+        log.info("serving %s at %s", opts.shared_dir, self.mountpoint)
+
+    def serve(self) -> None:
+        """Read and serve until the filesystem is unmounted; always unmounts and cleans up."""
+        threads = [threading.Thread(target=_reader, args=(self.dev, self.server, q), daemon=True,
+                                    name=f"fuse-reader-{q}") for q in range(1, self.readers)]
+        for t in threads:
+            t.start()
+        try:
+            _reader(self.dev, self.server, 0)
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Unmount; the readers see ENODEV and return."""
+        if self.dev.mounted:
+            try:
+                self.dev.mounted = False
+                unmount(self.mountpoint, via_fusermount=self.dev.via_fusermount)
+            except FuseDevError as e:
+                log.warning("%s; detaching lazily", e)
+                unmount(self.mountpoint, lazy=True, via_fusermount=self.dev.via_fusermount)
+
+    def close(self) -> None:
+        self.stop()
+        self.dev.close()
+        self.server.shutdown()
+        self.fs.close()
+
+
+def run(mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
+        ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None) -> int:
+    """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM."""
+    session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, tap=tap)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        raise Stop(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if ready is not None:
+            ready(session)
+        session.serve()
+    except Stop as e:
+        log.info("%s: unmounting %s", e, session.mountpoint)
+        session.close()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0

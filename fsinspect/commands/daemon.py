@@ -1,0 +1,84 @@
+"""`fsinspect daemon`: the bundled passthrough daemon.
+
+`--standalone MOUNTPOINT` serves --shared-dir over raw /dev/fuse on this host.  The vhost-user mode
+(`--socket-path`, virtiofsd-style `-o` options) is added by the vhost-user transport; the options here
+are grouped so those slot in beside them.
+
+If the daemon is killed, the dead mount is removed with `fusermount3 -u MOUNTPOINT` (or, as root,
+`umount -l MOUNTPOINT`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+from fsinspect.cli import UserError
+
+CACHE_MODES = ("none", "auto", "always", "metadata")
+HANDLE_MODES = ("never", "prefer", "mandatory")
+
+
+def add_fs_options(p: argparse.ArgumentParser) -> None:
+    """Filesystem options shared by every transport."""
+    g = p.add_argument_group("filesystem")
+    g.add_argument("--shared-dir", metavar="DIR", help="host directory to export")
+    g.add_argument("--cache", choices=CACHE_MODES, default="auto",
+                   help="none: no guest caching; auto: 1 s timeouts, data cached while open; always: cache "
+                        "forever; metadata: cache metadata forever, data never (default: auto)")
+    g.add_argument("--inode-file-handles", choices=HANDLE_MODES, default="prefer",
+                   help="hold inodes by file handle instead of an O_PATH fd each (default: prefer)")
+    g.add_argument("--announce-submounts", dest="announce_submounts", action="store_true", default=True,
+                   help="set FUSE_ATTR_SUBMOUNT on host mount points (default)")
+    g.add_argument("--no-announce-submounts", dest="announce_submounts", action="store_false")
+    g.add_argument("--writeback", action="store_true", help="enable the guest writeback cache")
+    g.add_argument("--xattr", action="store_true", help="serve extended attributes")
+    g.add_argument("--readonly", action="store_true", help="reject every modification with EROFS")
+    g.add_argument("--thread-pool-size", type=int, default=8, metavar="N",
+                   help="threads for blocking ops (READ, WRITE, fsync, syncfs, ...) (default: 8)")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("daemon", help="run the bundled passthrough daemon",
+                       description="The bundled passthrough daemon.  --standalone mounts the shared directory "
+                                   "on this host through /dev/fuse.  If the daemon is killed, remove the dead "
+                                   "mount with `fusermount3 -u MOUNTPOINT` (or `umount -l MOUNTPOINT`).")
+    t = p.add_argument_group("transport")
+    t.add_argument("--standalone", metavar="MOUNTPOINT", help="serve over /dev/fuse, mounted at MOUNTPOINT")
+    t.add_argument("--readers", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
+    add_fs_options(p)
+    p.set_defaults(func=run)
+
+
+def fs_options(args: argparse.Namespace) -> Any:
+    from daemon.passthrough import CacheMode, HandleMode, Options
+
+    if not args.shared_dir:
+        raise UserError("--shared-dir DIR is required")
+    if not os.path.isdir(args.shared_dir):
+        raise UserError(f"--shared-dir {args.shared_dir}: not a directory")
+    if args.thread_pool_size < 1:
+        raise UserError("--thread-pool-size must be at least 1")
+    return Options(os.path.abspath(args.shared_dir), cache=CacheMode(args.cache),
+                   inode_file_handles=HandleMode(args.inode_file_handles),
+                   announce_submounts=args.announce_submounts, writeback=args.writeback, xattr=args.xattr,
+                   readonly=args.readonly)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="fsinspect daemon: %(levelname)s %(message)s")
+    if not args.standalone:
+        raise UserError("choose a transport: --standalone MOUNTPOINT (vhost-user --socket-path comes later)")
+    opts = fs_options(args)
+    from daemon import standalone
+    from daemon.transport.fusedev import FuseDevError
+
+    try:
+        return standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size)
+    except FuseDevError as e:
+        raise UserError(str(e.strerror or e), status=1) from None
+    except OSError as e:
+        raise UserError(f"{e.strerror or e}", status=1) from None
