@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import cast
 
 from daemon.passthrough import Options, PassthroughFS
-from daemon.server import Server, Tap
+from daemon.server import Buffer, Server, Tap
 from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
 
 log = logging.getLogger("fsinspect.daemon.standalone")
@@ -28,7 +29,7 @@ class Stop(Exception):
 
 
 def _reader(dev: FuseDev, server: Server, queue: int) -> None:
-    write = dev.write
+    write = cast(Callable[[Sequence[Buffer]], None], dev.write)  # os.writev takes any buffers
     handle = server.handle
     try:
         while True:
