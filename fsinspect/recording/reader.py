@@ -137,7 +137,7 @@ class RecordingReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
-            self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+            self._f: BinaryIO = open(self.path, "rb")
         except OSError as e:
             raise RecordingError(f"{self.path}: {e.strerror}") from None
         self.size = os.fstat(self._f.fileno()).st_size

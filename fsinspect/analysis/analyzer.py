@@ -1,0 +1,330 @@
+"""The Analyzer: fed requests and replies one at a time, from any source, it pairs them into Exchanges
+and keeps the inode map, the submount/syncfs tracker, the lints and the stats up to date.
+
+Pairing key: (INIT epoch, queue, descriptor head) for virtio sources, checked against `unique`;
+(INIT epoch, unique) when there is no head (/dev/fuse).  Every INIT request starts a new epoch, since
+uniques restart at INIT.  Nothing here raises on bad input: undecodable messages become flagged
+exchanges that keep their raw bytes.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dissectors import fuse as F
+from dissectors.errors import DecodeError
+from dissectors.spec import fuse as spec
+
+from . import exchange as X
+from .exchange import Exchange, Lint
+from .inodes import ATTR_SUBMOUNT, Announcement, InodeMap, Issue, SubmountTracker, SyncfsRecord
+from .stats import Stats
+
+Raw = bytes | bytearray | memoryview
+OP = {o.name: o.value for o in spec.OPCODES}
+_ENTRY_OPS = frozenset(OP[n] for n in ("LOOKUP", "CREATE", "MKDIR", "MKNOD", "SYMLINK", "LINK", "TMPFILE"))
+_NO_REPLY = frozenset(o.value for o in spec.OPCODES if o.reply is None)
+_UNSUPPORTED = frozenset((_errno.ENOSYS, _errno.EOPNOTSUPP))
+_RENAME_EXCHANGE = spec.RENAME_FLAGS.by_name()["EXCHANGE"]
+_INIT_FLAG = spec.INIT_FLAGS.by_name()
+_IN = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
+_OUT = struct.Struct("<IiQ")  # len, error, unique
+
+
+def _patch_len(raw: bytes, orig_len: int | None) -> bytes:
+    """A snapped record decodes as if the message ended where the capture did."""
+    if orig_len is not None and orig_len > len(raw) >= 4:
+        return len(raw).to_bytes(4, "little") + raw[4:]
+    return raw
+
+
+class Analyzer:
+    """Usable live (proxy, daemon tap) and offline (recordings): call feed_request/feed_reply, then finish."""
+
+    def __init__(self, *, keep_exchanges: bool = True, keep_raw: bool = False,
+                 stats_bucket_ns: int = 1_000_000_000) -> None:
+        self.keep_exchanges = keep_exchanges
+        self.keep_raw = keep_raw
+        self.epoch = 0
+        self.count = 0
+        self.exchanges: list[Exchange] = []
+        self.lints: list[Lint] = []
+        self.inodes = InodeMap()
+        self.submounts = SubmountTracker()
+        self.stats = Stats(stats_bucket_ns)
+        self.contexts: dict[int, F.FuseContext] = {}  # per epoch, once INIT is seen
+        self.negotiated: set[int] = set()  # epochs whose INIT reply was seen
+        self.init: dict[int, tuple[F.Request, F.Reply | None]] = {}
+        self.listeners: list[Callable[[Exchange], None]] = []  # called when an exchange is finished
+        self._pending: dict[tuple[int, ...], Exchange] = {}
+        self._finished = False
+
+    # -- feeding ---------------------------------------------------------------------------------
+    def feed_request(self, msg: Raw | F.Request, queue: int = 0, head: int | None = None, ts_ns: int = 0, *,
+                     epoch: int | None = None, orig_len: int | None = None, notes: Sequence[str] = (),
+                     ref: Any = None) -> Exchange:
+        """A request as raw bytes or decoded; returns its (open or, for FORGET, finished) Exchange.
+
+        `ref` is the caller's handle on the message (a recording offset), kept as `Exchange.req_ref`.
+        """
+        req: F.Request | None
+        raw: bytes | None
+        if isinstance(msg, F.Request):
+            req, raw = msg, None
+            opcode, unique, nodeid, length = msg.opcode, msg.unique, msg.nodeid, msg.raw_len
+        else:
+            raw = bytes(msg)
+            req = None
+            if len(raw) >= _IN.size:
+                length, opcode, unique, nodeid = _IN.unpack_from(raw)
+            else:
+                length, opcode, unique, nodeid = len(raw), -1, 0, 0
+        if epoch is not None:
+            if epoch != self.epoch:
+                self._new_epoch(epoch)
+        elif opcode == OP["INIT"]:
+            self._new_epoch(self.epoch + 1)
+        ex = Exchange(self.count, queue, head, self.epoch, unique, opcode, nodeid, req_ts=ts_ns,
+                      req_len=orig_len if orig_len is not None else (len(raw) if raw is not None else length),
+                      notes=list(notes), req_ref=ref)
+        self.count += 1
+        if raw is not None:
+            ex.snapped = orig_len is not None and orig_len > len(raw)
+            try:
+                req = F.decode_request(_patch_len(raw, orig_len), self.contexts.get(self.epoch, F.DEFAULT_CONTEXT))
+            except DecodeError as e:
+                ex.decode_error = f"request: {e}"
+                ex.req_raw = raw
+                self._lint(ex, X.DECODE_ERROR, f"undecodable request: {e}")
+            else:
+                if self.keep_raw:
+                    ex.req_raw = raw
+        ex.request = req
+        if self.keep_exchanges:
+            self.exchanges.append(ex)
+        if req is not None and opcode == OP["INIT"]:
+            self.init[self.epoch] = (req, None)
+            self.contexts[self.epoch] = F.FuseContext.from_init(req.args["init"], None)
+        if nodeid and nodeid in self.submounts.announced:
+            ex.submount = True
+        if opcode in _NO_REPLY:
+            if req is not None:
+                self._apply_forget(ex, req)
+            self._finish(ex)
+            return ex
+        key = self._key(queue, head, unique, self.epoch)
+        old = self._pending.get(key)
+        if old is not None:
+            what = f"chain (queue {queue}, head {head})" if head is not None else f"unique {unique}"
+            self._lint(ex, X.DUPLICATE_IN_FLIGHT,
+                       f"{ex.opname} unique {unique} on {what} while {old.opname} unique {old.unique} "
+                       f"(exchange {old.index}) is still in flight")
+            old.notes.append(f"displaced by exchange {ex.index}")
+            self._finish(old)
+        self._pending[key] = ex
+        return ex
+
+    def feed_reply(self, msg: Raw | F.Reply | F.Notification, queue: int = 0, head: int | None = None,
+                   ts_ns: int = 0, *, epoch: int | None = None, orig_len: int | None = None,
+                   notes: Sequence[str] = (), ref: Any = None) -> Exchange:
+        """A reply (or notification) as raw bytes or decoded; returns the Exchange it finished."""
+        decoded: F.Reply | F.Notification | None = None
+        raw: bytes | None = None
+        if isinstance(msg, (F.Reply, F.Notification)):
+            decoded = msg
+            unique = msg.unique
+            err = msg.header.error
+            length = msg.raw_len
+        else:
+            raw = bytes(msg)
+            if len(raw) >= _OUT.size:
+                length, err, unique = _OUT.unpack_from(raw)
+            else:
+                length, err, unique = len(raw), 0, -1
+        rlen = orig_len if orig_len is not None else (len(raw) if raw is not None else length)
+        if epoch is not None and epoch > self.epoch:
+            self._new_epoch(epoch)
+        if unique == 0:  # a notification: it stands alone
+            ex = self._lone(queue, head, unique, ts_ns, rlen, notes, ref)
+            self._decode_reply(ex, decoded, raw, None, orig_len)
+            self._finish(ex)
+            return ex
+        ex_or_none = self._pop(queue, head, unique)
+        if ex_or_none is None:
+            ex = self._lone(queue, head, unique, ts_ns, rlen, notes, ref)
+            ex.error = -err if err <= 0 else None
+            where = f" on chain (queue {queue}, head {head})" if head is not None else ""
+            self._lint(ex, X.ORPHAN_REPLY, f"reply unique {unique}{where} without a request")
+            if decoded is not None:
+                ex.reply = decoded
+            elif raw is not None:
+                ex.reply_raw = raw
+                ex.decode_error = "reply: no request to decode it against"
+            ex.replied = True
+            self._finish(ex)
+            return ex
+        ex = ex_or_none
+        ex.reply_ts = ts_ns
+        ex.reply_ref = ref
+        ex.reply_len = rlen
+        ex.notes.extend(notes)
+        ex.replied = True
+        if unique != ex.unique:
+            self._lint(ex, X.UNIQUE_MISMATCH, f"chain (queue {queue}, head {head}) carried request unique "
+                                              f"{ex.unique} but the reply says {unique}")
+        self._decode_reply(ex, decoded, raw, ex.request if ex.request is not None else ex.opcode, orig_len)
+        if ex.error is None:
+            ex.error = -err if err <= 0 else None
+        self._apply_reply(ex)
+        self._finish(ex)
+        return ex
+
+    def finish(self) -> list[Lint]:
+        """End of the stream: every request still waiting gets the no-reply lint.  Returns all lints."""
+        for ex in sorted(self._pending.values(), key=lambda e: e.index):
+            if ex.expects_reply:
+                self._lint(ex, X.NO_REPLY, f"{ex.opname} unique {ex.unique} (epoch {ex.epoch}) never got a reply")
+            self._finish(ex)
+        self._pending.clear()
+        self._finished = True
+        return self.lints
+
+    def prime_init(self, epoch: int, request: Raw, reply: Raw | None) -> None:
+        """Adopt an INIT negotiated before this stream began (a rotated recording's header carries it)."""
+        try:
+            req = F.decode_request(bytes(request))
+            rep = F.decode_reply(bytes(reply), req) if reply is not None else None
+        except DecodeError:
+            return
+        if req.opcode != OP["INIT"]:
+            return
+        self.epoch = epoch
+        init_out = rep.args.get("init_out") if isinstance(rep, F.Reply) and not rep.error else None
+        self.contexts[epoch] = F.FuseContext.from_init(req.args["init"], init_out)
+        if isinstance(rep, F.Reply):
+            self.init[epoch] = (req, rep)
+            if init_out is not None:
+                self.negotiated.add(epoch)
+
+    @property
+    def pending(self) -> list[Exchange]:
+        return sorted(self._pending.values(), key=lambda e: e.index)
+
+    # -- internals -------------------------------------------------------------------------------
+    @staticmethod
+    def _key(queue: int, head: int | None, unique: int, epoch: int) -> tuple[int, ...]:
+        return (epoch, queue, head) if head is not None else (epoch, -1, unique)
+
+    def _pop(self, queue: int, head: int | None, unique: int) -> Exchange | None:
+        for ep in (self.epoch, self.epoch - 1):
+            ex = self._pending.pop(self._key(queue, head, unique, ep), None)
+            if ex is not None:
+                return ex
+        return None
+
+    def _lone(self, queue: int, head: int | None, unique: int, ts_ns: int, rlen: int,
+              notes: Sequence[str], ref: Any) -> Exchange:
+        ex = Exchange(self.count, queue, head, self.epoch, max(unique, 0), -1, reply_ts=ts_ns, reply_len=rlen,
+                      notes=list(notes), reply_ref=ref)
+        self.count += 1
+        if self.keep_exchanges:
+            self.exchanges.append(ex)
+        return ex
+
+    def _new_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inodes.reset()
+        self.submounts.reset()
+
+    def _lint(self, ex: Exchange, name: str, message: str) -> None:
+        ex.lints.append(name)
+        self.lints.append(Lint(name, ex.index, message))
+
+    def _issues(self, ex: Exchange, issues: list[Issue]) -> None:
+        for i in issues:
+            self._lint(ex, i.kind, i.message)
+
+    def _finish(self, ex: Exchange) -> None:
+        self.stats.add(ex)
+        for cb in self.listeners:
+            cb(ex)
+
+    def _decode_reply(self, ex: Exchange, decoded: F.Reply | F.Notification | None, raw: bytes | None,
+                      request: Any, orig_len: int | None) -> None:
+        if decoded is not None:
+            ex.reply = decoded
+            if isinstance(decoded, F.Reply):
+                ex.error = decoded.error
+            return
+        assert raw is not None
+        ex.snapped = ex.snapped or (orig_len is not None and orig_len > len(raw))
+        try:
+            rep = F.decode_reply(_patch_len(raw, orig_len), request,
+                                 self.contexts.get(ex.epoch, F.DEFAULT_CONTEXT))
+        except DecodeError as e:
+            ex.reply_raw = raw
+            ex.decode_error = f"reply: {e}"
+            self._lint(ex, X.DECODE_ERROR, f"undecodable reply to {ex.opname}: {e}")
+            return
+        if self.keep_raw:
+            ex.reply_raw = raw
+        ex.reply = rep
+        if isinstance(rep, F.Reply):
+            ex.error = rep.error
+
+    def _apply_forget(self, ex: Exchange, req: F.Request) -> None:
+        if req.opcode == OP["FORGET"]:
+            self._issues(ex, self.inodes.forget(req.nodeid, req.args["forget"].nlookup))
+        elif req.opcode == OP["BATCH_FORGET"]:
+            for f in req.args["forgets"]:
+                self._issues(ex, self.inodes.forget(f.nodeid, f.nlookup))
+
+    def _entry(self, ex: Exchange, parent: int, name: bytes | None, e: Any) -> None:
+        self._issues(ex, self.inodes.entry(parent, name, e.nodeid, e.generation, e.attr.ino, e.attr.flags))
+        if e.nodeid and e.attr.flags & ATTR_SUBMOUNT:
+            ex.submount = True
+            self.submounts.announce(Announcement(e.nodeid, parent, name or b"", ex.index, e.attr.ino))
+
+    def _apply_reply(self, ex: Exchange) -> None:
+        req, rep = ex.request, ex.reply
+        op = ex.opcode
+        if op == OP["SYNCFS"]:
+            is_root = self.submounts.is_superblock_root(ex.nodeid)
+            self.submounts.syncfs.append(SyncfsRecord(ex.index, ex.nodeid, ex.latency_ns, is_root, ex.error))
+            if not is_root:
+                self._lint(ex, X.SYNCFS_NOT_ROOT, f"SYNCFS on nodeid {ex.nodeid} ({self.inodes.path(ex.nodeid)}), "
+                                                  "which is neither 1 nor an announced submount")
+        if ex.error:
+            o = spec.OPCODE_BY_VALUE.get(op)
+            ctx = self.contexts.get(ex.epoch)
+            if (o is not None and o.needs and ex.error in _UNSUPPORTED and ex.epoch in self.negotiated
+                    and ctx is not None and ctx.flags & _INIT_FLAG[o.needs]):
+                self._lint(ex, X.ERROR_SUPPORTED_OP, f"{o.name} answered {ex.errname} although INIT "
+                                                     f"negotiated {o.needs}")
+            return
+        if req is None or not isinstance(rep, F.Reply):
+            return
+        a, r = req.args, rep.args
+        if op == OP["INIT"]:
+            self.init[ex.epoch] = (req, rep)
+            self.contexts[ex.epoch] = F.FuseContext.from_init(a["init"], r["init_out"])
+            self.negotiated.add(ex.epoch)
+        elif op in _ENTRY_OPS:
+            name = a.get("newname") if op == OP["LINK"] else (None if op == OP["TMPFILE"] else a.get("name"))
+            self._entry(ex, req.nodeid, name, r["entry"])
+        elif op == OP["READDIRPLUS"]:
+            for rec, nm in r.get("entries", ()):
+                if nm in (b".", b".."):
+                    continue
+                self._entry(ex, req.nodeid, nm, rec.entry_out)
+        elif op in (OP["GETATTR"], OP["SETATTR"]):
+            self.inodes.attr(req.nodeid, r["attr_out"].attr.ino)
+        elif op in (OP["RENAME"], OP["RENAME2"]):
+            rn = a["rename"]
+            flags = getattr(rn, "flags", 0)
+            self.inodes.rename(req.nodeid, a["name"], rn.newdir, a["newname"], bool(flags & _RENAME_EXCHANGE))
+        elif op in (OP["UNLINK"], OP["RMDIR"]):
+            self.inodes.unlink(req.nodeid, a["name"])

@@ -1,0 +1,120 @@
+"""A request paired with its reply, plus what the analyzer learnt about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dissectors import fuse as F
+from dissectors.spec import fuse as spec
+
+# Lint names: stable identifiers used by filters (`lint == "no-reply"`), the TUI and exports.
+ORPHAN_REPLY = "orphan-reply"
+NO_REPLY = "no-reply"
+DUPLICATE_IN_FLIGHT = "duplicate-in-flight"
+UNIQUE_MISMATCH = "unique-mismatch"
+INO_COLLISION = "ino-collision"
+FORGET_UNKNOWN = "forget-unknown"
+NLOOKUP_UNDERFLOW = "nlookup-underflow"
+SYNCFS_NOT_ROOT = "syncfs-not-root"
+ERROR_SUPPORTED_OP = "error-for-supported-op"
+DECODE_ERROR = "decode-error"
+
+LINTS: dict[str, str] = {
+    ORPHAN_REPLY: "a reply without a request",
+    NO_REPLY: "a request that never got a reply",
+    DUPLICATE_IN_FLIGHT: "a request on a chain (or unique) that already had one in flight",
+    UNIQUE_MISMATCH: "the reply's unique differs from its chain's request",
+    INO_COLLISION: "two live nodeids with the same (ino, generation) and no submount between them",
+    FORGET_UNKNOWN: "FORGET of a nodeid that was never looked up",
+    NLOOKUP_UNDERFLOW: "FORGET of more lookups than the nodeid had",
+    SYNCFS_NOT_ROOT: "SYNCFS on a nodeid that is no superblock root (1 or an announced submount)",
+    ERROR_SUPPORTED_OP: "ENOSYS/EOPNOTSUPP for an op the INIT said was supported",
+    DECODE_ERROR: "the message could not be decoded",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Lint:
+    name: str
+    exchange: int  # Exchange.index
+    message: str
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """One FUSE exchange.  `request`/`reply` are decoded messages, or None (absent or undecodable)."""
+
+    index: int
+    queue: int
+    head: int | None
+    epoch: int
+    unique: int
+    opcode: int  # -1 when unknown (orphan reply, undecodable request)
+    nodeid: int = 0
+    request: F.Request | None = None
+    reply: F.Reply | F.Notification | None = None
+    req_ts: int | None = None
+    reply_ts: int | None = None
+    req_len: int = 0  # original lengths in bytes (before any snapping)
+    reply_len: int = 0
+    error: int | None = None  # positive errno, 0 = success, None = no reply
+    req_raw: bytes | None = None  # kept when decoding failed (or when the analyzer keeps raw bytes)
+    reply_raw: bytes | None = None
+    decode_error: str | None = None
+    lints: list[str] = field(default_factory=list)
+    submount: bool = False  # announces a submount, or targets an announced submount root
+    snapped: bool = False
+    notes: list[str] = field(default_factory=list)
+    replied: bool = False
+    req_ref: Any = None  # the feeder's handles (recording offsets), for random access back to the bytes
+    reply_ref: Any = None
+
+    @property
+    def opname(self) -> str:
+        if self.reply is not None and isinstance(self.reply, F.Notification):
+            return self.reply.opname
+        return spec.OPCODE.name_of(self.opcode) or (str(self.opcode) if self.opcode >= 0 else "?")
+
+    @property
+    def errname(self) -> str | None:
+        if not self.error:
+            return None
+        return spec.ERRNO.name_of(self.error) or str(self.error)
+
+    @property
+    def latency_ns(self) -> int | None:
+        if self.req_ts is None or self.reply_ts is None:
+            return None
+        return self.reply_ts - self.req_ts
+
+    @property
+    def ts_ns(self) -> int:
+        return self.req_ts if self.req_ts is not None else (self.reply_ts or 0)
+
+    @property
+    def expects_reply(self) -> bool:
+        op = spec.OPCODE_BY_VALUE.get(self.opcode)
+        return op is not None and op.reply is not None and not op.reply_optional
+
+    def names(self) -> list[bytes]:
+        """Every name the exchange carries: request names and READDIR(PLUS) entry names."""
+        out: list[bytes] = []
+        if self.request is not None:
+            for k in ("name", "newname", "target"):
+                v = self.request.args.get(k)
+                if isinstance(v, bytes):
+                    out.append(v)
+        if self.reply is not None:
+            for item in self.reply.args.get("entries", ()):
+                out.append(item[1])
+        return out
+
+    def arg(self, path: str, default: Any = None) -> Any:
+        """Dotted access into the request args, then the reply args."""
+        for m in (self.request, self.reply):
+            if m is not None:
+                v = m.get(path, None)
+                if v is not None:
+                    return v
+        return default

@@ -1,0 +1,258 @@
+"""The filter language shared by the TUI and the CLI.
+
+    op == LOOKUP and name ~ "foo"      error != 0      error == ENOENT      latency > 1ms
+    nodeid == 4      submount      queue == 0      lint      lint == "no-reply"      not (op == FORGET)
+
+A real grammar (lark, LALR) compiles an expression to a predicate over Exchanges.  Syntax and meaning
+errors raise FilterError carrying the column, and `str()` shows the expression with a caret under it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from dissectors.spec import fuse as spec
+
+from .exchange import LINTS, Exchange
+
+GRAMMAR = r"""
+?start: or_expr
+?or_expr: and_expr (OR and_expr)*
+?and_expr: not_expr (AND not_expr)*
+?not_expr: NOT not_expr -> not_
+         | atom
+?atom: "(" or_expr ")"
+     | NAME CMP value -> comparison
+     | NAME -> flag
+?value: DURATION -> duration
+      | NUMBER -> number
+      | ESCAPED_STRING -> string
+      | NAME -> word
+OR.2: "or" | "||"
+AND.2: "and" | "&&"
+NOT.2: "not" | "!"
+CMP: "==" | "!=" | "<=" | ">=" | "<" | ">" | "~"
+DURATION.3: /\d+(\.\d+)?(ns|us|µs|ms|s)(?![A-Za-z0-9_])/
+NUMBER.1: /0x[0-9a-fA-F]+|\d+/
+NAME: /(?!(and|or|not)(?![A-Za-z0-9_.]))[A-Za-z_][A-Za-z0-9_.-]*/
+%import common.ESCAPED_STRING
+%import common.WS
+%ignore WS
+"""
+
+_PARSER = Lark(GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
+_ERRNO = spec.ERRNO.by_name()
+
+Predicate = Callable[[Exchange], bool]
+
+
+class FilterError(ValueError):
+    """A filter that does not parse or mean anything; `column` is 1-based."""
+
+    def __init__(self, message: str, text: str, column: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.text = text
+        self.column = max(1, column)
+
+    def caret(self) -> str:
+        return f"  {self.text}\n  {' ' * (self.column - 1)}^"
+
+    def __str__(self) -> str:
+        return f"{self.message} at column {self.column}\n{self.caret()}"
+
+
+# Numeric fields: name -> getter.  None means "no value" and every comparison on it is false.
+NUMERIC: dict[str, Callable[[Exchange], int | None]] = {
+    "error": lambda e: e.error,
+    "latency": lambda e: e.latency_ns,
+    "nodeid": lambda e: e.nodeid if e.opcode >= 0 else None,
+    "unique": lambda e: e.unique,
+    "queue": lambda e: e.queue,
+    "head": lambda e: e.head,
+    "epoch": lambda e: e.epoch,
+    "len": lambda e: e.req_len,
+    "reply_len": lambda e: e.reply_len if e.replied else None,
+    "index": lambda e: e.index,
+}
+STRINGS = ("name",)
+FLAGS: dict[str, Predicate] = {
+    "error": lambda e: bool(e.error),
+    "lint": lambda e: bool(e.lints),
+    "submount": lambda e: e.submount,
+    "orphan": lambda e: e.opcode < 0 and e.replied and e.request is None,
+    "pending": lambda e: not e.replied and e.expects_reply,
+    "bad": lambda e: e.decode_error is not None,
+    "snapped": lambda e: e.snapped,
+}
+FIELDS = sorted({"op", "opcode", "lint", *NUMERIC, *STRINGS})
+
+
+def _opcode_value(tok: Token, text: str) -> int:
+    v = str(tok)
+    if tok.type == "NUMBER":
+        return int(v, 0)
+    if tok.type == "ESCAPED_STRING":
+        v = v[1:-1]
+    o = spec.OPCODE_BY_NAME.get(v.upper().removeprefix("FUSE_"))
+    if o is None:
+        raise FilterError(f"unknown opcode {v!r}", text, tok.column or 1)
+    return o.value
+
+
+def _int_value(field: str, tok: Token, text: str) -> int:
+    v = str(tok)
+    if tok.type == "DURATION":
+        if field != "latency":
+            raise FilterError(f"a duration makes sense only for latency, not {field}", text, tok.column or 1)
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s)", v)
+        assert m is not None
+        return int(float(m.group(1)) * _UNITS[m.group(2)])
+    if tok.type == "NUMBER":
+        return int(v, 0)
+    if field == "error" and tok.type in ("NAME", "ESCAPED_STRING"):
+        name = v.strip('"').upper()
+        if name not in _ERRNO:
+            raise FilterError(f"unknown errno name {name!r}", text, tok.column or 1)
+        return _ERRNO[name]
+    raise FilterError(f"{field} needs a number{' or a duration' if field == 'latency' else ''}, "
+                      f"not {v}", text, tok.column or 1)
+
+
+_CMP: dict[str, Callable[[Any, Any], bool]] = {
+    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+}
+
+
+def _regex(tok: Token, text: str) -> re.Pattern[str]:
+    v = str(tok)
+    if tok.type == "ESCAPED_STRING":
+        v = v[1:-1].replace('\\"', '"')
+    try:
+        return re.compile(v)
+    except re.error as e:
+        raise FilterError(f"bad regular expression: {e.msg}", text, (tok.column or 1) + (e.pos or 0) + 1) from None
+
+
+def _comparison(node: Tree[Token], text: str) -> Predicate:
+    field_tok, op_tok, val_tok = node.children
+    assert isinstance(field_tok, Token) and isinstance(op_tok, Token)
+    val = val_tok.children[0] if isinstance(val_tok, Tree) else val_tok
+    assert isinstance(val, Token)
+    field, op = str(field_tok), str(op_tok)
+    col = field_tok.column or 1
+    if field in ("op", "opcode"):
+        if op == "~":
+            rx = _regex(val, text)
+            return lambda e: rx.search(e.opname) is not None
+        if op not in ("==", "!="):
+            raise FilterError(f"{field} compares with == != or ~, not {op}", text, op_tok.column or 1)
+        code = _opcode_value(val, text)
+        return (lambda e: e.opcode == code) if op == "==" else (lambda e: e.opcode != code)
+    if field == "name":
+        if op == "~":
+            rx = _regex(val, text)
+            return lambda e: any(rx.search(n.decode("utf-8", "backslashreplace")) for n in e.names())
+        if op not in ("==", "!="):
+            raise FilterError(f"name compares with == != or ~, not {op}", text, op_tok.column or 1)
+        want = (str(val)[1:-1] if val.type == "ESCAPED_STRING" else str(val)).encode("utf-8", "surrogateescape")
+        if op == "==":
+            return lambda e: want in e.names()
+        return lambda e: want not in e.names()
+    if field == "lint":
+        want_s = str(val)[1:-1] if val.type == "ESCAPED_STRING" else str(val)
+        if op == "~":
+            rx = _regex(val, text)
+            return lambda e: any(rx.search(x) for x in e.lints)
+        if want_s not in LINTS:
+            raise FilterError(f"unknown lint {want_s!r} (known: {', '.join(LINTS)})", text, val.column or 1)
+        if op == "==":
+            return lambda e: want_s in e.lints
+        if op == "!=":
+            return lambda e: want_s not in e.lints
+        raise FilterError(f"lint compares with == != or ~, not {op}", text, op_tok.column or 1)
+    get = NUMERIC.get(field)
+    if get is None:
+        raise FilterError(f"unknown field {field!r} (known: {', '.join(FIELDS)})", text, col)
+    if op == "~":
+        raise FilterError(f"~ matches text; {field} is a number", text, op_tok.column or 1)
+    wanted = _int_value(field, val, text)
+    cmp = _CMP[op]
+
+    def pred(e: Exchange) -> bool:
+        v = get(e)
+        return v is not None and cmp(v, wanted)
+
+    return pred
+
+
+def _build(node: Tree[Token] | Token, text: str) -> Predicate:
+    if isinstance(node, Token):  # pragma: no cover - the grammar wraps tokens
+        raise FilterError(f"unexpected {node!s}", text, node.column or 1)
+    kind = node.data
+    if kind == "or_expr":
+        parts = [_build(c, text) for c in node.children if not isinstance(c, Token)]
+        return lambda e: any(p(e) for p in parts)
+    if kind == "and_expr":
+        parts = [_build(c, text) for c in node.children if not isinstance(c, Token)]
+        return lambda e: all(p(e) for p in parts)
+    if kind == "not_":
+        inner = _build(node.children[-1], text)
+        return lambda e: not inner(e)
+    if kind == "comparison":
+        return _comparison(node, text)
+    if kind == "flag":
+        tok = node.children[0]
+        assert isinstance(tok, Token)
+        pred = FLAGS.get(str(tok))
+        if pred is None:
+            hint = " (fields need a comparison, e.g. nodeid == 4)" if str(tok) in FIELDS else ""
+            raise FilterError(f"unknown flag {str(tok)!r}{hint}; flags are {', '.join(FLAGS)}", text,
+                              tok.column or 1)
+        return pred
+    raise FilterError(f"unexpected {kind}", text, 1)  # pragma: no cover
+
+
+_TERMINALS = {"LPAR": "'('", "RPAR": "')'", "NAME": "a name", "NUMBER": "a number", "DURATION": "a duration",
+              "ESCAPED_STRING": "a string", "NOT": "'not'", "AND": "'and'", "OR": "'or'", "CMP": "a comparison"}
+
+
+def _expected(names: Any) -> str:
+    return ", ".join(sorted({_TERMINALS.get(x, x) for x in names if not x.startswith("__")}))
+
+
+def _describe(tok: Token) -> str:
+    if tok.type == "$END":
+        return "end of expression"
+    return repr(str(tok))
+
+
+def compile_filter(text: str) -> Predicate:
+    """Compile a filter expression; raises FilterError with a column on any problem."""
+    if not text.strip():
+        raise FilterError("empty filter", text, 1)
+    try:
+        tree = _PARSER.parse(text)
+    except UnexpectedEOF as e:
+        raise FilterError(f"unexpected end of expression (expected {_expected(e.expected)})", text,
+                          len(text) + 1) from None
+    except UnexpectedToken as e:
+        tok = e.token
+        col = tok.column if tok.type != "$END" and tok.column else len(text) + 1
+        exp = _expected(e.expected)
+        raise FilterError(f"unexpected {_describe(tok)}" + (f" (expected {exp})" if exp else ""),
+                          text, col) from None
+    except UnexpectedCharacters as e:
+        raise FilterError(f"unexpected character {text[e.pos_in_stream or 0]!r}", text, e.column) from None
+    except UnexpectedInput as e:  # pragma: no cover - the subclasses above cover lark's errors
+        raise FilterError(str(e), text, getattr(e, "column", 1)) from None
+    if isinstance(tree, Token):  # a bare word parses to a token only if the grammar allowed it
+        raise FilterError(f"unexpected {tree!s}", text, tree.column or 1)
+    return _build(tree, text)

@@ -1,0 +1,100 @@
+"""Per-opcode counts, errors by errno, latency percentiles, bytes and ops/s over time."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exchange import Exchange
+
+
+def percentile(sorted_values: list[int], p: float) -> int | None:
+    """Nearest-rank percentile of an ascending list (None when empty)."""
+    if not sorted_values:
+        return None
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+@dataclass
+class OpStats:
+    count: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies: list[int] = field(default_factory=list)
+    req_bytes: int = 0
+    reply_bytes: int = 0
+    unreplied: int = 0
+
+    def latency(self) -> dict[str, int | None]:
+        s = sorted(self.latencies)
+        return {"p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99),
+                "max": s[-1] if s else None}
+
+
+class Stats:
+    """Fed with finished exchanges (a reply arrived, no reply is expected, or the stream ended)."""
+
+    def __init__(self, bucket_ns: int = 1_000_000_000) -> None:
+        self.bucket_ns = bucket_ns
+        self.ops: dict[str, OpStats] = {}
+        self.errors: Counter[str] = Counter()
+        self.total = 0
+        self.first_ts: int | None = None
+        self.last_ts: int | None = None
+        self._buckets: Counter[int] = Counter()
+
+    def add(self, ex: Exchange) -> None:
+        st = self.ops.get(ex.opname)
+        if st is None:
+            st = self.ops[ex.opname] = OpStats()
+        st.count += 1
+        self.total += 1
+        st.req_bytes += ex.req_len
+        st.reply_bytes += ex.reply_len
+        if ex.error:
+            name = ex.errname or str(ex.error)
+            st.errors[name] += 1
+            self.errors[name] += 1
+        lat = ex.latency_ns
+        if lat is not None:
+            st.latencies.append(lat)
+        elif ex.expects_reply and not ex.replied:
+            st.unreplied += 1
+        ts = ex.ts_ns
+        if ts:
+            if self.first_ts is None or ts < self.first_ts:
+                self.first_ts = ts
+            if self.last_ts is None or ts > self.last_ts:
+                self.last_ts = ts
+            self._buckets[ts // self.bucket_ns] += 1
+
+    def ops_per_second(self) -> list[tuple[int, float]]:
+        """(seconds since the first bucket, ops/s) for every bucket from first to last, gaps as 0."""
+        if not self._buckets:
+            return []
+        lo, hi = min(self._buckets), max(self._buckets)
+        scale = 1_000_000_000 / self.bucket_ns
+        return [((b - lo) * self.bucket_ns // 1_000_000_000, self._buckets.get(b, 0) * scale)
+                for b in range(lo, hi + 1)]
+
+    @property
+    def req_bytes(self) -> int:
+        return sum(s.req_bytes for s in self.ops.values())
+
+    @property
+    def reply_bytes(self) -> int:
+        return sum(s.reply_bytes for s in self.ops.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "duration_ns": (self.last_ts - self.first_ts) if self.first_ts is not None and self.last_ts else 0,
+            "bytes": {"request": self.req_bytes, "reply": self.reply_bytes},
+            "errors": dict(self.errors.most_common()),
+            "ops": {name: {"count": s.count, "errors": dict(s.errors.most_common()), "latency_ns": s.latency(),
+                           "request_bytes": s.req_bytes, "reply_bytes": s.reply_bytes, "unreplied": s.unreplied}
+                    for name, s in sorted(self.ops.items(), key=lambda kv: (-kv[1].count, kv[0]))},
+            "ops_per_second": [[t, r] for t, r in self.ops_per_second()],
+        }
