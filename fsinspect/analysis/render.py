@@ -1,0 +1,84 @@
+"""Exchanges as JSON-ready dicts and one-line text, built on dissectors.render (no I/O)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dissectors import fuse as F
+from dissectors.render import message_json, summary
+
+from .exchange import Exchange
+
+
+def exchange_json(ex: Exchange) -> dict[str, Any]:
+    """One exchange: opcode name, unique, nodeid, queue, decoded request and reply, errno name, latency."""
+    req = message_json(ex.request) if ex.request is not None else None
+    rep = message_json(ex.reply) if ex.reply is not None else None
+    d: dict[str, Any] = {
+        "index": ex.index,
+        "opcode": ex.opname,
+        "unique": ex.unique,
+        "nodeid": ex.nodeid if ex.opcode >= 0 else None,
+        "queue": ex.queue,
+        "head": ex.head,
+        "epoch": ex.epoch,
+        "ts_ns": ex.ts_ns,
+        "request": req,
+        "reply": rep,
+        "error": ex.errname,
+        "latency_ns": ex.latency_ns,
+        "lints": list(ex.lints),
+    }
+    if ex.submount:
+        d["submount"] = True
+    if ex.snapped:
+        d["snapped"] = True
+    if ex.notes:
+        d["notes"] = list(ex.notes)
+    if ex.decode_error:
+        d["decode_error"] = ex.decode_error
+        d["request_raw"] = ex.req_raw.hex() if ex.req_raw is not None else None
+        d["reply_raw"] = ex.reply_raw.hex() if ex.reply_raw is not None else None
+    return d
+
+
+def _fmt_ns(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    if ns < 10_000:
+        return f"{ns}ns"
+    if ns < 10_000_000:
+        return f"{ns / 1000:.0f}µs"
+    if ns < 10_000_000_000:
+        return f"{ns / 1_000_000:.1f}ms"
+    return f"{ns / 1e9:.2f}s"
+
+
+fmt_ns = _fmt_ns
+
+
+def exchange_line(ex: Exchange, t0: int = 0) -> str:
+    """`#12 +0.004512 q0 LOOKUP u=8 n=1 name="x" -> ENOENT 52µs [lint]`."""
+    t = (ex.ts_ns - t0) / 1e9 if t0 else ex.ts_ns / 1e9
+    req = summary(ex.request) if ex.request is not None else ""
+    if not ex.replied:
+        out = "(no reply)" if ex.expects_reply else ""
+    elif ex.error:
+        out = f"-> {ex.errname}"
+    elif isinstance(ex.reply, F.Reply | F.Notification):
+        out = "-> " + (summary(ex.reply) or "ok")
+    else:
+        out = "-> ?"
+    nodeid = f" n={ex.nodeid}" if ex.opcode >= 0 else ""
+    parts = [f"#{ex.index}", f"+{t:.6f}", f"q{ex.queue}", ex.opname, f"u={ex.unique}{nodeid}"]
+    if req:
+        parts.append(req)
+    if out:
+        parts.append(out)
+    if ex.latency_ns is not None:
+        parts.append(_fmt_ns(ex.latency_ns))
+    if ex.lints:
+        parts.append("[" + ",".join(ex.lints) + "]")
+    if ex.decode_error:
+        parts.append(f"<{ex.decode_error}>")
+    return " ".join(parts)
