@@ -1,0 +1,113 @@
+"""The split-ring engine: a C extension (ring_core.c + _ringmodule.c) or its pure-Python twin.
+
+One engine serves the bundled daemon (pop chains, push used) and the proxy's shadow-ring data path
+(design.md, "The proxy").  `BACKEND` says which engine is loaded ("c" or "python"); when the C one is
+missing, one warning says so at import.  Set FSINSPECT_RING=python to force the twin (the tests run
+everything on both).
+
+API (identical in both engines; addresses are guest-physical unless named otherwise):
+
+- `MemoryMap()`
+  - `add_region(gpa, size, buf, uva=0, mmap_offset=0) -> slot`: `buf` is a writable buffer (an mmap of
+    the region's fd from offset 0, length mmap_offset + size, as libvhost-user maps it).  The map holds
+    the buffer export, so `mmap.close()` raises BufferError while the map or a chain view uses it.
+  - `remove_region(gpa)`; `translate(gpa, length=1) -> (slot, offset)`; `uva_to_gpa(uva)` (for
+    SET_VRING_ADDR, which carries frontend user addresses); `view(gpa, length) -> memoryview`;
+    `regions -> [(gpa, size, uva)]`.  Adding/removing raises RuntimeError while a ShadowPath using the
+    map runs: stop it first.
+- `SplitQueue(mem, num, desc, avail, used)`: the device side of a split ring.
+  - `pop_chains(max=0) -> [Chain]`: every available chain (kicks coalesce), NEXT/INDIRECT/WRITE
+    followed.  A malformed chain raises `RingError(reason, head, chains=<the good ones before it>)`; the
+    bad entry is consumed.  An avail index more than `num` ahead raises `RingError("avail_ahead")` and
+    consumes nothing.
+  - `push_used([(head, len), ...])`: entries first, the 16-bit used->idx once, last.
+  - `avail_pending()`, `last_avail_idx` / `used_idx` (read/write, for SET/GET_VRING_BASE), `num`.
+- `Chain`: `head`, `readable` (bytes, gathered), `writable` (list of writable memoryviews into guest
+  memory), `layout` (((addr, len, flags), ...) effective descriptors; the INDIRECT descriptor itself is
+  listed, and entries from its table carry LAYOUT_F_FROM_INDIRECT), `readable_len`, `writable_len`,
+  `write(data) -> n` (scatter a reply into the writable segments).
+- `CaptureBuffer(capacity=16 MiB, policy="drop"|"lossless")`: bounded; shared by any number of paths.
+  `read_captures(max=1024, timeout=0.0) -> [Capture]`, `fileno()` (an eventfd, readable when records
+  are pending: select on it, then call read_captures until it returns []), `stats` (captured, dropped,
+  dropped_bytes, stalls, used_bytes, capacity).  "drop" never slows the VM and counts what it could not
+  keep; "lossless" holds back forwarding (used publication, and avail forwarding) until there is room.
+- `ShadowPath(mem, queue, num, desc, avail, used, shadow_avail, shadow_used, capture, kick_fd, call_fd,
+  backend_kick_fd, backend_call_fd, avail_base=0, snaplen=0)`: one queue's data path.  The guest's
+  rings are (desc, avail, used); the backend sees (desc, shadow_avail, shadow_used), which must lie in
+  a region of `mem` (the proxy's own memfd).  The shadow avail index starts at `avail_base` (the
+  SET_VRING_BASE value) and the shadow used index at the guest's current used->idx.  All fds are
+  dup'ed, so the caller may close its own.  On a kick: capture each new request (timestamp, queue, head,
+  layout, readable bytes), copy the entry to the shadow avail ring, kick the backend.  On the backend's
+  call: capture each reply (writable bytes up to used.len), copy the entry to the guest's used ring,
+  signal the call fd.  Malformed chains are forwarded unchanged, captured as kind "error" and counted;
+  nothing outside a region is ever touched.
+  - `start()`, `stop()` (join; nothing moves after), `drain() -> n` (move pending used entries to the
+    guest now: call it after stop() on GET_VRING_BASE; in lossless mode it drops rather than waits),
+    `step() -> (n_avail, n_used)` (one synchronous pass on a stopped path), `set_kick_fd(fd)` /
+    `set_call_fd(fd)` (swap QEMU's fds while running; -1 = none), `counters`, `running`, `last_error`,
+    `indices`.
+- `Capture` (NamedTuple): kind ("request"|"reply"|"error"), queue, head, ts_ns (CLOCK_REALTIME), layout,
+  length, data, truncated, reason.  Pair requests and replies by (queue, head).
+- `RingError`: `reason` (one of `REASONS`), `code`, `head`, `chains`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ._common import (
+    CAP_F_TRUNCATED,
+    KIND_ERROR,
+    KIND_REPLY,
+    KIND_REQUEST,
+    LAYOUT_F_FROM_INDIRECT,
+    REASONS,
+    Capture,
+    RingError,
+)
+
+log = logging.getLogger(__name__)
+
+if os.environ.get("FSINSPECT_RING", "").lower() == "python":
+    from . import _native as _engine
+
+    BACKEND = "python"
+    log.warning("ring engine: pure-Python twin (FSINSPECT_RING=python); the shadow path will be slow")
+else:
+    try:
+        from . import _ring as _engine  # type: ignore[no-redef]
+
+        BACKEND = "c"
+    except ImportError as exc:
+        from . import _native as _engine
+
+        BACKEND = "python"
+        log.warning("ring engine: C extension unavailable (%s); using the pure-Python twin, which is "
+                    "much slower on the proxy's data path. Install a C compiler and python3-dev, then "
+                    "re-run ./scripts/setup.", exc)
+
+MemoryMap = _engine.MemoryMap
+SplitQueue = _engine.SplitQueue
+Chain = _engine.Chain
+CaptureBuffer = _engine.CaptureBuffer
+ShadowPath = _engine.ShadowPath
+CORE_LAYOUT = _engine.CORE_LAYOUT
+
+__all__ = [
+    "BACKEND",
+    "CAP_F_TRUNCATED",
+    "CORE_LAYOUT",
+    "KIND_ERROR",
+    "KIND_REPLY",
+    "KIND_REQUEST",
+    "LAYOUT_F_FROM_INDIRECT",
+    "REASONS",
+    "Capture",
+    "CaptureBuffer",
+    "Chain",
+    "MemoryMap",
+    "RingError",
+    "ShadowPath",
+    "SplitQueue",
+]

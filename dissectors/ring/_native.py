@@ -1,0 +1,698 @@
+"""The pure-Python twin of the C ring engine (ring_core.c + _ringmodule.c): same API, same errors.
+
+Used when the extension could not be built.  It follows the C core step for step (the differential
+fuzz test feeds both the same random rings and compares every result), so behaviour never depends on
+which engine is loaded; only speed does.  The shadow path runs in a Python thread.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections import deque
+import mmap
+from collections.abc import Sequence
+from typing import Any
+
+from ..spec import virtio
+from ..structs import build_codecs
+from ._common import (
+    CAP_HDR_SIZE,
+    CAP_LAYOUT_SIZE,
+    KIND_ERROR,
+    KIND_REPLY,
+    KIND_REQUEST,
+    LAYOUT_F_FROM_INDIRECT,
+    MAX_REGIONS,
+    REASONS,
+    Capture,
+    RingError,
+    capture_record_size,
+)
+
+_CODECS = build_codecs(virtio.REGISTRY)
+_DESC = _CODECS["vring_desc"].struct
+_USED_ELEM = _CODECS["vring_used_elem"].struct
+_U16 = _CODECS["vring_avail"].struct  # flags, idx: the index is the second u16
+_DESC_SIZE = virtio.DESC_SIZE
+_ELEM_SIZE = virtio.USED_ELEM_SIZE
+_F = virtio.VRING_DESC_F.by_name()
+F_NEXT, F_WRITE, F_INDIRECT = _F["NEXT"], _F["WRITE"], _F["INDIRECT"]
+_AVAIL_RING_OFF = virtio.split_ring_layout(1).avail_ring_off
+_USED_RING_OFF = virtio.split_ring_layout(1).used_ring_off
+_MAX_INDIRECT = virtio.MAX_QUEUE_SIZE
+_U64 = 1 << 64
+Buffer = bytes | bytearray | memoryview | mmap.mmap  # collections.abc.Buffer needs 3.12
+
+
+class _Fail(Exception):
+    """Internal: a walk stopped with a reason (turned into RingError or an error capture)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _Region:
+    __slots__ = ("gpa", "mv", "size", "uva")
+
+    def __init__(self, gpa: int, size: int, uva: int, mv: memoryview) -> None:
+        self.gpa, self.size, self.uva, self.mv = gpa, size, uva, mv
+
+
+class MemoryMap:
+    """Guest memory regions with GPA -> (region, offset) translation and bounds checks."""
+
+    def __init__(self) -> None:
+        self._r: list[_Region] = []
+        self._busy = 0
+
+    def add_region(self, gpa: int, size: int, buf: Buffer, uva: int = 0, mmap_offset: int = 0) -> int:
+        """Map `size` bytes of `buf` starting at `mmap_offset` (the libvhost-user mapping rule) at `gpa`."""
+        if self._busy:
+            raise RuntimeError("memory map in use by a running shadow path: stop it first")
+        mv = memoryview(buf)
+        if mv.readonly:
+            raise BufferError("Object is not writable.")
+        mv = mv.cast("B")
+        if mmap_offset + size > len(mv):
+            raise ValueError(f"buffer of {len(mv)} bytes cannot hold mmap_offset {mmap_offset} + size {size}")
+        if size == 0 or gpa + size >= _U64 or uva + size >= _U64:
+            raise RingError("overflow")
+        if len(self._r) >= MAX_REGIONS:
+            raise RingError("regions_full")
+        for r in self._r:
+            if gpa < r.gpa + r.size and r.gpa < gpa + size:
+                raise RingError("region_overlap")
+        self._r.append(_Region(gpa, size, uva, mv[mmap_offset:mmap_offset + size]))
+        return len(self._r) - 1
+
+    def remove_region(self, gpa: int) -> None:
+        if self._busy:
+            raise RuntimeError("memory map in use by a running shadow path: stop it first")
+        for i, r in enumerate(self._r):
+            if r.gpa == gpa:
+                del self._r[i]
+                return
+        raise RingError("no_region")
+
+    def _find(self, gpa: int, length: int) -> tuple[int, int]:
+        if gpa + length >= _U64:
+            raise _Fail("overflow")
+        for i, r in enumerate(self._r):
+            off = gpa - r.gpa
+            if 0 <= off < r.size and length <= r.size - off:
+                return i, off
+        raise _Fail("no_region")
+
+    def translate(self, gpa: int, length: int = 1) -> tuple[int, int]:
+        try:
+            return self._find(gpa, length)
+        except _Fail as e:
+            raise RingError(e.reason) from None
+
+    def uva_to_gpa(self, uva: int) -> int:
+        for r in self._r:
+            if r.uva <= uva < r.uva + r.size:
+                return r.gpa + (uva - r.uva)
+        raise RingError("no_region")
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        i, off = self.translate(gpa, length)
+        return self._r[i].mv[off:off + length]
+
+    @property
+    def regions(self) -> list[tuple[int, int, int]]:
+        return [(r.gpa, r.size, r.uva) for r in self._r]
+
+    def _ptr(self, gpa: int, length: int) -> memoryview:
+        i, off = self._find(gpa, length)
+        return self._r[i].mv[off:off + length]
+
+
+class Chain:
+    """One popped descriptor chain."""
+
+    __slots__ = ("head", "layout", "readable", "readable_len", "writable", "writable_len")
+
+    def __init__(self, head: int, readable: bytes, writable: list[memoryview],
+                 layout: tuple[tuple[int, int, int], ...], readable_len: int, writable_len: int) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.layout = layout
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+
+    def write(self, data: Buffer) -> int:
+        """Scatter `data` into the writable segments; returns how many bytes fitted."""
+        src = memoryview(data).cast("B")
+        done = 0
+        for seg in self.writable:
+            if done >= len(src):
+                break
+            k = min(len(seg), len(src) - done)
+            seg[:k] = src[done:done + k]
+            done += k
+        return done
+
+
+class _Walk:
+    """Result of walking one chain: layout, segments (view, write) and the reason it stopped."""
+
+    __slots__ = ("err", "head", "layout", "readable_len", "segs", "writable_len")
+
+    def __init__(self, head: int) -> None:
+        self.head = head
+        self.layout: list[tuple[int, int, int]] = []
+        self.segs: list[tuple[memoryview, bool]] = []
+        self.readable_len = 0
+        self.writable_len = 0
+        self.err: str | None = None
+
+    def gather(self, write: bool, limit: int) -> bytes:
+        out = bytearray()
+        for mv, w in self.segs:
+            if w != write:
+                continue
+            if len(out) >= limit:
+                break
+            out += mv[:limit - len(out)]
+        return bytes(out)
+
+
+def _map(mem: MemoryMap, w: _Walk, addr: int, length: int, write: bool) -> None:
+    if addr + length >= _U64:
+        raise _Fail("overflow")
+    left = length
+    while left:
+        i, off = mem._find(addr, 1)
+        r = mem._r[i]
+        chunk = min(r.size - off, left)
+        w.segs.append((r.mv[off:off + chunk], write))
+        addr += chunk
+        left -= chunk
+    if write:
+        w.writable_len += length
+    else:
+        w.readable_len += length
+
+
+def _walk(mem: MemoryMap, desc: memoryview, num: int, head: int) -> _Walk:
+    """rc_walk_chain: the same checks in the same order, so both engines report the same reason."""
+    w = _Walk(head)
+    try:
+        if head >= num:
+            raise _Fail("head_range")
+        table, tlen, count, idx = desc, num, 0, head
+        indirect = seen_write = False
+        while True:
+            if idx >= tlen:
+                raise _Fail("next_range")
+            count += 1
+            if count > tlen:
+                raise _Fail("chain_loop")
+            addr, length, flags, nxt = _DESC.unpack_from(table, idx * _DESC_SIZE)
+            if flags & F_INDIRECT:
+                if indirect:
+                    raise _Fail("nested_indirect")
+                w.layout.append((addr, length, flags))
+                if flags & F_NEXT:
+                    raise _Fail("indirect_next")
+                if length == 0 or length % _DESC_SIZE or length // _DESC_SIZE > _MAX_INDIRECT:
+                    raise _Fail("indirect_len")
+                table = mem._ptr(addr, length)
+                tlen, indirect, count, idx = length // _DESC_SIZE, True, 0, 0
+                continue
+            w.layout.append((addr, length, flags | (LAYOUT_F_FROM_INDIRECT if indirect else 0)))
+            write = bool(flags & F_WRITE)
+            if not write and seen_write:
+                raise _Fail("read_after_write")
+            seen_write |= write
+            _map(mem, w, addr, length, write)
+            if not flags & F_NEXT:
+                break
+            idx = nxt
+    except _Fail as e:
+        w.err = e.reason
+    return w
+
+
+def _check_rings(mem: MemoryMap, num: int, desc: int, avail: int, used: int) -> tuple[memoryview, ...]:
+    if num <= 0 or num > virtio.MAX_QUEUE_SIZE or num & (num - 1):
+        raise RingError("bad_queue")
+    if desc & 15 or avail & 1 or used & 3:
+        raise RingError("bad_queue")
+    lay = virtio.split_ring_layout(num)
+    try:
+        return mem._ptr(desc, lay.desc_size), mem._ptr(avail, lay.avail_size), mem._ptr(used, lay.used_size)
+    except _Fail as e:
+        raise RingError(e.reason) from None
+
+
+def _load_idx(ring: memoryview) -> int:
+    return int(_U16.unpack_from(ring, 0)[1])
+
+
+def _store_idx(ring: memoryview, idx: int) -> None:
+    ring[2:4] = (idx & 0xFFFF).to_bytes(2, "little")
+
+
+class SplitQueue:
+    """A split virtqueue seen by the device; ring addresses are GPAs."""
+
+    def __init__(self, mem: MemoryMap, num: int, desc: int, avail: int, used: int) -> None:
+        self._desc, self._avail, self._used = _check_rings(mem, num, desc, avail, used)
+        self._mem = mem
+        self.num = num
+        self.last_avail_idx = 0
+        self.used_idx = 0
+
+    def avail_pending(self) -> int:
+        n = (_load_idx(self._avail) - self.last_avail_idx) & 0xFFFF
+        if n > self.num:
+            raise RingError("avail_ahead")
+        return n
+
+    def pop_chains(self, max: int = 0) -> list[Chain]:  # noqa: A002 - same keyword as the C binding
+        n = self.avail_pending()
+        if max > 0:
+            n = min(n, max)
+        out: list[Chain] = []
+        avail, mask = self._avail, self.num - 1
+        for _ in range(n):
+            off = _AVAIL_RING_OFF + 2 * (self.last_avail_idx & mask)
+            head = avail[off] | avail[off + 1] << 8
+            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+            w = _walk(self._mem, self._desc, self.num, head)
+            if w.err:
+                raise RingError(w.err, head, out)
+            out.append(Chain(head, w.gather(False, w.readable_len), [mv for mv, wr in w.segs if wr],
+                             tuple(w.layout), w.readable_len, w.writable_len))
+        return out
+
+    def push_used(self, elems: Sequence[tuple[int, int]]) -> None:
+        items = list(elems)
+        for it in items:
+            if not isinstance(it, tuple) or len(it) != 2:
+                raise TypeError("push_used() items must be (head, len) tuples")
+            if it[1] < 0 or it[1] > 0xFFFFFFFF:
+                raise OverflowError("used len does not fit in 32 bits")
+        for head, _ in items:
+            if head >= self.num:
+                raise RingError("head_range")
+        idx, mask = self.used_idx, self.num - 1
+        for head, length in items:
+            _USED_ELEM.pack_into(self._used, _USED_RING_OFF + _ELEM_SIZE * (idx & mask), head, length)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        _store_idx(self._used, idx)
+
+
+class CaptureBuffer:
+    """Bounded capture records; `policy` when full: "drop" (count) or "lossless" (producers wait)."""
+
+    def __init__(self, capacity: int = 16 << 20, policy: str = "drop") -> None:
+        if policy not in ("drop", "lossless"):
+            raise ValueError(f"policy must be 'drop' or 'lossless', not {policy!r}")
+        self._cap = max(4096, capacity & ~7)
+        self.policy = policy
+        self._q: deque[tuple[Capture, int]] = deque()
+        self._used = 0
+        self._cond = threading.Condition()
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._captured = self._dropped = self._dropped_bytes = self._stalls = 0
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            os.close(fd)
+            self._fd = -1
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def capacity(self) -> int:
+        return self._cap
+
+    def _put(self, cap: Capture, size: int, wait: bool, stop: threading.Event | None,
+             count_drop: bool = True) -> bool | None:
+        """Append one record; False when dropped, None when a lossless wait was stopped."""
+        with self._cond:
+            waited = False
+            while self._cap - self._used < size:
+                if self.policy != "lossless" or not wait or (stop is not None and stop.is_set()):
+                    if count_drop:
+                        self._dropped += 1
+                        self._dropped_bytes += size
+                    return None if (stop is not None and stop.is_set() and wait) else False
+                if not waited:
+                    waited = True
+                    self._stalls += 1
+                self._cond.wait(0.05)
+            self._q.append((cap, size))
+            self._used += size
+            self._captured += 1
+            return True
+
+    def _notify(self) -> None:
+        os.eventfd_write(self._fd, 1)
+
+    def _wake_all(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def read_captures(self, max: int = 1024, timeout: float = 0.0) -> list[Capture]:  # noqa: A002
+        out: list[Capture] = []
+        for attempt in range(2):
+            try:
+                os.eventfd_read(self._fd)  # clear first, then drain: no lost wake-up
+            except BlockingIOError:
+                pass
+            with self._cond:
+                while self._q and (max <= 0 or len(out) < max):
+                    cap, size = self._q.popleft()
+                    self._used -= size
+                    out.append(cap)
+                if out:
+                    self._cond.notify_all()
+            if out or timeout <= 0 or attempt:
+                break
+            p = select.poll()
+            p.register(self._fd, select.POLLIN)
+            p.poll(min(timeout, 86400.0) * 1000.0)
+        return out
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"captured": self._captured, "dropped": self._dropped, "dropped_bytes": self._dropped_bytes,
+                    "stalls": self._stalls, "used_bytes": self._used, "capacity": self._cap}
+
+
+_COUNTERS = ("requests", "replies", "errors", "unpaired", "kicks_in", "calls_in", "kicks_out", "calls_out",
+             "stalls", "dropped", "wakeups")
+
+
+class ShadowPath:
+    """The shadow-ring data path of one queue, in a Python thread (the twin of the native one)."""
+
+    def __init__(self, mem: MemoryMap, queue: int, num: int, desc: int, avail: int, used: int,
+                 shadow_avail: int, shadow_used: int, capture: CaptureBuffer, kick_fd: int, call_fd: int,
+                 backend_kick_fd: int, backend_call_fd: int, avail_base: int = 0, snaplen: int = 0) -> None:
+        if queue > 0xFFFF or avail_base > 0xFFFF:
+            raise ValueError("queue and avail_base are 16-bit")
+        if backend_kick_fd < 0 or backend_call_fd < 0:
+            raise ValueError("the backend kick and call fds are required")
+        self._desc, self._g_avail, self._g_used = _check_rings(mem, num, desc, avail, used)
+        _, self._s_avail, self._s_used = _check_rings(mem, num, desc, shadow_avail, shadow_used)
+        self._mem, self._cap, self.queue, self.num, self.snaplen = mem, capture, queue, num, snaplen
+        self._inflight = bytearray(num)
+        self._next_avail = self._s_avail_idx = avail_base
+        _store_idx(self._s_avail, avail_base)
+        self._s_avail[0:2] = b"\0\0"  # shadow avail flags stay 0: the backend always calls
+        self._g_used_idx = self._next_used = _load_idx(self._g_used)
+        _store_idx(self._s_used, self._g_used_idx)
+        self._kick_fd = os.dup(kick_fd) if kick_fd >= 0 else -1
+        self._call_fd = os.dup(call_fd) if call_fd >= 0 else -1
+        self._bkick_fd = os.dup(backend_kick_fd)
+        self._bcall_fd = os.dup(backend_call_fd)
+        self._ctl_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._pending_kick: int | None = None
+        self._lock = threading.Lock()  # proc_lock: held while forwarding
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._broken = False
+        self._last_error: str | None = None
+        self._need_notify = False
+        self._ctr = dict.fromkeys(_COUNTERS, 0)
+
+    # -- lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._mem._busy += 1
+        self._thread = threading.Thread(target=self._run, name=f"shadow-q{self.queue}", daemon=True)
+        self._thread.start()
+        os.eventfd_write(self._ctl_fd, 1)
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        os.eventfd_write(self._ctl_fd, 1)
+        self._cap._wake_all()
+        self._thread.join()
+        self._thread = None
+        self._mem._busy -= 1
+        with self._lock:
+            self._apply_pending()
+
+    def drain(self) -> int:
+        with self._lock:
+            return max(0, self._forward_used(False))
+
+    def step(self) -> tuple[int, int]:
+        if self._thread is not None:
+            raise RuntimeError("step() is for a stopped path; the thread is running")
+        with self._lock:
+            return max(0, self._forward_avail(False)), max(0, self._forward_used(False))
+
+    def close(self) -> None:
+        self.stop()
+        with self._lock:
+            for name in ("_kick_fd", "_call_fd", "_bkick_fd", "_bcall_fd", "_ctl_fd"):
+                fd = getattr(self, name)
+                if fd >= 0:
+                    os.close(fd)
+                    setattr(self, name, -1)
+            if self._pending_kick is not None and self._pending_kick >= 0:
+                os.close(self._pending_kick)
+            self._pending_kick = None
+
+    def __del__(self) -> None:
+        if hasattr(self, "_lock"):
+            self.close()
+
+    def set_kick_fd(self, fd: int) -> None:
+        nfd = os.dup(fd) if fd >= 0 else -1
+        with self._lock:
+            old, self._pending_kick = self._pending_kick, nfd
+            if old is not None and old >= 0:
+                os.close(old)
+            if self._thread is None:
+                self._apply_pending()
+        os.eventfd_write(self._ctl_fd, 1)
+
+    def set_call_fd(self, fd: int) -> None:
+        nfd = os.dup(fd) if fd >= 0 else -1
+        with self._lock:
+            if self._call_fd >= 0:
+                os.close(self._call_fd)
+            self._call_fd = nfd
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(self._ctr)
+
+    @property
+    def indices(self) -> dict[str, int]:
+        return {"next_avail": self._next_avail, "shadow_avail_idx": self._s_avail_idx,
+                "next_used": self._next_used, "guest_used_idx": self._g_used_idx}
+
+    # -- the thread
+    def _apply_pending(self) -> None:
+        if self._pending_kick is not None:
+            if self._kick_fd >= 0:
+                os.close(self._kick_fd)
+            self._kick_fd, self._pending_kick = self._pending_kick, None
+
+    def _run(self) -> None:
+        ctr = self._ctr
+        while not self._stop.is_set():
+            p = select.poll()
+            p.register(self._ctl_fd, select.POLLIN)
+            if self._kick_fd >= 0:
+                p.register(self._kick_fd, select.POLLIN)
+            p.register(self._bcall_fd, select.POLLIN)
+            ready = {fd for fd, ev in p.poll() if ev & select.POLLIN}
+            ctr["wakeups"] += 1
+            for fd in ready:
+                try:
+                    os.eventfd_read(fd)
+                except (BlockingIOError, OSError):
+                    pass
+                if fd == self._kick_fd:
+                    ctr["kicks_in"] += 1
+                elif fd == self._bcall_fd:
+                    ctr["calls_in"] += 1
+            if self._stop.is_set():
+                break
+            with self._lock:
+                self._apply_pending()
+                self._forward_avail(True)
+                self._forward_used(True)
+
+    # -- forwarding (under self._lock)
+    def _capture(self, kind: str, head: int, reason: str | None, length: int, w: _Walk | None, writable: bool,
+                 may_wait: bool, flush: Any, state: list[bool]) -> bool:
+        """rc path_capture: False only when a lossless wait was interrupted by stop()."""
+        layout = tuple(w.layout) if w is not None else ()
+        if kind == KIND_ERROR or w is None:
+            avail = 0
+        else:
+            avail = min(length, w.writable_len) if writable else w.readable_len
+        data_len, truncated = avail, False
+        if self.snaplen and data_len > self.snaplen:
+            data_len, truncated = self.snaplen, True
+        max_rec = self._cap._cap // 2
+        fixed = CAP_HDR_SIZE + CAP_LAYOUT_SIZE * len(layout)
+        if fixed > max_rec:
+            n = (max_rec - CAP_HDR_SIZE) // CAP_LAYOUT_SIZE // 2
+            layout, truncated = layout[:n], True
+            fixed = CAP_HDR_SIZE + CAP_LAYOUT_SIZE * n
+        if fixed + data_len > max_rec:
+            data_len, truncated = max_rec - fixed, True
+        if writable and w is not None and length > w.writable_len:
+            truncated = True
+        size = capture_record_size(len(layout), data_len)
+        data = w.gather(writable, data_len) if (w is not None and data_len) else b""
+        rec = Capture(kind, self.queue, head, time.time_ns(), layout, length, data, truncated, reason)
+        if self._cap.policy == "lossless" and may_wait:
+            r = self._cap._put(rec, size, False, self._stop, count_drop=False)
+            if not r:
+                if not state[0]:
+                    flush()
+                    state[0] = True
+                self._cap._notify()
+                stalls_before = self._cap._stalls
+                r = self._cap._put(rec, size, True, self._stop)
+                self._ctr["stalls"] += self._cap._stalls - stalls_before
+                if r is None:
+                    return False
+        else:
+            r = self._cap._put(rec, size, False, self._stop)
+        if not r:
+            self._ctr["dropped"] += 1
+            return True
+        self._need_notify = True
+        return True
+
+    def _notify(self) -> None:
+        if self._need_notify:
+            self._need_notify = False
+            self._cap._notify()
+
+    def _flush_avail(self) -> None:
+        _store_idx(self._s_avail, self._s_avail_idx)
+        os.eventfd_write(self._bkick_fd, 1)
+        self._ctr["kicks_out"] += 1
+
+    def _flush_used(self) -> None:
+        _store_idx(self._g_used, self._g_used_idx)
+        if self._call_fd >= 0:
+            os.eventfd_write(self._call_fd, 1)
+        self._ctr["calls_out"] += 1
+
+    def _forward_avail(self, may_wait: bool) -> int:
+        ctr, num = self._ctr, self.num
+        n = (_load_idx(self._g_avail) - self._next_avail) & 0xFFFF
+        if n > num:
+            if not self._broken:
+                ctr["errors"] += 1
+            self._broken, self._last_error = True, "avail_ahead"
+            return -1
+        self._broken = False
+        state, moved, mask = [False], 0, num - 1
+        for _ in range(n):
+            off = _AVAIL_RING_OFF + 2 * (self._next_avail & mask)
+            head = self._g_avail[off] | self._g_avail[off + 1] << 8
+            w = _walk(self._mem, self._desc, num, head)
+            if w.err:
+                ctr["errors"] += 1
+                self._last_error = w.err
+                ok = self._capture(KIND_ERROR, head, w.err, 0, w, False, may_wait, self._flush_avail, state)
+            else:
+                ok = self._capture(KIND_REQUEST, head, None, w.readable_len, w, False, may_wait,
+                                   self._flush_avail, state)
+            if not ok:
+                break
+            if head < num:
+                self._inflight[head] = 1
+            soff = _AVAIL_RING_OFF + 2 * (self._s_avail_idx & mask)
+            self._s_avail[soff:soff + 2] = head.to_bytes(2, "little")
+            self._s_avail_idx = (self._s_avail_idx + 1) & 0xFFFF
+            self._next_avail = (self._next_avail + 1) & 0xFFFF
+            ctr["requests"] += 1
+            moved += 1
+            state[0] = False
+        if moved:
+            self._flush_avail()
+        self._notify()
+        return moved
+
+    def _forward_used(self, may_wait: bool) -> int:
+        ctr, num = self._ctr, self.num
+        n = (_load_idx(self._s_used) - self._next_used) & 0xFFFF
+        if n > num:
+            ctr["errors"] += 1
+            self._last_error = "avail_ahead"
+            return -1
+        state, moved, mask = [False], 0, num - 1
+        for _ in range(n):
+            hid, length = _USED_ELEM.unpack_from(self._s_used, _USED_RING_OFF + _ELEM_SIZE * (self._next_used & mask))
+            if hid < num and self._inflight[hid]:
+                w = _walk(self._mem, self._desc, num, hid)
+                if w.err:
+                    ctr["errors"] += 1
+                    self._last_error = w.err
+                    ok = self._capture(KIND_ERROR, hid, w.err, length, w, True, may_wait, self._flush_used, state)
+                else:
+                    ok = self._capture(KIND_REPLY, hid, None, length, w, True, may_wait, self._flush_used, state)
+            else:
+                ctr["unpaired"] += 1
+                ctr["errors"] += 1
+                self._last_error = "not_in_flight" if hid < num else "head_range"
+                ok = self._capture(KIND_ERROR, hid & 0xFFFF, self._last_error, length, None, True, may_wait,
+                                   self._flush_used, state)
+            if not ok:
+                break
+            if hid < num:
+                self._inflight[hid] = 0
+            _USED_ELEM.pack_into(self._g_used, _USED_RING_OFF + _ELEM_SIZE * (self._g_used_idx & mask), hid, length)
+            self._g_used_idx = (self._g_used_idx + 1) & 0xFFFF
+            self._next_used = (self._next_used + 1) & 0xFFFF
+            ctr["replies"] += 1
+            moved += 1
+            state[0] = False
+        if moved:
+            self._flush_used()
+        self._notify()
+        return moved
+
+
+CORE_LAYOUT: dict[str, Any] = {
+    "vring_desc": {"size": _DESC_SIZE, **{n: o for n, o, _ in virtio.REGISTRY.offsets("vring_desc")}},
+    "vring_used_elem": {"size": _ELEM_SIZE, **{n: o for n, o, _ in virtio.REGISTRY.offsets("vring_used_elem")}},
+    "VRING_DESC_F": {"NEXT": F_NEXT, "WRITE": F_WRITE, "INDIRECT": F_INDIRECT},
+    "avail_ring_off": _AVAIL_RING_OFF,
+    "used_ring_off": _USED_RING_OFF,
+    "max_queue_size": virtio.MAX_QUEUE_SIZE,
+    "max_regions": MAX_REGIONS,
+    "cap_hdr_size": CAP_HDR_SIZE,
+    "cap_layout_size": CAP_LAYOUT_SIZE,
+    "layout_f_from_indirect": LAYOUT_F_FROM_INDIRECT,
+}
+__all__ = ["CORE_LAYOUT", "REASONS", "Capture", "CaptureBuffer", "Chain", "MemoryMap", "RingError",
+           "ShadowPath", "SplitQueue"]

@@ -1,0 +1,1096 @@
+/*
+ * dissectors.ring._ring: the thin CPython binding over ring_core.c.
+ *
+ * Objects own their C structs; Python references keep guest memory alive: a region holds the buffer
+ * export of its mapping (so mmap.close() fails while it is in use), and every writable memoryview a
+ * Chain hands out holds its region.  The GIL is released around everything that may block: stopping
+ * or draining a path, swapping its fds, and waiting for captures.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stddef.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include "ring_core.h"
+
+static PyObject *RingError;   /* dissectors.ring._common.RingError */
+static PyObject *CaptureType; /* dissectors.ring._common.Capture */
+static PyObject *KindNames[4];
+
+static PyObject *ring_error(int err, int head, PyObject *chains)
+{
+    if (err < 0)
+        err = -err;
+    PyObject *h = head >= 0 ? PyLong_FromLong(head) : Py_NewRef(Py_None);
+    PyObject *exc = PyObject_CallFunction(RingError, "sOO", rc_err_name(err), h, chains ? chains : Py_None);
+    Py_XDECREF(h);
+    if (exc) {
+        PyErr_SetObject(RingError, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/* ================================================================== _Region: keeps a mapping alive */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+} RegionObject;
+
+static void Region_dealloc(RegionObject *self)
+{
+    if (self->has_view)
+        PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RegionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dissectors.ring._ring._Region",
+    .tp_basicsize = sizeof(RegionObject),
+    .tp_dealloc = (destructor)Region_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Holds the buffer export of one mapped region.",
+};
+
+/* ================================================================== _Seg: exporter for one segment */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner; /* RegionObject */
+    uint8_t *ptr;
+    Py_ssize_t len;
+    int readonly;
+} SegObject;
+
+static int Seg_getbuffer(SegObject *self, Py_buffer *view, int flags)
+{
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->ptr, self->len, self->readonly, flags);
+}
+
+static void Seg_dealloc(SegObject *self)
+{
+    Py_XDECREF(self->owner);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyBufferProcs Seg_as_buffer = {(getbufferproc)Seg_getbuffer, NULL};
+
+static PyTypeObject SegType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dissectors.ring._ring._Seg",
+    .tp_basicsize = sizeof(SegObject),
+    .tp_dealloc = (destructor)Seg_dealloc,
+    .tp_as_buffer = &Seg_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+};
+
+static PyObject *make_view(PyObject *owner, uint8_t *ptr, Py_ssize_t len, int readonly)
+{
+    SegObject *s = PyObject_New(SegObject, &SegType);
+    if (!s)
+        return NULL;
+    s->owner = Py_NewRef(owner);
+    s->ptr = ptr;
+    s->len = len;
+    s->readonly = readonly;
+    PyObject *mv = PyMemoryView_FromObject((PyObject *)s);
+    Py_DECREF(s);
+    return mv;
+}
+
+/* ================================================================== MemoryMap */
+
+typedef struct {
+    PyObject_HEAD
+    struct rc_memmap m;
+    PyObject *owners[RC_MAX_REGIONS]; /* RegionObject per slot, parallel to m.r */
+    int busy;                         /* running shadow paths: regions must not move under them */
+} MemoryMapObject;
+
+static int MemoryMap_init(MemoryMapObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "", kwlist))
+        return -1;
+    for (int i = 0; i < self->m.n; i++)
+        Py_CLEAR(self->owners[i]);
+    rc_mem_init(&self->m);
+    return 0;
+}
+
+static void MemoryMap_dealloc(MemoryMapObject *self)
+{
+    for (int i = 0; i < self->m.n; i++)
+        Py_CLEAR(self->owners[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *MemoryMap_add_region(MemoryMapObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"gpa", "size", "buf", "uva", "mmap_offset", NULL};
+    unsigned long long gpa, size, uva = 0, mmap_offset = 0;
+    PyObject *buf;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKO|KK", kwlist, &gpa, &size, &buf, &uva, &mmap_offset))
+        return NULL;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "memory map in use by a running shadow path: stop it first");
+        return NULL;
+    }
+    RegionObject *reg = PyObject_New(RegionObject, &RegionType);
+    if (!reg)
+        return NULL;
+    reg->has_view = 0;
+    if (PyObject_GetBuffer(buf, &reg->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        Py_DECREF(reg);
+        return NULL;
+    }
+    reg->has_view = 1;
+    if (mmap_offset + size < mmap_offset || (unsigned long long)reg->view.len < mmap_offset + size) {
+        Py_DECREF(reg);
+        PyErr_Format(PyExc_ValueError, "buffer of %zd bytes cannot hold mmap_offset %llu + size %llu",
+                     reg->view.len, mmap_offset, size);
+        return NULL;
+    }
+    int i = rc_mem_add(&self->m, gpa, size, uva, (uint8_t *)reg->view.buf + mmap_offset);
+    if (i < 0) {
+        Py_DECREF(reg);
+        return ring_error(i, -1, NULL);
+    }
+    self->owners[i] = (PyObject *)reg;
+    return PyLong_FromLong(i);
+}
+
+static PyObject *MemoryMap_remove_region(MemoryMapObject *self, PyObject *arg)
+{
+    unsigned long long gpa = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "memory map in use by a running shadow path: stop it first");
+        return NULL;
+    }
+    int i = rc_mem_remove(&self->m, gpa);
+    if (i < 0)
+        return ring_error(i, -1, NULL);
+    PyObject *old = self->owners[i];
+    memmove(&self->owners[i], &self->owners[i + 1], (size_t)(self->m.n - i) * sizeof(PyObject *));
+    self->owners[self->m.n] = NULL;
+    Py_DECREF(old);
+    Py_RETURN_NONE;
+}
+
+static PyObject *MemoryMap_translate(MemoryMapObject *self, PyObject *args)
+{
+    unsigned long long gpa, len = 1;
+    if (!PyArg_ParseTuple(args, "K|K", &gpa, &len))
+        return NULL;
+    uint64_t off;
+    int i = rc_mem_find(&self->m, gpa, len, &off);
+    if (i < 0)
+        return ring_error(i, -1, NULL);
+    return Py_BuildValue("iK", i, (unsigned long long)off);
+}
+
+static PyObject *MemoryMap_uva_to_gpa(MemoryMapObject *self, PyObject *arg)
+{
+    unsigned long long uva = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    uint64_t gpa;
+    int i = rc_mem_uva_to_gpa(&self->m, uva, &gpa);
+    if (i < 0)
+        return ring_error(i, -1, NULL);
+    return PyLong_FromUnsignedLongLong(gpa);
+}
+
+static PyObject *MemoryMap_view(MemoryMapObject *self, PyObject *args)
+{
+    unsigned long long gpa, len;
+    if (!PyArg_ParseTuple(args, "KK", &gpa, &len))
+        return NULL;
+    uint64_t off;
+    int i = rc_mem_find(&self->m, gpa, len, &off);
+    if (i < 0)
+        return ring_error(i, -1, NULL);
+    if (len > PY_SSIZE_T_MAX)
+        return ring_error(RC_E_OVERFLOW, -1, NULL);
+    return make_view(self->owners[i], self->m.r[i].host + off, (Py_ssize_t)len, 0);
+}
+
+static PyObject *MemoryMap_regions(MemoryMapObject *self, void *closure)
+{
+    (void)closure;
+    PyObject *l = PyList_New(self->m.n);
+    if (!l)
+        return NULL;
+    for (int i = 0; i < self->m.n; i++) {
+        PyObject *t = Py_BuildValue("KKK", (unsigned long long)self->m.r[i].gpa,
+                                    (unsigned long long)self->m.r[i].size, (unsigned long long)self->m.r[i].uva);
+        if (!t) {
+            Py_DECREF(l);
+            return NULL;
+        }
+        PyList_SET_ITEM(l, i, t);
+    }
+    return l;
+}
+
+static PyMethodDef MemoryMap_methods[] = {
+    {"add_region", (PyCFunction)(void (*)(void))MemoryMap_add_region, METH_VARARGS | METH_KEYWORDS,
+     "add_region(gpa, size, buf, uva=0, mmap_offset=0) -> slot"},
+    {"remove_region", (PyCFunction)MemoryMap_remove_region, METH_O, "remove_region(gpa)"},
+    {"translate", (PyCFunction)MemoryMap_translate, METH_VARARGS, "translate(gpa, length=1) -> (slot, offset)"},
+    {"uva_to_gpa", (PyCFunction)MemoryMap_uva_to_gpa, METH_O, "uva_to_gpa(uva) -> gpa"},
+    {"view", (PyCFunction)MemoryMap_view, METH_VARARGS, "view(gpa, length) -> writable memoryview"},
+    {NULL},
+};
+static PyGetSetDef MemoryMap_getset[] = {
+    {"regions", (getter)MemoryMap_regions, NULL, "[(gpa, size, uva)]", NULL},
+    {NULL},
+};
+
+static PyTypeObject MemoryMapType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dissectors.ring._ring.MemoryMap",
+    .tp_basicsize = sizeof(MemoryMapObject),
+    .tp_dealloc = (destructor)MemoryMap_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Guest memory regions with GPA -> host translation and bounds checks.",
+    .tp_methods = MemoryMap_methods,
+    .tp_getset = MemoryMap_getset,
+    .tp_init = (initproc)MemoryMap_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ================================================================== Chain */
+
+#define CHAIN_INLINE_LAYOUT 4
+typedef struct {
+    PyObject_HEAD
+    int head;
+    PyObject *readable; /* bytes */
+    PyObject *writable; /* list of memoryview */
+    uint32_t nlayout;
+    struct rc_layout *layout;
+    struct rc_layout inl[CHAIN_INLINE_LAYOUT];
+    unsigned long long readable_len, writable_len;
+} ChainObject;
+
+static void Chain_dealloc(ChainObject *self)
+{
+    Py_XDECREF(self->readable);
+    Py_XDECREF(self->writable);
+    if (self->layout != self->inl)
+        PyMem_Free(self->layout);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Chain_layout(ChainObject *self, void *closure)
+{
+    (void)closure;
+    PyObject *t = PyTuple_New(self->nlayout);
+    if (!t)
+        return NULL;
+    for (uint32_t i = 0; i < self->nlayout; i++) {
+        PyObject *e = Py_BuildValue("KIH", (unsigned long long)self->layout[i].addr, self->layout[i].len,
+                                    self->layout[i].flags);
+        if (!e) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, e);
+    }
+    return t;
+}
+
+/* Scatter bytes into the writable segments; returns how many fitted.  Saves a Python loop per reply. */
+static PyObject *Chain_write(ChainObject *self, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t done = 0, n = PyList_GET_SIZE(self->writable);
+    for (Py_ssize_t i = 0; i < n && done < b.len; i++) {
+        Py_buffer *v = PyMemoryView_GET_BUFFER(PyList_GET_ITEM(self->writable, i));
+        Py_ssize_t k = v->len < b.len - done ? v->len : b.len - done;
+        memcpy(v->buf, (const char *)b.buf + done, (size_t)k);
+        done += k;
+    }
+    PyBuffer_Release(&b);
+    return PyLong_FromSsize_t(done);
+}
+
+static PyMemberDef Chain_members[] = {
+    {"head", T_INT, offsetof(ChainObject, head), READONLY, "descriptor index of the chain head"},
+    {"readable", T_OBJECT, offsetof(ChainObject, readable), READONLY, "the device-readable bytes, gathered"},
+    {"writable", T_OBJECT, offsetof(ChainObject, writable), READONLY, "device-writable segments (memoryviews)"},
+    {"readable_len", T_ULONGLONG, offsetof(ChainObject, readable_len), READONLY, NULL},
+    {"writable_len", T_ULONGLONG, offsetof(ChainObject, writable_len), READONLY, NULL},
+    {NULL},
+};
+static PyGetSetDef Chain_getset[] = {
+    {"layout", (getter)Chain_layout, NULL, "((addr, len, flags), ...) effective descriptors", NULL},
+    {NULL},
+};
+static PyMethodDef Chain_methods[] = {
+    {"write", (PyCFunction)Chain_write, METH_O, "write(data) -> bytes written into the writable segments"},
+    {NULL},
+};
+
+static PyTypeObject ChainType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dissectors.ring._ring.Chain",
+    .tp_basicsize = sizeof(ChainObject),
+    .tp_dealloc = (destructor)Chain_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One popped descriptor chain.",
+    .tp_members = Chain_members,
+    .tp_getset = Chain_getset,
+    .tp_methods = Chain_methods,
+};
+
+static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c)
+{
+    ChainObject *o = PyObject_New(ChainObject, &ChainType);
+    if (!o)
+        return NULL;
+    o->head = c->head;
+    o->readable = NULL;
+    o->writable = NULL;
+    o->nlayout = c->nlayout;
+    o->layout = o->inl;
+    o->readable_len = c->readable_len;
+    o->writable_len = c->writable_len;
+    if (c->nlayout > CHAIN_INLINE_LAYOUT) {
+        o->layout = PyMem_Malloc(c->nlayout * sizeof(struct rc_layout));
+        if (!o->layout) {
+            o->layout = o->inl;
+            Py_DECREF(o);
+            return PyErr_NoMemory();
+        }
+    }
+    memcpy(o->layout, c->layout, c->nlayout * sizeof(struct rc_layout));
+    if (c->readable_len > PY_SSIZE_T_MAX / 2) {
+        Py_DECREF(o);
+        return ring_error(RC_E_OVERFLOW, c->head, NULL);
+    }
+    o->readable = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)c->readable_len);
+    if (!o->readable) {
+        Py_DECREF(o);
+        return NULL;
+    }
+    rc_chain_gather(c, (uint8_t *)PyBytes_AS_STRING(o->readable), c->readable_len);
+    Py_ssize_t nw = 0;
+    for (uint32_t i = 0; i < c->nseg; i++)
+        nw += c->seg[i].write;
+    o->writable = PyList_New(nw);
+    if (!o->writable) {
+        Py_DECREF(o);
+        return NULL;
+    }
+    Py_ssize_t k = 0;
+    for (uint32_t i = 0; i < c->nseg; i++) {
+        if (!c->seg[i].write)
+            continue;
+        PyObject *mv = make_view(mm->owners[c->seg[i].region], c->seg[i].host, c->seg[i].len, 0);
+        if (!mv) {
+            Py_DECREF(o);
+            return NULL;
+        }
+        PyList_SET_ITEM(o->writable, k++, mv);
+    }
+    return (PyObject *)o;
+}
+
+/* ================================================================== SplitQueue */
+
+typedef struct {
+    PyObject_HEAD
+    MemoryMapObject *mem;
+    PyObject *ring_owners; /* tuple of regions holding the rings */
+    struct rc_queue q;
+    struct rc_chain chain;
+} SplitQueueObject;
+
+static PyObject *ring_owner_tuple(MemoryMapObject *mm, uint64_t a, uint64_t b, uint64_t c, uint64_t d,
+                                  uint64_t e)
+{
+    uint64_t g[5] = {a, b, c, d, e};
+    PyObject *t = PyTuple_New(5);
+    if (!t)
+        return NULL;
+    for (int i = 0; i < 5; i++) {
+        uint64_t off;
+        int r = rc_mem_find(&mm->m, g[i], 1, &off);
+        PyObject *o = r >= 0 ? mm->owners[r] : Py_None;
+        PyTuple_SET_ITEM(t, i, Py_NewRef(o));
+    }
+    return t;
+}
+
+static int SplitQueue_init(SplitQueueObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"mem", "num", "desc", "avail", "used", NULL};
+    PyObject *mem;
+    unsigned int num;
+    unsigned long long desc, avail, used;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!IKKK", kwlist, &MemoryMapType, &mem, &num, &desc, &avail, &used))
+        return -1;
+    MemoryMapObject *mm = (MemoryMapObject *)mem;
+    int err = rc_queue_init(&self->q, &mm->m, num, desc, avail, used);
+    if (err) {
+        ring_error(err, -1, NULL);
+        return -1;
+    }
+    Py_XSETREF(self->mem, (MemoryMapObject *)Py_NewRef(mem));
+    Py_XSETREF(self->ring_owners, ring_owner_tuple(mm, desc, avail, used, desc, desc));
+    if (!self->ring_owners)
+        return -1;
+    rc_chain_free(&self->chain);
+    return 0;
+}
+
+static void SplitQueue_dealloc(SplitQueueObject *self)
+{
+    Py_XDECREF(self->mem);
+    Py_XDECREF(self->ring_owners);
+    rc_chain_free(&self->chain);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check_queue(SplitQueueObject *self)
+{
+    if (!self->mem) {
+        PyErr_SetString(PyExc_RuntimeError, "SplitQueue not initialised");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *SplitQueue_pop_chains(SplitQueueObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"max", NULL};
+    Py_ssize_t max = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|n", kwlist, &max))
+        return NULL;
+    if (check_queue(self) < 0)
+        return NULL;
+    int n = rc_queue_avail(&self->q);
+    if (n < 0)
+        return ring_error(n, -1, NULL);
+    if (max > 0 && n > max)
+        n = (int)max;
+    PyObject *out = PyList_New(n);
+    if (!out)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        int err = rc_queue_pop(&self->q, &self->chain);
+        if (err) {
+            PyObject *good = PyList_GetSlice(out, 0, i);
+            Py_DECREF(out);
+            if (!good)
+                return NULL;
+            ring_error(err, self->chain.head, good);
+            Py_DECREF(good);
+            return NULL;
+        }
+        PyObject *c = chain_to_python(self->mem, &self->chain);
+        if (!c) {
+            /* keep the list consistent: fill the rest so the decref is safe */
+            for (int j = i; j < n; j++)
+                PyList_SET_ITEM(out, j, Py_NewRef(Py_None));
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, c);
+    }
+    return out;
+}
+
+static PyObject *SplitQueue_push_used(SplitQueueObject *self, PyObject *arg)
+{
+    if (check_queue(self) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(arg, "push_used() takes a sequence of (head, len)");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    struct rc_vring_used_elem stackbuf[256];
+    struct rc_vring_used_elem *e = n <= 256 ? stackbuf : PyMem_Malloc((size_t)n * sizeof(*e));
+    if (!e) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    int err = 0;
+    for (Py_ssize_t i = 0; i < n && !err; i++) {
+        PyObject *it = items[i];
+        PyObject *h, *l;
+        if (PyTuple_Check(it) && PyTuple_GET_SIZE(it) == 2) {
+            h = PyTuple_GET_ITEM(it, 0);
+            l = PyTuple_GET_ITEM(it, 1);
+        } else {
+            PyErr_SetString(PyExc_TypeError, "push_used() items must be (head, len) tuples");
+            err = 1;
+            break;
+        }
+        unsigned long hv = PyLong_AsUnsignedLong(h);
+        unsigned long lv = PyLong_AsUnsignedLong(l);
+        if (PyErr_Occurred()) {
+            err = 1;
+            break;
+        }
+        if (lv > 0xffffffffUL) {
+            PyErr_SetString(PyExc_OverflowError, "used len does not fit in 32 bits");
+            err = 1;
+            break;
+        }
+        e[i].id = hv > 0xffffffffUL ? 0xffffffffu : (uint32_t)hv;
+        e[i].len = (uint32_t)lv;
+    }
+    if (!err) {
+        int r = rc_queue_push_used(&self->q, e, (uint32_t)n);
+        if (r) {
+            err = 1;
+            ring_error(r, -1, NULL);
+        }
+    }
+    if (e != stackbuf)
+        PyMem_Free(e);
+    Py_DECREF(seq);
+    if (err)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *SplitQueue_avail_pending(SplitQueueObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_queue(self) < 0)
+        return NULL;
+    int n = rc_queue_avail(&self->q);
+    if (n < 0)
+        return ring_error(n, -1, NULL);
+    return PyLong_FromLong(n);
+}
+
+static PyObject *SplitQueue_get_idx(SplitQueueObject *self, void *which)
+{
+    return PyLong_FromLong(which ? self->q.used_idx : self->q.last_avail_idx);
+}
+
+static int SplitQueue_set_idx(SplitQueueObject *self, PyObject *v, void *which)
+{
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete");
+        return -1;
+    }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    if (x < 0 || x > 0xffff) {
+        PyErr_SetString(PyExc_ValueError, "ring index is 16 bits");
+        return -1;
+    }
+    if (which)
+        self->q.used_idx = (uint16_t)x;
+    else
+        self->q.last_avail_idx = (uint16_t)x;
+    return 0;
+}
+
+static PyObject *SplitQueue_num(SplitQueueObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLong(self->q.num);
+}
+
+static PyMethodDef SplitQueue_methods[] = {
+    {"pop_chains", (PyCFunction)(void (*)(void))SplitQueue_pop_chains, METH_VARARGS | METH_KEYWORDS,
+     "pop_chains(max=0) -> [Chain]: every available chain (max > 0 limits the batch)"},
+    {"push_used", (PyCFunction)SplitQueue_push_used, METH_O,
+     "push_used([(head, len), ...]): write the elements, then publish used->idx once"},
+    {"avail_pending", (PyCFunction)SplitQueue_avail_pending, METH_NOARGS, "entries available, not popped"},
+    {NULL},
+};
+static PyGetSetDef SplitQueue_getset[] = {
+    {"last_avail_idx", (getter)SplitQueue_get_idx, (setter)SplitQueue_set_idx, "next avail entry to pop", NULL},
+    {"used_idx", (getter)SplitQueue_get_idx, (setter)SplitQueue_set_idx, "next used index to publish", (void *)1},
+    {"num", (getter)SplitQueue_num, NULL, "queue size", NULL},
+    {NULL},
+};
+
+static PyTypeObject SplitQueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dissectors.ring._ring.SplitQueue",
+    .tp_basicsize = sizeof(SplitQueueObject),
+    .tp_dealloc = (destructor)SplitQueue_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SplitQueue(mem, num, desc, avail, used): a split virtqueue seen by the device (GPAs).",
+    .tp_methods = SplitQueue_methods,
+    .tp_getset = SplitQueue_getset,
+    .tp_init = (initproc)SplitQueue_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ================================================================== CaptureBuffer */
+
+typedef struct {
+    PyObject_HEAD
+    struct rc_capture c;
+    int ok;
+} CaptureBufferObject;
+
+static int CaptureBuffer_init(CaptureBufferObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"capacity", "policy", NULL};
+    unsigned long long capacity = 16ull << 20;
+    const char *policy = "drop";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|Ks", kwlist, &capacity, &policy))
+        return -1;
+    int pol;
+    if (!strcmp(policy, "drop"))
+        pol = RC_POLICY_DROP;
+    else if (!strcmp(policy, "lossless"))
+        pol = RC_POLICY_LOSSLESS;
+    else {
+        PyErr_Format(PyExc_ValueError, "policy must be 'drop' or 'lossless', not %R", PyTuple_GET_ITEM(args, 1));
+        return -1;
+    }
+    if (self->ok) {
+        PyErr_SetString(PyExc_RuntimeError, "CaptureBuffer already initialised");
+        return -1;
+    }
+    if (rc_capture_init(&self->c, capacity, pol)) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->ok = 1;
+    return 0;
+}
+
+static void CaptureBuffer_dealloc(CaptureBufferObject *self)
+{
+    if (self->ok)
+        rc_capture_destroy(&self->c);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *capture_to_python(const struct rc_cap_hdr *h)
+{
+    const struct rc_layout *l = (const struct rc_layout *)(h + 1);
+    PyObject *layout = PyTuple_New(h->nlayout);
+    if (!layout)
+        return NULL;
+    for (uint32_t i = 0; i < h->nlayout; i++) {
+        PyObject *e = Py_BuildValue("KIH", (unsigned long long)l[i].addr, l[i].len, l[i].flags);
+        if (!e) {
+            Py_DECREF(layout);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(layout, i, e);
+    }
+    const char *data = (const char *)(l + h->nlayout);
+    PyObject *kind = KindNames[h->kind < 4 ? h->kind : 0];
+    PyObject *reason = h->kind == RC_CAP_ERROR ? PyUnicode_FromString(rc_err_name(h->reason)) : Py_NewRef(Py_None);
+    if (!reason) {
+        Py_DECREF(layout);
+        return NULL;
+    }
+    PyObject *r = PyObject_CallFunction(CaptureType, "OHHKNIy#ON", kind, h->queue, h->head,
+                                        (unsigned long long)h->ts_ns, layout, h->orig_len, data,
+                                        (Py_ssize_t)h->data_len,
+                                        (h->flags & RC_CAP_F_TRUNCATED) ? Py_True : Py_False, reason);
+    return r;
+}
+
+static PyObject *CaptureBuffer_read_captures(CaptureBufferObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"max", "timeout", NULL};
+    Py_ssize_t max = 1024;
+    double timeout = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|nd", kwlist, &max, &timeout))
+        return NULL;
+    struct rc_capture *c = &self->c;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        uint64_t v;
+        ssize_t rr = read(c->notify_fd, &v, sizeof(v)); /* clear first, then drain: no lost wake-up */
+        (void)rr;
+        uint64_t pos = __atomic_load_n(&c->tail, __ATOMIC_ACQUIRE);
+        const struct rc_cap_hdr *h;
+        while ((max <= 0 || PyList_GET_SIZE(out) < max) && (h = rc_capture_peek(c, &pos))) {
+            PyObject *cap = capture_to_python(h);
+            if (!cap || PyList_Append(out, cap) < 0) {
+                Py_XDECREF(cap);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(cap);
+            pos += h->rec_len;
+        }
+        if (pos != c->tail)
+            rc_capture_release(c, pos);
+        if (PyList_GET_SIZE(out) || timeout <= 0 || attempt)
+            break;
+        struct pollfd pfd = {.fd = c->notify_fd, .events = POLLIN};
+        int ms = timeout > 86400 ? 86400000 : (int)(timeout * 1000.0 + 0.999);
+        int pr;
+        Py_BEGIN_ALLOW_THREADS
+        pr = poll(&pfd, 1, ms);
+        Py_END_ALLOW_THREADS
+        if (pr < 0 && PyErr_CheckSignals() < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static PyObject *CaptureBuffer_fileno(CaptureBufferObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(self->c.notify_fd);
+}
+
+static PyObject *CaptureBuffer_stats(CaptureBufferObject *self, void *closure)
+{
+    (void)closure;
+    struct rc_capture *c = &self->c;
+    pthread_mutex_lock(&c->lock);
+    PyObject *d = Py_BuildValue("{sKsKsKsKsKsK}", "captured", (unsigned long long)c->captured, "dropped",
+                                (unsigned long long)c->dropped, "dropped_bytes", (unsigned long long)c->dropped_bytes,
+                                "stalls", (unsigned long long)c->stalls, "used_bytes",
+                                (unsigned long long)(c->head - c->tail), "capacity", (unsigned long long)c->cap);
+    pthread_mutex_unlock(&c->lock);
+    return d;
+}
+
+static PyMethodDef CaptureBuffer_methods[] = {
+    {"read_captures", (PyCFunction)(void (*)(void))CaptureBuffer_read_captures, METH_VARARGS | METH_KEYWORDS,
+     "read_captures(max=1024, timeout=0.0) -> [Capture]; waits up to timeout seconds if empty"},
+    {"fileno", (PyCFunction)CaptureBuffer_fileno, METH_NOARGS, "eventfd readable when captures are pending"},
+    {NULL},
+};
+static PyGetSetDef CaptureBuffer_getset[] = {
+    {"stats", (getter)CaptureBuffer_stats, NULL, "captured, dropped, dropped_bytes, stalls, used_bytes, capacity", NULL},
+    {NULL},
+};
+
+static PyTypeObject CaptureBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dissectors.ring._ring.CaptureBuffer",
+    .tp_basicsize = sizeof(CaptureBufferObject),
+    .tp_dealloc = (destructor)CaptureBuffer_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "CaptureBuffer(capacity=16 MiB, policy='drop'|'lossless'): bounded capture records.",
+    .tp_methods = CaptureBuffer_methods,
+    .tp_getset = CaptureBuffer_getset,
+    .tp_init = (initproc)CaptureBuffer_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ================================================================== ShadowPath */
+
+typedef struct {
+    PyObject_HEAD
+    MemoryMapObject *mem;
+    CaptureBufferObject *cap;
+    PyObject *ring_owners;
+    struct rc_path p;
+    int ok;
+} ShadowPathObject;
+
+static int ShadowPath_init(ShadowPathObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"mem", "queue", "num", "desc", "avail", "used", "shadow_avail", "shadow_used",
+                             "capture", "kick_fd", "call_fd", "backend_kick_fd", "backend_call_fd",
+                             "avail_base", "snaplen", NULL};
+    PyObject *mem, *cap;
+    unsigned int queue, num, avail_base = 0, snaplen = 0;
+    unsigned long long desc, avail, used, savail, sused;
+    int kick_fd, call_fd, bkick_fd, bcall_fd;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!IIKKKKKO!iiii|II", kwlist, &MemoryMapType, &mem, &queue, &num,
+                                     &desc, &avail, &used, &savail, &sused, &CaptureBufferType, &cap, &kick_fd,
+                                     &call_fd, &bkick_fd, &bcall_fd, &avail_base, &snaplen))
+        return -1;
+    if (self->ok) {
+        PyErr_SetString(PyExc_RuntimeError, "ShadowPath already initialised");
+        return -1;
+    }
+    if (queue > 0xffff || avail_base > 0xffff) {
+        PyErr_SetString(PyExc_ValueError, "queue and avail_base are 16-bit");
+        return -1;
+    }
+    if (bkick_fd < 0 || bcall_fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the backend kick and call fds are required");
+        return -1;
+    }
+    MemoryMapObject *mm = (MemoryMapObject *)mem;
+    int err = rc_path_init(&self->p, &mm->m, (uint16_t)queue, num, desc, avail, used, savail, sused,
+                           &((CaptureBufferObject *)cap)->c, kick_fd, call_fd, bkick_fd, bcall_fd,
+                           (uint16_t)avail_base, snaplen);
+    if (err) {
+        if (err == RC_E_NOMEM)
+            PyErr_SetFromErrno(PyExc_OSError);
+        else
+            ring_error(err, -1, NULL);
+        return -1;
+    }
+    self->ok = 1;
+    self->mem = (MemoryMapObject *)Py_NewRef(mem);
+    self->cap = (CaptureBufferObject *)Py_NewRef(cap);
+    self->ring_owners = ring_owner_tuple(mm, desc, avail, used, savail, sused);
+    return self->ring_owners ? 0 : -1;
+}
+
+static void ShadowPath_dealloc(ShadowPathObject *self)
+{
+    if (self->ok) {
+        int was_running = self->p.running;
+        Py_BEGIN_ALLOW_THREADS
+        rc_path_destroy(&self->p);
+        Py_END_ALLOW_THREADS
+        if (was_running)
+            self->mem->busy--;
+    }
+    Py_XDECREF(self->mem);
+    Py_XDECREF(self->cap);
+    Py_XDECREF(self->ring_owners);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check_path(ShadowPathObject *self)
+{
+    if (!self->ok) {
+        PyErr_SetString(PyExc_RuntimeError, "ShadowPath not initialised");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *ShadowPath_start(ShadowPathObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_path(self) < 0)
+        return NULL;
+    if (self->p.running)
+        Py_RETURN_NONE;
+    if (rc_path_start(&self->p))
+        return PyErr_SetFromErrno(PyExc_OSError);
+    self->mem->busy++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *ShadowPath_stop(ShadowPathObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_path(self) < 0)
+        return NULL;
+    if (!self->p.running)
+        Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    rc_path_stop(&self->p);
+    Py_END_ALLOW_THREADS
+    self->mem->busy--;
+    Py_RETURN_NONE;
+}
+
+static PyObject *ShadowPath_drain(ShadowPathObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_path(self) < 0)
+        return NULL;
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    n = rc_path_drain(&self->p);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(n < 0 ? 0 : n);
+}
+
+static PyObject *ShadowPath_step(ShadowPathObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_path(self) < 0)
+        return NULL;
+    if (self->p.running) {
+        PyErr_SetString(PyExc_RuntimeError, "step() is for a stopped path; the thread is running");
+        return NULL;
+    }
+    int a, u;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->p.proc_lock);
+    a = rc_path_forward_avail(&self->p, 0);
+    u = rc_path_forward_used(&self->p, 0);
+    pthread_mutex_unlock(&self->p.proc_lock);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("ii", a < 0 ? 0 : a, u < 0 ? 0 : u);
+}
+
+static PyObject *ShadowPath_set_fd(ShadowPathObject *self, PyObject *arg, int which)
+{
+    if (check_path(self) < 0)
+        return NULL;
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = which ? rc_path_set_call_fd(&self->p, fd) : rc_path_set_kick_fd(&self->p, fd);
+    Py_END_ALLOW_THREADS
+    if (r)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ShadowPath_set_kick_fd(ShadowPathObject *self, PyObject *arg) { return ShadowPath_set_fd(self, arg, 0); }
+static PyObject *ShadowPath_set_call_fd(ShadowPathObject *self, PyObject *arg) { return ShadowPath_set_fd(self, arg, 1); }
+
+static PyObject *ShadowPath_counters(ShadowPathObject *self, void *closure)
+{
+    (void)closure;
+    if (check_path(self) < 0)
+        return NULL;
+    struct rc_path_counters k = self->p.ctr; /* a torn read of a counter is harmless here */
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}", "requests", k.requests, "replies", k.replies, "errors",
+                         k.errors, "unpaired", k.unpaired, "kicks_in", k.kicks_in, "calls_in", k.calls_in,
+                         "kicks_out", k.kicks_out, "calls_out", k.calls_out, "stalls", k.stalls, "dropped",
+                         k.dropped, "wakeups", k.wakeups);
+}
+
+static PyObject *ShadowPath_running(ShadowPathObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->ok && self->p.running);
+}
+
+static PyObject *ShadowPath_last_error(ShadowPathObject *self, void *closure)
+{
+    (void)closure;
+    if (!self->ok || !self->p.last_error)
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(rc_err_name(self->p.last_error));
+}
+
+static PyObject *ShadowPath_indices(ShadowPathObject *self, void *closure)
+{
+    (void)closure;
+    return Py_BuildValue("{sHsHsHsH}", "next_avail", self->p.next_avail, "shadow_avail_idx", self->p.s_avail_idx,
+                         "next_used", self->p.next_used, "guest_used_idx", self->p.g_used_idx);
+}
+
+static PyMethodDef ShadowPath_methods[] = {
+    {"start", (PyCFunction)ShadowPath_start, METH_NOARGS, "start the native forwarding thread"},
+    {"stop", (PyCFunction)ShadowPath_stop, METH_NOARGS, "stop and join the thread (nothing is forwarded after)"},
+    {"drain", (PyCFunction)ShadowPath_drain, METH_NOARGS,
+     "move every pending shadow used entry to the guest now (GET_VRING_BASE); returns how many"},
+    {"step", (PyCFunction)ShadowPath_step, METH_NOARGS, "one synchronous forwarding pass (stopped path only)"},
+    {"set_kick_fd", (PyCFunction)ShadowPath_set_kick_fd, METH_O, "swap the frontend's kick fd (dup'ed; -1 = none)"},
+    {"set_call_fd", (PyCFunction)ShadowPath_set_call_fd, METH_O, "swap the frontend's call fd (dup'ed; -1 = none)"},
+    {NULL},
+};
+static PyGetSetDef ShadowPath_getset[] = {
+    {"counters", (getter)ShadowPath_counters, NULL, "per-path counters", NULL},
+    {"running", (getter)ShadowPath_running, NULL, NULL, NULL},
+    {"last_error", (getter)ShadowPath_last_error, NULL, "reason of the last malformed entry, or None", NULL},
+    {"indices", (getter)ShadowPath_indices, NULL, "the path's ring indices", NULL},
+    {NULL},
+};
+
+static PyTypeObject ShadowPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dissectors.ring._ring.ShadowPath",
+    .tp_basicsize = sizeof(ShadowPathObject),
+    .tp_dealloc = (destructor)ShadowPath_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The shadow-ring data path of one queue, on a native thread.",
+    .tp_methods = ShadowPath_methods,
+    .tp_getset = ShadowPath_getset,
+    .tp_init = (initproc)ShadowPath_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ================================================================== module */
+
+static PyObject *core_layout(void)
+{
+    return Py_BuildValue(
+        "{s{sisisisisi}s{sisisi}s{sisisi}sisisisisisisi}",
+        "vring_desc", "size", (int)sizeof(struct rc_vring_desc), "addr", (int)offsetof(struct rc_vring_desc, addr),
+        "len", (int)offsetof(struct rc_vring_desc, len), "flags", (int)offsetof(struct rc_vring_desc, flags),
+        "next", (int)offsetof(struct rc_vring_desc, next),
+        "vring_used_elem", "size", (int)sizeof(struct rc_vring_used_elem), "id",
+        (int)offsetof(struct rc_vring_used_elem, id), "len", (int)offsetof(struct rc_vring_used_elem, len),
+        "VRING_DESC_F", "NEXT", (int)RC_VRING_DESC_F_NEXT, "WRITE", (int)RC_VRING_DESC_F_WRITE, "INDIRECT",
+        (int)RC_VRING_DESC_F_INDIRECT,
+        "avail_ring_off", (int)RC_VRING_AVAIL_RING_OFF, "used_ring_off", (int)RC_VRING_USED_RING_OFF,
+        "max_queue_size", (int)RC_MAX_QUEUE_SIZE, "max_regions", (int)RC_MAX_REGIONS, "cap_hdr_size",
+        (int)sizeof(struct rc_cap_hdr), "cap_layout_size", (int)sizeof(struct rc_layout), "layout_f_from_indirect",
+        (int)RC_LAYOUT_F_FROM_INDIRECT);
+}
+
+static PyModuleDef ringmodule = {
+    PyModuleDef_HEAD_INIT, "dissectors.ring._ring",
+    "C ring engine (ring_core.c) binding; use dissectors.ring, which picks this or the pure-Python twin.", -1,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__ring(void)
+{
+    PyObject *common = PyImport_ImportModule("dissectors.ring._common");
+    if (!common)
+        return NULL;
+    RingError = PyObject_GetAttrString(common, "RingError");
+    CaptureType = PyObject_GetAttrString(common, "Capture");
+    Py_DECREF(common);
+    if (!RingError || !CaptureType)
+        return NULL;
+    const char *kinds[4] = {"pad", "request", "reply", "error"};
+    for (int i = 0; i < 4; i++)
+        if (!(KindNames[i] = PyUnicode_InternFromString(kinds[i])))
+            return NULL;
+    PyTypeObject *types[] = {&RegionType, &SegType, &MemoryMapType, &ChainType, &SplitQueueType,
+                             &CaptureBufferType, &ShadowPathType};
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++)
+        if (PyType_Ready(types[i]) < 0)
+            return NULL;
+    PyObject *m = PyModule_Create(&ringmodule);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "MemoryMap", (PyObject *)&MemoryMapType) < 0 ||
+        PyModule_AddObjectRef(m, "Chain", (PyObject *)&ChainType) < 0 ||
+        PyModule_AddObjectRef(m, "SplitQueue", (PyObject *)&SplitQueueType) < 0 ||
+        PyModule_AddObjectRef(m, "CaptureBuffer", (PyObject *)&CaptureBufferType) < 0 ||
+        PyModule_AddObjectRef(m, "ShadowPath", (PyObject *)&ShadowPathType) < 0 ||
+        PyModule_AddObjectRef(m, "RingError", RingError) < 0 ||
+        PyModule_AddObjectRef(m, "Capture", CaptureType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *lay = core_layout();
+    if (!lay || PyModule_AddObject(m, "CORE_LAYOUT", lay) < 0) {
+        Py_XDECREF(lay);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *reasons = PyTuple_New(RC_E_COUNT);
+    if (!reasons) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    for (int i = 0; i < RC_E_COUNT; i++)
+        PyTuple_SET_ITEM(reasons, i, PyUnicode_FromString(rc_err_name(i)));
+    if (PyModule_AddObject(m, "REASONS", reasons) < 0) {
+        Py_DECREF(reasons);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
