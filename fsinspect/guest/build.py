@@ -292,11 +292,15 @@ def _download(package: str, dest: Path, progress: Progress) -> Path:
     progress(f"fetching {package} ({' '.join(cmd)})")
     try:
         _run(cmd, cwd=dest)
-    except BuildError:
-        if os.geteuid() != 0:
+    except BuildError as e:
+        # Only a fetch failure (stale lists -> 404) is worth an update; an unknown package is not.
+        if os.geteuid() != 0 or not re.search(r"Failed to fetch|404|Hash Sum mismatch", str(e)):
             raise
         progress("download failed; refreshing package lists (apt-get update) and retrying")
-        _run(["apt-get", "update", "-qq"])
+        try:
+            _run(["apt-get", "update", "-qq"])
+        except BuildError as e2:
+            raise BuildError(f"{e}; then {e2} (offline?)") from None
         _run(cmd, cwd=dest)
     debs = sorted(dest.glob(f"{package}_*.deb"))
     if not debs:

@@ -82,6 +82,7 @@ class GuestResult:
     backend_lost_after_s: float | None = None
     timed_out: bool = False
     qemu_rc: int | None = None
+    qemu_pid: int | None = None
     wall_s: float | None = None
     accel: str | None = None
     qemu_stderr: list[str] = field(default_factory=list)

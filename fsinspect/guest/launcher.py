@@ -155,6 +155,7 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     assert proc.stdout is not None and proc.stderr is not None
+    result.qemu_pid = proc.pid
     sel = selectors.DefaultSelector()
     streams: dict[int, IO[bytes]] = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
     for fd in streams:
@@ -282,14 +283,19 @@ def virtiofsd(shared_dir: Path | str, workdir: Path, *, announce_submounts: bool
     sock = workdir / "vfs.sock"
     log = workdir / "virtiofsd.log"
     opts = [f"source={shared_dir}", f"cache={cache}"]
-    opts.append("announce_submounts" if announce_submounts else "no_announce_submounts")
+    if announce_submounts:
+        opts.append("announce_submounts")  # off by default; QEMU 7.2's virtiofsd has no "no_" form
     opts.append("xattr" if xattr else "no_xattr")
     cmd = [binary, f"--socket-path={sock}", "-o", ",".join(opts), *extra_args]
     with open(log, "wb") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        _wait_for_socket(sock, proc, "virtiofsd")
+        try:
+            _wait_for_socket(sock, proc, "virtiofsd")
+        except LaunchError as e:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise LaunchError(f"{e}: {' / '.join(tail)}") from None
         yield RunningBackend(sock, [proc], "virtiofsd", log)
     finally:
         stop_process(proc)

@@ -1,0 +1,156 @@
+"""End-to-end: the real guest (Debian 6.1 kernel, busybox) under QEMU 7.2 against the real C virtiofsd.
+
+Workloads are combined into few boots (TCG: about 3 s to mount) to keep the whole file well under a
+minute of CI once the guest is cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fsinspect.guest import launcher, share
+from fsinspect.guest.console import Event
+from tests.guest_fixtures import explain
+
+pytestmark = pytest.mark.guest
+
+CRUD_STEPS = ["crud-create", "crud-append", "crud-rename", "crud-symlink", "crud-link", "crud-dir",
+              "crud-truncate", "crud-xattr", "crud-unlink"]
+SUB_PATHS = ["/mnt", "/mnt/sub", "/mnt/sub/inner"]
+
+
+def test_announce_submounts_all_workloads(boot_virtiofsd, guest_share):
+    """smoke, crud, submounts, syncfs, a small storm, io and concurrent pass in one boot with announce."""
+    res = boot_virtiofsd("smoke,crud,submounts,syncfs,storm,io,concurrent",
+                         params={"n": 300, "io_mb": 16, "iters": 100, "conc_mb": 8})
+    assert res.ok, explain(res)
+    names = [s.name for s in res.steps]
+    for want in ["smoke-ls", "smoke-stat", *CRUD_STEPS, "submounts-stat", "submounts-write", "syncfs-sync",
+                 "syncfs-per-mount", "storm-create", "storm-stat-cold", "storm-delete", "io-write", "io-read",
+                 "concurrent"]:
+        assert want in names, f"step {want} missing from {names}"
+    assert all(s.rc == 0 and s.duration is not None and s.duration >= 0 for s in res.steps), res.steps
+    assert not res.skipped and not res.check_failures
+
+    # smoke: the host's files, with the host's bytes and sizes.
+    assert {"hello.txt", "data.bin", "dir", "sub"} <= set(res.entries)
+    smoke = res.stats_for("smoke-stat")
+    assert smoke["/mnt/data.bin"].size == len(share.SHARE_FILES["data.bin"])
+    assert smoke["/mnt/hello.txt"].ino == guest_share.host_stat("hello.txt").st_ino
+    sums = res.verify_sums(guest_share.root)
+    assert set(sums) == {"/mnt/hello.txt", "/mnt/data.bin", "/mnt/.fsi-io.bin"}
+    assert all(g == h for g, h in sums.values()), sums
+    assert (guest_share.root / ".fsi-io.bin").stat().st_size == 16 << 20
+
+    # submounts: three superblocks, three st_dev values, three virtiofs lines.
+    assert set(res.st_dev) == set(SUB_PATHS)
+    assert len(set(res.st_dev.values())) == 3, res.st_dev
+    mountpoints = [m.split()[1] for m in res.virtiofs_mounts]
+    assert mountpoints == SUB_PATHS, res.virtiofs_mounts
+    assert res.metrics["submounts-mounts"]["virtiofs_mounts"] == "3"
+    writes = res.stats_for("submounts-write")
+    for p in SUB_PATHS:
+        assert writes[f"{p}/.fsi-submount-write"].dev == res.st_dev[p], "file not on its submount's st_dev"
+    # Each submount root shows the ino of its own host tmpfs root.
+    for p in SUB_PATHS[1:]:
+        assert res.stats_for("submounts-stat")[p].ino == guest_share.host_stat(p.removeprefix("/mnt/")).st_ino
+
+    # Nothing the workloads created is left in the share, and the guest unmounted innermost first.
+    leftovers = {p.name for p in guest_share.root.rglob(".fsi-*")} - {".fsi-io.bin"}
+    assert not leftovers, leftovers
+    assert list(res.unmounted) == SUB_PATHS[::-1] and set(res.unmounted.values()) == {0}
+
+
+def test_without_announce_submounts_st_ino_collides(boot_virtiofsd, guest_share):
+    """Without announce_submounts the guest sees one superblock, and st_ino values of different host
+    file systems collide under it (background 000/002): both tmpfs roots have the same host st_ino, so
+    /mnt/sub and /mnt/sub/inner - two different directories - have the same (st_dev, st_ino)."""
+    host_sub = guest_share.host_stat("sub")
+    host_inner = guest_share.host_stat("sub/inner")
+    assert host_sub.st_dev != host_inner.st_dev, "host: two different tmpfs instances"
+    assert host_sub.st_ino == host_inner.st_ino, "host: both tmpfs roots have the same inode number"
+
+    res = boot_virtiofsd("submounts", announce_submounts=False)
+    assert res.ok, explain(res)
+    assert len(set(res.st_dev.values())) == 1, f"no announce: one st_dev for all of {res.st_dev}"
+    assert [m.split()[1] for m in res.virtiofs_mounts] == ["/mnt"]
+    st = res.stats_for("submounts-stat")
+    sub, inner = st["/mnt/sub"], st["/mnt/sub/inner"]
+    assert sub.ino == host_sub.st_ino and inner.ino == host_inner.st_ino
+    # The collision, concretely: same (st_dev, st_ino), different directories.
+    assert (sub.dev, sub.ino) == (inner.dev, inner.ino)
+    assert {p.name for p in (guest_share.root / "sub").iterdir()} != \
+        {p.name for p in (guest_share.root / "sub" / "inner").iterdir()}
+    print(f"\nno announce_submounts: /mnt/sub and /mnt/sub/inner both (st_dev={sub.dev}, st_ino={sub.ino}); "
+          f"host: sub ({host_sub.st_dev}, {host_sub.st_ino}), inner ({host_inner.st_dev}, {host_inner.st_ino})")
+
+
+@pytest.mark.parametrize("watch_backend", [True, False], ids=["process-watch", "qemu-stderr-or-console"])
+def test_backend_lost_during_hold(guest_image, guest_share, watch_backend):
+    """virtiofsd is killed mid-`hold`: reported as backend lost within 5 s, QEMU killed, nothing left."""
+    killed_at: list[float] = []
+    with launcher.short_tmpdir() as work:
+        with launcher.virtiofsd(guest_share.root, work) as be:
+            vproc = be.processes[0]
+
+            ticks = 0
+
+            def on_event(ev: Event) -> None:
+                nonlocal ticks
+                if ev.kind == "tick":
+                    ticks += 1
+                    if ticks == 5:  # steady traffic is flowing: kill the backend under it
+                        os.kill(vproc.pid, 9)
+                        killed_at.append(time.monotonic())
+
+            res = launcher.run_guest(be.socket_path, image=guest_image, workload="hold", timeout=90,
+                                     params={"seconds": 80}, watch=be.processes if watch_backend else (),
+                                     on_event=on_event)
+            returned_at = time.monotonic()
+            sock, pidfile = be.socket_path, launcher.virtiofsd_pidfile(be.socket_path)
+        assert not sock.exists() and not pidfile.exists(), "virtiofsd socket or pid file left behind"
+    assert not work.exists()
+    assert killed_at, explain(res)
+    assert res.status == "backend_lost" and res.backend_lost, explain(res)
+    assert not res.timed_out
+    assert returned_at - killed_at[0] < 5.0, f"took {returned_at - killed_at[0]:.1f} s: {res.backend_lost_reason}"
+    assert res.ticks >= 5
+    if not watch_backend:
+        assert res.backend_lost_reason and ("QEMU" in res.backend_lost_reason or "console" in res.backend_lost_reason)
+    assert res.qemu_pid and not Path(f"/proc/{res.qemu_pid}").exists(), "QEMU still running"
+
+
+def test_cli_run_json_st_dev_map(guest_image):
+    """`fsinspect guest run --backend virtiofsd --json`: its own share, the st_dev map, clean exit."""
+    p = subprocess.run([sys.executable, "-m", "fsinspect", "guest", "run", "--backend", "virtiofsd",
+                        "--workload", "smoke,submounts", "--json", "--timeout", "90"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    d = json.loads(p.stdout)
+    assert d["ok"] is True and d["status"] == "ok"
+    assert set(d["st_dev"]) == set(SUB_PATHS) and len(set(d["st_dev"].values())) == 3
+    assert len(d["virtiofs_mounts"]) == 3
+    assert d["host_sums"] and all(v["match"] for v in d["host_sums"].values())
+    assert [s["name"] for s in d["steps"]][:2] == ["smoke-ls", "smoke-stat"]
+    assert all(isinstance(s["duration"], float) for s in d["steps"])
+
+
+def test_build_is_cached_and_fast(guest_image):
+    """A second build is a cache hit: under 1 s, same files."""
+    from fsinspect.guest import build
+    t = time.monotonic()
+    again = build.build()
+    assert time.monotonic() - t < 1.0
+    assert again == guest_image
+    mods = list(guest_image.modules)
+    assert {"fuse", "virtio_ring", "virtio", "virtiofs", "virtio_pci"} <= set(mods)
+    # Dependencies load first (from modinfo depends=; the .deb has no modules.dep).
+    assert mods.index("fuse") < mods.index("virtiofs") and mods.index("virtio") < mods.index("virtiofs")
+    assert mods.index("virtio_ring") < mods.index("virtio") < mods.index("virtio_pci")
