@@ -1,0 +1,150 @@
+"""`fsinspect proxy`: the vhost-user man-in-the-middle between QEMU and a virtio-fs back-end.
+
+It is also a drop-in for libvirt's virtiofs `<binary path>`: with virtiofsd's options (`--fd`,
+`--socket-path`, `-o source=...`, `--shared-dir`, `--print-capabilities`) it starts the real
+back-end (the C virtiofsd by default) on a private socket behind itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+# Bytes of each chain the native path copies when --snaplen > 0: metadata replies (READDIRPLUS pages)
+# always fit; only bulk READ/WRITE payloads get cut, and the recorder then keeps --snaplen of them.
+CAPTURE_SNAPLEN = 256 * 1024
+CAPABILITIES = {"type": "fs", "features": []}  # what ../shared/reference/vhost-user.json asks a binary to print
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("proxy", help="vhost-user MITM: record and inspect a VM's virtio-fs traffic",
+                       description=__doc__)
+    where = p.add_argument_group("where QEMU connects")
+    where.add_argument("--listen", "--socket-path", dest="listen", metavar="SOCK",
+                       help="Unix socket QEMU's vhost-user-fs chardev connects to")
+    where.add_argument("--fd", type=int, help="an inherited listening socket fd (libvirt)")
+    be = p.add_argument_group("the back-end")
+    be.add_argument("--backend", metavar="SOCK", help="the real back-end's vhost-user socket")
+    be.add_argument("--backend-cmd", metavar="CMD", help="start the back-end with this command (it creates SOCK)")
+    be.add_argument("--backend-binary", default=VIRTIOFSD,
+                    help=f"wrapper mode: the back-end to run behind the proxy (default {VIRTIOFSD})")
+    be.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT]",
+                    help="wrapper mode: virtiofsd options passed to the back-end (source=DIR, cache=..., ...)")
+    be.add_argument("--shared-dir", help="wrapper mode: the directory to share (same as -o source=DIR)")
+    be.add_argument("--print-capabilities", action="store_true", help="print vhost-user capabilities (JSON) and exit")
+    out = p.add_argument_group("observation")
+    out.add_argument("--record", metavar="FILE", help="write a pcapng recording")
+    out.add_argument("--snaplen", type=int, default=256, help="READ/WRITE payload bytes kept (0 = full; default 256)")
+    out.add_argument("--rotate-mb", type=float, default=0, help="start a new file every N MiB")
+    out.add_argument("--lossless", action="store_true",
+                     help="never drop captures: hold used-publication back instead (may slow the VM)")
+    out.add_argument("--summary-json", metavar="FILE", help="also write the end-of-run summary as JSON")
+    out.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    p.set_defaults(func=run)
+
+
+def _listener(args: argparse.Namespace) -> socket.socket:
+    if args.fd is not None:
+        try:
+            s = socket.socket(fileno=args.fd)
+        except OSError as e:
+            raise UserError(f"--fd {args.fd}: {e.strerror}") from None
+        return s
+    path = args.listen
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise UserError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket from a dead process
+        else:
+            probe.close()
+            raise UserError(f"{path} is in use by a running process")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.bind(path)
+    except OSError as e:
+        raise UserError(f"cannot listen on {path}: {e.strerror}") from None
+    s.listen(1)
+    return s
+
+
+def _wrapper_backend(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
+    """virtiofsd-compatible mode: run the real back-end on a private socket."""
+    opts = [o for chunk in args.options for o in chunk.split(",") if o]
+    if args.shared_dir:
+        opts.append(f"source={args.shared_dir}")
+    if not any(o.startswith("source=") for o in opts):
+        raise UserError("give --backend SOCK, or the directory to share (--shared-dir DIR / -o source=DIR)")
+    sock = os.path.join(workdir, "backend.sock")
+    cmd = [args.backend_binary, f"--socket-path={sock}", "-o", ",".join(opts)]
+    return sock, shlex.join(cmd)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..proxy.server import ProxyConfig
+    from ..proxy.session import Session, SessionOptions, render_summary, summary_json
+
+    if args.print_capabilities:
+        print(json.dumps(CAPABILITIES, indent=2))
+        return 0
+    if args.listen is None and args.fd is None:
+        raise UserError("say where QEMU connects: --listen SOCK (or --socket-path / --fd)")
+    if args.snaplen < 0:
+        raise UserError("--snaplen must be >= 0")
+    workdir = tempfile.mkdtemp(prefix="fsi-proxy-", dir="/tmp")
+    backend_sock, backend_cmd = args.backend, args.backend_cmd
+    if backend_sock is None:
+        backend_sock, wrapped = _wrapper_backend(args, workdir)
+        backend_cmd = backend_cmd or wrapped
+    cfg = ProxyConfig(listen=args.listen, listen_fd=args.fd, backend=backend_sock, backend_cmd=backend_cmd,
+                      lossless=args.lossless, snaplen=0 if args.snaplen == 0 else CAPTURE_SNAPLEN)
+    session = Session(cfg, SessionOptions(record=args.record, snaplen=args.snaplen, rotate_mb=args.rotate_mb,
+                                          backend_name=backend_cmd or backend_sock))
+    listener = _listener(args)
+    signal.signal(signal.SIGTERM, lambda *_: session.proxy.stop())
+    frontend = None
+    try:
+        session.proxy.start_backend()
+        try:
+            listener.settimeout(None)
+            frontend = session.proxy.accept_frontend(listener)
+        except KeyboardInterrupt:
+            return 130
+        try:
+            backend = session.proxy.connect_backend()
+        except OSError as e:
+            raise UserError(str(e), 1) from None
+        try:
+            session.run(frontend, backend)
+        except KeyboardInterrupt:
+            session.proxy.stop()
+    finally:
+        listener.close()
+        if args.listen and args.fd is None and os.path.exists(args.listen):
+            os.unlink(args.listen)
+        if frontend is None:
+            session.proxy.shutdown()
+        for f in Path(workdir).iterdir():
+            f.unlink(missing_ok=True)
+        os.rmdir(workdir)
+    s = session.summary()
+    if args.summary_json:
+        Path(args.summary_json).write_text(summary_json(s))
+    if not args.quiet:
+        print(render_summary(s), file=sys.stderr)
+    return 0

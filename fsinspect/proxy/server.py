@@ -1,0 +1,514 @@
+"""The proxy's one I/O module: sockets, fds, mappings, the native shadow paths and capture draining.
+
+Threads:
+- the control thread (run()) moves vhost-user messages and executes the control plane's commands;
+  QEMU blocks on every reply it waits for, so this thread never waits on anything but the two sockets;
+- one native thread per queue (dissectors.ring.ShadowPath) forwards kicks and calls without the GIL;
+- the capture thread drains the capture buffer: decoding, pairing, recording and publishing happen
+  there, off the guest's critical path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import select
+import shlex
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dissectors import fuse as F
+from dissectors import ring
+from dissectors import vhost_user as V
+from dissectors.errors import DecodeError
+from dissectors.spec import virtio as vio
+
+from . import control as C
+from .wire import PeerClosed, WireError, recv_message, send_message
+
+log = logging.getLogger("fsinspect.proxy")
+
+REGION_SIZE = 4 * 1024 * 1024
+EIO = 5
+_EFD_NONBLOCK = 0o4000
+_EFD_CLOEXEC = 0o2000000
+
+
+@dataclass
+class ProxyConfig:
+    listen: str | None = None  # socket path QEMU connects to
+    listen_fd: int | None = None  # or an already listening/connected fd (libvirt --fd)
+    backend: str | None = None  # the real back-end's socket path
+    backend_cmd: str | None = None  # spawn the back-end (it must create `backend`)
+    lossless: bool = False
+    snaplen: int = 0  # bytes of each chain to capture (0: whole chain)
+    capture_bytes: int = 64 * 1024 * 1024
+    backend_wait: float = 15.0
+
+
+@dataclass
+class QueueRuntime:
+    setup: C.QueueSetup | None = None
+    kick_fd: int | None = None  # QEMU's fds (ours to close)
+    call_fd: int | None = None
+    backend_kick: int = -1  # the proxy's own eventfds handed to the back-end; constant per queue
+    backend_call: int = -1
+    path: Any = None  # ring.ShadowPath
+    local: Any = None  # ring.SplitQueue when the back-end is gone
+    forwarded: int = 0
+
+
+@dataclass
+class ProxyStats:
+    started_ns: int = field(default_factory=time.time_ns)
+    vhost_messages: int = 0
+    decode_errors: int = 0
+    backend_lost_ns: int | None = None
+    eio_answered: int = 0
+    end_reason: str = ""
+
+
+CaptureSink = Callable[[Any], None]
+MessageSink = Callable[[str, bytes, list[int], Any], None]
+
+
+class Proxy:
+    """One QEMU connection, one back-end."""
+
+    def __init__(self, cfg: ProxyConfig, *, on_capture: CaptureSink | None = None,
+                 on_vhost_message: MessageSink | None = None, on_event: Callable[[C.Event], None] | None = None) -> None:
+        self.cfg = cfg
+        self.on_capture = on_capture
+        self.on_vhost_message = on_vhost_message
+        self.on_event = on_event
+        self.stats = ProxyStats()
+        self.queues: dict[int, QueueRuntime] = {}
+        self.mem = ring.MemoryMap()
+        self.capture = ring.CaptureBuffer(capacity=cfg.capture_bytes, policy="lossless" if cfg.lossless else "drop")
+        self._maps: list[mmap.mmap] = []  # kept alive: memoryviews of them may still exist
+        self._old_maps: list[mmap.mmap] = []
+        self.region_fd = os.memfd_create("fsinspect-shadow-rings", os.MFD_CLOEXEC)
+        os.ftruncate(self.region_fd, REGION_SIZE)
+        self.region_map = mmap.mmap(self.region_fd, REGION_SIZE)
+        self.mem.add_region(C.PROXY_REGION_GPA, REGION_SIZE, self.region_map, uva=C.PROXY_REGION_UVA)
+        self.cp = C.ControlPlane(self.region_fd, REGION_SIZE)
+        self.frontend: socket.socket | None = None
+        self.backend_sock: socket.socket | None = None
+        self.backend_proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._capture_thread: threading.Thread | None = None
+        self._local_thread: threading.Thread | None = None
+        self._local_wake_r, self._local_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._inflight: dict[int, set[int]] = {}
+        self._inflight_lock = threading.Lock()
+
+    # -- setup -----------------------------------------------------------------------------------
+    def start_backend(self) -> None:
+        if self.cfg.backend_cmd:
+            self.backend_proc = subprocess.Popen(shlex.split(self.cfg.backend_cmd), stdin=subprocess.DEVNULL)
+
+    def connect_backend(self) -> socket.socket:
+        assert self.cfg.backend
+        deadline = time.monotonic() + self.cfg.backend_wait
+        last: OSError | None = None
+        while time.monotonic() < deadline:
+            if self.backend_proc is not None and self.backend_proc.poll() is not None:
+                raise OSError(errno.ECONNREFUSED, f"back-end command exited with {self.backend_proc.returncode} "
+                              "before creating its socket")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.connect(self.cfg.backend)
+                return s
+            except OSError as e:
+                s.close()
+                last = e
+                time.sleep(0.05)
+        raise OSError(errno.ETIMEDOUT, f"back-end socket {self.cfg.backend} not connectable within "
+                      f"{self.cfg.backend_wait:.0f} s: {last}")
+
+    def accept_frontend(self, listener: socket.socket) -> socket.socket:
+        conn, _ = listener.accept()
+        conn.set_inheritable(False)
+        return conn
+
+    # -- main loop -------------------------------------------------------------------------------
+    def serve(self, frontend: socket.socket, backend: socket.socket) -> str:
+        """Run until QEMU disconnects (or stop()).  Returns why it ended."""
+        self.frontend, self.backend_sock = frontend, backend
+        self._capture_thread = threading.Thread(target=self._capture_loop, name="fsinspect-capture", daemon=True)
+        self._capture_thread.start()
+        reason = "stopped"
+        try:
+            while not self._stop.is_set():
+                fds = [frontend.fileno()] + ([backend.fileno()] if self.cp.backend_alive else [])
+                r, _, _ = select.select(fds, [], [], 0.5)
+                if self.cp.backend_alive and backend.fileno() in r:
+                    self._backend_readable()
+                if frontend.fileno() in r:
+                    try:
+                        raw, mfds = recv_message(frontend)
+                    except PeerClosed:
+                        reason = "QEMU disconnected"
+                        break
+                    except WireError as e:
+                        reason = f"garbage from QEMU: {e}"
+                        break
+                    self._frontend_message(raw, mfds)
+        except C.ProtocolViolation as e:
+            reason = f"protocol violation: {e}"
+        finally:
+            self.stats.end_reason = reason
+            self.shutdown()
+        return reason
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _frontend_message(self, raw: bytes, fds: list[int]) -> None:
+        self.stats.vhost_messages += 1
+        try:
+            msg = V.decode_message(raw, fds)
+        except DecodeError as e:
+            # Unknown to us: forward untouched (the back-end may know it) and flag it.
+            self.stats.decode_errors += 1
+            self._record_vhost("frontend", raw, fds, None, note=str(e))
+            if self.cp.backend_alive and self.backend_sock is not None:
+                send_message(self.backend_sock, raw, fds)
+            self._close_fds(fds)
+            return
+        self._record_vhost("frontend", raw, fds, msg)
+        cmds = self.cp.from_frontend(msg)
+        self._execute(cmds, fds)
+
+    def _backend_readable(self) -> None:
+        assert self.backend_sock is not None
+        try:
+            raw, fds = recv_message(self.backend_sock)
+        except (PeerClosed, WireError) as e:
+            self._backend_gone(str(e))
+            return
+        self._close_fds(fds)
+        self._record_vhost("backend", raw, [], None, note="unsolicited message from the back-end (dropped)")
+
+    def _read_backend_reply(self) -> None:
+        assert self.backend_sock is not None
+        try:
+            r, _, _ = select.select([self.backend_sock], [], [], 30)
+            if not r:
+                raise PeerClosed("the back-end did not reply within 30 s")
+            raw, fds = recv_message(self.backend_sock)
+        except (PeerClosed, WireError, OSError) as e:
+            self._backend_gone(str(e))
+            return
+        self._close_fds(fds)
+        try:
+            msg = V.decode_message(raw, [])
+        except DecodeError as e:
+            self._backend_gone(f"undecodable reply: {e}")
+            return
+        self._record_vhost("backend", raw, [], msg)
+        self._execute(self.cp.from_backend(msg), [])
+
+    def _backend_gone(self, why: str) -> None:
+        if not self.cp.backend_alive:
+            return
+        log.warning("back-end lost: %s", why)
+        self.stats.backend_lost_ns = time.time_ns()
+        self._go_local()
+        self._execute(self.cp.backend_lost(), [])
+
+    # -- command execution ------------------------------------------------------------------------
+    def _execute(self, cmds: list[C.Command], msg_fds: list[int]) -> None:
+        keep: set[int] = set()
+        for c in cmds:
+            if isinstance(c, C.SendBackend):
+                self._send_backend(c, keep)
+            elif isinstance(c, C.SendFrontend):
+                assert self.frontend is not None
+                raw = V.encode_message(c.msg)
+                self._record_vhost("proxy->frontend", raw, [], c.msg)
+                send_message(self.frontend, raw)
+            elif isinstance(c, C.MapRegion):
+                self._map_region(c)
+            elif isinstance(c, C.UnmapAll):
+                self._unmap_all()
+            elif isinstance(c, C.QueueSetup):
+                self.queues.setdefault(c.index, QueueRuntime()).setup = c
+                self._init_shadow(c)
+            elif isinstance(c, C.QueueFd):
+                self._queue_fd(c, keep)
+            elif isinstance(c, C.QueueStart):
+                self._queue_start(c.index)
+            elif isinstance(c, C.QueueStop):
+                self._queue_stop(c.index)
+            elif isinstance(c, C.ReplyVringBase):
+                self._reply_vring_base(c.index)
+            elif isinstance(c, C.Event):
+                if self.on_event is not None:
+                    self.on_event(c)
+        self._close_fds([fd for fd in msg_fds if fd not in keep])
+
+    def _send_backend(self, c: C.SendBackend, keep: set[int]) -> None:
+        assert self.backend_sock is not None
+        msg = c.msg
+        fds = list(msg.fds)
+        if msg.name in ("SET_VRING_KICK", "SET_VRING_CALL") and not fds and not msg.nofd():
+            q = self.queues.setdefault(msg.vring_index() or 0, QueueRuntime())
+            if q.backend_kick < 0:
+                q.backend_kick = _eventfd()
+                q.backend_call = _eventfd()
+            fds = [q.backend_kick if msg.name == "SET_VRING_KICK" else q.backend_call]
+        raw = V.encode_message(msg)
+        self._record_vhost("proxy->backend", raw, fds, msg)
+        try:
+            send_message(self.backend_sock, raw, fds)
+        except OSError as e:
+            self._backend_gone(f"send failed: {e}")
+            return
+        if c.expect_reply:
+            self._read_backend_reply()
+
+    def _map_region(self, c: C.MapRegion) -> None:
+        m = mmap.mmap(c.fd, c.size + c.mmap_offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._maps.append(m)
+        self.mem.add_region(c.gpa, c.size, m, uva=c.uva, mmap_offset=c.mmap_offset)
+
+    def _unmap_all(self) -> None:
+        for q in self.queues.values():
+            if q.path is not None and q.path.running:
+                raise C.ProtocolViolation("a new memory table while queues run")
+        for gpa, _size, _uva in list(self.mem.regions):
+            if gpa != C.PROXY_REGION_GPA:
+                self.mem.remove_region(gpa)
+        self._old_maps += self._maps
+        self._maps = []
+
+    def _init_shadow(self, c: C.QueueSetup) -> None:
+        # The back-end reads used->idx at SET_VRING_ADDR: start the shadow rings from the guest's.
+        self.region_map[c.shadow_used_off:c.shadow_used_off + C.AVAIL_OFF] = bytes(C.AVAIL_OFF)
+        self.region_map[c.shadow_avail_off:c.shadow_avail_off + (C.QUEUE_SLOT - C.AVAIL_OFF)] = bytes(
+            C.QUEUE_SLOT - C.AVAIL_OFF)
+        used_gpa = self.mem.uva_to_gpa(c.used_uva)
+        guest_used_idx = struct.unpack_from("<H", self.mem.view(used_gpa, 4), 2)[0]
+        struct.pack_into("<H", self.region_map, c.shadow_used_off + 2, guest_used_idx)
+        struct.pack_into("<H", self.region_map, c.shadow_avail_off + 2, c.base)
+
+    def _queue_fd(self, c: C.QueueFd, keep: set[int]) -> None:
+        q = self.queues.setdefault(c.index, QueueRuntime())
+        if c.which == "err":
+            return  # forwarded with the message itself
+        old = q.kick_fd if c.which == "kick" else q.call_fd
+        if c.which == "kick":
+            q.kick_fd = c.fd
+        else:
+            q.call_fd = c.fd
+        if c.fd is not None:
+            keep.add(c.fd)
+        if q.path is not None:
+            (q.path.set_kick_fd if c.which == "kick" else q.path.set_call_fd)(-1 if c.fd is None else c.fd)
+        if old is not None and old != c.fd:
+            os.close(old)
+        if c.which == "kick":
+            os.write(self._local_wake_w, b"k")
+
+    def _queue_start(self, index: int) -> None:
+        q = self.queues[index]
+        s = q.setup
+        assert s is not None
+        if q.backend_kick < 0:
+            q.backend_kick, q.backend_call = _eventfd(), _eventfd()
+        if not self.cp.backend_alive:
+            return
+        q.path = ring.ShadowPath(
+            self.mem, index, s.num, self.mem.uva_to_gpa(s.desc_uva), self.mem.uva_to_gpa(s.avail_uva),
+            self.mem.uva_to_gpa(s.used_uva), C.PROXY_REGION_GPA + s.shadow_avail_off,
+            C.PROXY_REGION_GPA + s.shadow_used_off, self.capture,
+            kick_fd=-1 if q.kick_fd is None else q.kick_fd, call_fd=-1 if q.call_fd is None else q.call_fd,
+            backend_kick_fd=q.backend_kick, backend_call_fd=q.backend_call, avail_base=s.base,
+            snaplen=self.cfg.snaplen)
+        q.path.start()
+
+    def _queue_stop(self, index: int) -> None:
+        q = self.queues.get(index)
+        if q is None or q.path is None:
+            return
+        q.path.stop()
+        q.path.drain()
+        q.forwarded = q.path.indices["next_avail"]
+
+    def _reply_vring_base(self, index: int) -> None:
+        q = self.queues.get(index)
+        base = 0
+        if q is not None:
+            if q.local is not None:
+                base = q.local.last_avail_idx
+            elif q.path is not None:
+                base = q.path.indices["next_avail"]
+        assert self.frontend is not None
+        msg = V.build("GET_VRING_BASE", V.make("vhost_vring_state", index=index, num=base), reply=True)
+        send_message(self.frontend, V.encode_message(msg))
+
+    # -- the back-end is gone: answer the guest ourselves -------------------------------------------
+    def _go_local(self) -> None:
+        """Stop every shadow path, fail what the back-end held, and serve new requests with EIO."""
+        for q in self.queues.values():
+            if q.path is not None:
+                q.path.stop()
+                q.path.drain()
+        with self._inflight_lock:
+            for cap in self.capture.read_captures(max=1 << 20, timeout=0):
+                self._capture_one(cap)
+        for index, q in self.queues.items():
+            if q.path is None or q.setup is None:
+                continue
+            s = q.setup
+            idx = q.path.indices
+            q.local = ring.SplitQueue(self.mem, s.num, self.mem.uva_to_gpa(s.desc_uva),
+                                      self.mem.uva_to_gpa(s.avail_uva), self.mem.uva_to_gpa(s.used_uva))
+            q.local.last_avail_idx = idx["next_avail"]
+            q.local.used_idx = idx["guest_used_idx"]
+            self._fail_inflight(index, q, sorted(self._inflight.get(index, set())))
+        self._local_thread = threading.Thread(target=self._local_loop, name="fsinspect-eio", daemon=True)
+        self._local_thread.start()
+
+    def _fail_inflight(self, index: int, q: QueueRuntime, heads: list[int]) -> None:
+        """Complete chains the dead back-end held with an EIO reply (hiprio FORGETs: used.len 0).
+
+        The heads are listed in the (now unused) shadow avail ring so that a SplitQueue walks their
+        chains, with the same bounds checks as any other chain.
+        """
+        if not heads:
+            return
+        assert q.setup is not None and q.local is not None
+        s = q.setup
+        struct.pack_into("<HH", self.region_map, s.shadow_avail_off, 0, len(heads))
+        for i, h in enumerate(heads):
+            struct.pack_into("<H", self.region_map, s.shadow_avail_off + 4 + 2 * i, h)
+        walker = ring.SplitQueue(self.mem, s.num, self.mem.uva_to_gpa(s.desc_uva),
+                                 C.PROXY_REGION_GPA + s.shadow_avail_off, C.PROXY_REGION_GPA + s.shadow_used_off)
+        walker.last_avail_idx = 0
+        try:
+            chains = walker.pop_chains(len(heads))
+        except ring.RingError as e:
+            chains = e.chains
+        q.local.push_used([(ch.head, self._answer_eio(index, ch)) for ch in chains])
+        self._inflight[index] = set()
+        self._signal(q)
+
+    def _answer_eio(self, index: int, ch: Any) -> int:
+        """Write an EIO fuse_out_header into the chain's writable part; returns used.len."""
+        if index == vio.FS_HIPRIO_QUEUE:
+            return 0
+        unique = struct.unpack_from("<Q", ch.readable, 8)[0] if len(ch.readable) >= 16 else 0
+        reply = F.encode_reply("GETATTR", unique=unique, error=EIO)
+        self.stats.eio_answered += 1
+        if self.on_capture is not None:
+            self.on_capture(("local-reply", index, ch.head, time.time_ns(), reply))
+        return int(ch.write(reply))
+
+    def _local_loop(self) -> None:
+        """Kicks after the back-end died: pop new requests and answer them with EIO."""
+        while not self._stop.is_set():
+            fds = [self._local_wake_r] + [q.kick_fd for q in self.queues.values() if q.kick_fd is not None]
+            try:
+                r, _, _ = select.select(fds, [], [], 0.2)
+            except (OSError, ValueError):
+                continue  # an fd was swapped underneath us; rebuild the set
+            for fd in r:
+                with contextlib.suppress(OSError):
+                    os.read(fd, 8)
+            for index, q in list(self.queues.items()):
+                if q.local is None:
+                    continue
+                try:
+                    chains = q.local.pop_chains(q.setup.num if q.setup else 256)
+                except ring.RingError as e:
+                    chains = e.chains
+                if not chains:
+                    continue
+                used = []
+                for ch in chains:
+                    if self.on_capture is not None:
+                        self.on_capture(("local-request", index, ch.head, time.time_ns(), bytes(ch.readable)))
+                    used.append((ch.head, self._answer_eio(index, ch)))
+                q.local.push_used(used)
+                self._signal(q)
+
+    @staticmethod
+    def _signal(q: QueueRuntime) -> None:
+        if q.call_fd is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(q.call_fd, 1)
+
+    # -- captures --------------------------------------------------------------------------------
+    def _capture_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._inflight_lock:
+                if not self.cp.backend_alive:
+                    return
+                for cap in self.capture.read_captures(max=4096, timeout=0.05):
+                    self._capture_one(cap)
+
+    def _capture_one(self, cap: Any) -> None:
+        """Track which heads the back-end holds (for EIO on loss), then hand the capture on."""
+        if cap.kind == "request":
+            self._inflight.setdefault(cap.queue, set()).add(cap.head)
+        elif cap.kind == "reply":
+            self._inflight.get(cap.queue, set()).discard(cap.head)
+        if self.on_capture is not None:
+            self.on_capture(cap)
+
+    def _record_vhost(self, direction: str, raw: bytes, fds: list[int], msg: Any, note: str | None = None) -> None:
+        if self.on_vhost_message is not None:
+            self.on_vhost_message(direction, raw, fds, note or msg)
+
+    # -- teardown --------------------------------------------------------------------------------
+    def path_counters(self) -> dict[int, dict[str, int]]:
+        return {i: dict(q.path.counters) for i, q in self.queues.items() if q.path is not None}
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for q in self.queues.values():
+            if q.path is not None:
+                with contextlib.suppress(Exception):
+                    q.path.stop()
+        if self._capture_thread is not None:
+            self._capture_thread.join(2)
+            # Whatever is still buffered belongs to the recording too.
+            with self._inflight_lock:
+                for cap in self.capture.read_captures(max=1 << 20, timeout=0):
+                    self._capture_one(cap)
+        if self._local_thread is not None:
+            self._local_thread.join(2)
+        for q in self.queues.values():
+            self._close_fds([fd for fd in (q.kick_fd, q.call_fd, q.backend_kick, q.backend_call)
+                             if fd is not None and fd >= 0])
+        for s in (self.frontend, self.backend_sock):
+            if s is not None:
+                s.close()
+        if self.backend_proc is not None and self.backend_proc.poll() is None:
+            self.backend_proc.terminate()
+            try:
+                self.backend_proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.backend_proc.kill()
+                self.backend_proc.wait()
+
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, _EFD_NONBLOCK | _EFD_CLOEXEC)

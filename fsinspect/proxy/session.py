@@ -1,0 +1,191 @@
+"""One proxy run: the Proxy plus the addons fed by its captures (recording, analysis, publishing).
+
+Addons run on the capture thread (FUSE traffic) or the control thread (vhost-user messages); the
+recorder is shared by both, so it is guarded by a lock.  Nothing here runs on the guest's critical path.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from dissectors import vhost_user as V
+from dissectors.render import safe_name
+from dissectors.spec import vhost_user as vspec
+from dissectors.spec import virtio as vio
+
+from ..analysis.analyzer import Analyzer
+from ..recording.writer import RecordingWriter
+from . import control as C
+from .server import Proxy, ProxyConfig
+
+
+@dataclass
+class SessionOptions:
+    record: str | None = None
+    snaplen: int = 256
+    rotate_mb: float = 0
+    backend_name: str = ""
+
+
+class Session:
+    """Wires a Proxy to a recorder and an analyzer, and renders the end-of-run summary."""
+
+    def __init__(self, cfg: ProxyConfig, opts: SessionOptions, hub: Any = None) -> None:
+        self.cfg = cfg
+        self.opts = opts
+        self.hub = hub
+        self.lock = threading.Lock()
+        self.analyzer = Analyzer(keep_exchanges=False)
+        self.writer = (RecordingWriter(opts.record, source="virtio", backend=opts.backend_name,
+                                       snaplen=opts.snaplen, rotate_mb=opts.rotate_mb,
+                                       comments=["fsinspect proxy"]) if opts.record else None)
+        self.proxy = Proxy(cfg, on_capture=self._on_capture, on_vhost_message=self._on_vhost,
+                           on_event=self._on_event)
+        self.capture_errors = 0
+        self.local_replies = 0
+        self.events: list[C.Event] = []
+        self.opcount: Counter[str] = Counter()
+        self.requests = 0
+        self.replies = 0
+        if hub is not None:
+            self.analyzer.listeners.append(hub.publish_exchange)
+
+    # -- sinks -----------------------------------------------------------------------------------
+    def _on_capture(self, cap: Any) -> None:
+        if isinstance(cap, tuple):  # a request/reply the proxy itself answered (back-end gone)
+            kind, queue, head, ts, data = cap
+            with self.lock:
+                if kind == "local-request":
+                    self._request(data, queue, head, ts, len(data), (), ["backend lost: answered by the proxy"])
+                else:
+                    self.local_replies += 1
+                    self._reply(data, queue, head, ts, len(data), (), ["EIO from the proxy: back-end lost"])
+            return
+        layout = [(ln, fl) for _addr, ln, fl in cap.layout]
+        with self.lock:
+            if cap.kind == "request":
+                self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
+                              ["not fully captured"] if cap.truncated else [])
+            elif cap.kind == "reply":
+                if cap.queue == vio.FS_HIPRIO_QUEUE and cap.length == 0:
+                    return  # FORGET completes with used.len 0: there is no reply
+                self._reply(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
+                            ["not fully captured"] if cap.truncated else [])
+            else:
+                self.capture_errors += 1
+                note = f"malformed chain: {cap.reason} (forwarded untouched)"
+                if self.writer is not None:
+                    self.writer.request(cap.data, cap.queue, cap.head, cap.ts_ns, notes=[note])
+
+    def _request(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str]) -> None:
+        self.requests += 1
+        if self.writer is not None:
+            self.writer.request(data, queue, head, ts, layout=layout, notes=notes)
+        ex = self.analyzer.feed_request(bytes(data), queue, head, ts, orig_len=orig, notes=notes)
+        self.opcount[ex.opname] += 1
+
+    def _reply(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str]) -> None:
+        self.replies += 1
+        if self.writer is not None:
+            self.writer.reply(data, queue, head, ts, layout=layout, notes=notes)
+        self.analyzer.feed_reply(bytes(data), queue, head, ts, orig_len=orig, notes=notes)
+
+    def _on_vhost(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
+        notes = [msg] if isinstance(msg, str) else []
+        if fds:
+            notes.append(f"{len(fds)} fd(s)")
+        if direction == "proxy->backend":
+            notes.append("as forwarded to the back-end")
+        elif direction == "proxy->frontend":
+            notes.append("as sent to QEMU")
+        with self.lock:
+            if self.writer is not None:
+                self.writer.control(raw, from_frontend=direction == "frontend", notes=notes)
+        if self.hub is not None and isinstance(msg, V.VhostUserMessage):
+            self.hub.publish_control(direction, msg.summary())
+
+    def _on_event(self, ev: C.Event) -> None:
+        self.events.append(ev)
+        if self.hub is not None:
+            self.hub.publish_event(ev.kind, ev.detail)
+
+    # -- run -------------------------------------------------------------------------------------
+    def run(self, frontend: Any, backend: Any) -> str:
+        try:
+            return self.proxy.serve(frontend, backend)
+        finally:
+            with self.lock:
+                self.analyzer.finish()
+                if self.writer is not None:
+                    self.writer.close()
+
+    def summary(self) -> dict[str, Any]:
+        st = self.proxy.stats
+        counters: Counter[str] = Counter()
+        for c in self.proxy.path_counters().values():
+            counters.update(c)
+        cap = dict(self.proxy.capture.stats)
+        an = self.analyzer
+        syncfs = [{"nodeid": r.nodeid, "latency_ns": r.latency_ns, "superblock_root": r.is_root, "error": r.error}
+                  for r in an.submounts.syncfs]
+        submounts = [{"nodeid": a.nodeid, "parent": a.parent, "name": safe_name(a.name), "ino": a.ino}
+                     for a in an.submounts.announced.values()]
+        return {
+            "end_reason": st.end_reason,
+            "backend_lost": st.backend_lost_ns is not None,
+            "eio_answered": st.eio_answered,
+            "vhost_messages": st.vhost_messages,
+            "vhost_decode_errors": st.decode_errors,
+            "requests": self.requests,
+            "replies": self.replies,
+            "opcodes": dict(self.opcount.most_common()),
+            "path": dict(counters),
+            "capture": cap,
+            "capture_errors": self.capture_errors,
+            "lints": [{"kind": lint.name, "message": lint.message} for lint in an.lints],
+            "submounts": submounts,
+            "syncfs": syncfs,
+            "features": self.proxy.cp.snapshot(),
+            "recording": [str(p) for p in self.writer.paths] if self.writer else [],
+        }
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    """The one-screen summary printed when the proxy ends."""
+    f = s["features"]
+    lines = [f"fsinspect proxy: {s['end_reason']}"]
+    if s["backend_lost"]:
+        lines.append(f"  BACKEND LOST: the proxy answered {s['eio_answered']} request(s) with EIO; the VM kept running")
+    lines.append(f"  FUSE: {s['requests']} requests, {s['replies']} replies; vhost-user: {s['vhost_messages']} messages"
+                 + (f" ({s['vhost_decode_errors']} undecodable, forwarded)" if s["vhost_decode_errors"] else ""))
+    cap = s["capture"]
+    lines.append(f"  capture: {cap.get('captured', 0)} records, dropped {cap.get('dropped', 0)}, "
+                 f"lossless stalls {cap.get('stalls', 0)}, malformed chains {s['capture_errors']}")
+    top = ", ".join(f"{k} {v}" for k, v in list(s["opcodes"].items())[:10])
+    lines.append(f"  opcodes: {top}")
+    if f.get("features_masked"):
+        lines.append(f"  features masked by the proxy: {vio.VIRTIO_F.render(f['features_masked'])}")
+    if f.get("protocol_masked"):
+        lines.append(f"  protocol features masked: {vspec.PROTOCOL_F.render(f['protocol_masked'])}")
+    if s["submounts"]:
+        lines.append("  submounts announced: " + ", ".join(f"{x['name']} (nodeid {x['nodeid']})" for x in s["submounts"]))
+    if s["syncfs"]:
+        lines.append("  SYNCFS: " + ", ".join(
+            f"nodeid {x['nodeid']} {'' if x['superblock_root'] else '(NOT a superblock root) '}"
+            f"{(x['latency_ns'] or 0) / 1e6:.2f} ms" for x in s["syncfs"]))
+    if s["lints"]:
+        lines.append(f"  lints: {len(s['lints'])}")
+        for lint in s["lints"][:8]:
+            lines.append(f"    {lint['kind']}: {lint['message']}")
+    if s["recording"]:
+        lines.append("  recording: " + ", ".join(s["recording"]))
+    return "\n".join(lines)
+
+
+def summary_json(s: dict[str, Any]) -> str:
+    return json.dumps(s, default=str, sort_keys=True)
+
