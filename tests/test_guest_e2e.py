@@ -125,6 +125,7 @@ def test_backend_lost_during_hold(guest_image, guest_share, watch_backend):
     if not watch_backend:
         assert res.backend_lost_reason and ("QEMU" in res.backend_lost_reason or "console" in res.backend_lost_reason)
     assert res.qemu_pid and not Path(f"/proc/{res.qemu_pid}").exists(), "QEMU still running"
+    print(f"\nbackend lost detected {returned_at - killed_at[0]:.2f} s after the kill: {res.backend_lost_reason}")
 
 
 def test_cli_run_json_st_dev_map(guest_image):
