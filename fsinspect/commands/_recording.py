@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..analysis import Analyzer
-from ..cli import UserError
+from ..errors import UserError
 from ..recording.reader import RecordingError, RecordingReader
 from ..recording.replay import analyze
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..analysis import Analyzer, FilterError, compile_filter
 from ..analysis.render import exchange_json, exchange_line
-from ..cli import UserError
+from ..errors import UserError
 from ..recording.reader import RecordingError
 from ..recording.replay import analyze
 from ._recording import open_recording

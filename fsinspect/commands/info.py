@@ -11,10 +11,10 @@ from typing import Any
 from dissectors.spec import fuse as spec
 
 from ..analysis import Analyzer
+from ..errors import UserError
 from ..recording.reader import RecordingError
 from ..recording.replay import feed_records
 from ._recording import open_recording
-from ..cli import UserError
 
 
 def register(sub: Any) -> None:

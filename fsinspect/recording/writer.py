@@ -266,7 +266,7 @@ class RecordingWriter:
         parts.append(raw)
         if pad:
             parts.append(pad)
-        parts.append(_EPB_FLAGS_META.pack(fmt.EPB_FLAGS, 4, direction, fmt.OPT_CUSTOM_BIN, 16, fmt.PEN,
+        parts.append(_EPB_FLAGS_META.pack(fmt.EPB_FLAGS, 4, direction, fmt.OPT_CUSTOM_BIN, fmt.META_RECORD_STRUCT.size, fmt.PEN,
                                           fmt.META_RECORD, 0, queue, flags,
                                           fmt.NO_HEAD if head is None else head, self.epoch))
         if extra:
