@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from fsinspect.cli import UserError
+from fsinspect.recording.options import add_record_options, open_tap
 
 CACHE_MODES = ("none", "auto", "always", "metadata")
 HANDLE_MODES = ("never", "prefer", "mandatory")
@@ -50,6 +51,7 @@ def register(sub: Any) -> None:
     t.add_argument("--standalone", metavar="MOUNTPOINT", help="serve over /dev/fuse, mounted at MOUNTPOINT")
     t.add_argument("--readers", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
     add_fs_options(p)
+    add_record_options(p)
     p.set_defaults(func=run)
 
 
@@ -76,9 +78,14 @@ def run(args: argparse.Namespace) -> int:
     from daemon import standalone
     from daemon.transport.fusedev import FuseDevError
 
+    tap = open_tap(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
     try:
-        return standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size)
+        return standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size,
+                              tap=tap)
     except FuseDevError as e:
         raise UserError(str(e.strerror or e), status=1) from None
     except OSError as e:
         raise UserError(f"{e.strerror or e}", status=1) from None
+    finally:
+        if tap is not None:
+            tap.close()

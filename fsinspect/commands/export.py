@@ -42,18 +42,18 @@ def run(args: argparse.Namespace) -> int:
         r.close()
     if r.truncated:
         print(f"fsinspect export: warning: {args.file}: {r.truncated}; read up to there", file=sys.stderr)
-    exchanges = [e for e in an.exchanges if pred is None or pred(e)]
+    exchanges = [x for x in an.exchanges if pred is None or pred(x)]
     out = sys.stdout
     if args.format == "jsonl":
-        for e in exchanges:
-            out.write(json.dumps(exchange_json(e)) + "\n")
+        for x in exchanges:
+            out.write(json.dumps(exchange_json(x)) + "\n")
     elif args.format == "json":
-        json.dump([exchange_json(e) for e in exchanges], out, indent=1)
+        json.dump([exchange_json(x) for x in exchanges], out, indent=1)
         out.write("\n")
     else:
-        t0 = min((e.ts_ns for e in an.exchanges if e.ts_ns), default=0)
-        for e in exchanges:
-            out.write(exchange_line(e, t0) + "\n")
+        t0 = min((x.ts_ns for x in an.exchanges if x.ts_ns), default=0)
+        for x in exchanges:
+            out.write(exchange_line(x, t0) + "\n")
         lints = [lint for lint in an.lints if pred is None or pred(an.exchanges[lint.exchange])]
         if lints:
             out.write(f"\n{len(lints)} lint(s):\n")
