@@ -98,6 +98,13 @@ class InodeStore:
                                        f"{e.strerror} (needs a filesystem that supports them and "
                                        "CAP_DAC_READ_SEARCH)") from None
         root = Inode(ROOT_ID, 0, st.st_dev, st.st_ino, st.mnt_id, st.st_mode, fd=fd, nlookup=1, parent_mnt_id=st.mnt_id)
+        if self.mode is not HandleMode.NEVER:
+            try:
+                _h, mnt_id = sc.name_to_handle_at(fd)
+                # The shared dir itself is the mount fd for its mount, pinned for the session (refs 1).
+                self._mounts[mnt_id] = MountFd(mnt_id, os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), 1)
+            except OSError:
+                pass
         with self._lock:
             self._by_id[ROOT_ID] = root
             self._by_key[root.key] = root
@@ -196,10 +203,11 @@ class InodeStore:
         m = self._mounts.get(mnt_id)
         if m is not None:
             return m
+        # A directory, never a file: a mount fd on a file would keep that file alive (and its handle valid).
         mfd = -1
         try:
-            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
-                mfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            if stat.S_ISDIR(st.st_mode):
+                mfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             elif parent.mnt_id == st.mnt_id:
                 with self.path_fd(parent) as pfd:
                     mfd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -256,6 +264,9 @@ class InodeStore:
                 os.close(root.fd)
                 root.fd = -1
             self._by_key.clear()
+            for m in self._mounts.values():
+                os.close(m.fd)
+            self._mounts.clear()
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -1,0 +1,508 @@
+"""The passthrough filesystem through the engine, with crafted messages: confinement and bad input,
+inode identity (file handles / O_PATH), submounts, syncfs, cache modes, credentials, read-only."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.passthrough import CacheMode, HandleMode, Options, PassthroughFS
+from daemon.server import Server
+from dissectors import fuse as F
+from dissectors.spec import fuse as spec
+from tests.conftest import require_root
+from tests.daemon_client import KERNEL_FLAGS, EngineClient
+
+pytestmark = pytest.mark.root
+
+INIT = spec.INIT_FLAGS.by_name()
+FATTR = spec.FATTR.by_name()
+FOPEN = spec.FOPEN.by_name()
+SUBMOUNT = spec.ATTR_FLAGS.by_name()["SUBMOUNT"]
+GETATTR_FH = spec.GETATTR_FLAGS.by_name()["FH"]
+RENAME = spec.RENAME_FLAGS.by_name()
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+Factory = Callable[..., EngineClient]
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Factory]:
+    require_root()
+    made: list[tuple[Server, PassthroughFS]] = []
+
+    def make(shared: Path | None = None, *, flags: int = KERNEL_FLAGS, **kw: Any) -> EngineClient:
+        fs = PassthroughFS(Options(str(shared or tmp_path), **kw))
+        server = Server(fs)
+        made.append((server, fs))
+        c = EngineClient(server)
+        assert c.init(flags).error == 0
+        return c
+
+    yield make
+    for server, fs in made:
+        server.shutdown()
+        fs.close()
+
+
+def _alive(c: EngineClient) -> None:
+    assert c.call("GETATTR", nodeid=1).error == 0
+
+
+# ------------------------------------------------------------------------------- names / confinement
+def test_names_are_validated(engine: Factory, tmp_path: Path) -> None:
+    c = engine()
+    (tmp_path / "d").mkdir()
+    assert c.lookup(1, b"..").args["entry"].nodeid == 1  # '..' of the root is the root
+    assert c.lookup(1, b".").args["entry"].nodeid == 1
+    d = c.nodeid(1, b"d")
+    assert c.lookup(d, b"..").args["entry"].nodeid == 1
+    assert c.lookup(1, b"a/b").error == errno.EINVAL
+    assert c.lookup(1, b"../../etc").error == errno.EINVAL
+    assert c.lookup(1, b"x" * 256).error == errno.ENAMETOOLONG
+    # NUL inside a name: the name ends early and the rest is garbage -> EINVAL.
+    raw = bytearray(c.encode("LOOKUP", {"name": b"d\0passwd"}, nodeid=1))
+    out = c.raw(bytes(raw))
+    assert out is not None and int.from_bytes(out[4:8], "little", signed=True) == -errno.EINVAL
+    mk = {"mkdir": F.make("fuse_mkdir_in", mode=0o755)}
+    for bad, err in ((b"..", errno.EINVAL), (b".", errno.EINVAL), (b"a/b", errno.EINVAL)):
+        assert c.call("MKDIR", {**mk, "name": bad}, nodeid=d).error == err
+        assert c.call("UNLINK", {"name": bad}, nodeid=d).error == err
+        assert c.call("RMDIR", {"name": bad}, nodeid=d).error == err
+    ren = {"rename": F.make("fuse_rename_in", newdir=d), "name": b"d", "newname": b".."}
+    assert c.call("RENAME", ren, nodeid=1).error == errno.EINVAL
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+    _alive(c)
+
+
+def test_absolute_symlink_targets_are_never_followed(engine: Factory, tmp_path: Path) -> None:
+    c = engine()
+    rep = c.ok("SYMLINK", {"name": b"esc", "target": b"/etc"}, nodeid=1)
+    esc = rep.args["entry"].nodeid
+    assert stat.S_ISLNK(rep.args["entry"].attr.mode)
+    assert os.readlink(tmp_path / "esc") == "/etc"
+    assert c.ok("READLINK", nodeid=esc).args["target"] == b"/etc"
+    assert c.lookup(esc, b"passwd").error == errno.ENOTDIR
+    assert c.call("OPENDIR", {"open": F.make("fuse_open_in")}, nodeid=esc).error == errno.ENOTDIR
+    assert c.call("OPEN", {"open": F.make("fuse_open_in")}, nodeid=esc).error == errno.ELOOP
+    mk = {"mkdir": F.make("fuse_mkdir_in", mode=0o755), "name": b"x"}
+    assert c.call("MKDIR", mk, nodeid=esc).error == errno.ENOTDIR
+    _alive(c)
+
+
+def test_symlink_swapped_in_during_an_op_stays_confined(engine: Factory, tmp_path: Path) -> None:
+    c = engine()
+    (tmp_path / "d").mkdir()
+    d = c.nodeid(1, b"d")
+    # The host swaps the directory for a symlink to /etc between the guest's LOOKUP and its next op.
+    (tmp_path / "d").rename(tmp_path / "d.old")
+    (tmp_path / "d").symlink_to("/etc")
+    assert c.lookup(d, b"passwd").error == errno.ENOENT  # resolved in the real directory, not /etc
+    nid, fh = c.create(d, b"planted")
+    c.release(nid, fh)
+    assert (tmp_path / "d.old" / "planted").exists()
+    assert not os.path.exists("/etc/planted")
+    assert stat.S_ISLNK(c.lookup(1, b"d").args["entry"].attr.mode)
+    _alive(c)
+
+
+def test_unknown_and_forgotten_nodeids_bad_fh_and_over_forget(engine: Factory, tmp_path: Path) -> None:
+    c = engine()
+    (tmp_path / "f").write_bytes(b"data")
+    assert c.call("GETATTR", nodeid=12345).error == errno.EBADF
+    assert c.lookup(12345, b"f").error == errno.EBADF
+    f = c.nodeid(1, b"f")
+    assert c.nodeid(1, b"f") == f  # same host inode, same nodeid, nlookup 2
+    assert c.call("READ", {"read": F.make("fuse_read_in", fh=999, size=10)}, nodeid=f).error == errno.EBADF
+    assert c.call("RELEASE", {"release": F.make("fuse_release_in", fh=999)}, nodeid=f).error == errno.EBADF
+    assert c.call("READDIR", {"read": F.make("fuse_read_in", fh=999, size=4096)}, nodeid=1).error == errno.EBADF
+    fh = c.open(f, os.O_RDONLY)
+    # A file fh is not a directory fh.
+    assert c.call("READDIR", {"read": F.make("fuse_read_in", fh=fh, size=4096)}, nodeid=1).error == errno.EBADF
+    c.release(f, fh)
+    # FORGET more than was looked up: logged, clamped, the inode goes away; serving goes on.
+    c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=5)}, nodeid=f)
+    assert c.call("GETATTR", nodeid=f).error == errno.EBADF
+    c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=f)  # already gone
+    c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=100)}, nodeid=1)  # root stays
+    forgets = [F.make("fuse_forget_one", nodeid=n, nlookup=1) for n in (1, 777, f)]
+    c.send_noreply("BATCH_FORGET", {"batch": F.make("fuse_batch_forget_in", count=3), "forgets": forgets})
+    _alive(c)
+    f2 = c.nodeid(1, b"f")
+    assert f2 != f  # nodeids are never reused
+    assert c.ok("GETATTR", nodeid=f2).args["attr_out"].attr.size == 4
+
+
+# ------------------------------------------------------------------------------- inode identity
+@pytest.mark.parametrize("mode", ["prefer", "never", "mandatory"])
+def test_inode_file_handle_modes(engine: Factory, tmp_path: Path, mode: str) -> None:
+    c = engine(inode_file_handles=HandleMode(mode))
+    for i in range(5):
+        (tmp_path / f"f{i}").write_bytes(b"x" * i)
+    ids = [c.nodeid(1, f"f{i}".encode()) for i in range(5)]
+    assert len(set(ids)) == 5
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    counts = fs.store.counts()
+    if mode == "never":
+        assert counts["held_by_fd"] == 6 and counts["held_by_handle"] == 0
+    else:
+        assert counts["held_by_handle"] == 5 and counts["held_by_fd"] == 1  # only the root keeps an fd
+    for i, n in enumerate(ids):  # reopening works through handles too
+        fh = c.open(n, os.O_RDONLY)
+        assert c.read(n, fh, 10) == b"x" * i
+        c.release(n, fh)
+
+
+def test_mandatory_fails_clearly_without_handles(engine: Factory) -> None:
+    # procfs has no export operations: no file handles.
+    with pytest.raises(OSError, match="mandatory"):
+        PassthroughFS(Options("/proc/sys", inode_file_handles=HandleMode.MANDATORY))
+    c = engine(Path("/proc/sys"), inode_file_handles=HandleMode.PREFER)  # prefer falls back to O_PATH
+    c.nodeid(1, b"kernel")
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    assert fs.store.counts()["held_by_fd"] == 2 and fs.store.handle_failures == 1
+
+
+def test_open_unlinked_file_uses_the_fh(engine: Factory, tmp_path: Path) -> None:
+    c = engine()
+    nid, fh = c.create(1, b"gone")
+    c.write(nid, fh, b"12345")
+    c.ok("UNLINK", {"name": b"gone"}, nodeid=1)
+    ga = {"getattr": F.make("fuse_getattr_in", getattr_flags=GETATTR_FH, fh=fh)}
+    a = c.ok("GETATTR", ga, nodeid=nid).args["attr_out"].attr
+    assert (a.size, a.nlink) == (5, 0)
+    sa = F.make("fuse_setattr_in", valid=FATTR["SIZE"] | FATTR["FH"], fh=fh, size=2)
+    assert c.ok("SETATTR", {"setattr": sa}, nodeid=nid).args["attr_out"].attr.size == 2
+    c.release(nid, fh)
+    # Nothing holds the host inode any more: its handle is stale.
+    assert c.call("GETATTR", nodeid=nid).error == errno.ESTALE
+    _alive(c)
+
+
+_PROBE = r"""
+import json, os, resource, sys
+from daemon.passthrough import Options, PassthroughFS, HandleMode
+from daemon.server import Server
+from tests.daemon_client import EngineClient
+from dissectors import fuse as F
+shared, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+fs = PassthroughFS(Options(shared, inode_file_handles=HandleMode(mode)))
+s = Server(fs, dispatch="inline")
+c = EngineClient(s)
+c.init()
+errs = {}
+ok = 0
+first_err = None
+ids = []
+for i in range(n):
+    r = c.lookup(1, b"f%d" % i)
+    if r.error:
+        errs[r.errname] = errs.get(r.errname, 0) + 1
+        first_err = i if first_err is None else first_err
+    else:
+        ok += 1
+        ids.append(r.args["entry"].nodeid)
+alive = c.call("GETATTR", nodeid=1).error == 0
+# Forgetting releases what was held: the failed names now look up fine.
+for nid in ids[:200]:
+    s.handle(c.encode("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=nid), lambda p: None)
+retry = sum(c.lookup(1, b"f%d" % i).error == 0 for i in range(ok, min(n, ok + 100)))
+alive = alive and c.call("STATFS", nodeid=1).error == 0
+fds = len(os.listdir("/proc/self/fd"))
+print(json.dumps({"ok": ok, "errors": errs, "first_error": first_err, "fds": fds, "alive": alive, "retry": retry,
+                  "inodes": fs.store.counts()}))
+"""
+
+
+def _make_files(d: Path, n: int) -> None:
+    d.mkdir()
+    for i in range(n):
+        os.close(os.open(d / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def _probe(shared: Path, mode: str, n: int) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(shared), mode, str(n)], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).parent.parent, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_rlimit_prefer_100k_lookups_hold_few_fds(tmp_path: Path) -> None:
+    """RLIMIT_NOFILE=1024: 100k LOOKUPs all succeed in prefer mode with < 100 fds open."""
+    require_root()
+    _make_files(tmp_path / "many", 100_000)
+    res = _probe(tmp_path / "many", "prefer", 100_000)
+    assert res["ok"] == 100_000 and res["errors"] == {}, res
+    assert res["fds"] < 100, res
+    assert res["inodes"]["held_by_handle"] == 100_000
+    assert res["alive"]
+
+
+def test_rlimit_never_mode_runs_out_with_emfile_and_keeps_serving(tmp_path: Path) -> None:
+    require_root()
+    _make_files(tmp_path / "many", 1500)
+    res = _probe(tmp_path / "many", "never", 1500)
+    assert 900 < res["ok"] < 1024, res
+    assert set(res["errors"]) == {"EMFILE"} and res["ok"] + res["errors"]["EMFILE"] == 1500
+    assert res["first_error"] == res["ok"]  # everything past the limit fails
+    assert res["alive"] and res["retry"] == 100
+
+
+# ------------------------------------------------------------------------------- submounts / syncfs
+@pytest.fixture
+def with_submount(tmp_path: Path) -> Iterator[Path]:
+    require_root()
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (tmp_path / "plain").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "fsinspect-test", str(sub)], check=True)
+    try:
+        (sub / "inner").write_bytes(b"on tmpfs")
+        yield sub
+    finally:
+        _libc.umount2(str(sub).encode(), 2)  # MNT_DETACH: the engine may still hold a mount fd
+
+
+def test_submount_flag_announced_only_when_negotiated(engine: Factory, tmp_path: Path, with_submount: Path) -> None:
+    c = engine()
+    assert c.server.negotiated.has("SUBMOUNTS")
+    e = c.lookup(1, b"sub").args["entry"]
+    assert e.attr.flags & SUBMOUNT
+    assert e.attr.ino == os.stat(with_submount).st_ino
+    assert not c.lookup(1, b"plain").args["entry"].attr.flags & SUBMOUNT
+    assert not c.lookup(e.nodeid, b"inner").args["entry"].attr.flags & SUBMOUNT
+    # READDIRPLUS announces it too.
+    fh = c.ok("OPENDIR", {"open": F.make("fuse_open_in")}, nodeid=1).args["open"].fh
+    ents = c.ok("READDIRPLUS", {"read": F.make("fuse_read_in", fh=fh, size=65536)}, nodeid=1).args["entries"]
+    flags = {nm: rec.entry_out.attr.flags for rec, nm in ents}
+    assert flags[b"sub"] & SUBMOUNT and not flags[b"plain"] & SUBMOUNT
+    # Off by option, or when the client did not offer FUSE_SUBMOUNTS.
+    c2 = engine(announce_submounts=False)
+    assert not c2.lookup(1, b"sub").args["entry"].attr.flags & SUBMOUNT
+    c3 = engine(flags=KERNEL_FLAGS & ~INIT["SUBMOUNTS"])
+    assert not c3.lookup(1, b"sub").args["entry"].attr.flags & SUBMOUNT
+
+
+def test_syncfs_syncs_each_host_filesystem(engine: Factory, tmp_path: Path, with_submount: Path) -> None:
+    c = engine()
+    sub = c.nodeid(1, b"sub")
+    c.ok("SYNCFS", {"syncfs": F.make("fuse_syncfs_in")}, nodeid=1)
+    c.ok("SYNCFS", {"syncfs": F.make("fuse_syncfs_in")}, nodeid=sub)
+    c.ok("SYNCFS", {"syncfs": F.make("fuse_syncfs_in")}, nodeid=sub)
+    by_dev = c.server.counters()["syncfs_by_dev"]
+    assert by_dev == {os.stat(tmp_path).st_dev: 1, os.stat(with_submount).st_dev: 2}
+    assert c.call("SYNCFS", {"syncfs": F.make("fuse_syncfs_in")}, nodeid=4242).error == errno.EBADF
+
+
+# ------------------------------------------------------------------------------- ops
+def test_rename2_link_tmpfile_and_hard_links(engine: Factory, tmp_path: Path) -> None:
+    c = engine()
+    (tmp_path / "a").write_bytes(b"A")
+    (tmp_path / "b").write_bytes(b"B")
+    r2 = {"rename": F.make("fuse_rename2_in", newdir=1, flags=RENAME["NOREPLACE"]), "name": b"a", "newname": b"b"}
+    assert c.call("RENAME2", r2, nodeid=1).error == errno.EEXIST
+    r2["rename"] = F.make("fuse_rename2_in", newdir=1, flags=RENAME["EXCHANGE"])
+    c.ok("RENAME2", r2, nodeid=1)
+    assert (tmp_path / "a").read_bytes() == b"B" and (tmp_path / "b").read_bytes() == b"A"
+    a = c.nodeid(1, b"a")
+    e = c.ok("LINK", {"link": F.make("fuse_link_in", oldnodeid=a), "newname": b"a2"}, nodeid=1).args["entry"]
+    assert e.nodeid == a and e.attr.nlink == 2
+    assert os.stat(tmp_path / "a2").st_ino == os.stat(tmp_path / "a").st_ino
+    # O_TMPFILE, then LINK gives it a name.
+    rep = c.ok("TMPFILE", {"create": F.make("fuse_create_in", flags=os.O_RDWR, mode=0o100600), "name": b""},
+               nodeid=1)
+    t, fh = rep.args["entry"].nodeid, rep.args["open"].fh
+    c.write(t, fh, b"anonymous")
+    c.ok("LINK", {"link": F.make("fuse_link_in", oldnodeid=t), "newname": b"named"}, nodeid=1)
+    c.release(t, fh)
+    assert (tmp_path / "named").read_bytes() == b"anonymous"
+
+
+def test_sparse_files_lseek_fallocate_copy_file_range(engine: Factory, tmp_path: Path) -> None:
+    c = engine()
+    nid, fh = c.create(1, b"sparse")
+    c.write(nid, fh, b"z" * 4096, offset=1 << 20)
+    seek = lambda off, wh: c.ok("LSEEK", {"lseek": F.make("fuse_lseek_in", fh=fh, offset=off, whence=wh)},  # noqa: E731
+                                nodeid=nid).args["lseek_out"].offset
+    assert seek(0, os.SEEK_DATA) == 1 << 20
+    assert seek(0, os.SEEK_HOLE) == 0
+    assert os.stat(tmp_path / "sparse").st_blocks * 512 < 64 * 1024
+    blocks = os.stat(tmp_path / "sparse").st_blocks
+    fa = F.make("fuse_fallocate_in", fh=fh, offset=0, length=64 * 1024, mode=0)
+    c.ok("FALLOCATE", {"fallocate": fa}, nodeid=nid)
+    assert os.stat(tmp_path / "sparse").st_blocks >= blocks + 128
+    punch = F.make("fuse_fallocate_in", fh=fh, offset=0, length=64 * 1024, mode=0x3)  # PUNCH_HOLE|KEEP_SIZE
+    c.ok("FALLOCATE", {"fallocate": punch}, nodeid=nid)
+    assert os.stat(tmp_path / "sparse").st_blocks == blocks
+    n2, fh2 = c.create(1, b"copy")
+    cp = F.make("fuse_copy_file_range_in", fh_in=fh, off_in=1 << 20, nodeid_out=n2, fh_out=fh2, off_out=0,
+                len=4096)
+    assert c.ok("COPY_FILE_RANGE", {"copy": cp}, nodeid=nid).args["write_out"].size == 4096
+    assert (tmp_path / "copy").read_bytes() == b"z" * 4096
+    c.ok("FSYNC", {"fsync": F.make("fuse_fsync_in", fh=fh2)}, nodeid=n2)
+    c.ok("FLUSH", {"flush": F.make("fuse_flush_in", fh=fh2)}, nodeid=n2)
+    c.release(nid, fh)
+    c.release(n2, fh2)
+
+
+def test_setattr_chmod_chown_utimens_truncate(engine: Factory, tmp_path: Path) -> None:
+    c = engine()
+    (tmp_path / "f").write_bytes(b"0123456789")
+    f = c.nodeid(1, b"f")
+    sa = F.make("fuse_setattr_in", valid=FATTR["MODE"] | FATTR["UID"] | FATTR["GID"] | FATTR["SIZE"]
+                | FATTR["MTIME"] | FATTR["ATIME_NOW"], mode=0o600, uid=65534, gid=65534, size=3,
+                mtime=1_000_000_000, mtimensec=5)
+    a = c.ok("SETATTR", {"setattr": sa}, nodeid=f).args["attr_out"].attr
+    st = os.stat(tmp_path / "f")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size) == (0o600, 65534, 65534, 3)
+    assert st.st_mtime_ns == 1_000_000_000_000_000_005 and a.mtime == 1_000_000_000
+    assert abs(st.st_atime - __import__("time").time()) < 60
+
+
+def test_readonly_rejects_every_modification(engine: Factory, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"keep")
+    c = engine(readonly=True, xattr=True)
+    f = c.nodeid(1, b"f")
+    rofs = [
+        ("MKDIR", {"mkdir": F.make("fuse_mkdir_in", mode=0o755), "name": b"d"}, 1),
+        ("CREATE", {"create": F.make("fuse_create_in", flags=os.O_WRONLY, mode=0o100644), "name": b"n"}, 1),
+        ("MKNOD", {"mknod": F.make("fuse_mknod_in", mode=0o10644), "name": b"p"}, 1),
+        ("SYMLINK", {"name": b"s", "target": b"f"}, 1),
+        ("UNLINK", {"name": b"f"}, 1),
+        ("RMDIR", {"name": b"f"}, 1),
+        ("RENAME", {"rename": F.make("fuse_rename_in", newdir=1), "name": b"f", "newname": b"g"}, 1),
+        ("LINK", {"link": F.make("fuse_link_in", oldnodeid=f), "newname": b"h"}, 1),
+        ("SETATTR", {"setattr": F.make("fuse_setattr_in", valid=FATTR["SIZE"], size=0)}, f),
+        ("OPEN", {"open": F.make("fuse_open_in", flags=os.O_WRONLY)}, f),
+        ("OPEN", {"open": F.make("fuse_open_in", flags=os.O_RDONLY | os.O_TRUNC)}, f),
+        ("SETXATTR", {"setxattr": F.make("fuse_setxattr_in", size=1), "name": b"user.x", "value": b"1"}, f),
+        ("REMOVEXATTR", {"name": b"user.x"}, f),
+        ("ACCESS", {"access": F.make("fuse_access_in", mask=2)}, f),
+    ]
+    for op, args, nid in rofs:
+        assert c.call(op, args, nodeid=nid).error == errno.EROFS, op
+    fh = c.open(f, os.O_RDONLY)
+    assert c.call("WRITE", {"write": F.make("fuse_write_in", fh=fh, size=1), "data": b"x"},
+                  nodeid=f).error == errno.EROFS
+    assert c.read(f, fh, 10) == b"keep"
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_xattrs_only_with_the_option(engine: Factory, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"")
+    off = engine()
+    f = off.nodeid(1, b"f")
+    assert off.call("GETXATTR", {"getxattr": F.make("fuse_getxattr_in", size=0), "name": b"user.a"},
+                    nodeid=f).error == errno.ENOSYS
+    c = engine(xattr=True)
+    f = c.nodeid(1, b"f")
+    c.ok("SETXATTR", {"setxattr": F.make("fuse_setxattr_in", size=5), "name": b"user.a", "value": b"hello"}, nodeid=f)
+    assert os.getxattr(tmp_path / "f", "user.a") == b"hello"
+    gx = lambda size: c.call("GETXATTR", {"getxattr": F.make("fuse_getxattr_in", size=size),  # noqa: E731
+                                          "name": b"user.a"}, nodeid=f)
+    assert gx(0).args["xattr"].size == 5
+    assert gx(64).args["value"] == b"hello"
+    assert gx(2).error == errno.ERANGE
+    lx = c.ok("LISTXATTR", {"getxattr": F.make("fuse_getxattr_in", size=256)}, nodeid=f).args["value"]
+    assert b"user.a\0" in lx
+    c.ok("REMOVEXATTR", {"name": b"user.a"}, nodeid=f)
+    assert gx(64).error == errno.ENODATA
+
+
+@pytest.mark.parametrize("mode,timeout,fopen_file,fopen_dir", [
+    ("none", 0, FOPEN["DIRECT_IO"], 0),
+    ("auto", 1, 0, 0),
+    ("always", 86400, FOPEN["KEEP_CACHE"], FOPEN["CACHE_DIR"] | FOPEN["KEEP_CACHE"]),
+    ("metadata", 86400, FOPEN["DIRECT_IO"], 0),
+])
+def test_cache_modes(engine: Factory, tmp_path: Path, mode: str, timeout: int, fopen_file: int,
+                     fopen_dir: int) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    c = engine(cache=CacheMode(mode))
+    e = c.lookup(1, b"f").args["entry"]
+    assert (e.entry_valid, e.attr_valid) == (timeout, timeout)
+    assert c.ok("GETATTR", nodeid=1).args["attr_out"].attr_valid == timeout
+    rep = c.ok("OPEN", {"open": F.make("fuse_open_in")}, nodeid=e.nodeid)
+    assert rep.args["open"].open_flags == fopen_file
+    rep = c.ok("OPENDIR", {"open": F.make("fuse_open_in")}, nodeid=1)
+    assert rep.args["open"].open_flags == fopen_dir
+    assert c.server.negotiated.has("AUTO_INVAL_DATA") == (mode == "auto")
+    assert not c.server.negotiated.has("WRITEBACK_CACHE")
+
+
+def test_writeback_negotiated_and_write_only_opens_upgraded(engine: Factory, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    c = engine(writeback=True)
+    assert c.server.negotiated.has("WRITEBACK_CACHE")
+    f = c.nodeid(1, b"f")
+    fh = c.open(f, os.O_WRONLY | os.O_APPEND)
+    assert c.read(f, fh, 3) == b"abc"  # the kernel may read-modify-write: O_WRONLY became O_RDWR
+    c.write(f, fh, b"X", offset=1)  # and O_APPEND is the kernel's business
+    assert (tmp_path / "f").read_bytes() == b"aXc"
+
+
+def test_credentials_create_as_the_caller(engine: Factory, tmp_path: Path) -> None:
+    pub = tmp_path / "pub"
+    pub.mkdir()
+    pub.chmod(0o1777)
+    priv = tmp_path / "priv"
+    priv.mkdir(mode=0o755)
+    c = engine()
+    pubn, privn = c.nodeid(1, b"pub"), c.nodeid(1, b"priv")
+    mk = {"mkdir": F.make("fuse_mkdir_in", mode=0o750), "name": b"mine"}
+    e = c.ok("MKDIR", mk, nodeid=pubn, uid=65534, gid=65534).args["entry"]
+    assert (e.attr.uid, e.attr.gid) == (65534, 65534)
+    st = os.stat(pub / "mine")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o750)
+    n, fh = c.create(pubn, b"file", flags=os.O_WRONLY)
+    assert os.stat(pub / "file").st_uid == 0
+    c.release(n, fh)
+    rep = c.call("CREATE", {"create": F.make("fuse_create_in", flags=os.O_WRONLY, mode=0o100644), "name": b"f"},
+                 nodeid=pubn, uid=65534, gid=65534)
+    assert os.stat(pub / "f").st_uid == 65534
+    c.release(rep.args["entry"].nodeid, rep.args["open"].fh)
+    assert c.call("MKDIR", mk, nodeid=privn, uid=65534, gid=65534).error == errno.EACCES
+    assert c.call("SYMLINK", {"name": b"l", "target": b"x"}, nodeid=privn, uid=65534, gid=65534).error == errno.EACCES
+    acc = {"access": F.make("fuse_access_in", mask=os.W_OK)}
+    assert c.call("ACCESS", acc, nodeid=privn, uid=65534, gid=65534).error == errno.EACCES
+    c.ok("ACCESS", acc, nodeid=privn)
+    # fsuid went back to 0: handle-based reopen (needs CAP_DAC_READ_SEARCH) still works.
+    assert c.nodeid(pubn, b"mine") == e.nodeid
+    fh = c.ok("OPENDIR", {"open": F.make("fuse_open_in")}, nodeid=e.nodeid).args["open"].fh
+    assert fh > 0
+
+
+def test_readdir_offsets_resume_and_plus_counts_lookups(engine: Factory, tmp_path: Path) -> None:
+    for i in range(300):
+        (tmp_path / f"entry-{i:04d}").write_bytes(b"")
+    c = engine()
+    fh = c.ok("OPENDIR", {"open": F.make("fuse_open_in")}, nodeid=1).args["open"].fh
+    names: list[bytes] = []
+    off = 0
+    while True:
+        ents = c.ok("READDIR", {"read": F.make("fuse_read_in", fh=fh, offset=off, size=1024)},
+                    nodeid=1).args["entries"]
+        if not ents:
+            break
+        names += [nm for _rec, nm in ents]
+        off = ents[-1][0].off
+    assert sorted(names) == sorted([b".", b".."] + [f"entry-{i:04d}".encode() for i in range(300)])
+    # READDIRPLUS: each entry returned (not '.'/'..') is one lookup; entries that don't fit are not.
+    ents = c.ok("READDIRPLUS", {"read": F.make("fuse_read_in", fh=fh, offset=0, size=2048)},
+                nodeid=1).args["entries"]
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    assert fs.store.counts()["inodes"] == 1 + len(ents) - 2
