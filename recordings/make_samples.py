@@ -2,9 +2,9 @@
 
     sudo .venv/bin/python recordings/make_samples.py [OUTDIR]
 
-The daemon's engine (daemon.server.Server) with the passthrough filesystem serves a temporary shared
-directory over raw /dev/fuse (daemon.transport.fusedev); its tap hook records every request and reply
-with the recording writer while a scripted workload runs on the mount.  Needs root.
+Runs `fsinspect daemon --standalone MNT --shared-dir DIR --record FILE` on a temporary directory, drives
+a scripted workload on the mount, drops the kernel's dentry cache (so FORGETs appear) and stops the
+daemon with SIGTERM.  Needs root (it mounts /dev/fuse).
 
 Guest traffic (SYNCFS on submount roots, FUSE_ATTR_SUBMOUNT in READDIRPLUS) only happens on virtio-fs;
 a guest sample joins here once the vhost-user daemon or the proxy can record.
@@ -13,34 +13,38 @@ a guest sample joins here once the vhost-user daemon or the proxy can record.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from daemon.passthrough.fs import Options, PassthroughFS
-from daemon.server import Server
-from daemon.transport.fusedev import DeviceClosed, FuseDev, MountOptions
-from fsinspect.recording.tap import RecordingTap
-from fsinspect.recording.writer import RecordingWriter
-
 HERE = Path(__file__).resolve().parent
 SAMPLE = "fusedev-workload.pcapng"
+# What the golden file pins per exchange: a reader or decoder change that alters any of these shows up.
+GOLDEN_KEYS = ("index", "opcode", "unique", "nodeid", "queue", "head", "epoch", "ts_ns", "error", "latency_ns",
+               "lints", "snapped")
 
 
-def _serve(dev: FuseDev, server: Server) -> None:
-    def reply(parts: list[bytes] | list[memoryview] | list[bytes | bytearray | memoryview]) -> None:
-        dev.write(list(parts))
+def golden_rows(path: Path) -> list[dict[str, object]]:
+    """The golden summary of a recording, as the current reader and analyzer see it."""
+    from fsinspect.analysis.render import exchange_json
+    from fsinspect.recording.reader import RecordingReader
+    from fsinspect.recording.replay import analyze
 
-    while True:
-        try:
-            buf = dev.read()
-        except DeviceClosed:
-            return
-        server.handle(buf, reply, 0)
+    with RecordingReader(path) as r:
+        an = analyze(r)
+    rows = []
+    for ex in an.exchanges:
+        d = exchange_json(ex)
+        row = {k: d.get(k, False) for k in GOLDEN_KEYS}
+        row["names"] = [n.decode("utf-8", "backslashreplace") for n in ex.names()]
+        rows.append(row)
+    return rows
 
 
 def workload(mnt: Path) -> None:
@@ -86,7 +90,8 @@ def workload(mnt: Path) -> None:
     os.sync()
 
 
-def make(outdir: Path) -> Path:
+def make(outdir: Path, *, timeout: float = 20.0) -> Path:
+    """Record the workload into outdir/SAMPLE and return its path."""
     outdir.mkdir(parents=True, exist_ok=True)
     out = outdir / SAMPLE
     work = Path(tempfile.mkdtemp(prefix="fsinspect-samples-"))
@@ -94,25 +99,30 @@ def make(outdir: Path) -> Path:
     shared.mkdir()
     mnt.mkdir()
     (shared / "readme").write_text("a file that was there before the mount\n")
-    writer = RecordingWriter(out, source="fusedev", backend="fsinspect daemon (passthrough, /dev/fuse)",
-                             comments=["recordings/make_samples.py: scripted workload on a standalone mount"])
-    tap = RecordingTap(writer)
-    fs = PassthroughFS(Options(shared_dir=str(shared)))
-    server = Server(fs, tap=tap)
-    dev = FuseDev.mount(str(mnt), MountOptions(fsname="fsinspect-sample"))
-    t = threading.Thread(target=_serve, args=(dev, server), daemon=True)
-    t.start()
+    cmd = [sys.executable, "-m", "fsinspect", "daemon", "--standalone", str(mnt), "--shared-dir", str(shared),
+           "--record", str(out), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not mount {mnt} (exit status {proc.poll()})")
+            time.sleep(0.05)
         workload(mnt)
-        # Drop the kernel's dentries and inodes so that FORGETs appear in the sample.
-        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes: the kernel sends FORGETs
         time.sleep(0.2)
     finally:
-        dev.unmount()
-        t.join(timeout=10)
-        server.shutdown()
-        tap.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the daemon exited with status {proc.returncode}")
     return out
 
 
@@ -120,4 +130,6 @@ if __name__ == "__main__":
     if os.geteuid() != 0:
         sys.exit("make_samples.py needs root (it mounts /dev/fuse)")
     path = make(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "samples")
-    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    golden = path.with_suffix(".golden.jsonl")
+    golden.write_text("".join(json.dumps(row) + "\n" for row in golden_rows(path)))
+    print(f"wrote {path} ({path.stat().st_size} bytes) and {golden.name}")
