@@ -72,19 +72,20 @@ class MemoryMap:
         """Map `size` bytes of `buf` starting at `mmap_offset` (the libvhost-user mapping rule) at `gpa`."""
         if self._busy:
             raise RuntimeError("memory map in use by a running shadow path: stop it first")
-        mv = memoryview(buf)
-        if mv.readonly:
-            raise BufferError("Object is not writable.")
-        mv = mv.cast("B")
-        if mmap_offset + size > len(mv):
-            raise ValueError(f"buffer of {len(mv)} bytes cannot hold mmap_offset {mmap_offset} + size {size}")
         if size == 0 or gpa + size >= _U64 or uva + size >= _U64:
             raise RingError("overflow")
         if len(self._r) >= MAX_REGIONS:
             raise RingError("regions_full")
-        for r in self._r:
-            if gpa < r.gpa + r.size and r.gpa < gpa + size:
-                raise RingError("region_overlap")
+        if any(gpa < r.gpa + r.size and r.gpa < gpa + size for r in self._r):
+            raise RingError("region_overlap")
+        mv = memoryview(buf)
+        if mv.readonly or mmap_offset + size > mv.nbytes:
+            nbytes, readonly = mv.nbytes, mv.readonly
+            mv.release()  # a failed add must not keep the buffer exported
+            if readonly:
+                raise BufferError("Object is not writable.")
+            raise ValueError(f"buffer of {nbytes} bytes cannot hold mmap_offset {mmap_offset} + size {size}")
+        mv = mv.cast("B")
         self._r.append(_Region(gpa, size, uva, mv[mmap_offset:mmap_offset + size]))
         return len(self._r) - 1
 
@@ -107,10 +108,14 @@ class MemoryMap:
         raise _Fail("no_region")
 
     def translate(self, gpa: int, length: int = 1) -> tuple[int, int]:
+        reason = ""
         try:
             return self._find(gpa, length)
         except _Fail as e:
-            raise RingError(e.reason) from None
+            reason = e.reason
+        # raised outside the except block: a chained _Fail traceback would pin region views (and so
+        # keep the caller's mmap exported) for as long as the RingError lives
+        raise RingError(reason)
 
     def uva_to_gpa(self, uva: int) -> int:
         for r in self._r:
@@ -245,10 +250,12 @@ def _check_rings(mem: MemoryMap, num: int, desc: int, avail: int, used: int) -> 
     if desc & 15 or avail & 1 or used & 3:
         raise RingError("bad_queue")
     lay = virtio.split_ring_layout(num)
+    reason = ""
     try:
         return mem._ptr(desc, lay.desc_size), mem._ptr(avail, lay.avail_size), mem._ptr(used, lay.used_size)
     except _Fail as e:
-        raise RingError(e.reason) from None
+        reason = e.reason
+    raise RingError(reason)
 
 
 def _load_idx(ring: memoryview) -> int:

@@ -1,0 +1,317 @@
+"""The shadow-ring data path (proxy) on both engines: real eventfds, real threads, memfd guest memory."""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+import pytest
+
+from dissectors.ring import driver
+from tests.ringkit import Rig
+from tests.test_ring_engine import ENGINES
+
+F_NEXT, F_WRITE, F_INDIRECT = driver.F_NEXT, driver.F_WRITE, driver.F_INDIRECT
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def eng(request):
+    e = ENGINES[request.param]
+    if isinstance(e, Exception):
+        pytest.fail(f"the C ring engine did not build/import: {e}")
+    return e
+
+
+def efd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def wait_fd(fd: int, timeout: float = 5.0) -> bool:
+    """Wait for an eventfd and consume it."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    if not p.poll(timeout * 1000):
+        return False
+    os.eventfd_read(fd)
+    return True
+
+
+class Proxy:
+    """A rig with the four eventfds, a capture buffer, a ShadowPath and the backend's SplitQueue."""
+
+    def __init__(self, eng, num: int = 8, capacity: int = 1 << 20, policy: str = "drop", snaplen: int = 0,
+                 avail_base: int = 0, used_start: int | None = None):
+        self.rig = Rig(eng, num=num)
+        if used_start is not None:  # a guest whose used ring already moved (proxy started mid-life)
+            self.rig.mem.view(self.rig.used, 4)[2:4] = used_start.to_bytes(2, "little")
+            self.rig.guest = self.rig.guest_ring(self.rig.avail, self.rig.used)
+        self.g_kick, self.g_call, self.b_kick, self.b_call = efd(), efd(), efd(), efd()
+        self.cap = eng.CaptureBuffer(capacity, policy)
+        r = self.rig
+        self.path = eng.ShadowPath(r.mem, 1, num, r.desc, r.avail, r.used, r.s_avail, r.s_used, self.cap,
+                                   kick_fd=self.g_kick, call_fd=self.g_call, backend_kick_fd=self.b_kick,
+                                   backend_call_fd=self.b_call, avail_base=avail_base, snaplen=snaplen)
+        self.dev = r.queue(shadow=True)
+        self.dev.last_avail_idx = avail_base
+        if used_start is not None:
+            self.dev.used_idx = used_start
+
+    def request(self, head: int, readable: list[bytes], writable: list[int]) -> None:
+        """Lay out one request the way Linux virtio-fs does: a single INDIRECT descriptor."""
+        segs = [(*self.rig.buf(b), False) for b in readable] + [(*self.rig.buf(n), True) for n in writable]
+        table = driver.pack_descs(driver.chain_descs(segs))
+        t = self.rig.buf(table)
+        self.rig.guest.set_desc(head, t[0], len(table), F_INDIRECT)
+
+    def close(self):
+        self.path.stop()
+        for fd in (self.g_kick, self.g_call, self.b_kick, self.b_call):
+            os.close(fd)
+        self.rig.close()
+
+
+@pytest.fixture
+def px(eng):
+    p = Proxy(eng)
+    yield p
+    p.close()
+
+
+def test_step_request_and_reply_are_captured_and_forwarded(px):
+    px.request(0, [b"H" * 40, b"args"], [16, 32])
+    px.request(5, [b"F" * 40], [])  # FORGET-like: no writable part, used.len = 0
+    px.rig.guest.publish([5, 0])
+    assert px.dev.avail_pending() == 0  # the backend sees nothing before the proxy forwards
+    assert px.path.step() == (2, 0)
+    assert wait_fd(px.b_kick, 0)
+    caps = px.cap.read_captures()
+    assert [(c.kind, c.queue, c.head, c.length, c.data) for c in caps] == [
+        ("request", 1, 5, 40, b"F" * 40), ("request", 1, 0, 44, b"H" * 40 + b"args")]
+    assert len(caps[1].layout) == 5 and caps[1].layout[0][2] == F_INDIRECT
+    assert caps[0].ts_ns <= caps[1].ts_ns and abs(caps[0].ts_ns - time.time_ns()) < 10**9
+    chains = px.dev.pop_chains()
+    assert [c.head for c in chains] == [5, 0]
+    assert chains[1].write(b"o" * 16 + b"p" * 32) == 48
+    px.dev.push_used([(0, 20), (5, 0)])
+    assert px.rig.guest.used_pending() == 0  # not visible to the guest before the proxy copies it
+    assert px.path.step() == (0, 2)
+    assert wait_fd(px.g_call, 0)
+    assert px.rig.guest.collect_used() == [(0, 20), (5, 0)]
+    caps = px.cap.read_captures()
+    assert [(c.kind, c.head, c.length, c.data, c.truncated) for c in caps] == [
+        ("reply", 0, 20, b"o" * 16 + b"pppp", False), ("reply", 5, 0, b"", False)]
+    k = px.path.counters
+    assert (k["requests"], k["replies"], k["errors"], k["unpaired"]) == (2, 2, 0, 0)
+    assert px.cap.stats["captured"] == 4 and px.cap.stats["dropped"] == 0
+
+
+def test_thread_forwards_on_eventfds_and_fd_swaps(px):
+    px.path.start()
+    assert px.path.running
+    for rnd in range(3):
+        if rnd == 1:  # QEMU swaps the call fd on MSI-X mask/unmask; the caller may close its copy at once
+            new_call = efd()
+            px.path.set_call_fd(new_call)
+            os.close(px.g_call)
+            px.g_call = new_call
+        if rnd == 2:
+            new_kick = efd()
+            px.path.set_kick_fd(new_kick)
+            os.close(px.g_kick)
+            px.g_kick = new_kick
+        px.request(rnd, [b"req%d" % rnd], [8])
+        px.rig.guest.publish([rnd])
+        os.eventfd_write(px.g_kick, 1)
+        assert wait_fd(px.b_kick), "backend never kicked"
+        (c,) = px.dev.pop_chains()
+        c.write(b"rep%d" % rnd)
+        px.dev.push_used([(c.head, 4)])
+        os.eventfd_write(px.b_call, 1)
+        assert wait_fd(px.g_call), "guest never called"
+        assert px.rig.guest.collect_used() == [(rnd, 4)]
+    caps = px.cap.read_captures(timeout=1.0)
+    assert [(c.kind, c.head, c.data) for c in caps] == [
+        (k, i, (b"req%d" if k == "request" else b"rep%d") % i) for i in range(3) for k in ("request", "reply")]
+    px.path.stop()
+    assert not px.path.running
+    k = px.path.counters
+    # kicks and calls coalesce (one may be seen together with a ctl wake-up), forwarding never does
+    assert k["kicks_in"] >= 1 and k["calls_in"] >= 1 and k["calls_out"] == 3 and k["kicks_out"] == 3
+
+
+def test_malformed_request_is_flagged_forwarded_and_path_survives(px):
+    px.path.start()
+    px.rig.guest.set_desc(2, 0xFFFF_FFFF_FFFF_0000, 4096, 0)  # far outside every region
+    px.request(3, [b"fine"], [4])
+    px.rig.guest.publish([2, 3])
+    os.eventfd_write(px.g_kick, 1)
+    assert wait_fd(px.b_kick)
+    caps = px.cap.read_captures(timeout=1.0)
+    assert [(c.kind, c.head, c.reason) for c in caps] == [("error", 2, "no_region"), ("request", 3, None)]
+    assert caps[0].layout == ((0xFFFF_FFFF_FFFF_0000, 4096, 0),)
+    assert px.path.counters["errors"] == 1 and px.path.last_error == "no_region"
+    # forwarded unchanged: the backend decides what a bad chain means
+    with pytest.raises(Exception) as ei:
+        px.dev.pop_chains()
+    assert getattr(ei.value, "reason", None) == "no_region"
+    assert [c.head for c in ei.value.chains] == []
+    assert [c.head for c in px.dev.pop_chains()] == [3]
+
+
+def test_avail_index_far_ahead_is_counted_not_forwarded(px):
+    px.rig.guest.set_avail_idx(px.rig.num + 5)
+    assert px.path.step() == (0, 0)
+    assert px.path.last_error == "avail_ahead" and px.path.counters["errors"] == 1
+    assert px.path.step() == (0, 0)
+    assert px.path.counters["errors"] == 1  # counted once per episode
+    assert px.dev.avail_pending() == 0
+    px.rig.guest.set_avail_idx(0)
+    px.request(0, [b"x"], [])
+    px.rig.guest.publish([0])
+    assert px.path.step() == (1, 0)
+
+
+def test_used_entry_never_forwarded_is_unpaired(px):
+    px.dev.push_used([(4, 9)])
+    assert px.path.step() == (0, 1)
+    (c,) = px.cap.read_captures()
+    assert (c.kind, c.head, c.reason, c.length) == ("error", 4, "not_in_flight", 9)
+    assert px.path.counters["unpaired"] == 1
+    assert px.rig.guest.collect_used() == [(4, 9)]  # still published: the proxy stays transparent
+
+
+def test_stop_then_drain_flushes_used_entries(px):
+    """GET_VRING_BASE: stop the path, then move every pending used entry to the guest before replying."""
+    px.path.start()
+    for h in (0, 1):
+        px.request(h, [b"r"], [4])
+    px.rig.guest.publish([0, 1])
+    os.eventfd_write(px.g_kick, 1)
+    assert wait_fd(px.b_kick)
+    chains = px.dev.pop_chains()
+    px.path.stop()
+    px.dev.push_used([(c.head, 4) for c in chains])
+    os.eventfd_write(px.b_call, 1)
+    time.sleep(0.05)
+    assert px.rig.guest.used_pending() == 0  # stopped: nothing moves by itself
+    assert px.path.drain() == 2
+    assert wait_fd(px.g_call, 0)
+    assert px.rig.guest.collect_used() == [(0, 4), (1, 4)]
+    assert px.path.drain() == 0
+    assert [c.kind for c in px.cap.read_captures()] == ["request", "request", "reply", "reply"]
+
+
+def test_snaplen_truncates_capture_not_traffic(eng):
+    p = Proxy(eng, snaplen=10)
+    try:
+        p.request(0, [b"A" * 64], [64])
+        p.rig.guest.publish([0])
+        p.path.step()
+        (c,) = p.dev.pop_chains()
+        assert c.readable == b"A" * 64
+        c.write(b"B" * 64)
+        p.dev.push_used([(0, 64)])
+        p.path.step()
+        caps = p.cap.read_captures()
+        assert [(x.data, x.length, x.truncated) for x in caps] == [(b"A" * 10, 64, True), (b"B" * 10, 64, True)]
+    finally:
+        p.close()
+
+
+def test_proxy_started_mid_life_initialises_shadow_indices(eng):
+    p = Proxy(eng, avail_base=700, used_start=700)
+    try:
+        assert p.path.indices == {"next_avail": 700, "shadow_avail_idx": 700, "next_used": 700,
+                                  "guest_used_idx": 700}
+        p.rig.guest.set_avail_idx(700)
+        p.request(1, [b"q"], [1])
+        p.rig.guest.publish([1])
+        assert p.path.step() == (1, 0)
+        (c,) = p.dev.pop_chains()
+        p.dev.push_used([(c.head, 1)])
+        assert p.path.step() == (0, 1)
+        assert p.rig.guest.collect_used() == [(1, 1)]
+    finally:
+        p.close()
+
+
+def _run_many(p: Proxy, n: int, payload: int, reader=None) -> None:
+    """Push n requests through a running path, with a device that answers each."""
+    p.path.start()
+    for i in range(n):
+        head = i % p.rig.num
+        p.request(head, [bytes([i % 256]) * payload], [8])
+        p.rig.guest.publish([head])
+        os.eventfd_write(p.g_kick, 1)
+        t0 = time.monotonic()
+        deadline = t0 + 10
+        while not p.dev.avail_pending():
+            if reader and time.monotonic() - t0 > 0.02:  # read only once the path is visibly held back
+                reader()
+            assert time.monotonic() < deadline, "request never forwarded"
+            time.sleep(0.001)
+        (c,) = p.dev.pop_chains()
+        p.dev.push_used([(c.head, 8)])
+        os.eventfd_write(p.b_call, 1)
+        t0 = time.monotonic()
+        while not p.rig.guest.used_pending():
+            if reader and time.monotonic() - t0 > 0.02:
+                reader()
+            assert time.monotonic() < deadline, "reply never forwarded"
+            time.sleep(0.001)
+        assert p.rig.guest.collect_used() == [(head, 8)]
+        p.rig.next_buf = 0x100000 + (i % 2) * 0x10000  # reuse guest buffers
+
+
+def test_drop_policy_never_blocks_and_counts(eng):
+    p = Proxy(eng, capacity=4096, policy="drop")
+    try:
+        _run_many(p, 12, 1500)  # 12 requests of 1.5 KiB + replies into a 4 KiB buffer, nobody reading
+        st, k = p.cap.stats, p.path.counters
+        assert k["requests"] == k["replies"] == 12
+        assert st["dropped"] > 0 and st["captured"] + st["dropped"] == 24
+        assert k["dropped"] == st["dropped"] and st["stalls"] == 0
+    finally:
+        p.close()
+
+
+def test_lossless_policy_holds_back_until_drained(eng):
+    p = Proxy(eng, capacity=4096, policy="lossless")
+    got = []
+
+    def slow_reader():
+        got.extend(p.cap.read_captures(max=1))
+    try:
+        _run_many(p, 12, 1500, reader=slow_reader)
+        while len(got) < 24:
+            more = p.cap.read_captures(timeout=1.0)
+            assert more, "captures missing"
+            got.extend(more)
+        st = p.cap.stats
+        assert st["dropped"] == 0 and st["stalls"] > 0 and p.path.counters["stalls"] > 0
+        assert [(c.kind, c.data[:1]) for c in got] == [
+            (k, bytes([i]) if k == "request" else b"\0") for i in range(12) for k in ("request", "reply")]
+    finally:
+        p.close()
+
+
+def test_capture_eventfd_wakes_a_selector(px):
+    px.path.start()
+    sel = select.poll()
+    sel.register(px.cap.fileno(), select.POLLIN)
+    assert sel.poll(0) == []
+    px.request(0, [b"x"], [])
+    px.rig.guest.publish([0])
+    os.eventfd_write(px.g_kick, 1)
+    assert sel.poll(5000)
+    assert [c.kind for c in px.cap.read_captures()] == ["request"]
+    assert px.cap.read_captures() == []
+
+
+def test_memory_map_locked_while_path_runs(px):
+    px.path.start()
+    with pytest.raises(RuntimeError):
+        px.rig.mem.remove_region(0)
+    px.path.stop()
+    px.rig.mem.add_region(1 << 30, 4096, bytearray(4096))
