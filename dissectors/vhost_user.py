@@ -54,7 +54,10 @@ class VhostUserMessage:
         s = self.spec
         if s is None:
             return "raw"
-        return s.reply if self.is_reply else s.payload
+        if self.is_reply:
+            # Requests without a reply of their own are acknowledged with a u64 (REPLY_ACK).
+            return s.reply or "vhost_user_u64"
+        return s.payload
 
     def vring_index(self) -> int | None:
         """Vring index of KICK/CALL/ERR (u64 with NOFD bit) and of state/addr payloads."""

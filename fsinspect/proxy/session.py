@@ -56,7 +56,7 @@ class Session:
 
     # -- sinks -----------------------------------------------------------------------------------
     def _on_capture(self, cap: Any) -> None:
-        if isinstance(cap, tuple):  # a request/reply the proxy itself answered (back-end gone)
+        if type(cap) is tuple:  # a request/reply the proxy itself answered (back-end gone); Capture is a NamedTuple
             kind, queue, head, ts, data = cap
             with self.lock:
                 if kind == "local-request":
