@@ -91,7 +91,7 @@ def _h(v: int) -> str:
 
 TABLES: dict[str, tuple[Row, ...]] = {
     "blocks": (
-        Row("SHB", _h(BT_SHB), "section header; little endian, pcapng 1.0, section length -1"),
+        Row("SHB", f"0x{BT_SHB:08X}", "section header; little endian, pcapng 1.0, section length -1"),
         Row("IDB", _h(BT_IDB), f"one per virtqueue, or one for /dev/fuse, plus one for vhost-user control; "
                                f"link type {LINKTYPE_WIRESHARK_UPPER_PDU}, snaplen 0, if_tsresol 9 (ns)"),
         Row("EPB", _h(BT_EPB), "one per message (request, reply, notification, vhost-user message)"),
@@ -151,3 +151,22 @@ def format_tables() -> str:
         out.extend(f"| {r.name} | {r.value} | {r.meaning} |" for r in rows)
         out.append("")
     return "\n".join(out)
+
+
+def update_markdown(text: str) -> str:
+    """FORMAT.md with the region between the table markers replaced by format_tables()."""
+    begin, end = "<!-- tables:begin -->\n", "<!-- tables:end -->"
+    i, j = text.index(begin) + len(begin), text.index(end)
+    return text[:i] + format_tables() + text[j:]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--update":
+        from pathlib import Path
+
+        p = Path(sys.argv[2])
+        p.write_text(update_markdown(p.read_text()))
+    else:
+        sys.stdout.write(format_tables())
