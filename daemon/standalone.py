@@ -24,10 +24,6 @@ from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountO
 log = logging.getLogger("fsinspect.daemon.standalone")
 
 
-class Stop(Exception):
-    """Raised in the main thread by SIGTERM/SIGINT to leave the read loop and unmount."""
-
-
 def _reader(dev: FuseDev, server: Server, queue: int) -> None:
     write = cast(Callable[[Sequence[Buffer]], None], dev.write)  # os.writev takes any buffers
     handle = server.handle
@@ -53,6 +49,8 @@ class Standalone:
             self.fs.close()
             raise
         self.mountpoint = self.dev.mountpoint
+        self._close_lock = threading.Lock()
+        self._closed = False
         log.info("serving %s at %s", opts.shared_dir, self.mountpoint)
 
     def serve(self) -> None:
@@ -77,6 +75,11 @@ class Standalone:
                 unmount(self.mountpoint, lazy=True, via_fusermount=self.dev.via_fusermount)
 
     def close(self) -> None:
+        """Unmount and release everything (idempotent; the serve thread and a signal may both get here)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         self.stop()
         self.dev.close()
         self.server.shutdown()
@@ -85,21 +88,33 @@ class Standalone:
 
 def run(mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
         ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None) -> int:
-    """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM."""
+    """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM.
+
+    The readers run on threads; the main thread only waits for a signal or the end of the session,
+    so a signal never lands in the middle of a reply.
+    """
     session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, tap=tap)
+    stop = threading.Event()
+    got: list[str] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        raise Stop(signal.Signals(signum).name)
+        got.append(signal.Signals(signum).name)
+        stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    serving = threading.Thread(target=session.serve, name="fuse-serve")
     try:
+        serving.start()
         if ready is not None:
             ready(session)
-        session.serve()
-    except Stop as e:
-        log.info("%s: unmounting %s", e, session.mountpoint)
-        session.close()
+        while serving.is_alive() and not stop.wait(0.2):
+            pass
+        if got:
+            log.info("%s: unmounting %s", got[0], session.mountpoint)
     finally:
+        session.stop()
+        serving.join(30)
+        session.close()
         for s, h in old.items():
             signal.signal(s, h)
     return 0

@@ -315,7 +315,10 @@ class PassthroughFS(FileSystem):
         if inode.is_dir:
             raise OSError(errno.EPERM, "hard links to directories")
         with self.store.path_fd(inode) as fd, self.store.path_fd(p) as pfd:
-            os.link(f"/proc/self/fd/{fd}", newname, dst_dir_fd=pfd, follow_symlinks=True)
+            if self._switch_creds:
+                sc.link_empty(fd, pfd, newname)
+            else:
+                os.link(f"/proc/self/fd/{fd}", newname, dst_dir_fd=pfd, follow_symlinks=True)
         return self._do_lookup(p, newname)
 
     # ------------------------------------------------------------------ files

@@ -37,6 +37,7 @@ _libc.syncfs.argtypes = [ctypes.c_int]
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.setfsuid.argtypes = [ctypes.c_uint]
 _libc.setfsgid.argtypes = [ctypes.c_uint]
@@ -135,6 +136,13 @@ def utimens(dirfd: int, path: bytes | None, atime: tuple[int, int], mtime: tuple
     ts = (ctypes.c_long * 4)(atime[0], atime[1], mtime[0], mtime[1])
     if _libc.utimensat(dirfd, path, ts, flags) != 0:
         _raise("utimensat", path)
+
+
+def link_empty(fd: int, newdirfd: int, newname: bytes) -> None:
+    """linkat(fd, "", newdir, name, AT_EMPTY_PATH): links what an fd (even O_PATH or O_TMPFILE) names.
+    Needs CAP_DAC_READ_SEARCH; /proc/self/fd + AT_SYMLINK_FOLLOW is the unprivileged fallback."""
+    if _libc.linkat(fd, b"", newdirfd, newname, AT_EMPTY_PATH) != 0:
+        _raise("linkat", newname)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

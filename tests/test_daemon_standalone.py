@@ -1,0 +1,290 @@
+"""Conformance through a real standalone mount: the host kernel's FUSE client talks to
+`fsinspect daemon --standalone` over /dev/fuse, and ordinary syscalls/tools check POSIX behaviour."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root
+from tests.standalone_mount import REPO, is_mounted, standalone, start, stop
+
+pytestmark = pytest.mark.root
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+@pytest.fixture(scope="module")
+def mount() -> Iterator[tuple[Path, Path]]:
+    """(shared dir, mountpoint) of one daemon shared by this module's tests.  Not under pytest's 0700
+    tmp dir: the credential tests reach the mount as uid 65534."""
+    require_root()
+    base = Path(tempfile.mkdtemp(prefix="fsinspect-standalone-"))
+    base.chmod(0o755)
+    shared, mnt = base / "shared", base / "mnt"
+    shared.mkdir(mode=0o755)
+    try:
+        with standalone(shared, mnt, "--xattr"):
+            yield shared, mnt
+    finally:
+        if not is_mounted(mnt):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def dirs(mount: tuple[Path, Path], request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """A fresh subdirectory per test: (host side, mount side)."""
+    shared, mnt = mount
+    name = request.node.name.replace("[", "_").replace("]", "_")
+    (mnt / name).mkdir()
+    return shared / name, mnt / name
+
+
+def test_posix_basics(dirs: tuple[Path, Path]) -> None:
+    host, m = dirs
+    f = m / "f"
+    f.write_bytes(b"hello")
+    assert (host / "f").read_bytes() == b"hello"
+    with open(f, "ab") as fp:
+        fp.write(b" world")
+    assert f.read_bytes() == b"hello world"
+    os.truncate(f, 5)
+    assert f.stat().st_size == 5 and (host / "f").stat().st_size == 5
+    os.chmod(f, 0o640)
+    assert stat.S_IMODE((host / "f").stat().st_mode) == 0o640
+    os.utime(f, ns=(1_000_000_000_000_000_000, 1_500_000_000_123_456_789))
+    assert f.stat().st_mtime_ns == (host / "f").stat().st_mtime_ns == 1_500_000_000_123_456_789
+    assert f.stat().st_ino == (host / "f").stat().st_ino
+    (m / "d").mkdir()
+    (m / "d" / "x").write_bytes(b"")
+    with pytest.raises(OSError) as ei:
+        os.rmdir(m / "d")
+    assert ei.value.errno == errno.ENOTEMPTY
+    with pytest.raises(FileExistsError):
+        os.mkdir(m / "d")
+    with pytest.raises(FileNotFoundError):
+        os.stat(m / "nope")
+    os.rename(m / "d" / "x", m / "y")
+    assert sorted(os.listdir(m)) == ["d", "f", "y"]
+    os.rmdir(m / "d")
+    os.symlink("f", m / "ln")
+    assert os.readlink(m / "ln") == "f" and (m / "ln").read_bytes() == b"hello"
+    os.unlink(m / "ln")
+    os.mkfifo(m / "fifo")
+    assert stat.S_ISFIFO((host / "fifo").lstat().st_mode)
+    assert os.statvfs(m).f_bsize > 0
+    assert sorted(os.listdir(host)) == ["f", "fifo", "y"]
+
+
+def test_readdir_10k_entries(dirs: tuple[Path, Path]) -> None:
+    host, m = dirs
+    names = {f"file-{i:05d}-{'x' * (i % 40)}" for i in range(10_000)}
+    for n in names:
+        os.close(os.open(host / n, os.O_CREAT | os.O_WRONLY, 0o644))
+    assert set(os.listdir(m)) == names
+    with os.scandir(m) as it:
+        seen = {e.name for e in it if e.is_file()}
+    assert seen == names
+
+
+def test_concurrent_writers(dirs: tuple[Path, Path]) -> None:
+    host, m = dirs
+    path = m / "shared-file"
+    path.write_bytes(b"")
+    chunk = 64 * 1024
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                for i in range(16):
+                    os.pwrite(fd, bytes([65 + k]) * chunk, (i * 8 + k) * chunk)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    data = (host / "shared-file").read_bytes()
+    assert len(data) == 16 * 8 * chunk
+    for j in range(16 * 8):
+        assert data[j * chunk:(j + 1) * chunk] == bytes([65 + j % 8]) * chunk
+
+
+def test_rename_over_open_file(dirs: tuple[Path, Path]) -> None:
+    _host, m = dirs
+    (m / "a").write_bytes(b"old contents")
+    (m / "b").write_bytes(b"new")
+    fd = os.open(m / "a", os.O_RDONLY)
+    try:
+        os.rename(m / "b", m / "a")
+        assert os.pread(fd, 100, 0) == b"old contents"
+        assert os.fstat(fd).st_nlink == 0
+        assert (m / "a").read_bytes() == b"new"
+    finally:
+        os.close(fd)
+    assert os.listdir(m) == ["a"]
+
+
+def test_hard_links(dirs: tuple[Path, Path]) -> None:
+    host, m = dirs
+    (m / "orig").write_bytes(b"1")
+    os.link(m / "orig", m / "alias")
+    assert (m / "orig").stat().st_nlink == 2
+    assert (m / "orig").stat().st_ino == (m / "alias").stat().st_ino == (host / "alias").stat().st_ino
+    with open(m / "alias", "r+b") as fp:
+        fp.write(b"2")
+    assert (m / "orig").read_bytes() == b"2"
+    os.unlink(m / "orig")
+    assert (m / "alias").stat().st_nlink == 1
+
+
+def test_sparse_files(dirs: tuple[Path, Path]) -> None:
+    host, m = dirs
+    fd = os.open(m / "sparse", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.pwrite(fd, b"end", 100 << 20)
+        assert os.fstat(fd).st_size == (100 << 20) + 3
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 100 << 20
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        assert os.pread(fd, 4, 50 << 20) == b"\0" * 4
+    finally:
+        os.close(fd)
+    assert (host / "sparse").stat().st_blocks * 512 < 1 << 20
+
+
+def test_tmpfile_flock_xattr_copy_file_range(dirs: tuple[Path, Path]) -> None:
+    host, m = dirs
+    fd = os.open(m, os.O_TMPFILE | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, b"from O_TMPFILE")
+        # linkat(fd, "", AT_EMPTY_PATH): /proc/self/fd links hit EXDEV on this host's stacked mounts.
+        assert _libc.linkat(fd, b"", -100, str(m / "tmp-named").encode(), 0x1000) == 0, ctypes.get_errno()
+    finally:
+        os.close(fd)
+    assert (host / "tmp-named").read_bytes() == b"from O_TMPFILE"
+    a = os.open(m / "tmp-named", os.O_RDONLY)
+    b = os.open(m / "tmp-named", os.O_RDONLY)
+    try:
+        fcntl.flock(a, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(a, fcntl.LOCK_UN)
+        fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(a)
+        os.close(b)
+    os.setxattr(m / "tmp-named", "user.k", b"v")
+    assert os.getxattr(host / "tmp-named", "user.k") == b"v"
+    assert "user.k" in os.listxattr(m / "tmp-named")
+    src = os.open(m / "tmp-named", os.O_RDONLY)
+    dst = os.open(m / "copy", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        assert os.copy_file_range(src, dst, 100) == 14
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert (host / "copy").read_bytes() == b"from O_TMPFILE"
+
+
+def _as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *cmd],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_credentials_as_a_non_root_client(dirs: tuple[Path, Path]) -> None:
+    host, m = dirs
+    os.chmod(m, 0o755)
+    (m / "pub").mkdir()
+    os.chmod(m / "pub", 0o1777)
+    (m / "priv").mkdir(mode=0o755)
+    (m / "secret").write_bytes(b"s")
+    os.chmod(m / "secret", 0o600)
+    r = _as_nobody("sh", "-c", f"echo hi > {m}/pub/mine && mkdir {m}/pub/dir && ln -s x {m}/pub/sl")
+    assert r.returncode == 0, r.stderr
+    for n in ("mine", "dir", "sl"):
+        st = (host / "pub" / n).lstat()
+        assert (st.st_uid, st.st_gid) == (65534, 65534), n
+    r = _as_nobody("touch", f"{m}/priv/nope")
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    r = _as_nobody("cat", f"{m}/secret")
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    assert not (host / "priv" / "nope").exists()
+    # Root still reads and creates as root afterwards (fsuid restored per op).
+    (m / "priv" / "rootfile").write_bytes(b"")
+    assert (host / "priv" / "rootfile").stat().st_uid == 0
+
+
+def test_readonly_mount_rejects_writes(tmp_path: Path) -> None:
+    require_root()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "f").write_bytes(b"ro")
+    with standalone(shared, tmp_path / "mnt", "--readonly"):
+        m = tmp_path / "mnt"
+        assert (m / "f").read_bytes() == b"ro"
+        for action in (lambda: (m / "g").write_bytes(b""), lambda: os.mkdir(m / "d"),
+                       lambda: os.unlink(m / "f"), lambda: open(m / "f", "ab").close()):
+            with pytest.raises(OSError) as ei:
+                action()
+            assert ei.value.errno == errno.EROFS
+    assert sorted(os.listdir(shared)) == ["f"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(tmp_path: Path, sig: int) -> None:
+    require_root()
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    (shared / "f").write_bytes(b"x")
+    proc = start(shared, mnt)
+    try:
+        assert (mnt / "f").read_bytes() == b"x"
+        assert is_mounted(mnt)
+    finally:
+        rc = stop(proc, mnt, sig)
+    assert rc == 0
+    assert not is_mounted(mnt)
+
+
+def test_busy_mountpoint_and_missing_dev_fuse_are_clear_errors(tmp_path: Path) -> None:
+    require_root()
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "busy", str(mnt)], check=True)
+    try:
+        r = subprocess.run([sys.executable, "-m", "fsinspect.cli", "daemon", "--standalone", str(mnt),
+                            "--shared-dir", str(shared)], cwd=REPO, capture_output=True, text=True, timeout=30,
+                           check=False)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert r.returncode == 1
+    assert "busy" in r.stderr and "Traceback" not in r.stderr
+    # A private mount namespace whose /dev has no fuse node.
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        f"mount -t tmpfs nodev /dev && exec {sys.executable} -m fsinspect.cli daemon "
+                        f"--standalone {mnt} --shared-dir {shared}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 1
+    assert "/dev/fuse is missing" in r.stderr and "Traceback" not in r.stderr
+    assert not is_mounted(mnt)
