@@ -155,3 +155,22 @@ def test_build_is_cached_and_fast(guest_image):
     # Dependencies load first (from modinfo depends=; the .deb has no modules.dep).
     assert mods.index("fuse") < mods.index("virtiofs") and mods.index("virtio") < mods.index("virtiofs")
     assert mods.index("virtio_ring") < mods.index("virtio") < mods.index("virtio_pci")
+
+
+def test_timeout_kills_qemu_and_cleans_up(boot_virtiofsd):
+    """A workload that outlives --timeout: QEMU is killed by PID, the result says timeout, nothing is left."""
+    t = time.monotonic()
+    res = boot_virtiofsd("hold", timeout=8, params={"seconds": 120}, stall_timeout=30)
+    assert time.monotonic() - t < 20
+    assert res.status == "timeout" and res.timed_out and not res.backend_lost, explain(res)
+    assert res.ticks > 0, "the guest was running the workload when the timeout hit"
+    assert res.qemu_pid and not Path(f"/proc/{res.qemu_pid}").exists()
+
+
+def test_failed_check_fails_the_run(boot_virtiofsd):
+    """A workload check that fails shows up as a failed step with its check-fail marker, not as ok."""
+    res = boot_virtiofsd("submounts", params={"subs": "sub,no-such-dir"})
+    assert res.status == "fail" and not res.ok, explain(res)
+    assert "submounts-access" in res.failed_steps
+    assert res.step("submounts-access").rc == 1
+    assert any("access /mnt/no-such-dir" in f for f in res.check_failures), res.check_failures

@@ -136,3 +136,9 @@ def test_built_initramfs_contents(guest_image):
     for m in guest_image.modules:
         assert f"lib/modules/{m}.ko" in names
     assert "usr/bin/setfattr" in names and "lib64/ld-linux-x86-64.so.2" in names
+
+
+def test_garbled_marker_is_an_error_not_a_crash():
+    r = _parse(b"@@FSI stat \r\n@@FSI step-end\r\n@@FSI result ok\r\n", 4096)
+    assert len(r.errors) == 2 and "unparseable marker" in r.errors[0]
+    assert r.guest_result == "ok"

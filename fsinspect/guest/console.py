@@ -190,7 +190,11 @@ class ConsoleParser:
         self.result.console.append(text)
         ev = parse_line(text)
         if ev is not None:
-            self.apply(ev)
+            try:
+                self.apply(ev)
+            except (ValueError, KeyError, IndexError) as e:
+                # A garbled marker (say, interleaved with a kernel message) must not end the run.
+                self.result.errors.append(f"unparseable marker ({type(e).__name__}: {e}): {text}")
         return ev
 
     def apply(self, ev: Event) -> None:

@@ -70,7 +70,9 @@ must() {
 
 stat_mark() {
     for _p in "$@"; do
-        mark stat "$(stat -c 'dev=%d ino=%i mode=%f nlink=%h size=%s uid=%u gid=%g %n' "$_p")" || return 1
+        _o=$(stat -c 'dev=%d ino=%i mode=%f nlink=%h size=%s uid=%u gid=%g %n' "$_p") || {
+            mark check-fail "$STEP" "stat $_p"; return 1; }
+        mark stat "$_o"
     done
 }
 

@@ -2,8 +2,13 @@
 # The file stays in the share (.fsi-io.bin) so the host can hash it; the next run overwrites it.
 IOF=$MNT/.fsi-io.bin
 
+# The source is built in guest RAM first, so io-write times the file system, not the data source.
+# A random 1 MiB seed, repeated: cheap to produce under TCG and never all-zero.
 io_prepare() {
-    must "seed" dd if=/dev/urandom of=/tmp/io.seed bs=1M count=1 2>/dev/null
+    must "seed" dd if=/dev/urandom of=/tmp/io.seed bs=1M count=1 2>/dev/null || return 1
+    io_source >/tmp/io.src || return 1
+    rm /tmp/io.seed
+    IO_WANT=$(sha256sum </tmp/io.src)
 }
 
 io_source() {
@@ -12,8 +17,7 @@ io_source() {
 }
 
 io_write() {
-    # Random 1 MiB seed, repeated: cheap to produce under TCG and never all-zero.
-    io_source | dd of="$IOF" bs=1M iflag=fullblock conv=fsync 2>/tmp/dd.err || {
+    dd if=/tmp/io.src of="$IOF" bs=1M conv=fsync 2>/tmp/dd.err || {
         mark check-fail "$STEP" "dd write: $(cat /tmp/dd.err)"; return 1; }
     expect "size" "$(stat -c %s "$IOF")" $((IO_MB * 1048576))
 }
@@ -26,6 +30,8 @@ io_read() {
 io_sum() {
     _s=$(sha256sum "$IOF") || return 1
     mark sum "${_s%% *}" "$IOF"
+    expect "same bytes as written" "${_s%% *}  -" "$IO_WANT"
+    rm -f /tmp/io.src
 }
 
 wl_io() {

@@ -2,7 +2,7 @@
 # mount lines, and write inside every submount.
 subm_access() {
     for _p in $(sub_paths); do
-        must "access $_p" ls "$_p" >/dev/null || return 1
+        must "access $_p" ls -d "$_p/." || return 1  # a path walk into it triggers the automount
     done
 }
 
