@@ -661,7 +661,8 @@ static int path_capture(struct rc_path *p, int kind, uint16_t head, int reason, 
     h.orig_len = orig_len;
     h.data_len = (uint32_t)data_len;
     memcpy(dst, &h, sizeof(h));
-    memcpy(dst + sizeof(h), c->layout, (size_t)nlayout * sizeof(struct rc_layout));
+    if (nlayout)
+        memcpy(dst + sizeof(h), c->layout, (size_t)nlayout * sizeof(struct rc_layout));
     uint8_t *data = dst + fixed;
     if (writable)
         rc_chain_gather_writable(c, data, data_len);
