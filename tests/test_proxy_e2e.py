@@ -1,0 +1,209 @@
+"""The proxy between a real QEMU 7.2 + Linux 6.1 guest and the real C virtiofsd.
+
+Each test boots the guest through `fsinspect proxy` (a subprocess, killed by PID) and checks the
+guest's own results, the proxy's summary and the recording it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fsinspect.analysis.analyzer import Analyzer
+from fsinspect.guest import launcher
+from fsinspect.guest.build import GuestImage
+from fsinspect.guest.share import Share
+from fsinspect.recording.reader import RecordingReader
+from fsinspect.recording.replay import analyze
+from tests.guest_fixtures import explain
+
+pytestmark = [pytest.mark.guest, pytest.mark.root]
+NO_REPLY = {"FORGET", "BATCH_FORGET"}
+
+
+@dataclass
+class ProxyRun:
+    listen: Path
+    record: Path
+    summary_path: Path
+    proc: subprocess.Popen[bytes]
+    backend: launcher.RunningBackend
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text())  # type: ignore[no-any-return]
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode(errors="replace")
+
+
+@contextmanager
+def proxy_in_front(share: Share, out: Path, *, announce: bool = True, debug_log: bool = False,
+                   extra: tuple[str, ...] = ()) -> Iterator[ProxyRun]:
+    """C virtiofsd on a private socket, `fsinspect proxy` in front of it; both gone afterwards.
+
+    The recording, the summary and the back-end's log land in `out` (sockets need a short /tmp path).
+    """
+    with launcher.short_tmpdir() as work, launcher.virtiofsd(
+            share.root, work, announce_submounts=announce, xattr=True,
+            extra_args=["-d"] if debug_log else []) as be:
+        run = ProxyRun(work / "proxy.sock", out / "rec.pcapng", out / "summary.json",
+                       subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(work / "proxy.sock"),
+                                         "--backend", str(be.socket_path), "--record", str(out / "rec.pcapng"),
+                                         "--summary-json", str(out / "summary.json"), *extra],
+                                        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE),
+                       be)
+        try:
+            deadline = time.monotonic() + 10
+            while not run.listen.exists():
+                assert run.proc.poll() is None, run.stderr()
+                assert time.monotonic() < deadline, "proxy never listened"
+                time.sleep(0.02)
+            yield run
+        finally:
+            launcher.stop_process(run.proc)
+            if be.log_path is not None and be.log_path.exists():
+                (out / "backend.log").write_bytes(be.log_path.read_bytes())
+
+
+def boot(image: GuestImage, run: ProxyRun, workload: str, **kw: Any) -> Any:
+    params = dict(kw.pop("params", {}))
+    params.setdefault("xattr", 1)
+    res = launcher.run_guest(run.listen, image=image, workload=workload, watch=[run.proc], params=params, **kw)
+    run.proc.wait(15)  # QEMU gone -> the proxy ends by itself and writes its summary
+    return res
+
+
+def exchanges(path: Path) -> Analyzer:
+    with RecordingReader(path) as r:
+        return analyze(r, Analyzer(keep_exchanges=True))
+
+
+def virtiofsd_counts(log: Path) -> Counter[str]:
+    """Per-opcode counts from the C virtiofsd's own -d log."""
+    return Counter(m.group(1) for m in re.finditer(r"unique: \d+, opcode: (\w+) \(\d+\)", log.read_text()))
+
+
+def test_full_workload_through_proxy(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    with proxy_in_front(guest_share, tmp_path, debug_log=True) as run:
+        res = boot(guest_image, run, "full", timeout=240)
+        assert res.ok, explain(res)
+        assert run.proc.returncode == 0, run.stderr()
+        s = run.summary()
+    assert s["capture"]["dropped"] == 0 and s["capture_errors"] == 0
+    assert s["lints"] == [], s["lints"]
+    backend_counts = virtiofsd_counts(tmp_path / "backend.log")
+    an = exchanges(run.record)
+    ours: Counter[str] = Counter()
+    for ex in an.exchanges:
+        ours[ex.opname] += 1
+        if ex.opname in NO_REPLY:
+            assert ex.reply is None
+        else:
+            assert ex.replied and ex.reply is not None, f"{ex.opname} unique {ex.unique} has no reply"
+    assert ours == backend_counts, (ours - backend_counts, backend_counts - ours)
+    assert sum(ours.values()) > 20_000
+    # FUSE_INIT with both sides' flags.
+    init = next(ex for ex in an.exchanges if ex.opname == "INIT")
+    assert init.request.args["init"].minor == 38 and init.reply.args["init_out"].minor == 36
+    assert init.reply.args["init_out"].flags & (1 << 27)  # SUBMOUNTS
+    # SUBMOUNT flag on sub and sub/inner; SYNCFS once per superblock on every sync.
+    announced = {a.name: a.nodeid for a in an.submounts.announced.values()}
+    assert set(announced) == {b"sub", b"inner"}, announced
+    roots = {1, *announced.values()}
+    sync_nodeids = [r.nodeid for r in an.submounts.syncfs]
+    assert sync_nodeids and len(sync_nodeids) % 3 == 0
+    assert all(r.is_root for r in an.submounts.syncfs)
+    for i in range(0, len(sync_nodeids), 3):
+        assert set(sync_nodeids[i:i + 3]) == roots
+
+
+def test_no_announce_means_no_submount_flag(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    with proxy_in_front(guest_share, tmp_path, announce=False) as run:
+        res = boot(guest_image, run, "syncfs", timeout=90)
+        assert res.ok, explain(res)
+    an = exchanges(run.record)
+    assert not an.submounts.announced
+    flagged = [ex for ex in an.exchanges if ex.reply is not None and _attr_flags(ex) & 1]
+    assert not flagged
+    assert {r.nodeid for r in an.submounts.syncfs} == {1}  # one superblock: the root
+
+
+def _attr_flags(ex: Any) -> int:
+    a = ex.reply.args
+    flags = 0
+    if "entry" in a:
+        flags |= a["entry"].attr.flags
+    for rec, _nm in a.get("entries", []):
+        if hasattr(rec, "entry_out"):
+            flags |= rec.entry_out.attr.flags
+    return flags
+
+
+def test_syncfs_three_superblocks_and_submount_flags(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    with proxy_in_front(guest_share, tmp_path) as run:
+        res = boot(guest_image, run, "syncfs", timeout=90)
+        assert res.ok, explain(res)
+    an = exchanges(run.record)
+    flagged = {nm for ex in an.exchanges if ex.reply is not None
+               for rec, nm in ex.reply.args.get("entries", []) if rec.entry_out.attr.flags & 1}
+    flagged |= {ex.request.args["name"] for ex in an.exchanges
+                if ex.opname == "LOOKUP" and ex.reply is not None and _attr_flags(ex) & 1}
+    assert flagged == {b"sub", b"inner"}
+    first_sync = [r.nodeid for r in an.submounts.syncfs][:3]
+    assert sorted(first_sync) == sorted({1, *(a.nodeid for a in an.submounts.announced.values())})
+
+
+def test_concurrent_five_times(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    """The load that hung a shadow-used-only design: 5 runs, no missed call, nothing unpaired."""
+    for i in range(5):
+        with proxy_in_front(guest_share, tmp_path) as run:
+            res = boot(guest_image, run, "concurrent", timeout=150)
+            assert res.ok, f"run {i}: {explain(res)}"
+            s = run.summary()
+        assert s["lints"] == [], s["lints"]
+        assert s["capture"]["dropped"] == 0
+        assert s["requests"] - s["opcodes"].get("FORGET", 0) == s["replies"], s
+        assert s["path"].get("unpaired", 0) == 0
+
+
+def test_backend_death_guest_gets_eio_and_powers_off(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    with proxy_in_front(guest_share, tmp_path) as run:
+        killed: dict[str, float] = {}
+
+        def on_event(ev: Any) -> None:
+            if getattr(ev, "kind", "") == "tick" and not killed:
+                def kill() -> None:
+                    killed["at"] = time.time()
+                    launcher.stop_process(run.backend.processes[0], grace=0)  # type: ignore[arg-type]
+                threading.Thread(target=kill).start()
+
+        res = boot(guest_image, run, "hold", timeout=90, params={"seconds": 60}, stall_timeout=30,
+                   on_event=on_event)
+        assert killed, "the backend was never killed"
+        s = run.summary()
+        err = run.stderr()
+    # The guest saw an error instead of hanging, unmounted and powered off by itself.
+    assert not res.timed_out and not res.backend_lost, explain(res)
+    assert res.failed_steps == ["hold"], explain(res)
+    assert res.unmounted, explain(res)
+    assert res.qemu_rc == 0, explain(res)
+    assert s["backend_lost"] and s["eio_answered"] >= 1, s
+    assert "BACKEND LOST" in err
+    # The recording is readable to the end and ends with the proxy's own EIO answers.
+    an = exchanges(run.record)
+    replied = [ex for ex in an.exchanges if ex.reply is not None]
+    assert replied[-1].errname == "EIO"
+    assert any("back-end lost" in " ".join(ex.notes) for ex in an.exchanges)
