@@ -49,6 +49,7 @@ def golden_rows(path: Path) -> list[dict[str, object]]:
 
 def workload(mnt: Path) -> None:
     """A small, deterministic mix: directories, files, a snapped write and read, errors, renames, links."""
+    assert (mnt / "readme").read_text().startswith("a file")  # a LOOKUP that finds something
     d = mnt / "dir"
     d.mkdir()
     payload = bytes(range(256)) * 64  # 16 KiB: WRITE and READ get cut to the snap length

@@ -1,0 +1,203 @@
+"""The committed samples: golden summary, real tshark with the generated fuse.lua, stats/info/export CLIs."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import struct
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from fsinspect.recording import lua
+from fsinspect.recording.reader import RecordingReader
+from fsinspect.recording.replay import analyze
+from tests.conftest import require_root
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "recordings" / "samples"
+SAMPLE = SAMPLES / "fusedev-workload.pcapng"
+LUA = ROOT / "recordings" / "fuse.lua"
+
+
+def _make_samples() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_samples", ROOT / "recordings" / "make_samples.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fsinspect(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fsinspect", *args], capture_output=True, text=True, check=check,
+                          cwd=ROOT)
+
+
+def test_committed_lua_is_the_generated_one() -> None:
+    assert LUA.read_text() == lua.generate(), "regenerate: python -m fsinspect.recording.lua > recordings/fuse.lua"
+
+
+def test_golden_summary_of_the_sample() -> None:
+    golden = [json.loads(line) for line in SAMPLE.with_suffix(".golden.jsonl").read_text().splitlines()]
+    assert _make_samples().golden_rows(SAMPLE) == golden
+
+
+def tshark_fields(path: Path, *fields: str) -> list[list[str]]:
+    cmd = ["tshark", "-2", "-X", f"lua_script:{LUA}", "-r", str(path), "-T", "fields", "-E", "separator=/t",
+           "-E", "occurrence=f"]
+    for f in fields:
+        cmd += ["-e", f]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    assert "Lua" not in res.stderr, res.stderr
+    return [line.split("\t") for line in res.stdout.splitlines()]
+
+
+def check_tshark_matches_our_decoder(path: Path) -> int:
+    """Per record: opcode, unique, nodeid and error from tshark + fuse.lua equal our decoder's."""
+    with RecordingReader(path) as r:
+        records = list(r)
+        an = analyze(RecordingReader(path))
+    by_offset = {rec.offset: i for i, rec in enumerate(records)}
+    expected: dict[int, tuple[str, ...]] = {}
+    for ex in an.exchanges:
+        if ex.req_ref is not None:
+            expected[by_offset[ex.req_ref]] = ("0", str(ex.opcode), str(ex.unique), str(ex.nodeid), "", "")
+        if ex.reply_ref is not None:
+            err = ex.reply.header.error if ex.reply is not None else 0
+            expected[by_offset[ex.reply_ref]] = ("1", str(ex.opcode), str(ex.unique), str(ex.nodeid), str(err),
+                                                 ex.errname or "")
+    rows = tshark_fields(path, "frame.number", "fuse.reply", "fuse.opcode", "fuse.unique", "fuse.nodeid",
+                         "fuse.error", "fuse.errno", "fuse.time", "fuse.request_in", "_ws.expert.message")
+    assert len(rows) == len(records) == len(expected)
+    for i, row in enumerate(rows):
+        assert int(row[0]) == i + 1
+        assert tuple(row[1:7]) == expected[i], f"frame {i + 1}"
+        assert "Malformed" not in row[9] and "body does not match" not in row[9]
+    # Response times: tshark's fuse.time equals our latency to the microsecond (Lua keeps time as a double).
+    for ex in an.exchanges:
+        if ex.latency_ns is not None and ex.reply_ref is not None:
+            row = rows[by_offset[ex.reply_ref]]
+            assert abs(float(row[7]) * 1e9 - ex.latency_ns) < 1000
+            assert int(row[8]) == by_offset[ex.req_ref] + 1
+    return len(rows)
+
+
+def test_tshark_decodes_the_sample_like_our_decoder() -> None:
+    assert check_tshark_matches_our_decoder(SAMPLE) > 100
+
+
+def test_tshark_shows_names_and_attr_flags() -> None:
+    rows = tshark_fields(SAMPLE, "_ws.col.Info", "fuse.name", "fuse.attr.flags", "fuse.attr.flags.SUBMOUNT")
+    infos = [r[0] for r in rows]
+    assert any(i.startswith("LOOKUP request") and "name=nope" in i for i in infos)
+    assert any(i == f"LOOKUP reply unique={i.split('=')[1].split()[0]} ENOENT" for i in infos)
+    assert any(r[1] == "dir" for r in rows)
+    flagged = [r for r in rows if r[2]]
+    assert flagged and all(r[2] == "0x00000000" and r[3] in ("0", "False") for r in flagged)
+
+
+def _independent_counts(path: Path) -> tuple[Counter[int], Counter[str], int, int]:
+    """Walk the pcapng blocks by hand (not with our reader): requests per opcode and errors by errno."""
+    blob = path.read_bytes()
+    ops: Counter[int] = Counter()
+    errs: Counter[str] = Counter()
+    off = 0
+    req_bytes = rep_bytes = 0
+    while off < len(blob):
+        btype, total = struct.unpack_from("<II", blob, off)
+        if btype == 6:
+            caplen, origlen = struct.unpack_from("<II", blob, off + 20)
+            data = blob[off + 28:off + 28 + caplen]
+            p = 0
+            received = False
+            while True:  # exported-PDU tags, big endian; P2P_DIRECTION 1 = received = a request
+                tag, ln = struct.unpack_from(">HH", data, p)
+                if tag == 35:
+                    received = struct.unpack_from(">i", data, p + 4)[0] == 1
+                p += 4 + ln
+                if tag == 0:
+                    break
+            pdu = data[p:]
+            if received:
+                ops[struct.unpack_from("<I", pdu, 4)[0]] += 1
+                req_bytes += origlen - p
+            else:
+                e = struct.unpack_from("<i", pdu, 4)[0]
+                if e < 0:
+                    errs[errno.errorcode[-e]] += 1
+                rep_bytes += origlen - p
+        off += total
+    return ops, errs, req_bytes, rep_bytes
+
+
+def test_stats_cli_matches_independent_counts() -> None:
+    from dissectors.spec import fuse as spec
+
+    ops, errs, req_bytes, rep_bytes = _independent_counts(SAMPLE)
+    d = json.loads(fsinspect("stats", "--json", str(SAMPLE)).stdout)
+    assert {name: o["count"] for name, o in d["ops"].items()} == {
+        spec.OPCODE.name_of(op): n for op, n in ops.items()}
+    assert d["errors"] == dict(errs)
+    assert d["total"] == sum(ops.values())
+    assert d["bytes"] == {"request": req_bytes, "reply": rep_bytes}
+    assert d["lints"] == {}
+    text = fsinspect("stats", str(SAMPLE)).stdout
+    assert "LOOKUP" in text and "p99" in text and "errors by errno: ENOENT" in text and "lints: none" in text
+
+
+def test_info_cli() -> None:
+    out = fsinspect("info", str(SAMPLE)).stdout
+    assert "fsinspect recording format 1" in out and "fusedev" in out
+    assert "INIT:\n  epoch 1: kernel 7." in out and "negotiated: " in out
+    d = json.loads(fsinspect("info", "--json", str(SAMPLE)).stdout)
+    assert d["counts"]["records"] == d["counts"]["requests"] + d["counts"]["replies"]
+    assert d["interfaces"][0]["kind"] == "fusedev" and d["init"][0]["max_write"] > 0
+
+
+def test_export_cli_jsonl_json_text_and_filters() -> None:
+    lines = fsinspect("export", str(SAMPLE), "--format", "jsonl").stdout.splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert len(rows) > 50
+    for row in rows:
+        for key in ("opcode", "unique", "nodeid", "queue", "request", "reply", "error", "latency_ns"):
+            assert key in row
+    lk = next(r for r in rows if r["opcode"] == "LOOKUP" and r["error"] is None)
+    assert lk["request"]["args"]["name"] and lk["reply"]["args"]["entry"]["attr"]["flags_names"] == []
+    assert lk["latency_ns"] > 0
+    enoent = [json.loads(x) for x in fsinspect("export", str(SAMPLE), "--format", "jsonl", "--filter",
+                                                   "error == ENOENT").stdout.splitlines()]
+    assert enoent and all(r["error"] == "ENOENT" and r["reply"]["header"]["error"] == -2 for r in enoent)
+    assert len(enoent) == sum(1 for r in rows if r["error"] == "ENOENT")
+    as_json = json.loads(fsinspect("export", str(SAMPLE), "--format", "json", "--filter", "op == INIT").stdout)
+    assert [r["opcode"] for r in as_json] == ["INIT"]
+    assert "SUBMOUNTS" not in as_json[0]["reply"]["args"]["init_out"]["flags_names"]
+    text = fsinspect("export", str(SAMPLE), "--filter", 'op == LOOKUP and name ~ "nope"').stdout.splitlines()
+    assert len(text) == 2 and all("LOOKUP" in t and "-> ENOENT" in t for t in text)
+    bad = fsinspect("export", str(SAMPLE), "--filter", "latency > 1 ms", check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    first, expr, caret = bad.stderr.splitlines()
+    assert first.startswith("fsinspect export: --filter: unexpected 'ms'") and first.endswith("at column 13")
+    assert (expr, caret) == ("  latency > 1 ms", "  " + " " * 12 + "^")
+
+
+@pytest.mark.root
+def test_regenerated_sample_from_the_real_daemon(tmp_path: Path) -> None:
+    """make_samples.py end to end: the daemon records a real /dev/fuse session that tshark decodes."""
+    require_root()
+    path = _make_samples().make(tmp_path)
+    with RecordingReader(path) as r:
+        an = analyze(r)
+        assert r.truncated is None
+    assert an.lints == []
+    ops = Counter(e.opname for e in an.exchanges)
+    for op in ("INIT", "LOOKUP", "MKDIR", "CREATE", "WRITE", "READ", "READDIRPLUS", "RENAME", "UNLINK", "RMDIR",
+               "SYMLINK", "READLINK", "LINK", "FSYNC", "STATFS"):
+        assert ops[op] >= 1, op
+    assert ops["FORGET"] + ops["BATCH_FORGET"] >= 1
+    assert any(e.snapped for e in an.exchanges if e.opname in ("READ", "WRITE"))
+    assert check_tshark_matches_our_decoder(path) == sum(1 for _ in RecordingReader(path))
