@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -207,3 +208,48 @@ def test_backend_death_guest_gets_eio_and_powers_off(guest_image: GuestImage, gu
     replied = [ex for ex in an.exchanges if ex.reply is not None]
     assert replied[-1].errname == "EIO"
     assert any("back-end lost" in " ".join(ex.notes) for ex in an.exchanges)
+
+
+def test_two_control_clients(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    """One client never reads (its overflow counter rises); the other gets the snapshot plus the live stream."""
+    ctrl = tmp_path / "ctrl.sock"
+    with proxy_in_front(guest_share, tmp_path, extra=("--control", str(ctrl))) as run:
+        deadline = time.monotonic() + 10
+        while not ctrl.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert ctrl.stat().st_mode & 0o777 == 0o600
+        stuck = socket.socket(socket.AF_UNIX)
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(str(ctrl))
+        reader = socket.socket(socket.AF_UNIX)
+        reader.connect(str(ctrl))
+        lines: list[dict[str, Any]] = []
+
+        def read_all() -> None:
+            buf = b""
+            while True:
+                chunk = reader.recv(1 << 16)
+                if not chunk:
+                    return
+                buf += chunk
+                *done, buf = buf.split(b"\n")
+                lines.extend(json.loads(x) for x in done)
+
+        t = threading.Thread(target=read_all, daemon=True)
+        t.start()
+        res = boot(guest_image, run, "storm", timeout=120, params={"n": 1500})
+        assert res.ok, explain(res)
+        s = run.summary()
+        t.join(10)
+        stuck.close()
+        reader.close()
+    assert lines[0]["type"] == "hello" and lines[0]["version"] == 1
+    assert lines[1]["type"] == "snapshot" and "inodes" in lines[1]
+    live = [x for x in lines if x["type"] == "exchange"]
+    assert not [x for x in lines if x["type"] == "overflow"], "the reading client must not overflow"
+    assert len(live) == s["requests"], (len(live), s["requests"])
+    assert {x["opcode"] for x in live} >= {"INIT", "CREATE", "LOOKUP", "UNLINK"}
+    missed = sorted(c["missed"] for c in s["control_clients"])
+    assert missed[-1] > 0, s["control_clients"]
+    assert any(x["type"] == "event" and x["kind"] == "end" for x in lines)

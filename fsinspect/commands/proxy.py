@@ -50,6 +50,8 @@ def register(sub: Any) -> None:
     out.add_argument("--rotate-mb", type=float, default=0, help="start a new file every N MiB")
     out.add_argument("--lossless", action="store_true",
                      help="never drop captures: hold used-publication back instead (may slow the VM)")
+    out.add_argument("--control", metavar="SOCK",
+                     help="control socket (0600, JSON lines) for `fsinspect attach` and scripts")
     out.add_argument("--summary-json", metavar="FILE", help="also write the end-of-run summary as JSON")
     out.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.set_defaults(func=run)
@@ -113,11 +115,15 @@ def run(args: argparse.Namespace) -> int:
         backend_cmd = backend_cmd or wrapped
     cfg = ProxyConfig(listen=args.listen, listen_fd=args.fd, backend=backend_sock, backend_cmd=backend_cmd,
                       lossless=args.lossless, snaplen=0 if args.snaplen == 0 else CAPTURE_SNAPLEN)
-    session = Session(cfg, SessionOptions(record=args.record, snaplen=args.snaplen, rotate_mb=args.rotate_mb,
-                                          backend_name=backend_cmd or backend_sock))
+    try:
+        session = Session(cfg, SessionOptions(record=args.record, control=args.control, snaplen=args.snaplen,
+                                              rotate_mb=args.rotate_mb, backend_name=backend_cmd or backend_sock))
+    except OSError as e:
+        raise UserError(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
     listener = _listener(args)
     signal.signal(signal.SIGTERM, lambda *_: session.proxy.stop())
     frontend = None
+    s: dict[str, Any] | None = None
     try:
         session.proxy.start_backend()
         try:
@@ -133,16 +139,19 @@ def run(args: argparse.Namespace) -> int:
             session.run(frontend, backend)
         except KeyboardInterrupt:
             session.proxy.stop()
+        s = session.summary()
     finally:
         listener.close()
         if args.listen and args.fd is None and os.path.exists(args.listen):
             os.unlink(args.listen)
         if frontend is None:
             session.proxy.shutdown()
+        session.close()
         for f in Path(workdir).iterdir():
             f.unlink(missing_ok=True)
         os.rmdir(workdir)
-    s = session.summary()
+    if s is None:
+        s = session.summary()
     if args.summary_json:
         Path(args.summary_json).write_text(summary_json(s))
     if not args.quiet:

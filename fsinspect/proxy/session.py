@@ -20,12 +20,14 @@ from dissectors.spec import virtio as vio
 from ..analysis.analyzer import Analyzer
 from ..recording.writer import RecordingWriter
 from . import control as C
+from .hub import Hub
 from .server import Proxy, ProxyConfig
 
 
 @dataclass
 class SessionOptions:
     record: str | None = None
+    control: str | None = None
     snaplen: int = 256
     rotate_mb: float = 0
     backend_name: str = ""
@@ -34,11 +36,10 @@ class SessionOptions:
 class Session:
     """Wires a Proxy to a recorder and an analyzer, and renders the end-of-run summary."""
 
-    def __init__(self, cfg: ProxyConfig, opts: SessionOptions, hub: Any = None) -> None:
+    def __init__(self, cfg: ProxyConfig, opts: SessionOptions) -> None:
         self.cfg = cfg
         self.opts = opts
-        self.hub = hub
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.analyzer = Analyzer(keep_exchanges=False)
         self.writer = (RecordingWriter(opts.record, source="virtio", backend=opts.backend_name,
                                        snaplen=opts.snaplen, rotate_mb=opts.rotate_mb,
@@ -51,8 +52,10 @@ class Session:
         self.opcount: Counter[str] = Counter()
         self.requests = 0
         self.replies = 0
-        if hub is not None:
-            self.analyzer.listeners.append(hub.publish_exchange)
+        self.hub: Hub | None = None
+        if opts.control:
+            self.hub = Hub(opts.control, self.snapshot, feed_lock=self.lock)
+            self.analyzer.listeners.append(self.hub.publish_exchange)
 
     # -- sinks -----------------------------------------------------------------------------------
     def _on_capture(self, cap: Any) -> None:
@@ -122,6 +125,23 @@ class Session:
                 self.analyzer.finish()
                 if self.writer is not None:
                     self.writer.close()
+            if self.hub is not None:
+                self.hub.publish_event("end", {"reason": self.proxy.stats.end_reason})
+
+    def close(self) -> None:
+        if self.hub is not None:
+            self.hub.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a newly attached client gets first (called with self.lock held)."""
+        an = self.analyzer
+        inodes = [{"nodeid": n.nodeid, "parent": n.parent, "name": safe_name(n.name) if n.name else None,
+                   "ino": n.ino, "generation": n.generation, "nlookup": n.nlookup, "attr_flags": n.attr_flags,
+                   "submount": n.submount} for n in an.inodes.nodes.values()]
+        s = self.summary()
+        return {"inodes": inodes, "stats": an.stats.as_dict(), "lints": s["lints"], "submounts": s["submounts"],
+                "syncfs": s["syncfs"], "features": s["features"], "capture": s["capture"],
+                "backend_lost": s["backend_lost"]}
 
     def summary(self) -> dict[str, Any]:
         st = self.proxy.stats
@@ -151,6 +171,8 @@ class Session:
             "syncfs": syncfs,
             "features": self.proxy.cp.snapshot(),
             "recording": [str(p) for p in self.writer.paths] if self.writer else [],
+            "control_clients": self.hub.client_stats() if self.hub else [],
+            "control_overflow": self.hub.total_overflow if self.hub else 0,
         }
 
 
