@@ -255,17 +255,35 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str, timeo
         time.sleep(0.02)
 
 
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds, by PID; always reaped."""
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 3.0, group: bool = True) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; always reaped.
+
+    With `group` (for processes started with start_new_session) the signals go to the process group the
+    process leads: the C virtiofsd forks its sandboxed worker, which would outlive a parent-only kill.
+    """
+    def send(sig: int) -> None:
+        with suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+
     if proc.poll() is None:
-        with suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
+        send(signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
+            send(signal.SIGKILL)
             proc.wait(timeout=10)
+    if group:
+        send(signal.SIGKILL)  # any worker left in the group after its parent died
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # not our child: wait for its new parent to reap it
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.02)
 
 
 def virtiofsd_pidfile(socket_path: Path) -> Path:
