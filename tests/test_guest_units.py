@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -142,3 +144,16 @@ def test_garbled_marker_is_an_error_not_a_crash():
     r = _parse(b"@@FSI stat \r\n@@FSI step-end\r\n@@FSI result ok\r\n", 4096)
     assert len(r.errors) == 2 and "unparseable marker" in r.errors[0]
     assert r.guest_result == "ok"
+
+
+def test_build_error_names_the_failed_command(tmp_path):
+    """A missing kernel package ends in one line naming the apt command that failed, and no traceback."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "fsinspect", "guest", "build", "-q",
+                        "--package", "linux-image-0.0.0-0-nosuch-amd64"],
+                       capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert p.returncode == 1
+    assert "`apt-get download -q linux-image-0.0.0-0-nosuch-amd64-unsigned` failed" in p.stderr
+    assert "Unable to locate package" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*.deb"))

@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     b = gsub.add_parser("build", help="fetch the kernel and build the initramfs (cached; idempotent)")
     b.add_argument("--force", action="store_true", help="re-download and rebuild even when cached")
     b.add_argument("-q", "--quiet", action="store_true", help="print only the result")
+    b.add_argument("--package", metavar="PKG",
+                   help="kernel ABI package to use, e.g. linux-image-6.1.0-56-cloud-amd64 (default: what "
+                        "`apt-cache depends linux-image-cloud-amd64` names)")
     b.set_defaults(func=run_build)
 
     r = gsub.add_parser("run", help="boot the guest against a backend and run a workload",
@@ -69,7 +72,7 @@ def _image(quiet: bool = True) -> gbuild.GuestImage:
 
 def run_build(args: argparse.Namespace) -> int:
     try:
-        img = gbuild.build(progress=None if args.quiet else _progress, force=args.force)
+        img = gbuild.build(progress=None if args.quiet else _progress, force=args.force, package=args.package)
     except gbuild.BuildError as e:
         raise UserError(str(e), status=1) from None
     print(f"kernel {img.kernel_version}: {img.kernel}")
