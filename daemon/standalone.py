@@ -86,14 +86,14 @@ class Standalone:
         self.fs.close()
 
 
-def run(mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
+def run(mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8, dispatch: str = "inline+pool",
         ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None) -> int:
     """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM.
 
     The readers run on threads; the main thread only waits for a signal or the end of the session,
     so a signal never lands in the middle of a reply.
     """
-    session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, tap=tap)
+    session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, dispatch=dispatch, tap=tap)
     stop = threading.Event()
     got: list[str] = []
 

@@ -50,6 +50,9 @@ def register(sub: Any) -> None:
     t = p.add_argument_group("transport")
     t.add_argument("--standalone", metavar="MOUNTPOINT", help="serve over /dev/fuse, mounted at MOUNTPOINT")
     t.add_argument("--readers", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
+    # The concurrency model (bench/standalone.py measures inline+pool against a plain pool).
+    t.add_argument("--dispatch", choices=("inline+pool", "pool", "inline"), default="inline+pool",
+                   help=argparse.SUPPRESS)
     add_fs_options(p)
     add_record_options(p)
     p.set_defaults(func=run)
