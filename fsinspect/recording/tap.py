@@ -10,13 +10,18 @@ from .writer import RecordingWriter
 class RecordingTap:
     """tap(direction, queue, unique, ts_ns, raw) -> writer; thread-safe (pool threads send replies).
 
-    The daemon's transports have no descriptor head to report (/dev/fuse) or report it elsewhere, so
-    records carry no head and pairing falls back to (epoch, unique).
+    A timer thread flushes every `flush_every` seconds, so records reach the file (and survive a kill -9)
+    even when traffic stops.  The daemon's /dev/fuse transport has no descriptor head, so records carry
+    none and pairing falls back to (epoch, unique).
     """
 
-    def __init__(self, writer: RecordingWriter) -> None:
+    def __init__(self, writer: RecordingWriter, *, flush_every: float = 0.2) -> None:
         self.writer = writer
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._flusher, args=(flush_every,), daemon=True,
+                                       name="recording-flush")
+        self._timer.start()
 
     def __call__(self, direction: str, queue: int, unique: int, ts_ns: int, raw: bytes) -> None:
         with self._lock:
@@ -25,6 +30,13 @@ class RecordingTap:
             else:
                 self.writer.reply(raw, queue, None, ts_ns)
 
+    def _flusher(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with self._lock:
+                self.writer.flush()
+
     def close(self) -> None:
+        self._stop.set()
+        self._timer.join()
         with self._lock:
             self.writer.close()

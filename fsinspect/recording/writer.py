@@ -3,7 +3,8 @@
 Crash safety: blocks are assembled in memory and handed to the kernel only as whole blocks, with one
 write per flush, so a `kill -9` leaves a file that reads cleanly up to the last flushed block (a torn
 final write is reported by the reader as a truncated tail).  Flushes happen when the buffer passes
-`flush_bytes` or `flush_interval` seconds after the previous one, so a live capture is never far behind.
+`flush_bytes`, or on the first record `flush_interval` seconds after the previous flush, so a live
+capture is never far behind; a capturer that may sit idle calls `flush()` from its own timer.
 """
 
 from __future__ import annotations
@@ -29,12 +30,19 @@ _OP_WRITE = fspec.OPCODE_BY_NAME["WRITE"].value
 _WRITE_HEAD = fspec.IN_HEADER_SIZE + fspec.REGISTRY.sizeof("fuse_write_in")
 _READ_HEAD = fspec.OUT_HEADER_SIZE
 
-_EPB_HEAD = struct.Struct("<IIIIIII")  # type, total length, iface, ts high, ts low, caplen, origlen
-# epb_flags option, META_RECORD option, (variable options go before) end of options, trailing length.
-_EPB_FLAGS_META = struct.Struct("<HHI" + "HH" + fmt.META_RECORD_STRUCT.format.lstrip("<"))
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_EPB_HEAD_SIZE = 28  # type, total length, iface, ts high, ts low, caplen, origlen
+_META = fmt.META_RECORD_STRUCT.format.lstrip("<")
+# The fixed options of every record: epb_flags and META_RECORD, then either more options or the end.
+_EPB_FLAGS_META = struct.Struct("<HHI" + "HH" + _META)
 _EPB_END = struct.Struct("<HHI")
 _OPT_HDR = struct.Struct("<HH")
 _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
+# Fast path (no layout, no notes): the padding, both options, end of options and trailing length in one
+# pack, indexed by caplen % 4.
+_TAILS = tuple(struct.Struct(f"<{(4 - r) % 4}xHHIHH{_META}HHI") for r in range(4))
+_TAIL_SIZE = tuple(t.size for t in _TAILS)
 
 
 def _option(code: int, value: bytes) -> bytes:
@@ -63,7 +71,7 @@ def _exp_pdu_prefix(dissector: str, p2p_dir: int) -> bytes:
             + struct.pack(">HH", fmt.EXP_PDU_TAG_END_OF_OPT, 0))
 
 
-_PREFIX = {
+_PREFIX: dict[tuple[str, int], bytes] = {
     (fmt.DISSECTOR_FUSE, fmt.DIR_INBOUND): _exp_pdu_prefix(fmt.DISSECTOR_FUSE, fmt.P2P_DIR_RECV),
     (fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND): _exp_pdu_prefix(fmt.DISSECTOR_FUSE, fmt.P2P_DIR_SENT),
     (fmt.DISSECTOR_VHOST_USER, fmt.DIR_INBOUND): _exp_pdu_prefix(fmt.DISSECTOR_VHOST_USER, fmt.P2P_DIR_RECV),
@@ -107,6 +115,9 @@ class RecordingWriter:
         self._written = 0
         self._last_flush = time.monotonic()
         self._ifaces: dict[tuple[str, int], int] = {}
+        # Per queue: (interface id, exported-PDU prefix + struct for the head, direction) for the hot path.
+        self._req_chan: dict[int, tuple[int, struct.Struct, bytes, int]] = {}
+        self._rep_chan: dict[int, tuple[int, struct.Struct, bytes, int]] = {}
         self._reads: set[tuple[int, int]] = set()  # READ requests in flight, for snapping their replies
         self._init_key: tuple[int, int] | None = None
         self._init: dict[str, Any] | None = None
@@ -117,49 +128,59 @@ class RecordingWriter:
                 ts_ns: int | None = None, *, epoch: int | None = None, layout: Sequence[tuple[int, int]] = (),
                 flags: int = 0, notes: Sequence[str] = ()) -> None:
         """Record a request (guest/kernel -> FUSE server).  `head` is the descriptor head index."""
-        raw = bytes(raw)
-        opcode = int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else 0
-        key = (queue, head if head is not None else int.from_bytes(raw[8:16], "little"))
-        if opcode == _OP_INIT and epoch is None:
-            self.epoch += 1
-        elif epoch is not None:
-            self.epoch = epoch
-        if opcode == _OP_INIT:
-            self._init_key = key
-            self._init = {"epoch": self.epoch, "request": raw.hex(), "reply": None}
+        if raw.__class__ is not bytes:
+            raw = bytes(raw)
         orig = len(raw)
+        opcode = _U32.unpack_from(raw, 4)[0] if orig >= 8 else 0
+        if epoch is not None:
+            self.epoch = epoch
         if opcode == _OP_READ:
-            self._reads.add(key)
-        elif opcode == _OP_WRITE and self.snaplen and orig > _WRITE_HEAD + self.snaplen:
-            raw = raw[:_WRITE_HEAD + self.snaplen]
-            flags |= fmt.RF_SNAPPED
-        self._epb(fmt.DISSECTOR_FUSE, queue, fmt.DIR_INBOUND, raw, orig, head, ts_ns, flags, layout, notes)
+            self._reads.add((queue, head if head is not None else self._unique(raw)))
+        elif opcode == _OP_WRITE:
+            if self.snaplen and orig > _WRITE_HEAD + self.snaplen:
+                raw = raw[:_WRITE_HEAD + self.snaplen]
+                flags |= fmt.RF_SNAPPED
+        elif opcode == _OP_INIT:
+            if epoch is None:
+                self.epoch += 1
+            self._init_key = (queue, head if head is not None else self._unique(raw))
+            self._init = {"epoch": self.epoch, "request": raw.hex(), "reply": None}
+        self._epb(self._req_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_INBOUND, queue),
+                  queue, raw, orig, head, ts_ns, flags, layout, notes)
 
     def reply(self, raw: bytes | bytearray | memoryview, queue: int = 0, head: int | None = None,
               ts_ns: int | None = None, *, epoch: int | None = None, layout: Sequence[tuple[int, int]] = (),
               flags: int = 0, notes: Sequence[str] = ()) -> None:
         """Record a reply or notification (FUSE server -> guest/kernel)."""
-        raw = bytes(raw)
+        if raw.__class__ is not bytes:
+            raw = bytes(raw)
         if epoch is not None:
             self.epoch = epoch
-        key = (queue, head if head is not None else int.from_bytes(raw[8:16], "little"))
         orig = len(raw)
-        if key == self._init_key and self._init is not None:
-            self._init["reply"] = raw.hex()
-            self._init_key = None
-        if self._reads and key in self._reads:
-            self._reads.discard(key)
-            if self.snaplen and orig > _READ_HEAD + self.snaplen:
-                raw = raw[:_READ_HEAD + self.snaplen]
-                flags |= fmt.RF_SNAPPED
-        self._epb(fmt.DISSECTOR_FUSE, queue, fmt.DIR_OUTBOUND, raw, orig, head, ts_ns, flags, layout, notes)
+        if self._reads or self._init_key is not None:
+            key = (queue, head if head is not None else self._unique(raw))
+            if key == self._init_key and self._init is not None:
+                self._init["reply"] = raw.hex()
+                self._init_key = None
+            if key in self._reads:
+                self._reads.discard(key)
+                if self.snaplen and orig > _READ_HEAD + self.snaplen:
+                    raw = raw[:_READ_HEAD + self.snaplen]
+                    flags |= fmt.RF_SNAPPED
+        self._epb(self._rep_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND, queue),
+                  queue, raw, orig, head, ts_ns, flags, layout, notes)
+
+    @staticmethod
+    def _unique(raw: bytes) -> int:
+        return _U64.unpack_from(raw, 8)[0] if len(raw) >= 16 else 0
 
     def control(self, raw: bytes | bytearray | memoryview, *, from_frontend: bool, ts_ns: int | None = None,
                 notes: Sequence[str] = ()) -> None:
         """Record a vhost-user message (front-end = QEMU side, inbound; back-end side, outbound)."""
         raw = bytes(raw)
         direction = fmt.DIR_INBOUND if from_frontend else fmt.DIR_OUTBOUND
-        self._epb(fmt.DISSECTOR_VHOST_USER, 0, direction, raw, len(raw), None, ts_ns, 0, (), notes)
+        self._epb(self._channel(fmt.DISSECTOR_VHOST_USER, direction, 0), 0, raw, len(raw), None, ts_ns, 0, (),
+                  notes)
 
     def flush(self) -> None:
         """Hand every complete buffered block to the kernel in one write."""
@@ -205,6 +226,8 @@ class RecordingWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
         self._written = 0
         self._ifaces = {}
+        self._req_chan = {}
+        self._rep_chan = {}
         info = host_info()
         meta: dict[str, Any] = {"format": fmt.FORMAT_VERSION, "tool": f"fsinspect {__version__}",
                                 "source": self.source, "backend": self.backend, "snaplen": self.snaplen,
@@ -240,38 +263,53 @@ class RecordingWriter:
         idx = self._ifaces[key] = len(self._ifaces)
         return idx
 
-    def _epb(self, dissector: str, queue: int, direction: int, raw: bytes, orig: int, head: int | None,
-             ts_ns: int | None, flags: int, layout: Sequence[tuple[int, int]], notes: Sequence[str]) -> None:
-        key = (dissector, queue)
-        iface = self._ifaces.get(key)
+    def _channel(self, dissector: str, direction: int, queue: int) -> tuple[int, struct.Struct, bytes, int]:
+        iface = self._ifaces.get((dissector, queue))
         if iface is None:
             iface = self._iface(dissector, queue)
+        prefix = _PREFIX[(dissector, direction)]
+        chan = (iface, struct.Struct(f"<7I{len(prefix)}s"), prefix, direction)
+        if dissector == fmt.DISSECTOR_FUSE:
+            (self._req_chan if direction == fmt.DIR_INBOUND else self._rep_chan)[queue] = chan
+        return chan
+
+    def _epb(self, chan: tuple[int, struct.Struct, bytes, int], queue: int, raw: bytes, orig: int,
+             head: int | None, ts_ns: int | None, flags: int, layout: Sequence[tuple[int, int]],
+             notes: Sequence[str]) -> None:
+        iface, head_struct, prefix, direction = chan
         if ts_ns is None:
             ts_ns = time.time_ns()
-        prefix = _PREFIX[(dissector, direction)]
-        caplen = len(prefix) + len(raw)
-        pad = _PADS[caplen & 3]
-        extra = b""
-        if layout:
-            lay = struct.pack("<IHH", fmt.PEN, fmt.META_LAYOUT, 0) + b"".join(
-                fmt.LAYOUT_ITEM.pack(ln, fl, 0) for ln, fl in layout)
-            extra += _option(fmt.OPT_CUSTOM_BIN, lay)
-        for note in notes:
-            extra += _option(fmt.OPT_COMMENT, note.encode())
-        total = 28 + caplen + len(pad) + _EPB_FLAGS_META.size + len(extra) + _EPB_END.size
+        plen = len(prefix)
+        caplen = plen + len(raw)
+        r = caplen & 3
+        if head is None:
+            head = fmt.NO_HEAD
         parts = self._buf
-        parts.append(_EPB_HEAD.pack(fmt.BT_EPB, total, iface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, caplen,
-                                    len(prefix) + orig))
-        parts.append(prefix)
-        parts.append(raw)
-        if pad:
-            parts.append(pad)
-        parts.append(_EPB_FLAGS_META.pack(fmt.EPB_FLAGS, 4, direction, fmt.OPT_CUSTOM_BIN, fmt.META_RECORD_STRUCT.size, fmt.PEN,
-                                          fmt.META_RECORD, 0, queue, flags,
-                                          fmt.NO_HEAD if head is None else head, self.epoch))
-        if extra:
-            parts.append(extra)
-        parts.append(_EPB_END.pack(fmt.OPT_ENDOFOPT, 0, total))
+        if not layout and not notes:
+            total = _EPB_HEAD_SIZE + caplen + _TAIL_SIZE[r]
+            parts.append(head_struct.pack(fmt.BT_EPB, total, iface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, caplen,
+                                          plen + orig, prefix))
+            parts.append(raw)
+            parts.append(_TAILS[r].pack(fmt.EPB_FLAGS, 4, direction, fmt.OPT_CUSTOM_BIN, fmt.META_RECORD_STRUCT.size,
+                                        fmt.PEN, fmt.META_RECORD, 0, queue, flags, head, self.epoch,
+                                        fmt.OPT_ENDOFOPT, 0, total))
+        else:
+            extra = b""
+            if layout:
+                lay = struct.pack("<IHH", fmt.PEN, fmt.META_LAYOUT, 0) + b"".join(
+                    fmt.LAYOUT_ITEM.pack(ln, fl, 0) for ln, fl in layout)
+                extra += _option(fmt.OPT_CUSTOM_BIN, lay)
+            for note in notes:
+                extra += _option(fmt.OPT_COMMENT, note.encode())
+            pad = _PADS[r]
+            total = _EPB_HEAD_SIZE + caplen + len(pad) + _EPB_FLAGS_META.size + len(extra) + _EPB_END.size
+            parts.append(head_struct.pack(fmt.BT_EPB, total, iface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, caplen,
+                                          plen + orig, prefix))
+            parts.append(raw)
+            parts.append(pad + _EPB_FLAGS_META.pack(fmt.EPB_FLAGS, 4, direction, fmt.OPT_CUSTOM_BIN,
+                                                    fmt.META_RECORD_STRUCT.size, fmt.PEN, fmt.META_RECORD, 0,
+                                                    queue, flags, head, self.epoch)
+                         + extra + _EPB_END.pack(fmt.OPT_ENDOFOPT, 0, total))
         self.records += 1
         self._buffered += total
         if self._buffered >= self.flush_bytes or time.monotonic() - self._last_flush >= self.flush_interval:
