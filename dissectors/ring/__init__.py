@@ -49,12 +49,20 @@ API (identical in both engines; addresses are guest-physical unless named otherw
 - `Capture` (NamedTuple): kind ("request"|"reply"|"error"), queue, head, ts_ns (CLOCK_REALTIME), layout,
   length, data, truncated, reason.  Pair requests and replies by (queue, head).
 - `RingError`: `reason` (one of `REASONS`), `code`, `head`, `chains`.
+
+Process-wide side effect (C engine only): importing this package raises glibc's malloc trim threshold
+(128 MiB) and mmap threshold (32 MiB), because gathering a batch allocates MBs of bytes objects and the
+defaults return the freed heap to the kernel and fault it back in at every batch (6x slower per chain
+when measured).  FSINSPECT_RING_TUNE_MALLOC=0 turns this off.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from importlib import import_module
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from ._common import (
     CAP_F_TRUNCATED,
@@ -69,30 +77,35 @@ from ._common import (
 
 log = logging.getLogger(__name__)
 
-if os.environ.get("FSINSPECT_RING", "").lower() == "python":
-    from . import _native as _engine
 
-    BACKEND = "python"
-    log.warning("ring engine: pure-Python twin (FSINSPECT_RING=python); the shadow path will be slow")
-else:
+def _load() -> tuple[str, ModuleType]:
+    """Pick the engine once, and say so once when it is the slow one."""
+    if os.environ.get("FSINSPECT_RING", "").lower() == "python":
+        log.warning("ring engine: pure-Python twin (FSINSPECT_RING=python); the shadow path will be slow")
+        return "python", import_module("._native", __name__)
     try:
-        from . import _ring as _engine  # type: ignore[no-redef]
-
-        BACKEND = "c"
+        c = import_module("._ring", __name__)
     except ImportError as exc:
-        from . import _native as _engine
+        log.warning("ring engine: C extension unavailable (%s); using the pure-Python twin, which is much "
+                    "slower on the proxy's data path. Install gcc and python3-dev, then re-run ./scripts/setup.",
+                    exc)
+        return "python", import_module("._native", __name__)
+    if os.environ.get("FSINSPECT_RING_TUNE_MALLOC", "1") != "0":
+        c.tune_malloc()
+    return "c", c
 
-        BACKEND = "python"
-        log.warning("ring engine: C extension unavailable (%s); using the pure-Python twin, which is "
-                    "much slower on the proxy's data path. Install a C compiler and python3-dev, then "
-                    "re-run ./scripts/setup.", exc)
 
-MemoryMap = _engine.MemoryMap
-SplitQueue = _engine.SplitQueue
-Chain = _engine.Chain
-CaptureBuffer = _engine.CaptureBuffer
-ShadowPath = _engine.ShadowPath
-CORE_LAYOUT = _engine.CORE_LAYOUT
+BACKEND, _engine = _load()
+
+if TYPE_CHECKING:  # both engines have the twin's API (_ring.pyi says so)
+    from ._native import CORE_LAYOUT, CaptureBuffer, Chain, MemoryMap, ShadowPath, SplitQueue
+else:
+    MemoryMap = _engine.MemoryMap
+    SplitQueue = _engine.SplitQueue
+    Chain = _engine.Chain
+    CaptureBuffer = _engine.CaptureBuffer
+    ShadowPath = _engine.ShadowPath
+    CORE_LAYOUT = _engine.CORE_LAYOUT
 
 __all__ = [
     "BACKEND",

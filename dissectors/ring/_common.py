@@ -6,7 +6,7 @@ engine is loaded (the C binding imports this module at start-up).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # Index = the C core's enum rc_err (ring_core.h); tests check the two agree.
 REASONS: tuple[str, ...] = (
@@ -49,7 +49,7 @@ class RingError(Exception):
     batch is never lost because one chain in it was bad.
     """
 
-    def __init__(self, reason: str, head: int | None = None, chains: list | None = None) -> None:  # type: ignore[type-arg]
+    def __init__(self, reason: str, head: int | None = None, chains: list[Any] | None = None) -> None:
         super().__init__(reason, head)
         self.reason = reason
         self.code = REASON_CODE.get(reason, -1)

@@ -7,12 +7,12 @@ which engine is loaded; only speed does.  The shadow path runs in a Python threa
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import threading
 import time
 from collections import deque
-import mmap
 from collections.abc import Sequence
 from typing import Any
 
@@ -282,7 +282,7 @@ class SplitQueue:
             raise RingError("avail_ahead")
         return n
 
-    def pop_chains(self, max: int = 0) -> list[Chain]:  # noqa: A002 - same keyword as the C binding
+    def pop_chains(self, max: int = 0) -> list[Chain]:
         n = self.avail_pending()
         if max > 0:
             n = min(n, max)
@@ -371,7 +371,7 @@ class CaptureBuffer:
         with self._cond:
             self._cond.notify_all()
 
-    def read_captures(self, max: int = 1024, timeout: float = 0.0) -> list[Capture]:  # noqa: A002
+    def read_captures(self, max: int = 1024, timeout: float = 0.0) -> list[Capture]:
         out: list[Capture] = []
         for attempt in range(2):
             try:

@@ -95,4 +95,4 @@ class GuestRing:
         while self.last_used != idx:
             out.append(_ELEM.unpack_from(self.used, self._used_off + 8 * (self.last_used & mask)))
             self.last_used = (self.last_used + 1) & 0xFFFF
-        return out  # type: ignore[return-value]
+        return out
