@@ -119,7 +119,9 @@ def test_full_workload_through_proxy(guest_image: GuestImage, guest_share: Share
     # FUSE_INIT with both sides' flags.
     init = next(ex for ex in an.exchanges if ex.opname == "INIT")
     assert init.request.args["init"].minor == 38 and init.reply.args["init_out"].minor == 36
-    assert init.reply.args["init_out"].flags & (1 << 27)  # SUBMOUNTS
+    # The guest offers SUBMOUNTS; the server answers without it (the kernel never requires the echo).
+    assert init.request.args["init"].flags & (1 << 27)
+    assert init.reply.args["init_out"].flags == 0x44F039  # QEMU 7.2's virtiofsd, as proxy-notes.md measured
     # SUBMOUNT flag on sub and sub/inner; SYNCFS once per superblock on every sync.
     announced = {a.name: a.nodeid for a in an.submounts.announced.values()}
     assert set(announced) == {b"sub", b"inner"}, announced
