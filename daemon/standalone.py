@@ -11,6 +11,7 @@ not connected"); remove it with `fusermount3 -u MOUNTPOINT` (or `umount -l MOUNT
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -22,6 +23,17 @@ from daemon.server import Buffer, Server, Tap
 from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
 
 log = logging.getLogger("fsinspect.daemon.standalone")
+
+
+def _may_allow_other() -> bool:
+    """Other users may use the mount when we are root, or when /etc/fuse.conf lets fusermount3 allow it."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def _reader(dev: FuseDev, server: Server, queue: int) -> None:
@@ -44,7 +56,7 @@ class Standalone:
         self.readers = max(1, readers)
         try:
             self.dev = FuseDev.mount(mountpoint, MountOptions(fsname=opts.shared_dir, default_permissions=True,
-                                                              allow_other=True))
+                                                              allow_other=_may_allow_other()))
         except BaseException:
             self.fs.close()
             raise

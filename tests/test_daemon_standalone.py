@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -288,3 +289,47 @@ def test_busy_mountpoint_and_missing_dev_fuse_are_clear_errors(tmp_path: Path) -
     assert r.returncode == 1
     assert "/dev/fuse is missing" in r.stderr and "Traceback" not in r.stderr
     assert not is_mounted(mnt)
+
+
+def test_non_root_daemon_mounts_through_fusermount3(tmp_path: Path) -> None:
+    """As uid 65534 the daemon can't mount(2): fusermount3 mounts and passes the fd back; handles can't be
+    opened without CAP_DAC_READ_SEARCH, so `prefer` falls back to O_PATH fds.
+
+    This host's /dev/fuse is 0600; distributions ship it 0666.  A private mount namespace gets a 0666
+    node bound over it, so the host is untouched and everything (mount included) dies with the namespace.
+    """
+    require_root()
+    base = Path(tempfile.mkdtemp(prefix="fsinspect-nonroot-"))
+    base.chmod(0o755)
+    shared, mnt = base / "shared", base / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    (shared / "f").write_bytes(b"mine\n")
+    for p in (shared, mnt, shared / "f"):
+        os.chown(p, 65534, 65534)
+    nobody = "setpriv --reuid 65534 --regid 65534 --clear-groups"
+    script = f"""
+set -e
+mknod {base}/fuse c 10 229 && chmod 666 {base}/fuse && mount --bind {base}/fuse /dev/fuse
+{nobody} {sys.executable} -m fsinspect.cli daemon --standalone {mnt} --shared-dir {shared} \
+    --log-level info 2>{base}/daemon.log &
+pid=$!
+trap 'kill -KILL $pid 2>/dev/null || true' EXIT
+for i in $(seq 150); do grep -q " {mnt} " /proc/self/mountinfo && break; sleep 0.1; done
+grep " {mnt} " /proc/self/mountinfo | grep -o "user_id=[0-9]*"
+{nobody} sh -c "cat {mnt}/f && echo new > {mnt}/g && ls {mnt}"
+kill -TERM $pid
+rc=0; wait $pid || rc=$?
+echo "rc=$rc"
+echo "mounted=$(grep -c " {mnt} " /proc/self/mountinfo || true)"
+"""
+    try:
+        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], cwd=REPO,
+                           capture_output=True, text=True, timeout=60, check=False)
+        log = (base / "daemon.log").read_text() if (base / "daemon.log").exists() else ""
+        assert r.returncode == 0, r.stderr + log
+        assert r.stdout.split() == ["user_id=65534", "mine", "f", "g", "rc=0", "mounted=0"], r.stdout + log
+        assert "holding inodes by O_PATH fds" in log
+        assert (shared / "g").stat().st_uid == 65534
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

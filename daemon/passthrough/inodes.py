@@ -100,11 +100,16 @@ class InodeStore:
         root = Inode(ROOT_ID, 0, st.st_dev, st.st_ino, st.mnt_id, st.st_mode, fd=fd, nlookup=1, parent_mnt_id=st.mnt_id)
         if self.mode is not HandleMode.NEVER:
             try:
-                _h, mnt_id = sc.name_to_handle_at(fd)
+                h, mnt_id = sc.name_to_handle_at(fd)
                 # The shared dir itself is the mount fd for its mount, pinned for the session (refs 1).
-                self._mounts[mnt_id] = MountFd(mnt_id, os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), 1)
-            except OSError:
-                pass
+                mfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                self._mounts[mnt_id] = MountFd(mnt_id, mfd, 1)
+                os.close(sc.open_by_handle_at(mfd, h, os.O_PATH))
+            except OSError as e:
+                if e.errno == errno.EPERM and self.mode is HandleMode.PREFER:
+                    # Without CAP_DAC_READ_SEARCH (not root) handles can be made but not opened.
+                    log.info("file handles need CAP_DAC_READ_SEARCH; holding inodes by O_PATH fds")
+                    self.mode = HandleMode.NEVER
         with self._lock:
             self._by_id[ROOT_ID] = root
             self._by_key[root.key] = root
