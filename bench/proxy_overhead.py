@@ -1,0 +1,96 @@
+"""Proxy overhead: the `full` guest workload against the same C virtiofsd, direct vs through
+`fsinspect proxy --record`, as alternating pairs in one run.
+
+Prints per-step medians, the speed ratio direct/proxy per step (1.0 = no overhead) with min and
+max over the pairs, and the proxy's CPU seconds per 10k exchanges.  Goals: >= 0.90 on the metadata
+storm, >= 0.95 on the 64 MiB dd.  Not a test: these machines are noisy; compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fsinspect.guest import build, launcher
+from fsinspect.guest.share import make_share
+
+
+def run_direct(image: build.GuestImage, share: Path, workload: str) -> dict[str, float]:
+    with launcher.short_tmpdir() as work, launcher.virtiofsd(share, work) as be:
+        res = launcher.run_guest(be.socket_path, image=image, workload=workload, timeout=300, watch=be.processes)
+    if not res.ok:
+        raise SystemExit(f"direct run failed: {res.status} {res.failed_steps}")
+    return {s.name: s.duration for s in res.steps if s.duration is not None}
+
+
+def run_proxied(image: build.GuestImage, share: Path, workload: str) -> tuple[dict[str, float], float, int]:
+    with launcher.short_tmpdir() as work, launcher.virtiofsd(share, work) as be:
+        listen, summ = work / "p.sock", work / "summary.json"
+        proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
+                                 "--backend", str(be.socket_path), "--record", str(work / "rec.pcapng"),
+                                 "--summary-json", str(summ), "--quiet"], stdin=subprocess.DEVNULL)
+        try:
+            while not listen.exists():
+                time.sleep(0.02)
+            res = launcher.run_guest(listen, image=image, workload=workload, timeout=300, watch=[proc])
+            _pid, _status, ru = os.wait4(proc.pid, 0)
+            proc.returncode = 0
+        finally:
+            launcher.stop_process(proc)
+        s = json.loads(summ.read_text())
+    if not res.ok:
+        raise SystemExit(f"proxied run failed: {res.status} {res.failed_steps}")
+    exchanges = s["requests"]
+    return {st.name: st.duration for st in res.steps if st.duration is not None}, ru.ru_utime + ru.ru_stime, exchanges
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--workload", default="full")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    image = build.build(progress=lambda m: print(m, file=sys.stderr))
+    direct: list[dict[str, float]] = []
+    proxied: list[dict[str, float]] = []
+    cpu: list[float] = []
+    exch: list[int] = []
+    with make_share() as share:
+        for i in range(args.pairs):
+            order = ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct")
+            for kind in order:
+                if kind == "direct":
+                    direct.append(run_direct(image, share.root, args.workload))
+                else:
+                    steps, c, n = run_proxied(image, share.root, args.workload)
+                    proxied.append(steps)
+                    cpu.append(c)
+                    exch.append(n)
+            print(f"pair {i + 1}/{args.pairs} done", file=sys.stderr)
+    steps = [k for k in direct[0] if all(k in d for d in direct + proxied)]
+    rows: list[dict[str, Any]] = []
+    print(f"{'step':<22} {'direct s':>9} {'proxy s':>9} {'ratio':>7} {'min':>6} {'max':>6}")
+    for k in steps:
+        ratios = [d[k] / p[k] if p[k] else 1.0 for d, p in zip(direct, proxied)]
+        row = {"step": k, "direct": statistics.median(d[k] for d in direct),
+               "proxy": statistics.median(p[k] for p in proxied), "ratio": statistics.median(ratios),
+               "min": min(ratios), "max": max(ratios)}
+        rows.append(row)
+        print(f"{k:<22} {row['direct']:>9.2f} {row['proxy']:>9.2f} {row['ratio']:>7.2f} {row['min']:>6.2f} {row['max']:>6.2f}")
+    per10k = [c / n * 10_000 for c, n in zip(cpu, exch)]
+    print(f"proxy CPU: median {statistics.median(cpu):.2f} s per run, {statistics.median(exch)} exchanges per run, "
+          f"{statistics.median(per10k):.3f} s per 10k exchanges (min {min(per10k):.3f}, max {max(per10k):.3f})")
+    if args.json:
+        print(json.dumps({"rows": rows, "cpu_per_10k": per10k}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
