@@ -69,8 +69,8 @@ def main() -> int:
                 if kind == "direct":
                     direct.append(run_direct(image, share.root, args.workload))
                 else:
-                    steps, c, n = run_proxied(image, share.root, args.workload)
-                    proxied.append(steps)
+                    psteps, c, n = run_proxied(image, share.root, args.workload)
+                    proxied.append(psteps)
                     cpu.append(c)
                     exch.append(n)
             print(f"pair {i + 1}/{args.pairs} done", file=sys.stderr)
