@@ -1,13 +1,15 @@
 """Regenerate recordings/samples/: real kernel traffic through /dev/fuse, served by fsinspect's daemon.
 
-    sudo .venv/bin/python recordings/make_samples.py [OUTDIR]
+    sudo .venv/bin/python recordings/make_samples.py [--guest] [OUTDIR]
 
 Runs `fsinspect daemon --standalone MNT --shared-dir DIR --record FILE` on a temporary directory, drives
 a scripted workload on the mount, drops the kernel's dentry cache (so FORGETs appear) and stops the
 daemon with SIGTERM.  Needs root (it mounts /dev/fuse).
 
-Guest traffic (SYNCFS on submount roots, FUSE_ATTR_SUBMOUNT in READDIRPLUS) only happens on virtio-fs;
-a guest sample joins here once the vhost-user daemon or the proxy can record.
+`--guest` also records guest traffic, which only virtio-fs produces (FUSE_ATTR_SUBMOUNT in READDIRPLUS,
+SYNCFS on each superblock root): the test-bed guest (QEMU 7.2 + Linux 6.1, `fsinspect guest build`)
+runs the `syncfs` workload on a share with tmpfs submounts, through `fsinspect proxy --record` in front
+of the C virtiofsd (-o announce_submounts).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SAMPLE = "fusedev-workload.pcapng"
+GUEST_SAMPLE = "guest-syncfs.pcapng"
 # What the golden file pins per exchange: a reader or decoder change that alters any of these shows up.
 GOLDEN_KEYS = ("index", "opcode", "unique", "nodeid", "queue", "head", "epoch", "ts_ns", "error", "latency_ns",
                "lints", "snapped")
@@ -127,10 +130,48 @@ def make(outdir: Path, *, timeout: float = 20.0) -> Path:
     return out
 
 
+def make_guest(outdir: Path, *, timeout: float = 120.0) -> Path:
+    """Record the guest's `syncfs` workload through the proxy into outdir/GUEST_SAMPLE."""
+    from fsinspect.guest import build, launcher
+    from fsinspect.guest.share import make_share
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    out = outdir / GUEST_SAMPLE
+    image = build.build()
+    with make_share() as share, launcher.short_tmpdir() as work, \
+            launcher.virtiofsd(share.root, work, announce_submounts=True, xattr=True) as be:
+        listen = work / "proxy.sock"
+        proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen), "--backend",
+                                 str(be.socket_path), "--record", str(out), "--quiet"], stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while not listen.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the proxy never listened")
+                time.sleep(0.02)
+            res = launcher.run_guest(listen, image=image, workload="syncfs", watch=[proc], timeout=timeout)
+            proc.wait(15)  # QEMU gone: the proxy ends by itself and closes the recording
+            if not res.ok:
+                raise RuntimeError(f"the guest workload failed: {res}")
+        finally:
+            launcher.stop_process(proc)
+    return out
+
+
+def write_golden(path: Path) -> Path:
+    golden = path.with_suffix(".golden.jsonl")
+    golden.write_text("".join(json.dumps(row) + "\n" for row in golden_rows(path)))
+    return golden
+
+
 if __name__ == "__main__":
     if os.geteuid() != 0:
         sys.exit("make_samples.py needs root (it mounts /dev/fuse)")
-    path = make(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "samples")
-    golden = path.with_suffix(".golden.jsonl")
-    golden.write_text("".join(json.dumps(row) + "\n" for row in golden_rows(path)))
-    print(f"wrote {path} ({path.stat().st_size} bytes) and {golden.name}")
+    args = [a for a in sys.argv[1:] if a != "--guest"]
+    outdir = Path(args[0]) if args else HERE / "samples"
+    paths = [make(outdir)]
+    if "--guest" in sys.argv:
+        paths.append(make_guest(outdir))
+    for path in paths:
+        golden = write_golden(path)
+        print(f"wrote {path} ({path.stat().st_size} bytes) and {golden.name}")

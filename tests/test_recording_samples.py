@@ -22,6 +22,8 @@ from tests.conftest import require_root
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "recordings" / "samples"
 SAMPLE = SAMPLES / "fusedev-workload.pcapng"
+GUEST = SAMPLES / "guest-syncfs.pcapng"  # real guest traffic: proxy in front of the C virtiofsd
+ALL_SAMPLES = [SAMPLE, GUEST]
 LUA = ROOT / "recordings" / "fuse.lua"
 
 
@@ -42,9 +44,10 @@ def test_committed_lua_is_the_generated_one() -> None:
     assert LUA.read_text() == lua.generate(), "regenerate: python -m fsinspect.recording.lua > recordings/fuse.lua"
 
 
-def test_golden_summary_of_the_sample() -> None:
-    golden = [json.loads(line) for line in SAMPLE.with_suffix(".golden.jsonl").read_text().splitlines()]
-    assert _make_samples().golden_rows(SAMPLE) == golden
+@pytest.mark.parametrize("sample", ALL_SAMPLES, ids=lambda p: p.stem)
+def test_golden_summary_of_the_sample(sample: Path) -> None:
+    golden = [json.loads(line) for line in sample.with_suffix(".golden.jsonl").read_text().splitlines()]
+    assert _make_samples().golden_rows(sample) == golden
 
 
 def tshark_fields(path: Path, *fields: str) -> list[list[str]]:
@@ -63,7 +66,7 @@ def check_tshark_matches_our_decoder(path: Path) -> int:
         records = list(r)
         an = analyze(RecordingReader(path))
     by_offset = {rec.offset: i for i, rec in enumerate(records)}
-    expected: dict[int, tuple[str, ...]] = {}
+    expected: dict[int, tuple[str, ...]] = {i: ("",) * 6 for i, rec in enumerate(records) if not rec.is_fuse}
     for ex in an.exchanges:
         if ex.req_ref is not None:
             expected[by_offset[ex.req_ref]] = ("0", str(ex.opcode), str(ex.unique), str(ex.nodeid), "", "")
@@ -87,8 +90,30 @@ def check_tshark_matches_our_decoder(path: Path) -> int:
     return len(rows)
 
 
-def test_tshark_decodes_the_sample_like_our_decoder() -> None:
-    assert check_tshark_matches_our_decoder(SAMPLE) > 100
+@pytest.mark.parametrize("sample", ALL_SAMPLES, ids=lambda p: p.stem)
+def test_tshark_decodes_the_sample_like_our_decoder(sample: Path) -> None:
+    assert check_tshark_matches_our_decoder(sample) > 100
+
+
+def test_guest_sample_submounts_and_syncfs() -> None:
+    """Guest-only traffic: SUBMOUNT visible in tshark, tracked by the analysis; SYNCFS only on roots."""
+    rows = tshark_fields(GUEST, "fuse.reply", "fuse.opcode", "fuse.nodeid", "fuse.attr.flags",
+                         "fuse.attr.flags.SUBMOUNT", "_ws.col.Info", "fsinspect_vhost_user.request")
+    submount_replies = [r for r in rows if r[0] == "1" and r[4] in ("1", "True")]
+    assert len(submount_replies) >= 2 and all(r[3] == "0x00000001" for r in submount_replies)
+    assert sum(1 for r in rows if r[1] == "50" and r[0] == "0") == 6  # SYNCFS requests
+    assert any(r[6] == "1" and r[5] == "GET_FEATURES" for r in rows)  # the vhost-user control channel
+    with RecordingReader(GUEST) as r:
+        an = analyze(r)
+        assert [i.kind for i in r.interfaces] == ["vhost-user", "virtqueue", "virtqueue"]
+    assert an.lints == []
+    assert {a.name for a in an.submounts.announced.values()} == {b"sub", b"inner"}
+    roots = {1, *an.submounts.announced}
+    assert len(an.submounts.syncfs) == 6 and {s.nodeid for s in an.submounts.syncfs} == roots
+    assert all(s.is_root and s.error == 0 and s.latency_ns for s in an.submounts.syncfs)
+    assert all(e.head is not None for e in an.exchanges)  # virtio: paired by descriptor head
+    forgets = [e for e in an.exchanges if e.opname == "FORGET"]
+    assert forgets and all(e.queue == 0 for e in forgets)
 
 
 def test_tshark_shows_names_and_attr_flags() -> None:
@@ -237,3 +262,18 @@ def test_kill_9_of_a_recording_daemon_leaves_a_readable_file(tmp_path: Path) -> 
     creates = [e for e in an.exchanges if e.opname == "CREATE"]
     assert len(creates) == 20 and all(e.replied for e in creates)
     assert any(e.opname == "READDIRPLUS" and e.replied for e in an.exchanges)
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_regenerated_guest_sample(tmp_path: Path) -> None:
+    """make_samples.py --guest end to end: real guest, proxy, C virtiofsd; tshark agrees with our decoder."""
+    require_root()
+    path = _make_samples().make_guest(tmp_path)
+    with RecordingReader(path) as r:
+        an = analyze(r)
+        assert r.truncated is None
+    assert an.lints == []
+    assert {a.name for a in an.submounts.announced.values()} == {b"sub", b"inner"}
+    assert {s.nodeid for s in an.submounts.syncfs} == {1, *an.submounts.announced}
+    assert check_tshark_matches_our_decoder(path) > 100
