@@ -209,7 +209,7 @@ int main(int argc, char **argv)
                 s_avail = s_used + 8ull * num + 16;
             }
             int pe = rc_path_init(&p, &w.m, (uint16_t)below(4), num, desc, avail, used, s_avail, s_used, &cap,
-                                  fds[0], fds[1], fds[2], fds[3], (uint16_t)rnd(), (uint32_t)below(3) * 100);
+                                  fds[0], fds[1], fds[2], fds[3], (uint16_t)rnd(), (uint32_t)below(3) * 100, 0);
             if (!pe) {
                 for (int round = 0; round < 3; round++) {
                     rc_ring_store_idx(p.g_avail, (uint16_t)(p.next_avail + below(num + 2)));

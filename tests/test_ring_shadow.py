@@ -41,7 +41,7 @@ class Proxy:
     """A rig with the four eventfds, a capture buffer, a ShadowPath and the backend's SplitQueue."""
 
     def __init__(self, eng, num: int = 8, capacity: int = 1 << 20, policy: str = "drop", snaplen: int = 0,
-                 avail_base: int = 0, used_start: int | None = None):
+                 avail_base: int = 0, used_start: int | None = None, spin_us: int = 0):
         self.rig = Rig(eng, num=num)
         if used_start is not None:  # a guest whose used ring already moved (proxy started mid-life)
             self.rig.mem.view(self.rig.used, 4)[2:4] = used_start.to_bytes(2, "little")
@@ -51,7 +51,8 @@ class Proxy:
         r = self.rig
         self.path = eng.ShadowPath(r.mem, 1, num, r.desc, r.avail, r.used, r.s_avail, r.s_used, self.cap,
                                    kick_fd=self.g_kick, call_fd=self.g_call, backend_kick_fd=self.b_kick,
-                                   backend_call_fd=self.b_call, avail_base=avail_base, snaplen=snaplen)
+                                   backend_call_fd=self.b_call, avail_base=avail_base, snaplen=snaplen,
+                                   spin_us=spin_us)
         self.dev = r.queue(shadow=True)
         self.dev.last_avail_idx = avail_base
         if used_start is not None:
@@ -315,3 +316,27 @@ def test_memory_map_locked_while_path_runs(px):
         px.rig.mem.remove_region(0)
     px.path.stop()
     px.rig.mem.add_region(1 << 30, 4096, bytearray(4096))
+
+
+def test_spin_mode_forwards_without_waiting_for_eventfds(eng):
+    """spin_us: the C path busy-polls the rings after activity (the twin accepts it and sleeps)."""
+    p = Proxy(eng, spin_us=200_000)
+    try:
+        p.path.start()
+        for i in range(4):
+            p.request(i, [b"s%d" % i], [2])
+            p.rig.guest.publish([i])
+            if i == 0 or eng.__name__.endswith("_native"):
+                os.eventfd_write(p.g_kick, 1)  # later kicks are not needed while the path spins
+            assert wait_fd(p.b_kick)
+            (c,) = p.dev.pop_chains()
+            p.dev.push_used([(c.head, 2)])
+            os.eventfd_write(p.b_call, 1)
+            assert wait_fd(p.g_call)
+            assert p.rig.guest.collect_used() == [(i, 2)]
+        k = p.path.counters
+        assert k["requests"] == k["replies"] == 4
+        if not eng.__name__.endswith("_native"):
+            assert k["spin_hits"] >= 3
+    finally:
+        p.close()

@@ -400,7 +400,7 @@ class CaptureBuffer:
 
 
 _COUNTERS = ("requests", "replies", "errors", "unpaired", "kicks_in", "calls_in", "kicks_out", "calls_out",
-             "stalls", "dropped", "wakeups")
+             "stalls", "dropped", "wakeups", "spin_hits")
 
 
 class ShadowPath:
@@ -408,7 +408,8 @@ class ShadowPath:
 
     def __init__(self, mem: MemoryMap, queue: int, num: int, desc: int, avail: int, used: int,
                  shadow_avail: int, shadow_used: int, capture: CaptureBuffer, kick_fd: int, call_fd: int,
-                 backend_kick_fd: int, backend_call_fd: int, avail_base: int = 0, snaplen: int = 0) -> None:
+                 backend_kick_fd: int, backend_call_fd: int, avail_base: int = 0, snaplen: int = 0,
+                 spin_us: int = 0) -> None:
         if queue > 0xFFFF or avail_base > 0xFFFF:
             raise ValueError("queue and avail_base are 16-bit")
         if backend_kick_fd < 0 or backend_call_fd < 0:
@@ -416,6 +417,7 @@ class ShadowPath:
         self._desc, self._g_avail, self._g_used = _check_rings(mem, num, desc, avail, used)
         _, self._s_avail, self._s_used = _check_rings(mem, num, desc, shadow_avail, shadow_used)
         self._mem, self._cap, self.queue, self.num, self.snaplen = mem, capture, queue, num, snaplen
+        self.spin_us = spin_us  # accepted for API parity; a spinning Python thread would starve the GIL
         self._inflight = bytearray(num)
         self._next_avail = self._s_avail_idx = avail_base
         _store_idx(self._s_avail, avail_base)

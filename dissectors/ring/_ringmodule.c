@@ -813,14 +813,14 @@ static int ShadowPath_init(ShadowPathObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mem", "queue", "num", "desc", "avail", "used", "shadow_avail", "shadow_used",
                              "capture", "kick_fd", "call_fd", "backend_kick_fd", "backend_call_fd",
-                             "avail_base", "snaplen", NULL};
+                             "avail_base", "snaplen", "spin_us", NULL};
     PyObject *mem, *cap;
-    unsigned int queue, num, avail_base = 0, snaplen = 0;
+    unsigned int queue, num, avail_base = 0, snaplen = 0, spin_us = 0;
     unsigned long long desc, avail, used, savail, sused;
     int kick_fd, call_fd, bkick_fd, bcall_fd;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!IIKKKKKO!iiii|II", kwlist, &MemoryMapType, &mem, &queue, &num,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!IIKKKKKO!iiii|III", kwlist, &MemoryMapType, &mem, &queue, &num,
                                      &desc, &avail, &used, &savail, &sused, &CaptureBufferType, &cap, &kick_fd,
-                                     &call_fd, &bkick_fd, &bcall_fd, &avail_base, &snaplen))
+                                     &call_fd, &bkick_fd, &bcall_fd, &avail_base, &snaplen, &spin_us))
         return -1;
     if (self->ok) {
         PyErr_SetString(PyExc_RuntimeError, "ShadowPath already initialised");
@@ -837,7 +837,7 @@ static int ShadowPath_init(ShadowPathObject *self, PyObject *args, PyObject *kw)
     MemoryMapObject *mm = (MemoryMapObject *)mem;
     int err = rc_path_init(&self->p, &mm->m, (uint16_t)queue, num, desc, avail, used, savail, sused,
                            &((CaptureBufferObject *)cap)->c, kick_fd, call_fd, bkick_fd, bcall_fd,
-                           (uint16_t)avail_base, snaplen);
+                           (uint16_t)avail_base, snaplen, spin_us);
     if (err) {
         if (err == RC_E_NOMEM)
             PyErr_SetFromErrno(PyExc_OSError);
@@ -960,10 +960,10 @@ static PyObject *ShadowPath_counters(ShadowPathObject *self, void *closure)
     if (check_path(self) < 0)
         return NULL;
     struct rc_path_counters k = self->p.ctr; /* a torn read of a counter is harmless here */
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}", "requests", k.requests, "replies", k.replies, "errors",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsK}", "requests", k.requests, "replies", k.replies, "errors",
                          k.errors, "unpaired", k.unpaired, "kicks_in", k.kicks_in, "calls_in", k.calls_in,
                          "kicks_out", k.kicks_out, "calls_out", k.calls_out, "stalls", k.stalls, "dropped",
-                         k.dropped, "wakeups", k.wakeups);
+                         k.dropped, "wakeups", k.wakeups, "spin_hits", k.spin_hits);
 }
 
 static PyObject *ShadowPath_running(ShadowPathObject *self, void *closure)

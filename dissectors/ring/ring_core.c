@@ -88,14 +88,15 @@ int rc_mem_find(struct rc_memmap *m, uint64_t gpa, uint64_t len, uint64_t *off)
 {
     if (gpa + len < gpa)
         return -RC_E_OVERFLOW;
-    int h = m->last_hit;
-    if (h < m->n && region_has(&m->r[h], gpa, len)) {
+    /* last_hit is shared by the path threads and the Python side: a relaxed hint, never trusted */
+    int h = __atomic_load_n(&m->last_hit, __ATOMIC_RELAXED);
+    if (h >= 0 && h < m->n && region_has(&m->r[h], gpa, len)) {
         *off = gpa - m->r[h].gpa;
         return h;
     }
     for (int i = 0; i < m->n; i++) {
         if (region_has(&m->r[i], gpa, len)) {
-            m->last_hit = i;
+            __atomic_store_n(&m->last_hit, i, __ATOMIC_RELAXED);
             *off = gpa - m->r[i].gpa;
             return i;
         }
@@ -553,9 +554,11 @@ static void drain_fd(int fd)
 int rc_path_init(struct rc_path *p, struct rc_memmap *m, uint16_t queue_index, uint32_t num,
                  uint64_t desc_gpa, uint64_t g_avail_gpa, uint64_t g_used_gpa, uint64_t s_avail_gpa,
                  uint64_t s_used_gpa, struct rc_capture *cap, int kick_fd, int call_fd,
-                 int backend_kick_fd, int backend_call_fd, uint16_t avail_base, uint32_t snaplen)
+                 int backend_kick_fd, int backend_call_fd, uint16_t avail_base, uint32_t snaplen,
+                 uint32_t spin_us)
 {
     memset(p, 0, sizeof(*p));
+    p->spin_ns = (uint64_t)spin_us * 1000u;
     p->kick_fd = p->call_fd = p->backend_kick_fd = p->backend_call_fd = p->ctl_fd = -1;
     int err = ring_ptrs(m, num, desc_gpa, g_avail_gpa, g_used_gpa, &p->desc, &p->g_avail, &p->g_used);
     if (err)
@@ -796,10 +799,41 @@ static void apply_pending_fds(struct rc_path *p)
     }
 }
 
+/* Busy-poll the two rings for up to spin_ns after the last activity: trades a core for the two
+ * thread wake-ups the path otherwise adds per round trip.  Returns 1 if it forwarded something. */
+static int path_spin(struct rc_path *p)
+{
+    uint64_t deadline = rc_now_ns() + p->spin_ns;
+    int moved = 0;
+    while (!p->stop && p->pending_kick_fd == -2) {
+        if (rc_ring_load_idx(p->g_avail) != p->next_avail || rc_ring_load_idx(p->s_used) != p->next_used) {
+            pthread_mutex_lock(&p->proc_lock);
+            int a = rc_path_forward_avail(p, 1), u = rc_path_forward_used(p, 1);
+            pthread_mutex_unlock(&p->proc_lock);
+            if (a > 0 || u > 0) {
+                moved = 1;
+                p->ctr.spin_hits++;
+                deadline = rc_now_ns() + p->spin_ns;
+                continue;
+            }
+            if (p->broken) /* a runaway avail index would keep us spinning: sleep instead */
+                break;
+        }
+        if (rc_now_ns() > deadline)
+            break;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+    return moved;
+}
+
 static void *path_thread(void *arg)
 {
     struct rc_path *p = arg;
     while (!p->stop) {
+        if (p->spin_ns)
+            path_spin(p);
         struct pollfd fds[3];
         int nfds = 0;
         fds[nfds++] = (struct pollfd){.fd = p->ctl_fd, .events = POLLIN};

@@ -182,7 +182,7 @@ uint64_t rc_capture_used_bytes(struct rc_capture *c);
 /* ---- the shadow-ring data path of one queue ---- */
 struct rc_path_counters {
     uint64_t requests, replies, errors, unpaired, kicks_in, calls_in, kicks_out, calls_out;
-    uint64_t stalls, dropped, wakeups;
+    uint64_t stalls, dropped, wakeups, spin_hits;
 };
 struct rc_path {
     struct rc_memmap *mem;
@@ -200,6 +200,7 @@ struct rc_path {
     uint8_t *inflight;               /* per head: forwarded and not yet used */
     struct rc_capture *cap;
     uint32_t snaplen;                /* 0 = whole chain */
+    uint64_t spin_ns;                /* busy-poll budget after activity (0 = always sleep in poll) */
     int kick_fd, call_fd;            /* our dups of the frontend's fds (-1: none) */
     int backend_kick_fd, backend_call_fd;
     int ctl_fd;                      /* eventfd: stop / fd swap wake-up */
@@ -219,7 +220,8 @@ struct rc_path {
 int rc_path_init(struct rc_path *p, struct rc_memmap *m, uint16_t queue_index, uint32_t num,
                  uint64_t desc_gpa, uint64_t g_avail_gpa, uint64_t g_used_gpa, uint64_t s_avail_gpa,
                  uint64_t s_used_gpa, struct rc_capture *cap, int kick_fd, int call_fd,
-                 int backend_kick_fd, int backend_call_fd, uint16_t avail_base, uint32_t snaplen);
+                 int backend_kick_fd, int backend_call_fd, uint16_t avail_base, uint32_t snaplen,
+                 uint32_t spin_us);
 int rc_path_start(struct rc_path *p);
 void rc_path_stop(struct rc_path *p);
 /* Forward pending used entries to the guest now (GET_VRING_BASE flush); returns how many. */
