@@ -332,3 +332,50 @@ echo "mounted=$(grep -c " {mnt} " /proc/self/mountinfo || true)"
         assert (shared / "g").stat().st_uid == 65534
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+_HOLDER = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, 100, 0)
+fcntl.lockf(fd, fcntl.LOCK_SH, 50, 200)
+print("locked", flush=True)
+sys.stdin.readline()
+os.close(fd)
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_posix_locks_between_processes(dirs: tuple[Path, Path]) -> None:
+    """fcntl locks reach the daemon (FUSE_POSIX_LOCKS) and conflict between owners as on the host."""
+    _host, m = dirs
+    f = m / "locked"
+    f.write_bytes(b"\0" * 4096)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(f)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "locked"
+        fd = os.open(f, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 20)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 100)  # outside the holder's range: fine
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 10, 210)  # shared with the holder's read lock
+            with pytest.raises(BlockingIOError):
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 210)
+            # F_GETLK describes the conflicting write lock.
+            import struct
+            res = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 10, 0))
+            typ, _wh, start, length, _pid = struct.unpack("@hhqqi4x", res)
+            assert (typ, start, length) == (fcntl.F_WRLCK, 0, 100)
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline().strip() == "closed"
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 20)  # the holder's close released its locks
+        finally:
+            os.close(fd)
+    finally:
+        holder.kill()
+        holder.wait(10)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,3 +188,20 @@ def test_failed_check_fails_the_run(boot_virtiofsd):
     assert "submounts-access" in res.failed_steps
     assert res.step("submounts-access").rc == 1
     assert any("access /mnt/no-such-dir" in f for f in res.check_failures), res.check_failures
+
+
+def test_syncfs_reaches_every_superblock(guest_image, guest_share):
+    """`syncfs` against virtiofsd -d: one `sync` sends FUSE_SYNCFS for all three superblocks (root, sub,
+    sub/inner), and the per-mount `sync -f` sends one each.  The backend's own debug log is the witness."""
+    with launcher.short_tmpdir() as work, launcher.virtiofsd(guest_share.root, work, extra_args=["-d"]) as be:
+        res = launcher.run_guest(be.socket_path, image=guest_image, workload="syncfs", timeout=90)
+        assert be.log_path is not None
+        log = be.log_path.read_text(errors="replace")
+    assert res.ok, explain(res)
+    calls = re.findall(r"opcode: SYNCFS \(50\), nodeid: (\d+), insize: \d+, pid: (\d+)", log)
+    assert len(calls) == 6, calls
+    by_sync, per_mount = calls[:3], calls[3:]
+    assert len({pid for _, pid in by_sync}) == 1, "one sync(2) call reaches all three superblocks"
+    assert len({node for node, _ in by_sync}) == 3 and "1" in {node for node, _ in by_sync}
+    assert {node for node, _ in per_mount} == {node for node, _ in by_sync}
+    assert len({pid for _, pid in per_mount}) == 3, "one `sync -f` process per mount"

@@ -157,3 +157,10 @@ def test_build_error_names_the_failed_command(tmp_path):
     assert "Unable to locate package" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("*.deb"))
+
+
+def test_run_without_a_socket_is_a_one_line_error(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fsinspect", "guest", "run", "--socket", str(tmp_path / "none.sock")],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 1
+    assert p.stderr.strip() == f"fsinspect guest: no vhost-user socket at {tmp_path / 'none.sock'} (is the backend running?)"

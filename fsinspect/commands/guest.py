@@ -154,6 +154,10 @@ def _summary(res: GuestResult, sums: dict[str, tuple[str, str | None]]) -> None:
         print(f"check failed: {f}")
     for e in res.errors:
         print(f"guest error: {e}")
+    if not res.ok and res.qemu_stderr:
+        print("QEMU stderr:")
+        for line in res.qemu_stderr[-10:]:
+            print(f"  | {line}")
     if not res.ok and not res.backend_lost:
         print("console tail:")
         for line in res.console[-15:]:

@@ -147,6 +147,8 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
         raise LaunchError(f"{QEMU} not found (apt-get install qemu-system-x86)")
     if stall_timeout is None and workload == "hold":
         stall_timeout = 3.0
+    if not sock.exists():
+        raise LaunchError(f"no vhost-user socket at {sock} (is the backend running?)")
     accel = accel or choose_accel()
     result = GuestResult(workload=workload, tag=tag, accel=accel)
     cmd = qemu_command(image, sock, tag, kernel_cmdline(workload, tag, params), accel, memory_mb)
