@@ -12,7 +12,7 @@ from dissectors.spec import fuse as spec
 INIT = spec.INIT_FLAGS.by_name()
 KERNEL_FLAGS = (INIT["ASYNC_READ"] | INIT["BIG_WRITES"] | INIT["MAX_PAGES"] | INIT["DO_READDIRPLUS"]
                 | INIT["READDIRPLUS_AUTO"] | INIT["PARALLEL_DIROPS"] | INIT["FLOCK_LOCKS"] | INIT["ATOMIC_O_TRUNC"]
-                | INIT["AUTO_INVAL_DATA"] | INIT["WRITEBACK_CACHE"] | INIT["SUBMOUNTS"])
+                | INIT["AUTO_INVAL_DATA"] | INIT["WRITEBACK_CACHE"] | INIT["SUBMOUNTS"] | INIT["POSIX_LOCKS"])
 
 
 class EngineClient:

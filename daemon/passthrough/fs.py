@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import stat
+import struct
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from daemon.server import Context, DirEntry, Entry, FileSystem, StatLike
+from dissectors.fuse import make
 from dissectors.spec import fuse as spec
 
 from . import syscalls as sc
@@ -38,6 +40,7 @@ FOPEN = spec.FOPEN.by_name()
 FATTR = spec.FATTR.by_name()
 ATTR_SUBMOUNT = spec.ATTR_FLAGS.by_name()["SUBMOUNT"]
 LK_FLOCK = spec.LK_FLAGS.by_name()["FLOCK"]
+RELEASE_FLUSH = spec.RELEASE_FLAGS.by_name()["FLUSH"]
 LOCK_TYPE = spec.LOCK_TYPE.by_name()
 RENAME_FLAGS_OK = sum(v for _, v in spec.RENAME_FLAGS.bits)
 W_OK = spec.ACCESS_MASK.by_name()["W_OK"]
@@ -111,12 +114,13 @@ class PassthroughFS(FileSystem):
         self.submounts = False
         self.writeback = False
         self.syncfs_by_dev: Counter[int] = Counter()
+        self._lock_fds: dict[tuple[int, int], int] = {}
         os.umask(0)  # the kernel applied the caller's umask already (we don't negotiate DONT_MASK)
 
     # ------------------------------------------------------------------ session
     def init(self, kernel_flags: int) -> int:
         want = (INIT["ASYNC_READ"] | INIT["ATOMIC_O_TRUNC"] | INIT["DO_READDIRPLUS"] | INIT["READDIRPLUS_AUTO"]
-                | INIT["PARALLEL_DIROPS"] | INIT["ASYNC_DIO"] | INIT["FLOCK_LOCKS"])
+                | INIT["PARALLEL_DIROPS"] | INIT["ASYNC_DIO"] | INIT["FLOCK_LOCKS"] | INIT["POSIX_LOCKS"])
         if self.opts.cache is CacheMode.AUTO:
             want |= INIT["AUTO_INVAL_DATA"]
         if self.opts.writeback and not self.opts.readonly:
@@ -130,10 +134,11 @@ class PassthroughFS(FileSystem):
 
     def destroy(self) -> None:
         with self._lock:
-            handles = list(self._handles.values())
+            fds = [h.fd for h in self._handles.values()] + list(self._lock_fds.values())
             self._handles.clear()
-        for h in handles:
-            os.close(h.fd)
+            self._lock_fds.clear()
+        for fd in fds:
+            os.close(fd)
         self.store.clear()
 
     def close(self) -> None:
@@ -382,8 +387,10 @@ class PassthroughFS(FileSystem):
         return os.pwrite(self._handle(fh).fd, data, offset)
 
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
-        # close() of a duplicate gives the host filesystem its close-time semantics (NFS, POSIX locks).
+        # close() of a duplicate gives the host filesystem its close-time semantics (NFS), and the
+        # owner's POSIX locks go away as with close(2).
         os.close(os.dup(self._handle(fh).fd))
+        self._drop_owner(nodeid, lock_owner)
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
                 lock_owner: int) -> None:
@@ -393,6 +400,8 @@ class PassthroughFS(FileSystem):
                 raise OSError(errno.EBADF, f"bad fh {fh}")
             del self._handles[fh]
         os.close(h.fd)
+        if release_flags & RELEASE_FLUSH:
+            self._drop_owner(nodeid, lock_owner)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         fd = self._handle(fh).fd
@@ -412,14 +421,51 @@ class PassthroughFS(FileSystem):
             raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
         return os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, length, off_in, off_out)
 
+    # POSIX (fcntl) locks: one extra open file description per (inode, lock owner) carries that owner's
+    # OFD locks, so owners conflict with each other exactly as processes do; closing it on FLUSH (the
+    # owner closed a descriptor) drops all of the owner's locks on the file, as close(2) does.
+    def _owner_fd(self, h: Handle, owner: int) -> int:
+        key = (h.inode.nodeid, owner)
+        with self._lock:
+            fd = self._lock_fds.get(key)
+        if fd is not None:
+            return fd
+        try:
+            fd = self.store.reopen(h.inode, os.O_RDWR)
+        except OSError:
+            fd = self.store.reopen(h.inode, fcntl.fcntl(h.fd, fcntl.F_GETFL) & os.O_ACCMODE)
+        with self._lock:
+            old = self._lock_fds.setdefault(key, fd)
+        if old != fd:
+            os.close(fd)
+        return old
+
+    def _drop_owner(self, nodeid: int, owner: int) -> None:
+        with self._lock:
+            fd = self._lock_fds.pop((nodeid, owner), None)
+        if fd is not None:
+            os.close(fd)
+
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lk: Any, lk_flags: int) -> Any:
+        if lk_flags & LK_FLOCK:
+            raise OSError(errno.EINVAL, "no GETLK for flock locks")
+        fd = self._owner_fd(self._handle(fh), owner)
+        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _pack_flock(lk.type, lk.start, lk.end))
+        typ, _wh, start, length, _pid = _FLOCK.unpack(res)
+        end = start + length - 1 if length else OFFSET_MAX
+        return _file_lock(start, end, typ)
+
     def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lk: Any, lk_flags: int, sleep: bool) -> None:
-        if not lk_flags & LK_FLOCK:
-            raise OSError(errno.ENOSYS, "POSIX locks are left to the kernel")
-        op = {LOCK_TYPE["F_RDLCK"]: fcntl.LOCK_SH, LOCK_TYPE["F_WRLCK"]: fcntl.LOCK_EX,
-              LOCK_TYPE["F_UNLCK"]: fcntl.LOCK_UN}.get(lk.type)
-        if op is None:
-            raise OSError(errno.EINVAL, f"bad lock type {lk.type}")
-        fcntl.flock(self._handle(fh).fd, op | (0 if sleep else fcntl.LOCK_NB))
+        h = self._handle(fh)
+        if lk_flags & LK_FLOCK:
+            op = {LOCK_TYPE["F_RDLCK"]: fcntl.LOCK_SH, LOCK_TYPE["F_WRLCK"]: fcntl.LOCK_EX,
+                  LOCK_TYPE["F_UNLCK"]: fcntl.LOCK_UN}.get(lk.type)
+            if op is None:
+                raise OSError(errno.EINVAL, f"bad lock type {lk.type}")
+            fcntl.flock(h.fd, op | (0 if sleep else fcntl.LOCK_NB))
+            return
+        fd = self._owner_fd(h, owner)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if sleep else fcntl.F_OFD_SETLK, _pack_flock(lk.type, lk.start, lk.end))
 
     # ------------------------------------------------------------------ directories
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
@@ -530,6 +576,20 @@ class PassthroughFS(FileSystem):
         self._rw()
         with cm as fd:
             os.removexattr(f"/proc/self/fd/{fd}", name)
+
+
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock (x86_64 / LP64)
+OFFSET_MAX = (1 << 63) - 1
+
+
+def _pack_flock(typ: int, start: int, end: int) -> bytes:
+    """fuse_file_lock (inclusive end, OFFSET_MAX = to EOF) -> struct flock (length, 0 = to EOF)."""
+    length = 0 if end >= OFFSET_MAX else end - start + 1
+    return _FLOCK.pack(typ, os.SEEK_SET, start, length, 0)
+
+
+def _file_lock(start: int, end: int, typ: int) -> Any:
+    return make("fuse_file_lock", start=start, end=end, type=typ, pid=0)
 
 
 def _sized(v: bytes, size: int) -> bytes | int:
