@@ -13,6 +13,7 @@ does.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
@@ -353,6 +354,14 @@ def build(progress: Progress | None = None, force: bool = False, cache_dir: Path
         package = resolve_kernel_package(cache_dir)
     kver = kernel_version_of(package)
     kdir = (cache_dir or cache_root()) / kver
+    kdir.mkdir(parents=True, exist_ok=True)
+    # Several test sessions may build at once (shared machine, parallel CI jobs): one builder at a time.
+    with open(kdir.parent / f".{kver}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(package, kver, kdir, say, force)
+
+
+def _build_locked(package: str, kver: str, kdir: Path, say: Progress, force: bool) -> GuestImage:
     if force or not (kdir / "kernel.json").exists() or not (kdir / "vmlinuz").exists():
         _fetch_kernel(package, kdir, say)
     else:
@@ -365,8 +374,9 @@ def build(progress: Progress | None = None, force: bool = False, cache_dir: Path
     if force or not initrd.exists() or not keyfile.exists() or keyfile.read_text().strip() != key:
         say("building initramfs (busybox, /init, workloads, modules, /dev/console)")
         data = build_initramfs(modules, kver)
-        tmp = initrd.with_suffix(".tmp")
-        tmp.write_bytes(data)
+        fd, tmp = tempfile.mkstemp(prefix=".initramfs-", dir=kdir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, initrd)
         keyfile.write_text(key + "\n")
         say(f"initramfs: {initrd} ({len(data) / 1e6:.1f} MB)")

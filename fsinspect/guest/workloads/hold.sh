@@ -1,5 +1,5 @@
 # hold: steady traffic (write, read back, stat, unlink) with a tick marker about every 0.2 s, for
-# `seconds` (default 600): the disconnect tests kill the backend meanwhile.  A dead backend leaves the
+# `seconds` (default 60): the disconnect tests kill the backend meanwhile.  A dead backend leaves the
 # next request hanging in D state, so the ticks stop: that silence is what the launcher watches.
 HOLD=$MNT/.fsi-hold
 
@@ -7,7 +7,7 @@ hold_run() {
     rm -rf "$HOLD"
     must "mkdir" mkdir "$HOLD" || return 1
     read_cs
-    _end=$((NOW_CS + $(param seconds 600) * 100))
+    _end=$((NOW_CS + $(param seconds 60) * 100))
     _last=0
     _i=0
     while :; do
