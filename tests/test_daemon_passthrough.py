@@ -506,3 +506,33 @@ def test_readdir_offsets_resume_and_plus_counts_lookups(engine: Factory, tmp_pat
     fs = c.server.fs
     assert isinstance(fs, PassthroughFS)
     assert fs.store.counts()["inodes"] == 1 + len(ents) - 2
+
+
+def test_destroy_releases_everything(engine: Factory, tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    c = engine()
+    f = c.nodeid(1, b"f")
+    c.open(f, os.O_RDONLY)
+    c.ok("OPENDIR", {"open": F.make("fuse_open_in")}, nodeid=1)
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    assert fs.counters()["open_handles"] == 2
+    c.ok("DESTROY")
+    assert fs.counters()["open_handles"] == 0 and fs.store.counts()["inodes"] == 1
+    assert c.call("GETATTR", nodeid=1).error == errno.EIO  # a new session must INIT first
+    assert c.init().error == 0
+    assert c.nodeid(1, b"f") != f
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fsinspect.cli", "daemon", *args], capture_output=True,
+                              text=True, timeout=30, cwd=Path(__file__).parent.parent, check=False)
+
+    r = run("--shared-dir", str(tmp_path))
+    assert r.returncode == 2 and "--standalone" in r.stderr and "Traceback" not in r.stderr
+    r = run("--standalone", str(tmp_path), "--shared-dir", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "not a directory" in r.stderr
+    r = run("--standalone", str(tmp_path), "--shared-dir", "/proc/sys", "--inode-file-handles", "mandatory")
+    assert r.returncode == 1 and "mandatory" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
