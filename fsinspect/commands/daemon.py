@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     tap = open_tap(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
     try:
         return standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size,
-                              tap=tap)
+                              dispatch=args.dispatch, tap=tap)
     except FuseDevError as e:
         raise UserError(str(e.strerror or e), status=1) from None
     except OSError as e:
