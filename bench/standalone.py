@@ -12,6 +12,7 @@ import ctypes
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=3000, help="operations per storm")
     ap.add_argument("--big-mb", type=int, default=64)
     ap.add_argument("--no-pyfuse3", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="run every target this many times, interleaved, and report medians (the host is shared)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (mount(2) and a clean comparison)")
@@ -125,21 +128,25 @@ def main() -> int:
     }
     if not args.no_pyfuse3:
         daemons["pyfuse3"] = [py, str(REPO / "bench" / "pyfuse3_passthrough.py"), str(shared), str(mnt)]
-    results: dict[str, dict[str, float]] = {}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in daemons}
     try:
-        for name, cmd in daemons.items():
-            subprocess.run(["sync"], check=False)
-            if cmd is None:
-                results[name] = storms(shared, args.files, args.n, name.replace(" ", "-"))
-                continue
-            proc = start(cmd, mnt)
-            try:
-                results[name] = storms(mnt, args.files, args.n, name.replace(" ", "-"))
-            finally:
-                stop(proc, mnt)
+        for rnd in range(args.rounds):
+            for name, cmd in daemons.items():
+                tag = f"{name.replace(' ', '-')}-{rnd}"
+                subprocess.run(["sync"], check=False)
+                if cmd is None:
+                    samples[name].append(storms(shared, args.files, args.n, tag))
+                    continue
+                proc = start(cmd, mnt)
+                try:
+                    samples[name].append(storms(mnt, args.files, args.n, tag))
+                finally:
+                    stop(proc, mnt)
     finally:
         if not mounted(mnt):
             shutil.rmtree(base, ignore_errors=True)
+    results = {name: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for name, runs in samples.items()}
+    print(f"medians of {args.rounds} interleaved rounds, {args.n} ops per storm, --cache none")
     cols = list(results)
     metrics = list(next(iter(results.values())))
     print(f"{'storm (ops/s)':<16}" + "".join(f"{c:>20}" for c in cols) + (
