@@ -163,6 +163,8 @@ class Session:
             "requests": self.requests,
             "replies": self.replies,
             "opcodes": dict(self.opcount.most_common()),
+            "latency": {name: o.latency() for name, o in an.stats.ops.items() if o.latencies},
+            "errors": dict(an.stats.errors.most_common()),
             "path": dict(counters),
             "capture": cap,
             "capture_errors": self.capture_errors,
