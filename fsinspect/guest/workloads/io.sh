@@ -3,17 +3,19 @@
 IOF=$MNT/.fsi-io.bin
 
 # The source is built in guest RAM first, so io-write times the file system, not the data source.
-# A random 1 MiB seed, repeated: cheap to produce under TCG and never all-zero.
+# A random 1 MiB seed, doubled until big enough (few forks: cheap under TCG) and never all-zero.
 io_prepare() {
-    must "seed" dd if=/dev/urandom of=/tmp/io.seed bs=1M count=1 2>/dev/null || return 1
-    io_source >/tmp/io.src || return 1
-    rm /tmp/io.seed
+    must "seed" dd if=/dev/urandom of=/tmp/io.src bs=1M count=1 2>/dev/null || return 1
+    _mb=1
+    while [ $_mb -lt "$IO_MB" ]; do
+        cat /tmp/io.src /tmp/io.src >/tmp/io.tmp || return 1
+        mv /tmp/io.tmp /tmp/io.src
+        _mb=$((_mb * 2))
+    done
+    if [ $_mb -gt "$IO_MB" ]; then
+        dd if=/tmp/io.src of=/tmp/io.tmp bs=1M count="$IO_MB" 2>/dev/null && mv /tmp/io.tmp /tmp/io.src || return 1
+    fi
     IO_WANT=$(sha256sum </tmp/io.src)
-}
-
-io_source() {
-    _i=0
-    while [ $_i -lt "$IO_MB" ]; do cat /tmp/io.seed; _i=$((_i + 1)); done
 }
 
 io_write() {
