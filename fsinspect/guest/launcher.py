@@ -134,8 +134,9 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
     """Boot the guest against `socket_path`, run `workload`, and return what the console reported.
 
     QEMU is always gone when this returns (killed by PID on timeout, backend loss or an exception).
-    `stall_timeout` (default 3 s for `hold`) declares the backend lost when the console is silent that long
-    after the mount.
+    `stall_timeout` (default 3 s for `hold`, 0 disables) declares the backend lost when the console is
+    silent that long after the mount.  A backend behind a proxy that answers EIO itself should pass
+    watch=() and stall_timeout=0, and judge the guest's own result.
     """
     if image is None:
         from .build import build
@@ -201,7 +202,7 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
                     rc = w.poll()
                     if rc is not None:
                         backend_lost(f"backend process {w.pid} exited (status {rc})")
-                if (stall_timeout is not None and result.mounted_uptime is not None
+                if (stall_timeout and result.mounted_uptime is not None
                         and now - last_output > stall_timeout):
                     backend_lost(f"console silent for {now - last_output:.1f} s (guest blocked on a request)")
             if result.backend_lost:
