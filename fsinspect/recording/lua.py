@@ -134,6 +134,8 @@ def generate() -> str:
                          if p.kind in ("str", "text", "data", "strs", "xattr")}
                         | {p.name for n in fspec.NOTIFIES for p in n.body if p.kind in ("str", "data")}
                         | {"value"})
+    for pn in sorted({p.name for n in fspec.NOTIFIES for p in n.body if p.kind == "array" and p.ref == "u64"}):
+        g.field(f"fuse.{pn}", f"ProtoField.uint64({_q('fuse.' + pn)}, {_q(pn)}, base.DEC)")
     for pn in part_names:
         kind = "string" if pn in ("name", "newname", "target", "dev_info") else "bytes"
         g.field(f"fuse.{pn}", f"ProtoField.{kind}({_q('fuse.' + pn)}, {_q(pn)})")
@@ -183,6 +185,7 @@ def generate() -> str:
         f"local IN_HEADER_SIZE = {fspec.IN_HEADER_SIZE}",
         f"local OUT_HEADER_SIZE = {fspec.OUT_HEADER_SIZE}",
         f"local OP_INIT = {fspec.OPCODE_BY_NAME['INIT'].value}",
+        f"local SETXATTR_EXT = 0x{fspec.INIT_FLAGS.by_name()['SETXATTR_EXT']:x}",
         _RUNTIME,
     ]
     return "\n".join(out) + "\n"
@@ -203,9 +206,9 @@ local ef_error = ProtoExpert.new("fuse.error_reply", "FUSE error reply", expert.
 fuse.experts = {ef_malformed, ef_error}
 
 -- Pairing state, filled on the first pass: INIT epochs, requests by epoch:unique, per-frame results.
-local state = {epoch = 0, pending = {}, frames = {}}
+local state = {epoch = 0, pending = {}, frames = {}, setxattr_ext = {}}
 function fuse.init()
-  state = {epoch = 0, pending = {}, frames = {}}
+  state = {epoch = 0, pending = {}, frames = {}, setxattr_ext = {}}
 end
 
 local function struct_size(sname) return S[sname].size end
@@ -244,8 +247,8 @@ local function add_name(tvb, off, stop, tree, key)
   while off + len < stop and tvb(off + len, 1):uint() ~= 0 do len = len + 1 end
   if off + len >= stop then return nil end
   local pf = F["fuse." .. key] or F["fuse.name"]
-  if len > 0 then tree:add(pf, tvb(off, len)) else tree:add(pf, tvb(off, 1), "") end
-  return off + len + 1, tvb(off, len):string()
+  if len > 0 then tree:add_packet_field(pf, tvb(off, len), ENC_UTF_8) else tree:add(pf, tvb(off, 1), "") end
+  return off + len + 1, len > 0 and tvb(off, len):string(ENC_UTF_8) or ""
 end
 
 local function add_dirents(tvb, off, stop, tree, plus)
@@ -256,9 +259,9 @@ local function add_dirents(tvb, off, stop, tree, plus)
     local nl_off = plus and (off + struct_size("fuse_entry_out") + 16) or (off + 16)
     local namelen = tvb(nl_off, 4):le_uint()
     if namelen == 0 or off + head + namelen > stop then return nil end
-    local name = tvb(off + head, namelen):string()
+    local name = tvb(off + head, namelen):string(ENC_UTF_8)
     local _, sub, vals = add_struct(sname, tvb, off, tree, "entry " .. n .. " \"" .. name .. "\"", stop - off)
-    sub:add(F["fuse.entry_name"], tvb(off + head, namelen))
+    sub:add_packet_field(F["fuse.entry_name"], tvb(off + head, namelen), ENC_UTF_8)
     if plus and vals.entry_out and vals.entry_out.attr and vals.entry_out.attr.flags and
        bit.band(vals.entry_out.attr.flags, 1) ~= 0 then
       sub:append_text(" [SUBMOUNT]")
@@ -281,9 +284,11 @@ local function add_parts(parts, tvb, off, stop, tree, info)
       if stop - off == 0 and p.optional then
         -- absent
       else
-        local nxt, _, v = add_struct(p.ref, tvb, off, tree, p.name, stop - off)
+        local avail = stop - off
+        -- Without FUSE_SETXATTR_EXT the kernel sends the 8-byte fuse_setxattr_in of old.
+        if p.name == "setxattr" and not (info and info.setxattr_ext) and avail >= 8 then avail = 8 end
+        local nxt, _, v = add_struct(p.ref, tvb, off, tree, p.name, avail)
         if not nxt then return false, summary, vals end
-        if p.name == "setxattr" and stop - off < struct_size(p.ref) then nxt = off + 8 end
         vals[p.name] = v
         off = nxt
       end
@@ -298,8 +303,9 @@ local function add_parts(parts, tvb, off, stop, tree, info)
     elseif k == "text" or k == "data" or k == "strs" then
       if stop > off then
         local pf = F["fuse." .. p.name]
-        tree:add(pf, tvb(off, stop - off))
-        if k == "text" then table.insert(summary, p.name .. "=" .. tvb(off, stop - off):string()) end
+        if k == "data" then tree:add(pf, tvb(off, stop - off))
+        else tree:add_packet_field(pf, tvb(off, stop - off), ENC_UTF_8) end
+        if k == "text" then table.insert(summary, p.name .. "=" .. tvb(off, stop - off):string(ENC_UTF_8)) end
         if k == "data" then table.insert(summary, (stop - off) .. " bytes") end
       end
       off = stop
@@ -323,7 +329,7 @@ local function add_parts(parts, tvb, off, stop, tree, info)
       end
       for i = 0, count - 1 do
         if off + size > stop then return false, summary, vals end
-        if p.ref == "u64" then tree:add_le(F["fuse.nodeid"], tvb(off, 8))
+        if p.ref == "u64" then tree:add_le(F["fuse." .. p.name], tvb(off, 8))
         else add_struct(p.ref, tvb, off, tree, p.name .. "[" .. i .. "]", size) end
         off = off + size
       end
@@ -380,8 +386,10 @@ function fuse.dissector(tvb, pinfo, tree)
     local body_stop = stop - ext
     local ok, summary = true, {}
     if op then
-      local info = {}
-      ok, summary = add_parts(op.req, tvb, IN_HEADER_SIZE, body_stop, root, info)
+      local info = {setxattr_ext = fr and state.setxattr_ext[fr.epoch]}
+      local vals
+      ok, summary, vals = add_parts(op.req, tvb, IN_HEADER_SIZE, body_stop, root, info)
+      if fr and h.opcode == OP_INIT and vals.init then fr.init_flags = vals.init.flags end
       if fr and op.name == "GETXATTR" or fr and op.name == "LISTXATTR" then
         fr.xattr_size0 = (body_stop >= IN_HEADER_SIZE + 4 and tvb(IN_HEADER_SIZE, 4):le_uint() == 0)
       end
@@ -415,7 +423,7 @@ function fuse.dissector(tvb, pinfo, tree)
         state.pending[key] = nil
         local rq = state.frames[reqno]
         fr = {request_in = reqno, opcode = rq.opcode, nodeid = rq.nodeid, xattr_size0 = rq.xattr_size0,
-              delta = pinfo.abs_ts - rq.ts, epoch = ep}
+              delta = pinfo.abs_ts - rq.ts, epoch = ep, init_flags = rq.init_flags}
         rq.response_in = pinfo.number
         break
       end
@@ -439,8 +447,11 @@ function fuse.dissector(tvb, pinfo, tree)
     root:add_proto_expert_info(ef_error, opname .. " -> " .. ename)
     table.insert(summary, ename)
   elseif op and op.rep then
-    local ok
-    ok, summary = add_parts(op.rep, tvb, OUT_HEADER_SIZE, stop, root, fr)
+    local ok, vals
+    ok, summary, vals = add_parts(op.rep, tvb, OUT_HEADER_SIZE, stop, root, fr)
+    if not pinfo.visited and fr.opcode == OP_INIT and fr.init_flags and vals.init_out and vals.init_out.flags then
+      state.setxattr_ext[fr.epoch] = bit.band(fr.init_flags, vals.init_out.flags, SETXATTR_EXT) ~= 0
+    end
     if not ok and not snapped then root:add_proto_expert_info(ef_malformed, "body does not match " .. opname) end
   elseif stop > OUT_HEADER_SIZE then
     root:add(F["fuse.undecoded"], tvb(OUT_HEADER_SIZE, stop - OUT_HEADER_SIZE))
