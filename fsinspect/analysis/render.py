@@ -10,8 +10,12 @@ from dissectors.render import message_json, summary
 from .exchange import Exchange
 
 
-def exchange_json(ex: Exchange) -> dict[str, Any]:
-    """One exchange: opcode name, unique, nodeid, queue, decoded request and reply, errno name, latency."""
+def exchange_json(ex: Exchange, *, raw: bool = False) -> dict[str, Any]:
+    """One exchange: opcode name, unique, nodeid, queue, decoded request and reply, errno name, latency.
+
+    With `raw`, the captured bytes (hex) and original lengths come along whenever the exchange kept them
+    (`Analyzer(keep_raw=True)`): a live UI re-analyses them for its hex dump and inode map.
+    """
     req = message_json(ex.request) if ex.request is not None else None
     rep = message_json(ex.reply) if ex.reply is not None else None
     d: dict[str, Any] = {
@@ -37,8 +41,13 @@ def exchange_json(ex: Exchange) -> dict[str, Any]:
         d["notes"] = list(ex.notes)
     if ex.decode_error:
         d["decode_error"] = ex.decode_error
+    if ex.decode_error or raw:
         d["request_raw"] = ex.req_raw.hex() if ex.req_raw is not None else None
         d["reply_raw"] = ex.reply_raw.hex() if ex.reply_raw is not None else None
+    if raw:
+        d["request_len"] = ex.req_len
+        d["reply_len"] = ex.reply_len if ex.replied else None
+        d["reply_ts_ns"] = ex.reply_ts
     return d
 
 

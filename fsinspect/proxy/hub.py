@@ -91,7 +91,7 @@ class Hub:
     def publish_exchange(self, ex: Any) -> None:
         from ..analysis.render import exchange_json
 
-        obj = {"type": "exchange", **exchange_json(ex)}
+        obj = {"type": "exchange", **exchange_json(ex, raw=True)}
         self.recent.append(obj)
         self._broadcast(obj)
 

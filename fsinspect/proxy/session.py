@@ -40,7 +40,7 @@ class Session:
         self.cfg = cfg
         self.opts = opts
         self.lock = threading.RLock()
-        self.analyzer = Analyzer(keep_exchanges=False)
+        self.analyzer = Analyzer(keep_exchanges=False, keep_raw=bool(opts.control))  # raw bytes for attached UIs
         self.writer = (RecordingWriter(opts.record, source="virtio", backend=opts.backend_name,
                                        snaplen=opts.snaplen, rotate_mb=opts.rotate_mb,
                                        comments=["fsinspect proxy"]) if opts.record else None)
