@@ -194,7 +194,8 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
                     for raw in lines:
                         text = raw.decode("utf-8", "replace").rstrip()
                         result.qemu_stderr.append(text)
-                        if any(p.search(text) for p in BACKEND_LOST_PATTERNS):
+                        # After `done` the guest has unmounted: a backend leaving then is no loss.
+                        if result.done_uptime is None and any(p.search(text) for p in BACKEND_LOST_PATTERNS):
                             backend_lost(f"QEMU: {text}")
             now = time.monotonic()
             if result.done_uptime is None:
