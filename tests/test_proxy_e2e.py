@@ -255,3 +255,29 @@ def test_two_control_clients(guest_image: GuestImage, guest_share: Share, tmp_pa
     missed = sorted(c["missed"] for c in s["control_clients"])
     assert missed[-1] > 0, s["control_clients"]
     assert any(x["type"] == "event" and x["kind"] == "end" for x in lines)
+
+
+def test_libvirt_wrapper_mode(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    """virtiofsd's own options: the proxy starts the C virtiofsd behind itself (libvirt <binary path>)."""
+    caps = subprocess.run([sys.executable, "-m", "fsinspect", "proxy", "--print-capabilities"], capture_output=True,
+                          text=True, check=True)
+    assert json.loads(caps.stdout) == {"type": "fs"}
+    with launcher.short_tmpdir() as work:
+        sock = work / "vfs.sock"
+        proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", f"--socket-path={sock}",
+                                 "-o", f"source={guest_share.root},cache=auto", "-o", "announce_submounts",
+                                 "--record", str(tmp_path / "rec.pcapng"), "--summary-json", str(tmp_path / "s.json")],
+                                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while not sock.exists():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            res = launcher.run_guest(sock, image=guest_image, workload="submounts", watch=[proc], timeout=90)
+            proc.wait(15)
+        finally:
+            launcher.stop_process(proc)
+    assert res.ok, explain(res)
+    assert len(set(res.st_dev.values())) == 3, res.st_dev
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["requests"] > 10 and {x["name"] for x in s["submounts"]} == {"sub", "inner"}

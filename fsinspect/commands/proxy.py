@@ -25,7 +25,7 @@ VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 # Bytes of each chain the native path copies when --snaplen > 0: metadata replies (READDIRPLUS pages)
 # always fit; only bulk READ/WRITE payloads get cut, and the recorder then keeps --snaplen of them.
 CAPTURE_SNAPLEN = 256 * 1024
-CAPABILITIES = {"type": "fs", "features": []}  # what ../shared/reference/vhost-user.json asks a binary to print
+CAPABILITIES = {"type": "fs"}  # vhost-user.json VHostUserBackendType; what the C virtiofsd prints
 
 
 def register(sub: Any) -> None:
