@@ -473,6 +473,8 @@ static int check_queue(SplitQueueObject *self)
     return 0;
 }
 
+static PyObject *pop_into(SplitQueueObject *self, PyObject *out, int n);
+
 static PyObject *SplitQueue_pop_chains(SplitQueueObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"max", NULL};
@@ -489,6 +491,17 @@ static PyObject *SplitQueue_pop_chains(SplitQueueObject *self, PyObject *args, P
     PyObject *out = PyList_New(n);
     if (!out)
         return NULL;
+    /* A full ring makes thousands of container objects (views, lists) that cannot form cycles; with
+     * the collector on, gen-0 passes over the growing batch every 700 allocations cost ~15% (perf). */
+    int gc_was_enabled = PyGC_Disable();
+    PyObject *r = pop_into(self, out, n);
+    if (gc_was_enabled)
+        PyGC_Enable();
+    return r;
+}
+
+static PyObject *pop_into(SplitQueueObject *self, PyObject *out, int n)
+{
     for (int i = 0; i < n; i++) {
         int err = rc_queue_pop(&self->q, &self->chain);
         if (err) {
