@@ -1,0 +1,93 @@
+"""Garbage on either socket ends the proxy cleanly (or isolates the back-end), with a one-screen summary.
+
+The peers here are raw sockets that send bytes no QEMU or back-end would: that is the point.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dissectors import vhost_user as V
+from fsinspect.guest.launcher import short_tmpdir, stop_process
+from fsinspect.proxy.wire import recv_message, send_message
+
+
+def _start(work: Path, backend: Path) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(work / "p.sock"), "--backend",
+                          str(backend), "--summary-json", str(work / "s.json")], stdin=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not (work / "p.sock").exists():
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    return p
+
+
+def _fake_backend(path: Path, script: list[bytes]) -> threading.Thread:
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        for chunk in script:
+            try:
+                recv_message(conn)
+            except Exception:
+                break
+            conn.sendall(chunk)
+        time.sleep(1)
+        conn.close()
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_garbage_from_frontend_ends_cleanly() -> None:
+    with short_tmpdir() as work:
+        _fake_backend(work / "b.sock", [])
+        p = _start(work, work / "b.sock")
+        try:
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(work / "p.sock"))
+            c.sendall(b"GET / HTTP/1.1\r\nHost: nope\r\n\r\n")
+            rc = p.wait(15)
+            err = p.stderr.read().decode()  # type: ignore[union-attr]
+        finally:
+            stop_process(p)
+        s = json.loads((work / "s.json").read_text())
+    assert rc == 0
+    assert "garbage from QEMU" in s["end_reason"] and "garbage from QEMU" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 15
+
+
+def test_garbage_from_backend_isolates_it() -> None:
+    """The back-end answers GET_FEATURES with junk: it is treated as lost, QEMU still gets answers."""
+    with short_tmpdir() as work:
+        _fake_backend(work / "b.sock", [b"\xff" * 40])
+        p = _start(work, work / "b.sock")
+        try:
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(work / "p.sock"))
+            send_message(c, V.encode_message(V.build("GET_FEATURES")))
+            raw, _ = recv_message(c)
+            reply = V.decode_message(raw)
+            send_message(c, V.encode_message(V.build("GET_QUEUE_NUM")))
+            raw2, _ = recv_message(c)
+            c.close()
+            rc = p.wait(15)
+            err = p.stderr.read().decode()  # type: ignore[union-attr]
+        finally:
+            stop_process(p)
+        s = json.loads((work / "s.json").read_text())
+    assert reply.name == "GET_FEATURES" and reply.is_reply
+    assert V.decode_message(raw2).name == "GET_QUEUE_NUM"
+    assert rc == 0 and s["backend_lost"] and "BACKEND LOST" in err and "Traceback" not in err
