@@ -91,3 +91,24 @@ def test_garbage_from_backend_isolates_it() -> None:
     assert reply.name == "GET_FEATURES" and reply.is_reply
     assert V.decode_message(raw2).name == "GET_QUEUE_NUM"
     assert rc == 0 and s["backend_lost"] and "BACKEND LOST" in err and "Traceback" not in err
+
+
+def test_unknown_request_forwarded_untouched_with_its_reply() -> None:
+    """A request newer than our tables goes through byte for byte, and so does the back-end's answer."""
+    unknown = V.HEADER.struct.pack(200, 1, 8) + b"\x01\x02\x03\x04\x05\x06\x07\x08"
+    answer = V.HEADER.struct.pack(200, 5, 4) + b"okay"
+    with short_tmpdir() as work:
+        _fake_backend(work / "b.sock", [answer])
+        p = _start(work, work / "b.sock")
+        try:
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(work / "p.sock"))
+            send_message(c, unknown)
+            raw, _ = recv_message(c)
+            c.close()
+            p.wait(15)
+        finally:
+            stop_process(p)
+        s = json.loads((work / "s.json").read_text())
+    assert raw == answer
+    assert s["vhost_decode_errors"] == 1

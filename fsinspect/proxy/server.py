@@ -108,6 +108,7 @@ class Proxy:
         self._capture_thread: threading.Thread | None = None
         self._local_thread: threading.Thread | None = None
         self._local_wake_r, self._local_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._passthrough_reply = False
         self._inflight: dict[int, set[int]] = {}
         self._inflight_lock = threading.Lock()
 
@@ -183,6 +184,7 @@ class Proxy:
             self._record_vhost("frontend", raw, fds, None, note=str(e))
             if self.cp.backend_alive and self.backend_sock is not None:
                 send_message(self.backend_sock, raw, fds)
+                self._passthrough_reply = True  # whatever the back-end answers goes back verbatim
             self._close_fds(fds)
             return
         self._record_vhost("frontend", raw, fds, msg)
@@ -195,6 +197,13 @@ class Proxy:
             raw, fds = recv_message(self.backend_sock)
         except (PeerClosed, WireError) as e:
             self._backend_gone(str(e))
+            return
+        if self._passthrough_reply and self.frontend is not None:
+            # The answer to a request we could not decode: forward it untouched, fds included.
+            self._passthrough_reply = False
+            self._record_vhost("backend", raw, fds, None, note="reply to an undecodable request (forwarded)")
+            send_message(self.frontend, raw, fds)
+            self._close_fds(fds)
             return
         self._close_fds(fds)
         self._record_vhost("backend", raw, [], None, note="unsolicited message from the back-end (dropped)")
