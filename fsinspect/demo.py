@@ -62,16 +62,6 @@ def default_record_path() -> Path:
     return base / time.strftime("demo-%Y%m%d-%H%M%S.pcapng")
 
 
-def _wait_socket(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} before creating {path}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not create {path} within {timeout:.0f} s")
-        time.sleep(0.02)
-
-
 def run_demo(opts: DemoOptions, progress: Progress, ui: Callable[[Path], int] | None = None) -> DemoResult:
     """Run the demo; with `ui`, call ui(control_socket) in this thread while the guest runs."""
     result = DemoResult(record=opts.record or default_record_path())
@@ -93,7 +83,7 @@ def run_demo(opts: DemoOptions, progress: Progress, ui: Callable[[Path], int] | 
             backend = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                        start_new_session=True)
             procs.append(backend)
-            _wait_socket(be_sock, backend, opts.backend)
+            launcher._wait_for_socket(be_sock, backend, opts.backend)
             ctrl, listen, summ = work / "ctrl.sock", work / "proxy.sock", work / "summary.json"
             progress(f"starting the proxy (recording to {result.record})")
             proxy = subprocess.Popen([py, "-m", "fsinspect", "proxy", "--listen", str(listen), "--backend", str(be_sock),
@@ -101,8 +91,8 @@ def run_demo(opts: DemoOptions, progress: Progress, ui: Callable[[Path], int] | 
                                       "--summary-json", str(summ), "--quiet"],
                                      stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
             procs.append(proxy)
-            _wait_socket(listen, proxy, "fsinspect proxy")
-            _wait_socket(ctrl, proxy, "fsinspect proxy control socket")
+            launcher._wait_for_socket(listen, proxy, "fsinspect proxy")
+            launcher._wait_for_socket(ctrl, proxy, "fsinspect proxy control socket")
             progress(f"booting the guest (workload demo, loops={opts.loops or 'until quit'})")
             params = {"loops": opts.loops, "n": opts.storm_n, "io_mb": opts.io_mb, "xattr": 1}
             holder: dict[str, Any] = {}

@@ -47,9 +47,12 @@ def run(args: argparse.Namespace) -> int:
             from ..tui.app import run_attach
 
             return run_attach(str(ctrl), title=f"fsinspect demo ({args.backend})")
+    from ..guest.build import BuildError
+    from ..guest.launcher import LaunchError
+
     try:
         result = run_demo(opts, progress, ui)
-    except RuntimeError as e:
+    except (LaunchError, BuildError) as e:
         raise UserError(str(e), 1) from None
     print(render(result))
     g = result.guest
