@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from fsinspect.cli import UserError
+from fsinspect.commands._daemon_vhost import CAPABILITIES, add_vhost_options, apply_o_options, run_vhost
 from fsinspect.recording.options import add_record_options, open_tap
 
 CACHE_MODES = ("none", "auto", "always", "metadata")
@@ -49,6 +50,7 @@ def register(sub: Any) -> None:
                                    "mount with `fusermount3 -u MOUNTPOINT` (or `umount -l MOUNTPOINT`).")
     t = p.add_argument_group("transport")
     t.add_argument("--standalone", metavar="MOUNTPOINT", help="serve over /dev/fuse, mounted at MOUNTPOINT")
+    add_vhost_options(t)
     t.add_argument("--readers", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
     # The concurrency model (bench/standalone.py measures inline+pool against a plain pool).
     t.add_argument("--dispatch", choices=("inline+pool", "pool", "inline"), default="inline+pool",
@@ -74,9 +76,17 @@ def fs_options(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(CAPABILITIES)
+        return 0
+    apply_o_options(args)
     logging.basicConfig(level=args.log_level.upper(), format="fsinspect daemon: %(levelname)s %(message)s")
+    if args.socket_path or args.fd is not None:
+        if args.standalone:
+            raise UserError("--standalone and --socket-path/--fd are different transports: choose one")
+        return run_vhost(args)
     if not args.standalone:
-        raise UserError("choose a transport: --standalone MOUNTPOINT (vhost-user --socket-path comes later)")
+        raise UserError("choose a transport: --socket-path PATH or --fd N (vhost-user), or --standalone MOUNTPOINT")
     opts = fs_options(args)
     from daemon import standalone
     from daemon.transport.fusedev import FuseDevError

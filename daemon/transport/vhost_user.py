@@ -1,0 +1,725 @@
+"""vhost-user transport: serve the engine to a QEMU guest over a Unix socket, guest memory and virtqueues.
+
+An edge module (it does I/O): the vhost-user control messages arrive on one socket (fds beside them,
+fsinspect.proxy.wire), guest memory regions are mmap-ed from the fds QEMU sends, and each virtqueue
+is a `dissectors.ring.SplitQueue` served by one thread that waits on the queue's kick eventfd.
+
+Concurrency (the engine's model): each queue thread hands every popped chain to `Server.handle`;
+cheap ops are answered inline on that thread, blocking ops (READ, WRITE, fsync, ...) from the engine's
+pool.  A reply is scattered straight into the chain's device-writable guest buffers and completed with
+`push_used`; completions of one inline batch are published with one used->idx store and one call.
+
+What is negotiated, honestly:
+- device features VERSION_1, INDIRECT_DESC, PROTOCOL_FEATURES (no EVENT_IDX: every completion calls,
+  and the guest's kicks are never suppressed);
+- protocol features MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG) and RESET_DEVICE.
+
+Rules from libvhost-user and proxy-notes.md that matter:
+- regions are mapped from file offset 0 over mmap_offset + size; a mapping is closed only when no
+  memoryview of it is alive (otherwise it is parked and closed later);
+- SET_VRING_ADDR carries QEMU user addresses (translated with the regions' user addresses);
+- call and kick fds change while traffic flows: a call fd is swapped under the queue lock that also
+  guards used-ring publication, a kick fd is handed to the queue thread, which owns (and closes) it;
+- GET_VRING_BASE stops the queue, waits for its in-flight requests, and answers the next avail index;
+- FORGET (and any request without a reply) completes with used.len 0;
+- QEMU closing the socket ends the session: queue threads joined, engine pool shut down, every fd
+  and mapping released.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.server import NO_REPLY_OPS, Buffer, Server
+from dissectors import fuse as F
+from dissectors import vhost_user as V
+from dissectors.errors import DecodeError
+from dissectors.ring import Chain, MemoryMap, RingError, SplitQueue
+from dissectors.spec import vhost_user as vspec
+from dissectors.spec import virtio as vio
+from fsinspect.proxy.wire import PeerClosed, WireError, recv_message, send_message
+
+log = logging.getLogger("fsinspect.daemon.vhost_user")
+
+F_BIT = vio.VIRTIO_F.by_name()
+P_BIT = vspec.PROTOCOL_F.by_name()
+REQ = {r.name: r.value for r in vspec.FRONTEND_REQUESTS}
+REQ_BY_VALUE = {r.value: r for r in vspec.FRONTEND_REQUESTS}
+
+DEVICE_FEATURES = F_BIT["F_VERSION_1"] | F_BIT["RING_F_INDIRECT_DESC"] | F_BIT["USER_F_PROTOCOL_FEATURES"]
+PROTOCOL_FEATURES = P_BIT["MQ"] | P_BIT["REPLY_ACK"] | P_BIT["CONFIGURE_MEM_SLOTS"] | P_BIT["RESET_DEVICE"]
+MAX_MEM_SLOTS = 32  # libvhost-user's VHOST_USER_MAX_RAM_SLOTS
+DEFAULT_QUEUES = 2  # hiprio + one request queue, as the C virtiofsd reports
+OUT_HEADER_SIZE = F.OUT_HEADER_SIZE
+INFLIGHT_WAIT_S = 30.0
+
+
+class VhostUserError(Exception):
+    """The front-end broke the protocol in a way this session cannot continue from."""
+
+
+class InPlace:
+    """A READ payload already written into the chain's guest buffers (zero-copy): only its length travels.
+
+    The engine sees it as the reply's data part (len() is what it sums for out_header.len); the vhost-user
+    reply sink recognises it and writes only the header.
+    """
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def data_views(chain: Chain, skip: int, size: int) -> list[memoryview]:
+    """The chain's writable guest buffers after the first `skip` bytes, `size` bytes at most (for preadv)."""
+    out: list[memoryview] = []
+    for seg in chain.writable:
+        n = len(seg)
+        if skip >= n:
+            skip -= n
+            continue
+        part = seg[skip:]
+        skip = 0
+        if len(part) > size:
+            part = part[:size]
+        if part:
+            out.append(part)
+            size -= len(part)
+        if size <= 0:
+            break
+    return out
+
+
+def _eventfd_write(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except OSError as e:  # a call fd QEMU already dropped: the next SET_VRING_CALL replaces it
+        if e.errno not in (errno.EBADF, errno.EAGAIN):
+            raise
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@dataclass
+class Vring:
+    """One virtqueue's state (the back-end's half of it)."""
+
+    index: int
+    num: int = 0
+    base: int = 0
+    addr: Any = None
+    queue: SplitQueue | None = None
+    call_fd: int = -1
+    err_fd: int = -1
+    enabled: bool = False
+    started: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # used ring + call fd
+    inflight: int = 0
+    idle: threading.Condition = field(default_factory=threading.Condition)
+    thread: threading.Thread | None = None
+    wake_fd: int = -1
+    pending_kick: int | None = None  # a new kick fd for the queue thread (which owns the current one)
+    stopping: bool = False
+    batch: list[tuple[int, int]] | None = None  # completions of the inline batch being served
+    stats_chains: int = 0
+    stats_calls: int = 0
+
+
+class MemoryTable:
+    """Guest memory: the ring engine's MemoryMap plus the mmaps behind it, closed only when unexported."""
+
+    def __init__(self) -> None:
+        self.map = MemoryMap()
+        self._maps: dict[int, tuple[mmap.mmap, int, int]] = {}  # gpa -> (mmap, size, uva)
+        self._parked: list[mmap.mmap] = []
+
+    def add(self, region: Any, fd: int) -> None:
+        """Map from file offset 0 over mmap_offset + size (libvhost-user), then hand it to the ring engine."""
+        try:
+            mm = mmap.mmap(fd, region.mmap_offset + region.size, mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        try:
+            self.map.add_region(region.guest_address, region.size, mm, uva=region.user_address,
+                                mmap_offset=region.mmap_offset)
+        except BaseException:
+            self._release(mm)
+            raise
+        self._maps[region.guest_address] = (mm, region.size, region.user_address)
+        log.debug("mapped gpa %#x size %#x uva %#x off %#x", region.guest_address, region.size,
+                  region.user_address, region.mmap_offset)
+
+    def remove(self, gpa: int, size: int) -> bool:
+        ent = self._maps.get(gpa)
+        if ent is None or ent[1] != size:
+            return False
+        self.map.remove_region(gpa)
+        del self._maps[gpa]
+        self._release(ent[0])
+        return True
+
+    def clear(self) -> None:
+        for gpa in list(self._maps):
+            mm = self._maps.pop(gpa)[0]
+            self.map.remove_region(gpa)
+            self._release(mm)
+        self.map = MemoryMap()
+        self.reap()
+
+    def _release(self, mm: mmap.mmap) -> None:
+        try:
+            mm.close()
+        except BufferError:  # a chain view or the ring engine still points into it
+            self._parked.append(mm)
+
+    def reap(self) -> int:
+        """Close parked mappings whose views are gone; returns how many are still parked."""
+        keep = []
+        for mm in self._parked:
+            try:
+                mm.close()
+            except BufferError:
+                keep.append(mm)
+        self._parked = keep
+        return len(keep)
+
+    @property
+    def regions(self) -> list[tuple[int, int, int]]:
+        return self.map.regions
+
+
+ChainRegistry = dict[int, Chain]
+
+
+class VhostUserSession:
+    """One vhost-user connection from QEMU, served until QEMU closes it (`serve()` blocks)."""
+
+    def __init__(self, conn: socket.socket, server: Server, *, queues: int = DEFAULT_QUEUES) -> None:
+        self.conn = conn
+        self.server = server
+        self.max_queues = queues
+        self.features = 0
+        self.protocol_features = 0
+        self.mem = MemoryTable()
+        self.vrings = [Vring(i) for i in range(queues)]
+        self.chains: ChainRegistry = {}  # unique -> chain, for zero-copy READ (see InPlace)
+        self.messages = 0
+        self.closed = False
+
+    # ------------------------------------------------------------------ control plane
+    def serve(self) -> None:
+        """Handle control messages until QEMU disconnects; always releases everything."""
+        try:
+            while True:
+                try:
+                    raw, fds = recv_message(self.conn)
+                except PeerClosed:
+                    log.info("front-end closed the connection")
+                    return
+                self.messages += 1
+                try:
+                    msg = V.decode_message(raw, fds)
+                except DecodeError as e:
+                    for fd in fds:
+                        _close(fd)
+                    raise VhostUserError(f"undecodable vhost-user message: {e}") from None
+                self._dispatch(msg)
+        finally:
+            self.close()
+
+    def _reply(self, msg: V.VhostUserMessage, payload: Any) -> None:
+        out = V.VhostUserMessage(msg.request, vspec.VERSION | 0x4, payload)
+        send_message(self.conn, V.encode_message(out))
+
+    def _ack(self, msg: V.VhostUserMessage, ok: bool) -> None:
+        """REPLY_ACK: a u64 status when the front-end asked for one on a request without its own reply."""
+        if msg.need_reply and self.protocol_features & P_BIT["REPLY_ACK"]:
+            self._reply(msg, V.u64(0 if ok else 1))
+
+    def _dispatch(self, msg: V.VhostUserMessage) -> None:
+        name = msg.name
+        log.debug("<- %s", msg.summary())
+        handler: Callable[[V.VhostUserMessage], Any] | None = getattr(self, f"_on_{name.lower()}", None)
+        spec = REQ_BY_VALUE.get(msg.request)
+        if handler is None:
+            log.warning("unsupported vhost-user request %s", name)
+            for fd in msg.fds:
+                _close(fd)
+            if spec is not None and spec.reply is not None:
+                raise VhostUserError(f"{name} needs a reply this back-end cannot give")
+            self._ack(msg, False)
+            return
+        try:
+            result = handler(msg)
+        except (RingError, OSError, ValueError, VhostUserError) as e:
+            log.error("%s failed: %s", name, e)
+            if spec is not None and spec.reply is not None:
+                raise VhostUserError(f"{name} failed: {e}") from None
+            self._ack(msg, False)
+            return
+        if spec is not None and spec.reply is not None:
+            self._reply(msg, result)
+        else:
+            self._ack(msg, True)
+
+    def _vring(self, index: int) -> Vring:
+        if index >= len(self.vrings):
+            raise VhostUserError(f"vring {index} out of range (max {len(self.vrings)})")
+        return self.vrings[index]
+
+    def _one_fd(self, msg: V.VhostUserMessage) -> int:
+        """The u64 vring-fd messages: an fd unless NOFD (bit 8) is set."""
+        if msg.nofd():
+            for fd in msg.fds:
+                _close(fd)
+            return -1
+        if len(msg.fds) != 1:
+            for fd in msg.fds:
+                _close(fd)
+            raise VhostUserError(f"{msg.name} without its fd")
+        return msg.fds[0]
+
+    def _on_get_features(self, msg: V.VhostUserMessage) -> Any:
+        return V.u64(DEVICE_FEATURES)
+
+    def _on_set_features(self, msg: V.VhostUserMessage) -> None:
+        f = msg.payload.u64
+        if f & ~DEVICE_FEATURES:
+            log.warning("front-end set features %#x beyond the offered %#x", f, DEVICE_FEATURES)
+        self.features = f
+        if not f & F_BIT["USER_F_PROTOCOL_FEATURES"]:  # rings start enabled without SET_VRING_ENABLE
+            for vr in self.vrings:
+                vr.enabled = True
+
+    def _on_get_protocol_features(self, msg: V.VhostUserMessage) -> Any:
+        return V.u64(PROTOCOL_FEATURES)
+
+    def _on_set_protocol_features(self, msg: V.VhostUserMessage) -> None:
+        self.protocol_features = msg.payload.u64 & PROTOCOL_FEATURES
+
+    def _on_get_queue_num(self, msg: V.VhostUserMessage) -> Any:
+        return V.u64(self.max_queues)
+
+    def _on_get_max_mem_slots(self, msg: V.VhostUserMessage) -> Any:
+        return V.u64(MAX_MEM_SLOTS)
+
+    def _on_set_owner(self, msg: V.VhostUserMessage) -> None:
+        pass
+
+    def _on_reset_owner(self, msg: V.VhostUserMessage) -> None:
+        self._reset()
+
+    def _on_reset_device(self, msg: V.VhostUserMessage) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        for vr in self.vrings:
+            self._stop_vring(vr)
+            _close(vr.call_fd)
+            _close(vr.err_fd)
+            vr.call_fd = vr.err_fd = -1
+            vr.enabled = False
+            vr.num = vr.base = 0
+            vr.addr = None
+        self.features = 0
+
+    def _on_set_backend_req_fd(self, msg: V.VhostUserMessage) -> None:
+        # Never offered (BACKEND_REQ is not negotiated); a front-end sending it anyway gets its fd back closed.
+        for fd in msg.fds:
+            _close(fd)
+
+    def _on_set_mem_table(self, msg: V.VhostUserMessage) -> None:
+        regions = msg.payload
+        if len(msg.fds) != len(regions):
+            for fd in msg.fds:
+                _close(fd)
+            raise VhostUserError(f"SET_MEM_TABLE: {len(regions)} regions but {len(msg.fds)} fds")
+        running = [vr for vr in self.vrings if vr.started]
+        for vr in running:
+            self._pause(vr)
+        self.mem.clear()
+        fds = list(msg.fds)
+        try:
+            for i, r in enumerate(regions):
+                self.mem.add(r, fds[i])
+                fds[i] = -1
+        finally:
+            for fd in fds:
+                _close(fd)
+        for vr in self.vrings:
+            if vr.addr is not None:
+                self._make_queue(vr, keep_indices=True)
+        for vr in running:
+            self._start_thread(vr, None)
+
+    def _on_add_mem_reg(self, msg: V.VhostUserMessage) -> None:
+        fd = self._one_fd(msg)
+        if fd < 0:
+            raise VhostUserError("ADD_MEM_REG without an fd")
+        self.mem.add(msg.payload.region, fd)
+
+    def _on_rem_mem_reg(self, msg: V.VhostUserMessage) -> None:
+        for fd in msg.fds:  # QEMU sends the region's fd along; it is not needed to find the region
+            _close(fd)
+        r = msg.payload.region
+        if not self.mem.remove(r.guest_address, r.size):
+            raise VhostUserError(f"REM_MEM_REG: no region at gpa {r.guest_address:#x} size {r.size:#x}")
+
+    def _on_set_vring_num(self, msg: V.VhostUserMessage) -> None:
+        vr = self._vring(msg.payload.index)
+        num = msg.payload.num
+        if num == 0 or num > vio.MAX_QUEUE_SIZE or num & (num - 1):
+            raise VhostUserError(f"vring {vr.index}: bad size {num}")
+        vr.num = num
+
+    def _on_set_vring_base(self, msg: V.VhostUserMessage) -> None:
+        vr = self._vring(msg.payload.index)
+        vr.base = msg.payload.num & 0xFFFF
+        if vr.queue is not None:
+            vr.queue.last_avail_idx = vr.base
+
+    def _on_set_vring_addr(self, msg: V.VhostUserMessage) -> None:
+        vr = self._vring(msg.payload.index)
+        vr.addr = msg.payload
+        self._make_queue(vr, keep_indices=False)
+
+    def _make_queue(self, vr: Vring, *, keep_indices: bool) -> None:
+        a = vr.addr
+        m = self.mem.map
+        old = vr.queue
+        desc, avail, used = m.uva_to_gpa(a.descriptor), m.uva_to_gpa(a.available), m.uva_to_gpa(a.used)
+        q = SplitQueue(m, vr.num, desc, avail, used)
+        if keep_indices and old is not None:
+            q.last_avail_idx, q.used_idx = old.last_avail_idx, old.used_idx
+        else:
+            q.last_avail_idx = vr.base
+            # libvhost-user: the used index the driver last saw is the one in the ring.
+            q.used_idx = int.from_bytes(m.view(used + 2, 2), "little")
+        vr.queue = q
+        log.debug("vring %d: num %d desc %#x avail %#x used %#x, avail idx %d used idx %d", vr.index, vr.num,
+                  desc, avail, used, q.last_avail_idx, q.used_idx)
+
+    def _on_set_vring_kick(self, msg: V.VhostUserMessage) -> None:
+        index = msg.payload.u64 & vspec.VRING_IDX_MASK
+        vr = self._vring(index)
+        fd = self._one_fd(msg)
+        if fd < 0:
+            raise VhostUserError("polling mode (SET_VRING_KICK with NOFD) is not supported")
+        if vr.started:
+            with vr.lock:
+                old, vr.pending_kick = vr.pending_kick, fd
+            if old is not None:
+                _close(old)
+            _eventfd_write(vr.wake_fd)
+            return
+        self._start_thread(vr, fd)
+
+    def _on_set_vring_call(self, msg: V.VhostUserMessage) -> None:
+        vr = self._vring(msg.payload.u64 & vspec.VRING_IDX_MASK)
+        fd = self._one_fd(msg)
+        with vr.lock:
+            old, vr.call_fd = vr.call_fd, fd
+        _close(old)
+        if fd >= 0 and vr.started:
+            _eventfd_write(fd)  # a completion may have signalled the old fd while QEMU switched
+
+    def _on_set_vring_err(self, msg: V.VhostUserMessage) -> None:
+        vr = self._vring(msg.payload.u64 & vspec.VRING_IDX_MASK)
+        fd = self._one_fd(msg)
+        old, vr.err_fd = vr.err_fd, fd
+        _close(old)
+
+    def _on_set_vring_enable(self, msg: V.VhostUserMessage) -> None:
+        vr = self._vring(msg.payload.index)
+        vr.enabled = bool(msg.payload.num)
+        if vr.started:
+            _eventfd_write(vr.wake_fd)
+
+    def _on_get_vring_base(self, msg: V.VhostUserMessage) -> Any:
+        vr = self._vring(msg.payload.index)
+        self._stop_vring(vr)
+        base = vr.queue.last_avail_idx if vr.queue is not None else vr.base
+        vr.queue = None
+        vr.addr = None
+        with vr.lock:
+            old, vr.call_fd = vr.call_fd, -1
+        _close(old)
+        log.debug("vring %d stopped at avail idx %d", vr.index, base)
+        return V.make("vhost_vring_state", index=vr.index, num=base)
+
+    # ------------------------------------------------------------------ queue threads
+    def _start_thread(self, vr: Vring, kick_fd: int | None) -> None:
+        if vr.wake_fd < 0:
+            vr.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        vr.stopping = False
+        vr.started = True
+        t = threading.Thread(target=self._queue_loop, args=(vr, kick_fd), name=f"vhost-q{vr.index}", daemon=True)
+        vr.thread = t
+        t.start()
+
+    def _pause(self, vr: Vring) -> None:
+        """Stop the queue thread but keep its kick fd (handed back on restart through pending_kick)."""
+        if vr.thread is None:
+            return
+        vr.stopping = True
+        _eventfd_write(vr.wake_fd)
+        vr.thread.join()
+        vr.thread = None
+
+    def _stop_vring(self, vr: Vring) -> None:
+        """Stop the queue thread, wait for its in-flight requests, release its kick fd."""
+        if vr.thread is not None:
+            self._pause(vr)
+        vr.started = False
+        with vr.lock:
+            kick, vr.pending_kick = vr.pending_kick, None
+        if kick is not None:
+            _close(kick)
+        deadline = time.monotonic() + INFLIGHT_WAIT_S
+        with vr.idle:
+            while vr.inflight > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("vring %d: %d requests still in flight after %.0f s", vr.index, vr.inflight,
+                              INFLIGHT_WAIT_S)
+                    break
+                vr.idle.wait(left)
+        _close(vr.wake_fd)
+        vr.wake_fd = -1
+
+    def _queue_loop(self, vr: Vring, kick_fd: int | None) -> None:
+        """Wait for kicks, drain the avail ring, serve the chains; owns the kick fd."""
+        if kick_fd is None:  # restarted after a pause: the fd was parked in pending_kick
+            with vr.lock:
+                kick_fd, vr.pending_kick = vr.pending_kick, None
+        kick = kick_fd if kick_fd is not None else -1
+        poller = select.poll()
+        poller.register(vr.wake_fd, select.POLLIN)
+        if kick >= 0:
+            poller.register(kick, select.POLLIN)
+        try:
+            self._drain(vr)  # buffers made available before the kick fd arrived
+            while True:
+                for fd, _ev in poller.poll():
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass
+                if vr.stopping:
+                    return
+                with vr.lock:
+                    new, vr.pending_kick = vr.pending_kick, None
+                if new is not None:
+                    if kick >= 0:
+                        poller.unregister(kick)
+                        _close(kick)
+                    kick = new
+                    poller.register(kick, select.POLLIN)
+                self._drain(vr)
+        except Exception:
+            log.exception("vring %d: queue thread failed", vr.index)
+        finally:
+            # A pause parks the kick fd for the restart; a stop closes it there.
+            with vr.lock:
+                if vr.pending_kick is None and kick >= 0:
+                    vr.pending_kick = kick
+                elif kick >= 0:
+                    _close(kick)
+
+    def _drain(self, vr: Vring) -> None:
+        q = vr.queue
+        if q is None or not vr.enabled:
+            return
+        while not vr.stopping:
+            err: RingError | None = None
+            try:
+                chains = q.pop_chains()
+            except RingError as e:
+                if e.reason == "avail_ahead":
+                    log.error("vring %d: %s; queue stalled", vr.index, e)
+                    return
+                err, chains = e, e.chains
+            if not chains and err is None:
+                return
+            vr.batch = []
+            try:
+                for c in chains:
+                    self._serve_chain(vr, c)
+                if err is not None:
+                    log.error("vring %d: malformed chain: %s", vr.index, err)
+                    if err.head is not None and err.head < vr.num:
+                        vr.batch.append((err.head, 0))
+            finally:
+                batch, vr.batch = vr.batch, None
+                if batch:
+                    self._publish(vr, batch)
+            vr.stats_chains += len(chains)
+
+    def _serve_chain(self, vr: Vring, chain: Chain) -> None:
+        raw = chain.readable
+        try:
+            _len, opcode, unique = F.peek_header(raw)
+        except DecodeError:
+            opcode, unique = -1, 0
+        if opcode < 0 or opcode in NO_REPLY_OPS:
+            self.server.handle(raw, _no_reply, vr.index)
+            vr.batch.append((chain.head, 0))  # type: ignore[union-attr]
+            return
+        with vr.idle:
+            vr.inflight += 1
+        self.chains[unique] = chain
+        self.server.handle(raw, self._sink(vr, chain, unique), vr.index)
+
+    def _sink(self, vr: Vring, chain: Chain, unique: int) -> Callable[[Sequence[Buffer]], None]:
+        me = threading.get_ident()
+
+        def reply(parts: Sequence[Buffer]) -> None:
+            try:
+                n = _scatter(chain, parts)
+            finally:
+                self.chains.pop(unique, None)
+            if vr.batch is not None and threading.get_ident() == me:
+                vr.batch.append((chain.head, n))
+            else:
+                self._publish(vr, [(chain.head, n)])
+            with vr.idle:
+                vr.inflight -= 1
+                if vr.inflight == 0:
+                    vr.idle.notify_all()
+
+        return reply
+
+    def _publish(self, vr: Vring, used: list[tuple[int, int]]) -> None:
+        """Entries first, used->idx once, then one call (no EVENT_IDX: always signal)."""
+        with vr.lock:
+            q = vr.queue
+            if q is None:
+                log.warning("vring %d: %d completions after the queue was torn down", vr.index, len(used))
+                return
+            q.push_used(used)
+            if vr.call_fd >= 0:
+                _eventfd_write(vr.call_fd)
+                vr.stats_calls += 1
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Stop every queue (joining threads, waiting for in-flight requests), release fds and memory."""
+        if self.closed:
+            return
+        self.closed = True
+        for vr in self.vrings:
+            self._stop_vring(vr)
+        for vr in self.vrings:
+            vr.queue = None
+            _close(vr.call_fd)
+            _close(vr.err_fd)
+            vr.call_fd = vr.err_fd = -1
+        self.chains.clear()
+        self.mem.clear()
+        left = self.mem.reap()
+        if left:
+            import gc
+            gc.collect()
+            left = self.mem.reap()
+            if left:
+                log.warning("%d guest memory mappings still referenced at exit", left)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+    def counters(self) -> dict[str, Any]:
+        return {"vhost_user_messages": self.messages,
+                "queues": {vr.index: {"chains": vr.stats_chains, "calls": vr.stats_calls} for vr in self.vrings}}
+
+
+def _no_reply(parts: Sequence[Buffer]) -> None:
+    log.warning("the engine replied to a request that takes no reply; dropped")
+
+
+def _scatter(chain: Chain, parts: Sequence[Buffer]) -> int:
+    """Write the reply into the chain's writable buffers; an InPlace part is already there (zero-copy READ)."""
+    if len(parts) == 2 and isinstance(parts[1], InPlace):
+        chain.write(parts[0])
+        return len(parts[0]) + len(parts[1])
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    n = chain.write(data)
+    if n < len(data):
+        log.error("reply of %d bytes truncated to the chain's %d writable bytes", len(data), chain.writable_len)
+    return n
+
+
+# ---------------------------------------------------------------------- listening
+def listen_path(path: str) -> socket.socket:
+    """A listening Unix socket at `path` (a stale socket file is replaced; anything else is an error)."""
+    try:
+        if os.path.exists(path):
+            import stat
+
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+            os.unlink(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(path)
+            s.listen(1)
+        except BaseException:
+            s.close()
+            raise
+        return s
+    except OSError as e:
+        raise OSError(e.errno, f"--socket-path {path}: {e.strerror or e}") from None
+
+
+def listen_fd(fd: int) -> socket.socket:
+    """A listening socket inherited from the caller (libvirt's --fd)."""
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError as e:
+        raise OSError(e.errno, f"--fd {fd}: {e.strerror or e}") from None
+    if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
+        s.detach()
+        raise OSError(errno.ENOTSOCK, f"--fd {fd} is not a Unix stream socket")
+    os.set_inheritable(fd, False)
+    try:
+        s.listen(1)
+    except OSError:
+        pass
+    return s
+
+
+def accept_one(listener: socket.socket, stop: threading.Event | None = None) -> socket.socket | None:
+    """Wait for QEMU; None when `stop` is set first."""
+    while True:
+        r, _, _ = select.select([listener], [], [], 0.2)
+        if r:
+            conn, _ = listener.accept()
+            conn.setblocking(True)
+            return conn
+        if stop is not None and stop.is_set():
+            return None
+
+
+__all__ = ["DEVICE_FEATURES", "PROTOCOL_FEATURES", "InPlace", "MemoryTable", "VhostUserError", "VhostUserSession",
+           "WireError", "accept_one", "data_views", "listen_fd", "listen_path"]

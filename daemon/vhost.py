@@ -1,0 +1,148 @@
+"""vhost-user mode: the engine and the passthrough filesystem served to a QEMU guest (virtiofsd's job).
+
+The sibling of standalone.py.  It listens on --socket-path (or an inherited --fd), serves exactly one
+QEMU connection, and returns when QEMU disconnects, as virtiofsd does.  READ is zero-copy: `preadv`
+straight from the host file into the request's guest buffers (GuestPassthroughFS).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, cast
+
+from daemon.passthrough import Options, PassthroughFS
+from daemon.server import OUT_HEADER_SIZE, Buffer, Context, Server, Tap
+from daemon.transport.vhost_user import DEFAULT_QUEUES, InPlace, VhostUserSession, accept_one, data_views
+
+log = logging.getLogger("fsinspect.daemon.vhost")
+
+
+class GuestPassthroughFS(PassthroughFS):
+    """PassthroughFS whose READ fills the guest's buffers directly (preadv), without a bytes copy.
+
+    `chain_for(unique)` names the descriptor chain a request came in; None (e.g. a recording tap needs the
+    bytes) falls back to the plain pread.
+    """
+
+    chain_for: Callable[[int], Any] | None = None
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+        lookup = self.chain_for
+        chain = lookup(ctx.unique) if lookup is not None else None
+        if chain is None:
+            return super().read(ctx, nodeid, fh, offset, size)
+        views = data_views(chain, OUT_HEADER_SIZE, size)
+        n = os.preadv(self._handle(fh).fd, views, offset) if views else 0
+        return cast(bytes, InPlace(n))  # the engine only takes its len(); the sink knows it is in place
+
+
+class VhostDaemon:
+    """Listen, serve one front-end, clean up.  `stop()` from any thread (or a signal) ends it."""
+
+    def __init__(self, listener: socket.socket, opts: Options, *, pool_size: int = 8,
+                 dispatch: str = "inline+pool", tap: Tap | None = None, queues: int = DEFAULT_QUEUES,
+                 socket_path: str | None = None) -> None:
+        self.listener = listener
+        self.socket_path = socket_path
+        self.fs = GuestPassthroughFS(opts)
+        self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch)
+        self.queues = queues
+        self.session: VhostUserSession | None = None
+        self._stop = threading.Event()
+        self._final: dict[str, Any] | None = None
+
+    def serve(self) -> None:
+        """Accept one connection and serve it until QEMU closes it; always releases everything."""
+        try:
+            conn = accept_one(self.listener, self._stop)
+            self._close_listener()
+            if conn is None:
+                return
+            log.info("front-end connected; serving %s", self.fs.opts.shared_dir)
+            self.session = VhostUserSession(conn, self.server, queues=self.queues)
+            if self.server.tap is None:
+                self.fs.chain_for = self.session.chains.get
+            self.session.serve()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """End the session: before QEMU connected, stop waiting; after, shut the connection down."""
+        self._stop.set()
+        s = self.session
+        if s is not None and not s.closed:
+            try:
+                s.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _close_listener(self) -> None:
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        if self.socket_path is not None:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+            self.socket_path = None
+
+    def close(self) -> None:
+        if self._final is not None:
+            return
+        self._close_listener()
+        if self.session is not None:
+            self.session.close()
+        self.server.shutdown()
+        self._final = self.counters()
+        self.fs.chain_for = None
+        self.fs.close()
+
+    def counters(self) -> dict[str, Any]:
+        """The engine's counters (per opcode, syncfs per host st_dev) plus the transport's."""
+        if self._final is not None:
+            return self._final
+        out = self.server.counters()
+        if self.session is not None:
+            out.update(self.session.counters())
+        return out
+
+
+def run(listener: socket.socket, opts: Options, *, pool_size: int = 8, dispatch: str = "inline+pool",
+        tap: Tap | None = None, socket_path: str | None = None,
+        ready: Callable[[VhostDaemon], None] | None = None) -> VhostDaemon:
+    """The `fsinspect daemon --socket-path` main loop: returns when QEMU disconnects or on SIGINT/SIGTERM."""
+    d = VhostDaemon(listener, opts, pool_size=pool_size, dispatch=dispatch, tap=tap, socket_path=socket_path)
+    got: list[str] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        got.append(signal.Signals(signum).name)
+        d.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    serving = threading.Thread(target=d.serve, name="vhost-user-control")
+    try:
+        serving.start()
+        if ready is not None:
+            ready(d)
+        while serving.is_alive():
+            serving.join(0.2)
+        if got:
+            log.info("%s: stopped", got[0])
+    finally:
+        d.stop()
+        serving.join(30)
+        d.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return d
+
+
+__all__ = ["Buffer", "GuestPassthroughFS", "VhostDaemon", "run"]

@@ -1,0 +1,135 @@
+"""`fsinspect daemon --socket-path/--fd`: the vhost-user mode, with virtiofsd-compatible options.
+
+libvirt and scripts start virtiofsd as `virtiofsd --fd=N -o source=DIR,cache=auto,xattr
+--thread-pool-size=N` (C) or `--socket-path=P --shared-dir=DIR --cache=auto` (Rust); both spellings
+work here.  `-o` options can repeat and be comma-joined; an unknown one is a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from typing import Any
+
+from fsinspect.errors import UserError
+
+# The --print-capabilities answer (vhost-user.json: VhostUserBackendCapabilities for type "fs").
+CAPABILITIES = json.dumps({"type": "fs"}, indent=2)
+
+# -o KEY[=VALUE] -> (attribute, value or None when the value comes after '=').
+_O_FLAGS: dict[str, tuple[str, Any]] = {
+    "announce_submounts": ("announce_submounts", True),
+    "no_announce_submounts": ("announce_submounts", False),
+    "xattr": ("xattr", True),
+    "no_xattr": ("xattr", False),
+    "writeback": ("writeback", True),
+    "no_writeback": ("writeback", False),
+    "readonly": ("readonly", True),
+    # POSIX and flock locks are always served (OFD locks); accepted so libvirt's command lines work.
+    "flock": ("", None),
+    "posix_lock": ("", None),
+}
+_O_VALUES: dict[str, str] = {"source": "shared_dir", "cache": "cache", "log_level": "log_level",
+                             "inode_file_handles": "inode_file_handles", "thread_pool_size": "thread_pool_size"}
+_LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "warning": "warning", "err": "error",
+               "error": "error"}
+
+
+def add_vhost_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--socket-path", metavar="PATH", help="vhost-user: listen on this Unix socket for QEMU")
+    g.add_argument("--fd", type=int, metavar="N", help="vhost-user: an already listening socket fd (libvirt)")
+    g.add_argument("-o", dest="o_options", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="virtiofsd-style options: source=DIR, cache=none|auto|always, announce_submounts, "
+                        "no_announce_submounts, xattr, no_xattr, writeback, no_writeback, readonly, "
+                        "log_level=LEVEL, inode_file_handles=MODE, thread_pool_size=N, flock, posix_lock")
+    g.add_argument("--print-capabilities", action="store_true",
+                   help="print the vhost-user backend capabilities (JSON) and exit")
+    g.add_argument("-f", "--foreground", action="store_true", help="accepted for virtiofsd compatibility "
+                   "(the daemon always runs in the foreground)")
+    g.add_argument("-d", dest="debug", action="store_true", help="debug logging (as virtiofsd -d)")
+    g.add_argument("--summary-json", metavar="FILE",
+                   help="write the daemon's counters (per opcode, syncfs per host st_dev) to FILE at exit")
+
+
+def parse_o_options(values: list[str]) -> dict[str, Any]:
+    """-o strings -> {attribute: value}; raises UserError on anything unknown."""
+    out: dict[str, Any] = {}
+    for v in values:
+        for item in v.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, eq, val = item.partition("=")
+            if key in _O_FLAGS and not eq:
+                attr, value = _O_FLAGS[key]
+                if attr:
+                    out[attr] = value
+            elif key in _O_VALUES and eq:
+                attr = _O_VALUES[key]
+                if attr == "log_level":
+                    if val not in _LOG_LEVELS:
+                        raise UserError(f"-o log_level={val}: choose one of {', '.join(_LOG_LEVELS)}")
+                    out[attr] = _LOG_LEVELS[val]
+                elif attr == "thread_pool_size":
+                    try:
+                        out[attr] = int(val)
+                    except ValueError:
+                        raise UserError(f"-o thread_pool_size={val}: not a number") from None
+                else:
+                    out[attr] = val
+            elif key in _O_VALUES:
+                raise UserError(f"-o {key} needs a value: -o {key}=...")
+            else:
+                raise UserError(f"unknown option -o {item} (supported: {', '.join([*_O_FLAGS, *_O_VALUES])})")
+    return out
+
+
+def apply_o_options(args: argparse.Namespace) -> None:
+    """Fold -o options (and -d) into the parsed arguments; choices are checked like the long options."""
+    from fsinspect.commands.daemon import CACHE_MODES, HANDLE_MODES
+
+    for attr, value in parse_o_options(getattr(args, "o_options", []) or []).items():
+        if attr == "cache" and value not in CACHE_MODES:
+            raise UserError(f"-o cache={value}: choose one of {', '.join(CACHE_MODES)}")
+        if attr == "inode_file_handles" and value not in HANDLE_MODES:
+            raise UserError(f"-o inode_file_handles={value}: choose one of {', '.join(HANDLE_MODES)}")
+        setattr(args, attr, value)
+    if getattr(args, "debug", False):
+        args.log_level = "debug"
+
+
+def run_vhost(args: argparse.Namespace) -> int:
+    """Serve one QEMU connection; exit 0 when QEMU disconnects (or on SIGINT/SIGTERM)."""
+    from daemon import vhost
+    from daemon.transport.vhost_user import VhostUserError, listen_fd, listen_path
+    from fsinspect.commands.daemon import fs_options
+    from fsinspect.recording.options import open_tap
+
+    if args.socket_path and args.fd is not None:
+        raise UserError("--socket-path and --fd are alternatives: give one")
+    opts = fs_options(args)
+    try:
+        listener = listen_fd(args.fd) if args.fd is not None else listen_path(args.socket_path)
+    except OSError as e:
+        raise UserError(e.strerror or str(e), status=1) from None
+    tap = open_tap(args, source="vhost-user", backend="fsinspect daemon (passthrough, vhost-user)")
+    log = logging.getLogger("fsinspect.daemon")
+    log.info("listening on %s", args.socket_path or f"fd {args.fd}")
+    try:
+        d = vhost.run(listener, opts, pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap,
+                      socket_path=args.socket_path)
+    except (OSError, VhostUserError) as e:
+        raise UserError(f"{getattr(e, 'strerror', None) or e}", status=1) from None
+    finally:
+        if tap is not None:
+            tap.close()
+    counters = d.counters()
+    log.info("counters: %s", json.dumps(counters.get("ops", {}), sort_keys=True))
+    if args.summary_json:
+        tmp = f"{args.summary_json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(counters, f, indent=1, sort_keys=True, default=str)
+        os.replace(tmp, args.summary_json)
+    return 0
