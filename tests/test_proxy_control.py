@@ -120,7 +120,7 @@ def test_qemu72_sequence() -> None:
                ["Event:vring-enable", "SendBackend"])
     pb.request(fe("GET_VRING_BASE", V.make("vhost_vring_state", index=1)), ["QueueStop", "SendBackend"])
     c = pb.reply(be_reply("GET_VRING_BASE", V.make("vhost_vring_state", index=1, num=77)),
-                 ["Event:vring-stopped", "SendFrontend"])
+                 ["QueueDrain", "Event:vring-stopped", "SendFrontend"])
     assert pb.cp.vrings[1].base == 77
     snap = pb.cp.snapshot()
     assert snap["features_masked"] & (1 << 29) and snap["vrings"][1]["call_changes"] == 2

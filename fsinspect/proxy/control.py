@@ -107,7 +107,15 @@ class QueueStart(Command):
 
 @dataclass
 class QueueStop(Command):
-    """Stop the shadow path and move every pending used entry into the guest's ring, then signal."""
+    """Stop forwarding new requests on this queue (GET_VRING_BASE is on its way to the back-end)."""
+
+    index: int
+
+
+@dataclass
+class QueueDrain(Command):
+    """Move every used entry the back-end published into the guest's ring and signal: runs after the
+    back-end answered GET_VRING_BASE (nothing more can complete) and before QEMU sees that answer."""
 
     index: int
 
@@ -391,7 +399,8 @@ class ControlPlane:
         return self._stop_all("reset-owner")
 
     def _stop_all(self, why: str) -> list[Command]:
-        cmds: list[Command] = [QueueStop(vr.index) for vr in self.vrings.values() if vr.started]
+        cmds: list[Command] = [c for vr in self.vrings.values() if vr.started
+                               for c in (QueueStop(vr.index), QueueDrain(vr.index))]
         self.vrings.clear()
         cmds.append(Event(why, {}))
         return cmds
@@ -418,7 +427,7 @@ class ControlPlane:
     def _be_get_vring_base(self, req: V.VhostUserMessage, rep: V.VhostUserMessage) -> list[Command]:
         vr = self.vring(req.payload.index)
         vr.base = rep.payload.num
-        return [Event("vring-stopped", {"index": vr.index, "last_avail": vr.base})]
+        return [QueueDrain(vr.index), Event("vring-stopped", {"index": vr.index, "last_avail": vr.base})]
 
     # -- views for the UI / summary -----------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

@@ -259,6 +259,8 @@ class Proxy:
                 self._queue_start(c.index)
             elif isinstance(c, C.QueueStop):
                 self._queue_stop(c.index)
+            elif isinstance(c, C.QueueDrain):
+                self._queue_drain(c.index)
             elif isinstance(c, C.ReplyVringBase):
                 self._reply_vring_base(c.index)
             elif isinstance(c, C.Event):
@@ -351,8 +353,13 @@ class Proxy:
         if q is None or q.path is None:
             return
         q.path.stop()
-        q.path.drain()
+        q.path.drain()  # what already completed goes to the guest now; the rest after the back-end stops
         q.forwarded = q.path.indices["next_avail"]
+
+    def _queue_drain(self, index: int) -> None:
+        q = self.queues.get(index)
+        if q is not None and q.path is not None:
+            q.path.drain()
 
     def _reply_vring_base(self, index: int) -> None:
         q = self.queues.get(index)
