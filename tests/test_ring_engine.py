@@ -51,6 +51,7 @@ def test_c_layout_matches_spec_tables():
     assert lay["cap_layout_size"] == _common.CAP_LAYOUT_SIZE
     assert lay["layout_f_from_indirect"] == _common.LAYOUT_F_FROM_INDIRECT
     assert lay["max_regions"] == _common.MAX_REGIONS
+    assert lay["max_gather"] == _common.MAX_GATHER
     assert c.REASONS == _common.REASONS
     assert ENGINES["python"].CORE_LAYOUT == lay
 
@@ -219,6 +220,11 @@ def _bad(rig, case):
     elif case == "indirect_next":
         t = rig.buf(driver.pack_descs([(r[0], 8, 0, 0)]))
         g.set_desc(1, t[0], 16, F_INDIRECT | F_NEXT, 2)
+    elif case == "too_large":  # 4096 descriptors x 1 MiB of the same buffer: 4 GiB to gather
+        big = rig.buf(1 << 20)
+        t = rig.buf(driver.pack_descs([(big[0], 1 << 20, F_NEXT, i + 1) for i in range(4095)] +
+                                      [(big[0], 1 << 20, 0, 0)]))
+        g.set_desc(1, t[0], t[1], F_INDIRECT)
     elif case == "indirect_table_outside":
         g.set_desc(1, GUEST_SIZE - 8, 16, F_INDIRECT)
     g.publish([0, 1, 0])
@@ -237,6 +243,7 @@ MALFORMED = {
     "indirect_len": "indirect_len",
     "indirect_next": "indirect_next",
     "indirect_table_outside": "no_region",
+    "too_large": "too_large",
 }
 
 

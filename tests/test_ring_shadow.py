@@ -141,6 +141,24 @@ def test_thread_forwards_on_eventfds_and_fd_swaps(px):
     assert k["kicks_in"] >= 1 and k["calls_in"] >= 1 and k["calls_out"] == 3 and k["kicks_out"] == 3
 
 
+def test_call_fd_none_while_running(px):
+    """SET_VRING_CALL with the NOFD bit: no call fd; used entries still reach the guest's ring."""
+    px.path.start()
+    px.path.set_call_fd(-1)
+    px.request(0, [b"q"], [1])
+    px.rig.guest.publish([0])
+    os.eventfd_write(px.g_kick, 1)
+    assert wait_fd(px.b_kick)
+    px.dev.push_used([(px.dev.pop_chains()[0].head, 1)])
+    os.eventfd_write(px.b_call, 1)
+    deadline = time.monotonic() + 5
+    while not px.rig.guest.used_pending():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert px.rig.guest.collect_used() == [(0, 1)]
+    assert not wait_fd(px.g_call, 0.05)  # the old fd is no longer signalled
+
+
 def test_malformed_request_is_flagged_forwarded_and_path_survives(px):
     px.path.start()
     px.rig.guest.set_desc(2, 0xFFFF_FFFF_FFFF_0000, 4096, 0)  # far outside every region

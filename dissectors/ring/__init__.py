@@ -18,7 +18,8 @@ API (identical in both engines; addresses are guest-physical unless named otherw
 - `SplitQueue(mem, num, desc, avail, used)`: the device side of a split ring.
   - `pop_chains(max=0) -> [Chain]`: every available chain (kicks coalesce), NEXT/INDIRECT/WRITE
     followed.  A malformed chain raises `RingError(reason, head, chains=<the good ones before it>)`; the
-    bad entry is consumed.  An avail index more than `num` ahead raises `RingError("avail_ahead")` and
+    bad entry is consumed.  A chain whose readable bytes exceed MAX_GATHER (256 MiB) is refused as
+    "too_large" instead of being gathered (a guest could otherwise describe terabytes).  An avail index more than `num` ahead raises `RingError("avail_ahead")` and
     consumes nothing.
   - `push_used([(head, len), ...])`: entries first, the 16-bit used->idx once, last.
   - `avail_pending()`, `last_avail_idx` / `used_idx` (read/write, for SET/GET_VRING_BASE), `num`.
@@ -70,6 +71,7 @@ from ._common import (
     KIND_REPLY,
     KIND_REQUEST,
     LAYOUT_F_FROM_INDIRECT,
+    MAX_GATHER,
     REASONS,
     Capture,
     RingError,
@@ -115,6 +117,7 @@ __all__ = [
     "KIND_REPLY",
     "KIND_REQUEST",
     "LAYOUT_F_FROM_INDIRECT",
+    "MAX_GATHER",
     "REASONS",
     "Capture",
     "CaptureBuffer",

@@ -26,10 +26,12 @@ REASONS: tuple[str, ...] = (
     "regions_full",
     "region_overlap",
     "not_in_flight",     # a used entry for a head that was never made available
+    "too_large",         # readable bytes beyond MAX_GATHER: refused rather than allocated
 )
 REASON_CODE: dict[str, int] = {name: i for i, name in enumerate(REASONS)}
 
 MAX_REGIONS = 64
+MAX_GATHER = 256 << 20  # C: RC_MAX_GATHER; FUSE requests are at most 65535 pages plus headers
 LAYOUT_F_FROM_INDIRECT = 0x8000  # set in layout flags of descriptors read from an indirect table
 CAP_F_TRUNCATED = 1
 

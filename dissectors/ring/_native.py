@@ -25,6 +25,7 @@ from ._common import (
     KIND_REPLY,
     KIND_REQUEST,
     LAYOUT_F_FROM_INDIRECT,
+    MAX_GATHER,
     MAX_REGIONS,
     REASONS,
     Capture,
@@ -236,6 +237,8 @@ def _walk(mem: MemoryMap, desc: memoryview, num: int, head: int) -> _Walk:
                 raise _Fail("read_after_write")
             seen_write |= write
             _map(mem, w, addr, length, write)
+            if w.readable_len > MAX_GATHER:
+                raise _Fail("too_large")
             if not flags & F_NEXT:
                 break
             idx = nxt
@@ -633,7 +636,7 @@ class ShadowPath:
                 self._last_error = w.err
                 ok = self._capture(KIND_ERROR, head, w.err, 0, w, False, may_wait, self._flush_avail, state)
             else:
-                ok = self._capture(KIND_REQUEST, head, None, w.readable_len, w, False, may_wait,
+                ok = self._capture(KIND_REQUEST, head, None, w.readable_len & 0xFFFFFFFF, w, False, may_wait,
                                    self._flush_avail, state)
             if not ok:
                 break
@@ -699,6 +702,7 @@ CORE_LAYOUT: dict[str, Any] = {
     "used_ring_off": _USED_RING_OFF,
     "max_queue_size": virtio.MAX_QUEUE_SIZE,
     "max_regions": MAX_REGIONS,
+    "max_gather": MAX_GATHER,
     "cap_hdr_size": CAP_HDR_SIZE,
     "cap_layout_size": CAP_LAYOUT_SIZE,
     "layout_f_from_indirect": LAYOUT_F_FROM_INDIRECT,

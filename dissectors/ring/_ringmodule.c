@@ -1036,7 +1036,7 @@ static PyTypeObject ShadowPathType = {
 static PyObject *core_layout(void)
 {
     return Py_BuildValue(
-        "{s{sisisisisi}s{sisisi}s{sisisi}sisisisisisisi}",
+        "{s{sisisisisi}s{sisisi}s{sisisi}sisisisisisisisi}",
         "vring_desc", "size", (int)sizeof(struct rc_vring_desc), "addr", (int)offsetof(struct rc_vring_desc, addr),
         "len", (int)offsetof(struct rc_vring_desc, len), "flags", (int)offsetof(struct rc_vring_desc, flags),
         "next", (int)offsetof(struct rc_vring_desc, next),
@@ -1045,7 +1045,8 @@ static PyObject *core_layout(void)
         "VRING_DESC_F", "NEXT", (int)RC_VRING_DESC_F_NEXT, "WRITE", (int)RC_VRING_DESC_F_WRITE, "INDIRECT",
         (int)RC_VRING_DESC_F_INDIRECT,
         "avail_ring_off", (int)RC_VRING_AVAIL_RING_OFF, "used_ring_off", (int)RC_VRING_USED_RING_OFF,
-        "max_queue_size", (int)RC_MAX_QUEUE_SIZE, "max_regions", (int)RC_MAX_REGIONS, "cap_hdr_size",
+        "max_queue_size", (int)RC_MAX_QUEUE_SIZE, "max_regions", (int)RC_MAX_REGIONS, "max_gather",
+        (int)RC_MAX_GATHER, "cap_hdr_size",
         (int)sizeof(struct rc_cap_hdr), "cap_layout_size", (int)sizeof(struct rc_layout), "layout_f_from_indirect",
         (int)RC_LAYOUT_F_FROM_INDIRECT);
 }

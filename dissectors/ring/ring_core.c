@@ -23,7 +23,7 @@
 static const char *const err_names[RC_E_COUNT] = {
     "ok", "no_region", "overflow", "chain_loop", "nested_indirect", "next_range",
     "read_after_write", "avail_ahead", "head_range", "indirect_len", "indirect_next",
-    "bad_queue", "nomem", "regions_full", "region_overlap", "not_in_flight",
+    "bad_queue", "nomem", "regions_full", "region_overlap", "not_in_flight", "too_large",
 };
 
 const char *rc_err_name(int err)
@@ -266,6 +266,10 @@ int rc_walk_chain(struct rc_memmap *m, const uint8_t *desc, uint16_t num, uint16
         seen_write |= write;
         if ((err = chain_map(c, m, d.addr, d.len, write)))
             break;
+        if (c->readable_len > RC_MAX_GATHER) {
+            err = RC_E_TOO_LARGE;
+            break;
+        }
         if (!(d.flags & RC_VRING_DESC_F_NEXT))
             break;
         idx = d.next;

@@ -33,6 +33,10 @@ struct rc_vring_used_elem {
 #define RC_VRING_AVAIL_RING_OFF 4u   /* u16 flags; u16 idx; u16 ring[num] */
 #define RC_VRING_USED_RING_OFF 4u    /* u16 flags; u16 idx; vring_used_elem ring[num] */
 #define RC_MAX_QUEUE_SIZE 32768u
+/* Upper bound on a chain's readable bytes (what pop gathers into memory).  FUSE requests are at most
+ * max_pages (<= 65535) pages plus headers; a guest can otherwise describe terabytes by repeating one
+ * buffer, which would be a memory DoS on the daemon. */
+#define RC_MAX_GATHER (256ull << 20)
 /* Layout entries of descriptors that came from an indirect table carry this extra (non-virtio) bit. */
 #define RC_LAYOUT_F_FROM_INDIRECT 0x8000u
 
@@ -54,6 +58,7 @@ enum rc_err {
     RC_E_REGIONS_FULL = 13,    /* too many memory regions */
     RC_E_REGION_OVERLAP = 14,  /* a new region overlaps an existing one */
     RC_E_NOT_IN_FLIGHT = 15,   /* a used entry for a head the path never forwarded */
+    RC_E_TOO_LARGE = 16,       /* readable bytes beyond RC_MAX_GATHER: refuse rather than allocate */
     RC_E_COUNT
 };
 const char *rc_err_name(int err);
