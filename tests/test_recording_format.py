@@ -16,7 +16,7 @@ import pytest
 from dissectors import fuse as F
 from fsinspect.analysis import Analyzer
 from fsinspect.recording import format as fmt
-from fsinspect.recording.index import RecordingIndex, index_path
+from fsinspect.recording.index import RecordingIndex, index_path, scan
 from fsinspect.recording.reader import RecordingError, RecordingReader
 from fsinspect.recording.replay import analyze, feed_records
 from fsinspect.recording.writer import RecordingWriter
@@ -271,6 +271,8 @@ def test_side_index_random_access_matches_the_analyzer(tmp_path: Path) -> None:
         w.reply(enoent(5000), 1, 63, 10000)  # orphan
     idx = RecordingIndex(p)
     assert idx.rebuilt and index_path(p).exists()
+    blob = p.read_bytes()  # the writer-layout fast path and the general option walk agree
+    assert list(scan(blob)) == list(scan(blob, fast=False))
     with RecordingReader(p) as r:
         an = analyze(r)
         assert len(idx) == len(an.exchanges)
