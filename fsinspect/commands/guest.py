@@ -166,6 +166,10 @@ def _summary(res: GuestResult, sums: dict[str, tuple[str, str | None]]) -> None:
 
 def run_run(args: argparse.Namespace) -> int:
     params = _params(args.param)
+    known = gbuild.workload_names()
+    unknown = [w for w in args.workload.split(",") if w not in known]
+    if unknown:
+        raise UserError(f"unknown workload {', '.join(unknown)} (known: {', '.join(known)})")
     if args.backend and not args.no_xattr:
         params.setdefault("xattr", "1")
     img = _image()
