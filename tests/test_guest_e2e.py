@@ -31,7 +31,7 @@ SUB_PATHS = ["/mnt", "/mnt/sub", "/mnt/sub/inner"]
 def test_announce_submounts_all_workloads(boot_virtiofsd, guest_share):
     """smoke, crud, submounts, syncfs, a small storm, io and concurrent pass in one boot with announce."""
     res = boot_virtiofsd("smoke,crud,submounts,syncfs,storm,io,concurrent",
-                         params={"n": 300, "io_mb": 16, "iters": 100, "conc_mb": 8})
+                         params={"n": 300, "io_mb": 16, "conc_iters": 100, "conc_mb": 8})
     assert res.ok, explain(res)
     names = [s.name for s in res.steps]
     for want in ["smoke-ls", "smoke-stat", *CRUD_STEPS, "submounts-stat", "submounts-write", "syncfs-sync",

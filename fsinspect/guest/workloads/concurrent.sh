@@ -39,8 +39,8 @@ conc_run() {
 }
 
 wl_concurrent() {
-    CONC_L=$(param loops 6)
-    CONC_N=$(param iters 400)
+    CONC_L=$(param conc_loops 6)
+    CONC_N=$(param conc_iters 400)
     CONC_MB=$(param conc_mb 32)
     mark metric concurrent loops=$CONC_L iters=$CONC_N dd_mb=$CONC_MB
     step concurrent conc_run
