@@ -1,0 +1,1 @@
+"""The Textual UI (the only package that imports textual): `app.run_replay` and `app.run_attach`."""

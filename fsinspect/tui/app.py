@@ -1,0 +1,329 @@
+"""The fsinspect Textual app: one UI over two sources, a recording (replay) or a proxy's control socket (attach).
+
+Entry points for the commands and `fsinspect demo`: `run_replay(path)` and `run_attach(ctrl_path, title=...)`.
+The source feeds a Store from its own thread; the app looks at it ten times a second (`tick`), so a fast
+feed costs the UI one refresh per tick, never one per exchange.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
+
+from ..analysis import compile_filter
+from ..analysis.render import exchange_json
+from .panels import ControlPanel, InodePanel, JumpTo, StatsPanel, SubmountPanel
+from .render import exchange_text
+from .sources import AttachSource, ReplaySource, Source, Store
+from .widgets import DetailPane, ExchangeList, FilterBar, FilterState, ListHeader
+
+TICK = 0.1
+
+HELP = """\
+[b]fsinspect[/b] — FUSE over virtio-fs, live (attach) or recorded (replay)
+
+[b]Exchanges list[/b]
+  ↑ ↓ PgUp PgDn Home    move (moving up stops following the tail)
+  End / G  f            follow the tail (live: newest exchange) / toggle follow
+  p                     pause the list (the feed keeps running; p again catches up)
+  m  n  N               mark the exchange, next / previous mark
+  e  l                  next error, next lint
+  r                     detail pane: show the request or the reply (jump between the two)
+  Tab                   move focus: list → detail fields (highlight a field: its bytes light up)
+  /                     filter bar (Enter applies, Esc closes, → or Tab completes); Esc clears
+  y  Y                  copy the exchange as text / JSON to the clipboard (OSC 52)
+  w                     write the exchange as JSON to ./fsinspect-exchange-N.json
+[b]Panels[/b]
+  1 exchanges  2 inodes & lints  3 submounts & SYNCFS  4 stats  5 control plane
+  Enter on a lint, superblock or SYNCFS row jumps to its exchange
+[b]Filter language[/b]
+  op == LOOKUP and name ~ "foo"    error == ENOENT    latency > 1ms    nodeid == 4
+  submount    lint == "no-reply"   queue == 0    not (op == FORGET)    error != 0
+  fields: {fields}
+  flags: {flags}
+
+  ? this help    q quit
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    """Every key binding and the filter language, one screen."""
+
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 100; height: 90%; border: thick $accent; background: $surface;
+                                  padding: 0 1; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,question_mark", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        from ..analysis.filter import FIELDS, FLAGS
+
+        with VerticalScroll():
+            yield Static(HELP.format(fields=", ".join(FIELDS), flags=", ".join(FLAGS)))
+
+    def action_dismiss(self, result: Any = None) -> None:  # type: ignore[override]
+        self.dismiss()
+
+
+class StatusLine(Static):
+    DEFAULT_CSS = "StatusLine { height: 1; background: $boost; }"
+
+
+class FsInspectApp(App[int]):
+    """The inspector: exchanges list + detail, filter bar, and the inode/submount/stats/control panels."""
+
+    TITLE = "fsinspect"
+    CSS = """
+    #exchanges-pane { layout: vertical; }
+    TabbedContent { height: 1fr; }
+    TabPane { padding: 0; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
+        Binding("slash", "filter", "Filter"),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
+        Binding("y", "copy('text')", "Copy"),
+        Binding("Y", "copy('json')", "Copy JSON", show=False),
+        Binding("w", "write_json", "Write JSON", show=False),
+        Binding("1", "tab('exchanges')", "Exchanges", show=False),
+        Binding("2", "tab('inodes')", "Inodes", show=False),
+        Binding("3", "tab('submounts')", "Submounts", show=False),
+        Binding("4", "tab('stats')", "Stats", show=False),
+        Binding("5", "tab('control')", "Control", show=False),
+    ]
+
+    def __init__(self, source: Source, *, title: str | None = None, tick: float = TICK) -> None:
+        super().__init__()
+        self.source = source
+        self.store = source.store
+        self.sub_title = title or self.store.title
+        self.tick_interval = tick
+        self.filter: FilterState | None = None
+        self.ticks = 0
+        self.tick_seconds = 0.0  # time spent in ticks (the bench reads it)
+        self.last_copy: str | None = None
+        # Widgets kept by reference: ticks must find them whatever screen (help) is on top.
+        self.filterbar = FilterBar(id="filterbar")
+        self.xlist = ExchangeList(self.store, id="list")
+        self.detail = DetailPane(self.store, self.source, id="detail")
+        self.panels: dict[str, Any] = {"inodes": InodePanel(self.store, id="inodepanel"),
+                                       "submounts": SubmountPanel(self.store, id="submountpanel"),
+                                       "stats": StatsPanel(self.store, id="statspanel"),
+                                       "control": ControlPanel(self.store, id="controlpanel")}
+        self.statusline = StatusLine("", id="status")
+
+    # -- layout ----------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with TabbedContent(initial="exchanges"):
+            with TabPane("Exchanges", id="exchanges"), Vertical(id="exchanges-pane"):
+                yield self.filterbar
+                yield ListHeader()
+                yield self.xlist
+                yield self.detail
+            with TabPane("Inodes & lints", id="inodes"):
+                yield self.panels["inodes"]
+            with TabPane("Submounts & SYNCFS", id="submounts"):
+                yield self.panels["submounts"]
+            with TabPane("Stats", id="stats"):
+                yield self.panels["stats"]
+            with TabPane("Control plane", id="control"):
+                yield self.panels["control"]
+        yield self.statusline
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if not self.source.thread.is_alive() and not self.store.done:
+            self.source.start()
+        self.set_interval(self.tick_interval, self.tick)
+        self.query_one(ExchangeList).focus()
+
+    def on_unmount(self) -> None:
+        self.source.stop()
+
+    @property
+    def active_tab(self) -> str:
+        return self.screen_stack[0].query_one(TabbedContent).active
+
+    def set_tab(self, name: str) -> None:
+        self.screen_stack[0].query_one(TabbedContent).active = name
+
+    # -- the tick --------------------------------------------------------------------------------
+    def tick(self) -> None:
+        if not self.xlist.is_mounted:
+            return
+        t0 = time.perf_counter()
+        self.ticks += 1
+        lst = self.xlist
+        if self.filter is not None:
+            self.filter.advance(self.store)
+            lst.view = self.filter.view
+        lst.sync()
+        active = self.active_tab
+        if active != "exchanges" and self.ticks % 10 == 1:
+            self._refresh_panel(active)
+        self._status()
+        self.tick_seconds += time.perf_counter() - t0
+
+    def _refresh_panel(self, name: str) -> None:
+        panel = self.panels.get(name)
+        if panel is not None:
+            panel.refresh_from_store()
+
+    def _status(self) -> None:
+        st = self.store
+        lst = self.xlist
+        n = len(st.exchanges)
+        parts = [st.title, st.status]
+        if st.progress is not None:
+            parts.append(f"analysing {st.progress * 100:.0f}%")
+        parts.append(f"{n} exchanges")
+        if self.filter is not None:
+            done = "" if self.filter.upto >= n else f" (filtering {self.filter.upto * 100 // max(1, n)}%)"
+            parts.append(f"filter [{self.filter.text}]: {len(self.filter.view)} shown{done}")
+        if st.overflow:
+            parts.append(f"OVERFLOW: {st.overflow} missed")
+        if st.error:
+            parts.append(f"ERROR: {st.error}")
+        mode = "PAUSED" if lst.paused else ("FOLLOW" if lst.follow else "")
+        if mode:
+            parts.append(mode)
+        if lst.marks:
+            parts.append(f"{len(lst.marks)} marked")
+        text = Text(" | ".join(p for p in parts if p))
+        if st.overflow or st.error:
+            text.stylize("bold red")
+        self.statusline.update(text)
+
+    # -- events ----------------------------------------------------------------------------------
+    def on_exchange_list_selected(self, event: ExchangeList.Selected) -> None:
+        self.detail.show(event.index)
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        pane = event.pane.id or ""
+        self._refresh_panel(pane)
+
+    def on_filter_bar_apply(self, event: FilterBar.Apply) -> None:
+        self.apply_filter(event.text)
+        self.filterbar.remove_class("open")
+        self.xlist.focus()
+
+    def on_jump_to(self, event: JumpTo) -> None:
+        self.jump(event.index)
+
+    # -- API used by actions and tests -------------------------------------------------------------
+    def apply_filter(self, text: str) -> None:
+        """Filter the list (raises FilterError on a bad expression); an empty text shows everything."""
+        if not text.strip():
+            self.filter = None
+            self.xlist.reset_view(None)
+            return
+        pred = compile_filter(text)
+        self.filter = FilterState(text, pred)
+        self.filter.advance(self.store)
+        self.xlist.reset_view(self.filter.view)
+
+    def jump(self, index: int) -> None:
+        """Show exchange `index` in the list, dropping the filter if it hides it."""
+        self.set_tab("exchanges")
+        lst = self.xlist
+        lst.sync()
+        if not lst.jump_to_exchange(index):
+            self.apply_filter("")
+            lst.sync()
+            lst.jump_to_exchange(index)
+        lst.focus()
+
+    def selected_exchange_text(self, kind: str) -> str | None:
+        i = self.xlist.selected
+        if i is None:
+            return None
+        ex = self.store.exchanges[i]
+        if kind == "json":
+            return json.dumps(exchange_json(ex), default=str, indent=2) + "\n"
+        return exchange_text(ex, self.store.path(i), self.xlist.t0)
+
+    # -- actions ---------------------------------------------------------------------------------
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_filter(self) -> None:
+        self.set_tab("exchanges")
+        bar = self.filterbar
+        bar.add_class("open")
+        if self.filter is not None and not bar.input.value:
+            bar.input.value = self.filter.text
+        bar.input.focus()
+
+    def action_clear_filter(self) -> None:
+        bar = self.filterbar
+        if bar.has_class("open"):
+            bar.remove_class("open")
+            self.xlist.focus()
+            return
+        if self.filter is not None:
+            bar.input.value = ""
+            self.apply_filter("")
+
+    def action_tab(self, name: str) -> None:
+        self.set_tab(name)
+
+    def action_copy(self, kind: str) -> None:
+        text = self.selected_exchange_text(kind)
+        if text is None:
+            self.bell()
+            return
+        self.last_copy = text
+        self.copy_to_clipboard(text)
+        self.notify(f"copied exchange #{self.xlist.selected} as {kind} to the clipboard (OSC 52)")
+
+    def action_write_json(self) -> None:
+        text = self.selected_exchange_text("json")
+        if text is None:
+            self.bell()
+            return
+        path = Path.cwd() / f"fsinspect-exchange-{self.xlist.selected}.json"
+        try:
+            path.write_text(text)
+        except OSError as e:
+            self.notify(f"cannot write {path}: {e.strerror}", severity="error")
+            return
+        self.notify(f"wrote {path}")
+
+
+def run_replay(path: str) -> int:
+    """`fsinspect replay FILE`: the UI over a recording (analysed in the background)."""
+    store = Store()
+    src = ReplaySource(store, path)
+    app = FsInspectApp(src)
+    rc = app.run()
+    src.stop()
+    return int(rc or 0)
+
+
+def run_attach(ctrl_path: str, title: str | None = None) -> int:
+    """`fsinspect attach CTRL_SOCK` (and `fsinspect demo`): the UI live on a proxy's control socket.
+
+    Connects before the UI starts (raises ConnectionError with a one-line message if it cannot).
+    """
+    store = Store()
+    src = AttachSource(store, ctrl_path)
+    src.connect()
+    if title:
+        store.title = title
+    app = FsInspectApp(src, title=title)
+    rc = app.run()
+    src.stop()
+    return int(rc or 0)
+

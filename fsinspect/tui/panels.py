@@ -1,0 +1,334 @@
+"""The side panels: inode map (with lints), submounts and SYNCFS, stats with rate sparklines, control plane.
+
+Each panel rebuilds from the Store on `refresh_from_store()` (the app calls it when the panel is shown
+and then every second while it stays visible), taking the store lock only to copy what it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.widget import Widget
+from textual.widgets import DataTable, Label, OptionList, Sparkline, Static, Tree
+from textual.widgets.option_list import Option
+
+from dissectors.render import safe_name
+from dissectors.spec import fuse as fspec
+
+from ..analysis.inodes import ROOT
+from ..analysis.render import fmt_ns
+from .render import features_text
+from .sources import Store
+
+
+class JumpTo(Message):
+    """Show exchange `index` in the exchanges list."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f}{unit}"
+        n /= 1000
+    return f"{n:.0f}TB"
+
+
+class InodePanel(Widget):
+    """The kernel's nodeids as a tree by path, submount roots marked; the lints, each jumping to its cause."""
+
+    DEFAULT_CSS = """
+    InodePanel { layout: horizontal; }
+    InodePanel Tree { width: 3fr; }
+    InodePanel #lintbox { width: 2fr; border-left: solid $accent; }
+    InodePanel OptionList { height: 1fr; border: none; }
+    """
+
+    def __init__(self, store: Store, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.store = store
+        self.lint_targets: list[int] = []
+        self._sig: tuple[int, int] | None = None
+
+    def compose(self) -> Any:
+        yield Tree("/", id="itree")
+        with Vertical(id="lintbox"):
+            yield Label("lints (Enter: show the exchange)")
+            yield OptionList(id="lints")
+
+    def refresh_from_store(self) -> None:
+        st = self.store
+        with st.lock:
+            an = st.analyzer
+            sig = (len(st.exchanges), len(an.lints))
+            if sig == self._sig:
+                return
+            self._sig = sig
+            nodes = [(n.nodeid, n.parent, n.name, n.ino, n.generation, n.nlookup, n.attr_flags, n.submount)
+                     for n in an.inodes.nodes.values()]
+            lints = [(lint.name, lint.exchange, lint.message) for lint in an.lints]
+        remote = list(st.remote_lints)
+        self._tree(nodes)
+        ol = self.query_one("#lints", OptionList)
+        hl = ol.highlighted
+        ol.clear_options()
+        self.lint_targets = []
+        for r in remote:
+            ol.add_option(Option(Text.assemble(("(before attach) ", "dim"), (r.get("kind", "?"), "magenta bold"),
+                                               " ", r.get("message", ""))))
+            self.lint_targets.append(-1)
+        for name, idx, msg in lints:
+            ol.add_option(Option(Text.assemble((f"#{idx} ", "dim"), (name, "magenta bold"), " ", msg)))
+            self.lint_targets.append(idx)
+        if hl is not None and hl < ol.option_count:
+            ol.highlighted = hl
+
+    def _tree(self, nodes: list[tuple[Any, ...]]) -> None:
+        tree = self.query_one("#itree", Tree)
+        children: dict[int | None, list[tuple[Any, ...]]] = {}
+        byid = {n[0]: n for n in nodes}
+        for n in nodes:
+            if n[0] == ROOT:
+                continue
+            parent = n[1] if n[1] in byid else None
+            children.setdefault(parent, []).append(n)
+        tree.clear()
+        root = byid.get(ROOT)
+        tree.root.set_label(self._label(root) if root else Text("/"))
+        tree.root.expand()
+
+        def add(parent_node: Any, pid: int | None, depth: int) -> None:
+            for n in sorted(children.get(pid, ()), key=lambda x: (x[2] or b"")):
+                kids = children.get(n[0])
+                if kids and depth < 64:
+                    sub = parent_node.add(self._label(n), expand=True, data=n[0])
+                    add(sub, n[0], depth + 1)
+                else:
+                    parent_node.add_leaf(self._label(n), data=n[0])
+
+        add(tree.root, ROOT, 0)
+        orphans = children.get(None)
+        if orphans:
+            lost = tree.root.add(Text("(unlinked or parent unknown)", "dim"), expand=True)
+            for n in orphans:
+                lost.add_leaf(self._label(n), data=n[0])
+
+    @staticmethod
+    def _label(n: tuple[Any, ...]) -> Text:
+        nodeid, _parent, name, ino, gen, nlookup, flags, submount = n
+        shown = "/" if nodeid == ROOT else (safe_name(name) if name else "?")
+        t = Text(shown, "bold cyan" if submount else "bold")
+        if submount:
+            t.append(" [SUBMOUNT root]", "reverse cyan")
+        t.append(f"  nodeid={nodeid} ino={ino} gen={gen} nlookup={nlookup}", "dim")
+        if flags:
+            t.append(f" attr.flags={fspec.ATTR_FLAGS.render(flags)}", "cyan")
+        return t
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        i = event.option_index
+        if 0 <= i < len(self.lint_targets) and self.lint_targets[i] >= 0:
+            self.post_message(JumpTo(self.lint_targets[i]))
+
+
+class SubmountPanel(Widget):
+    """One row per superblock (the root and each announced submount), and every SYNCFS with its latency."""
+
+    DEFAULT_CSS = """
+    SubmountPanel { layout: vertical; }
+    SubmountPanel DataTable { height: 1fr; }
+    SubmountPanel Label { background: $boost; width: 100%; }
+    """
+
+    def __init__(self, store: Store, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.store = store
+        self.targets: dict[str, list[int]] = {"sb": [], "sync": []}
+        self._sig: tuple[int, int, int] | None = None
+
+    def compose(self) -> Any:
+        yield Label("superblocks (Enter: the announcing exchange)")
+        yield DataTable(id="sb", cursor_type="row")
+        yield Label("SYNCFS calls (Enter: the exchange)")
+        yield DataTable(id="sync", cursor_type="row")
+
+    def on_mount(self) -> None:
+        self.query_one("#sb", DataTable).add_columns("root nodeid", "path", "announced by", "ino", "guest st_dev",
+                                                     "SYNCFS", "last SYNCFS latency")
+        self.query_one("#sync", DataTable).add_columns("exchange", "nodeid", "path", "superblock root", "latency",
+                                                       "result")
+
+    def refresh_from_store(self) -> None:
+        st = self.store
+        with st.lock:
+            an = st.analyzer
+            ann = list(an.submounts.announced.values())
+            syncs = list(an.submounts.syncfs)
+            sig = (len(ann), len(syncs), len(st.exchanges))
+            if sig == self._sig:
+                return
+            self._sig = sig
+            paths = {a.nodeid: an.inodes.path(a.nodeid) for a in ann}
+            spaths = {s.nodeid: an.inodes.path(s.nodeid) for s in syncs}
+        sb = self.query_one("#sb", DataTable)
+        sb.clear()
+        self.targets["sb"] = []
+        roots: list[tuple[int, str, int, int]] = [(ROOT, "/", -1, 0)]
+        roots += [(a.nodeid, paths.get(a.nodeid) or safe_name(a.name), a.exchange, a.ino) for a in ann]
+        for nodeid, path, exidx, ino in roots:
+            mine = [s for s in syncs if s.nodeid == nodeid]
+            last = fmt_ns(mine[-1].latency_ns) if mine else "-"
+            sb.add_row(str(nodeid), Text(path, "bold cyan" if nodeid != ROOT else "bold"),
+                       f"#{exidx}" if exidx >= 0 else ("INIT" if nodeid == ROOT else "(before attach)"),
+                       str(ino or "-"), "unknown", str(len(mine)), last)
+            self.targets["sb"].append(exidx)
+        sy = self.query_one("#sync", DataTable)
+        sy.clear()
+        self.targets["sync"] = []
+        for s in syncs:
+            sy.add_row(f"#{s.exchange}" if s.exchange >= 0 else "(before attach)", str(s.nodeid),
+                       spaths.get(s.nodeid, ""), Text("yes", "green") if s.is_root else Text("NO", "red bold"),
+                       fmt_ns(s.latency_ns),
+                       Text(fspec.ERRNO.render(s.error), "red bold") if s.error else Text("ok", "green"))
+            self.targets["sync"].append(s.exchange)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        tid = event.data_table.id or ""
+        rows = self.targets.get(tid, [])
+        r = event.cursor_row
+        if 0 <= r < len(rows) and rows[r] >= 0:
+            self.post_message(JumpTo(rows[r]))
+
+
+class StatsPanel(Widget):
+    """Per-opcode counts, errors and latency percentiles; ops/s and bytes/s sparklines."""
+
+    DEFAULT_CSS = """
+    StatsPanel { layout: vertical; }
+    StatsPanel #rates { height: 6; }
+    StatsPanel .spark { height: 3; }
+    StatsPanel #totals { height: auto; }
+    StatsPanel DataTable { height: 1fr; }
+    """
+
+    def __init__(self, store: Store, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.store = store
+        self._sig: int | None = None
+
+    def compose(self) -> Any:
+        yield Static("", id="totals")
+        with Vertical(id="rates"):
+            yield Static("ops/s", id="opslabel")
+            yield Sparkline([], id="ops", classes="spark")
+            yield Static("bytes/s", id="byteslabel")
+            yield Sparkline([], id="bytes", classes="spark")
+        yield DataTable(id="ops_table", cursor_type="row")
+
+    def on_mount(self) -> None:
+        self.query_one("#ops_table", DataTable).add_columns("opcode", "count", "errors", "p50", "p90", "p99",
+                                                            "max", "req bytes", "reply bytes", "no reply")
+
+    def refresh_from_store(self) -> None:
+        st = self.store
+        with st.lock:
+            sig = st.analyzer.stats.total
+            if sig == self._sig:
+                return
+            self._sig = sig
+            d = st.analyzer.stats.as_dict()
+        ops, byts = st.rates(120)
+        self.query_one("#ops", Sparkline).data = ops or [0.0]
+        self.query_one("#bytes", Sparkline).data = byts or [0.0]
+        self.query_one("#opslabel", Static).update(
+            f"ops/s (last {len(ops)} s of capture time): now {ops[-1]:.0f}, peak {max(ops):.0f}" if ops else "ops/s")
+        self.query_one("#byteslabel", Static).update(
+            f"bytes/s: now {_fmt_bytes(byts[-1])}, peak {_fmt_bytes(max(byts))}" if byts else "bytes/s")
+        errs = ", ".join(f"{k} {v}" for k, v in list(d["errors"].items())[:8]) or "none"
+        self.query_one("#totals", Static).update(
+            f"{d['total']} exchanges over {d['duration_ns'] / 1e9:.3f} s; request bytes {d['bytes']['request']}, "
+            f"reply bytes {d['bytes']['reply']}; errors: {errs}")
+        t = self.query_one("#ops_table", DataTable)
+        t.clear()
+        for name, o in d["ops"].items():
+            lat = o["latency_ns"]
+            nerr = sum(o["errors"].values())
+            t.add_row(Text(name, "bold"), str(o["count"]), Text(str(nerr), "red bold") if nerr else "0",
+                      fmt_ns(lat["p50"]), fmt_ns(lat["p90"]), fmt_ns(lat["p99"]), fmt_ns(lat["max"]),
+                      str(o["request_bytes"]), str(o["reply_bytes"]), str(o["unreplied"]))
+
+
+class ControlPanel(Widget):
+    """The vhost-user side: features offered/acked/masked, regions, vrings, kick/call changes, capture health."""
+
+    DEFAULT_CSS = """
+    ControlPanel { layout: horizontal; }
+    ControlPanel #cstate { width: 1fr; }
+    ControlPanel #cmsgs { width: 1fr; border-left: solid $accent; }
+    """
+
+    def __init__(self, store: Store, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.store = store
+        self._sig: tuple[int, int, int] | None = None
+
+    def compose(self) -> Any:
+        with Horizontal():
+            with VerticalScroll(id="cstate"):
+                yield Static("", id="cstate_text")
+            with VerticalScroll(id="cmsgs"):
+                yield Static("", id="cmsgs_text")
+
+    def state_lines(self) -> list[str]:
+        st = self.store
+        f = st.features
+        lines = ["FEATURES"] + ["  " + x for x in features_text(f)] if f else ["FEATURES", "  (not known: "
+                                                                             "a replay has only the messages)"]
+        regions = f.get("regions") or []
+        lines.append(f"MEMORY REGIONS ({len(regions)})")
+        for r in regions:
+            lines.append("  " + " ".join(f"{k}={hex(v) if isinstance(v, int) and k != 'fd' else v}"
+                                         for k, v in r.items()))
+        vr = f.get("vrings") or {}
+        lines.append(f"VRINGS ({len(vr)})")
+        for i, v in sorted(vr.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"  vring {i}: num={v.get('num')} base={v.get('base')} enabled={v.get('enabled')} "
+                         f"started={v.get('started')} kick changes={v.get('kick_changes')} "
+                         f"call changes={v.get('call_changes')}")
+        cap = st.capture
+        lines.append("CAPTURE HEALTH")
+        if cap:
+            lines.append(f"  captured {cap.get('captured', 0)}, dropped {cap.get('dropped', 0)}, lossless stalls "
+                         f"{cap.get('stalls', 0)}, decode errors {cap.get('decode_errors', cap.get('errors', 0))}")
+        else:
+            lines.append("  (not known for a replay)")
+        with st.lock:
+            dec = sum(1 for lint in st.analyzer.lints if lint.name == "decode-error")
+        lines.append(f"  FUSE decode errors seen here: {dec}; messages this UI missed (overflow): {st.overflow}")
+        if st.events:
+            lines.append(f"EVENTS ({len(st.events)})")
+            for e in st.events[-30:]:
+                lines.append(f"  {e.get('kind')}: {e.get('detail')}")
+        return lines
+
+    def refresh_from_store(self) -> None:
+        st = self.store
+        sig = (len(st.control), len(st.events), st.overflow)
+        if sig == self._sig:
+            return
+        self._sig = sig
+        self.query_one("#cstate_text", Static).update("\n".join(self.state_lines()))
+        msgs = list(st.control)[-300:]
+        text = Text()
+        text.append(f"vhost-user messages ({len(st.control)}; last {len(msgs)})\n", "bold")
+        for m in msgs:
+            d = m.get("direction", "?")
+            text.append(f"{d:>16} ", "cyan" if "front" in d else "green")
+            text.append(str(m.get("summary", "")) + "\n")
+        self.query_one("#cmsgs_text", Static).update(text)

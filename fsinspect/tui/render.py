@@ -1,0 +1,259 @@
+"""Rows, field trees and hex dumps for the UI, built on dissectors.render (rich only, no textual).
+
+Kept apart from the widgets so the same text shows in tests, the copy command and the screen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.style import Style
+from rich.text import Text
+
+from dissectors import fuse as F
+from dissectors.render import render_value, safe_name, summary
+from dissectors.spec import fuse as fspec
+from dissectors.spec import virtio as vio
+from dissectors.structs import Record, iter_fields
+
+from ..analysis import Exchange
+from ..analysis.render import fmt_ns
+
+IN_HEADER = F.IN_HEADER.size  # request bodies start after fuse_in_header
+OUT_HEADER = F.OUT_HEADER.size  # reply bodies after fuse_out_header
+
+# Column widths of the exchanges list (the summary takes what is left).
+COLUMNS: list[tuple[str, int]] = [("", 1), ("time", 11), ("q", 2), ("unique", 7), ("opcode", 13),
+                                  ("nodeid → path", 26), ("summary", 0), ("result", 14), ("latency", 8)]
+FIXED = sum(w + 1 for _, w in COLUMNS if w)
+
+S_ERR = Style(color="red", bold=True)
+S_OK = Style(color="green")
+S_PENDING = Style(color="yellow")
+S_LINT = Style(color="magenta", bold=True)
+S_SUBMOUNT = Style(color="cyan", bold=True)
+S_DIM = Style(dim=True)
+S_OPCODE = Style(bold=True)
+S_MARK = Style(color="bright_yellow", bold=True)
+S_SYNCFS = Style(color="bright_cyan", bold=True)
+
+
+def _fit(s: str, w: int) -> str:
+    if len(s) > w:
+        return s[:max(0, w - 1)] + "…"
+    return s.ljust(w)
+
+
+def _rfit(s: str, w: int) -> str:
+    if len(s) > w:
+        return "…" + s[-(w - 1):]
+    return s.ljust(w)
+
+
+def result_text(ex: Exchange) -> tuple[str, Style]:
+    if ex.error:
+        return ex.errname or str(ex.error), S_ERR
+    if ex.replied:
+        return "ok", S_OK
+    if ex.expects_reply:
+        return "(no reply)", S_PENDING
+    return "-", S_DIM
+
+
+def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool) -> Text:
+    """One row of the exchanges list, exactly `width` cells wide."""
+    sw = max(8, width - FIXED)
+    t = Text(no_wrap=True, overflow="crop", end="")
+    t.append("●" if marked else " ", S_MARK)
+    t.append(" ")
+    rel = (ex.ts_ns - t0) / 1e9 if t0 and ex.ts_ns else 0.0
+    t.append(_fit(f"{rel:+.6f}", 11) + " ", S_DIM)
+    t.append(_fit(str(ex.queue), 2) + " ")
+    t.append(_fit(str(ex.unique), 7) + " ", S_DIM)
+    op = ex.opname
+    t.append(_fit(op, 13) + " ", S_SYNCFS if op == "SYNCFS" else S_OPCODE)
+    node = "" if ex.opcode < 0 else f"{ex.nodeid} {path}".rstrip()
+    t.append(_rfit(node, 26) + " ", S_SUBMOUNT if ex.submount else Style())
+    summ = summary(ex.request) if ex.request is not None else ""
+    if ex.reply is not None and not ex.error and not isinstance(ex.reply, F.Reply):
+        summ = summary(ex.reply)
+    elif ex.reply is not None and not ex.error:
+        rs = summary(ex.reply)
+        if rs:
+            summ = f"{summ} → {rs}" if summ else rs
+    if ex.lints:
+        lint = "[" + ",".join(ex.lints) + "] "
+        t.append(_fit(lint, min(len(lint), sw)), S_LINT)
+        summ_w = max(0, sw - min(len(lint), sw))
+    else:
+        summ_w = sw
+    if summ_w:
+        t.append(_fit(summ, summ_w))
+    t.append(" ")
+    res, style = result_text(ex)
+    t.append(_fit(res, 14) + " ", style)
+    t.append(_fit(fmt_ns(ex.latency_ns), 8), S_DIM)
+    t.truncate(width, pad=True)
+    return t
+
+
+def header_text(width: int) -> Text:
+    t = Text(no_wrap=True, overflow="crop", end="")
+    sw = max(8, width - FIXED)
+    for name, w in COLUMNS:
+        t.append(_fit(name, w or sw) + " ", Style(bold=True, underline=True))
+    t.truncate(width, pad=True)
+    return t
+
+
+def exchange_text(ex: Exchange, path: str = "", t0: int = 0) -> str:
+    """The plain-text copy of an exchange: a headline and both decoded trees."""
+    from dissectors.render import message_lines
+
+    res, _ = result_text(ex)
+    lines = [f"exchange #{ex.index}: {ex.opname} unique={ex.unique} queue={ex.queue} head={ex.head} "
+             f"nodeid={ex.nodeid} {path}".rstrip(),
+             f"result {res}, latency {fmt_ns(ex.latency_ns)}"
+             + (f", lints: {', '.join(ex.lints)}" if ex.lints else "") + (", submount" if ex.submount else "")]
+    for n in ex.notes:
+        lines.append(f"note: {n}")
+    if ex.decode_error:
+        lines.append(f"decode error: {ex.decode_error}")
+    for m in (ex.request, ex.reply):
+        if m is not None:
+            lines.extend(message_lines(m))
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldLine:
+    """One line of the decoded tree; `offset`/`size` locate its bytes in the message, when known."""
+
+    text: str
+    offset: int | None = None
+    size: int = 0
+    depth: int = 0
+
+
+def _record_fields(rec: Record, base: int, depth: int, prefix: str = "") -> list[FieldLine]:
+    out = []
+    for path, f, v, off, size in iter_fields(rec, base, prefix):
+        if path.rsplit(".", 1)[-1].startswith("padding") and not v:
+            continue
+        out.append(FieldLine(f"{path} = {render_value(f, v)}", off, size, depth))
+    return out
+
+
+def field_lines(msg: F.Message) -> list[FieldLine]:
+    """Header and argument fields with their byte ranges (struct parts and names are laid out in order)."""
+    out: list[FieldLine] = []
+    if isinstance(msg, F.Request):
+        out.append(FieldLine(f"request {msg.op.name} ({msg.op.value}) len={msg.raw_len}"))
+        base = IN_HEADER
+        out.append(FieldLine(f"{msg.header._codec.name}", 0, base, 1))
+    elif isinstance(msg, F.Notification):
+        out.append(FieldLine(f"notification {msg.notify.name} len={msg.raw_len}"))
+        base = OUT_HEADER
+        out.append(FieldLine(f"{msg.header._codec.name}", 0, base, 1))
+    else:
+        assert isinstance(msg, F.Reply)
+        err = f" error={msg.errname}" if msg.error else ""
+        out.append(FieldLine(f"reply to {msg.op.name}{err} len={msg.raw_len}"))
+        base = OUT_HEADER
+        out.append(FieldLine(f"{msg.header._codec.name}", 0, base, 1))
+    out.extend(_record_fields(msg.header, 0, 2))
+    off: int | None = base
+    for key, v in msg.args.items():
+        if isinstance(v, Record):
+            size = v._codec.size
+            out.append(FieldLine(f"{key}: {v._codec.name}", off, size, 1))
+            if off is not None:
+                out.extend(_record_fields(v, off, 2, ""))
+                off += size
+            else:
+                out.extend(FieldLine(f"{p} = {render_value(f, x)}", None, 0, 2) for p, f, x, _, _ in iter_fields(v))
+        elif isinstance(v, bytes):
+            shown = f"{len(v)} bytes" if key in ("data", "value") or len(v) > 256 else f'"{safe_name(v)}"'
+            nul = 0 if key in ("data", "value") else 1
+            out.append(FieldLine(f"{key} = {shown}", off, len(v) + nul, 1))
+            if off is not None:
+                off += len(v) + nul
+        elif isinstance(v, list):
+            out.append(FieldLine(f"{key}: {len(v)} item(s)", None, 0, 1))
+            for i, item in enumerate(v[:64]):
+                if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], bytes):
+                    out.append(FieldLine(f'[{i}] "{safe_name(item[1])}"', None, 0, 2))
+                    rec = item[0]
+                    if isinstance(rec, Record):
+                        out.extend(FieldLine(f"{p} = {render_value(f, x)}", None, 0, 3)
+                                   for p, f, x, _, _ in iter_fields(rec))
+                elif isinstance(item, Record):
+                    out.append(FieldLine(f"[{i}] {item._codec.name}", None, 0, 2))
+                    out.extend(FieldLine(f"{p} = {render_value(f, x)}", None, 0, 3) for p, f, x, _, _ in iter_fields(item))
+                else:
+                    out.append(FieldLine(f"[{i}] {item!r}", None, 0, 2))
+            if len(v) > 64:
+                out.append(FieldLine(f"… {len(v) - 64} more", None, 0, 2))
+            off = None
+        elif v is None:
+            out.append(FieldLine(f"{key}: (absent)", None, 0, 1))
+        else:
+            out.append(FieldLine(f"{key} = {v!r}", None, 0, 1))
+            off = None
+    if isinstance(msg, F.Request):
+        for eh, v in msg.ext:
+            out.append(FieldLine(f"extension {fspec.EXT_TYPE.render(eh.type)} size={eh.size}: "
+                                 f"{v if isinstance(v, list) else v.hex()}", None, 0, 1))
+    return out
+
+
+def hexdump(data: bytes, hl: tuple[int, int] | None = None, *, orig_len: int | None = None) -> Text:
+    """16 bytes a line with ASCII; bytes in [hl) reversed (the selected field)."""
+    t = Text(no_wrap=True, end="")
+    lo, hi = hl if hl is not None else (-1, -1)
+    on = Style(reverse=True, bold=True, color="bright_yellow")
+    for row in range(0, max(len(data), 1), 16):
+        chunk = data[row:row + 16]
+        t.append(f"{row:04x}  ", S_DIM)
+        for i in range(16):
+            pos = row + i
+            if i < len(chunk):
+                t.append(f"{chunk[i]:02x}", on if lo <= pos < hi else Style())
+            else:
+                t.append("  ")
+            t.append(" " if i != 7 else "  ")
+        t.append(" ")
+        for i, b in enumerate(chunk):
+            ch = chr(b) if 32 <= b < 127 else "."
+            t.append(ch, on if lo <= row + i < hi else S_DIM)
+        t.append("\n")
+    if orig_len is not None and orig_len > len(data):
+        t.append(f"… {orig_len - len(data)} more bytes not captured (snap length)\n", S_DIM)
+    return t
+
+
+def layout_text(layout: list[tuple[int, int]] | None) -> str:
+    """The descriptor chain as recorded: one line per vring_desc with its length and flags."""
+    if not layout:
+        return "descriptor layout: not recorded"
+    parts = []
+    for i, (ln, fl) in enumerate(layout):
+        parts.append(f"  desc[{i}] len={ln} {vio.VRING_DESC_F.render(fl) if fl else 'device-readable'}")
+    return "descriptor chain:\n" + "\n".join(parts)
+
+
+def features_text(f: dict[str, Any]) -> list[str]:
+    """Offered / acked / masked virtio and vhost-user protocol features, named."""
+    from dissectors.spec import vhost_user as vspec
+
+    out = []
+    for label, key, fs in (("virtio features offered", "features_offered", vio.VIRTIO_F),
+                           ("virtio features acked", "features_acked", vio.VIRTIO_F),
+                           ("virtio features masked by the proxy", "features_masked", vio.VIRTIO_F),
+                           ("protocol features offered", "protocol_offered", vspec.PROTOCOL_F),
+                           ("protocol features acked", "protocol_acked", vspec.PROTOCOL_F),
+                           ("protocol features masked by the proxy", "protocol_masked", vspec.PROTOCOL_F)):
+        v = f.get(key)
+        out.append(f"{label}: " + ("unknown" if v is None else (f"0x{v:x} " + (fs.render(v) if v else "none"))))
+    return out

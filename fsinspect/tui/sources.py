@@ -1,0 +1,398 @@
+"""Where the UI's exchanges come from: a recording (ReplaySource) or a proxy's control socket (AttachSource).
+
+Both feed one Store from a worker thread, in batches under `Store.lock`, so the UI thread never waits on
+I/O or decoding: it only reads what is there (lists grow by append) and takes the lock briefly to look at
+the inode map or stats.  No textual import here: the sources are tested and benchmarked without a screen.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dissectors import vhost_user as V
+from dissectors.errors import DecodeError
+from dissectors.spec import fuse as fspec
+
+from ..analysis import Analyzer, Exchange
+from ..analysis.inodes import Announcement, Inode, SyncfsRecord
+from ..recording.reader import Record, RecordingError, RecordingReader
+
+BATCH = 2000  # records fed per lock hold: the UI thread waits at most one batch for the lock
+_OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
+_ERRNO = fspec.ERRNO.by_name()
+
+
+@dataclass
+class Store:
+    """Everything the UI shows, fed by one source thread.
+
+    `exchanges` (the analyzer's list) and `paths` only grow; the UI reads indexes below `len()` freely.
+    Everything else (inode map, submounts, stats, buckets) is read under `lock`.
+    """
+
+    analyzer: Analyzer = field(default_factory=lambda: Analyzer(keep_exchanges=True))
+    paths: list[str] = field(default_factory=list)  # nodeid -> path as it was when the request came
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    title: str = ""
+    status: str = "starting"
+    progress: float | None = None  # 0..1 while a replay is still being analysed
+    done: bool = False
+    error: str | None = None
+    overflow: int = 0  # live messages the proxy dropped for this client
+    control: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=2000))
+    events: list[dict[str, Any]] = field(default_factory=list)
+    features: dict[str, Any] = field(default_factory=dict)
+    capture: dict[str, Any] = field(default_factory=dict)
+    remote_lints: list[dict[str, Any]] = field(default_factory=list)  # lints from before we attached
+    ops_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> exchanges
+    bytes_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> bytes
+    received: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.analyzer.listeners.append(self._count)
+
+    @property
+    def exchanges(self) -> list[Exchange]:
+        return self.analyzer.exchanges
+
+    def _count(self, ex: Exchange) -> None:
+        ts = ex.ts_ns
+        if ts:
+            sec = ts // 1_000_000_000
+            self.ops_buckets[sec] += 1
+            self.bytes_buckets[sec] += ex.req_len + ex.reply_len
+
+    def sync_paths(self) -> None:
+        """Name every new exchange's nodeid with the path it has right now (call right after feeding)."""
+        exs = self.analyzer.exchanges
+        paths = self.paths
+        inodes = self.analyzer.inodes
+        cache: dict[int, str] = {}
+        while len(paths) < len(exs):
+            ex = exs[len(paths)]
+            if ex.opcode < 0:
+                paths.append("")
+                continue
+            p = cache.get(ex.nodeid)
+            if p is None:
+                p = cache[ex.nodeid] = inodes.path(ex.nodeid) if ex.nodeid in inodes.nodes else ""
+            paths.append(p)
+
+    def path(self, i: int) -> str:
+        return self.paths[i] if i < len(self.paths) else ""
+
+    def rates(self, seconds: int = 60) -> tuple[list[float], list[float]]:
+        """The last `seconds` seconds of ops/s and bytes/s (by capture time), oldest first."""
+        with self.lock:
+            if not self.ops_buckets:
+                return [], []
+            hi = max(self.ops_buckets)
+            lo = max(min(self.ops_buckets), hi - seconds + 1)
+            return ([float(self.ops_buckets.get(s, 0)) for s in range(lo, hi + 1)],
+                    [float(self.bytes_buckets.get(s, 0)) for s in range(lo, hi + 1)])
+
+
+class Source:
+    """A feeder thread; `raw(ex)` gives the captured bytes (and descriptor layout) of an exchange."""
+
+    kind = "source"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run_guarded, name=f"fsinspect-{self.kind}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def _run_guarded(self) -> None:
+        try:
+            self.run()
+        except Exception as e:  # the UI shows it; a source never takes the app down
+            self.store.error = f"{type(e).__name__}: {e}"
+            self.store.status = f"error: {e}"
+        finally:
+            self.store.done = True
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:
+        return None, None
+
+
+class ReplaySource(Source):
+    """A recording, analysed front to back in the background with progress (by file offset)."""
+
+    kind = "replay"
+
+    def __init__(self, store: Store, path: str) -> None:
+        super().__init__(store)
+        self.path = path
+        self.reader = RecordingReader(path)  # raises RecordingError: the command turns it into one line
+        self._random = RecordingReader(path)  # the UI thread's own handle for record_at
+        self._random_lock = threading.Lock()
+        store.title = f"replay {os.path.basename(path)}"
+        store.progress = 0.0
+
+    def run(self) -> None:
+        st = self.store
+        an = st.analyzer
+        r = self.reader
+        st.status = "analysing"
+        init = r.section.meta.get("init")
+        if isinstance(init, dict) and init.get("request"):
+            an.prime_init(int(init.get("epoch", 0)), bytes.fromhex(init["request"]),
+                          bytes.fromhex(init["reply"]) if init.get("reply") else None)
+        size = max(1, r.size)
+        batch: list[Record] = []
+        try:
+            for rec in r.records():
+                batch.append(rec)
+                if len(batch) >= BATCH:
+                    self._feed(batch)
+                    st.progress = rec.offset / size
+                    batch = []
+                    if self._stop.is_set():
+                        return
+            self._feed(batch)
+        except RecordingError as e:
+            st.error = str(e)
+        with st.lock:
+            an.finish()
+        st.progress = None
+        st.status = f"replayed {len(st.exchanges)} exchanges" + (f" ({r.truncated})" if r.truncated else "")
+        r.close()
+
+    def _feed(self, batch: list[Record]) -> None:
+        st = self.store
+        an = st.analyzer
+        with st.lock:
+            for rec in batch:
+                st.received += 1
+                if not rec.is_fuse:
+                    st.control.append(_control_from_record(rec))
+                elif rec.inbound:
+                    an.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
+                                    orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
+                else:
+                    an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
+                                  orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
+            st.sync_paths()
+
+    def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:
+        out: list[Record | None] = []
+        with self._random_lock:
+            for ref in (ex.req_ref, ex.reply_ref):
+                try:
+                    out.append(self._random.record_at(ref) if isinstance(ref, int) else None)
+                except RecordingError:
+                    out.append(None)
+        return out[0], out[1]
+
+
+def _control_from_record(rec: Record) -> dict[str, Any]:
+    direction = "frontend" if rec.inbound else "backend"
+    try:
+        summary = V.decode_message(rec.data).summary()
+    except (DecodeError, ValueError) as e:
+        summary = f"undecodable vhost-user message ({len(rec.data)} bytes): {e}"
+    return {"type": "control", "direction": direction, "summary": summary, "ts_ns": rec.ts_ns,
+            "notes": list(rec.notes)}
+
+
+class AttachSource(Source):
+    """A proxy's control socket (fsinspect/proxy/hub.py, protocol 1), read in a worker thread.
+
+    Exchanges carry their raw bytes, which a local Analyzer re-decodes: the hex dump, the filters and the
+    inode map work as on a replay.  The snapshot seeds the inode map and submounts known before we joined.
+    """
+
+    kind = "attach"
+
+    def __init__(self, store: Store, ctrl_path: str, *, connect_timeout: float = 5.0) -> None:
+        super().__init__(store)
+        self.ctrl_path = ctrl_path
+        self.connect_timeout = connect_timeout
+        self.sock: socket.socket | None = None
+        self._raw: dict[int, tuple[bytes | None, bytes | None]] = {}
+        store.title = store.title or f"attach {ctrl_path}"
+
+    def connect(self) -> None:
+        """Connect now (the command reports a missing socket as one line before the UI starts)."""
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.connect(self.ctrl_path)
+            except OSError as e:
+                s.close()
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(f"cannot connect to {self.ctrl_path}: {e.strerror or e}") from None
+                time.sleep(0.1)
+                continue
+            self.sock = s
+            return
+
+    def stop(self) -> None:
+        super().stop()
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def run(self) -> None:
+        if self.sock is None:
+            self.connect()
+        assert self.sock is not None
+        st = self.store
+        st.status = "connected"
+        buf = b""
+        sock = self.sock
+        try:
+            while not self._stop.is_set():
+                try:
+                    chunk = sock.recv(1 << 20)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+                if b"\n" not in chunk:
+                    continue
+                lines = buf.split(b"\n")
+                buf = lines.pop()
+                self.feed_lines(lines)
+        finally:
+            sock.close()
+        if not self._stop.is_set():
+            st.status = "the proxy closed the control socket"
+
+    def feed_lines(self, lines: list[bytes]) -> None:
+        """Apply a batch of protocol lines (one lock hold per batch)."""
+        st = self.store
+        with st.lock:
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    st.events.append({"type": "event", "kind": "bad-line", "detail": {"line": line[:200].decode(
+                        "utf-8", "replace")}})
+                    continue
+                st.received += 1
+                self._apply(obj)
+            st.sync_paths()
+
+    def _apply(self, obj: dict[str, Any]) -> None:
+        st = self.store
+        t = obj.get("type")
+        if t == "exchange":
+            self._exchange(obj)
+        elif t == "control":
+            st.control.append(obj)
+        elif t == "event":
+            st.events.append(obj)
+        elif t == "overflow":
+            st.overflow = max(st.overflow, int(obj.get("missed", 0)))
+        elif t == "snapshot":
+            self._snapshot(obj)
+        elif t == "hello":
+            if obj.get("version") != 1:
+                st.status = f"unknown control protocol version {obj.get('version')!r}"
+            else:
+                st.status = f"attached to {obj.get('source', '?')} ({obj.get('tool', '?')})"
+
+    def _snapshot(self, snap: dict[str, Any]) -> None:
+        st = self.store
+        an = st.analyzer
+        for n in snap.get("inodes", ()):
+            name = n.get("name")
+            an.inodes.nodes[int(n["nodeid"])] = Inode(int(n["nodeid"]), n.get("parent"),
+                                                      name.encode("utf-8", "surrogateescape") if name else None,
+                                                      int(n.get("ino", 0)), int(n.get("generation", 0)),
+                                                      int(n.get("nlookup", 0)), int(n.get("attr_flags", 0)))
+        for s in snap.get("submounts", ()):
+            an.submounts.announce(Announcement(int(s["nodeid"]), int(s.get("parent", 0)),
+                                               str(s.get("name", "")).encode(), -1, int(s.get("ino", 0))))
+        for s in snap.get("syncfs", ()):
+            an.submounts.syncfs.append(SyncfsRecord(-1, int(s["nodeid"]), s.get("latency_ns"),
+                                                    bool(s.get("superblock_root")), s.get("error")))
+        st.remote_lints = list(snap.get("lints", ()))
+        st.features = dict(snap.get("features") or {})
+        st.capture = dict(snap.get("capture") or {})
+        for c in snap.get("control", ()):
+            st.control.append(c)
+        st.events.extend(snap.get("events", ()))
+        for ex in snap.get("exchanges", ()):
+            self._exchange(ex)
+
+    def _exchange(self, d: dict[str, Any]) -> None:
+        an = self.store.analyzer
+        req_hex, rep_hex = d.get("request_raw"), d.get("reply_raw")
+        queue = int(d.get("queue") or 0)
+        head = d.get("head")
+        ts = int(d.get("ts_ns") or 0)
+        rts = d.get("reply_ts_ns")
+        if rts is None and d.get("latency_ns") is not None:
+            rts = ts + int(d["latency_ns"])
+        if req_hex is None and rep_hex is None:
+            self._bare(d)
+            return
+        notes = list(d.get("notes", ()))
+        if req_hex is not None:
+            ex = an.feed_request(bytes.fromhex(req_hex), queue, head, ts, orig_len=d.get("request_len"),
+                                 notes=notes)
+            if rep_hex is not None:
+                an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"))
+        else:
+            assert rep_hex is not None
+            ex = an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"),
+                               notes=notes)
+        self._raw[ex.index] = (bytes.fromhex(req_hex) if req_hex else None,
+                               bytes.fromhex(rep_hex) if rep_hex else None)
+
+    def _bare(self, d: dict[str, Any]) -> None:
+        """An exchange without raw bytes (an older proxy): list it with what the JSON says."""
+        an = self.store.analyzer
+        op = _OP_BY_NAME.get(str(d.get("opcode")), -1)
+        ex = Exchange(an.count, int(d.get("queue") or 0), d.get("head"), int(d.get("epoch") or 0),
+                      int(d.get("unique") or 0), op, int(d.get("nodeid") or 0), req_ts=d.get("ts_ns"),
+                      notes=["no raw bytes from the proxy", *d.get("notes", ())], lints=list(d.get("lints", ())))
+        err = d.get("error")
+        ex.error = _ERRNO.get(err, 0) if isinstance(err, str) else 0
+        if d.get("latency_ns") is not None and ex.req_ts is not None:
+            ex.reply_ts = ex.req_ts + int(d["latency_ns"])
+            ex.replied = True
+        ex.submount = bool(d.get("submount"))
+        an.count += 1
+        an.exchanges.append(ex)
+        an.stats.add(ex)
+        for cb in an.listeners:
+            cb(ex)
+
+    def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:
+        req, rep = self._raw.get(ex.index, (None, None))
+        return (_live_record(req, True, ex) if req is not None else None,
+                _live_record(rep, False, ex) if rep is not None else None)
+
+
+def _live_record(data: bytes, inbound: bool, ex: Exchange) -> Record:
+    """The live bytes in the same shape a recording gives (no descriptor layout: the stream lacks it)."""
+    return Record(-1, -1, "fuse", inbound, (ex.req_ts if inbound else ex.reply_ts) or 0, data,
+                  (ex.req_len if inbound else ex.reply_len) or len(data), ex.queue, ex.head, ex.epoch, 0)

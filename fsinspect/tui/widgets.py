@@ -1,0 +1,474 @@
+"""The widgets: a Line-API exchanges list (millions of rows), the detail pane, the filter bar and the panels.
+
+The list is a ScrollView that renders only the visible lines (toolong's model): its cost does not depend on
+how many exchanges there are.  A DataTable is used only for the small tables (stats, SYNCFS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.segment import Segment
+from rich.text import Text
+from textual import events
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+from textual.suggester import Suggester
+from textual.widget import Widget
+from textual.widgets import Input, OptionList, Static
+from textual.widgets.option_list import Option
+
+from dissectors.spec import fuse as fspec
+
+from ..analysis import Exchange, FilterError, compile_filter
+from ..analysis.exchange import LINTS
+from ..analysis.filter import FIELDS, FLAGS
+from .render import FieldLine, field_lines, header_text, hexdump, layout_text, row_text
+from .sources import Source, Store
+
+FILTER_CHUNK = 20_000  # exchanges a tick tests against the filter (keeps a tick well under 100 ms)
+
+
+class ExchangeList(ScrollView, can_focus=True):
+    """Every exchange (or those the filter keeps), one line each, rendered on demand."""
+
+    DEFAULT_CSS = """
+    ExchangeList { height: 1fr; }
+    """
+    BINDINGS = [
+        Binding("up,k", "move(-1)", "Up", show=False),
+        Binding("down", "move(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "PgUp", show=False),
+        Binding("pagedown", "page(1)", "PgDn", show=False),
+        Binding("home,g", "top", "Top", show=False),
+        Binding("end,G", "bottom", "Follow"),
+        Binding("f", "toggle_follow", "Follow"),
+        Binding("p", "toggle_pause", "Pause"),
+        Binding("m", "mark", "Mark"),
+        Binding("n", "next_mark(1)", "Next mark"),
+        Binding("N", "next_mark(-1)", "Prev mark", show=False),
+        Binding("e", "next_error(1)", "Next error"),
+        Binding("l", "next_lint(1)", "Next lint", show=False),
+    ]
+
+    cursor: reactive[int] = reactive(0, repaint=False, init=False)
+
+    class Selected(Message):
+        """The cursor moved onto another exchange."""
+
+        def __init__(self, index: int | None) -> None:
+            super().__init__()
+            self.index = index
+
+    def __init__(self, store: Store, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.store = store
+        self.view: list[int] | None = None  # exchange indexes the filter kept; None = all
+        self.count = 0  # rows shown (frozen while paused)
+        self.follow = True
+        self.paused = False
+        self.marks: set[int] = set()
+        self.t0 = 0
+        self._sent: int | None = -1
+
+    # -- rows ------------------------------------------------------------------------------------
+    def index_at(self, row: int) -> int | None:
+        if not 0 <= row < self.count:
+            return None
+        return self.view[row] if self.view is not None else row
+
+    @property
+    def selected(self) -> int | None:
+        return self.index_at(self.cursor)
+
+    def row_of(self, index: int) -> int | None:
+        if self.view is None:
+            return index if index < self.count else None
+        import bisect
+
+        r = bisect.bisect_left(self.view, index)
+        return r if r < len(self.view) and self.view[r] == index and r < self.count else None
+
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        row = self.scroll_offset.y + y
+        i = self.index_at(row)
+        if i is None:
+            return Strip.blank(width, self.rich_style)
+        exs = self.store.exchanges
+        ex = exs[i]
+        if not self.t0 and exs:
+            self.t0 = exs[0].ts_ns
+        text = row_text(ex, self.store.path(i), width, self.t0, i in self.marks)
+        if row == self.cursor:
+            text.stylize("reverse" if self.has_focus else "underline")
+        segments = list(text.render(self.app.console))
+        return Strip([s for s in segments if s.text != "\n"], width).crop(0, width) \
+            if segments else Strip([Segment(" " * width)], width)
+
+    def sync(self) -> None:
+        """Called every tick: pick up new rows, keep following the tail, repaint replies that came in."""
+        if self.paused:
+            return
+        n = len(self.view) if self.view is not None else len(self.store.exchanges)
+        if n != self.count:
+            self.count = n
+            self.virtual_size = Size(self.size.width, n)
+            if self.follow and n:
+                self.cursor = n - 1
+                self.scroll_to(y=max(0, n - self.size.height), animate=False, immediate=True)
+        self.refresh()
+        self._announce()
+
+    def _announce(self) -> None:
+        sel = self.selected
+        if sel != self._sent:
+            self._sent = sel
+            self.post_message(self.Selected(sel))
+
+    def reset_view(self, view: list[int] | None) -> None:
+        keep = self.selected
+        self.view = view
+        self.count = len(view) if view is not None else len(self.store.exchanges)
+        self.virtual_size = Size(self.size.width, self.count)
+        row = self.row_of(keep) if keep is not None else None
+        self.cursor = row if row is not None else max(0, self.count - 1 if self.follow else 0)
+        self._scroll_cursor()
+        self.refresh()
+        self._announce()
+
+    def watch_cursor(self, old: int, new: int) -> None:
+        self.refresh()
+
+    def _scroll_cursor(self) -> None:
+        h = max(1, self.size.height)
+        top = self.scroll_offset.y
+        if self.cursor < top:
+            self.scroll_to(y=self.cursor, animate=False, immediate=True)
+        elif self.cursor >= top + h:
+            self.scroll_to(y=self.cursor - h + 1, animate=False, immediate=True)
+
+    def go(self, row: int, *, follow: bool | None = None) -> None:
+        if not self.count:
+            return
+        self.cursor = max(0, min(self.count - 1, row))
+        self.follow = follow if follow is not None else (self.follow and self.cursor == self.count - 1)
+        self._scroll_cursor()
+        self._announce()
+
+    def jump_to_exchange(self, index: int) -> bool:
+        """Put the cursor on exchange `index`; False if the current filter hides it."""
+        row = self.row_of(index)
+        if row is None:
+            return False
+        self.go(row, follow=False)
+        return True
+
+    # -- actions ---------------------------------------------------------------------------------
+    def action_move(self, delta: int) -> None:
+        self.go(self.cursor + delta, follow=False if delta < 0 else None)
+
+    def action_page(self, delta: int) -> None:
+        self.go(self.cursor + delta * max(1, self.size.height - 1), follow=False if delta < 0 else None)
+
+    def action_top(self) -> None:
+        self.go(0, follow=False)
+
+    def action_bottom(self) -> None:
+        self.paused = False
+        self.sync()
+        self.go(self.count - 1, follow=True)
+
+    def action_toggle_follow(self) -> None:
+        self.follow = not self.follow
+        if self.follow:
+            self.action_bottom()
+        self.app.refresh_bindings()
+
+    def action_toggle_pause(self) -> None:
+        self.paused = not self.paused
+        if not self.paused:
+            self.sync()
+
+    def action_mark(self) -> None:
+        i = self.selected
+        if i is not None:
+            self.marks.symmetric_difference_update({i})
+            self.refresh()
+
+    def _seek(self, delta: int, pred: Callable[[int], bool]) -> bool:
+        row = self.cursor + delta
+        steps = 0
+        while 0 <= row < self.count and steps < 2_000_000:
+            i = self.index_at(row)
+            if i is not None and pred(i):
+                self.go(row, follow=False)
+                return True
+            row += delta
+            steps += 1
+        self.app.bell()
+        return False
+
+    def action_next_mark(self, delta: int) -> None:
+        if self.marks:
+            self._seek(delta, lambda i: i in self.marks)
+
+    def action_next_error(self, delta: int) -> None:
+        exs = self.store.exchanges
+        self._seek(delta, lambda i: bool(exs[i].error))
+
+    def action_next_lint(self, delta: int) -> None:
+        exs = self.store.exchanges
+        self._seek(delta, lambda i: bool(exs[i].lints))
+
+    def on_click(self, event: events.Click) -> None:
+        self.go(self.scroll_offset.y + event.y, follow=False)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.virtual_size = Size(self.size.width, self.count)
+
+
+class ListHeader(Static):
+    """The column titles above the list."""
+
+    DEFAULT_CSS = "ListHeader { height: 1; }"
+
+    def render(self) -> Text:
+        return header_text(self.size.width or 120)
+
+
+class FieldList(OptionList):
+    """The decoded tree of one side; the highlighted field's bytes light up in the hex dump."""
+
+
+class DetailPane(Widget):
+    """Decoded request and reply trees, the hex dump of the side in view, and the descriptor chain."""
+
+    DEFAULT_CSS = """
+    DetailPane { height: 45%; border-top: solid $accent; }
+    DetailPane > Horizontal { height: 1fr; }
+    DetailPane FieldList { width: 1fr; border: none; }
+    DetailPane #hexbox { width: 80; }
+    DetailPane #title { height: 1; background: $boost; }
+    """
+    BINDINGS = [Binding("r", "other_side", "Req/Reply")]
+
+    side: reactive[str] = reactive("request", init=False)
+
+    def __init__(self, store: Store, source: Source, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.store = store
+        self.source = source
+        self.index: int | None = None
+        self.lines: list[FieldLine] = []
+        self.raw: bytes = b""
+        self.orig_len: int | None = None
+        self.chain: list[tuple[int, int]] | None = None
+
+    def compose(self) -> Any:
+        yield Static("", id="title")
+        with Horizontal():
+            yield FieldList(id="fields")
+            with VerticalScroll(id="hexbox"):
+                yield Static("", id="hex")
+                yield Static("", id="layout")
+
+    def show(self, index: int | None) -> None:
+        self.index = index
+        self._load()
+
+    def action_other_side(self) -> None:
+        self.side = "reply" if self.side == "request" else "request"
+
+    def watch_side(self, side: str) -> None:
+        self._load()
+
+    def _load(self) -> None:
+        title = self.query_one("#title", Static)
+        fields = self.query_one(FieldList)
+        fields.clear_options()
+        if self.index is None or self.index >= len(self.store.exchanges):
+            title.update("no exchange selected")
+            self.query_one("#hex", Static).update("")
+            self.query_one("#layout", Static).update("")
+            return
+        ex = self.store.exchanges[self.index]
+        msg = ex.request if self.side == "request" else ex.reply
+        req_rec, rep_rec = self.source.raw(ex)
+        rec = req_rec if self.side == "request" else rep_rec
+        raw = ex.req_raw if self.side == "request" else ex.reply_raw
+        self.raw = rec.data if rec is not None else (raw or b"")
+        self.orig_len = rec.orig_len if rec is not None else None
+        self.chain = rec.layout if rec is not None else None
+        other = "reply" if self.side == "request" else "request"
+        title.update(f" #{ex.index} {ex.opname} unique={ex.unique} — {self.side} (r: show {other})"
+                     + (f"  lints: {', '.join(ex.lints)}" if ex.lints else "")
+                     + (f"  notes: {'; '.join(ex.notes)}" if ex.notes else ""))
+        self.lines = field_lines(msg) if msg is not None else [FieldLine(
+            f"no {self.side}" + (f" ({ex.decode_error})" if ex.decode_error else ""))]
+        fields.add_options([Option(Text("  " * ln.depth + ln.text, no_wrap=True)) for ln in self.lines])
+        self._hex(None)
+        self.query_one("#layout", Static).update(layout_text(self.chain))
+
+    def _hex(self, hl: tuple[int, int] | None) -> None:
+        self.query_one("#hex", Static).update(hexdump(self.raw, hl, orig_len=self.orig_len) if self.raw
+                                              else Text("(no bytes)"))
+
+    def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        i = event.option_index
+        if 0 <= i < len(self.lines):
+            ln = self.lines[i]
+            self._hex((ln.offset, ln.offset + ln.size) if ln.offset is not None and ln.size else None)
+
+    @property
+    def highlighted_field(self) -> FieldLine | None:
+        i = self.query_one(FieldList).highlighted
+        return self.lines[i] if i is not None and 0 <= i < len(self.lines) else None
+
+
+_OPNAMES = sorted(o.name for o in fspec.OPCODES)
+_ERRNAMES = sorted(fspec.ERRNO.by_name())
+_WORDS = sorted({*FIELDS, *FLAGS, "and", "or", "not"})
+
+
+def completions(value: str) -> list[str]:
+    """Completions of the last word of a filter: field and flag names, or opcode/errno/lint values."""
+    import re
+
+    m = re.search(r"([A-Za-z_][A-Za-z0-9_.-]*)$", value)
+    if m is None:
+        return []
+    word = m.group(1)
+    before = value[:m.start()].rstrip()
+    pool: list[str]
+    if re.search(r"\b(op|opcode)\s*(==|!=)$", before):
+        pool = _OPNAMES
+        word = word.upper()
+    elif re.search(r"\berror\s*(==|!=)$", before):
+        pool = _ERRNAMES
+        word = word.upper()
+    elif re.search(r"\blint\s*(==|!=)$", before):
+        pool = sorted(LINTS)
+    else:
+        pool = _WORDS
+    return [w for w in pool if w.startswith(word) and w != word]
+
+
+class FilterSuggester(Suggester):
+    """Completes the last word (accepted with → or Tab at the end of the line)."""
+
+    def __init__(self) -> None:
+        super().__init__(use_cache=False, case_sensitive=True)
+
+    async def get_suggestion(self, value: str) -> str | None:
+        import re
+
+        opts = completions(value)
+        if not opts:
+            return None
+        m = re.search(r"([A-Za-z_][A-Za-z0-9_.-]*)$", value)
+        assert m is not None
+        return value[:m.start()] + opts[0]
+
+
+class FilterBar(Widget):
+    """The filter language: validated as you type, with a caret under the error."""
+
+    DEFAULT_CSS = """
+    FilterBar { height: auto; display: none; }
+    FilterBar.open { display: block; }
+    FilterBar Input { border: tall $accent; }
+    FilterBar Input.-invalid { border: tall $error; }
+    FilterBar #ferr { height: auto; color: $text-muted; padding: 0 1; }
+    FilterBar #ferr.bad { color: $error; }
+    """
+
+    class Apply(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    def compose(self) -> Any:
+        yield Input(placeholder="filter: op == LOOKUP and error == ENOENT   latency > 1ms   submount   lint",
+                    suggester=FilterSuggester(), id="finput")
+        yield Static("", id="ferr")
+
+    @property
+    def input(self) -> Input:
+        return self.query_one(Input)
+
+    def validate(self, text: str) -> FilterError | None:
+        err = self.query_one("#ferr", Static)
+        if not text.strip():
+            self.input.remove_class("-invalid")
+            err.remove_class("bad")
+            err.update("empty: every exchange.  Enter applies, Esc closes, → or Tab completes")
+            return None
+        try:
+            compile_filter(text)
+        except FilterError as e:
+            self.input.add_class("-invalid")
+            err.add_class("bad")
+            # The input has a 1-cell border and 1-cell padding: the caret lands under the offending column.
+            err.update(Text(" " * (e.column) + "^ " + e.message))
+            return e
+        self.input.remove_class("-invalid")
+        err.remove_class("bad")
+        opts = completions(text)
+        err.update("ok — Enter applies" + (f"   completions: {' '.join(opts[:8])}" if opts else ""))
+        return None
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.validate(event.value)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if self.validate(event.value) is None:
+            self.post_message(self.Apply(event.value))
+
+    def on_key(self, event: events.Key) -> None:
+        if event.key == "tab" and self.input.has_focus:
+            opts = completions(self.input.value)
+            if opts:
+                import re
+
+                m = re.search(r"([A-Za-z_][A-Za-z0-9_.-]*)$", self.input.value)
+                assert m is not None
+                self.input.value = self.input.value[:m.start()] + opts[0]
+                self.input.cursor_position = len(self.input.value)
+                event.prevent_default()
+                event.stop()
+
+
+class FilterState:
+    """The applied filter and how far through the exchanges it has got (filtered a chunk per tick)."""
+
+    def __init__(self, text: str, pred: Callable[[Exchange], bool]) -> None:
+        self.text = text
+        self.pred = pred
+        self.view: list[int] = []
+        self.upto = 0
+
+    def advance(self, store: Store, budget: int = FILTER_CHUNK) -> bool:
+        """Test up to `budget` more exchanges; True if the view grew.  Waits for pending replies near the tail."""
+        exs = store.exchanges
+        n = len(exs)
+        end = min(n, self.upto + budget)
+        grew = False
+        i = self.upto
+        pred, view = self.pred, self.view
+        while i < end:
+            ex = exs[i]
+            if not ex.replied and ex.expects_reply and not store.done and n - i < 5000:
+                break
+            if pred(ex):
+                view.append(i)
+                grew = True
+            i += 1
+        self.upto = i
+        return grew
