@@ -291,6 +291,22 @@ def test_inode_map_follows_nlookup_renames_and_unlinks() -> None:
     assert s.lints() == Counter()
 
 
+def test_dotdot_lookups_and_unknown_ancestors_do_not_confuse_the_map() -> None:
+    s = Script()
+    s.init()
+    s.lookup(1, b"d", 2, 20)
+    s.lookup(2, b"..", 1, 0)  # EXPORT_SUPPORT: LOOKUP ".." answers the root
+    inodes = s.an.inodes
+    assert inodes.get(1).parent is None and inodes.path(2) == "/d" and inodes.get(1).nlookup == 2
+    # Nodes under parents named before the capture began: same unknown parent -> same superblock (lint),
+    # different unknown parents -> unknown relation (no lint).
+    s.lookup(50, b"x", 60, 777)
+    s.lookup(51, b"y", 61, 777)
+    assert s.an.lints == []
+    s.lookup(50, b"z", 62, 777)
+    assert [lint.name for lint in s.an.lints] == [X.INO_COLLISION]
+
+
 def test_decoded_messages_feed_like_raw_ones() -> None:
     an = Analyzer()
     req = F.decode_request(F.encode_request("LOOKUP", {"name": b"x"}, unique=4, nodeid=1))

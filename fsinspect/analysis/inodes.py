@@ -66,7 +66,10 @@ class InodeMap:
                 return cur.nodeid
             if cur.parent is None:
                 return -cur.nodeid  # detached: its own unknown superblock, never equal to a live one's
-            cur = self.nodes.get(cur.parent)
+            parent = self.nodes.get(cur.parent)
+            if parent is None:  # an ancestor named before the capture began: its superblock is unknown
+                return -cur.parent
+            cur = parent
             seen += 1
         return ROOT
 
@@ -89,17 +92,20 @@ class InodeMap:
         node = self.nodes.get(nodeid)
         ident = (ino, generation)
         if node is None:
-            node = self.nodes[nodeid] = Inode(nodeid, parent, name, ino, generation, 0, attr_flags)
+            if name in (b".", b".."):  # LOOKUP ".." (EXPORT_SUPPORT) names nothing new
+                name = None
+            node = self.nodes[nodeid] = Inode(nodeid, parent if name is not None else None, name, ino, generation, 0,
+                                              attr_flags)
         else:
             if (node.ino, node.generation) != ident:
                 self._drop_ident(node)
                 node.ino, node.generation = ino, generation
             node.attr_flags = attr_flags
-            if name is not None:
+            if name is not None and nodeid != ROOT and name not in (b".", b".."):
                 self._unlink_name(node)
                 node.parent, node.name = parent, name
         node.nlookup += 1
-        if name is not None:
+        if name is not None and nodeid != ROOT and name not in (b".", b".."):
             self._children[(parent, name)] = nodeid
         peers = self._ident.setdefault(ident, set())
         if nodeid not in peers:
