@@ -254,6 +254,9 @@ def test_rotation_carries_init_so_later_parts_decode(tmp_path: Path) -> None:
         if i:
             assert an.negotiated == {1}
     assert total == 399
+    info = json.loads(subprocess.run([sys.executable, "-m", "fsinspect", "info", "--json", str(paths[1])],
+                                     capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    assert info["part"] == 1 and info["init"][0]["epoch"] == 1 and info["init"][0]["max_write"] == 1 << 20
 
 
 def test_side_index_random_access_matches_the_analyzer(tmp_path: Path) -> None:

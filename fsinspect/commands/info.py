@@ -13,7 +13,7 @@ from dissectors.spec import fuse as spec
 from ..analysis import Analyzer
 from ..errors import UserError
 from ..recording.reader import RecordingError
-from ..recording.replay import feed_records
+from ..recording.replay import feed_records, prime_from_header
 from ._recording import open_recording
 
 
@@ -61,10 +61,7 @@ def run(args: argparse.Namespace) -> int:
             yield rec
 
     an = Analyzer(keep_exchanges=False)
-    init = r.section.meta.get("init")
-    if isinstance(init, dict) and init.get("request"):
-        an.prime_init(int(init.get("epoch", 0)), bytes.fromhex(init["request"]),
-                      bytes.fromhex(init["reply"]) if init.get("reply") else None)
+    prime_from_header(an, r)
     try:
         feed_records(an, counted())
     except RecordingError as e:

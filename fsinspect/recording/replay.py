@@ -21,13 +21,22 @@ def feed_records(analyzer: Analyzer, records: Iterable[Record]) -> None:
                                 orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
 
 
+def prime_from_header(analyzer: Analyzer, reader: RecordingReader) -> None:
+    """A rotated part starts mid-session: adopt the INIT its section header carries."""
+    init = reader.section.meta.get("init")
+    if isinstance(init, dict) and init.get("request"):
+        try:
+            req = bytes.fromhex(init["request"])
+            rep = bytes.fromhex(init["reply"]) if init.get("reply") else None
+        except (TypeError, ValueError):
+            return
+        analyzer.prime_init(int(init.get("epoch", 0)), req, rep)
+
+
 def analyze(reader: RecordingReader, analyzer: Analyzer | None = None) -> Analyzer:
     """Run a whole recording through an Analyzer and finish it."""
     an = analyzer if analyzer is not None else Analyzer()
-    init = reader.section.meta.get("init")
-    if isinstance(init, dict) and init.get("request"):
-        an.prime_init(int(init.get("epoch", 0)), bytes.fromhex(init["request"]),
-                      bytes.fromhex(init["reply"]) if init.get("reply") else None)
+    prime_from_header(an, reader)
     feed_records(an, reader.records())
     an.finish()
     return an
