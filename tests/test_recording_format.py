@@ -92,6 +92,16 @@ def test_round_trip_of_every_record_field(tmp_path: Path) -> None:
     assert [lint.name for lint in an.lints] == ["forget-unknown"]  # nodeid 9 was never looked up
 
 
+def test_source_names(tmp_path: Path) -> None:
+    with RecordingWriter(tmp_path / "v.pcapng", source="vhost-user") as w:
+        w.request(lookup(2), 1, None, 5)
+    with RecordingReader(tmp_path / "v.pcapng") as r:
+        assert r.section.meta["source"] == "virtio"
+        assert [(x.queue, x.head) for x in r] == [(1, None)] and r.interfaces[0].name == "vq1"
+    with pytest.raises(ValueError, match="source must be"):
+        RecordingWriter(tmp_path / "x.pcapng", source="usb")
+
+
 def test_format_md_tables_are_generated_from_the_code() -> None:
     text = (ROOT / "recordings" / "FORMAT.md").read_text()
     assert f"Format version: **{fmt.FORMAT_VERSION}**" in text

@@ -87,15 +87,18 @@ def host_info() -> dict[str, str]:
 class RecordingWriter:
     """Writes one recording (and its rotated continuations).  Not thread-safe: feed it from one thread.
 
-    `source` is "virtio" (one interface per virtqueue) or "fusedev" (one interface for /dev/fuse).
+    `source` is "virtio" (alias "vhost-user": one interface per virtqueue) or "fusedev" (one interface
+    for /dev/fuse).
     The INIT epoch is counted here (every INIT request starts a new one) unless the caller passes it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, source: str = "virtio", backend: str = "",
                  comments: Sequence[str] = (), snaplen: int = fmt.DEFAULT_SNAPLEN, rotate_mb: float = 0,
                  flush_bytes: int = 1 << 18, flush_interval: float = 0.2) -> None:
+        if source == "vhost-user":  # a vhost-user back-end's traffic is virtqueue traffic
+            source = "virtio"
         if source not in ("virtio", "fusedev"):
-            raise ValueError(f"source must be virtio or fusedev, not {source!r}")
+            raise ValueError(f"source must be virtio (or vhost-user) or fusedev, not {source!r}")
         if snaplen < 0:
             raise ValueError("snaplen must be >= 0")
         self.base = Path(path)
