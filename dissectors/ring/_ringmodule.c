@@ -40,10 +40,12 @@ typedef struct {
     PyObject_HEAD
     Py_buffer view;
     int has_view;
+    PyObject *mv; /* memoryview (format B) of the whole buffer: chain views share its managed buffer */
 } RegionObject;
 
 static void Region_dealloc(RegionObject *self)
 {
+    Py_XDECREF(self->mv);
     if (self->has_view)
         PyBuffer_Release(&self->view);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -92,6 +94,21 @@ static PyTypeObject SegType = {
 
 static PyObject *make_view(PyObject *owner, uint8_t *ptr, Py_ssize_t len, int readonly)
 {
+#ifndef Py_LIMITED_API
+    /* Fast path: one object.  A view of the region's memoryview shares its managed buffer (which holds
+     * the export of the mapping), then is narrowed to [ptr, ptr+len) exactly as memoryview slicing
+     * does internally; a 1-D byte view stays C-contiguous, so its flags remain valid. */
+    RegionObject *reg = (RegionObject *)owner;
+    PyObject *mv = PyMemoryView_FromObject(reg->mv);
+    if (!mv)
+        return NULL;
+    PyMemoryViewObject *m = (PyMemoryViewObject *)mv;
+    m->view.buf = ptr;
+    m->view.len = len;
+    m->view.shape[0] = len;
+    m->view.readonly = m->view.readonly || readonly;
+    return mv;
+#else
     SegObject *s = PyObject_New(SegObject, &SegType);
     if (!s)
         return NULL;
@@ -102,6 +119,7 @@ static PyObject *make_view(PyObject *owner, uint8_t *ptr, Py_ssize_t len, int re
     PyObject *mv = PyMemoryView_FromObject((PyObject *)s);
     Py_DECREF(s);
     return mv;
+#endif
 }
 
 /* ================================================================== MemoryMap */
@@ -146,11 +164,23 @@ static PyObject *MemoryMap_add_region(MemoryMapObject *self, PyObject *args, PyO
     if (!reg)
         return NULL;
     reg->has_view = 0;
+    reg->mv = NULL;
     if (PyObject_GetBuffer(buf, &reg->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
         Py_DECREF(reg);
         return NULL;
     }
     reg->has_view = 1;
+    PyObject *whole = PyMemoryView_FromObject(buf);
+    if (!whole) {
+        Py_DECREF(reg);
+        return NULL;
+    }
+    reg->mv = PyObject_CallMethod(whole, "cast", "s", "B");
+    Py_DECREF(whole);
+    if (!reg->mv) {
+        Py_DECREF(reg);
+        return NULL;
+    }
     if (mmap_offset + size < mmap_offset || (unsigned long long)reg->view.len < mmap_offset + size) {
         Py_DECREF(reg);
         PyErr_Format(PyExc_ValueError, "buffer of %zd bytes cannot hold mmap_offset %llu + size %llu",
