@@ -18,6 +18,7 @@ from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
 
 from ..analysis.analyzer import Analyzer
+from ..recording import format as fmt
 from ..recording.writer import RecordingWriter
 from . import control as C
 from .hub import Hub
@@ -66,35 +67,41 @@ class Session:
                     self._request(data, queue, head, ts, len(data), (), ["backend lost: answered by the proxy"])
                 else:
                     self.local_replies += 1
-                    self._reply(data, queue, head, ts, len(data), (), ["EIO from the proxy: back-end lost"])
+                    self._reply(data, queue, head, ts, len(data), (), ["EIO from the proxy: back-end lost"],
+                                flags=fmt.RF_PROXY_REPLY)
             return
         layout = [(ln, fl) for _addr, ln, fl in cap.layout]
         with self.lock:
             if cap.kind == "request":
                 self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
-                              ["not fully captured"] if cap.truncated else [])
+                              ["payload cut at the capture snap length"] if cap.truncated else [],
+                              flags=fmt.RF_SNAPPED if cap.truncated else 0)
             elif cap.kind == "reply":
                 if cap.queue == vio.FS_HIPRIO_QUEUE and cap.length == 0:
                     return  # FORGET completes with used.len 0: there is no reply
                 self._reply(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
-                            ["not fully captured"] if cap.truncated else [])
+                            ["payload cut at the capture snap length"] if cap.truncated else [],
+                            flags=fmt.RF_SNAPPED if cap.truncated else 0)
             else:
                 self.capture_errors += 1
                 note = f"malformed chain: {cap.reason} (forwarded untouched)"
                 if self.writer is not None:
-                    self.writer.request(cap.data, cap.queue, cap.head, cap.ts_ns, notes=[note])
+                    self.writer.request(cap.data, cap.queue, cap.head, cap.ts_ns, notes=[note],
+                                        flags=fmt.RF_DECODE_ERROR)
 
-    def _request(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str]) -> None:
+    def _request(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
+                 flags: int = 0) -> None:
         self.requests += 1
         if self.writer is not None:
-            self.writer.request(data, queue, head, ts, layout=layout, notes=notes)
+            self.writer.request(data, queue, head, ts, layout=layout, notes=notes, flags=flags)
         ex = self.analyzer.feed_request(bytes(data), queue, head, ts, orig_len=orig, notes=notes)
         self.opcount[ex.opname] += 1
 
-    def _reply(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str]) -> None:
+    def _reply(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
+               flags: int = 0) -> None:
         self.replies += 1
         if self.writer is not None:
-            self.writer.reply(data, queue, head, ts, layout=layout, notes=notes)
+            self.writer.reply(data, queue, head, ts, layout=layout, notes=notes, flags=flags)
         self.analyzer.feed_reply(bytes(data), queue, head, ts, orig_len=orig, notes=notes)
 
     def _on_vhost(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
