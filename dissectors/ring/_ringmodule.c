@@ -136,6 +136,10 @@ static int MemoryMap_init(MemoryMapObject *self, PyObject *args, PyObject *kw)
     static char *kwlist[] = {NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "", kwlist))
         return -1;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "memory map in use by a running shadow path: stop it first");
+        return -1;
+    }
     for (int i = 0; i < self->m.n; i++)
         Py_CLEAR(self->owners[i]);
     rc_mem_init(&self->m);
