@@ -67,7 +67,7 @@ def test_decode_vhost_user() -> None:
          None, "unknown opcode 7"),
         (["decode", "--hex", F.encode_reply("GETATTR", unique=5, error=2).hex()], None, "--reply-to"),
         (["decode", "--reply-to", "NOPE", "--hex", "10000000feffffff0500000000000000"], None, "unknown opcode"),
-        (["decode", "/nonexistent/file"], None, "No such file"),
+        (["decode", "/proc/fsinspect-no-such-file"], None, "No such file"),
         (["decode", "-"], b"", "no input"),
         (["decode", "--vhost-user", "--hex", "01000000"], None, "truncated header"),
         (["decode"], None, "required"),
