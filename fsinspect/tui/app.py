@@ -126,7 +126,8 @@ class FsInspectApp(App[int]):
     # -- layout ----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
-        with TabbedContent(initial="exchanges"):
+        self.tabbed = TabbedContent(initial="exchanges")
+        with self.tabbed:
             with TabPane("Exchanges", id="exchanges"), Vertical(id="exchanges-pane"):
                 yield self.filterbar
                 yield ListHeader()
@@ -154,14 +155,14 @@ class FsInspectApp(App[int]):
 
     @property
     def active_tab(self) -> str:
-        return self.screen_stack[0].query_one(TabbedContent).active
+        return self.tabbed.active
 
     def set_tab(self, name: str) -> None:
-        self.screen_stack[0].query_one(TabbedContent).active = name
+        self.tabbed.active = name
 
     # -- the tick --------------------------------------------------------------------------------
     def tick(self) -> None:
-        if not self.xlist.is_mounted:
+        if not self.xlist.is_mounted or self._exit:
             return
         t0 = time.perf_counter()
         self.ticks += 1

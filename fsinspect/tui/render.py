@@ -13,6 +13,7 @@ from rich.text import Text
 
 from dissectors import fuse as F
 from dissectors.render import render_value, safe_name, summary
+from dissectors.ring._common import LAYOUT_F_FROM_INDIRECT
 from dissectors.spec import fuse as fspec
 from dissectors.spec import virtio as vio
 from dissectors.structs import Record, iter_fields
@@ -22,6 +23,7 @@ from ..analysis.render import fmt_ns
 
 IN_HEADER = F.IN_HEADER.size  # request bodies start after fuse_in_header
 OUT_HEADER = F.OUT_HEADER.size  # reply bodies after fuse_out_header
+_DESC_WRITE = vio.VRING_DESC_F.by_name()["WRITE"]
 
 # Column widths of the exchanges list (the summary takes what is left).
 COLUMNS: list[tuple[str, int]] = [("", 1), ("time", 11), ("q", 2), ("unique", 7), ("opcode", 13),
@@ -239,7 +241,10 @@ def layout_text(layout: list[tuple[int, int]] | None) -> str:
         return "descriptor layout: not recorded"
     parts = []
     for i, (ln, fl) in enumerate(layout):
-        parts.append(f"  desc[{i}] len={ln} {vio.VRING_DESC_F.render(fl) if fl else 'device-readable'}")
+        sub = " (in the indirect table)" if fl & LAYOUT_F_FROM_INDIRECT else ""
+        fl &= ~LAYOUT_F_FROM_INDIRECT
+        kind = "device-writable" if fl & _DESC_WRITE else "device-readable"
+        parts.append(f"  desc[{i}] len={ln} {kind} flags={vio.VRING_DESC_F.render(fl) if fl else '0'}{sub}")
     return "descriptor chain:\n" + "\n".join(parts)
 
 

@@ -71,21 +71,26 @@ class Store:
             self.ops_buckets[sec] += 1
             self.bytes_buckets[sec] += ex.req_len + ex.reply_len
 
-    def sync_paths(self) -> None:
+    def feed_request(self, raw: bytes, *args: Any, **kw: Any) -> Exchange:
+        """Feed a request, naming its nodeid first (FORGET removes it from the map, UNLINK detaches it)."""
+        inodes = self.analyzer.inodes
+        nodeid = int.from_bytes(raw[16:24], "little") if len(raw) >= 24 else 0
+        hint = inodes.path(nodeid) if nodeid in inodes.nodes else ""
+        ex = self.analyzer.feed_request(raw, *args, **kw)
+        self.sync_paths(ex.index, hint)
+        return ex
+
+    def sync_paths(self, index: int = -1, hint: str = "") -> None:
         """Name every new exchange's nodeid with the path it has right now (call right after feeding)."""
         exs = self.analyzer.exchanges
         paths = self.paths
         inodes = self.analyzer.inodes
-        cache: dict[int, str] = {}
         while len(paths) < len(exs):
             ex = exs[len(paths)]
-            if ex.opcode < 0:
-                paths.append("")
-                continue
-            p = cache.get(ex.nodeid)
-            if p is None:
-                p = cache[ex.nodeid] = inodes.path(ex.nodeid) if ex.nodeid in inodes.nodes else ""
-            paths.append(p)
+            if ex.index == index:
+                paths.append(hint)
+            else:
+                paths.append(inodes.path(ex.nodeid) if ex.opcode >= 0 and ex.nodeid in inodes.nodes else "")
 
     def path(self, i: int) -> str:
         return self.paths[i] if i < len(self.paths) else ""
@@ -188,12 +193,13 @@ class ReplaySource(Source):
                 if not rec.is_fuse:
                     st.control.append(_control_from_record(rec))
                 elif rec.inbound:
-                    an.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
+                    st.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
                                     orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
                 else:
                     an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
                                   orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
-            st.sync_paths()
+                if len(st.paths) < len(an.exchanges):
+                    st.sync_paths()  # name nodeids now: a later FORGET removes them from the map
 
     def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:
         out: list[Record | None] = []
@@ -297,7 +303,8 @@ class AttachSource(Source):
                     continue
                 st.received += 1
                 self._apply(obj)
-            st.sync_paths()
+                if len(st.paths) < len(st.analyzer.exchanges):
+                    st.sync_paths()
 
     def _apply(self, obj: dict[str, Any]) -> None:
         st = self.store
@@ -356,7 +363,7 @@ class AttachSource(Source):
             return
         notes = list(d.get("notes", ()))
         if req_hex is not None:
-            ex = an.feed_request(bytes.fromhex(req_hex), queue, head, ts, orig_len=d.get("request_len"),
+            ex = self.store.feed_request(bytes.fromhex(req_hex), queue, head, ts, orig_len=d.get("request_len"),
                                  notes=notes)
             if rep_hex is not None:
                 an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"))

@@ -120,8 +120,9 @@ class ExchangeList(ScrollView, can_focus=True):
         if n != self.count:
             self.count = n
             self.virtual_size = Size(self.size.width, n)
-            if self.follow and n:
-                self.cursor = n - 1
+        if self.follow and n:
+            self.cursor = n - 1
+            if self.scroll_offset.y + self.size.height < n:
                 self.scroll_to(y=max(0, n - self.size.height), animate=False, immediate=True)
         self.refresh()
         self._announce()
@@ -270,6 +271,7 @@ class DetailPane(Widget):
         self.raw: bytes = b""
         self.orig_len: int | None = None
         self.chain: list[tuple[int, int]] | None = None
+        self.hex_text = Text()
 
     def compose(self) -> Any:
         yield Static("", id="title")
@@ -317,8 +319,8 @@ class DetailPane(Widget):
         self.query_one("#layout", Static).update(layout_text(self.chain))
 
     def _hex(self, hl: tuple[int, int] | None) -> None:
-        self.query_one("#hex", Static).update(hexdump(self.raw, hl, orig_len=self.orig_len) if self.raw
-                                              else Text("(no bytes)"))
+        self.hex_text = hexdump(self.raw, hl, orig_len=self.orig_len) if self.raw else Text("(no bytes)")
+        self.query_one("#hex", Static).update(self.hex_text)
 
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
         i = event.option_index
