@@ -73,6 +73,7 @@ def run_demo(opts: DemoOptions, progress: Progress, ui: Callable[[Path], int] | 
         with make_share() as share, launcher.short_tmpdir("fsi-demo-") as work, \
                 open(work / "backend.log", "wb") as logf:
             be_sock = work / "backend.sock"
+            progress(f"share {share.root} (tmpfs submounts: {', '.join(str(m) for m in share.mounts)}); work dir {work}")
             if opts.backend == "virtiofsd":
                 cmd = [launcher.VIRTIOFSD, f"--socket-path={be_sock}", "-o",
                        f"source={share.root},cache=auto,announce_submounts,xattr"]
