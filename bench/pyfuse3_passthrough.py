@@ -162,7 +162,7 @@ def main() -> None:
     source, mnt = sys.argv[1], sys.argv[2]
     opts = set(pyfuse3.default_options)
     opts.add("fsname=pyfuse3-passthrough")
-    opts.discard("default_permissions")
+    opts.add("default_permissions")  # parity with fsinspect, which always mounts with it
     pyfuse3.init(Passthrough(source), mnt, opts)
     try:
         trio.run(pyfuse3.main)

@@ -180,17 +180,26 @@ def _entry_values(e: Entry) -> list[Any]:
     return [e.nodeid, e.generation, es, as_, ens, ans, attr_from_stat(e.attr, e.attr_flags)]
 
 
+# The hot replies pack straight into the spec's flat struct format (fuse_attr is all scalars), skipping
+# the generic record flattening.
+_entry_pack = _entry_codec.struct.pack
+_attr_out_pack = _attr_out_codec.struct.pack
+_open_out_pack = _open_out_codec.struct.pack
+_direntplus_pack = _direntplus_codec.struct.pack
+
+
 def encode_entry(e: Entry) -> bytes:
-    return _entry_codec.encode(_entry_codec.cls(*_entry_values(e)))
+    v = _entry_values(e)
+    return _entry_pack(*v[:6], *v[6])
 
 
 def encode_attr_out(st: StatLike, timeout: float) -> bytes:
     s, ns = _split_timeout(timeout)
-    return _attr_out_codec.encode(_attr_out_codec.cls(s, ns, 0, attr_from_stat(st)))
+    return _attr_out_pack(s, ns, 0, *attr_from_stat(st))
 
 
 def encode_open_out(fh: int, open_flags: int) -> bytes:
-    return _open_out_codec.encode(_open_out_codec.cls(fh, open_flags, 0))
+    return _open_out_pack(fh, open_flags, 0)
 
 
 def _enosys(*_a: Any, **_k: Any) -> Any:
@@ -628,8 +637,7 @@ class Server:
                         raise
                     break  # answer what we have; the kernel asks again from this offset
                 vals = _entry_values(e)
-            rec = _direntplus_codec.cls(_entry_codec.cls(*vals), _dirent_codec.cls(*dirent))
-            out += _direntplus_codec.encode(rec) + d.name + pad
+            out += _direntplus_pack(*vals[:6], *vals[6], *dirent) + d.name + pad
         return bytes(out)
 
     def _do_releasedir(self, ctx: Context, req: F.Request) -> list[Buffer]:
