@@ -1,0 +1,241 @@
+"""The bundled daemon as a vhost-user backend for a real QEMU 7.2 + Linux 6.1 guest (issue 7).
+
+Three boots cover the acceptance matrix while keeping CI time down:
+- in-process daemon, file handles `prefer`, cache `auto`: the `full` workload (smoke, crud, submounts,
+  syncfs, storm, io), checksums, three st_dev, syncfs on the three host filesystems, and no fd or
+  thread left once QEMU disconnects;
+- the CLI exactly as libvirt/scripts call virtiofsd (`--socket-path`, `-o source=...,cache=none`,
+  `--inode-file-handles=never`), smoke/crud/submounts/syncfs/storm/io with smaller sizes;
+- in-process with a tap on the engine, `syncfs` alone: one FUSE_SYNCFS per superblock per `sync`, and
+  the daemon's counters name the right host filesystems.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.passthrough import CacheMode, HandleMode, Options
+from daemon.transport.vhost_user import listen_path
+from daemon.vhost import VhostDaemon
+from dissectors import fuse as F
+from fsinspect.commands._daemon_vhost import parse_o_options
+from fsinspect.errors import UserError
+from fsinspect.guest import launcher
+from fsinspect.guest.build import GuestImage
+from fsinspect.guest.console import GuestResult
+from fsinspect.guest.share import Share
+from tests.guest_fixtures import explain
+
+SUB_PATHS = ["/mnt", "/mnt/sub", "/mnt/sub/inner"]
+CRUD_STEPS = ["crud-create", "crud-append", "crud-rename", "crud-symlink", "crud-link", "crud-dir",
+              "crud-truncate", "crud-unlink"]
+
+
+class ThreadWatch:
+    """run_guest watches processes; an in-process daemon is a thread: dead thread = backend lost."""
+
+    def __init__(self, t: threading.Thread) -> None:
+        self.t = t
+        self.pid = os.getpid()
+
+    def poll(self) -> int | None:
+        return None if self.t.is_alive() else 0
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@contextmanager
+def inprocess_daemon(share: Share, **kw: Any) -> Iterator[tuple[Path, VhostDaemon, threading.Thread]]:
+    tap = kw.pop("tap", None)
+    with launcher.short_tmpdir() as work:
+        sock = work / "d.sock"
+        d = VhostDaemon(listen_path(str(sock)), Options(str(share.root), **kw), socket_path=str(sock), tap=tap)
+        t = threading.Thread(target=d.serve, name="test-vhost-daemon")
+        t.start()
+        try:
+            yield sock, d, t
+        finally:
+            d.stop()
+            t.join(30)
+
+
+def _host_devs(share: Share) -> dict[str, int]:
+    return {p: share.host_stat(p.removeprefix("/mnt").lstrip("/") or ".").st_dev for p in SUB_PATHS}
+
+
+def _check_common(res: GuestResult, share: Share, *, io_bytes: int) -> None:
+    """What every boot must show: checksums equal on both sides, three superblocks with three st_dev."""
+    assert res.ok, explain(res)
+    assert all(s.rc == 0 for s in res.steps), res.steps
+    sums = res.verify_sums(share.root)
+    assert {"/mnt/hello.txt", "/mnt/data.bin", "/mnt/.fsi-io.bin"} <= set(sums), sums
+    assert all(g == h for g, h in sums.values()), sums
+    assert (share.root / ".fsi-io.bin").stat().st_size == io_bytes
+    assert set(res.st_dev) == set(SUB_PATHS)
+    assert len(set(res.st_dev.values())) == 3, res.st_dev
+    assert [m.split()[1] for m in res.virtiofs_mounts] == SUB_PATHS, res.virtiofs_mounts
+    for p in SUB_PATHS[1:]:
+        assert res.stats_for("submounts-stat")[p].ino == share.host_stat(p.removeprefix("/mnt/")).st_ino
+    leftovers = {p.name for p in share.root.rglob(".fsi-*")} - {".fsi-io.bin"}
+    assert not leftovers, leftovers
+
+
+def _check_syncfs_devs(counters: dict[str, Any], share: Share) -> None:
+    """Every FUSE_SYNCFS was a syncfs() on one of the three host filesystems, each of them reached."""
+    by_dev = {int(k): v for k, v in counters["syncfs_by_dev"].items()}
+    assert set(by_dev) == set(_host_devs(share).values()), (by_dev, _host_devs(share))
+    assert sum(by_dev.values()) == counters["ops"]["SYNCFS"]
+    assert counters["ops"]["SYNCFS"] % 3 == 0
+
+
+# ---------------------------------------------------------------------- CLI (no guest)
+def test_o_options_virtiofsd_style() -> None:
+    got = parse_o_options(["source=/srv,cache=none", "announce_submounts,xattr", "log_level=warn", "flock"])
+    assert got == {"shared_dir": "/srv", "cache": "none", "announce_submounts": True, "xattr": True,
+                   "log_level": "warning"}
+    assert parse_o_options(["no_announce_submounts,no_xattr,thread_pool_size=4"]) == \
+        {"announce_submounts": False, "xattr": False, "thread_pool_size": 4}
+    for bad, words in [("sandbox=chroot", "unknown option -o sandbox=chroot"), ("source", "needs a value"),
+                       ("log_level=loud", "log_level=loud"), ("thread_pool_size=x", "not a number")]:
+        with pytest.raises(UserError, match=words):
+            parse_o_options([bad])
+
+
+def _cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fsinspect", "daemon", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_cli_print_capabilities_and_errors(tmp_path: Path) -> None:
+    r = _cli("--print-capabilities")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"type": "fs"}
+    r = _cli("--socket-path", str(tmp_path / "s"), "-o", f"source={tmp_path},bogus")
+    assert r.returncode != 0 and "unknown option -o bogus" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path), "-o", "cache=sometimes")
+    assert r.returncode != 0 and "cache=sometimes" in r.stderr
+    r = _cli("--socket-path", str(tmp_path / "s"), "--fd", "3", "--shared-dir", str(tmp_path))
+    assert r.returncode != 0 and "alternatives" in r.stderr
+    r = _cli("--socket-path", str(tmp_path / "s"))
+    assert r.returncode != 0 and "--shared-dir" in r.stderr
+    (tmp_path / "notasocket").write_text("x")
+    r = _cli("--socket-path", str(tmp_path / "notasocket"), "--shared-dir", str(tmp_path))
+    assert r.returncode == 1 and "not a socket" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--fd", "0", "--shared-dir", str(tmp_path))
+    assert r.returncode == 1 and "--fd 0" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.root
+def test_cli_sigterm_before_qemu_connects(tmp_path: Path) -> None:
+    """Started by libvirt but never connected to: SIGTERM ends it cleanly and removes its socket."""
+    sock = tmp_path / "d.sock"
+    p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", "--socket-path", str(sock), "-o",
+                          f"source={tmp_path}"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    p.terminate()
+    assert p.wait(15) == 0
+    assert not sock.exists()
+
+
+# ---------------------------------------------------------------------- real guest
+@pytest.mark.guest
+@pytest.mark.root
+def test_full_workload_prefer_auto(guest_image: GuestImage, guest_share: Share) -> None:
+    """`full` against the in-process daemon (handles prefer, cache auto); nothing left after QEMU goes."""
+    fds_before = _fds()
+    threads_before = set(threading.enumerate())
+    with inprocess_daemon(guest_share, cache=CacheMode.AUTO, inode_file_handles=HandleMode.PREFER) as (sock, d, t):
+        res = launcher.run_guest(sock, image=guest_image, workload="full", timeout=240, watch=[ThreadWatch(t)],
+                                 params={"n": 500, "io_mb": 16, "xattr": 0})
+        t.join(20)
+        assert not t.is_alive(), "the daemon did not end when QEMU disconnected"
+    _check_common(res, guest_share, io_bytes=16 << 20)
+    names = [s.name for s in res.steps]
+    for want in ["smoke-ls", "smoke-read", *CRUD_STEPS, "submounts-write", "syncfs-sync", "syncfs-per-mount",
+                 "storm-create", "storm-stat-cold", "storm-delete", "io-write", "io-read"]:
+        assert want in names, f"step {want} missing from {names}"
+    c = d.counters()
+    ops = Counter(c["ops"])
+    assert ops["CREATE"] >= 500 and ops["UNLINK"] >= 500 and ops["READ"] > 0 and ops["WRITE"] > 0
+    assert ops["FORGET"] > 0 and c["queues"][0]["chains"] == ops["FORGET"] + ops["BATCH_FORGET"]
+    assert c["dropped"] == 0 and not [e for e in c["errors"] if not e.startswith(("LOOKUP:ENOENT", "GETXATTR"))]
+    assert c["inodes"]["held_by_handle"] >= 0 and c["open_handles"] == 0
+    _check_syncfs_devs(c, guest_share)
+    # QEMU gone: the session released every fd and thread it had.
+    assert _fds() == fds_before, _fds() - fds_before
+    assert set(threading.enumerate()) == threads_before, set(threading.enumerate()) - threads_before
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_cli_never_none(guest_image: GuestImage, guest_share: Share) -> None:
+    """The virtiofsd-compatible command line, handles never and cache none, every workload (smaller)."""
+    with launcher.short_tmpdir() as work:
+        sock, summary = work / "vfs.sock", work / "summary.json"
+        log = work / "daemon.log"
+        with open(log, "wb") as logf:
+            p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
+                                  "-o", f"source={guest_share.root},cache=none", "-o", "announce_submounts",
+                                  "--inode-file-handles=never", "--thread-pool-size=4",
+                                  "--summary-json", str(summary)],
+                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 15
+            while not sock.exists():
+                assert p.poll() is None, log.read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            res = launcher.run_guest(sock, image=guest_image, workload="smoke,crud,submounts,syncfs,storm,io",
+                                     timeout=180, watch=[p], params={"n": 200, "io_mb": 8, "xattr": 0})
+            assert p.wait(20) == 0, log.read_text()
+        finally:
+            launcher.stop_process(p)
+        assert not sock.exists(), "socket left behind"
+        c = json.loads(summary.read_text())
+    _check_common(res, guest_share, io_bytes=8 << 20)
+    assert c["inodes"]["held_by_handle"] == 0  # never: O_PATH fds only
+    assert c["ops"]["CREATE"] >= 200 and c["dropped"] == 0
+    _check_syncfs_devs(c, guest_share)
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_syncfs_one_per_superblock(guest_image: GuestImage, guest_share: Share) -> None:
+    """`sync` sends one FUSE_SYNCFS per superblock (three, from one pid) and each `sync -f` one; the
+    daemon syncfs()-ed each host filesystem twice.  A tap on the engine is the witness (and it exercises
+    the copying READ path, since a tap turns zero-copy off)."""
+    seen: list[tuple[int, int]] = []
+
+    def tap(direction: str, queue: int, unique: int, ts: int, raw: bytes) -> None:
+        if direction == "request" and F.peek_header(raw)[1] == 50:  # FUSE_SYNCFS
+            h = F.decode_request(raw).header
+            seen.append((h.nodeid, h.pid))
+
+    with inprocess_daemon(guest_share, tap=tap) as (sock, d, t):
+        res = launcher.run_guest(sock, image=guest_image, workload="smoke,syncfs", timeout=90,
+                                 watch=[ThreadWatch(t)], params={"xattr": 0})
+        t.join(20)
+    assert res.ok, explain(res)
+    c = d.counters()
+    assert len(seen) == 6 == c["ops"]["SYNCFS"], seen
+    by_sync, per_mount = seen[:3], seen[3:]
+    assert len({pid for _, pid in by_sync}) == 1 and len({n for n, _ in by_sync}) == 3
+    assert 1 in {n for n, _ in by_sync} and {n for n, _ in per_mount} == {n for n, _ in by_sync}
+    by_dev = {int(k): v for k, v in c["syncfs_by_dev"].items()}
+    assert by_dev == {dev: 2 for dev in _host_devs(guest_share).values()}, (by_dev, _host_devs(guest_share))
