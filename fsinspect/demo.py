@@ -43,6 +43,7 @@ class DemoResult:
     record: Path | None = None
     error: str | None = None
     proxy_rc: int | None = None
+    quit_by_user: bool = False  # the UI was closed while the guest still ran: QEMU was stopped on purpose
 
 
 class CancelWatch:
@@ -109,6 +110,7 @@ def run_demo(opts: DemoOptions, progress: Progress, ui: Callable[[Path], int] | 
             t.start()
             if ui is not None:
                 ui(ctrl)
+                result.quit_by_user = t.is_alive()
                 cancel.cancelled.set()
             t.join(opts.timeout + 30)
             if "err" in holder:
@@ -134,7 +136,8 @@ def render(result: DemoResult) -> str:
     out = []
     g = result.guest
     if g is not None:
-        out.append(f"guest: {g.status} ({g.kernel or '?'}, {g.accel}), {len(g.steps)} steps, wall {g.wall_s or 0:.1f} s")
+        status = "stopped when the UI quit" if result.quit_by_user else g.status
+        out.append(f"guest: {status} ({g.kernel or '?'}, {g.accel}), {len(g.steps)} steps, wall {g.wall_s or 0:.1f} s")
         for st in g.steps:
             flag = "" if st.rc in (0, None) else f"  rc={st.rc}"
             out.append(f"  {st.name:<20} {st.duration if st.duration is not None else '-':>7} s{flag}")

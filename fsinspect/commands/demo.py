@@ -25,6 +25,7 @@ def register(sub: Any) -> None:
     p.add_argument("--record", type=Path, help="where the recording goes (default under ~/.cache/fsinspect/demo)")
     p.add_argument("--storm", type=int, default=300, help="files per metadata storm (default 300)")
     p.add_argument("--io-mb", type=int, default=16, help="MiB per dd (default 16)")
+    p.add_argument("--log", type=Path, help="also append progress and the final summary to this file")
     p.set_defaults(func=run)
 
 
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(msg: str) -> None:
         print(f"demo: {msg}", file=sys.stderr, flush=True)
+        if args.log is not None:
+            with open(args.log, "a") as f:
+                print(f"demo: {msg}", file=f)
 
     ui = None
     if not headless:
@@ -54,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         result = run_demo(opts, progress, ui)
     except (LaunchError, BuildError) as e:
         raise UserError(str(e), 1) from None
-    print(render(result))
+    text = render(result)
+    print(text)
+    if args.log is not None:
+        with open(args.log, "a") as f:
+            print(text, file=f)
     g = result.guest
-    ok = g is not None and (g.ok or (not headless and g.status in ("ok", "backend_lost")))
+    ok = g is not None and (g.ok or result.quit_by_user)
     return 0 if ok and not result.error else 1
