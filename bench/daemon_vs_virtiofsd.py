@@ -1,0 +1,149 @@
+"""The bundled daemon against the C virtiofsd: the `full` guest workload, as alternating pairs in one run.
+
+Both back-ends serve the same share (tmpfs submounts included) with the same options (cache auto,
+announce_submounts, no xattr); the bundled daemon runs as users start it (`fsinspect daemon
+--socket-path ... -o source=...`).  Prints, per step, each side's median with min and max, and the speed
+ratio bundled/C (C seconds / bundled seconds: 1.0 = as fast as virtiofsd) with its min and max over the
+pairs, plus the rows the goals name: the metadata storm (its four steps summed; goal >= 0.7) and the
+64 MiB write and read (io-write, io-read; goal >= 0.9).  Also each back-end's CPU seconds per run.
+Not a test: these machines are noisy (2 shared cores); compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fsinspect.guest import build, launcher
+from fsinspect.guest.share import make_share
+
+STORM = ("storm-create", "storm-stat-warm", "storm-stat-cold", "storm-delete")
+GOALS = {"storm (4 steps)": 0.7, "io-write": 0.9, "io-read": 0.9}
+
+
+def _steps(res: Any) -> dict[str, float]:
+    out = {s.name: s.duration for s in res.steps if s.duration is not None}
+    if all(k in out for k in STORM):
+        out["storm (4 steps)"] = sum(out[k] for k in STORM)
+    return out
+
+
+def _cpu_of(pid: int) -> float:
+    """utime + stime of a live process (and its reaped children) from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tck = os.sysconf("SC_CLK_TCK")
+        return sum(int(x) for x in fields[11:15]) / tck
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def run_c(image: build.GuestImage, share: Path, workload: str) -> tuple[dict[str, float], float]:
+    with launcher.short_tmpdir() as work, launcher.virtiofsd(share, work) as be:
+        # The C virtiofsd forks a sandboxed worker that does the work and exits with the connection: sample
+        # the process group's CPU at every console event (the last ones come right before the power-off).
+        seen = [0.0]
+
+        def sample(_ev: Any) -> None:
+            seen[0] = max(seen[0], sum(_cpu_of(p) for p in _group_pids(be.processes[0].pid)))
+
+        res = launcher.run_guest(be.socket_path, image=image, workload=workload, timeout=400, watch=be.processes,
+                                 params={"xattr": 0}, on_event=sample)
+        cpu = seen[0]
+    if not res.ok:
+        raise SystemExit(f"C virtiofsd run failed: {res.status} {res.failed_steps} {res.errors}")
+    return _steps(res), cpu
+
+
+def _group_pids(pgid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.getpgid(int(d)) == pgid:
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def run_bundled(image: build.GuestImage, share: Path, workload: str) -> tuple[dict[str, float], float]:
+    with launcher.short_tmpdir() as work:
+        sock = work / "d.sock"
+        proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
+                                 "-o", f"source={share},cache=auto,announce_submounts,no_xattr",
+                                 "--log-level", "warning"], stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the bundled daemon did not start")
+                time.sleep(0.02)
+            res = launcher.run_guest(sock, image=image, workload=workload, timeout=400, watch=[proc],
+                                     params={"xattr": 0})
+            _pid, _status, ru = os.wait4(proc.pid, 0)
+            proc.returncode = 0
+        finally:
+            launcher.stop_process(proc)
+    if not res.ok:
+        raise SystemExit(f"bundled daemon run failed: {res.status} {res.failed_steps} {res.errors}")
+    return _steps(res), ru.ru_utime + ru.ru_stime
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--workload", default="full")
+    ap.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    args = ap.parse_args()
+    image = build.build(progress=lambda m: print(m, file=sys.stderr))
+    c_runs: list[dict[str, float]] = []
+    ours: list[dict[str, float]] = []
+    cpu: dict[str, list[float]] = {"C": [], "bundled": []}
+    with make_share() as share:
+        for i in range(args.pairs):
+            order = ("C", "bundled") if i % 2 == 0 else ("bundled", "C")
+            for kind in order:
+                if kind == "C":
+                    steps, c = run_c(image, share.root, args.workload)
+                    c_runs.append(steps)
+                else:
+                    steps, c = run_bundled(image, share.root, args.workload)
+                    ours.append(steps)
+                cpu[kind].append(c)
+            print(f"pair {i + 1}/{args.pairs} done", file=sys.stderr)
+    keys = [k for k in c_runs[0] if all(k in d for d in c_runs + ours)]
+    rows: list[dict[str, Any]] = []
+    print(f"{args.pairs} alternating pairs, workload {args.workload}; times in s (median [min-max]); "
+          f"ratio = C time / bundled time (speed of the bundled daemon relative to the C virtiofsd)")
+    print(f"{'step':<18} {'C virtiofsd':>20} {'bundled daemon':>20} {'ratio':>6} {'min':>5} {'max':>5}  goal")
+    for k in keys:
+        cs, bs = [d[k] for d in c_runs], [d[k] for d in ours]
+        ratios = [c / b if b else 1.0 for c, b in zip(cs, bs)]
+        row: dict[str, Any] = {"step": k, "c_median": statistics.median(cs), "c_min": min(cs), "c_max": max(cs),
+               "bundled_median": statistics.median(bs), "bundled_min": min(bs), "bundled_max": max(bs),
+               "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        rows.append(row)
+        goal = GOALS.get(k)
+        mark = "" if goal is None else f">= {goal} {'met' if row['ratio'] >= goal else 'MISSED'}"
+        print(f"{k:<18} {row['c_median']:>7.2f} [{row['c_min']:.2f}-{row['c_max']:.2f}] "
+              f"{row['bundled_median']:>7.2f} [{row['bundled_min']:.2f}-{row['bundled_max']:.2f}] "
+              f"{row['ratio']:>6.2f} {row['ratio_min']:>5.2f} {row['ratio_max']:>5.2f}  {mark}")
+    for kind, vals in cpu.items():
+        print(f"{kind} back-end CPU per run: median {statistics.median(vals):.2f} s (min {min(vals):.2f}, "
+              f"max {max(vals):.2f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "cpu": cpu}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
