@@ -1,0 +1,266 @@
+"""The vhost-user transport driven message by message, as a front-end: real memfd guest memory, real
+eventfds, the real engine and passthrough filesystem, the driver side of the rings (dissectors.ring.driver).
+
+This covers what QEMU 7.2 does not do in a normal boot (so the guest tests can't): SET_MEM_TABLE with
+an mmap_offset (QEMU uses ADD_MEM_REG when CONFIGURE_MEM_SLOTS is offered), REM_MEM_REG, the call fd
+swapped mid-traffic, NOFD refused with a REPLY_ACK error, GET_VRING_BASE with requests in flight,
+RESET_DEVICE, and the end of the connection leaving no fd or thread behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import select
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.passthrough import Options
+from daemon.server import Server
+from daemon.transport.vhost_user import DEVICE_FEATURES, PROTOCOL_FEATURES, VhostUserSession
+from daemon.vhost import GuestPassthroughFS
+from dissectors import fuse as F
+from dissectors import vhost_user as V
+from dissectors.ring.driver import F_INDIRECT, F_WRITE, GuestRing, pack_descs
+from dissectors.spec import vhost_user as vspec
+from dissectors.spec import virtio as vio
+from fsinspect.proxy.wire import recv_message, send_message
+
+P = vspec.PROTOCOL_F.by_name()
+FB = vio.VIRTIO_F.by_name()
+MEM_SIZE = 4 << 20
+MMAP_OFFSET = 0x2000  # the region starts this far into the memfd (libvhost-user maps from 0)
+GPA = 0x10000
+UVA = 0x7F12_3400_0000
+NUM = 64
+
+
+@dataclass
+class Frontend:
+    """The test's QEMU role: one socket, guest memory, and the driver half of queues 0 and 1."""
+
+    sock: socket.socket
+    mem: mmap.mmap
+    rings: dict[int, GuestRing]
+    kick: dict[int, int]
+    call: dict[int, int]
+    memfd: int = -1
+    next_buf: int = 0x100000
+    unique: int = 0
+
+    def send(self, name: str, payload: Any = None, fds: list[int] | None = None, need_reply: bool = False) -> None:
+        msg = V.build(name, payload, fds=fds)
+        if need_reply:
+            msg.flags |= 0x8
+        send_message(self.sock, V.encode_message(msg), fds)
+
+    def recv(self) -> V.VhostUserMessage:
+        raw, fds = recv_message(self.sock)
+        return V.decode_message(raw, fds)
+
+    def ask(self, name: str, payload: Any = None) -> Any:
+        self.send(name, payload)
+        rep = self.recv()
+        assert rep.is_reply and rep.name == name
+        return rep.payload
+
+    def acked(self, name: str, payload: Any = None, fds: list[int] | None = None) -> int:
+        self.send(name, payload, fds, need_reply=True)
+        rep = self.recv()
+        assert rep.is_reply and rep.name == name
+        return int(rep.payload.u64)
+
+    def gpa_view(self, gpa: int, n: int) -> memoryview:
+        off = MMAP_OFFSET + gpa - GPA
+        return memoryview(self.mem)[off:off + n]
+
+    def alloc(self, n: int) -> int:
+        gpa = GPA + self.next_buf
+        self.next_buf += (n + 63) & ~63
+        return gpa
+
+    def submit(self, q: int, request: bytes, reply_size: int) -> tuple[int, int]:
+        """One request as the Linux driver sends it: an INDIRECT descriptor (readable, then writable)."""
+        req_gpa, out_gpa, table = self.alloc(len(request)), self.alloc(reply_size), self.alloc(32)
+        self.gpa_view(req_gpa, len(request))[:] = request
+        self.gpa_view(table, 32)[:] = pack_descs([(req_gpa, len(request), 1, 1), (out_gpa, reply_size, F_WRITE, 0)])
+        ring = self.rings[q]
+        head = ring.avail_idx % NUM
+        ring.set_desc(head, table, 32, F_INDIRECT)
+        ring.publish([head])
+        os.eventfd_write(self.kick[q], 1)
+        return head, out_gpa
+
+    def wait_call(self, q: int, timeout: float = 5.0) -> None:
+        r, _, _ = select.select([self.call[q]], [], [], timeout)
+        assert r, f"no call on queue {q}"
+        os.eventfd_read(self.call[q])
+
+    def fuse(self, op: str, args: dict[str, Any] | None = None, nodeid: int = 1, reply_size: int = 4096) -> F.Reply:
+        self.unique += 1
+        raw = F.encode_request(op, args, unique=self.unique, nodeid=nodeid)
+        _head, out_gpa = self.submit(1, raw, reply_size)
+        ring = self.rings[1]
+        used: list[tuple[int, int]] = []
+        while not used:
+            self.wait_call(1)
+            used = ring.collect_used()
+        (_id, length), = used
+        rep = F.decode_reply(bytes(self.gpa_view(out_gpa, length)), F.decode_request(raw))
+        assert isinstance(rep, F.Reply)
+        return rep
+
+
+@contextmanager
+def session(share: Path) -> Iterator[tuple[Frontend, VhostUserSession, threading.Thread]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fs = GuestPassthroughFS(Options(str(share)))
+    server = Server(fs)
+    s = VhostUserSession(theirs, server)
+    fs.chain_for = s.chains.get
+    t = threading.Thread(target=s.serve, name="vhost-session")
+    t.start()
+    memfd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, MMAP_OFFSET + MEM_SIZE)
+    mem = mmap.mmap(memfd, MMAP_OFFSET + MEM_SIZE)
+    fe = Frontend(ours, mem, {}, {}, {}, memfd)
+    try:
+        yield fe, s, t
+    finally:
+        ours.close()
+        t.join(10)
+        server.shutdown()
+        fs.close()
+        for fd in [memfd, *fe.kick.values(), *fe.call.values()]:
+            os.close(fd)
+        fe.rings.clear()  # the driver's views into our own mapping
+        gc.collect()
+        mem.close()
+
+
+def setup_queues(fe: Frontend, memfd_path: str, *, table: bool) -> None:
+    """QEMU's sequence (proxy-notes.md), with SET_MEM_TABLE instead of ADD_MEM_REG when `table`."""
+    feats = fe.ask("GET_FEATURES").u64
+    assert feats == DEVICE_FEATURES
+    assert feats & FB["F_VERSION_1"] and feats & FB["RING_F_INDIRECT_DESC"] and not feats & FB["RING_F_EVENT_IDX"]
+    proto = fe.ask("GET_PROTOCOL_FEATURES").u64
+    assert proto == PROTOCOL_FEATURES and not proto & (P["BACKEND_REQ"] | P["LOG_SHMFD"] | P["INFLIGHT_SHMFD"])
+    fe.send("SET_PROTOCOL_FEATURES", V.u64(proto))
+    assert fe.ask("GET_QUEUE_NUM").u64 == 2
+    assert fe.ask("GET_MAX_MEM_SLOTS").u64 >= 8
+    fe.send("SET_OWNER")
+    fe.send("SET_FEATURES", V.u64(feats))
+    region = V.make("vhost_user_memory_region", guest_address=GPA, size=MEM_SIZE, user_address=UVA,
+                    mmap_offset=MMAP_OFFSET)
+    fd = os.open(memfd_path, os.O_RDWR)
+    try:
+        if table:
+            msg = V.build("SET_MEM_TABLE", [region], fds=[fd])
+            msg.flags |= 0x8
+            send_message(fe.sock, V.encode_message(msg), [fd])
+            rep = fe.recv()
+            assert rep.payload.u64 == 0
+        else:
+            assert fe.acked("ADD_MEM_REG", V.make("vhost_user_mem_reg", region=region), [fd]) == 0
+    finally:
+        os.close(fd)
+    lay = vio.split_ring_layout(NUM)
+    for q in (0, 1):
+        desc, avail, used = fe.alloc(lay.desc_size), fe.alloc(lay.avail_size), fe.alloc(lay.used_size)
+        fe.rings[q] = GuestRing(NUM, fe.gpa_view(desc, lay.desc_size), fe.gpa_view(avail, lay.avail_size),
+                                fe.gpa_view(used, lay.used_size))
+        fe.send("SET_VRING_NUM", V.make("vhost_vring_state", index=q, num=NUM))
+        fe.send("SET_VRING_BASE", V.make("vhost_vring_state", index=q, num=0))
+        fe.send("SET_VRING_ADDR", V.make("vhost_vring_addr", index=q, descriptor=UVA + desc - GPA,
+                                         used=UVA + used - GPA, available=UVA + avail - GPA))
+        fe.kick[q] = os.eventfd(0, os.EFD_CLOEXEC)
+        fe.call[q] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        fe.send("SET_VRING_CALL", V.u64(q), [fe.call[q]])
+        fe.send("SET_VRING_KICK", V.u64(q), [fe.kick[q]])
+        fe.send("SET_VRING_ENABLE", V.make("vhost_vring_state", index=q, num=1))
+
+
+def _fuse_init(fe: Frontend) -> None:
+    init = F.make("fuse_init_in", major=7, minor=38, max_readahead=128 << 10, flags=0)
+    rep = fe.fuse("INIT", {"init": init}, nodeid=0)
+    assert rep.error == 0 and rep.args["init_out"].major == 7
+
+
+@pytest.mark.parametrize("table", [True, False], ids=["set_mem_table", "add_mem_reg"])
+def test_requests_call_swap_forget_read_and_stop(tmp_path: Path, table: bool) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    payload = os.urandom(200_000)
+    (share / "f.bin").write_bytes(payload)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    threads_before = set(threading.enumerate())
+    with session(share) as (fe, s, t):
+        setup_queues(fe, f"/proc/self/fd/{fe.memfd}", table=table)  # a fresh fd to the memfd, as QEMU sends
+        _fuse_init(fe)
+        # The call fd changes while requests flow (QEMU's MSI-X mask/unmask): every request completes.
+        for i in range(40):
+            if i == 20:
+                new = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                fe.send("SET_VRING_CALL", V.u64(1), [new])
+                os.close(fe.call[1])
+                fe.call[1] = new
+            assert fe.fuse("GETATTR", {"getattr": F.make("fuse_getattr_in")}).error == 0
+        # Zero-copy READ lands byte-identical in guest memory.
+        e = fe.fuse("LOOKUP", {"name": b"f.bin"}).args["entry"]
+        fh = fe.fuse("OPEN", {"open": F.make("fuse_open_in", flags=os.O_RDONLY)}, nodeid=e.nodeid).args["open"].fh
+        rep = fe.fuse("READ", {"read": F.make("fuse_read_in", fh=fh, offset=1000, size=131072)}, nodeid=e.nodeid,
+                      reply_size=16 + 131072)
+        assert rep.error == 0 and bytes(rep.args["data"]) == payload[1000:1000 + 131072]
+        # FORGET on the hiprio queue completes with used.len 0.
+        fe.unique += 1
+        head, _ = fe.submit(0, F.encode_request("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)},
+                                                unique=fe.unique, nodeid=e.nodeid), 0)
+        fe.wait_call(0)
+        assert fe.rings[0].collect_used() == [(head, 0)]
+        # A kick fd without an fd (polling mode) is refused, with a REPLY_ACK error, and traffic goes on.
+        assert fe.acked("SET_VRING_KICK", V.u64(1 | vspec.VRING_NOFD_MASK)) != 0
+        assert fe.fuse("GETATTR", {"getattr": F.make("fuse_getattr_in")}).error == 0
+        # Stop: GET_VRING_BASE answers the next avail index of each queue.
+        n1 = fe.rings[1].avail_idx
+        fe.send("SET_VRING_ENABLE", V.make("vhost_vring_state", index=1, num=0))
+        assert fe.ask("GET_VRING_BASE", V.make("vhost_vring_state", index=1)).num == n1
+        assert fe.ask("GET_VRING_BASE", V.make("vhost_vring_state", index=0)).num == 1
+        if not table:
+            region = V.make("vhost_user_memory_region", guest_address=GPA, size=MEM_SIZE, user_address=UVA,
+                            mmap_offset=MMAP_OFFSET)
+            assert fe.acked("REM_MEM_REG", V.make("vhost_user_mem_reg", region=region)) == 0
+            assert fe.acked("REM_MEM_REG", V.make("vhost_user_mem_reg", region=region)) != 0  # gone already
+        assert fe.acked("RESET_DEVICE") == 0
+        counters = s.counters()
+    assert not t.is_alive()
+    assert counters["queues"][0]["chains"] == 1 and counters["queues"][1]["chains"] == 45
+    assert set(os.listdir("/proc/self/fd")) == fds_before
+    assert set(threading.enumerate()) == threads_before
+
+
+def test_disconnect_mid_traffic_releases_everything(tmp_path: Path) -> None:
+    """QEMU vanishes with requests queued: the session ends, nothing is left behind."""
+    share = tmp_path / "share"
+    share.mkdir()
+    fds_before = set(os.listdir("/proc/self/fd"))
+    threads_before = set(threading.enumerate())
+    with session(share) as (fe, s, t):
+        setup_queues(fe, f"/proc/self/fd/{fe.memfd}", table=False)
+        _fuse_init(fe)
+        for _ in range(20):
+            fe.unique += 1
+            fe.submit(1, F.encode_request("GETATTR", {"getattr": F.make("fuse_getattr_in")}, unique=fe.unique,
+                                          nodeid=1), 256)
+        fe.sock.shutdown(socket.SHUT_RDWR)
+        t.join(10)
+        assert not t.is_alive() and s.closed
+    assert set(os.listdir("/proc/self/fd")) == fds_before
+    assert set(threading.enumerate()) == threads_before
