@@ -107,6 +107,9 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=3000, help="operations per storm")
     ap.add_argument("--big-mb", type=int, default=64)
     ap.add_argument("--no-pyfuse3", action="store_true")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="extra fsinspect column with extra daemon arguments, e.g. 'r4=--readers 4'")
+    ap.add_argument("--no-pool-only", action="store_true")
     ap.add_argument("--rounds", type=int, default=3,
                     help="run every target this many times, interleaved, and report medians (the host is shared)")
     args = ap.parse_args()
@@ -126,6 +129,13 @@ def main() -> int:
         "fsinspect pool-only": [py, "-m", "fsinspect.cli", "daemon", "--standalone", str(mnt), "--shared-dir",
                                 str(shared), "--cache", "none", "--log-level", "warning", "--dispatch", "pool"],
     }
+    base_cmd = daemons["fsinspect"]
+    assert base_cmd is not None
+    for v in args.variant:
+        vname, _, extra = v.partition("=")
+        daemons[f"fsinspect {vname}"] = [*base_cmd, *extra.split()]
+    if args.no_pool_only:
+        del daemons["fsinspect pool-only"]
     if not args.no_pyfuse3:
         daemons["pyfuse3"] = [py, str(REPO / "bench" / "pyfuse3_passthrough.py"), str(shared), str(mnt)]
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in daemons}

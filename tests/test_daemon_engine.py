@@ -36,6 +36,11 @@ class StatOnly(FileSystem):
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         time.sleep(self.slow)
 
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+        if size > 128 * 1024:
+            time.sleep(self.slow)
+        return b"r" * size
+
 
 def test_base_filesystem_answers_enosys_for_every_op() -> None:
     server = Server(FileSystem())
@@ -95,16 +100,20 @@ def test_init_negotiation_range_and_state() -> None:
     c2.server.shutdown()
 
 
-@pytest.mark.parametrize("dispatch", ["inline+pool", "pool"])
-def test_slow_op_does_not_stall_getattr(dispatch: str) -> None:
-    """A FileSystem op held for 2 s delays a concurrent GETATTR by less than 50 ms."""
+@pytest.mark.parametrize("dispatch,slow_op", [("inline+pool", "FSYNC"), ("inline+pool", "READ"),
+                                              ("pool", "FSYNC")])
+def test_slow_op_does_not_stall_getattr(dispatch: str, slow_op: str) -> None:
+    """A FileSystem op held for 2 s (fsync, a 1 MiB READ) delays a concurrent GETATTR by less than 50 ms."""
     server = Server(StatOnly(2.0), dispatch=dispatch)
     c = EngineClient(server)
     c.init()
     done = threading.Event()
     fsync_at: list[float] = []
     t0 = time.monotonic()
-    fs_req = c.encode("FSYNC", {"fsync": F.make("fuse_fsync_in", fh=1)}, nodeid=1)
+    if slow_op == "FSYNC":
+        fs_req = c.encode("FSYNC", {"fsync": F.make("fuse_fsync_in", fh=1)}, nodeid=1)
+    else:
+        fs_req = c.encode("READ", {"read": F.make("fuse_read_in", fh=1, size=1 << 20)}, nodeid=1)
     server.handle(fs_req, lambda parts: (fsync_at.append(time.monotonic()), done.set()))
     lat = []
     for _ in range(5):
@@ -114,6 +123,22 @@ def test_slow_op_does_not_stall_getattr(dispatch: str) -> None:
     assert max(lat) < 0.05, lat
     assert done.wait(5)
     assert fsync_at[0] - t0 >= 2.0
+    server.shutdown()
+
+
+def test_small_io_is_served_inline() -> None:
+    """A small READ answers before handle() returns (no pool hand-off); a big one goes to the pool."""
+    server = Server(StatOnly(0.0))
+    c = EngineClient(server)
+    c.init()
+    got: list[bytes] = []
+    server.handle(c.encode("READ", {"read": F.make("fuse_read_in", fh=1, size=4096)}, nodeid=1),
+                  lambda parts: got.append(b"".join(parts)))
+    assert len(got) == 1 and len(got[0]) == 16 + 4096
+    big = threading.Event()
+    server.handle(c.encode("READ", {"read": F.make("fuse_read_in", fh=1, size=1 << 20)}, nodeid=1),
+                  lambda parts: big.set())
+    assert big.wait(5)
     server.shutdown()
 
 

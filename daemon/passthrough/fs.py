@@ -193,6 +193,10 @@ class PassthroughFS(FileSystem):
         if name == b"." or (name == b".." and parent.nodeid == ROOT_ID):
             name = b"."  # '..' of the root is the root
         with self.store.path_fd(parent) as pfd:
+            st = sc.statx(pfd, name, sc.AT_SYMLINK_NOFOLLOW)
+            known = self.store.find_known(pfd, name, st)
+            if known is not None:
+                return self._entry(known, st, parent)
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             st = sc.statx(fd)

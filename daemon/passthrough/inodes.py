@@ -151,6 +151,28 @@ class InodeStore:
         return sc.open_by_handle_at(inode.mount.fd, inode.handle, flags)
 
     # ---------------------------------------------------------------- lookup
+    def find_known(self, pfd: int, name: bytes, st: sc.Statx) -> Inode | None:
+        """Fast LOOKUP of an inode we already hold, from a by-name statx: account one lookup, or None.
+
+        An O_PATH-held inode pins its st_ino, so the key alone identifies it; a handle-held one must also
+        match its handle (the old inode may be gone and its st_ino reused)."""
+        key = (st.st_dev, st.st_ino, st.mnt_id)
+        ino = self._by_key.get(key)
+        if ino is None:
+            return None
+        if ino.fd < 0:
+            try:
+                handle, _mnt = sc.name_to_handle_at(pfd, name, 0)
+            except OSError:
+                return None
+            if handle != ino.handle:
+                return None
+        with self._lock:
+            if self._by_key.get(key) is not ino or self._by_id.get(ino.nodeid) is not ino:
+                return None
+            ino.nlookup += 1
+        return ino
+
     def find_or_add(self, fd: int, st: sc.Statx, parent: Inode, *, force_fd: bool = False) -> Inode:
         """Account one lookup of the inode behind O_PATH `fd`.  Takes ownership of `fd` (kept or closed)."""
         try:
