@@ -25,7 +25,7 @@ from ..analysis import Analyzer, Exchange
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..recording.reader import Record, RecordingError, RecordingReader
 
-BATCH = 2000  # records fed per lock hold: the UI thread waits at most one batch for the lock
+BATCH = 256  # records fed per lock hold (~25 ms of decoding), then the thread yields the GIL to the UI
 _OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
 _ERRNO = fspec.ERRNO.by_name()
 
@@ -175,6 +175,7 @@ class ReplaySource(Source):
                     batch = []
                     if self._stop.is_set():
                         return
+                    time.sleep(0)  # hand the GIL to the UI thread if it is waiting for it
             self._feed(batch)
         except RecordingError as e:
             st.error = str(e)
@@ -282,7 +283,9 @@ class AttachSource(Source):
                     continue
                 lines = buf.split(b"\n")
                 buf = lines.pop()
-                self.feed_lines(lines)
+                for k in range(0, len(lines), BATCH):
+                    self.feed_lines(lines[k:k + BATCH])
+                    time.sleep(0)  # hand the GIL to the UI thread if it is waiting for it
         finally:
             sock.close()
         if not self._stop.is_set():

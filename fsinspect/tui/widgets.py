@@ -6,10 +6,10 @@ how many exchanges there are.  A DataTable is used only for the small tables (st
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
-from rich.segment import Segment
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
@@ -32,6 +32,7 @@ from ..analysis.filter import FIELDS, FLAGS
 from .render import FieldLine, field_lines, header_text, hexdump, layout_text, row_text
 from .sources import Source, Store
 
+FOLLOW_DETAIL_EVERY = 1.0  # seconds between detail-pane updates while following the tail
 FILTER_CHUNK = 20_000  # exchanges a tick tests against the filter (keeps a tick well under 100 ms)
 
 
@@ -76,6 +77,9 @@ class ExchangeList(ScrollView, can_focus=True):
         self.marks: set[int] = set()
         self.t0 = 0
         self._sent: int | None = -1
+        self._strips: dict[tuple[Any, ...], Strip] = {}  # rendered rows; a row changes when its reply comes
+        self._painted: tuple[int, int, int] | None = None
+        self._sent_at = 0.0
 
     # -- rows ------------------------------------------------------------------------------------
     def index_at(self, row: int) -> int | None:
@@ -105,12 +109,18 @@ class ExchangeList(ScrollView, can_focus=True):
         ex = exs[i]
         if not self.t0 and exs:
             self.t0 = exs[0].ts_ns
-        text = row_text(ex, self.store.path(i), width, self.t0, i in self.marks)
-        if row == self.cursor:
-            text.stylize("reverse" if self.has_focus else "underline")
-        segments = list(text.render(self.app.console))
-        return Strip([s for s in segments if s.text != "\n"], width).crop(0, width) \
-            if segments else Strip([Segment(" " * width)], width)
+        sel = 2 if row == self.cursor and self.has_focus else (1 if row == self.cursor else 0)
+        key = (i, width, sel, i in self.marks, ex.replied, len(ex.lints))
+        strip = self._strips.get(key)
+        if strip is None:
+            text = row_text(ex, self.store.path(i), width, self.t0, i in self.marks)
+            if sel:
+                text.stylize("reverse" if sel == 2 else "underline")
+            strip = Strip([s for s in text.render(self.app.console) if s.text != "\n"], width).crop(0, width)
+            if len(self._strips) > 4 * max(64, self.size.height):
+                self._strips.clear()
+            self._strips[key] = strip
+        return strip
 
     def sync(self) -> None:
         """Called every tick: pick up new rows, keep following the tail, repaint replies that came in."""
@@ -119,18 +129,42 @@ class ExchangeList(ScrollView, can_focus=True):
         n = len(self.view) if self.view is not None else len(self.store.exchanges)
         if n != self.count:
             self.count = n
-            self.virtual_size = Size(self.size.width, n)
+            self._set_rows(n)
         if self.follow and n:
             self.cursor = n - 1
             if self.scroll_offset.y + self.size.height < n:
                 self.scroll_to(y=max(0, n - self.size.height), animate=False, immediate=True)
-        self.refresh()
-        self._announce()
+        # Repaint only if the visible rows could have changed: new rows in view, or replies still to come.
+        top = self.scroll_offset.y
+        bottom = min(n, top + self.size.height)
+        sig = (top, bottom, self.cursor)
+        exs = self.store.exchanges
+        waiting = any(not exs[i].replied and exs[i].expects_reply
+                      for i in (self.index_at(r) for r in range(top, bottom)) if i is not None)
+        if sig != self._painted or waiting:
+            self._painted = sig
+            self.refresh()
+        self._announce(now=not self.follow)
 
-    def _announce(self) -> None:
+    def _set_rows(self, n: int) -> None:
+        """Grow the virtual height without a screen-wide layout pass (the `virtual_size` reactive does one
+        on every change): only the scroll limits and the scrollbar depend on it, unless the scrollbar appears."""
+        size = Size(self.size.width, n)
+        h = self.size.height
+        if (self.virtual_size.height > h) != (n > h) or self.virtual_size.width != size.width:
+            self.virtual_size = size
+            return
+        self.set_reactive(ScrollView.virtual_size, size)
+        if self.show_vertical_scrollbar:
+            self.vertical_scrollbar.window_virtual_size = n
+
+    def _announce(self, *, now: bool = True) -> None:
         sel = self.selected
         if sel != self._sent:
+            if not now and time.monotonic() - self._sent_at < FOLLOW_DETAIL_EVERY:
+                return  # following a fast feed: the detail pane changes once a second, not every tick
             self._sent = sel
+            self._sent_at = time.monotonic()
             self.post_message(self.Selected(sel))
 
     def reset_view(self, view: list[int] | None) -> None:
@@ -141,11 +175,15 @@ class ExchangeList(ScrollView, can_focus=True):
         row = self.row_of(keep) if keep is not None else None
         self.cursor = row if row is not None else max(0, self.count - 1 if self.follow else 0)
         self._scroll_cursor()
+        self._painted = None
         self.refresh()
         self._announce()
 
     def watch_cursor(self, old: int, new: int) -> None:
-        self.refresh()
+        top = self.scroll_offset.y
+        for r in (old, new):
+            if top <= r < top + self.size.height:
+                self.refresh_line(r - top)
 
     def _scroll_cursor(self) -> None:
         h = max(1, self.size.height)
@@ -201,7 +239,7 @@ class ExchangeList(ScrollView, can_focus=True):
         i = self.selected
         if i is not None:
             self.marks.symmetric_difference_update({i})
-            self.refresh()
+            self.refresh_line(self.cursor - self.scroll_offset.y)
 
     def _seek(self, delta: int, pred: Callable[[int], bool]) -> bool:
         row = self.cursor + delta
@@ -227,6 +265,12 @@ class ExchangeList(ScrollView, can_focus=True):
     def action_next_lint(self, delta: int) -> None:
         exs = self.store.exchanges
         self._seek(delta, lambda i: bool(exs[i].lints))
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()
 
     def on_click(self, event: events.Click) -> None:
         self.go(self.scroll_offset.y + event.y, follow=False)

@@ -1,0 +1,259 @@
+"""UI responsiveness: `replay` of a 1M-exchange recording, and a live feed of 100k exchanges/s.
+
+Replay: writes (once, cached) a recording of N exchanges with the RecordingWriter (the guest workload's
+opcode mix from bench/decode.py, repeated), then opens it in the real app (headless, 160x48) and measures
+the time until rows are on screen and a keystroke has been handled, then keeps pressing keys while the
+analysis runs in the background: keystroke latency, refresh ticks per second, analysis progress, RSS.
+
+Live: a feeder process runs the proxy's real control-socket Hub and pushes exchange lines (exchange_json
+with raw bytes, serialised once up front) at the target rate through the Hub's bounded queue; the app
+attaches to it.  Measures what it ingests, what the Hub drops for it (overflow), ticks/s and keystroke
+latency.  Goals from issue 10: interactive within 2 s; >= 10 fps and keystrokes < 100 ms under the feed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from textual import events
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import build_corpus
+
+from fsinspect.analysis import Analyzer
+from fsinspect.analysis.render import exchange_json
+from fsinspect.recording.writer import RecordingWriter
+from fsinspect.tui.app import FsInspectApp
+from fsinspect.tui.sources import AttachSource, ReplaySource, Store
+
+SIZE = (160, 48)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_recording(path: Path, n: int) -> None:
+    corpus = build_corpus()
+    w = RecordingWriter(path, source="virtio")
+    ts = 1_700_000_000_000_000_000
+    i = 0
+    while i < n:
+        for rq, rp in corpus:
+            if i >= n:
+                break
+            head = i & 127
+            if rp is None:
+                w.request(rq, 0, head, ts)
+            else:
+                w.request(rq, 1, head, ts)
+                w.reply(rp, 1, head, ts + 40_000)
+            ts += 10_000
+            i += 1
+    w.close()
+
+
+async def keystrokes(pilot: Any, app: FsInspectApp, seconds: float, every: float = 0.1) -> list[float]:
+    """Send up/down through the driver, as a terminal would, for `seconds`; the time until the list's
+    cursor has moved (ms).  (Pilot.press waits for the whole process to go idle, which a busy feed
+    thread never does, so it would measure the feed, not the UI.)"""
+    lat: list[float] = []
+    end = time.monotonic() + seconds
+    lst = app.xlist
+    if lst.cursor < 5:
+        lst.go(5, follow=False)
+    k = 0
+    while time.monotonic() < end:
+        key = "up" if k % 2 == 0 else "down"
+        before = lst.cursor
+        t = time.perf_counter()
+        ev = events.Key(key, None)
+        ev.set_sender(app)
+        assert app._driver is not None
+        app._driver.send_message(ev)
+        while lst.cursor == before and time.perf_counter() - t < 5:
+            await asyncio.sleep(0.002)
+        lat.append((time.perf_counter() - t) * 1000)
+        k += 1
+        await asyncio.sleep(every)
+    return lat
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else float("nan")
+
+
+async def bench_replay(path: Path, seconds: float) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    store = Store()
+    app = FsInspectApp(ReplaySource(store, str(path)))
+    out: dict[str, Any] = {}
+    async with app.run_test(size=SIZE) as pilot:
+        while app.xlist.count == 0:
+            await asyncio.sleep(0.01)
+        out["first_rows_s"] = time.perf_counter() - t0
+        await keystrokes(pilot, app, 0.0)
+        out["interactive_s"] = time.perf_counter() - t0
+        ticks0, tt0, n0 = app.ticks, time.perf_counter(), len(store.exchanges)
+        cpu0 = time.thread_time()
+        lat = await keystrokes(pilot, app, seconds)
+        dt = time.perf_counter() - tt0
+        out["ui_cpu"] = (time.thread_time() - cpu0) / dt
+        out["ticks_per_s"] = (app.ticks - ticks0) / dt
+        out["analysed_per_s"] = (len(store.exchanges) - n0) / dt
+        out["analysed"] = len(store.exchanges)
+        out["progress"] = store.progress if store.progress is not None else 1.0
+        out["key_p50_ms"], out["key_p95_ms"], out["key_max_ms"] = pct(lat, 50), pct(lat, 95), max(lat)
+        t = time.perf_counter()
+        app.xlist.action_bottom()
+        out["end_key_ms"] = (time.perf_counter() - t) * 1000
+        app.source.stop()
+    out["rss_mb"] = rss_mb()
+    return out
+
+
+def feeder(ctrl: str, lines: list[bytes], rate: int, seconds: float, ready: Any, result: Any) -> None:
+    """The proxy's Hub, fed pre-serialised exchange lines at `rate` per second (in 10 ms slices)."""
+    from fsinspect.proxy.hub import Hub
+
+    hub = Hub(ctrl, lambda: {"inodes": [], "stats": {}, "lints": [], "submounts": [], "syncfs": [],
+                             "features": {}, "capture": {}})
+    ready.set()
+    while not hub.clients:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    sent = 0
+    t0 = time.perf_counter()
+    n = len(lines)
+    while True:
+        el = time.perf_counter() - t0
+        if el >= seconds:
+            break
+        due = int(el * rate)
+        with hub.lock:
+            for c in hub.clients:
+                q = c.queue
+                room = hub.queue_len - len(q)
+                k = due - sent
+                take = min(room, k)
+                for j in range(take):
+                    q.append(lines[(sent + j) % n])
+                c.missed += k - take
+                hub.total_overflow += k - take
+        sent = due
+        os.write(hub._wake_w, b"x")
+        time.sleep(0.01)
+    result.put({"offered": sent, "overflow": hub.total_overflow})
+    time.sleep(1.0)
+    hub.close()
+
+
+async def bench_live(rate: int, seconds: float) -> dict[str, Any]:
+    corpus = build_corpus()
+    an = Analyzer(keep_exchanges=True, keep_raw=True)
+    snap = 40 + 80 + 256  # payloads cut as a live capture cuts them (headers + snap length)
+    for i, (rq, rp) in enumerate(corpus[:: max(1, len(corpus) // 20000)]):
+        head = i & 127
+        an.feed_request(rq[:snap], 0 if rp is None else 1, head, 1_000 + i * 10_000, orig_len=len(rq))
+        if rp is not None:
+            an.feed_reply(rp[:snap], 1, head, 1_000 + i * 10_000 + 40_000, orig_len=len(rp))
+    lines = [(json.dumps({"type": "exchange", **exchange_json(ex, raw=True)}) + "\n").encode()
+             for ex in an.exchanges]
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory() as d:
+        ctrl = os.path.join(d, "ctrl.sock")
+        ready, result = ctx.Event(), ctx.Queue()
+        p = ctx.Process(target=feeder, args=(ctrl, lines, rate, seconds, ready, result), daemon=True)
+        p.start()
+        try:
+            ready.wait(10)
+            store = Store()
+            src = AttachSource(store, ctrl)
+            src.connect()
+            app = FsInspectApp(src)
+            out: dict[str, Any] = {}
+            async with app.run_test(size=SIZE) as pilot:
+                await asyncio.sleep(0.3)
+                ticks0, t0, n0 = app.ticks, time.perf_counter(), len(store.exchanges)
+                tick_s0 = app.tick_seconds
+                cpu0 = time.thread_time()
+                lat = await keystrokes(pilot, app, seconds - 0.5)
+                dt = time.perf_counter() - t0
+                out["ui_cpu"] = (time.thread_time() - cpu0) / dt
+                out["ticks_per_s"] = (app.ticks - ticks0) / dt
+                out["tick_ms_mean"] = (app.tick_seconds - tick_s0) / max(1, app.ticks - ticks0) * 1000
+                out["ingested_per_s"] = (len(store.exchanges) - n0) / dt
+                out["key_p50_ms"], out["key_p95_ms"], out["key_max_ms"] = pct(lat, 50), pct(lat, 95), max(lat)
+                await asyncio.sleep(1.0)
+                out["overflow_seen"] = store.overflow
+                src.stop()
+            r = result.get(timeout=10)
+            out.update({"offered": r["offered"], "hub_dropped": r["overflow"]})
+        finally:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--exchanges", type=int, default=1_000_000)
+    ap.add_argument("--file", default=None, help="recording to (re)use (default: a cached file under /tmp)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="how long to press keys in each part")
+    ap.add_argument("--rate", type=int, default=100_000, help="live feed, exchanges/s")
+    ap.add_argument("--skip-replay", action="store_true")
+    ap.add_argument("--skip-live", action="store_true")
+    args = ap.parse_args()
+    rows: list[tuple[str, str]] = [("machine", f"{os.cpu_count()} cores, load average "
+                                               f"{os.getloadavg()[0]:.1f} at start (shared)")]
+    ok = True
+    if not args.skip_replay:
+        path = Path(args.file or f"/tmp/fsinspect-bench-{args.exchanges}.pcapng")
+        if not path.exists():
+            t = time.perf_counter()
+            write_recording(path, args.exchanges)
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s")
+        r = asyncio.run(bench_replay(path, args.seconds))
+        ok &= r["interactive_s"] < 2.0 and r["key_max_ms"] < 100
+        rows += [("replay: rows on screen", f"{r['first_rows_s']:.2f} s"),
+                 ("replay: interactive (first keystroke handled)", f"{r['interactive_s']:.2f} s (goal < 2 s)"),
+                 ("replay: ticks/s while analysing", f"{r['ticks_per_s']:.1f} (goal >= 10)"),
+                 ("replay: UI thread CPU", f"{r['ui_cpu'] * 100:.0f}% of a core"),
+                 ("replay: keystroke p50 / p95 / max", f"{r['key_p50_ms']:.0f} / {r['key_p95_ms']:.0f} / "
+                                                       f"{r['key_max_ms']:.0f} ms (goal < 100)"),
+                 ("replay: End key (jump to tail)", f"{r['end_key_ms']:.0f} ms"),
+                 ("replay: background analysis", f"{r['analysed_per_s']:,.0f} exchanges/s; "
+                                                 f"{r['analysed']:,} of {args.exchanges:,} after "
+                                                 f"{args.seconds:.0f} s ({r['progress'] * 100:.0f}%)"),
+                 ("replay: peak RSS", f"{r['rss_mb']:.0f} MB")]
+    if not args.skip_live:
+        r = asyncio.run(bench_live(args.rate, args.seconds))
+        ok &= r["ticks_per_s"] >= 9.5 and r["key_max_ms"] < 100
+        rows += [("live: feed offered by the hub", f"{r['offered'] / args.seconds:,.0f} exchanges/s"),
+                 ("live: ingested by the UI", f"{r['ingested_per_s']:,.0f} exchanges/s"),
+                 ("live: dropped by the hub (overflow shown)", f"{r['hub_dropped']:,} (UI saw {r['overflow_seen']:,})"),
+                 ("live: ticks/s", f"{r['ticks_per_s']:.1f} (goal >= 10), {r['tick_ms_mean']:.1f} ms each"),
+                 ("live: UI thread CPU (ticks, frames, keys)", f"{r['ui_cpu'] * 100:.0f}% of a core"),
+                 ("live: keystroke p50 / p95 / max", f"{r['key_p50_ms']:.0f} / {r['key_p95_ms']:.0f} / "
+                                                     f"{r['key_max_ms']:.0f} ms (goal < 100)")]
+    w = max(len(a) for a, _ in rows)
+    for a, b in rows:
+        print(f"{a:<{w}}  {b}")
+    print("PASS" if ok else "BELOW GOAL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
