@@ -9,8 +9,11 @@ Needs root (tmpfs mounts).  Usage: .venv/bin/python bench/guest_baseline.py [--r
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=2000, help="storm file count (default 2000)")
     ap.add_argument("--io-mb", type=int, default=64)
     ap.add_argument("--cache", default="auto", choices=["auto", "always", "none"])
+    ap.add_argument("--json", metavar="PATH", help="also write the per-step stats as JSON (reference column)")
     args = ap.parse_args()
     image = build.build()
     results = []
@@ -56,8 +60,13 @@ def main() -> int:
         "dd read MB/s after drop_caches (median)": f"{mb * 1.048576 / by['io-read'].median:.0f}",
     }
     print(f"C virtiofsd (QEMU 7.2), cache={args.cache}, announce_submounts, full workload n={args.n}, "
-          f"io {mb} MiB, {args.runs} runs, accel {results[0].accel}, kernel {image.kernel_version}")
+          f"io {mb} MiB, {args.runs} runs, accel {results[0].accel}, kernel {image.kernel_version}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(format_table(stats, extra))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"backend": "C virtiofsd", "cache": args.cache, "n": args.n,
+                                               "io_mb": mb, "runs": args.runs, "load_avg": os.getloadavg(),
+                                               "steps": [asdict(s) for s in stats], "extra": extra}, indent=1))
     return 0
 
 
