@@ -39,9 +39,11 @@ def _may_allow_other() -> bool:
 def _reader(dev: FuseDev, server: Server, queue: int) -> None:
     write = cast(Callable[[Sequence[Buffer]], None], dev.write)  # os.writev takes any buffers
     handle = server.handle
+    buf = bytearray(dev.bufsize)
+    read_into = dev.read_into
     try:
         while True:
-            handle(dev.read(), write, queue)
+            handle(read_into(buf), write, queue)
     except DeviceClosed:
         pass
 

@@ -30,7 +30,7 @@ UTIME_OMIT = (1 << 30) - 2
 _libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
 _libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
                                     ctypes.POINTER(ctypes.c_int), ctypes.c_int]
-_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]  # the kernel only reads it
 _libc.readlinkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
 _libc.readlinkat.restype = ctypes.c_ssize_t
 _libc.syncfs.argtypes = [ctypes.c_int]
@@ -108,8 +108,7 @@ def name_to_handle_at(dirfd: int, path: bytes = b"", flags: int = AT_EMPTY_PATH)
 
 def open_by_handle_at(mount_fd: int, handle: bytes, flags: int) -> int:
     """Needs CAP_DAC_READ_SEARCH (in the effective set: a non-zero fsuid drops it)."""
-    buf = ctypes.create_string_buffer(handle, len(handle))
-    fd = _libc.open_by_handle_at(mount_fd, buf, flags | os.O_CLOEXEC)
+    fd = _libc.open_by_handle_at(mount_fd, handle, flags | os.O_CLOEXEC)
     if fd < 0:
         _raise("open_by_handle_at")
     return int(fd)

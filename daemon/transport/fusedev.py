@@ -139,6 +139,23 @@ class FuseDev:
                     raise DeviceClosed(str(e)) from None
                 raise
 
+    def read_into(self, buf: bytearray) -> bytes:
+        """Like read(), through a reusable buffer of at least bufsize bytes: os.read(fd, 1 MiB) costs a
+        1 MiB allocation per request (~16 us here), readv into a kept buffer ~1.5 us plus one small copy."""
+        view = memoryview(buf)
+        while True:
+            try:
+                n = os.readv(self.fd, [buf])
+                return bytes(view[:n])
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue
+                if e.errno in (errno.ENODEV, errno.EBADF, errno.ECONNABORTED):
+                    raise DeviceClosed(str(e)) from None
+                raise
+
     def write(self, data: bytes | Sequence[bytes]) -> None:
         """Send one reply (bytes or a list of iovecs).  A reply to an interrupted request is dropped."""
         try:
