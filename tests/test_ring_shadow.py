@@ -358,3 +358,37 @@ def test_spin_mode_forwards_without_waiting_for_eventfds(eng):
             assert k["spin_hits"] >= 3
     finally:
         p.close()
+
+
+def test_fd_swaps_do_not_wait_for_a_lossless_stall(eng):
+    """The thread handling SET_VRING_CALL/KICK may be the capture consumer: swaps must not block on a
+    path that is holding back forwarding until captures are drained."""
+    import threading
+
+    p = Proxy(eng, capacity=4096, policy="lossless")
+    try:
+        p.path.start()
+        for h in range(4):
+            p.request(h, [bytes([h]) * 1500], [])
+        p.rig.guest.publish([0, 1, 2, 3])
+        os.eventfd_write(p.g_kick, 1)
+        deadline = time.monotonic() + 5
+        while p.path.counters["stalls"] == 0:  # the path is now waiting for the consumer
+            assert time.monotonic() < deadline, "never stalled"
+            time.sleep(0.001)
+        new_call, new_kick = efd(), efd()
+        t = threading.Thread(target=lambda: (p.path.set_call_fd(new_call), p.path.set_kick_fd(new_kick)))
+        t.start()
+        t.join(3)
+        assert not t.is_alive(), "fd swap blocked behind the lossless stall"
+        got = []
+        while len(got) < 4:
+            more = p.cap.read_captures(timeout=2)
+            assert more
+            got += more
+        assert [c.head for c in got] == [0, 1, 2, 3]
+        assert len(p.dev.pop_chains()) == 4
+        os.close(new_call)
+        os.close(new_kick)
+    finally:
+        p.close()

@@ -348,7 +348,7 @@ class CaptureBuffer:
         return self._cap
 
     def _put(self, cap: Capture, size: int, wait: bool, stop: threading.Event | None,
-             count_drop: bool = True) -> bool | None:
+             count_drop: bool = True, stalls: dict[str, int] | None = None) -> bool | None:
         """Append one record; False when dropped, None when a lossless wait was stopped."""
         with self._cond:
             waited = False
@@ -361,6 +361,8 @@ class CaptureBuffer:
                 if not waited:
                     waited = True
                     self._stalls += 1
+                    if stalls is not None:  # the path's counter, visible while it waits
+                        stalls["stalls"] += 1
                 self._cond.wait(0.05)
             self._q.append((cap, size))
             self._used += size
@@ -434,6 +436,7 @@ class ShadowPath:
         self._ctl_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._pending_kick: int | None = None
         self._lock = threading.Lock()  # proc_lock: held while forwarding
+        self._fd_lock = threading.Lock()  # call fd use/swap, pending kick fd: never held while waiting
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._broken = False
@@ -460,7 +463,7 @@ class ShadowPath:
         self._thread.join()
         self._thread = None
         self._mem._busy -= 1
-        with self._lock:
+        with self._fd_lock:
             self._apply_pending()
 
     def drain(self) -> int:
@@ -475,7 +478,7 @@ class ShadowPath:
 
     def close(self) -> None:
         self.stop()
-        with self._lock:
+        with self._lock, self._fd_lock:
             for name in ("_kick_fd", "_call_fd", "_bkick_fd", "_bcall_fd", "_ctl_fd"):
                 fd = getattr(self, name)
                 if fd >= 0:
@@ -490,8 +493,9 @@ class ShadowPath:
             self.close()
 
     def set_kick_fd(self, fd: int) -> None:
+        """Swap QEMU's kick fd; never waits for a lossless-stalled thread (C: rc_path_set_kick_fd)."""
         nfd = os.dup(fd) if fd >= 0 else -1
-        with self._lock:
+        with self._fd_lock:
             old, self._pending_kick = self._pending_kick, nfd
             if old is not None and old >= 0:
                 os.close(old)
@@ -501,7 +505,7 @@ class ShadowPath:
 
     def set_call_fd(self, fd: int) -> None:
         nfd = os.dup(fd) if fd >= 0 else -1
-        with self._lock:
+        with self._fd_lock:
             if self._call_fd >= 0:
                 os.close(self._call_fd)
             self._call_fd = nfd
@@ -525,6 +529,7 @@ class ShadowPath:
 
     # -- the thread
     def _apply_pending(self) -> None:
+        """Under _fd_lock."""
         if self._pending_kick is not None:
             if self._kick_fd >= 0:
                 os.close(self._kick_fd)
@@ -551,8 +556,9 @@ class ShadowPath:
                     ctr["calls_in"] += 1
             if self._stop.is_set():
                 break
-            with self._lock:
+            with self._fd_lock:
                 self._apply_pending()
+            with self._lock:
                 self._forward_avail(True)
                 self._forward_used(True)
 
@@ -588,9 +594,7 @@ class ShadowPath:
                     flush()
                     state[0] = True
                 self._cap._notify()
-                stalls_before = self._cap._stalls
-                r = self._cap._put(rec, size, True, self._stop)
-                self._ctr["stalls"] += self._cap._stalls - stalls_before
+                r = self._cap._put(rec, size, True, self._stop, stalls=self._ctr)
                 if r is None:
                     return False
         else:
@@ -613,8 +617,9 @@ class ShadowPath:
 
     def _flush_used(self) -> None:
         _store_idx(self._g_used, self._g_used_idx)
-        if self._call_fd >= 0:
-            os.eventfd_write(self._call_fd, 1)
+        with self._fd_lock:
+            if self._call_fd >= 0:
+                os.eventfd_write(self._call_fd, 1)
         self._ctr["calls_out"] += 1
 
     def _forward_avail(self, may_wait: bool) -> int:

@@ -430,7 +430,7 @@ static inline uint64_t cap_need(const struct rc_capture *c, uint64_t len)
     return len <= end ? len : end + len;
 }
 
-uint8_t *rc_capture_reserve(struct rc_capture *c, uint32_t len, int may_wait, volatile int *stop,
+uint8_t *rc_capture_reserve(struct rc_capture *c, uint32_t len, int may_wait, int *stop,
                             uint64_t *stalls, int count_drop)
 {
     pthread_mutex_lock(&c->lock);
@@ -439,7 +439,7 @@ uint8_t *rc_capture_reserve(struct rc_capture *c, uint32_t len, int may_wait, vo
         uint64_t free_b = c->cap - (c->head - __atomic_load_n(&c->tail, __ATOMIC_ACQUIRE));
         if (cap_need(c, len) <= free_b)
             break;
-        if (c->policy != RC_POLICY_LOSSLESS || !may_wait || (stop && *stop) || c->closing) {
+        if (c->policy != RC_POLICY_LOSSLESS || !may_wait || (stop && __atomic_load_n(stop, __ATOMIC_ACQUIRE)) || c->closing) {
             if (count_drop) {
                 c->dropped++;
                 c->dropped_bytes += len;
@@ -469,7 +469,8 @@ uint8_t *rc_capture_reserve(struct rc_capture *c, uint32_t len, int may_wait, vo
         pad.rec_len = (uint32_t)(c->cap - off);
         pad.kind = RC_CAP_PAD;
         memcpy(c->buf + off, &pad, 8); /* only rec_len+kind are read for a pad; at least 8 bytes fit */
-        c->head += c->cap - off;
+        /* release: the consumer may follow head past the pad before the record is committed */
+        __atomic_store_n(&c->head, c->head + (c->cap - off), __ATOMIC_RELEASE);
         off = 0;
     }
     return c->buf + off; /* lock stays held until rc_capture_commit */
@@ -526,6 +527,11 @@ uint64_t rc_capture_used_bytes(struct rc_capture *c)
 }
 
 /* ------------------------------------------------------------------ shadow path */
+
+static inline int path_stopping(struct rc_path *p)
+{
+    return __atomic_load_n(&p->stop, __ATOMIC_ACQUIRE);
+}
 
 static int dup_or_none(int fd)
 {
@@ -598,6 +604,7 @@ int rc_path_init(struct rc_path *p, struct rc_memmap *m, uint16_t queue_index, u
     p->pending_call_fd = -2;
     rc_chain_init(&p->chain);
     pthread_mutex_init(&p->proc_lock, NULL);
+    pthread_mutex_init(&p->fd_lock, NULL);
     p->inited = 1;
     if (p->ctl_fd < 0 || (kick_fd >= 0 && p->kick_fd < 0) || (call_fd >= 0 && p->call_fd < 0) ||
         (backend_kick_fd >= 0 && p->backend_kick_fd < 0) || (backend_call_fd >= 0 && p->backend_call_fd < 0)) {
@@ -645,7 +652,7 @@ static int path_capture(struct rc_path *p, int kind, uint16_t head, int reason, 
             }
             rc_capture_notify(p->cap);
             dst = rc_capture_reserve(p->cap, rec_len, 1, &p->stop, &p->ctr.stalls, 1);
-            if (!dst && p->stop)
+            if (!dst && path_stopping(p))
                 return -1;
         }
     } else {
@@ -698,7 +705,9 @@ static void flush_avail(struct rc_path *p)
 static void flush_used(struct rc_path *p)
 {
     rc_ring_store_idx(p->g_used, p->g_used_idx);
+    pthread_mutex_lock(&p->fd_lock);
     signal_fd(p->call_fd);
+    pthread_mutex_unlock(&p->fd_lock);
     p->ctr.calls_out++;
 }
 
@@ -809,7 +818,7 @@ static int path_spin(struct rc_path *p)
 {
     uint64_t deadline = rc_now_ns() + p->spin_ns;
     int moved = 0;
-    while (!p->stop && p->pending_kick_fd == -2) {
+    while (!path_stopping(p) && __atomic_load_n(&p->pending_kick_fd, __ATOMIC_ACQUIRE) == -2) {
         if (rc_ring_load_idx(p->g_avail) != p->next_avail || rc_ring_load_idx(p->s_used) != p->next_used) {
             pthread_mutex_lock(&p->proc_lock);
             int a = rc_path_forward_avail(p, 1), u = rc_path_forward_used(p, 1);
@@ -835,7 +844,7 @@ static int path_spin(struct rc_path *p)
 static void *path_thread(void *arg)
 {
     struct rc_path *p = arg;
-    while (!p->stop) {
+    while (!path_stopping(p)) {
         if (p->spin_ns)
             path_spin(p);
         struct pollfd fds[3];
@@ -861,7 +870,7 @@ static void *path_thread(void *arg)
             drain_fd(p->backend_call_fd);
             p->ctr.calls_in++;
         }
-        if (p->stop)
+        if (path_stopping(p))
             break;
         pthread_mutex_lock(&p->proc_lock);
         apply_pending_fds(p);
@@ -877,7 +886,7 @@ int rc_path_start(struct rc_path *p)
 {
     if (p->running)
         return RC_OK;
-    p->stop = 0;
+    __atomic_store_n(&p->stop, 0, __ATOMIC_RELEASE);
     if (pthread_create(&p->thread, NULL, path_thread, p))
         return RC_E_NOMEM;
     p->running = 1;
@@ -889,14 +898,14 @@ void rc_path_stop(struct rc_path *p)
 {
     if (!p->running)
         return;
-    p->stop = 1;
+    __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
     signal_fd(p->ctl_fd);
     rc_capture_wake_all(p->cap);
     pthread_join(p->thread, NULL);
     p->running = 0;
-    pthread_mutex_lock(&p->proc_lock);
+    pthread_mutex_lock(&p->fd_lock);
     apply_pending_fds(p);
-    pthread_mutex_unlock(&p->proc_lock);
+    pthread_mutex_unlock(&p->fd_lock);
 }
 
 int rc_path_drain(struct rc_path *p)
@@ -908,18 +917,21 @@ int rc_path_drain(struct rc_path *p)
     return n;
 }
 
+/* Neither setter takes proc_lock: in lossless mode the thread may hold it while it waits for the
+ * consumer, and the consumer may well be the thread that handles SET_VRING_CALL/KICK. */
 int rc_path_set_kick_fd(struct rc_path *p, int fd)
 {
     int nfd = dup_or_none(fd);
     if (fd >= 0 && nfd < 0)
         return RC_E_NOMEM;
-    pthread_mutex_lock(&p->proc_lock);
     int old = __atomic_exchange_n(&p->pending_kick_fd, nfd, __ATOMIC_ACQ_REL);
     if (old >= 0)
         close(old); /* superseded before the thread picked it up */
-    if (!p->running)
+    if (!p->running) {
+        pthread_mutex_lock(&p->fd_lock);
         apply_pending_fds(p);
-    pthread_mutex_unlock(&p->proc_lock);
+        pthread_mutex_unlock(&p->fd_lock);
+    }
     signal_fd(p->ctl_fd);
     return RC_OK;
 }
@@ -929,11 +941,11 @@ int rc_path_set_call_fd(struct rc_path *p, int fd)
     int nfd = dup_or_none(fd);
     if (fd >= 0 && nfd < 0)
         return RC_E_NOMEM;
-    /* the thread only writes call_fd under proc_lock, so swapping under it is race-free */
-    pthread_mutex_lock(&p->proc_lock);
+    /* the call fd is only ever written under fd_lock, so swapping under it is race-free */
+    pthread_mutex_lock(&p->fd_lock);
     close_fd(&p->call_fd);
     p->call_fd = nfd;
-    pthread_mutex_unlock(&p->proc_lock);
+    pthread_mutex_unlock(&p->fd_lock);
     return RC_OK;
 }
 
@@ -956,6 +968,7 @@ void rc_path_destroy(struct rc_path *p)
         close_fd(&p->backend_call_fd);
         close_fd(&p->ctl_fd);
         pthread_mutex_destroy(&p->proc_lock);
+        pthread_mutex_destroy(&p->fd_lock);
         p->inited = 0;
     }
     rc_chain_free(&p->chain);

@@ -173,7 +173,7 @@ void rc_capture_destroy(struct rc_capture *c);
 /* Reserve space for a record of `len` bytes (header included, len <= cap/2); NULL when full (drop
  * policy, or lossless with may_wait=0 / *stop set; counted as a drop if count_drop).  On success the
  * buffer lock stays held until rc_capture_commit, which serialises producers. */
-uint8_t *rc_capture_reserve(struct rc_capture *c, uint32_t len, int may_wait, volatile int *stop,
+uint8_t *rc_capture_reserve(struct rc_capture *c, uint32_t len, int may_wait, int *stop,
                             uint64_t *stalls, int count_drop);
 void rc_capture_commit(struct rc_capture *c);
 /* Wake the consumer (eventfd): producers call it once per batch, after their commits. */
@@ -209,13 +209,14 @@ struct rc_path {
     int kick_fd, call_fd;            /* our dups of the frontend's fds (-1: none) */
     int backend_kick_fd, backend_call_fd;
     int ctl_fd;                      /* eventfd: stop / fd swap wake-up */
-    volatile int pending_kick_fd, pending_call_fd; /* -2: no change pending */
-    volatile int stop;
+    int pending_kick_fd, pending_call_fd; /* -2: no change pending (atomic accesses) */
+    int stop;                        /* atomic accesses */
     int running;
     int broken;                      /* last avail check failed (RC_E_AVAIL_AHEAD) */
     int last_error;
     pthread_t thread;
     pthread_mutex_t proc_lock;       /* held while forwarding; drain() takes it too */
+    pthread_mutex_t fd_lock;         /* guards call_fd use/swap and kick_fd swaps on a stopped path */
     struct rc_chain chain;           /* scratch, under proc_lock */
     uint8_t *scratch;                /* gather buffer for truncation-free capture */
     struct rc_path_counters ctr;
@@ -231,7 +232,8 @@ int rc_path_start(struct rc_path *p);
 void rc_path_stop(struct rc_path *p);
 /* Forward pending used entries to the guest now (GET_VRING_BASE flush); returns how many. */
 int rc_path_drain(struct rc_path *p);
-/* Swap the frontend's kick/call fd (dup'ed; -1 = none).  Safe while the thread runs. */
+/* Swap the frontend's kick/call fd (dup'ed; -1 = none).  Safe while the thread runs, and never waits
+ * for a lossless-stalled thread. */
 int rc_path_set_kick_fd(struct rc_path *p, int fd);
 int rc_path_set_call_fd(struct rc_path *p, int fd);
 void rc_path_destroy(struct rc_path *p);
