@@ -32,13 +32,14 @@ def mounted(mnt: Path) -> bool:
 
 
 def start(cmd: list[str], mnt: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty daemon must never block on it
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 20
     while not mounted(mnt):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(proc, mnt)
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise SystemExit(f"{cmd[0:4]} did not mount: {err}")
+            log.seek(0)
+            raise SystemExit(f"{cmd[0:4]} did not mount: {log.read().decode()}")
         time.sleep(0.02)
     os.stat(mnt)
     return proc

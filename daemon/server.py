@@ -393,9 +393,12 @@ class Server:
         opcode = req.op.value
         if self._pool is not None and (self.dispatch == "pool" or opcode in BLOCKING_OPS or (
                 opcode in IO_OPS and req.args[IO_OPS[opcode]].size > INLINE_IO_MAX)):
-            self._pool.submit(self._serve, req, reply, queue)
-        else:
-            self._serve(req, reply, queue)
+            try:
+                self._pool.submit(self._serve, req, reply, queue)
+                return
+            except RuntimeError:  # the pool is shut down (session ending): answer inline
+                pass
+        self._serve(req, reply, queue)
 
     def _bad_request(self, buf: Buffer, e: DecodeError, reply: ReplySink, queue: int) -> None:
         with self._lock:
