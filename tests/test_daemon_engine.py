@@ -4,6 +4,7 @@ the tap hook and malformed input."""
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 import threading
 import time
@@ -156,7 +157,8 @@ def test_tap_sees_every_request_and_reply() -> None:
     server.shutdown()
 
 
-def test_malformed_messages_get_errno_or_are_dropped() -> None:
+def test_malformed_messages_get_errno_or_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fsinspect.daemon")
     server = Server(StatOnly())
     c = EngineClient(server)
     c.init()
@@ -184,6 +186,9 @@ def test_malformed_messages_get_errno_or_are_dropped() -> None:
     fg = c.encode("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=3)
     assert c.raw(struct.pack("<I", 44) + fg[4:44], timeout=0.2) is None
     assert server.counters()["dropped"] == 7
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 7 and any("dropped a request" in m for m in msgs)
+    assert any("unknown opcode 999" in m and "ENOSYS" in m for m in msgs)
     # ... and the engine keeps serving.
     assert c.call("GETATTR", nodeid=1).error == 0
     server.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -116,7 +117,9 @@ def test_symlink_swapped_in_during_an_op_stays_confined(engine: Factory, tmp_pat
     _alive(c)
 
 
-def test_unknown_and_forgotten_nodeids_bad_fh_and_over_forget(engine: Factory, tmp_path: Path) -> None:
+def test_unknown_and_forgotten_nodeids_bad_fh_and_over_forget(engine: Factory, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fsinspect.daemon")
     c = engine()
     (tmp_path / "f").write_bytes(b"data")
     assert c.call("GETATTR", nodeid=12345).error == errno.EBADF
@@ -132,6 +135,7 @@ def test_unknown_and_forgotten_nodeids_bad_fh_and_over_forget(engine: Factory, t
     c.release(f, fh)
     # FORGET more than was looked up: logged, clamped, the inode goes away; serving goes on.
     c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=5)}, nodeid=f)
+    assert any("exceeds its nlookup 2" in r.getMessage() for r in caplog.records)
     assert c.call("GETATTR", nodeid=f).error == errno.EBADF
     c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=f)  # already gone
     c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=100)}, nodeid=1)  # root stays
