@@ -11,6 +11,8 @@
    eventfds, directly and through a running ShadowPath (with capture).  Added latency = the difference
    of the percentiles.  The C path is measured sleeping in poll() (the default) and with spin_us=50
    (busy-polls the rings for 50 us after activity, saving the two thread wake-ups it otherwise adds).
+   Twice: with a C driver and device (bench/ring_latency.c, no Python anywhere) and with Python ones
+   (the rows per engine; their GIL hand-offs are in both the direct and the proxied figure).
 
 Each figure is the median of --runs runs, with min and max.
 """
@@ -183,6 +185,39 @@ def latency(eng: ModuleType, proxied: bool, count: int, spin_us: int = 0) -> lis
     return rtts
 
 
+def c_latency(runs: int, count: int) -> list[tuple[str, list[tuple[float, float, float, float]]]]:
+    """bench/ring_latency.c: the same ping-pong with a C driver and C device (no Python, no GIL)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        return []
+    here = Path(__file__).resolve().parent
+    core = here.parent / "dissectors" / "ring"
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "ring_latency"
+        subprocess.run([cc, "-O2", f"-I{core}", str(here / "ring_latency.c"), str(core / "ring_core.c"), "-o",
+                        str(exe), "-lpthread"], check=True)
+
+        def one(mode: int, spin: int) -> tuple[float, float]:
+            out = subprocess.run([str(exe), str(count), str(mode), str(spin)], check=True, capture_output=True,
+                                 text=True).stdout
+            vals = dict(kv.split("=") for kv in out.split())
+            return float(vals["p50"]), float(vals["p99"])
+
+        rows = []
+        for label, spin in (("C driver+device, path sleeps", 0), ("C driver+device, spin_us=50", 50)):
+            res = []
+            for _ in range(runs):
+                d50, d99 = one(0, 0)
+                p50, p99 = one(1, spin)
+                res.append((d50, d99, p50, p99))
+            rows.append((label, res))
+        return rows
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -220,8 +255,11 @@ def main() -> None:
             print(f"| {label} | {clock} | {fmt(c) if c else 'n/a'} | {fmt(py)} | {ratio} |")
     print(f"\n## Shadow path latency per chain (round trip, one chain in flight, microseconds); median [min .. max] "
           f"of {args.runs} runs\n")
-    print("| engine | direct p50 | direct p99 | proxied p50 | proxied p99 | added p50 | added p99 |")
+    print("| driver/device, path | direct p50 | direct p99 | proxied p50 | proxied p99 | added p50 | added p99 |")
     print("|---|---|---|---|---|---|---|")
+    for label, res in c_latency(args.runs, int(50_000 * scale)):
+        cols = list(zip(*[(d50, d99, p50, p99, p50 - d50, p99 - d99) for d50, d99, p50, p99 in res]))
+        print(f"| {label} | " + " | ".join(fmt(list(c)) for c in cols) + " |")
     variants = [(name, eng, 0) for name, eng in engs.items()]
     if "c" in engs:
         variants.insert(1, ("c, spin_us=50", engs["c"], 50))
@@ -234,7 +272,7 @@ def main() -> None:
             d50, d99, p50, p99 = pct(d, 0.5), pct(d, 0.99), pct(p, 0.5), pct(p, 0.99)
             for k, v in zip(rows, (d50, d99, p50, p99, p50 - d50, p99 - d99)):
                 rows[k].append(v)
-        print(f"| {name} | " + " | ".join(fmt(rows[k]) for k in rows) + " |")
+        print(f"| Python driver+device, engine {name} | " + " | ".join(fmt(rows[k]) for k in rows) + " |")
 
 
 if __name__ == "__main__":
