@@ -307,9 +307,19 @@ def test_stats_panel_counts_and_sparklines() -> None:
 
 
 def test_control_panel_replay_messages() -> None:
+    from dissectors import vhost_user as V
+
     with RecordingReader(SYNCFS) as r:
-        n_ctrl = sum(1 for rec in r.records() if not rec.is_fuse)
+        ctrl = [(rec, V.decode_message(rec.data)) for rec in r.records() if not rec.is_fuse]
+    n_ctrl = len(ctrl)
     assert n_ctrl > 0
+    replies = [(rec.notes, m.payload.u64) for rec, m in ctrl if m.is_reply and m.name == "GET_FEATURES"]
+    offered = next(v for notes, v in replies if not notes)
+    to_qemu = next(v for notes, v in replies if "as sent to QEMU" in notes)
+    acked = next(m.payload.u64 for rec, m in ctrl if m.name == "SET_FEATURES" and rec.inbound and not rec.notes)
+    kicks = sum(1 for rec, m in ctrl if m.name == "SET_VRING_KICK" and rec.inbound and "1 fd(s)" in rec.notes
+                and len(rec.notes) == 1)
+    regions = next(m.payload for rec, m in ctrl if m.name == "SET_MEM_TABLE" and rec.inbound and not m.is_reply)
 
     async def run() -> None:
         app = replay_app()
@@ -325,6 +335,13 @@ def test_control_panel_replay_messages() -> None:
             assert "SET_VRING_KICK" in msgs and "SET_VRING_CALL" in msgs
             state = str(panel.query_one("#cstate_text").render())
             assert "CAPTURE HEALTH" in state and "overflow): 0" in state
+            assert f"virtio features offered: {offered:#x}" in state
+            assert f"virtio features acked: {acked:#x}" in state
+            assert f"virtio features masked by the proxy: {offered & ~to_qemu:#x}" in state
+            assert f"MEMORY REGIONS ({len(regions)})" in state
+            assert f"gpa={regions[-1].guest_address:#x} size={regions[-1].size:#x}" in state
+            f = app.store.features
+            assert sum(v["kick_changes"] for v in f["vrings"].values()) == kicks
 
     asyncio.run(run())
 

@@ -99,7 +99,7 @@ class FsInspectApp(App[int]):
 
     TITLE = "fsinspect"
     CSS = """
-    #exchanges-pane { layout: vertical; }
+    #exchanges-pane { layout: vertical; height: 1fr; }
     TabbedContent { height: 1fr; }
     TabPane { padding: 0; }
     """

@@ -44,7 +44,7 @@ class InodePanel(Widget):
     """The kernel's nodeids as a tree by path, submount roots marked; the lints, each jumping to its cause."""
 
     DEFAULT_CSS = """
-    InodePanel { layout: horizontal; }
+    InodePanel { layout: horizontal; height: 1fr; }
     InodePanel Tree { width: 3fr; }
     InodePanel #lintbox { width: 2fr; border-left: solid $accent; }
     InodePanel OptionList { height: 1fr; border: none; }
@@ -141,7 +141,7 @@ class SubmountPanel(Widget):
     """One row per superblock (the root and each announced submount), and every SYNCFS with its latency."""
 
     DEFAULT_CSS = """
-    SubmountPanel { layout: vertical; }
+    SubmountPanel { layout: vertical; height: 1fr; }
     SubmountPanel DataTable { height: 1fr; }
     SubmountPanel Label { background: $boost; width: 100%; }
     """
@@ -174,8 +174,9 @@ class SubmountPanel(Widget):
             if sig == self._sig:
                 return
             self._sig = sig
-            paths = {a.nodeid: an.inodes.path(a.nodeid) for a in ann}
-            spaths = {s.nodeid: an.inodes.path(s.nodeid) for s in syncs}
+            paths = {a.nodeid: self._path(a.nodeid, a.parent, a.name) for a in ann}
+            spaths = {s.exchange: st.path(s.exchange) if s.exchange >= 0 else paths.get(s.nodeid, "")
+                      for s in syncs}
         sb = self.query_one("#sb", DataTable)
         sb.clear()
         self.targets["sb"] = []
@@ -193,10 +194,19 @@ class SubmountPanel(Widget):
         self.targets["sync"] = []
         for s in syncs:
             sy.add_row(f"#{s.exchange}" if s.exchange >= 0 else "(before attach)", str(s.nodeid),
-                       spaths.get(s.nodeid, ""), Text("yes", "green") if s.is_root else Text("NO", "red bold"),
+                       spaths.get(s.exchange) or paths.get(s.nodeid, "/" if s.nodeid == ROOT else ""),
+                       Text("yes", "green") if s.is_root else Text("NO", "red bold"),
                        fmt_ns(s.latency_ns),
                        Text(fspec.ERRNO.render(s.error), "red bold") if s.error else Text("ok", "green"))
             self.targets["sync"].append(s.exchange)
+
+    def _path(self, nodeid: int, parent: int, name: bytes) -> str:
+        """Where the submount root is (or was: a forgotten root is named from its announcement)."""
+        inodes = self.store.analyzer.inodes
+        if nodeid in inodes.nodes:
+            return inodes.path(nodeid)
+        base = inodes.path(parent) if parent in inodes.nodes else f"<nodeid {parent}>"
+        return f"{base.rstrip('/')}/{safe_name(name)} (forgotten)"
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         tid = event.data_table.id or ""
@@ -210,7 +220,7 @@ class StatsPanel(Widget):
     """Per-opcode counts, errors and latency percentiles; ops/s and bytes/s sparklines."""
 
     DEFAULT_CSS = """
-    StatsPanel { layout: vertical; }
+    StatsPanel { layout: vertical; height: 1fr; }
     StatsPanel #rates { height: 6; }
     StatsPanel .spark { height: 3; }
     StatsPanel #totals { height: auto; }
@@ -268,7 +278,7 @@ class ControlPanel(Widget):
     """The vhost-user side: features offered/acked/masked, regions, vrings, kick/call changes, capture health."""
 
     DEFAULT_CSS = """
-    ControlPanel { layout: horizontal; }
+    ControlPanel { layout: horizontal; height: 1fr; }
     ControlPanel #cstate { width: 1fr; }
     ControlPanel #cmsgs { width: 1fr; border-left: solid $accent; }
     """
@@ -288,29 +298,30 @@ class ControlPanel(Widget):
     def state_lines(self) -> list[str]:
         st = self.store
         f = st.features
-        lines = ["FEATURES"] + ["  " + x for x in features_text(f)] if f else ["FEATURES", "  (not known: "
-                                                                             "a replay has only the messages)"]
+        lines = ["FEATURES", *("  " + x for x in features_text(f))]
         regions = f.get("regions") or []
         lines.append(f"MEMORY REGIONS ({len(regions)})")
         for r in regions:
-            lines.append("  " + " ".join(f"{k}={hex(v) if isinstance(v, int) and k != 'fd' else v}"
-                                         for k, v in r.items()))
+            lines.append(f"  gpa={r.get('guest_address', 0):#x} size={r.get('size', 0):#x} "
+                         f"uva={r.get('user_address', 0):#x} mmap_offset={r.get('mmap_offset', 0):#x}")
         vr = f.get("vrings") or {}
         lines.append(f"VRINGS ({len(vr)})")
         for i, v in sorted(vr.items(), key=lambda kv: int(kv[0])):
             lines.append(f"  vring {i}: num={v.get('num')} base={v.get('base')} enabled={v.get('enabled')} "
-                         f"started={v.get('started')} kick changes={v.get('kick_changes')} "
-                         f"call changes={v.get('call_changes')}")
+                         f"started={v.get('started')} kick fd changes={v.get('kick_changes')} "
+                         f"call fd changes={v.get('call_changes')}")
         cap = st.capture
         lines.append("CAPTURE HEALTH")
         if cap:
             lines.append(f"  captured {cap.get('captured', 0)}, dropped {cap.get('dropped', 0)}, lossless stalls "
-                         f"{cap.get('stalls', 0)}, decode errors {cap.get('decode_errors', cap.get('errors', 0))}")
+                         f"{cap.get('stalls', 0)} (as of attaching)")
         else:
-            lines.append("  (not known for a replay)")
+            lines.append("  proxy capture counters: not in a recording")
         with st.lock:
             dec = sum(1 for lint in st.analyzer.lints if lint.name == "decode-error")
-        lines.append(f"  FUSE decode errors seen here: {dec}; messages this UI missed (overflow): {st.overflow}")
+            snapped = sum(1 for e in st.exchanges[-100_000:] if e.snapped)
+        lines.append(f"  FUSE decode errors: {dec}; snapped (cut to the snap length, recent): {snapped}")
+        lines.append(f"  messages this UI missed (control-socket overflow): {st.overflow}")
         if st.events:
             lines.append(f"EVENTS ({len(st.events)})")
             for e in st.events[-30:]:

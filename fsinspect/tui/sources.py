@@ -17,13 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dissectors import vhost_user as V
-from dissectors.errors import DecodeError
 from dissectors.spec import fuse as fspec
 
 from ..analysis import Analyzer, Exchange
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..recording.reader import Record, RecordingError, RecordingReader
+from .control import ControlState
 
 BATCH = 256  # records fed per lock hold (~25 ms of decoding), then the thread yields the GIL to the UI
 _OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
@@ -49,7 +48,7 @@ class Store:
     overflow: int = 0  # live messages the proxy dropped for this client
     control: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=2000))
     events: list[dict[str, Any]] = field(default_factory=list)
-    features: dict[str, Any] = field(default_factory=dict)
+    ctl: ControlState = field(default_factory=ControlState)
     capture: dict[str, Any] = field(default_factory=dict)
     remote_lints: list[dict[str, Any]] = field(default_factory=list)  # lints from before we attached
     ops_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> exchanges
@@ -59,6 +58,11 @@ class Store:
 
     def __post_init__(self) -> None:
         self.analyzer.listeners.append(self._count)
+
+    @property
+    def features(self) -> dict[str, Any]:
+        """Features, regions and vrings, shaped like the proxy's ControlPlane.snapshot()."""
+        return self.ctl.f
 
     @property
     def exchanges(self) -> list[Exchange]:
@@ -192,7 +196,8 @@ class ReplaySource(Source):
             for rec in batch:
                 st.received += 1
                 if not rec.is_fuse:
-                    st.control.append(_control_from_record(rec))
+                    st.control.append({"type": "control", "direction": _direction(rec), "ts_ns": rec.ts_ns,
+                                       "summary": st.ctl.record(rec.data, rec.inbound, rec.notes)})
                 elif rec.inbound:
                     st.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
                                     orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
@@ -213,14 +218,15 @@ class ReplaySource(Source):
         return out[0], out[1]
 
 
-def _control_from_record(rec: Record) -> dict[str, Any]:
-    direction = "frontend" if rec.inbound else "backend"
-    try:
-        summary = V.decode_message(rec.data).summary()
-    except (DecodeError, ValueError) as e:
-        summary = f"undecodable vhost-user message ({len(rec.data)} bytes): {e}"
-    return {"type": "control", "direction": direction, "summary": summary, "ts_ns": rec.ts_ns,
-            "notes": list(rec.notes)}
+def _direction(rec: Record) -> str:
+    """The hub's direction names: frontend, backend, proxy->backend, proxy->frontend."""
+    from .control import FORWARDED, SENT_TO_QEMU
+
+    if FORWARDED in rec.notes:
+        return "proxy->backend"
+    if SENT_TO_QEMU in rec.notes:
+        return "proxy->frontend"
+    return "frontend" if rec.inbound else "backend"
 
 
 class AttachSource(Source):
@@ -316,8 +322,11 @@ class AttachSource(Source):
             self._exchange(obj)
         elif t == "control":
             st.control.append(obj)
+            st.ctl.summary(str(obj.get("direction", "")), str(obj.get("summary", "")))
         elif t == "event":
             st.events.append(obj)
+            if isinstance(obj.get("detail"), dict):
+                st.ctl.event(str(obj.get("kind", "")), obj["detail"])
         elif t == "overflow":
             st.overflow = max(st.overflow, int(obj.get("missed", 0)))
         elif t == "snapshot":
@@ -344,10 +353,10 @@ class AttachSource(Source):
             an.submounts.syncfs.append(SyncfsRecord(-1, int(s["nodeid"]), s.get("latency_ns"),
                                                     bool(s.get("superblock_root")), s.get("error")))
         st.remote_lints = list(snap.get("lints", ()))
-        st.features = dict(snap.get("features") or {})
+        st.ctl.seed(dict(snap.get("features") or {}))
         st.capture = dict(snap.get("capture") or {})
         for c in snap.get("control", ()):
-            st.control.append(c)
+            st.control.append(c)  # the proxy's state already counts these: no ctl.summary here
         st.events.extend(snap.get("events", ()))
         for ex in snap.get("exchanges", ()):
             self._exchange(ex)

@@ -442,7 +442,7 @@ class FilterBar(Widget):
 
     def compose(self) -> Any:
         yield Input(placeholder="filter: op == LOOKUP and error == ENOENT   latency > 1ms   submount   lint",
-                    suggester=FilterSuggester(), id="finput")
+                    suggester=FilterSuggester(), id="finput", cursor_blink=False)
         yield Static("", id="ferr")
 
     @property
