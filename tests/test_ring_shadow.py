@@ -392,3 +392,43 @@ def test_fd_swaps_do_not_wait_for_a_lossless_stall(eng):
         os.close(new_kick)
     finally:
         p.close()
+
+
+def test_differential_shadow_path_c_equals_twin():
+    """Random (often hostile) guest rings and backend used entries, stepped through both engines' paths:
+    the same captures (bar timestamps), counters, shadow avail entries and guest used entries."""
+    import random
+
+    from tests.test_ring_engine import _random_ring
+
+    c, py = ENGINES["c"], ENGINES["python"]
+    assert not isinstance(c, Exception), c
+    kinds = set()
+    for seed in range(300):
+        results = []
+        for eng in (c, py):
+            p = Proxy(eng, capacity=1 << 16, snaplen=random.Random(seed).choice([0, 0, 64]))
+            try:
+                rnd = random.Random(seed)
+                r = p.rig
+                r.gmem[0x100000:0x110000] = bytes(rnd.randrange(256) for _ in range(64)) * 1024
+                _random_ring(rnd, r.gmem, r.num, r.desc, r.avail)
+                a = p.path.step()
+                used = r.mem.view(r.s_used, 4 + 8 * r.num + 2)
+                n = rnd.randrange(0, r.num + 2)
+                for i in range(r.num):
+                    hid = rnd.randrange(0, r.num) if rnd.random() < 0.9 else rnd.randrange(0, 1 << 32)
+                    used[4 + 8 * i:12 + 8 * i] = hid.to_bytes(4, "little") + rnd.randrange(0, 1 << 32).to_bytes(4, "little")
+                used[2:4] = n.to_bytes(2, "little")
+                u = p.path.step()
+                caps = [x._replace(ts_ns=0) for x in p.cap.read_captures(0)]
+                k = p.path.counters
+                ctr = {key: k[key] for key in ("requests", "replies", "errors", "unpaired", "dropped")}
+                savail = bytes(r.mem.view(r.s_avail, 4 + 2 * r.num))
+                gused = bytes(r.mem.view(r.used, 4 + 8 * r.num))
+                results.append((a, u, caps, ctr, p.path.last_error, p.path.indices, savail, gused))
+            finally:
+                p.close()
+        assert results[0] == results[1], seed
+        kinds |= {x.kind for x in results[0][2]} | {x.reason for x in results[0][2]}
+    assert {"request", "reply", "error", "no_region", "not_in_flight"} <= kinds, kinds

@@ -582,7 +582,7 @@ class ShadowPath:
             fixed = CAP_HDR_SIZE + CAP_LAYOUT_SIZE * n
         if fixed + data_len > max_rec:
             data_len, truncated = max_rec - fixed, True
-        if writable and w is not None and length > w.writable_len:
+        if kind == KIND_REPLY and w is not None and length > w.writable_len:
             truncated = True
         size = capture_record_size(len(layout), data_len)
         data = w.gather(writable, data_len) if (w is not None and data_len) else b""

@@ -638,7 +638,7 @@ static int path_capture(struct rc_path *p, int kind, uint16_t head, int reason, 
     }
     if (fixed + data_len > max_rec)
         data_len = max_rec - fixed, flags |= RC_CAP_F_TRUNCATED;
-    if (writable && orig_len > c->writable_len)
+    if (kind == RC_CAP_REPLY && orig_len > c->writable_len)
         flags |= RC_CAP_F_TRUNCATED; /* the backend claims more than the chain can hold */
     uint32_t rec_len = (uint32_t)((fixed + data_len + 7) & ~7ull);
     uint8_t *dst;
