@@ -19,8 +19,8 @@ API (identical in both engines; addresses are guest-physical unless named otherw
   - `pop_chains(max=0) -> [Chain]`: every available chain (kicks coalesce), NEXT/INDIRECT/WRITE
     followed.  A malformed chain raises `RingError(reason, head, chains=<the good ones before it>)`; the
     bad entry is consumed.  A chain whose readable bytes exceed MAX_GATHER (256 MiB) is refused as
-    "too_large" instead of being gathered (a guest could otherwise describe terabytes).  An avail index more than `num` ahead raises `RingError("avail_ahead")` and
-    consumes nothing.
+    "too_large" instead of being gathered (a guest could otherwise describe terabytes).  An avail
+    index more than `num` ahead raises `RingError("avail_ahead")` and consumes nothing.
   - `push_used([(head, len), ...])`: entries first, the 16-bit used->idx once, last.
   - `avail_pending()`, `last_avail_idx` / `used_idx` (read/write, for SET/GET_VRING_BASE), `num`.
 - `Chain`: `head`, `readable` (bytes, gathered), `writable` (list of writable memoryviews into guest
@@ -28,12 +28,14 @@ API (identical in both engines; addresses are guest-physical unless named otherw
   listed, and entries from its table carry LAYOUT_F_FROM_INDIRECT), `readable_len`, `writable_len`,
   `write(data) -> n` (scatter a reply into the writable segments).
 - `CaptureBuffer(capacity=16 MiB, policy="drop"|"lossless")`: bounded; shared by any number of paths.
-  `read_captures(max=1024, timeout=0.0) -> [Capture]`, `fileno()` (an eventfd, readable when records
-  are pending: select on it, then call read_captures until it returns []), `stats` (captured, dropped,
+  `read_captures(max=1024, timeout=0.0) -> [Capture]` (one consumer thread; max <= 0: all),
+  `fileno()` (an eventfd, readable when records are pending: select on it, then call read_captures
+  until it returns []), `stats` (captured, dropped,
   dropped_bytes, stalls, used_bytes, capacity).  "drop" never slows the VM and counts what it could not
   keep; "lossless" holds back forwarding (used publication, and avail forwarding) until there is room.
 - `ShadowPath(mem, queue, num, desc, avail, used, shadow_avail, shadow_used, capture, kick_fd, call_fd,
-  backend_kick_fd, backend_call_fd, avail_base=0, snaplen=0)`: one queue's data path.  The guest's
+  backend_kick_fd, backend_call_fd, avail_base=0, snaplen=0, spin_us=0)`: one queue's data path, on
+  its own native thread (C) or Python thread (twin).  The guest's
   rings are (desc, avail, used); the backend sees (desc, shadow_avail, shadow_used), which must lie in
   a region of `mem` (the proxy's own memfd).  The shadow avail index starts at `avail_base` (the
   SET_VRING_BASE value) and the shadow used index at the guest's current used->idx.  All fds are
@@ -41,12 +43,19 @@ API (identical in both engines; addresses are guest-physical unless named otherw
   layout, readable bytes), copy the entry to the shadow avail ring, kick the backend.  On the backend's
   call: capture each reply (writable bytes up to used.len), copy the entry to the guest's used ring,
   signal the call fd.  Malformed chains are forwarded unchanged, captured as kind "error" and counted;
-  nothing outside a region is ever touched.
+  nothing outside a region is ever touched.  A runaway guest avail index (> num ahead) is counted once,
+  `last_error` = "avail_ahead", and nothing is forwarded until it is sane again.  `snaplen` caps the
+  bytes captured per record (0 = all; records are also capped at half the buffer), `spin_us` makes the
+  C thread busy-poll the rings for that long after activity (saves ~2 thread wake-ups per round trip
+  when it has a core to itself; the twin accepts and ignores it).
   - `start()`, `stop()` (join; nothing moves after), `drain() -> n` (move pending used entries to the
     guest now: call it after stop() on GET_VRING_BASE; in lossless mode it drops rather than waits),
     `step() -> (n_avail, n_used)` (one synchronous pass on a stopped path), `set_kick_fd(fd)` /
-    `set_call_fd(fd)` (swap QEMU's fds while running; -1 = none), `counters`, `running`, `last_error`,
-    `indices`.
+    `set_call_fd(fd)` (swap QEMU's fds while running, -1 = none; they never wait behind a lossless stall,
+    so the capture consumer may call them), `counters` (requests, replies, errors, unpaired, kicks_in,
+    calls_in, kicks_out, calls_out, stalls, dropped, wakeups, spin_hits), `running`, `last_error`,
+    `indices`.  Keep the proxy's own backend-side eventfds constant; only QEMU's side is swapped.
+  - GET_VRING_BASE: forward it, let the backend reply, then `stop()`, `drain()`, then reply to QEMU.
 - `Capture` (NamedTuple): kind ("request"|"reply"|"error"), queue, head, ts_ns (CLOCK_REALTIME), layout,
   length, data, truncated, reason.  Pair requests and replies by (queue, head).
 - `RingError`: `reason` (one of `REASONS`), `code`, `head`, `chains`.
