@@ -73,6 +73,9 @@ def test_direct_chain_pop_gather_write_push(rig):
     assert rig.get(w[0], 64) == b"R" * 64
     q.push_used([(ch.head, 16)])
     assert rig.guest.collect_used() == [(3, 16)]
+    ch.writable[0].release()
+    with pytest.raises(ValueError):
+        ch.write(b"after release")  # never written through a released view
     assert q.used_idx == 1 and q.last_avail_idx == 1
     assert q.pop_chains() == []
 

@@ -351,9 +351,16 @@ static PyObject *Chain_write(ChainObject *self, PyObject *arg)
         return NULL;
     Py_ssize_t done = 0, n = PyList_GET_SIZE(self->writable);
     for (Py_ssize_t i = 0; i < n && done < b.len; i++) {
-        Py_buffer *v = PyMemoryView_GET_BUFFER(PyList_GET_ITEM(self->writable, i));
-        Py_ssize_t k = v->len < b.len - done ? v->len : b.len - done;
-        memcpy(v->buf, (const char *)b.buf + done, (size_t)k);
+        /* through the buffer protocol, not the view's struct: a view the caller released fails here
+         * instead of being written through */
+        Py_buffer v;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(self->writable, i), &v, PyBUF_WRITABLE) < 0) {
+            PyBuffer_Release(&b);
+            return NULL;
+        }
+        Py_ssize_t k = v.len < b.len - done ? v.len : b.len - done;
+        memcpy(v.buf, (const char *)b.buf + done, (size_t)k);
+        PyBuffer_Release(&v);
         done += k;
     }
     PyBuffer_Release(&b);
