@@ -441,8 +441,10 @@ class FilterBar(Widget):
             self.text = text
 
     def compose(self) -> Any:
-        yield Input(placeholder="filter: op == LOOKUP and error == ENOENT   latency > 1ms   submount   lint",
-                    suggester=FilterSuggester(), id="finput", cursor_blink=False)
+        box = Input(placeholder="filter: op == LOOKUP and error == ENOENT   latency > 1ms   submount   lint",
+                    suggester=FilterSuggester(), id="finput")
+        box.cursor_blink = False  # a steady cursor: screenshots and snapshots come out the same every time
+        yield box
         yield Static("", id="ferr")
 
     @property
