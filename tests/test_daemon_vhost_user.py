@@ -239,3 +239,58 @@ def test_syncfs_one_per_superblock(guest_image: GuestImage, guest_share: Share) 
     assert 1 in {n for n, _ in by_sync} and {n for n, _ in per_mount} == {n for n, _ in by_sync}
     by_dev = {int(k): v for k, v in c["syncfs_by_dev"].items()}
     assert by_dev == {dev: 2 for dev in _host_devs(guest_share).values()}, (by_dev, _host_devs(guest_share))
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_cli_record_and_control(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    """`--record` and `--control` on the daemon itself: the recording and a live control client both see
+    every exchange the daemon counted."""
+    import socket
+
+    from fsinspect.analysis.analyzer import Analyzer
+    from fsinspect.recording.reader import RecordingReader
+    from fsinspect.recording.replay import analyze
+
+    with launcher.short_tmpdir() as work:
+        sock, ctrl = work / "vfs.sock", work / "ctl.sock"
+        p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
+                              "-o", f"source={guest_share.root}", "--record", str(tmp_path / "rec.pcapng"),
+                              "--control", str(ctrl), "--summary-json", str(tmp_path / "s.json")],
+                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        lines: list[dict[str, Any]] = []
+        try:
+            deadline = time.monotonic() + 15
+            while not (sock.exists() and ctrl.exists()):
+                assert p.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            assert ctrl.stat().st_mode & 0o777 == 0o600
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(ctrl))
+
+            def read_all() -> None:
+                buf = b""
+                while chunk := client.recv(1 << 16):
+                    buf += chunk
+                    *done, buf = buf.split(b"\n")
+                    lines.extend(json.loads(x) for x in done)
+
+            reader = threading.Thread(target=read_all, daemon=True)
+            reader.start()
+            res = launcher.run_guest(sock, image=guest_image, workload="smoke,crud,syncfs", timeout=90, watch=[p],
+                                     params={"xattr": 0})
+            assert p.wait(20) == 0
+            reader.join(10)
+            client.close()
+        finally:
+            launcher.stop_process(p)
+    assert res.ok, explain(res)
+    ops = Counter(json.loads((tmp_path / "s.json").read_text())["ops"])
+    with RecordingReader(tmp_path / "rec.pcapng") as r:
+        an = analyze(r, Analyzer(keep_exchanges=True))
+    assert Counter(ex.opname for ex in an.exchanges) == ops
+    assert lines[0]["type"] == "hello" and lines[0]["source"] == "daemon" and lines[1]["type"] == "snapshot"
+    live = Counter(x["opcode"] for x in lines if x["type"] == "exchange")
+    assert live == ops, (live - ops, ops - live)
+    assert any(x["type"] == "event" and x["kind"] == "end" for x in lines)
+    assert len({r.nodeid for r in an.submounts.syncfs}) == 3

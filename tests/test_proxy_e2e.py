@@ -281,3 +281,62 @@ def test_libvirt_wrapper_mode(guest_image: GuestImage, guest_share: Share, tmp_p
     assert len(set(res.st_dev.values())) == 3, res.st_dev
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["requests"] > 10 and {x["name"] for x in s["submounts"]} == {"sub", "inner"}
+
+
+@contextmanager
+def bundled_daemon(share: Share, work: Path, out: Path) -> Iterator[launcher.RunningBackend]:
+    """`fsinspect daemon --socket-path` (the bundled vhost-user back-end) serving `share`; counters to out."""
+    sock = work / "daemon.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
+                             "-o", f"source={share.root},cache=auto,announce_submounts,xattr",
+                             "--summary-json", str(out / "daemon.json")],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the daemon never listened"
+            time.sleep(0.02)
+        yield launcher.RunningBackend(sock, [proc], "fsinspect daemon")
+    finally:
+        launcher.stop_process(proc)
+
+
+def test_full_workload_through_proxy_to_bundled_daemon(guest_image: GuestImage, guest_share: Share,
+                                                       tmp_path: Path) -> None:
+    """The proxy in front of the bundled daemon: the recording's per-opcode counts equal the daemon's own."""
+    with launcher.short_tmpdir() as work, bundled_daemon(guest_share, work, tmp_path) as be:
+        listen = work / "proxy.sock"
+        proxy = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
+                                  "--backend", str(be.socket_path), "--record", str(tmp_path / "rec.pcapng"),
+                                  "--summary-json", str(tmp_path / "summary.json")],
+                                 stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while not listen.exists():
+                assert proxy.poll() is None and time.monotonic() < deadline, "proxy never listened"
+                time.sleep(0.02)
+            res = launcher.run_guest(listen, image=guest_image, workload="full", timeout=240,
+                                     watch=[proxy, *be.processes], params={"xattr": 1, "n": 1000})
+            proxy.wait(15)
+            daemon = be.processes[0]
+            assert isinstance(daemon, subprocess.Popen)
+            assert daemon.wait(15) == 0, "the daemon did not end cleanly when the proxy disconnected"
+        finally:
+            launcher.stop_process(proxy)
+    assert res.ok, explain(res)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["capture"]["dropped"] == 0 and s["capture_errors"] == 0 and s["lints"] == [], s
+    counters = json.loads((tmp_path / "daemon.json").read_text())
+    an = exchanges(tmp_path / "rec.pcapng")
+    recorded: Counter[str] = Counter(ex.opname for ex in an.exchanges)
+    for ex in an.exchanges:
+        if ex.opname not in NO_REPLY:
+            assert ex.replied and ex.reply is not None, f"{ex.opname} unique {ex.unique} has no reply"
+    assert recorded == Counter(counters["ops"]), (recorded - Counter(counters["ops"]),
+                                                  Counter(counters["ops"]) - recorded)
+    assert counters["dropped"] == 0 and sum(recorded.values()) > 10_000
+    assert counters["queues"]["0"]["chains"] == recorded["FORGET"]
+    # SUBMOUNT flags and one SYNCFS per superblock, as the proxy sees them from the bundled daemon.
+    announced = {a.name for a in an.submounts.announced.values()}
+    assert announced == {b"sub", b"inner"}, announced
+    assert len({r.nodeid for r in an.submounts.syncfs}) == 3

@@ -61,6 +61,7 @@ PROTOCOL_FEATURES = P_BIT["MQ"] | P_BIT["REPLY_ACK"] | P_BIT["CONFIGURE_MEM_SLOT
 MAX_MEM_SLOTS = 32  # libvhost-user's VHOST_USER_MAX_RAM_SLOTS
 DEFAULT_QUEUES = 2  # hiprio + one request queue, as the C virtiofsd reports
 OUT_HEADER_SIZE = F.OUT_HEADER_SIZE
+VRING_AVAIL_F_NO_INTERRUPT = vio.VRING_AVAIL_F.by_name()["NO_INTERRUPT"]
 INFLIGHT_WAIT_S = 30.0
 
 
@@ -141,8 +142,10 @@ class Vring:
     pending_kick: int | None = None  # a new kick fd for the queue thread (which owns the current one)
     stopping: bool = False
     batch: list[tuple[int, int]] | None = None  # completions of the inline batch being served
+    avail_flags: memoryview | None = None  # the driver's avail->flags (low byte: NO_INTERRUPT)
     stats_chains: int = 0
     stats_calls: int = 0
+    stats_suppressed: int = 0
 
 
 class MemoryTable:
@@ -342,6 +345,8 @@ class VhostUserSession:
             vr.enabled = False
             vr.num = vr.base = 0
             vr.addr = None
+            vr.queue = None
+            vr.avail_flags = None
         self.features = 0
 
     def _on_set_backend_req_fd(self, msg: V.VhostUserMessage) -> None:
@@ -417,6 +422,7 @@ class VhostUserSession:
             # libvhost-user: the used index the driver last saw is the one in the ring.
             q.used_idx = int.from_bytes(m.view(used + 2, 2), "little")
         vr.queue = q
+        vr.avail_flags = m.view(avail, 1)
         log.debug("vring %d: num %d desc %#x avail %#x used %#x, avail idx %d used idx %d", vr.index, vr.num,
                   desc, avail, used, q.last_avail_idx, q.used_idx)
 
@@ -461,6 +467,7 @@ class VhostUserSession:
         self._stop_vring(vr)
         base = vr.queue.last_avail_idx if vr.queue is not None else vr.base
         vr.queue = None
+        vr.avail_flags = None
         vr.addr = None
         with vr.lock:
             old, vr.call_fd = vr.call_fd, -1
@@ -611,13 +618,25 @@ class VhostUserSession:
         return reply
 
     def _publish(self, vr: Vring, used: list[tuple[int, int]]) -> None:
-        """Entries first, used->idx once, then one call (no EVENT_IDX: always signal)."""
+        """Entries first, used->idx once, then a call unless the driver asked for none.
+
+        Without EVENT_IDX the driver sets VRING_AVAIL_F_NO_INTERRUPT while it drains completions
+        (virtqueue_disable_cb) and re-checks used->idx after clearing it, so a call then is only an extra
+        guest interrupt; libvhost-user skips it the same way.  The flag is read after a full barrier (the
+        lock release after the used->idx store: a locked instruction on x86), or a completion could be
+        published unseen while the driver re-enables callbacks.
+        """
         with vr.lock:
             q = vr.queue
             if q is None:
                 log.warning("vring %d: %d completions after the queue was torn down", vr.index, len(used))
                 return
             q.push_used(used)
+            flags = vr.avail_flags
+        if flags is not None and flags[0] & VRING_AVAIL_F_NO_INTERRUPT:
+            vr.stats_suppressed += 1
+            return
+        with vr.lock:
             if vr.call_fd >= 0:
                 _eventfd_write(vr.call_fd)
                 vr.stats_calls += 1
@@ -632,6 +651,7 @@ class VhostUserSession:
             self._stop_vring(vr)
         for vr in self.vrings:
             vr.queue = None
+            vr.avail_flags = None
             _close(vr.call_fd)
             _close(vr.err_fd)
             vr.call_fd = vr.err_fd = -1
@@ -651,7 +671,8 @@ class VhostUserSession:
 
     def counters(self) -> dict[str, Any]:
         return {"vhost_user_messages": self.messages,
-                "queues": {vr.index: {"chains": vr.stats_chains, "calls": vr.stats_calls} for vr in self.vrings}}
+                "queues": {vr.index: {"chains": vr.stats_chains, "calls": vr.stats_calls,
+                                       "calls_suppressed": vr.stats_suppressed} for vr in self.vrings}}
 
 
 def _no_reply(parts: Sequence[Buffer]) -> None:

@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 from fsinspect.errors import UserError
@@ -49,6 +51,9 @@ def add_vhost_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-f", "--foreground", action="store_true", help="accepted for virtiofsd compatibility "
                    "(the daemon always runs in the foreground)")
     g.add_argument("-d", dest="debug", action="store_true", help="debug logging (as virtiofsd -d)")
+    g.add_argument("--control", metavar="SOCK",
+                   help="vhost-user: a control socket (0600, JSON lines) where `fsinspect attach` and scripts "
+                        "follow the daemon's own traffic live, as with the proxy")
     g.add_argument("--summary-json", metavar="FILE",
                    help="write the daemon's counters (per opcode, syncfs per host st_dev) to FILE at exit")
 
@@ -98,6 +103,68 @@ def apply_o_options(args: argparse.Namespace) -> None:
         setattr(args, attr, value)
     if getattr(args, "debug", False):
         args.log_level = "debug"
+    if getattr(args, "control", None) and getattr(args, "standalone", None):
+        raise UserError("--control is available in the vhost-user mode (--socket-path/--fd)")
+
+
+class ControlTap:
+    """The engine's tap -> an Analyzer -> the control-socket Hub: clients see the daemon's exchanges live.
+
+    The engine's tap has no descriptor head, so the analyzer pairs requests and replies by unique.
+    """
+
+    def __init__(self, path: str) -> None:
+        from fsinspect.analysis import Analyzer
+        from fsinspect.proxy.hub import Hub
+
+        self.lock = threading.RLock()
+        self.analyzer = Analyzer(keep_exchanges=False, keep_raw=True)
+        self.requests = 0
+        try:
+            self.hub = Hub(path, self.snapshot, feed_lock=self.lock, source="daemon")
+        except OSError as e:
+            raise UserError(f"--control {path}: {e.strerror or e}") from None
+        self.analyzer.listeners.append(self.hub.publish_exchange)
+
+    def __call__(self, direction: str, queue: int, unique: int, ts_ns: int, raw: bytes) -> None:
+        with self.lock:
+            if direction == "request":
+                self.requests += 1
+                self.analyzer.feed_request(raw, queue, None, ts_ns)
+            else:
+                self.analyzer.feed_reply(raw, queue, None, ts_ns)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a newly attached client gets first (called with self.lock held)."""
+        from dissectors.render import safe_name
+
+        an = self.analyzer
+        inodes = [{"nodeid": n.nodeid, "parent": n.parent, "name": safe_name(n.name) if n.name else None,
+                   "ino": n.ino, "generation": n.generation, "nlookup": n.nlookup, "attr_flags": n.attr_flags,
+                   "submount": n.submount} for n in an.inodes.nodes.values()]
+        return {"inodes": inodes, "stats": an.stats.as_dict(),
+                "lints": [{"kind": lint.name, "message": lint.message} for lint in an.lints],
+                "submounts": [{"nodeid": a.nodeid, "parent": a.parent, "name": safe_name(a.name), "ino": a.ino}
+                              for a in an.submounts.announced.values()],
+                "syncfs": [{"nodeid": r.nodeid, "latency_ns": r.latency_ns, "superblock_root": r.is_root,
+                            "error": r.error} for r in an.submounts.syncfs]}
+
+    def close(self, reason: str = "front-end closed") -> None:
+        with self.lock:
+            self.analyzer.finish()
+        self.hub.publish_event("end", {"reason": reason})
+        deadline = time.monotonic() + 2.0  # let attached clients receive the end before the socket goes
+        while time.monotonic() < deadline and any(c["queued"] for c in self.hub.client_stats()):
+            time.sleep(0.01)
+        time.sleep(0.05)
+        self.hub.close()
+
+
+def _both(a: Any, b: Any) -> Any:
+    def tap(direction: str, queue: int, unique: int, ts_ns: int, raw: bytes) -> None:
+        a(direction, queue, unique, ts_ns, raw)
+        b(direction, queue, unique, ts_ns, raw)
+    return tap
 
 
 def run_vhost(args: argparse.Namespace) -> int:
@@ -114,7 +181,9 @@ def run_vhost(args: argparse.Namespace) -> int:
         listener = listen_fd(args.fd) if args.fd is not None else listen_path(args.socket_path)
     except OSError as e:
         raise UserError(e.strerror or str(e), status=1) from None
-    tap = open_tap(args, source="vhost-user", backend="fsinspect daemon (passthrough, vhost-user)")
+    rec = open_tap(args, source="vhost-user", backend="fsinspect daemon (passthrough, vhost-user)")
+    ctl = ControlTap(args.control) if args.control else None
+    tap: Any = _both(rec, ctl) if rec is not None and ctl is not None else (rec or ctl)
     log = logging.getLogger("fsinspect.daemon")
     log.info("listening on %s", args.socket_path or f"fd {args.fd}")
     try:
@@ -123,8 +192,10 @@ def run_vhost(args: argparse.Namespace) -> int:
     except (OSError, VhostUserError) as e:
         raise UserError(f"{getattr(e, 'strerror', None) or e}", status=1) from None
     finally:
-        if tap is not None:
-            tap.close()
+        if rec is not None:
+            rec.close()
+        if ctl is not None:
+            ctl.close()
     counters = d.counters()
     log.info("counters: %s", json.dumps(counters.get("ops", {}), sort_keys=True))
     if args.summary_json:
