@@ -75,12 +75,13 @@ def _group_pids(pgid: int) -> list[int]:
     return out
 
 
-def run_bundled(image: build.GuestImage, share: Path, workload: str) -> tuple[dict[str, float], float]:
+def run_bundled(image: build.GuestImage, share: Path, workload: str,
+                extra: list[str]) -> tuple[dict[str, float], float]:
     with launcher.short_tmpdir() as work:
         sock = work / "d.sock"
         proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
                                  "-o", f"source={share},cache=auto,announce_submounts,no_xattr",
-                                 "--log-level", "warning"], stdin=subprocess.DEVNULL, start_new_session=True)
+                                 "--log-level", "warning", *extra], stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.monotonic() + 20
             while not sock.exists():
@@ -103,6 +104,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--workload", default="full")
     ap.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for the bundled daemon, e.g. --daemon-arg=--inode-file-handles=never")
     args = ap.parse_args()
     image = build.build(progress=lambda m: print(m, file=sys.stderr))
     c_runs: list[dict[str, float]] = []
@@ -116,7 +119,7 @@ def main() -> int:
                     steps, c = run_c(image, share.root, args.workload)
                     c_runs.append(steps)
                 else:
-                    steps, c = run_bundled(image, share.root, args.workload)
+                    steps, c = run_bundled(image, share.root, args.workload, args.daemon_arg)
                     ours.append(steps)
                 cpu[kind].append(c)
             print(f"pair {i + 1}/{args.pairs} done", file=sys.stderr)
