@@ -294,3 +294,31 @@ def test_cli_record_and_control(guest_image: GuestImage, guest_share: Share, tmp
     assert live == ops, (live - ops, ops - live)
     assert any(x["type"] == "event" and x["kind"] == "end" for x in lines)
     assert len({r.nodeid for r in an.submounts.syncfs}) == 3
+
+
+def test_cli_fd_inherited_listener(tmp_path: Path) -> None:
+    """libvirt's --fd=N: the daemon accepts on an inherited listening socket, answers the front-end, and
+    exits 0 when the front-end hangs up."""
+    import socket
+
+    from dissectors import vhost_user as V
+    from fsinspect.proxy.wire import recv_message, send_message
+
+    path = str(tmp_path / "l.sock")
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(path)
+    lst.listen(1)
+    p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--fd={lst.fileno()}", "-o",
+                          f"source={tmp_path}"], pass_fds=[lst.fileno()], stderr=subprocess.PIPE)
+    lst.close()
+    try:
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(path)
+        send_message(c, V.encode_message(V.build("GET_FEATURES")))
+        raw, _fds = recv_message(c)
+        rep = V.decode_message(raw)
+        assert rep.is_reply and rep.payload.u64 & (1 << 32)  # VERSION_1
+        c.close()
+        assert p.wait(15) == 0
+    finally:
+        launcher.stop_process(p, group=False)
