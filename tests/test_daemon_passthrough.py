@@ -540,3 +540,15 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     r = run("--standalone", str(tmp_path), "--shared-dir", "/proc/sys", "--inode-file-handles", "mandatory")
     assert r.returncode == 1 and "mandatory" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_setattr_times_through_the_fh(engine: Factory, tmp_path: Path) -> None:
+    """With writeback the kernel sets mtime (and ctime, which the host keeps itself) through the fh."""
+    c = engine(writeback=True)
+    nid, fh = c.create(1, b"wb")
+    sa = F.make("fuse_setattr_in", valid=FATTR["MTIME"] | FATTR["FH"] | FATTR["CTIME"], fh=fh, mtime=1_234_567_890,
+                mtimensec=7, ctime=5)
+    a = c.ok("SETATTR", {"setattr": sa}, nodeid=nid).args["attr_out"].attr
+    assert (a.mtime, a.mtimensec) == (1_234_567_890, 7)
+    assert os.stat(tmp_path / "wb").st_mtime_ns == 1_234_567_890_000_000_007
+    c.release(nid, fh)

@@ -9,14 +9,14 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from tests.conftest import require_root
 from tests.standalone_mount import standalone
@@ -27,21 +27,6 @@ PATHS = st.sampled_from(["a", "b", "c", "d1", "d2", "d1/a", "d1/b", "d2/a", "d1/
 DATA = st.binary(max_size=300)
 _counter = itertools.count()
 _roots: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def mounted_pair() -> Iterator[None]:
-    require_root()
-    base = Path(tempfile.mkdtemp(prefix="fsinspect-stateful-"))
-    (base / "shared").mkdir()
-    (base / "ref").mkdir()
-    try:
-        with standalone(base / "shared", base / "mnt"):
-            _roots.update(mnt=base / "mnt", ref=base / "ref")
-            yield
-    finally:
-        _roots.clear()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
@@ -156,7 +141,20 @@ class MountMatchesPlainDir(RuleBasedStateMachine):
         assert snapshot(self.m) == snapshot(self.r)
 
 
-MountMatchesPlainDir.TestCase.settings = settings(
-    max_examples=50, stateful_step_count=25, deadline=None, database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-test_mount_matches_plain_directory = MountMatchesPlainDir.TestCase
+SETTINGS = settings(max_examples=50, stateful_step_count=25, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+@pytest.mark.parametrize("daemon_args", [(), ("--cache", "always", "--writeback")], ids=["auto", "always-writeback"])
+def test_mount_matches_plain_directory(daemon_args: tuple[str, ...]) -> None:
+    require_root()
+    base = Path(tempfile.mkdtemp(prefix="fsinspect-stateful-"))
+    (base / "shared").mkdir()
+    (base / "ref").mkdir()
+    try:
+        with standalone(base / "shared", base / "mnt", *daemon_args):
+            _roots.update(mnt=base / "mnt", ref=base / "ref")
+            run_state_machine_as_test(MountMatchesPlainDir, settings=SETTINGS)
+    finally:
+        _roots.clear()
+        shutil.rmtree(base, ignore_errors=True)

@@ -38,6 +38,7 @@ _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.
 _libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
 _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_libc.futimens.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.setfsuid.argtypes = [ctypes.c_uint]
 _libc.setfsgid.argtypes = [ctypes.c_uint]
@@ -133,7 +134,9 @@ def fchown_empty(fd: int, uid: int, gid: int) -> None:
 def utimens(dirfd: int, path: bytes | None, atime: tuple[int, int], mtime: tuple[int, int], flags: int = 0) -> None:
     """utimensat with (sec, nsec) pairs; nsec may be UTIME_NOW or UTIME_OMIT.  path None = futimens(dirfd)."""
     ts = (ctypes.c_long * 4)(atime[0], atime[1], mtime[0], mtime[1])
-    if _libc.utimensat(dirfd, path, ts, flags) != 0:
+    # glibc's utimensat() refuses a NULL path (EINVAL); futimens() is the fd form.
+    rc = _libc.futimens(dirfd, ts) if path is None else _libc.utimensat(dirfd, path, ts, flags)
+    if rc != 0:
         _raise("utimensat", path)
 
 
