@@ -145,7 +145,9 @@ SETTINGS = settings(max_examples=50, stateful_step_count=25, deadline=None, data
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
-@pytest.mark.parametrize("daemon_args", [(), ("--cache", "always", "--writeback")], ids=["auto", "always-writeback"])
+@pytest.mark.parametrize("daemon_args", [(), ("--cache", "always", "--writeback"),
+                                         ("--cache", "none", "--inode-file-handles", "never")],
+                         ids=["auto", "always-writeback", "none-never"])
 def test_mount_matches_plain_directory(daemon_args: tuple[str, ...]) -> None:
     require_root()
     base = Path(tempfile.mkdtemp(prefix="fsinspect-stateful-"))
