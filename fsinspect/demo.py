@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -70,9 +71,10 @@ def run_demo(opts: DemoOptions, progress: Progress, ui: Callable[[Path], int] | 
     procs: list[subprocess.Popen[bytes]] = []
     cancel = CancelWatch()
     py = sys.executable
-    try:
-        with make_share() as share, launcher.short_tmpdir("fsi-demo-") as work, \
-                open(work / "backend.log", "wb") as logf:
+    guest_thread: threading.Thread | None = None
+    with make_share() as share, launcher.short_tmpdir("fsi-demo-") as work, \
+            open(work / "backend.log", "wb") as logf:
+        try:
             be_sock = work / "backend.sock"
             progress(f"share {share.root} (tmpfs submounts: {', '.join(str(m) for m in share.mounts)}); work dir {work}")
             if opts.backend == "virtiofsd":
@@ -106,13 +108,13 @@ def run_demo(opts: DemoOptions, progress: Progress, ui: Callable[[Path], int] | 
                 except Exception as e:  # reported below; the thread must not die silently
                     holder["err"] = e
 
-            t = threading.Thread(target=guest, name="fsinspect-demo-guest", daemon=True)
-            t.start()
+            guest_thread = threading.Thread(target=guest, name="fsinspect-demo-guest", daemon=True)
+            guest_thread.start()
             if ui is not None:
                 ui(ctrl)
-                result.quit_by_user = t.is_alive()
+                result.quit_by_user = guest_thread.is_alive()
                 cancel.cancelled.set()
-            t.join(opts.timeout + 30)
+            guest_thread.join(opts.timeout + 30)
             if "err" in holder:
                 result.error = f"guest: {holder['err']}"
             result.guest = holder.get("res")
@@ -122,13 +124,29 @@ def run_demo(opts: DemoOptions, progress: Progress, ui: Callable[[Path], int] | 
                 launcher.stop_process(proxy)
             if summ.exists():
                 result.summary = json.loads(summ.read_text())
-            if backend.poll() is None:
-                launcher.stop_process(backend)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                launcher.stop_process(p)
+        finally:
+            # Whatever ended us (quit, error, SIGTERM/SIGHUP): QEMU first (the launcher kills it by PID once
+            # the cancel watch fires), then the proxy and the back-end, then the share is unmounted.
+            cancel.cancelled.set()
+            if guest_thread is not None:
+                guest_thread.join(30)
+            for p in reversed(procs):
+                if p.poll() is None:
+                    launcher.stop_process(p)
     return result
+
+
+class DemoInterrupted(BaseException):
+    """SIGTERM/SIGHUP: unwind through every finally block so nothing is left running or mounted."""
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise DemoInterrupted(signal.Signals(signum).name)
+
+
+def install_signal_handlers() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
 
 
 def render(result: DemoResult) -> str:

@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import DemoOptions, render, run_demo
+    from ..demo import DemoInterrupted, DemoOptions, install_signal_handlers, render, run_demo
 
     headless = args.headless or not (sys.stdin.isatty() and sys.stdout.isatty())
     loops = args.loops if args.loops is not None else (1 if headless else 0)
@@ -54,10 +54,14 @@ def run(args: argparse.Namespace) -> int:
     from ..guest.build import BuildError
     from ..guest.launcher import LaunchError
 
+    install_signal_handlers()
     try:
         result = run_demo(opts, progress, ui)
     except (LaunchError, BuildError) as e:
         raise UserError(str(e), 1) from None
+    except DemoInterrupted as e:
+        progress(f"stopped by {e}; everything torn down")
+        return 128 + 15
     text = render(result)
     print(text)
     if args.log is not None:

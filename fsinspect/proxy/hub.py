@@ -22,6 +22,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +73,7 @@ class Hub:
         os.chmod(path, 0o600)
         self.listener.listen(16)
         self._stop = threading.Event()
+        self._closing_by: float | None = None
         self.thread = threading.Thread(target=self._loop, name="fsinspect-hub", daemon=True)
         self.thread.start()
 
@@ -131,6 +133,9 @@ class Hub:
         while not self._stop.is_set():
             with self.lock:
                 clients = list(self.clients)
+                if self._closing_by is not None and (time.monotonic() > self._closing_by or not any(
+                        c.pending or c.queue or c.missed > c.reported_missed for c in clients)):
+                    return  # closing: everything queued went out (or the grace time ran out)
             wants_write = [c.sock for c in clients if c.pending or c.queue or c.missed > c.reported_missed]
             readers: list[Any] = [self.listener, self._wake_r, *[c.sock for c in clients]]
             try:
@@ -188,11 +193,14 @@ class Hub:
         with self.lock:
             return [{"queued": len(c.queue), "missed": c.missed, "sent": c.sent} for c in self.clients]
 
-    def close(self) -> None:
-        self._stop.set()
+    def close(self, flush_timeout: float = 3.0) -> None:
+        """Send what is still queued (the end of the run matters most), then disconnect everyone."""
+        self._closing_by = time.monotonic() + flush_timeout
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        self.thread.join(2)
+        self.thread.join(flush_timeout + 1)
+        self._stop.set()
+        self.thread.join(1)
         for c in list(self.clients):
             self._drop(c)
         self.listener.close()
