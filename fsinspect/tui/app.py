@@ -18,6 +18,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
+from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
@@ -29,6 +30,7 @@ from .sources import AttachSource, ReplaySource, Source, Store
 from .widgets import DetailPane, ExchangeList, FilterBar, FilterState, ListHeader
 
 TICK = 0.1
+DETAIL_DELAY = 0.06  # seconds the cursor must rest before the detail pane follows it
 
 HELP = """\
 [b]fsinspect[/b] — FUSE over virtio-fs, live (attach) or recorded (replay)
@@ -129,6 +131,8 @@ class FsInspectApp(App[int]):
         self.tick_seconds = 0.0  # time spent in ticks (the bench reads it)
         self.last_copy: str | None = None
         self._status_line = ""
+        self._detail_want: int | None = None
+        self._detail_timer: Timer | None = None
         # Widgets kept by reference: ticks must find them whatever screen (help) is on top.
         self.filterbar = FilterBar(id="filterbar")
         self.xlist = ExchangeList(self.store, id="list")
@@ -232,7 +236,16 @@ class FsInspectApp(App[int]):
 
     # -- events ----------------------------------------------------------------------------------
     def on_exchange_list_selected(self, event: ExchangeList.Selected) -> None:
-        self.detail.show(event.index)
+        # Debounced: holding a key down moves the cursor many rows; the detail pane (a layout pass) follows
+        # once the cursor rests for DETAIL_DELAY.
+        self._detail_want = event.index
+        if self._detail_timer is not None:
+            self._detail_timer.stop()
+        self._detail_timer = self.set_timer(DETAIL_DELAY, self._show_detail)
+
+    def _show_detail(self) -> None:
+        self._detail_timer = None
+        self.detail.show(self._detail_want)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         pane = event.pane.id or ""
