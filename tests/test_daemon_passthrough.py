@@ -552,3 +552,23 @@ def test_setattr_times_through_the_fh(engine: Factory, tmp_path: Path) -> None:
     assert (a.mtime, a.mtimensec) == (1_234_567_890, 7)
     assert os.stat(tmp_path / "wb").st_mtime_ns == 1_234_567_890_000_000_007
     c.release(nid, fh)
+
+
+def test_mandatory_fails_per_inode_where_a_submount_has_no_handles(engine: Factory, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A procfs mounted inside an ext4 share: prefer falls back to O_PATH there, mandatory answers an error."""
+    (tmp_path / "proc").mkdir()
+    subprocess.run(["mount", "-t", "proc", "fsinspect-test-proc", str(tmp_path / "proc")], check=True)
+    try:
+        prefer = engine(inode_file_handles=HandleMode.PREFER)
+        p = prefer.nodeid(1, b"proc")
+        assert prefer.nodeid(p, b"self") > 0
+        fs = prefer.server.fs
+        assert isinstance(fs, PassthroughFS) and fs.store.handle_failures >= 1
+        caplog.set_level(logging.ERROR, logger="fsinspect.daemon")
+        mand = engine(inode_file_handles=HandleMode.MANDATORY)
+        assert mand.lookup(1, b"proc").error == errno.EOPNOTSUPP
+        assert any("mandatory" in r.getMessage() for r in caplog.records)
+        _alive(mand)
+    finally:  # lazy: the engines (closed by the fixture) may still hold fds in it
+        _libc.umount2(str(tmp_path / "proc").encode(), 2)
