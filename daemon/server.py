@@ -378,7 +378,11 @@ class Server:
 
     # ------------------------------------------------------------------ entry point
     def handle(self, buf: Buffer, reply: ReplySink, queue: int = 1) -> None:
-        """Serve one request; `reply` gets the reply (now, or later from a pool thread)."""
+        """Serve one request; `reply` gets the reply (now, or later from a pool thread).
+
+        `reply` is called exactly once, except for opcodes in NO_REPLY_OPS and for messages shorter than a
+        fuse_in_header: those never get a reply, so a virtqueue transport completes their chains itself.
+        """
         if self.tap is not None:
             try:
                 _len, _opc, uniq = F.peek_header(buf)
