@@ -5,9 +5,8 @@ against one mount fd per host mount) or by an O_PATH fd.  Handles cost no fd, so
 not exhaust RLIMIT_NOFILE; O_PATH fds are the fallback where a filesystem has no handles
 (`--inode-file-handles=prefer`), the only mode with `never`, and an error with `mandatory`.
 
-Nodeids are never reused (a 64-bit counter), so a stale nodeid can only miss, never alias.  The
-generation is a store-wide counter taken at creation, so (nodeid, generation) stays unique even
-across daemon restarts' nodeid reuse by tools that persist it.
+Nodeids are never reused (a 64-bit counter), so a stale nodeid can only miss, never alias another
+inode.  The generation is a store-wide counter taken when the inode is created.
 """
 
 from __future__ import annotations
@@ -226,7 +225,7 @@ class InodeStore:
             return new, keep_fd >= 0
 
     def _mount_for(self, mnt_id: int, fd: int, st: sc.Statx, parent: Inode) -> MountFd | None:
-        """The mount fd for `mnt_id`, opening one from this inode (a dir or file) or its parent."""
+        """The mount fd for `mnt_id`, opened from this inode if it is a directory, else from its parent."""
         m = self._mounts.get(mnt_id)
         if m is not None:
             return m
