@@ -572,3 +572,22 @@ def test_mandatory_fails_per_inode_where_a_submount_has_no_handles(engine: Facto
         _alive(mand)
     finally:  # lazy: the engines (closed by the fixture) may still hold fds in it
         _libc.umount2(str(tmp_path / "proc").encode(), 2)
+
+
+def test_device_nodes_and_fifos_are_never_opened_by_the_daemon(engine: Factory, tmp_path: Path) -> None:
+    """A guest may create device nodes (its kernel opens them); the daemon must not open them on the host."""
+    c = engine()
+    chr_dev = c.ok("MKNOD", {"mknod": F.make("fuse_mknod_in", mode=stat.S_IFCHR | 0o666, rdev=os.makedev(1, 3)),
+                             "name": b"null"}, nodeid=1).args["entry"].nodeid
+    fifo = c.ok("MKNOD", {"mknod": F.make("fuse_mknod_in", mode=stat.S_IFIFO | 0o666), "name": b"fifo"},
+                nodeid=1).args["entry"].nodeid
+    assert stat.S_ISCHR(os.lstat(tmp_path / "null").st_mode)
+    for nid in (chr_dev, fifo):
+        for flags in (os.O_RDONLY, os.O_WRONLY):
+            assert c.call("OPEN", {"open": F.make("fuse_open_in", flags=flags)}, nodeid=nid).error == errno.EPERM
+        sa = F.make("fuse_setattr_in", valid=FATTR["SIZE"], size=0)
+        assert c.call("SETATTR", {"setattr": sa}, nodeid=nid).error == errno.EPERM
+    # CREATE over an existing FIFO name (a host race, or a crafted request) neither blocks nor opens it.
+    cr = {"create": F.make("fuse_create_in", flags=os.O_WRONLY, mode=0o100644), "name": b"fifo"}
+    assert c.call("CREATE", cr, nodeid=1, timeout=5).error in (errno.ENXIO, errno.EPERM)
+    _alive(c)

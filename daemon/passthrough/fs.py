@@ -357,8 +357,14 @@ class PassthroughFS(FileSystem):
         p = self.store.get(parent)
         flags = self._open_flags(flags)
         with self.store.path_fd(p) as pfd, self._creds(ctx):
-            fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o7777, dir_fd=pfd)
+            # O_NONBLOCK: an existing FIFO or device under that name must not block or be opened for real.
+            fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode & 0o7777,
+                         dir_fd=pfd)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EPERM, "not a regular file")
+            if not flags & os.O_NONBLOCK:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             entry = self._do_lookup(p, name)
         except BaseException:
             os.close(fd)

@@ -141,6 +141,11 @@ class InodeStore:
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY)
         if stat.S_ISLNK(inode.mode):
             raise OSError(errno.ELOOP, "is a symlink")
+        if not (stat.S_ISREG(inode.mode) or stat.S_ISDIR(inode.mode)):
+            # Device nodes, FIFOs and sockets are opened by the client kernel itself, never through the
+            # daemon: opening a guest-made device node here would reach the host device (and a FIFO
+            # would block the daemon).
+            raise OSError(errno.EPERM, "the daemon opens only regular files and directories")
         if inode.fd >= 0:
             return os.open(f"/proc/self/fd/{inode.fd}", flags | os.O_CLOEXEC)
         return self._open_handle(inode, flags)
