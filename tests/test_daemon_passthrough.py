@@ -591,3 +591,16 @@ def test_device_nodes_and_fifos_are_never_opened_by_the_daemon(engine: Factory, 
     cr = {"create": F.make("fuse_create_in", flags=os.O_WRONLY, mode=0o100644), "name": b"fifo"}
     assert c.call("CREATE", cr, nodeid=1, timeout=5).error in (errno.ENXIO, errno.EPERM)
     _alive(c)
+
+
+def test_dotdot_of_a_directory_moved_out_of_the_share_does_not_escape(engine: Factory, tmp_path: Path) -> None:
+    shared, outside = tmp_path / "shared", tmp_path / "outside"
+    (shared / "a" / "b").mkdir(parents=True)
+    outside.mkdir()
+    c = engine(shared)
+    a = c.nodeid(1, b"a")
+    b = c.nodeid(a, b"b")
+    assert c.lookup(b, b"..").args["entry"].nodeid == a
+    (shared / "a" / "b").rename(outside / "b")  # the host moves it away while the client holds it
+    assert c.lookup(b, b"..").error == errno.EACCES
+    _alive(c)

@@ -197,6 +197,10 @@ class PassthroughFS(FileSystem):
             known = self.store.find_known(pfd, name, st)
             if known is not None:
                 return self._entry(known, st, parent)
+            if name == b"..":
+                # Only an inode the client already reached from the root: a directory the host moved
+                # out of the shared dir must not lead to its new surroundings.
+                raise OSError(errno.EACCES, "'..' leads to an inode outside what the client has looked up")
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
             st = sc.statx(fd)
