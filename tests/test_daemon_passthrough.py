@@ -604,3 +604,18 @@ def test_dotdot_of_a_directory_moved_out_of_the_share_does_not_escape(engine: Fa
     (shared / "a" / "b").rename(outside / "b")  # the host moves it away while the client holds it
     assert c.lookup(b, b"..").error == errno.EACCES
     _alive(c)
+
+
+def test_create_keeps_the_callers_status_flags(engine: Factory, tmp_path: Path) -> None:
+    import fcntl
+
+    c = engine(inode_file_handles=HandleMode.NEVER)
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    for name, flags in ((b"plain", os.O_WRONLY), (b"nb", os.O_WRONLY | os.O_NONBLOCK), (b"ap", os.O_RDWR | os.O_APPEND)):
+        nid, fh = c.create(1, name, flags=flags)
+        got = fcntl.fcntl(fs._handles[fh].fd, fcntl.F_GETFL)
+        assert got & (os.O_NONBLOCK | os.O_APPEND | os.O_ACCMODE) == flags, name
+        assert fs.store.get(nid).fd >= 0  # never mode: an O_PATH twin holds the inode
+        c.release(nid, fh)
+    assert c.nodeid(1, b"plain") == c.lookup(1, b"plain").args["entry"].nodeid

@@ -365,15 +365,16 @@ class PassthroughFS(FileSystem):
             fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode & 0o7777,
                          dir_fd=pfd)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = sc.statx(fd)  # identity from the open file itself: no second walk of the name
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EPERM, "not a regular file")
             if not flags & os.O_NONBLOCK:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-            entry = self._do_lookup(p, name)
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # F_SETFL takes the status flags we opened with
+            inode = self.store.find_or_add(fd, st, p, owned=False)
         except BaseException:
             os.close(fd)
             raise
-        return entry, self._add_handle(fd, self.store.get(entry.nodeid)), self._fopen_file
+        return self._entry(inode, st, p), self._add_handle(fd, inode), self._fopen_file
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, int, int]:
         self._rw()

@@ -177,18 +177,22 @@ class InodeStore:
             ino.nlookup += 1
         return ino
 
-    def find_or_add(self, fd: int, st: sc.Statx, parent: Inode, *, force_fd: bool = False) -> Inode:
-        """Account one lookup of the inode behind O_PATH `fd`.  Takes ownership of `fd` (kept or closed)."""
+    def find_or_add(self, fd: int, st: sc.Statx, parent: Inode, *, force_fd: bool = False,
+                    owned: bool = True) -> Inode:
+        """Account one lookup of the inode behind `fd`.  An owned fd (O_PATH) is kept or closed; a borrowed
+        one (an open file, owned=False) stays the caller's, and an O_PATH twin is made if one must be kept."""
         try:
-            ino, kept = self._find_or_add(fd, st, parent, force_fd)
+            ino, kept = self._find_or_add(fd, st, parent, force_fd, owned)
         except BaseException:
-            os.close(fd)
+            if owned:
+                os.close(fd)
             raise
-        if not kept:
+        if owned and not kept:
             os.close(fd)
         return ino
 
-    def _find_or_add(self, fd: int, st: sc.Statx, parent: Inode, force_fd: bool) -> tuple[Inode, bool]:
+    def _find_or_add(self, fd: int, st: sc.Statx, parent: Inode, force_fd: bool,
+                     owned: bool) -> tuple[Inode, bool]:
         key = (st.st_dev, st.st_ino, st.mnt_id)
         with self._lock:
             ino = self._by_key.get(key)
@@ -218,7 +222,9 @@ class InodeStore:
                 if self.mode is HandleMode.MANDATORY:
                     raise OSError(errno.EOPNOTSUPP, "no mount fd for a file handle")
                 handle = None
-            keep_fd = fd if handle is None else -1
+            keep_fd = -1
+            if handle is None:
+                keep_fd = fd if owned else os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
             self._generation += 1
             new = Inode(self._next_id, self._generation, st.st_dev, st.st_ino, st.mnt_id, st.st_mode, fd=keep_fd,
                         handle=handle, mount=mount, nlookup=1, parent_mnt_id=parent.mnt_id)
@@ -227,7 +233,7 @@ class InodeStore:
             self._next_id += 1
             self._by_id[new.nodeid] = new
             self._by_key[key] = new
-            return new, keep_fd >= 0
+            return new, keep_fd == fd
 
     def _mount_for(self, mnt_id: int, fd: int, st: sc.Statx, parent: Inode) -> MountFd | None:
         """The mount fd for `mnt_id`, opened from this inode if it is a directory, else from its parent."""
