@@ -316,6 +316,7 @@ class DetailPane(Widget):
         self.orig_len: int | None = None
         self.chain: list[tuple[int, int]] | None = None
         self.hex_text = Text()
+        self._deferred = False
 
     def compose(self) -> Any:
         yield Static("", id="title")
@@ -338,6 +339,12 @@ class DetailPane(Widget):
     def _load(self) -> None:
         title = self.query_one("#title", Static)
         fields = self.query_one(FieldList)
+        if fields.scrollable_content_region.width <= 0:
+            # Not laid out (or hidden): Textual would wrap the options to width 0 and crash in rich's
+            # chop_cells.  Load once the pane has a size.
+            self._deferred = True
+            return
+        self._deferred = False
         fields.clear_options()
         if self.index is None or self.index >= len(self.store.exchanges):
             title.update("no exchange selected")
@@ -361,6 +368,10 @@ class DetailPane(Widget):
         fields.add_options([Option(Text("  " * ln.depth + ln.text, no_wrap=True)) for ln in self.lines])
         self._hex(None)
         self.query_one("#layout", Static).update(layout_text(self.chain))
+
+    def on_resize(self, _event: Any) -> None:
+        if self._deferred:
+            self.call_after_refresh(self._load)
 
     def _hex(self, hl: tuple[int, int] | None) -> None:
         self.hex_text = hexdump(self.raw, hl, orig_len=self.orig_len) if self.raw else Text("(no bytes)")
@@ -463,8 +474,9 @@ class FilterBar(Widget):
         except FilterError as e:
             self.input.add_class("-invalid")
             err.add_class("bad")
-            # The input has a 1-cell border and 1-cell padding: the caret lands under the offending column.
-            err.update(Text(" " * (e.column) + "^ " + e.message))
+            # Under the offending column: the input's text starts where its content region does.
+            pad = self.input.content_region.x - err.content_region.x if err.content_region.width else 2
+            err.update(Text(" " * max(0, pad + e.column - 1) + "^ " + e.message))
             return e
         self.input.remove_class("-invalid")
         err.remove_class("bad")
