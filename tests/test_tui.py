@@ -110,8 +110,8 @@ def test_detail_pane_tree_hex_highlight_and_request_reply_jump() -> None:
         async with app.run_test(size=SIZE) as pilot:
             await loaded(pilot, app)
             app.jump(lookup["index"])
-            await pilot.pause(0.2)
             detail = app.query_one(DetailPane)
+            await wait_for(pilot, lambda: detail.index == lookup["index"])
             assert detail.index == lookup["index"] and detail.side == "request"
             texts = [ln.text for ln in detail.lines]
             assert any(t.startswith("opcode = LOOKUP") for t in texts)
@@ -162,9 +162,11 @@ def test_filter_bar_validates_completes_and_filters() -> None:
             await pilot.press(*"op == LOKUP")
             await pilot.pause(0.1)
             assert bar.input.has_class("-invalid")
-            err = str(bar.query_one("#ferr").render())
-            # The caret sits under column 7 (the bad opcode), after the input's border and padding.
-            assert "unknown opcode" in err and err.index("^") == 7
+            ferr = bar.query_one("#ferr")
+            err = str(ferr.render())
+            # The caret sits on the screen column of the bad opcode (column 7 of the text).
+            assert "unknown opcode" in err
+            assert ferr.content_region.x + err.index("^") == bar.input.content_region.x + 7 - 1
             await pilot.press(*["backspace"] * 5, *"SYN")
             await pilot.pause(0.1)
             await pilot.press("tab")
@@ -435,8 +437,8 @@ def test_attach_live_hub_snapshot_stream_and_overflow(tmp_path: Path) -> None:
                 assert all(e.request is not None for e in store.exchanges if e.opcode >= 0)
                 # Detail pane: hex bytes from the stream.
                 app.jump(store.exchanges[2].index)
-                await pilot.pause(0.2)
                 det = app.query_one(DetailPane)
+                await wait_for(pilot, lambda: det.index == store.exchanges[2].index)
                 assert int.from_bytes(det.raw[:4], "little") == store.exchanges[2].req_len >= 40
                 assert det.raw[4:8] == store.exchanges[2].opcode.to_bytes(4, "little")
                 # Inode map and submounts rebuilt locally from the live stream.

@@ -40,7 +40,11 @@ def at_syncfs(keys: list[str]) -> Any:
         a = pilot.app
         idx = next(e.index for e in a.store.exchanges if e.opname == "SYNCFS" and e.submount)
         a.jump(idx)
-        await pilot.pause(0.3)
+        deadline = time.monotonic() + 10
+        while a.detail.index != idx:  # the detail pane follows the cursor after a short rest
+            assert time.monotonic() < deadline
+            await pilot.pause(0.05)
+        await pilot.pause(0.2)
         if keys:
             await pilot.press(*keys)
             await pilot.pause(0.5)

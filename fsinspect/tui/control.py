@@ -57,19 +57,15 @@ class ControlState:
             self.vring(int(d["index"]))["enabled"] = d.get("enable")
         elif kind == "vring-addr":
             self.vring(int(d["index"]))["started"] = True
+        elif kind in ("vring-kick", "vring-call"):
+            self.vring(int(d["index"]))[kind.split("-")[1] + "_changes"] = d.get("changes")
         elif kind == "vring-stopped":
             vr = self.vring(int(d["index"]))
             vr["started"], vr["base"] = False, d.get("last_avail")
 
     def summary(self, direction: str, text: str) -> None:
-        """Count kick/call fd changes from the front-end's messages (`SET_VRING_KICK u64 = 0x1`)."""
+        """A live message summary: counted only (the proxy's events carry the state, kick/call changes too)."""
         self.messages += 1
-        if direction != "frontend":
-            return
-        parts = text.split()
-        if parts and parts[0] in ("SET_VRING_KICK", "SET_VRING_CALL") and parts[-1].startswith("0x"):
-            vr = self.vring(int(parts[-1], 16) & 0xFF)
-            vr["kick_changes" if parts[0] == "SET_VRING_KICK" else "call_changes"] += 1
 
     # -- replay: decoded messages -----------------------------------------------------------------
     def record(self, data: bytes, from_frontend: bool, notes: list[str]) -> str:

@@ -163,7 +163,7 @@ class ReplaySource(Source):
         st = self.store
         an = st.analyzer
         r = self.reader
-        st.status = "analysing"
+        st.status = ""
         init = r.section.meta.get("init")
         if isinstance(init, dict) and init.get("request"):
             an.prime_init(int(init.get("epoch", 0)), bytes.fromhex(init["request"]),
