@@ -23,6 +23,8 @@ from ..analysis.render import fmt_ns
 from .render import features_text
 from .sources import Store
 
+MAX_TREE_NODES = 5000  # the Tree widget rebuilds every second while shown; beyond this it would lag
+
 
 class JumpTo(Message):
     """Show exchange `index` in the exchanges list."""
@@ -55,6 +57,7 @@ class InodePanel(Widget):
         self.store = store
         self.lint_targets: list[int] = []
         self._sig: tuple[int, int] | None = None
+        self._tree_sig: tuple[int, int] | None = None
 
     def compose(self) -> Any:
         yield Tree("/", id="itree")
@@ -74,7 +77,10 @@ class InodePanel(Widget):
                      for n in an.inodes.nodes.values()]
             lints = [(lint.name, lint.exchange, lint.message) for lint in an.lints]
         remote = list(st.remote_lints)
-        self._tree(nodes)
+        tree = self.query_one("#itree", Tree)
+        if not tree.has_focus or self._tree_sig is None:  # not under the user's cursor while they browse it
+            self._tree_sig = sig
+            self._tree(nodes)
         ol = self.query_one("#lints", OptionList)
         hl = ol.highlighted
         ol.clear_options()
@@ -103,20 +109,27 @@ class InodePanel(Widget):
         tree.root.set_label(self._label(root) if root else Text("/"))
         tree.root.expand()
 
+        shown = [0]
+
         def add(parent_node: Any, pid: int | None, depth: int) -> None:
             for n in sorted(children.get(pid, ()), key=lambda x: (x[2] or b"")):
+                if shown[0] >= MAX_TREE_NODES:
+                    return
+                shown[0] += 1
                 kids = children.get(n[0])
                 if kids and depth < 64:
-                    sub = parent_node.add(self._label(n), expand=True, data=n[0])
+                    sub = parent_node.add(self._label(n), expand=depth < 2 or bool(n[7]), data=n[0])
                     add(sub, n[0], depth + 1)
                 else:
                     parent_node.add_leaf(self._label(n), data=n[0])
 
         add(tree.root, ROOT, 0)
+        if shown[0] >= MAX_TREE_NODES:
+            tree.root.add_leaf(Text(f"… {len(nodes) - shown[0]} more nodeids not shown", "dim"))
         orphans = children.get(None)
-        if orphans:
+        if orphans and shown[0] < MAX_TREE_NODES:
             lost = tree.root.add(Text("(unlinked or parent unknown)", "dim"), expand=True)
-            for n in orphans:
+            for n in orphans[:MAX_TREE_NODES - shown[0]]:
                 lost.add_leaf(self._label(n), data=n[0])
 
     @staticmethod
