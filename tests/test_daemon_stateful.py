@@ -116,7 +116,9 @@ class MountMatchesPlainDir(RuleBasedStateMachine):
     def link(self, src: str, dst: str) -> None:
         self.both(lambda root: os.link(root / src, root / dst))
 
-    @rule(dest=st.sampled_from(["a", "../a", "/nonexistent", "d1/a"]), p=PATHS)
+    # Targets stay inside the test tree: writes through the link happen on the host for both sides
+    # (an absolute target once created /nonexistent); confinement of absolute targets has its own test.
+    @rule(dest=st.sampled_from(["a", "../a", "missing", "d1/a"]), p=PATHS)
     def symlink(self, dest: str, p: str) -> None:
         self.both(lambda root: os.symlink(dest, root / p))
 
