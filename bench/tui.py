@@ -37,6 +37,20 @@ from fsinspect.tui.app import FsInspectApp
 from fsinspect.tui.sources import AttachSource, ReplaySource, Store
 
 SIZE = (160, 48)
+FRAMES = [0]
+
+
+def _count_frames() -> None:
+    """Count the screen updates Textual actually composes (one per frame painted)."""
+    from textual.screen import Screen
+
+    orig = Screen._compositor_refresh
+
+    def counted(self: Screen[Any]) -> None:
+        FRAMES[0] += 1
+        orig(self)
+
+    Screen._compositor_refresh = counted  # type: ignore[method-assign]
 
 
 def rss_mb() -> float:
@@ -105,10 +119,11 @@ async def bench_replay(path: Path, seconds: float) -> dict[str, Any]:
         out["first_rows_s"] = time.perf_counter() - t0
         await keystrokes(pilot, app, 0.0)
         out["interactive_s"] = time.perf_counter() - t0
-        ticks0, tt0, n0 = app.ticks, time.perf_counter(), len(store.exchanges)
+        ticks0, tt0, n0, f0 = app.ticks, time.perf_counter(), len(store.exchanges), FRAMES[0]
         cpu0 = time.thread_time()
         lat = await keystrokes(pilot, app, seconds)
         dt = time.perf_counter() - tt0
+        out["fps"] = (FRAMES[0] - f0) / dt
         out["ui_cpu"] = (time.thread_time() - cpu0) / dt
         out["ticks_per_s"] = (app.ticks - ticks0) / dt
         out["analysed_per_s"] = (len(store.exchanges) - n0) / dt
@@ -185,11 +200,12 @@ async def bench_live(rate: int, seconds: float) -> dict[str, Any]:
             out: dict[str, Any] = {}
             async with app.run_test(size=SIZE) as pilot:
                 await asyncio.sleep(0.3)
-                ticks0, t0, n0 = app.ticks, time.perf_counter(), len(store.exchanges)
+                ticks0, t0, n0, f0 = app.ticks, time.perf_counter(), len(store.exchanges), FRAMES[0]
                 tick_s0 = app.tick_seconds
                 cpu0 = time.thread_time()
                 lat = await keystrokes(pilot, app, seconds - 0.5)
                 dt = time.perf_counter() - t0
+                out["fps"] = (FRAMES[0] - f0) / dt
                 out["ui_cpu"] = (time.thread_time() - cpu0) / dt
                 out["ticks_per_s"] = (app.ticks - ticks0) / dt
                 out["tick_ms_mean"] = (app.tick_seconds - tick_s0) / max(1, app.ticks - ticks0) * 1000
@@ -216,6 +232,7 @@ def main() -> int:
     ap.add_argument("--skip-replay", action="store_true")
     ap.add_argument("--skip-live", action="store_true")
     args = ap.parse_args()
+    _count_frames()
     rows: list[tuple[str, str]] = [("machine", f"{os.cpu_count()} cores, load average "
                                                f"{os.getloadavg()[0]:.1f} at start (shared)")]
     ok = True
@@ -229,7 +246,7 @@ def main() -> int:
         ok &= r["interactive_s"] < 2.0 and r["key_max_ms"] < 100
         rows += [("replay: rows on screen", f"{r['first_rows_s']:.2f} s"),
                  ("replay: interactive (first keystroke handled)", f"{r['interactive_s']:.2f} s (goal < 2 s)"),
-                 ("replay: ticks/s while analysing", f"{r['ticks_per_s']:.1f} (goal >= 10)"),
+                 ("replay: frames/s while analysing", f"{r['fps']:.1f} (goal >= 10); ticks/s {r['ticks_per_s']:.1f}"),
                  ("replay: UI thread CPU", f"{r['ui_cpu'] * 100:.0f}% of a core"),
                  ("replay: keystroke p50 / p95 / max", f"{r['key_p50_ms']:.0f} / {r['key_p95_ms']:.0f} / "
                                                        f"{r['key_max_ms']:.0f} ms (goal < 100)"),
@@ -240,11 +257,12 @@ def main() -> int:
                  ("replay: peak RSS", f"{r['rss_mb']:.0f} MB")]
     if not args.skip_live:
         r = asyncio.run(bench_live(args.rate, args.seconds))
-        ok &= r["ticks_per_s"] >= 9.5 and r["key_max_ms"] < 100
+        ok &= r["fps"] >= 10 and r["key_max_ms"] < 100
         rows += [("live: feed offered by the hub", f"{r['offered'] / args.seconds:,.0f} exchanges/s"),
                  ("live: ingested by the UI", f"{r['ingested_per_s']:,.0f} exchanges/s"),
                  ("live: dropped by the hub (overflow shown)", f"{r['hub_dropped']:,} (UI saw {r['overflow_seen']:,})"),
-                 ("live: ticks/s", f"{r['ticks_per_s']:.1f} (goal >= 10), {r['tick_ms_mean']:.1f} ms each"),
+                 ("live: frames/s", f"{r['fps']:.1f} (goal >= 10); ticks/s {r['ticks_per_s']:.1f}, "
+                                    f"{r['tick_ms_mean']:.1f} ms each"),
                  ("live: UI thread CPU (ticks, frames, keys)", f"{r['ui_cpu'] * 100:.0f}% of a core"),
                  ("live: keystroke p50 / p95 / max", f"{r['key_p50_ms']:.0f} / {r['key_p95_ms']:.0f} / "
                                                      f"{r['key_max_ms']:.0f} ms (goal < 100)")]

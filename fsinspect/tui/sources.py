@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from ..recording.reader import Record, RecordingError, RecordingReader
 from .control import ControlState
 
 BATCH = 256  # records fed per lock hold (~25 ms of decoding), then the thread yields the GIL to the UI
+FREEZE_EVERY = 20_000  # exchanges between gc.freeze() calls (see Store.settle)
 _OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
 _ERRNO = fspec.ERRNO.by_name()
 
@@ -55,6 +57,7 @@ class Store:
     bytes_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> bytes
     received: int = 0
     started: float = field(default_factory=time.monotonic)
+    _frozen_at: int = 0
 
     def __post_init__(self) -> None:
         self.analyzer.listeners.append(self._count)
@@ -83,6 +86,17 @@ class Store:
         ex = self.analyzer.feed_request(raw, *args, **kw)
         self.sync_paths(ex.index, hint)
         return ex
+
+    def settle(self) -> None:
+        """Move what the feed built so far out of the cyclic GC's reach (gc.freeze).
+
+        Millions of long-lived exchanges would otherwise make every full collection walk them all:
+        pauses of hundreds of ms that stop the UI thread too.  Exchanges are kept for the session anyway.
+        """
+        n = len(self.analyzer.exchanges)
+        if n - self._frozen_at >= FREEZE_EVERY:
+            self._frozen_at = n
+            gc.freeze()
 
     def sync_paths(self, index: int = -1, hint: str = "") -> None:
         """Name every new exchange's nodeid with the path it has right now (call right after feeding)."""
@@ -206,6 +220,7 @@ class ReplaySource(Source):
                                   orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
                 if len(st.paths) < len(an.exchanges):
                     st.sync_paths()  # name nodeids now: a later FORGET removes them from the map
+            st.settle()
 
     def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:
         out: list[Record | None] = []
@@ -314,6 +329,7 @@ class AttachSource(Source):
                 self._apply(obj)
                 if len(st.paths) < len(st.analyzer.exchanges):
                     st.sync_paths()
+            st.settle()
 
     def _apply(self, obj: dict[str, Any]) -> None:
         st = self.store
