@@ -7,6 +7,7 @@ feed costs the UI one refresh per tick, never one per exchange.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -168,6 +169,7 @@ class FsInspectApp(App[int]):
         # The source thread decodes flat out; a short switch interval hands the GIL back to the event loop
         # within 1 ms instead of 5 (each loop iteration would otherwise wait that long for it).
         sys.setswitchinterval(0.001)
+        gc.freeze()  # the widgets just built live as long as the app: keep them out of full collections
         if not self.source.thread.is_alive() and not self.store.done:
             self.source.start()
         self.set_interval(self.tick_interval, self.tick)

@@ -26,7 +26,7 @@ from ..recording.reader import Record, RecordingError, RecordingReader
 from .control import ControlState
 
 BATCH = 256  # records fed per lock hold (~25 ms of decoding), then the thread yields the GIL to the UI
-FREEZE_EVERY = 20_000  # exchanges between gc.freeze() calls (see Store.settle)
+FREEZE_EVERY = 5_000  # exchanges between gc.freeze() calls (see Store.settle)
 _OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
 _ERRNO = fspec.ERRNO.by_name()
 
