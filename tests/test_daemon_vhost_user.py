@@ -322,3 +322,18 @@ def test_cli_fd_inherited_listener(tmp_path: Path) -> None:
         assert p.wait(15) == 0
     finally:
         launcher.stop_process(p, group=False)
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_concurrent_load_no_missed_call(guest_image: GuestImage, guest_share: Share) -> None:
+    """Six parallel loops plus a dd: requests in flight on both the inline path and the pool, the driver
+    draining with VRING_AVAIL_F_NO_INTERRUPT set - a missed call would hang the guest (a timeout)."""
+    with inprocess_daemon(guest_share) as (sock, d, t):
+        res = launcher.run_guest(sock, image=guest_image, workload="concurrent", timeout=150,
+                                 watch=[ThreadWatch(t)], params={"conc_iters": 150, "conc_mb": 16, "xattr": 0})
+        t.join(20)
+    assert res.ok, explain(res)
+    q = d.counters()["queues"][1]
+    assert q["chains"] > 1000 and q["calls"] + q["calls_suppressed"] >= 1
+    print(f"\nconcurrent: {q}")
