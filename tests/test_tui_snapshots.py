@@ -38,6 +38,9 @@ def at_syncfs(keys: list[str]) -> Any:
     async def run(pilot: Any) -> None:
         await loaded(pilot)
         a = pilot.app
+        # Every part composed (a compose error would otherwise be snapshotted as the expected screen).
+        assert a.xlist.is_mounted and a.detail.is_mounted and a.filterbar.input.is_mounted
+        assert all(p.is_mounted for p in a.panels.values())
         idx = next(e.index for e in a.store.exchanges if e.opname == "SYNCFS" and e.submount)
         a.jump(idx)
         deadline = time.monotonic() + 10
