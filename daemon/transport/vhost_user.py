@@ -8,10 +8,12 @@ Concurrency (the engine's model): each queue thread hands every popped chain to 
 cheap ops are answered inline on that thread, blocking ops (READ, WRITE, fsync, ...) from the engine's
 pool.  A reply is scattered straight into the chain's device-writable guest buffers and completed with
 `push_used`; completions of one inline batch are published with one used->idx store and one call.
+READ is zero-copy (the filesystem `preadv`s into the chain's writable views, see InPlace); WRITE data
+arrives gathered once by the ring engine (Chain.readable) and is `pwrite`n from there.
 
 What is negotiated, honestly:
-- device features VERSION_1, INDIRECT_DESC, PROTOCOL_FEATURES (no EVENT_IDX: every completion calls,
-  and the guest's kicks are never suppressed);
+- device features VERSION_1, INDIRECT_DESC, PROTOCOL_FEATURES (no EVENT_IDX: a completion calls unless
+  the driver set VRING_AVAIL_F_NO_INTERRUPT, and the guest's kicks are never suppressed);
 - protocol features MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG) and RESET_DEVICE.
 
 Rules from libvhost-user and proxy-notes.md that matter:
