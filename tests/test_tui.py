@@ -487,11 +487,13 @@ def test_attach_overflow_is_shown(tmp_path: Path) -> None:
         hub.close()
 
 
-def test_attach_missing_socket_is_one_line(tmp_path: Path) -> None:
+def test_attach_missing_socket_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from fsinspect.cli import main
 
     rc = main(["attach", str(tmp_path / "nope.sock")])
     assert rc != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot connect to" in err and "nope.sock" in err
 
 
 def test_replay_command_bad_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
