@@ -43,7 +43,8 @@ class ProxyRun:
     backend: launcher.RunningBackend
 
     def summary(self) -> dict[str, Any]:
-        return json.loads(self.summary_path.read_text())  # type: ignore[no-any-return]
+        data: dict[str, Any] = json.loads(self.summary_path.read_text())
+        return data
 
     def stderr(self) -> str:
         assert self.proc.stderr is not None
@@ -118,6 +119,7 @@ def test_full_workload_through_proxy(guest_image: GuestImage, guest_share: Share
     assert sum(ours.values()) > 20_000
     # FUSE_INIT with both sides' flags.
     init = next(ex for ex in an.exchanges if ex.opname == "INIT")
+    assert init.request is not None and init.reply is not None
     assert init.request.args["init"].minor == 38 and init.reply.args["init_out"].minor == 36
     # The guest offers SUBMOUNTS; the server answers without it (the kernel never requires the echo).
     assert init.request.args["init"].flags & (1 << 27)
@@ -163,7 +165,7 @@ def test_syncfs_three_superblocks_and_submount_flags(guest_image: GuestImage, gu
     flagged = {nm for ex in an.exchanges if ex.reply is not None
                for rec, nm in ex.reply.args.get("entries", []) if rec.entry_out.attr.flags & 1}
     flagged |= {ex.request.args["name"] for ex in an.exchanges
-                if ex.opname == "LOOKUP" and ex.reply is not None and _attr_flags(ex) & 1}
+                if ex.opname == "LOOKUP" and ex.request is not None and ex.reply is not None and _attr_flags(ex) & 1}
     assert flagged == {b"sub", b"inner"}
     first_sync = [r.nodeid for r in an.submounts.syncfs][:3]
     assert sorted(first_sync) == sorted({1, *(a.nodeid for a in an.submounts.announced.values())})
