@@ -25,10 +25,28 @@ IN_HEADER = F.IN_HEADER.size  # request bodies start after fuse_in_header
 OUT_HEADER = F.OUT_HEADER.size  # reply bodies after fuse_out_header
 _DESC_WRITE = vio.VRING_DESC_F.by_name()["WRITE"]
 
-# Column widths of the exchanges list (the summary takes what is left).
+# Column widths of the exchanges list at full size (the summary takes what is left); `widths()` narrows
+# the path, result and opcode columns on small terminals before the summary drops below MIN_SUMMARY.
 COLUMNS: list[tuple[str, int]] = [("", 1), ("time", 11), ("q", 2), ("unique", 7), ("opcode", 13),
                                   ("nodeid → path", 26), ("summary", 0), ("result", 14), ("latency", 8)]
 FIXED = sum(w + 1 for _, w in COLUMNS if w)
+MIN_SUMMARY = 16
+_SHRINK = (("nodeid → path", 12), ("result", 8), ("opcode", 10), ("time", 10))  # (column, narrowest)
+
+
+def widths(width: int) -> dict[str, int]:
+    """Each column's width for a list `width` cells wide ("summary" included)."""
+    w = {name: cw for name, cw in COLUMNS}
+    spare = width - FIXED - MIN_SUMMARY
+    for name, least in _SHRINK:
+        if spare >= 0:
+            break
+        cut = min(w[name] - least, -spare)
+        w[name] -= cut
+        spare += cut
+    w["summary"] = max(8, width - sum(cw + 1 for name, cw in w.items() if name != "summary"))
+    return w
+
 
 S_ERR = Style(color="red", bold=True)
 S_OK = Style(color="green")
@@ -65,18 +83,19 @@ def result_text(ex: Exchange) -> tuple[str, Style]:
 
 def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool) -> Text:
     """One row of the exchanges list, exactly `width` cells wide."""
-    sw = max(8, width - FIXED)
+    w = widths(width)
+    sw = w["summary"]
     t = Text(no_wrap=True, overflow="crop", end="")
     t.append("●" if marked else " ", S_MARK)
     t.append(" ")
     rel = (ex.ts_ns - t0) / 1e9 if t0 and ex.ts_ns else 0.0
-    t.append(_fit(f"{rel:+.6f}", 11) + " ", S_DIM)
+    t.append(_fit(f"{rel:+.6f}", w["time"]) + " ", S_DIM)
     t.append(_fit(str(ex.queue), 2) + " ")
     t.append(_fit(str(ex.unique), 7) + " ", S_DIM)
     op = ex.opname
-    t.append(_fit(op, 13) + " ", S_SYNCFS if op == "SYNCFS" else S_OPCODE)
+    t.append(_fit(op, w["opcode"]) + " ", S_SYNCFS if op == "SYNCFS" else S_OPCODE)
     node = "" if ex.opcode < 0 else f"{ex.nodeid} {path}".rstrip()
-    t.append(_rfit(node, 26) + " ", S_SUBMOUNT if ex.submount else Style())
+    t.append(_rfit(node, w["nodeid → path"]) + " ", S_SUBMOUNT if ex.submount else Style())
     summ = summary(ex.request) if ex.request is not None else ""
     if ex.reply is not None and not ex.error and not isinstance(ex.reply, F.Reply):
         summ = summary(ex.reply)
@@ -94,7 +113,7 @@ def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool) -> Text
         t.append(_fit(summ, summ_w))
     t.append(" ")
     res, style = result_text(ex)
-    t.append(_fit(res, 14) + " ", style)
+    t.append(_fit(res, w["result"]) + " ", style)
     t.append(_fit(fmt_ns(ex.latency_ns), 8), S_DIM)
     t.truncate(width, pad=True)
     return t
@@ -102,9 +121,8 @@ def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool) -> Text
 
 def header_text(width: int) -> Text:
     t = Text(no_wrap=True, overflow="crop", end="")
-    sw = max(8, width - FIXED)
-    for name, w in COLUMNS:
-        t.append(_fit(name, w or sw) + " ", Style(bold=True, underline=True))
+    for name, cw in widths(width).items():
+        t.append(_fit(name, cw) + " ", Style(bold=True, underline=True))
     t.truncate(width, pad=True)
     return t
 
@@ -210,15 +228,16 @@ def field_lines(msg: F.Message) -> list[FieldLine]:
     return out
 
 
-def hexdump(data: bytes, hl: tuple[int, int] | None = None, *, orig_len: int | None = None) -> Text:
-    """16 bytes a line with ASCII; bytes in [hl) reversed (the selected field)."""
+def hexdump(data: bytes, hl: tuple[int, int] | None = None, *, orig_len: int | None = None,
+            per_line: int = 16) -> Text:
+    """`per_line` (16 or 8) bytes a line with ASCII; bytes in [hl) reversed (the selected field)."""
     t = Text(no_wrap=True, end="")
     lo, hi = hl if hl is not None else (-1, -1)
     on = Style(reverse=True, bold=True, color="bright_yellow")
-    for row in range(0, max(len(data), 1), 16):
-        chunk = data[row:row + 16]
+    for row in range(0, max(len(data), 1), per_line):
+        chunk = data[row:row + per_line]
         t.append(f"{row:04x}  ", S_DIM)
-        for i in range(16):
+        for i in range(per_line):
             pos = row + i
             if i < len(chunk):
                 t.append(f"{chunk[i]:02x}", on if lo <= pos < hi else Style())

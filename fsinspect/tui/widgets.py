@@ -298,8 +298,8 @@ class DetailPane(Widget):
     DEFAULT_CSS = """
     DetailPane { height: 45%; border-top: solid $accent; }
     DetailPane > Horizontal { height: 1fr; }
-    DetailPane FieldList { width: 1fr; border: none; }
-    DetailPane #hexbox { width: 80; }
+    DetailPane FieldList { width: 1fr; min-width: 30; border: none; }
+    DetailPane #hexbox { width: 1fr; max-width: 78; }
     DetailPane #title { height: 1; background: $boost; }
     """
     BINDINGS = [Binding("r", "other_side", "Req/Reply")]
@@ -316,6 +316,7 @@ class DetailPane(Widget):
         self.orig_len: int | None = None
         self.chain: list[tuple[int, int]] | None = None
         self.hex_text = Text()
+        self._hl: tuple[int, int] | None = None
         self._deferred = False
 
     def compose(self) -> Any:
@@ -372,9 +373,15 @@ class DetailPane(Widget):
     def on_resize(self, _event: Any) -> None:
         if self._deferred:
             self.call_after_refresh(self._load)
+        elif self.raw:
+            self._hex(self._hl)  # 16 or 8 bytes a line, whichever fits now
 
     def _hex(self, hl: tuple[int, int] | None) -> None:
-        self.hex_text = hexdump(self.raw, hl, orig_len=self.orig_len) if self.raw else Text("(no bytes)")
+        box = self.query_one("#hexbox").content_region.width
+        per_line = 16 if box >= 74 or not box else 8  # 8 a line fits a narrow terminal
+        self._hl = hl
+        self.hex_text = (hexdump(self.raw, hl, orig_len=self.orig_len, per_line=per_line) if self.raw
+                         else Text("(no bytes)"))
         self.query_one("#hex", Static).update(self.hex_text)
 
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
