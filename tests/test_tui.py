@@ -526,3 +526,19 @@ def test_exchange_json_raw_round_trip() -> None:
     assert bytes.fromhex(d["request_raw"]) == ex.req_raw and d["request_len"] == ex.req_len
     assert ex.request is not None
     assert F.decode_request(bytes.fromhex(d["request_raw"])).args["name"] == ex.request.args["name"]
+
+
+def test_rows_fit_every_terminal_width() -> None:
+    """Every row and the header are exactly as wide as the list, from a small terminal to a wide one."""
+    from fsinspect.tui.render import header_text, row_text
+
+    with RecordingReader(SYNCFS) as r:
+        an = analyze(r)
+    t0 = an.exchanges[0].ts_ns
+    for width in (60, 80, 100, 120, 160, 240):
+        assert header_text(width).cell_len == width
+        for ex in an.exchanges:
+            t = row_text(ex, "/some/longer/path/than/the/column", width, t0, ex.index % 2 == 0)
+            assert t.cell_len == width, (width, ex.index, t.plain)
+            if width >= 100:  # the result column stays readable
+                assert (ex.errname or "") in t.plain
