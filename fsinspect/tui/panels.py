@@ -334,7 +334,8 @@ class ControlPanel(Widget):
             dec = sum(1 for lint in st.analyzer.lints if lint.name == "decode-error")
             snapped = sum(1 for e in st.exchanges[-100_000:] if e.snapped)
         lines.append(f"  FUSE decode errors: {dec}; snapped (cut to the snap length, recent): {snapped}")
-        lines.append(f"  messages this UI missed (control-socket overflow): {st.overflow}")
+        what = "records read" if st.kind == "replay" else "messages received"
+        lines.append(f"  {what}: {st.received}; messages this UI missed (control-socket overflow): {st.overflow}")
         if st.events:
             lines.append(f"EVENTS ({len(st.events)})")
             for e in st.events[-30:]:

@@ -55,8 +55,8 @@ class Store:
     remote_lints: list[dict[str, Any]] = field(default_factory=list)  # lints from before we attached
     ops_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> exchanges
     bytes_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> bytes
-    received: int = 0
-    started: float = field(default_factory=time.monotonic)
+    received: int = 0  # records read (replay) or protocol lines received (attach)
+    kind: str = ""  # the source's kind: "replay" or "attach"
     _frozen_at: int = 0
 
     def __post_init__(self) -> None:
@@ -131,6 +131,7 @@ class Source:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        store.kind = self.kind
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run_guarded, name=f"fsinspect-{self.kind}", daemon=True)
 
