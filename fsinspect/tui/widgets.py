@@ -299,7 +299,7 @@ class DetailPane(Widget):
     DetailPane { height: 45%; border-top: solid $accent; }
     DetailPane > Horizontal { height: 1fr; }
     DetailPane FieldList { width: 1fr; min-width: 30; border: none; }
-    DetailPane #hexbox { width: 1fr; max-width: 78; }
+    DetailPane #hexbox { width: 60%; max-width: 78; }
     DetailPane #title { height: 1; background: $boost; }
     """
     BINDINGS = [Binding("r", "other_side", "Req/Reply")]
