@@ -133,7 +133,8 @@ def test_detail_pane_tree_hex_highlight_and_request_reply_jump() -> None:
             assert lit == (name + b"\0").hex() + name.decode() + "."  # the hex bytes, then the ASCII column
             # The descriptor chain as recorded.
             assert "descriptor chain" in str(detail.query_one("#layout").render())
-            # r: the reply side of the same exchange (its entry's nodeid named in the tree).
+            # r (from the list too): the reply side of the same exchange (its entry's nodeid in the tree).
+            app.xlist.focus()
             await pilot.press("r")
             await pilot.pause(0.1)
             assert detail.side == "reply"

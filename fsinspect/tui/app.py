@@ -111,6 +111,7 @@ class FsInspectApp(App[int]):
         Binding("question_mark", "help", "Help"),
         Binding("slash", "filter", "Filter"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
+        Binding("r", "other_side", "Req/Reply"),
         Binding("y", "copy('text')", "Copy"),
         Binding("Y", "copy('json')", "Copy JSON", show=False),
         Binding("w", "write_json", "Write JSON", show=False),
@@ -294,6 +295,10 @@ class FsInspectApp(App[int]):
         return exchange_text(ex, self.store.path(i), self.xlist.t0)
 
     # -- actions ---------------------------------------------------------------------------------
+    def action_other_side(self) -> None:
+        """Show the reply of the exchange in view, or its request (wherever the focus is)."""
+        self.detail.action_other_side()
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 

@@ -302,8 +302,6 @@ class DetailPane(Widget):
     DetailPane #hexbox { width: 60%; max-width: 78; }
     DetailPane #title { height: 1; background: $boost; }
     """
-    BINDINGS = [Binding("r", "other_side", "Req/Reply")]
-
     side: reactive[str] = reactive("request", init=False)
 
     def __init__(self, store: Store, source: Source, **kw: Any) -> None:
