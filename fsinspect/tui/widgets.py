@@ -6,6 +6,8 @@ how many exchanges there are.  A DataTable is used only for the small tables (st
 
 from __future__ import annotations
 
+import bisect
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,11 +46,11 @@ class ExchangeList(ScrollView, can_focus=True):
     """
     BINDINGS = [
         Binding("up,k", "move(-1)", "Up", show=False),
-        Binding("down", "move(1)", "Down", show=False),
+        Binding("down,j", "move(1)", "Down", show=False),
         Binding("pageup", "page(-1)", "PgUp", show=False),
         Binding("pagedown", "page(1)", "PgDn", show=False),
         Binding("home,g", "top", "Top", show=False),
-        Binding("end,G", "bottom", "Follow"),
+        Binding("end,G", "bottom", "Tail", show=False),
         Binding("f", "toggle_follow", "Follow"),
         Binding("p", "toggle_pause", "Pause"),
         Binding("m", "mark", "Mark"),
@@ -94,8 +96,6 @@ class ExchangeList(ScrollView, can_focus=True):
     def row_of(self, index: int) -> int | None:
         if self.view is None:
             return index if index < self.count else None
-        import bisect
-
         r = bisect.bisect_left(self.view, index)
         return r if r < len(self.view) and self.view[r] == index and r < self.count else None
 
@@ -401,8 +401,6 @@ _WORDS = sorted({*FIELDS, *FLAGS, "and", "or", "not"})
 
 def completions(value: str) -> list[str]:
     """Completions of the last word of a filter: field and flag names, or opcode/errno/lint values."""
-    import re
-
     m = re.search(r"([A-Za-z_][A-Za-z0-9_.-]*)$", value)
     if m is None:
         return []
@@ -429,8 +427,6 @@ class FilterSuggester(Suggester):
         super().__init__(use_cache=False, case_sensitive=True)
 
     async def get_suggestion(self, value: str) -> str | None:
-        import re
-
         opts = completions(value)
         if not opts:
             return None
@@ -500,8 +496,6 @@ class FilterBar(Widget):
         if event.key == "tab" and self.input.has_focus:
             opts = completions(self.input.value)
             if opts:
-                import re
-
                 m = re.search(r"([A-Za-z_][A-Za-z0-9_.-]*)$", self.input.value)
                 assert m is not None
                 self.input.value = self.input.value[:m.start()] + opts[0]
