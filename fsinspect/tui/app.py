@@ -37,7 +37,7 @@ HELP = """\
 [b]fsinspect[/b] — FUSE over virtio-fs, live (attach) or recorded (replay)
 
 [b]Exchanges list[/b]
-  ↑ ↓ PgUp PgDn Home    move (moving up stops following the tail)
+  ↑ ↓ j k PgUp PgDn Home  move (moving up stops following the tail)
   End / G  f            follow the tail (live: newest exchange) / toggle follow
   p                     pause the list (the feed keeps running; p again catches up)
   m  n  N               mark the exchange, next / previous mark
