@@ -40,6 +40,7 @@ log = logging.getLogger("fsinspect.proxy")
 REGION_SIZE = 4 * 1024 * 1024
 CAPTURE_BATCH = 256  # fewer captures than this per read: linger before the next read
 CAPTURE_LINGER = 0.005  # seconds; the live view lags by at most this much more
+CAPTURE_NICE = 10
 EIO = 5
 _EFD_NONBLOCK = 0o4000
 _EFD_CLOEXEC = 0o2000000
@@ -469,6 +470,10 @@ class Proxy:
 
     # -- captures --------------------------------------------------------------------------------
     def _capture_loop(self) -> None:
+        # Decoding, recording and publishing may lag; the guest's vCPUs and the native forwarding
+        # threads must not: run this thread at a lower priority (the capture buffer absorbs bursts).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CAPTURE_NICE)
         while not self._stop.is_set():
             with self._inflight_lock:
                 if not self.cp.backend_alive:
