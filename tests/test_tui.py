@@ -543,3 +543,50 @@ def test_rows_fit_every_terminal_width() -> None:
             assert t.cell_len == width, (width, ex.index, t.plain)
             if width >= 100:  # the result column stays readable
                 assert (ex.errname or "") in t.plain
+
+
+def test_attach_keeps_a_bounded_window(tmp_path: Path) -> None:
+    """A live session forgets its oldest exchanges beyond `keep`: the list, filter, marks and jumps follow."""
+    import threading
+
+    ctrl = str(tmp_path / "ctrl.sock")
+    gold = golden("guest-syncfs")
+    lock = threading.RLock()
+    hub = Hub(ctrl, lambda: {}, feed_lock=lock, queue_len=100_000)
+    store = Store()
+    src = AttachSource(store, ctrl, keep=20)
+    src.connect()
+    try:
+        app = FsInspectApp(src)
+
+        async def run() -> None:
+            async with app.run_test(size=SIZE) as pilot:
+                await wait_for(pilot, lambda: store.status.startswith("attached"))
+                await pilot.press("home", "m")  # a mark on an exchange that will be forgotten
+                await asyncio.to_thread(_publish_sample, hub, lock, SYNCFS)
+                await wait_for(pilot, lambda: store.end == len(gold))
+                await pilot.pause(0.3)
+                assert store.base > 0 and len(store.exchanges) <= 20
+                assert [e.index for e in store.exchanges] == list(range(store.base, store.end))
+                lst = app.xlist
+                assert lst.count == len(store.exchanges) and lst.selected == store.end - 1
+                assert all(m >= store.base for m in lst.marks)
+                rows = [r for r in visible_rows(app) if r.strip()]
+                assert len(rows) == len(store.exchanges)
+                assert f"keeping the newest {len(store.exchanges)}" in str(app.statusline.render())
+                # A filter sees only what is kept.
+                app.apply_filter("op == SYNCFS")
+                await pilot.pause(0.2)
+                assert app.filter is not None
+                assert app.filter.view == [e.index for e in store.exchanges if e.opname == "SYNCFS"]
+                # Jumping to a forgotten exchange says so instead of failing.
+                app.jump(0)
+                await pilot.pause(0.2)
+                assert app.filter is None and lst.selected != 0
+                app.detail.show(0)
+                assert "no longer kept" in str(app.detail.query_one("#title").render())
+
+        asyncio.run(run())
+    finally:
+        src.stop()
+        hub.close()

@@ -211,11 +211,13 @@ class FsInspectApp(App[int]):
     def _status(self) -> None:
         st = self.store
         lst = self.xlist
-        n = len(st.exchanges)
+        n = st.end
         parts = [st.title, st.status]
         if st.progress is not None:
             parts.append(f"analysing {st.progress * 100:.0f}%")
         parts.append(f"{n} exchanges")
+        if st.base:
+            parts.append(f"keeping the newest {len(st.exchanges)} (#{st.base}…)")
         if self.filter is not None:
             done = "" if self.filter.upto >= n else f" (filtering {self.filter.upto * 100 // max(1, n)}%)"
             parts.append(f"filter [{self.filter.text}]: {len(self.filter.view)} shown{done}")
@@ -282,14 +284,18 @@ class FsInspectApp(App[int]):
         if not lst.jump_to_exchange(index):
             self.apply_filter("")
             lst.sync()
-            lst.jump_to_exchange(index)
+            if not lst.jump_to_exchange(index):
+                self.notify(f"exchange #{index} is no longer kept (a live session keeps the newest "
+                            f"{len(self.store.exchanges)})", severity="warning")
         lst.focus()
 
     def selected_exchange_text(self, kind: str) -> str | None:
         i = self.xlist.selected
         if i is None:
             return None
-        ex = self.store.exchanges[i]
+        ex = self.store.get(i)
+        if ex is None:
+            return None
         if kind == "json":
             return json.dumps(exchange_json(ex), default=str, indent=2) + "\n"
         return exchange_text(ex, self.store.path(i), self.xlist.t0)

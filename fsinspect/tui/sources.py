@@ -26,7 +26,8 @@ from ..recording.reader import Record, RecordingError, RecordingReader
 from .control import ControlState
 
 BATCH = 256  # records fed per lock hold (~25 ms of decoding), then the thread yields the GIL to the UI
-FREEZE_EVERY = 5_000  # exchanges between gc.freeze() calls (see Store.settle)
+FREEZE_EVERY = 5_000
+LIVE_KEEP = 500_000  # exchanges a live session keeps (~0.9 GB); older ones are forgotten  # exchanges between gc.freeze() calls (see Store.settle)
 _OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
 _ERRNO = fspec.ERRNO.by_name()
 
@@ -57,6 +58,7 @@ class Store:
     bytes_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> bytes
     received: int = 0  # records read (replay) or protocol lines received (attach)
     kind: str = ""  # the source's kind: "replay" or "attach"
+    base: int = 0  # Exchange.index of exchanges[0]: a live session forgets its oldest exchanges (trim)
     _frozen_at: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +89,34 @@ class Store:
         self.sync_paths(ex.index, hint)
         return ex
 
+    @property
+    def end(self) -> int:
+        """One past the newest exchange's index."""
+        return self.base + len(self.analyzer.exchanges)
+
+    def get(self, index: int) -> Exchange | None:
+        """Exchange `index`, or None if it is not (or no longer) kept.  Safe against a concurrent trim."""
+        try:
+            ex = self.analyzer.exchanges[index - self.base] if index >= self.base else None
+        except IndexError:
+            return None
+        return ex if ex is not None and ex.index == index else None
+
+    def trim(self, keep: int) -> int:
+        """Forget the oldest exchanges beyond `keep` (call with the lock held); returns how many went.
+
+        A live session runs for hours: every exchange kept costs ~1.7 KB, so the attach source keeps a
+        bounded window.  Trimming takes a fifth more than needed so that it happens rarely.
+        """
+        exs = self.analyzer.exchanges
+        if len(exs) <= keep:
+            return 0
+        cut = len(exs) - keep + keep // 5
+        del exs[:cut]
+        del self.paths[:cut]
+        self.base += cut
+        return cut
+
     def settle(self) -> None:
         """Move what the feed built so far out of the cyclic GC's reach (gc.freeze).
 
@@ -111,7 +141,11 @@ class Store:
                 paths.append(inodes.path(ex.nodeid) if ex.opcode >= 0 and ex.nodeid in inodes.nodes else "")
 
     def path(self, i: int) -> str:
-        return self.paths[i] if i < len(self.paths) else ""
+        p = i - self.base
+        try:
+            return self.paths[p] if p >= 0 else ""
+        except IndexError:
+            return ""
 
     def rates(self, seconds: int = 60) -> tuple[list[float], list[float]]:
         """The last `seconds` seconds of ops/s and bytes/s (by capture time), oldest first."""
@@ -254,8 +288,10 @@ class AttachSource(Source):
 
     kind = "attach"
 
-    def __init__(self, store: Store, ctrl_path: str, *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, store: Store, ctrl_path: str, *, connect_timeout: float = 5.0,
+                 keep: int = LIVE_KEEP) -> None:
         super().__init__(store)
+        self.keep = keep
         self.ctrl_path = ctrl_path
         self.connect_timeout = connect_timeout
         self.sock: socket.socket | None = None
@@ -330,6 +366,9 @@ class AttachSource(Source):
                 self._apply(obj)
                 if len(st.paths) < len(st.analyzer.exchanges):
                     st.sync_paths()
+            if st.trim(self.keep):
+                base = st.base
+                self._raw = {k: v for k, v in self._raw.items() if k >= base}
             st.settle()
 
     def _apply(self, obj: dict[str, Any]) -> None:

@@ -78,6 +78,7 @@ class ExchangeList(ScrollView, can_focus=True):
         self.paused = False
         self.marks: set[int] = set()
         self.t0 = 0
+        self.base = store.base  # the store's window start when rows were last counted
         self._sent: int | None = -1
         self._strips: dict[tuple[Any, ...], Strip] = {}  # rendered rows; a row changes when its reply comes
         self._painted: tuple[int, int, int] | None = None
@@ -87,7 +88,9 @@ class ExchangeList(ScrollView, can_focus=True):
     def index_at(self, row: int) -> int | None:
         if not 0 <= row < self.count:
             return None
-        return self.view[row] if self.view is not None else row
+        if self.view is not None:
+            return self.view[row] if row < len(self.view) else None
+        return self.base + row
 
     @property
     def selected(self) -> int | None:
@@ -95,7 +98,8 @@ class ExchangeList(ScrollView, can_focus=True):
 
     def row_of(self, index: int) -> int | None:
         if self.view is None:
-            return index if index < self.count else None
+            row = index - self.base
+            return row if 0 <= row < self.count else None
         r = bisect.bisect_left(self.view, index)
         return r if r < len(self.view) and self.view[r] == index and r < self.count else None
 
@@ -105,10 +109,12 @@ class ExchangeList(ScrollView, can_focus=True):
         i = self.index_at(row)
         if i is None:
             return Strip.blank(width, self.rich_style)
-        exs = self.store.exchanges
-        ex = exs[i]
-        if not self.t0 and exs:
-            self.t0 = exs[0].ts_ns
+        ex = self.store.get(i)
+        if ex is None:  # forgotten by a trim this very moment: the next tick redraws
+            return Strip.blank(width, self.rich_style)
+        if not self.t0:
+            exs = self.store.exchanges
+            self.t0 = exs[0].ts_ns if exs else ex.ts_ns
         sel = 2 if row == self.cursor and self.has_focus else (1 if row == self.cursor else 0)
         key = (i, width, sel, i in self.marks, ex.replied, len(ex.lints))
         strip = self._strips.get(key)
@@ -126,7 +132,15 @@ class ExchangeList(ScrollView, can_focus=True):
         """Called every tick: pick up new rows, keep following the tail, repaint replies that came in."""
         if self.paused:
             return
-        n = len(self.view) if self.view is not None else len(self.store.exchanges)
+        st = self.store
+        if st.base != self.base:  # the live window moved: keep the cursor on the same exchange if it is kept
+            shift = st.base - self.base
+            self.base = st.base
+            if self.view is None:
+                self.cursor = max(0, self.cursor - shift)
+                self.scroll_to(y=max(0, self.scroll_offset.y - shift), animate=False, immediate=True)
+            self.marks = {m for m in self.marks if m >= self.base}
+        n = len(self.view) if self.view is not None else len(st.exchanges)
         if n != self.count:
             self.count = n
             self._set_rows(n)
@@ -138,9 +152,9 @@ class ExchangeList(ScrollView, can_focus=True):
         top = self.scroll_offset.y
         bottom = min(n, top + self.size.height)
         sig = (top, bottom, self.cursor)
-        exs = self.store.exchanges
-        waiting = any(not exs[i].replied and exs[i].expects_reply
-                      for i in (self.index_at(r) for r in range(top, bottom)) if i is not None)
+        waiting = any(ex is not None and not ex.replied and ex.expects_reply
+                      for ex in (st.get(i) for i in (self.index_at(r) for r in range(top, bottom))
+                                 if i is not None))
         if sig != self._painted or waiting:
             self._painted = sig
             self.refresh()
@@ -170,6 +184,7 @@ class ExchangeList(ScrollView, can_focus=True):
     def reset_view(self, view: list[int] | None) -> None:
         keep = self.selected
         self.view = view
+        self.base = self.store.base
         self.count = len(view) if view is not None else len(self.store.exchanges)
         self.virtual_size = Size(self.size.width, self.count)
         row = self.row_of(keep) if keep is not None else None
@@ -259,12 +274,12 @@ class ExchangeList(ScrollView, can_focus=True):
             self._seek(delta, lambda i: i in self.marks)
 
     def action_next_error(self, delta: int) -> None:
-        exs = self.store.exchanges
-        self._seek(delta, lambda i: bool(exs[i].error))
+        get = self.store.get
+        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.error))
 
     def action_next_lint(self, delta: int) -> None:
-        exs = self.store.exchanges
-        self._seek(delta, lambda i: bool(exs[i].lints))
+        get = self.store.get
+        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.lints))
 
     def on_focus(self) -> None:
         self.refresh()
@@ -345,12 +360,14 @@ class DetailPane(Widget):
             return
         self._deferred = False
         fields.clear_options()
-        if self.index is None or self.index >= len(self.store.exchanges):
-            title.update("no exchange selected")
+        ex_or_none = self.store.get(self.index) if self.index is not None else None
+        if ex_or_none is None:
+            title.update("no exchange selected" if self.index is None
+                         else f"exchange #{self.index} is no longer kept (a live session keeps the newest)")
             self.query_one("#hex", Static).update("")
             self.query_one("#layout", Static).update("")
             return
-        ex = self.store.exchanges[self.index]
+        ex = ex_or_none
         msg = ex.request if self.side == "request" else ex.reply
         req_rec, rep_rec = self.source.raw(ex)
         rec = req_rec if self.side == "request" else rep_rec
@@ -516,18 +533,21 @@ class FilterState:
     def advance(self, store: Store, budget: int = FILTER_CHUNK) -> bool:
         """Test up to `budget` more exchanges; True if the view grew.  Waits for pending replies near the tail."""
         exs = store.exchanges
+        base = store.base
+        if self.view and self.view[0] < base:  # forgotten by a live trim
+            del self.view[:bisect.bisect_left(self.view, base)]
         n = len(exs)
-        end = min(n, self.upto + budget)
+        p = max(0, self.upto - base)  # positions in the kept window; indexes are base + position
+        end = min(n, p + budget)
         grew = False
-        i = self.upto
         pred, view = self.pred, self.view
-        while i < end:
-            ex = exs[i]
-            if not ex.replied and ex.expects_reply and not store.done and n - i < 5000:
+        while p < end:
+            ex = exs[p]
+            if not ex.replied and ex.expects_reply and not store.done and n - p < 5000:
                 break
             if pred(ex):
-                view.append(i)
+                view.append(ex.index)
                 grew = True
-            i += 1
-        self.upto = i
+            p += 1
+        self.upto = base + p
         return grew
