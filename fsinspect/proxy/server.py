@@ -67,7 +67,6 @@ class QueueRuntime:
     backend_call: int = -1
     path: Any = None  # ring.ShadowPath
     local: Any = None  # ring.SplitQueue when the back-end is gone
-    forwarded: int = 0
 
 
 @dataclass
@@ -357,7 +356,6 @@ class Proxy:
             return
         q.path.stop()
         q.path.drain()  # what already completed goes to the guest now; the rest after the back-end stops
-        q.forwarded = q.path.indices["next_avail"]
 
     def _queue_drain(self, index: int) -> None:
         q = self.queues.get(index)
