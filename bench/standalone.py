@@ -20,15 +20,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon.transport.fusedev import in_mountinfo as mounted
+
 REPO = Path(__file__).resolve().parent.parent
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 SMALL = 4096
-
-
-def mounted(mnt: Path) -> bool:
-    target = os.path.realpath(mnt).encode()
-    with open("/proc/self/mountinfo", "rb") as f:
-        return any(line.split()[4] == target for line in f)
 
 
 def start(cmd: list[str], mnt: Path) -> subprocess.Popen[bytes]:

@@ -12,15 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from daemon.transport.fusedev import in_mountinfo as is_mounted
+
 REPO = Path(__file__).resolve().parent.parent
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 MNT_DETACH = 2
-
-
-def is_mounted(mnt: Path) -> bool:
-    target = os.path.realpath(mnt).encode()
-    with open("/proc/self/mountinfo", "rb") as f:
-        return any(line.split()[4] == target for line in f)
 
 
 def start(shared: Path, mnt: Path, *extra: str) -> subprocess.Popen[bytes]:

@@ -44,6 +44,14 @@ def _err(op: str, path: str) -> FuseDevError:
     return FuseDevError(e, f"{op} {path}: {os.strerror(e)}")
 
 
+def in_mountinfo(path: str | os.PathLike[str]) -> bool:
+    """Whether something is mounted exactly at `path`, from the kernel's table: unlike a stat, this
+    also answers for a dead FUSE mount (ENOTCONN)."""
+    target = os.path.realpath(path).encode()
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split()[4] == target for line in f)
+
+
 def is_mountpoint(path: str) -> bool:
     try:
         st = os.stat(path)
