@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 from collections.abc import Callable, Sequence
-from types import FrameType
 from typing import cast
 
 from daemon.passthrough import Options, PassthroughFS
 from daemon.server import Buffer, Server, Tap
 from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
+
+from .mainloop import serve_until_signal
 
 log = logging.getLogger("fsinspect.daemon.standalone")
 
@@ -108,27 +108,7 @@ def run(mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
     so a signal never lands in the middle of a reply.
     """
     session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, dispatch=dispatch, tap=tap)
-    stop = threading.Event()
-    got: list[str] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        got.append(signal.Signals(signum).name)
-        stop.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    serving = threading.Thread(target=session.serve, name="fuse-serve")
-    try:
-        serving.start()
-        if ready is not None:
-            ready(session)
-        while serving.is_alive() and not stop.wait(0.2):
-            pass
-        if got:
-            log.info("%s: unmounting %s", got[0], session.mountpoint)
-    finally:
-        session.stop()
-        serving.join(30)
-        session.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+    serve_until_signal(session, "fuse-serve",
+                       on_signal=lambda sig: log.info("%s: unmounting %s", sig, session.mountpoint),
+                       ready=None if ready is None else lambda: ready(session))
     return 0

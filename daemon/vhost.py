@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import Any, cast
 
 from daemon.passthrough import Options, PassthroughFS
 from daemon.passthrough.fs import ATTR_SUBMOUNT
 from daemon.server import OUT_HEADER_SIZE, Buffer, Context, Entry, Server, Tap
 from daemon.transport.vhost_user import DEFAULT_QUEUES, InPlace, VhostUserSession, accept_one, data_views
+
+from .mainloop import serve_until_signal
 
 log = logging.getLogger("fsinspect.daemon.vhost")
 
@@ -134,28 +134,8 @@ def run(listener: socket.socket, opts: Options, *, pool_size: int = 8, dispatch:
         ready: Callable[[VhostDaemon], None] | None = None) -> VhostDaemon:
     """The `fsinspect daemon --socket-path` main loop: returns when QEMU disconnects or on SIGINT/SIGTERM."""
     d = VhostDaemon(listener, opts, pool_size=pool_size, dispatch=dispatch, tap=tap, socket_path=socket_path)
-    got: list[str] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        got.append(signal.Signals(signum).name)
-        d.stop()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    serving = threading.Thread(target=d.serve, name="vhost-user-control")
-    try:
-        serving.start()
-        if ready is not None:
-            ready(d)
-        while serving.is_alive():
-            serving.join(0.2)
-        if got:
-            log.info("%s: stopped", got[0])
-    finally:
-        d.stop()
-        serving.join(30)
-        d.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+    serve_until_signal(d, "vhost-user-control", on_signal=lambda sig: log.info("%s: stopped", sig),
+                       ready=None if ready is None else lambda: ready(d))
     return d
 
 
