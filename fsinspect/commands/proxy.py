@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if backend_sock is None:
         backend_sock, wrapped = _wrapper_backend(args, workdir)
         backend_cmd = backend_cmd or wrapped
-    cfg = ProxyConfig(listen=args.listen, listen_fd=args.fd, backend=backend_sock, backend_cmd=backend_cmd,
+    cfg = ProxyConfig(backend=backend_sock, backend_cmd=backend_cmd,
                       lossless=args.lossless, snaplen=0 if args.snaplen == 0 else CAPTURE_SNAPLEN)
     try:
         session = Session(cfg, SessionOptions(record=args.record, control=args.control, snaplen=args.snaplen,

@@ -48,8 +48,6 @@ _EFD_CLOEXEC = 0o2000000
 
 @dataclass
 class ProxyConfig:
-    listen: str | None = None  # socket path QEMU connects to
-    listen_fd: int | None = None  # or an already listening/connected fd (libvirt --fd)
     backend: str | None = None  # the real back-end's socket path
     backend_cmd: str | None = None  # spawn the back-end (it must create `backend`)
     lossless: bool = False
@@ -67,6 +65,11 @@ class QueueRuntime:
     backend_call: int = -1
     path: Any = None  # ring.ShadowPath
     local: Any = None  # ring.SplitQueue when the back-end is gone
+
+    def ensure_backend_fds(self) -> None:
+        """The eventfds the back-end gets for this queue: made once, kept for the connection's life."""
+        if self.backend_kick < 0:
+            self.backend_kick, self.backend_call = _eventfd(), _eventfd()
 
 
 @dataclass
@@ -276,9 +279,7 @@ class Proxy:
         fds = list(msg.fds)
         if msg.name in ("SET_VRING_KICK", "SET_VRING_CALL") and not fds and not msg.nofd():
             q = self.queues.setdefault(msg.vring_index() or 0, QueueRuntime())
-            if q.backend_kick < 0:
-                q.backend_kick = _eventfd()
-                q.backend_call = _eventfd()
+            q.ensure_backend_fds()
             fds = [q.backend_kick if msg.name == "SET_VRING_KICK" else q.backend_call]
         raw = V.encode_message(msg)
         self._record_vhost("proxy->backend", raw, fds, msg)
@@ -337,8 +338,7 @@ class Proxy:
         q = self.queues[index]
         s = q.setup
         assert s is not None
-        if q.backend_kick < 0:
-            q.backend_kick, q.backend_call = _eventfd(), _eventfd()
+        q.ensure_backend_fds()
         if not self.cp.backend_alive:
             return
         q.path = ring.ShadowPath(
