@@ -74,7 +74,10 @@ class Front:
         self._send("SET_FEATURES", V.u64(feats & ((1 << 32) | (1 << 28) | (1 << 30))))
         region = V.make("vhost_user_memory_region", guest_address=GPA, size=SIZE, user_address=UVA, mmap_offset=0)
         fd = os.open(f"/proc/self/fd/{self.memfd}", os.O_RDWR)
-        self._send("ADD_MEM_REG", V.make("vhost_user_mem_reg", region=region), [fd], ack=True)
+        if proto & (1 << 15):  # CONFIGURE_MEM_SLOTS (a proxy in front masks it: then one SET_MEM_TABLE)
+            self._send("ADD_MEM_REG", V.make("vhost_user_mem_reg", region=region), [fd], ack=True)
+        else:
+            self._send("SET_MEM_TABLE", [region], [fd], ack=bool(proto & (1 << 3)))
         os.close(fd)
         lay = vio.split_ring_layout(NUM)
         for q in (0, 1):
@@ -143,26 +146,38 @@ def measure(front: Front, n: int) -> dict[str, float]:
     return out
 
 
+def measure_at(sock: Path, n: int) -> dict[str, float]:
+    front = Front(sock)
+    try:
+        return measure(front, n)
+    finally:
+        front.close()
+
+
 def run(kind: str, share: Path, n: int, extra: list[str]) -> dict[str, float]:
     with launcher.short_tmpdir() as work:
-        if kind == "C virtiofsd":
+        if kind.startswith("C virtiofsd"):
             with launcher.virtiofsd(share, work) as be:
-                front = Front(be.socket_path)
+                if "proxy" not in kind:
+                    return measure_at(be.socket_path, n)
+                listen = work / "p.sock"
+                proxy = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
+                                          "--backend", str(be.socket_path), "--record", str(work / "rec.pcapng"),
+                                          "--quiet", *extra],
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
                 try:
-                    return measure(front, n)
+                    while not listen.exists():
+                        time.sleep(0.02)
+                    return measure_at(listen, n)
                 finally:
-                    front.close()
+                    launcher.stop_process(proxy)
         sock = work / "d.sock"
         proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}", "-o",
                                  f"source={share}", "--log-level", "warning", *extra], start_new_session=True)
         try:
             while not sock.exists():
                 time.sleep(0.02)
-            front = Front(sock)
-            try:
-                return measure(front, n)
-            finally:
-                front.close()
+            return measure_at(sock, n)
         finally:
             launcher.stop_process(proc)
 
@@ -171,8 +186,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=3000, help="round trips per op (default 3000)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
+    ap.add_argument("--proxy", action="store_true",
+                    help="compare the C virtiofsd direct with the same through `fsinspect proxy` (recording on)")
     args = ap.parse_args()
-    kinds = {"C virtiofsd": [], "bundled (prefer)": [], "bundled (never)": ["--inode-file-handles=never"]}
+    kinds: dict[str, list[str]] = (
+        {"C virtiofsd": [], "C virtiofsd + proxy": []} if args.proxy else
+        {"C virtiofsd": [], "bundled (prefer)": [], "bundled (never)": ["--inode-file-handles=never"]})
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     with make_share() as share:
         (share.root / "big.bin").write_bytes(os.urandom(4 << 20))

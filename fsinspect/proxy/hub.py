@@ -79,6 +79,8 @@ class Hub:
 
     # -- publishing (any thread) -------------------------------------------------------------------
     def _broadcast(self, obj: dict[str, Any]) -> None:
+        if not self.clients:  # nobody to encode for (a joining client gets `recent` in its snapshot)
+            return
         line = (json.dumps(obj, default=str) + "\n").encode()
         with self.lock:
             for c in self.clients:

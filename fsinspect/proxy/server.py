@@ -90,9 +90,11 @@ class Proxy:
     """One QEMU connection, one back-end."""
 
     def __init__(self, cfg: ProxyConfig, *, on_capture: CaptureSink | None = None,
-                 on_vhost_message: MessageSink | None = None, on_event: Callable[[C.Event], None] | None = None) -> None:
+                 on_vhost_message: MessageSink | None = None, on_event: Callable[[C.Event], None] | None = None,
+                 on_idle: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.on_capture = on_capture
+        self.on_idle = on_idle  # capture thread, after a read that found nothing: the guest is quiet
         self.on_vhost_message = on_vhost_message
         self.on_event = on_event
         self.stats = ProxyStats()
@@ -479,7 +481,10 @@ class Proxy:
                 caps = self.capture.read_captures(max=4096, timeout=0.05)
                 for cap in caps:
                     self._capture_one(cap)
-            if 0 < len(caps) < CAPTURE_BATCH:
+            if not caps:
+                if self.on_idle is not None:
+                    self.on_idle()
+            elif len(caps) < CAPTURE_BATCH:
                 # Let captures pile up a little: one wake-up per batch instead of one per exchange keeps
                 # this thread's CPU (and GIL traffic) off the cores the guest needs.
                 self._stop.wait(CAPTURE_LINGER)

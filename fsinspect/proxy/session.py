@@ -2,13 +2,18 @@
 
 Addons run on the capture thread (FUSE traffic) or the control thread (vhost-user messages); the
 recorder is shared by both, so it is guarded by a lock.  Nothing here runs on the guest's critical path.
+
+Analysis (decoding, inode map, lints, stats) is held back while no control client watches: on a small
+machine its CPU and cache footprint slow the guest's burst (bench/proxy_overhead.py).  The backlog is
+analysed when the guest pauses, when a client attaches, when it grows past BACKLOG_BYTES, and at the end;
+every capture carries its own timestamp, so the results are the same.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +29,13 @@ from . import control as C
 from .hub import Hub
 from .server import Proxy, ProxyConfig
 
+BACKLOG_BYTES = 64 << 20  # captures held back for analysis, at most (then the oldest half is analysed)
+BACKLOG_CHUNK = 2000  # captures analysed per quiet spell of the guest (~20-40 ms of work)
+_BACKLOG_OVERHEAD = 160  # bytes per held-back capture besides its data (tuple, ints, list)
+
+# A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes)
+_Held = tuple[bool, bytes, int, int, int, int, list[str]]
+
 
 @dataclass
 class SessionOptions:
@@ -32,6 +44,7 @@ class SessionOptions:
     snaplen: int = 256
     rotate_mb: float = 0
     backend_name: str = ""
+    defer_analysis: bool = True  # False: analyse every capture at once, watched or not
 
 
 class Session:
@@ -46,7 +59,9 @@ class Session:
                                        snaplen=opts.snaplen, rotate_mb=opts.rotate_mb,
                                        comments=["fsinspect proxy"]) if opts.record else None)
         self.proxy = Proxy(cfg, on_capture=self._on_capture, on_vhost_message=self._on_vhost,
-                           on_event=self._on_event)
+                           on_event=self._on_event, on_idle=self._on_idle)
+        self._backlog: deque[_Held] = deque()
+        self._backlog_bytes = 0
         self.capture_errors = 0
         self.local_replies = 0
         self.events: list[C.Event] = []
@@ -70,7 +85,7 @@ class Session:
                     self._reply(data, queue, head, ts, len(data), (), ["EIO from the proxy: back-end lost"],
                                 flags=fmt.RF_PROXY_REPLY)
             return
-        layout = [(ln, fl) for _addr, ln, fl in cap.layout]
+        layout = tuple([(ln, fl) for _addr, ln, fl in cap.layout])  # hashable: the writer caches its packing
         with self.lock:
             if cap.kind == "request":
                 self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
@@ -94,15 +109,58 @@ class Session:
         self.requests += 1
         if self.writer is not None:
             self.writer.request(data, queue, head, ts, layout=layout, notes=notes, flags=flags)
-        ex = self.analyzer.feed_request(bytes(data), queue, head, ts, orig_len=orig, notes=notes)
-        self.opcount[ex.opname] += 1
+        self._analyse((True, data, queue, head, ts, orig, notes))
 
     def _reply(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
                flags: int = 0) -> None:
         self.replies += 1
         if self.writer is not None:
             self.writer.reply(data, queue, head, ts, layout=layout, notes=notes, flags=flags)
-        self.analyzer.feed_reply(bytes(data), queue, head, ts, orig_len=orig, notes=notes)
+        self._analyse((False, data, queue, head, ts, orig, notes))
+
+    # -- analysis, now or held back ---------------------------------------------------------------
+    @property
+    def watched(self) -> bool:
+        return self.hub is not None and bool(self.hub.clients)
+
+    @property
+    def backlog(self) -> int:
+        """Captures recorded but not analysed yet."""
+        return len(self._backlog)
+
+    def _analyse(self, item: _Held) -> None:
+        if self.opts.defer_analysis and not self.watched:
+            self._backlog.append(item)
+            self._backlog_bytes += len(item[1]) + _BACKLOG_OVERHEAD
+            if self._backlog_bytes > BACKLOG_BYTES:
+                self.catch_up(len(self._backlog) // 2 + 1)
+            return
+        if self._backlog:
+            self.catch_up()
+        self._analyse_one(item)
+
+    def _analyse_one(self, item: _Held) -> None:
+        is_request, data, queue, head, ts, orig, notes = item
+        if is_request:
+            ex = self.analyzer.feed_request(data, queue, head, ts, orig_len=orig, notes=notes)
+            self.opcount[ex.opname] += 1
+        else:
+            self.analyzer.feed_reply(data, queue, head, ts, orig_len=orig, notes=notes)
+
+    def catch_up(self, limit: int | None = None) -> int:
+        """Analyse the held-back captures, oldest first (all of them, or at most `limit`)."""
+        with self.lock:
+            n = len(self._backlog) if limit is None else min(limit, len(self._backlog))
+            for _ in range(n):
+                item = self._backlog.popleft()
+                self._backlog_bytes -= len(item[1]) + _BACKLOG_OVERHEAD
+                self._analyse_one(item)
+            return n
+
+    def _on_idle(self) -> None:
+        """The guest has been quiet for a moment (capture thread): analyse a chunk of the backlog."""
+        if self._backlog:
+            self.catch_up(BACKLOG_CHUNK)
 
     def _on_vhost(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
         notes = [msg] if isinstance(msg, str) else []
@@ -129,6 +187,7 @@ class Session:
             return self.proxy.serve(frontend, backend)
         finally:
             with self.lock:
+                self.catch_up()
                 self.analyzer.finish()
                 if self.writer is not None:
                     self.writer.close()
@@ -141,6 +200,7 @@ class Session:
 
     def snapshot(self) -> dict[str, Any]:
         """What a newly attached client gets first (called with self.lock held)."""
+        self.catch_up()  # a client is watching from now on: it sees everything analysed
         an = self.analyzer
         inodes = [{"nodeid": n.nodeid, "parent": n.parent, "name": safe_name(n.name) if n.name else None,
                    "ino": n.ino, "generation": n.generation, "nlookup": n.nlookup, "attr_flags": n.attr_flags,

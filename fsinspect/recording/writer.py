@@ -71,6 +71,20 @@ def _exp_pdu_prefix(dissector: str, p2p_dir: int) -> bytes:
             + struct.pack(">HH", fmt.EXP_PDU_TAG_END_OF_OPT, 0))
 
 
+_LAYOUT_OPTS: dict[tuple[tuple[int, int], ...], bytes] = {}  # a guest sends few chain shapes: pack each once
+
+
+def _layout_option(layout: tuple[tuple[int, int], ...]) -> bytes:
+    opt = _LAYOUT_OPTS.get(layout)
+    if opt is None:
+        lay = struct.pack("<IHH", fmt.PEN, fmt.META_LAYOUT, 0) + b"".join(
+            fmt.LAYOUT_ITEM.pack(ln, fl, 0) for ln, fl in layout)
+        opt = _option(fmt.OPT_CUSTOM_BIN, lay)
+        if len(_LAYOUT_OPTS) < 4096:
+            _LAYOUT_OPTS[layout] = opt
+    return opt
+
+
 _PREFIX: dict[tuple[str, int], bytes] = {
     (fmt.DISSECTOR_FUSE, fmt.DIR_INBOUND): _exp_pdu_prefix(fmt.DISSECTOR_FUSE, fmt.P2P_DIR_RECV),
     (fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND): _exp_pdu_prefix(fmt.DISSECTOR_FUSE, fmt.P2P_DIR_SENT),
@@ -297,11 +311,7 @@ class RecordingWriter:
                                         fmt.PEN, fmt.META_RECORD, 0, queue, flags, head, self.epoch,
                                         fmt.OPT_ENDOFOPT, 0, total))
         else:
-            extra = b""
-            if layout:
-                lay = struct.pack("<IHH", fmt.PEN, fmt.META_LAYOUT, 0) + b"".join(
-                    fmt.LAYOUT_ITEM.pack(ln, fl, 0) for ln, fl in layout)
-                extra += _option(fmt.OPT_CUSTOM_BIN, lay)
+            extra = _layout_option(layout if layout.__class__ is tuple else tuple(layout)) if layout else b""
             for note in notes:
                 extra += _option(fmt.OPT_COMMENT, note.encode())
             pad = _PADS[r]

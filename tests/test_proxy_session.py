@@ -1,0 +1,123 @@
+"""The proxy session's held-back analysis: real guest captures (the recorded sample) fed through the
+session as the capture thread does, without QEMU.  Holding analysis back must not change its results."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dissectors.ring._common import Capture
+from fsinspect.proxy import session as S
+from fsinspect.proxy.server import ProxyConfig
+from fsinspect.recording.reader import RecordingReader
+
+SAMPLE = Path(__file__).resolve().parent.parent / "recordings" / "samples" / "guest-syncfs.pcapng"
+
+
+def captures() -> list[Capture]:
+    out = []
+    with RecordingReader(SAMPLE) as r:
+        for rec in r:
+            if rec.is_fuse:
+                layout = tuple((0, ln, fl) for ln, fl in rec.layout or ())
+                out.append(Capture("request" if rec.inbound else "reply", rec.queue, rec.head or 0, rec.ts_ns,
+                                   layout, rec.orig_len, rec.data, rec.snapped, ""))
+    assert len(out) > 100
+    return out
+
+
+def session(tmp_path: Path, name: str, **kw: Any) -> S.Session:
+    return S.Session(ProxyConfig(), S.SessionOptions(record=str(tmp_path / f"{name}.pcapng"), **kw))
+
+
+def comparable(s: S.Session) -> dict[str, Any]:
+    out = s.summary()
+    for k in ("recording", "path", "capture", "features"):
+        out.pop(k)
+    return json.loads(S.summary_json(out))
+
+
+def feed(s: S.Session, caps: list[Capture]) -> None:
+    for c in caps:
+        s.proxy._capture_one(c)
+
+
+def test_held_back_analysis_gives_the_same_results(tmp_path: Path) -> None:
+    caps = captures()
+    now = session(tmp_path, "now", defer_analysis=False)
+    later = session(tmp_path, "later")
+    try:
+        feed(now, caps)
+        feed(later, caps)
+        # recorded at once, analysed not yet
+        assert later.requests == now.requests > 0 and later.replies == now.replies
+        assert later.analyzer.count == 0 and later.backlog == later.requests + later.replies
+        # a quiet spell analyses one chunk, oldest first
+        S.BACKLOG_CHUNK, old = 50, S.BACKLOG_CHUNK
+        try:
+            later._on_idle()
+        finally:
+            S.BACKLOG_CHUNK = old
+        assert later.analyzer.count > 0 and later.backlog == later.requests + later.replies - 50
+        assert later.catch_up() > 0 and later.backlog == 0
+        now.analyzer.finish()
+        later.analyzer.finish()
+        a, b = comparable(now), comparable(later)
+        assert a == b
+        assert a["opcodes"]["SYNCFS"] >= 3 and a["submounts"]
+    finally:
+        for s in (now, later):
+            s.writer.close()  # type: ignore[union-attr]
+    # both recordings are the same bytes apart from the section header's host facts
+    assert (tmp_path / "now.pcapng").stat().st_size == (tmp_path / "later.pcapng").stat().st_size
+
+
+def test_backlog_over_its_byte_budget_analyses_the_oldest_half(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    caps = captures()
+    monkeypatch.setattr(S, "BACKLOG_BYTES", 20_000)
+    s = session(tmp_path, "cap")
+    ref = session(tmp_path, "ref", defer_analysis=False)
+    try:
+        feed(s, caps)
+        feed(ref, caps)
+        assert 0 < s._backlog_bytes <= 20_000 + 16384 + S._BACKLOG_OVERHEAD
+        assert 0 < s.analyzer.count < ref.analyzer.count  # the oldest were analysed on the way
+        s.catch_up()
+        assert s.backlog == 0 and s.analyzer.count == ref.analyzer.count
+    finally:
+        for x in (s, ref):
+            x.writer.close()  # type: ignore[union-attr]
+
+
+def test_a_watching_client_gets_everything_analysed_at_once(tmp_path: Path) -> None:
+    caps = captures()
+    half = len(caps) // 2
+    s = session(tmp_path, "watched", control=str(tmp_path / "ctl.sock"))
+    client = socket.socket(socket.AF_UNIX)
+    try:
+        feed(s, caps[:half])
+        held = s.backlog
+        assert held > 0 and s.analyzer.count == 0  # nobody watches yet
+        client.connect(str(tmp_path / "ctl.sock"))
+        f = client.makefile("rb")
+        hello, snap = json.loads(f.readline()), json.loads(f.readline())
+        assert hello["type"] == "hello" and snap["type"] == "snapshot"
+        # the snapshot analysed the backlog first: the client sees the exchanges so far
+        assert s.backlog == 0 and snap["stats"]["total"] == s.analyzer.stats.total > 0
+        deadline = time.monotonic() + 5
+        while not s.watched and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = s.analyzer.count
+        feed(s, caps[half:])
+        assert s.backlog == 0 and s.analyzer.count > before  # watched: analysed as it comes
+        got = json.loads(f.readline())
+        assert got["type"] == "exchange"
+    finally:
+        client.close()
+        s.close()
+        s.writer.close()  # type: ignore[union-attr]
