@@ -2,7 +2,10 @@
 attached vs with two clients (one reading, one that never reads), as alternating pairs.
 
 Prints guest-side step times (wall seconds measured inside the guest), the stuck client's overflow
-count and the reading client's message count.  Not a test: report the figures, don't assert them.
+count, the reading client's message count, and the proxy's longest forwarding stall: the longest time
+any queue's native path took from a wake-up to done forwarding (its `busy_max_ns` counter; the control
+clients are served by another thread and never hold the rings).  Not a test: report the figures, don't
+assert them.
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ def one(image: build.GuestImage, share: Path, n: int, clients: bool) -> dict[str
         s = json.loads(summ.read_text())
     steps = {st.name: st.duration for st in res.steps if st.duration is not None}
     missed = max((c["missed"] for c in s.get("control_clients", [])), default=0)
-    return {"steps": steps, "missed": missed, "received": got[0], "ok": res.ok}
+    path = s.get("path", {})
+    return {"steps": steps, "missed": missed, "received": got[0], "ok": res.ok,
+            "stall_ms": path.get("busy_max_ns", 0) / 1e6,
+            "busy_us": path.get("busy_ns", 0) / 1e3 / max(1, path.get("wakeups", 0))}
 
 
 def main() -> int:
@@ -79,6 +85,11 @@ def main() -> int:
     print(f"stuck client missed (median): {statistics.median(r['missed'] for r in runs[True]):.0f} messages; "
           f"reading client received (median): {statistics.median(r['received'] for r in runs[True]):.0f} lines; "
           f"all guests ok: {all(r['ok'] for rs in runs.values() for r in rs)}")
+    for clients, label in ((False, "no client"), (True, "2 clients")):
+        stalls = [r["stall_ms"] for r in runs[clients]]
+        print(f"longest forwarding stall, {label}: median {statistics.median(stalls):.2f} ms, max {max(stalls):.2f} ms "
+              f"(per run: {', '.join(f'{x:.2f}' for x in stalls)}); mean busy per wake-up "
+              f"{statistics.median(r['busy_us'] for r in runs[clients]):.1f} us")
     return 0
 
 

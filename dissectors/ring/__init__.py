@@ -53,7 +53,8 @@ API (identical in both engines; addresses are guest-physical unless named otherw
     `step() -> (n_avail, n_used)` (one synchronous pass on a stopped path), `set_kick_fd(fd)` /
     `set_call_fd(fd)` (swap QEMU's fds while running, -1 = none; they never wait behind a lossless stall,
     so the capture consumer may call them), `counters` (requests, replies, errors, unpaired, kicks_in,
-    calls_in, kicks_out, calls_out, stalls, dropped, wakeups, spin_hits), `running`, `last_error`,
+    calls_in, kicks_out, calls_out, stalls, dropped, wakeups, spin_hits; busy_ns and busy_max_ns: the
+    time from a wake-up to done forwarding, total and longest), `running`, `last_error`,
     `indices`.  Keep the proxy's own backend-side eventfds constant; only QEMU's side is swapped.
   - GET_VRING_BASE: forward it, let the backend reply, then `stop()`, `drain()`, then reply to QEMU.
 - `Capture` (NamedTuple): kind ("request"|"reply"|"error"), queue, head, ts_ns (CLOCK_REALTIME), layout,

@@ -405,7 +405,7 @@ class CaptureBuffer:
 
 
 _COUNTERS = ("requests", "replies", "errors", "unpaired", "kicks_in", "calls_in", "kicks_out", "calls_out",
-             "stalls", "dropped", "wakeups", "spin_hits")
+             "stalls", "dropped", "wakeups", "spin_hits", "busy_ns", "busy_max_ns")
 
 
 class ShadowPath:
@@ -545,6 +545,7 @@ class ShadowPath:
             p.register(self._bcall_fd, select.POLLIN)
             ready = {fd for fd, ev in p.poll() if ev & select.POLLIN}
             ctr["wakeups"] += 1
+            t0 = time.monotonic_ns()
             for fd in ready:
                 try:
                     os.eventfd_read(fd)
@@ -561,6 +562,9 @@ class ShadowPath:
             with self._lock:
                 self._forward_avail(True)
                 self._forward_used(True)
+            dt = time.monotonic_ns() - t0
+            ctr["busy_ns"] += dt
+            ctr["busy_max_ns"] = max(ctr["busy_max_ns"], dt)
 
     # -- forwarding (under self._lock)
     def _capture(self, kind: str, head: int, reason: str | None, length: int, w: _Walk | None, writable: bool,

@@ -1014,10 +1014,11 @@ static PyObject *ShadowPath_counters(ShadowPathObject *self, void *closure)
     if (check_path(self) < 0)
         return NULL;
     struct rc_path_counters k = self->p.ctr; /* a torn read of a counter is harmless here */
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsK}", "requests", k.requests, "replies", k.replies, "errors",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "requests", k.requests, "replies", k.replies, "errors",
                          k.errors, "unpaired", k.unpaired, "kicks_in", k.kicks_in, "calls_in", k.calls_in,
                          "kicks_out", k.kicks_out, "calls_out", k.calls_out, "stalls", k.stalls, "dropped",
-                         k.dropped, "wakeups", k.wakeups, "spin_hits", k.spin_hits);
+                         k.dropped, "wakeups", k.wakeups, "spin_hits", k.spin_hits, "busy_ns", k.busy_ns,
+                         "busy_max_ns", k.busy_max_ns);
 }
 
 static PyObject *ShadowPath_running(ShadowPathObject *self, void *closure)

@@ -860,6 +860,7 @@ static void *path_thread(void *arg)
             break;
         }
         p->ctr.wakeups++;
+        uint64_t t0 = rc_now_ns();
         if (fds[0].revents & POLLIN)
             drain_fd(p->ctl_fd);
         if (fds[1].revents & POLLIN) {
@@ -878,6 +879,10 @@ static void *path_thread(void *arg)
         rc_path_forward_avail(p, 1);
         rc_path_forward_used(p, 1);
         pthread_mutex_unlock(&p->proc_lock);
+        uint64_t dt = rc_now_ns() - t0;
+        p->ctr.busy_ns += dt;
+        if (dt > p->ctr.busy_max_ns)
+            p->ctr.busy_max_ns = dt;
     }
     return NULL;
 }

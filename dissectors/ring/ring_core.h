@@ -188,6 +188,7 @@ uint64_t rc_capture_used_bytes(struct rc_capture *c);
 struct rc_path_counters {
     uint64_t requests, replies, errors, unpaired, kicks_in, calls_in, kicks_out, calls_out;
     uint64_t stalls, dropped, wakeups, spin_hits;
+    uint64_t busy_ns, busy_max_ns; /* time from a wake-up to done forwarding: total, and the longest */
 };
 struct rc_path {
     struct rc_memmap *mem;

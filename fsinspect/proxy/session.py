@@ -213,8 +213,11 @@ class Session:
     def summary(self) -> dict[str, Any]:
         st = self.proxy.stats
         counters: Counter[str] = Counter()
+        busy_max = 0
         for c in self.proxy.path_counters().values():
+            busy_max = max(busy_max, c.get("busy_max_ns", 0))
             counters.update(c)
+        counters["busy_max_ns"] = busy_max  # the longest forwarding stall of any queue (not a sum)
         cap = dict(self.proxy.capture.stats)
         an = self.analyzer
         syncfs = [{"nodeid": r.nodeid, "latency_ns": r.latency_ns, "superblock_root": r.is_root, "error": r.error}
@@ -256,6 +259,10 @@ def render_summary(s: dict[str, Any]) -> str:
     cap = s["capture"]
     lines.append(f"  capture: {cap.get('captured', 0)} records, dropped {cap.get('dropped', 0)}, "
                  f"lossless stalls {cap.get('stalls', 0)}, malformed chains {s['capture_errors']}")
+    path = s["path"]
+    if path.get("wakeups"):
+        lines.append(f"  forwarding: {path['wakeups']} wake-ups, {path['busy_ns'] / path['wakeups'] / 1e3:.1f} us each on "
+                     f"average, longest {path['busy_max_ns'] / 1e6:.2f} ms")
     top = ", ".join(f"{k} {v}" for k, v in list(s["opcodes"].items())[:10])
     lines.append(f"  opcodes: {top}")
     if f.get("features_masked"):
