@@ -139,6 +139,7 @@ def test_thread_forwards_on_eventfds_and_fd_swaps(px):
     k = px.path.counters
     # kicks and calls coalesce (one may be seen together with a ctl wake-up), forwarding never does
     assert k["kicks_in"] >= 1 and k["calls_in"] >= 1 and k["calls_out"] == 3 and k["kicks_out"] == 3
+    assert 0 < k["busy_max_ns"] <= k["busy_ns"] < 10**9  # wake-up to done forwarding: short here
 
 
 def test_call_fd_none_while_running(px):
@@ -376,6 +377,7 @@ def test_fd_swaps_do_not_wait_for_a_lossless_stall(eng):
         while p.path.counters["stalls"] == 0:  # the path is now waiting for the consumer
             assert time.monotonic() < deadline, "never stalled"
             time.sleep(0.001)
+        time.sleep(0.2)  # the stall lasts at least this long: it must show as the longest forwarding time
         new_call, new_kick = efd(), efd()
         t = threading.Thread(target=lambda: (p.path.set_call_fd(new_call), p.path.set_kick_fd(new_kick)))
         t.start()
@@ -388,6 +390,9 @@ def test_fd_swaps_do_not_wait_for_a_lossless_stall(eng):
             got += more
         assert [c.head for c in got] == [0, 1, 2, 3]
         assert len(p.dev.pop_chains()) == 4
+        while p.path.counters["busy_max_ns"] < 200_000_000:  # updated just after the forwarding ends
+            assert time.monotonic() < deadline + 5, p.path.counters
+            time.sleep(0.001)
         os.close(new_call)
         os.close(new_kick)
     finally:
