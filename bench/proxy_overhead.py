@@ -4,6 +4,10 @@
 Prints per-step medians, the speed ratio direct/proxy per step (1.0 = no overhead) with min and
 max over the pairs, and the proxy's CPU seconds per 10k exchanges.  Goals: >= 0.90 on the metadata
 storm, >= 0.95 on the 64 MiB dd.  Not a test: these machines are noisy; compare within one run.
+
+`--unrecorded` adds a third arm to every round: the proxy without --record and without a control
+client, so the guest's burst costs the capture thread almost nothing (analysis is held back).  That
+arm is the floor of the design on this machine: what the two extra thread hops per request cost.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ def run_direct(image: build.GuestImage, share: Path, workload: str) -> dict[str,
     return {s.name: s.duration for s in res.steps if s.duration is not None}
 
 
-def run_proxied(image: build.GuestImage, share: Path, workload: str) -> tuple[dict[str, float], float, int]:
+def run_proxied(image: build.GuestImage, share: Path, workload: str,
+                record: bool = True) -> tuple[dict[str, float], float, int]:
     with launcher.short_tmpdir() as work, launcher.virtiofsd(share, work) as be:
         listen, summ = work / "p.sock", work / "summary.json"
+        rec = ["--record", str(work / "rec.pcapng")] if record else []
         proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
-                                 "--backend", str(be.socket_path), "--record", str(work / "rec.pcapng"),
+                                 "--backend", str(be.socket_path), *rec,
                                  "--summary-json", str(summ), "--quiet"], stdin=subprocess.DEVNULL)
         try:
             while not listen.exists():
@@ -56,24 +62,31 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--workload", default="full")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--unrecorded", action="store_true",
+                    help="a third arm per round: the proxy without recording (the design's floor here)")
     args = ap.parse_args()
     image = build.build(progress=lambda m: print(m, file=sys.stderr))
     direct: list[dict[str, float]] = []
     proxied: list[dict[str, float]] = []
+    unrecorded: list[dict[str, float]] = []
     cpu: list[float] = []
     exch: list[int] = []
     with make_share() as share:
         for i in range(args.pairs):
-            order = ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct")
+            order = ["direct", "proxy", *(["unrecorded"] if args.unrecorded else [])]
+            if i % 2:
+                order.reverse()
             for kind in order:
                 if kind == "direct":
                     direct.append(run_direct(image, share.root, args.workload))
+                elif kind == "unrecorded":
+                    unrecorded.append(run_proxied(image, share.root, args.workload, record=False)[0])
                 else:
                     psteps, c, n = run_proxied(image, share.root, args.workload)
                     proxied.append(psteps)
                     cpu.append(c)
                     exch.append(n)
-            print(f"pair {i + 1}/{args.pairs} done", file=sys.stderr)
+            print(f"round {i + 1}/{args.pairs} done", file=sys.stderr)
     steps = [k for k in direct[0] if all(k in d for d in direct + proxied)]
     rows: list[dict[str, Any]] = []
     print(f"{'step':<22} {'direct s':>9} {'proxy s':>9} {'ratio':>7} {'min':>6} {'max':>6}")
@@ -84,6 +97,13 @@ def main() -> int:
                "min": min(ratios), "max": max(ratios)}
         rows.append(row)
         print(f"{k:<22} {row['direct']:>9.2f} {row['proxy']:>9.2f} {row['ratio']:>7.2f} {row['min']:>6.2f} {row['max']:>6.2f}")
+    if unrecorded:
+        print("\nthe floor: proxy without recording or clients (ratio = direct / unrecorded proxy)")
+        for k in steps:
+            ratios = [d[k] / u[k] if u[k] else 1.0 for d, u in zip(direct, unrecorded)]
+            print(f"{k:<22} {statistics.median(d[k] for d in direct):>9.2f} "
+                  f"{statistics.median(u[k] for u in unrecorded):>9.2f} {statistics.median(ratios):>7.2f} "
+                  f"{min(ratios):>6.2f} {max(ratios):>6.2f}")
     per10k = [c / n * 10_000 for c, n in zip(cpu, exch)]
     print(f"proxy CPU: median {statistics.median(cpu):.2f} s per run, {statistics.median(exch)} exchanges per run, "
           f"{statistics.median(per10k):.3f} s per 10k exchanges (min {min(per10k):.3f}, max {max(per10k):.3f})")
