@@ -23,7 +23,7 @@ API (identical in both engines; addresses are guest-physical unless named otherw
     index more than `num` ahead raises `RingError("avail_ahead")` and consumes nothing.
   - `push_used([(head, len), ...])`: entries first, the 16-bit used->idx once, last.
   - `avail_pending()`, `last_avail_idx` / `used_idx` (read/write, for SET/GET_VRING_BASE), `num`.
-- `Chain`: `head`, `readable` (bytes, gathered), `writable` (list of writable memoryviews into guest
+- `Chain`: `head`, `readable` (bytes, gathered), `writable` (tuple of writable memoryviews into guest
   memory), `layout` (((addr, len, flags), ...) effective descriptors; the INDIRECT descriptor itself is
   listed, and entries from its table carry LAYOUT_F_FROM_INDIRECT), `readable_len`, `writable_len`,
   `write(data) -> n` (scatter a reply into the writable segments).

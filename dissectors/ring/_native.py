@@ -142,7 +142,7 @@ class Chain:
 
     __slots__ = ("head", "layout", "readable", "readable_len", "writable", "writable_len")
 
-    def __init__(self, head: int, readable: bytes, writable: list[memoryview],
+    def __init__(self, head: int, readable: bytes, writable: tuple[memoryview, ...],
                  layout: tuple[tuple[int, int, int], ...], readable_len: int, writable_len: int) -> None:
         self.head = head
         self.readable = readable
@@ -298,7 +298,7 @@ class SplitQueue:
             w = _walk(self._mem, self._desc, self.num, head)
             if w.err:
                 raise RingError(w.err, head, out)
-            out.append(Chain(head, w.gather(False, w.readable_len), [mv for mv, wr in w.segs if wr],
+            out.append(Chain(head, w.gather(False, w.readable_len), tuple([mv for mv, wr in w.segs if wr]),
                              tuple(w.layout), w.readable_len, w.writable_len))
         return out
 

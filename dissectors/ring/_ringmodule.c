@@ -309,7 +309,7 @@ typedef struct {
     PyObject_HEAD
     int head;
     PyObject *readable; /* bytes */
-    PyObject *writable; /* list of memoryview */
+    PyObject *writable; /* tuple of memoryview */
     uint32_t nlayout;
     struct rc_layout *layout;
     struct rc_layout inl[CHAIN_INLINE_LAYOUT];
@@ -349,12 +349,12 @@ static PyObject *Chain_write(ChainObject *self, PyObject *arg)
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
         return NULL;
-    Py_ssize_t done = 0, n = PyList_GET_SIZE(self->writable);
+    Py_ssize_t done = 0, n = PyTuple_GET_SIZE(self->writable);
     for (Py_ssize_t i = 0; i < n && done < b.len; i++) {
         /* through the buffer protocol, not the view's struct: a view the caller released fails here
          * instead of being written through */
         Py_buffer v;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(self->writable, i), &v, PyBUF_WRITABLE) < 0) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(self->writable, i), &v, PyBUF_WRITABLE) < 0) {
             PyBuffer_Release(&b);
             return NULL;
         }
@@ -430,7 +430,7 @@ static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c)
     Py_ssize_t nw = 0;
     for (uint32_t i = 0; i < c->nseg; i++)
         nw += c->seg[i].write;
-    o->writable = PyList_New(nw);
+    o->writable = PyTuple_New(nw); /* a tuple: one allocation (a list takes two) */
     if (!o->writable) {
         Py_DECREF(o);
         return NULL;
@@ -444,7 +444,7 @@ static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c)
             Py_DECREF(o);
             return NULL;
         }
-        PyList_SET_ITEM(o->writable, k++, mv);
+        PyTuple_SET_ITEM(o->writable, k++, mv);
     }
     return (PyObject *)o;
 }
