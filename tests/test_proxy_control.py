@@ -51,8 +51,9 @@ def negotiate(pb: Playbook) -> None:
     assert c[0].expect_reply  # type: ignore[attr-defined]
     c = pb.reply(be_reply("GET_FEATURES", V.u64(0x175000000)), ["Event:features", "SendFrontend"])
     sent = c[-1].msg.payload.u64  # type: ignore[attr-defined]
-    assert sent & (1 << 29) == 0  # EVENT_IDX masked
+    assert sent & (1 << 26) == 0  # LOG_ALL (migration) masked
     assert sent & (1 << 28) and sent & (1 << 32) and sent & (1 << 30)  # INDIRECT, VERSION_1, PROTOCOL_FEATURES kept
+    assert sent & (1 << 29)  # EVENT_IDX: the shadow path implements it
     pb.request(fe("GET_PROTOCOL_FEATURES"), ["SendBackend"])
     c = pb.reply(be_reply("GET_PROTOCOL_FEATURES", V.u64(0x8C2B)), ["Event:protocol-features", "SendFrontend"])
     proto = c[-1].msg.payload.u64  # type: ignore[attr-defined]
@@ -96,7 +97,7 @@ def test_qemu72_sequence() -> None:
     for q in (0, 1):
         pb.request(fe("SET_VRING_CALL", V.u64(q), fds=[10 + q]), ["QueueFd", "Event:vring-call", "SendBackend"])
         pb.request(fe("SET_VRING_ERR", V.u64(q), fds=[20 + q]), ["QueueFd", "Event:vring-err", "SendBackend"])
-    pb.request(fe("SET_FEATURES", V.u64(0x170000000 & ~(1 << 29))), ["Event:features-acked", "SendBackend"])
+    pb.request(fe("SET_FEATURES", V.u64(0x170000000)), ["Event:features-acked", "SendBackend"])
     regions = [region(0, 0xA0000, 0x7F00_0000_0000), region(0xC0000, 0x1FF40000, 0x7F00_000C_0000)]
     c = pb.request(fe("SET_MEM_TABLE", regions, fds=[30, 31], flags=1 | 8),
                    ["UnmapAll", "MapRegion", "MapRegion", "Event:mem-table", "SendBackend"])
@@ -123,7 +124,7 @@ def test_qemu72_sequence() -> None:
                  ["QueueDrain", "Event:vring-stopped", "SendFrontend"])
     assert pb.cp.vrings[1].base == 77
     snap = pb.cp.snapshot()
-    assert snap["features_masked"] & (1 << 29) and snap["vrings"][1]["call_changes"] == 2
+    assert snap["features_masked"] == 1 << 26 and snap["vrings"][1]["call_changes"] == 2
 
 
 def test_backend_lost_answers_locally() -> None:

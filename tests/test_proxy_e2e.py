@@ -182,6 +182,8 @@ def test_concurrent_five_times(guest_image: GuestImage, guest_share: Share, tmp_
         assert s["capture"]["dropped"] == 0
         assert s["requests"] - s["opcodes"].get("FORGET", 0) == s["replies"], s
         assert s["path"].get("unpaired", 0) == 0
+        # the guest negotiated EVENT_IDX through the proxy, as it does directly; no notification was lost
+        assert s["features"]["features_acked"] & (1 << 29) and not s["features"]["features_masked"] & (1 << 29)
 
 
 def test_backend_death_guest_gets_eio_and_powers_off(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ class Proxy:
     """A rig with the four eventfds, a capture buffer, a ShadowPath and the backend's SplitQueue."""
 
     def __init__(self, eng, num: int = 8, capacity: int = 1 << 20, policy: str = "drop", snaplen: int = 0,
-                 avail_base: int = 0, used_start: int | None = None, spin_us: int = 0):
+                 avail_base: int = 0, used_start: int | None = None, spin_us: int = 0, event_idx: bool = False):
         self.rig = Rig(eng, num=num)
         if used_start is not None:  # a guest whose used ring already moved (proxy started mid-life)
             self.rig.mem.view(self.rig.used, 4)[2:4] = used_start.to_bytes(2, "little")
@@ -52,7 +52,7 @@ class Proxy:
         self.path = eng.ShadowPath(r.mem, 1, num, r.desc, r.avail, r.used, r.s_avail, r.s_used, self.cap,
                                    kick_fd=self.g_kick, call_fd=self.g_call, backend_kick_fd=self.b_kick,
                                    backend_call_fd=self.b_call, avail_base=avail_base, snaplen=snaplen,
-                                   spin_us=spin_us)
+                                   spin_us=spin_us, event_idx=event_idx)
         self.dev = r.queue(shadow=True)
         self.dev.last_avail_idx = avail_base
         if used_start is not None:
@@ -409,15 +409,19 @@ def test_differential_shadow_path_c_equals_twin():
     c, py = ENGINES["c"], ENGINES["python"]
     assert not isinstance(c, Exception), c
     kinds = set()
+    suppressed = {"kicks": 0, "calls": 0}
     for seed in range(300):
         results = []
         for eng in (c, py):
-            p = Proxy(eng, capacity=1 << 16, snaplen=random.Random(seed).choice([0, 0, 64]))
+            ev = seed % 2 == 1  # EVENT_IDX on every other seed, with random event indices on both sides
+            p = Proxy(eng, capacity=1 << 16, snaplen=random.Random(seed).choice([0, 0, 64]), event_idx=ev)
             try:
                 rnd = random.Random(seed)
                 r = p.rig
                 r.gmem[0x100000:0x110000] = bytes(rnd.randrange(256) for _ in range(64)) * 1024
                 _random_ring(rnd, r.gmem, r.num, r.desc, r.avail)
+                r.mem.view(r.avail + 4 + 2 * r.num, 2)[:] = rnd.randrange(1 << 16).to_bytes(2, "little")
+                r.mem.view(r.s_used + 4 + 8 * r.num, 2)[:] = rnd.randrange(1 << 16).to_bytes(2, "little")
                 a = p.path.step()
                 used = r.mem.view(r.s_used, 4 + 8 * r.num + 2)
                 n = rnd.randrange(0, r.num + 2)
@@ -426,14 +430,24 @@ def test_differential_shadow_path_c_equals_twin():
                     used[4 + 8 * i:12 + 8 * i] = hid.to_bytes(4, "little") + rnd.randrange(0, 1 << 32).to_bytes(4, "little")
                 used[2:4] = n.to_bytes(2, "little")
                 u = p.path.step()
+                n2 = rnd.randrange(0, r.num + 1)  # a second batch: the first call is always sent
+                for i in range(n, n + n2):
+                    hid = rnd.randrange(0, r.num)
+                    used[4 + 8 * (i % r.num):12 + 8 * (i % r.num)] = hid.to_bytes(4, "little") + bytes(4)
+                used[2:4] = ((n + n2) & 0xFFFF).to_bytes(2, "little")
+                u = (u, p.path.step())
                 caps = [x._replace(ts_ns=0) for x in p.cap.read_captures(0)]
                 k = p.path.counters
-                ctr = {key: k[key] for key in ("requests", "replies", "errors", "unpaired", "dropped")}
-                savail = bytes(r.mem.view(r.s_avail, 4 + 2 * r.num))
-                gused = bytes(r.mem.view(r.used, 4 + 8 * r.num))
+                ctr = {key: k[key] for key in ("requests", "replies", "errors", "unpaired", "dropped", "kicks_out",
+                                               "calls_out", "kicks_suppressed", "calls_suppressed")}
+                savail = bytes(r.mem.view(r.s_avail, 4 + 2 * r.num + 2))  # with used_event
+                gused = bytes(r.mem.view(r.used, 4 + 8 * r.num + 2))  # with avail_event
                 results.append((a, u, caps, ctr, p.path.last_error, p.path.indices, savail, gused))
             finally:
                 p.close()
         assert results[0] == results[1], seed
+        suppressed["kicks"] += results[0][3]["kicks_suppressed"]
+        suppressed["calls"] += results[0][3]["calls_suppressed"]
         kinds |= {x.kind for x in results[0][2]} | {x.reason for x in results[0][2]}
     assert {"request", "reply", "error", "no_region", "not_in_flight"} <= kinds, kinds
+    assert suppressed["kicks"] and suppressed["calls"], suppressed  # the EVENT_IDX seeds did suppress

@@ -34,7 +34,7 @@ API (identical in both engines; addresses are guest-physical unless named otherw
   dropped_bytes, stalls, used_bytes, capacity).  "drop" never slows the VM and counts what it could not
   keep; "lossless" holds back forwarding (used publication, and avail forwarding) until there is room.
 - `ShadowPath(mem, queue, num, desc, avail, used, shadow_avail, shadow_used, capture, kick_fd, call_fd,
-  backend_kick_fd, backend_call_fd, avail_base=0, snaplen=0, spin_us=0)`: one queue's data path, on
+  backend_kick_fd, backend_call_fd, avail_base=0, snaplen=0, spin_us=0, event_idx=False)`: one queue's data path, on
   its own native thread (C) or Python thread (twin).  The guest's
   rings are (desc, avail, used); the backend sees (desc, shadow_avail, shadow_used), which must lie in
   a region of `mem` (the proxy's own memfd).  The shadow avail index starts at `avail_base` (the
@@ -47,14 +47,18 @@ API (identical in both engines; addresses are guest-physical unless named otherw
   `last_error` = "avail_ahead", and nothing is forwarded until it is sane again.  `snaplen` caps the
   bytes captured per record (0 = all; records are also capped at half the buffer), `spin_us` makes the
   C thread busy-poll the rings for that long after activity (saves ~2 thread wake-ups per round trip
-  when it has a core to itself; the twin accepts and ignores it).
+  when it has a core to itself; the twin accepts and ignores it).  `event_idx` (VIRTIO_RING_F_EVENT_IDX
+  negotiated): the path writes avail_event in the guest's used ring and used_event in the shadow avail
+  ring (asking for every new entry, re-checking the rings after writing them), and calls the guest or
+  kicks the backend only when their used_event/avail_event ask for it.
   - `start()`, `stop()` (join; nothing moves after), `drain() -> n` (move pending used entries to the
     guest now: call it after stop() on GET_VRING_BASE; in lossless mode it drops rather than waits),
     `step() -> (n_avail, n_used)` (one synchronous pass on a stopped path), `set_kick_fd(fd)` /
     `set_call_fd(fd)` (swap QEMU's fds while running, -1 = none; they never wait behind a lossless stall,
     so the capture consumer may call them), `counters` (requests, replies, errors, unpaired, kicks_in,
-    calls_in, kicks_out, calls_out, stalls, dropped, wakeups, spin_hits; busy_ns and busy_max_ns: the
-    time from a wake-up to done forwarding, total and longest), `running`, `last_error`,
+    calls_in, kicks_out, calls_out, stalls, dropped, wakeups, spin_hits, kicks_suppressed,
+    calls_suppressed; busy_ns and busy_max_ns: the time from a wake-up to done forwarding, total and
+    longest), `running`, `last_error`,
     `indices`.  Keep the proxy's own backend-side eventfds constant; only QEMU's side is swapped.
   - GET_VRING_BASE: forward it, let the backend reply, then `stop()`, `drain()`, then reply to QEMU.
 - `Capture` (NamedTuple): kind ("request"|"reply"|"error"), queue, head, ts_ns (CLOCK_REALTIME), layout,

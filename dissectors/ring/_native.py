@@ -261,6 +261,19 @@ def _check_rings(mem: MemoryMap, num: int, desc: int, avail: int, used: int) -> 
     raise RingError(reason)
 
 
+def _get16(ring: memoryview, off: int) -> int:
+    return ring[off] | ring[off + 1] << 8
+
+
+def _put16(ring: memoryview, off: int, v: int) -> None:
+    ring[off:off + 2] = v.to_bytes(2, "little")
+
+
+def _need_event(event: int, new: int, old: int) -> bool:
+    """vring_need_event(): did the index move past what the other side asked to be told about?"""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
 def _load_idx(ring: memoryview) -> int:
     return int(_U16.unpack_from(ring, 0)[1])
 
@@ -405,7 +418,8 @@ class CaptureBuffer:
 
 
 _COUNTERS = ("requests", "replies", "errors", "unpaired", "kicks_in", "calls_in", "kicks_out", "calls_out",
-             "stalls", "dropped", "wakeups", "spin_hits", "busy_ns", "busy_max_ns")
+             "stalls", "dropped", "wakeups", "spin_hits", "busy_ns", "busy_max_ns", "kicks_suppressed",
+             "calls_suppressed")
 
 
 class ShadowPath:
@@ -414,7 +428,7 @@ class ShadowPath:
     def __init__(self, mem: MemoryMap, queue: int, num: int, desc: int, avail: int, used: int,
                  shadow_avail: int, shadow_used: int, capture: CaptureBuffer, kick_fd: int, call_fd: int,
                  backend_kick_fd: int, backend_call_fd: int, avail_base: int = 0, snaplen: int = 0,
-                 spin_us: int = 0) -> None:
+                 spin_us: int = 0, event_idx: bool = False) -> None:
         if queue > 0xFFFF or avail_base > 0xFFFF:
             raise ValueError("queue and avail_base are 16-bit")
         if backend_kick_fd < 0 or backend_call_fd < 0:
@@ -443,6 +457,17 @@ class ShadowPath:
         self._last_error: str | None = None
         self._need_notify = False
         self._ctr = dict.fromkeys(_COUNTERS, 0)
+        # EVENT_IDX (rc_path_set_event_idx): used_event follows the avail ring, avail_event the used ring
+        self._event_idx = bool(event_idx)
+        self._g_used_event = _AVAIL_RING_OFF + 2 * num  # in the guest's avail ring: the guest's wish
+        self._g_avail_event = _USED_RING_OFF + _ELEM_SIZE * num  # in the guest's used ring: ours
+        self._s_used_event = self._g_used_event  # in the shadow avail ring: ours
+        self._s_avail_event = self._g_avail_event  # in the shadow used ring: the backend's wish
+        self._signalled_used: int | None = None
+        self._kicked_avail = self._s_avail_idx
+        if self._event_idx:
+            _put16(self._g_used, self._g_avail_event, self._next_avail)
+            _put16(self._s_avail, self._s_used_event, self._next_used)
 
     # -- lifecycle
     def start(self) -> None:
@@ -562,6 +587,7 @@ class ShadowPath:
             with self._lock:
                 self._forward_avail(True)
                 self._forward_used(True)
+                self._recheck()
             dt = time.monotonic_ns() - t0
             ctr["busy_ns"] += dt
             ctr["busy_max_ns"] = max(ctr["busy_max_ns"], dt)
@@ -616,11 +642,22 @@ class ShadowPath:
 
     def _flush_avail(self) -> None:
         _store_idx(self._s_avail, self._s_avail_idx)
+        if self._event_idx:
+            old, self._kicked_avail = self._kicked_avail, self._s_avail_idx
+            if not _need_event(_get16(self._s_used, self._s_avail_event), self._s_avail_idx, old):
+                self._ctr["kicks_suppressed"] += 1
+                return
         os.eventfd_write(self._bkick_fd, 1)
         self._ctr["kicks_out"] += 1
 
     def _flush_used(self) -> None:
         _store_idx(self._g_used, self._g_used_idx)
+        if self._event_idx:
+            old, self._signalled_used = self._signalled_used, self._g_used_idx
+            if old is not None and not _need_event(_get16(self._g_avail, self._g_used_event), self._g_used_idx,
+                                                   old):
+                self._ctr["calls_suppressed"] += 1
+                return
         with self._fd_lock:
             if self._call_fd >= 0:
                 os.eventfd_write(self._call_fd, 1)
@@ -660,6 +697,8 @@ class ShadowPath:
             state[0] = False
         if moved:
             self._flush_avail()
+        if self._event_idx:  # tell the guest to kick for the next entry
+            _put16(self._g_used, self._g_avail_event, self._next_avail)
         self._notify()
         return moved
 
@@ -699,8 +738,25 @@ class ShadowPath:
             state[0] = False
         if moved:
             self._flush_used()
+        if self._event_idx:  # tell the backend to call for the next entry
+            _put16(self._s_avail, self._s_used_event, self._next_used)
         self._notify()
         return moved
+
+    def _recheck(self) -> None:
+        """rc path_recheck: an entry that landed before the other side saw our events brings no
+        notification; look again (a few rounds at most)."""
+        for _ in range(4):
+            if not self._event_idx or self._stop.is_set():
+                return
+            more_avail = not self._broken and _load_idx(self._g_avail) != self._next_avail
+            more_used = _load_idx(self._s_used) != self._next_used
+            if not (more_avail or more_used):
+                return
+            if more_avail:
+                self._forward_avail(True)
+            if more_used:
+                self._forward_used(True)
 
 
 CORE_LAYOUT: dict[str, Any] = {

@@ -867,14 +867,16 @@ static int ShadowPath_init(ShadowPathObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mem", "queue", "num", "desc", "avail", "used", "shadow_avail", "shadow_used",
                              "capture", "kick_fd", "call_fd", "backend_kick_fd", "backend_call_fd",
-                             "avail_base", "snaplen", "spin_us", NULL};
+                             "avail_base", "snaplen", "spin_us", "event_idx", NULL};
     PyObject *mem, *cap;
     unsigned int queue, num, avail_base = 0, snaplen = 0, spin_us = 0;
+    int event_idx = 0;
     unsigned long long desc, avail, used, savail, sused;
     int kick_fd, call_fd, bkick_fd, bcall_fd;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!IIKKKKKO!iiii|III", kwlist, &MemoryMapType, &mem, &queue, &num,
-                                     &desc, &avail, &used, &savail, &sused, &CaptureBufferType, &cap, &kick_fd,
-                                     &call_fd, &bkick_fd, &bcall_fd, &avail_base, &snaplen, &spin_us))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!IIKKKKKO!iiii|IIIp", kwlist, &MemoryMapType, &mem, &queue,
+                                     &num, &desc, &avail, &used, &savail, &sused, &CaptureBufferType, &cap,
+                                     &kick_fd, &call_fd, &bkick_fd, &bcall_fd, &avail_base, &snaplen, &spin_us,
+                                     &event_idx))
         return -1;
     if (self->ok) {
         PyErr_SetString(PyExc_RuntimeError, "ShadowPath already initialised");
@@ -899,6 +901,7 @@ static int ShadowPath_init(ShadowPathObject *self, PyObject *args, PyObject *kw)
             ring_error(err, -1, NULL);
         return -1;
     }
+    rc_path_set_event_idx(&self->p, event_idx);
     self->ok = 1;
     self->mem = (MemoryMapObject *)Py_NewRef(mem);
     self->cap = (CaptureBufferObject *)Py_NewRef(cap);
@@ -1014,11 +1017,12 @@ static PyObject *ShadowPath_counters(ShadowPathObject *self, void *closure)
     if (check_path(self) < 0)
         return NULL;
     struct rc_path_counters k = self->p.ctr; /* a torn read of a counter is harmless here */
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "requests", k.requests, "replies", k.replies, "errors",
-                         k.errors, "unpaired", k.unpaired, "kicks_in", k.kicks_in, "calls_in", k.calls_in,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "requests", k.requests, "replies", k.replies,
+                         "errors", k.errors, "unpaired", k.unpaired, "kicks_in", k.kicks_in, "calls_in", k.calls_in,
                          "kicks_out", k.kicks_out, "calls_out", k.calls_out, "stalls", k.stalls, "dropped",
                          k.dropped, "wakeups", k.wakeups, "spin_hits", k.spin_hits, "busy_ns", k.busy_ns,
-                         "busy_max_ns", k.busy_max_ns);
+                         "busy_max_ns", k.busy_max_ns, "kicks_suppressed", k.kicks_suppressed,
+                         "calls_suppressed", k.calls_suppressed);
 }
 
 static PyObject *ShadowPath_running(ShadowPathObject *self, void *closure)

@@ -695,16 +695,73 @@ static void path_notify(struct rc_path *p)
     }
 }
 
+/* EVENT_IDX fields (virtio 1.2 2.7.7, 2.7.10): used_event follows the avail ring, avail_event the
+ * used ring.  The ring pointers were bounds-checked with room for them. */
+static inline uint8_t *used_event_of(uint8_t *avail, uint16_t num) { return avail + RC_VRING_AVAIL_RING_OFF + 2u * num; }
+static inline uint8_t *avail_event_of(uint8_t *used, uint16_t num) { return used + RC_VRING_USED_RING_OFF + 8u * num; }
+
+/* Sequentially consistent 16-bit accesses: an index store followed by an event load (and an event
+ * store followed by an index load) must not be reordered, or a notification is lost.  (Not a fence:
+ * ThreadSanitizer, which tests/ring_threads.c runs under, does not model fences.) */
+static inline uint16_t ev_load(const uint8_t *at)
+{
+    return __atomic_load_n((const uint16_t *)(const void *)at, __ATOMIC_SEQ_CST);
+}
+
+static inline void ev_store(uint8_t *at, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)(void *)at, v, __ATOMIC_SEQ_CST);
+}
+
+/* vring_need_event(): did the index move past what the other side asked to be told about? */
+static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+void rc_path_set_event_idx(struct rc_path *p, int on)
+{
+    p->event_idx = on ? 1 : 0;
+    p->signalled_valid = 0;
+    p->kicked_avail = p->s_avail_idx;
+    if (p->event_idx) {
+        ev_store(avail_event_of(p->g_used, p->num), p->next_avail);
+        ev_store(used_event_of(p->s_avail, p->num), p->next_used);
+    }
+}
+
 static void flush_avail(struct rc_path *p)
 {
-    rc_ring_store_idx(p->s_avail, p->s_avail_idx);
+    if (p->event_idx) {
+        ev_store(p->s_avail + 2, p->s_avail_idx); /* the index before the backend's avail_event */
+        uint16_t old = p->kicked_avail;
+        p->kicked_avail = p->s_avail_idx;
+        if (!need_event(ev_load(avail_event_of(p->s_used, p->num)), p->s_avail_idx, old)) {
+            p->ctr.kicks_suppressed++;
+            return;
+        }
+    } else {
+        rc_ring_store_idx(p->s_avail, p->s_avail_idx);
+    }
     signal_fd(p->backend_kick_fd);
     p->ctr.kicks_out++;
 }
 
 static void flush_used(struct rc_path *p)
 {
-    rc_ring_store_idx(p->g_used, p->g_used_idx);
+    if (p->event_idx) {
+        ev_store(p->g_used + 2, p->g_used_idx); /* the index before the guest's used_event */
+        int valid = p->signalled_valid;
+        uint16_t old = p->signalled_used;
+        p->signalled_used = p->g_used_idx;
+        p->signalled_valid = 1;
+        if (valid && !need_event(ev_load(used_event_of(p->g_avail, p->num)), p->g_used_idx, old)) {
+            p->ctr.calls_suppressed++;
+            return;
+        }
+    } else {
+        rc_ring_store_idx(p->g_used, p->g_used_idx);
+    }
     pthread_mutex_lock(&p->fd_lock);
     signal_fd(p->call_fd);
     pthread_mutex_unlock(&p->fd_lock);
@@ -750,6 +807,8 @@ int rc_path_forward_avail(struct rc_path *p, int may_wait)
     }
     if (moved)
         flush_avail(p);
+    if (p->event_idx) /* tell the guest to kick for the next entry */
+        ev_store(avail_event_of(p->g_used, p->num), p->next_avail);
     path_notify(p);
     return moved;
 }
@@ -799,8 +858,27 @@ int rc_path_forward_used(struct rc_path *p, int may_wait)
     }
     if (moved)
         flush_used(p);
+    if (p->event_idx) /* tell the backend to call for the next entry */
+        ev_store(used_event_of(p->s_avail, p->num), p->next_used);
     path_notify(p);
     return moved;
+}
+
+/* EVENT_IDX: the events published above ask for the next entries, but an entry that landed before
+ * the other side saw them brings no notification.  Look again (sequentially consistent loads after
+ * the event stores; a few rounds at most: a runaway index must not keep us here). */
+static void path_recheck(struct rc_path *p)
+{
+    for (int round = 0; p->event_idx && round < 4 && !path_stopping(p); round++) {
+        int more_avail = !p->broken && ev_load(p->g_avail + 2) != p->next_avail;
+        int more_used = ev_load(p->s_used + 2) != p->next_used;
+        if (!more_avail && !more_used)
+            return;
+        if (more_avail)
+            rc_path_forward_avail(p, 1);
+        if (more_used)
+            rc_path_forward_used(p, 1);
+    }
 }
 
 static void apply_pending_fds(struct rc_path *p)
@@ -822,6 +900,7 @@ static int path_spin(struct rc_path *p)
         if (rc_ring_load_idx(p->g_avail) != p->next_avail || rc_ring_load_idx(p->s_used) != p->next_used) {
             pthread_mutex_lock(&p->proc_lock);
             int a = rc_path_forward_avail(p, 1), u = rc_path_forward_used(p, 1);
+            path_recheck(p);
             pthread_mutex_unlock(&p->proc_lock);
             if (a > 0 || u > 0) {
                 moved = 1;
@@ -878,6 +957,7 @@ static void *path_thread(void *arg)
         /* kicks and calls coalesce: look at both rings on every wake-up */
         rc_path_forward_avail(p, 1);
         rc_path_forward_used(p, 1);
+        path_recheck(p);
         pthread_mutex_unlock(&p->proc_lock);
         uint64_t dt = rc_now_ns() - t0;
         p->ctr.busy_ns += dt;

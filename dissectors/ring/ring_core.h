@@ -189,6 +189,7 @@ struct rc_path_counters {
     uint64_t requests, replies, errors, unpaired, kicks_in, calls_in, kicks_out, calls_out;
     uint64_t stalls, dropped, wakeups, spin_hits;
     uint64_t busy_ns, busy_max_ns; /* time from a wake-up to done forwarding: total, and the longest */
+    uint64_t kicks_suppressed, calls_suppressed; /* EVENT_IDX: notifications the other side did not ask for */
 };
 struct rc_path {
     struct rc_memmap *mem;
@@ -204,6 +205,10 @@ struct rc_path {
     uint16_t next_used;              /* next shadow used entry to copy */
     uint16_t g_used_idx;             /* guest used->idx we published */
     uint8_t *inflight;               /* per head: forwarded and not yet used */
+    int event_idx;                   /* VIRTIO_RING_F_EVENT_IDX negotiated (both sides see the same rings) */
+    int signalled_valid;             /* EVENT_IDX: signalled_used holds the used idx of our last call */
+    uint16_t signalled_used;
+    uint16_t kicked_avail;           /* EVENT_IDX: shadow avail idx at our last kick of the backend */
     struct rc_capture *cap;
     uint32_t snaplen;                /* 0 = whole chain */
     uint64_t spin_ns;                /* busy-poll budget after activity (0 = always sleep in poll) */
@@ -229,6 +234,10 @@ int rc_path_init(struct rc_path *p, struct rc_memmap *m, uint16_t queue_index, u
                  uint64_t s_used_gpa, struct rc_capture *cap, int kick_fd, int call_fd,
                  int backend_kick_fd, int backend_call_fd, uint16_t avail_base, uint32_t snaplen,
                  uint32_t spin_us);
+/* VIRTIO_RING_F_EVENT_IDX (before start, or on a stopped path): the guest's used_event and the
+ * backend's avail_event decide whether to call/kick, and the path publishes avail_event in the guest's
+ * used ring and used_event in the shadow avail ring, asking for every new entry. */
+void rc_path_set_event_idx(struct rc_path *p, int on);
 int rc_path_start(struct rc_path *p);
 void rc_path_stop(struct rc_path *p);
 /* Forward pending used entries to the guest now (GET_VRING_BASE flush); returns how many. */

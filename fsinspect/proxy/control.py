@@ -29,7 +29,7 @@ P_BIT = vspec.PROTOCOL_F.by_name()
 
 # Device features the data path does not implement (yet): masked in GET_FEATURES replies.
 MASKED_FEATURES = (
-    F_BIT["F_RING_PACKED"] | F_BIT["RING_F_EVENT_IDX"] | F_BIT["F_ACCESS_PLATFORM"] | F_BIT["F_LOG_ALL"]
+    F_BIT["F_RING_PACKED"] | F_BIT["F_ACCESS_PLATFORM"] | F_BIT["F_LOG_ALL"]
     | F_BIT["F_IN_ORDER"] | F_BIT["F_NOTIFICATION_DATA"] | F_BIT["F_RING_RESET"]
 )
 # Protocol features the proxy forwards faithfully; everything else is masked.

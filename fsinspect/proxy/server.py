@@ -349,7 +349,7 @@ class Proxy:
             C.PROXY_REGION_GPA + s.shadow_used_off, self.capture,
             kick_fd=-1 if q.kick_fd is None else q.kick_fd, call_fd=-1 if q.call_fd is None else q.call_fd,
             backend_kick_fd=q.backend_kick, backend_call_fd=q.backend_call, avail_base=s.base,
-            snaplen=self.cfg.snaplen)
+            snaplen=self.cfg.snaplen, event_idx=bool((self.cp.neg.features_acked or 0) & C.F_BIT["RING_F_EVENT_IDX"]))
         q.path.start()
 
     def _queue_stop(self, index: int) -> None:
@@ -395,6 +395,7 @@ class Proxy:
                                       self.mem.uva_to_gpa(s.avail_uva), self.mem.uva_to_gpa(s.used_uva))
             q.local.last_avail_idx = idx["next_avail"]
             q.local.used_idx = idx["guest_used_idx"]
+            self._ask_for_kicks(q)
             self._fail_inflight(index, q, sorted(self._inflight.get(index, set())))
         self._local_thread = threading.Thread(target=self._local_loop, name="fsinspect-eio", daemon=True)
         self._local_thread.start()
@@ -452,6 +453,7 @@ class Proxy:
                     chains = q.local.pop_chains(q.setup.num if q.setup else 256)
                 except ring.RingError as e:
                     chains = e.chains
+                self._ask_for_kicks(q)
                 if not chains:
                     continue
                 used = []
@@ -461,6 +463,15 @@ class Proxy:
                     used.append((ch.head, self._answer_eio(index, ch)))
                 q.local.push_used(used)
                 self._signal(q)
+
+    def _ask_for_kicks(self, q: QueueRuntime) -> None:
+        """EVENT_IDX: avail_event in the guest's used ring = the next entry we will pop (else the guest
+        stops kicking once the shadow path is gone)."""
+        if q.local is None or q.setup is None or not (self.cp.neg.features_acked or 0) & C.F_BIT["RING_F_EVENT_IDX"]:
+            return
+        s = q.setup
+        at = self.mem.uva_to_gpa(s.used_uva) + vio.split_ring_layout(s.num).used_ring_off + 8 * s.num
+        self.mem.view(at, 2)[:] = struct.pack("<H", q.local.last_avail_idx & 0xFFFF)
 
     @staticmethod
     def _signal(q: QueueRuntime) -> None:
