@@ -3,9 +3,12 @@ session as the capture thread does, without QEMU.  Holding analysis back must no
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,30 @@ def captures() -> list[Capture]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _release() -> Iterator[None]:
+    """Sessions made here are never served: release their fds now, not during some later test's fd
+    accounting (tests/test_daemon_vhost_user_protocol.py compares /proc/self/fd before and after)."""
+    yield
+    while MADE:
+        s = MADE.pop()
+        s.close()
+        if s.writer is not None:
+            s.writer.close()
+        s.proxy.shutdown()
+        for fd in (s.proxy.region_fd, s.proxy._local_wake_r, s.proxy._local_wake_w):
+            os.close(fd)
+        del s  # the last one too: gc.collect() below frees the capture buffer's eventfd and the mappings
+    gc.collect()
+
+
+MADE: list[S.Session] = []
+
+
 def session(tmp_path: Path, name: str, **kw: Any) -> S.Session:
-    return S.Session(ProxyConfig(), S.SessionOptions(record=str(tmp_path / f"{name}.pcapng"), **kw))
+    s = S.Session(ProxyConfig(), S.SessionOptions(record=str(tmp_path / f"{name}.pcapng"), **kw))
+    MADE.append(s)
+    return s
 
 
 def comparable(s: S.Session) -> dict[str, Any]:
@@ -71,8 +96,8 @@ def test_held_back_analysis_gives_the_same_results(tmp_path: Path) -> None:
         assert a == b
         assert a["opcodes"]["SYNCFS"] >= 3 and a["submounts"]
     finally:
-        for s in (now, later):
-            s.writer.close()  # type: ignore[union-attr]
+        for x in (now, later):
+            x.writer.close()  # type: ignore[union-attr]
     # both recordings are the same bytes apart from the section header's host facts
     assert (tmp_path / "now.pcapng").stat().st_size == (tmp_path / "later.pcapng").stat().st_size
 
@@ -99,12 +124,14 @@ def test_a_watching_client_gets_everything_analysed_at_once(tmp_path: Path) -> N
     half = len(caps) // 2
     s = session(tmp_path, "watched", control=str(tmp_path / "ctl.sock"))
     client = socket.socket(socket.AF_UNIX)
+    files: list[Any] = []
     try:
         feed(s, caps[:half])
         held = s.backlog
         assert held > 0 and s.analyzer.count == 0  # nobody watches yet
         client.connect(str(tmp_path / "ctl.sock"))
         f = client.makefile("rb")
+        files.append(f)
         hello, snap = json.loads(f.readline()), json.loads(f.readline())
         assert hello["type"] == "hello" and snap["type"] == "snapshot"
         # the snapshot analysed the backlog first: the client sees the exchanges so far
@@ -118,6 +145,6 @@ def test_a_watching_client_gets_everything_analysed_at_once(tmp_path: Path) -> N
         got = json.loads(f.readline())
         assert got["type"] == "exchange"
     finally:
+        for f in files:
+            f.close()
         client.close()
-        s.close()
-        s.writer.close()  # type: ignore[union-attr]
