@@ -745,14 +745,19 @@ class ShadowPath:
 
     def _recheck(self) -> None:
         """rc path_recheck: an entry that landed before the other side saw our events brings no
-        notification; look again (a few rounds at most)."""
-        for _ in range(4):
-            if not self._event_idx or self._stop.is_set():
-                return
-            more_avail = not self._broken and _load_idx(self._g_avail) != self._next_avail
-            more_used = _load_idx(self._s_used) != self._next_used
+        notification; look again.  After a few busy rounds, wake our own poll() instead."""
+        rounds = 0
+        while self._event_idx and not self._stop.is_set():
+            da = (_load_idx(self._g_avail) - self._next_avail) & 0xFFFF
+            du = (_load_idx(self._s_used) - self._next_used) & 0xFFFF
+            more_avail = not self._broken and 0 < da <= self.num
+            more_used = 0 < du <= self.num
             if not (more_avail or more_used):
                 return
+            if rounds == 4:
+                os.eventfd_write(self._ctl_fd, 1)
+                return
+            rounds += 1
             if more_avail:
                 self._forward_avail(True)
             if more_used:

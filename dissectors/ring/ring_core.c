@@ -866,14 +866,26 @@ int rc_path_forward_used(struct rc_path *p, int may_wait)
 
 /* EVENT_IDX: the events published above ask for the next entries, but an entry that landed before
  * the other side saw them brings no notification.  Look again (sequentially consistent loads after
- * the event stores; a few rounds at most: a runaway index must not keep us here). */
+ * the event stores).  After a few busy rounds, wake our own poll() instead of looping here, so the
+ * lock is released and nothing is lost; a runaway index (more than num ahead) is not "more work". */
+static int path_more_work(struct rc_path *p, int *more_avail, int *more_used)
+{
+    uint16_t da = (uint16_t)(ev_load(p->g_avail + 2) - p->next_avail);
+    uint16_t du = (uint16_t)(ev_load(p->s_used + 2) - p->next_used);
+    *more_avail = !p->broken && da && da <= p->num;
+    *more_used = du && du <= p->num;
+    return *more_avail || *more_used;
+}
+
 static void path_recheck(struct rc_path *p)
 {
-    for (int round = 0; p->event_idx && round < 4 && !path_stopping(p); round++) {
-        int more_avail = !p->broken && ev_load(p->g_avail + 2) != p->next_avail;
-        int more_used = ev_load(p->s_used + 2) != p->next_used;
-        if (!more_avail && !more_used)
+    int more_avail, more_used;
+    for (int round = 0; p->event_idx && !path_stopping(p) && path_more_work(p, &more_avail, &more_used);
+         round++) {
+        if (round == 4) {
+            signal_fd(p->ctl_fd);
             return;
+        }
         if (more_avail)
             rc_path_forward_avail(p, 1);
         if (more_used)
