@@ -57,6 +57,19 @@ def run_proxied(image: build.GuestImage, share: Path, workload: str,
     return {st.name: st.duration for st in res.steps if st.duration is not None}, ru.ru_utime + ru.ru_stime, exchanges
 
 
+def ratio_rows(steps: list[str], direct: list[dict[str, float]], other: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """Per step: medians of both arms and the direct/other ratio of each round (median, min, max); printed."""
+    rows = []
+    for k in steps:
+        ratios = [d[k] / o[k] if o[k] else 1.0 for d, o in zip(direct, other)]
+        row = {"step": k, "direct": statistics.median(d[k] for d in direct),
+               "proxy": statistics.median(o[k] for o in other), "ratio": statistics.median(ratios),
+               "min": min(ratios), "max": max(ratios)}
+        rows.append(row)
+        print(f"{k:<22} {row['direct']:>9.2f} {row['proxy']:>9.2f} {row['ratio']:>7.2f} {row['min']:>6.2f} {row['max']:>6.2f}")
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", type=int, default=5)
@@ -88,22 +101,11 @@ def main() -> int:
                     exch.append(n)
             print(f"round {i + 1}/{args.pairs} done", file=sys.stderr)
     steps = [k for k in direct[0] if all(k in d for d in direct + proxied)]
-    rows: list[dict[str, Any]] = []
     print(f"{'step':<22} {'direct s':>9} {'proxy s':>9} {'ratio':>7} {'min':>6} {'max':>6}")
-    for k in steps:
-        ratios = [d[k] / p[k] if p[k] else 1.0 for d, p in zip(direct, proxied)]
-        row = {"step": k, "direct": statistics.median(d[k] for d in direct),
-               "proxy": statistics.median(p[k] for p in proxied), "ratio": statistics.median(ratios),
-               "min": min(ratios), "max": max(ratios)}
-        rows.append(row)
-        print(f"{k:<22} {row['direct']:>9.2f} {row['proxy']:>9.2f} {row['ratio']:>7.2f} {row['min']:>6.2f} {row['max']:>6.2f}")
+    rows = ratio_rows(steps, direct, proxied)
     if unrecorded:
         print("\nthe floor: proxy without recording or clients (ratio = direct / unrecorded proxy)")
-        for k in steps:
-            ratios = [d[k] / u[k] if u[k] else 1.0 for d, u in zip(direct, unrecorded)]
-            print(f"{k:<22} {statistics.median(d[k] for d in direct):>9.2f} "
-                  f"{statistics.median(u[k] for u in unrecorded):>9.2f} {statistics.median(ratios):>7.2f} "
-                  f"{min(ratios):>6.2f} {max(ratios):>6.2f}")
+        ratio_rows(steps, direct, unrecorded)
     per10k = [c / n * 10_000 for c, n in zip(cpu, exch)]
     print(f"proxy CPU: median {statistics.median(cpu):.2f} s per run, {statistics.median(exch)} exchanges per run, "
           f"{statistics.median(per10k):.3f} s per 10k exchanges (min {min(per10k):.3f}, max {max(per10k):.3f})")
