@@ -349,7 +349,7 @@ class Proxy:
             C.PROXY_REGION_GPA + s.shadow_used_off, self.capture,
             kick_fd=-1 if q.kick_fd is None else q.kick_fd, call_fd=-1 if q.call_fd is None else q.call_fd,
             backend_kick_fd=q.backend_kick, backend_call_fd=q.backend_call, avail_base=s.base,
-            snaplen=self.cfg.snaplen, event_idx=bool((self.cp.neg.features_acked or 0) & C.F_BIT["RING_F_EVENT_IDX"]))
+            snaplen=self.cfg.snaplen, event_idx=self._event_idx)
         q.path.start()
 
     def _queue_stop(self, index: int) -> None:
@@ -464,10 +464,15 @@ class Proxy:
                 q.local.push_used(used)
                 self._signal(q)
 
+    @property
+    def _event_idx(self) -> bool:
+        """QEMU acked VIRTIO_RING_F_EVENT_IDX (the proxy forwards it, so the back-end has it too)."""
+        return bool((self.cp.neg.features_acked or 0) & C.F_BIT["RING_F_EVENT_IDX"])
+
     def _ask_for_kicks(self, q: QueueRuntime) -> None:
         """EVENT_IDX: avail_event in the guest's used ring = the next entry we will pop (else the guest
         stops kicking once the shadow path is gone)."""
-        if q.local is None or q.setup is None or not (self.cp.neg.features_acked or 0) & C.F_BIT["RING_F_EVENT_IDX"]:
+        if q.local is None or q.setup is None or not self._event_idx:
             return
         s = q.setup
         at = self.mem.uva_to_gpa(s.used_uva) + vio.split_ring_layout(s.num).used_ring_off + 8 * s.num
