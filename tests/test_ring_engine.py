@@ -80,6 +80,38 @@ def test_direct_chain_pop_gather_write_push(rig):
     assert q.pop_chains() == []
 
 
+def test_readable_bytes_never_change_under_a_holder(rig):
+    """The C engine recycles a dropped chain's readable bytes for the next chain of the same size: a
+    recycled object must carry the new bytes and hash, and one still referenced must never be reused."""
+    a = rig.buf(4096)
+    rig.guest.set_descs(0, driver.chain_descs([(*a, False)], first=0))
+    q = rig.queue()
+
+    def pop(content: bytes):
+        rig.put(a[0], content)
+        rig.guest.publish([0])
+        (ch,) = q.pop_chains()
+        q.push_used([(ch.head, 0)])
+        rig.guest.collect_used()
+        return ch
+
+    contents = [bytes([i]) * 4096 for i in range(6)]
+    ch = pop(contents[0])
+    assert hash(ch.readable) == hash(contents[0])  # caches the hash inside the bytes object
+    del ch  # dropped with its chain: free to be recycled
+    ch = pop(contents[1])
+    assert ch.readable == contents[1] and hash(ch.readable) == hash(contents[1])
+    held = ch.readable
+    view = memoryview(pop(contents[2]).readable)
+    del ch
+    for c in contents[3:]:
+        ch = pop(c)
+        assert ch.readable == c and hash(ch.readable) == hash(c)
+        del ch
+    assert held == contents[1] and hash(held) == hash(contents[1])
+    assert view == contents[2]
+
+
 def test_indirect_chain_like_linux_virtiofs(rig):
     """Every guest request is ONE indirect descriptor with 3-4 segments (proxy-notes)."""
     segs = [rig.buf(b"I" * 40), rig.buf(b"A" * 8), rig.buf(16), rig.buf(96)]

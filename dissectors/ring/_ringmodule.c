@@ -302,6 +302,62 @@ static PyTypeObject MemoryMapType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* ================================================================== gather buffers
+ * A popped chain's readable bytes are mostly dropped with the chain, and the next batch asks for the
+ * same size again (a daemon's WRITEs, a benchmark's payloads).  A bytes object nobody else references
+ * is still exclusively ours, so it is recycled like CPython's own free lists: no malloc/free pair per
+ * chain.  One size class at a time, bounded in count and bytes. */
+#define POOL_MAX 1024
+#define POOL_MIN_SIZE 1024
+#define POOL_MAX_BYTES (16u << 20)
+#if !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030E0000
+#define POOL_ENABLED 1 /* needs PyBytesObject's cached hash field */
+#endif
+static PyObject *pool[POOL_MAX];
+static int pool_n;
+static Py_ssize_t pool_size;
+
+static PyObject *gather_bytes(Py_ssize_t n)
+{
+#ifdef POOL_ENABLED
+    if (n == pool_size && pool_n > 0) {
+        PyObject *b = pool[--pool_n];
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+        ((PyBytesObject *)b)->ob_shash = -1; /* contents change: forget a cached hash */
+#pragma GCC diagnostic pop
+        return b;
+    }
+#endif
+    return PyBytes_FromStringAndSize(NULL, n);
+}
+
+static void pool_clear(void)
+{
+    while (pool_n > 0)
+        Py_DECREF(pool[--pool_n]);
+}
+
+static void release_bytes(PyObject *b)
+{
+#ifdef POOL_ENABLED
+    if (b && Py_REFCNT(b) == 1 && PyBytes_CheckExact(b)) {
+        Py_ssize_t n = PyBytes_GET_SIZE(b);
+        if (n >= POOL_MIN_SIZE && (size_t)n <= POOL_MAX_BYTES) {
+            if (n != pool_size) {
+                pool_clear();
+                pool_size = n;
+            }
+            if (pool_n < POOL_MAX && (size_t)n * (size_t)(pool_n + 1) <= POOL_MAX_BYTES) {
+                pool[pool_n++] = b;
+                return;
+            }
+        }
+    }
+#endif
+    Py_XDECREF(b);
+}
+
 /* ================================================================== Chain */
 
 #define CHAIN_INLINE_LAYOUT 4
@@ -318,7 +374,7 @@ typedef struct {
 
 static void Chain_dealloc(ChainObject *self)
 {
-    Py_XDECREF(self->readable);
+    release_bytes(self->readable);
     Py_XDECREF(self->writable);
     if (self->layout != self->inl)
         PyMem_Free(self->layout);
@@ -421,7 +477,7 @@ static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c)
         Py_DECREF(o);
         return ring_error(RC_E_OVERFLOW, c->head, NULL);
     }
-    o->readable = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)c->readable_len);
+    o->readable = gather_bytes((Py_ssize_t)c->readable_len);
     if (!o->readable) {
         Py_DECREF(o);
         return NULL;
@@ -1116,10 +1172,16 @@ static PyMethodDef ring_functions[] = {
     {NULL},
 };
 
+static void ring_free(void *m)
+{
+    (void)m;
+    pool_clear();
+}
+
 static PyModuleDef ringmodule = {
     PyModuleDef_HEAD_INIT, "dissectors.ring._ring",
     "C ring engine (ring_core.c) binding; use dissectors.ring, which picks this or the pure-Python twin.", -1,
-    ring_functions,
+    ring_functions, NULL, NULL, NULL, (freefunc)ring_free,
 };
 
 PyMODINIT_FUNC PyInit__ring(void)
