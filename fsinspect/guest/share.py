@@ -46,8 +46,8 @@ class Share:
         return os.stat(self.root / rel)
 
 
-def _mount_tmpfs(path: Path) -> None:
-    cmd = ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "fsinspect-share", str(path)]
+def _mount_tmpfs(path: Path, size_mb: int = 64) -> None:
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "fsinspect-share", str(path)]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise ShareError(f"`{' '.join(cmd)}` failed: {p.stderr.strip()} (mounting tmpfs needs root)")
@@ -65,11 +65,18 @@ def is_mountpoint(path: Path) -> bool:
 
 @contextmanager
 def make_share(parent: Path | None = None, files: dict[str, bytes] | None = None,
-               submounts: tuple[str, ...] = SUBMOUNTS) -> Iterator[Share]:
-    """Create the share, yield it, and always unmount the tmpfs (innermost first) and remove it."""
+               submounts: tuple[str, ...] = SUBMOUNTS, root_tmpfs_mb: int = 0) -> Iterator[Share]:
+    """Create the share, yield it, and always unmount the tmpfs (innermost first) and remove it.
+
+    `root_tmpfs_mb` > 0 puts the root itself on a tmpfs of that size, for benchmarks: on the host's ext4,
+    a create storm that follows a delete storm within seconds pays ext4's scan past recently deleted
+    inodes (recently_deleted() in perf), which varies 3x between runs and swamps what is measured."""
     root = Path(tempfile.mkdtemp(prefix="fsi-share-", dir=parent))
     share = Share(root)
     try:
+        if root_tmpfs_mb:
+            _mount_tmpfs(root, root_tmpfs_mb)
+            share.mounts.append(root)
         for rel in submounts:
             mp = root / rel
             mp.mkdir(parents=True, exist_ok=True)
