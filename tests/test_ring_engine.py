@@ -112,6 +112,82 @@ def test_readable_bytes_never_change_under_a_holder(rig):
     assert view == contents[2]
 
 
+def test_writable_views_always_point_at_their_own_chain(rig):
+    """The C engine hands a dropped chain's writable tuple and views to the next chain with as many
+    segments in the same regions: each chain must write where its own descriptors say, a view or tuple
+    somebody kept must never move, and a released view must never come back."""
+    q = rig.queue()
+    bufs = [rig.buf(64) for _ in range(6)]
+    proxy_buf = (PROXY_GPA + 0x8000, 64)  # a writable segment in the other region
+
+    def pop(seg):
+        rig.guest.set_descs(0, driver.chain_descs([(*seg, True)], first=0))
+        rig.guest.publish([0])
+        (ch,) = q.pop_chains()
+        q.push_used([(ch.head, 0)])
+        rig.guest.collect_used()
+        return ch
+
+    def read(seg):
+        return bytes(rig.pmem[seg[0] - PROXY_GPA:seg[0] - PROXY_GPA + seg[1]]) if seg[0] >= PROXY_GPA \
+            else rig.get(seg[0], seg[1])
+
+    ch = pop(bufs[0])
+    del ch  # its views are free for the next chain
+    for i, seg in enumerate([bufs[1], proxy_buf, bufs[2]]):
+        ch = pop(seg)
+        assert [len(m) for m in ch.writable] == [64]
+        ch.writable[0][:4] = b"W%03d" % i
+        assert read(seg)[:4] == b"W%03d" % i
+        del ch
+    kept_view = pop(bufs[3]).writable[0]
+    kept_tuple = pop(bufs[4]).writable
+    released = pop(bufs[5])
+    released.writable[0].release()
+    del released
+    for seg in bufs[:3]:
+        ch = pop(seg)
+        ch.writable[0][:2] = b"ok"
+        assert read(seg)[:2] == b"ok"
+        del ch
+    kept_view[:4] = b"KV!!"
+    kept_tuple[0][:4] = b"KT!!"
+    assert read(bufs[3])[:4] == b"KV!!" and read(bufs[4])[:4] == b"KT!!"
+    assert all(read(seg)[:4] not in (b"KV!!", b"KT!!") for seg in bufs[:3])
+
+
+def test_removing_a_region_frees_its_mapping_after_chains(eng):
+    """Views a dropped chain left behind (the C engine keeps them for reuse) must not pin a region
+    that is removed: its mapping can be closed."""
+    rig = Rig(eng)
+    q = rig.queue()
+
+    def pop(seg):
+        rig.guest.set_descs(0, driver.chain_descs([(*seg, True)], first=0))
+        rig.guest.publish([0])
+        (ch,) = q.pop_chains()
+        q.push_used([(ch.head, 0)])
+        rig.guest.collect_used()
+        return ch
+
+    ch = pop(rig.buf(64))
+    ch.writable[0][:1] = b"x"
+    del ch  # nothing else holds its views: they may be kept for reuse
+    ch = pop((PROXY_GPA + 0x8000, 64))
+    in_proxy = ch.writable[0]  # must pin the proxy region, not the guest's
+    del ch
+    rig.mem.remove_region(PROXY_GPA)
+    with pytest.raises(BufferError):
+        rig.pmem.close()  # the view still points into it: no use-after-unmap
+    del in_proxy
+    rig.pmem.close()
+    q = None  # the queue and the driver pin the rings' region
+    del rig.guest
+    rig.mem.remove_region(0)
+    rig.gmem.close()  # would raise BufferError if a pooled view still held the export
+    rig.close()
+
+
 def test_indirect_chain_like_linux_virtiofs(rig):
     """Every guest request is ONE indirect descriptor with 3-4 segments (proxy-notes)."""
     segs = [rig.buf(b"I" * 40), rig.buf(b"A" * 8), rig.buf(16), rig.buf(96)]

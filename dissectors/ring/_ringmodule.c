@@ -19,6 +19,7 @@
 static PyObject *RingError;   /* dissectors.ring._common.RingError */
 static PyObject *CaptureType; /* dissectors.ring._common.Capture */
 static PyObject *KindNames[4];
+static void wpool_clear(void); /* chain view pool (below) */
 
 static PyObject *ring_error(int err, int head, PyObject *chains)
 {
@@ -148,6 +149,7 @@ static int MemoryMap_init(MemoryMapObject *self, PyObject *args, PyObject *kw)
 
 static void MemoryMap_dealloc(MemoryMapObject *self)
 {
+    wpool_clear(); /* pooled views pin region exports */
     for (int i = 0; i < self->m.n; i++)
         Py_CLEAR(self->owners[i]);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -212,6 +214,7 @@ static PyObject *MemoryMap_remove_region(MemoryMapObject *self, PyObject *arg)
     int i = rc_mem_remove(&self->m, gpa);
     if (i < 0)
         return ring_error(i, -1, NULL);
+    wpool_clear(); /* pooled views may pin this region's export */
     PyObject *old = self->owners[i];
     memmove(&self->owners[i], &self->owners[i + 1], (size_t)(self->m.n - i) * sizeof(PyObject *));
     self->owners[self->m.n] = NULL;
@@ -320,8 +323,12 @@ static Py_ssize_t pool_size;
 static PyObject *gather_bytes(Py_ssize_t n)
 {
 #ifdef POOL_ENABLED
-    if (n == pool_size && pool_n > 0) {
+    while (n == pool_size && pool_n > 0) {
         PyObject *b = pool[--pool_n];
+        if (Py_REFCNT(b) != 1) { /* somebody found it meanwhile: it is theirs now */
+            Py_DECREF(b);
+            continue;
+        }
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
         ((PyBytesObject *)b)->ob_shash = -1; /* contents change: forget a cached hash */
@@ -358,6 +365,44 @@ static void release_bytes(PyObject *b)
     Py_XDECREF(b);
 }
 
+/* The same for a chain's `writable` tuple: when nothing but the chain holds the tuple and its views, the
+ * next chain with as many writable segments in the same regions gets it back, each view re-pointed as
+ * make_view() narrows a fresh one.  Pooled views pin their region's export, so removing a region or
+ * dropping a memory map empties the pool first. */
+static PyObject *wpool[POOL_MAX];
+static int wpool_n;
+
+static void wpool_clear(void)
+{
+    while (wpool_n > 0)
+        Py_DECREF(wpool[--wpool_n]);
+}
+
+#ifdef POOL_ENABLED
+static int view_reusable(PyObject *v)
+{
+    PyMemoryViewObject *m = (PyMemoryViewObject *)v;
+    return Py_REFCNT(v) == 1 && Py_IS_TYPE(v, &PyMemoryView_Type) && m->exports == 0 &&
+           !(m->flags & _Py_MEMORYVIEW_RELEASED) && m->view.ndim == 1;
+}
+#endif
+
+static void release_writable(PyObject *t)
+{
+#ifdef POOL_ENABLED
+    if (t && Py_REFCNT(t) == 1 && PyTuple_CheckExact(t) && PyTuple_GET_SIZE(t) > 0 && wpool_n < POOL_MAX) {
+        Py_ssize_t n = PyTuple_GET_SIZE(t), i = 0;
+        while (i < n && view_reusable(PyTuple_GET_ITEM(t, i)))
+            i++;
+        if (i == n) {
+            wpool[wpool_n++] = t;
+            return;
+        }
+    }
+#endif
+    Py_XDECREF(t);
+}
+
 /* ================================================================== Chain */
 
 #define CHAIN_INLINE_LAYOUT 4
@@ -375,7 +420,7 @@ typedef struct {
 static void Chain_dealloc(ChainObject *self)
 {
     release_bytes(self->readable);
-    Py_XDECREF(self->writable);
+    release_writable(self->writable);
     if (self->layout != self->inl)
         PyMem_Free(self->layout);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -452,6 +497,49 @@ static PyTypeObject ChainType = {
     .tp_methods = Chain_methods,
 };
 
+/* A pooled writable tuple re-pointed at this chain's segments, or NULL (then build a new one). */
+static PyObject *reuse_writable(MemoryMapObject *mm, const struct rc_chain *c, Py_ssize_t nw)
+{
+#ifdef POOL_ENABLED
+    if (wpool_n == 0 || nw == 0)
+        return NULL;
+    PyObject *t = wpool[wpool_n - 1];
+    if (PyTuple_GET_SIZE(t) != nw)
+        return NULL;
+    Py_ssize_t k = 0;
+    for (uint32_t i = 0; i < c->nseg; i++) { /* every view must share its segment's region buffer */
+        if (!c->seg[i].write)
+            continue;
+        PyObject *v = PyTuple_GET_ITEM(t, k++);
+        PyMemoryViewObject *reg_mv = (PyMemoryViewObject *)((RegionObject *)mm->owners[c->seg[i].region])->mv;
+        if (((PyMemoryViewObject *)v)->mbuf != reg_mv->mbuf)
+            return NULL;
+        if (!view_reusable(v) || Py_REFCNT(t) != 1) { /* found meanwhile (gc.get_objects()): let it go */
+            wpool_n--;
+            Py_DECREF(t);
+            return NULL;
+        }
+    }
+    wpool_n--;
+    k = 0;
+    for (uint32_t i = 0; i < c->nseg; i++) {
+        if (!c->seg[i].write)
+            continue;
+        PyMemoryViewObject *reg_mv = (PyMemoryViewObject *)((RegionObject *)mm->owners[c->seg[i].region])->mv;
+        PyMemoryViewObject *m = (PyMemoryViewObject *)PyTuple_GET_ITEM(t, k++);
+        m->view.buf = c->seg[i].host;
+        m->view.len = c->seg[i].len;
+        m->view.shape[0] = c->seg[i].len;
+        m->view.readonly = reg_mv->view.readonly;
+        m->hash = -1;
+    }
+    return t;
+#else
+    (void)mm, (void)c, (void)nw;
+    return NULL;
+#endif
+}
+
 static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c)
 {
     ChainObject *o = PyObject_New(ChainObject, &ChainType);
@@ -486,6 +574,8 @@ static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c)
     Py_ssize_t nw = 0;
     for (uint32_t i = 0; i < c->nseg; i++)
         nw += c->seg[i].write;
+    if ((o->writable = reuse_writable(mm, c, nw)))
+        return (PyObject *)o;
     o->writable = PyTuple_New(nw); /* a tuple: one allocation (a list takes two) */
     if (!o->writable) {
         Py_DECREF(o);
@@ -1176,6 +1266,7 @@ static void ring_free(void *m)
 {
     (void)m;
     pool_clear();
+    wpool_clear();
 }
 
 static PyModuleDef ringmodule = {
