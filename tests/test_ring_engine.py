@@ -80,20 +80,25 @@ def test_direct_chain_pop_gather_write_push(rig):
     assert q.pop_chains() == []
 
 
+def _pop_head0(rig, q, segs):
+    """Publish head 0 as a chain of `segs` ((gpa, len, writable), ...), pop it and give it back as used."""
+    rig.guest.set_descs(0, driver.chain_descs(list(segs), first=0))
+    rig.guest.publish([0])
+    (ch,) = q.pop_chains()
+    q.push_used([(ch.head, 0)])
+    rig.guest.collect_used()
+    return ch
+
+
 def test_readable_bytes_never_change_under_a_holder(rig):
     """The C engine recycles a dropped chain's readable bytes for the next chain of the same size: a
     recycled object must carry the new bytes and hash, and one still referenced must never be reused."""
     a = rig.buf(4096)
-    rig.guest.set_descs(0, driver.chain_descs([(*a, False)], first=0))
     q = rig.queue()
 
     def pop(content: bytes):
         rig.put(a[0], content)
-        rig.guest.publish([0])
-        (ch,) = q.pop_chains()
-        q.push_used([(ch.head, 0)])
-        rig.guest.collect_used()
-        return ch
+        return _pop_head0(rig, q, [(*a, False)])
 
     contents = [bytes([i]) * 4096 for i in range(6)]
     ch = pop(contents[0])
@@ -121,12 +126,7 @@ def test_writable_views_always_point_at_their_own_chain(rig):
     proxy_buf = (PROXY_GPA + 0x8000, 64)  # a writable segment in the other region
 
     def pop(seg):
-        rig.guest.set_descs(0, driver.chain_descs([(*seg, True)], first=0))
-        rig.guest.publish([0])
-        (ch,) = q.pop_chains()
-        q.push_used([(ch.head, 0)])
-        rig.guest.collect_used()
-        return ch
+        return _pop_head0(rig, q, [(*seg, True)])
 
     def read(seg):
         return bytes(rig.pmem[seg[0] - PROXY_GPA:seg[0] - PROXY_GPA + seg[1]]) if seg[0] >= PROXY_GPA \
@@ -140,8 +140,12 @@ def test_writable_views_always_point_at_their_own_chain(rig):
         ch.writable[0][:4] = b"W%03d" % i
         assert read(seg)[:4] == b"W%03d" % i
         del ch
-    kept_view = pop(bufs[3]).writable[0]
-    kept_tuple = pop(bufs[4]).writable
+    ch = pop(bufs[3])
+    kept_view = ch.writable[0]  # its tuple is otherwise free when the chain goes
+    del ch
+    ch = pop(bufs[4])
+    kept_tuple = ch.writable
+    del ch
     released = pop(bufs[5])
     released.writable[0].release()
     del released
@@ -163,12 +167,7 @@ def test_removing_a_region_frees_its_mapping_after_chains(eng):
     q = rig.queue()
 
     def pop(seg):
-        rig.guest.set_descs(0, driver.chain_descs([(*seg, True)], first=0))
-        rig.guest.publish([0])
-        (ch,) = q.pop_chains()
-        q.push_used([(ch.head, 0)])
-        rig.guest.collect_used()
-        return ch
+        return _pop_head0(rig, q, [(*seg, True)])
 
     ch = pop(rig.buf(64))
     ch.writable[0][:1] = b"x"
