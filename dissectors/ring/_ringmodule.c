@@ -313,12 +313,14 @@ static PyTypeObject MemoryMapType = {
 #define POOL_MAX 1024
 #define POOL_MIN_SIZE 1024
 #define POOL_MAX_BYTES (16u << 20)
-#if !defined(Py_LIMITED_API) && PY_VERSION_HEX < 0x030E0000
-#define POOL_ENABLED 1 /* needs PyBytesObject's cached hash field */
+#if !defined(Py_LIMITED_API) && !defined(Py_GIL_DISABLED) && PY_VERSION_HEX < 0x030E0000
+#define POOL_ENABLED 1 /* needs PyBytesObject's cached hash field, and the GIL around the pools */
 #endif
 static PyObject *pool[POOL_MAX];
 static int pool_n;
+#ifdef POOL_ENABLED
 static Py_ssize_t pool_size;
+#endif
 
 static PyObject *gather_bytes(Py_ssize_t n)
 {
