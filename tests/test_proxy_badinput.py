@@ -112,3 +112,14 @@ def test_unknown_request_forwarded_untouched_with_its_reply() -> None:
         s = json.loads((work / "s.json").read_text())
     assert raw == answer
     assert s["vhost_decode_errors"] == 1
+
+
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    for args, says in ((["--poll-us", "-1"], "--poll-us must be between 0 and 100000"),
+                       (["--poll-us", "100001"], "--poll-us must be between 0 and 100000"),
+                       (["--snaplen", "-5"], "--snaplen must be >= 0")):
+        p = subprocess.run([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(tmp_path / "p.sock"),
+                            "--backend", str(tmp_path / "b.sock"), *args], capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 2 and says in p.stderr, (args, p.returncode, p.stderr)
+        assert not (tmp_path / "p.sock").exists()

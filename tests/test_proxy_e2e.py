@@ -186,6 +186,17 @@ def test_concurrent_five_times(guest_image: GuestImage, guest_share: Share, tmp_
         assert s["features"]["features_acked"] & (1 << 29) and not s["features"]["features_masked"] & (1 << 29)
 
 
+def test_poll_mode_forwards_everything(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    """--poll-us: the native path busy-polls after traffic instead of sleeping; nothing is lost."""
+    with proxy_in_front(guest_share, tmp_path, extra=("--poll-us", "300")) as run:
+        res = boot(guest_image, run, "crud", timeout=90)
+        assert res.ok, explain(res)
+        s = run.summary()
+    assert s["path"]["spin_hits"] > 0, s["path"]  # rounds the path found while polling, not woken
+    assert s["requests"] - s["opcodes"].get("FORGET", 0) == s["replies"], s
+    assert s["capture"]["dropped"] == 0 and s["path"].get("unpaired", 0) == 0 and s["lints"] == []
+
+
 def test_backend_death_guest_gets_eio_and_powers_off(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
     with proxy_in_front(guest_share, tmp_path) as run:
         killed: dict[str, float] = {}

@@ -54,6 +54,7 @@ class ProxyConfig:
     snaplen: int = 0  # bytes of each chain to capture (0: whole chain)
     capture_bytes: int = 64 * 1024 * 1024
     backend_wait: float = 15.0
+    spin_us: int = 0  # the native path busy-polls the rings this long after activity (0: sleeps in poll())
 
 
 @dataclass
@@ -349,7 +350,7 @@ class Proxy:
             C.PROXY_REGION_GPA + s.shadow_used_off, self.capture,
             kick_fd=-1 if q.kick_fd is None else q.kick_fd, call_fd=-1 if q.call_fd is None else q.call_fd,
             backend_kick_fd=q.backend_kick, backend_call_fd=q.backend_call, avail_base=s.base,
-            snaplen=self.cfg.snaplen, event_idx=self._event_idx)
+            snaplen=self.cfg.snaplen, event_idx=self._event_idx, spin_us=self.cfg.spin_us)
         q.path.start()
 
     def _queue_stop(self, index: int) -> None:

@@ -262,7 +262,8 @@ def render_summary(s: dict[str, Any]) -> str:
     path = s["path"]
     if path.get("wakeups"):
         lines.append(f"  forwarding: {path['wakeups']} wake-ups, {path['busy_ns'] / path['wakeups'] / 1e3:.1f} us each on "
-                     f"average, longest {path['busy_max_ns'] / 1e6:.2f} ms")
+                     f"average, longest {path['busy_max_ns'] / 1e6:.2f} ms"
+                     + (f"; {path['spin_hits']} rounds found by polling" if path.get("spin_hits") else ""))
     top = ", ".join(f"{k} {v}" for k, v in list(s["opcodes"].items())[:10])
     lines.append(f"  opcodes: {top}")
     if f.get("features_masked"):
