@@ -40,13 +40,13 @@ def run_direct(image: build.GuestImage, share: Path, workload: str) -> dict[str,
 
 
 def run_proxied(image: build.GuestImage, share: Path, workload: str,
-                record: bool = True) -> tuple[dict[str, float], float, int]:
+                record: bool = True, extra: tuple[str, ...] = ()) -> tuple[dict[str, float], float, int]:
     with launcher.short_tmpdir() as work, launcher.virtiofsd(share, work) as be:
         listen, summ = work / "p.sock", work / "summary.json"
         rec = ["--record", str(work / "rec.pcapng")] if record else []
         proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
                                  "--backend", str(be.socket_path), *rec,
-                                 "--summary-json", str(summ), "--quiet"], stdin=subprocess.DEVNULL)
+                                 "--summary-json", str(summ), "--quiet", *extra], stdin=subprocess.DEVNULL)
         try:
             while not listen.exists():
                 time.sleep(0.02)
@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--workload", default="full")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--poll-us", type=int, default=0, help="pass --poll-us to the proxy arms")
     ap.add_argument("--share-fs", choices=("tmpfs", "disk"), default="tmpfs",
                     help="where the share's root lives (default tmpfs: on the host's ext4 the create storm "
                          "after a delete storm scans recently deleted inodes, 3x noise between runs)")
@@ -92,6 +93,7 @@ def main() -> int:
     unrecorded: list[dict[str, float]] = []
     cpu: list[float] = []
     exch: list[int] = []
+    extra = ("--poll-us", str(args.poll_us)) if args.poll_us else ()
     with make_share(root_tmpfs_mb=512 if args.share_fs == "tmpfs" else 0) as share:
         for i in range(args.pairs):
             order = ["direct", "proxy", *(["unrecorded"] if args.unrecorded else [])]
@@ -101,9 +103,10 @@ def main() -> int:
                 if kind == "direct":
                     direct.append(run_direct(image, share.root, args.workload))
                 elif kind == "unrecorded":
-                    unrecorded.append(run_proxied(image, share.root, args.workload, record=False)[0])
+                    unrecorded.append(run_proxied(image, share.root, args.workload, record=False,
+                                                  extra=extra)[0])
                 else:
-                    psteps, c, n = run_proxied(image, share.root, args.workload)
+                    psteps, c, n = run_proxied(image, share.root, args.workload, extra=extra)
                     proxied.append(psteps)
                     cpu.append(c)
                     exch.append(n)
