@@ -457,17 +457,16 @@ class ShadowPath:
         self._last_error: str | None = None
         self._need_notify = False
         self._ctr = dict.fromkeys(_COUNTERS, 0)
-        # EVENT_IDX (rc_path_set_event_idx): used_event follows the avail ring, avail_event the used ring
+        # EVENT_IDX (rc_path_set_event_idx): used_event follows an avail ring, avail_event a used ring.
+        # The guest's used_event and the backend's avail_event are their wishes; the other two are ours.
         self._event_idx = bool(event_idx)
-        self._g_used_event = _AVAIL_RING_OFF + 2 * num  # in the guest's avail ring: the guest's wish
-        self._g_avail_event = _USED_RING_OFF + _ELEM_SIZE * num  # in the guest's used ring: ours
-        self._s_used_event = self._g_used_event  # in the shadow avail ring: ours
-        self._s_avail_event = self._g_avail_event  # in the shadow used ring: the backend's wish
+        lay = virtio.split_ring_layout(num)
+        self._used_event_off, self._avail_event_off = lay.used_event_off, lay.avail_event_off
         self._signalled_used: int | None = None
         self._kicked_avail = self._s_avail_idx
         if self._event_idx:
-            _put16(self._g_used, self._g_avail_event, self._next_avail)
-            _put16(self._s_avail, self._s_used_event, self._next_used)
+            _put16(self._g_used, self._avail_event_off, self._next_avail)
+            _put16(self._s_avail, self._used_event_off, self._next_used)
 
     # -- lifecycle
     def start(self) -> None:
@@ -644,7 +643,7 @@ class ShadowPath:
         _store_idx(self._s_avail, self._s_avail_idx)
         if self._event_idx:
             old, self._kicked_avail = self._kicked_avail, self._s_avail_idx
-            if not _need_event(_get16(self._s_used, self._s_avail_event), self._s_avail_idx, old):
+            if not _need_event(_get16(self._s_used, self._avail_event_off), self._s_avail_idx, old):
                 self._ctr["kicks_suppressed"] += 1
                 return
         os.eventfd_write(self._bkick_fd, 1)
@@ -654,7 +653,7 @@ class ShadowPath:
         _store_idx(self._g_used, self._g_used_idx)
         if self._event_idx:
             old, self._signalled_used = self._signalled_used, self._g_used_idx
-            if old is not None and not _need_event(_get16(self._g_avail, self._g_used_event), self._g_used_idx,
+            if old is not None and not _need_event(_get16(self._g_avail, self._used_event_off), self._g_used_idx,
                                                    old):
                 self._ctr["calls_suppressed"] += 1
                 return
@@ -698,7 +697,7 @@ class ShadowPath:
         if moved:
             self._flush_avail()
         if self._event_idx:  # tell the guest to kick for the next entry
-            _put16(self._g_used, self._g_avail_event, self._next_avail)
+            _put16(self._g_used, self._avail_event_off, self._next_avail)
         self._notify()
         return moved
 
@@ -739,7 +738,7 @@ class ShadowPath:
         if moved:
             self._flush_used()
         if self._event_idx:  # tell the backend to call for the next entry
-            _put16(self._s_avail, self._s_used_event, self._next_used)
+            _put16(self._s_avail, self._used_event_off, self._next_used)
         self._notify()
         return moved
 

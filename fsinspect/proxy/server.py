@@ -476,7 +476,7 @@ class Proxy:
         if q.local is None or q.setup is None or not self._event_idx:
             return
         s = q.setup
-        at = self.mem.uva_to_gpa(s.used_uva) + vio.split_ring_layout(s.num).used_ring_off + 8 * s.num
+        at = self.mem.uva_to_gpa(s.used_uva) + vio.split_ring_layout(s.num).avail_event_off
         self.mem.view(at, 2)[:] = struct.pack("<H", q.local.last_avail_idx & 0xFFFF)
 
     @staticmethod
