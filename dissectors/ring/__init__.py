@@ -85,6 +85,8 @@ from typing import TYPE_CHECKING
 
 from ._common import (
     CAP_F_TRUNCATED,
+    HOLD_REPLY,
+    HOLD_REQUEST,
     KIND_ERROR,
     KIND_REPLY,
     KIND_REQUEST,
@@ -92,6 +94,7 @@ from ._common import (
     MAX_GATHER,
     REASONS,
     Capture,
+    HoldRule,
     RingError,
 )
 
@@ -131,6 +134,8 @@ __all__ = [
     "BACKEND",
     "CAP_F_TRUNCATED",
     "CORE_LAYOUT",
+    "HOLD_REPLY",
+    "HOLD_REQUEST",
     "KIND_ERROR",
     "KIND_REPLY",
     "KIND_REQUEST",
@@ -140,6 +145,7 @@ __all__ = [
     "Capture",
     "CaptureBuffer",
     "Chain",
+    "HoldRule",
     "MemoryMap",
     "RingError",
     "ShadowPath",

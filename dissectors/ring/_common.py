@@ -6,6 +6,7 @@ engine is loaded (the C binding imports this module at start-up).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 # Index = the C core's enum rc_err (ring_core.h); tests check the two agree.
@@ -42,6 +43,25 @@ CAPTURE_KINDS = ("pad", KIND_REQUEST, KIND_REPLY, KIND_ERROR)  # index = enum rc
 # Capture record sizes (C: struct rc_cap_hdr and struct rc_layout); both backends account capacity alike.
 CAP_HDR_SIZE = 40
 CAP_LAYOUT_SIZE = 16
+
+
+# Hold points (issue 15; /work contract section 1): which captures the path holds instead of forwarding.
+HOLD_REQUEST = 1
+HOLD_REPLY = 2
+
+
+@dataclass(frozen=True)
+class HoldRule:
+    """One native hold rule: a request (or the reply to a request) whose opcode is in `opcodes`
+    (empty = every opcode), on a queue in the bitmask `queues` (0 = every queue), is held.
+
+    A reply rule matches on the opcode of the request it answers.  The full filter expression is
+    evaluated later in Python on the held capture; this is only the cheap native prefilter.
+    """
+
+    direction: int
+    queues: int = 0
+    opcodes: frozenset[int] = frozenset()
 
 
 class RingError(Exception):
