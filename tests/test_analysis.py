@@ -187,6 +187,14 @@ def _decode_error(s: Script) -> None:
     s.reply("LOOKUP", 500, error=2, head=40)
 
 
+def _stuck(s: Script) -> None:
+    u, h = s.request("GETATTR", {"getattr": {}}, 1)
+    s.an.check_stuck(s.t + 999_000_000)  # not yet
+    s.an.check_stuck(s.t + 1_000_001_000)  # still waiting: linted now, before any reply
+    s.an.check_stuck(s.t + 5_000_000_000)  # once
+    s.reply("GETATTR", u, {"attr_out": {"attr": {"ino": 2}}}, head=h, latency=6_000_000_000)
+
+
 LINT_SCRIPTS = {
     X.ORPHAN_REPLY: (_orphan_reply, 0),
     X.NO_REPLY: (_no_reply, 0),
@@ -198,6 +206,7 @@ LINT_SCRIPTS = {
     X.SYNCFS_NOT_ROOT: (_syncfs_not_root, 0),
     X.ERROR_SUPPORTED_OP: (_supported_error, FLAG["POSIX_LOCKS"]),
     X.DECODE_ERROR: (_decode_error, 0),
+    X.STUCK: (_stuck, 0),
 }
 
 
@@ -216,6 +225,87 @@ def test_lint_fires_exactly_once(lint: str) -> None:
     ex = s.an.exchanges[found.exchange]
     assert ex.lints == [lint] and found.message
     assert compile_filter(f'lint == "{lint}"')(ex) and compile_filter("lint")(ex)
+
+
+def test_requests_in_flight_are_numbered_pending_and_completed_in_place() -> None:
+    s = Script()
+    s.init()
+    opened: list[tuple[int, str, list[str]]] = []
+    finished: list[int] = []
+    s.an.pending_listeners.append(lambda ex: opened.append((ex.n, ex.state, list(ex.lints))))
+    s.an.listeners.append(lambda ex: finished.append(ex.n))
+    u1, h1 = s.request("LOOKUP", {"name": b"a"}, 1)
+    u2, h2 = s.request("GETATTR", {"getattr": {}}, 1)
+    t_req = s.t
+    assert opened == [(2, "pending", []), (3, "pending", [])] and finished == []
+    assert [e.n for e in s.an.pending] == [2, 3] and s.an.find(3) is s.an.exchanges[2]
+    d = exchange_json(s.an.find(3), now_ns=t_req + 2_500_000)
+    assert d["n"] == 3 and d["state"] == "pending" and d["age_ms"] == 2.5
+    s.an.check_stuck(t_req + 1_500_000_000)  # both waited longer than the default 1 s: linted while pending
+    assert [(n, lints) for n, _st, lints in opened[2:]] == [(2, [X.STUCK]), (3, [X.STUCK])]
+    ex = s.reply("GETATTR", u2, {"attr_out": {"attr": {"ino": 2}}}, head=h2, latency=2_000_000_000)
+    assert ex.n == 3 and ex.state == "done" and finished == [3] and s.an.find(3) is None
+    assert "age_ms" not in exchange_json(ex, now_ns=s.t) and ex.lints == [X.STUCK]
+    # A reply may name its exchange by number (a UI attached to a proxy pairs them that way).
+    ex = s.an.feed_reply(F.encode_reply("LOOKUP", {}, unique=u1, error=2), 1, None, s.tick(), n=2)
+    assert ex.n == 2 and ex.errname == "ENOENT" and s.an.pending == []
+    assert (u1, h1) != (0, None)
+
+
+def test_a_late_reply_is_stuck_too_and_the_threshold_is_configurable() -> None:
+    an = Analyzer(stuck_ns=50_000_000)
+    raw = F.encode_request("GETATTR", {"getattr": {}}, unique=2, nodeid=1)
+    an.feed_request(raw, 1, 0, 1_000_000_000)
+    an.feed_request(F.encode_request("GETATTR", {"getattr": {}}, unique=4, nodeid=1), 1, 1, 1_000_000_000)
+    an.feed_reply(F.encode_reply("GETATTR", {"attr_out": {}}, unique=2), 1, 0, 1_060_000_000)  # 60 ms
+    an.feed_reply(F.encode_reply("GETATTR", {"attr_out": {}}, unique=4), 1, 1, 1_040_000_000)  # 40 ms
+    assert [e.lints for e in an.exchanges] == [[X.STUCK], []]
+    assert "took 60 ms" in an.lints[0].message and "threshold 50 ms" in an.lints[0].message
+    off = Analyzer(stuck_ns=0)
+    off.feed_request(raw, 1, 0, 0)
+    assert off.check_stuck(10**12) == [] and off.lints == []
+
+
+def test_a_stream_that_ends_with_unanswered_requests_keeps_them_pending() -> None:
+    s = Script()
+    s.init()
+    s.request("MKDIR", {"mkdir": {"mode": 0o755}, "name": b"d"}, 1)
+    t_req = s.t
+    s.call("GETATTR", {"getattr": {}}, 1, {"attr_out": {"attr": {"ino": 2}}}, latency=3_000_000_000)
+    s.an.finish()
+    ex = s.an.exchanges[1]
+    assert ex.state == "pending" and not ex.replied
+    assert sorted(ex.lints) == [X.NO_REPLY, X.STUCK]  # waited 3 s by the recording's last capture
+    assert exchange_json(ex, now_ns=s.an.last_ts)["age_ms"] == round((s.an.last_ts - t_req) / 1e6, 1)
+
+
+def test_held_requests_and_replies() -> None:
+    s = Script()
+    s.init()
+    seen: list[tuple[int, str]] = []
+    s.an.pending_listeners.append(lambda ex: seen.append((ex.n, ex.state)))
+    raw = F.encode_request("MKDIR", {"mkdir": {"mode": 0o755}, "name": b"d"}, unique=10, nodeid=1)
+    ex = s.an.feed_request(raw, 1, 7, s.tick(), held=True)
+    assert ex.state == "held" and ex.held == X.HELD_REQUEST
+    assert exchange_json(ex)["held"] == "request"
+    s.an.check_stuck(s.t + 10**10)
+    assert X.STUCK not in ex.lints  # the UI shows it held; not stuck while the user holds it
+    assert s.an.resume(ex.n, "released") is ex and ex.state == "pending" and "released by the debugger" in ex.notes
+    # Its reply is held too: the exchange stays open with the reply decoded, then a rewrite replaces it.
+    entry = F.make("fuse_entry_out", nodeid=5, attr=F.make("fuse_attr", ino=50, mode=0o40755))
+    s.an.feed_reply(F.encode_reply("MKDIR", {"entry": entry}, unique=10), 1, 7, s.tick(), held=True)
+    assert ex.state == "held" and ex.held == X.HELD_REPLY and ex.error == 0 and s.an.find(ex.n) is ex
+    s.an.feed_reply(F.encode_reply("MKDIR", {}, unique=10, error=13), 1, 7, s.tick(), notes=["rewritten"])
+    assert ex.state == "done" and ex.errname == "EACCES" and 5 not in s.an.inodes.nodes
+    assert seen == [(ex.n, "held"), (ex.n, "pending"), (ex.n, "held")]
+    # A held reply released as it was completes the exchange with that reply.
+    u, h = s.request("GETATTR", {"getattr": {}}, 1)
+    s.an.feed_reply(F.encode_reply("GETATTR", {"attr_out": {"attr": {"ino": 2}}}, unique=u), 1, h, s.tick(),
+                    held=True)
+    n = s.an.exchanges[-1].n
+    done = s.an.resume(n, "released")
+    assert done is not None and done.state == "done" and done.error == 0 and s.an.pending == []
+    assert s.an.resume(n, "released") is None
 
 
 def test_duplicate_pairs_the_reply_with_the_newer_request() -> None:

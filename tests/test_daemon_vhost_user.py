@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -136,6 +137,56 @@ def test_cli_print_capabilities_and_errors(tmp_path: Path) -> None:
     assert r.returncode == 1 and "not a socket" in r.stderr and "Traceback" not in r.stderr
     r = _cli("--fd", "0", "--shared-dir", str(tmp_path))
     assert r.returncode == 1 and "--fd 0" in r.stderr and "Traceback" not in r.stderr
+    for stuck, says in (("abc", "--stuck-ms 'abc': give a whole number of milliseconds"),
+                        ("-5", "--stuck-ms -5: must be between 0 (off) and 86400000")):
+        r = _cli("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path), "--control",
+                 str(tmp_path / "c"), "--stuck-ms", stuck)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _cli("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path), "--stuck-ms", "500")
+    assert r.returncode == 2 and "add --control SOCK" in r.stderr
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
+
+
+def test_control_tap_shows_requests_in_flight_and_lints_them_stuck(tmp_path: Path) -> None:
+    """The daemon's own control socket: a request shows as the engine reads it, in the stream and in a later
+    client's snapshot; the tap's checker lints it `stuck` while it still waits; the reply completes it."""
+    from fsinspect.commands._daemon_vhost import ControlTap
+
+    tap = ControlTap(str(tmp_path / "c.sock"), 150_000_000)
+    first = socket.socket(socket.AF_UNIX)
+    later = socket.socket(socket.AF_UNIX)
+    files = []
+    try:
+        first.connect(str(tmp_path / "c.sock"))
+        f1 = first.makefile("rb")
+        files.append(f1)
+        assert [json.loads(f1.readline())["type"] for _ in range(2)] == ["hello", "snapshot"]
+        t0 = time.time_ns()
+        tap("request", 1, 8, t0, F.encode_request("MKDIR", {"mkdir": {"mode": 0o755}, "name": b"d"}, unique=8,
+                                                  nodeid=1))
+        req = json.loads(f1.readline())
+        assert req["type"] == "request" and req["state"] == "pending" and req["opcode"] == "MKDIR" and req["n"] == 1
+        stuck = json.loads(f1.readline())  # the checker thread, within its 100 ms period of the threshold
+        waited = (time.time_ns() - t0) / 1e6
+        assert stuck["type"] == "request" and stuck["n"] == 1 and stuck["lints"] == ["stuck"]
+        assert 150 <= stuck["age_ms"] <= waited and waited < 150 + 500
+        later.connect(str(tmp_path / "c.sock"))
+        f2 = later.makefile("rb")
+        files.append(f2)
+        json.loads(f2.readline())
+        snap = json.loads(f2.readline())
+        assert [(p["n"], p["opcode"], p["lints"]) for p in snap["pending"]] == [(1, "MKDIR", ["stuck"])]
+        assert snap["pending"][0]["age_ms"] >= 150 and any(x["kind"] == "stuck" for x in snap["lints"])
+        tap("reply", 1, 8, time.time_ns(), F.encode_reply("MKDIR", {}, unique=8, error=17))
+        for f in (f1, f2):
+            done = json.loads(f.readline())
+            assert done["type"] == "exchange" and done["n"] == 1 and done["error"] == "EEXIST"
+    finally:
+        for f in files:
+            f.close()
+        first.close()
+        later.close()
+        tap.close()
 
 
 @pytest.mark.root

@@ -143,8 +143,66 @@ def test_a_watching_client_gets_everything_analysed_at_once(tmp_path: Path) -> N
         feed(s, caps[half:])
         assert s.backlog == 0 and s.analyzer.count > before  # watched: analysed as it comes
         got = json.loads(f.readline())
-        assert got["type"] == "exchange"
+        assert got["type"] in ("request", "exchange") and got["n"] > 0
     finally:
         for f in files:
             f.close()
         client.close()
+
+
+def _lines(f: Any, until: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Protocol lines read until `until(line)` holds (the socket has a timeout)."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out.append(json.loads(f.readline()))
+        if until(out[-1]):
+            return out
+    raise AssertionError(f"not seen in {timeout} s: {out[-5:]}")
+
+
+def test_requests_in_flight_stream_snapshot_and_stuck(tmp_path: Path) -> None:
+    """A request shows at once (stream and snapshot, with its age), is linted `stuck` while it still waits,
+    and its reply completes the same number in place."""
+    caps = [c for c in captures() if c.queue == 1][:40]
+    replies = {(c.queue, c.head): c for c in caps if c.kind == "reply"}
+    last_req = max((c for c in caps if c.kind == "request" and (c.queue, c.head) in replies), key=lambda c: c.ts_ns)
+    held_reply = replies[(last_req.queue, last_req.head)]
+    s = session(tmp_path, "inflight", control=str(tmp_path / "ctl.sock"), stuck_ns=200_000_000)
+    client = socket.socket(socket.AF_UNIX)
+    client.settimeout(5)
+    files: list[Any] = []
+    try:
+        now = time.time_ns()
+        shift = now - last_req.ts_ns  # as if captured just now
+        live = [c._replace(ts_ns=c.ts_ns + shift) for c in caps if c is not held_reply]
+        feed(s, live)
+        client.connect(str(tmp_path / "ctl.sock"))
+        f = client.makefile("rb")
+        files.append(f)
+        hello, snap = json.loads(f.readline()), json.loads(f.readline())
+        assert hello["type"] == "hello"
+        (pending,) = snap["pending"]
+        n = pending["n"]
+        assert pending["state"] == "pending" and pending["head"] == last_req.head and snap["held"] == []
+        assert 0 <= pending["age_ms"] < 1000 and pending["request_raw"] == last_req.data.hex()
+        assert n not in {x["n"] for x in snap["exchanges"]}
+        # Nothing comes back: the capture thread's idle checks lint it once it waited 200 ms.
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 and "stuck" not in s.analyzer.find(n).lints:  # type: ignore[union-attr]
+            s._on_idle()
+            time.sleep(0.02)
+        got = _lines(f, lambda x: x["type"] == "request")
+        assert got[-1]["n"] == n and got[-1]["lints"] == ["stuck"] and got[-1]["age_ms"] >= 200
+        assert got[-1]["state"] == "pending"
+        assert any(x["kind"] == "stuck" and f"(#{n})" in x["message"] for x in s.summary()["lints"])
+        # A new request goes out as it is captured; the held-back reply completes number n in place.
+        feed(s, [held_reply._replace(ts_ns=time.time_ns())])
+        done = _lines(f, lambda x: x["type"] == "exchange")[-1]
+        assert done["n"] == n and done["state"] == "done" and done["lints"] == ["stuck"] and "age_ms" not in done
+        assert s.analyzer.pending == [] and s.snapshot()["pending"] == []
+    finally:
+        for f in files:
+            f.close()
+        client.close()
+        s.writer.close()  # type: ignore[union-attr]

@@ -5,6 +5,12 @@ Pairing key: (INIT epoch, queue, descriptor head) for virtio sources, checked ag
 (INIT epoch, unique) when there is no head (/dev/fuse).  Every INIT request starts a new epoch, since
 uniques restart at INIT.  Nothing here raises on bad input: undecodable messages become flagged
 exchanges that keep their raw bytes.
+
+Requests in flight are state: a request is an Exchange from its capture on, numbered (`n`, 1-based, in
+capture order), pending until its reply.  `pending_listeners` hear about it at once and again whenever it
+changes while pending (held, resumed, linted `stuck`); `listeners` hear about it once it is finished.
+The `stuck` lint needs a clock: the feeder calls `check_stuck(now_ns)` periodically (a reply that comes
+late gets it too, so a recording replays to the same lints).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ _RENAME_EXCHANGE = spec.RENAME_FLAGS.by_name()["EXCHANGE"]
 _INIT_FLAG = spec.INIT_FLAGS.by_name()
 _IN = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
 _OUT = struct.Struct("<IiQ")  # len, error, unique
+DEFAULT_STUCK_NS = 1_000_000_000  # `stuck`: a request waiting longer than this (--stuck-ms changes it)
 
 
 def _patch_len(raw: bytes, orig_len: int | None) -> bytes:
@@ -45,8 +52,10 @@ class Analyzer:
     """Usable live (proxy, daemon tap) and offline (recordings): call feed_request/feed_reply, then finish."""
 
     def __init__(self, *, keep_exchanges: bool = True, keep_raw: bool = False,
-                 stats_bucket_ns: int = 1_000_000_000) -> None:
+                 stats_bucket_ns: int = 1_000_000_000, stuck_ns: int = DEFAULT_STUCK_NS) -> None:
         self.keep_exchanges = keep_exchanges
+        self.stuck_ns = stuck_ns  # 0: no `stuck` lint
+        self.last_ts = 0  # the newest capture time fed: a recording's "now"
         self.keep_raw = keep_raw
         self.epoch = 0
         self.count = 0
@@ -59,16 +68,20 @@ class Analyzer:
         self.negotiated: set[int] = set()  # epochs whose INIT reply was seen
         self.init: dict[int, tuple[F.Request, F.Reply | None]] = {}
         self.listeners: list[Callable[[Exchange], None]] = []  # called when an exchange is finished
+        self.pending_listeners: list[Callable[[Exchange], None]] = []  # a request opened, or changed while open
         self._pending: dict[tuple[int, ...], Exchange] = {}
+        self._by_n: dict[int, tuple[int, ...]] = {}  # pending exchanges by number
         self._finished = False
 
     # -- feeding ---------------------------------------------------------------------------------
     def feed_request(self, msg: Raw | F.Request, queue: int = 0, head: int | None = None, ts_ns: int = 0, *,
                      epoch: int | None = None, orig_len: int | None = None, notes: Sequence[str] = (),
-                     ref: Any = None) -> Exchange:
+                     ref: Any = None, n: int | None = None, held: bool = False) -> Exchange:
         """A request as raw bytes or decoded; returns its (open or, for FORGET, finished) Exchange.
 
         `ref` is the caller's handle on the message (a recording offset), kept as `Exchange.req_ref`.
+        `n` imposes the source's exchange number (a UI attached to a proxy); by default it is index + 1.
+        `held`: a breakpoint holds it (the back-end has not seen it).
         """
         req: F.Request | None
         raw: bytes | None
@@ -89,8 +102,10 @@ class Analyzer:
             self._new_epoch(self.epoch + 1)
         ex = Exchange(self.count, queue, head, self.epoch, unique, opcode, nodeid, req_ts=ts_ns,
                       req_len=orig_len if orig_len is not None else (len(raw) if raw is not None else length),
-                      notes=list(notes), req_ref=ref)
+                      notes=list(notes), req_ref=ref, n=n if n is not None else self.count + 1,
+                      held=X.HELD_REQUEST if held else None)
         self.count += 1
+        self.last_ts = max(self.last_ts, ts_ns)
         if raw is not None:
             ex.snapped = orig_len is not None and orig_len > len(raw)
             try:
@@ -123,14 +138,23 @@ class Analyzer:
                        f"{ex.opname} unique {unique} on {what} while {old.opname} unique {old.unique} "
                        f"(exchange {old.index}) is still in flight")
             old.notes.append(f"displaced by exchange {ex.index}")
+            self._by_n.pop(old.n, None)
             self._finish(old)
         self._pending[key] = ex
+        self._by_n[ex.n] = key
+        self._changed(ex)
         return ex
 
     def feed_reply(self, msg: Raw | F.Reply | F.Notification, queue: int = 0, head: int | None = None,
                    ts_ns: int = 0, *, epoch: int | None = None, orig_len: int | None = None,
-                   notes: Sequence[str] = (), ref: Any = None) -> Exchange:
-        """A reply (or notification) as raw bytes or decoded; returns the Exchange it finished."""
+                   notes: Sequence[str] = (), ref: Any = None, n: int | None = None,
+                   held: bool = False) -> Exchange:
+        """A reply (or notification) as raw bytes or decoded; returns the Exchange it finished.
+
+        `n` pairs it with that pending exchange (a UI attached to a proxy); by default the chain or unique
+        does.  `held`: a breakpoint holds the reply (the guest has not seen it): the exchange stays open,
+        held, until `resume()` or the reply that replaces it.
+        """
         decoded: F.Reply | F.Notification | None = None
         raw: bytes | None = None
         if isinstance(msg, (F.Reply, F.Notification)):
@@ -145,6 +169,7 @@ class Analyzer:
             else:
                 length, err, unique = len(raw), 0, -1
         rlen = orig_len if orig_len is not None else (len(raw) if raw is not None else length)
+        self.last_ts = max(self.last_ts, ts_ns)
         if epoch is not None and epoch > self.epoch:
             self._new_epoch(epoch)
         if unique == 0:  # a notification: it stands alone
@@ -152,7 +177,7 @@ class Analyzer:
             self._decode_reply(ex, decoded, raw, None, orig_len)
             self._finish(ex)
             return ex
-        ex_or_none = self._pop(queue, head, unique)
+        ex_or_none = self._pop(queue, head, unique, n, keep=held)
         if ex_or_none is None:
             ex = self._lone(queue, head, unique, ts_ns, rlen, notes, ref)
             ex.error = -err if err <= 0 else None
@@ -171,24 +196,97 @@ class Analyzer:
         ex.reply_ref = ref
         ex.reply_len = rlen
         ex.notes.extend(notes)
-        ex.replied = True
-        if unique != ex.unique:
+        if unique != ex.unique and X.UNIQUE_MISMATCH not in ex.lints:
             self._lint(ex, X.UNIQUE_MISMATCH, f"chain (queue {queue}, head {head}) carried request unique "
                                               f"{ex.unique} but the reply says {unique}")
+        ex.reply = None
+        ex.error = None
         self._decode_reply(ex, decoded, raw, ex.request if ex.request is not None else ex.opcode, orig_len)
         if ex.error is None:
             ex.error = -err if err <= 0 else None
-        self._apply_reply(ex)
-        self._finish(ex)
+        if held:
+            ex.held = X.HELD_REPLY
+            self._changed(ex)
+            return ex
+        self._complete(ex)
         return ex
 
+    def _complete(self, ex: Exchange) -> None:
+        ex.held = None
+        ex.replied = True
+        latency = ex.latency_ns
+        if latency is not None:
+            self._stuck(ex, latency, "took")
+        self._apply_reply(ex)
+        self._finish(ex)
+
+    # -- requests in flight ------------------------------------------------------------------------
+    def find(self, n: int) -> Exchange | None:
+        """The pending (or held) exchange number `n`, or None if it is complete or unknown."""
+        key = self._by_n.get(n)
+        return self._pending.get(key) if key is not None else None
+
+    def set_held(self, n: int, side: str | None) -> Exchange | None:
+        """Mark pending exchange `n` held (X.HELD_REQUEST / X.HELD_REPLY) or not (None)."""
+        ex = self.find(n)
+        if ex is not None and ex.held != side:
+            ex.held = side
+            self._changed(ex)
+        return ex
+
+    def resume(self, n: int, how: str) -> Exchange | None:
+        """A breakpoint let exchange `n` go (`how`: released, answered, delayed, rewritten, dropped).
+
+        A held request goes back to pending (its reply completes it as usual); a held reply that was released
+        as it was completes the exchange now.  Returns the exchange, or None if `n` is not open.
+        """
+        ex = self.find(n)
+        if ex is None:
+            return None
+        ex.notes.append(f"{how} by the debugger")
+        if ex.held == X.HELD_REPLY and ex.reply_ts is not None:
+            self._pending.pop(self._by_n.pop(n))
+            self._complete(ex)
+            return ex
+        ex.held = None
+        self._changed(ex)
+        return ex
+
+    def check_stuck(self, now_ns: int) -> list[Exchange]:
+        """Lint every pending request that has waited longer than `stuck_ns` at `now_ns` (once each)."""
+        if not self.stuck_ns:
+            return []
+        out = []
+        for ex in list(self._pending.values()):
+            if ex.req_ts is not None and ex.held is None and X.STUCK not in ex.lints and ex.expects_reply:
+                if self._stuck(ex, now_ns - ex.req_ts, "has waited"):
+                    self._changed(ex)
+                    out.append(ex)
+        return out
+
+    def _stuck(self, ex: Exchange, waited_ns: int, verb: str) -> bool:
+        """Not while a breakpoint holds it (the UI shows that already); its latency still counts at the end:
+        the guest waited for it all the same."""
+        if not self.stuck_ns or waited_ns <= self.stuck_ns or X.STUCK in ex.lints:
+            return False
+        self._lint(ex, X.STUCK, f"{ex.opname} unique {ex.unique} (#{ex.n}) {verb} {waited_ns / 1e6:.0f} ms for its "
+                                f"reply (threshold {self.stuck_ns / 1e6:g} ms)")
+        return True
+
+    def _changed(self, ex: Exchange) -> None:
+        for cb in self.pending_listeners:
+            cb(ex)
+
     def finish(self) -> list[Lint]:
-        """End of the stream: every request still waiting gets the no-reply lint.  Returns all lints."""
+        """End of the stream: every request still waiting gets the no-reply lint (and `stuck` if it had
+        waited long enough by the last capture).  Returns all lints."""
+        self.check_stuck(self.last_ts)
         for ex in sorted(self._pending.values(), key=lambda e: e.index):
             if ex.expects_reply:
                 self._lint(ex, X.NO_REPLY, f"{ex.opname} unique {ex.unique} (epoch {ex.epoch}) never got a reply")
             self._finish(ex)
         self._pending.clear()
+        self._by_n.clear()
         self._finished = True
         return self.lints
 
@@ -218,10 +316,16 @@ class Analyzer:
     def _key(queue: int, head: int | None, unique: int, epoch: int) -> tuple[int, ...]:
         return (epoch, queue, head) if head is not None else (epoch, -1, unique)
 
-    def _pop(self, queue: int, head: int | None, unique: int) -> Exchange | None:
-        for ep in (self.epoch, self.epoch - 1):
-            ex = self._pending.pop(self._key(queue, head, unique, ep), None)
+    def _pop(self, queue: int, head: int | None, unique: int, n: int | None = None, *,
+             keep: bool = False) -> Exchange | None:
+        keys = [self._by_n.get(n)] if n is not None else [self._key(queue, head, unique, ep)
+                                                           for ep in (self.epoch, self.epoch - 1)]
+        for key in keys:
+            ex = self._pending.get(key) if key is not None else None
             if ex is not None:
+                if not keep:
+                    del self._pending[key]  # type: ignore[arg-type]
+                    self._by_n.pop(ex.n, None)
                 return ex
         return None
 

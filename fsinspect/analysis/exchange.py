@@ -19,6 +19,7 @@ NLOOKUP_UNDERFLOW = "nlookup-underflow"
 SYNCFS_NOT_ROOT = "syncfs-not-root"
 ERROR_SUPPORTED_OP = "error-for-supported-op"
 DECODE_ERROR = "decode-error"
+STUCK = "stuck"
 
 LINTS: dict[str, str] = {
     ORPHAN_REPLY: "a reply without a request",
@@ -31,7 +32,12 @@ LINTS: dict[str, str] = {
     SYNCFS_NOT_ROOT: "SYNCFS on a nodeid that is no superblock root (1 or an announced submount)",
     ERROR_SUPPORTED_OP: "ENOSYS/EOPNOTSUPP for an op the INIT said was supported",
     DECODE_ERROR: "the message could not be decoded",
+    STUCK: "a request waited longer than the stuck threshold for its reply (--stuck-ms, default 1 s)",
 }
+
+# Exchange.state: waiting for its reply, stopped at a breakpoint (HELD_*), or complete.
+PENDING, HELD, DONE = "pending", "held", "done"
+HELD_REQUEST, HELD_REPLY = "request", "reply"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +75,21 @@ class Exchange:
     replied: bool = False
     req_ref: Any = None  # the feeder's handles (recording offsets), for random access back to the bytes
     reply_ref: Any = None
+    n: int = 0  # the source's exchange number (1-based, request-capture order): what every UI and command names
+    held: str | None = None  # HELD_REQUEST / HELD_REPLY while a breakpoint holds it
+
+    @property
+    def state(self) -> str:
+        """`held`, `pending` (a request still waiting for its reply, or that never got one) or `done`."""
+        if self.held is not None:
+            return HELD
+        return PENDING if not self.replied and self.expects_reply else DONE
+
+    def age_ns(self, now_ns: int) -> int | None:
+        """How long a pending request has been waiting at `now_ns` (None once it is complete)."""
+        if self.state == DONE or self.req_ts is None:
+            return None
+        return max(0, now_ns - self.req_ts)
 
     @property
     def opname(self) -> str:

@@ -10,8 +10,9 @@ from dissectors.render import message_json, summary
 from .exchange import Exchange
 
 
-def exchange_json(ex: Exchange, *, raw: bool = False) -> dict[str, Any]:
-    """One exchange: opcode name, unique, nodeid, queue, decoded request and reply, errno name, latency.
+def exchange_json(ex: Exchange, *, raw: bool = False, now_ns: int | None = None) -> dict[str, Any]:
+    """One exchange: number, state, opcode name, unique, nodeid, queue, decoded request and reply, errno
+    name, latency; `age_ms` (at `now_ns`) while it is pending or held.
 
     With `raw`, the captured bytes (hex) and original lengths come along whenever the exchange kept them
     (`Analyzer(keep_raw=True)`): a live UI re-analyses them for its hex dump and inode map.
@@ -19,6 +20,8 @@ def exchange_json(ex: Exchange, *, raw: bool = False) -> dict[str, Any]:
     req = message_json(ex.request) if ex.request is not None else None
     rep = message_json(ex.reply) if ex.reply is not None else None
     d: dict[str, Any] = {
+        "n": ex.n,
+        "state": ex.state,
         "index": ex.index,
         "opcode": ex.opname,
         "unique": ex.unique,
@@ -33,6 +36,11 @@ def exchange_json(ex: Exchange, *, raw: bool = False) -> dict[str, Any]:
         "latency_ns": ex.latency_ns,
         "lints": list(ex.lints),
     }
+    if ex.held is not None:
+        d["held"] = ex.held
+    age = ex.age_ns(now_ns) if now_ns is not None else None
+    if age is not None:
+        d["age_ms"] = round(age / 1e6, 1)
     if ex.submount:
         d["submount"] = True
     if ex.snapped:
@@ -49,6 +57,12 @@ def exchange_json(ex: Exchange, *, raw: bool = False) -> dict[str, Any]:
         d["reply_len"] = ex.reply_len if ex.replied else None
         d["reply_ts_ns"] = ex.reply_ts
     return d
+
+
+def inflight_json(pending: list[Exchange], now_ns: int) -> dict[str, list[dict[str, Any]]]:
+    """The snapshot's `pending` (every open exchange, oldest first) and `held` (those a breakpoint holds)."""
+    rows = [exchange_json(ex, raw=True, now_ns=now_ns) for ex in pending]
+    return {"pending": rows, "held": [r for r in rows if r["state"] == "held"]}
 
 
 def _fmt_ns(ns: int | None) -> str:

@@ -15,7 +15,10 @@ import threading
 import time
 from typing import Any
 
+from fsinspect.commands._stuck import add_stuck_option, stuck_ns
 from fsinspect.errors import UserError
+
+STUCK_CHECK_S = 0.1  # how often pending requests are checked against the stuck threshold
 
 # The --print-capabilities answer (vhost-user.json: VhostUserBackendCapabilities for type "fs").
 CAPABILITIES = json.dumps({"type": "fs"}, indent=2)
@@ -54,6 +57,7 @@ def add_vhost_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--control", metavar="SOCK",
                    help="vhost-user: a control socket (0600, JSON lines) where `fsinspect attach` and scripts "
                         "follow the daemon's own traffic live, as with the proxy")
+    add_stuck_option(g)
     g.add_argument("--summary-json", metavar="FILE",
                    help="write the daemon's counters (per opcode, syncfs per host st_dev) to FILE at exit")
 
@@ -105,26 +109,42 @@ def apply_o_options(args: argparse.Namespace) -> None:
         args.log_level = "debug"
     if getattr(args, "control", None) and getattr(args, "standalone", None):
         raise UserError("--control is available in the vhost-user mode (--socket-path/--fd)")
+    stuck_ns(getattr(args, "stuck_ms", None))  # refused before anything starts
+    if getattr(args, "stuck_ms", None) is not None and not getattr(args, "control", None):
+        raise UserError("--stuck-ms applies to the --control stream (the daemon analyses its traffic for "
+                        "attached clients only): add --control SOCK")
 
 
 class ControlTap:
     """The engine's tap -> an Analyzer -> the control-socket Hub: clients see the daemon's exchanges live.
 
-    The engine's tap has no descriptor head, so the analyzer pairs requests and replies by unique.
+    The engine's tap has no descriptor head, so the analyzer pairs requests and replies by unique.  A
+    request shows as soon as the engine reads it; a thread checks ten times a second for `stuck` ones.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, stuck_threshold_ns: int | None = None) -> None:
         from fsinspect.analysis import Analyzer
+        from fsinspect.analysis.analyzer import DEFAULT_STUCK_NS
         from fsinspect.proxy.hub import Hub
 
         self.lock = threading.RLock()
-        self.analyzer = Analyzer(keep_exchanges=False, keep_raw=True)
+        self.analyzer = Analyzer(keep_exchanges=False, keep_raw=True,
+                                 stuck_ns=DEFAULT_STUCK_NS if stuck_threshold_ns is None else stuck_threshold_ns)
         self.requests = 0
         try:
             self.hub = Hub(path, self.snapshot, feed_lock=self.lock, source="daemon")
         except OSError as e:
             raise UserError(f"--control {path}: {e.strerror or e}") from None
         self.analyzer.listeners.append(self.hub.publish_exchange)
+        self.analyzer.pending_listeners.append(self.hub.publish_request)
+        self._stop = threading.Event()
+        self._checker = threading.Thread(target=self._check_stuck, name="fsinspect-stuck", daemon=True)
+        self._checker.start()
+
+    def _check_stuck(self) -> None:
+        while not self._stop.wait(STUCK_CHECK_S):
+            with self.lock:
+                self.analyzer.check_stuck(time.time_ns())
 
     def __call__(self, direction: str, queue: int, unique: int, ts_ns: int, raw: bytes) -> None:
         with self.lock:
@@ -137,12 +157,13 @@ class ControlTap:
     def snapshot(self) -> dict[str, Any]:
         """What a newly attached client gets first (called with self.lock held)."""
         from dissectors.render import safe_name
+        from fsinspect.analysis.render import inflight_json
 
         an = self.analyzer
         inodes = [{"nodeid": n.nodeid, "parent": n.parent, "name": safe_name(n.name) if n.name else None,
                    "ino": n.ino, "generation": n.generation, "nlookup": n.nlookup, "attr_flags": n.attr_flags,
                    "submount": n.submount} for n in an.inodes.nodes.values()]
-        return {"inodes": inodes, "stats": an.stats.as_dict(),
+        return {**inflight_json(an.pending, time.time_ns()), "inodes": inodes, "stats": an.stats.as_dict(),
                 "lints": [{"kind": lint.name, "message": lint.message} for lint in an.lints],
                 "submounts": [{"nodeid": a.nodeid, "parent": a.parent, "name": safe_name(a.name), "ino": a.ino}
                               for a in an.submounts.announced.values()],
@@ -150,6 +171,8 @@ class ControlTap:
                             "error": r.error} for r in an.submounts.syncfs]}
 
     def close(self, reason: str = "front-end closed") -> None:
+        self._stop.set()
+        self._checker.join()
         with self.lock:
             self.analyzer.finish()
         self.hub.publish_event("end", {"reason": reason})
@@ -182,7 +205,7 @@ def run_vhost(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(e.strerror or str(e), status=1) from None
     rec = open_tap(args, source="vhost-user", backend="fsinspect daemon (passthrough, vhost-user)")
-    ctl = ControlTap(args.control) if args.control else None
+    ctl = ControlTap(args.control, stuck_ns(args.stuck_ms)) if args.control else None
     tap: Any = _both(rec, ctl) if rec is not None and ctl is not None else (rec or ctl)
     log = logging.getLogger("fsinspect.daemon")
     log.info("listening on %s", args.socket_path or f"fd {args.fd}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ._stuck import add_stuck_option, stuck_ns
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 # Bytes of each chain the native path copies when --snaplen > 0.  Metadata fits (Linux 6.1 asks for
@@ -59,6 +60,7 @@ def register(sub: Any) -> None:
                           "slows the guest (default 0: sleep)")
     out.add_argument("--control", metavar="SOCK",
                      help="control socket (0600, JSON lines) for `fsinspect attach` and scripts")
+    add_stuck_option(out)
     out.add_argument("--summary-json", metavar="FILE", help="also write the end-of-run summary as JSON")
     out.add_argument("--quiet", action="store_true", help="no summary on stderr")
     p.set_defaults(func=run)
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--snaplen must be >= 0")
     if not 0 <= args.poll_us <= MAX_POLL_US:
         raise UserError(f"--poll-us must be between 0 and {MAX_POLL_US} (microseconds)")
+    stuck = stuck_ns(args.stuck_ms)
     from dissectors import ring
 
     if args.poll_us and ring.BACKEND != "c":
@@ -132,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
                       spin_us=args.poll_us)
     try:
         session = Session(cfg, SessionOptions(record=args.record, control=args.control, snaplen=args.snaplen,
-                                              rotate_mb=args.rotate_mb, backend_name=backend_cmd or backend_sock))
+                                              rotate_mb=args.rotate_mb, backend_name=backend_cmd or backend_sock,
+                                              stuck_ns=stuck))
     except OSError as e:
         raise UserError(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
     listener = _listener(args)

@@ -3,8 +3,12 @@
 Protocol (version 1), one JSON object per line, server to client:
   {"type": "hello", "version": 1, "source": "proxy", "tool": "fsinspect x.y"}
   {"type": "snapshot", "exchanges": [...last N...], "inodes": [...], "stats": {...}, "lints": [...],
-   "submounts": [...], "syncfs": [...], "control": [...recent vhost-user messages...], "events": [...]}
-  {"type": "exchange", ...exchange_json...}        every finished FUSE exchange
+   "submounts": [...], "syncfs": [...], "control": [...recent vhost-user messages...], "events": [...],
+   "pending": [...every request still waiting, with "age_ms"...], "held": [...those a breakpoint holds...]}
+  {"type": "request", ...exchange_json...}         a request as soon as it is captured ("state": "pending" or
+                                                   "held", "age_ms"); sent again, same "n", when it changes
+                                                   while open (held, resumed, linted "stuck")
+  {"type": "exchange", ...exchange_json...}        every finished FUSE exchange (completes request "n")
   {"type": "control", "direction": "...", "summary": "..."}   every vhost-user message
   {"type": "event", "kind": "...", "detail": {...}}          control-plane events (backend-lost, ...)
   {"type": "overflow", "missed": N}                 this client fell behind and N messages were dropped
@@ -98,6 +102,13 @@ class Hub:
         obj = {"type": "exchange", **exchange_json(ex, raw=True)}
         self.recent.append(obj)
         self._broadcast(obj)
+
+    def publish_request(self, ex: Any) -> None:
+        """A request in flight (new, or changed while open); the snapshot lists the open ones instead."""
+        from ..analysis.render import exchange_json
+
+        if self.clients:
+            self._broadcast({"type": "request", **exchange_json(ex, raw=True, now_ns=time.time_ns())})
 
     def publish_control(self, direction: str, summary: str) -> None:
         obj = {"type": "control", "direction": direction, "summary": summary}

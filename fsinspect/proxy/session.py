@@ -7,12 +7,17 @@ Analysis (decoding, inode map, lints, stats) is held back while no control clien
 machine its CPU and cache footprint slow the guest's burst (bench/proxy_overhead.py).  The backlog is
 analysed when the guest pauses, when a client attaches, when it grows past BACKLOG_BYTES, and at the end;
 every capture carries its own timestamp, so the results are the same.
+
+Requests in flight: the `stuck` lint is checked ten times a second from the capture thread, against the
+newest capture's time while traffic flows and against the clock once the capture buffer is empty (a reply
+still in the buffer is never mistaken for a missing one); only when nothing is held back for analysis.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +27,8 @@ from dissectors.render import safe_name
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
 
-from ..analysis.analyzer import Analyzer
+from ..analysis.analyzer import DEFAULT_STUCK_NS, Analyzer
+from ..analysis.render import inflight_json
 from ..recording import format as fmt
 from ..recording.writer import RecordingWriter
 from . import control as C
@@ -32,6 +38,7 @@ from .server import Proxy, ProxyConfig
 BACKLOG_BYTES = 64 << 20  # captures held back for analysis, at most (then the oldest half is analysed)
 BACKLOG_CHUNK = 2000  # captures analysed per quiet spell of the guest (~20-40 ms of work)
 _BACKLOG_OVERHEAD = 160  # bytes per held-back capture besides its data (tuple, ints, list)
+STUCK_CHECK_NS = 100_000_000  # how often pending requests are checked against the stuck threshold
 
 # A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes)
 _Held = tuple[bool, bytes, int, int, int, int, list[str]]
@@ -45,6 +52,7 @@ class SessionOptions:
     rotate_mb: float = 0
     backend_name: str = ""
     defer_analysis: bool = True  # False: analyse every capture at once, watched or not
+    stuck_ns: int = DEFAULT_STUCK_NS  # the `stuck` lint's threshold (0: off)
 
 
 class Session:
@@ -54,7 +62,9 @@ class Session:
         self.cfg = cfg
         self.opts = opts
         self.lock = threading.RLock()
-        self.analyzer = Analyzer(keep_exchanges=False, keep_raw=bool(opts.control))  # raw bytes for attached UIs
+        self.analyzer = Analyzer(keep_exchanges=False, keep_raw=bool(opts.control),  # raw bytes for attached UIs
+                                 stuck_ns=opts.stuck_ns)
+        self._stuck_checked = 0
         self.writer = (RecordingWriter(opts.record, source="virtio", backend=opts.backend_name,
                                        snaplen=opts.snaplen, rotate_mb=opts.rotate_mb,
                                        comments=["fsinspect proxy"]) if opts.record else None)
@@ -72,6 +82,7 @@ class Session:
         if opts.control:
             self.hub = Hub(opts.control, self.snapshot, feed_lock=self.lock)
             self.analyzer.listeners.append(self.hub.publish_exchange)
+            self.analyzer.pending_listeners.append(self.hub.publish_request)
 
     # -- sinks -----------------------------------------------------------------------------------
     def _on_capture(self, cap: Any) -> None:
@@ -103,6 +114,7 @@ class Session:
                 if self.writer is not None:
                     self.writer.request(cap.data, cap.queue, cap.head, cap.ts_ns, notes=[note],
                                         flags=fmt.RF_DECODE_ERROR)
+            self.check_stuck(self.analyzer.last_ts)
 
     def _request(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
                  flags: int = 0) -> None:
@@ -161,6 +173,19 @@ class Session:
         """The guest has been quiet for a moment (capture thread): analyse a chunk of the backlog."""
         if self._backlog:
             self.catch_up(BACKLOG_CHUNK)
+        self.check_stuck(time.time_ns())
+
+    def check_stuck(self, now_ns: int) -> None:
+        """Lint pending requests older than the threshold at `now_ns` (at most every STUCK_CHECK_NS).
+
+        `now_ns` must be a time up to which every capture has been analysed: the clock once the capture
+        buffer is empty, the newest capture's time while traffic flows.
+        """
+        if self._backlog or now_ns - self._stuck_checked < STUCK_CHECK_NS:
+            return
+        self._stuck_checked = now_ns
+        with self.lock:
+            self.analyzer.check_stuck(now_ns)
 
     def _on_vhost(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
         notes = [msg] if isinstance(msg, str) else []
@@ -206,7 +231,7 @@ class Session:
                    "ino": n.ino, "generation": n.generation, "nlookup": n.nlookup, "attr_flags": n.attr_flags,
                    "submount": n.submount} for n in an.inodes.nodes.values()]
         s = self.summary()
-        return {"inodes": inodes, "stats": an.stats.as_dict(), "lints": s["lints"], "submounts": s["submounts"],
+        return {**inflight_json(an.pending, time.time_ns()), "inodes": inodes, "stats": an.stats.as_dict(), "lints": s["lints"], "submounts": s["submounts"],
                 "syncfs": s["syncfs"], "features": s["features"], "capture": s["capture"],
                 "backend_lost": s["backend_lost"]}
 
