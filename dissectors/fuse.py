@@ -14,7 +14,7 @@ from typing import Any
 from .errors import DecodeError
 from .spec import fuse as spec
 from .spec.types import Notify, Opcode, Part
-from .structs import Record, StructCodec, build_codecs
+from .structs import Record, Snapped, StructCodec, build_codecs
 
 CODECS: dict[str, StructCodec] = build_codecs(spec.REGISTRY)
 IN_HEADER = CODECS["fuse_in_header"]
@@ -62,16 +62,25 @@ DEFAULT_CONTEXT = FuseContext()
 
 
 class Message:
-    """Common surface of requests, replies and notifications (used by filters and the UI)."""
+    """Common surface of requests, replies and notifications (used by filters and the UI).
 
-    __slots__ = ("args", "header", "raw_len")
+    `raw_len` is the length on the wire (the header's `len`); `captured` is how much of it the capture
+    holds, smaller only for a snapped record, whose last variable part is then cut.
+    """
+
+    __slots__ = ("args", "captured", "header", "raw_len")
     header: Record
     args: dict[str, Any]
     raw_len: int
+    captured: int
 
     @property
     def unique(self) -> int:
         return self.header.unique
+
+    @property
+    def cut(self) -> bool:
+        return self.captured < self.raw_len
 
     def get(self, path: str, default: Any = None) -> Any:
         """Dotted access into args: 'entry.attr.flags', 'name'."""
@@ -92,12 +101,13 @@ class Request(Message):
     __slots__ = ("ext", "op")
 
     def __init__(self, header: Record, op: Opcode, args: dict[str, Any], ext: list[Any] | None = None,
-                 raw_len: int = 0) -> None:
+                 raw_len: int = 0, captured: int | None = None) -> None:
         self.header = header
         self.op = op
         self.args = args
         self.ext = ext or []
         self.raw_len = raw_len
+        self.captured = raw_len if captured is None else captured
 
     @property
     def opcode(self) -> int:
@@ -126,11 +136,13 @@ class Request(Message):
 class Reply(Message):
     __slots__ = ("op",)
 
-    def __init__(self, header: Record, op: Opcode, args: dict[str, Any], raw_len: int = 0) -> None:
+    def __init__(self, header: Record, op: Opcode, args: dict[str, Any], raw_len: int = 0,
+                 captured: int | None = None) -> None:
         self.header = header
         self.op = op
         self.args = args
         self.raw_len = raw_len
+        self.captured = raw_len if captured is None else captured
 
     @property
     def error(self) -> int:
@@ -162,11 +174,13 @@ class Notification(Message):
 
     __slots__ = ("notify",)
 
-    def __init__(self, header: Record, notify: Notify, args: dict[str, Any], raw_len: int = 0) -> None:
+    def __init__(self, header: Record, notify: Notify, args: dict[str, Any], raw_len: int = 0,
+                 captured: int | None = None) -> None:
         self.header = header
         self.notify = notify
         self.args = args
         self.raw_len = raw_len
+        self.captured = raw_len if captured is None else captured
 
     @property
     def opname(self) -> str:
@@ -206,7 +220,7 @@ def _name_bytes(buf: Any, off: int, end: int, what: str, ctx: FuseContext) -> tu
     return raw, nul + 1
 
 
-def _struct_part(part: Part) -> PartDecoder:
+def _struct_part(part: Part, cut: bool) -> PartDecoder:
     codec = CODECS[part.ref or part.name]
     size = codec.size
     dec = codec.decode
@@ -222,9 +236,11 @@ def _struct_part(part: Part) -> PartDecoder:
         if optional and avail == 0:
             args[key] = None
             return off
-        if avail in compat:
+        if avail in compat and not cut:
             args[key] = codec.decode_compat(buf, off, avail)
             return off + avail
+        if cut:
+            raise DecodeError(f"{codec.name}: cut by the capture ({avail} of its {size} bytes captured)", off)
         raise DecodeError(f"{codec.name}: need {size} bytes, {avail} left", off)
 
     if key != "setxattr":
@@ -240,20 +256,25 @@ def _struct_part(part: Part) -> PartDecoder:
     return decode_setxattr
 
 
-def _str_part(part: Part) -> PartDecoder:
+def _str_part(part: Part, cut: bool) -> PartDecoder:
     key = part.name
 
     def decode(buf: Any, off: int, end: int, args: dict[str, Any], ctx: FuseContext, req: Any) -> int:
-        if off >= end and part.optional:
+        if off >= end and part.optional and not cut:
             args[key] = b""
             return off
-        args[key], off = _name_bytes(buf, off, end, key, ctx)
+        try:
+            args[key], off = _name_bytes(buf, off, end, key, ctx)
+        except DecodeError as e:
+            if cut and "NUL" in str(e):
+                raise DecodeError(f"{key}: cut by the capture", e.offset) from None
+            raise
         return off
 
     return decode
 
 
-def _data_part(part: Part) -> PartDecoder:
+def _data_part(part: Part, cut: bool) -> PartDecoder:
     key = part.name
 
     def decode(buf: Any, off: int, end: int, args: dict[str, Any], ctx: FuseContext, req: Any) -> int:
@@ -263,7 +284,7 @@ def _data_part(part: Part) -> PartDecoder:
     return decode
 
 
-def _text_part(part: Part) -> PartDecoder:
+def _text_part(part: Part, cut: bool) -> PartDecoder:
     """READLINK reply: the target without a NUL."""
     key = part.name
 
@@ -277,7 +298,7 @@ def _text_part(part: Part) -> PartDecoder:
     return decode
 
 
-def _array_part(part: Part) -> PartDecoder:
+def _array_part(part: Part, cut: bool) -> PartDecoder:
     key = part.name
     if part.ref == "u64":
         item_size = 8
@@ -293,7 +314,11 @@ def _array_part(part: Part) -> PartDecoder:
             count = getattr(args[count_path[0]], count_path[1])
             need = count * item_size
             if need > end - off:
-                raise DecodeError(f"{key}: count {count} needs {need} bytes, {end - off} left", off)
+                if not cut:
+                    raise DecodeError(f"{key}: count {count} needs {need} bytes, {end - off} left", off)
+                count = (end - off) // item_size  # the items the capture holds
+        elif cut:
+            count = (end - off) // item_size
         else:
             if (end - off) % item_size:
                 raise DecodeError(f"{key}: {end - off} bytes is not a multiple of {item_size}", off)
@@ -304,7 +329,7 @@ def _array_part(part: Part) -> PartDecoder:
     return decode
 
 
-def _dirents_part(part: Part, plus: bool) -> PartDecoder:
+def _dirents_part(part: Part, plus: bool, cut: bool) -> PartDecoder:
     key = part.name
     codec = _DIRENTPLUS if plus else _DIRENT
     head = codec.size
@@ -314,6 +339,8 @@ def _dirents_part(part: Part, plus: bool) -> PartDecoder:
         out = []
         while off < end:
             if end - off < head:
+                if cut:
+                    break  # the capture ends inside this record: list the complete ones
                 raise DecodeError(f"{key}: truncated {codec.name} record", off)
             rec = dec(buf, off)
             d = rec.dirent if plus else rec
@@ -322,6 +349,8 @@ def _dirents_part(part: Part, plus: bool) -> PartDecoder:
                 raise DecodeError(f"{key}: bad namelen {namelen}", off)
             rec_end = off + head + namelen
             if rec_end > end:
+                if cut:
+                    break
                 raise DecodeError(f"{key}: name runs past the end", off + head)
             nm = bytes(buf[off + head:rec_end])
             if b"\0" in nm or b"/" in nm:
@@ -336,11 +365,13 @@ def _dirents_part(part: Part, plus: bool) -> PartDecoder:
     return decode
 
 
-def _strs_part(part: Part) -> PartDecoder:
+def _strs_part(part: Part, cut: bool) -> PartDecoder:
     key = part.name
 
     def decode(buf: Any, off: int, end: int, args: dict[str, Any], ctx: FuseContext, req: Any) -> int:
         raw = bytes(buf[off:end])
+        if cut:
+            raw = raw[:raw.rfind(b"\0") + 1]  # the names the capture holds whole
         if raw and not raw.endswith(b"\0"):
             raise DecodeError(f"{key}: list not NUL-terminated", end)
         args[key] = raw.split(b"\0")[:-1] if raw else []
@@ -349,7 +380,7 @@ def _strs_part(part: Part) -> PartDecoder:
     return decode
 
 
-def _xattr_part(part: Part) -> PartDecoder:
+def _xattr_part(part: Part, cut: bool) -> PartDecoder:
     codec = CODECS["fuse_getxattr_out"]
 
     def decode(buf: Any, off: int, end: int, args: dict[str, Any], ctx: FuseContext, req: Any) -> int:
@@ -370,25 +401,16 @@ def _xattr_part(part: Part) -> PartDecoder:
     return decode
 
 
-def _compile(parts: Iterable[Part]) -> tuple[PartDecoder, ...]:
+def _compile(parts: Iterable[Part], cut: bool = False) -> tuple[PartDecoder, ...]:
+    """The part decoders of one body; with `cut`, for a capture that ends inside the message."""
     out: list[PartDecoder] = []
+    simple = {"struct": _struct_part, "str": _str_part, "text": _text_part, "data": _data_part,
+              "array": _array_part, "strs": _strs_part, "xattr": _xattr_part}
     for p in parts:
-        if p.kind == "struct":
-            out.append(_struct_part(p))
-        elif p.kind == "str":
-            out.append(_str_part(p))
-        elif p.kind == "text":
-            out.append(_text_part(p))
-        elif p.kind == "data":
-            out.append(_data_part(p))
-        elif p.kind == "array":
-            out.append(_array_part(p))
+        if p.kind in simple:
+            out.append(simple[p.kind](p, cut))
         elif p.kind in ("dirents", "direntplus"):
-            out.append(_dirents_part(p, p.kind == "direntplus"))
-        elif p.kind == "strs":
-            out.append(_strs_part(p))
-        elif p.kind == "xattr":
-            out.append(_xattr_part(p))
+            out.append(_dirents_part(p, p.kind == "direntplus", cut))
         else:  # pragma: no cover - spec error
             raise ValueError(f"unknown part kind {p.kind}")
     return tuple(out)
@@ -438,6 +460,16 @@ def _body(decoders: tuple[PartDecoder, ...]) -> BodyDecoder:
     return run
 
 
+def _cut_body(decoders: tuple[PartDecoder, ...]) -> BodyDecoder:
+    """A body the capture cut at `end`: the parts run up to the cut, and nothing counts as trailing."""
+    def run(buf: Any, off: int, end: int, ctx: FuseContext, req: Any) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        for d in decoders:
+            off = d(buf, off, end, args, ctx, req)
+        return args
+    return run
+
+
 _REQ_DECODERS: dict[int, tuple[Opcode, BodyDecoder]] = {
     o.value: (o, _body(_compile(o.request))) for o in spec.OPCODES
 }
@@ -447,15 +479,53 @@ _REPLY_DECODERS: dict[int, BodyDecoder] = {
 _NOTIFY_DECODERS: dict[int, tuple[Notify, BodyDecoder]] = {
     n.value: (n, _body(_compile(n.body))) for n in spec.NOTIFIES
 }
+_REQ_CUT: dict[int, BodyDecoder] = {o.value: _cut_body(_compile(o.request, True)) for o in spec.OPCODES}
+_REPLY_CUT: dict[int, BodyDecoder] = {
+    o.value: _cut_body(_compile(o.reply, True)) for o in spec.OPCODES if o.reply is not None
+}
+_NOTIFY_CUT: dict[int, BodyDecoder] = {n.value: _cut_body(_compile(n.body, True)) for n in spec.NOTIFIES}
 
 
-def decode_request(buf: bytes | bytearray | memoryview, ctx: FuseContext = DEFAULT_CONTEXT) -> Request:
-    """Decode one complete request (fuse_in_header + body + extensions)."""
+def _cut_len(buf: Any, declared: int, wire: int | None, head: int) -> int | None:
+    """For a capture that holds only the first bytes of a message, where the capture ends (else None).
+
+    The header's `len` must then be the message's length on the wire, as the capture reported it.
+    """
+    n = len(buf)
+    if wire is None or wire <= n:
+        return None
+    if declared != wire:
+        raise DecodeError(f"length mismatch: header says {declared} bytes, the message is {wire} "
+                          f"({n} captured)", 0)
+    if declared > spec.MAX_MESSAGE:
+        raise DecodeError(f"length {declared} exceeds the maximum {spec.MAX_MESSAGE}", 0)
+    return n
+
+
+def _mark_cut(args: dict[str, Any], missing: int) -> dict[str, Any]:
+    """The body's last part is the one the capture cut: a payload keeps its length on the wire."""
+    if missing > 0 and args:
+        key = next(reversed(args))
+        v = args[key]
+        if isinstance(v, bytes):
+            args[key] = Snapped(v, len(v) + missing)
+    return args
+
+
+def decode_request(buf: bytes | bytearray | memoryview, ctx: FuseContext = DEFAULT_CONTEXT, *,
+                   wire_len: int | None = None) -> Request:
+    """Decode one request (fuse_in_header + body + extensions).
+
+    `wire_len` is the message's length on the wire when `buf` holds only its first bytes (a snapped
+    capture): the header is kept as sent, the last part holds what was captured (a `Snapped` payload, or
+    the whole entries of a list), and extensions past the cut are not decoded.
+    """
     try:
         if len(buf) < IN_HEADER_SIZE:
             raise DecodeError(f"truncated: {len(buf)} bytes, a fuse_in_header needs {IN_HEADER_SIZE}", len(buf))
         header = _new(_InHeader, _in_hdr_unpack(buf, 0))
-        if header[0] != len(buf) or header[0] > _MAX:
+        cut = _cut_len(buf, header[0], wire_len, IN_HEADER_SIZE)
+        if cut is None and (header[0] != len(buf) or header[0] > _MAX):
             _check_len(buf, header[0], IN_HEADER_SIZE)
         entry = _REQ_DECODERS.get(header[1])
         if entry is None:
@@ -467,9 +537,14 @@ def decode_request(buf: bytes | bytearray | memoryview, ctx: FuseContext = DEFAU
             ext_start = end - header[7] * 8
             if ext_start < IN_HEADER_SIZE:
                 raise DecodeError(f"total_extlen {header[7]} runs past the header", 36)
-            ext = _decode_extensions(buf, ext_start, end)
+            if cut is None:
+                ext = _decode_extensions(buf, ext_start, end)
             end = ext_start
-        return Request(header, op, body(buf, IN_HEADER_SIZE, end, ctx, None), ext, header[0])
+        if cut is not None and cut < end:
+            args = _mark_cut(_REQ_CUT[header[1]](buf, IN_HEADER_SIZE, cut, ctx, None), end - cut)
+            return Request(header, op, args, ext, header[0], len(buf))
+        return Request(header, op, body(buf, IN_HEADER_SIZE, end, ctx, None), ext, header[0],
+                       header[0] if cut is None else len(buf))
     except DecodeError:
         raise
     except (struct.error, ValueError, IndexError, TypeError, OverflowError, AttributeError, KeyError) as e:
@@ -500,16 +575,20 @@ def _decode_extensions(buf: Any, off: int, end: int) -> list[Any]:
 
 
 def decode_reply(buf: bytes | bytearray | memoryview, request: Request | int | str | None,
-                 ctx: FuseContext = DEFAULT_CONTEXT) -> Reply | Notification:
-    """Decode one reply (or, with unique 0, a notification).  `request` gives the opcode."""
+                 ctx: FuseContext = DEFAULT_CONTEXT, *, wire_len: int | None = None) -> Reply | Notification:
+    """Decode one reply (or, with unique 0, a notification).  `request` gives the opcode.
+
+    `wire_len`: as for decode_request, the length on the wire of a message captured in part.
+    """
     try:
         if len(buf) < OUT_HEADER_SIZE:
             raise DecodeError(f"truncated: {len(buf)} bytes, a fuse_out_header needs {OUT_HEADER_SIZE}", len(buf))
         header = _new(_OutHeader, _out_hdr_unpack(buf, 0))
-        if header[0] != len(buf) or header[0] > _MAX:
+        cut = _cut_len(buf, header[0], wire_len, OUT_HEADER_SIZE)
+        if cut is None and (header[0] != len(buf) or header[0] > _MAX):
             _check_len(buf, header[0], OUT_HEADER_SIZE)
         if header[2] == 0:
-            return _decode_notify(buf, header, ctx)
+            return _decode_notify(buf, header, ctx, cut)
         if type(request) is Request:
             op = request.op
         elif isinstance(request, Request):
@@ -532,6 +611,9 @@ def decode_reply(buf: bytes | bytearray | memoryview, request: Request | int | s
         rbody = _REPLY_DECODERS.get(op.value)
         if rbody is None:
             raise DecodeError(f"{op.name} has no reply by design", 8)
+        if cut is not None:
+            args = _mark_cut(_REPLY_CUT[op.value](buf, OUT_HEADER_SIZE, cut, ctx, request), header[0] - cut)
+            return Reply(header, op, args, header[0], cut)
         return Reply(header, op, rbody(buf, OUT_HEADER_SIZE, header[0], ctx, request), header[0])
     except DecodeError:
         raise
@@ -539,12 +621,15 @@ def decode_reply(buf: bytes | bytearray | memoryview, request: Request | int | s
         raise DecodeError(f"malformed reply: {e}", 0) from None
 
 
-def _decode_notify(buf: Any, header: Record, ctx: FuseContext) -> Notification:
+def _decode_notify(buf: Any, header: Record, ctx: FuseContext, cut: int | None) -> Notification:
     code = header[1]
     entry = _NOTIFY_DECODERS.get(code)
     if entry is None:
         raise DecodeError(f"unknown notify code {code}", 4)
     notify, body = entry
+    if cut is not None:
+        args = _mark_cut(_NOTIFY_CUT[code](buf, OUT_HEADER_SIZE, cut, ctx, None), header[0] - cut)
+        return Notification(header, notify, args, header[0], cut)
     return Notification(header, notify, body(buf, OUT_HEADER_SIZE, header[0], ctx, None), header[0])
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .spec import fuse as spec
 from .spec.types import Field, Registry
-from .structs import Record, pyname
+from .structs import Record, Snapped, pyname, wire_len
 
 
 def safe_name(raw: bytes) -> str:
@@ -92,6 +92,17 @@ def record_lines(rec: Record, indent: int = 0, registry: Registry = spec.REGISTR
             yield f"{pad}{key:<{width}} = {render_value(f, v, registry)}"
 
 
+def captured_note(msg: Any) -> str:
+    """The labelled fact a snapped message carries besides its (wire) fields, or ""."""
+    return f"captured {msg.captured} of {msg.raw_len} bytes" if msg.captured < msg.raw_len else ""
+
+
+def payload_text(v: bytes) -> str:
+    """`131072 bytes`, or `131072 bytes (176 captured)` for a payload the capture cut."""
+    n = wire_len(v)
+    return f"{n} bytes" + (f" ({len(v)} captured)" if n != len(v) else "")
+
+
 def _value_lines(key: str, v: Any, indent: int) -> Iterator[str]:
     pad = "  " * indent
     if isinstance(v, Record):
@@ -99,7 +110,8 @@ def _value_lines(key: str, v: Any, indent: int) -> Iterator[str]:
         yield from record_lines(v, indent + 1)
     elif isinstance(v, bytes):
         if key in ("data", "value") or len(v) > 256:
-            yield f"{pad}{key}: {len(v)} bytes{(' ' + v[:32].hex() + ('…' if len(v) > 32 else '')) if v else ''}"
+            more = "…" if len(v) > 32 or wire_len(v) > len(v) else ""
+            yield f"{pad}{key}: {payload_text(v)}{(' ' + v[:32].hex() + more) if v else ''}"
         else:
             yield f'{pad}{key} = "{safe_name(v)}"'
     elif isinstance(v, list):
@@ -125,21 +137,23 @@ def message_lines(msg: Any) -> list[str]:
     from .fuse import Notification, Reply, Request
 
     lines: list[str] = []
+    cut = captured_note(msg)
+    cut = f" ({cut})" if cut else ""
     if isinstance(msg, Request):
         lines.append(f"FUSE request {msg.op.name} ({msg.op.value}) unique={msg.unique} nodeid={msg.nodeid} "
-                     f"len={msg.raw_len}")
+                     f"len={msg.raw_len}{cut}")
         lines.append("  fuse_in_header")
         lines.extend(record_lines(msg.header, 2))
         for eh, v in msg.ext:
             lines.append(f"  extension {spec.EXT_TYPE.render(eh.type)} size={eh.size}: "
                          f"{v if isinstance(v, list) else v.hex()}")
     elif isinstance(msg, Notification):
-        lines.append(f"FUSE notification {msg.notify.name} ({msg.notify.value}) len={msg.raw_len}")
+        lines.append(f"FUSE notification {msg.notify.name} ({msg.notify.value}) len={msg.raw_len}{cut}")
         lines.append("  fuse_out_header")
         lines.extend(record_lines(msg.header, 2))
     elif isinstance(msg, Reply):
         err = f" error={msg.errname}" if msg.error else ""
-        lines.append(f"FUSE reply to {msg.op.name} unique={msg.unique}{err} len={msg.raw_len}")
+        lines.append(f"FUSE reply to {msg.op.name} unique={msg.unique}{err} len={msg.raw_len}{cut}")
         lines.append("  fuse_out_header")
         lines.extend(record_lines(msg.header, 2))
     for k, v in msg.args.items():
@@ -205,7 +219,7 @@ def summary(msg: Any) -> str:
         if o is not None:
             parts.append(f"fh={o.fh}" + (f" {spec.FOPEN.render(o.open_flags)}" if o.open_flags else ""))
         if "data" in a:
-            parts.append(f"{len(a['data'])} bytes")
+            parts.append(f"{wire_len(a['data'])} bytes")
         if "entries" in a:
             ents = a["entries"]
             names = ",".join(safe_name(nm) for _, nm in ents[:4])
@@ -250,6 +264,8 @@ def jsonable(v: Any, f: Field | None = None) -> Any:
     if isinstance(v, bytes):
         if f is not None and f.ctype == "char":
             return safe_name(v.rstrip(b"\0"))
+        if isinstance(v, Snapped):  # a payload cut by the capture: its length on the wire and what was kept
+            return {"len": v.wire_len, "captured": len(v), "hex": v.hex()}
         try:
             return v.decode("utf-8")
         except UnicodeDecodeError:
@@ -267,6 +283,8 @@ def message_json(msg: Any) -> dict[str, Any]:
     from .fuse import Notification, Reply, Request
 
     d: dict[str, Any] = {"header": jsonable(msg.header), "args": jsonable(msg.args)}
+    if msg.captured < msg.raw_len:
+        d["captured"] = msg.captured
     if isinstance(msg, Request):
         d["kind"] = "request"
         d["opcode"] = msg.op.name

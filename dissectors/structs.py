@@ -222,3 +222,19 @@ def iter_fields(rec: Record, base_off: int = 0, prefix: str = "") -> Iterator[tu
             size = (SCALAR_SIZE[f.ctype]) * f.count
             yield path, f, v, off, size
             off += size
+
+
+class Snapped(bytes):
+    """A payload the capture cut: the bytes captured, and `wire_len`, its length on the wire."""
+
+    wire_len: int
+
+    def __new__(cls, data: bytes, wire_len: int) -> Snapped:
+        obj = super().__new__(cls, data)
+        obj.wire_len = wire_len
+        return obj
+
+
+def wire_len(v: bytes) -> int:
+    """A payload's length on the wire, whether or not the capture cut it."""
+    return v.wire_len if isinstance(v, Snapped) else len(v)

@@ -299,12 +299,12 @@ def test_libvirt_wrapper_mode(guest_image: GuestImage, guest_share: Share, tmp_p
 
 
 @contextmanager
-def bundled_daemon(share: Share, work: Path, out: Path) -> Iterator[launcher.RunningBackend]:
+def bundled_daemon(share: Share, work: Path, out: Path, extra: tuple[str, ...] = ()) -> Iterator[launcher.RunningBackend]:
     """`fsinspect daemon --socket-path` (the bundled vhost-user back-end) serving `share`; counters to out."""
     sock = work / "daemon.sock"
     proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
                              "-o", f"source={share.root},cache=auto,announce_submounts,xattr",
-                             "--summary-json", str(out / "daemon.json")],
+                             "--summary-json", str(out / "daemon.json"), *extra],
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 15

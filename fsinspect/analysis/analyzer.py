@@ -41,13 +41,6 @@ _OUT = struct.Struct("<IiQ")  # len, error, unique
 DEFAULT_STUCK_NS = 1_000_000_000  # `stuck`: a request waiting longer than this (--stuck-ms changes it)
 
 
-def _patch_len(raw: bytes, orig_len: int | None) -> bytes:
-    """A snapped record decodes as if the message ended where the capture did."""
-    if orig_len is not None and orig_len > len(raw) >= 4:
-        return len(raw).to_bytes(4, "little") + raw[4:]
-    return raw
-
-
 class Analyzer:
     """Usable live (proxy, daemon tap) and offline (recordings): call feed_request/feed_reply, then finish."""
 
@@ -109,7 +102,7 @@ class Analyzer:
         if raw is not None:
             ex.snapped = orig_len is not None and orig_len > len(raw)
             try:
-                req = F.decode_request(_patch_len(raw, orig_len), self.contexts.get(self.epoch, F.DEFAULT_CONTEXT))
+                req = F.decode_request(raw, self.contexts.get(self.epoch, F.DEFAULT_CONTEXT), wire_len=orig_len)
             except DecodeError as e:
                 ex.decode_error = f"request: {e}"
                 ex.req_raw = raw
@@ -366,8 +359,7 @@ class Analyzer:
         assert raw is not None
         ex.snapped = ex.snapped or (orig_len is not None and orig_len > len(raw))
         try:
-            rep = F.decode_reply(_patch_len(raw, orig_len), request,
-                                 self.contexts.get(ex.epoch, F.DEFAULT_CONTEXT))
+            rep = F.decode_reply(raw, request, self.contexts.get(ex.epoch, F.DEFAULT_CONTEXT), wire_len=orig_len)
         except DecodeError as e:
             ex.reply_raw = raw
             ex.decode_error = f"reply: {e}"

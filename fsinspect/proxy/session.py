@@ -120,14 +120,14 @@ class Session:
                  flags: int = 0) -> None:
         self.requests += 1
         if self.writer is not None:
-            self.writer.request(data, queue, head, ts, layout=layout, notes=notes, flags=flags)
+            self.writer.request(data, queue, head, ts, layout=layout, notes=notes, flags=flags, orig_len=orig)
         self._analyse((True, data, queue, head, ts, orig, notes))
 
     def _reply(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
                flags: int = 0) -> None:
         self.replies += 1
         if self.writer is not None:
-            self.writer.reply(data, queue, head, ts, layout=layout, notes=notes, flags=flags)
+            self.writer.reply(data, queue, head, ts, layout=layout, notes=notes, flags=flags, orig_len=orig)
         self._analyse((False, data, queue, head, ts, orig, notes))
 
     # -- analysis, now or held back ---------------------------------------------------------------

@@ -292,6 +292,10 @@ class RecordingReader:
         if check and iface >= len(self.sections[-1].interfaces):
             raise RecordingError(f"{self.path}: packet at offset {offset} names interface {iface}, "
                                  f"but only {len(self.sections[-1].interfaces)} are defined")
+        if flags & fmt.RF_SNAPPED and orig == len(pdu) >= 4 and dissector == fmt.DISSECTOR_FUSE:
+            # Older proxies recorded the captured length as the original length of a chain they cut: the
+            # message's own header still says how long it was.
+            orig = max(orig, _U32.unpack_from(pdu)[0])
         return Record(offset, iface, dissector, inbound, (ts_hi << 32) | ts_lo, pdu, orig, queue, head, epoch,
                       flags, layout, notes)
 

@@ -143,18 +143,22 @@ class RecordingWriter:
     # -- public API ------------------------------------------------------------------------------
     def request(self, raw: bytes | bytearray | memoryview, queue: int = 0, head: int | None = None,
                 ts_ns: int | None = None, *, epoch: int | None = None, layout: Sequence[tuple[int, int]] = (),
-                flags: int = 0, notes: Sequence[str] = ()) -> None:
-        """Record a request (guest/kernel -> FUSE server).  `head` is the descriptor head index."""
+                flags: int = 0, notes: Sequence[str] = (), orig_len: int | None = None) -> None:
+        """Record a request (guest/kernel -> FUSE server).  `head` is the descriptor head index.
+
+        `orig_len` is the message's length on the wire when `raw` holds only its first bytes (the proxy
+        captures at most a snap length of each chain); it becomes the EPB original length.
+        """
         if raw.__class__ is not bytes:
             raw = bytes(raw)
-        orig = len(raw)
+        orig = len(raw) if orig_len is None else max(orig_len, len(raw))
         opcode = _U32.unpack_from(raw, 4)[0] if orig >= 8 else 0
         if epoch is not None:
             self.epoch = epoch
         if opcode == _OP_READ:
             self._reads.add((queue, head if head is not None else self._unique(raw)))
         elif opcode == _OP_WRITE:
-            if self.snaplen and orig > _WRITE_HEAD + self.snaplen:
+            if self.snaplen and len(raw) > _WRITE_HEAD + self.snaplen:
                 raw = raw[:_WRITE_HEAD + self.snaplen]
                 flags |= fmt.RF_SNAPPED
         elif opcode == _OP_INIT:
@@ -167,13 +171,13 @@ class RecordingWriter:
 
     def reply(self, raw: bytes | bytearray | memoryview, queue: int = 0, head: int | None = None,
               ts_ns: int | None = None, *, epoch: int | None = None, layout: Sequence[tuple[int, int]] = (),
-              flags: int = 0, notes: Sequence[str] = ()) -> None:
-        """Record a reply or notification (FUSE server -> guest/kernel)."""
+              flags: int = 0, notes: Sequence[str] = (), orig_len: int | None = None) -> None:
+        """Record a reply or notification (FUSE server -> guest/kernel); `orig_len` as for request()."""
         if raw.__class__ is not bytes:
             raw = bytes(raw)
         if epoch is not None:
             self.epoch = epoch
-        orig = len(raw)
+        orig = len(raw) if orig_len is None else max(orig_len, len(raw))
         if self._reads or self._init_key is not None:
             key = (queue, head if head is not None else self._unique(raw))
             if key == self._init_key and self._init is not None:
@@ -181,7 +185,7 @@ class RecordingWriter:
                 self._init_key = None
             if key in self._reads:
                 self._reads.discard(key)
-                if self.snaplen and orig > _READ_HEAD + self.snaplen:
+                if self.snaplen and len(raw) > _READ_HEAD + self.snaplen:
                     raw = raw[:_READ_HEAD + self.snaplen]
                     flags |= fmt.RF_SNAPPED
         self._epb(self._rep_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND, queue),

@@ -12,11 +12,11 @@ from rich.style import Style
 from rich.text import Text
 
 from dissectors import fuse as F
-from dissectors.render import render_value, safe_name, summary
+from dissectors.render import captured_note, payload_text, render_value, safe_name, summary
 from dissectors.ring._common import LAYOUT_F_FROM_INDIRECT
 from dissectors.spec import fuse as fspec
 from dissectors.spec import virtio as vio
-from dissectors.structs import Record, iter_fields
+from dissectors.structs import Record, iter_fields, wire_len
 
 from ..analysis import Exchange
 from ..analysis.render import fmt_ns
@@ -24,6 +24,7 @@ from ..analysis.render import fmt_ns
 IN_HEADER = F.IN_HEADER.size  # request bodies start after fuse_in_header
 OUT_HEADER = F.OUT_HEADER.size  # reply bodies after fuse_out_header
 _DESC_WRITE = vio.VRING_DESC_F.by_name()["WRITE"]
+_OP_READ = fspec.OPCODE_BY_NAME["READ"].value
 
 # Column widths of the exchanges list at full size (the summary takes what is left); `widths()` narrows
 # the path, result and opcode columns on small terminals before the summary drops below MIN_SUMMARY.
@@ -81,6 +82,14 @@ def result_text(ex: Exchange) -> tuple[str, Style]:
     return "-", S_DIM
 
 
+def _short_read(ex: Exchange) -> str:
+    """" (short)" when the READ reply's own header carries less data than asked for (never the capture's)."""
+    if ex.opcode != _OP_READ or not isinstance(ex.reply, F.Reply) or ex.request is None:
+        return ""
+    data, ask = ex.reply.args.get("data"), ex.request.args.get("read")
+    return " (short)" if data is not None and ask is not None and wire_len(data) < ask.size else ""
+
+
 def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool) -> Text:
     """One row of the exchanges list, exactly `width` cells wide."""
     w = widths(width)
@@ -100,7 +109,7 @@ def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool) -> Text
     if ex.reply is not None and not ex.error and not isinstance(ex.reply, F.Reply):
         summ = summary(ex.reply)
     elif ex.reply is not None and not ex.error:
-        rs = summary(ex.reply)
+        rs = summary(ex.reply) + _short_read(ex)
         if rs:
             summ = f"{summ} → {rs}" if summ else rs
     if ex.lints:
@@ -168,18 +177,20 @@ def _record_fields(rec: Record, base: int, depth: int, prefix: str = "") -> list
 def field_lines(msg: F.Message) -> list[FieldLine]:
     """Header and argument fields with their byte ranges (struct parts and names are laid out in order)."""
     out: list[FieldLine] = []
+    cut = captured_note(msg)
+    cut = f" ({cut})" if cut else ""
     if isinstance(msg, F.Request):
-        out.append(FieldLine(f"request {msg.op.name} ({msg.op.value}) len={msg.raw_len}"))
+        out.append(FieldLine(f"request {msg.op.name} ({msg.op.value}) len={msg.raw_len}{cut}"))
         base = IN_HEADER
         out.append(FieldLine(f"{msg.header._codec.name}", 0, base, 1))
     elif isinstance(msg, F.Notification):
-        out.append(FieldLine(f"notification {msg.notify.name} len={msg.raw_len}"))
+        out.append(FieldLine(f"notification {msg.notify.name} len={msg.raw_len}{cut}"))
         base = OUT_HEADER
         out.append(FieldLine(f"{msg.header._codec.name}", 0, base, 1))
     else:
         assert isinstance(msg, F.Reply)
         err = f" error={msg.errname}" if msg.error else ""
-        out.append(FieldLine(f"reply to {msg.op.name}{err} len={msg.raw_len}"))
+        out.append(FieldLine(f"reply to {msg.op.name}{err} len={msg.raw_len}{cut}"))
         base = OUT_HEADER
         out.append(FieldLine(f"{msg.header._codec.name}", 0, base, 1))
     out.extend(_record_fields(msg.header, 0, 2))
@@ -194,7 +205,7 @@ def field_lines(msg: F.Message) -> list[FieldLine]:
             else:
                 out.extend(FieldLine(f"{p} = {render_value(f, x)}", None, 0, 2) for p, f, x, _, _ in iter_fields(v))
         elif isinstance(v, bytes):
-            shown = f"{len(v)} bytes" if key in ("data", "value") or len(v) > 256 else f'"{safe_name(v)}"'
+            shown = payload_text(v) if key in ("data", "value") or len(v) > 256 else f'"{safe_name(v)}"'
             nul = 0 if key in ("data", "value") else 1
             out.append(FieldLine(f"{key} = {shown}", off, len(v) + nul, 1))
             if off is not None:
