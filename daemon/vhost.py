@@ -97,16 +97,16 @@ class VhostDaemon:
                 pass
 
     def _close_listener(self) -> None:
+        if self.socket_path is not None:
+            from fsinspect.proxy.unixsock import release_socket_path
+
+            release_socket_path(self.socket_path, self.listener)  # only if the path is still our socket
+            self.socket_path = None
+            return
         try:
             self.listener.close()
         except OSError:
             pass
-        if self.socket_path is not None:
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
-            self.socket_path = None
 
     def close(self) -> None:
         if self._final is not None:

@@ -695,24 +695,11 @@ def _scatter(chain: Chain, parts: Sequence[Buffer]) -> int:
 
 # ---------------------------------------------------------------------- listening
 def listen_path(path: str) -> socket.socket:
-    """A listening Unix socket at `path` (a stale socket file is replaced; anything else is an error)."""
-    try:
-        if os.path.exists(path):
-            import stat
+    """A listening Unix socket at `path`: only a stale socket is replaced (one a daemon still listens on,
+    or anything that is not a socket, is refused), as for the proxy's --listen."""
+    from fsinspect.proxy.unixsock import claim_socket_path
 
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-            os.unlink(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.bind(path)
-            s.listen(1)
-        except BaseException:
-            s.close()
-            raise
-        return s
-    except OSError as e:
-        raise OSError(e.errno, f"--socket-path {path}: {e.strerror or e}") from None
+    return claim_socket_path(path, what="--socket-path")
 
 
 def listen_fd(fd: int) -> socket.socket:

@@ -120,12 +120,16 @@ class ControlTap:
 
     The engine's tap has no descriptor head, so the analyzer pairs requests and replies by unique.  A
     request shows as soon as the engine reads it; a thread checks ten times a second for `stuck` ones.
+    Like the proxy's capture, it sees the first LIVE_SNAPLEN bytes of each message: 1 MiB WRITEs are
+    neither decoded nor kept whole for the clients.
     """
 
     def __init__(self, path: str, stuck_threshold_ns: int | None = None) -> None:
         from fsinspect.analysis import Analyzer
         from fsinspect.analysis.analyzer import DEFAULT_STUCK_NS
-        from fsinspect.proxy.hub import Hub
+        from fsinspect.proxy.hub import LIVE_SNAPLEN, Hub
+
+        self.snaplen = LIVE_SNAPLEN
 
         self.lock = threading.RLock()
         self.analyzer = Analyzer(keep_exchanges=False, keep_raw=True,
@@ -134,7 +138,7 @@ class ControlTap:
         try:
             self.hub = Hub(path, self.snapshot, feed_lock=self.lock, source="daemon")
         except OSError as e:
-            raise UserError(f"--control {path}: {e.strerror or e}") from None
+            raise UserError(e.strerror or str(e)) from None
         self.analyzer.listeners.append(self.hub.publish_exchange)
         self.analyzer.pending_listeners.append(self.hub.publish_request)
         self._stop = threading.Event()
@@ -147,12 +151,15 @@ class ControlTap:
                 self.analyzer.check_stuck(time.time_ns())
 
     def __call__(self, direction: str, queue: int, unique: int, ts_ns: int, raw: bytes) -> None:
+        orig = len(raw)
+        if orig > self.snaplen:
+            raw = raw[:self.snaplen]
         with self.lock:
             if direction == "request":
                 self.requests += 1
-                self.analyzer.feed_request(raw, queue, None, ts_ns)
+                self.analyzer.feed_request(raw, queue, None, ts_ns, orig_len=orig)
             else:
-                self.analyzer.feed_reply(raw, queue, None, ts_ns)
+                self.analyzer.feed_reply(raw, queue, None, ts_ns, orig_len=orig)
 
     def snapshot(self) -> dict[str, Any]:
         """What a newly attached client gets first (called with self.lock held)."""

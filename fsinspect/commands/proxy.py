@@ -13,7 +13,6 @@ import os
 import shlex
 import signal
 import socket
-import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -73,25 +72,12 @@ def _listener(args: argparse.Namespace) -> socket.socket:
         except OSError as e:
             raise UserError(f"--fd {args.fd}: {e.strerror}") from None
         return s
-    path = args.listen
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise UserError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale socket from a dead process
-        else:
-            probe.close()
-            raise UserError(f"{path} is in use by a running process")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    from ..proxy.unixsock import claim_socket_path
+
     try:
-        s.bind(path)
+        return claim_socket_path(args.listen, what="--listen")
     except OSError as e:
-        raise UserError(f"cannot listen on {path}: {e.strerror}") from None
-    s.listen(1)
-    return s
+        raise UserError(e.strerror or str(e)) from None
 
 
 def _wrapper_backend(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
@@ -109,6 +95,7 @@ def _wrapper_backend(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     from ..proxy.server import ProxyConfig
     from ..proxy.session import Session, SessionOptions, render_summary, summary_json
+    from ..proxy.unixsock import release_socket_path
 
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES, indent=2))
@@ -160,9 +147,10 @@ def run(args: argparse.Namespace) -> int:
             session.proxy.stop()
         s = session.summary()
     finally:
-        listener.close()
-        if args.listen and args.fd is None and os.path.exists(args.listen):
-            os.unlink(args.listen)
+        if args.listen and args.fd is None:
+            release_socket_path(args.listen, listener)  # only if it is still ours
+        else:
+            listener.close()
         if frontend is None:
             session.proxy.shutdown()
         session.close()

@@ -1,19 +1,32 @@
-"""The control socket: any number of clients get a snapshot, then the live stream, as JSON lines.
+"""The control socket: clients get a snapshot, then the live stream, as JSON lines.
 
 Protocol (version 1), one JSON object per line, server to client:
   {"type": "hello", "version": 1, "source": "proxy", "tool": "fsinspect x.y"}
   {"type": "snapshot", "exchanges": [...last N...], "inodes": [...], "stats": {...}, "lints": [...],
    "submounts": [...], "syncfs": [...], "control": [...recent vhost-user messages...], "events": [...],
    "pending": [...every request still waiting, with "age_ms"...], "held": [...those a breakpoint holds...]}
+    (`"backlog_dropped": K` when the K oldest backlog exchanges did not fit the client's byte budget)
   {"type": "request", ...exchange_json...}         a request as soon as it is captured ("state": "pending" or
                                                    "held", "age_ms"); sent again, same "n", when it changes
                                                    while open (held, resumed, linted "stuck")
-  {"type": "exchange", ...exchange_json...}        every finished FUSE exchange (completes request "n")
+  {"type": "exchange", ...exchange_json...}        every finished FUSE exchange (completes request "n"; raw
+                                                   bytes cut at LIVE_SNAPLEN, "request_len"/"reply_len" whole)
   {"type": "control", "direction": "...", "summary": "..."}   every vhost-user message
   {"type": "event", "kind": "...", "detail": {...}}          control-plane events (backend-lost, ...)
   {"type": "overflow", "missed": N}                 this client fell behind and N messages were dropped
-Clients send nothing (lines they send are ignored).  A slow or stuck client never blocks the proxy:
-each has a bounded queue, and its overflow is counted and told to it once it drains.
+  {"type": "error", "error": "..."}                 then the server closes: too many clients, a line too long
+Client to server: one JSON object a line (at most MAX_LINE bytes).  Each goes to the owner's
+`command_handler(client_id, obj) -> reply dict` (fsinspect/intercept/control.py); without one, a command
+with an "id" gets `{"type": "reply", "id": ..., "ok": false, "error": ...}` and anything else is ignored.
+
+Nothing a client does can exhaust the process or slow the data path:
+- publish_* only append to one bounded outbox and wake the hub thread; encoding and the fan-out to
+  clients happen there, once per batch (each encoded batch is shared by every client's queue);
+- each client's queue is bounded in bytes (its snapshot counts too); what does not fit is dropped and
+  counted, and the client is told how much it missed once it drains;
+- the hub thread sleeps in epoll (selectors) until something happens, so idle clients cost no CPU and
+  any fd number works; at most `max_clients` are attached, the rest get an error line and are closed;
+- a client whose replies pile up is not read until it drains, and a line over MAX_LINE drops the client.
 """
 
 from __future__ import annotations
@@ -22,8 +35,9 @@ import collections
 import contextlib
 import errno
 import json
+import logging
 import os
-import select
+import selectors
 import socket
 import threading
 import time
@@ -31,51 +45,92 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
+from .unixsock import claim_socket_path, release_socket_path
+
+log = logging.getLogger("fsinspect.hub")
 
 PROTOCOL_VERSION = 1
 BACKLOG_EXCHANGES = 500
-CLIENT_QUEUE = 4096
+BACKLOG_BYTES = 8 << 20  # the snapshot's exchange backlog, estimated from its raw hex
+LIVE_SNAPLEN = 16 * 1024  # raw bytes of each message an exchange line carries (what the proxy captures)
+CLIENT_QUEUE = 4096  # messages a client may have queued, on top of the byte budget
+CLIENT_BYTES = 8 << 20  # a client's queue, snapshot included
+TOTAL_BYTES = 64 << 20  # every client's queue together: past this, a client gets at most ...
+MIN_CLIENT_BYTES = 256 << 10  # ... this much (the worst case is TOTAL + MAX_CLIENTS * MIN_CLIENT bytes)
+MAX_CLIENTS = 256
+MAX_LINE = 64 << 10  # a client->server line
+OUTBOX = 16384  # messages published but not yet fanned out (the hub thread is behind)
+_BATCH = 256
+_RECV = 64 << 10
+
+CommandHandler = Callable[[int, dict[str, Any]], dict[str, Any]]
 
 
 class _Client:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, cid: int) -> None:
         self.sock = sock
-        self.queue: collections.deque[bytes] = collections.deque()
-        self.pending = b""
+        self.id = cid
+        self.queue: collections.deque[tuple[bytes, int]] = collections.deque()  # (lines, how many)
+        self.head: memoryview | None = None  # what is being sent now, from its offset
+        self.queued = 0  # bytes in queue + head, the snapshot included
+        self.queued_msgs = 0  # messages in queue
+        self.start_seq = 0  # outbox messages before this one are already in its snapshot
         self.missed = 0
         self.reported_missed = 0
         self.sent = 0
+        self.inbuf = bytearray()
+        self.blocked = False  # the socket said EAGAIN: wait for EVENT_WRITE
+        self.reading = True  # registered for EVENT_READ
+        self.closing = False  # send what is queued (an error line), then close
+        self.snapshot_msg: dict[str, Any] | None = None  # taken under the feed lock, encoded outside it
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self.head is not None or self.queue or self.missed > self.reported_missed)
 
 
 class Hub:
-    """Publishes to every attached client; publish_* never block (called from the proxy's threads)."""
+    """Publishes to every attached client; publish_* never block (called from the data path's threads)."""
 
     def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]], *, queue_len: int = CLIENT_QUEUE,
-                 source: str = "proxy", feed_lock: Any = None) -> None:
+                 source: str = "proxy", feed_lock: Any = None, client_bytes: int = CLIENT_BYTES,
+                 total_bytes: int = TOTAL_BYTES, max_clients: int = MAX_CLIENTS, max_line: int = MAX_LINE,
+                 command_handler: CommandHandler | None = None) -> None:
         self.path = path
         self.snapshot_fn = snapshot
         # Held by whoever feeds publish_exchange: taking it while a client joins means no exchange falls
         # between its snapshot and its live stream.
         self.feed_lock = feed_lock if feed_lock is not None else threading.Lock()
         self.queue_len = queue_len
+        self.client_bytes = client_bytes
+        self.total_bytes = total_bytes
+        self.max_clients = max_clients
+        self.max_line = max_line
+        self.command_handler = command_handler
+        self.protocol_version = PROTOCOL_VERSION
         self.source = source
         self.clients: list[_Client] = []
         self.lock = threading.Lock()
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=BACKLOG_EXCHANGES)
+        self._recent_sizes: collections.deque[int] = collections.deque()
+        self._recent_bytes = 0
         self.recent_control: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         self.events: list[dict[str, Any]] = []
         self.total_overflow = 0
+        self.total_queued = 0  # bytes in every client's queue
+        self.refused = 0
+        self._outbox: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
+        self._seq = 0
+        self._outbox_dropped = 0
+        self._woken = False
+        self._next_id = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        if os.path.exists(path):
-            os.unlink(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)  # the socket is created 0600: traffic may contain file names and data
-        try:
-            self.listener.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.listener.listen(16)
+        # 0600: the traffic holds file names and data.  Only a stale socket is replaced.
+        self.listener = claim_socket_path(path, backlog=64, mode=0o600, what="--control")
+        self.listener.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stop = threading.Event()
         self._closing_by: float | None = None
         self.thread = threading.Thread(target=self._loop, name="fsinspect-hub", daemon=True)
@@ -85,22 +140,26 @@ class Hub:
     def _broadcast(self, obj: dict[str, Any]) -> None:
         if not self.clients:  # nobody to encode for (a joining client gets `recent` in its snapshot)
             return
-        line = (json.dumps(obj, default=str) + "\n").encode()
         with self.lock:
-            for c in self.clients:
-                if len(c.queue) >= self.queue_len:
-                    c.missed += 1
-                    self.total_overflow += 1
-                else:
-                    c.queue.append(line)
-        with contextlib.suppress(BlockingIOError):
+            if len(self._outbox) >= OUTBOX:
+                self._outbox_dropped += 1
+            else:
+                self._outbox.append((self._seq, obj))
+                self._seq += 1
+            if self._woken:
+                return
+            self._woken = True
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 
     def publish_exchange(self, ex: Any) -> None:
         from ..analysis.render import exchange_json
 
         obj = {"type": "exchange", **exchange_json(ex, raw=True)}
-        self.recent.append(obj)
+        self._remember(obj, _cut_raw(obj))
         self._broadcast(obj)
 
     def publish_request(self, ex: Any) -> None:
@@ -108,7 +167,21 @@ class Hub:
         from ..analysis.render import exchange_json
 
         if self.clients:
-            self._broadcast({"type": "request", **exchange_json(ex, raw=True, now_ns=time.time_ns())})
+            obj = {"type": "request", **exchange_json(ex, raw=True, now_ns=time.time_ns())}
+            _cut_raw(obj)
+            self._broadcast(obj)
+
+    def _remember(self, obj: dict[str, Any], size: int) -> None:
+        """Keep `obj` in the snapshot's backlog, bounded in count and (estimated) bytes."""
+        with self.lock:
+            if len(self.recent) == self.recent.maxlen:
+                self._recent_bytes -= self._recent_sizes.popleft()
+            self.recent.append(obj)
+            self._recent_sizes.append(size)
+            self._recent_bytes += size
+            while self._recent_bytes > BACKLOG_BYTES and len(self.recent) > 1:
+                self.recent.popleft()
+                self._recent_bytes -= self._recent_sizes.popleft()
 
     def publish_control(self, direction: str, summary: str) -> None:
         obj = {"type": "control", "direction": direction, "summary": summary}
@@ -120,104 +193,329 @@ class Hub:
         self.events.append(obj)
         self._broadcast(obj)
 
-    # -- the sender thread ------------------------------------------------------------------------
-    def _accept(self) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except OSError:
+    def send_to(self, client_id: int, obj: dict[str, Any]) -> bool:
+        """Queue `obj` to one client (a command's late answer); False when that client is gone."""
+        with self.lock:
+            c = next((c for c in self.clients if c.id == client_id), None)
+        if c is None:
+            return False
+        with self.lock:
+            self._enqueue(c, _line(obj), force=True)
+            self._woken = True
+        self._wake()
+        return True
+
+    # -- budgets (called with self.lock held) ------------------------------------------------------
+    def _room(self, c: _Client) -> int:
+        """Bytes `c` may still queue: its own budget, and a share of what every client holds together."""
+        room = self.client_bytes - c.queued
+        if self.total_queued + room > self.total_bytes:
+            room = max(self.total_bytes - self.total_queued, MIN_CLIENT_BYTES - c.queued)
+        return room
+
+    def _fits(self, c: _Client, size: int, count: int) -> bool:
+        return size <= self._room(c) and c.queued_msgs + count <= self.queue_len
+
+    def _enqueue(self, c: _Client, data: bytes, count: int = 1, *, force: bool = False) -> None:
+        if not force and not self._fits(c, len(data), count):
+            c.missed += count
+            self.total_overflow += count
             return
-        sock.setblocking(False)
-        c = _Client(sock)
-        hello = {"type": "hello", "version": PROTOCOL_VERSION, "source": self.source, "tool": f"fsinspect {__version__}"}
-        with self.feed_lock:
-            snap = {"type": "snapshot", **self.snapshot_fn(), "exchanges": list(self.recent),
-                    "control": list(self.recent_control), "events": list(self.events)}
-            c.pending = (json.dumps(hello) + "\n" + json.dumps(snap, default=str) + "\n").encode()
+        c.queue.append((data, count))
+        c.queued += len(data)
+        c.queued_msgs += count
+        self.total_queued += len(data)
+
+    # -- the hub thread -----------------------------------------------------------------------------
+    def _fan_out(self) -> None:
+        """Encode what was published since the last round, once, and queue it to every client."""
+        with self.lock:
+            self._woken = False
+            items = list(self._outbox)
+            self._outbox.clear()
+            dropped, self._outbox_dropped = self._outbox_dropped, 0
+            clients = list(self.clients)
+        if dropped:
             with self.lock:
-                self.clients.append(c)
+                for c in clients:
+                    c.missed += dropped
+                    self.total_overflow += dropped
+        for k in range(0, len(items), _BATCH):
+            chunk = items[k:k + _BATCH]
+            lines = [(seq, _line(obj)) for seq, obj in chunk]
+            first = chunk[0][0]
+            whole = b"".join(line for _, line in lines)
+            with self.lock:
+                for c in clients:
+                    if c.start_seq <= first and self._fits(c, len(whole), len(lines)):
+                        self._enqueue(c, whole, len(lines))
+                    else:  # short of room, or joined mid-batch (its snapshot holds the start): line by line
+                        for seq, line in lines:
+                            if seq >= c.start_seq:
+                                self._enqueue(c, line)
+        for c in clients:
+            if not c.blocked and c.has_output:
+                self._send(c)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:  # EAGAIN (nothing more), or EMFILE: the rest wait in the backlog
+                return
+            sock.setblocking(False)
+            if len(self.clients) >= self.max_clients:
+                self.refused += 1
+                with contextlib.suppress(OSError):
+                    sock.send(_line({"type": "error", "error": f"too many control clients ({self.max_clients} "
+                                                                 "attached): try again later"}))
+                sock.close()
+                continue
+            self._next_id += 1
+            c = _Client(sock, self._next_id)
+            with self.feed_lock:
+                snap = {"type": "snapshot", **self.snapshot_fn()}
+                with self.lock:
+                    snap["exchanges"] = list(self.recent)
+                    snap["control"] = list(self.recent_control)
+                    snap["events"] = list(self.events)
+                    c.start_seq = self._seq
+                    self.clients.append(c)
+            self.sel.register(sock, selectors.EVENT_READ, c)
+            hello = {"type": "hello", "version": self.protocol_version, "source": self.source,
+                     "tool": f"fsinspect {__version__}"}
+            data = _line(hello) + self._encode_snapshot(c, snap)
+            with self.lock:  # first in its queue: live messages queued meanwhile go after it
+                busy = len(data) > self._room(c) and self.total_queued > c.queued
+                if not busy:
+                    c.queue.appendleft((data, 1))
+                    c.queued += len(data)
+                    c.queued_msgs += 1
+                    self.total_queued += len(data)
+            if busy:  # its snapshot alone is over what the clients that do not read have left
+                self.refused += 1
+                self._refuse(c, f"the control hub is full ({self.total_queued >> 20} MiB queued to clients "
+                                "that do not read): try again later")
+            self._send(c)
+
+    def _encode_snapshot(self, c: _Client, snap: dict[str, Any]) -> bytes:
+        """The snapshot counts against the client's budget: the oldest backlog exchanges go if it is over."""
+        exchanges = snap.pop("exchanges")
+        core = json.dumps(snap, default=str)
+        with self.lock:
+            room = self._room(c) - len(core) - 256
+        lines = [json.dumps(e, default=str) for e in exchanges]
+        total = sum(len(s) + 1 for s in lines)
+        cut = 0
+        while cut < len(lines) and total > room:
+            total -= len(lines[cut]) + 1
+            cut += 1
+        tail = f', "exchanges": [{", ".join(lines[cut:])}]'
+        if cut:
+            tail += f', "backlog_dropped": {cut}'
+        return (core[:-1] + tail + "}\n").encode()
 
     def _drop(self, c: _Client) -> None:
         with self.lock:
             if c in self.clients:
                 self.clients.remove(c)
+            c.queue.clear()
+            c.queued_msgs = 0
+            c.head = None
+            self.total_queued -= c.queued
+            c.queued = 0
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(c.sock)
         c.sock.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            with self.lock:
-                clients = list(self.clients)
-                if self._closing_by is not None and (time.monotonic() > self._closing_by or not any(
-                        c.pending or c.queue or c.missed > c.reported_missed for c in clients)):
+            timeout: float | None = None
+            if self._closing_by is not None:
+                with self.lock:
+                    clients = list(self.clients)
+                if time.monotonic() > self._closing_by or not any(c.has_output for c in clients):
                     return  # closing: everything queued went out (or the grace time ran out)
-            wants_write = [c.sock for c in clients if c.pending or c.queue or c.missed > c.reported_missed]
-            readers: list[Any] = [self.listener, self._wake_r, *[c.sock for c in clients]]
+                timeout = 0.05
             try:
-                r, w, _ = select.select(readers, wants_write, [], 0.5)
-            except (OSError, ValueError):
+                events = self.sel.select(timeout)
+            except OSError as e:
+                if e.errno != errno.EINTR:
+                    log.error("control hub: %s", e)
+                    return
                 continue
-            if self._wake_r in r:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-            if self.listener in r:
-                self._accept()
-            for c in clients:
-                if c.sock in r:
-                    try:
-                        if not c.sock.recv(4096):
-                            self._drop(c)
-                            continue
-                    except BlockingIOError:
-                        pass
-                    except OSError:
-                        self._drop(c)
+            for key, mask in events:
+                if key.fileobj is self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                elif key.fileobj is self.listener:
+                    self._accept()
+                else:
+                    c = key.data
+                    if mask & selectors.EVENT_READ and not self._read(c):
                         continue
-                if c.sock in w:
-                    self._send(c)
+                    if mask & selectors.EVENT_WRITE:
+                        c.blocked = False
+                        self._send(c)
+            self._fan_out()
+
+    def _read(self, c: _Client) -> bool:
+        """Read and handle what the client sent; False when it is gone."""
+        try:
+            data = c.sock.recv(_RECV)
+        except BlockingIOError:
+            return True
+        except OSError:
+            self._drop(c)
+            return False
+        if not data:
+            self._drop(c)
+            return False
+        if c.closing:
+            return True
+        c.inbuf += data
+        while not c.closing:
+            nl = c.inbuf.find(b"\n")
+            if nl < 0:
+                break
+            line = bytes(c.inbuf[:nl])
+            del c.inbuf[:nl + 1]
+            self._command(c, line)
+        if len(c.inbuf) > self.max_line:
+            self._refuse(c, f"a line longer than {self.max_line} bytes: disconnecting")
+        if c.has_output and not c.blocked:
+            self._send(c)
+        else:
+            self._update_interest(c)
+        return c.sock.fileno() >= 0
+
+    def _command(self, c: _Client, line: bytes) -> None:
+        if len(line) > self.max_line:
+            self._refuse(c, f"a line longer than {self.max_line} bytes: disconnecting")
+            return
+        if not line.strip() or c.closing:
+            return
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            self._reply(c, {"type": "error", "error": f"not JSON: {e}"})
+            return
+        if not isinstance(obj, dict):
+            self._reply(c, {"type": "error", "error": "a command is a JSON object"})
+            return
+        handler = self.command_handler
+        if handler is None:
+            if "id" in obj:
+                self._reply(c, {"type": "reply", "id": obj["id"], "ok": False,
+                                "error": f"this {self.source} takes no commands"})
+            return
+        try:
+            reply = handler(c.id, obj)
+        except Exception as e:  # a handler bug must not end the hub: the client hears about it
+            log.error("control command %.200r: %s: %s", obj, type(e).__name__, e)
+            reply = {"type": "reply", "id": obj.get("id"), "ok": False, "error": f"internal error: {e}"}
+        if reply is not None:
+            self._reply(c, reply)
+
+    def _reply(self, c: _Client, obj: dict[str, Any]) -> None:
+        with self.lock:
+            self._enqueue(c, _line(obj), force=True)  # replies are never dropped: reading pauses instead
+
+    def _refuse(self, c: _Client, why: str) -> None:
+        c.inbuf.clear()
+        self._reply(c, {"type": "error", "error": why})
+        c.closing = True
+
+    def _update_interest(self, c: _Client) -> None:
+        """Read a client only while its queue has room (its replies are backpressure); write when blocked."""
+        with self.lock:
+            reading = not c.closing and self._room(c) > 0
+        events = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if c.blocked else 0)
+        if c.closing and not c.blocked:
+            events |= selectors.EVENT_WRITE
+        if not events:  # keep hearing about a hang-up
+            events = selectors.EVENT_WRITE
+        with contextlib.suppress(KeyError, ValueError):
+            if self.sel.get_key(c.sock).events != events:
+                self.sel.modify(c.sock, events, c)
 
     def _send(self, c: _Client) -> None:
+        if c.sock.fileno() < 0:
+            return
         while True:
-            if not c.pending:
+            if c.head is None:
                 with self.lock:
                     if c.missed > c.reported_missed:
-                        c.pending = (json.dumps({"type": "overflow", "missed": c.missed}) + "\n").encode()
+                        data = _line({"type": "overflow", "missed": c.missed})
                         c.reported_missed = c.missed
+                        c.queued += len(data)
+                        self.total_queued += len(data)
                     elif c.queue:
                         batch: list[bytes] = []
-                        while c.queue and len(batch) < 256:
-                            batch.append(c.queue.popleft())
-                        c.pending = b"".join(batch)
-                        c.sent += len(batch)
+                        size = 0
+                        while c.queue and len(batch) < _BATCH and size < _RECV:
+                            b, count = c.queue.popleft()
+                            batch.append(b)
+                            size += len(b)
+                            c.queued_msgs -= count
+                            c.sent += count
+                        data = batch[0] if len(batch) == 1 else b"".join(batch)
                     else:
-                        return
+                        break
+                c.head = memoryview(data)
             try:
-                n = c.sock.send(c.pending)
+                n = c.sock.send(c.head)
             except BlockingIOError:
+                c.blocked = True
+                break
+            except OSError:
+                self._drop(c)
                 return
-            except OSError as e:
-                if e.errno in (errno.EPIPE, errno.ECONNRESET):
-                    self._drop(c)
-                    return
-                raise
-            c.pending = c.pending[n:]
-            if c.pending:
-                return
+            with self.lock:
+                c.queued -= n
+                self.total_queued -= n
+            if n < len(c.head):
+                c.head = c.head[n:]  # a view: the rest is not copied
+                c.blocked = True
+                break
+            c.head = None
+        if c.closing and not c.has_output:
+            self._drop(c)
+            return
+        self._update_interest(c)
 
     def client_stats(self) -> list[dict[str, int]]:
         with self.lock:
-            return [{"queued": len(c.queue), "missed": c.missed, "sent": c.sent} for c in self.clients]
+            return [{"queued": c.queued_msgs + (c.head is not None), "queued_bytes": c.queued, "missed": c.missed,
+                     "sent": c.sent} for c in self.clients]
 
     def close(self, flush_timeout: float = 3.0) -> None:
         """Send what is still queued (the end of the run matters most), then disconnect everyone."""
         self._closing_by = time.monotonic() + flush_timeout
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self._wake()
         self.thread.join(flush_timeout + 1)
         self._stop.set()
+        self._wake()
         self.thread.join(1)
         for c in list(self.clients):
             self._drop(c)
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self.sel.close()
+        release_socket_path(self.path, self.listener)
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+def _cut_raw(obj: dict[str, Any]) -> int:
+    """Cut the raw hex an exchange line carries to LIVE_SNAPLEN bytes; the line's estimated size."""
+    size = 512
+    for k in ("request_raw", "reply_raw"):
+        h = obj.get(k)
+        if h is not None and len(h) > 2 * LIVE_SNAPLEN:
+            obj[k] = h = h[:2 * LIVE_SNAPLEN]
+            obj["snapped"] = True
+        size += len(h or "")
+    return size
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, default=str) + "\n").encode()
