@@ -469,7 +469,11 @@ def test_filter_examples(expr: str) -> None:
 @pytest.mark.parametrize(("expr", "column", "message"), [
     ("op == LOKUP", 7, "unknown opcode 'LOKUP'"),
     ("latency > 1parsec", 12, "unexpected"),
-    ("nodeid = 4", 8, "unexpected character '='"),
+    ("nodeid = 4", 8, "'=' is not a comparison: use '=='"),
+    ('name ~ "fsi', 8, 'unterminated string: no closing "'),
+    ("op = LOOKUP", 4, "use '=='"),
+    ("name == 'x'", 9, "double quotes"),
+    ("op == LOOKUP & error", 14, "use '&&' or 'and'"),
     ("foo == 3", 1, "unknown field 'foo'"),
     ("name > 3", 6, "name compares with == != or ~"),
     ("error == ENOPE", 10, "unknown errno name 'ENOPE'"),

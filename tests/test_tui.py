@@ -590,3 +590,28 @@ def test_attach_keeps_a_bounded_window(tmp_path: Path) -> None:
     finally:
         src.stop()
         hub.close()
+
+
+def test_filter_completion_follows_the_parser() -> None:
+    """After a complete value comes `and`/`or`, never a flag name (`latency > 500µs` offered `snapped`)."""
+    assert completions("latency > 500µs") == [" and", " or"]
+    assert completions("latency > 500µs ") == ["and", "or"]
+    assert completions("op == LOOKUP") == [" and", " or"]
+    assert "snapped" not in completions("latency > 5ms") and completions("op == LOOKUP and sub") == ["submount"]
+
+
+def test_next_error_and_mark_at_the_end_of_the_list_say_so() -> None:
+    async def run() -> None:
+        app = replay_app()
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app)
+            await pilot.press("end")
+            await pilot.press("e")
+            await pilot.pause(0.1)
+            await pilot.press("n")
+            await pilot.pause(0.1)
+            said = [n.message for n in app._notifications]
+            assert any("no error below this row: the end of the list" in m for m in said), said
+            assert any("no marks yet" in m for m in said), said
+
+    asyncio.run(run())

@@ -26,11 +26,8 @@ from textual.widget import Widget
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from dissectors.spec import fuse as fspec
-
 from ..analysis import Exchange, FilterError, compile_filter
-from ..analysis.exchange import LINTS
-from ..analysis.filter import FIELDS, FLAGS
+from ..analysis.filter import completions as filter_completions
 from .render import FieldLine, field_lines, header_text, hexdump, layout_text, row_text
 from .sources import Source, Store
 
@@ -256,7 +253,7 @@ class ExchangeList(ScrollView, can_focus=True):
             self.marks.symmetric_difference_update({i})
             self.refresh_line(self.cursor - self.scroll_offset.y)
 
-    def _seek(self, delta: int, pred: Callable[[int], bool]) -> bool:
+    def _seek(self, delta: int, pred: Callable[[int], bool], what: str = "match") -> bool:
         row = self.cursor + delta
         steps = 0
         while 0 <= row < self.count and steps < 2_000_000:
@@ -267,19 +264,24 @@ class ExchangeList(ScrollView, can_focus=True):
             row += delta
             steps += 1
         self.app.bell()
+        where = "below" if delta > 0 else "above"
+        self.app.notify(f"no {what} {where} this row: the {'end' if delta > 0 else 'top'} of the list", timeout=3)
         return False
 
     def action_next_mark(self, delta: int) -> None:
-        if self.marks:
-            self._seek(delta, lambda i: i in self.marks)
+        if not self.marks:
+            self.app.bell()
+            self.app.notify("no marks yet: m marks the selected exchange", timeout=3)
+            return
+        self._seek(delta, lambda i: i in self.marks, "mark")
 
     def action_next_error(self, delta: int) -> None:
         get = self.store.get
-        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.error))
+        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.error), "error")
 
     def action_next_lint(self, delta: int) -> None:
         get = self.store.get
-        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.lints))
+        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.lints), "lint")
 
     def on_focus(self) -> None:
         self.refresh()
@@ -411,30 +413,9 @@ class DetailPane(Widget):
         return self.lines[i] if i is not None and 0 <= i < len(self.lines) else None
 
 
-_OPNAMES = sorted(o.name for o in fspec.OPCODES)
-_ERRNAMES = sorted(fspec.ERRNO.by_name())
-_WORDS = sorted({*FIELDS, *FLAGS, "and", "or", "not"})
-
-
 def completions(value: str) -> list[str]:
-    """Completions of the last word of a filter: field and flag names, or opcode/errno/lint values."""
-    m = re.search(r"([A-Za-z_][A-Za-z0-9_.-]*)$", value)
-    if m is None:
-        return []
-    word = m.group(1)
-    before = value[:m.start()].rstrip()
-    pool: list[str]
-    if re.search(r"\b(op|opcode)\s*(==|!=)$", before):
-        pool = _OPNAMES
-        word = word.upper()
-    elif re.search(r"\berror\s*(==|!=)$", before):
-        pool = _ERRNAMES
-        word = word.upper()
-    elif re.search(r"\blint\s*(==|!=)$", before):
-        pool = sorted(LINTS)
-    else:
-        pool = _WORDS
-    return [w for w in pool if w.startswith(word) and w != word]
+    """What may replace the word being typed at the end of a filter (the parser decides)."""
+    return filter_completions(value)[1]
 
 
 class FilterSuggester(Suggester):
@@ -444,12 +425,8 @@ class FilterSuggester(Suggester):
         super().__init__(use_cache=False, case_sensitive=True)
 
     async def get_suggestion(self, value: str) -> str | None:
-        opts = completions(value)
-        if not opts:
-            return None
-        m = re.search(r"([A-Za-z_][A-Za-z0-9_.-]*)$", value)
-        assert m is not None
-        return value[:m.start()] + opts[0]
+        start, opts = filter_completions(value)
+        return value[:start] + opts[0] if opts else None
 
 
 class FilterBar(Widget):
