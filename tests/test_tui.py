@@ -258,7 +258,7 @@ def test_submount_panel_superblocks_and_syncfs() -> None:
             assert len(roots) >= 3  # the root and the two nested tmpfs submounts
             assert sy.row_count == len(syncfs)
             assert [int(str(sy.get_row_at(i)[0])[1:]) for i in range(sy.row_count)] == \
-                [g["index"] for g in syncfs]
+                [g["index"] + 1 for g in syncfs]  # the `#` numbers: 1-based
             # Every submount root that got a SYNCFS is a superblock root (no lint).
             assert all("yes" in str(sy.get_row_at(i)[3]) for i in range(sy.row_count))
             # Enter on a SYNCFS row shows that exchange.
@@ -368,13 +368,13 @@ def test_marks_copy_write_and_help(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             await pilot.press("e")  # next error
             assert lst.selected == next(g["index"] for g in gold if g["error"])
             await pilot.press("y")
-            assert app.last_copy is not None and app.last_copy.startswith(f"exchange #{lst.selected}:")
+            assert app.last_copy is not None and app.last_copy.startswith(f"exchange #{lst.selected + 1}:")
             assert "FUSE request" in app.last_copy and "FUSE reply" in app.last_copy
             await pilot.press("Y")
             assert json.loads(app.last_copy)["index"] == lst.selected
             await pilot.press("w")
             await pilot.pause(0.1)
-            written = json.loads((tmp_path / f"fsinspect-exchange-{lst.selected}.json").read_text())
+            written = json.loads((tmp_path / f"fsinspect-exchange-{lst.selected + 1}.json").read_text())
             assert written["opcode"] == gold[lst.selected]["opcode"]
             assert written["error"] == gold[lst.selected]["error"]
             await pilot.press("question_mark")

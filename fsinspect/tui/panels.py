@@ -90,10 +90,15 @@ class InodePanel(Widget):
                                                " ", r.get("message", ""))))
             self.lint_targets.append(-1)
         for name, idx, msg in lints:
-            ol.add_option(Option(Text.assemble((f"#{idx} ", "dim"), (name, "magenta bold"), " ", msg)))
+            ol.add_option(Option(Text.assemble((f"#{st.number_of(idx)} ", "dim"), (name, "magenta bold"), " ", msg)))
             self.lint_targets.append(idx)
         if hl is not None and hl < ol.option_count:
             ol.highlighted = hl
+
+    @property
+    def main(self) -> Widget:
+        """What takes the focus when the panel is shown."""
+        return self.query_one("#itree", Tree)
 
     def _tree(self, nodes: list[tuple[Any, ...]]) -> None:
         tree = self.query_one("#itree", Tree)
@@ -199,19 +204,23 @@ class SubmountPanel(Widget):
             mine = [s for s in syncs if s.nodeid == nodeid]
             last = fmt_ns(mine[-1].latency_ns) if mine else "-"
             sb.add_row(str(nodeid), Text(path, "bold cyan" if nodeid != ROOT else "bold"),
-                       f"#{exidx}" if exidx >= 0 else ("INIT" if nodeid == ROOT else "(before attach)"),
+                       f"#{st.number_of(exidx)}" if exidx >= 0 else ("INIT" if nodeid == ROOT else "(before attach)"),
                        str(ino or "-"), "unknown", str(len(mine)), last)
             self.targets["sb"].append(exidx)
         sy = self.query_one("#sync", DataTable)
         sy.clear()
         self.targets["sync"] = []
         for s in syncs:
-            sy.add_row(f"#{s.exchange}" if s.exchange >= 0 else "(before attach)", str(s.nodeid),
+            sy.add_row(f"#{st.number_of(s.exchange)}" if s.exchange >= 0 else "(before attach)", str(s.nodeid),
                        spaths.get(s.exchange) or paths.get(s.nodeid, "/" if s.nodeid == ROOT else ""),
                        Text("yes", "green") if s.is_root else Text("NO", "red bold"),
                        fmt_ns(s.latency_ns),
                        Text(fspec.ERRNO.render(s.error), "red bold") if s.error else Text("ok", "green"))
             self.targets["sync"].append(s.exchange)
+
+    @property
+    def main(self) -> Widget:
+        return self.query_one("#sb", DataTable)
 
     def _path(self, nodeid: int, parent: int, name: bytes) -> str:
         """Where the submount root is (or was: a forgotten root is named from its announcement)."""
@@ -257,6 +266,10 @@ class StatsPanel(Widget):
     def on_mount(self) -> None:
         self.query_one("#ops_table", DataTable).add_columns("opcode", "count", "errors", "p50", "p90", "p99",
                                                             "max", "req bytes", "reply bytes", "no reply")
+
+    @property
+    def main(self) -> Widget:
+        return self.query_one("#ops_table", DataTable)
 
     def refresh_from_store(self) -> None:
         st = self.store
@@ -307,6 +320,10 @@ class ControlPanel(Widget):
                 yield Static("", id="cstate_text")
             with VerticalScroll(id="cmsgs"):
                 yield Static("", id="cmsgs_text")
+
+    @property
+    def main(self) -> Widget:
+        return self.query_one("#cstate", VerticalScroll)
 
     def state_lines(self) -> list[str]:
         st = self.store
