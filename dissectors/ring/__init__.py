@@ -122,6 +122,7 @@ from ._common import (
     Capture,
     HoldRule,
     RingError,
+    check_hold_rules,
 )
 
 log = logging.getLogger(__name__)
@@ -180,4 +181,5 @@ __all__ = [
     "RingError",
     "ShadowPath",
     "SplitQueue",
+    "check_hold_rules",
 ]

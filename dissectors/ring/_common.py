@@ -72,6 +72,26 @@ class HoldRule:
     opcodes: frozenset[int] = frozenset()
 
 
+def check_hold_rules(rules: Any) -> tuple[HoldRule, ...]:
+    """The rule table as both engines accept it (ValueError with the same message as the C binding
+    otherwise): direction 1, 2 or 3, queues a u64 bitmask, opcodes u32s (0xFFFFFFFF is reserved)."""
+    out = []
+    for rule in rules:
+        try:
+            d, q, ops = int(rule.direction), int(rule.queues), list(rule.opcodes)
+        except TypeError:
+            raise ValueError(f"bad hold rule {rule!r}: direction 1|2|3, queues a u64 bitmask, opcodes u32s") from None
+        if d < 0 or d >= 1 << 64 or q < 0 or q >= 1 << 64:
+            raise ValueError(f"bad hold rule {rule!r}: direction 1|2|3, queues a u64 bitmask, opcodes u32s")
+        if not 1 <= d <= 3:
+            raise ValueError(f"hold rule direction must be 1 (request), 2 (reply) or 3, not {d}")
+        for op in ops:
+            if not isinstance(op, int) or not 0 <= op <= 0xFFFFFFFE:
+                raise ValueError(f"hold rule opcode {op!r} is not a u32 opcode")
+        out.append(HoldRule(d, q, frozenset(ops)))
+    return tuple(out)
+
+
 class RingError(Exception):
     """A malformed ring or chain.  `reason` is one of REASONS; `head` names the chain if known.
 

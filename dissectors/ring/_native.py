@@ -40,6 +40,7 @@ from ._common import (
     Capture,
     RingError,
     capture_record_size,
+    check_hold_rules,
 )
 
 _CODECS = build_codecs(virtio.REGISTRY)
@@ -442,25 +443,8 @@ _Rule = tuple[int, int, frozenset[int]]
 
 
 def _hold_table(rules: Sequence[Any]) -> tuple[_Rule, ...] | None:
-    """set_hold_rules(): the same checks and messages as the C binding; None for an empty table."""
-    out: list[_Rule] = []
-    for rule in rules:
-        try:
-            d, q, ops = int(rule.direction), int(rule.queues), rule.opcodes
-            opl = list(ops)
-        except (AttributeError, TypeError) as e:
-            if isinstance(e, AttributeError):
-                raise
-            raise ValueError(f"bad hold rule {rule!r}: direction 1|2|3, queues a u64 bitmask, opcodes u32s") from None
-        if d < 0 or d >= 1 << 64 or q < 0 or q >= 1 << 64:
-            raise ValueError(f"bad hold rule {rule!r}: direction 1|2|3, queues a u64 bitmask, opcodes u32s")
-        if not 1 <= d <= 3:
-            raise ValueError(f"hold rule direction must be 1 (request), 2 (reply) or 3, not {d}")
-        for op in opl:
-            if not isinstance(op, int) or not 0 <= op <= 0xFFFFFFFE:
-                raise ValueError(f"hold rule opcode {op!r} is not a u32 opcode")
-        out.append((d, q, frozenset(opl)))
-    return tuple(out) or None
+    """set_hold_rules(): the C binding's checks; None for an empty table."""
+    return tuple((r.direction, r.queues, r.opcodes) for r in check_hold_rules(rules)) or None
 
 
 def _hold_match(rules: tuple[_Rule, ...], direction: int, queue: int, op: int) -> bool:
