@@ -508,7 +508,7 @@ class Proxy:
     @property
     def _event_idx(self) -> bool:
         """QEMU acked VIRTIO_RING_F_EVENT_IDX (the proxy forwards it, so the back-end has it too)."""
-        return bool((self.cp.neg.features_acked or 0) & C.F_BIT["RING_F_EVENT_IDX"])
+        return bool((self.cp.neg.features_acked or 0) & C.F_BIT["VIRTIO_RING_F_EVENT_IDX"])
 
     def _ask_for_kicks(self, q: QueueRuntime) -> None:
         """EVENT_IDX: avail_event in the guest's used ring = the next entry we will pop (else the guest

@@ -40,7 +40,8 @@ from dissectors.spec import virtio as vio
 
 from ..analysis import exchange as X
 from ..analysis.analyzer import DEFAULT_STUCK_NS, Analyzer
-from ..analysis.render import inflight_json
+from ..analysis.inodes import group_syncfs
+from ..analysis.render import fmt_ns, inflight_json, opcode_counts, wrap_items
 from ..recording import format as fmt
 from ..recording.writer import RecordingWriter
 from . import control as C
@@ -392,8 +393,8 @@ class Session:
         counters["busy_max_ns"] = busy_max  # the longest forwarding stall of any queue (not a sum)
         cap = dict(self.proxy.capture.stats)
         an = self.analyzer
-        syncfs = [{"nodeid": r.nodeid, "latency_ns": r.latency_ns, "superblock_root": r.is_root, "error": r.error}
-                  for r in an.submounts.syncfs]
+        syncfs = [{"nodeid": r.nodeid, "path": r.path, "latency_ns": r.latency_ns, "superblock_root": r.is_root,
+                   "error": r.error} for r in an.submounts.syncfs]
         submounts = [{"nodeid": a.nodeid, "parent": a.parent, "name": safe_name(a.name), "ino": a.ino}
                      for a in an.submounts.announced.values()]
         return {
@@ -443,11 +444,11 @@ def render_summary(s: dict[str, Any]) -> str:
                  f"lossless stalls {cap.get('stalls', 0)}, malformed chains {s['capture_errors']}")
     path = s["path"]
     if path.get("wakeups"):
-        lines.append(f"  forwarding: {path['wakeups']} wake-ups, {path['busy_ns'] / path['wakeups'] / 1e3:.1f} us each on "
-                     f"average, longest {path['busy_max_ns'] / 1e6:.2f} ms"
+        lines.append(f"  forwarding: {path['wakeups']} wake-ups, {fmt_ns(path['busy_ns'] / path['wakeups'])} each on "
+                     f"average, longest {fmt_ns(path['busy_max_ns'])}"
                      + (f"; {path['spin_hits']} rounds found by polling" if path.get("spin_hits") else ""))
-    top = ", ".join(f"{k} {v}" for k, v in list(s["opcodes"].items())[:10])
-    lines.append(f"  opcodes: {top}")
+    lines.append("  opcodes:")
+    lines.extend(wrap_items(opcode_counts(s["opcodes"]), indent="    "))
     if f.get("features_masked"):
         lines.append(f"  features masked by the proxy: {vio.VIRTIO_F.render(f['features_masked'])}")
     if f.get("protocol_masked"):
@@ -455,9 +456,8 @@ def render_summary(s: dict[str, Any]) -> str:
     if s["submounts"]:
         lines.append("  submounts announced: " + ", ".join(f"{x['name']} (nodeid {x['nodeid']})" for x in s["submounts"]))
     if s["syncfs"]:
-        lines.append("  SYNCFS: " + ", ".join(
-            f"nodeid {x['nodeid']} {'' if x['superblock_root'] else '(NOT a superblock root) '}"
-            f"{(x['latency_ns'] or 0) / 1e6:.2f} ms" for x in s["syncfs"]))
+        lines.append(f"  SYNCFS ({len(s['syncfs'])} calls), per superblock:")
+        lines.extend(f"    {g.line()}" for g in group_syncfs(s["syncfs"]))
     if s.get("holds"):
         lines.append("  debugger: " + ", ".join(f"{k} {v}" for k, v in s["holds"].items())
                      + (" (safety: resolved by the proxy when a queue stopped)" if s["holds"].get("safety") else ""))

@@ -349,6 +349,47 @@ def layout_text(layout: list[tuple[int, int]] | None) -> str:
     return "descriptor chain:\n" + "\n".join(parts)
 
 
+_EVENT_FLAGS = {"features-acked": "VIRTIO_F", "features": "VIRTIO_F", "protocol-features-acked": "PROTOCOL_F",
+                "protocol-features": "PROTOCOL_F"}
+_ADDR_KEYS = frozenset({"desc", "avail", "used", "log", "guest_address", "user_address", "mmap_offset", "size"})
+
+
+def _event_value(kind: str, key: str, v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if v is not None else "-"
+    if isinstance(v, int):
+        if kind in _EVENT_FLAGS and key in ("value", "offered", "masked"):
+            return f"{v:#x} ({flags_text(_event_flagset(kind), v)})" if v else "0"
+        return f"{v:#x}" if key in _ADDR_KEYS else str(v)
+    if isinstance(v, dict):
+        return "{" + " ".join(f"{k}={_event_value(kind, k, x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_event_value(kind, key, x) for x in v) + "]"
+    return str(v)
+
+
+def _event_flagset(kind: str) -> Any:
+    from dissectors.spec import vhost_user as vspec
+
+    return vio.VIRTIO_F if _EVENT_FLAGS[kind] == "VIRTIO_F" else vspec.PROTOCOL_F
+
+
+def event_text(e: dict[str, Any]) -> str:
+    """A control-plane event as a person reads it: `vring-num: index=1 num=1024`, flags named, addresses hex."""
+    kind = str(e.get("kind", "?"))
+    d = e.get("detail")
+    if isinstance(d, dict):
+        body = " ".join(f"{k}={_event_value(kind, k, v)}" for k, v in d.items())
+    else:
+        body = "" if d is None else str(d)
+    return f"{kind}: {body}" if body else kind
+
+
+def flags_text(fs: Any, v: int) -> str:
+    """A flag set's names joined so that a wrapping line breaks between names, never inside one."""
+    return fs.render(v).replace("|", " | ")
+
+
 def features_text(f: dict[str, Any]) -> list[str]:
     """Offered / acked / masked virtio and vhost-user protocol features, named."""
     from dissectors.spec import vhost_user as vspec
@@ -361,5 +402,5 @@ def features_text(f: dict[str, Any]) -> list[str]:
                            ("protocol features acked", "protocol_acked", vspec.PROTOCOL_F),
                            ("protocol features masked by the proxy", "protocol_masked", vspec.PROTOCOL_F)):
         v = f.get(key)
-        out.append(f"{label}: " + ("unknown" if v is None else (f"0x{v:x} " + (fs.render(v) if v else "none"))))
+        out.append(f"{label}: " + ("unknown" if v is None else (f"0x{v:x} " + (flags_text(fs, v) if v else "none"))))
     return out
