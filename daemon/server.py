@@ -29,11 +29,15 @@ from dissectors import fuse as F
 from dissectors.errors import DecodeError
 from dissectors.spec import fuse as spec
 
+from .hold import EngineHoldPoint
+
 log = logging.getLogger("fsinspect.daemon")
 
 Buffer = bytes | bytearray | memoryview
 ReplySink = Callable[[Sequence[Buffer]], None]
-# tap(direction, queue, unique, ts_ns, raw): direction is "request" or "reply".
+# tap(direction, queue, unique, ts_ns, raw): direction is "request" or "reply", with a debugger verdict
+# after a colon where one applies: "request:held", "reply:held", "reply:answered", "reply:rewritten"
+# (daemon/hold.py).  Taps test `direction.startswith("request")`.
 Tap = Callable[[str, int, int, int, bytes], None]
 
 INIT_FLAG = spec.INIT_FLAGS.by_name()
@@ -50,9 +54,8 @@ ENGINE_FLAGS = (
     INIT_FLAG["ASYNC_READ"] | INIT_FLAG["BIG_WRITES"] | INIT_FLAG["ATOMIC_O_TRUNC"] | INIT_FLAG["MAX_PAGES"]
     | INIT_FLAG["DO_READDIRPLUS"] | INIT_FLAG["READDIRPLUS_AUTO"] | INIT_FLAG["PARALLEL_DIROPS"]
     | INIT_FLAG["ASYNC_DIO"] | INIT_FLAG["AUTO_INVAL_DATA"] | INIT_FLAG["WRITEBACK_CACHE"]
-    | INIT_FLAG["SUBMOUNTS"] | INIT_FLAG["FLOCK_LOCKS"] | INIT_FLAG["POSIX_LOCKS"] | INIT_FLAG["CREATE_SUPP_GROUP"]
+    | INIT_FLAG["SUBMOUNTS"] | INIT_FLAG["FLOCK_LOCKS"] | INIT_FLAG["POSIX_LOCKS"]
 )
-EXT_GROUPS = spec.EXT_TYPE.by_name()["FUSE_EXT_GROUPS"]
 
 # Ops that may block for long on the host: they run in the pool, everything else inline.  READ and
 # WRITE join them only when big: a thread hand-off costs more than a small page-cache copy (measured
@@ -125,7 +128,6 @@ class Context:
     pid: int
     unique: int = 0
     nodeid: int = 0
-    groups: tuple[int, ...] = ()  # supplementary groups, from the FUSE_EXT_GROUPS extension
 
 
 @dataclass(slots=True)
@@ -270,7 +272,7 @@ class FileSystem:
         return _enosys()
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
-               umask: int, open_flags: int = 0) -> tuple[Entry, int, int]:
+               umask: int) -> tuple[Entry, int, int]:
         return _enosys()
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, int, int]:
@@ -348,46 +350,6 @@ class FileSystem:
         return {}
 
 
-class RateLimitedLog:
-    """Warnings a client can trigger at will: a traceback only the first time per key (a bug to report),
-    then at most one line per `interval` seconds with the number left out, so the log can't be flooded."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
-        self.log = logger
-        self.interval = interval
-        self._seen: set[str] = set()
-        self._last = -interval
-        self._quiet = 0
-        self._lock = threading.Lock()
-
-    def _may_log(self) -> int | None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < self.interval:
-                self._quiet += 1
-                return None
-            self._last, quiet, self._quiet = now, self._quiet, 0
-            return quiet
-
-    def line(self, msg: str, *args: Any) -> None:
-        quiet = self._may_log()
-        if quiet:
-            self.log.warning(msg + " (%d similar lines left out before this one)", *args, quiet)
-        elif quiet is not None:
-            self.log.warning(msg, *args)
-
-    def bug(self, key: str, msg: str, *args: Any) -> None:
-        """Inside an `except`: the traceback once per key, one line after that."""
-        with self._lock:
-            first = key not in self._seen and len(self._seen) < 1024
-            if first:
-                self._seen.add(key)
-        if first:
-            self.log.exception(msg, *args)
-        else:
-            self.line(msg + " (%s again)", *args, key)
-
-
 @dataclass
 class Counters:
     ops: Counter[str] = field(default_factory=Counter)
@@ -399,11 +361,14 @@ class Server:
     """One FUSE session over any transport."""
 
     def __init__(self, fs: FileSystem, *, tap: Tap | None = None, pool_size: int = 8,
-                 dispatch: str = "inline+pool") -> None:
+                 dispatch: str = "inline+pool", hold: EngineHoldPoint | None = None) -> None:
         if dispatch not in ("inline+pool", "pool", "inline"):
             raise ValueError(f"unknown dispatch model {dispatch!r}")
         self.fs = fs
         self.tap = tap
+        self.hold = hold  # the debugger's hold point (daemon/hold.py); None costs nothing
+        if hold is not None:
+            hold.bind(self)
         self.dispatch = dispatch
         self.negotiated = Negotiated()
         self.ctx: F.FuseContext = F.DEFAULT_CONTEXT
@@ -411,7 +376,6 @@ class Server:
             if dispatch != "inline" else None
         self._stats = Counters()
         self._lock = threading.Lock()
-        self._complain = RateLimitedLog(log)
         self.destroyed = False
         self._handlers: dict[int, Callable[[Context, F.Request], list[Buffer] | None]] = {}
         for o in spec.OPCODES:
@@ -426,12 +390,34 @@ class Server:
         `reply` is called exactly once, except for opcodes in NO_REPLY_OPS and for messages shorter than a
         fuse_in_header: those never get a reply, so a virtqueue transport completes their chains itself.
         """
-        if self.tap is not None:
+        hold = self.hold
+        if self.tap is not None or hold is not None:
             try:
-                _len, _opc, uniq = F.peek_header(buf)
+                _len, opc, uniq = F.peek_header(buf)
             except DecodeError:
-                uniq = 0
-            self.tap("request", queue, uniq, time.time_ns(), bytes(buf))
+                opc, uniq = -1, 0
+            held = hold is not None and hold.match_request(queue, opc)
+            ts = time.time_ns()
+            if self.tap is not None:
+                self.tap("request:held" if held else "request", queue, uniq, ts, bytes(buf))
+            if held:
+                assert hold is not None
+                hold.hold_request(bytes(buf), reply, queue, ts)  # the transport may reuse buf
+                return
+        self.serve_request(buf, reply, queue)
+
+    def serve_later(self, buf: Buffer, reply: ReplySink, queue: int = 1) -> None:
+        """serve_request() on a pool thread (a released request must not run on a debugger client's thread)."""
+        if self._pool is not None:
+            try:
+                self._pool.submit(self.serve_request, buf, reply, queue)
+                return
+            except RuntimeError:  # shutting down: serve it here
+                pass
+        self.serve_request(buf, reply, queue)
+
+    def serve_request(self, buf: Buffer, reply: ReplySink, queue: int = 1) -> None:
+        """Serve one request already tapped (handle() without the tap and the hold point)."""
         try:
             req = F.decode_request(buf, self.ctx)
         except DecodeError as e:
@@ -468,9 +454,6 @@ class Server:
         opcode = req.op.value
         name = req.op.name
         ctx = Context(h.uid, h.gid, h.pid, unique, h.nodeid)
-        for eh, value in req.ext:
-            if eh.type == EXT_GROUPS:
-                ctx.groups = tuple(value)
         handler = self._handlers.get(opcode)
         err = 0
         body: list[Buffer] | None = None
@@ -484,13 +467,8 @@ class Server:
             err = e.errno or errno.EIO
             if err < 1 or err > 4095:
                 err = errno.EIO
-        except OverflowError as e:
-            # An integer the host syscall can't take (a READ at offset 2**63): the host kernel's answer
-            # to a negative loff_t, and one line, so a client can't flood the log with tracebacks.
-            err = errno.EINVAL
-            self._complain.line("%s (unique %d): %s -> EINVAL", name, unique, e)
-        except Exception as e:  # a bug in an op must not kill the session
-            self._complain.bug(f"{name}:{type(e).__name__}", "%s (unique %d) failed", name, unique)
+        except Exception:  # a bug in an op must not kill the session
+            log.exception("%s (unique %d) failed", name, unique)
             err = errno.EIO
         with self._lock:
             self._stats.ops[name] += 1
@@ -498,12 +476,30 @@ class Server:
                 self._stats.errors[f"{name}:{errno.errorcode.get(err, err)}"] += 1
         if opcode in NO_REPLY_OPS:
             return
+        parts: list[Buffer]
         if err:
-            self._send(reply, queue, unique, [_out_pack(OUT_HEADER_SIZE, -err, unique)])
+            parts = [_out_pack(OUT_HEADER_SIZE, -err, unique)]
+        else:
+            body = body or []
+            parts = [_out_pack(OUT_HEADER_SIZE + sum(len(p) for p in body), 0, unique), *body]
+        hold = self.hold
+        if hold is not None and hold.match_reply(queue, opcode):
+            raw = b"".join(parts)
+            ts = time.time_ns()
+            if self.tap is not None:
+                self.tap("reply:held", queue, unique, ts, raw)
+            hold.hold_reply(queue, unique, opcode, raw, reply, F.encode_request_obj(req, self.ctx), ts)
             return
-        parts = body or []
-        total = OUT_HEADER_SIZE + sum(len(p) for p in parts)
-        self._send(reply, queue, unique, [_out_pack(total, 0, unique), *parts])
+        self._send(reply, queue, unique, parts)
+
+    def send_reply(self, reply: ReplySink, queue: int, unique: int, data: bytes, direction: str) -> None:
+        """A reply decided by the hold point (released, answered, rewritten): tapped as `direction`."""
+        if self.tap is not None:
+            self.tap(direction, queue, unique, time.time_ns(), data)
+        try:
+            reply([data])
+        except Exception:
+            log.exception("sending the reply to unique %d failed", unique)
 
     def _send(self, reply: ReplySink, queue: int, unique: int, parts: list[Buffer]) -> None:
         if self.tap is not None:
@@ -523,7 +519,9 @@ class Server:
         return out
 
     def shutdown(self) -> None:
-        """Stop the pool and release the filesystem (idempotent)."""
+        """Stop the pool and release the filesystem (idempotent); nothing stays held."""
+        if self.hold is not None:
+            self.hold.flush()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if not self.destroyed:
@@ -547,8 +545,6 @@ class Server:
         kernel_flags = i.flags | ((i.flags2 << 32) if i.flags & INIT_FLAG["INIT_EXT"] else 0)
         want = self.fs.init(kernel_flags & ENGINE_FLAGS) & ENGINE_FLAGS & kernel_flags
         want |= kernel_flags & (INIT_FLAG["MAX_PAGES"] | INIT_FLAG["BIG_WRITES"])
-        if want >> 32:
-            want |= INIT_FLAG["INIT_EXT"]  # the kernel reads flags2 only with INIT_EXT
         n.major, n.minor = 7, min(i.minor, spec.KERNEL_MINOR_VERSION)
         n.kernel_flags, n.flags = kernel_flags, want
         n.max_readahead = i.max_readahead
@@ -629,8 +625,7 @@ class Server:
 
     def _do_create(self, ctx: Context, req: F.Request) -> list[Buffer]:
         c = req.args["create"]
-        entry, fh, flags = self.fs.create(ctx, ctx.nodeid, req.args["name"], c.mode, c.flags, c.umask,
-                                          c.open_flags)
+        entry, fh, flags = self.fs.create(ctx, ctx.nodeid, req.args["name"], c.mode, c.flags, c.umask)
         return [encode_entry(entry), encode_open_out(fh, flags)]
 
     def _do_tmpfile(self, ctx: Context, req: F.Request) -> list[Buffer]:

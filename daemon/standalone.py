@@ -10,14 +10,13 @@ not connected"); remove it with `fusermount3 -u MOUNTPOINT` (or `umount -l MOUNT
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import cast
 
+from daemon.hold import EngineHoldPoint
 from daemon.passthrough import Options, PassthroughFS
 from daemon.server import Buffer, Server, Tap
 from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
@@ -50,35 +49,13 @@ def _reader(dev: FuseDev, server: Server, queue: int) -> None:
         pass
 
 
-def check_outside(mountpoint: str, shared_dir: str) -> None:
-    """Refuse a mountpoint inside the shared directory (through any path or bind mount): listing it
-    would look the mount up through itself, and the daemon would wait on its own reply forever."""
-    try:
-        shared = os.stat(shared_dir)
-    except OSError:
-        return  # PassthroughFS reports it
-    d = os.path.dirname(os.path.realpath(mountpoint))
-    while True:
-        try:
-            if os.path.samestat(os.stat(d), shared):
-                raise FuseDevError(errno.EINVAL, f"mountpoint {mountpoint} is inside --shared-dir {shared_dir}: "
-                                                 "the daemon would serve its own mount (and hang); mount it "
-                                                 "outside the shared directory")
-        except FileNotFoundError:
-            pass
-        if d == "/":
-            return
-        d = os.path.dirname(d)
-
-
 class Standalone:
     """A mounted session: `serve()` blocks until unmounted or stopped; `stop()` from any thread."""
 
     def __init__(self, mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
-                 dispatch: str = "inline+pool", tap: Tap | None = None) -> None:
-        check_outside(mountpoint, opts.shared_dir)
-        self.fs = PassthroughFS(dataclasses.replace(opts, proc_groups=True))
-        self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch)
+                 dispatch: str = "inline+pool", tap: Tap | None = None, hold: EngineHoldPoint | None = None) -> None:
+        self.fs = PassthroughFS(opts)
+        self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch, hold=hold)
         self.readers = max(1, readers)
         try:
             self.dev = FuseDev.mount(mountpoint, MountOptions(fsname=opts.shared_dir, default_permissions=True,
@@ -118,6 +95,8 @@ class Standalone:
             if self._closed:
                 return
             self._closed = True
+        if self.server.hold is not None:
+            self.server.hold.flush()  # nothing held may outlive the mount
         self.stop()
         self.dev.close()
         self.server.shutdown()
@@ -125,13 +104,15 @@ class Standalone:
 
 
 def run(mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8, dispatch: str = "inline+pool",
-        ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None) -> int:
+        ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None,
+        hold: EngineHoldPoint | None = None) -> int:
     """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM.
 
     The readers run on threads; the main thread only waits for a signal or the end of the session,
     so a signal never lands in the middle of a reply.
     """
-    session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, dispatch=dispatch, tap=tap)
+    session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, dispatch=dispatch, tap=tap,
+                         hold=hold)
     serve_until_signal(session, "fuse-serve",
                        on_signal=lambda sig: log.info("%s: unmounting %s", sig, session.mountpoint),
                        ready=None if ready is None else lambda: ready(session))

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+from daemon.hold import EngineHoldPoint
 from daemon.passthrough import Options, PassthroughFS
 from daemon.passthrough.fs import ATTR_SUBMOUNT
 from daemon.server import OUT_HEADER_SIZE, Buffer, Context, Entry, Server, Tap
@@ -61,11 +62,11 @@ class VhostDaemon:
 
     def __init__(self, listener: socket.socket, opts: Options, *, pool_size: int = 8,
                  dispatch: str = "inline+pool", tap: Tap | None = None, queues: int = DEFAULT_QUEUES,
-                 socket_path: str | None = None) -> None:
+                 socket_path: str | None = None, hold: EngineHoldPoint | None = None) -> None:
         self.listener = listener
         self.socket_path = socket_path
         self.fs = GuestPassthroughFS(opts)
-        self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch)
+        self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch, hold=hold)
         self.queues = queues
         self.session: VhostUserSession | None = None
         self._stop = threading.Event()
@@ -80,7 +81,7 @@ class VhostDaemon:
                 return
             log.info("front-end connected; serving %s", self.fs.opts.shared_dir)
             self.session = VhostUserSession(conn, self.server, queues=self.queues)
-            if self.server.tap is None:
+            if self.server.tap is None and self.server.hold is None:  # a held reply needs its bytes
                 self.fs.chain_for = self.session.chains.get
             self.session.serve()
         finally:
@@ -131,9 +132,10 @@ class VhostDaemon:
 
 def run(listener: socket.socket, opts: Options, *, pool_size: int = 8, dispatch: str = "inline+pool",
         tap: Tap | None = None, socket_path: str | None = None,
-        ready: Callable[[VhostDaemon], None] | None = None) -> VhostDaemon:
+        ready: Callable[[VhostDaemon], None] | None = None, hold: EngineHoldPoint | None = None) -> VhostDaemon:
     """The `fsinspect daemon --socket-path` main loop: returns when QEMU disconnects or on SIGINT/SIGTERM."""
-    d = VhostDaemon(listener, opts, pool_size=pool_size, dispatch=dispatch, tap=tap, socket_path=socket_path)
+    d = VhostDaemon(listener, opts, pool_size=pool_size, dispatch=dispatch, tap=tap, socket_path=socket_path,
+                    hold=hold)
     serve_until_signal(d, "vhost-user-control", on_signal=lambda sig: log.info("%s: stopped", sig),
                        ready=None if ready is None else lambda: ready(d))
     return d

@@ -135,6 +135,7 @@ class ControlTap:
         self.analyzer = Analyzer(keep_exchanges=False, keep_raw=True,
                                  stuck_ns=DEFAULT_STUCK_NS if stuck_threshold_ns is None else stuck_threshold_ns)
         self.requests = 0
+        self.held_exchanges: dict[tuple[int, int], Any] = {}
         try:
             self.hub = Hub(path, self.snapshot, feed_lock=self.lock, source="daemon")
         except OSError as e:
@@ -154,12 +155,26 @@ class ControlTap:
         orig = len(raw)
         if orig > self.snaplen:
             raw = raw[:self.snaplen]
+        held = direction.endswith(":held")
         with self.lock:
-            if direction == "request":
+            if direction.startswith("request"):
                 self.requests += 1
-                self.analyzer.feed_request(raw, queue, None, ts_ns, orig_len=orig)
+                ex = self.analyzer.feed_request(raw, queue, None, ts_ns, orig_len=orig, held=held)
             else:
-                self.analyzer.feed_reply(raw, queue, None, ts_ns, orig_len=orig)
+                ex = self.analyzer.feed_reply(raw, queue, None, ts_ns, orig_len=orig, held=held)
+            if held:  # the debugger evaluates its rules on this very exchange, and names it by its n
+                self.held_exchanges[(queue, unique)] = ex
+
+    def exchange_of(self, queue: int, unique: int, direction: int) -> Any:
+        """The analyzer's exchange for a capture the engine just held (Intercept.exchange_of)."""
+        with self.lock:
+            return self.held_exchanges.pop((queue, unique), None)
+
+    def on_debugger(self, ev: dict[str, Any]) -> None:
+        """Intercept events: a verdict moves the analyzer's exchange on (the hub publishes the event)."""
+        if ev.get("type") == "resumed":
+            with self.lock:
+                self.analyzer.resume(ev["n"], ev["how"])
 
     def snapshot(self) -> dict[str, Any]:
         """What a newly attached client gets first (called with self.lock held)."""
@@ -197,7 +212,23 @@ def _both(a: Any, b: Any) -> Any:
     return tap
 
 
-def run_vhost(args: argparse.Namespace) -> int:
+def attach_debugger(intercept: Any, ctl: ControlTap | None) -> Any:
+    """The engine's hold point, driven by `intercept` (None: no debugger, and no cost in the engine)."""
+    if intercept is None:
+        return None
+    from daemon.hold import EngineHoldPoint
+    from fsinspect.intercept.control import Control
+
+    point = EngineHoldPoint()
+    intercept.attach(point)
+    if ctl is not None:
+        intercept.exchange_of = ctl.exchange_of
+        intercept.listeners.append(ctl.on_debugger)
+        Control(intercept).install(ctl.hub)
+    return point
+
+
+def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
     """Serve one QEMU connection; exit 0 when QEMU disconnects (or on SIGINT/SIGTERM)."""
     from daemon import vhost
     from daemon.transport.vhost_user import VhostUserError, listen_fd, listen_path
@@ -214,14 +245,17 @@ def run_vhost(args: argparse.Namespace) -> int:
     rec = open_tap(args, source="vhost-user", backend="fsinspect daemon (passthrough, vhost-user)")
     ctl = ControlTap(args.control, stuck_ns(args.stuck_ms)) if args.control else None
     tap: Any = _both(rec, ctl) if rec is not None and ctl is not None else (rec or ctl)
+    point = attach_debugger(intercept, ctl)
     log = logging.getLogger("fsinspect.daemon")
     log.info("listening on %s", args.socket_path or f"fd {args.fd}")
     try:
         d = vhost.run(listener, opts, pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap,
-                      socket_path=args.socket_path)
+                      socket_path=args.socket_path, hold=point)
     except (OSError, VhostUserError) as e:
         raise UserError(f"{getattr(e, 'strerror', None) or e}", status=1) from None
     finally:
+        if intercept is not None:
+            intercept.close()
         if rec is not None:
             rec.close()
         if ctl is not None:

@@ -16,7 +16,14 @@ import os
 from typing import Any
 
 from fsinspect.cli import UserError
-from fsinspect.commands._daemon_vhost import CAPABILITIES, add_vhost_options, apply_o_options, run_vhost
+from fsinspect.commands._daemon_vhost import (
+    CAPABILITIES,
+    add_vhost_options,
+    apply_o_options,
+    attach_debugger,
+    run_vhost,
+)
+from fsinspect.intercept.cli import add_intercept_options, intercept_from_args
 from fsinspect.recording.options import add_record_options, open_tap
 
 CACHE_MODES = ("none", "auto", "always", "metadata")
@@ -57,6 +64,7 @@ def register(sub: Any) -> None:
                    help=argparse.SUPPRESS)
     add_fs_options(p)
     add_record_options(p)
+    add_intercept_options(p)
     p.set_defaults(func=run)
 
 
@@ -80,11 +88,15 @@ def run(args: argparse.Namespace) -> int:
         print(CAPABILITIES)
         return 0
     apply_o_options(args)
+    intercept = intercept_from_args(args)  # every rule is checked before anything starts
+    if args.breaks and not args.control:
+        raise UserError("--break holds until a client decides: add --control SOCK (fsinspect attach or a script "
+                        "releases it), or use --inject for what needs no client")
     logging.basicConfig(level=args.log_level.upper(), format="fsinspect daemon: %(levelname)s %(message)s")
     if args.socket_path or args.fd is not None:
         if args.standalone:
             raise UserError("--standalone and --socket-path/--fd are different transports: choose one")
-        return run_vhost(args)
+        return run_vhost(args, intercept)
     if not args.standalone:
         raise UserError("choose a transport: --socket-path PATH or --fd N (vhost-user), or --standalone MOUNTPOINT")
     opts = fs_options(args)
@@ -92,13 +104,16 @@ def run(args: argparse.Namespace) -> int:
     from daemon.transport.fusedev import FuseDevError
 
     tap = open_tap(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
+    point = attach_debugger(intercept, None)
     try:
         return standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size,
-                              dispatch=args.dispatch, tap=tap)
+                              dispatch=args.dispatch, tap=tap, hold=point)
     except FuseDevError as e:
         raise UserError(str(e.strerror or e), status=1) from None
     except OSError as e:
         raise UserError(f"{e.strerror or e}", status=1) from None
     finally:
+        if intercept is not None:
+            intercept.close()
         if tap is not None:
             tap.close()

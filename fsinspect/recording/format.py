@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 # Bump on any incompatible change; readers refuse newer versions with a clear message.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the debugger's record flags HELD, INJECTED, REWRITTEN (and their comment)
 
 # ------------------------------------------------------------------------------------------------
 # pcapng (draft-ietf-opsawg-pcapng)
@@ -69,6 +69,21 @@ RF_DECODE_ERROR = 0x1
 RF_NOT_CAPTURED = 0x2
 RF_SNAPPED = 0x4
 RF_PROXY_REPLY = 0x8
+# Since format 2: what the debugger (hold points, --break/--inject, control v2) did to the exchange.
+RF_HELD = 0x10
+RF_INJECTED = 0x20
+RF_REWRITTEN = 0x40
+RF_DEBUGGER = RF_HELD | RF_INJECTED | RF_REWRITTEN
+# The same flags as an opt_comment, because Wireshark's Lua dissectors see frame.comment but not custom
+# options: `fsinspect-debugger: injected` (names joined by ", "); fuse.lua turns it into fuse.debugger.
+DEBUGGER_COMMENT = "fsinspect-debugger: "
+DEBUGGER_FLAG_NAMES = ((RF_HELD, "held"), (RF_INJECTED, "injected"), (RF_REWRITTEN, "rewritten"))
+
+
+def debugger_comment(flags: int) -> str:
+    """The opt_comment mirroring a record's debugger flags (empty when it has none)."""
+    names = [n for bit, n in DEBUGGER_FLAG_NAMES if flags & bit]
+    return DEBUGGER_COMMENT + ", ".join(names) if names else ""
 
 # Interface kinds (the "kind" key of an IDB's fsinspect JSON option).
 IF_KIND_VIRTQUEUE = "virtqueue"
@@ -123,13 +138,20 @@ TABLES: dict[str, tuple[Row, ...]] = {
         Row("custom binary, kind 2", str(OPT_CUSTOM_BIN),
             f"PEN {PEN}, u16 kind={META_LAYOUT}, u16 0, then per descriptor: u32 len, u16 VRING_DESC_F "
             "flags, u16 0 (the descriptor-chain layout, where known)"),
-        Row("opt_comment", str(OPT_COMMENT), "notes, e.g. `decode error: …`, `not captured`"),
+        Row("opt_comment", str(OPT_COMMENT), "notes, e.g. `decode error: …`, `not captured`; (format 2) "
+            f"`{DEBUGGER_COMMENT}held`, `injected` or `rewritten` mirrors the debugger's record flags for Wireshark"),
     ),
     "record_flags": (
         Row("DECODE_ERROR", _h(RF_DECODE_ERROR), "the capturer could not decode the message"),
         Row("NOT_CAPTURED", _h(RF_NOT_CAPTURED), "bytes are missing (capture could not keep up)"),
         Row("SNAPPED", _h(RF_SNAPPED), "READ/WRITE payload cut to the snap length; original length in EPB"),
         Row("PROXY_REPLY", _h(RF_PROXY_REPLY), "the reply was made by fsinspect (e.g. EIO after backend loss)"),
+        Row("HELD", _h(RF_HELD), "(format 2) a hold point held it when captured: a request not forwarded yet, "
+                                 "a reply not delivered yet; what happened next follows"),
+        Row("INJECTED", _h(RF_INJECTED), "(format 2) the debugger answered the request (--inject errno=, "
+                                         "answer): the back-end never saw it"),
+        Row("REWRITTEN", _h(RF_REWRITTEN), "(format 2) the debugger rewrote the back-end's reply (reply-errno=, "
+                                           "rewrite); the original is the HELD reply record before it"),
     ),
     "exported_pdu": (
         Row("DISSECTOR_NAME", str(EXP_PDU_TAG_DISSECTOR_NAME),

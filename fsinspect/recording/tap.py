@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import threading
 
+from . import format as fmt
 from .writer import RecordingWriter
+
+# The engine's tap directions with a debugger verdict (daemon/server.py Tap) -> record flags.
+_DEBUGGER_FLAGS = {"request:held": fmt.RF_HELD, "reply:held": fmt.RF_HELD, "reply:answered": fmt.RF_INJECTED,
+                   "reply:rewritten": fmt.RF_REWRITTEN}
 
 
 class RecordingTap:
@@ -24,11 +29,12 @@ class RecordingTap:
         self._timer.start()
 
     def __call__(self, direction: str, queue: int, unique: int, ts_ns: int, raw: bytes) -> None:
+        flags = _DEBUGGER_FLAGS.get(direction, 0) if ":" in direction else 0
         with self._lock:
-            if direction == "request":
-                self.writer.request(raw, queue, None, ts_ns)
+            if direction.startswith("request"):
+                self.writer.request(raw, queue, None, ts_ns, flags=flags)
             else:
-                self.writer.reply(raw, queue, None, ts_ns)
+                self.writer.reply(raw, queue, None, ts_ns, flags=flags)
 
     def _flusher(self, every: float) -> None:
         while not self._stop.wait(every):

@@ -166,6 +166,8 @@ class RecordingWriter:
                 self.epoch += 1
             self._init_key = (queue, head if head is not None else self._unique(raw))
             self._init = {"epoch": self.epoch, "request": raw.hex(), "reply": None}
+        if flags & fmt.RF_DEBUGGER:
+            notes = [*notes, fmt.debugger_comment(flags)]
         self._epb(self._req_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_INBOUND, queue),
                   queue, raw, orig, head, ts_ns, flags, layout, notes)
 
@@ -188,6 +190,8 @@ class RecordingWriter:
                 if self.snaplen and len(raw) > _READ_HEAD + self.snaplen:
                     raw = raw[:_READ_HEAD + self.snaplen]
                     flags |= fmt.RF_SNAPPED
+        if flags & fmt.RF_DEBUGGER:
+            notes = [*notes, fmt.debugger_comment(flags)]
         self._epb(self._rep_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND, queue),
                   queue, raw, orig, head, ts_ns, flags, layout, notes)
 

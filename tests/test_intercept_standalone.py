@@ -1,0 +1,151 @@
+"""The debugger's rules on `fsinspect daemon --standalone`: the host kernel's FUSE client on a real
+/dev/fuse mount meets --inject rules held by the daemon engine itself, and the recording says so."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dissectors import fuse as F
+from fsinspect.recording import format as fmt
+from fsinspect.recording.reader import RecordingReader
+from tests.conftest import require_root
+from tests.standalone_mount import REPO, is_mounted, standalone
+
+pytestmark = pytest.mark.root
+
+
+def _records(path: Path) -> list[tuple[bool, int, bytes, list[str]]]:
+    with RecordingReader(path) as r:
+        return [(rec.inbound, rec.flags, rec.data, rec.notes) for rec in r if rec.is_fuse]
+
+
+def _lookups(recs: list[tuple[bool, int, bytes, list[str]]], name: bytes) -> list[tuple[int, int]]:
+    """(unique, flags) of every LOOKUP request for `name`."""
+    out = []
+    for inbound, flags, data, _ in recs:
+        if inbound and F.peek_header(data)[1] == 1:
+            req = F.decode_request(data)
+            if req.args["name"] == name:
+                out.append((req.unique, flags))
+    return out
+
+
+def _reply_for(recs: list[tuple[bool, int, bytes, list[str]]], unique: int) -> list[tuple[int, int, list[str]]]:
+    """(error, flags, notes) of every reply record with this unique."""
+    return [(int.from_bytes(d[4:8], "little", signed=True), fl, notes) for inbound, fl, d, notes in recs
+            if not inbound and int.from_bytes(d[8:16], "little") == unique]
+
+
+def test_inject_enoent_on_lookup_of_an_existing_file(tmp_path: Path) -> None:
+    require_root()
+    shared, mnt, rec = tmp_path / "shared", tmp_path / "mnt", tmp_path / "rec.pcapng"
+    shared.mkdir()
+    (shared / "victim").write_bytes(b"still here")
+    (shared / "bystander").write_bytes(b"fine")
+    with standalone(shared, mnt, "--cache", "none", "--record", str(rec),
+                    "--inject", 'op == LOOKUP and name == "victim"', "errno=ENOENT"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "victim")
+        assert (mnt / "bystander").read_bytes() == b"fine"  # other lookups are served
+        assert "victim" in os.listdir(mnt)  # READDIR is not a LOOKUP: the file is there
+        assert (shared / "victim").read_bytes() == b"still here"
+    recs = _records(rec)
+    lookups = _lookups(recs, b"victim")
+    assert lookups and all(flags & fmt.RF_HELD for _, flags in lookups)
+    for unique, _ in lookups:
+        (err, flags, notes), = _reply_for(recs, unique)  # exactly one reply: nothing unpaired
+        assert err == -errno.ENOENT and flags & fmt.RF_INJECTED
+        assert "fsinspect-debugger: injected" in notes
+    # the native prefilter (every LOOKUP) held it a moment; the expression let it go to the back-end
+    (u, flags), = _lookups(recs, b"bystander")[:1]
+    (err, flags, _), = _reply_for(recs, u)
+    assert err == 0 and not flags & (fmt.RF_INJECTED | fmt.RF_REWRITTEN)
+
+
+def test_inject_delay_once_on_getattr(tmp_path: Path) -> None:
+    require_root()
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    (shared / "f").write_bytes(b"x")
+    with standalone(shared, mnt, "--cache", "none", "--inject", "op == GETATTR and nodeid != 1", "delay=300ms",
+                    "count=1"):
+        times = []
+        for _ in range(4):
+            t0 = time.monotonic()
+            os.stat(mnt / "f")  # with cache=none every stat asks the daemon (LOOKUP, then GETATTR)
+            times.append(time.monotonic() - t0)
+    assert times[0] >= 0.3, times
+    assert max(times[1:]) < 0.15, times  # count=1: the rule retired after one hit
+
+
+def test_reply_errno_once_on_read(tmp_path: Path) -> None:
+    require_root()
+    shared, mnt, rec = tmp_path / "shared", tmp_path / "mnt", tmp_path / "rec.pcapng"
+    shared.mkdir()
+    (shared / "data").write_bytes(b"payload" * 100)
+    with standalone(shared, mnt, "--cache", "none", "--record", str(rec),
+                    "--inject", "op == READ", "reply-errno=EIO", "count=1"):
+        with pytest.raises(OSError) as ei:
+            (mnt / "data").read_bytes()
+        assert ei.value.errno == errno.EIO
+        assert (mnt / "data").read_bytes() == b"payload" * 100  # once only
+    recs = _records(rec)
+    reads = [F.peek_header(d)[2] for inbound, _, d, _ in recs if inbound and F.peek_header(d)[1] == 15]
+    first = _reply_for(recs, reads[0])
+    # the back-end's reply, held, then what the kernel got instead
+    assert [(e == 0, bool(fl & fmt.RF_HELD), bool(fl & fmt.RF_REWRITTEN)) for e, fl, _ in first] == [
+        (True, True, False), (False, False, True)]
+    assert first[1][0] == -errno.EIO
+
+
+def test_probability_rules_are_reproducible_with_a_seed(tmp_path: Path) -> None:
+    require_root()
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    for i in range(40):
+        (shared / f"f{i}").write_bytes(b"")
+
+    def failures() -> list[int]:
+        with standalone(shared, mnt, "--cache", "none", "--seed", "7",
+                        "--inject", 'op == LOOKUP and name ~ "^f[0-9]+$"', "errno=EIO", "p=0.3"):
+            out = []
+            for i in range(40):
+                try:
+                    os.stat(mnt / f"f{i}")
+                except OSError as e:
+                    assert e.errno == errno.EIO
+                    out.append(i)
+            return out
+
+    a, b = failures(), failures()
+    assert a == b and 3 <= len(a) <= 25, a
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--inject", 'op == LOOKUP and nam == "x"', "errno=ENOENT"], "unknown field 'nam'"),
+    (["--inject", "op == LOOKUP", "errno=ENOENTX"], "unknown errno name 'ENOENTX'"),
+    (["--inject", "op == GETATTR", "delay=fast"], "is not a duration"),
+    (["--inject", "op == FORGET", "errno=EIO"], "FORGET has no reply"),
+    (["--inject", "op == LOOKUP"], "--inject needs what to do"),
+    (["--break", "op == MKDIR"], "--break holds until a client decides"),
+    (["--inject", "op == READ", "reply-errno=EIO", "count=-1"], "count=: '-1' is not a whole number"),
+])
+def test_malformed_rules_are_refused_before_mounting(tmp_path: Path, args: list[str], needle: str) -> None:
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    p = subprocess.run([sys.executable, "-m", "fsinspect.cli", "daemon", "--standalone", str(mnt), "--shared-dir",
+                        str(shared), *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+    if "--break" not in args:
+        lines = p.stderr.splitlines()
+        assert lines[-1].strip() == "^", p.stderr  # a caret under the problem
+    assert not is_mounted(mnt)
