@@ -54,8 +54,9 @@ ENGINE_FLAGS = (
     INIT_FLAG["ASYNC_READ"] | INIT_FLAG["BIG_WRITES"] | INIT_FLAG["ATOMIC_O_TRUNC"] | INIT_FLAG["MAX_PAGES"]
     | INIT_FLAG["DO_READDIRPLUS"] | INIT_FLAG["READDIRPLUS_AUTO"] | INIT_FLAG["PARALLEL_DIROPS"]
     | INIT_FLAG["ASYNC_DIO"] | INIT_FLAG["AUTO_INVAL_DATA"] | INIT_FLAG["WRITEBACK_CACHE"]
-    | INIT_FLAG["SUBMOUNTS"] | INIT_FLAG["FLOCK_LOCKS"] | INIT_FLAG["POSIX_LOCKS"]
+    | INIT_FLAG["SUBMOUNTS"] | INIT_FLAG["FLOCK_LOCKS"] | INIT_FLAG["POSIX_LOCKS"] | INIT_FLAG["CREATE_SUPP_GROUP"]
 )
+EXT_GROUPS = spec.EXT_TYPE.by_name()["FUSE_EXT_GROUPS"]
 
 # Ops that may block for long on the host: they run in the pool, everything else inline.  READ and
 # WRITE join them only when big: a thread hand-off costs more than a small page-cache copy (measured
@@ -128,6 +129,7 @@ class Context:
     pid: int
     unique: int = 0
     nodeid: int = 0
+    groups: tuple[int, ...] = ()  # supplementary groups, from the FUSE_EXT_GROUPS extension
 
 
 @dataclass(slots=True)
@@ -272,7 +274,7 @@ class FileSystem:
         return _enosys()
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
-               umask: int) -> tuple[Entry, int, int]:
+               umask: int, open_flags: int = 0) -> tuple[Entry, int, int]:
         return _enosys()
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, int, int]:
@@ -350,6 +352,46 @@ class FileSystem:
         return {}
 
 
+class RateLimitedLog:
+    """Warnings a client can trigger at will: a traceback only the first time per key (a bug to report),
+    then at most one line per `interval` seconds with the number left out, so the log can't be flooded."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
+        self.log = logger
+        self.interval = interval
+        self._seen: set[str] = set()
+        self._last = -interval
+        self._quiet = 0
+        self._lock = threading.Lock()
+
+    def _may_log(self) -> int | None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.interval:
+                self._quiet += 1
+                return None
+            self._last, quiet, self._quiet = now, self._quiet, 0
+            return quiet
+
+    def line(self, msg: str, *args: Any) -> None:
+        quiet = self._may_log()
+        if quiet:
+            self.log.warning(msg + " (%d similar lines left out before this one)", *args, quiet)
+        elif quiet is not None:
+            self.log.warning(msg, *args)
+
+    def bug(self, key: str, msg: str, *args: Any) -> None:
+        """Inside an `except`: the traceback once per key, one line after that."""
+        with self._lock:
+            first = key not in self._seen and len(self._seen) < 1024
+            if first:
+                self._seen.add(key)
+        if first:
+            self.log.exception(msg, *args)
+        else:
+            self.line(msg + " (%s again)", *args, key)
+
+
 @dataclass
 class Counters:
     ops: Counter[str] = field(default_factory=Counter)
@@ -376,6 +418,7 @@ class Server:
             if dispatch != "inline" else None
         self._stats = Counters()
         self._lock = threading.Lock()
+        self._complain = RateLimitedLog(log)
         self.destroyed = False
         self._handlers: dict[int, Callable[[Context, F.Request], list[Buffer] | None]] = {}
         for o in spec.OPCODES:
@@ -454,6 +497,9 @@ class Server:
         opcode = req.op.value
         name = req.op.name
         ctx = Context(h.uid, h.gid, h.pid, unique, h.nodeid)
+        for eh, value in req.ext:
+            if eh.type == EXT_GROUPS:
+                ctx.groups = tuple(value)
         handler = self._handlers.get(opcode)
         err = 0
         body: list[Buffer] | None = None
@@ -467,8 +513,13 @@ class Server:
             err = e.errno or errno.EIO
             if err < 1 or err > 4095:
                 err = errno.EIO
-        except Exception:  # a bug in an op must not kill the session
-            log.exception("%s (unique %d) failed", name, unique)
+        except OverflowError as e:
+            # An integer the host syscall can't take (a READ at offset 2**63): the host kernel's answer
+            # to a negative loff_t, and one line, so a client can't flood the log with tracebacks.
+            err = errno.EINVAL
+            self._complain.line("%s (unique %d): %s -> EINVAL", name, unique, e)
+        except Exception as e:  # a bug in an op must not kill the session
+            self._complain.bug(f"{name}:{type(e).__name__}", "%s (unique %d) failed", name, unique)
             err = errno.EIO
         with self._lock:
             self._stats.ops[name] += 1
@@ -545,6 +596,8 @@ class Server:
         kernel_flags = i.flags | ((i.flags2 << 32) if i.flags & INIT_FLAG["INIT_EXT"] else 0)
         want = self.fs.init(kernel_flags & ENGINE_FLAGS) & ENGINE_FLAGS & kernel_flags
         want |= kernel_flags & (INIT_FLAG["MAX_PAGES"] | INIT_FLAG["BIG_WRITES"])
+        if want >> 32:
+            want |= INIT_FLAG["INIT_EXT"]  # the kernel reads flags2 only with INIT_EXT
         n.major, n.minor = 7, min(i.minor, spec.KERNEL_MINOR_VERSION)
         n.kernel_flags, n.flags = kernel_flags, want
         n.max_readahead = i.max_readahead
@@ -625,7 +678,8 @@ class Server:
 
     def _do_create(self, ctx: Context, req: F.Request) -> list[Buffer]:
         c = req.args["create"]
-        entry, fh, flags = self.fs.create(ctx, ctx.nodeid, req.args["name"], c.mode, c.flags, c.umask)
+        entry, fh, flags = self.fs.create(ctx, ctx.nodeid, req.args["name"], c.mode, c.flags, c.umask,
+                                          c.open_flags)
         return [encode_entry(entry), encode_open_out(fh, flags)]
 
     def _do_tmpfile(self, ctx: Context, req: F.Request) -> list[Buffer]:

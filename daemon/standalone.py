@@ -10,6 +10,8 @@ not connected"); remove it with `fusermount3 -u MOUNTPOINT` (or `umount -l MOUNT
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import os
 import threading
@@ -49,12 +51,34 @@ def _reader(dev: FuseDev, server: Server, queue: int) -> None:
         pass
 
 
+def check_outside(mountpoint: str, shared_dir: str) -> None:
+    """Refuse a mountpoint inside the shared directory (through any path or bind mount): listing it
+    would look the mount up through itself, and the daemon would wait on its own reply forever."""
+    try:
+        shared = os.stat(shared_dir)
+    except OSError:
+        return  # PassthroughFS reports it
+    d = os.path.dirname(os.path.realpath(mountpoint))
+    while True:
+        try:
+            if os.path.samestat(os.stat(d), shared):
+                raise FuseDevError(errno.EINVAL, f"mountpoint {mountpoint} is inside --shared-dir {shared_dir}: "
+                                                 "the daemon would serve its own mount (and hang); mount it "
+                                                 "outside the shared directory")
+        except FileNotFoundError:
+            pass
+        if d == "/":
+            return
+        d = os.path.dirname(d)
+
+
 class Standalone:
     """A mounted session: `serve()` blocks until unmounted or stopped; `stop()` from any thread."""
 
     def __init__(self, mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
                  dispatch: str = "inline+pool", tap: Tap | None = None, hold: EngineHoldPoint | None = None) -> None:
-        self.fs = PassthroughFS(opts)
+        check_outside(mountpoint, opts.shared_dir)
+        self.fs = PassthroughFS(dataclasses.replace(opts, proc_groups=True))
         self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch, hold=hold)
         self.readers = max(1, readers)
         try:

@@ -14,11 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .analysis.inodes import group_syncfs
+from .analysis.render import fmt_ns, opcode_counts, wrap_items
 from .guest import build, launcher
 from .guest.console import GuestResult
 from .guest.share import make_share
@@ -149,34 +152,59 @@ def install_signal_handlers() -> None:
         signal.signal(sig, _interrupt)
 
 
+def _step_items(g: GuestResult) -> list[str]:
+    """Each guest step once, however many loops ran it: `io-write 1.25s`, `crud-create 12x 40.0ms avg FAILED 1`."""
+    by: dict[str, list[Any]] = {}
+    for st in g.steps:
+        by.setdefault(st.name, []).append(st)
+    items = []
+    for name, sts in by.items():
+        durs = [st.duration for st in sts if st.duration is not None]
+        bad = sum(1 for st in sts if st.rc not in (0, None))
+        if len(sts) == 1:
+            t = f"{name} {fmt_ns(durs[0] * 1e9) if durs else '-'}"
+        else:
+            t = f"{name} {len(sts)}x {fmt_ns(sum(durs) / len(durs) * 1e9) if durs else '-'} avg"
+        items.append(t + (f" FAILED {bad}" if bad else ""))
+    return items
+
+
 def render(result: DemoResult) -> str:
-    """The headless summary: the guest's steps, FUSE counts and latency, lints, submounts, SYNCFS."""
+    """The headless summary, one screen whatever the run's length: totals first, then every opcode that
+    occurred, latency, lints, and SYNCFS per superblock."""
     out = []
     g = result.guest
-    if g is not None:
-        status = "stopped when the UI quit" if result.quit_by_user else g.status
-        out.append(f"guest: {status} ({g.kernel or '?'}, {g.accel}), {len(g.steps)} steps, wall {g.wall_s or 0:.1f} s")
-        for st in g.steps:
-            flag = "" if st.rc in (0, None) else f"  rc={st.rc}"
-            out.append(f"  {st.name:<20} {st.duration if st.duration is not None else '-':>7} s{flag}")
     s = result.summary
     if s:
-        out.append(f"FUSE: {s['requests']} requests, {s['replies']} replies, capture dropped "
+        lints = Counter(x["kind"] for x in s["lints"])
+        out.append(f"FUSE: {s['requests']} requests, {s['replies']} replies, {len(s['lints'])} lint(s), "
+                   f"{len(s['syncfs'])} SYNCFS, {len(s['submounts'])} submount(s); capture dropped "
                    f"{s['capture'].get('dropped', 0)}")
+    if g is not None:
+        status = "stopped when the UI quit" if result.quit_by_user else g.status
+        out.append(f"guest: {status} ({g.kernel or '?'}, {g.accel}), {len(g.steps)} steps, "
+                   f"wall {fmt_ns((g.wall_s or 0) * 1e9)}")
+        out.extend(wrap_items(_step_items(g)))
+    if s:
         ops = s["opcodes"]
-        out.append("  " + ", ".join(f"{k} {v}" for k, v in list(ops.items())[:12]))
+        out.append(f"opcodes ({len(ops)} kinds):")
+        out.extend(wrap_items(opcode_counts(ops)))
         lat = s.get("latency") or {}
-        for op in ("LOOKUP", "GETATTR", "CREATE", "WRITE", "READ", "SYNCFS"):
-            v = lat.get(op)
-            if v and v.get("p50") is not None:
-                out.append(f"  latency {op:<8} p50 {v['p50'] / 1e3:8.1f} us  p99 {v['p99'] / 1e3:8.1f} us  "
-                           f"max {v['max'] / 1e3:8.1f} us")
-        out.append(f"lints: {len(s['lints'])}" + "".join(f"\n  {x['kind']}: {x['message']}" for x in s["lints"][:10]))
+        shown = [op for op in ("LOOKUP", "GETATTR", "CREATE", "WRITE", "READ", "SYNCFS")
+                 if (lat.get(op) or {}).get("p50") is not None]
+        if shown:
+            out.append("latency p50 / p99 / max:")
+            out.extend(wrap_items([f"{op} {fmt_ns(lat[op]['p50'])} / {fmt_ns(lat[op]['p99'])} / "
+                                   f"{fmt_ns(lat[op]['max'])}" for op in shown], sep="   "))
+        out.append("lints: " + (", ".join(f"{k} {v}" for k, v in lints.most_common()) if lints else "none"))
+        out.extend(f"  {x['kind']}: {x['message']}" for x in s["lints"][:5])
+        if len(s["lints"]) > 5:
+            out.append(f"  … {len(s['lints']) - 5} more (fsinspect stats on the recording lists them)")
         out.append("submounts seen: " + (", ".join(f"{x['name']} (nodeid {x['nodeid']})" for x in s["submounts"])
                                          or "none"))
-        out.append(f"SYNCFS calls: {len(s['syncfs'])}" + "".join(
-            f"\n  nodeid {x['nodeid']:<4} {'superblock root' if x['superblock_root'] else 'NOT a superblock root'}  "
-            f"{(x['latency_ns'] or 0) / 1e6:7.2f} ms" for x in s["syncfs"]))
+        groups = group_syncfs(s["syncfs"])
+        out.append(f"SYNCFS: {len(s['syncfs'])} calls on {len(groups)} superblock(s)")
+        out.extend(f"  {grp.line()}" for grp in groups)
     if result.record:
         out.append(f"recording: {result.record}  (fsinspect replay {result.record})")
     if result.error:

@@ -3,9 +3,10 @@
  * tests/test_ring_fuzz_asan.py.  From a seed it makes random memory maps (each region its own exact-size
  * malloc, so ASan's redzones catch any access outside a region) and random, often hostile, rings; then
  * pops every chain, gathers, pushes used entries, and runs the shadow path's forwarding steps and the
- * capture buffer.  Invariants are checked on top of the sanitizers.
+ * capture buffer, with random hold rules and verdicts (the matcher parses request headers out of the
+ * random chains; verdicts write replies into them).  Invariants are checked on top of the sanitizers.
  *
- * usage: ring_fuzz SEED CASES   -> prints "cases=N chains=N good=N errors=N captures=N reasons=N"
+ * usage: ring_fuzz SEED CASES   -> prints "cases=N chains=N good=N errors=N captures=N reasons=N holds=N"
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -102,6 +103,45 @@ static void check_chain(struct world *w, const struct rc_chain *c)
         FAIL("segment lengths do not add up");
 }
 
+static struct rc_hold_table *random_rules(void)
+{
+    uint32_t n = (uint32_t)below(4), nops[4], total = 0;
+    for (uint32_t i = 0; i < n; i++)
+        total += nops[i] = (uint32_t)below(4);
+    struct rc_hold_table *t = rc_hold_table_new(n, total);
+    if (!t)
+        FAIL("rc_hold_table_new");
+    uint32_t *cursor = n ? t->r[0].ops : NULL;
+    for (uint32_t i = 0; i < n; i++) {
+        t->r[i].direction = (uint32_t)(1 + below(3));
+        t->r[i].queues = below(2) ? 0 : rnd();
+        t->r[i].ops = cursor;
+        t->r[i].nops = nops[i];
+        for (uint32_t k = 0; k < nops[i]; k++)
+            cursor[k] = below(2) ? (uint32_t)below(60) : (uint32_t)rnd();
+        cursor += nops[i];
+    }
+    return t;
+}
+
+/* Verdicts on held heads (and on random ones), with random data sizes: errors are fine, memory
+ * errors are not.  Verdicts on a stopped path are applied at once. */
+static void random_verdicts(struct rc_path *p, uint64_t *holds)
+{
+    static uint8_t data[512];
+    uint32_t held[64];
+    uint32_t n = rc_path_held(p, held, 64);
+    *holds += n;
+    for (uint32_t i = 0; i < n + 1 && i < 64; i++) {
+        uint16_t head = i < n ? (uint16_t)(held[i] & 0xffff) : (uint16_t)rnd();
+        for (size_t k = 0; k < sizeof(data); k++)
+            data[k] = (uint8_t)rnd();
+        int e = rc_path_verdict(p, head, (int)(1 + below(4)), data, (uint32_t)below(sizeof(data) + 1));
+        if (e && e != RC_E_NOT_HELD && e != RC_E_WRONG_DIRECTION && e != RC_E_NO_ROOM && e != RC_E_NEEDS_REPLY)
+            FAIL("verdict: unexpected %d", e);
+    }
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -110,7 +150,7 @@ int main(int argc, char **argv)
     }
     rs = strtoull(argv[1], NULL, 0) * 0x9E3779B97F4A7C15ull + 1;
     long cases = strtol(argv[2], NULL, 0);
-    uint64_t chains = 0, good = 0, errors = 0, captures = 0, reasons = 0;
+    uint64_t chains = 0, good = 0, errors = 0, captures = 0, reasons = 0, holds = 0;
     uint8_t *gather = malloc(1 << 20);
     struct rc_chain c;
     rc_chain_init(&c);
@@ -211,15 +251,21 @@ int main(int argc, char **argv)
             int pe = rc_path_init(&p, &w.m, (uint16_t)below(4), num, desc, avail, used, s_avail, s_used, &cap,
                                   fds[0], fds[1], fds[2], fds[3], (uint16_t)rnd(), (uint32_t)below(3) * 100, 0);
             if (!pe) {
+                if (below(3)) /* hold rules: the matcher reads fuse_in_header out of random chains */
+                    rc_path_set_hold_rules(&p, random_rules());
                 for (int round = 0; round < 3; round++) {
                     rc_ring_store_idx(p.g_avail, (uint16_t)(p.next_avail + below(num + 2)));
                     rc_path_forward_avail(&p, 0);
+                    random_verdicts(&p, &holds);
                     for (uint32_t i = 0; i < num; i++) {
                         struct rc_vring_used_elem e = {(uint32_t)(below(10) ? below(num) : rnd()), (uint32_t)rnd()};
                         memcpy(p.s_used + 4 + 8 * i, &e, 8);
                     }
                     rc_ring_store_idx(p.s_used, (uint16_t)(p.next_used + below(num + 2)));
                     rc_path_forward_used(&p, 0);
+                    random_verdicts(&p, &holds);
+                    if (below(8) == 0)
+                        rc_path_set_hold_rules(&p, below(2) ? random_rules() : NULL);
                     uint64_t pos = cap.tail;
                     const struct rc_cap_hdr *h;
                     while ((h = rc_capture_peek(&cap, &pos))) {
@@ -231,6 +277,11 @@ int main(int argc, char **argv)
                     rc_capture_release(&cap, pos);
                 }
                 errors += p.ctr.errors;
+                rc_path_stop(&p); /* the safety rule: nothing may stay held */
+                uint32_t left[1];
+                if (rc_path_held(&p, left, 1))
+                    FAIL("held after stop");
+                holds += p.ctr.holds;
             }
             rc_path_destroy(&p);
             for (int i = 0; i < 4; i++)
@@ -245,7 +296,8 @@ int main(int argc, char **argv)
     int nreasons = 0;
     for (int i = 0; i < 64; i++)
         nreasons += (int)((reasons >> i) & 1);
-    printf("cases=%ld chains=%llu good=%llu errors=%llu captures=%llu reasons=%d\n", cases,
-           (unsigned long long)chains, (unsigned long long)good, (unsigned long long)errors, (unsigned long long)captures, nreasons);
+    printf("cases=%ld chains=%llu good=%llu errors=%llu captures=%llu reasons=%d holds=%llu\n", cases,
+           (unsigned long long)chains, (unsigned long long)good, (unsigned long long)errors, (unsigned long long)captures,
+           nreasons, (unsigned long long)holds);
     return 0;
 }

@@ -4,9 +4,14 @@
  * device thread (the backend) exchange COUNT chains over real eventfds, while the main thread drains
  * the shared capture buffer.  The sanitizers check the locking and the acquire/release protocol on the
  * rings and the fd swaps (done from the consumer thread during traffic); the harness checks that
- * nothing is lost, duplicated or reordered, and that every capture pairs up.
+ * nothing is lost, duplicated or reordered, and that every capture pairs up.  With HOLD=1, hold rules
+ * (replaced during traffic) hold a third of the requests and a third of the replies; the consumer
+ * releases or rewrites each as it sees it, from its own thread, while the paths run.
  *
- * usage: ring_threads COUNT QUEUES POLICY(0 drop, 1 lossless) -> "pairs=N requests=N replies=N"
+ * Each request is a fuse_in_header (48 readable bytes: opcode 1, 2 or 3 by sequence number, unique = the
+ * sequence number) and 8 writable bytes, where the device echoes the sequence number.
+ *
+ * usage: ring_threads COUNT QUEUES POLICY(0 drop, 1 lossless) [HOLD] -> "pairs=N requests=N replies=N"
  */
 #include <poll.h>
 #include <pthread.h>
@@ -71,7 +76,9 @@ static void *driver(void *arg)
         while (nfree && sent < count) {
             int h = free_heads[--nfree];
             uint64_t seq = (uint64_t)sent++;
-            memcpy(guest + l->bufs + 64 * h, &seq, 8);
+            uint32_t hdr[2] = {48, (uint32_t)(1 + seq % 3)}; /* fuse_in_header len, opcode */
+            memcpy(guest + l->bufs + 128 * h, hdr, 8);
+            memcpy(guest + l->bufs + 128 * h + 8, &seq, 8); /* unique */
             outstanding[h] = seq;
             uint16_t hh = (uint16_t)h;
             memcpy(avail + 4 + 2 * (avail_idx % NUM), &hh, 2);
@@ -91,7 +98,7 @@ static void *driver(void *arg)
             struct rc_vring_used_elem e;
             memcpy(&e, used + 4 + 8 * (last_used % NUM), 8);
             uint64_t echo;
-            memcpy(&echo, guest + l->bufs + 64 * e.id + 32, 8);
+            memcpy(&echo, guest + l->bufs + 128 * e.id + 64, 8);
             if (e.id >= NUM || echo != outstanding[e.id] || e.len != 8)
                 FAIL("q%d: bad completion id %u", l->q, e.id);
             free_heads[nfree++] = (int)e.id;
@@ -120,8 +127,10 @@ static void *device(void *arg)
         for (int i = 0; i < n; i++) {
             if (rc_queue_pop(&l->dev, &c))
                 FAIL("device: bad chain");
+            uint8_t hdr[16];
             uint64_t seq;
-            rc_chain_gather(&c, (uint8_t *)&seq, 8);
+            rc_chain_gather(&c, hdr, 16);
+            memcpy(&seq, hdr + 8, 8);
             for (uint32_t s = 0; s < c.nseg; s++)
                 if (c.seg[s].write)
                     memcpy(c.seg[s].host, &seq, 8);
@@ -135,12 +144,25 @@ static void *device(void *arg)
     return NULL;
 }
 
+/* Hold requests with opcode 1 and the replies to opcode 2. */
+static struct rc_hold_table *hold_rules(void)
+{
+    struct rc_hold_table *t = rc_hold_table_new(2, 2);
+    if (!t)
+        FAIL("rules");
+    t->r[0] = (struct rc_hold_rule){RC_HOLD_REQUEST, 1, 0, t->r[0].ops};
+    t->r[1] = (struct rc_hold_rule){RC_HOLD_REPLY, 1, 0, t->r[0].ops + 1};
+    t->r[0].ops[0] = 1;
+    t->r[1].ops[0] = 2;
+    return t;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 4)
         return 2;
     count = atol(argv[1]);
-    int nq = atoi(argv[2]), policy = atoi(argv[3]);
+    int nq = atoi(argv[2]), policy = atoi(argv[3]), hold = argc > 4 ? atoi(argv[4]) : 0;
     if (nq < 1 || nq > MAXQ)
         return 2;
     guest = calloc(1, GSIZE);
@@ -161,9 +183,9 @@ int main(int argc, char **argv)
         l->s_used = PGPA + 0x10000ull * q;
         l->s_avail = l->s_used + 0x1000;
         l->bufs = 0x100000 + 0x10000ull * q;
-        for (int h = 0; h < NUM; h++) { /* head h: [readable 8 B at bufs+64h, writable 8 B at +32] */
-            struct rc_vring_desc d[2] = {{l->bufs + 64 * h, 8, RC_VRING_DESC_F_NEXT, 1},
-                                         {l->bufs + 64 * h + 32, 8, RC_VRING_DESC_F_WRITE, 0}};
+        for (int h = 0; h < NUM; h++) { /* head h: [readable 48 B at bufs+128h, writable 8 B at +64] */
+            struct rc_vring_desc d[2] = {{l->bufs + 128 * h, 48, RC_VRING_DESC_F_NEXT, 1},
+                                         {l->bufs + 128 * h + 64, 8, RC_VRING_DESC_F_WRITE, 0}};
             uint64_t table = 0x300000 + 0x10000ull * q + 32 * h;
             memcpy(guest + table, d, sizeof(d));
             struct rc_vring_desc ind = {table, 32, RC_VRING_DESC_F_INDIRECT, 0};
@@ -178,6 +200,8 @@ int main(int argc, char **argv)
             FAIL("path init");
         if (rc_queue_init(&l->dev, &mem, NUM, l->desc, l->s_avail, l->s_used))
             FAIL("queue init");
+        if (hold)
+            rc_path_set_hold_rules(&l->path, hold_rules());
         rc_path_start(&l->path);
     }
     pthread_t th[2 * MAXQ];
@@ -190,7 +214,7 @@ int main(int argc, char **argv)
     int pend[MAXQ][NUM];
     memset(pend, 0, sizeof(pend));
     uint64_t next_req[MAXQ] = {0};
-    long pairs = 0, swaps = 0;
+    long pairs = 0, swaps = 0, held = 0;
     while (pairs < count * nq) {
         uint64_t pos = cap.tail;
         const struct rc_cap_hdr *h;
@@ -199,9 +223,20 @@ int main(int argc, char **argv)
             any = 1;
             uint64_t v;
             const uint8_t *data = (const uint8_t *)(h + 1) + h->nlayout * sizeof(struct rc_layout);
-            if (h->data_len < 8)
+            if (h->data_len < (h->kind == RC_CAP_REQUEST ? 16u : 8u))
                 FAIL("short capture");
-            memcpy(&v, data, 8);
+            memcpy(&v, data + (h->kind == RC_CAP_REQUEST ? 8 : 0), 8);
+            if (h->flags & RC_CAP_F_HELD) { /* decide at once, from this (the consumer's) thread */
+                struct lane *l = &lanes[h->queue];
+                int kind = h->kind == RC_CAP_REPLY && v % 2 ? RC_V_REWRITE : RC_V_RELEASE;
+                if (rc_path_verdict(&l->path, h->head, kind, data, 8))
+                    FAIL("verdict refused q%u head %u", h->queue, h->head);
+                held++;
+                if (h->kind == RC_CAP_REPLY) { /* the reply the guest gets is captured again */
+                    pos += h->rec_len;
+                    continue;
+                }
+            }
             if (h->kind == RC_CAP_REQUEST) {
                 if (v != next_req[h->queue]++ || pend[h->queue][h->head])
                     FAIL("request capture out of order q%u", h->queue);
@@ -222,6 +257,8 @@ int main(int argc, char **argv)
             struct lane *l = &lanes[swaps / 64 % nq];
             if (rc_path_set_call_fd(&l->path, l->g_call) || rc_path_set_kick_fd(&l->path, l->g_kick))
                 FAIL("fd swap");
+            if (hold) /* and the debugger replaces the rule table: sometimes none at all */
+                rc_path_set_hold_rules(&l->path, swaps / 64 % 3 ? hold_rules() : NULL);
         }
         if (!any) {
             pthread_mutex_lock(&cap.lock);
@@ -249,9 +286,9 @@ int main(int argc, char **argv)
         close(lanes[q].b_kick);
         close(lanes[q].b_call);
     }
-    printf("pairs=%ld requests=%llu replies=%llu dropped=%llu stalls=%llu swaps=%ld\n", pairs,
+    printf("pairs=%ld requests=%llu replies=%llu dropped=%llu stalls=%llu swaps=%ld held=%ld\n", pairs,
            (unsigned long long)req, (unsigned long long)rep, (unsigned long long)cap.dropped,
-           (unsigned long long)cap.stalls, swaps / 64);
+           (unsigned long long)cap.stalls, swaps / 64, held);
     rc_capture_destroy(&cap);
     free(guest);
     free(proxy);

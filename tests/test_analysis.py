@@ -260,7 +260,7 @@ def test_a_late_reply_is_stuck_too_and_the_threshold_is_configurable() -> None:
     an.feed_reply(F.encode_reply("GETATTR", {"attr_out": {}}, unique=2), 1, 0, 1_060_000_000)  # 60 ms
     an.feed_reply(F.encode_reply("GETATTR", {"attr_out": {}}, unique=4), 1, 1, 1_040_000_000)  # 40 ms
     assert [e.lints for e in an.exchanges] == [[X.STUCK], []]
-    assert "took 60 ms" in an.lints[0].message and "threshold 50 ms" in an.lints[0].message
+    assert "took 60.0ms" in an.lints[0].message and "threshold 50.0ms" in an.lints[0].message
     off = Analyzer(stuck_ns=0)
     off.feed_request(raw, 1, 0, 0)
     assert off.check_stuck(10**12) == [] and off.lints == []
@@ -469,7 +469,11 @@ def test_filter_examples(expr: str) -> None:
 @pytest.mark.parametrize(("expr", "column", "message"), [
     ("op == LOKUP", 7, "unknown opcode 'LOKUP'"),
     ("latency > 1parsec", 12, "unexpected"),
-    ("nodeid = 4", 8, "unexpected character '='"),
+    ("nodeid = 4", 8, "'=' is not a comparison: use '=='"),
+    ('name ~ "fsi', 8, 'unterminated string: no closing "'),
+    ("op = LOOKUP", 4, "use '=='"),
+    ("name == 'x'", 9, "double quotes"),
+    ("op == LOOKUP & error", 14, "use '&&' or 'and'"),
     ("foo == 3", 1, "unknown field 'foo'"),
     ("name > 3", 6, "name compares with == != or ~"),
     ("error == ENOPE", 10, "unknown errno name 'ENOPE'"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from fsinspect.proxy.hub import Hub
+from tests.daemon_client import EngineClient
 
 
 def _connect(path: str) -> socket.socket:
@@ -85,4 +87,189 @@ def test_client_cap_refuses_the_rest_with_a_message(tmp_path: Path) -> None:
         for s in [*kept[1:], extra, again]:
             s.close()
     finally:
+        h.close(0.5)
+
+
+# -- exhaustion (issue 17 items 4 and 9) ------------------------------------------------------------------
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class _Daemon:
+    """The daemon engine with its control tap (as `fsinspect daemon --control` runs it), driven directly."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from daemon.passthrough import Options, PassthroughFS
+        from daemon.server import Server
+        from fsinspect.commands._daemon_vhost import ControlTap
+
+        self.share = tmp_path / "share"
+        self.share.mkdir()
+        self.tap = ControlTap(str(tmp_path / "ctl.sock"))
+        self.server = Server(PassthroughFS(Options(str(self.share))), tap=self.tap)
+        self.client = EngineClient(self.server)
+        self.client.init()
+        self.socks: list[socket.socket] = []
+
+    def attach(self, n: int) -> list[socket.socket]:
+        """`n` control clients that never read."""
+        new = [_connect(self.tap.hub.path) for _ in range(n)]
+        self.socks += new
+        return new
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        self.tap.close()
+        self.server.shutdown()
+
+
+@pytest.fixture
+def dmn(tmp_path: Path) -> Iterator[_Daemon]:
+    d = _Daemon(tmp_path)
+    yield d
+    d.close()
+
+
+def test_stuck_client_and_200_mib_of_writes_keep_memory_flat(dmn: _Daemon) -> None:
+    """A client that never reads, while 1 MiB WRITEs go through the daemon: its queue is bounded in bytes,
+    and what the hub keeps for the next snapshot is too (before: +900 MB, and +1.5 GB after it left)."""
+    tap, client = dmn.tap, dmn.client
+    (stuck,) = dmn.attach(1)
+    nodeid, fh = client.create(1, b"big")
+    data = os.urandom(1 << 20)
+    for _ in range(20):  # warm up: the allocator, the backlog, the stuck client's socket buffer
+        client.write(nodeid, fh, data)
+    base = _rss()
+    peak = 0
+    for _ in range(200):
+        client.write(nodeid, fh, data)
+        peak = max(peak, _rss())
+    stuck.close()
+    for _ in range(20):
+        client.write(nodeid, fh, data)
+    assert peak - base < 48 << 20, f"RSS grew by {(peak - base) >> 20} MiB with a stuck client"
+    assert _rss() - base < 48 << 20, f"RSS grew by {(_rss() - base) >> 20} MiB after it left"
+    # The exchanges themselves went through whole and were published (cut at LIVE_SNAPLEN).
+    assert tap.requests >= 241 and tap.hub.recent[-1]["request_len"] > (1 << 20)
+
+
+def test_200_idle_clients_cost_no_cpu_and_the_data_path_keeps_its_speed(dmn: _Daemon) -> None:
+    """200 clients that attach and then do nothing: LOOKUPs go about as fast as with one, and once the
+    traffic stops the process sleeps (before: 0 LOOKUPs/s at 100% CPU)."""
+    tap, client = dmn.tap, dmn.client
+    (dmn.share / "f").write_text("x")
+
+    def rate(n: int = 1500) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            client.lookup(1, b"f")
+        return n / (time.perf_counter() - t0)
+
+    dmn.attach(1)  # one client: the price of a live view at all (analysis, JSON)
+    rate(300)
+    alone = max(rate(), rate())
+    dmn.attach(199)
+    deadline = time.monotonic() + 20
+    while len(tap.hub.clients) < 200:
+        assert time.monotonic() < deadline, f"{len(tap.hub.clients)} of 200 attached"
+        time.sleep(0.01)
+    watched = max(rate(), rate())
+    time.sleep(0.5)  # the hub hands out what it still holds
+    cpu = _cpu()
+    time.sleep(3)
+    spent = _cpu() - cpu
+    assert watched > 0.5 * alone, f"{watched:.0f} LOOKUP/s with 200 idle clients, {alone:.0f} with one"
+    assert spent < 0.3, f"{spent:.2f} s of CPU in 3 s with 200 idle clients and no traffic"
+    assert len(tap.hub.clients) == 200
+
+
+def test_client_fds_past_1024_work(tmp_path: Path) -> None:
+    """select() cannot watch fd 1024 and up (before: ValueError in a loop at 100% CPU, nobody served)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if soft != resource.RLIM_INFINITY else soft, hard))
+    pad = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(1030)]
+    h = None
+    try:
+        h = Hub(str(tmp_path / "ctl.sock"), lambda: {})
+        s = _connect(h.path)
+        s.settimeout(5)
+        assert s.fileno() >= 1024
+        it = _lines(s)
+        assert next(it)["type"] == "hello" and next(it)["type"] == "snapshot"
+        h.publish_event("x", {})
+        assert next(it)["kind"] == "x"
+        cpu = _cpu()
+        time.sleep(1)
+        assert _cpu() - cpu < 0.2
+        s.close()
+    finally:
+        if h is not None:
+            h.close(0.5)
+        for fd in pad:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_snapshots_count_against_the_byte_budget(dmn: _Daemon) -> None:
+    """150 clients attach and never read while the backlog is full of 16 KiB WRITEs: each snapshot fits
+    its client's budget, so memory stays bounded (before: the proxy reached 4.5 GB)."""
+    tap, client = dmn.tap, dmn.client
+    nodeid, fh = client.create(1, b"f")
+    data = os.urandom(32 << 10)
+    for _ in range(500):
+        client.write(nodeid, fh, data)
+    base = _rss()
+    dmn.attach(150)
+    deadline = time.monotonic() + 120
+    while len(tap.hub.clients) < 150:
+        assert time.monotonic() < deadline, f"{len(tap.hub.clients)} of 150 attached"
+        time.sleep(0.05)
+    grew = _rss() - base
+    assert grew < 160 << 20, f"RSS grew by {grew >> 20} MiB for 150 snapshots"
+    assert tap.hub.total_queued <= (64 << 20) + 150 * (256 << 10)
+    # A client that reads gets a snapshot whose backlog is the newest exchanges that fit.
+    (late,) = dmn.attach(1)
+    it = _lines(late)
+    assert next(it)["type"] == "hello"
+    snap = next(it)
+    assert snap["backlog_dropped"] > 0 and len(snap["exchanges"]) > 0
+    assert snap["exchanges"][-1]["unique"] == tap.hub.recent[-1]["unique"]
+
+
+def test_sending_does_not_copy_what_is_left(tmp_path: Path) -> None:
+    """A 24 MiB snapshot to a slow reader: each partial send advances a view; `pending[n:]` copied the
+    rest every time (24 MiB, then 23.9, ...)."""
+    import tracemalloc
+
+    big = "x" * (24 << 20)
+    h = Hub(str(tmp_path / "ctl.sock"), lambda: {"inodes": [{"name": big}]})
+    tracemalloc.start()
+    try:
+        s = _connect(h.path)
+        got = s.recv(4096)
+        assert got.startswith(b'{"type": "hello"')
+        now = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        total = len(got)
+        while not got.endswith(b"}\n"):
+            got = s.recv(256 << 10)
+            assert got
+            total += len(got)
+        peak = tracemalloc.get_traced_memory()[1]
+        assert total > 24 << 20
+        assert peak - now < 4 << 20, f"{(peak - now) >> 20} MiB allocated while sending"
+        s.close()
+    finally:
+        tracemalloc.stop()
         h.close(0.5)

@@ -150,7 +150,7 @@ def setup_queues(fe: Frontend, memfd_path: str, *, table: bool) -> None:
     """QEMU's sequence (proxy-notes.md), with SET_MEM_TABLE instead of ADD_MEM_REG when `table`."""
     feats = fe.ask("GET_FEATURES").u64
     assert feats == DEVICE_FEATURES
-    assert feats & FB["F_VERSION_1"] and feats & FB["RING_F_INDIRECT_DESC"] and not feats & FB["RING_F_EVENT_IDX"]
+    assert feats & FB["VIRTIO_F_VERSION_1"] and feats & FB["VIRTIO_RING_F_INDIRECT_DESC"] and not feats & FB["VIRTIO_RING_F_EVENT_IDX"]
     proto = fe.ask("GET_PROTOCOL_FEATURES").u64
     assert proto == PROTOCOL_FEATURES and not proto & (P["BACKEND_REQ"] | P["LOG_SHMFD"] | P["INFLIGHT_SHMFD"])
     fe.send("SET_PROTOCOL_FEATURES", V.u64(proto))

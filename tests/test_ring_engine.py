@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import struct
@@ -9,6 +10,7 @@ import struct
 import pytest
 
 from dissectors.ring import _common, driver
+from dissectors.spec import fuse as fuse_spec
 from dissectors.spec import virtio
 from tests.ringkit import GUEST_SIZE, PROXY_GPA, PROXY_UVA, Rig, engines, memfd_map
 
@@ -52,6 +54,12 @@ def test_c_layout_matches_spec_tables():
     assert lay["layout_f_from_indirect"] == _common.LAYOUT_F_FROM_INDIRECT
     assert lay["max_regions"] == _common.MAX_REGIONS
     assert lay["max_gather"] == _common.MAX_GATHER
+    # the hold points read fuse_in_header and write fuse_out_header
+    fin = {n: o for n, o, _ in fuse_spec.REGISTRY.offsets("fuse_in_header")}
+    assert lay["fuse_in_header"] == {"size": fuse_spec.REGISTRY.sizeof("fuse_in_header"), "opcode": fin["opcode"],
+                                     "unique": fin["unique"]}
+    assert lay["fuse_out_header"] == {"size": fuse_spec.REGISTRY.sizeof("fuse_out_header")}
+    assert lay["eio"] == errno.EIO
     assert c.REASONS == _common.REASONS
     assert ENGINES["python"].CORE_LAYOUT == lay
 

@@ -46,6 +46,7 @@ def test_asan_fuzz_random_rings(tmp_path, record_property):
     assert r["cases"] == 30_000
     assert r["good"] > 1000 and r["chains"] > 50_000  # plenty of valid chains, not only early rejects
     assert r["reasons"] >= 8  # and most error paths
+    assert r["holds"] > 1000  # hold rules matched random chains, and verdicts ran on them
 
 
 @pytest.mark.slow
@@ -55,13 +56,16 @@ def test_asan_fuzz_random_rings_1m(tmp_path):
     assert r["cases"] == 1_000_000
 
 
+@pytest.mark.parametrize("hold", [0, 1], ids=["plain", "holds"])
 @pytest.mark.parametrize("sanitize", ["thread", "address,undefined"])
 @pytest.mark.parametrize("policy", [0, 1], ids=["drop", "lossless"])
-def test_sanitized_threads_shadow_path(tmp_path, sanitize, policy):
+def test_sanitized_threads_shadow_path(tmp_path, sanitize, policy, hold):
+    """hold=1: rule tables replaced during traffic, verdicts from the consumer thread while paths run."""
     exe = build(tmp_path, "ring_threads", sanitize)
-    p = subprocess.run([str(exe), "50000", "3", str(policy)], capture_output=True, text=True, timeout=600,
-                       env={"TSAN_OPTIONS": "halt_on_error=1", "ASAN_OPTIONS": "detect_leaks=1"})
+    p = subprocess.run([str(exe), "50000", "3", str(policy), str(hold)], capture_output=True, text=True,
+                       timeout=600, env={"TSAN_OPTIONS": "halt_on_error=1", "ASAN_OPTIONS": "detect_leaks=1"})
     assert p.returncode == 0 and "WARNING" not in p.stderr and "ERROR" not in p.stderr, p.stderr[-4000:]
     r = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", p.stdout)}
-    print(sanitize, "policy", policy, r)
+    print(sanitize, "policy", policy, "hold", hold, r)
     assert r["pairs"] == r["requests"] == r["replies"] == 150_000 and r["dropped"] == 0
+    assert (r["held"] > 10_000) if hold else r["held"] == 0

@@ -41,7 +41,8 @@ class Proxy:
     """A rig with the four eventfds, a capture buffer, a ShadowPath and the backend's SplitQueue."""
 
     def __init__(self, eng, num: int = 8, capacity: int = 1 << 20, policy: str = "drop", snaplen: int = 0,
-                 avail_base: int = 0, used_start: int | None = None, spin_us: int = 0, event_idx: bool = False):
+                 avail_base: int = 0, used_start: int | None = None, spin_us: int = 0, event_idx: bool = False,
+                 queue: int = 1):
         self.rig = Rig(eng, num=num)
         if used_start is not None:  # a guest whose used ring already moved (proxy started mid-life)
             self.rig.mem.view(self.rig.used, 4)[2:4] = used_start.to_bytes(2, "little")
@@ -49,7 +50,7 @@ class Proxy:
         self.g_kick, self.g_call, self.b_kick, self.b_call = efd(), efd(), efd(), efd()
         self.cap = eng.CaptureBuffer(capacity, policy)
         r = self.rig
-        self.path = eng.ShadowPath(r.mem, 1, num, r.desc, r.avail, r.used, r.s_avail, r.s_used, self.cap,
+        self.path = eng.ShadowPath(r.mem, queue, num, r.desc, r.avail, r.used, r.s_avail, r.s_used, self.cap,
                                    kick_fd=self.g_kick, call_fd=self.g_call, backend_kick_fd=self.b_kick,
                                    backend_call_fd=self.b_call, avail_base=avail_base, snaplen=snaplen,
                                    spin_us=spin_us, event_idx=event_idx)
@@ -58,12 +59,15 @@ class Proxy:
         if used_start is not None:
             self.dev.used_idx = used_start
 
-    def request(self, head: int, readable: list[bytes], writable: list[int]) -> None:
-        """Lay out one request the way Linux virtio-fs does: a single INDIRECT descriptor."""
-        segs = [(*self.rig.buf(b), False) for b in readable] + [(*self.rig.buf(n), True) for n in writable]
+    def request(self, head: int, readable: list[bytes], writable: list[int]) -> list[tuple[int, int]]:
+        """Lay out one request the way Linux virtio-fs does: a single INDIRECT descriptor.  Returns the
+        writable buffers (gpa, len)."""
+        wbufs = [self.rig.buf(n) for n in writable]
+        segs = [(*self.rig.buf(b), False) for b in readable] + [(*w, True) for w in wbufs]
         table = driver.pack_descs(driver.chain_descs(segs))
         t = self.rig.buf(table)
         self.rig.guest.set_desc(head, t[0], len(table), F_INDIRECT)
+        return wbufs
 
     def close(self):
         self.path.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -258,9 +259,16 @@ def test_submount_panel_superblocks_and_syncfs() -> None:
             assert len(roots) >= 3  # the root and the two nested tmpfs submounts
             assert sy.row_count == len(syncfs)
             assert [int(str(sy.get_row_at(i)[0])[1:]) for i in range(sy.row_count)] == \
-                [g["index"] for g in syncfs]
-            # Every submount root that got a SYNCFS is a superblock root (no lint).
-            assert all("yes" in str(sy.get_row_at(i)[3]) for i in range(sy.row_count))
+                [g["index"] + 1 for g in syncfs]  # the `#` numbers: 1-based
+            # Each SYNCFS row names its superblock by path and nodeid, and flags nothing (all are roots).
+            where = [str(sy.get_row_at(i)[1]) for i in range(sy.row_count)]
+            paths = {"1": "/"}
+            for a in an.submounts.announced.values():  # in announcement order: a parent comes first
+                paths[str(a.nodeid)] = paths[str(a.parent)].rstrip("/") + "/" + a.name.decode()
+            assert where == [f"{paths[str(g['nodeid'])]} (nodeid {g['nodeid']})" for g in syncfs], where
+            assert {w.split(" (")[0] for w in where} == {"/", "/sub", "/sub/inner"}
+            assert not any("superblock root" in w for w in where)
+            assert "guest st_dev" not in [str(c.label) for c in sb.columns.values()]
             # Enter on a SYNCFS row shows that exchange.
             sy.focus()
             sy.move_cursor(row=1)
@@ -302,7 +310,12 @@ def test_stats_panel_counts_and_sparklines() -> None:
                     for i in range(t.row_count)}
             assert errs["LOOKUP"] == sum(1 for g in gold if g["opcode"] == "LOOKUP" and g["error"])
             ops = panel.query_one("#ops", Sparkline).data
-            assert ops and sum(ops) == len(gold)
+            # A sub-second capture: sub-second buckets, labelled, so the sparkline is not one solid block.
+            label = str(panel.query_one("#opslabel").render())
+            m = re.search(r"per ([\d.]+)(ms|µs) bucket", label)
+            assert m is not None, label
+            bucket_s = float(m.group(1)) / (1e3 if m.group(2) == "ms" else 1e6)
+            assert ops and len(ops) > 10 and len(set(ops)) > 2 and round(sum(ops) * bucket_s) == len(gold)
             assert sum(panel.query_one("#bytes", Sparkline).data or ()) > 0
             assert f"{len(gold)} exchanges" in str(panel.query_one("#totals").render())
 
@@ -311,6 +324,8 @@ def test_stats_panel_counts_and_sparklines() -> None:
 
 def test_control_panel_replay_messages() -> None:
     from dissectors import vhost_user as V
+    from dissectors.spec import vhost_user as vspec
+    from dissectors.spec import virtio as vio
 
     with RecordingReader(SYNCFS) as r:
         ctrl = [(rec, V.decode_message(rec.data)) for rec in r.records() if not rec.is_fuse]
@@ -342,6 +357,16 @@ def test_control_panel_replay_messages() -> None:
             assert f"virtio features acked: {acked:#x}" in state
             assert f"virtio features masked by the proxy: {offered & ~to_qemu:#x}" in state
             assert f"MEMORY REGIONS ({len(regions)})" in state
+            # Feature names whole (VHOST_USER_F_PROTOCOL_FEATURES, not USER_F_PROTOCOL_FEATURES), and the
+            # wrapped lines on screen break between names, never inside one.
+            assert "VHOST_USER_F_PROTOCOL_FEATURES" in state and "VIRTIO_F_VERSION_1" in state
+            names = {n for fs in (vio.VIRTIO_F, vspec.PROTOCOL_F) for n, _ in fs.bits}
+            box = panel.query_one("#cstate_text")
+            shown = [box.render_line(y).text for y in range(box.size.height)]
+            assert len(shown) > len(state.splitlines()), "nothing wrapped: the check would prove nothing"
+            cut = [w for line in shown for w in re.findall(r"[A-Z0-9_]*_F_[A-Z0-9_]*", line)
+                   if w not in names and w.upper() == w]
+            assert not cut, (cut, shown)
             assert f"gpa={regions[-1].guest_address:#x} size={regions[-1].size:#x}" in state
             f = app.store.features
             assert sum(v["kick_changes"] for v in f["vrings"].values()) == kicks
@@ -368,13 +393,13 @@ def test_marks_copy_write_and_help(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             await pilot.press("e")  # next error
             assert lst.selected == next(g["index"] for g in gold if g["error"])
             await pilot.press("y")
-            assert app.last_copy is not None and app.last_copy.startswith(f"exchange #{lst.selected}:")
+            assert app.last_copy is not None and app.last_copy.startswith(f"exchange #{lst.selected + 1}:")
             assert "FUSE request" in app.last_copy and "FUSE reply" in app.last_copy
             await pilot.press("Y")
             assert json.loads(app.last_copy)["index"] == lst.selected
             await pilot.press("w")
             await pilot.pause(0.1)
-            written = json.loads((tmp_path / f"fsinspect-exchange-{lst.selected}.json").read_text())
+            written = json.loads((tmp_path / f"fsinspect-exchange-{lst.selected + 1}.json").read_text())
             assert written["opcode"] == gold[lst.selected]["opcode"]
             assert written["error"] == gold[lst.selected]["error"]
             await pilot.press("question_mark")
@@ -590,3 +615,38 @@ def test_attach_keeps_a_bounded_window(tmp_path: Path) -> None:
     finally:
         src.stop()
         hub.close()
+
+
+def test_filter_completion_follows_the_parser() -> None:
+    """After a complete value comes `and`/`or`, never a flag name (`latency > 500µs` offered `snapped`)."""
+    assert completions("latency > 500µs") == [" and", " or"]
+    assert completions("latency > 500µs ") == ["and", "or"]
+    assert completions("op == LOOKUP") == [" and", " or"]
+    assert "snapped" not in completions("latency > 5ms") and completions("op == LOOKUP and sub") == ["submount"]
+
+
+def test_next_error_and_mark_at_the_end_of_the_list_say_so() -> None:
+    async def run() -> None:
+        app = replay_app()
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app)
+            await pilot.press("end")
+            await pilot.press("e")
+            await pilot.pause(0.1)
+            await pilot.press("n")
+            await pilot.pause(0.1)
+            said = [n.message for n in app._notifications]
+            assert any("no error below this row: the end of the list" in m for m in said), said
+            assert any("no marks yet" in m for m in said), said
+
+    asyncio.run(run())
+
+
+def test_events_read_as_text_not_python_dicts() -> None:
+    from fsinspect.tui.render import event_text
+
+    assert event_text({"kind": "vring-enable", "detail": {"index": 1, "enable": True}}) == "vring-enable: index=1 enable=true"
+    feats = event_text({"kind": "features", "detail": {"offered": (1 << 32) | (1 << 30), "masked": 0}})
+    assert feats == "features: offered=0x140000000 (VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_VERSION_1) masked=0"
+    mem = event_text({"kind": "mem-table", "detail": {"regions": [{"guest_address": 0, "size": 1 << 30}]}})
+    assert mem == "mem-table: regions=[{guest_address=0x0 size=0x40000000}]" and "{'" not in mem

@@ -7,7 +7,14 @@ symlink swapped in by the host can't redirect an op outside the shared directory
 
 Credentials: files are created with the caller's uid/gid by switching this thread's fsuid/fsgid around
 the creating call only (a non-zero fsuid drops CAP_DAC_READ_SEARCH, which open_by_handle_at needs), as
-virtiofsd does.  The process umask is 0 (the kernel already applied the caller's umask).
+virtiofsd does.  The caller's supplementary groups come with the request (FUSE_CREATE_SUPP_GROUP: the
+kernel sends the parent directory's group when the caller is a member) and are set on the thread for
+that call; otherwise the thread has none, never root's.  The kernel already applied the caller's umask
+(we don't negotiate DONT_MASK), so the threads that create run with umask 0 in their own fs_struct
+(unshare(CLONE_FS)); the process umask, which governs the daemon's own files, is left alone.
+
+Set-user-ID/set-group-ID bits: a write, truncate or O_TRUNC open flagged KILL_SUIDGID by the kernel
+runs with CAP_FSETID lowered, so the host kernel clears the bits as it would for the caller.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ log = logging.getLogger("fsinspect.daemon.passthrough")
 INIT = spec.INIT_FLAGS.by_name()
 FOPEN = spec.FOPEN.by_name()
 FATTR = spec.FATTR.by_name()
+WRITE_KILL_SUIDGID = spec.WRITE_FLAGS.by_name()["KILL_SUIDGID"]
+OPEN_KILL_SUIDGID = spec.OPEN_IN_FLAGS.by_name()["KILL_SUIDGID"]
 ATTR_SUBMOUNT = spec.ATTR_FLAGS.by_name()["SUBMOUNT"]
 LK_FLOCK = spec.LK_FLAGS.by_name()["FLOCK"]
 RELEASE_FLUSH = spec.RELEASE_FLAGS.by_name()["FLUSH"]
@@ -76,6 +85,8 @@ class Options:
     writeback: bool = False
     xattr: bool = False
     readonly: bool = False
+    # Standalone only: the caller's groups from /proc/PID/status where the kernel sends none.
+    proc_groups: bool = False
 
 
 @dataclass(eq=False)
@@ -98,6 +109,45 @@ def check_name(name: bytes, *, lookup: bool = False) -> None:
         raise OSError(errno.EINVAL, f"{name!r} is not allowed here")
 
 
+_thread = threading.local()
+
+
+def _prepare_thread(privileged: bool) -> bool:
+    """Once per serving thread: its own fs_struct with umask 0 and, as root, no supplementary groups (so a
+    caller never borrows root's).  False on the main thread, whose umask is the daemon's own."""
+    ready: bool | None = getattr(_thread, "ready", None)
+    if ready is None:
+        ready = threading.current_thread() is not threading.main_thread()
+        if ready:
+            try:
+                sc.unshare_fs()
+                os.umask(0)
+                if privileged:
+                    sc.setgroups_thread(())
+            except OSError as e:
+                log.warning("a private umask for %s: %s", threading.current_thread().name, e)
+                ready = False
+        _thread.ready = ready
+    return ready
+
+
+def proc_groups(pid: int) -> tuple[int, ...]:
+    """The caller's supplementary groups from /proc/PID/status, for kernels without FUSE_CREATE_SUPP_GROUP
+    (standalone mode only: a virtio-fs pid is the guest's).  The caller is blocked in its syscall while we
+    read, so the pid is its own unless it was killed meanwhile and the pid reused; the kernel already
+    checked the caller's permission (default_permissions), so this only lets the host agree."""
+    if pid <= 0:
+        return ()
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return ()
+
+
 class PassthroughFS(FileSystem):
     def __init__(self, opts: Options) -> None:
         if not os.path.isdir(opts.shared_dir):
@@ -115,7 +165,8 @@ class PassthroughFS(FileSystem):
         self.writeback = False
         self.syncfs_by_dev: Counter[int] = Counter()
         self._lock_fds: dict[tuple[int, int], int] = {}
-        os.umask(0)  # the kernel applied the caller's umask already (we don't negotiate DONT_MASK)
+        self.kernel_groups = False  # FUSE_CREATE_SUPP_GROUP negotiated
+        self._fsetid = self._switch_creds and sc.has_effective_cap(sc.CAP_FSETID)
 
     # ------------------------------------------------------------------ session
     def init(self, kernel_flags: int) -> int:
@@ -127,7 +178,10 @@ class PassthroughFS(FileSystem):
             want |= INIT["WRITEBACK_CACHE"]
         if self.opts.announce_submounts:
             want |= INIT["SUBMOUNTS"]
+        if self._switch_creds:  # setting groups needs root (CAP_SETGID)
+            want |= INIT["CREATE_SUPP_GROUP"]
         want &= kernel_flags
+        self.kernel_groups = bool(want & INIT["CREATE_SUPP_GROUP"])
         self.submounts = bool(want & INIT["SUBMOUNTS"])
         self.writeback = bool(want & INIT["WRITEBACK_CACHE"])
         return want
@@ -157,10 +211,14 @@ class PassthroughFS(FileSystem):
 
     @contextmanager
     def _creds(self, ctx: Context) -> Iterator[None]:
-        """Create as the caller: this thread's fsuid/fsgid, restored right after."""
+        """Act as the caller: this thread's fsuid/fsgid and supplementary groups, restored right after."""
         if not self._switch_creds or (ctx.uid == 0 and ctx.gid == 0):
             yield
             return
+        base = () if _prepare_thread(True) else tuple(os.getgroups())
+        groups = self._groups(ctx)
+        if groups != base:
+            sc.setgroups_thread(groups)
         sc.setfsgid(ctx.gid)
         sc.setfsuid(ctx.uid)
         try:
@@ -168,6 +226,39 @@ class PassthroughFS(FileSystem):
         finally:
             sc.setfsuid(0)
             sc.setfsgid(0)
+            if groups != base:
+                sc.setgroups_thread(base)
+
+    @contextmanager
+    def _creating(self, ctx: Context) -> Iterator[None]:
+        """Create as the caller, with umask 0: the mode is what the caller's kernel computed."""
+        if _prepare_thread(self._switch_creds):
+            with self._creds(ctx):
+                yield
+            return
+        old = os.umask(0)  # the main thread (in-process use): briefly, the process's umask
+        try:
+            with self._creds(ctx):
+                yield
+        finally:
+            os.umask(old)
+
+    def _groups(self, ctx: Context) -> tuple[int, ...]:
+        if ctx.groups or self.kernel_groups or not self.opts.proc_groups:
+            return ctx.groups
+        return proc_groups(ctx.pid)
+
+    @contextmanager
+    def _kill_suidgid(self, kill: bool) -> Iterator[None]:
+        """Without CAP_FSETID the host kernel clears set-user-ID/set-group-ID on write and truncate."""
+        if not (kill and self._fsetid):
+            yield
+            return
+        sc.set_effective_cap(sc.CAP_FSETID, False)
+        try:
+            yield
+        finally:
+            sc.set_effective_cap(sc.CAP_FSETID, True)
 
     def _handle(self, fh: int, *, is_dir: bool = False) -> Handle:
         h = self._handles.get(fh)
@@ -244,14 +335,8 @@ class PassthroughFS(FileSystem):
                 gid = sa.gid if valid & FATTR["GID"] else -1
                 sc.fchown_empty(hfd if hfd is not None else pfd, uid, gid)
             if valid & FATTR["SIZE"]:
-                if hfd is not None:
-                    os.ftruncate(hfd, sa.size)
-                else:
-                    fd = self.store.reopen(inode, os.O_WRONLY)
-                    try:
-                        os.ftruncate(fd, sa.size)
-                    finally:
-                        os.close(fd)
+                with self._kill_suidgid(bool(valid & FATTR["KILL_SUIDGID"])):
+                    self._truncate(inode, hfd, sa.size)
             if valid & (FATTR["ATIME"] | FATTR["MTIME"] | FATTR["ATIME_NOW"] | FATTR["MTIME_NOW"]):
                 at = _utime(valid, "ATIME", sa.atime, sa.atimensec)
                 mt = _utime(valid, "MTIME", sa.mtime, sa.mtimensec)
@@ -261,6 +346,16 @@ class PassthroughFS(FileSystem):
                     sc.utimens(sc.AT_FDCWD, f"/proc/self/fd/{pfd}".encode(), at, mt)
             st = os.fstat(hfd) if hfd is not None else os.stat(pfd)
         return st, self.timeout
+
+    def _truncate(self, inode: Inode, hfd: int | None, size: int) -> None:
+        if hfd is not None:
+            os.ftruncate(hfd, size)
+            return
+        fd = self.store.reopen(inode, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
 
     def readlink(self, ctx: Context, nodeid: int) -> bytes:
         inode = self.store.get(nodeid)
@@ -276,7 +371,7 @@ class PassthroughFS(FileSystem):
         if not target or len(target) >= spec.PATH_MAX:
             raise OSError(errno.ENAMETOOLONG if target else errno.ENOENT, "bad symlink target")
         p = self.store.get(parent)
-        with self.store.path_fd(p) as pfd, self._creds(ctx):
+        with self.store.path_fd(p) as pfd, self._creating(ctx):
             os.symlink(target, name, dir_fd=pfd)
         return self._do_lookup(p, name)
 
@@ -284,7 +379,7 @@ class PassthroughFS(FileSystem):
         self._rw()
         check_name(name)
         p = self.store.get(parent)
-        with self.store.path_fd(p) as pfd, self._creds(ctx):
+        with self.store.path_fd(p) as pfd, self._creating(ctx):
             os.mknod(name, mode, rdev, dir_fd=pfd)
         return self._do_lookup(p, name)
 
@@ -292,7 +387,7 @@ class PassthroughFS(FileSystem):
         self._rw()
         check_name(name)
         p = self.store.get(parent)
-        with self.store.path_fd(p) as pfd, self._creds(ctx):
+        with self.store.path_fd(p) as pfd, self._creating(ctx):
             os.mkdir(name, mode, dir_fd=pfd)
         return self._do_lookup(p, name)
 
@@ -351,16 +446,18 @@ class PassthroughFS(FileSystem):
         inode = self.store.get(nodeid)
         if inode.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        fd = self.store.reopen(inode, self._open_flags(flags))
+        with self._kill_suidgid(bool(open_flags & OPEN_KILL_SUIDGID and flags & os.O_TRUNC)):
+            fd = self.store.reopen(inode, self._open_flags(flags))
         return self._add_handle(fd, inode), self._fopen_file
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
-               umask: int) -> tuple[Entry, int, int]:
+               umask: int, open_flags: int = 0) -> tuple[Entry, int, int]:
         self._rw()
+        kill = bool(open_flags & OPEN_KILL_SUIDGID and flags & os.O_TRUNC)
         check_name(name)
         p = self.store.get(parent)
         flags = self._open_flags(flags)
-        with self.store.path_fd(p) as pfd, self._creds(ctx):
+        with self.store.path_fd(p) as pfd, self._creating(ctx), self._kill_suidgid(kill):
             # O_NONBLOCK: an existing FIFO or device under that name must not block or be opened for real.
             fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode & 0o7777,
                          dir_fd=pfd)
@@ -382,7 +479,7 @@ class PassthroughFS(FileSystem):
         flags = self._open_flags(flags) & ~(os.O_CREAT | os.O_EXCL)
         if flags & os.O_ACCMODE == os.O_RDONLY:
             flags |= os.O_RDWR
-        with self.store.path_fd(p) as pfd, self._creds(ctx):
+        with self.store.path_fd(p) as pfd, self._creating(ctx):
             fd = os.open(".", flags | sc.O_TMPFILE | os.O_CLOEXEC, mode & 0o7777, dir_fd=pfd)
         try:
             ofd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
@@ -399,7 +496,9 @@ class PassthroughFS(FileSystem):
 
     def write(self, ctx: Context, nodeid: int, fh: int, offset: int, data: Any, write_flags: int) -> int:
         self._rw()
-        return os.pwrite(self._handle(fh).fd, data, offset)
+        fd = self._handle(fh).fd
+        with self._kill_suidgid(bool(write_flags & WRITE_KILL_SUIDGID)):
+            return os.pwrite(fd, data, offset)
 
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
         # close() of a duplicate gives the host filesystem its close-time semantics (NFS), and the
@@ -599,6 +698,8 @@ OFFSET_MAX = (1 << 63) - 1
 
 def _pack_flock(typ: int, start: int, end: int) -> bytes:
     """fuse_file_lock (inclusive end, OFFSET_MAX = to EOF) -> struct flock (length, 0 = to EOF)."""
+    if not 0 <= start <= OFFSET_MAX or end < start:
+        raise OSError(errno.EINVAL, f"lock range {start}..{end}")
     length = 0 if end >= OFFSET_MAX else end - start + 1
     return _FLOCK.pack(typ, os.SEEK_SET, start, length, 0)
 

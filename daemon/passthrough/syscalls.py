@@ -1,6 +1,7 @@
 """Linux syscalls Python's os module lacks, through ctypes: statx (for mnt_id), file handles, syncfs,
-renameat2, fchownat(AT_EMPTY_PATH), utimensat with UTIME_NOW/OMIT, fallocate modes and per-thread
-setfsuid/setfsgid.
+renameat2, fchownat(AT_EMPTY_PATH), utimensat with UTIME_NOW/OMIT, fallocate modes, and the per-thread
+credential calls (setfsuid/setfsgid, setgroups, capset, unshare(CLONE_FS)) that glibc would otherwise
+apply to every thread, or that Python lacks.
 
 These are host-kernel ABI (struct statx, struct file_handle), not FUSE protocol, so their layouts live
 here rather than in dissectors/spec.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import struct
 from dataclasses import dataclass
@@ -42,6 +44,18 @@ _libc.futimens.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.setfsuid.argtypes = [ctypes.c_uint]
 _libc.setfsgid.argtypes = [ctypes.c_uint]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_libc.syscall.restype = ctypes.c_long
+_libc.fcntl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+_libc.flock.argtypes = [ctypes.c_int, ctypes.c_int]
+
+CLONE_FS = 0x200
+CAP_FSETID = 4
+_CAP_VERSION_3 = 0x20080522
+# glibc's setgroups() changes every thread (a setxid broadcast); the raw syscall changes only this one.
+_SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "riscv64": 159, "ppc64le": 81, "s390x": 206}.get(os.uname().machine)
 
 # struct statx (include/uapi/linux/stat.h), the fields we use, by offset.
 _STATX = struct.Struct("<IIQIIIH2xQQQQ" + "qI4x" * 4 + "IIIIQ")
@@ -159,3 +173,60 @@ def setfsuid(uid: int) -> int:
 
 def setfsgid(gid: int) -> int:
     return int(_libc.setfsgid(gid))
+
+
+def unshare_fs() -> None:
+    """Give this thread its own cwd, root and umask (CLONE_FS), so its umask(0) leaves the process alone."""
+    if _libc.unshare(CLONE_FS) != 0:
+        _raise("unshare(CLONE_FS)")
+
+
+def setgroups_thread(groups: list[int] | tuple[int, ...]) -> None:
+    """This thread's supplementary groups only (needs CAP_SETGID)."""
+    if _SYS_SETGROUPS is None:
+        raise OSError(errno.ENOSYS, f"no setgroups syscall number for {os.uname().machine}")
+    arr = (ctypes.c_uint * max(1, len(groups)))(*groups)
+    if _libc.syscall(_SYS_SETGROUPS, ctypes.c_size_t(len(groups)), arr) != 0:
+        _raise("setgroups")
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _caps() -> tuple[ctypes.Array[ctypes.c_uint32], ctypes.Array[_CapData]]:
+    hdr = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)  # pid 0: this thread
+    data = (_CapData * 2)()
+    if _libc.capget(hdr, data) != 0:
+        _raise("capget")
+    return hdr, data
+
+
+def has_effective_cap(cap: int) -> bool:
+    _hdr, data = _caps()
+    return bool(data[cap // 32].effective & (1 << (cap % 32)))
+
+
+def set_effective_cap(cap: int, on: bool) -> None:
+    """Raise or lower one capability in this thread's effective set (it stays permitted)."""
+    hdr, data = _caps()
+    bit = 1 << (cap % 32)
+    if on:
+        data[cap // 32].effective |= bit
+    else:
+        data[cap // 32].effective &= ~bit
+    if _libc.capset(hdr, data) != 0:
+        _raise("capset")
+
+
+def fcntl_lock_wait(fd: int, cmd: int, flock: bytes) -> None:
+    """A blocking F_OFD_SETLKW that returns EINTR to the caller (os/fcntl retry it under PEP 475)."""
+    buf = ctypes.create_string_buffer(flock, len(flock))
+    if _libc.fcntl(fd, cmd, buf) != 0:
+        _raise("fcntl")
+
+
+def flock_wait(fd: int, op: int) -> None:
+    """A blocking flock() that returns EINTR to the caller."""
+    if _libc.flock(fd, op) != 0:
+        _raise("flock")

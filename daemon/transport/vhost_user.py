@@ -58,7 +58,7 @@ P_BIT = vspec.PROTOCOL_F.by_name()
 REQ = {r.name: r.value for r in vspec.FRONTEND_REQUESTS}
 REQ_BY_VALUE = {r.value: r for r in vspec.FRONTEND_REQUESTS}
 
-DEVICE_FEATURES = F_BIT["F_VERSION_1"] | F_BIT["RING_F_INDIRECT_DESC"] | F_BIT["USER_F_PROTOCOL_FEATURES"]
+DEVICE_FEATURES = F_BIT["VIRTIO_F_VERSION_1"] | F_BIT["VIRTIO_RING_F_INDIRECT_DESC"] | F_BIT["VHOST_USER_F_PROTOCOL_FEATURES"]
 PROTOCOL_FEATURES = P_BIT["MQ"] | P_BIT["REPLY_ACK"] | P_BIT["CONFIGURE_MEM_SLOTS"] | P_BIT["RESET_DEVICE"]
 MAX_MEM_SLOTS = 32  # libvhost-user's VHOST_USER_MAX_RAM_SLOTS
 DEFAULT_QUEUES = 2  # hiprio + one request queue, as the C virtiofsd reports
@@ -313,7 +313,7 @@ class VhostUserSession:
         if f & ~DEVICE_FEATURES:
             log.warning("front-end set features %#x beyond the offered %#x", f, DEVICE_FEATURES)
         self.features = f
-        if not f & F_BIT["USER_F_PROTOCOL_FEATURES"]:  # rings start enabled without SET_VRING_ENABLE
+        if not f & F_BIT["VHOST_USER_F_PROTOCOL_FEATURES"]:  # rings start enabled without SET_VRING_ENABLE
             for vr in self.vrings:
                 vr.enabled = True
 

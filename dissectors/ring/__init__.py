@@ -61,8 +61,30 @@ API (identical in both engines; addresses are guest-physical unless named otherw
     longest), `running`, `last_error`,
     `indices`.  Keep the proxy's own backend-side eventfds constant; only QEMU's side is swapped.
   - GET_VRING_BASE: forward it, let the backend reply, then `stop()`, `drain()`, then reply to QEMU.
+  - Hold points (issue 15, the debugger).  `set_hold_rules([HoldRule, ...])` replaces the rule table
+    atomically, running or not (empty: no rules, and the path does what it did before, at the same
+    cost).  A rule matches natively on direction (HOLD_REQUEST, HOLD_REPLY, or both), queue (bitmask,
+    0 = every queue) and opcode set (empty = every opcode); a reply is matched on its request's opcode,
+    remembered per head (requests forwarded while no rules were set have none: only rules with an empty
+    opcode set hold their replies).  Only chains with a whole fuse_in_header are held.  A matching
+    request is captured with CAP_F_HELD and not put on the shadow avail ring; a matching reply is
+    captured with CAP_F_HELD and not published to the guest.  Verdicts, from any thread (queued for the
+    path's thread, which applies them at once; never waiting for a lossless stall), RingError "not_held"
+    / "wrong_direction" / "no_room" / "needs_reply" otherwise:
+    `release(head)` (a request goes to the back-end; a reply is published and captured again with
+    CAP_F_RELEASED), `answer(head, data)` (held request: data goes into its writable segments and is
+    published with used.len = len(data), captured as a reply with CAP_F_ANSWERED; the back-end never sees
+    it), `rewrite(head, data)` (held reply: new bytes, then published; captured with CAP_F_REWRITTEN),
+    `drop(head)` (held request without writable segments, FORGET/BATCH_FORGET: used.len 0, captured as
+    an empty CAP_F_ANSWERED reply), `held() -> [(head, direction)]`.
+  - Safety: `stop()` (so GET_VRING_BASE, RESET, back-end loss and proxy exit) applies verdicts still
+    queued (a released request is answered EIO instead: the back-end is stopping), answers every held
+    request with a fuse_out_header error -EIO carrying the request's own unique, publishes every held
+    reply, and completes held FORGETs with used.len 0.  Nothing is held after stop() until start(), so
+    drain() never holds.  Counters: holds, released, answered, rewritten, hold_drops, safety.
 - `Capture` (NamedTuple): kind ("request"|"reply"|"error"), queue, head, ts_ns (CLOCK_REALTIME), layout,
-  length, data, truncated, reason.  Pair requests and replies by (queue, head).
+  length, data, truncated, reason, flags (CAP_F_TRUNCATED | CAP_F_HELD | CAP_F_ANSWERED |
+  CAP_F_REWRITTEN | CAP_F_RELEASED).  Pair requests and replies by (queue, head).
 - `RingError`: `reason` (one of `REASONS`), `code`, `head`, `chains`.
 
 Process-wide side effect (C engine only): importing this package raises glibc's malloc trim threshold
@@ -84,6 +106,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ._common import (
+    CAP_F_ANSWERED,
+    CAP_F_HELD,
+    CAP_F_RELEASED,
+    CAP_F_REWRITTEN,
     CAP_F_TRUNCATED,
     HOLD_REPLY,
     HOLD_REQUEST,
@@ -96,6 +122,7 @@ from ._common import (
     Capture,
     HoldRule,
     RingError,
+    check_hold_rules,
 )
 
 log = logging.getLogger(__name__)
@@ -132,6 +159,10 @@ else:
 
 __all__ = [
     "BACKEND",
+    "CAP_F_ANSWERED",
+    "CAP_F_HELD",
+    "CAP_F_RELEASED",
+    "CAP_F_REWRITTEN",
     "CAP_F_TRUNCATED",
     "CORE_LAYOUT",
     "HOLD_REPLY",
@@ -150,4 +181,5 @@ __all__ = [
     "RingError",
     "ShadowPath",
     "SplitQueue",
+    "check_hold_rules",
 ]

@@ -28,6 +28,10 @@ REASONS: tuple[str, ...] = (
     "region_overlap",
     "not_in_flight",     # a used entry for a head that was never made available
     "too_large",         # readable bytes beyond MAX_GATHER: refused rather than allocated
+    "not_held",          # a verdict for a head that is not held (unknown, or already resumed)
+    "wrong_direction",   # answer/drop on a held reply, rewrite on a held request
+    "no_room",           # verdict data larger than the chain's writable segments
+    "needs_reply",       # drop of a held request with writable segments: it expects a reply (answer it)
 )
 REASON_CODE: dict[str, int] = {name: i for i, name in enumerate(REASONS)}
 
@@ -35,6 +39,10 @@ MAX_REGIONS = 64
 MAX_GATHER = 256 << 20  # C: RC_MAX_GATHER; FUSE requests are at most 65535 pages plus headers
 LAYOUT_F_FROM_INDIRECT = 0x8000  # set in layout flags of descriptors read from an indirect table
 CAP_F_TRUNCATED = 1
+CAP_F_HELD = 2  # held by a rule: a request not forwarded yet, a reply not published yet
+CAP_F_ANSWERED = 4  # a reply the path wrote itself (answer, drop, the safety EIO)
+CAP_F_REWRITTEN = 8  # a held reply, rewritten: these are the bytes the guest gets
+CAP_F_RELEASED = 16  # a held reply, released unchanged: published to the guest now
 
 KIND_REQUEST = "request"
 KIND_REPLY = "reply"
@@ -62,6 +70,26 @@ class HoldRule:
     direction: int
     queues: int = 0
     opcodes: frozenset[int] = frozenset()
+
+
+def check_hold_rules(rules: Any) -> tuple[HoldRule, ...]:
+    """The rule table as both engines accept it (ValueError with the same message as the C binding
+    otherwise): direction 1, 2 or 3, queues a u64 bitmask, opcodes u32s (0xFFFFFFFF is reserved)."""
+    out = []
+    for rule in rules:
+        try:
+            d, q, ops = int(rule.direction), int(rule.queues), list(rule.opcodes)
+        except TypeError:
+            raise ValueError(f"bad hold rule {rule!r}: direction 1|2|3, queues a u64 bitmask, opcodes u32s") from None
+        if d < 0 or d >= 1 << 64 or q < 0 or q >= 1 << 64:
+            raise ValueError(f"bad hold rule {rule!r}: direction 1|2|3, queues a u64 bitmask, opcodes u32s")
+        if not 1 <= d <= 3:
+            raise ValueError(f"hold rule direction must be 1 (request), 2 (reply) or 3, not {d}")
+        for op in ops:
+            if not isinstance(op, int) or not 0 <= op <= 0xFFFFFFFE:
+                raise ValueError(f"hold rule opcode {op!r} is not a u32 opcode")
+        out.append(HoldRule(d, q, frozenset(ops)))
+    return tuple(out)
 
 
 class RingError(Exception):
@@ -100,6 +128,7 @@ class Capture(NamedTuple):
     data: bytes
     truncated: bool
     reason: str | None
+    flags: int = 0  # CAP_F_*: TRUNCATED (== truncated), HELD, ANSWERED, REWRITTEN, RELEASED
 
 
 def capture_record_size(nlayout: int, data_len: int) -> int:

@@ -7,6 +7,7 @@ which engine is loaded; only speed does.  The shadow path runs in a Python threa
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import select
@@ -16,11 +17,19 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from ..spec import fuse as fuse_spec
 from ..spec import virtio
 from ..structs import build_codecs
 from ._common import (
+    CAP_F_ANSWERED,
+    CAP_F_HELD,
+    CAP_F_RELEASED,
+    CAP_F_REWRITTEN,
+    CAP_F_TRUNCATED,
     CAP_HDR_SIZE,
     CAP_LAYOUT_SIZE,
+    HOLD_REPLY,
+    HOLD_REQUEST,
     KIND_ERROR,
     KIND_REPLY,
     KIND_REQUEST,
@@ -31,6 +40,7 @@ from ._common import (
     Capture,
     RingError,
     capture_record_size,
+    check_hold_rules,
 )
 
 _CODECS = build_codecs(virtio.REGISTRY)
@@ -419,7 +429,40 @@ class CaptureBuffer:
 
 _COUNTERS = ("requests", "replies", "errors", "unpaired", "kicks_in", "calls_in", "kicks_out", "calls_out",
              "stalls", "dropped", "wakeups", "spin_hits", "busy_ns", "busy_max_ns", "kicks_suppressed",
-             "calls_suppressed")
+             "calls_suppressed", "holds", "released", "answered", "rewritten", "hold_drops", "safety")
+
+# Hold points (ring_core.h): slot states, verdict kinds, and what a request must have to be held.
+_HS_NONE, _HS_REQUEST, _HS_REPLY, _HS_PENDING = 0, 1, 2, 0x80
+_V_RELEASE, _V_ANSWER, _V_REWRITE, _V_DROP, _V_EIO = 1, 2, 3, 4, 5
+_FUSE_CODECS = build_codecs(fuse_spec.REGISTRY)
+_IN_HEADER = _FUSE_CODECS["fuse_in_header"]
+_IN_OFF = {n: o for n, o, _ in fuse_spec.REGISTRY.offsets("fuse_in_header")}
+_OUT_HEADER = _FUSE_CODECS["fuse_out_header"].struct  # len, error, unique
+_OP_UNKNOWN = 0xFFFFFFFF
+_Rule = tuple[int, int, frozenset[int]]
+
+
+def _hold_table(rules: Sequence[Any]) -> tuple[_Rule, ...] | None:
+    """set_hold_rules(): the C binding's checks; None for an empty table."""
+    return tuple((r.direction, r.queues, r.opcodes) for r in check_hold_rules(rules)) or None
+
+
+def _hold_match(rules: tuple[_Rule, ...], direction: int, queue: int, op: int) -> bool:
+    for d, q, ops in rules:
+        if not d & direction:
+            continue
+        if q and (queue >= 64 or not (q >> queue) & 1):
+            continue
+        if not ops or op in ops:
+            return True
+    return False
+
+
+class _Verdict:
+    __slots__ = ("data", "dir", "head", "kind", "used_len")
+
+    def __init__(self, head: int, kind: int, direction: int, used_len: int, data: bytes) -> None:
+        self.head, self.kind, self.dir, self.used_len, self.data = head, kind, direction, used_len, data
 
 
 class ShadowPath:
@@ -467,28 +510,45 @@ class ShadowPath:
         if self._event_idx:
             _put16(self._g_used, self._avail_event_off, self._next_avail)
             _put16(self._s_avail, self._used_event_off, self._next_used)
+        # hold points (rc_path: rules, rules_seen, slot[], the verdict queue; see ring_core.h)
+        self._hold_lock = threading.Lock()  # after self._lock, as in C
+        self._rules: tuple[_Rule, ...] | None = None
+        self._rules_seen: tuple[_Rule, ...] | None = None
+        self._slot_op = [_OP_UNKNOWN] * num
+        self._slot_state = bytearray(num)
+        self._slot_used = [0] * num
+        self._slot_wlen = [0] * num
+        self._vq: list[_Verdict] = []
+        self._async = False
+        self._no_hold = False
+        self._nheld = 0
 
     # -- lifecycle
     def start(self) -> None:
         if self._thread is not None:
             return
         self._stop.clear()
+        with self._lock:
+            self._no_hold = False
+            with self._hold_lock:
+                self._async = True
         self._mem._busy += 1
         self._thread = threading.Thread(target=self._run, name=f"shadow-q{self.queue}", daemon=True)
         self._thread.start()
         os.eventfd_write(self._ctl_fd, 1)
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        os.eventfd_write(self._ctl_fd, 1)
-        self._cap._wake_all()
-        self._thread.join()
-        self._thread = None
-        self._mem._busy -= 1
-        with self._fd_lock:
-            self._apply_pending()
+        """Join the thread, then the safety rule (rc_path_stop): nothing stays held."""
+        if self._thread is not None:
+            self._stop.set()
+            os.eventfd_write(self._ctl_fd, 1)
+            self._cap._wake_all()
+            self._thread.join()
+            self._thread = None
+            self._mem._busy -= 1
+            with self._fd_lock:
+                self._apply_pending()
+        self._resolve_all()
 
     def drain(self) -> int:
         with self._lock:
@@ -501,6 +561,8 @@ class ShadowPath:
             return max(0, self._forward_avail(False)), max(0, self._forward_used(False))
 
     def close(self) -> None:
+        if self._ctl_fd < 0:
+            return
         self.stop()
         with self._lock, self._fd_lock:
             for name in ("_kick_fd", "_call_fd", "_bkick_fd", "_bcall_fd", "_ctl_fd"):
@@ -513,7 +575,7 @@ class ShadowPath:
             self._pending_kick = None
 
     def __del__(self) -> None:
-        if hasattr(self, "_lock"):
+        if hasattr(self, "_hold_lock"):
             self.close()
 
     def set_kick_fd(self, fd: int) -> None:
@@ -533,6 +595,220 @@ class ShadowPath:
             if self._call_fd >= 0:
                 os.close(self._call_fd)
             self._call_fd = nfd
+
+    # -- hold points
+    def set_hold_rules(self, rules: Sequence[Any]) -> None:
+        """Replace the rule table atomically; the thread picks it up at its next pass."""
+        table = _hold_table(rules)
+        with self._hold_lock:
+            self._rules = table
+        if self._ctl_fd >= 0:
+            os.eventfd_write(self._ctl_fd, 1)
+
+    def release(self, head: int) -> None:
+        self._verdict(head, _V_RELEASE, b"")
+
+    def answer(self, head: int, data: Buffer) -> None:
+        self._verdict(head, _V_ANSWER, bytes(data))
+
+    def rewrite(self, head: int, data: Buffer) -> None:
+        self._verdict(head, _V_REWRITE, bytes(data))
+
+    def drop(self, head: int) -> None:
+        self._verdict(head, _V_DROP, b"")
+
+    def held(self) -> list[tuple[int, int]]:
+        with self._hold_lock:
+            return [(h, HOLD_REQUEST if st == _HS_REQUEST else HOLD_REPLY)
+                    for h, st in enumerate(self._slot_state) if st in (_HS_REQUEST, _HS_REPLY)]
+
+    def _check(self, head: int, kind: int, length: int) -> str | None:
+        """rc verdict_check (under _hold_lock)."""
+        st = self._slot_state[head]
+        if st not in (_HS_REQUEST, _HS_REPLY):
+            return "not_held"
+        if kind in (_V_ANSWER, _V_REWRITE):
+            if st != (_HS_REQUEST if kind == _V_ANSWER else _HS_REPLY):
+                return "wrong_direction"
+            return "no_room" if length > self._slot_wlen[head] else None
+        if kind == _V_DROP:
+            if st != _HS_REQUEST:
+                return "wrong_direction"
+            return "needs_reply" if self._slot_wlen[head] else None
+        return None
+
+    def _verdict(self, head: int, kind: int, data: bytes) -> None:
+        """rc_path_verdict: queued for the running thread, applied at once on a stopped path."""
+        if not 0 <= head < self.num:
+            raise RingError("not_held", head)
+        if len(data) > 0xFFFFFFFF:
+            raise RingError("no_room", head)
+        with self._hold_lock:
+            err = self._check(head, kind, len(data))
+            if not err and self._async:
+                self._queue(head, kind, data)
+                queued = True
+            else:
+                queued = False
+        if queued:
+            os.eventfd_write(self._ctl_fd, 1)
+            return
+        if err:
+            raise RingError(err, head)
+        with self._lock:
+            with self._hold_lock:
+                err = self._check(head, kind, len(data))
+                v = None
+                if not err:
+                    if self._async:
+                        self._queue(head, kind, data)
+                    else:
+                        v = _Verdict(head, kind, self._slot_state[head], self._slot_used[head], data)
+                        self._slot_state[head] = _HS_NONE
+                        self._nheld -= 1
+            if err:
+                raise RingError(err, head)
+            if v is None:
+                os.eventfd_write(self._ctl_fd, 1)
+                return
+            fwd_pub = [0, 0]
+            self._apply_verdict(v, False, False, fwd_pub)
+            self._finish_verdicts(fwd_pub)
+
+    def _queue(self, head: int, kind: int, data: bytes) -> None:
+        """Under _hold_lock."""
+        st = self._slot_state[head]
+        self._vq.append(_Verdict(head, kind, st, self._slot_used[head],
+                                 data if kind in (_V_ANSWER, _V_REWRITE) else b""))
+        self._slot_state[head] = _HS_PENDING | st
+        self._nheld -= 1
+
+    def _refresh_rules(self) -> None:
+        """rc refresh_rules (under _lock)."""
+        t = self._rules
+        if t is self._rules_seen:
+            return
+        if t is not None and self._rules_seen is None:
+            self._slot_op = [_OP_UNKNOWN] * self.num
+        self._rules_seen = t
+
+    def _slot_free(self, head: int) -> bool:
+        with self._hold_lock:
+            return self._slot_state[head] == _HS_NONE
+
+    def _hold_slot(self, head: int, state: int, used_len: int, wlen: int) -> None:
+        """Before the capture is committed: the consumer may give a verdict as soon as it sees it."""
+        with self._hold_lock:
+            self._slot_state[head] = state
+            self._slot_used[head] = used_len
+            self._slot_wlen[head] = min(wlen, 0xFFFFFFFF)
+            self._nheld += 1
+
+    def _hold_kept(self, head: int, r: int) -> bool:
+        """rc hold_kept: a held capture that was not recorded is not held (unless a verdict came first)."""
+        if r != 0:
+            with self._hold_lock:
+                if not self._slot_state[head] & _HS_PENDING:
+                    self._slot_state[head] = _HS_NONE
+                    self._nheld -= 1
+                    return False
+        self._ctr["holds"] += 1
+        return True
+
+    def _publish_used(self, head: int, length: int) -> None:
+        _USED_ELEM.pack_into(self._g_used, _USED_RING_OFF + _ELEM_SIZE * (self._g_used_idx & (self.num - 1)),
+                             head, length)
+        self._g_used_idx = (self._g_used_idx + 1) & 0xFFFF
+
+    @staticmethod
+    def _scatter(w: _Walk, data: bytes) -> int:
+        done = 0
+        for mv, wr in w.segs:
+            if not wr or done >= len(data):
+                continue
+            k = min(len(mv), len(data) - done)
+            mv[:k] = data[done:done + k]
+            done += k
+        return done
+
+    def _apply_verdict(self, v: _Verdict, stopping: bool, may_wait: bool, fwd_pub: list[int]) -> None:
+        """rc apply_verdict (under _lock; the slot is already cleared)."""
+        kind, head, ctr = v.kind, v.head, self._ctr
+        if kind == _V_RELEASE and v.dir == _HS_REQUEST:
+            if not stopping:
+                self._inflight[head] = 1
+                soff = _AVAIL_RING_OFF + 2 * (self._s_avail_idx & (self.num - 1))
+                self._s_avail[soff:soff + 2] = head.to_bytes(2, "little")
+                self._s_avail_idx = (self._s_avail_idx + 1) & 0xFFFF
+                ctr["released"] += 1
+                fwd_pub[0] += 1
+                return
+            kind = _V_EIO
+        w = _walk(self._mem, self._desc, self.num, head)
+        if kind == _V_EIO and not w.err and w.writable_len == 0:
+            kind = _V_DROP  # FORGET, BATCH_FORGET: no reply to give
+        length, flags = (v.used_len if kind == _V_RELEASE else 0), CAP_F_ANSWERED
+        if w.err:  # the guest rewrote an outstanding chain: complete it empty, flagged
+            ctr["errors"] += 1
+            self._last_error = w.err
+        elif kind == _V_RELEASE:
+            flags = CAP_F_RELEASED
+        elif kind == _V_EIO:
+            o = _IN_OFF["unique"]
+            unique = int.from_bytes(w.gather(False, o + 8)[o:o + 8].ljust(8, b"\0"), "little")
+            length = self._scatter(w, _OUT_HEADER.pack(_OUT_HEADER.size, -errno.EIO, unique))
+        elif kind != _V_DROP:
+            length = self._scatter(w, v.data)
+            if kind == _V_REWRITE:
+                flags = CAP_F_REWRITTEN
+        ctr[{_V_RELEASE: "released", _V_REWRITE: "rewritten", _V_DROP: "hold_drops"}.get(kind, "answered")] += 1
+        state = [False]
+        if w.err:
+            self._capture(KIND_ERROR, head, w.err, length, w, True, may_wait, self._flush_used, state)
+        else:
+            self._capture(KIND_REPLY, head, None, length, w, True, may_wait, self._flush_used, state, flags)
+        self._publish_used(head, length)
+        fwd_pub[1] += 1
+
+    def _finish_verdicts(self, fwd_pub: list[int]) -> None:
+        if fwd_pub[0]:
+            self._flush_avail()
+        if fwd_pub[1]:
+            self._flush_used()
+        self._notify()
+
+    def _apply_queued(self, stopping: bool, may_wait: bool) -> None:
+        """The thread's side: apply what verdict callers queued (under _lock)."""
+        if not self._vq:
+            return
+        with self._hold_lock:
+            vq, self._vq = self._vq, []
+            for v in vq:
+                self._slot_state[v.head] = _HS_NONE
+        fwd_pub = [0, 0]
+        for v in vq:
+            self._apply_verdict(v, stopping, may_wait, fwd_pub)
+        self._finish_verdicts(fwd_pub)
+
+    def _resolve_all(self) -> None:
+        """The safety rule (rc path_resolve_all): queued verdicts first, then everything still held."""
+        with self._lock:
+            with self._hold_lock:
+                self._async = False
+            self._apply_queued(True, False)
+            fwd_pub = [0, 0]
+            for h in range(self.num):
+                with self._hold_lock:
+                    st = self._slot_state[h]
+                    if st not in (_HS_REQUEST, _HS_REPLY):
+                        continue
+                    self._slot_state[h] = _HS_NONE
+                    self._nheld -= 1
+                    v = _Verdict(h, _V_EIO if st == _HS_REQUEST else _V_RELEASE, st, self._slot_used[h], b"")
+                self._ctr["safety"] += 1
+                self._apply_verdict(v, True, False, fwd_pub)
+            self._finish_verdicts(fwd_pub)
+            self._no_hold = True
 
     @property
     def running(self) -> bool:
@@ -584,6 +860,7 @@ class ShadowPath:
             with self._fd_lock:
                 self._apply_pending()
             with self._lock:
+                self._apply_queued(False, True)
                 self._forward_avail(True)
                 self._forward_used(True)
                 self._recheck()
@@ -593,8 +870,8 @@ class ShadowPath:
 
     # -- forwarding (under self._lock)
     def _capture(self, kind: str, head: int, reason: str | None, length: int, w: _Walk | None, writable: bool,
-                 may_wait: bool, flush: Any, state: list[bool]) -> bool:
-        """rc path_capture: False only when a lossless wait was interrupted by stop()."""
+                 may_wait: bool, flush: Any, state: list[bool], xflags: int = 0) -> int:
+        """rc path_capture: 0 captured, 1 dropped (no room), -1 a lossless wait interrupted by stop()."""
         layout = tuple(w.layout) if w is not None else ()
         if kind == KIND_ERROR or w is None:
             avail = 0
@@ -615,7 +892,8 @@ class ShadowPath:
             truncated = True
         size = capture_record_size(len(layout), data_len)
         data = w.gather(writable, data_len) if (w is not None and data_len) else b""
-        rec = Capture(kind, self.queue, head, time.time_ns(), layout, length, data, truncated, reason)
+        rec = Capture(kind, self.queue, head, time.time_ns(), layout, length, data, truncated, reason,
+                      xflags | (CAP_F_TRUNCATED if truncated else 0))
         if self._cap.policy == "lossless" and may_wait:
             r = self._cap._put(rec, size, False, self._stop, count_drop=False)
             if not r:
@@ -625,14 +903,14 @@ class ShadowPath:
                 self._cap._notify()
                 r = self._cap._put(rec, size, True, self._stop, stalls=self._ctr)
                 if r is None:
-                    return False
+                    return -1
         else:
             r = self._cap._put(rec, size, False, self._stop)
         if not r:
             self._ctr["dropped"] += 1
-            return True
+            return 1
         self._need_notify = True
-        return True
+        return 0
 
     def _notify(self) -> None:
         if self._need_notify:
@@ -671,30 +949,47 @@ class ShadowPath:
             self._broken, self._last_error = True, "avail_ahead"
             return -1
         self._broken = False
-        state, moved, mask = [False], 0, num - 1
+        self._refresh_rules()
+        rules = self._rules_seen
+        state, moved, forwarded, mask = [False], 0, 0, num - 1
         for _ in range(n):
             off = _AVAIL_RING_OFF + 2 * (self._next_avail & mask)
             head = self._g_avail[off] | self._g_avail[off + 1] << 8
             w = _walk(self._mem, self._desc, num, head)
+            hold = False
             if w.err:
                 ctr["errors"] += 1
                 self._last_error = w.err
-                ok = self._capture(KIND_ERROR, head, w.err, 0, w, False, may_wait, self._flush_avail, state)
+                r = self._capture(KIND_ERROR, head, w.err, 0, w, False, may_wait, self._flush_avail, state)
             else:
-                ok = self._capture(KIND_REQUEST, head, None, w.readable_len & 0xFFFFFFFF, w, False, may_wait,
-                                   self._flush_avail, state)
-            if not ok:
+                if rules is not None:
+                    op = _OP_UNKNOWN
+                    if w.readable_len >= _IN_HEADER.size:
+                        o = _IN_OFF["opcode"]
+                        op = int.from_bytes(w.gather(False, o + 4)[o:o + 4], "little")
+                    self._slot_op[head] = op
+                    hold = (not self._no_hold and op != _OP_UNKNOWN and _hold_match(rules, HOLD_REQUEST, self.queue, op)
+                            and self._slot_free(head))
+                    if hold:
+                        self._hold_slot(head, _HS_REQUEST, 0, w.writable_len)
+                r = self._capture(KIND_REQUEST, head, None, w.readable_len & 0xFFFFFFFF, w, False, may_wait,
+                                  self._flush_avail, state, CAP_F_HELD if hold else 0)
+                if hold:
+                    hold = self._hold_kept(head, r)
+            if r < 0 and not hold:
                 break
-            if head < num:
-                self._inflight[head] = 1
-            soff = _AVAIL_RING_OFF + 2 * (self._s_avail_idx & mask)
-            self._s_avail[soff:soff + 2] = head.to_bytes(2, "little")
-            self._s_avail_idx = (self._s_avail_idx + 1) & 0xFFFF
+            if not hold:
+                if head < num:
+                    self._inflight[head] = 1
+                soff = _AVAIL_RING_OFF + 2 * (self._s_avail_idx & mask)
+                self._s_avail[soff:soff + 2] = head.to_bytes(2, "little")
+                self._s_avail_idx = (self._s_avail_idx + 1) & 0xFFFF
+                forwarded += 1
             self._next_avail = (self._next_avail + 1) & 0xFFFF
             ctr["requests"] += 1
             moved += 1
             state[0] = False
-        if moved:
+        if forwarded:
             self._flush_avail()
         if self._event_idx:  # tell the guest to kick for the next entry
             _put16(self._g_used, self._avail_event_off, self._next_avail)
@@ -708,34 +1003,47 @@ class ShadowPath:
             ctr["errors"] += 1
             self._last_error = "avail_ahead"
             return -1
-        state, moved, mask = [False], 0, num - 1
+        self._refresh_rules()
+        rules = self._rules_seen
+        state, moved, published, mask = [False], 0, 0, num - 1
         for _ in range(n):
             hid, length = _USED_ELEM.unpack_from(self._s_used, _USED_RING_OFF + _ELEM_SIZE * (self._next_used & mask))
+            hold = False
             if hid < num and self._inflight[hid]:
                 w = _walk(self._mem, self._desc, num, hid)
                 if w.err:
                     ctr["errors"] += 1
                     self._last_error = w.err
-                    ok = self._capture(KIND_ERROR, hid, w.err, length, w, True, may_wait, self._flush_used, state)
+                    r = self._capture(KIND_ERROR, hid, w.err, length, w, True, may_wait, self._flush_used, state)
                 else:
-                    ok = self._capture(KIND_REPLY, hid, None, length, w, True, may_wait, self._flush_used, state)
+                    hold = (rules is not None and not self._no_hold
+                            and _hold_match(rules, HOLD_REPLY, self.queue, self._slot_op[hid]) and self._slot_free(hid))
+                    if hold:
+                        self._hold_slot(hid, _HS_REPLY, length, w.writable_len)
+                    r = self._capture(KIND_REPLY, hid, None, length, w, True, may_wait, self._flush_used, state,
+                                      CAP_F_HELD if hold else 0)
+                    if hold:
+                        hold = self._hold_kept(hid, r)
             else:
                 ctr["unpaired"] += 1
                 ctr["errors"] += 1
                 self._last_error = "not_in_flight" if hid < num else "head_range"
-                ok = self._capture(KIND_ERROR, hid & 0xFFFF, self._last_error, length, None, True, may_wait,
+                r = self._capture(KIND_ERROR, hid & 0xFFFF, self._last_error, length, None, True, may_wait,
                                    self._flush_used, state)
-            if not ok:
+            if r < 0 and not hold:
                 break
             if hid < num:
                 self._inflight[hid] = 0
-            _USED_ELEM.pack_into(self._g_used, _USED_RING_OFF + _ELEM_SIZE * (self._g_used_idx & mask), hid, length)
-            self._g_used_idx = (self._g_used_idx + 1) & 0xFFFF
+            if not hold:
+                _USED_ELEM.pack_into(self._g_used, _USED_RING_OFF + _ELEM_SIZE * (self._g_used_idx & mask), hid,
+                                     length)
+                self._g_used_idx = (self._g_used_idx + 1) & 0xFFFF
+                published += 1
             self._next_used = (self._next_used + 1) & 0xFFFF
             ctr["replies"] += 1
             moved += 1
             state[0] = False
-        if moved:
+        if published:
             self._flush_used()
         if self._event_idx:  # tell the backend to call for the next entry
             _put16(self._s_avail, self._used_event_off, self._next_used)
@@ -775,6 +1083,9 @@ CORE_LAYOUT: dict[str, Any] = {
     "cap_hdr_size": CAP_HDR_SIZE,
     "cap_layout_size": CAP_LAYOUT_SIZE,
     "layout_f_from_indirect": LAYOUT_F_FROM_INDIRECT,
+    "fuse_in_header": {"size": _IN_HEADER.size, "opcode": _IN_OFF["opcode"], "unique": _IN_OFF["unique"]},
+    "fuse_out_header": {"size": _OUT_HEADER.size},
+    "eio": errno.EIO,
 }
 __all__ = ["CORE_LAYOUT", "REASONS", "Capture", "CaptureBuffer", "Chain", "MemoryMap", "RingError",
            "ShadowPath", "SplitQueue"]

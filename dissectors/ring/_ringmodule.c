@@ -905,10 +905,11 @@ static PyObject *capture_to_python(const struct rc_cap_hdr *h)
         Py_DECREF(layout);
         return NULL;
     }
-    PyObject *r = PyObject_CallFunction(CaptureType, "OHHKNIy#ON", kind, h->queue, h->head,
+    PyObject *r = PyObject_CallFunction(CaptureType, "OHHKNIy#ONI", kind, h->queue, h->head,
                                         (unsigned long long)h->ts_ns, layout, h->orig_len, data,
                                         (Py_ssize_t)h->data_len,
-                                        (h->flags & RC_CAP_F_TRUNCATED) ? Py_True : Py_False, reason);
+                                        (h->flags & RC_CAP_F_TRUNCATED) ? Py_True : Py_False, reason,
+                                        (unsigned int)h->flags);
     return r;
 }
 
@@ -1100,12 +1101,12 @@ static PyObject *ShadowPath_stop(ShadowPathObject *self, PyObject *unused)
     (void)unused;
     if (check_path(self) < 0)
         return NULL;
-    if (!self->p.running)
-        Py_RETURN_NONE;
+    int was_running = self->p.running;
     Py_BEGIN_ALLOW_THREADS
-    rc_path_stop(&self->p);
+    rc_path_stop(&self->p); /* stopped or not: the safety rule resolves whatever is held */
     Py_END_ALLOW_THREADS
-    self->mem->busy--;
+    if (was_running)
+        self->mem->busy--;
     Py_RETURN_NONE;
 }
 
@@ -1165,12 +1166,168 @@ static PyObject *ShadowPath_counters(ShadowPathObject *self, void *closure)
     if (check_path(self) < 0)
         return NULL;
     struct rc_path_counters k = self->p.ctr; /* a torn read of a counter is harmless here */
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "requests", k.requests, "replies", k.replies,
-                         "errors", k.errors, "unpaired", k.unpaired, "kicks_in", k.kicks_in, "calls_in", k.calls_in,
-                         "kicks_out", k.kicks_out, "calls_out", k.calls_out, "stalls", k.stalls, "dropped",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "requests", k.requests, "replies",
+                         k.replies, "errors", k.errors, "unpaired", k.unpaired, "kicks_in", k.kicks_in, "calls_in",
+                         k.calls_in, "kicks_out", k.kicks_out, "calls_out", k.calls_out, "stalls", k.stalls, "dropped",
                          k.dropped, "wakeups", k.wakeups, "spin_hits", k.spin_hits, "busy_ns", k.busy_ns,
                          "busy_max_ns", k.busy_max_ns, "kicks_suppressed", k.kicks_suppressed,
-                         "calls_suppressed", k.calls_suppressed);
+                         "calls_suppressed", k.calls_suppressed, "holds", k.holds, "released", k.released,
+                         "answered", k.answered, "rewritten", k.rewritten, "hold_drops", k.hold_drops,
+                         "safety", k.safety);
+}
+
+/* set_hold_rules(rules): each rule has .direction (1 request, 2 reply, 3 both), .queues (u64 bitmask,
+ * 0 = every queue) and .opcodes (ints, u32; empty = every opcode); HoldRule in _common.py. */
+static int rule_fields(PyObject *rule, unsigned long *dir, unsigned long long *queues, PyObject **ops)
+{
+    PyObject *d = PyObject_GetAttrString(rule, "direction");
+    PyObject *q = d ? PyObject_GetAttrString(rule, "queues") : NULL;
+    PyObject *o = q ? PyObject_GetAttrString(rule, "opcodes") : NULL;
+    int ok = -1;
+    if (o) {
+        *dir = PyLong_AsUnsignedLong(d);
+        if (!PyErr_Occurred())
+            *queues = PyLong_AsUnsignedLongLong(q);
+        if (!PyErr_Occurred())
+            *ops = PySequence_Fast(o, "HoldRule.opcodes must be a collection of ints");
+        if (!PyErr_Occurred())
+            ok = 0;
+    }
+    if (ok < 0 && (PyErr_ExceptionMatches(PyExc_OverflowError) || PyErr_ExceptionMatches(PyExc_TypeError))) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "bad hold rule %R: direction 1|2|3, queues a u64 bitmask, opcodes u32s",
+                     rule);
+    }
+    Py_XDECREF(d);
+    Py_XDECREF(q);
+    Py_XDECREF(o);
+    return ok;
+}
+
+static PyObject *ShadowPath_set_hold_rules(ShadowPathObject *self, PyObject *arg)
+{
+    if (check_path(self) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(arg, "set_hold_rules() takes a sequence of HoldRule");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **opsl = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    unsigned long *dirs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(unsigned long));
+    unsigned long long *qs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(unsigned long long));
+    struct rc_hold_table *t = NULL;
+    Py_ssize_t total = 0, i;
+    if (!opsl || !dirs || !qs) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (i = 0; i < n; i++) {
+        if (rule_fields(PySequence_Fast_GET_ITEM(seq, i), &dirs[i], &qs[i], &opsl[i]) < 0)
+            goto out;
+        if (dirs[i] < 1 || dirs[i] > 3) {
+            PyErr_Format(PyExc_ValueError, "hold rule direction must be 1 (request), 2 (reply) or 3, not %lu",
+                         dirs[i]);
+            goto out;
+        }
+        total += PySequence_Fast_GET_SIZE(opsl[i]);
+    }
+    t = rc_hold_table_new((uint32_t)n, (uint32_t)total);
+    if (!t) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    uint32_t *cursor = t->n ? t->r[0].ops : NULL;
+    for (i = 0; i < n; i++) {
+        Py_ssize_t k = PySequence_Fast_GET_SIZE(opsl[i]);
+        t->r[i].direction = (uint32_t)dirs[i];
+        t->r[i].queues = qs[i];
+        t->r[i].ops = cursor;
+        t->r[i].nops = (uint32_t)k;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            unsigned long op = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(opsl[i], j));
+            if ((op == (unsigned long)-1 && PyErr_Occurred()) || op > 0xFFFFFFFEul) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_ValueError, "hold rule opcode %R is not a u32 opcode",
+                             PySequence_Fast_GET_ITEM(opsl[i], j));
+                rc_hold_table_unref(t);
+                t = NULL;
+                goto out;
+            }
+            cursor[j] = (uint32_t)op;
+        }
+        cursor += k;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc_path_set_hold_rules(&self->p, t); /* takes the table */
+    Py_END_ALLOW_THREADS
+    t = NULL;
+out:
+    for (i = 0; opsl && i < n; i++)
+        Py_XDECREF(opsl[i]);
+    PyMem_Free(opsl);
+    PyMem_Free(dirs);
+    PyMem_Free(qs);
+    Py_DECREF(seq);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *verdict(ShadowPathObject *self, PyObject *args, int kind, int with_data)
+{
+    if (check_path(self) < 0)
+        return NULL;
+    int head;
+    Py_buffer data = {0};
+    if (with_data ? !PyArg_ParseTuple(args, "iy*", &head, &data) : !PyArg_ParseTuple(args, "i", &head))
+        return NULL;
+    int err;
+    if (head < 0 || head > 0xffff) {
+        err = RC_E_NOT_HELD;
+    } else if (with_data && (size_t)data.len > UINT32_MAX) {
+        err = RC_E_NO_ROOM;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        err = rc_path_verdict(&self->p, (uint16_t)head, kind, data.buf, (uint32_t)data.len);
+        Py_END_ALLOW_THREADS
+    }
+    if (with_data)
+        PyBuffer_Release(&data);
+    if (err == RC_E_NOMEM)
+        return PyErr_NoMemory();
+    if (err)
+        return ring_error(err, head, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ShadowPath_release(ShadowPathObject *self, PyObject *args) { return verdict(self, args, RC_V_RELEASE, 0); }
+static PyObject *ShadowPath_answer(ShadowPathObject *self, PyObject *args) { return verdict(self, args, RC_V_ANSWER, 1); }
+static PyObject *ShadowPath_rewrite(ShadowPathObject *self, PyObject *args) { return verdict(self, args, RC_V_REWRITE, 1); }
+static PyObject *ShadowPath_drop(ShadowPathObject *self, PyObject *args) { return verdict(self, args, RC_V_DROP, 0); }
+
+static PyObject *ShadowPath_held(ShadowPathObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_path(self) < 0)
+        return NULL;
+    uint32_t *out = PyMem_Malloc(sizeof(uint32_t) * self->p.num);
+    if (!out)
+        return PyErr_NoMemory();
+    uint32_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = rc_path_held(&self->p, out, self->p.num);
+    Py_END_ALLOW_THREADS
+    PyObject *l = PyList_New(n);
+    for (uint32_t i = 0; l && i < n; i++) {
+        PyObject *t = Py_BuildValue("II", out[i] & 0xffff, out[i] >> 16);
+        if (!t) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, i, t);
+    }
+    PyMem_Free(out);
+    return l;
 }
 
 static PyObject *ShadowPath_running(ShadowPathObject *self, void *closure)
@@ -1202,6 +1359,13 @@ static PyMethodDef ShadowPath_methods[] = {
     {"step", (PyCFunction)ShadowPath_step, METH_NOARGS, "one synchronous forwarding pass (stopped path only)"},
     {"set_kick_fd", (PyCFunction)ShadowPath_set_kick_fd, METH_O, "swap the frontend's kick fd (dup'ed; -1 = none)"},
     {"set_call_fd", (PyCFunction)ShadowPath_set_call_fd, METH_O, "swap the frontend's call fd (dup'ed; -1 = none)"},
+    {"set_hold_rules", (PyCFunction)ShadowPath_set_hold_rules, METH_O,
+     "replace the hold rule table atomically (a sequence of HoldRule; empty: hold nothing)"},
+    {"release", (PyCFunction)ShadowPath_release, METH_VARARGS, "release(head): forward a held request / publish a held reply"},
+    {"answer", (PyCFunction)ShadowPath_answer, METH_VARARGS, "answer(head, data): complete a held request with data"},
+    {"rewrite", (PyCFunction)ShadowPath_rewrite, METH_VARARGS, "rewrite(head, data): publish a held reply as data"},
+    {"drop", (PyCFunction)ShadowPath_drop, METH_VARARGS, "drop(head): complete a held reply-less request unforwarded"},
+    {"held", (PyCFunction)ShadowPath_held, METH_NOARGS, "held() -> [(head, direction)] held now"},
     {NULL},
 };
 static PyGetSetDef ShadowPath_getset[] = {
@@ -1230,7 +1394,7 @@ static PyTypeObject ShadowPathType = {
 static PyObject *core_layout(void)
 {
     return Py_BuildValue(
-        "{s{sisisisisi}s{sisisi}s{sisisi}sisisisisisisisi}",
+        "{s{sisisisisi}s{sisisi}s{sisisi}sisisisisisisisis{sisisi}s{si}si}",
         "vring_desc", "size", (int)sizeof(struct rc_vring_desc), "addr", (int)offsetof(struct rc_vring_desc, addr),
         "len", (int)offsetof(struct rc_vring_desc, len), "flags", (int)offsetof(struct rc_vring_desc, flags),
         "next", (int)offsetof(struct rc_vring_desc, next),
@@ -1242,7 +1406,9 @@ static PyObject *core_layout(void)
         "max_queue_size", (int)RC_MAX_QUEUE_SIZE, "max_regions", (int)RC_MAX_REGIONS, "max_gather",
         (int)RC_MAX_GATHER, "cap_hdr_size",
         (int)sizeof(struct rc_cap_hdr), "cap_layout_size", (int)sizeof(struct rc_layout), "layout_f_from_indirect",
-        (int)RC_LAYOUT_F_FROM_INDIRECT);
+        (int)RC_LAYOUT_F_FROM_INDIRECT, "fuse_in_header", "size", (int)RC_FUSE_IN_HEADER_LEN, "opcode",
+        (int)RC_FUSE_IN_OPCODE_OFF, "unique", (int)RC_FUSE_IN_UNIQUE_OFF, "fuse_out_header", "size",
+        (int)RC_FUSE_OUT_HEADER_LEN, "eio", RC_FUSE_EIO);
 }
 
 /* Gathering a batch allocates MBs of bytes objects; with glibc's defaults the freed heap top is handed

@@ -24,6 +24,7 @@ static const char *const err_names[RC_E_COUNT] = {
     "ok", "no_region", "overflow", "chain_loop", "nested_indirect", "next_range",
     "read_after_write", "avail_ahead", "head_range", "indirect_len", "indirect_next",
     "bad_queue", "nomem", "regions_full", "region_overlap", "not_in_flight", "too_large",
+    "not_held", "wrong_direction", "no_room", "needs_reply",
 };
 
 const char *rc_err_name(int err)
@@ -578,9 +579,16 @@ int rc_path_init(struct rc_path *p, struct rc_memmap *m, uint16_t queue_index, u
     if (err)
         return err;
     p->inflight = calloc(num, 1);
+    p->slot = calloc(num, sizeof(*p->slot));
     p->scratch = NULL;
-    if (!p->inflight)
+    if (!p->inflight || !p->slot) {
+        free(p->inflight);
+        free(p->slot);
+        p->inflight = NULL;
+        p->slot = NULL;
         return RC_E_NOMEM;
+    }
+    p->vq_tail = &p->vq;
     p->mem = m;
     p->queue_index = queue_index;
     p->num = (uint16_t)num;
@@ -605,6 +613,7 @@ int rc_path_init(struct rc_path *p, struct rc_memmap *m, uint16_t queue_index, u
     rc_chain_init(&p->chain);
     pthread_mutex_init(&p->proc_lock, NULL);
     pthread_mutex_init(&p->fd_lock, NULL);
+    pthread_mutex_init(&p->hold_lock, NULL);
     p->inited = 1;
     if (p->ctl_fd < 0 || (kick_fd >= 0 && p->kick_fd < 0) || (call_fd >= 0 && p->call_fd < 0) ||
         (backend_kick_fd >= 0 && p->backend_kick_fd < 0) || (backend_call_fd >= 0 && p->backend_call_fd < 0)) {
@@ -614,10 +623,10 @@ int rc_path_init(struct rc_path *p, struct rc_memmap *m, uint16_t queue_index, u
     return RC_OK;
 }
 
-/* Write one capture record for the chain in p->chain.  Returns 0, or -1 when lossless waiting was
- * interrupted by stop (the caller must not forward the entry). */
+/* Write one capture record for the chain in p->chain.  Returns 0, 1 when it was dropped (no room), or
+ * -1 when lossless waiting was interrupted by stop (the caller must not forward the entry). */
 static int path_capture(struct rc_path *p, int kind, uint16_t head, int reason, uint32_t orig_len,
-                        int writable, int may_wait, int *flushed, void (*flush)(struct rc_path *))
+                        int writable, int may_wait, int *flushed, void (*flush)(struct rc_path *), uint32_t xflags)
 {
     const struct rc_chain *c = &p->chain;
     uint64_t avail_bytes = writable ? (orig_len < c->writable_len ? orig_len : c->writable_len)
@@ -625,7 +634,7 @@ static int path_capture(struct rc_path *p, int kind, uint16_t head, int reason, 
     if (kind == RC_CAP_ERROR)
         avail_bytes = 0;
     uint64_t data_len = avail_bytes;
-    uint32_t flags = 0;
+    uint32_t flags = xflags;
     if (p->snaplen && data_len > p->snaplen)
         data_len = p->snaplen, flags |= RC_CAP_F_TRUNCATED;
     uint64_t fixed = sizeof(struct rc_cap_hdr) + (uint64_t)c->nlayout * sizeof(struct rc_layout);
@@ -660,7 +669,7 @@ static int path_capture(struct rc_path *p, int kind, uint16_t head, int reason, 
     }
     if (!dst) {
         p->ctr.dropped++;
-        return 0;
+        return 1;
     }
     struct rc_cap_hdr h;
     memset(&h, 0, sizeof(h));
@@ -768,6 +777,372 @@ static void flush_used(struct rc_path *p)
     p->ctr.calls_out++;
 }
 
+/* ---- hold points */
+
+struct rc_hold_table *rc_hold_table_new(uint32_t nrules, uint32_t total_ops)
+{
+    size_t sz = sizeof(struct rc_hold_table) + (size_t)nrules * sizeof(struct rc_hold_rule) +
+                (size_t)total_ops * sizeof(uint32_t);
+    struct rc_hold_table *t = calloc(1, sz);
+    if (!t)
+        return NULL;
+    t->refs = 1;
+    t->n = nrules;
+    t->r = (struct rc_hold_rule *)(t + 1);
+    uint32_t *ops = (uint32_t *)(t->r + nrules);
+    for (uint32_t i = 0; i < nrules; i++)
+        t->r[i].ops = ops; /* the caller sets nops and advances its own cursor; see rc_hold_table_fill */
+    return t;
+}
+
+void rc_hold_table_unref(struct rc_hold_table *t)
+{
+    if (t && __atomic_sub_fetch(&t->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(t);
+}
+
+int rc_hold_match(const struct rc_hold_table *t, uint32_t direction, uint16_t queue, uint32_t op)
+{
+    for (uint32_t i = 0; i < t->n; i++) {
+        const struct rc_hold_rule *r = &t->r[i];
+        if (!(r->direction & direction))
+            continue;
+        if (r->queues && (queue >= 64 || !((r->queues >> queue) & 1)))
+            continue;
+        if (!r->nops)
+            return 1;
+        for (uint32_t k = 0; k < r->nops; k++)
+            if (r->ops[k] == op)
+                return 1;
+    }
+    return 0;
+}
+
+void rc_path_set_hold_rules(struct rc_path *p, struct rc_hold_table *t)
+{
+    if (t && t->n == 0) {
+        rc_hold_table_unref(t);
+        t = NULL;
+    }
+    pthread_mutex_lock(&p->hold_lock);
+    struct rc_hold_table *old = p->rules;
+    __atomic_store_n(&p->rules, t, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&p->hold_lock);
+    rc_hold_table_unref(old);
+    signal_fd(p->ctl_fd);
+}
+
+/* Under proc_lock: take a reference to the table published last.  Requests forwarded while no rules
+ * were set have no recorded opcode: when rules appear, every head's opcode starts out unknown. */
+static void refresh_rules(struct rc_path *p)
+{
+    if (__atomic_load_n(&p->rules, __ATOMIC_ACQUIRE) == p->rules_seen)
+        return;
+    pthread_mutex_lock(&p->hold_lock);
+    struct rc_hold_table *t = p->rules;
+    if (t)
+        __atomic_add_fetch(&t->refs, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_unlock(&p->hold_lock);
+    if (t && !p->rules_seen)
+        for (uint32_t i = 0; i < p->num; i++)
+            p->slot[i].op = RC_OP_UNKNOWN;
+    rc_hold_table_unref(p->rules_seen);
+    p->rules_seen = t;
+}
+
+/* The opcode of the request in p->chain (fuse_in_header.opcode), or RC_OP_UNKNOWN if it is shorter
+ * than a fuse_in_header. */
+static uint32_t chain_opcode(const struct rc_chain *c)
+{
+    if (c->readable_len < RC_FUSE_IN_HEADER_LEN)
+        return RC_OP_UNKNOWN;
+    uint8_t h[RC_FUSE_IN_OPCODE_OFF + 4];
+    rc_chain_gather(c, h, sizeof(h));
+    uint32_t op;
+    memcpy(&op, h + RC_FUSE_IN_OPCODE_OFF, 4);
+    return op;
+}
+
+/* Not held already (a head the guest re-posts while it is held is forwarded, never held twice). */
+static int slot_free(struct rc_path *p, uint16_t head)
+{
+    pthread_mutex_lock(&p->hold_lock);
+    int free_ = p->slot[head].state == RC_HS_NONE;
+    pthread_mutex_unlock(&p->hold_lock);
+    return free_;
+}
+
+/* Mark a head held before its capture is committed: the consumer may give a verdict as soon as it
+ * sees the capture. */
+static void hold_slot(struct rc_path *p, uint16_t head, uint8_t state, uint32_t used_len)
+{
+    pthread_mutex_lock(&p->hold_lock);
+    p->slot[head].state = state;
+    p->slot[head].used_len = used_len;
+    p->slot[head].wlen = p->chain.writable_len > UINT32_MAX ? UINT32_MAX : (uint32_t)p->chain.writable_len;
+    p->nheld++;
+    pthread_mutex_unlock(&p->hold_lock);
+}
+
+/* The held capture was not recorded (dropped, or a lossless wait cut short by stop): nobody would know
+ * it is held, so it is not.  Returns 0 if a verdict (given from held()) got there first: still held. */
+static int unhold_slot(struct rc_path *p, uint16_t head)
+{
+    pthread_mutex_lock(&p->hold_lock);
+    int undone = !(p->slot[head].state & RC_HS_PENDING);
+    if (undone) {
+        p->slot[head].state = RC_HS_NONE;
+        p->nheld--;
+    }
+    pthread_mutex_unlock(&p->hold_lock);
+    return undone;
+}
+
+/* After path_capture() of a held entry: 1 if it stays held. */
+static int hold_kept(struct rc_path *p, uint16_t head, int r)
+{
+    if (r != 0 && unhold_slot(p, head))
+        return 0;
+    p->ctr.holds++;
+    return 1;
+}
+
+static void publish_used(struct rc_path *p, uint16_t head, uint32_t len)
+{
+    struct rc_vring_used_elem e = {head, len};
+    memcpy(p->g_used + RC_VRING_USED_RING_OFF + 8u * (uint32_t)(p->g_used_idx & (p->num - 1)), &e, 8);
+    p->g_used_idx++;
+}
+
+/* Scatter len bytes into p->chain's writable segments; returns how many fitted. */
+static uint32_t chain_scatter(struct rc_chain *c, const uint8_t *data, uint32_t len)
+{
+    uint32_t done = 0;
+    for (uint32_t i = 0; i < c->nseg && done < len; i++) {
+        struct rc_seg *s = &c->seg[i];
+        if (!s->write)
+            continue;
+        uint32_t k = s->len < len - done ? s->len : len - done;
+        memcpy(s->host, data + done, k);
+        done += k;
+    }
+    return done;
+}
+
+/* Apply one verdict (under proc_lock; the slot is already cleared).  stopping: the back-end takes no
+ * more requests, so a released request is answered EIO.  Counts what it forwarded/published. */
+static void apply_verdict(struct rc_path *p, const struct rc_verdict *v, int stopping, int may_wait, int *fwd,
+                          int *pub)
+{
+    int flushed = 0, kind = v->kind;
+    uint16_t head = v->head;
+    if (kind == RC_V_RELEASE && v->dir == RC_HS_REQUEST) {
+        if (!stopping) {
+            p->inflight[head] = 1;
+            uint16_t slot = (uint16_t)(p->s_avail_idx & (p->num - 1));
+            memcpy(p->s_avail + RC_VRING_AVAIL_RING_OFF + 2u * slot, &head, 2);
+            p->s_avail_idx++;
+            p->ctr.released++;
+            (*fwd)++;
+            return;
+        }
+        kind = RC_V_EIO;
+    }
+    int err = rc_walk_chain(p->mem, p->desc, p->num, head, &p->chain);
+    if (kind == RC_V_EIO && !err && p->chain.writable_len == 0)
+        kind = RC_V_DROP; /* FORGET, BATCH_FORGET: no reply to give */
+    uint32_t len = kind == RC_V_RELEASE ? v->used_len : 0, flags = RC_CAP_F_ANSWERED;
+    if (err) { /* the guest rewrote an outstanding chain: complete it empty, flagged */
+        p->ctr.errors++;
+        p->last_error = err;
+    } else if (kind == RC_V_RELEASE) {
+        flags = RC_CAP_F_RELEASED;
+    } else if (kind == RC_V_EIO) {
+        uint8_t h[RC_FUSE_OUT_HEADER_LEN];
+        uint8_t in[RC_FUSE_IN_UNIQUE_OFF + 8];
+        memset(in, 0, sizeof(in));
+        rc_chain_gather(&p->chain, in, sizeof(in));
+        uint32_t olen = RC_FUSE_OUT_HEADER_LEN;
+        int32_t error = -RC_FUSE_EIO;
+        memcpy(h, &olen, 4);
+        memcpy(h + 4, &error, 4);
+        memcpy(h + 8, in + RC_FUSE_IN_UNIQUE_OFF, 8); /* unique, from the request's own header */
+        len = chain_scatter(&p->chain, h, sizeof(h));
+    } else if (kind != RC_V_DROP) {
+        len = chain_scatter(&p->chain, v->data, v->len);
+        if (kind == RC_V_REWRITE)
+            flags = RC_CAP_F_REWRITTEN;
+    }
+    switch (kind) {
+    case RC_V_RELEASE: p->ctr.released++; break;
+    case RC_V_REWRITE: p->ctr.rewritten++; break;
+    case RC_V_DROP: p->ctr.hold_drops++; break;
+    default: p->ctr.answered++; break;
+    }
+    if (err)
+        path_capture(p, RC_CAP_ERROR, head, err, len, 1, may_wait, &flushed, flush_used, 0);
+    else
+        path_capture(p, RC_CAP_REPLY, head, 0, len, 1, may_wait, &flushed, flush_used, flags);
+    publish_used(p, head, len);
+    (*pub)++;
+}
+
+static void finish_verdicts(struct rc_path *p, int fwd, int pub)
+{
+    if (fwd)
+        flush_avail(p);
+    if (pub)
+        flush_used(p);
+    path_notify(p);
+}
+
+/* The thread's side: apply what verdict callers queued (under proc_lock). */
+static void apply_queued(struct rc_path *p, int stopping, int may_wait)
+{
+    if (!__atomic_load_n(&p->vq_n, __ATOMIC_ACQUIRE))
+        return;
+    pthread_mutex_lock(&p->hold_lock);
+    struct rc_verdict *v = p->vq;
+    p->vq = NULL;
+    p->vq_tail = &p->vq;
+    __atomic_store_n(&p->vq_n, 0, __ATOMIC_RELEASE);
+    for (struct rc_verdict *x = v; x; x = x->next)
+        p->slot[x->head].state = RC_HS_NONE;
+    pthread_mutex_unlock(&p->hold_lock);
+    int fwd = 0, pub = 0;
+    while (v) {
+        struct rc_verdict *next = v->next;
+        apply_verdict(p, v, stopping, may_wait, &fwd, &pub);
+        free(v);
+        v = next;
+    }
+    finish_verdicts(p, fwd, pub);
+}
+
+static int verdict_check(struct rc_path *p, uint16_t head, int kind, uint32_t len)
+{
+    const struct rc_held_slot *s = &p->slot[head];
+    if (s->state != RC_HS_REQUEST && s->state != RC_HS_REPLY)
+        return RC_E_NOT_HELD;
+    switch (kind) {
+    case RC_V_RELEASE:
+        return RC_OK;
+    case RC_V_ANSWER:
+    case RC_V_REWRITE:
+        if (s->state != (kind == RC_V_ANSWER ? RC_HS_REQUEST : RC_HS_REPLY))
+            return RC_E_WRONG_DIRECTION;
+        return len > s->wlen ? RC_E_NO_ROOM : RC_OK;
+    case RC_V_DROP:
+        if (s->state != RC_HS_REQUEST)
+            return RC_E_WRONG_DIRECTION;
+        return s->wlen ? RC_E_NEEDS_REPLY : RC_OK;
+    default:
+        return RC_E_NOT_HELD;
+    }
+}
+
+int rc_path_verdict(struct rc_path *p, uint16_t head, int kind, const uint8_t *data, uint32_t len)
+{
+    if (head >= p->num)
+        return RC_E_NOT_HELD;
+    int locked_proc = 0, err;
+    for (;;) {
+        pthread_mutex_lock(&p->hold_lock);
+        err = verdict_check(p, head, kind, len);
+        if (err || p->async_verdicts || locked_proc)
+            break;
+        /* a stopped path: apply it here, under proc_lock (taken before hold_lock, as everywhere) */
+        pthread_mutex_unlock(&p->hold_lock);
+        pthread_mutex_lock(&p->proc_lock);
+        locked_proc = 1;
+    }
+    struct rc_verdict *v = NULL;
+    if (!err) {
+        v = malloc(sizeof(*v) + (kind == RC_V_ANSWER || kind == RC_V_REWRITE ? len : 0));
+        if (!v) {
+            err = RC_E_NOMEM;
+        } else {
+            struct rc_held_slot *s = &p->slot[head];
+            v->next = NULL;
+            v->head = head;
+            v->kind = (uint8_t)kind;
+            v->dir = s->state;
+            v->used_len = s->used_len;
+            v->len = kind == RC_V_ANSWER || kind == RC_V_REWRITE ? len : 0;
+            if (v->len)
+                memcpy(v->data, data, len);
+            p->nheld--;
+            if (p->async_verdicts) {
+                s->state = RC_HS_PENDING | s->state;
+                *p->vq_tail = v;
+                p->vq_tail = &v->next;
+                __atomic_add_fetch(&p->vq_n, 1, __ATOMIC_ACQ_REL);
+                pthread_mutex_unlock(&p->hold_lock);
+                if (locked_proc)
+                    pthread_mutex_unlock(&p->proc_lock);
+                signal_fd(p->ctl_fd);
+                return RC_OK;
+            }
+            s->state = RC_HS_NONE;
+        }
+    }
+    pthread_mutex_unlock(&p->hold_lock);
+    if (v) {
+        int fwd = 0, pub = 0;
+        apply_verdict(p, v, 0, 0, &fwd, &pub);
+        finish_verdicts(p, fwd, pub);
+        free(v);
+    }
+    if (locked_proc)
+        pthread_mutex_unlock(&p->proc_lock);
+    return err;
+}
+
+uint32_t rc_path_held(struct rc_path *p, uint32_t *out, uint32_t max)
+{
+    uint32_t n = 0;
+    pthread_mutex_lock(&p->hold_lock);
+    for (uint32_t h = 0; h < p->num; h++) {
+        uint8_t st = p->slot[h].state;
+        if (st == RC_HS_REQUEST || st == RC_HS_REPLY) {
+            if (n < max)
+                out[n] = h | (uint32_t)(st == RC_HS_REQUEST ? RC_HOLD_REQUEST : RC_HOLD_REPLY) << 16;
+            n++;
+        }
+    }
+    pthread_mutex_unlock(&p->hold_lock);
+    return n;
+}
+
+/* The safety rule (rc_path_stop): queued verdicts first, then everything still held. */
+static void path_resolve_all(struct rc_path *p)
+{
+    pthread_mutex_lock(&p->proc_lock);
+    pthread_mutex_lock(&p->hold_lock);
+    p->async_verdicts = 0;
+    pthread_mutex_unlock(&p->hold_lock);
+    apply_queued(p, 1, 0);
+    int fwd = 0, pub = 0;
+    for (uint32_t h = 0; h < p->num; h++) {
+        pthread_mutex_lock(&p->hold_lock);
+        uint8_t st = p->slot[h].state;
+        struct rc_verdict v = {.head = (uint16_t)h, .dir = st, .used_len = p->slot[h].used_len};
+        if (st == RC_HS_REQUEST || st == RC_HS_REPLY) {
+            p->slot[h].state = RC_HS_NONE;
+            p->nheld--;
+        }
+        pthread_mutex_unlock(&p->hold_lock);
+        if (st != RC_HS_REQUEST && st != RC_HS_REPLY)
+            continue;
+        v.kind = st == RC_HS_REQUEST ? RC_V_EIO : RC_V_RELEASE;
+        p->ctr.safety++;
+        apply_verdict(p, &v, 1, 0, &fwd, &pub);
+    }
+    finish_verdicts(p, fwd, pub);
+    p->no_hold = 1;
+    pthread_mutex_unlock(&p->proc_lock);
+}
+
 int rc_path_forward_avail(struct rc_path *p, int may_wait)
 {
     uint16_t idx = rc_ring_load_idx(p->g_avail);
@@ -780,32 +1155,47 @@ int rc_path_forward_avail(struct rc_path *p, int may_wait)
         return -RC_E_AVAIL_AHEAD;
     }
     p->broken = 0;
-    int flushed = 0, moved = 0;
+    refresh_rules(p);
+    const struct rc_hold_table *rules = p->rules_seen;
+    int flushed = 0, moved = 0, forwarded = 0;
     for (uint16_t i = 0; i < n; i++) {
         uint16_t head = avail_entry(p->g_avail, p->num, p->next_avail);
         int err = rc_walk_chain(p->mem, p->desc, p->num, head, &p->chain);
-        int r;
+        int r, hold = 0;
         if (err) {
             p->ctr.errors++;
             p->last_error = err;
-            r = path_capture(p, RC_CAP_ERROR, head, err, 0, 0, may_wait, &flushed, flush_avail);
+            r = path_capture(p, RC_CAP_ERROR, head, err, 0, 0, may_wait, &flushed, flush_avail, 0);
         } else {
+            if (rules) {
+                uint32_t op = chain_opcode(&p->chain);
+                p->slot[head].op = op;
+                hold = !p->no_hold && op != RC_OP_UNKNOWN && rc_hold_match(rules, RC_HOLD_REQUEST, p->queue_index, op)
+                       && slot_free(p, head);
+                if (hold)
+                    hold_slot(p, head, RC_HS_REQUEST, 0);
+            }
             r = path_capture(p, RC_CAP_REQUEST, head, 0, (uint32_t)p->chain.readable_len, 0, may_wait,
-                             &flushed, flush_avail);
+                             &flushed, flush_avail, hold ? RC_CAP_F_HELD : 0);
+            if (hold)
+                hold = hold_kept(p, head, r);
         }
-        if (r < 0)
+        if (r < 0 && !hold)
             break;
-        if (head < p->num)
-            p->inflight[head] = 1;
-        uint16_t slot = (uint16_t)(p->s_avail_idx & (p->num - 1));
-        memcpy(p->s_avail + RC_VRING_AVAIL_RING_OFF + 2u * slot, &head, 2);
-        p->s_avail_idx++;
+        if (!hold) {
+            if (head < p->num)
+                p->inflight[head] = 1;
+            uint16_t slot = (uint16_t)(p->s_avail_idx & (p->num - 1));
+            memcpy(p->s_avail + RC_VRING_AVAIL_RING_OFF + 2u * slot, &head, 2);
+            p->s_avail_idx++;
+            forwarded++;
+        }
         p->next_avail++;
         p->ctr.requests++;
         moved++;
         flushed = 0;
     }
-    if (moved)
+    if (forwarded)
         flush_avail(p);
     if (p->event_idx) /* tell the guest to kick for the next entry */
         ev_store(avail_event_of(p->g_used, p->num), p->next_avail);
@@ -822,19 +1212,28 @@ int rc_path_forward_used(struct rc_path *p, int may_wait)
         p->last_error = RC_E_AVAIL_AHEAD;
         return -RC_E_AVAIL_AHEAD;
     }
-    int flushed = 0, moved = 0;
+    refresh_rules(p);
+    const struct rc_hold_table *rules = p->rules_seen;
+    int flushed = 0, moved = 0, published = 0;
     for (uint16_t i = 0; i < n; i++) {
         struct rc_vring_used_elem e;
         memcpy(&e, p->s_used + RC_VRING_USED_RING_OFF + 8u * (uint32_t)(p->next_used & (p->num - 1)), 8);
-        int r;
+        int r, hold = 0;
         if (e.id < p->num && p->inflight[e.id]) {
             int err = rc_walk_chain(p->mem, p->desc, p->num, (uint16_t)e.id, &p->chain);
             if (err) { /* the request was already flagged; capture the reply as an error too */
                 p->ctr.errors++;
                 p->last_error = err;
-                r = path_capture(p, RC_CAP_ERROR, (uint16_t)e.id, err, e.len, 1, may_wait, &flushed, flush_used);
+                r = path_capture(p, RC_CAP_ERROR, (uint16_t)e.id, err, e.len, 1, may_wait, &flushed, flush_used, 0);
             } else {
-                r = path_capture(p, RC_CAP_REPLY, (uint16_t)e.id, 0, e.len, 1, may_wait, &flushed, flush_used);
+                hold = rules && !p->no_hold && rc_hold_match(rules, RC_HOLD_REPLY, p->queue_index, p->slot[e.id].op)
+                       && slot_free(p, (uint16_t)e.id);
+                if (hold)
+                    hold_slot(p, (uint16_t)e.id, RC_HS_REPLY, e.len);
+                r = path_capture(p, RC_CAP_REPLY, (uint16_t)e.id, 0, e.len, 1, may_wait, &flushed, flush_used,
+                                 hold ? RC_CAP_F_HELD : 0);
+                if (hold)
+                    hold = hold_kept(p, (uint16_t)e.id, r);
             }
         } else {
             p->ctr.unpaired++;
@@ -843,20 +1242,23 @@ int rc_path_forward_used(struct rc_path *p, int may_wait)
             p->chain.nlayout = p->chain.nseg = 0;
             p->chain.readable_len = p->chain.writable_len = 0;
             r = path_capture(p, RC_CAP_ERROR, (uint16_t)e.id, p->last_error, e.len, 1, may_wait, &flushed,
-                             flush_used);
+                             flush_used, 0);
         }
-        if (r < 0)
+        if (r < 0 && !hold)
             break;
         if (e.id < p->num)
             p->inflight[e.id] = 0;
-        memcpy(p->g_used + RC_VRING_USED_RING_OFF + 8u * (uint32_t)(p->g_used_idx & (p->num - 1)), &e, 8);
-        p->g_used_idx++;
+        if (!hold) {
+            memcpy(p->g_used + RC_VRING_USED_RING_OFF + 8u * (uint32_t)(p->g_used_idx & (p->num - 1)), &e, 8);
+            p->g_used_idx++;
+            published++;
+        }
         p->next_used++;
         p->ctr.replies++;
         moved++;
         flushed = 0;
     }
-    if (moved)
+    if (published)
         flush_used(p);
     if (p->event_idx) /* tell the backend to call for the next entry */
         ev_store(used_event_of(p->s_avail, p->num), p->next_used);
@@ -909,9 +1311,12 @@ static int path_spin(struct rc_path *p)
     uint64_t deadline = rc_now_ns() + p->spin_ns;
     int moved = 0;
     while (!path_stopping(p) && __atomic_load_n(&p->pending_kick_fd, __ATOMIC_ACQUIRE) == -2) {
-        if (rc_ring_load_idx(p->g_avail) != p->next_avail || rc_ring_load_idx(p->s_used) != p->next_used) {
+        int verdicts = __atomic_load_n(&p->vq_n, __ATOMIC_ACQUIRE);
+        if (verdicts || rc_ring_load_idx(p->g_avail) != p->next_avail ||
+            rc_ring_load_idx(p->s_used) != p->next_used) {
             pthread_mutex_lock(&p->proc_lock);
-            int a = rc_path_forward_avail(p, 1), u = rc_path_forward_used(p, 1);
+            apply_queued(p, 0, 1);
+            int a = rc_path_forward_avail(p, 1) + verdicts, u = rc_path_forward_used(p, 1);
             path_recheck(p);
             pthread_mutex_unlock(&p->proc_lock);
             if (a > 0 || u > 0) {
@@ -966,6 +1371,7 @@ static void *path_thread(void *arg)
             break;
         pthread_mutex_lock(&p->proc_lock);
         apply_pending_fds(p);
+        apply_queued(p, 0, 1);
         /* kicks and calls coalesce: look at both rings on every wake-up */
         rc_path_forward_avail(p, 1);
         rc_path_forward_used(p, 1);
@@ -984,8 +1390,18 @@ int rc_path_start(struct rc_path *p)
     if (p->running)
         return RC_OK;
     __atomic_store_n(&p->stop, 0, __ATOMIC_RELEASE);
-    if (pthread_create(&p->thread, NULL, path_thread, p))
+    pthread_mutex_lock(&p->proc_lock);
+    p->no_hold = 0;
+    pthread_mutex_lock(&p->hold_lock);
+    p->async_verdicts = 1;
+    pthread_mutex_unlock(&p->hold_lock);
+    pthread_mutex_unlock(&p->proc_lock);
+    if (pthread_create(&p->thread, NULL, path_thread, p)) {
+        pthread_mutex_lock(&p->hold_lock);
+        p->async_verdicts = 0;
+        pthread_mutex_unlock(&p->hold_lock);
         return RC_E_NOMEM;
+    }
     p->running = 1;
     signal_fd(p->ctl_fd); /* look at the rings once: kicks may predate us */
     return RC_OK;
@@ -993,16 +1409,19 @@ int rc_path_start(struct rc_path *p)
 
 void rc_path_stop(struct rc_path *p)
 {
-    if (!p->running)
+    if (!p->inited)
         return;
-    __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
-    signal_fd(p->ctl_fd);
-    rc_capture_wake_all(p->cap);
-    pthread_join(p->thread, NULL);
-    p->running = 0;
-    pthread_mutex_lock(&p->fd_lock);
-    apply_pending_fds(p);
-    pthread_mutex_unlock(&p->fd_lock);
+    if (p->running) {
+        __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
+        signal_fd(p->ctl_fd);
+        rc_capture_wake_all(p->cap);
+        pthread_join(p->thread, NULL);
+        p->running = 0;
+        pthread_mutex_lock(&p->fd_lock);
+        apply_pending_fds(p);
+        pthread_mutex_unlock(&p->fd_lock);
+    }
+    path_resolve_all(p);
 }
 
 int rc_path_drain(struct rc_path *p)
@@ -1050,7 +1469,9 @@ void rc_path_destroy(struct rc_path *p)
 {
     if (!p->inited) {
         free(p->inflight);
+        free(p->slot);
         p->inflight = NULL;
+        p->slot = NULL;
         return;
     }
     rc_path_stop(p);
@@ -1066,8 +1487,19 @@ void rc_path_destroy(struct rc_path *p)
         close_fd(&p->ctl_fd);
         pthread_mutex_destroy(&p->proc_lock);
         pthread_mutex_destroy(&p->fd_lock);
+        pthread_mutex_destroy(&p->hold_lock);
         p->inited = 0;
     }
+    rc_hold_table_unref(p->rules);
+    rc_hold_table_unref(p->rules_seen);
+    p->rules = p->rules_seen = NULL;
+    while (p->vq) { /* none after stop; a failed init leaves none either */
+        struct rc_verdict *v = p->vq;
+        p->vq = v->next;
+        free(v);
+    }
+    free(p->slot);
+    p->slot = NULL;
     rc_chain_free(&p->chain);
     free(p->inflight);
     free(p->scratch);

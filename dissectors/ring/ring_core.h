@@ -59,6 +59,10 @@ enum rc_err {
     RC_E_REGION_OVERLAP = 14,  /* a new region overlaps an existing one */
     RC_E_NOT_IN_FLIGHT = 15,   /* a used entry for a head the path never forwarded */
     RC_E_TOO_LARGE = 16,       /* readable bytes beyond RC_MAX_GATHER: refuse rather than allocate */
+    RC_E_NOT_HELD = 17,        /* a verdict for a head that is not held (unknown, or already resumed) */
+    RC_E_WRONG_DIRECTION = 18, /* answer/drop on a held reply, rewrite on a held request */
+    RC_E_NO_ROOM = 19,         /* verdict data larger than the chain's writable segments */
+    RC_E_NEEDS_REPLY = 20,     /* drop of a held request that has writable segments (it expects a reply) */
     RC_E_COUNT
 };
 const char *rc_err_name(int err);
@@ -142,6 +146,10 @@ void rc_ring_store_idx(uint8_t *ring, uint16_t idx);
 /* ---- capture buffer: bounded, many producers (one per queue thread), one consumer ---- */
 enum rc_cap_kind { RC_CAP_PAD = 0, RC_CAP_REQUEST = 1, RC_CAP_REPLY = 2, RC_CAP_ERROR = 3 };
 #define RC_CAP_F_TRUNCATED 1u
+#define RC_CAP_F_HELD 2u       /* held by a rule: not forwarded (request) / not published (reply) yet */
+#define RC_CAP_F_ANSWERED 4u   /* a reply the path wrote itself (answer, drop, safety EIO) */
+#define RC_CAP_F_REWRITTEN 8u  /* a held reply, rewritten: the bytes the guest gets */
+#define RC_CAP_F_RELEASED 16u  /* a held reply, released unchanged: now published to the guest */
 /* One record in the byte ring, 8-byte aligned: header, nlayout rc_layout entries, data bytes. */
 struct rc_cap_hdr {
     uint32_t rec_len;   /* bytes of the whole record, padded to 8 */
@@ -184,12 +192,59 @@ void rc_capture_release(struct rc_capture *c, uint64_t upto);
 void rc_capture_wake_all(struct rc_capture *c);
 uint64_t rc_capture_used_bytes(struct rc_capture *c);
 
+/* ---- hold points: a rule table matched natively, verdicts from any thread ---- */
+#define RC_HOLD_REQUEST 1u
+#define RC_HOLD_REPLY 2u
+/* fuse_in_header / fuse_out_header (include/uapi/linux/fuse.h); tests check them against dissectors/spec */
+#define RC_FUSE_IN_HEADER_LEN 40u    /* a request shorter than this is never held */
+#define RC_FUSE_IN_OPCODE_OFF 4u
+#define RC_FUSE_IN_UNIQUE_OFF 8u
+#define RC_FUSE_OUT_HEADER_LEN 16u   /* u32 len, s32 error, u64 unique */
+#define RC_OP_UNKNOWN 0xFFFFFFFFu    /* opcode of a request forwarded while no rules were set */
+#define RC_FUSE_EIO 5
+struct rc_hold_rule {
+    uint32_t direction;  /* RC_HOLD_REQUEST and/or RC_HOLD_REPLY */
+    uint32_t nops;       /* 0: every opcode */
+    uint64_t queues;     /* bitmask of queue indices (0: every queue) */
+    uint32_t *ops;       /* nops opcodes, inside the table's allocation */
+};
+/* Immutable once published; reference-counted so the setter never waits for the path thread. */
+struct rc_hold_table {
+    int refs;
+    uint32_t n;
+    struct rc_hold_rule *r;
+};
+/* One allocation with room for nrules rules and total_ops opcodes (rules[i].ops to be filled). */
+struct rc_hold_table *rc_hold_table_new(uint32_t nrules, uint32_t total_ops);
+void rc_hold_table_unref(struct rc_hold_table *t);
+int rc_hold_match(const struct rc_hold_table *t, uint32_t direction, uint16_t queue, uint32_t op);
+
+enum rc_verdict_kind { RC_V_RELEASE = 1, RC_V_ANSWER = 2, RC_V_REWRITE = 3, RC_V_DROP = 4, RC_V_EIO = 5 };
+enum rc_held_state { RC_HS_NONE = 0, RC_HS_REQUEST = 1, RC_HS_REPLY = 2, RC_HS_PENDING = 0x80 };
+struct rc_held_slot {
+    uint32_t op;        /* the request's opcode (under proc_lock) */
+    uint8_t state;      /* rc_held_state (under hold_lock) */
+    uint32_t used_len;  /* held reply: the back-end's used.len */
+    uint32_t wlen;      /* the chain's writable bytes when it was held */
+};
+struct rc_verdict {
+    struct rc_verdict *next;
+    uint16_t head;
+    uint8_t kind;       /* rc_verdict_kind */
+    uint8_t dir;        /* RC_HS_REQUEST or RC_HS_REPLY */
+    uint32_t used_len;
+    uint32_t len;
+    uint8_t data[];
+};
+
 /* ---- the shadow-ring data path of one queue ---- */
 struct rc_path_counters {
     uint64_t requests, replies, errors, unpaired, kicks_in, calls_in, kicks_out, calls_out;
     uint64_t stalls, dropped, wakeups, spin_hits;
     uint64_t busy_ns, busy_max_ns; /* time from a wake-up to done forwarding: total, and the longest */
     uint64_t kicks_suppressed, calls_suppressed; /* EVENT_IDX: notifications the other side did not ask for */
+    uint64_t holds, released, answered, rewritten, hold_drops; /* hold points: held captures, verdicts */
+    uint64_t safety; /* held items resolved by the safety rule at stop (EIO, release, drop) */
 };
 struct rc_path {
     struct rc_memmap *mem;
@@ -226,6 +281,16 @@ struct rc_path {
     struct rc_chain chain;           /* scratch, under proc_lock */
     uint8_t *scratch;                /* gather buffer for truncation-free capture */
     struct rc_path_counters ctr;
+    /* hold points */
+    pthread_mutex_t hold_lock;       /* rules, slot[].state/used_len/wlen, the verdict queue; after proc_lock */
+    struct rc_hold_table *rules;     /* the published table (atomic pointer; NULL: no rules) */
+    struct rc_hold_table *rules_seen; /* the thread's reference (under proc_lock) */
+    struct rc_held_slot *slot;       /* per head */
+    struct rc_verdict *vq, **vq_tail; /* verdicts for the thread to apply (under hold_lock) */
+    int vq_n;                        /* atomic hint: verdicts queued */
+    int async_verdicts;              /* under hold_lock: the thread runs and applies queued verdicts */
+    int no_hold;                     /* set by stop: nothing is held until start (drain never holds) */
+    uint32_t nheld;                  /* under hold_lock */
 };
 /* All fds are dup'ed; the path owns and closes its copies.  avail_base: the backend's first avail
  * index (SET_VRING_BASE); the shadow used index starts at the guest's current used->idx. */
@@ -239,6 +304,10 @@ int rc_path_init(struct rc_path *p, struct rc_memmap *m, uint16_t queue_index, u
  * used ring and used_event in the shadow avail ring, asking for every new entry. */
 void rc_path_set_event_idx(struct rc_path *p, int on);
 int rc_path_start(struct rc_path *p);
+/* Join the thread, then the safety rule: verdicts still queued are applied (a released request is
+ * answered EIO instead: the back-end is stopping), every held request is answered with a FUSE error
+ * reply -EIO (its unique from its own header), held replies are released, held requests without
+ * writable segments (FORGET, BATCH_FORGET) are completed with used.len 0.  Nothing is held after. */
 void rc_path_stop(struct rc_path *p);
 /* Forward pending used entries to the guest now (GET_VRING_BASE flush); returns how many. */
 int rc_path_drain(struct rc_path *p);
@@ -247,6 +316,16 @@ int rc_path_drain(struct rc_path *p);
 int rc_path_set_kick_fd(struct rc_path *p, int fd);
 int rc_path_set_call_fd(struct rc_path *p, int fd);
 void rc_path_destroy(struct rc_path *p);
+/* Replace the rule table (ownership of t passes to the path; NULL or an empty table: no rules).  Never
+ * waits for the path thread: it picks the new table up at its next pass (woken here). */
+void rc_path_set_hold_rules(struct rc_path *p, struct rc_hold_table *t);
+/* A verdict on a held head (rc_verdict_kind, not RC_V_EIO): RC_OK or RC_E_NOT_HELD / WRONG_DIRECTION /
+ * NO_ROOM / NEEDS_REPLY / NOMEM.  While the thread runs the verdict is queued for it (never waits for
+ * a lossless stall); on a stopped path it is applied at once. */
+int rc_path_verdict(struct rc_path *p, uint16_t head, int kind, const uint8_t *data, uint32_t len);
+/* Held heads now (verdicts queued excluded): out[i] = head | direction << 16, at most max; returns the
+ * count (may exceed max). */
+uint32_t rc_path_held(struct rc_path *p, uint32_t *out, uint32_t max);
 /* One forwarding step without waiting (used by the thread and by tests): returns entries moved. */
 int rc_path_forward_avail(struct rc_path *p, int may_wait);
 int rc_path_forward_used(struct rc_path *p, int may_wait);

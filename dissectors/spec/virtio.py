@@ -16,15 +16,17 @@ VRING_AVAIL_F = bits("VRING_AVAIL_F_", {"NO_INTERRUPT": 0}, name="VRING_AVAIL_F"
 VRING_USED_F = bits("VRING_USED_F_", {"NO_NOTIFY": 0}, name="VRING_USED_F")
 VRING_PACKED_DESC_F = bits("VRING_PACKED_DESC_F_", {"AVAIL": 7, "USED": 15}, name="VRING_PACKED_DESC_F")
 
-# Device-independent feature bits (virtio 1.2 section 6) plus the vhost ones that share the space.
+# Device-independent feature bits (virtio 1.2 section 6) plus the vhost ones that share the space, under
+# the names the headers give them (virtio_config.h, virtio_ring.h, vhost.h, the vhost-user spec).
 VIRTIO_F = bits(
-    "VIRTIO_",
+    "",
     {
-        "F_NOTIFY_ON_EMPTY": 24, "F_LOG_ALL": 26, "F_ANY_LAYOUT": 27, "RING_F_INDIRECT_DESC": 28,
-        "RING_F_EVENT_IDX": 29, "USER_F_PROTOCOL_FEATURES": 30, "F_VERSION_1": 32,
-        "F_ACCESS_PLATFORM": 33, "F_RING_PACKED": 34, "F_IN_ORDER": 35, "F_ORDER_PLATFORM": 36,
-        "F_SR_IOV": 37, "F_NOTIFICATION_DATA": 38, "F_NOTIF_CONFIG_DATA": 39, "F_RING_RESET": 40,
-        "F_ADMIN_VQ": 41,
+        "VIRTIO_F_NOTIFY_ON_EMPTY": 24, "VHOST_F_LOG_ALL": 26, "VIRTIO_F_ANY_LAYOUT": 27,
+        "VIRTIO_RING_F_INDIRECT_DESC": 28, "VIRTIO_RING_F_EVENT_IDX": 29, "VHOST_USER_F_PROTOCOL_FEATURES": 30,
+        "VIRTIO_F_VERSION_1": 32, "VIRTIO_F_ACCESS_PLATFORM": 33, "VIRTIO_F_RING_PACKED": 34,
+        "VIRTIO_F_IN_ORDER": 35, "VIRTIO_F_ORDER_PLATFORM": 36, "VIRTIO_F_SR_IOV": 37,
+        "VIRTIO_F_NOTIFICATION_DATA": 38, "VIRTIO_F_NOTIF_CONFIG_DATA": 39, "VIRTIO_F_RING_RESET": 40,
+        "VIRTIO_F_ADMIN_VQ": 41,
     },
     name="VIRTIO_F",
 )

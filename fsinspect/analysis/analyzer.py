@@ -27,6 +27,7 @@ from dissectors.spec import fuse as spec
 from . import exchange as X
 from .exchange import Exchange, Lint
 from .inodes import ATTR_SUBMOUNT, Announcement, InodeMap, Issue, SubmountTracker, SyncfsRecord
+from .render import fmt_ns
 from .stats import Stats
 
 Raw = bytes | bytearray | memoryview
@@ -262,8 +263,8 @@ class Analyzer:
         the guest waited for it all the same."""
         if not self.stuck_ns or waited_ns <= self.stuck_ns or X.STUCK in ex.lints:
             return False
-        self._lint(ex, X.STUCK, f"{ex.opname} unique {ex.unique} (#{ex.n}) {verb} {waited_ns / 1e6:.0f} ms for its "
-                                f"reply (threshold {self.stuck_ns / 1e6:g} ms)")
+        self._lint(ex, X.STUCK, f"{ex.opname} unique {ex.unique} (#{ex.n}) {verb} {fmt_ns(waited_ns)} for its "
+                                f"reply (threshold {fmt_ns(self.stuck_ns)})")
         return True
 
     def _changed(self, ex: Exchange) -> None:
@@ -389,7 +390,8 @@ class Analyzer:
         op = ex.opcode
         if op == OP["SYNCFS"]:
             is_root = self.submounts.is_superblock_root(ex.nodeid)
-            self.submounts.syncfs.append(SyncfsRecord(ex.index, ex.nodeid, ex.latency_ns, is_root, ex.error))
+            self.submounts.syncfs.append(SyncfsRecord(ex.index, ex.nodeid, ex.latency_ns, is_root, ex.error,
+                                                      self.inodes.path(ex.nodeid)))
             if not is_root:
                 self._lint(ex, X.SYNCFS_NOT_ROOT, f"SYNCFS on nodeid {ex.nodeid} ({self.inodes.path(ex.nodeid)}), "
                                                   "which is neither 1 nor an announced submount")

@@ -234,6 +234,64 @@ def _describe(tok: Token) -> str:
     return repr(str(tok))
 
 
+def _bad_character(text: str, pos: int) -> str:
+    """What the lexer stumbled on, said so that it teaches the syntax."""
+    ch = text[pos]
+    if ch == '"':
+        return 'unterminated string: no closing "'
+    if ch == "=":
+        return "'=' is not a comparison: use '==' (or '!=', '<=', '>=')"
+    if ch == "'":
+        return "strings take double quotes: \"...\""
+    if ch == "&" or ch == "|":
+        return f"{ch!r} alone is no operator: use '{ch * 2}' or '{'and' if ch == '&' else 'or'}'"
+    return f"unexpected character {ch!r}"
+
+
+_OPNAMES = sorted(o.name for o in spec.OPCODES)
+_ERRNAMES = sorted(_ERRNO)
+_WORDS = sorted({*FIELDS, *FLAGS})
+_TAIL_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def completions(text: str) -> tuple[int, list[str]]:
+    """(where the word being typed starts, what may replace it) for a filter typed so far.
+
+    The parser says what may come next, so a complete value (`latency > 500µs`) is followed by `and`/`or`,
+    never by a field or flag name; after `op ==` come opcode names, after `error ==` errno names.
+    """
+    m = _TAIL_WORD.search(text)
+    start = len(text)
+    if m is not None and (m.start() == 0 or not (text[m.start() - 1].isalnum() or text[m.start() - 1] in "µ.\"")):
+        start = m.start()
+    word = text[start:]
+    head = text[:start]
+    try:
+        ip = _PARSER.parse_interactive(head)
+        toks = list(ip.exhaust_lexer())
+        accepts = ip.accepts()
+    except (UnexpectedInput, UnexpectedEOF):
+        return start, []
+    pool: list[str] = []
+    prev = [str(t) for t in toks[-2:]]
+    if "NAME" in accepts:
+        if len(prev) == 2 and prev[1] in ("==", "!="):
+            pool = {"op": _OPNAMES, "opcode": _OPNAMES, "error": _ERRNAMES, "lint": sorted(LINTS)}.get(prev[0], [])
+            word = word.upper() if prev[0] != "lint" else word
+        elif not ((prev and prev[-1] in _CMP) or (prev and prev[-1] == "~")):
+            pool = list(_WORDS)
+    if "NOT" in accepts and "NAME" in accepts and not (prev and prev[-1] in (*_CMP, "~")):
+        pool.append("not")
+    if "AND" in accepts:
+        pool += ["and", "or"]
+        if start == len(text) and text and not text[-1].isspace():
+            return start, [" and", " or"]
+    out = [w for w in pool if w.startswith(word) and w != word]
+    if not out and word and word in pool:  # a complete word: what may follow it
+        return len(text), [" " + w for w in completions(text + " ")[1]]
+    return start, out
+
+
 # What an expression pins: (the set of values that can match or None = any, exact).  `exact` means the
 # expression is true exactly when the field is in the set, so `not` may complement it.
 _Pin = tuple[frozenset[int] | None, bool]
@@ -312,7 +370,7 @@ def compile_filter(text: str) -> Predicate:
         raise FilterError(f"unexpected {_describe(tok)}" + (f" (expected {exp})" if exp else ""),
                           text, col) from None
     except UnexpectedCharacters as e:
-        raise FilterError(f"unexpected character {text[e.pos_in_stream or 0]!r}", text, e.column) from None
+        raise FilterError(_bad_character(text, e.pos_in_stream or 0), text, e.column) from None
     except UnexpectedInput as e:  # pragma: no cover - the subclasses above cover lark's errors
         raise FilterError(str(e), text, getattr(e, "column", 1)) from None
     if isinstance(tree, Token):  # a bare word parses to a token only if the grammar allowed it

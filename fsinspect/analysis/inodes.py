@@ -8,8 +8,12 @@ A nodeid is live while its nlookup is above zero.  Nodeid 1 is the root and is n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from dissectors.spec import fuse as spec
+
+from .render import fmt_ns
+from .stats import percentile
 
 ATTR_SUBMOUNT = spec.ATTR_FLAGS.by_name()["SUBMOUNT"]
 ROOT = spec.ROOT_ID
@@ -196,6 +200,50 @@ class SyncfsRecord:
     latency_ns: int | None
     is_root: bool
     error: int | None
+    path: str = ""  # where the nodeid was when the SYNCFS came ("/" for the root)
+
+
+def superblock_label(nodeid: int, path: str) -> str:
+    """`/sub/inner (nodeid 612)`: a superblock is named by where it is, its nodeid beside."""
+    return f"{path or '?'} (nodeid {nodeid})"
+
+
+@dataclass(frozen=True, slots=True)
+class SyncfsGroup:
+    """The SYNCFS calls on one nodeid: how many, how fast, and what was wrong with them."""
+
+    nodeid: int
+    path: str
+    count: int
+    p50_ns: int | None
+    max_ns: int | None
+    errors: int
+    is_root: bool
+
+    @property
+    def label(self) -> str:
+        return superblock_label(self.nodeid, self.path)
+
+    def line(self) -> str:
+        """`/sub (nodeid 3): 4 calls, p50 1.20ms, max 3.40ms` plus only what is wrong."""
+        wrong = ([] if self.is_root else ["NOT a superblock root"]) + ([f"{self.errors} failed"] if self.errors else [])
+        return (f"{self.label}: {self.count} call{'s' if self.count != 1 else ''}, p50 {fmt_ns(self.p50_ns)}, "
+                f"max {fmt_ns(self.max_ns)}" + (f"  [{'; '.join(wrong)}]" if wrong else ""))
+
+
+def group_syncfs(records: list[dict[str, Any]]) -> list[SyncfsGroup]:
+    """SYNCFS calls (as the summaries carry them: nodeid, path, latency_ns, superblock_root, error) per
+    superblock, in order of first call."""
+    by: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        by.setdefault(int(r["nodeid"]), []).append(r)
+    out = []
+    for nodeid, rs in by.items():
+        lat = sorted(r["latency_ns"] for r in rs if r.get("latency_ns") is not None)
+        path = next((r["path"] for r in reversed(rs) if r.get("path")), "/" if nodeid == ROOT else "")
+        out.append(SyncfsGroup(nodeid, path, len(rs), percentile(lat, 50), lat[-1] if lat else None,
+                               sum(1 for r in rs if r.get("error")), all(r.get("superblock_root", True) for r in rs)))
+    return out
 
 
 @dataclass

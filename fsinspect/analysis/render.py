@@ -65,19 +65,58 @@ def inflight_json(pending: list[Exchange], now_ns: int) -> dict[str, list[dict[s
     return {"pending": rows, "held": [r for r in rows if r["state"] == "held"]}
 
 
-def _fmt_ns(ns: int | None) -> str:
+_UNITS = ((1_000_000_000, "s"), (1_000_000, "ms"), (1_000, "µs"))
+
+
+def fmt_ns(ns: int | float | None) -> str:
+    """The one duration format: ns, µs, ms or s chosen by magnitude, three significant digits.
+
+    `52µs`, `3.98ms`, `17.1ms`, `1.25s`, `870ns`; "-" for none.
+    """
     if ns is None:
         return "-"
-    if ns < 10_000:
-        return f"{ns}ns"
-    if ns < 10_000_000:
-        return f"{ns / 1000:.0f}µs"
-    if ns < 10_000_000_000:
-        return f"{ns / 1_000_000:.1f}ms"
-    return f"{ns / 1e9:.2f}s"
+    for scale, unit in _UNITS:
+        if abs(ns) >= scale * 0.9995:  # what would round up to 1000 of the smaller unit
+            v = ns / scale
+            a = abs(v)
+            return (f"{v:.2f}" if a < 9.995 else f"{v:.1f}" if a < 99.95 else f"{v:.0f}") + unit
+    return f"{ns:.0f}ns"
 
 
-fmt_ns = _fmt_ns
+def rate_line(total: int, rate: dict[str, Any]) -> str:
+    """ops/s with its time base: `ops/s: mean 123.8 over the recording's 590ms span; peak 73 in a 1.00s bucket`."""
+    mean = rate.get("mean_ops_per_s")
+    span = rate.get("span_ns") or 0
+    bucket = rate.get("bucket_ns") or 1_000_000_000
+    head = (f"ops/s: mean {mean:.1f} ({total} exchanges over the recording's {fmt_ns(span)} span)" if mean
+            else f"ops/s: {total} exchanges at one instant (no span to average over)")
+    per_s = rate.get("peak_ops_per_s", 0)
+    peak = f"; peak {rate.get('peak_ops_per_bucket', 0)} exchanges in one {fmt_ns(bucket)} bucket"
+    if bucket != 1_000_000_000:
+        peak += f" ({per_s:.0f}/s)"
+    if span < bucket:
+        peak += " (the recording is shorter than a bucket)"
+    return head + peak
+
+
+def opcode_counts(counts: dict[str, int]) -> list[str]:
+    """`LOOKUP 1234` for every opcode that occurred, most frequent first."""
+    return [f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def wrap_items(items: list[str], width: int = 100, indent: str = "  ", sep: str = ", ") -> list[str]:
+    """Lines of `items` joined by `sep`, broken between items, never inside one."""
+    lines: list[str] = []
+    cur = ""
+    for it in items:
+        if cur and len(indent) + len(cur) + len(sep) + len(it) > width:
+            lines.append(indent + cur + sep.rstrip())
+            cur = it
+        else:
+            cur = f"{cur}{sep}{it}" if cur else it
+    if cur:
+        lines.append(indent + cur)
+    return lines
 
 
 def exchange_line(ex: Exchange, t0: int = 0) -> str:
@@ -99,7 +138,7 @@ def exchange_line(ex: Exchange, t0: int = 0) -> str:
     if out:
         parts.append(out)
     if ex.latency_ns is not None:
-        parts.append(_fmt_ns(ex.latency_ns))
+        parts.append(fmt_ns(ex.latency_ns))
     if ex.lints:
         parts.append("[" + ",".join(ex.lints) + "]")
     if ex.decode_error:

@@ -18,6 +18,27 @@ def percentile(sorted_values: list[int], p: float) -> int | None:
     return sorted_values[k]
 
 
+_NICE_NS = tuple(m * 10 ** e for e in range(3, 10) for m in (1, 2, 5) if m * 10 ** e <= 1_000_000_000)
+
+
+def rate_series(points: list[tuple[int, int]], buckets: int = 60) -> tuple[int, list[float], list[float]]:
+    """(bucket_ns, ops/s, bytes/s) over `points` = (ts_ns, bytes), in the smallest round bucket (1µs, 2µs,
+    5µs ... 1 s) that spreads the span over at most `buckets` bars: a sub-second capture is not one bar."""
+    if not points:
+        return 1_000_000_000, [], []
+    lo = min(t for t, _ in points)
+    span = max(t for t, _ in points) - lo
+    bucket = next((b for b in _NICE_NS if span < b * buckets), 1_000_000_000)
+    n = span // bucket + 1
+    ops, byts = [0.0] * n, [0.0] * n
+    scale = 1_000_000_000 / bucket
+    for t, b in points:
+        i = (t - lo) // bucket
+        ops[i] += scale
+        byts[i] += b * scale
+    return bucket, ops, byts
+
+
 @dataclass
 class OpStats:
     count: int = 0
@@ -87,10 +108,25 @@ class Stats:
     def reply_bytes(self) -> int:
         return sum(s.reply_bytes for s in self.ops.values())
 
+    @property
+    def span_ns(self) -> int:
+        """From the first exchange's time to the last one's."""
+        return (self.last_ts - self.first_ts) if self.first_ts is not None and self.last_ts else 0
+
+    def rate(self) -> dict[str, Any]:
+        """The ops/s figures with their time base: the mean over the recording's span, the peak over
+        fixed buckets (`bucket_ns`, 1 s by default) aligned on the clock."""
+        span = self.span_ns
+        peak = max(self._buckets.values(), default=0)
+        return {"mean_ops_per_s": self.total / (span / 1e9) if span else None, "span_ns": span,
+                "bucket_ns": self.bucket_ns, "peak_ops_per_bucket": peak,
+                "peak_ops_per_s": peak * 1_000_000_000 / self.bucket_ns}
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "total": self.total,
-            "duration_ns": (self.last_ts - self.first_ts) if self.first_ts is not None and self.last_ts else 0,
+            "duration_ns": self.span_ns,
+            "rate": self.rate(),
             "bytes": {"request": self.req_bytes, "reply": self.reply_bytes},
             "errors": dict(self.errors.most_common()),
             "ops": {name: {"count": s.count, "errors": dict(s.errors.most_common()), "latency_ns": s.latency(),

@@ -7,7 +7,8 @@ import json
 from collections import Counter
 from typing import Any
 
-from ..analysis.render import fmt_ns
+from ..analysis.inodes import group_syncfs
+from ..analysis.render import fmt_ns, rate_line
 from ._recording import analyze_file
 
 
@@ -25,15 +26,14 @@ def run(args: argparse.Namespace) -> int:
     d = an.stats.as_dict()
     lints = Counter(lint.name for lint in an.lints)
     d["lints"] = dict(lints.most_common())
-    d["syncfs"] = [{"nodeid": s.nodeid, "latency_ns": s.latency_ns, "superblock_root": s.is_root,
+    d["syncfs"] = [{"nodeid": s.nodeid, "path": s.path, "latency_ns": s.latency_ns, "superblock_root": s.is_root,
                     "error": s.error} for s in an.submounts.syncfs]
     d["submounts"] = [{"nodeid": a.nodeid, "parent": a.parent, "name": a.name.decode("utf-8", "backslashreplace")}
                       for a in an.submounts.announced.values()]
     if args.json:
         print(json.dumps(d))
         return 0
-    dur = d["duration_ns"] / 1e9
-    print(f"{d['total']} exchanges over {dur:.3f} s; request bytes {d['bytes']['request']}, "
+    print(f"{d['total']} exchanges over {fmt_ns(d['duration_ns'])}; request bytes {d['bytes']['request']}, "
           f"reply bytes {d['bytes']['reply']}")
     print()
     print(f"{'opcode':<20} {'count':>7} {'errors':>7} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} "
@@ -50,18 +50,18 @@ def run(args: argparse.Namespace) -> int:
         print("  by opcode: " + ", ".join(per_op))
     rates = d["ops_per_second"]
     if rates:
-        peak = max(r for _, r in rates)
-        mean = d["total"] / max(dur, 1e-9) if dur else float(d["total"])
         print()
-        print(f"ops/s: mean {mean:.1f}, peak {peak:.0f} (per second: "
-              + " ".join(f"{int(r)}" for _, r in rates[:60]) + (" …" if len(rates) > 60 else "") + ")")
+        print(rate_line(d["total"], d["rate"]))
+        print(f"  per {fmt_ns(d['rate']['bucket_ns'])} bucket: " + " ".join(f"{int(r)}" for _, r in rates[:60])
+              + (" …" if len(rates) > 60 else ""))
     if d["submounts"] or d["syncfs"]:
         print()
         for s in d["submounts"]:
             print(f"submount announced: nodeid {s['nodeid']} ({s['name']} in {s['parent']})")
-        for s in d["syncfs"]:
-            print(f"SYNCFS nodeid {s['nodeid']}: {fmt_ns(s['latency_ns'])}"
-                  f"{'' if s['superblock_root'] else ' (not a superblock root)'}")
+        if d["syncfs"]:
+            print(f"SYNCFS: {len(d['syncfs'])} calls, per superblock:")
+            for g in group_syncfs(d["syncfs"]):
+                print(f"  {g.line()}")
     print()
     print("lints: " + (", ".join(f"{k} {v}" for k, v in lints.most_common()) if lints else "none"))
     return 0

@@ -29,8 +29,8 @@ P_BIT = vspec.PROTOCOL_F.by_name()
 
 # Device features the data path does not implement (yet): masked in GET_FEATURES replies.
 MASKED_FEATURES = (
-    F_BIT["F_RING_PACKED"] | F_BIT["F_ACCESS_PLATFORM"] | F_BIT["F_LOG_ALL"]
-    | F_BIT["F_IN_ORDER"] | F_BIT["F_NOTIFICATION_DATA"] | F_BIT["F_RING_RESET"]
+    F_BIT["VIRTIO_F_RING_PACKED"] | F_BIT["VIRTIO_F_ACCESS_PLATFORM"] | F_BIT["VHOST_F_LOG_ALL"]
+    | F_BIT["VIRTIO_F_IN_ORDER"] | F_BIT["VIRTIO_F_NOTIFICATION_DATA"] | F_BIT["VIRTIO_F_RING_RESET"]
 )
 # Protocol features the proxy forwards faithfully; everything else is masked.
 ALLOWED_PROTOCOL_FEATURES = (

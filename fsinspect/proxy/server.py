@@ -119,6 +119,8 @@ class Proxy:
         self._passthrough_reply = False
         self._inflight: dict[int, set[int]] = {}
         self._inflight_lock = threading.Lock()
+        self.hold_rules: tuple[ring.HoldRule, ...] = ()  # the debugger's native table, on every queue's path
+        self._hold_lock = threading.Lock()  # hold_rules vs. paths being made
 
     # -- setup -----------------------------------------------------------------------------------
     def start_backend(self) -> None:
@@ -251,8 +253,9 @@ class Proxy:
                 self._send_backend(c, keep)
             elif isinstance(c, C.SendFrontend):
                 assert self.frontend is not None
-                raw = V.encode_message(c.msg)
-                self._record_vhost("proxy->frontend", raw, [], c.msg)
+                msg = self._vring_base_consumed(c.msg)
+                raw = V.encode_message(msg)
+                self._record_vhost("proxy->frontend", raw, [], msg)
                 send_message(self.frontend, raw)
             elif isinstance(c, C.MapRegion):
                 self._map_region(c)
@@ -344,14 +347,35 @@ class Proxy:
         q.ensure_backend_fds()
         if not self.cp.backend_alive:
             return
-        q.path = ring.ShadowPath(
+        path = ring.ShadowPath(
             self.mem, index, s.num, self.mem.uva_to_gpa(s.desc_uva), self.mem.uva_to_gpa(s.avail_uva),
             self.mem.uva_to_gpa(s.used_uva), C.PROXY_REGION_GPA + s.shadow_avail_off,
             C.PROXY_REGION_GPA + s.shadow_used_off, self.capture,
             kick_fd=-1 if q.kick_fd is None else q.kick_fd, call_fd=-1 if q.call_fd is None else q.call_fd,
             backend_kick_fd=q.backend_kick, backend_call_fd=q.backend_call, avail_base=s.base,
             snaplen=self.cfg.snaplen, event_idx=self._event_idx, spin_us=self.cfg.spin_us)
-        q.path.start()
+        with self._hold_lock:
+            if self.hold_rules:
+                path.set_hold_rules(self.hold_rules)
+            q.path = path
+        path.start()
+
+    # -- hold points (the debugger) ------------------------------------------------------------
+    def set_hold_rules(self, rules: Any) -> None:
+        """Replace the native rule table on every queue, now and for queues started later (any thread)."""
+        table = ring.check_hold_rules(rules)
+        with self._hold_lock:
+            self.hold_rules = table
+            for q in list(self.queues.values()):
+                if q.path is not None:
+                    q.path.set_hold_rules(table)
+
+    def path_of(self, queue: int, head: int) -> Any:
+        """The shadow path holding (queue, head), for a verdict; RingError "not_held" if there is none."""
+        q = self.queues.get(queue)
+        if q is None or q.path is None or not self.cp.backend_alive:
+            raise ring.RingError("not_held", head)
+        return q.path
 
     def _queue_stop(self, index: int) -> None:
         q = self.queues.get(index)
@@ -364,6 +388,22 @@ class Proxy:
         q = self.queues.get(index)
         if q is not None and q.path is not None:
             q.path.drain()
+
+    def _vring_base_consumed(self, msg: Any) -> Any:
+        """GET_VRING_BASE reply: the back-end counts the shadow entries it took, but the guest's ring also
+        lost the requests the path consumed without forwarding (held, then answered or still queued):
+        report the guest's index less what the back-end left untaken."""
+        if msg.name != "GET_VRING_BASE" or not msg.is_reply:
+            return msg
+        q = self.queues.get(msg.payload.index)
+        if q is None or q.path is None:
+            return msg
+        idx = q.path.indices
+        untaken = (idx["shadow_avail_idx"] - msg.payload.num) & 0xFFFF
+        base = (idx["next_avail"] - untaken) & 0xFFFF
+        if base == msg.payload.num:
+            return msg
+        return V.build("GET_VRING_BASE", V.make("vhost_vring_state", index=msg.payload.index, num=base), reply=True)
 
     def _reply_vring_base(self, index: int) -> None:
         q = self.queues.get(index)
@@ -468,7 +508,7 @@ class Proxy:
     @property
     def _event_idx(self) -> bool:
         """QEMU acked VIRTIO_RING_F_EVENT_IDX (the proxy forwards it, so the back-end has it too)."""
-        return bool((self.cp.neg.features_acked or 0) & C.F_BIT["RING_F_EVENT_IDX"])
+        return bool((self.cp.neg.features_acked or 0) & C.F_BIT["VIRTIO_RING_F_EVENT_IDX"])
 
     def _ask_for_kicks(self, q: QueueRuntime) -> None:
         """EVENT_IDX: avail_event in the guest's used ring = the next entry we will pop (else the guest

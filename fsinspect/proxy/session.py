@@ -11,24 +11,37 @@ every capture carries its own timestamp, so the results are the same.
 Requests in flight: the `stuck` lint is checked ten times a second from the capture thread, against the
 newest capture's time while traffic flows and against the clock once the capture buffer is empty (a reply
 still in the buffer is never mistaken for a missing one); only when nothing is held back for analysis.
+
+The debugger: the session is the proxy's HoldPoint (fsinspect/intercept/holdpoint.py).  Rules go to every
+queue's native path; a held capture is recorded and analysed at once (so `exchange_of` finds its numbered
+exchange), then `on_held` decides.  A held reply is not recorded: the reply the guest gets is, when it is
+released (captured again, flagged RELEASED) or rewritten (the original's header goes into a note).  When
+the path resolves a hold itself (the safety rule: GET_VRING_BASE, RESET, back-end loss, exit), the
+recording says so and `on_resolved` is told.
 """
 
 from __future__ import annotations
 
+import errno as errno_mod
 import json
+import struct
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dissectors import ring
 from dissectors import vhost_user as V
 from dissectors.render import safe_name
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
 
+from ..analysis import exchange as X
 from ..analysis.analyzer import DEFAULT_STUCK_NS, Analyzer
-from ..analysis.render import inflight_json
+from ..analysis.inodes import group_syncfs
+from ..analysis.render import fmt_ns, inflight_json, opcode_counts, wrap_items
 from ..recording import format as fmt
 from ..recording.writer import RecordingWriter
 from . import control as C
@@ -42,6 +55,9 @@ STUCK_CHECK_NS = 100_000_000  # how often pending requests are checked against t
 
 # A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes)
 _Held = tuple[bool, bytes, int, int, int, int, list[str]]
+_HOLD_FLAGS = ring.CAP_F_HELD | ring.CAP_F_ANSWERED | ring.CAP_F_REWRITTEN | ring.CAP_F_RELEASED
+HeldCallback = Callable[[int, int, int, bytes, int], None]  # (queue, head, direction, raw, ts_ns)
+ResolvedCallback = Callable[[int, int, int, str], None]  # (queue, head, direction, how)
 
 
 @dataclass
@@ -79,6 +95,13 @@ class Session:
         self.requests = 0
         self.replies = 0
         self.hub: Hub | None = None
+        # HoldPoint: the callback for held captures, and for holds the path resolved itself (safety rule)
+        self.on_held: HeldCallback | None = None
+        self.on_resolved: ResolvedCallback | None = None
+        self._held_exchanges: dict[tuple[int, int, int], Any] = {}  # (queue, head, direction) -> Exchange
+        self._held_replies: dict[tuple[int, int], tuple[bytes, int]] = {}  # the back-end's reply, exchange n
+        self._decided: dict[tuple[int, int], str] = {}  # verdicts given through this session, by chain
+        self.holds = Counter[str]()  # held, answered, rewritten, released, dropped, safety
         if opts.control:
             self.hub = Hub(opts.control, self.snapshot, feed_lock=self.lock)
             self.analyzer.listeners.append(self.hub.publish_exchange)
@@ -97,6 +120,9 @@ class Session:
                                 flags=fmt.RF_PROXY_REPLY)
             return
         layout = tuple([(ln, fl) for _addr, ln, fl in cap.layout])  # hashable: the writer caches its packing
+        if cap.flags & _HOLD_FLAGS and cap.kind != "error":
+            self._on_hold_capture(cap, layout)
+            return
         with self.lock:
             if cap.kind == "request":
                 self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
@@ -117,18 +143,140 @@ class Session:
             self.check_stuck(self.analyzer.last_ts)
 
     def _request(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
-                 flags: int = 0) -> None:
+                 flags: int = 0, analyse: bool = True) -> None:
         self.requests += 1
         if self.writer is not None:
             self.writer.request(data, queue, head, ts, layout=layout, notes=notes, flags=flags, orig_len=orig)
-        self._analyse((True, data, queue, head, ts, orig, notes))
+        if analyse:
+            self._analyse((True, data, queue, head, ts, orig, notes))
 
     def _reply(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
-               flags: int = 0) -> None:
+               flags: int = 0, analyse: bool = True) -> None:
         self.replies += 1
         if self.writer is not None:
             self.writer.reply(data, queue, head, ts, layout=layout, notes=notes, flags=flags, orig_len=orig)
-        self._analyse((False, data, queue, head, ts, orig, notes))
+        if analyse:
+            self._analyse((False, data, queue, head, ts, orig, notes))
+
+    # -- the debugger's hold points (HoldPoint) ------------------------------------------------------
+    def set_rules(self, rules: Sequence[ring.HoldRule]) -> None:
+        """Replace the native rule table on every queue (ValueError for a malformed rule)."""
+        self.proxy.set_hold_rules(rules)
+
+    def release(self, queue: int, head: int) -> None:
+        self._verdict(queue, head, "released")
+
+    def answer(self, queue: int, head: int, data: bytes) -> None:
+        self._verdict(queue, head, "answered", data)
+
+    def rewrite(self, queue: int, head: int, data: bytes) -> None:
+        self._verdict(queue, head, "rewritten", data)
+
+    def drop(self, queue: int, head: int) -> None:
+        self._verdict(queue, head, "dropped")
+
+    def _verdict(self, queue: int, head: int, how: str, *data: bytes) -> None:
+        """RingError (not_held, wrong_direction, no_room, needs_reply) if the path refuses."""
+        path = self.proxy.path_of(queue, head)
+        key = (queue, head)
+        with self.lock:
+            self._decided[key] = how
+        try:
+            getattr(path, {"released": "release", "answered": "answer", "rewritten": "rewrite",
+                           "dropped": "drop"}[how])(head, *data)
+        except Exception:
+            with self.lock:
+                self._decided.pop(key, None)
+            raise
+        with self.lock:
+            self.holds[how] += 1
+
+    def held(self) -> list[tuple[int, int, int]]:
+        """(queue, head, direction) of everything the paths hold now."""
+        return [(i, h, d) for i, q in list(self.proxy.queues.items()) if q.path is not None
+                for h, d in q.path.held()]
+
+    def exchange_of(self, queue: int, head: int, direction: int) -> Any:
+        """The analyzer's exchange for a capture just held (Intercept.exchange_of), numbered like the UI's."""
+        with self.lock:
+            return self._held_exchanges.pop((queue, head, direction), None)
+
+    def on_debugger(self, ev: dict[str, Any]) -> None:
+        """Intercept listener: a verdict moves the analyzer's exchange on.  A held reply is completed by the
+        capture of what the guest gets (released or rewritten), not here; a delayed one is pending again."""
+        if ev.get("type") != "resumed" or not isinstance(ev.get("n"), int):
+            return
+        with self.lock:
+            self.catch_up()
+            ex = self.analyzer.find(ev["n"])
+            if ex is None:
+                return
+            if ex.held == X.HELD_REPLY:
+                if ev.get("how") == "delayed":
+                    self.analyzer.set_held(ex.n, None)
+                return
+            self.analyzer.resume(ex.n, str(ev.get("how")))
+
+    def _on_hold_capture(self, cap: Any, layout: Any) -> None:
+        """A capture a hold point made: a held request or reply, or how a hold ended."""
+        key = (cap.queue, cap.head)
+        notes = ["payload cut at the capture snap length"] if cap.truncated else []
+        flags = fmt.RF_SNAPPED if cap.truncated else 0
+        held_cb: tuple[int, int, int, bytes, int] | None = None
+        resolved_cb: tuple[int, int, int, str] | None = None
+        with self.lock:
+            self.catch_up()  # held captures are analysed at once: the debugger names them by their exchange
+            if cap.flags & ring.CAP_F_HELD:
+                self._decided.pop(key, None)
+                self.holds["held"] += 1
+                direction = ring.HOLD_REQUEST if cap.kind == "request" else ring.HOLD_REPLY
+                if direction == ring.HOLD_REQUEST:
+                    notes.append("held by the debugger")
+                    self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes, flags,
+                                  analyse=False)
+                    ex = self.analyzer.feed_request(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
+                                                    notes=notes, held=True)
+                    self.opcount[ex.opname] += 1
+                else:
+                    ex = self.analyzer.feed_reply(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
+                                                  notes=["held by the debugger: the guest has not seen it"],
+                                                  held=True)
+                    self._held_replies[key] = (cap.data[:16], ex.n)
+                self._held_exchanges[(cap.queue, cap.head, direction)] = ex
+                held_cb = (cap.queue, cap.head, direction, cap.data, cap.ts_ns)
+            else:
+                how = self._decided.pop(key, None)
+                if how is None:
+                    self.holds["safety"] += 1
+                orig = self._held_replies.pop(key, None)
+                if cap.flags & ring.CAP_F_ANSWERED:
+                    direction, done = ring.HOLD_REQUEST, "dropped" if cap.length == 0 else "answered"
+                    flags |= fmt.RF_PROXY_REPLY
+                    notes.append(f"{done} by the debugger: the back-end never saw the request" if how else
+                                 f"{done} (EIO) by the proxy: the queue stopped while the request was held")
+                else:
+                    direction = ring.HOLD_REPLY
+                    done = "rewritten" if cap.flags & ring.CAP_F_REWRITTEN else "released"
+                    if done == "rewritten":
+                        notes.append("rewritten by the debugger; the back-end replied "
+                                     + (_out_header(orig[0]) if orig else "(not captured)"))
+                    else:
+                        notes.append("held by the debugger, then released" if how else
+                                     "held by the debugger, released by the proxy: the queue stopped")
+                # a reply the analyzer already completed (resumed by the debugger) is only recorded
+                analyse = direction == ring.HOLD_REQUEST or orig is None or self.analyzer.find(orig[1]) is not None
+                if not (cap.queue == vio.FS_HIPRIO_QUEUE and cap.length == 0):  # FORGET: no reply
+                    self._reply(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes, flags,
+                                analyse=False)
+                    if analyse:
+                        self.analyzer.feed_reply(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
+                                                 notes=notes)
+                if how is None:
+                    resolved_cb = (cap.queue, cap.head, direction, done)
+        if held_cb is not None and self.on_held is not None:
+            self.on_held(*held_cb)
+        if resolved_cb is not None and self.on_resolved is not None:
+            self.on_resolved(*resolved_cb)
 
     # -- analysis, now or held back ---------------------------------------------------------------
     @property
@@ -245,8 +393,8 @@ class Session:
         counters["busy_max_ns"] = busy_max  # the longest forwarding stall of any queue (not a sum)
         cap = dict(self.proxy.capture.stats)
         an = self.analyzer
-        syncfs = [{"nodeid": r.nodeid, "latency_ns": r.latency_ns, "superblock_root": r.is_root, "error": r.error}
-                  for r in an.submounts.syncfs]
+        syncfs = [{"nodeid": r.nodeid, "path": r.path, "latency_ns": r.latency_ns, "superblock_root": r.is_root,
+                   "error": r.error} for r in an.submounts.syncfs]
         submounts = [{"nodeid": a.nodeid, "parent": a.parent, "name": safe_name(a.name), "ino": a.ino}
                      for a in an.submounts.announced.values()]
         return {
@@ -270,7 +418,17 @@ class Session:
             "recording": [str(p) for p in self.writer.paths] if self.writer else [],
             "control_clients": self.hub.client_stats() if self.hub else [],
             "control_overflow": self.hub.total_overflow if self.hub else 0,
+            "holds": dict(self.holds),
         }
+
+
+def _out_header(raw: bytes) -> str:
+    """A fuse_out_header for a note: `error -5 (EIO), 16 bytes`."""
+    if len(raw) < 16:
+        return f"{len(raw)} bytes"
+    length, err, _unique = struct.unpack_from("<IiQ", raw)
+    name = errno_mod.errorcode.get(-err, "?") if err < 0 else "ok"
+    return f"error {err} ({name}), len {length}"
 
 
 def render_summary(s: dict[str, Any]) -> str:
@@ -286,11 +444,11 @@ def render_summary(s: dict[str, Any]) -> str:
                  f"lossless stalls {cap.get('stalls', 0)}, malformed chains {s['capture_errors']}")
     path = s["path"]
     if path.get("wakeups"):
-        lines.append(f"  forwarding: {path['wakeups']} wake-ups, {path['busy_ns'] / path['wakeups'] / 1e3:.1f} us each on "
-                     f"average, longest {path['busy_max_ns'] / 1e6:.2f} ms"
+        lines.append(f"  forwarding: {path['wakeups']} wake-ups, {fmt_ns(path['busy_ns'] / path['wakeups'])} each on "
+                     f"average, longest {fmt_ns(path['busy_max_ns'])}"
                      + (f"; {path['spin_hits']} rounds found by polling" if path.get("spin_hits") else ""))
-    top = ", ".join(f"{k} {v}" for k, v in list(s["opcodes"].items())[:10])
-    lines.append(f"  opcodes: {top}")
+    lines.append("  opcodes:")
+    lines.extend(wrap_items(opcode_counts(s["opcodes"]), indent="    "))
     if f.get("features_masked"):
         lines.append(f"  features masked by the proxy: {vio.VIRTIO_F.render(f['features_masked'])}")
     if f.get("protocol_masked"):
@@ -298,9 +456,11 @@ def render_summary(s: dict[str, Any]) -> str:
     if s["submounts"]:
         lines.append("  submounts announced: " + ", ".join(f"{x['name']} (nodeid {x['nodeid']})" for x in s["submounts"]))
     if s["syncfs"]:
-        lines.append("  SYNCFS: " + ", ".join(
-            f"nodeid {x['nodeid']} {'' if x['superblock_root'] else '(NOT a superblock root) '}"
-            f"{(x['latency_ns'] or 0) / 1e6:.2f} ms" for x in s["syncfs"]))
+        lines.append(f"  SYNCFS ({len(s['syncfs'])} calls), per superblock:")
+        lines.extend(f"    {g.line()}" for g in group_syncfs(s["syncfs"]))
+    if s.get("holds"):
+        lines.append("  debugger: " + ", ".join(f"{k} {v}" for k, v in s["holds"].items())
+                     + (" (safety: resolved by the proxy when a queue stopped)" if s["holds"].get("safety") else ""))
     if s["lints"]:
         lines.append(f"  lints: {len(s['lints'])}")
         for lint in s["lints"][:8]:

@@ -21,12 +21,12 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
 
 from ..analysis import compile_filter
 from ..analysis.render import exchange_json
 from .panels import ControlPanel, InodePanel, JumpTo, StatsPanel, SubmountPanel
-from .render import exchange_text
+from .render import exchange_text, goto_target
 from .sources import AttachSource, ReplaySource, Source, Store
 from .widgets import DetailPane, ExchangeList, FilterBar, FilterState, ListHeader
 
@@ -42,6 +42,8 @@ HELP = """\
   p                     pause the list (the feed keeps running; p again catches up)
   m  n  N               mark the exchange, next / previous mark
   e  l                  next error, next lint
+  Ctrl-G                go to #N (any #N shown) or a time: +1.5 / 250ms (from the first record), 14:03:07
+  t                     time column: relative to the first record (as tshark) → absolute → delta
   r                     detail pane: show the request or the reply (jump between the two)
   Tab                   move focus: list → detail fields (highlight a field: its bytes light up)
   /                     filter bar (Enter applies, Esc closes, → or Tab completes); Esc clears
@@ -49,6 +51,7 @@ HELP = """\
   w                     write the exchange as JSON to ./fsinspect-exchange-N.json
 [b]Panels[/b]
   1 exchanges  2 inodes & lints  3 submounts & SYNCFS  4 stats  5 control plane
+  (each panel takes the focus: arrows and Enter act at once)
   Enter on a lint, superblock or SYNCFS row jumps to its exchange
 [b]Filter language[/b]
   op == LOOKUP and name ~ "foo"    error == ENOENT    latency > 1ms    nodeid == 4
@@ -78,6 +81,49 @@ class HelpScreen(ModalScreen[None]):
 
     def action_dismiss(self, result: Any = None) -> None:  # type: ignore[override]
         self.dismiss()
+
+
+class PromptScreen(ModalScreen[str | None]):
+    """One line of input over the app (go to, export path): Enter returns it, Esc cancels.
+
+    `check` validates it first: a reason (shown under the line) keeps the prompt open.
+    """
+
+    DEFAULT_CSS = """
+    PromptScreen { align: center middle; }
+    PromptScreen > Vertical { width: 90; height: auto; border: thick $accent; background: $surface; padding: 0 1; }
+    PromptScreen #perr { color: $error; height: auto; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str, value: str = "", check: Any = None, placeholder: str = "") -> None:
+        super().__init__()
+        self.title_text = title
+        self.value = value
+        self.check = check
+        self.placeholder = placeholder
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(self.title_text)
+            box = Input(self.value, placeholder=self.placeholder, id="pinput")
+            box.cursor_blink = False
+            yield box
+            yield Static("", id="perr")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        reason = self.check(event.value) if self.check is not None else None
+        if reason:
+            self.query_one("#perr", Static).update(reason)
+            return
+        self.dismiss(event.value)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
 
 
 class StatusLine(Widget):
@@ -120,6 +166,7 @@ class FsInspectApp(App[int]):
         Binding("3", "tab('submounts')", "Submounts", show=False),
         Binding("4", "tab('stats')", "Stats", show=False),
         Binding("5", "tab('control')", "Control", show=False),
+        Binding("ctrl+g", "goto", "Go to", show=False),
     ]
 
     def __init__(self, source: Source, *, title: str | None = None, tick: float = TICK) -> None:
@@ -138,6 +185,7 @@ class FsInspectApp(App[int]):
         # Widgets kept by reference: ticks must find them whatever screen (help) is on top.
         self.filterbar = FilterBar(id="filterbar")
         self.xlist = ExchangeList(self.store, id="list")
+        self.listheader = ListHeader(self.xlist)
         self.detail = DetailPane(self.store, self.source, id="detail")
         self.panels: dict[str, Any] = {"inodes": InodePanel(self.store, id="inodepanel"),
                                        "submounts": SubmountPanel(self.store, id="submountpanel"),
@@ -152,7 +200,7 @@ class FsInspectApp(App[int]):
         with self.tabbed:
             with TabPane("Exchanges", id="exchanges"), Vertical(id="exchanges-pane"):
                 yield self.filterbar
-                yield ListHeader()
+                yield self.listheader
                 yield self.xlist
                 yield self.detail
             with TabPane("Inodes & lints", id="inodes"):
@@ -197,6 +245,7 @@ class FsInspectApp(App[int]):
             self.filter.advance(self.store)
             lst.view = self.filter.view
         lst.sync()
+        self.listheader.sync()
         active = self.active_tab
         if active != "exchanges" and self.ticks % 10 == 1:
             self._refresh_panel(active)
@@ -217,7 +266,7 @@ class FsInspectApp(App[int]):
             parts.append(f"analysing {st.progress * 100:.0f}%")
         parts.append(f"{n} exchanges")
         if st.base:
-            parts.append(f"keeping the newest {len(st.exchanges)} (#{st.base}…)")
+            parts.append(f"keeping the newest {len(st.exchanges)} (#{st.number_of(st.base)}…)")
         if self.filter is not None:
             done = "" if self.filter.upto >= n else f" (filtering {self.filter.upto * 100 // max(1, n)}%)"
             parts.append(f"filter [{self.filter.text}]: {len(self.filter.view)} shown{done}")
@@ -255,6 +304,10 @@ class FsInspectApp(App[int]):
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         pane = event.pane.id or ""
         self._refresh_panel(pane)
+        # The keys act at once: the shown panel's main widget takes the focus (the hidden one had it).
+        main = self.xlist if pane == "exchanges" else getattr(self.panels.get(pane), "main", None)
+        if main is not None:
+            main.focus()
 
     def on_filter_bar_apply(self, event: FilterBar.Apply) -> None:
         self.apply_filter(event.text)
@@ -285,9 +338,26 @@ class FsInspectApp(App[int]):
             self.apply_filter("")
             lst.sync()
             if not lst.jump_to_exchange(index):
-                self.notify(f"exchange #{index} is no longer kept (a live session keeps the newest "
+                self.notify(f"exchange #{self.store.number_of(index)} is no longer kept (a live session keeps the newest "
                             f"{len(self.store.exchanges)})", severity="warning")
         lst.focus()
+
+    def goto(self, text: str) -> None:
+        """Ctrl-G's answer: an exchange number (#N, as every `#N` on screen) or a time (see goto_target)."""
+        kind, value = goto_target(text, self.xlist.t0 or self.store.first_ts)
+        if kind == "n":
+            index = self.store.find_number(value)
+            if index is None:
+                self.notify(f"no exchange #{value} (kept: #{self.store.number_of(self.store.base)}"
+                            f"…#{self.store.number_of(self.store.end - 1)})", severity="warning")
+                return
+            self.jump(index)
+            return
+        index = self.store.find_time(value, self.filter.view if self.filter is not None else None)
+        if index is None:
+            self.notify("no exchange yet", severity="warning")
+            return
+        self.jump(index)
 
     def selected_exchange_text(self, kind: str) -> str | None:
         i = self.xlist.selected
@@ -304,6 +374,22 @@ class FsInspectApp(App[int]):
     def action_other_side(self) -> None:
         """Show the reply of the exchange in view, or its request (wherever the focus is)."""
         self.detail.action_other_side()
+
+    def action_goto(self) -> None:
+        def check(text: str) -> str | None:
+            try:
+                goto_target(text, self.xlist.t0 or self.store.first_ts or 1)
+            except ValueError as e:
+                return str(e)
+            return None
+
+        def done(text: str | None) -> None:
+            if text:
+                self.goto(text)
+
+        self.push_screen(PromptScreen("Go to exchange #N, or a time: +1.5 / 250ms after the first record, "
+                                      "or 14:03:07.25", check=check, placeholder="#123  +1.5  14:03:07.25"),
+                         done)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -336,14 +422,14 @@ class FsInspectApp(App[int]):
             return
         self.last_copy = text
         self.copy_to_clipboard(text)
-        self.notify(f"copied exchange #{self.xlist.selected} as {kind} to the clipboard (OSC 52)")
+        self.notify(f"copied exchange #{self.store.number_of(self.xlist.selected or 0)} as {kind} to the clipboard (OSC 52)")
 
     def action_write_json(self) -> None:
         text = self.selected_exchange_text("json")
         if text is None:
             self.bell()
             return
-        path = Path.cwd() / f"fsinspect-exchange-{self.xlist.selected}.json"
+        path = Path.cwd() / f"fsinspect-exchange-{self.store.number_of(self.xlist.selected or 0)}.json"
         try:
             path.write_text(text)
         except OSError as e:

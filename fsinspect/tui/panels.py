@@ -18,11 +18,13 @@ from textual.widgets.option_list import Option
 from dissectors.render import safe_name
 from dissectors.spec import fuse as fspec
 
-from ..analysis.inodes import ROOT
+from ..analysis.inodes import ROOT, superblock_label
 from ..analysis.render import fmt_ns
-from .render import features_text
+from ..analysis.stats import rate_series
+from .render import event_text, features_text
 from .sources import Store
 
+FINE_BELOW_S = 10  # a capture shorter than this many seconds gets sparklines in sub-second buckets
 MAX_TREE_NODES = 5000  # the Tree widget rebuilds every second while shown; beyond this it would lag
 
 
@@ -90,10 +92,15 @@ class InodePanel(Widget):
                                                " ", r.get("message", ""))))
             self.lint_targets.append(-1)
         for name, idx, msg in lints:
-            ol.add_option(Option(Text.assemble((f"#{idx} ", "dim"), (name, "magenta bold"), " ", msg)))
+            ol.add_option(Option(Text.assemble((f"#{st.number_of(idx)} ", "dim"), (name, "magenta bold"), " ", msg)))
             self.lint_targets.append(idx)
         if hl is not None and hl < ol.option_count:
             ol.highlighted = hl
+
+    @property
+    def main(self) -> Widget:
+        """What takes the focus when the panel is shown."""
+        return self.query_one("#itree", Tree)
 
     def _tree(self, nodes: list[tuple[Any, ...]]) -> None:
         tree = self.query_one("#itree", Tree)
@@ -166,16 +173,16 @@ class SubmountPanel(Widget):
         self._sig: tuple[int, int, int] | None = None
 
     def compose(self) -> Any:
-        yield Label("superblocks (Enter: the announcing exchange)")
+        yield Label("superblocks (Enter: the announcing exchange; the guest's st_dev for each is the guest "
+                    "kernel's and never crosses the wire)")
         yield DataTable(id="sb", cursor_type="row")
         yield Label("SYNCFS calls (Enter: the exchange)")
         yield DataTable(id="sync", cursor_type="row")
 
     def on_mount(self) -> None:
-        self.query_one("#sb", DataTable).add_columns("root nodeid", "path", "announced by", "ino", "guest st_dev",
-                                                     "SYNCFS", "last SYNCFS latency")
-        self.query_one("#sync", DataTable).add_columns("exchange", "nodeid", "path", "superblock root", "latency",
-                                                       "result")
+        self.query_one("#sb", DataTable).add_columns("root nodeid", "path", "announced by", "ino", "SYNCFS",
+                                                     "last SYNCFS latency")
+        self.query_one("#sync", DataTable).add_columns("exchange", "superblock", "latency", "result")
 
     def refresh_from_store(self) -> None:
         st = self.store
@@ -199,19 +206,24 @@ class SubmountPanel(Widget):
             mine = [s for s in syncs if s.nodeid == nodeid]
             last = fmt_ns(mine[-1].latency_ns) if mine else "-"
             sb.add_row(str(nodeid), Text(path, "bold cyan" if nodeid != ROOT else "bold"),
-                       f"#{exidx}" if exidx >= 0 else ("INIT" if nodeid == ROOT else "(before attach)"),
-                       str(ino or "-"), "unknown", str(len(mine)), last)
+                       f"#{st.number_of(exidx)}" if exidx >= 0 else ("INIT" if nodeid == ROOT else "(before attach)"),
+                       str(ino or "-"), str(len(mine)), last)
             self.targets["sb"].append(exidx)
         sy = self.query_one("#sync", DataTable)
         sy.clear()
         self.targets["sync"] = []
         for s in syncs:
-            sy.add_row(f"#{s.exchange}" if s.exchange >= 0 else "(before attach)", str(s.nodeid),
-                       spaths.get(s.exchange) or paths.get(s.nodeid, "/" if s.nodeid == ROOT else ""),
-                       Text("yes", "green") if s.is_root else Text("NO", "red bold"),
-                       fmt_ns(s.latency_ns),
+            where = Text(superblock_label(s.nodeid, s.path or spaths.get(s.exchange)
+                                          or paths.get(s.nodeid, "/" if s.nodeid == ROOT else "")))
+            if not s.is_root:  # flag only what is wrong
+                where.append("  NOT a superblock root", "red bold")
+            sy.add_row(f"#{st.number_of(s.exchange)}" if s.exchange >= 0 else "(before attach)", where, fmt_ns(s.latency_ns),
                        Text(fspec.ERRNO.render(s.error), "red bold") if s.error else Text("ok", "green"))
             self.targets["sync"].append(s.exchange)
+
+    @property
+    def main(self) -> Widget:
+        return self.query_one("#sb", DataTable)
 
     def _path(self, nodeid: int, parent: int, name: bytes) -> str:
         """Where the submount root is (or was: a forgotten root is named from its announcement)."""
@@ -258,6 +270,10 @@ class StatsPanel(Widget):
         self.query_one("#ops_table", DataTable).add_columns("opcode", "count", "errors", "p50", "p90", "p99",
                                                             "max", "req bytes", "reply bytes", "no reply")
 
+    @property
+    def main(self) -> Widget:
+        return self.query_one("#ops_table", DataTable)
+
     def refresh_from_store(self) -> None:
         st = self.store
         with st.lock:
@@ -267,15 +283,21 @@ class StatsPanel(Widget):
             self._sig = sig
             d = st.analyzer.stats.as_dict()
         ops, byts = st.rates(120)
+        base = f"last {len(ops)} s of capture time, per 1 s"
+        if len(ops) < FINE_BELOW_S:  # a few per-second bars would be one solid block: finer buckets
+            with st.lock:
+                pts = [(e.ts_ns, e.req_len + e.reply_len) for e in st.exchanges if e.ts_ns]
+            bucket, ops, byts = rate_series(pts)
+            base = f"over {fmt_ns(d['duration_ns'])}, per {fmt_ns(bucket)} bucket"
         self.query_one("#ops", Sparkline).data = ops or [0.0]
         self.query_one("#bytes", Sparkline).data = byts or [0.0]
         self.query_one("#opslabel", Static).update(
-            f"ops/s (last {len(ops)} s of capture time): now {ops[-1]:.0f}, peak {max(ops):.0f}" if ops else "ops/s")
+            f"ops/s ({base}): now {ops[-1]:.0f}, peak {max(ops):.0f}" if ops else "ops/s")
         self.query_one("#byteslabel", Static).update(
             f"bytes/s: now {_fmt_bytes(byts[-1])}, peak {_fmt_bytes(max(byts))}" if byts else "bytes/s")
         errs = ", ".join(f"{k} {v}" for k, v in list(d["errors"].items())[:8]) or "none"
         self.query_one("#totals", Static).update(
-            f"{d['total']} exchanges over {d['duration_ns'] / 1e9:.3f} s; request bytes {d['bytes']['request']}, "
+            f"{d['total']} exchanges over {fmt_ns(d['duration_ns'])}; request bytes {d['bytes']['request']}, "
             f"reply bytes {d['bytes']['reply']}; errors: {errs}")
         t = self.query_one("#ops_table", DataTable)
         t.clear()
@@ -308,6 +330,10 @@ class ControlPanel(Widget):
             with VerticalScroll(id="cmsgs"):
                 yield Static("", id="cmsgs_text")
 
+    @property
+    def main(self) -> Widget:
+        return self.query_one("#cstate", VerticalScroll)
+
     def state_lines(self) -> list[str]:
         st = self.store
         f = st.features
@@ -339,7 +365,7 @@ class ControlPanel(Widget):
         if st.events:
             lines.append(f"EVENTS ({len(st.events)})")
             for e in st.events[-30:]:
-                lines.append(f"  {e.get('kind')}: {e.get('detail')}")
+                lines.append(f"  {event_text(e)}")
         return lines
 
     def refresh_from_store(self) -> None:

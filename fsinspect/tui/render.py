@@ -5,6 +5,9 @@ Kept apart from the widgets so the same text shows in tests, the copy command an
 
 from __future__ import annotations
 
+import datetime
+import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +31,69 @@ _OP_READ = fspec.OPCODE_BY_NAME["READ"].value
 
 # Column widths of the exchanges list at full size (the summary takes what is left); `widths()` narrows
 # the path, result and opcode columns on small terminals before the summary drops below MIN_SUMMARY.
-COLUMNS: list[tuple[str, int]] = [("", 1), ("time", 11), ("q", 2), ("unique", 7), ("opcode", 13),
+COLUMNS: list[tuple[str, int]] = [("", 1), ("#", 6), ("time", 15), ("q", 2), ("unique", 7), ("opcode", 13),
                                   ("nodeid → path", 26), ("summary", 0), ("result", 14), ("latency", 8)]
 FIXED = sum(w + 1 for _, w in COLUMNS if w)
 MIN_SUMMARY = 16
-_SHRINK = (("nodeid → path", 12), ("result", 8), ("opcode", 10), ("time", 10))  # (column, narrowest)
+_SHRINK = (("time", 12), ("nodeid → path", 12), ("result", 8), ("opcode", 10), ("time", 9), ("unique", 0),
+           ("q", 0))  # (column, narrowest); 0 hides the column
+
+# How the time column reads (`t` cycles): tshark's -t a / -t r / -t dd.
+TIME_MODES = ("relative", "absolute", "delta")
+TIME_TITLES = {"relative": ("time (rel)", "t rel"), "absolute": ("time (abs)", "t abs"),
+               "delta": ("time (Δ)", "t Δ")}
+
+
+def number(ex: Exchange) -> int:
+    """The exchange number the UI shows and `#N` / go-to names: the source's `n` (1-based, request-capture
+    order, the same in every UI attached to one proxy); the local position + 1 where a source has none."""
+    n = getattr(ex, "n", 0)
+    return int(n) if n else ex.index + 1
+
+
+_UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "µs": 1_000, "ns": 1}
+
+
+def goto_target(text: str, t0: int) -> tuple[str, int]:
+    """Parse what Ctrl-G was given: ("n", N) for an exchange number (`123`, `#123`), ("ts", ns) for a time:
+    relative to the first record (`+1.5`, `1.5`, `250ms`) or absolute (`14:03:07.25`, local time, the first
+    record's day).  Raises ValueError with a one-line reason."""
+    s = text.strip().replace(" ", "")
+    if re.fullmatch(r"#?\d+", s):
+        return "n", int(s.lstrip("#"))
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}(?:\.\d{1,9})?))?", s)
+    if m:
+        if not t0:
+            raise ValueError("no record yet to take the day from")
+        day = datetime.datetime.fromtimestamp(t0 / 1e9).replace(hour=0, minute=0, second=0, microsecond=0)
+        h, mi, sec = int(m.group(1)), int(m.group(2)), float(m.group(3) or 0)
+        if h > 23 or mi > 59 or sec >= 60:
+            raise ValueError(f"{text.strip()} is no time of day")
+        return "ts", int(day.timestamp() * 1e9) + round(((h * 60 + mi) * 60 + sec) * 1e9)
+    m = re.fullmatch(r"\+?(\d+(?:\.\d*)?|\.\d+)(s|ms|us|µs|ns)?", s)
+    if m:
+        return "ts", t0 + round(float(m.group(1)) * _UNIT_NS[m.group(2) or "s"])
+    raise ValueError(f"go to what? {text.strip()!r} is neither an exchange number (#123) nor a time "
+                     "(+1.5, 250ms, 14:03:07.25)")
+
+
+def time_text(ts: int, mode: str, t0: int, prev: int | None, width: int) -> str:
+    """A timestamp in the list's time mode, as precise as `width` allows (µs like tshark when it fits)."""
+    if not ts:
+        return ""
+    if mode == "absolute":
+        secs, ns = divmod(ts, 1_000_000_000)
+        hms = time.strftime("%H:%M:%S", time.localtime(secs))
+        digits = max(0, min(6, width - 9))
+        return hms + (f".{ns // 10 ** (9 - digits):0{digits}d}" if digits else "")
+    ref = prev if mode == "delta" else t0
+    if not ref:
+        return ""
+    rel = (ts - ref) / 1e9
+    digits = 6
+    while digits > 0 and len(f"{rel:.{digits}f}") > width:
+        digits -= 1
+    return f"{rel:.{digits}f}"
 
 
 def widths(width: int) -> dict[str, int]:
@@ -45,7 +106,7 @@ def widths(width: int) -> dict[str, int]:
         cut = min(w[name] - least, -spare)
         w[name] -= cut
         spare += cut
-    w["summary"] = max(8, width - sum(cw + 1 for name, cw in w.items() if name != "summary"))
+    w["summary"] = max(8, width - sum(cw + 1 for name, cw in w.items() if name != "summary" and cw))
     return w
 
 
@@ -90,17 +151,20 @@ def _short_read(ex: Exchange) -> str:
     return " (short)" if data is not None and ask is not None and wire_len(data) < ask.size else ""
 
 
-def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool) -> Text:
-    """One row of the exchanges list, exactly `width` cells wide."""
+def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool, *, mode: str = "relative",
+             prev_ts: int | None = None) -> Text:
+    """One row of the exchanges list, exactly `width` cells wide.  `t0` is the first record's time
+    (tshark's reference for relative times), `prev_ts` the previous row's (for delta)."""
     w = widths(width)
     sw = w["summary"]
     t = Text(no_wrap=True, overflow="crop", end="")
     t.append("●" if marked else " ", S_MARK)
-    t.append(" ")
-    rel = (ex.ts_ns - t0) / 1e9 if t0 and ex.ts_ns else 0.0
-    t.append(_fit(f"{rel:+.6f}", w["time"]) + " ", S_DIM)
-    t.append(_fit(str(ex.queue), 2) + " ")
-    t.append(_fit(str(ex.unique), 7) + " ", S_DIM)
+    t.append(str(number(ex))[-w["#"]:].rjust(w["#"]) + " ", S_DIM)
+    t.append(_fit(time_text(ex.ts_ns, mode, t0, prev_ts, w["time"]), w["time"]) + " ", S_DIM)
+    if w["q"]:
+        t.append(_fit(str(ex.queue), w["q"]) + " ")
+    if w["unique"]:
+        t.append(_fit(str(ex.unique), w["unique"]) + " ", S_DIM)
     op = ex.opname
     t.append(_fit(op, w["opcode"]) + " ", S_SYNCFS if op == "SYNCFS" else S_OPCODE)
     node = "" if ex.opcode < 0 else f"{ex.nodeid} {path}".rstrip()
@@ -128,10 +192,17 @@ def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool) -> Text
     return t
 
 
-def header_text(width: int) -> Text:
+def header_text(width: int, mode: str = "relative") -> Text:
     t = Text(no_wrap=True, overflow="crop", end="")
     for name, cw in widths(width).items():
-        t.append(_fit(name, cw) + " ", Style(bold=True, underline=True))
+        if not cw:
+            continue
+        title = name
+        if name == "time":
+            long, short = TIME_TITLES[mode]
+            title = long if len(long) <= cw else short
+        title = title.rjust(cw) if name == "#" else title
+        t.append(_fit(title, cw) + " ", Style(bold=True, underline=True))
     t.truncate(width, pad=True)
     return t
 
@@ -141,7 +212,7 @@ def exchange_text(ex: Exchange, path: str = "", t0: int = 0) -> str:
     from dissectors.render import message_lines
 
     res, _ = result_text(ex)
-    lines = [f"exchange #{ex.index}: {ex.opname} unique={ex.unique} queue={ex.queue} head={ex.head} "
+    lines = [f"exchange #{number(ex)}: {ex.opname} unique={ex.unique} queue={ex.queue} head={ex.head} "
              f"nodeid={ex.nodeid} {path}".rstrip(),
              f"result {res}, latency {fmt_ns(ex.latency_ns)}"
              + (f", lints: {', '.join(ex.lints)}" if ex.lints else "") + (", submount" if ex.submount else "")]
@@ -278,6 +349,47 @@ def layout_text(layout: list[tuple[int, int]] | None) -> str:
     return "descriptor chain:\n" + "\n".join(parts)
 
 
+_EVENT_FLAGS = {"features-acked": "VIRTIO_F", "features": "VIRTIO_F", "protocol-features-acked": "PROTOCOL_F",
+                "protocol-features": "PROTOCOL_F"}
+_ADDR_KEYS = frozenset({"desc", "avail", "used", "log", "guest_address", "user_address", "mmap_offset", "size"})
+
+
+def _event_value(kind: str, key: str, v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if v is not None else "-"
+    if isinstance(v, int):
+        if kind in _EVENT_FLAGS and key in ("value", "offered", "masked"):
+            return f"{v:#x} ({flags_text(_event_flagset(kind), v)})" if v else "0"
+        return f"{v:#x}" if key in _ADDR_KEYS else str(v)
+    if isinstance(v, dict):
+        return "{" + " ".join(f"{k}={_event_value(kind, k, x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_event_value(kind, key, x) for x in v) + "]"
+    return str(v)
+
+
+def _event_flagset(kind: str) -> Any:
+    from dissectors.spec import vhost_user as vspec
+
+    return vio.VIRTIO_F if _EVENT_FLAGS[kind] == "VIRTIO_F" else vspec.PROTOCOL_F
+
+
+def event_text(e: dict[str, Any]) -> str:
+    """A control-plane event as a person reads it: `vring-num: index=1 num=1024`, flags named, addresses hex."""
+    kind = str(e.get("kind", "?"))
+    d = e.get("detail")
+    if isinstance(d, dict):
+        body = " ".join(f"{k}={_event_value(kind, k, v)}" for k, v in d.items())
+    else:
+        body = "" if d is None else str(d)
+    return f"{kind}: {body}" if body else kind
+
+
+def flags_text(fs: Any, v: int) -> str:
+    """A flag set's names joined so that a wrapping line breaks between names, never inside one."""
+    return fs.render(v).replace("|", " | ")
+
+
 def features_text(f: dict[str, Any]) -> list[str]:
     """Offered / acked / masked virtio and vhost-user protocol features, named."""
     from dissectors.spec import vhost_user as vspec
@@ -290,5 +402,5 @@ def features_text(f: dict[str, Any]) -> list[str]:
                            ("protocol features acked", "protocol_acked", vspec.PROTOCOL_F),
                            ("protocol features masked by the proxy", "protocol_masked", vspec.PROTOCOL_F)):
         v = f.get(key)
-        out.append(f"{label}: " + ("unknown" if v is None else (f"0x{v:x} " + (fs.render(v) if v else "none"))))
+        out.append(f"{label}: " + ("unknown" if v is None else (f"0x{v:x} " + (flags_text(fs, v) if v else "none"))))
     return out

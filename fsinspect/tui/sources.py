@@ -7,6 +7,7 @@ the inode map or stats.  No textual import here: the sources are tested and benc
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import gc
@@ -24,6 +25,7 @@ from ..analysis import Analyzer, Exchange
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..recording.reader import Record, RecordingError, RecordingReader
 from .control import ControlState
+from .render import number
 
 BATCH = 256  # records fed per lock hold (~25 ms of decoding), then the thread yields the GIL to the UI
 FREEZE_EVERY = 5_000
@@ -59,6 +61,7 @@ class Store:
     received: int = 0  # records read (replay) or protocol lines received (attach)
     kind: str = ""  # the source's kind: "replay" or "attach"
     base: int = 0  # Exchange.index of exchanges[0]: a live session forgets its oldest exchanges (trim)
+    first_ts: int = 0  # the first record's time (any kind): tshark's zero for relative times
     _frozen_at: int = 0
 
     def __post_init__(self) -> None:
@@ -101,6 +104,29 @@ class Store:
         except IndexError:
             return None
         return ex if ex is not None and ex.index == index else None
+
+    def number_of(self, index: int) -> int:
+        """The `#N` shown for exchange `index` (its source-assigned number when it is still kept)."""
+        ex = self.get(index)
+        return number(ex) if ex is not None else index + 1
+
+    def find_number(self, n: int) -> int | None:
+        """The index of the kept exchange numbered `n` (numbers grow along the list; a scan if they do not)."""
+        exs = self.exchanges
+        k = bisect.bisect_left(exs, n, key=number)
+        if k < len(exs) and number(exs[k]) == n:
+            return exs[k].index
+        return next((ex.index for ex in exs if number(ex) == n), None)
+
+    def find_time(self, ts_ns: int, among: list[int] | None = None) -> int | None:
+        """The index of the first exchange (of `among`, if given) at or after `ts_ns`; the last if none is."""
+        if among is not None:
+            kept = [i for i in among if self.get(i) is not None]
+            k = bisect.bisect_left(kept, ts_ns, key=lambda i: self.get(i).ts_ns)  # type: ignore[union-attr]
+            return kept[min(k, len(kept) - 1)] if kept else None
+        exs = self.exchanges
+        k = bisect.bisect_left(exs, ts_ns, key=lambda ex: ex.ts_ns)
+        return exs[min(k, len(exs) - 1)].index if exs else None
 
     def trim(self, keep: int) -> int:
         """Forget the oldest exchanges beyond `keep` (call with the lock held); returns how many went.
@@ -242,6 +268,8 @@ class ReplaySource(Source):
         st = self.store
         an = st.analyzer
         with st.lock:
+            if batch and not st.first_ts:
+                st.first_ts = batch[0].ts_ns
             for rec in batch:
                 st.received += 1
                 if not rec.is_fuse:
@@ -374,6 +402,8 @@ class AttachSource(Source):
     def _apply(self, obj: dict[str, Any]) -> None:
         st = self.store
         t = obj.get("type")
+        if not st.first_ts and t in ("exchange", "control") and isinstance(obj.get("ts_ns"), int):
+            st.first_ts = obj["ts_ns"]
         if t == "exchange":
             self._exchange(obj)
         elif t == "control":
@@ -412,6 +442,8 @@ class AttachSource(Source):
         st.ctl.seed(dict(snap.get("features") or {}))
         st.capture = dict(snap.get("capture") or {})
         for c in snap.get("control", ()):
+            if not st.first_ts and isinstance(c.get("ts_ns"), int):
+                st.first_ts = c["ts_ns"]
             st.control.append(c)  # the proxy's state already counts these: no ctl.summary here
         st.events.extend(snap.get("events", ()))
         for ex in snap.get("exchanges", ()):

@@ -26,12 +26,9 @@ from textual.widget import Widget
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from dissectors.spec import fuse as fspec
-
 from ..analysis import Exchange, FilterError, compile_filter
-from ..analysis.exchange import LINTS
-from ..analysis.filter import FIELDS, FLAGS
-from .render import FieldLine, field_lines, header_text, hexdump, layout_text, row_text
+from ..analysis.filter import completions as filter_completions
+from .render import TIME_MODES, FieldLine, field_lines, header_text, hexdump, layout_text, number, row_text
 from .sources import Source, Store
 
 FOLLOW_DETAIL_EVERY = 1.0  # seconds between detail-pane updates while following the tail
@@ -42,7 +39,7 @@ class ExchangeList(ScrollView, can_focus=True):
     """Every exchange (or those the filter keeps), one line each, rendered on demand."""
 
     DEFAULT_CSS = """
-    ExchangeList { height: 1fr; }
+    ExchangeList { height: 1fr; overflow-x: hidden; }
     """
     BINDINGS = [
         Binding("up,k", "move(-1)", "Up", show=False),
@@ -58,6 +55,7 @@ class ExchangeList(ScrollView, can_focus=True):
         Binding("N", "next_mark(-1)", "Prev mark", show=False),
         Binding("e", "next_error(1)", "Next error"),
         Binding("l", "next_lint(1)", "Next lint", show=False),
+        Binding("t", "time_mode", "Time", show=False),
     ]
 
     cursor: reactive[int] = reactive(0, repaint=False, init=False)
@@ -77,14 +75,21 @@ class ExchangeList(ScrollView, can_focus=True):
         self.follow = True
         self.paused = False
         self.marks: set[int] = set()
-        self.t0 = 0
+        self.t0 = 0  # the first record's time: what relative times count from (as tshark)
+        self.time_mode = TIME_MODES[0]
         self.base = store.base  # the store's window start when rows were last counted
-        self._sent: int | None = -1
+        self._sent: tuple[int | None, bool] | None = None  # (exchange, replied) the detail pane was told of
+        self._seen: int | None = None  # the selection at the previous tick
         self._strips: dict[tuple[Any, ...], Strip] = {}  # rendered rows; a row changes when its reply comes
         self._painted: tuple[int, int, int] | None = None
         self._sent_at = 0.0
 
     # -- rows ------------------------------------------------------------------------------------
+    @property
+    def rows_shown(self) -> int:
+        """Rows on screen: the region inside the scrollbars (`size` counts the rows a scrollbar covers)."""
+        return self.scrollable_content_region.height
+
     def index_at(self, row: int) -> int | None:
         if not 0 <= row < self.count:
             return None
@@ -104,7 +109,7 @@ class ExchangeList(ScrollView, can_focus=True):
         return r if r < len(self.view) and self.view[r] == index and r < self.count else None
 
     def render_line(self, y: int) -> Strip:
-        width = self.size.width
+        width = self.scrollable_content_region.width
         row = self.scroll_offset.y + y
         i = self.index_at(row)
         if i is None:
@@ -114,16 +119,22 @@ class ExchangeList(ScrollView, can_focus=True):
             return Strip.blank(width, self.rich_style)
         if not self.t0:
             exs = self.store.exchanges
-            self.t0 = exs[0].ts_ns if exs else ex.ts_ns
+            self.t0 = self.store.first_ts or (exs[0].ts_ns if exs else ex.ts_ns)
+        prev_ts: int | None = None
+        if self.time_mode == "delta":  # tshark's "delta displayed": since the row above
+            p = self.index_at(row - 1) if row else None
+            prev = self.store.get(p) if p is not None else None
+            prev_ts = prev.ts_ns if prev is not None else None
         sel = 2 if row == self.cursor and self.has_focus else (1 if row == self.cursor else 0)
-        key = (i, width, sel, i in self.marks, ex.replied, len(ex.lints))
+        key = (i, width, sel, i in self.marks, ex.replied, len(ex.lints), self.time_mode, prev_ts)
         strip = self._strips.get(key)
         if strip is None:
-            text = row_text(ex, self.store.path(i), width, self.t0, i in self.marks)
+            text = row_text(ex, self.store.path(i), width, self.t0, i in self.marks, mode=self.time_mode,
+                            prev_ts=prev_ts)
             if sel:
                 text.stylize("reverse" if sel == 2 else "underline")
             strip = Strip([s for s in text.render(self.app.console) if s.text != "\n"], width).crop(0, width)
-            if len(self._strips) > 4 * max(64, self.size.height):
+            if len(self._strips) > 4 * max(64, self.rows_shown):
                 self._strips.clear()
             self._strips[key] = strip
         return strip
@@ -146,11 +157,11 @@ class ExchangeList(ScrollView, can_focus=True):
             self._set_rows(n)
         if self.follow and n:
             self.cursor = n - 1
-            if self.scroll_offset.y + self.size.height < n:
-                self.scroll_to(y=max(0, n - self.size.height), animate=False, immediate=True)
+            if self.scroll_offset.y + self.rows_shown < n:
+                self.scroll_to(y=max(0, n - self.rows_shown), animate=False, immediate=True)
         # Repaint only if the visible rows could have changed: new rows in view, or replies still to come.
         top = self.scroll_offset.y
-        bottom = min(n, top + self.size.height)
+        bottom = min(n, top + self.rows_shown)
         sig = (top, bottom, self.cursor)
         waiting = any(ex is not None and not ex.replied and ex.expects_reply
                       for ex in (st.get(i) for i in (self.index_at(r) for r in range(top, bottom))
@@ -163,8 +174,8 @@ class ExchangeList(ScrollView, can_focus=True):
     def _set_rows(self, n: int) -> None:
         """Grow the virtual height without a screen-wide layout pass (the `virtual_size` reactive does one
         on every change): only the scroll limits and the scrollbar depend on it, unless the scrollbar appears."""
-        size = Size(self.size.width, n)
-        h = self.size.height
+        size = Size(0, n)  # no horizontal extent: rows are cut to the width, never scrolled sideways
+        h = self.rows_shown
         if (self.virtual_size.height > h) != (n > h) or self.virtual_size.width != size.width:
             self.virtual_size = size
             return
@@ -173,11 +184,20 @@ class ExchangeList(ScrollView, can_focus=True):
             self.vertical_scrollbar.window_virtual_size = n
 
     def _announce(self, *, now: bool = True) -> None:
+        """Tell the detail pane which exchange is selected (again when its reply has come in).
+
+        Following a fast feed it changes once a second, not every tick; as soon as the feed rests for one
+        tick it shows the newest exchange.
+        """
         sel = self.selected
-        if sel != self._sent:
-            if not now and time.monotonic() - self._sent_at < FOLLOW_DETAIL_EVERY:
-                return  # following a fast feed: the detail pane changes once a second, not every tick
-            self._sent = sel
+        ex = self.store.get(sel) if sel is not None else None
+        key = (sel, ex is not None and ex.replied)
+        resting = sel == self._seen
+        self._seen = sel
+        if key != self._sent:
+            if not now and not resting and time.monotonic() - self._sent_at < FOLLOW_DETAIL_EVERY:
+                return
+            self._sent = key
             self._sent_at = time.monotonic()
             self.post_message(self.Selected(sel))
 
@@ -186,7 +206,7 @@ class ExchangeList(ScrollView, can_focus=True):
         self.view = view
         self.base = self.store.base
         self.count = len(view) if view is not None else len(self.store.exchanges)
-        self.virtual_size = Size(self.size.width, self.count)
+        self.virtual_size = Size(0, self.count)
         row = self.row_of(keep) if keep is not None else None
         self.cursor = row if row is not None else max(0, self.count - 1 if self.follow else 0)
         self._scroll_cursor()
@@ -197,11 +217,11 @@ class ExchangeList(ScrollView, can_focus=True):
     def watch_cursor(self, old: int, new: int) -> None:
         top = self.scroll_offset.y
         for r in (old, new):
-            if top <= r < top + self.size.height:
+            if top <= r < top + self.rows_shown:
                 self.refresh_line(r - top)
 
     def _scroll_cursor(self) -> None:
-        h = max(1, self.size.height)
+        h = max(1, self.rows_shown)
         top = self.scroll_offset.y
         if self.cursor < top:
             self.scroll_to(y=self.cursor, animate=False, immediate=True)
@@ -229,7 +249,7 @@ class ExchangeList(ScrollView, can_focus=True):
         self.go(self.cursor + delta, follow=False if delta < 0 else None)
 
     def action_page(self, delta: int) -> None:
-        self.go(self.cursor + delta * max(1, self.size.height - 1), follow=False if delta < 0 else None)
+        self.go(self.cursor + delta * max(1, self.rows_shown - 1), follow=False if delta < 0 else None)
 
     def action_top(self) -> None:
         self.go(0, follow=False)
@@ -249,6 +269,13 @@ class ExchangeList(ScrollView, can_focus=True):
         self.paused = not self.paused
         if not self.paused:
             self.sync()
+        self._announce()  # the detail pane shows the row under the cursor now, paused or caught up
+
+    def action_time_mode(self) -> None:
+        """Cycle the time column: relative to the first record (tshark's default), absolute, delta."""
+        self.time_mode = TIME_MODES[(TIME_MODES.index(self.time_mode) + 1) % len(TIME_MODES)]
+        self.refresh()
+        self.app.notify(f"time column: {self.time_mode}", timeout=2)
 
     def action_mark(self) -> None:
         i = self.selected
@@ -256,7 +283,7 @@ class ExchangeList(ScrollView, can_focus=True):
             self.marks.symmetric_difference_update({i})
             self.refresh_line(self.cursor - self.scroll_offset.y)
 
-    def _seek(self, delta: int, pred: Callable[[int], bool]) -> bool:
+    def _seek(self, delta: int, pred: Callable[[int], bool], what: str = "match") -> bool:
         row = self.cursor + delta
         steps = 0
         while 0 <= row < self.count and steps < 2_000_000:
@@ -267,19 +294,24 @@ class ExchangeList(ScrollView, can_focus=True):
             row += delta
             steps += 1
         self.app.bell()
+        where = "below" if delta > 0 else "above"
+        self.app.notify(f"no {what} {where} this row: the {'end' if delta > 0 else 'top'} of the list", timeout=3)
         return False
 
     def action_next_mark(self, delta: int) -> None:
-        if self.marks:
-            self._seek(delta, lambda i: i in self.marks)
+        if not self.marks:
+            self.app.bell()
+            self.app.notify("no marks yet: m marks the selected exchange", timeout=3)
+            return
+        self._seek(delta, lambda i: i in self.marks, "mark")
 
     def action_next_error(self, delta: int) -> None:
         get = self.store.get
-        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.error))
+        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.error), "error")
 
     def action_next_lint(self, delta: int) -> None:
         get = self.store.get
-        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.lints))
+        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.lints), "lint")
 
     def on_focus(self) -> None:
         self.refresh()
@@ -291,16 +323,32 @@ class ExchangeList(ScrollView, can_focus=True):
         self.go(self.scroll_offset.y + event.y, follow=False)
 
     def on_resize(self, event: events.Resize) -> None:
-        self.virtual_size = Size(self.size.width, self.count)
+        self.virtual_size = Size(0, self.count)
+        self.call_after_refresh(self._scroll_cursor)  # the cursor row stays on screen in the new height
 
 
 class ListHeader(Static):
-    """The column titles above the list."""
+    """The column titles above the list, as wide as its rows (the list's scrollbar takes the rest)."""
 
     DEFAULT_CSS = "ListHeader { height: 1; }"
 
+    def __init__(self, xlist: ExchangeList, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.xlist = xlist
+
+    def width(self) -> int:
+        return self.xlist.scrollable_content_region.width or self.size.width or 120
+
+    def sync(self) -> None:
+        """Called every tick: redraw if the list's scrollbar came or went, or the time mode changed."""
+        if (self.width(), self.xlist.time_mode) != self._drawn:
+            self.refresh()
+
+    _drawn: tuple[int, str] = (0, "")
+
     def render(self) -> Text:
-        return header_text(self.size.width or 120)
+        self._drawn = (self.width(), self.xlist.time_mode)
+        return header_text(*self._drawn)
 
 
 class FieldList(OptionList):
@@ -363,7 +411,7 @@ class DetailPane(Widget):
         ex_or_none = self.store.get(self.index) if self.index is not None else None
         if ex_or_none is None:
             title.update("no exchange selected" if self.index is None
-                         else f"exchange #{self.index} is no longer kept (a live session keeps the newest)")
+                         else f"exchange #{self.index + 1} is no longer kept (a live session keeps the newest)")
             self.query_one("#hex", Static).update("")
             self.query_one("#layout", Static).update("")
             return
@@ -376,7 +424,7 @@ class DetailPane(Widget):
         self.orig_len = rec.orig_len if rec is not None else None
         self.chain = rec.layout if rec is not None else None
         other = "reply" if self.side == "request" else "request"
-        title.update(f" #{ex.index} {ex.opname} unique={ex.unique} — {self.side} (r: show {other})"
+        title.update(f" #{number(ex)} {ex.opname} unique={ex.unique} — {self.side} (r: show {other})"
                      + (f"  lints: {', '.join(ex.lints)}" if ex.lints else "")
                      + (f"  notes: {'; '.join(ex.notes)}" if ex.notes else ""))
         self.lines = field_lines(msg) if msg is not None else [FieldLine(
@@ -411,30 +459,9 @@ class DetailPane(Widget):
         return self.lines[i] if i is not None and 0 <= i < len(self.lines) else None
 
 
-_OPNAMES = sorted(o.name for o in fspec.OPCODES)
-_ERRNAMES = sorted(fspec.ERRNO.by_name())
-_WORDS = sorted({*FIELDS, *FLAGS, "and", "or", "not"})
-
-
 def completions(value: str) -> list[str]:
-    """Completions of the last word of a filter: field and flag names, or opcode/errno/lint values."""
-    m = re.search(r"([A-Za-z_][A-Za-z0-9_.-]*)$", value)
-    if m is None:
-        return []
-    word = m.group(1)
-    before = value[:m.start()].rstrip()
-    pool: list[str]
-    if re.search(r"\b(op|opcode)\s*(==|!=)$", before):
-        pool = _OPNAMES
-        word = word.upper()
-    elif re.search(r"\berror\s*(==|!=)$", before):
-        pool = _ERRNAMES
-        word = word.upper()
-    elif re.search(r"\blint\s*(==|!=)$", before):
-        pool = sorted(LINTS)
-    else:
-        pool = _WORDS
-    return [w for w in pool if w.startswith(word) and w != word]
+    """What may replace the word being typed at the end of a filter (the parser decides)."""
+    return filter_completions(value)[1]
 
 
 class FilterSuggester(Suggester):
@@ -444,12 +471,8 @@ class FilterSuggester(Suggester):
         super().__init__(use_cache=False, case_sensitive=True)
 
     async def get_suggestion(self, value: str) -> str | None:
-        opts = completions(value)
-        if not opts:
-            return None
-        m = re.search(r"([A-Za-z_][A-Za-z0-9_.-]*)$", value)
-        assert m is not None
-        return value[:m.start()] + opts[0]
+        start, opts = filter_completions(value)
+        return value[:start] + opts[0] if opts else None
 
 
 class FilterBar(Widget):

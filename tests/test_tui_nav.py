@@ -1,0 +1,237 @@
+"""Pilot tests of issue 16's navigation: the last row in view, the detail pane keeping up, focus per panel,
+and the Wireshark/mitmproxy-style keys (#N go-to, apply as filter, sort, history, export, time travel).
+
+Expected values come from the recordings (reader, analyzer, golden files), not from the UI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from textual.scrollbar import ScrollBar
+from textual.widgets import DataTable, Tree
+
+from fsinspect.recording.reader import Record, RecordingReader
+from fsinspect.tui.app import FsInspectApp
+from fsinspect.tui.sources import ReplaySource, Source, Store
+
+from .test_tui import SYNCFS, WORKLOAD, golden, loaded, wait_for
+
+SIZES = [(80, 24), (180, 50), (240, 60)]
+
+
+def last_row_on_screen(app: FsInspectApp) -> bool:
+    """The newest row is drawn by the list itself at its screen line (not under a scrollbar, not below)."""
+    lst = app.xlist
+    row = lst.count - 1
+    y = row - lst.scroll_offset.y
+    if not 0 <= y < lst.scrollable_content_region.height:
+        return False
+    widget, _ = app.screen.get_widget_at(lst.scrollable_content_region.x + 2, lst.scrollable_content_region.y + y)
+    return widget is lst and not isinstance(widget, ScrollBar)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_last_row_visible_end_down_follow(size: tuple[int, int]) -> None:
+    async def run() -> None:
+        app = FsInspectApp(ReplaySource(Store(), str(WORKLOAD)))
+        async with app.run_test(size=size) as pilot:
+            await loaded(pilot, app)
+            lst = app.xlist
+            assert lst.count == len(app.store.exchanges) > lst.scrollable_content_region.height
+            assert not lst.show_horizontal_scrollbar  # rows are cut to the width: nothing to scroll sideways
+            assert lst.follow and last_row_on_screen(app)  # follow mode shows the newest
+            await pilot.press("home")
+            assert not last_row_on_screen(app)
+            await pilot.press("end")
+            await pilot.pause(0.1)
+            assert lst.cursor == lst.count - 1 and last_row_on_screen(app)
+            await pilot.press("home", *["down"] * (lst.count - 1))
+            await pilot.pause(0.1)
+            assert lst.cursor == lst.count - 1 and last_row_on_screen(app)
+            # The header is as wide as the rows (the vertical scrollbar takes the rest).
+            assert len(app.listheader.render().plain) == lst.scrollable_content_region.width
+
+    asyncio.run(run())
+
+
+class ManualSource(Source):
+    """A source the test feeds by hand (the store and the analyzer are the real ones)."""
+
+    kind = "replay"
+
+    def run(self) -> None:
+        self._stop.wait()
+
+    def feed(self, recs: list[Record]) -> None:
+        st = self.store
+        with st.lock:
+            for rec in recs:
+                if rec.inbound:
+                    st.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
+                                    orig_len=rec.orig_len, ref=rec.offset)
+                else:
+                    st.analyzer.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
+                                           orig_len=rec.orig_len, ref=rec.offset)
+                st.sync_paths()
+
+
+def fuse_records(path: Path) -> list[Record]:
+    with RecordingReader(path) as r:
+        return [rec for rec in r.records() if rec.is_fuse]
+
+
+def test_detail_follows_the_selection_in_follow_mode_and_after_pause() -> None:
+    recs = fuse_records(WORKLOAD)
+    src = ManualSource(Store())
+
+    async def run() -> None:
+        app = FsInspectApp(src)
+        async with app.run_test(size=(160, 48)) as pilot:
+            lst, detail = app.xlist, app.detail
+            src.feed(recs[:20])
+            await wait_for(pilot, lambda: detail.index is not None and detail.index == lst.selected)
+            # A few more rows right after: the pane follows as soon as the feed rests (not a second later).
+            src.feed(recs[20:30])
+            await pilot.pause(0.35)
+            assert lst.follow and lst.selected == app.store.end - 1 and detail.index == lst.selected
+            # A request whose reply comes later: the pane shows the reply once it is there.
+            req = next(k for k in range(30, len(recs)) if recs[k].inbound and not recs[k + 1].inbound)
+            src.feed(recs[30:req + 1])
+            await pilot.press("r")  # the reply side
+            await pilot.pause(0.35)
+            assert detail.index == lst.selected and detail.side == "reply"
+            assert detail.lines[0].text.startswith("no reply")
+            src.feed(recs[req + 1:req + 2])
+            await pilot.pause(0.35)
+            assert detail.index == lst.selected and not detail.lines[0].text.startswith("no reply")
+            # p freezes the list; p again catches up and the pane shows the newest at once.
+            await pilot.press("r", "p")
+            src.feed(recs[req + 2:req + 20])
+            await pilot.pause(0.2)
+            assert lst.selected != app.store.end - 1
+            await pilot.press("p")
+            await pilot.pause(0.25)
+            assert lst.selected == app.store.end - 1 and detail.index == lst.selected
+            assert last_row_on_screen(app)
+
+    try:
+        asyncio.run(run())
+    finally:
+        src.stop()
+
+
+def test_each_panel_focuses_its_main_widget() -> None:
+    gold = golden("guest-syncfs")
+
+    async def run() -> None:
+        app = FsInspectApp(ReplaySource(Store(), str(SYNCFS)))
+        async with app.run_test(size=(160, 48)) as pilot:
+            await loaded(pilot, app)
+            await pilot.press("2")
+            await pilot.pause(0.2)
+            tree = app.query_one("#itree", Tree)
+            assert app.focused is tree
+            assert tree.cursor_line == 0
+            await pilot.press("down")
+            assert tree.cursor_line == 1  # arrows work at once, no Tab
+            await pilot.press("3")
+            await pilot.pause(0.2)
+            sb = app.query_one("#sb", DataTable)
+            assert app.focused is sb
+            await pilot.press("down", "enter")  # the first submount's row: Enter jumps to its announcement
+            await pilot.pause(0.2)
+            announced = app.panels["submounts"].targets["sb"][1]
+            assert app.active_tab == "exchanges" and app.xlist.selected == announced
+            await pilot.press("4")
+            await pilot.pause(0.2)
+            assert app.focused is app.query_one("#ops_table", DataTable)
+            await pilot.press("5")
+            await pilot.pause(0.2)
+            assert app.focused is app.query_one("#cstate")
+            # Back to the list: Home, e and m act without Tab.
+            await pilot.press("1")
+            await pilot.pause(0.2)
+            assert app.focused is app.xlist
+            await pilot.press("home")
+            assert app.xlist.cursor == 0
+            await pilot.press("e")
+            first_err = next(g["index"] for g in gold if g["error"])
+            assert app.xlist.selected == first_err
+            await pilot.press("m")
+            assert app.xlist.marks == {first_err}
+
+    asyncio.run(run())
+
+
+
+
+def test_number_column_goto_and_time_modes() -> None:
+    """`#` shows the exchange number; Ctrl-G goes to a number (as printed anywhere) or a time; `t` cycles
+    the time column through relative to the first record (tshark's -t r), absolute and delta."""
+    gold = golden("guest-syncfs")
+    with RecordingReader(SYNCFS) as r:
+        recs = list(r.records())
+    first_ts = recs[0].ts_ns  # the first record of the file (a vhost-user message): tshark's zero
+    fuse = [rec for rec in recs if rec.is_fuse and rec.inbound]
+
+    async def run() -> None:
+        app = FsInspectApp(ReplaySource(Store(), str(SYNCFS)))
+        async with app.run_test(size=(160, 48)) as pilot:
+            await loaded(pilot, app)
+            lst = app.xlist
+            assert app.listheader.render().plain.split()[0] == "#"
+            # Ctrl-G #N: the row shows N in its # column, and the detail title says #N.
+            target = gold[len(gold) // 2]
+            await pilot.press("ctrl+g", *f"#{target['index'] + 1}", "enter")
+            await pilot.pause(0.3)
+            assert lst.selected == target["index"] and not lst.follow
+            row = lst.render_line(lst.cursor - lst.scroll_offset.y).text
+            assert row.split()[0] == str(target["index"] + 1) and target["opcode"] in row
+            assert str(app.detail.query_one("#title").render()).startswith(f" #{target['index'] + 1} ")
+            # Every #N the panels print leads back to the same exchange: the lints' and SYNCFS's.
+            await pilot.press("3")
+            await pilot.pause(0.3)
+            sync = app.query_one("#sync", DataTable)
+            shown = str(sync.get_row_at(0)[0])
+            await pilot.press("1", "ctrl+g", *shown, "enter")
+            await pilot.pause(0.3)
+            assert lst.selected == app.panels["submounts"].targets["sync"][0]
+            # A time relative to the first record: the first exchange at or after it.
+            k = len(fuse) // 3
+            rel = (fuse[k].ts_ns - first_ts) / 1e9
+            await pilot.press("ctrl+g", *f"+{rel:.9f}", "enter")
+            await pilot.pause(0.3)
+            ex = app.store.get(lst.selected)
+            assert ex is not None and ex.ts_ns == fuse[k].ts_ns
+            # Nonsense keeps the prompt open with a reason.
+            await pilot.press("ctrl+g", *"banana", "enter")
+            await pilot.pause(0.2)
+            assert "neither an exchange number" in str(app.screen.query_one("#perr").render())
+            await pilot.press("escape")
+            await pilot.pause(0.1)
+            # t: relative (default) -> absolute -> delta -> relative.
+            ex = app.store.get(lst.selected)
+            prev = app.store.get(lst.index_at(lst.cursor - 1))
+            assert ex is not None and prev is not None
+
+            def time_cell() -> str:
+                return lst.render_line(lst.cursor - lst.scroll_offset.y).text.split()[1]
+
+            assert time_cell() == f"{(ex.ts_ns - first_ts) / 1e9:.6f}"
+            await pilot.press("t")
+            await pilot.pause(0.1)
+            assert time_cell() == time.strftime("%H:%M:%S", time.localtime(ex.ts_ns // 10**9)) + \
+                f".{ex.ts_ns % 10**9 // 1000:06d}"
+            assert "time (abs)" in app.listheader.render().plain
+            await pilot.press("t")
+            await pilot.pause(0.1)
+            assert time_cell() == f"{(ex.ts_ns - prev.ts_ns) / 1e9:.6f}"
+            await pilot.press("t")
+            await pilot.pause(0.1)
+            assert time_cell() == f"{(ex.ts_ns - first_ts) / 1e9:.6f}"
+
+    asyncio.run(run())
