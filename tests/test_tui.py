@@ -399,7 +399,9 @@ def test_marks_copy_write_and_help(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             assert json.loads(app.last_copy)["index"] == lst.selected
             await pilot.press("w")
             await pilot.pause(0.1)
-            written = json.loads((tmp_path / f"fsinspect-exchange-{lst.selected + 1}.json").read_text())
+            wpath = tmp_path / f"fsinspect-exchange-{lst.selected + 1}.json"
+            written = json.loads(wpath.read_text())
+            assert wpath.stat().st_mode & 0o777 == 0o600  # the guest's names and data: private
             assert written["opcode"] == gold[lst.selected]["opcode"]
             assert written["error"] == gold[lst.selected]["error"]
             await pilot.press("question_mark")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -233,6 +232,7 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
     from daemon import vhost
     from daemon.transport.vhost_user import VhostUserError, listen_fd, listen_path
     from fsinspect.commands.daemon import fs_options
+    from fsinspect.proxy.unixsock import release_socket_path
     from fsinspect.recording.options import open_tap
 
     if args.socket_path and args.fd is not None:
@@ -242,8 +242,18 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
         listener = listen_fd(args.fd) if args.fd is not None else listen_path(args.socket_path)
     except OSError as e:
         raise UserError(e.strerror or str(e), status=1) from None
-    rec = open_tap(args, source="vhost-user", backend="fsinspect daemon (passthrough, vhost-user)")
-    ctl = ControlTap(args.control, stuck_ns(args.stuck_ms)) if args.control else None
+    rec = ctl = None
+    try:
+        rec = open_tap(args, source="vhost-user", backend="fsinspect daemon (passthrough, vhost-user)")
+        ctl = ControlTap(args.control, stuck_ns(args.stuck_ms)) if args.control else None
+    except BaseException:  # e.g. --control names a file: leave nothing behind
+        if rec is not None:
+            rec.close()
+        if args.socket_path:
+            release_socket_path(args.socket_path, listener)
+        else:
+            listener.close()
+        raise
     tap: Any = _both(rec, ctl) if rec is not None and ctl is not None else (rec or ctl)
     point = attach_debugger(intercept, ctl)
     log = logging.getLogger("fsinspect.daemon")
@@ -263,8 +273,8 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
     counters = d.counters()
     log.info("counters: %s", json.dumps(counters.get("ops", {}), sort_keys=True))
     if args.summary_json:
-        tmp = f"{args.summary_json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(counters, f, indent=1, sort_keys=True, default=str)
-        os.replace(tmp, args.summary_json)
+        from fsinspect import privfile
+
+        privfile.write_file(args.summary_json, json.dumps(counters, indent=1, sort_keys=True, default=str),
+                            args.record_mode)
     return 0

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .. import privfile
 from ..errors import UserError
 from ._stuck import add_stuck_option, stuck_ns
 
@@ -50,6 +52,7 @@ def register(sub: Any) -> None:
     out.add_argument("--record", metavar="FILE", help="write a pcapng recording")
     out.add_argument("--snaplen", type=int, default=256, help="READ/WRITE payload bytes kept (0 = full; default 256)")
     out.add_argument("--rotate-mb", type=float, default=0, help="start a new file every N MiB")
+    privfile.add_mode_option(out)
     out.add_argument("--lossless", action="store_true",
                      help="never drop captures: hold used-publication back instead (may slow the VM)")
     out.add_argument("--poll-us", type=int, default=0, metavar="US",
@@ -80,6 +83,15 @@ def _listener(args: argparse.Namespace) -> socket.socket:
         raise UserError(e.strerror or str(e)) from None
 
 
+def _close_listener(args: argparse.Namespace, listener: socket.socket) -> None:
+    from ..proxy.unixsock import release_socket_path
+
+    if args.listen and args.fd is None:
+        release_socket_path(args.listen, listener)  # only if it is still ours
+    else:
+        listener.close()
+
+
 def _wrapper_backend(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
     """virtiofsd-compatible mode: run the real back-end on a private socket."""
     opts = [o for chunk in args.options for o in chunk.split(",") if o]
@@ -95,7 +107,6 @@ def _wrapper_backend(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     from ..proxy.server import ProxyConfig
     from ..proxy.session import Session, SessionOptions, render_summary, summary_json
-    from ..proxy.unixsock import release_socket_path
 
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES, indent=2))
@@ -121,12 +132,18 @@ def run(args: argparse.Namespace) -> int:
                       lossless=args.lossless, snaplen=0 if args.snaplen == 0 else CAPTURE_SNAPLEN,
                       spin_us=args.poll_us)
     try:
+        listener = _listener(args)
+    except UserError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    try:
         session = Session(cfg, SessionOptions(record=args.record, control=args.control, snaplen=args.snaplen,
-                                              rotate_mb=args.rotate_mb, backend_name=backend_cmd or backend_sock,
-                                              stuck_ns=stuck))
+                                              rotate_mb=args.rotate_mb, record_mode=args.record_mode,
+                                              backend_name=backend_cmd or backend_sock, stuck_ns=stuck))
     except OSError as e:
-        raise UserError(f"{e.filename or ''}: {e.strerror}" if e.strerror else str(e)) from None
-    listener = _listener(args)
+        _close_listener(args, listener)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise UserError(f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e)) from None
     signal.signal(signal.SIGTERM, lambda *_: session.proxy.stop())
     frontend = None
     s: dict[str, Any] | None = None
@@ -147,10 +164,7 @@ def run(args: argparse.Namespace) -> int:
             session.proxy.stop()
         s = session.summary()
     finally:
-        if args.listen and args.fd is None:
-            release_socket_path(args.listen, listener)  # only if it is still ours
-        else:
-            listener.close()
+        _close_listener(args, listener)
         if frontend is None:
             session.proxy.shutdown()
         session.close()
@@ -160,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if s is None:
         s = session.summary()
     if args.summary_json:
-        Path(args.summary_json).write_text(summary_json(s))
+        privfile.write_file(args.summary_json, summary_json(s), args.record_mode)
     if not args.quiet:
         print(render_summary(s), file=sys.stderr)
     return 0

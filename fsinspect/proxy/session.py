@@ -38,6 +38,7 @@ from dissectors.render import safe_name
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
 
+from .. import privfile
 from ..analysis import exchange as X
 from ..analysis.analyzer import DEFAULT_STUCK_NS, Analyzer
 from ..analysis.inodes import group_syncfs
@@ -66,6 +67,7 @@ class SessionOptions:
     control: str | None = None
     snaplen: int = 256
     rotate_mb: float = 0
+    record_mode: int = privfile.DEFAULT_MODE  # the recording's file mode
     backend_name: str = ""
     defer_analysis: bool = True  # False: analyse every capture at once, watched or not
     stuck_ns: int = DEFAULT_STUCK_NS  # the `stuck` lint's threshold (0: off)
@@ -82,7 +84,7 @@ class Session:
                                  stuck_ns=opts.stuck_ns)
         self._stuck_checked = 0
         self.writer = (RecordingWriter(opts.record, source="virtio", backend=opts.backend_name,
-                                       snaplen=opts.snaplen, rotate_mb=opts.rotate_mb,
+                                       snaplen=opts.snaplen, rotate_mb=opts.rotate_mb, mode=opts.record_mode,
                                        comments=["fsinspect proxy"]) if opts.record else None)
         self.proxy = Proxy(cfg, on_capture=self._on_capture, on_vhost_message=self._on_vhost,
                            on_event=self._on_event, on_idle=self._on_idle)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dissectors.spec import fuse as spec
 
+from .. import privfile
 from . import format as fmt
 from .reader import RecordingReader
 from .writer import _PREFIX
@@ -186,12 +187,9 @@ class RecordingIndex:
         blob = _HEAD.pack(MAGIC, *self._stamp, len(entries)) + b"".join(_ENTRY.pack(*e) for e in entries)
         self.count = len(entries)
         self.rebuilt = True
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        try:
-            tmp.write_bytes(blob)
-            os.replace(tmp, self.path)
+        try:  # readable by whoever may read the recording, no more
+            privfile.write_file(self.path, blob, os.stat(self.recording).st_mode & 0o666)
         except OSError:  # a read-only directory: keep the index in memory
-            tmp.unlink(missing_ok=True)
             self._mem = blob
             return
         if not self._load():  # pragma: no cover - we just wrote it

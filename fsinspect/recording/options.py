@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import privfile
 from ..errors import UserError
 from . import format as fmt
 from .tap import RecordingTap
@@ -18,6 +19,7 @@ def add_record_options(p: argparse.ArgumentParser) -> None:
                    help=f"READ/WRITE payload bytes kept per record, 0 = all (default {fmt.DEFAULT_SNAPLEN})")
     g.add_argument("--rotate-mb", type=float, default=0, metavar="MB",
                    help="continue in FILE.001.pcapng, … after MB megabytes (default: never)")
+    privfile.add_mode_option(g)
 
 
 def open_tap(args: argparse.Namespace, *, source: str, backend: str) -> RecordingTap | None:
@@ -30,7 +32,7 @@ def open_tap(args: argparse.Namespace, *, source: str, backend: str) -> Recordin
         raise UserError("--rotate-mb must be 0 (never) or positive")
     try:
         writer = RecordingWriter(args.record, source=source, backend=backend, snaplen=args.snaplen,
-                                 rotate_mb=args.rotate_mb)
+                                 rotate_mb=args.rotate_mb, mode=args.record_mode)
     except OSError as e:
         raise UserError(f"--record {args.record}: {e.strerror or e}") from None
     return RecordingTap(writer)

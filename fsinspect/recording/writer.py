@@ -21,7 +21,7 @@ from typing import Any
 
 from dissectors.spec import fuse as fspec
 
-from .. import __version__
+from .. import __version__, privfile
 from . import format as fmt
 
 _OP_INIT = fspec.OPCODE_BY_NAME["INIT"].value
@@ -108,7 +108,7 @@ class RecordingWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, source: str = "virtio", backend: str = "",
                  comments: Sequence[str] = (), snaplen: int = fmt.DEFAULT_SNAPLEN, rotate_mb: float = 0,
-                 flush_bytes: int = 1 << 18, flush_interval: float = 0.2) -> None:
+                 flush_bytes: int = 1 << 18, flush_interval: float = 0.2, mode: int = privfile.DEFAULT_MODE) -> None:
         if source == "vhost-user":  # a vhost-user back-end's traffic is virtqueue traffic
             source = "virtio"
         if source not in ("virtio", "fusedev"):
@@ -120,6 +120,7 @@ class RecordingWriter:
         self.backend = backend
         self.comments = list(comments)
         self.snaplen = snaplen
+        self.mode = mode  # every part is created with it (0600: the guest's file names and data)
         self.rotate_bytes = int(rotate_mb * 1024 * 1024)
         self.flush_bytes = flush_bytes
         self.flush_interval = flush_interval
@@ -248,7 +249,7 @@ class RecordingWriter:
         n = len(self.paths)
         path = self._part_path(n)
         self.paths.append(path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._fd = privfile.create(path, self.mode, append=True)
         self._written = 0
         self._ifaces = {}
         self._req_chan = {}

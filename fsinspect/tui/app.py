@@ -23,6 +23,7 @@ from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
 
+from .. import privfile
 from ..analysis import compile_filter
 from ..analysis.render import exchange_json
 from .panels import ControlPanel, InodePanel, JumpTo, StatsPanel, SubmountPanel
@@ -431,7 +432,7 @@ class FsInspectApp(App[int]):
             return
         path = Path.cwd() / f"fsinspect-exchange-{self.store.number_of(self.xlist.selected or 0)}.json"
         try:
-            path.write_text(text)
+            privfile.write_file(path, text)  # 0600: it holds the guest's names and data
         except OSError as e:
             self.notify(f"cannot write {path}: {e.strerror}", severity="error")
             return
