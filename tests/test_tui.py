@@ -356,6 +356,8 @@ def test_control_panel_replay_messages() -> None:
             assert f"virtio features offered: {offered:#x}" in state
             assert f"virtio features acked: {acked:#x}" in state
             assert f"virtio features masked by the proxy: {offered & ~to_qemu:#x}" in state
+            # The proxy forwards EVENT_IDX now: the shipped sample must not say it masks it.
+            assert offered & (1 << 29) and to_qemu & (1 << 29) and "EVENT_IDX" not in state.split("masked by")[1]
             assert f"MEMORY REGIONS ({len(regions)})" in state
             # Feature names whole (VHOST_USER_F_PROTOCOL_FEATURES, not USER_F_PROTOCOL_FEATURES), and the
             # wrapped lines on screen break between names, never inside one.
