@@ -197,3 +197,31 @@ def build(name: str, payload: Any = None, *, flags: int = spec.VERSION, reply: b
 
 def u64(value: int) -> Record:
     return CODECS["vhost_user_u64"].make(u64=value)
+
+
+MMAP_LIMIT = 1 << 63  # mmap lengths and file offsets are signed 64-bit (ssize_t, off_t)
+_U64_LIMIT = 1 << 64
+
+
+def region_problem(r: Any, others: list[Any]) -> str | None:
+    """Why a memory region cannot be mapped as given (None: it can), checked before any fd is touched.
+
+    A front-end may send anything; libvhost-user trusts it.  These are the checks that need only the
+    message: an empty region, ranges that wrap or exceed what mmap can address, and a region that
+    overlaps another one in guest-physical or QEMU-virtual space (address translation would be ambiguous).
+    """
+    where = f"region gpa {r.guest_address:#x} size {r.size:#x}"
+    if r.size == 0:
+        return f"{where}: zero size"
+    for what, start in (("guest address", r.guest_address), ("user address", r.user_address)):
+        if start + r.size > _U64_LIMIT:
+            return f"{where}: {what} {start:#x} + size wraps past 2^64"
+    if r.mmap_offset + r.size >= MMAP_LIMIT:
+        return f"{where}: mmap_offset {r.mmap_offset:#x} + size exceeds what mmap can map (2^63)"
+    for o in others:
+        if r.guest_address < o.guest_address + o.size and o.guest_address < r.guest_address + r.size:
+            return f"{where} overlaps region gpa {o.guest_address:#x} size {o.size:#x}"
+        if r.user_address < o.user_address + o.size and o.user_address < r.user_address + r.size:
+            return f"{where}: user address {r.user_address:#x} overlaps that of region gpa {o.guest_address:#x}"
+    return None
+

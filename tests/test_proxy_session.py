@@ -44,9 +44,8 @@ def _release() -> Iterator[None]:
         s.close()
         if s.writer is not None:
             s.writer.close()
-        s.proxy.shutdown()
-        for fd in (s.proxy.region_fd, s.proxy._local_wake_r, s.proxy._local_wake_w):
-            os.close(fd)
+        s.proxy.shutdown()  # closes its own wake-up eventfds
+        os.close(s.proxy.region_fd)
         del s  # the last one too: gc.collect() below frees the capture buffer's eventfd and the mappings
     gc.collect()
 

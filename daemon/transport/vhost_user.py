@@ -49,7 +49,16 @@ from dissectors.errors import DecodeError
 from dissectors.ring import Chain, MemoryMap, RingError, SplitQueue
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
-from fsinspect.proxy.wire import PeerClosed, WireError, recv_message, send_message
+from fsinspect.proxy.wire import (
+    FdRefused,
+    PeerClosed,
+    WireError,
+    check_eventfd,
+    check_region_fd,
+    recv_message,
+    send_message,
+    shrink_sealed,
+)
 
 log = logging.getLogger("fsinspect.daemon.vhost_user")
 
@@ -155,12 +164,24 @@ class MemoryTable:
 
     def __init__(self) -> None:
         self.map = MemoryMap()
-        self._maps: dict[int, tuple[mmap.mmap, int, int]] = {}  # gpa -> (mmap, size, uva)
+        self._maps: dict[int, tuple[mmap.mmap, Any]] = {}  # gpa -> (mmap, vhost_user_memory_region as sent)
         self._parked: list[mmap.mmap] = []
 
     def add(self, region: Any, fd: int) -> None:
-        """Map from file offset 0 over mmap_offset + size (libvhost-user), then hand it to the ring engine."""
+        """Map from file offset 0 over mmap_offset + size (libvhost-user), then hand it to the ring engine.
+
+        The region and its fd are checked first (wire.check_region_fd), so a bad one is refused by name.
+        A front-end that shrinks the file later is trusted not to (libvhost-user's assumption): the
+        mapping would fault with SIGBUS; QEMU's memory-backend-memfd seals it (F_SEAL_SHRINK) by default.
+        """
         try:
+            problem = V.region_problem(region, [r for _mm, r in self._maps.values()])
+            if problem is not None:
+                raise VhostUserError(problem)
+            check_region_fd(fd, region.mmap_offset + region.size, f"region gpa {region.guest_address:#x}")
+            if not shrink_sealed(fd):
+                log.warning("region gpa %#x is not sealed against shrinking: the front-end is trusted not to "
+                            "truncate it", region.guest_address)
             mm = mmap.mmap(fd, region.mmap_offset + region.size, mmap.MAP_SHARED,
                            mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
@@ -171,13 +192,13 @@ class MemoryTable:
         except BaseException:
             self._release(mm)
             raise
-        self._maps[region.guest_address] = (mm, region.size, region.user_address)
+        self._maps[region.guest_address] = (mm, region)
         log.debug("mapped gpa %#x size %#x uva %#x off %#x", region.guest_address, region.size,
                   region.user_address, region.mmap_offset)
 
     def remove(self, gpa: int, size: int) -> bool:
         ent = self._maps.get(gpa)
-        if ent is None or ent[1] != size:
+        if ent is None or ent[1].size != size:
             return False
         self.map.remove_region(gpa)
         del self._maps[gpa]
@@ -234,7 +255,11 @@ class VhostUserSession:
 
     # ------------------------------------------------------------------ control plane
     def serve(self) -> None:
-        """Handle control messages until QEMU disconnects; always releases everything."""
+        """Handle control messages until QEMU disconnects; always releases everything.
+
+        Whatever the front-end sends ends in one log line, never a traceback: a message it cannot decode is
+        refused (the stream stays framed), bytes that are not a vhost-user header end the session.
+        """
         try:
             while True:
                 try:
@@ -248,10 +273,23 @@ class VhostUserSession:
                 except DecodeError as e:
                     for fd in fds:
                         _close(fd)
-                    raise VhostUserError(f"undecodable vhost-user message: {e}") from None
+                    self._refuse_undecodable(raw, e)
+                    continue
                 self._dispatch(msg)
+        except (WireError, VhostUserError, OSError) as e:
+            log.error("vhost-user session ended: %s", e)
         finally:
             self.close()
+
+    def _refuse_undecodable(self, raw: bytes, e: DecodeError) -> None:
+        """A message we cannot decode: refuse it as an unhandled request, or end when it needed an answer."""
+        req, flags, _size = V.HEADER.struct.unpack_from(raw)
+        spec = REQ_BY_VALUE.get(req)
+        if spec is not None and spec.reply is not None:
+            raise VhostUserError(f"{spec.name} undecodable and it needs a reply: {e}")
+        log.error("vhost-user request %s refused: %s", spec.name if spec else req, e)
+        if flags & 0x8 and self.protocol_features & P_BIT["REPLY_ACK"]:
+            send_message(self.conn, V.HEADER.struct.pack(req, vspec.VERSION | 0x4, 8) + (1).to_bytes(8, "little"))
 
     def _reply(self, msg: V.VhostUserMessage, payload: Any) -> None:
         out = V.VhostUserMessage(msg.request, vspec.VERSION | 0x4, payload)
@@ -294,7 +332,11 @@ class VhostUserSession:
         return self.vrings[index]
 
     def _one_fd(self, msg: V.VhostUserMessage) -> int:
-        """The u64 vring-fd messages: an fd unless NOFD (bit 8) is set."""
+        """The u64 vring-fd messages: an eventfd unless NOFD (bit 8) is set.
+
+        Anything else is refused on arrival (wire.check_eventfd): /dev/zero as a kick fd would spin the
+        queue thread, an epoll fd as call fd would fail every completion's signal.
+        """
         if msg.nofd():
             for fd in msg.fds:
                 _close(fd)
@@ -303,6 +345,11 @@ class VhostUserSession:
             for fd in msg.fds:
                 _close(fd)
             raise VhostUserError(f"{msg.name} without its fd")
+        try:
+            check_eventfd(msg.fds[0], f"vring {msg.payload.u64 & vspec.VRING_IDX_MASK} fd")
+        except FdRefused:
+            _close(msg.fds[0])
+            raise
         return msg.fds[0]
 
     def _on_get_features(self, msg: V.VhostUserMessage) -> Any:
@@ -381,10 +428,11 @@ class VhostUserSession:
             self._start_thread(vr, None)
 
     def _on_add_mem_reg(self, msg: V.VhostUserMessage) -> None:
-        fd = self._one_fd(msg)
-        if fd < 0:
-            raise VhostUserError("ADD_MEM_REG without an fd")
-        self.mem.add(msg.payload.region, fd)
+        if len(msg.fds) != 1:
+            for fd in msg.fds:
+                _close(fd)
+            raise VhostUserError(f"ADD_MEM_REG with {len(msg.fds)} fds instead of one")
+        self.mem.add(msg.payload.region, msg.fds[0])
 
     def _on_rem_mem_reg(self, msg: V.VhostUserMessage) -> None:
         for fd in msg.fds:  # QEMU sends the region's fd along; it is not needed to find the region

@@ -107,6 +107,7 @@ def _wrapper_backend(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     from ..proxy.server import ProxyConfig
     from ..proxy.session import Session, SessionOptions, render_summary, summary_json
+    from ..proxy.wire import Cancelled
 
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES, indent=2))
@@ -144,29 +145,33 @@ def run(args: argparse.Namespace) -> int:
         _close_listener(args, listener)
         shutil.rmtree(workdir, ignore_errors=True)
         raise UserError(f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e)) from None
-    signal.signal(signal.SIGTERM, lambda *_: session.proxy.stop())
+    # SIGTERM (a service manager) and SIGINT end the run in every state, within a second: the proxy's
+    # waits all watch its stop fd (see Proxy.stop).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: session.proxy.stop())
     frontend = None
     s: dict[str, Any] | None = None
     try:
         session.proxy.start_backend()
-        try:
-            listener.settimeout(None)
-            frontend = session.proxy.accept_frontend(listener)
-        except KeyboardInterrupt:
-            return 130
-        try:
-            backend = session.proxy.connect_backend()
-        except OSError as e:
-            raise UserError(str(e), 1) from None
-        try:
-            session.run(frontend, backend)
-        except KeyboardInterrupt:
-            session.proxy.stop()
+        listener.settimeout(None)
+        frontend = session.proxy.accept_frontend(listener)
+        if frontend is None:
+            session.proxy.stats.end_reason = "stopped before QEMU connected"
+        else:
+            try:
+                backend = session.proxy.connect_backend()
+            except Cancelled:
+                session.proxy.stats.end_reason = "stopped while connecting to the back-end"
+                frontend.close()
+                frontend = None
+            except OSError as e:
+                raise UserError(str(e), 1) from None
+            else:
+                session.run(frontend, backend)
         s = session.summary()
     finally:
         _close_listener(args, listener)
-        if frontend is None:
-            session.proxy.shutdown()
+        session.proxy.shutdown()  # idempotent: after serve() it has nothing left to do
         session.close()
         for f in Path(workdir).iterdir():
             f.unlink(missing_ok=True)

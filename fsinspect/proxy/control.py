@@ -293,6 +293,10 @@ class ControlPlane:
         if len(regions) + 1 > vspec.MEMORY_BASELINE_NREGIONS:
             raise ProtocolViolation(f"SET_MEM_TABLE: {len(regions)} regions leave no slot for the proxy's shadow "
                                     "rings (the back-end accepts 8)")
+        for i, r in enumerate(regions):
+            problem = V.region_problem(r, regions[:i])
+            if problem is not None:
+                raise ProtocolViolation(f"SET_MEM_TABLE refused: {problem}")
         self.regions = regions
         cmds: list[Command] = [UnmapAll()]
         for r, fd in zip(regions, msg.fds, strict=True):

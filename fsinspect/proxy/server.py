@@ -30,10 +30,21 @@ from dissectors import fuse as F
 from dissectors import ring
 from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
+from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
 
 from . import control as C
-from .wire import PeerClosed, WireError, recv_message, send_message
+from .wire import (
+    Cancelled,
+    FdRefused,
+    PeerClosed,
+    WireError,
+    check_eventfd,
+    check_region_fd,
+    recv_message,
+    send_message,
+    shrink_sealed,
+)
 
 log = logging.getLogger("fsinspect.proxy")
 
@@ -80,6 +91,7 @@ class ProxyStats:
     decode_errors: int = 0
     backend_lost_ns: int | None = None
     eio_answered: int = 0
+    unsealed_regions: int = 0  # guest memory the front-end could shrink under us (SIGBUS): trusted
     end_reason: str = ""
 
 
@@ -113,9 +125,15 @@ class Proxy:
         self.backend_sock: socket.socket | None = None
         self.backend_proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
+        self._shut = False
         self._capture_thread: threading.Thread | None = None
         self._local_thread: threading.Thread | None = None
-        self._local_wake_r, self._local_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # Kick-fd changes wake the EIO loop (back-end gone); an eventfd, so any number of them is one read.
+        self._local_wake = _eventfd()
+        self._retired_kicks: list[int] = []  # old kick fds the EIO loop closes (see _queue_fd)
+        self._retired_lock = threading.Lock()
+        # stop() (a signal handler too) makes this readable; every wait of the control thread watches it.
+        self._stop_fd = _eventfd()
         self._passthrough_reply = False
         self._inflight: dict[int, set[int]] = {}
         self._inflight_lock = threading.Lock()
@@ -132,6 +150,8 @@ class Proxy:
         deadline = time.monotonic() + self.cfg.backend_wait
         last: OSError | None = None
         while time.monotonic() < deadline:
+            if self._stop.is_set():
+                raise Cancelled("stopped while connecting to the back-end")
             if self.backend_proc is not None and self.backend_proc.poll() is not None:
                 raise OSError(errno.ECONNREFUSED, f"back-end command exited with {self.backend_proc.returncode} "
                               "before creating its socket")
@@ -142,14 +162,21 @@ class Proxy:
             except OSError as e:
                 s.close()
                 last = e
-                time.sleep(0.05)
+                self._stop.wait(0.05)
         raise OSError(errno.ETIMEDOUT, f"back-end socket {self.cfg.backend} not connectable within "
                       f"{self.cfg.backend_wait:.0f} s: {last}")
 
-    def accept_frontend(self, listener: socket.socket) -> socket.socket:
-        conn, _ = listener.accept()
-        conn.set_inheritable(False)
-        return conn
+    def accept_frontend(self, listener: socket.socket) -> socket.socket | None:
+        """Wait for QEMU; None when stop() comes first (SIGTERM while nobody has connected)."""
+        p = select.poll()
+        p.register(listener, select.POLLIN)
+        p.register(self._stop_fd, select.POLLIN)
+        while not self._stop.is_set():
+            if any(fd == listener.fileno() for fd, _ in p.poll()):
+                conn, _ = listener.accept()
+                conn.set_inheritable(False)
+                return conn
+        return None
 
     # -- main loop -------------------------------------------------------------------------------
     def serve(self, frontend: socket.socket, backend: socket.socket) -> str:
@@ -160,13 +187,13 @@ class Proxy:
         reason = "stopped"
         try:
             while not self._stop.is_set():
-                fds = [frontend.fileno()] + ([backend.fileno()] if self.cp.backend_alive else [])
+                fds = [frontend.fileno(), self._stop_fd] + ([backend.fileno()] if self.cp.backend_alive else [])
                 r, _, _ = select.select(fds, [], [], 0.5)
                 if self.cp.backend_alive and backend.fileno() in r:
                     self._backend_readable()
                 if frontend.fileno() in r:
                     try:
-                        raw, mfds = recv_message(frontend)
+                        raw, mfds = recv_message(frontend, self._stop_fd)
                     except PeerClosed:
                         reason = "QEMU disconnected"
                         break
@@ -176,13 +203,21 @@ class Proxy:
                     self._frontend_message(raw, mfds)
         except C.ProtocolViolation as e:
             reason = f"protocol violation: {e}"
+        except Cancelled:
+            reason = "stopped"
+        except _FrontendGone as e:
+            reason = f"QEMU disconnected: {e}"
         finally:
             self.stats.end_reason = reason
             self.shutdown()
         return reason
 
     def stop(self) -> None:
+        """End the run from any thread or a signal handler: every wait of the control thread wakes."""
         self._stop.set()
+        if self._stop_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._stop_fd, 1)
 
     def _frontend_message(self, raw: bytes, fds: list[int]) -> None:
         self.stats.vhost_messages += 1
@@ -198,8 +233,33 @@ class Proxy:
             self._close_fds(fds)
             return
         self._record_vhost("frontend", raw, fds, msg)
-        cmds = self.cp.from_frontend(msg)
+        try:
+            self._check_fds(msg)
+        except FdRefused as e:
+            self._close_fds(fds)
+            raise C.ProtocolViolation(f"{msg.name} refused: {e}") from None
+        try:
+            cmds = self.cp.from_frontend(msg)
+        except C.ProtocolViolation:
+            self._close_fds(fds)
+            raise
         self._execute(cmds, fds)
+
+    @staticmethod
+    def _check_fds(msg: V.VhostUserMessage) -> None:
+        """The fds QEMU sends must be what the message says, before anything is mapped, polled or forwarded.
+
+        A kick fd that is not an eventfd would spin the native path (poll says readable forever), a call or
+        err fd that is not one would lose completions, and a region fd that cannot be mapped read-write
+        over mmap_offset + size would fail in mmap or fault (SIGBUS) later.
+        """
+        if msg.name in ("SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"):
+            for fd in msg.fds:
+                check_eventfd(fd, f"vring {msg.payload.u64 & vspec.VRING_IDX_MASK} {msg.name[9:].lower()} fd")
+        elif msg.name == "SET_MEM_TABLE":
+            for r, fd in zip(msg.payload, msg.fds, strict=False):
+                if V.region_problem(r, []) is None:  # else the control plane names the region's own problem
+                    check_region_fd(fd, r.mmap_offset + r.size, f"region gpa {r.guest_address:#x}")
 
     def _backend_readable(self) -> None:
         assert self.backend_sock is not None
@@ -221,10 +281,10 @@ class Proxy:
     def _read_backend_reply(self) -> None:
         assert self.backend_sock is not None
         try:
-            r, _, _ = select.select([self.backend_sock], [], [], 30)
+            r, _, _ = select.select([self.backend_sock.fileno(), self._stop_fd], [], [], 30)
             if not r:
                 raise PeerClosed("the back-end did not reply within 30 s")
-            raw, fds = recv_message(self.backend_sock)
+            raw, fds = recv_message(self.backend_sock, self._stop_fd)
         except (PeerClosed, WireError, OSError) as e:
             self._backend_gone(str(e))
             return
@@ -256,7 +316,7 @@ class Proxy:
                 msg = self._vring_base_consumed(c.msg)
                 raw = V.encode_message(msg)
                 self._record_vhost("proxy->frontend", raw, [], msg)
-                send_message(self.frontend, raw)
+                self._send_frontend(raw)
             elif isinstance(c, C.MapRegion):
                 self._map_region(c)
             elif isinstance(c, C.UnmapAll):
@@ -279,6 +339,13 @@ class Proxy:
                     self.on_event(c)
         self._close_fds([fd for fd in msg_fds if fd not in keep])
 
+    def _send_frontend(self, raw: bytes) -> None:
+        assert self.frontend is not None
+        try:
+            send_message(self.frontend, raw)
+        except OSError as e:
+            raise _FrontendGone(f"sending a reply failed: {e.strerror}") from None
+
     def _send_backend(self, c: C.SendBackend, keep: set[int]) -> None:
         assert self.backend_sock is not None
         msg = c.msg
@@ -298,9 +365,18 @@ class Proxy:
             self._read_backend_reply()
 
     def _map_region(self, c: C.MapRegion) -> None:
-        m = mmap.mmap(c.fd, c.size + c.mmap_offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            m = mmap.mmap(c.fd, c.size + c.mmap_offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            raise C.ProtocolViolation(f"region gpa {c.gpa:#x} size {c.size:#x} cannot be mapped: {e}") from None
         self._maps.append(m)
-        self.mem.add_region(c.gpa, c.size, m, uva=c.uva, mmap_offset=c.mmap_offset)
+        try:
+            self.mem.add_region(c.gpa, c.size, m, uva=c.uva, mmap_offset=c.mmap_offset)
+        except (ring.RingError, ValueError) as e:
+            raise C.ProtocolViolation(f"region gpa {c.gpa:#x} size {c.size:#x}: {e}") from None
+        if not shrink_sealed(c.fd):
+            # Trusted-front-end assumption (libvhost-user's): see README, "Malformed input".
+            self.stats.unsealed_regions += 1
 
     def _unmap_all(self) -> None:
         for q in self.queues.values():
@@ -336,9 +412,15 @@ class Proxy:
         if q.path is not None:
             (q.path.set_kick_fd if c.which == "kick" else q.path.set_call_fd)(-1 if c.fd is None else c.fd)
         if old is not None and old != c.fd:
-            os.close(old)
-        if c.which == "kick":
-            os.write(self._local_wake_w, b"k")
+            if c.which == "kick" and self._local_thread is not None:
+                # The EIO loop may be reading it right now: it closes it itself, so the number is not
+                # reused under its read (a blocking eventfd from QEMU would then hang that read).
+                with self._retired_lock:
+                    self._retired_kicks.append(old)
+            else:
+                os.close(old)
+        if c.which == "kick" and self._local_thread is not None:
+            os.eventfd_write(self._local_wake, 1)  # the EIO loop selects on the old kick fd: rebuild its set
 
     def _queue_start(self, index: int) -> None:
         q = self.queues[index]
@@ -415,7 +497,7 @@ class Proxy:
                 base = q.path.indices["next_avail"]
         assert self.frontend is not None
         msg = V.build("GET_VRING_BASE", V.make("vhost_vring_state", index=index, num=base), reply=True)
-        send_message(self.frontend, V.encode_message(msg))
+        self._send_frontend(V.encode_message(msg))
 
     # -- the back-end is gone: answer the guest ourselves -------------------------------------------
     def _go_local(self) -> None:
@@ -479,14 +561,17 @@ class Proxy:
     def _local_loop(self) -> None:
         """Kicks after the back-end died: pop new requests and answer them with EIO."""
         while not self._stop.is_set():
-            fds = [self._local_wake_r] + [q.kick_fd for q in self.queues.values() if q.kick_fd is not None]
+            with self._retired_lock:
+                retired, self._retired_kicks = self._retired_kicks, []
+            self._close_fds(retired)
+            fds = [self._local_wake] + [q.kick_fd for q in self.queues.values() if q.kick_fd is not None]
             try:
                 r, _, _ = select.select(fds, [], [], 0.2)
             except (OSError, ValueError):
                 continue  # an fd was swapped underneath us; rebuild the set
             for fd in r:
                 with contextlib.suppress(OSError):
-                    os.read(fd, 8)
+                    os.eventfd_read(fd)
             for index, q in list(self.queues.items()):
                 if q.local is None:
                     continue
@@ -564,6 +649,9 @@ class Proxy:
         return {i: dict(q.path.counters) for i, q in self.queues.items() if q.path is not None}
 
     def shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
         self._stop.set()
         for q in self.queues.values():
             if q.path is not None:
@@ -577,12 +665,16 @@ class Proxy:
                     self._capture_one(cap)
         if self._local_thread is not None:
             self._local_thread.join(2)
+            self._close_fds(self._retired_kicks)
         for q in self.queues.values():
             self._close_fds([fd for fd in (q.kick_fd, q.call_fd, q.backend_kick, q.backend_call)
                              if fd is not None and fd >= 0])
         for s in (self.frontend, self.backend_sock):
             if s is not None:
                 s.close()
+        stop_fd, self._stop_fd = self._stop_fd, -1
+        self._close_fds([fd for fd in (self._local_wake, stop_fd) if fd >= 0])
+        self._local_wake = -1
         if self.backend_proc is not None and self.backend_proc.poll() is None:
             self.backend_proc.terminate()
             try:
@@ -596,6 +688,10 @@ class Proxy:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class _FrontendGone(Exception):
+    """QEMU's socket failed while the proxy was answering it."""
 
 
 def _eventfd() -> int:

@@ -403,6 +403,7 @@ class Session:
             "end_reason": st.end_reason,
             "backend_lost": st.backend_lost_ns is not None,
             "eio_answered": st.eio_answered,
+            "unsealed_regions": st.unsealed_regions,
             "vhost_messages": st.vhost_messages,
             "vhost_decode_errors": st.decode_errors,
             "requests": self.requests,
@@ -441,6 +442,9 @@ def render_summary(s: dict[str, Any]) -> str:
         lines.append(f"  BACKEND LOST: the proxy answered {s['eio_answered']} request(s) with EIO; the VM kept running")
     lines.append(f"  FUSE: {s['requests']} requests, {s['replies']} replies; vhost-user: {s['vhost_messages']} messages"
                  + (f" ({s['vhost_decode_errors']} undecodable, forwarded)" if s["vhost_decode_errors"] else ""))
+    if s.get("unsealed_regions"):
+        lines.append(f"  guest memory: {s['unsealed_regions']} region(s) not sealed against shrinking; the front-end "
+                     "is trusted not to truncate them (SIGBUS)")
     cap = s["capture"]
     lines.append(f"  capture: {cap.get('captured', 0)} records, dropped {cap.get('dropped', 0)}, "
                  f"lossless stalls {cap.get('stalls', 0)}, malformed chains {s['capture_errors']}")
