@@ -112,22 +112,30 @@ class _Daemon:
         self.share = tmp_path / "share"
         self.share.mkdir()
         self.tap = ControlTap(str(tmp_path / "ctl.sock"))
-        self.server = Server(PassthroughFS(Options(str(self.share))), tap=self.tap)
+        self.server: Server | None = Server(PassthroughFS(Options(str(self.share))), tap=self.tap)
         self.client = EngineClient(self.server)
         self.client.init()
         self.socks: list[socket.socket] = []
 
     def attach(self, n: int) -> list[socket.socket]:
-        """`n` control clients that never read."""
+        """`n` more control clients (that never read), once the hub has taken them all in."""
+        want = len(self.tap.hub.clients) + n
         new = [_connect(self.tap.hub.path) for _ in range(n)]
         self.socks += new
+        deadline = time.monotonic() + 120
+        while len(self.tap.hub.clients) < want:
+            assert time.monotonic() < deadline, f"{len(self.tap.hub.clients)} of {want} attached"
+            time.sleep(0.01)
         return new
 
     def close(self) -> None:
+        if self.server is None:
+            return
+        self.tap.close()
         for s in self.socks:
             s.close()
-        self.tap.close()
         self.server.shutdown()
+        self.server = None
 
 
 @pytest.fixture
@@ -176,10 +184,6 @@ def test_200_idle_clients_cost_no_cpu_and_the_data_path_keeps_its_speed(dmn: _Da
     rate(300)
     alone = max(rate(), rate())
     dmn.attach(199)
-    deadline = time.monotonic() + 20
-    while len(tap.hub.clients) < 200:
-        assert time.monotonic() < deadline, f"{len(tap.hub.clients)} of 200 attached"
-        time.sleep(0.01)
     watched = max(rate(), rate())
     time.sleep(0.5)  # the hub hands out what it still holds
     cpu = _cpu()
@@ -231,10 +235,6 @@ def test_snapshots_count_against_the_byte_budget(dmn: _Daemon) -> None:
         client.write(nodeid, fh, data)
     base = _rss()
     dmn.attach(150)
-    deadline = time.monotonic() + 120
-    while len(tap.hub.clients) < 150:
-        assert time.monotonic() < deadline, f"{len(tap.hub.clients)} of 150 attached"
-        time.sleep(0.05)
     grew = _rss() - base
     assert grew < 160 << 20, f"RSS grew by {grew >> 20} MiB for 150 snapshots"
     assert tap.hub.total_queued <= (64 << 20) + 150 * (256 << 10)
@@ -273,3 +273,26 @@ def test_sending_does_not_copy_what_is_left(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
         h.close(0.5)
+
+
+def test_a_stuck_client_does_not_hold_the_exit(dmn: _Daemon) -> None:
+    """At exit the hub flushes to clients that read (they get the end), not to one that never reads
+    (before: the daemon waited 2 s + 3 s for it)."""
+    import threading
+
+    dmn.attach(1)
+    (reader,) = dmn.attach(1)  # this one reads: what follows is live
+    got: list[dict[str, Any]] = []
+    t = threading.Thread(target=lambda: got.extend(_lines(reader)), daemon=True)
+    t.start()
+    nodeid, fh = dmn.client.create(1, b"f")
+    data = os.urandom(1 << 20)
+    for _ in range(16):
+        dmn.client.write(nodeid, fh, data)
+    t0 = time.monotonic()
+    dmn.close()
+    took = time.monotonic() - t0
+    t.join(5)
+    assert took < 1.0, f"closing took {took:.1f} s with a client that does not read"
+    assert got[-1] == {"type": "event", "kind": "end", "detail": {"reason": "front-end closed"}}
+    assert sum(1 for m in got if m["type"] == "exchange") == 17  # CREATE and 16 WRITEs (INIT came before it attached)

@@ -197,11 +197,7 @@ class ControlTap:
         with self.lock:
             self.analyzer.finish()
         self.hub.publish_event("end", {"reason": reason})
-        deadline = time.monotonic() + 2.0  # let attached clients receive the end before the socket goes
-        while time.monotonic() < deadline and any(c["queued"] for c in self.hub.client_stats()):
-            time.sleep(0.01)
-        time.sleep(0.05)
-        self.hub.close()
+        self.hub.close(flush_timeout=2.0)  # clients that read get the end; one that does not holds nobody
 
 
 def _both(a: Any, b: Any) -> Any:

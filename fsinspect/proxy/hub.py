@@ -63,6 +63,7 @@ MAX_CLIENTS = 256
 MAX_LINE = 64 << 10  # a client->server line
 OUTBOX = 16384  # messages published but not yet fanned out (the hub thread is behind)
 FAN_OUT_DELAY = 0.01  # seconds a batch gathers before it goes out to the clients
+CLOSE_STALL = 0.3  # closing: seconds without any client taking bytes before the rest is given up
 _BATCH = 256
 _RECV = 64 << 10
 
@@ -136,6 +137,7 @@ class Hub:
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stop = threading.Event()
         self._closing_by: float | None = None
+        self._progress = 0.0  # when a client last took bytes
         self.thread = threading.Thread(target=self._loop, name="fsinspect-hub", daemon=True)
         self.thread.start()
 
@@ -355,9 +357,10 @@ class Hub:
             timeout: float | None = None
             if self._closing_by is not None:
                 with self.lock:
-                    clients = list(self.clients)
-                if time.monotonic() > self._closing_by or not any(c.has_output for c in clients):
-                    return  # closing: everything queued went out (or the grace time ran out)
+                    waiting = bool(self._outbox) or any(c.has_output for c in self.clients)
+                now = time.monotonic()
+                if not waiting or now > self._closing_by or now - self._progress > CLOSE_STALL:
+                    return  # closing: all went out, or the grace time ran out, or the rest go to no reader
                 timeout = 0.05
             try:
                 events = self.sel.select(timeout)
@@ -496,6 +499,7 @@ class Hub:
             except OSError:
                 self._drop(c)
                 return
+            self._progress = time.monotonic()
             with self.lock:
                 c.queued -= n
                 self.total_queued -= n
@@ -515,8 +519,12 @@ class Hub:
                      "sent": c.sent} for c in self.clients]
 
     def close(self, flush_timeout: float = 3.0) -> None:
-        """Send what is still queued (the end of the run matters most), then disconnect everyone."""
-        self._closing_by = time.monotonic() + flush_timeout
+        """Send what is still queued (the end of the run matters most), then disconnect everyone.
+
+        Clients that read get up to `flush_timeout`; one that does not read holds the exit CLOSE_STALL.
+        """
+        self._progress = time.monotonic()
+        self._closing_by = self._progress + flush_timeout
         self._wake()
         self.thread.join(flush_timeout + 1)
         self._stop.set()
