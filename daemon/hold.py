@@ -200,7 +200,7 @@ class EngineHoldPoint:
                 server.send_reply(h.reply, h.queue, h.unique, h.raw, "reply")
             elif h.opcode not in NO_REPLY_OPS:
                 server.send_reply(h.reply, h.queue, h.unique, _out_pack(F.OUT_HEADER_SIZE, -errno.EIO, h.unique),
-                                  "reply:answered")
+                                  "reply:safety")
         if items:
             log.warning("released %d held exchange(s) safely (EIO for held requests)", len(items))
         return len(items)

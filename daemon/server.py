@@ -36,8 +36,9 @@ log = logging.getLogger("fsinspect.daemon")
 Buffer = bytes | bytearray | memoryview
 ReplySink = Callable[[Sequence[Buffer]], None]
 # tap(direction, queue, unique, ts_ns, raw): direction is "request" or "reply", with a debugger verdict
-# after a colon where one applies: "request:held", "reply:held", "reply:answered", "reply:rewritten"
-# (daemon/hold.py).  Taps test `direction.startswith("request")`.
+# after a colon where one applies: "request:held", "reply:held", "reply:answered", "reply:rewritten",
+# "reply:safety" (EIO for a request still held when the engine stops; daemon/hold.py).  Taps test
+# `direction.startswith("request")`.
 Tap = Callable[[str, int, int, int, bytes], None]
 
 INIT_FLAG = spec.INIT_FLAGS.by_name()

@@ -76,3 +76,26 @@ def test_setxattr_layout_follows_the_negotiated_init(tmp_path: Path) -> None:
     assert [(r[1], r[2], r[3], r[5]) for r in sx] == [("user.colour", "677265656e", "5", "1"),
                                                       ("user.colour", "677265656e", "5", "2")]
     assert not any("Malformed" in r[4] or "does not match" in r[4] for r in rows)
+
+
+def test_the_debuggers_flags_show_in_wireshark(tmp_path: Path) -> None:
+    """Format 2: held, injected and rewritten records carry a field and an expert note in tshark."""
+    from fsinspect.recording import format as fmt
+
+    p = tmp_path / "debugger.pcapng"
+    with RecordingWriter(p, source="virtio") as w:
+        _init(w, ALL_FLAGS, 2)
+        w.request(F.encode_request("LOOKUP", {"name": b"victim"}, unique=4, nodeid=1), 1, 3, flags=fmt.RF_HELD)
+        w.reply(F.encode_reply("LOOKUP", unique=4, error=2), 1, 3, flags=fmt.RF_INJECTED | fmt.RF_PROXY_REPLY)
+        w.request(F.encode_request("READ", {"read": F.make("fuse_read_in", size=4)}, unique=6, nodeid=5), 1, 4)
+        w.reply(F.encode_reply("READ", unique=6, error=5), 1, 4, flags=fmt.RF_REWRITTEN,
+                notes=["rewritten by the debugger; the back-end replied error 0 (ok), len 20"])
+        w.request(F.encode_request("GETATTR", {"getattr": F.make("fuse_getattr_in")}, unique=8, nodeid=1), 1, 5)
+        w.reply(F.encode_reply("GETATTR", {"attr_out": F.make("fuse_attr_out")}, unique=8), 1, 5)
+    rows = tshark_fields(p, "fuse.opcode", "fuse.reply", "fuse.debugger", "_ws.col.Info")
+    marked = [(r[0], r[1], r[2]) for r in rows if r[2]]
+    assert marked == [("1", "0", "held"), ("1", "1", "injected"), ("15", "1", "rewritten")], rows
+    assert any("LOOKUP reply" in r[3] and r[3].endswith("[injected]") for r in rows), rows
+    assert not any(r[2] for r in rows if r[0] in ("3", "26")), rows  # untouched exchanges carry nothing
+    with RecordingReader(p) as r:
+        assert [rec.debugger for rec in r if rec.is_fuse][2:4] == [["held"], ["injected"]]

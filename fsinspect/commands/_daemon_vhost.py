@@ -212,14 +212,13 @@ def attach_debugger(intercept: Any, ctl: ControlTap | None) -> Any:
     if intercept is None:
         return None
     from daemon.hold import EngineHoldPoint
-    from fsinspect.intercept.control import Control
+    from fsinspect.intercept.cli import wire
 
     point = EngineHoldPoint()
-    intercept.attach(point)
-    if ctl is not None:
-        intercept.exchange_of = ctl.exchange_of
-        intercept.listeners.append(ctl.on_debugger)
-        Control(intercept).install(ctl.hub)
+    if ctl is None:
+        wire(intercept, point)
+    else:
+        wire(intercept, point, exchange_of=ctl.exchange_of, listener=ctl.on_debugger, hub=ctl.hub)
     return point
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import privfile
 from ..errors import UserError
+from ..intercept.cli import add_intercept_options, intercept_from_args, wire
 from ._stuck import add_stuck_option, stuck_ns
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -65,6 +66,7 @@ def register(sub: Any) -> None:
     add_stuck_option(out)
     out.add_argument("--summary-json", metavar="FILE", help="also write the end-of-run summary as JSON")
     out.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    add_intercept_options(p)
     p.set_defaults(func=run)
 
 
@@ -119,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.poll_us <= MAX_POLL_US:
         raise UserError(f"--poll-us must be between 0 and {MAX_POLL_US} (microseconds)")
     stuck = stuck_ns(args.stuck_ms)
+    intercept = intercept_from_args(args)  # every rule is checked before anything starts
+    if args.breaks and not args.control:
+        raise UserError("--break holds until a client decides: add --control SOCK (fsinspect attach or a script "
+                        "releases it), or use --inject for what needs no client")
     from dissectors import ring
 
     if args.poll_us and ring.BACKEND != "c":
@@ -149,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     # waits all watch its stop fd (see Proxy.stop).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: session.proxy.stop())
+    if intercept is not None:
+        wire(intercept, session, exchange_of=session.exchange_of, listener=session.on_debugger, hub=session.hub)
     frontend = None
     s: dict[str, Any] | None = None
     try:
@@ -170,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
                 session.run(frontend, backend)
         s = session.summary()
     finally:
+        if intercept is not None:
+            intercept.close()  # due delays go now; the paths already answered what was still held
         _close_listener(args, listener)
         session.proxy.shutdown()  # idempotent: after serve() it has nothing left to do
         session.close()

@@ -342,6 +342,16 @@ class Intercept:
             except Exception:
                 log.exception("an intercept listener failed")
 
+    def on_resolved(self, queue: int, head: int, direction: int, how: str) -> None:
+        """The source resolved a hold itself (safety: its queue stopped): forget it, tell the clients."""
+        with self.lock:
+            n = self._by_key.pop((queue, head, direction), None)
+            h = self._held.pop(n, None) if n is not None else None
+            if h is not None and h.timer is not None:
+                self.timers.cancel(h.timer)
+        if h is not None:
+            self._emit({"type": "resumed", "n": h.n, "how": how, "by": "source"})
+
     # -- verdicts from clients ----------------------------------------------------------------------
     def held(self) -> list[dict[str, Any]]:
         with self.lock:

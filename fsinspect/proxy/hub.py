@@ -19,6 +19,15 @@ Client to server: one JSON object a line (at most MAX_LINE bytes).  Each goes to
 `command_handler(client_id, obj) -> reply dict` (fsinspect/intercept/control.py); without one, a command
 with an "id" gets `{"type": "reply", "id": ..., "ok": false, "error": ...}` and anything else is ignored.
 
+Version 2 (a source with the debugger: `--control` on `fsinspect proxy`/`daemon`): the hello says
+`"version": 2, "versions": [1, 2]`; version-1 clients send nothing and get what they always got, plus:
+  {"type": "held", "n": N, "direction": "request"|"reply", ...exchange_json, "rule_id": R}  a breakpoint holds it
+  {"type": "resumed", "n": N, "how": "released"|"answered"|"delayed"|"rewritten"|"dropped"}  it went on
+and commands `{"id": I, "cmd": "held"|"release"|"answer"|"delay"|"rewrite"|"drop"|"continue-all"|"rules"|
+"add-rule"|"remove-rule"|"counters", ...}`, each answered by exactly one `{"type": "reply", "id": I, "ok":
+true, ...}` or `{..., "ok": false, "error": "<reason>"}` (the commands' arguments: intercept/control.py;
+a client for scripts: intercept/client.py).
+
 Nothing a client does can exhaust the process or slow the data path:
 - publish_* only append to one bounded outbox and wake the hub thread; encoding and the fan-out to
   clients happen there, once per batch (each encoded batch is shared by every client's queue);

@@ -22,9 +22,7 @@ recording says so and `on_resolved` is told.
 
 from __future__ import annotations
 
-import errno as errno_mod
 import json
-import struct
 import threading
 import time
 from collections import Counter, deque
@@ -234,8 +232,8 @@ class Session:
                 direction = ring.HOLD_REQUEST if cap.kind == "request" else ring.HOLD_REPLY
                 if direction == ring.HOLD_REQUEST:
                     notes.append("held by the debugger")
-                    self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes, flags,
-                                  analyse=False)
+                    self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes,
+                                  flags | fmt.RF_HELD, analyse=False)
                     ex = self.analyzer.feed_request(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
                                                     notes=notes, held=True)
                     self.opcount[ex.opname] += 1
@@ -253,15 +251,16 @@ class Session:
                 orig = self._held_replies.pop(key, None)
                 if cap.flags & ring.CAP_F_ANSWERED:
                     direction, done = ring.HOLD_REQUEST, "dropped" if cap.length == 0 else "answered"
-                    flags |= fmt.RF_PROXY_REPLY
+                    flags |= fmt.RF_PROXY_REPLY | (fmt.RF_INJECTED if how else 0)
                     notes.append(f"{done} by the debugger: the back-end never saw the request" if how else
                                  f"{done} (EIO) by the proxy: the queue stopped while the request was held")
                 else:
                     direction = ring.HOLD_REPLY
                     done = "rewritten" if cap.flags & ring.CAP_F_REWRITTEN else "released"
                     if done == "rewritten":
+                        flags |= fmt.RF_REWRITTEN
                         notes.append("rewritten by the debugger; the back-end replied "
-                                     + (_out_header(orig[0]) if orig else "(not captured)"))
+                                     + (fmt.out_header_note(orig[0]) if orig else "(not captured)"))
                     else:
                         notes.append("held by the debugger, then released" if how else
                                      "held by the debugger, released by the proxy: the queue stopped")
@@ -423,15 +422,6 @@ class Session:
             "control_overflow": self.hub.total_overflow if self.hub else 0,
             "holds": dict(self.holds),
         }
-
-
-def _out_header(raw: bytes) -> str:
-    """A fuse_out_header for a note: `error -5 (EIO), 16 bytes`."""
-    if len(raw) < 16:
-        return f"{len(raw)} bytes"
-    length, err, _unique = struct.unpack_from("<IiQ", raw)
-    name = errno_mod.errorcode.get(-err, "?") if err < 0 else "ok"
-    return f"error {err} ({name}), len {length}"
 
 
 def render_summary(s: dict[str, Any]) -> str:

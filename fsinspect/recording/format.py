@@ -7,6 +7,7 @@ pcapng itself: draft-ietf-opsawg-pcapng; exported PDU tags: Wireshark's epan/exp
 
 from __future__ import annotations
 
+import errno
 import struct
 from dataclasses import dataclass
 
@@ -80,6 +81,15 @@ DEBUGGER_COMMENT = "fsinspect-debugger: "
 DEBUGGER_FLAG_NAMES = ((RF_HELD, "held"), (RF_INJECTED, "injected"), (RF_REWRITTEN, "rewritten"))
 
 
+def out_header_note(raw: bytes) -> str:
+    """A fuse_out_header for a note (what a rewritten reply said before): `error -5 (EIO), len 16`."""
+    if len(raw) < 16:
+        return f"{len(raw)} bytes"
+    length, err, _unique = struct.unpack_from("<IiQ", raw)
+    name = errno.errorcode.get(-err, "?") if err < 0 else "ok"
+    return f"error {err} ({name}), len {length}"
+
+
 def debugger_comment(flags: int) -> str:
     """The opt_comment mirroring a record's debugger flags (empty when it has none)."""
     names = [n for bit, n in DEBUGGER_FLAG_NAMES if flags & bit]
@@ -151,7 +161,8 @@ TABLES: dict[str, tuple[Row, ...]] = {
         Row("INJECTED", _h(RF_INJECTED), "(format 2) the debugger answered the request (--inject errno=, "
                                          "answer): the back-end never saw it"),
         Row("REWRITTEN", _h(RF_REWRITTEN), "(format 2) the debugger rewrote the back-end's reply (reply-errno=, "
-                                           "rewrite); the original is the HELD reply record before it"),
+                                           "rewrite); a note says what the back-end had replied. A held reply "
+                                           "is recorded once, as the guest got it"),
     ),
     "exported_pdu": (
         Row("DISSECTOR_NAME", str(EXP_PDU_TAG_DISSECTOR_NAME),

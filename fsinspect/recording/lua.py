@@ -169,6 +169,8 @@ def generate() -> str:
         'F["fuse.entry_name"] = ProtoField.string("fuse.entry_name", "entry name")',
         'F["fuse.xattr_size"] = ProtoField.uint32("fuse.xattr_size", "xattr size", base.DEC)',
         'F["fuse.undecoded"] = ProtoField.bytes("fuse.undecoded", "undecoded bytes")',
+        'F["fuse.debugger"] = ProtoField.string("fuse.debugger", "fsinspect debugger")',
+        f"local DEBUGGER_COMMENT = {_q(fmt.DEBUGGER_COMMENT)}",
         'F["fsinspect_vhost_user.request"] = ProtoField.uint32("fsinspect_vhost_user.request", "request", '
         'base.DEC, VS_VHOST_USER_REQUEST)',
         'F["fsinspect_vhost_user.flags"] = ProtoField.uint32("fsinspect_vhost_user.flags", "flags", base.HEX)',
@@ -203,7 +205,24 @@ local ef_malformed = ProtoExpert.new("fuse.malformed", "Malformed FUSE message",
                                      expert.severity.ERROR)
 local ef_error = ProtoExpert.new("fuse.error_reply", "FUSE error reply", expert.group.RESPONSE_CODE,
                                  expert.severity.NOTE)
-fuse.experts = {ef_malformed, ef_error}
+local ef_debugger = ProtoExpert.new("fuse.debugger.changed", "Held, answered or rewritten by the fsinspect "
+                                    .. "debugger", expert.group.COMMENTS_GROUP, expert.severity.WARN)
+fuse.experts = {ef_malformed, ef_error, ef_debugger}
+-- The record flags HELD/INJECTED/REWRITTEN reach Lua as the opt_comment that mirrors them (format 2).
+local frame_comment = Field.new("frame.comment")
+
+local function mark_debugger(pinfo, root)
+  for _, c in ipairs({frame_comment()}) do
+    local s = c.value
+    if s and s:sub(1, #DEBUGGER_COMMENT) == DEBUGGER_COMMENT then
+      local what = s:sub(#DEBUGGER_COMMENT + 1)
+      root:add(F["fuse.debugger"], what):set_generated()
+      root:add_proto_expert_info(ef_debugger, "fsinspect debugger: " .. what)
+      return " [" .. what .. "]"
+    end
+  end
+  return ""
+end
 
 -- Pairing state, filled on the first pass: INIT epochs, requests by epoch:unique, per-frame results.
 local state = {epoch = 0, pending = {}, frames = {}, setxattr_ext = {}}
@@ -359,6 +378,7 @@ function fuse.dissector(tvb, pinfo, tree)
   else is_request = looks_like_request(tvb) end
   local root = tree:add(fuse, tvb(), "FUSE " .. (is_request and "request" or "reply"))
   root:add(F["fuse.reply"], not is_request):set_generated()
+  local dbg = mark_debugger(pinfo, root)
   local declared = n >= 4 and tvb(0, 4):le_uint() or 0
   local stop = n
   if declared < n then stop = declared end
@@ -397,7 +417,7 @@ function fuse.dissector(tvb, pinfo, tree)
     if ext > 0 and body_stop >= IN_HEADER_SIZE then root:add(F["fuse.undecoded"], tvb(body_stop, ext)) end
     if not ok and not snapped then root:add_proto_expert_info(ef_malformed, "body does not match " .. opname) end
     pinfo.cols.info = opname .. " request unique=" .. tostring(unique) .. " nodeid=" .. tostring(h.nodeid)
-      .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "") .. (snapped and " [snapped]" or "")
+      .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "") .. (snapped and " [snapped]" or "") .. dbg
     root:append_text(", " .. opname .. ", unique " .. tostring(unique))
     return
   end
@@ -457,7 +477,7 @@ function fuse.dissector(tvb, pinfo, tree)
     root:add(F["fuse.undecoded"], tvb(OUT_HEADER_SIZE, stop - OUT_HEADER_SIZE))
   end
   pinfo.cols.info = opname .. " reply unique=" .. tostring(unique)
-    .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "") .. (snapped and " [snapped]" or "")
+    .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "") .. (snapped and " [snapped]" or "") .. dbg
   root:append_text(", " .. opname .. ", unique " .. tostring(unique))
 end
 

@@ -68,6 +68,11 @@ class Record:
     def snapped(self) -> bool:
         return self.orig_len > len(self.data)
 
+    @property
+    def debugger(self) -> list[str]:
+        """What the debugger did to this message (format 2): held, injected, rewritten."""
+        return [name for bit, name in fmt.DEBUGGER_FLAG_NAMES if self.flags & bit]
+
 
 @dataclass
 class Section:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..analysis import Analyzer
+from . import format as fmt
 from .reader import Record, RecordingReader
 
 
@@ -13,9 +14,10 @@ def feed_records(analyzer: Analyzer, records: Iterable[Record]) -> None:
     for rec in records:
         if not rec.is_fuse:
             continue
-        if rec.inbound:
+        if rec.inbound:  # a request the debugger held stays held until its reply (what the UI showed live)
             analyzer.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
-                                  orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
+                                  orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset,
+                                  held=bool(rec.flags & fmt.RF_HELD))
         else:
             analyzer.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
                                 orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)

@@ -22,6 +22,7 @@ class RecordingTap:
 
     def __init__(self, writer: RecordingWriter, *, flush_every: float = 0.2) -> None:
         self.writer = writer
+        self._held: dict[tuple[int, int], bytes] = {}  # held replies' headers, for the rewritten one's note
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._timer = threading.Thread(target=self._flusher, args=(flush_every,), daemon=True,
@@ -29,12 +30,32 @@ class RecordingTap:
         self._timer.start()
 
     def __call__(self, direction: str, queue: int, unique: int, ts_ns: int, raw: bytes) -> None:
-        flags = _DEBUGGER_FLAGS.get(direction, 0) if ":" in direction else 0
+        if ":" not in direction:
+            with self._lock:
+                if direction == "request":
+                    self.writer.request(raw, queue, None, ts_ns)
+                else:
+                    self.writer.reply(raw, queue, None, ts_ns)
+                    self._held.pop((queue, unique), None)
+            return
+        # A debugger verdict.  A held reply is recorded once, as the guest gets it (as the proxy does).
+        flags = _DEBUGGER_FLAGS.get(direction, 0)
         with self._lock:
-            if direction.startswith("request"):
-                self.writer.request(raw, queue, None, ts_ns, flags=flags)
+            if direction == "request:held":
+                self.writer.request(raw, queue, None, ts_ns, flags=flags, notes=["held by the debugger"])
+            elif direction == "reply:held":
+                self._held[(queue, unique)] = raw[:16]
+            elif direction == "reply:safety":
+                self.writer.reply(raw, queue, None, ts_ns, flags=fmt.RF_PROXY_REPLY,
+                                  notes=["EIO from fsinspect: the daemon stopped while the request was held"])
+            elif direction == "reply:answered":
+                self.writer.reply(raw, queue, None, ts_ns, flags=flags | fmt.RF_PROXY_REPLY,
+                                  notes=["answered by the debugger: the back-end never saw the request"])
             else:
-                self.writer.reply(raw, queue, None, ts_ns, flags=flags)
+                orig = self._held.pop((queue, unique), None)
+                self.writer.reply(raw, queue, None, ts_ns, flags=flags, notes=[
+                    "rewritten by the debugger; the back-end replied "
+                    + (fmt.out_header_note(orig) if orig else "(not captured)")])
 
     def _flusher(self, every: float) -> None:
         while not self._stop.wait(every):
