@@ -5,6 +5,9 @@
 
 local fuse = Proto("fuse", "FUSE (fsinspect)")
 local vhu = Proto("fsinspect_vhost_user", "vhost-user (fsinspect)")
+-- The protocol filters as `vhost-user` and `vhost_user` too: hidden items of these two.
+local vhu_dash = Proto("vhost-user", "vhost-user (filter alias)")
+local vhu_us = Proto("vhost_user", "vhost_user (filter alias)")
 local F = {}
 local S = {}
 local VS_OPCODE = {[1]="LOOKUP", [2]="FORGET", [3]="GETATTR", [4]="SETATTR", [5]="READLINK", [6]="SYMLINK", [8]="MKNOD", [9]="MKDIR", [10]="UNLINK", [11]="RMDIR", [12]="RENAME", [13]="LINK", [14]="OPEN", [15]="READ", [16]="WRITE", [17]="STATFS", [18]="RELEASE", [20]="FSYNC", [21]="SETXATTR", [22]="GETXATTR", [23]="LISTXATTR", [24]="REMOVEXATTR", [25]="FLUSH", [26]="INIT", [27]="OPENDIR", [28]="READDIR", [29]="RELEASEDIR", [30]="FSYNCDIR", [31]="GETLK", [32]="SETLK", [33]="SETLKW", [34]="ACCESS", [35]="CREATE", [36]="INTERRUPT", [37]="BMAP", [38]="DESTROY", [39]="IOCTL", [40]="POLL", [41]="NOTIFY_REPLY", [42]="BATCH_FORGET", [43]="FALLOCATE", [44]="READDIRPLUS", [45]="RENAME2", [46]="LSEEK", [47]="COPY_FILE_RANGE", [48]="SETUPMAPPING", [49]="REMOVEMAPPING", [50]="SYNCFS", [51]="TMPFILE", [52]="STATX", [53]="COPY_FILE_RANGE_64", [4096]="CUSE_INIT"}
@@ -15,8 +18,17 @@ local VS_LOCK_TYPE = {[0]="F_RDLCK", [1]="F_WRLCK", [2]="F_UNLCK"}
 local VS_WHENCE = {[0]="SEEK_SET", [1]="SEEK_CUR", [2]="SEEK_END", [3]="SEEK_DATA", [4]="SEEK_HOLE"}
 local VS_EXT_TYPE = {[31]="FUSE_MAX_NR_SECCTX", [32]="FUSE_EXT_GROUPS"}
 local VS_URING_CMD = {[0]="FUSE_IO_URING_CMD_INVALID", [1]="FUSE_IO_URING_CMD_REGISTER", [2]="FUSE_IO_URING_CMD_COMMIT_AND_FETCH"}
+local VS_IOTLB_TYPE = {[1]="VHOST_IOTLB_MISS", [2]="VHOST_IOTLB_UPDATE", [3]="VHOST_IOTLB_INVALIDATE", [4]="VHOST_IOTLB_ACCESS_FAIL", [5]="VHOST_IOTLB_BATCH_BEGIN", [6]="VHOST_IOTLB_BATCH_END"}
+local VS_TRANSFER_DIRECTION = {[0]="SAVE", [1]="LOAD"}
+local VS_MIGRATION_PHASE = {[0]="STOPPED"}
+local VS_FRONTEND_REQUEST = {[1]="GET_FEATURES", [2]="SET_FEATURES", [3]="SET_OWNER", [4]="RESET_OWNER", [5]="SET_MEM_TABLE", [6]="SET_LOG_BASE", [7]="SET_LOG_FD", [8]="SET_VRING_NUM", [9]="SET_VRING_ADDR", [10]="SET_VRING_BASE", [11]="GET_VRING_BASE", [12]="SET_VRING_KICK", [13]="SET_VRING_CALL", [14]="SET_VRING_ERR", [15]="GET_PROTOCOL_FEATURES", [16]="SET_PROTOCOL_FEATURES", [17]="GET_QUEUE_NUM", [18]="SET_VRING_ENABLE", [19]="SEND_RARP", [20]="NET_SET_MTU", [21]="SET_BACKEND_REQ_FD", [22]="IOTLB_MSG", [23]="SET_VRING_ENDIAN", [24]="GET_CONFIG", [25]="SET_CONFIG", [26]="CREATE_CRYPTO_SESSION", [27]="CLOSE_CRYPTO_SESSION", [28]="POSTCOPY_ADVISE", [29]="POSTCOPY_LISTEN", [30]="POSTCOPY_END", [31]="GET_INFLIGHT_FD", [32]="SET_INFLIGHT_FD", [33]="GPU_SET_SOCKET", [34]="RESET_DEVICE", [35]="VRING_KICK", [36]="GET_MAX_MEM_SLOTS", [37]="ADD_MEM_REG", [38]="REM_MEM_REG", [39]="SET_STATUS", [40]="GET_STATUS", [41]="GET_SHARED_OBJECT", [42]="SET_DEVICE_STATE_FD", [43]="CHECK_DEVICE_STATE"}
+local VS_BACKEND_REQUEST = {[1]="BACKEND_IOTLB_MSG", [2]="BACKEND_CONFIG_CHANGE_MSG", [3]="BACKEND_VRING_HOST_NOTIFIER_MSG", [4]="BACKEND_VRING_CALL", [5]="BACKEND_VRING_ERR", [6]="BACKEND_SHARED_OBJECT_ADD", [7]="BACKEND_SHARED_OBJECT_REMOVE", [8]="BACKEND_SHARED_OBJECT_LOOKUP"}
 local VS_NEG_ERRNO = {[0]="OK", [-1]="EPERM", [-2]="ENOENT", [-3]="ESRCH", [-4]="EINTR", [-5]="EIO", [-6]="ENXIO", [-7]="E2BIG", [-8]="ENOEXEC", [-9]="EBADF", [-10]="ECHILD", [-11]="EAGAIN", [-12]="ENOMEM", [-13]="EACCES", [-14]="EFAULT", [-15]="ENOTBLK", [-16]="EBUSY", [-17]="EEXIST", [-18]="EXDEV", [-19]="ENODEV", [-20]="ENOTDIR", [-21]="EISDIR", [-22]="EINVAL", [-23]="ENFILE", [-24]="EMFILE", [-25]="ENOTTY", [-26]="ETXTBSY", [-27]="EFBIG", [-28]="ENOSPC", [-29]="ESPIPE", [-30]="EROFS", [-31]="EMLINK", [-32]="EPIPE", [-33]="EDOM", [-34]="ERANGE", [-35]="EDEADLOCK", [-36]="ENAMETOOLONG", [-37]="ENOLCK", [-38]="ENOSYS", [-39]="ENOTEMPTY", [-40]="ELOOP", [-42]="ENOMSG", [-43]="EIDRM", [-44]="ECHRNG", [-45]="EL2NSYNC", [-46]="EL3HLT", [-47]="EL3RST", [-48]="ELNRNG", [-49]="EUNATCH", [-50]="ENOCSI", [-51]="EL2HLT", [-52]="EBADE", [-53]="EBADR", [-54]="EXFULL", [-55]="ENOANO", [-56]="EBADRQC", [-57]="EBADSLT", [-59]="EBFONT", [-60]="ENOSTR", [-61]="ENODATA", [-62]="ETIME", [-63]="ENOSR", [-64]="ENONET", [-65]="ENOPKG", [-66]="EREMOTE", [-67]="ENOLINK", [-68]="EADV", [-69]="ESRMNT", [-70]="ECOMM", [-71]="EPROTO", [-72]="EMULTIHOP", [-73]="EDOTDOT", [-74]="EBADMSG", [-75]="EOVERFLOW", [-76]="ENOTUNIQ", [-77]="EBADFD", [-78]="EREMCHG", [-79]="ELIBACC", [-80]="ELIBBAD", [-81]="ELIBSCN", [-82]="ELIBMAX", [-83]="ELIBEXEC", [-84]="EILSEQ", [-85]="ERESTART", [-86]="ESTRPIPE", [-87]="EUSERS", [-88]="ENOTSOCK", [-89]="EDESTADDRREQ", [-90]="EMSGSIZE", [-91]="EPROTOTYPE", [-92]="ENOPROTOOPT", [-93]="EPROTONOSUPPORT", [-94]="ESOCKTNOSUPPORT", [-95]="ENOTSUP", [-96]="EPFNOSUPPORT", [-97]="EAFNOSUPPORT", [-98]="EADDRINUSE", [-99]="EADDRNOTAVAIL", [-100]="ENETDOWN", [-101]="ENETUNREACH", [-102]="ENETRESET", [-103]="ECONNABORTED", [-104]="ECONNRESET", [-105]="ENOBUFS", [-106]="EISCONN", [-107]="ENOTCONN", [-108]="ESHUTDOWN", [-109]="ETOOMANYREFS", [-110]="ETIMEDOUT", [-111]="ECONNREFUSED", [-112]="EHOSTDOWN", [-113]="EHOSTUNREACH", [-114]="EALREADY", [-115]="EINPROGRESS", [-116]="ESTALE", [-117]="EUCLEAN", [-118]="ENOTNAM", [-119]="ENAVAIL", [-120]="EISNAM", [-121]="EREMOTEIO", [-122]="EDQUOT", [-123]="ENOMEDIUM", [-124]="EMEDIUMTYPE", [-125]="ECANCELED", [-126]="ENOKEY", [-127]="EKEYEXPIRED", [-128]="EKEYREVOKED", [-129]="EKEYREJECTED", [-130]="EOWNERDEAD", [-131]="ENOTRECOVERABLE", [-132]="ERFKILL"}
 local VS_VHOST_USER_REQUEST = {[1]="GET_FEATURES", [2]="SET_FEATURES", [3]="SET_OWNER", [4]="RESET_OWNER", [5]="SET_MEM_TABLE", [6]="SET_LOG_BASE", [7]="SET_LOG_FD", [8]="SET_VRING_NUM", [9]="SET_VRING_ADDR", [10]="SET_VRING_BASE", [11]="GET_VRING_BASE", [12]="SET_VRING_KICK", [13]="SET_VRING_CALL", [14]="SET_VRING_ERR", [15]="GET_PROTOCOL_FEATURES", [16]="SET_PROTOCOL_FEATURES", [17]="GET_QUEUE_NUM", [18]="SET_VRING_ENABLE", [19]="SEND_RARP", [20]="NET_SET_MTU", [21]="SET_BACKEND_REQ_FD", [22]="IOTLB_MSG", [23]="SET_VRING_ENDIAN", [24]="GET_CONFIG", [25]="SET_CONFIG", [26]="CREATE_CRYPTO_SESSION", [27]="CLOSE_CRYPTO_SESSION", [28]="POSTCOPY_ADVISE", [29]="POSTCOPY_LISTEN", [30]="POSTCOPY_END", [31]="GET_INFLIGHT_FD", [32]="SET_INFLIGHT_FD", [33]="GPU_SET_SOCKET", [34]="RESET_DEVICE", [35]="VRING_KICK", [36]="GET_MAX_MEM_SLOTS", [37]="ADD_MEM_REG", [38]="REM_MEM_REG", [39]="SET_STATUS", [40]="GET_STATUS", [41]="GET_SHARED_OBJECT", [42]="SET_DEVICE_STATE_FD", [43]="CHECK_DEVICE_STATE"}
+local VHU_PAYLOAD = {[1]={req=nil, rep="vhost_user_u64"}, [2]={req="vhost_user_u64", rep=nil}, [3]={req=nil, rep=nil}, [4]={req=nil, rep=nil}, [5]={req="memory", rep=nil}, [6]={req="vhost_user_log", rep="vhost_user_u64"}, [7]={req=nil, rep=nil}, [8]={req="vhost_vring_state", rep=nil}, [9]={req="vhost_vring_addr", rep=nil}, [10]={req="vhost_vring_state", rep=nil}, [11]={req="vhost_vring_state", rep="vhost_vring_state"}, [12]={req="vhost_user_u64", rep=nil}, [13]={req="vhost_user_u64", rep=nil}, [14]={req="vhost_user_u64", rep=nil}, [15]={req=nil, rep="vhost_user_u64"}, [16]={req="vhost_user_u64", rep=nil}, [17]={req=nil, rep="vhost_user_u64"}, [18]={req="vhost_vring_state", rep=nil}, [19]={req="vhost_user_u64", rep=nil}, [20]={req="vhost_user_u64", rep=nil}, [21]={req=nil, rep=nil}, [22]={req="vhost_iotlb_msg", rep=nil}, [23]={req="vhost_vring_state", rep=nil}, [24]={req="config", rep="config"}, [25]={req="config", rep=nil}, [26]={req="raw", rep="raw"}, [27]={req="vhost_user_u64", rep=nil}, [28]={req=nil, rep=nil}, [29]={req=nil, rep=nil}, [30]={req=nil, rep="vhost_user_u64"}, [31]={req="vhost_user_inflight", rep="vhost_user_inflight"}, [32]={req="vhost_user_inflight", rep=nil}, [33]={req=nil, rep=nil}, [34]={req=nil, rep=nil}, [35]={req="vhost_vring_state", rep=nil}, [36]={req=nil, rep="vhost_user_u64"}, [37]={req="vhost_user_mem_reg", rep=nil}, [38]={req="vhost_user_mem_reg", rep=nil}, [39]={req="vhost_user_u64", rep=nil}, [40]={req=nil, rep="vhost_user_u64"}, [41]={req="vhost_user_shared_object", rep="vhost_user_u64"}, [42]={req="vhost_user_transfer_device_state", rep="vhost_user_u64"}, [43]={req=nil, rep="vhost_user_u64"}}
+local NOTE_TO_BACKEND = "as forwarded to the back-end"
+local NOTE_TO_FRONTEND = "as sent to QEMU"
+local P2P_DIR_RECV = 1
 F["fuse.attr.ino"] = ProtoField.uint64("fuse.attr.ino", "ino", base.DEC)
 F["fuse.attr.size"] = ProtoField.uint64("fuse.attr.size", "size", base.DEC)
 F["fuse.attr.blocks"] = ProtoField.uint64("fuse.attr.blocks", "blocks", base.DEC)
@@ -529,6 +541,49 @@ F["fuse.uring_cmd_req.flags"] = ProtoField.uint64("fuse.uring_cmd_req.flags", "f
 F["fuse.uring_cmd_req.commit_id"] = ProtoField.uint64("fuse.uring_cmd_req.commit_id", "commit_id", base.DEC)
 F["fuse.uring_cmd_req.qid"] = ProtoField.uint16("fuse.uring_cmd_req.qid", "qid", base.DEC)
 F["fuse.uring_cmd_req.padding"] = ProtoField.bytes("fuse.uring_cmd_req.padding", "padding")
+F["vhost_user.header.request"] = ProtoField.uint32("vhost_user.header.request", "request", base.DEC)
+F["vhost_user.header.flags"] = ProtoField.uint32("vhost_user.header.flags", "flags", base.HEX)
+F["vhost_user.header.flags.REPLY"] = ProtoField.bool("vhost_user.header.flags.REPLY", "REPLY", 32, nil, 0x4)
+F["vhost_user.header.flags.NEED_REPLY"] = ProtoField.bool("vhost_user.header.flags.NEED_REPLY", "NEED_REPLY", 32, nil, 0x8)
+F["vhost_user.header.size"] = ProtoField.uint32("vhost_user.header.size", "size", base.DEC)
+F["vhost_user.u64.u64"] = ProtoField.uint64("vhost_user.u64.u64", "u64", base.HEX)
+F["vhost_user.vring_state.index"] = ProtoField.uint32("vhost_user.vring_state.index", "index", base.DEC)
+F["vhost_user.vring_state.num"] = ProtoField.uint32("vhost_user.vring_state.num", "num", base.DEC)
+F["vhost_user.vring_addr.index"] = ProtoField.uint32("vhost_user.vring_addr.index", "index", base.DEC)
+F["vhost_user.vring_addr.flags"] = ProtoField.uint32("vhost_user.vring_addr.flags", "flags", base.HEX)
+F["vhost_user.vring_addr.flags.LOG"] = ProtoField.bool("vhost_user.vring_addr.flags.LOG", "LOG", 32, nil, 0x1)
+F["vhost_user.vring_addr.descriptor"] = ProtoField.uint64("vhost_user.vring_addr.descriptor", "descriptor", base.HEX)
+F["vhost_user.vring_addr.used"] = ProtoField.uint64("vhost_user.vring_addr.used", "used", base.HEX)
+F["vhost_user.vring_addr.available"] = ProtoField.uint64("vhost_user.vring_addr.available", "available", base.HEX)
+F["vhost_user.vring_addr.log"] = ProtoField.uint64("vhost_user.vring_addr.log", "log", base.HEX)
+F["vhost_user.memory_region.guest_address"] = ProtoField.uint64("vhost_user.memory_region.guest_address", "guest_address", base.HEX)
+F["vhost_user.memory_region.size"] = ProtoField.uint64("vhost_user.memory_region.size", "size", base.HEX)
+F["vhost_user.memory_region.user_address"] = ProtoField.uint64("vhost_user.memory_region.user_address", "user_address", base.HEX)
+F["vhost_user.memory_region.mmap_offset"] = ProtoField.uint64("vhost_user.memory_region.mmap_offset", "mmap_offset", base.HEX)
+F["vhost_user.memory.num_regions"] = ProtoField.uint32("vhost_user.memory.num_regions", "num_regions", base.DEC)
+F["vhost_user.memory.padding"] = ProtoField.uint32("vhost_user.memory.padding", "padding", base.DEC)
+F["vhost_user.mem_reg.padding"] = ProtoField.uint64("vhost_user.mem_reg.padding", "padding", base.DEC)
+F["vhost_user.log.mmap_size"] = ProtoField.uint64("vhost_user.log.mmap_size", "mmap_size", base.HEX)
+F["vhost_user.log.mmap_offset"] = ProtoField.uint64("vhost_user.log.mmap_offset", "mmap_offset", base.HEX)
+F["vhost_user.iotlb_msg.iova"] = ProtoField.uint64("vhost_user.iotlb_msg.iova", "iova", base.HEX)
+F["vhost_user.iotlb_msg.size"] = ProtoField.uint64("vhost_user.iotlb_msg.size", "size", base.HEX)
+F["vhost_user.iotlb_msg.uaddr"] = ProtoField.uint64("vhost_user.iotlb_msg.uaddr", "uaddr", base.HEX)
+F["vhost_user.iotlb_msg.perm"] = ProtoField.uint8("vhost_user.iotlb_msg.perm", "perm", base.DEC)
+F["vhost_user.iotlb_msg.type"] = ProtoField.uint8("vhost_user.iotlb_msg.type", "type", base.DEC, VS_IOTLB_TYPE)
+F["vhost_user.iotlb_msg.reserved"] = ProtoField.bytes("vhost_user.iotlb_msg.reserved", "reserved")
+F["vhost_user.config.offset"] = ProtoField.uint32("vhost_user.config.offset", "offset", base.DEC)
+F["vhost_user.config.size"] = ProtoField.uint32("vhost_user.config.size", "size", base.DEC)
+F["vhost_user.config.flags"] = ProtoField.uint32("vhost_user.config.flags", "flags", base.DEC)
+F["vhost_user.vring_area.u64"] = ProtoField.uint64("vhost_user.vring_area.u64", "u64", base.HEX)
+F["vhost_user.vring_area.size"] = ProtoField.uint64("vhost_user.vring_area.size", "size", base.HEX)
+F["vhost_user.vring_area.offset"] = ProtoField.uint64("vhost_user.vring_area.offset", "offset", base.HEX)
+F["vhost_user.inflight.mmap_size"] = ProtoField.uint64("vhost_user.inflight.mmap_size", "mmap_size", base.HEX)
+F["vhost_user.inflight.mmap_offset"] = ProtoField.uint64("vhost_user.inflight.mmap_offset", "mmap_offset", base.HEX)
+F["vhost_user.inflight.num_queues"] = ProtoField.uint16("vhost_user.inflight.num_queues", "num_queues", base.DEC)
+F["vhost_user.inflight.queue_size"] = ProtoField.uint16("vhost_user.inflight.queue_size", "queue_size", base.DEC)
+F["vhost_user.transfer_device_state.direction"] = ProtoField.uint32("vhost_user.transfer_device_state.direction", "direction", base.DEC, VS_TRANSFER_DIRECTION)
+F["vhost_user.transfer_device_state.phase"] = ProtoField.uint32("vhost_user.transfer_device_state.phase", "phase", base.DEC, VS_MIGRATION_PHASE)
+F["vhost_user.shared_object.uuid"] = ProtoField.bytes("vhost_user.shared_object.uuid", "uuid")
 F["fuse.nodeids"] = ProtoField.uint64("fuse.nodeids", "nodeids", base.DEC)
 F["fuse.data"] = ProtoField.bytes("fuse.data", "data")
 F["fuse.dev_info"] = ProtoField.string("fuse.dev_info", "dev_info")
@@ -553,6 +608,7 @@ F["fsinspect_vhost_user.request"] = ProtoField.uint32("fsinspect_vhost_user.requ
 F["fsinspect_vhost_user.flags"] = ProtoField.uint32("fsinspect_vhost_user.flags", "flags", base.HEX)
 F["fsinspect_vhost_user.size"] = ProtoField.uint32("fsinspect_vhost_user.size", "size", base.DEC)
 F["fsinspect_vhost_user.payload"] = ProtoField.bytes("fsinspect_vhost_user.payload", "payload")
+F["vhost_user.direction"] = ProtoField.string("vhost_user.direction", "direction")
 local VHU_FLAG_NAMES = {"REPLY", "NEED_REPLY"}
 S["fuse_attr"] = {size=88, compat={}, fields={
     {name="ino", off=0, size=8, pf=F["fuse.attr.ino"], le=true},
@@ -945,6 +1001,61 @@ S["fuse_uring_cmd_req"] = {size=24, compat={}, fields={
     {name="commit_id", off=8, size=8, pf=F["fuse.uring_cmd_req.commit_id"], le=true},
     {name="qid", off=16, size=2, pf=F["fuse.uring_cmd_req.qid"], le=true},
     {name="padding", off=18, size=6, pf=F["fuse.uring_cmd_req.padding"], le=true}}}
+S["vhost_user_header"] = {size=12, compat={}, fields={
+    {name="request", off=0, size=4, pf=F["vhost_user.header.request"], le=true},
+    {name="flags", off=4, size=4, pf=F["vhost_user.header.flags"], le=true, bits={"vhost_user.header.flags.REPLY", "vhost_user.header.flags.NEED_REPLY"}},
+    {name="size", off=8, size=4, pf=F["vhost_user.header.size"], le=true}}}
+S["vhost_user_u64"] = {size=8, compat={}, fields={
+    {name="u64", off=0, size=8, pf=F["vhost_user.u64.u64"], le=true}}}
+S["vhost_vring_state"] = {size=8, compat={}, fields={
+    {name="index", off=0, size=4, pf=F["vhost_user.vring_state.index"], le=true},
+    {name="num", off=4, size=4, pf=F["vhost_user.vring_state.num"], le=true}}}
+S["vhost_vring_addr"] = {size=40, compat={}, fields={
+    {name="index", off=0, size=4, pf=F["vhost_user.vring_addr.index"], le=true},
+    {name="flags", off=4, size=4, pf=F["vhost_user.vring_addr.flags"], le=true, bits={"vhost_user.vring_addr.flags.LOG"}},
+    {name="descriptor", off=8, size=8, pf=F["vhost_user.vring_addr.descriptor"], le=true},
+    {name="used", off=16, size=8, pf=F["vhost_user.vring_addr.used"], le=true},
+    {name="available", off=24, size=8, pf=F["vhost_user.vring_addr.available"], le=true},
+    {name="log", off=32, size=8, pf=F["vhost_user.vring_addr.log"], le=true}}}
+S["vhost_user_memory_region"] = {size=32, compat={}, fields={
+    {name="guest_address", off=0, size=8, pf=F["vhost_user.memory_region.guest_address"], le=true},
+    {name="size", off=8, size=8, pf=F["vhost_user.memory_region.size"], le=true},
+    {name="user_address", off=16, size=8, pf=F["vhost_user.memory_region.user_address"], le=true},
+    {name="mmap_offset", off=24, size=8, pf=F["vhost_user.memory_region.mmap_offset"], le=true}}}
+S["vhost_user_memory"] = {size=8, compat={}, fields={
+    {name="num_regions", off=0, size=4, pf=F["vhost_user.memory.num_regions"], le=true},
+    {name="padding", off=4, size=4, pf=F["vhost_user.memory.padding"], le=true}}}
+S["vhost_user_mem_reg"] = {size=40, compat={}, fields={
+    {name="padding", off=0, size=8, pf=F["vhost_user.mem_reg.padding"], le=true},
+    {name="region", off=8, size=32, struct="vhost_user_memory_region"}}}
+S["vhost_user_log"] = {size=16, compat={}, fields={
+    {name="mmap_size", off=0, size=8, pf=F["vhost_user.log.mmap_size"], le=true},
+    {name="mmap_offset", off=8, size=8, pf=F["vhost_user.log.mmap_offset"], le=true}}}
+S["vhost_iotlb_msg"] = {size=32, compat={}, fields={
+    {name="iova", off=0, size=8, pf=F["vhost_user.iotlb_msg.iova"], le=true},
+    {name="size", off=8, size=8, pf=F["vhost_user.iotlb_msg.size"], le=true},
+    {name="uaddr", off=16, size=8, pf=F["vhost_user.iotlb_msg.uaddr"], le=true},
+    {name="perm", off=24, size=1, pf=F["vhost_user.iotlb_msg.perm"], le=true},
+    {name="type", off=25, size=1, pf=F["vhost_user.iotlb_msg.type"], le=true},
+    {name="reserved", off=26, size=6, pf=F["vhost_user.iotlb_msg.reserved"], le=true}}}
+S["vhost_user_config"] = {size=12, compat={}, fields={
+    {name="offset", off=0, size=4, pf=F["vhost_user.config.offset"], le=true},
+    {name="size", off=4, size=4, pf=F["vhost_user.config.size"], le=true},
+    {name="flags", off=8, size=4, pf=F["vhost_user.config.flags"], le=true}}}
+S["vhost_user_vring_area"] = {size=24, compat={}, fields={
+    {name="u64", off=0, size=8, pf=F["vhost_user.vring_area.u64"], le=true},
+    {name="size", off=8, size=8, pf=F["vhost_user.vring_area.size"], le=true},
+    {name="offset", off=16, size=8, pf=F["vhost_user.vring_area.offset"], le=true}}}
+S["vhost_user_inflight"] = {size=20, compat={}, fields={
+    {name="mmap_size", off=0, size=8, pf=F["vhost_user.inflight.mmap_size"], le=true},
+    {name="mmap_offset", off=8, size=8, pf=F["vhost_user.inflight.mmap_offset"], le=true},
+    {name="num_queues", off=16, size=2, pf=F["vhost_user.inflight.num_queues"], le=true},
+    {name="queue_size", off=18, size=2, pf=F["vhost_user.inflight.queue_size"], le=true}}}
+S["vhost_user_transfer_device_state"] = {size=8, compat={}, fields={
+    {name="direction", off=0, size=4, pf=F["vhost_user.transfer_device_state.direction"], le=true},
+    {name="phase", off=4, size=4, pf=F["vhost_user.transfer_device_state.phase"], le=true}}}
+S["vhost_user_shared_object"] = {size=16, compat={}, fields={
+    {name="uuid", off=0, size=16, pf=F["vhost_user.shared_object.uuid"], le=true}}}
 local OPS = {
   [1] = {name="LOOKUP", req={{kind="str", name="name"}}, rep={{kind="struct", name="entry", ref="fuse_entry_out"}}},
   [2] = {name="FORGET", req={{kind="struct", name="forget", ref="fuse_forget_in"}}, rep=nil},
@@ -1053,7 +1164,7 @@ end
 local function struct_size(sname) return S[sname].size end
 
 -- Add a struct at off; returns the new offset, the subtree and a table of its scalar values.
-local function add_struct(sname, tvb, off, tree, label, avail)
+local function add_struct(sname, tvb, off, tree, label, avail, proto)
   local s = S[sname]
   local size = s.size
   if avail < size then
@@ -1062,13 +1173,13 @@ local function add_struct(sname, tvb, off, tree, label, avail)
     if not ok then return nil end
     size = avail
   end
-  local sub = tree:add(fuse, tvb(off, size), label .. ": " .. sname)
+  local sub = tree:add(proto or fuse, tvb(off, size), label .. ": " .. sname)
   local vals = {}
   for _, fd in ipairs(s.fields) do
     if fd.off + fd.size <= size then
       local r = tvb(off + fd.off, fd.size)
       if fd.struct then
-        local _, _, inner = add_struct(fd.struct, tvb, off + fd.off, sub, fd.name, fd.size)
+        local _, _, inner = add_struct(fd.struct, tvb, off + fd.off, sub, fd.name, fd.size, proto)
         vals[fd.name] = inner
       else
         local item
@@ -1301,20 +1412,95 @@ function fuse.dissector(tvb, pinfo, tree)
   root:append_text(", " .. opname .. ", unique " .. tostring(unique))
 end
 
+local comment_field = Field.new("frame.comment")
+
+-- Who sent a vhost-user message to whom: the P2P direction, and the proxy's own copies by their note.
+local function vhu_direction(pinfo)
+  for _, c in ipairs({comment_field()}) do
+    local v = tostring(c.value)
+    if v == NOTE_TO_BACKEND then return "proxy", "back-end" end
+    if v == NOTE_TO_FRONTEND then return "proxy", "QEMU" end
+  end
+  if pinfo.p2p_dir == P2P_DIR_RECV then return "QEMU", "back-end" end
+  return "back-end", "QEMU"
+end
+
+local function hex(v)
+  if type(v) == "number" then return string.format("0x%x", v) end
+  local h = v:tohex():gsub("^0+", "")
+  return "0x" .. (h == "" and "0" or h)
+end
+
+local function region_text(r)
+  return "gpa=" .. hex(r.guest_address) .. " size=" .. hex(r.size) .. " uva=" .. hex(r.user_address)
+    .. " off=" .. hex(r.mmap_offset)
+end
+
+-- The payload as the spec lays it out: SET_MEM_TABLE's table of regions, ADD/REM_MEM_REG's region, structs.
+local function vhu_payload(tvb, root, sname, summary)
+  local n = tvb:len() - 12
+  if sname == "memory" then
+    local nxt, sub, vals = add_struct("vhost_user_memory", tvb, 12, root, "payload", n, vhu)
+    if not nxt then return false end
+    local rsize = S["vhost_user_memory_region"].size
+    local count = vals.num_regions
+    table.insert(summary, count .. (count == 1 and " region:" or " regions:"))
+    for i = 0, count - 1 do
+      if nxt + rsize > tvb:len() then return false end
+      local _, _, r = add_struct("vhost_user_memory_region", tvb, nxt, sub, "regions[" .. i .. "]", rsize, vhu)
+      table.insert(summary, region_text(r) .. (i < count - 1 and ";" or ""))
+      nxt = nxt + rsize
+    end
+    return true
+  end
+  if sname == nil or S[sname] == nil or n < S[sname].size then return false end
+  local _, _, vals = add_struct(sname, tvb, 12, root, "payload", n, vhu)
+  if vals.region then
+    table.insert(summary, region_text(vals.region))
+  else
+    for _, fd in ipairs(S[sname].fields) do
+      local v = vals[fd.name]
+      if v ~= nil and fd.name ~= "padding" and type(v) ~= "table" then
+        table.insert(summary, fd.name .. "=" .. (fd.size == 8 and hex(v) or tostring(v)))
+      end
+    end
+  end
+  return true
+end
+
 function vhu.dissector(tvb, pinfo, tree)
   pinfo.cols.protocol = "vhost-user"
+  local src, dst = vhu_direction(pinfo)
+  pinfo.cols.src = src
+  pinfo.cols.dst = dst
   if tvb:len() < 12 then return end
   local root = tree:add(vhu, tvb())
+  root:add(vhu_dash, tvb()):set_hidden()
+  root:add(vhu_us, tvb()):set_hidden()
+  root:add(F["vhost_user.direction"], src .. " -> " .. dst):set_generated()
   local req = tvb(0, 4):le_uint()
   local flags = tvb(4, 4):le_uint()
   root:add_le(F["fsinspect_vhost_user.request"], tvb(0, 4))
   root:add_le(F["fsinspect_vhost_user.flags"], tvb(4, 4))
   root:add_le(F["fsinspect_vhost_user.size"], tvb(8, 4))
-  if tvb:len() > 12 then root:add(F["fsinspect_vhost_user.payload"], tvb(12)) end
   local names = {}
   for i, nm in ipairs(VHU_FLAG_NAMES) do
     if bit.band(flags, bit.lshift(1, i + 1)) ~= 0 then table.insert(names, nm) end
   end
-  pinfo.cols.info = (VS_VHOST_USER_REQUEST[req] or tostring(req)) .. (#names > 0 and (" " .. table.concat(names, "|")) or "")
+  local summary = {}
+  if tvb:len() > 12 then
+    local layout = VHU_PAYLOAD[req]
+    local sname = nil
+    if bit.band(flags, 4) == 0 then sname = layout and layout.req
+    else sname = (layout and layout.rep) or (tvb:len() == 20 and "vhost_user_u64" or nil) end  -- REPLY_ACK: u64
+    if not vhu_payload(tvb, root, sname, summary) then
+      summary = {}
+      root:add(F["fsinspect_vhost_user.payload"], tvb(12))
+    end
+  end
+  local name = VS_VHOST_USER_REQUEST[req] or tostring(req)
+  root:append_text(", " .. src .. " -> " .. dst .. ", " .. name)
+  pinfo.cols.info = src .. " → " .. dst .. "  " .. name .. (#names > 0 and (" " .. table.concat(names, "|")) or "")
+    .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "")
 end
 

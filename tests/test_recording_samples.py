@@ -50,9 +50,10 @@ def test_golden_summary_of_the_sample(sample: Path) -> None:
     assert _make_samples().golden_rows(sample) == golden
 
 
-def tshark_fields(path: Path, *fields: str) -> list[list[str]]:
+def tshark_fields(path: Path, *fields: str, flt: str | None = None, occurrence: str = "f") -> list[list[str]]:
+    """One row per packet (matching the display filter `flt`, if given) of the fields' values."""
     cmd = ["tshark", "-2", "-X", f"lua_script:{LUA}", "-r", str(path), "-T", "fields", "-E", "separator=/t",
-           "-E", "occurrence=f"]
+           "-E", f"occurrence={occurrence}", *(["-Y", flt] if flt else [])]
     for f in fields:
         cmd += ["-e", f]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
@@ -105,7 +106,7 @@ def test_guest_sample_submounts_and_syncfs() -> None:
     submount_replies = [r for r in rows if r[0] == "1" and r[4] in ("1", "True")]
     assert len(submount_replies) >= 2 and all(r[3] == "0x00000001" for r in submount_replies)
     assert sum(1 for r in rows if r[1] == "50" and r[0] == "0") == 6  # SYNCFS requests
-    assert any(r[6] == "1" and r[5] == "GET_FEATURES" for r in rows)  # the vhost-user control channel
+    assert any(r[6] == "1" and r[5] == "QEMU → back-end  GET_FEATURES" for r in rows)  # the vhost-user channel
     with RecordingReader(GUEST) as r:
         an = analyze(r)
         assert [i.kind for i in r.interfaces] == ["vhost-user", "virtqueue", "virtqueue"]

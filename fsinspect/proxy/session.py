@@ -341,9 +341,9 @@ class Session:
         if fds:
             notes.append(f"{len(fds)} fd(s)")
         if direction == "proxy->backend":
-            notes.append("as forwarded to the back-end")
+            notes.append(fmt.NOTE_TO_BACKEND)
         elif direction == "proxy->frontend":
-            notes.append("as sent to QEMU")
+            notes.append(fmt.NOTE_TO_FRONTEND)
         with self.lock:
             if self.writer is not None:
                 self.writer.control(raw, from_frontend=direction == "frontend", notes=notes)

@@ -55,6 +55,9 @@ P2P_DIR_SENT = 0
 P2P_DIR_RECV = 1
 DISSECTOR_FUSE = "fuse"
 DISSECTOR_VHOST_USER = "fsinspect_vhost_user"
+# A proxy records each vhost-user message as received and, with one of these notes, as it forwarded it.
+NOTE_TO_BACKEND = "as forwarded to the back-end"
+NOTE_TO_FRONTEND = "as sent to QEMU"
 
 # ------------------------------------------------------------------------------------------------
 # fsinspect's binary custom options: u32 PEN, u16 kind, u16 reserved, then the body

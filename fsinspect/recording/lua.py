@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from dissectors.spec import fuse as fspec
 from dissectors.spec import vhost_user as vspec
-from dissectors.spec.types import SCALAR_SIZE, Field, Part
+from dissectors.spec.types import SCALAR_SIZE, Field, Part, Registry
 from dissectors.structs import pyname
 
 from . import format as fmt
@@ -31,6 +31,8 @@ def _q(s: str) -> str:
 def _abbr(sname: str, fname: str) -> str:
     if sname in _HEADER_STRUCTS:
         return f"fuse.{pyname(fname)}"
+    if sname in vspec.REGISTRY.structs:  # vhost-user payloads: vhost_user.memory_region.guest_address
+        return f"vhost_user.{sname.removeprefix('vhost_user_').removeprefix('vhost_')}.{pyname(fname)}"
     short = sname.removeprefix("fuse_")
     return f"fuse.{short}.{pyname(fname)}"
 
@@ -40,10 +42,10 @@ def _valstring(name: str) -> str:
 
 
 def _enum_tables() -> Iterator[str]:
-    reg = fspec.REGISTRY
-    for en in reg.enums.values():
-        items = ", ".join(f"[{v}]={_q(n)}" for n, v in en.values)
-        yield f"local {_valstring(en.name)} = {{{items}}}"
+    for reg in (fspec.REGISTRY, vspec.REGISTRY):
+        for en in reg.enums.values():
+            items = ", ".join(f"[{v}]={_q(n)}" for n, v in en.values)
+            yield f"local {_valstring(en.name)} = {{{items}}}"
     neg = ", ".join(f"[{-v}]={_q(n)}" for n, v in fspec.ERRNO.values)
     yield f"local VS_NEG_ERRNO = {{[0]=\"OK\", {neg}}}"
 
@@ -59,7 +61,7 @@ class _Gen:
             self.names.add(key)
             self.fields.append(f"F[{_q(key)}] = {decl}")
 
-    def scalar_decl(self, sname: str, f: Field) -> tuple[str, str]:
+    def scalar_decl(self, sname: str, f: Field, reg: Registry) -> tuple[str, str]:
         abbr = _abbr(sname, f.name)
         label = pyname(f.name)
         if f.ctype == "char":
@@ -71,14 +73,13 @@ class _Gen:
             return abbr, f"ProtoField.int32({_q(abbr)}, {_q('error')}, base.DEC, VS_NEG_ERRNO)"
         if f.enum:
             return abbr, f"ProtoField.{kind}({_q(abbr)}, {_q(label)}, base.DEC, {_valstring(f.enum)})"
-        if f.flags in fspec.REGISTRY.flagsets:
+        if f.flags in reg.flagsets:
             return abbr, f"ProtoField.{kind}({_q(abbr)}, {_q(label)}, base.HEX)"
         if f.flags in _BASE and not kind.startswith("int"):
             return abbr, f"ProtoField.{kind}({_q(abbr)}, {_q(label)}, {_BASE[f.flags]})"
         return abbr, f"ProtoField.{kind}({_q(abbr)}, {_q(label)}, base.DEC)"
 
-    def struct(self, sname: str) -> None:
-        reg = fspec.REGISTRY
+    def struct(self, sname: str, reg: Registry = fspec.REGISTRY) -> None:
         sdef = reg.structs[sname]
         rows: list[str] = []
         off = 0
@@ -87,7 +88,7 @@ class _Gen:
             if f.ctype not in SCALAR_SIZE:
                 rows.append(f"{{name={_q(pyname(f.name))}, off={off}, size={size}, struct={_q(f.ctype)}}}")
             else:
-                abbr, decl = self.scalar_decl(sname, f)
+                abbr, decl = self.scalar_decl(sname, f, reg)
                 self.field(abbr, decl)
                 bits = ""
                 fs = reg.flagsets.get(f.flags or "")
@@ -130,6 +131,8 @@ def generate() -> str:
     g = _Gen()
     for sname in fspec.REGISTRY.structs:
         g.struct(sname)
+    for sname in vspec.REGISTRY.structs:
+        g.struct(sname, vspec.REGISTRY)
     part_names = sorted({p.name for o in fspec.OPCODES for p in (*o.request, *(o.reply or ()))
                          if p.kind in ("str", "text", "data", "strs", "xattr")}
                         | {p.name for n in fspec.NOTIFIES for p in n.body if p.kind in ("str", "data")}
@@ -144,6 +147,8 @@ def generate() -> str:
     notifies = "\n".join(f"  [{n.value}] = {{name={_q(n.name)}, body={_parts(n.body)}}},"
                          for n in fspec.NOTIFIES)
     vreq = ", ".join(f"[{r.value}]={_q(r.name)}" for r in vspec.FRONTEND_REQUESTS)
+    vpay = ", ".join(f"[{r.value}]={{req={_q(r.payload) if r.payload else 'nil'}, "
+                     f"rep={_q(r.reply) if r.reply else 'nil'}}}" for r in vspec.FRONTEND_REQUESTS)
     vflags = ", ".join(f"{_q(n)}" for n, _ in vspec.HEADER_FLAGS.bits)
     out = [
         "-- fuse.lua: Wireshark dissector for fsinspect recordings (FUSE over exported PDUs, link type 252).",
@@ -153,10 +158,17 @@ def generate() -> str:
         "",
         f'local fuse = Proto({_q(fmt.DISSECTOR_FUSE)}, "FUSE (fsinspect)")',
         f'local vhu = Proto({_q(fmt.DISSECTOR_VHOST_USER)}, "vhost-user (fsinspect)")',
+        "-- The protocol filters as `vhost-user` and `vhost_user` too: hidden items of these two.",
+        'local vhu_dash = Proto("vhost-user", "vhost-user (filter alias)")',
+        'local vhu_us = Proto("vhost_user", "vhost_user (filter alias)")',
         "local F = {}",
         "local S = {}",
         *_enum_tables(),
         f"local VS_VHOST_USER_REQUEST = {{{vreq}}}",
+        f"local VHU_PAYLOAD = {{{vpay}}}",
+        f"local NOTE_TO_BACKEND = {_q(fmt.NOTE_TO_BACKEND)}",
+        f"local NOTE_TO_FRONTEND = {_q(fmt.NOTE_TO_FRONTEND)}",
+        f"local P2P_DIR_RECV = {fmt.P2P_DIR_RECV}",
         *g.fields,
         'F["fuse.reply"] = ProtoField.bool("fuse.reply", "reply")',
         'F["fuse.request_in"] = ProtoField.framenum("fuse.request_in", "Request in", base.NONE, frametype.REQUEST)',
@@ -176,6 +188,7 @@ def generate() -> str:
         'F["fsinspect_vhost_user.flags"] = ProtoField.uint32("fsinspect_vhost_user.flags", "flags", base.HEX)',
         'F["fsinspect_vhost_user.size"] = ProtoField.uint32("fsinspect_vhost_user.size", "size", base.DEC)',
         'F["fsinspect_vhost_user.payload"] = ProtoField.bytes("fsinspect_vhost_user.payload", "payload")',
+        'F["vhost_user.direction"] = ProtoField.string("vhost_user.direction", "direction")',
         f"local VHU_FLAG_NAMES = {{{vflags}}}",
         *g.structs,
         "local OPS = {",
@@ -233,7 +246,7 @@ end
 local function struct_size(sname) return S[sname].size end
 
 -- Add a struct at off; returns the new offset, the subtree and a table of its scalar values.
-local function add_struct(sname, tvb, off, tree, label, avail)
+local function add_struct(sname, tvb, off, tree, label, avail, proto)
   local s = S[sname]
   local size = s.size
   if avail < size then
@@ -242,13 +255,13 @@ local function add_struct(sname, tvb, off, tree, label, avail)
     if not ok then return nil end
     size = avail
   end
-  local sub = tree:add(fuse, tvb(off, size), label .. ": " .. sname)
+  local sub = tree:add(proto or fuse, tvb(off, size), label .. ": " .. sname)
   local vals = {}
   for _, fd in ipairs(s.fields) do
     if fd.off + fd.size <= size then
       local r = tvb(off + fd.off, fd.size)
       if fd.struct then
-        local _, _, inner = add_struct(fd.struct, tvb, off + fd.off, sub, fd.name, fd.size)
+        local _, _, inner = add_struct(fd.struct, tvb, off + fd.off, sub, fd.name, fd.size, proto)
         vals[fd.name] = inner
       else
         local item
@@ -481,21 +494,96 @@ function fuse.dissector(tvb, pinfo, tree)
   root:append_text(", " .. opname .. ", unique " .. tostring(unique))
 end
 
+local comment_field = Field.new("frame.comment")
+
+-- Who sent a vhost-user message to whom: the P2P direction, and the proxy's own copies by their note.
+local function vhu_direction(pinfo)
+  for _, c in ipairs({comment_field()}) do
+    local v = tostring(c.value)
+    if v == NOTE_TO_BACKEND then return "proxy", "back-end" end
+    if v == NOTE_TO_FRONTEND then return "proxy", "QEMU" end
+  end
+  if pinfo.p2p_dir == P2P_DIR_RECV then return "QEMU", "back-end" end
+  return "back-end", "QEMU"
+end
+
+local function hex(v)
+  if type(v) == "number" then return string.format("0x%x", v) end
+  local h = v:tohex():gsub("^0+", "")
+  return "0x" .. (h == "" and "0" or h)
+end
+
+local function region_text(r)
+  return "gpa=" .. hex(r.guest_address) .. " size=" .. hex(r.size) .. " uva=" .. hex(r.user_address)
+    .. " off=" .. hex(r.mmap_offset)
+end
+
+-- The payload as the spec lays it out: SET_MEM_TABLE's table of regions, ADD/REM_MEM_REG's region, structs.
+local function vhu_payload(tvb, root, sname, summary)
+  local n = tvb:len() - 12
+  if sname == "memory" then
+    local nxt, sub, vals = add_struct("vhost_user_memory", tvb, 12, root, "payload", n, vhu)
+    if not nxt then return false end
+    local rsize = S["vhost_user_memory_region"].size
+    local count = vals.num_regions
+    table.insert(summary, count .. (count == 1 and " region:" or " regions:"))
+    for i = 0, count - 1 do
+      if nxt + rsize > tvb:len() then return false end
+      local _, _, r = add_struct("vhost_user_memory_region", tvb, nxt, sub, "regions[" .. i .. "]", rsize, vhu)
+      table.insert(summary, region_text(r) .. (i < count - 1 and ";" or ""))
+      nxt = nxt + rsize
+    end
+    return true
+  end
+  if sname == nil or S[sname] == nil or n < S[sname].size then return false end
+  local _, _, vals = add_struct(sname, tvb, 12, root, "payload", n, vhu)
+  if vals.region then
+    table.insert(summary, region_text(vals.region))
+  else
+    for _, fd in ipairs(S[sname].fields) do
+      local v = vals[fd.name]
+      if v ~= nil and fd.name ~= "padding" and type(v) ~= "table" then
+        table.insert(summary, fd.name .. "=" .. (fd.size == 8 and hex(v) or tostring(v)))
+      end
+    end
+  end
+  return true
+end
+
 function vhu.dissector(tvb, pinfo, tree)
   pinfo.cols.protocol = "vhost-user"
+  local src, dst = vhu_direction(pinfo)
+  pinfo.cols.src = src
+  pinfo.cols.dst = dst
   if tvb:len() < 12 then return end
   local root = tree:add(vhu, tvb())
+  root:add(vhu_dash, tvb()):set_hidden()
+  root:add(vhu_us, tvb()):set_hidden()
+  root:add(F["vhost_user.direction"], src .. " -> " .. dst):set_generated()
   local req = tvb(0, 4):le_uint()
   local flags = tvb(4, 4):le_uint()
   root:add_le(F["fsinspect_vhost_user.request"], tvb(0, 4))
   root:add_le(F["fsinspect_vhost_user.flags"], tvb(4, 4))
   root:add_le(F["fsinspect_vhost_user.size"], tvb(8, 4))
-  if tvb:len() > 12 then root:add(F["fsinspect_vhost_user.payload"], tvb(12)) end
   local names = {}
   for i, nm in ipairs(VHU_FLAG_NAMES) do
     if bit.band(flags, bit.lshift(1, i + 1)) ~= 0 then table.insert(names, nm) end
   end
-  pinfo.cols.info = (VS_VHOST_USER_REQUEST[req] or tostring(req)) .. (#names > 0 and (" " .. table.concat(names, "|")) or "")
+  local summary = {}
+  if tvb:len() > 12 then
+    local layout = VHU_PAYLOAD[req]
+    local sname = nil
+    if bit.band(flags, 4) == 0 then sname = layout and layout.req
+    else sname = (layout and layout.rep) or (tvb:len() == 20 and "vhost_user_u64" or nil) end  -- REPLY_ACK: u64
+    if not vhu_payload(tvb, root, sname, summary) then
+      summary = {}
+      root:add(F["fsinspect_vhost_user.payload"], tvb(12))
+    end
+  end
+  local name = VS_VHOST_USER_REQUEST[req] or tostring(req)
+  root:append_text(", " .. src .. " -> " .. dst .. ", " .. name)
+  pinfo.cols.info = src .. " → " .. dst .. "  " .. name .. (#names > 0 and (" " .. table.concat(names, "|")) or "")
+    .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "")
 end
 """
 

@@ -13,8 +13,10 @@ from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
 from dissectors.structs import Record
 
-SENT_TO_QEMU = "as sent to QEMU"
-FORWARDED = "as forwarded to the back-end"
+from ..recording import format as fmt
+
+SENT_TO_QEMU = fmt.NOTE_TO_FRONTEND
+FORWARDED = fmt.NOTE_TO_BACKEND
 
 
 class ControlState:
