@@ -235,3 +235,176 @@ def test_number_column_goto_and_time_modes() -> None:
             assert time_cell() == f"{(ex.ts_ns - first_ts) / 1e9:.6f}"
 
     asyncio.run(run())
+
+
+def test_apply_as_filter_field_inode_superblock_and_path_column() -> None:
+    """Enter / a on a decoded field, an inode-map row or a superblock filter on it; A narrows; `path` is a
+    filter column.  Expected sets come from the analyzer and the store's paths, not from the UI."""
+    gold = golden("guest-syncfs")
+
+    async def run() -> None:
+        app = FsInspectApp(ReplaySource(Store(), str(SYNCFS)))
+        async with app.run_test(size=(160, 48)) as pilot:
+            await loaded(pilot, app)
+            st = app.store
+            # path ~ "sub": every exchange whose nodeid was under a path containing "sub" when it came.
+            app.apply_filter('path ~ "sub"')
+            await pilot.pause(0.3)
+            want = [e.index for e in st.exchanges if "sub" in st.path(e.index)]
+            assert app.filter is not None and app.filter.view == want and len(want) > 5
+            app.apply_filter("")
+            # A decoded field: the first SYNCFS's nodeid line -> nodeid == N (Enter), then A with op.
+            sync = next(g for g in gold if g["opcode"] == "SYNCFS" and g["nodeid"] != 1)
+            app.jump(sync["index"])
+            await wait_for(pilot, lambda: app.detail.index == sync["index"])
+            fields = app.detail.query_one("#fields")
+            fields.focus()
+            await pilot.pause()
+            k = next(i for i, ln in enumerate(app.detail.lines) if ln.text == f"nodeid = {sync['nodeid']}")
+            fields.highlighted = k
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            assert app.filter is not None and app.filter.text == f"nodeid == {sync['nodeid']}"
+            assert app.filter.view == [g["index"] for g in gold if g["nodeid"] == sync["nodeid"]]
+            assert app.focused is app.xlist and app.xlist.selected == sync["index"]
+            await wait_for(pilot, lambda: app.detail.index == sync["index"])
+            await pilot.pause(0.2)  # the pane reloads once the list has settled on the new view
+            fields.focus()
+            await pilot.pause()
+            fields.highlighted = 0  # "request SYNCFS (50) ..." -> op == SYNCFS, anded with A
+            await pilot.press("A")
+            await pilot.pause(0.3)
+            assert app.filter.text == f"(nodeid == {sync['nodeid']}) and op == SYNCFS"
+            assert app.filter.view == [g["index"] for g in gold
+                                       if g["nodeid"] == sync["nodeid"] and g["opcode"] == "SYNCFS"]
+            # A reply field by its dotted path (a LOOKUP's entry.attr.ino), with a.
+            look = next(e for e in st.exchanges if e.opname == "LOOKUP" and not e.error)
+            app.apply_filter("")
+            app.jump(look.index)
+            await pilot.press("r")
+            await wait_for(pilot, lambda: app.detail.index == look.index and app.detail.side == "reply")
+            await pilot.pause(0.2)
+            fields.focus()
+            await pilot.pause()
+            fields.highlighted = next(i for i, ln in enumerate(app.detail.lines) if ln.text.startswith("attr.ino = "))
+            await pilot.press("a")
+            await pilot.pause(0.3)
+            ino = look.reply.args["entry"].attr.ino
+            assert app.filter.text == f"entry.attr.ino == {ino}"
+            assert app.filter.view == [e.index for e in st.exchanges if e.arg("entry.attr.ino") == ino]
+            await pilot.press("r")
+            # An inode-map row: Enter filters on its nodeid.
+            await pilot.press("2")
+            await pilot.pause(0.3)
+            tree = app.query_one("#itree", Tree)
+            tree.move_cursor(next(n for n in tree.root.children if n.data is not None))
+            nodeid = tree.cursor_node.data
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            assert app.active_tab == "exchanges" and app.filter.text == f"nodeid == {nodeid}"
+            assert app.filter.view == [e.index for e in st.exchanges if e.opcode >= 0 and e.nodeid == nodeid]
+            # A superblock: a on /sub keeps what is under /sub and not under /sub/inner (its own superblock).
+            await pilot.press("3")
+            await pilot.pause(0.3)
+            await pilot.press("down", "a")
+            await pilot.pause(0.3)
+            sub = str(app.query_one("#sb", DataTable).get_row_at(1)[1])
+            inner = [str(app.query_one("#sb", DataTable).get_row_at(r)[1]) for r in range(2, 3)]
+            assert sub == "/sub" and inner == ["/sub/inner (forgotten)"]  # forgotten by the end: still a superblock
+            assert app.filter.view == [e.index for e in st.exchanges
+                                       if (st.path(e.index) + "/").startswith("/sub/")
+                                       and not (st.path(e.index) + "/").startswith("/sub/inner/")]
+            assert app.filter.view
+
+    asyncio.run(run())
+
+
+def test_sort_by_latency_top_n_per_opcode_and_filter_history() -> None:
+    gold = golden("fusedev-workload")
+
+    async def run() -> None:
+        app = FsInspectApp(ReplaySource(Store(), str(WORKLOAD)))
+        async with app.run_test(size=(160, 48)) as pilot:
+            await loaded(pilot, app)
+            st, lst = app.store, app.xlist
+
+            def lat(i: int) -> int:
+                ex = st.get(i)
+                assert ex is not None
+                return ex.latency_ns if ex.latency_ns is not None else -1
+
+            await pilot.press("s")
+            await pilot.pause(0.2)
+            rows = [lst.index_at(r) for r in range(lst.count)]
+            assert sorted(rows) == list(range(len(gold)))  # every exchange, once
+            lats = [lat(i) for i in rows if lat(i) >= 0]
+            assert lats == sorted(lats, reverse=True) and lst.selected == max(range(len(gold)), key=lat)
+            assert "SORTED by latency" in str(app.statusline.render())
+            await pilot.press("down", "down")
+            keep = lst.selected
+            await pilot.press("s")  # capture order again, on the same exchange
+            await pilot.pause(0.2)
+            assert lst.order is None and lst.selected == keep and lst.index_at(0) == 0
+            # Stats: Enter on an opcode -> its exchanges, slowest first.
+            await pilot.press("4")
+            await pilot.pause(0.3)
+            table = app.query_one("#ops_table", DataTable)
+            names = [str(table.get_row_at(r)[0]) for r in range(table.row_count)]
+            r = names.index("READ")
+            table.move_cursor(row=r)
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            reads = sorted((g["index"] for g in gold if g["opcode"] == "READ"), key=lambda i: -lat(i))
+            assert app.active_tab == "exchanges" and app.filter is not None and app.filter.text == "op == READ"
+            assert [lst.index_at(r) for r in range(lst.count)] == reads
+            # Filter history: ↑ walks back through what was applied, ↓ returns to the typed line.
+            app.apply_filter("error == ENOENT")
+            app.apply_filter("latency > 1ms")
+            await pilot.press("slash")
+            bar = app.filterbar
+            bar.input.value = "nodeid =="
+            await pilot.press("up")
+            assert bar.input.value == "latency > 1ms"
+            await pilot.press("up", "up")
+            assert bar.input.value == "op == READ"
+            await pilot.press("down")
+            assert bar.input.value == "error == ENOENT"
+            await pilot.press("down", "down")
+            assert bar.input.value == "nodeid =="
+            await pilot.press("up", "up", "enter")
+            await pilot.pause(0.3)
+            assert app.filter.text == "error == ENOENT"
+            assert bar.history[-1] == "error == ENOENT" and bar.history.count("error == ENOENT") == 1
+
+    asyncio.run(run())
+
+
+def test_filter_decoded_fields_and_path() -> None:
+    """Every decoded field the detail pane can apply as a filter compiles and keeps its own exchange; the
+    dotted paths reach the decoded values; `path` needs the UI's paths and says so elsewhere."""
+    from fsinspect.analysis import FilterError, compile_filter
+    from fsinspect.recording.replay import analyze
+    from fsinspect.tui.render import field_lines
+
+    with RecordingReader(WORKLOAD) as r:
+        an = analyze(r)
+    seen = set()
+    for ex in an.exchanges:
+        for m in (ex.request, ex.reply):
+            for ln in field_lines(m) if m is not None else ():
+                if ln.filter:
+                    assert compile_filter(ln.filter)(ex), (ln, ex.index)
+                    seen.add(ln.filter.split()[0])
+    assert {"op", "nodeid", "unique", "len", "reply_len", "name", "read.size", "header.uid"} <= seen
+    reads = [e for e in an.exchanges if e.request is not None and "read" in e.request.args]  # READ, READDIR*
+    assert {e.opname for e in reads} >= {"READ", "READDIR"}
+    assert [e.index for e in an.exchanges if compile_filter("read.size >= 4096")(e)] == \
+        [e.index for e in reads if e.request.args["read"].size >= 4096]
+    assert sum(map(compile_filter("fuse.read.size > 0"), an.exchanges)) == len(reads)
+    with pytest.raises(FilterError, match="starts with an argument name"):
+        compile_filter("bogus.x == 1")
+    with pytest.raises(FilterError, match="path is known where the exchanges are listed"):
+        compile_filter('path ~ "x"')
+    paths = {e.index: f"/dir{e.index % 3}" for e in an.exchanges}
+    pred = compile_filter('path ~ "dir1$" or path == "/dir2"', path_of=lambda e: paths[e.index])
+    assert [e.index for e in an.exchanges if pred(e)] == [e.index for e in an.exchanges if e.index % 3 != 0]

@@ -2,6 +2,7 @@
 
     op == LOOKUP and name ~ "foo"      error != 0      error == ENOENT      latency > 1ms
     nodeid == 4      submount      queue == 0      lint      lint == "no-reply"      not (op == FORGET)
+    path ~ "sub"      read.size >= 4096      entry.attr.flags != 0      header.uid == 0
 
 A real grammar (lark, LALR) compiles an expression to a predicate over Exchanges.  Syntax and meaning
 errors raise FilterError carrying the column, and `str()` shows the expression with a caret under it.
@@ -81,7 +82,11 @@ NUMERIC: dict[str, Callable[[Exchange], int | None]] = {
     "reply_len": lambda e: e.reply_len if e.replied else None,
     "index": lambda e: e.index,
 }
-STRINGS = ("name",)
+STRINGS = ("name", "path")
+PathOf = Callable[[Exchange], str]
+# Decoded fields by their dotted path (`read.size`, `entry.attr.flags`, `header.uid`): the first part is an
+# argument name from the spec tables, or `header` (the request's fuse_in_header).
+ARG_NAMES = frozenset({p.name for o in spec.OPCODES for p in (*o.request, *(o.reply or ()))} | {"header"})
 FLAGS: dict[str, Predicate] = {
     "error": lambda e: bool(e.error),
     "lint": lambda e: bool(e.lints),
@@ -141,7 +146,41 @@ def _regex(tok: Token, text: str) -> re.Pattern[str]:
         raise FilterError(f"bad regular expression: {e.msg}", text, (tok.column or 1) + (e.pos or 0) + 1) from None
 
 
-def _comparison(node: Tree[Token], text: str) -> Predicate:
+def _decoded(path: str) -> Callable[[Exchange], Any]:
+    """A getter for a dotted decoded field: the request's header, else the request's then the reply's args."""
+    if path.startswith("header."):
+        part = path.split(".", 1)[1]
+        return lambda e: getattr(e.request.header, part, None) if e.request is not None else None
+    return lambda e: e.arg(path)
+
+
+def _as_text(v: Any) -> str | None:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "backslashreplace")
+    return v if isinstance(v, str) else None
+
+
+def _decoded_comparison(field: str, op: str, val: Token, text: str, col: int) -> Predicate:
+    path = field.removeprefix("fuse.")
+    if path.split(".", 1)[0] not in ARG_NAMES:
+        raise FilterError(f"unknown field {field!r}: a decoded field starts with an argument name "
+                          f"(e.g. read.size, entry.attr.flags, header.uid)", text, col)
+    get = _decoded(path)
+    if op == "~":
+        rx = _regex(val, text)
+        return lambda e: (s := _as_text(get(e))) is not None and rx.search(s) is not None
+    if val.type == "ESCAPED_STRING" or val.type == "NAME":
+        if op not in ("==", "!="):
+            raise FilterError(f"text compares with == != or ~, not {op}", text, col)
+        want = str(val)[1:-1] if val.type == "ESCAPED_STRING" else str(val)
+        eq = op == "=="
+        return lambda e: (_as_text(get(e)) == want) == eq
+    wanted = _int_value(field, val, text)
+    cmp = _CMP[op]
+    return lambda e: isinstance(v := get(e), int) and cmp(v, wanted)
+
+
+def _comparison(node: Tree[Token], text: str, path_of: PathOf | None = None) -> Predicate:
     field_tok, op_tok, val_tok = node.children
     assert isinstance(field_tok, Token) and isinstance(op_tok, Token)
     val = val_tok.children[0] if isinstance(val_tok, Tree) else val_tok
@@ -166,6 +205,20 @@ def _comparison(node: Tree[Token], text: str) -> Predicate:
         if op == "==":
             return lambda e: want in e.names()
         return lambda e: want not in e.names()
+    if field == "path":
+        if path_of is None:
+            raise FilterError("path is known where the exchanges are listed (fsinspect replay/attach), "
+                              "not here", text, col)
+        get_path = path_of
+        if op == "~":
+            rx = _regex(val, text)
+            return lambda e: rx.search(get_path(e)) is not None
+        if op not in ("==", "!="):
+            raise FilterError(f"path compares with == != or ~, not {op}", text, op_tok.column or 1)
+        want_p = str(val)[1:-1] if val.type == "ESCAPED_STRING" else str(val)
+        return (lambda e: get_path(e) == want_p) if op == "==" else (lambda e: get_path(e) != want_p)
+    if "." in field or (field in ARG_NAMES and field not in FIELDS):
+        return _decoded_comparison(field, op, val, text, col)
     if field == "lint":
         want_s = str(val)[1:-1] if val.type == "ESCAPED_STRING" else str(val)
         if op == "~":
@@ -193,21 +246,21 @@ def _comparison(node: Tree[Token], text: str) -> Predicate:
     return pred
 
 
-def _build(node: Tree[Token] | Token, text: str) -> Predicate:
+def _build(node: Tree[Token] | Token, text: str, path_of: PathOf | None = None) -> Predicate:
     if isinstance(node, Token):  # pragma: no cover - the grammar wraps tokens
         raise FilterError(f"unexpected {node!s}", text, node.column or 1)
     kind = node.data
     if kind == "or_expr":
-        parts = [_build(c, text) for c in node.children if not isinstance(c, Token)]
+        parts = [_build(c, text, path_of) for c in node.children if not isinstance(c, Token)]
         return lambda e: any(p(e) for p in parts)
     if kind == "and_expr":
-        parts = [_build(c, text) for c in node.children if not isinstance(c, Token)]
+        parts = [_build(c, text, path_of) for c in node.children if not isinstance(c, Token)]
         return lambda e: all(p(e) for p in parts)
     if kind == "not_":
-        inner = _build(node.children[-1], text)
+        inner = _build(node.children[-1], text, path_of)
         return lambda e: not inner(e)
     if kind == "comparison":
-        return _comparison(node, text)
+        return _comparison(node, text, path_of)
     if kind == "flag":
         tok = node.children[0]
         assert isinstance(tok, Token)
@@ -354,8 +407,12 @@ def filter_pins(text: str) -> tuple[frozenset[int] | None, frozenset[int] | None
     return ops, queues
 
 
-def compile_filter(text: str) -> Predicate:
-    """Compile a filter expression; raises FilterError with a column on any problem."""
+def compile_filter(text: str, *, path_of: PathOf | None = None) -> Predicate:
+    """Compile a filter expression; raises FilterError with a column on any problem.
+
+    `path_of` names an exchange's nodeid as a path (as it was when the request came): the UI knows it,
+    so `path ~ "sub"` works there.
+    """
     if not text.strip():
         raise FilterError("empty filter", text, 1)
     try:
@@ -375,4 +432,4 @@ def compile_filter(text: str) -> Predicate:
         raise FilterError(str(e), text, getattr(e, "column", 1)) from None
     if isinstance(tree, Token):  # a bare word parses to a token only if the grammar allowed it
         raise FilterError(f"unexpected {tree!s}", text, tree.column or 1)
-    return _build(tree, text)
+    return _build(tree, text, path_of)

@@ -24,9 +24,9 @@ from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
 
 from .. import privfile
-from ..analysis import compile_filter
+from ..analysis import FilterError, compile_filter
 from ..analysis.render import exchange_json
-from .panels import ControlPanel, InodePanel, JumpTo, StatsPanel, SubmountPanel
+from .panels import ApplyFilter, ControlPanel, InodePanel, JumpTo, StatsPanel, SubmountPanel
 from .render import exchange_text, goto_target
 from .sources import AttachSource, ReplaySource, Source, Store
 from .widgets import DetailPane, ExchangeList, FilterBar, FilterState, ListHeader
@@ -45,17 +45,21 @@ HELP = """\
   e  l                  next error, next lint
   Ctrl-G                go to #N (any #N shown) or a time: +1.5 / 250ms (from the first record), 14:03:07
   t                     time column: relative to the first record (as tshark) → absolute → delta
+  s                     sort by latency, slowest first (a snapshot; s again: capture order)
   r                     detail pane: show the request or the reply (jump between the two)
   Tab                   move focus: list → detail fields (highlight a field: its bytes light up)
-  /                     filter bar (Enter applies, Esc closes, → or Tab completes); Esc clears
+  /                     filter bar (Enter applies, Esc closes, → or Tab completes, ↑ ↓ history); Esc clears
+  Enter or a  (on a field)  apply as filter; A: and it with the filter in force
   y  Y                  copy the exchange as text / JSON to the clipboard (OSC 52)
   w                     write the exchange as JSON to ./fsinspect-exchange-N.json
 [b]Panels[/b]
   1 exchanges  2 inodes & lints  3 submounts & SYNCFS  4 stats  5 control plane
   (each panel takes the focus: arrows and Enter act at once)
-  Enter on a lint, superblock or SYNCFS row jumps to its exchange
+  Enter on a lint, superblock or SYNCFS row jumps to its exchange; Enter on an opcode (4): slowest first
+  a on an inode (Enter too; space opens a branch), a superblock or a SYNCFS row: filter on it
 [b]Filter language[/b]
-  op == LOOKUP and name ~ "foo"    error == ENOENT    latency > 1ms    nodeid == 4
+  op == LOOKUP and name ~ "foo"    error == ENOENT    latency > 1ms    nodeid == 4    path ~ "sub"
+  decoded fields by path: read.size >= 4096   entry.attr.flags != 0   header.uid == 1000
   submount    lint == "no-reply"   queue == 0    not (op == FORGET)    error != 0
   fields: {fields}
   flags: {flags}
@@ -275,7 +279,8 @@ class FsInspectApp(App[int]):
             parts.append(f"OVERFLOW: {st.overflow} missed")
         if st.error:
             parts.append(f"ERROR: {st.error}")
-        mode = "PAUSED" if lst.paused else ("FOLLOW" if lst.follow else "")
+        mode = ("SORTED by latency, slowest first (s: capture order)" if lst.order is not None
+                else "PAUSED" if lst.paused else ("FOLLOW" if lst.follow else ""))
         if mode:
             parts.append(mode)
         if lst.marks:
@@ -315,6 +320,34 @@ class FsInspectApp(App[int]):
         self.filterbar.remove_class("open")
         self.xlist.focus()
 
+    def on_apply_filter(self, event: ApplyFilter) -> None:
+        text = event.expr
+        if event.narrow and self.filter is not None:
+            text = f"({self.filter.text}) and {text}"
+        try:
+            self.apply_filter(text)
+        except FilterError as e:
+            self.notify(f"cannot filter on that: {e.message}", severity="warning")
+            return
+        self.filterbar.input.value = text
+        self.set_tab("exchanges")
+        self.xlist.focus()
+        if event.slowest:
+            self.slowest()
+        self.notify(f"filter: {text}" + (", slowest first" if event.slowest else ""), timeout=3)
+
+    def slowest(self) -> None:
+        """Sort what the filter keeps by latency, slowest first (the filter finishes its pass first)."""
+        f = self.filter
+        if f is not None:
+            while f.upto < self.store.end:
+                before = f.upto
+                f.advance(self.store, budget=1 << 30)
+                if f.upto == before:  # replies still to come at the live tail
+                    break
+            self.xlist.view = f.view
+        self.xlist.sort_by_latency()
+
     def on_jump_to(self, event: JumpTo) -> None:
         self.jump(event.index)
 
@@ -325,7 +358,9 @@ class FsInspectApp(App[int]):
             self.filter = None
             self.xlist.reset_view(None)
             return
-        pred = compile_filter(text)
+        store = self.store
+        pred = compile_filter(text, path_of=lambda e: store.path(e.index))
+        self.filterbar.remember(text)
         self.filter = FilterState(text, pred)
         self.filter.advance(self.store)
         self.xlist.reset_view(self.filter.view)

@@ -6,9 +6,11 @@ and then every second while it stays visible), taking the store lock only to cop
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widget import Widget
@@ -36,6 +38,17 @@ class JumpTo(Message):
         self.index = index
 
 
+class ApplyFilter(Message):
+    """Filter the exchanges list on `expr` (Wireshark's Apply as Filter); `narrow` ands it with the filter
+    in force ("…and Selected")."""
+
+    def __init__(self, expr: str, *, narrow: bool = False, slowest: bool = False) -> None:
+        super().__init__()
+        self.expr = expr
+        self.narrow = narrow
+        self.slowest = slowest  # then sort by latency: the top-N slowest
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:
@@ -44,8 +57,22 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.0f}TB"
 
 
+def superblock_filter(root: str, roots: list[str]) -> str:
+    """The exchanges on the superblock mounted at path `root`: under it, and not under a submount in it."""
+    def under(p: str) -> str:
+        return f'path ~ "^{re.escape(p.rstrip("/"))}(/|$)"' if p != "/" else 'path ~ "^/"'
+
+    inner = [p for p in roots if p != root and p.startswith(root.rstrip("/") + "/")]
+    return under(root) + (f" and not ({' or '.join(under(p) for p in inner)})" if inner else "")
+
+
 class InodePanel(Widget):
-    """The kernel's nodeids as a tree by path, submount roots marked; the lints, each jumping to its cause."""
+    """The kernel's nodeids as a tree by path, submount roots marked; the lints, each jumping to its cause.
+
+    Enter or `a` on a nodeid filters the exchanges on it (space opens and closes a branch).
+    """
+
+    BINDINGS = [Binding("a", "apply", "Apply as filter")]
 
     DEFAULT_CSS = """
     InodePanel { layout: horizontal; height: 1fr; }
@@ -62,7 +89,9 @@ class InodePanel(Widget):
         self._tree_sig: tuple[int, int] | None = None
 
     def compose(self) -> Any:
-        yield Tree("/", id="itree")
+        tree: Tree[int] = Tree("/", id="itree")
+        tree.auto_expand = False  # Enter filters; space toggles
+        yield tree
         with Vertical(id="lintbox"):
             yield Label("lints (Enter: show the exchange)")
             yield OptionList(id="lints")
@@ -156,9 +185,30 @@ class InodePanel(Widget):
         if 0 <= i < len(self.lint_targets) and self.lint_targets[i] >= 0:
             self.post_message(JumpTo(self.lint_targets[i]))
 
+    def on_tree_node_selected(self, event: Tree.NodeSelected[int]) -> None:
+        event.stop()
+        self.action_apply()
+
+    def action_apply(self) -> None:
+        tree = self.query_one("#itree", Tree)
+        node = tree.cursor_node
+        if not tree.has_focus or node is None:
+            return
+        nodeid = ROOT if node is tree.root else node.data
+        if nodeid is None:
+            self.app.bell()
+            return
+        self.app.post_message(ApplyFilter(f"nodeid == {nodeid}"))
+
 
 class SubmountPanel(Widget):
-    """One row per superblock (the root and each announced submount), and every SYNCFS with its latency."""
+    """One row per superblock (the root and each announced submount), and every SYNCFS with its latency.
+
+    Enter jumps to the row's exchange; `a` filters on the superblock (its exchanges, by path) or on the
+    SYNCFS calls of that root.
+    """
+
+    BINDINGS = [Binding("a", "apply", "Apply as filter")]
 
     DEFAULT_CSS = """
     SubmountPanel { layout: vertical; height: 1fr; }
@@ -170,6 +220,7 @@ class SubmountPanel(Widget):
         super().__init__(**kw)
         self.store = store
         self.targets: dict[str, list[int]] = {"sb": [], "sync": []}
+        self.filters: dict[str, list[str]] = {"sb": [], "sync": []}
         self._sig: tuple[int, int, int] | None = None
 
     def compose(self) -> Any:
@@ -202,6 +253,10 @@ class SubmountPanel(Widget):
         self.targets["sb"] = []
         roots: list[tuple[int, str, int, int]] = [(ROOT, "/", -1, 0)]
         roots += [(a.nodeid, paths.get(a.nodeid) or safe_name(a.name), a.exchange, a.ino) for a in ann]
+        # A forgotten root still names its superblock: the exchanges were listed with the path they had.
+        where = [r[1].removesuffix(" (forgotten)") for r in roots]
+        self.filters["sb"] = [superblock_filter(p, where) if p.startswith("/") else f"nodeid == {r[0]}"
+                              for r, p in zip(roots, where, strict=True)]
         for nodeid, path, exidx, ino in roots:
             mine = [s for s in syncs if s.nodeid == nodeid]
             last = fmt_ns(mine[-1].latency_ns) if mine else "-"
@@ -212,6 +267,7 @@ class SubmountPanel(Widget):
         sy = self.query_one("#sync", DataTable)
         sy.clear()
         self.targets["sync"] = []
+        self.filters["sync"] = [f"op == SYNCFS and nodeid == {s.nodeid}" for s in syncs]
         for s in syncs:
             where = Text(superblock_label(s.nodeid, s.path or spaths.get(s.exchange)
                                           or paths.get(s.nodeid, "/" if s.nodeid == ROOT else "")))
@@ -233,6 +289,14 @@ class SubmountPanel(Widget):
         base = inodes.path(parent) if parent in inodes.nodes else f"<nodeid {parent}>"
         return f"{base.rstrip('/')}/{safe_name(name)} (forgotten)"
 
+    def action_apply(self) -> None:
+        table = self.app.focused
+        if not isinstance(table, DataTable) or table.id not in self.filters:
+            return
+        rows = self.filters[table.id]
+        if 0 <= table.cursor_row < len(rows):
+            self.app.post_message(ApplyFilter(rows[table.cursor_row]))
+
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         tid = event.data_table.id or ""
         rows = self.targets.get(tid, [])
@@ -242,7 +306,10 @@ class SubmountPanel(Widget):
 
 
 class StatsPanel(Widget):
-    """Per-opcode counts, errors and latency percentiles; ops/s and bytes/s sparklines."""
+    """Per-opcode counts, errors and latency percentiles; ops/s and bytes/s sparklines.
+
+    Enter on an opcode: its exchanges, slowest first (the top-N slowest view).
+    """
 
     DEFAULT_CSS = """
     StatsPanel { layout: vertical; height: 1fr; }
@@ -306,7 +373,12 @@ class StatsPanel(Widget):
             nerr = sum(o["errors"].values())
             t.add_row(Text(name, "bold"), str(o["count"]), Text(str(nerr), "red bold") if nerr else "0",
                       fmt_ns(lat["p50"]), fmt_ns(lat["p90"]), fmt_ns(lat["p99"]), fmt_ns(lat["max"]),
-                      str(o["request_bytes"]), str(o["reply_bytes"]), str(o["unreplied"]))
+                      str(o["request_bytes"]), str(o["reply_bytes"]), str(o["unreplied"]), key=name)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        name = event.row_key.value
+        if name:
+            self.app.post_message(ApplyFilter(f"op == {name}", slowest=True))
 
 
 class ControlPanel(Widget):

@@ -228,20 +228,52 @@ def exchange_text(ex: Exchange, path: str = "", t0: int = 0) -> str:
 
 @dataclass(frozen=True, slots=True)
 class FieldLine:
-    """One line of the decoded tree; `offset`/`size` locate its bytes in the message, when known."""
+    """One line of the decoded tree; `offset`/`size` locate its bytes in the message, when known.
+
+    `filter` is the filter expression that keeps exchanges with this field's value (apply as filter).
+    """
 
     text: str
     offset: int | None = None
     size: int = 0
     depth: int = 0
+    filter: str | None = None
 
 
-def _record_fields(rec: Record, base: int, depth: int, prefix: str = "") -> list[FieldLine]:
+_NAME_ARGS = ("name", "newname", "target")
+
+
+def _quoted(name: bytes) -> str | None:
+    """A name as a filter string, when the language can say it (no quote, backslash or control byte)."""
+    s = name.decode("utf-8", "replace")
+    return f'"{s}"' if s.isprintable() and '"' not in s and "\\" not in s else None
+
+
+def _header_filter(msg: F.Message, field: str, v: Any) -> str | None:
+    if not isinstance(v, int):
+        return None
+    if field == "opcode" and isinstance(msg, F.Request):
+        return f"op == {msg.op.name}"
+    if field == "error":
+        return f"error == {fspec.ERRNO.name_of(-v) or -v}" if v else "error == 0"
+    if field in ("unique", "nodeid"):
+        return f"{field} == {v}"
+    if field == "len":
+        return f"len == {v}" if isinstance(msg, F.Request) else f"reply_len == {v}"
+    return f"header.{field} == {v}" if isinstance(msg, F.Request) else None
+
+
+def _record_fields(rec: Record, base: int, depth: int, prefix: str = "", key: str | None = None,
+                   msg: F.Message | None = None) -> list[FieldLine]:
+    """The leaf fields of a struct; `key` is its argument name (filters say `key.path`), `msg` is given
+    for the header (its fields filter as the list's columns)."""
     out = []
     for path, f, v, off, size in iter_fields(rec, base, prefix):
         if path.rsplit(".", 1)[-1].startswith("padding") and not v:
             continue
-        out.append(FieldLine(f"{path} = {render_value(f, v)}", off, size, depth))
+        flt = (_header_filter(msg, path, v) if msg is not None
+               else f"{key}.{path} == {v}" if key is not None and isinstance(v, int) else None)
+        out.append(FieldLine(f"{path} = {render_value(f, v)}", off, size, depth, flt))
     return out
 
 
@@ -251,7 +283,8 @@ def field_lines(msg: F.Message) -> list[FieldLine]:
     cut = captured_note(msg)
     cut = f" ({cut})" if cut else ""
     if isinstance(msg, F.Request):
-        out.append(FieldLine(f"request {msg.op.name} ({msg.op.value}) len={msg.raw_len}{cut}"))
+        out.append(FieldLine(f"request {msg.op.name} ({msg.op.value}) len={msg.raw_len}{cut}",
+                             filter=f"op == {msg.op.name}"))
         base = IN_HEADER
         out.append(FieldLine(f"{msg.header._codec.name}", 0, base, 1))
     elif isinstance(msg, F.Notification):
@@ -261,31 +294,36 @@ def field_lines(msg: F.Message) -> list[FieldLine]:
     else:
         assert isinstance(msg, F.Reply)
         err = f" error={msg.errname}" if msg.error else ""
-        out.append(FieldLine(f"reply to {msg.op.name}{err} len={msg.raw_len}{cut}"))
+        out.append(FieldLine(f"reply to {msg.op.name}{err} len={msg.raw_len}{cut}", filter=f"op == {msg.op.name}"))
         base = OUT_HEADER
         out.append(FieldLine(f"{msg.header._codec.name}", 0, base, 1))
-    out.extend(_record_fields(msg.header, 0, 2))
+    out.extend(_record_fields(msg.header, 0, 2, msg=msg))
     off: int | None = base
     for key, v in msg.args.items():
         if isinstance(v, Record):
             size = v._codec.size
             out.append(FieldLine(f"{key}: {v._codec.name}", off, size, 1))
             if off is not None:
-                out.extend(_record_fields(v, off, 2, ""))
+                out.extend(_record_fields(v, off, 2, "", key))
                 off += size
             else:
-                out.extend(FieldLine(f"{p} = {render_value(f, x)}", None, 0, 2) for p, f, x, _, _ in iter_fields(v))
+                out.extend(FieldLine(f"{p} = {render_value(f, x)}", None, 0, 2,
+                                     f"{key}.{p} == {x}" if isinstance(x, int) else None)
+                           for p, f, x, _, _ in iter_fields(v))
         elif isinstance(v, bytes):
             shown = payload_text(v) if key in ("data", "value") or len(v) > 256 else f'"{safe_name(v)}"'
             nul = 0 if key in ("data", "value") else 1
-            out.append(FieldLine(f"{key} = {shown}", off, len(v) + nul, 1))
+            q = _quoted(v) if key in _NAME_ARGS else None
+            by = "name" if isinstance(msg, F.Request) else key  # a request's names are all `name`
+            out.append(FieldLine(f"{key} = {shown}", off, len(v) + nul, 1, f"{by} == {q}" if q else None))
             if off is not None:
                 off += len(v) + nul
         elif isinstance(v, list):
             out.append(FieldLine(f"{key}: {len(v)} item(s)", None, 0, 1))
             for i, item in enumerate(v[:64]):
                 if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], bytes):
-                    out.append(FieldLine(f'[{i}] "{safe_name(item[1])}"', None, 0, 2))
+                    q = _quoted(item[1])
+                    out.append(FieldLine(f'[{i}] "{safe_name(item[1])}"', None, 0, 2, f"name == {q}" if q else None))
                     rec = item[0]
                     if isinstance(rec, Record):
                         out.extend(FieldLine(f"{p} = {render_value(f, x)}", None, 0, 3)

@@ -28,6 +28,7 @@ from textual.widgets.option_list import Option
 
 from ..analysis import Exchange, FilterError, compile_filter
 from ..analysis.filter import completions as filter_completions
+from .panels import ApplyFilter
 from .render import TIME_MODES, FieldLine, field_lines, header_text, hexdump, layout_text, number, row_text
 from .sources import Source, Store
 
@@ -56,6 +57,7 @@ class ExchangeList(ScrollView, can_focus=True):
         Binding("e", "next_error(1)", "Next error"),
         Binding("l", "next_lint(1)", "Next lint", show=False),
         Binding("t", "time_mode", "Time", show=False),
+        Binding("s", "sort", "Sort", show=False),
     ]
 
     cursor: reactive[int] = reactive(0, repaint=False, init=False)
@@ -71,6 +73,8 @@ class ExchangeList(ScrollView, can_focus=True):
         super().__init__(**kw)
         self.store = store
         self.view: list[int] | None = None  # exchange indexes the filter kept; None = all
+        self.order: list[int] | None = None  # rows sorted by latency (a snapshot of the view), or None
+        self._order_rows: dict[int, int] = {}
         self.count = 0  # rows shown (frozen while paused)
         self.follow = True
         self.paused = False
@@ -93,6 +97,8 @@ class ExchangeList(ScrollView, can_focus=True):
     def index_at(self, row: int) -> int | None:
         if not 0 <= row < self.count:
             return None
+        if self.order is not None:
+            return self.order[row]
         if self.view is not None:
             return self.view[row] if row < len(self.view) else None
         return self.base + row
@@ -102,6 +108,8 @@ class ExchangeList(ScrollView, can_focus=True):
         return self.index_at(self.cursor)
 
     def row_of(self, index: int) -> int | None:
+        if self.order is not None:
+            return self._order_rows.get(index)
         if self.view is None:
             row = index - self.base
             return row if 0 <= row < self.count else None
@@ -141,7 +149,7 @@ class ExchangeList(ScrollView, can_focus=True):
 
     def sync(self) -> None:
         """Called every tick: pick up new rows, keep following the tail, repaint replies that came in."""
-        if self.paused:
+        if self.paused or self.order is not None:  # a sorted view is a snapshot: `s` again catches up
             return
         st = self.store
         if st.base != self.base:  # the live window moved: keep the cursor on the same exchange if it is kept
@@ -203,6 +211,7 @@ class ExchangeList(ScrollView, can_focus=True):
 
     def reset_view(self, view: list[int] | None) -> None:
         keep = self.selected
+        self.order = None
         self.view = view
         self.base = self.store.base
         self.count = len(view) if view is not None else len(self.store.exchanges)
@@ -270,6 +279,34 @@ class ExchangeList(ScrollView, can_focus=True):
         if not self.paused:
             self.sync()
         self._announce()  # the detail pane shows the row under the cursor now, paused or caught up
+
+    def sort_by_latency(self) -> None:
+        """Rows from the slowest to the fastest (unanswered last): a snapshot of what the list shows now."""
+        get = self.store.get
+        rows = self.view if self.view is not None else range(self.store.base, self.store.end)
+
+        def slow(i: int) -> int:
+            ex = get(i)
+            lat = ex.latency_ns if ex is not None else None
+            return -lat if lat is not None else 1
+
+        self.order = sorted(rows, key=slow)
+        self._order_rows = {i: r for r, i in enumerate(self.order)}
+        self.count = len(self.order)
+        self.follow = False
+        self.virtual_size = Size(0, self.count)
+        self.cursor = 0
+        self.scroll_to(y=0, animate=False, immediate=True)
+        self._painted = None
+        self.refresh()
+        self._announce()
+
+    def action_sort(self) -> None:
+        """`s`: sort by latency (slowest first); `s` again: capture order, on the same exchange."""
+        if self.order is None:
+            self.sort_by_latency()
+        else:
+            self.reset_view(self.view)
 
     def action_time_mode(self) -> None:
         """Cycle the time column: relative to the first record (tshark's default), absolute, delta."""
@@ -352,7 +389,22 @@ class ListHeader(Static):
 
 
 class FieldList(OptionList):
-    """The decoded tree of one side; the highlighted field's bytes light up in the hex dump."""
+    """The decoded tree of one side; the highlighted field's bytes light up in the hex dump.
+
+    Enter or `a` filters on the highlighted field (Wireshark's Apply as Filter), `A` adds it with `and`.
+    """
+
+    BINDINGS = [Binding("a", "apply_field(False)", "Apply as filter"),
+                Binding("A", "apply_field(True)", "…and selected", show=False)]
+
+    def action_apply_field(self, narrow: bool) -> None:
+        pane = self.parent.parent if self.parent is not None else None
+        ln = pane.highlighted_field if isinstance(pane, DetailPane) else None
+        if ln is None or ln.filter is None:
+            self.app.bell()
+            self.app.notify("no filter for this line (a value the filter language cannot name)", timeout=3)
+            return
+        self.app.post_message(ApplyFilter(ln.filter, narrow=narrow))
 
 
 class DetailPane(Widget):
@@ -447,6 +499,10 @@ class DetailPane(Widget):
                          else Text("(no bytes)"))
         self.query_one("#hex", Static).update(self.hex_text)
 
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        self.query_one(FieldList).action_apply_field(False)
+
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
         i = event.option_index
         if 0 <= i < len(self.lines):
@@ -475,8 +531,12 @@ class FilterSuggester(Suggester):
         return value[:start] + opts[0] if opts else None
 
 
+HISTORY_KEEP = 200
+
+
 class FilterBar(Widget):
-    """The filter language: validated as you type, with a caret under the error."""
+    """The filter language: validated as you type, with a caret under the error; ↑ ↓ walk the filters
+    applied before (newest first), as in a shell."""
 
     DEFAULT_CSS = """
     FilterBar { height: auto; display: none; }
@@ -491,6 +551,39 @@ class FilterBar(Widget):
         def __init__(self, text: str) -> None:
             super().__init__()
             self.text = text
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.history: list[str] = []  # applied filters, oldest first, each once
+        self._pos: int | None = None  # where ↑ ↓ are in the history (None: the line being typed)
+        self._typed = ""
+
+    def remember(self, text: str) -> None:
+        text = text.strip()
+        if text:
+            if text in self.history:
+                self.history.remove(text)
+            self.history.append(text)
+            del self.history[:-HISTORY_KEEP]
+        self._pos = None
+
+    def _walk(self, delta: int) -> None:
+        if not self.history:
+            self.app.bell()
+            return
+        if self._pos is None:
+            if delta > 0:
+                return
+            self._typed = self.input.value
+            pos = len(self.history) - 1
+        else:
+            pos = self._pos + delta
+        if pos < 0:
+            self.app.bell()
+            return
+        self._pos = None if pos >= len(self.history) else pos
+        self.input.value = self._typed if self._pos is None else self.history[pos]
+        self.input.cursor_position = len(self.input.value)
 
     def compose(self) -> Any:
         box = Input(placeholder="filter: op == LOOKUP and error == ENOENT   latency > 1ms   submount   lint",
@@ -511,7 +604,7 @@ class FilterBar(Widget):
             err.update("empty: every exchange.  Enter applies, Esc closes, → or Tab completes")
             return None
         try:
-            compile_filter(text)
+            compile_filter(text, path_of=str)  # any path: only the syntax is checked here
         except FilterError as e:
             self.input.add_class("-invalid")
             err.add_class("bad")
@@ -533,6 +626,11 @@ class FilterBar(Widget):
             self.post_message(self.Apply(event.value))
 
     def on_key(self, event: events.Key) -> None:
+        if event.key in ("up", "down") and self.input.has_focus:
+            self._walk(-1 if event.key == "up" else 1)
+            event.prevent_default()
+            event.stop()
+            return
         if event.key == "tab" and self.input.has_focus:
             opts = completions(self.input.value)
             if opts:
