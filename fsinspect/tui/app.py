@@ -43,23 +43,25 @@ HELP = """\
   p                     pause the list (the feed keeps running; p again catches up)
   m  n  N               mark the exchange, next / previous mark
   e  l                  next error, next lint
-  Ctrl-G                go to #N (any #N shown) or a time: +1.5 / 250ms (from the first record), 14:03:07
+  Ctrl-G                go to #N or a time (+1.5, 250ms after the first record; 14:03:07)
   t                     time column: relative to the first record (as tshark) → absolute → delta
   s                     sort by latency, slowest first (a snapshot; s again: capture order)
   r                     detail pane: show the request or the reply (jump between the two)
   Tab                   move focus: list → detail fields (highlight a field: its bytes light up)
-  /                     filter bar (Enter applies, Esc closes, → or Tab completes, ↑ ↓ history); Esc clears
+  /                     filter bar (Enter applies, Esc closes, → or Tab completes); Esc clears
+                        ↑ ↓ in the bar: the filters applied before
   Enter or a  (on a field)  apply as filter; A: and it with the filter in force
   y  Y                  copy the exchange as text / JSON to the clipboard (OSC 52)
   w                     write the exchange as JSON to ./fsinspect-exchange-N.json
 [b]Panels[/b]
   1 exchanges  2 inodes & lints  3 submounts & SYNCFS  4 stats  5 control plane
   (each panel takes the focus: arrows and Enter act at once)
-  Enter on a lint, superblock or SYNCFS row jumps to its exchange; Enter on an opcode (4): slowest first
+  Enter on a lint, superblock or SYNCFS row jumps to its exchange
+  Enter on an opcode (4): its exchanges, slowest first
   a on an inode (Enter too; space opens a branch), a superblock or a SYNCFS row: filter on it
 [b]Filter language[/b]
-  op == LOOKUP and name ~ "foo"    error == ENOENT    latency > 1ms    nodeid == 4    path ~ "sub"
-  decoded fields by path: read.size >= 4096   entry.attr.flags != 0   header.uid == 1000
+  op == LOOKUP and name ~ "foo"    error == ENOENT    latency > 1ms    nodeid == 4
+  path ~ "sub"    decoded fields by path: read.size >= 4096    entry.attr.flags != 0
   submount    lint == "no-reply"   queue == 0    not (op == FORGET)    error != 0
   fields: {fields}
   flags: {flags}

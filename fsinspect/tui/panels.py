@@ -254,9 +254,9 @@ class SubmountPanel(Widget):
         roots: list[tuple[int, str, int, int]] = [(ROOT, "/", -1, 0)]
         roots += [(a.nodeid, paths.get(a.nodeid) or safe_name(a.name), a.exchange, a.ino) for a in ann]
         # A forgotten root still names its superblock: the exchanges were listed with the path they had.
-        where = [r[1].removesuffix(" (forgotten)") for r in roots]
-        self.filters["sb"] = [superblock_filter(p, where) if p.startswith("/") else f"nodeid == {r[0]}"
-                              for r, p in zip(roots, where, strict=True)]
+        sb_paths = [r[1].removesuffix(" (forgotten)") for r in roots]
+        self.filters["sb"] = [superblock_filter(p, sb_paths) if p.startswith("/") else f"nodeid == {r[0]}"
+                              for r, p in zip(roots, sb_paths, strict=True)]
         for nodeid, path, exidx, ino in roots:
             mine = [s for s in syncs if s.nodeid == nodeid]
             last = fmt_ns(mine[-1].latency_ns) if mine else "-"
