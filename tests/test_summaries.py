@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fsinspect.analysis.inodes import group_syncfs
 from fsinspect.analysis.render import fmt_ns
 from fsinspect.demo import DemoResult, render
@@ -101,3 +103,22 @@ def test_stats_states_its_time_base() -> None:
             f"1.00s bucket (the recording is shorter than a bucket)")
     assert line == want, line
     assert "SYNCFS: " in res.stdout and "/sub/inner (nodeid " in res.stdout
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_real_headless_demo_summary(guest_image: Any, tmp_path: Path) -> None:
+    """The real demo, headless: one screen, totals first, READ/WRITE/SYNCFS among the opcodes, SYNCFS per
+    superblock named by path."""
+    res = subprocess.run([sys.executable, "-m", "fsinspect", "demo", "--headless", "--loops", "1", "--storm", "100",
+                          "--io-mb", "4", "--record", str(tmp_path / "rec.pcapng")], capture_output=True, text=True,
+                         timeout=400, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) <= SCREEN and lines[0].startswith("FUSE: ") and " lint(s)" in lines[0], res.stdout
+    ops = res.stdout.split("opcodes (")[1].split("latency")[0]
+    for op in ("LOOKUP", "GETATTR", "CREATE", "READ", "WRITE", "SYNCFS", "FORGET"):
+        assert re.search(rf"\b{op} \d+", ops), (op, ops)
+    sync = [ln.strip() for ln in lines if re.match(r"  /\S* \(nodeid \d+\): \d+ calls?, p50 ", ln)]
+    assert {ln.split(" (")[0] for ln in sync} == {"/", "/sub", "/sub/inner"}, res.stdout
+    assert not re.search(r"\d ?us\b", res.stdout) and "superblock root" not in res.stdout
