@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from daemon.lockwait import LockWaiters
 from dissectors import fuse as F
 from dissectors.errors import DecodeError
 from dissectors.spec import fuse as spec
@@ -63,8 +64,8 @@ EXT_GROUPS = spec.EXT_TYPE.by_name()["FUSE_EXT_GROUPS"]
 # WRITE join them only when big: a thread hand-off costs more than a small page-cache copy (measured
 # with bench/standalone.py), so small I/O stays inline, as in virtiofsd's default.
 BLOCKING_OPS = frozenset(OP[n] for n in (
-    "FSYNC", "FSYNCDIR", "SYNCFS", "FALLOCATE", "COPY_FILE_RANGE", "SETLKW", "COPY_FILE_RANGE_64",
-))
+    "FSYNC", "FSYNCDIR", "SYNCFS", "FALLOCATE", "COPY_FILE_RANGE", "COPY_FILE_RANGE_64",
+))  # SETLKW may wait forever: it gets threads of its own (lockwait.LockWaiters), never the pool's
 IO_OPS = {OP["READ"]: "read", OP["WRITE"]: "write"}
 INLINE_IO_MAX = 128 * 1024
 NO_REPLY_OPS = frozenset((OP["FORGET"], OP["BATCH_FORGET"], OP["INTERRUPT"]))
@@ -404,7 +405,8 @@ class Server:
     """One FUSE session over any transport."""
 
     def __init__(self, fs: FileSystem, *, tap: Tap | None = None, pool_size: int = 8,
-                 dispatch: str = "inline+pool", hold: EngineHoldPoint | None = None) -> None:
+                 dispatch: str = "inline+pool", hold: EngineHoldPoint | None = None,
+                 lock_waiters: int = 64) -> None:
         if dispatch not in ("inline+pool", "pool", "inline"):
             raise ValueError(f"unknown dispatch model {dispatch!r}")
         self.fs = fs
@@ -420,6 +422,7 @@ class Server:
         self._stats = Counters()
         self._lock = threading.Lock()
         self._complain = RateLimitedLog(log)
+        self._waiters = LockWaiters(lock_waiters)
         self.destroyed = False
         self._handlers: dict[int, Callable[[Context, F.Request], list[Buffer] | None]] = {}
         for o in spec.OPCODES:
@@ -468,6 +471,10 @@ class Server:
             self._bad_request(buf, e, reply, queue)
             return
         opcode = req.op.value
+        if opcode == OP["SETLKW"]:
+            self._waiters.submit(req.header.unique, lambda: self._serve(req, reply, queue),
+                                 lambda err: self._refuse(req, reply, queue, err))
+            return
         if self._pool is not None and (self.dispatch == "pool" or opcode in BLOCKING_OPS or (
                 opcode in IO_OPS and req.args[IO_OPS[opcode]].size > INLINE_IO_MAX)):
             try:
@@ -490,6 +497,17 @@ class Server:
             return
         err = errno.ENOSYS if opcode not in spec.OPCODE_BY_VALUE else errno.EINVAL
         log.warning("bad request (opcode %d, unique %d): %s -> %s", opcode, unique, e, errno.errorcode[err])
+        self._send(reply, queue, unique, [_out_pack(OUT_HEADER_SIZE, -err, unique)])
+
+    def _refuse(self, req: F.Request, reply: ReplySink, queue: int, err: int) -> None:
+        """Answer `err` without calling the filesystem (a SETLKW past the waiter limit, or interrupted)."""
+        unique = req.header.unique
+        if err == errno.ENOLCK:
+            self._complain.line("SETLKW (unique %d, pid %d): all %d lock waiters busy -> ENOLCK", unique,
+                                req.header.pid, self._waiters.limit)
+        with self._lock:
+            self._stats.ops[req.op.name] += 1
+            self._stats.errors[f"{req.op.name}:{errno.errorcode[err]}"] += 1
         self._send(reply, queue, unique, [_out_pack(OUT_HEADER_SIZE, -err, unique)])
 
     def _serve(self, req: F.Request, reply: ReplySink, queue: int) -> None:
@@ -567,13 +585,16 @@ class Server:
         with self._lock:
             out: dict[str, Any] = {"ops": dict(self._stats.ops), "errors": dict(self._stats.errors),
                                    "dropped": self._stats.dropped}
+        w = self._waiters
+        out["lock_waits"] = {"waiting": w.busy(), "refused": w.refused, "interrupted": w.interrupted}
         out.update(self.fs.counters())
         return out
 
     def shutdown(self) -> None:
-        """Stop the pool and release the filesystem (idempotent); nothing stays held."""
+        """End the lock waits, stop the pool and release the filesystem (idempotent); nothing stays held."""
         if self.hold is not None:
             self.hold.flush()
+        self._waiters.shutdown()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if not self.destroyed:
@@ -626,7 +647,8 @@ class Server:
         self.fs.batch_forget(ctx, [(f.nodeid, f.nlookup) for f in req.args["forgets"]])
 
     def _do_interrupt(self, ctx: Context, req: F.Request) -> None:
-        """Ops are not cancellable here; the kernel gets the op's own reply."""
+        """Ends a blocked lock wait (answered EINTR); other ops are short and get their own reply."""
+        self._waiters.interrupt(req.args["interrupt"].unique)
 
     def _do_getattr(self, ctx: Context, req: F.Request) -> list[Buffer]:
         g = req.args.get("getattr")

@@ -283,3 +283,165 @@ def test_groups_from_proc_where_the_kernel_sends_none(tmp_path: Path, member: in
             server.shutdown()
             fs.close()
     assert os.listdir(d) == ["dTrue"]
+
+
+# ------------------------------------------------------------------------------- 3: lock waiters
+_WAITER = r"""
+import fcntl, os, signal, sys
+path, kind, alarm = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fd = os.open(path, os.O_RDWR)
+class Timeout(Exception):
+    pass
+def on_alarm(_s, _f):
+    raise Timeout
+signal.signal(signal.SIGALRM, on_alarm)
+print("waiting", flush=True)
+signal.alarm(alarm)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX) if kind == "flock" else fcntl.lockf(fd, fcntl.LOCK_EX, 0, 0)
+    print("locked", flush=True)
+except Timeout:
+    print("timeout", flush=True)
+"""
+
+
+def _waiter(path: Path, kind: str, alarm: int = 0) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-c", _WAITER, str(path), kind, str(alarm)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "waiting"
+    return p
+
+
+def _reap(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        try:
+            p.wait(3)
+        except subprocess.TimeoutExpired:
+            pass  # stuck in the kernel waiting on the daemon: the daemon's stop will end it
+        if p.stdout is not None:
+            p.stdout.close()
+
+
+def test_lock_waiters_do_not_stall_others_and_interrupt_ends_a_wait(base: Path) -> None:
+    """One process holds a POSIX lock and a flock; eight F_SETLKW and two flock waiters queue behind it.
+    A root dd of 4 MiB (1 MiB WRITEs and an fsync: pool work) still finishes within 1 s; a killed waiter
+    and one whose alarm fires stop waiting (FUSE_INTERRUPT); the rest get the lock once it is free."""
+    shared, mnt = base / "shared", base / "mnt"
+    procs: list[subprocess.Popen[str]] = []
+    with standalone(shared, mnt):
+        f = mnt / "locked"
+        f.write_bytes(b"\0" * 4096)
+        f.chmod(0o666)
+        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(f)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        procs.append(holder)  # type: ignore[arg-type]
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout.readline().strip() == "locked"
+            waiters = [_waiter(f, "fcntl") for _ in range(8)] + [_waiter(f, "flock") for _ in range(2)]
+            procs += waiters
+            time.sleep(0.5)  # every waiter is in the daemon now
+            assert all(p.poll() is None for p in waiters)
+            t0 = time.monotonic()
+            dd = subprocess.Popen(["dd", "if=/dev/zero", f"of={mnt}/big", "bs=1M", "count=4", "conv=fsync"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            procs.append(dd)
+            try:
+                dd.wait(10)  # not subprocess.run: a dd stuck on the daemon can't be killed and reaped
+            except subprocess.TimeoutExpired:
+                pytest.fail("dd still waits after 10 s behind the lock waiters")
+            took = time.monotonic() - t0
+            assert dd.returncode == 0
+            assert took < 1.0, f"dd took {took:.2f} s behind the lock waiters"
+            assert (shared / "big").stat().st_size == 4 << 20
+            # Kill one waiter (fatal signal: the kernel still waits for our reply unless we interrupt).
+            killed = waiters.pop(0)
+            killed.kill()
+            killed.wait(5)
+            # A waiter with a 1 s alarm: its handler runs, so the wait ended with EINTR in the caller.
+            timed = _waiter(f, "fcntl", alarm=1)
+            procs.append(timed)
+            assert timed.stdout is not None
+            assert timed.stdout.readline().strip() == "timeout"
+            assert timed.wait(5) == 0
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline().strip() == "closed"
+            # The holder closed its file: the fcntl waiters get the lock one after another; the flock
+            # waiters follow once the holder's flock goes with its last descriptor.
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            holder.wait(10)
+            for p in waiters:
+                assert p.stdout is not None
+                assert p.stdout.readline().strip() == "locked"
+                assert p.wait(10) == 0
+        finally:
+            _reap(procs)
+
+
+_HOLDER = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, 0, 0)
+fl = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fl, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+os.close(fd)
+print("closed", flush=True)
+sys.stdin.readline()
+os.close(fl)
+"""
+
+
+def test_lock_waiter_limit_interrupt_and_shutdown(tmp_path: Path) -> None:
+    """Past `lock_waiters` a SETLKW is refused with ENOLCK at once; INTERRUPT answers a wait EINTR (also
+    one that arrives before its request is registered); shutdown ends the remaining waits."""
+    require_root()
+    import fcntl
+    import queue
+    import struct
+
+    (tmp_path / "f").write_bytes(b"x")
+    hold = os.open(tmp_path / "f", os.O_RDWR)
+    fcntl.fcntl(hold, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+    fs = PassthroughFS(Options(str(tmp_path)))
+    server = Server(fs, lock_waiters=2)
+    try:
+        c = EngineClient(server)
+        assert c.init().error == 0
+        f = c.nodeid(1, b"f")
+        fh = c.open(f, os.O_RDWR)
+        replies: queue.Queue[tuple[int, int]] = queue.Queue()
+
+        def setlkw(owner: int) -> int:
+            buf = c.encode("SETLKW", {"lk": F.make("fuse_lk_in", fh=fh, owner=owner,
+                                                    lk=F.make("fuse_file_lock", start=0, end=BIG - 1, type=1))},
+                           nodeid=f)
+            server.handle(buf, lambda parts: replies.put(F.OUT_HEADER.struct.unpack_from(b"".join(
+                bytes(p) for p in parts))[1:3]))
+            return c.unique
+
+        first, second = setlkw(1), setlkw(2)
+        third = setlkw(3)
+        assert replies.get(timeout=5) == (-errno.ENOLCK, third)
+        assert server.counters()["lock_waits"]["waiting"] == 2
+        c.send_noreply("INTERRUPT", {"interrupt": F.make("fuse_interrupt_in", unique=first)})
+        assert replies.get(timeout=5) == (-errno.EINTR, first)
+        # An INTERRUPT for a request not seen yet (another reader thread has it) is kept for it.
+        c.send_noreply("INTERRUPT", {"interrupt": F.make("fuse_interrupt_in", unique=c.unique + 2)})
+        fourth = setlkw(4)
+        assert replies.get(timeout=5) == (-errno.EINTR, fourth)
+        assert c.call("GETATTR", nodeid=f).error == 0
+        t0 = time.monotonic()
+        server.shutdown()
+        assert replies.get(timeout=5) == (-errno.EINTR, second)
+        assert time.monotonic() - t0 < 5
+    finally:
+        server.shutdown()
+        fs.close()
+        os.close(hold)

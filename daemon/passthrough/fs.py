@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from daemon.lockwait import interruptible
 from daemon.server import Context, DirEntry, Entry, FileSystem, StatLike
 from dissectors.fuse import make
 from dissectors.spec import fuse as spec
@@ -576,10 +577,17 @@ class PassthroughFS(FileSystem):
                   LOCK_TYPE["F_UNLCK"]: fcntl.LOCK_UN}.get(lk.type)
             if op is None:
                 raise OSError(errno.EINVAL, f"bad lock type {lk.type}")
-            fcntl.flock(h.fd, op | (0 if sleep else fcntl.LOCK_NB))
+            if sleep:
+                interruptible(lambda: sc.flock_wait(h.fd, op))
+            else:
+                fcntl.flock(h.fd, op | fcntl.LOCK_NB)
             return
         fd = self._owner_fd(h, owner)
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if sleep else fcntl.F_OFD_SETLK, _pack_flock(lk.type, lk.start, lk.end))
+        flock = _pack_flock(lk.type, lk.start, lk.end)
+        if sleep:
+            interruptible(lambda: sc.fcntl_lock_wait(fd, fcntl.F_OFD_SETLKW, flock))
+        else:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock)
 
     # ------------------------------------------------------------------ directories
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
