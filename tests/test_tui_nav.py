@@ -408,3 +408,93 @@ def test_filter_decoded_fields_and_path() -> None:
     paths = {e.index: f"/dir{e.index % 3}" for e in an.exchanges}
     pred = compile_filter('path ~ "dir1$" or path == "/dir2"', path_of=lambda e: paths[e.index])
     assert [e.index for e in an.exchanges if pred(e)] == [e.index for e in an.exchanges if e.index % 3 != 0]
+
+
+def test_export_filtered_view_as_pcapng_opens_in_tshark(tmp_path: Path) -> None:
+    """W writes what the filter keeps, with the vhost-user control plane and INIT, through the recording
+    writer: it replays to the same exchanges and tshark (with fuse.lua) decodes every record as we do."""
+    from fsinspect.recording.replay import analyze
+    from tests.test_recording_samples import check_tshark_matches_our_decoder
+
+    gold = golden("guest-syncfs")
+    dest = tmp_path / "syncfs-only.pcapng"
+    with RecordingReader(SYNCFS) as r:
+        control = [rec for rec in r.records() if not rec.is_fuse]
+
+    async def run() -> None:
+        app = FsInspectApp(ReplaySource(Store(), str(SYNCFS)))
+        async with app.run_test(size=(160, 48)) as pilot:
+            await loaded(pilot, app)
+            app.apply_filter("op == SYNCFS")
+            await pilot.pause(0.2)
+            await pilot.press("W")
+            await pilot.pause(0.2)
+            box = app.screen.query_one("#pinput")
+            box.value = str(tmp_path / "no-such-dir" / "x.pcapng")
+            await pilot.press("enter")
+            await pilot.pause(0.1)
+            assert "no directory" in str(app.screen.query_one("#perr").render())
+            box.value = str(dest)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: dest.exists())
+            await pilot.pause(0.3)
+
+    asyncio.run(run())
+    assert oct(dest.stat().st_mode & 0o777) == "0o600"  # the guest's data: private, as recordings are
+    with RecordingReader(dest) as r:
+        recs = list(r.records())
+        assert any("filter: op == SYNCFS" in c for c in r.section.comments)
+    with RecordingReader(dest) as r:
+        an = analyze(r)
+    syncfs = [g for g in gold if g["opcode"] == "SYNCFS"]
+    assert [e.opname for e in an.exchanges] == ["INIT"] + ["SYNCFS"] * len(syncfs)
+    assert [e.unique for e in an.exchanges[1:]] == [g["unique"] for g in syncfs]
+    assert [e.errname for e in an.exchanges[1:]] == [g["error"] for g in syncfs]
+    assert [(c.ts_ns, c.data) for c in recs if not c.is_fuse] == [(c.ts_ns, c.data) for c in control]
+    assert check_tshark_matches_our_decoder(dest) == len(recs)
+
+
+def test_export_from_a_live_session(tmp_path: Path) -> None:
+    """Attached to a real Hub: the exported file holds the chosen exchanges' bytes and the INIT, says the
+    control plane is missing, and reads back (ours and tshark's) to the same exchanges."""
+    import threading
+
+    from fsinspect.proxy.hub import Hub
+    from fsinspect.recording.replay import analyze
+    from fsinspect.tui.sources import AttachSource
+    from tests.test_recording_samples import check_tshark_matches_our_decoder
+    from tests.test_tui import _publish_sample
+
+    gold = golden("guest-syncfs")
+    ctrl = str(tmp_path / "ctrl.sock")
+    dest = tmp_path / "live.pcapng"
+    lock = threading.RLock()
+    hub = Hub(ctrl, lambda: {}, feed_lock=lock, queue_len=100_000)
+    store = Store()
+    src = AttachSource(store, ctrl)
+    src.connect()
+    try:
+        app = FsInspectApp(src)
+
+        async def run() -> None:
+            async with app.run_test(size=(160, 48)) as pilot:
+                await wait_for(pilot, lambda: store.status.startswith("attached"))
+                await asyncio.to_thread(_publish_sample, hub, lock, SYNCFS)
+                await wait_for(pilot, lambda: store.end == len(gold))
+                app.apply_filter("op == LOOKUP")
+                await pilot.pause(0.2)
+                res = await asyncio.to_thread(app.export, str(dest))
+                lookups = [g for g in gold if g["opcode"] == "LOOKUP"]
+                assert res.chosen == 2 * len(lookups) and res.records == res.chosen + 2  # + INIT request, reply
+
+        asyncio.run(run())
+    finally:
+        src.stop()
+        hub.close()
+    with RecordingReader(dest) as r:
+        assert any("no vhost-user control messages" in c for c in r.section.comments)
+        an = analyze(r)
+    lookups = [g for g in gold if g["opcode"] == "LOOKUP"]
+    assert [e.opname for e in an.exchanges] == ["INIT"] + ["LOOKUP"] * len(lookups)
+    assert [(e.unique, e.errname) for e in an.exchanges[1:]] == [(g["unique"], g["error"]) for g in lookups]
+    assert check_tshark_matches_our_decoder(dest) == 2 * len(an.exchanges)

@@ -104,11 +104,13 @@ class RecordingWriter:
     `source` is "virtio" (alias "vhost-user": one interface per virtqueue) or "fusedev" (one interface
     for /dev/fuse).
     The INIT epoch is counted here (every INIT request starts a new one) unless the caller passes it.
+    `init` puts an INIT met before the first record in the section header (as a rotated part has it).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, source: str = "virtio", backend: str = "",
                  comments: Sequence[str] = (), snaplen: int = fmt.DEFAULT_SNAPLEN, rotate_mb: float = 0,
-                 flush_bytes: int = 1 << 18, flush_interval: float = 0.2, mode: int = privfile.DEFAULT_MODE) -> None:
+                 flush_bytes: int = 1 << 18, flush_interval: float = 0.2, mode: int = privfile.DEFAULT_MODE,
+                 init: dict[str, Any] | None = None) -> None:
         if source == "vhost-user":  # a vhost-user back-end's traffic is virtqueue traffic
             source = "virtio"
         if source not in ("virtio", "fusedev"):
@@ -138,7 +140,7 @@ class RecordingWriter:
         self._rep_chan: dict[int, tuple[int, struct.Struct, bytes, int]] = {}
         self._reads: set[tuple[int, int]] = set()  # READ requests in flight, for snapping their replies
         self._init_key: tuple[int, int] | None = None
-        self._init: dict[str, Any] | None = None
+        self._init: dict[str, Any] | None = init  # an INIT from before this file's first record (export)
         self._open_part()
 
     # -- public API ------------------------------------------------------------------------------

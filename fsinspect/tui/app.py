@@ -26,6 +26,8 @@ from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPan
 from .. import privfile
 from ..analysis import FilterError, compile_filter
 from ..analysis.render import exchange_json
+from ..recording.export import Exported
+from ..recording.reader import RecordingError
 from .panels import ApplyFilter, ControlPanel, InodePanel, JumpTo, StatsPanel, SubmountPanel
 from .render import exchange_text, goto_target
 from .sources import AttachSource, ReplaySource, Source, Store
@@ -53,6 +55,7 @@ HELP = """\
   Enter or a  (on a field)  apply as filter; A: and it with the filter in force
   y  Y                  copy the exchange as text / JSON to the clipboard (OSC 52)
   w                     write the exchange as JSON to ./fsinspect-exchange-N.json
+  W                     export the exchanges shown (the filter's) as pcapng, to a path you pick
 [b]Panels[/b]
   1 exchanges  2 inodes & lints  3 submounts & SYNCFS  4 stats  5 control plane
   (each panel takes the focus: arrows and Enter act at once)
@@ -168,6 +171,7 @@ class FsInspectApp(App[int]):
         Binding("y", "copy('text')", "Copy"),
         Binding("Y", "copy('json')", "Copy JSON", show=False),
         Binding("w", "write_json", "Write JSON", show=False),
+        Binding("W", "export", "Export pcapng", show=False),
         Binding("1", "tab('exchanges')", "Exchanges", show=False),
         Binding("2", "tab('inodes')", "Inodes", show=False),
         Binding("3", "tab('submounts')", "Submounts", show=False),
@@ -342,11 +346,7 @@ class FsInspectApp(App[int]):
         """Sort what the filter keeps by latency, slowest first (the filter finishes its pass first)."""
         f = self.filter
         if f is not None:
-            while f.upto < self.store.end:
-                before = f.upto
-                f.advance(self.store, budget=1 << 30)
-                if f.upto == before:  # replies still to come at the live tail
-                    break
+            f.finish(self.store)
             self.xlist.view = f.view
         self.xlist.sort_by_latency()
 
@@ -461,6 +461,52 @@ class FsInspectApp(App[int]):
         self.last_copy = text
         self.copy_to_clipboard(text)
         self.notify(f"copied exchange #{self.store.number_of(self.xlist.selected or 0)} as {kind} to the clipboard (OSC 52)")
+
+    def shown_exchanges(self) -> list[int]:
+        """The exchanges the list shows (what the filter keeps, all of it), in capture order."""
+        if self.filter is None:
+            return list(range(self.store.base, self.store.end))
+        self.filter.finish(self.store)
+        return list(self.filter.view)
+
+    def export(self, dest: str) -> Exported:
+        """Write the exchanges shown to `dest` as a pcapng recording (runs in a worker thread)."""
+        shown = self.shown_exchanges()
+        what = f"filter: {self.filter.text}" if self.filter is not None else "every exchange"
+        note = f"exported by fsinspect from {self.store.title}: {len(shown)} exchanges ({what})"
+        return self.source.export(dest, shown, note)
+
+    def action_export(self) -> None:
+        def check(text: str) -> str | None:
+            path = Path(text.strip()).expanduser()
+            if not text.strip():
+                return "a file name, please"
+            if not path.parent.is_dir():
+                return f"no directory {path.parent}"
+            if path.is_dir():
+                return f"{path} is a directory"
+            return None
+
+        def done(text: str | None) -> None:
+            if not text:
+                return
+            dest = str(Path(text.strip()).expanduser())
+            self.notify(f"exporting to {dest}…", timeout=2)
+            self.run_worker(lambda: self._export_worker(dest), thread=True, exclusive=True, group="export")
+
+        what = f"the {len(self.filter.view)} exchanges the filter keeps" if self.filter is not None else \
+            "every exchange"
+        self.push_screen(PromptScreen(f"Export {what} as pcapng (with the control plane and INIT) to:",
+                                      value=str(Path.cwd() / "fsinspect-export.pcapng"), check=check), done)
+
+    def _export_worker(self, dest: str) -> None:
+        try:
+            res = self.export(dest)
+        except (OSError, ValueError, RecordingError) as e:
+            self.call_from_thread(self.notify, f"export failed: {e}", severity="error")
+            return
+        self.call_from_thread(self.notify, f"wrote {res.path}: {res.chosen} records chosen, "
+                                           f"{res.records - res.chosen} of control plane and INIT")
 
     def action_write_json(self) -> None:
         text = self.selected_exchange_text("json")

@@ -23,6 +23,7 @@ from dissectors.spec import fuse as fspec
 
 from ..analysis import Analyzer, Exchange
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
+from ..recording.export import Exported, export_recording, write_pcapng
 from ..recording.reader import Record, RecordingError, RecordingReader
 from .control import ControlState
 from .render import number
@@ -219,6 +220,25 @@ class Source:
     def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:
         return None, None
 
+    def export(self, dest: str, indexes: list[int], note: str) -> Exported:
+        """Write exchanges `indexes` to `dest` as a pcapng recording, with the INIT exchanges kept (live:
+        the control socket carries no vhost-user bytes, so the file says the control plane is missing)."""
+        st = self.store
+        inits = [ex.index for ex in st.exchanges if ex.opname == "INIT"]
+        chosen = set(indexes)
+        recs: list[tuple[Record, bool]] = []
+        for i in sorted(chosen.union(inits)):
+            ex = st.get(i)
+            if ex is None:
+                continue
+            for rec in self.raw(ex):
+                if rec is not None:
+                    recs.append((rec, i in chosen))
+        recs.sort(key=lambda rc: rc[0].ts_ns)
+        return write_pcapng(dest, recs, meta={"source": "virtio"},
+                            comments=[note, "from a live session: no vhost-user control messages (the control "
+                                            "socket sends summaries, not bytes)"])
+
 
 class ReplaySource(Source):
     """A recording, analysed front to back in the background with progress (by file offset)."""
@@ -284,6 +304,12 @@ class ReplaySource(Source):
                 if len(st.paths) < len(an.exchanges):
                     st.sync_paths()  # name nodeids now: a later FORGET removes them from the map
             st.settle()
+
+    def export(self, dest: str, indexes: list[int], note: str) -> Exported:
+        """The exchanges' own records and the recording's control plane and INIT, read back from the file."""
+        offsets = {ref for i in indexes if (ex := self.store.get(i)) is not None
+                   for ref in (ex.req_ref, ex.reply_ref) if isinstance(ref, int)}
+        return export_recording(self.path, dest, offsets, comment=note)
 
     def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:
         out: list[Record | None] = []

@@ -672,3 +672,11 @@ class FilterState:
             p += 1
         self.upto = base + p
         return grew
+
+    def finish(self, store: Store) -> None:
+        """Test every exchange now (up to replies still to come at a live tail): before a sort or export."""
+        while self.upto < store.end:
+            before = self.upto
+            self.advance(store, budget=1 << 30)
+            if self.upto == before:
+                break
