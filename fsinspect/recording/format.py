@@ -157,7 +157,8 @@ TABLES: dict[str, tuple[Row, ...]] = {
     "record_flags": (
         Row("DECODE_ERROR", _h(RF_DECODE_ERROR), "the capturer could not decode the message"),
         Row("NOT_CAPTURED", _h(RF_NOT_CAPTURED), "bytes are missing (capture could not keep up)"),
-        Row("SNAPPED", _h(RF_SNAPPED), "READ/WRITE payload cut to the snap length; original length in EPB"),
+        Row("SNAPPED", _h(RF_SNAPPED), "cut by the capture (snap length, or the proxy's 16 KiB per chain); the "
+                                       "EPB original length is the message's real length"),
         Row("PROXY_REPLY", _h(RF_PROXY_REPLY), "the reply was made by fsinspect (e.g. EIO after backend loss)"),
         Row("HELD", _h(RF_HELD), "(format 2) a hold point held it when captured: a request not forwarded yet, "
                                  "a reply not delivered yet; what happened next follows"),
