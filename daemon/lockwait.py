@@ -7,7 +7,8 @@ callers already handle.  The Rust virtiofsd refuses every blocking lock; this ke
 
 FUSE_INTERRUPT (the waiter got a signal, or was killed) ends the wait: the waiting thread is signalled
 (SIGURG, with a no-op handler, so the blocking fcntl/flock returns EINTR) and the request is answered
-EINTR; the kernel then restarts or fails the caller's call as the signal asks.  A spurious EINTR (any
+EINTR; the kernel then restarts or fails the caller's call as the signal asks.  When the session ends,
+the waits still running are answered ENOLCK.  A spurious EINTR (any
 other signal) just waits again: answering EINTR without an INTERRUPT would surface as ERESTARTSYS.
 """
 
@@ -54,7 +55,7 @@ class _Wait:
 
     def __init__(self) -> None:
         self.thread: int | None = None
-        self.cancelled = False
+        self.cancelled = 0  # the errno that ends the wait
         self.done = False
 
 
@@ -116,7 +117,7 @@ class LockWaiters:
                 while len(self._early) > EARLY_MAX:
                     self._early.popitem(last=False)
                 return
-            w.cancelled = True
+            w.cancelled = errno.EINTR
             self.interrupted += 1
         self._start_kick(w)
 
@@ -143,11 +144,12 @@ class LockWaiters:
             return len(self._waits)
 
     def shutdown(self) -> None:
-        """End every wait (the session is over) and join the threads."""
+        """End every wait (the session is over) with ENOLCK, and join the threads.  Not EINTR: the caller
+        has no signal pending, and the kernel would turn EINTR into ERESTARTSYS, which then leaks out."""
         with self._lock:
             waits = list(self._waits.values())
             for w in waits:
-                w.cancelled = True
+                w.cancelled = w.cancelled or errno.ENOLCK
         for w in waits:
             self._start_kick(w)
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -159,7 +161,7 @@ def interruptible(call: Callable[[], T]) -> T:
     while True:
         w: _Wait | None = getattr(_tls, "wait", None)
         if w is not None and w.cancelled:
-            raise OSError(errno.EINTR, "interrupted")
+            raise OSError(w.cancelled, "interrupted" if w.cancelled == errno.EINTR else "the session is ending")
         try:
             return call()
         except InterruptedError:

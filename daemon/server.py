@@ -576,8 +576,8 @@ class Server:
             self.tap("reply", queue, unique, time.time_ns(), b"".join(parts))
         try:
             reply(parts)
-        except Exception:
-            log.exception("sending the reply to unique %d failed", unique)
+        except Exception as e:  # the transport is gone (a session ending): a traceback once, then lines
+            self._complain.bug(f"reply:{type(e).__name__}", "sending the reply to unique %d failed", unique)
 
     # ------------------------------------------------------------------ state
     def counters(self) -> dict[str, Any]:
