@@ -7,8 +7,9 @@ chain is resolved from each module's modinfo `depends=` field.
 
 The initramfs is written by a small newc writer here rather than by cpio: the host has no cpio, and a
 writer of our own can put /dev/console (c 5 1) into the archive without mknod privileges.  Its cache key
-is a hash over everything that goes into it, so editing a workload script rebuilds it and nothing else
-does.
+is a hash over everything that goes into it, so editing a workload script builds a new one and nothing
+else does; each key has its own file (initramfs-KEY.gz), so checkouts with different workloads sharing the
+cache never boot one another's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -369,17 +371,35 @@ def _build_locked(package: str, kver: str, kdir: Path, say: Progress, force: boo
     chain = [n for n in (kdir / "modules" / "order").read_text().split() if n]
     modules = [(n, kdir / "modules" / f"{n}.ko") for n in chain]
     key = _initramfs_key(modules)
-    initrd = kdir / "initramfs.gz"
-    keyfile = kdir / "initramfs.key"
-    if force or not initrd.exists() or not keyfile.exists() or keyfile.read_text().strip() != key:
+    # One file per content key: checkouts with different workloads (worktrees, branches) sharing the cache
+    # each keep their own initramfs instead of overwriting one another's between build and boot.
+    initrd = kdir / f"initramfs-{key[:16]}.gz"
+    if force or not initrd.exists():
         say("building initramfs (busybox, /init, workloads, modules, /dev/console)")
         data = build_initramfs(modules, kver)
         fd, tmp = tempfile.mkstemp(prefix=".initramfs-", dir=kdir)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, initrd)
-        keyfile.write_text(key + "\n")
         say(f"initramfs: {initrd} ({len(data) / 1e6:.1f} MB)")
+        _prune_initramfs(kdir, keep=initrd)
     else:
         say(f"initramfs: cached ({initrd})")
+        os.utime(initrd)  # recently used: pruned last
     return GuestImage(kver, kdir / "vmlinuz", initrd, tuple(chain), kdir)
+
+
+INITRAMFS_KEEP = 8  # initramfs variants kept per kernel (least recently used ones go, never a fresh one)
+INITRAMFS_MIN_AGE = 3600.0  # seconds: a variant used this recently may be booting right now
+
+
+def _prune_initramfs(kdir: Path, keep: Path) -> None:
+    old = sorted((p for p in kdir.glob("initramfs-*.gz") if p != keep), key=lambda p: p.stat().st_mtime,
+                 reverse=True)
+    now = time.time()
+    for p in old[INITRAMFS_KEEP - 1:]:
+        if now - p.stat().st_mtime > INITRAMFS_MIN_AGE:
+            p.unlink(missing_ok=True)
+    for legacy in (kdir / "initramfs.gz", kdir / "initramfs.key"):  # the single file of earlier versions
+        if legacy.exists() and now - legacy.stat().st_mtime > INITRAMFS_MIN_AGE:
+            legacy.unlink(missing_ok=True)

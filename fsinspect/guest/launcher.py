@@ -103,8 +103,9 @@ def kernel_cmdline(workload: str, tag: str, params: Mapping[str, object] | None)
 
 
 def qemu_command(image: GuestImage, socket_path: Path | str, tag: str, cmdline: str, accel: str,
-                 memory_mb: int = 512, smp: int = 2) -> list[str]:
-    """The measured recipe (guest-notes.md): shared memfd RAM is what lets vhost-user map guest memory."""
+                 memory_mb: int = 512, smp: int = 2, reboot: bool = False) -> list[str]:
+    """The measured recipe (guest-notes.md): shared memfd RAM is what lets vhost-user map guest memory.
+    `reboot`: a guest reboot resets the machine (and its devices) instead of ending QEMU."""
     accel_args = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else \
         ["-accel", "tcg,thread=multi", "-cpu", "max"]
     return [
@@ -113,7 +114,7 @@ def qemu_command(image: GuestImage, socket_path: Path | str, tag: str, cmdline: 
         "-chardev", f"socket,id=char0,path={socket_path}",
         "-device", f"vhost-user-fs-pci,chardev=char0,tag={tag}",
         "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
-        "-append", cmdline, "-nographic", "-no-reboot", "-net", "none",
+        "-append", cmdline, "-nographic", *([] if reboot else ["-no-reboot"]), "-net", "none",
     ]
 
 
@@ -130,7 +131,7 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
               workload: str = "smoke", timeout: float = 120.0, params: Mapping[str, object] | None = None,
               watch: Sequence[Watchable] = (), stall_timeout: float | None = None,
               on_event: Callable[[Event], None] | None = None, accel: str | None = None,
-              memory_mb: int = 512) -> GuestResult:
+              memory_mb: int = 512, reboot: bool = False) -> GuestResult:
     """Boot the guest against `socket_path`, run `workload`, and return what the console reported.
 
     QEMU is always gone when this returns (killed by PID on timeout, backend loss or an exception).
@@ -152,7 +153,7 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
         raise LaunchError(f"no vhost-user socket at {sock} (is the backend running?)")
     accel = accel or choose_accel()
     result = GuestResult(workload=workload, tag=tag, accel=accel)
-    cmd = qemu_command(image, sock, tag, kernel_cmdline(workload, tag, params), accel, memory_mb)
+    cmd = qemu_command(image, sock, tag, kernel_cmdline(workload, tag, params), accel, memory_mb, reboot=reboot)
     parser = ConsoleParser(result)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
