@@ -2,7 +2,8 @@
 
 A lock wait can last forever, and any user can start one: on the engine's pool, eight waiters took every
 thread and an unrelated root `dd` waited 17-47 s.  So waits run on threads of their own, at most `limit`
-at once; past that a SETLKW is refused with ENOLCK ("no locks available"), which fcntl(2) and flock(2)
+at once, and at most a quarter of them for one non-root uid (so one user can't take the others' locks
+either); past that a SETLKW is refused with ENOLCK ("no locks available"), which fcntl(2) and flock(2)
 callers already handle.  The Rust virtiofsd refuses every blocking lock; this keeps them working.
 
 FUSE_INTERRUPT (the waiter got a signal, or was killed) ends the wait: the waiting thread is signalled
@@ -18,7 +19,7 @@ import errno
 import logging
 import signal
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -51,9 +52,10 @@ def _install_handler() -> bool:
 
 
 class _Wait:
-    __slots__ = ("cancelled", "done", "thread")
+    __slots__ = ("cancelled", "done", "thread", "uid")
 
-    def __init__(self) -> None:
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
         self.thread: int | None = None
         self.cancelled = 0  # the errno that ends the wait
         self.done = False
@@ -64,6 +66,8 @@ class LockWaiters:
 
     def __init__(self, limit: int = 64) -> None:
         self.limit = max(1, limit)
+        self.per_uid = max(1, self.limit // 4)
+        self._by_uid: Counter[int] = Counter()
         self.interruptible = _install_handler()
         self._pool = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="fuse-lockwait")
         self._lock = threading.Lock()
@@ -72,28 +76,28 @@ class LockWaiters:
         self.refused = 0
         self.interrupted = 0
 
-    def submit(self, unique: int, serve: Callable[[], None], refuse: Callable[[int], None]) -> None:
-        """Serve `unique` on a waiter thread, or call refuse(errno) now (all busy, interrupted already,
-        or shutting down)."""
+    def submit(self, unique: int, uid: int, serve: Callable[[], None], refuse: Callable[[int], None]) -> None:
+        """Serve `unique` (a request from `uid`) on a waiter thread, or call refuse(errno) now (all busy,
+        this uid's share busy, interrupted already, or shutting down)."""
         with self._lock:
             if unique in self._early:
                 del self._early[unique]
                 err = errno.EINTR
-            elif len(self._waits) >= self.limit:
+            elif len(self._waits) >= self.limit or (uid != 0 and self._by_uid[uid] >= self.per_uid):
                 err = errno.ENOLCK
                 self.refused += 1
             else:
                 err = 0
-                w = self._waits[unique] = _Wait()
+                w = self._waits[unique] = _Wait(uid)
+                self._by_uid[uid] += 1
         if err:
             refuse(err)
             return
         try:
             self._pool.submit(self._run, unique, w, serve)
         except RuntimeError:  # shut down
-            with self._lock:
-                self._waits.pop(unique, None)
-            refuse(errno.EINTR)
+            self._forget(unique, w)
+            refuse(errno.ENOLCK)
 
     def _run(self, unique: int, w: _Wait, serve: Callable[[], None]) -> None:
         with self._lock:
@@ -103,9 +107,15 @@ class LockWaiters:
             serve()
         finally:
             _tls.wait = None
-            with self._lock:
-                w.done = True
-                self._waits.pop(unique, None)
+            self._forget(unique, w)
+
+    def _forget(self, unique: int, w: _Wait) -> None:
+        with self._lock:
+            w.done = True
+            if self._waits.pop(unique, None) is not None:
+                self._by_uid[w.uid] -= 1
+                if not self._by_uid[w.uid]:
+                    del self._by_uid[w.uid]
 
     def interrupt(self, unique: int) -> None:
         """FUSE_INTERRUPT: end the wait of `unique` (an unknown unique is remembered for a moment, in case

@@ -472,7 +472,7 @@ class Server:
             return
         opcode = req.op.value
         if opcode == OP["SETLKW"]:
-            self._waiters.submit(req.header.unique, lambda: self._serve(req, reply, queue),
+            self._waiters.submit(req.header.unique, req.header.uid, lambda: self._serve(req, reply, queue),
                                  lambda err: self._refuse(req, reply, queue, err))
             return
         if self._pool is not None and (self.dispatch == "pool" or opcode in BLOCKING_OPS or (
@@ -503,8 +503,9 @@ class Server:
         """Answer `err` without calling the filesystem (a SETLKW past the waiter limit, or interrupted)."""
         unique = req.header.unique
         if err == errno.ENOLCK:
-            self._complain.line("SETLKW (unique %d, pid %d): all %d lock waiters busy -> ENOLCK", unique,
-                                req.header.pid, self._waiters.limit)
+            self._complain.line("SETLKW (unique %d, uid %d, pid %d): no lock waiter free (%d in all, %d per "
+                                "uid) -> ENOLCK", unique, req.header.uid, req.header.pid, self._waiters.limit,
+                                self._waiters.per_uid)
         with self._lock:
             self._stats.ops[req.op.name] += 1
             self._stats.errors[f"{req.op.name}:{errno.errorcode[err]}"] += 1

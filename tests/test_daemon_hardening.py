@@ -399,8 +399,9 @@ os.close(fl)
 
 
 def test_lock_waiter_limit_interrupt_and_shutdown(tmp_path: Path) -> None:
-    """Past `lock_waiters` a SETLKW is refused with ENOLCK at once; INTERRUPT answers a wait EINTR (also
-    one that arrives before its request is registered); shutdown ends the remaining waits (ENOLCK)."""
+    """Past `lock_waiters` (or a non-root uid's quarter of them) a SETLKW is refused with ENOLCK at once;
+    INTERRUPT answers a wait EINTR (also one that arrives before its request is registered); shutdown
+    ends the remaining waits (ENOLCK)."""
     require_root()
     import fcntl
     import queue
@@ -410,7 +411,7 @@ def test_lock_waiter_limit_interrupt_and_shutdown(tmp_path: Path) -> None:
     hold = os.open(tmp_path / "f", os.O_RDWR)
     fcntl.fcntl(hold, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
     fs = PassthroughFS(Options(str(tmp_path)))
-    server = Server(fs, lock_waiters=2)
+    server = Server(fs, lock_waiters=4)
     try:
         c = EngineClient(server)
         assert c.init().error == 0
@@ -418,28 +419,30 @@ def test_lock_waiter_limit_interrupt_and_shutdown(tmp_path: Path) -> None:
         fh = c.open(f, os.O_RDWR)
         replies: queue.Queue[tuple[int, int]] = queue.Queue()
 
-        def setlkw(owner: int) -> int:
-            buf = c.encode("SETLKW", {"lk": F.make("fuse_lk_in", fh=fh, owner=owner,
-                                                    lk=F.make("fuse_file_lock", start=0, end=BIG - 1, type=1))},
-                           nodeid=f)
+        def setlkw(owner: int, uid: int = 0) -> int:
+            lk = F.make("fuse_lk_in", fh=fh, owner=owner, lk=F.make("fuse_file_lock", start=0, end=BIG - 1, type=1))
+            buf = c.encode("SETLKW", {"lk": lk}, nodeid=f, uid=uid, gid=uid)
             server.handle(buf, lambda parts: replies.put(F.OUT_HEADER.struct.unpack_from(b"".join(
                 bytes(p) for p in parts))[1:3]))
             return c.unique
 
-        first, second = setlkw(1), setlkw(2)
-        third = setlkw(3)
-        assert replies.get(timeout=5) == (-errno.ENOLCK, third)
-        assert server.counters()["lock_waits"]["waiting"] == 2
+        first, second, nobody = setlkw(1), setlkw(2), setlkw(3, uid=65534)
+        refused = setlkw(4, uid=65534)
+        assert replies.get(timeout=5) == (-errno.ENOLCK, refused)  # that uid's share (1 of 4) is taken
+        third = setlkw(5)
+        refused = setlkw(6)
+        assert replies.get(timeout=5) == (-errno.ENOLCK, refused)  # all 4 are taken
+        assert server.counters()["lock_waits"] == {"waiting": 4, "refused": 2, "interrupted": 0}
         c.send_noreply("INTERRUPT", {"interrupt": F.make("fuse_interrupt_in", unique=first)})
         assert replies.get(timeout=5) == (-errno.EINTR, first)
         # An INTERRUPT for a request not seen yet (another reader thread has it) is kept for it.
         c.send_noreply("INTERRUPT", {"interrupt": F.make("fuse_interrupt_in", unique=c.unique + 2)})
-        fourth = setlkw(4)
-        assert replies.get(timeout=5) == (-errno.EINTR, fourth)
+        early = setlkw(7)
+        assert replies.get(timeout=5) == (-errno.EINTR, early)
         assert c.call("GETATTR", nodeid=f).error == 0
         t0 = time.monotonic()
         server.shutdown()
-        assert replies.get(timeout=5) == (-errno.ENOLCK, second)
+        assert {replies.get(timeout=5) for _ in range(3)} == {(-errno.ENOLCK, u) for u in (second, nobody, third)}
         assert time.monotonic() - t0 < 5
     finally:
         server.shutdown()
