@@ -9,7 +9,6 @@ daemon behind it, snaplen 0), and compares every length field.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,13 +23,12 @@ from dissectors.ring._common import Capture
 from dissectors.structs import wire_len
 from fsinspect.analysis import Analyzer
 from fsinspect.analysis.render import exchange_json
-from fsinspect.proxy import session as S
-from fsinspect.proxy.server import ProxyConfig
 from fsinspect.recording.reader import RecordingReader
 from fsinspect.recording.replay import analyze
 from fsinspect.recording.writer import RecordingWriter
 from fsinspect.tui.render import field_lines, row_text
 from tests.guest_fixtures import explain
+from tests.test_proxy_session import _release, session  # noqa: F401 (_release: autouse)
 from tests.test_recording_samples import tshark_fields
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,28 +126,22 @@ def test_export_jsonl_of_a_snapped_recording_shows_the_wire_lengths(tmp_path: Pa
 def test_live_capture_cut_natively_records_the_real_length(tmp_path: Path) -> None:
     """The proxy's data path captures at most 16 KiB of a chain: the EPB original length, tshark's
     "bytes on wire", the analyzer and the recording all say the message's real length."""
-    s = S.Session(ProxyConfig(), S.SessionOptions(record=str(tmp_path / "live.pcapng"), snaplen=0,
-                                                  defer_analysis=False))
-    try:
-        req, rep = _read(9, 32_768), F.encode_reply("READ", {"data": b"z" * 32_768}, unique=9)
-        cut = 16_384
-        s._on_capture(Capture("request", 1, 2, 10, (), len(req), req, False, ""))
-        s._on_capture(Capture("reply", 1, 2, 20, (), len(rep), rep[:cut], True, ""))
-        assert s.analyzer.finish() == []
-    finally:
-        assert s.writer is not None
-        s.writer.close()
-        s.close()
-        s.proxy.shutdown()
-        for fd in (s.proxy.region_fd, s.proxy._local_wake_r, s.proxy._local_wake_w):
-            os.close(fd)
+    s = session(tmp_path, "live", snaplen=0, defer_analysis=False)
+    req, rep = _read(9, 32_768), F.encode_reply("READ", {"data": b"z" * 32_768}, unique=9)
+    cut = 16_384
+    s._on_capture(Capture("request", 1, 2, 10, (), len(req), req, False, ""))
+    s._on_capture(Capture("reply", 1, 2, 20, (), len(rep), rep[:cut], True, ""))
+    assert s.analyzer.finish() == []
+    assert s.writer is not None
+    s.writer.close()
     with RecordingReader(tmp_path / "live.pcapng") as r:
         recs = [x for x in r if x.is_fuse]
     assert [(len(x.data), x.orig_len) for x in recs] == [(len(req), len(req)), (cut, 32_784)]
-    rows = tshark_fields(tmp_path / "live.pcapng", "frame.len", "frame.cap_len", "fuse.len")
+    rows = tshark_fields(tmp_path / "live.pcapng", "frame.len", "frame.cap_len", "fuse.len", "_ws.col.Info")
     prefix = int(rows[0][0]) - len(req)
     assert [r[0] for r in rows] == [str(len(req) + prefix), str(32_784 + prefix)]
     assert rows[1][1] == str(cut + prefix) and rows[1][2] == "32784"
+    assert rows[1][3].endswith("32768 bytes (16368 captured) [captured 16384 of 32784 bytes]"), rows[1][3]
     (read,) = _exchanges(tmp_path / "live.pcapng")
     assert read.reply.header.len == 32_784 and summary(read.reply) == "32768 bytes"
 

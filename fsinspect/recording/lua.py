@@ -308,6 +308,10 @@ local function add_dirents(tvb, off, stop, tree, plus)
 end
 
 -- Dissect the parts of a body; returns (ok, summary text, values of struct parts).
+-- Bytes of the message past the capture's end (a snapped record): a payload's wire length is what was
+-- captured plus these.
+local wire_extra = 0
+
 local function add_parts(parts, tvb, off, stop, tree, info)
   local vals, summary = {}, {}
   for _, p in ipairs(parts) do
@@ -338,7 +342,10 @@ local function add_parts(parts, tvb, off, stop, tree, info)
         if k == "data" then tree:add(pf, tvb(off, stop - off))
         else tree:add_packet_field(pf, tvb(off, stop - off), ENC_UTF_8) end
         if k == "text" then table.insert(summary, p.name .. "=" .. tvb(off, stop - off):string(ENC_UTF_8)) end
-        if k == "data" then table.insert(summary, (stop - off) .. " bytes") end
+        if k == "data" then
+          table.insert(summary, (stop - off + wire_extra) .. " bytes"
+            .. (wire_extra > 0 and (" (" .. (stop - off) .. " captured)") or ""))
+        end
       end
       off = stop
     elseif k == "xattr" then
@@ -396,6 +403,8 @@ function fuse.dissector(tvb, pinfo, tree)
   local stop = n
   if declared < n then stop = declared end
   local snapped = declared > n
+  wire_extra = snapped and (declared - n) or 0
+  local cut_note = snapped and (" [captured " .. n .. " of " .. declared .. " bytes]") or ""
   if is_request then
     if n < IN_HEADER_SIZE then root:add_proto_expert_info(ef_malformed, "short request"); return end
     local _, hdr, h = add_struct("fuse_in_header", tvb, 0, root, "fuse_in_header", IN_HEADER_SIZE)
@@ -430,7 +439,7 @@ function fuse.dissector(tvb, pinfo, tree)
     if ext > 0 and body_stop >= IN_HEADER_SIZE then root:add(F["fuse.undecoded"], tvb(body_stop, ext)) end
     if not ok and not snapped then root:add_proto_expert_info(ef_malformed, "body does not match " .. opname) end
     pinfo.cols.info = opname .. " request unique=" .. tostring(unique) .. " nodeid=" .. tostring(h.nodeid)
-      .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "") .. (snapped and " [snapped]" or "") .. dbg
+      .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "") .. cut_note .. dbg
     root:append_text(", " .. opname .. ", unique " .. tostring(unique))
     return
   end
@@ -490,7 +499,7 @@ function fuse.dissector(tvb, pinfo, tree)
     root:add(F["fuse.undecoded"], tvb(OUT_HEADER_SIZE, stop - OUT_HEADER_SIZE))
   end
   pinfo.cols.info = opname .. " reply unique=" .. tostring(unique)
-    .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "") .. (snapped and " [snapped]" or "") .. dbg
+    .. (#summary > 0 and (" " .. table.concat(summary, " ")) or "") .. cut_note .. dbg
   root:append_text(", " .. opname .. ", unique " .. tostring(unique))
 end
 
