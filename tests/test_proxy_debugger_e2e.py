@@ -90,6 +90,7 @@ class Debugged:
     session: Session
     listen: Path
     backend_log: Path
+    backend: Any
     held: list[tuple[int, int, int, bytes, float]] = field(default_factory=list)
     resolved: list[tuple[int, int, int, str]] = field(default_factory=list)
     end: dict[str, Any] = field(default_factory=dict)
@@ -106,7 +107,7 @@ def debugged_proxy(share: Share, out: Path, rules: list[HoldRule]) -> Iterator[D
     with launcher.short_tmpdir() as work, launcher.virtiofsd(share.root, work, xattr=True,
                                                               extra_args=["-d"]) as be:
         s = Session(ProxyConfig(backend=str(be.socket_path)), SessionOptions(record=str(out / "rec.pcapng")))
-        d = Debugged(s, work / "p.sock", out / "backend.log")
+        d = Debugged(s, work / "p.sock", out / "backend.log", be)
         s.on_held = lambda q, h, direction, raw, ts: d.held.append((q, h, direction, raw, time.monotonic()))
         s.on_resolved = lambda q, h, direction, how: d.resolved.append((q, h, direction, how))
         s.set_rules(rules)
@@ -251,3 +252,23 @@ def test_held_request_across_guest_reboot(guest_image: GuestImage, guest_share: 
     assert len([e for e in an.exchanges if e.opname == "INIT"]) == 2  # two boots, one proxy
     assert all(e.reply_ts is not None for e in an.exchanges if e.opname not in ("FORGET", "BATCH_FORGET"))
     assert other_lints(an) == []
+
+
+def test_held_request_across_backend_loss(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    """The back-end dies while a MKDIR is held: the held request is answered EIO with everything the
+    back-end had in flight, new requests get EIO from the proxy, and the guest unmounts and powers off."""
+    with debugged_proxy(guest_share, tmp_path, [HOLD_MKDIR]) as d:
+        def kill_backend() -> None:
+            held_mkdir(d)
+            launcher.stop_process(d.backend.processes[0], grace=0)
+        res = boot(guest_image, d, kill_backend)
+        summary = d.session.summary()
+    assert res.ok and res.unmounted and res.qemu_rc == 0, explain(res)
+    assert res.metrics["dbg-mkdir"] == {"rc": "1", "err": "Input_output_error"}, res.metrics
+    assert res.metrics["dbg-dir"] == {"exists": "0"}
+    assert summary["backend_lost"] and summary["holds"]["safety"] == 1, summary["holds"]
+    assert [(direction, how) for _q, _h, direction, how in d.resolved] == [(HOLD_REQUEST, "answered")]
+    an = recording(tmp_path)
+    (mk,) = [e for e in an.exchanges if e.opname == "MKDIR"]
+    assert mk.errname == "EIO" and any("by the proxy: the queue stopped" in n for n in mk.notes)
+    assert all(e.reply_ts is not None for e in an.exchanges if e.opname not in ("FORGET", "BATCH_FORGET"))
