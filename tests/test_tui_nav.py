@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from textual.scrollbar import ScrollBar
@@ -498,3 +499,72 @@ def test_export_from_a_live_session(tmp_path: Path) -> None:
     assert [e.opname for e in an.exchanges] == ["INIT"] + ["LOOKUP"] * len(lookups)
     assert [(e.unique, e.errname) for e in an.exchanges[1:]] == [(g["unique"], g["error"]) for g in lookups]
     assert check_tshark_matches_our_decoder(dest) == 2 * len(an.exchanges)
+
+
+@pytest.mark.parametrize("sample", [SYNCFS, WORKLOAD])
+def test_state_at_equals_the_analyzer_fed_up_to_that_record(sample: Path) -> None:
+    """Time travel: at every record's time, the replayed inode map and submounts are exactly what an
+    Analyzer fed the recording up to that record holds."""
+    from fsinspect.analysis import Analyzer
+    from fsinspect.analysis.timetravel import state_at
+    from fsinspect.recording.replay import analyze
+
+    def nodes(an: Analyzer) -> dict[int, tuple[Any, ...]]:
+        return {k: (v.parent, v.name, v.ino, v.generation, v.nlookup, v.attr_flags) for k, v in an.inodes.nodes.items()}
+
+    with RecordingReader(sample) as r:
+        full = analyze(r)
+    recs = fuse_records(sample)
+    live = Analyzer(keep_exchanges=False)
+    for rec in recs:
+        if rec.inbound:
+            live.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch, orig_len=rec.orig_len)
+        else:
+            live.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch, orig_len=rec.orig_len)
+        past = state_at(full.exchanges, rec.ts_ns)
+        assert nodes(past) == nodes(live), rec.offset
+        assert sorted(past.submounts.announced) == sorted(live.submounts.announced)
+
+
+def test_inode_map_as_of_the_selected_exchange() -> None:
+    """Panel 2 in a replay shows the map as of the exchange selected in the list; T shows now and back."""
+    from fsinspect.analysis.timetravel import moment_of, state_at
+
+    def tree_ids(tree: Tree[int]) -> set[int]:
+        out: set[int] = set()
+        stack = list(tree.root.children)
+        while stack:
+            n = stack.pop()
+            if n.data is not None:
+                out.add(n.data)
+            stack.extend(n.children)
+        return out
+
+    async def run() -> None:
+        app = FsInspectApp(ReplaySource(Store(), str(SYNCFS)))
+        async with app.run_test(size=(160, 48)) as pilot:
+            await loaded(pilot, app)
+            st = app.store
+            end = set(st.analyzer.inodes.nodes) - {1}
+            # An exchange in the middle: nodeids looked up by then and not yet forgotten.
+            k = next(e.index for e in st.exchanges if e.opname == "SYNCFS" and e.submount)
+            then = set(state_at(st.exchanges, moment_of(st.exchanges[k])).inodes.nodes) - {1}
+            assert then != end and then
+            app.jump(k)
+            await pilot.press("2")
+            await pilot.pause(0.3)
+            tree = app.query_one("#itree", Tree)
+            assert tree_ids(tree) == then
+            head = str(app.query_one("#asof").render())
+            assert f"as of #{k + 1} SYNCFS" in head and "T: now" in head
+            await pilot.press("T")
+            await pilot.pause(0.3)
+            assert tree_ids(tree) == end and "inode map now" in str(app.query_one("#asof").render())
+            await pilot.press("T", "1", "end", "2")
+            await pilot.pause(0.3)
+            assert tree_ids(tree) == end  # the newest exchange: as of it is now
+            await pilot.press("1", "home", "2")
+            await pilot.pause(0.3)
+            assert tree_ids(tree) == set() and "as of #1 INIT" in str(app.query_one("#asof").render())
+
+    asyncio.run(run())

@@ -28,7 +28,7 @@ from ..analysis import FilterError, compile_filter
 from ..analysis.render import exchange_json
 from ..recording.export import Exported
 from ..recording.reader import RecordingError
-from .panels import ApplyFilter, ControlPanel, InodePanel, JumpTo, StatsPanel, SubmountPanel
+from .panels import ApplyFilter, ControlPanel, InodePanel, JumpTo, StatsPanel, SubmountPanel, TravelChanged
 from .render import exchange_text, goto_target
 from .sources import AttachSource, ReplaySource, Source, Store
 from .widgets import DetailPane, ExchangeList, FilterBar, FilterState, ListHeader
@@ -62,6 +62,7 @@ HELP = """\
   Enter on a lint, superblock or SYNCFS row jumps to its exchange
   Enter on an opcode (4): its exchanges, slowest first
   a on an inode (Enter too; space opens a branch), a superblock or a SYNCFS row: filter on it
+  2 in a replay: the inode map as of the exchange selected in the list (time travel); T: now / as of
 [b]Filter language[/b]
   op == LOOKUP and name ~ "foo"    error == ENOENT    latency > 1ms    nodeid == 4
   path ~ "sub"    decoded fields by path: read.size >= 4096    entry.attr.flags != 0
@@ -265,8 +266,16 @@ class FsInspectApp(App[int]):
 
     def _refresh_panel(self, name: str) -> None:
         panel = self.panels.get(name)
-        if panel is not None:
-            panel.refresh_from_store()
+        if panel is None:
+            return
+        if isinstance(panel, InodePanel):
+            sel = self.xlist.selected
+            travel = panel.travel and self.store.kind == "replay" and sel is not None and sel != self.store.end - 1
+            panel.as_of = sel if travel else None
+        panel.refresh_from_store()
+
+    def on_travel_changed(self, event: TravelChanged) -> None:
+        self._refresh_panel("inodes")
 
     def _status(self) -> None:
         st = self.store

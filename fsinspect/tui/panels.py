@@ -20,10 +20,12 @@ from textual.widgets.option_list import Option
 from dissectors.render import safe_name
 from dissectors.spec import fuse as fspec
 
+from ..analysis import Analyzer
 from ..analysis.inodes import ROOT, superblock_label
 from ..analysis.render import fmt_ns
 from ..analysis.stats import rate_series
-from .render import event_text, features_text
+from ..analysis.timetravel import moment_of, state_at
+from .render import event_text, features_text, number
 from .sources import Store
 
 FINE_BELOW_S = 10  # a capture shorter than this many seconds gets sparklines in sub-second buckets
@@ -36,6 +38,10 @@ class JumpTo(Message):
     def __init__(self, index: int) -> None:
         super().__init__()
         self.index = index
+
+
+class TravelChanged(Message):
+    """The inode map switched between "as of the selection" and "now": the app says which exchange."""
 
 
 class ApplyFilter(Message):
@@ -69,14 +75,18 @@ def superblock_filter(root: str, roots: list[str]) -> str:
 class InodePanel(Widget):
     """The kernel's nodeids as a tree by path, submount roots marked; the lints, each jumping to its cause.
 
-    Enter or `a` on a nodeid filters the exchanges on it (space opens and closes a branch).
+    Enter or `a` on a nodeid filters the exchanges on it (space opens and closes a branch).  In a replay
+    the map is the one as of the exchange selected in the list (time travel); `T` switches to the end
+    state ("now") and back.
     """
 
-    BINDINGS = [Binding("a", "apply", "Apply as filter")]
+    BINDINGS = [Binding("a", "apply", "Apply as filter"), Binding("T", "travel", "As of / now")]
 
     DEFAULT_CSS = """
     InodePanel { layout: horizontal; height: 1fr; }
-    InodePanel Tree { width: 3fr; }
+    InodePanel #treebox { width: 3fr; }
+    InodePanel #asof { height: 1; background: $boost; }
+    InodePanel Tree { height: 1fr; }
     InodePanel #lintbox { width: 2fr; border-left: solid $accent; }
     InodePanel OptionList { height: 1fr; border: none; }
     """
@@ -85,13 +95,18 @@ class InodePanel(Widget):
         super().__init__(**kw)
         self.store = store
         self.lint_targets: list[int] = []
-        self._sig: tuple[int, int] | None = None
-        self._tree_sig: tuple[int, int] | None = None
+        self._sig: tuple[int, int, int | None] | None = None
+        self._tree_sig: tuple[int, int, int | None] | None = None
+        self.travel = True  # follow the list's selection (replay); False: the end state
+        self.as_of: int | None = None  # the exchange whose moment the map shows (None: now)
+        self._past: tuple[int, Analyzer] | None = None
 
     def compose(self) -> Any:
         tree: Tree[int] = Tree("/", id="itree")
         tree.auto_expand = False  # Enter filters; space toggles
-        yield tree
+        with Vertical(id="treebox"):
+            yield Static("", id="asof")
+            yield tree
         with Vertical(id="lintbox"):
             yield Label("lints (Enter: show the exchange)")
             yield OptionList(id="lints")
@@ -100,12 +115,13 @@ class InodePanel(Widget):
         st = self.store
         with st.lock:
             an = st.analyzer
-            sig = (len(st.exchanges), len(an.lints))
+            sig = (len(st.exchanges), len(an.lints), self.as_of)
             if sig == self._sig:
                 return
             self._sig = sig
+            past = self._state_as_of()
             nodes = [(n.nodeid, n.parent, n.name, n.ino, n.generation, n.nlookup, n.attr_flags, n.submount)
-                     for n in an.inodes.nodes.values()]
+                     for n in (past or an).inodes.nodes.values()]
             lints = [(lint.name, lint.exchange, lint.message) for lint in an.lints]
         remote = list(st.remote_lints)
         tree = self.query_one("#itree", Tree)
@@ -125,6 +141,28 @@ class InodePanel(Widget):
             self.lint_targets.append(idx)
         if hl is not None and hl < ol.option_count:
             ol.highlighted = hl
+
+    def _state_as_of(self) -> Analyzer | None:
+        """The map as of exchange `as_of` (call with the store lock held); None: now.  Kept for the next tick."""
+        st = self.store
+        ex = st.get(self.as_of) if self.as_of is not None else None
+        head = self.query_one("#asof", Static)
+        if ex is None:
+            note = "" if st.kind == "replay" else " (a live session shows the map now; time travel is for replays)"
+            head.update(Text.assemble(("inode map now", "bold"), note if self.travel else "",
+                                      "" if st.kind != "replay" else "  T: as of the selected exchange"
+                                      if not self.travel else ""))
+            return None
+        if self._past is None or self._past[0] != ex.index:
+            self._past = (ex.index, state_at(st.exchanges, moment_of(ex)))
+        head.update(Text.assemble(("inode map as of ", "bold"), (f"#{number(ex)} {ex.opname}", "bold reverse"),
+                                  " (the exchange selected in the list)  T: now"))
+        return self._past[1]
+
+    def action_travel(self) -> None:
+        self.travel = not self.travel
+        self._tree_sig = None  # rebuilt under the user's cursor: they asked for it
+        self.post_message(TravelChanged())
 
     @property
     def main(self) -> Widget:
