@@ -195,3 +195,27 @@ def test_real_guest_io_snapped_and_whole_recordings_agree(guest_image: Any, gues
         snapped = sum(1 for x in r if x.snapped)
     assert snapped >= len(big)
     print(f"{len(cut)} exchanges, {len(big)} READ/WRITE over 16 KiB, {snapped} snapped records: lengths equal")
+
+
+def test_tui_detail_of_a_snapped_write_shows_the_wire() -> None:
+    """Pilot on the guest sample: its WRITEs are cut at 256 bytes of payload."""
+    import asyncio
+
+    from fsinspect.tui.widgets import DetailPane
+    from tests.test_tui import SIZE, loaded, replay_app, wait_for
+
+    async def run() -> None:
+        app = replay_app()
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app)
+            write = next(e for e in app.store.exchanges if e.opname == "WRITE" and e.snapped)
+            wire = write.request.header.len
+            assert wire == write.req_len > len(write.request.args["data"]) + 80
+            app.jump(write.index)
+            detail = app.query_one(DetailPane)
+            await wait_for(pilot, lambda: detail.index == write.index)
+            texts = [ln.text for ln in detail.lines]
+            assert texts[0] == f"request WRITE (16) len={wire} (captured {write.request.captured} of {wire} bytes)"
+            assert f"len = {wire}" in texts and f"data = {wire - 80} bytes (256 captured)" in texts
+
+    asyncio.run(run())
