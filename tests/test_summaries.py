@@ -122,3 +122,17 @@ def test_real_headless_demo_summary(guest_image: Any, tmp_path: Path) -> None:
     sync = [ln.strip() for ln in lines if re.match(r"  /\S* \(nodeid \d+\): \d+ calls?, p50 ", ln)]
     assert {ln.split(" (")[0] for ln in sync} == {"/", "/sub", "/sub/inner"}, res.stdout
     assert not re.search(r"\d ?us\b", res.stdout) and "superblock root" not in res.stdout
+
+
+def test_info_wraps_the_negotiated_flags_between_names() -> None:
+    text = subprocess.run([sys.executable, "-m", "fsinspect", "info", str(SAMPLE)], capture_output=True, text=True,
+                          check=True, cwd=ROOT).stdout
+    js = json.loads(subprocess.run([sys.executable, "-m", "fsinspect", "info", "--json", str(SAMPLE)],
+                                   capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    names = js["init"][0]["negotiated_flags"]
+    lines = text.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith("    negotiated: "))
+    block = [lines[i]] + [ln for ln in lines[i + 1:] if ln.startswith(" " * 16)]
+    assert len("|".join(names)) > 84 and len(block) > 1, "the sample's list must be long enough to wrap"
+    assert all(len(ln) <= 100 for ln in block)
+    assert "".join(ln.strip() for ln in block).removeprefix("negotiated: ").split("|") == names

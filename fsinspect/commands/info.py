@@ -11,6 +11,7 @@ from typing import Any
 from dissectors.spec import fuse as spec
 
 from ..analysis import Analyzer
+from ..analysis.render import wrap_items
 from ..errors import UserError
 from ..recording.reader import RecordingError
 from ..recording.replay import feed_records, prime_from_header
@@ -104,8 +105,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"  epoch {i['epoch']}: kernel {i['kernel']}, server {i.get('server', '?')}"
                   + (f", max_write {i['max_write']}, max_pages {i['max_pages']}" if "max_write" in i else "")
                   + (f", error {i['error']}" if "error" in i else ""))
-            if "negotiated_flags" in i:
-                print(f"    negotiated: {'|'.join(i['negotiated_flags']) or '0'}")
+            if "negotiated_flags" in i:  # a long list wraps between names, never inside one
+                head = "    negotiated: "
+                flags = wrap_items(i["negotiated_flags"] or ["0"], width=100, indent=" " * len(head), sep="|")
+                flags[0] = head + flags[0].lstrip()
+                print("\n".join(flags))
     else:
         print("INIT: not in this recording")
     c = d["counts"]
