@@ -448,3 +448,52 @@ def test_lock_waiter_limit_interrupt_and_shutdown(tmp_path: Path) -> None:
         server.shutdown()
         fs.close()
         os.close(hold)
+
+
+# ------------------------------------------------------------------------------- 1 over vhost-user
+_GUEST_SUID = r"""
+suid_write() {
+    mkdir -p /etc
+    grep -q '^nobody:' /etc/passwd 2>/dev/null || echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >>/etc/passwd
+    grep -q '^nogroup:' /etc/group 2>/dev/null || echo 'nogroup:x:65534:' >>/etc/group
+    for _n in suid sgid; do printf '#!/bin/sh\n' >"$MNT/$_n-f" || return 1; done
+    must chmod chmod 4777 "$MNT/suid-f" || return 1
+    must chmod chmod 2777 "$MNT/sgid-f" || return 1
+    must write-as-nobody su -s /bin/sh nobody -c "echo x >>$MNT/suid-f && echo x >>$MNT/sgid-f" || return 1
+    mark metric suid suid=$(stat -c %a "$MNT/suid-f") sgid=$(stat -c %a "$MNT/sgid-f")
+}
+step suid suid_write
+"""
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("cache", ["none", "metadata"])
+def test_guest_non_owner_write_clears_setuid_over_vhost_user(guest_image: Any, guest_share: Any,
+                                                              cache: str) -> None:
+    """The Linux 6.1 guest, through `fsinspect daemon` over vhost-user with direct I/O: a write by uid 65534
+    (flagged KILL_SUIDGID by the guest kernel) clears set-user-ID and set-group-ID on the host."""
+    from fsinspect.guest import launcher
+    from tests.guest_fixtures import explain
+
+    (guest_share.root / ".fsi-suid.sh").write_text(_GUEST_SUID)
+    guest_share.root.chmod(0o755)  # uid 65534 must reach the files
+    with launcher.short_tmpdir() as work:
+        sock, log = work / "vfs.sock", work / "daemon.log"
+        with open(log, "wb") as logf:
+            p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
+                                  "--shared-dir", str(guest_share.root), "--cache", cache],
+                                 cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 15
+            while not sock.exists():
+                assert p.poll() is None, log.read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            res = launcher.run_guest(sock, image=guest_image, workload="script", timeout=120, watch=[p],
+                                     params={"script": ".fsi-suid.sh"})
+        finally:
+            launcher.stop_process(p)
+    assert res.ok, explain(res)
+    assert res.metrics["suid"] == {"suid": "777", "sgid": "777"}, res.metrics
+    host = {n: stat.S_IMODE((guest_share.root / f"{n}-f").stat().st_mode) for n in ("suid", "sgid")}
+    assert host == {"suid": 0o777, "sgid": 0o777}
