@@ -12,8 +12,11 @@ from typing import Any
 
 import pytest
 
+from fsinspect.guest.build import GuestImage
+from fsinspect.guest.share import Share
 from fsinspect.proxy.hub import Hub
 from tests.daemon_client import EngineClient
+from tests.guest_fixtures import explain
 
 
 def _connect(path: str) -> socket.socket:
@@ -225,6 +228,28 @@ def test_client_fds_past_1024_work(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_1008_clients_come_and_go_then_the_hub_sleeps(hub: Hub) -> None:
+    """The probe's proxy case: 1,008 clients at once, then all close; 256 were served, the rest told why,
+    and afterwards the hub costs nothing (before: 100% CPU for good once an fd passed 1023)."""
+    socks = [_connect(hub.path) for _ in range(1008)]
+    firsts = [json.loads(s.makefile("rb").readline()) for s in socks]
+    assert sum(1 for m in firsts if m["type"] == "hello") == 256
+    assert all(m == {"type": "error", "error": "too many control clients (256 attached): try again later"}
+               for m in firsts if m["type"] != "hello")
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 10
+    while hub.clients:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    cpu = _cpu()
+    time.sleep(1)
+    assert _cpu() - cpu < 0.1
+    again = _connect(hub.path)
+    assert next(_lines(again))["type"] == "hello"
+    again.close()
+
+
 def test_snapshots_count_against_the_byte_budget(dmn: _Daemon) -> None:
     """150 clients attach and never read while the backlog is full of 16 KiB WRITEs: each snapshot fits
     its client's budget, so memory stays bounded (before: the proxy reached 4.5 GB)."""
@@ -296,3 +321,74 @@ def test_a_stuck_client_does_not_hold_the_exit(dmn: _Daemon) -> None:
     assert took < 1.0, f"closing took {took:.1f} s with a client that does not read"
     assert got[-1] == {"type": "event", "kind": "end", "detail": {"reason": "front-end closed"}}
     assert sum(1 for m in got if m["type"] == "exchange") == 17  # CREATE and 16 WRITEs (INIT came before it attached)
+
+
+# -- the same, through a real guest and the `fsinspect daemon` process ----------------------------------------
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_guest_writes_200_mib_past_a_stuck_and_200_idle_control_clients(guest_image: GuestImage,
+                                                                          guest_share: Share) -> None:
+    """The probe's case: `fsinspect daemon --control`, one client that never reads and 200 idle ones, and
+    the guest dd-writes 200 MiB in 1 MiB WRITEs (cache=none). The daemon's peak RSS stays near its start
+    (before: 43 -> 929 MB) and the guest's I/O completes with the same bytes."""
+    import subprocess
+    import sys
+    import threading
+
+    from fsinspect.guest import launcher
+
+    with launcher.short_tmpdir() as work:
+        sock, ctl, log = work / "vfs.sock", work / "ctl.sock", work / "daemon.log"
+        with open(log, "wb") as logf:
+            p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
+                                  "-o", f"source={guest_share.root},cache=none", "--thread-pool-size=4",
+                                  "--control", str(ctl)],
+                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        clients: list[socket.socket] = []
+        try:
+            deadline = time.monotonic() + 15
+            while not sock.exists():
+                assert p.poll() is None, log.read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            clients = [_connect(str(ctl)) for _ in range(201)]  # none of them reads
+            time.sleep(1)
+            start_kb = _status_kb(p.pid, "VmRSS")
+            peak_kb = [start_kb]
+            done = threading.Event()
+
+            def sample() -> None:  # VmHWM only grows: the last read is the peak so far
+                while not done.wait(0.2):
+                    try:
+                        peak_kb.append(_status_kb(p.pid, "VmHWM"))
+                    except (OSError, KeyError):
+                        return
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            res = launcher.run_guest(sock, image=guest_image, workload="smoke,io", timeout=600, watch=[p],
+                                     params={"io_mb": 200, "xattr": 0}, memory_mb=1536)
+            done.set()
+            sampler.join()
+            assert p.wait(30) == 0, log.read_text()
+        finally:
+            for s in clients:
+                s.close()
+            launcher.stop_process(p)
+    assert res.ok, explain(res)
+    assert all(s.rc == 0 for s in res.steps), res.steps
+    sums = res.verify_sums(guest_share.root)
+    assert all(g == h for g, h in sums.values()) and "/mnt/.fsi-io.bin" in sums, sums
+    assert (guest_share.root / ".fsi-io.bin").stat().st_size == 200 << 20
+    assert len(peak_kb) > 10
+    peak = max(peak_kb)
+    print(f"daemon RSS: {start_kb >> 10} MiB with 201 clients attached, peak {peak >> 10} MiB over 200 MiB written")
+    assert peak - start_kb < 96 << 10, f"daemon RSS {start_kb >> 10} MiB at start, peak {peak >> 10} MiB"
