@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +173,7 @@ def test_real_guest_io_snapped_and_whole_recordings_agree(guest_image: Any, gues
                                   "--backend", str(be.socket_path), "--record", str(tmp_path / "cut.pcapng"),
                                   "--snaplen", "256"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 10
-            while not listen.exists():
-                assert proxy.poll() is None and time.monotonic() < deadline, "proxy never listened"
-                time.sleep(0.02)
+            launcher._wait_for_socket(listen, proxy, "the proxy")
             res = launcher.run_guest(listen, image=guest_image, workload="io", timeout=240,
                                      watch=[proxy, *be.processes], params={"xattr": 1, "io_mb": 8})
             proxy.wait(15)
