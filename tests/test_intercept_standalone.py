@@ -62,7 +62,7 @@ def test_inject_enoent_on_lookup_of_an_existing_file(tmp_path: Path) -> None:
     for unique, _ in lookups:
         (err, flags, notes), = _reply_for(recs, unique)  # exactly one reply: nothing unpaired
         assert err == -errno.ENOENT and flags & fmt.RF_INJECTED
-        assert "fsinspect-debugger: injected" in notes
+        assert "answered by the debugger: the back-end never saw the request" in notes
     # the native prefilter (every LOOKUP) held it a moment; the expression let it go to the back-end
     (u, flags), = _lookups(recs, b"bystander")[:1]
     (err, flags, _), = _reply_for(recs, u)

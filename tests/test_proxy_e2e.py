@@ -53,13 +53,13 @@ class ProxyRun:
 
 @contextmanager
 def proxy_in_front(share: Share, out: Path, *, announce: bool = True, debug_log: bool = False,
-                   extra: tuple[str, ...] = ()) -> Iterator[ProxyRun]:
+                   extra: tuple[str, ...] = (), cache: str = "auto") -> Iterator[ProxyRun]:
     """C virtiofsd on a private socket, `fsinspect proxy` in front of it; both gone afterwards.
 
     The recording, the summary and the back-end's log land in `out` (sockets need a short /tmp path).
     """
     with launcher.short_tmpdir() as work, launcher.virtiofsd(
-            share.root, work, announce_submounts=announce, xattr=True,
+            share.root, work, announce_submounts=announce, xattr=True, cache=cache,
             extra_args=["-d"] if debug_log else []) as be:
         run = ProxyRun(work / "proxy.sock", out / "rec.pcapng", out / "summary.json",
                        subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(work / "proxy.sock"),

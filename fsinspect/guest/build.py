@@ -36,8 +36,9 @@ META_PACKAGE = "linux-image-cloud-amd64"
 # Modules the guest needs; their dependencies are pulled in from modinfo.
 ROOT_MODULES = ("virtiofs", "virtio_pci")
 BUSYBOX = "/bin/busybox"
-# Dynamically linked host tools copied in with their libraries (busybox has no xattr applets).
-EXTRA_TOOLS = ("/usr/bin/setfattr", "/usr/bin/getfattr")
+# Dynamically linked host tools copied in with their libraries (busybox has no xattr applets; busybox's
+# `sync -f` ignores what syncfs(2) returns, GNU sync reports it: the debugger's SYNCFS test needs that).
+EXTRA_TOOLS = ("/usr/bin/setfattr", "/usr/bin/getfattr", "/usr/bin/sync")
 FORMAT_VERSION = 1
 
 Progress = Callable[[str], None]

@@ -293,7 +293,9 @@ class RecordingReader:
                 elif kind == fmt.META_LAYOUT:
                     layout = [(ln, fl) for ln, fl, _ in fmt.LAYOUT_ITEM.iter_unpack(val[8:8 + (len(val) - 8) // 8 * 8])]
             elif code == fmt.OPT_COMMENT:
-                notes.append(val.decode("utf-8", "replace"))
+                note = val.decode("utf-8", "replace")
+                if not note.startswith(fmt.DEBUGGER_COMMENT):  # Wireshark's copy of the flags: see `debugger`
+                    notes.append(note)
         if check and iface >= len(self.sections[-1].interfaces):
             raise RecordingError(f"{self.path}: packet at offset {offset} names interface {iface}, "
                                  f"but only {len(self.sections[-1].interfaces)} are defined")
