@@ -137,31 +137,27 @@ def test_breakpoint_driven_by_a_script(guest_image: GuestImage, guest_share: Sha
     result: list[Any] = []
     with launcher.short_tmpdir() as sockdir:
         ctl = sockdir / "ctl.sock"
-        with proxy_in_front(guest_share, tmp_path, extra=("--control", str(ctl))) as run:
-            deadline = time.monotonic() + 10
-            while not ctl.exists():
-                assert time.monotonic() < deadline, run.stderr()
-                time.sleep(0.02)
-            with ControlClient(str(ctl), timeout=60) as c:
-                rid = c.add_rule("op == MKDIR")
-                t = threading.Thread(target=lambda: result.append(boot(guest_image, run, "dbg_break",
-                                                                       on_event=on_event, timeout=180)))
-                t.start()
-                try:
-                    held = c.wait_held(lambda m: m["opcode"] == "MKDIR", timeout=120)
-                    t_held = time.monotonic()
-                    assert held["request"]["args"]["name"] == "released"
-                    assert t_held - wait_event("dbg-mkdir-started released") < 1.0
-                    wait_event("metric dbg-break-released")  # the guest stat others while mkdir waits
-                    c.release(held["n"])
-                    held = c.wait_held(lambda m: m["opcode"] == "MKDIR", timeout=60)
-                    assert held["request"]["args"]["name"] == "answered"
-                    wait_event("metric dbg-break-answered")
-                    assert c.answer(held["n"], errno="EACCES")["how"] == "answered"
-                    c.remove_rule(rid)
-                finally:
-                    c.continue_all()
-                    t.join(200)
+        with proxy_in_front(guest_share, tmp_path, extra=("--control", str(ctl))) as run, \
+                ControlClient(str(ctl), timeout=60) as c:  # waits for the socket
+            rid = c.add_rule("op == MKDIR")
+            t = threading.Thread(target=lambda: result.append(boot(guest_image, run, "dbg_break",
+                                                                   on_event=on_event, timeout=180)))
+            t.start()
+            try:
+                held = c.wait_held(lambda m: m["opcode"] == "MKDIR", timeout=120)
+                t_held = time.monotonic()
+                assert held["request"]["args"]["name"] == "released"
+                assert t_held - wait_event("dbg-mkdir-started released") < 1.0
+                wait_event("metric dbg-break-released")  # the guest stat others while mkdir waits
+                c.release(held["n"])
+                held = c.wait_held(lambda m: m["opcode"] == "MKDIR", timeout=60)
+                assert held["request"]["args"]["name"] == "answered"
+                wait_event("metric dbg-break-answered")
+                assert c.answer(held["n"], errno="EACCES")["how"] == "answered"
+                c.remove_rule(rid)
+            finally:
+                c.continue_all()
+                t.join(200)
     (res,) = result
     assert res.status == "ok", explain(res)
     assert _metric(res, "dbg-break-released") == {"served": "5", "pending": "1"}

@@ -65,7 +65,8 @@ def proxy_in_front(share: Share, out: Path, *, announce: bool = True, debug_log:
                        subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(work / "proxy.sock"),
                                          "--backend", str(be.socket_path), "--record", str(out / "rec.pcapng"),
                                          "--summary-json", str(out / "summary.json"), *extra],
-                                        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE),
+                                        # its own group: stop_process signals the group (else nothing)
+                                        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True),
                        be)
         try:
             deadline = time.monotonic() + 10

@@ -31,13 +31,7 @@ class ControlError(Exception):
 class ControlClient:
     def __init__(self, path: str, *, timeout: float = 10.0) -> None:
         self.timeout = timeout
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError as e:
-            self.sock.close()
-            raise ControlError(f"{path}: {e.strerror or e}") from None
+        self.sock = self._connect(path, time.monotonic() + timeout)
         self._buf = b""
         self._ids = itertools.count(1)
         self.messages: collections.deque[Message] = collections.deque(maxlen=100_000)
@@ -49,6 +43,25 @@ class ControlClient:
         self.snapshot = self._read(time.monotonic() + timeout)
 
     # -- plumbing ------------------------------------------------------------------------------------
+    @staticmethod
+    def _connect(path: str, deadline: float) -> socket.socket:
+        """Connect, waiting (until `deadline`) for a source that is still starting: no socket yet, or
+        bound but not listening."""
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                sock.connect(path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise ControlError(f"{path}: {e.strerror or e}") from None
+                time.sleep(0.05)
+            except OSError as e:
+                sock.close()
+                raise ControlError(f"{path}: {e.strerror or e}") from None
+
     def _read(self, deadline: float) -> Message:
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
