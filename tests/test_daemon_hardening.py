@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -156,24 +157,32 @@ def test_guests_modes_are_kept_with_a_daemon_umask(base: Path) -> None:
     assert modes == {"f": 0o666, "d": 0o777, "p": 0o662, "g": 0o644}
 
 
-def test_vhost_daemon_summary_json_is_not_world_writable(base: Path) -> None:
-    sock, summary = base / "vfs.sock", base / "summary.json"
-    p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
-                          "--shared-dir", str(base / "shared"), "--summary-json", str(summary)],
-                         cwd=REPO, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+@contextmanager
+def vhost_daemon(sock: Path, shared: Path, log: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`fsinspect daemon --socket-path SOCK` listening (its output to `log`); killed if still running."""
+    with open(log, "wb") as logf:
+        p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
+                              "--shared-dir", str(shared), *extra],
+                             cwd=REPO, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     try:
         deadline = time.monotonic() + 15
         while not sock.exists():
-            assert p.poll() is None and time.monotonic() < deadline
+            assert p.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the daemon never listened"
             time.sleep(0.02)
-        p.send_signal(signal.SIGTERM)
-        p.wait(15)
+        yield p
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-        assert p.stderr is not None
-        p.stderr.close()
+
+
+def test_vhost_daemon_summary_json_is_not_world_writable(base: Path) -> None:
+    summary = base / "summary.json"
+    with vhost_daemon(base / "vfs.sock", base / "shared", base / "daemon.log", "--summary-json", str(summary)) as p:
+        p.send_signal(signal.SIGTERM)
+        p.wait(15)
     assert stat.S_IMODE(summary.stat().st_mode) & 0o022 == 0, oct(summary.stat().st_mode)
 
 
@@ -477,22 +486,10 @@ def test_guest_non_owner_write_clears_setuid_over_vhost_user(guest_image: Any, g
 
     (guest_share.root / ".fsi-suid.sh").write_text(_GUEST_SUID)
     guest_share.root.chmod(0o755)  # uid 65534 must reach the files
-    with launcher.short_tmpdir() as work:
-        sock, log = work / "vfs.sock", work / "daemon.log"
-        with open(log, "wb") as logf:
-            p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
-                                  "--shared-dir", str(guest_share.root), "--cache", cache],
-                                 cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 15
-            while not sock.exists():
-                assert p.poll() is None, log.read_text()
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            res = launcher.run_guest(sock, image=guest_image, workload="script", timeout=120, watch=[p],
-                                     params={"script": ".fsi-suid.sh"})
-        finally:
-            launcher.stop_process(p)
+    with launcher.short_tmpdir() as work, \
+            vhost_daemon(work / "vfs.sock", guest_share.root, work / "daemon.log", "--cache", cache) as p:
+        res = launcher.run_guest(work / "vfs.sock", image=guest_image, workload="script", timeout=120, watch=[p],
+                                 params={"script": ".fsi-suid.sh"})
     assert res.ok, explain(res)
     assert res.metrics["suid"] == {"suid": "777", "sgid": "777"}, res.metrics
     host = {n: stat.S_IMODE((guest_share.root / f"{n}-f").stat().st_mode) for n in ("suid", "sgid")}
