@@ -314,7 +314,7 @@ def test_duplicate_pairs_the_reply_with_the_newer_request() -> None:
     _duplicate(s)
     s.an.finish()
     first, second = s.an.exchanges[1:3]
-    assert not first.replied and "displaced by exchange 2" in first.notes[0]
+    assert not first.replied and "displaced by #3" in first.notes[0]  # the `#` numbers, 1-based
     assert second.replied and second.error == 0
 
 

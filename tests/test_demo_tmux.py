@@ -86,3 +86,34 @@ def test_demo_in_tmux(guest_image: GuestImage, tmp_path: Path) -> None:
     assert share.group(1) not in mounts
     assert not Path(work.group(1)).exists() and not Path(share.group(1)).exists()
     assert (tmp_path / "rec.pcapng").stat().st_size > 10_000
+
+
+def test_demo_follow_shows_the_newest_row(guest_image: GuestImage, tmp_path: Path) -> None:
+    """Follow mode on a real guest: once the run ends, the newest exchange (#N, N the count in the status
+    line) is on screen, on the list's last line above the detail pane, not under a scrollbar."""
+    session = f"fsi-follow-test-{os.getpid()}"
+    rc_file = tmp_path / "rc"
+    cmd = (f"{sys.executable} -m fsinspect demo --loops 1 --storm 100 --io-mb 4 --log {tmp_path / 'demo.log'}; "
+           f"echo $? >{rc_file}; echo DEMO-ENDED; sleep 30")
+    tmux("new-session", "-d", "-s", session, "-x", "110", "-y", "30", cmd)
+    try:
+        text = wait_screen(session, r"the proxy closed the control socket", 360)
+        time.sleep(1.5)  # the detail pane follows the newest after the feed rests; a tick or two
+        text = screen(session)
+        m = re.search(r"\| (\d+) exchanges", text)
+        assert m, text
+        newest = int(m.group(1))
+        lines = text.splitlines()
+        rows = [k for k, line in enumerate(lines) if re.match(rf"^[ ●]\s*{newest} ", line)]
+        assert rows, text  # the newest row is on screen
+        k = rows[0]
+        assert "─" in lines[k + 1] or "━" in lines[k + 1], text  # the list's last line: the pane border is next
+        assert re.match(rf"^\s*#{newest} ", lines[k + 2]), text  # and the detail pane shows it
+        tmux("send-keys", "-t", session, "q")
+        deadline = time.monotonic() + 60
+        while not rc_file.exists():
+            assert time.monotonic() < deadline, screen(session)
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, check=False)
+    assert rc_file.read_text().strip() == "0"

@@ -130,8 +130,8 @@ class Analyzer:
             what = f"chain (queue {queue}, head {head})" if head is not None else f"unique {unique}"
             self._lint(ex, X.DUPLICATE_IN_FLIGHT,
                        f"{ex.opname} unique {unique} on {what} while {old.opname} unique {old.unique} "
-                       f"(exchange {old.index}) is still in flight")
-            old.notes.append(f"displaced by exchange {ex.index}")
+                       f"(#{old.n}) is still in flight")
+            old.notes.append(f"displaced by #{ex.n}")  # the numbers the UI lists and goes to
             self._by_n.pop(old.n, None)
             self._finish(old)
         self._pending[key] = ex

@@ -132,7 +132,7 @@ def exchange_line(ex: Exchange, t0: int = 0) -> str:
     else:
         out = "-> ?"
     nodeid = f" n={ex.nodeid}" if ex.opcode >= 0 else ""
-    parts = [f"#{ex.index}", f"+{t:.6f}", f"q{ex.queue}", ex.opname, f"u={ex.unique}{nodeid}"]
+    parts = [f"#{ex.n}", f"+{t:.6f}", f"q{ex.queue}", ex.opname, f"u={ex.unique}{nodeid}"]
     if req:
         parts.append(req)
     if out:

@@ -47,8 +47,7 @@ TIME_TITLES = {"relative": ("time (rel)", "t rel"), "absolute": ("time (abs)", "
 def number(ex: Exchange) -> int:
     """The exchange number the UI shows and `#N` / go-to names: the source's `n` (1-based, request-capture
     order, the same in every UI attached to one proxy); the local position + 1 where a source has none."""
-    n = getattr(ex, "n", 0)
-    return int(n) if n else ex.index + 1
+    return ex.n or ex.index + 1
 
 
 _UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "µs": 1_000, "ns": 1}
