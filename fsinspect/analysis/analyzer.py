@@ -231,14 +231,15 @@ class Analyzer:
     def resume(self, n: int, how: str) -> Exchange | None:
         """A breakpoint let exchange `n` go (`how`: released, answered, delayed, rewritten, dropped).
 
-        A held request goes back to pending (its reply completes it as usual); a held reply that was released
-        as it was completes the exchange now.  Returns the exchange, or None if `n` is not open.
+        A held request goes back to pending (its reply completes it as usual); a held reply released as it
+        was (`released`, `delayed`) completes the exchange now, a rewritten one when the new reply is fed.
+        Returns the exchange, or None if `n` is not open.
         """
         ex = self.find(n)
         if ex is None:
             return None
         ex.notes.append(f"{how} by the debugger")
-        if ex.held == X.HELD_REPLY and ex.reply_ts is not None:
+        if ex.held == X.HELD_REPLY and ex.reply_ts is not None and how in ("released", "delayed"):
             self._pending.pop(self._by_n.pop(n))
             self._complete(ex)
             return ex
@@ -336,6 +337,10 @@ class Analyzer:
         self.epoch = epoch
         self.inodes.reset()
         self.submounts.reset()
+
+    def add_lint(self, ex: Exchange, name: str, message: str) -> None:
+        """A lint the feeder knows and the analyzer cannot tell (a live source's `stuck`, with its clock)."""
+        self._lint(ex, name, message)
 
     def _lint(self, ex: Exchange, name: str, message: str) -> None:
         ex.lints.append(name)

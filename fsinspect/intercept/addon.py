@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dissectors import edit
 from dissectors import fuse as F
 from dissectors.errors import DecodeError
 from dissectors.spec import fuse as spec
@@ -94,18 +95,6 @@ class Counters:
 def error_reply(errno_: int, unique: int) -> bytes:
     """A whole FUSE error reply (fuse_out_header only), through the codecs."""
     return F.encode_reply(spec.OPCODES[0], unique=unique, error=errno_)
-
-
-def _overlay(args: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """Decoded reply args with `fields` (JSON: nested dicts for structs) written over them."""
-    out = dict(args)
-    for k, v in fields.items():
-        cur = out.get(k)
-        if isinstance(v, dict) and cur is not None and hasattr(cur, "to_dict"):
-            out[k] = _overlay(cur.to_dict(), v)
-        else:
-            out[k] = v
-    return out
 
 
 class Intercept:
@@ -410,12 +399,10 @@ class Intercept:
         op = h.exchange.opcode
         if op not in spec.OPCODE_BY_VALUE or spec.OPCODE_BY_VALUE[op].reply is None:
             raise InterceptError(f"{h.exchange.opname} has no reply body to build from fields")
-        base: dict[str, Any] = {}
-        if rewrite and isinstance(h.exchange.reply, F.Reply) and not h.exchange.error:
-            base = dict(h.exchange.reply.args)
-        try:
-            return F.encode_reply(op, _overlay(base, fields), unique=h.exchange.unique, ctx=self.context())
-        except (TypeError, ValueError, KeyError, OverflowError, AttributeError) as e:
+        base = h.exchange.reply if rewrite and isinstance(h.exchange.reply, F.Reply) else None
+        try:  # every field name and value checked against the spec; unnamed fields keep the base's values
+            return edit.encode_fields(op, fields, unique=h.exchange.unique, reply=base, ctx=self.context())
+        except edit.FieldError as e:
             raise InterceptError(f"fields do not encode as a {h.exchange.opname} reply: {e}") from None
 
     def answer(self, n: Any, errno_: Any = None, fields: Any = None) -> Event:

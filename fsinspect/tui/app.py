@@ -21,16 +21,28 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from .. import privfile
 from ..analysis import FilterError, compile_filter
 from ..analysis.render import exchange_json
 from ..recording.export import Exported
 from ..recording.reader import RecordingError
+from .debugger import (
+    ErrnoSuggester,
+    FieldsScreen,
+    HeldPanel,
+    PromptScreen,
+    delay_error,
+    errno_completions,
+    errno_error,
+    errno_value,
+    op_rule,
+    strip_ms,
+)
 from .panels import ApplyFilter, ControlPanel, InodePanel, JumpTo, StatsPanel, SubmountPanel, TravelChanged
 from .render import exchange_text, goto_target
-from .sources import AttachSource, ReplaySource, Source, Store
+from .sources import AttachSource, CommandError, ReplaySource, Source, Store
 from .widgets import DetailPane, ExchangeList, FilterBar, FilterState, ListHeader
 
 TICK = 0.1
@@ -56,6 +68,14 @@ HELP = """\
   y  Y                  copy the exchange as text / JSON to the clipboard (OSC 52)
   w                     write the exchange as JSON to ./fsinspect-exchange-N.json
   W                     export the exchanges shown (the filter's) as pcapng, to a path you pick
+[b]Debugger (live only: attach to a proxy, or to a daemon with --control)[/b]
+  b                     break on the current filter (no filter: asks, offering the opcode)
+  c                     continue the held exchange (request → back-end, reply → guest)
+  E                     answer with an errno (a held reply is rewritten); Tab completes
+  d                     delay the held exchange by N ms, then continue it
+  x                     edit the reply's decoded fields in a form; re-encoded, then sent
+  C                     continue every held exchange
+  Held rows are highlighted and listed in the Held panel; pending rows show their age.
 [b]Panels[/b]
   1 exchanges  2 inodes & lints  3 submounts & SYNCFS  4 stats  5 control plane
   (each panel takes the focus: arrows and Enter act at once)
@@ -94,49 +114,6 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss()
 
 
-class PromptScreen(ModalScreen[str | None]):
-    """One line of input over the app (go to, export path): Enter returns it, Esc cancels.
-
-    `check` validates it first: a reason (shown under the line) keeps the prompt open.
-    """
-
-    DEFAULT_CSS = """
-    PromptScreen { align: center middle; }
-    PromptScreen > Vertical { width: 90; height: auto; border: thick $accent; background: $surface; padding: 0 1; }
-    PromptScreen #perr { color: $error; height: auto; }
-    """
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, title: str, value: str = "", check: Any = None, placeholder: str = "") -> None:
-        super().__init__()
-        self.title_text = title
-        self.value = value
-        self.check = check
-        self.placeholder = placeholder
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Static(self.title_text)
-            box = Input(self.value, placeholder=self.placeholder, id="pinput")
-            box.cursor_blink = False
-            yield box
-            yield Static("", id="perr")
-
-    def on_mount(self) -> None:
-        self.query_one(Input).focus()
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        reason = self.check(event.value) if self.check is not None else None
-        if reason:
-            self.query_one("#perr", Static).update(reason)
-            return
-        self.dismiss(event.value)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-
 class StatusLine(Widget):
     """One line of source, progress, counts, filter, overflow and mode; repainted without a layout pass."""
 
@@ -173,6 +150,12 @@ class FsInspectApp(App[int]):
         Binding("Y", "copy('json')", "Copy JSON", show=False),
         Binding("w", "write_json", "Write JSON", show=False),
         Binding("W", "export", "Export pcapng", show=False),
+        Binding("b", "break_filter", "Break"),
+        Binding("c", "verdict('release')", "Continue"),
+        Binding("E", "verdict('errno')", "Errno", show=False),
+        Binding("d", "verdict('delay')", "Delay", show=False),
+        Binding("x", "verdict('fields')", "Edit", show=False),
+        Binding("C", "continue_all", "Continue all", show=False),
         Binding("1", "tab('exchanges')", "Exchanges", show=False),
         Binding("2", "tab('inodes')", "Inodes", show=False),
         Binding("3", "tab('submounts')", "Submounts", show=False),
@@ -191,6 +174,8 @@ class FsInspectApp(App[int]):
         self.ticks = 0
         self.tick_seconds = 0.0  # time spent in ticks (the bench reads it)
         self.last_copy: str | None = None
+        self.last_command: dict[str, Any] | None = None  # the debugger's last command and its reply (tests)
+        self.last_reply: dict[str, Any] | None = None
         self._status_line = ""
         self._detail_want: int | None = None
         self._detail_timer: Timer | None = None
@@ -204,6 +189,7 @@ class FsInspectApp(App[int]):
                                        "stats": StatsPanel(self.store, id="statspanel"),
                                        "control": ControlPanel(self.store, id="controlpanel")}
         self.statusline = StatusLine(id="status")
+        self.held = HeldPanel(self.store, id="held")
 
     # -- layout ----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -212,6 +198,7 @@ class FsInspectApp(App[int]):
         with self.tabbed:
             with TabPane("Exchanges", id="exchanges"), Vertical(id="exchanges-pane"):
                 yield self.filterbar
+                yield self.held
                 yield self.listheader
                 yield self.xlist
                 yield self.detail
@@ -258,6 +245,7 @@ class FsInspectApp(App[int]):
             lst.view = self.filter.view
         lst.sync()
         self.listheader.sync()
+        self.held.refresh_from_store()
         active = self.active_tab
         if active != "exchanges" and self.ticks % 10 == 1:
             self._refresh_panel(active)
@@ -285,6 +273,10 @@ class FsInspectApp(App[int]):
         if st.progress is not None:
             parts.append(f"analysing {st.progress * 100:.0f}%")
         parts.append(f"{n} exchanges")
+        pending = len(st.open) if st.kind == "attach" else 0
+        held = len(self.held.rows)
+        if pending:
+            parts.append(f"{pending} pending" + (f", {held} HELD" if held else ""))
         if st.base:
             parts.append(f"keeping the newest {len(st.exchanges)} (#{st.number_of(st.base)}…)")
         if self.filter is not None:
@@ -362,6 +354,12 @@ class FsInspectApp(App[int]):
     def on_jump_to(self, event: JumpTo) -> None:
         self.jump(event.index)
 
+    def on_option_list_option_selected(self, event: HeldPanel.OptionSelected) -> None:
+        if event.option_list is self.held:
+            ex = self.held.current
+            if ex is not None:
+                self.jump(ex.index)
+
     # -- API used by actions and tests -------------------------------------------------------------
     def apply_filter(self, text: str) -> None:
         """Filter the list (raises FilterError on a bad expression); an empty text shows everything."""
@@ -437,6 +435,96 @@ class FsInspectApp(App[int]):
         self.push_screen(PromptScreen("Go to exchange #N, or a time: +1.5 / 250ms after the first record, "
                                       "or 14:03:07.25", check=check, placeholder="#123  +1.5  14:03:07.25"),
                          done)
+
+    # -- the debugger ----------------------------------------------------------------------------
+    def current_exchange(self) -> Any:
+        """What a debugger key acts on: the Held panel's row when it has the focus, else the list's."""
+        if self.held.has_focus and self.held.current is not None:
+            return self.held.current
+        i = self.xlist.selected
+        return self.store.get(i) if i is not None else None
+
+    def send(self, cmd: str, what: str, **args: Any) -> bool:
+        """A control-v2 command; its reply is shown as a notification.  False if it could not be sent."""
+        def done(reply: dict[str, Any]) -> None:
+            self.call_from_thread(self._command_done, what, reply)
+
+        try:
+            self.source.command(cmd, done, **args)
+        except CommandError as e:
+            self.notify(str(e), severity="error")
+            return False
+        self.last_command = {"cmd": cmd, **args}
+        return True
+
+    def _command_done(self, what: str, reply: dict[str, Any]) -> None:
+        self.last_reply = reply
+        if reply.get("ok"):
+            extra = f" (rule {reply['rule_id']})" if "rule_id" in reply else ""
+            self.notify(f"{what}{extra}")
+        else:
+            self.notify(f"{what}: {reply.get('error', 'refused')}", severity="error")
+
+    def action_break_filter(self) -> None:
+        if self.filter is not None:
+            self.send("add-rule", f"breakpoint on {self.filter.text}", rule=self.filter.text)
+            return
+
+        def check(text: str) -> str | None:
+            try:
+                compile_filter(text)
+            except FilterError as e:
+                return f"column {e.column}: {e.message}"
+            return None
+
+        def chosen(text: str | None) -> None:
+            if text:
+                self.send("add-rule", f"breakpoint on {text}", rule=text)
+
+        self.push_screen(PromptScreen("break on (a filter expression; Enter sets the breakpoint)",
+                                      value=op_rule(self.current_exchange()), check=check), chosen)
+
+    def action_verdict(self, kind: str) -> None:
+        ex = self.current_exchange()
+        if ex is None or ex.held is None:
+            self.bell()
+            self.notify(("no exchange selected" if ex is None else f"#{ex.n} is not held")
+                        + ": c, E, d and x act on held exchanges (b sets a breakpoint)", severity="warning")
+            return
+        n, on_reply = ex.n, ex.held == "reply"
+        if kind == "release":
+            self.send("release", f"#{n} continued", n=n)
+        elif kind == "errno":
+            def errno_chosen(text: str | None) -> None:
+                if text:
+                    self.send("rewrite" if on_reply else "answer", f"#{n} answered {text}", n=n,
+                              errno=errno_value(text))
+
+            self.push_screen(PromptScreen(f"#{n} {ex.opname}: {'rewrite the reply' if on_reply else 'answer'} "
+                                          "with errno", check=errno_error, complete=errno_completions,
+                                          suggester=ErrnoSuggester(), hint="Tab or → completes"), errno_chosen)
+        elif kind == "delay":
+            def delay_chosen(text: str | None) -> None:
+                if text:
+                    self.send("delay", f"#{n} delayed {strip_ms(text)} ms", n=n, ms=strip_ms(text))
+
+            self.push_screen(PromptScreen(f"#{n} {ex.opname}: delay by (ms), then continue", value="200",
+                                          check=delay_error), delay_chosen)
+        else:
+            def fields_chosen(fields: dict[str, Any] | None) -> None:
+                if fields is not None:
+                    self.send("rewrite" if on_reply else "answer", f"#{n} answered with edited fields", n=n,
+                              fields=fields)
+
+            try:
+                screen = FieldsScreen(ex)
+            except ValueError as e:
+                self.notify(str(e), severity="error")
+                return
+            self.push_screen(screen, fields_chosen)
+
+    def action_continue_all(self) -> None:
+        self.send("continue-all", "every held exchange continued")
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -22,6 +22,7 @@ from dissectors.spec import virtio as vio
 from dissectors.structs import Record, iter_fields, wire_len
 
 from ..analysis import Exchange
+from ..analysis import exchange as X
 from ..analysis.render import fmt_ns
 
 IN_HEADER = F.IN_HEADER.size  # request bodies start after fuse_in_header
@@ -118,6 +119,9 @@ S_DIM = Style(dim=True)
 S_OPCODE = Style(bold=True)
 S_MARK = Style(color="bright_yellow", bold=True)
 S_SYNCFS = Style(color="bright_cyan", bold=True)
+S_HELD = Style(color="black", bgcolor="yellow", bold=True)
+S_HELD_ROW = Style(bgcolor="#3a2f00")
+S_STUCK = Style(color="red", bold=True)
 
 
 def _fit(s: str, w: int) -> str:
@@ -133,12 +137,14 @@ def _rfit(s: str, w: int) -> str:
 
 
 def result_text(ex: Exchange) -> tuple[str, Style]:
+    if ex.held is not None:
+        return f"HELD {'req' if ex.held == X.HELD_REQUEST else 'reply'}", S_HELD
     if ex.error:
         return ex.errname or str(ex.error), S_ERR
     if ex.replied:
         return "ok", S_OK
     if ex.expects_reply:
-        return "(no reply)", S_PENDING
+        return ("(no reply)" if X.NO_REPLY in ex.lints else "pending"), S_PENDING
     return "-", S_DIM
 
 
@@ -150,10 +156,39 @@ def _short_read(ex: Exchange) -> str:
     return " (short)" if data is not None and ask is not None and wire_len(data) < ask.size else ""
 
 
+def age_text(ex: Exchange, now_ns: int) -> str | None:
+    """A pending request's age, ticking (`1.2s…`); `≥1.2s` when the stream ended without its reply;
+    None once it is complete."""
+    age = ex.age_ns(now_ns) if now_ns else None
+    if age is None:
+        return None
+    return "≥" + fmt_age(age) if X.NO_REPLY in ex.lints else fmt_age(age) + "…"
+
+
+def fmt_age(ns: int) -> str:
+    """An age in at most 6 cells: 850ms, 2.5s, 42s, 3m05s, 2h10m."""
+    ms = ns // 1_000_000
+    if ms < 1000:
+        return f"{ms}ms"
+    s = ns / 1e9
+    if s < 10:
+        return f"{s:.1f}s"
+    if s < 60:
+        return f"{s:.0f}s"
+    m = int(s // 60)
+    return f"{m}m{int(s % 60):02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
+def row_key(ex: Exchange, now_ns: int) -> tuple[Any, ...]:
+    """What a row's rendering depends on beyond its position: its state, lints and (while open) its age."""
+    return (ex.replied, len(ex.lints), ex.held, age_text(ex, now_ns))
+
+
 def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool, *, mode: str = "relative",
-             prev_ts: int | None = None) -> Text:
+             prev_ts: int | None = None, now_ns: int = 0) -> Text:
     """One row of the exchanges list, exactly `width` cells wide.  `t0` is the first record's time
-    (tshark's reference for relative times), `prev_ts` the previous row's (for delta)."""
+    (tshark's reference for relative times), `prev_ts` the previous row's (for delta).  A pending request
+    shows its age at `now_ns` in the latency column; a held one is highlighted."""
     w = widths(width)
     sw = w["summary"]
     t = Text(no_wrap=True, overflow="crop", end="")
@@ -186,8 +221,14 @@ def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool, *, mode
     t.append(" ")
     res, style = result_text(ex)
     t.append(_fit(res, w["result"]) + " ", style)
-    t.append(_fit(fmt_ns(ex.latency_ns), 8), S_DIM)
+    age = age_text(ex, now_ns)
+    if age is not None:
+        t.append(_fit(age, 8), S_STUCK if X.STUCK in ex.lints else S_PENDING)
+    else:
+        t.append(_fit(fmt_ns(ex.latency_ns), 8), S_DIM)
     t.truncate(width, pad=True)
+    if ex.held is not None:
+        t.stylize_before(S_HELD_ROW)  # under the cells' own styles: the HELD badge keeps its colours
     return t
 
 

@@ -16,12 +16,14 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dissectors.spec import fuse as fspec
 
 from ..analysis import Analyzer, Exchange
+from ..analysis import exchange as X
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..recording.export import Exported, export_recording, write_pcapng
 from ..recording.reader import Record, RecordingError, RecordingReader
@@ -63,6 +65,8 @@ class Store:
     kind: str = ""  # the source's kind: "replay" or "attach"
     base: int = 0  # Exchange.index of exchanges[0]: a live session forgets its oldest exchanges (trim)
     first_ts: int = 0  # the first record's time (any kind): tshark's zero for relative times
+    open: dict[int, Exchange] = field(default_factory=dict)  # the source's n -> its pending or held exchange
+    clock: Callable[[], int] = time.time_ns  # a live source's "now" for ages (tests fix it)
     _frozen_at: int = 0
 
     def __post_init__(self) -> None:
@@ -92,6 +96,14 @@ class Store:
         ex = self.analyzer.feed_request(raw, *args, **kw)
         self.sync_paths(ex.index, hint)
         return ex
+
+    def now_ns(self) -> int:
+        """What a pending request's age is measured against: the clock live, the last capture in a replay."""
+        return self.analyzer.last_ts if self.kind == "replay" else self.clock()
+
+    def held(self) -> list[Exchange]:
+        """The exchanges a breakpoint holds now, oldest first."""
+        return sorted((ex for ex in self.open.values() if ex.held is not None), key=lambda e: e.n)
 
     @property
     def end(self) -> int:
@@ -239,6 +251,14 @@ class Source:
                             comments=[note, "from a live session: no vhost-user control messages (the control "
                                             "socket sends summaries, not bytes)"])
 
+    def command(self, cmd: str, on_reply: Callable[[dict[str, Any]], None] | None = None, **args: Any) -> None:
+        """Send a debugger command (control protocol v2); `on_reply` gets its reply, from the feed thread."""
+        raise CommandError("breakpoints need a live source: `fsinspect attach` to a proxy or daemon --control")
+
+
+class CommandError(Exception):
+    """A debugger command that cannot be sent (no live source, or the connection is gone)."""
+
 
 class ReplaySource(Source):
     """A recording, analysed front to back in the background with progress (by file offset)."""
@@ -334,10 +354,13 @@ def _direction(rec: Record) -> str:
 
 
 class AttachSource(Source):
-    """A proxy's control socket (fsinspect/proxy/hub.py, protocol 1), read in a worker thread.
+    """A proxy's control socket (fsinspect/proxy/hub.py, protocols 1 and 2), read in a worker thread.
 
     Exchanges carry their raw bytes, which a local Analyzer re-decodes: the hex dump, the filters and the
     inode map work as on a replay.  The snapshot seeds the inode map and submounts known before we joined.
+    Exchanges keep the source's numbers (`n`): a request is listed when it is captured and its reply
+    completes that row; the source's own verdicts (`stuck`, held) are taken as they come.  Debugger
+    commands go back on the same socket (`command`), each answered by one `reply` with its id.
     """
 
     kind = "attach"
@@ -350,6 +373,12 @@ class AttachSource(Source):
         self.connect_timeout = connect_timeout
         self.sock: socket.socket | None = None
         self._raw: dict[int, tuple[bytes | None, bytes | None]] = {}
+        self._replies: dict[int, Callable[[dict[str, Any]], None] | None] = {}
+        self._due: list[tuple[Callable[[dict[str, Any]], None], dict[str, Any]]] = []  # replies to hand on
+        self._next_id = 0
+        self._send_lock = threading.Lock()
+        self.version = 1
+        store.analyzer.stuck_ns = 0  # the source lints `stuck` with its own threshold and clock
         store.title = store.title or f"attach {ctrl_path}"
 
     def connect(self) -> None:
@@ -406,6 +435,7 @@ class AttachSource(Source):
     def feed_lines(self, lines: list[bytes]) -> None:
         """Apply a batch of protocol lines (one lock hold per batch)."""
         st = self.store
+        self._due = []
         with st.lock:
             for line in lines:
                 if not line.strip():
@@ -424,6 +454,31 @@ class AttachSource(Source):
                 base = st.base
                 self._raw = {k: v for k, v in self._raw.items() if k >= base}
             st.settle()
+        for cb, obj in self._due:  # outside the lock: a callback may wait for the UI thread
+            cb(obj)
+
+    def command(self, cmd: str, on_reply: Callable[[dict[str, Any]], None] | None = None, **args: Any) -> None:
+        sock = self.sock
+        if sock is None or self.store.done:
+            raise CommandError("not connected to the control socket")
+        if self.version < 2:
+            raise CommandError("this source speaks control protocol 1: no debugger commands (update it)")
+        with self._send_lock:
+            self._next_id += 1
+            cid = self._next_id
+            self._replies[cid] = on_reply
+            line = (json.dumps({"id": cid, "cmd": cmd, **args}) + "\n").encode()
+            try:
+                sock.sendall(line)
+            except OSError as e:
+                self._replies.pop(cid, None)
+                raise CommandError(f"cannot send {cmd}: {e.strerror or e}") from None
+
+    def _reply(self, obj: dict[str, Any]) -> None:
+        cid = obj.get("id")
+        cb = self._replies.pop(cid, None) if isinstance(cid, int) else None
+        if cb is not None:
+            self._due.append((cb, obj))
 
     def _apply(self, obj: dict[str, Any]) -> None:
         st = self.store
@@ -432,6 +487,16 @@ class AttachSource(Source):
             st.first_ts = obj["ts_ns"]
         if t == "exchange":
             self._exchange(obj)
+        elif t in ("request", "held"):
+            self._request(obj)
+        elif t == "resumed":
+            ex = st.open.get(obj.get("n", -1))
+            if ex is not None:
+                st.analyzer.resume(ex.n, str(obj.get("how", "released")))
+                if ex.state == X.DONE:
+                    st.open.pop(ex.n, None)
+        elif t == "reply":
+            self._reply(obj)
         elif t == "control":
             st.control.append(obj)
             st.ctl.summary(str(obj.get("direction", "")), str(obj.get("summary", "")))
@@ -444,9 +509,11 @@ class AttachSource(Source):
         elif t == "snapshot":
             self._snapshot(obj)
         elif t == "hello":
-            if obj.get("version") != 1:
+            versions = obj.get("versions") or [obj.get("version")]
+            if 1 not in versions and 2 not in versions:
                 st.status = f"unknown control protocol version {obj.get('version')!r}"
             else:
+                self.version = 2 if 2 in versions else 1
                 st.status = f"attached to {obj.get('source', '?')} ({obj.get('tool', '?')})"
 
     def _snapshot(self, snap: dict[str, Any]) -> None:
@@ -472,8 +539,54 @@ class AttachSource(Source):
                 st.first_ts = c["ts_ns"]
             st.control.append(c)  # the proxy's state already counts these: no ctl.summary here
         st.events.extend(snap.get("events", ()))
-        for ex in snap.get("exchanges", ()):
-            self._exchange(ex)
+        # Finished and still open exchanges, in the source's order (numbered by it).
+        finished = list(snap.get("exchanges", ()))
+        opened = list(snap.get("pending", ()))
+        still_open = {id(d) for d in opened}
+        for d in sorted(finished + opened, key=lambda d: int(d.get("n") or 0)):
+            if id(d) in still_open:
+                self._request(d)
+            else:
+                self._exchange(d)
+
+    def _request(self, d: dict[str, Any]) -> None:
+        """A request in flight, new or changed (held, resumed, linted `stuck` by the source)."""
+        st = self.store
+        n = d.get("n")
+        if not isinstance(n, int):
+            return
+        if d.get("type") == "held":
+            held = d.get("direction", X.HELD_REQUEST)
+        else:
+            held = d.get("held", X.HELD_REQUEST) if d.get("state") == X.HELD else None
+        ex = st.open.get(n)
+        if ex is None:
+            req_hex = d.get("request_raw")
+            if not isinstance(req_hex, str):
+                return
+            ex = st.feed_request(bytes.fromhex(req_hex), int(d.get("queue") or 0), d.get("head"),
+                                 int(d.get("ts_ns") or 0), orig_len=d.get("request_len"),
+                                 notes=list(d.get("notes", ())), n=n)
+            self._raw[ex.index] = (bytes.fromhex(req_hex), None)
+            if ex.state == X.DONE:  # no reply expected (FORGET): complete already
+                return
+            st.open[n] = ex
+        self._source_lints(ex, d)
+        rep_hex = d.get("reply_raw")
+        if held == X.HELD_REPLY and isinstance(rep_hex, str) and ex.reply_ts is None:
+            # The reply the breakpoint holds: decoded now, so `x` can edit it.
+            st.analyzer.feed_reply(bytes.fromhex(rep_hex), ex.queue, ex.head, int(d.get("reply_ts_ns") or 0),
+                                   orig_len=d.get("reply_len"), n=n, held=True)
+            self._raw[ex.index] = (self._raw.get(ex.index, (None, None))[0], bytes.fromhex(rep_hex))
+        elif held != ex.held:
+            st.analyzer.set_held(n, held)
+
+    def _source_lints(self, ex: Exchange, d: dict[str, Any]) -> None:
+        """Lints only the source can tell (it has the clock and the threshold)."""
+        for name in d.get("lints", ()):
+            if name == X.STUCK and name not in ex.lints:
+                self.store.analyzer.add_lint(ex, name, f"{ex.opname} unique {ex.unique} (#{ex.n}) waited longer "
+                                                       "than the source's stuck threshold")
 
     def _exchange(self, d: dict[str, Any]) -> None:
         an = self.store.analyzer
@@ -488,11 +601,24 @@ class AttachSource(Source):
             self._bare(d)
             return
         notes = list(d.get("notes", ()))
+        n = d.get("n") if isinstance(d.get("n"), int) else None
+        opened = self.store.open.pop(n, None) if n is not None else None
+        if opened is not None:  # its request is listed already: the reply completes it in place
+            ex = opened
+            if rep_hex is not None:
+                an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"),
+                              n=n, notes=[x for x in notes if x not in ex.notes])
+            self._source_lints(ex, d)
+            self._raw[ex.index] = (self._raw.get(ex.index, (None, None))[0],
+                                   bytes.fromhex(rep_hex) if rep_hex else None)
+            return
         if req_hex is not None:
             ex = self.store.feed_request(bytes.fromhex(req_hex), queue, head, ts, orig_len=d.get("request_len"),
-                                 notes=notes)
+                                         notes=notes, n=n)
             if rep_hex is not None:
-                an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"))
+                an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"),
+                              n=n)
+            self._source_lints(ex, d)
         else:
             assert rep_hex is not None
             ex = an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"),
@@ -506,7 +632,8 @@ class AttachSource(Source):
         op = _OP_BY_NAME.get(str(d.get("opcode")), -1)
         ex = Exchange(an.count, int(d.get("queue") or 0), d.get("head"), int(d.get("epoch") or 0),
                       int(d.get("unique") or 0), op, int(d.get("nodeid") or 0), req_ts=d.get("ts_ns"),
-                      notes=["no raw bytes from the proxy", *d.get("notes", ())], lints=list(d.get("lints", ())))
+                      notes=["no raw bytes from the proxy", *d.get("notes", ())], lints=list(d.get("lints", ())),
+                      n=d["n"] if isinstance(d.get("n"), int) else an.count + 1)
         err = d.get("error")
         ex.error = _ERRNO.get(err, 0) if isinstance(err, str) else 0
         if d.get("latency_ns") is not None and ex.req_ts is not None:

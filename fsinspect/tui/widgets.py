@@ -27,9 +27,20 @@ from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
 from ..analysis import Exchange, FilterError, compile_filter
+from ..analysis import exchange as X
 from ..analysis.filter import completions as filter_completions
 from .panels import ApplyFilter
-from .render import TIME_MODES, FieldLine, field_lines, header_text, hexdump, layout_text, number, row_text
+from .render import (
+    TIME_MODES,
+    FieldLine,
+    field_lines,
+    header_text,
+    hexdump,
+    layout_text,
+    number,
+    row_key,
+    row_text,
+)
 from .sources import Source, Store
 
 FOLLOW_DETAIL_EVERY = 1.0  # seconds between detail-pane updates while following the tail
@@ -134,11 +145,12 @@ class ExchangeList(ScrollView, can_focus=True):
             prev = self.store.get(p) if p is not None else None
             prev_ts = prev.ts_ns if prev is not None else None
         sel = 2 if row == self.cursor and self.has_focus else (1 if row == self.cursor else 0)
-        key = (i, width, sel, i in self.marks, ex.replied, len(ex.lints), self.time_mode, prev_ts)
+        now = self.store.now_ns()
+        key = (i, width, sel, i in self.marks, self.time_mode, prev_ts, *row_key(ex, now))
         strip = self._strips.get(key)
         if strip is None:
             text = row_text(ex, self.store.path(i), width, self.t0, i in self.marks, mode=self.time_mode,
-                            prev_ts=prev_ts)
+                            prev_ts=prev_ts, now_ns=now)
             if sel:
                 text.stylize("reverse" if sel == 2 else "underline")
             strip = Strip([s for s in text.render(self.app.console) if s.text != "\n"], width).crop(0, width)
@@ -171,7 +183,7 @@ class ExchangeList(ScrollView, can_focus=True):
         top = self.scroll_offset.y
         bottom = min(n, top + self.rows_shown)
         sig = (top, bottom, self.cursor)
-        waiting = any(ex is not None and not ex.replied and ex.expects_reply
+        waiting = any(ex is not None and ex.state != X.DONE
                       for ex in (st.get(i) for i in (self.index_at(r) for r in range(top, bottom))
                                  if i is not None))
         if sig != self._painted or waiting:
