@@ -101,6 +101,14 @@ class Store:
         """What a pending request's age is measured against: the clock live, the last capture in a replay."""
         return self.analyzer.last_ts if self.kind == "replay" else self.clock()
 
+    def find_n(self, n: int, depth: int = 4096) -> Exchange | None:
+        """A recent exchange by the source's number (the newest `depth` are searched)."""
+        exs = self.analyzer.exchanges
+        for k in range(len(exs) - 1, max(-1, len(exs) - 1 - depth), -1):
+            if exs[k].n == n:
+                return exs[k]
+        return None
+
     def held(self) -> list[Exchange]:
         """The exchanges a breakpoint holds now, oldest first."""
         return sorted((ex for ex in self.open.values() if ex.held is not None), key=lambda e: e.n)
@@ -490,11 +498,17 @@ class AttachSource(Source):
         elif t in ("request", "held"):
             self._request(obj)
         elif t == "resumed":
+            how = str(obj.get("how", "released"))
             ex = st.open.get(obj.get("n", -1))
             if ex is not None:
-                st.analyzer.resume(ex.n, str(obj.get("how", "released")))
+                st.analyzer.resume(ex.n, how)
                 if ex.state == X.DONE:
                     st.open.pop(ex.n, None)
+            else:  # its reply came first (the source publishes the verdict after the back-end answered)
+                done = st.find_n(obj.get("n", -1))
+                note = f"{how} by the debugger"
+                if done is not None and note not in done.notes:
+                    done.notes.append(note)
         elif t == "reply":
             self._reply(obj)
         elif t == "control":
