@@ -370,12 +370,13 @@ def test_lock_waiters_do_not_stall_others_and_interrupt_ends_a_wait(base: Path) 
             killed = waiters.pop(0)
             killed.kill()
             killed.wait(5)
-            # A waiter with a 1 s alarm: its handler runs, so the wait ended with EINTR in the caller.
-            timed = _waiter(f, "fcntl", alarm=1)
-            procs.append(timed)
-            assert timed.stdout is not None
-            assert timed.stdout.readline().strip() == "timeout"
-            assert timed.wait(5) == 0
+            # Waiters with a 1 s alarm: the handler runs, so each wait ended with EINTR in the caller.
+            for kind in ("fcntl", "flock"):
+                timed = _waiter(f, kind, alarm=1)
+                procs.append(timed)
+                assert timed.stdout is not None
+                assert timed.stdout.readline().strip() == "timeout", kind
+                assert timed.wait(5) == 0
             holder.stdin.write("\n")
             holder.stdin.flush()
             assert holder.stdout.readline().strip() == "closed"
