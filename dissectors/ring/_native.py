@@ -797,7 +797,7 @@ class ShadowPath:
                 self._async = False
             self._apply_queued(True, False)
             fwd_pub = [0, 0]
-            for h in range(self.num):
+            for h in range(self.num if self._nheld else 0):
                 with self._hold_lock:
                     st = self._slot_state[h]
                     if st not in (_HS_REQUEST, _HS_REPLY):

@@ -1123,7 +1123,10 @@ static void path_resolve_all(struct rc_path *p)
     pthread_mutex_unlock(&p->hold_lock);
     apply_queued(p, 1, 0);
     int fwd = 0, pub = 0;
-    for (uint32_t h = 0; h < p->num; h++) {
+    pthread_mutex_lock(&p->hold_lock);
+    uint32_t held = p->nheld; /* only verdict callers change it now, and only downwards */
+    pthread_mutex_unlock(&p->hold_lock);
+    for (uint32_t h = 0; held && h < p->num; h++) {
         pthread_mutex_lock(&p->hold_lock);
         uint8_t st = p->slot[h].state;
         struct rc_verdict v = {.head = (uint16_t)h, .dir = st, .used_len = p->slot[h].used_len};
