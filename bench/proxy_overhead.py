@@ -9,6 +9,10 @@ storm, >= 0.95 on the 64 MiB dd.  Not a test: these machines are noisy; compare 
 client, so the guest's burst costs the capture thread almost nothing (analysis is held back).  That
 arm is the floor of the design on this machine: what the two extra thread hops per request cost.
 
+`--idle-rule` adds an arm with the debugger armed: one native hold rule that matches nothing
+(`--inject 'op == SETUPMAPPING' errno=EIO`; QEMU 7.2 has no DAX window), so every request is matched
+against the table and forwarded.  Issue 15 wants it within noise of the plain proxy arm.
+
 The share's root is a tmpfs by default (`--share-fs disk` puts it on the host's ext4, as before): on
 ext4, creating 2000 files seconds after the previous arm deleted 2000 makes the allocator scan past
 recently deleted inodes (perf of virtiofsd: recently_deleted, find_inode_bit), 0.3-1.5 s of kernel
@@ -29,6 +33,8 @@ from typing import Any
 
 from fsinspect.guest import build, launcher
 from fsinspect.guest.share import make_share
+
+IDLE_RULE = ("--inject", "op == SETUPMAPPING", "errno=EIO")
 
 
 def run_direct(image: build.GuestImage, share: Path, workload: str) -> dict[str, float]:
@@ -58,6 +64,8 @@ def run_proxied(image: build.GuestImage, share: Path, workload: str,
         s = json.loads(summ.read_text())
     if not res.ok:
         raise SystemExit(f"proxied run failed: {res.status} {res.failed_steps}")
+    if s.get("holds", {}).get("held"):
+        raise SystemExit(f"a proxy arm held requests: {s['holds']}")
     exchanges = s["requests"]
     return {st.name: st.duration for st in res.steps if st.duration is not None}, ru.ru_utime + ru.ru_stime, exchanges
 
@@ -86,22 +94,28 @@ def main() -> int:
                          "after a delete storm scans recently deleted inodes, 3x noise between runs)")
     ap.add_argument("--unrecorded", action="store_true",
                     help="a third arm per round: the proxy without recording (the design's floor here)")
+    ap.add_argument("--idle-rule", action="store_true",
+                    help="an arm per round with one debugger rule that matches nothing (issue 15)")
     args = ap.parse_args()
     image = build.build(progress=lambda m: print(m, file=sys.stderr))
     direct: list[dict[str, float]] = []
     proxied: list[dict[str, float]] = []
     unrecorded: list[dict[str, float]] = []
+    idle: list[dict[str, float]] = []
     cpu: list[float] = []
     exch: list[int] = []
     extra = ("--poll-us", str(args.poll_us)) if args.poll_us else ()
     with make_share(root_tmpfs_mb=512 if args.share_fs == "tmpfs" else 0) as share:
         for i in range(args.pairs):
-            order = ["direct", "proxy", *(["unrecorded"] if args.unrecorded else [])]
+            order = ["direct", "proxy", *(["unrecorded"] if args.unrecorded else []),
+                     *(["idle-rule"] if args.idle_rule else [])]
             if i % 2:
                 order.reverse()
             for kind in order:
                 if kind == "direct":
                     direct.append(run_direct(image, share.root, args.workload))
+                elif kind == "idle-rule":
+                    idle.append(run_proxied(image, share.root, args.workload, extra=(*extra, *IDLE_RULE))[0])
                 elif kind == "unrecorded":
                     unrecorded.append(run_proxied(image, share.root, args.workload, record=False,
                                                   extra=extra)[0])
@@ -117,6 +131,9 @@ def main() -> int:
     if unrecorded:
         print("\nthe floor: proxy without recording or clients (ratio = direct / unrecorded proxy)")
         ratio_rows(steps, direct, unrecorded)
+    if idle:
+        print("\nthe debugger armed: one rule that matches nothing (ratio = direct / proxy with the rule)")
+        ratio_rows(steps, direct, idle)
     per10k = [c / n * 10_000 for c, n in zip(cpu, exch)]
     print(f"proxy CPU: median {statistics.median(cpu):.2f} s per run, {statistics.median(exch)} exchanges per run, "
           f"{statistics.median(per10k):.3f} s per 10k exchanges (min {min(per10k):.3f}, max {max(per10k):.3f})")
