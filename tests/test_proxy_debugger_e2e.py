@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 import socket
 import threading
 import time
@@ -272,3 +273,32 @@ def test_held_request_across_backend_loss(guest_image: GuestImage, guest_share: 
     (mk,) = [e for e in an.exchanges if e.opname == "MKDIR"]
     assert mk.errname == "EIO" and any("by the proxy: the queue stopped" in n for n in mk.notes)
     assert all(e.reply_ts is not None for e in an.exchanges if e.opname not in ("FORGET", "BATCH_FORGET"))
+
+
+def test_cli_proxy_sigterm_with_a_breakpoint_held(guest_image: GuestImage, guest_share: Share,
+                                                 tmp_path: Path) -> None:
+    """`fsinspect proxy --break 'op == MKDIR'` gets SIGTERM while the MKDIR is held: it answers it EIO on
+    its way out (the guest's mkdir fails instead of hanging) and says so in its summary and recording."""
+    from tests.test_proxy_e2e import proxy_in_front
+
+    (guest_share.root / "dbg").mkdir()
+    (guest_share.root / "dbg-files").mkdir()
+    for i in range(FILES):
+        (guest_share.root / "dbg-files" / f"f{i}").write_text("x")
+    (guest_share.root / ".fsi-dbg.sh").write_text(SCRIPT)
+    ctl = tmp_path / "ctl.sock"
+    with proxy_in_front(guest_share, tmp_path, extra=("--break", "op == MKDIR", "--control", str(ctl))) as run:
+        def sigterm() -> None:
+            run.proc.send_signal(signal.SIGTERM)
+        res = launcher.run_guest(run.listen, image=guest_image, workload="script", timeout=120, stall_timeout=0,
+                                 params={"script": ".fsi-dbg.sh", "files": FILES, "after": "poweroff"},
+                                 on_event=lambda ev: sigterm() if ev.kind == "waiting" else None)
+        run.proc.wait(30)
+        s = run.summary()
+    assert not res.timed_out and res.guest_result == "ok", explain(res)
+    assert res.metrics["dbg"]["pending"] == "1", res.metrics
+    assert res.metrics["dbg-mkdir"] == {"rc": "1", "err": "Input_output_error"}, res.metrics
+    assert s["holds"].get("safety") == 1, s["holds"]
+    an = recording(tmp_path)
+    (mk,) = [e for e in an.exchanges if e.opname == "MKDIR"]
+    assert mk.errname == "EIO" and any("by the proxy: the queue stopped" in n for n in mk.notes)
