@@ -180,3 +180,17 @@ def test_get_vring_base_reports_what_the_guest_lost(rig: Rigged) -> None:
     # no holds: the back-end's count is the guest's, and the message goes through untouched
     other = V.build("GET_VRING_BASE", V.make("vhost_vring_state", index=0, num=9), reply=True)
     assert rig.s.proxy._vring_base_consumed(other) is other
+
+
+def test_reset_device_runs_the_safety_rule(rig: Rigged) -> None:
+    """RESET_DEVICE (and RESET_OWNER): the control plane stops every started queue; held requests are
+    answered EIO before the back-end is told, so the guest's ring owes nothing after the reset."""
+    rig.mkdir_and_lookup(0x77, 8)
+    assert rig.px.path.held() == [(0, HOLD_REQUEST)]
+    rig.s.proxy.cp.vring(1).started = True
+    cmds = rig.s.proxy.cp.from_frontend(V.build("RESET_DEVICE"))
+    rig.s.proxy.cp.backend_alive = False  # nothing to forward to here: run the queue commands only
+    rig.s.proxy._execute([c for c in cmds if type(c).__name__ in ("QueueStop", "QueueDrain")], [])
+    rig.drain_captures()
+    assert rig.px.path.held() == [] and rig.resolved == [(1, 0, HOLD_REQUEST, "answered")]
+    assert dict(rig.px.rig.guest.collect_used())[0] == 16
