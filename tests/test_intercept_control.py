@@ -193,3 +193,25 @@ def test_delay_rule_does_not_block_other_requests(rig: Any, tmp_path: Path) -> N
     assert time.monotonic() - t0 < 0.2
     rep = pending.get(timeout=5)
     assert rep.error == 0 and time.monotonic() - t0 >= 0.38
+
+
+def test_a_delayed_request_is_pending_with_an_age_and_linted_stuck(rig: Any) -> None:
+    """A delay is no breakpoint: clients see the request pending, ageing, and `stuck` past the threshold
+    (1 s); requests the prefilter held but the expression let go are pending at once, not held."""
+    r, c = rig('op == MKDIR and name == "slow" delay=1500ms')
+    fast = r.call_async("MKDIR", _mkdir(b"fast"))
+    assert fast.get(timeout=5).error == 0
+    pending = r.call_async("MKDIR", _mkdir(b"slow"))
+
+    def update(state: str, lint: str | None = None) -> Any:
+        return c.wait_for(lambda m: m.get("type") == "request" and m.get("opcode") == "MKDIR"
+                          and m["request"]["args"]["name"] == "slow" and m["state"] == state
+                          and (lint is None or lint in m["lints"]), timeout=5)
+
+    first = c.wait_for(lambda m: m.get("type") == "exchange" and m["request"]["args"].get("name") == "fast")
+    assert not any("debugger" in n for n in first.get("notes", [])), first  # let go by the expression: no note
+    assert update("pending")["n"] > 0
+    stuck = update("pending", "stuck")
+    assert stuck["age_ms"] >= 1000
+    assert pending.get(timeout=5).error == 0
+    assert not any(m.get("type") in ("held", "resumed") for m in c.messages)  # no breakpoint involved

@@ -6,6 +6,7 @@ the back-end's own -d log is its counters."""
 from __future__ import annotations
 
 import errno
+import json
 import re
 import threading
 import time
@@ -23,7 +24,7 @@ from fsinspect.intercept.client import ControlClient
 from fsinspect.recording import format as fmt
 from fsinspect.recording.reader import RecordingReader
 from tests.guest_fixtures import explain
-from tests.test_proxy_e2e import boot, exchanges, proxy_in_front
+from tests.test_proxy_e2e import boot, bundled_daemon, exchanges, proxy_in_front
 
 pytestmark = [pytest.mark.guest, pytest.mark.root]
 
@@ -186,3 +187,27 @@ def test_read_reply_rewritten_to_eio_once(guest_image: GuestImage, guest_share: 
     replies = [(code, f) for inbound, code, u, f in recs if not inbound and u == reads[0]]
     assert replies == [(-errno.EIO, fmt.RF_REWRITTEN)]  # recorded once, as the guest got it
     assert run.summary()["holds"]["rewritten"] == 1
+
+
+def test_the_bundled_daemon_takes_the_same_rules(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    """`fsinspect daemon --socket-path` (vhost-user): the engine holds the request itself."""
+    (guest_share.root / "victim").write_text("I exist\n")
+    (guest_share.root / "bystander").write_text("me too\n")
+    rec = tmp_path / "daemon.pcapng"
+    rules = ("--inject", 'op == LOOKUP and name == "victim"', "errno=ENOENT", "--record", str(rec))
+    with launcher.short_tmpdir() as work, bundled_daemon(guest_share, work, tmp_path, rules) as be:
+        res = launcher.run_guest(be.socket_path, image=guest_image, workload="dbg_enoent", timeout=120,
+                                 watch=be.processes, params={"xattr": 1})
+        daemon = be.processes[0]
+        assert daemon.wait(15) == 0  # type: ignore[union-attr]
+    assert res.status == "ok", explain(res)
+    assert _metric(res, "dbg-victim") == {"rc": "1", "err": "No_such_file_or_directory"}
+    counters = json.loads((tmp_path / "daemon.json").read_text())
+    victims = [e for e in exchanges(rec).exchanges if e.opname == "LOOKUP" and b"victim" in e.names()]
+    assert victims and all(e.error == errno.ENOENT for e in victims)
+    assert counters["debugger"]["answered"] == len(victims)
+    lookups = sum(1 for e in exchanges(rec).exchanges if e.opname == "LOOKUP")
+    assert counters["ops"]["LOOKUP"] == lookups - len(victims)  # the filesystem never saw those
+    recs = _flags(rec)
+    assert all(any(not inbound and u == e.unique and f & fmt.RF_INJECTED for inbound, _, u, f in recs)
+               for e in victims)

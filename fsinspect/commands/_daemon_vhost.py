@@ -173,7 +173,10 @@ class ControlTap:
         """Intercept events: a verdict moves the analyzer's exchange on (the hub publishes the event)."""
         if ev.get("type") == "resumed":
             with self.lock:
-                self.analyzer.resume(ev["n"], ev["how"])
+                if ev.get("auto") and ev["how"] == "released":  # the prefilter held it, no rule wanted it
+                    self.analyzer.set_held(ev["n"], None)
+                else:
+                    self.analyzer.resume(ev["n"], ev["how"])
 
     def snapshot(self) -> dict[str, Any]:
         """What a newly attached client gets first (called with self.lock held)."""
@@ -266,6 +269,8 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
         if ctl is not None:
             ctl.close()
     counters = d.counters()
+    if intercept is not None:
+        counters["debugger"] = intercept.describe_counters()
     log.info("counters: %s", json.dumps(counters.get("ops", {}), sort_keys=True))
     if args.summary_json:
         from fsinspect import privfile

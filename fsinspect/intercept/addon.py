@@ -235,12 +235,14 @@ class Intercept:
             self.observe_request(queue, head, raw)
         ex = exchange if exchange is not None else self._exchange(queue, head, direction, raw, ts_ns, request)
         hit = self._match(ex, queue, direction)
+        src_n = getattr(exchange, "n", 0)
         if hit is None:
             self.counters.passed += 1
             self._verdict(queue, head, direction, "released")
+            self._auto(src_n, "released")
             return
         rule_id, rule = hit
-        n = getattr(exchange, "n", 0) or next(self._own_n)
+        n = src_n or next(self._own_n)
         h = Held(n, queue, head, direction, bytes(raw), ts_ns, ex, rule_id)
         if rule.action == "break":
             with self.lock:
@@ -257,8 +259,16 @@ class Intercept:
                 self._by_key[(queue, head, direction)] = n
                 self.counters.delayed += 1
                 h.timer = self.timers.call_later(rule.delay_ns / 1e9, lambda: self._due(n, how, err))
+            self._auto(src_n, "delayed")  # pending from now on: it ages, and may be linted stuck
             return
         self._act(h, how, err)
+        self._auto(src_n, how)
+
+    def _auto(self, n: int, how: str) -> None:
+        """A rule decided at once: the source's analyzer moves the exchange on (it was marked held when
+        captured).  `auto` events are for the source only; clients see the exchange's own updates."""
+        if n:
+            self._emit({"type": "resumed", "n": n, "how": how, "auto": True})
 
     def _match(self, ex: Exchange, queue: int, direction: int) -> tuple[int, Rule] | None:
         retired = False

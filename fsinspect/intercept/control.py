@@ -64,7 +64,11 @@ class Control:
     def install(self, hub: Any) -> None:
         hub.command_handler = self.handle
         hub.protocol_version = PROTOCOL_VERSION
-        self.intercept.listeners.append(hub.publish_message)
+        def publish(ev: dict[str, Any]) -> None:
+            if not ev.get("auto"):  # a rule's instant decision: clients follow the exchange itself
+                hub.publish_message(ev)
+
+        self.intercept.listeners.append(publish)
 
     def handle(self, client_id: int, obj: dict[str, Any]) -> Reply:
         cid = obj.get("id")

@@ -188,10 +188,11 @@ def parse_rule(text: str, kind: str | None = None) -> Rule:
         if value[:1] in "'\"":
             value = value[1:-1]
         opts[key] = (value, col + len(m.group(1)) + 2)
-    return _build(text, kind, expr, predicate, opts)
+    return _build(text, kind, expr, predicate, opts, col0 + 1)
 
 
-def _build(text: str, kind: str | None, expr: str, predicate: Predicate, opts: dict[str, tuple[str, int]]) -> Rule:
+def _build(text: str, kind: str | None, expr: str, predicate: Predicate, opts: dict[str, tuple[str, int]],
+           expr_col: int) -> Rule:
     def err(key: str, msg: str) -> RuleError:
         return RuleError(msg, text, opts[key][1] if key in opts else 1)
 
@@ -238,23 +239,23 @@ def _build(text: str, kind: str | None, expr: str, predicate: Predicate, opts: d
         raise err("on", "reply-errno= rewrites the reply: it holds the reply, not the request")
     direction = HOLD_REPLY if reply_errno is not None or on == "reply" else HOLD_REQUEST
     ops, queues = filter_pins(expr)
+    if ops is not None and not ops:
+        raise RuleError("the expression matches no opcode, so the rule could never fire", text, expr_col)
     if errno_ is not None or direction == HOLD_REPLY:
         what = "answered" if errno_ is not None else "held on its reply"
         if ops is not None and not ops - NO_REPLY_OPS:
             names = ", ".join(sorted(spec.OPCODE.name_of(o) or str(o) for o in ops))
             raise RuleError(f"{names} has no reply, so it cannot be {what} (break on it, then release or drop)",
-                            text, 1)
-        ops = (ops or REPLY_OPS) - NO_REPLY_OPS  # never hold what this rule could not act on
+                            text, expr_col)
+        ops = (REPLY_OPS if ops is None else ops) - NO_REPLY_OPS  # never hold what this rule cannot act on
     mask = 0
     if queues is not None:
         if not queues:
-            raise RuleError("the expression matches no queue", text, 1)
+            raise RuleError("the expression matches no queue", text, expr_col)
         if max(queues) >= 64:
-            raise RuleError(f"queue {max(queues)} is beyond the 64 queues the data path can select", text, 1)
+            raise RuleError(f"queue {max(queues)} is beyond the 64 queues the data path can select", text, expr_col)
         for q in queues:
             mask |= 1 << q
-    if ops is not None and not ops:
-        raise RuleError("the expression matches no opcode, so the rule could never fire", text, 1)
     return Rule(text=text, kind=kind, expr=expr, predicate=predicate, errno=errno_, reply_errno=reply_errno,
                 delay_ns=delay, count=count, p=p, direction=direction, opcodes=ops or frozenset(),
                 queues=mask)

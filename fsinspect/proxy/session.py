@@ -215,6 +215,9 @@ class Session:
                 if ev.get("how") == "delayed":
                     self.analyzer.set_held(ex.n, None)
                 return
+            if ev.get("auto") and ev.get("how") == "released":  # the prefilter held it, no rule wanted it
+                self.analyzer.set_held(ex.n, None)
+                return
             self.analyzer.resume(ex.n, str(ev.get("how")))
 
     def _on_hold_capture(self, cap: Any, layout: Any) -> None:
