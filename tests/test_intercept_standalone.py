@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -149,3 +150,38 @@ def test_malformed_rules_are_refused_before_mounting(tmp_path: Path, args: list[
         lines = p.stderr.splitlines()
         assert lines[-1].strip() == "^", p.stderr  # a caret under the problem
     assert not is_mounted(mnt)
+
+
+def test_breakpoint_on_the_host_mount_driven_over_the_control_socket(tmp_path: Path) -> None:
+    """--break needs a client: `fsinspect daemon --standalone --control` takes one, as the proxy does."""
+    require_root()
+    from fsinspect.intercept.client import ControlClient
+
+    shared, mnt, ctl = tmp_path / "shared", tmp_path / "mnt", tmp_path / "ctl.sock"
+    shared.mkdir()
+    (shared / "d").mkdir()
+    (shared / "other").write_bytes(b"x")
+    with standalone(shared, mnt, "--control", str(ctl), "--break", "op == MKDIR"), \
+            ControlClient(str(ctl), timeout=10) as c:
+        done: list[BaseException | None] = []
+
+        def mkdir(name: str) -> None:
+            try:
+                os.mkdir(mnt / "d" / name)
+                done.append(None)
+            except OSError as e:
+                done.append(e)
+
+        t = threading.Thread(target=mkdir, args=("released",))
+        t.start()
+        held = c.wait_held(lambda m: m["opcode"] == "MKDIR")
+        assert os.stat(mnt / "other").st_size == 1 and not done  # served while the mkdir waits
+        c.release(held["n"])
+        t.join(10)
+        assert done == [None] and (shared / "d" / "released").is_dir()
+        t = threading.Thread(target=mkdir, args=("denied",))
+        t.start()
+        c.answer(c.wait_held()["n"], errno="EACCES")
+        t.join(10)
+        assert isinstance(done[1], PermissionError) and not (shared / "d" / "denied").exists()
+        assert [r["rule"] for r in c.rules()] == ["op == MKDIR"]

@@ -54,7 +54,7 @@ def add_vhost_options(g: argparse._ArgumentGroup) -> None:
                    "(the daemon always runs in the foreground)")
     g.add_argument("-d", dest="debug", action="store_true", help="debug logging (as virtiofsd -d)")
     g.add_argument("--control", metavar="SOCK",
-                   help="vhost-user: a control socket (0600, JSON lines) where `fsinspect attach` and scripts "
+                   help="a control socket (0600, JSON lines) where `fsinspect attach` and scripts "
                         "follow the daemon's own traffic live, as with the proxy")
     add_stuck_option(g)
     g.add_argument("--summary-json", metavar="FILE",
@@ -106,8 +106,6 @@ def apply_o_options(args: argparse.Namespace) -> None:
         setattr(args, attr, value)
     if getattr(args, "debug", False):
         args.log_level = "debug"
-    if getattr(args, "control", None) and getattr(args, "standalone", None):
-        raise UserError("--control is available in the vhost-user mode (--socket-path/--fd)")
     stuck_ns(getattr(args, "stuck_ms", None))  # refused before anything starts
     if getattr(args, "stuck_ms", None) is not None and not getattr(args, "control", None):
         raise UserError("--stuck-ms applies to the --control stream (the daemon analyses its traffic for "

@@ -18,11 +18,14 @@ from typing import Any
 from fsinspect.cli import UserError
 from fsinspect.commands._daemon_vhost import (
     CAPABILITIES,
+    ControlTap,
+    _both,
     add_vhost_options,
     apply_o_options,
     attach_debugger,
     run_vhost,
 )
+from fsinspect.commands._stuck import stuck_ns
 from fsinspect.intercept.cli import add_intercept_options, intercept_from_args
 from fsinspect.recording.options import add_record_options, open_tap
 
@@ -103,8 +106,16 @@ def run(args: argparse.Namespace) -> int:
     from daemon import standalone
     from daemon.transport.fusedev import FuseDevError
 
-    tap = open_tap(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
-    point = attach_debugger(intercept, None)
+    rec = open_tap(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
+    ctl = None
+    try:
+        ctl = ControlTap(args.control, stuck_ns(args.stuck_ms)) if args.control else None
+    except BaseException:
+        if rec is not None:
+            rec.close()
+        raise
+    tap: Any = _both(rec, ctl) if rec is not None and ctl is not None else (rec or ctl)
+    point = attach_debugger(intercept, ctl)
     try:
         return standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size,
                               dispatch=args.dispatch, tap=tap, hold=point)
@@ -115,5 +126,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if intercept is not None:
             intercept.close()
-        if tap is not None:
-            tap.close()
+        if rec is not None:
+            rec.close()
+        if ctl is not None:
+            ctl.close("unmounted")
