@@ -9,6 +9,9 @@ from ..errors import UserError
 from ..recording.reader import RecordingError, RecordingReader
 from ..recording.replay import analyze
 
+RECORDING_HELP = ("an fsinspect recording (.pcapng); a rotated one by its first part, a glob (quoted) or its "
+                  "directory: the parts read as one")
+
 
 def open_recording(path: str) -> RecordingReader:
     try:

@@ -12,7 +12,7 @@ from ..analysis.render import exchange_json, exchange_line
 from ..errors import UserError
 from ..recording.reader import RecordingError
 from ..recording.replay import analyze
-from ._recording import open_recording
+from ._recording import RECORDING_HELP, open_recording
 
 
 def register(sub: Any) -> None:
@@ -20,7 +20,7 @@ def register(sub: Any) -> None:
                        description="Pair a recording's requests and replies into exchanges and print them. "
                                    "JSONL: one exchange per line with opcode, unique, nodeid, queue, request, "
                                    "reply, error (errno name) and latency_ns.")
-    p.add_argument("file", metavar="FILE", help="an fsinspect recording (.pcapng)")
+    p.add_argument("file", metavar="FILE", help=RECORDING_HELP)
     p.add_argument("--format", choices=("text", "json", "jsonl"), default="text")
     p.add_argument("--filter", metavar="EXPR", help='e.g. \'op == LOOKUP and error == ENOENT\', \'latency > 1ms\'')
     p.set_defaults(func=run)

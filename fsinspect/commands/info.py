@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import Counter
 from typing import Any
 
@@ -15,14 +14,14 @@ from ..analysis.render import wrap_items
 from ..errors import UserError
 from ..recording.reader import RecordingError
 from ..recording.replay import feed_records, prime_from_header
-from ._recording import open_recording
+from ._recording import RECORDING_HELP, open_recording
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("info", help="header, interfaces, INIT and counts of a recording",
                        description="Show what a recording's header says (tool, format version, host, kernel, "
                                    "backend, comments), its interfaces, the negotiated FUSE_INIT and counts.")
-    p.add_argument("file", metavar="FILE", help="an fsinspect recording (.pcapng)")
+    p.add_argument("file", metavar="FILE", help=RECORDING_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -47,12 +46,13 @@ def _init_json(an: Analyzer) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     r = open_recording(args.file)
-    per_iface: Counter[int] = Counter()
+    per_iface: Counter[str] = Counter()  # by name: each part of a rotated recording declares its own
     kinds: Counter[str] = Counter()
 
     def counted() -> Any:
         for rec in r.records():
-            per_iface[rec.iface] += 1
+            ifaces = r.sections[-1].interfaces
+            per_iface[ifaces[rec.iface].name if rec.iface < len(ifaces) else str(rec.iface)] += 1
             if rec.is_fuse:
                 kinds["requests" if rec.inbound else "replies"] += 1
             else:
@@ -71,15 +71,18 @@ def run(args: argparse.Namespace) -> int:
         r.close()
     an.finish()
     sec = r.section
+    ifaces: dict[str, Any] = {}
+    for s in r.sections:
+        for i in s.interfaces:
+            ifaces.setdefault(i.name, i)
     d: dict[str, Any] = {
-        "file": args.file, "size": os.path.getsize(args.file), "format": sec.format_version,
+        "file": args.file, "size": r.size, "parts": [str(p) for p in r.parts], "format": sec.format_version,
         "tool": sec.meta.get("tool") or sec.userappl, "host": sec.meta.get("host") or sec.hardware,
         "kernel": sec.meta.get("kernel") or sec.os, "backend": sec.meta.get("backend", ""),
         "source": sec.meta.get("source", ""), "snaplen": sec.meta.get("snaplen"), "part": sec.meta.get("part", 0),
         "comments": sec.comments,
         "interfaces": [{"index": i.index, "name": i.name, "kind": i.kind, "queue": i.queue,
-                        "description": i.description, "records": per_iface[i.index]}
-                       for s in r.sections for i in s.interfaces],
+                        "description": i.description, "records": per_iface[i.name]} for i in ifaces.values()],
         "init": _init_json(an),
         "counts": {"records": sum(per_iface.values()), "requests": kinds["requests"], "replies": kinds["replies"],
                    "control": kinds["control"], "snapped": kinds["snapped"], "exchanges": an.count,
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(d))
         return 0
-    print(f"{d['file']}: {d['size']} bytes, fsinspect recording format {d['format']}")
+    parts = f" in {len(r.parts)} parts ({r.parts[0].name} … {r.parts[-1].name})" if len(r.parts) > 1 else ""
+    print(f"{d['file']}: {d['size']} bytes{parts}, fsinspect recording format {d['format']}")
     print(f"  written by {d['tool']} on {d['host']} ({d['kernel']})")
     print(f"  source {d['source']}, backend {d['backend'] or '-'}, snaplen {d['snaplen']}"
           f"{', part ' + str(d['part']) if d['part'] else ''}")

@@ -22,6 +22,7 @@ from typing import Any
 from .. import privfile
 from ..errors import UserError
 from ..intercept.cli import add_intercept_options, intercept_from_args, wire
+from ..recording.options import add_record_options, writer_options
 from ._stuck import add_stuck_option, stuck_ns
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -49,11 +50,8 @@ def register(sub: Any) -> None:
                     help="wrapper mode: virtiofsd options passed to the back-end (source=DIR, cache=..., ...)")
     be.add_argument("--shared-dir", help="wrapper mode: the directory to share (same as -o source=DIR)")
     be.add_argument("--print-capabilities", action="store_true", help="print vhost-user capabilities (JSON) and exit")
+    add_record_options(p)
     out = p.add_argument_group("observation")
-    out.add_argument("--record", metavar="FILE", help="write a pcapng recording")
-    out.add_argument("--snaplen", type=int, default=256, help="READ/WRITE payload bytes kept (0 = full; default 256)")
-    out.add_argument("--rotate-mb", type=float, default=0, help="start a new file every N MiB")
-    privfile.add_mode_option(out)
     out.add_argument("--lossless", action="store_true",
                      help="never drop captures: hold used-publication back instead (may slow the VM)")
     out.add_argument("--poll-us", type=int, default=0, metavar="US",
@@ -116,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.listen is None and args.fd is None:
         raise UserError("say where QEMU connects: --listen SOCK (or --socket-path / --fd)")
-    if args.snaplen < 0:
-        raise UserError("--snaplen must be >= 0")
+    record = writer_options(args)
     if not 0 <= args.poll_us <= MAX_POLL_US:
         raise UserError(f"--poll-us must be between 0 and {MAX_POLL_US} (microseconds)")
     stuck = stuck_ns(args.stuck_ms)
@@ -144,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     try:
-        session = Session(cfg, SessionOptions(record=args.record, control=args.control, snaplen=args.snaplen,
-                                              rotate_mb=args.rotate_mb, record_mode=args.record_mode,
+        session = Session(cfg, SessionOptions(record=args.record, control=args.control, snaplen=record["snaplen"],
+                                              rotate_mb=record["rotate_mb"], rotate_keep=record["rotate_keep"],
+                                              record_mode=record["mode"],
                                               backend_name=backend_cmd or backend_sock, stuck_ns=stuck))
     except OSError as e:
         _close_listener(args, listener)

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..recording.reader import RecordingError
+from ._recording import RECORDING_HELP
 
 
 def register(sub: Any) -> None:
@@ -14,7 +15,7 @@ def register(sub: Any) -> None:
                        description="Open a recording in the Textual UI: exchanges list, detail with hex dump, "
                                    "filters, inode map, submounts and SYNCFS, stats, control plane.  "
                                    "The list is usable at once; the analysis continues in the background.")
-    p.add_argument("file", metavar="FILE", help="an fsinspect recording (.pcapng)")
+    p.add_argument("file", metavar="FILE", help=RECORDING_HELP)
     p.set_defaults(func=run)
 
 

@@ -9,14 +9,14 @@ from typing import Any
 
 from ..analysis.inodes import group_syncfs
 from ..analysis.render import fmt_ns, rate_line
-from ._recording import analyze_file
+from ._recording import RECORDING_HELP, analyze_file
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("stats", help="statistics of a recording",
                        description="Per-opcode counts, errors by errno, latency p50/p90/p99/max, bytes, "
                                    "ops/s over time and lint counts of a recording.")
-    p.add_argument("file", metavar="FILE", help="an fsinspect recording (.pcapng)")
+    p.add_argument("file", metavar="FILE", help=RECORDING_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

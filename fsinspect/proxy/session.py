@@ -65,6 +65,7 @@ class SessionOptions:
     control: str | None = None
     snaplen: int = 256
     rotate_mb: float = 0
+    rotate_keep: int = 0  # parts kept on disk (0: all)
     record_mode: int = privfile.DEFAULT_MODE  # the recording's file mode
     backend_name: str = ""
     defer_analysis: bool = True  # False: analyse every capture at once, watched or not
@@ -82,7 +83,8 @@ class Session:
                                  stuck_ns=opts.stuck_ns)
         self._stuck_checked = 0
         self.writer = (RecordingWriter(opts.record, source="virtio", backend=opts.backend_name,
-                                       snaplen=opts.snaplen, rotate_mb=opts.rotate_mb, mode=opts.record_mode,
+                                       snaplen=opts.snaplen, rotate_mb=opts.rotate_mb, rotate_keep=opts.rotate_keep,
+                                       mode=opts.record_mode,
                                        comments=["fsinspect proxy"]) if opts.record else None)
         self.proxy = Proxy(cfg, on_capture=self._on_capture, on_vhost_message=self._on_vhost,
                            on_event=self._on_event, on_idle=self._on_idle)

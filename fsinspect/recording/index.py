@@ -18,6 +18,7 @@ from dissectors.spec import fuse as spec
 
 from .. import privfile
 from . import format as fmt
+from .parts import resolve
 from .reader import RecordingReader
 from .writer import _PREFIX
 
@@ -106,18 +107,33 @@ def scan(buf: bytes | mmap.mmap, *, fast: bool = True) -> Iterator[tuple[int, bo
         off += total
 
 
+def scan_parts(parts: list[Path]) -> Iterator[tuple[int, bool, int, int | None, int, bytes]]:
+    """`scan` over a rotated recording's parts, with offsets in their concatenation (the reader's)."""
+    base = 0
+    for part in parts:
+        with open(part, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if not size:  # an empty file cannot be mapped
+                continue
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            for off, *rest in scan(mm):
+                yield (base + off, *rest)  # type: ignore[misc]
+        finally:
+            mm.close()
+        base += size
+
+
 def build_entries(reader: RecordingReader) -> list[tuple[int, int]]:
     """Pair records as the Analyzer does: (epoch, queue, head), or (epoch, unique) without a head."""
     reader.close()
-    with open(reader.path, "rb") as f:
-        try:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # an empty file cannot be mapped
-            return []
-    try:
-        return _pair(scan(mm))
-    finally:
-        mm.close()
+    return _pair(scan_parts(reader.parts))
+
+
+def recording_stamp(parts: list[Path]) -> tuple[int, int]:
+    """(total size, newest mtime) of a recording's parts: what an index or analysis cache is valid for."""
+    sts = [os.stat(p) for p in parts]
+    return sum(st.st_size for st in sts), max(st.st_mtime_ns for st in sts)
 
 
 def _pair(packets: Iterator[tuple[int, bool, int, int | None, int, bytes]]) -> list[tuple[int, int]]:
@@ -151,10 +167,10 @@ class RecordingIndex:
     """Random access by exchange number; `rebuilt` tells whether opening had to scan the recording."""
 
     def __init__(self, recording: str | os.PathLike[str], *, rebuild: bool = False) -> None:
-        self.recording = Path(recording)
-        self.path = index_path(recording)
-        st = os.stat(self.recording)
-        self._stamp = (st.st_size, st.st_mtime_ns)
+        self.parts = resolve(recording)
+        self.recording = self.parts[0]
+        self.path = index_path(self.recording)
+        self._stamp = recording_stamp(self.parts)
         self.rebuilt = False
         self._mm: mmap.mmap | None = None
         self._mem: bytes | None = None

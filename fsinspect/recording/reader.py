@@ -14,9 +14,10 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from . import format as fmt
+from .parts import Concat, PartsError, resolve
 
 _U32 = struct.Struct("<I")
 _BLOCK_HEAD = struct.Struct("<II")
@@ -134,18 +135,24 @@ def strip_exported_pdu(data: bytes) -> tuple[str, int | None, bytes]:
 
 
 class RecordingReader:
-    """Sequential and random access to one recording file.
+    """Sequential and random access to one recording: a file, or all the parts of a rotated one.
 
-    Opening reads and validates the first section header and the interfaces met while iterating.
+    `path` names a file (read with its later parts), a glob or a directory (see `parts.resolve`); the
+    parts read as one stream and offsets are offsets in it.  `one_file` reads just the file named.  Opening reads and validates the first
+    section header and the interfaces met while iterating.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str], *, one_file: bool = False) -> None:
         try:
-            self._f: BinaryIO = open(self.path, "rb")
+            self.parts = [Path(path)] if one_file else resolve(path)
+        except PartsError as e:
+            raise RecordingError(str(e)) from None
+        self.path = self.parts[0]
+        try:
+            self._f = Concat(self.parts)
         except OSError as e:
-            raise RecordingError(f"{self.path}: {e.strerror}") from None
-        self.size = os.fstat(self._f.fileno()).st_size
+            raise RecordingError(f"{e.filename or self.path}: {e.strerror}") from None
+        self.size = self._f.size
         self.sections: list[Section] = []
         self.truncated: str | None = None
         self.count = 0

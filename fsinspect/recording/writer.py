@@ -15,6 +15,7 @@ import platform
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from dissectors.spec import fuse as fspec
 
 from .. import __version__, privfile
 from . import format as fmt
+from .parts import part_path
 
 _OP_INIT = fspec.OPCODE_BY_NAME["INIT"].value
 _OP_READ = fspec.OPCODE_BY_NAME["READ"].value
@@ -105,18 +107,23 @@ class RecordingWriter:
     for /dev/fuse).
     The INIT epoch is counted here (every INIT request starts a new one) unless the caller passes it.
     `init` puts an INIT met before the first record in the section header (as a rotated part has it).
+    `rotate_mb` > 0 continues in FILE.001.pcapng, … once a part holds that much (a part ends on a block
+    boundary, so each is a complete recording); `rotate_keep` > 0 deletes the oldest parts beyond that
+    many, so a recorder that runs for weeks uses at most about rotate_keep x rotate_mb on disk.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, source: str = "virtio", backend: str = "",
                  comments: Sequence[str] = (), snaplen: int = fmt.DEFAULT_SNAPLEN, rotate_mb: float = 0,
                  flush_bytes: int = 1 << 18, flush_interval: float = 0.2, mode: int = privfile.DEFAULT_MODE,
-                 init: dict[str, Any] | None = None) -> None:
+                 init: dict[str, Any] | None = None, rotate_keep: int = 0) -> None:
         if source == "vhost-user":  # a vhost-user back-end's traffic is virtqueue traffic
             source = "virtio"
         if source not in ("virtio", "fusedev"):
             raise ValueError(f"source must be virtio (or vhost-user) or fusedev, not {source!r}")
         if snaplen < 0:
             raise ValueError("snaplen must be >= 0")
+        if rotate_mb < 0 or rotate_keep < 0:
+            raise ValueError("rotate_mb and rotate_keep must be >= 0")
         self.base = Path(path)
         self.source = source
         self.backend = backend
@@ -124,6 +131,9 @@ class RecordingWriter:
         self.snaplen = snaplen
         self.mode = mode  # every part is created with it (0600: the guest's file names and data)
         self.rotate_bytes = int(rotate_mb * 1024 * 1024)
+        self.rotate_keep = rotate_keep
+        self.id = uuid.uuid4().hex  # in every part's header: the parts of this run, not an older one's
+        self.removed: list[Path] = []  # parts deleted for rotate_keep
         self.flush_bytes = flush_bytes
         self.flush_interval = flush_interval
         self.paths: list[Path] = []
@@ -211,9 +221,16 @@ class RecordingWriter:
                   notes)
 
     def flush(self) -> None:
-        """Hand every complete buffered block to the kernel in one write."""
+        """Hand every complete buffered block to the kernel in one write; rotate once a part is full."""
         if not self._buf:
             return
+        self._write_out()
+        if self.rotate_bytes and self._written >= self.rotate_bytes:
+            os.close(self._fd)
+            self._fd = -1
+            self._open_part()
+
+    def _write_out(self) -> None:
         data = b"".join(self._buf)
         self._buf.clear()
         self._buffered = 0
@@ -223,10 +240,6 @@ class RecordingWriter:
             view = view[n:]
         self._written += len(data)
         self._last_flush = time.monotonic()
-        if self.rotate_bytes and self._written >= self.rotate_bytes:
-            os.close(self._fd)
-            self._fd = -1
-            self._open_part()
 
     def close(self) -> None:
         if self._fd < 0:
@@ -242,14 +255,11 @@ class RecordingWriter:
         self.close()
 
     # -- internals -------------------------------------------------------------------------------
-    def _part_path(self, n: int) -> Path:
-        if n == 0:
-            return self.base
-        return self.base.with_name(f"{self.base.stem}.{n:03d}{self.base.suffix}")
-
     def _open_part(self) -> None:
+        """Start the next part with its section header, written at once and never counted towards
+        rotation (a threshold below a header's size rotated again from inside the rotation)."""
         n = len(self.paths)
-        path = self._part_path(n)
+        path = part_path(self.base, n)
         self.paths.append(path)
         self._fd = privfile.create(path, self.mode, append=True)
         self._written = 0
@@ -259,7 +269,7 @@ class RecordingWriter:
         info = host_info()
         meta: dict[str, Any] = {"format": fmt.FORMAT_VERSION, "tool": f"fsinspect {__version__}",
                                 "source": self.source, "backend": self.backend, "snaplen": self.snaplen,
-                                "part": n, **info}
+                                "part": n, "recording": self.id, **info}
         if self._init is not None:
             meta["init"] = self._init
         opts = [(fmt.SHB_USERAPPL, f"fsinspect {__version__}".encode()), (fmt.SHB_OS, info["kernel"].encode()),
@@ -268,7 +278,12 @@ class RecordingWriter:
         opts.append(_custom_json(meta))
         body = struct.pack("<IHHq", fmt.BYTE_ORDER_MAGIC, fmt.PCAPNG_MAJOR, fmt.PCAPNG_MINOR, -1) + _options(opts)
         self._buf.append(_block(fmt.BT_SHB, body))
-        self.flush()
+        self._write_out()
+        if self.rotate_keep:
+            while len(self.paths) - len(self.removed) > self.rotate_keep:
+                old = self.paths[len(self.removed)]
+                old.unlink(missing_ok=True)
+                self.removed.append(old)
 
     def _iface(self, dissector: str, queue: int) -> int:
         key = (dissector, queue)
@@ -336,5 +351,6 @@ class RecordingWriter:
                          + extra + _EPB_END.pack(fmt.OPT_ENDOFOPT, 0, total))
         self.records += 1
         self._buffered += total
-        if self._buffered >= self.flush_bytes or time.monotonic() - self._last_flush >= self.flush_interval:
+        if (self._buffered >= self.flush_bytes or time.monotonic() - self._last_flush >= self.flush_interval
+                or (self.rotate_bytes and self._written + self._buffered >= self.rotate_bytes)):
             self.flush()
