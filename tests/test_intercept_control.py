@@ -215,3 +215,12 @@ def test_a_delayed_request_is_pending_with_an_age_and_linted_stuck(rig: Any) -> 
     assert stuck["age_ms"] >= 1000
     assert pending.get(timeout=5).error == 0
     assert not any(m.get("type") in ("held", "resumed") for m in c.messages)  # no breakpoint involved
+
+
+def test_a_verdict_the_source_refuses_never_raises_into_its_thread(rig: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The proxy calls on_held on its capture thread: a refused verdict is logged, not raised there."""
+    r, _ = rig("op == LOOKUP errno=ENOENT")
+    raw = r.kernel.encode("LOOKUP", {"name": b"gone"}, nodeid=1)
+    r.intercept.on_held(1, 424242, 1, raw, 0)  # the engine holds nothing with that key: answer() refuses
+    assert "deciding on a held request (queue 1, head 424242) failed" in caplog.text
+    assert r.kernel.lookup(1, b"x").error == errno.ENOENT  # and the rule keeps working

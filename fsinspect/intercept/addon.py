@@ -222,7 +222,26 @@ class Intercept:
 
     def on_held(self, queue: int, head: int, direction: int, raw: bytes, ts_ns: int, *,
                 exchange: Exchange | None = None, request: bytes | None = None) -> None:
-        """HoldPoint callback: decide now (answer/rewrite/release/timer) or keep it for a client."""
+        """HoldPoint callback: decide now (answer/rewrite/release/timer) or keep it for a client.
+
+        Never raises into the source's thread: a decision that fails (the path refused a verdict, a bug)
+        is logged and the capture released, so nothing stays held that nobody knows about."""
+        try:
+            self._decide(queue, head, direction, raw, ts_ns, exchange, request)
+        except Exception:
+            log.exception("deciding on a held %s (queue %d, head %d) failed; releasing it",
+                          DIRECTION_NAME.get(direction, "?"), queue, head)
+            with self.lock:
+                n = self._by_key.pop((queue, head, direction), None)
+                if n is not None:
+                    self._held.pop(n, None)
+            try:
+                self._verdict(queue, head, direction, "released")
+            except Exception as e:  # already decided, or the path is gone (its safety rule applies)
+                log.debug("release after a failed decision: %s", e)
+
+    def _decide(self, queue: int, head: int, direction: int, raw: bytes, ts_ns: int, exchange: Exchange | None,
+                request: bytes | None) -> None:
         if exchange is None and self.exchange_of is not None:
             exchange = self.exchange_of(queue, head, direction)
         if direction == HOLD_REPLY and request is None and exchange is None:
