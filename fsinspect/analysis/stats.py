@@ -23,17 +23,22 @@ _NICE_NS = tuple(m * 10 ** e for e in range(3, 10) for m in (1, 2, 5) if m * 10 
 
 def rate_series(points: list[tuple[int, int]], buckets: int = 60) -> tuple[int, list[float], list[float]]:
     """(bucket_ns, ops/s, bytes/s) over `points` = (ts_ns, bytes), in the smallest round bucket (1µs, 2µs,
-    5µs ... 1 s) that spreads the span over at most `buckets` bars: a sub-second capture is not one bar."""
+    5µs ... 1 s) that spreads the span over at most `buckets` bars: a sub-second capture is not one bar.
+
+    A span longer than `buckets` seconds keeps only the buckets that hold points (as Stats.ops_per_second):
+    one lying timestamp centuries away must not make billions of empty bars."""
     if not points:
         return 1_000_000_000, [], []
     lo = min(t for t, _ in points)
     span = max(t for t, _ in points) - lo
     bucket = next((b for b in _NICE_NS if span < b * buckets), 1_000_000_000)
     n = span // bucket + 1
-    ops, byts = [0.0] * n, [0.0] * n
+    slots = list(range(n)) if n <= buckets else sorted({(t - lo) // bucket for t, _ in points})
+    at = {s: i for i, s in enumerate(slots)}
+    ops, byts = [0.0] * len(slots), [0.0] * len(slots)
     scale = 1_000_000_000 / bucket
     for t, b in points:
-        i = (t - lo) // bucket
+        i = at[(t - lo) // bucket]
         ops[i] += scale
         byts[i] += b * scale
     return bucket, ops, byts
@@ -92,13 +97,21 @@ class Stats:
             self._buckets[ts // self.bucket_ns] += 1
 
     def ops_per_second(self) -> list[tuple[int, float]]:
-        """(seconds since the first bucket, ops/s) for every bucket from first to last, gaps as 0."""
+        """(seconds since the first bucket, ops/s) for each bucket that holds exchanges, in time order.
+
+        Only seconds with data count: the list is as long as the data, not as the time span, so a
+        recording whose timestamps lie (one in the year 2500) cannot make it billions of entries long.
+        """
         if not self._buckets:
             return []
-        lo, hi = min(self._buckets), max(self._buckets)
+        lo = min(self._buckets)
         scale = 1_000_000_000 / self.bucket_ns
-        return [((b - lo) * self.bucket_ns // 1_000_000_000, self._buckets.get(b, 0) * scale)
-                for b in range(lo, hi + 1)]
+        return [((b - lo) * self.bucket_ns // 1_000_000_000, n * scale) for b, n in sorted(self._buckets.items())]
+
+    @property
+    def active_seconds(self) -> int:
+        """How many buckets hold exchanges (the denominator of a mean rate that ignores idle time)."""
+        return len(self._buckets)
 
     @property
     def req_bytes(self) -> int:
@@ -133,4 +146,5 @@ class Stats:
                            "request_bytes": s.req_bytes, "reply_bytes": s.reply_bytes, "unreplied": s.unreplied}
                     for name, s in sorted(self.ops.items(), key=lambda kv: (-kv[1].count, kv[0]))},
             "ops_per_second": [[t, r] for t, r in self.ops_per_second()],
+            "active_seconds": self.active_seconds,
         }

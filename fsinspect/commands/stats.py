@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if rates:
         print()
         print(rate_line(d["total"], d["rate"]))
-        print(f"  per {fmt_ns(d['rate']['bucket_ns'])} bucket: " + " ".join(f"{int(r)}" for _, r in rates[:60])
+        print(f"  per {fmt_ns(d['rate']['bucket_ns'])} bucket with traffic: " + " ".join(f"{int(r)}" for _, r in rates[:60])
               + (" …" if len(rates) > 60 else ""))
     if d["submounts"] or d["syncfs"]:
         print()

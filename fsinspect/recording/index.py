@@ -19,7 +19,7 @@ from dissectors.spec import fuse as spec
 from .. import privfile
 from . import format as fmt
 from .parts import resolve
-from .reader import RecordingReader
+from .reader import RecordingError, RecordingReader
 from .writer import _PREFIX
 
 MAGIC = b"FSIDX\x00\x00\x01"
@@ -51,7 +51,10 @@ _FIXED_OPTS = struct.Struct("<HHIHHIHHHHII")
 
 def scan(buf: bytes | mmap.mmap, *, fast: bool = True) -> Iterator[tuple[int, bool, int, int | None, int, bytes]]:
     """(offset, inbound, queue, head, epoch, first 16 PDU bytes) of every FUSE packet, without building
-    Records: the fast path that lets the index cover 1M exchanges in seconds.  Stops at a truncated tail."""
+    Records: the fast path that lets the index cover 1M exchanges in seconds.  Stops at a truncated tail.
+
+    A packet block too short for its fixed part, or whose captured bytes run past it, is refused as the
+    reader refuses it (RecordingError); tags and options are read only inside their block."""
     n = len(buf)
     off = 0
     while off + 12 <= n:
@@ -59,8 +62,12 @@ def scan(buf: bytes | mmap.mmap, *, fast: bool = True) -> Iterator[tuple[int, bo
         if total < 12 or total % 4 or off + total > n:
             return
         if btype == fmt.BT_EPB:
+            if total < 12 + _EPB.size:
+                raise RecordingError(f"packet block at offset {off} is shorter than its fixed {_EPB.size} bytes")
             caplen = _EPB.unpack_from(buf, off + 8)[3]
             data = off + 28
+            if data + caplen > off + total - 4:
+                raise RecordingError(f"packet block at offset {off} claims {caplen} captured bytes, more than it holds")
             pre = buf[data:data + _PLEN]
             if fast and (pre == _PREFIX_IN or pre == _PREFIX_OUT) and caplen >= _PLEN:
                 o = data + caplen + (-caplen % 4)
@@ -78,6 +85,8 @@ def scan(buf: bytes | mmap.mmap, *, fast: bool = True) -> Iterator[tuple[int, bo
             p2p = -1
             while p + 4 <= end_data:
                 tag, ln = _TAG.unpack_from(buf, p)
+                if p + 4 + ln > end_data:
+                    break
                 if tag == fmt.EXP_PDU_TAG_DISSECTOR_NAME:
                     fuse = buf[p + 4:p + 4 + ln].rstrip(b"\0") == b"fuse"
                 elif tag == fmt.EXP_PDU_TAG_P2P_DIRECTION and ln == 4:
@@ -92,7 +101,7 @@ def scan(buf: bytes | mmap.mmap, *, fast: bool = True) -> Iterator[tuple[int, bo
                 end = off + total - 4
                 while o + 4 <= end:
                     code, ln = _OPT.unpack_from(buf, o)
-                    if code == fmt.OPT_ENDOFOPT:
+                    if code == fmt.OPT_ENDOFOPT or o + 4 + ln > end:
                         break
                     if code == fmt.EPB_FLAGS and ln == 4:
                         d = _U32.unpack_from(buf, o + 4)[0] & 3

@@ -2,8 +2,10 @@
 
 Refuses (with `RecordingError`, one clear line) anything that is not pcapng, a big-endian or
 non-1.x section, an interface whose link type is not 252, and a format version newer than this code.
-A tail cut by a crash is not an error: iteration stops at the last complete block and `truncated`
-says where and why.
+A file that lies is refused the same way, never with a traceback: a block body shorter than its fixed
+part, captured bytes past the end of their block, or a JSON option whose value has the wrong type
+(an interface's `queue`, the section's `init`).  A tail cut by a crash is not an error: iteration
+stops at the last complete block and `truncated` says where and why.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ _EPB_FIXED = struct.Struct("<IIIII")
 _OPT_HDR = struct.Struct("<HH")
 _EXP_TAG = struct.Struct(">HH")
 _META_BODY = struct.Struct("<HHII")  # queue, flags, head, epoch (after PEN, kind, reserved)
+_IDB_FIXED = struct.Struct("<HHI")  # link type, reserved, snaplen
+_SHB_FIXED = struct.Struct("<IHHq")  # byte-order magic, major, minor, section length
 MAX_BLOCK = 64 * 1024 * 1024
+MAX_QUEUE = 0xFFFF  # META_RECORD carries the queue as a u16
 
 
 class RecordingError(Exception):
@@ -86,10 +91,29 @@ class Section:
     hardware: str = ""
     comments: list[str] = field(default_factory=list)
     interfaces: list[Interface] = field(default_factory=list)
+    init: tuple[int, bytes, bytes | None] | None = None  # (epoch, INIT request, reply): a rotated part's start
 
     @property
     def format_version(self) -> int:
         return int(self.meta.get("format", 0))
+
+
+def _header_init(meta: dict[str, Any]) -> tuple[int, bytes, bytes | None] | None:
+    """The section header's `init` (epoch, request, reply), type-checked; ValueError names what is wrong."""
+    init = meta.get("init")
+    if init is None:
+        return None
+    if not isinstance(init, dict):
+        raise ValueError(f"`init` is {type(init).__name__}, not an object")
+    epoch, req, rep = init.get("epoch", 0), init.get("request"), init.get("reply")
+    if type(epoch) is not int or not 0 <= epoch <= 0xFFFFFFFF:
+        raise ValueError(f"`init.epoch` is {epoch!r}, not a u32")
+    if not isinstance(req, str) or (rep is not None and not isinstance(rep, str)):
+        raise ValueError("`init.request` and `init.reply` must be hex strings")
+    try:
+        return epoch, bytes.fromhex(req), bytes.fromhex(rep) if rep else None
+    except ValueError:
+        raise ValueError("`init.request` or `init.reply` is not hex") from None
 
 
 def _parse_options(buf: bytes, off: int, end: int) -> Iterator[tuple[int, bytes]]:
@@ -189,9 +213,9 @@ class RecordingReader:
         return self.sections[0].interfaces
 
     def _section(self, offset: int, body: bytes) -> Section:
-        if len(body) < 16:
+        if len(body) < _SHB_FIXED.size:
             raise RecordingError(f"{self.path}: section header at offset {offset} is too short")
-        magic, major, minor = struct.unpack_from("<IHH", body)
+        magic, major, minor, _length = _SHB_FIXED.unpack_from(body)
         if magic != fmt.BYTE_ORDER_MAGIC:
             if magic == 0x4D3C2B1A:
                 raise RecordingError(f"{self.path}: big-endian pcapng sections are not supported")
@@ -222,13 +246,20 @@ class RecordingReader:
         if v > fmt.FORMAT_VERSION:
             raise RecordingError(f"{self.path}: recording format version {v} is newer than this fsinspect "
                                  f"reads (up to {fmt.FORMAT_VERSION}); upgrade fsinspect")
+        try:
+            sec.init = _header_init(sec.meta)
+        except ValueError as e:
+            raise RecordingError(f"{self.path}: section header at offset {offset}: {e}") from None
         self.sections.append(sec)
         return sec
 
     def _interface(self, offset: int, body: bytes) -> None:
         sec = self.sections[-1]
-        linktype, _, _snap = struct.unpack_from("<HHI", body)
         idx = len(sec.interfaces)
+        if len(body) < _IDB_FIXED.size:
+            raise RecordingError(f"{self.path}: interface block {idx} at offset {offset} has {len(body)} body "
+                                 f"bytes, fewer than its fixed {_IDB_FIXED.size}")
+        linktype, _, _snap = _IDB_FIXED.unpack_from(body)
         if linktype != fmt.LINKTYPE_WIRESHARK_UPPER_PDU:
             raise RecordingError(f"{self.path}: interface {idx} has link type {linktype}, expected "
                                  f"{fmt.LINKTYPE_WIRESHARK_UPPER_PDU} (WIRESHARK_UPPER_PDU)")
@@ -245,8 +276,10 @@ class RecordingReader:
             elif code == fmt.OPT_CUSTOM_STR:
                 obj = _custom_json(val)
                 if obj is not None:
-                    kind = str(obj.get("kind", ""))
-                    queue = int(obj.get("queue", 0))
+                    kind, queue = obj.get("kind", ""), obj.get("queue", 0)
+                    if not isinstance(kind, str) or type(queue) is not int or not 0 <= queue <= MAX_QUEUE:
+                        raise RecordingError(f"{self.path}: interface {idx} at offset {offset}: kind {kind!r} / "
+                                             f"queue {queue!r} (need a string and an integer 0..{MAX_QUEUE})")
         if tsresol != 9:
             raise RecordingError(f"{self.path}: interface {idx} has if_tsresol {tsresol}; fsinspect writes 9 (ns)")
         sec.interfaces.append(Interface(idx, name, desc, linktype, kind, queue, tsresol))
@@ -276,7 +309,13 @@ class RecordingReader:
         return btype, rest[:-4], total
 
     def _parse_epb(self, offset: int, body: bytes, check: bool = True) -> Record:
+        if len(body) < _EPB_FIXED.size:
+            raise RecordingError(f"{self.path}: packet block at offset {offset} has {len(body)} body bytes, "
+                                 f"fewer than its fixed {_EPB_FIXED.size}")
         iface, ts_hi, ts_lo, caplen, origlen = _EPB_FIXED.unpack_from(body)
+        if _EPB_FIXED.size + caplen > len(body):
+            raise RecordingError(f"{self.path}: packet block at offset {offset} claims {caplen} captured bytes, "
+                                 f"its block holds {len(body) - _EPB_FIXED.size}")
         data = body[20:20 + caplen]
         dissector, p2p, pdu = strip_exported_pdu(data)
         orig = origlen - (len(data) - len(pdu))

@@ -24,15 +24,10 @@ def feed_records(analyzer: Analyzer, records: Iterable[Record]) -> None:
 
 
 def prime_from_header(analyzer: Analyzer, reader: RecordingReader) -> None:
-    """A rotated part starts mid-session: adopt the INIT its section header carries."""
-    init = reader.section.meta.get("init")
-    if isinstance(init, dict) and init.get("request"):
-        try:
-            req = bytes.fromhex(init["request"])
-            rep = bytes.fromhex(init["reply"]) if init.get("reply") else None
-        except (TypeError, ValueError):
-            return
-        analyzer.prime_init(int(init.get("epoch", 0)), req, rep)
+    """A rotated part starts mid-session: adopt the INIT its section header carries (checked by the reader)."""
+    init = reader.section.init
+    if init is not None and init[1]:
+        analyzer.prime_init(*init)
 
 
 def analyze(reader: RecordingReader, analyzer: Analyzer | None = None) -> Analyzer:

@@ -388,7 +388,7 @@ class StatsPanel(Widget):
             self._sig = sig
             d = st.analyzer.stats.as_dict()
         ops, byts = st.rates(120)
-        base = f"last {len(ops)} s of capture time, per 1 s"
+        base = f"last {len(ops)} s with traffic, per 1 s"
         if len(ops) < FINE_BELOW_S:  # a few per-second bars would be one solid block: finer buckets
             with st.lock:
                 pts = [(e.ts_ns, e.req_len + e.reply_len) for e in st.exchanges if e.ts_ns]

@@ -11,6 +11,7 @@ import bisect
 import collections
 import contextlib
 import gc
+import heapq
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ from ..analysis import exchange as X
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..recording.export import Exported, export_recording, write_pcapng
 from ..recording.reader import Record, RecordingError, RecordingReader
+from ..recording.replay import prime_from_header
 from .control import ControlState
 from .render import number
 
@@ -195,14 +197,13 @@ class Store:
             return ""
 
     def rates(self, seconds: int = 60) -> tuple[list[float], list[float]]:
-        """The last `seconds` seconds of ops/s and bytes/s (by capture time), oldest first."""
+        """ops/s and bytes/s of the last `seconds` seconds that hold exchanges (capture time), oldest first.
+
+        Seconds without exchanges are left out, as in Stats.ops_per_second: a lying timestamp far from the
+        rest costs one point, not a window of empty seconds."""
         with self.lock:
-            if not self.ops_buckets:
-                return [], []
-            hi = max(self.ops_buckets)
-            lo = max(min(self.ops_buckets), hi - seconds + 1)
-            return ([float(self.ops_buckets.get(s, 0)) for s in range(lo, hi + 1)],
-                    [float(self.bytes_buckets.get(s, 0)) for s in range(lo, hi + 1)])
+            secs = heapq.nlargest(seconds, self.ops_buckets)[::-1]
+            return ([float(self.ops_buckets[s]) for s in secs], [float(self.bytes_buckets.get(s, 0)) for s in secs])
 
 
 class Source:
@@ -287,10 +288,7 @@ class ReplaySource(Source):
         an = st.analyzer
         r = self.reader
         st.status = ""
-        init = r.section.meta.get("init")
-        if isinstance(init, dict) and init.get("request"):
-            an.prime_init(int(init.get("epoch", 0)), bytes.fromhex(init["request"]),
-                          bytes.fromhex(init["reply"]) if init.get("reply") else None)
+        prime_from_header(an, r)
         size = max(1, r.size)
         batch: list[Record] = []
         try:
