@@ -20,10 +20,19 @@ from tests.guest_fixtures import explain
 
 
 def _connect(path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.connect(path)
-    s.settimeout(10)
-    return s
+    """A client of the hub at `path` (which may still be starting in another process)."""
+    deadline = time.monotonic() + 10
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            assert time.monotonic() < deadline, f"nothing listens on {path}"
+            time.sleep(0.02)
+            continue
+        s.settimeout(10)
+        return s
 
 
 def _lines(s: socket.socket) -> Iterator[dict[str, Any]]:
@@ -177,21 +186,28 @@ def test_200_idle_clients_cost_no_cpu_and_the_data_path_keeps_its_speed(dmn: _Da
     tap, client = dmn.tap, dmn.client
     (dmn.share / "f").write_text("x")
 
-    def rate(n: int = 1500) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            client.lookup(1, b"f")
-        return n / (time.perf_counter() - t0)
+    def measure(n: int = 1500) -> tuple[float, float]:
+        """(LOOKUPs per second, process CPU seconds per LOOKUP), the best of three runs: the machine is shared."""
+        runs = []
+        for _ in range(3):
+            t0, cpu0 = time.perf_counter(), _cpu()
+            for _ in range(n):
+                client.lookup(1, b"f")
+            runs.append((n / (time.perf_counter() - t0), (_cpu() - cpu0) / n))
+        return max(r for r, _ in runs), min(c for _, c in runs)
 
     dmn.attach(1)  # one client: the price of a live view at all (analysis, JSON)
-    rate(300)
-    alone = max(rate(), rate())
+    for _ in range(300):
+        client.lookup(1, b"f")
+    alone, alone_cpu = measure()
     dmn.attach(199)
-    watched = max(rate(), rate())
+    watched, watched_cpu = measure()
     time.sleep(0.5)  # the hub hands out what it still holds
     cpu = _cpu()
     time.sleep(3)
     spent = _cpu() - cpu
+    assert watched_cpu < 1.5 * alone_cpu, \
+        f"{watched_cpu * 1e6:.0f} µs of CPU per LOOKUP with 200 idle clients, {alone_cpu * 1e6:.0f} with one"
     assert watched > 0.5 * alone, f"{watched:.0f} LOOKUP/s with 200 idle clients, {alone:.0f} with one"
     assert spent < 0.3, f"{spent:.2f} s of CPU in 3 s with 200 idle clients and no traffic"
     assert len(tap.hub.clients) == 200
