@@ -180,3 +180,54 @@ def test_sigstopped_backend_shows_pending_requests_stuck_then_completes(
     assert any(x["kind"] == "stuck" for x in s["lints"])
     print(f"stuck lint {late * 1000:.0f} ms after SIGSTOP (threshold {STUCK_MS} ms); {len(hung)} request(s) hung; "
           f"oldest {max(p['age_ms'] for p in pending):.0f} ms at attach")
+
+
+def test_tmux_ui_holds_and_continues_a_guest_mkdir(guest_image: GuestImage, guest_share: Share,
+                                                   tmp_path: Path) -> None:
+    """`fsinspect attach` in tmux on a proxy with `--break 'op == MKDIR'`: the guest's mkdir shows held
+    (Held panel, highlighted row) and the guest waits; `c` on it continues it, the guest's workload then
+    finishes, and the recording has the MKDIR released by the debugger."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.test_demo_tmux import screen, tmux, wait_screen
+    from tests.test_proxy_e2e import exchanges
+
+    ctrl = tmp_path / "ctrl.sock"
+    session = f"fsi-hold-test-{os.getpid()}"
+    with proxy_in_front(guest_share, tmp_path, extra=("--control", str(ctrl), "--break", "op == MKDIR")) as run:
+        while not ctrl.exists():
+            time.sleep(0.02)
+        result: dict[str, Any] = {}
+        guest = threading.Thread(target=lambda: result.update(res=boot(
+            guest_image, run, "hold", timeout=180, params={"seconds": 2}, stall_timeout=0)), daemon=True)
+        guest.start()
+        tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "45",
+             f"{sys.executable} -m fsinspect attach {ctrl}; echo ATTACH-ENDED $?; sleep 30")
+        try:
+            try:
+                text = wait_screen(session, r"HELD request\s+#\d+ MKDIR", 150)
+            except AssertionError as e:
+                guest.join(60)
+                raise AssertionError(f"{e}\nproxy: {run.proc.poll()} {run.stderr()[-2000:]}\nguest: {result}") from None
+            n = int(re.search(r"HELD request\s+#(\d+) MKDIR", text).group(1))  # type: ignore[union-attr]
+            assert re.search(rf"\b{n} .*MKDIR.*HELD req", text), text
+            time.sleep(1.5)
+            assert result.get("res") is None  # the guest's mkdir waits for us
+            tmux("send-keys", "-t", session, "BTab")  # the focus goes up to the Held panel
+            time.sleep(0.5)
+            tmux("send-keys", "-t", session, "c")
+            text = wait_screen(session, rf"#{n} continued", 30)
+            guest.join(200)
+            res = result["res"]
+            assert res.ok, explain(res)
+            text = screen(session)
+            assert "HELD" not in text, text
+            tmux("send-keys", "-t", session, "q")
+            wait_screen(session, r"ATTACH-ENDED 0", 30)
+        finally:
+            subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, check=False)
+    an = exchanges(run.record)
+    mkdirs = [e for e in an.exchanges if e.opname == "MKDIR"]
+    assert mkdirs and mkdirs[0].error == 0 and mkdirs[0].latency_ns and mkdirs[0].latency_ns > 1_500_000_000
