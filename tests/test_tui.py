@@ -489,6 +489,20 @@ def test_attach_live_hub_snapshot_stream_and_overflow(tmp_path: Path) -> None:
         hub.close()
 
 
+def test_attach_refused_by_a_full_hub_says_why(tmp_path: Path) -> None:
+    """A hub at its client cap answers with one error line and closes: the status line says why."""
+    hub = Hub(str(tmp_path / "ctrl.sock"), lambda: {}, max_clients=0)
+    try:
+        store = Store()
+        src = AttachSource(store, hub.path)
+        src.connect()
+        src.run()  # returns at the hub's EOF
+        assert store.status == ("the proxy closed the control socket: too many control clients (0 attached): "
+                                "try again later")
+    finally:
+        hub.close()
+
+
 def test_attach_overflow_is_shown(tmp_path: Path) -> None:
     """A client whose queue is tiny misses messages; the hub tells it, and the status line says so."""
     ctrl = str(tmp_path / "ctrl.sock")

@@ -384,6 +384,7 @@ class AttachSource(Source):
         self._next_id = 0
         self._send_lock = threading.Lock()
         self.version = 1
+        self.refused: str | None = None  # the hub's last word before it closed on us (too many clients, ...)
         store.analyzer.stuck_ns = 0  # the source lints `stuck` with its own threshold and clock
         store.title = store.title or f"attach {ctrl_path}"
 
@@ -436,7 +437,7 @@ class AttachSource(Source):
         finally:
             sock.close()
         if not self._stop.is_set():
-            st.status = "the proxy closed the control socket"
+            st.status = "the proxy closed the control socket" + (f": {self.refused}" if self.refused else "")
 
     def feed_lines(self, lines: list[bytes]) -> None:
         """Apply a batch of protocol lines (one lock hold per batch)."""
@@ -518,6 +519,8 @@ class AttachSource(Source):
                 st.ctl.event(str(obj.get("kind", "")), obj["detail"])
         elif t == "overflow":
             st.overflow = max(st.overflow, int(obj.get("missed", 0)))
+        elif t == "error":
+            self.refused = str(obj.get("error", ""))
         elif t == "snapshot":
             self._snapshot(obj)
         elif t == "hello":
