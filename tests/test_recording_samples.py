@@ -281,3 +281,27 @@ def test_regenerated_guest_sample(tmp_path: Path) -> None:
     assert {a.name for a in an.submounts.announced.values()} == {b"sub", b"inner"}
     assert {s.nodeid for s in an.submounts.syncfs} == {1, *an.submounts.announced}
     assert check_tshark_matches_our_decoder(path) > 100
+
+
+def test_export_lists_requests_the_recording_ends_without_answering(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A recording that stops while a request waits (a hung back-end): export shows it pending, with how
+    long it had waited by the last record, linted no-reply and stuck, not hidden."""
+    from dissectors import fuse as F
+    from fsinspect.cli import main
+    from fsinspect.recording.writer import RecordingWriter
+
+    path = tmp_path / "hung.pcapng"
+    w = RecordingWriter(str(path), source="virtio")
+    t = 1_700_000_000_000_000_000
+    w.request(F.encode_request("MKDIR", {"mkdir": {"mode": 0o755}, "name": b"d"}, unique=2, nodeid=1), 1, 0, t)
+    w.request(F.encode_request("GETATTR", {"getattr": {}}, unique=4, nodeid=1), 1, 1, t + 1_000)
+    w.reply(F.encode_reply("GETATTR", {"attr_out": {}}, unique=4), 1, 1, t + 1_800_000_000)
+    w.close()
+    assert main(["export", str(path), "--format", "jsonl"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    hung = next(r for r in rows if r["opcode"] == "MKDIR")
+    assert hung["state"] == "pending" and hung["age_ms"] == 1800.0 and hung["n"] == 1
+    assert sorted(hung["lints"]) == ["no-reply", "stuck"] and hung["reply"] is None
+    done = next(r for r in rows if r["opcode"] == "GETATTR")
+    assert done["state"] == "done" and "age_ms" not in done and done["lints"] == ["stuck"]

@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     if args.format == "jsonl":
         for x in exchanges:
-            out.write(json.dumps(exchange_json(x)) + "\n")
+            out.write(json.dumps(exchange_json(x, now_ns=an.last_ts)) + "\n")
     elif args.format == "json":
-        json.dump([exchange_json(x) for x in exchanges], out, indent=1)
+        json.dump([exchange_json(x, now_ns=an.last_ts) for x in exchanges], out, indent=1)
         out.write("\n")
     else:
         t0 = min((x.ts_ns for x in an.exchanges if x.ts_ns), default=0)
