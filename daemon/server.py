@@ -591,6 +591,11 @@ class Server:
         out.update(self.fs.counters())
         return out
 
+    def end_lock_waits(self) -> None:
+        """Answer every blocked lock wait ENOLCK now: the session is ending, and a wait can last forever
+        (the transport waits for in-flight requests before it lets go of guest memory)."""
+        self._waiters.shutdown()
+
     def shutdown(self) -> None:
         """End the lock waits, stop the pool and release the filesystem (idempotent); nothing stays held."""
         if self.hold is not None:

@@ -700,6 +700,9 @@ class VhostUserSession:
             return
         self.closed = True
         for vr in self.vrings:
+            self._pause(vr)  # no new requests from here on
+        self.server.end_lock_waits()  # else a blocked SETLKW holds SIGTERM for INFLIGHT_WAIT_S
+        for vr in self.vrings:
             self._stop_vring(vr)
         for vr in self.vrings:
             vr.queue = None
