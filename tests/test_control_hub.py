@@ -266,6 +266,61 @@ def test_1008_clients_come_and_go_then_the_hub_sleeps(hub: Hub) -> None:
     again.close()
 
 
+def test_out_of_fds_the_hub_waits_instead_of_spinning(tmp_path: Path) -> None:
+    """accept() failing with EMFILE leaves the listener readable: the hub must not poll it in a loop. A hub
+    in a process with a low fd limit: clients past the limit wait, the process sleeps, and they are served
+    once fds free up."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ctl.sock"
+    script = (
+        "import resource, sys, time\n"
+        "from fsinspect.proxy.hub import Hub\n"
+        f"h = Hub({str(path)!r}, lambda: {{}})\n"
+        "import os\n"
+        "n = len(os.listdir('/proc/self/fd'))\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (n + 3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "sys.stdin.readline()\n"
+        "h.close(0.5)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    socks: list[socket.socket] = []
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout.readline().strip() == "ready"
+        socks = [_connect(str(path)) for _ in range(8)]  # the first few get fds, the rest cannot be accepted
+        time.sleep(0.5)
+
+        def cpu() -> float:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before = cpu()
+        time.sleep(2)
+        spent = cpu() - before
+        assert spent < 0.1, f"{spent:.2f} s of CPU in 2 s while out of fds"
+        p.stdin.write("more fds\n")
+        p.stdin.flush()
+        for s in socks:  # everyone is served in the end
+            assert next(_lines(s))["type"] == "hello"
+        p.stdin.write("stop\n")
+        p.stdin.flush()
+        assert p.wait(10) == 0, p.communicate()[1]
+        assert "cannot accept a client: Too many open files" in p.communicate()[1]
+    finally:
+        for s in socks:
+            s.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_snapshots_count_against_the_byte_budget(dmn: _Daemon) -> None:
     """150 clients attach and never read while the backlog is full of 16 KiB WRITEs: each snapshot fits
     its client's budget, so memory stays bounded (before: the proxy reached 4.5 GB)."""

@@ -73,6 +73,8 @@ MAX_LINE = 64 << 10  # a client->server line
 OUTBOX = 16384  # messages published but not yet fanned out (the hub thread is behind)
 FAN_OUT_DELAY = 0.01  # seconds a batch gathers before it goes out to the clients
 CLOSE_STALL = 0.3  # closing: seconds without any client taking bytes before the rest is given up
+EVENTS = 1000  # control-plane events a snapshot repeats
+ACCEPT_PAUSE = 0.5  # seconds the listener is not watched after accept() ran out of fds
 _BATCH = 256
 _RECV = 64 << 10
 
@@ -93,9 +95,7 @@ class _Client:
         self.sent = 0
         self.inbuf = bytearray()
         self.blocked = False  # the socket said EAGAIN: wait for EVENT_WRITE
-        self.reading = True  # registered for EVENT_READ
         self.closing = False  # send what is queued (an error line), then close
-        self.snapshot_msg: dict[str, Any] | None = None  # taken under the feed lock, encoded outside it
 
     @property
     def has_output(self) -> bool:
@@ -128,7 +128,7 @@ class Hub:
         self._recent_sizes: collections.deque[int] = collections.deque()
         self._recent_bytes = 0
         self.recent_control: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
-        self.events: list[dict[str, Any]] = []
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS)
         self.total_overflow = 0
         self.total_queued = 0  # bytes in every client's queue
         self.refused = 0
@@ -147,6 +147,7 @@ class Hub:
         self._stop = threading.Event()
         self._closing_by: float | None = None
         self._progress = 0.0  # when a client last took bytes
+        self._accept_paused_until: float | None = None  # out of fds: the pending clients wait in the backlog
         self.thread = threading.Thread(target=self._loop, name="fsinspect-hub", daemon=True)
         self.thread.start()
 
@@ -199,12 +200,14 @@ class Hub:
 
     def publish_control(self, direction: str, summary: str) -> None:
         obj = {"type": "control", "direction": direction, "summary": summary}
-        self.recent_control.append(obj)
+        with self.lock:
+            self.recent_control.append(obj)
         self._broadcast(obj)
 
     def publish_event(self, kind: str, detail: dict[str, Any]) -> None:
         obj = {"type": "event", "kind": kind, "detail": detail}
-        self.events.append(obj)
+        with self.lock:
+            self.events.append(obj)
         self._broadcast(obj)
 
     def publish_message(self, obj: dict[str, Any]) -> None:
@@ -289,8 +292,15 @@ class Hub:
         while True:
             try:
                 sock, _ = self.listener.accept()
-            except OSError:  # EAGAIN (nothing more), or EMFILE: the rest wait in the backlog
-                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The listener stays readable: watching it now would spin.  Look again a bit later.
+                    if self._accept_paused_until is None:
+                        log.warning("control hub: cannot accept a client: %s; retrying in %.1f s",
+                                    e.strerror, ACCEPT_PAUSE)
+                        self.sel.unregister(self.listener)
+                    self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+                return  # EAGAIN: nobody else is waiting
             sock.setblocking(False)
             if len(self.clients) >= self.max_clients:
                 self.refused += 1
@@ -364,13 +374,19 @@ class Hub:
     def _loop(self) -> None:
         while not self._stop.is_set():
             timeout: float | None = None
+            if self._accept_paused_until is not None:
+                timeout = self._accept_paused_until - time.monotonic()
+                if timeout <= 0:
+                    self._accept_paused_until = None
+                    timeout = None
+                    self.sel.register(self.listener, selectors.EVENT_READ, None)
             if self._closing_by is not None:
                 with self.lock:
                     waiting = bool(self._outbox) or any(c.has_output for c in self.clients)
                 now = time.monotonic()
                 if not waiting or now > self._closing_by or now - self._progress > CLOSE_STALL:
                     return  # closing: all went out, or the grace time ran out, or the rest go to no reader
-                timeout = 0.05
+                timeout = 0.05 if timeout is None else min(timeout, 0.05)
             try:
                 events = self.sel.select(timeout)
             except OSError as e:
