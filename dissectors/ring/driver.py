@@ -48,6 +48,7 @@ class GuestRing:
         self.last_used = int.from_bytes(used[2:4], "little")
         self._ring_off = lay.avail_ring_off
         self._used_off = lay.used_ring_off
+        self._used_event_off = lay.used_event_off
 
     def set_desc(self, index: int, addr: int, length: int, flags: int, next_: int = 0) -> None:
         _DESC.pack_into(self.desc, index * DESC_SIZE, addr, length, flags, next_)
@@ -83,6 +84,11 @@ class GuestRing:
         """Write avail->idx directly (tests of a misbehaving driver)."""
         self.avail_idx = idx & 0xFFFF
         self.avail[2:4] = self.avail_idx.to_bytes(2, "little")
+
+    def set_used_event(self, idx: int) -> None:
+        """EVENT_IDX: ask the device to interrupt once used->idx passes `idx`."""
+        o = self._used_event_off
+        self.avail[o:o + 2] = (idx & 0xFFFF).to_bytes(2, "little")
 
     def used_pending(self) -> int:
         return (int.from_bytes(self.used[2:4], "little") - self.last_used) & 0xFFFF

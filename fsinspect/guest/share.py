@@ -46,7 +46,7 @@ class Share:
         return os.stat(self.root / rel)
 
 
-def _mount_tmpfs(path: Path, size_mb: int = 64) -> None:
+def mount_tmpfs(path: Path, size_mb: int = 64) -> None:
     cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "fsinspect-share", str(path)]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if p.returncode != 0:
@@ -75,12 +75,12 @@ def make_share(parent: Path | None = None, files: dict[str, bytes] | None = None
     share = Share(root)
     try:
         if root_tmpfs_mb:
-            _mount_tmpfs(root, root_tmpfs_mb)
+            mount_tmpfs(root, root_tmpfs_mb)
             share.mounts.append(root)
         for rel in submounts:
             mp = root / rel
             mp.mkdir(parents=True, exist_ok=True)
-            _mount_tmpfs(mp)
+            mount_tmpfs(mp)
             share.mounts.append(mp)
         for rel, data in (SHARE_FILES if files is None else files).items():
             p = root / rel
