@@ -268,6 +268,14 @@ def test_two_control_clients(guest_image: GuestImage, guest_share: Share, tmp_pa
     assert lines[0]["type"] == "hello" and lines[0]["version"] == 2 and 1 in lines[0]["versions"]
     assert lines[1]["type"] == "snapshot" and "inodes" in lines[1]
     live = [x for x in lines if x["type"] == "exchange"]
+    # Requests in flight: each exchange that waited for a reply was announced, same number, before it completed.
+    announced: set[int] = set()
+    for x in lines:
+        if x["type"] == "request":
+            announced.add(x["n"])
+        elif x["type"] == "exchange" and x["opcode"] not in NO_REPLY and x["reply"] is not None:
+            assert x["n"] in announced, x
+    assert [x["n"] for x in live] and len({x["n"] for x in live}) == len(live)
     assert not [x for x in lines if x["type"] == "overflow"], "the reading client must not overflow"
     assert len(live) == s["requests"], (len(live), s["requests"])
     assert {x["opcode"] for x in live} >= {"INIT", "CREATE", "LOOKUP", "UNLINK"}
