@@ -328,20 +328,29 @@ def bundled_daemon(share: Share, work: Path, out: Path, extra: tuple[str, ...] =
         launcher.stop_process(proc)
 
 
+def start_proxy(listen: Path, be: launcher.RunningBackend, record: Path, summary: Path,
+                *extra: str) -> subprocess.Popen[bytes]:
+    """`fsinspect proxy` from `listen` to the back-end `be`, recording; returns once it listens."""
+    proxy = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
+                              "--backend", str(be.socket_path), "--record", str(record),
+                              "--summary-json", str(summary), *extra],
+                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not listen.exists():
+        if proxy.poll() is not None or time.monotonic() > deadline:
+            launcher.stop_process(proxy)
+            raise AssertionError("proxy never listened")
+        time.sleep(0.02)
+    return proxy
+
+
 def test_full_workload_through_proxy_to_bundled_daemon(guest_image: GuestImage, guest_share: Share,
                                                        tmp_path: Path) -> None:
     """The proxy in front of the bundled daemon: the recording's per-opcode counts equal the daemon's own."""
     with launcher.short_tmpdir() as work, bundled_daemon(guest_share, work, tmp_path) as be:
         listen = work / "proxy.sock"
-        proxy = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
-                                  "--backend", str(be.socket_path), "--record", str(tmp_path / "rec.pcapng"),
-                                  "--summary-json", str(tmp_path / "summary.json")],
-                                 stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proxy = start_proxy(listen, be, tmp_path / "rec.pcapng", tmp_path / "summary.json")
         try:
-            deadline = time.monotonic() + 10
-            while not listen.exists():
-                assert proxy.poll() is None and time.monotonic() < deadline, "proxy never listened"
-                time.sleep(0.02)
             res = launcher.run_guest(listen, image=guest_image, workload="full", timeout=240,
                                      watch=[proxy, *be.processes], params={"xattr": 1, "n": 1000})
             proxy.wait(15)
