@@ -117,7 +117,7 @@ def test_unknown_request_forwarded_untouched_with_its_reply() -> None:
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) -> None:
     for args, says in ((["--poll-us", "-1"], "--poll-us must be between 0 and 100000"),
                        (["--poll-us", "100001"], "--poll-us must be between 0 and 100000"),
-                       (["--snaplen", "-5"], "--snaplen must be >= 0"),
+                       (["--snaplen", "-5"], "--snaplen must be 0 (everything) or positive"),
                        (["--stuck-ms", "-1"], "--stuck-ms -1: must be between 0 (off) and 86400000"),
                        (["--stuck-ms", "1s"], "--stuck-ms '1s': give a whole number of milliseconds"),
                        (["--stuck-ms", "86400001"], "--stuck-ms 86400001: must be between")):
