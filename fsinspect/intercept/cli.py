@@ -19,7 +19,7 @@ from .rules import BREAK, INJECT, Rule, RuleError, rule_from_args
 
 def add_intercept_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("debugger (hold points; see README: debugging tour)")
-    g.add_argument("--break", dest="breaks", action="append", default=[], nargs="+", metavar="EXPR",
+    g.add_argument("--break", dest="breaks", action="append", default=[], nargs="+", metavar=("EXPR", "OPTION"),
                    help="hold what matches the filter EXPR until a client (fsinspect attach, a script on "
                         "--control) releases, answers, delays or rewrites it; on=reply holds the reply")
     g.add_argument("--inject", dest="injects", action="append", default=[], nargs="+",
