@@ -8,6 +8,8 @@ share must answer every request as recorded.  Bad input ends in one line and sta
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -178,3 +180,66 @@ def test_remap_and_compare_keep_what_back_ends_choose_apart() -> None:
     get = F.decode_request(F.encode_request("GETATTR", {"getattr": F.make("fuse_getattr_in")}, unique=9, nodeid=7))
     out = m.request(get, 77)
     assert (out.nodeid, out.unique, m.unique[9]) == (42, 77, 77)
+
+
+def test_rerun_record_is_a_recording_that_diffs_equal(tmp_path: Path, share: Share) -> None:
+    """--record writes the rerun (control plane included); `fsinspect diff` finds it equal to the original,
+    and it reruns by itself (its own negotiation) with no difference either."""
+    out = tmp_path / "rerun.pcapng"
+    p = rerun(str(SAMPLE), "--backend-cmd", VIRTIOFSD_CMD, "--shared-dir", str(share.root), "--allow-snapped",
+              "--record", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = subprocess.run([sys.executable, "-m", "fsinspect", "diff", str(SAMPLE), str(out), "--format", "jsonl"],
+                       capture_output=True, text=True, timeout=60)
+    assert d.returncode == 0, d.stdout + d.stderr
+    assert summary(d)["compared"] == 69 and summary(d)["differing"] == 0
+    with make_share() as fresh:
+        p = rerun(str(out), "--backend-cmd", VIRTIOFSD_CMD, "--shared-dir", str(fresh.root), "--format", "jsonl")
+    assert p.returncode == 0 and "no negotiation" not in p.stderr, p.stdout + p.stderr
+
+
+def test_prepare_share_rebuilds_what_the_recording_proves(tmp_path: Path) -> None:
+    """The sample proves the root's mode and two submounts (READDIRPLUS/LOOKUP with FUSE_ATTR_SUBMOUNT):
+    they become tmpfs mounts.  What it can't prove (the names it never looked at) shows only as the
+    directories' sizes and link counts."""
+    root = tmp_path / "share"
+    try:
+        p = rerun(str(SAMPLE), "--backend-cmd", VIRTIOFSD_CMD, "--prepare-share", str(root), "--allow-snapped",
+                  "--format", "jsonl")
+        assert os.path.ismount(root / "sub") and os.path.ismount(root / "sub" / "inner")
+        assert "2 submounts" in p.stderr, p.stderr
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    finally:
+        for m in (root / "sub" / "inner", root / "sub"):
+            subprocess.run(["umount", str(m)], check=False, capture_output=True)
+    s = summary(p)
+    assert p.returncode == 1 and s["unanswered"] == 0
+    assert set(s["by_field"]) <= {"GETATTR attr_out.attr.size", "GETATTR attr_out.attr.nlink",  # type: ignore[arg-type]
+                                  "LOOKUP entry.attr.size", "LOOKUP entry.attr.nlink"}, s
+    p = rerun(str(SAMPLE), "--backend", "/nonexistent.sock", "--prepare-share", str(root), "--allow-snapped")
+    assert p.returncode == 2 and "not an empty directory" in p.stderr
+
+
+def test_diff_of_a_recording_with_itself_minus_a_request(tmp_path: Path) -> None:
+    """A request only one recording has is reported as such, and the rest still aligns."""
+    with RecordingReader(SAMPLE) as r:
+        recs = list(r)
+    getattr_op = (3).to_bytes(4, "little")
+    victim = next(i for i, rec in enumerate(recs) if rec.is_fuse and rec.inbound and rec.data[4:8] == getattr_op)
+    answer = next(i for i in range(victim + 1, len(recs))
+                  if recs[i].is_fuse and not recs[i].inbound and recs[i].data[8:16] == recs[victim].data[8:16])
+    b = tmp_path / "b.pcapng"
+    with RecordingWriter(b, snaplen=0) as w:
+        for i, rec in enumerate(recs):
+            if i in (victim, answer):
+                continue
+            if rec.is_fuse:
+                (w.request if rec.inbound else w.reply)(rec.data, rec.queue, rec.head, rec.ts_ns,
+                                                        orig_len=rec.orig_len)
+            else:
+                w.control(rec.data, from_frontend=rec.inbound, ts_ns=rec.ts_ns)
+    d = subprocess.run([sys.executable, "-m", "fsinspect", "diff", str(SAMPLE), str(b), "--format", "jsonl"],
+                       capture_output=True, text=True, timeout=60)
+    s = summary(d)
+    assert d.returncode == 1 and s["only_a"] == 1 and s["only_b"] == 0 and s["differing"] == 0, d.stdout
+    assert s["compared"] == 68

@@ -144,8 +144,9 @@ def _rerun(args: argparse.Namespace, plan: Plan, sock: Path, alive: Any, stack: 
         except OSError as e:
             raise UserError(f"--record {args.record}: {e.strerror}") from None
     try:
+        tap = None if writer is None else (lambda raw, ours: writer.control(raw, from_frontend=ours))
         front = Front(sock, plan.negotiation, max_request=plan.max_request, max_reply=plan.max_reply,
-                      timeout=args.timeout)
+                      timeout=args.timeout, tap=tap)
     except FrontError as e:
         why = alive() if alive is not None else None
         raise UserError(f"{e}{'; ' + why if why else ''}") from None

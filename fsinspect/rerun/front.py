@@ -13,7 +13,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,10 @@ class Front:
     """The front-end: connect, negotiate, then submit() requests and poll() their replies."""
 
     def __init__(self, path: str | os.PathLike[str], neg: Negotiation | None = None, *,
-                 max_request: int = 1 << 20, max_reply: int = 1 << 20, timeout: float = 10.0) -> None:
+                 max_request: int = 1 << 20, max_reply: int = 1 << 20, timeout: float = 10.0,
+                 tap: Callable[[bytes, bool], None] | None = None) -> None:
         self.neg = neg or Negotiation()
+        self.tap = tap  # every control message, and whether the front-end sent it (--record)
         self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(timeout)
@@ -138,16 +140,25 @@ class Front:
         msg = V.build(name, payload, fds=fds)
         if ack:
             msg.flags |= 0x8
-        send_message(self.sock, V.encode_message(msg), fds)
+        raw = V.encode_message(msg)
+        send_message(self.sock, raw, fds)
+        if self.tap is not None:
+            self.tap(raw, True)
         if ack:
-            raw, _ = recv_message(self.sock)
+            raw, _ = self._recv()
             status = int(V.decode_message(raw).payload.u64)
             if status:
                 raise FrontError(f"the back-end refused {name} (status {status})")
 
+    def _recv(self) -> tuple[bytes, list[int]]:
+        raw, fds = recv_message(self.sock)
+        if self.tap is not None:
+            self.tap(raw, False)
+        return raw, fds
+
     def _ask(self, name: str) -> int:
         self._send(name)
-        raw, fds = recv_message(self.sock)
+        raw, fds = self._recv()
         for fd in fds:
             os.close(fd)
         return int(V.decode_message(raw).payload.u64)

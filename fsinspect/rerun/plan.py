@@ -8,7 +8,6 @@ before it has come back, which keeps the recording's overlap windows (and its ca
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from dissectors import fuse as F
@@ -102,8 +101,7 @@ def negotiation_of(reader: RecordingReader, path: str) -> tuple[Negotiation, Ana
     except RecordingError as e:
         raise PlanError(str(e)) from None
     if not seen_features:
-        print(f"fsinspect: warning: {path}: no SET_FEATURES in the control plane; negotiating the defaults",
-              file=sys.stderr)
+        neg.strict = False  # nothing recorded to insist on
     if sizes:
         neg.queue_sizes = sizes
     return neg, an
@@ -147,6 +145,9 @@ def load(path: str, *, allow_truncated: bool = False, allow_snapped: bool = Fals
     rep = init.reply if isinstance(init.reply, F.Reply) and not init.reply.error else None
     ctx = F.FuseContext.from_init(init.request.args["init"], rep.args["init_out"] if rep is not None else None)
     plan = Plan(path, neg, session, ctx, sessions, reader.truncated)
+    if not neg.strict:
+        plan.warnings.append("no negotiation in the recording's control plane: the rerun takes the defaults "
+                             "the back-end offers")
     if sessions > 1:
         plan.warnings.append(f"the recording holds {sessions} FUSE sessions (the guest mounted again); "
                              "the rerun replays the first")

@@ -67,7 +67,10 @@ def proven(plan: Plan) -> dict[str, Node]:
                 created.add(f"{here}/{name.decode('utf-8', 'surrogateescape')}".lstrip("/"))
         if op in _WRITES and here is not None:
             written.add(here)
-        if op == "LOOKUP" and "entry" in rep.args:
+        if op == "GETATTR" and here == "" and "" not in nodes:  # the root's own mode and owner
+            a = rep.args["attr_out"].attr
+            nodes[""] = Node("", a.mode, a.uid, a.gid, a.size)
+        elif op == "LOOKUP" and "entry" in rep.args:
             saw(req.nodeid, req.args["name"], rep.args["entry"])
         elif op == "READDIRPLUS":
             for rec, nm in rep.args.get("entries", ()):
@@ -99,7 +102,9 @@ def prepare(plan: Plan, root: Path) -> str:
         n = nodes[path]
         p = root / path
         kind = stat.S_IFMT(n.mode)
-        if kind == stat.S_IFDIR:
+        if not path:
+            pass  # the root: only its mode and owner below
+        elif kind == stat.S_IFDIR:
             p.mkdir(exist_ok=True)
             if n.submount:
                 mount_tmpfs(p)
@@ -127,4 +132,7 @@ def prepare(plan: Plan, root: Path) -> str:
             os.lchown(p, n.uid, n.gid)
         if kind != stat.S_IFLNK:
             os.chmod(p, stat.S_IMODE(n.mode))
-    return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "nothing proven: an empty share"
+    made = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "nothing proven beyond an empty share"
+    if counts["submounts"]:
+        made += f" (tmpfs: unmount with umount -R {root})"
+    return made

@@ -1,0 +1,93 @@
+"""`fsinspect diff A B`: two recordings of one workload, aligned request by request, replies compared.
+
+Two guests running the same workload send nearly the same requests in the same order; where one sends
+a request the other does not (a SYNCFS on a submount only one of them announced, a retry), the walk
+looks a short way ahead in both for the next request they agree on, and reports what it skipped as
+"only in A" / "only in B".  Requests agree when their opcode, names and (mapped) nodeid agree: B's
+nodeids and file handles are mapped onto A's exactly as a rerun maps them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dissectors import fuse as F
+
+from ..analysis.exchange import Exchange
+from .compare import FieldDiff, Tally, compare
+from .remap import Remap
+from .runner import describe, exchange_diff
+
+LOOKAHEAD = 64
+
+
+def _key(ex: Exchange) -> tuple[object, ...]:
+    return (ex.opcode, tuple(ex.names()) if ex.request is not None else ())
+
+
+def _line(ex: Exchange) -> str:
+    return f"#{ex.n} {ex.opname} nodeid {ex.nodeid} {describe(ex.request) if ex.request is not None else ''}".strip()
+
+
+def align(a: Sequence[Exchange], b: Sequence[Exchange]) -> list[tuple[int | None, int | None]]:
+    """Index pairs (i in a, j in b); None on one side for a request only the other recording has."""
+    out: list[tuple[int | None, int | None]] = []
+    i = j = 0
+    ka, kb = [_key(e) for e in a], [_key(e) for e in b]
+    while i < len(a) and j < len(b):
+        if ka[i] == kb[j]:
+            out.append((i, j))
+            i += 1
+            j += 1
+            continue
+        best: tuple[int, int, int] | None = None  # (skipped in total, skip in a, skip in b)
+        for da in range(LOOKAHEAD):
+            if i + da >= len(a):
+                break
+            for db in range(LOOKAHEAD - da):
+                if j + db >= len(b):
+                    break
+                if ka[i + da] == kb[j + db] and (best is None or da + db < best[0]):
+                    best = (da + db, da, db)
+                    break
+        if best is None:  # nothing agrees within reach: call the pair different and go on
+            out.append((i, j))
+            i += 1
+            j += 1
+            continue
+        out.extend((i + k, None) for k in range(best[1]))
+        out.extend((None, j + k) for k in range(best[2]))
+        i += best[1]
+        j += best[2]
+    out.extend((k, None) for k in range(i, len(a)))
+    out.extend((None, k) for k in range(j, len(b)))
+    return out
+
+
+def diff_exchanges(a: Sequence[Exchange], b: Sequence[Exchange], *, strict: bool = False) -> Tally:
+    t = Tally()
+    remap = Remap()
+    for i, j in align(a, b):
+        if j is None:
+            assert i is not None
+            t.only_a.append(_line(a[i]))
+            continue
+        if i is None:
+            t.only_b.append(_line(b[j]))
+            continue
+        ea, eb = a[i], b[j]
+        fields: list[FieldDiff] = []
+        if ea.opcode != eb.opcode:
+            fields.append(FieldDiff("opcode", ea.opname, eb.opname))
+        else:
+            want = remap.nodeid.get(ea.nodeid)
+            if want is not None and want != eb.nodeid:
+                fields.append(FieldDiff("request.nodeid", f"{ea.nodeid} (B's {want})", eb.nodeid))
+            if isinstance(ea.request, F.Request):
+                remap.learn(ea.request, ea.reply, eb.reply)
+            if ea.expects_reply:
+                fields += compare(ea.reply, eb.reply, strict=strict)
+        if not ea.expects_reply and not fields:
+            continue
+        t.add(exchange_diff(ea, ea.reply, eb.reply, fields, eb.n) if fields else None, ea.opname)
+    return t
