@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from dissectors import fuse as F
 from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
+from dissectors.ring.driver import F_WRITE
 from dissectors.spec import fuse as fspec
 from dissectors.spec import vhost_user as vspec
 
@@ -40,6 +41,7 @@ class Plan:
     context: F.FuseContext  # the recorded INIT's (both sides), to encode and decode the recorded messages
     sessions: int = 1
     truncated: str | None = None
+    rooms: dict[int, int] = field(default_factory=dict)  # request offset -> the recorded reply buffer's size
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -48,25 +50,30 @@ class Plan:
 
     @property
     def max_reply(self) -> int:
-        return max([e.reply_len for e in self.exchanges] + [reply_room(e.request) for e in self.exchanges
-                                                             if e.request is not None])
+        return max([e.reply_len for e in self.exchanges] + list(self.rooms.values())
+                   + [reply_room(e.request) for e in self.exchanges if e.request is not None])
+
+
+SIZED = {"READ": "read", "READDIR": "read", "READDIRPLUS": "read", "GETXATTR": "getxattr",
+         "LISTXATTR": "getxattr"}
 
 
 def reply_room(req: F.Request | None) -> int:
-    """The reply buffer a kernel would give: its `size` arguments bound READ, READDIR, GETXATTR replies."""
-    room = 4096
+    """The reply buffer Linux gives when the recording has no layout: header + `size` for the sized
+    replies (READ, READDIR, xattrs; some back-ends fill all of it), else room for any fixed reply."""
     if req is None:
-        return room
-    for v in req.args.values():
-        size = getattr(v, "size", None)
-        if isinstance(size, int) and v._spec.name != "fuse_write_in":
-            room = max(room, size + 4096)
-    return room
+        return 4096
+    part = SIZED.get(req.opname)
+    if part is None or part not in req.args:
+        return 4096
+    size = int(req.args[part].size)
+    return F.OUT_HEADER_SIZE + (size if size or part == "read" else 8)
 
 
-def negotiation_of(reader: RecordingReader, path: str) -> tuple[Negotiation, Analyzer]:
+def negotiation_of(reader: RecordingReader, path: str) -> tuple[Negotiation, Analyzer, dict[int, int]]:
     """Read the whole recording once: the front-end's last negotiation before FUSE traffic, and the exchanges."""
     neg = Negotiation(strict=True)
+    rooms: dict[int, int] = {}
     seen_features = False
     sizes: dict[int, int] = {}
     an = Analyzer(keep_exchanges=True)
@@ -77,6 +84,8 @@ def negotiation_of(reader: RecordingReader, path: str) -> tuple[Negotiation, Ana
         for rec in reader.records():
             if rec.is_fuse:
                 fuse_seen = True
+                if rec.inbound and rec.layout:
+                    rooms[rec.offset] = sum(ln for ln, fl in rec.layout if fl & F_WRITE)
                 yield rec
                 continue
             if fuse_seen or not rec.inbound:
@@ -104,7 +113,7 @@ def negotiation_of(reader: RecordingReader, path: str) -> tuple[Negotiation, Ana
         neg.strict = False  # nothing recorded to insist on
     if sizes:
         neg.queue_sizes = sizes
-    return neg, an
+    return neg, an, rooms
 
 
 def load(path: str, *, allow_truncated: bool = False, allow_snapped: bool = False) -> Plan:
@@ -113,7 +122,7 @@ def load(path: str, *, allow_truncated: bool = False, allow_snapped: bool = Fals
     except RecordingError as e:
         raise PlanError(str(e)) from None
     try:
-        neg, an = negotiation_of(reader, path)
+        neg, an, rooms = negotiation_of(reader, path)
     finally:
         reader.close()
     if reader.truncated and not allow_truncated:
@@ -144,7 +153,7 @@ def load(path: str, *, allow_truncated: bool = False, allow_snapped: bool = Fals
     assert init.request is not None
     rep = init.reply if isinstance(init.reply, F.Reply) and not init.reply.error else None
     ctx = F.FuseContext.from_init(init.request.args["init"], rep.args["init_out"] if rep is not None else None)
-    plan = Plan(path, neg, session, ctx, sessions, reader.truncated)
+    plan = Plan(path, neg, session, ctx, sessions, reader.truncated, rooms)
     if not neg.strict:
         plan.warnings.append("no negotiation in the recording's control plane: the rerun takes the defaults "
                              "the back-end offers")

@@ -38,18 +38,17 @@ class Remap:
             self.fh[a["open"].fh] = b["open"].fh
         if "entries" in a and "entries" in b and req.opname in DIR_OPS:
             plus = req.opname == "READDIRPLUS"
-            theirs = {nm: rec for rec, nm in b["entries"]}
             fh = req.args["read"].fh if "read" in req.args else 0
-            for rec, nm in a["entries"]:
-                other = theirs.get(nm)
-                if other is None:
-                    continue
-                if plus:
-                    if rec.entry_out.nodeid and other.entry_out.nodeid:
+            if plus:  # nodeids by name
+                theirs = {nm: rec for rec, nm in b["entries"]}
+                for rec, nm in a["entries"]:
+                    other = theirs.get(nm)
+                    if other is not None and rec.entry_out.nodeid and other.entry_out.nodeid:
                         self._node(rec.entry_out.nodeid, other.entry_out.nodeid)
-                    self.cookie[(fh, rec.dirent.off)] = other.dirent.off
-                else:
-                    self.cookie[(fh, rec.off)] = other.off
+            # A cookie means "so many entries read": each back-end lists in its own order, so the one after
+            # the k-th entry maps to the other's after its k-th (the set compares equal when both are whole).
+            for (rec, _), (other, _) in zip(a["entries"], b["entries"], strict=False):
+                self.cookie[(fh, rec.dirent.off if plus else rec.off)] = other.dirent.off if plus else other.off
 
     def _node(self, old: int, new: int) -> None:
         if old:

@@ -126,7 +126,9 @@ class Rerun:
         if ex.snapped:
             req = unsnap(req)
         raw = F.encode_request_obj(req, self.ctx)
-        room = 0 if not self._expects(ex) else max(4096, ex.reply_len, reply_room(req))
+        room = 0 if not self._expects(ex) else (self.plan.rooms.get(ex.req_ref) if ex.req_ref is not None else None)
+        if room is None:
+            room = max(ex.reply_len, reply_room(req))
         self._sent_req[i] = req
         self._sent_at[i] = time.perf_counter_ns()
         if self.writer is not None:
@@ -178,6 +180,8 @@ class Rerun:
         if self.writer is not None:
             self.writer.reply(raw, self._queue(ex), None)
         req = self._sent_req[i]
+        if len(raw) >= 4:  # the used length may cover the whole buffer (the C virtiofsd's READ): the header says
+            raw = raw[:max(int.from_bytes(raw[:4], "little"), F.OUT_HEADER_SIZE)]
         fields: list[FieldDiff]
         new: Any
         try:
