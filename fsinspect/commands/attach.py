@@ -1,27 +1,94 @@
-"""`fsinspect attach CTRL_SOCK`: the Textual UI live on a proxy's (or daemon's) control socket."""
+"""`fsinspect attach CTRL_SOCK`: the Textual UI live on a proxy's (or daemon's) control socket, or with
+`--format` a headless stream of its exchanges (text, JSON lines, pcapng), like mitmdump and `tshark -i`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+from .. import privfile
 from ..errors import UserError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("attach", help="watch a running proxy live in the UI",
-                       description="Attach the Textual UI to the control socket of `fsinspect proxy --control "
-                                   "SOCK`.  Any number of UIs may attach; a slow one never slows the proxy "
-                                   "(it is told how many messages it missed).")
-    p.add_argument("ctrl", metavar="CTRL_SOCK", help="the proxy's --control socket")
-    p.add_argument("--title", default=None, help="title shown in the header")
+    p = sub.add_parser("attach", help="watch a running proxy or daemon live: the UI, or a headless stream",
+                       description="Attach to the control socket of `fsinspect proxy --control SOCK` (or "
+                                   "`fsinspect daemon --control SOCK`).  Without --format: the Textual UI.  "
+                                   "With --format: every finished exchange (that passes --filter) to stdout or "
+                                   "-o FILE until Ctrl-C or the source ends; `--format pcapng | tshark -r - "
+                                   "-X lua_script:recordings/fuse.lua` decodes it live.  Any number of clients "
+                                   "may attach; a slow one never slows the source (it is told how many "
+                                   "messages it missed).")
+    p.add_argument("ctrl", metavar="CTRL_SOCK", help="the proxy's or daemon's --control socket")
+    p.add_argument("--title", default=None, help="title shown in the UI's header")
+    p.add_argument("--format", choices=("text", "jsonl", "pcapng"), default=None,
+                   help="stream headless instead of the UI: one line per exchange, JSON lines, or pcapng "
+                        "(a recording's blocks)")
+    p.add_argument("--filter", metavar="EXPR", default=None,
+                   help="with --format: only exchanges that match, e.g. 'op == SYNCFS', 'error != 0'")
+    p.add_argument("-o", "--output", metavar="FILE", default=None,
+                   help="with --format: write to FILE (created 0600, see --record-mode) instead of stdout")
+    privfile.add_mode_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tui.app import run_attach  # textual loads only for the UI commands
+    if args.format is None:
+        if args.filter is not None or args.output is not None:
+            raise UserError("--filter and -o go with --format text|jsonl|pcapng (the UI has its own filter: /)")
+        from ..tui.app import run_attach  # textual loads only for the UI commands
 
+        try:
+            return run_attach(args.ctrl, title=args.title)
+        except ConnectionError as e:
+            raise UserError(str(e)) from None
+    return run_headless(args.ctrl, args.format, args.filter, args.output, args.record_mode)
+
+
+def run_headless(ctrl: str, fmt: str, expr: str | None, dest: str | None, mode: int = privfile.DEFAULT_MODE,
+                 *, stream: int | None = None, who: str = "fsinspect attach") -> int:
+    """Stream until the source closes or Ctrl-C (or SIGTERM: extcap's stop); shared with `fsinspect extcap`."""
+    import signal
+    import threading
+
+    from ..analysis import FilterError, compile_filter
+    from ..live.headless import HeadlessFeed, open_sink
+
+    feed = HeadlessFeed(ctrl)
+    if expr is not None:
+        try:
+            feed.predicate = compile_filter(expr, path_of=feed.path_of)
+        except FilterError as e:
+            raise UserError(f"--filter: {e}") from None
     try:
-        return run_attach(args.ctrl, title=args.title)
+        feed.connect()
     except ConnectionError as e:
         raise UserError(str(e)) from None
+    try:
+        feed.sink = open_sink(fmt, dest, feed.state, mode=mode, stream=stream)
+    except OSError as e:
+        feed.shutdown()
+        raise UserError(f"{dest or 'stdout'}: {e.strerror or e}") from None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: flush, then exit 0
+    stopped = False
+    try:
+        feed.pump(threading.Event())
+    except KeyboardInterrupt:
+        stopped = True
+    except BrokenPipeError:  # `| head`: the reader went away
+        stopped = True
+    finally:
+        try:
+            feed.sink.close()
+        except BrokenPipeError:
+            pass
+    if feed.refused:
+        raise UserError(f"{ctrl}: the source closed the connection: {feed.refused}")
+    end = "stopped" if stopped else "the source closed the control socket"
+    sys.stderr.write(f"{who}: {end}; {feed.written} of {feed.seen} exchanges written"
+                     + (f", {feed.state.overflow} messages dropped by the source" if feed.state.overflow else "")
+                     + "\n")
+    return 0
+

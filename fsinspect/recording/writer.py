@@ -110,12 +110,14 @@ class RecordingWriter:
     `rotate_mb` > 0 continues in FILE.001.pcapng, … once a part holds that much (a part ends on a block
     boundary, so each is a complete recording); `rotate_keep` > 0 deletes the oldest parts beyond that
     many, so a recorder that runs for weeks uses at most about rotate_keep x rotate_mb on disk.
+    `stream` writes to an fd the caller owns (stdout piped into tshark, an extcap FIFO) instead of creating
+    `path`: the same blocks, no rotation, and the fd is left open.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, source: str = "virtio", backend: str = "",
                  comments: Sequence[str] = (), snaplen: int = fmt.DEFAULT_SNAPLEN, rotate_mb: float = 0,
                  flush_bytes: int = 1 << 18, flush_interval: float = 0.2, mode: int = privfile.DEFAULT_MODE,
-                 init: dict[str, Any] | None = None, rotate_keep: int = 0) -> None:
+                 init: dict[str, Any] | None = None, rotate_keep: int = 0, stream: int | None = None) -> None:
         if source == "vhost-user":  # a vhost-user back-end's traffic is virtqueue traffic
             source = "virtio"
         if source not in ("virtio", "fusedev"):
@@ -124,6 +126,9 @@ class RecordingWriter:
             raise ValueError("snaplen must be >= 0")
         if rotate_mb < 0 or rotate_keep < 0:
             raise ValueError("rotate_mb and rotate_keep must be >= 0")
+        if stream is not None and rotate_mb:
+            raise ValueError("a stream cannot rotate")
+        self.stream = stream
         self.base = Path(path)
         self.source = source
         self.backend = backend
@@ -245,7 +250,8 @@ class RecordingWriter:
         if self._fd < 0:
             return
         self.flush()
-        os.close(self._fd)
+        if self.stream is None:
+            os.close(self._fd)
         self._fd = -1
 
     def __enter__(self) -> RecordingWriter:
@@ -261,7 +267,7 @@ class RecordingWriter:
         n = len(self.paths)
         path = part_path(self.base, n)
         self.paths.append(path)
-        self._fd = privfile.create(path, self.mode, append=True)
+        self._fd = privfile.create(path, self.mode, append=True) if self.stream is None else self.stream
         self._written = 0
         self._ifaces = {}
         self._req_chan = {}

@@ -9,65 +9,46 @@ from __future__ import annotations
 
 import bisect
 import collections
-import contextlib
 import gc
 import heapq
-import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dissectors.spec import fuse as fspec
-
-from ..analysis import Analyzer, Exchange
-from ..analysis import exchange as X
-from ..analysis.inodes import Announcement, Inode, SyncfsRecord
+from ..analysis import Exchange
+from ..live.feed import BATCH, CommandError, ControlFeed, LiveState
 from ..recording.export import Exported, export_recording, write_pcapng
 from ..recording.reader import Record, RecordingError, RecordingReader
 from ..recording.replay import prime_from_header
 from .control import ControlState
 from .render import number
 
-BATCH = 256  # records fed per lock hold (~25 ms of decoding), then the thread yields the GIL to the UI
-FREEZE_EVERY = 5_000
-LIVE_KEEP = 500_000  # exchanges a live session keeps (~0.9 GB); older ones are forgotten  # exchanges between gc.freeze() calls (see Store.settle)
-_OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
-_ERRNO = fspec.ERRNO.by_name()
+FREEZE_EVERY = 5_000  # exchanges between gc.freeze() calls (see Store.settle)
+LIVE_KEEP = 500_000  # exchanges a live session keeps (~0.9 GB); older ones are forgotten
+__all__ = ["AttachSource", "CommandError", "ReplaySource", "Source", "Store"]
 
 
 @dataclass
-class Store:
+class Store(LiveState):
     """Everything the UI shows, fed by one source thread.
 
     `exchanges` (the analyzer's list) and `paths` only grow; the UI reads indexes below `len()` freely.
     Everything else (inode map, submounts, stats, buckets) is read under `lock`.
     """
 
-    analyzer: Analyzer = field(default_factory=lambda: Analyzer(keep_exchanges=True))
     paths: list[str] = field(default_factory=list)  # nodeid -> path as it was when the request came
-    lock: threading.Lock = field(default_factory=threading.Lock)
     title: str = ""
-    status: str = "starting"
     progress: float | None = None  # 0..1 while a replay is still being analysed
     done: bool = False
     error: str | None = None
-    overflow: int = 0  # live messages the proxy dropped for this client
-    control: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=2000))
-    events: list[dict[str, Any]] = field(default_factory=list)
     ctl: ControlState = field(default_factory=ControlState)
-    capture: dict[str, Any] = field(default_factory=dict)
-    remote_lints: list[dict[str, Any]] = field(default_factory=list)  # lints from before we attached
     ops_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> exchanges
     bytes_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> bytes
-    received: int = 0  # records read (replay) or protocol lines received (attach)
     kind: str = ""  # the source's kind: "replay" or "attach"
     base: int = 0  # Exchange.index of exchanges[0]: a live session forgets its oldest exchanges (trim)
-    first_ts: int = 0  # the first record's time (any kind): tshark's zero for relative times
-    open: dict[int, Exchange] = field(default_factory=dict)  # the source's n -> its pending or held exchange
     clock: Callable[[], int] = time.time_ns  # a live source's "now" for ages (tests fix it)
     _frozen_at: int = 0
 
@@ -99,17 +80,18 @@ class Store:
         self.sync_paths(ex.index, hint)
         return ex
 
+    def on_control(self, obj: dict[str, Any]) -> None:
+        self.ctl.summary(str(obj.get("direction", "")), str(obj.get("summary", "")))
+
+    def on_event(self, kind: str, detail: dict[str, Any]) -> None:
+        self.ctl.event(kind, detail)
+
+    def seed_features(self, features: dict[str, Any]) -> None:
+        self.ctl.seed(features)
+
     def now_ns(self) -> int:
         """What a pending request's age is measured against: the clock live, the last capture in a replay."""
         return self.analyzer.last_ts if self.kind == "replay" else self.clock()
-
-    def find_n(self, n: int, depth: int = 4096) -> Exchange | None:
-        """A recent exchange by the source's number (the newest `depth` are searched)."""
-        exs = self.analyzer.exchanges
-        for k in range(len(exs) - 1, max(-1, len(exs) - 1 - depth), -1):
-            if exs[k].n == n:
-                return exs[k]
-        return None
 
     def held(self) -> list[Exchange]:
         """The exchanges a breakpoint holds now, oldest first."""
@@ -265,10 +247,6 @@ class Source:
         raise CommandError("breakpoints need a live source: `fsinspect attach` to a proxy or daemon --control")
 
 
-class CommandError(Exception):
-    """A debugger command that cannot be sent (no live source, or the connection is gone)."""
-
-
 class ReplaySource(Source):
     """A recording, analysed front to back in the background with progress (by file offset)."""
 
@@ -359,315 +337,40 @@ def _direction(rec: Record) -> str:
     return "frontend" if rec.inbound else "backend"
 
 
-class AttachSource(Source):
-    """A proxy's control socket (fsinspect/proxy/hub.py, protocols 1 and 2), read in a worker thread.
-
-    Exchanges carry their raw bytes, which a local Analyzer re-decodes: the hex dump, the filters and the
-    inode map work as on a replay.  The snapshot seeds the inode map and submounts known before we joined.
-    Exchanges keep the source's numbers (`n`): a request is listed when it is captured and its reply
-    completes that row; the source's own verdicts (`stuck`, held) are taken as they come.  Debugger
-    commands go back on the same socket (`command`), each answered by one `reply` with its id.
-    """
+class AttachSource(ControlFeed, Source):
+    """A proxy's or daemon's control socket, read in a worker thread by the shared ControlFeed
+    (fsinspect/live/feed.py); this adds the UI's paths, its bounded window and its status line."""
 
     kind = "attach"
 
     def __init__(self, store: Store, ctrl_path: str, *, connect_timeout: float = 5.0,
                  keep: int = LIVE_KEEP) -> None:
-        super().__init__(store)
+        Source.__init__(self, store)
+        ControlFeed.__init__(self, store, ctrl_path, connect_timeout=connect_timeout)
         self.keep = keep
-        self.ctrl_path = ctrl_path
-        self.connect_timeout = connect_timeout
-        self.sock: socket.socket | None = None
-        self._raw: dict[int, tuple[bytes | None, bytes | None]] = {}
-        self._replies: dict[int, Callable[[dict[str, Any]], None] | None] = {}
-        self._due: list[tuple[Callable[[dict[str, Any]], None], dict[str, Any]]] = []  # replies to hand on
-        self._next_id = 0
-        self._send_lock = threading.Lock()
-        self.version = 1
-        self.refused: str | None = None  # the hub's last word before it closed on us (too many clients, ...)
-        store.analyzer.stuck_ns = 0  # the source lints `stuck` with its own threshold and clock
         store.title = store.title or f"attach {ctrl_path}"
 
-    def connect(self) -> None:
-        """Connect now (the command reports a missing socket as one line before the UI starts)."""
-        deadline = time.monotonic() + self.connect_timeout
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                s.connect(self.ctrl_path)
-            except OSError as e:
-                s.close()
-                if time.monotonic() >= deadline:
-                    raise ConnectionError(f"cannot connect to {self.ctrl_path}: {e.strerror or e}") from None
-                time.sleep(0.1)
-                continue
-            self.sock = s
-            return
-
     def stop(self) -> None:
-        super().stop()
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+        Source.stop(self)
+        self.shutdown()
 
     def run(self) -> None:
         if self.sock is None:
             self.connect()
-        assert self.sock is not None
         st = self.store
         st.status = "connected"
-        buf = b""
-        sock = self.sock
-        try:
-            while not self._stop.is_set():
-                try:
-                    chunk = sock.recv(1 << 20)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                buf += chunk
-                if b"\n" not in chunk:
-                    continue
-                lines = buf.split(b"\n")
-                buf = lines.pop()
-                for k in range(0, len(lines), BATCH):
-                    self.feed_lines(lines[k:k + BATCH])
-                    time.sleep(0)  # hand the GIL to the UI thread if it is waiting for it
-        finally:
-            sock.close()
+        self.pump(self._stop)
         if not self._stop.is_set():
             st.status = "the proxy closed the control socket" + (f": {self.refused}" if self.refused else "")
 
-    def feed_lines(self, lines: list[bytes]) -> None:
-        """Apply a batch of protocol lines (one lock hold per batch)."""
+    def applied(self) -> None:
         st = self.store
-        self._due = []
-        with st.lock:
-            for line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    st.events.append({"type": "event", "kind": "bad-line", "detail": {"line": line[:200].decode(
-                        "utf-8", "replace")}})
-                    continue
-                st.received += 1
-                self._apply(obj)
-                if len(st.paths) < len(st.analyzer.exchanges):
-                    st.sync_paths()
-            if st.trim(self.keep):
-                base = st.base
-                self._raw = {k: v for k, v in self._raw.items() if k >= base}
-            st.settle()
-        for cb, obj in self._due:  # outside the lock: a callback may wait for the UI thread
-            cb(obj)
+        if len(st.paths) < len(st.analyzer.exchanges):
+            st.sync_paths()
 
-    def command(self, cmd: str, on_reply: Callable[[dict[str, Any]], None] | None = None, **args: Any) -> None:
-        sock = self.sock
-        if sock is None or self.store.done:
-            raise CommandError("not connected to the control socket")
-        if self.version < 2:
-            raise CommandError("this source speaks control protocol 1: no debugger commands (update it)")
-        with self._send_lock:
-            self._next_id += 1
-            cid = self._next_id
-            self._replies[cid] = on_reply
-            line = (json.dumps({"id": cid, "cmd": cmd, **args}) + "\n").encode()
-            try:
-                sock.sendall(line)
-            except OSError as e:
-                self._replies.pop(cid, None)
-                raise CommandError(f"cannot send {cmd}: {e.strerror or e}") from None
-
-    def _reply(self, obj: dict[str, Any]) -> None:
-        cid = obj.get("id")
-        cb = self._replies.pop(cid, None) if isinstance(cid, int) else None
-        if cb is not None:
-            self._due.append((cb, obj))
-
-    def _apply(self, obj: dict[str, Any]) -> None:
+    def batch_done(self) -> None:
         st = self.store
-        t = obj.get("type")
-        if not st.first_ts and t in ("exchange", "control") and isinstance(obj.get("ts_ns"), int):
-            st.first_ts = obj["ts_ns"]
-        if t == "exchange":
-            self._exchange(obj)
-        elif t in ("request", "held"):
-            self._request(obj)
-        elif t == "resumed":
-            how = str(obj.get("how", "released"))
-            ex = st.open.get(obj.get("n", -1))
-            if ex is not None:
-                st.analyzer.resume(ex.n, how)
-                if ex.state == X.DONE:
-                    st.open.pop(ex.n, None)
-            else:  # its reply came first (the source publishes the verdict after the back-end answered)
-                done = st.find_n(obj.get("n", -1))
-                note = f"{how} by the debugger"
-                if done is not None and note not in done.notes:
-                    done.notes.append(note)
-        elif t == "reply":
-            self._reply(obj)
-        elif t == "control":
-            st.control.append(obj)
-            st.ctl.summary(str(obj.get("direction", "")), str(obj.get("summary", "")))
-        elif t == "event":
-            st.events.append(obj)
-            if isinstance(obj.get("detail"), dict):
-                st.ctl.event(str(obj.get("kind", "")), obj["detail"])
-        elif t == "overflow":
-            st.overflow = max(st.overflow, int(obj.get("missed", 0)))
-        elif t == "error":
-            self.refused = str(obj.get("error", ""))
-        elif t == "snapshot":
-            self._snapshot(obj)
-        elif t == "hello":
-            versions = obj.get("versions") or [obj.get("version")]
-            if 1 not in versions and 2 not in versions:
-                st.status = f"unknown control protocol version {obj.get('version')!r}"
-            else:
-                self.version = 2 if 2 in versions else 1
-                st.status = f"attached to {obj.get('source', '?')} ({obj.get('tool', '?')})"
-
-    def _snapshot(self, snap: dict[str, Any]) -> None:
-        st = self.store
-        an = st.analyzer
-        for n in snap.get("inodes", ()):
-            name = n.get("name")
-            an.inodes.nodes[int(n["nodeid"])] = Inode(int(n["nodeid"]), n.get("parent"),
-                                                      name.encode("utf-8", "surrogateescape") if name else None,
-                                                      int(n.get("ino", 0)), int(n.get("generation", 0)),
-                                                      int(n.get("nlookup", 0)), int(n.get("attr_flags", 0)))
-        for s in snap.get("submounts", ()):
-            an.submounts.announce(Announcement(int(s["nodeid"]), int(s.get("parent", 0)),
-                                               str(s.get("name", "")).encode(), -1, int(s.get("ino", 0))))
-        for s in snap.get("syncfs", ()):
-            an.submounts.syncfs.append(SyncfsRecord(-1, int(s["nodeid"]), s.get("latency_ns"),
-                                                    bool(s.get("superblock_root")), s.get("error")))
-        st.remote_lints = list(snap.get("lints", ()))
-        st.ctl.seed(dict(snap.get("features") or {}))
-        st.capture = dict(snap.get("capture") or {})
-        for c in snap.get("control", ()):
-            if not st.first_ts and isinstance(c.get("ts_ns"), int):
-                st.first_ts = c["ts_ns"]
-            st.control.append(c)  # the proxy's state already counts these: no ctl.summary here
-        st.events.extend(snap.get("events", ()))
-        # Finished and still open exchanges, in the source's order (numbered by it).
-        finished = list(snap.get("exchanges", ()))
-        opened = list(snap.get("pending", ()))
-        still_open = {id(d) for d in opened}
-        for d in sorted(finished + opened, key=lambda d: int(d.get("n") or 0)):
-            if id(d) in still_open:
-                self._request(d)
-            else:
-                self._exchange(d)
-
-    def _request(self, d: dict[str, Any]) -> None:
-        """A request in flight, new or changed (held, resumed, linted `stuck` by the source)."""
-        st = self.store
-        n = d.get("n")
-        if not isinstance(n, int):
-            return
-        if d.get("type") == "held":
-            held = d.get("direction", X.HELD_REQUEST)
-        else:
-            held = d.get("held", X.HELD_REQUEST) if d.get("state") == X.HELD else None
-        ex = st.open.get(n)
-        if ex is None:
-            req_hex = d.get("request_raw")
-            if not isinstance(req_hex, str):
-                return
-            ex = st.feed_request(bytes.fromhex(req_hex), int(d.get("queue") or 0), d.get("head"),
-                                 int(d.get("ts_ns") or 0), orig_len=d.get("request_len"),
-                                 notes=list(d.get("notes", ())), n=n)
-            self._raw[ex.index] = (bytes.fromhex(req_hex), None)
-            if ex.state == X.DONE:  # no reply expected (FORGET): complete already
-                return
-            st.open[n] = ex
-        self._source_lints(ex, d)
-        rep_hex = d.get("reply_raw")
-        if held == X.HELD_REPLY and isinstance(rep_hex, str) and ex.reply_ts is None:
-            # The reply the breakpoint holds: decoded now, so `x` can edit it.
-            st.analyzer.feed_reply(bytes.fromhex(rep_hex), ex.queue, ex.head, int(d.get("reply_ts_ns") or 0),
-                                   orig_len=d.get("reply_len"), n=n, held=True)
-            self._raw[ex.index] = (self._raw.get(ex.index, (None, None))[0], bytes.fromhex(rep_hex))
-        elif held != ex.held:
-            st.analyzer.set_held(n, held)
-
-    def _source_lints(self, ex: Exchange, d: dict[str, Any]) -> None:
-        """Lints only the source can tell (it has the clock and the threshold)."""
-        for name in d.get("lints", ()):
-            if name == X.STUCK and name not in ex.lints:
-                self.store.analyzer.add_lint(ex, name, f"{ex.opname} unique {ex.unique} (#{ex.n}) waited longer "
-                                                       "than the source's stuck threshold")
-
-    def _exchange(self, d: dict[str, Any]) -> None:
-        an = self.store.analyzer
-        req_hex, rep_hex = d.get("request_raw"), d.get("reply_raw")
-        queue = int(d.get("queue") or 0)
-        head = d.get("head")
-        ts = int(d.get("ts_ns") or 0)
-        rts = d.get("reply_ts_ns")
-        if rts is None and d.get("latency_ns") is not None:
-            rts = ts + int(d["latency_ns"])
-        if req_hex is None and rep_hex is None:
-            self._bare(d)
-            return
-        notes = list(d.get("notes", ()))
-        n = d.get("n") if isinstance(d.get("n"), int) else None
-        opened = self.store.open.pop(n, None) if n is not None else None
-        if opened is not None:  # its request is listed already: the reply completes it in place
-            ex = opened
-            if rep_hex is not None:
-                an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"),
-                              n=n, notes=[x for x in notes if x not in ex.notes])
-            self._source_lints(ex, d)
-            self._raw[ex.index] = (self._raw.get(ex.index, (None, None))[0],
-                                   bytes.fromhex(rep_hex) if rep_hex else None)
-            return
-        if req_hex is not None:
-            ex = self.store.feed_request(bytes.fromhex(req_hex), queue, head, ts, orig_len=d.get("request_len"),
-                                         notes=notes, n=n)
-            if rep_hex is not None:
-                an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"),
-                              n=n)
-            self._source_lints(ex, d)
-        else:
-            assert rep_hex is not None
-            ex = an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"),
-                               notes=notes)
-        self._raw[ex.index] = (bytes.fromhex(req_hex) if req_hex else None,
-                               bytes.fromhex(rep_hex) if rep_hex else None)
-
-    def _bare(self, d: dict[str, Any]) -> None:
-        """An exchange without raw bytes (an older proxy): list it with what the JSON says."""
-        an = self.store.analyzer
-        op = _OP_BY_NAME.get(str(d.get("opcode")), -1)
-        ex = Exchange(an.count, int(d.get("queue") or 0), d.get("head"), int(d.get("epoch") or 0),
-                      int(d.get("unique") or 0), op, int(d.get("nodeid") or 0), req_ts=d.get("ts_ns"),
-                      notes=["no raw bytes from the proxy", *d.get("notes", ())], lints=list(d.get("lints", ())),
-                      n=d["n"] if isinstance(d.get("n"), int) else an.count + 1)
-        err = d.get("error")
-        ex.error = _ERRNO.get(err, 0) if isinstance(err, str) else 0
-        if d.get("latency_ns") is not None and ex.req_ts is not None:
-            ex.reply_ts = ex.req_ts + int(d["latency_ns"])
-            ex.replied = True
-        ex.submount = bool(d.get("submount"))
-        an.count += 1
-        an.exchanges.append(ex)
-        an.stats.add(ex)
-        for cb in an.listeners:
-            cb(ex)
-
-    def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:
-        req, rep = self._raw.get(ex.index, (None, None))
-        return (_live_record(req, True, ex) if req is not None else None,
-                _live_record(rep, False, ex) if rep is not None else None)
-
-
-def _live_record(data: bytes, inbound: bool, ex: Exchange) -> Record:
-    """The live bytes in the same shape a recording gives (no descriptor layout: the stream lacks it)."""
-    return Record(-1, -1, "fuse", inbound, (ex.req_ts if inbound else ex.reply_ts) or 0, data,
-                  (ex.req_len if inbound else ex.reply_len) or len(data), ex.queue, ex.head, ex.epoch, 0)
+        if st.trim(self.keep):
+            base = st.base
+            self._raw = {k: v for k, v in self._raw.items() if k >= base}
+        st.settle()

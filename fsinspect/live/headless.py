@@ -1,0 +1,131 @@
+"""Headless clients of a control socket: finished exchanges as text, JSON lines or pcapng, as they come.
+
+The model is `mitmdump` and `tshark -i`: stream until the source ends or the user stops it.  A sink gets
+each finished exchange that passes the filter and is flushed after every batch, so a pipe (`| tshark -r -`)
+or an extcap FIFO is never more than one batch behind.  pcapng goes through the recording writer, so its
+blocks are a recording's blocks and fuse.lua decodes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import IO, Protocol
+
+from ..analysis import Analyzer, Exchange
+from ..analysis.filter import Predicate
+from ..analysis.render import exchange_json, exchange_line
+from ..recording.writer import RecordingWriter
+from .feed import ControlFeed, LiveState
+
+FORMATS = ("text", "jsonl", "pcapng")
+
+
+class Sink(Protocol):
+    def write(self, ex: Exchange) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TextSink:
+    """One line per exchange (analysis.render.exchange_line), times relative to the first record."""
+
+    def __init__(self, out: IO[bytes], state: LiveState, jsonl: bool = False) -> None:
+        self.out = out
+        self.state = state
+        self.jsonl = jsonl
+
+    def write(self, ex: Exchange) -> None:
+        line = json.dumps(exchange_json(ex)) if self.jsonl else exchange_line(ex, self.state.first_ts)
+        self.out.write(line.encode("utf-8", "surrogateescape") + b"\n")
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> None:
+        self.out.flush()
+
+
+class PcapngSink:
+    """Request and reply blocks of each exchange, written when it finishes (so across exchanges the blocks
+    are in completion order, as a capture of replies would be)."""
+
+    def __init__(self, writer: RecordingWriter) -> None:
+        self.writer = writer
+
+    def write(self, ex: Exchange) -> None:
+        w = self.writer
+        if ex.req_raw is not None:
+            w.request(ex.req_raw, ex.queue, ex.head, ex.req_ts or 0, epoch=ex.epoch, orig_len=ex.req_len,
+                      notes=ex.notes)
+        if ex.reply_raw is not None:
+            w.reply(ex.reply_raw, ex.queue, ex.head, ex.reply_ts or 0, epoch=ex.epoch, orig_len=ex.reply_len)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_sink(fmt: str, dest: str | None, state: LiveState, *, mode: int = 0o600, stream: int | None = None) -> Sink:
+    """A sink writing `fmt` to `dest` (created with `mode`) or to the fd `stream` (stdout when both are None)."""
+    if dest is None and stream is None:
+        stream = 1
+    if fmt == "pcapng":
+        return PcapngSink(RecordingWriter(dest or "-", stream=stream, mode=mode, flush_interval=0.05,
+                                          comments=["live from an fsinspect control socket"]))
+    if fmt not in ("text", "jsonl"):
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if stream is not None:
+        out = os.fdopen(os.dup(stream), "wb")
+    else:
+        from .. import privfile
+
+        assert dest is not None
+        out = os.fdopen(privfile.create(dest, mode), "wb")
+    return TextSink(out, state, jsonl=fmt == "jsonl")
+
+
+class HeadlessFeed(ControlFeed):
+    """A control socket's finished exchanges, filtered, into a sink; nothing is kept once written."""
+
+    keep_raw_bytes = False
+
+    def __init__(self, ctrl_path: str, *, predicate: Predicate | None = None,
+                 connect_timeout: float = 5.0) -> None:
+        state = LiveState(analyzer=Analyzer(keep_exchanges=False, keep_raw=True))
+        super().__init__(state, ctrl_path, connect_timeout=connect_timeout)
+        self.predicate = predicate
+        self.sink: Sink | None = None
+        self.written = 0
+        self.seen = 0
+        self.reported_overflow = 0
+        self._finished: list[Exchange] = []
+        state.analyzer.listeners.append(self._finished.append)
+
+    def path_of(self, ex: Exchange) -> str:
+        """`path ~ "x"` in a headless filter: the nodeid's path now (as the UI's, without the history)."""
+        inodes = self.state.analyzer.inodes
+        return inodes.path(ex.nodeid) if ex.opcode >= 0 and ex.nodeid in inodes.nodes else ""
+
+    def batch_done(self) -> None:
+        done, self._finished[:] = list(self._finished), []
+        sink = self.sink
+        if sink is None:
+            return
+        pred = self.predicate
+        for ex in done:
+            self.seen += 1
+            if pred is None or pred(ex):
+                sink.write(ex)
+                self.written += 1
+        sink.flush()
+        missed = self.state.overflow
+        if missed > self.reported_overflow:
+            self.reported_overflow = missed
+            sys.stderr.write(f"fsinspect attach: the source dropped {missed} messages for this client "
+                             "(it was too slow)\n")

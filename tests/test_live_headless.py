@@ -1,0 +1,110 @@
+"""`fsinspect attach --format text|jsonl|pcapng`: the headless client against the real Hub.
+
+The guest-syncfs sample is run through a real Analyzer whose finished exchanges the real Hub publishes (as
+the proxy does); `fsinspect attach` runs as a subprocess and its output is checked against the golden file,
+and (pcapng) decoded by real tshark with fuse.lua from a pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fsinspect.proxy.hub import Hub
+from tests.test_recording_samples import LUA
+from tests.test_tui import SYNCFS, _publish_sample, golden
+
+FSINSPECT = [sys.executable, "-m", "fsinspect"]
+
+
+def _wait_clients(hub: Hub, n: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while len(hub.clients) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the client never attached"
+        time.sleep(0.02)
+
+
+def _serve(tmp_path: Path, *cmd: str, stdout: int | None = subprocess.PIPE) -> tuple[subprocess.Popen[bytes], Hub]:
+    lock = threading.RLock()
+    hub = Hub(str(tmp_path / "ctl.sock"), lambda: {}, feed_lock=lock, queue_len=100_000)
+    proc = subprocess.Popen([*FSINSPECT, "attach", hub.path, *cmd], stdout=stdout, stderr=subprocess.PIPE)
+    _wait_clients(hub, 1, proc)
+    _publish_sample(hub, lock, SYNCFS)
+    return proc, hub
+
+
+def test_jsonl_filter_streams_until_the_source_ends(tmp_path: Path) -> None:
+    proc, hub = _serve(tmp_path, "--format", "jsonl", "--filter", "op == SYNCFS")
+    hub.close()  # the source ends: the client ends too, exit 0
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    rows = [json.loads(x) for x in out.splitlines()]
+    want = [g for g in golden("guest-syncfs") if g["opcode"] == "SYNCFS"]
+    assert len(rows) == len(want) == 6  # the sample's guest synced twice: 3 superblocks each
+    assert [(r["opcode"], r["unique"], r["nodeid"], r["error"]) for r in rows] == \
+        [(g["opcode"], g["unique"], g["nodeid"], g["error"]) for g in want]
+    assert b"6 of " in err and b"the source closed" in err
+
+
+def test_text_to_a_file_is_0600_and_ctrl_c_stops_it(tmp_path: Path) -> None:
+    out = tmp_path / "live.txt"
+    os.umask(0o022)
+    proc, hub = _serve(tmp_path, "--format", "text", "-o", str(out))
+    try:
+        gold = golden("guest-syncfs")
+        deadline = time.monotonic() + 30
+        while len(out.read_text().splitlines()) < len(gold):
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        hub.close()
+    assert proc.returncode == 0, err
+    assert b"stopped" in err and b"Traceback" not in err
+    assert out.stat().st_mode & 0o777 == 0o600
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(gold)
+    syncfs = [x for x in lines if " SYNCFS " in x]
+    assert len(syncfs) == 6 and all(x.startswith("#") and "->" in x for x in syncfs)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/tshark").exists(), reason="tshark not installed")
+def test_pcapng_to_stdout_pipes_into_tshark(tmp_path: Path) -> None:
+    r, w = os.pipe()  # fsinspect attach --format pcapng | tshark -r -
+    tshark = subprocess.Popen(["tshark", "-X", f"lua_script:{LUA}", "-r", "-", "-T", "fields",
+                               "-e", "fuse.opcode", "-e", "fuse.reply", "-Y", "fuse.opcode == 50"],
+                              stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(r)
+    proc, hub = _serve(tmp_path, "--format", "pcapng", stdout=w)
+    os.close(w)
+    hub.close()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    out, terr = tshark.communicate(timeout=120)
+    assert b"Lua" not in terr, terr
+    rows = out.decode().splitlines()
+    assert sorted(rows) == ["50\t0"] * 6 + ["50\t1"] * 6, rows  # each SYNCFS: its request and its reply
+
+
+def test_a_bad_filter_is_one_line_with_a_caret(tmp_path: Path) -> None:
+    res = subprocess.run([*FSINSPECT, "attach", str(tmp_path / "none.sock"), "--format", "jsonl",
+                          "--filter", "op == NOPE"], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--filter" in res.stderr and "^" in res.stderr and "NOPE" in res.stderr
+
+
+def test_no_socket_is_one_line(tmp_path: Path) -> None:
+    res = subprocess.run([*FSINSPECT, "attach", str(tmp_path / "none.sock"), "--format", "text"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "cannot connect" in res.stderr
