@@ -3,13 +3,14 @@
 Two guests running the same workload send nearly the same requests in the same order; where one sends
 a request the other does not (a SYNCFS on a submount only one of them announced, a retry), the walk
 looks a short way ahead in both for the next request they agree on, and reports what it skipped as
-"only in A" / "only in B".  Requests agree when their opcode, names and (mapped) nodeid agree: B's
+"only in A" / "only in B".  Forgets are compared as totals per inode, not by place.  Requests agree when their opcode, names and (mapped) nodeid agree: B's
 nodeids and file handles are mapped onto A's exactly as a rerun maps them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 from dissectors import fuse as F
 
@@ -64,9 +65,41 @@ def align(a: Sequence[Exchange], b: Sequence[Exchange]) -> list[tuple[int | None
     return out
 
 
+def _forgotten(exs: Sequence[Exchange], nodeid: Callable[[int], int]) -> Counter[int]:
+    """nlookup given back per nodeid (in A's numbering): FORGETs go on the hiprio queue when the guest
+    evicts an inode, so their place in the sequence is timing; their totals are behaviour."""
+    out: Counter[int] = Counter()
+    for ex in exs:
+        req = ex.request
+        if req is None:
+            continue
+        if ex.opname == "FORGET":
+            out[nodeid(req.nodeid)] += req.args["forget"].nlookup
+        elif ex.opname == "BATCH_FORGET":
+            for one in req.args.get("forgets", ()):
+                out[nodeid(one.nodeid)] += one.nlookup
+    return out
+
+
 def diff_exchanges(a: Sequence[Exchange], b: Sequence[Exchange], *, strict: bool = False) -> Tally:
     t = Tally()
     remap = Remap()
+    forgets = ("FORGET", "BATCH_FORGET")
+    fa, fb = [e for e in a if e.opname in forgets], [e for e in b if e.opname in forgets]
+    a = [e for e in a if e.opname not in forgets]
+    b = [e for e in b if e.opname not in forgets]
+    _pairs(a, b, t, remap, strict)
+    back = {v: k for k, v in remap.nodeid.items()}
+    ga, gb = _forgotten(fa, lambda n: n), _forgotten(fb, lambda n: back.get(n, n))
+    for node in sorted(set(ga) | set(gb)):
+        if ga[node] > gb[node]:
+            t.only_a.append(f"FORGET nodeid {node}: nlookup {ga[node]} in all, {gb[node]} in B")
+        elif gb[node] > ga[node]:
+            t.only_b.append(f"FORGET nodeid {node} (A's numbering): nlookup {gb[node]} in all, {ga[node]} in A")
+    return t
+
+
+def _pairs(a: Sequence[Exchange], b: Sequence[Exchange], t: Tally, remap: Remap, strict: bool) -> None:
     for i, j in align(a, b):
         if j is None:
             assert i is not None
@@ -90,4 +123,3 @@ def diff_exchanges(a: Sequence[Exchange], b: Sequence[Exchange], *, strict: bool
         if not ea.expects_reply and not fields:
             continue
         t.add(exchange_diff(ea, ea.reply, eb.reply, fields, eb.n) if fields else None, ea.opname)
-    return t
