@@ -22,6 +22,7 @@ from .parts import resolve
 from .reader import RecordingError, RecordingReader
 from .writer import _PREFIX
 
+RELEASE_EVERY = 32 << 20  # bytes of a mapped file read between handing its pages back
 MAGIC = b"FSIDX\x00\x00\x01"
 _HEAD = struct.Struct("<8sQQQ")  # magic, recording size, recording mtime_ns, count
 _ENTRY = struct.Struct("<QQ")  # request offset, reply offset
@@ -126,17 +127,55 @@ def scan_parts(parts: list[Path]) -> Iterator[tuple[int, bool, int, int | None, 
                 continue
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
+            done = 0
             for off, *rest in scan(mm):
                 yield (base + off, *rest)  # type: ignore[misc]
+                if off - done >= RELEASE_EVERY:  # the pages read so far leave our RSS (the page cache keeps them)
+                    done = off - off % mmap.PAGESIZE
+                    mm.madvise(mmap.MADV_DONTNEED, 0, done)
         finally:
             mm.close()
         base += size
 
 
-def build_entries(reader: RecordingReader) -> list[tuple[int, int]]:
-    """Pair records as the Analyzer does: (epoch, queue, head), or (epoch, unique) without a head."""
-    reader.close()
-    return _pair(scan_parts(reader.parts))
+class _Entries:
+    """The index's entries as they are paired, written to `fd` (after the header) through a tail buffer,
+    so building an index of any size takes a few MiB; a reply for an entry already written is patched
+    in place.  With no fd they stay in `buf` (a read-only directory)."""
+
+    FLUSH = 1 << 22
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+        self.base = 0  # entries already written to fd
+        self.count = 0
+
+    def append(self, req: int, rep: int) -> int:
+        self.buf += _ENTRY.pack(req, rep)
+        n = self.count
+        self.count += 1
+        if self.fd is not None and len(self.buf) >= self.FLUSH:
+            self.flush()
+        return n
+
+    def set_reply(self, n: int, offset: int) -> None:
+        if n >= self.base:
+            _U64.pack_into(self.buf, (n - self.base) * _ENTRY.size + 8, offset)
+        else:
+            assert self.fd is not None
+            os.pwrite(self.fd, _U64.pack(offset), _HEAD.size + n * _ENTRY.size + 8)
+
+    def flush(self) -> None:
+        if self.fd is None or not self.buf:
+            return
+        view = memoryview(self.buf)
+        pos = _HEAD.size + self.base * _ENTRY.size
+        while view:
+            pos += (k := os.pwrite(self.fd, view, pos))
+            view = view[k:]
+        self.base = self.count
+        self.buf = bytearray()
 
 
 def recording_stamp(parts: list[Path]) -> tuple[int, int]:
@@ -145,13 +184,11 @@ def recording_stamp(parts: list[Path]) -> tuple[int, int]:
     return sum(st.st_size for st in sts), max(st.st_mtime_ns for st in sts)
 
 
-def _pair(packets: Iterator[tuple[int, bool, int, int | None, int, bytes]]) -> list[tuple[int, int]]:
-    entries: list[tuple[int, int]] = []
+def _pair(packets: Iterator[tuple[int, bool, int, int | None, int, bytes]], entries: _Entries) -> None:
     pending: dict[tuple[int, int, int], int] = {}
     for offset, inbound, queue, head, epoch, d in packets:
         if inbound:
-            n = len(entries)
-            entries.append((offset, NONE))
+            n = entries.append(offset, NONE)
             opcode = _U32.unpack_from(d, 4)[0] if len(d) >= 8 else -1
             if opcode in _NO_REPLY:
                 continue
@@ -166,10 +203,9 @@ def _pair(packets: Iterator[tuple[int, bool, int, int | None, int, bytes]]) -> l
                     if n >= 0:
                         break
             if n >= 0:
-                entries[n] = (entries[n][0], offset)
+                entries.set_reply(n, offset)
             else:
-                entries.append((NONE, offset))
-    return entries
+                entries.append(NONE, offset)
 
 
 class RecordingIndex:
@@ -207,18 +243,34 @@ class RecordingIndex:
         return True
 
     def _build(self) -> None:
-        with RecordingReader(self.recording) as r:
-            entries = build_entries(r)
-        blob = _HEAD.pack(MAGIC, *self._stamp, len(entries)) + b"".join(_ENTRY.pack(*e) for e in entries)
-        self.count = len(entries)
+        """Pair the whole recording into the index file (written beside it, replaced whole when done)."""
+        RecordingReader(self.recording).close()  # the header is valid: RecordingError otherwise
         self.rebuilt = True
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:  # readable by whoever may read the recording, no more
-            privfile.write_file(self.path, blob, os.stat(self.recording).st_mode & 0o666)
+            fd = privfile.create(tmp, os.stat(self.recording).st_mode & 0o666)
         except OSError:  # a read-only directory: keep the index in memory
-            self._mem = blob
+            entries = _Entries(None)
+            _pair(scan_parts(self.parts), entries)
+            self.count = entries.count
+            self._mem = _HEAD.pack(MAGIC, *self._stamp, entries.count) + bytes(entries.buf)
             return
+        try:
+            entries = _Entries(fd)
+            _pair(scan_parts(self.parts), entries)
+            entries.flush()
+            os.pwrite(fd, _HEAD.pack(MAGIC, *self._stamp, entries.count), 0)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, self.path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        self.count = entries.count
         if not self._load():  # pragma: no cover - we just wrote it
-            self._mem = blob
+            raise OSError(f"{self.path}: the index just written does not read back")
 
     def __len__(self) -> int:
         return self.count
@@ -231,6 +283,11 @@ class RecordingIndex:
         assert buf is not None
         a, b = _ENTRY.unpack_from(buf, _HEAD.size + i * _ENTRY.size)
         return (None if a == NONE else a), (None if b == NONE else b)
+
+    def release(self) -> None:
+        """Hand the index pages read so far back to the kernel: a pass over every entry stays out of RSS."""
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         if self._mm is not None:
