@@ -9,6 +9,7 @@ every state: waiting for a front-end, connected, half-way through a message, wit
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -29,9 +30,10 @@ from typing import Any
 import pytest
 
 from dissectors import vhost_user as V
+from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
 from fsinspect.guest.launcher import short_tmpdir, stop_process
-from fsinspect.proxy.wire import recv_message, send_message
+from fsinspect.proxy.wire import PeerClosed, WireError, recv_message, send_message
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 MEM = 1 << 20
@@ -364,3 +366,43 @@ def test_daemon_sigterm_with_a_lock_wait_in_flight() -> None:
     clean(rc, err)
     assert took < STOP_WITHIN, f"{took:.2f} s"
     assert len(used) == 1 and error == -errno.ENOLCK  # the waiter was answered, not abandoned
+
+
+# ---- random requests ------------------------------------------------------------------------------------
+SIZES = {None: 0, "vhost_user_u64": 8, "vhost_vring_state": 8, "vhost_vring_addr": 40}
+
+
+@pytest.mark.parametrize("seed", [7, 11, 23])
+@pytest.mark.parametrize("kind", [pytest.param("proxy", marks=needs_virtiofsd), "daemon"])
+def test_random_requests_never_traceback(kind: str, seed: int) -> None:
+    """60 requests of random known codes, random payload bytes (small vring indices mostly), sometimes an
+    eventfd or a memfd, sometimes NEED_REPLY.  Seed 7 made the proxy answer a `raw`-reply request with a
+    KeyError once its back-end had given up."""
+    import random
+
+    rnd = random.Random(seed)
+    with target(kind) as t:
+        c = t.connect()
+        c.settimeout(2)
+        try:
+            for _ in range(60):
+                r = rnd.choice(list(vspec.FRONTEND_REQUESTS))
+                size = 8 + 32 * 8 if r.payload == "memory" else SIZES.get(r.payload, rnd.choice([0, 8, 40, 64]))
+                payload = bytes(rnd.getrandbits(8) for _ in range(size))
+                if rnd.random() < 0.7 and size >= 8:
+                    payload = bytes([rnd.randrange(3)]) + payload[1:]
+                fds = [os.eventfd(0) if rnd.random() < 0.5 else os.memfd_create("m")] if rnd.random() < 0.4 else []
+                flags = 1 | (8 if rnd.random() < 0.3 else 0)
+                send_message(c, V.HEADER.struct.pack(r.value, flags, size) + payload, fds)
+                for fd in fds:
+                    os.close(fd)
+                if r.reply or flags & 8:
+                    with contextlib.suppress(OSError, PeerClosed, WireError):
+                        recv_message(c)
+                if t.proc.poll() is not None:
+                    break
+        except OSError:  # the back-end ended the connection: fine, as long as it said why
+            pass
+        c.close()
+        rc, err = t.finish()
+    clean(rc, err)

@@ -269,6 +269,8 @@ class ControlPlane:
                  "GET_QUEUE_NUM": self.neg.queue_num}.get(s.name)
         if s.reply == "vhost_user_u64":
             return [SendFrontend(V.VhostUserMessage(msg.request, 1 | 4, V.u64(value or 0)))]
+        if s.reply == "raw":  # nothing to say without the back-end: an empty answer, which QEMU refuses
+            return [SendFrontend(V.VhostUserMessage(msg.request, 1 | 4, b""))]
         if s.reply == "config":
             return [SendFrontend(V.VhostUserMessage(msg.request, 1 | 4, msg.payload, extra=dict(msg.extra)))]
         return [SendFrontend(V.VhostUserMessage(msg.request, 1 | 4, V.CODECS[s.reply].make()))]
