@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,6 +145,57 @@ async def bench_replay(path: Path, seconds: float, full: bool = False) -> dict[s
     return out
 
 
+# The indexed case runs in a fresh interpreter that imports only the recording layer (not textual, not this
+# module): its peak RSS is the store's, not the UI's.
+INDEXED_CHILD = """
+import json, sys, time
+from pathlib import Path
+from fsinspect.analysis import compile_filter
+from fsinspect.recording.index import index_path
+from fsinspect.recording.indexed import IndexedRecording, analysis_path
+
+def rss_mb():  # VmHWM: this process's own peak (ru_maxrss carries the parent's over fork and exec)
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+
+path = sys.argv[1]
+r = {"rss_start_mb": rss_mb()}
+t = time.perf_counter()
+rec = IndexedRecording(path)
+r["open_s"] = time.perf_counter() - t
+r["index_built"] = rec.index.rebuilt
+t = time.perf_counter()
+first = [rec[i] for i in range(min(len(rec), 48))]  # a screenful
+r["first_rows_s"] = r["open_s"] + time.perf_counter() - t
+r["rss_open_mb"] = rss_mb()
+r["n"] = len(rec)
+t = time.perf_counter()
+r["hits"] = sum(1 for _ in rec.scan(compile_filter("error == ENOENT")))
+r["filter_s"] = time.perf_counter() - t
+r["rss_filter_mb"] = rss_mb()
+t = time.perf_counter()
+if rec.analysis is None:
+    rec.build_analysis()
+r["analysis_s"] = time.perf_counter() - t
+r["rss_analysis_mb"] = rss_mb()
+rec.close()
+t = time.perf_counter()
+again = IndexedRecording(path)
+r["reopen_s"] = time.perf_counter() - t
+r["reopen_has_analysis"] = again.analysis is not None
+again.close()
+r["side_files_mb"] = (index_path(path).stat().st_size + analysis_path(Path(path)).stat().st_size) / 1e6
+print(json.dumps(r))
+"""
+
+
+def bench_indexed(path: Path) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", INDEXED_CHILD, str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    r: dict[str, Any] = json.loads(out)
+    return r
+
+
 def feeder(ctrl: str, lines: list[bytes], rate: int, seconds: float, ready: Any, result: Any) -> None:
     """The proxy's Hub, fed pre-serialised exchange lines at `rate` per second (in 10 ms slices)."""
     from fsinspect.proxy.hub import Hub
@@ -238,6 +290,8 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also wait for the whole replay to be analysed")
     ap.add_argument("--skip-replay", action="store_true")
     ap.add_argument("--skip-live", action="store_true")
+    ap.add_argument("--indexed", type=int, default=10_000_000, metavar="N",
+                    help="the indexed case: a recording of N exchanges through IndexedRecording (0: skip)")
     args = ap.parse_args()
     _count_frames()
     rows: list[tuple[str, str]] = [("machine", f"{os.cpu_count()} cores, load average "
@@ -265,6 +319,25 @@ def main() -> int:
                  ("replay: peak RSS", f"{r['rss_mb']:.0f} MB")]
         if args.full:
             rows.append(("replay: whole recording analysed", f"{r['total']:,} exchanges in {r['full_s']:.1f} s"))
+    if args.indexed:
+        path = Path(f"/tmp/fsinspect-bench-{args.indexed}.pcapng")
+        if not path.exists():
+            t = time.perf_counter()
+            write_recording(path, args.indexed)
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s")
+        r = bench_indexed(path)
+        ok &= r["reopen_s"] < 1.0
+        rows += [(f"indexed {r['n']:,}: open", f"{r['open_s']:.2f} s ({'index built' if r['index_built'] else 'index read'})"),
+                 (f"indexed {r['n']:,}: first rows", f"{r['first_rows_s']:.2f} s"),
+                 (f"indexed {r['n']:,}: RSS after open", f"{r['rss_open_mb']:.0f} MB "
+                                                        f"(interpreter and imports: {r['rss_start_mb']:.0f} MB)"),
+                 (f"indexed {r['n']:,}: whole-file filter", f"{r['filter_s']:.1f} s, {r['hits']:,} matches; "
+                                                           f"RSS {r['rss_filter_mb']:.0f} MB"),
+                 (f"indexed {r['n']:,}: analysis built and saved", f"{r['analysis_s']:.1f} s; "
+                                                                  f"RSS {r['rss_analysis_mb']:.0f} MB"),
+                 (f"indexed {r['n']:,}: second open", f"{r['reopen_s'] * 1000:.1f} ms (goal < 1 s), analysis "
+                                                      f"{'read back' if r['reopen_has_analysis'] else 'MISSING'}; "
+                                                      f"side files {r['side_files_mb']:.0f} MB")]
     if not args.skip_live:
         r = asyncio.run(bench_live(args.rate, args.seconds))
         ok &= r["fps"] >= 10 and r["key_max_ms"] < 100
