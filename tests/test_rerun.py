@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +60,24 @@ def test_rerun_against_fresh_c_virtiofsd_is_identical(share: Share) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     assert s["differing"] == 0 and s["unanswered"] == 0
     assert s["compared"] == s["answered"] == 69 and s["sent"] == 73  # 4 FORGETs get no reply
+    assert s["max_in_flight"] >= s["recorded_max_in_flight"] >= 1  # type: ignore[operator]
+
+
+def test_rerun_at_recorded_speed_keeps_the_timing(share: Share) -> None:
+    from fsinspect.rerun.plan import load
+
+    plan = load(str(SAMPLE), allow_snapped=True)
+    span = ((plan.exchanges[-1].req_ts or 0) - (plan.exchanges[0].req_ts or 0)) / 1e9
+    assert span > 0.3
+    fast = summary(rerun(str(SAMPLE), "--backend-cmd", VIRTIOFSD_CMD, "--shared-dir", str(share.root),
+                         "--allow-snapped", "--format", "jsonl"))
+    with make_share() as fresh:
+        p = rerun(str(SAMPLE), "--backend-cmd", VIRTIOFSD_CMD, "--shared-dir", str(fresh.root), "--allow-snapped",
+                  "--speed", "1x", "--format", "jsonl")
+    slow = summary(p)
+    assert p.returncode == 0 and slow["differing"] == 0
+    assert span * 0.95 <= slow["elapsed_s"] < span + 10  # type: ignore[operator]
+    assert fast["elapsed_s"] < span  # type: ignore[operator]
 
 
 def test_rerun_text_says_the_share_must_be_as_recorded(share: Share) -> None:
@@ -88,22 +107,23 @@ def test_snapped_recording_is_refused_without_allow_snapped(share: Share) -> Non
     assert p.stderr.count("\n") == 1 and "recorded snapped" in p.stderr and "--snaplen 0" in p.stderr
 
 
-def copy_recording(src: Path, dst: Path, *, drop_init: bool = False, features: int | None = None) -> None:
-    """Rewrite a recording record by record with the codecs (the way a bug report's file gets edited)."""
-    with RecordingReader(src) as r, RecordingWriter(dst, snaplen=0) as w:
-        for rec in r:
+def copy_recording(src: Path, dst: Path, *, drop_init: bool = False, features: int | None = None,
+                   skip: frozenset[int] = frozenset(), **writer: Any) -> list[Path]:
+    """Rewrite a recording record by record with the codecs (the way a bug report's file gets edited):
+    without its INIT, with another SET_FEATURES, without the records at `skip`, or rotated (`writer`)."""
+    with RecordingReader(src) as r, RecordingWriter(dst, snaplen=0, **writer) as w:
+        for i, rec in enumerate(r):
+            if i in skip or (drop_init and rec.is_fuse and rec.data[4:8] == (26).to_bytes(4, "little")):
+                continue
             if rec.is_fuse:
-                if drop_init and rec.data[4:8] == (26).to_bytes(4, "little"):
-                    continue
                 (w.request if rec.inbound else w.reply)(rec.data, rec.queue, rec.head, rec.ts_ns,
                                                         orig_len=rec.orig_len)
                 continue
             data = rec.data
-            if features is not None and rec.inbound:
-                msg = V.decode_message(data)
-                if msg.name == "SET_FEATURES":
-                    data = V.encode_message(V.build("SET_FEATURES", V.u64(features)))
+            if features is not None and rec.inbound and V.decode_message(data).name == "SET_FEATURES":
+                data = V.encode_message(V.build("SET_FEATURES", V.u64(features)))
             w.control(data, from_frontend=rec.inbound, ts_ns=rec.ts_ns)
+        return list(w.paths)
 
 
 def test_no_init_is_a_clear_error(tmp_path: Path) -> None:
@@ -229,17 +249,20 @@ def test_diff_of_a_recording_with_itself_minus_a_request(tmp_path: Path) -> None
     answer = next(i for i in range(victim + 1, len(recs))
                   if recs[i].is_fuse and not recs[i].inbound and recs[i].data[8:16] == recs[victim].data[8:16])
     b = tmp_path / "b.pcapng"
-    with RecordingWriter(b, snaplen=0) as w:
-        for i, rec in enumerate(recs):
-            if i in (victim, answer):
-                continue
-            if rec.is_fuse:
-                (w.request if rec.inbound else w.reply)(rec.data, rec.queue, rec.head, rec.ts_ns,
-                                                        orig_len=rec.orig_len)
-            else:
-                w.control(rec.data, from_frontend=rec.inbound, ts_ns=rec.ts_ns)
+    copy_recording(SAMPLE, b, skip=frozenset({victim, answer}))
     d = subprocess.run([sys.executable, "-m", "fsinspect", "diff", str(SAMPLE), str(b), "--format", "jsonl"],
                        capture_output=True, text=True, timeout=60)
     s = summary(d)
     assert d.returncode == 1 and s["only_a"] == 1 and s["only_b"] == 0 and s["differing"] == 0, d.stdout
     assert s["compared"] == 68
+
+
+def test_rerun_reads_a_rotated_recording(tmp_path: Path, share: Share) -> None:
+    """The recording rewritten in parts of about 16 KiB (as `--rotate-mb` makes them): the rerun reads them
+    all from the first one's name and replays the same session."""
+    written = copy_recording(SAMPLE, tmp_path / "rot.pcapng", rotate_mb=16 / 1024)
+    assert len(written) > 1
+    p = rerun(str(written[0]), "--backend-cmd", VIRTIOFSD_CMD, "--shared-dir", str(share.root), "--allow-snapped",
+              "--format", "jsonl")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert summary(p)["compared"] == 69

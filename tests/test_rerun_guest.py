@@ -65,6 +65,8 @@ def test_full_rerun_against_fresh_c_virtiofsd_is_identical(full_recording: Path)
     assert s["differing"] == 0 and s["unanswered"] == 0
     assert s["compared"] == s["answered"] > 20_000  # every request that expects a reply got one, identical
     assert s["sent"] > s["answered"]  # the forgets went too (no reply)
+    # What the guest had in flight together (storm, io) was in flight together again.
+    assert s["max_in_flight"] >= s["recorded_max_in_flight"] >= 2, s
 
 
 def test_full_rerun_against_bundled_daemon_shows_only_explained_differences(full_recording: Path) -> None:
@@ -109,3 +111,4 @@ def test_injected_fault_is_the_one_difference(guest_image: GuestImage, tmp_path:
     (d,) = rows[:-1]
     assert d["op"] == "LOOKUP" and 'name="inner"' in d["request"]
     assert d["fields"] == [{"field": "errno", "a": "ENOENT", "b": 0}]
+    assert "injected by the debugger" in d["note"]  # the recording's flags say whose answer it was

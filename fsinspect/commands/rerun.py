@@ -164,7 +164,7 @@ def _rerun(args: argparse.Namespace, plan: Plan, sock: Path, alive: Any, stack: 
         raise UserError(str(e)) from None
     t = result.tally
     extra = {"sent": result.sent, "answered": result.answered, "elapsed_s": round(result.elapsed, 6),
-             "max_in_flight": result.max_in_flight}
+             "max_in_flight": result.max_in_flight, "recorded_max_in_flight": plan.overlap}
     if args.format == "jsonl":
         lines = list(report.jsonl(t, extra))
         if args.bench:
@@ -172,7 +172,7 @@ def _rerun(args: argparse.Namespace, plan: Plan, sock: Path, alive: Any, stack: 
     else:
         lines = list(report.text(t, first=args.first))
         lines.insert(1, f"{result.sent} requests sent, {result.answered} answered, at most "
-                        f"{result.max_in_flight} in flight, {result.elapsed:.2f} s")
+                        f"{result.max_in_flight} in flight (the recording: {plan.overlap}), {result.elapsed:.2f} s")
         if args.bench:
             lines += ["", *report.bench_text(result.latency_ns, result.answered, result.elapsed)]
     print("\n".join(lines))

@@ -40,10 +40,11 @@ class ExchangeDiff:
     b: str
     fields: list[FieldDiff]
     n_b: int | None = None  # the other recording's number (fsinspect diff)
+    note: str = ""  # e.g. the recorded reply came from the debugger, not the back-end
 
     def to_json(self) -> dict[str, Any]:
         return {"n": self.n, "n_b": self.n_b, "op": self.opname, "request": self.request, "a": self.a,
-                "b": self.b, "fields": [{"field": f.field, "a": _jsonable(f.a), "b": _jsonable(f.b)}
+                "b": self.b, "note": self.note, "fields": [{"field": f.field, "a": _jsonable(f.a), "b": _jsonable(f.b)}
                                         for f in self.fields]}
 
 

@@ -42,7 +42,19 @@ class Plan:
     sessions: int = 1
     truncated: str | None = None
     rooms: dict[int, int] = field(default_factory=dict)  # request offset -> the recorded reply buffer's size
+    debugger: dict[int, list[str]] = field(default_factory=dict)  # record offset -> held/injected/rewritten
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def overlap(self) -> int:
+        """The most requests the recording had in flight at once (answered ones, in file order)."""
+        events = sorted([(e.req_ref, 1) for e in self.exchanges if e.replied and e.req_ref is not None]
+                        + [(e.reply_ref, -1) for e in self.exchanges if e.replied and e.reply_ref is not None])
+        most = now = 0
+        for _, d in events:
+            now += d
+            most = max(most, now)
+        return most
 
     @property
     def max_request(self) -> int:
@@ -70,10 +82,12 @@ def reply_room(req: F.Request | None) -> int:
     return F.OUT_HEADER_SIZE + (size if size or part == "read" else 8)
 
 
-def negotiation_of(reader: RecordingReader, path: str) -> tuple[Negotiation, Analyzer, dict[int, int]]:
+def negotiation_of(reader: RecordingReader, path: str) -> tuple[Negotiation, Analyzer, dict[int, int],
+                                                                    dict[int, list[str]]]:
     """Read the whole recording once: the front-end's last negotiation before FUSE traffic, and the exchanges."""
     neg = Negotiation(strict=True)
     rooms: dict[int, int] = {}
+    debugger: dict[int, list[str]] = {}
     seen_features = False
     sizes: dict[int, int] = {}
     an = Analyzer(keep_exchanges=True)
@@ -86,6 +100,8 @@ def negotiation_of(reader: RecordingReader, path: str) -> tuple[Negotiation, Ana
                 fuse_seen = True
                 if rec.inbound and rec.layout:
                     rooms[rec.offset] = sum(ln for ln, fl in rec.layout if fl & F_WRITE)
+                if rec.debugger:
+                    debugger[rec.offset] = rec.debugger
                 yield rec
                 continue
             if fuse_seen or not rec.inbound:
@@ -113,7 +129,7 @@ def negotiation_of(reader: RecordingReader, path: str) -> tuple[Negotiation, Ana
         neg.strict = False  # nothing recorded to insist on
     if sizes:
         neg.queue_sizes = sizes
-    return neg, an, rooms
+    return neg, an, rooms, debugger
 
 
 def load(path: str, *, allow_truncated: bool = False, allow_snapped: bool = False) -> Plan:
@@ -122,7 +138,7 @@ def load(path: str, *, allow_truncated: bool = False, allow_snapped: bool = Fals
     except RecordingError as e:
         raise PlanError(str(e)) from None
     try:
-        neg, an, rooms = negotiation_of(reader, path)
+        neg, an, rooms, debugger = negotiation_of(reader, path)
     finally:
         reader.close()
     if reader.truncated and not allow_truncated:
@@ -153,7 +169,7 @@ def load(path: str, *, allow_truncated: bool = False, allow_snapped: bool = Fals
     assert init.request is not None
     rep = init.reply if isinstance(init.reply, F.Reply) and not init.reply.error else None
     ctx = F.FuseContext.from_init(init.request.args["init"], rep.args["init_out"] if rep is not None else None)
-    plan = Plan(path, neg, session, ctx, sessions, reader.truncated, rooms)
+    plan = Plan(path, neg, session, ctx, sessions, reader.truncated, rooms, debugger)
     if not neg.strict:
         plan.warnings.append("no negotiation in the recording's control plane: the rerun takes the defaults "
                              "the back-end offers")

@@ -28,6 +28,8 @@ def text(t: Tally, *, first: int = 10, header: str = "") -> Iterator[str]:
         yield f"#{d.n}{nb} {d.opname} {d.request}"
         yield f"    A: {d.a}"
         yield f"    B: {d.b}"
+        if d.note:
+            yield f"    note: {d.note}"
         for fd in d.fields:
             yield f"    {fd.field}: {_show(fd.a)} -> {_show(fd.b)}"
     if len(t.diffs) > first:

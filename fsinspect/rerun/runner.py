@@ -58,6 +58,13 @@ def exchange_diff(ex: Exchange, a: Any, b: Any, fields: list[FieldDiff], n_b: in
     return ExchangeDiff(ex.n, ex.opname, f"nodeid {ex.nodeid} {req}".strip(), describe(a), describe(b), fields, n_b)
 
 
+def debugger_note(plan: Plan, ex: Exchange) -> str:
+    """Say when the recorded side is the debugger's doing (--inject/--break), not the back-end's answer."""
+    what = [*plan.debugger.get(ex.req_ref, ()), *plan.debugger.get(ex.reply_ref, ())] \
+        if ex.req_ref is not None or ex.reply_ref is not None else []
+    return f"the recording's reply was {' and '.join(dict.fromkeys(what))} by the debugger" if what else ""
+
+
 class Rerun:
     """One rerun of `plan` over a connected Front."""
 
@@ -195,7 +202,10 @@ class Rerun:
             assert ex.request is not None
             self.remap.learn(ex.request, ex.reply, new)
             fields = compare(ex.reply, new, strict=self.strict)
-        self.result.tally.add(exchange_diff(ex, ex.reply, new, fields) if fields else None, ex.opname)
+        d = exchange_diff(ex, ex.reply, new, fields) if fields else None
+        if d is not None:
+            d.note = debugger_note(self.plan, ex)
+        self.result.tally.add(d, ex.opname)
 
 
 def unsnap(req: F.Request) -> F.Request:
