@@ -79,6 +79,28 @@ def test_commands_reach_the_handler_and_each_gets_one_reply(hub: Hub) -> None:
     s.close()
 
 
+def test_a_client_that_sends_commands_but_never_reads_is_not_read_either(hub: Hub) -> None:
+    """Every command gets a reply, and replies are never dropped: so once a client's replies fill its budget
+    the hub stops reading its commands until it reads (memory stays bounded, the client just blocks)."""
+    hub.command_handler = lambda cid, obj: {"type": "reply", "id": obj.get("id"), "ok": True, "pad": "x" * 1000}
+    s = _connect(hub.path)
+    s.setblocking(False)
+    line = b'{"id": 1, "cmd": "held"}\n'
+    chunk = line * 4096
+    sent = 0
+    last = time.monotonic()
+    while time.monotonic() - last < 1.0 and sent < 400 << 20:  # until the hub has stopped reading for 1 s
+        try:
+            sent += s.send(chunk)
+            last = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.05)
+    queued = hub.total_queued
+    assert sent < 400 << 20, "the hub kept reading commands whose replies nobody reads"
+    assert queued < hub.client_bytes + (8 << 20), f"{queued >> 20} MiB of replies queued"
+    s.close()
+
+
 def test_client_cap_refuses_the_rest_with_a_message(tmp_path: Path) -> None:
     h = Hub(str(tmp_path / "ctl.sock"), lambda: {}, max_clients=3)
     try:
