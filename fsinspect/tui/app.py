@@ -316,11 +316,20 @@ class FsInspectApp(App[int]):
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         pane = event.pane.id or ""
+        if pane == "inodes":
+            self.panels["inodes"].rebuild()  # shown again: as of the exchange selected now
         self._refresh_panel(pane)
-        # The keys act at once: the shown panel's main widget takes the focus (the hidden one had it).
-        main = self.xlist if pane == "exchanges" else getattr(self.panels.get(pane), "main", None)
-        if main is not None:
-            main.focus()
+        self.focus_now(self.main_widget(pane))
+
+    def main_widget(self, pane: str) -> Widget | None:
+        """What takes the focus when a panel is shown (the hidden one had it)."""
+        return self.xlist if pane == "exchanges" else getattr(self.panels.get(pane), "main", None)
+
+    def focus_now(self, widget: Widget | None) -> None:
+        """Focus `widget` before the next key is handled: `Widget.focus()` waits for the keys already
+        queued, so a fast typist's `/op` or `2↓` would go to the widget that had the focus."""
+        if widget is not None and self.focused is not widget:
+            self.set_focus(widget)
 
     def on_filter_bar_apply(self, event: FilterBar.Apply) -> None:
         self.apply_filter(event.text)
@@ -535,7 +544,7 @@ class FsInspectApp(App[int]):
         bar.add_class("open")
         if self.filter is not None and not bar.input.value:
             bar.input.value = self.filter.text
-        bar.input.focus()
+        self.focus_now(bar.input)
 
     def action_clear_filter(self) -> None:
         bar = self.filterbar
@@ -549,6 +558,7 @@ class FsInspectApp(App[int]):
 
     def action_tab(self, name: str) -> None:
         self.set_tab(name)
+        self.focus_now(self.main_widget(name))
 
     def action_copy(self, kind: str) -> None:
         text = self.selected_exchange_text(kind)

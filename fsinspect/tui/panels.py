@@ -159,9 +159,13 @@ class InodePanel(Widget):
                                   " (the exchange selected in the list)  T: now"))
         return self._past[1]
 
+    def rebuild(self) -> None:
+        """The next refresh rebuilds the tree even under the user's cursor (shown again, or T)."""
+        self._tree_sig = None
+
     def action_travel(self) -> None:
         self.travel = not self.travel
-        self._tree_sig = None  # rebuilt under the user's cursor: they asked for it
+        self.rebuild()
         self.post_message(TravelChanged())
 
     @property
