@@ -22,6 +22,7 @@ from fsinspect.tui.sources import ReplaySource, Source, Store
 from .test_tui import SYNCFS, WORKLOAD, golden, loaded, wait_for
 
 SIZES = [(80, 24), (180, 50), (240, 60)]
+SOON = 0.8  # seconds: the detail pane's old lag was a full second (FOLLOW_DETAIL_EVERY) behind the list
 
 
 def last_row_on_screen(app: FsInspectApp) -> bool:
@@ -97,26 +98,26 @@ def test_detail_follows_the_selection_in_follow_mode_and_after_pause() -> None:
             await wait_for(pilot, lambda: detail.index is not None and detail.index == lst.selected)
             # A few more rows right after: the pane follows as soon as the feed rests (not a second later).
             src.feed(recs[20:30])
-            await pilot.pause(0.35)
-            assert lst.follow and lst.selected == app.store.end - 1 and detail.index == lst.selected
+            await wait_for(pilot, lambda: detail.index == app.store.end - 1, timeout=SOON)
+            assert lst.follow and lst.selected == app.store.end - 1
             # A request whose reply comes later: the pane shows the reply once it is there.
             req = next(k for k in range(30, len(recs)) if recs[k].inbound and not recs[k + 1].inbound)
             src.feed(recs[30:req + 1])
             await pilot.press("r")  # the reply side
-            await pilot.pause(0.35)
-            assert detail.index == lst.selected and detail.side == "reply"
-            assert detail.lines[0].text.startswith("no reply")
+            await wait_for(pilot, lambda: detail.index == app.store.end - 1 and detail.side == "reply"
+                           and bool(detail.lines), timeout=SOON)
+            assert lst.selected == detail.index and detail.lines[0].text.startswith("no reply")
             src.feed(recs[req + 1:req + 2])
-            await pilot.pause(0.35)
-            assert detail.index == lst.selected and not detail.lines[0].text.startswith("no reply")
+            await wait_for(pilot, lambda: not detail.lines[0].text.startswith("no reply"), timeout=SOON)
+            assert detail.index == lst.selected
             # p freezes the list; p again catches up and the pane shows the newest at once.
             await pilot.press("r", "p")
             src.feed(recs[req + 2:req + 20])
             await pilot.pause(0.2)
             assert lst.selected != app.store.end - 1
             await pilot.press("p")
-            await pilot.pause(0.25)
-            assert lst.selected == app.store.end - 1 and detail.index == lst.selected
+            await wait_for(pilot, lambda: detail.index == app.store.end - 1, timeout=SOON)
+            assert lst.selected == app.store.end - 1
             assert last_row_on_screen(app)
 
     try:
