@@ -91,8 +91,9 @@ RSS_BOUND_MB = 100  # measured: 61 MB, of which ~25 MB the interpreter and impor
 
 
 def test_rss_is_bounded_at_1m_exchanges(tmp_path: Path) -> None:
-    """1M exchanges (2M records): open (index built, then reopened), 20k random reads, and a filter pass
-    over 100k exchanges; the child's peak RSS stays under the bound (the in-memory replay peaked at 515 MB)."""
+    """1M exchanges (2M records): open (index built, then reopened), 20k random reads, a filter pass over
+    100k exchanges and the whole analysis built; the child's peak RSS stays under the bound (the in-memory
+    replay peaked at 515 MB)."""
     p = tmp_path / "big.pcapng"
     look = [F.encode_request("LOOKUP", {"name": f"f{i}".encode()}, unique=i + 1, nodeid=1) for i in range(64)]
     ent = F.encode_reply("LOOKUP", {"entry": {"nodeid": 5, "attr": {"ino": 5}}}, unique=1)
@@ -117,14 +118,42 @@ def test_rss_is_bounded_at_1m_exchanges(tmp_path: Path) -> None:
             assert rec[i].index == i
         pred = compile_filter('name == "f7"')
         hits = sum(1 for _ in zip(range(10**9), rec.scan(pred, start=n - 100_000)))
+        t = time.monotonic()
+        total = rec.build_analysis()["count"]
+        analysed = time.monotonic() - t
         # VmHWM: this process's own peak RSS (ru_maxrss carries the parent's over fork and exec)
         hwm_kb = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
-        print(json.dumps({{"n": n, "built": built, "reopen": reopen, "hits": hits,
+        print(json.dumps({{"n": n, "built": built, "reopen": reopen, "hits": hits, "total": total,
+                          "analysed": analysed,
                           "rss_mb": hwm_kb / 1024}}))
     """)
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                     cwd=ROOT, timeout=600).stdout)
     assert out["n"] == 1_000_000 and out["hits"] == sum(1 for i in range(900_000, 1_000_000) if i % 64 == 7)
-    assert out["reopen"] < 1.0, out
+    assert out["reopen"] < 1.0 and out["total"] == 1_000_000, out
     assert out["rss_mb"] < RSS_BOUND_MB, out
     print(out)
+
+
+def test_latency_percentiles_stay_exact_then_within_1_6_percent_in_flat_memory() -> None:
+    import random
+
+    from fsinspect.analysis.stats import EXACT_LATENCIES, OpStats, percentile
+
+    rnd = random.Random(7)
+    values = [int(rnd.lognormvariate(11, 1.5)) for _ in range(200_000)]
+    small, big = OpStats(), OpStats()
+    for v in values[:EXACT_LATENCIES]:
+        small.add_latency(v)
+    exact = sorted(values[:EXACT_LATENCIES])
+    assert small.latency() == {"p50": percentile(exact, 50), "p90": percentile(exact, 90),
+                               "p99": percentile(exact, 99), "max": exact[-1]}
+    for v in values:
+        big.add_latency(v)
+    assert big.histogram is not None and not big.latencies and len(big.histogram) < 2048
+    exact = sorted(values)
+    got = big.latency()
+    assert got["max"] == exact[-1]
+    for p in (50, 90, 99):
+        want = percentile(exact, p)
+        assert want is not None and abs(got[f"p{p}"] - want) <= want / 62 + 1, (p, got, want)  # type: ignore[operator]

@@ -44,19 +44,67 @@ def rate_series(points: list[tuple[int, int]], buckets: int = 60) -> tuple[int, 
     return bucket, ops, byts
 
 
+EXACT_LATENCIES = 16_384  # per opcode: beyond, latencies go to a log histogram (memory stays flat)
+_SIG_BITS = 6  # histogram buckets keep 6 significant bits: each within 1/32 of its value
+
+
+def _bucket(v: int) -> int:
+    """The lower bound of the histogram bucket holding v (v itself below 64)."""
+    e = v.bit_length() - _SIG_BITS
+    return v if e <= 0 else (v >> e) << e
+
+
+def _middle(lower: int) -> int:
+    e = lower.bit_length() - _SIG_BITS
+    return lower if e <= 0 else lower + (1 << e) // 2
+
+
 @dataclass
 class OpStats:
+    """Per opcode.  Latency percentiles are exact up to EXACT_LATENCIES exchanges; past that, a recording
+    of any size is summarised in at most a few thousand buckets, each percentile within 1.6% (max exact)."""
+
     count: int = 0
     errors: Counter[str] = field(default_factory=Counter)
-    latencies: list[int] = field(default_factory=list)
+    latencies: list[int] = field(default_factory=list)  # exact, until EXACT_LATENCIES of them
     req_bytes: int = 0
     reply_bytes: int = 0
     unreplied: int = 0
+    histogram: Counter[int] | None = None  # bucket lower bound -> latencies, once past EXACT_LATENCIES
+    replied: int = 0
+    max_latency: int | None = None
+
+    def add_latency(self, lat: int) -> None:
+        self.replied += 1
+        if self.max_latency is None or lat > self.max_latency:
+            self.max_latency = lat
+        if self.histogram is None:
+            self.latencies.append(lat)
+            if len(self.latencies) <= EXACT_LATENCIES:
+                return
+            self.histogram = Counter(_bucket(v) for v in self.latencies)
+            self.latencies = []
+        else:
+            self.histogram[_bucket(lat)] += 1
 
     def latency(self) -> dict[str, int | None]:
-        s = sorted(self.latencies)
-        return {"p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99),
-                "max": s[-1] if s else None}
+        if self.histogram is None:
+            s = sorted(self.latencies)
+            return {"p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99),
+                    "max": s[-1] if s else None}
+        buckets = sorted(self.histogram.items())
+        n = self.replied
+
+        def pct(p: float) -> int:
+            k = max(1, math.ceil(p / 100 * n))
+            seen = 0
+            for lower, c in buckets:
+                seen += c
+                if seen >= k:
+                    return min(_middle(lower), self.max_latency or 0)
+            return self.max_latency or 0
+
+        return {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": self.max_latency}
 
 
 class Stats:
@@ -85,7 +133,7 @@ class Stats:
             self.errors[name] += 1
         lat = ex.latency_ns
         if lat is not None:
-            st.latencies.append(lat)
+            st.add_latency(lat)
         elif ex.expects_reply and not ex.replied:
             st.unreplied += 1
         ts = ex.ts_ns

@@ -413,7 +413,7 @@ class Session:
             "requests": self.requests,
             "replies": self.replies,
             "opcodes": dict(self.opcount.most_common()),
-            "latency": {name: o.latency() for name, o in an.stats.ops.items() if o.latencies},
+            "latency": {name: o.latency() for name, o in an.stats.ops.items() if o.replied},
             "errors": dict(an.stats.errors.most_common()),
             "path": dict(counters),
             "capture": cap,
