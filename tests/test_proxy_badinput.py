@@ -21,12 +21,27 @@ from fsinspect.proxy.wire import recv_message, send_message
 def _start(work: Path, backend: Path) -> subprocess.Popen[bytes]:
     p = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(work / "p.sock"), "--backend",
                           str(backend), "--summary-json", str(work / "s.json")], stdin=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, start_new_session=True)  # stop_process signals the group
     deadline = time.monotonic() + 10
     while not (work / "p.sock").exists():
         assert p.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     return p
+
+
+def _connect(path: Path) -> socket.socket:
+    """The socket file appears at bind(), a moment before listen(): a refused connect is retried (it
+    takes nothing from the proxy's one accept)."""
+    deadline = time.monotonic() + 10
+    while True:
+        c = socket.socket(socket.AF_UNIX)
+        try:
+            c.connect(str(path))
+            return c
+        except ConnectionRefusedError:
+            c.close()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
 
 
 def _fake_backend(path: Path, script: list[bytes]) -> threading.Thread:
@@ -56,8 +71,7 @@ def test_garbage_from_frontend_ends_cleanly() -> None:
         _fake_backend(work / "b.sock", [])
         p = _start(work, work / "b.sock")
         try:
-            c = socket.socket(socket.AF_UNIX)
-            c.connect(str(work / "p.sock"))
+            c = _connect(work / "p.sock")
             c.sendall(b"GET / HTTP/1.1\r\nHost: nope\r\n\r\n")
             rc = p.wait(15)
             err = p.stderr.read().decode()  # type: ignore[union-attr]
@@ -75,8 +89,7 @@ def test_garbage_from_backend_isolates_it() -> None:
         _fake_backend(work / "b.sock", [b"\xff" * 40])
         p = _start(work, work / "b.sock")
         try:
-            c = socket.socket(socket.AF_UNIX)
-            c.connect(str(work / "p.sock"))
+            c = _connect(work / "p.sock")
             send_message(c, V.encode_message(V.build("GET_FEATURES")))
             raw, _ = recv_message(c)
             reply = V.decode_message(raw)
@@ -101,8 +114,7 @@ def test_unknown_request_forwarded_untouched_with_its_reply() -> None:
         _fake_backend(work / "b.sock", [answer])
         p = _start(work, work / "b.sock")
         try:
-            c = socket.socket(socket.AF_UNIX)
-            c.connect(str(work / "p.sock"))
+            c = _connect(work / "p.sock")
             send_message(c, unknown)
             raw, _ = recv_message(c)
             c.close()
