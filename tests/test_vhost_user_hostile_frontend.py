@@ -406,3 +406,31 @@ def test_random_requests_never_traceback(kind: str, seed: int) -> None:
         c.close()
         rc, err = t.finish()
     clean(rc, err)
+
+
+@needs_virtiofsd
+def test_proxy_sigterm_while_its_backend_is_stopped() -> None:
+    """The C virtiofsd is SIGSTOPped with a request on its way: the proxy waits for its reply, and SIGTERM
+    still ends the proxy (and the back-end it started) within a second."""
+    with target("proxy") as t:
+        c = t.connect()
+        ask(c, "GET_FEATURES")
+        children = Path(f"/proc/{t.proc.pid}/task/{t.proc.pid}/children").read_text().split()
+        assert len(children) == 1
+        backend = int(children[0])
+        os.kill(backend, signal.SIGSTOP)
+        try:
+            send(c, "GET_QUEUE_NUM")  # the proxy forwards it and waits for the stopped back-end's answer
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            t.proc.send_signal(signal.SIGTERM)
+            t.proc.wait(10)
+            took = time.monotonic() - t0
+            rc, err = t.finish()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(backend, signal.SIGCONT)
+        c.close()
+    clean(rc, err)
+    assert took < STOP_WITHIN, f"{took:.2f} s"
+    assert not Path(f"/proc/{backend}").exists() or "zombie" in Path(f"/proc/{backend}/status").read_text()

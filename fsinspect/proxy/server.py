@@ -52,6 +52,7 @@ REGION_SIZE = 4 * 1024 * 1024
 CAPTURE_BATCH = 256  # fewer captures than this per read: linger before the next read
 CAPTURE_LINGER = 0.005  # seconds; the live view lags by at most this much more
 CAPTURE_NICE = 10
+BACKEND_STOP_GRACE = 0.5  # seconds a back-end we started gets to follow SIGTERM when we were stopped
 EIO = 5
 _EFD_NONBLOCK = 0o4000
 _EFD_CLOEXEC = 0o2000000
@@ -126,6 +127,7 @@ class Proxy:
         self.backend_proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
         self._shut = False
+        self._stop_requested = False  # stop() was called (a signal): shutdown must be quick
         self._capture_thread: threading.Thread | None = None
         self._local_thread: threading.Thread | None = None
         # Kick-fd changes wake the EIO loop (back-end gone); an eventfd, so any number of them is one read.
@@ -214,6 +216,7 @@ class Proxy:
 
     def stop(self) -> None:
         """End the run from any thread or a signal handler: every wait of the control thread wakes."""
+        self._stop_requested = True
         self._stop.set()
         if self._stop_fd >= 0:
             with contextlib.suppress(OSError):
@@ -678,7 +681,9 @@ class Proxy:
         if self.backend_proc is not None and self.backend_proc.poll() is None:
             self.backend_proc.terminate()
             try:
-                self.backend_proc.wait(5)
+                # Stopped by a signal, the whole run has a second: a back-end that does not follow its
+                # SIGTERM at once (SIGSTOPped, hung) is killed; at a normal end it gets its time.
+                self.backend_proc.wait(BACKEND_STOP_GRACE if self._stop_requested else 5)
             except subprocess.TimeoutExpired:
                 self.backend_proc.kill()
                 self.backend_proc.wait()
