@@ -150,3 +150,28 @@ def test_file_formats_need_an_output_and_never_overwrite_the_source(tmp_path: Pa
     assert r.returncode == 2 and "is the recording being read" in r.stderr and "Traceback" not in r.stderr
     r = cli("export", str(src), "--format", "pcapng", "--filter", "op ==", "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.count("\n") <= 3 and "--filter" in r.stderr
+
+
+def test_a_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    pytest.importorskip("pyarrow")
+    p = tmp_path / "r.pcapng"
+    with RecordingWriter(p) as w:
+        for u in range(1, 3000):
+            w.request(_lookup(u), 1, u % 64, 10 * u)
+            w.reply(_entry(u), 1, u % 64, 10 * u + 1)
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-m", "fsinspect", "export", str(p), "--format", "parquet", "-o",
+                            str(tmp_path / "x.parquet")], stdout=subprocess.PIPE, stderr=slave, cwd=ROOT,
+                           timeout=120, check=False)
+        os.set_blocking(master, False)
+        shown = os.read(master, 1 << 16).decode(errors="replace")
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert r.returncode == 0 and "export [" in shown and "records" in shown and "2999 exchanges" in shown
+    piped = cli("export", str(p), "--format", "parquet", "-o", str(tmp_path / "y.parquet"))
+    assert piped.returncode == 0 and "export [" not in piped.stderr
