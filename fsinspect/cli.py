@@ -17,7 +17,7 @@ from .errors import UserError
 __all__ = ["UserError", "build_parser", "main"]
 
 # Subcommand modules, in help order.  A module is listed only once its command works.
-COMMANDS = ("decode", "demo", "guest", "daemon", "proxy", "attach", "replay", "stats", "info", "export", "rerun", "diff")
+COMMANDS = ("decode", "demo", "guest", "daemon", "proxy", "attach", "extcap", "replay", "stats", "info", "export", "rerun", "diff")
 
 
 class _Parser(argparse.ArgumentParser):

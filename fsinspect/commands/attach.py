@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_headless(ctrl: str, fmt: str, expr: str | None, dest: str | None, mode: int = privfile.DEFAULT_MODE,
-                 *, stream: int | None = None, who: str = "fsinspect attach") -> int:
-    """Stream until the source closes or Ctrl-C (or SIGTERM: extcap's stop); shared with `fsinspect extcap`."""
+                 *, stream: int | None = None, who: str = "fsinspect attach", quiet: bool = False) -> int:
+    """Stream until the source closes or Ctrl-C (or SIGTERM: extcap's stop); shared with `fsinspect extcap`
+    (`quiet`: Wireshark takes anything an extcap prints on stderr for an error)."""
     import signal
     import threading
 
@@ -86,6 +87,8 @@ def run_headless(ctrl: str, fmt: str, expr: str | None, dest: str | None, mode: 
             pass
     if feed.refused:
         raise UserError(f"{ctrl}: the source closed the connection: {feed.refused}")
+    if quiet:
+        return 0
     end = "stopped" if stopped else "the source closed the control socket"
     sys.stderr.write(f"{who}: {end}; {feed.written} of {feed.seen} exchanges written"
                      + (f", {feed.state.overflow} messages dropped by the source" if feed.state.overflow else "")

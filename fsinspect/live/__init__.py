@@ -2,6 +2,7 @@
 
 `feed.ControlFeed` turns the control protocol (fsinspect/proxy/hub.py) into Exchanges in an Analyzer; the
 Textual UI (fsinspect/tui/sources.py), the headless `fsinspect attach --format` (headless.py) and the
-Wireshark extcap (extcap.py) all read the socket through it.  Nothing here imports textual or the CLI:
+Wireshark extcap (fsinspect/commands/extcap.py) all read the socket through it.  `registry` is where running
+sources announce their control sockets (the Hub registers itself) and where the extcap finds them.  Nothing here imports textual or the CLI:
 the UI and the commands sit above this package, the analysis and the recording writer below it.
 """

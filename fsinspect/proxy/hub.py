@@ -56,6 +56,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
+from ..live import registry
 from .unixsock import claim_socket_path, release_socket_path
 
 log = logging.getLogger("fsinspect.hub")
@@ -140,6 +141,7 @@ class Hub:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # 0600: the traffic holds file names and data.  Only a stale socket is replaced.
         self.listener = claim_socket_path(path, backlog=64, mode=0o600, what="--control")
+        self._registered = registry.register(path)  # `fsinspect extcap` lists it as a Wireshark interface
         self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
@@ -558,6 +560,7 @@ class Hub:
         for c in list(self.clients):
             self._drop(c)
         self.sel.close()
+        registry.unregister(self._registered, self.path)
         release_socket_path(self.path, self.listener)
         os.close(self._wake_r)
         os.close(self._wake_w)
