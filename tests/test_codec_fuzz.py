@@ -1,6 +1,6 @@
 """Fuzz: random and mutated bytes make the decoders raise DecodeError and nothing else.
 
-CI runs a bounded budget; `pytest -m slow tests/test_codec_fuzz.py` (or FSI_FUZZ_EXAMPLES=N) runs long.
+CI runs a bounded budget (FSI_FUZZ_EXAMPLES=N); `./scripts/check --slow` runs 1M cases per target (FSI_SLOW_CASES).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
 from dissectors.spec import fuse as fspec
 from dissectors.spec import vhost_user as vspec
+from tests.fuzzbudget import SLOW_CASES, fuzz
 from tests.specgen import ALL_NOTIFIES, ALL_OPCODES, sample_args
 
 CI_EXAMPLES = int(os.environ.get("FSI_FUZZ_EXAMPLES", "1500"))
-LONG_EXAMPLES = 200_000
 OPCODE_VALUES = [o.value for o in ALL_OPCODES]
 
 
@@ -137,7 +137,5 @@ def test_fuzz_header_length_extremes() -> None:
 
 
 @pytest.mark.slow
-@_settings(LONG_EXAMPLES)
-@given(mutated())
-def test_fuzz_mutated_fuse_long(case: tuple[bytes, int | None, bool]) -> None:
-    _decode_any(*case)
+def test_fuzz_mutated_fuse_long() -> None:
+    fuzz("codec: mutated FUSE messages", mutated(), lambda case: _decode_any(*case), SLOW_CASES)

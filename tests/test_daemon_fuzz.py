@@ -20,6 +20,7 @@ from dissectors.errors import DecodeError
 from dissectors.spec import fuse as spec
 from tests.conftest import require_root
 from tests.daemon_client import EngineClient
+from tests.fuzzbudget import SLOW_CASES, fuzz
 
 pytestmark = pytest.mark.root
 
@@ -103,6 +104,15 @@ def requests(draw: Any) -> bytes:
                                                                    HealthCheck.too_slow])
 @given(raw=requests())
 def test_mutated_requests_never_break_the_engine(world: tuple[EngineClient, Path], raw: bytes) -> None:
+    _engine_case(world, raw)
+
+
+@pytest.mark.slow
+def test_mutated_requests_never_break_the_engine_1m(world: tuple[EngineClient, Path]) -> None:
+    fuzz("daemon engine: mutated requests", requests(), lambda raw: _engine_case(world, raw), SLOW_CASES)
+
+
+def _engine_case(world: tuple[EngineClient, Path], raw: bytes) -> None:
     c, _outside = world
     no_reply = len(raw) < 40 or struct.unpack_from("<I", raw, 4)[0] in NO_REPLY
     out = c.raw(raw, timeout=0.05 if no_reply else 5.0)

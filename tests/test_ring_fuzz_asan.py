@@ -2,7 +2,7 @@
 
 - tests/ring_fuzz.c under AddressSanitizer + UBSan: random rings and memory maps; every region is its
   own exact-size malloc, so any access outside a region trips ASan.  Default CI runs 30k cases (a few
-  seconds); `-m slow` runs 1M.
+  seconds); `./scripts/check --slow` runs 1M (FSI_SLOW_CASES).
 - tests/ring_threads.c under ThreadSanitizer and under ASan: driver, native path and device threads
   per queue over real eventfds, fd swaps during traffic, one consumer draining the shared capture
   buffer; checks the locking and the acquire/release ring protocol, and that every capture pairs.
@@ -13,9 +13,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.fuzzbudget import SLOW_CASES, report
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "dissectors" / "ring"
@@ -32,7 +35,8 @@ def build(tmp_path: Path, harness: str = "ring_fuzz", sanitize: str = "address,u
 
 
 def run(exe: Path, seed: int, cases: int) -> dict[str, int]:
-    p = subprocess.run([str(exe), str(seed), str(cases)], capture_output=True, text=True, timeout=900,
+    p = subprocess.run([str(exe), str(seed), str(cases)], capture_output=True, text=True,
+                       timeout=900 if cases <= 100_000 else 4 * 3600,
                        env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"})
     assert p.returncode == 0, p.stderr[-4000:]
     assert "ERROR: AddressSanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr[-4000:]
@@ -51,9 +55,12 @@ def test_asan_fuzz_random_rings(tmp_path, record_property):
 
 @pytest.mark.slow
 def test_asan_fuzz_random_rings_1m(tmp_path):
-    r = run(build(tmp_path), 7, 1_000_000)
+    exe = build(tmp_path)
+    t0 = time.monotonic()
+    r = run(exe, 7, SLOW_CASES)
+    report("ring: ASan/UBSan random rings", r["cases"], time.monotonic() - t0)
     print("ASan/UBSan ring fuzz:", r)
-    assert r["cases"] == 1_000_000
+    assert r["cases"] == SLOW_CASES
 
 
 @pytest.mark.parametrize("hold", [0, 1], ids=["plain", "holds"])
