@@ -109,7 +109,11 @@ def test_exchanges_across_part_boundaries_pair_as_one_recording(tmp_path: Path) 
 
 def test_rotate_keep_bounds_the_parts_on_disk(tmp_path: Path) -> None:
     base = tmp_path / "r.pcapng"
+    record(base, 5)
+    RecordingIndex(base).close()  # an index beside part 0 of an older recording to the same name
+    assert (tmp_path / "r.pcapng.fsidx").exists()
     w = record(base, 2000, rotate_mb=0.01, rotate_keep=3)
+    assert not (tmp_path / "r.pcapng.fsidx").exists()  # deleted with the part it indexed
     on_disk = sorted(tmp_path.glob("r*.pcapng"))
     assert len(w.paths) > 6 and on_disk == w.paths[-3:] and not base.exists()
     assert sum(p.stat().st_size for p in on_disk) < 3 * (0.01 * 1024 * 1024 + 200)

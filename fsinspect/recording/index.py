@@ -18,7 +18,7 @@ from dissectors.spec import fuse as spec
 
 from .. import privfile
 from . import format as fmt
-from .parts import resolve
+from .parts import INDEX_SUFFIX, resolve, side_file
 from .reader import RecordingError, RecordingReader
 from .writer import _PREFIX
 
@@ -31,8 +31,7 @@ _NO_REPLY = frozenset(o.value for o in spec.OPCODES if o.reply is None)
 
 
 def index_path(recording: str | os.PathLike[str]) -> Path:
-    p = Path(recording)
-    return p.with_name(p.name + ".fsidx")
+    return side_file(Path(recording), INDEX_SUFFIX)
 
 
 _BLK = struct.Struct("<II")

@@ -26,6 +26,7 @@ from typing import Any
 from .. import privfile
 from ..analysis import Analyzer, Exchange
 from .index import RecordingIndex, recording_stamp
+from .parts import ANALYSIS_SUFFIX, side_file
 from .reader import Record, RecordingReader
 from .replay import analyze
 
@@ -35,7 +36,7 @@ ANALYSIS_VERSION = 1
 
 
 def analysis_path(recording: Path) -> Path:
-    return recording.with_name(recording.name + ".fsana")
+    return side_file(recording, ANALYSIS_SUFFIX)
 
 
 class IndexedRecording:

@@ -41,6 +41,15 @@ def part_path(base: Path, n: int) -> Path:
     return base.with_name(f"{base.stem}.{n:03d}{base.suffix}")
 
 
+INDEX_SUFFIX = ".fsidx"  # the side index (index.py)
+ANALYSIS_SUFFIX = ".fsana"  # the saved analysis (indexed.py)
+
+
+def side_file(part: Path, suffix: str) -> Path:
+    """A file kept beside a recording's first part: its index or its saved analysis."""
+    return part.with_name(part.name + suffix)
+
+
 def recording_id(path: Path) -> str | None:
     """The `recording` id in a part's section header (None for older files or anything unreadable)."""
     try:

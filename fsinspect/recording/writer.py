@@ -24,7 +24,7 @@ from dissectors.spec import fuse as fspec
 
 from .. import __version__, privfile
 from . import format as fmt
-from .parts import part_path
+from .parts import ANALYSIS_SUFFIX, INDEX_SUFFIX, part_path, side_file
 
 _OP_INIT = fspec.OPCODE_BY_NAME["INIT"].value
 _OP_READ = fspec.OPCODE_BY_NAME["READ"].value
@@ -288,7 +288,8 @@ class RecordingWriter:
         if self.rotate_keep:
             while len(self.paths) - len(self.removed) > self.rotate_keep:
                 old = self.paths[len(self.removed)]
-                old.unlink(missing_ok=True)
+                for gone in (old, side_file(old, INDEX_SUFFIX), side_file(old, ANALYSIS_SUFFIX)):
+                    gone.unlink(missing_ok=True)  # its index and analysis were made stale by the deletion
                 self.removed.append(old)
 
     def _iface(self, dissector: str, queue: int) -> int:
