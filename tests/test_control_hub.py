@@ -101,6 +101,27 @@ def test_a_client_that_sends_commands_but_never_reads_is_not_read_either(hub: Hu
     s.close()
 
 
+def test_a_failing_snapshot_refuses_that_client_and_the_hub_goes_on(tmp_path: Path) -> None:
+    calls = []
+
+    def snapshot() -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("inode 7")
+        return {}
+
+    h = Hub(str(tmp_path / "ctl.sock"), snapshot)
+    try:
+        first = _connect(h.path)
+        assert next(_lines(first)) == {"type": "error", "error": "no snapshot: KeyError: 'inode 7'"}
+        second = _connect(h.path)
+        assert next(_lines(second))["type"] == "hello"
+        first.close()
+        second.close()
+    finally:
+        h.close(0.5)
+
+
 def test_client_cap_refuses_the_rest_with_a_message(tmp_path: Path) -> None:
     h = Hub(str(tmp_path / "ctl.sock"), lambda: {}, max_clients=3)
     try:

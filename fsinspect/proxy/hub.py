@@ -314,7 +314,14 @@ class Hub:
             self._next_id += 1
             c = _Client(sock, self._next_id)
             with self.feed_lock:
-                snap = {"type": "snapshot", **self.snapshot_fn()}
+                try:
+                    snap = {"type": "snapshot", **self.snapshot_fn()}
+                except Exception as e:  # a bug in the owner's snapshot must not end the hub for everyone
+                    log.error("control hub: snapshot failed: %s: %s", type(e).__name__, e)
+                    with contextlib.suppress(OSError):
+                        sock.send(_line({"type": "error", "error": f"no snapshot: {type(e).__name__}: {e}"}))
+                    sock.close()
+                    continue
                 with self.lock:
                     snap["exchanges"] = list(self.recent)
                     snap["control"] = list(self.recent_control)
