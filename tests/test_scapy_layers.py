@@ -105,9 +105,41 @@ def _compare_vhost_user(pkt: Packet, msg: V.VhostUserMessage) -> None:
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
 def test_scapy_dissects_every_sample_message_as_the_codecs_do(path: Path) -> None:
+    counts = _differential(path)
+    assert counts["request"] > 20 and counts["reply"] > 20, counts
+    if path.name.startswith("guest"):  # the real guest's recording has the vhost-user setup too
+        assert counts["vhost-user"] > 20, counts
+
+
+@pytest.mark.guest
+@pytest.mark.root
+def test_scapy_dissects_a_fresh_real_guest_recording_as_the_codecs_do(guest_image: Any, guest_share: Any,
+                                                                       tmp_path: Path) -> None:
+    """A real guest's `full` workload (xattrs on) through the proxy in front of the bundled daemon."""
+    from fsinspect.guest import launcher
+    from tests.guest_fixtures import explain
+    from tests.test_proxy_e2e import bundled_daemon, start_proxy
+
+    rec = tmp_path / "rec.pcapng"
+    with launcher.short_tmpdir() as work, bundled_daemon(guest_share, work, tmp_path) as be:
+        proxy = start_proxy(work / "proxy.sock", be, rec, tmp_path / "summary.json")
+        try:
+            res = launcher.run_guest(work / "proxy.sock", image=guest_image, workload="full", timeout=240,
+                                     watch=[proxy, *be.processes], params={"xattr": 1, "n": 100})
+            proxy.wait(15)
+        finally:
+            launcher.stop_process(proxy)
+    assert res.ok, explain(res)
+    counts = _differential(rec)
+    assert counts["request"] > 500 and counts["vhost-user"] > 20, counts
+    assert len(counts["opcodes"]) >= 20, counts
+
+
+def _differential(path: Path) -> dict[str, Any]:
+    """Compare scapy's dissection with the codecs' decode on every message of a recording."""
     ctx = F.DEFAULT_CONTEXT
     pending: dict[tuple[int, int], tuple[F.Request, Packet]] = {}
-    counts = {"request": 0, "reply": 0, "notify": 0, "vhost-user": 0}
+    counts: dict[str, Any] = {"request": 0, "reply": 0, "notify": 0, "vhost-user": 0, "opcodes": set()}
     with RecordingReader(path) as reader:
         for rec in reader:
             wire = rec.orig_len if rec.snapped else None
@@ -123,6 +155,7 @@ def test_scapy_dissects_every_sample_message_as_the_codecs_do(path: Path) -> Non
                 _compare_fuse(pkt, req)
                 pending[(rec.queue, req.unique)] = (req, pkt)
                 counts["request"] += 1
+                counts["opcodes"].add(req.opname)
                 continue
             unique = F.OUT_HEADER.decode(rec.data).unique
             req, sreq = pending.pop((rec.queue, unique), (None, None))
@@ -132,9 +165,7 @@ def test_scapy_dissects_every_sample_message_as_the_codecs_do(path: Path) -> Non
             counts["notify" if unique == 0 else "reply"] += 1
             if req is not None and req.opcode == INIT and isinstance(reply, F.Reply) and not reply.error:
                 ctx = FuseContext.from_init(req.args["init"], reply.args["init_out"])
-    assert counts["request"] > 20 and counts["reply"] > 20, counts
-    if path.name.startswith("guest"):  # the real guest's recording has the vhost-user setup too
-        assert counts["vhost-user"] > 20, counts
+    return counts
 
 
 # ------------------------------------------------------------------------------------------------
