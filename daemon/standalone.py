@@ -20,6 +20,8 @@ from typing import cast
 
 from daemon.hold import EngineHoldPoint
 from daemon.passthrough import Options, PassthroughFS
+from daemon.sandbox import SandboxError
+from daemon.sandbox import enter as enter_sandbox
 from daemon.server import Buffer, Server, Tap
 from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
 
@@ -76,8 +78,11 @@ class Standalone:
     """A mounted session: `serve()` blocks until unmounted or stopped; `stop()` from any thread."""
 
     def __init__(self, mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
-                 dispatch: str = "inline+pool", tap: Tap | None = None, hold: EngineHoldPoint | None = None) -> None:
+                 dispatch: str = "inline+pool", tap: Tap | None = None, hold: EngineHoldPoint | None = None,
+                 sandbox: str = "none") -> None:
         check_outside(mountpoint, opts.shared_dir)
+        self.sandbox = sandbox
+        self.error: OSError | None = None  # why serving stopped early (the sandbox could not be entered)
         self.fs = PassthroughFS(dataclasses.replace(opts, proc_groups=True))
         self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch, hold=hold)
         self.readers = max(1, readers)
@@ -93,15 +98,29 @@ class Standalone:
         log.info("serving %s at %s", opts.shared_dir, self.mountpoint)
 
     def serve(self) -> None:
-        """Read and serve until the filesystem is unmounted; always unmounts and cleans up."""
+        """Read and serve until the filesystem is unmounted; always unmounts and cleans up.
+
+        The readers run under the sandbox, on a thread of their own: this one stays outside, where the
+        mount point is, to unmount (the mount was made before the sandbox, so the host sees it).
+        """
+        confined = threading.Thread(target=self._read_confined, name="fuse-reader-0")
+        try:
+            confined.start()
+            confined.join()
+        finally:
+            self.close()
+
+    def _read_confined(self) -> None:
+        try:
+            enter_sandbox(self.sandbox, self.fs)
+        except SandboxError as e:
+            self.error = e
+            return
         threads = [threading.Thread(target=_reader, args=(self.dev, self.server, q), daemon=True,
                                     name=f"fuse-reader-{q}") for q in range(1, self.readers)]
         for t in threads:
             t.start()
-        try:
-            _reader(self.dev, self.server, 0)
-        finally:
-            self.close()
+        _reader(self.dev, self.server, 0)
 
     def stop(self) -> None:
         """Unmount; the readers see ENODEV and return."""
@@ -129,15 +148,17 @@ class Standalone:
 
 def run(mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8, dispatch: str = "inline+pool",
         ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None,
-        hold: EngineHoldPoint | None = None) -> int:
+        hold: EngineHoldPoint | None = None, sandbox: str = "none") -> int:
     """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM.
 
     The readers run on threads; the main thread only waits for a signal or the end of the session,
     so a signal never lands in the middle of a reply.
     """
     session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, dispatch=dispatch, tap=tap,
-                         hold=hold)
+                         hold=hold, sandbox=sandbox)
     serve_until_signal(session, "fuse-serve",
                        on_signal=lambda sig: log.info("%s: unmounting %s", sig, session.mountpoint),
                        ready=None if ready is None else lambda: ready(session))
+    if session.error is not None:
+        raise session.error
     return 0

@@ -17,6 +17,8 @@ from typing import Any, cast
 from daemon.hold import EngineHoldPoint
 from daemon.passthrough import Options, PassthroughFS
 from daemon.passthrough.fs import ATTR_SUBMOUNT
+from daemon.sandbox import SandboxError
+from daemon.sandbox import enter as enter_sandbox
 from daemon.server import OUT_HEADER_SIZE, Buffer, Context, Entry, Server, Tap
 from daemon.transport.vhost_user import DEFAULT_QUEUES, InPlace, VhostUserSession, accept_one, data_views
 
@@ -62,8 +64,10 @@ class VhostDaemon:
 
     def __init__(self, listener: socket.socket, opts: Options, *, pool_size: int = 8,
                  dispatch: str = "inline+pool", tap: Tap | None = None, queues: int = DEFAULT_QUEUES,
-                 socket_path: str | None = None, hold: EngineHoldPoint | None = None) -> None:
+                 socket_path: str | None = None, hold: EngineHoldPoint | None = None, sandbox: str = "none") -> None:
         self.listener = listener
+        self.sandbox = sandbox
+        self.error: OSError | None = None  # why serving stopped early (the sandbox could not be entered)
         self.socket_path = socket_path
         self.fs = GuestPassthroughFS(opts)
         self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch, hold=hold)
@@ -78,6 +82,12 @@ class VhostDaemon:
             conn = accept_one(self.listener, self._stop)
             self._close_listener()
             if conn is None:
+                return
+            try:
+                enter_sandbox(self.sandbox, self.fs)  # this thread starts every thread that serves the guest
+            except SandboxError as e:
+                self.error = e
+                conn.close()
                 return
             log.info("front-end connected; serving %s", self.fs.opts.shared_dir)
             self.session = VhostUserSession(conn, self.server, queues=self.queues)
@@ -132,12 +142,15 @@ class VhostDaemon:
 
 def run(listener: socket.socket, opts: Options, *, pool_size: int = 8, dispatch: str = "inline+pool",
         tap: Tap | None = None, socket_path: str | None = None,
-        ready: Callable[[VhostDaemon], None] | None = None, hold: EngineHoldPoint | None = None) -> VhostDaemon:
+        ready: Callable[[VhostDaemon], None] | None = None, hold: EngineHoldPoint | None = None,
+        sandbox: str = "none") -> VhostDaemon:
     """The `fsinspect daemon --socket-path` main loop: returns when QEMU disconnects or on SIGINT/SIGTERM."""
     d = VhostDaemon(listener, opts, pool_size=pool_size, dispatch=dispatch, tap=tap, socket_path=socket_path,
-                    hold=hold)
+                    hold=hold, sandbox=sandbox)
     serve_until_signal(d, "vhost-user-control", on_signal=lambda sig: log.info("%s: stopped", sig),
                        ready=None if ready is None else lambda: ready(d))
+    if d.error is not None:
+        raise d.error
     return d
 
 

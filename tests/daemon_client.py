@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+from concurrent.futures import Executor
 from typing import Any
 
 from daemon.server import Server
@@ -18,8 +19,9 @@ KERNEL_FLAGS = (INIT["ASYNC_READ"] | INIT["BIG_WRITES"] | INIT["MAX_PAGES"] | IN
 class EngineClient:
     """Plays the kernel: numbers requests, collects replies (inline or from the pool)."""
 
-    def __init__(self, server: Server, *, uid: int = 0, gid: int = 0) -> None:
+    def __init__(self, server: Server, *, uid: int = 0, gid: int = 0, via: Executor | None = None) -> None:
         self.server = server
+        self.via = via  # the thread that hands requests to the engine (a sandboxed one), else the caller's
         self.unique = 0
         self.uid = uid
         self.gid = gid
@@ -27,7 +29,13 @@ class EngineClient:
     def raw(self, buf: bytes, timeout: float = 10.0) -> bytes | None:
         """Send raw bytes; the reply bytes, or None when the engine sent none within `timeout`."""
         q: queue.Queue[bytes] = queue.Queue()
-        self.server.handle(buf, lambda parts: q.put(b"".join(bytes(p) for p in parts)))
+        def reply(parts: Any) -> None:
+            q.put(b"".join(bytes(p) for p in parts))
+
+        if self.via is None:
+            self.server.handle(buf, reply)
+        else:
+            self.via.submit(self.server.handle, buf, reply).result()
         try:
             return q.get(timeout=timeout)
         except queue.Empty:

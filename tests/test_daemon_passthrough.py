@@ -12,12 +12,15 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from daemon.passthrough import CacheMode, HandleMode, Options, PassthroughFS
+from daemon.passthrough import fs as fs_module
+from daemon.sandbox import enter as enter_sandbox
 from daemon.server import Server
 from dissectors import fuse as F
 from dissectors.spec import fuse as spec
@@ -39,21 +42,35 @@ Factory = Callable[..., EngineClient]
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Factory]:
+    """make(shared, sandbox=LEVEL, **Options) -> a client of a fresh engine.  With a sandbox, the engine
+    is driven from a thread confined as `fsinspect daemon --sandbox LEVEL` confines its serving thread
+    (its pool threads start from it, so they are confined too)."""
     require_root()
-    made: list[tuple[Server, PassthroughFS]] = []
+    made: list[tuple[Server, PassthroughFS, ThreadPoolExecutor | None]] = []
 
-    def make(shared: Path | None = None, *, flags: int = KERNEL_FLAGS, **kw: Any) -> EngineClient:
+    def make(shared: Path | None = None, *, flags: int = KERNEL_FLAGS, sandbox: str = "none",
+             **kw: Any) -> EngineClient:
         fs = PassthroughFS(Options(str(shared or tmp_path), **kw))
         server = Server(fs)
-        made.append((server, fs))
-        c = EngineClient(server)
+        via = None
+        if sandbox != "none":
+            via = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sandbox-{sandbox}")
+            via.submit(enter_sandbox, sandbox, fs).result()
+        made.append((server, fs, via))
+        c = EngineClient(server, via=via)
         assert c.init(flags).error == 0
         return c
 
     yield make
-    for server, fs in made:
+    for server, fs, via in made:
         server.shutdown()
         fs.close()
+        if via is not None:
+            via.shutdown()
+
+
+# The confinement tests run at every level: the sandbox must not change what the name checks answer.
+SANDBOXES = pytest.mark.parametrize("sandbox", ["none", "namespace", "chroot"])
 
 
 def _alive(c: EngineClient) -> None:
@@ -61,8 +78,9 @@ def _alive(c: EngineClient) -> None:
 
 
 # ------------------------------------------------------------------------------- names / confinement
-def test_names_are_validated(engine: Factory, tmp_path: Path) -> None:
-    c = engine()
+@SANDBOXES
+def test_names_are_validated(engine: Factory, tmp_path: Path, sandbox: str) -> None:
+    c = engine(sandbox=sandbox)
     (tmp_path / "d").mkdir()
     assert c.lookup(1, b"..").args["entry"].nodeid == 1  # '..' of the root is the root
     assert c.lookup(1, b".").args["entry"].nodeid == 1
@@ -86,8 +104,9 @@ def test_names_are_validated(engine: Factory, tmp_path: Path) -> None:
     _alive(c)
 
 
-def test_absolute_symlink_targets_are_never_followed(engine: Factory, tmp_path: Path) -> None:
-    c = engine()
+@SANDBOXES
+def test_absolute_symlink_targets_are_never_followed(engine: Factory, tmp_path: Path, sandbox: str) -> None:
+    c = engine(sandbox=sandbox)
     rep = c.ok("SYMLINK", {"name": b"esc", "target": b"/etc"}, nodeid=1)
     esc = rep.args["entry"].nodeid
     assert stat.S_ISLNK(rep.args["entry"].attr.mode)
@@ -101,8 +120,9 @@ def test_absolute_symlink_targets_are_never_followed(engine: Factory, tmp_path: 
     _alive(c)
 
 
-def test_symlink_swapped_in_during_an_op_stays_confined(engine: Factory, tmp_path: Path) -> None:
-    c = engine()
+@SANDBOXES
+def test_symlink_swapped_in_during_an_op_stays_confined(engine: Factory, tmp_path: Path, sandbox: str) -> None:
+    c = engine(sandbox=sandbox)
     (tmp_path / "d").mkdir()
     d = c.nodeid(1, b"d")
     # The host swaps the directory for a symlink to /etc between the guest's LOOKUP and its next op.
@@ -312,8 +332,9 @@ def test_syncfs_syncs_each_host_filesystem(engine: Factory, tmp_path: Path, with
 
 
 # ------------------------------------------------------------------------------- ops
-def test_rename2_link_tmpfile_and_hard_links(engine: Factory, tmp_path: Path) -> None:
-    c = engine()
+@SANDBOXES
+def test_rename2_link_tmpfile_and_hard_links(engine: Factory, tmp_path: Path, sandbox: str) -> None:
+    c = engine(sandbox=sandbox)
     (tmp_path / "a").write_bytes(b"A")
     (tmp_path / "b").write_bytes(b"B")
     r2 = {"rename": F.make("fuse_rename2_in", newdir=1, flags=RENAME["NOREPLACE"]), "name": b"a", "newname": b"b"}
@@ -362,8 +383,9 @@ def test_sparse_files_lseek_fallocate_copy_file_range(engine: Factory, tmp_path:
     c.release(n2, fh2)
 
 
-def test_setattr_chmod_chown_utimens_truncate(engine: Factory, tmp_path: Path) -> None:
-    c = engine()
+@SANDBOXES
+def test_setattr_chmod_chown_utimens_truncate(engine: Factory, tmp_path: Path, sandbox: str) -> None:
+    c = engine(sandbox=sandbox)
     (tmp_path / "f").write_bytes(b"0123456789")
     f = c.nodeid(1, b"f")
     sa = F.make("fuse_setattr_in", valid=FATTR["MODE"] | FATTR["UID"] | FATTR["GID"] | FATTR["SIZE"]
@@ -405,13 +427,14 @@ def test_readonly_rejects_every_modification(engine: Factory, tmp_path: Path) ->
     assert sorted(os.listdir(tmp_path)) == ["f"]
 
 
-def test_xattrs_only_with_the_option(engine: Factory, tmp_path: Path) -> None:
+@SANDBOXES
+def test_xattrs_only_with_the_option(engine: Factory, tmp_path: Path, sandbox: str) -> None:
     (tmp_path / "f").write_bytes(b"")
-    off = engine()
+    off = engine(sandbox=sandbox)
     f = off.nodeid(1, b"f")
     assert off.call("GETXATTR", {"getxattr": F.make("fuse_getxattr_in", size=0), "name": b"user.a"},
                     nodeid=f).error == errno.ENOSYS
-    c = engine(xattr=True)
+    c = engine(sandbox=sandbox, xattr=True)
     f = c.nodeid(1, b"f")
     c.ok("SETXATTR", {"setxattr": F.make("fuse_setxattr_in", size=5), "name": b"user.a", "value": b"hello"}, nodeid=f)
     assert os.getxattr(tmp_path / "f", "user.a") == b"hello"
@@ -574,9 +597,11 @@ def test_mandatory_fails_per_inode_where_a_submount_has_no_handles(engine: Facto
         _libc.umount2(str(tmp_path / "proc").encode(), 2)
 
 
-def test_device_nodes_and_fifos_are_never_opened_by_the_daemon(engine: Factory, tmp_path: Path) -> None:
+@SANDBOXES
+def test_device_nodes_and_fifos_are_never_opened_by_the_daemon(engine: Factory, tmp_path: Path,
+                                                               sandbox: str) -> None:
     """A guest may create device nodes (its kernel opens them); the daemon must not open them on the host."""
-    c = engine()
+    c = engine(sandbox=sandbox)
     chr_dev = c.ok("MKNOD", {"mknod": F.make("fuse_mknod_in", mode=stat.S_IFCHR | 0o666, rdev=os.makedev(1, 3)),
                              "name": b"null"}, nodeid=1).args["entry"].nodeid
     fifo = c.ok("MKNOD", {"mknod": F.make("fuse_mknod_in", mode=stat.S_IFIFO | 0o666), "name": b"fifo"},
@@ -593,16 +618,20 @@ def test_device_nodes_and_fifos_are_never_opened_by_the_daemon(engine: Factory, 
     _alive(c)
 
 
-def test_dotdot_of_a_directory_moved_out_of_the_share_does_not_escape(engine: Factory, tmp_path: Path) -> None:
+@SANDBOXES
+def test_dotdot_of_a_directory_moved_out_of_the_share_does_not_escape(engine: Factory, tmp_path: Path,
+                                                                      sandbox: str) -> None:
     shared, outside = tmp_path / "shared", tmp_path / "outside"
     (shared / "a" / "b").mkdir(parents=True)
     outside.mkdir()
-    c = engine(shared)
+    c = engine(shared, sandbox=sandbox)
     a = c.nodeid(1, b"a")
     b = c.nodeid(a, b"b")
     assert c.lookup(b, b"..").args["entry"].nodeid == a
     (shared / "a" / "b").rename(outside / "b")  # the host moves it away while the client holds it
-    assert c.lookup(b, b"..").error == errno.EACCES
+    # In the namespace sandbox the share is a bind mount, and the kernel refuses '..' out of a bind
+    # mount's subtree itself (ENOENT) before the daemon's own check (EACCES) is reached.
+    assert c.lookup(b, b"..").error == (errno.ENOENT if sandbox == "namespace" else errno.EACCES)
     _alive(c)
 
 
@@ -619,3 +648,31 @@ def test_create_keeps_the_callers_status_flags(engine: Factory, tmp_path: Path) 
         assert fs.store.get(nid).fd >= 0  # never mode: an O_PATH twin holds the inode
         c.release(nid, fh)
     assert c.nodeid(1, b"plain") == c.lookup(1, b"plain").args["entry"].nodeid
+
+
+@pytest.mark.parametrize("sandbox", ["none", "namespace", "chroot"])
+def test_the_sandbox_is_the_second_wall(engine: Factory, tmp_path: Path, sandbox: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the name check removed (a bug in the first wall), '..' and an absolute symlink walk out of
+    the share without a sandbox, and stay in it with one."""
+    shared, outside = tmp_path / "shared", tmp_path / "outside"
+    shared.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"host secret")
+    (shared / "esc").symlink_to(outside)  # absolute: the host's path
+    monkeypatch.setattr(fs_module, "check_name", lambda name, *, lookup=False: None)
+    c = engine(shared, sandbox=sandbox)
+    for name in (b"../outside/secret", b"../../" * 20 + str(outside / "secret").encode(), b"esc/secret"):
+        rep = c.lookup(1, name)
+        if sandbox == "none":  # the escape is real: the test does remove the first wall
+            nid = rep.args["entry"].nodeid
+            fh = c.ok("OPEN", {"open": F.make("fuse_open_in", flags=os.O_RDONLY)}, nodeid=nid).args["open"].fh
+            assert c.ok("READ", {"read": F.make("fuse_read_in", fh=fh, size=64)}, nodeid=nid).args["data"] \
+                == b"host secret"
+        else:
+            assert rep.error == errno.ENOENT, (name, rep)
+    mk = {"mkdir": F.make("fuse_mkdir_in", mode=0o755), "name": b"../planted"}
+    assert c.call("MKDIR", mk, nodeid=1).error == 0
+    assert (tmp_path / "planted").exists() == (sandbox == "none")
+    assert (shared / "planted").exists() == (sandbox != "none")  # in the sandbox '..' of the root is the root
+    _alive(c)

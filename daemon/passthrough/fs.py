@@ -132,7 +132,7 @@ def _prepare_thread(privileged: bool) -> bool:
     return ready
 
 
-def proc_groups(pid: int) -> tuple[int, ...]:
+def proc_groups(pid: int, proc: str = "/proc/") -> tuple[int, ...]:
     """The caller's supplementary groups from /proc/PID/status, for kernels without FUSE_CREATE_SUPP_GROUP
     (standalone mode only: a virtio-fs pid is the guest's).  The caller is blocked in its syscall while we
     read, so the pid is its own unless it was killed meanwhile and the pid reused; the kernel already
@@ -140,7 +140,7 @@ def proc_groups(pid: int) -> tuple[int, ...]:
     if pid <= 0:
         return ()
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
+        with open(f"{proc}{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"Groups:"):
                     return tuple(int(g) for g in line.split()[1:])
@@ -168,6 +168,19 @@ class PassthroughFS(FileSystem):
         self._lock_fds: dict[tuple[int, int], int] = {}
         self.kernel_groups = False  # FUSE_CREATE_SUPP_GROUP negotiated
         self._fsetid = self._switch_creds and sc.has_effective_cap(sc.CAP_FSETID)
+
+    def reroot(self, path: str, proc: str) -> None:
+        """Hold the shared dir afresh as `path` with procfs at `proc`: the sandbox's view of them.
+
+        An fd opened before a pivot_root still points into the host's mount tree, where '..' of the
+        shared dir is its host parent; only an fd opened after it stops at the new root.  Called before
+        the first request, when the root is the only inode.
+        """
+        mode = self.store.mode
+        self.store.close()
+        self.store = InodeStore(mode)
+        self.store.proc = proc
+        self.root = self.store.add_root(path)
 
     # ------------------------------------------------------------------ session
     def init(self, kernel_flags: int) -> int:
@@ -247,7 +260,7 @@ class PassthroughFS(FileSystem):
     def _groups(self, ctx: Context) -> tuple[int, ...]:
         if ctx.groups or self.kernel_groups or not self.opts.proc_groups:
             return ctx.groups
-        return proc_groups(ctx.pid)
+        return proc_groups(ctx.pid, self.store.proc)
 
     @contextmanager
     def _kill_suidgid(self, kill: bool) -> Iterator[None]:
@@ -330,7 +343,7 @@ class PassthroughFS(FileSystem):
                 if hfd is not None:
                     os.fchmod(hfd, sa.mode)
                 else:
-                    os.chmod(f"/proc/self/fd/{pfd}", sa.mode)
+                    os.chmod(f"{self.store.proc}self/fd/{pfd}", sa.mode)
             if valid & (FATTR["UID"] | FATTR["GID"]):
                 uid = sa.uid if valid & FATTR["UID"] else -1
                 gid = sa.gid if valid & FATTR["GID"] else -1
@@ -344,7 +357,7 @@ class PassthroughFS(FileSystem):
                 if hfd is not None:
                     sc.utimens(hfd, None, at, mt)
                 else:
-                    sc.utimens(sc.AT_FDCWD, f"/proc/self/fd/{pfd}".encode(), at, mt)
+                    sc.utimens(sc.AT_FDCWD, f"{self.store.proc}self/fd/{pfd}".encode(), at, mt)
             st = os.fstat(hfd) if hfd is not None else os.stat(pfd)
         return st, self.timeout
 
@@ -427,7 +440,7 @@ class PassthroughFS(FileSystem):
             if self._switch_creds:
                 sc.link_empty(fd, pfd, newname)
             else:
-                os.link(f"/proc/self/fd/{fd}", newname, dst_dir_fd=pfd, follow_symlinks=True)
+                os.link(f"{self.store.proc}self/fd/{fd}", newname, dst_dir_fd=pfd, follow_symlinks=True)
         return self._do_lookup(p, newname)
 
     # ------------------------------------------------------------------ files
@@ -483,7 +496,7 @@ class PassthroughFS(FileSystem):
         with self.store.path_fd(p) as pfd, self._creating(ctx):
             fd = os.open(".", flags | sc.O_TMPFILE | os.O_CLOEXEC, mode & 0o7777, dir_fd=pfd)
         try:
-            ofd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            ofd = os.open(f"{self.store.proc}self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
             st = sc.statx(ofd)
             # An unlinked inode can't be reopened by handle: hold it by fd (LINK can then name it).
             inode = self.store.find_or_add(ofd, st, p, force_fd=True)
@@ -654,7 +667,7 @@ class PassthroughFS(FileSystem):
         if mask & W_OK and self.opts.readonly:
             raise OSError(errno.EROFS, "read-only export")
         with self.store.path_fd(inode) as fd, self._creds(ctx):
-            if not os.access(f"/proc/self/fd/{fd}", mask, effective_ids=True):
+            if not os.access(f"{self.store.proc}self/fd/{fd}", mask, effective_ids=True):
                 raise OSError(errno.EACCES, "access denied")
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:
@@ -679,25 +692,25 @@ class PassthroughFS(FileSystem):
         _inode, cm = self._xattr_path(nodeid)
         self._rw()
         with cm as fd:
-            os.setxattr(f"/proc/self/fd/{fd}", name, value, flags)
+            os.setxattr(f"{self.store.proc}self/fd/{fd}", name, value, flags)
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
         _inode, cm = self._xattr_path(nodeid)
         with cm as fd:
-            v = os.getxattr(f"/proc/self/fd/{fd}", name)
+            v = os.getxattr(f"{self.store.proc}self/fd/{fd}", name)
         return _sized(v, size)
 
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         _inode, cm = self._xattr_path(nodeid)
         with cm as fd:
-            names = os.listxattr(f"/proc/self/fd/{fd}")
+            names = os.listxattr(f"{self.store.proc}self/fd/{fd}")
         return _sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         _inode, cm = self._xattr_path(nodeid)
         self._rw()
         with cm as fd:
-            os.removexattr(f"/proc/self/fd/{fd}", name)
+            os.removexattr(f"{self.store.proc}self/fd/{fd}", name)
 
 
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock (x86_64 / LP64)

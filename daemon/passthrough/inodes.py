@@ -77,6 +77,8 @@ class InodeStore:
         self._next_id = ROOT_ID + 1
         self._generation = 0
         self.handle_failures = 0
+        # Where procfs is: "" once the sandbox has made it the cwd (daemon/sandbox.py), as the new root has none.
+        self.proc = "/proc/"
 
     # ---------------------------------------------------------------- root
     def add_root(self, path: str) -> Inode:
@@ -147,7 +149,7 @@ class InodeStore:
             # would block the daemon).
             raise OSError(errno.EPERM, "the daemon opens only regular files and directories")
         if inode.fd >= 0:
-            return os.open(f"/proc/self/fd/{inode.fd}", flags | os.O_CLOEXEC)
+            return os.open(f"{self.proc}self/fd/{inode.fd}", flags | os.O_CLOEXEC)
         return self._open_handle(inode, flags)
 
     def _open_handle(self, inode: Inode, flags: int) -> int:
@@ -224,7 +226,7 @@ class InodeStore:
                 handle = None
             keep_fd = -1
             if handle is None:
-                keep_fd = fd if owned else os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+                keep_fd = fd if owned else os.open(f"{self.proc}self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
             self._generation += 1
             new = Inode(self._next_id, self._generation, st.st_dev, st.st_ino, st.mnt_id, st.st_mode, fd=keep_fd,
                         handle=handle, mount=mount, nlookup=1, parent_mnt_id=parent.mnt_id)
@@ -244,10 +246,10 @@ class InodeStore:
         mfd = -1
         try:
             if stat.S_ISDIR(st.st_mode):
-                mfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                mfd = os.open(f"{self.proc}self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             elif parent.mnt_id == st.mnt_id:
                 with self.path_fd(parent) as pfd:
-                    mfd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    mfd = os.open(f"{self.proc}self/fd/{pfd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             log.debug("no mount fd for mount %d: %s", mnt_id, e)
             return None

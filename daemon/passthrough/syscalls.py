@@ -48,6 +48,9 @@ _libc.unshare.argtypes = [ctypes.c_int]
 _libc.capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 _libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 _libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.fcntl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 _libc.flock.argtypes = [ctypes.c_int, ctypes.c_int]
 
@@ -55,6 +58,7 @@ CLONE_FS = 0x200
 CAP_FSETID = 4
 _CAP_VERSION_3 = 0x20080522
 # glibc's setgroups() changes every thread (a setxid broadcast); the raw syscall changes only this one.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}.get(os.uname().machine)
 _SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "riscv64": 159, "ppc64le": 81, "s390x": 206}.get(os.uname().machine)
 
 # struct statx (include/uapi/linux/stat.h), the fields we use, by offset.
@@ -179,6 +183,47 @@ def unshare_fs() -> None:
     """Give this thread its own cwd, root and umask (CLONE_FS), so its umask(0) leaves the process alone."""
     if _libc.unshare(CLONE_FS) != 0:
         _raise("unshare(CLONE_FS)")
+
+
+def unshare(flags: int) -> None:
+    if _libc.unshare(flags) != 0:
+        _raise("unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    if _libc.mount(None if source is None else os.fsencode(source), os.fsencode(target),
+                   None if fstype is None else fstype.encode(), flags, None) != 0:
+        _raise("mount", target)
+
+
+def umount2(target: str, flags: int) -> None:
+    if _libc.umount2(os.fsencode(target), flags) != 0:
+        _raise("umount2", target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    if _SYS_PIVOT_ROOT is None:
+        raise OSError(errno.ENOSYS, f"no pivot_root syscall number for {os.uname().machine}")
+    if _libc.syscall(_SYS_PIVOT_ROOT, os.fsencode(new_root), os.fsencode(put_old)) != 0:
+        _raise("pivot_root", new_root)
+
+
+def prctl(option: int, arg2: int = 0) -> None:
+    if _libc.prctl(option, arg2, 0, 0, 0) != 0:
+        _raise("prctl")
+
+
+def limit_caps(keep: int) -> None:
+    """Keep only the capabilities in the `keep` mask in this thread's effective and permitted sets (and
+    none inheritable): what is dropped from permitted cannot come back."""
+    hdr, data = _caps()
+    for i in range(2):
+        part = (keep >> (32 * i)) & 0xFFFFFFFF
+        data[i].effective &= part
+        data[i].permitted &= part
+        data[i].inheritable = 0
+    if _libc.capset(hdr, data) != 0:
+        _raise("capset")
 
 
 def setgroups_thread(groups: list[int] | tuple[int, ...]) -> None:

@@ -36,7 +36,8 @@ _O_FLAGS: dict[str, tuple[str, Any]] = {
     "posix_lock": ("", None),
 }
 _O_VALUES: dict[str, str] = {"source": "shared_dir", "cache": "cache", "log_level": "log_level",
-                             "inode_file_handles": "inode_file_handles", "thread_pool_size": "thread_pool_size"}
+                             "inode_file_handles": "inode_file_handles", "thread_pool_size": "thread_pool_size",
+                             "sandbox": "sandbox"}
 _LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "warning": "warning", "err": "error",
                "error": "error"}
 
@@ -47,7 +48,8 @@ def add_vhost_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-o", dest="o_options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="virtiofsd-style options: source=DIR, cache=none|auto|always, announce_submounts, "
                         "no_announce_submounts, xattr, no_xattr, writeback, no_writeback, readonly, "
-                        "log_level=LEVEL, inode_file_handles=MODE, thread_pool_size=N, flock, posix_lock")
+                        "log_level=LEVEL, inode_file_handles=MODE, thread_pool_size=N, sandbox=LEVEL, flock, "
+                        "posix_lock")
     g.add_argument("--print-capabilities", action="store_true",
                    help="print the vhost-user backend capabilities (JSON) and exit")
     g.add_argument("-f", "--foreground", action="store_true", help="accepted for virtiofsd compatibility "
@@ -256,7 +258,7 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
     log.info("listening on %s", args.socket_path or f"fd {args.fd}")
     try:
         d = vhost.run(listener, opts, pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap,
-                      socket_path=args.socket_path, hold=point)
+                      socket_path=args.socket_path, hold=point, sandbox=args.sandbox)
     except (OSError, VhostUserError) as e:
         raise UserError(f"{getattr(e, 'strerror', None) or e}", status=1) from None
     finally:

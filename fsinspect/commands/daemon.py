@@ -50,6 +50,11 @@ def add_fs_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--readonly", action="store_true", help="reject every modification with EROFS")
     g.add_argument("--thread-pool-size", type=int, default=8, metavar="N",
                    help="threads for blocking ops (READ, WRITE, fsync, syncfs, ...) (default: 8)")
+    g.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default=None,
+                   help="confine the threads that serve the guest: namespace = private mount namespace with the "
+                        "shared dir as its root (pivot_root); chroot = chroot into it; none = the name checks "
+                        "only.  Every level but none drops the capabilities passthrough does not need "
+                        "(default: namespace as root, as virtiofsd; none otherwise)")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
@@ -80,6 +85,14 @@ def fs_options(args: argparse.Namespace) -> Any:
         raise UserError(f"--shared-dir {args.shared_dir}: not a directory")
     if args.thread_pool_size < 1:
         raise UserError("--thread-pool-size must be at least 1")
+    from daemon import sandbox
+
+    if args.sandbox is None:
+        args.sandbox = sandbox.default_level()
+    try:
+        sandbox.check(args.sandbox)
+    except sandbox.SandboxError as e:
+        raise UserError(e.strerror or str(e)) from None
     return Options(os.path.abspath(args.shared_dir), cache=CacheMode(args.cache),
                    inode_file_handles=HandleMode(args.inode_file_handles),
                    announce_submounts=args.announce_submounts, writeback=args.writeback, xattr=args.xattr,
@@ -118,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     point = attach_debugger(intercept, ctl)
     try:
         return standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size,
-                              dispatch=args.dispatch, tap=tap, hold=point)
+                              dispatch=args.dispatch, tap=tap, hold=point, sandbox=args.sandbox)
     except FuseDevError as e:
         raise UserError(str(e.strerror or e), status=1) from None
     except OSError as e:

@@ -124,10 +124,19 @@ def send_message(sock: socket.socket, raw: bytes, fds: list[int] | None = None) 
 EVENTFD_LINK = "anon_inode:[eventfd]"
 
 
+# Opened once, at import: it stays valid in the daemon's sandbox (daemon/sandbox.py), whose threads have a
+# root where /proc is absent (or would be the guest's own directory).
+_PROC_FD = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def proc_fd() -> int:
+    return _PROC_FD
+
+
 def describe_fd(fd: int) -> str:
     """What an fd refers to, as /proc shows it ("pipe:[123]", "/dev/zero", "anon_inode:[eventpoll]")."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}")
+        return os.readlink(f"self/fd/{fd}", dir_fd=proc_fd())
     except OSError as e:
         return f"fd {fd} ({e.strerror})"
 
