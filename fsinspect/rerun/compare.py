@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dissectors import fuse as F
+from dissectors.render import render_value
+from dissectors.spec.types import Field
 from dissectors.structs import Record
 
 MAPPED = frozenset({"nodeid", "fh", "off", "kh"})  # chosen by the back-end, mapped rather than compared
@@ -70,14 +72,18 @@ def _skip(path: str, strict: bool) -> bool:
     return parts[0] == "st" and last in VOLATILE_STATFS
 
 
-def flatten(args: dict[str, Any], strict: bool = False) -> dict[str, Any]:
-    """Dotted path -> comparable value; directory entries become entries[name].field."""
+def flatten(args: dict[str, Any], strict: bool = False, kinds: dict[str, Field] | None = None) -> dict[str, Any]:
+    """Dotted path -> comparable value; directory entries become entries[name].field.  `kinds` collects
+    each path's spec field (to show flags and modes by name)."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, v: Any) -> None:
         if isinstance(v, Record):
-            for k in v._fields:
-                walk(f"{prefix}.{k}" if prefix else k, getattr(v, k))
+            for f in v._spec.fields:
+                path = f"{prefix}.{f.name}" if prefix else f.name
+                if kinds is not None:
+                    kinds[path] = f
+                walk(path, getattr(v, f.name))
         elif prefix == "entries" and isinstance(v, list):
             out["entries"] = frozenset(nm for _, nm in v)
             for rec, nm in v:
@@ -106,7 +112,8 @@ def compare(a: Any, b: Any, *, strict: bool = False) -> list[FieldDiff]:
         return [] if type(a) is type(b) else [FieldDiff("reply", type(a).__name__, type(b).__name__)]
     if a.error or b.error:
         return [] if a.error == b.error else [FieldDiff("errno", a.errname or 0, b.errname or 0)]
-    fa, fb = flatten(a.args, strict), flatten(b.args, strict)
+    kinds: dict[str, Field] = {}
+    fa, fb = flatten(a.args, strict, kinds), flatten(b.args, strict)
     out = []
     for k in sorted(set(fa) | set(fb)):
         va, vb = fa.get(k), fb.get(k)
@@ -120,6 +127,8 @@ def compare(a: Any, b: Any, *, strict: bool = False) -> list[FieldDiff]:
                     continue  # the recording kept only the first bytes (snapped): those agree
                 at = next((i for i, (x, y) in enumerate(zip(va, vb)) if x != y), min(len(va), len(vb)))
                 va, vb = f"{len(va)} bytes, differ from byte {at}", f"{len(vb)} bytes"
+            elif isinstance(va, int) and isinstance(vb, int) and k in kinds and (kinds[k].flags or kinds[k].enum):
+                va, vb = render_value(kinds[k], va), render_value(kinds[k], vb)
             out.append(FieldDiff(k, va, vb))
     return out
 
