@@ -91,16 +91,20 @@ def test_diff_submounts_announced_or_not(guest_image: GuestImage, tmp_path: Path
     rc, rows, err = jsonl(["diff", str(on), str(off)])
     s = rows[-1]
     assert rc == 1, err
-    assert s["by_field"] == {"LOOKUP entry.attr.flags": 2}, s
-    looked = sorted(d["request"].split('name="')[1].rstrip('"') for d in rows if d["type"] == "diff")
-    assert looked == ["inner", "sub"]
+    assert set(s["by_field"]) == {"LOOKUP entry.attr.flags"}, s
+    looked = {d["request"].split('name="')[1].rstrip('"') for d in rows if d["type"] == "diff"}
+    assert looked == {"inner", "sub"}
     assert all(d["fields"] == [{"field": "entry.attr.flags", "a": "SUBMOUNT", "b": "0"}] for d in rows
                if d["type"] == "diff")
     # Explained: an announced submount is a superblock of its own, whose root the guest GETATTRs when it
-    # mounts it and forgets when it unmounts it; nothing is only in the recording without announcement.
-    only_a = [d["exchange"] for d in rows if d["type"] == "only_a"]
-    assert all(x.split()[1] in ("GETATTR", "FORGET") or x.startswith("FORGET") for x in only_a), only_a
-    assert not [d for d in rows if d["type"] == "only_b"]
+    # mounts it and forgets when it unmounts it; a LOOKUP of sub or inner again is a revalidation once the
+    # 1 s entry timeout has passed, which the guest's (TCG) timing decides.
+    def explained(x: str) -> bool:
+        return (x.startswith("FORGET") or x.split()[1] == "GETATTR"
+                or (x.split()[1] == "LOOKUP" and x.endswith(('name="sub"', 'name="inner"'))))
+
+    only = [d["exchange"] for d in rows if d["type"] in ("only_a", "only_b")]
+    assert all(explained(x) for x in only), only
 
 
 def test_injected_fault_is_the_one_difference(guest_image: GuestImage, tmp_path: Path) -> None:
@@ -113,3 +117,13 @@ def test_injected_fault_is_the_one_difference(guest_image: GuestImage, tmp_path:
     assert d["op"] == "LOOKUP" and 'name="inner"' in d["request"]
     assert d["fields"] == [{"field": "errno", "a": "ENOENT", "b": 0}]
     assert "injected by the debugger" in d["note"]  # the recording's flags say whose answer it was
+
+
+def test_concurrent_workload_reruns_with_its_overlap(guest_image: GuestImage, tmp_path: Path) -> None:
+    """Six loops and a dd in parallel: what the guest had in flight together goes out together again (the
+    rerun waits only for replies the recording shows before a request), and every reply is the same."""
+    rec = record(guest_image, tmp_path, "concurrent")
+    rc, rows, err = rerun_on_fresh_share(rec, VIRTIOFSD_CMD)
+    s = rows[-1]
+    assert rc == 0 and s["differing"] == 0 and s["unanswered"] == 0, (s, rows[:3], err)
+    assert s["recorded_max_in_flight"] >= 4 and s["max_in_flight"] >= s["recorded_max_in_flight"], s

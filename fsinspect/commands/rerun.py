@@ -21,14 +21,15 @@ from ..rerun.front import Front, FrontError, wait_socket
 from ..rerun.plan import Plan, PlanError, load
 from ..rerun.runner import Rerun, RerunError
 
-EPILOG = f"""\
-The share: {report.SHARE_NOTE}.  A recording of a workload that starts from an empty directory needs
-nothing else: what the recording creates, the rerun creates.
+EPILOG = """\
+The share: a rerun needs the share as it was when the recording started.  --prepare-share DIR rebuilds
+what the recording proves; a workload that starts from an empty directory needs nothing else (what the
+recording creates, the rerun creates).
 
---backend-cmd runs a command that serves a vhost-user socket; {{socket}} and {{shared_dir}} in it are
+--backend-cmd runs a command that serves a vhost-user socket; {socket} and {shared_dir} in it are
 replaced (by a private socket path and --shared-dir), for example
-  --backend-cmd '/usr/lib/qemu/virtiofsd --socket-path={{socket}} -o source={{shared_dir}},announce_submounts'
-  --backend-cmd 'fsinspect daemon --socket-path={{socket}} -o source={{shared_dir}}'
+  --backend-cmd '/usr/lib/qemu/virtiofsd --socket-path={socket} -o source={shared_dir},announce_submounts'
+  --backend-cmd 'fsinspect daemon --socket-path={socket} -o source={shared_dir}'
 Exit status: 0 every reply equal, 1 differences (or unanswered requests), 2 error.
 """
 

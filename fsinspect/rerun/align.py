@@ -3,8 +3,9 @@
 Two guests running the same workload send nearly the same requests in the same order; where one sends
 a request the other does not (a SYNCFS on a submount only one of them announced, a retry), the walk
 looks a short way ahead in both for the next request they agree on, and reports what it skipped as
-"only in A" / "only in B".  Forgets are compared as totals per inode, not by place.  Requests agree when their opcode, names and (mapped) nodeid agree: B's
-nodeids and file handles are mapped onto A's exactly as a rerun maps them.
+"only in A" / "only in B".  Requests agree when their opcode, the path of their nodeid and their names
+agree; B's nodeids and file handles are mapped onto A's as a rerun maps them.  Forgets are compared as
+totals per inode, not by place.
 """
 
 from __future__ import annotations
@@ -22,8 +23,24 @@ from .runner import describe, exchange_diff
 LOOKAHEAD = 64
 
 
-def _key(ex: Exchange) -> tuple[object, ...]:
-    return (ex.opcode, tuple(ex.names()) if ex.request is not None else ())
+def _keys(exs: Sequence[Exchange]) -> list[tuple[object, ...]]:
+    """(opcode, path of the nodeid, names) per exchange: paths, not nodeids, since each recording numbers
+    its own inodes (a path is the chain of LOOKUP/CREATE/MKDIR/... names that gave the nodeid)."""
+    paths: dict[int, bytes] = {1: b""}
+    out: list[tuple[object, ...]] = []
+    for ex in exs:
+        req, rep = ex.request, ex.reply
+        here = paths.get(ex.nodeid, b"#%d" % ex.nodeid)
+        out.append((ex.opcode, here, tuple(ex.names()) if req is not None else ()))
+        if req is None or not isinstance(rep, F.Reply) or rep.error:
+            continue
+        name = req.args.get("newname") if ex.opname == "LINK" else req.args.get("name")
+        if "entry" in rep.args and isinstance(name, bytes):
+            paths[rep.args["entry"].nodeid] = here + b"/" + name
+        for rec, nm in rep.args.get("entries", ()) if ex.opname == "READDIRPLUS" else ():
+            if rec.entry_out.nodeid and nm not in (b".", b".."):
+                paths[rec.entry_out.nodeid] = here + b"/" + nm
+    return out
 
 
 def _line(ex: Exchange) -> str:
@@ -34,7 +51,7 @@ def align(a: Sequence[Exchange], b: Sequence[Exchange]) -> list[tuple[int | None
     """Index pairs (i in a, j in b); None on one side for a request only the other recording has."""
     out: list[tuple[int | None, int | None]] = []
     i = j = 0
-    ka, kb = [_key(e) for e in a], [_key(e) for e in b]
+    ka, kb = _keys(a), _keys(b)
     while i < len(a) and j < len(b):
         if ka[i] == kb[j]:
             out.append((i, j))
