@@ -108,3 +108,40 @@ def test_no_socket_is_one_line(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "cannot connect" in res.stderr
+
+
+def test_requests_still_waiting_at_the_end_are_written_as_pending(tmp_path: Path) -> None:
+    """A hung back-end: the last SYNCFS is never answered.  The headless client writes it at the end, pending
+    with its age, instead of losing it (the UI shows it as a pending row)."""
+    from fsinspect.analysis import Analyzer
+    from fsinspect.recording.reader import RecordingReader
+
+    lock = threading.RLock()
+    hub = Hub(str(tmp_path / "ctl.sock"), lambda: {}, feed_lock=lock, queue_len=100_000)
+    proc = subprocess.Popen([*FSINSPECT, "attach", hub.path, "--format", "jsonl", "--filter", "op == SYNCFS"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    want = [g["unique"] for g in golden("guest-syncfs") if g["opcode"] == "SYNCFS"]
+    try:
+        _wait_clients(hub, 1, proc)
+        an = Analyzer(keep_exchanges=False, keep_raw=True)
+        an.listeners.append(hub.publish_exchange)
+        an.pending_listeners.append(hub.publish_request)
+        with RecordingReader(SYNCFS) as r:
+            for rec in r.records():
+                if rec.is_fuse and rec.inbound:
+                    with lock:
+                        an.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len)
+                    if int.from_bytes(rec.data[8:16], "little") == want[-1]:
+                        break  # the back-end hangs here
+                elif rec.is_fuse:
+                    with lock:
+                        an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len)
+    finally:
+        hub.close()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert [r["unique"] for r in rows] == want
+    assert [r["state"] for r in rows] == ["done"] * 5 + ["pending"]
+    assert rows[-1]["reply"] is None and rows[-1]["age_ms"] > 0
+    assert b"1 still waiting" in err

@@ -82,6 +82,7 @@ def run_headless(ctrl: str, fmt: str, expr: str | None, dest: str | None, mode: 
         stopped = True
     finally:
         try:
+            feed.write_open()  # what still waits at the end (a hung back-end's requests), as pending
             feed.sink.close()
         except BrokenPipeError:
             pass
@@ -91,6 +92,7 @@ def run_headless(ctrl: str, fmt: str, expr: str | None, dest: str | None, mode: 
         return 0
     end = "stopped" if stopped else "the source closed the control socket"
     sys.stderr.write(f"{who}: {end}; {feed.written} of {feed.seen} exchanges written"
+                     + (f" ({feed.pending_at_end} still waiting, written as pending)" if feed.pending_at_end else "")
                      + (f", {feed.state.overflow} messages dropped by the source" if feed.state.overflow else "")
                      + "\n")
     return 0

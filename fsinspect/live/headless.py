@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import IO, Protocol
 
 from ..analysis import Analyzer, Exchange
@@ -39,7 +40,8 @@ class TextSink:
         self.jsonl = jsonl
 
     def write(self, ex: Exchange) -> None:
-        line = json.dumps(exchange_json(ex)) if self.jsonl else exchange_line(ex, self.state.first_ts)
+        now = None if ex.replied else time.time_ns()  # a request still waiting: its age (JSON) at the end
+        line = json.dumps(exchange_json(ex, now_ns=now)) if self.jsonl else exchange_line(ex, self.state.first_ts)
         self.out.write(line.encode("utf-8", "surrogateescape") + b"\n")
 
     def flush(self) -> None:
@@ -104,6 +106,7 @@ class HeadlessFeed(ControlFeed):
         self.written = 0
         self.seen = 0
         self.reported_overflow = 0
+        self.pending_at_end = 0
         self._finished: list[Exchange] = []
         state.analyzer.listeners.append(self._finished.append)
 
@@ -114,18 +117,31 @@ class HeadlessFeed(ControlFeed):
 
     def batch_done(self) -> None:
         done, self._finished[:] = list(self._finished), []
-        sink = self.sink
-        if sink is None:
-            return
-        pred = self.predicate
-        for ex in done:
-            self.seen += 1
-            if pred is None or pred(ex):
-                sink.write(ex)
-                self.written += 1
-        sink.flush()
+        self._write(done)
         missed = self.state.overflow
         if missed > self.reported_overflow:
             self.reported_overflow = missed
             sys.stderr.write(f"fsinspect attach: the source dropped {missed} messages for this client "
                              "(it was too slow)\n")
+
+    def write_open(self) -> int:
+        """At the end: the requests still waiting (or held), so a hung back-end's requests are not lost from
+        the output (pending, with their age); returns how many there were."""
+        with self.state.lock:
+            still = sorted(self.state.open.values(), key=lambda ex: ex.n)
+            self.state.open.clear()
+        self._write(still)
+        self.pending_at_end = len(still)
+        return len(still)
+
+    def _write(self, exs: list[Exchange]) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        pred = self.predicate
+        for ex in exs:
+            self.seen += 1
+            if pred is None or pred(ex):
+                sink.write(ex)
+                self.written += 1
+        sink.flush()
