@@ -62,9 +62,11 @@ def _fds() -> set[str]:
 @contextmanager
 def inprocess_daemon(share: Share, **kw: Any) -> Iterator[tuple[Path, VhostDaemon, threading.Thread]]:
     tap = kw.pop("tap", None)
+    sandbox = kw.pop("sandbox", "none")
     with launcher.short_tmpdir() as work:
         sock = work / "d.sock"
-        d = VhostDaemon(listen_path(str(sock)), Options(str(share.root), **kw), socket_path=str(sock), tap=tap)
+        d = VhostDaemon(listen_path(str(sock)), Options(str(share.root), **kw), socket_path=str(sock), tap=tap,
+                        sandbox=sandbox)
         t = threading.Thread(target=d.serve, name="test-vhost-daemon")
         t.start()
         try:
@@ -209,10 +211,12 @@ def test_cli_sigterm_before_qemu_connects(tmp_path: Path) -> None:
 @pytest.mark.guest
 @pytest.mark.root
 def test_full_workload_prefer_auto(guest_image: GuestImage, guest_share: Share) -> None:
-    """`full` against the in-process daemon (handles prefer, cache auto); nothing left after QEMU goes."""
+    """`full` against the in-process daemon (handles prefer, cache auto, in the namespace sandbox as the
+    command line's default); nothing left after QEMU goes."""
     fds_before = _fds()
     threads_before = set(threading.enumerate())
-    with inprocess_daemon(guest_share, cache=CacheMode.AUTO, inode_file_handles=HandleMode.PREFER) as (sock, d, t):
+    with inprocess_daemon(guest_share, cache=CacheMode.AUTO, inode_file_handles=HandleMode.PREFER,
+                          sandbox="namespace") as (sock, d, t):
         res = launcher.run_guest(sock, image=guest_image, workload="full", timeout=240, watch=[ThreadWatch(t)],
                                  params={"n": 500, "io_mb": 16, "xattr": 0})
         t.join(20)

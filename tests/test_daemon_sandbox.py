@@ -1,0 +1,82 @@
+"""`fsinspect daemon --sandbox`, seen from outside: a running standalone daemon's threads, through /proc."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.sandbox import CAP, KEEP
+from daemon.transport.fusedev import in_mountinfo
+from tests.conftest import require_root
+
+pytestmark = pytest.mark.root
+
+KEEP_MASK = sum(1 << CAP[name] for name in KEEP)
+
+
+def _task(pid: int, tid: int) -> dict[str, object]:
+    base = f"/proc/{pid}/task/{tid}"
+    status = dict(line.split(":", 1) for line in Path(f"{base}/status").read_text().splitlines() if ":" in line)
+    return {"caps": int(status["CapEff"], 16), "bounding": int(status["CapBnd"], 16),
+            "nnp": status["NoNewPrivs"].strip(), "mnt": os.readlink(f"{base}/ns/mnt"),
+            "net": os.readlink(f"{base}/ns/net"), "root": os.readlink(f"{base}/root")}
+
+
+@pytest.mark.parametrize("level", ["namespace", "chroot", "none"])
+def test_standalone_serving_threads_are_confined_the_main_thread_is_not(tmp_path: Path, level: str) -> None:
+    require_root()
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    (shared / "hello").write_text("hi\n")
+    p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", "--standalone", str(mnt), "--shared-dir",
+                          str(shared), "--sandbox", level, "--xattr"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not in_mountinfo(mnt):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0]
+            time.sleep(0.05)
+        # Serving works at this level: reads, creates, O_PATH reopens and xattrs (through procfs).
+        assert (mnt / "hello").read_text() == "hi\n"
+        (mnt / "new").write_text("x")
+        os.setxattr(mnt / "new", "user.k", b"v")
+        assert os.getxattr(mnt / "new", "user.k") == b"v"
+        os.link(mnt / "new", mnt / "new2")
+        assert (shared / "new2").read_text() == "x"
+        me = _task(os.getpid(), os.getpid())
+        tasks = {tid: _task(p.pid, tid) for tid in map(int, os.listdir(f"/proc/{p.pid}/task"))}
+        main = tasks.pop(p.pid)
+        assert main["caps"] == me["caps"] and main["mnt"] == me["mnt"] and main["root"] == "/"
+        confined = [t for t in tasks.values() if t["caps"] == KEEP_MASK]
+        if level == "none":
+            assert not confined and all(t["mnt"] == me["mnt"] and t["root"] == "/" for t in tasks.values())
+        else:
+            assert confined, tasks
+            for t in confined:
+                assert t["bounding"] == KEEP_MASK and t["nnp"] == "1"
+                if level == "namespace":
+                    assert t["mnt"] != me["mnt"] and t["net"] != me["net"]
+                else:
+                    assert t["mnt"] == me["mnt"] and t["root"] == str(shared.resolve())
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out = p.communicate(timeout=20)[0]
+    assert p.returncode == 0, out
+    assert not in_mountinfo(mnt), "the main thread, outside the sandbox, unmounts"
+
+
+def test_a_level_this_process_cannot_enter_is_a_one_line_error() -> None:
+    require_root()  # to become nobody; the check comes before anything is mounted
+    for level in ("namespace", "chroot"):
+        r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable,
+                            "-m", "fsinspect", "daemon", "--standalone", "/nonexistent", "--shared-dir", "/usr",
+                            "--sandbox", level], capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert f"--sandbox {level} needs root" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
