@@ -19,6 +19,8 @@ from .fuse import NOTIFY_LAYERS, REPLY_LAYERS, REQUEST_LAYERS, FuseBody, fuse_re
 from .vhost_user import BACKEND_LAYERS, FRONTEND_LAYERS, VhostUserPayload
 from .vhost_user import LAYERS as _VHU_LAYERS
 
+if _FUSE_LAYERS.keys() & _VHU_LAYERS.keys():  # pragma: no cover - a spec change needs a new naming rule
+    raise ValueError(f"layer names in both protocols: {sorted(_FUSE_LAYERS.keys() & _VHU_LAYERS.keys())}")
 LAYERS: dict[str, type[Packet]] = {**_FUSE_LAYERS, **_VHU_LAYERS}
 globals().update(LAYERS)
 

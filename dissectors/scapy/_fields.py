@@ -119,9 +119,11 @@ class StructLayers:
         return cls
 
 
-def values(pkt: Packet, names: list[str]) -> dict[str, Any]:
-    """Field values of a layer as plain Python (nested layers as dicts, lists as lists) for comparisons."""
-    return {n: plain(pkt.getfieldval(n)) for n in names}
+def add_layer(layers: dict[str, type[Packet]], cls: type[Packet]) -> None:
+    """One class per public name: a spec change that makes two names meet needs a new naming rule."""
+    if cls.__name__ in layers:  # pragma: no cover - spec error
+        raise ValueError(f"two layers named {cls.__name__}")
+    layers[cls.__name__] = cls
 
 
 def plain(v: Any) -> Any:

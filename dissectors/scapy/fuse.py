@@ -27,7 +27,7 @@ from scapy.packet import NoPayload, Packet, Raw, bind_layers
 from ..spec import fuse as spec
 from ..spec.types import Part
 from ..structs import pyname
-from ._fields import AnyField, MaybeField, StructLayer, StructLayers, camel, member_fields, plain
+from ._fields import AnyField, MaybeField, StructLayer, StructLayers, add_layer, camel, member_fields, plain
 
 _REG = spec.REGISTRY
 _OP_NAMES = {camel(o.name) for o in spec.OPCODES}
@@ -35,9 +35,8 @@ _OP_NAMES = {camel(o.name) for o in spec.OPCODES}
 
 def _struct_name(sname: str) -> str:
     """fuse_attr -> FuseAttr; a struct whose name an opcode's layer takes gets 'Struct' (FuseStatxStruct)."""
-    short = camel(sname.removeprefix("fuse_"))
     base = camel(sname)
-    return base + "Struct" if short in _OP_NAMES and sname.startswith("fuse_") and base == "Fuse" + short else base
+    return base + "Struct" if base.removeprefix("Fuse") in _OP_NAMES else base
 
 
 STRUCTS = StructLayers(_REG, _struct_name)
@@ -323,18 +322,18 @@ for _o in spec.OPCODES:
     _cls = _body_layer("Fuse" + camel(_o.name), f"FUSE_{_o.name}", _o.request, _o.doc)
     REQUEST_LAYERS[_o.value] = _cls
     bind_layers(FuseIn, _cls, opcode=_o.value)
-    LAYERS[_cls.__name__] = _cls
+    add_layer(LAYERS, _cls)
     if _o.reply:
         _rcls = _body_layer("Fuse" + camel(_o.name) + "Reply", f"FUSE_{_o.name} reply", _o.reply, _o.doc)
         REPLY_LAYERS[_o.value] = _rcls
-        LAYERS[_rcls.__name__] = _rcls
+        add_layer(LAYERS, _rcls)
 for _n in spec.NOTIFIES:
     _cls = _body_layer("FuseNotify" + camel(_n.name), f"FUSE_NOTIFY_{_n.name}", _n.body, _n.doc)
     NOTIFY_LAYERS[_n.value] = _cls
     bind_layers(FuseOut, _cls, error=_n.value, unique=0)
-    LAYERS[_cls.__name__] = _cls
+    add_layer(LAYERS, _cls)
 for _s in _REG.structs:
-    LAYERS[STRUCTS(_s).__name__] = STRUCTS(_s)
+    add_layer(LAYERS, STRUCTS(_s))
 
 
 def header_values(pkt: Packet) -> dict[str, Any]:

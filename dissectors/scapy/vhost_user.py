@@ -15,7 +15,7 @@ from scapy.fields import EnumField, FieldLenField, PacketListField, StrField, St
 from scapy.packet import Packet, Raw, bind_layers
 
 from ..spec import vhost_user as spec
-from ._fields import AnyField, StructLayers, camel, member_fields, plain
+from ._fields import AnyField, StructLayers, add_layer, camel, member_fields, plain
 
 _REG = spec.REGISTRY
 STRUCTS = StructLayers(_REG, camel)
@@ -94,7 +94,7 @@ for _table, _reqs in ((FRONTEND_LAYERS, spec.FRONTEND_REQUESTS), (BACKEND_LAYERS
             _cls = _payload_layer(_base + ("Reply" if _reply else ""),
                                   f"VHOST_USER_{_r.name}" + (" reply" if _reply else ""), _layout, _r.doc)
             _table[(_r.value, _reply)] = _cls
-            LAYERS[_cls.__name__] = _cls
+            add_layer(LAYERS, _cls)
             bind_layers(VhostUser, _cls, request=_r.value, flags=spec.VERSION | (0x4 if _reply else 0))
 for _s in _REG.structs:
-    LAYERS[STRUCTS(_s).__name__] = STRUCTS(_s)
+    add_layer(LAYERS, STRUCTS(_s))
