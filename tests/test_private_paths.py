@@ -237,3 +237,40 @@ def test_claim_does_not_disturb_a_listener_and_release_removes_only_ours(tmp_pat
     with pytest.raises(OSError, match="exists and is not a socket"):
         claim_socket_path(path, what="--control")
     assert os.path.islink(path)
+
+
+def test_a_client_that_waits_for_the_path_is_never_refused(tmp_path: Path) -> None:
+    """The path appears only once the socket listens: a client that polls for it and connects at once
+    never gets ECONNREFUSED (bind-then-listen left a window where it did); nothing else is left beside it."""
+    import threading
+
+    path = str(tmp_path / "c.sock")
+    refused = 0
+    for _ in range(200):
+        stop = threading.Event()
+        results: list[str] = []
+
+        def client() -> None:
+            while not stop.is_set():
+                if os.path.exists(path):
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    try:
+                        c.connect(path)
+                        results.append("ok")
+                    except ConnectionRefusedError:
+                        results.append("refused")
+                    finally:
+                        c.close()
+                    return
+
+        t = threading.Thread(target=client)
+        t.start()
+        s = claim_socket_path(path, backlog=4, mode=0o600, what="--control")
+        t.join(5)
+        stop.set()
+        refused += results.count("refused")
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        release_socket_path(path, s)
+        assert not os.path.exists(path)
+    assert refused == 0
+    assert os.listdir(tmp_path) == []

@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 import weakref
 
 # sock_diag (linux/sock_diag.h, linux/unix_diag.h, linux/netlink.h)
@@ -94,6 +95,14 @@ def _in_use(path: str, st: os.stat_result) -> bool:
     return True
 
 
+def _private_name(path: str) -> str:
+    """A name beside `path` for binding before the socket listens; `path` itself when that would be too
+    long for sun_path (108 bytes)."""
+    d, base = os.path.split(path)
+    tmp = os.path.join(d, f".{base}.{os.getpid()}.{threading.get_ident() & 0xFFFF:x}")
+    return tmp if len(os.fsencode(tmp)) < 108 else path
+
+
 def claim_socket_path(path: str, *, backlog: int = 1, mode: int | None = None, what: str = "") -> socket.socket:
     """A listening socket bound at `path`; OSError with a one-line reason (prefixed by `what`) otherwise."""
     prefix = f"{what} {path}" if what else path
@@ -109,17 +118,27 @@ def claim_socket_path(path: str, *, backlog: int = 1, mode: int | None = None, w
                 raise _Refused(errno.EADDRINUSE, f"{prefix} is in use by a running process")
             os.unlink(path)  # stale: left by a process that is gone
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bound and listening under a private name first, then linked into place: a client that waits for
+        # `path` to appear never finds a socket that is not listening yet (ECONNREFUSED).
+        tmp = _private_name(path)
         try:
             old = os.umask(0o777 & ~mode) if mode is not None else None
             try:
-                s.bind(path)
+                s.bind(tmp)
             finally:
                 if old is not None:
                     os.umask(old)
-            if mode is not None:
-                os.chmod(path, mode)
-            st = os.lstat(path)
-            s.listen(backlog)
+            try:
+                if mode is not None:
+                    os.chmod(tmp, mode)
+                st = os.lstat(tmp)
+                s.listen(backlog)
+                if tmp != path:
+                    os.link(tmp, path)  # EEXIST if something took `path` meanwhile: never replaced
+            finally:
+                if tmp != path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
         except BaseException:
             s.close()
             raise
