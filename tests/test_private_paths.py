@@ -250,7 +250,7 @@ def test_a_client_that_waits_for_the_path_is_never_refused(tmp_path: Path) -> No
         stop = threading.Event()
         results: list[str] = []
 
-        def client() -> None:
+        def client(stop: threading.Event = stop, results: list[str] = results) -> None:
             while not stop.is_set():
                 if os.path.exists(path):
                     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
