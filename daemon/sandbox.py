@@ -13,7 +13,7 @@ the root; the sandbox makes a slip in that code harmless, as the C and Rust virt
 
 Every level but none then drops every capability passthrough does not need (CAP_SYS_ADMIN, the
 chroot and ptrace ones among them, so the confinement cannot be undone or stepped around through
-/proc/PID/root) and sets no_new_privs.
+/proc/PID/root), sets no_new_privs and loads a seccomp allowlist (ALLOWED; --seccomp).
 
 It confines the calling thread and every thread it starts afterwards: mount namespaces, roots and
 capabilities are per-thread in Linux, and the threads that read the guest's bytes (the vhost-user and
@@ -78,18 +78,33 @@ def check(level: str) -> None:
                                         "daemon as root, or choose --sandbox none")
 
 
-def enter(level: str, fs: PassthroughFS) -> None:
+def enter(level: str, fs: PassthroughFS, seccomp: str = "none") -> None:
     """Confine the calling thread (and the threads it starts from now on) at `level`, and make `fs`
-    hold its root from inside.  Call before the first request, with no other thread of the engine alive."""
+    hold its root from inside; then the `seccomp` allowlist.  Call before the first request, with no
+    other thread of the engine alive."""
     if level == "none":
         return
     check(level)
+    _preload(seccomp)
     try:
         _enter(level, fs)
+        load_seccomp(seccomp)
     except SandboxError:
         raise
     except OSError as e:
         raise SandboxError(e.errno or errno.EPERM, f"--sandbox {level}: {e.strerror or e}") from None
+
+
+# Imported on first use by code the serving threads run: after the switch the import system no longer
+# finds the virtualenv's or Python's own files, so they are imported before.
+_LAZY = ("dissectors.render", "fsinspect.analysis.render", "encodings.idna", "encodings.latin_1", "encodings.ascii")
+
+
+def _preload(seccomp: str) -> None:
+    import importlib
+
+    for name in (*_LAZY, "pyseccomp") if seccomp != "none" else _LAZY:
+        importlib.import_module(name)
 
 
 def _enter(level: str, fs: PassthroughFS) -> None:
@@ -150,3 +165,58 @@ def drop_capabilities(keep: tuple[str, ...] = KEEP) -> None:
                     raise
     sc.limit_caps(mask)
     sc.prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+# ------------------------------------------------------------------------------------------- seccomp
+SECCOMP_ACTIONS = ("kill", "log", "none")
+CLONE_THREAD = 0x00010000
+# What the serving threads call: Python's runtime, the vhost-user and /dev/fuse transports, the engine and
+# passthrough (measured with strace -f over the `full` guest workload with --xattr, --record and --control,
+# plus every op passthrough implements).  No exec, fork, mount, chroot, socket/connect, ptrace, setuid.
+ALLOWED = (
+    # runtime: memory, threads, time, signals
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "futex", "set_robust_list", "rseq", "exit",
+    "exit_group", "gettid", "getpid", "tgkill", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
+    "restart_syscall", "clock_gettime", "clock_getres", "gettimeofday", "clock_nanosleep", "nanosleep",
+    "sched_yield", "sched_getaffinity", "getrandom", "uname", "sysinfo", "prlimit64", "getrlimit", "getuid",
+    "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups", "getcwd", "membarrier",
+    # fds, polling, transports (sockets already connected: send/receive only)
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+    "close", "close_range", "dup", "dup2", "dup3", "fcntl", "ioctl", "lseek", "pipe2", "eventfd2", "poll",
+    "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "recvfrom",
+    "recvmsg", "sendto", "sendmsg", "shutdown", "getsockname", "getsockopt",
+    # passthrough
+    "openat", "openat2", "open_by_handle_at", "name_to_handle_at", "newfstatat", "fstat", "statx", "statfs",
+    "fstatfs", "getdents64", "readlinkat", "mkdirat", "mknodat", "symlinkat", "linkat", "unlinkat", "renameat",
+    "renameat2", "fchmod", "fchmodat", "fchown", "fchownat", "utimensat", "ftruncate", "fallocate",
+    "copy_file_range", "fsync", "fdatasync", "syncfs", "flock", "faccessat", "faccessat2", "fchdir", "umask",
+    "getxattr", "lgetxattr", "fgetxattr", "setxattr", "lsetxattr", "fsetxattr", "listxattr", "llistxattr",
+    "flistxattr", "removexattr", "lremovexattr", "fremovexattr", "setfsuid", "setfsgid", "setgroups", "capget",
+    "capset",
+    # the path forms glibc uses for os.chmod/os.access/...: they resolve inside the sandbox's root and cwd
+    "chmod", "access", "stat", "lstat", "open", "readlink", "truncate", "chown", "lchown", "utimes", "mkdir",
+    "rmdir", "unlink", "rename", "link", "symlink", "mknod", "getdents", "fadvise64", "sendfile", "splice",
+)
+
+
+def load_seccomp(action: str) -> None:
+    """Allow only ALLOWED in the calling thread and the threads it starts (a filter is per thread unless
+    synchronised); anything else kills the daemon (kill) or is only logged by the kernel's audit (log).
+    A new thread (clone with CLONE_THREAD) is allowed, a new process is not; clone3 answers ENOSYS so glibc
+    falls back to clone, whose flags a filter can see (as virtiofsd does).  unshare only with CLONE_FS (the
+    engine's per-thread umask)."""
+    if action == "none":
+        return
+    import pyseccomp as s
+
+    f = s.SyscallFilter(s.KILL_PROCESS if action == "kill" else s.LOG)
+    for name in ALLOWED:
+        try:
+            f.add_rule(s.ALLOW, name)
+        except (ValueError, RuntimeError, OSError):  # a name this architecture does not have
+            pass
+    f.add_rule(s.ALLOW, "clone", s.Arg(0, s.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
+    f.add_rule(s.ALLOW, "unshare", s.Arg(0, s.EQ, sc.CLONE_FS))
+    f.add_rule(s.ERRNO(errno.ENOSYS), "clone3")
+    f.load()
+

@@ -79,9 +79,10 @@ class Standalone:
 
     def __init__(self, mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
                  dispatch: str = "inline+pool", tap: Tap | None = None, hold: EngineHoldPoint | None = None,
-                 sandbox: str = "none") -> None:
+                 sandbox: str = "none", seccomp: str = "none") -> None:
         check_outside(mountpoint, opts.shared_dir)
         self.sandbox = sandbox
+        self.seccomp = seccomp
         self.error: OSError | None = None  # why serving stopped early (the sandbox could not be entered)
         self.fs = PassthroughFS(dataclasses.replace(opts, proc_groups=True))
         self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch, hold=hold)
@@ -112,7 +113,7 @@ class Standalone:
 
     def _read_confined(self) -> None:
         try:
-            enter_sandbox(self.sandbox, self.fs)
+            enter_sandbox(self.sandbox, self.fs, self.seccomp)
         except SandboxError as e:
             self.error = e
             return
@@ -148,14 +149,14 @@ class Standalone:
 
 def run(mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8, dispatch: str = "inline+pool",
         ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None,
-        hold: EngineHoldPoint | None = None, sandbox: str = "none") -> int:
+        hold: EngineHoldPoint | None = None, sandbox: str = "none", seccomp: str = "none") -> int:
     """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM.
 
     The readers run on threads; the main thread only waits for a signal or the end of the session,
     so a signal never lands in the middle of a reply.
     """
     session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, dispatch=dispatch, tap=tap,
-                         hold=hold, sandbox=sandbox)
+                         hold=hold, sandbox=sandbox, seccomp=seccomp)
     serve_until_signal(session, "fuse-serve",
                        on_signal=lambda sig: log.info("%s: unmounting %s", sig, session.mountpoint),
                        ready=None if ready is None else lambda: ready(session))

@@ -64,9 +64,11 @@ class VhostDaemon:
 
     def __init__(self, listener: socket.socket, opts: Options, *, pool_size: int = 8,
                  dispatch: str = "inline+pool", tap: Tap | None = None, queues: int = DEFAULT_QUEUES,
-                 socket_path: str | None = None, hold: EngineHoldPoint | None = None, sandbox: str = "none") -> None:
+                 socket_path: str | None = None, hold: EngineHoldPoint | None = None, sandbox: str = "none",
+                 seccomp: str = "none") -> None:
         self.listener = listener
         self.sandbox = sandbox
+        self.seccomp = seccomp
         self.error: OSError | None = None  # why serving stopped early (the sandbox could not be entered)
         self.socket_path = socket_path
         self.fs = GuestPassthroughFS(opts)
@@ -84,7 +86,8 @@ class VhostDaemon:
             if conn is None:
                 return
             try:
-                enter_sandbox(self.sandbox, self.fs)  # this thread starts every thread that serves the guest
+                # This thread starts every thread that serves the guest.
+                enter_sandbox(self.sandbox, self.fs, self.seccomp)
             except SandboxError as e:
                 self.error = e
                 conn.close()
@@ -143,10 +146,10 @@ class VhostDaemon:
 def run(listener: socket.socket, opts: Options, *, pool_size: int = 8, dispatch: str = "inline+pool",
         tap: Tap | None = None, socket_path: str | None = None,
         ready: Callable[[VhostDaemon], None] | None = None, hold: EngineHoldPoint | None = None,
-        sandbox: str = "none") -> VhostDaemon:
+        sandbox: str = "none", seccomp: str = "none") -> VhostDaemon:
     """The `fsinspect daemon --socket-path` main loop: returns when QEMU disconnects or on SIGINT/SIGTERM."""
     d = VhostDaemon(listener, opts, pool_size=pool_size, dispatch=dispatch, tap=tap, socket_path=socket_path,
-                    hold=hold, sandbox=sandbox)
+                    hold=hold, sandbox=sandbox, seccomp=seccomp)
     serve_until_signal(d, "vhost-user-control", on_signal=lambda sig: log.info("%s: stopped", sig),
                        ready=None if ready is None else lambda: ready(d))
     if d.error is not None:

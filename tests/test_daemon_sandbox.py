@@ -80,3 +80,34 @@ def test_a_level_this_process_cannot_enter_is_a_one_line_error() -> None:
                             "--sandbox", level], capture_output=True, text=True, timeout=30)
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert f"--sandbox {level} needs root" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+_SECCOMP_PROBE = """
+import os, socket, sys, threading
+from daemon.passthrough import Options, PassthroughFS
+from daemon.sandbox import enter
+
+fs = PassthroughFS(Options(sys.argv[1]))
+def confined() -> None:
+    enter("namespace", fs, "kill")
+    t = threading.Thread(target=lambda: print("thread ok", flush=True))  # clone with CLONE_THREAD
+    t.start()
+    t.join()
+    print("listdir", sorted(os.listdir(fs.root.fd if False else "/")), flush=True)
+    if sys.argv[2] == "socket":
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    else:
+        os.execv("/bin/true", ["true"])
+    print("not reached", flush=True)
+threading.Thread(target=confined).start()
+"""
+
+
+@pytest.mark.parametrize("call", ["socket", "exec"])
+def test_seccomp_kills_a_serving_thread_that_leaves_the_allowlist(tmp_path: Path, call: str) -> None:
+    require_root()
+    (tmp_path / "f").write_text("")
+    r = subprocess.run([sys.executable, "-c", _SECCOMP_PROBE, str(tmp_path), call], capture_output=True, text=True,
+                       timeout=30, cwd=Path(__file__).parent.parent)
+    assert r.stdout.splitlines() == ["thread ok", "listdir ['f']"], (r.stdout, r.stderr)
+    assert r.returncode == -signal.SIGSYS, (r.returncode, r.stderr)

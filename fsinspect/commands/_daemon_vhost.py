@@ -258,7 +258,7 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
     log.info("listening on %s", args.socket_path or f"fd {args.fd}")
     try:
         d = vhost.run(listener, opts, pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap,
-                      socket_path=args.socket_path, hold=point, sandbox=args.sandbox)
+                      socket_path=args.socket_path, hold=point, sandbox=args.sandbox, seccomp=args.seccomp)
     except (OSError, VhostUserError) as e:
         raise UserError(f"{getattr(e, 'strerror', None) or e}", status=1) from None
     finally:

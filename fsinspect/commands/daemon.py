@@ -55,6 +55,10 @@ def add_fs_options(p: argparse.ArgumentParser) -> None:
                         "shared dir as its root (pivot_root); chroot = chroot into it; none = the name checks "
                         "only.  Every level but none drops the capabilities passthrough does not need "
                         "(default: namespace as root, as virtiofsd; none otherwise)")
+    g.add_argument("--seccomp", choices=("kill", "log", "none"), default=None,
+                   help="with a --sandbox: allow only the system calls the serving threads make; kill = any "
+                        "other one kills the daemon, log = the kernel's audit log records it (default: kill, "
+                        "as virtiofsd)")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
@@ -93,10 +97,30 @@ def fs_options(args: argparse.Namespace) -> Any:
         sandbox.check(args.sandbox)
     except sandbox.SandboxError as e:
         raise UserError(e.strerror or str(e)) from None
+    args.seccomp = seccomp_action(args.sandbox, args.seccomp)
     return Options(os.path.abspath(args.shared_dir), cache=CacheMode(args.cache),
                    inode_file_handles=HandleMode(args.inode_file_handles),
                    announce_submounts=args.announce_submounts, writeback=args.writeback, xattr=args.xattr,
                    readonly=args.readonly)
+
+
+def seccomp_action(level: str, asked: str | None) -> str:
+    """The --seccomp action: kill by default under a sandbox; a filter is part of the sandbox."""
+    if level == "none":
+        if asked not in (None, "none"):
+            raise UserError(f"--seccomp {asked} is part of the sandbox: add --sandbox namespace or chroot")
+        return "none"
+    if asked == "none":
+        return "none"
+    try:
+        import pyseccomp  # noqa: F401
+    except (ImportError, OSError) as e:  # not installed, or libseccomp2 missing
+        if asked is not None:
+            raise UserError(f"--seccomp {asked} needs pyseccomp and libseccomp2 ({e}): pip install pyseccomp, "
+                            "apt install libseccomp2") from None
+        logging.getLogger("fsinspect.daemon").warning("no seccomp filter: %s (pip install pyseccomp)", e)
+        return "none"
+    return asked or "kill"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     point = attach_debugger(intercept, ctl)
     try:
         return standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size,
-                              dispatch=args.dispatch, tap=tap, hold=point, sandbox=args.sandbox)
+                              dispatch=args.dispatch, tap=tap, hold=point, sandbox=args.sandbox, seccomp=args.seccomp)
     except FuseDevError as e:
         raise UserError(str(e.strerror or e), status=1) from None
     except OSError as e:
