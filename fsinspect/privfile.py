@@ -30,10 +30,11 @@ def add_mode_option(g: argparse._ActionsContainer) -> None:
                         "default 0600")
 
 
-def create(path: str | os.PathLike[str], mode: int = DEFAULT_MODE, *, append: bool = False) -> int:
-    """Open `path` for writing, created or truncated, with exactly `mode`; the fd."""
+def create(path: str | os.PathLike[str], mode: int = DEFAULT_MODE, *, append: bool = False,
+           dir_fd: int | None = None) -> int:
+    """Open `path` (relative to `dir_fd` if given) for writing, created or truncated, with exactly `mode`."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | (os.O_APPEND if append else 0)
-    fd = os.open(path, flags, mode)
+    fd = os.open(path, flags, mode, dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)  # the umask only takes bits away; an existing file keeps its old mode otherwise
     except BaseException:

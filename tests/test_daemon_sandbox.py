@@ -111,3 +111,30 @@ def test_seccomp_kills_a_serving_thread_that_leaves_the_allowlist(tmp_path: Path
                        timeout=30, cwd=Path(__file__).parent.parent)
     assert r.stdout.splitlines() == ["thread ok", "listdir ['f']"], (r.stdout, r.stderr)
     assert r.returncode == -signal.SIGSYS, (r.returncode, r.stderr)
+
+
+def test_recording_rotates_beside_the_first_part_from_inside_the_sandbox(tmp_path: Path) -> None:
+    """The serving threads rotate the recording; they do it relative to the recording's directory as it
+    was at the start, not through a path their new root no longer has (or that would land in the share)."""
+    require_root()
+    shared, mnt, out = tmp_path / "shared", tmp_path / "mnt", tmp_path / "out"
+    for d in (shared, mnt, out):
+        d.mkdir()
+    rec = out / "r.pcapng"
+    p = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", "--standalone", str(mnt), "--shared-dir",
+                          str(shared), "--sandbox", "namespace", "--record", str(rec), "--rotate-mb", "0.1",
+                          "--rotate-keep", "2", "--snaplen", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not in_mountinfo(mnt):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0]
+            time.sleep(0.05)
+        for i in range(8):
+            (mnt / f"f{i}").write_bytes(os.urandom(128 * 1024))
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out_text = p.communicate(timeout=20)[0]
+    assert p.returncode == 0, out_text
+    parts = sorted(x.name for x in out.iterdir())
+    assert len(parts) == 2 and all(x.startswith("r.") and x.endswith(".pcapng") for x in parts), parts
+    assert sorted(x.name for x in shared.iterdir()) == [f"f{i}" for i in range(8)]

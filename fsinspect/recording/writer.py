@@ -156,6 +156,10 @@ class RecordingWriter:
         self._reads: set[tuple[int, int]] = set()  # READ requests in flight, for snapping their replies
         self._init_key: tuple[int, int] | None = None
         self._init: dict[str, Any] | None = init  # an INIT from before this file's first record (export)
+        # Later parts are created (and old ones removed) relative to the directory as it is now: the daemon's
+        # sandbox may have moved the thread that rotates to another root meanwhile (daemon/sandbox.py).
+        self._dir_fd = -1 if stream is not None or not rotate_mb else \
+            os.open(self.base.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._open_part()
 
     # -- public API ------------------------------------------------------------------------------
@@ -253,6 +257,9 @@ class RecordingWriter:
         if self.stream is None:
             os.close(self._fd)
         self._fd = -1
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     def __enter__(self) -> RecordingWriter:
         return self
@@ -267,7 +274,12 @@ class RecordingWriter:
         n = len(self.paths)
         path = part_path(self.base, n)
         self.paths.append(path)
-        self._fd = privfile.create(path, self.mode, append=True) if self.stream is None else self.stream
+        if self.stream is not None:
+            self._fd = self.stream
+        elif self._dir_fd >= 0:
+            self._fd = privfile.create(path.name, self.mode, append=True, dir_fd=self._dir_fd)
+        else:
+            self._fd = privfile.create(path, self.mode, append=True)
         self._written = 0
         self._ifaces = {}
         self._req_chan = {}
@@ -289,7 +301,10 @@ class RecordingWriter:
             while len(self.paths) - len(self.removed) > self.rotate_keep:
                 old = self.paths[len(self.removed)]
                 for gone in (old, side_file(old, INDEX_SUFFIX), side_file(old, ANALYSIS_SUFFIX)):
-                    gone.unlink(missing_ok=True)  # its index and analysis were made stale by the deletion
+                    try:  # its index and analysis were made stale by the deletion
+                        os.unlink(gone.name, dir_fd=self._dir_fd)
+                    except FileNotFoundError:
+                        pass
                 self.removed.append(old)
 
     def _iface(self, dissector: str, queue: int) -> int:
