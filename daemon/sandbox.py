@@ -100,11 +100,22 @@ def enter(level: str, fs: PassthroughFS, seccomp: str = "none") -> None:
 _LAZY = ("dissectors.render", "fsinspect.analysis.render", "encodings.idna", "encodings.latin_1", "encodings.ascii")
 
 
+_kept: list[object] = []
+
+
 def _preload(seccomp: str) -> None:
+    import ctypes
     import importlib
 
     for name in (*_LAZY, "pyseccomp") if seccomp != "none" else _LAZY:
         importlib.import_module(name)
+    # glibc dlopen()s libgcc_s on a thread's first pthread_exit (Python ends daemon threads with it at
+    # exit): once the library can no longer be found, that abort()s the daemon.  Loaded now, it is found.
+    if not _kept:
+        try:
+            _kept.append(ctypes.CDLL("libgcc_s.so.1"))
+        except OSError:
+            pass
 
 
 def _enter(level: str, fs: PassthroughFS) -> None:
