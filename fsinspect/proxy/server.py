@@ -11,12 +11,14 @@ Threads:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import mmap
 import os
 import select
 import shlex
+import signal
 import socket
 import struct
 import subprocess
@@ -144,8 +146,14 @@ class Proxy:
 
     # -- setup -----------------------------------------------------------------------------------
     def start_backend(self) -> None:
+        """Run the back-end we own; it gets SIGTERM when the proxy dies, even by SIGKILL (no orphan virtiofsd).
+
+        PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so this must be called from a
+        thread that lives as long as the proxy: the CLI calls it from the main thread.
+        """
         if self.cfg.backend_cmd:
-            self.backend_proc = subprocess.Popen(shlex.split(self.cfg.backend_cmd), stdin=subprocess.DEVNULL)
+            self.backend_proc = subprocess.Popen(shlex.split(self.cfg.backend_cmd), stdin=subprocess.DEVNULL,
+                                                 preexec_fn=_die_with_parent(os.getpid()))
 
     def connect_backend(self) -> socket.socket:
         assert self.cfg.backend
@@ -697,6 +705,26 @@ class Proxy:
 
 class _FrontendGone(Exception):
     """QEMU's socket failed while the proxy was answering it."""
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn: SIGTERM to the child when its parent dies; exits at once if the parent is already gone.
+
+    Everything is looked up before the fork, so the child only makes two system calls.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    getppid, exit_now, sigterm = os.getppid, os._exit, int(signal.SIGTERM)
+
+    def child() -> None:
+        if prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0) != 0:
+            exit_now(127)
+        if getppid() != parent:  # the proxy died between fork and prctl: nobody would signal us
+            exit_now(127)
+    return child
 
 
 def _eventfd() -> int:

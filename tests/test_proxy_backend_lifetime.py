@@ -1,0 +1,59 @@
+"""A back-end the proxy started dies with the proxy, even when the proxy is SIGKILLed (no orphan virtiofsd)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fsinspect.guest.launcher import short_tmpdir, stop_process
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+
+
+def _group_alive(pgid: int, but: int) -> dict[int, str]:
+    """Live (non-zombie) members of process group `pgid` other than `but`: pid -> command name."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == but:
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(rest[2]) == pgid and rest[0] != "Z":
+            found[int(d.name)] = comm
+    return found
+
+
+@pytest.mark.skipif(not os.access(VIRTIOFSD, os.X_OK), reason=f"{VIRTIOFSD} not installed")
+def test_backend_cmd_dies_with_a_sigkilled_proxy() -> None:
+    with short_tmpdir() as work:
+        (work / "share").mkdir()
+        backend = work / "b.sock"
+        cmd = shlex.join([VIRTIOFSD, f"--socket-path={backend}", "-o", f"source={work / 'share'}"])
+        p = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(work / "p.sock"),
+                              "--backend", str(backend), "--backend-cmd", cmd], stdin=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)  # its own group: ours to clean
+        try:
+            deadline = time.monotonic() + 20
+            while not (backend.exists() and (work / "p.sock").exists()):
+                assert p.poll() is None and time.monotonic() < deadline, "proxy or virtiofsd never came up"
+                time.sleep(0.02)
+            children = _group_alive(p.pid, but=p.pid)
+            assert "virtiofsd" in children.values(), children
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+            t0 = time.monotonic()
+            while (left := _group_alive(p.pid, but=p.pid)) and time.monotonic() - t0 < 2.0:
+                time.sleep(0.02)
+            assert not left, f"still running 2 s after the proxy was SIGKILLed: {left}"
+        finally:
+            stop_process(p)  # the group: whatever a failed run left behind
