@@ -232,6 +232,61 @@ def test_delay_fields_continue_all_and_errors(rig: Rig, tmp_path: Path) -> None:
         script.close()
 
 
+def test_rules_panel_lists_and_removes_breakpoints(rig: Rig, tmp_path: Path) -> None:
+    """b adds a rule, the Rules panel lists it with its hits; u removes it in the engine (a MKDIR goes through
+    unheld), U removes every rule."""
+    share = tmp_path / "share"
+    app, src = attach(tmp_path)
+
+    async def run() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.store.status.startswith("attached"))
+            assert not app.rules.has_class("some")
+            await pilot.press("u")  # nothing to remove: says so, sends nothing
+            assert app.last_command is None
+            app.apply_filter("op == MKDIR")
+            await pilot.press("b")
+            app.apply_filter("")
+            await wait_for(pilot, lambda: [r["rule"] for r in app.rules.rules] == ["op == MKDIR"])
+            assert app.rules.has_class("some") and app.rules.rules[0]["hits"] == 0
+            # It holds: one hit, shown once the panel polls.
+            pending = rig.call_async("MKDIR", mkdir(b"held"))
+            await held_one(pilot, app, "MKDIR")
+            await wait_for(pilot, lambda: app.rules.rules and app.rules.rules[0]["hits"] == 1)
+            assert "hits 1" in str(app.rules.get_option_at_index(0).prompt)
+            await pilot.press("C")
+            assert (await answered(pilot, pending)).error == 0
+            # u on the Rules panel: the handler drops it, the list empties and hides.
+            app.rules.focus()
+            await pilot.press("u")
+            await wait_for(pilot, lambda: not app.rules.rules)
+            assert app.last_command == {"cmd": "remove-rule", "rule_id": 1}
+            assert app.last_reply is not None and app.last_reply["ok"]
+            assert not app.rules.has_class("some")
+            # The engine's effect: a MKDIR is no longer held.
+            pending = rig.call_async("MKDIR", mkdir(b"free"))
+            assert (await answered(pilot, pending)).error == 0 and (share / "free").is_dir()
+            assert not app.store.held()
+            # U: every rule goes.
+            for text in ("op == MKDIR", "op == RMDIR"):
+                app.apply_filter(text)
+                await pilot.press("b")
+                await wait_for(pilot, lambda t=text: t in [r["rule"] for r in app.rules.rules])
+            app.apply_filter("")
+            await pilot.press("U")
+            await wait_for(pilot, lambda: not app.rules.rules)
+            pending = rig.call_async("MKDIR", mkdir(b"free2"))
+            assert (await answered(pilot, pending)).error == 0 and (share / "free2").is_dir()
+            # The help lists the keys.
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            assert "remove the rule highlighted in the Rules panel" in str(app.screen.query_one("Static").render())
+            await pilot.press("escape")
+
+    asyncio.run(run())
+    src.stop()
+
+
 def test_replay_has_no_debugger_but_shows_unanswered_requests(tmp_path: Path) -> None:
     """A recording that ends with a request never answered lists it with its age; keys say why they can't."""
     from fsinspect.recording.writer import RecordingWriter

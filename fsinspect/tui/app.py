@@ -7,6 +7,7 @@ feed costs the UI one refresh per tick, never one per exchange.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import sys
@@ -33,6 +34,7 @@ from .debugger import (
     FieldsScreen,
     HeldPanel,
     PromptScreen,
+    RulesPanel,
     delay_error,
     errno_completions,
     errno_error,
@@ -75,6 +77,7 @@ HELP = """\
   d                     delay the held exchange by N ms, then continue it
   x                     edit the reply's decoded fields in a form; re-encoded, then sent
   C                     continue every held exchange
+  u  U                  remove the rule highlighted in the Rules panel / every rule
   Held rows are highlighted and listed in the Held panel; pending rows show their age.
 [b]Panels[/b]
   1 exchanges  2 inodes & lints  3 submounts & SYNCFS  4 stats  5 control plane
@@ -156,6 +159,8 @@ class FsInspectApp(App[int]):
         Binding("d", "verdict('delay')", "Delay", show=False),
         Binding("x", "verdict('fields')", "Edit", show=False),
         Binding("C", "continue_all", "Continue all", show=False),
+        Binding("u", "remove_rule", "Remove rule", show=False),
+        Binding("U", "remove_all_rules", "Remove all rules", show=False),
         Binding("1", "tab('exchanges')", "Exchanges", show=False),
         Binding("2", "tab('inodes')", "Inodes", show=False),
         Binding("3", "tab('submounts')", "Submounts", show=False),
@@ -190,6 +195,7 @@ class FsInspectApp(App[int]):
                                        "control": ControlPanel(self.store, id="controlpanel")}
         self.statusline = StatusLine(id="status")
         self.held = HeldPanel(self.store, id="held")
+        self.rules = RulesPanel(id="rules")
 
     # -- layout ----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -199,6 +205,7 @@ class FsInspectApp(App[int]):
             with TabPane("Exchanges", id="exchanges"), Vertical(id="exchanges-pane"):
                 yield self.filterbar
                 yield self.held
+                yield self.rules
                 yield self.listheader
                 yield self.xlist
                 yield self.detail
@@ -246,6 +253,8 @@ class FsInspectApp(App[int]):
         lst.sync()
         self.listheader.sync()
         self.held.refresh_from_store()
+        if self.ticks % 10 == 1:
+            self.poll_rules()  # hits, and rules another client set
         active = self.active_tab
         if active != "exchanges" and self.ticks % 10 == 1:
             self._refresh_panel(active)
@@ -312,6 +321,8 @@ class FsInspectApp(App[int]):
 
     def _show_detail(self) -> None:
         self._detail_timer = None
+        if self._exit:  # the timer can fire during teardown, after the pane's children are gone
+            return
         self.detail.show(self._detail_want)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
@@ -456,7 +467,7 @@ class FsInspectApp(App[int]):
     def send(self, cmd: str, what: str, **args: Any) -> bool:
         """A control-v2 command; its reply is shown as a notification.  False if it could not be sent."""
         def done(reply: dict[str, Any]) -> None:
-            self.call_from_thread(self._command_done, what, reply)
+            self.call_from_thread(self._command_done, what, reply, cmd)
 
         try:
             self.source.command(cmd, done, **args)
@@ -466,8 +477,10 @@ class FsInspectApp(App[int]):
         self.last_command = {"cmd": cmd, **args}
         return True
 
-    def _command_done(self, what: str, reply: dict[str, Any]) -> None:
+    def _command_done(self, what: str, reply: dict[str, Any], cmd: str = "") -> None:
         self.last_reply = reply
+        if cmd in ("add-rule", "remove-rule"):
+            self.poll_rules()
         if reply.get("ok"):
             extra = f" (rule {reply['rule_id']})" if "rule_id" in reply else ""
             self.notify(f"{what}{extra}")
@@ -534,6 +547,31 @@ class FsInspectApp(App[int]):
 
     def action_continue_all(self) -> None:
         self.send("continue-all", "every held exchange continued")
+
+    def poll_rules(self) -> None:
+        """Ask the handler for its rules; silent (a replay, or an old peer, simply shows none)."""
+        def done(reply: dict[str, Any]) -> None:
+            if reply.get("ok") and isinstance(reply.get("rules"), list):
+                with contextlib.suppress(RuntimeError):  # the app ended meanwhile
+                    self.call_from_thread(self.rules.set_rules, reply["rules"])
+
+        with contextlib.suppress(CommandError):
+            self.source.command("rules", done)
+
+    def action_remove_rule(self) -> None:
+        r = self.rules.current
+        if r is None:
+            self.bell()
+            self.notify("no rule to remove (b sets a breakpoint)", severity="warning")
+            return
+        self.send("remove-rule", f"rule {r['rule_id']} removed: {r.get('rule', '')}", rule_id=r["rule_id"])
+
+    def action_remove_all_rules(self) -> None:
+        if not self.rules.rules:
+            self.bell()
+            self.notify("no rule to remove", severity="warning")
+        for r in list(self.rules.rules):
+            self.send("remove-rule", f"rule {r['rule_id']} removed", rule_id=r["rule_id"])
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -1,4 +1,4 @@
-"""The debugger in the UI: the Held panel, and the prompts and the fields form behind b/c/E/d/x/C.
+"""The debugger in the UI: the Held and Rules panels, and the prompts and the fields form behind b/c/E/d/x/C.
 
 Verdicts go to the source as control-protocol-v2 commands (`Source.command`); the source's `resumed` and
 `exchange` messages then update the rows, so what the screen shows is what the proxy did.
@@ -97,6 +97,46 @@ class HeldPanel(OptionList):
     def current(self) -> Exchange | None:
         i = self.highlighted
         return self.rows[i] if i is not None and 0 <= i < len(self.rows) else None
+
+
+class RulesPanel(OptionList):
+    """The breakpoints and injections in force (the handler's `rules`), with their hits; hidden while none.
+
+    `u` removes the highlighted one, `U` all of them: the engine's table, not just this list.
+    """
+
+    DEFAULT_CSS = """
+    RulesPanel { height: auto; max-height: 6; display: none; border: round $accent; }
+    RulesPanel.some { display: block; }
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.rules: list[dict[str, Any]] = []
+        self.border_title = "Rules (u remove, U remove all)"
+
+    def set_rules(self, rules: list[dict[str, Any]]) -> None:
+        if rules == self.rules:
+            return
+        keep = self.highlighted
+        self.rules = rules
+        self.clear_options()
+        for r in rules:
+            t = Text(no_wrap=True)
+            t.append(f" {r.get('rule_id')} ", "bold")
+            t.append(f"{r.get('kind', '')} ", "dim")
+            t.append(str(r.get("rule", "")))
+            left = r.get("left")
+            t.append(f"  hits {r.get('hits', 0)}" + (f", {left} left" if left is not None else ""), "dim")
+            self.add_option(Option(t))
+        self.set_class(bool(rules), "some")
+        if rules:
+            self.highlighted = min(keep or 0, len(rules) - 1)
+
+    @property
+    def current(self) -> dict[str, Any] | None:
+        i = self.highlighted
+        return self.rules[i] if i is not None and 0 <= i < len(self.rules) else None
 
 
 class PromptScreen(ModalScreen[str | None]):
