@@ -125,9 +125,9 @@ class RulesPanel(OptionList):
             t = Text(no_wrap=True)
             t.append(f" {r.get('rule_id')} ", "bold")
             t.append(f"{r.get('kind', '')} ", "dim")
-            t.append(str(r.get("rule", "")))
+            t.append(f"{r.get('rule', '')}   ")
             left = r.get("left")
-            t.append(f"  hits {r.get('hits', 0)}" + (f", {left} left" if left is not None else ""), "dim")
+            t.append(f"hits {r.get('hits', 0)}" + (f", {left} left" if left is not None else ""), "dim")
             self.add_option(Option(t))
         self.set_class(bool(rules), "some")
         if rules:
