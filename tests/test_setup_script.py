@@ -1,5 +1,6 @@
 """`./scripts/setup` on a fresh copy of the tree prints nothing when all goes well (issue 16 item 6: it
-printed a page of pip and setuptools warnings), and the result works: the C ring engine is built."""
+printed a page of pip and setuptools warnings), and the result works: the C ring engine is built and
+bench/standalone.py's pyfuse3 peer is installed (issue 20: it was only in the [bench] extra)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,6 @@ def test_fresh_setup_is_quiet_and_builds_the_ring(tmp_path: Path) -> None:
     res = subprocess.run(["./scripts/setup"], cwd=tree, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "" and res.stderr == "", (res.stdout, res.stderr)
-    ok = subprocess.run([str(tree / ".venv/bin/python"), "-c", "import dissectors.ring._ring, fsinspect"],
+    ok = subprocess.run([str(tree / ".venv/bin/python"), "-c", "import dissectors.ring._ring, fsinspect, pyfuse3, trio"],
                         cwd=tree, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
