@@ -23,9 +23,9 @@ import pytest
 
 from fsinspect.guest.launcher import short_tmpdir, stop_process
 from fsinspect.privfile import parse_mode
-from fsinspect.proxy.unixsock import claim_socket_path, release_socket_path
 from fsinspect.recording.index import RecordingIndex
 from fsinspect.recording.writer import RecordingWriter
+from fswire.unixsock import claim_socket_path, release_socket_path
 from tests.test_proxy_badinput import _fake_backend
 
 

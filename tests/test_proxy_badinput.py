@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dissectors import vhost_user as V
 from fsinspect.guest.launcher import short_tmpdir, stop_process
-from fsinspect.proxy.wire import recv_message, send_message
+from fswire.wire import recv_message, send_message
 
 
 def _start(work: Path, backend: Path) -> subprocess.Popen[bytes]:

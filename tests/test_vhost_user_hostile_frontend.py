@@ -33,7 +33,7 @@ from dissectors import vhost_user as V
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
 from fsinspect.guest.launcher import short_tmpdir, stop_process
-from fsinspect.proxy.wire import PeerClosed, WireError, recv_message, send_message
+from fswire.wire import PeerClosed, WireError, recv_message, send_message
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 MEM = 1 << 20

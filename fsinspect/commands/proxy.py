@@ -75,7 +75,7 @@ def _listener(args: argparse.Namespace) -> socket.socket:
         except OSError as e:
             raise UserError(f"--fd {args.fd}: {e.strerror}") from None
         return s
-    from ..proxy.unixsock import claim_socket_path
+    from fswire.unixsock import claim_socket_path
 
     try:
         return claim_socket_path(args.listen, what="--listen")
@@ -84,7 +84,7 @@ def _listener(args: argparse.Namespace) -> socket.socket:
 
 
 def _close_listener(args: argparse.Namespace, listener: socket.socket) -> None:
-    from ..proxy.unixsock import release_socket_path
+    from fswire.unixsock import release_socket_path
 
     if args.listen and args.fd is None:
         release_socket_path(args.listen, listener)  # only if it is still ours
@@ -105,9 +105,10 @@ def _wrapper_backend(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fswire.wire import Cancelled
+
     from ..proxy.server import ProxyConfig
     from ..proxy.session import Session, SessionOptions, render_summary, summary_json
-    from ..proxy.wire import Cancelled
 
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES, indent=2))

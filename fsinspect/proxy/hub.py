@@ -55,9 +55,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fswire.unixsock import claim_socket_path, release_socket_path
+
 from .. import __version__
 from ..live import registry
-from .unixsock import claim_socket_path, release_socket_path
 
 log = logging.getLogger("fsinspect.hub")
 

@@ -34,9 +34,7 @@ from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
-
-from . import control as C
-from .wire import (
+from fswire.wire import (
     Cancelled,
     FdRefused,
     PeerClosed,
@@ -47,6 +45,8 @@ from .wire import (
     send_message,
     shrink_sealed,
 )
+
+from . import control as C
 
 log = logging.getLogger("fsinspect.proxy")
 
