@@ -198,7 +198,7 @@ def bench_indexed(path: Path) -> dict[str, Any]:
 
 def feeder(ctrl: str, lines: list[bytes], rate: int, seconds: float, ready: Any, result: Any) -> None:
     """The proxy's Hub, fed pre-serialised exchange lines at `rate` per second (in 10 ms slices)."""
-    from fsinspect.proxy.hub import Hub
+    from fsinspect.live.hub import Hub
 
     hub = Hub(ctrl, lambda: {"inodes": [], "stats": {}, "lints": [], "submounts": [], "syncfs": [],
                              "features": {}, "capture": {}})

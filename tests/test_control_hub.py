@@ -1,4 +1,4 @@
-"""The control hub (fsinspect/proxy/hub.py) under clients that misbehave: commands, caps, budgets, fds."""
+"""The control hub (fsinspect/live/hub.py) under clients that misbehave: commands, caps, budgets, fds."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from fsinspect.guest.build import GuestImage
 from fsinspect.guest.share import Share
-from fsinspect.proxy.hub import Hub
+from fsinspect.live.hub import Hub
 from tests.daemon_client import EngineClient
 from tests.guest_fixtures import explain
 
@@ -162,7 +162,7 @@ class _Daemon:
     def __init__(self, tmp_path: Path) -> None:
         from daemon.passthrough import Options, PassthroughFS
         from daemon.server import Server
-        from fsinspect.commands._daemon_vhost import ControlTap
+        from fsinspect.live.engine import ControlTap
 
         self.share = tmp_path / "share"
         self.share.mkdir()
@@ -324,7 +324,7 @@ def test_out_of_fds_the_hub_waits_instead_of_spinning(tmp_path: Path) -> None:
     path = tmp_path / "ctl.sock"
     script = (
         "import resource, sys, time\n"
-        "from fsinspect.proxy.hub import Hub\n"
+        "from fsinspect.live.hub import Hub\n"
         f"h = Hub({str(path)!r}, lambda: {{}})\n"
         "import os\n"
         "n = len(os.listdir('/proc/self/fd'))\n"

@@ -20,10 +20,11 @@ import pytest
 from daemon.passthrough import Options, PassthroughFS
 from daemon.server import Server
 from dissectors import fuse as F
-from fsinspect.commands._daemon_vhost import ControlTap, attach_debugger
+from fsinspect.commands._daemon_vhost import attach_debugger
 from fsinspect.intercept.addon import Intercept
 from fsinspect.intercept.client import ControlClient, ControlError
 from fsinspect.intercept.rules import parse_rule
+from fsinspect.live.engine import ControlTap
 from tests.daemon_client import EngineClient
 
 

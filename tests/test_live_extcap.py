@@ -19,7 +19,7 @@ import pytest
 from fsinspect.guest.build import GuestImage
 from fsinspect.guest.share import Share
 from fsinspect.live import registry
-from fsinspect.proxy.hub import Hub
+from fsinspect.live.hub import Hub
 from tests.guest_fixtures import explain
 from tests.test_proxy_e2e import boot, exchanges, proxy_in_front
 from tests.test_recording_samples import LUA

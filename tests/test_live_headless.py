@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fsinspect.proxy.hub import Hub
+from fsinspect.live.hub import Hub
 from tests.test_recording_samples import LUA
 from tests.test_tui import SYNCFS, _publish_sample, golden
 

@@ -21,7 +21,7 @@ from textual.widgets import DataTable, OptionList, Sparkline, Tree
 from dissectors import fuse as F
 from fsinspect.analysis import Analyzer
 from fsinspect.analysis.render import exchange_json
-from fsinspect.proxy.hub import Hub
+from fsinspect.live.hub import Hub
 from fsinspect.recording.reader import RecordingReader
 from fsinspect.recording.replay import analyze
 from fsinspect.tui.app import FsInspectApp, HelpScreen

@@ -461,7 +461,7 @@ def test_export_from_a_live_session(tmp_path: Path) -> None:
     control plane is missing, and reads back (ours and tshark's) to the same exchanges."""
     import threading
 
-    from fsinspect.proxy.hub import Hub
+    from fsinspect.live.hub import Hub
     from fsinspect.recording.replay import analyze
     from fsinspect.tui.sources import AttachSource
     from tests.test_recording_samples import check_tshark_matches_our_decoder

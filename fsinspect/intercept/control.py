@@ -1,6 +1,6 @@
 """Control protocol version 2, server side: client commands -> Intercept verdicts and rule changes.
 
-The hub (fsinspect/proxy/hub.py) reads one JSON object a line from each client and calls
+The hub (fsinspect/live/hub.py) reads one JSON object a line from each client and calls
 `Control.handle(client_id, obj)`, which answers at once (it never blocks: verdicts are native calls or
 hand-offs to the source's own threads, and delays are timers).  Every command gets exactly one reply:
 

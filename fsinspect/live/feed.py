@@ -1,6 +1,6 @@
 """A client of the control socket (protocols 1 and 2): its lines become Exchanges in an Analyzer.
 
-The one reader of fsinspect/proxy/hub.py's protocol: the UI's AttachSource and the headless clients (attach
+The one reader of fsinspect/live/hub.py's protocol: the UI's AttachSource and the headless clients (attach
 --format, extcap) subclass ControlFeed and only add what they do with the exchanges.  Exchanges carry their
 raw bytes, which the local Analyzer re-decodes, so filters, the inode map and pcapng output work as on a
 replay.  The snapshot seeds the inode map and submounts known before we joined.  Exchanges keep the

@@ -41,10 +41,10 @@ from ..analysis import exchange as X
 from ..analysis.analyzer import DEFAULT_STUCK_NS, Analyzer
 from ..analysis.inodes import group_syncfs
 from ..analysis.render import fmt_ns, inflight_json, opcode_counts, wrap_items
+from ..live.hub import Hub
 from ..recording import format as fmt
 from ..recording.writer import RecordingWriter
 from . import control as C
-from .hub import Hub
 from .server import Proxy, ProxyConfig
 
 BACKLOG_BYTES = 64 << 20  # captures held back for analysis, at most (then the oldest half is analysed)

@@ -58,7 +58,7 @@ from typing import Any
 from fswire.unixsock import claim_socket_path, release_socket_path
 
 from .. import __version__
-from ..live import registry
+from . import registry
 
 log = logging.getLogger("fsinspect.hub")
 
