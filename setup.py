@@ -1,7 +1,11 @@
-"""Build the optional C ring engine (dissectors/ring/_ring); all metadata lives in pyproject.toml.
+"""Build the optional C extensions; all metadata lives in pyproject.toml.
 
-`optional=True`: without a compiler the build still succeeds, and dissectors.ring falls back to the
-pure-Python twin, saying so at start-up.
+- dissectors/ring/_ring: the split-ring engine (twin: dissectors/ring/_native.py);
+- daemon/passthrough/_sys: the passthrough filesystem's hot syscalls with the GIL released (twin:
+  daemon/passthrough/syscalls.py over ctypes).
+
+`optional=True`: without a compiler the build still succeeds, and each falls back to its pure-Python
+twin, saying so at start-up.
 """
 
 from setuptools import Extension, setup
@@ -15,6 +19,12 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
                                 "-Wno-cast-function-type"],
             optional=True,
-        )
+        ),
+        Extension(
+            "daemon.passthrough._sys",
+            sources=["daemon/passthrough/_sysmodule.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+            optional=True,
+        ),
     ],
 )

@@ -5,6 +5,11 @@ apply to every thread, or that Python lacks.
 
 These are host-kernel ABI (struct statx, struct file_handle), not FUSE protocol, so their layouts live
 here rather than in dissectors/spec.
+
+The ones on the request path (NATIVE) come from the C extension daemon/passthrough/_sys when it is built:
+the same calls without ctypes' per-call cost, and with the GIL released while the kernel works.  The
+ctypes versions here are their pure-Python twin and reference (FSINSPECT_SYSCALLS=python forces them;
+`ENGINE` says which runs, `TWIN` keeps the ctypes ones for the tests that run both).
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -127,6 +135,8 @@ def name_to_handle_at(dirfd: int, path: bytes = b"", flags: int = AT_EMPTY_PATH)
 
 def open_by_handle_at(mount_fd: int, handle: bytes, flags: int) -> int:
     """Needs CAP_DAC_READ_SEARCH (in the effective set: a non-zero fsuid drops it)."""
+    if len(handle) < 8 or int.from_bytes(handle[:4], "little") > len(handle) - 8:
+        raise ValueError("open_by_handle_at: a truncated struct file_handle")
     fd = _libc.open_by_handle_at(mount_fd, handle, flags | os.O_CLOEXEC)
     if fd < 0:
         _raise("open_by_handle_at")
@@ -275,3 +285,29 @@ def flock_wait(fd: int, op: int) -> None:
     """A blocking flock() that returns EINTR to the caller."""
     if _libc.flock(fd, op) != 0:
         _raise("flock")
+
+
+# ---------------------------------------------------------------------------------- the C twin
+NATIVE = ("statx", "name_to_handle_at", "open_by_handle_at", "renameat2", "syncfs", "fchown_empty",
+          "readlink_empty", "fallocate", "setfsuid", "setfsgid", "setgroups_thread")
+TWIN: dict[str, Callable[..., Any]] = {name: globals()[name] for name in NATIVE}
+ENGINE = "python"
+
+
+def _use_native() -> None:
+    global ENGINE
+    if os.environ.get("FSINSPECT_SYSCALLS", "c") == "python":
+        return
+    try:
+        from . import _sys  # type: ignore[attr-defined]
+    except ImportError as e:
+        logging.getLogger("fsinspect.daemon").warning(
+            "the daemon's C syscalls are not built (%s): the slower ctypes twin runs (run scripts/setup)", e)
+        return
+    g = globals()
+    for name in NATIVE:
+        g[name] = getattr(_sys, name)
+    ENGINE = "c"
+
+
+_use_native()
