@@ -1,16 +1,17 @@
 """The peer for bench/standalone.py: a pyfuse3 (libfuse 3) passthrough filesystem, equivalent to the
 passthroughfs.py example in pyfuse3's sdist (path map keyed by host st_ino), with the caching of
-`fsinspect daemon --cache none` (0 s entry/attr timeouts, direct_io) so both serve every request.
+`fsinspect daemon --cache none|auto`: none = 0 s entry/attr timeouts and direct_io, so both serve every
+request; auto = 1 s timeouts and the page cache, as the daemon's (and virtiofsd's) auto.
 
-Usage: python bench/pyfuse3_passthrough.py SHARED_DIR MOUNTPOINT
+Usage: python bench/pyfuse3_passthrough.py [--cache none|auto] SHARED_DIR MOUNTPOINT
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import stat
-import sys
 from collections import defaultdict
 from typing import Any
 
@@ -21,8 +22,10 @@ import trio  # type: ignore[import-not-found]
 class Passthrough(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = False
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, cache: str = "none") -> None:
         super().__init__()
+        self.timeout = 0.0 if cache == "none" else 1.0
+        self.direct_io = cache == "none"
         self._paths: dict[int, set[str]] = defaultdict(set)
         self._lookups: dict[int, int] = defaultdict(int)
         self._paths[pyfuse3.ROOT_INODE].add(source)
@@ -47,8 +50,8 @@ class Passthrough(pyfuse3.Operations):  # type: ignore[misc]
                   "st_mtime_ns", "st_ctime_ns"):
             setattr(a, k, getattr(st, k))
         a.generation = 0
-        a.entry_timeout = 0
-        a.attr_timeout = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
         a.st_blksize = 512
         a.st_blocks = (a.st_size + 511) // 512
         return a
@@ -93,7 +96,7 @@ class Passthrough(pyfuse3.Operations):  # type: ignore[misc]
             fd = os.open(self._path(inode), flags & ~os.O_CREAT)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        return pyfuse3.FileInfo(fh=fd, direct_io=True)
+        return pyfuse3.FileInfo(fh=fd, direct_io=self.direct_io)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         path = os.path.join(self._path(parent), os.fsdecode(name))
@@ -103,7 +106,7 @@ class Passthrough(pyfuse3.Operations):  # type: ignore[misc]
             raise pyfuse3.FUSEError(e.errno) from None
         a = self._attr(fd)
         self._remember(a.st_ino, path)
-        return pyfuse3.FileInfo(fh=fd, direct_io=True), a
+        return pyfuse3.FileInfo(fh=fd, direct_io=self.direct_io), a
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(fh, size, off)
@@ -159,11 +162,15 @@ class Passthrough(pyfuse3.Operations):  # type: ignore[misc]
 
 
 def main() -> None:
-    source, mnt = sys.argv[1], sys.argv[2]
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cache", choices=("none", "auto"), default="none")
+    ap.add_argument("source")
+    ap.add_argument("mountpoint")
+    args = ap.parse_args()
     opts = set(pyfuse3.default_options)
     opts.add("fsname=pyfuse3-passthrough")
     opts.add("default_permissions")  # parity with fsinspect, which always mounts with it
-    pyfuse3.init(Passthrough(source), mnt, opts)
+    pyfuse3.init(Passthrough(args.source, args.cache), args.mountpoint, opts)
     try:
         trio.run(pyfuse3.main)
     except KeyboardInterrupt:

@@ -1,8 +1,17 @@
 """Stat, create and read storms through `fsinspect daemon --standalone`, a pyfuse3 passthrough (the peer)
-and the native directory, side by side in one run; prints ops/s and the ratios.
+and the native directory, side by side in one run, with and without kernel caching.
 
-Both daemons run without kernel caching (fsinspect --cache none; the pyfuse3 peer with 0 s timeouts and
-direct_io), so every operation reaches the daemon.  Run as root: python bench/standalone.py
+For each cache mode (`--cache none`: 0 s timeouts and direct_io, so every operation reaches the daemon;
+`auto`: 1 s timeouts and the page cache) every target runs once per round, the order reversed every other
+round, so neither side always goes first.  Per storm it prints the ops/s median, the ratio to pyfuse3
+per round as median [min .. max], and the daemon's CPU per operation (user + system time of all its
+threads, from /proc/PID/task/*/schedstat): the wall ratio follows the load of a shared machine, the CPU
+per operation much less, so compare those when the load average printed at the start is not near 0.
+
+`--tree NAME=DIR` adds a column with the daemon of another checkout (a `git worktree add` of an older
+commit), run by this interpreter with DIR first on the path: a regression hunt in one interleaved run.
+
+Run as root: python bench/standalone.py [--rounds 5] [--cache none,auto]
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.transport.fusedev import in_mountinfo as mounted
@@ -25,17 +35,35 @@ from daemon.transport.fusedev import in_mountinfo as mounted
 REPO = Path(__file__).resolve().parent.parent
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 SMALL = 4096
+MIB = 1 << 20
+SEQ = "seq read"
+PEER = "pyfuse3"
 
 
-def start(cmd: list[str], mnt: Path) -> subprocess.Popen[bytes]:
+@dataclass
+class Target:
+    name: str
+    cmd: list[str] | None  # None: the native directory
+    cwd: Path = REPO
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    rate: float  # ops/s (MB/s for the sequential read)
+    cpu: float  # daemon CPU seconds per op (per MiB for the sequential read); 0 for native
+
+
+def start(t: Target, mnt: Path) -> subprocess.Popen[bytes]:
+    assert t.cmd is not None
     log = tempfile.TemporaryFile()  # not a pipe: a chatty daemon must never block on it
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(t.cmd, cwd=t.cwd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **t.env})
     deadline = time.monotonic() + 20
     while not mounted(mnt):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(proc, mnt)
             log.seek(0)
-            raise SystemExit(f"{cmd[0:4]} did not mount: {log.read().decode()}")
+            raise SystemExit(f"{t.name} did not mount: {log.read().decode()}")
         time.sleep(0.02)
     os.stat(mnt)
     return proc
@@ -55,6 +83,20 @@ def stop(proc: subprocess.Popen[bytes], mnt: Path) -> None:
             _libc.umount2(str(mnt).encode(), 2)
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """On-CPU time of every thread of `pid` (ns-exact, unlike the 10 ms ticks of /proc/PID/stat)."""
+    if pid is None:
+        return 0.0
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
 def populate(d: Path, n: int) -> None:
     d.mkdir(parents=True)
     blob = os.urandom(SMALL)
@@ -62,107 +104,151 @@ def populate(d: Path, n: int) -> None:
         (d / f"f{i:05d}").write_bytes(blob)
 
 
-def rate(n: int, fn: Callable[[int], None]) -> float:
+def measure(pid: int | None, n: int, fn: Callable[[int], None]) -> Sample:
+    c = cpu_seconds(pid)
     t = time.perf_counter()
     for i in range(n):
         fn(i)
-    return n / (time.perf_counter() - t)
+    wall = time.perf_counter() - t
+    return Sample(n / wall, (cpu_seconds(pid) - c) / n)
 
 
-def storms(root: Path, files: int, n: int, tag: str) -> dict[str, float]:
+def storms(root: Path, files: int, n: int, tag: str, pid: int | None) -> dict[str, Sample]:
     src = root / "src"
     names = [str(src / f"f{i:05d}") for i in range(files)]
-    out: dict[str, float] = {}
-    out["stat"] = rate(n, lambda i: os.stat(names[i % files]))
+    out: dict[str, Sample] = {}
+    out["stat"] = measure(pid, n, lambda i: os.stat(names[i % files]))
 
     def read_one(i: int) -> None:
         fd = os.open(names[i % files], os.O_RDONLY)
         os.read(fd, SMALL)
         os.close(fd)
 
-    out["read 4K"] = rate(n, read_one)
+    out["read 4K"] = measure(pid, n, read_one)
     new = root / f"new-{tag}"
     os.mkdir(new)
 
     def create_one(i: int) -> None:
         os.close(os.open(f"{new}/c{i}", os.O_CREAT | os.O_WRONLY, 0o644))
 
-    out["create"] = rate(n, create_one)
-    big = root / "src" / "big"
+    out["create"] = measure(pid, n, create_one)
+    c = cpu_seconds(pid)
     t = time.perf_counter()
-    with open(big, "rb", buffering=0) as f:
-        total = 0
+    total = 0
+    with open(src / "big", "rb", buffering=0) as f:
         while chunk := f.read(128 * 1024):
             total += len(chunk)
-    out["seq read MB/s"] = total / (time.perf_counter() - t) / 1e6
+    wall = time.perf_counter() - t
+    out[SEQ] = Sample(total / wall / 1e6, (cpu_seconds(pid) - c) / (total / MIB))
     return out
 
 
+def targets(args: argparse.Namespace, mnt: Path, shared: Path, cache: str) -> list[Target]:
+    py = sys.executable
+    base = [py, "-m", "fsinspect.cli", "daemon", "--standalone", str(mnt), "--shared-dir", str(shared),
+            "--cache", cache, "--log-level", "warning"]
+    out = [Target("native", None)] if not args.no_native else []
+    out.append(Target("fsinspect", base))
+    for v in args.variant:
+        name, _, extra = v.partition("=")
+        out.append(Target(f"fsinspect {name}", [*base, *extra.split()]))
+    for v in args.tree:
+        name, _, tree = v.partition("=")
+        d = Path(tree).resolve()
+        out.append(Target(name, [*base, *args.tree_args.split()], cwd=d, env={"PYTHONPATH": str(d)}))
+    if not args.no_pyfuse3:
+        out.append(Target(PEER, [py, str(REPO / "bench" / "pyfuse3_passthrough.py"), "--cache", cache,
+                                 str(shared), str(mnt)]))
+    return out
+
+
+def run_mode(args: argparse.Namespace, shared: Path, mnt: Path, cache: str) -> dict[str, list[dict[str, Sample]]]:
+    ts = targets(args, mnt, shared, cache)
+    samples: dict[str, list[dict[str, Sample]]] = {t.name: [] for t in ts}
+    for rnd in range(args.rounds):
+        for t in ts if rnd % 2 == 0 else ts[::-1]:
+            tag = f"{cache}-{t.name.replace(' ', '-')}-{rnd}"
+            subprocess.run(["sync"], check=False)
+            if t.cmd is None:
+                samples[t.name].append(storms(shared, args.files, args.n, tag, None))
+            else:
+                proc = start(t, mnt)
+                try:
+                    samples[t.name].append(storms(mnt, args.files, args.n, tag, proc.pid))
+                finally:
+                    stop(proc, mnt)
+            shutil.rmtree(shared / f"new-{tag}", ignore_errors=True)
+    return samples
+
+
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f} .. {max(xs):.2f}]"
+
+
+def table(samples: dict[str, list[dict[str, Sample]]], cache: str, rounds: int, n: int) -> list[str]:
+    peer = samples.get(PEER)
+    lines = [f"--cache {cache}: {rounds} alternating rounds, {n} ops per storm (seq read: MB/s, CPU per MiB); "
+             f"ratios per round against {PEER}, median [min .. max]",
+             f"{'storm':<10}{'target':<22}{'ops/s':>9}{'vs ' + PEER:>26}{'CPU us/op':>11}"
+             f"{PEER + ' CPU / CPU':>26}"]
+    for storm in next(iter(samples.values()))[0]:
+        for name, runs in samples.items():
+            rates = [r[storm].rate for r in runs]
+            cpus = [r[storm].cpu for r in runs]
+            row = f"{storm:<10}{name:<22}{statistics.median(rates):>9.0f}"
+            if peer is not None and name not in (PEER, "native"):
+                row += f"{spread([a / b[storm].rate for a, b in zip(rates, peer)]):>26}"
+            else:
+                row += " " * 26
+            if name != "native":
+                row += f"{statistics.median(cpus) * 1e6:>11.1f}"
+                if peer is not None and name != PEER:
+                    row += f"{spread([b[storm].cpu / a for a, b in zip(cpus, peer) if a > 0]):>26}"
+            lines.append(row.rstrip())
+    return lines
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=500)
     ap.add_argument("-n", type=int, default=3000, help="operations per storm")
     ap.add_argument("--big-mb", type=int, default=64)
+    ap.add_argument("--cache", default="none,auto", help="comma-separated cache modes (none, auto)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds per cache mode, the target order reversed every other round (the host is shared)")
     ap.add_argument("--no-pyfuse3", action="store_true")
+    ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                    help="extra fsinspect column with extra daemon arguments, e.g. 'r4=--readers 4'")
-    ap.add_argument("--no-pool-only", action="store_true")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="run every target this many times, interleaved, and report medians (the host is shared)")
+                    help="extra fsinspect column with extra daemon arguments, e.g. 'r2=--readers 2'")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                    help="extra column: the daemon of another checkout DIR (e.g. an older commit's worktree)")
+    ap.add_argument("--tree-args", default="", metavar="ARGS", help="extra daemon arguments for the --tree columns")
     args = ap.parse_args()
+    modes = [m.strip() for m in args.cache.split(",") if m.strip()]
+    if bad := [m for m in modes if m not in ("none", "auto")]:
+        raise SystemExit(f"--cache: unknown mode {', '.join(bad)} (none, auto)")
     if os.geteuid() != 0:
         raise SystemExit("run as root (mount(2) and a clean comparison)")
+    if not args.no_pyfuse3:
+        try:
+            import pyfuse3  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError:
+            raise SystemExit("pyfuse3 is missing: run ./scripts/setup (or pass --no-pyfuse3)") from None
+    load = os.getloadavg()
+    print(f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs); "
+          f"kernel {os.uname().release}", flush=True)
     base = Path(tempfile.mkdtemp(prefix="fsinspect-bench-"))
     shared, mnt = base / "shared", base / "mnt"
     mnt.mkdir()
     populate(shared / "src", args.files)
     with open(shared / "src" / "big", "wb") as f:
-        f.write(os.urandom(1 << 20) * args.big_mb)
-    py = sys.executable
-    daemons: dict[str, list[str] | None] = {
-        "native": None,
-        "fsinspect": [py, "-m", "fsinspect.cli", "daemon", "--standalone", str(mnt), "--shared-dir", str(shared),
-                      "--cache", "none", "--log-level", "warning"],
-        "fsinspect pool-only": [py, "-m", "fsinspect.cli", "daemon", "--standalone", str(mnt), "--shared-dir",
-                                str(shared), "--cache", "none", "--log-level", "warning", "--dispatch", "pool"],
-    }
-    base_cmd = daemons["fsinspect"]
-    assert base_cmd is not None
-    for v in args.variant:
-        vname, _, extra = v.partition("=")
-        daemons[f"fsinspect {vname}"] = [*base_cmd, *extra.split()]
-    if args.no_pool_only:
-        del daemons["fsinspect pool-only"]
-    if not args.no_pyfuse3:
-        daemons["pyfuse3"] = [py, str(REPO / "bench" / "pyfuse3_passthrough.py"), str(shared), str(mnt)]
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in daemons}
+        f.write(os.urandom(MIB) * args.big_mb)
     try:
-        for rnd in range(args.rounds):
-            for name, cmd in daemons.items():
-                tag = f"{name.replace(' ', '-')}-{rnd}"
-                subprocess.run(["sync"], check=False)
-                if cmd is None:
-                    samples[name].append(storms(shared, args.files, args.n, tag))
-                    continue
-                proc = start(cmd, mnt)
-                try:
-                    samples[name].append(storms(mnt, args.files, args.n, tag))
-                finally:
-                    stop(proc, mnt)
+        for cache in modes:
+            print("\n".join(table(run_mode(args, shared, mnt, cache), cache, args.rounds, args.n)), flush=True)
     finally:
         if not mounted(mnt):
             shutil.rmtree(base, ignore_errors=True)
-    results = {name: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for name, runs in samples.items()}
-    print(f"medians of {args.rounds} interleaved rounds, {args.n} ops per storm, --cache none")
-    cols = list(results)
-    metrics = list(next(iter(results.values())))
-    print(f"{'storm (ops/s)':<16}" + "".join(f"{c:>20}" for c in cols) + (
-        f"{'fsinspect/pyfuse3':>20}" if "pyfuse3" in results else ""))
-    for m in metrics:
-        row = f"{m:<16}" + "".join(f"{results[c][m]:>20.0f}" for c in cols)
-        if "pyfuse3" in results:
-            row += f"{results['fsinspect'][m] / results['pyfuse3'][m]:>19.2f}x"
-        print(row)
     return 0
 
 
