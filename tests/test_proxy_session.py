@@ -205,3 +205,56 @@ def test_requests_in_flight_stream_snapshot_and_stuck(tmp_path: Path) -> None:
             f.close()
         client.close()
         s.writer.close()  # type: ignore[union-attr]
+
+
+def _shape(v: Any) -> Any:
+    """A JSON value's shape: dict keys (recursively), the shape of a list's first item, the type otherwise."""
+    if isinstance(v, dict):
+        return {k: _shape(x) for k, x in sorted(v.items())}
+    if isinstance(v, list):
+        return [_shape(v[0])] if v else []
+    return type(v).__name__ if v is not None else None
+
+
+def test_the_proxy_and_the_daemon_serialise_the_same_snapshot_and_summary(tmp_path: Path) -> None:
+    """The same traffic through the proxy's session and through the daemon engine's live source: the
+    snapshot a client gets first and the summary have one shape (the proxy only adds its transport's keys),
+    and the analysis in them is the same."""
+    from fsinspect.live.engine import ControlTap
+
+    caps, snapped = [], set()  # the engine always has whole messages: leave out the snapped exchanges
+    for c in captures():
+        key = (c.queue, c.head)
+        if c.kind == "request" and c.length != len(c.data):
+            snapped.add(key)
+        elif c.kind == "request" or key not in snapped:
+            caps.append(c)
+        else:
+            snapped.discard(key)
+    s = session(tmp_path, "proxy", control=str(tmp_path / "p.sock"))
+    ctl = ControlTap(str(tmp_path / "d.sock"))
+    try:
+        feed(s, caps)
+        for c in caps:  # as the engine taps them: no descriptor head, the unique names the request
+            ctl(c.kind, c.queue, int.from_bytes(c.data[8:16], "little"), c.ts_ns, c.data)
+        with s.lock:
+            p_snap = json.loads(json.dumps(s.snapshot()))
+        with ctl.lock:
+            d_snap = json.loads(json.dumps(ctl.snapshot()))
+        proxy_only = {"features", "capture", "backend_lost"}
+        assert set(p_snap) - set(d_snap) == proxy_only and set(d_snap) <= set(p_snap)
+        assert {k: _shape(v) for k, v in p_snap.items() if k not in proxy_only} == _shape(d_snap)
+        assert d_snap["syncfs"] and d_snap["submounts"] and d_snap["inodes"]  # the shapes are not of empty lists
+        for k in ("inodes", "stats", "submounts", "syncfs", "lints"):
+            assert p_snap[k] == d_snap[k], k
+        p_sum = json.loads(S.summary_json(s.summary()))
+        d_sum = json.loads(S.summary_json(ctl.summary()))
+        assert set(d_sum) <= set(p_sum)
+        for k in d_sum:
+            assert _shape(p_sum[k]) == _shape(d_sum[k]), k
+        for k in ("requests", "replies", "opcodes", "errors", "submounts", "syncfs", "lints"):
+            assert p_sum[k] == d_sum[k], k
+        assert d_sum["opcodes"]["SYNCFS"] >= 3 and d_sum["requests"] > 50
+    finally:
+        ctl.close()
+        s.writer.close()  # type: ignore[union-attr]

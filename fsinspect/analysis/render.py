@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dissectors import fuse as F
-from dissectors.render import message_json, summary
+from dissectors.render import message_json, safe_name, summary
 
 from .exchange import Exchange
+
+if TYPE_CHECKING:
+    from .analyzer import Analyzer
 
 
 def exchange_json(ex: Exchange, *, raw: bool = False, now_ns: int | None = None) -> dict[str, Any]:
@@ -63,6 +66,47 @@ def inflight_json(pending: list[Exchange], now_ns: int) -> dict[str, list[dict[s
     """The snapshot's `pending` (every open exchange, oldest first) and `held` (those a breakpoint holds)."""
     rows = [exchange_json(ex, raw=True, now_ns=now_ns) for ex in pending]
     return {"pending": rows, "held": [r for r in rows if r["state"] == "held"]}
+
+
+# -- the analysis state as JSON: one serialisation for the live snapshot, the summaries and `stats` ------
+# The proxy, the daemon's live source, `fsinspect stats --json` and the recording's cached analysis all use
+# these, so a client sees the same shape whatever it is attached to.
+
+
+def inodes_json(an: Analyzer) -> list[dict[str, Any]]:
+    return [{"nodeid": n.nodeid, "parent": n.parent, "name": safe_name(n.name) if n.name else None,
+             "ino": n.ino, "generation": n.generation, "nlookup": n.nlookup, "attr_flags": n.attr_flags,
+             "submount": n.submount} for n in an.inodes.nodes.values()]
+
+
+def lints_json(an: Analyzer) -> list[dict[str, Any]]:
+    return [{"kind": lint.name, "message": lint.message} for lint in an.lints]
+
+
+def submounts_json(an: Analyzer) -> list[dict[str, Any]]:
+    """Announced submounts; names escaped by safe_name (a control byte in a name cannot fake a line)."""
+    return [{"nodeid": a.nodeid, "parent": a.parent, "name": safe_name(a.name), "ino": a.ino}
+            for a in an.submounts.announced.values()]
+
+
+def syncfs_json(an: Analyzer) -> list[dict[str, Any]]:
+    """Every SYNCFS with the path of its nodeid (group_syncfs groups them per superblock)."""
+    return [{"nodeid": r.nodeid, "path": r.path, "latency_ns": r.latency_ns, "superblock_root": r.is_root,
+             "error": r.error} for r in an.submounts.syncfs]
+
+
+def snapshot_json(an: Analyzer, now_ns: int) -> dict[str, Any]:
+    """What every source's control socket sends a client first (the source adds its own keys)."""
+    return {**inflight_json(an.pending, now_ns), "inodes": inodes_json(an), "stats": an.stats.as_dict(),
+            "lints": lints_json(an), "submounts": submounts_json(an), "syncfs": syncfs_json(an)}
+
+
+def exchanges_summary(an: Analyzer, requests: int, replies: int, opcodes: dict[str, int]) -> dict[str, Any]:
+    """The source-agnostic part of an end-of-run summary (the proxy's and the daemon's)."""
+    return {"requests": requests, "replies": replies, "opcodes": opcodes,
+            "latency": {name: o.latency() for name, o in an.stats.ops.items() if o.replied},
+            "errors": dict(an.stats.errors.most_common()), "lints": lints_json(an),
+            "submounts": submounts_json(an), "syncfs": syncfs_json(an)}
 
 
 _UNITS = ((1_000_000_000, "s"), (1_000_000, "ms"), (1_000, "µs"))

@@ -170,9 +170,17 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
         if ctl is not None:
             ctl.close()
     counters = d.counters()
+    log.info("counters: %s", json.dumps(counters.get("ops", {}), sort_keys=True))
+    return write_summary(args, counters, intercept, ctl)
+
+
+def write_summary(args: argparse.Namespace, counters: dict[str, Any], intercept: Any, ctl: ControlTap | None) -> int:
+    """--summary-json, for both transports: the engine's counters, the debugger's, and with --control what
+    the clients saw ("live", shaped as the proxy's summary)."""
     if intercept is not None:
         counters["debugger"] = intercept.describe_counters()
-    log.info("counters: %s", json.dumps(counters.get("ops", {}), sort_keys=True))
+    if ctl is not None:
+        counters["live"] = ctl.summary()
     if args.summary_json:
         from fsinspect import privfile
 

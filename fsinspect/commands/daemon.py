@@ -24,6 +24,7 @@ from fsinspect.commands._daemon_vhost import (
     apply_o_options,
     attach_debugger,
     run_vhost,
+    write_summary,
 )
 from fsinspect.commands._stuck import stuck_ns
 from fsinspect.intercept.cli import add_intercept_options, intercept_from_args
@@ -153,9 +154,11 @@ def run(args: argparse.Namespace) -> int:
         raise
     tap: Any = _both(rec, ctl) if rec is not None and ctl is not None else (rec or ctl)
     point = attach_debugger(intercept, ctl)
+    served: list[standalone.Standalone] = []
     try:
-        return standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size,
-                              dispatch=args.dispatch, tap=tap, hold=point, sandbox=args.sandbox, seccomp=args.seccomp)
+        standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size,
+                       dispatch=args.dispatch, tap=tap, hold=point, sandbox=args.sandbox, seccomp=args.seccomp,
+                       ready=served.append)
     except FuseDevError as e:
         raise UserError(str(e.strerror or e), status=1) from None
     except OSError as e:
@@ -167,3 +170,4 @@ def run(args: argparse.Namespace) -> int:
             rec.close()
         if ctl is not None:
             ctl.close("unmounted")
+    return write_summary(args, served[0].server.counters() if served else {}, intercept, ctl)

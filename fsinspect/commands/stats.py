@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 from ..analysis.inodes import group_syncfs
-from ..analysis.render import fmt_ns, rate_line
+from ..analysis.render import fmt_ns, rate_line, submounts_json, syncfs_json
 from ._recording import RECORDING_HELP, analyze_file
 
 
@@ -26,10 +26,8 @@ def run(args: argparse.Namespace) -> int:
     d = an.stats.as_dict()
     lints = Counter(lint.name for lint in an.lints)
     d["lints"] = dict(lints.most_common())
-    d["syncfs"] = [{"nodeid": s.nodeid, "path": s.path, "latency_ns": s.latency_ns, "superblock_root": s.is_root,
-                    "error": s.error} for s in an.submounts.syncfs]
-    d["submounts"] = [{"nodeid": a.nodeid, "parent": a.parent, "name": a.name.decode("utf-8", "backslashreplace")}
-                      for a in an.submounts.announced.values()]
+    d["syncfs"] = syncfs_json(an)
+    d["submounts"] = submounts_json(an)
     if args.json:
         print(json.dumps(d))
         return 0

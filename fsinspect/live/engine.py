@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from ..errors import UserError
@@ -36,6 +37,8 @@ class ControlTap:
         self.analyzer = Analyzer(keep_exchanges=False, keep_raw=True,
                                  stuck_ns=DEFAULT_STUCK_NS if stuck_threshold_ns is None else stuck_threshold_ns)
         self.requests = 0
+        self.replies = 0
+        self.opcount: Counter[str] = Counter()
         self.held_exchanges: dict[tuple[int, int], Any] = {}
         try:
             self.hub = Hub(path, self.snapshot, feed_lock=self.lock, source="daemon")
@@ -61,7 +64,10 @@ class ControlTap:
             if direction.startswith("request"):
                 self.requests += 1
                 ex = self.analyzer.feed_request(raw, queue, None, ts_ns, orig_len=orig, held=held)
+                self.opcount[ex.opname] += 1
             else:
+                if not held:  # a held reply is counted once, as the guest gets it (as the proxy does)
+                    self.replies += 1
                 ex = self.analyzer.feed_reply(raw, queue, None, ts_ns, orig_len=orig, held=held)
             if held:  # the debugger evaluates its rules on this very exchange, and names it by its n
                 self.held_exchanges[(queue, unique)] = ex
@@ -82,20 +88,17 @@ class ControlTap:
 
     def snapshot(self) -> dict[str, Any]:
         """What a newly attached client gets first (called with self.lock held)."""
-        from dissectors.render import safe_name
+        from ..analysis.render import snapshot_json
 
-        from ..analysis.render import inflight_json
+        return snapshot_json(self.analyzer, time.time_ns())
 
-        an = self.analyzer
-        inodes = [{"nodeid": n.nodeid, "parent": n.parent, "name": safe_name(n.name) if n.name else None,
-                   "ino": n.ino, "generation": n.generation, "nlookup": n.nlookup, "attr_flags": n.attr_flags,
-                   "submount": n.submount} for n in an.inodes.nodes.values()]
-        return {**inflight_json(an.pending, time.time_ns()), "inodes": inodes, "stats": an.stats.as_dict(),
-                "lints": [{"kind": lint.name, "message": lint.message} for lint in an.lints],
-                "submounts": [{"nodeid": a.nodeid, "parent": a.parent, "name": safe_name(a.name), "ino": a.ino}
-                              for a in an.submounts.announced.values()],
-                "syncfs": [{"nodeid": r.nodeid, "latency_ns": r.latency_ns, "superblock_root": r.is_root,
-                            "error": r.error} for r in an.submounts.syncfs]}
+    def summary(self) -> dict[str, Any]:
+        """The exchanges' part of the end-of-run summary, shaped as the proxy's."""
+        from ..analysis.render import exchanges_summary
+
+        with self.lock:
+            return {**exchanges_summary(self.analyzer, self.requests, self.replies, dict(self.opcount.most_common())),
+                    "control_clients": self.hub.client_stats(), "control_overflow": self.hub.total_overflow}
 
     def close(self, reason: str = "front-end closed") -> None:
         self._stop.set()

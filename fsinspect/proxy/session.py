@@ -32,7 +32,6 @@ from typing import Any
 
 from dissectors import ring
 from dissectors import vhost_user as V
-from dissectors.render import safe_name
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
 
@@ -40,7 +39,7 @@ from .. import privfile
 from ..analysis import exchange as X
 from ..analysis.analyzer import DEFAULT_STUCK_NS, Analyzer
 from ..analysis.inodes import group_syncfs
-from ..analysis.render import fmt_ns, inflight_json, opcode_counts, wrap_items
+from ..analysis.render import exchanges_summary, fmt_ns, opcode_counts, snapshot_json, wrap_items
 from ..live.hub import Hub
 from ..recording import format as fmt
 from ..recording.writer import RecordingWriter
@@ -380,14 +379,9 @@ class Session:
     def snapshot(self) -> dict[str, Any]:
         """What a newly attached client gets first (called with self.lock held)."""
         self.catch_up()  # a client is watching from now on: it sees everything analysed
-        an = self.analyzer
-        inodes = [{"nodeid": n.nodeid, "parent": n.parent, "name": safe_name(n.name) if n.name else None,
-                   "ino": n.ino, "generation": n.generation, "nlookup": n.nlookup, "attr_flags": n.attr_flags,
-                   "submount": n.submount} for n in an.inodes.nodes.values()]
-        s = self.summary()
-        return {**inflight_json(an.pending, time.time_ns()), "inodes": inodes, "stats": an.stats.as_dict(), "lints": s["lints"], "submounts": s["submounts"],
-                "syncfs": s["syncfs"], "features": s["features"], "capture": s["capture"],
-                "backend_lost": s["backend_lost"]}
+        st = self.proxy.stats
+        return {**snapshot_json(self.analyzer, time.time_ns()), "features": self.proxy.cp.snapshot(),
+                "capture": dict(self.proxy.capture.stats), "backend_lost": st.backend_lost_ns is not None}
 
     def summary(self) -> dict[str, Any]:
         st = self.proxy.stats
@@ -397,12 +391,6 @@ class Session:
             busy_max = max(busy_max, c.get("busy_max_ns", 0))
             counters.update(c)
         counters["busy_max_ns"] = busy_max  # the longest forwarding stall of any queue (not a sum)
-        cap = dict(self.proxy.capture.stats)
-        an = self.analyzer
-        syncfs = [{"nodeid": r.nodeid, "path": r.path, "latency_ns": r.latency_ns, "superblock_root": r.is_root,
-                   "error": r.error} for r in an.submounts.syncfs]
-        submounts = [{"nodeid": a.nodeid, "parent": a.parent, "name": safe_name(a.name), "ino": a.ino}
-                     for a in an.submounts.announced.values()]
         return {
             "end_reason": st.end_reason,
             "backend_lost": st.backend_lost_ns is not None,
@@ -410,17 +398,10 @@ class Session:
             "unsealed_regions": st.unsealed_regions,
             "vhost_messages": st.vhost_messages,
             "vhost_decode_errors": st.decode_errors,
-            "requests": self.requests,
-            "replies": self.replies,
-            "opcodes": dict(self.opcount.most_common()),
-            "latency": {name: o.latency() for name, o in an.stats.ops.items() if o.replied},
-            "errors": dict(an.stats.errors.most_common()),
+            **exchanges_summary(self.analyzer, self.requests, self.replies, dict(self.opcount.most_common())),
             "path": dict(counters),
-            "capture": cap,
+            "capture": dict(self.proxy.capture.stats),
             "capture_errors": self.capture_errors,
-            "lints": [{"kind": lint.name, "message": lint.message} for lint in an.lints],
-            "submounts": submounts,
-            "syncfs": syncfs,
             "features": self.proxy.cp.snapshot(),
             "recording": [str(p) for p in self.writer.paths] if self.writer else [],
             "control_clients": self.hub.client_stats() if self.hub else [],

@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import privfile
 from ..analysis import Analyzer, Exchange
+from ..analysis.render import submounts_json, syncfs_json
 from .index import RecordingIndex, recording_stamp
 from .parts import ANALYSIS_SUFFIX, side_file
 from .reader import Record, RecordingReader
@@ -32,7 +33,7 @@ from .replay import analyze
 
 CACHE_SIZE = 4096
 DECODER_RESET = 50_000  # decodes between fresh decoders (its inode map and stats would grow otherwise)
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2
 
 
 def analysis_path(recording: Path) -> Path:
@@ -157,10 +158,8 @@ class IndexedRecording:
             "version": ANALYSIS_VERSION, "stamp": self._stamp(), "count": an.count,
             "stats": an.stats.as_dict(),
             "lints": [[x.name, x.exchange, x.message] for x in an.lints],
-            "submounts": [{"nodeid": a.nodeid, "parent": a.parent, "name": a.name.decode("utf-8", "backslashreplace")}
-                          for a in an.submounts.announced.values()],
-            "syncfs": [{"nodeid": s.nodeid, "path": s.path, "latency_ns": s.latency_ns, "superblock_root": s.is_root,
-                        "error": s.error} for s in an.submounts.syncfs],
+            "submounts": submounts_json(an),
+            "syncfs": syncfs_json(an),
             "paths": {str(n): an.inodes.path(n) for n in an.inodes.nodes},
         }
         try:
