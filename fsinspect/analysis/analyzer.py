@@ -25,7 +25,7 @@ from dissectors.errors import DecodeError
 from dissectors.spec import fuse as spec
 
 from . import exchange as X
-from .exchange import Exchange, Lint
+from .exchange import Exchange, LazyExchange, Lint
 from .inodes import ATTR_SUBMOUNT, Announcement, InodeMap, Issue, SubmountTracker, SyncfsRecord
 from .render import fmt_ns
 from .stats import Stats
@@ -39,6 +39,11 @@ _RENAME_EXCHANGE = spec.RENAME_FLAGS.by_name()["EXCHANGE"]
 _INIT_FLAG = spec.INIT_FLAGS.by_name()
 _IN = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
 _OUT = struct.Struct("<IiQ")  # len, error, unique
+# Ops whose messages change the analyzer's state (INIT, the inode map, submounts, syncfs): always decoded.
+# Every other op may be decoded lazily (Analyzer(lazy=True)): counting and pairing need only its header.
+_STATE_OPS = frozenset(OP[n] for n in ("INIT", "GETATTR", "SETATTR", "READDIRPLUS", "RENAME", "RENAME2", "UNLINK",
+                                       "RMDIR", "SYNCFS")) | _ENTRY_OPS | _NO_REPLY
+LAZY_OPS = frozenset(o.value for o in spec.OPCODES) - _STATE_OPS
 DEFAULT_STUCK_NS = 1_000_000_000  # `stuck`: a request waiting longer than this (--stuck-ms changes it)
 
 
@@ -46,8 +51,9 @@ class Analyzer:
     """Usable live (proxy, daemon tap) and offline (recordings): call feed_request/feed_reply, then finish."""
 
     def __init__(self, *, keep_exchanges: bool = True, keep_raw: bool = False,
-                 stats_bucket_ns: int = 1_000_000_000, stuck_ns: int = DEFAULT_STUCK_NS) -> None:
+                 stats_bucket_ns: int = 1_000_000_000, stuck_ns: int = DEFAULT_STUCK_NS, lazy: bool = False) -> None:
         self.keep_exchanges = keep_exchanges
+        self.lazy = lazy  # LAZY_OPS become LazyExchanges: decoded when first read, not when fed
         self.stuck_ns = stuck_ns  # 0: no `stuck` lint
         self.last_ts = 0  # the newest capture time fed: a recording's "now"
         self.keep_raw = keep_raw
@@ -94,13 +100,23 @@ class Analyzer:
                 self._new_epoch(epoch)
         elif opcode == OP["INIT"]:
             self._new_epoch(self.epoch + 1)
-        ex = Exchange(self.count, queue, head, self.epoch, unique, opcode, nodeid, req_ts=ts_ns,
-                      req_len=orig_len if orig_len is not None else (len(raw) if raw is not None else length),
-                      notes=list(notes), req_ref=ref, n=n if n is not None else self.count + 1,
-                      held=X.HELD_REQUEST if held else None)
+        lazy = self.lazy and raw is not None and opcode in LAZY_OPS
+        ex = (LazyExchange if lazy else Exchange)(
+            self.count, queue, head, self.epoch, unique, opcode, nodeid, req_ts=ts_ns,
+            req_len=orig_len if orig_len is not None else (len(raw) if raw is not None else length),
+            notes=list(notes), req_ref=ref, n=n if n is not None else self.count + 1,
+            held=X.HELD_REQUEST if held else None)
         self.count += 1
-        self.last_ts = max(self.last_ts, ts_ns)
-        if raw is not None:
+        if ts_ns > self.last_ts:
+            self.last_ts = ts_ns
+        if lazy:
+            assert isinstance(ex, LazyExchange) and raw is not None
+            ex.snapped = orig_len is not None and orig_len > len(raw)
+            ex.req_raw = raw
+            ex.ctx = self.contexts.get(self.epoch)
+            ex.wire_req = orig_len
+            ex.todo = 1
+        elif raw is not None:
             ex.snapped = orig_len is not None and orig_len > len(raw)
             try:
                 req = F.decode_request(raw, self.contexts.get(self.epoch, F.DEFAULT_CONTEXT), wire_len=orig_len)
@@ -195,7 +211,8 @@ class Analyzer:
                                               f"{ex.unique} but the reply says {unique}")
         ex.reply = None
         ex.error = None
-        self._decode_reply(ex, decoded, raw, ex.request if ex.request is not None else ex.opcode, orig_len)
+        lazy = ex.__class__ is LazyExchange  # its request is not decoded for this
+        self._decode_reply(ex, decoded, raw, ex.opcode if lazy or ex.request is None else ex.request, orig_len)
         if ex.error is None:
             ex.error = -err if err <= 0 else None
         if held:
@@ -364,6 +381,12 @@ class Analyzer:
             return
         assert raw is not None
         ex.snapped = ex.snapped or (orig_len is not None and orig_len > len(raw))
+        if ex.__class__ is LazyExchange:  # decoded when read; the caller takes the error from the header
+            assert isinstance(ex, LazyExchange)
+            ex.reply_raw = raw
+            ex.wire_reply = orig_len
+            ex.todo |= 2
+            return
         try:
             rep = F.decode_reply(raw, request, self.contexts.get(ex.epoch, F.DEFAULT_CONTEXT), wire_len=orig_len)
         except DecodeError as e:
@@ -391,7 +414,6 @@ class Analyzer:
             self.submounts.announce(Announcement(e.nodeid, parent, name or b"", ex.index, e.attr.ino))
 
     def _apply_reply(self, ex: Exchange) -> None:
-        req, rep = ex.request, ex.reply
         op = ex.opcode
         if op == OP["SYNCFS"]:
             is_root = self.submounts.is_superblock_root(ex.nodeid)
@@ -408,6 +430,9 @@ class Analyzer:
                 self._lint(ex, X.ERROR_SUPPORTED_OP, f"{o.name} answered {ex.errname} although INIT "
                                                      f"negotiated {o.needs}")
             return
+        if op not in _STATE_OPS:  # nothing to learn (and a lazy exchange stays undecoded)
+            return
+        req, rep = ex.request, ex.reply
         if req is None or not isinstance(rep, F.Reply):
             return
         a, r = req.args, rep.args

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dissectors import fuse as F
+from dissectors.errors import DecodeError
 from dissectors.spec import fuse as spec
 
 # Lint names: stable identifiers used by filters (`lint == "no-reply"`), the TUI and exports.
@@ -139,3 +140,70 @@ class Exchange:
                 if v is not None:
                     return v
         return default
+
+
+_REQUEST = Exchange.__dict__["request"]  # the slots under the lazy properties
+_REPLY = Exchange.__dict__["reply"]
+
+
+@dataclass(slots=True, eq=False)
+class LazyExchange(Exchange):
+    """An exchange whose messages are decoded when first read (`Analyzer(lazy=True)`: a live UI).
+
+    Only ops that change no analyzer state are made lazy: their header (opcode, unique, nodeid, error,
+    lengths) is all that counting, pairing and stats need; the body is decoded by whoever looks at
+    `request`/`reply` (a row shown, the detail pane, a filter on a field).  A body that turns out to be
+    undecodable gets `decode_error` and the lint then.
+    """
+
+    ctx: Any = None  # the FuseContext of the exchange's epoch, to decode with
+    wire_req: int | None = None  # the original lengths the analyzer was given (None: not snapped)
+    wire_reply: int | None = None
+    todo: int = 0  # 1: the request is still undecoded, 2: the reply
+
+    def _get_request(self) -> F.Request | None:
+        if self.todo & 1:
+            self.todo &= ~1
+            raw = self.req_raw
+            if raw is not None:
+                try:
+                    _REQUEST.__set__(self, F.decode_request(raw, self.ctx or F.DEFAULT_CONTEXT,
+                                                            wire_len=self.wire_req))
+                except DecodeError as e:
+                    self._undecodable(f"request: {e}")
+        return _REQUEST.__get__(self)
+
+    def _set_request(self, value: F.Request | None) -> None:
+        _REQUEST.__set__(self, value)
+
+    def _get_reply(self) -> F.Reply | F.Notification | None:
+        if self.todo & 2:
+            self.todo &= ~2
+            raw = self.reply_raw
+            if raw is not None:
+                req = self.request
+                try:
+                    _REPLY.__set__(self, F.decode_reply(raw, req if req is not None else self.opcode,
+                                                        self.ctx or F.DEFAULT_CONTEXT, wire_len=self.wire_reply))
+                except DecodeError as e:
+                    self._undecodable(f"reply: {e}")
+        return _REPLY.__get__(self)
+
+    def _set_reply(self, value: F.Reply | F.Notification | None) -> None:
+        _REPLY.__set__(self, value)
+
+    def _undecodable(self, why: str) -> None:
+        self.decode_error = why if self.decode_error is None else f"{self.decode_error}; {why}"
+        if DECODE_ERROR not in self.lints:
+            self.lints.append(DECODE_ERROR)
+
+    @property
+    def opname(self) -> str:
+        """From the opcode alone: a lazy exchange is never a notification (those are decoded at once)."""
+        return spec.OPCODE.name_of(self.opcode) or str(self.opcode)
+
+
+# Set after the dataclass is made: its __init__ then stores through them (a property in the class body would
+# be taken for the fields' default).
+setattr(LazyExchange, "request", property(LazyExchange._get_request, LazyExchange._set_request))  # noqa: B010
+setattr(LazyExchange, "reply", property(LazyExchange._get_reply, LazyExchange._set_reply))  # noqa: B010

@@ -88,6 +88,8 @@ def run_headless(ctrl: str, fmt: str, expr: str | None, dest: str | None, mode: 
             pass
     if feed.refused:
         raise UserError(f"{ctrl}: the source closed the connection: {feed.refused}")
+    if feed.broken:
+        raise UserError(f"{feed.broken}; gave up the connection")
     if quiet:
         return 0
     end = "stopped" if stopped else "the source closed the control socket"

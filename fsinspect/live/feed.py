@@ -7,6 +7,12 @@ replay.  The snapshot seeds the inode map and submounts known before we joined. 
 source's numbers (`n`): a request is opened when it is captured and its reply completes it in place; the
 source's own verdicts (`stuck`, held) are taken as they come.  Debugger commands go back on the same socket
 (`command`), each answered by one `reply` with its id.
+
+When the hub offers it (`"streams"` in its hello), the feed asks for the binary stream (`stream_format`
+"pcapng", the default): after the JSON snapshot, captured messages come as a recording's pcapng blocks,
+read by the recording layer's StreamReader, and only their headers are looked at unless the analyzer
+needs more (`Analyzer(lazy=True)`: a UI decodes what it shows or filters on).  "jsonl" keeps the JSON
+lines, which an older hub always sends.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from dissectors.spec import fuse as fspec
 from ..analysis import Analyzer, Exchange
 from ..analysis import exchange as X
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
-from ..recording.reader import Record
+from ..recording import format as rfmt
+from ..recording.reader import Record, RecordingError, StreamReader
 
 BATCH = 256  # lines applied per lock hold (~25 ms of decoding), then the thread yields the GIL
 _OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
@@ -79,7 +86,8 @@ class ControlFeed:
 
     keep_raw_bytes = True  # keep each exchange's bytes by index for raw() (the UI's hex dump and export)
 
-    def __init__(self, state: LiveState, ctrl_path: str, *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, state: LiveState, ctrl_path: str, *, connect_timeout: float = 5.0,
+                 stream_format: str = "pcapng") -> None:
         self.state = state
         self.ctrl_path = ctrl_path
         self.connect_timeout = connect_timeout
@@ -92,6 +100,11 @@ class ControlFeed:
         self._send_lock = threading.Lock()
         self.version = 1
         self.refused: str | None = None  # the hub's last word before it closed on us (too many clients, ...)
+        self.stream_format = stream_format  # what to ask for when the hub offers streams
+        self.streaming = "jsonl"  # what the hub sends now
+        self._stream_id: int | None = None  # the `stream` command's id, until its reply switches the stream
+        self.reader: StreamReader | None = None
+        self.blocks = 0  # packet blocks received (the binary stream)
         state.analyzer.stuck_ns = 0  # the source lints `stuck` with its own threshold and clock
 
     def connect(self) -> None:
@@ -126,17 +139,54 @@ class ControlFeed:
                     break
                 if not chunk:
                     break
+                if self.reader is not None:
+                    self.feed_blocks(chunk)
+                    continue
                 buf += chunk
                 if b"\n" not in chunk:
+                    continue
+                if self._stream_id is not None:  # the switch to binary may come at any line: one at a time
+                    buf = self._lines_until_switch(buf)
+                    if self.reader is not None:
+                        self.feed_blocks(buf)
+                        buf = b""
                     continue
                 lines = buf.split(b"\n")
                 buf = lines.pop()
                 for k in range(0, len(lines), BATCH):
                     self.feed_lines(lines[k:k + BATCH])
                     time.sleep(0)  # hand the GIL to another thread (the UI's) if it is waiting for it
+                    if self._stream_id is not None:  # the hello offered the binary stream: asked for it
+                        buf = b"\n".join([*lines[k + BATCH:], buf])
+                        break
+        except RecordingError as e:  # the binary stream broke its framing: nothing after it can be trusted
+            self.state.status = f"error: {e}"
+            self.broken = str(e)
         finally:
             self.closed = True
             sock.close()
+
+    broken: str | None = None  # why the binary stream was given up
+
+    def _lines_until_switch(self, buf: bytes) -> bytes:
+        """Apply whole lines until the `stream` reply; what follows it is binary (the reader takes it)."""
+        while self._stream_id is not None:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                return buf
+            line, buf = buf[:nl], buf[nl + 1:]
+            self.feed_lines([line])
+        return buf
+
+    def feed_blocks(self, chunk: bytes) -> None:
+        """Apply what a chunk of the binary stream completes, in batches (one lock hold each)."""
+        assert self.reader is not None
+        items = self.reader.feed(chunk)
+        for k in range(0, len(items), BATCH):
+            self._apply_batch(items[k:k + BATCH])
+            time.sleep(0)
+        if self.reader.failed is not None:  # after what came before it
+            raise self.reader.failed
 
     def shutdown(self) -> None:
         """Make pump() return soon (from another thread)."""
@@ -146,24 +196,85 @@ class ControlFeed:
 
     def feed_lines(self, lines: list[bytes]) -> None:
         """Apply a batch of protocol lines (one lock hold per batch)."""
+        objs: list[dict[str, Any] | Record] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict):
+                with self.state.lock:
+                    self.state.events.append({"type": "event", "kind": "bad-line", "detail": {
+                        "line": line[:200].decode("utf-8", "replace")}})
+                continue
+            objs.append(obj)
+        self._apply_batch(objs)
+
+    def _apply_batch(self, items: list[dict[str, Any] | Record]) -> None:
         st = self.state
         self._due = []
         with st.lock:
-            for line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    st.events.append({"type": "event", "kind": "bad-line", "detail": {"line": line[:200].decode(
-                        "utf-8", "replace")}})
-                    continue
+            for it in items:
                 st.received += 1
-                self._apply(obj)
+                if it.__class__ is Record:
+                    self._record(it)
+                else:
+                    self._apply(it)  # type: ignore[arg-type]
                 self.applied()
             self.batch_done()
         for cb, obj in self._due:  # outside the lock: a callback may wait for the UI thread
             cb(obj)
+
+    def _ask_stream(self, offered: list[Any]) -> None:
+        """The hello offered streams: ask for ours (from the feed thread, before any other command)."""
+        want = self.stream_format
+        if want == "jsonl" or want not in offered or self.sock is None:
+            return
+        with self._send_lock:
+            self._next_id += 1
+            self._stream_id = self._next_id
+            try:
+                self.sock.sendall((json.dumps({"id": self._stream_id, "cmd": "stream", "format": want}) + "\n")
+                                  .encode())
+            except OSError:
+                self._stream_id = None
+
+    def _record(self, rec: Record) -> None:
+        """A packet block of the binary stream: a request opens exchange `n`, a reply completes it."""
+        st = self.state
+        if not rec.is_fuse:
+            return
+        if not st.first_ts:
+            st.first_ts = rec.ts_ns
+        n = rec.n or None
+        self.blocks += 1
+        if rec.inbound:
+            ex = st.open.get(n) if n is not None else None
+            if ex is not None:  # listed already (the snapshot, or JSON lines before the switch)
+                if rec.flags & rfmt.RF_HELD and ex.held is None:
+                    st.analyzer.set_held(ex.n, X.HELD_REQUEST)
+                return
+            ex = st.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len, notes=rec.notes,
+                                 n=n, held=bool(rec.flags & rfmt.RF_HELD))
+            if self.keep_raw_bytes:
+                self._raw[ex.index] = (rec.data, None)
+            if n is not None and ex.state != X.DONE:
+                st.open[n] = ex
+            return
+        an = st.analyzer
+        opened = st.open.pop(n, None) if n is not None else None
+        if opened is not None:
+            an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len, n=n,
+                          notes=[x for x in rec.notes if x not in opened.notes])
+            ex = opened
+            req = self._raw.get(ex.index, (None, None))[0] if self.keep_raw_bytes else None
+        else:
+            ex = an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len, notes=rec.notes)
+            req = None
+        if self.keep_raw_bytes:
+            self._raw[ex.index] = (req, rec.data)
 
     def applied(self) -> None:
         """Called (under the lock) after each message: the UI names new exchanges' paths here."""
@@ -216,7 +327,17 @@ class ControlFeed:
                 if done is not None and note not in done.notes:
                     done.notes.append(note)
         elif t == "reply":
-            self._reply(obj)
+            if obj.get("id") == self._stream_id and self._stream_id is not None:
+                self._stream_id = None
+                if obj.get("ok") and obj.get("format") == "pcapng":
+                    self.streaming = "pcapng"
+                    self.reader = StreamReader(f"{self.ctrl_path} (binary stream)")
+            else:
+                self._reply(obj)
+        elif t == "lints":  # the source's verdicts on an exchange the binary stream completed
+            ex = st.find_n(obj.get("n", -1))
+            if ex is not None:
+                self._source_lints(ex, obj)
         elif t == "control":
             st.control.append(obj)
             st.on_control(obj)
@@ -237,6 +358,9 @@ class ControlFeed:
             else:
                 self.version = 2 if 2 in versions else 1
                 st.status = f"attached to {obj.get('source', '?')} ({obj.get('tool', '?')})"
+                streams = obj.get("streams")
+                if isinstance(streams, list):
+                    self._ask_stream(streams)
 
     def _snapshot(self, snap: dict[str, Any]) -> None:
         st = self.state

@@ -28,6 +28,18 @@ and commands `{"id": I, "cmd": "held"|"release"|"answer"|"delay"|"rewrite"|"drop
 true, ...}` or `{..., "ok": false, "error": "<reason>"}` (the commands' arguments: intercept/control.py;
 a client for scripts: intercept/client.py).
 
+Binary stream (any version): the hello lists `"streams": ["jsonl", "pcapng"]`.  A client that sends
+`{"id": I, "cmd": "stream", "format": "pcapng"}` gets `{"type": "reply", "id": I, "ok": true, "format":
+"pcapng"}` as its last JSON line; every byte after that line's newline is a pcapng stream, the same blocks
+as a recording (recordings/FORMAT.md): a section header and the interfaces so far, then one EPB per
+captured message, each carrying the source's exchange number `n` (META_NUMBER): a request's EPB when it
+is captured, its reply's when the reply is (an exchange whose request was not streamed yet gets both).
+Every other message of this protocol (control, event, held, resumed, reply, overflow, error, and
+`request` updates of an exchange already streamed: state, held, lints; no raw bytes) travels as a custom
+block (BT_CB: PEN + the same JSON object).  The snapshot came before, as JSON.  `"format": "jsonl"` keeps
+the JSON lines (the reply says so); anything else is refused with `"ok": false`.  The blocks are encoded
+once per batch for every binary client, and the bytes are what `fsinspect attach --format pcapng` writes.
+
 Nothing a client does can exhaust the process or slow the data path:
 - publish_* only append to one bounded outbox and wake the hub thread; encoding and the fan-out to
   clients happen there, once per batch (each encoded batch is shared by every client's queue);
@@ -58,6 +70,9 @@ from typing import Any
 from fswire.unixsock import claim_socket_path, release_socket_path
 
 from .. import __version__
+from ..analysis.exchange import STUCK
+from ..recording import format as rfmt
+from ..recording.writer import BlockEncoder, custom_block
 from . import registry
 
 log = logging.getLogger("fsinspect.hub")
@@ -79,6 +94,8 @@ EVENTS = 1000  # control-plane events a snapshot repeats
 ACCEPT_PAUSE = 0.5  # seconds the listener is not watched after accept() ran out of fds
 _BATCH = 256
 _RECV = 64 << 10
+STREAMS = ("jsonl", "pcapng")  # what a client may ask for with the `stream` command
+OPENED = 1 << 16  # requests streamed (binary) whose reply has not come yet, remembered at most
 
 CommandHandler = Callable[[int, dict[str, Any]], dict[str, Any]]
 
@@ -98,6 +115,11 @@ class _Client:
         self.inbuf = bytearray()
         self.blocked = False  # the socket said EAGAIN: wait for EVENT_WRITE
         self.closing = False  # send what is queued (an error line), then close
+        self.binary = False  # switched to the pcapng stream: messages go as blocks
+
+    def encode(self, obj: dict[str, Any]) -> bytes:
+        """One protocol message as this client reads it: a JSON line, or a custom block once binary."""
+        return custom_block(obj) if self.binary else _line(obj)
 
     @property
     def has_output(self) -> bool:
@@ -110,7 +132,7 @@ class Hub:
     def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]], *, queue_len: int = CLIENT_QUEUE,
                  source: str = "proxy", feed_lock: Any = None, client_bytes: int = CLIENT_BYTES,
                  total_bytes: int = TOTAL_BYTES, max_clients: int = MAX_CLIENTS, max_line: int = MAX_LINE,
-                 command_handler: CommandHandler | None = None) -> None:
+                 command_handler: CommandHandler | None = None, capture_source: str = "virtio") -> None:
         self.path = path
         self.snapshot_fn = snapshot
         # Held by whoever feeds publish_exchange: taking it while a client joins means no exchange falls
@@ -134,7 +156,12 @@ class Hub:
         self.total_overflow = 0
         self.total_queued = 0  # bytes in every client's queue
         self.refused = 0
-        self._outbox: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
+        self._outbox: collections.deque[tuple[int, dict[str, Any], Any]] = collections.deque()
+        # The binary stream's encoder (one for every binary client: interfaces are numbered once) and the
+        # exchanges whose request it streamed, by n -> how many notes went with the request.
+        self.encoder = BlockEncoder(source=capture_source, snaplen=LIVE_SNAPLEN,
+                                    comments=[f"live stream from an fsinspect {source} control socket"])
+        self._opened: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._seq = 0
         self._outbox_dropped = 0
         self._woken = False
@@ -155,14 +182,16 @@ class Hub:
         self.thread.start()
 
     # -- publishing (any thread) -------------------------------------------------------------------
-    def _broadcast(self, obj: dict[str, Any]) -> None:
+    def _broadcast(self, obj: dict[str, Any], ex: Any = None) -> None:
+        """Queue `obj` for every client; `ex` is the Exchange behind an exchange/request message (its bytes
+        become the binary stream's packet blocks)."""
         if not self.clients:  # nobody to encode for (a joining client gets `recent` in its snapshot)
             return
         with self.lock:
             if len(self._outbox) >= OUTBOX:
                 self._outbox_dropped += 1
             else:
-                self._outbox.append((self._seq, obj))
+                self._outbox.append((self._seq, obj, ex))
                 self._seq += 1
             if self._woken:
                 return
@@ -178,7 +207,7 @@ class Hub:
 
         obj = {"type": "exchange", **exchange_json(ex, raw=True)}
         self._remember(obj, _cut_raw(obj))
-        self._broadcast(obj)
+        self._broadcast(obj, ex)
 
     def publish_request(self, ex: Any) -> None:
         """A request in flight (new, or changed while open); the snapshot lists the open ones instead."""
@@ -187,7 +216,7 @@ class Hub:
         if self.clients:
             obj = {"type": "request", **exchange_json(ex, raw=True, now_ns=time.time_ns())}
             _cut_raw(obj)
-            self._broadcast(obj)
+            self._broadcast(obj, ex)
 
     def _remember(self, obj: dict[str, Any], size: int) -> None:
         """Keep `obj` in the snapshot's backlog, bounded in count and (estimated) bytes."""
@@ -224,7 +253,7 @@ class Hub:
         if c is None:
             return False
         with self.lock:
-            self._enqueue(c, _line(obj), force=True)
+            self._enqueue(c, c.encode(obj), force=True)
             self._woken = True
         self._wake()
         return True
@@ -264,14 +293,24 @@ class Hub:
                 for c in clients:
                     c.missed += dropped
                     self.total_overflow += dropped
+        text = any(not c.binary for c in clients)
+        binary = any(c.binary for c in clients)
         for k in range(0, len(items), _BATCH):
             chunk = items[k:k + _BATCH]
-            lines = [_line(obj) for _, obj in chunk]
-            whole = b"".join(lines)
-            ends = list(itertools.accumulate(len(line) for line in lines))  # bytes up to each line's end
+            # Each message once per form: JSON lines, and pcapng blocks (one bytes per message, so that both
+            # forms count and cut the same messages).
+            forms = {False: _encoded([_line(obj) for _, obj, _ in chunk]) if text else None,
+                     True: _encoded([self._blocks(obj, ex) for _, obj, ex in chunk]) if binary else None}
             first = chunk[0][0]
+            fresh = b"".join(self.encoder.fresh)  # new interfaces: every binary reader gets them, first
+            self.encoder.fresh.clear()
             with self.lock:
                 for c in clients:
+                    if fresh and c.binary:
+                        self._enqueue(c, fresh, force=True)
+                    form = forms[c.binary]
+                    assert form is not None
+                    lines, whole, ends = form
                     skip = max(0, c.start_seq - first)  # joined mid-batch: its snapshot holds these
                     if skip >= len(lines):
                         continue
@@ -290,6 +329,62 @@ class Hub:
         for c in clients:
             if not c.blocked and c.has_output:
                 self._send(c)
+
+    def _blocks(self, obj: dict[str, Any], ex: Any) -> bytes:
+        """A message as binary-stream blocks (hub thread): packet blocks for a captured request or reply,
+        a custom block for everything else (and for what the request's packet block cannot say)."""
+        t = obj.get("type")
+        enc = self.encoder
+        opened = self._opened
+        if ex is not None and t == "request":
+            n = ex.n
+            if n in opened or ex.req_raw is None:  # an update of one already streamed: its state, no bytes
+                update = {k: v for k, v in obj.items() if k != "request_raw"}
+                if obj.get("held") != "reply":
+                    update.pop("reply_raw", None)
+                return custom_block(update)
+            notes = list(obj.get("notes", ()))
+            self._request_block(ex, notes, rfmt.RF_HELD if obj.get("held") == "request" else 0)
+            opened[n] = len(notes)
+            if len(opened) > OPENED:
+                opened.popitem(last=False)
+            return enc.take()
+        if ex is not None and t == "exchange" and (ex.req_raw is not None or ex.reply_raw is not None):
+            notes = list(obj.get("notes", ()))
+            sent = opened.pop(ex.n, None)
+            if sent is None and ex.req_raw is not None:
+                self._request_block(ex, notes, 0)
+                sent = len(notes)
+            if ex.reply_raw is not None:
+                raw = ex.reply_raw[:LIVE_SNAPLEN]
+                enc.reply(raw, ex.queue, ex.head, ex.reply_ts or 0, epoch=ex.epoch, orig_len=ex.reply_len,
+                          notes=notes[sent or 0:], n=ex.n)
+            data = enc.take()
+            if STUCK in ex.lints:  # the source's clock and threshold: the client's analyzer cannot tell
+                data += custom_block({"type": "lints", "n": ex.n, "lints": [STUCK]})
+            return data
+        return custom_block(obj)
+
+    def _request_block(self, ex: Any, notes: list[str], flags: int) -> None:
+        self.encoder.request(ex.req_raw[:LIVE_SNAPLEN], ex.queue, ex.head, ex.req_ts or 0, epoch=ex.epoch,
+                             orig_len=ex.req_len, notes=notes, flags=flags, n=ex.n)
+
+    def _stream(self, c: _Client, obj: dict[str, Any]) -> None:
+        """The `stream` command: switch this client to the pcapng stream (or keep JSON lines)."""
+        want = obj.get("format", "pcapng")
+        cid = obj.get("id")
+        if want not in STREAMS:
+            self._reply(c, {"type": "reply", "id": cid, "ok": False,
+                            "error": f"unknown stream format {want!r} (this hub streams {', '.join(STREAMS)})"})
+            return
+        if c.binary and want != "pcapng":
+            self._reply(c, {"type": "reply", "id": cid, "ok": False, "error": "already streaming pcapng"})
+            return
+        self._reply(c, {"type": "reply", "id": cid, "ok": True, "format": want})
+        if want == "pcapng" and not c.binary:
+            with self.lock:  # after the reply line: the section header and every interface so far
+                c.binary = True
+                self._enqueue(c, b"".join(self.encoder.header), force=True)
 
     def _accept(self) -> None:
         while True:
@@ -333,7 +428,7 @@ class Hub:
             hello: dict[str, Any] = {"type": "hello", "version": self.protocol_version}
             if self.protocol_version > 1:
                 hello["versions"] = list(range(1, self.protocol_version + 1))
-            hello.update(source=self.source, tool=f"fsinspect {__version__}")
+            hello.update(source=self.source, tool=f"fsinspect {__version__}", streams=list(STREAMS))
             data = _line(hello) + self._encode_snapshot(c, snap)
             with self.lock:  # first in its queue: live messages queued meanwhile go after it
                 busy = len(data) > self._room(c) and self.total_queued > c.queued
@@ -466,6 +561,9 @@ class Hub:
         if not isinstance(obj, dict):
             self._reply(c, {"type": "error", "error": "a command is a JSON object"})
             return
+        if obj.get("cmd") == "stream":
+            self._stream(c, obj)
+            return
         handler = self.command_handler
         if handler is None:
             if "id" in obj:
@@ -482,7 +580,7 @@ class Hub:
 
     def _reply(self, c: _Client, obj: dict[str, Any]) -> None:
         with self.lock:
-            self._enqueue(c, _line(obj), force=True)  # replies are never dropped: reading pauses instead
+            self._enqueue(c, c.encode(obj), force=True)  # replies are never dropped: reading pauses instead
 
     def _refuse(self, c: _Client, why: str) -> None:
         c.inbuf.clear()
@@ -509,7 +607,7 @@ class Hub:
             if c.head is None:
                 with self.lock:
                     if c.missed > c.reported_missed:
-                        data = _line({"type": "overflow", "missed": c.missed})
+                        data = c.encode({"type": "overflow", "missed": c.missed})
                         c.reported_missed = c.missed
                         c.queued += len(data)
                         self.total_queued += len(data)
@@ -588,3 +686,8 @@ def _cut_raw(obj: dict[str, Any]) -> int:
 
 def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, default=str) + "\n").encode()
+
+
+def _encoded(msgs: list[bytes]) -> tuple[list[bytes], bytes, list[int]]:
+    """Messages, all of them joined, and the bytes up to each one's end (to cut a batch at a budget)."""
+    return msgs, b"".join(msgs), list(itertools.accumulate(len(m) for m in msgs))

@@ -20,6 +20,7 @@ FORMAT_VERSION = 2  # 2: the debugger's record flags HELD, INJECTED, REWRITTEN (
 BT_SHB = 0x0A0D0D0A
 BT_IDB = 0x00000001
 BT_EPB = 0x00000006
+BT_CB = 0x40000BAD  # custom block that must not be copied: the live stream's control messages (PEN + JSON)
 BYTE_ORDER_MAGIC = 0x1A2B3C4D
 PCAPNG_MAJOR = 1
 PCAPNG_MINOR = 0
@@ -64,8 +65,10 @@ NOTE_TO_FRONTEND = "as sent to QEMU"
 # ------------------------------------------------------------------------------------------------
 META_RECORD = 1  # body: u16 queue, u16 record flags, u32 head (NO_HEAD = none), u32 INIT epoch
 META_LAYOUT = 2  # body: per descriptor u32 len, u16 VRING_DESC_F flags, u16 reserved
+META_NUMBER = 3  # body: u64 the source's exchange number `n` (the live stream; optional in files)
 NO_HEAD = 0xFFFFFFFF
 META_RECORD_STRUCT = struct.Struct("<IHHHHII")  # PEN, kind, reserved, queue, flags, head, epoch
+META_NUMBER_STRUCT = struct.Struct("<IHHQ")  # PEN, kind, reserved, n
 LAYOUT_ITEM = struct.Struct("<IHH")
 
 # Record flags (the u16 in META_RECORD).
@@ -123,6 +126,9 @@ TABLES: dict[str, tuple[Row, ...]] = {
         Row("IDB", _h(BT_IDB), f"one per virtqueue, or one for /dev/fuse, plus one for vhost-user control; "
                                f"link type {LINKTYPE_WIRESHARK_UPPER_PDU}, snaplen 0, if_tsresol 9 (ns)"),
         Row("EPB", _h(BT_EPB), "one per message (request, reply, notification, vhost-user message)"),
+        Row("CB", f"0x{BT_CB:08X}", f"live stream only (`fsinspect attach`'s binary stream, see the control "
+                                    f"protocol): PEN {PEN} + one control-protocol JSON message (a custom block "
+                                    "that must not be copied: a headless client drops it, tshark skips it)"),
     ),
     "shb_options": (
         Row("shb_userappl", str(SHB_USERAPPL), "tool and version, e.g. `fsinspect 0.1.0`"),
@@ -151,6 +157,9 @@ TABLES: dict[str, tuple[Row, ...]] = {
         Row("custom binary, kind 2", str(OPT_CUSTOM_BIN),
             f"PEN {PEN}, u16 kind={META_LAYOUT}, u16 0, then per descriptor: u32 len, u16 VRING_DESC_F "
             "flags, u16 0 (the descriptor-chain layout, where known)"),
+        Row("custom binary, kind 3", str(OPT_CUSTOM_BIN),
+            f"PEN {PEN}, u16 kind={META_NUMBER}, u16 0, u64 the source's exchange number `n` (1-based, request-"
+            "capture order; on the live stream, so a reply finds its request and debugger commands name it)"),
         Row("opt_comment", str(OPT_COMMENT), "notes, e.g. `decode error: …`, `not captured`; (format 2) "
             f"`{DEBUGGER_COMMENT}held`, `injected` or `rewritten` mirrors the debugger's record flags for Wireshark"),
     ),

@@ -65,6 +65,7 @@ class Record:
     flags: int
     layout: list[tuple[int, int]] | None = None
     notes: list[str] = field(default_factory=list)
+    n: int = 0  # the source's exchange number (META_NUMBER: the live stream), 0 when absent
 
     @property
     def is_fuse(self) -> bool:
@@ -158,59 +159,73 @@ def strip_exported_pdu(data: bytes) -> tuple[str, int | None, bytes]:
     raise RecordingError("exported PDU tags have no end tag")
 
 
-class RecordingReader:
-    """Sequential and random access to one recording: a file, or all the parts of a rotated one.
+def _prefixes() -> dict[bytes, tuple[str, bool]]:
+    """The exported-PDU tags the writer puts in front of a FUSE message -> (dissector, inbound)."""
+    out = {}
+    for name in (fmt.DISSECTOR_FUSE,):
+        tag = name.encode()
+        tag += b"\0" * (-len(tag) % 4)
+        for p2p in (fmt.P2P_DIR_RECV, fmt.P2P_DIR_SENT):
+            out[(_EXP_TAG.pack(fmt.EXP_PDU_TAG_DISSECTOR_NAME, len(tag)) + tag
+                 + struct.pack(">HHi", fmt.EXP_PDU_TAG_P2P_DIRECTION, 4, p2p)
+                 + _EXP_TAG.pack(fmt.EXP_PDU_TAG_END_OF_OPT, 0))] = (name, p2p == fmt.P2P_DIR_RECV)
+    return out
 
-    `path` names a file (read with its later parts), a glob or a directory (see `parts.resolve`); the
-    parts read as one stream and offsets are offsets in it.  `one_file` reads just the file named.  Opening reads and validates the first
-    section header and the interfaces met while iterating.
-    """
 
-    def __init__(self, path: str | os.PathLike[str], *, one_file: bool = False) -> None:
-        try:
-            self.parts = [Path(path)] if one_file else resolve(path)
-        except PartsError as e:
-            raise RecordingError(str(e)) from None
-        self.path = self.parts[0]
-        try:
-            self._f = Concat(self.parts)
-        except OSError as e:
-            raise RecordingError(f"{e.filename or self.path}: {e.strerror}") from None
-        self.size = self._f.size
-        self.sections: list[Section] = []
-        self.truncated: str | None = None
-        self.count = 0
-        head = self._f.read(12)
-        if len(head) < 12:
-            self.close()
-            raise RecordingError(f"{self.path}: not a pcapng file ({len(head)} bytes, too short for a header)")
-        btype, _ = _BLOCK_HEAD.unpack_from(head)
-        if btype != fmt.BT_SHB:
-            self.close()
-            what = "a pcap (libpcap) file" if head[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4",
-                                                          b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else \
-                f"starts with {head[:4].hex()}, not the pcapng section header 0a0d0d0a"
-            raise RecordingError(f"{self.path}: not a pcapng file ({what})")
-        self._f.seek(0)
-        try:
-            first = self._read_block(0)
-        except RecordingError:
-            self.close()
-            raise
-        if first is None:
-            self.close()
-            raise RecordingError(f"{self.path}: the section header is incomplete ({self.truncated})")
-        self._section(0, first[1])
+_PREFIXES = _prefixes()
+_FUSE_PREFIX_LEN = len(next(iter(_PREFIXES)))
+_META_FMT = fmt.META_RECORD_STRUCT.format.lstrip("<")
+# The options the writer's fast path puts after the (padded) packet: epb_flags, META_RECORD, optionally
+# META_NUMBER, end of options.  Parsed in one unpack, checked, else the general path reads the block.
+_TAIL = struct.Struct(f"<HHIHH{_META_FMT}HH")
+_TAIL_N = struct.Struct(f"<HHIHH{_META_FMT}HH{fmt.META_NUMBER_STRUCT.format.lstrip('<')}HH")
+_TAIL_KEY = (fmt.EPB_FLAGS, 4, fmt.OPT_CUSTOM_BIN, fmt.META_RECORD_STRUCT.size, fmt.PEN, fmt.META_RECORD)
 
-    # -- header ----------------------------------------------------------------------------------
-    @property
-    def section(self) -> Section:
-        return self.sections[0]
 
-    @property
-    def interfaces(self) -> list[Interface]:
-        """Interfaces of the first section, complete once the file was iterated (IDBs may come late)."""
-        return self.sections[0].interfaces
+def _fast_epb(offset: int, body: bytes) -> Record | None:
+    """A packet block in the writer's own canonical layout (no layout option, no notes), or None."""
+    if len(body) < 20 + _FUSE_PREFIX_LEN:
+        return None
+    iface, ts_hi, ts_lo, caplen, origlen = _EPB_FIXED.unpack_from(body)
+    pre = _PREFIXES.get(body[20:20 + _FUSE_PREFIX_LEN])
+    if pre is None or caplen < _FUSE_PREFIX_LEN:
+        return None
+    end = 20 + caplen
+    tail = end + (-caplen % 4)
+    rest = len(body) - tail
+    if rest == _TAIL.size:
+        t = _TAIL.unpack_from(body, tail)
+        number = 0
+        if t[12] != fmt.OPT_ENDOFOPT:
+            return None
+    elif rest == _TAIL_N.size:
+        t = _TAIL_N.unpack_from(body, tail)
+        if t[12:16] != (fmt.OPT_CUSTOM_BIN, fmt.META_NUMBER_STRUCT.size, fmt.PEN, fmt.META_NUMBER) \
+                or t[18] != fmt.OPT_ENDOFOPT:
+            return None
+        number = t[17]
+    else:
+        return None
+    if (t[0], t[1], t[3], t[4], t[5], t[6]) != _TAIL_KEY:
+        return None
+    d = t[2] & 3
+    inbound = d == fmt.DIR_INBOUND if d else pre[1]
+    h = t[10]
+    flags = t[9]
+    pdu = body[20 + _FUSE_PREFIX_LEN:end]
+    orig = origlen - _FUSE_PREFIX_LEN
+    if flags & fmt.RF_SNAPPED and orig == len(pdu) >= 4:
+        orig = max(orig, _U32.unpack_from(pdu)[0])
+    return Record(offset, iface, pre[0], inbound, (ts_hi << 32) | ts_lo, pdu, orig, t[8],
+                  None if h == fmt.NO_HEAD else h, t[11], flags, None, [], number)
+
+
+class _BlockParser:
+    """What a recording's blocks mean (section, interfaces, packets): shared by the file reader and the
+    live stream's reader; `path` names the source in errors, `sections` grows as section headers come."""
+
+    path: Path | str
+    sections: list[Section]
 
     def _section(self, offset: int, body: bytes) -> Section:
         if len(body) < _SHB_FIXED.size:
@@ -284,6 +299,119 @@ class RecordingReader:
             raise RecordingError(f"{self.path}: interface {idx} has if_tsresol {tsresol}; fsinspect writes 9 (ns)")
         sec.interfaces.append(Interface(idx, name, desc, linktype, kind, queue, tsresol))
 
+    def _parse_epb(self, offset: int, body: bytes, check: bool = True) -> Record:
+        fast = _fast_epb(offset, body)
+        if fast is not None:
+            if check and fast.iface >= len(self.sections[-1].interfaces):
+                self._no_iface(offset, fast.iface)
+            return fast
+        if len(body) < _EPB_FIXED.size:
+            raise RecordingError(f"{self.path}: packet block at offset {offset} has {len(body)} body bytes, "
+                                 f"fewer than its fixed {_EPB_FIXED.size}")
+        iface, ts_hi, ts_lo, caplen, origlen = _EPB_FIXED.unpack_from(body)
+        if _EPB_FIXED.size + caplen > len(body):
+            raise RecordingError(f"{self.path}: packet block at offset {offset} claims {caplen} captured bytes, "
+                                 f"its block holds {len(body) - _EPB_FIXED.size}")
+        data = body[20:20 + caplen]
+        try:
+            dissector, p2p, pdu = strip_exported_pdu(data)
+        except RecordingError as e:
+            raise RecordingError(f"{self.path}: packet block at offset {offset}: {e}") from None
+        orig = origlen - (len(data) - len(pdu))
+        inbound = p2p == fmt.P2P_DIR_RECV
+        queue = 0
+        head: int | None = None
+        epoch = 0
+        flags = 0
+        number = 0
+        layout = None
+        notes: list[str] = []
+        for code, val in _parse_options(body, 20 + caplen + (-caplen % 4), len(body)):
+            if code == fmt.EPB_FLAGS and len(val) == 4:
+                d = _U32.unpack(val)[0] & 3
+                if d:
+                    inbound = d == fmt.DIR_INBOUND
+            elif code == fmt.OPT_CUSTOM_BIN and len(val) >= 8 and _U32.unpack_from(val)[0] == fmt.PEN:
+                kind = struct.unpack_from("<H", val, 4)[0]
+                if kind == fmt.META_RECORD and len(val) >= 20:
+                    queue, flags, h, epoch = _META_BODY.unpack_from(val, 8)
+                    head = None if h == fmt.NO_HEAD else h
+                elif kind == fmt.META_NUMBER and len(val) >= fmt.META_NUMBER_STRUCT.size:
+                    number = fmt.META_NUMBER_STRUCT.unpack_from(val)[3]
+                elif kind == fmt.META_LAYOUT:
+                    layout = [(ln, fl) for ln, fl, _ in fmt.LAYOUT_ITEM.iter_unpack(val[8:8 + (len(val) - 8) // 8 * 8])]
+            elif code == fmt.OPT_COMMENT:
+                note = val.decode("utf-8", "replace")
+                if not note.startswith(fmt.DEBUGGER_COMMENT):  # Wireshark's copy of the flags: see `debugger`
+                    notes.append(note)
+        if check and iface >= len(self.sections[-1].interfaces):
+            self._no_iface(offset, iface)
+        if flags & fmt.RF_SNAPPED and orig == len(pdu) >= 4 and dissector == fmt.DISSECTOR_FUSE:
+            # Older proxies recorded the captured length as the original length of a chain they cut: the
+            # message's own header still says how long it was.
+            orig = max(orig, _U32.unpack_from(pdu)[0])
+        return Record(offset, iface, dissector, inbound, (ts_hi << 32) | ts_lo, pdu, orig, queue, head, epoch,
+                      flags, layout, notes, number)
+
+    def _no_iface(self, offset: int, iface: int) -> None:
+        raise RecordingError(f"{self.path}: packet at offset {offset} names interface {iface}, "
+                             f"but only {len(self.sections[-1].interfaces)} are defined")
+
+
+class RecordingReader(_BlockParser):
+    """Sequential and random access to one recording: a file, or all the parts of a rotated one.
+
+    `path` names a file (read with its later parts), a glob or a directory (see `parts.resolve`); the
+    parts read as one stream and offsets are offsets in it.  `one_file` reads just the file named.  Opening reads and validates the first
+    section header and the interfaces met while iterating.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, one_file: bool = False) -> None:
+        try:
+            self.parts = [Path(path)] if one_file else resolve(path)
+        except PartsError as e:
+            raise RecordingError(str(e)) from None
+        self.path = self.parts[0]
+        try:
+            self._f = Concat(self.parts)
+        except OSError as e:
+            raise RecordingError(f"{e.filename or self.path}: {e.strerror}") from None
+        self.size = self._f.size
+        self.sections: list[Section] = []
+        self.truncated: str | None = None
+        self.count = 0
+        head = self._f.read(12)
+        if len(head) < 12:
+            self.close()
+            raise RecordingError(f"{self.path}: not a pcapng file ({len(head)} bytes, too short for a header)")
+        btype, _ = _BLOCK_HEAD.unpack_from(head)
+        if btype != fmt.BT_SHB:
+            self.close()
+            what = "a pcap (libpcap) file" if head[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4",
+                                                          b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else \
+                f"starts with {head[:4].hex()}, not the pcapng section header 0a0d0d0a"
+            raise RecordingError(f"{self.path}: not a pcapng file ({what})")
+        self._f.seek(0)
+        try:
+            first = self._read_block(0)
+        except RecordingError:
+            self.close()
+            raise
+        if first is None:
+            self.close()
+            raise RecordingError(f"{self.path}: the section header is incomplete ({self.truncated})")
+        self._section(0, first[1])
+
+    # -- header ----------------------------------------------------------------------------------
+    @property
+    def section(self) -> Section:
+        return self.sections[0]
+
+    @property
+    def interfaces(self) -> list[Interface]:
+        """Interfaces of the first section, complete once the file was iterated (IDBs may come late)."""
+        return self.sections[0].interfaces
+
     # -- blocks ----------------------------------------------------------------------------------
     def _read_block(self, offset: int) -> tuple[int, bytes, int] | None:
         """(type, body, total length) of the block at offset, or None at a clean end / truncated tail."""
@@ -307,50 +435,6 @@ class RecordingReader:
             self.truncated = f"corrupt block at offset {offset}: trailing length does not match {total}"
             return None
         return btype, rest[:-4], total
-
-    def _parse_epb(self, offset: int, body: bytes, check: bool = True) -> Record:
-        if len(body) < _EPB_FIXED.size:
-            raise RecordingError(f"{self.path}: packet block at offset {offset} has {len(body)} body bytes, "
-                                 f"fewer than its fixed {_EPB_FIXED.size}")
-        iface, ts_hi, ts_lo, caplen, origlen = _EPB_FIXED.unpack_from(body)
-        if _EPB_FIXED.size + caplen > len(body):
-            raise RecordingError(f"{self.path}: packet block at offset {offset} claims {caplen} captured bytes, "
-                                 f"its block holds {len(body) - _EPB_FIXED.size}")
-        data = body[20:20 + caplen]
-        dissector, p2p, pdu = strip_exported_pdu(data)
-        orig = origlen - (len(data) - len(pdu))
-        inbound = p2p == fmt.P2P_DIR_RECV
-        queue = 0
-        head: int | None = None
-        epoch = 0
-        flags = 0
-        layout = None
-        notes: list[str] = []
-        for code, val in _parse_options(body, 20 + caplen + (-caplen % 4), len(body)):
-            if code == fmt.EPB_FLAGS and len(val) == 4:
-                d = _U32.unpack(val)[0] & 3
-                if d:
-                    inbound = d == fmt.DIR_INBOUND
-            elif code == fmt.OPT_CUSTOM_BIN and len(val) >= 8 and _U32.unpack_from(val)[0] == fmt.PEN:
-                kind = struct.unpack_from("<H", val, 4)[0]
-                if kind == fmt.META_RECORD and len(val) >= 20:
-                    queue, flags, h, epoch = _META_BODY.unpack_from(val, 8)
-                    head = None if h == fmt.NO_HEAD else h
-                elif kind == fmt.META_LAYOUT:
-                    layout = [(ln, fl) for ln, fl, _ in fmt.LAYOUT_ITEM.iter_unpack(val[8:8 + (len(val) - 8) // 8 * 8])]
-            elif code == fmt.OPT_COMMENT:
-                note = val.decode("utf-8", "replace")
-                if not note.startswith(fmt.DEBUGGER_COMMENT):  # Wireshark's copy of the flags: see `debugger`
-                    notes.append(note)
-        if check and iface >= len(self.sections[-1].interfaces):
-            raise RecordingError(f"{self.path}: packet at offset {offset} names interface {iface}, "
-                                 f"but only {len(self.sections[-1].interfaces)} are defined")
-        if flags & fmt.RF_SNAPPED and orig == len(pdu) >= 4 and dissector == fmt.DISSECTOR_FUSE:
-            # Older proxies recorded the captured length as the original length of a chain they cut: the
-            # message's own header still says how long it was.
-            orig = max(orig, _U32.unpack_from(pdu)[0])
-        return Record(offset, iface, dissector, inbound, (ts_hi << 32) | ts_lo, pdu, orig, queue, head, epoch,
-                      flags, layout, notes)
 
     def __iter__(self) -> Iterator[Record]:
         return self.records()
@@ -394,3 +478,99 @@ class RecordingReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StreamError(RecordingError):
+    """A live stream that breaks the framing (a block that lies about its length, no section header
+    first, a custom block that is not JSON): one line naming the stream offset."""
+
+
+STREAM_MAX_BLOCK = 16 << 20  # a live stream's block: a packet is at most LIVE_SNAPLEN, a message a held list
+
+
+class StreamReader(_BlockParser):
+    """The control socket's binary stream: the blocks of a recording as they arrive, in any chunks.
+
+    `feed(data)` returns what the complete blocks carried, in order: a Record per packet block, a dict per
+    fsinspect custom block (a control-protocol message); section headers and interfaces are taken in as
+    they come, unknown block types skipped (as pcapng allows).  Anything that breaks the framing raises
+    StreamError; the stream cannot be resynchronised after that, so the caller ends the connection.  The
+    blocks before the bad one are returned first: the error is kept in `failed` and raised by the next call.
+    """
+
+    def __init__(self, name: str = "control stream") -> None:
+        self.path = name
+        self.sections = []
+        self._buf = b""
+        self.offset = 0  # stream offset of _buf[0]
+        self.max_block = STREAM_MAX_BLOCK
+        self.failed: StreamError | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a block not complete yet."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Record | dict[str, Any]]:
+        if self.failed is not None:
+            raise self.failed
+        buf = self._buf + data if self._buf else bytes(data)
+        out: list[Record | dict[str, Any]] = []
+        pos = off = 0
+        end = len(buf)
+        unpack = _BLOCK_HEAD.unpack_from
+        try:
+            while end - pos >= 8:
+                btype, total = unpack(buf, pos)
+                if total < 12 or total % 4 or total > self.max_block:
+                    raise StreamError(f"{self.path}: bad block at stream offset {self.offset + pos}: type "
+                                      f"0x{btype:08x}, length {total} (need a multiple of 4, 12..{self.max_block})")
+                if end - pos < total:
+                    break
+                if _U32.unpack_from(buf, pos + total - 4)[0] != total:
+                    raise StreamError(f"{self.path}: bad block at stream offset {self.offset + pos}: its trailing "
+                                      f"length is not {total}")
+                off = self.offset + pos
+                body = buf[pos + 8:pos + total - 4]
+                pos += total
+                if btype == fmt.BT_EPB:
+                    if not self.sections:
+                        raise StreamError(f"{self.path}: a packet block at stream offset {off} before any section "
+                                          "header")
+                    out.append(self._parse_epb(off, body))
+                elif btype == fmt.BT_CB:
+                    msg = self._custom(off, body)
+                    if msg is not None:
+                        out.append(msg)
+                elif btype == fmt.BT_IDB:
+                    if not self.sections:
+                        raise StreamError(f"{self.path}: an interface block at stream offset {off} before any "
+                                          "section header")
+                    self._interface(off, body)
+                elif btype == fmt.BT_SHB:
+                    self._section(off, body)
+                elif not self.sections:
+                    raise StreamError(f"{self.path}: the stream starts with block type 0x{btype:08x}, not a "
+                                      "pcapng section header")
+        except RecordingError as e:  # what the recording reader says, with the stream's name and offset
+            why = str(e)
+            if not why.startswith(f"{self.path}: "):
+                why = f"{self.path}: block at stream offset {off}: {why}"
+            self.failed = e if isinstance(e, StreamError) else StreamError(why)
+            if not out:
+                raise self.failed from None
+        self._buf = buf[pos:]
+        self.offset += pos
+        return out
+
+    def _custom(self, offset: int, body: bytes) -> dict[str, Any] | None:
+        if len(body) < 4 or _U32.unpack_from(body)[0] != fmt.PEN:
+            return None  # someone else's custom block
+        try:
+            obj = json.loads(body[4:])
+        except (UnicodeDecodeError, ValueError) as e:
+            raise StreamError(f"{self.path}: custom block at stream offset {offset} is not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise StreamError(f"{self.path}: custom block at stream offset {offset} holds a "
+                              f"{type(obj).__name__}, not a message object")
+        return obj

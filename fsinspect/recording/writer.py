@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,10 @@ _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
 # pack, indexed by caplen % 4.
 _TAILS = tuple(struct.Struct(f"<{(4 - r) % 4}xHHIHH{_META}HHI") for r in range(4))
 _TAIL_SIZE = tuple(t.size for t in _TAILS)
+# The same with the exchange number (META_NUMBER) between META_RECORD and the end: the live stream's records.
+_META_N = fmt.META_NUMBER_STRUCT.format.lstrip("<")
+_TAILS_N = tuple(struct.Struct(f"<{(4 - r) % 4}xHHIHH{_META}HH{_META_N}HHI") for r in range(4))
+_TAIL_N_SIZE = tuple(t.size for t in _TAILS_N)
 
 
 def _option(code: int, value: bytes) -> bytes:
@@ -111,13 +115,15 @@ class RecordingWriter:
     boundary, so each is a complete recording); `rotate_keep` > 0 deletes the oldest parts beyond that
     many, so a recorder that runs for weeks uses at most about rotate_keep x rotate_mb on disk.
     `stream` writes to an fd the caller owns (stdout piped into tshark, an extcap FIFO) instead of creating
-    `path`: the same blocks, no rotation, and the fd is left open.
+    `path`: the same blocks, no rotation, and the fd is left open.  `sink` gets each flush's bytes instead
+    of any fd (BlockEncoder: the control hub's live stream).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, source: str = "virtio", backend: str = "",
                  comments: Sequence[str] = (), snaplen: int = fmt.DEFAULT_SNAPLEN, rotate_mb: float = 0,
                  flush_bytes: int = 1 << 18, flush_interval: float = 0.2, mode: int = privfile.DEFAULT_MODE,
-                 init: dict[str, Any] | None = None, rotate_keep: int = 0, stream: int | None = None) -> None:
+                 init: dict[str, Any] | None = None, rotate_keep: int = 0, stream: int | None = None,
+                 sink: Callable[[bytes], None] | None = None) -> None:
         if source == "vhost-user":  # a vhost-user back-end's traffic is virtqueue traffic
             source = "virtio"
         if source not in ("virtio", "fusedev"):
@@ -126,9 +132,10 @@ class RecordingWriter:
             raise ValueError("snaplen must be >= 0")
         if rotate_mb < 0 or rotate_keep < 0:
             raise ValueError("rotate_mb and rotate_keep must be >= 0")
-        if stream is not None and rotate_mb:
+        if (stream is not None or sink is not None) and rotate_mb:
             raise ValueError("a stream cannot rotate")
         self.stream = stream
+        self._sink = sink
         self.base = Path(path)
         self.source = source
         self.backend = backend
@@ -158,18 +165,19 @@ class RecordingWriter:
         self._init: dict[str, Any] | None = init  # an INIT from before this file's first record (export)
         # Later parts are created (and old ones removed) relative to the directory as it is now: the daemon's
         # sandbox may have moved the thread that rotates to another root meanwhile (daemon/sandbox.py).
-        self._dir_fd = -1 if stream is not None or not rotate_mb else \
+        self._dir_fd = -1 if stream is not None or sink is not None or not rotate_mb else \
             os.open(self.base.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._open_part()
 
     # -- public API ------------------------------------------------------------------------------
     def request(self, raw: bytes | bytearray | memoryview, queue: int = 0, head: int | None = None,
                 ts_ns: int | None = None, *, epoch: int | None = None, layout: Sequence[tuple[int, int]] = (),
-                flags: int = 0, notes: Sequence[str] = (), orig_len: int | None = None) -> None:
+                flags: int = 0, notes: Sequence[str] = (), orig_len: int | None = None, n: int | None = None) -> None:
         """Record a request (guest/kernel -> FUSE server).  `head` is the descriptor head index.
 
         `orig_len` is the message's length on the wire when `raw` holds only its first bytes (the proxy
-        captures at most a snap length of each chain); it becomes the EPB original length.
+        captures at most a snap length of each chain); it becomes the EPB original length.  `n`: the
+        source's exchange number, as a META_NUMBER option (the live stream).
         """
         if raw.__class__ is not bytes:
             raw = bytes(raw)
@@ -191,12 +199,12 @@ class RecordingWriter:
         if flags & fmt.RF_DEBUGGER:
             notes = [*notes, fmt.debugger_comment(flags)]
         self._epb(self._req_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_INBOUND, queue),
-                  queue, raw, orig, head, ts_ns, flags, layout, notes)
+                  queue, raw, orig, head, ts_ns, flags, layout, notes, n)
 
     def reply(self, raw: bytes | bytearray | memoryview, queue: int = 0, head: int | None = None,
               ts_ns: int | None = None, *, epoch: int | None = None, layout: Sequence[tuple[int, int]] = (),
-              flags: int = 0, notes: Sequence[str] = (), orig_len: int | None = None) -> None:
-        """Record a reply or notification (FUSE server -> guest/kernel); `orig_len` as for request()."""
+              flags: int = 0, notes: Sequence[str] = (), orig_len: int | None = None, n: int | None = None) -> None:
+        """Record a reply or notification (FUSE server -> guest/kernel); `orig_len` and `n` as for request()."""
         if raw.__class__ is not bytes:
             raw = bytes(raw)
         if epoch is not None:
@@ -215,7 +223,7 @@ class RecordingWriter:
         if flags & fmt.RF_DEBUGGER:
             notes = [*notes, fmt.debugger_comment(flags)]
         self._epb(self._rep_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND, queue),
-                  queue, raw, orig, head, ts_ns, flags, layout, notes)
+                  queue, raw, orig, head, ts_ns, flags, layout, notes, n)
 
     @staticmethod
     def _unique(raw: bytes) -> int:
@@ -243,7 +251,11 @@ class RecordingWriter:
         data = b"".join(self._buf)
         self._buf.clear()
         self._buffered = 0
-        view = memoryview(data)
+        if self._sink is not None:
+            self._sink(data)
+            view = memoryview(b"")
+        else:
+            view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
@@ -254,7 +266,7 @@ class RecordingWriter:
         if self._fd < 0:
             return
         self.flush()
-        if self.stream is None:
+        if self.stream is None and self._sink is None:
             os.close(self._fd)
         self._fd = -1
         if self._dir_fd >= 0:
@@ -274,7 +286,9 @@ class RecordingWriter:
         n = len(self.paths)
         path = part_path(self.base, n)
         self.paths.append(path)
-        if self.stream is not None:
+        if self._sink is not None:
+            self._fd = 0  # not used: flushes go to the sink
+        elif self.stream is not None:
             self._fd = self.stream
         elif self._dir_fd >= 0:
             self._fd = privfile.create(path.name, self.mode, append=True, dir_fd=self._dir_fd)
@@ -340,7 +354,7 @@ class RecordingWriter:
 
     def _epb(self, chan: tuple[int, struct.Struct, bytes, int], queue: int, raw: bytes, orig: int,
              head: int | None, ts_ns: int | None, flags: int, layout: Sequence[tuple[int, int]],
-             notes: Sequence[str]) -> None:
+             notes: Sequence[str], n: int | None = None) -> None:
         iface, head_struct, prefix, direction = chan
         if ts_ns is None:
             ts_ns = time.time_ns()
@@ -351,15 +365,21 @@ class RecordingWriter:
             head = fmt.NO_HEAD
         parts = self._buf
         if not layout and not notes:
-            total = _EPB_HEAD_SIZE + caplen + _TAIL_SIZE[r]
+            meta = (fmt.EPB_FLAGS, 4, direction, fmt.OPT_CUSTOM_BIN, fmt.META_RECORD_STRUCT.size, fmt.PEN,
+                    fmt.META_RECORD, 0, queue, flags, head, self.epoch)
+            total = _EPB_HEAD_SIZE + caplen + (_TAIL_SIZE[r] if n is None else _TAIL_N_SIZE[r])
             parts.append(head_struct.pack(fmt.BT_EPB, total, iface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, caplen,
                                           plen + orig, prefix))
             parts.append(raw)
-            parts.append(_TAILS[r].pack(fmt.EPB_FLAGS, 4, direction, fmt.OPT_CUSTOM_BIN, fmt.META_RECORD_STRUCT.size,
-                                        fmt.PEN, fmt.META_RECORD, 0, queue, flags, head, self.epoch,
-                                        fmt.OPT_ENDOFOPT, 0, total))
+            if n is None:
+                parts.append(_TAILS[r].pack(*meta, fmt.OPT_ENDOFOPT, 0, total))
+            else:
+                parts.append(_TAILS_N[r].pack(*meta, fmt.OPT_CUSTOM_BIN, fmt.META_NUMBER_STRUCT.size, fmt.PEN,
+                                              fmt.META_NUMBER, 0, n, fmt.OPT_ENDOFOPT, 0, total))
         else:
             extra = _layout_option(layout if layout.__class__ is tuple else tuple(layout)) if layout else b""
+            if n is not None:
+                extra += _option(fmt.OPT_CUSTOM_BIN, fmt.META_NUMBER_STRUCT.pack(fmt.PEN, fmt.META_NUMBER, 0, n))
             for note in notes:
                 extra += _option(fmt.OPT_COMMENT, note.encode())
             pad = _PADS[r]
@@ -376,3 +396,45 @@ class RecordingWriter:
         if (self._buffered >= self.flush_bytes or time.monotonic() - self._last_flush >= self.flush_interval
                 or (self.rotate_bytes and self._written + self._buffered >= self.rotate_bytes)):
             self.flush()
+
+
+class BlockEncoder(RecordingWriter):
+    """A recording's blocks in memory: the control hub's binary live stream (one encoder for every client).
+
+    `header` holds the section header and every interface block so far, in order: what a reader that joins
+    now needs before the blocks `take()` returns from then on.  A new interface block is not in what
+    `take()` returns but in `fresh` (the caller hands it to every reader, even one that misses the packets
+    around it, and clears it).  `custom_block(obj)` wraps a control-protocol message, which a recording
+    never holds.
+    """
+
+    def __init__(self, *, source: str = "virtio", snaplen: int = 0, comments: Sequence[str] = ()) -> None:
+        self._out: list[bytes] = []
+        self.header: list[bytes] = []
+        self.fresh: list[bytes] = []
+        super().__init__("-", source=source, snaplen=snaplen, comments=comments, sink=self._out.append,
+                         flush_bytes=1 << 62, flush_interval=float("inf"))
+        self.header.append(self.take())
+
+    def _iface(self, dissector: str, queue: int) -> int:
+        known = len(self._ifaces)
+        idx = super()._iface(dissector, queue)
+        if len(self._ifaces) > known:
+            blk = self._buf.pop()
+            self._buffered -= len(blk)
+            self.header.append(blk)
+            self.fresh.append(blk)
+        return idx
+
+    def take(self) -> bytes:
+        """Every block encoded since the last call."""
+        self.flush()
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+
+def custom_block(obj: dict[str, Any]) -> bytes:
+    """One control-protocol message as a custom block (PEN + compact JSON, padded with spaces to 4 bytes)."""
+    body = struct.pack("<I", fmt.PEN) + json.dumps(obj, default=str, separators=(",", ":")).encode()
+    return _block(fmt.BT_CB, body + b" " * (-len(body) % 4))

@@ -344,9 +344,10 @@ class AttachSource(ControlFeed, Source):
     kind = "attach"
 
     def __init__(self, store: Store, ctrl_path: str, *, connect_timeout: float = 5.0,
-                 keep: int = LIVE_KEEP) -> None:
+                 keep: int = LIVE_KEEP, stream_format: str = "pcapng") -> None:
         Source.__init__(self, store)
-        ControlFeed.__init__(self, store, ctrl_path, connect_timeout=connect_timeout)
+        ControlFeed.__init__(self, store, ctrl_path, connect_timeout=connect_timeout, stream_format=stream_format)
+        store.analyzer.lazy = True  # decode what is shown or filtered on, not every message as it comes
         self.keep = keep
         store.title = store.title or f"attach {ctrl_path}"
 

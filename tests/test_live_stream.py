@@ -1,0 +1,292 @@
+"""The control socket's binary stream (pcapng blocks, negotiated with the `stream` command).
+
+JSON-lines clients (that send nothing, or ask for jsonl) and binary clients share one real Hub fed by a real
+Analyzer, as a proxy feeds it; each client ends up with the same exchanges.  The client's block parser is
+fuzzed (any chunking gives the same messages; a hostile stream is refused with StreamError, one line), and
+a hub that breaks the framing makes `fsinspect attach` say so in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import strategies as hs
+
+from fsinspect.analysis import Analyzer
+from fsinspect.analysis.exchange import LazyExchange
+from fsinspect.analysis.render import exchange_json
+from fsinspect.live.feed import ControlFeed, LiveState
+from fsinspect.live.hub import Hub
+from fsinspect.recording import format as fmt
+from fsinspect.recording.reader import Record, RecordingReader, StreamError, StreamReader
+from fsinspect.recording.writer import BlockEncoder, custom_block
+from tests.fuzzbudget import SLOW_CASES, fuzz
+from tests.test_tui import SYNCFS, WORKLOAD
+
+CI_CASES = int(os.environ.get("FSI_FUZZ_EXAMPLES", "300"))
+
+
+def _publish(hub: Hub, lock: Any, path: Path) -> Analyzer:
+    """A recording through a real Analyzer that publishes requests as they come and exchanges as they
+    finish, as the proxy's session does."""
+    an = Analyzer(keep_exchanges=True, keep_raw=True)
+    an.pending_listeners.append(hub.publish_request)
+    an.listeners.append(hub.publish_exchange)
+    with RecordingReader(path) as r:
+        for rec in r.records():
+            if not rec.is_fuse:
+                continue
+            with lock:
+                if rec.inbound:
+                    an.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len)
+                else:
+                    an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len)
+    return an
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    sock.settimeout(30)
+    while chunk := sock.recv(1 << 16):
+        out += chunk
+    return out
+
+
+def _view(ex: Any) -> dict[str, Any]:
+    d = exchange_json(ex)
+    d.pop("index")
+    return d
+
+
+@pytest.mark.parametrize("sample", [SYNCFS, WORKLOAD], ids=["guest-syncfs", "fusedev-workload"])
+def test_old_and_new_clients_on_one_hub(tmp_path: Path, sample: Path) -> None:
+    lock = threading.RLock()
+    hub = Hub(str(tmp_path / "ctl.sock"), lambda: {}, feed_lock=lock, queue_len=100_000)
+    old = socket.socket(socket.AF_UNIX)  # version 1: sends nothing
+    old.connect(hub.path)
+    raw = socket.socket(socket.AF_UNIX)  # asks for pcapng by hand
+    raw.connect(hub.path)
+    hello = json.loads(raw.recv(1 << 16).split(b"\n")[0])
+    assert hello["type"] == "hello" and hello["streams"] == ["jsonl", "pcapng"]
+    raw.sendall(b'{"id": 7, "cmd": "stream", "format": "pcapng"}\n')
+    feeds = {f: ControlFeed(LiveState(analyzer=Analyzer(lazy=f == "pcapng")), hub.path, stream_format=f)
+             for f in ("pcapng", "jsonl")}
+    stop = threading.Event()
+    threads = [threading.Thread(target=f.pump, args=(stop,), daemon=True) for f in feeds.values()]
+    for f, t in zip(feeds.values(), threads):
+        f.connect()
+        t.start()
+    deadline = time.monotonic() + 30
+    while sum(c.binary for c in hub.clients) < 2 or len(hub.clients) < 4:
+        assert time.monotonic() < deadline, [c.binary for c in hub.clients]
+        time.sleep(0.02)
+    src = _publish(hub, lock, sample)
+    hub.close()
+    for t in threads:
+        t.join(30)
+    want = [_view(ex) for ex in src.exchanges]
+    assert want
+    # Old client: JSON lines only, as always (a request line when captured, an exchange line when done).
+    lines = [json.loads(x) for x in _read_all(old).splitlines()]
+    assert [x["type"] for x in lines[:2]] == ["hello", "snapshot"]
+    assert sum(x["type"] == "exchange" for x in lines) == len(want)
+    # Hand-made binary client: its reply is the last JSON line, then a recording's blocks with `n`.
+    data = _read_all(raw)
+    head, _, rest = data.partition(b'"format": "pcapng"}\n')
+    assert json.loads(head.splitlines()[-1] + b'"format": "pcapng"}')["id"] == 7
+    items = StreamReader().feed(rest)
+    recs = [x for x in items if isinstance(x, Record)]
+    assert {r.n for r in recs} == {ex.n for ex in src.exchanges}
+    assert sum(r.inbound for r in recs) == len(want)  # each request once, in capture order
+    assert [r.n for r in recs if r.inbound] == sorted(r.n for r in recs if r.inbound)
+    # The feeds: binary (lazy decoding) and JSON lines end with the same exchanges as the source.
+    got = {f: feed.state.analyzer.exchanges for f, feed in feeds.items()}
+    assert feeds["pcapng"].streaming == "pcapng" and feeds["jsonl"].streaming == "jsonl"
+    assert feeds["pcapng"].blocks == len(recs)
+    assert any(isinstance(ex, LazyExchange) for ex in got["pcapng"])
+    for f in feeds:
+        assert [_view(ex) for ex in got[f]] == want, f
+    paths = {f: sorted(feed.state.analyzer.inodes.path(n) for n in feed.state.analyzer.inodes.nodes)
+             for f, feed in feeds.items()}
+    assert paths["pcapng"] == paths["jsonl"]
+
+
+def test_unknown_stream_format_is_refused_and_jsonl_keeps_lines(tmp_path: Path) -> None:
+    hub = Hub(str(tmp_path / "ctl.sock"), lambda: {})
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(hub.path)
+        s.sendall(b'{"id": 1, "cmd": "stream", "format": "pcap"}\n{"id": 2, "cmd": "stream", "format": "jsonl"}\n')
+        f = s.makefile("rb")
+        replies = []
+        while len(replies) < 2:
+            obj = json.loads(f.readline())
+            if obj["type"] == "reply":
+                replies.append(obj)
+        assert replies[0] == {"type": "reply", "id": 1, "ok": False,
+                              "error": "unknown stream format 'pcap' (this hub streams jsonl, pcapng)"}
+        assert replies[1] == {"type": "reply", "id": 2, "ok": True, "format": "jsonl"}
+        hub.publish_event("backend-lost", {"why": "test"})
+        assert json.loads(f.readline())["kind"] == "backend-lost"  # still JSON lines
+        s.close()
+    finally:
+        hub.close()
+
+
+# -- the client's block parser ------------------------------------------------------------------
+def _stream() -> bytes:
+    """A live stream's bytes: header, requests and replies with numbers, notes, a control message."""
+    enc = BlockEncoder(snaplen=1 << 14)
+    body = []
+    with RecordingReader(SYNCFS) as r:
+        for k, rec in enumerate(x for x in r.records() if x.is_fuse):
+            if k >= 40:
+                break
+            (enc.request if rec.inbound else enc.reply)(rec.data, rec.queue, rec.head, rec.ts_ns,
+                                                         orig_len=rec.orig_len, n=k // 2 + 1,
+                                                         notes=["a note"] if k % 7 == 0 else ())
+            body.append(enc.take())
+            if k % 9 == 0:
+                body.append(custom_block({"type": "event", "kind": "k", "detail": {"k": k}}))
+    return b"".join(enc.header) + b"".join(body)
+
+
+STREAM = _stream()
+WHOLE = StreamReader().feed(STREAM)
+
+
+def _boundary(blocks: int) -> int:
+    """The stream offset after `blocks` whole blocks."""
+    pos = 0
+    for _ in range(blocks):
+        pos += int.from_bytes(STREAM[pos + 4:pos + 8], "little")
+    return pos
+
+
+CUT = _boundary(8)  # the header, then a few packets
+
+
+def _chunked(cuts: list[int]) -> None:
+    r = StreamReader()
+    out: list[Any] = []
+    pos = 0
+    for c in sorted(cuts):
+        out += r.feed(STREAM[pos:c])
+        pos = c
+    out += r.feed(STREAM[pos:])
+    assert out == WHOLE and r.pending == 0
+
+
+def _hostile(data: bytes) -> None:
+    r = StreamReader("test stream")
+    try:
+        for k in range(0, len(data), 97):
+            for item in r.feed(data[k:k + 97]):
+                assert isinstance(item, (Record, dict))
+    except StreamError as e:
+        assert "\n" not in str(e) and str(e).startswith("test stream: "), str(e)
+
+
+@hs.composite
+def mutated(draw: hs.DrawFn) -> bytes:
+    b = bytearray(STREAM)
+    for _ in range(draw(hs.integers(1, 6))):
+        pos = draw(hs.integers(0, len(b) - 1))
+        kind = draw(hs.integers(0, 3))
+        if kind == 0:
+            b[pos] = draw(hs.integers(0, 255))
+        elif kind == 1:  # a length field lies
+            b[pos:pos + 4] = draw(hs.integers(0, 0xFFFFFFFF)).to_bytes(4, "little")
+        elif kind == 2:
+            del b[pos:pos + draw(hs.integers(1, 64))]
+        else:
+            b[pos:pos] = draw(hs.binary(min_size=1, max_size=64))
+    return bytes(b)
+
+
+def test_stream_parser_any_chunking_gives_the_same_messages() -> None:
+    assert sum(isinstance(x, Record) for x in WHOLE) == 40 and sum(isinstance(x, dict) for x in WHOLE) == 5
+    assert [x.n for x in WHOLE if isinstance(x, Record)][:4] == [1, 1, 2, 2]
+    fuzz("stream-chunking", hs.lists(hs.integers(0, len(STREAM)), max_size=30), _chunked, CI_CASES)
+
+
+def test_stream_parser_refuses_hostile_streams_in_one_line() -> None:
+    fuzz("stream-hostile", hs.one_of(mutated(), hs.binary(max_size=2048)), _hostile, CI_CASES)
+
+
+@pytest.mark.slow
+def test_stream_parser_fuzz_slow() -> None:
+    fuzz("stream-hostile-slow", hs.one_of(mutated(), hs.binary(max_size=4096)), _hostile, SLOW_CASES)
+
+
+@pytest.mark.parametrize("bad,why", [
+    (b"\x06\x00\x00\x00\x20\x00\x00\x00" + b"\0" * 20 + b"\x20\x00\x00\x00",
+     "a packet block at stream offset 0 before any section header"),
+    (b"\x0a\x0d\x0d\x0a\x0d\x00\x00\x00", "bad block at stream offset 0: type 0x0a0d0d0a, length 13"),
+    (STREAM + b"\x06\x00\x00\x00\x10\x00\x00\x00\0\0\0\0\x11\x00\x00\x00",
+     f"stream offset {len(STREAM)}: its trailing length is not 16"),
+    (STREAM + struct.pack("<III12sI", fmt.BT_CB, 28, fmt.PEN, b"{not json}  ", 28),
+     f"custom block at stream offset {len(STREAM)} is not JSON"),
+])
+def test_stream_framing_errors_are_named(bad: bytes, why: str) -> None:
+    r = StreamReader()
+    with pytest.raises(StreamError, match=why):
+        r.feed(bad)  # what came before the bad block first,
+        r.feed(b"")  # then the error
+
+
+# -- a hub that breaks the framing ---------------------------------------------------------------
+def _liar(path: str, after_switch: bytes) -> threading.Thread:
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        c.sendall(b'{"type": "hello", "version": 1, "source": "proxy", "streams": ["jsonl", "pcapng"]}\n'
+                  b'{"type": "snapshot"}\n')
+        line = c.makefile("rb").readline()
+        cid = json.loads(line)["id"]
+        c.sendall(json.dumps({"type": "reply", "id": cid, "ok": True, "format": "pcapng"}).encode() + b"\n"
+                  + after_switch)
+        time.sleep(0.5)
+        c.close()
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_attach_says_in_one_line_when_the_stream_breaks(tmp_path: Path) -> None:
+    path = str(tmp_path / "liar.sock")
+    t = _liar(path, STREAM[:CUT] + b"\xff" * 64)
+    p = subprocess.run([sys.executable, "-m", "fsinspect", "attach", path, "--format", "jsonl"],
+                       capture_output=True, timeout=60)
+    t.join(5)
+    err = p.stderr.decode()
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"(binary stream): bad block at stream offset {CUT}: type 0xffffffff" in err
+    assert "gave up the connection" in err
+
+
+def test_the_ui_source_shows_a_broken_stream(tmp_path: Path) -> None:
+    path = str(tmp_path / "liar.sock")
+    t = _liar(path, STREAM[:CUT] + b"\x06\0\0\0\xfc\xff\xff\x7f")
+    st = LiveState()
+    feed = ControlFeed(st, path)
+    feed.pump(threading.Event())
+    t.join(5)
+    assert st.status.startswith("error: ") and f"bad block at stream offset {CUT}: type 0x00000006" in st.status
+    assert feed.broken and len(st.analyzer.exchanges) > 0  # what came before the lie is kept
