@@ -290,3 +290,72 @@ def test_the_ui_source_shows_a_broken_stream(tmp_path: Path) -> None:
     t.join(5)
     assert st.status.startswith("error: ") and f"bad block at stream offset {CUT}: type 0x00000006" in st.status
     assert feed.broken and len(st.analyzer.exchanges) > 0  # what came before the lie is kept
+
+
+# -- the UI on a real daemon's binary stream ------------------------------------------------------
+@pytest.mark.root
+def test_the_ui_over_the_binary_stream_of_a_real_daemon(tmp_path: Path) -> None:
+    """`fsinspect daemon --standalone --control` on a real /dev/fuse mount; the UI attaches, negotiates the
+    binary stream, lists what the host kernel sends with paths, and decodes a lazy WRITE when shown."""
+    import asyncio
+
+    from fsinspect.tui.app import FsInspectApp
+    from fsinspect.tui.sources import AttachSource, Store
+    from fsinspect.tui.widgets import DetailPane
+    from tests.conftest import require_root
+    from tests.standalone_mount import standalone
+    from tests.test_tui_debugger import SIZE, wait_for
+
+    require_root()
+    shared, mnt, ctl = tmp_path / "shared", tmp_path / "mnt", tmp_path / "ctl.sock"
+    shared.mkdir()
+
+    def work() -> None:
+        os.mkdir(mnt / "dir")
+        with open(mnt / "dir" / "data.bin", "wb") as f:
+            f.write(b"\xab" * 5000)
+        assert (mnt / "dir" / "data.bin").read_bytes() == b"\xab" * 5000
+        os.unlink(mnt / "dir" / "data.bin")
+
+    with standalone(shared, mnt, "--cache", "none", "--control", str(ctl)):
+        src = AttachSource(Store(), str(ctl))
+        src.connect()
+        app = FsInspectApp(src, title="binary stream")
+
+        async def run() -> None:
+            async with app.run_test(size=SIZE) as pilot:
+                store = app.store
+                await wait_for(pilot, lambda: src.streaming == "pcapng")
+                await asyncio.to_thread(work)
+                await wait_for(pilot, lambda: any(e.opname == "UNLINK" and e.replied for e in store.exchanges))
+                assert src.blocks > 0 and store.overflow == 0
+                write = next(e for e in store.exchanges if e.opname == "WRITE")
+                assert isinstance(write, LazyExchange) and write.todo == 3  # not decoded: nobody looked yet
+                mkdir = next(e for e in store.exchanges if e.opname == "MKDIR")
+                assert not isinstance(mkdir, LazyExchange)  # it changes the inode map: decoded as it came
+                app.jump(mkdir.index)
+                lst = app.xlist
+                await pilot.pause(0.2)
+                line = lst.render_line(lst.cursor - lst.scroll_offset.y).text
+                assert "MKDIR" in line and "dir" in line and "ok" in line
+                app.jump(write.index)
+                await pilot.pause(0.2)
+                line = lst.render_line(lst.cursor - lst.scroll_offset.y).text
+                assert "WRITE" in line and "dir/data.bin" in line  # the path, as it was when written
+                detail = app.query_one(DetailPane)
+                await wait_for(pilot, lambda: detail.index == write.index)
+                texts = [ln.text for ln in detail.lines]
+                assert any(t.startswith("opcode = WRITE") for t in texts)
+                assert any(t == "size = 5000" for t in texts), texts
+                assert write.todo & 1 == 0 and write.request is not None  # decoded now, for the pane
+                assert detail.raw[:4] == write.req_len.to_bytes(4, "little")
+                # The counters do not need the bodies: every WRITE and READ is counted with its bytes.
+                with store.lock:
+                    ops = store.analyzer.stats.ops
+                    assert ops["WRITE"].count >= 1 and ops["WRITE"].req_bytes >= 5000
+                    assert ops["READ"].reply_bytes >= 5000
+
+        try:
+            asyncio.run(run())
+        finally:
+            src.stop()

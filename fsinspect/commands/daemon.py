@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     rec = open_tap(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
     ctl = None
     try:
-        ctl = ControlTap(args.control, stuck_ns(args.stuck_ms)) if args.control else None
+        ctl = ControlTap(args.control, stuck_ns(args.stuck_ms), "fusedev") if args.control else None
     except BaseException:
         if rec is not None:
             rec.close()

@@ -26,7 +26,7 @@ class ControlTap:
     neither decoded nor kept whole for the clients.
     """
 
-    def __init__(self, path: str, stuck_threshold_ns: int | None = None) -> None:
+    def __init__(self, path: str, stuck_threshold_ns: int | None = None, capture_source: str = "virtio") -> None:
         from ..analysis import Analyzer
         from ..analysis.analyzer import DEFAULT_STUCK_NS
         from .hub import LIVE_SNAPLEN, Hub
@@ -41,7 +41,7 @@ class ControlTap:
         self.opcount: Counter[str] = Counter()
         self.held_exchanges: dict[tuple[int, int], Any] = {}
         try:
-            self.hub = Hub(path, self.snapshot, feed_lock=self.lock, source="daemon")
+            self.hub = Hub(path, self.snapshot, feed_lock=self.lock, source="daemon", capture_source=capture_source)
         except OSError as e:
             raise UserError(e.strerror or str(e)) from None
         self.analyzer.listeners.append(self.hub.publish_exchange)
