@@ -35,7 +35,7 @@ import os
 from typing import TYPE_CHECKING
 
 from daemon.passthrough import syscalls as sc
-from fswire.wire import proc_fd
+from dissectors.transport.wire import proc_fd
 
 if TYPE_CHECKING:
     from daemon.passthrough import PassthroughFS

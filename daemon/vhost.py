@@ -112,7 +112,7 @@ class VhostDaemon:
 
     def _close_listener(self) -> None:
         if self.socket_path is not None:
-            from fswire.unixsock import release_socket_path
+            from dissectors.transport.unixsock import release_socket_path
 
             release_socket_path(self.socket_path, self.listener)  # only if the path is still our socket
             self.socket_path = None

@@ -358,7 +358,7 @@ def test_cli_fd_inherited_listener(tmp_path: Path) -> None:
     import socket
 
     from dissectors import vhost_user as V
-    from fswire.wire import recv_message, send_message
+    from dissectors.transport.wire import recv_message, send_message
 
     path = str(tmp_path / "l.sock")
     lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

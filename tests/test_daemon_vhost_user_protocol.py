@@ -32,7 +32,7 @@ from dissectors import vhost_user as V
 from dissectors.ring.driver import F_INDIRECT, F_WRITE, GuestRing, pack_descs
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
-from fswire.wire import recv_message, send_message
+from dissectors.transport.wire import recv_message, send_message
 
 P = vspec.PROTOCOL_F.by_name()
 FB = vio.VIRTIO_F.by_name()

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from dissectors.transport.unixsock import claim_socket_path, release_socket_path
 from fsinspect.guest.launcher import short_tmpdir, stop_process
 from fsinspect.privfile import parse_mode
 from fsinspect.recording.index import RecordingIndex
 from fsinspect.recording.writer import RecordingWriter
-from fswire.unixsock import claim_socket_path, release_socket_path
 from tests.test_proxy_badinput import _fake_backend
 
 

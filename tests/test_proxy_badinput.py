@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from dissectors import vhost_user as V
+from dissectors.transport.wire import recv_message, send_message
 from fsinspect.guest.launcher import short_tmpdir, stop_process
-from fswire.wire import recv_message, send_message
 
 
 def _start(work: Path, backend: Path) -> subprocess.Popen[bytes]:

@@ -32,8 +32,8 @@ import pytest
 from dissectors import vhost_user as V
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
+from dissectors.transport.wire import PeerClosed, WireError, recv_message, send_message
 from fsinspect.guest.launcher import short_tmpdir, stop_process
-from fswire.wire import PeerClosed, WireError, recv_message, send_message
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 MEM = 1 << 20

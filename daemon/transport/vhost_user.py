@@ -1,7 +1,7 @@
 """vhost-user transport: serve the engine to a QEMU guest over a Unix socket, guest memory and virtqueues.
 
 An edge module (it does I/O): the vhost-user control messages arrive on one socket (fds beside them,
-fswire.wire), guest memory regions are mmap-ed from the fds QEMU sends, and each virtqueue
+dissectors.transport.wire), guest memory regions are mmap-ed from the fds QEMU sends, and each virtqueue
 is a `dissectors.ring.SplitQueue` served by one thread that waits on the queue's kick eventfd.
 
 Concurrency (the engine's model): each queue thread hands every popped chain to `Server.handle`;
@@ -49,7 +49,7 @@ from dissectors.errors import DecodeError
 from dissectors.ring import Chain, MemoryMap, RingError, SplitQueue
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
-from fswire.wire import (
+from dissectors.transport.wire import (
     FdRefused,
     PeerClosed,
     WireError,
@@ -750,7 +750,7 @@ def _scatter(chain: Chain, parts: Sequence[Buffer]) -> int:
 def listen_path(path: str) -> socket.socket:
     """A listening Unix socket at `path`: only a stale socket is replaced (one a daemon still listens on,
     or anything that is not a socket, is refused), as for the proxy's --listen."""
-    from fswire.unixsock import claim_socket_path
+    from dissectors.transport.unixsock import claim_socket_path
 
     return claim_socket_path(path, what="--socket-path")
 

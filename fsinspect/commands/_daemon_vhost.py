@@ -130,9 +130,9 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
     """Serve one QEMU connection; exit 0 when QEMU disconnects (or on SIGINT/SIGTERM)."""
     from daemon import vhost
     from daemon.transport.vhost_user import VhostUserError, listen_fd, listen_path
+    from dissectors.transport.unixsock import release_socket_path
     from fsinspect.commands.daemon import fs_options
     from fsinspect.recording.options import open_tap
-    from fswire.unixsock import release_socket_path
 
     if args.socket_path and args.fd is not None:
         raise UserError("--socket-path and --fd are alternatives: give one")

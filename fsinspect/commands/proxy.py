@@ -75,7 +75,7 @@ def _listener(args: argparse.Namespace) -> socket.socket:
         except OSError as e:
             raise UserError(f"--fd {args.fd}: {e.strerror}") from None
         return s
-    from fswire.unixsock import claim_socket_path
+    from dissectors.transport.unixsock import claim_socket_path
 
     try:
         return claim_socket_path(args.listen, what="--listen")
@@ -84,7 +84,7 @@ def _listener(args: argparse.Namespace) -> socket.socket:
 
 
 def _close_listener(args: argparse.Namespace, listener: socket.socket) -> None:
-    from fswire.unixsock import release_socket_path
+    from dissectors.transport.unixsock import release_socket_path
 
     if args.listen and args.fd is None:
         release_socket_path(args.listen, listener)  # only if it is still ours
@@ -105,7 +105,7 @@ def _wrapper_backend(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fswire.wire import Cancelled
+    from dissectors.transport.wire import Cancelled
 
     from ..proxy.server import ProxyConfig
     from ..proxy.session import Session, SessionOptions, render_summary, summary_json

@@ -67,7 +67,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fswire.unixsock import claim_socket_path, release_socket_path
+from dissectors.transport.unixsock import claim_socket_path, release_socket_path
 
 from .. import __version__
 from ..analysis.exchange import STUCK

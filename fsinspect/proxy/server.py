@@ -34,7 +34,7 @@ from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
-from fswire.wire import (
+from dissectors.transport.wire import (
     Cancelled,
     FdRefused,
     PeerClosed,

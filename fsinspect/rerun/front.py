@@ -22,7 +22,7 @@ from dissectors import vhost_user as V
 from dissectors.ring.driver import F_INDIRECT, F_NEXT, F_WRITE, GuestRing, pack_descs
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
-from fswire.wire import PeerClosed, WireError, recv_message, send_message
+from dissectors.transport.wire import PeerClosed, WireError, recv_message, send_message
 
 GPA, UVA = 0x0, 0x7F00_0000_0000
 PAGE = 4096
