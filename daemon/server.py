@@ -172,23 +172,39 @@ class Negotiated:
         return bool(self.flags & INIT_FLAG[name])
 
 
+def _attr_values(st: StatLike, flags: int = 0) -> tuple[int, ...]:
+    """fuse_attr's fields in wire order, straight from a stat (no record object on the hot path)."""
+    a_s, a_ns = divmod(st.st_atime_ns, 1_000_000_000)
+    m_s, m_ns = divmod(st.st_mtime_ns, 1_000_000_000)
+    c_s, c_ns = divmod(st.st_ctime_ns, 1_000_000_000)
+    return (st.st_ino, st.st_size, st.st_blocks, a_s, m_s, c_s, a_ns, m_ns, c_ns, st.st_mode, st.st_nlink,
+            st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, flags)
+
+
 def attr_from_stat(st: StatLike, flags: int = 0) -> Any:
     """fuse_attr from an os.stat_result (or anything with the same fields)."""
-    a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-    return _attr_cls(st.st_ino, st.st_size, st.st_blocks, a // 1_000_000_000, m // 1_000_000_000,
-                     c // 1_000_000_000, a % 1_000_000_000, m % 1_000_000_000, c % 1_000_000_000, st.st_mode,
-                     st.st_nlink, st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, flags)
+    return _attr_cls(*_attr_values(st, flags))
+
+
+_TIMEOUTS: dict[float, tuple[int, int]] = {}
 
 
 def _split_timeout(t: float) -> tuple[int, int]:
-    s = int(t)
-    return s, int((t - s) * 1e9)
+    """(seconds, nanoseconds); a filesystem uses a few timeouts, so each is split once."""
+    r = _TIMEOUTS.get(t)
+    if r is None:
+        s = int(t)
+        r = (s, int((t - s) * 1e9))
+        if len(_TIMEOUTS) < 64:
+            _TIMEOUTS[t] = r
+    return r
 
 
-def _entry_values(e: Entry) -> list[Any]:
+def _entry_values(e: Entry) -> tuple[int, ...]:
+    """fuse_entry_out's fields in wire order (fuse_attr flattened into it)."""
     es, ens = _split_timeout(e.entry_timeout)
     as_, ans = _split_timeout(e.attr_timeout)
-    return [e.nodeid, e.generation, es, as_, ens, ans, attr_from_stat(e.attr, e.attr_flags)]
+    return (e.nodeid, e.generation, es, as_, ens, ans, *_attr_values(e.attr, e.attr_flags))
 
 
 # The hot replies pack straight into the spec's flat struct format (fuse_attr is all scalars), skipping
@@ -200,13 +216,12 @@ _direntplus_pack = _direntplus_codec.struct.pack
 
 
 def encode_entry(e: Entry) -> bytes:
-    v = _entry_values(e)
-    return _entry_pack(*v[:6], *v[6])
+    return _entry_pack(*_entry_values(e))
 
 
 def encode_attr_out(st: StatLike, timeout: float) -> bytes:
     s, ns = _split_timeout(timeout)
-    return _attr_out_pack(s, ns, 0, *attr_from_stat(st))
+    return _attr_out_pack(s, ns, 0, *_attr_values(st))
 
 
 def encode_open_out(fh: int, open_flags: int) -> bytes:
@@ -550,9 +565,13 @@ class Server:
         parts: list[Buffer]
         if err:
             parts = [_out_pack(OUT_HEADER_SIZE, -err, unique)]
+        elif body:
+            size = OUT_HEADER_SIZE
+            for p in body:
+                size += len(p)
+            parts = [_out_pack(size, 0, unique), *body]
         else:
-            body = body or []
-            parts = [_out_pack(OUT_HEADER_SIZE + sum(len(p) for p in body), 0, unique), *body]
+            parts = [_out_pack(OUT_HEADER_SIZE, 0, unique)]
         hold = self.hold
         if hold is not None and hold.match_reply(queue, opcode):
             raw = b"".join(parts)
@@ -769,7 +788,7 @@ class Server:
                 out += _dirent_codec.struct.pack(*dirent) + d.name + pad
                 continue
             if d.name in (b".", b".."):
-                vals: list[Any] = [0, 0, 0, 0, 0, 0, attr_from_stat(_ZERO_STAT)]
+                vals: tuple[int, ...] = _ZERO_ENTRY
             else:
                 try:
                     e = self.fs.lookup(ctx, ctx.nodeid, d.name)
@@ -780,7 +799,7 @@ class Server:
                         raise
                     break  # answer what we have; the kernel asks again from this offset
                 vals = _entry_values(e)
-            out += _direntplus_pack(*vals[:6], *vals[6], *dirent) + d.name + pad
+            out += _direntplus_pack(*vals, *dirent) + d.name + pad
         return bytes(out)
 
     def _do_releasedir(self, ctx: Context, req: F.Request) -> list[Buffer]:
@@ -877,3 +896,4 @@ class _ZeroStat:
 
 
 _ZERO_STAT: StatLike = _ZeroStat()
+_ZERO_ENTRY = (0, 0, 0, 0, 0, 0, *_attr_values(_ZERO_STAT))

@@ -28,7 +28,7 @@ import struct
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -111,6 +111,7 @@ def check_name(name: bytes, *, lookup: bool = False) -> None:
 
 
 _thread = threading.local()
+_UNCHANGED: AbstractContextManager[None] = nullcontext()  # the common case of _creds and _kill_suidgid: no change
 
 
 def _prepare_thread(privileged: bool) -> bool:
@@ -223,12 +224,14 @@ class PassthroughFS(FileSystem):
         if self.opts.readonly:
             raise OSError(errno.EROFS, "read-only export")
 
-    @contextmanager
-    def _creds(self, ctx: Context) -> Iterator[None]:
+    def _creds(self, ctx: Context) -> AbstractContextManager[None]:
         """Act as the caller: this thread's fsuid/fsgid and supplementary groups, restored right after."""
         if not self._switch_creds or (ctx.uid == 0 and ctx.gid == 0):
-            yield
-            return
+            return _UNCHANGED
+        return self._switched(ctx)
+
+    @contextmanager
+    def _switched(self, ctx: Context) -> Iterator[None]:
         base = () if _prepare_thread(True) else tuple(os.getgroups())
         groups = self._groups(ctx)
         if groups != base:
@@ -243,13 +246,14 @@ class PassthroughFS(FileSystem):
             if groups != base:
                 sc.setgroups_thread(base)
 
-    @contextmanager
-    def _creating(self, ctx: Context) -> Iterator[None]:
+    def _creating(self, ctx: Context) -> AbstractContextManager[None]:
         """Create as the caller, with umask 0: the mode is what the caller's kernel computed."""
         if _prepare_thread(self._switch_creds):
-            with self._creds(ctx):
-                yield
-            return
+            return self._creds(ctx)
+        return self._creating_on_main_thread(ctx)
+
+    @contextmanager
+    def _creating_on_main_thread(self, ctx: Context) -> Iterator[None]:
         old = os.umask(0)  # the main thread (in-process use): briefly, the process's umask
         try:
             with self._creds(ctx):
@@ -262,12 +266,14 @@ class PassthroughFS(FileSystem):
             return ctx.groups
         return proc_groups(ctx.pid, self.store.proc)
 
-    @contextmanager
-    def _kill_suidgid(self, kill: bool) -> Iterator[None]:
+    def _kill_suidgid(self, kill: bool) -> AbstractContextManager[None]:
         """Without CAP_FSETID the host kernel clears set-user-ID/set-group-ID on write and truncate."""
         if not (kill and self._fsetid):
-            yield
-            return
+            return _UNCHANGED
+        return self._without_fsetid()
+
+    @contextmanager
+    def _without_fsetid(self) -> Iterator[None]:
         sc.set_effective_cap(sc.CAP_FSETID, False)
         try:
             yield

@@ -16,8 +16,6 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -63,6 +61,30 @@ class Inode:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
+
+
+class PathFd:
+    """The context manager path_fd() returns: a plain class, as every request uses one (a generator-based
+    one costs about a microsecond more)."""
+
+    __slots__ = ("fd", "inode")
+
+    def __init__(self, inode: Inode) -> None:
+        self.inode = inode
+        self.fd = -1
+
+    def __enter__(self) -> int:
+        ino = self.inode
+        if ino.fd >= 0:
+            return ino.fd
+        assert ino.handle is not None and ino.mount is not None
+        self.fd = sc.open_by_handle_at(ino.mount.fd, ino.handle, os.O_PATH)
+        return self.fd
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class InodeStore:
@@ -126,17 +148,10 @@ class InodeStore:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    @contextmanager
-    def path_fd(self, inode: Inode) -> Iterator[int]:
-        """An O_PATH fd for *at() calls, closed afterwards when it was opened from a handle."""
-        if inode.fd >= 0:
-            yield inode.fd
-            return
-        fd = self._open_handle(inode, os.O_PATH)
-        try:
-            yield fd
-        finally:
-            os.close(fd)
+    def path_fd(self, inode: Inode) -> PathFd:
+        """`with store.path_fd(inode) as fd`: an O_PATH fd for *at() calls, closed afterwards when it was
+        opened from a handle."""
+        return PathFd(inode)
 
     def reopen(self, inode: Inode, flags: int) -> int:
         """A new open file description on the inode (the caller closes it)."""

@@ -146,7 +146,8 @@ class Vring:
     enabled: bool = False
     started: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)  # used ring + call fd
-    inflight: int = 0
+    pending: dict[int, Chain] = field(default_factory=dict)  # head -> chain, in flight until its reply
+    waiting: bool = False  # a stop waits for `pending` to empty (replies then notify `idle`)
     idle: threading.Condition = field(default_factory=threading.Condition)
     thread: threading.Thread | None = None
     wake_fd: int = -1
@@ -557,13 +558,15 @@ class VhostUserSession:
             self.server.hold.flush(vr.index)  # held requests answer EIO: nothing waits on the debugger
         deadline = time.monotonic() + INFLIGHT_WAIT_S
         with vr.idle:
-            while vr.inflight > 0:
+            vr.waiting = True
+            while vr.pending:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.error("vring %d: %d requests still in flight after %.0f s", vr.index, vr.inflight,
+                    log.error("vring %d: %d requests still in flight after %.0f s", vr.index, len(vr.pending),
                               INFLIGHT_WAIT_S)
                     break
-                vr.idle.wait(left)
+                vr.idle.wait(min(left, 0.05))
+            vr.waiting = False
         _close(vr.wake_fd)
         vr.wake_fd = -1
 
@@ -645,29 +648,9 @@ class VhostUserSession:
             self.server.handle(raw, _no_reply, vr.index)
             vr.batch.append((chain.head, 0))  # type: ignore[union-attr]
             return
-        with vr.idle:
-            vr.inflight += 1
+        vr.pending[chain.head] = chain  # a head is unique among the chains in flight
         self.chains[unique] = chain
-        self.server.handle(raw, self._sink(vr, chain, unique), vr.index)
-
-    def _sink(self, vr: Vring, chain: Chain, unique: int) -> Callable[[Sequence[Buffer]], None]:
-        me = threading.get_ident()
-
-        def reply(parts: Sequence[Buffer]) -> None:
-            try:
-                n = _scatter(chain, parts)
-            finally:
-                self.chains.pop(unique, None)
-            if vr.batch is not None and threading.get_ident() == me:
-                vr.batch.append((chain.head, n))
-            else:
-                self._publish(vr, [(chain.head, n)])
-            with vr.idle:
-                vr.inflight -= 1
-                if vr.inflight == 0:
-                    vr.idle.notify_all()
-
-        return reply
+        self.server.handle(raw, _Reply(self, vr, chain, unique), vr.index)
 
     def _publish(self, vr: Vring, used: list[tuple[int, int]]) -> None:
         """Entries first, used->idx once, then a call unless the driver asked for none.
@@ -728,6 +711,37 @@ class VhostUserSession:
         return {"vhost_user_messages": self.messages,
                 "queues": {vr.index: {"chains": vr.stats_chains, "calls": vr.stats_calls,
                                        "calls_suppressed": vr.stats_suppressed} for vr in self.vrings}}
+
+
+class _Reply:
+    """One chain's reply sink: scatter the reply into its guest buffers and complete the chain, in the queue
+    thread's batch when the engine answered inline (one used->idx store and one call per batch), alone when
+    it comes from another thread.  A plain class with slots: one is made per request."""
+
+    __slots__ = ("chain", "session", "thread", "unique", "vr")
+
+    def __init__(self, session: VhostUserSession, vr: Vring, chain: Chain, unique: int) -> None:
+        self.session = session
+        self.vr = vr
+        self.chain = chain
+        self.unique = unique
+        self.thread = threading.get_ident()
+
+    def __call__(self, parts: Sequence[Buffer]) -> None:
+        chain, vr = self.chain, self.vr
+        try:
+            n = _scatter(chain, parts)
+        finally:
+            self.session.chains.pop(self.unique, None)
+        batch = vr.batch
+        if batch is not None and threading.get_ident() == self.thread:
+            batch.append((chain.head, n))
+        else:
+            self.session._publish(vr, [(chain.head, n)])
+        vr.pending.pop(chain.head, None)
+        if vr.waiting and not vr.pending:
+            with vr.idle:
+                vr.idle.notify_all()
 
 
 def _no_reply(parts: Sequence[Buffer]) -> None:
