@@ -188,6 +188,94 @@ def test_inode_file_handle_modes(engine: Factory, tmp_path: Path, mode: str) -> 
         c.release(n, fh)
 
 
+def _count_handle_opens(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every open_by_handle_at the store makes, counted (the syscall itself still runs)."""
+    from daemon.passthrough import inodes
+
+    opened: list[int] = []
+    real = inodes.sc.open_by_handle_at
+
+    def counting(mount_fd: int, handle: bytes, flags: int) -> int:
+        opened.append(flags)
+        return real(mount_fd, handle, flags)
+
+    monkeypatch.setattr(inodes.sc, "open_by_handle_at", counting)
+    return opened
+
+
+def test_name_ops_in_a_handle_held_directory_open_it_once(engine: Factory, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create/stat/delete storm in a subdirectory opens that directory from its handle once, not twice
+    per request (the cost counted in syscalls, so the test holds on a loaded machine)."""
+    c = engine(inode_file_handles=HandleMode.PREFER)
+    (tmp_path / "d").mkdir()
+    d = c.nodeid(1, b"d")
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    opened = _count_handle_opens(monkeypatch)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        nid, fh = c.create(d, b"f%d" % i)
+        c.release(nid, fh)
+        assert c.lookup(d, b"f%d" % i).error == 0
+    for i in range(20):
+        assert c.ok("UNLINK", {"name": b"f%d" % i}, nodeid=d).error == 0
+    assert opened == [os.O_PATH]
+    assert fs.store.counts()["dir_fds_cached"] == 1
+    assert len(os.listdir("/proc/self/fd")) == fds_before + 1
+    # FORGET lets the directory's fd go; a file's GETATTR opens the file each time (never cached).
+    c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=d)
+    assert fs.store.counts()["dir_fds_cached"] == 0 and len(os.listdir("/proc/self/fd")) == fds_before
+    (tmp_path / "f").write_bytes(b"x")
+    f = c.nodeid(1, b"f")
+    opened.clear()
+    for _ in range(3):
+        c.ok("GETATTR", nodeid=f)
+    assert opened == [os.O_PATH] * 3
+
+
+def test_directory_fd_cache_is_bounded(engine: Factory, tmp_path: Path) -> None:
+    from daemon.passthrough.inodes import DIR_FD_CACHE
+
+    c = engine(inode_file_handles=HandleMode.PREFER)
+    n = DIR_FD_CACHE + 10
+    for i in range(n):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / "f").write_bytes(b"")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    dirs = [c.nodeid(1, b"d%d" % i) for i in range(n)]
+    for d in dirs:
+        assert c.lookup(d, b"f").error == 0
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    assert fs.store.counts()["dir_fds_cached"] == DIR_FD_CACHE
+    assert len(os.listdir("/proc/self/fd")) == fds_before + DIR_FD_CACHE
+    # The least recently used went first: the first directories reopen, the last ones are still cached.
+    assert [fs.store.get(d).cached_fd >= 0 for d in (dirs[0], dirs[-1])] == [False, True]
+    assert c.lookup(dirs[0], b"f").error == 0 and fs.store.get(dirs[0]).cached_fd >= 0
+    fs.destroy()
+    assert fs.store.counts()["dir_fds_cached"] == 0 and len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_directory_forgotten_while_in_use_is_closed_by_its_last_user(engine: Factory, tmp_path: Path) -> None:
+    c = engine(inode_file_handles=HandleMode.PREFER)
+    (tmp_path / "d").mkdir()
+    d = c.nodeid(1, b"d")
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    store = fs.store
+    ino = store.get(d)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with store.path_fd(ino) as fd1, store.path_fd(ino) as fd2:
+        assert fd1 == fd2 == ino.cached_fd and ino.lent == 2
+        store.forget(d, 1)  # the kernel forgets it while two ops use its fd
+        assert os.fstat(fd1).st_ino == (tmp_path / "d").stat().st_ino  # still open
+        assert store.counts()["dir_fds_cached"] == 0
+    assert ino.lent == 0 and len(os.listdir("/proc/self/fd")) == fds_before
+    with pytest.raises(OSError):
+        os.fstat(fd1)
+
+
 def test_mandatory_fails_clearly_without_handles(engine: Factory) -> None:
     # procfs has no export operations: no file handles.
     with pytest.raises(OSError, match="mandatory"):

@@ -7,6 +7,11 @@ not exhaust RLIMIT_NOFILE; O_PATH fds are the fallback where a filesystem has no
 
 Nodeids are never reused (a 64-bit counter), so a stale nodeid can only miss, never alias another
 inode.  The generation is a store-wide counter taken when the inode is created.
+
+A handle-held directory used recently keeps an O_PATH fd (at most DIR_FD_CACHE of them, least recently
+used let go first, and at its FORGET): every name op (LOOKUP, CREATE, UNLINK, ...) under it would
+otherwise open it from its handle and close it again, two syscalls for each request of a create or
+stat storm.  Files are never cached: their O_PATH fd would keep an unlinked file's data alive.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import stat
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -23,6 +29,7 @@ from . import syscalls as sc
 
 log = logging.getLogger("fsinspect.daemon.inodes")
 ROOT_ID = 1
+DIR_FD_CACHE = 64
 
 
 class HandleMode(StrEnum):
@@ -53,6 +60,8 @@ class Inode:
     mount: MountFd | None = None
     nlookup: int = 0
     parent_mnt_id: int = 0  # the mount of the directory it was first found in (submount detection)
+    cached_fd: int = -1  # a handle-held directory's O_PATH fd while it is in the store's cache
+    lent: int = 0  # ops using cached_fd right now: it is closed only when none does
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -67,24 +76,32 @@ class PathFd:
     """The context manager path_fd() returns: a plain class, as every request uses one (a generator-based
     one costs about a microsecond more)."""
 
-    __slots__ = ("fd", "inode")
+    __slots__ = ("cached", "fd", "inode", "store")
 
-    def __init__(self, inode: Inode) -> None:
+    def __init__(self, store: InodeStore, inode: Inode) -> None:
+        self.store = store
         self.inode = inode
         self.fd = -1
+        self.cached = False
 
     def __enter__(self) -> int:
         ino = self.inode
         if ino.fd >= 0:
             return ino.fd
-        assert ino.handle is not None and ino.mount is not None
-        self.fd = sc.open_by_handle_at(ino.mount.fd, ino.handle, os.O_PATH)
+        if stat.S_ISDIR(ino.mode):
+            self.fd, self.cached = self.store._lend_dir_fd(ino)
+        else:
+            self.fd = self.store._open_handle(ino, os.O_PATH)
         return self.fd
 
     def __exit__(self, *_exc: object) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
+        if self.cached:
+            self.store._return_dir_fd(self.inode, fd)
+        else:
+            os.close(fd)
 
 
 class InodeStore:
@@ -96,6 +113,7 @@ class InodeStore:
         self._by_id: dict[int, Inode] = {}
         self._by_key: dict[tuple[int, int, int], Inode] = {}
         self._mounts: dict[int, MountFd] = {}
+        self._dir_fds: OrderedDict[int, Inode] = OrderedDict()  # nodeid -> directory with a cached_fd, LRU first
         self._next_id = ROOT_ID + 1
         self._generation = 0
         self.handle_failures = 0
@@ -151,7 +169,45 @@ class InodeStore:
     def path_fd(self, inode: Inode) -> PathFd:
         """`with store.path_fd(inode) as fd`: an O_PATH fd for *at() calls, closed afterwards when it was
         opened from a handle."""
-        return PathFd(inode)
+        return PathFd(self, inode)
+
+    def _lend_dir_fd(self, ino: Inode) -> tuple[int, bool]:
+        """A handle-held directory's O_PATH fd: (fd, True) from the cache, to give back with _return_dir_fd;
+        (fd, False) for an fd of the caller's own to close (the inode was forgotten meanwhile)."""
+        with self._lock:
+            if ino.cached_fd >= 0:
+                ino.lent += 1
+                self._dir_fds.move_to_end(ino.nodeid)
+                return ino.cached_fd, True
+        fd = self._open_handle(ino, os.O_PATH)  # outside the lock: the kernel may take a while
+        evicted = -1
+        with self._lock:
+            if ino.cached_fd >= 0:  # another thread cached one meanwhile: use that
+                ino.lent += 1
+                cached = ino.cached_fd
+            elif self._by_id.get(ino.nodeid) is not ino:
+                return fd, False
+            else:
+                ino.cached_fd, ino.lent, cached = fd, ino.lent + 1, -1
+                self._dir_fds[ino.nodeid] = ino
+                if len(self._dir_fds) > DIR_FD_CACHE:
+                    old = next((d for d in self._dir_fds.values() if d.lent == 0), None)
+                    if old is not None:
+                        del self._dir_fds[old.nodeid]
+                        evicted, old.cached_fd = old.cached_fd, -1
+        if cached >= 0:
+            os.close(fd)
+            return cached, True
+        if evicted >= 0:
+            os.close(evicted)
+        return fd, True
+
+    def _return_dir_fd(self, ino: Inode, fd: int) -> None:
+        with self._lock:
+            ino.lent -= 1
+            orphan = ino.lent == 0 and ino.cached_fd != fd  # forgotten while lent: closing fell to the last user
+        if orphan:
+            os.close(fd)
 
     def reopen(self, inode: Inode, flags: int) -> int:
         """A new open file description on the inode (the caller closes it)."""
@@ -263,8 +319,13 @@ class InodeStore:
             if stat.S_ISDIR(st.st_mode):
                 mfd = os.open(f"{self.proc}self/fd/{fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             elif parent.mnt_id == st.mnt_id:
-                with self.path_fd(parent) as pfd:
+                # Under the store's lock: not through path_fd (its directory cache takes that lock).
+                pfd = parent.fd if parent.fd >= 0 else self._open_handle(parent, os.O_PATH)
+                try:
                     mfd = os.open(f"{self.proc}self/fd/{pfd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                finally:
+                    if pfd != parent.fd:
+                        os.close(pfd)
         except OSError as e:
             log.debug("no mount fd for mount %d: %s", mnt_id, e)
             return None
@@ -296,6 +357,11 @@ class InodeStore:
         if ino.fd >= 0:
             os.close(ino.fd)
             ino.fd = -1
+        if ino.cached_fd >= 0:
+            del self._dir_fds[ino.nodeid]
+            if ino.lent == 0:
+                os.close(ino.cached_fd)
+            ino.cached_fd = -1  # else the last op using it closes it
         m = ino.mount
         if m is not None:
             m.refs -= 1
@@ -326,4 +392,5 @@ class InodeStore:
         with self._lock:
             by_fd = sum(1 for i in self._by_id.values() if i.fd >= 0)
             return {"inodes": len(self._by_id), "held_by_fd": by_fd, "held_by_handle": len(self._by_id) - by_fd,
-                    "mount_fds": len(self._mounts), "handle_failures": self.handle_failures}
+                    "mount_fds": len(self._mounts), "handle_failures": self.handle_failures,
+                    "dir_fds_cached": len(self._dir_fds)}
