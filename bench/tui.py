@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import multiprocessing as mp
 import os
@@ -268,7 +269,8 @@ async def bench_live(rate: int, seconds: float, fmt: str) -> dict[str, Any]:
         try:
             ready.wait(10)
             store = Store()
-            src = AttachSource(store, ctrl, stream_format=fmt)
+            kw = {"stream_format": fmt} if "stream_format" in inspect.signature(AttachSource).parameters else {}
+            src = AttachSource(store, ctrl, **kw)  # (an older tree's source: JSON lines only)
             src.connect()
             app = FsInspectApp(src)
             out: dict[str, Any] = {}
@@ -278,7 +280,7 @@ async def bench_live(rate: int, seconds: float, fmt: str) -> dict[str, Any]:
                 tick_s0 = app.tick_seconds
                 cpu0 = time.thread_time()
                 lat = await keystrokes(pilot, app, seconds - 0.5)
-                out["streaming"] = src.streaming
+                out["streaming"] = getattr(src, "streaming", "jsonl")
                 dt = time.perf_counter() - t0
                 out["fps"] = (FRAMES[0] - f0) / dt
                 out["ui_cpu"] = (time.thread_time() - cpu0) / dt

@@ -359,3 +359,92 @@ def test_the_ui_over_the_binary_stream_of_a_real_daemon(tmp_path: Path) -> None:
             asyncio.run(run())
         finally:
             src.stop()
+
+
+# -- a stuck binary client, and the headless near-copy ---------------------------------------------
+def test_a_stuck_binary_client_is_overflowed_and_memory_stays_flat(tmp_path: Path) -> None:
+    """A binary client that never reads, while 32 KiB WRITEs (16 KiB of each streamed) go through the daemon
+    engine: dropped and counted like a JSON one, its queue bounded in bytes; a binary client that reads gets
+    every exchange."""
+    from fsinspect.live.hub import CLIENT_BYTES
+    from tests.test_control_hub import _Daemon, _rss
+
+    dmn = _Daemon(tmp_path)
+    try:
+        hub, client = dmn.tap.hub, dmn.client
+        (stuck,) = dmn.attach(1)
+        stuck.sendall(b'{"id": 1, "cmd": "stream", "format": "pcapng"}\n')
+        good = ControlFeed(LiveState(analyzer=Analyzer(keep_exchanges=False)), hub.path)
+        seen: list[str] = []
+        good.state.analyzer.listeners.append(lambda ex: seen.append(ex.opname))
+        good.connect()
+        stop = threading.Event()
+        t = threading.Thread(target=good.pump, args=(stop,), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 30
+        while sum(c.binary for c in hub.clients) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        nodeid, fh = client.create(1, b"big")
+        data = os.urandom(32 << 10)
+        for _ in range(200):  # warm up: the allocator, the backlog, the stuck client's socket buffer
+            client.write(nodeid, fh, data)
+        base = _rss()
+        peak = 0
+        def caught_up(writes: int) -> None:  # the reader keeps up (a loaded machine must not make it miss)
+            deadline = time.monotonic() + 60
+            while seen.count("WRITE") < writes:
+                assert time.monotonic() < deadline, (seen.count("WRITE"), writes, good.state.overflow)
+                time.sleep(0.02)
+
+        for k in range(1000):  # 16 MiB streamed: twice a client's budget
+            client.write(nodeid, fh, data)
+            if k % 50 == 0:
+                peak = max(peak, _rss())
+                caught_up(200 + k + 1)
+        caught_up(1200)
+        stats = {c.id: c for c in hub.clients}
+        bad = next(c for c in stats.values() if c.sock.fileno() >= 0 and c.missed)
+        assert bad.binary and bad.queued <= CLIENT_BYTES + (1 << 20)
+        assert peak - base < 48 << 20, f"RSS grew by {(peak - base) >> 20} MiB with a stuck binary client"
+        assert good.state.overflow == 0 and good.streaming == "pcapng" and not good.broken
+    finally:
+        stop.set()
+        good.shutdown()
+        dmn.close()
+
+
+def test_headless_pcapng_is_a_near_copy_of_the_stream(tmp_path: Path) -> None:
+    lock = threading.RLock()
+    hub = Hub(str(tmp_path / "ctl.sock"), lambda: {}, feed_lock=lock, queue_len=100_000)
+    out = tmp_path / "live.pcapng"
+    proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "attach", hub.path, "--format", "pcapng",
+                             "-o", str(out)], stderr=subprocess.PIPE)
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(hub.path)
+    raw.sendall(b'{"id": 1, "cmd": "stream", "format": "pcapng"}\n')
+    try:
+        deadline = time.monotonic() + 60
+        while sum(c.binary for c in hub.clients) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        src = _publish(hub, lock, SYNCFS)
+    finally:
+        hub.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    n = len(src.exchanges)
+    assert f"{n} of {n} exchanges written".encode() in err
+    stream = _read_all(raw).partition(b'"format": "pcapng"}\n')[2]
+    r = StreamReader()
+    r.copy = []
+    r.feed(stream)
+    copied = b"".join(blk for _, blk in r.copy)
+    data = out.read_bytes()
+    assert data.endswith(copied)  # the stream's own section, byte for byte, without its custom blocks
+    with RecordingReader(out) as rr:
+        recs = list(rr.records())
+    assert len(rr.sections) == 2  # the writer's (what came before the switch: nothing here), then the stream's
+    want = [x for x in StreamReader().feed(stream) if isinstance(x, Record)]
+    assert len(want) == 2 * n - sum(1 for ex in src.exchanges if not ex.replied)
+    assert [(x.inbound, x.data, x.n) for x in recs] == [(x.inbound, x.data, x.n) for x in want]

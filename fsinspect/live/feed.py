@@ -276,6 +276,9 @@ class ControlFeed:
         if self.keep_raw_bytes:
             self._raw[ex.index] = (req, rec.data)
 
+    def switched(self) -> None:
+        """Called (under the lock) when the binary stream starts: what follows is blocks."""
+
     def applied(self) -> None:
         """Called (under the lock) after each message: the UI names new exchanges' paths here."""
 
@@ -332,6 +335,7 @@ class ControlFeed:
                 if obj.get("ok") and obj.get("format") == "pcapng":
                     self.streaming = "pcapng"
                     self.reader = StreamReader(f"{self.ctrl_path} (binary stream)")
+                    self.switched()
             else:
                 self._reply(obj)
         elif t == "lints":  # the source's verdicts on an exchange the binary stream completed

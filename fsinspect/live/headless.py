@@ -4,6 +4,11 @@ The model is `mitmdump` and `tshark -i`: stream until the source ends or the use
 each finished exchange that passes the filter and is flushed after every batch, so a pipe (`| tshark -r -`)
 or an extcap FIFO is never more than one batch behind.  pcapng goes through the recording writer, so its
 blocks are a recording's blocks and fuse.lua decodes them.
+
+pcapng without a filter from a hub that streams pcapng is a near-copy: once the binary stream starts, its
+section header, interfaces and packet blocks are written as they came (the custom blocks, which carry the
+protocol's other messages, are left out), and nothing is decoded.  What came before the switch (the
+snapshot's backlog, requests then in flight) is written first by the recording writer, as its own section.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import json
 import os
 import sys
 import time
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from ..analysis import Analyzer, Exchange
 from ..analysis.filter import Predicate
 from ..analysis.render import exchange_json, exchange_line
+from ..recording import format as rfmt
+from ..recording.reader import Record
 from ..recording.writer import RecordingWriter
 from .feed import ControlFeed, LiveState
 
@@ -66,6 +73,10 @@ class PcapngSink:
         if ex.reply_raw is not None:
             w.reply(ex.reply_raw, ex.queue, ex.head, ex.reply_ts or 0, epoch=ex.epoch, orig_len=ex.reply_len)
 
+    def copy(self, blocks: bytes) -> None:
+        """Blocks of the binary stream, as they came (after what the writer holds)."""
+        self.writer.append_blocks(blocks)
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -109,7 +120,53 @@ class HeadlessFeed(ControlFeed):
         self.pending_at_end = 0
         self._finished: list[Exchange] = []
         state.analyzer.listeners.append(self._finished.append)
+        self.copying = False  # the near-copy of the binary stream (pcapng, no filter)
+        self._copied_requests: set[int] = set()  # requests in flight at the switch, written already
 
+    def switched(self) -> None:
+        """pcapng without a filter: from here on the stream's own blocks are the output."""
+        if not isinstance(self.sink, PcapngSink) or self.predicate is not None or self.reader is None:
+            return
+        self.batch_done()  # what finished before the switch, written by the writer
+        still = sorted(self.state.open.values(), key=lambda ex: ex.n)
+        for ex in still:  # in flight: the request now (its reply block follows), once
+            if ex.req_raw is not None:
+                self.sink.writer.request(ex.req_raw, ex.queue, ex.head, ex.req_ts or 0, epoch=ex.epoch,
+                                         orig_len=ex.req_len, notes=ex.notes)
+                self._copied_requests.add(ex.n)
+        self.seen += len(still)
+        self.written += len(still)
+        self.state.open.clear()
+        self.sink.flush()
+        self.reader.copy = []
+        self.copying = True
+
+    def feed_blocks(self, chunk: bytes) -> None:
+        if not self.copying:
+            super().feed_blocks(chunk)
+            return
+        assert self.reader is not None and self.reader.copy is not None and isinstance(self.sink, PcapngSink)
+        items = self.reader.feed(chunk)
+        recs = iter([x for x in items if x.__class__ is Record])
+        out = []
+        for btype, blk in self.reader.copy:
+            if btype == rfmt.BT_EPB:
+                rec: Record = next(recs)
+                if rec.inbound:
+                    if rec.n in self._copied_requests:  # the hub sent it again with its reply
+                        self._copied_requests.discard(rec.n)
+                        continue
+                    self.seen += 1
+                    self.written += 1
+            out.append(blk)
+        self.reader.copy.clear()
+        if out:
+            self.sink.copy(b"".join(out))
+        msgs: list[dict[str, Any] | Record] = [x for x in items if isinstance(x, dict)]
+        if msgs:  # overflow, events, errors: counted and said as before
+            self._apply_batch(msgs)
+        if self.reader.failed is not None:
+            raise self.reader.failed
     def path_of(self, ex: Exchange) -> str:
         """`path ~ "x"` in a headless filter: the nodeid's path now (as the UI's, without the history)."""
         inodes = self.state.analyzer.inodes

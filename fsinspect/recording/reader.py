@@ -505,6 +505,8 @@ class StreamReader(_BlockParser):
         self.offset = 0  # stream offset of _buf[0]
         self.max_block = STREAM_MAX_BLOCK
         self.failed: StreamError | None = None
+        # Set to a list to get every block but the custom ones as (type, bytes), in order: a pcapng copy.
+        self.copy: list[tuple[int, bytes]] | None = None
 
     @property
     def pending(self) -> int:
@@ -532,6 +534,8 @@ class StreamReader(_BlockParser):
                                       f"length is not {total}")
                 off = self.offset + pos
                 body = buf[pos + 8:pos + total - 4]
+                if self.copy is not None and btype != fmt.BT_CB:
+                    self.copy.append((btype, buf[pos:pos + total]))
                 pos += total
                 if btype == fmt.BT_EPB:
                     if not self.sections:

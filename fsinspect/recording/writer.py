@@ -237,6 +237,12 @@ class RecordingWriter:
         self._epb(self._channel(fmt.DISSECTOR_VHOST_USER, direction, 0), 0, raw, len(raw), None, ts_ns, 0, (),
                   notes)
 
+    def append_blocks(self, data: bytes) -> None:
+        """Whole blocks made elsewhere (the live stream's own, copied), after everything written so far."""
+        self._buf.append(data)
+        self._buffered += len(data)
+        self.flush()
+
     def flush(self) -> None:
         """Hand every complete buffered block to the kernel in one write; rotate once a part is full."""
         if not self._buf:
