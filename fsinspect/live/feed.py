@@ -258,7 +258,7 @@ class ControlFeed:
                 return
             ex = st.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len, notes=rec.notes,
                                  n=n, held=bool(rec.flags & rfmt.RF_HELD))
-            if self.keep_raw_bytes:
+            if self.keep_raw_bytes and not st.analyzer.keep_raw:
                 self._raw[ex.index] = (rec.data, None)
             if n is not None and ex.state != X.DONE:
                 st.open[n] = ex
@@ -273,7 +273,7 @@ class ControlFeed:
         else:
             ex = an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len, notes=rec.notes)
             req = None
-        if self.keep_raw_bytes:
+        if self.keep_raw_bytes and not an.keep_raw:
             self._raw[ex.index] = (req, rec.data)
 
     def switched(self) -> None:
@@ -496,11 +496,12 @@ class ControlFeed:
             cb(ex)
 
     def _keep_raw(self, ex: Exchange, req: bytes | None, rep: bytes | None) -> None:
-        if self.keep_raw_bytes:
+        if self.keep_raw_bytes and not self.state.analyzer.keep_raw:
             self._raw[ex.index] = (req, rep)
 
     def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:
-        req, rep = self._raw.get(ex.index, (None, None))
+        """The exchange's captured bytes: its own (an analyzer that keeps them), else those kept by index."""
+        req, rep = self._raw.get(ex.index) or (ex.req_raw, ex.reply_raw)
         return (_live_record(req, True, ex) if req is not None else None,
                 _live_record(rep, False, ex) if rep is not None else None)
 

@@ -348,6 +348,7 @@ class AttachSource(ControlFeed, Source):
         Source.__init__(self, store)
         ControlFeed.__init__(self, store, ctrl_path, connect_timeout=connect_timeout, stream_format=stream_format)
         store.analyzer.lazy = True  # decode what is shown or filtered on, not every message as it comes
+        store.analyzer.keep_raw = True  # the bytes for the hex dump and export stay with each exchange
         self.keep = keep
         store.title = store.title or f"attach {ctrl_path}"
 
