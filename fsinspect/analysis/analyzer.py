@@ -115,7 +115,7 @@ class Analyzer:
             ex.req_raw = raw
             ex.ctx = self.contexts.get(self.epoch)
             ex.wire_req = orig_len
-            ex.todo = 1
+            ex.req_todo = True
         elif raw is not None:
             ex.snapped = orig_len is not None and orig_len > len(raw)
             try:
@@ -385,7 +385,7 @@ class Analyzer:
             assert isinstance(ex, LazyExchange)
             ex.reply_raw = raw
             ex.wire_reply = orig_len
-            ex.todo |= 2
+            ex.reply_todo = True
             return
         try:
             rep = F.decode_reply(raw, request, self.contexts.get(ex.epoch, F.DEFAULT_CONTEXT), wire_len=orig_len)

@@ -159,11 +159,14 @@ class LazyExchange(Exchange):
     ctx: Any = None  # the FuseContext of the exchange's epoch, to decode with
     wire_req: int | None = None  # the original lengths the analyzer was given (None: not snapped)
     wire_reply: int | None = None
-    todo: int = 0  # 1: the request is still undecoded, 2: the reply
+    # Still undecoded.  Two flags, not bits of one: the feed thread sets the reply's while the UI thread may
+    # be clearing the request's, and a read-modify-write of one int could lose one of them.
+    req_todo: bool = False
+    reply_todo: bool = False
 
     def _get_request(self) -> F.Request | None:
-        if self.todo & 1:
-            self.todo &= ~1
+        if self.req_todo:
+            self.req_todo = False
             raw = self.req_raw
             if raw is not None:
                 try:
@@ -177,8 +180,8 @@ class LazyExchange(Exchange):
         _REQUEST.__set__(self, value)
 
     def _get_reply(self) -> F.Reply | F.Notification | None:
-        if self.todo & 2:
-            self.todo &= ~2
+        if self.reply_todo:
+            self.reply_todo = False
             raw = self.reply_raw
             if raw is not None:
                 req = self.request
