@@ -196,3 +196,30 @@ class Stats:
             "ops_per_second": [[t, r] for t, r in self.ops_per_second()],
             "active_seconds": self.active_seconds,
         }
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to rebuild this Stats (JSON-able): a replay saves it beside its index."""
+        return {"bucket_ns": self.bucket_ns, "total": self.total, "first_ts": self.first_ts, "last_ts": self.last_ts,
+                "errors": dict(self.errors), "buckets": [[b, n] for b, n in self._buckets.items()],
+                "ops": {name: {"count": s.count, "errors": dict(s.errors), "latencies": s.latencies,
+                               "req_bytes": s.req_bytes, "reply_bytes": s.reply_bytes, "unreplied": s.unreplied,
+                               "histogram": None if s.histogram is None else [[b, n] for b, n in s.histogram.items()],
+                               "replied": s.replied, "max_latency": s.max_latency}
+                        for name, s in self.ops.items()}}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> Stats:
+        """The Stats `state()` saved (raises KeyError/TypeError/ValueError on a malformed one)."""
+        st = cls(int(d["bucket_ns"]))
+        st.total = int(d["total"])
+        st.first_ts, st.last_ts = d["first_ts"], d["last_ts"]
+        st.errors = Counter({str(k): int(v) for k, v in d["errors"].items()})
+        st._buckets = Counter({int(b): int(n) for b, n in d["buckets"]})
+        for name, o in d["ops"].items():
+            hist = o["histogram"]
+            st.ops[str(name)] = OpStats(int(o["count"]), Counter({str(k): int(v) for k, v in o["errors"].items()}),
+                                        [int(x) for x in o["latencies"]], int(o["req_bytes"]), int(o["reply_bytes"]),
+                                        int(o["unreplied"]),
+                                        None if hist is None else Counter({int(b): int(n) for b, n in hist}),
+                                        int(o["replied"]), o["max_latency"])
+        return st

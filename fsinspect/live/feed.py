@@ -23,7 +23,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +81,53 @@ class LiveState:
         return None
 
 
-class ControlFeed:
+class Feed:
+    """The one feed loop of every source that fills a LiveState from a thread: the UI's attach and replay
+    sources and the headless clients.  Items (protocol messages, recording records) are applied in batches
+    of at most BATCH, each under the state's lock, and the thread yields the GIL between batches, so the UI
+    thread never waits longer than one batch.  Subclasses say what one item does (`apply`)."""
+
+    def __init__(self, state: LiveState) -> None:
+        self.state = state
+        self._due: list[tuple[Callable[[dict[str, Any]], None], dict[str, Any]]] = []  # replies to hand on
+
+    def feed(self, chunks: Iterable[Sequence[Any]], stop: threading.Event | None = None,
+             progress: Callable[[], None] | None = None) -> bool:
+        """Apply every chunk the source yields (a chunk: what it had without blocking), in batches; False if
+        `stop` was set first.  `progress` is called after each batch."""
+        for chunk in chunks:
+            for k in range(0, len(chunk), BATCH):
+                self.apply_batch(chunk[k:k + BATCH])
+                if progress is not None:
+                    progress()
+                if stop is not None and stop.is_set():
+                    return False
+                time.sleep(0)  # hand the GIL to another thread (the UI's) if it is waiting for it
+        return True
+
+    def apply_batch(self, items: Sequence[Any]) -> None:
+        """Apply a batch of items (one lock hold per batch); command replies are handed on after it."""
+        st = self.state
+        self._due = []
+        with st.lock:
+            for item in items:
+                self.apply(item)
+                self.applied()
+            self.batch_done()
+        for cb, obj in self._due:  # outside the lock: a callback may wait for the UI thread
+            cb(obj)
+
+    def apply(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def applied(self) -> None:
+        """Called (under the lock) after each item: the UI names new exchanges' paths here."""
+
+    def batch_done(self) -> None:
+        """Called (under the lock) after each batch: the UI trims its window, the headless client prints."""
+
+
+class ControlFeed(Feed):
     """Reads one control socket into `state` (call pump() from one thread; command() from any)."""
 
     keep_raw_bytes = True  # keep each exchange's bytes by index for raw() (the UI's hex dump and export)
@@ -95,7 +141,6 @@ class ControlFeed:
         self.closed = False
         self._raw: dict[int, tuple[bytes | None, bytes | None]] = {}
         self._replies: dict[int, Callable[[dict[str, Any]], None] | None] = {}
-        self._due: list[tuple[Callable[[dict[str, Any]], None], dict[str, Any]]] = []  # replies to hand on
         self._next_id = 0
         self._send_lock = threading.Lock()
         self.version = 1
@@ -181,10 +226,7 @@ class ControlFeed:
     def feed_blocks(self, chunk: bytes) -> None:
         """Apply what a chunk of the binary stream completes, in batches (one lock hold each)."""
         assert self.reader is not None
-        items = self.reader.feed(chunk)
-        for k in range(0, len(items), BATCH):
-            self._apply_batch(items[k:k + BATCH])
-            time.sleep(0)
+        self.feed([self.reader.feed(chunk)])
         if self.reader.failed is not None:  # after what came before it
             raise self.reader.failed
 
@@ -210,22 +252,15 @@ class ControlFeed:
                         "line": line[:200].decode("utf-8", "replace")}})
                 continue
             objs.append(obj)
-        self._apply_batch(objs)
+        self.apply_batch(objs)
 
-    def _apply_batch(self, items: list[dict[str, Any] | Record]) -> None:
-        st = self.state
-        self._due = []
-        with st.lock:
-            for it in items:
-                st.received += 1
-                if it.__class__ is Record:
-                    self._record(it)
-                else:
-                    self._apply(it)  # type: ignore[arg-type]
-                self.applied()
-            self.batch_done()
-        for cb, obj in self._due:  # outside the lock: a callback may wait for the UI thread
-            cb(obj)
+    def apply(self, item: Any) -> None:
+        """One message: a JSON object, or a record of the binary stream."""
+        self.state.received += 1
+        if item.__class__ is Record:
+            self._record(item)
+        else:
+            self._apply(item)
 
     def _ask_stream(self, offered: list[Any]) -> None:
         """The hello offered streams: ask for ours (from the feed thread, before any other command)."""
@@ -278,12 +313,6 @@ class ControlFeed:
 
     def switched(self) -> None:
         """Called (under the lock) when the binary stream starts: what follows is blocks."""
-
-    def applied(self) -> None:
-        """Called (under the lock) after each message: the UI names new exchanges' paths here."""
-
-    def batch_done(self) -> None:
-        """Called (under the lock) after each batch: the UI trims its window, the headless client prints."""
 
     def command(self, cmd: str, on_reply: Callable[[dict[str, Any]], None] | None = None, **args: Any) -> None:
         sock = self.sock

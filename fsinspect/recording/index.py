@@ -63,11 +63,13 @@ def scan(buf: bytes | mmap.mmap, *, fast: bool = True) -> Iterator[tuple[int, bo
             return
         if btype == fmt.BT_EPB:
             if total < 12 + _EPB.size:
-                raise RecordingError(f"packet block at offset {off} is shorter than its fixed {_EPB.size} bytes")
+                raise RecordingError(f"packet block at offset {off} has {total - 12} body bytes, fewer than its "
+                                     f"fixed {_EPB.size}")
             caplen = _EPB.unpack_from(buf, off + 8)[3]
             data = off + 28
             if data + caplen > off + total - 4:
-                raise RecordingError(f"packet block at offset {off} claims {caplen} captured bytes, more than it holds")
+                raise RecordingError(f"packet block at offset {off} claims {caplen} captured bytes, its block holds "
+                                     f"{total - 12 - _EPB.size}")
             pre = buf[data:data + _PLEN]
             if fast and (pre == _PREFIX_IN or pre == _PREFIX_OUT) and caplen >= _PLEN:
                 o = data + caplen + (-caplen % 4)
@@ -216,6 +218,7 @@ class RecordingIndex:
         self.path = index_path(self.recording)
         self._stamp = recording_stamp(self.parts)
         self.rebuilt = False
+        self.error: str | None = None  # a bad block the index stops at (the reader says the same)
         self._mm: mmap.mmap | None = None
         self._mem: bytes | None = None
         if rebuild or not self._load():
@@ -241,6 +244,17 @@ class RecordingIndex:
         self.count = count
         return True
 
+    def _build_in_memory(self) -> None:
+        """The index kept in memory only: a read-only directory, or a recording with a bad block (indexed up
+        to it, as the reader reads it, and scanned again at the next open rather than saved)."""
+        entries = _Entries(None)
+        try:
+            _pair(scan_parts(self.parts), entries)
+        except RecordingError as e:
+            self.error = f"{self.recording}: {e}"
+        self.count = entries.count
+        self._mem = _HEAD.pack(MAGIC, *self._stamp, entries.count) + bytes(entries.buf)
+
     def _build(self) -> None:
         """Pair the whole recording into the index file (written beside it, replaced whole when done)."""
         RecordingReader(self.recording).close()  # the header is valid: RecordingError otherwise
@@ -249,14 +263,18 @@ class RecordingIndex:
         try:  # readable by whoever may read the recording, no more
             fd = privfile.create(tmp, os.stat(self.recording).st_mode & 0o666)
         except OSError:  # a read-only directory: keep the index in memory
-            entries = _Entries(None)
-            _pair(scan_parts(self.parts), entries)
-            self.count = entries.count
-            self._mem = _HEAD.pack(MAGIC, *self._stamp, entries.count) + bytes(entries.buf)
+            self._build_in_memory()
             return
         try:
             entries = _Entries(fd)
-            _pair(scan_parts(self.parts), entries)
+            try:
+                _pair(scan_parts(self.parts), entries)
+            except RecordingError:
+                os.close(fd)
+                fd = -1
+                tmp.unlink(missing_ok=True)
+                self._build_in_memory()
+                return
             entries.flush()
             os.pwrite(fd, _HEAD.pack(MAGIC, *self._stamp, entries.count), 0)
             os.close(fd)

@@ -16,28 +16,264 @@ exchange until it has its percentiles (O(n): ~36 bytes each), and the lints.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import re
+import struct
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from .. import privfile
 from ..analysis import Analyzer, Exchange
 from ..analysis.render import submounts_json, syncfs_json
+from ..analysis.exchange import Lint
+from ..analysis.inodes import Announcement, Inode, SyncfsRecord
+from ..analysis.stats import Stats
 from .index import RecordingIndex, recording_stamp
-from .parts import ANALYSIS_SUFFIX, side_file
+from .parts import ANALYSIS_SUFFIX, ROWS_SUFFIX, side_file
 from .reader import Record, RecordingReader
-from .replay import analyze
+from .replay import feed_record, prime_from_header
 
 CACHE_SIZE = 4096
 DECODER_RESET = 50_000  # decodes between fresh decoders (its inode map and stats would grow otherwise)
-ANALYSIS_VERSION = 2
+ANALYSIS_VERSION = 3
+LINTS_KEEP = 100_000  # lints the analysis lists (each linted exchange is flagged in its row all the same)
+CONTROL_KEEP = 50_000  # vhost-user control records the analysis remembers (offsets) for the control panel
+RELEASE_EVERY = 1 << 16  # records between handing the mapped pages read or written back to the kernel
+
+ERROR, LINT, SNAPPED, SUBMOUNT = 1, 2, 4, 8  # a row's flags
 
 
 def analysis_path(recording: Path) -> Path:
     return side_file(recording, ANALYSIS_SUFFIX)
+
+
+def rows_path(recording: Path) -> Path:
+    return side_file(recording, ROWS_SUFFIX)
+
+
+_ROWS_HEAD = struct.Struct("<8sQQQ")  # magic, recording size, recording mtime_ns, count
+_ROWS_MAGIC = b"FSROW\x00\x00\x01"
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_FLAG_RE = {bit: re.compile(b"[" + b"".join(re.escape(bytes([v])) for v in range(256) if v & bit) + b"]")
+            for bit in (ERROR, LINT, SNAPPED)}
+
+
+class Rows:
+    """Per exchange, fixed-size, in a file beside the index (FILE.fsrow) read through mmap: the path its
+    nodeid had when the request came (an id into the analysis' path table, u32), its latency + 1 (u64, 0:
+    none) and its flags (u8: ERROR, LINT, SNAPPED, SUBMOUNT).  13 bytes an exchange on disk, none of it held: what
+    the UI needs for paths, `e`/`l` jumps and the latency sort without decoding a single record."""
+
+    def __init__(self, mm: mmap.mmap, count: int, *, anonymous: bool = False) -> None:
+        self.mm = mm
+        self.count = count
+        self.anonymous = anonymous  # a read-only directory: the rows live in memory (DONTNEED would zero them)
+        self.ids_at = _ROWS_HEAD.size
+        self.lat_at = self.ids_at + 4 * count
+        self.flags_at = self.lat_at + 8 * count
+
+    @staticmethod
+    def size(count: int) -> int:
+        return _ROWS_HEAD.size + 13 * count
+
+    @classmethod
+    def create(cls, tmp: Path, count: int, mode: int) -> Rows:
+        """Rows to fill (zeroed), in `tmp` (renamed into place by `commit`) or in memory if it cannot be written."""
+        try:
+            os.close(privfile.create(tmp, mode))
+            fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return cls(mmap.mmap(-1, cls.size(count)), count, anonymous=True)
+        try:
+            os.ftruncate(fd, cls.size(count))
+            return cls(mmap.mmap(fd, cls.size(count)), count)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def open(cls, path: Path, stamp: tuple[int, ...], count: int) -> Rows | None:
+        """The rows saved for this recording (None if missing, stale or the wrong size)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size != cls.size(count):
+                return None
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        magic, size, mtime, n = _ROWS_HEAD.unpack_from(mm)
+        if magic != _ROWS_MAGIC or (size, mtime) != stamp or n != count:
+            mm.close()
+            return None
+        return cls(mm, count)
+
+    def commit(self, tmp: Path, path: Path, stamp: tuple[int, ...]) -> bool:
+        """Stamp the rows and move them into place; False if they live in memory only."""
+        _ROWS_HEAD.pack_into(self.mm, 0, _ROWS_MAGIC, stamp[0], stamp[1], self.count)
+        if self.anonymous:
+            return False
+        self.mm.flush()
+        os.replace(tmp, path)
+        return True
+
+    def set_path(self, i: int, path_id: int) -> None:
+        if i < self.count:
+            _U32.pack_into(self.mm, self.ids_at + 4 * i, path_id)
+
+    def set_done(self, i: int, flags: int, latency: int | None) -> None:
+        if i < self.count:
+            self.mm[self.flags_at + i] |= flags
+            if latency is not None:
+                _U64.pack_into(self.mm, self.lat_at + 8 * i, max(0, latency) + 1)
+
+    def path_id(self, i: int) -> int:
+        return int(_U32.unpack_from(self.mm, self.ids_at + 4 * i)[0])
+
+    def latency(self, i: int) -> int | None:
+        v = int(_U64.unpack_from(self.mm, self.lat_at + 8 * i)[0])
+        return v - 1 if v else None
+
+    def flags(self, i: int) -> int:
+        return self.mm[self.flags_at + i]
+
+    def find(self, bit: int, start: int, step: int, limit: int) -> int | None:
+        """The nearest row from `start` on (or back, step -1), below `limit`, with `bit` set (a C regex over
+        the mapped flags: millions of rows a second)."""
+        pat, base = _FLAG_RE[bit], self.flags_at
+        limit = min(limit, self.count)
+        if step > 0:
+            m = pat.search(self.mm, base + start, base + limit) if 0 <= start < limit else None
+            return m.start() - base if m else None
+        end = min(start + 1, limit)
+        while end > 0:
+            lo = max(0, end - (1 << 20))
+            last = None
+            for last in pat.finditer(self.mm, base + lo, base + end):  # noqa: B007 - the last one is wanted
+                pass
+            if last is not None:
+                return last.start() - base
+            end = lo
+        return None
+
+    def release(self) -> None:
+        """Hand the pages touched so far back (a file's dirty pages stay in the page cache): RSS stays flat."""
+        if not self.anonymous:
+            self.mm.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self.mm.close()
+
+
+class AnalysisBuild:
+    """One pass over a recording that builds its analysis (inode map, lints, stats, SYNCFS, submounts) and
+    its rows.  The caller's feed loop (fsinspect/live/feed.py in the UI) calls `apply` for each record in
+    file order, then `finish` saves both beside the index.  Memory: the analyzer's state (bounded by the
+    live inodes, LINTS_KEEP lints and the stats' histograms), never anything per exchange."""
+
+    def __init__(self, rec: IndexedRecording, analyzer: Analyzer) -> None:
+        self.rec = rec
+        self.an = analyzer
+        first = rec.parts[0]
+        self.tmp = rows_path(first).with_name(f".{rows_path(first).name}.tmp{os.getpid()}")
+        self.rows = Rows.create(self.tmp, len(rec), os.stat(first).st_mode & 0o666)
+        rec.rows, rec.path_table, rec.analysed = self.rows, [""], 0
+        self._ids: dict[str, int] = {"": 0}
+        self.records = 0
+        self.snapped = 0
+        self.first_ts = 0
+        self.lints_dropped = 0
+        self.control: list[int] = []
+        self.ops: Counter[int] = Counter()  # capture second -> exchanges, bytes (the stats panel's rates)
+        self.bytes: Counter[int] = Counter()
+        prime_from_header(analyzer, rec.reader)
+        analyzer.listeners.append(self._done)
+
+    def apply(self, r: Record) -> None:
+        self.records += 1
+        if not self.first_ts:
+            self.first_ts = r.ts_ns
+        if self.records % RELEASE_EVERY == 0:
+            self.rows.release()
+        if not r.is_fuse:
+            if len(self.control) < CONTROL_KEEP:
+                self.control.append(r.offset)
+            return
+        an = self.an
+        hint = ""
+        if r.inbound and len(r.data) >= 24:  # the nodeid's path now: a FORGET or UNLINK changes it
+            nodeid = int.from_bytes(r.data[16:24], "little")
+            if nodeid in an.inodes.nodes:
+                hint = an.inodes.path(nodeid)
+        ex = feed_record(an, r)
+        if ex is not None and hint:
+            pid = self._ids.get(hint)
+            if pid is None:
+                pid = self._ids[hint] = len(self.rec.path_table)
+                self.rec.path_table.append(hint)
+            self.rows.set_path(ex.index, pid)
+        self.rec.analysed = min(an.count, self.rows.count)
+        if len(an.lints) > LINTS_KEEP:
+            self.lints_dropped += len(an.lints) - LINTS_KEEP
+            del an.lints[LINTS_KEEP:]
+
+    def _done(self, ex: Exchange) -> None:
+        flags = ((ERROR if ex.error else 0) | (LINT if ex.lints else 0) | (SNAPPED if ex.snapped else 0)
+                 | (SUBMOUNT if ex.submount else 0))
+        self.snapped += ex.snapped
+        if ex.ts_ns:
+            sec = ex.ts_ns // 1_000_000_000
+            self.ops[sec] += 1
+            self.bytes[sec] += ex.req_len + ex.reply_len
+        self.rows.set_done(ex.index, flags, ex.latency_ns)
+
+    def finish(self) -> dict[str, Any]:
+        """End the pass (no-reply lints), save the rows and the analysis, and let the recording use them."""
+        an, rec = self.an, self.rec
+        an.finish()
+        an.listeners.remove(self._done)
+        for lint in an.lints:
+            self.rows.set_done(lint.exchange, LINT, None)
+        stamp = rec._stamp()
+        inodes = an.inodes.nodes.values()
+        data: dict[str, Any] = {
+            "version": ANALYSIS_VERSION, "stamp": stamp, "count": an.count, "records": self.records,
+            "first_ts": self.first_ts, "snapped": self.snapped, "lints_dropped": self.lints_dropped,
+            "stats": an.stats.as_dict(),
+            "lints": [[x.name, x.exchange, x.message] for x in an.lints],
+            "submounts": submounts_json(an),
+            "syncfs": syncfs_json(an),
+            "path_table": rec.path_table, "control": self.control,
+            "rates": [[sec, n, self.bytes[sec]] for sec, n in sorted(self.ops.items())],
+            "state": {"inodes": [[n.nodeid, n.parent, None if n.name is None else n.name.hex(), n.ino, n.generation,
+                                  n.nlookup, n.attr_flags] for n in inodes],
+                      "announced": [[a.nodeid, a.parent, a.name.hex(), a.exchange, a.ino]
+                                    for a in an.submounts.announced.values()],
+                      "syncfs": [[s.exchange, s.nodeid, s.latency_ns, s.is_root, s.error, s.path]
+                                 for s in an.submounts.syncfs],
+                      "stats": an.stats.state(), "last_ts": an.last_ts},
+        }
+        first = rec.parts[0]
+        try:
+            if self.rows.commit(self.tmp, rows_path(first), tuple(stamp)):
+                privfile.write_file(analysis_path(first), json.dumps(data), os.stat(first).st_mode & 0o666)
+        except OSError:  # a read-only directory: it stays in memory for this session
+            pass
+        rec.analysed = self.rows.count
+        rec.analysis = data
+        rec._adopt(data)
+        return data
+
+    def abort(self) -> None:
+        """A pass given up (the UI closed): no half-built rows left behind."""
+        self.an.listeners.remove(self._done)
+        self.tmp.unlink(missing_ok=True)
 
 
 class IndexedRecording:
@@ -53,6 +289,9 @@ class IndexedRecording:
         self._decoded = 0
         self._inits: dict[int, tuple[bytes, bytes]] = {}  # INITs met while decoding, for the next decoder
         self._decoder = self._new_decoder()
+        self.rows: Rows | None = None  # per-exchange path, latency and flags (rows_path), once analysed
+        self.path_table: list[str] = [""]
+        self.analysed = 0  # exchanges the analysis has covered (all of them once it is saved)
         self.analysis: dict[str, Any] | None = self._load_analysis()
         self._lints: dict[int, list[str]] = {}
         if self.analysis is not None:
@@ -62,7 +301,15 @@ class IndexedRecording:
         return len(self.index)
 
     # -- exchanges on demand -------------------------------------------------------------------------
-    def __getitem__(self, i: int) -> Exchange:
+    @overload
+    def __getitem__(self, i: int) -> Exchange: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Exchange]: ...
+
+    def __getitem__(self, i: int | slice) -> Exchange | list[Exchange]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
         if i < 0:
             i += len(self)
         with self._lock:
@@ -97,13 +344,9 @@ class IndexedRecording:
         an = self._decoder
         req = self.reader.record_at(req_off) if req_off is not None else None
         rep = self.reader.record_at(rep_off) if rep_off is not None else None
-        ex: Exchange | None = None
-        if req is not None:
-            ex = an.feed_request(req.data, req.queue, req.head, req.ts_ns, epoch=req.epoch, orig_len=req.orig_len,
-                                 notes=req.notes, ref=req.offset)
+        ex = feed_record(an, req) if req is not None else None
         if rep is not None:
-            got = an.feed_reply(rep.data, rep.queue, rep.head, rep.ts_ns, epoch=rep.epoch, orig_len=rep.orig_len,
-                                notes=rep.notes, ref=rep.offset)
+            got = feed_record(an, rep)
             if ex is None:  # a reply whose request the recording does not hold
                 ex = got
         assert ex is not None  # an index entry has at least one side
@@ -112,6 +355,8 @@ class IndexedRecording:
         ex.index, ex.n = i, i + 1
         if self.analysis is not None:  # the whole recording's lints, not what this one exchange shows alone
             ex.lints = list(self._lints.get(i, ()))
+        if self.rows is not None and i < self.analysed and self.rows.flags(i) & SUBMOUNT:
+            ex.submount = True  # its nodeid was announced as a submount earlier in the recording
         return ex
 
     def _remember_init(self, req: Record, rep: Record) -> None:
@@ -137,6 +382,24 @@ class IndexedRecording:
         if progress is not None:
             progress(total, total)
 
+    # -- per-exchange facts of the whole recording, on disk ------------------------------------------
+    def path(self, i: int) -> str | None:
+        """The path exchange i's nodeid had when its request came (None: the analysis has not got there)."""
+        rows = self.rows
+        if rows is None or i >= self.analysed:
+            return None
+        try:
+            return self.path_table[rows.path_id(i)]
+        except IndexError:
+            return ""
+
+    def find(self, bit: int, start: int, step: int) -> int | None:
+        """The nearest exchange from `start` on (step 1) or back (step -1) whose row has `bit` (ERROR, LINT),
+        within what the analysis has covered; None if there is none."""
+        if self.rows is None:
+            return None
+        return self.rows.find(bit, start, step, self.analysed)
+
     # -- the analysis, built once ----------------------------------------------------------------------
     def _stamp(self) -> list[int]:
         return list(recording_stamp(self.parts))
@@ -148,28 +411,48 @@ class IndexedRecording:
             return None
         if not isinstance(data, dict) or data.get("version") != ANALYSIS_VERSION or data.get("stamp") != self._stamp():
             return None
+        rows = Rows.open(rows_path(self.parts[0]), tuple(self._stamp()), len(self))
+        if rows is None:
+            return None
+        self.rows = rows
+        self.path_table = [str(x) for x in data.get("path_table", [""])]
+        self.analysed = len(self)
         return data
+
+    def analysis_build(self, analyzer: Analyzer | None = None) -> AnalysisBuild:
+        """Start building the analysis: feed it every record (`records()`), then `finish()` it."""
+        return AnalysisBuild(self, analyzer if analyzer is not None else Analyzer(keep_exchanges=False))
+
+    def records(self) -> Iterator[Record]:
+        """Every record of the recording in file order (its own handle: the UI's reads do not move it)."""
+        with RecordingReader(self.parts[0]) as r:
+            yield from r.records()
 
     def build_analysis(self, analyzer: Analyzer | None = None) -> dict[str, Any]:
         """Analyse the whole recording once (seconds per million exchanges) and save it beside the index."""
-        with RecordingReader(self.parts[0]) as r:
-            an = analyze(r, analyzer if analyzer is not None else Analyzer(keep_exchanges=False))
-        data: dict[str, Any] = {
-            "version": ANALYSIS_VERSION, "stamp": self._stamp(), "count": an.count,
-            "stats": an.stats.as_dict(),
-            "lints": [[x.name, x.exchange, x.message] for x in an.lints],
-            "submounts": submounts_json(an),
-            "syncfs": syncfs_json(an),
-            "paths": {str(n): an.inodes.path(n) for n in an.inodes.nodes},
-        }
-        try:
-            privfile.write_file(analysis_path(self.parts[0]), json.dumps(data),
-                                os.stat(self.parts[0]).st_mode & 0o666)
-        except OSError:  # a read-only directory: it stays in memory for this session
-            pass
-        self.analysis = data
-        self._adopt(data)
-        return data
+        build = self.analysis_build(analyzer)
+        for rec in self.records():
+            build.apply(rec)
+        return build.finish()
+
+    def restore(self, an: Analyzer) -> None:
+        """Put the saved analysis into `an` (inode map, submounts, SYNCFS, lints, stats): what the UI's
+        panels show, without reading the recording again."""
+        d = self.analysis
+        assert d is not None
+        st = d["state"]
+        an.inodes.nodes.clear()
+        for nodeid, parent, name, ino, gen, nlookup, attr_flags in st["inodes"]:
+            an.inodes.nodes[int(nodeid)] = Inode(int(nodeid), parent, None if name is None else bytes.fromhex(name),
+                                                 int(ino), int(gen), int(nlookup), int(attr_flags))
+        for nodeid, parent, name, exchange, ino in st["announced"]:
+            an.submounts.announce(Announcement(int(nodeid), int(parent), bytes.fromhex(name), int(exchange), int(ino)))
+        for exchange, nodeid, lat, is_root, error, path in st["syncfs"]:
+            an.submounts.syncfs.append(SyncfsRecord(int(exchange), int(nodeid), lat, bool(is_root), error, str(path)))
+        an.lints = [Lint(str(name), int(index), str(msg)) for name, index, msg in d["lints"]]
+        an.stats = Stats.from_state(st["stats"])
+        an.count = int(d["count"])
+        an.last_ts = int(st["last_ts"])
 
     def _adopt(self, data: dict[str, Any]) -> None:
         lints: dict[int, list[str]] = {}
@@ -179,10 +462,14 @@ class IndexedRecording:
         with self._lock:
             for i, ex in self._cache.items():
                 ex.lints = list(lints.get(i, ()))
+                if self.rows is not None and self.rows.flags(i) & SUBMOUNT:
+                    ex.submount = True
 
     def close(self) -> None:
         self.index.close()
         self.reader.close()
+        if self.rows is not None:
+            self.rows.close()
 
     def __enter__(self) -> IndexedRecording:
         return self

@@ -43,6 +43,7 @@ def part_path(base: Path, n: int) -> Path:
 
 INDEX_SUFFIX = ".fsidx"  # the side index (index.py)
 ANALYSIS_SUFFIX = ".fsana"  # the saved analysis (indexed.py)
+ROWS_SUFFIX = ".fsrow"  # per-exchange paths, latencies and flags (indexed.py)
 
 
 def side_file(part: Path, suffix: str) -> Path:

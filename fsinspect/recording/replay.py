@@ -4,23 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..analysis import Analyzer
+from ..analysis import Analyzer, Exchange
 from . import format as fmt
 from .reader import Record, RecordingReader
+
+
+def feed_record(analyzer: Analyzer, rec: Record) -> Exchange | None:
+    """Feed one FUSE record (a vhost-user control record is skipped: None); returns its exchange."""
+    if not rec.is_fuse:
+        return None
+    if rec.inbound:  # a request the debugger held stays held until its reply (what the UI showed live)
+        return analyzer.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
+                                     orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset,
+                                     held=bool(rec.flags & fmt.RF_HELD))
+    return analyzer.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
+                               orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
 
 
 def feed_records(analyzer: Analyzer, records: Iterable[Record]) -> None:
     """Feed FUSE records in file order (vhost-user control records are skipped)."""
     for rec in records:
-        if not rec.is_fuse:
-            continue
-        if rec.inbound:  # a request the debugger held stays held until its reply (what the UI showed live)
-            analyzer.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
-                                  orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset,
-                                  held=bool(rec.flags & fmt.RF_HELD))
-        else:
-            analyzer.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
-                                orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
+        feed_record(analyzer, rec)
 
 
 def prime_from_header(analyzer: Analyzer, reader: RecordingReader) -> None:

@@ -232,6 +232,8 @@ class FsInspectApp(App[int]):
 
     def on_unmount(self) -> None:
         self.source.stop()
+        if self.filter is not None:
+            self.filter.cancel()
 
     @property
     def active_tab(self) -> str:
@@ -289,8 +291,10 @@ class FsInspectApp(App[int]):
         if st.base:
             parts.append(f"keeping the newest {len(st.exchanges)} (#{st.number_of(st.base)}…)")
         if self.filter is not None:
-            done = "" if self.filter.upto >= n else f" (filtering {self.filter.upto * 100 // max(1, n)}%)"
-            parts.append(f"filter [{self.filter.text}]: {len(self.filter.view)} shown{done}")
+            f = self.filter
+            done = "" if f.upto >= n else f" (filtering {f.upto * 100 // max(1, n)}%: {f.upto:,} of {n:,})"
+            parts.append(f"filter [{f.text}]: {len(f.view)} shown{done}"
+                         + (f" (stopped: {f.error})" if f.error else ""))
         if st.overflow:
             parts.append(f"OVERFLOW: {st.overflow} missed")
         if st.error:
@@ -367,6 +371,10 @@ class FsInspectApp(App[int]):
         """Sort what the filter keeps by latency, slowest first (the filter finishes its pass first)."""
         f = self.filter
         if f is not None:
+            if f.running:  # a replay's pass in its thread: sort once it is done, the UI meanwhile free
+                self.notify("sorting once the filter has gone through the recording", timeout=2)
+                self.set_timer(0.2, self.slowest)
+                return
             f.finish(self.store)
             self.xlist.view = f.view
         self.xlist.sort_by_latency()
@@ -383,6 +391,8 @@ class FsInspectApp(App[int]):
     # -- API used by actions and tests -------------------------------------------------------------
     def apply_filter(self, text: str) -> None:
         """Filter the list (raises FilterError on a bad expression); an empty text shows everything."""
+        if self.filter is not None:
+            self.filter.cancel()  # a replay's pass still running stops at its next exchange
         if not text.strip():
             self.filter = None
             self.xlist.reset_view(None)

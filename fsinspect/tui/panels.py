@@ -29,6 +29,8 @@ from .render import event_text, features_text, number
 from .sources import Store
 
 FINE_BELOW_S = 10  # a capture shorter than this many seconds gets sparklines in sub-second buckets
+FINE_MAX = 20_000  # a replay decodes its exchanges for sub-second buckets only up to this many
+TRAVEL_MAX = 50_000  # a replay's time travel replays from the start: as far as this exchange (~1 s)
 MAX_TREE_NODES = 5000  # the Tree widget rebuilds every second while shown; beyond this it would lag
 
 
@@ -95,8 +97,8 @@ class InodePanel(Widget):
         super().__init__(**kw)
         self.store = store
         self.lint_targets: list[int] = []
-        self._sig: tuple[int, int, int | None] | None = None
-        self._tree_sig: tuple[int, int, int | None] | None = None
+        self._sig: tuple[int, int, int, int | None] | None = None
+        self._tree_sig: tuple[int, int, int, int | None] | None = None
         self.travel = True  # follow the list's selection (replay); False: the end state
         self.as_of: int | None = None  # the exchange whose moment the map shows (None: now)
         self._past: tuple[int, Analyzer] | None = None
@@ -115,7 +117,7 @@ class InodePanel(Widget):
         st = self.store
         with st.lock:
             an = st.analyzer
-            sig = (len(st.exchanges), len(an.lints), self.as_of)
+            sig = (len(st.exchanges), an.count, len(an.lints), self.as_of)
             if sig == self._sig:
                 return
             self._sig = sig
@@ -152,6 +154,10 @@ class InodePanel(Widget):
             head.update(Text.assemble(("inode map now", "bold"), note if self.travel else "",
                                       "" if st.kind != "replay" else "  T: as of the selected exchange"
                                       if not self.travel else ""))
+            return None
+        if st.rec is not None and ex.index >= TRAVEL_MAX:
+            head.update(Text.assemble(("inode map now", "bold"), f" (time travel replays the recording from its "
+                                      f"start: it goes as far as #{TRAVEL_MAX:,})  T: now"))
             return None
         if self._past is None or self._past[0] != ex.index:
             self._past = (ex.index, state_at(st.exchanges, moment_of(ex)))
@@ -393,7 +399,8 @@ class StatsPanel(Widget):
             d = st.analyzer.stats.as_dict()
         ops, byts = st.rates(120)
         base = f"last {len(ops)} s with traffic, per 1 s"
-        if len(ops) < FINE_BELOW_S:  # a few per-second bars would be one solid block: finer buckets
+        if len(ops) < FINE_BELOW_S and (st.rec is None or len(st.rec) <= FINE_MAX):
+            # a few per-second bars would be one solid block: finer buckets
             with st.lock:
                 pts = [(e.ts_ns, e.req_len + e.reply_len) for e in st.exchanges if e.ts_ns]
             bucket, ops, byts = rate_series(pts)
@@ -472,7 +479,7 @@ class ControlPanel(Widget):
             lines.append("  proxy capture counters: not in a recording")
         with st.lock:
             dec = sum(1 for lint in st.analyzer.lints if lint.name == "decode-error")
-            snapped = sum(1 for e in st.exchanges[-100_000:] if e.snapped)
+            snapped = st.snapped_recent()
         lines.append(f"  FUSE decode errors: {dec}; snapped (cut to the snap length, recent): {snapped}")
         what = "records read" if st.kind == "replay" else "messages received"
         lines.append(f"  {what}: {st.received}; messages this UI missed (control-socket overflow): {st.overflow}")

@@ -11,18 +11,19 @@ import bisect
 import collections
 import gc
 import heapq
+import itertools
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from ..analysis import Exchange
-from ..live.feed import BATCH, CommandError, ControlFeed, LiveState
+from ..analysis import Analyzer, Exchange
+from ..live.feed import BATCH, CommandError, ControlFeed, Feed, LiveState
 from ..recording.export import Exported, export_recording, write_pcapng
+from ..recording.indexed import AnalysisBuild, IndexedRecording
 from ..recording.reader import Record, RecordingError, RecordingReader
-from ..recording.replay import prime_from_header
 from .control import ControlState
 from .render import number
 
@@ -50,6 +51,8 @@ class Store(LiveState):
     kind: str = ""  # the source's kind: "replay" or "attach"
     base: int = 0  # Exchange.index of exchanges[0]: a live session forgets its oldest exchanges (trim)
     clock: Callable[[], int] = time.time_ns  # a live source's "now" for ages (tests fix it)
+    rec: IndexedRecording | None = None  # a replay's exchanges, read on demand through the side index
+    snapped: int = 0  # a replay's exchanges cut to the snap length (the analysis counts them)
     _frozen_at: int = 0
 
     def __post_init__(self) -> None:
@@ -61,8 +64,10 @@ class Store(LiveState):
         return self.ctl.f
 
     @property
-    def exchanges(self) -> list[Exchange]:
-        return self.analyzer.exchanges
+    def exchanges(self) -> Sequence[Exchange]:
+        """Every exchange kept: a live session's list, or a replay's recording (each decoded when asked)."""
+        # (IndexedRecording has len() and [i], all a Sequence is used for here: bisect, slices, iteration)
+        return cast(Sequence[Exchange], self.rec) if self.rec is not None else self.analyzer.exchanges
 
     def _count(self, ex: Exchange) -> None:
         ts = ex.ts_ns
@@ -100,10 +105,18 @@ class Store(LiveState):
     @property
     def end(self) -> int:
         """One past the newest exchange's index."""
-        return self.base + len(self.analyzer.exchanges)
+        return self.base + len(self.exchanges)
 
     def get(self, index: int) -> Exchange | None:
         """Exchange `index`, or None if it is not (or no longer) kept.  Safe against a concurrent trim."""
+        rec = self.rec
+        if rec is not None:
+            if not 0 <= index < len(rec):
+                return None
+            try:
+                return rec[index]
+            except RecordingError:  # the file changed under us: the row shows blank, the status says why
+                return None
         try:
             ex = self.analyzer.exchanges[index - self.base] if index >= self.base else None
         except IndexError:
@@ -117,16 +130,19 @@ class Store(LiveState):
 
     def find_number(self, n: int) -> int | None:
         """The index of the kept exchange numbered `n` (numbers grow along the list; a scan if they do not)."""
+        if self.rec is not None:  # a recording numbers its exchanges from 1 in order
+            return n - 1 if 1 <= n <= len(self.rec) else None
         exs = self.exchanges
         k = bisect.bisect_left(exs, n, key=number)
         if k < len(exs) and number(exs[k]) == n:
             return exs[k].index
         return next((ex.index for ex in exs if number(ex) == n), None)
 
-    def find_time(self, ts_ns: int, among: list[int] | None = None) -> int | None:
-        """The index of the first exchange (of `among`, if given) at or after `ts_ns`; the last if none is."""
+    def find_time(self, ts_ns: int, among: Sequence[int] | None = None) -> int | None:
+        """The index of the first exchange (of `among`, if given) at or after `ts_ns`; the last if none is.
+        A binary search: a replay decodes a few dozen exchanges, whatever its size."""
         if among is not None:
-            kept = [i for i in among if self.get(i) is not None]
+            kept = among if self.rec is not None else [i for i in among if self.get(i) is not None]
             k = bisect.bisect_left(kept, ts_ns, key=lambda i: self.get(i).ts_ns)  # type: ignore[union-attr]
             return kept[min(k, len(kept) - 1)] if kept else None
         exs = self.exchanges
@@ -172,11 +188,36 @@ class Store(LiveState):
                 paths.append(inodes.path(ex.nodeid) if ex.opcode >= 0 and ex.nodeid in inodes.nodes else "")
 
     def path(self, i: int) -> str:
+        if self.rec is not None:
+            return self.rec.path(i) or ""
         p = i - self.base
         try:
             return self.paths[p] if p >= 0 else ""
         except IndexError:
             return ""
+
+    def flags_of(self, i: int) -> int | None:
+        """A replay's row flags for exchange i (ERROR, LINT, SNAPPED) without decoding it; None if unknown."""
+        rec = self.rec
+        if rec is None or rec.rows is None or not 0 <= i < rec.analysed:
+            return None
+        return rec.rows.flags(i)
+
+    def latency_of(self, i: int) -> int | None:
+        """Exchange i's latency (a replay reads it from its rows, not from the record)."""
+        rec = self.rec
+        if rec is not None and rec.rows is not None and 0 <= i < rec.analysed:
+            return rec.rows.latency(i)
+        ex = self.get(i)
+        return ex.latency_ns if ex is not None else None
+
+    def snapped_recent(self) -> int:
+        """Exchanges cut to the snap length: a replay's all (counted by its analysis), a live session's
+        among its newest 100,000."""
+        if self.rec is not None:
+            return self.snapped
+        exs = self.analyzer.exchanges
+        return sum(1 for e in exs[-100_000:] if e.snapped)
 
     def rates(self, seconds: int = 60) -> tuple[list[float], list[float]]:
         """ops/s and bytes/s of the last `seconds` seconds that hold exchanges (capture time), oldest first.
@@ -247,72 +288,122 @@ class Source:
         raise CommandError("breakpoints need a live source: `fsinspect attach` to a proxy or daemon --control")
 
 
-class ReplaySource(Source):
-    """A recording, analysed front to back in the background with progress (by file offset)."""
+class ReplaySource(Feed, Source):
+    """A recording read through its side index (recording/indexed.py): the list shows every exchange as
+    soon as the index is there, each decoded when it is drawn.  The analysis (inode map, lints, stats) is
+    read back from beside the index, or built once in the background by the shared feed loop, with
+    progress, and saved for the next open.  Memory does not grow with the recording's size."""
 
     kind = "replay"
 
     def __init__(self, store: Store, path: str) -> None:
-        super().__init__(store)
+        Source.__init__(self, store)
+        store.analyzer = Analyzer(keep_exchanges=False)  # exchanges are read on demand, never all kept
+        store.analyzer.listeners.append(store._count)
+        Feed.__init__(self, store)
         self.path = path
         self.reader = RecordingReader(path)  # raises RecordingError: the command turns it into one line
         self._random = RecordingReader(path)  # the UI thread's own handle for record_at
         self._random_lock = threading.Lock()
+        self.build: AnalysisBuild | None = None
+        self.rec: IndexedRecording | None = None
+        self.opened_s: float | None = None  # seconds from run() to the first rows (the bench reads it)
         store.title = f"replay {os.path.basename(path)}"
         store.progress = 0.0
 
     def run(self) -> None:
         st = self.store
-        an = st.analyzer
-        r = self.reader
-        st.status = ""
-        prime_from_header(an, r)
-        size = max(1, r.size)
-        batch: list[Record] = []
+        t0 = time.perf_counter()
+        st.status = "indexing"
+        rec = IndexedRecording(self.path)
+        self.rec = rec
+        with st.lock:
+            st.first_ts = rec.analysis["first_ts"] if rec.analysis is not None else self._first_ts(rec)
+            st.rec = rec  # the list shows every row from here on
+        self.opened_s = time.perf_counter() - t0
+        if rec.analysis is not None:
+            self._restore(rec)
+        else:
+            self._analyse(rec)
+        if self._stop.is_set():
+            return
+        st.progress = None
+        truncated = self.reader.truncated
+        st.status = f"replayed {len(rec)} exchanges" + (f" ({truncated})" if truncated else "")
+
+    @staticmethod
+    def _first_ts(rec: IndexedRecording) -> int:
+        """The first record's time, of any kind (tshark's zero for relative times)."""
+        first = next(rec.records(), None)
+        return first.ts_ns if first is not None else 0
+
+    def _analyse(self, rec: IndexedRecording) -> None:
+        """Build the analysis through the feed loop: a batch of records at a time under the store's lock."""
+        st = self.store
+        self.build = rec.analysis_build(st.analyzer)
+        st.status = "analysing"
+        size = max(1, self.reader.size)
+        last: list[int] = [0]
+
+        def chunks() -> Iterator[list[Record]]:
+            it = rec.records()
+            while chunk := list(itertools.islice(it, BATCH)):
+                last[0] = chunk[-1].offset
+                yield chunk
+
+        def progress() -> None:
+            st.progress = last[0] / size
+
         try:
-            for rec in r.records():
-                batch.append(rec)
-                if len(batch) >= BATCH:
-                    self._feed(batch)
-                    st.progress = rec.offset / size
-                    batch = []
-                    if self._stop.is_set():
-                        return
-                    time.sleep(0)  # hand the GIL to the UI thread if it is waiting for it
-            self._feed(batch)
+            if not self.feed(chunks(), self._stop, progress):
+                self.build.abort()
+                return
         except RecordingError as e:
             st.error = str(e)
         with st.lock:
-            an.finish()
-        st.progress = None
-        st.status = f"replayed {len(st.exchanges)} exchanges" + (f" ({r.truncated})" if r.truncated else "")
-        r.close()
+            data = self.build.finish()
+            st.snapped = int(data["snapped"])
 
-    def _feed(self, batch: list[Record]) -> None:
+    def apply(self, item: Any) -> None:
+        rec: Record = item
         st = self.store
-        an = st.analyzer
+        assert self.build is not None
+        st.received += 1
+        if not rec.is_fuse:
+            st.control.append({"type": "control", "direction": _direction(rec), "ts_ns": rec.ts_ns,
+                               "summary": st.ctl.record(rec.data, rec.inbound, rec.notes)})
+        self.build.apply(rec)
+
+    def batch_done(self) -> None:
+        self.store.settle()
+
+    def _restore(self, rec: IndexedRecording) -> None:
+        """The saved analysis into the store: what the panels show, without reading the recording again."""
+        st = self.store
+        data = rec.analysis
+        assert data is not None
         with st.lock:
-            if batch and not st.first_ts:
-                st.first_ts = batch[0].ts_ns
-            for rec in batch:
-                st.received += 1
-                if not rec.is_fuse:
-                    st.control.append({"type": "control", "direction": _direction(rec), "ts_ns": rec.ts_ns,
-                                       "summary": st.ctl.record(rec.data, rec.inbound, rec.notes)})
-                elif rec.inbound:
-                    st.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
-                                    orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
-                else:
-                    an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, epoch=rec.epoch,
-                                  orig_len=rec.orig_len, notes=rec.notes, ref=rec.offset)
-                if len(st.paths) < len(an.exchanges):
-                    st.sync_paths()  # name nodeids now: a later FORGET removes them from the map
-            st.settle()
+            rec.restore(st.analyzer)
+            st.received = int(data["records"])
+            st.snapped = int(data["snapped"])
+            for sec, ops, byts in data.get("rates", ()):
+                st.ops_buckets[int(sec)] = int(ops)
+                st.bytes_buckets[int(sec)] = int(byts)
+        for off in data.get("control", ()):  # the control plane, from its own records (a few hundred)
+            try:
+                r = rec.reader.record_at(int(off))
+            except RecordingError:
+                continue
+            with st.lock:
+                st.control.append({"type": "control", "direction": _direction(r), "ts_ns": r.ts_ns,
+                                   "summary": st.ctl.record(r.data, r.inbound, r.notes)})
 
     def export(self, dest: str, indexes: list[int], note: str) -> Exported:
         """The exchanges' own records and the recording's control plane and INIT, read back from the file."""
-        offsets = {ref for i in indexes if (ex := self.store.get(i)) is not None
-                   for ref in (ex.req_ref, ex.reply_ref) if isinstance(ref, int)}
+        rec = self.rec
+        if rec is None:
+            return export_recording(self.path, dest, set(), comment=note)
+        offsets = {off for i in indexes if 0 <= i < len(rec) for off in rec.index.offsets(i) if off is not None}
         return export_recording(self.path, dest, offsets, comment=note)
 
     def raw(self, ex: Exchange) -> tuple[Record | None, Record | None]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import bisect
 import re
+import threading
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.text import Text
@@ -29,6 +31,8 @@ from textual.widgets.option_list import Option
 from ..analysis import Exchange, FilterError, compile_filter
 from ..analysis import exchange as X
 from ..analysis.filter import completions as filter_completions
+from ..recording.indexed import ERROR, LINT, IndexedRecording
+from ..recording.reader import RecordingError
 from .panels import ApplyFilter
 from .render import (
     TIME_MODES,
@@ -45,6 +49,7 @@ from .sources import Source, Store
 
 FOLLOW_DETAIL_EVERY = 1.0  # seconds between detail-pane updates while following the tail
 FILTER_CHUNK = 20_000  # exchanges a tick tests against the filter (keeps a tick well under 100 ms)
+SORT_MAX = 1_000_000  # rows a replay's latency sort takes (its working set: ~40 MB at this size)
 
 
 class ExchangeList(ScrollView, can_focus=True):
@@ -83,9 +88,8 @@ class ExchangeList(ScrollView, can_focus=True):
     def __init__(self, store: Store, **kw: Any) -> None:
         super().__init__(**kw)
         self.store = store
-        self.view: list[int] | None = None  # exchange indexes the filter kept; None = all
-        self.order: list[int] | None = None  # rows sorted by latency (a snapshot of the view), or None
-        self._order_rows: dict[int, int] = {}
+        self.view: Sequence[int] | None = None  # exchange indexes the filter kept; None = all
+        self.order: array[int] | None = None  # rows sorted by latency (a snapshot of the view), or None
         self.count = 0  # rows shown (frozen while paused)
         self.follow = True
         self.paused = False
@@ -96,7 +100,7 @@ class ExchangeList(ScrollView, can_focus=True):
         self._sent: tuple[int | None, bool] | None = None  # (exchange, replied) the detail pane was told of
         self._seen: int | None = None  # the selection at the previous tick
         self._strips: dict[tuple[Any, ...], Strip] = {}  # rendered rows; a row changes when its reply comes
-        self._painted: tuple[int, int, int] | None = None
+        self._painted: tuple[int, int, int, int] | None = None
         self._sent_at = 0.0
 
     # -- rows ------------------------------------------------------------------------------------
@@ -120,7 +124,10 @@ class ExchangeList(ScrollView, can_focus=True):
 
     def row_of(self, index: int) -> int | None:
         if self.order is not None:
-            return self._order_rows.get(index)
+            try:
+                return self.order.index(index)  # a C scan of a flat array: jumps are rare
+            except ValueError:
+                return None
         if self.view is None:
             row = index - self.base
             return row if 0 <= row < self.count else None
@@ -146,10 +153,11 @@ class ExchangeList(ScrollView, can_focus=True):
             prev_ts = prev.ts_ns if prev is not None else None
         sel = 2 if row == self.cursor and self.has_focus else (1 if row == self.cursor else 0)
         now = self.store.now_ns()
-        key = (i, width, sel, i in self.marks, self.time_mode, prev_ts, *row_key(ex, now))
+        path = self.store.path(i)
+        key = (i, width, sel, i in self.marks, self.time_mode, prev_ts, path, ex.submount, *row_key(ex, now))
         strip = self._strips.get(key)
         if strip is None:
-            text = row_text(ex, self.store.path(i), width, self.t0, i in self.marks, mode=self.time_mode,
+            text = row_text(ex, path, width, self.t0, i in self.marks, mode=self.time_mode,
                             prev_ts=prev_ts, now_ns=now)
             if sel:
                 text.stylize("reverse" if sel == 2 else "underline")
@@ -182,7 +190,7 @@ class ExchangeList(ScrollView, can_focus=True):
         # Repaint only if the visible rows could have changed: new rows in view, or replies still to come.
         top = self.scroll_offset.y
         bottom = min(n, top + self.rows_shown)
-        sig = (top, bottom, self.cursor)
+        sig = (top, bottom, self.cursor, st.rec.analysed if st.rec is not None else 0)  # paths, lints come
         waiting = any(ex is not None and ex.state != X.DONE
                       for ex in (st.get(i) for i in (self.index_at(r) for r in range(top, bottom))
                                  if i is not None))
@@ -221,7 +229,7 @@ class ExchangeList(ScrollView, can_focus=True):
             self._sent_at = time.monotonic()
             self.post_message(self.Selected(sel))
 
-    def reset_view(self, view: list[int] | None) -> None:
+    def reset_view(self, view: Sequence[int] | None) -> None:
         keep = self.selected
         self.order = None
         self.view = view
@@ -292,18 +300,23 @@ class ExchangeList(ScrollView, can_focus=True):
             self.sync()
         self._announce()  # the detail pane shows the row under the cursor now, paused or caught up
 
-    def sort_by_latency(self) -> None:
-        """Rows from the slowest to the fastest (unanswered last): a snapshot of what the list shows now."""
-        get = self.store.get
+    def sort_by_latency(self) -> bool:
+        """Rows from the slowest to the fastest (unanswered last): a snapshot of what the list shows now.
+        A replay reads latencies from its rows (no decoding); it sorts at most SORT_MAX rows (the sort
+        itself holds a Python int per row while it runs): False, with a word to the user, beyond."""
         rows = self.view if self.view is not None else range(self.store.base, self.store.end)
+        if self.store.rec is not None and len(rows) > SORT_MAX:
+            self.app.bell()
+            self.app.notify(f"{len(rows):,} rows: the latency sort takes at most {SORT_MAX:,} (filter first)",
+                            severity="warning")
+            return False
+        lat_of = self.store.latency_of
 
         def slow(i: int) -> int:
-            ex = get(i)
-            lat = ex.latency_ns if ex is not None else None
+            lat = lat_of(i)
             return -lat if lat is not None else 1
 
-        self.order = sorted(rows, key=slow)
-        self._order_rows = {i: r for r, i in enumerate(self.order)}
+        self.order = array("Q", sorted(rows, key=slow))
         self.count = len(self.order)
         self.follow = False
         self.virtual_size = Size(0, self.count)
@@ -312,6 +325,7 @@ class ExchangeList(ScrollView, can_focus=True):
         self._painted = None
         self.refresh()
         self._announce()
+        return True
 
     def action_sort(self) -> None:
         """`s`: sort by latency (slowest first); `s` again: capture order, on the same exchange."""
@@ -332,8 +346,20 @@ class ExchangeList(ScrollView, can_focus=True):
             self.marks.symmetric_difference_update({i})
             self.refresh_line(self.cursor - self.scroll_offset.y)
 
-    def _seek(self, delta: int, pred: Callable[[int], bool], what: str = "match") -> bool:
+    def _seek(self, delta: int, pred: Callable[[int], bool], what: str = "match", bit: int = 0) -> bool:
         row = self.cursor + delta
+        st = self.store
+        if bit and st.rec is not None and self.view is None and self.order is None:
+            # A replay's whole list: its rows' flags on disk, searched in C (any distance, no decoding).
+            found = st.rec.find(bit, st.base + row, delta)
+            if found is not None:
+                self.go(found - st.base, follow=False)
+                return True
+            if st.rec.analysed < len(st.rec):
+                self.app.notify(f"no {what} {'below' if delta > 0 else 'above'} this row in the "
+                                f"{st.rec.analysed:,} exchanges analysed so far", timeout=3)
+                return False
+            row = -1  # nothing: say so below
         steps = 0
         while 0 <= row < self.count and steps < 2_000_000:
             i = self.index_at(row)
@@ -342,9 +368,7 @@ class ExchangeList(ScrollView, can_focus=True):
                 return True
             row += delta
             steps += 1
-        self.app.bell()
-        where = "below" if delta > 0 else "above"
-        self.app.notify(f"no {what} {where} this row: the {'end' if delta > 0 else 'top'} of the list", timeout=3)
+        self._seek_none(what, delta)
         return False
 
     def action_next_mark(self, delta: int) -> None:
@@ -352,15 +376,36 @@ class ExchangeList(ScrollView, can_focus=True):
             self.app.bell()
             self.app.notify("no marks yet: m marks the selected exchange", timeout=3)
             return
-        self._seek(delta, lambda i: i in self.marks, "mark")
+        rows = [r for r in (self.row_of(m) for m in self.marks) if r is not None]
+        ahead = [r for r in rows if (r - self.cursor) * delta > 0]  # the marks' own rows: no walk
+        if ahead:
+            self.go(min(ahead) if delta > 0 else max(ahead), follow=False)
+            return
+        self._seek_none("mark", delta)
+
+    def _seek_none(self, what: str, delta: int) -> None:
+        self.app.bell()
+        where = "below" if delta > 0 else "above"
+        self.app.notify(f"no {what} {where} this row: the {'end' if delta > 0 else 'top'} of the list", timeout=3)
+
+    def _flagged(self, bit: int, attr: str) -> Callable[[int], bool]:
+        """Whether exchange i has an error (or lints): from a replay's rows if they know, else decoded."""
+        st = self.store
+
+        def pred(i: int) -> bool:
+            f = st.flags_of(i)
+            if f is not None:
+                return bool(f & bit)
+            ex = st.get(i)
+            return bool(ex is not None and getattr(ex, attr))
+
+        return pred
 
     def action_next_error(self, delta: int) -> None:
-        get = self.store.get
-        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.error), "error")
+        self._seek(delta, self._flagged(ERROR, "error"), "error", ERROR)
 
     def action_next_lint(self, delta: int) -> None:
-        get = self.store.get
-        self._seek(delta, lambda i: bool((ex := get(i)) is not None and ex.lints), "lint")
+        self._seek(delta, self._flagged(LINT, "lints"), "lint", LINT)
 
     def on_focus(self) -> None:
         self.refresh()
@@ -655,25 +700,38 @@ class FilterBar(Widget):
 
 
 class FilterState:
-    """The applied filter and how far through the exchanges it has got (filtered a chunk per tick)."""
+    """The applied filter and how far through the exchanges it has got.
+
+    Live, a chunk of the kept exchanges is tested each tick.  A replay's filter runs over the whole
+    recording in its own thread (IndexedRecording.scan): matches are appended to `view` (a flat array of
+    exchange numbers, 4 bytes a match) as they are found, `upto` is its progress; a new filter stops it."""
 
     def __init__(self, text: str, pred: Callable[[Exchange], bool]) -> None:
         self.text = text
         self.pred = pred
-        self.view: list[int] = []
+        self.view: list[int] | array[int] = []
         self.upto = 0
+        self.thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: str | None = None
 
     def advance(self, store: Store, budget: int = FILTER_CHUNK) -> bool:
         """Test up to `budget` more exchanges; True if the view grew.  Waits for pending replies near the tail."""
-        exs = store.exchanges
+        if store.rec is not None:  # a replay: its own thread does the pass
+            if self.thread is None:
+                self._start(store)
+            return False
+        exs = store.analyzer.exchanges
         base = store.base
-        if self.view and self.view[0] < base:  # forgotten by a live trim
-            del self.view[:bisect.bisect_left(self.view, base)]
+        view = self.view
+        assert isinstance(view, list)
+        if view and view[0] < base:  # forgotten by a live trim
+            del view[:bisect.bisect_left(view, base)]
         n = len(exs)
         p = max(0, self.upto - base)  # positions in the kept window; indexes are base + position
         end = min(n, p + budget)
         grew = False
-        pred, view = self.pred, self.view
+        pred = self.pred
         while p < end:
             ex = exs[p]
             if not ex.replied and ex.expects_reply and not store.done and n - p < 5000:
@@ -685,8 +743,41 @@ class FilterState:
         self.upto = base + p
         return grew
 
+    def _start(self, store: Store) -> None:
+        rec = store.rec
+        assert rec is not None
+        self.view = array("I" if len(rec) < 1 << 32 else "Q")
+        self.thread = threading.Thread(target=self._scan, args=(rec,), name="fsinspect-filter", daemon=True)
+        self.thread.start()
+
+    def _scan(self, rec: IndexedRecording) -> None:
+        def progress(done: int, total: int) -> None:
+            self.upto = done
+
+        view = self.view
+        try:
+            for i in rec.scan(self.pred, progress=progress, stop=self._stop):
+                view.append(i)
+        except (RecordingError, OSError, ValueError) as e:  # the file changed under us
+            self.error = str(e)
+            self.upto = len(rec)
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def cancel(self) -> None:
+        """Stop a replay's pass (a new filter replaces this one, or the UI closes)."""
+        self._stop.set()
+
     def finish(self, store: Store) -> None:
         """Test every exchange now (up to replies still to come at a live tail): before a sort or export."""
+        if store.rec is not None:
+            if self.thread is None:
+                self._start(store)
+            assert self.thread is not None
+            self.thread.join()
+            return
         while self.upto < store.end:
             before = self.upto
             self.advance(store, budget=1 << 30)
