@@ -28,9 +28,9 @@ from typing import Any, overload
 
 from .. import privfile
 from ..analysis import Analyzer, Exchange
-from ..analysis.render import submounts_json, syncfs_json
 from ..analysis.exchange import Lint
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
+from ..analysis.render import submounts_json, syncfs_json
 from ..analysis.stats import Stats
 from .index import RecordingIndex, recording_stamp
 from .parts import ANALYSIS_SUFFIX, ROWS_SUFFIX, side_file
