@@ -164,7 +164,7 @@ class HeadlessFeed(ControlFeed):
             self.sink.copy(b"".join(out))
         msgs: list[dict[str, Any] | Record] = [x for x in items if isinstance(x, dict)]
         if msgs:  # overflow, events, errors: counted and said as before
-            self._apply_batch(msgs)
+            self.apply_batch(msgs)
         if self.reader.failed is not None:
             raise self.reader.failed
     def path_of(self, ex: Exchange) -> str:
