@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -57,3 +58,55 @@ def test_backend_cmd_dies_with_a_sigkilled_proxy() -> None:
             assert not left, f"still running 2 s after the proxy was SIGKILLed: {left}"
         finally:
             stop_process(p)  # the group: whatever a failed run left behind
+
+
+SAMPLE = Path(__file__).resolve().parent.parent / "recordings" / "samples" / "guest-syncfs.pcapng"
+# A back-end that takes the connection and never answers: the rerun waits on it.
+MUTE_BACKEND = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); "
+                "c = s.accept(); time.sleep(120)")
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Live children of `pid` (any session): pid -> command name."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            rest = stat[stat.rindex(")") + 2:].split()
+            if int(rest[1]) == pid and rest[0] != "Z":
+                found[int(d.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+    return found
+
+
+def test_rerun_backend_cmd_dies_with_a_sigkilled_rerun() -> None:
+    """`fsinspect rerun --backend-cmd` starts its back-end in a session of its own; SIGKILL the rerun while
+    the back-end keeps it waiting, and the back-end must still go (it would live on for two minutes)."""
+    with short_tmpdir() as work:
+        cmd = shlex.join([sys.executable, "-c", MUTE_BACKEND]) + " {socket}"
+        p = subprocess.Popen([sys.executable, "-m", "fsinspect", "rerun", str(SAMPLE), "--backend-cmd", cmd,
+                              "--allow-snapped", "--timeout", "60"], stdin=subprocess.DEVNULL, cwd=work,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        kids: dict[int, str] = {}
+        try:
+            deadline = time.monotonic() + 20
+            while not kids or not any(Path(f"/proc/{k}/fd").exists() for k in kids):
+                assert p.poll() is None and time.monotonic() < deadline, "rerun or its back-end never came up"
+                time.sleep(0.05)
+                kids = _children(p.pid)
+            time.sleep(0.5)  # connected and waiting
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+            t0 = time.monotonic()
+            while (left := {k: c for k, c in kids.items() if Path(f"/proc/{k}").exists()
+                            and Path(f"/proc/{k}/stat").read_text().split(")")[1].split()[0] != "Z"}) \
+                    and time.monotonic() - t0 < 2.0:
+                time.sleep(0.02)
+            assert not left, f"the rerun's back-end still runs 2 s after the rerun was SIGKILLed: {left}"
+        finally:
+            stop_process(p)
+            for k in kids:  # a failed run: the back-end is ours to clean
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(k, signal.SIGKILL)

@@ -7,6 +7,7 @@ recorded one.  Exit status: 0 all equal and answered, 1 differences, 2 error.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..children import die_with_parent
 from ..errors import UserError
 from ..rerun import report
 from ..rerun.front import Front, FrontError, wait_socket
@@ -83,7 +85,7 @@ def backend(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[Path, Any
     log = open(workdir / "backend.log", "wb")
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
     except OSError as e:
         log.close()
         raise UserError(f"--backend-cmd: cannot run {argv[0]}: {e.strerror}") from None

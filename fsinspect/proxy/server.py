@@ -11,14 +11,12 @@ Threads:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import mmap
 import os
 import select
 import shlex
-import signal
 import socket
 import struct
 import subprocess
@@ -46,6 +44,7 @@ from dissectors.transport.wire import (
     shrink_sealed,
 )
 
+from .. import children
 from . import control as C
 
 log = logging.getLogger("fsinspect.proxy")
@@ -153,7 +152,7 @@ class Proxy:
         """
         if self.cfg.backend_cmd:
             self.backend_proc = subprocess.Popen(shlex.split(self.cfg.backend_cmd), stdin=subprocess.DEVNULL,
-                                                 preexec_fn=_die_with_parent(os.getpid()))
+                                                 preexec_fn=children.die_with_parent(os.getpid()))
 
     def connect_backend(self) -> socket.socket:
         assert self.cfg.backend
@@ -705,26 +704,6 @@ class Proxy:
 
 class _FrontendGone(Exception):
     """QEMU's socket failed while the proxy was answering it."""
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A preexec_fn: SIGTERM to the child when its parent dies; exits at once if the parent is already gone.
-
-    Everything is looked up before the fork, so the child only makes two system calls.
-    """
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    getppid, exit_now, sigterm = os.getppid, os._exit, int(signal.SIGTERM)
-
-    def child() -> None:
-        if prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0) != 0:
-            exit_now(127)
-        if getppid() != parent:  # the proxy died between fork and prctl: nobody would signal us
-            exit_now(127)
-    return child
 
 
 def _eventfd() -> int:
