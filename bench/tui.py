@@ -300,6 +300,34 @@ async def bench_live(rate: int, seconds: float, fmt: str) -> dict[str, Any]:
     return out
 
 
+def bench_ingest(exchanges: int = 20_000) -> dict[str, float]:
+    """The binary stream's ingest path alone (the UI's AttachSource: block parsing, then the lazy analyzer,
+    paths and counters), on one thread, by CPU time: the ceiling the UI could reach with the UI thread idle
+    and a core of its own, less sensitive to a loaded machine than the wall clock."""
+    from fsinspect.recording.reader import StreamReader
+    from fsinspect.recording.writer import BlockEncoder
+
+    enc = BlockEncoder(snaplen=16384)
+    snap = 40 + 80 + 256
+    for i, (rq, rp) in enumerate(build_corpus()[:exchanges]):
+        head = i & 127
+        enc.request(rq[:snap], 0 if rp is None else 1, head, 1_000 + i * 10_000, orig_len=len(rq), n=i + 1)
+        if rp is not None:
+            enc.reply(rp[:snap], 1, head, 1_000 + i * 10_000 + 40_000, orig_len=len(rp), n=i + 1)
+    data = b"".join(enc.header) + enc.take()
+    src = AttachSource(Store(), "/nonexistent")
+    src.reader = StreamReader()
+    t = time.thread_time()
+    items = src.reader.feed(data)
+    parse = time.thread_time() - t
+    t = time.thread_time()
+    for k in range(0, len(items), 256):
+        src._apply_batch(items[k:k + 256])
+    apply = time.thread_time() - t
+    return {"parse_us": parse / exchanges * 1e6, "apply_us": apply / exchanges * 1e6,
+            "ceiling": exchanges / (parse + apply)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exchanges", type=int, default=1_000_000)
@@ -359,6 +387,11 @@ def main() -> int:
                  (f"indexed {r['n']:,}: second open", f"{r['reopen_s'] * 1000:.1f} ms (goal < 1 s), analysis "
                                                       f"{'read back' if r['reopen_has_analysis'] else 'MISSING'}; "
                                                       f"side files {r['side_files_mb']:.0f} MB")]
+    if not args.skip_live and "pcapng" in args.live_formats.split(","):
+        r = bench_ingest()
+        rows.append(("live pcapng: ingest path alone, CPU per exchange",
+                     f"{r['parse_us']:.1f} µs parsing blocks + {r['apply_us']:.1f} µs analysing = a ceiling of "
+                     f"{r['ceiling']:,.0f} exchanges/s on one core"))
     for fmt in ([] if args.skip_live else args.live_formats.split(",")):
         r = asyncio.run(bench_live(args.rate, args.seconds, fmt))
         ok &= r["fps"] >= 10 and r["key_p95_ms"] < 100 and (fmt != "pcapng" or (
