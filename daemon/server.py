@@ -172,13 +172,20 @@ class Negotiated:
         return bool(self.flags & INIT_FLAG[name])
 
 
+_U64 = (1 << 64) - 1
+
+
 def _attr_values(st: StatLike, flags: int = 0) -> tuple[int, ...]:
-    """fuse_attr's fields in wire order, straight from a stat (no record object on the hot path)."""
+    """fuse_attr's fields in wire order, straight from a stat (no record object on the hot path).
+
+    Seconds before 1970 go out two's complement: the field is u64 on the wire and the kernel reads it as s64
+    (as libfuse's implicit conversion sends them); nanoseconds stay 0..999999999 (divmod floors).
+    """
     a_s, a_ns = divmod(st.st_atime_ns, 1_000_000_000)
     m_s, m_ns = divmod(st.st_mtime_ns, 1_000_000_000)
     c_s, c_ns = divmod(st.st_ctime_ns, 1_000_000_000)
-    return (st.st_ino, st.st_size, st.st_blocks, a_s, m_s, c_s, a_ns, m_ns, c_ns, st.st_mode, st.st_nlink,
-            st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, flags)
+    return (st.st_ino, st.st_size, st.st_blocks, a_s & _U64, m_s & _U64, c_s & _U64, a_ns, m_ns, c_ns, st.st_mode,
+            st.st_nlink, st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, flags)
 
 
 def attr_from_stat(st: StatLike, flags: int = 0) -> Any:

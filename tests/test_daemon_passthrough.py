@@ -486,6 +486,20 @@ def test_setattr_chmod_chown_utimens_truncate(engine: Factory, tmp_path: Path, s
     assert abs(st.st_atime - __import__("time").time()) < 60
 
 
+def test_times_before_1970_are_sent_as_the_kernel_reads_them(engine: Factory, tmp_path: Path) -> None:
+    """A host file dated before 1970 (found by the engine fuzz: a SETATTR set one): its negative seconds go
+    out two's complement in fuse_attr's u64, which the kernel reads as s64, as libfuse does; they failed
+    every LOOKUP/GETATTR of the file with EIO and a traceback."""
+    c = engine()
+    (tmp_path / "old").write_bytes(b"x")
+    os.utime(tmp_path / "old", ns=(-1_500_000_000, -86_400_000_000_000))  # 1969-12-31T23:59:58.5, 1969-12-31
+    f = c.nodeid(1, b"old")
+    for a in (c.ok("GETATTR", {"getattr": F.make("fuse_getattr_in")}, nodeid=f).args["attr_out"].attr,
+              c.ok("LOOKUP", {"name": b"old"}, nodeid=1).args["entry"].attr):
+        assert (a.atime - (1 << 64), a.atimensec) == (-2, 500_000_000)
+        assert (a.mtime - (1 << 64), a.mtimensec) == (-86_400, 0)
+
+
 def test_readonly_rejects_every_modification(engine: Factory, tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"keep")
     c = engine(readonly=True, xattr=True)
