@@ -10,6 +10,7 @@ RESET_DEVICE, and the end of the connection leaving no fd or thread behind.
 from __future__ import annotations
 
 import gc
+import logging
 import mmap
 import os
 import select
@@ -264,3 +265,28 @@ def test_disconnect_mid_traffic_releases_everything(tmp_path: Path) -> None:
         assert not t.is_alive() and s.closed
     assert set(os.listdir("/proc/self/fd")) == fds_before
     assert set(threading.enumerate()) == threads_before
+
+
+def test_a_reply_from_the_front_end_is_refused_and_the_session_goes_on(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A front-end message with the REPLY flag (found by the vhost-user fuzz): SET_VRING_NUM decoded as its
+    reply (a u64) reached the request handler, which died on a TypeError with a traceback and ended the
+    session.  It is refused in one line (a NAK when an ack was asked for); the session goes on."""
+    share = tmp_path / "share"
+    share.mkdir()
+    with session(share) as (fe, s, t):
+        assert fe.ask("GET_PROTOCOL_FEATURES").u64 & P["REPLY_ACK"]
+        fe.send("SET_PROTOCOL_FEATURES", V.u64(P["REPLY_ACK"]))
+        for need_reply in (False, True):
+            raw = bytearray(V.encode_message(V.build("SET_VRING_NUM", V.u64(5), reply=True)))
+            raw[4] |= 0x8 if need_reply else 0
+            with caplog.at_level(logging.ERROR, logger="fsinspect.daemon"):
+                send_message(fe.sock, bytes(raw))
+                if need_reply:
+                    rep = fe.recv()
+                    assert rep.is_reply and rep.name == "SET_VRING_NUM" and rep.payload.u64 != 0
+                assert fe.ask("GET_QUEUE_NUM").u64 == 2  # still serving
+        assert t.is_alive() and not s.closed
+    refusals = [r for r in caplog.records if "SET_VRING_NUM" in r.getMessage()]
+    assert len(refusals) == 2 and not any(r.exc_info for r in caplog.records), caplog.text
+    assert all("reply" in r.getMessage() for r in refusals)

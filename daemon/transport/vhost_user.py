@@ -276,6 +276,12 @@ class VhostUserSession:
                         _close(fd)
                     self._refuse_undecodable(raw, e)
                     continue
+                if msg.is_reply:  # its payload has the reply's layout: no request handler may see it
+                    for fd in fds:
+                        _close(fd)
+                    self._refuse_undecodable(raw, DecodeError("a reply (REPLY flag) where a request belongs", 4,
+                                                              proto="vhost-user"))
+                    continue
                 self._dispatch(msg)
         except (WireError, VhostUserError, OSError) as e:
             log.error("vhost-user session ended: %s", e)
