@@ -312,6 +312,11 @@ class VhostUserSession:
         log.debug("<- %s", msg.summary())
         handler: Callable[[V.VhostUserMessage], Any] | None = getattr(self, f"_on_{name.lower()}", None)
         spec = REQ_BY_VALUE.get(msg.request)
+        if spec is not None and not spec.fds and msg.fds:  # this request takes none: a front-end's extras
+            log.warning("%s came with %d fds it does not take; closed", name, len(msg.fds))
+            for fd in msg.fds:
+                _close(fd)
+            msg.fds = []
         if handler is None:
             log.warning("unsupported vhost-user request %s", name)
             for fd in msg.fds:
@@ -337,6 +342,16 @@ class VhostUserSession:
         if index >= len(self.vrings):
             raise VhostUserError(f"vring {index} out of range (max {len(self.vrings)})")
         return self.vrings[index]
+
+    def _vring_fd(self, msg: V.VhostUserMessage) -> tuple[Vring, int]:
+        """The vring a SET_VRING_KICK/CALL/ERR names and its fd; the fd is closed when either is refused."""
+        try:
+            vr = self._vring(msg.payload.u64 & vspec.VRING_IDX_MASK)
+        except VhostUserError:
+            for fd in msg.fds:
+                _close(fd)
+            raise
+        return vr, self._one_fd(msg)
 
     def _one_fd(self, msg: V.VhostUserMessage) -> int:
         """The u64 vring-fd messages: an eventfd unless NOFD (bit 8) is set.
@@ -484,9 +499,7 @@ class VhostUserSession:
                   desc, avail, used, q.last_avail_idx, q.used_idx)
 
     def _on_set_vring_kick(self, msg: V.VhostUserMessage) -> None:
-        index = msg.payload.u64 & vspec.VRING_IDX_MASK
-        vr = self._vring(index)
-        fd = self._one_fd(msg)
+        vr, fd = self._vring_fd(msg)
         if fd < 0:
             raise VhostUserError("polling mode (SET_VRING_KICK with NOFD) is not supported")
         if vr.started:
@@ -499,8 +512,7 @@ class VhostUserSession:
         self._start_thread(vr, fd)
 
     def _on_set_vring_call(self, msg: V.VhostUserMessage) -> None:
-        vr = self._vring(msg.payload.u64 & vspec.VRING_IDX_MASK)
-        fd = self._one_fd(msg)
+        vr, fd = self._vring_fd(msg)
         with vr.lock:
             old, vr.call_fd = vr.call_fd, fd
         _close(old)
@@ -508,8 +520,7 @@ class VhostUserSession:
             _eventfd_write(fd)  # a completion may have signalled the old fd while QEMU switched
 
     def _on_set_vring_err(self, msg: V.VhostUserMessage) -> None:
-        vr = self._vring(msg.payload.u64 & vspec.VRING_IDX_MASK)
-        fd = self._one_fd(msg)
+        vr, fd = self._vring_fd(msg)
         old, vr.err_fd = vr.err_fd, fd
         _close(old)
 
