@@ -683,7 +683,8 @@ class Proxy:
             if s is not None:
                 s.close()
         stop_fd, self._stop_fd = self._stop_fd, -1
-        self._close_fds([fd for fd in (self._local_wake, stop_fd) if fd >= 0])
+        region_fd, self.region_fd = self.region_fd, -1  # its mapping stays: memoryviews of it may live on
+        self._close_fds([fd for fd in (self._local_wake, stop_fd, region_fd) if fd >= 0])
         self._local_wake = -1
         if self.backend_proc is not None and self.backend_proc.poll() is None:
             self.backend_proc.terminate()
