@@ -18,8 +18,10 @@ from hypothesis import strategies as hs
 SLOW_CASES = int(os.environ.get("FSI_SLOW_CASES", "1000000"))
 
 
-def report(target: str, cases: int, seconds: float) -> str:
+def report(target: str, cases: int, seconds: float, note: str = "") -> str:
     line = f"FUZZ {target}: {cases} cases in {seconds:.1f} s = {cases / max(seconds, 1e-9):,.0f} cases/s"
+    if note:
+        line += f" ({note})"
     print("\n" + line, flush=True)
     return line
 

@@ -318,36 +318,38 @@ class Proxy:
     # -- command execution ------------------------------------------------------------------------
     def _execute(self, cmds: list[C.Command], msg_fds: list[int]) -> None:
         keep: set[int] = set()
-        for c in cmds:
-            if isinstance(c, C.SendBackend):
-                self._send_backend(c, keep)
-            elif isinstance(c, C.SendFrontend):
-                assert self.frontend is not None
-                msg = self._vring_base_consumed(c.msg)
-                raw = V.encode_message(msg)
-                self._record_vhost("proxy->frontend", raw, [], msg)
-                self._send_frontend(raw)
-            elif isinstance(c, C.MapRegion):
-                self._map_region(c)
-            elif isinstance(c, C.UnmapAll):
-                self._unmap_all()
-            elif isinstance(c, C.QueueSetup):
-                self.queues.setdefault(c.index, QueueRuntime()).setup = c
-                self._init_shadow(c)
-            elif isinstance(c, C.QueueFd):
-                self._queue_fd(c, keep)
-            elif isinstance(c, C.QueueStart):
-                self._queue_start(c.index)
-            elif isinstance(c, C.QueueStop):
-                self._queue_stop(c.index)
-            elif isinstance(c, C.QueueDrain):
-                self._queue_drain(c.index)
-            elif isinstance(c, C.ReplyVringBase):
-                self._reply_vring_base(c.index)
-            elif isinstance(c, C.Event):
-                if self.on_event is not None:
-                    self.on_event(c)
-        self._close_fds([fd for fd in msg_fds if fd not in keep])
+        try:
+            for c in cmds:
+                if isinstance(c, C.SendBackend):
+                    self._send_backend(c, keep)
+                elif isinstance(c, C.SendFrontend):
+                    assert self.frontend is not None
+                    msg = self._vring_base_consumed(c.msg)
+                    raw = V.encode_message(msg)
+                    self._record_vhost("proxy->frontend", raw, [], msg)
+                    self._send_frontend(raw)
+                elif isinstance(c, C.MapRegion):
+                    self._map_region(c)
+                elif isinstance(c, C.UnmapAll):
+                    self._unmap_all()
+                elif isinstance(c, C.QueueSetup):
+                    self.queues.setdefault(c.index, QueueRuntime()).setup = c
+                    self._init_shadow(c)
+                elif isinstance(c, C.QueueFd):
+                    self._queue_fd(c, keep)
+                elif isinstance(c, C.QueueStart):
+                    self._queue_start(c.index)
+                elif isinstance(c, C.QueueStop):
+                    self._queue_stop(c.index)
+                elif isinstance(c, C.QueueDrain):
+                    self._queue_drain(c.index)
+                elif isinstance(c, C.ReplyVringBase):
+                    self._reply_vring_base(c.index)
+                elif isinstance(c, C.Event):
+                    if self.on_event is not None:
+                        self.on_event(c)
+        finally:  # a command may raise ProtocolViolation half-way: the fds not taken are still ours to close
+            self._close_fds([fd for fd in msg_fds if fd not in keep])
 
     def _send_frontend(self, raw: bytes) -> None:
         assert self.frontend is not None
