@@ -67,3 +67,24 @@ def test_proxy_closes_the_fds_of_a_message_it_refuses_half_way() -> None:
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         c.close()
+
+
+def test_proxy_refuses_a_reply_from_qemu_in_one_line() -> None:
+    """Found by the campaign: a front-end message with the REPLY flag (SET_VRING_ENABLE decoded with its
+    reply's u64 layout) reached the control plane's request handler, and the proxy's control thread died
+    on a TypeError with a traceback.  It is a protocol violation, named in one line."""
+    require_root()
+    c = VhostCampaign("proxy", 1)
+    try:
+        with quiet_logs() as logs:
+            c.begin_session()
+            assert c.front is not None
+            raw = bytearray(next(raw for name, raw in c.script if name == "SET_VRING_ENABLE"))
+            raw[4] |= 0x4
+            send_message(c.front, bytes(raw))
+            c.expect_end()
+        assert not logs.bugs
+        reason = c.target.reasons[-1]  # type: ignore[union-attr]
+        assert reason.startswith("protocol violation: SET_VRING_ENABLE") and "REPLY" in reason, reason
+    finally:
+        c.close()

@@ -211,6 +211,8 @@ class ControlPlane:
     def from_frontend(self, msg: V.VhostUserMessage) -> list[Command]:
         """A request from QEMU.  Returns commands; fds in msg are owned by the I/O module."""
         self.messages += 1
+        if msg.is_reply:  # decoded with the reply's layout: no request handler may see it
+            raise ProtocolViolation(f"{msg.name} with the REPLY flag: QEMU sends only requests on this socket")
         if self.pending is not None:
             raise ProtocolViolation(f"{msg.name} arrived while {self.pending.name} still awaits its reply")
         name = msg.name
