@@ -314,3 +314,24 @@ def test_fds_a_message_does_not_take_are_closed(tmp_path: Path) -> None:
         assert t.is_alive() and not s.closed
     for fd in (r, w, efd):
         os.close(fd)
+
+
+def test_a_ring_resized_while_it_runs_is_refused_and_a_bad_head_never_kills_the_queue(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the vhost-user fuzz: SET_VRING_NUM 128 on a running 64-entry ring was taken, so a chain head
+    of 100 in the avail ring passed the `head < vr.num` check, its used entry overflowed the real ring
+    (RingError head_range) and the queue thread died with a traceback: the guest's later requests hung.
+    A running ring's size is refused (NAK); a bad head is judged against the ring's own size."""
+    share = tmp_path / "share"
+    share.mkdir()
+    with session(share) as (fe, s, t), caplog.at_level(logging.WARNING, logger="fsinspect.daemon"):
+        setup_queues(fe, f"/proc/self/fd/{fe.memfd}", table=True)
+        _fuse_init(fe)
+        assert fe.acked("SET_VRING_NUM", V.make("vhost_vring_state", index=1, num=128)) != 0
+        fe.rings[1].publish([100])  # a head past the 64-entry ring
+        os.eventfd_write(fe.kick[1], 1)
+        rep = fe.fuse("GETATTR", {"getattr": F.make("fuse_getattr_in")})  # the queue still serves
+        assert rep.error == 0
+        assert t.is_alive() and not s.closed
+    assert not any(r.exc_info for r in caplog.records), caplog.text
+    assert any("malformed chain" in r.getMessage() for r in caplog.records), caplog.text

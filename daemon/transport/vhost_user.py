@@ -468,6 +468,8 @@ class VhostUserSession:
         num = msg.payload.num
         if num == 0 or num > vio.MAX_QUEUE_SIZE or num & (num - 1):
             raise VhostUserError(f"vring {vr.index}: bad size {num}")
+        if vr.started:  # the ring's thread serves heads of the size it was made with
+            raise VhostUserError(f"vring {vr.index}: SET_VRING_NUM while the ring runs")
         vr.num = num
 
     def _on_set_vring_base(self, msg: V.VhostUserMessage) -> None:
@@ -647,7 +649,7 @@ class VhostUserSession:
                     self._serve_chain(vr, c)
                 if err is not None:
                     log.error("vring %d: malformed chain: %s", vr.index, err)
-                    if err.head is not None and err.head < vr.num:
+                    if err.head is not None and err.head < q.num:  # the ring's own size, not a later SET_VRING_NUM
                         vr.batch.append((err.head, 0))
             finally:
                 batch, vr.batch = vr.batch, None
