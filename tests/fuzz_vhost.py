@@ -20,6 +20,7 @@ Every SESSION_CHECK sessions the process's fds and threads are back to their bas
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 import os
@@ -378,6 +379,7 @@ class VhostCampaign:
             self.check_baseline()
 
     def check_baseline(self) -> None:
+        gc.collect()  # a capture buffer's eventfd and the mappings go with their objects
         fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
         if self.fd_base < 0:
             self.fd_base, self.thread_base = fds, threads

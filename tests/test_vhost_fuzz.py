@@ -25,7 +25,7 @@ def _campaign(kind: str, seed: int, cases: int) -> None:
     c = run_campaign(kind, seed, cases)
     report(f"vhost-user front ({kind}): crafted/mutated messages, fds, memory tables, kicks", c.cases,
            time.monotonic() - t0, f"seed {seed}, {c.sessions} sessions, {c.kicked} kicks")
-    assert c.cases == cases and c.sessions > 1
+    assert c.cases >= cases and c.sessions > 1
 
 
 @pytest.mark.parametrize("kind", ["daemon", "proxy"])

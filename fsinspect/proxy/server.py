@@ -665,6 +665,8 @@ class Proxy:
             return
         self._shut = True
         self._stop.set()
+        with contextlib.suppress(OSError):  # the capture thread waits on this eventfd: wake it to see the stop
+            os.eventfd_write(self.capture.fileno(), 1)
         for q in self.queues.values():
             if q.path is not None:
                 with contextlib.suppress(Exception):
