@@ -1,10 +1,15 @@
-"""Mutated requests against the passthrough engine: it never raises, every reply is well-formed (or the
+"""The daemon engine under fuzz.  A hypothesis test of mutated requests (never raises, every reply is well-formed or
+the message dropped, it keeps serving, nothing outside the share changes), and the stateful model-checked
+campaign of tests/fuzz_engine.py: a small seeded budget in CI, 1M cases in `./scripts/check --slow`.
+
+The hypothesis test: mutated requests against the passthrough engine: it never raises, every reply is well-formed (or the
 message is dropped), it keeps serving, and nothing outside the shared directory changes."""
 
 from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +25,12 @@ from dissectors.errors import DecodeError
 from dissectors.spec import fuse as spec
 from tests.conftest import require_root
 from tests.daemon_client import EngineClient
-from tests.fuzzbudget import SLOW_CASES, fuzz
+from tests.fuzz_engine import EngineCampaign, engine_log
+from tests.fuzzbudget import SLOW_CASES, report
 
 pytestmark = pytest.mark.root
 
+SETTLE_EVERY = 50_000
 NO_REPLY = {spec.OPCODE_BY_NAME[n].value for n in ("FORGET", "BATCH_FORGET", "INTERRUPT")}
 OPS = [o.name for o in spec.OPCODES if o.name not in ("CUSE_INIT", "NOTIFY_REPLY", "SETLKW")]
 
@@ -107,9 +114,33 @@ def test_mutated_requests_never_break_the_engine(world: tuple[EngineClient, Path
     _engine_case(world, raw)
 
 
+def _campaign(seed: int, cases: int) -> None:
+    """The stateful model-checked campaign (tests/fuzz_engine.py); a settle (every handle released, every
+    nodeid forgotten: fds back to the start) every SETTLE_EVERY cases and at the end."""
+    require_root()
+    c = EngineCampaign(seed)
+    t0 = time.monotonic()
+    try:
+        with engine_log() as log:
+            while c.cases < cases:
+                c.step()
+                assert not log.bugs, c.fail(f"a traceback was logged: {log.bugs[0]}")
+                if c.cases % SETTLE_EVERY == 0:
+                    c.settle()
+            c.settle()
+    finally:
+        c.close()
+    report("daemon engine: stateful FUSE sequences, mutated", c.cases, time.monotonic() - t0,
+           f"seed {seed}, {log.lines} one-line complaints, {c.opcounts()}")
+
+
+def test_engine_campaign() -> None:
+    _campaign(1, int(os.environ.get("FSI_FUZZ_EXAMPLES", "20000")))
+
+
 @pytest.mark.slow
-def test_mutated_requests_never_break_the_engine_1m(world: tuple[EngineClient, Path]) -> None:
-    fuzz("daemon engine: mutated requests", requests(), lambda raw: _engine_case(world, raw), SLOW_CASES)
+def test_engine_campaign_1m() -> None:
+    _campaign(int(os.environ.get("FSI_FUZZ_SEED", time.time_ns() % 2**32)), SLOW_CASES)
 
 
 def _engine_case(world: tuple[EngineClient, Path], raw: bytes) -> None:
