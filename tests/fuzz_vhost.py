@@ -47,8 +47,8 @@ from daemon.vhost import GuestPassthroughFS
 from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
 from dissectors.spec import vhost_user as vspec
+from dissectors.transport.wire import PeerClosed, WireError, recv_message, send_message
 from fsinspect.proxy.server import Proxy, ProxyConfig
-from fsinspect.proxy.wire import PeerClosed, WireError, recv_message, send_message
 
 REQ = {r.name: r.value for r in vspec.FRONTEND_REQUESTS}
 KNOWN = set(REQ.values())

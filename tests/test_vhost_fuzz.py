@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fsinspect.proxy.wire import recv_message, send_message
+from dissectors.transport.wire import recv_message, send_message
 from tests.conftest import require_root
 from tests.fuzz_vhost import PING, VhostCampaign, quiet_logs, run_campaign
 from tests.fuzzbudget import SLOW_CASES, report
