@@ -80,16 +80,6 @@ def judge(name: str, series: list[tuple[float, int]], slack: float, unit: str, w
                f"last-third median {last:.0f} {unit} (growth {last - first:+.0f}, allowed {slack:.0f})"
 
 
-def wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited (status {proc.returncode}) before creating {path}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not create {path} within {timeout:.0f} s")
-        time.sleep(0.05)
-
-
 def fsinspect_json(*args: str) -> tuple[dict[str, Any] | None, str]:
     p = subprocess.run([sys.executable, "-m", "fsinspect", *args, "--json"], capture_output=True, text=True,
                        timeout=1800)
@@ -135,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
                                   stdin=subprocess.DEVNULL, start_new_session=True)
         proxy: subprocess.Popen[bytes] | None = None
         try:
-            wait_for(dsock, daemon, "the daemon")
+            launcher._wait_for_socket(dsock, daemon, "the daemon", 30)
             proxy = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(psock),
                                       "--backend", str(dsock), "--record", str(recdir / "soak.pcapng"),
                                       "--rotate-mb", str(args.rotate_mb), "--rotate-keep", str(args.rotate_keep),
                                       "--lossless", "--summary-json", str(summ), "--quiet"],
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-            wait_for(psock, proxy, "the proxy")
+            launcher._wait_for_socket(psock, proxy, "the proxy", 30)
             holder: dict[str, GuestResult] = {}
             params = {"soak_s": soak_s, "conc_loops": args.conc_loops, "conc_iters": args.conc_iters,
                       "conc_mb": args.conc_mb}

@@ -25,7 +25,7 @@ from dissectors.errors import DecodeError
 from dissectors.spec import fuse as spec
 from tests.conftest import require_root
 from tests.daemon_client import EngineClient
-from tests.fuzz_engine import EngineCampaign, engine_log
+from tests.fuzz_engine import EngineCampaign, engine_log, tree_snapshot
 from tests.fuzzbudget import SLOW_CASES, report
 
 pytestmark = pytest.mark.root
@@ -33,15 +33,6 @@ pytestmark = pytest.mark.root
 SETTLE_EVERY = 50_000
 NO_REPLY = {spec.OPCODE_BY_NAME[n].value for n in ("FORGET", "BATCH_FORGET", "INTERRUPT")}
 OPS = [o.name for o in spec.OPCODES if o.name not in ("CUSE_INIT", "NOTIFY_REPLY", "SETLKW")]
-
-
-def _snapshot(d: Path) -> list[tuple[str, int, int, int]]:
-    out = []
-    for root, dirs, files in os.walk(d):
-        for n in dirs + files:
-            s = os.lstat(os.path.join(root, n))
-            out.append((os.path.join(root, n), s.st_mode, s.st_size, s.st_mtime_ns))
-    return sorted(out)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +50,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EngineClie
     c.init()
     for name in (b"d", b"f"):
         c.lookup(1, name)  # nodeids 2 and 3 exist, so mutated nodeids sometimes hit
-    before = _snapshot(outside)
+    before = tree_snapshot(outside)
     yield c, outside
     server.shutdown()
     fs.close()
-    assert _snapshot(outside) == before
+    assert tree_snapshot(outside) == before
 
 
 def _args(op: str, draw: Any) -> dict[str, Any]:
