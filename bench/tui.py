@@ -322,7 +322,7 @@ def bench_ingest(exchanges: int = 20_000) -> dict[str, float]:
     parse = time.thread_time() - t
     t = time.thread_time()
     for k in range(0, len(items), 256):
-        src._apply_batch(items[k:k + 256])
+        src.apply_batch(items[k:k + 256])
     apply = time.thread_time() - t
     return {"parse_us": parse / exchanges * 1e6, "apply_us": apply / exchanges * 1e6,
             "ceiling": exchanges / (parse + apply)}
