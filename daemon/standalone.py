@@ -42,14 +42,13 @@ def _may_allow_other() -> bool:
 
 
 def _reader(dev: FuseDev, server: Server, queue: int) -> None:
+    """Serve requests until the unmount; a reply goes to the fd its request came from (`dev`)."""
     write = cast(Callable[[Sequence[Buffer]], None], dev.write)  # os.writev takes any buffers
     handle = server.handle
-    buf = bytearray(dev.bufsize)
-    read_into = dev.read_into
     try:
-        while True:
-            handle(read_into(buf), write, queue)
-    except DeviceClosed:
+        for request in dev.requests():
+            handle(request, write, queue)
+    except DeviceClosed:  # a reply's write saw the unmount
         pass
 
 
@@ -77,9 +76,9 @@ def check_outside(mountpoint: str, shared_dir: str) -> None:
 class Standalone:
     """A mounted session: `serve()` blocks until unmounted or stopped; `stop()` from any thread."""
 
-    def __init__(self, mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8,
-                 dispatch: str = "inline+pool", tap: Tap | None = None, hold: EngineHoldPoint | None = None,
-                 sandbox: str = "none", seccomp: str = "none") -> None:
+    def __init__(self, mountpoint: str, opts: Options, *, readers: int = 1, clone_fd: bool = False,
+                 pool_size: int = 8, dispatch: str = "inline+pool", tap: Tap | None = None,
+                 hold: EngineHoldPoint | None = None, sandbox: str = "none", seccomp: str = "none") -> None:
         check_outside(mountpoint, opts.shared_dir)
         self.sandbox = sandbox
         self.seccomp = seccomp
@@ -87,6 +86,8 @@ class Standalone:
         self.fs = PassthroughFS(dataclasses.replace(opts, proc_groups=True))
         self.server = Server(self.fs, tap=tap, pool_size=pool_size, dispatch=dispatch, hold=hold)
         self.readers = max(1, readers)
+        self.clone_fd = clone_fd
+        self.clones: list[FuseDev] = []  # per-reader fds (FUSE_DEV_IOC_CLONE), opened before the sandbox
         try:
             self.dev = FuseDev.mount(mountpoint, MountOptions(fsname=opts.shared_dir, default_permissions=True,
                                                               allow_other=_may_allow_other()))
@@ -113,12 +114,16 @@ class Standalone:
 
     def _read_confined(self) -> None:
         try:
+            # /dev/fuse is out of reach in the sandbox: the clones are opened first.
+            if self.clone_fd:
+                self.clones = [self.dev.clone() for _ in range(1, self.readers)]
             enter_sandbox(self.sandbox, self.fs, self.seccomp)
-        except SandboxError as e:
+        except (SandboxError, FuseDevError) as e:
             self.error = e
             return
-        threads = [threading.Thread(target=_reader, args=(self.dev, self.server, q), daemon=True,
-                                    name=f"fuse-reader-{q}") for q in range(1, self.readers)]
+        devs = self.clones or [self.dev] * (self.readers - 1)
+        threads = [threading.Thread(target=_reader, args=(dev, self.server, q), daemon=True,
+                                    name=f"fuse-reader-{q}") for q, dev in enumerate(devs, 1)]
         for t in threads:
             t.start()
         _reader(self.dev, self.server, 0)
@@ -142,21 +147,23 @@ class Standalone:
         if self.server.hold is not None:
             self.server.hold.flush()  # nothing held may outlive the mount
         self.stop()
+        for dev in self.clones:
+            dev.close()
         self.dev.close()
         self.server.shutdown()
         self.fs.close()
 
 
-def run(mountpoint: str, opts: Options, *, readers: int = 1, pool_size: int = 8, dispatch: str = "inline+pool",
-        ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None,
+def run(mountpoint: str, opts: Options, *, readers: int = 1, clone_fd: bool = False, pool_size: int = 8,
+        dispatch: str = "inline+pool", ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None,
         hold: EngineHoldPoint | None = None, sandbox: str = "none", seccomp: str = "none") -> int:
     """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM.
 
     The readers run on threads; the main thread only waits for a signal or the end of the session,
     so a signal never lands in the middle of a reply.
     """
-    session = Standalone(mountpoint, opts, readers=readers, pool_size=pool_size, dispatch=dispatch, tap=tap,
-                         hold=hold, sandbox=sandbox, seccomp=seccomp)
+    session = Standalone(mountpoint, opts, readers=readers, clone_fd=clone_fd, pool_size=pool_size,
+                         dispatch=dispatch, tap=tap, hold=hold, sandbox=sandbox, seccomp=seccomp)
     serve_until_signal(session, "fuse-serve",
                        on_signal=lambda sig: log.info("%s: unmounting %s", sig, session.mountpoint),
                        ready=None if ready is None else lambda: ready(session))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -262,6 +263,52 @@ def test_signal_unmounts_cleanly(tmp_path: Path, sig: int) -> None:
         assert is_mounted(mnt)
     finally:
         rc = stop(proc, mnt, sig)
+    assert rc == 0
+    assert not is_mounted(mnt)
+
+
+def _dev_fuse_fds(pid: int) -> int:
+    return sum(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse" for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("clone", [False, True], ids=["shared-fd", "clone-fd"])
+def test_several_readers(tmp_path: Path, clone: bool) -> None:
+    """Three reader threads on one fd, or each on its own FUSE_DEV_IOC_CLONE fd (opened before the
+    sandbox, which has no /dev/fuse): concurrent clients all get their replies (a reply written on
+    another fd than its request's would be lost, and the caller would hang), and a signal still unmounts."""
+    require_root()
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    proc = start(shared, mnt, "--readers", "3", *(["--clone-fd"] if clone else []))
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            d = mnt / f"c{k}"
+            d.mkdir()
+            for i in range(60):
+                f = d / f"f{i}"
+                f.write_bytes(bytes([k]) * (100 + i))
+                assert f.stat().st_size == 100 + i
+                assert f.read_bytes() == bytes([k]) * (100 + i)
+            assert sorted(os.listdir(d)) == sorted(f"f{i}" for i in range(60))
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        assert _dev_fuse_fds(proc.pid) == (3 if clone else 1)
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 90
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), "a client is still waiting for a reply"
+        assert not errors, errors
+        assert all((shared / f"c{k}" / "f59").read_bytes() == bytes([k]) * 159 for k in range(6))
+    finally:
+        rc = stop(proc, mnt)
     assert rc == 0
     assert not is_mounted(mnt)
 

@@ -71,7 +71,10 @@ def register(sub: Any) -> None:
     t = p.add_argument_group("transport")
     t.add_argument("--standalone", metavar="MOUNTPOINT", help="serve over /dev/fuse, mounted at MOUNTPOINT")
     add_vhost_options(t)
+    # Standalone reader threads, sharing the /dev/fuse fd or each with a clone of it (bench/standalone.py
+    # measures both against one reader).
     t.add_argument("--readers", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
+    t.add_argument("--clone-fd", action="store_true", help=argparse.SUPPRESS)
     # The concurrency model (bench/standalone.py measures inline+pool against a plain pool).
     t.add_argument("--dispatch", choices=("inline+pool", "pool", "inline"), default="inline+pool",
                    help=argparse.SUPPRESS)
@@ -156,9 +159,9 @@ def run(args: argparse.Namespace) -> int:
     point = attach_debugger(intercept, ctl)
     served: list[standalone.Standalone] = []
     try:
-        standalone.run(args.standalone, opts, readers=args.readers, pool_size=args.thread_pool_size,
-                       dispatch=args.dispatch, tap=tap, hold=point, sandbox=args.sandbox, seccomp=args.seccomp,
-                       ready=served.append)
+        standalone.run(args.standalone, opts, readers=args.readers, clone_fd=args.clone_fd,
+                       pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap, hold=point,
+                       sandbox=args.sandbox, seccomp=args.seccomp, ready=served.append)
     except FuseDevError as e:
         raise UserError(str(e.strerror or e), status=1) from None
     except OSError as e:
