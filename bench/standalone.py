@@ -8,6 +8,10 @@ per round as median [min .. max], and the daemon's CPU per operation (user + sys
 threads, from /proc/PID/task/*/schedstat): the wall ratio follows the load of a shared machine, the CPU
 per operation much less, so compare those when the load average printed at the start is not near 0.
 
+The shared directory is on a private tmpfs (`--on-disk` for the temporary directory's filesystem): on
+ext4 a create storm measures the host's journal and its scan of recently deleted inodes more than the
+daemons, and whichever ran second looked slower.
+
 `--tree NAME=DIR` adds a column with the daemon of another checkout (a `git worktree add` of an older
 commit), run by this interpreter with DIR first on the path: a regression hunt in one interleaved run.
 
@@ -98,7 +102,7 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def populate(d: Path, n: int) -> None:
-    d.mkdir(parents=True)
+    d.mkdir()
     blob = os.urandom(SMALL)
     for i in range(n):
         (d / f"f{i:05d}").write_bytes(blob)
@@ -216,6 +220,7 @@ def main() -> int:
     ap.add_argument("--cache", default="none,auto", help="comma-separated cache modes (none, auto)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds per cache mode, the target order reversed every other round (the host is shared)")
+    ap.add_argument("--on-disk", action="store_true", help="share a directory of $TMPDIR's filesystem, not a tmpfs")
     ap.add_argument("--no-pyfuse3", action="store_true")
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
@@ -240,14 +245,20 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="fsinspect-bench-"))
     shared, mnt = base / "shared", base / "mnt"
     mnt.mkdir()
-    populate(shared / "src", args.files)
-    with open(shared / "src" / "big", "wb") as f:
-        f.write(os.urandom(MIB) * args.big_mb)
+    shared.mkdir()
+    if not args.on_disk and _libc.mount(b"fsinspect-bench", str(shared).encode(), b"tmpfs", 0,
+                                        f"size={args.big_mb + 256}m".encode()) != 0:
+        raise SystemExit(f"mount tmpfs on {shared}: {os.strerror(ctypes.get_errno())} (or pass --on-disk)")
     try:
+        populate(shared / "src", args.files)
+        with open(shared / "src" / "big", "wb") as f:
+            f.write(os.urandom(MIB) * args.big_mb)
         for cache in modes:
             print("\n".join(table(run_mode(args, shared, mnt, cache), cache, args.rounds, args.n)), flush=True)
     finally:
         if not mounted(mnt):
+            if not args.on_disk:
+                _libc.umount2(str(shared).encode(), 2)
             shutil.rmtree(base, ignore_errors=True)
     return 0
 
