@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,22 +111,39 @@ def test_no_socket_is_one_line(tmp_path: Path) -> None:
     assert "cannot connect" in res.stderr
 
 
-def test_requests_still_waiting_at_the_end_are_written_as_pending(tmp_path: Path) -> None:
-    """A hung back-end: the last SYNCFS is never answered.  The headless client writes it at the end, pending
-    with its age, instead of losing it (the UI shows it as a pending row)."""
+def _attach_to_analyzer(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Hub, threading.RLock, Any]:
+    """`fsinspect attach` on a real Hub that a real Analyzer publishes to (as a proxy session wires them)."""
     from fsinspect.analysis import Analyzer
-    from fsinspect.recording.reader import RecordingReader
 
     lock = threading.RLock()
     hub = Hub(str(tmp_path / "ctl.sock"), lambda: {}, feed_lock=lock, queue_len=100_000)
-    proc = subprocess.Popen([*FSINSPECT, "attach", hub.path, "--format", "jsonl", "--filter", "op == SYNCFS"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    want = [g["unique"] for g in golden("guest-syncfs") if g["opcode"] == "SYNCFS"]
+    proc = subprocess.Popen([*FSINSPECT, "attach", hub.path, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    an = Analyzer(keep_exchanges=False, keep_raw=True)
+    an.listeners.append(hub.publish_exchange)
+    an.pending_listeners.append(hub.publish_request)
     try:
         _wait_clients(hub, 1, proc)
-        an = Analyzer(keep_exchanges=False, keep_raw=True)
-        an.listeners.append(hub.publish_exchange)
-        an.pending_listeners.append(hub.publish_request)
+    except BaseException:
+        hub.close()
+        raise
+    return proc, hub, lock, an
+
+
+def _ended(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    """The client's output once the source has closed (it must end by itself, exit 0)."""
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def test_requests_still_waiting_at_the_end_are_written_as_pending(tmp_path: Path) -> None:
+    """A hung back-end: the last SYNCFS is never answered.  The headless client writes it at the end, pending
+    with its age, instead of losing it (the UI shows it as a pending row)."""
+    from fsinspect.recording.reader import RecordingReader
+
+    proc, hub, lock, an = _attach_to_analyzer(tmp_path, "--format", "jsonl", "--filter", "op == SYNCFS")
+    want = [g["unique"] for g in golden("guest-syncfs") if g["opcode"] == "SYNCFS"]
+    try:
         with RecordingReader(SYNCFS) as r:
             for rec in r.records():
                 if rec.is_fuse and rec.inbound:
@@ -138,10 +156,60 @@ def test_requests_still_waiting_at_the_end_are_written_as_pending(tmp_path: Path
                         an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len)
     finally:
         hub.close()
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    out, err = _ended(proc)
     rows = [json.loads(x) for x in out.splitlines()]
     assert [r["unique"] for r in rows] == want
     assert [r["state"] for r in rows] == ["done"] * 5 + ["pending"]
     assert rows[-1]["reply"] is None and rows[-1]["age_ms"] > 0
     assert b"1 still waiting" in err
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text"])
+def test_a_held_request_is_written_when_held_then_when_it_completes(tmp_path: Path, fmt: str) -> None:
+    """The source's debugger holds the first SYNCFS: the headless client writes it at once, held (the line a
+    user at a breakpoint waits for), then again when it is released and answered."""
+    import select
+
+    from fsinspect.recording.reader import RecordingReader
+
+    proc, hub, lock, an = _attach_to_analyzer(tmp_path, "--format", fmt, "--filter", "op == SYNCFS")
+    assert proc.stdout is not None
+    first = next(g["unique"] for g in golden("guest-syncfs") if g["opcode"] == "SYNCFS")
+    try:
+        held = None
+        with RecordingReader(SYNCFS) as r:
+            for rec in r.records():
+                if not rec.is_fuse:
+                    continue
+                unique = int.from_bytes(rec.data[8:16], "little")
+                with lock:
+                    if rec.inbound:
+                        ex = an.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len,
+                                             held=unique == first)
+                        held = ex if unique == first else held
+                        continue
+                if unique == first:  # its reply: first the client must have shown it held
+                    assert held is not None
+                    ready, _, _ = select.select([proc.stdout], [], [], 20)
+                    assert ready, "nothing written while the request was held"
+                    line = proc.stdout.readline().decode()
+                    if fmt == "jsonl":
+                        row = json.loads(line)
+                        assert (row["unique"], row["state"], row["held"]) == (first, "held", "request")
+                    else:
+                        assert f"#{held.n} " in line and "SYNCFS" in line and line.rstrip().endswith("(held)")
+                    with lock:
+                        an.resume(held.n, "released")
+                with lock:
+                    an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len)
+    finally:
+        hub.close()
+    out, err = _ended(proc)
+    lines = out.decode().splitlines()
+    assert len(lines) == 6  # every SYNCFS once as it completed; the held line came before
+    if fmt == "jsonl":
+        rows = [json.loads(x) for x in lines]
+        assert rows[0]["unique"] == first and rows[0]["state"] == "done" and rows[0]["error"] is None
+    else:
+        assert held is not None and lines[0].startswith(f"#{held.n} ") and "(held)" not in lines[0]
+    assert b"6 of " in err

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from dissectors import fuse as F
 from dissectors.render import message_json, safe_name, summary
 
-from .exchange import Exchange
+from .exchange import HELD_REPLY, HELD_REQUEST, Exchange
 
 if TYPE_CHECKING:
     from .analyzer import Analyzer
@@ -167,7 +167,9 @@ def exchange_line(ex: Exchange, t0: int = 0) -> str:
     """`#12 +0.004512 q0 LOOKUP u=8 n=1 name="x" -> ENOENT 52µs [lint]`."""
     t = (ex.ts_ns - t0) / 1e9 if t0 else ex.ts_ns / 1e9
     req = summary(ex.request) if ex.request is not None else ""
-    if not ex.replied:
+    if ex.held == HELD_REQUEST:
+        out = "(held)"
+    elif not ex.replied and ex.held is None:
         out = "(no reply)" if ex.expects_reply else ""
     elif ex.error:
         out = f"-> {ex.errname}"
@@ -181,6 +183,8 @@ def exchange_line(ex: Exchange, t0: int = 0) -> str:
         parts.append(req)
     if out:
         parts.append(out)
+    if ex.held == HELD_REPLY:
+        parts.append("(reply held)")
     if ex.latency_ns is not None:
         parts.append(fmt_ns(ex.latency_ns))
     if ex.lints:

@@ -120,6 +120,10 @@ class HeadlessFeed(ControlFeed):
         self.pending_at_end = 0
         self._finished: list[Exchange] = []
         state.analyzer.listeners.append(self._finished.append)
+        # Held by the source's debugger: written when it is held (state held), then again when it completes.
+        self._held: list[Exchange] = []
+        self._held_shown: dict[int, str] = {}  # n -> the side it was written held on
+        state.analyzer.pending_listeners.append(self._pending)
         self.copying = False  # the near-copy of the binary stream (pcapng, no filter)
         self._copied_requests: set[int] = set()  # requests in flight at the switch, written already
 
@@ -172,8 +176,18 @@ class HeadlessFeed(ControlFeed):
         inodes = self.state.analyzer.inodes
         return inodes.path(ex.nodeid) if ex.opcode >= 0 and ex.nodeid in inodes.nodes else ""
 
+    def _pending(self, ex: Exchange) -> None:
+        if ex.held is not None and self._held_shown.get(ex.n) != ex.held:
+            self._held_shown[ex.n] = ex.held
+            self._held.append(ex)
+
     def batch_done(self) -> None:
+        held, self._held[:] = list(self._held), []
+        if held and not isinstance(self.sink, PcapngSink):  # pcapng: blocks are written once, at completion
+            self._write(held, count=False)
         done, self._finished[:] = list(self._finished), []
+        for ex in done:
+            self._held_shown.pop(ex.n, None)
         self._write(done)
         missed = self.state.overflow
         if missed > self.reported_overflow:
@@ -191,14 +205,15 @@ class HeadlessFeed(ControlFeed):
         self.pending_at_end = len(still)
         return len(still)
 
-    def _write(self, exs: list[Exchange]) -> None:
+    def _write(self, exs: list[Exchange], count: bool = True) -> None:
+        """`count`: these are exchanges as they end (the "N of M" on stderr), not a held one shown early."""
         sink = self.sink
         if sink is None:
             return
         pred = self.predicate
         for ex in exs:
-            self.seen += 1
+            self.seen += count
             if pred is None or pred(ex):
                 sink.write(ex)
-                self.written += 1
+                self.written += count
         sink.flush()
