@@ -177,3 +177,31 @@ def test_credentials_are_per_thread(eng: Any) -> None:
     assert (seen["uid"], seen["gid"], seen["groups"]) == ("1234", "5678", ["7", "8", "9"])
     assert seen["after"] == []
     assert status()["Groups"] == before  # the main thread kept its own
+
+
+def test_wait_kick(eng: Any) -> None:
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        os.eventfd_write(kick, 3)  # kicks coalesce: one wait reads them all
+        assert eng.wait_kick(kick, wake) == 1
+        os.eventfd_write(wake, 1)
+        assert eng.wait_kick(kick, wake) == 2
+        os.eventfd_write(kick, 1)
+        os.eventfd_write(wake, 1)
+        assert eng.wait_kick(kick, wake) == 3
+        for fd in (kick, wake):  # both were read
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(fd)
+        os.eventfd_write(wake, 1)
+        assert eng.wait_kick(-1, wake) == 2  # no kick fd yet
+        threading.Timer(0.05, os.eventfd_write, (kick, 1)).start()
+        assert eng.wait_kick(kick, wake) == 1  # blocks until the kick comes
+        closed = os.eventfd(0)
+        os.close(closed)
+        with pytest.raises(OSError) as e:
+            eng.wait_kick(closed, wake)
+        assert e.value.errno == errno.EBADF
+    finally:
+        os.close(kick)
+        os.close(wake)

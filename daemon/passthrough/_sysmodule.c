@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/fsuid.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -253,7 +255,39 @@ static PyObject *sys_setgroups_thread(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* wait_kick(kick_fd, wake_fd) -> mask: block (GIL released) until either eventfd is readable, read the
+ * ready ones (their counts are not needed: kicks coalesce), and return 1 for a kick, 2 for a wake-up, or
+ * both.  A vhost-user queue thread's wait: one call instead of poll() plus a read per ready fd. */
+static PyObject *sys_wait_kick(PyObject *self, PyObject *args) {
+    int kick_fd, wake_fd, rc, mask = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "ii:wait_kick", &kick_fd, &wake_fd)) return NULL;
+    struct pollfd p[2] = {{.fd = wake_fd, .events = POLLIN}, {.fd = kick_fd, .events = POLLIN}};
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        rc = poll(p, kick_fd >= 0 ? 2 : 1, -1);
+    } while (rc < 0 && errno == EINTR);
+    if (rc > 0 && ((p[0].revents | (kick_fd >= 0 ? p[1].revents : 0)) & POLLNVAL)) {
+        rc = -1; /* a closed fd: an error, not a wake-up that would repeat forever */
+        errno = EBADF;
+    } else if (rc > 0) {
+        eventfd_t v;
+        if (p[0].revents) {
+            mask |= 2;
+            if (p[0].revents & POLLIN) (void)eventfd_read(wake_fd, &v);
+        }
+        if (kick_fd >= 0 && p[1].revents) {
+            mask |= 1;
+            if (p[1].revents & POLLIN) (void)eventfd_read(kick_fd, &v);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (rc < 0) return raise_errno(errno, "poll", NULL);
+    return PyLong_FromLong(mask);
+}
+
 static PyMethodDef methods[] = {
+    {"wait_kick", sys_wait_kick, METH_VARARGS, "wait_kick(kick_fd, wake_fd) -> 1 kick | 2 wake-up"},
     {"statx", sys_statx, METH_VARARGS, "statx(dirfd, path=b'', flags=AT_EMPTY_PATH|AT_SYMLINK_NOFOLLOW) -> Statx"},
     {"name_to_handle_at", sys_name_to_handle_at, METH_VARARGS,
      "name_to_handle_at(dirfd, path=b'', flags=AT_EMPTY_PATH) -> (handle bytes, mount_id)"},

@@ -19,6 +19,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import select
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -287,9 +288,29 @@ def flock_wait(fd: int, op: int) -> None:
         _raise("flock")
 
 
+def wait_kick(kick_fd: int, wake_fd: int) -> int:
+    """A vhost-user queue thread's wait: block until either eventfd is readable, read the ready ones (kicks
+    coalesce: their count does not matter) and return 1 for a kick, 2 for a wake-up, or both."""
+    p = select.poll()
+    p.register(wake_fd, select.POLLIN)
+    if kick_fd >= 0:
+        p.register(kick_fd, select.POLLIN)
+    mask = 0
+    for fd, ev in p.poll():
+        if ev & select.POLLNVAL:
+            raise OSError(errno.EBADF, f"poll: {os.strerror(errno.EBADF)}")
+        mask |= 2 if fd == wake_fd else 1
+        if ev & select.POLLIN:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
+    return mask
+
+
 # ---------------------------------------------------------------------------------- the C twin
 NATIVE = ("statx", "name_to_handle_at", "open_by_handle_at", "renameat2", "syncfs", "fchown_empty",
-          "readlink_empty", "fallocate", "setfsuid", "setfsgid", "setgroups_thread")
+          "readlink_empty", "fallocate", "setfsuid", "setfsgid", "setgroups_thread", "wait_kick")
 TWIN: dict[str, Callable[..., Any]] = {name: globals()[name] for name in NATIVE}
 ENGINE = "python"
 

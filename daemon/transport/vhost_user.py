@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.passthrough.syscalls import wait_kick
 from daemon.server import NO_REPLY_OPS, Buffer, Server
 from dissectors import fuse as F
 from dissectors import vhost_user as V
@@ -74,6 +75,7 @@ DEFAULT_QUEUES = 2  # hiprio + one request queue, as the C virtiofsd reports
 OUT_HEADER_SIZE = F.OUT_HEADER_SIZE
 VRING_AVAIL_F_NO_INTERRUPT = vio.VRING_AVAIL_F.by_name()["NO_INTERRUPT"]
 INFLIGHT_WAIT_S = 30.0
+WOKEN = 2  # wait_kick(): the queue's wake fd fired (stop, pause, a new kick fd, enable)
 
 
 class VhostUserError(Exception):
@@ -595,28 +597,18 @@ class VhostUserSession:
             with vr.lock:
                 kick_fd, vr.pending_kick = vr.pending_kick, None
         kick = kick_fd if kick_fd is not None else -1
-        poller = select.poll()
-        poller.register(vr.wake_fd, select.POLLIN)
-        if kick >= 0:
-            poller.register(kick, select.POLLIN)
         try:
             self._drain(vr)  # buffers made available before the kick fd arrived
             while True:
-                for fd, _ev in poller.poll():
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        pass
+                woken = wait_kick(kick, vr.wake_fd) & WOKEN
                 if vr.stopping:
                     return
-                with vr.lock:
-                    new, vr.pending_kick = vr.pending_kick, None
-                if new is not None:
-                    if kick >= 0:
-                        poller.unregister(kick)
+                if woken:  # SET_VRING_KICK may have left a new kick fd
+                    with vr.lock:
+                        new, vr.pending_kick = vr.pending_kick, None
+                    if new is not None:
                         _close(kick)
-                    kick = new
-                    poller.register(kick, select.POLLIN)
+                        kick = new
                 self._drain(vr)
         except Exception:
             log.exception("vring %d: queue thread failed", vr.index)
