@@ -524,7 +524,7 @@ def decode_request(buf: bytes | bytearray | memoryview, ctx: FuseContext = DEFAU
         if len(buf) < IN_HEADER_SIZE:
             raise DecodeError(f"truncated: {len(buf)} bytes, a fuse_in_header needs {IN_HEADER_SIZE}", len(buf))
         header = _new(_InHeader, _in_hdr_unpack(buf, 0))
-        cut = _cut_len(buf, header[0], wire_len, IN_HEADER_SIZE)
+        cut = None if wire_len is None or wire_len <= len(buf) else _cut_len(buf, header[0], wire_len, IN_HEADER_SIZE)
         if cut is None and (header[0] != len(buf) or header[0] > _MAX):
             _check_len(buf, header[0], IN_HEADER_SIZE)
         entry = _REQ_DECODERS.get(header[1])
@@ -584,7 +584,7 @@ def decode_reply(buf: bytes | bytearray | memoryview, request: Request | int | s
         if len(buf) < OUT_HEADER_SIZE:
             raise DecodeError(f"truncated: {len(buf)} bytes, a fuse_out_header needs {OUT_HEADER_SIZE}", len(buf))
         header = _new(_OutHeader, _out_hdr_unpack(buf, 0))
-        cut = _cut_len(buf, header[0], wire_len, OUT_HEADER_SIZE)
+        cut = None if wire_len is None or wire_len <= len(buf) else _cut_len(buf, header[0], wire_len, OUT_HEADER_SIZE)
         if cut is None and (header[0] != len(buf) or header[0] > _MAX):
             _check_len(buf, header[0], OUT_HEADER_SIZE)
         if header[2] == 0:

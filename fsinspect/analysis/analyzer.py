@@ -225,9 +225,9 @@ class Analyzer:
     def _complete(self, ex: Exchange) -> None:
         ex.held = None
         ex.replied = True
-        latency = ex.latency_ns
-        if latency is not None:
-            self._stuck(ex, latency, "took")
+        if self.stuck_ns and ex.req_ts is not None and ex.reply_ts is not None \
+                and ex.reply_ts - ex.req_ts > self.stuck_ns:
+            self._stuck(ex, ex.reply_ts - ex.req_ts, "took")
         self._apply_reply(ex)
         self._finish(ex)
 
@@ -330,16 +330,20 @@ class Analyzer:
 
     def _pop(self, queue: int, head: int | None, unique: int, n: int | None = None, *,
              keep: bool = False) -> Exchange | None:
-        keys = [self._by_n.get(n)] if n is not None else [self._key(queue, head, unique, ep)
-                                                           for ep in (self.epoch, self.epoch - 1)]
-        for key in keys:
-            ex = self._pending.get(key) if key is not None else None
-            if ex is not None:
-                if not keep:
-                    del self._pending[key]  # type: ignore[arg-type]
-                    self._by_n.pop(ex.n, None)
-                return ex
-        return None
+        """The pending exchange a reply completes: exchange `n`, else this epoch's chain (or unique), else the
+        previous epoch's; removed from the pending ones unless `keep`."""
+        key: tuple[int, ...] | None
+        if n is not None:
+            key = self._by_n.get(n)
+        else:  # no key list built: the reply's own epoch nearly always has it
+            key = self._key(queue, head, unique, self.epoch)
+            if key not in self._pending:
+                key = self._key(queue, head, unique, self.epoch - 1)
+        ex = self._pending.get(key) if key is not None else None
+        if ex is not None and not keep:
+            del self._pending[key]  # type: ignore[arg-type]
+            self._by_n.pop(ex.n, None)
+        return ex
 
     def _lone(self, queue: int, head: int | None, unique: int, ts_ns: int, rlen: int,
               notes: Sequence[str], ref: Any) -> Exchange:

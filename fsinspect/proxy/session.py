@@ -141,7 +141,8 @@ class Session:
                 if self.writer is not None:
                     self.writer.request(cap.data, cap.queue, cap.head, cap.ts_ns, notes=[note],
                                         flags=fmt.RF_DECODE_ERROR)
-            self.check_stuck(self.analyzer.last_ts)
+            if not self._backlog:  # analysis held back: nothing to check until it catches up
+                self.check_stuck(self.analyzer.last_ts)
 
     def _request(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
                  flags: int = 0, analyse: bool = True) -> None:
