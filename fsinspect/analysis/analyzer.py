@@ -10,7 +10,9 @@ Requests in flight are state: a request is an Exchange from its capture on, numb
 capture order), pending until its reply.  `pending_listeners` hear about it at once and again whenever it
 changes while pending (held, resumed, linted `stuck`); `listeners` hear about it once it is finished.
 The `stuck` lint needs a clock: the feeder calls `check_stuck(now_ns)` periodically (a reply that comes
-late gets it too, so a recording replays to the same lints).
+late gets it too, so a recording replays to the same lints).  A live feeder also gives each request's
+capture time on CLOCK_MONOTONIC (`mono_ns`) and passes the monotonic now: capture stamps are wall-clock
+time, and a clock step (NTP, `date -s`) must not make a waiting request look stuck, or young.
 """
 
 from __future__ import annotations
@@ -76,12 +78,14 @@ class Analyzer:
     # -- feeding ---------------------------------------------------------------------------------
     def feed_request(self, msg: Raw | F.Request, queue: int = 0, head: int | None = None, ts_ns: int = 0, *,
                      epoch: int | None = None, orig_len: int | None = None, notes: Sequence[str] = (),
-                     ref: Any = None, n: int | None = None, held: bool = False) -> Exchange:
+                     ref: Any = None, n: int | None = None, held: bool = False,
+                     mono_ns: int | None = None) -> Exchange:
         """A request as raw bytes or decoded; returns its (open or, for FORGET, finished) Exchange.
 
         `ref` is the caller's handle on the message (a recording offset), kept as `Exchange.req_ref`.
         `n` imposes the source's exchange number (a UI attached to a proxy); by default it is index + 1.
-        `held`: a breakpoint holds it (the back-end has not seen it).
+        `held`: a breakpoint holds it (the back-end has not seen it).  `mono_ns`: its capture time on
+        CLOCK_MONOTONIC (live sources), what `check_stuck(..., mono_ns=)` measures its wait from.
         """
         req: F.Request | None
         raw: bytes | None
@@ -105,7 +109,7 @@ class Analyzer:
             self.count, queue, head, self.epoch, unique, opcode, nodeid, req_ts=ts_ns,
             req_len=orig_len if orig_len is not None else (len(raw) if raw is not None else length),
             notes=list(notes), req_ref=ref, n=n if n is not None else self.count + 1,
-            held=X.HELD_REQUEST if held else None)
+            held=X.HELD_REQUEST if held else None, req_mono=mono_ns)
         self.count += 1
         if ts_ns > self.last_ts:
             self.last_ts = ts_ns
@@ -264,14 +268,18 @@ class Analyzer:
         self._changed(ex)
         return ex
 
-    def check_stuck(self, now_ns: int) -> list[Exchange]:
-        """Lint every pending request that has waited longer than `stuck_ns` at `now_ns` (once each)."""
+    def check_stuck(self, now_ns: int, mono_ns: int | None = None) -> list[Exchange]:
+        """Lint every pending request that has waited longer than `stuck_ns` at `now_ns` (once each).
+
+        With `mono_ns` (CLOCK_MONOTONIC now), a request fed with its own `mono_ns` is aged on that clock."""
         if not self.stuck_ns:
             return []
         out = []
         for ex in list(self._pending.values()):
             if ex.req_ts is not None and ex.held is None and X.STUCK not in ex.lints and ex.expects_reply:
-                if self._stuck(ex, now_ns - ex.req_ts, "has waited"):
+                waited = mono_ns - ex.req_mono if mono_ns is not None and ex.req_mono is not None \
+                    else now_ns - ex.req_ts
+                if self._stuck(ex, waited, "has waited"):
                     self._changed(ex)
                     out.append(ex)
         return out

@@ -78,6 +78,7 @@ class Exchange:
     reply_ref: Any = None
     n: int = 0  # the source's exchange number (1-based, request-capture order): what every UI and command names
     held: str | None = None  # HELD_REQUEST / HELD_REPLY while a breakpoint holds it
+    req_mono: int | None = None  # a live source's request capture time on CLOCK_MONOTONIC: its age for `stuck`
 
     @property
     def state(self) -> str:

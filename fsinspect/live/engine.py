@@ -53,7 +53,7 @@ class ControlTap:
     def _check_stuck(self) -> None:
         while not self._stop.wait(STUCK_CHECK_S):
             with self.lock:
-                self.analyzer.check_stuck(time.time_ns())
+                self.analyzer.check_stuck(time.time_ns(), time.monotonic_ns())
 
     def __call__(self, direction: str, queue: int, unique: int, ts_ns: int, raw: bytes) -> None:
         orig = len(raw)
@@ -63,7 +63,8 @@ class ControlTap:
         with self.lock:
             if direction.startswith("request"):
                 self.requests += 1
-                ex = self.analyzer.feed_request(raw, queue, None, ts_ns, orig_len=orig, held=held)
+                mono = ts_ns + time.monotonic_ns() - time.time_ns()  # `stuck` ages it on CLOCK_MONOTONIC
+                ex = self.analyzer.feed_request(raw, queue, None, ts_ns, orig_len=orig, held=held, mono_ns=mono)
                 self.opcount[ex.opname] += 1
             else:
                 if not held:  # a held reply is counted once, as the guest gets it (as the proxy does)

@@ -51,8 +51,8 @@ BACKLOG_CHUNK = 2000  # captures analysed per quiet spell of the guest (~20-40 m
 _BACKLOG_OVERHEAD = 160  # bytes per held-back capture besides its data (tuple, ints, list)
 STUCK_CHECK_NS = 100_000_000  # how often pending requests are checked against the stuck threshold
 
-# A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes)
-_Held = tuple[bool, bytes, int, int, int, int, list[str]]
+# A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes, mono_ns)
+_Held = tuple[bool, bytes, int, int, int, int, list[str], int]
 _HOLD_FLAGS = ring.CAP_F_HELD | ring.CAP_F_ANSWERED | ring.CAP_F_REWRITTEN | ring.CAP_F_RELEASED
 HeldCallback = Callable[[int, int, int, bytes, int], None]  # (queue, head, direction, raw, ts_ns)
 ResolvedCallback = Callable[[int, int, int, str], None]  # (queue, head, direction, how)
@@ -80,7 +80,7 @@ class Session:
         self.lock = threading.RLock()
         self.analyzer = Analyzer(keep_exchanges=False, keep_raw=bool(opts.control),  # raw bytes for attached UIs
                                  stuck_ns=opts.stuck_ns)
-        self._stuck_checked = 0
+        self._stuck_checked = 0  # CLOCK_MONOTONIC of the last check
         self.writer = (RecordingWriter(opts.record, source="virtio", backend=opts.backend_name,
                                        snaplen=opts.snaplen, rotate_mb=opts.rotate_mb, rotate_keep=opts.rotate_keep,
                                        mode=opts.record_mode,
@@ -121,14 +121,16 @@ class Session:
                                 flags=fmt.RF_PROXY_REPLY)
             return
         layout = tuple([(ln, fl) for _addr, ln, fl in cap.layout])  # hashable: the writer caches its packing
+        # The capture's time on CLOCK_MONOTONIC (its stamp is wall-clock time): what `stuck` ages it from.
+        mono = cap.ts_ns + time.monotonic_ns() - time.time_ns()
         if cap.flags & _HOLD_FLAGS and cap.kind != "error":
-            self._on_hold_capture(cap, layout)
+            self._on_hold_capture(cap, layout, mono)
             return
         with self.lock:
             if cap.kind == "request":
                 self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
                               ["payload cut at the capture snap length"] if cap.truncated else [],
-                              flags=fmt.RF_SNAPPED if cap.truncated else 0)
+                              flags=fmt.RF_SNAPPED if cap.truncated else 0, mono=mono)
             elif cap.kind == "reply":
                 if cap.queue == vio.FS_HIPRIO_QUEUE and cap.length == 0:
                     return  # FORGET completes with used.len 0: there is no reply
@@ -142,15 +144,16 @@ class Session:
                     self.writer.request(cap.data, cap.queue, cap.head, cap.ts_ns, notes=[note],
                                         flags=fmt.RF_DECODE_ERROR)
             if not self._backlog:  # analysis held back: nothing to check until it catches up
-                self.check_stuck(self.analyzer.last_ts)
+                self.check_stuck(self.analyzer.last_ts, mono)
 
     def _request(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
-                 flags: int = 0, analyse: bool = True) -> None:
+                 flags: int = 0, analyse: bool = True, mono: int | None = None) -> None:
         self.requests += 1
         if self.writer is not None:
             self.writer.request(data, queue, head, ts, layout=layout, notes=notes, flags=flags, orig_len=orig)
         if analyse:
-            self._analyse((True, data, queue, head, ts, orig, notes))
+            self._analyse((True, data, queue, head, ts, orig, notes,
+                           ts + time.monotonic_ns() - time.time_ns() if mono is None else mono))
 
     def _reply(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
                flags: int = 0, analyse: bool = True) -> None:
@@ -158,7 +161,7 @@ class Session:
         if self.writer is not None:
             self.writer.reply(data, queue, head, ts, layout=layout, notes=notes, flags=flags, orig_len=orig)
         if analyse:
-            self._analyse((False, data, queue, head, ts, orig, notes))
+            self._analyse((False, data, queue, head, ts, orig, notes, 0))
 
     # -- the debugger's hold points (HoldPoint) ------------------------------------------------------
     def set_rules(self, rules: Sequence[ring.HoldRule]) -> None:
@@ -222,7 +225,7 @@ class Session:
                 return
             self.analyzer.resume(ex.n, str(ev.get("how")))
 
-    def _on_hold_capture(self, cap: Any, layout: Any) -> None:
+    def _on_hold_capture(self, cap: Any, layout: Any, mono: int) -> None:
         """A capture a hold point made: a held request or reply, or how a hold ended."""
         key = (cap.queue, cap.head)
         notes = ["payload cut at the capture snap length"] if cap.truncated else []
@@ -240,7 +243,7 @@ class Session:
                     self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes,
                                   flags | fmt.RF_HELD, analyse=False)
                     ex = self.analyzer.feed_request(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
-                                                    notes=notes, held=True)
+                                                    notes=notes, held=True, mono_ns=mono)
                     self.opcount[ex.opname] += 1
                 else:
                     ex = self.analyzer.feed_reply(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
@@ -306,9 +309,9 @@ class Session:
         self._analyse_one(item)
 
     def _analyse_one(self, item: _Held) -> None:
-        is_request, data, queue, head, ts, orig, notes = item
+        is_request, data, queue, head, ts, orig, notes, mono = item
         if is_request:
-            ex = self.analyzer.feed_request(data, queue, head, ts, orig_len=orig, notes=notes)
+            ex = self.analyzer.feed_request(data, queue, head, ts, orig_len=orig, notes=notes, mono_ns=mono)
             self.opcount[ex.opname] += 1
         else:
             self.analyzer.feed_reply(data, queue, head, ts, orig_len=orig, notes=notes)
@@ -327,19 +330,20 @@ class Session:
         """The guest has been quiet for a moment (capture thread): analyse a chunk of the backlog."""
         if self._backlog:
             self.catch_up(BACKLOG_CHUNK)
-        self.check_stuck(time.time_ns())
+        self.check_stuck(time.time_ns(), time.monotonic_ns())
 
-    def check_stuck(self, now_ns: int) -> None:
-        """Lint pending requests older than the threshold at `now_ns` (at most every STUCK_CHECK_NS).
+    def check_stuck(self, now_ns: int, mono_ns: int) -> None:
+        """Lint pending requests older than the threshold (at most every STUCK_CHECK_NS).
 
-        `now_ns` must be a time up to which every capture has been analysed: the clock once the capture
-        buffer is empty, the newest capture's time while traffic flows.
+        `now_ns`/`mono_ns` (wall clock, CLOCK_MONOTONIC) must be a time up to which every capture has been
+        analysed: the clocks once the capture buffer is empty, the newest capture's time while traffic
+        flows.  Ages are measured on the monotonic clock: a wall-clock step changes none.
         """
-        if self._backlog or now_ns - self._stuck_checked < STUCK_CHECK_NS:
+        if self._backlog or mono_ns - self._stuck_checked < STUCK_CHECK_NS:
             return
-        self._stuck_checked = now_ns
+        self._stuck_checked = mono_ns
         with self.lock:
-            self.analyzer.check_stuck(now_ns)
+            self.analyzer.check_stuck(now_ns, mono_ns)
 
     def _on_vhost(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
         notes = [msg] if isinstance(msg, str) else []
