@@ -23,10 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
+from dissectors import fuse as F
 from fsinspect.cli import main
 from fsinspect.recording import format as fmt
 from fsinspect.recording.index import RecordingIndex
 from fsinspect.recording.reader import RecordingError, RecordingReader
+from fsinspect.recording.writer import RecordingWriter
 from fsinspect.tui.app import FsInspectApp
 from fsinspect.tui.panels import StatsPanel
 from fsinspect.tui.sources import ReplaySource, Store
@@ -291,3 +293,21 @@ def test_reader_refuses_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(RecordingError, match=r"x\.pcapng: interface 0 at offset \d+: kind .* queue '1'"):
         with RecordingReader(p) as r:
             list(r.records())
+
+
+def test_an_exported_pdu_tag_running_past_the_packet_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Found by the reader's window campaign: a P2P-direction tag whose 4-byte value the captured bytes
+    cut short raised struct.error (a traceback) instead of RecordingError."""
+    path = tmp_path / "cut.pcapng"
+    with RecordingWriter(path, source="virtio", snaplen=0) as w:
+        w.request(F.encode_request("GETATTR", {"getattr": F.make("fuse_getattr_in")}, unique=1, nodeid=1), queue=1)
+    data = bytearray(path.read_bytes())
+    tag = struct.pack(">HH", fmt.EXP_PDU_TAG_P2P_DIRECTION, 4)
+    at = data.index(tag) + 4 + 2  # two bytes into the tag's value
+    epb = data.rindex(struct.pack("<I", fmt.BT_EPB), 0, at)
+    caplen_at = epb + 8 + 12  # block type, total length, then iface, ts_hi, ts_lo, captured length
+    struct.pack_into("<I", data, caplen_at, at - (epb + 28))  # the captured bytes end inside the value
+    path.write_bytes(bytes(data))
+    with pytest.raises(RecordingError, match="exported PDU") as e, RecordingReader(path) as r:
+        list(r)
+    assert "\n" not in str(e.value)

@@ -150,6 +150,8 @@ def strip_exported_pdu(data: bytes) -> tuple[str, int | None, bytes]:
         off += 4
         if tag == fmt.EXP_PDU_TAG_END_OF_OPT:
             return name, p2p, data[off:]
+        if off + ln > n:
+            raise RecordingError(f"exported PDU tag {tag} runs past the captured bytes ({ln} bytes, {n - off} left)")
         val = data[off:off + ln]
         if tag == fmt.EXP_PDU_TAG_DISSECTOR_NAME:
             name = val.rstrip(b"\0").decode("utf-8", "replace")
