@@ -554,7 +554,7 @@ class Hub:
         if not line.strip() or c.closing:
             return
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_not_json)
         except ValueError as e:
             self._reply(c, {"type": "error", "error": f"not JSON: {e}"})
             return
@@ -682,6 +682,12 @@ def _cut_raw(obj: dict[str, Any]) -> int:
             obj["snapped"] = True
         size += len(h or "")
     return size
+
+
+def _not_json(name: str) -> Any:
+    """Python's json reads NaN and Infinity; RFC 8259 has neither, and echoing one back (an id) would make
+    the reply unreadable to strict clients (jq, JSON.parse)."""
+    raise ValueError(f"{name} is not a JSON value (RFC 8259 has no NaN or Infinity)")
 
 
 def _line(obj: dict[str, Any]) -> bytes:
