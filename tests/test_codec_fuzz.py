@@ -6,7 +6,9 @@ CI runs a bounded budget (FSI_FUZZ_EXAMPLES=N); `./scripts/check --slow` runs 1M
 from __future__ import annotations
 
 import os
+import random
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +19,7 @@ from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
 from dissectors.spec import fuse as fspec
 from dissectors.spec import vhost_user as vspec
-from tests.fuzzbudget import SLOW_CASES, fuzz
+from tests.fuzzbudget import SLOW_CASES, report
 from tests.specgen import ALL_NOTIFIES, ALL_OPCODES, sample_args
 
 CI_EXAMPLES = int(os.environ.get("FSI_FUZZ_EXAMPLES", "1500"))
@@ -136,6 +138,45 @@ def test_fuzz_header_length_extremes() -> None:
         V.decode_message(struct.pack("<III", 1, 1, vspec.MAX_PAYLOAD + 1))
 
 
+def _mutated_rng(rnd: random.Random) -> tuple[bytes, int | None, bool]:
+    """The `mutated` strategy's cases from a fast RNG (the same seeds and mutations)."""
+    raw, opcode = rnd.choice(SEEDS)
+    b = bytearray(raw)
+    for _ in range(rnd.randint(0, 4)):
+        kind = rnd.randrange(6)
+        if kind == 0 and b:
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+        elif kind == 1:
+            del b[rnd.randint(0, len(b)):]
+        elif kind == 2:
+            b += rnd.randbytes(rnd.randint(0, 64))
+        elif kind == 3 and len(b) >= 4:
+            struct.pack_into("<I", b, 0, len(b))
+        elif kind == 4 and len(b) >= 40:
+            struct.pack_into("<H", b, 36, rnd.randrange(0x10000))
+        elif kind == 5 and len(b) >= 8:
+            struct.pack_into("<I", b, 4, rnd.choice([*OPCODE_VALUES, 0, 7, 99999]))
+    strict = rnd.random() < 0.5
+    reply_op = opcode if opcode is None or rnd.random() < 0.5 else rnd.choice(OPCODE_VALUES)
+    return bytes(b), reply_op, strict
+
+
+def _campaign(cases: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    t0 = time.monotonic()
+    for i in range(cases):
+        case = _mutated_rng(rnd)
+        try:
+            _decode_any(*case)
+        except Exception as e:
+            raise AssertionError(f"codec fuzz seed {seed} case {i}: {case[0].hex()} op {case[1]}: {e!r}") from e
+    report("codec: mutated FUSE messages (seeded)", cases, time.monotonic() - t0, f"seed {seed}")
+
+
+def test_codec_campaign() -> None:
+    _campaign(CI_EXAMPLES * 10, 1)
+
+
 @pytest.mark.slow
 def test_fuzz_mutated_fuse_long() -> None:
-    fuzz("codec: mutated FUSE messages", mutated(), lambda case: _decode_any(*case), SLOW_CASES)
+    _campaign(SLOW_CASES, int(os.environ.get("FSI_FUZZ_SEED", time.time_ns() % 2**32)))
