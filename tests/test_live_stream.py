@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -30,7 +31,7 @@ from fsinspect.live.hub import Hub
 from fsinspect.recording import format as fmt
 from fsinspect.recording.reader import Record, RecordingReader, StreamError, StreamReader
 from fsinspect.recording.writer import BlockEncoder, custom_block
-from tests.fuzzbudget import SLOW_CASES, fuzz
+from tests.fuzzbudget import SLOW_CASES, fuzz, report
 from tests.test_tui import SYNCFS, WORKLOAD
 
 CI_CASES = int(os.environ.get("FSI_FUZZ_EXAMPLES", "300"))
@@ -224,9 +225,37 @@ def test_stream_parser_refuses_hostile_streams_in_one_line() -> None:
     fuzz("stream-hostile", hs.one_of(mutated(), hs.binary(max_size=2048)), _hostile, CI_CASES)
 
 
+def _mutated_rng(rnd: random.Random) -> bytes:
+    """`mutated`'s cases (and random bytes) from a fast RNG, for the 1M-case tier."""
+    if rnd.random() < 0.2:
+        return rnd.randbytes(rnd.randrange(4096))
+    b = bytearray(STREAM)
+    for _ in range(rnd.randint(1, 6)):
+        pos = rnd.randrange(len(b))
+        kind = rnd.randrange(4)
+        if kind == 0:
+            b[pos] = rnd.randrange(256)
+        elif kind == 1:  # a length field lies
+            b[pos:pos + 4] = rnd.randrange(2**32).to_bytes(4, "little")
+        elif kind == 2:
+            del b[pos:pos + rnd.randint(1, 64)]
+        else:
+            b[pos:pos] = rnd.randbytes(rnd.randint(1, 64))
+    return bytes(b)
+
+
 @pytest.mark.slow
 def test_stream_parser_fuzz_slow() -> None:
-    fuzz("stream-hostile-slow", hs.one_of(mutated(), hs.binary(max_size=4096)), _hostile, SLOW_CASES)
+    seed = int(os.environ.get("FSI_FUZZ_SEED", time.time_ns() % 2**32))
+    rnd = random.Random(seed)
+    t0 = time.monotonic()
+    for i in range(SLOW_CASES):
+        data = _mutated_rng(rnd)
+        try:
+            _hostile(data)
+        except Exception as e:
+            raise AssertionError(f"stream fuzz seed {seed} case {i}: {e!r}") from e
+    report("live stream parser: hostile streams (seeded)", SLOW_CASES, time.monotonic() - t0, f"seed {seed}")
 
 
 @pytest.mark.parametrize("bad,why", [
