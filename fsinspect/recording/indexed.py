@@ -377,6 +377,8 @@ class IndexedRecording:
                     progress(i, total)
                 if i & 0xFFFF == 0:
                     self.index.release()
+                    if self.rows is not None:
+                        self.rows.release()
             if pred(self[i]):
                 yield i
         if progress is not None:
@@ -398,7 +400,9 @@ class IndexedRecording:
         within what the analysis has covered; None if there is none."""
         if self.rows is None:
             return None
-        return self.rows.find(bit, start, step, self.analysed)
+        found = self.rows.find(bit, start, step, self.analysed)
+        self.rows.release()  # the flags the search read leave RSS again
+        return found
 
     # -- the analysis, built once ----------------------------------------------------------------------
     def _stamp(self) -> list[int]:

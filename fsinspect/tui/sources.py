@@ -314,7 +314,8 @@ class ReplaySource(Feed, Source):
     def run(self) -> None:
         st = self.store
         t0 = time.perf_counter()
-        st.status = "indexing"
+        st.status = "indexing (the first open of a recording; the next one reads the index back)"
+        st.progress = None
         rec = IndexedRecording(self.path)
         self.rec = rec
         with st.lock:
@@ -341,7 +342,8 @@ class ReplaySource(Feed, Source):
         """Build the analysis through the feed loop: a batch of records at a time under the store's lock."""
         st = self.store
         self.build = rec.analysis_build(st.analyzer)
-        st.status = "analysing"
+        st.status = ""
+        st.progress = 0.0
         size = max(1, self.reader.size)
         last: list[int] = [0]
 
@@ -391,7 +393,8 @@ class ReplaySource(Feed, Source):
                 st.bytes_buckets[int(sec)] = int(byts)
         for off in data.get("control", ()):  # the control plane, from its own records (a few hundred)
             try:
-                r = rec.reader.record_at(int(off))
+                with self._random_lock:  # (the recording's own reader belongs to its decoder)
+                    r = self._random.record_at(int(off))
             except RecordingError:
                 continue
             with st.lock:
