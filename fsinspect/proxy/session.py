@@ -121,16 +121,14 @@ class Session:
                                 flags=fmt.RF_PROXY_REPLY)
             return
         layout = tuple([(ln, fl) for _addr, ln, fl in cap.layout])  # hashable: the writer caches its packing
-        # The capture's time on CLOCK_MONOTONIC (its stamp is wall-clock time): what `stuck` ages it from.
-        mono = cap.ts_ns + time.monotonic_ns() - time.time_ns()
         if cap.flags & _HOLD_FLAGS and cap.kind != "error":
-            self._on_hold_capture(cap, layout, mono)
+            self._on_hold_capture(cap, layout)
             return
         with self.lock:
             if cap.kind == "request":
                 self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
                               ["payload cut at the capture snap length"] if cap.truncated else [],
-                              flags=fmt.RF_SNAPPED if cap.truncated else 0, mono=mono)
+                              flags=fmt.RF_SNAPPED if cap.truncated else 0)
             elif cap.kind == "reply":
                 if cap.queue == vio.FS_HIPRIO_QUEUE and cap.length == 0:
                     return  # FORGET completes with used.len 0: there is no reply
@@ -144,16 +142,15 @@ class Session:
                     self.writer.request(cap.data, cap.queue, cap.head, cap.ts_ns, notes=[note],
                                         flags=fmt.RF_DECODE_ERROR)
             if not self._backlog:  # analysis held back: nothing to check until it catches up
-                self.check_stuck(self.analyzer.last_ts, mono)
+                self.check_stuck(self.analyzer.last_ts, _mono(self.analyzer.last_ts))
 
     def _request(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
-                 flags: int = 0, analyse: bool = True, mono: int | None = None) -> None:
+                 flags: int = 0, analyse: bool = True) -> None:
         self.requests += 1
         if self.writer is not None:
             self.writer.request(data, queue, head, ts, layout=layout, notes=notes, flags=flags, orig_len=orig)
         if analyse:
-            self._analyse((True, data, queue, head, ts, orig, notes,
-                           ts + time.monotonic_ns() - time.time_ns() if mono is None else mono))
+            self._analyse((True, data, queue, head, ts, orig, notes, _mono(ts)))
 
     def _reply(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
                flags: int = 0, analyse: bool = True) -> None:
@@ -225,7 +222,7 @@ class Session:
                 return
             self.analyzer.resume(ex.n, str(ev.get("how")))
 
-    def _on_hold_capture(self, cap: Any, layout: Any, mono: int) -> None:
+    def _on_hold_capture(self, cap: Any, layout: Any) -> None:
         """A capture a hold point made: a held request or reply, or how a hold ended."""
         key = (cap.queue, cap.head)
         notes = ["payload cut at the capture snap length"] if cap.truncated else []
@@ -243,7 +240,7 @@ class Session:
                     self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes,
                                   flags | fmt.RF_HELD, analyse=False)
                     ex = self.analyzer.feed_request(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
-                                                    notes=notes, held=True, mono_ns=mono)
+                                                    notes=notes, held=True, mono_ns=_mono(cap.ts_ns))
                     self.opcount[ex.opname] += 1
                 else:
                     ex = self.analyzer.feed_reply(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
@@ -413,6 +410,11 @@ class Session:
             "control_overflow": self.hub.total_overflow if self.hub else 0,
             "holds": dict(self.holds),
         }
+
+
+def _mono(ts_ns: int) -> int:
+    """A capture's wall-clock stamp (taken a moment ago) on CLOCK_MONOTONIC: what `stuck` ages it from."""
+    return ts_ns + time.monotonic_ns() - time.time_ns()
 
 
 def render_summary(s: dict[str, Any]) -> str:
