@@ -157,3 +157,20 @@ def test_latency_percentiles_stay_exact_then_within_1_6_percent_in_flat_memory()
     for p in (50, 90, 99):
         want = percentile(exact, p)
         assert want is not None and abs(got[f"p{p}"] - want) <= want / 62 + 1, (p, got, want)  # type: ignore[operator]
+
+
+def test_an_index_being_built_reports_how_far_it_has_got(tmp_path: Path) -> None:
+    """The first open of a large recording builds its index: the replay UI shows `indexing N%` from this."""
+    p = tmp_path / "r.pcapng"
+    look = F.encode_request("LOOKUP", {"name": b"x"}, unique=1, nodeid=1)
+    with RecordingWriter(p, flush_bytes=1 << 22) as w:
+        for i in range(100_000):
+            w.request(look, 1, i & 63, 1000 + i)
+            w.reply(F.encode_reply("LOOKUP", error=2, unique=1), 1, i & 63, 1001 + i)
+    seen: list[float] = []
+    with IndexedRecording(p, progress=seen.append) as rec:
+        assert len(rec) == 100_000
+    assert len(seen) == 4 and seen == sorted(seen) and seen[0] < 0.01 and 0.7 < seen[-1] < 1, seen
+    seen.clear()
+    with IndexedRecording(p, progress=seen.append):
+        assert not seen  # read back: nothing built

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dissectors.spec import fuse as spec
@@ -212,7 +212,9 @@ def _pair(packets: Iterator[tuple[int, bool, int, int | None, int, bytes]], entr
 class RecordingIndex:
     """Random access by exchange number; `rebuilt` tells whether opening had to scan the recording."""
 
-    def __init__(self, recording: str | os.PathLike[str], *, rebuild: bool = False) -> None:
+    def __init__(self, recording: str | os.PathLike[str], *, rebuild: bool = False,
+                 progress: Callable[[float], None] | None = None) -> None:
+        self.progress = progress  # told how far (0..1) a build has got, now and then
         self.parts = resolve(recording)
         self.recording = self.parts[0]
         self.path = index_path(self.recording)
@@ -249,7 +251,7 @@ class RecordingIndex:
         to it, as the reader reads it, and scanned again at the next open rather than saved)."""
         entries = _Entries(None)
         try:
-            _pair(scan_parts(self.parts), entries)
+            _pair(self._packets(), entries)
         except RecordingError as e:
             self.error = f"{self.recording}: {e}"
         self.count = entries.count
@@ -268,7 +270,7 @@ class RecordingIndex:
         try:
             entries = _Entries(fd)
             try:
-                _pair(scan_parts(self.parts), entries)
+                _pair(self._packets(), entries)
             except RecordingError:
                 os.close(fd)
                 fd = -1
@@ -288,6 +290,14 @@ class RecordingIndex:
         self.count = entries.count
         if not self._load():  # pragma: no cover - we just wrote it
             raise OSError(f"{self.path}: the index just written does not read back")
+
+    def _packets(self) -> Iterator[tuple[int, bool, int, int | None, int, bytes]]:
+        """scan_parts, telling `progress` how far it has got every 64k packets."""
+        total = max(1, self._stamp[0])
+        for k, pkt in enumerate(scan_parts(self.parts)):
+            if self.progress is not None and k & 0xFFFF == 0:
+                self.progress(pkt[0] / total)
+            yield pkt
 
     def __len__(self) -> int:
         return self.count

@@ -279,10 +279,11 @@ class AnalysisBuild:
 class IndexedRecording:
     """Random access to a recording's exchanges by number, through its side index."""
 
-    def __init__(self, path: str | os.PathLike[str], *, cache_size: int = CACHE_SIZE) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, cache_size: int = CACHE_SIZE,
+                 progress: Callable[[float], None] | None = None) -> None:
         self.reader = RecordingReader(path)  # validates the header: RecordingError for a bad file
         self.parts = self.reader.parts
-        self.index = RecordingIndex(path)
+        self.index = RecordingIndex(path, progress=progress)  # progress: of an index being built
         self.cache_size = cache_size
         self._cache: OrderedDict[int, Exchange] = OrderedDict()
         self._lock = threading.Lock()  # the reader's handle seeks: one user at a time

@@ -282,7 +282,8 @@ class FsInspectApp(App[int]):
         n = st.end
         parts = [st.title, st.status]
         if st.progress is not None:
-            parts.append(f"analysing {st.progress * 100:.0f}%")
+            doing = "indexing" if st.kind == "replay" and st.rec is None else "analysing"
+            parts.append(f"{doing} {st.progress * 100:.0f}%")
         parts.append(f"{n} exchanges")
         pending = len(st.open) if st.kind == "attach" else 0
         held = len(self.held.rows)

@@ -314,14 +314,18 @@ class ReplaySource(Feed, Source):
     def run(self) -> None:
         st = self.store
         t0 = time.perf_counter()
-        st.status = "indexing (the first open of a recording; the next one reads the index back)"
-        st.progress = None
-        rec = IndexedRecording(self.path)
+        st.status = "the first open of this recording: its side index is built (the next open reads it back)"
+
+        def indexing(done: float) -> None:
+            st.progress = done
+
+        rec = IndexedRecording(self.path, progress=indexing)
         self.rec = rec
         with st.lock:
             st.first_ts = rec.analysis["first_ts"] if rec.analysis is not None else self._first_ts(rec)
             st.rec = rec  # the list shows every row from here on
         self.opened_s = time.perf_counter() - t0
+        st.status = ""
         if rec.analysis is not None:
             self._restore(rec)
         else:
