@@ -1,0 +1,126 @@
+"""What one request costs the running vhost-user daemon, counted in system calls (strace -c on the live
+process, attached after start-up): a count holds on a loaded machine where a time would not.
+
+The budgets are what each request needs: the queue thread's wait (poll and the kick eventfd's read), the
+op's own calls, and the call eventfd's write.  They pin the hot path against a cost coming back unseen:
+a credential switch per CREATE, or a handle-held directory opened and closed again for every name op.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dissectors import fuse as F
+from fsinspect.guest import launcher
+from fsinspect.guest.share import make_share
+from fsinspect.rerun.front import F_INDIRECT_DESC, F_PROTOCOL, F_VERSION_1, Front, Negotiation
+from tests.conftest import require_root
+
+pytestmark = pytest.mark.root
+N = 200
+_UNIQUE = itertools.count(1)
+
+
+def _fuse(front: Front, op: str, args: dict[str, Any] | None = None, nodeid: int = 1) -> F.Reply:
+    raw = F.encode_request(op, args, unique=next(_UNIQUE), nodeid=nodeid)
+    rep = F.decode_reply(front.roundtrip(raw), F.decode_request(raw))
+    assert isinstance(rep, F.Reply) and rep.error == 0, (op, rep)
+    return rep
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[int, Front]]:
+    """The CLI daemon as users start it (default sandbox and seccomp as root), INIT done."""
+    require_root()
+    if not os.path.exists("/usr/bin/strace"):
+        pytest.fail("strace is missing (scripts/setup installs it)")
+    with make_share(root_tmpfs_mb=64) as share, launcher.short_tmpdir() as work:
+        (share.root / "d").mkdir()
+        (share.root / "d" / "f").write_bytes(b"x")
+        sock = work / "d.sock"
+        proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}", "-o",
+                                 f"source={share.root}", "--log-level", "error"], stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+                time.sleep(0.02)
+            front = Front(sock, Negotiation(features=F_VERSION_1 | F_INDIRECT_DESC | F_PROTOCOL))
+            try:
+                _fuse(front, "INIT", {"init": F.make("fuse_init_in", major=7, minor=38, flags=0)}, nodeid=0)
+                yield proc.pid, front
+            finally:
+                front.close()
+        finally:
+            launcher.stop_process(proc)
+
+
+def _count(pid: int, work: Callable[[], None]) -> dict[str, int]:
+    """System calls of every thread of `pid` while `work` runs: {name: calls}."""
+    st = subprocess.Popen(["strace", "-f", "-c", "-p", str(pid)], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert st.stderr is not None
+    line = st.stderr.readline()  # "strace: Process N attached with M threads", once all are
+    assert " attached" in line, line
+    work()
+    st.send_signal(signal.SIGINT)
+    out = st.stderr.read()
+    st.wait(10)
+    calls: dict[str, int] = {}
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[-1] != "total" and f[0][0].isdigit() and f[3].isdigit():
+            calls[f[-1]] = int(f[3])
+    assert calls, out
+    return calls
+
+
+def _per_request(calls: dict[str, int]) -> float:
+    return sum(calls.values()) / N
+
+
+def test_getattr_lookup_create_syscall_budgets(daemon: tuple[int, Front]) -> None:
+    pid, front = daemon
+    d = _fuse(front, "LOOKUP", {"name": b"d"}).args["entry"].nodeid  # a handle-held directory
+    f = _fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d).args["entry"].nodeid
+    _fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d)  # warm: the directory's fd is cached from here
+    getattr_in = {"getattr": F.make("fuse_getattr_in")}
+    create_in = F.make("fuse_create_in", flags=os.O_RDWR | os.O_CREAT | os.O_EXCL, mode=0o100644, umask=0o022)
+    made: list[tuple[int, int]] = []
+
+    def creates() -> None:
+        for i in range(N):
+            r = _fuse(front, "CREATE", {"create": create_in, "name": b"c%d" % i}, nodeid=d)
+            made.append((r.args["entry"].nodeid, r.args["open"].fh))
+
+    ops: dict[str, tuple[Callable[[], None], float]] = {
+        # poll + eventfd read + fstat/statx ... + eventfd write; a handle-held file opens and closes itself
+        "GETATTR of the root": (lambda: [_fuse(front, "GETATTR", getattr_in) for _ in range(N)] and None, 4.2),
+        "GETATTR of a handle-held file": (
+            lambda: [_fuse(front, "GETATTR", getattr_in, nodeid=f) for _ in range(N)] and None, 6.2),
+        # statx by name + name_to_handle_at (the known inode's identity), nothing for the cached directory
+        "LOOKUP in a handle-held directory": (
+            lambda: [_fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d) for _ in range(N)] and None, 5.2),
+        # openat + statx + fcntl(F_SETFL) + name_to_handle_at; no credential switch for root's request
+        "CREATE in a handle-held directory": (creates, 7.2),
+    }
+    seen: dict[str, tuple[float, dict[str, int]]] = {}
+    for name, (work, budget) in ops.items():
+        calls = _count(pid, work)
+        seen[name] = (_per_request(calls), calls)
+        assert _per_request(calls) <= budget, f"{name}: {_per_request(calls):.2f} syscalls per request > {budget}: {calls}"
+    assert len(made) == N
+    for name in ("LOOKUP in a handle-held directory", "CREATE in a handle-held directory"):
+        assert "open_by_handle_at" not in seen[name][1], seen[name]  # the directory's fd stays cached
+    assert not {"setfsuid", "setfsgid", "capset"} & set(seen["CREATE in a handle-held directory"][1])
