@@ -75,8 +75,11 @@ def _count(pid: int, work: Callable[[], None]) -> dict[str, int]:
     assert " attached" in line, line
     work()
     st.send_signal(signal.SIGINT)
-    out = st.stderr.read()
-    st.wait(10)
+    try:
+        out = st.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        st.kill()
+        raise
     calls: dict[str, int] = {}
     for line in out.splitlines():
         f = line.split()
