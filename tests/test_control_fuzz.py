@@ -1,5 +1,5 @@
 """Fuzz the control protocol (client -> hub command lines) on the real stack: the daemon engine's control
-socket (ControlTap's hub) with the debugger's command handler (fsinspect/intercept/control.py).
+socket (the engine source's hub) with the debugger's command handler (fsinspect/intercept/control.py).
 
 Each case sends a batch of lines (commands with random fields and values, rule texts from fragments of
 the rule language (a bad rule's error has its caret lines), JSON that is not an object, bytes that are not JSON) on one connection.  Every

@@ -162,11 +162,11 @@ class _Daemon:
     def __init__(self, tmp_path: Path) -> None:
         from daemon.passthrough import Options, PassthroughFS
         from daemon.server import Server
-        from fsinspect.live.engine import ControlTap
+        from fsinspect.live.engine import EngineSource
 
         self.share = tmp_path / "share"
         self.share.mkdir()
-        self.tap = ControlTap(str(tmp_path / "ctl.sock"))
+        self.tap = EngineSource(control=str(tmp_path / "ctl.sock"))
         self.server: Server | None = Server(PassthroughFS(Options(str(self.share))), tap=self.tap)
         self.client = EngineClient(self.server)
         self.client.init()

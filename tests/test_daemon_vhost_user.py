@@ -153,9 +153,9 @@ def test_cli_print_capabilities_and_errors(tmp_path: Path) -> None:
 def test_control_tap_shows_requests_in_flight_and_lints_them_stuck(tmp_path: Path) -> None:
     """The daemon's own control socket: a request shows as the engine reads it, in the stream and in a later
     client's snapshot; the tap's checker lints it `stuck` while it still waits; the reply completes it."""
-    from fsinspect.live.engine import ControlTap
+    from fsinspect.live.engine import EngineSource
 
-    tap = ControlTap(str(tmp_path / "c.sock"), 150_000_000)
+    tap = EngineSource(control=str(tmp_path / "c.sock"), stuck_ns=150_000_000)
     first = socket.socket(socket.AF_UNIX)
     later = socket.socket(socket.AF_UNIX)
     files = []

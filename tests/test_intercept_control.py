@@ -24,13 +24,13 @@ from fsinspect.commands._daemon_vhost import attach_debugger
 from fsinspect.intercept.addon import Intercept
 from fsinspect.intercept.client import ControlClient, ControlError
 from fsinspect.intercept.rules import parse_rule
-from fsinspect.live.engine import ControlTap
+from fsinspect.live.engine import EngineSource
 from tests.daemon_client import EngineClient
 
 
 class Rig:
     def __init__(self, root: Path, sock: Path, rules: list[str]) -> None:
-        self.ctl = ControlTap(str(sock))
+        self.ctl = EngineSource(control=str(sock))
         self.intercept = Intercept([parse_rule(r) for r in rules], seed=1)
         point = attach_debugger(self.intercept, self.ctl)
         self.fs = PassthroughFS(Options(str(root)))

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from dissectors.ring._common import Capture
+from fsinspect.live import addons as L
 from fsinspect.proxy import session as S
 from fsinspect.proxy.server import ProxyConfig
 from fsinspect.recording.reader import RecordingReader
@@ -81,11 +82,11 @@ def test_held_back_analysis_gives_the_same_results(tmp_path: Path) -> None:
         assert later.requests == now.requests > 0 and later.replies == now.replies
         assert later.analyzer.count == 0 and later.backlog == later.requests + later.replies
         # a quiet spell analyses one chunk, oldest first
-        S.BACKLOG_CHUNK, old = 50, S.BACKLOG_CHUNK
+        L.BACKLOG_CHUNK, old = 50, L.BACKLOG_CHUNK
         try:
             later._on_idle()
         finally:
-            S.BACKLOG_CHUNK = old
+            L.BACKLOG_CHUNK = old
         assert later.analyzer.count > 0 and later.backlog == later.requests + later.replies - 50
         assert later.catch_up() > 0 and later.backlog == 0
         now.analyzer.finish()
@@ -102,13 +103,13 @@ def test_held_back_analysis_gives_the_same_results(tmp_path: Path) -> None:
 
 def test_backlog_over_its_byte_budget_analyses_the_oldest_half(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     caps = captures()
-    monkeypatch.setattr(S, "BACKLOG_BYTES", 20_000)
+    monkeypatch.setattr(L, "BACKLOG_BYTES", 20_000)
     s = session(tmp_path, "cap")
     ref = session(tmp_path, "ref", defer_analysis=False)
     try:
         feed(s, caps)
         feed(ref, caps)
-        assert 0 < s._backlog_bytes <= 20_000 + 16384 + S._BACKLOG_OVERHEAD
+        assert 0 < s.analysis._backlog_bytes <= 20_000 + 16384 + L._BACKLOG_OVERHEAD
         assert 0 < s.analyzer.count < ref.analyzer.count  # the oldest were analysed on the way
         s.catch_up()
         assert s.backlog == 0 and s.analyzer.count == ref.analyzer.count
@@ -219,7 +220,7 @@ def test_the_proxy_and_the_daemon_serialise_the_same_snapshot_and_summary(tmp_pa
     """The same traffic through the proxy's session and through the daemon engine's live source: the
     snapshot a client gets first and the summary have one shape (the proxy only adds its transport's keys),
     and the analysis in them is the same."""
-    from fsinspect.live.engine import ControlTap
+    from fsinspect.live.engine import EngineSource
 
     caps, snapped = [], set()  # the engine always has whole messages: leave out the snapped exchanges
     for c in captures():
@@ -231,7 +232,7 @@ def test_the_proxy_and_the_daemon_serialise_the_same_snapshot_and_summary(tmp_pa
         else:
             snapped.discard(key)
     s = session(tmp_path, "proxy", control=str(tmp_path / "p.sock"))
-    ctl = ControlTap(str(tmp_path / "d.sock"))
+    ctl = EngineSource(control=str(tmp_path / "d.sock"))
     try:
         feed(s, caps)
         for c in caps:  # as the engine taps them: no descriptor head, the unique names the request

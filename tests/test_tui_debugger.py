@@ -1,6 +1,6 @@
 """Pilot tests of the debugger keys (b, c, E, d, x, C), the Held panel and held/pending rows with their age.
 
-The UI attaches to a real control socket: the daemon engine serving a real host directory, its ControlTap
+The UI attaches to a real control socket: the daemon engine serving a real host directory, its live source (EngineSource)
 (the real Hub) and the real Intercept command handler, as `fsinspect daemon --control` runs them
 (tests/test_intercept_control.py's rig).  The "kernel" is tests/daemon_client.EngineClient, so each test
 knows exactly which requests are in flight.

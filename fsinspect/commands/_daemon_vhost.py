@@ -14,7 +14,8 @@ from typing import Any
 
 from fsinspect.commands._stuck import add_stuck_option, stuck_ns
 from fsinspect.errors import UserError
-from fsinspect.live.engine import ControlTap, _both
+from fsinspect.live.addons import add_debugger
+from fsinspect.live.engine import EngineSource
 
 # The --print-capabilities answer (vhost-user.json: VhostUserBackendCapabilities for type "fs").
 CAPABILITIES = json.dumps({"type": "fs"}, indent=2)
@@ -111,19 +112,39 @@ def apply_o_options(args: argparse.Namespace) -> None:
                         "attached clients only): add --control SOCK")
 
 
-def attach_debugger(intercept: Any, ctl: ControlTap | None) -> Any:
+def open_source(args: argparse.Namespace, *, source: str, backend: str) -> EngineSource:
+    """The engine as a live source, with the addons the command line asks for (--record, --control)."""
+    from fsinspect.recording.options import open_writer
+
+    return EngineSource(control=args.control, stuck_ns=stuck_ns(args.stuck_ms),
+                        writer=open_writer(args, source=source, backend=backend),
+                        capture_source="fusedev" if source == "fusedev" else "virtio")
+
+
+def attach_debugger(intercept: Any, src: EngineSource) -> Any:
     """The engine's hold point, driven by `intercept` (None: no debugger, and no cost in the engine)."""
     if intercept is None:
         return None
     from daemon.hold import EngineHoldPoint
-    from fsinspect.intercept.cli import wire
 
     point = EngineHoldPoint()
-    if ctl is None:
-        wire(intercept, point)
-    else:
-        wire(intercept, point, exchange_of=ctl.exchange_of, listener=ctl.on_debugger, hub=ctl.hub)
+    live = src.analysis is not None
+    add_debugger(src.pipeline, intercept, point, exchange_of=src.exchange_of if live else None,
+                 listener=src.on_debugger if live else None, hub=src.hub)
     return point
+
+
+def serve_engine(args: argparse.Namespace, intercept: Any, src: EngineSource, serve: Any, reason: str) -> int:
+    """Run `serve(tap, hold)` (a transport's main loop, returning the engine's counters) with the live
+    source and the debugger, then close them (in that order: due delays go first) and write the summary."""
+    point = attach_debugger(intercept, src)
+    try:
+        counters = serve(src.tap, point)
+    finally:
+        if intercept is not None:
+            intercept.close()
+        src.close(reason)
+    return write_summary(args, counters, intercept, src)
 
 
 def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
@@ -132,7 +153,6 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
     from daemon.transport.vhost_user import VhostUserError, listen_fd, listen_path
     from dissectors.transport.unixsock import release_socket_path
     from fsinspect.commands.daemon import fs_options
-    from fsinspect.recording.options import open_tap
 
     if args.socket_path and args.fd is not None:
         raise UserError("--socket-path and --fd are alternatives: give one")
@@ -141,46 +161,37 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
         listener = listen_fd(args.fd) if args.fd is not None else listen_path(args.socket_path)
     except OSError as e:
         raise UserError(e.strerror or str(e), status=1) from None
-    rec = ctl = None
     try:
-        rec = open_tap(args, source="vhost-user", backend="fsinspect daemon (passthrough, vhost-user)")
-        ctl = ControlTap(args.control, stuck_ns(args.stuck_ms)) if args.control else None
+        src = open_source(args, source="vhost-user", backend="fsinspect daemon (passthrough, vhost-user)")
     except BaseException:  # e.g. --control names a file: leave nothing behind
-        if rec is not None:
-            rec.close()
         if args.socket_path:
             release_socket_path(args.socket_path, listener)
         else:
             listener.close()
         raise
-    tap: Any = _both(rec, ctl) if rec is not None and ctl is not None else (rec or ctl)
-    point = attach_debugger(intercept, ctl)
     log = logging.getLogger("fsinspect.daemon")
     log.info("listening on %s", args.socket_path or f"fd {args.fd}")
-    try:
-        d = vhost.run(listener, opts, pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap,
-                      socket_path=args.socket_path, hold=point, sandbox=args.sandbox, seccomp=args.seccomp)
-    except (OSError, VhostUserError) as e:
-        raise UserError(f"{getattr(e, 'strerror', None) or e}", status=1) from None
-    finally:
-        if intercept is not None:
-            intercept.close()
-        if rec is not None:
-            rec.close()
-        if ctl is not None:
-            ctl.close()
-    counters = d.counters()
-    log.info("counters: %s", json.dumps(counters.get("ops", {}), sort_keys=True))
-    return write_summary(args, counters, intercept, ctl)
+
+    def serve(tap: Any, hold: Any) -> dict[str, Any]:
+        try:
+            d = vhost.run(listener, opts, pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap,
+                          socket_path=args.socket_path, hold=hold, sandbox=args.sandbox, seccomp=args.seccomp)
+        except (OSError, VhostUserError) as e:
+            raise UserError(f"{getattr(e, 'strerror', None) or e}", status=1) from None
+        counters = d.counters()
+        log.info("counters: %s", json.dumps(counters.get("ops", {}), sort_keys=True))
+        return counters
+
+    return serve_engine(args, intercept, src, serve, "front-end closed")
 
 
-def write_summary(args: argparse.Namespace, counters: dict[str, Any], intercept: Any, ctl: ControlTap | None) -> int:
+def write_summary(args: argparse.Namespace, counters: dict[str, Any], intercept: Any, src: EngineSource) -> int:
     """--summary-json, for both transports: the engine's counters, the debugger's, and with --control what
     the clients saw ("live", shaped as the proxy's summary)."""
     if intercept is not None:
         counters["debugger"] = intercept.describe_counters()
-    if ctl is not None:
-        counters["live"] = ctl.summary()
+    if src.counts is not None:
+        counters["live"] = src.summary()
     if args.summary_json:
         from fsinspect import privfile
 

@@ -18,17 +18,14 @@ from typing import Any
 from fsinspect.cli import UserError
 from fsinspect.commands._daemon_vhost import (
     CAPABILITIES,
-    ControlTap,
-    _both,
     add_vhost_options,
     apply_o_options,
-    attach_debugger,
+    open_source,
     run_vhost,
-    write_summary,
+    serve_engine,
 )
-from fsinspect.commands._stuck import stuck_ns
 from fsinspect.intercept.cli import add_intercept_options, intercept_from_args
-from fsinspect.recording.options import add_record_options, open_tap
+from fsinspect.recording.options import add_record_options
 
 CACHE_MODES = ("none", "auto", "always", "metadata")
 HANDLE_MODES = ("never", "prefer", "mandatory")
@@ -147,30 +144,18 @@ def run(args: argparse.Namespace) -> int:
     from daemon import standalone
     from daemon.transport.fusedev import FuseDevError
 
-    rec = open_tap(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
-    ctl = None
-    try:
-        ctl = ControlTap(args.control, stuck_ns(args.stuck_ms), "fusedev") if args.control else None
-    except BaseException:
-        if rec is not None:
-            rec.close()
-        raise
-    tap: Any = _both(rec, ctl) if rec is not None and ctl is not None else (rec or ctl)
-    point = attach_debugger(intercept, ctl)
-    served: list[standalone.Standalone] = []
-    try:
-        standalone.run(args.standalone, opts, readers=args.readers, clone_fd=args.clone_fd,
-                       pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap, hold=point,
-                       sandbox=args.sandbox, seccomp=args.seccomp, ready=served.append)
-    except FuseDevError as e:
-        raise UserError(str(e.strerror or e), status=1) from None
-    except OSError as e:
-        raise UserError(f"{e.strerror or e}", status=1) from None
-    finally:
-        if intercept is not None:
-            intercept.close()
-        if rec is not None:
-            rec.close()
-        if ctl is not None:
-            ctl.close("unmounted")
-    return write_summary(args, served[0].server.counters() if served else {}, intercept, ctl)
+    src = open_source(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
+
+    def serve(tap: Any, hold: Any) -> dict[str, Any]:
+        served: list[standalone.Standalone] = []
+        try:
+            standalone.run(args.standalone, opts, readers=args.readers, clone_fd=args.clone_fd,
+                           pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap, hold=hold,
+                           sandbox=args.sandbox, seccomp=args.seccomp, ready=served.append)
+        except FuseDevError as e:
+            raise UserError(str(e.strerror or e), status=1) from None
+        except OSError as e:
+            raise UserError(f"{e.strerror or e}", status=1) from None
+        return served[0].server.counters() if served else {}
+
+    return serve_engine(args, intercept, src, serve, "unmounted")

@@ -21,7 +21,8 @@ from typing import Any
 
 from .. import privfile
 from ..errors import UserError
-from ..intercept.cli import add_intercept_options, intercept_from_args, wire
+from ..intercept.cli import add_intercept_options, intercept_from_args
+from ..live.addons import add_debugger
 from ..recording.options import add_record_options, writer_options
 from ._stuck import add_stuck_option, stuck_ns
 
@@ -155,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: session.proxy.stop())
     if intercept is not None:
-        wire(intercept, session, exchange_of=session.exchange_of, listener=session.on_debugger, hub=session.hub)
+        add_debugger(session.pipeline, intercept, session, exchange_of=session.exchange_of,
+                     listener=session.on_debugger, hub=session.hub)
     frontend = None
     s: dict[str, Any] | None = None
     try:

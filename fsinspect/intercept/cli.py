@@ -7,13 +7,9 @@ problem) before a socket is opened or anything is mounted.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import Any
 
 from ..errors import UserError
-from .addon import Event, Intercept
-from .control import Control
-from .holdpoint import HoldPoint
+from .addon import Intercept
 from .rules import BREAK, INJECT, Rule, RuleError, rule_from_args
 
 
@@ -48,18 +44,3 @@ def intercept_from_args(args: argparse.Namespace) -> Intercept | None:
     if not rules and not getattr(args, "control", None):
         return None
     return Intercept(rules, seed=getattr(args, "seed", None))
-
-
-def wire(intercept: Intercept, point: HoldPoint, *, exchange_of: Callable[[int, int, int], Any] | None = None,
-         listener: Callable[[Event], None] | None = None, hub: Any = None) -> None:
-    """Plug the Intercept into a source: its hold point, the source's numbered exchanges and analyzer
-    (`listener` moves them on at each verdict), holds the source resolved itself (`on_resolved`, the
-    safety rule), and its control socket (protocol version 2)."""
-    intercept.attach(point)
-    intercept.exchange_of = exchange_of
-    if listener is not None:
-        intercept.listeners.append(listener)
-    if hasattr(point, "on_resolved"):
-        point.on_resolved = intercept.on_resolved
-    if hub is not None:
-        Control(intercept).install(hub)

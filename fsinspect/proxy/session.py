@@ -25,35 +25,30 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dissectors import ring
-from dissectors import vhost_user as V
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
 
 from .. import privfile
 from ..analysis import exchange as X
-from ..analysis.analyzer import DEFAULT_STUCK_NS, Analyzer
+from ..analysis.analyzer import DEFAULT_STUCK_NS
 from ..analysis.inodes import group_syncfs
-from ..analysis.render import exchanges_summary, fmt_ns, opcode_counts, snapshot_json, wrap_items
+from ..analysis.render import fmt_ns, opcode_counts, snapshot_json, wrap_items
+from ..live.addons import Analysis, Publisher, Recorder, Summary
 from ..live.hub import Hub
+from ..live.pipeline import Pipeline
 from ..recording import format as fmt
 from ..recording.writer import RecordingWriter
 from . import control as C
 from .server import Proxy, ProxyConfig
 
-BACKLOG_BYTES = 64 << 20  # captures held back for analysis, at most (then the oldest half is analysed)
-BACKLOG_CHUNK = 2000  # captures analysed per quiet spell of the guest (~20-40 ms of work)
-_BACKLOG_OVERHEAD = 160  # bytes per held-back capture besides its data (tuple, ints, list)
-STUCK_CHECK_NS = 100_000_000  # how often pending requests are checked against the stuck threshold
-
-# A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes, mono_ns)
-_Held = tuple[bool, bytes, int, int, int, int, list[str], int]
 _HOLD_FLAGS = ring.CAP_F_HELD | ring.CAP_F_ANSWERED | ring.CAP_F_REWRITTEN | ring.CAP_F_RELEASED
+_SNAPPED_NOTE = "payload cut at the capture snap length"
 HeldCallback = Callable[[int, int, int, bytes, int], None]  # (queue, head, direction, raw, ts_ns)
 ResolvedCallback = Callable[[int, int, int, str], None]  # (queue, head, direction, how)
 
@@ -72,53 +67,54 @@ class SessionOptions:
 
 
 class Session:
-    """Wires a Proxy to a recorder and an analyzer, and renders the end-of-run summary."""
+    """The proxy as a live source: its captures and vhost-user messages into a Pipeline of addons
+    (recorder, analysis, summary, hub; the debugger is added by fsinspect.live.addons.add_debugger)."""
 
     def __init__(self, cfg: ProxyConfig, opts: SessionOptions) -> None:
         self.cfg = cfg
         self.opts = opts
         self.lock = threading.RLock()
-        self.analyzer = Analyzer(keep_exchanges=False, keep_raw=bool(opts.control),  # raw bytes for attached UIs
-                                 stuck_ns=opts.stuck_ns)
-        self._stuck_checked = 0  # CLOCK_MONOTONIC of the last check
+        self.pipeline = Pipeline(lock=self.lock)
         self.writer = (RecordingWriter(opts.record, source="virtio", backend=opts.backend_name,
                                        snaplen=opts.snaplen, rotate_mb=opts.rotate_mb, rotate_keep=opts.rotate_keep,
                                        mode=opts.record_mode,
                                        comments=["fsinspect proxy"]) if opts.record else None)
         self.proxy = Proxy(cfg, on_capture=self._on_capture, on_vhost_message=self._on_vhost,
                            on_event=self._on_event, on_idle=self._on_idle)
-        self._backlog: deque[_Held] = deque()
-        self._backlog_bytes = 0
-        self.capture_errors = 0
+        self.hub: Hub | None = None
+        self.analysis = Analysis(keep_raw=bool(opts.control),  # raw bytes for attached UIs
+                                 stuck_ns=opts.stuck_ns, defer=opts.defer_analysis,
+                                 watched=lambda: self.watched)
         self.local_replies = 0
         self.events: list[C.Event] = []
-        self.opcount: Counter[str] = Counter()
-        self.requests = 0
-        self.replies = 0
-        self.hub: Hub | None = None
         # HoldPoint: the callback for held captures, and for holds the path resolved itself (safety rule)
         self.on_held: HeldCallback | None = None
         self.on_resolved: ResolvedCallback | None = None
-        self._held_exchanges: dict[tuple[int, int, int], Any] = {}  # (queue, head, direction) -> Exchange
-        self._held_replies: dict[tuple[int, int], tuple[bytes, int]] = {}  # the back-end's reply, exchange n
+        self._held_replies: dict[tuple[int, int], bytes] = {}  # a held reply's header, for the rewritten note
         self._decided: dict[tuple[int, int], str] = {}  # verdicts given through this session, by chain
         self.holds = Counter[str]()  # held, answered, rewritten, released, dropped, safety
         if opts.control:
             self.hub = Hub(opts.control, self.snapshot, feed_lock=self.lock)
-            self.analyzer.listeners.append(self.hub.publish_exchange)
-            self.analyzer.pending_listeners.append(self.hub.publish_request)
+        self.counts = Summary(self.analysis, self.hub)
+        if self.writer is not None:
+            self.pipeline.add(Recorder(self.writer, lock=self.lock))
+        self.pipeline.add(self.analysis)
+        self.pipeline.add(self.counts)
+        if self.hub is not None:
+            self.pipeline.add(Publisher(self.hub, self.analysis, flush_timeout=3.0))
 
-    # -- sinks -----------------------------------------------------------------------------------
+    # -- the source: captures into the pipeline -----------------------------------------------------
     def _on_capture(self, cap: Any) -> None:
         if type(cap) is tuple:  # a request/reply the proxy itself answered (back-end gone); Capture is a NamedTuple
             kind, queue, head, ts, data = cap
             with self.lock:
                 if kind == "local-request":
-                    self._request(data, queue, head, ts, len(data), (), ["backend lost: answered by the proxy"])
+                    self.pipeline.request(data, queue, head, ts, len(data), (), ["backend lost: answered by the proxy"],
+                                          0)
                 else:
                     self.local_replies += 1
-                    self._reply(data, queue, head, ts, len(data), (), ["EIO from the proxy: back-end lost"],
-                                flags=fmt.RF_PROXY_REPLY)
+                    self.pipeline.reply(data, queue, head, ts, len(data), (), ["EIO from the proxy: back-end lost"],
+                                        fmt.RF_PROXY_REPLY)
             return
         layout = tuple([(ln, fl) for _addr, ln, fl in cap.layout])  # hashable: the writer caches its packing
         if cap.flags & _HOLD_FLAGS and cap.kind != "error":
@@ -126,39 +122,18 @@ class Session:
             return
         with self.lock:
             if cap.kind == "request":
-                self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
-                              ["payload cut at the capture snap length"] if cap.truncated else [],
-                              flags=fmt.RF_SNAPPED if cap.truncated else 0)
+                self.pipeline.request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
+                                      [_SNAPPED_NOTE] if cap.truncated else [],
+                                      fmt.RF_SNAPPED if cap.truncated else 0)
             elif cap.kind == "reply":
                 if cap.queue == vio.FS_HIPRIO_QUEUE and cap.length == 0:
                     return  # FORGET completes with used.len 0: there is no reply
-                self._reply(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
-                            ["payload cut at the capture snap length"] if cap.truncated else [],
-                            flags=fmt.RF_SNAPPED if cap.truncated else 0)
+                self.pipeline.reply(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
+                                    [_SNAPPED_NOTE] if cap.truncated else [],
+                                    fmt.RF_SNAPPED if cap.truncated else 0)
             else:
-                self.capture_errors += 1
-                note = f"malformed chain: {cap.reason} (forwarded untouched)"
-                if self.writer is not None:
-                    self.writer.request(cap.data, cap.queue, cap.head, cap.ts_ns, notes=[note],
-                                        flags=fmt.RF_DECODE_ERROR)
-            if not self._backlog:  # analysis held back: nothing to check until it catches up
-                self.check_stuck(self.analyzer.last_ts, _mono(self.analyzer.last_ts))
-
-    def _request(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
-                 flags: int = 0, analyse: bool = True) -> None:
-        self.requests += 1
-        if self.writer is not None:
-            self.writer.request(data, queue, head, ts, layout=layout, notes=notes, flags=flags, orig_len=orig)
-        if analyse:
-            self._analyse((True, data, queue, head, ts, orig, notes, _mono(ts)))
-
-    def _reply(self, data: bytes, queue: int, head: int, ts: int, orig: int, layout: Any, notes: list[str],
-               flags: int = 0, analyse: bool = True) -> None:
-        self.replies += 1
-        if self.writer is not None:
-            self.writer.reply(data, queue, head, ts, layout=layout, notes=notes, flags=flags, orig_len=orig)
-        if analyse:
-            self._analyse((False, data, queue, head, ts, orig, notes, 0))
+                self.pipeline.emit("error", cap.data, cap.queue, cap.head, cap.ts_ns,
+                                   f"malformed chain: {cap.reason} (forwarded untouched)")
 
     # -- the debugger's hold points (HoldPoint) ------------------------------------------------------
     def set_rules(self, rules: Sequence[ring.HoldRule]) -> None:
@@ -201,7 +176,7 @@ class Session:
     def exchange_of(self, queue: int, head: int, direction: int) -> Any:
         """The analyzer's exchange for a capture just held (Intercept.exchange_of), numbered like the UI's."""
         with self.lock:
-            return self._held_exchanges.pop((queue, head, direction), None)
+            return self.analysis.exchange_of(queue, head, direction)
 
     def on_debugger(self, ev: dict[str, Any]) -> None:
         """Intercept listener: a verdict moves the analyzer's exchange on.  A held reply is completed by the
@@ -209,45 +184,40 @@ class Session:
         if ev.get("type") != "resumed" or not isinstance(ev.get("n"), int):
             return
         with self.lock:
-            self.catch_up()
-            ex = self.analyzer.find(ev["n"])
+            self.analysis.catch_up()
+            an = self.analyzer
+            ex = an.find(ev["n"])
             if ex is None:
                 return
             if ex.held == X.HELD_REPLY:
                 if ev.get("how") == "delayed":
-                    self.analyzer.set_held(ex.n, None)
+                    an.set_held(ex.n, None)
                 return
             if ev.get("auto") and ev.get("how") == "released":  # the prefilter held it, no rule wanted it
-                self.analyzer.set_held(ex.n, None)
+                an.set_held(ex.n, None)
                 return
-            self.analyzer.resume(ex.n, str(ev.get("how")))
+            an.resume(ex.n, str(ev.get("how")))
 
     def _on_hold_capture(self, cap: Any, layout: Any) -> None:
         """A capture a hold point made: a held request or reply, or how a hold ended."""
         key = (cap.queue, cap.head)
-        notes = ["payload cut at the capture snap length"] if cap.truncated else []
+        notes = [_SNAPPED_NOTE] if cap.truncated else []
         flags = fmt.RF_SNAPPED if cap.truncated else 0
         held_cb: tuple[int, int, int, bytes, int] | None = None
         resolved_cb: tuple[int, int, int, str] | None = None
         with self.lock:
-            self.catch_up()  # held captures are analysed at once: the debugger names them by their exchange
             if cap.flags & ring.CAP_F_HELD:
                 self._decided.pop(key, None)
                 self.holds["held"] += 1
                 direction = ring.HOLD_REQUEST if cap.kind == "request" else ring.HOLD_REPLY
                 if direction == ring.HOLD_REQUEST:
                     notes.append("held by the debugger")
-                    self._request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes,
-                                  flags | fmt.RF_HELD, analyse=False)
-                    ex = self.analyzer.feed_request(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
-                                                    notes=notes, held=True, mono_ns=_mono(cap.ts_ns))
-                    self.opcount[ex.opname] += 1
-                else:
-                    ex = self.analyzer.feed_reply(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
-                                                  notes=["held by the debugger: the guest has not seen it"],
-                                                  held=True)
-                    self._held_replies[key] = (cap.data[:16], ex.n)
-                self._held_exchanges[(cap.queue, cap.head, direction)] = ex
+                    self.pipeline.request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes,
+                                          flags | fmt.RF_HELD)
+                else:  # not recorded: the reply the guest gets is, when the hold ends
+                    self._held_replies[key] = cap.data[:16]
+                    self.pipeline.reply(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
+                                        ["held by the debugger: the guest has not seen it"], flags | fmt.RF_HELD)
                 held_cb = (cap.queue, cap.head, direction, cap.data, cap.ts_ns)
             else:
                 how = self._decided.pop(key, None)
@@ -265,18 +235,12 @@ class Session:
                     if done == "rewritten":
                         flags |= fmt.RF_REWRITTEN
                         notes.append("rewritten by the debugger; the back-end replied "
-                                     + (fmt.out_header_note(orig[0]) if orig else "(not captured)"))
+                                     + (fmt.out_header_note(orig) if orig else "(not captured)"))
                     else:
                         notes.append("held by the debugger, then released" if how else
                                      "held by the debugger, released by the proxy: the queue stopped")
-                # a reply the analyzer already completed (resumed by the debugger) is only recorded
-                analyse = direction == ring.HOLD_REQUEST or orig is None or self.analyzer.find(orig[1]) is not None
                 if not (cap.queue == vio.FS_HIPRIO_QUEUE and cap.length == 0):  # FORGET: no reply
-                    self._reply(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes, flags,
-                                analyse=False)
-                    if analyse:
-                        self.analyzer.feed_reply(cap.data, cap.queue, cap.head, cap.ts_ns, orig_len=cap.length,
-                                                 notes=notes)
+                    self.pipeline.reply(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes, flags)
                 if how is None:
                     resolved_cb = (cap.queue, cap.head, direction, done)
         if held_cb is not None and self.on_held is not None:
@@ -284,7 +248,19 @@ class Session:
         if resolved_cb is not None and self.on_resolved is not None:
             self.on_resolved(*resolved_cb)
 
-    # -- analysis, now or held back ---------------------------------------------------------------
+    # -- what tests and the CLI read ---------------------------------------------------------------
+    @property
+    def analyzer(self) -> Any:
+        return self.analysis.analyzer
+
+    @property
+    def requests(self) -> int:
+        return self.counts.requests
+
+    @property
+    def replies(self) -> int:
+        return self.counts.replies
+
     @property
     def watched(self) -> bool:
         return self.hub is not None and bool(self.hub.clients)
@@ -292,74 +268,24 @@ class Session:
     @property
     def backlog(self) -> int:
         """Captures recorded but not analysed yet."""
-        return len(self._backlog)
-
-    def _analyse(self, item: _Held) -> None:
-        if self.opts.defer_analysis and not self.watched:
-            self._backlog.append(item)
-            self._backlog_bytes += len(item[1]) + _BACKLOG_OVERHEAD
-            if self._backlog_bytes > BACKLOG_BYTES:
-                self.catch_up(len(self._backlog) // 2 + 1)
-            return
-        if self._backlog:
-            self.catch_up()
-        self._analyse_one(item)
-
-    def _analyse_one(self, item: _Held) -> None:
-        is_request, data, queue, head, ts, orig, notes, mono = item
-        if is_request:
-            ex = self.analyzer.feed_request(data, queue, head, ts, orig_len=orig, notes=notes, mono_ns=mono)
-            self.opcount[ex.opname] += 1
-        else:
-            self.analyzer.feed_reply(data, queue, head, ts, orig_len=orig, notes=notes)
+        return self.analysis.backlog
 
     def catch_up(self, limit: int | None = None) -> int:
         """Analyse the held-back captures, oldest first (all of them, or at most `limit`)."""
         with self.lock:
-            n = len(self._backlog) if limit is None else min(limit, len(self._backlog))
-            for _ in range(n):
-                item = self._backlog.popleft()
-                self._backlog_bytes -= len(item[1]) + _BACKLOG_OVERHEAD
-                self._analyse_one(item)
-            return n
+            return self.analysis.catch_up(limit)
 
     def _on_idle(self) -> None:
-        """The guest has been quiet for a moment (capture thread): analyse a chunk of the backlog."""
-        if self._backlog:
-            self.catch_up(BACKLOG_CHUNK)
-        self.check_stuck(time.time_ns(), time.monotonic_ns())
-
-    def check_stuck(self, now_ns: int, mono_ns: int) -> None:
-        """Lint pending requests older than the threshold (at most every STUCK_CHECK_NS).
-
-        `now_ns`/`mono_ns` (wall clock, CLOCK_MONOTONIC) must be a time up to which every capture has been
-        analysed: the clocks once the capture buffer is empty, the newest capture's time while traffic
-        flows.  Ages are measured on the monotonic clock: a wall-clock step changes none.
-        """
-        if self._backlog or mono_ns - self._stuck_checked < STUCK_CHECK_NS:
-            return
-        self._stuck_checked = mono_ns
+        """The guest has been quiet for a moment (capture thread): analyse a chunk of the backlog, lint."""
         with self.lock:
-            self.analyzer.check_stuck(now_ns, mono_ns)
+            self.pipeline.emit("tick", time.time_ns())
 
     def _on_vhost(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
-        notes = [msg] if isinstance(msg, str) else []
-        if fds:
-            notes.append(f"{len(fds)} fd(s)")
-        if direction == "proxy->backend":
-            notes.append(fmt.NOTE_TO_BACKEND)
-        elif direction == "proxy->frontend":
-            notes.append(fmt.NOTE_TO_FRONTEND)
-        with self.lock:
-            if self.writer is not None:
-                self.writer.control(raw, from_frontend=direction == "frontend", notes=notes)
-        if self.hub is not None and isinstance(msg, V.VhostUserMessage):
-            self.hub.publish_control(direction, msg.summary())
+        self.pipeline.emit("control", direction, raw, fds, msg)
 
     def _on_event(self, ev: C.Event) -> None:
         self.events.append(ev)
-        if self.hub is not None:
-            self.hub.publish_event(ev.kind, ev.detail)
+        self.pipeline.emit("event", ev.kind, ev.detail)
 
     # -- run -------------------------------------------------------------------------------------
     def run(self, frontend: Any, backend: Any) -> str:
@@ -367,20 +293,14 @@ class Session:
             return self.proxy.serve(frontend, backend)
         finally:
             with self.lock:
-                self.catch_up()
-                self.analyzer.finish()
-                if self.writer is not None:
-                    self.writer.close()
-            if self.hub is not None:
-                self.hub.publish_event("end", {"reason": self.proxy.stats.end_reason})
+                self.pipeline.emit("done", self.proxy.stats.end_reason)
 
     def close(self) -> None:
-        if self.hub is not None:
-            self.hub.close()
+        self.pipeline.emit("close")
 
     def snapshot(self) -> dict[str, Any]:
         """What a newly attached client gets first (called with self.lock held)."""
-        self.catch_up()  # a client is watching from now on: it sees everything analysed
+        self.analysis.catch_up()  # a client is watching from now on: it sees everything analysed
         st = self.proxy.stats
         return {**snapshot_json(self.analyzer, time.time_ns()), "features": self.proxy.cp.snapshot(),
                 "capture": dict(self.proxy.capture.stats), "backend_lost": st.backend_lost_ns is not None}
@@ -393,6 +313,8 @@ class Session:
             busy_max = max(busy_max, c.get("busy_max_ns", 0))
             counters.update(c)
         counters["busy_max_ns"] = busy_max  # the longest forwarding stall of any queue (not a sum)
+        with self.lock:
+            live = self.counts.summary()
         return {
             "end_reason": st.end_reason,
             "backend_lost": st.backend_lost_ns is not None,
@@ -400,21 +322,14 @@ class Session:
             "unsealed_regions": st.unsealed_regions,
             "vhost_messages": st.vhost_messages,
             "vhost_decode_errors": st.decode_errors,
-            **exchanges_summary(self.analyzer, self.requests, self.replies, dict(self.opcount.most_common())),
+            **live,
             "path": dict(counters),
             "capture": dict(self.proxy.capture.stats),
-            "capture_errors": self.capture_errors,
+            "capture_errors": self.counts.capture_errors,
             "features": self.proxy.cp.snapshot(),
             "recording": [str(p) for p in self.writer.paths] if self.writer else [],
-            "control_clients": self.hub.client_stats() if self.hub else [],
-            "control_overflow": self.hub.total_overflow if self.hub else 0,
             "holds": dict(self.holds),
         }
-
-
-def _mono(ts_ns: int) -> int:
-    """A capture's wall-clock stamp (taken a moment ago) on CLOCK_MONOTONIC: what `stuck` ages it from."""
-    return ts_ns + time.monotonic_ns() - time.time_ns()
 
 
 def render_summary(s: dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ from typing import Any
 from .. import privfile
 from ..errors import UserError
 from . import format as fmt
-from .tap import RecordingTap
 from .writer import RecordingWriter
 
 MIN_ROTATE_MB = 0.1  # a smaller part would be mostly section and interface headers
@@ -75,13 +74,12 @@ def writer_options(args: argparse.Namespace) -> dict[str, Any]:
             "mode": args.record_mode}
 
 
-def open_tap(args: argparse.Namespace, *, source: str, backend: str) -> RecordingTap | None:
-    """A tap recording to args.record, or None without --record; one-line errors for bad options."""
+def open_writer(args: argparse.Namespace, *, source: str, backend: str) -> RecordingWriter | None:
+    """The writer for args.record, or None without --record; one-line errors for bad options."""
     opts = writer_options(args)
     if not getattr(args, "record", None):
         return None
     try:
-        writer = RecordingWriter(args.record, source=source, backend=backend, **opts)
+        return RecordingWriter(args.record, source=source, backend=backend, **opts)
     except OSError as e:
         raise UserError(f"--record {args.record}: {e.strerror or e}") from None
-    return RecordingTap(writer)

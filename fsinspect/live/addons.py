@@ -1,0 +1,332 @@
+"""The consumers of the live pipeline: recording writer, analysis, summary, control hub, intercept rules.
+
+Each is an `Addon` (pipeline.py); a source (the proxy session, the daemon engine's source) assembles the
+ones its command line asks for, in the documented order, and knows nothing else about them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+from dissectors import vhost_user as V
+
+from ..analysis import exchange as X
+from ..analysis.analyzer import DEFAULT_STUCK_NS, Analyzer
+from ..analysis.render import exchanges_summary
+from ..recording import format as fmt
+from ..recording.writer import RecordingWriter
+from .hub import Hub
+from .pipeline import Addon
+
+BACKLOG_BYTES = 64 << 20  # captures held back for analysis, at most (then the oldest half is analysed)
+BACKLOG_CHUNK = 2000  # captures analysed per quiet spell of the guest (~20-40 ms of work)
+_BACKLOG_OVERHEAD = 160  # bytes per held-back capture besides its data (tuple, ints, list)
+STUCK_CHECK_NS = 100_000_000  # how often pending requests are checked against the stuck threshold
+
+# A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes, mono_ns)
+_Deferred = tuple[bool, bytes, int, "int | None", int, int, list[str], int]
+
+
+class Recorder(Addon):
+    """Writes every capture and vhost-user message to the recording (RecordingWriter, crash-safe).
+
+    A held reply is not recorded: the reply the guest gets is (released, rewritten or answered), so a
+    replayed recording has one reply per request.  `flush_every` (seconds): a timer thread hands the
+    buffered blocks to the kernel even when traffic stops (the daemon's threads never go idle).
+    """
+
+    def __init__(self, writer: RecordingWriter, *, flush_every: float | None = None, lock: Any = None) -> None:
+        self.writer = writer
+        self._lock = lock if lock is not None else threading.RLock()  # the pipeline's lock
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        if flush_every:
+            self._timer = threading.Thread(target=self._flusher, args=(flush_every,), daemon=True,
+                                           name="recording-flush")
+            self._timer.start()
+
+    def request(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
+                notes: list[str], flags: int) -> None:
+        self.writer.request(data, queue, head, ts_ns, layout=layout, notes=notes, flags=flags, orig_len=orig_len)
+
+    def reply(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
+              notes: list[str], flags: int) -> None:
+        if not flags & fmt.RF_HELD:
+            self.writer.reply(data, queue, head, ts_ns, layout=layout, notes=notes, flags=flags, orig_len=orig_len)
+
+    def error(self, data: bytes, queue: int, head: int | None, ts_ns: int, note: str) -> None:
+        self.writer.request(data, queue, head, ts_ns, notes=[note], flags=fmt.RF_DECODE_ERROR)
+
+    def control(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
+        notes = [msg] if isinstance(msg, str) else []
+        if fds:
+            notes.append(f"{len(fds)} fd(s)")
+        if direction == "proxy->backend":
+            notes.append(fmt.NOTE_TO_BACKEND)
+        elif direction == "proxy->frontend":
+            notes.append(fmt.NOTE_TO_FRONTEND)
+        with self._lock:  # the control thread, beside the capture thread
+            self.writer.control(raw, from_frontend=direction == "frontend", notes=notes)
+
+    def _flusher(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with self._lock:
+                self.writer.flush()
+
+    def done(self, reason: str) -> None:
+        self._stop.set()  # (done runs under the lock the flusher takes: it is joined in close)
+        self.writer.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join()
+        with self._lock:
+            self.writer.close()
+
+
+class Analysis(Addon):
+    """Captures -> an Analyzer: paired, numbered Exchanges, the inode map, lints, stats.
+
+    Deferred analysis (`defer`, the proxy's default): while nobody watches (`watched()` is false) the
+    captures wait in a bounded backlog; on a small machine decoding during a burst slows the guest
+    (bench/proxy_overhead.py).  The backlog is analysed when the source is quiet (`tick`), when a client
+    attaches (`catch_up` from the snapshot), when it grows past BACKLOG_BYTES, and at the end; every
+    capture carries its own timestamp, so the results are the same.
+
+    A held capture is analysed at once (the debugger names it by its exchange: `exchange_of`), without
+    the recording's notes: its state says it is held, and one the rules let go at once shows no trace.  The
+    `stuck` lint is checked at most every STUCK_CHECK_NS against the newest capture's time while traffic
+    flows and against the clock in `tick`, only when nothing is held back.  `snaplen`: the analysis sees
+    at most this many bytes of each message (the daemon's engine hands over whole 1 MiB WRITEs).
+    """
+
+    def __init__(self, *, keep_raw: bool = False, stuck_ns: int = DEFAULT_STUCK_NS, defer: bool = False,
+                 watched: Callable[[], bool] | None = None, snaplen: int | None = None) -> None:
+        self.analyzer = Analyzer(keep_exchanges=False, keep_raw=keep_raw, stuck_ns=stuck_ns)
+        self.defer = defer
+        self.watched = watched or (lambda: True)
+        self.snaplen = snaplen
+        self.opcount: Counter[str] = Counter()
+        self._backlog: deque[_Deferred] = deque()
+        self._backlog_bytes = 0
+        self._stuck_checked = 0  # CLOCK_MONOTONIC of the last check
+        self._held: dict[tuple[int, int, int], X.Exchange] = {}  # (queue, head or unique, direction)
+        self._held_replies: dict[tuple[int, int], int] = {}  # held replies not yet ended: their exchange n
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def request(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
+                notes: list[str], flags: int) -> None:
+        if self.snaplen is not None and len(data) > self.snaplen:
+            data = data[:self.snaplen]
+        if flags & fmt.RF_HELD:
+            self.catch_up()
+            ex = self.analyzer.feed_request(data, queue, head, ts_ns, orig_len=orig_len, held=True,
+                                            mono_ns=_mono(ts_ns))
+            self.opcount[ex.opname] += 1
+            self._held[(queue, _key(head, data), 1)] = ex
+            return
+        self._analyse((True, data, queue, head, ts_ns, orig_len, notes, _mono(ts_ns)))
+        if not self._backlog:  # analysis held back: nothing to check until it catches up
+            self.check_stuck(self.analyzer.last_ts, _mono(self.analyzer.last_ts))
+
+    def reply(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
+              notes: list[str], flags: int) -> None:
+        if self.snaplen is not None and len(data) > self.snaplen:
+            data = data[:self.snaplen]
+        if flags & fmt.RF_HELD:
+            self.catch_up()
+            ex = self.analyzer.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, held=True)
+            self._held[(queue, _key(head, data), 2)] = ex
+            self._held_replies[(queue, _key(head, data))] = ex.n
+            return
+        if self._held_replies:  # the end of a held reply (released, rewritten): it completes that exchange ...
+            n = self._held_replies.pop((queue, _key(head, data)), None)
+            if n is not None:
+                self.catch_up()
+                if self.analyzer.find(n) is not None:  # ... unless the debugger completed it already
+                    self.analyzer.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, notes=notes)
+                return
+        self._analyse((False, data, queue, head, ts_ns, orig_len, notes, 0))
+        if not self._backlog:
+            self.check_stuck(self.analyzer.last_ts, _mono(self.analyzer.last_ts))
+
+    def tick(self, now_ns: int) -> None:
+        if self._backlog:
+            self.catch_up(BACKLOG_CHUNK)
+        self.check_stuck(now_ns, time.monotonic_ns())
+
+    def done(self, reason: str) -> None:
+        self.catch_up()
+        self.analyzer.finish()
+
+    # -- now or later ----------------------------------------------------------------------------
+    @property
+    def backlog(self) -> int:
+        """Captures delivered but not analysed yet."""
+        return len(self._backlog)
+
+    def _analyse(self, item: _Deferred) -> None:
+        if self.defer and not self.watched():
+            self._backlog.append(item)
+            self._backlog_bytes += len(item[1]) + _BACKLOG_OVERHEAD
+            if self._backlog_bytes > BACKLOG_BYTES:
+                self.catch_up(len(self._backlog) // 2 + 1)
+            return
+        if self._backlog:
+            self.catch_up()
+        self._analyse_one(item)
+
+    def _analyse_one(self, item: _Deferred) -> None:
+        is_request, data, queue, head, ts, orig, notes, mono = item
+        if is_request:
+            ex = self.analyzer.feed_request(data, queue, head, ts, orig_len=orig, notes=notes, mono_ns=mono)
+            self.opcount[ex.opname] += 1
+        else:
+            self.analyzer.feed_reply(data, queue, head, ts, orig_len=orig, notes=notes)
+
+    def catch_up(self, limit: int | None = None) -> int:
+        """Analyse the held-back captures, oldest first (all of them, or at most `limit`); under the lock."""
+        n = len(self._backlog) if limit is None else min(limit, len(self._backlog))
+        for _ in range(n):
+            item = self._backlog.popleft()
+            self._backlog_bytes -= len(item[1]) + _BACKLOG_OVERHEAD
+            self._analyse_one(item)
+        return n
+
+    def check_stuck(self, now_ns: int, mono_ns: int) -> None:
+        """Lint pending requests older than the threshold (at most every STUCK_CHECK_NS).
+
+        `now_ns`/`mono_ns` (wall clock, CLOCK_MONOTONIC) must be a time up to which every capture has been
+        analysed: the clocks once the source is quiet, the newest capture's time while traffic flows.  Ages
+        are measured on the monotonic clock: a wall-clock step changes none.
+        """
+        if self._backlog or mono_ns - self._stuck_checked < STUCK_CHECK_NS:
+            return
+        self._stuck_checked = mono_ns
+        self.analyzer.check_stuck(now_ns, mono_ns)
+
+    # -- the debugger ----------------------------------------------------------------------------
+    def exchange_of(self, queue: int, key: int, direction: int) -> X.Exchange | None:
+        """The exchange of a capture just held (Intercept.exchange_of): key = head (proxy) or unique (engine)."""
+        return self._held.pop((queue, key, direction), None)
+
+
+def _mono(ts_ns: int) -> int:
+    """A capture's wall-clock stamp (taken a moment ago) on CLOCK_MONOTONIC: what `stuck` ages it from."""
+    return ts_ns + time.monotonic_ns() - time.time_ns()
+
+
+def _key(head: int | None, data: bytes) -> int:
+    """A held capture's name at its hold point: the chain's head, or (no head) the FUSE unique."""
+    return head if head is not None else int.from_bytes(data[8:16], "little")
+
+
+class Summary(Addon):
+    """Counts what went by; `summary()` is the source-agnostic part of the end-of-run summary."""
+
+    def __init__(self, analysis: Analysis | None = None, hub: Hub | None = None) -> None:
+        self.analysis = analysis
+        self.hub = hub
+        self.requests = 0
+        self.replies = 0
+        self.capture_errors = 0
+
+    def request(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
+                notes: list[str], flags: int) -> None:
+        self.requests += 1
+
+    def reply(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
+              notes: list[str], flags: int) -> None:
+        if not flags & fmt.RF_HELD:  # a held reply is counted once, as the guest gets it
+            self.replies += 1
+
+    def error(self, data: bytes, queue: int, head: int | None, ts_ns: int, note: str) -> None:
+        self.capture_errors += 1
+
+    def summary(self) -> dict[str, Any]:
+        an = self.analysis
+        out: dict[str, Any] = (
+            exchanges_summary(an.analyzer, self.requests, self.replies, dict(an.opcount.most_common()))
+            if an is not None else {"requests": self.requests, "replies": self.replies})
+        out["control_clients"] = self.hub.client_stats() if self.hub else []
+        out["control_overflow"] = self.hub.total_overflow if self.hub else 0
+        return out
+
+
+class Publisher(Addon):
+    """The control-socket Hub as an addon: exchanges (through the analysis' listeners), vhost-user
+    messages, events, and "end" when the source ends.  Publishing never blocks (hub.py)."""
+
+    def __init__(self, hub: Hub, analysis: Analysis | None = None, *, flush_timeout: float = 2.0) -> None:
+        self.hub = hub
+        self.flush_timeout = flush_timeout  # closing: how long clients that read may take to get the end
+        if analysis is not None:
+            analysis.analyzer.listeners.append(hub.publish_exchange)
+            analysis.analyzer.pending_listeners.append(hub.publish_request)
+
+    def control(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
+        if isinstance(msg, V.VhostUserMessage):
+            self.hub.publish_control(direction, msg.summary())
+
+    def event(self, kind: str, detail: dict[str, Any]) -> None:
+        self.hub.publish_event(kind, detail)
+
+    def done(self, reason: str) -> None:
+        self.hub.publish_event("end", {"reason": reason})
+
+    def close(self) -> None:
+        self.hub.close(flush_timeout=self.flush_timeout)  # one client that does not read holds nobody
+
+
+class Debugger(Addon):
+    """The intercept rules (fsinspect/intercept): decide on each held capture, hear the source's own
+    resolutions, stop their timers at the end.  Last in the pipeline: everyone saw a capture before."""
+
+    def __init__(self, intercept: Any) -> None:
+        self.intercept = intercept
+
+    def held(self, queue: int, head: int, direction: int, data: bytes, ts_ns: int) -> None:
+        self.intercept.on_held(queue, head, direction, data, ts_ns)
+
+    def resolved(self, queue: int, head: int, direction: int, how: str) -> None:
+        self.intercept.on_resolved(queue, head, direction, how)
+
+    def close(self) -> None:
+        self.intercept.close()
+
+
+def ticker(pipeline: Any, every_s: float, stop: threading.Event) -> threading.Thread:
+    """A thread that ticks the pipeline (under its lock) every `every_s` until `stop` is set: the sources
+    whose threads never go quiet on their own (the daemon's engine)."""
+    def run() -> None:
+        while not stop.wait(every_s):
+            with pipeline.lock:
+                pipeline.emit("tick", time.time_ns())
+    t = threading.Thread(target=run, name="fsinspect-tick", daemon=True)
+    t.start()
+    return t
+
+
+def add_debugger(pipeline: Any, intercept: Any, point: Any, *, exchange_of: Callable[[int, int, int], Any] | None = None,
+                 listener: Callable[[dict[str, Any]], None] | None = None, hub: Hub | None = None) -> None:
+    """Plug the intercept rules into a source: its HoldPoint takes their native table and verdicts; held
+    captures and the holds the source resolved itself reach them through the pipeline (last, after every
+    other addon); `exchange_of` names a held capture by the source's numbered exchange; `listener` moves
+    that exchange on at each verdict; `hub` takes the debugger's commands (control protocol v2)."""
+    from ..intercept.control import Control
+
+    intercept.attach(point)  # installs the rule table (and points on_held at the intercept: re-pointed here)
+    point.on_held = pipeline.on_held
+    if hasattr(point, "on_resolved"):
+        point.on_resolved = pipeline.on_resolved
+    intercept.exchange_of = exchange_of
+    if listener is not None:
+        intercept.listeners.append(listener)
+    if hub is not None:
+        Control(intercept).install(hub)
+    pipeline.add(Debugger(intercept))
