@@ -194,3 +194,43 @@ def test_reset_device_runs_the_safety_rule(rig: Rigged) -> None:
     rig.drain_captures()
     assert rig.px.path.held() == [] and rig.resolved == [(1, 0, HOLD_REQUEST, "answered")]
     assert dict(rig.px.rig.guest.collect_used())[0] == 16
+
+
+def test_the_pipeline_shows_a_held_capture_to_every_addon_before_the_debugger_decides(rig: Rigged,
+                                                                                        tmp_path: Path) -> None:
+    """Hook order (fsinspect/live/pipeline.py): a held request goes to every addon's `request` (recorded,
+    numbered by the analysis) before any `held`; the intercept rules are last and find the exchange by its n."""
+    from fsinspect.intercept.addon import Intercept
+    from fsinspect.intercept.rules import BREAK, rule_from_args
+    from fsinspect.live.addons import add_debugger
+    from fsinspect.live.pipeline import Addon
+    from fsinspect.recording import format as fmt
+
+    s = rig.s
+    seen: list[tuple[Any, ...]] = []
+
+    class Probe(Addon):
+        def request(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
+                    notes: list[str], flags: int) -> None:
+            seen.append(("request", head, bool(flags & fmt.RF_HELD), s.writer.records if s.writer else 0))
+
+        def held(self, queue: int, head: int, direction: int, data: bytes, ts_ns: int) -> None:
+            seen.append(("held", head, direction, [h["n"] for h in ic.held()]))
+
+    ic = Intercept([rule_from_args(BREAK, ["op == MKDIR"])])
+    s.pipeline.add(Probe())
+    add_debugger(s.pipeline, ic, s, exchange_of=s.exchange_of, listener=s.on_debugger)
+    assert s.on_held == s.pipeline.on_held and s.on_resolved == s.pipeline.on_resolved
+    # a hook an addon does not define is never dispatched: the probe costs nothing on replies
+    assert [type(f.__self__).__name__ for f in s.pipeline._reply] == ["Recorder", "Analysis", "Summary"]
+    assert [type(a).__name__ for a in s.pipeline.addons] == ["Recorder", "Analysis", "Summary", "Probe", "Debugger"]
+    mkdir(rig.px, 0, 41)
+    rig.px.rig.guest.publish([0])
+    rig.pump()
+    # the probe saw the request after the recorder wrote it, and `held` before the intercept kept it
+    assert seen == [("request", 0, True, 1), ("held", 0, HOLD_REQUEST, [])]
+    (h,) = ic.held()
+    assert h["n"] == 1 and h["opcode"] == "MKDIR" and s.analyzer.find(1).held == X.HELD_REQUEST  # type: ignore[union-attr]
+    ev = ic.release(1)
+    assert ev["how"] == "released" and s.analyzer.find(1).held is None  # type: ignore[union-attr]
+    ic.close()

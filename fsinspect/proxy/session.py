@@ -1,23 +1,18 @@
-"""One proxy run: the Proxy plus the addons fed by its captures (recording, analysis, publishing).
+"""One proxy run: the Proxy as a live source, assembling the addons its options ask for.
 
-Addons run on the capture thread (FUSE traffic) or the control thread (vhost-user messages); the
-recorder is shared by both, so it is guarded by a lock.  Nothing here runs on the guest's critical path.
-
-Analysis (decoding, inode map, lints, stats) is held back while no control client watches: on a small
-machine its CPU and cache footprint slow the guest's burst (bench/proxy_overhead.py).  The backlog is
-analysed when the guest pauses, when a client attaches, when it grows past BACKLOG_BYTES, and at the end;
-every capture carries its own timestamp, so the results are the same.
-
-Requests in flight: the `stuck` lint is checked ten times a second from the capture thread, against the
-newest capture's time while traffic flows and against the clock once the capture buffer is empty (a reply
-still in the buffer is never mistaken for a missing one); only when nothing is held back for analysis.
+The session turns the proxy's captures and vhost-user messages into Pipeline hooks (fsinspect/live:
+recorder, analysis, summary, hub; add_debugger puts the intercept rules last).  Hooks run on the capture
+thread (FUSE traffic) or the control thread (vhost-user messages) under the session's lock; the guest's
+critical path (the ring engine's forwarding) never waits on them.  Analysis is held back while no
+control client watches (live/addons.py Analysis: the burst stays fast; the results are the same).
 
 The debugger: the session is the proxy's HoldPoint (fsinspect/intercept/holdpoint.py).  Rules go to every
-queue's native path; a held capture is recorded and analysed at once (so `exchange_of` finds its numbered
-exchange), then `on_held` decides.  A held reply is not recorded: the reply the guest gets is, when it is
-released (captured again, flagged RELEASED) or rewritten (the original's header goes into a note).  When
-the path resolves a hold itself (the safety rule: GET_VRING_BASE, RESET, back-end loss, exit), the
-recording says so and `on_resolved` is told.
+queue's native path; a held capture goes through the pipeline flagged RF_HELD (recorded if a request,
+analysed at once so `exchange_of` finds its numbered exchange), then `on_held` decides (with the
+debugger wired, that is Pipeline.on_held).  A held reply is not recorded: the reply the guest gets is,
+when it is released (captured again, flagged RELEASED) or rewritten (the original's header goes into a
+note).  When the path resolves a hold itself (the safety rule: GET_VRING_BASE, RESET, back-end loss,
+exit), the recording says so and `on_resolved` is told.
 """
 
 from __future__ import annotations
