@@ -10,7 +10,7 @@ Design notes (the layering; import-linter contracts in pyproject.toml enforce ev
     fsinspect.live                    the bus and its addons: pipeline.py (Addon, Pipeline), addons.py
         |                             (Recorder, Analysis, Summary, Publisher, Debugger), hub.py (the
         |                             control socket), engine.py (the daemon engine as a source);
-        |                             feed.py, headless.py, registry.py (the control socket's clients)
+        |                             feed.py, headless.py, registry.py (the clients' side, below)
     fsinspect.analysis, .recording, .intercept      what the addons do, each knowing only its own job
         |
     daemon                            the engine and its transports (vhost-user, /dev/fuse)
@@ -38,4 +38,10 @@ The data path never waits on an addon: the proxy's forwarding runs in the ring e
 its twin); addons run on the capture thread, which only reads the capture buffer, and the hub's publish_*
 only append to a bounded outbox.  A hook an addon does not define costs nothing (Pipeline dispatches only
 overridden hooks), and the proxy defers analysis while nobody watches (addons.Analysis).
+
+The clients' side: `feed.ControlFeed` turns the control protocol (hub.py) into Exchanges in an Analyzer
+through the feed loop replay shares (feed.Feed); the Textual UI (fsinspect/tui/sources.py), the headless
+`fsinspect attach --format` (headless.py) and the Wireshark extcap (fsinspect/commands/extcap.py) all read
+the socket through it.  `registry` is where running sources announce their control sockets (the Hub
+registers itself) and where the extcap finds them.
 """
