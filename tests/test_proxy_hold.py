@@ -222,7 +222,7 @@ def test_the_pipeline_shows_a_held_capture_to_every_addon_before_the_debugger_de
     add_debugger(s.pipeline, ic, s, exchange_of=s.exchange_of, listener=s.on_debugger)
     assert s.on_held == s.pipeline.on_held and s.on_resolved == s.pipeline.on_resolved
     # a hook an addon does not define is never dispatched: the probe costs nothing on replies
-    assert [type(f.__self__).__name__ for f in s.pipeline._reply] == ["Recorder", "Analysis", "Summary"]
+    assert [type(f.__self__).__name__ for f in s.pipeline.reply_hooks] == ["Recorder", "Analysis"]
     assert [type(a).__name__ for a in s.pipeline.addons] == ["Recorder", "Analysis", "Summary", "Probe", "Debugger"]
     mkdir(rig.px, 0, 41)
     rig.px.rig.guest.publish([0])

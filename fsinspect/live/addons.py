@@ -92,7 +92,7 @@ class Recorder(Addon):
 class Analysis(Addon):
     """Captures -> an Analyzer: paired, numbered Exchanges, the inode map, lints, stats.
 
-    Deferred analysis (`defer`, the proxy's default): while nobody watches (`watched()` is false) the
+    Deferred analysis (`defer`, the proxy's default): while nobody watches (no client on `hub`) the
     captures wait in a bounded backlog; on a small machine decoding during a burst slows the guest
     (bench/proxy_overhead.py).  The backlog is analysed when the source is quiet (`tick`), when a client
     attaches (`catch_up` from the snapshot), when it grows past BACKLOG_BYTES, and at the end; every
@@ -106,11 +106,13 @@ class Analysis(Addon):
     """
 
     def __init__(self, *, keep_raw: bool = False, stuck_ns: int = DEFAULT_STUCK_NS, defer: bool = False,
-                 watched: Callable[[], bool] | None = None, snaplen: int | None = None) -> None:
+                 snaplen: int | None = None) -> None:
         self.analyzer = Analyzer(keep_exchanges=False, keep_raw=keep_raw, stuck_ns=stuck_ns)
         self.defer = defer
-        self.watched = watched or (lambda: True)
+        self.hub: Hub | None = None  # set by the assembly: while it has clients, nothing is held back
         self.snaplen = snaplen
+        self.requests = 0  # delivered (analysed or held back), for the summary
+        self.replies = 0
         self.opcount: Counter[str] = Counter()
         self._backlog: deque[_Deferred] = deque()
         self._backlog_bytes = 0
@@ -121,6 +123,7 @@ class Analysis(Addon):
     # -- hooks -----------------------------------------------------------------------------------
     def request(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
                 notes: list[str], flags: int) -> None:
+        self.requests += 1
         if self.snaplen is not None and len(data) > self.snaplen:
             data = data[:self.snaplen]
         if flags & fmt.RF_HELD:
@@ -138,12 +141,13 @@ class Analysis(Addon):
               notes: list[str], flags: int) -> None:
         if self.snaplen is not None and len(data) > self.snaplen:
             data = data[:self.snaplen]
-        if flags & fmt.RF_HELD:
+        if flags & fmt.RF_HELD:  # counted once, as the guest gets it
             self.catch_up()
             ex = self.analyzer.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, held=True)
             self._held[(queue, _key(head, data), 2)] = ex
             self._held_replies[(queue, _key(head, data))] = ex.n
             return
+        self.replies += 1
         if self._held_replies:  # the end of a held reply (released, rewritten): it completes that exchange ...
             n = self._held_replies.pop((queue, _key(head, data)), None)
             if n is not None:
@@ -171,7 +175,7 @@ class Analysis(Addon):
         return len(self._backlog)
 
     def _analyse(self, item: _Deferred) -> None:
-        if self.defer and not self.watched():
+        if self.defer and not (self.hub is not None and self.hub.clients):  # inline: once per capture
             self._backlog.append(item)
             self._backlog_bytes += len(item[1]) + _BACKLOG_OVERHEAD
             if self._backlog_bytes > BACKLOG_BYTES:
@@ -227,32 +231,29 @@ def _key(head: int | None, data: bytes) -> int:
 
 
 class Summary(Addon):
-    """Counts what went by; `summary()` is the source-agnostic part of the end-of-run summary."""
+    """The source-agnostic part of the end-of-run summary: what the analysis was given and made of it
+    (requests and replies are counted there, so the summary costs no call per capture), and the hub's
+    clients."""
 
-    def __init__(self, analysis: Analysis | None = None, hub: Hub | None = None) -> None:
+    def __init__(self, analysis: Analysis, hub: Hub | None = None) -> None:
         self.analysis = analysis
         self.hub = hub
-        self.requests = 0
-        self.replies = 0
         self.capture_errors = 0
-
-    def request(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
-                notes: list[str], flags: int) -> None:
-        self.requests += 1
-
-    def reply(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
-              notes: list[str], flags: int) -> None:
-        if not flags & fmt.RF_HELD:  # a held reply is counted once, as the guest gets it
-            self.replies += 1
 
     def error(self, data: bytes, queue: int, head: int | None, ts_ns: int, note: str) -> None:
         self.capture_errors += 1
 
+    @property
+    def requests(self) -> int:
+        return self.analysis.requests
+
+    @property
+    def replies(self) -> int:
+        return self.analysis.replies
+
     def summary(self) -> dict[str, Any]:
         an = self.analysis
-        out: dict[str, Any] = (
-            exchanges_summary(an.analyzer, self.requests, self.replies, dict(an.opcount.most_common()))
-            if an is not None else {"requests": self.requests, "replies": self.replies})
+        out = exchanges_summary(an.analyzer, an.requests, an.replies, dict(an.opcount.most_common()))
         out["control_clients"] = self.hub.client_stats() if self.hub else []
         out["control_overflow"] = self.hub.total_overflow if self.hub else 0
         return out

@@ -91,7 +91,8 @@ class Pipeline:
         self.addons.append(addon)
         self._hooks = {name: tuple(getattr(a, name) for a in self.addons if _overrides(a, name)) for name in HOOKS}
         h = self._hooks
-        self._request, self._reply, self._held = h["request"], h["reply"], h["held"]
+        # the hot hooks as plain tuples: a source may loop over them itself (the proxy's capture thread)
+        self.request_hooks, self.reply_hooks, self._held = h["request"], h["reply"], h["held"]
 
     def find(self, kind: type[A]) -> A | None:
         """The first addon of this class, if any."""
@@ -100,12 +101,12 @@ class Pipeline:
     # the hot hooks, unrolled (one loop, no lookups)
     def request(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
                 notes: list[str], flags: int) -> None:
-        for f in self._request:
+        for f in self.request_hooks:
             f(data, queue, head, ts_ns, orig_len, layout, notes, flags)
 
     def reply(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
               notes: list[str], flags: int) -> None:
-        for f in self._reply:
+        for f in self.reply_hooks:
             f(data, queue, head, ts_ns, orig_len, layout, notes, flags)
 
     def on_held(self, queue: int, head: int, direction: int, data: bytes, ts_ns: int) -> None:

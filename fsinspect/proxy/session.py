@@ -78,8 +78,7 @@ class Session:
                            on_event=self._on_event, on_idle=self._on_idle)
         self.hub: Hub | None = None
         self.analysis = Analysis(keep_raw=bool(opts.control),  # raw bytes for attached UIs
-                                 stuck_ns=opts.stuck_ns, defer=opts.defer_analysis,
-                                 watched=lambda: self.watched)
+                                 stuck_ns=opts.stuck_ns, defer=opts.defer_analysis)
         self.local_replies = 0
         self.events: list[C.Event] = []
         # HoldPoint: the callback for held captures, and for holds the path resolved itself (safety rule)
@@ -90,6 +89,7 @@ class Session:
         self.holds = Counter[str]()  # held, answered, rewritten, released, dropped, safety
         if opts.control:
             self.hub = Hub(opts.control, self.snapshot, feed_lock=self.lock)
+            self.analysis.hub = self.hub
         self.counts = Summary(self.analysis, self.hub)
         if self.writer is not None:
             self.pipeline.add(Recorder(self.writer, lock=self.lock))
@@ -115,17 +115,17 @@ class Session:
         if cap.flags & _HOLD_FLAGS and cap.kind != "error":
             self._on_hold_capture(cap, layout)
             return
-        with self.lock:
+        with self.lock:  # the hooks are called here, not through Pipeline.request: one frame less a capture
             if cap.kind == "request":
-                self.pipeline.request(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
-                                      [_SNAPPED_NOTE] if cap.truncated else [],
-                                      fmt.RF_SNAPPED if cap.truncated else 0)
+                notes, flags = ([_SNAPPED_NOTE], fmt.RF_SNAPPED) if cap.truncated else ([], 0)
+                for f in self.pipeline.request_hooks:
+                    f(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes, flags)
             elif cap.kind == "reply":
                 if cap.queue == vio.FS_HIPRIO_QUEUE and cap.length == 0:
                     return  # FORGET completes with used.len 0: there is no reply
-                self.pipeline.reply(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout,
-                                    [_SNAPPED_NOTE] if cap.truncated else [],
-                                    fmt.RF_SNAPPED if cap.truncated else 0)
+                notes, flags = ([_SNAPPED_NOTE], fmt.RF_SNAPPED) if cap.truncated else ([], 0)
+                for f in self.pipeline.reply_hooks:
+                    f(cap.data, cap.queue, cap.head, cap.ts_ns, cap.length, layout, notes, flags)
             else:
                 self.pipeline.emit("error", cap.data, cap.queue, cap.head, cap.ts_ns,
                                    f"malformed chain: {cap.reason} (forwarded untouched)")
