@@ -64,10 +64,10 @@ def test_a_wall_clock_step_back_does_not_hide_a_stuck_request(monkeypatch: pytes
 
 
 def test_the_daemon_tap_ages_on_the_monotonic_clock_too(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    from fsinspect.live.engine import ControlTap
+    from fsinspect.live.engine import EngineSource
 
     with clocks(monkeypatch) as off:
-        tap = ControlTap(str(tmp_path / "ctl.sock"))
+        tap = EngineSource(control=str(tmp_path / "ctl.sock"))
         try:
             tap("request", 1, 7, time.time_ns(), GETATTR)
             off["wall"] += HOUR
