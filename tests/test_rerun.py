@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from fsinspect.guest.share import Share, make_share
 from fsinspect.recording.reader import RecordingReader
 from fsinspect.recording.writer import RecordingWriter
 from fsinspect.rerun.compare import compare
+from fsinspect.rerun.front import wait_socket
 from fsinspect.rerun.remap import Remap
 
 pytestmark = [pytest.mark.root]
@@ -108,16 +109,19 @@ def test_snapped_recording_is_refused_without_allow_snapped(share: Share) -> Non
 
 
 def copy_recording(src: Path, dst: Path, *, drop_init: bool = False, features: int | None = None,
-                   skip: frozenset[int] = frozenset(), **writer: Any) -> list[Path]:
+                   skip: frozenset[int] = frozenset(), edit: Callable[[bytes], bytes] | None = None,
+                   **writer: Any) -> list[Path]:
     """Rewrite a recording record by record with the codecs (the way a bug report's file gets edited):
-    without its INIT, with another SET_FEATURES, without the records at `skip`, or rotated (`writer`)."""
+    without its INIT, with another SET_FEATURES, without the records at `skip`, with FUSE requests
+    rewritten by `edit`, or rotated (`writer`)."""
     with RecordingReader(src) as r, RecordingWriter(dst, snaplen=0, **writer) as w:
         for i, rec in enumerate(r):
             if i in skip or (drop_init and rec.is_fuse and rec.data[4:8] == (26).to_bytes(4, "little")):
                 continue
             if rec.is_fuse:
-                (w.request if rec.inbound else w.reply)(rec.data, rec.queue, rec.head, rec.ts_ns,
-                                                        orig_len=rec.orig_len)
+                data = edit(rec.data) if edit is not None and rec.inbound else rec.data
+                (w.request if rec.inbound else w.reply)(data, rec.queue, rec.head, rec.ts_ns,
+                                                        orig_len=rec.orig_len + len(data) - len(rec.data))
                 continue
             data = rec.data
             if features is not None and rec.inbound and V.decode_message(data).name == "SET_FEATURES":
@@ -266,3 +270,97 @@ def test_rerun_reads_a_rotated_recording(tmp_path: Path, share: Share) -> None:
               "--format", "jsonl")
     assert p.returncode == 0, p.stdout + p.stderr
     assert summary(p)["compared"] == 69
+
+
+def inflate_forgets(raw: bytes) -> bytes:
+    """A FORGET giving back 3 more lookups than the recorded back-end granted (a recording whose counts
+    exceed what the back-end under test grants, as when its LOOKUPs fail or map differently)."""
+    try:
+        req = F.decode_request(raw)
+    except Exception:
+        return raw
+    if req.opname != "FORGET":
+        return raw
+    args = {"forget": req.args["forget"]._replace(nlookup=req.args["forget"].nlookup + 3)}
+    return F.encode_request_obj(F.Request(req.header, req.op, args, req.ext))
+
+
+def test_forgets_beyond_the_back_ends_grants_are_clamped_not_sent(tmp_path: Path, share: Share) -> None:
+    """Replayed verbatim, these FORGETs abort the C virtiofsd (`inode->nlookup >= n` in unref_inode): the
+    rerun gives back only what this back-end granted, says so, and the back-end lives to exit cleanly."""
+    rec = tmp_path / "inflated.pcapng"
+    copy_recording(SAMPLE, rec, edit=inflate_forgets)
+    with launcher.short_tmpdir("fsi-forget-") as work:
+        sock = work / "vfsd.sock"
+        cmd = VIRTIOFSD_CMD.format(socket=sock, shared_dir=share.root).split()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_socket(sock, [proc])
+            p = rerun(str(rec), "--backend", str(sock), "--allow-snapped", "--format", "jsonl")
+            _, err = proc.communicate(timeout=20)  # the C virtiofsd exits when its front-end hangs up
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0 and b"Assertion" not in err, err.decode(errors="replace")[-500:]
+    s = summary(p)
+    assert p.returncode == 0 and s["differing"] == 0 and s["unanswered"] == 0, p.stdout + p.stderr
+    assert s["compared"] == s["answered"] == 69 and s["sent"] == 73  # every FORGET still went, clamped
+    notes = s["notes"]
+    assert isinstance(notes, list) and len(notes) == 5, notes
+    assert notes[0].startswith("4 FORGET/BATCH_FORGET entries gave back more lookups than this back-end "
+                               "granted (12 nlookup in all): clamped")
+    assert all("nlookup 4 recorded, the back-end granted 1; sent 1" in n for n in notes[1:]), notes
+    text = rerun(str(rec), "--backend-cmd", VIRTIOFSD_CMD, "--shared-dir", str(share.root), "--allow-snapped")
+    assert "note: 4 FORGET/BATCH_FORGET entries" in text.stdout, text.stdout + text.stderr
+
+
+
+def test_lookup_accounting_clamps_forgets_to_the_grants() -> None:
+    """Every reply the kernel counts grants one lookup per nonzero nodeid (the spec's GRANTS_LOOKUP);
+    forgets give back at most that, node by node, and say what they withheld."""
+    from dissectors.spec import fuse as fspec
+    from fsinspect.rerun.lookups import Lookups
+
+    for name in fspec.GRANTS_LOOKUP:  # the table names exactly the replies that carry entries
+        parts = {p.kind for p in F.spec.OPCODE_BY_NAME[name].reply or ()}
+        assert "entry" in {p.name for p in F.spec.OPCODE_BY_NAME[name].reply or ()} or "direntplus" in parts
+    look = F.decode_request(F.encode_request("LOOKUP", {"name": b"f"}, unique=5, nodeid=1))
+
+    def reply(op: str, args: dict[str, Any], req: F.Request, error: int = 0) -> Any:
+        return F.decode_reply(F.encode_reply(op, args, unique=req.unique, error=error), req)
+
+    def entry(nodeid: int) -> dict[str, Any]:
+        return {"entry": F.make("fuse_entry_out", nodeid=nodeid)}
+
+    rdp = F.decode_request(F.encode_request("READDIRPLUS", {"read": F.make("fuse_read_in", size=4096)}, unique=6,
+                                            nodeid=1))
+    plus = [(F.make("fuse_direntplus", entry_out=F.make("fuse_entry_out", nodeid=n)), nm)
+            for n, nm in ((1, b"."), (0, b".."), (9, b"x"))]
+    lk = Lookups()
+    lk.grant("LOOKUP", reply("LOOKUP", entry(7), look))
+    lk.grant("LOOKUP", reply("LOOKUP", entry(7), look))
+    lk.grant("LOOKUP", reply("LOOKUP", entry(0), look))  # a negative entry: no lookup
+    lk.grant("LOOKUP", reply("LOOKUP", {}, look, error=-2))  # ENOENT: none either
+    lk.grant("GETATTR", reply("LOOKUP", entry(8), look))  # not an op that grants
+    lk.grant("READDIRPLUS", reply("READDIRPLUS", {"entries": plus}, rdp))
+    assert dict(lk.held) == {7: 2, 1: 1, 9: 1}
+
+    ones = [F.make("fuse_forget_one", nodeid=n, nlookup=c) for n, c in ((7, 5), (9, 1), (11, 2))]
+    batch = F.decode_request(F.encode_request("BATCH_FORGET", {"batch": F.make("fuse_batch_forget_in", count=3),
+                                                               "forgets": ones}, unique=10))
+    out = lk.give_back(batch, "#3 BATCH_FORGET")
+    assert out is not None
+    again = F.decode_request(F.encode_request_obj(out))  # what goes on the wire is a well-formed message
+    assert again.args["batch"].count == 2
+    assert [(o.nodeid, o.nlookup) for o in again.args["forgets"]] == [(7, 2), (9, 1)]
+    assert lk.adjusted == ["#3 BATCH_FORGET nodeid 7: nlookup 5 recorded, the back-end granted 2; sent 2",
+                           "#3 BATCH_FORGET nodeid 11: nlookup 2 recorded, the back-end granted 0; not sent"]
+    assert lk.withheld == 5 and dict(lk.held) == {1: 1}
+
+    fg = F.decode_request(F.encode_request("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=9))
+    assert lk.give_back(fg, "#4 FORGET") is None  # all of node 9 came back already: nothing to send
+    root = F.decode_request(F.encode_request("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=1))
+    assert lk.give_back(root, "#5 FORGET") is root  # within the grants: sent as recorded
+    assert lk.note().startswith("3 FORGET/BATCH_FORGET entries gave back more lookups than this back-end granted "
+                                "(6 nlookup in all)")

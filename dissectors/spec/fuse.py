@@ -323,6 +323,12 @@ OPCODES = (
            (st("init_out", "cuse_init_out"), Part("strs", "dev_info", optional=True))),
 )
 
+# FUSE's lookup count (nlookup): each entry with a nonzero nodeid in a successful reply to one of these
+# opcodes is one lookup the kernel holds on that node (READDIRPLUS: each entry of the reply); FORGET and
+# BATCH_FORGET give lookups back, and a back-end may free a node once all it granted came back.
+GRANTS_LOOKUP = frozenset({"LOOKUP", "MKNOD", "MKDIR", "SYMLINK", "LINK", "CREATE", "TMPFILE", "READDIRPLUS"})
+RETURNS_LOOKUP = frozenset({"FORGET", "BATCH_FORGET"})
+
 NOTIFIES = (
     Notify("POLL", 1, (st("poll", "fuse_notify_poll_wakeup_out"),), 11),
     Notify("INVAL_INODE", 2, (st("inval_inode", "fuse_notify_inval_inode_out"),), 12),

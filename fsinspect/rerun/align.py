@@ -17,6 +17,7 @@ from dissectors import fuse as F
 
 from ..analysis.exchange import Exchange
 from .compare import FieldDiff, Tally, compare
+from .lookups import forgets
 from .remap import Remap
 from .runner import describe, exchange_diff
 
@@ -87,14 +88,8 @@ def _forgotten(exs: Sequence[Exchange], nodeid: Callable[[int], int]) -> Counter
     evicts an inode, so their place in the sequence is timing; their totals are behaviour."""
     out: Counter[int] = Counter()
     for ex in exs:
-        req = ex.request
-        if req is None:
-            continue
-        if ex.opname == "FORGET":
-            out[nodeid(req.nodeid)] += req.args["forget"].nlookup
-        elif ex.opname == "BATCH_FORGET":
-            for one in req.args.get("forgets", ()):
-                out[nodeid(one.nodeid)] += one.nlookup
+        for node, n in forgets(ex.request) if ex.request is not None else ():
+            out[nodeid(node)] += n
     return out
 
 

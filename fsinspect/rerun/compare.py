@@ -154,6 +154,7 @@ class Tally:
     diffs: list[ExchangeDiff] = field(default_factory=list)
     only_a: list[str] = field(default_factory=list)  # fsinspect diff: requests one recording has, the other not
     only_b: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the rerun adjusted to keep the back-end sound
 
     def add(self, d: ExchangeDiff | None, opname: str) -> None:
         self.compared += 1
@@ -174,4 +175,4 @@ class Tally:
         return {"compared": self.compared, "identical": self.identical, "differing": self.differing,
                 "unanswered": self.unanswered, "by_op": dict(self.by_op.most_common()),
                 "by_field": dict(self.by_field.most_common()), "only_a": len(self.only_a),
-                "only_b": len(self.only_b)}
+                "only_b": len(self.only_b), **({"notes": self.notes} if self.notes else {})}

@@ -18,6 +18,11 @@ def text(t: Tally, *, first: int = 10, header: str = "") -> Iterator[str]:
     yield (f"{t.compared} exchanges compared: {t.identical} identical, {t.differing} differing"
            + (f", {t.unanswered} unanswered" if t.unanswered else "")
            + (f", {len(t.only_a)} only in A, {len(t.only_b)} only in B" if t.only_a or t.only_b else ""))
+    if t.notes:
+        yield f"note: {t.notes[0]}"
+        yield from (f"  {line}" for line in t.notes[1:first + 1])
+        if len(t.notes) > first + 1:
+            yield f"  ... {len(t.notes) - first - 1} more (--format jsonl lists all)"
     if t.by_op:
         yield "differing by opcode: " + ", ".join(f"{op} {n}" for op, n in t.by_op.most_common())
         yield "differing by field:"

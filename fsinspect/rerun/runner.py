@@ -16,16 +16,18 @@ from typing import Any
 from dissectors import fuse as F
 from dissectors.errors import DecodeError
 from dissectors.render import summary
+from dissectors.spec import fuse as fspec
 from dissectors.spec import virtio as vio
 
 from ..analysis.exchange import Exchange
 from ..recording.writer import RecordingWriter
 from .compare import ExchangeDiff, FieldDiff, Tally, compare
 from .front import Front, FrontError
+from .lookups import Lookups
 from .plan import Plan, reply_room
 from .remap import Remap
 
-NO_REPLY_OPS = frozenset({"FORGET", "BATCH_FORGET"})
+NO_REPLY_OPS = fspec.RETURNS_LOOKUP
 
 
 class RerunError(Exception):
@@ -76,6 +78,7 @@ class Rerun:
         self.writer = writer
         self.alive = alive  # returns why the back-end is gone, or None
         self.remap = Remap()
+        self.lookups = Lookups()
         self.ctx = plan.context
         self.result = RerunResult(Tally())
         self._sent_req: dict[int, F.Request] = {}
@@ -109,6 +112,8 @@ class Rerun:
         for j, ex in enumerate(exs):
             if self._expects(ex) and j not in self._done:
                 self.result.tally.unanswered += 1
+        if self.lookups.adjusted:
+            self.result.tally.notes += [self.lookups.note(), *self.lookups.adjusted]
         return self.result
 
     def _queue(self, ex: Exchange) -> int:
@@ -130,6 +135,12 @@ class Rerun:
         self._wait(lambda: self.front.free_slots(queue) > 0, ex)
         self._unique += 1
         req = self.remap.request(ex.request, self._unique)
+        if ex.opname in fspec.RETURNS_LOOKUP:
+            clamped = self.lookups.give_back(req, f"#{ex.n} {ex.opname}")
+            if clamped is None:  # nothing this back-end granted: it must not see the forget at all
+                self._done.add(i)
+                return
+            req = clamped
         if ex.snapped:
             req = unsnap(req)
         raw = F.encode_request_obj(req, self.ctx)
@@ -201,6 +212,7 @@ class Rerun:
                 self.ctx = F.FuseContext.from_init(ex.request.args["init"], new.args["init_out"])
             assert ex.request is not None
             self.remap.learn(ex.request, ex.reply, new)
+            self.lookups.grant(ex.opname, new)
             fields = compare(ex.reply, new, strict=self.strict)
         d = exchange_diff(ex, ex.reply, new, fields) if fields else None
         if d is not None:
