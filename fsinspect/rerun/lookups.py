@@ -10,6 +10,7 @@ clamp is reported (a note in the summary), never done silently.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +50,13 @@ class Lookups:
         for n in granted(opname, reply):
             self.held[n] += 1
 
-    def give_back(self, req: F.Request, what: str) -> F.Request | None:
+    def give_back(self, req: F.Request, what: str, mapped: Callable[[int], bool] = lambda _: True) -> F.Request | None:
         """`req` (already remapped) with each entry clamped to what was granted; None when nothing is left.
-        `what` names the exchange in the adjustment notes."""
+        `what` names the exchange in the adjustment notes; an entry whose recorded nodeid the remap never
+        learnt (`mapped` false for its position) names no node of this back-end, whatever its number."""
         kept: list[tuple[int, int]] = []
-        for nodeid, want in forgets(req):
-            n = min(want, self.held[nodeid])
+        for k, (nodeid, want) in enumerate(forgets(req)):
+            n = min(want, self.held[nodeid]) if mapped(k) else 0
             if n:
                 self.held[nodeid] -= n
                 if not self.held[nodeid]:
@@ -62,8 +64,9 @@ class Lookups:
                 kept.append((nodeid, n))
             if n < want:
                 self.withheld += want - n
-                self.adjusted.append(f"{what} nodeid {nodeid}: nlookup {want} recorded, the back-end granted "
-                                     f"{n}" + ("; sent " + str(n) if n else "; not sent"))
+                self.adjusted.append(f"{what} nodeid {nodeid}: nlookup {want} recorded, " + (
+                    f"the back-end granted {n}" + (f"; sent {n}" if n else "; not sent") if mapped(k) else
+                    "a node the recording never mapped to one of this back-end's; not sent"))
         if kept == forgets(req):
             return req
         if not kept:

@@ -23,7 +23,7 @@ from ..analysis.exchange import Exchange
 from ..recording.writer import RecordingWriter
 from .compare import ExchangeDiff, FieldDiff, Tally, compare
 from .front import Front, FrontError
-from .lookups import Lookups
+from .lookups import Lookups, forgets
 from .plan import Plan, reply_room
 from .remap import Remap
 
@@ -136,7 +136,9 @@ class Rerun:
         self._unique += 1
         req = self.remap.request(ex.request, self._unique)
         if ex.opname in fspec.RETURNS_LOOKUP:
-            clamped = self.lookups.give_back(req, f"#{ex.n} {ex.opname}")
+            recorded = forgets(ex.request)
+            clamped = self.lookups.give_back(req, f"#{ex.n} {ex.opname}",
+                                             lambda k: recorded[k][0] in self.remap.nodeid)
             if clamped is None:  # nothing this back-end granted: it must not see the forget at all
                 self._done.add(i)
                 return
