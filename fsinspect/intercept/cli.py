@@ -7,10 +7,13 @@ problem) before a socket is opened or anything is mounted.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from .addon import Intercept
-from .rules import BREAK, INJECT, Rule, RuleError, rule_from_args
+
+if TYPE_CHECKING:  # imported when a rule or a control socket needs them: a plain run pays nothing
+    from .addon import Intercept
+    from .rules import Rule
 
 
 def add_intercept_options(p: argparse.ArgumentParser) -> None:
@@ -30,6 +33,10 @@ def add_intercept_options(p: argparse.ArgumentParser) -> None:
 def rules_from_args(args: argparse.Namespace) -> list[Rule]:
     """The --break and --inject rules in command-line order within each kind; UserError with a caret."""
     out: list[Rule] = []
+    if not (getattr(args, "breaks", None) or getattr(args, "injects", None)):
+        return out
+    from .rules import BREAK, INJECT, RuleError, rule_from_args
+
     try:
         out.extend(rule_from_args(BREAK, parts) for parts in getattr(args, "breaks", None) or [])
         out.extend(rule_from_args(INJECT, parts) for parts in getattr(args, "injects", None) or [])
@@ -43,4 +50,6 @@ def intercept_from_args(args: argparse.Namespace) -> Intercept | None:
     rules = rules_from_args(args)
     if not rules and not getattr(args, "control", None):
         return None
+    from .addon import Intercept
+
     return Intercept(rules, seed=getattr(args, "seed", None))
