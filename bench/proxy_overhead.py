@@ -13,6 +13,9 @@ arm is the floor of the design on this machine: what the two extra thread hops p
 `--idle-rule` adds an arm with the debugger armed: one native hold rule that matches nothing
 (`--inject 'op == SETUPMAPPING' errno=EIO`; QEMU 7.2 has no DAX window), so every request is matched
 against the table and forwarded.  Issue 15 wants it within noise of the plain proxy arm.
+`--headless-client jsonl|pcapng|text` adds an arm where `fsinspect attach --format F -o FILE` watches the
+recording proxy's control socket for the whole run (issue 18: forwarding stays within noise with one
+client attached).
 
 The share's root is a tmpfs by default (`--share-fs disk` puts it on the host's ext4, as before): on
 ext4, creating 2000 files seconds after the previous arm deleted 2000 makes the allocator scan past
@@ -46,22 +49,34 @@ def run_direct(image: build.GuestImage, share: Path, workload: str) -> dict[str,
     return {s.name: s.duration for s in res.steps if s.duration is not None}
 
 
-def run_proxied(image: build.GuestImage, share: Path, workload: str,
-                record: bool = True, extra: tuple[str, ...] = ()) -> tuple[dict[str, float], float, int]:
+def run_proxied(image: build.GuestImage, share: Path, workload: str, record: bool = True,
+                extra: tuple[str, ...] = (), client: str = "") -> tuple[dict[str, float], float, int]:
+    """One proxy run; with `client` (a --format of `fsinspect attach`), a headless client watches it throughout."""
     with launcher.short_tmpdir() as work, launcher.virtiofsd(share, work) as be:
-        listen, summ = work / "p.sock", work / "summary.json"
+        listen, summ, ctrl = work / "p.sock", work / "summary.json", work / "c.sock"
         rec = ["--record", str(work / "rec.pcapng")] if record else []
+        ctl = ["--control", str(ctrl)] if client else []
         proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
-                                 "--backend", str(be.socket_path), *rec,
+                                 "--backend", str(be.socket_path), *rec, *ctl,
                                  "--summary-json", str(summ), "--quiet", *extra], stdin=subprocess.DEVNULL)
+        watcher = None
         try:
-            while not listen.exists():
+            while not listen.exists() or (client and not ctrl.exists()):
                 time.sleep(0.02)
+            if client:
+                watcher = subprocess.Popen([sys.executable, "-m", "fsinspect", "attach", str(ctrl), "--format",
+                                            client, "-o", str(work / f"client.{client}")],
+                                           stdin=subprocess.DEVNULL)
+                time.sleep(1.0)  # connected and streaming before the guest starts
             res = launcher.run_guest(listen, image=image, workload=workload, timeout=300, watch=[proc])
             _pid, _status, ru = os.wait4(proc.pid, 0)
             proc.returncode = 0
+            if watcher is not None and watcher.wait(timeout=30) != 0:
+                raise SystemExit(f"the headless client failed: rc {watcher.returncode}")
         finally:
             launcher.stop_process(proc)
+            if watcher is not None:
+                launcher.stop_process(watcher)
         s = json.loads(summ.read_text())
     if not res.ok:
         raise SystemExit(f"proxied run failed: {res.status} {res.failed_steps}")
@@ -107,15 +122,20 @@ def main() -> int:
                     help="a third arm per round: the proxy without recording (the design's floor here)")
     ap.add_argument("--idle-rule", action="store_true",
                     help="an arm per round with one debugger rule that matches nothing (issue 15)")
+    ap.add_argument("--headless-client", choices=("text", "jsonl", "pcapng"), default="",
+                    help="an arm per round with `fsinspect attach --format F` watching the recording proxy "
+                         "(issue 18: forwarding within noise with one client)")
     args = ap.parse_args()
     image = build.build(progress=lambda m: print(m, file=sys.stderr))
     direct: list[dict[str, float]] = []
-    arms: dict[str, list[tuple[dict[str, float], float, int]]] = {"proxy": [], "unrecorded": [], "idle-rule": []}
+    arms: dict[str, list[tuple[dict[str, float], float, int]]] = {"proxy": [], "unrecorded": [], "idle-rule": [],
+                                                                  "client": []}
     extra = ("--poll-us", str(args.poll_us)) if args.poll_us else ()
     with make_share(root_tmpfs_mb=512 if args.share_fs == "tmpfs" else 0) as share:
         for i in range(args.pairs):
             order = ["direct", "proxy", *(["unrecorded"] if args.unrecorded else []),
-                     *(["idle-rule"] if args.idle_rule else [])]
+                     *(["idle-rule"] if args.idle_rule else []),
+                     *(["client"] if args.headless_client else [])]
             if i % 2:
                 order.reverse()
             for kind in order:
@@ -123,7 +143,8 @@ def main() -> int:
                     direct.append(run_direct(image, share.root, args.workload))
                 else:
                     arms[kind].append(run_proxied(image, share.root, args.workload, record=kind != "unrecorded",
-                                                  extra=(*extra, *(IDLE_RULE if kind == "idle-rule" else ()))))
+                                                  extra=(*extra, *(IDLE_RULE if kind == "idle-rule" else ())),
+                                                  client=args.headless_client if kind == "client" else ""))
             print(f"round {i + 1}/{args.pairs} done", file=sys.stderr)
     steps = [k for k in direct[0] if all(k in d for d in direct + [r[0] for r in arms["proxy"]])]
     print(f"{'step':<22} {'direct s':>9} {'proxy s':>9} {'ratio':>7} {'min':>6} {'max':>6}")
@@ -134,6 +155,10 @@ def main() -> int:
     if arms["idle-rule"]:
         print("\nthe debugger armed: one rule that matches nothing (ratio = direct / proxy with the rule)")
         ratio_rows(steps, direct, [r[0] for r in arms["idle-rule"]])
+    if arms["client"]:
+        print(f"\none headless client: `fsinspect attach --format {args.headless_client}` on the recording proxy "
+              "(ratio = direct / proxy with the client)")
+        ratio_rows(steps, direct, [r[0] for r in arms["client"]])
     print("\nproxy CPU (utime+stime of the whole process, start-up included) per arm:")
     cpu_per_10k = {}
     for kind, runs in arms.items():
