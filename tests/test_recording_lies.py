@@ -311,3 +311,16 @@ def test_an_exported_pdu_tag_running_past_the_packet_is_refused_in_one_line(tmp_
     with pytest.raises(RecordingError, match="exported PDU") as e, RecordingReader(path) as r:
         list(r)
     assert "\n" not in str(e.value)
+
+
+def test_a_foreign_pcapng_names_its_writer_on_one_line(tmp_path: Path) -> None:
+    """Found by the reader's 1M campaign: the refusal of a pcapng without the fsinspect option quoted the
+    file's own shb_userappl, so a newline in it (a flipped byte) split the one-line error."""
+    appl = b"evil\napp 1.0"
+    opt = struct.pack("<HH", fmt.SHB_USERAPPL, len(appl)) + appl + b"\0" * (-len(appl) % 4) + struct.pack("<HH", 0, 0)
+    body = struct.pack("<IHHq", fmt.BYTE_ORDER_MAGIC, fmt.PCAPNG_MAJOR, 0, -1) + opt
+    total = 12 + len(body)
+    (tmp_path / "foreign.pcapng").write_bytes(struct.pack("<II", fmt.BT_SHB, total) + body + struct.pack("<I", total))
+    with pytest.raises(RecordingError, match="not an fsinspect recording") as e:
+        RecordingReader(tmp_path / "foreign.pcapng")
+    assert "\n" not in str(e.value) and "evil\\napp 1.0" in str(e.value)

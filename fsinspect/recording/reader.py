@@ -256,7 +256,7 @@ class _BlockParser:
         if not sec.meta:
             raise RecordingError(f"{self.path}: a pcapng file, but not an fsinspect recording "
                                  f"(no fsinspect option in the section header"
-                                 f"{', written by ' + sec.userappl if sec.userappl else ''})")
+                                 f"{', written by ' + repr(sec.userappl) if sec.userappl else ''})")  # the file's text, quoted
         v = sec.meta.get("format")
         if not isinstance(v, int) or v < 1:
             raise RecordingError(f"{self.path}: bad recording format version {v!r}")
