@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -208,9 +209,10 @@ def check_pairing(summ: Path, recdir: Path, keep: int) -> list[tuple[bool, str]]
     no_reply = sum(s["opcodes"].get(op, 0) for op in NO_REPLY_OPS)
     lints = {k: sum(1 for lint in s["lints"] if lint["kind"] == k) for k in PAIRING_LINTS}
     dropped = s["capture"].get("dropped", 0)
+    others = Counter(lint["kind"] for lint in s["lints"] if lint["kind"] not in PAIRING_LINTS)
     out.append((s["replies"] == s["requests"] - no_reply and not any(lints.values()) and not dropped,
                 f"proxy (live, whole run): {s['requests']} requests ({no_reply} without reply), {s['replies']} "
-                f"replies, pairing lints {lints}, captures dropped {dropped}"))
+                f"replies, pairing lints {lints}, captures dropped {dropped}; other lints {dict(others)}"))
     parts = sorted(recdir.glob("*.pcapng"))
     info, err = fsinspect_json("info", str(recdir))
     out.append((info is not None, f"recording readable: fsinspect info on {len(parts)} kept parts "
@@ -226,7 +228,7 @@ def check_pairing(summ: Path, recdir: Path, keep: int) -> list[tuple[bool, str]]
     bad = {k: rlints.get(k, 0) for k in PAIRING_LINTS if k != "orphan-reply"}
     out.append((unreplied == 0 and not any(bad.values()) and (rotated or orphans == 0),
                 f"recording (kept parts, first kept part {info.get('part') if info else '?'}): {stats['total']} "
-                f"exchanges, {unreplied} unreplied, lints {bad}, orphan replies {orphans}"
+                f"exchanges, {unreplied} unreplied, lints {bad}, orphan replies {orphans}, all lints {rlints}"
                 + (" (their requests were in rotated-away parts)" if rotated and orphans else "")))
     return out
 
