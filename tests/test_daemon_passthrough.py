@@ -778,3 +778,22 @@ def test_the_sandbox_is_the_second_wall(engine: Factory, tmp_path: Path, sandbox
     assert (tmp_path / "planted").exists() == (sandbox == "none")
     assert (shared / "planted").exists() == (sandbox != "none")  # in the sandbox '..' of the root is the root
     _alive(c)
+
+
+def test_lock_owner_fds_go_with_the_last_handle_of_their_inode(engine: Factory, tmp_path: Path) -> None:
+    """A lock owner's extra open file description was dropped only by a FLUSH naming that owner; a RELEASE
+    without one (a kernel that skips the FLUSH, a crafted sequence) left it open after the inode's last
+    handle was gone and the nodeid forgotten: an fd held for nothing, for the session's life.  When the
+    last handle of an inode is released, no POSIX lock on it can remain, so neither does its owner fd."""
+    c = engine()
+    (tmp_path / "f").write_bytes(b"0123456789")
+    before = len(os.listdir("/proc/self/fd"))
+    f = c.nodeid(1, b"f")
+    for owner in (7, 8):
+        fh = c.open(f, os.O_RDWR)
+        lk = F.make("fuse_lk_in", fh=fh, owner=owner,
+                    lk=F.make("fuse_file_lock", start=0, end=9, type=spec.LOCK_TYPE.by_name()["F_WRLCK"], pid=1))
+        c.ok("SETLK", {"lk": lk}, nodeid=f)
+        c.ok("RELEASE", {"release": F.make("fuse_release_in", fh=fh)}, nodeid=f)  # no FLUSH, no RELEASE_FLUSH
+    c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=f)
+    assert len(os.listdir("/proc/self/fd")) == before

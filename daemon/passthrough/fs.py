@@ -533,7 +533,14 @@ class PassthroughFS(FileSystem):
             if h is None or h.is_dir:
                 raise OSError(errno.EBADF, f"bad fh {fh}")
             del self._handles[fh]
+            # The inode's last handle gone: no POSIX lock on it can outlive that (close(2) semantics), so
+            # neither does any owner's lock fd, FLUSH or not.
+            orphans = [k for k in self._lock_fds if k[0] == nodeid] if self._lock_fds and not any(
+                o.inode.nodeid == nodeid for o in self._handles.values()) else []
+            lock_fds = [self._lock_fds.pop(k) for k in orphans]
         os.close(h.fd)
+        for fd in lock_fds:
+            os.close(fd)
         if release_flags & RELEASE_FLUSH:
             self._drop_owner(nodeid, lock_owner)
 
