@@ -335,6 +335,14 @@ class EngineCampaign:
     def cleanup(self) -> bytes:
         r = self.rng
         m = self.model
+        # Over a bound the generator only shrinks the tables (else opens random-walk past it).
+        if len(m.files) + len(m.dirhandles) > MAX_HANDLES and (m.files or m.dirhandles):
+            pool = m.files if m.files and (not m.dirhandles or r.random() < 0.5) else m.dirhandles
+            fh = r.choice(list(pool))
+            op = "RELEASE" if pool is m.files else "RELEASEDIR"
+            return self.encode(op, {"release": F.make("fuse_release_in", fh=fh)}, pool[fh])
+        if len(m.nodes) > MAX_NODES:
+            return self.forget_some()
         if m.files and r.random() < 0.5:
             fh = r.choice(list(m.files))
             return self.encode("RELEASE", {"release": F.make("fuse_release_in", fh=fh)}, m.files[fh])
@@ -342,11 +350,14 @@ class EngineCampaign:
             fh = r.choice(list(m.dirhandles))
             return self.encode("RELEASEDIR", {"release": F.make("fuse_release_in", fh=fh)}, m.dirhandles[fh])
         if len(m.nodes) > MAX_NODES // 2:
-            items = r.sample(sorted(m.nodes.items()), min(len(m.nodes), r.randint(1, 16)))
-            forgets = [F.make("fuse_forget_one", nodeid=nid, nlookup=n) for nid, n in items]
-            return self.encode("BATCH_FORGET", {"batch": F.make("fuse_batch_forget_in", count=len(forgets)),
-                                                "forgets": forgets}, 0)
+            return self.forget_some()
         return self.request()
+
+    def forget_some(self) -> bytes:
+        items = self.rng.sample(sorted(self.model.nodes.items()), min(len(self.model.nodes), self.rng.randint(1, 16)))
+        forgets = [F.make("fuse_forget_one", nodeid=nid, nlookup=n) for nid, n in items]
+        return self.encode("BATCH_FORGET", {"batch": F.make("fuse_batch_forget_in", count=len(forgets)),
+                                            "forgets": forgets}, 0)
 
     def request(self) -> bytes:
         r = self.rng
