@@ -6,6 +6,7 @@ import contextlib
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,5 +109,51 @@ def test_rerun_backend_cmd_dies_with_a_sigkilled_rerun() -> None:
         finally:
             stop_process(p)
             for k in kids:  # a failed run: the back-end is ours to clean
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(k, signal.SIGKILL)
+
+
+
+GUEST_RUNNER = """
+import sys
+from pathlib import Path
+from fsinspect.guest import build, launcher
+share, work, mute = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+with launcher.virtiofsd(share, work):  # started, and left waiting for a front-end
+    launcher.run_guest(mute, image=build.build(), workload="smoke", timeout=120)
+"""
+
+
+def test_the_launchers_qemu_and_virtiofsd_die_with_a_sigkilled_runner(tmp_path: Path) -> None:
+    """A test or bench that runs a guest through the launcher and is SIGKILLed (a pytest timeout, a killed
+    bench) must not leave QEMU and virtiofsd running.  Neither notices on its own while nothing happens: a
+    QEMU whose back-end never answers prints nothing (no SIGPIPE), and a virtiofsd nobody connected to waits
+    for ever (one such QEMU ran on for 15 minutes)."""
+    share = tmp_path / "share"
+    share.mkdir()
+    with short_tmpdir() as work, socket.socket(socket.AF_UNIX) as mute:
+        mute.bind(str(work / "mute.sock"))
+        mute.listen()
+        p = subprocess.Popen([sys.executable, "-c", GUEST_RUNNER, str(share), str(work), str(work / "mute.sock")],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        kids: dict[int, str] = {}
+        try:
+            mute.settimeout(60)
+            conn, _ = mute.accept()  # QEMU is up and waits for the back-end's first reply
+            kids = _children(p.pid)
+            assert {"virtiofsd", "qemu-system-x86"} <= {c[:15] for c in kids.values()}, kids
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+            t0 = time.monotonic()
+            while (left := {k: c for k, c in kids.items() if Path(f"/proc/{k}").exists()
+                            and Path(f"/proc/{k}/stat").read_text().split(")")[1].split()[0] != "Z"}) \
+                    and time.monotonic() - t0 < 5.0:
+                time.sleep(0.02)
+            conn.close()
+            assert not left, f"still running 5 s after their runner was SIGKILLed: {left}"
+        finally:
+            stop_process(p)
+            for k in kids:  # a failed run: they are ours to clean
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(k, signal.SIGKILL)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from ..children import die_with_parent
 from .build import GuestImage
 from .console import ConsoleParser, Event, GuestResult
 
@@ -157,7 +158,7 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
     parser = ConsoleParser(result)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
     assert proc.stdout is not None and proc.stderr is not None
     result.qemu_pid = proc.pid
     sel = selectors.DefaultSelector()
@@ -312,7 +313,7 @@ def virtiofsd(shared_dir: Path | str, workdir: Path, *, announce_submounts: bool
     cmd = [binary, f"--socket-path={sock}", "-o", ",".join(opts), *extra_args]
     with open(log, "wb") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
     try:
         try:
             _wait_for_socket(sock, proc, "virtiofsd")
