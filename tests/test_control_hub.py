@@ -122,6 +122,27 @@ def test_a_failing_snapshot_refuses_that_client_and_the_hub_goes_on(tmp_path: Pa
         h.close(0.5)
 
 
+def test_a_client_that_connects_before_the_source_is_assembled_gets_the_assembled_hello(tmp_path: Path) -> None:
+    """The proxy and the daemon make the hub, then add the debugger (whose command handler makes the
+    protocol version 2).  A client that connected in between got a version-1 hello (CI caught a script
+    that checks it); now it waits in the backlog until the source opens the hub."""
+    h = Hub(str(tmp_path / "ctl.sock"), dict, accept_clients=False)
+    try:
+        early = _connect(h.path)  # the socket exists and takes the connection into its backlog
+        early.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            early.recv(1)  # not accepted yet: no hello before the source is assembled
+        h.command_handler = lambda client, obj: {"ok": True}
+        h.protocol_version = 2
+        h.open_clients()
+        early.settimeout(5)
+        hello = next(_lines(early))
+        assert hello["type"] == "hello" and hello["version"] == 2 and hello["versions"] == [1, 2]
+        early.close()
+    finally:
+        h.close(0.5)
+
+
 def test_client_cap_refuses_the_rest_with_a_message(tmp_path: Path) -> None:
     h = Hub(str(tmp_path / "ctl.sock"), lambda: {}, max_clients=3)
     try:

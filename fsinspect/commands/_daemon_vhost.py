@@ -118,7 +118,8 @@ def open_source(args: argparse.Namespace, *, source: str, backend: str) -> Engin
 
     return EngineSource(control=args.control, stuck_ns=stuck_ns(args.stuck_ms),
                         writer=open_writer(args, source=source, backend=backend),
-                        capture_source="fusedev" if source == "fusedev" else "virtio")
+                        capture_source="fusedev" if source == "fusedev" else "virtio",
+                        accept_clients=False)  # serve_engine opens it once the debugger is in
 
 
 def attach_debugger(intercept: Any, src: EngineSource) -> Any:
@@ -138,6 +139,8 @@ def serve_engine(args: argparse.Namespace, intercept: Any, src: EngineSource, se
     """Run `serve(tap, hold)` (a transport's main loop, returning the engine's counters) with the live
     source and the debugger, then close them (in that order: due delays go first) and write the summary."""
     point = attach_debugger(intercept, src)
+    if src.hub is not None:  # assembled: clients get the hello of what this daemon can do
+        src.hub.open_clients()
     try:
         counters = serve(src.tap, point)
     finally:

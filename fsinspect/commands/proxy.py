@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         session = Session(cfg, SessionOptions(record=args.record, control=args.control, snaplen=record["snaplen"],
                                               rotate_mb=record["rotate_mb"], rotate_keep=record["rotate_keep"],
                                               record_mode=record["mode"],
-                                              backend_name=backend_cmd or backend_sock, stuck_ns=stuck))
+                                              backend_name=backend_cmd or backend_sock, stuck_ns=stuck,
+                                              accept_clients=False))
     except OSError as e:
         _close_listener(args, listener)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -158,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if intercept is not None:
         add_debugger(session.pipeline, intercept, session, exchange_of=session.exchange_of,
                      listener=session.on_debugger, hub=session.hub)
+    if session.hub is not None:  # assembled: clients get the hello of what this proxy can do
+        session.hub.open_clients()
     frontend = None
     s: dict[str, Any] | None = None
     try:

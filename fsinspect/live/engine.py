@@ -44,7 +44,8 @@ class EngineSource:
     """tap(direction, queue, unique, ts_ns, raw) -> the pipeline; thread-safe (pool threads send replies)."""
 
     def __init__(self, *, control: str | None = None, stuck_ns: int | None = None,
-                 writer: RecordingWriter | None = None, capture_source: str = "virtio") -> None:
+                 writer: RecordingWriter | None = None, capture_source: str = "virtio",
+                 accept_clients: bool = True) -> None:
         self.pipeline = Pipeline()
         self.lock = self.pipeline.lock
         self.hub: Hub | None = None
@@ -60,7 +61,8 @@ class EngineSource:
                                      stuck_ns=DEFAULT_STUCK_NS if stuck_ns is None else stuck_ns)
             try:
                 self.hub = Hub(control, self.snapshot, feed_lock=self.lock, source="daemon",
-                               capture_source=capture_source)  # the binary stream's interface: virtio | fusedev
+                               capture_source=capture_source,  # the binary stream's interface: virtio | fusedev
+                               accept_clients=accept_clients)
             except OSError as e:
                 self.pipeline.emit("close")
                 raise UserError(e.strerror or str(e)) from None

@@ -132,7 +132,8 @@ class Hub:
     def __init__(self, path: str, snapshot: Callable[[], dict[str, Any]], *, queue_len: int = CLIENT_QUEUE,
                  source: str = "proxy", feed_lock: Any = None, client_bytes: int = CLIENT_BYTES,
                  total_bytes: int = TOTAL_BYTES, max_clients: int = MAX_CLIENTS, max_line: int = MAX_LINE,
-                 command_handler: CommandHandler | None = None, capture_source: str = "virtio") -> None:
+                 command_handler: CommandHandler | None = None, capture_source: str = "virtio",
+                 accept_clients: bool = True) -> None:
         self.path = path
         self.snapshot_fn = snapshot
         # Held by whoever feeds publish_exchange: taking it while a client joins means no exchange falls
@@ -172,7 +173,15 @@ class Hub:
         self._registered = registry.register(path)  # `fsinspect extcap` lists it as a Wireshark interface
         self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
-        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        # A source that assembles its addons after making the hub (the debugger's command handler makes the
+        # protocol version 2) says accept_clients=False and calls open_clients() once assembled: a client
+        # that connects before waits in the backlog, so its hello never promises less than it gets.
+        self._open = threading.Event()
+        self._listening = False
+        if accept_clients:
+            self._open.set()
+            self.sel.register(self.listener, selectors.EVENT_READ, None)
+            self._listening = True
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stop = threading.Event()
         self._closing_by: float | None = None
@@ -476,9 +485,17 @@ class Hub:
             self.sel.unregister(c.sock)
         c.sock.close()
 
+    def open_clients(self) -> None:
+        """Start accepting clients (see accept_clients): the hello then says what the source can do."""
+        self._open.set()
+        self._wake()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             timeout: float | None = None
+            if not self._listening and self._open.is_set():
+                self.sel.register(self.listener, selectors.EVENT_READ, None)
+                self._listening = True
             if self._accept_paused_until is not None:
                 timeout = self._accept_paused_until - time.monotonic()
                 if timeout <= 0:

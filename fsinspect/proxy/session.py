@@ -59,6 +59,7 @@ class SessionOptions:
     backend_name: str = ""
     defer_analysis: bool = True  # False: analyse every capture at once, watched or not
     stuck_ns: int = DEFAULT_STUCK_NS  # the `stuck` lint's threshold (0: off)
+    accept_clients: bool = True  # False: the hub waits for hub.open_clients() (the debugger is added first)
 
 
 class Session:
@@ -88,7 +89,7 @@ class Session:
         self._decided: dict[tuple[int, int], str] = {}  # verdicts given through this session, by chain
         self.holds = Counter[str]()  # held, answered, rewritten, released, dropped, safety
         if opts.control:
-            self.hub = Hub(opts.control, self.snapshot, feed_lock=self.lock)
+            self.hub = Hub(opts.control, self.snapshot, feed_lock=self.lock, accept_clients=opts.accept_clients)
             self.analysis.hub = self.hub
         self.counts = Summary(self.analysis, self.hub)
         if self.writer is not None:
