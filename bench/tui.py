@@ -359,8 +359,9 @@ def main() -> int:
     ap.add_argument("--skip-live", action="store_true")
     ap.add_argument("--live-formats", default="jsonl,pcapng",
                     help="the live stream forms to measure, comma-separated (jsonl: JSON lines; pcapng: binary)")
-    ap.add_argument("--indexed", type=int, default=10_000_000, metavar="N",
-                    help="the indexed case: the replay UI on a recording of N exchanges (0: skip)")
+    ap.add_argument("--indexed", type=int, default=0, metavar="N",
+                    help="the indexed case: the replay UI on a recording of N exchanges, e.g. 10000000 "
+                         "(3 GB; tens of minutes with its full filter pass); default 0: skip")
     ap.add_argument("--keep-indexed", action="store_true",
                     help="keep the indexed case's recording and side files in /tmp (deleted by default)")
     args = ap.parse_args()
