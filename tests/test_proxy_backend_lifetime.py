@@ -67,6 +67,16 @@ MUTE_BACKEND = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.
                 "c = s.accept(); time.sleep(120)")
 
 
+def _still_running(kids: dict[int, str], seconds: float) -> dict[int, str]:
+    """Those of `kids` still alive (not zombies) after waiting up to `seconds` for them to go."""
+    t0 = time.monotonic()
+    while (left := {k: c for k, c in kids.items() if Path(f"/proc/{k}").exists()
+                    and Path(f"/proc/{k}/stat").read_text().split(")")[1].split()[0] != "Z"}) \
+            and time.monotonic() - t0 < seconds:
+        time.sleep(0.02)
+    return left
+
+
 def _children(pid: int) -> dict[int, str]:
     """Live children of `pid` (any session): pid -> command name."""
     found = {}
@@ -100,11 +110,7 @@ def test_rerun_backend_cmd_dies_with_a_sigkilled_rerun() -> None:
             time.sleep(0.5)  # connected and waiting
             os.kill(p.pid, signal.SIGKILL)
             p.wait(10)
-            t0 = time.monotonic()
-            while (left := {k: c for k, c in kids.items() if Path(f"/proc/{k}").exists()
-                            and Path(f"/proc/{k}/stat").read_text().split(")")[1].split()[0] != "Z"}) \
-                    and time.monotonic() - t0 < 2.0:
-                time.sleep(0.02)
+            left = _still_running(kids, 2.0)
             assert not left, f"the rerun's back-end still runs 2 s after the rerun was SIGKILLed: {left}"
         finally:
             stop_process(p)
@@ -145,11 +151,7 @@ def test_the_launchers_qemu_and_virtiofsd_die_with_a_sigkilled_runner(tmp_path: 
             assert {"virtiofsd", "qemu-system-x86"} <= {c[:15] for c in kids.values()}, kids
             os.kill(p.pid, signal.SIGKILL)
             p.wait(10)
-            t0 = time.monotonic()
-            while (left := {k: c for k, c in kids.items() if Path(f"/proc/{k}").exists()
-                            and Path(f"/proc/{k}/stat").read_text().split(")")[1].split()[0] != "Z"}) \
-                    and time.monotonic() - t0 < 5.0:
-                time.sleep(0.02)
+            left = _still_running(kids, 5.0)
             conn.close()
             assert not left, f"still running 5 s after their runner was SIGKILLed: {left}"
         finally:
