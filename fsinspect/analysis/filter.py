@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from lark import Lark, Token, Tree
@@ -69,34 +70,59 @@ class FilterError(ValueError):
         return f"{self.message} at column {self.column}\n{self.caret()}"
 
 
-# Numeric fields: name -> getter.  None means "no value" and every comparison on it is false.
-NUMERIC: dict[str, Callable[[Exchange], int | None]] = {
-    "error": lambda e: e.error,
-    "latency": lambda e: e.latency_ns,
-    "nodeid": lambda e: e.nodeid if e.opcode >= 0 else None,
-    "unique": lambda e: e.unique,
-    "queue": lambda e: e.queue,
-    "head": lambda e: e.head,
-    "epoch": lambda e: e.epoch,
-    "len": lambda e: e.req_len,
-    "reply_len": lambda e: e.reply_len if e.replied else None,
-    "index": lambda e: e.index,
+# What knowing a field costs, cheapest first (a whole-file pass over a recording picks its way from these):
+# HEADER: the two records' headers (opcode, unique, nodeid, queue, head, epoch, lengths, timestamps, the
+# reply's error); ROWS: the recording's saved analysis (paths, lints, submount flags); DECODE: a message's body,
+# one side decoded when first read; FULL: the exchange as the analyzer decodes it (decode errors).
+HEADER, ROWS, DECODE, FULL = 0, 1, 2, 3
+Getter = Callable[[Exchange], Any]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One name of the language: compared (`kind`: number, opcode, text, lint; None: a flag only), and/or a
+    flag on its own (`flag`), and what it costs to know."""
+
+    kind: str | None
+    cost: int
+    get: Getter | None = None
+    flag: Predicate | None = None
+
+
+# The field table: every name the language knows, in one place.  None as a number means "no value" and every
+# comparison on it is false.
+TABLE: dict[str, Field] = {
+    "op": Field("opcode", HEADER),
+    "opcode": Field("opcode", HEADER),
+    "error": Field("number", HEADER, lambda e: e.error, lambda e: bool(e.error)),
+    "latency": Field("number", HEADER, lambda e: e.latency_ns),
+    "nodeid": Field("number", HEADER, lambda e: e.nodeid if e.opcode >= 0 else None),
+    "unique": Field("number", HEADER, lambda e: e.unique),
+    "queue": Field("number", HEADER, lambda e: e.queue),
+    "head": Field("number", HEADER, lambda e: e.head),
+    "epoch": Field("number", HEADER, lambda e: e.epoch),
+    "len": Field("number", HEADER, lambda e: e.req_len),
+    "reply_len": Field("number", HEADER, lambda e: e.reply_len if e.replied else None),
+    "index": Field("number", HEADER, lambda e: e.index),
+    "name": Field("text", DECODE),
+    "path": Field("text", ROWS),
+    "lint": Field("lint", ROWS, flag=lambda e: bool(e.lints)),
+    "submount": Field(None, ROWS, flag=lambda e: e.submount),
+    # an orphan has no request record (opcode -1): a pass reads such an exchange whole
+    "orphan": Field(None, HEADER, flag=lambda e: e.opcode < 0 and e.replied and e.request is None),
+    "pending": Field(None, HEADER, flag=lambda e: not e.replied and e.expects_reply),
+    "bad": Field(None, FULL, flag=lambda e: e.decode_error is not None),
+    "snapped": Field(None, HEADER, flag=lambda e: e.snapped),
 }
-STRINGS = ("name", "path")
+NUMERIC: dict[str, Callable[[Exchange], int | None]] = {k: f.get for k, f in TABLE.items()
+                                                        if f.kind == "number" and f.get is not None}
+STRINGS = tuple(k for k, f in TABLE.items() if f.kind == "text")
 PathOf = Callable[[Exchange], str]
 # Decoded fields by their dotted path (`read.size`, `entry.attr.flags`, `header.uid`): the first part is an
-# argument name from the spec tables, or `header` (the request's fuse_in_header).
+# argument name from the spec tables, or `header` (the request's fuse_in_header).  They cost DECODE.
 ARG_NAMES = frozenset({p.name for o in spec.OPCODES for p in (*o.request, *(o.reply or ()))} | {"header"})
-FLAGS: dict[str, Predicate] = {
-    "error": lambda e: bool(e.error),
-    "lint": lambda e: bool(e.lints),
-    "submount": lambda e: e.submount,
-    "orphan": lambda e: e.opcode < 0 and e.replied and e.request is None,
-    "pending": lambda e: not e.replied and e.expects_reply,
-    "bad": lambda e: e.decode_error is not None,
-    "snapped": lambda e: e.snapped,
-}
-FIELDS = sorted({"op", "opcode", "lint", *NUMERIC, *STRINGS})
+FLAGS: dict[str, Predicate] = {k: f.flag for k, f in TABLE.items() if f.flag is not None}
+FIELDS = sorted(k for k, f in TABLE.items() if f.kind is not None)
 
 
 def _opcode_value(tok: Token, text: str) -> int:
@@ -246,15 +272,34 @@ def _comparison(node: Tree[Token], text: str, path_of: PathOf | None = None) -> 
     return pred
 
 
+def _costs(node: Tree[Token] | Token) -> frozenset[int]:
+    """The costs (HEADER .. FULL) of the names an expression reads."""
+    if isinstance(node, Token):  # pragma: no cover - the grammar wraps tokens
+        return frozenset({FULL})
+    if node.data in ("comparison", "flag"):
+        name = str(node.children[0])
+        if node.data == "comparison" and ("." in name or (name in ARG_NAMES and name not in FIELDS)):
+            return frozenset({DECODE})  # a decoded field, as _comparison reads it
+        f = TABLE.get(name)
+        return frozenset({f.cost if f is not None else FULL})  # (an unknown name never compiles)
+    return frozenset().union(*(_costs(c) for c in node.children if not isinstance(c, Token)))
+
+
+def filter_costs(text: str) -> frozenset[int]:
+    """What knowing an expression's value costs, as a set of HEADER, ROWS, DECODE, FULL: a pass over a
+    recording reads no more of each exchange than that.  Call after compile_filter() accepted the text."""
+    return _costs(_PARSER.parse(text))
+
+
 def _build(node: Tree[Token] | Token, text: str, path_of: PathOf | None = None) -> Predicate:
     if isinstance(node, Token):  # pragma: no cover - the grammar wraps tokens
         raise FilterError(f"unexpected {node!s}", text, node.column or 1)
     kind = node.data
-    if kind == "or_expr":
-        parts = [_build(c, text, path_of) for c in node.children if not isinstance(c, Token)]
-        return lambda e: any(p(e) for p in parts)
-    if kind == "and_expr":
-        parts = [_build(c, text, path_of) for c in node.children if not isinstance(c, Token)]
+    if kind in ("or_expr", "and_expr"):  # the cheap operands first: `op == LOOKUP and name ~ "x"` decodes LOOKUPs
+        kids = sorted((c for c in node.children if not isinstance(c, Token)), key=lambda c: max(_costs(c)))
+        parts = [_build(c, text, path_of) for c in kids]
+        if kind == "or_expr":
+            return lambda e: any(p(e) for p in parts)
         return lambda e: all(p(e) for p in parts)
     if kind == "not_":
         inner = _build(node.children[-1], text, path_of)

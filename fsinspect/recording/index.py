@@ -8,6 +8,7 @@ The numbering equals the Analyzer's (same pairing rule); a test holds the two to
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import struct
@@ -47,6 +48,7 @@ _PREFIX_IN = _PREFIX[(fmt.DISSECTOR_FUSE, fmt.DIR_INBOUND)]
 _PREFIX_OUT = _PREFIX[(fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND)]
 _PLEN = len(_PREFIX_IN)
 _FIXED_OPTS = struct.Struct("<HHIHHIHHHHII")
+_EPB7 = struct.Struct("<IIIIIII")  # type, total, iface, ts high, ts low, caplen, origlen
 
 
 def scan(buf: bytes | mmap.mmap, *, fast: bool = True) -> Iterator[tuple[int, bool, int, int | None, int, bytes]]:
@@ -137,6 +139,63 @@ def scan_parts(parts: list[Path]) -> Iterator[tuple[int, bool, int, int | None, 
         finally:
             mm.close()
         base += size
+
+
+class MappedHeads:
+    """The header fields of records at given offsets, read straight from the mapped parts (a filter pass's
+    HEADER reads: no Record built, no syscall).  `at(off)` gives (ts_ns, orig_len, pdu start, pdu length,
+    queue, head, epoch, buffer) for a record in fsinspect's own canonical layout, None for any other (the
+    caller reads that one through RecordingReader)."""
+
+    def __init__(self, parts: list[Path]) -> None:
+        self.maps: list[mmap.mmap] = []
+        self.bases: list[int] = []
+        self.ends: list[int] = []
+        base = 0
+        for part in parts:
+            with open(part, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size:
+                    self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+                    self.bases.append(base)
+                    self.ends.append(base + size)
+            base += size
+
+    def at(self, off: int) -> tuple[int, int, int, int, int, int | None, int, mmap.mmap] | None:
+        k = bisect.bisect_right(self.bases, off) - 1
+        if k < 0 or off >= self.ends[k]:
+            return None
+        buf = self.maps[k]
+        o = off - self.bases[k]
+        if o + 28 + _PLEN > len(buf):
+            return None
+        btype, total, _if, hi, lo, caplen, origlen = _EPB7.unpack_from(buf, o)
+        if btype != fmt.BT_EPB or caplen < _PLEN or o + total > len(buf):
+            return None
+        data = o + 28
+        pre = buf[data:data + _PLEN]
+        if pre != _PREFIX_IN and pre != _PREFIX_OUT:
+            return None
+        t = data + caplen + (-caplen % 4)
+        if t + _FIXED_OPTS.size > o + total:
+            return None
+        c1, l1, _fl, c2, l2, pen, kind, _r, q, rf, h, ep = _FIXED_OPTS.unpack_from(buf, t)
+        if (c1, l1, c2, l2, pen, kind) != (fmt.EPB_FLAGS, 4, fmt.OPT_CUSTOM_BIN, 20, fmt.PEN, fmt.META_RECORD):
+            return None
+        orig, plen = origlen - _PLEN, caplen - _PLEN
+        if rf & fmt.RF_SNAPPED and orig == plen >= 4:  # as the reader takes it (a snap that kept the origlen)
+            orig = max(orig, _U32.unpack_from(buf, data + _PLEN)[0])
+        return (hi << 32) | lo, orig, data + _PLEN, plen, q, None if h == fmt.NO_HEAD else h, ep, buf
+
+    def release(self) -> None:
+        """Hand the pages read so far back to the kernel (the page cache keeps them)."""
+        for mm in self.maps:
+            mm.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        for mm in self.maps:
+            mm.close()
+        self.maps.clear()
 
 
 class _Entries:

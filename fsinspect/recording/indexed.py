@@ -26,13 +26,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, overload
 
+from dissectors.spec import fuse as spec
+
 from .. import privfile
 from ..analysis import Analyzer, Exchange
-from ..analysis.exchange import Lint
+from ..analysis.exchange import LazyExchange, Lint
+from ..analysis.filter import DECODE, FULL, HEADER, ROWS
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..analysis.render import submounts_json, syncfs_json
 from ..analysis.stats import Stats
-from .index import RecordingIndex, recording_stamp
+from .index import MappedHeads, RecordingIndex, recording_stamp
 from .parts import ANALYSIS_SUFFIX, ROWS_SUFFIX, side_file
 from .reader import Record, RecordingReader
 from .replay import feed_record, prime_from_header
@@ -59,6 +62,9 @@ _ROWS_HEAD = struct.Struct("<8sQQQ")  # magic, recording size, recording mtime_n
 _ROWS_MAGIC = b"FSROW\x00\x00\x01"
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_IN = struct.Struct("<IIQQ")  # fuse_in_header: len, opcode, unique, nodeid
+_OUT = struct.Struct("<IiQ")  # fuse_out_header: len, error, unique
+_OP_INIT = spec.OPCODE_BY_NAME["INIT"].value
 _FLAG_RE = {bit: re.compile(b"[" + b"".join(re.escape(bytes([v])) for v in range(256) if v & bit) + b"]")
             for bit in (ERROR, LINT, SNAPPED)}
 
@@ -169,6 +175,16 @@ class Rows:
 
     def close(self) -> None:
         self.mm.close()
+
+
+def _head(heads: MappedHeads, reader: RecordingReader, off: int) -> tuple[int, int, int, int, int, int | None, int,
+                                                                          bytes | mmap.mmap]:
+    """A record's header fields as MappedHeads.at gives them, through the reader for a record in another layout."""
+    got = heads.at(off)
+    if got is not None:
+        return got
+    r = reader.record_at(off)
+    return r.ts_ns, r.orig_len, 0, len(r.data), r.queue, r.head, r.epoch, r.data
 
 
 class AnalysisBuild:
@@ -366,24 +382,91 @@ class IndexedRecording:
     # -- a whole-file filter -------------------------------------------------------------------------
     def scan(self, pred: Callable[[Exchange], bool], *, start: int = 0,
              progress: Callable[[int, int], None] | None = None,
-             stop: threading.Event | None = None) -> Iterator[int]:
+             stop: threading.Event | None = None, costs: frozenset[int] | None = None) -> Iterator[int]:
         """The numbers (indexes) of the exchanges `pred` keeps, from `start` on, as they are found;
-        `progress(done, total)` every 1024 exchanges; ends at the next exchange once `stop` is set."""
-        total = len(self)
-        for i in range(start, total):
-            if stop is not None and stop.is_set():
-                return
-            if i & 1023 == 0:
-                if progress is not None:
-                    progress(i, total)
-                if i & 0xFFFF == 0:
-                    self.index.release()
-                    if self.rows is not None:
-                        self.rows.release()
-            if pred(self[i]):
-                yield i
-        if progress is not None:
-            progress(total, total)
+        `progress(done, total)` every 1024 exchanges; ends at the next exchange once `stop` is set.
+
+        `costs` (filter_costs of the expression) lets the pass read no more of an exchange than the
+        expression needs: its records' headers (HEADER), plus the saved analysis' rows (ROWS), plus a message
+        body decoded when the predicate first reads it (DECODE).  Without it, or with FULL, every exchange is
+        decoded whole, as `rec[i]` gives it; the answers are the same."""
+        light = self._light_level(costs)
+        reader = RecordingReader(self.parts[0]) if light is not None else None  # its own handle: no lock
+        heads = MappedHeads(self.parts) if light is not None else None
+        try:
+            total = len(self)
+            for i in range(start, total):
+                if stop is not None and stop.is_set():
+                    return
+                if i & 1023 == 0:
+                    if progress is not None:
+                        progress(i, total)
+                    if i & 0xFFFF == 0:
+                        self.index.release()
+                        if self.rows is not None:
+                            self.rows.release()
+                        if heads is not None:
+                            heads.release()
+                ex = None
+                if light is not None:
+                    assert heads is not None and reader is not None
+                    ex = self._light(heads, reader, i, light)
+                if pred(ex if ex is not None else self[i]):
+                    yield i
+            if progress is not None:
+                progress(total, total)
+        finally:
+            if reader is not None:
+                reader.close()
+            if heads is not None:
+                heads.close()
+
+    def _light_level(self, costs: frozenset[int] | None) -> int | None:
+        """HEADER or DECODE: how a pass reads exchanges for an expression of these costs; None: whole."""
+        if costs is None or FULL in costs or (ROWS in costs and self.analysis is None):
+            return None  # (without the saved analysis, lints are what one exchange shows: rec[i]'s)
+        return DECODE if DECODE in costs else HEADER
+
+    def _light(self, heads: MappedHeads, reader: RecordingReader, i: int, level: int) -> Exchange | None:
+        """Exchange i from its records' headers, its bodies undecoded (DECODE: a LazyExchange that decodes a
+        side when the predicate first reads it), with the saved analysis' lints and submount flag.  None
+        where only the analyzer's own reading is exact: no request header (orphans, notifications, a short
+        request), an INIT (it changes how later bodies decode), an error field that is no errno."""
+        req_off, rep_off = self.index.offsets(i)
+        if req_off is None:
+            return None
+        req = _head(heads, reader, req_off)
+        ts, orig, p, ln, queue, head, epoch, buf = req
+        if ln < _IN.size:
+            return None
+        _l, opcode, unique, nodeid = _IN.unpack_from(buf, p)
+        if opcode == _OP_INIT and level == DECODE:
+            return None
+        lazy = level == DECODE
+        ex = (LazyExchange if lazy else Exchange)(i, queue, head, epoch, unique, opcode, nodeid, req_ts=ts,
+                                                  req_len=orig, n=i + 1)
+        ex.snapped = orig > ln
+        if lazy:
+            assert isinstance(ex, LazyExchange)
+            with self._lock:  # the contexts the whole-exchange decoder has (INITs met so far)
+                ex.ctx = self._decoder.contexts.get(epoch)
+            ex.req_raw, ex.wire_req, ex.req_todo = bytes(buf[p:p + ln]), orig, True
+        if rep_off is not None:
+            ts, orig, p, ln, _q, _h, _e, buf = _head(heads, reader, rep_off)
+            if ln < _OUT.size:
+                return None
+            err = _OUT.unpack_from(buf, p)[1]
+            if err > 0:
+                return None
+            ex.reply_ts, ex.reply_len, ex.replied, ex.error = ts, orig, True, -err
+            ex.snapped = ex.snapped or orig > ln
+            if lazy:
+                assert isinstance(ex, LazyExchange)
+                ex.reply_raw, ex.wire_reply, ex.reply_todo = bytes(buf[p:p + ln]), orig, True
+        ex.lints = list(self._lints.get(i, ()))
+        if self.rows is not None and i < self.analysed and self.rows.flags(i) & SUBMOUNT:
+            ex.submount = True
+        return ex
 
     # -- per-exchange facts of the whole recording, on disk ------------------------------------------
     def path(self, i: int) -> str | None:

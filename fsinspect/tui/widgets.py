@@ -31,6 +31,7 @@ from textual.widgets.option_list import Option
 from ..analysis import Exchange, FilterError, compile_filter
 from ..analysis import exchange as X
 from ..analysis.filter import completions as filter_completions
+from ..analysis.filter import filter_costs
 from ..recording.indexed import ERROR, LINT, IndexedRecording
 from ..recording.reader import RecordingError
 from .panels import ApplyFilter
@@ -756,7 +757,7 @@ class FilterState:
 
         view = self.view
         try:
-            for i in rec.scan(self.pred, progress=progress, stop=self._stop):
+            for i in rec.scan(self.pred, progress=progress, stop=self._stop, costs=filter_costs(self.text)):
                 view.append(i)
         except (RecordingError, OSError, ValueError) as e:  # the file changed under us
             self.error = str(e)
