@@ -12,6 +12,13 @@ The shared directory is on a private tmpfs (`--on-disk` for the temporary direct
 ext4 a create storm measures the host's journal and its scan of recently deleted inodes more than the
 daemons, and whichever ran second looked slower.
 
+The `fsinspect` arm runs the daemon's defaults, FUSE passthrough included (`--passthrough auto`: on
+where the kernel offers it, Linux 6.9+): a passthrough file's READ and WRITE go from the kernel to the
+host file, so the read storms measure OPEN/FLUSH/RELEASE there, not READ.  `--passthrough` adds the arm
+`fsinspect pt=off` (`--passthrough off`: every READ through the daemon, as pyfuse3, which has no
+passthrough).  Neither side caches more than its `--cache` mode allows: a passthrough file has no FUSE
+page cache at all, the host file's is the one both daemons read through anyway.
+
 `--tree NAME=DIR` adds a column with the daemon of another checkout (a `git worktree add` of an older
 commit), run by this interpreter with DIR first on the path: a regression hunt in one interleaved run.
 
@@ -153,6 +160,8 @@ def targets(args: argparse.Namespace, mnt: Path, shared: Path, cache: str) -> li
             "--cache", cache, "--log-level", "warning"]
     out = [Target("native", None)] if not args.no_native else []
     out.append(Target("fsinspect", base))
+    if args.passthrough:
+        out.append(Target("fsinspect pt=off", [*base, "--passthrough", "off"]))
     for v in args.variant:
         name, _, extra = v.partition("=")
         out.append(Target(f"fsinspect {name}", [*base, *extra.split()]))
@@ -225,6 +234,9 @@ def main() -> int:
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help="extra fsinspect column with extra daemon arguments, e.g. 'r2=--readers 2'")
+    ap.add_argument("--passthrough", action="store_true",
+                    help="add the arm 'fsinspect pt=off': the daemon with --passthrough off (the fsinspect arm "
+                         "has the default, auto)")
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                     help="extra column: the daemon of another checkout DIR (e.g. an older commit's worktree)")
     ap.add_argument("--tree-args", default="", metavar="ARGS", help="extra daemon arguments for the --tree columns")

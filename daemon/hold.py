@@ -84,6 +84,11 @@ class EngineHoldPoint:
     def active(self) -> bool:
         return bool(self._rules)
 
+    def may_hold(self, opcodes: frozenset[int]) -> bool:
+        """Whether a rule of the table, in either direction and on any queue, could stop one of `opcodes`
+        (a passthrough file's READ/WRITE never reach the engine, so it must not be opened so then)."""
+        return any(not r.opcodes or not opcodes.isdisjoint(r.opcodes) for r in self._rules)
+
     # -- called by the engine ------------------------------------------------------------------------
     def match_request(self, queue: int, opcode: int) -> bool:
         return bool(self._rules) and self._matches(HOLD_REQUEST, queue, opcode)

@@ -131,7 +131,10 @@ def _enter(level: str, fs: PassthroughFS) -> None:
         os.chdir("/")
     fs.reroot("/", proc="")
     os.fchdir(proc)  # "self/fd/N" now names /proc/self/fd/N, where the xattr calls (no *at form) need a path
-    drop_capabilities()
+    # FUSE passthrough registers backing files, which the kernel allows only with CAP_SYS_ADMIN: it stays
+    # permitted, never effective but around those two ioctls (passthrough/backing.py); seccomp still
+    # refuses mount, umount2, pivot_root, chroot and setns, whatever the capabilities.
+    drop_capabilities(permitted_only=("SYS_ADMIN",) if fs.opts.passthrough else ())
 
 
 def _pivot_into(shared: str) -> None:
@@ -161,9 +164,10 @@ def _last_cap() -> int:
         return 40
 
 
-def drop_capabilities(keep: tuple[str, ...] = KEEP) -> None:
+def drop_capabilities(keep: tuple[str, ...] = KEEP, permitted_only: tuple[str, ...] = ()) -> None:
     """Drop every capability but `keep`, from the bounding set too, and set no_new_privs: no exec of a
-    setuid or file-capability binary can bring one back."""
+    setuid or file-capability binary can bring one back.  `permitted_only` stay permitted but not
+    effective: code raises one for the one call that needs it."""
     mask = 0
     for name in keep:
         mask |= 1 << CAP[name]
@@ -174,7 +178,9 @@ def drop_capabilities(keep: tuple[str, ...] = KEEP) -> None:
             except OSError as e:
                 if e.errno != errno.EINVAL:  # a capability this kernel does not know
                     raise
-    sc.limit_caps(mask)
+    sc.limit_caps(mask | sum(1 << CAP[name] for name in permitted_only))
+    for name in permitted_only:
+        sc.set_effective_cap(CAP[name], False)
     sc.prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 

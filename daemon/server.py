@@ -57,7 +57,9 @@ ENGINE_FLAGS = (
     | INIT_FLAG["DO_READDIRPLUS"] | INIT_FLAG["READDIRPLUS_AUTO"] | INIT_FLAG["PARALLEL_DIROPS"]
     | INIT_FLAG["ASYNC_DIO"] | INIT_FLAG["AUTO_INVAL_DATA"] | INIT_FLAG["WRITEBACK_CACHE"]
     | INIT_FLAG["SUBMOUNTS"] | INIT_FLAG["FLOCK_LOCKS"] | INIT_FLAG["POSIX_LOCKS"] | INIT_FLAG["CREATE_SUPP_GROUP"]
+    | INIT_FLAG["PASSTHROUGH"]
 )
+FOPEN_PASSTHROUGH = spec.FOPEN.by_name()["PASSTHROUGH"]
 EXT_GROUPS = spec.EXT_TYPE.by_name()["FUSE_EXT_GROUPS"]
 
 # Ops that may block for long on the host: they run in the pool, everything else inline.  READ and
@@ -231,8 +233,8 @@ def encode_attr_out(st: StatLike, timeout: float) -> bytes:
     return _attr_out_pack(s, ns, 0, *_attr_values(st))
 
 
-def encode_open_out(fh: int, open_flags: int) -> bytes:
-    return _open_out_pack(fh, open_flags, 0)
+def encode_open_out(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
+    return _open_out_pack(fh, open_flags, backing_id)
 
 
 def _enosys(*_a: Any, **_k: Any) -> Any:
@@ -244,6 +246,13 @@ class FileSystem:
 
     Methods raise OSError to answer an error.  `nodeid`/`parent` are fuse nodeids; names are bytes.
     """
+
+    # fuse_init_out.max_stack_depth when FUSE_PASSTHROUGH is negotiated (1..FILESYSTEM_MAX_STACK_DEPTH)
+    max_stack_depth = 1
+
+    def backing_id(self, fh: int) -> int:
+        """The backing_id of an open/create answered with FOPEN_PASSTHROUGH (FUSE_DEV_IOC_BACKING_OPEN)."""
+        return 0
 
     def init(self, kernel_flags: int) -> int:
         """Called at FUSE_INIT with what the kernel offers; return the flags this filesystem wants."""
@@ -658,7 +667,8 @@ class Server:
         n.max_write = MAX_WRITE
         out = F.make("fuse_init_out", major=7, minor=spec.KERNEL_MINOR_VERSION, max_readahead=i.max_readahead,
                      flags=want & 0xFFFFFFFF, max_background=64, congestion_threshold=48, max_write=MAX_WRITE,
-                     time_gran=1, max_pages=MAX_PAGES, flags2=want >> 32)
+                     time_gran=1, max_pages=MAX_PAGES, flags2=want >> 32,
+                     max_stack_depth=self.fs.max_stack_depth if want & INIT_FLAG["PASSTHROUGH"] else 0)
         n.done = True
         self.ctx = F.FuseContext(n.minor, want)
         log.info("FUSE_INIT: kernel 7.%d, flags %s", i.minor, spec.INIT_FLAGS.render(want))
@@ -729,18 +739,21 @@ class Server:
     def _do_open(self, ctx: Context, req: F.Request) -> list[Buffer]:
         o = req.args["open"]
         fh, flags = self.fs.open(ctx, ctx.nodeid, o.flags, o.open_flags)
-        return [encode_open_out(fh, flags)]
+        return [self._open_out(fh, flags)]
+
+    def _open_out(self, fh: int, flags: int) -> bytes:
+        return encode_open_out(fh, flags, self.fs.backing_id(fh) if flags & FOPEN_PASSTHROUGH else 0)
 
     def _do_create(self, ctx: Context, req: F.Request) -> list[Buffer]:
         c = req.args["create"]
         entry, fh, flags = self.fs.create(ctx, ctx.nodeid, req.args["name"], c.mode, c.flags, c.umask,
                                           c.open_flags)
-        return [encode_entry(entry), encode_open_out(fh, flags)]
+        return [encode_entry(entry), self._open_out(fh, flags)]
 
     def _do_tmpfile(self, ctx: Context, req: F.Request) -> list[Buffer]:
         c = req.args["create"]
         entry, fh, flags = self.fs.tmpfile(ctx, ctx.nodeid, c.mode, c.flags, c.umask)
-        return [encode_entry(entry), encode_open_out(fh, flags)]
+        return [encode_entry(entry), self._open_out(fh, flags)]
 
     def _do_read(self, ctx: Context, req: F.Request) -> list[Buffer]:
         r = req.args["read"]

@@ -4,6 +4,10 @@ The kernel's plain FUSE client never offers FUSE_SUBMOUNTS nor sends FUSE_SYNCFS
 only), so in this mode those two features stay idle; everything else is the same code the vhost-user
 transport uses.
 
+With `Options.passthrough` (FUSE 7.40, Linux 6.9+) the files it opens are passed through: the kernel
+reads and writes the host file itself (passthrough/backing.py); the mounted /dev/fuse registers the
+backing files, and a debugger rule that can stop READ/WRITE keeps new opens out of it.
+
 If the daemon is killed (SIGKILL), the mount stays behind as a dead FUSE mount ("Transport endpoint is
 not connected"); remove it with `fusermount3 -u MOUNTPOINT` (or `umount -l MOUNTPOINT` as root).
 """
@@ -20,14 +24,17 @@ from typing import cast
 
 from daemon.hold import EngineHoldPoint
 from daemon.passthrough import Options, PassthroughFS
+from daemon.passthrough.backing import BackingFiles
 from daemon.sandbox import SandboxError
 from daemon.sandbox import enter as enter_sandbox
-from daemon.server import Buffer, Server, Tap
+from daemon.server import OP, Buffer, Server, Tap
 from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
 
 from .mainloop import serve_until_signal
 
 log = logging.getLogger("fsinspect.daemon.standalone")
+# What a debugger rule must be able to stop for a file to be opened in passthrough: never these.
+PASSTHROUGH_HIDES = frozenset((OP["READ"], OP["WRITE"]))
 
 
 def _may_allow_other() -> bool:
@@ -94,6 +101,9 @@ class Standalone:
         except BaseException:
             self.fs.close()
             raise
+        if opts.passthrough:
+            allowed = None if hold is None else (lambda: not hold.may_hold(PASSTHROUGH_HIDES))
+            self.fs.backing = BackingFiles(self.dev, raise_cap=sandbox != "none", allowed=allowed)
         self.mountpoint = self.dev.mountpoint
         self._close_lock = threading.Lock()
         self._closed = False

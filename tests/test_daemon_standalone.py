@@ -339,7 +339,8 @@ def test_busy_mountpoint_and_missing_dev_fuse_are_clear_errors(tmp_path: Path) -
 
 def test_non_root_daemon_mounts_through_fusermount3(tmp_path: Path) -> None:
     """As uid 65534 the daemon can't mount(2): fusermount3 mounts and passes the fd back; handles can't be
-    opened without CAP_DAC_READ_SEARCH, so `prefer` falls back to O_PATH fds.
+    opened without CAP_DAC_READ_SEARCH, so `prefer` falls back to O_PATH fds, and backing files can't be
+    registered without CAP_SYS_ADMIN, so passthrough falls back to READ/WRITE.
 
     This host's /dev/fuse is 0600; distributions ship it 0666.  A private mount namespace gets a 0666
     node bound over it, so the host is untouched and everything (mount included) dies with the namespace.
@@ -376,6 +377,9 @@ echo "mounted=$(grep -c " {mnt} " /proc/self/mountinfo || true)"
         assert r.returncode == 0, r.stderr + log
         assert r.stdout.split() == ["user_id=65534", "mine", "f", "g", "rc=0", "mounted=0"], r.stdout + log
         assert "holding inodes by O_PATH fds" in log
+        # FUSE passthrough (on by default) is refused without CAP_SYS_ADMIN: one warning, READ/WRITE served
+        assert log.count("passthrough off: the kernel refused a backing file (FUSE_DEV_IOC_BACKING_OPEN: "
+                         "Operation not permitted, needs CAP_SYS_ADMIN)") == 1, log
         assert (shared / "g").stat().st_uid == 65534
     finally:
         shutil.rmtree(base, ignore_errors=True)

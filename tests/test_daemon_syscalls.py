@@ -205,3 +205,41 @@ def test_wait_kick(eng: Any) -> None:
     finally:
         os.close(kick)
         os.close(wake)
+
+
+CAP_SYS_ADMIN = 21
+TCGETS = 0x5401
+FIONREAD = 0x541B
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a capability needs it permitted")
+def test_ioctl_cap(eng: Any) -> None:
+    """ioctl's value and errno, with the capability raised for the call only: a thread that had it
+    lowered has it lowered after, one that had it raised keeps it (FUSE's backing-file ioctls)."""
+    seen: dict[str, Any] = {}
+    r, w = os.pipe()
+
+    def worker() -> None:
+        sc.set_effective_cap(CAP_SYS_ADMIN, False)
+        seen["value"] = eng.ioctl_cap(r, FIONREAD, b"\0" * 4, CAP_SYS_ADMIN)
+        seen["lowered_after"] = not sc.has_effective_cap(CAP_SYS_ADMIN)
+        with pytest.raises(OSError) as e:
+            eng.ioctl_cap(r, TCGETS, b"\0" * 64, CAP_SYS_ADMIN)  # a pipe is no tty
+        seen["errno"] = e.value.errno
+        seen["lowered_after_error"] = not sc.has_effective_cap(CAP_SYS_ADMIN)
+        sc.set_effective_cap(CAP_SYS_ADMIN, True)
+        eng.ioctl_cap(r, FIONREAD, b"\0" * 4, CAP_SYS_ADMIN)
+        seen["kept"] = sc.has_effective_cap(CAP_SYS_ADMIN)
+        eng.ioctl_cap(r, FIONREAD, b"\0" * 4, -1)
+
+    try:
+        os.write(w, b"12345")
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert seen == {"value": 0, "lowered_after": True, "errno": errno.ENOTTY, "lowered_after_error": True,
+                    "kept": True}
+    assert sc.has_effective_cap(CAP_SYS_ADMIN)  # the main thread's own set was never touched

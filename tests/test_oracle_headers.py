@@ -136,3 +136,29 @@ def test_fuse_header_constants_match_spec() -> None:
                 assert 1 << int(defines[cname]) == bval, cname
                 checked += 1
     assert checked >= 60, checked
+
+
+def test_dev_ioctls_match_the_kernels_ioc_encoding(tmp_path: Path) -> None:
+    """The /dev/fuse ioctl numbers of the spec as the C compiler computes them: FUSE_DEV_IOC_CLONE from the
+    7.38 header itself; the 7.40+ ones (not in it) from linux/ioctl.h's _IOW/_IO with the 7.40 header's
+    definitions, struct fuse_backing_map as it declares it."""
+    src = tmp_path / "ioc.c"
+    src.write_text("""#include <stdio.h>
+#include <stdint.h>
+#include <linux/ioctl.h>
+#include <linux/fuse.h>
+struct backing_map_7_40 { int32_t fd; uint32_t flags; uint64_t padding; };
+int main(void) {
+  printf("FUSE_DEV_IOC_CLONE %lu\\n", (unsigned long)FUSE_DEV_IOC_CLONE);
+  printf("FUSE_DEV_IOC_BACKING_OPEN %lu\\n", (unsigned long)_IOW(FUSE_DEV_IOC_MAGIC, 1, struct backing_map_7_40));
+  printf("FUSE_DEV_IOC_BACKING_CLOSE %lu\\n", (unsigned long)_IOW(FUSE_DEV_IOC_MAGIC, 2, uint32_t));
+  printf("FUSE_DEV_IOC_SYNC_INIT %lu\\n", (unsigned long)_IO(FUSE_DEV_IOC_MAGIC, 3));
+  return 0;
+}
+""")
+    exe = tmp_path / "ioc"
+    subprocess.run(["gcc", "-Wall", "-Werror", "-o", str(exe), str(src)], check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    measured = {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+    assert measured == fspec.DEV_IOC.by_name()
+    assert fspec.REGISTRY.sizeof("fuse_backing_map") == 16

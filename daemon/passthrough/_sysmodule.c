@@ -19,6 +19,8 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/fsuid.h>
+#include <sys/ioctl.h>
+#include <linux/capability.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -286,6 +288,54 @@ static PyObject *sys_wait_kick(PyObject *self, PyObject *args) {
     return PyLong_FromLong(mask);
 }
 
+/* Raise (on) or lower capability `cap` in this thread's effective set: 1 if it changed, 0 if it already
+ * was so, -errno on failure. */
+static int effective_cap(int cap, int on) {
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &hdr, data) != 0) return -errno;
+    uint32_t bit = 1u << (cap % 32);
+    if (!(data[cap / 32].effective & bit) == !on) return 0;
+    if (on) data[cap / 32].effective |= bit;
+    else data[cap / 32].effective &= ~bit;
+    return syscall(SYS_capset, &hdr, data) != 0 ? -errno : 1;
+}
+
+/* ioctl_cap(fd, request, arg bytes, cap) -> the ioctl's return value: ioctl(fd, request, copy of arg)
+ * with capability `cap` raised in the effective set for that call only (cap < 0: as it is), then as it
+ * was.  FUSE's backing-file ioctls need CAP_SYS_ADMIN, which the sandboxed threads keep permitted, not
+ * effective. */
+static PyObject *sys_ioctl_cap(PyObject *self, PyObject *args) {
+    int fd, cap, rc, err = 0;
+    const char *what = "ioctl";
+    unsigned long request;
+    Py_buffer arg;
+    char buf[256];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iky*i:ioctl_cap", &fd, &request, &arg, &cap)) return NULL;
+    if (arg.len > (Py_ssize_t)sizeof(buf) || cap >= 64) {
+        PyBuffer_Release(&arg);
+        PyErr_SetString(PyExc_ValueError, "ioctl_cap: argument over 256 bytes or capability over 63");
+        return NULL;
+    }
+    memcpy(buf, arg.buf, (size_t)arg.len);
+    PyBuffer_Release(&arg);
+    Py_BEGIN_ALLOW_THREADS
+    int raised = cap >= 0 ? effective_cap(cap, 1) : 0;
+    if (raised >= 0) {
+        rc = ioctl(fd, request, buf);
+        err = rc < 0 ? errno : 0;
+        if (raised) (void)effective_cap(cap, 0);
+    } else {
+        err = -raised;
+        rc = -1;
+        what = "capset";
+    }
+    Py_END_ALLOW_THREADS
+    if (rc < 0) return raise_errno(err, what, NULL);
+    return PyLong_FromLong(rc);
+}
+
 static PyMethodDef methods[] = {
     {"wait_kick", sys_wait_kick, METH_VARARGS, "wait_kick(kick_fd, wake_fd) -> 1 kick | 2 wake-up"},
     {"statx", sys_statx, METH_VARARGS, "statx(dirfd, path=b'', flags=AT_EMPTY_PATH|AT_SYMLINK_NOFOLLOW) -> Statx"},
@@ -300,6 +350,7 @@ static PyMethodDef methods[] = {
     {"setfsuid", sys_setfsuid, METH_VARARGS, "setfsuid(uid) -> previous fsuid (this thread)"},
     {"setfsgid", sys_setfsgid, METH_VARARGS, "setfsgid(gid) -> previous fsgid (this thread)"},
     {"setgroups_thread", sys_setgroups_thread, METH_O, "setgroups_thread(gids): this thread's groups only"},
+    {"ioctl_cap", sys_ioctl_cap, METH_VARARGS, "ioctl_cap(fd, request, arg, cap) -> ioctl's value, cap raised"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -39,6 +39,7 @@ from dissectors.fuse import make
 from dissectors.spec import fuse as spec
 
 from . import syscalls as sc
+from .backing import BackingFiles
 from .inodes import ROOT_ID, HandleMode, Inode, InodeStore
 
 log = logging.getLogger("fsinspect.daemon.passthrough")
@@ -88,6 +89,8 @@ class Options:
     readonly: bool = False
     # Standalone only: the caller's groups from /proc/PID/status where the kernel sends none.
     proc_groups: bool = False
+    # Standalone only: ask for FUSE_PASSTHROUGH (backing.py); needs `PassthroughFS.backing` set.
+    passthrough: bool = False
 
 
 @dataclass(eq=False)
@@ -97,6 +100,7 @@ class Handle:
     fd: int
     inode: Inode
     is_dir: bool = False
+    backing_id: int = -1  # passthrough sessions: the backing id answered (0: none), -1: not counted
     listing: list[DirEntry] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -168,6 +172,9 @@ class PassthroughFS(FileSystem):
         self.syncfs_by_dev: Counter[int] = Counter()
         self._lock_fds: dict[tuple[int, int], int] = {}
         self.kernel_groups = False  # FUSE_CREATE_SUPP_GROUP negotiated
+        self.backing: BackingFiles | None = None  # set by a transport that can register backing files
+        self.passthrough = False  # FUSE_PASSTHROUGH negotiated
+        self.max_stack_depth = _stack_depth(opts.shared_dir)
         self._fsetid = self._switch_creds and sc.has_effective_cap(sc.CAP_FSETID)
 
     def reroot(self, path: str, proc: str) -> None:
@@ -195,10 +202,22 @@ class PassthroughFS(FileSystem):
             want |= INIT["SUBMOUNTS"]
         if self._switch_creds:  # setting groups needs root (CAP_SETGID)
             want |= INIT["CREATE_SUPP_GROUP"]
+        if self.opts.passthrough and self.backing is not None:
+            if want & INIT["WRITEBACK_CACHE"]:
+                log.warning("passthrough off: the kernel does not combine it with the writeback cache (--writeback)")
+            elif not kernel_flags & INIT["PASSTHROUGH"]:
+                log.warning("passthrough off: this kernel does not offer FUSE_PASSTHROUGH (Linux 6.9 or later "
+                            "with CONFIG_FUSE_PASSTHROUGH=y); files are served through READ/WRITE")
+            else:
+                want |= INIT["PASSTHROUGH"]
         want &= kernel_flags
         self.kernel_groups = bool(want & INIT["CREATE_SUPP_GROUP"])
         self.submounts = bool(want & INIT["SUBMOUNTS"])
         self.writeback = bool(want & INIT["WRITEBACK_CACHE"])
+        self.passthrough = bool(want & INIT["PASSTHROUGH"])
+        if self.passthrough:
+            log.info("passthrough on: READ/WRITE of open files go from the kernel to the host file "
+                     "(max_stack_depth %d)", self.max_stack_depth)
         return want
 
     def destroy(self) -> None:
@@ -216,8 +235,15 @@ class PassthroughFS(FileSystem):
         self.store.close()
 
     def counters(self) -> dict[str, Any]:
-        return {"syncfs_by_dev": dict(self.syncfs_by_dev), "inodes": self.store.counts(),
-                "open_handles": len(self._handles)}
+        out = {"syncfs_by_dev": dict(self.syncfs_by_dev), "inodes": self.store.counts(),
+               "open_handles": len(self._handles)}
+        if self.passthrough and self.backing is not None:
+            out["passthrough"] = self.backing.counters()
+        return out
+
+    def backing_id(self, fh: int) -> int:
+        h = self._handles.get(fh)
+        return h.backing_id if h is not None and h.backing_id > 0 else 0
 
     # ------------------------------------------------------------------ helpers
     def _rw(self) -> None:
@@ -286,12 +312,22 @@ class PassthroughFS(FileSystem):
             raise OSError(errno.EBADF, f"bad fh {fh}")
         return h
 
-    def _add_handle(self, fd: int, inode: Inode, *, is_dir: bool = False) -> int:
+    def _add_handle(self, fd: int, inode: Inode, *, is_dir: bool = False, backing_id: int = -1) -> int:
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = Handle(fd, inode, is_dir)
+            self._handles[fh] = Handle(fd, inode, is_dir, backing_id)
         return fh
+
+    def _add_file(self, fd: int, inode: Inode) -> tuple[int, int]:
+        """A file handle and the FOPEN flags to answer: FOPEN_PASSTHROUGH alone when the kernel reads and
+        writes the host file itself (DIRECT_IO would override it, and there is no FUSE page cache to keep)."""
+        backing = self.backing
+        if not self.passthrough or backing is None or not stat.S_ISREG(inode.mode):
+            return self._add_handle(fd, inode), self._fopen_file
+        backing_id = backing.open(inode.nodeid, fd)
+        fh = self._add_handle(fd, inode, backing_id=backing_id)
+        return fh, FOPEN["PASSTHROUGH"] if backing_id else self._fopen_file
 
     def _entry(self, inode: Inode, st: StatLike, parent: Inode) -> Entry:
         flags = 0
@@ -468,7 +504,7 @@ class PassthroughFS(FileSystem):
             raise OSError(errno.EISDIR, "is a directory")
         with self._kill_suidgid(bool(open_flags & OPEN_KILL_SUIDGID and flags & os.O_TRUNC)):
             fd = self.store.reopen(inode, self._open_flags(flags))
-        return self._add_handle(fd, inode), self._fopen_file
+        return self._add_file(fd, inode)
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
                umask: int, open_flags: int = 0) -> tuple[Entry, int, int]:
@@ -491,7 +527,7 @@ class PassthroughFS(FileSystem):
         except BaseException:
             os.close(fd)
             raise
-        return self._entry(inode, st, p), self._add_handle(fd, inode), self._fopen_file
+        return (self._entry(inode, st, p), *self._add_file(fd, inode))
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, int, int]:
         self._rw()
@@ -509,7 +545,7 @@ class PassthroughFS(FileSystem):
         except BaseException:
             os.close(fd)
             raise
-        return self._entry(inode, st, p), self._add_handle(fd, inode), self._fopen_file
+        return (self._entry(inode, st, p), *self._add_file(fd, inode))
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._handle(fh).fd, size, offset)
@@ -541,6 +577,8 @@ class PassthroughFS(FileSystem):
         os.close(h.fd)
         for fd in lock_fds:
             os.close(fd)
+        if h.backing_id >= 0 and self.backing is not None:
+            self.backing.release(h.inode.nodeid)
         if release_flags & RELEASE_FLUSH:
             self._drop_owner(nodeid, lock_owner)
 
@@ -748,6 +786,20 @@ def _sized(v: bytes, size: int) -> bytes | int:
     if len(v) > size:
         raise OSError(errno.ERANGE, "buffer too small")
     return v
+
+
+# Filesystems that stack on others (their superblock's s_stack_depth is at least 1): a backing file on
+# one needs max_stack_depth 2, or the kernel refuses it (ELOOP).
+_STACKED_FS = {0x794C7630: "overlayfs", 0x65735546: "fuse", 0xF15F: "ecryptfs"}
+
+
+def _stack_depth(shared_dir: str) -> int:
+    """max_stack_depth for passthrough: 1, so this mount may itself be stacked on (an overlayfs lower
+    layer), unless the shared dir is on a stacking filesystem, whose files need 2."""
+    try:
+        return spec.FILESYSTEM_MAX_STACK_DEPTH if sc.fs_type(shared_dir) in _STACKED_FS else 1
+    except OSError:
+        return 1
 
 
 def _utime(valid: int, which: str, sec: int, nsec: int) -> tuple[int, int]:

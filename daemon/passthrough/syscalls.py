@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -142,6 +143,14 @@ def open_by_handle_at(mount_fd: int, handle: bytes, flags: int) -> int:
     if fd < 0:
         _raise("open_by_handle_at")
     return int(fd)
+
+
+def fs_type(path: str) -> int:
+    """statfs(2)'s f_type (the filesystem's magic number), which os.statvfs does not give."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type (a long) is its first field
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        _raise("statfs", path)
+    return ctypes.c_long.from_buffer(buf).value
 
 
 def syncfs(fd: int) -> None:
@@ -275,6 +284,19 @@ def set_effective_cap(cap: int, on: bool) -> None:
         _raise("capset")
 
 
+def ioctl_cap(fd: int, request: int, arg: bytes, cap: int) -> int:
+    """ioctl(2)'s return value for `request` on a copy of `arg`, with capability `cap` raised in this
+    thread's effective set for that call only (cap < 0: as it is), then as it was."""
+    raise_it = cap >= 0 and not has_effective_cap(cap)
+    if raise_it:
+        set_effective_cap(cap, True)
+    try:
+        return fcntl.ioctl(fd, request, bytearray(arg), True)
+    finally:
+        if raise_it:
+            set_effective_cap(cap, False)
+
+
 def fcntl_lock_wait(fd: int, cmd: int, flock: bytes) -> None:
     """A blocking F_OFD_SETLKW that returns EINTR to the caller (os/fcntl retry it under PEP 475)."""
     buf = ctypes.create_string_buffer(flock, len(flock))
@@ -310,7 +332,7 @@ def wait_kick(kick_fd: int, wake_fd: int) -> int:
 
 # ---------------------------------------------------------------------------------- the C twin
 NATIVE = ("statx", "name_to_handle_at", "open_by_handle_at", "renameat2", "syncfs", "fchown_empty",
-          "readlink_empty", "fallocate", "setfsuid", "setfsgid", "setgroups_thread", "wait_kick")
+          "readlink_empty", "fallocate", "setfsuid", "setfsgid", "setgroups_thread", "wait_kick", "ioctl_cap")
 TWIN: dict[str, Callable[..., Any]] = {name: globals()[name] for name in NATIVE}
 ENGINE = "python"
 

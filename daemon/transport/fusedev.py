@@ -22,14 +22,22 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from daemon.passthrough import syscalls as sc
+from dissectors.fuse import CODECS
+from dissectors.spec import fuse as spec
+
 DEV_FUSE = "/dev/fuse"
 MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 # A read buffer must hold the largest request: max_write (1 MiB) plus headers (FUSE_MIN_READ_BUFFER is 8 KiB).
 DEFAULT_BUFSIZE = 1024 * 1024 + 4096
-# linux/fuse.h: _IOR(FUSE_DEV_IOC_MAGIC 229, 0, uint32_t); the argument is the fd of the session to join.
-FUSE_DEV_IOC_CLONE = (2 << 30) | (4 << 16) | (229 << 8) | 0
+_IOC = spec.DEV_IOC.by_name()
+FUSE_DEV_IOC_CLONE = _IOC["FUSE_DEV_IOC_CLONE"]  # the argument is the fd of the session to join
+FUSE_DEV_IOC_BACKING_OPEN = _IOC["FUSE_DEV_IOC_BACKING_OPEN"]
+FUSE_DEV_IOC_BACKING_CLOSE = _IOC["FUSE_DEV_IOC_BACKING_CLOSE"]
+_backing_map_pack = CODECS["fuse_backing_map"].struct.pack
+_u32 = struct.Struct("I").pack
 _CLOSED = (errno.ENODEV, errno.EBADF, errno.ECONNABORTED)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -203,6 +211,19 @@ class FuseDev:
         dev = FuseDev(fd, self.mountpoint, via_fusermount=self.via_fusermount, bufsize=self.bufsize)
         dev.mounted = False
         return dev
+
+    def backing_open(self, fd: int, cap: int = -1) -> int:
+        """Register `fd`'s file as a passthrough backing file (FUSE_DEV_IOC_BACKING_OPEN, FUSE 7.40): the id
+        goes in fuse_open_out.backing_id with FOPEN_PASSTHROUGH.  The kernel keeps its own reference (the
+        fd may be closed) and asks for CAP_SYS_ADMIN; it raises OSError as the kernel refuses (EPERM: no
+        CAP_SYS_ADMIN or passthrough not negotiated, ELOOP: the file's filesystem is stacked as deep as
+        max_stack_depth allows, EINVAL: not a regular file, ENOTTY: a kernel without passthrough).
+        `cap` >= 0 is raised in the effective set for the call (CAP_SYS_ADMIN kept permitted only)."""
+        return sc.ioctl_cap(self.fd, FUSE_DEV_IOC_BACKING_OPEN, _backing_map_pack(fd, 0, 0), cap)
+
+    def backing_close(self, backing_id: int, cap: int = -1) -> None:
+        """Let go of a backing id (FUSE_DEV_IOC_BACKING_CLOSE); files already open on it keep working."""
+        sc.ioctl_cap(self.fd, FUSE_DEV_IOC_BACKING_CLOSE, _u32(backing_id), cap)
 
     def unmount(self, *, lazy: bool = False) -> None:
         if self.mounted:

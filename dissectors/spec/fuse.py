@@ -363,6 +363,30 @@ OUT_HEADER_SIZE = REGISTRY.sizeof("fuse_out_header")
 DIRENT_NAME_OFFSET = REGISTRY.sizeof("fuse_dirent")
 DIRENTPLUS_NAME_OFFSET = REGISTRY.sizeof("fuse_direntplus")
 
+# /dev/fuse ioctls (linux/fuse.h "Device ioctls"), encoded as the kernel's _IOC(dir, type, nr, size).
+DEV_IOC_MAGIC = 229
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return direction << 30 | size << 16 | DEV_IOC_MAGIC << 8 | nr
+
+
+DEV_IOC = Enum(
+    "DEV_IOC",
+    (
+        # join the session of the fd given (a per-thread fd, as libfuse's clone_fd)
+        ("FUSE_DEV_IOC_CLONE", _ioc(_IOC_READ, 0, 4)),
+        # 7.40 passthrough: register a backing file (fuse_backing_map) -> backing_id for fuse_open_out
+        ("FUSE_DEV_IOC_BACKING_OPEN", _ioc(_IOC_WRITE, 1, REGISTRY.sizeof("fuse_backing_map"))),
+        ("FUSE_DEV_IOC_BACKING_CLOSE", _ioc(_IOC_WRITE, 2, 4)),  # the u32 backing_id
+        ("FUSE_DEV_IOC_SYNC_INIT", _ioc(_IOC_NONE, 3, 0)),  # 7.45
+    ),
+)
+# FILESYSTEM_MAX_STACK_DEPTH: the most fuse_init_out.max_stack_depth may be (the kernel ignores
+# FUSE_PASSTHROUGH otherwise); a backing file's filesystem must be less deep than what was negotiated.
+FILESYSTEM_MAX_STACK_DEPTH = 2
+
 
 def dirent_align(x: int) -> int:
     """FUSE_DIRENT_ALIGN: records are padded to 8 bytes."""

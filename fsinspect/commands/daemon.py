@@ -67,6 +67,12 @@ def register(sub: Any) -> None:
                                    "mount with `fusermount3 -u MOUNTPOINT` (or `umount -l MOUNTPOINT`).")
     t = p.add_argument_group("transport")
     t.add_argument("--standalone", metavar="MOUNTPOINT", help="serve over /dev/fuse, mounted at MOUNTPOINT")
+    t.add_argument("--passthrough", choices=("auto", "on", "off"), default="auto",
+                   help="--standalone: FUSE passthrough (Linux 6.9+): the kernel reads and writes open files "
+                        "itself, so their READ/WRITE never reach the daemon, the recording or the debugger.  "
+                        "auto: on unless --record, --control, --break or --inject asks to see them; on: even "
+                        "then (files open while a rule can hold READ/WRITE are still served through the daemon) "
+                        "(default: auto)")
     add_vhost_options(t)
     # Standalone reader threads, sharing the /dev/fuse fd or each with a clone of it (bench/standalone.py
     # measures both against one reader).
@@ -124,6 +130,24 @@ def seccomp_action(level: str, asked: str | None) -> str:
     return asked or "kill"
 
 
+def passthrough_wanted(args: argparse.Namespace, intercept: Any) -> bool:
+    """--passthrough auto is on only when nothing asked to see the data: a passthrough file's READ and
+    WRITE go from the kernel to the host file, past the recording, the clients and the rules."""
+    log = logging.getLogger("fsinspect.daemon")
+    watchers = [o for o, on in (("--record", args.record), ("--control", args.control),
+                                ("--break/--inject", intercept is not None)) if on]
+    if args.passthrough == "off":
+        return False
+    if args.passthrough == "auto" and watchers:
+        log.info("passthrough off: %s should see every READ/WRITE (--passthrough on to have it anyway)",
+                 ", ".join(watchers))
+        return False
+    if watchers:
+        log.warning("--passthrough on: READ/WRITE of files open in passthrough are not seen by %s",
+                    ", ".join(watchers))
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(CAPABILITIES)
@@ -137,10 +161,14 @@ def run(args: argparse.Namespace) -> int:
     if args.socket_path or args.fd is not None:
         if args.standalone:
             raise UserError("--standalone and --socket-path/--fd are different transports: choose one")
+        if args.passthrough == "on":
+            raise UserError("--passthrough is for --standalone: a virtio-fs guest's kernel cannot open the "
+                            "host's files")
         return run_vhost(args, intercept)
     if not args.standalone:
         raise UserError("choose a transport: --socket-path PATH or --fd N (vhost-user), or --standalone MOUNTPOINT")
     opts = fs_options(args)
+    opts.passthrough = passthrough_wanted(args, intercept)
     from daemon import standalone
     from daemon.transport.fusedev import FuseDevError
 
