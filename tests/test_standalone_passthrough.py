@@ -11,6 +11,7 @@ import mmap
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -305,3 +306,37 @@ def test_a_rule_on_other_ops_leaves_passthrough_on(tmp_path: Path) -> None:
     s = run.summary
     assert s["passthrough"]["opened"] >= 4 and s["passthrough"]["withheld_for_rules"] == 0
     assert "READ" not in s["ops"] and "WRITE" not in s["ops"]
+
+
+def test_backing_ids_are_reused_and_hold_no_open_file(tmp_path: Path) -> None:
+    """A file opened again reuses its inode's backing id (one FUSE_DEV_IOC_BACKING_OPEN for many opens);
+    the idle id holds the host file by path only: a script written through the mount runs on the host
+    (a write-open backing file would make exec fail, ETXTBSY), and a file deleted through the mount frees
+    its space on the host at once (its FORGET lets the idle id go)."""
+    require_root()
+    tmpfs = tmp_path / "shared"
+    tmpfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "fsinspect-pt-test", str(tmpfs)], check=True)
+    try:
+        with _daemon(tmp_path, "--passthrough", "on") as run:
+            script = run.mnt / "run.sh"
+            script.write_text("#!/bin/sh\necho ran\n")
+            script.chmod(0o755)
+            for _ in range(5):
+                assert script.read_text().startswith("#!")
+            out = subprocess.run([str(run.shared / "run.sh")], capture_output=True, text=True, check=True)
+            assert out.stdout == "ran\n"
+            free = os.statvfs(tmpfs).f_bfree
+            (run.mnt / "big").write_bytes(b"\1" * (16 << 20))
+            (run.mnt / "big").read_bytes()
+            assert os.statvfs(tmpfs).f_bfree < free - 3000
+            os.unlink(run.mnt / "big")
+            for _ in range(100):  # the FORGET comes as the kernel drops the inode
+                if os.statvfs(tmpfs).f_bfree >= free - 16:
+                    break
+                time.sleep(0.02)
+            assert os.statvfs(tmpfs).f_bfree >= free - 16
+        pt = run.summary["passthrough"]
+        assert pt["opened"] == 1 + 5 + 2 and pt["registered"] == 2, pt  # run.sh: 1 + 5 opens; big: 2
+    finally:
+        subprocess.run(["umount", "-l", str(tmpfs)], check=False)

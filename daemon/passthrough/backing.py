@@ -13,7 +13,14 @@ The kernel's rules this follows (fs/fuse/iomode.c, backing.c):
 - registering and unregistering need CAP_SYS_ADMIN; under the sandbox the serving threads keep it
   permitted, not effective, and raise it only around these two ioctls (`raise_cap`);
 - the kernel opens its own backing file per fuse file, with the opener's flags, from the path of the
-  file registered and the credentials of the thread that registered it.
+  file registered and the credentials of the thread that registered it: so an O_PATH fd is registered,
+  which holds no open mode (a file open for writing would make the host's exec of it fail, ETXTBSY).
+
+An inode's backing id outlives its last handle, kept idle (at most IDLE_MAX, least recently used let go
+first, and at the inode's FORGET): re-opening a file then costs no ioctl (under the sandbox each one also
+costs two capset calls, about 10 us in all).  An idle backing pins the host file's dentry, not an open
+file: an unlinked file's data stays until its FORGET or its eviction from the idle set (the kernel
+forgets an inode unlinked through the mount as soon as nothing uses it).
 
 A refusal is never an error for the client: the file is then served through READ/WRITE as without
 passthrough.  EPERM/ENOTTY/EOPNOTSUPP (no privilege, no kernel support) turn passthrough off for the
@@ -27,13 +34,17 @@ import errno
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 log = logging.getLogger("fsinspect.daemon.passthrough")
 
 CAP_SYS_ADMIN = 21
+IDLE_MAX = 1024  # idle backing ids kept: no fd of ours, about a struct file and a pinned dentry each
+PathFdSource = Callable[[], AbstractContextManager[int]]  # `with source() as fd`: an O_PATH fd of the inode
 # The kernel cannot do it at all (a privilege or a feature missing): no later file would fare better.
 _FOR_GOOD = (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS)
 
@@ -62,26 +73,29 @@ class BackingFiles:
         self.allowed = allowed  # None: always; else asked at an inode's first open (the debugger's rules)
         self.enabled = True
         self._opens: dict[int, _Opens] = {}
+        self.idle: OrderedDict[int, int] = OrderedDict()  # nodeid -> backing id of an inode with no handle
         self._lock = threading.Lock()
         self.opened = 0  # handles answered with FOPEN_PASSTHROUGH
+        self.registered = 0  # FUSE_DEV_IOC_BACKING_OPEN calls that gave an id
         self.refused: dict[str, int] = {}  # errno name -> backing files the kernel refused
         self.withheld = 0  # first opens served through the daemon because a rule could hold READ/WRITE
         self._warned_rules = False
 
-    def open(self, nodeid: int, fd: int) -> int:
-        """A new handle on `nodeid` (its host file open as `fd`): the backing id to answer, or 0."""
+    def open(self, nodeid: int, path_fd: PathFdSource) -> int:
+        """A new handle on `nodeid`: the backing id to answer, or 0.  `path_fd` gives an O_PATH fd of the
+        inode if a backing file has to be registered."""
         with self._lock:
             o = self._opens.get(nodeid)
             if o is None:
                 o = self._opens[nodeid] = _Opens()
-            if o.handles == 0 and self.enabled:
-                o.backing_id = self._register(fd)
+            if o.handles == 0:
+                o.backing_id = self._first_open(nodeid, path_fd)
             o.handles += 1
             if o.backing_id:
                 self.opened += 1
             return o.backing_id
 
-    def _register(self, fd: int) -> int:
+    def _first_open(self, nodeid: int, path_fd: PathFdSource) -> int:
         if self.allowed is not None and not self.allowed():
             self.withheld += 1
             if not self._warned_rules:
@@ -92,8 +106,14 @@ class BackingFiles:
                             "their last close (their READ/WRITE cannot be seen or held)", busy)
             return 0
         self._warned_rules = False
+        idle = self.idle.pop(nodeid, 0)
+        if idle or not self.enabled:
+            return idle
         try:
-            return self.dev.backing_open(fd, self.cap)
+            with path_fd() as fd:
+                backing_id = self.dev.backing_open(fd, self.cap)
+            self.registered += 1
+            return backing_id
         except OSError as e:
             name = errno.errorcode.get(e.errno or 0, str(e.errno))
             why = os.strerror(e.errno) if e.errno else str(e)
@@ -112,7 +132,7 @@ class BackingFiles:
             return 0
 
     def release(self, nodeid: int) -> None:
-        """A handle on `nodeid` is gone; the last one lets the backing id go."""
+        """A handle on `nodeid` is gone; after the last one its backing id waits idle for a re-open."""
         with self._lock:
             o = self._opens.get(nodeid)
             if o is None:
@@ -121,17 +141,37 @@ class BackingFiles:
             if o.handles > 0:
                 return
             del self._opens[nodeid]
-            backing_id = o.backing_id
+            if not o.backing_id:
+                return
+            self.idle[nodeid] = o.backing_id
+            evicted = self.idle.popitem(last=False)[1] if len(self.idle) > IDLE_MAX else 0
+        if evicted:
+            self._close(evicted)
+
+    def forget(self, nodeid: int) -> None:
+        """The inode left the daemon's table (its last FORGET): its idle backing id goes too."""
+        with self._lock:
+            backing_id = self.idle.pop(nodeid, 0)
         if backing_id:
-            try:
-                self.dev.backing_close(backing_id, self.cap)
-            except OSError as e:  # the connection is gone (unmounted): the kernel dropped them all
-                log.debug("FUSE_DEV_IOC_BACKING_CLOSE %d: %s", backing_id, e)
+            self._close(backing_id)
+
+    def reset(self) -> None:
+        """FUSE_DESTROY: the connection ends, and the kernel lets go of every backing id with it."""
+        with self._lock:
+            self._opens.clear()
+            self.idle.clear()
+
+    def _close(self, backing_id: int) -> None:
+        try:
+            self.dev.backing_close(backing_id, self.cap)
+        except OSError as e:  # the connection is gone (unmounted): the kernel dropped them all
+            log.debug("FUSE_DEV_IOC_BACKING_CLOSE %d: %s", backing_id, e)
 
     def open_now(self) -> int:
         with self._lock:
             return sum(o.handles for o in self._opens.values() if o.backing_id)
 
     def counters(self) -> dict[str, object]:
-        return {"opened": self.opened, "open_now": self.open_now(), "refused": dict(self.refused),
-                "withheld_for_rules": self.withheld, "enabled": self.enabled}
+        return {"opened": self.opened, "registered": self.registered, "open_now": self.open_now(),
+                "idle": len(self.idle),
+                "refused": dict(self.refused), "withheld_for_rules": self.withheld, "enabled": self.enabled}

@@ -228,6 +228,8 @@ class PassthroughFS(FileSystem):
         for fd in fds:
             os.close(fd)
         self.store.clear()
+        if self.backing is not None:
+            self.backing.reset()
 
     def close(self) -> None:
         """Release everything including the root (the daemon is exiting)."""
@@ -325,7 +327,7 @@ class PassthroughFS(FileSystem):
         backing = self.backing
         if not self.passthrough or backing is None or not stat.S_ISREG(inode.mode):
             return self._add_handle(fd, inode), self._fopen_file
-        backing_id = backing.open(inode.nodeid, fd)
+        backing_id = backing.open(inode.nodeid, lambda: self.store.path_fd(inode))
         fh = self._add_handle(fd, inode, backing_id=backing_id)
         return fh, FOPEN["PASSTHROUGH"] if backing_id else self._fopen_file
 
@@ -368,6 +370,8 @@ class PassthroughFS(FileSystem):
 
     def forget(self, ctx: Context, nodeid: int, nlookup: int) -> None:
         self.store.forget(nodeid, nlookup)
+        if self.backing is not None and self.backing.idle and nodeid not in self.store:
+            self.backing.forget(nodeid)
 
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[StatLike, float]:
         inode = self.store.get(nodeid)

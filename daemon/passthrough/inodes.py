@@ -166,6 +166,9 @@ class InodeStore:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def __contains__(self, nodeid: int) -> bool:
+        return nodeid in self._by_id
+
     def path_fd(self, inode: Inode) -> PathFd:
         """`with store.path_fd(inode) as fd`: an O_PATH fd for *at() calls, closed afterwards when it was
         opened from a handle."""
