@@ -8,9 +8,12 @@ round trips: kick -> back-end -> call.  The difference is the back-end's own cos
 Beside the median round trip it prints the back-end's CPU per request (utime + stime of its whole process
 group over each op's requests / their number): the measure that stays meaningful on a busy machine, where
 wall times are noise.  CREATE, RELEASE and UNLINK run in batches on fresh names, each op's CPU taken
-apart.
+apart.  `--tree NAME=DIR` adds the bundled daemon of another checkout (e.g. `git archive main` unpacked
+and built with `python setup.py build_ext --inplace`) to the same alternating rounds: before and after
+in one run.
 
-    sudo .venv/bin/python bench/vhost_roundtrip.py [--n 3000] [--rounds 2] [--daemon-arg=--sandbox=none]
+    sudo .venv/bin/python bench/vhost_roundtrip.py [--n 3000] [--rounds 2] [--daemon-arg=--sandbox=none] \
+        [--tree before=/tmp/old-checkout]
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def measure_at(sock: Path, n: int, pgid: int) -> dict[str, tuple[float, float]]:
         front.close()
 
 
-def run(kind: str, share: Path, n: int, extra: list[str]) -> dict[str, tuple[float, float]]:
+def run(kind: str, share: Path, n: int, extra: list[str], tree: Path | None = None) -> dict[str, tuple[float, float]]:
     with launcher.short_tmpdir() as work:
         if kind.startswith("C virtiofsd"):
             with launcher.virtiofsd(share, work) as be:
@@ -156,8 +159,10 @@ def run(kind: str, share: Path, n: int, extra: list[str]) -> dict[str, tuple[flo
                 finally:
                     launcher.stop_process(proxy)
         sock = work / "d.sock"
+        env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
         proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}", "-o",
-                                 f"source={share}", "--log-level", "warning", *extra], start_new_session=True)
+                                 f"source={share}", "--log-level", "warning", *extra], start_new_session=True,
+                                cwd=tree, env=env)
         try:
             while not sock.exists():
                 time.sleep(0.02)
@@ -175,19 +180,26 @@ def main() -> int:
     ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for the bundled daemon, e.g. --daemon-arg=--sandbox=none")
     ap.add_argument("--never", action="store_true", help="also the bundled daemon with --inode-file-handles=never")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                    help="also the bundled daemon of another checkout DIR (its C extensions built in place)")
     args = ap.parse_args()
     kinds: dict[str, list[str]] = (
         {"C virtiofsd": [], "C virtiofsd + proxy": []} if args.proxy else
         {"C virtiofsd": [], "bundled (prefer)": list(args.daemon_arg)})
     if args.never and not args.proxy:
         kinds["bundled (never)"] = ["--inode-file-handles=never", *args.daemon_arg]
+    trees: dict[str, Path] = {}
+    for v in args.tree:
+        name, _, tree = v.partition("=")
+        trees[name] = Path(tree).resolve()
+        kinds[name] = list(args.daemon_arg)
     results: dict[str, list[dict[str, tuple[float, float]]]] = {k: [] for k in kinds}
     load = os.getloadavg()[0]
     with make_share(root_tmpfs_mb=256) as share:  # ext4's recently-deleted scan would swamp CREATE
         (share.root / "big.bin").write_bytes(os.urandom(4 << 20))
         for _ in range(args.rounds):
             for kind, extra in kinds.items():
-                results[kind].append(run(kind, share.root, args.n, extra))
+                results[kind].append(run(kind, share.root, args.n, extra, trees.get(kind)))
     ops = list(results["C virtiofsd"][0])
     print(f"{args.n} sequential requests per op, best of {args.rounds} alternating rounds, load average {load:.2f} "
           "at the start")

@@ -35,7 +35,7 @@ from .hold import EngineHoldPoint
 log = logging.getLogger("fsinspect.daemon")
 
 Buffer = bytes | bytearray | memoryview
-ReplySink = Callable[[Sequence[Buffer]], None]
+ReplySink = Callable[[Sequence[Buffer]], object]  # a return value is ignored (Chain.reply gives its length)
 # tap(direction, queue, unique, ts_ns, raw): direction is "request" or "reply", with a debugger verdict
 # after a colon where one applies: "request:held", "reply:held", "reply:answered", "reply:rewritten",
 # "reply:safety" (EIO for a request still held when the engine stops; daemon/hold.py).  Taps test

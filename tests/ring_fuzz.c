@@ -204,6 +204,8 @@ int main(int argc, char **argv)
                 memcpy(q.avail + 4 + 2 * i, &h, 2);
             }
             rc_ring_store_idx(q.avail, (uint16_t)(below(10) == 0 ? rnd() : below(num + 1)));
+            q.event_idx = (int)below(2);
+            rc_queue_want_kick(&q); /* EVENT_IDX: avail_event, inside the ring's checked bounds */
             int avail_n = rc_queue_avail(&q);
             if (avail_n < 0) {
                 errors++;
@@ -229,8 +231,22 @@ int main(int argc, char **argv)
                 ue[nue].len = (uint32_t)below(c.writable_len + 2);
                 nue++;
             }
-            if (nue && rc_queue_push_used(&q, ue, nue))
-                FAIL("push_used refused heads it popped");
+            if (below(2)) {
+                if (nue && rc_queue_push_used(&q, ue, nue))
+                    FAIL("push_used refused heads it popped");
+            } else { /* the daemon's publication: entries, used->idx, then the call decision */
+                uint16_t flags = (uint16_t)rnd();
+                memcpy(q.avail, &flags, 2);
+                int call = -1;
+                if (rc_queue_publish(&q, ue, nue, &call))
+                    FAIL("publish refused heads it popped");
+                if (call != 0 && call != 1)
+                    FAIL("publish decided no call");
+                if (nue && !q.event_idx && call != !(flags & RC_VRING_AVAIL_F_NO_INTERRUPT))
+                    FAIL("publish ignored VRING_AVAIL_F_NO_INTERRUPT");
+                if (nue && rc_ring_load_idx(q.used) != q.used_idx)
+                    FAIL("publish left used->idx behind");
+            }
             struct rc_vring_used_elem bad = {num + (uint32_t)below(100), 0};
             if (rc_queue_push_used(&q, &bad, 1) != RC_E_HEAD_RANGE)
                 FAIL("push_used accepted a head >= num");

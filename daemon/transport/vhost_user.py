@@ -6,10 +6,12 @@ is a `dissectors.ring.SplitQueue` served by one thread that waits on the queue's
 
 Concurrency (the engine's model): each queue thread hands every popped chain to `Server.handle`;
 cheap ops are answered inline on that thread, blocking ops (READ, WRITE, fsync, ...) from the engine's
-pool.  A reply is scattered straight into the chain's device-writable guest buffers and completed with
-`push_used`; completions of one inline batch are published with one used->idx store and one call.
-READ is zero-copy (the filesystem `preadv`s into the chain's writable views, see InPlace); WRITE data
-arrives gathered once by the ring engine (Chain.readable) and is `pwrite`n from there.
+pool.  The mechanics are the ring engine's (dissectors.ring, C or its twin): a chain is its own reply
+sink (`Chain.reply` scatters the reply into the chain's device-writable guest buffers and completes
+it), and the completions made on the queue thread between `begin_batch()` and `end_batch()` are
+published with one used->idx store and at most one call; a completion from another thread is
+published at once.  READ is zero-copy (the filesystem `preadv`s into the chain's writable views, see
+InPlace); WRITE data arrives gathered once by the ring engine (Chain.readable) and is `pwrite`n from there.
 
 What is negotiated, honestly:
 - device features VERSION_1, INDIRECT_DESC, PROTOCOL_FEATURES (no EVENT_IDX: a completion calls unless
@@ -20,8 +22,9 @@ Rules from libvhost-user and proxy-notes.md that matter:
 - regions are mapped from file offset 0 over mmap_offset + size; a mapping is closed only when no
   memoryview of it is alive (otherwise it is parked and closed later);
 - SET_VRING_ADDR carries QEMU user addresses (translated with the regions' user addresses);
-- call and kick fds change while traffic flows: a call fd is swapped under the queue lock that also
-  guards used-ring publication, a kick fd is handed to the queue thread, which owns (and closes) it;
+- call and kick fds change while traffic flows: a call fd is swapped in the ring engine's queue (which
+  never writes it after the swap) before the old one is closed, a kick fd is handed to the queue thread,
+  which owns (and closes) it;
 - GET_VRING_BASE stops the queue, waits for its in-flight requests, and answers the next avail index;
 - FORGET (and any request without a reply) completes with used.len 0;
 - QEMU closing the socket ends the session: queue threads joined, engine pool shut down, every fd
@@ -43,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.passthrough.syscalls import wait_kick
-from daemon.server import NO_REPLY_OPS, Buffer, Server
+from daemon.server import NO_REPLY_OPS, OP, Buffer, Server
 from dissectors import fuse as F
 from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
@@ -73,7 +76,9 @@ PROTOCOL_FEATURES = P_BIT["MQ"] | P_BIT["REPLY_ACK"] | P_BIT["CONFIGURE_MEM_SLOT
 MAX_MEM_SLOTS = 32  # libvhost-user's VHOST_USER_MAX_RAM_SLOTS
 DEFAULT_QUEUES = 2  # hiprio + one request queue, as the C virtiofsd reports
 OUT_HEADER_SIZE = F.OUT_HEADER_SIZE
-VRING_AVAIL_F_NO_INTERRUPT = vio.VRING_AVAIL_F.by_name()["NO_INTERRUPT"]
+IN_HEADER_SIZE = F.IN_HEADER_SIZE
+_peek_header = F.IN_HEADER.struct.unpack_from  # fuse_in_header: len, opcode, unique, ...
+FUSE_READ = OP["READ"]
 INFLIGHT_WAIT_S = 30.0
 WOKEN = 2  # wait_kick(): the queue's wake fd fired (stop, pause, a new kick fd, enable)
 
@@ -147,19 +152,20 @@ class Vring:
     err_fd: int = -1
     enabled: bool = False
     started: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)  # used ring + call fd
-    pending: dict[int, Chain] = field(default_factory=dict)  # head -> chain, in flight until its reply
-    waiting: bool = False  # a stop waits for `pending` to empty (replies then notify `idle`)
-    idle: threading.Condition = field(default_factory=threading.Condition)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # call fd, pending kick fd
     thread: threading.Thread | None = None
     wake_fd: int = -1
     pending_kick: int | None = None  # a new kick fd for the queue thread (which owns the current one)
     stopping: bool = False
-    batch: list[tuple[int, int]] | None = None  # completions of the inline batch being served
-    avail_flags: memoryview | None = None  # the driver's avail->flags (low byte: NO_INTERRUPT)
     stats_chains: int = 0
-    stats_calls: int = 0
+    stats_calls: int = 0  # of the queues already retired (the current one counts its own)
     stats_suppressed: int = 0
+
+    def retire(self, q: SplitQueue) -> None:
+        """Keep a retired queue's call counters."""
+        c = q.counters
+        self.stats_calls += c["calls"]
+        self.stats_suppressed += c["calls_suppressed"]
 
 
 class MemoryTable:
@@ -412,14 +418,13 @@ class VhostUserSession:
     def _reset(self) -> None:
         for vr in self.vrings:
             self._stop_vring(vr)
+            self._drop_queue(vr)
             _close(vr.call_fd)
             _close(vr.err_fd)
             vr.call_fd = vr.err_fd = -1
             vr.enabled = False
             vr.num = vr.base = 0
             vr.addr = None
-            vr.queue = None
-            vr.avail_flags = None
         self.features = 0
 
     def _on_set_backend_req_fd(self, msg: V.VhostUserMessage) -> None:
@@ -497,8 +502,12 @@ class VhostUserSession:
             q.last_avail_idx = vr.base
             # libvhost-user: the used index the driver last saw is the one in the ring.
             q.used_idx = int.from_bytes(m.view(used + 2, 2), "little")
+        with vr.lock:
+            q.call_fd = vr.call_fd
+        if old is not None:  # chains still in flight complete on the new ring
+            old.handover(q)
+            vr.retire(old)
         vr.queue = q
-        vr.avail_flags = m.view(avail, 1)
         log.debug("vring %d: num %d desc %#x avail %#x used %#x, avail idx %d used idx %d", vr.index, vr.num,
                   desc, avail, used, q.last_avail_idx, q.used_idx)
 
@@ -519,6 +528,8 @@ class VhostUserSession:
         vr, fd = self._vring_fd(msg)
         with vr.lock:
             old, vr.call_fd = vr.call_fd, fd
+            if vr.queue is not None:
+                vr.queue.call_fd = fd  # before the close: the engine never writes the old fd after this
         _close(old)
         if fd >= 0 and vr.started:
             _eventfd_write(fd)  # a completion may have signalled the old fd while QEMU switched
@@ -538,8 +549,7 @@ class VhostUserSession:
         vr = self._vring(msg.payload.index)
         self._stop_vring(vr)
         base = vr.queue.last_avail_idx if vr.queue is not None else vr.base
-        vr.queue = None
-        vr.avail_flags = None
+        self._drop_queue(vr)
         vr.addr = None
         with vr.lock:
             old, vr.call_fd = vr.call_fd, -1
@@ -577,19 +587,29 @@ class VhostUserSession:
             _close(kick)
         if self.server.hold is not None:
             self.server.hold.flush(vr.index)  # held requests answer EIO: nothing waits on the debugger
+        q = vr.queue
         deadline = time.monotonic() + INFLIGHT_WAIT_S
-        with vr.idle:
-            vr.waiting = True
-            while vr.pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.error("vring %d: %d requests still in flight after %.0f s", vr.index, len(vr.pending),
-                              INFLIGHT_WAIT_S)
-                    break
-                vr.idle.wait(min(left, 0.05))
-            vr.waiting = False
+        pause = 0.0002
+        while q is not None and q.inflight > 0:  # the replies come from the pool or lock waiters
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("vring %d: %d requests still in flight after %.0f s", vr.index, q.inflight,
+                          INFLIGHT_WAIT_S)
+                break
+            time.sleep(min(left, pause))
+            pause = min(pause * 2, 0.02)
         _close(vr.wake_fd)
         vr.wake_fd = -1
+
+    def _drop_queue(self, vr: Vring) -> None:
+        """The ring is gone (GET_VRING_BASE, reset, session end): a late completion must not touch it."""
+        q, vr.queue = vr.queue, None
+        if q is not None:
+            q.detach()
+            vr.retire(q)
+            late = q.counters["late"]
+            if late:
+                log.warning("vring %d: %d completions after the queue was torn down, dropped", vr.index, late)
 
     def _queue_loop(self, vr: Vring, kick_fd: int | None) -> None:
         """Wait for kicks, drain the avail ring, serve the chains; owns the kick fd."""
@@ -621,71 +641,51 @@ class VhostUserSession:
                     _close(kick)
 
     def _drain(self, vr: Vring) -> None:
+        """Pop every available chain and serve it; the inline replies of a batch go out together."""
         q = vr.queue
         if q is None or not vr.enabled:
             return
         while not vr.stopping:
             err: RingError | None = None
+            q.begin_batch()
             try:
-                chains = q.pop_chains()
-            except RingError as e:
-                if e.reason == "avail_ahead":
-                    log.error("vring %d: %s; queue stalled", vr.index, e)
+                try:
+                    chains = q.pop_chains()
+                except RingError as e:
+                    if e.reason == "avail_ahead":
+                        log.error("vring %d: %s; queue stalled", vr.index, e)
+                        return
+                    err, chains = e, e.chains
+                if not chains and err is None:
                     return
-                err, chains = e, e.chains
-            if not chains and err is None:
-                return
-            vr.batch = []
-            try:
                 for c in chains:
                     self._serve_chain(vr, c)
                 if err is not None:
                     log.error("vring %d: malformed chain: %s", vr.index, err)
                     if err.head is not None and err.head < q.num:  # the ring's own size, not a later SET_VRING_NUM
-                        vr.batch.append((err.head, 0))
+                        q.complete(err.head, 0)
             finally:
-                batch, vr.batch = vr.batch, None
-                if batch:
-                    self._publish(vr, batch)
+                truncated = q.end_batch()
+                if truncated:
+                    log.error("vring %d: %d replies truncated to their chains' writable bytes", vr.index, truncated)
             vr.stats_chains += len(chains)
 
     def _serve_chain(self, vr: Vring, chain: Chain) -> None:
+        """The chain is the reply sink: `chain.reply(parts)` scatters and completes it (ring engine)."""
         raw = chain.readable
-        try:
-            _len, opcode, unique = F.peek_header(raw)
-        except DecodeError:
-            opcode, unique = -1, 0
+        if len(raw) < IN_HEADER_SIZE:
+            opcode = -1
+        else:
+            h = _peek_header(raw)
+            opcode, unique = h[1], h[2]
         if opcode < 0 or opcode in NO_REPLY_OPS:
             self.server.handle(raw, _no_reply, vr.index)
-            vr.batch.append((chain.head, 0))  # type: ignore[union-attr]
-            return
-        vr.pending[chain.head] = chain  # a head is unique among the chains in flight
-        self.chains[unique] = chain
-        self.server.handle(raw, _Reply(self, vr, chain, unique), vr.index)
-
-    def _publish(self, vr: Vring, used: list[tuple[int, int]]) -> None:
-        """Entries first, used->idx once, then a call unless the driver asked for none.
-
-        Without EVENT_IDX the driver sets VRING_AVAIL_F_NO_INTERRUPT while it drains completions
-        (virtqueue_disable_cb) and re-checks used->idx after clearing it, so a call then is only an extra
-        guest interrupt; libvhost-user skips it the same way.  The flag is read after a full barrier (the
-        lock release after the used->idx store: a locked instruction on x86), or a completion could be
-        published unseen while the driver re-enables callbacks.
-        """
-        with vr.lock:
-            q = vr.queue
-            if q is None:
-                log.warning("vring %d: %d completions after the queue was torn down", vr.index, len(used))
-                return
-            q.push_used(used)
-            flags = vr.avail_flags
-        if flags is not None and flags[0] & VRING_AVAIL_F_NO_INTERRUPT:
-            vr.stats_suppressed += 1
-            return
-        with vr.lock:
-            if vr.call_fd >= 0:
-                _eventfd_write(vr.call_fd)
-                vr.stats_calls += 1
+            chain.complete(0)
+        elif opcode == FUSE_READ:  # zero-copy: the filesystem finds the chain by unique (chain_for)
+            self.chains[unique] = chain
+            self.server.handle(raw, _ReadReply(self.chains, unique, chain), vr.index)
+        else:
+            self.server.handle(raw, chain.reply, vr.index)
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -699,8 +699,7 @@ class VhostUserSession:
         for vr in self.vrings:
             self._stop_vring(vr)
         for vr in self.vrings:
-            vr.queue = None
-            vr.avail_flags = None
+            self._drop_queue(vr)
             _close(vr.call_fd)
             _close(vr.err_fd)
             vr.call_fd = vr.err_fd = -1
@@ -719,56 +718,33 @@ class VhostUserSession:
             pass
 
     def counters(self) -> dict[str, Any]:
-        return {"vhost_user_messages": self.messages,
-                "queues": {vr.index: {"chains": vr.stats_chains, "calls": vr.stats_calls,
-                                       "calls_suppressed": vr.stats_suppressed} for vr in self.vrings}}
+        out: dict[int, dict[str, int]] = {}
+        for vr in self.vrings:
+            q = vr.queue
+            c = q.counters if q is not None else {"calls": 0, "calls_suppressed": 0}
+            out[vr.index] = {"chains": vr.stats_chains, "calls": vr.stats_calls + c["calls"],
+                             "calls_suppressed": vr.stats_suppressed + c["calls_suppressed"]}
+        return {"vhost_user_messages": self.messages, "queues": out}
 
 
-class _Reply:
-    """One chain's reply sink: scatter the reply into its guest buffers and complete the chain, in the queue
-    thread's batch when the engine answered inline (one used->idx store and one call per batch), alone when
-    it comes from another thread.  A plain class with slots: one is made per request."""
+class _ReadReply:
+    """A READ's reply sink: forget the chain's zero-copy registration, then reply through the chain."""
 
-    __slots__ = ("chain", "session", "thread", "unique", "vr")
+    __slots__ = ("chain", "chains", "unique")
 
-    def __init__(self, session: VhostUserSession, vr: Vring, chain: Chain, unique: int) -> None:
-        self.session = session
-        self.vr = vr
-        self.chain = chain
+    def __init__(self, chains: ChainRegistry, unique: int, chain: Chain) -> None:
+        self.chains = chains
         self.unique = unique
-        self.thread = threading.get_ident()
+        self.chain = chain
 
     def __call__(self, parts: Sequence[Buffer]) -> None:
-        chain, vr = self.chain, self.vr
-        try:
-            n = _scatter(chain, parts)
-        finally:
-            self.session.chains.pop(self.unique, None)
-        batch = vr.batch
-        if batch is not None and threading.get_ident() == self.thread:
-            batch.append((chain.head, n))
-        else:
-            self.session._publish(vr, [(chain.head, n)])
-        vr.pending.pop(chain.head, None)
-        if vr.waiting and not vr.pending:
-            with vr.idle:
-                vr.idle.notify_all()
+        if self.chains.get(self.unique) is self.chain:
+            del self.chains[self.unique]
+        self.chain.reply(parts)
 
 
 def _no_reply(parts: Sequence[Buffer]) -> None:
     log.warning("the engine replied to a request that takes no reply; dropped")
-
-
-def _scatter(chain: Chain, parts: Sequence[Buffer]) -> int:
-    """Write the reply into the chain's writable buffers; an InPlace part is already there (zero-copy READ)."""
-    if len(parts) == 2 and isinstance(parts[1], InPlace):
-        chain.write(parts[0])
-        return len(parts[0]) + len(parts[1])
-    data = parts[0] if len(parts) == 1 else b"".join(parts)
-    n = chain.write(data)
-    if n < len(data):
-        log.error("reply of %d bytes truncated to the chain's %d writable bytes", len(data), chain.writable_len)
-    return n
 
 
 # ---------------------------------------------------------------------- listening

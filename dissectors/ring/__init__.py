@@ -23,10 +23,27 @@ API (identical in both engines; addresses are guest-physical unless named otherw
     index more than `num` ahead raises `RingError("avail_ahead")` and consumes nothing.
   - `push_used([(head, len), ...])`: entries first, the 16-bit used->idx once, last.
   - `avail_pending()`, `last_avail_idx` / `used_idx` (read/write, for SET/GET_VRING_BASE), `num`.
+  - Completions (a device serving requests, the daemon): `Chain.reply()`/`Chain.complete()` put a popped
+    chain on its queue's used ring.  Between `begin_batch()` and `end_batch() -> truncated` (the number
+    of replies cut to their chain's writable bytes since the last end_batch) the completions made on
+    that thread wait, and are published together: the entries, used->idx once, at most one call; a
+    completion from any other thread (a pool) is published at once.  A call is an 8-byte write to
+    `call_fd` (-1: none; the engine never writes an fd after it was swapped out), skipped while the
+    driver sets VRING_AVAIL_F_NO_INTERRUPT or, with `event_idx` set (VIRTIO_RING_F_EVENT_IDX), unless
+    used->idx passed the driver's used_event since the last call (libvhost-user's rule); with
+    `event_idx`, pop_chains() also writes avail_event (a kick for the next entry) before it reads
+    avail->idx, so popping until empty loses no kick.  `complete(head, len=0)` completes a head that has
+    no Chain (a malformed one); `inflight` counts popped chains not completed; `handover(new)` sends
+    the completions of chains still in flight to the queue that replaced this one (the ring was
+    re-made); `detach()` drops every later completion (the ring is gone; counted as `late`);
+    `counters` (calls, calls_suppressed, completed, late, truncated, inflight).  The C engine does all
+    this with the GIL held, which serialises completions from several threads; the twin takes a lock.
 - `Chain`: `head`, `readable` (bytes, gathered), `writable` (tuple of writable memoryviews into guest
   memory), `layout` (((addr, len, flags), ...) effective descriptors; the INDIRECT descriptor itself is
   listed, and entries from its table carry LAYOUT_F_FROM_INDIRECT), `readable_len`, `writable_len`,
-  `write(data) -> n` (scatter a reply into the writable segments).
+  `write(data) -> n` (scatter a reply into the writable segments), `reply(parts) -> n` (scatter the
+  buffers in order, a part that is not a buffer being that many bytes already in place, then complete
+  with the bytes written; refused once completed), `complete(len=0)`, `done`.
 - `CaptureBuffer(capacity=16 MiB, policy="drop"|"lossless")`: bounded; shared by any number of paths.
   `read_captures(max=1024, timeout=0.0) -> [Capture]` (one consumer thread; max <= 0: all),
   `fileno()` (an eventfd, readable when records are pending: select on it, then call read_captures

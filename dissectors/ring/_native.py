@@ -55,6 +55,7 @@ _AVAIL_RING_OFF = virtio.split_ring_layout(1).avail_ring_off
 _USED_RING_OFF = virtio.split_ring_layout(1).used_ring_off
 _MAX_INDIRECT = virtio.MAX_QUEUE_SIZE
 _U64 = 1 << 64
+_VRING_AVAIL_F_NO_INTERRUPT = virtio.VRING_AVAIL_F.by_name()["NO_INTERRUPT"]
 Buffer = bytes | bytearray | memoryview | mmap.mmap  # collections.abc.Buffer needs 3.12
 
 
@@ -148,30 +149,75 @@ class MemoryMap:
 
 
 class Chain:
-    """One popped descriptor chain."""
+    """One popped descriptor chain; `reply()`/`complete()` put it on its queue's used ring, once."""
 
-    __slots__ = ("head", "layout", "readable", "readable_len", "writable", "writable_len")
+    __slots__ = ("_queue", "done", "head", "layout", "readable", "readable_len", "writable", "writable_len")
 
     def __init__(self, head: int, readable: bytes, writable: tuple[memoryview, ...],
-                 layout: tuple[tuple[int, int, int], ...], readable_len: int, writable_len: int) -> None:
+                 layout: tuple[tuple[int, int, int], ...], readable_len: int, writable_len: int,
+                 queue: SplitQueue | None = None) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
         self.layout = layout
         self.readable_len = readable_len
         self.writable_len = writable_len
+        self._queue = queue
+        self.done = False
 
     def write(self, data: Buffer) -> int:
         """Scatter `data` into the writable segments; returns how many bytes fitted."""
-        src = memoryview(data).cast("B")
-        done = 0
-        for seg in self.writable:
-            if done >= len(src):
-                break
-            k = min(len(seg), len(src) - done)
-            seg[:k] = src[done:done + k]
-            done += k
-        return done
+        return self._scatter([memoryview(data)])[0]
+
+    def _scatter(self, parts: Sequence[Any]) -> tuple[int, bool]:
+        """(bytes written, truncated); a part that is not a buffer is that many bytes already in place."""
+        segs, si, so, written, truncated = self.writable, 0, 0, 0, False
+        for part in parts:
+            src = None if isinstance(part, int) or not _is_buffer(part) else memoryview(part).cast("B")
+            want = len(src) if src is not None else len(part)
+            done = 0
+            while si < len(segs) and done < want:
+                seg = segs[si]
+                k = min(len(seg) - so, want - done)
+                if src is not None:
+                    seg[so:so + k] = src[done:done + k]
+                done += k
+                so += k
+                if so >= len(seg):
+                    si, so = si + 1, 0
+            written += done
+            truncated |= done < want
+        return written, truncated
+
+    def _check_open(self) -> SplitQueue:
+        if self.done:
+            raise ValueError(f"chain {self.head} was already completed")
+        if self._queue is None:
+            raise ValueError("chain has no queue to complete on")
+        return self._queue
+
+    def reply(self, parts: Sequence[Any]) -> int:
+        """The reply sink of a request: scatter the parts, then complete the chain with the bytes written."""
+        q = self._check_open()
+        n, truncated = self._scatter(parts)
+        if n > 0xFFFFFFFF:
+            raise OverflowError("reply longer than a used length")
+        q._complete_chain(self, n, truncated)
+        return n
+
+    def complete(self, length: int = 0) -> None:
+        """Put the chain on the used ring with `length` bytes and no write (FORGET: 0)."""
+        if not 0 <= length <= 0xFFFFFFFF:
+            raise OverflowError("used len does not fit in 32 bits")
+        self._check_open()._complete_chain(self, length, False)
+
+
+def _is_buffer(obj: Any) -> bool:
+    try:
+        memoryview(obj)
+    except TypeError:
+        return False
+    return True
 
 
 class _Walk:
@@ -293,7 +339,12 @@ def _store_idx(ring: memoryview, idx: int) -> None:
 
 
 class SplitQueue:
-    """A split virtqueue seen by the device; ring addresses are GPAs."""
+    """A split virtqueue seen by the device; ring addresses are GPAs.
+
+    Completions (Chain.reply/complete, complete) publish under one lock, from the used-ring write to the
+    call fd's write: completions from several threads are serialised, and a call fd swapped (then closed)
+    by the caller is never written after the swap.
+    """
 
     def __init__(self, mem: MemoryMap, num: int, desc: int, avail: int, used: int) -> None:
         self._desc, self._avail, self._used = _check_rings(mem, num, desc, avail, used)
@@ -301,6 +352,17 @@ class SplitQueue:
         self.num = num
         self.last_avail_idx = 0
         self.used_idx = 0
+        self._lock = threading.RLock()
+        self._call_fd = -1
+        self._event_idx = False
+        self._signalled: int | None = None
+        self._detached = False
+        self._next: SplitQueue | None = None
+        self._batch: list[tuple[int, int]] | None = None
+        self._batch_owner = 0
+        self.inflight = 0
+        self._ctr = {"calls": 0, "calls_suppressed": 0, "completed": 0, "late": 0, "truncated": 0}
+        self._truncated_seen = 0
 
     def avail_pending(self) -> int:
         n = (_load_idx(self._avail) - self.last_avail_idx) & 0xFFFF
@@ -309,6 +371,8 @@ class SplitQueue:
         return n
 
     def pop_chains(self, max: int = 0) -> list[Chain]:
+        if self._event_idx:  # ask for a kick at the next entry before reading avail->idx: no kick is lost
+            _put16(self._used, _USED_RING_OFF + _ELEM_SIZE * self.num, self.last_avail_idx)
         n = self.avail_pending()
         if max > 0:
             n = min(n, max)
@@ -322,7 +386,9 @@ class SplitQueue:
             if w.err:
                 raise RingError(w.err, head, out)
             out.append(Chain(head, w.gather(False, w.readable_len), tuple([mv for mv, wr in w.segs if wr]),
-                             tuple(w.layout), w.readable_len, w.writable_len))
+                             tuple(w.layout), w.readable_len, w.writable_len, self))
+            with self._lock:
+                self.inflight += 1
         return out
 
     def push_used(self, elems: Sequence[tuple[int, int]]) -> None:
@@ -341,6 +407,130 @@ class SplitQueue:
             idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
         _store_idx(self._used, idx)
+
+    # ---- completions
+    def _publish(self, elems: list[tuple[int, int]]) -> None:
+        """Entries, used->idx once, then a call unless the driver asked for none (caller holds the lock)."""
+        if not elems:
+            return
+        self.push_used(elems)
+        if self._event_idx:
+            old, self._signalled = self._signalled, self.used_idx
+            event = _get16(self._avail, _AVAIL_RING_OFF + 2 * self.num)
+            call = old is None or _need_event(event, self.used_idx, old)
+        else:
+            call = not _get16(self._avail, 0) & _VRING_AVAIL_F_NO_INTERRUPT
+        if not call:
+            self._ctr["calls_suppressed"] += 1
+        elif self._call_fd >= 0:
+            try:
+                os.eventfd_write(self._call_fd, 1)
+            except OSError:  # a dropped fd: the next SET_VRING_CALL replaces it
+                pass
+            self._ctr["calls"] += 1
+
+    def _add(self, head: int, length: int) -> None:
+        if self._detached:
+            self._ctr["late"] += 1
+            return
+        batch = self._batch
+        if batch is not None and self._batch_owner == threading.get_ident():
+            if len(batch) >= self.num:  # a guest that offered a head twice
+                self._batch = []
+                self._publish(batch)
+                batch = self._batch
+            batch.append((head, length))
+            return
+        self._publish([(head, length)])
+
+    def _complete_chain(self, chain: Chain, length: int, truncated: bool) -> None:
+        q = self
+        while q._next is not None:  # the ring was re-made while this chain was served
+            q = q._next
+        with q._lock:
+            chain.done = True
+            q.inflight -= 1
+            q._ctr["completed"] += 1
+            q._ctr["truncated"] += truncated
+            q._add(chain.head, length)
+
+    def complete(self, head: int, length: int = 0) -> None:
+        if head >= self.num or head < 0:
+            raise RingError("head_range", head & 0x7FFFFFFF)
+        if not 0 <= length <= 0xFFFFFFFF:
+            raise OverflowError("used len does not fit in 32 bits")
+        with self._lock:
+            self._add(head, length)
+
+    def begin_batch(self) -> None:
+        with self._lock:
+            if self._batch:
+                self._publish(self._batch)
+            self._batch = []
+            self._batch_owner = threading.get_ident()
+
+    def end_batch(self) -> int:
+        with self._lock:
+            batch, self._batch = self._batch, None
+            if batch:
+                self._publish(batch)
+            t = self._ctr["truncated"] - self._truncated_seen
+            self._truncated_seen = self._ctr["truncated"]
+            return t
+
+    def detach(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, None
+            if batch:
+                self._publish(batch)
+            self._detached = True
+            self._call_fd = -1
+
+    def handover(self, new: SplitQueue) -> None:
+        if not isinstance(new, SplitQueue) or new is self:
+            raise TypeError("handover() takes another SplitQueue")
+        q: SplitQueue | None = new
+        while q is not None:
+            if q is self:
+                raise ValueError("handover() would make a loop")
+            q = q._next
+        if self._next is not None:
+            raise ValueError("this queue was already handed over")
+        with self._lock:
+            batch, self._batch = self._batch, None
+            if batch:
+                self._publish(batch)
+            with new._lock:
+                new.inflight += self.inflight
+            self.inflight = 0
+            self._call_fd = -1
+            self._next = new
+
+    @property
+    def call_fd(self) -> int:
+        return self._call_fd
+
+    @call_fd.setter
+    def call_fd(self, fd: int) -> None:
+        if fd < -1:
+            raise ValueError("call_fd is an fd or -1")
+        with self._lock:
+            self._call_fd = -1 if self._detached else fd
+
+    @property
+    def event_idx(self) -> bool:
+        return self._event_idx
+
+    @event_idx.setter
+    def event_idx(self, on: bool) -> None:
+        with self._lock:
+            self._event_idx = bool(on)
+            self._signalled = None
+
+    @property
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return {**self._ctr, "inflight": self.inflight}
 
 
 class CaptureBuffer:

@@ -417,10 +417,15 @@ typedef struct {
     struct rc_layout *layout;
     struct rc_layout inl[CHAIN_INLINE_LAYOUT];
     unsigned long long readable_len, writable_len;
+    PyObject *queue; /* the SplitQueue that popped it: completions go there */
+    char done;       /* completed (reply() or complete()): a second completion is refused */
 } ChainObject;
+
+static int queue_complete(PyObject *queue, ChainObject *c, uint32_t len, int truncated);
 
 static void Chain_dealloc(ChainObject *self)
 {
+    Py_XDECREF(self->queue);
     release_bytes(self->readable);
     release_writable(self->writable);
     if (self->layout != self->inl)
@@ -470,12 +475,104 @@ static PyObject *Chain_write(ChainObject *self, PyObject *arg)
     return PyLong_FromSsize_t(done);
 }
 
+/* Copy len bytes into the writable segments from segment *si, offset *so on (or only skip them when src
+ * is NULL: bytes already written in place); returns how many fitted. */
+static Py_ssize_t scatter_at(ChainObject *self, Py_ssize_t *si, Py_ssize_t *so, const char *src, Py_ssize_t len)
+{
+    Py_ssize_t done = 0, n = PyTuple_GET_SIZE(self->writable);
+    while (*si < n && done < len) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(self->writable, *si), &v, PyBUF_WRITABLE) < 0)
+            return -1;
+        Py_ssize_t seglen = v.len, room = seglen - *so, k = room < len - done ? room : len - done;
+        if (src && k > 0)
+            memcpy((char *)v.buf + *so, src + done, (size_t)k);
+        PyBuffer_Release(&v);
+        done += k;
+        *so += k;
+        if (*so >= seglen) { /* this segment is full: on to the next */
+            (*si)++;
+            *so = 0;
+        }
+    }
+    return done;
+}
+
+static int check_open(ChainObject *self)
+{
+    if (self->done) {
+        PyErr_Format(PyExc_ValueError, "chain %d was already completed", self->head);
+        return -1;
+    }
+    if (!self->queue) {
+        PyErr_SetString(PyExc_ValueError, "chain has no queue to complete on");
+        return -1;
+    }
+    return 0;
+}
+
+/* The reply sink of a request: scatter the parts, then complete the chain with the bytes written. */
+static PyObject *Chain_reply(ChainObject *self, PyObject *arg)
+{
+    if (check_open(self) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(arg, "reply() takes a sequence of buffers");
+    if (!seq)
+        return NULL;
+    Py_ssize_t si = 0, so = 0, written = 0, n = PySequence_Fast_GET_SIZE(seq);
+    int truncated = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *part = items[i];
+        Py_ssize_t want, got;
+        if (PyObject_CheckBuffer(part)) {
+            Py_buffer b;
+            if (PyObject_GetBuffer(part, &b, PyBUF_SIMPLE) < 0)
+                goto fail;
+            want = b.len;
+            got = scatter_at(self, &si, &so, b.buf, b.len);
+            PyBuffer_Release(&b);
+        } else { /* a length already written in place (the daemon's zero-copy READ) */
+            want = PyObject_Length(part);
+            if (want < 0)
+                goto fail;
+            got = scatter_at(self, &si, &so, NULL, want);
+        }
+        if (got < 0)
+            goto fail;
+        written += got;
+        truncated |= got < want;
+    }
+    Py_DECREF(seq);
+    if (written > 0xffffffffLL) {
+        PyErr_SetString(PyExc_OverflowError, "reply longer than a used length");
+        return NULL;
+    }
+    if (queue_complete(self->queue, self, (uint32_t)written, truncated) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(written);
+fail:
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *Chain_complete(ChainObject *self, PyObject *args)
+{
+    unsigned int len = 0;
+    if (!PyArg_ParseTuple(args, "|I", &len))
+        return NULL;
+    if (check_open(self) < 0 || queue_complete(self->queue, self, len, 0) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMemberDef Chain_members[] = {
     {"head", T_INT, offsetof(ChainObject, head), READONLY, "descriptor index of the chain head"},
     {"readable", T_OBJECT, offsetof(ChainObject, readable), READONLY, "the device-readable bytes, gathered"},
     {"writable", T_OBJECT, offsetof(ChainObject, writable), READONLY, "device-writable segments (memoryviews)"},
     {"readable_len", T_ULONGLONG, offsetof(ChainObject, readable_len), READONLY, NULL},
     {"writable_len", T_ULONGLONG, offsetof(ChainObject, writable_len), READONLY, NULL},
+    {"done", T_BOOL, offsetof(ChainObject, done), READONLY, "completed (reply() or complete())"},
     {NULL},
 };
 static PyGetSetDef Chain_getset[] = {
@@ -484,6 +581,9 @@ static PyGetSetDef Chain_getset[] = {
 };
 static PyMethodDef Chain_methods[] = {
     {"write", (PyCFunction)Chain_write, METH_O, "write(data) -> bytes written into the writable segments"},
+    {"reply", (PyCFunction)Chain_reply, METH_O,
+     "reply(parts) -> n: scatter the buffers (a non-buffer part: that many bytes already in place), then complete"},
+    {"complete", (PyCFunction)Chain_complete, METH_VARARGS, "complete(len=0): put the chain on the used ring"},
     {NULL},
 };
 
@@ -542,11 +642,13 @@ static PyObject *reuse_writable(MemoryMapObject *mm, const struct rc_chain *c, P
 #endif
 }
 
-static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c)
+static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c, PyObject *queue)
 {
     ChainObject *o = PyObject_New(ChainObject, &ChainType);
     if (!o)
         return NULL;
+    o->queue = Py_XNewRef(queue);
+    o->done = 0;
     o->head = c->head;
     o->readable = NULL;
     o->writable = NULL;
@@ -605,7 +707,76 @@ typedef struct {
     PyObject *ring_owners; /* tuple of regions holding the rings */
     struct rc_queue q;
     struct rc_chain chain;
+    /* Completions.  Every call below runs with the GIL held from the used-ring write to the call fd's
+     * write, so completions from several threads are serialised, and a call fd swapped by Python (then
+     * closed) is never written after the swap. */
+    int call_fd;                       /* -1: none */
+    int detached;                      /* detach(): completions are dropped (counted as late) */
+    int batch_open;
+    unsigned long batch_owner;         /* the thread between begin_batch() and end_batch() */
+    struct rc_vring_used_elem *batch;  /* num entries */
+    uint32_t nbatch;
+    Py_ssize_t inflight;               /* popped chains not completed yet */
+    PyObject *next;                    /* handover(): the queue that took this one's place */
+    unsigned long long calls, suppressed, completed, late, truncated, truncated_seen;
 } SplitQueueObject;
+
+/* Publish entries (one used->idx store), then call the driver unless it asked for no call. */
+static int queue_publish(SplitQueueObject *q, const struct rc_vring_used_elem *e, uint32_t n)
+{
+    int call;
+    int err = rc_queue_publish(&q->q, e, n, &call);
+    if (err) {
+        ring_error(err, n == 1 ? (int)e[0].id : -1, NULL);
+        return -1;
+    }
+    if (n == 0)
+        return 0;
+    if (!call) {
+        q->suppressed++;
+    } else if (q->call_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t r = write(q->call_fd, &one, sizeof(one)); /* a dropped fd: the next SET_VRING_CALL replaces it */
+        (void)r;
+        q->calls++;
+    }
+    return 0;
+}
+
+static int queue_flush(SplitQueueObject *q)
+{
+    uint32_t n = q->nbatch;
+    q->nbatch = 0;
+    return queue_publish(q, q->batch, n);
+}
+
+static int queue_add(SplitQueueObject *q, uint32_t head, uint32_t len)
+{
+    if (q->detached) {
+        q->late++;
+        return 0;
+    }
+    struct rc_vring_used_elem e = {head, len};
+    if (q->batch_open && q->batch_owner == PyThread_get_thread_ident()) {
+        if (q->nbatch >= q->q.num && queue_flush(q) < 0) /* a guest that offered a head twice */
+            return -1;
+        q->batch[q->nbatch++] = e;
+        return 0;
+    }
+    return queue_publish(q, &e, 1);
+}
+
+static int queue_complete(PyObject *queue, ChainObject *c, uint32_t len, int truncated)
+{
+    SplitQueueObject *q = (SplitQueueObject *)queue;
+    while (q->next) /* the ring was re-made (SET_MEM_TABLE, SET_VRING_ADDR) while this chain was served */
+        q = (SplitQueueObject *)q->next;
+    c->done = 1;
+    q->inflight--;
+    q->completed++;
+    q->truncated += truncated != 0;
+    return queue_add(q, (uint32_t)c->head, len);
+}
 
 static PyObject *ring_owner_tuple(MemoryMapObject *mm, uint64_t a, uint64_t b, uint64_t c, uint64_t d,
                                   uint64_t e)
@@ -642,11 +813,23 @@ static int SplitQueue_init(SplitQueueObject *self, PyObject *args, PyObject *kw)
     if (!self->ring_owners)
         return -1;
     rc_chain_free(&self->chain);
+    PyMem_Free(self->batch);
+    self->batch = PyMem_Malloc(num * sizeof(struct rc_vring_used_elem));
+    if (!self->batch) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->nbatch = 0;
+    self->batch_open = 0;
+    self->call_fd = -1;
+    self->detached = 0;
     return 0;
 }
 
 static void SplitQueue_dealloc(SplitQueueObject *self)
 {
+    Py_XDECREF(self->next);
+    PyMem_Free(self->batch);
     Py_XDECREF(self->mem);
     Py_XDECREF(self->ring_owners);
     rc_chain_free(&self->chain);
@@ -672,6 +855,7 @@ static PyObject *SplitQueue_pop_chains(SplitQueueObject *self, PyObject *args, P
         return NULL;
     if (check_queue(self) < 0)
         return NULL;
+    rc_queue_want_kick(&self->q); /* EVENT_IDX: before the avail load, so no kick is lost in between */
     int n = rc_queue_avail(&self->q);
     if (n < 0)
         return ring_error(n, -1, NULL);
@@ -702,7 +886,7 @@ static PyObject *pop_into(SplitQueueObject *self, PyObject *out, int n)
             Py_DECREF(good);
             return NULL;
         }
-        PyObject *c = chain_to_python(self->mem, &self->chain);
+        PyObject *c = chain_to_python(self->mem, &self->chain, (PyObject *)self);
         if (!c) {
             /* keep the list consistent: fill the rest so the decref is safe */
             for (int j = i; j < n; j++)
@@ -711,6 +895,7 @@ static PyObject *pop_into(SplitQueueObject *self, PyObject *out, int n)
             return NULL;
         }
         PyList_SET_ITEM(out, i, c);
+        self->inflight++;
     }
     return out;
 }
@@ -813,18 +998,165 @@ static PyObject *SplitQueue_num(SplitQueueObject *self, void *closure)
     return PyLong_FromLong(self->q.num);
 }
 
+/* ---- completions: Chain.reply()/complete() land here */
+
+static PyObject *SplitQueue_begin_batch(SplitQueueObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_queue(self) < 0)
+        return NULL;
+    if (self->batch_open && queue_flush(self) < 0)
+        return NULL;
+    self->batch_open = 1;
+    self->batch_owner = PyThread_get_thread_ident();
+    Py_RETURN_NONE;
+}
+
+static int queue_end_batch(SplitQueueObject *q)
+{
+    q->batch_open = 0;
+    return queue_flush(q);
+}
+
+static PyObject *SplitQueue_end_batch(SplitQueueObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_queue(self) < 0 || queue_end_batch(self) < 0)
+        return NULL;
+    unsigned long long t = self->truncated - self->truncated_seen;
+    self->truncated_seen = self->truncated;
+    return PyLong_FromUnsignedLongLong(t);
+}
+
+static PyObject *SplitQueue_complete(SplitQueueObject *self, PyObject *args)
+{
+    unsigned int head, len = 0;
+    if (!PyArg_ParseTuple(args, "I|I", &head, &len))
+        return NULL;
+    if (check_queue(self) < 0)
+        return NULL;
+    if (head >= self->q.num)
+        return ring_error(RC_E_HEAD_RANGE, (int)(head & 0x7fffffff), NULL);
+    if (queue_add(self, head, len) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *SplitQueue_detach(SplitQueueObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_queue(self) < 0)
+        return NULL;
+    if (queue_end_batch(self) < 0)
+        return NULL;
+    self->detached = 1;
+    self->call_fd = -1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *SplitQueue_handover(SplitQueueObject *self, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, Py_TYPE(self)) || arg == (PyObject *)self) {
+        PyErr_SetString(PyExc_TypeError, "handover() takes another SplitQueue");
+        return NULL;
+    }
+    SplitQueueObject *to = (SplitQueueObject *)arg;
+    if (check_queue(self) < 0 || check_queue(to) < 0)
+        return NULL;
+    for (SplitQueueObject *q = to; q; q = (SplitQueueObject *)q->next)
+        if (q == self) {
+            PyErr_SetString(PyExc_ValueError, "handover() would make a loop");
+            return NULL;
+        }
+    if (self->next) {
+        PyErr_SetString(PyExc_ValueError, "this queue was already handed over");
+        return NULL;
+    }
+    if (queue_end_batch(self) < 0)
+        return NULL;
+    to->inflight += self->inflight;
+    self->inflight = 0;
+    self->call_fd = -1;
+    self->next = Py_NewRef(arg);
+    Py_RETURN_NONE;
+}
+
+static PyObject *SplitQueue_get_call_fd(SplitQueueObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLong(self->call_fd);
+}
+
+static int SplitQueue_set_call_fd(SplitQueueObject *self, PyObject *v, void *closure)
+{
+    (void)closure;
+    long fd = v ? PyLong_AsLong(v) : -1;
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < -1 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "call_fd is an fd or -1");
+        return -1;
+    }
+    self->call_fd = self->detached ? -1 : (int)fd;
+    return 0;
+}
+
+static PyObject *SplitQueue_get_event_idx(SplitQueueObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->q.event_idx);
+}
+
+static int SplitQueue_set_event_idx(SplitQueueObject *self, PyObject *v, void *closure)
+{
+    (void)closure;
+    int on = v ? PyObject_IsTrue(v) : 0;
+    if (on < 0)
+        return -1;
+    self->q.event_idx = on;
+    self->q.signalled_valid = 0;
+    return 0;
+}
+
+static PyObject *SplitQueue_get_inflight(SplitQueueObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->inflight);
+}
+
+static PyObject *SplitQueue_counters(SplitQueueObject *self, void *closure)
+{
+    (void)closure;
+    return Py_BuildValue("{sKsKsKsKsKsn}", "calls", self->calls, "calls_suppressed", self->suppressed,
+                         "completed", self->completed, "late", self->late, "truncated", self->truncated,
+                         "inflight", self->inflight);
+}
+
 static PyMethodDef SplitQueue_methods[] = {
     {"pop_chains", (PyCFunction)(void (*)(void))SplitQueue_pop_chains, METH_VARARGS | METH_KEYWORDS,
      "pop_chains(max=0) -> [Chain]: every available chain (max > 0 limits the batch)"},
     {"push_used", (PyCFunction)SplitQueue_push_used, METH_O,
      "push_used([(head, len), ...]): write the elements, then publish used->idx once"},
     {"avail_pending", (PyCFunction)SplitQueue_avail_pending, METH_NOARGS, "entries available, not popped"},
+    {"begin_batch", (PyCFunction)SplitQueue_begin_batch, METH_NOARGS,
+     "completions from this thread wait for end_batch()"},
+    {"end_batch", (PyCFunction)SplitQueue_end_batch, METH_NOARGS,
+     "end_batch() -> truncated: publish the batch (one used->idx store, at most one call)"},
+    {"complete", (PyCFunction)SplitQueue_complete, METH_VARARGS,
+     "complete(head, len=0): a used entry for a head with no Chain (a malformed one)"},
+    {"detach", (PyCFunction)SplitQueue_detach, METH_NOARGS, "drop every later completion (the ring is gone)"},
+    {"handover", (PyCFunction)SplitQueue_handover, METH_O,
+     "handover(new): chains popped here complete on `new` from now on (the ring was re-made)"},
     {NULL},
 };
 static PyGetSetDef SplitQueue_getset[] = {
     {"last_avail_idx", (getter)SplitQueue_get_idx, (setter)SplitQueue_set_idx, "next avail entry to pop", NULL},
     {"used_idx", (getter)SplitQueue_get_idx, (setter)SplitQueue_set_idx, "next used index to publish", (void *)1},
     {"num", (getter)SplitQueue_num, NULL, "queue size", NULL},
+    {"call_fd", (getter)SplitQueue_get_call_fd, (setter)SplitQueue_set_call_fd, "eventfd written per call, -1: none", NULL},
+    {"event_idx", (getter)SplitQueue_get_event_idx, (setter)SplitQueue_set_event_idx, "VIRTIO_RING_F_EVENT_IDX", NULL},
+    {"inflight", (getter)SplitQueue_get_inflight, NULL, "popped chains not completed yet", NULL},
+    {"counters", (getter)SplitQueue_counters, NULL, "calls, calls_suppressed, completed, late, truncated, inflight", NULL},
     {NULL},
 };
 

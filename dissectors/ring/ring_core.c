@@ -728,6 +728,36 @@ static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
 }
 
+int rc_queue_publish(struct rc_queue *q, const struct rc_vring_used_elem *e, uint32_t n, int *call)
+{
+    *call = 0;
+    if (n == 0)
+        return RC_OK;
+    int err = rc_queue_push_used(q, e, n);
+    if (err)
+        return err;
+    ev_store(q->used + 2, q->used_idx); /* again, seq-cst: ordered before the flags/used_event load */
+    if (q->event_idx) {
+        /* libvhost-user's vu_should_notify(): the first publication always calls */
+        int valid = q->signalled_valid;
+        uint16_t from = q->signalled_used;
+        q->signalled_used = q->used_idx;
+        q->signalled_valid = 1;
+        *call = !valid || need_event(ev_load(used_event_of(q->avail, q->num)), q->used_idx, from);
+    } else {
+        *call = !(ev_load(q->avail) & RC_VRING_AVAIL_F_NO_INTERRUPT);
+    }
+    return RC_OK;
+}
+
+void rc_queue_want_kick(struct rc_queue *q)
+{
+    if (q->event_idx) {
+        ev_store(avail_event_of(q->used, q->num), q->last_avail_idx);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the store before the caller's avail->idx load */
+    }
+}
+
 void rc_path_set_event_idx(struct rc_path *p, int on)
 {
     p->event_idx = on ? 1 : 0;

@@ -31,6 +31,7 @@ struct rc_vring_used_elem {
 #define RC_VRING_DESC_F_WRITE 2u
 #define RC_VRING_DESC_F_INDIRECT 4u
 #define RC_VRING_AVAIL_RING_OFF 4u   /* u16 flags; u16 idx; u16 ring[num] */
+#define RC_VRING_AVAIL_F_NO_INTERRUPT 1u
 #define RC_VRING_USED_RING_OFF 4u    /* u16 flags; u16 idx; vring_used_elem ring[num] */
 #define RC_MAX_QUEUE_SIZE 32768u
 /* Upper bound on a chain's readable bytes (what pop gathers into memory).  FUSE requests are at most
@@ -130,6 +131,9 @@ struct rc_queue {
     uint8_t *desc, *avail, *used; /* host pointers, resolved by rc_queue_init */
     uint16_t last_avail_idx;      /* next avail entry to pop */
     uint16_t used_idx;            /* next used entry to publish */
+    int event_idx;                /* VIRTIO_RING_F_EVENT_IDX negotiated */
+    int signalled_valid;          /* signalled_used holds the used index of the last call */
+    uint16_t signalled_used;
 };
 int rc_queue_init(struct rc_queue *q, struct rc_memmap *m, uint32_t num, uint64_t desc_gpa,
                   uint64_t avail_gpa, uint64_t used_gpa);
@@ -140,6 +144,14 @@ int rc_queue_avail(struct rc_queue *q);
 int rc_queue_pop(struct rc_queue *q, struct rc_chain *c);
 /* Write used elements, then publish the 16-bit index once (entries first, index last). */
 int rc_queue_push_used(struct rc_queue *q, const struct rc_vring_used_elem *e, uint32_t n);
+/* rc_queue_push_used(), then whether the driver wants a call for these entries (*call = 1): with
+ * EVENT_IDX when used->idx moved past its used_event since the last call, without it unless the driver
+ * set VRING_AVAIL_F_NO_INTERRUPT.  The index store and the flag/event load are ordered (seq-cst), so a
+ * driver re-enabling calls either sees the entries or is called. */
+int rc_queue_publish(struct rc_queue *q, const struct rc_vring_used_elem *e, uint32_t n, int *call);
+/* EVENT_IDX: ask for a kick at the next avail entry (avail_event = last_avail_idx, then a full fence).
+ * Call it before rc_queue_avail(), and pop until that says 0: then no entry can slip in unkicked. */
+void rc_queue_want_kick(struct rc_queue *q);
 uint16_t rc_ring_load_idx(const uint8_t *ring);
 void rc_ring_store_idx(uint8_t *ring, uint16_t idx);
 
