@@ -1,6 +1,7 @@
 """Build the optional C extensions; all metadata lives in pyproject.toml.
 
 - dissectors/ring/_ring: the split-ring engine (twin: dissectors/ring/_native.py);
+- fsinspect/recording/_scan: the live stream's packet-block scanner (twin: fsinspect/recording/scan.py);
 - daemon/passthrough/_sys: the passthrough filesystem's hot syscalls with the GIL released (twin:
   daemon/passthrough/syscalls.py over ctypes).
 
@@ -10,21 +11,21 @@ twin, saying so at start-up.
 
 from setuptools import Extension, setup
 
+WARN = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
+
+
+def ext(name: str, sources: list[str], depends: tuple[str, ...] | list[str] = (),
+        extra: tuple[str, ...] | list[str] = ()) -> Extension:
+    return Extension(name, sources=sources, depends=list(depends), extra_compile_args=WARN + list(extra),
+                     optional=True)
+
+
 setup(
     ext_modules=[
-        Extension(
-            "dissectors.ring._ring",
-            sources=["dissectors/ring/_ringmodule.c", "dissectors/ring/ring_core.c"],
-            depends=["dissectors/ring/ring_core.h"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
-                                "-Wno-cast-function-type"],
-            optional=True,
-        ),
-        Extension(
-            "daemon.passthrough._sys",
-            sources=["daemon/passthrough/_sysmodule.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
-            optional=True,
-        ),
+        ext("dissectors.ring._ring", ["dissectors/ring/_ringmodule.c", "dissectors/ring/ring_core.c"],
+            ["dissectors/ring/ring_core.h"], ["-Wno-cast-function-type"]),
+        ext("fsinspect.recording._scan", ["fsinspect/recording/_scanmodule.c", "fsinspect/recording/scan_core.c"],
+            ["fsinspect/recording/scan_core.h"], ["-Wno-cast-function-type"]),
+        ext("daemon.passthrough._sys", ["daemon/passthrough/_sysmodule.c"]),
     ],
 )

@@ -336,7 +336,7 @@ def bench_ingest(exchanges: int = 20_000) -> dict[str, float]:
             enc.reply(rp[:snap], 1, head, 1_000 + i * 10_000 + 40_000, orig_len=len(rp), n=i + 1)
     data = b"".join(enc.header) + enc.take()
     src = AttachSource(Store(), "/nonexistent")
-    src.reader = StreamReader()
+    src.reader = StreamReader(rows=True) if "rows" in inspect.signature(StreamReader).parameters else StreamReader()
     t = time.thread_time()
     items = src.reader.feed(data)
     parse = time.thread_time() - t

@@ -1,4 +1,4 @@
-"""The C ring engine builds from a fresh clone, and without a compiler the twin takes over, loudly."""
+"""The C ring engine (and the block scanner) builds from a fresh clone, and without a compiler the twin takes over, loudly."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def test_fresh_clone_builds_and_loads_the_c_engine(tmp_path):
     backend, path = r.stdout.split()
     assert backend == "c" and path.startswith(str(clone))
     assert "unavailable" not in r.stderr
+    assert list((clone / "fsinspect" / "recording").glob("_scan*.so"))  # the live stream's block scanner
+    r = _py(["-c", "import fsinspect.recording.scan as s; print(s.BACKEND, s.__file__)"], clone)
+    assert r.returncode == 0, r.stderr
+    backend, path = r.stdout.split()
+    assert backend == "c" and path.startswith(str(clone))
 
 
 def test_no_compiler_optional_build_succeeds_and_twin_is_announced(tmp_path):

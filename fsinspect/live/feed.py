@@ -34,6 +34,7 @@ from ..analysis import exchange as X
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..recording import format as rfmt
 from ..recording.reader import Record, RecordingError, StreamReader
+from ..recording.scan import Row
 
 BATCH = 256  # lines applied per lock hold (~25 ms of decoding), then the thread yields the GIL
 _OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
@@ -257,7 +258,11 @@ class ControlFeed(Feed):
     def apply(self, item: Any) -> None:
         """One message: a JSON object, or a record of the binary stream."""
         self.state.received += 1
-        if item.__class__ is Record:
+        cls = item.__class__
+        if cls is Row:
+            self._packet(item.inbound, item.data, item.orig_len, item.queue, item.head, item.ts_ns, item.flags,
+                         item.n, [])
+        elif cls is Record:
             self._record(item)
         else:
             self._apply(item)
@@ -277,39 +282,44 @@ class ControlFeed(Feed):
                 self._stream_id = None
 
     def _record(self, rec: Record) -> None:
-        """A packet block of the binary stream: a request opens exchange `n`, a reply completes it."""
+        """A packet block of the binary stream (read by the general parser: it may carry notes)."""
+        if rec.is_fuse:
+            self._packet(rec.inbound, rec.data, rec.orig_len, rec.queue, rec.head, rec.ts_ns, rec.flags, rec.n,
+                         rec.notes)
+
+    def _packet(self, inbound: bool, data: bytes, orig_len: int, queue: int, head: int | None, ts_ns: int,
+                flags: int, number: int, notes: list[str]) -> None:
+        """A FUSE message of the binary stream: a request opens exchange `n`, a reply completes it."""
         st = self.state
-        if not rec.is_fuse:
-            return
         if not st.first_ts:
-            st.first_ts = rec.ts_ns
-        n = rec.n or None
+            st.first_ts = ts_ns
+        n = number or None
         self.blocks += 1
-        if rec.inbound:
+        if inbound:
             ex = st.open.get(n) if n is not None else None
             if ex is not None:  # listed already (the snapshot, or JSON lines before the switch)
-                if rec.flags & rfmt.RF_HELD and ex.held is None:
+                if flags & rfmt.RF_HELD and ex.held is None:
                     st.analyzer.set_held(ex.n, X.HELD_REQUEST)
                 return
-            ex = st.feed_request(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len, notes=rec.notes,
-                                 n=n, held=bool(rec.flags & rfmt.RF_HELD))
+            ex = st.feed_request(data, queue, head, ts_ns, orig_len=orig_len, notes=notes, n=n,
+                                 held=bool(flags & rfmt.RF_HELD))
             if self.keep_raw_bytes and not st.analyzer.keep_raw:
-                self._raw[ex.index] = (rec.data, None)
+                self._raw[ex.index] = (data, None)
             if n is not None and ex.state != X.DONE:
                 st.open[n] = ex
             return
         an = st.analyzer
         opened = st.open.pop(n, None) if n is not None else None
         if opened is not None:
-            an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len, n=n,
-                          notes=[x for x in rec.notes if x not in opened.notes])
+            an.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, n=n,
+                          notes=[x for x in notes if x not in opened.notes])
             ex = opened
             req = self._raw.get(ex.index, (None, None))[0] if self.keep_raw_bytes else None
         else:
-            ex = an.feed_reply(rec.data, rec.queue, rec.head, rec.ts_ns, orig_len=rec.orig_len, notes=rec.notes)
+            ex = an.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, notes=notes)
             req = None
         if self.keep_raw_bytes and not an.keep_raw:
-            self._raw[ex.index] = (req, rec.data)
+            self._raw[ex.index] = (req, data)
 
     def switched(self) -> None:
         """Called (under the lock) when the binary stream starts: what follows is blocks."""
@@ -363,7 +373,7 @@ class ControlFeed(Feed):
                 self._stream_id = None
                 if obj.get("ok") and obj.get("format") == "pcapng":
                     self.streaming = "pcapng"
-                    self.reader = StreamReader(f"{self.ctrl_path} (binary stream)")
+                    self.reader = StreamReader(f"{self.ctrl_path} (binary stream)", rows=True)
                     self.switched()
             else:
                 self._reply(obj)

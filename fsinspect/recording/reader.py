@@ -20,6 +20,7 @@ from typing import Any
 
 from . import format as fmt
 from .parts import Concat, PartsError, resolve
+from .scan import Row, epb_row, scan
 
 _U32 = struct.Struct("<I")
 _BLOCK_HEAD = struct.Struct("<II")
@@ -161,65 +162,15 @@ def strip_exported_pdu(data: bytes) -> tuple[str, int | None, bytes]:
     raise RecordingError("exported PDU tags have no end tag")
 
 
-def _prefixes() -> dict[bytes, tuple[str, bool]]:
-    """The exported-PDU tags the writer puts in front of a FUSE message -> (dissector, inbound)."""
-    out = {}
-    for name in (fmt.DISSECTOR_FUSE,):
-        tag = name.encode()
-        tag += b"\0" * (-len(tag) % 4)
-        for p2p in (fmt.P2P_DIR_RECV, fmt.P2P_DIR_SENT):
-            out[(_EXP_TAG.pack(fmt.EXP_PDU_TAG_DISSECTOR_NAME, len(tag)) + tag
-                 + struct.pack(">HHi", fmt.EXP_PDU_TAG_P2P_DIRECTION, 4, p2p)
-                 + _EXP_TAG.pack(fmt.EXP_PDU_TAG_END_OF_OPT, 0))] = (name, p2p == fmt.P2P_DIR_RECV)
-    return out
-
-
-_PREFIXES = _prefixes()
-_FUSE_PREFIX_LEN = len(next(iter(_PREFIXES)))
-_META_FMT = fmt.META_RECORD_STRUCT.format.lstrip("<")
-# The options the writer's fast path puts after the (padded) packet: epb_flags, META_RECORD, optionally
-# META_NUMBER, end of options.  Parsed in one unpack, checked, else the general path reads the block.
-_TAIL = struct.Struct(f"<HHIHH{_META_FMT}HH")
-_TAIL_N = struct.Struct(f"<HHIHH{_META_FMT}HH{fmt.META_NUMBER_STRUCT.format.lstrip('<')}HH")
-_TAIL_KEY = (fmt.EPB_FLAGS, 4, fmt.OPT_CUSTOM_BIN, fmt.META_RECORD_STRUCT.size, fmt.PEN, fmt.META_RECORD)
-
-
 def _fast_epb(offset: int, body: bytes) -> Record | None:
     """A packet block in the writer's own canonical layout (no layout option, no notes), or None."""
-    if len(body) < 20 + _FUSE_PREFIX_LEN:
-        return None
-    iface, ts_hi, ts_lo, caplen, origlen = _EPB_FIXED.unpack_from(body)
-    pre = _PREFIXES.get(body[20:20 + _FUSE_PREFIX_LEN])
-    if pre is None or caplen < _FUSE_PREFIX_LEN:
-        return None
-    end = 20 + caplen
-    tail = end + (-caplen % 4)
-    rest = len(body) - tail
-    if rest == _TAIL.size:
-        t = _TAIL.unpack_from(body, tail)
-        number = 0
-        if t[12] != fmt.OPT_ENDOFOPT:
-            return None
-    elif rest == _TAIL_N.size:
-        t = _TAIL_N.unpack_from(body, tail)
-        if t[12:16] != (fmt.OPT_CUSTOM_BIN, fmt.META_NUMBER_STRUCT.size, fmt.PEN, fmt.META_NUMBER) \
-                or t[18] != fmt.OPT_ENDOFOPT:
-            return None
-        number = t[17]
-    else:
-        return None
-    if (t[0], t[1], t[3], t[4], t[5], t[6]) != _TAIL_KEY:
-        return None
-    d = t[2] & 3
-    inbound = d == fmt.DIR_INBOUND if d else pre[1]
-    h = t[10]
-    flags = t[9]
-    pdu = body[20 + _FUSE_PREFIX_LEN:end]
-    orig = origlen - _FUSE_PREFIX_LEN
-    if flags & fmt.RF_SNAPPED and orig == len(pdu) >= 4:
-        orig = max(orig, _U32.unpack_from(pdu)[0])
-    return Record(offset, iface, pre[0], inbound, (ts_hi << 32) | ts_lo, pdu, orig, t[8],
-                  None if h == fmt.NO_HEAD else h, t[11], flags, None, [], number)
+    r = epb_row(body, offset)
+    return None if r is None else _row_record(r)
+
+
+def _row_record(r: Row) -> Record:
+    return Record(r.offset, r.iface, fmt.DISSECTOR_FUSE, r.inbound, r.ts_ns, r.data, r.orig_len, r.queue, r.head,
+                  r.epoch, r.flags, None, [], r.n)
 
 
 class _BlockParser:
@@ -500,8 +451,9 @@ class StreamReader(_BlockParser):
     blocks before the bad one are returned first: the error is kept in `failed` and raised by the next call.
     """
 
-    def __init__(self, name: str = "control stream") -> None:
+    def __init__(self, name: str = "control stream", *, rows: bool = False) -> None:
         self.path = name
+        self.rows = rows  # packet blocks in the writer's canonical layout come as scan.Row tuples, not Records
         self.sections = []
         self._buf = b""
         self.offset = 0  # stream offset of _buf[0]
@@ -515,16 +467,23 @@ class StreamReader(_BlockParser):
         """Bytes of a block not complete yet."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Record | dict[str, Any]]:
+    def feed(self, data: bytes) -> list[Record | Row | dict[str, Any]]:
         if self.failed is not None:
             raise self.failed
         buf = self._buf + data if self._buf else bytes(data)
-        out: list[Record | dict[str, Any]] = []
+        out: list[Record | Row | dict[str, Any]] = []
         pos = off = 0
         end = len(buf)
         unpack = _BLOCK_HEAD.unpack_from
         try:
             while end - pos >= 8:
+                if self.sections and self.copy is None:  # the run of canonical packet blocks, in one call
+                    rows, stop = scan(buf, pos, self.offset, len(self.sections[-1].interfaces), self.max_block)
+                    if rows:
+                        out.extend(rows if self.rows else map(_row_record, rows))
+                        pos = stop
+                        if end - pos < 8:
+                            break
                 btype, total = unpack(buf, pos)
                 if total < 12 or total % 4 or total > self.max_block:
                     raise StreamError(f"{self.path}: bad block at stream offset {self.offset + pos}: type "

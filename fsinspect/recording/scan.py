@@ -1,0 +1,147 @@
+"""Packet blocks in the recording writer's canonical layout, taken in bulk: a C scanner or its pure-Python twin.
+
+The live stream's reader gets a chunk of blocks at a time; nearly all of them are packet blocks exactly as
+the writer's fast path lays them out (a FUSE message after its exported-PDU tags, then epb_flags,
+META_RECORD, optionally META_NUMBER, end of options).  `scan(buf, pos, base, n_ifaces, max_block)` takes the run of
+such blocks that starts at `pos`, each as a `Row` tuple, and stops in front of anything else (another
+block type, a packet with notes or a descriptor layout, a block not complete yet, one that breaks the
+framing, an interface not defined yet): the caller reads that block with the general parser, which also
+says what is wrong with it.  `epb_row` reads one block body the same way (the file reader's fast path).
+
+`BACKEND` says which scanner runs ("c" or "python"); FSINSPECT_SCAN=python forces the twin (the tests run
+on both).  The C scanner (scan_core.c) is given the layout's constants from recording/format.py here.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from typing import NamedTuple
+
+from . import format as fmt
+
+
+class Row(NamedTuple):
+    """A canonical packet block: the fields of a reader Record without dissector (always FUSE), layout and
+    notes (never present)."""
+
+    offset: int
+    iface: int
+    inbound: bool
+    ts_ns: int
+    data: bytes
+    orig_len: int
+    queue: int
+    head: int | None
+    epoch: int
+    flags: int
+    n: int
+
+
+_U32 = struct.Struct("<I")
+_BLOCK_HEAD = struct.Struct("<II")
+_EPB_FIXED = struct.Struct("<IIIII")
+_EXP_TAG = struct.Struct(">HH")
+
+
+def _prefix(p2p: int) -> bytes:
+    """The exported-PDU tags the writer puts in front of a FUSE message in direction `p2p`."""
+    tag = fmt.DISSECTOR_FUSE.encode()
+    tag += b"\0" * (-len(tag) % 4)
+    return (_EXP_TAG.pack(fmt.EXP_PDU_TAG_DISSECTOR_NAME, len(tag)) + tag
+            + struct.pack(">HHi", fmt.EXP_PDU_TAG_P2P_DIRECTION, 4, p2p) + _EXP_TAG.pack(fmt.EXP_PDU_TAG_END_OF_OPT, 0))
+
+
+PREFIX_IN, PREFIX_OUT = _prefix(fmt.P2P_DIR_RECV), _prefix(fmt.P2P_DIR_SENT)
+PREFIXES = {PREFIX_IN: True, PREFIX_OUT: False}  # -> inbound
+PREFIX_LEN = len(PREFIX_IN)
+_META_FMT = fmt.META_RECORD_STRUCT.format.lstrip("<")
+# The options after the (padded) packet: epb_flags, META_RECORD, optionally META_NUMBER, end of options.
+TAIL = struct.Struct(f"<HHIHH{_META_FMT}HH")
+TAIL_N = struct.Struct(f"<HHIHH{_META_FMT}HH{fmt.META_NUMBER_STRUCT.format.lstrip('<')}HH")
+_TAIL_KEY = (fmt.EPB_FLAGS, 4, fmt.OPT_CUSTOM_BIN, fmt.META_RECORD_STRUCT.size, fmt.PEN, fmt.META_RECORD)
+_NUMBER_KEY = (fmt.OPT_CUSTOM_BIN, fmt.META_NUMBER_STRUCT.size, fmt.PEN, fmt.META_NUMBER)
+_DIR_MASK = 3
+
+
+def epb_row(body: bytes, offset: int, start: int = 0, stop: int | None = None) -> Row | None:
+    """The packet block whose body is `body[start:stop]`, if it is in the canonical layout; else None."""
+    if stop is None:
+        stop = len(body)
+    blen = stop - start
+    if blen < 20 + PREFIX_LEN:
+        return None
+    iface, ts_hi, ts_lo, caplen, origlen = _EPB_FIXED.unpack_from(body, start)
+    pre = PREFIXES.get(body[start + 20:start + 20 + PREFIX_LEN])
+    if pre is None or caplen < PREFIX_LEN:
+        return None
+    end = 20 + caplen
+    tail = end + (-caplen % 4)
+    rest = blen - tail
+    if rest == TAIL.size:
+        t = TAIL.unpack_from(body, start + tail)
+        number = 0
+        if t[12] != fmt.OPT_ENDOFOPT:
+            return None
+    elif rest == TAIL_N.size:
+        t = TAIL_N.unpack_from(body, start + tail)
+        if t[12:16] != _NUMBER_KEY or t[18] != fmt.OPT_ENDOFOPT:
+            return None
+        number = t[17]
+    else:
+        return None
+    if (t[0], t[1], t[3], t[4], t[5], t[6]) != _TAIL_KEY:
+        return None
+    d = t[2] & _DIR_MASK
+    flags = t[9]
+    pdu = body[start + 20 + PREFIX_LEN:start + end]
+    orig = origlen - PREFIX_LEN
+    if flags & fmt.RF_SNAPPED and orig == len(pdu) >= 4:
+        # Older proxies recorded the captured length as the original length of a chain they cut: the
+        # message's own header still says how long it was.
+        orig = max(orig, _U32.unpack_from(pdu)[0])
+    h = t[10]
+    return Row(offset, iface, d == fmt.DIR_INBOUND if d else pre, (ts_hi << 32) | ts_lo, pdu, orig, t[8],
+               None if h == fmt.NO_HEAD else h, t[11], flags, number)
+
+
+def scan_python(buf: bytes, pos: int, base: int, n_ifaces: int, max_block: int) -> tuple[list[Row], int]:
+    """The twin of the C scanner: the run of canonical packet blocks from `pos`, and where it stopped."""
+    out: list[Row] = []
+    end = len(buf)
+    unpack = _BLOCK_HEAD.unpack_from
+    while end - pos >= 8:
+        btype, total = unpack(buf, pos)
+        if (btype != fmt.BT_EPB or total < 12 or total % 4 or total > max_block or end - pos < total
+                or _U32.unpack_from(buf, pos + total - 4)[0] != total):
+            break
+        row = epb_row(buf, base + pos, pos + 8, pos + total - 4)
+        if row is None or row.iface >= n_ifaces:
+            break
+        out.append(row)
+        pos += total
+    return out, pos
+
+
+Scan = Callable[[bytes, int, int, int, int], tuple[list[Row], int]]
+
+
+def _load() -> tuple[str, Scan]:
+    """The C scanner, configured (the tests compare it with the twin even when FSINSPECT_SCAN=python)."""
+    try:
+        from . import _scan  # type: ignore[attr-defined]
+    except ImportError:
+        return "python", scan_python
+    _scan.configure(prefix_in=PREFIX_IN, prefix_out=PREFIX_OUT, bt_epb=fmt.BT_EPB,
+                    opt_epb_flags=fmt.EPB_FLAGS, opt_custom_bin=fmt.OPT_CUSTOM_BIN, opt_end=fmt.OPT_ENDOFOPT,
+                    meta_record=fmt.META_RECORD, meta_number=fmt.META_NUMBER,
+                    meta_record_size=fmt.META_RECORD_STRUCT.size, meta_number_size=fmt.META_NUMBER_STRUCT.size,
+                    pen=fmt.PEN, no_head=fmt.NO_HEAD, dir_mask=_DIR_MASK, dir_inbound=fmt.DIR_INBOUND,
+                    rf_snapped=fmt.RF_SNAPPED, tail=TAIL.size, tail_n=TAIL_N.size, row_type=Row)
+    if os.environ.get("FSINSPECT_SCAN", "").lower() == "python":
+        return "python", scan_python
+    return "c", _scan.scan
+
+
+BACKEND, scan = _load()

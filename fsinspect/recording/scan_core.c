@@ -1,0 +1,99 @@
+/* scan_core: see scan_core.h.  Every read is bounds-checked against the block, the block against the
+ * buffer; the layout mirrors scan.py's _TAIL / _TAIL_N structs (little endian, no alignment). */
+#include <string.h>
+
+#include "scan_core.h"
+
+static inline uint16_t u16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+static inline uint32_t u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline uint64_t u64(const uint8_t *p)
+{
+    return (uint64_t)u32(p) | ((uint64_t)u32(p + 4) << 32);
+}
+
+int sc_epb(const struct sc_config *c, const uint8_t *body, size_t blen, uint64_t offset, struct sc_row *row)
+{
+    uint32_t pl = c->prefix_len;
+    if (blen < 20u + pl)
+        return -1;
+    uint32_t caplen = u32(body + 12), origlen = u32(body + 16);
+    int pre;
+    if (memcmp(body + 20, c->prefix[0], pl) == 0)
+        pre = 1;
+    else if (memcmp(body + 20, c->prefix[1], pl) == 0)
+        pre = 0;
+    else
+        return -1;
+    if (caplen < pl)
+        return -1;
+    uint64_t end = 20u + (uint64_t)caplen;
+    uint64_t tail = end + ((4u - (caplen & 3u)) & 3u);
+    if (tail > blen)
+        return -1;
+    uint64_t rest = blen - tail;
+    const uint8_t *t = body + tail;
+    uint64_t n = 0;
+    if (rest == SC_TAIL) {
+        if (u16(t + 32) != c->opt_end)
+            return -1;
+    } else if (rest == SC_TAIL_N) {
+        if (u16(t + 32) != c->opt_custom_bin || u16(t + 34) != c->meta_number_size || u32(t + 36) != c->pen
+            || u16(t + 40) != c->meta_number || u16(t + 52) != c->opt_end)
+            return -1;
+        n = u64(t + 44);
+    } else {
+        return -1;
+    }
+    if (u16(t) != c->opt_epb_flags || u16(t + 2) != 4 || u16(t + 8) != c->opt_custom_bin
+        || u16(t + 10) != c->meta_record_size || u32(t + 12) != c->pen || u16(t + 16) != c->meta_record)
+        return -1;
+    uint32_t d = u32(t + 4) & c->dir_mask;
+    row->offset = offset;
+    row->iface = u32(body);
+    row->ts = ((uint64_t)u32(body + 4) << 32) | u32(body + 8);
+    row->inbound = d ? d == c->dir_inbound : (uint8_t)pre;
+    row->queue = u16(t + 20);
+    row->flags = u16(t + 22);
+    row->head = u32(t + 24);
+    row->epoch = u32(t + 28);
+    row->n = n;
+    row->pdu_off = 20u + pl;
+    row->pdu_len = caplen - pl;
+    int64_t orig = (int64_t)origlen - pl;
+    if ((row->flags & c->rf_snapped) && orig == (int64_t)row->pdu_len && row->pdu_len >= 4) {
+        /* Older proxies recorded the captured length as the original one: the message header says. */
+        int64_t said = u32(body + row->pdu_off);
+        if (said > orig)
+            orig = said;
+    }
+    row->orig_len = orig;
+    return 0;
+}
+
+size_t sc_scan(const struct sc_config *c, const uint8_t *buf, size_t len, size_t *pos, uint64_t base,
+               uint32_t n_ifaces, struct sc_row *rows, size_t max)
+{
+    size_t p = *pos, k = 0;
+    while (k < max && len - p >= 8) {
+        uint32_t btype = u32(buf + p), total = u32(buf + p + 4);
+        if (btype != c->bt_epb || total < 12 || total % 4 || total > c->max_block || len - p < total
+            || u32(buf + p + total - 4) != total)
+            break;
+        struct sc_row *r = &rows[k];
+        if (sc_epb(c, buf + p + 8, total - 12, base + p, r) < 0 || r->iface >= n_ifaces)
+            break;
+        r->pdu_off += p + 8; /* from the body to the buffer */
+        k++;
+        p += total;
+    }
+    *pos = p;
+    return k;
+}
