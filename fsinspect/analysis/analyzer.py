@@ -40,7 +40,11 @@ _UNSUPPORTED = frozenset((_errno.ENOSYS, _errno.EOPNOTSUPP))
 _RENAME_EXCHANGE = spec.RENAME_FLAGS.by_name()["EXCHANGE"]
 _INIT_FLAG = spec.INIT_FLAGS.by_name()
 _IN = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
+_IN_SIZE = _IN.size
+_OP_INIT = OP["INIT"]
+_OP_SYNCFS = OP["SYNCFS"]
 _OUT = struct.Struct("<IiQ")  # len, error, unique
+_OUT_SIZE = _OUT.size
 # Ops whose messages change the analyzer's state (INIT, the inode map, submounts, syncfs): always decoded.
 # Every other op may be decoded lazily (Analyzer(lazy=True)): counting and pairing need only its header.
 _STATE_OPS = frozenset(OP[n] for n in ("INIT", "GETATTR", "SETATTR", "READDIRPLUS", "RENAME", "RENAME2", "UNLINK",
@@ -93,33 +97,35 @@ class Analyzer:
             req, raw = msg, None
             opcode, unique, nodeid, length = msg.opcode, msg.unique, msg.nodeid, msg.raw_len
         else:
-            raw = bytes(msg)
+            raw = msg if msg.__class__ is bytes else bytes(msg)
             req = None
-            if len(raw) >= _IN.size:
+            if len(raw) >= _IN_SIZE:
                 length, opcode, unique, nodeid = _IN.unpack_from(raw)
             else:
                 length, opcode, unique, nodeid = len(raw), -1, 0, 0
         if epoch is not None:
             if epoch != self.epoch:
                 self._new_epoch(epoch)
-        elif opcode == OP["INIT"]:
+        elif opcode == _OP_INIT:
             self._new_epoch(self.epoch + 1)
-        lazy = self.lazy and raw is not None and opcode in LAZY_OPS
-        ex = (LazyExchange if lazy else Exchange)(
-            self.count, queue, head, self.epoch, unique, opcode, nodeid, req_ts=ts_ns,
-            req_len=orig_len if orig_len is not None else (len(raw) if raw is not None else length),
-            notes=list(notes), req_ref=ref, n=n if n is not None else self.count + 1,
-            held=X.HELD_REQUEST if held else None, req_mono=mono_ns)
-        self.count += 1
+        count = self.count
+        req_len = orig_len if orig_len is not None else (len(raw) if raw is not None else length)
+        ex: Exchange
+        if self.lazy and raw is not None and opcode in LAZY_OPS:  # (a live UI's common case: built in one call)
+            ex = LazyExchange(count, queue, head, self.epoch, unique, opcode, nodeid, None, None, ts_ns, None, req_len,
+                              0, None, raw, None, None, [], False, orig_len is not None and orig_len > len(raw),
+                              list(notes), False, ref, None, n if n is not None else count + 1,
+                              X.HELD_REQUEST if held else None, mono_ns, self.contexts.get(self.epoch), orig_len,
+                              None, True, False)
+        else:
+            ex = Exchange(count, queue, head, self.epoch, unique, opcode, nodeid, req_ts=ts_ns, req_len=req_len,
+                          notes=list(notes), req_ref=ref, n=n if n is not None else count + 1,
+                          held=X.HELD_REQUEST if held else None, req_mono=mono_ns)
+        self.count = count + 1
         if ts_ns > self.last_ts:
             self.last_ts = ts_ns
-        if lazy:
-            assert isinstance(ex, LazyExchange) and raw is not None
-            ex.snapped = orig_len is not None and orig_len > len(raw)
-            ex.req_raw = raw
-            ex.ctx = self.contexts.get(self.epoch)
-            ex.wire_req = orig_len
-            ex.req_todo = True
+        if ex.__class__ is LazyExchange:
+            pass
         elif raw is not None:
             ex.snapped = orig_len is not None and orig_len > len(raw)
             try:
@@ -131,10 +137,11 @@ class Analyzer:
             else:
                 if self.keep_raw:
                     ex.req_raw = raw
-        ex.request = req
+        if req is not None:
+            ex.request = req
         if self.keep_exchanges:
             self.exchanges.append(ex)
-        if req is not None and opcode == OP["INIT"]:
+        if req is not None and opcode == _OP_INIT:
             self.init[self.epoch] = (req, None)
             self.contexts[self.epoch] = F.FuseContext.from_init(req.args["init"], None)
         if nodeid and nodeid in self.submounts.announced:
@@ -144,7 +151,7 @@ class Analyzer:
                 self._apply_forget(ex, req)
             self._finish(ex)
             return ex
-        key = self._key(queue, head, unique, self.epoch)
+        key = (self.epoch, queue, head) if head is not None else (self.epoch, -1, unique)  # (_key, inline)
         old = self._pending.get(key)
         if old is not None:
             what = f"chain (queue {queue}, head {head})" if head is not None else f"unique {unique}"
@@ -156,7 +163,8 @@ class Analyzer:
             self._finish(old)
         self._pending[key] = ex
         self._by_n[ex.n] = key
-        self._changed(ex)
+        if self.pending_listeners:
+            self._changed(ex)
         return ex
 
     def feed_reply(self, msg: Raw | F.Reply | F.Notification, queue: int = 0, head: int | None = None,
@@ -171,19 +179,20 @@ class Analyzer:
         """
         decoded: F.Reply | F.Notification | None = None
         raw: bytes | None = None
-        if isinstance(msg, (F.Reply, F.Notification)):
+        if msg.__class__ is not bytes and isinstance(msg, (F.Reply, F.Notification)):
             decoded = msg
             unique = msg.unique
             err = msg.header.error
             length = msg.raw_len
         else:
-            raw = bytes(msg)
-            if len(raw) >= _OUT.size:
+            raw = msg if msg.__class__ is bytes else bytes(msg)
+            if len(raw) >= _OUT_SIZE:
                 length, err, unique = _OUT.unpack_from(raw)
             else:
                 length, err, unique = len(raw), 0, -1
         rlen = orig_len if orig_len is not None else (len(raw) if raw is not None else length)
-        self.last_ts = max(self.last_ts, ts_ns)
+        if ts_ns > self.last_ts:
+            self.last_ts = ts_ns
         if epoch is not None and epoch > self.epoch:
             self._new_epoch(epoch)
         if unique == 0:  # a notification: it stands alone
@@ -427,7 +436,7 @@ class Analyzer:
 
     def _apply_reply(self, ex: Exchange) -> None:
         op = ex.opcode
-        if op == OP["SYNCFS"]:
+        if op == _OP_SYNCFS:
             is_root = self.submounts.is_superblock_root(ex.nodeid)
             self.submounts.syncfs.append(SyncfsRecord(ex.index, ex.nodeid, ex.latency_ns, is_root, ex.error,
                                                       self.inodes.path(ex.nodeid)))

@@ -120,23 +120,34 @@ class Stats:
         self._buckets: Counter[int] = Counter()
 
     def add(self, ex: Exchange) -> None:
-        st = self.ops.get(ex.opname)
+        """(Called for every exchange a live UI ingests: fields are read once, properties avoided.)"""
+        name = ex.opname
+        st = self.ops.get(name)
         if st is None:
-            st = self.ops[ex.opname] = OpStats()
+            st = self.ops[name] = OpStats()
         st.count += 1
         self.total += 1
         st.req_bytes += ex.req_len
         st.reply_bytes += ex.reply_len
-        if ex.error:
-            name = ex.errname or str(ex.error)
-            st.errors[name] += 1
-            self.errors[name] += 1
-        lat = ex.latency_ns
-        if lat is not None:
-            st.add_latency(lat)
-        elif ex.expects_reply and not ex.replied:
+        err = ex.error
+        if err:
+            ename = ex.errname or str(err)
+            st.errors[ename] += 1
+            self.errors[ename] += 1
+        req_ts, reply_ts = ex.req_ts, ex.reply_ts
+        if req_ts is not None and reply_ts is not None:
+            lat = reply_ts - req_ts
+            lats = st.latencies
+            if st.histogram is None and len(lats) < EXACT_LATENCIES:  # add_latency's common case, inline
+                lats.append(lat)
+                st.replied += 1
+                if st.max_latency is None or lat > st.max_latency:
+                    st.max_latency = lat
+            else:
+                st.add_latency(lat)
+        elif not ex.replied and ex.expects_reply:
             st.unreplied += 1
-        ts = ex.ts_ns
+        ts = req_ts if req_ts is not None else (reply_ts or 0)
         if ts:
             if self.first_ts is None or ts < self.first_ts:
                 self.first_ts = ts

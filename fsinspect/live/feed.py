@@ -289,36 +289,38 @@ class ControlFeed(Feed):
 
     def _packet(self, inbound: bool, data: bytes, orig_len: int, queue: int, head: int | None, ts_ns: int,
                 flags: int, number: int, notes: list[str]) -> None:
-        """A FUSE message of the binary stream: a request opens exchange `n`, a reply completes it."""
+        """A FUSE message of the binary stream: a request opens exchange `n`, a reply completes it.  (Run for
+        every message a live UI ingests: kept lean.)"""
         st = self.state
         if not st.first_ts:
             st.first_ts = ts_ns
         n = number or None
         self.blocks += 1
+        an = st.analyzer
+        keep = self.keep_raw_bytes and not an.keep_raw  # (an analyzer that keeps them has them already)
         if inbound:
             ex = st.open.get(n) if n is not None else None
             if ex is not None:  # listed already (the snapshot, or JSON lines before the switch)
                 if flags & rfmt.RF_HELD and ex.held is None:
-                    st.analyzer.set_held(ex.n, X.HELD_REQUEST)
+                    an.set_held(ex.n, X.HELD_REQUEST)
                 return
             ex = st.feed_request(data, queue, head, ts_ns, orig_len=orig_len, notes=notes, n=n,
                                  held=bool(flags & rfmt.RF_HELD))
-            if self.keep_raw_bytes and not st.analyzer.keep_raw:
+            if keep:
                 self._raw[ex.index] = (data, None)
             if n is not None and ex.state != X.DONE:
                 st.open[n] = ex
             return
-        an = st.analyzer
         opened = st.open.pop(n, None) if n is not None else None
         if opened is not None:
             an.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, n=n,
-                          notes=[x for x in notes if x not in opened.notes])
+                          notes=[x for x in notes if x not in opened.notes] if notes else ())
             ex = opened
-            req = self._raw.get(ex.index, (None, None))[0] if self.keep_raw_bytes else None
+            req = self._raw.get(ex.index, (None, None))[0] if keep else None
         else:
             ex = an.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, notes=notes)
             req = None
-        if self.keep_raw_bytes and not an.keep_raw:
+        if keep:
             self._raw[ex.index] = (req, data)
 
     def switched(self) -> None:
