@@ -11,6 +11,7 @@ import mmap
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -340,3 +341,50 @@ def test_backing_ids_are_reused_and_hold_no_open_file(tmp_path: Path) -> None:
         assert pt["opened"] == 1 + 5 + 2 and pt["registered"] == 2, pt  # run.sh: 1 + 5 opens; big: 2
     finally:
         subprocess.run(["umount", "-l", str(tmpfs)], check=False)
+
+
+def test_a_rule_added_while_a_file_is_open_in_passthrough(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The debugger's rules change while files are open (control v2, the TUI): a file already open in
+    passthrough stays so, and its READs cannot be held (one warning says how many such files there are);
+    a file opened after the rule is served through the daemon, and its READ is held."""
+    require_root()
+    from daemon.hold import EngineHoldPoint
+    from daemon.standalone import Standalone
+    from dissectors.ring import HOLD_REQUEST, HoldRule
+
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    (shared / "a").write_bytes(b"A" * 100)
+    (shared / "b").write_bytes(b"B" * 100)
+    point = EngineHoldPoint()
+    held: list[tuple[int, int]] = []  # (opcode, nodeid)
+
+    def on_held(queue: int, unique: int, direction: int, raw: bytes, ts_ns: int) -> None:
+        h = F.decode_request(raw).header
+        held.append((h.opcode, h.nodeid))
+        point.release(queue, unique)
+
+    point.on_held = on_held
+    session = Standalone(str(mnt), Options(str(shared), cache=CacheMode.NONE, passthrough=True), hold=point)
+    serving = threading.Thread(target=session.serve)
+    serving.start()
+    try:
+        fa = os.open(mnt / "a", os.O_RDONLY)
+        try:
+            assert os.pread(fa, 10, 0) == b"A" * 10
+            point.set_rules([HoldRule(HOLD_REQUEST, 0, frozenset({OP["READ"]}))])
+            with caplog.at_level(logging.WARNING, logger="fsinspect.daemon.passthrough"):
+                assert (mnt / "b").read_bytes() == b"B" * 100
+            assert os.pread(fa, 10, 50) == b"A" * 10  # still passthrough: never held
+        finally:
+            os.close(fa)
+        assert held and {op for op, _ in held} == {OP["READ"]}
+        assert len({nodeid for _, nodeid in held}) == 1  # b's: no READ of a was held (or seen)
+        assert "1 file(s) already open in passthrough stay so until their last close" in caplog.text
+        pt = session.fs.counters()["passthrough"]
+        assert pt["opened"] == 1 and pt["withheld_for_rules"] == 1
+    finally:
+        session.stop()
+        serving.join(timeout=15)
+        session.close()
