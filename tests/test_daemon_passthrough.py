@@ -665,6 +665,9 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     r = run("--standalone", str(tmp_path), "--shared-dir", "/proc/sys", "--inode-file-handles", "mandatory")
     assert r.returncode == 1 and "mandatory" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    r = run("--socket-path", str(tmp_path / "s.sock"), "--shared-dir", str(tmp_path), "--passthrough", "on")
+    assert r.returncode == 2 and "--passthrough is for --standalone" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s.sock").exists()
 
 
 def test_setattr_times_through_the_fh(engine: Factory, tmp_path: Path) -> None:

@@ -388,3 +388,43 @@ def test_a_rule_added_while_a_file_is_open_in_passthrough(tmp_path: Path, caplog
         session.stop()
         serving.join(timeout=15)
         session.close()
+
+
+def test_idle_backing_ids_are_bounded(tmp_path: Path) -> None:
+    """More files opened than IDLE_MAX: the least recently used idle ids are closed, CLOSE_BATCH at a time
+    under one raise of CAP_SYS_ADMIN (the sandboxed reader keeps it permitted only), none fails, and the
+    files opened last stay idle."""
+    require_root()
+    from daemon.passthrough.backing import CLOSE_BATCH, IDLE_MAX
+    from daemon.standalone import Standalone
+
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    n = IDLE_MAX + CLOSE_BATCH + 5
+    for i in range(n):
+        (shared / f"f{i}").write_bytes(b"%d" % i)
+    session = Standalone(str(mnt), Options(str(shared), cache=CacheMode.NONE, passthrough=True),
+                         sandbox="namespace")
+    serving = threading.Thread(target=session.serve)
+    serving.start()
+    try:
+        for i in range(n):
+            assert (mnt / f"f{i}").read_bytes() == b"%d" % i
+        assert session.error is None
+        backing = session.fs.backing
+        assert backing is not None
+        for _ in range(250):  # RELEASE is asynchronous: the last one may still be on its way
+            pt = backing.counters()
+            if pt["open_now"] == 0:
+                break
+            time.sleep(0.02)
+        assert (pt["registered"], pt["closed"], pt["close_failed"]) == (n, CLOSE_BATCH, 0), pt
+        assert pt["idle"] == IDLE_MAX and pt["open_now"] == 0
+        assert list(backing.idle)[-1] == max(backing.idle)  # the newest is the last to go
+        assert (mnt / f"f{n - 1}").read_bytes() == b"%d" % (n - 1)  # a re-open reuses its id
+        assert backing.counters()["registered"] == n
+    finally:
+        session.stop()
+        serving.join(timeout=30)
+        session.close()

@@ -40,10 +40,15 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import syscalls as sc
+
 log = logging.getLogger("fsinspect.daemon.passthrough")
 
 CAP_SYS_ADMIN = 21
 IDLE_MAX = 1024  # idle backing ids kept: no fd of ours, about a struct file and a pinned dentry each
+# Idle ids let go for room are closed this many at a time, under one raise of CAP_SYS_ADMIN (a capset
+# pair costs more than the ioctl): a create storm would otherwise pay a pair per file twice.
+CLOSE_BATCH = 64
 PathFdSource = Callable[[], AbstractContextManager[int]]  # `with source() as fd`: an O_PATH fd of the inode
 # The kernel cannot do it at all (a privilege or a feature missing): no later file would fare better.
 _FOR_GOOD = (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -74,9 +79,12 @@ class BackingFiles:
         self.enabled = True
         self._opens: dict[int, _Opens] = {}
         self.idle: OrderedDict[int, int] = OrderedDict()  # nodeid -> backing id of an inode with no handle
+        self._evicted: list[int] = []  # ids let go from idle, closed in one batch
         self._lock = threading.Lock()
         self.opened = 0  # handles answered with FOPEN_PASSTHROUGH
         self.registered = 0  # FUSE_DEV_IOC_BACKING_OPEN calls that gave an id
+        self.closed = 0  # ... and FUSE_DEV_IOC_BACKING_CLOSE calls that let one go
+        self.close_failed = 0
         self.refused: dict[str, int] = {}  # errno name -> backing files the kernel refused
         self.withheld = 0  # first opens served through the daemon because a rule could hold READ/WRITE
         self._warned_rules = False
@@ -144,34 +152,47 @@ class BackingFiles:
             if not o.backing_id:
                 return
             self.idle[nodeid] = o.backing_id
-            evicted = self.idle.popitem(last=False)[1] if len(self.idle) > IDLE_MAX else 0
-        if evicted:
-            self._close(evicted)
+            if len(self.idle) <= IDLE_MAX:
+                return
+            self._evicted.append(self.idle.popitem(last=False)[1])
+            if len(self._evicted) < CLOSE_BATCH:
+                return
+            batch, self._evicted = self._evicted, []
+        with sc.raised_cap(self.cap):
+            for backing_id in batch:
+                self._close(backing_id, -1)
 
     def forget(self, nodeid: int) -> None:
         """The inode left the daemon's table (its last FORGET): its idle backing id goes too."""
         with self._lock:
             backing_id = self.idle.pop(nodeid, 0)
         if backing_id:
-            self._close(backing_id)
+            self._close(backing_id, self.cap)
 
     def reset(self) -> None:
         """FUSE_DESTROY: the connection ends, and the kernel lets go of every backing id with it."""
         with self._lock:
             self._opens.clear()
             self.idle.clear()
+            self._evicted.clear()
 
-    def _close(self, backing_id: int) -> None:
+    def _close(self, backing_id: int, cap: int) -> None:
         try:
-            self.dev.backing_close(backing_id, self.cap)
-        except OSError as e:  # the connection is gone (unmounted): the kernel dropped them all
-            log.debug("FUSE_DEV_IOC_BACKING_CLOSE %d: %s", backing_id, e)
+            self.dev.backing_close(backing_id, cap)
+            self.closed += 1
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.EBADF):  # the connection is gone: the kernel dropped them all
+                return
+            self.close_failed += 1
+            if self.close_failed == 1:
+                log.warning("passthrough: FUSE_DEV_IOC_BACKING_CLOSE %d: %s (the kernel keeps the id)",
+                            backing_id, os.strerror(e.errno) if e.errno else e)
 
     def open_now(self) -> int:
         with self._lock:
             return sum(o.handles for o in self._opens.values() if o.backing_id)
 
     def counters(self) -> dict[str, object]:
-        return {"opened": self.opened, "registered": self.registered, "open_now": self.open_now(),
-                "idle": len(self.idle),
+        return {"opened": self.opened, "registered": self.registered, "closed": self.closed,
+                "close_failed": self.close_failed, "open_now": self.open_now(), "idle": len(self.idle),
                 "refused": dict(self.refused), "withheld_for_rules": self.withheld, "enabled": self.enabled}

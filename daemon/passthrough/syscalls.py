@@ -22,7 +22,8 @@ import logging
 import os
 import select
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,11 +288,19 @@ def set_effective_cap(cap: int, on: bool) -> None:
 def ioctl_cap(fd: int, request: int, arg: bytes, cap: int) -> int:
     """ioctl(2)'s return value for `request` on a copy of `arg`, with capability `cap` raised in this
     thread's effective set for that call only (cap < 0: as it is), then as it was."""
+    with raised_cap(cap):
+        return fcntl.ioctl(fd, request, bytearray(arg), True)
+
+
+@contextmanager
+def raised_cap(cap: int) -> Iterator[None]:
+    """Capability `cap` in this thread's effective set for the block (cap < 0: as it is), then as it was:
+    one capset pair around several calls that need it."""
     raise_it = cap >= 0 and not has_effective_cap(cap)
     if raise_it:
         set_effective_cap(cap, True)
     try:
-        return fcntl.ioctl(fd, request, bytearray(arg), True)
+        yield
     finally:
         if raise_it:
             set_effective_cap(cap, False)
