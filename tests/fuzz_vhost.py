@@ -379,7 +379,7 @@ class VhostCampaign:
             self.check_baseline()
 
     def check_baseline(self) -> None:
-        gc.collect()  # a capture buffer's eventfd and the mappings go with their objects
+        gc.collect()  # a daemon session's objects in a cycle go now (the proxy gives its fds back at its end)
         fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
         if self.fd_base < 0:
             self.fd_base, self.thread_base = fds, threads

@@ -11,6 +11,10 @@
  * Each request is a fuse_in_header (48 readable bytes: opcode 1, 2 or 3 by sequence number, unique = the
  * sequence number) and 8 writable bytes, where the device echoes the sequence number.
  *
+ * At the end, each path is closed (rc_path_close: the session's end) while another thread keeps changing
+ * its rules and sending it verdicts (each wakes the path through its ctl eventfd), and the capture buffer
+ * is closed while the consumer reads it: the sanitizers see the fds go under the locks their users take.
+ *
  * usage: ring_threads COUNT QUEUES POLICY(0 drop, 1 lossless) [HOLD] -> "pairs=N requests=N replies=N"
  */
 #include <poll.h>
@@ -157,6 +161,19 @@ static struct rc_hold_table *hold_rules(void)
     return t;
 }
 
+static int closing;
+
+/* While main closes a path: rule changes and verdicts from another thread, each waking the path. */
+static void *waker(void *arg)
+{
+    struct lane *l = arg;
+    for (long i = 0; !__atomic_load_n(&closing, __ATOMIC_ACQUIRE) || i < 64; i++) {
+        rc_path_set_hold_rules(&l->path, NULL);
+        rc_path_verdict(&l->path, (uint16_t)(i % NUM), RC_V_RELEASE, NULL, 0); /* held or not: either */
+    }
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 4)
@@ -275,7 +292,14 @@ int main(int argc, char **argv)
     }
     uint64_t req = 0, rep = 0;
     for (int q = 0; q < nq; q++) {
-        rc_path_stop(&lanes[q].path);
+        pthread_t w;
+        closing = 0;
+        pthread_create(&w, NULL, waker, &lanes[q]);
+        rc_path_close(&lanes[q].path);
+        __atomic_store_n(&closing, 1, __ATOMIC_RELEASE);
+        pthread_join(w, NULL);
+        if (lanes[q].path.ctl_fd != -1 || lanes[q].path.kick_fd != -1 || lanes[q].path.backend_call_fd != -1)
+            FAIL("fds left open after rc_path_close");
         req += lanes[q].path.ctr.requests;
         rep += lanes[q].path.ctr.replies;
         if (lanes[q].path.ctr.errors)
@@ -289,6 +313,10 @@ int main(int argc, char **argv)
     printf("pairs=%ld requests=%llu replies=%llu dropped=%llu stalls=%llu swaps=%ld held=%ld\n", pairs,
            (unsigned long long)req, (unsigned long long)rep, (unsigned long long)cap.dropped,
            (unsigned long long)cap.stalls, swaps / 64, held);
+    rc_capture_close(&cap);
+    rc_capture_notify(&cap); /* a late producer: nothing to write to */
+    if (cap.notify_fd != -1)
+        FAIL("capture eventfd left open");
     rc_capture_destroy(&cap);
     free(guest);
     free(proxy);

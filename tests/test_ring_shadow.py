@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from dissectors.ring import driver
-from tests.ringkit import Rig
+from tests.ringkit import GUEST_GPA, PROXY_GPA, Rig
 from tests.test_ring_engine import ENGINES
 
 F_NEXT, F_WRITE, F_INDIRECT = driver.F_NEXT, driver.F_WRITE, driver.F_INDIRECT
@@ -339,6 +340,59 @@ def test_memory_map_locked_while_path_runs(px):
         px.rig.mem.remove_region(0)
     px.path.stop()
     px.rig.mem.add_region(1 << 30, 4096, bytearray(4096))
+
+
+def _eventfds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    return n
+
+
+def test_close_gives_back_the_fds_and_the_mappings_while_the_objects_live(eng):
+    """A session's end (the proxy's shutdown): close() gives back the path's thread, its four fd dups and
+    its wake-up eventfd, its hold on the rings' mappings, and the capture buffer's eventfd, at once.
+    Before, only the objects' deallocation did: a Proxy kept for its counters held 5 eventfds per queue,
+    one more, and the guest's memory (the vhost-user front campaign's fd check failed on them)."""
+    base = _eventfds()
+    px = Proxy(eng)
+    try:
+        assert _eventfds() == base + 4 + 5 + 1  # ours, the path's (4 dups + its own), the capture buffer's
+        px.path.start()
+        px.request(0, [b"req"], [8])
+        px.rig.guest.publish([0])
+        os.eventfd_write(px.g_kick, 1)
+        assert wait_fd(px.b_kick)
+        px.path.close()
+        px.path.close()  # idempotent
+        px.cap.close()
+        px.cap.close()
+        assert _eventfds() == base + 4
+        assert px.cap.fileno() == -1
+        assert [c.kind for c in px.cap.read_captures(timeout=5)] == ["request"]  # buffered ones stay readable
+        assert px.cap.read_captures(timeout=5) == []  # and nothing waits on a closed buffer
+        assert px.path.counters["requests"] == 1 and px.path.indices["next_avail"] == 1
+        assert px.path.held() == [] and not px.path.running
+        for call in (px.path.start, px.path.step, px.path.drain, lambda: px.path.set_kick_fd(px.g_kick),
+                     lambda: px.path.set_call_fd(px.g_call)):
+            with pytest.raises(RuntimeError, match="closed"):
+                call()
+        with pytest.raises(eng.RingError, match="not_held"):
+            px.path.release(0)
+        px.path.set_hold_rules([])  # no thread to wake, and no fd written
+        px.path.stop()
+        # The rings' mappings are free to go: nothing but the map (and our own views) holds them now.
+        px.dev = px.rig.guest = None
+        px.rig.mem.remove_region(GUEST_GPA)
+        px.rig.mem.remove_region(PROXY_GPA)
+        px.rig.gmem.close()
+        px.rig.pmem.close()
+    finally:
+        for fd in (px.g_kick, px.g_call, px.b_kick, px.b_call):
+            os.close(fd)
+        px.rig.close()
+    assert _eventfds() == base
 
 
 def test_spin_mode_forwards_without_waiting_for_eventfds(eng):

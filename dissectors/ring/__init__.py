@@ -50,6 +50,8 @@ API (identical in both engines; addresses are guest-physical unless named otherw
   until it returns []), `stats` (captured, dropped,
   dropped_bytes, stalls, used_bytes, capacity).  "drop" never slows the VM and counts what it could not
   keep; "lossless" holds back forwarding (used publication, and avail forwarding) until there is room.
+  `close()` (end of session, once the paths writing to it are closed): the eventfd goes (`fileno()` -1),
+  buffered records stay readable, and read_captures no longer waits.  Idempotent.
 - `ShadowPath(mem, queue, num, desc, avail, used, shadow_avail, shadow_used, capture, kick_fd, call_fd,
   backend_kick_fd, backend_call_fd, avail_base=0, snaplen=0, spin_us=0, event_idx=False)`: one queue's data path, on
   its own native thread (C) or Python thread (twin).  The guest's
@@ -77,6 +79,10 @@ API (identical in both engines; addresses are guest-physical unless named otherw
     calls_suppressed; busy_ns and busy_max_ns: the time from a wake-up to done forwarding, total and
     longest), `running`, `last_error`,
     `indices`.  Keep the proxy's own backend-side eventfds constant; only QEMU's side is swapped.
+  - `close()`: the end of a session: stop, then give back the thread, every fd the path holds (its dups
+    and its own wake-up eventfd) and its hold on the rings' mappings, at once rather than when the object
+    goes; `counters`, `indices`, `held()` still answer, verdicts find nothing held, and start(), step(),
+    drain() and the fd setters raise RuntimeError.  Idempotent.
   - GET_VRING_BASE: forward it, let the backend reply, then `stop()`, `drain()`, then reply to QEMU.
   - Hold points (issue 15, the debugger).  `set_hold_rules([HoldRule, ...])` replaces the rule table
     atomically, running or not (empty: no rules, and the path does what it did before, at the same

@@ -548,9 +548,15 @@ class CaptureBuffer:
         self._captured = self._dropped = self._dropped_bytes = self._stalls = 0
 
     def __del__(self) -> None:
-        fd = getattr(self, "_fd", -1)
-        if fd >= 0:
-            os.close(fd)
+        if hasattr(self, "_cond"):
+            self.close()
+
+    def close(self) -> None:
+        """Close the eventfd (end of session; rc_capture_close): buffered records stay readable, nothing
+        waits on it again.  Idempotent."""
+        with self._cond:
+            if self._fd >= 0:
+                os.close(self._fd)
             self._fd = -1
 
     def fileno(self) -> int:
@@ -583,7 +589,9 @@ class CaptureBuffer:
             return True
 
     def _notify(self) -> None:
-        os.eventfd_write(self._fd, 1)
+        with self._cond:  # close() may run on another thread: never write to a reused number
+            if self._fd >= 0:
+                os.eventfd_write(self._fd, 1)
 
     def _wake_all(self) -> None:
         with self._cond:
@@ -592,21 +600,23 @@ class CaptureBuffer:
     def read_captures(self, max: int = 1024, timeout: float = 0.0) -> list[Capture]:
         out: list[Capture] = []
         for attempt in range(2):
-            try:
-                os.eventfd_read(self._fd)  # clear first, then drain: no lost wake-up
-            except BlockingIOError:
-                pass
             with self._cond:
+                if self._fd >= 0:
+                    try:
+                        os.eventfd_read(self._fd)  # clear first, then drain: no lost wake-up
+                    except BlockingIOError:
+                        pass
                 while self._q and (max <= 0 or len(out) < max):
                     cap, size = self._q.popleft()
                     self._used -= size
                     out.append(cap)
                 if out:
                     self._cond.notify_all()
-            if out or timeout <= 0 or attempt:
-                break
+            fd = self._fd
+            if out or timeout <= 0 or attempt or fd < 0:
+                break  # closed: what was buffered is all there will be
             p = select.poll()
-            p.register(self._fd, select.POLLIN)
+            p.register(fd, select.POLLIN)
             p.poll(min(timeout, 86400.0) * 1000.0)
         return out
 
@@ -681,6 +691,7 @@ class ShadowPath:
         self._bkick_fd = os.dup(backend_kick_fd)
         self._bcall_fd = os.dup(backend_call_fd)
         self._ctl_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._closed = False
         self._pending_kick: int | None = None
         self._lock = threading.Lock()  # proc_lock: held while forwarding
         self._fd_lock = threading.Lock()  # call fd use/swap, pending kick fd: never held while waiting
@@ -714,7 +725,20 @@ class ShadowPath:
         self._nheld = 0
 
     # -- lifecycle
+    def _check_open(self) -> None:
+        """start/step/drain and the fd setters need the fds and the rings, which close() gave back."""
+        if self._closed:
+            raise RuntimeError("ShadowPath closed")
+
+    def _wake(self) -> None:
+        """Under _fd_lock: close() closes the ctl eventfd under it, so a verdict or a rule change from
+        another thread never writes to a number closed (and maybe reused) meanwhile (C: path_wake)."""
+        with self._fd_lock:
+            if self._ctl_fd >= 0:
+                os.eventfd_write(self._ctl_fd, 1)
+
     def start(self) -> None:
+        self._check_open()
         if self._thread is not None:
             return
         self._stop.clear()
@@ -725,13 +749,15 @@ class ShadowPath:
         self._mem._busy += 1
         self._thread = threading.Thread(target=self._run, name=f"shadow-q{self.queue}", daemon=True)
         self._thread.start()
-        os.eventfd_write(self._ctl_fd, 1)
+        self._wake()
 
     def stop(self) -> None:
         """Join the thread, then the safety rule (rc_path_stop): nothing stays held."""
+        if self._closed:
+            return
         if self._thread is not None:
             self._stop.set()
-            os.eventfd_write(self._ctl_fd, 1)
+            self._wake()
             self._cap._wake_all()
             self._thread.join()
             self._thread = None
@@ -741,20 +767,26 @@ class ShadowPath:
         self._resolve_all()
 
     def drain(self) -> int:
+        self._check_open()
         with self._lock:
             return max(0, self._forward_used(False))
 
     def step(self) -> tuple[int, int]:
+        self._check_open()
         if self._thread is not None:
             raise RuntimeError("step() is for a stopped path; the thread is running")
         with self._lock:
             return max(0, self._forward_avail(False)), max(0, self._forward_used(False))
 
     def close(self) -> None:
-        if self._ctl_fd < 0:
+        """End of session (rc_path_close): stop, then give back every fd and the rings' memoryviews (their
+        mappings may be closed then); counters, indices and held() still answer.  Idempotent."""
+        if self._closed:
             return
         self.stop()
+        # _lock: a verdict or step() on another thread forwards (and signals) under it
         with self._lock, self._fd_lock:
+            self._closed = True
             for name in ("_kick_fd", "_call_fd", "_bkick_fd", "_bcall_fd", "_ctl_fd"):
                 fd = getattr(self, name)
                 if fd >= 0:
@@ -763,13 +795,16 @@ class ShadowPath:
             if self._pending_kick is not None and self._pending_kick >= 0:
                 os.close(self._pending_kick)
             self._pending_kick = None
+            for view in (self._desc, self._g_avail, self._g_used, self._s_avail, self._s_used):
+                view.release()
 
     def __del__(self) -> None:
-        if hasattr(self, "_hold_lock"):
+        if hasattr(self, "_nheld"):  # __init__ ran to the end
             self.close()
 
     def set_kick_fd(self, fd: int) -> None:
         """Swap QEMU's kick fd; never waits for a lossless-stalled thread (C: rc_path_set_kick_fd)."""
+        self._check_open()
         nfd = os.dup(fd) if fd >= 0 else -1
         with self._fd_lock:
             old, self._pending_kick = self._pending_kick, nfd
@@ -777,9 +812,10 @@ class ShadowPath:
                 os.close(old)
             if self._thread is None:
                 self._apply_pending()
-        os.eventfd_write(self._ctl_fd, 1)
+        self._wake()
 
     def set_call_fd(self, fd: int) -> None:
+        self._check_open()
         nfd = os.dup(fd) if fd >= 0 else -1
         with self._fd_lock:
             if self._call_fd >= 0:
@@ -792,8 +828,7 @@ class ShadowPath:
         table = _hold_table(rules)
         with self._hold_lock:
             self._rules = table
-        if self._ctl_fd >= 0:
-            os.eventfd_write(self._ctl_fd, 1)
+        self._wake()
 
     def release(self, head: int) -> None:
         self._verdict(head, _V_RELEASE, b"")
@@ -841,7 +876,7 @@ class ShadowPath:
             else:
                 queued = False
         if queued:
-            os.eventfd_write(self._ctl_fd, 1)
+            self._wake()
             return
         if err:
             raise RingError(err, head)
@@ -859,7 +894,7 @@ class ShadowPath:
             if err:
                 raise RingError(err, head)
             if v is None:
-                os.eventfd_write(self._ctl_fd, 1)
+                self._wake()
                 return
             fwd_pub = [0, 0]
             self._apply_verdict(v, False, False, fwd_pub)
@@ -1252,7 +1287,7 @@ class ShadowPath:
             if not (more_avail or more_used):
                 return
             if rounds == 4:
-                os.eventfd_write(self._ctl_fd, 1)
+                self._wake()
                 return
             rounds += 1
             if more_avail:

@@ -1258,8 +1258,12 @@ static PyObject *CaptureBuffer_read_captures(CaptureBufferObject *self, PyObject
         return NULL;
     for (int attempt = 0; attempt < 2; attempt++) {
         uint64_t v;
-        ssize_t rr = read(c->notify_fd, &v, sizeof(v)); /* clear first, then drain: no lost wake-up */
-        (void)rr;
+        pthread_mutex_lock(&c->lock); /* close() may run on another thread: never read a reused number */
+        if (c->notify_fd >= 0) {
+            ssize_t rr = read(c->notify_fd, &v, sizeof(v)); /* clear first, then drain: no lost wake-up */
+            (void)rr;
+        }
+        pthread_mutex_unlock(&c->lock);
         uint64_t pos = __atomic_load_n(&c->tail, __ATOMIC_ACQUIRE);
         const struct rc_cap_hdr *h;
         while ((max <= 0 || PyList_GET_SIZE(out) < max) && (h = rc_capture_peek(c, &pos))) {
@@ -1274,8 +1278,8 @@ static PyObject *CaptureBuffer_read_captures(CaptureBufferObject *self, PyObject
         }
         if (pos != c->tail)
             rc_capture_release(c, pos);
-        if (PyList_GET_SIZE(out) || timeout <= 0 || attempt)
-            break;
+        if (PyList_GET_SIZE(out) || timeout <= 0 || attempt || c->notify_fd < 0)
+            break; /* closed: what was buffered is all there will be */
         struct pollfd pfd = {.fd = c->notify_fd, .events = POLLIN};
         int ms = timeout > 86400 ? 86400000 : (int)(timeout * 1000.0 + 0.999);
         int pr;
@@ -1288,6 +1292,13 @@ static PyObject *CaptureBuffer_read_captures(CaptureBufferObject *self, PyObject
         }
     }
     return out;
+}
+
+static PyObject *CaptureBuffer_close(CaptureBufferObject *self, PyObject *unused)
+{
+    (void)unused;
+    rc_capture_close(&self->c);
+    Py_RETURN_NONE;
 }
 
 static PyObject *CaptureBuffer_fileno(CaptureBufferObject *self, PyObject *unused)
@@ -1312,7 +1323,9 @@ static PyObject *CaptureBuffer_stats(CaptureBufferObject *self, void *closure)
 static PyMethodDef CaptureBuffer_methods[] = {
     {"read_captures", (PyCFunction)(void (*)(void))CaptureBuffer_read_captures, METH_VARARGS | METH_KEYWORDS,
      "read_captures(max=1024, timeout=0.0) -> [Capture]; waits up to timeout seconds if empty"},
-    {"fileno", (PyCFunction)CaptureBuffer_fileno, METH_NOARGS, "eventfd readable when captures are pending"},
+    {"fileno", (PyCFunction)CaptureBuffer_fileno, METH_NOARGS, "eventfd readable when captures are pending (-1: closed)"},
+    {"close", (PyCFunction)CaptureBuffer_close, METH_NOARGS,
+     "close the eventfd (end of session; idempotent): buffered records stay readable, nothing waits"},
     {NULL},
 };
 static PyGetSetDef CaptureBuffer_getset[] = {
@@ -1342,6 +1355,7 @@ typedef struct {
     PyObject *ring_owners;
     struct rc_path p;
     int ok;
+    int closed; /* close() ran (set before the GIL is released: no call races it into a closed path) */
 } ShadowPathObject;
 
 static int ShadowPath_init(ShadowPathObject *self, PyObject *args, PyObject *kw)
@@ -1390,16 +1404,22 @@ static int ShadowPath_init(ShadowPathObject *self, PyObject *args, PyObject *kw)
     return self->ring_owners ? 0 : -1;
 }
 
+/* Run a core call that stops the path (stop, close, destroy) without the GIL: it joins the thread, which
+ * may be waiting for the capture consumer.  A path that ran no longer locks the memory map. */
+static void path_ending(ShadowPathObject *self, void (*end)(struct rc_path *))
+{
+    int was_running = self->p.running;
+    Py_BEGIN_ALLOW_THREADS
+    end(&self->p);
+    Py_END_ALLOW_THREADS
+    if (was_running)
+        self->mem->busy--;
+}
+
 static void ShadowPath_dealloc(ShadowPathObject *self)
 {
-    if (self->ok) {
-        int was_running = self->p.running;
-        Py_BEGIN_ALLOW_THREADS
-        rc_path_destroy(&self->p);
-        Py_END_ALLOW_THREADS
-        if (was_running)
-            self->mem->busy--;
-    }
+    if (self->ok)
+        path_ending(self, rc_path_destroy);
     Py_XDECREF(self->mem);
     Py_XDECREF(self->cap);
     Py_XDECREF(self->ring_owners);
@@ -1415,10 +1435,22 @@ static int check_path(ShadowPathObject *self)
     return 0;
 }
 
+/* start/step/drain and the fd setters need the fds and the rings, which close() gave back */
+static int check_path_open(ShadowPathObject *self)
+{
+    if (check_path(self) < 0)
+        return -1;
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "ShadowPath closed");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *ShadowPath_start(ShadowPathObject *self, PyObject *unused)
 {
     (void)unused;
-    if (check_path(self) < 0)
+    if (check_path_open(self) < 0)
         return NULL;
     if (self->p.running)
         Py_RETURN_NONE;
@@ -1433,19 +1465,27 @@ static PyObject *ShadowPath_stop(ShadowPathObject *self, PyObject *unused)
     (void)unused;
     if (check_path(self) < 0)
         return NULL;
-    int was_running = self->p.running;
-    Py_BEGIN_ALLOW_THREADS
-    rc_path_stop(&self->p); /* stopped or not: the safety rule resolves whatever is held */
-    Py_END_ALLOW_THREADS
-    if (was_running)
-        self->mem->busy--;
+    path_ending(self, rc_path_stop); /* stopped or not: the safety rule resolves whatever is held */
+    Py_RETURN_NONE;
+}
+
+static PyObject *ShadowPath_close(ShadowPathObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (check_path(self) < 0)
+        return NULL;
+    if (self->closed)
+        Py_RETURN_NONE;
+    self->closed = 1;
+    path_ending(self, rc_path_close);
+    Py_CLEAR(self->ring_owners); /* the rings' mappings may go now: nothing reads them again */
     Py_RETURN_NONE;
 }
 
 static PyObject *ShadowPath_drain(ShadowPathObject *self, PyObject *unused)
 {
     (void)unused;
-    if (check_path(self) < 0)
+    if (check_path_open(self) < 0)
         return NULL;
     int n;
     Py_BEGIN_ALLOW_THREADS
@@ -1457,7 +1497,7 @@ static PyObject *ShadowPath_drain(ShadowPathObject *self, PyObject *unused)
 static PyObject *ShadowPath_step(ShadowPathObject *self, PyObject *unused)
 {
     (void)unused;
-    if (check_path(self) < 0)
+    if (check_path_open(self) < 0)
         return NULL;
     if (self->p.running) {
         PyErr_SetString(PyExc_RuntimeError, "step() is for a stopped path; the thread is running");
@@ -1475,7 +1515,7 @@ static PyObject *ShadowPath_step(ShadowPathObject *self, PyObject *unused)
 
 static PyObject *ShadowPath_set_fd(ShadowPathObject *self, PyObject *arg, int which)
 {
-    if (check_path(self) < 0)
+    if (check_path_open(self) < 0)
         return NULL;
     int fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred())
@@ -1686,6 +1726,8 @@ static PyObject *ShadowPath_indices(ShadowPathObject *self, void *closure)
 static PyMethodDef ShadowPath_methods[] = {
     {"start", (PyCFunction)ShadowPath_start, METH_NOARGS, "start the native forwarding thread"},
     {"stop", (PyCFunction)ShadowPath_stop, METH_NOARGS, "stop and join the thread (nothing is forwarded after)"},
+    {"close", (PyCFunction)ShadowPath_close, METH_NOARGS,
+     "stop, then give back every fd and the rings' mappings (end of session; idempotent)"},
     {"drain", (PyCFunction)ShadowPath_drain, METH_NOARGS,
      "move every pending shadow used entry to the guest now (GET_VRING_BASE); returns how many"},
     {"step", (PyCFunction)ShadowPath_step, METH_NOARGS, "one synchronous forwarding pass (stopped path only)"},

@@ -419,7 +419,8 @@ void rc_capture_destroy(struct rc_capture *c)
         return;
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->space);
-    close(c->notify_fd);
+    if (c->notify_fd >= 0)
+        close(c->notify_fd);
     free(c->buf);
     c->buf = NULL;
 }
@@ -485,11 +486,25 @@ void rc_capture_commit(struct rc_capture *c)
     pthread_mutex_unlock(&c->lock);
 }
 
+/* Under the lock (once per batch): rc_capture_close may close the eventfd from another thread. */
 void rc_capture_notify(struct rc_capture *c)
 {
     uint64_t one = 1;
-    ssize_t r = write(c->notify_fd, &one, sizeof(one));
-    (void)r;
+    pthread_mutex_lock(&c->lock);
+    if (c->notify_fd >= 0) {
+        ssize_t r = write(c->notify_fd, &one, sizeof(one));
+        (void)r;
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
+void rc_capture_close(struct rc_capture *c)
+{
+    pthread_mutex_lock(&c->lock);
+    if (c->notify_fd >= 0)
+        close(c->notify_fd);
+    c->notify_fd = -1;
+    pthread_mutex_unlock(&c->lock);
 }
 
 const struct rc_cap_hdr *rc_capture_peek(struct rc_capture *c, uint64_t *pos)
@@ -553,6 +568,15 @@ static void signal_fd(int fd)
     uint64_t one = 1;
     ssize_t r = write(fd, &one, sizeof(one));
     (void)r;
+}
+
+/* Wake the path's thread.  Under fd_lock: rc_path_close closes ctl_fd under it, so a verdict or a rule
+ * change from another thread never writes to a number that was closed (and maybe reused) meanwhile. */
+static void path_wake(struct rc_path *p)
+{
+    pthread_mutex_lock(&p->fd_lock);
+    signal_fd(p->ctl_fd);
+    pthread_mutex_unlock(&p->fd_lock);
 }
 
 static void drain_fd(int fd)
@@ -859,7 +883,7 @@ void rc_path_set_hold_rules(struct rc_path *p, struct rc_hold_table *t)
     __atomic_store_n(&p->rules, t, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&p->hold_lock);
     rc_hold_table_unref(old);
-    signal_fd(p->ctl_fd);
+    path_wake(p);
 }
 
 /* Under proc_lock: take a reference to the table published last.  Requests forwarded while no rules
@@ -1110,7 +1134,7 @@ int rc_path_verdict(struct rc_path *p, uint16_t head, int kind, const uint8_t *d
                 pthread_mutex_unlock(&p->hold_lock);
                 if (locked_proc)
                     pthread_mutex_unlock(&p->proc_lock);
-                signal_fd(p->ctl_fd);
+                path_wake(p);
                 return RC_OK;
             }
             s->state = RC_HS_NONE;
@@ -1318,7 +1342,7 @@ static void path_recheck(struct rc_path *p)
     for (int round = 0; p->event_idx && !path_stopping(p) && path_more_work(p, &more_avail, &more_used);
          round++) {
         if (round == 4) {
-            signal_fd(p->ctl_fd);
+            path_wake(p);
             return;
         }
         if (more_avail)
@@ -1436,17 +1460,17 @@ int rc_path_start(struct rc_path *p)
         return RC_E_NOMEM;
     }
     p->running = 1;
-    signal_fd(p->ctl_fd); /* look at the rings once: kicks may predate us */
+    path_wake(p); /* look at the rings once: kicks may predate us */
     return RC_OK;
 }
 
 void rc_path_stop(struct rc_path *p)
 {
-    if (!p->inited)
+    if (!p->inited || p->closed)
         return;
     if (p->running) {
         __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
-        signal_fd(p->ctl_fd);
+        path_wake(p);
         rc_capture_wake_all(p->cap);
         pthread_join(p->thread, NULL);
         p->running = 0;
@@ -1481,7 +1505,7 @@ int rc_path_set_kick_fd(struct rc_path *p, int fd)
         apply_pending_fds(p);
         pthread_mutex_unlock(&p->fd_lock);
     }
-    signal_fd(p->ctl_fd);
+    path_wake(p);
     return RC_OK;
 }
 
@@ -1498,6 +1522,27 @@ int rc_path_set_call_fd(struct rc_path *p, int fd)
     return RC_OK;
 }
 
+void rc_path_close(struct rc_path *p)
+{
+    if (!p->inited || p->closed)
+        return;
+    rc_path_stop(p); /* joins the thread; the safety rule leaves nothing held */
+    /* proc_lock: a verdict or step() on another thread forwards (and signals) under it */
+    pthread_mutex_lock(&p->proc_lock);
+    pthread_mutex_lock(&p->fd_lock);
+    int k = __atomic_exchange_n(&p->pending_kick_fd, -2, __ATOMIC_ACQ_REL);
+    if (k >= 0)
+        close(k);
+    close_fd(&p->kick_fd);
+    close_fd(&p->call_fd);
+    close_fd(&p->backend_kick_fd);
+    close_fd(&p->backend_call_fd);
+    close_fd(&p->ctl_fd);
+    p->closed = 1;
+    pthread_mutex_unlock(&p->fd_lock);
+    pthread_mutex_unlock(&p->proc_lock);
+}
+
 void rc_path_destroy(struct rc_path *p)
 {
     if (!p->inited) {
@@ -1507,22 +1552,11 @@ void rc_path_destroy(struct rc_path *p)
         p->slot = NULL;
         return;
     }
-    rc_path_stop(p);
-    {
-        int k = p->pending_kick_fd;
-        if (k >= 0)
-            close(k);
-        p->pending_kick_fd = -2;
-        close_fd(&p->kick_fd);
-        close_fd(&p->call_fd);
-        close_fd(&p->backend_kick_fd);
-        close_fd(&p->backend_call_fd);
-        close_fd(&p->ctl_fd);
-        pthread_mutex_destroy(&p->proc_lock);
-        pthread_mutex_destroy(&p->fd_lock);
-        pthread_mutex_destroy(&p->hold_lock);
-        p->inited = 0;
-    }
+    rc_path_close(p); /* stops, and closes the fds unless close() did already */
+    pthread_mutex_destroy(&p->proc_lock);
+    pthread_mutex_destroy(&p->fd_lock);
+    pthread_mutex_destroy(&p->hold_lock);
+    p->inited = 0;
     rc_hold_table_unref(p->rules);
     rc_hold_table_unref(p->rules_seen);
     p->rules = p->rules_seen = NULL;

@@ -190,6 +190,8 @@ struct rc_capture {
 };
 int rc_capture_init(struct rc_capture *c, uint64_t capacity, int policy);
 void rc_capture_destroy(struct rc_capture *c);
+/* Close the eventfd (end of session): records still buffered stay readable; nothing waits on it again. */
+void rc_capture_close(struct rc_capture *c);
 /* Reserve space for a record of `len` bytes (header included, len <= cap/2); NULL when full (drop
  * policy, or lossless with may_wait=0 / *stop set; counted as a drop if count_drop).  On success the
  * buffer lock stays held until rc_capture_commit, which serialises producers. */
@@ -285,6 +287,7 @@ struct rc_path {
     int pending_kick_fd, pending_call_fd; /* -2: no change pending (atomic accesses) */
     int stop;                        /* atomic accesses */
     int running;
+    int closed;                      /* rc_path_close ran: no fds, no thread, no ring access (under fd_lock) */
     int broken;                      /* last avail check failed (RC_E_AVAIL_AHEAD) */
     int last_error;
     pthread_t thread;
@@ -327,6 +330,9 @@ int rc_path_drain(struct rc_path *p);
  * for a lossless-stalled thread. */
 int rc_path_set_kick_fd(struct rc_path *p, int fd);
 int rc_path_set_call_fd(struct rc_path *p, int fd);
+/* End of the session: stop, then close every fd the path owns (ctl, kick, call, the backend's two).  Only
+ * counters, indices and held() stay meaningful; the rings are never touched again.  Idempotent. */
+void rc_path_close(struct rc_path *p);
 void rc_path_destroy(struct rc_path *p);
 /* Replace the rule table (ownership of t passes to the path; NULL or an empty table: no rules).  Never
  * waits for the path thread: it picks the new table up at its next pass (woken here). */

@@ -679,10 +679,15 @@ class Proxy:
                     self._capture_one(cap)
         if self._local_thread is not None:
             self._local_thread.join(2)
-            self._close_fds(self._retired_kicks)
+            with self._retired_lock:  # taken as the EIO loop takes them: one of us closes each, once
+                retired, self._retired_kicks = self._retired_kicks, []
+            self._close_fds(retired)
         for q in self.queues.values():
             self._close_fds([fd for fd in (q.kick_fd, q.call_fd, q.backend_kick, q.backend_call)
                              if fd is not None and fd >= 0])
+            q.kick_fd = q.call_fd = None
+            q.backend_kick = q.backend_call = -1
+        self._release_session()
         for s in (self.frontend, self.backend_sock):
             if s is not None:
                 s.close()
@@ -699,6 +704,29 @@ class Proxy:
             except subprocess.TimeoutExpired:
                 self.backend_proc.kill()
                 self.backend_proc.wait()
+
+    def _release_session(self) -> None:
+        """Give back what the session's objects hold, now rather than when this Proxy goes (whoever keeps
+        it for its counters -- the summary, a UI, a loop of sessions -- must not keep a session's fds): each
+        path's thread, fd dups and wake-up eventfd, the capture buffer's eventfd, and the mappings (each
+        keeps a dup of its memfd, and QEMU's keeps the guest's RAM allocated after QEMU exits)."""
+        for q in self.queues.values():
+            if q.path is not None:
+                q.path.close()
+        if any(t is not None and t.is_alive() for t in (self._capture_thread, self._local_thread)):
+            return  # a thread that did not stop in time may still use them: they go with this object
+        for q in self.queues.values():
+            q.local = None
+        self.capture.close()
+        for gpa, _size, _uva in list(self.mem.regions):
+            self.mem.remove_region(gpa)
+        kept = []
+        for m in (*self._maps, *self._old_maps, self.region_map):
+            try:
+                m.close()
+            except BufferError:  # a memoryview of it is still alive: the mapping goes with the last one
+                kept.append(m)
+        self._maps, self._old_maps = [], kept
 
     @staticmethod
     def _close_fds(fds: list[int]) -> None:
