@@ -6,9 +6,11 @@ Protocol (version 1), one JSON object per line, server to client:
    "submounts": [...], "syncfs": [...], "control": [...recent vhost-user messages...], "events": [...],
    "pending": [...every request still waiting, with "age_ms"...], "held": [...those a breakpoint holds...]}
     (`"backlog_dropped": K` when the K oldest backlog exchanges did not fit the client's byte budget)
-  {"type": "request", ...exchange_json...}         a request as soon as it is captured ("state": "pending" or
-                                                   "held", "age_ms"); sent again, same "n", when it changes
-                                                   while open (held, resumed, linted "stuck")
+  {"type": "request", ...exchange_json...}         a request still open when its batch goes out (at most
+                                                   FAN_OUT_DELAY after its capture: "state": "pending" or
+                                                   "held", "age_ms" at capture); sent again, same "n", when it
+                                                   changes while open (held, resumed, linted "stuck"); one
+                                                   answered by then comes only as its exchange
   {"type": "exchange", ...exchange_json...}        every finished FUSE exchange (completes request "n"; raw
                                                    bytes cut at LIVE_SNAPLEN, "request_len"/"reply_len" whole)
   {"type": "control", "direction": "...", "summary": "..."}   every vhost-user message
@@ -32,17 +34,22 @@ Binary stream (any version): the hello lists `"streams": ["jsonl", "pcapng"]`.  
 `{"id": I, "cmd": "stream", "format": "pcapng"}` gets `{"type": "reply", "id": I, "ok": true, "format":
 "pcapng"}` as its last JSON line; every byte after that line's newline is a pcapng stream, the same blocks
 as a recording (recordings/FORMAT.md): a section header and the interfaces so far, then one EPB per
-captured message, each carrying the source's exchange number `n` (META_NUMBER): a request's EPB when it
-is captured, its reply's when the reply is (an exchange whose request was not streamed yet gets both).
+captured message, each carrying the source's exchange number `n` (META_NUMBER): a request's EPB in capture
+order, with the batch it was captured in (as it was captured, even if answered since), its reply's with the
+finished exchange (an exchange whose request was not streamed yet gets both, in order).
 Every other message of this protocol (control, event, held, resumed, reply, overflow, error, and
-`request` updates of an exchange already streamed: state, held, lints; no raw bytes) travels as a custom
-block (BT_CB: PEN + the same JSON object).  The snapshot came before, as JSON.  `"format": "jsonl"` keeps
+`request` updates of an exchange already streamed and still open: state, held, lints; no raw bytes)
+travels as a custom block (BT_CB: PEN + the same JSON object).  The snapshot came before, as JSON.  `"format": "jsonl"` keeps
 the JSON lines (the reply says so); anything else is refused with `"ok": false`.  The blocks are encoded
 once per batch for every binary client, and the bytes are what `fsinspect attach --format pcapng` writes.
 
 Nothing a client does can exhaust the process or slow the data path:
-- publish_* only append to one bounded outbox and wake the hub thread; encoding and the fan-out to
-  clients happen there, once per batch (each encoded batch is shared by every client's queue);
+- publish_* only append to one bounded outbox (the Exchange itself: nothing is rendered on the source's
+  thread) and wake the hub thread; rendering, encoding and the fan-out to clients happen there, once per
+  batch and only in the forms the clients read (JSON for JSON clients, packet blocks for binary ones; each
+  encoded batch is shared by every client's queue).  A full outbox drops and counts, for every client;
+- the snapshot's backlog keeps the last exchanges themselves, rendered when a client attaches: a source
+  nobody watches pays two appends per exchange;
 - each client's queue is bounded in bytes (its snapshot counts too); what does not fit is dropped and
   counted, and the client is told how much it missed once it drains;
 - the hub thread sleeps in epoll (selectors) until something happens, so idle clients cost no CPU and
@@ -70,7 +77,8 @@ from typing import Any
 from dissectors.transport.unixsock import claim_socket_path, release_socket_path
 
 from .. import __version__
-from ..analysis.exchange import STUCK
+from ..analysis.exchange import DONE, HELD_REQUEST, STUCK, Exchange
+from ..analysis.render import exchange_json
 from ..recording import format as rfmt
 from ..recording.writer import BlockEncoder, custom_block
 from . import registry
@@ -96,6 +104,7 @@ _BATCH = 256
 _RECV = 64 << 10
 STREAMS = ("jsonl", "pcapng")  # what a client may ask for with the `stream` command
 OPENED = 1 << 16  # requests streamed (binary) whose reply has not come yet, remembered at most
+_MSG, _EXCHANGE, _REQUEST = 0, 1, 2  # what an outbox item carries: a message, a finished exchange, a request
 
 CommandHandler = Callable[[int, dict[str, Any]], dict[str, Any]]
 
@@ -149,7 +158,7 @@ class Hub:
         self.source = source
         self.clients: list[_Client] = []
         self.lock = threading.Lock()
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=BACKLOG_EXCHANGES)
+        self.recent: collections.deque[Exchange] = collections.deque(maxlen=BACKLOG_EXCHANGES)
         self._recent_sizes: collections.deque[int] = collections.deque()
         self._recent_bytes = 0
         self.recent_control: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
@@ -157,7 +166,7 @@ class Hub:
         self.total_overflow = 0
         self.total_queued = 0  # bytes in every client's queue
         self.refused = 0
-        self._outbox: collections.deque[tuple[int, dict[str, Any], Any]] = collections.deque()
+        self._outbox: collections.deque[tuple[int, int, Any, Any]] = collections.deque()  # (seq, kind, x, pub)
         # The binary stream's encoder (one for every binary client: interfaces are numbered once) and the
         # exchanges whose request it streamed, by n -> how many notes went with the request.
         self.encoder = BlockEncoder(source=capture_source, snaplen=LIVE_SNAPLEN,
@@ -191,16 +200,16 @@ class Hub:
         self.thread.start()
 
     # -- publishing (any thread) -------------------------------------------------------------------
-    def _broadcast(self, obj: dict[str, Any], ex: Any = None) -> None:
-        """Queue `obj` for every client; `ex` is the Exchange behind an exchange/request message (its bytes
-        become the binary stream's packet blocks)."""
+    def _broadcast(self, kind: int, payload: Any, pub: Any = None) -> None:
+        """Queue a message for every client: `payload` is a protocol message (_MSG), or the Exchange behind
+        an exchange/request message, rendered by the hub thread in each form its clients read."""
         if not self.clients:  # nobody to encode for (a joining client gets `recent` in its snapshot)
             return
         with self.lock:
             if len(self._outbox) >= OUTBOX:
                 self._outbox_dropped += 1
             else:
-                self._outbox.append((self._seq, obj, ex))
+                self._outbox.append((self._seq, kind, payload, pub))
                 self._seq += 1
             if self._woken:
                 return
@@ -211,49 +220,58 @@ class Hub:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 
-    def publish_exchange(self, ex: Any) -> None:
-        from ..analysis.render import exchange_json
+    def publish_exchange(self, ex: Exchange) -> None:
+        """A finished exchange: kept for the next snapshot and queued as it is (nothing is rendered here:
+        the data path's thread pays two appends)."""
+        self._remember(ex)
+        self._broadcast(_EXCHANGE, ex)
 
-        obj = {"type": "exchange", **exchange_json(ex, raw=True)}
-        self._remember(obj, _cut_raw(obj))
-        self._broadcast(obj, ex)
+    def publish_request(self, ex: Exchange) -> None:
+        """A request in flight (new, or changed while open); the snapshot lists the open ones instead.  Sent
+        only if it is still open when its batch goes out: one answered by then comes as its exchange."""
+        if self.clients:  # what the request's packet block says is taken now (its notes only grow)
+            self._broadcast(_REQUEST, ex, (time.time_ns(), ex.held, len(ex.notes)))
 
-    def publish_request(self, ex: Any) -> None:
-        """A request in flight (new, or changed while open); the snapshot lists the open ones instead."""
-        from ..analysis.render import exchange_json
-
-        if self.clients:
-            obj = {"type": "request", **exchange_json(ex, raw=True, now_ns=time.time_ns())}
-            _cut_raw(obj)
-            self._broadcast(obj, ex)
-
-    def _remember(self, obj: dict[str, Any], size: int) -> None:
-        """Keep `obj` in the snapshot's backlog, bounded in count and (estimated) bytes."""
+    def _remember(self, ex: Exchange) -> None:
+        """Keep `ex` for the snapshot's backlog, bounded in count and in bytes (what it holds, and its JSON's
+        raw hex, which is cut at LIVE_SNAPLEN)."""
+        size = 512
+        for raw in (ex.req_raw, ex.reply_raw):
+            if raw is not None:
+                size += len(raw) + 2 * min(len(raw), LIVE_SNAPLEN)
         with self.lock:
             if len(self.recent) == self.recent.maxlen:
                 self._recent_bytes -= self._recent_sizes.popleft()
-            self.recent.append(obj)
+            self.recent.append(ex)
             self._recent_sizes.append(size)
             self._recent_bytes += size
             while self._recent_bytes > BACKLOG_BYTES and len(self.recent) > 1:
                 self.recent.popleft()
                 self._recent_bytes -= self._recent_sizes.popleft()
 
+    def backlog(self) -> list[dict[str, Any]]:
+        """The exchanges a client attaching now gets in its snapshot, as JSON (under the feed lock: the
+        source's thread changes exchanges only while it holds that lock)."""
+        with self.feed_lock:
+            with self.lock:
+                recent = list(self.recent)
+            return [_exchange_obj(ex) for ex in recent]
+
     def publish_control(self, direction: str, summary: str) -> None:
         obj = {"type": "control", "direction": direction, "summary": summary}
         with self.lock:
             self.recent_control.append(obj)
-        self._broadcast(obj)
+        self._broadcast(_MSG, obj)
 
     def publish_event(self, kind: str, detail: dict[str, Any]) -> None:
         obj = {"type": "event", "kind": kind, "detail": detail}
         with self.lock:
             self.events.append(obj)
-        self._broadcast(obj)
+        self._broadcast(_MSG, obj)
 
     def publish_message(self, obj: dict[str, Any]) -> None:
         """Any other live message (control v2: `held`, `resumed`), to every client."""
-        self._broadcast(obj)
+        self._broadcast(_MSG, obj)
 
     def send_to(self, client_id: int, obj: dict[str, Any]) -> bool:
         """Queue `obj` to one client (a command's late answer); False when that client is gone."""
@@ -305,12 +323,14 @@ class Hub:
         text = any(not c.binary for c in clients)
         binary = any(c.binary for c in clients)
         for k in range(0, len(items), _BATCH):
-            chunk = items[k:k + _BATCH]
-            # Each message once per form: JSON lines, and pcapng blocks (one bytes per message, so that both
-            # forms count and cut the same messages).
-            forms = {False: _encoded([_line(obj) for _, obj, _ in chunk]) if text else None,
-                     True: _encoded([self._blocks(obj, ex) for _, obj, ex in chunk]) if binary else None}
-            first = chunk[0][0]
+            chunk = self._render(items[k:k + _BATCH])
+            # Each message once per form: JSON lines, and pcapng blocks (one bytes per message, so that each
+            # form counts and cuts whole messages).
+            forms = {False: _encoded([(seq, _line(obj if obj is not None else _exchange_obj(ex)))
+                                      for seq, kind, obj, ex, _ in chunk if obj is not None or kind != _REQUEST])
+                            if text else None,
+                     True: _encoded([(seq, data) for seq, kind, obj, ex, pub in chunk
+                                     if (data := self._blocks(kind, obj, ex, pub))]) if binary else None}
             fresh = b"".join(self.encoder.fresh)  # new interfaces: every binary reader gets them, first
             self.encoder.fresh.clear()
             with self.lock:
@@ -319,8 +339,8 @@ class Hub:
                         self._enqueue(c, fresh, force=True)
                     form = forms[c.binary]
                     assert form is not None
-                    lines, whole, ends = form
-                    skip = max(0, c.start_seq - first)  # joined mid-batch: its snapshot holds these
+                    seqs, lines, whole, ends = form
+                    skip = bisect.bisect_left(seqs, c.start_seq)  # joined mid-batch: its snapshot holds these
                     if skip >= len(lines):
                         continue
                     if not skip and self._fits(c, len(whole), len(lines)):
@@ -339,35 +359,59 @@ class Hub:
             if not c.blocked and c.has_output:
                 self._send(c)
 
-    def _blocks(self, obj: dict[str, Any], ex: Any) -> bytes:
-        """A message as binary-stream blocks (hub thread): packet blocks for a captured request or reply,
-        a custom block for everything else (and for what the request's packet block cannot say)."""
-        t = obj.get("type")
+    def _render(self, items: list[tuple[int, int, Any, Any]]) -> list[tuple[int, int, Any, Any, Any]]:
+        """Outbox items as (seq, kind, message, exchange, as published).  A request's message is made here if
+        it is still open (under the feed lock, once a batch: the source changes an open exchange only while
+        holding it), else it is None: the exchange is published already.  A finished exchange's message is
+        made only for JSON clients (None here); any other message is as it was published."""
+        out: list[tuple[int, int, Any, Any, Any]] = []
+        requests = any(kind == _REQUEST for _, kind, _, _ in items)
+        with self.feed_lock if requests else contextlib.nullcontext():
+            for seq, kind, payload, pub in items:
+                if kind == _MSG:
+                    out.append((seq, kind, payload, None, None))
+                elif kind == _EXCHANGE:
+                    out.append((seq, kind, None, payload, None))
+                else:
+                    obj = None
+                    if payload.state != DONE:
+                        obj = {"type": "request", **exchange_json(payload, raw=True, now_ns=pub[0])}
+                        _cut_raw(obj)
+                    out.append((seq, kind, obj, payload, pub))
+        return out
+
+    def _blocks(self, kind: int, obj: Any, ex: Any, pub: Any) -> bytes:
+        """A message as binary-stream blocks (hub thread): packet blocks for a captured request and a finished
+        exchange, a custom block for everything else (and for what a request's packet block cannot say)."""
         enc = self.encoder
         opened = self._opened
-        if ex is not None and t == "request":
+        if kind == _REQUEST:
             n = ex.n
             if n in opened or ex.req_raw is None:  # an update of one already streamed: its state, no bytes
+                if obj is None:  # ... stale: it finished since
+                    return b""
                 update = {k: v for k, v in obj.items() if k != "request_raw"}
                 if obj.get("held") != "reply":
                     update.pop("reply_raw", None)
                 return custom_block(update)
-            notes = list(obj.get("notes", ()))
-            self._request_block(ex, notes, rfmt.RF_HELD if obj.get("held") == "request" else 0)
-            opened[n] = len(notes)
+            # Its packet block as it was captured (in capture order, even if it finished since).
+            _now, held, nnotes = pub
+            self._request_block(ex, ex.notes[:nnotes], rfmt.RF_HELD if held == HELD_REQUEST else 0)
+            opened[n] = nnotes
             if len(opened) > OPENED:
                 opened.popitem(last=False)
             return enc.take()
-        if ex is not None and t == "exchange" and (ex.req_raw is not None or ex.reply_raw is not None):
-            notes = list(obj.get("notes", ()))
+        if kind == _EXCHANGE:
+            if ex.req_raw is None and ex.reply_raw is None:
+                return custom_block(_exchange_obj(ex))
+            notes = list(ex.notes)
             sent = opened.pop(ex.n, None)
             if sent is None and ex.req_raw is not None:
                 self._request_block(ex, notes, 0)
                 sent = len(notes)
             if ex.reply_raw is not None:
-                raw = ex.reply_raw[:LIVE_SNAPLEN]
-                enc.reply(raw, ex.queue, ex.head, ex.reply_ts or 0, epoch=ex.epoch, orig_len=ex.reply_len,
-                          notes=notes[sent or 0:], n=ex.n)
+                enc.reply(ex.reply_raw[:LIVE_SNAPLEN], ex.queue, ex.head, ex.reply_ts or 0, epoch=ex.epoch,
+                          orig_len=ex.reply_len, notes=notes[sent or 0:], n=ex.n)
             data = enc.take()
             if STUCK in ex.lints:  # the source's clock and threshold: the client's analyzer cannot tell
                 data += custom_block({"type": "lints", "n": ex.n, "lints": [STUCK]})
@@ -428,7 +472,9 @@ class Hub:
                     sock.close()
                     continue
                 with self.lock:
-                    snap["exchanges"] = list(self.recent)
+                    recent = list(self.recent)
+                snap["exchanges"] = [_exchange_obj(ex) for ex in recent]  # the source waits for the lock meanwhile
+                with self.lock:
                     snap["control"] = list(self.recent_control)
                     snap["events"] = list(self.events)
                     c.start_seq = self._seq
@@ -689,16 +735,20 @@ class Hub:
         os.close(self._wake_w)
 
 
-def _cut_raw(obj: dict[str, Any]) -> int:
-    """Cut the raw hex an exchange line carries to LIVE_SNAPLEN bytes; the line's estimated size."""
-    size = 512
+def _cut_raw(obj: dict[str, Any]) -> None:
+    """Cut the raw hex an exchange line carries to LIVE_SNAPLEN bytes."""
     for k in ("request_raw", "reply_raw"):
         h = obj.get(k)
         if h is not None and len(h) > 2 * LIVE_SNAPLEN:
-            obj[k] = h = h[:2 * LIVE_SNAPLEN]
+            obj[k] = h[:2 * LIVE_SNAPLEN]
             obj["snapped"] = True
-        size += len(h or "")
-    return size
+
+
+def _exchange_obj(ex: Exchange) -> dict[str, Any]:
+    """A finished exchange's message (its raw bytes cut at LIVE_SNAPLEN)."""
+    obj = {"type": "exchange", **exchange_json(ex, raw=True)}
+    _cut_raw(obj)
+    return obj
 
 
 def _not_json(name: str) -> Any:
@@ -711,6 +761,8 @@ def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, default=str) + "\n").encode()
 
 
-def _encoded(msgs: list[bytes]) -> tuple[list[bytes], bytes, list[int]]:
-    """Messages, all of them joined, and the bytes up to each one's end (to cut a batch at a budget)."""
-    return msgs, b"".join(msgs), list(itertools.accumulate(len(m) for m in msgs))
+def _encoded(msgs: list[tuple[int, bytes]]) -> tuple[list[int], list[bytes], bytes, list[int]]:
+    """(seq, message) pairs as: their seqs, the messages, all of them joined, and the bytes up to each one's
+    end (to cut a batch at a budget)."""
+    data = [m for _, m in msgs]
+    return [seq for seq, _ in msgs], data, b"".join(data), list(itertools.accumulate(len(m) for m in data))
