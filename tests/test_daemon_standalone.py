@@ -27,17 +27,18 @@ pytestmark = pytest.mark.root
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
-@pytest.fixture(scope="module")
-def mount() -> Iterator[tuple[Path, Path]]:
-    """(shared dir, mountpoint) of one daemon shared by this module's tests.  Not under pytest's 0700
-    tmp dir: the credential tests reach the mount as uid 65534."""
+@pytest.fixture(scope="module", params=["on", "off"], ids=["passthrough", "no-passthrough"])
+def mount(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
+    """(shared dir, mountpoint) of one daemon shared by this module's tests, with FUSE passthrough (the
+    kernel moves file data itself) and without (every READ/WRITE through the daemon).  Not under
+    pytest's 0700 tmp dir: the credential tests reach the mount as uid 65534."""
     require_root()
     base = Path(tempfile.mkdtemp(prefix="fsinspect-standalone-"))
     base.chmod(0o755)
     shared, mnt = base / "shared", base / "mnt"
     shared.mkdir(mode=0o755)
     try:
-        with standalone(shared, mnt, "--xattr"):
+        with standalone(shared, mnt, "--xattr", "--passthrough", request.param):
             yield shared, mnt
     finally:
         if not is_mounted(mnt):
