@@ -150,11 +150,12 @@ async def bench_replay(path: Path, seconds: float, full: bool = False) -> dict[s
 
 
 # The indexed case: the real replay UI (FsInspectApp over ReplaySource, headless through Textual's Pilot) in a
-# fresh interpreter per open, so each VmHWM is that open's own peak.  "cold": the first open (the side index
-# and then the analysis are built; first rows once the index is there); "warm": the second open (index and
-# analysis read back) and a full filter pass in the background, with keystrokes answered while it runs.
+# fresh interpreter per open, so each VmHWM is that open's own peak.  "recorded": the first open of a recording
+# with the index its recorder wrote (first rows only); "cold": the first open without any side file (the rows
+# come as one background pass indexes and analyses the recording); "warm": the second open (index and analysis
+# read back) and a full filter pass in the background, with keystrokes answered while it runs.
 INDEXED_CHILD = """
-import asyncio, json, sys, time
+import asyncio, json, os, sys, time
 from fsinspect.tui.app import FsInspectApp
 from fsinspect.tui.sources import ReplaySource, Store
 
@@ -175,7 +176,9 @@ async def main():
         r["n"] = app.xlist.count
         await asyncio.sleep(0.5)
         r["rss_open_mb"] = status("VmRSS:")
-        if phase == "cold":
+        if phase == "recorded":  # the recorder's own index: the first rows are all that is measured
+            pass
+        elif phase == "cold":
             while not app.store.done:
                 await asyncio.sleep(0.5)
             r["analysed_s"] = time.perf_counter() - t0
@@ -183,6 +186,7 @@ async def main():
         else:
             r["analysis_reused"] = app.source.build is None
             t = time.perf_counter()
+            cpu = os.times()
             app.apply_filter(expr)
             f = app.filter
             lat, seen = [], []
@@ -195,6 +199,8 @@ async def main():
                 seen.append((f.upto, len(f.view)))
                 await asyncio.sleep(0.25)
             r["filter_s"] = time.perf_counter() - t
+            end = os.times()
+            r["filter_cpu_s"] = end.user - cpu.user + end.system - cpu.system  # the whole process: load-robust
             app.tick()
             r["hits"] = len(f.view) if f is not None else 0
             r["progress_steps"] = len({u for u, _ in seen})
@@ -393,24 +399,33 @@ def main() -> int:
             rows.append(("replay: whole recording analysed", f"{r['total']:,} exchanges in {r['full_s']:.1f} s"))
     if args.indexed:
         path = Path(f"/tmp/fsinspect-bench-{args.indexed}.pcapng")
-        if not path.exists():
+        if not path.exists() or not Path(f"{path}.fsidx").exists():
             t = time.perf_counter()
             write_recording(path, args.indexed)
             print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s")
+        for side in (".fsana", ".fsrow"):
+            Path(f"{path}{side}").unlink(missing_ok=True)
+        recorded = bench_indexed(path, "recorded")
         for side in (".fsidx", ".fsana", ".fsrow"):  # a cold first open, whatever ran before
             Path(f"{path}{side}").unlink(missing_ok=True)
         cold = bench_indexed(path, "cold")
         r = bench_indexed(path, "warm")
-        ok &= r["first_rows_s"] < 1.0 and r["analysis_reused"]
+        ok &= r["first_rows_s"] < 1.0 and r["analysis_reused"] and cold["first_rows_s"] < 1.0
+        ok &= recorded["first_rows_s"] < 1.0
         tag = f"indexed replay UI {r['n']:,}"
         sides = sum(Path(f"{path}{s}").stat().st_size for s in (".fsidx", ".fsana", ".fsrow")) / 1e6
-        rows += [(f"{tag}: first open, first rows", f"{cold['first_rows_s']:.1f} s (the side index built)"),
-                 (f"{tag}: first open, analysis built and saved", f"{cold['analysed_s']:.0f} s in the background; "
-                                                                 f"peak RSS {cold['hwm_mb']:.0f} MB"),
+        rows += [(f"{tag}: first open, recorder's index, first rows", f"{recorded['first_rows_s'] * 1000:.0f} ms"
+                                                                      f" (goal < 1 s)"),
+                 (f"{tag}: first open, no side file, first rows", f"{cold['first_rows_s'] * 1000:.0f} ms (goal < 1 s;"
+                                                                  f" {cold['n']:,} rows indexed then)"),
+                 (f"{tag}: first open, indexed and analysed", f"{cold['analysed_s']:.0f} s in one background pass; "
+                                                             f"RSS after it {cold['rss_analysed_mb']:.0f} MB, "
+                                                             f"peak {cold['hwm_mb']:.0f} MB"),
                  (f"{tag}: second open, first rows", f"{r['first_rows_s'] * 1000:.0f} ms (goal < 1 s), analysis "
                                                      f"{'read back' if r['analysis_reused'] else 'REBUILT'}"),
                  (f"{tag}: RSS after open", f"{r['rss_open_mb']:.0f} MB (interpreter: {r['rss_start_mb']:.0f} MB)"),
-                 (f"{tag}: full filter pass (error == ENOENT)", f"{r['filter_s']:.0f} s, {r['hits']:,} matches, "
+                 (f"{tag}: full filter pass (error == ENOENT)", f"{r['filter_s']:.0f} s ({r['filter_cpu_s']:.0f} "
+                                                                f"CPU s), {r['hits']:,} matches, "
                                                                 f"{r['progress_steps']} progress steps seen; keys "
                                                                 f"p95 {r['key_p95_ms']:.0f} ms while it ran"),
                  (f"{tag}: RSS after the filter pass", f"{r['rss_filter_mb']:.0f} MB; peak {r['hwm_mb']:.0f} MB"),

@@ -43,6 +43,20 @@ def create(path: str | os.PathLike[str], mode: int = DEFAULT_MODE, *, append: bo
     return fd
 
 
+def open_rw(path: str | os.PathLike[str], mode: int = DEFAULT_MODE) -> int:
+    """Open `path` for reading and writing as it is, or create it empty with exactly `mode`."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def write_file(path: str | os.PathLike[str], data: str | bytes, mode: int = DEFAULT_MODE) -> None:
     """Write `data` to `path` (replaced whole, never seen half written) with exactly `mode`."""
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"

@@ -1,9 +1,11 @@
 """Side index: exchange number -> file offsets of its request and reply records.
 
-It lets the TUI open a 1M-exchange recording and jump to any exchange without loading the file.
-Stored next to the recording as FILE.fsidx, stamped with the recording's size and mtime, and rebuilt
-whenever it is missing or stale.  Entries are fixed-size and read through mmap, never all at once.
-The numbering equals the Analyzer's (same pairing rule); a test holds the two together.
+It lets the replay open a recording of any size at once and jump to any exchange without loading the file.
+Stored next to the recording as FILE.fsidx (recording/indexfile.py: the format, and why it can be trusted),
+written by the recorder as it records, else built or extended by the reader: at once (`scan`, seconds per
+million exchanges) or, `lazy`, by the pass that reads the records anyway (the replay's analysis), growing as
+it goes.  Entries are fixed-size and read through mmap once complete, never all at once.  The numbering
+equals the Analyzer's (same pairing rule); a test holds the two together.
 """
 
 from __future__ import annotations
@@ -12,23 +14,19 @@ import bisect
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Generator
 from pathlib import Path
-
-from dissectors.spec import fuse as spec
 
 from .. import privfile
 from . import format as fmt
+from .indexfile import ENTRY, HEAD, NONE, IndexFile, load, recording_check, try_lock
 from .parts import INDEX_SUFFIX, resolve, side_file
 from .reader import RecordingError, RecordingReader
 from .writer import _PREFIX
 
+STALE = 1 << 16  # exchanges after which a request still waiting no longer holds a growing index's filter back
 RELEASE_EVERY = 32 << 20  # bytes of a mapped file read between handing its pages back
-MAGIC = b"FSIDX\x00\x00\x01"
-_HEAD = struct.Struct("<8sQQQ")  # magic, recording size, recording mtime_ns, count
-_ENTRY = struct.Struct("<QQ")  # request offset, reply offset
-NONE = 0xFFFFFFFFFFFFFFFF
-_NO_REPLY = frozenset(o.value for o in spec.OPCODES if o.reply is None)
 
 
 def index_path(recording: str | os.PathLike[str]) -> Path:
@@ -51,18 +49,21 @@ _FIXED_OPTS = struct.Struct("<HHIHHIHHHHII")
 _EPB7 = struct.Struct("<IIIIIII")  # type, total, iface, ts high, ts low, caplen, origlen
 
 
-def scan(buf: bytes | mmap.mmap, *, fast: bool = True) -> Iterator[tuple[int, bool, int, int | None, int, bytes]]:
+Packet = tuple[int, bool, int, int | None, int, bytes]
+
+
+def scan(buf: bytes | mmap.mmap, *, fast: bool = True, start: int = 0) -> Generator[Packet, None, int]:
     """(offset, inbound, queue, head, epoch, first 16 PDU bytes) of every FUSE packet, without building
     Records: the fast path that lets the index cover 1M exchanges in seconds.  Stops at a truncated tail.
 
     A packet block too short for its fixed part, or whose captured bytes run past it, is refused as the
     reader refuses it (RecordingError); tags and options are read only inside their block."""
     n = len(buf)
-    off = 0
+    off = start
     while off + 12 <= n:
         btype, total = _BLK.unpack_from(buf, off)
         if total < 12 or total % 4 or off + total > n:
-            return
+            return off
         if btype == fmt.BT_EPB:
             if total < 12 + _EPB.size:
                 raise RecordingError(f"packet block at offset {off} has {total - 12} body bytes, fewer than its "
@@ -118,20 +119,30 @@ def scan(buf: bytes | mmap.mmap, *, fast: bool = True) -> Iterator[tuple[int, bo
                     o += 4 + ln + (-ln % 4)
                 yield off, inbound, queue, head, epoch, bytes(buf[p:min(p + 16, end_data)])
         off += total
+    return off
 
 
-def scan_parts(parts: list[Path]) -> Iterator[tuple[int, bool, int, int | None, int, bytes]]:
-    """`scan` over a rotated recording's parts, with offsets in their concatenation (the reader's)."""
+def scan_parts(parts: list[Path], start: int = 0) -> Generator[Packet, None, int]:
+    """`scan` over a rotated recording's parts from offset `start` on, with offsets in their concatenation
+    (the reader's); returns where the scan stopped (the end, or the start of a truncated tail)."""
     base = 0
+    stopped = start
     for part in parts:
         with open(part, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if not size:  # an empty file cannot be mapped
+            if not size or base + size <= start:  # (an empty file cannot be mapped)
+                base += size
                 continue
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             done = 0
-            for off, *rest in scan(mm):
+            gen = scan(mm, start=max(0, start - base))
+            while True:
+                try:
+                    off, *rest = next(gen)
+                except StopIteration as e:
+                    stopped = base + e.value
+                    break
                 yield (base + off, *rest)  # type: ignore[misc]
                 if off - done >= RELEASE_EVERY:  # the pages read so far leave our RSS (the page cache keeps them)
                     done = off - off % mmap.PAGESIZE
@@ -139,6 +150,7 @@ def scan_parts(parts: list[Path]) -> Iterator[tuple[int, bool, int, int | None, 
         finally:
             mm.close()
         base += size
+    return stopped
 
 
 class MappedHeads:
@@ -198,176 +210,162 @@ class MappedHeads:
         self.maps.clear()
 
 
-class _Entries:
-    """The index's entries as they are paired, written to `fd` (after the header) through a tail buffer,
-    so building an index of any size takes a few MiB; a reply for an entry already written is patched
-    in place.  With no fd they stay in `buf` (a read-only directory)."""
-
-    FLUSH = 1 << 22
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-        self.buf = bytearray()
-        self.base = 0  # entries already written to fd
-        self.count = 0
-
-    def append(self, req: int, rep: int) -> int:
-        self.buf += _ENTRY.pack(req, rep)
-        n = self.count
-        self.count += 1
-        if self.fd is not None and len(self.buf) >= self.FLUSH:
-            self.flush()
-        return n
-
-    def set_reply(self, n: int, offset: int) -> None:
-        if n >= self.base:
-            _U64.pack_into(self.buf, (n - self.base) * _ENTRY.size + 8, offset)
-        else:
-            assert self.fd is not None
-            os.pwrite(self.fd, _U64.pack(offset), _HEAD.size + n * _ENTRY.size + 8)
-
-    def flush(self) -> None:
-        if self.fd is None or not self.buf:
-            return
-        view = memoryview(self.buf)
-        pos = _HEAD.size + self.base * _ENTRY.size
-        while view:
-            pos += (k := os.pwrite(self.fd, view, pos))
-            view = view[k:]
-        self.base = self.count
-        self.buf = bytearray()
-
-
 def recording_stamp(parts: list[Path]) -> tuple[int, int]:
     """(total size, newest mtime) of a recording's parts: what an index or analysis cache is valid for."""
     sts = [os.stat(p) for p in parts]
     return sum(st.st_size for st in sts), max(st.st_mtime_ns for st in sts)
 
 
-def _pair(packets: Iterator[tuple[int, bool, int, int | None, int, bytes]], entries: _Entries) -> None:
-    pending: dict[tuple[int, int, int], int] = {}
-    for offset, inbound, queue, head, epoch, d in packets:
-        if inbound:
-            n = entries.append(offset, NONE)
-            opcode = _U32.unpack_from(d, 4)[0] if len(d) >= 8 else -1
-            if opcode in _NO_REPLY:
-                continue
-            unique = _U64.unpack_from(d, 8)[0] if len(d) >= 16 else 0
-            pending[(epoch, queue, head) if head is not None else (epoch, -1, unique)] = n
-        else:
-            unique = _U64.unpack_from(d, 8)[0] if len(d) >= 16 else -1
-            n = -1
-            if unique != 0:
-                for ep in (epoch, epoch - 1):
-                    n = pending.pop((ep, queue, head) if head is not None else (ep, -1, unique), -1)
-                    if n >= 0:
-                        break
-            if n >= 0:
-                entries.set_reply(n, offset)
-            else:
-                entries.append(NONE, offset)
-
-
 class RecordingIndex:
-    """Random access by exchange number; `rebuilt` tells whether opening had to scan the recording."""
+    """Random access by exchange number.
+
+    Opening trusts the index file beside the recording if it is this recording's (indexfile.load): a
+    complete one is mapped and used as it is; one that stops short (a recorder killed mid-write, a recording
+    that grew) is extended from where it stopped.  `lazy=True` returns at once with what is indexed so far
+    (`len()` grows, `complete` says when it is all there) and leaves the rest to whoever reads the records:
+    `add(record)` for each, then `finish(end)`; otherwise the rest is scanned now.  `rebuilt` tells whether
+    anything had to be scanned, `resumed_at` from where (0: the start)."""
 
     def __init__(self, recording: str | os.PathLike[str], *, rebuild: bool = False,
-                 progress: Callable[[float], None] | None = None) -> None:
+                 progress: Callable[[float], None] | None = None, lazy: bool = False) -> None:
         self.progress = progress  # told how far (0..1) a build has got, now and then
         self.parts = resolve(recording)
         self.recording = self.parts[0]
         self.path = index_path(self.recording)
-        self._stamp = recording_stamp(self.parts)
+        self.total = sum(os.stat(p).st_size for p in self.parts)
         self.rebuilt = False
+        self.complete = False
         self.error: str | None = None  # a bad block the index stops at (the reader says the same)
         self._mm: mmap.mmap | None = None
-        self._mem: bytes | None = None
-        if rebuild or not self._load():
-            self._build()
+        self._fd = -1
+        self._file = self._open(rebuild)
+        self.resumed_at = self.covered
+        self._next_checkpoint = self._file.count + (IndexFile.FLUSH // ENTRY.size)
+        if self.covered >= self.total and self.error is None:
+            self._complete()
+        elif not lazy:
+            self._scan_rest()
 
-    def _load(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            size = os.fstat(fd).st_size
-            if size < _HEAD.size:
-                return False
-            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        finally:
-            os.close(fd)
-        magic, rsize, mtime, count = _HEAD.unpack_from(mm)
-        if magic != MAGIC or (rsize, mtime) != self._stamp or size != _HEAD.size + count * _ENTRY.size:
-            mm.close()
-            return False
-        self._mm = mm
-        self.count = count
-        return True
-
-    def _build_in_memory(self) -> None:
-        """The index kept in memory only: a read-only directory, or a recording with a bad block (indexed up
-        to it, as the reader reads it, and scanned again at the next open rather than saved)."""
-        entries = _Entries(None)
-        try:
-            _pair(self._packets(), entries)
-        except RecordingError as e:
-            self.error = f"{self.recording}: {e}"
-        self.count = entries.count
-        self._mem = _HEAD.pack(MAGIC, *self._stamp, entries.count) + bytes(entries.buf)
-
-    def _build(self) -> None:
-        """Pair the whole recording into the index file (written beside it, replaced whole when done)."""
+    def _open(self, rebuild: bool) -> IndexFile:
+        """The index file to trust and extend, locked; or a private one (another process is writing the index
+        beside the recording: a live recorder, another reader extending it; or its directory is read-only)."""
         RecordingReader(self.recording).close()  # the header is valid: RecordingError otherwise
-        self.rebuilt = True
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        try:  # readable by whoever may read the recording, no more
-            fd = privfile.create(tmp, os.stat(self.recording).st_mode & 0o666)
-        except OSError:  # a read-only directory: keep the index in memory
-            self._build_in_memory()
-            return
+        self.covered = 0
         try:
-            entries = _Entries(fd)
-            try:
-                _pair(self._packets(), entries)
-            except RecordingError:
-                os.close(fd)
-                fd = -1
-                tmp.unlink(missing_ok=True)
-                self._build_in_memory()
-                return
-            entries.flush()
-            os.pwrite(fd, _HEAD.pack(MAGIC, *self._stamp, entries.count), 0)
-            os.close(fd)
+            fd = privfile.open_rw(self.path, os.stat(self.recording).st_mode & 0o666)
+        except OSError:
             fd = -1
-            os.replace(tmp, self.path)
-        except BaseException:
+        if fd < 0 or not try_lock(fd):
             if fd >= 0:
                 os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        self.count = entries.count
-        if not self._load():  # pragma: no cover - we just wrote it
-            raise OSError(f"{self.path}: the index just written does not read back")
+                fd = -1
+            try:  # someone else writes it: trust what it says so far only if it is complete
+                rfd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                rfd = -1
+            if rfd >= 0:
+                got = None if rebuild else load(rfd, self.parts, self.total)
+                if got is not None and got[0] >= self.total:
+                    self._fd, self.covered = rfd, got[0]
+                    return IndexFile(None, count=got[1])
+                os.close(rfd)
+        if fd < 0:  # a private index, never saved
+            fd = _private(self.path.parent)
+            if fd < 0:
+                return IndexFile(None)
+            self._fd = fd
+            return IndexFile(fd)
+        self._fd = fd
+        got = None if rebuild else load(fd, self.parts, self.total)
+        if got is None:
+            os.ftruncate(fd, 0)
+            return IndexFile(fd)
+        self.covered, count, pending = got
+        return IndexFile(fd, count=count, pending=pending)
 
-    def _packets(self) -> Iterator[tuple[int, bool, int, int | None, int, bytes]]:
-        """scan_parts, telling `progress` how far it has got every 64k packets."""
-        total = max(1, self._stamp[0])
-        for k, pkt in enumerate(scan_parts(self.parts)):
-            if self.progress is not None and k & 0xFFFF == 0:
-                self.progress(pkt[0] / total)
-            yield pkt
+    # -- building ------------------------------------------------------------------------------------------
+    def add(self, offset: int, inbound: bool, queue: int, head: int | None, epoch: int,
+            data: bytes | bytearray | memoryview) -> None:
+        """One FUSE record read at `offset` (in file order); ignored below what is indexed already."""
+        if offset < self.covered:
+            return
+        f = self._file
+        if f.count >= self._next_checkpoint:  # every record before this one is in: a resumable point
+            self._checkpoint(offset)
+            self._next_checkpoint = f.count + IndexFile.FLUSH // ENTRY.size
+        self.rebuilt = True
+        f.packet(offset, inbound, queue, head, epoch, data)
+
+    def _checkpoint(self, covered: int) -> None:
+        self._file.checkpoint(covered, recording_check(self.parts, covered))
+
+    def finish(self, end: int) -> None:
+        """Every record up to `end` (where reading stopped: the end, or a truncated tail) has been added."""
+        self._checkpoint(end)
+        self.rebuilt = self.rebuilt or end > self.covered
+        self.covered = max(self.covered, end)
+        self._complete()
+
+    def fail(self, error: str) -> None:
+        """A bad block stops the index there (the next open scans on from the last checkpoint again)."""
+        self.error = error
+
+    def _scan_rest(self) -> None:
+        """Scan the recording from where the index stops to its end."""
+        total = max(1, self.total)
+        self.rebuilt = True
+        gen = scan_parts(self.parts, self.covered)
+        k = 0
+        try:
+            while True:
+                try:
+                    off, inbound, queue, head, epoch, d = next(gen)
+                except StopIteration as e:
+                    end: int = e.value
+                    break
+                if self.progress is not None and k & 0xFFFF == 0:
+                    self.progress(off / total)
+                k += 1
+                self.add(off, inbound, queue, head, epoch, d)
+        except RecordingError as e:
+            self.fail(f"{self.recording}: {e}")
+            return
+        self.finish(end)
+
+    def _complete(self) -> None:
+        """All there: read the entries through a read-only map from now on."""
+        self.complete = True
+        fd = self._file.fd if self._file.fd is not None else self._fd
+        if fd < 0 or self._file.count == 0:
+            return  # (entries kept in memory, or none)
+        self._mm = mmap.mmap(fd, HEAD.size + self._file.count * ENTRY.size, access=mmap.ACCESS_READ)
 
     def __len__(self) -> int:
-        return self.count
+        return self._file.count
+
+    def settled(self) -> int:
+        """How many exchanges are final: all once complete; while the index grows, those before the oldest
+        request still waiting for its reply (one waiting longer than STALE exchanges is taken as unanswered)."""
+        f = self._file
+        count = f.count
+        if self.complete:
+            return count
+        waiting = [n for n in list(f.pending.values()) if n >= count - STALE]
+        return min(waiting, default=count)
+
+    @property
+    def count(self) -> int:
+        return self._file.count
 
     def offsets(self, i: int) -> tuple[int | None, int | None]:
         """(request offset, reply offset) of exchange i; None where that side is absent."""
-        if not 0 <= i < self.count:
-            raise IndexError(f"exchange {i} out of range (0..{self.count - 1})")
-        buf = self._mm if self._mm is not None else self._mem
-        assert buf is not None
-        a, b = _ENTRY.unpack_from(buf, _HEAD.size + i * _ENTRY.size)
+        if not 0 <= i < self._file.count:
+            raise IndexError(f"exchange {i} out of range (0..{self._file.count - 1})")
+        mm = self._mm
+        if mm is not None:
+            a, b = ENTRY.unpack_from(mm, HEAD.size + i * ENTRY.size)
+        else:
+            a, b = self._file.entry(i)
         return (None if a == NONE else a), (None if b == NONE else b)
 
     def release(self) -> None:
@@ -379,3 +377,16 @@ class RecordingIndex:
         if self._mm is not None:
             self._mm.close()
             self._mm = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _private(directory: Path) -> int:
+    """An unnamed file for an index nobody else will read (the one beside the recording is someone else's)."""
+    for d in (directory, Path(tempfile.gettempdir())):
+        try:
+            return os.open(d, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
+    return -1

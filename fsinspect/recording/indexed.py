@@ -21,6 +21,7 @@ import os
 import re
 import struct
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ from ..analysis.render import submounts_json, syncfs_json
 from ..analysis.stats import Stats
 from .index import MappedHeads, RecordingIndex, recording_stamp
 from .parts import ANALYSIS_SUFFIX, ROWS_SUFFIX, side_file
-from .reader import Record, RecordingReader
+from .reader import Record, RecordingError, RecordingReader
 from .replay import feed_record, prime_from_header
 
 CACHE_SIZE = 4096
@@ -77,11 +78,20 @@ class Rows:
 
     def __init__(self, mm: mmap.mmap, count: int, *, anonymous: bool = False) -> None:
         self.mm = mm
-        self.count = count
+        self.count = count  # rows there is room for (a build that does not know the total yet grows them)
         self.anonymous = anonymous  # a read-only directory: the rows live in memory (DONTNEED would zero them)
         self.ids_at = _ROWS_HEAD.size
         self.lat_at = self.ids_at + 4 * count
         self.flags_at = self.lat_at + 8 * count
+
+    def resized(self, tmp: Path, count: int, mode: int) -> Rows:
+        """These rows' first `count` (all, and zeroed room after them) in a new `tmp` (or in memory)."""
+        new = Rows.create(tmp, count, mode)
+        n = min(count, self.count)
+        for src, dst, width in ((self.ids_at, new.ids_at, 4), (self.lat_at, new.lat_at, 8),
+                                (self.flags_at, new.flags_at, 1)):
+            new.mm[dst:dst + width * n] = self.mm[src:src + width * n]
+        return new
 
     @staticmethod
     def size(count: int) -> int:
@@ -197,8 +207,11 @@ class AnalysisBuild:
         self.rec = rec
         self.an = analyzer
         first = rec.parts[0]
+        self.mode = os.stat(first).st_mode & 0o666
         self.tmp = rows_path(first).with_name(f".{rows_path(first).name}.tmp{os.getpid()}")
-        self.rows = Rows.create(self.tmp, len(rec), os.stat(first).st_mode & 0o666)
+        # room for every exchange, or (the index still growing with this pass) for a first guess, doubled as needed
+        room = len(rec) if rec.index.complete else max(len(rec), 1024, rec.index.total // 512)
+        self.rows = Rows.create(self.tmp, room, self.mode)
         rec.rows, rec.path_table, rec.analysed = self.rows, [""], 0
         self._ids: dict[str, int] = {"": 0}
         self.records = 0
@@ -221,7 +234,12 @@ class AnalysisBuild:
             if len(self.control) < CONTROL_KEEP:
                 self.control.append(r.offset)
             return
+        index = self.rec.index
+        if not index.complete:  # the same pass indexes what the index does not hold yet
+            index.add(r.offset, r.inbound, r.queue, r.head, r.epoch, r.data)
         an = self.an
+        if an.count >= self.rows.count:
+            self._grow()
         hint = ""
         if r.inbound and len(r.data) >= 24:  # the nodeid's path now: a FORGET or UNLINK changes it
             nodeid = int.from_bytes(r.data[16:24], "little")
@@ -239,6 +257,17 @@ class AnalysisBuild:
             self.lints_dropped += len(an.lints) - LINTS_KEEP
             del an.lints[LINTS_KEEP:]
 
+    def _grow(self) -> None:
+        self._resize(2 * self.rows.count)
+
+    def _resize(self, count: int) -> None:
+        """Room for `count` rows (the old map stays valid for a reader that holds it: it is not closed)."""
+        tmp = self.tmp.with_name(self.tmp.name + "+")
+        rows = self.rows.resized(tmp, count, self.mode)
+        if not rows.anonymous:
+            os.replace(tmp, self.tmp)
+        self.rows = self.rec.rows = rows
+
     def _done(self, ex: Exchange) -> None:
         flags = ((ERROR if ex.error else 0) | (LINT if ex.lints else 0) | (SNAPPED if ex.snapped else 0)
                  | (SUBMOUNT if ex.submount else 0))
@@ -249,10 +278,18 @@ class AnalysisBuild:
             self.bytes[sec] += ex.req_len + ex.reply_len
         self.rows.set_done(ex.index, flags, ex.latency_ns)
 
-    def finish(self) -> dict[str, Any]:
-        """End the pass (no-reply lints), save the rows and the analysis, and let the recording use them."""
+    def finish(self, end: int | None = None, error: str | None = None) -> dict[str, Any]:
+        """End the pass (no-reply lints), save the rows and the analysis, and let the recording use them.
+        `end`: where reading stopped (the end, or a truncated tail); `error`: a bad block stopped it."""
         an, rec = self.an, self.rec
+        if not rec.index.complete:
+            if error is not None:
+                rec.index.fail(error)
+            elif end is not None:
+                rec.index.finish(end)
         an.finish()
+        if self.rows.count != an.count:  # the room guessed: exactly the rows there are
+            self._resize(an.count)
         an.listeners.remove(self._done)
         for lint in an.lints:
             self.rows.set_done(lint.exchange, LINT, None)
@@ -296,10 +333,13 @@ class IndexedRecording:
     """Random access to a recording's exchanges by number, through its side index."""
 
     def __init__(self, path: str | os.PathLike[str], *, cache_size: int = CACHE_SIZE,
-                 progress: Callable[[float], None] | None = None) -> None:
+                 progress: Callable[[float], None] | None = None, lazy_index: bool = False) -> None:
         self.reader = RecordingReader(path)  # validates the header: RecordingError for a bad file
         self.parts = self.reader.parts
-        self.index = RecordingIndex(path, progress=progress)  # progress: of an index being built
+        # progress: of an index being built; lazy_index: open with what is indexed so far, the analysis pass
+        # indexes the rest (len() grows meanwhile)
+        self.index = RecordingIndex(path, progress=progress, lazy=lazy_index)
+        self.records_end = 0
         self.cache_size = cache_size
         self._cache: OrderedDict[int, Exchange] = OrderedDict()
         self._lock = threading.Lock()  # the reader's handle seeks: one user at a time
@@ -335,9 +375,10 @@ class IndexedRecording:
                 self._cache.move_to_end(i)
                 return ex
             ex = self._decode(i)
-            self._cache[i] = ex
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            if ex.replied or not ex.expects_reply or self.index.complete:  # (else its reply may be indexed yet)
+                self._cache[i] = ex
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
             return ex
 
     def _new_decoder(self) -> Analyzer:
@@ -393,9 +434,22 @@ class IndexedRecording:
         light = self._light_level(costs)
         reader = RecordingReader(self.parts[0]) if light is not None else None  # its own handle: no lock
         heads = MappedHeads(self.parts) if light is not None else None
+        index = self.index
         try:
-            total = len(self)
-            for i in range(start, total):
+            total = index.settled()
+            i = start - 1
+            while True:
+                i += 1
+                if i >= total:  # an index still growing: the rest as it arrives (and its replies with it)
+                    total = index.settled()
+                    while i >= total and not index.complete and index.error is None:
+                        if stop is not None and stop.wait(0.05):
+                            return
+                        if stop is None:
+                            time.sleep(0.05)
+                        total = index.settled()
+                    if i >= total:
+                        break
                 if stop is not None and stop.is_set():
                     return
                 if i & 1023 == 0:
@@ -512,16 +566,23 @@ class IndexedRecording:
         return AnalysisBuild(self, analyzer if analyzer is not None else Analyzer(keep_exchanges=False))
 
     def records(self) -> Iterator[Record]:
-        """Every record of the recording in file order (its own handle: the UI's reads do not move it)."""
+        """Every record of the recording in file order (its own handle: the UI's reads do not move it);
+        `records_end` then says where they stopped (the end, or a truncated tail)."""
         with RecordingReader(self.parts[0]) as r:
             yield from r.records()
+            self.records_end = r.end
 
     def build_analysis(self, analyzer: Analyzer | None = None) -> dict[str, Any]:
-        """Analyse the whole recording once (seconds per million exchanges) and save it beside the index."""
+        """Analyse the whole recording once (seconds per million exchanges) and save it beside the index; an
+        index still growing (`lazy_index`) is completed by the same pass."""
         build = self.analysis_build(analyzer)
-        for rec in self.records():
-            build.apply(rec)
-        return build.finish()
+        try:
+            for rec in self.records():
+                build.apply(rec)
+        except RecordingError as e:
+            self.index.fail(str(e))
+            raise
+        return build.finish(self.records_end)
 
     def restore(self, an: Analyzer) -> None:
         """Put the saved analysis into `an` (inode map, submounts, SYNCFS, lints, stats): what the UI's

@@ -44,6 +44,7 @@ def part_path(base: Path, n: int) -> Path:
 INDEX_SUFFIX = ".fsidx"  # the side index (index.py)
 ANALYSIS_SUFFIX = ".fsana"  # the saved analysis (indexed.py)
 ROWS_SUFFIX = ".fsrow"  # per-exchange paths, latencies and flags (indexed.py)
+SIDE_SUFFIXES = (INDEX_SUFFIX, ANALYSIS_SUFFIX, ROWS_SUFFIX)  # never parts, whatever a glob matches
 
 
 def side_file(part: Path, suffix: str) -> Path:
@@ -132,7 +133,7 @@ def resolve(spec: str | os.PathLike[str]) -> list[Path]:
         base, n = part_key(path)
         return _same_run([path, *_continuations(path.with_name(base), n)])
     if glob.has_magic(text):
-        files = [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_file()]
+        files = [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_file() and Path(p).suffix not in SIDE_SUFFIXES]
         if not files:
             raise PartsError(f"{text}: no file matches")
         return _same_run(_one_recording(files, text))

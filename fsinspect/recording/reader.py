@@ -333,6 +333,7 @@ class RecordingReader(_BlockParser):
         self.sections: list[Section] = []
         self.truncated: str | None = None
         self.count = 0
+        self.end = 0  # where the last pass over the records stopped: the end, or a truncated tail
         head = self._f.read(12)
         if len(head) < 12:
             self.close()
@@ -414,6 +415,7 @@ class RecordingReader(_BlockParser):
                 self._section(offset, body)
             offset += total
         self.count = count
+        self.end = offset
 
     def record_at(self, offset: int) -> Record:
         """The EPB at a file offset (from the side index), read without scanning the file."""

@@ -24,6 +24,7 @@ from dissectors.spec import fuse as fspec
 
 from .. import __version__, privfile
 from . import format as fmt
+from .indexfile import CHECK, IndexFile, content_check, try_lock
 from .parts import ANALYSIS_SUFFIX, INDEX_SUFFIX, part_path, side_file
 
 _OP_INIT = fspec.OPCODE_BY_NAME["INIT"].value
@@ -123,7 +124,7 @@ class RecordingWriter:
                  comments: Sequence[str] = (), snaplen: int = fmt.DEFAULT_SNAPLEN, rotate_mb: float = 0,
                  flush_bytes: int = 1 << 18, flush_interval: float = 0.2, mode: int = privfile.DEFAULT_MODE,
                  init: dict[str, Any] | None = None, rotate_keep: int = 0, stream: int | None = None,
-                 sink: Callable[[bytes], None] | None = None) -> None:
+                 sink: Callable[[bytes], None] | None = None, index: bool = True) -> None:
         if source == "vhost-user":  # a vhost-user back-end's traffic is virtqueue traffic
             source = "virtio"
         if source not in ("virtio", "fusedev"):
@@ -167,6 +168,12 @@ class RecordingWriter:
         # sandbox may have moved the thread that rotates to another root meanwhile (daemon/sandbox.py).
         self._dir_fd = -1 if stream is not None or sink is not None or not rotate_mb else \
             os.open(self.base.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._base = 0  # offset of the current part in the parts back to back
+        self._index: IndexFile | None = None
+        self._check_head = b""  # the first and last CHECK bytes written: the index's content check
+        self._check_tail = b""
+        if index and stream is None and sink is None and not rotate_keep:
+            self._open_index()
         self._open_part()
 
     # -- public API ------------------------------------------------------------------------------
@@ -198,8 +205,10 @@ class RecordingWriter:
             self._init = {"epoch": self.epoch, "request": raw.hex(), "reply": None}
         if flags & fmt.RF_DEBUGGER:
             notes = [*notes, fmt.debugger_comment(flags)]
-        self._epb(self._req_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_INBOUND, queue),
-                  queue, raw, orig, head, ts_ns, flags, layout, notes, n)
+        chan = self._req_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_INBOUND, queue)
+        if self._index is not None:
+            self._index.packet(self._base + self._written + self._buffered, True, queue, head, self.epoch, raw)
+        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n)
 
     def reply(self, raw: bytes | bytearray | memoryview, queue: int = 0, head: int | None = None,
               ts_ns: int | None = None, *, epoch: int | None = None, layout: Sequence[tuple[int, int]] = (),
@@ -222,8 +231,10 @@ class RecordingWriter:
                     flags |= fmt.RF_SNAPPED
         if flags & fmt.RF_DEBUGGER:
             notes = [*notes, fmt.debugger_comment(flags)]
-        self._epb(self._rep_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND, queue),
-                  queue, raw, orig, head, ts_ns, flags, layout, notes, n)
+        chan = self._rep_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND, queue)
+        if self._index is not None:
+            self._index.packet(self._base + self._written + self._buffered, False, queue, head, self.epoch, raw)
+        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n)
 
     @staticmethod
     def _unique(raw: bytes) -> int:
@@ -251,7 +262,9 @@ class RecordingWriter:
         if self.rotate_bytes and self._written >= self.rotate_bytes:
             os.close(self._fd)
             self._fd = -1
+            self._base += self._written
             self._open_part()
+        self._checkpoint()
 
     def _write_out(self) -> None:
         data = b"".join(self._buf)
@@ -265,6 +278,10 @@ class RecordingWriter:
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
+        if self._index is not None:
+            if len(self._check_head) < CHECK:
+                self._check_head += data[:CHECK - len(self._check_head)]
+            self._check_tail = (self._check_tail + data[-CHECK:])[-CHECK:]
         self._written += len(data)
         self._last_flush = time.monotonic()
 
@@ -272,6 +289,11 @@ class RecordingWriter:
         if self._fd < 0:
             return
         self.flush()
+        self._checkpoint()
+        if self._index is not None:
+            assert self._index.fd is not None
+            os.close(self._index.fd)  # (and its lock)
+            self._index = None
         if self.stream is None and self._sink is None:
             os.close(self._fd)
         self._fd = -1
@@ -286,6 +308,26 @@ class RecordingWriter:
         self.close()
 
     # -- internals -------------------------------------------------------------------------------
+    def _open_index(self) -> None:
+        """The side index, written as the recording is (recording/indexfile.py), locked while it is: a reader
+        that opens the recording meanwhile indexes it on its own.  Without it the recording still records."""
+        path = side_file(part_path(self.base, 0), INDEX_SUFFIX)
+        try:
+            fd = privfile.create(path.name if self._dir_fd >= 0 else path, self.mode,
+                                 dir_fd=self._dir_fd if self._dir_fd >= 0 else None)
+        except OSError:
+            return
+        os.close(fd)
+        fd = os.open(path.name if self._dir_fd >= 0 else path, os.O_RDWR | os.O_CLOEXEC,
+                     dir_fd=self._dir_fd if self._dir_fd >= 0 else None)
+        try_lock(fd)
+        self._index = IndexFile(fd)
+
+    def _checkpoint(self) -> None:
+        """The index accounts for everything written so far (called after each write of whole blocks)."""
+        if self._index is not None and not self._buf:
+            self._index.checkpoint(self._base + self._written, content_check(self._check_head, self._check_tail))
+
     def _open_part(self) -> None:
         """Start the next part with its section header, written at once and never counted towards
         rotation (a threshold below a header's size rotated again from inside the rotation)."""

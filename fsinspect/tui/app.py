@@ -282,7 +282,7 @@ class FsInspectApp(App[int]):
         n = st.end
         parts = [st.title, st.status]
         if st.progress is not None:
-            doing = "indexing" if st.kind == "replay" and st.rec is None else "analysing"
+            doing = "indexing" if st.rec is not None and not st.rec.index.complete else "analysing"
             parts.append(f"{doing} {st.progress * 100:.0f}%")
         parts.append(f"{n} exchanges")
         pending = len(st.open) if st.kind == "attach" else 0

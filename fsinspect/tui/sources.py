@@ -314,12 +314,9 @@ class ReplaySource(Feed, Source):
     def run(self) -> None:
         st = self.store
         t0 = time.perf_counter()
-        st.status = "the first open of this recording: its side index is built (the next open reads it back)"
-
-        def indexing(done: float) -> None:
-            st.progress = done
-
-        rec = IndexedRecording(self.path, progress=indexing)
+        # At once, with what the side index holds (all of it, for a recording fsinspect made): the analysis pass
+        # below indexes the rest, and the list grows with it.
+        rec = IndexedRecording(self.path, lazy_index=True)
         self.rec = rec
         with st.lock:
             st.first_ts = rec.analysis["first_ts"] if rec.analysis is not None else self._first_ts(rec)
@@ -360,14 +357,15 @@ class ReplaySource(Feed, Source):
         def progress() -> None:
             st.progress = last[0] / size
 
+        error = None
         try:
             if not self.feed(chunks(), self._stop, progress):
                 self.build.abort()
                 return
         except RecordingError as e:
-            st.error = str(e)
+            st.error = error = str(e)
         with st.lock:
-            data = self.build.finish()
+            data = self.build.finish(rec.records_end, error)
             st.snapped = int(data["snapped"])
 
     def apply(self, item: Any) -> None:
