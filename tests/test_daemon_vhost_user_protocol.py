@@ -114,6 +114,7 @@ class Frontend:
         while not used:
             self.wait_call(1)
             used = ring.collect_used()
+        ring.set_used_event(ring.last_used)  # EVENT_IDX, as Linux: a call for the next completion
         (_id, length), = used
         rep = F.decode_reply(bytes(self.gpa_view(out_gpa, length)), F.decode_request(raw))
         assert isinstance(rep, F.Reply)
@@ -151,7 +152,7 @@ def setup_queues(fe: Frontend, memfd_path: str, *, table: bool) -> None:
     """QEMU's sequence (proxy-notes.md), with SET_MEM_TABLE instead of ADD_MEM_REG when `table`."""
     feats = fe.ask("GET_FEATURES").u64
     assert feats == DEVICE_FEATURES
-    assert feats & FB["VIRTIO_F_VERSION_1"] and feats & FB["VIRTIO_RING_F_INDIRECT_DESC"] and not feats & FB["VIRTIO_RING_F_EVENT_IDX"]
+    assert feats & FB["VIRTIO_F_VERSION_1"] and feats & FB["VIRTIO_RING_F_INDIRECT_DESC"] and feats & FB["VIRTIO_RING_F_EVENT_IDX"]
     proto = fe.ask("GET_PROTOCOL_FEATURES").u64
     assert proto == PROTOCOL_FEATURES and not proto & (P["BACKEND_REQ"] | P["LOG_SHMFD"] | P["INFLIGHT_SHMFD"])
     fe.send("SET_PROTOCOL_FEATURES", V.u64(proto))

@@ -14,8 +14,11 @@ published at once.  READ is zero-copy (the filesystem `preadv`s into the chain's
 InPlace); WRITE data arrives gathered once by the ring engine (Chain.readable) and is `pwrite`n from there.
 
 What is negotiated, honestly:
-- device features VERSION_1, INDIRECT_DESC, PROTOCOL_FEATURES (no EVENT_IDX: a completion calls unless
-  the driver set VRING_AVAIL_F_NO_INTERRUPT, and the guest's kicks are never suppressed);
+- device features VERSION_1, INDIRECT_DESC, EVENT_IDX, PROTOCOL_FEATURES.  With EVENT_IDX (Linux acks
+  it) a batch calls only when used->idx passed the driver's used_event, and each pop asks for a kick at
+  the next entry only (avail_event), so a driver adding requests while the queue thread drains does not
+  kick; without it a completion calls unless the driver set VRING_AVAIL_F_NO_INTERRUPT.  The ring engine
+  decides both (SplitQueue.event_idx);
 - protocol features MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG) and RESET_DEVICE.
 
 Rules from libvhost-user and proxy-notes.md that matter:
@@ -71,7 +74,9 @@ P_BIT = vspec.PROTOCOL_F.by_name()
 REQ = {r.name: r.value for r in vspec.FRONTEND_REQUESTS}
 REQ_BY_VALUE = {r.value: r for r in vspec.FRONTEND_REQUESTS}
 
-DEVICE_FEATURES = F_BIT["VIRTIO_F_VERSION_1"] | F_BIT["VIRTIO_RING_F_INDIRECT_DESC"] | F_BIT["VHOST_USER_F_PROTOCOL_FEATURES"]
+F_EVENT_IDX = F_BIT["VIRTIO_RING_F_EVENT_IDX"]
+DEVICE_FEATURES = (F_BIT["VIRTIO_F_VERSION_1"] | F_BIT["VIRTIO_RING_F_INDIRECT_DESC"] | F_EVENT_IDX
+                   | F_BIT["VHOST_USER_F_PROTOCOL_FEATURES"])
 PROTOCOL_FEATURES = P_BIT["MQ"] | P_BIT["REPLY_ACK"] | P_BIT["CONFIGURE_MEM_SLOTS"] | P_BIT["RESET_DEVICE"]
 MAX_MEM_SLOTS = 32  # libvhost-user's VHOST_USER_MAX_RAM_SLOTS
 DEFAULT_QUEUES = 2  # hiprio + one request queue, as the C virtiofsd reports
@@ -393,6 +398,9 @@ class VhostUserSession:
         if not f & F_BIT["VHOST_USER_F_PROTOCOL_FEATURES"]:  # rings start enabled without SET_VRING_ENABLE
             for vr in self.vrings:
                 vr.enabled = True
+        for vr in self.vrings:  # QEMU sets features before the rings; a late change still reaches them
+            if vr.queue is not None:
+                vr.queue.event_idx = bool(f & F_EVENT_IDX)
 
     def _on_get_protocol_features(self, msg: V.VhostUserMessage) -> Any:
         return V.u64(PROTOCOL_FEATURES)
@@ -502,6 +510,7 @@ class VhostUserSession:
             q.last_avail_idx = vr.base
             # libvhost-user: the used index the driver last saw is the one in the ring.
             q.used_idx = int.from_bytes(m.view(used + 2, 2), "little")
+        q.event_idx = bool(self.features & F_EVENT_IDX)
         with vr.lock:
             q.call_fd = vr.call_fd
         if old is not None:  # chains still in flight complete on the new ring
