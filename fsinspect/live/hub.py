@@ -365,7 +365,8 @@ class Hub:
         holding it), else it is None: the exchange is published already.  A finished exchange's message is
         made only for JSON clients (None here); any other message is as it was published."""
         out: list[tuple[int, int, Any, Any, Any]] = []
-        requests = any(kind == _REQUEST for _, kind, _, _ in items)
+        # (A finished exchange stays finished: the lock is taken only if some request may still be open.)
+        requests = any(kind == _REQUEST and payload.state != DONE for _, kind, payload, _ in items)
         with self.feed_lock if requests else contextlib.nullcontext():
             for seq, kind, payload, pub in items:
                 if kind == _MSG:

@@ -476,9 +476,15 @@ class BlockEncoder(RecordingWriter):
 
     def take(self) -> bytes:
         """Every block encoded since the last call."""
-        self.flush()
-        data = b"".join(self._out)
-        self._out.clear()
+        if self._out:  # a section header went out through the sink
+            self.flush()
+            data = b"".join(self._out)
+            self._out.clear()
+            return data
+        buf = self._buf  # the packet blocks, taken without the file's flush bookkeeping (once per message)
+        data = b"".join(buf)
+        buf.clear()
+        self._buffered = 0
         return data
 
 
