@@ -552,12 +552,11 @@ class CaptureBuffer:
             self.close()
 
     def close(self) -> None:
-        """Close the eventfd (end of session; rc_capture_close): buffered records stay readable, nothing
-        waits on it again.  Idempotent."""
-        with self._cond:
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._fd = -1
+        """Close the eventfd (end of session; rc_capture_close), once the paths writing to it are closed and
+        the consumer stopped: buffered records stay readable, nothing waits on it again.  Idempotent."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def fileno(self) -> int:
         return self._fd
@@ -589,9 +588,9 @@ class CaptureBuffer:
             return True
 
     def _notify(self) -> None:
-        with self._cond:  # close() may run on another thread: never write to a reused number
-            if self._fd >= 0:
-                os.eventfd_write(self._fd, 1)
+        fd = self._fd  # no lock: a producer never waits behind the consumer (close() comes after the paths')
+        if fd >= 0:
+            os.eventfd_write(fd, 1)
 
     def _wake_all(self) -> None:
         with self._cond:
@@ -600,19 +599,19 @@ class CaptureBuffer:
     def read_captures(self, max: int = 1024, timeout: float = 0.0) -> list[Capture]:
         out: list[Capture] = []
         for attempt in range(2):
+            fd = self._fd  # -1 once closed
+            if fd >= 0:
+                try:
+                    os.eventfd_read(fd)  # clear first, then drain: no lost wake-up
+                except BlockingIOError:
+                    pass
             with self._cond:
-                if self._fd >= 0:
-                    try:
-                        os.eventfd_read(self._fd)  # clear first, then drain: no lost wake-up
-                    except BlockingIOError:
-                        pass
                 while self._q and (max <= 0 or len(out) < max):
                     cap, size = self._q.popleft()
                     self._used -= size
                     out.append(cap)
                 if out:
                     self._cond.notify_all()
-            fd = self._fd
             if out or timeout <= 0 or attempt or fd < 0:
                 break  # closed: what was buffered is all there will be
             p = select.poll()

@@ -1258,12 +1258,11 @@ static PyObject *CaptureBuffer_read_captures(CaptureBufferObject *self, PyObject
         return NULL;
     for (int attempt = 0; attempt < 2; attempt++) {
         uint64_t v;
-        pthread_mutex_lock(&c->lock); /* close() may run on another thread: never read a reused number */
-        if (c->notify_fd >= 0) {
-            ssize_t rr = read(c->notify_fd, &v, sizeof(v)); /* clear first, then drain: no lost wake-up */
+        int nfd = __atomic_load_n(&c->notify_fd, __ATOMIC_ACQUIRE); /* -1 once closed */
+        if (nfd >= 0) {
+            ssize_t rr = read(nfd, &v, sizeof(v)); /* clear first, then drain: no lost wake-up */
             (void)rr;
         }
-        pthread_mutex_unlock(&c->lock);
         uint64_t pos = __atomic_load_n(&c->tail, __ATOMIC_ACQUIRE);
         const struct rc_cap_hdr *h;
         while ((max <= 0 || PyList_GET_SIZE(out) < max) && (h = rc_capture_peek(c, &pos))) {
@@ -1278,9 +1277,9 @@ static PyObject *CaptureBuffer_read_captures(CaptureBufferObject *self, PyObject
         }
         if (pos != c->tail)
             rc_capture_release(c, pos);
-        if (PyList_GET_SIZE(out) || timeout <= 0 || attempt || c->notify_fd < 0)
+        if (PyList_GET_SIZE(out) || timeout <= 0 || attempt || nfd < 0)
             break; /* closed: what was buffered is all there will be */
-        struct pollfd pfd = {.fd = c->notify_fd, .events = POLLIN};
+        struct pollfd pfd = {.fd = nfd, .events = POLLIN};
         int ms = timeout > 86400 ? 86400000 : (int)(timeout * 1000.0 + 0.999);
         int pr;
         Py_BEGIN_ALLOW_THREADS
@@ -1325,7 +1324,8 @@ static PyMethodDef CaptureBuffer_methods[] = {
      "read_captures(max=1024, timeout=0.0) -> [Capture]; waits up to timeout seconds if empty"},
     {"fileno", (PyCFunction)CaptureBuffer_fileno, METH_NOARGS, "eventfd readable when captures are pending (-1: closed)"},
     {"close", (PyCFunction)CaptureBuffer_close, METH_NOARGS,
-     "close the eventfd (end of session; idempotent): buffered records stay readable, nothing waits"},
+     "close the eventfd (end of session, once its paths are closed and its consumer stopped; idempotent): "
+     "buffered records stay readable, nothing waits"},
     {NULL},
 };
 static PyGetSetDef CaptureBuffer_getset[] = {

@@ -486,25 +486,23 @@ void rc_capture_commit(struct rc_capture *c)
     pthread_mutex_unlock(&c->lock);
 }
 
-/* Under the lock (once per batch): rc_capture_close may close the eventfd from another thread. */
+/* No lock here: a producer must never wait behind the consumer (a descheduled lock holder would stall
+ * the guest's path).  rc_capture_close runs once no producer is left (the proxy closes its paths first). */
 void rc_capture_notify(struct rc_capture *c)
 {
-    uint64_t one = 1;
-    pthread_mutex_lock(&c->lock);
-    if (c->notify_fd >= 0) {
-        ssize_t r = write(c->notify_fd, &one, sizeof(one));
+    int fd = __atomic_load_n(&c->notify_fd, __ATOMIC_ACQUIRE);
+    if (fd >= 0) {
+        uint64_t one = 1;
+        ssize_t r = write(fd, &one, sizeof(one));
         (void)r;
     }
-    pthread_mutex_unlock(&c->lock);
 }
 
 void rc_capture_close(struct rc_capture *c)
 {
-    pthread_mutex_lock(&c->lock);
-    if (c->notify_fd >= 0)
-        close(c->notify_fd);
-    c->notify_fd = -1;
-    pthread_mutex_unlock(&c->lock);
+    int fd = __atomic_exchange_n(&c->notify_fd, -1, __ATOMIC_ACQ_REL);
+    if (fd >= 0)
+        close(fd);
 }
 
 const struct rc_cap_hdr *rc_capture_peek(struct rc_capture *c, uint64_t *pos)

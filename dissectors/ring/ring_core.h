@@ -190,7 +190,8 @@ struct rc_capture {
 };
 int rc_capture_init(struct rc_capture *c, uint64_t capacity, int policy);
 void rc_capture_destroy(struct rc_capture *c);
-/* Close the eventfd (end of session): records still buffered stay readable; nothing waits on it again. */
+/* Close the eventfd (end of session): records still buffered stay readable; nothing waits on it again.
+ * Only once no producer writes to it (every path using it closed) and the consumer has stopped. */
 void rc_capture_close(struct rc_capture *c);
 /* Reserve space for a record of `len` bytes (header included, len <= cap/2); NULL when full (drop
  * policy, or lossless with may_wait=0 / *stop set; counted as a drop if count_drop).  On success the
