@@ -28,9 +28,13 @@ def build(tmp_path: Path, harness: str = "ring_fuzz", sanitize: str = "address,u
     cc = shutil.which("gcc") or shutil.which("cc")
     assert cc, "no C compiler: scripts/setup installs gcc"
     exe = tmp_path / f"{harness}-{sanitize.replace(',', '-')}"
+    # gcc's TSan does not model atomic_thread_fence, and says so (-Wtsan, an error under -Werror):
+    # rc_queue_want_kick has one, after its avail_event store; every ring access around it is an atomic.
+    quiet = ["-Wno-tsan"] if "thread" in sanitize else []
     subprocess.run([cc, "-O1", "-g", f"-fsanitize={sanitize}", "-fno-sanitize-recover=all",
-                    "-fno-omit-frame-pointer", "-Wall", "-Werror", f"-I{CORE}", str(ROOT / "tests" / f"{harness}.c"),
-                    str(CORE / "ring_core.c"), "-o", str(exe), "-lpthread"], check=True)
+                    "-fno-omit-frame-pointer", "-Wall", "-Werror", *quiet, f"-I{CORE}",
+                    str(ROOT / "tests" / f"{harness}.c"), str(CORE / "ring_core.c"), "-o", str(exe), "-lpthread"],
+                   check=True)
     return exe
 
 
