@@ -41,8 +41,11 @@ _RENAME_EXCHANGE = spec.RENAME_FLAGS.by_name()["EXCHANGE"]
 _INIT_FLAG = spec.INIT_FLAGS.by_name()
 _IN = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
 _IN_SIZE = _IN.size
-_OP_INIT = OP["INIT"]
-_OP_SYNCFS = OP["SYNCFS"]
+_OP_INIT, _OP_SYNCFS, _OP_FORGET, _OP_BATCH_FORGET = OP["INIT"], OP["SYNCFS"], OP["FORGET"], OP["BATCH_FORGET"]
+_OP_LINK, _OP_TMPFILE, _OP_READDIRPLUS = OP["LINK"], OP["TMPFILE"], OP["READDIRPLUS"]
+_ATTR_OPS = frozenset((OP["GETATTR"], OP["SETATTR"]))
+_RENAME_OPS = frozenset((OP["RENAME"], OP["RENAME2"]))
+_UNLINK_OPS = frozenset((OP["UNLINK"], OP["RMDIR"]))
 _OUT = struct.Struct("<IiQ")  # len, error, unique
 _OUT_SIZE = _OUT.size
 # Ops whose messages change the analyzer's state (INIT, the inode map, submounts, syncfs): always decoded.
@@ -422,9 +425,9 @@ class Analyzer:
             ex.error = rep.error
 
     def _apply_forget(self, ex: Exchange, req: F.Request) -> None:
-        if req.opcode == OP["FORGET"]:
+        if req.opcode == _OP_FORGET:
             self._issues(ex, self.inodes.forget(req.nodeid, req.args["forget"].nlookup))
-        elif req.opcode == OP["BATCH_FORGET"]:
+        elif req.opcode == _OP_BATCH_FORGET:
             for f in req.args["forgets"]:
                 self._issues(ex, self.inodes.forget(f.nodeid, f.nlookup))
 
@@ -444,12 +447,13 @@ class Analyzer:
                 self._lint(ex, X.SYNCFS_NOT_ROOT, f"SYNCFS on nodeid {ex.nodeid} ({self.inodes.path(ex.nodeid)}), "
                                                   "which is neither 1 nor an announced submount")
         if ex.error:
-            o = spec.OPCODE_BY_VALUE.get(op)
-            ctx = self.contexts.get(ex.epoch)
-            if (o is not None and o.needs and ex.error in _UNSUPPORTED and ex.epoch in self.negotiated
-                    and ctx is not None and ctx.flags & _INIT_FLAG[o.needs]):
-                self._lint(ex, X.ERROR_SUPPORTED_OP, f"{o.name} answered {ex.errname} although INIT "
-                                                     f"negotiated {o.needs}")
+            if ex.error in _UNSUPPORTED:
+                o = spec.OPCODE_BY_VALUE.get(op)
+                ctx = self.contexts.get(ex.epoch)
+                if (o is not None and o.needs and ex.epoch in self.negotiated and ctx is not None
+                        and ctx.flags & _INIT_FLAG[o.needs]):
+                    self._lint(ex, X.ERROR_SUPPORTED_OP, f"{o.name} answered {ex.errname} although INIT "
+                                                         f"negotiated {o.needs}")
             return
         if op not in _STATE_OPS:  # nothing to learn (and a lazy exchange stays undecoded)
             return
@@ -457,23 +461,23 @@ class Analyzer:
         if req is None or not isinstance(rep, F.Reply):
             return
         a, r = req.args, rep.args
-        if op == OP["INIT"]:
+        if op == _OP_INIT:
             self.init[ex.epoch] = (req, rep)
             self.contexts[ex.epoch] = F.FuseContext.from_init(a["init"], r["init_out"])
             self.negotiated.add(ex.epoch)
         elif op in _ENTRY_OPS:
-            name = a.get("newname") if op == OP["LINK"] else (None if op == OP["TMPFILE"] else a.get("name"))
+            name = a.get("newname") if op == _OP_LINK else (None if op == _OP_TMPFILE else a.get("name"))
             self._entry(ex, req.nodeid, name, r["entry"])
-        elif op == OP["READDIRPLUS"]:
+        elif op == _OP_READDIRPLUS:
             for rec, nm in r.get("entries", ()):
                 if nm in (b".", b".."):
                     continue
                 self._entry(ex, req.nodeid, nm, rec.entry_out)
-        elif op in (OP["GETATTR"], OP["SETATTR"]):
+        elif op in _ATTR_OPS:
             self.inodes.attr(req.nodeid, r["attr_out"].attr.ino)
-        elif op in (OP["RENAME"], OP["RENAME2"]):
+        elif op in _RENAME_OPS:
             rn = a["rename"]
             flags = getattr(rn, "flags", 0)
             self.inodes.rename(req.nodeid, a["name"], rn.newdir, a["newname"], bool(flags & _RENAME_EXCHANGE))
-        elif op in (OP["UNLINK"], OP["RMDIR"]):
+        elif op in _UNLINK_OPS:
             self.inodes.unlink(req.nodeid, a["name"])
