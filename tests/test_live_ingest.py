@@ -122,3 +122,34 @@ def test_the_fast_path_equals_the_full_analyzer_on_the_full_guest_workload(tmp_p
     ref, store = through_the_ui(tmp_path, run.record)
     assert len(ref.exchanges) > 10_000
     check_same(ref, store)
+
+
+def test_state_ops_are_decoded_only_when_their_state_needs_it() -> None:
+    """Lazy: a LOOKUP answered ENOENT, a SYNCFS, a GETATTR of a node whose ino is known stay undecoded; a
+    LOOKUP that names a node and a GETATTR of the root (ino unknown) are decoded when their reply comes; the
+    inode map, stats and lints are the eager analyzer's."""
+    from dissectors import fuse as F
+
+    attr = F.make("fuse_attr", ino=77, mode=0o100644, nlink=1)
+    entry = F.make("fuse_entry_out", nodeid=5, generation=1, attr=attr)
+    root_attr = F.make("fuse_attr_out", attr=F.make("fuse_attr", ino=2, mode=0o40755, nlink=2))
+    msgs = [
+        (F.encode_request("LOOKUP", {"name": b"gone"}, unique=1, nodeid=1), F.encode_reply("LOOKUP", unique=1, error=2)),
+        (F.encode_request("LOOKUP", {"name": b"f"}, unique=2, nodeid=1), F.encode_reply("LOOKUP", {"entry": entry}, unique=2)),
+        (F.encode_request("GETATTR", {"getattr": F.make("fuse_getattr_in")}, unique=3, nodeid=5),
+         F.encode_reply("GETATTR", {"attr_out": F.make("fuse_attr_out", attr=attr)}, unique=3)),
+        (F.encode_request("GETATTR", {"getattr": F.make("fuse_getattr_in")}, unique=4, nodeid=1),
+         F.encode_reply("GETATTR", {"attr_out": root_attr}, unique=4)),
+        (F.encode_request("SYNCFS", {"syncfs": F.make("fuse_syncfs_in")}, unique=5, nodeid=1),
+         F.encode_reply("SYNCFS", unique=5)),
+    ]
+    eager, lazy = Analyzer(stuck_ns=0), Analyzer(lazy=True, keep_raw=True, stuck_ns=0)
+    for an in (eager, lazy):
+        for k, (rq, rp) in enumerate(msgs):
+            an.feed_request(rq, 1, k, 1000 + k)
+            an.feed_reply(rp, 1, k, 2000 + k)
+    assert state_of(lazy) == state_of(eager)
+    assert lazy.inodes.nodes[5].name == b"f" and lazy.inodes.nodes[1].ino == 2
+    todo = [isinstance(ex, LazyExchange) and (ex.req_todo or ex.reply_todo) for ex in lazy.exchanges]
+    assert todo == [True, False, True, False, True]
+    assert [_view(ex) for ex in lazy.exchanges] == [_view(ex) for ex in eager.exchanges]  # decoded when read

@@ -48,11 +48,16 @@ _RENAME_OPS = frozenset((OP["RENAME"], OP["RENAME2"]))
 _UNLINK_OPS = frozenset((OP["UNLINK"], OP["RMDIR"]))
 _OUT = struct.Struct("<IiQ")  # len, error, unique
 _OUT_SIZE = _OUT.size
-# Ops whose messages change the analyzer's state (INIT, the inode map, submounts, syncfs): always decoded.
-# Every other op may be decoded lazily (Analyzer(lazy=True)): counting and pairing need only its header.
+# Ops whose messages change the analyzer's state (INIT, the inode map, submounts, syncfs).  With
+# Analyzer(lazy=True) every op but INIT and those without a reply (FORGET: applied when it comes) is decoded
+# lazily: counting, pairing and stats need only the headers, and a reply completes the state ops' decoding
+# only when their state needs it (not for an error reply, not for SYNCFS, whose state is its header, nor for
+# GETATTR/SETATTR when the node's ino is known already).  A message that turns out undecodable then is
+# linted on its exchange (as every lazy exchange is, when it is decoded), not in the analyzer's list.
 _STATE_OPS = frozenset(OP[n] for n in ("INIT", "GETATTR", "SETATTR", "READDIRPLUS", "RENAME", "RENAME2", "UNLINK",
                                        "RMDIR", "SYNCFS")) | _ENTRY_OPS | _NO_REPLY
-LAZY_OPS = frozenset(o.value for o in spec.OPCODES) - _STATE_OPS
+_BODY_STATE_OPS = _STATE_OPS - {OP["SYNCFS"]}  # state learnt from the bodies
+LAZY_OPS = frozenset(o.value for o in spec.OPCODES) - {OP["INIT"]} - _NO_REPLY
 DEFAULT_STUCK_NS = 1_000_000_000  # `stuck`: a request waiting longer than this (--stuck-ms changes it)
 
 
@@ -455,9 +460,13 @@ class Analyzer:
                     self._lint(ex, X.ERROR_SUPPORTED_OP, f"{o.name} answered {ex.errname} although INIT "
                                                          f"negotiated {o.needs}")
             return
-        if op not in _STATE_OPS:  # nothing to learn (and a lazy exchange stays undecoded)
+        if op not in _BODY_STATE_OPS:  # nothing to learn (and a lazy exchange stays undecoded)
             return
-        req, rep = ex.request, ex.reply
+        if op in _ATTR_OPS and ex.__class__ is LazyExchange:
+            node = self.inodes.nodes.get(ex.nodeid)
+            if node is None or node.ino:  # inodes.attr() would learn nothing: stays undecoded
+                return
+        req, rep = ex.request, ex.reply  # (a lazy exchange is decoded here)
         if req is None or not isinstance(rep, F.Reply):
             return
         a, r = req.args, rep.args
