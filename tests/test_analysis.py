@@ -494,3 +494,45 @@ def test_filter_errors_point_at_the_column(expr: str, column: int, message: str)
     assert e.column == column and message in e.message
     line, caret = str(e).splitlines()[1:]
     assert line == f"  {expr}" and caret == "  " + " " * (column - 1) + "^"
+
+
+def test_lints_keep_exact_counts_and_a_bounded_recent_sample_per_kind() -> None:
+    """A session of weeks: the lints kept stop growing at X.LINTS_PER_KIND per kind, counts stay exact, and
+    the summary says how many more it counted."""
+    from fsinspect.analysis.render import lints_json
+
+    s = Script()
+    s.init()
+    extra = 2_500
+    for i in range(X.LINTS_PER_KIND + extra):
+        s.reply("LOOKUP", 1_000_000 + i, error=2, head=5)  # an orphan reply each
+    s.forget(77, 1)
+    an = s.an
+    assert an.lints.counts[X.ORPHAN_REPLY] == X.LINTS_PER_KIND + extra
+    assert an.lints.total == X.LINTS_PER_KIND + extra + 1
+    kept = list(an.lints)
+    assert len(kept) == len(an.lints) == X.LINTS_PER_KIND + 1
+    orphans = [lint for lint in kept if lint.name == X.ORPHAN_REPLY]
+    assert f"unique {1_000_000 + extra} " in orphans[0].message  # the oldest ones went
+    assert kept[-1].name == X.FORGET_UNKNOWN  # in the order they were raised
+    assert an.lints.dropped(X.ORPHAN_REPLY) == extra and an.lints.dropped(X.FORGET_UNKNOWN) == 0
+    tail = lints_json(an)[-1]
+    assert tail["kind"] == X.ORPHAN_REPLY and tail["not_kept"] == extra and f"{extra} more not kept" in tail["message"]
+
+
+def test_syncfs_records_and_rate_buckets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsinspect.analysis import inodes, stats
+
+    s = Script()
+    s.init()
+    for _ in range(inodes.SYNCFS_KEEP + 10):
+        s.call("SYNCFS", {"syncfs": {}}, 1)
+    assert len(s.an.submounts.syncfs) == inodes.SYNCFS_KEEP
+    monkeypatch.setattr(stats, "RATE_BUCKETS", 64)
+    st = stats.Stats()
+    for sec in range(1, 1001):  # 1000 seconds, one exchange each: buckets merge, the total and rate stay true
+        ex = X.Exchange(sec, 0, None, 1, 2, spec.OPCODE_BY_NAME["GETATTR"].value, 1, req_ts=sec * 1_000_000_000, reply_ts=sec * 1_000_000_000 + 10, replied=True)
+        st.add(ex)
+    assert st.active_seconds <= 64 and st.bucket_ns == 16_000_000_000
+    assert sum(n for _t, n in st.ops_per_second()) * st.bucket_ns / 1e9 == pytest.approx(1000)
+    assert st.rate()["peak_ops_per_bucket"] == 16

@@ -27,7 +27,7 @@ from dissectors.errors import DecodeError
 from dissectors.spec import fuse as spec
 
 from . import exchange as X
-from .exchange import Exchange, LazyExchange, Lint
+from .exchange import Exchange, LazyExchange, Lint, LintLog
 from .inodes import ATTR_SUBMOUNT, Announcement, InodeMap, Issue, SubmountTracker, SyncfsRecord
 from .render import fmt_ns
 from .stats import Stats
@@ -74,7 +74,7 @@ class Analyzer:
         self.epoch = 0
         self.count = 0
         self.exchanges: list[Exchange] = []
-        self.lints: list[Lint] = []
+        self.lints = LintLog()  # exact counts per kind, a bounded recent sample of each
         self.inodes = InodeMap()
         self.submounts = SubmountTracker()
         self.stats = Stats(stats_bucket_ns)
@@ -314,9 +314,9 @@ class Analyzer:
         for cb in self.pending_listeners:
             cb(ex)
 
-    def finish(self) -> list[Lint]:
+    def finish(self) -> LintLog:
         """End of the stream: every request still waiting gets the no-reply lint (and `stuck` if it had
-        waited long enough by the last capture).  Returns all lints."""
+        waited long enough by the last capture).  Returns the lints."""
         self.check_stuck(self.last_ts)
         for ex in sorted(self._pending.values(), key=lambda e: e.index):
             if ex.expects_reply:

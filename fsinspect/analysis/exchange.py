@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +49,81 @@ class Lint:
     name: str
     exchange: int  # Exchange.index
     message: str
+
+
+LINTS_PER_KIND = 10_000  # the most recent lints kept per kind (their counts stay exact): a session of weeks
+
+
+class LintLog:
+    """The lints, bounded as Wireshark's expert info summarises: exact counts per kind, and the
+    `per_kind` most recent lints of each kind (iterated in the order they were raised).
+
+    A live session of weeks, or a replay of a huge recording, must not grow memory with its lints; each
+    linted exchange is flagged on itself all the same.  `dropped(kind)` says how many are not kept."""
+
+    __slots__ = ("_kept", "_seq", "counts", "per_kind")
+
+    def __init__(self, lints: Iterable[Lint] = (), per_kind: int = LINTS_PER_KIND) -> None:
+        self.per_kind = per_kind
+        self.counts: Counter[str] = Counter()
+        self._kept: dict[str, deque[tuple[int, Lint]]] = {}
+        self._seq = 0
+        for lint in lints:
+            self.append(lint)
+
+    def append(self, lint: Lint) -> None:
+        """O(1): a full kind drops its oldest."""
+        kept = self._kept.get(lint.name)
+        if kept is None:
+            kept = self._kept[lint.name] = deque(maxlen=self.per_kind)
+        kept.append((self._seq, lint))
+        self._seq += 1
+        self.counts[lint.name] += 1
+
+    def __iter__(self) -> Iterator[Lint]:
+        for _seq, lint in heapq.merge(*self._kept.values(), key=lambda sl: sl[0]):
+            yield lint
+
+    def __len__(self) -> int:
+        """The lints kept (`total` counts them all)."""
+        return sum(len(k) for k in self._kept.values())
+
+    def __bool__(self) -> bool:
+        return self._seq > 0
+
+    def __getitem__(self, i: int) -> Lint:
+        return list(self)[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, LintLog)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LintLog({list(self)!r}, total={self.total})"
+
+    @property
+    def total(self) -> int:
+        return self._seq
+
+    def dropped(self, kind: str | None = None) -> int:
+        """How many lints (of `kind`, or of every kind) were counted but not kept."""
+        if kind is not None:
+            return self.counts[kind] - len(self._kept.get(kind, ()))
+        return self._seq - len(self)
+
+    def not_kept(self) -> list[tuple[str, int]]:
+        """(kind, how many not kept) for each kind past its cap: what a summary says after the kept ones."""
+        return [(k, n) for k in sorted(self._kept) if (n := self.dropped(k)) > 0]
+
+    def restore(self, counts: dict[str, int]) -> None:
+        """Adopt the exact counts a saved analysis recorded (it kept only the sample)."""
+        for kind, n in counts.items():
+            kept = len(self._kept.get(kind, ()))
+            self.counts[kind] = max(int(n), kept)
+        self._seq = max(self._seq, sum(self.counts.values()))
 
 
 @dataclass(slots=True, eq=False)

@@ -7,6 +7,7 @@ A nodeid is live while its nlookup is above zero.  Nodeid 1 is the root and is n
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from .stats import percentile
 
 ATTR_SUBMOUNT = spec.ATTR_FLAGS.by_name()["SUBMOUNT"]
 ROOT = spec.ROOT_ID
+SYNCFS_KEEP = 10_000  # the most recent SYNCFS calls kept (a guest looping on syncfs(2) must not grow memory)
 
 
 @dataclass(slots=True)
@@ -248,10 +250,11 @@ def group_syncfs(records: list[dict[str, Any]]) -> list[SyncfsGroup]:
 
 @dataclass
 class SubmountTracker:
-    """Which entries were announced as submounts, and every SYNCFS with whether it hit a superblock root."""
+    """Which entries were announced as submounts, and the SYNCFS calls (the SYNCFS_KEEP most recent) with
+    whether each hit a superblock root."""
 
     announced: dict[int, Announcement] = field(default_factory=dict)
-    syncfs: list[SyncfsRecord] = field(default_factory=list)
+    syncfs: deque[SyncfsRecord] = field(default_factory=lambda: deque(maxlen=SYNCFS_KEEP))
 
     def announce(self, a: Announcement) -> bool:
         """Record an announcement; True the first time this nodeid is announced."""

@@ -80,7 +80,10 @@ def inodes_json(an: Analyzer) -> list[dict[str, Any]]:
 
 
 def lints_json(an: Analyzer) -> list[dict[str, Any]]:
-    return [{"kind": lint.name, "message": lint.message} for lint in an.lints]
+    """The kept lints, then one line per kind past its cap: how many more were counted, not kept."""
+    return [{"kind": lint.name, "message": lint.message} for lint in an.lints] + \
+        [{"kind": kind, "message": f"{n} more not kept (the {an.lints.per_kind} most recent are)", "not_kept": n}
+         for kind, n in an.lints.not_kept()]
 
 
 def submounts_json(an: Analyzer) -> list[dict[str, Any]]:

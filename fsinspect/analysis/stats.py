@@ -44,6 +44,7 @@ def rate_series(points: list[tuple[int, int]], buckets: int = 60) -> tuple[int, 
     return bucket, ops, byts
 
 
+RATE_BUCKETS = 1 << 17  # ops/s buckets kept; past that they merge in pairs (1 s -> 2 s ...): a session of weeks
 EXACT_LATENCIES = 16_384  # per opcode: beyond, latencies go to a log histogram (memory stays flat)
 _SIG_BITS = 6  # histogram buckets keep 6 significant bits: each within 1/32 of its value
 
@@ -153,7 +154,19 @@ class Stats:
                 self.first_ts = ts
             if self.last_ts is None or ts > self.last_ts:
                 self.last_ts = ts
-            self._buckets[ts // self.bucket_ns] += 1
+            buckets = self._buckets
+            buckets[ts // self.bucket_ns] += 1
+            if len(buckets) > RATE_BUCKETS:
+                self._coarsen()
+
+    def _coarsen(self) -> None:
+        """Twice as wide buckets, half as many (amortised O(1) per exchange): the rate keeps its time base
+        (`bucket_ns` says it), memory stays flat however long the session."""
+        self.bucket_ns *= 2
+        merged: Counter[int] = Counter()
+        for b, n in self._buckets.items():
+            merged[b >> 1] += n
+        self._buckets = merged
 
     def ops_per_second(self) -> list[tuple[int, float]]:
         """(seconds since the first bucket, ops/s) for each bucket that holds exchanges, in time order.

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         "init": _init_json(an),
         "counts": {"records": sum(per_iface.values()), "requests": kinds["requests"], "replies": kinds["replies"],
                    "control": kinds["control"], "snapped": kinds["snapped"], "exchanges": an.count,
-                   "lints": len(an.lints)},
+                   "lints": an.lints.total},
         "truncated": r.truncated,
     }
     if args.json:

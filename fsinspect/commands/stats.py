@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from typing import Any
 
 from ..analysis.inodes import group_syncfs
@@ -24,8 +23,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     _r, an = analyze_file(args.file, keep_exchanges=False)
     d = an.stats.as_dict()
-    lints = Counter(lint.name for lint in an.lints)
-    d["lints"] = dict(lints.most_common())
+    d["lints"] = dict(an.lints.counts.most_common())  # exact, whatever the lint log kept
     d["syncfs"] = syncfs_json(an)
     d["submounts"] = submounts_json(an)
     if args.json:
@@ -61,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
             for g in group_syncfs(d["syncfs"]):
                 print(f"  {g.line()}")
     print()
+    lints = an.lints.counts
     print("lints: " + (", ".join(f"{k} {v}" for k, v in lints.most_common()) if lints else "none"))
     return 0

@@ -31,7 +31,7 @@ from dissectors.spec import fuse as spec
 
 from .. import privfile
 from ..analysis import Analyzer, Exchange
-from ..analysis.exchange import LazyExchange, Lint
+from ..analysis.exchange import LazyExchange, Lint, LintLog
 from ..analysis.filter import DECODE, FULL, HEADER, ROWS
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..analysis.render import submounts_json, syncfs_json
@@ -44,7 +44,6 @@ from .replay import feed_record, prime_from_header
 CACHE_SIZE = 4096
 DECODER_RESET = 50_000  # decodes between fresh decoders (its inode map and stats would grow otherwise)
 ANALYSIS_VERSION = 3
-LINTS_KEEP = 100_000  # lints the analysis lists (each linted exchange is flagged in its row all the same)
 CONTROL_KEEP = 50_000  # vhost-user control records the analysis remembers (offsets) for the control panel
 RELEASE_EVERY = 1 << 16  # records between handing the mapped pages read or written back to the kernel
 
@@ -201,7 +200,7 @@ class AnalysisBuild:
     """One pass over a recording that builds its analysis (inode map, lints, stats, SYNCFS, submounts) and
     its rows.  The caller's feed loop (fsinspect/live/feed.py in the UI) calls `apply` for each record in
     file order, then `finish` saves both beside the index.  Memory: the analyzer's state (bounded by the
-    live inodes, LINTS_KEEP lints and the stats' histograms), never anything per exchange."""
+    live inodes, the analyzer's bounded lints and the stats' histograms), never anything per exchange."""
 
     def __init__(self, rec: IndexedRecording, analyzer: Analyzer) -> None:
         self.rec = rec
@@ -217,7 +216,6 @@ class AnalysisBuild:
         self.records = 0
         self.snapped = 0
         self.first_ts = 0
-        self.lints_dropped = 0
         self.control: list[int] = []
         self.ops: Counter[int] = Counter()  # capture second -> exchanges, bytes (the stats panel's rates)
         self.bytes: Counter[int] = Counter()
@@ -253,9 +251,6 @@ class AnalysisBuild:
                 self.rec.path_table.append(hint)
             self.rows.set_path(ex.index, pid)
         self.rec.analysed = min(an.count, self.rows.count)
-        if len(an.lints) > LINTS_KEEP:
-            self.lints_dropped += len(an.lints) - LINTS_KEEP
-            del an.lints[LINTS_KEEP:]
 
     def _grow(self) -> None:
         self._resize(2 * self.rows.count)
@@ -297,7 +292,8 @@ class AnalysisBuild:
         inodes = an.inodes.nodes.values()
         data: dict[str, Any] = {
             "version": ANALYSIS_VERSION, "stamp": stamp, "count": an.count, "records": self.records,
-            "first_ts": self.first_ts, "snapped": self.snapped, "lints_dropped": self.lints_dropped,
+            "first_ts": self.first_ts, "snapped": self.snapped, "lints_dropped": an.lints.dropped(),
+            "lint_counts": dict(an.lints.counts),
             "stats": an.stats.as_dict(),
             "lints": [[x.name, x.exchange, x.message] for x in an.lints],
             "submounts": submounts_json(an),
@@ -598,7 +594,8 @@ class IndexedRecording:
             an.submounts.announce(Announcement(int(nodeid), int(parent), bytes.fromhex(name), int(exchange), int(ino)))
         for exchange, nodeid, lat, is_root, error, path in st["syncfs"]:
             an.submounts.syncfs.append(SyncfsRecord(int(exchange), int(nodeid), lat, bool(is_root), error, str(path)))
-        an.lints = [Lint(str(name), int(index), str(msg)) for name, index, msg in d["lints"]]
+        an.lints = LintLog(Lint(str(name), int(index), str(msg)) for name, index, msg in d["lints"])
+        an.lints.restore({str(k): int(v) for k, v in d.get("lint_counts", {}).items()})
         an.stats = Stats.from_state(st["stats"])
         an.count = int(d["count"])
         an.last_ts = int(st["last_ts"])

@@ -117,7 +117,7 @@ class InodePanel(Widget):
         st = self.store
         with st.lock:
             an = st.analyzer
-            sig = (len(st.exchanges), an.count, len(an.lints), self.as_of)
+            sig = (len(st.exchanges), an.count, an.lints.total, self.as_of)
             if sig == self._sig:
                 return
             self._sig = sig
@@ -125,6 +125,7 @@ class InodePanel(Widget):
             nodes = [(n.nodeid, n.parent, n.name, n.ino, n.generation, n.nlookup, n.attr_flags, n.submount)
                      for n in (past or an).inodes.nodes.values()]
             lints = [(lint.name, lint.exchange, lint.message) for lint in an.lints]
+            not_kept = an.lints.not_kept()
         remote = list(st.remote_lints)
         tree = self.query_one("#itree", Tree)
         if not tree.has_focus or self._tree_sig is None:  # not under the user's cursor while they browse it
@@ -141,6 +142,10 @@ class InodePanel(Widget):
         for name, idx, msg in lints:
             ol.add_option(Option(Text.assemble((f"#{st.number_of(idx)} ", "dim"), (name, "magenta bold"), " ", msg)))
             self.lint_targets.append(idx)
+        for name, n in not_kept:
+            ol.add_option(Option(Text.assemble((name, "magenta bold"),
+                                               (f" {n:,} more not kept (the most recent are listed)", "dim"))))
+            self.lint_targets.append(-1)
         if hl is not None and hl < ol.option_count:
             ol.highlighted = hl
 
@@ -478,7 +483,7 @@ class ControlPanel(Widget):
         else:
             lines.append("  proxy capture counters: not in a recording")
         with st.lock:
-            dec = sum(1 for lint in st.analyzer.lints if lint.name == "decode-error")
+            dec = st.analyzer.lints.counts["decode-error"]
             snapped = st.snapped_recent()
         lines.append(f"  FUSE decode errors: {dec}; snapped (cut to the snap length, recent): {snapped}")
         what = "records read" if st.kind == "replay" else "messages received"
