@@ -15,6 +15,7 @@ import pytest
 from fsinspect.guest import launcher
 from fsinspect.guest.build import GuestImage
 from fsinspect.guest.share import Share
+from fsinspect.recording.index import RecordingIndex
 from fsinspect.recording.parts import part_key
 from tests.guest_fixtures import explain
 from tests.test_proxy_e2e import bundled_daemon, start_proxy
@@ -61,6 +62,10 @@ def test_rotated_proxy_recording_reads_as_the_whole_run(guest_image: GuestImage,
     keys = ("requests", "replies", "exchanges", "lints")
     assert {k: info_rot["counts"][k] for k in keys} == {k: info_whole["counts"][k] for k in keys}
     assert info_rot["counts"]["lints"] == 0 and info_rot["counts"]["exchanges"] > 10_000
+    # The proxy wrote the side index of the parts as it recorded them: nothing to scan at the first open.
+    idx = RecordingIndex(rotated)
+    assert not idx.rebuilt and idx.complete and len(idx) == info_rot["counts"]["exchanges"]
+    idx.close()
     # stats (by the directory and by a glob): the same per-opcode counts and errors, equal to the daemon's
     # own counters; not one no-reply at the part boundaries.
     for spec in (str(rotated.parent), str(rotated.parent / "rec*.pcapng")):

@@ -266,6 +266,18 @@ def test_kill_9_of_a_recording_daemon_leaves_a_readable_file(tmp_path: Path) -> 
     creates = [e for e in an.exchanges if e.opname == "CREATE"]
     assert len(creates) == 20 and all(e.replied for e in creates)
     assert any(e.opname == "READDIRPLUS" and e.replied for e in an.exchanges)
+    # The side index the daemon wrote as it recorded is trusted up to its last checkpoint and extended from
+    # there: the same entries as a scan of a copy without it.
+    import shutil
+
+    from fsinspect.recording.index import RecordingIndex
+
+    idx = RecordingIndex(rec)
+    assert idx.resumed_at > 0 and idx.complete and len(idx) == len(an.exchanges)
+    shutil.copy(rec, tmp_path / "copy.pcapng")
+    scanned = RecordingIndex(tmp_path / "copy.pcapng")
+    assert scanned.resumed_at == 0 and scanned.rebuilt
+    assert [idx.offsets(i) for i in range(len(idx))] == [scanned.offsets(i) for i in range(len(scanned))]
 
 
 @pytest.mark.guest
