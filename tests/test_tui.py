@@ -668,3 +668,14 @@ def test_events_read_as_text_not_python_dicts() -> None:
     assert feats == "features: offered=0x140000000 (VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_VERSION_1) masked=0"
     mem = event_text({"kind": "mem-table", "detail": {"regions": [{"guest_address": 0, "size": 1 << 30}]}})
     assert mem == "mem-table: regions=[{guest_address=0x0 size=0x40000000}]" and "{'" not in mem
+
+
+def test_a_detail_shown_after_the_pane_lost_its_children_draws_nothing() -> None:
+    """The debounced detail timer can fire while the app closes (Pilot's teardown, a quick quit after opening a
+    large replay): it raised NoMatches on '#title' and the UI ended in a traceback."""
+    from fsinspect.tui.widgets import DetailPane
+
+    store = Store()
+    pane = DetailPane(store, ReplaySource.__new__(ReplaySource))  # never mounted: no children, as after teardown
+    pane.show(3)
+    assert pane.index == 3

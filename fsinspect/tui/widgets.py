@@ -509,7 +509,10 @@ class DetailPane(Widget):
         self._load()
 
     def _load(self) -> None:
-        title = self.query_one("#title", Static)
+        found = self.query("#title")
+        if not found:  # torn down (a debounced show can fire while the app closes): nothing to draw into
+            return
+        title = found.first(Static)
         fields = self.query_one(FieldList)
         if fields.scrollable_content_region.width <= 0:
             # Not laid out (or hidden): Textual would wrap the options to width 0 and crash in rich's
