@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -79,6 +80,19 @@ class Target:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _spawn(cmd: list[str], sock: Path) -> subprocess.Popen[bytes]:
+    """`fsinspect CMD` in its own process group, once it has made `sock`."""
+    p = subprocess.Popen([sys.executable, "-m", "fsinspect", *cmd], stdin=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            stop_process(p)
+            raise AssertionError(f"{cmd[0]}: the socket never appeared")
+        time.sleep(0.02)
+    return p
+
+
 @contextmanager
 def target(kind: str) -> Iterator[Target]:
     with short_tmpdir() as work:
@@ -90,13 +104,8 @@ def target(kind: str) -> Iterator[Target]:
         else:
             sock = work / "d.sock"
             cmd = ["daemon", "--socket-path", str(sock), "--shared-dir", str(work / "share")]
-        p = subprocess.Popen([sys.executable, "-m", "fsinspect", *cmd], stdin=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True)
+        p = _spawn(cmd, sock)
         try:
-            deadline = time.monotonic() + 20
-            while not sock.exists():
-                assert p.poll() is None and time.monotonic() < deadline, "the socket never appeared"
-                time.sleep(0.02)
             yield Target(kind, p, sock, work)
         finally:
             stop_process(p)  # the process group: the proxy's virtiofsd too
@@ -434,3 +443,56 @@ def test_proxy_sigterm_while_its_backend_is_stopped() -> None:
     clean(rc, err)
     assert took < STOP_WITHIN, f"{took:.2f} s"
     assert not Path(f"/proc/{backend}").exists() or "zombie" in Path(f"/proc/{backend}/status").read_text()
+
+
+def _memfd_of(pid: int, name: str) -> int:
+    """Our own fd on process `pid`'s memfd `name` (the same file: its seals, its size)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"/memfd:{name} (deleted)":
+                return os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    raise AssertionError(f"process {pid} holds no memfd {name!r}")
+
+
+def test_proxy_shadow_memfd_is_sealed_for_its_backend() -> None:
+    """The proxy's shadow rings are guest memory to the back-end: sealed against resizing like QEMU's (the
+    bundled daemon does not warn about it), still writable, and ftruncate on it fails."""
+    from fsinspect.proxy.control import PROXY_REGION_GPA
+
+    with short_tmpdir() as work:
+        (work / "share").mkdir()
+        dsock = work / "d.sock"
+        daemon = _spawn(["daemon", "--socket-path", str(dsock), "--shared-dir", str(work / "share")], dsock)
+        try:
+            psock = work / "p.sock"
+            proxy = _spawn(["proxy", "--listen", str(psock), "--backend", str(dsock),
+                            "--summary-json", str(work / "s.json")], psock)
+            try:
+                t = Target("proxy", proxy, psock, work)
+                g = start_queues(t.connect())
+                fd = _memfd_of(proxy.pid, "fsinspect-shadow-rings")
+                try:
+                    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+                    want = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+                    assert seals & want == want and not seals & fcntl.F_SEAL_WRITE, hex(seals)
+                    with pytest.raises(PermissionError):
+                        os.ftruncate(fd, 0)
+                    with pytest.raises(PermissionError):
+                        os.ftruncate(fd, os.fstat(fd).st_size * 2)
+                    with pytest.raises(PermissionError):
+                        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)  # F_SEAL_SEAL: no more seals
+                finally:
+                    os.close(fd)
+                g.c.close()
+                rc, err = t.finish()
+                os.close(g.fd)
+            finally:
+                stop_process(proxy)
+            clean(rc, err)
+            assert t.summary()["unsealed_regions"] == 1  # ours (the test's memfd), not the proxy's own
+        finally:
+            stop_process(daemon)
+        assert daemon.stderr is not None
+        derr = daemon.stderr.read().decode(errors="replace")
+    assert "region gpa 0x0 is not sealed" in derr, derr  # the back-end checks every region: ours is unsealed
+    assert f"region gpa {PROXY_REGION_GPA:#x} is not sealed" not in derr, derr

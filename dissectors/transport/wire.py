@@ -171,6 +171,23 @@ def check_region_fd(fd: int, length: int, what: str) -> None:
                         "(mmap_offset + size)")
 
 
+SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def sealed_memfd(name: str, size: int) -> int:
+    """A memfd of `size` bytes sealed against resizing (F_SEAL_SHRINK | F_SEAL_GROW, then F_SEAL_SEAL) and
+    still writable: memory we hand a back-end as guest memory, which it can then map without trusting us
+    (a truncated mapping faults with SIGBUS), as QEMU's memory-backend-memfd does."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SIZE_SEALS)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def shrink_sealed(fd: int) -> bool:
     """The file cannot be shrunk (F_SEAL_SHRINK, QEMU's memory-backend-memfd default), so a mapping of it
     can never fault with SIGBUS behind our back."""

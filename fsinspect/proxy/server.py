@@ -40,6 +40,7 @@ from dissectors.transport.wire import (
     check_eventfd,
     check_region_fd,
     recv_message,
+    sealed_memfd,
     send_message,
     shrink_sealed,
 )
@@ -118,8 +119,7 @@ class Proxy:
         self.capture = ring.CaptureBuffer(capacity=cfg.capture_bytes, policy="lossless" if cfg.lossless else "drop")
         self._maps: list[mmap.mmap] = []  # kept alive: memoryviews of them may still exist
         self._old_maps: list[mmap.mmap] = []
-        self.region_fd = os.memfd_create("fsinspect-shadow-rings", os.MFD_CLOEXEC)
-        os.ftruncate(self.region_fd, REGION_SIZE)
+        self.region_fd = sealed_memfd("fsinspect-shadow-rings", REGION_SIZE)  # the back-end maps it: sized for good
         self.region_map = mmap.mmap(self.region_fd, REGION_SIZE)
         self.mem.add_region(C.PROXY_REGION_GPA, REGION_SIZE, self.region_map, uva=C.PROXY_REGION_UVA)
         self.cp = C.ControlPlane(self.region_fd, REGION_SIZE)

@@ -22,7 +22,7 @@ from dissectors import vhost_user as V
 from dissectors.ring.driver import F_INDIRECT, F_NEXT, F_WRITE, GuestRing, pack_descs
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
-from dissectors.transport.wire import PeerClosed, WireError, recv_message, send_message
+from dissectors.transport.wire import PeerClosed, WireError, recv_message, sealed_memfd, send_message
 
 GPA, UVA = 0x0, 0x7F00_0000_0000
 PAGE = 4096
@@ -121,8 +121,7 @@ class Front:
             plan.append((q, num, off))
             off += num * (PAGE + self.req_size + self.reply_size)
         self.size = _round(off, 1 << 21)
-        self.memfd = os.memfd_create("fsinspect-rerun-guest", os.MFD_CLOEXEC)
-        os.ftruncate(self.memfd, self.size)
+        self.memfd = sealed_memfd("fsinspect-rerun-guest", self.size)  # as QEMU's: the back-end need not trust us
         self.mem = mmap.mmap(self.memfd, self.size)
         indirect = bool(self.neg.features & F_INDIRECT_DESC)
         for q, num, base in plan:
