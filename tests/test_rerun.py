@@ -369,3 +369,43 @@ def test_lookup_accounting_clamps_forgets_to_the_grants() -> None:
     assert lk.give_back(root, "#6 FORGET") is root  # within the grants: sent as recorded
     assert lk.note().startswith("4 FORGET/BATCH_FORGET entries gave back more lookups than this back-end granted "
                                 "(7 nlookup in all)")
+
+
+@pytest.mark.parametrize("ending,said", [("exit 3", "the back-end exited with status 3"),
+                                         ("kill -SEGV $$", "the back-end was killed by SIGSEGV")])
+def test_backend_failing_after_its_last_reply_is_reported(share: Share, ending: str, said: str) -> None:
+    """The C virtiofsd answers every request, then its wrapper fails as the session ends: every reply is
+    equal, yet the report says the back-end failed, and the status is 1."""
+    cmd = f"sh -c '{VIRTIOFSD_CMD} 2>&1; echo goodbye from the back-end >&2; {ending}'"
+    p = rerun(str(SAMPLE), "--backend-cmd", cmd, "--shared-dir", str(share.root), "--allow-snapped",
+              "--format", "jsonl")
+    s = summary(p)
+    assert p.returncode == 1 and s["differing"] == 0 and s["unanswered"] == 0, p.stdout + p.stderr
+    failed = s["backend_failed"]
+    assert isinstance(failed, str) and failed.startswith(said) and "goodbye from the back-end" in failed, failed
+    with make_share() as fresh:
+        text = rerun(str(SAMPLE), "--backend-cmd", cmd, "--shared-dir", str(fresh.root), "--allow-snapped")
+    assert text.returncode == 1 and f"back-end failure: {said}" in text.stdout, text.stdout + text.stderr
+
+
+def test_backend_that_binds_before_it_listens_is_waited_for(share: Share) -> None:
+    """A stale socket file (bound, nobody listening) sits there for a second before virtiofsd replaces it:
+    the rerun waits for a connection to succeed, not for the file."""
+    stale = f"{sys.executable} -c \"import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])\" {{socket}}"
+    cmd = f"sh -c '{stale}; sleep 1; exec {VIRTIOFSD_CMD}'"
+    p = rerun(str(SAMPLE), "--backend-cmd", cmd, "--shared-dir", str(share.root), "--allow-snapped",
+              "--format", "jsonl")
+    s = summary(p)
+    assert p.returncode == 0 and s["differing"] == 0 and s["answered"] == 69, p.stdout + p.stderr
+
+
+def test_backend_that_never_listens_is_a_clear_error_with_its_output(tmp_path: Path) -> None:
+    stale = f"{sys.executable} -c \"import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])\" {{socket}}"
+    cmd = f"sh -c 'echo warming up the caches >&2; {stale}; sleep 60'"
+    t0 = time.monotonic()
+    p = rerun(str(SAMPLE), "--backend-cmd", cmd, "--allow-snapped", "--timeout", "2")
+    assert p.returncode == 2 and time.monotonic() - t0 < 30, p.stdout + p.stderr
+    line = p.stderr.strip().splitlines()[-1]  # (after the plan's warnings)
+    assert line.startswith("fsinspect rerun: ") and "Traceback" not in p.stderr, p.stderr
+    assert "did not listen on" in line and "within 2 s (connection refused)" in line, line
+    assert "warming up the caches" in line, line

@@ -1,7 +1,7 @@
 """`fsinspect rerun REC`: replay a recording's FUSE session against any vhost-user-fs back-end, no guest.
 
 The command is the front-end (as QEMU is), replays every request, and diffs each reply with the
-recorded one.  Exit status: 0 all equal and answered, 1 differences, 2 error.
+recorded one.  Exit status: 0 all equal and answered, 1 differences (or a back-end that failed), 2 error.
 """
 
 from __future__ import annotations
@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..children import die_with_parent
 from ..errors import UserError
 from ..rerun import report
-from ..rerun.front import Front, FrontError, wait_socket
+from ..rerun.front import Front, FrontError, connect_backend
 from ..rerun.plan import Plan, PlanError, load
 from ..rerun.runner import Rerun, RerunError
 
@@ -32,7 +35,8 @@ recording creates, the rerun creates).
 replaced (by a private socket path and --shared-dir), for example
   --backend-cmd '/usr/lib/qemu/virtiofsd --socket-path={socket} -o source={shared_dir},announce_submounts'
   --backend-cmd 'fsinspect daemon --socket-path={socket} -o source={shared_dir}'
-Exit status: 0 every reply equal, 1 differences (or unanswered requests), 2 error.
+Exit status: 0 every reply equal, 1 differences (or unanswered requests, or a back-end that exited non-zero
+or by a signal, even after its last reply), 2 error.
 """
 
 
@@ -68,11 +72,52 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+@dataclass
+class Backend:
+    """The back-end of a rerun: its socket, and the process and log when the rerun started it."""
+
+    path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    conn: socket.socket | None = None  # connected once it listened (--backend-cmd)
+
+    def tail(self) -> str:
+        """The last lines the back-end wrote, for an error message."""
+        if self.log is None:
+            return ""
+        lines = self.log.read_text(errors="replace").strip().splitlines()[-3:]
+        return f" (its last output: {' / '.join(lines)})" if lines else ""
+
+    def gone(self) -> str | None:
+        """Why the back-end process is gone (None: running, or not ours)."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return f"the back-end {exit_text(self.proc.returncode)}{self.tail()}"
+
+    def failed_at_end(self, grace: float) -> str | None:
+        """After the front-end hung up: a back-end that exits (as the C virtiofsd does) must exit 0; one
+        still serving after `grace` seconds is stopped by us, which is no failure of its own."""
+        if self.proc is None:
+            return None
+        with suppress(subprocess.TimeoutExpired):
+            self.proc.wait(grace)
+        rc = self.proc.returncode
+        return self.gone() if rc is not None and rc != 0 else None
+
+
+def exit_text(rc: int) -> str:
+    if rc < 0:
+        with suppress(ValueError):
+            return f"was killed by {signal.Signals(-rc).name}"
+        return f"was killed by signal {-rc}"
+    return f"exited with status {rc}"
+
+
 @contextmanager
-def backend(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[Path, Any]]:
-    """(socket path, alive() -> why-gone or None) of the back-end named on the command line."""
+def backend(args: argparse.Namespace, workdir: Path) -> Iterator[Backend]:
+    """The back-end named on the command line; one we start is connected to once it listens."""
     if args.backend:
-        yield Path(args.backend), None
+        yield Backend(Path(args.backend))
         return
     sock = workdir / "backend.sock"
     cmd = args.backend_cmd.replace("{socket}", str(sock)).replace("{shared_dir}", str(args.shared_dir or ""))
@@ -89,23 +134,18 @@ def backend(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[Path, Any
     except OSError as e:
         log.close()
         raise UserError(f"--backend-cmd: cannot run {argv[0]}: {e.strerror}") from None
-
-    def alive() -> str | None:
-        if proc.poll() is None:
-            return None
-        tail = (workdir / "backend.log").read_text(errors="replace").strip().splitlines()[-2:]
-        return f"the back-end exited with status {proc.returncode}" + (f" ({' / '.join(tail)})" if tail else "")
-
+    be = Backend(sock, proc, workdir / "backend.log")
     from ..guest.launcher import stop_process
 
     try:
         try:
-            wait_socket(sock, [proc])
+            be.conn = connect_backend(sock, be.gone, max(args.timeout, 1.0), be.tail)
         except FrontError as e:
-            why = alive()
-            raise UserError(why or str(e)) from None
-        yield sock, alive
+            raise UserError(str(e)) from None
+        yield be
     finally:
+        if be.conn is not None:
+            be.conn.close()
         stop_process(proc)
         log.close()
 
@@ -132,11 +172,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--backend-cmd uses {shared_dir}: give --shared-dir DIR (or --prepare-share DIR)")
     with ExitStack() as stack:
         work = stack.enter_context(short_tmpdir("fsi-rerun-"))
-        sock, alive = stack.enter_context(backend(args, work))
-        return _rerun(args, plan, sock, alive, stack)
+        be = stack.enter_context(backend(args, work))
+        return _rerun(args, plan, be, stack)
 
 
-def _rerun(args: argparse.Namespace, plan: Plan, sock: Path, alive: Any, stack: ExitStack) -> int:
+def _rerun(args: argparse.Namespace, plan: Plan, be: Backend, stack: ExitStack) -> int:
+    sock, alive = be.path, (be.gone if be.proc is not None else None)
     writer = None
     if args.record:
         from ..recording.writer import RecordingWriter
@@ -149,7 +190,8 @@ def _rerun(args: argparse.Namespace, plan: Plan, sock: Path, alive: Any, stack: 
     try:
         tap = None if writer is None else (lambda raw, ours: writer.control(raw, from_frontend=ours))
         front = Front(sock, plan.negotiation, max_request=plan.max_request, max_reply=plan.max_reply,
-                      timeout=args.timeout, tap=tap)
+                      timeout=args.timeout, tap=tap, conn=be.conn)
+        be.conn = None  # the Front's now
     except FrontError as e:
         why = alive() if alive is not None else None
         raise UserError(f"{e}{'; ' + why if why else ''}") from None
@@ -165,9 +207,12 @@ def _rerun(args: argparse.Namespace, plan: Plan, sock: Path, alive: Any, stack: 
                        alive=alive).run()
     except RerunError as e:
         raise UserError(str(e)) from None
+    front.close()  # hang up: a back-end that crashes now, after its last reply, is reported too
+    failed = be.failed_at_end(min(args.timeout, 5.0))
     t = result.tally
     extra = {"sent": result.sent, "answered": result.answered, "elapsed_s": round(result.elapsed, 6),
-             "max_in_flight": result.max_in_flight, "recorded_max_in_flight": plan.overlap}
+             "max_in_flight": result.max_in_flight, "recorded_max_in_flight": plan.overlap,
+             "backend_failed": failed}
     if args.format == "jsonl":
         lines = list(report.jsonl(t, extra))
         if args.bench:
@@ -176,7 +221,9 @@ def _rerun(args: argparse.Namespace, plan: Plan, sock: Path, alive: Any, stack: 
         lines = list(report.text(t, first=args.first))
         lines.insert(1, f"{result.sent} requests sent, {result.answered} answered, at most "
                         f"{result.max_in_flight} in flight (the recording: {plan.overlap}), {result.elapsed:.2f} s")
+        if failed:
+            lines.insert(2, f"back-end failure: {failed}, after its last reply")
         if args.bench:
             lines += ["", *report.bench_text(result.latency_ns, result.answered, result.elapsed)]
     print("\n".join(lines))
-    return 0 if t.equal and not t.unanswered else 1
+    return 0 if t.equal and not t.unanswered and not failed else 1

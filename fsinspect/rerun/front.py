@@ -77,17 +77,20 @@ class Front:
 
     def __init__(self, path: str | os.PathLike[str], neg: Negotiation | None = None, *,
                  max_request: int = 1 << 20, max_reply: int = 1 << 20, timeout: float = 10.0,
-                 tap: Callable[[bytes, bool], None] | None = None) -> None:
+                 tap: Callable[[bytes, bool], None] | None = None, conn: socket.socket | None = None) -> None:
+        """`conn`: the back-end connection already made (connect_backend); else `path` is connected to."""
         self.neg = neg or Negotiation()
         self.tap = tap  # every control message, and whether the front-end sent it (--record)
         self.timeout = timeout
-        self.sock = socket.socket(socket.AF_UNIX)
+        if conn is None:
+            conn = socket.socket(socket.AF_UNIX)
+            try:
+                conn.connect(str(path))
+            except OSError as e:
+                conn.close()
+                raise FrontError(f"cannot connect to the back-end socket {path}: {e.strerror or e}") from None
+        self.sock = conn
         self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(path))
-        except OSError as e:
-            self.sock.close()
-            raise FrontError(f"cannot connect to the back-end socket {path}: {e.strerror or e}") from None
         self.req_size = _round(max_request + 4096)
         self.reply_size = _round(max_reply + 4096)
         self.rings: dict[int, GuestRing] = {}
@@ -359,4 +362,32 @@ def wait_socket(path: Path, alive: Iterable[Any] = (), timeout: float = 10.0) ->
                 raise FrontError(f"the back-end command exited with status {p.returncode} before listening")
         if time.monotonic() > deadline:
             raise FrontError(f"the back-end never created its socket {path} within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def connect_backend(path: Path, gone: Callable[[], str | None], timeout: float = 10.0,
+                    detail: Callable[[], str] = lambda: "") -> socket.socket:
+    """The connection to a back-end we started, once it listens.
+
+    Its socket file appears at bind(), before listen(), and a stale file from an earlier run refuses: both
+    are retried until `timeout`.  The connection is kept (not a probe): a vhost-user back-end such as the
+    C virtiofsd serves one front-end and exits when it hangs up.  `gone()` says why the back-end process is
+    gone (None: running); `detail()` is what to add to an error (the back-end's stderr tail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            conn.connect(str(path))
+            return conn
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            conn.close()
+            last = "no socket file" if isinstance(e, FileNotFoundError) else "connection refused"
+        except OSError as e:
+            conn.close()
+            raise FrontError(f"cannot connect to the back-end socket {path}: {e.strerror or e}{detail()}") from None
+        why = gone()
+        if why:
+            raise FrontError(f"{why} before listening")
+        if time.monotonic() > deadline:
+            raise FrontError(f"the back-end did not listen on {path} within {timeout:g} s ({last}){detail()}")
         time.sleep(0.02)
