@@ -182,6 +182,8 @@ class BugLog(logging.Handler):
 
 @contextmanager
 def quiet_logs() -> Iterator[BugLog]:
+    """The targets' logs go to a BugLog; so does an exception that ends one of their threads (a bug too:
+    the proxy's control thread died that way, and only pytest's warning said so)."""
     h = BugLog()
     saved = []
     for name in LOGGERS:
@@ -189,9 +191,14 @@ def quiet_logs() -> Iterator[BugLog]:
         saved.append((lg, lg.propagate))
         lg.addHandler(h)
         lg.propagate = False
+    hook = threading.excepthook
+    threading.excepthook = lambda a: h.bugs.append(
+        f"thread {a.thread.name if a.thread else '?'} died: "
+        + "".join(traceback.format_exception(a.exc_type, a.exc_value, a.exc_traceback)))
     try:
         yield h
     finally:
+        threading.excepthook = hook
         for lg, prop in saved:
             lg.removeHandler(h)
             lg.propagate = prop

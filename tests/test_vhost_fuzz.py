@@ -8,12 +8,13 @@ import gc
 import os
 import struct
 import time
+from typing import Any
 
 import pytest
 
 from dissectors.transport.wire import recv_message, send_message
 from tests.conftest import require_root
-from tests.fuzz_vhost import PING, VhostCampaign, quiet_logs, run_campaign
+from tests.fuzz_vhost import MEM, PING, PINGS, UVA, VhostCampaign, qemu_script, quiet_logs, run_campaign
 from tests.fuzzbudget import SLOW_CASES, report
 
 pytestmark = pytest.mark.root
@@ -99,6 +100,62 @@ def test_proxy_gives_back_a_sessions_fds_when_it_ends() -> None:
                 assert proxy.capture.fileno() == -1 and all(q.path.counters for q in proxy.queues.values())
     finally:
         c.close()
+
+
+def _refused_in_one_line(messages: list[tuple[bytes, list[int]]], reason: str, kit_fds: Any = None) -> None:
+    """Send `messages` from the campaign's QEMU (fds from its kit: `kit_fds(kit) -> [[fd, ...], ...]`); the
+    proxy must end the session with `reason` (a prefix), no thread dying, and every fd back."""
+    require_root()
+    c = VhostCampaign("proxy", 1)
+    try:
+        with quiet_logs() as logs:
+            before = len(os.listdir("/proc/self/fd"))
+            c.begin_session()
+            assert c.front is not None
+            fds = kit_fds(c.kit) if kit_fds else [[] for _ in messages]
+            for (raw, _), mfds in zip(messages, fds, strict=True):
+                send_message(c.front, raw, mfds)
+                if raw[:4] in {p[:4] for p in PINGS}:
+                    recv_message(c.front)
+            c.expect_end()
+            assert not logs.bugs, logs.bugs[0]
+        assert c.target.reasons[-1].startswith(reason), c.target.reasons[-1]  # type: ignore[union-attr]
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        c.close()
+
+
+def test_proxy_refuses_a_memory_table_with_the_reply_flag_in_one_line() -> None:
+    """Found by the 1M-case campaign: a SET_MEM_TABLE with the REPLY flag is decoded with its reply's
+    layout (a u64), and the fd check walked that u64 as regions: the control thread died on an
+    AttributeError and the message's fds stayed open."""
+    raw = struct.pack("<IIIQ", 5, 0x5, 8, 0)
+    _refused_in_one_line([(raw, [])], "protocol violation: SET_MEM_TABLE with the REPLY flag",
+                         lambda kit: [[kit.memfd, kit.memfd, kit.small]])
+
+
+def test_proxy_refuses_to_start_a_queue_whose_rings_left_the_memory_table() -> None:
+    """Found by the 1M-case campaign: the rings were checked at SET_VRING_ADDR, then a new memory table
+    (at other user addresses) left them outside every region; starting the queue raised RingError
+    (no_region) in the control thread, which died with a traceback."""
+    import dissectors.scapy as S
+
+    script = qemu_script()
+    upto = next(i for i, (name, raw) in enumerate(script) if name == "SET_VRING_ADDR")
+    moved = bytes(S.VhostUser(request=5) / S.VhostUserSetMemTable(regions=[S.VhostUserMemoryRegion(
+        guest_address=0, size=MEM, user_address=UVA + (1 << 32), mmap_offset=0)]))
+    tail = [(raw, []) for name, raw in script[upto + 1:] if name in ("SET_VRING_KICK", "SET_VRING_CALL",
+                                                                     "SET_VRING_ENABLE")][:3]
+    msgs = [(raw, []) for _name, raw in script[:upto + 1]] + [(moved, [])] + tail
+
+    def fds(kit: Any) -> list[list[int]]:
+        names = [name for name, _ in script[:upto + 1]] + ["SET_MEM_TABLE", "SET_VRING_KICK", "SET_VRING_CALL",
+                                                             "SET_VRING_ENABLE"]
+        return [{"SET_MEM_TABLE": [kit.memfd], "SET_VRING_KICK": [kit.kicks[0]],
+                 "SET_VRING_CALL": [kit.calls[0]]}.get(n, []) for n in names]
+
+    _refused_in_one_line(msgs, "protocol violation: vring 0 cannot start: its rings are not in the memory table",
+                         fds)
 
 
 def test_proxy_refuses_a_reply_from_qemu_in_one_line() -> None:

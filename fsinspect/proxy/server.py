@@ -261,8 +261,11 @@ class Proxy:
 
         A kick fd that is not an eventfd would spin the native path (poll says readable forever), a call or
         err fd that is not one would lose completions, and a region fd that cannot be mapped read-write
-        over mmap_offset + size would fail in mmap or fault (SIGBUS) later.
+        over mmap_offset + size would fail in mmap or fault (SIGBUS) later.  A message with the REPLY flag
+        has its reply's layout (a SET_MEM_TABLE's is a u64, not regions): the control plane refuses it.
         """
+        if msg.is_reply:
+            return
         if msg.name in ("SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"):
             for fd in msg.fds:
                 check_eventfd(fd, f"vring {msg.payload.u64 & vspec.VRING_IDX_MASK} {msg.name[9:].lower()} fd")
@@ -441,13 +444,18 @@ class Proxy:
         q.ensure_backend_fds()
         if not self.cp.backend_alive:
             return
-        path = ring.ShadowPath(
-            self.mem, index, s.num, self.mem.uva_to_gpa(s.desc_uva), self.mem.uva_to_gpa(s.avail_uva),
-            self.mem.uva_to_gpa(s.used_uva), C.PROXY_REGION_GPA + s.shadow_avail_off,
-            C.PROXY_REGION_GPA + s.shadow_used_off, self.capture,
-            kick_fd=-1 if q.kick_fd is None else q.kick_fd, call_fd=-1 if q.call_fd is None else q.call_fd,
-            backend_kick_fd=q.backend_kick, backend_call_fd=q.backend_call, avail_base=s.base,
-            snaplen=self.cfg.snaplen, event_idx=self._event_idx, spin_us=self.cfg.spin_us)
+        try:
+            path = ring.ShadowPath(
+                self.mem, index, s.num, self.mem.uva_to_gpa(s.desc_uva), self.mem.uva_to_gpa(s.avail_uva),
+                self.mem.uva_to_gpa(s.used_uva), C.PROXY_REGION_GPA + s.shadow_avail_off,
+                C.PROXY_REGION_GPA + s.shadow_used_off, self.capture,
+                kick_fd=-1 if q.kick_fd is None else q.kick_fd, call_fd=-1 if q.call_fd is None else q.call_fd,
+                backend_kick_fd=q.backend_kick, backend_call_fd=q.backend_call, avail_base=s.base,
+                snaplen=self.cfg.snaplen, event_idx=self._event_idx, spin_us=self.cfg.spin_us)
+        except ring.RingError as e:
+            # The rings were inside the memory table at SET_VRING_ADDR; a later table moved it away.
+            raise C.ProtocolViolation(f"vring {index} cannot start: its rings are not in the memory table ({e})") \
+                from None
         with self._hold_lock:
             if self.hold_rules:
                 path.set_hold_rules(self.hold_rules)
