@@ -14,6 +14,8 @@ average at the start:
   counts none, so its run is taken to serve as many as the bundled run of its pair (the same guest
   workload with the same cache options: the per-pair request counts are printed to judge that by).
 
+`--tree DIR` runs another checkout's bundled daemon in each pair too and prints its CPU per request.
+
 Not a test: these machines are noisy (2 shared cores); compare within one run, on a quiet machine.
 """
 
@@ -85,15 +87,17 @@ def _group_pids(pgid: int) -> list[int]:
 
 
 def run_bundled(image: build.GuestImage, share: Path, workload: str,
-                extra: list[str]) -> tuple[dict[str, float], float, int]:
-    """(step times, CPU seconds, requests served) of one guest run against the bundled daemon."""
+                extra: list[str], tree: Path | None = None) -> tuple[dict[str, float], float, int]:
+    """(step times, CPU seconds, requests served) of one guest run against the bundled daemon (of the
+    checkout `tree`, its C extensions built in place, when given)."""
     with launcher.short_tmpdir() as work:
         sock = work / "d.sock"
         summary = work / "summary.json"
         proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}",
                                  "-o", f"source={share},cache=auto,announce_submounts,no_xattr",
                                  "--log-level", "warning", f"--summary-json={summary}", *extra],
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=tree,
+                                env=None if tree is None else {**os.environ, "PYTHONPATH": str(tree)})
         try:
             deadline = time.monotonic() + 20
             while not sock.exists():
@@ -155,19 +159,29 @@ def main() -> int:
                     help="extra argument for the bundled daemon, e.g. --daemon-arg=--inode-file-handles=never")
     ap.add_argument("--share-fs", choices=("tmpfs", "disk"), default="tmpfs",
                     help="the share's root: a tmpfs (default) or the host's disk (ext4), as before")
+    ap.add_argument("--tree", metavar="DIR", type=Path,
+                    help="also the bundled daemon of another checkout DIR in each pair (its CPU per request "
+                         "is printed beside; the goal table stays this checkout's)")
     args = ap.parse_args()
     image = build.build(progress=lambda m: print(m, file=sys.stderr))
     c_runs: list[dict[str, float]] = []
     ours: list[dict[str, float]] = []
     cpu: dict[str, list[float]] = {"C": [], "bundled": []}
     requests: list[int] = []
+    tree_cpu: list[float] = []
     load = os.getloadavg()[0]
     # A tmpfs root by default: on the host's ext4 a create storm soon after a delete storm (the previous
     # run's) pays ext4's scan past recently deleted inodes, which varies 3x between runs (make_share).
     with make_share(root_tmpfs_mb=1024 if args.share_fs == "tmpfs" else 0) as share:
         for i in range(args.pairs):
-            order = ("C", "bundled") if i % 2 == 0 else ("bundled", "C")
+            order: tuple[str, ...] = ("C", "bundled") if i % 2 == 0 else ("bundled", "C")
+            if args.tree is not None:
+                order = (*order, "tree") if i % 2 == 0 else ("tree", *order)
             for kind in order:
+                if kind == "tree":
+                    _steps_t, c, n = run_bundled(image, share.root, args.workload, args.daemon_arg, args.tree)
+                    tree_cpu.append(c / n * 1e6 if n else 0.0)
+                    continue
                 if kind == "C":
                     steps, c = run_c(image, share.root, args.workload)
                     c_runs.append(steps)
@@ -200,6 +214,9 @@ def main() -> int:
         print(f"{kind} back-end CPU per run: median {statistics.median(vals):.2f} s (min {min(vals):.2f}, "
               f"max {max(vals):.2f})")
     goals = goal_table(c_runs, ours, cpu, requests, load)
+    if tree_cpu:
+        print(f"CPU µs per request of {args.tree}'s bundled daemon per pair: "
+              + ", ".join(f"{v:.0f}" for v in tree_cpu))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "cpu": cpu, "requests": requests, "load": load,
                                                "goals": goals}, indent=1))
