@@ -409,3 +409,46 @@ def test_backend_that_never_listens_is_a_clear_error_with_its_output(tmp_path: P
     assert line.startswith("fsinspect rerun: ") and "Traceback" not in p.stderr, p.stderr
     assert "did not listen on" in line and "within 2 s (connection refused)" in line, line
     assert "warming up the caches" in line, line
+
+
+def test_destroy_goes_after_the_forgets_sent_before_it(tmp_path: Path, share: Share) -> None:
+    """The sample ends FORGET, FORGET (hiprio queue), DESTROY: the guest's forgets were handled first.  Sent
+    together, DESTROY could overtake them and the C virtiofsd answered them EIO into no reply buffer
+    ("elem too short for out_header" in its log): DESTROY now waits until every chain sent is back."""
+    from fsinspect.rerun.front import Front
+    from fsinspect.rerun.plan import load
+    from fsinspect.rerun.runner import Rerun
+
+    plan = load(str(SAMPLE), allow_snapped=True)
+    assert [e.opname for e in plan.exchanges[-3:]] == ["FORGET", "FORGET", "DESTROY"]
+    log = tmp_path / "virtiofsd.log"
+    with launcher.short_tmpdir("fsi-destroy-") as work:
+        sock = work / "vfsd.sock"
+        cmd = [*VIRTIOFSD_CMD.format(socket=sock, shared_dir=share.root).split(), "-d"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+        try:
+            wait_socket(sock, [proc])
+            time.sleep(0.1)  # (the socket file appears a moment before virtiofsd listens)
+            front = Front(sock, plan.negotiation, max_request=plan.max_request, max_reply=plan.max_reply)
+            in_flight_at_destroy: list[int] = []
+            submit = front.submit
+
+            def spy(queue: int, raw: bytes, *rest: Any) -> None:
+                if F.decode_request(raw).opname == "DESTROY":
+                    in_flight_at_destroy.append(front.in_flight())
+                submit(queue, raw, *rest)
+
+            front.submit = spy  # type: ignore[method-assign]
+            try:
+                result = Rerun(plan, front).run()
+            finally:
+                front.close()
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert result.tally.equal and not result.tally.unanswered
+    assert in_flight_at_destroy == [0]
+    text = log.read_text(errors="replace")
+    assert "opcode: DESTROY" in text and "too short for out_header" not in text, text[-2000:]

@@ -100,6 +100,11 @@ class Rerun:
                 p += 1
             if i == 1:  # nothing may follow INIT before its reply: it sets the session's terms
                 need.add(0)
+            if ex.opname == "DESTROY":
+                # It ends the session: the C virtiofsd answers what comes after it EIO, and a FORGET still
+                # on the hiprio queue then gets an error it has no buffer for ("elem too short for
+                # out_header").  The guest's forgets went before it; here they are done before it too.
+                need.update(self._sent_req)
             self._wait_done(need, ex)
             if self.speed == "1x" and ex.req_ts:
                 due = t0 + (ex.req_ts - base_ts) / 1e9
