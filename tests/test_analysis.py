@@ -536,3 +536,24 @@ def test_syncfs_records_and_rate_buckets_are_bounded(monkeypatch: pytest.MonkeyP
     assert st.active_seconds <= 64 and st.bucket_ns == 16_000_000_000
     assert sum(n for _t, n in st.ops_per_second()) * st.bucket_ns / 1e9 == pytest.approx(1000)
     assert st.rate()["peak_ops_per_bucket"] == 16
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_an_interrupt_ends_with_the_request_it_interrupts(lazy: bool) -> None:
+    """/dev/fuse: libfuse answers an INTERRUPT only with EAGAIN.  One left unanswered stayed in the pending
+    map for good (keyed by its unique): a session with many signals grew without bound."""
+    s = Script(heads=False)
+    s.an = Analyzer(lazy=lazy)
+    s.init()
+    for _ in range(50):
+        u, _h = s.request("READ", {"read": {"size": 4096}}, 5)
+        s.request("INTERRUPT", {"interrupt": {"unique": u}})
+        s.reply("READ", u, error=4)  # EINTR
+    eagain, _h = s.request("INTERRUPT", {"interrupt": {"unique": 10**6}})
+    s.reply("INTERRUPT", eagain, error=11)  # EAGAIN: the one reply an INTERRUPT may get
+    assert s.an.pending == [] and s.an._interrupts == {}
+    intr = [e for e in s.an.exchanges if e.opname == "INTERRUPT"]
+    assert len(intr) == 51 and all(e.state == X.DONE for e in intr)
+    assert "completed; no reply to the INTERRUPT" in intr[0].notes[-1]
+    assert s.an.stats.ops["INTERRUPT"].count == 51
+    assert s.an.finish() == []

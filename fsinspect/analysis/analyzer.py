@@ -43,6 +43,8 @@ _IN = struct.Struct("<IIQQ")  # len, opcode, unique, nodeid
 _IN_SIZE = _IN.size
 _OP_INIT, _OP_SYNCFS, _OP_FORGET, _OP_BATCH_FORGET = OP["INIT"], OP["SYNCFS"], OP["FORGET"], OP["BATCH_FORGET"]
 _OP_LINK, _OP_TMPFILE, _OP_READDIRPLUS = OP["LINK"], OP["TMPFILE"], OP["READDIRPLUS"]
+_OP_INTERRUPT = OP["INTERRUPT"]
+_INTERRUPTED = struct.Struct("<Q")  # fuse_interrupt_in.unique, after the header
 _ATTR_OPS = frozenset((OP["GETATTR"], OP["SETATTR"]))
 _RENAME_OPS = frozenset((OP["RENAME"], OP["RENAME2"]))
 _UNLINK_OPS = frozenset((OP["UNLINK"], OP["RMDIR"]))
@@ -85,6 +87,7 @@ class Analyzer:
         self.pending_listeners: list[Callable[[Exchange], None]] = []  # a request opened, or changed while open
         self._pending: dict[tuple[int, ...], Exchange] = {}
         self._by_n: dict[int, tuple[int, ...]] = {}  # pending exchanges by number
+        self._interrupts: dict[tuple[int, int], Exchange] = {}  # (epoch, interrupted unique) -> INTERRUPT
         self._finished = False
 
     # -- feeding ---------------------------------------------------------------------------------
@@ -171,9 +174,34 @@ class Analyzer:
             self._finish(old)
         self._pending[key] = ex
         self._by_n[ex.n] = key
+        if opcode == _OP_INTERRUPT:
+            self._note_interrupt(ex, raw, req)
         if self.pending_listeners:
             self._changed(ex)
         return ex
+
+    def _note_interrupt(self, ex: Exchange, raw: bytes | None, req: F.Request | None) -> None:
+        """An INTERRUPT gets a reply only for EAGAIN (libfuse sends none): it is over when the request it
+        interrupts is, else it would wait in the pending map for ever (a /dev/fuse session keys it by unique)."""
+        if req is not None and "interrupt" in req.args:
+            target = int(req.args["interrupt"].unique)
+        elif raw is not None and len(raw) >= F.IN_HEADER_SIZE + _INTERRUPTED.size:
+            target = _INTERRUPTED.unpack_from(raw, F.IN_HEADER_SIZE)[0]
+        else:
+            return
+        self._interrupts[(ex.epoch, target)] = ex
+
+    def _interrupt_over(self, ex: Exchange) -> None:
+        """`ex` completed: an INTERRUPT of it still waiting for a reply is finished, unanswered."""
+        if ex.opcode == _OP_INTERRUPT:  # answered (EAGAIN): nothing left to end
+            for k in [k for k, v in self._interrupts.items() if v is ex]:
+                del self._interrupts[k]
+        intr = self._interrupts.pop((ex.epoch, ex.unique), None)
+        if intr is None or self._pending.get(self._by_n.get(intr.n, ())) is not intr:
+            return
+        del self._pending[self._by_n.pop(intr.n)]
+        intr.notes.append(f"the request it interrupts (#{ex.n}) completed; no reply to the INTERRUPT (none is due)")
+        self._finish(intr)
 
     def feed_reply(self, msg: Raw | F.Reply | F.Notification, queue: int = 0, head: int | None = None,
                    ts_ns: int = 0, *, epoch: int | None = None, orig_len: int | None = None,
@@ -251,6 +279,8 @@ class Analyzer:
             self._stuck(ex, ex.reply_ts - ex.req_ts, "took")
         self._apply_reply(ex)
         self._finish(ex)
+        if self._interrupts:
+            self._interrupt_over(ex)
 
     # -- requests in flight ------------------------------------------------------------------------
     def find(self, n: int) -> Exchange | None:
@@ -324,6 +354,7 @@ class Analyzer:
             self._finish(ex)
         self._pending.clear()
         self._by_n.clear()
+        self._interrupts.clear()
         self._finished = True
         return self.lints
 
