@@ -268,7 +268,8 @@ def test_apply_as_filter_field_inode_superblock_and_path_column() -> None:
             await pilot.pause(0.3)
             assert app.filter is not None and app.filter.text == f"nodeid == {sync['nodeid']}"
             assert list(app.filter.view) == [g["index"] for g in gold if g["nodeid"] == sync["nodeid"]]
-            assert app.focused is app.xlist and app.xlist.selected == sync["index"]
+            # The replay's filter fills its view in a thread: the selection comes back when it reaches it.
+            await wait_for(pilot, lambda: app.focused is app.xlist and app.xlist.selected == sync["index"])
             await wait_for(pilot, lambda: app.detail.index == sync["index"])
             await pilot.pause(0.2)  # the pane reloads once the list has settled on the new view
             fields.focus()

@@ -103,6 +103,7 @@ class ExchangeList(ScrollView, can_focus=True):
         self._strips: dict[tuple[Any, ...], Strip] = {}  # rendered rows; a row changes when its reply comes
         self._painted: tuple[int, int, int, int] | None = None
         self._sent_at = 0.0
+        self._want: int | None = None  # the exchange to select once a growing filter view has it
 
     # -- rows ------------------------------------------------------------------------------------
     @property
@@ -184,6 +185,8 @@ class ExchangeList(ScrollView, can_focus=True):
         if n != self.count:
             self.count = n
             self._set_rows(n)
+        if self._want is not None and self.view is not None and n:
+            self._catch_up(n)
         if self.follow and n:
             self.cursor = n - 1
             if self.scroll_offset.y + self.rows_shown < n:
@@ -239,6 +242,8 @@ class ExchangeList(ScrollView, can_focus=True):
         self.virtual_size = Size(0, self.count)
         row = self.row_of(keep) if keep is not None else None
         self.cursor = row if row is not None else max(0, self.count - 1 if self.follow else 0)
+        # A replay's filter fills its view in a thread: the selected exchange may match further on.
+        self._want = keep if row is None and view is not None else None
         self._scroll_cursor()
         self._painted = None
         self.refresh()
@@ -258,7 +263,19 @@ class ExchangeList(ScrollView, can_focus=True):
         elif self.cursor >= top + h:
             self.scroll_to(y=self.cursor - h + 1, animate=False, immediate=True)
 
+    def _catch_up(self, n: int) -> None:
+        """Put the cursor back on the exchange that was selected when the filter was applied, once the
+        growing view reaches it (Wireshark keeps the selected packet across a new display filter)."""
+        assert self.view is not None and self._want is not None
+        row = self.row_of(self._want)
+        if row is not None:
+            self._want = None
+            self.go(row, follow=False)
+        elif self.view[n - 1] > self._want:  # the view went past it: the filter hides it
+            self._want = None
+
     def go(self, row: int, *, follow: bool | None = None) -> None:
+        self._want = None  # a move of the user's own wins over a selection still to come
         if not self.count:
             return
         self.cursor = max(0, min(self.count - 1, row))
