@@ -64,6 +64,8 @@ def main() -> int:
         rate = s["answered"] / s["elapsed_s"] if s["elapsed_s"] else 0
         print(f"{name:<12} {s['answered']} replies in {s['elapsed_s']:.3f} s = {rate:.0f} requests/s, "
               f"{s['differing']} differing from the recording")
+        if s.get("backend_failed"):  # every reply may be equal, and the back-end still crashed at the end
+            print(f"{'':<12} back-end failure: {s['backend_failed']}")
         if s.get("notes"):  # the rerun adjusted what it sent (e.g. forgets clamped to this back-end's grants)
             print(f"{'':<12} note: {s['notes'][0]}")
     ops = sorted(best["C virtiofsd"]["ops"], key=lambda o: -best["C virtiofsd"]["ops"][o]["count"])
