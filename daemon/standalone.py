@@ -30,7 +30,7 @@ from daemon.sandbox import enter as enter_sandbox
 from daemon.server import OP, Buffer, Server, Tap
 from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
 
-from .mainloop import serve_until_signal
+from .mainloop import StopSignals, serve_until_signal
 
 log = logging.getLogger("fsinspect.daemon.standalone")
 # What a debugger rule must be able to stop for a file to be opened in passthrough: never these.
@@ -166,7 +166,8 @@ class Standalone:
 
 def run(mountpoint: str, opts: Options, *, readers: int = 1, clone_fd: bool = False, pool_size: int = 8,
         dispatch: str = "inline+pool", ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None,
-        hold: EngineHoldPoint | None = None, sandbox: str = "none", seccomp: str = "none") -> int:
+        hold: EngineHoldPoint | None = None, sandbox: str = "none", seccomp: str = "none",
+        stops: StopSignals | None = None) -> int:
     """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM.
 
     The readers run on threads; the main thread only waits for a signal or the end of the session,
@@ -176,7 +177,7 @@ def run(mountpoint: str, opts: Options, *, readers: int = 1, clone_fd: bool = Fa
                          dispatch=dispatch, tap=tap, hold=hold, sandbox=sandbox, seccomp=seccomp)
     serve_until_signal(session, "fuse-serve",
                        on_signal=lambda sig: log.info("%s: unmounting %s", sig, session.mountpoint),
-                       ready=None if ready is None else lambda: ready(session))
+                       ready=None if ready is None else lambda: ready(session), stops=stops)
     if session.error is not None:
         raise session.error
     return 0

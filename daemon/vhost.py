@@ -22,7 +22,7 @@ from daemon.sandbox import enter as enter_sandbox
 from daemon.server import OUT_HEADER_SIZE, Buffer, Context, Entry, Server, Tap
 from daemon.transport.vhost_user import DEFAULT_QUEUES, InPlace, VhostUserSession, accept_one, data_views
 
-from .mainloop import serve_until_signal
+from .mainloop import StopSignals, serve_until_signal
 
 log = logging.getLogger("fsinspect.daemon.vhost")
 
@@ -146,12 +146,12 @@ class VhostDaemon:
 def run(listener: socket.socket, opts: Options, *, pool_size: int = 8, dispatch: str = "inline+pool",
         tap: Tap | None = None, socket_path: str | None = None,
         ready: Callable[[VhostDaemon], None] | None = None, hold: EngineHoldPoint | None = None,
-        sandbox: str = "none", seccomp: str = "none") -> VhostDaemon:
+        sandbox: str = "none", seccomp: str = "none", stops: StopSignals | None = None) -> VhostDaemon:
     """The `fsinspect daemon --socket-path` main loop: returns when QEMU disconnects or on SIGINT/SIGTERM."""
     d = VhostDaemon(listener, opts, pool_size=pool_size, dispatch=dispatch, tap=tap, socket_path=socket_path,
                     hold=hold, sandbox=sandbox, seccomp=seccomp)
     serve_until_signal(d, "vhost-user-control", on_signal=lambda sig: log.info("%s: stopped", sig),
-                       ready=None if ready is None else lambda: ready(d))
+                       ready=None if ready is None else lambda: ready(d), stops=stops)
     if d.error is not None:
         raise d.error
     return d

@@ -150,7 +150,7 @@ def serve_engine(args: argparse.Namespace, intercept: Any, src: EngineSource, se
     return write_summary(args, counters, intercept, src)
 
 
-def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
+def run_vhost(args: argparse.Namespace, intercept: Any = None, stops: Any = None) -> int:
     """Serve one QEMU connection; exit 0 when QEMU disconnects (or on SIGINT/SIGTERM)."""
     from daemon import vhost
     from daemon.transport.vhost_user import VhostUserError, listen_fd, listen_path
@@ -178,7 +178,8 @@ def run_vhost(args: argparse.Namespace, intercept: Any = None) -> int:
     def serve(tap: Any, hold: Any) -> dict[str, Any]:
         try:
             d = vhost.run(listener, opts, pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap,
-                          socket_path=args.socket_path, hold=hold, sandbox=args.sandbox, seccomp=args.seccomp)
+                          socket_path=args.socket_path, hold=hold, sandbox=args.sandbox, seccomp=args.seccomp,
+                          stops=stops)
         except (OSError, VhostUserError) as e:
             raise UserError(f"{getattr(e, 'strerror', None) or e}", status=1) from None
         counters = d.counters()

@@ -158,13 +158,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--break holds until a client decides: add --control SOCK (fsinspect attach or a script "
                         "releases it), or use --inject for what needs no client")
     logging.basicConfig(level=args.log_level.upper(), format="fsinspect daemon: %(levelname)s %(message)s")
+    from daemon.mainloop import StopSignals
+
+    with StopSignals() as stops:  # from before the socket or the mount exists, so a signal never orphans them
+        return _run(args, intercept, stops)
+
+
+def _run(args: argparse.Namespace, intercept: Any, stops: Any) -> int:
     if args.socket_path or args.fd is not None:
         if args.standalone:
             raise UserError("--standalone and --socket-path/--fd are different transports: choose one")
         if args.passthrough == "on":
             raise UserError("--passthrough is for --standalone: a virtio-fs guest's kernel cannot open the "
                             "host's files")
-        return run_vhost(args, intercept)
+        return run_vhost(args, intercept, stops)
     if not args.standalone:
         raise UserError("choose a transport: --socket-path PATH or --fd N (vhost-user), or --standalone MOUNTPOINT")
     opts = fs_options(args)
@@ -179,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             standalone.run(args.standalone, opts, readers=args.readers, clone_fd=args.clone_fd,
                            pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap, hold=hold,
-                           sandbox=args.sandbox, seccomp=args.seccomp, ready=served.append)
+                           sandbox=args.sandbox, seccomp=args.seccomp, ready=served.append, stops=stops)
         except FuseDevError as e:
             raise UserError(str(e.strerror or e), status=1) from None
         except OSError as e:
