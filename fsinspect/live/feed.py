@@ -45,6 +45,9 @@ class CommandError(Exception):
     """A debugger command that cannot be sent (no live source, or the connection is gone)."""
 
 
+EVENTS_KEEP = 2000  # control-plane events kept (the newest): a source spewing bad lines must not grow memory
+
+
 @dataclass
 class LiveState:
     """What a feed keeps of a live source; the UI's Store extends it with what it shows."""
@@ -57,7 +60,7 @@ class LiveState:
     first_ts: int = 0  # the first record's time (any kind): tshark's zero for relative times
     open: dict[int, Exchange] = field(default_factory=dict)  # the source's n -> its pending or held exchange
     control: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=2000))
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=EVENTS_KEEP))
     remote_lints: list[dict[str, Any]] = field(default_factory=list)  # lints from before we attached
     capture: dict[str, Any] = field(default_factory=dict)
 

@@ -490,7 +490,7 @@ class ControlPanel(Widget):
         lines.append(f"  {what}: {st.received}; messages this UI missed (control-socket overflow): {st.overflow}")
         if st.events:
             lines.append(f"EVENTS ({len(st.events)})")
-            for e in st.events[-30:]:
+            for e in list(st.events)[-30:]:
                 lines.append(f"  {event_text(e)}")
         return lines
 

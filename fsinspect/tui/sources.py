@@ -29,6 +29,7 @@ from .render import number
 
 FREEZE_EVERY = BATCH  # exchanges between gc.freeze() calls (see Store.settle): one batch of the feed loop
 LIVE_KEEP = 500_000  # exchanges a live session keeps (~0.9 GB); older ones are forgotten
+RATE_SECONDS = 4_096  # per-second rate buckets a live session keeps (the newest; the sparkline shows 60)
 __all__ = ["AttachSource", "CommandError", "ReplaySource", "Source", "Store"]
 
 
@@ -153,8 +154,13 @@ class Store(LiveState):
         """Forget the oldest exchanges beyond `keep` (call with the lock held); returns how many went.
 
         A live session runs for hours: every exchange kept costs ~1.7 KB, so the attach source keeps a
-        bounded window.  Trimming takes a fifth more than needed so that it happens rarely.
+        bounded window (and the newest RATE_SECONDS rate buckets).  Trimming takes a fifth more than needed
+        so that it happens rarely.
         """
+        if len(self.ops_buckets) > RATE_SECONDS + RATE_SECONDS // 4:  # one per second, for weeks: bounded
+            newest = set(heapq.nlargest(RATE_SECONDS, self.ops_buckets))
+            self.ops_buckets = collections.Counter({t: n for t, n in self.ops_buckets.items() if t in newest})
+            self.bytes_buckets = collections.Counter({t: n for t, n in self.bytes_buckets.items() if t in newest})
         exs = self.analyzer.exchanges
         if len(exs) <= keep:
             return 0
