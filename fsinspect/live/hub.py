@@ -149,6 +149,9 @@ class Hub:
         # between its snapshot and its live stream.
         self.feed_lock = feed_lock if feed_lock is not None else threading.Lock()
         self.queue_len = queue_len
+        # Not fanned out yet is never a tighter bound than what one client may have queued (a hub made for
+        # a deep client queue dropped at the outbox instead: CI's ingest test, 13k overflow).
+        self.outbox_len = max(OUTBOX, queue_len)
         self.client_bytes = client_bytes
         self.total_bytes = total_bytes
         self.max_clients = max_clients
@@ -206,7 +209,7 @@ class Hub:
         if not self.clients:  # nobody to encode for (a joining client gets `recent` in its snapshot)
             return
         with self.lock:
-            if len(self._outbox) >= OUTBOX:
+            if len(self._outbox) >= self.outbox_len:
                 self._outbox_dropped += 1
             else:
                 self._outbox.append((self._seq, kind, payload, pub))
