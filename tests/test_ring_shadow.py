@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import time
@@ -355,6 +356,7 @@ def test_close_gives_back_the_fds_and_the_mappings_while_the_objects_live(eng):
     its wake-up eventfd, its hold on the rings' mappings, and the capture buffer's eventfd, at once.
     Before, only the objects' deallocation did: a Proxy kept for its counters held 5 eventfds per queue,
     one more, and the guest's memory (the vhost-user front campaign's fd check failed on them)."""
+    gc.collect()  # an earlier test's objects going now would make the counts below lie
     base = _eventfds()
     px = Proxy(eng)
     try:
