@@ -242,6 +242,9 @@ int main(int argc, char **argv)
                     FAIL("publish refused heads it popped");
                 if (call != 0 && call != 1)
                     FAIL("publish decided no call");
+                /* the flags publish saw: random rings may overlap, and the used entries just written may
+                 * have overwritten the ones set above (seed 7 has two such cases in 1M) */
+                memcpy(&flags, q.avail, 2);
                 if (nue && !q.event_idx && call != !(flags & RC_VRING_AVAIL_F_NO_INTERRUPT))
                     FAIL("publish ignored VRING_AVAIL_F_NO_INTERRUPT");
                 if (nue && rc_ring_load_idx(q.used) != q.used_idx)
