@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import struct
 import time
 from typing import Any
@@ -156,6 +157,52 @@ def test_proxy_refuses_to_start_a_queue_whose_rings_left_the_memory_table() -> N
 
     _refused_in_one_line(msgs, "protocol violation: vring 0 cannot start: its rings are not in the memory table",
                          fds)
+
+
+def test_proxy_refuses_a_vring_base_beyond_16_bits_in_one_line() -> None:
+    """Found by the 1M-case campaign: SET_VRING_BASE carries a u32, and a base over 65535 reached the
+    shadow ring's 16-bit index (struct.error in the control thread at SET_VRING_ADDR)."""
+    import dissectors.scapy as S
+
+    script = qemu_script()
+    upto = next(i for i, (name, _raw) in enumerate(script) if name == "SET_VRING_NUM")
+    base = bytes(S.VhostUser(request=10) / S.VhostUserSetVringBase(index=0, num=0x10000))
+    msgs = [(raw, []) for _name, raw in script[:upto + 1]] + [(base, [])]
+    fds = [[] for _ in msgs]
+    fds[next(i for i, (name, _raw) in enumerate(script) if name == "SET_MEM_TABLE")] = [0]
+    _refused_in_one_line(msgs, "protocol violation: vring 0: base 65536 is not a 16-bit ring index",
+                         lambda kit: [[kit.memfd] if f else [] for f in fds])
+
+
+def test_proxy_survives_a_backend_loss_after_a_stopped_queues_rings_left_the_table() -> None:
+    """Found by the 1M-case campaign: a queue stopped (GET_VRING_BASE), a new memory table without its
+    rings, then the back-end went: the EIO fallback translated the stopped queue's rings and died on
+    RingError (no_region).  Such a queue has nothing to serve; the proxy goes on answering QEMU."""
+    import dissectors.scapy as S
+
+    require_root()
+    c = VhostCampaign("proxy", 1)
+    try:
+        with quiet_logs() as logs:
+            _start_queues(c)
+            assert c.front is not None
+            for q in (0, 1):
+                send_message(c.front, bytes(S.VhostUser(request=11) / S.VhostUserGetVringBase(index=q)))
+                recv_message(c.front)
+            moved = bytes(S.VhostUser(request=5) / S.VhostUserSetMemTable(regions=[S.VhostUserMemoryRegion(
+                guest_address=0, size=MEM, user_address=UVA + (1 << 32), mmap_offset=0)]))
+            send_message(c.front, moved, [c.kit.memfd])
+            send_message(c.front, PING)  # the table is in place before the back-end goes
+            assert recv_message(c.front)[0][:4] == PING[:4]
+            c.target.proxy.backend_sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+            for ping in PINGS:  # the proxy answers QEMU itself now
+                send_message(c.front, ping)
+                assert recv_message(c.front)[0][:4] == ping[:4]
+            c.end_session()
+            assert not logs.bugs, logs.bugs[0]
+        assert c.target.reasons[-1] == "QEMU disconnected"  # type: ignore[union-attr]
+    finally:
+        c.close()
 
 
 def test_proxy_refuses_a_reply_from_qemu_in_one_line() -> None:

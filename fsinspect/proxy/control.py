@@ -327,6 +327,8 @@ class ControlPlane:
 
     def _fe_set_vring_base(self, msg: V.VhostUserMessage) -> list[Command]:
         vr = self.vring(msg.payload.index)
+        if msg.payload.num > 0xFFFF:  # a split ring's index (packed rings are masked)
+            raise ProtocolViolation(f"vring {vr.index}: base {msg.payload.num} is not a 16-bit ring index")
         vr.base = msg.payload.num
         return [Event("vring-base", {"index": vr.index, "base": vr.base})]
 

@@ -534,8 +534,11 @@ class Proxy:
                 continue
             s = q.setup
             idx = q.path.indices
-            q.local = ring.SplitQueue(self.mem, s.num, self.mem.uva_to_gpa(s.desc_uva),
-                                      self.mem.uva_to_gpa(s.avail_uva), self.mem.uva_to_gpa(s.used_uva))
+            try:
+                q.local = ring.SplitQueue(self.mem, s.num, self.mem.uva_to_gpa(s.desc_uva),
+                                          self.mem.uva_to_gpa(s.avail_uva), self.mem.uva_to_gpa(s.used_uva))
+            except ring.RingError:
+                continue  # a stopped queue whose rings a later memory table dropped: nothing to serve there
             q.local.last_avail_idx = idx["next_avail"]
             q.local.used_idx = idx["guest_used_idx"]
             self._ask_for_kicks(q)
