@@ -205,6 +205,28 @@ def test_proxy_survives_a_backend_loss_after_a_stopped_queues_rings_left_the_tab
         c.close()
 
 
+def test_proxy_survives_a_backend_gone_under_an_undecodable_message() -> None:
+    """Found by the 1M-case campaign (seed 2203392528, case 930361): a message the proxy cannot decode is
+    forwarded as it is; with the back-end gone that send raised BrokenPipeError and the control thread
+    died.  It is a back-end loss like any other: QEMU is answered by the proxy from then on."""
+    require_root()
+    c = VhostCampaign("proxy", 1)
+    try:
+        with quiet_logs() as logs:
+            _start_queues(c)
+            assert c.front is not None
+            c.target.proxy.backend_sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+            send_message(c.front, struct.pack("<III", 46, 1, 0))  # a request code nobody knows
+            for ping in PINGS:
+                send_message(c.front, ping)
+                assert recv_message(c.front)[0][:4] == ping[:4]
+            c.end_session()
+            assert not logs.bugs, logs.bugs[0]
+        assert c.target.proxy.stats.backend_lost_ns is not None  # type: ignore[union-attr]
+    finally:
+        c.close()
+
+
 def test_proxy_refuses_a_reply_from_qemu_in_one_line() -> None:
     """Found by the campaign: a front-end message with the REPLY flag (SET_VRING_ENABLE decoded with its
     reply's u64 layout) reached the control plane's request handler, and the proxy's control thread died

@@ -238,8 +238,11 @@ class Proxy:
             self.stats.decode_errors += 1
             self._record_vhost("frontend", raw, fds, None, note=str(e))
             if self.cp.backend_alive and self.backend_sock is not None:
-                send_message(self.backend_sock, raw, fds)
-                self._passthrough_reply = True  # whatever the back-end answers goes back verbatim
+                try:
+                    send_message(self.backend_sock, raw, fds)
+                    self._passthrough_reply = True  # whatever the back-end answers goes back verbatim
+                except OSError as e:
+                    self._backend_gone(f"send failed: {e}")
             self._close_fds(fds)
             return
         self._record_vhost("frontend", raw, fds, msg)
