@@ -27,7 +27,6 @@ from fsinspect.guest.share import Share, make_share
 from fsinspect.recording.reader import RecordingReader
 from fsinspect.recording.writer import RecordingWriter
 from fsinspect.rerun.compare import compare
-from fsinspect.rerun.front import wait_socket
 from fsinspect.rerun.remap import Remap
 
 pytestmark = [pytest.mark.root]
@@ -41,6 +40,15 @@ def rerun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fsinspect", "rerun", *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
+
+def wait_socket(path: Path, proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Wait for a back-end's socket file, its process staying alive meanwhile (no probe connection: the C
+    virtiofsd serves one front-end and exits when it hangs up)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the back-end exited with status {proc.returncode} before listening"
+        assert time.monotonic() < deadline, f"the back-end never created its socket {path}"
+        time.sleep(0.02)
 
 @pytest.fixture
 def share() -> Iterator[Share]:
@@ -295,7 +303,7 @@ def test_forgets_beyond_the_back_ends_grants_are_clamped_not_sent(tmp_path: Path
         cmd = VIRTIOFSD_CMD.format(socket=sock, shared_dir=share.root).split()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            wait_socket(sock, [proc])
+            wait_socket(sock, proc)
             p = rerun(str(rec), "--backend", str(sock), "--allow-snapped", "--format", "jsonl")
             _, err = proc.communicate(timeout=20)  # the C virtiofsd exits when its front-end hangs up
         finally:
@@ -427,7 +435,7 @@ def test_destroy_goes_after_the_forgets_sent_before_it(tmp_path: Path, share: Sh
         cmd = [*VIRTIOFSD_CMD.format(socket=sock, shared_dir=share.root).split(), "-d"]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
         try:
-            wait_socket(sock, [proc])
+            wait_socket(sock, proc)
             time.sleep(0.1)  # (the socket file appears a moment before virtiofsd listens)
             front = Front(sock, plan.negotiation, max_request=plan.max_request, max_reply=plan.max_reply)
             in_flight_at_destroy: list[int] = []

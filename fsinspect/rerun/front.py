@@ -13,7 +13,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,18 +351,6 @@ class Front:
 
 def _round(n: int, to: int = PAGE) -> int:
     return (n + to - 1) // to * to
-
-
-def wait_socket(path: Path, alive: Iterable[Any] = (), timeout: float = 10.0) -> None:
-    """Wait for a back-end's socket to appear (its process, if given, must stay alive meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        for p in alive:
-            if p.poll() is not None:
-                raise FrontError(f"the back-end command exited with status {p.returncode} before listening")
-        if time.monotonic() > deadline:
-            raise FrontError(f"the back-end never created its socket {path} within {timeout:.0f} s")
-        time.sleep(0.02)
 
 
 def connect_backend(path: Path, gone: Callable[[], str | None], timeout: float = 10.0,
