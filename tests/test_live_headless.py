@@ -213,3 +213,27 @@ def test_a_held_request_is_written_when_held_then_when_it_completes(tmp_path: Pa
     else:
         assert held is not None and lines[0].startswith(f"#{held.n} ") and "(held)" not in lines[0]
     assert b"6 of " in err
+
+
+def test_stop_signals_while_it_ends_print_nothing(tmp_path: Path) -> None:
+    """Wireshark SIGTERMs its extcap once the FIFO closes, maybe while the interpreter shuts down: a
+    traceback on stderr then shows in Wireshark as an error (CI saw it once). SIGTERMs every millisecond
+    from the source's end until the exit must leave stderr clean and the output whole."""
+    out = tmp_path / "live.jsonl"
+    proc, hub = _serve(tmp_path, "--format", "jsonl", "-o", str(out))
+    gold = golden("guest-syncfs")
+    deadline = time.monotonic() + 30
+    try:
+        while len(out.read_bytes().splitlines()) < len(gold):
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.02)
+    finally:
+        hub.close()
+    while proc.poll() is None:
+        assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.001)
+    _, err = proc.communicate(timeout=30)
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err
+    assert proc.returncode == 0, err
+    assert len(out.read_bytes().splitlines()) == len(gold)

@@ -71,7 +71,8 @@ def run_headless(ctrl: str, fmt: str, expr: str | None, dest: str | None, mode: 
     except OSError as e:
         feed.shutdown()
         raise UserError(f"{dest or 'stdout'}: {e.strerror or e}") from None
-    if threading.current_thread() is threading.main_thread():
+    main = threading.current_thread() is threading.main_thread()
+    if main:
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: flush, then exit 0
     stopped = False
     try:
@@ -81,6 +82,12 @@ def run_headless(ctrl: str, fmt: str, expr: str | None, dest: str | None, mode: 
     except BrokenPipeError:  # `| head`: the reader went away
         stopped = True
     finally:
+        if main:
+            # Stopping is under way: a repeated SIGTERM (Wireshark stops its extcap so once the FIFO closes,
+            # maybe while the interpreter shuts down) must neither cut the flush short nor print a traceback,
+            # which Wireshark shows as an error. A second Ctrl-C still ends it, quietly, should a write hang.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         try:
             feed.write_open()  # what still waits at the end (a hung back-end's requests), as pending
             feed.sink.close()
