@@ -354,6 +354,24 @@ def bench_ingest(exchanges: int = 20_000) -> dict[str, float]:
             "ceiling": exchanges / (parse + apply)}
 
 
+def profiled(out: str) -> int:
+    """Run this bench again under py-spy (the `bench` extra), which samples it and its children (the indexed
+    case's opens) into `out`: where the UI thread, the background passes and the GIL hand-offs spend the
+    run.  An `.svg` output is a flame graph, anything else speedscope JSON (https://speedscope.app).
+    (py-spy launches the bench rather than attaching by --pid: attaching needs ptrace rights on a running
+    process that a container often withholds.)"""
+    spy = Path(sys.executable).with_name("py-spy")
+    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--profile" and sys.argv[i] != "--profile"
+            and not a.startswith("--profile=")]
+    fmt = "flamegraph" if out.endswith(".svg") else "speedscope"
+    cmd = [str(spy) if spy.exists() else "py-spy", "record", "--subprocesses", "--threads", "--format", fmt,
+           "--output", out, "--", sys.executable, os.path.abspath(__file__), *argv]
+    try:
+        return subprocess.run(cmd).returncode
+    except FileNotFoundError:
+        raise SystemExit("bench/tui.py --profile needs py-spy: pip install -e '.[bench]'") from None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exchanges", type=int, default=1_000_000)
@@ -370,7 +388,12 @@ def main() -> int:
                          "(3 GB; tens of minutes with its full filter pass); default 0: skip")
     ap.add_argument("--keep-indexed", action="store_true",
                     help="keep the indexed case's recording and side files in /tmp (deleted by default)")
+    ap.add_argument("--profile", default=None, metavar="OUT",
+                    help="sample the whole run with py-spy (the bench extra) into OUT: .svg a flame graph, "
+                         "else speedscope JSON")
     args = ap.parse_args()
+    if args.profile:
+        return profiled(args.profile)
     _count_frames()
     rows: list[tuple[str, str]] = [("machine", f"{os.cpu_count()} cores, load average "
                                                f"{os.getloadavg()[0]:.1f} at start (shared)")]
