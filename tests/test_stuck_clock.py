@@ -78,3 +78,50 @@ def test_the_daemon_tap_ages_on_the_monotonic_clock_too(monkeypatch: pytest.Monk
                 assert [ex.unique for ex in tap.analyzer.check_stuck(time.time_ns(), time.monotonic_ns())] == [7]
         finally:
             tap.close()
+
+
+def _age_ms(snap: dict) -> float:
+    (pending,) = snap["pending"]
+    return float(pending["age_ms"])
+
+
+@pytest.mark.parametrize("step", [HOUR, -HOUR], ids=["forward", "back"])
+def test_a_pending_requests_age_ignores_a_wall_clock_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The proxy's snapshot (what `attach` shows first) ages a waiting request on CLOCK_MONOTONIC: a step of
+    the wall clock shows neither an hour-long wait nor none at all."""
+    with clocks(monkeypatch) as off:
+        s = _session_with_a_waiting_request()
+        off["wall"] += step
+        off["mono"] += 300_000_000
+        with s.lock:
+            age = _age_ms(s.snapshot())
+        assert 300 <= age < 300 + 1000, age
+
+
+def test_the_daemon_taps_snapshot_and_stuck_message_age_on_the_monotonic_clock(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A client attached to the daemon's control socket: the request message sent when `stuck` lints it (2 s
+    after its capture, the wall clock stepped an hour back meanwhile) and a snapshot taken then say 2 s."""
+    from fsinspect.live.engine import EngineSource
+
+    from .test_control_hub import _connect, _lines
+
+    ctl = str(tmp_path / "ctl.sock")
+    with clocks(monkeypatch) as off:
+        tap = EngineSource(control=ctl)
+        client = _connect(ctl)
+        try:
+            lines = _lines(client)
+            assert [next(lines)["type"], next(lines)["type"]] == ["hello", "snapshot"]
+            tap("request", 1, 7, time.time_ns(), GETATTR)
+            assert next(lines)["type"] == "request"
+            off["wall"] -= HOUR
+            off["mono"] += 2_000_000_000  # the tap's ticker lints it stuck on its next round
+            stuck = next(x for x in lines if x["type"] == "request" and X.STUCK in x["lints"])
+            assert 2000 <= stuck["age_ms"] < 3000, stuck["age_ms"]
+            with tap.lock:
+                age = _age_ms(tap.snapshot())
+            assert 2000 <= age < 3000, age
+        finally:
+            client.close()
+            tap.close()

@@ -165,10 +165,15 @@ class Exchange:
             return HELD
         return PENDING if not self.replied and self.expects_reply else DONE
 
-    def age_ns(self, now_ns: int) -> int | None:
-        """How long a pending request has been waiting at `now_ns` (None once it is complete)."""
+    def age_ns(self, now_ns: int, mono_ns: int | None = None) -> int | None:
+        """How long a pending request has been waiting at `now_ns` (None once it is complete).
+
+        With `mono_ns` (CLOCK_MONOTONIC now), a request captured live (`req_mono`) is aged on that clock:
+        a wall-clock step (NTP, a suspended VM's host) shows neither a negative nor an hours-long wait."""
         if self.state == DONE or self.req_ts is None:
             return None
+        if mono_ns is not None and self.req_mono is not None:
+            return max(0, mono_ns - self.req_mono)
         return max(0, now_ns - self.req_ts)
 
     @property

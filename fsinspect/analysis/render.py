@@ -13,9 +13,11 @@ if TYPE_CHECKING:
     from .analyzer import Analyzer
 
 
-def exchange_json(ex: Exchange, *, raw: bool = False, now_ns: int | None = None) -> dict[str, Any]:
+def exchange_json(ex: Exchange, *, raw: bool = False, now_ns: int | None = None,
+                  mono_ns: int | None = None) -> dict[str, Any]:
     """One exchange: number, state, opcode name, unique, nodeid, queue, decoded request and reply, errno
-    name, latency; `age_ms` (at `now_ns`) while it is pending or held.
+    name, latency; `age_ms` (at `now_ns`, or on CLOCK_MONOTONIC at `mono_ns` for a live capture) while it
+    is pending or held.
 
     With `raw`, the captured bytes (hex) and original lengths come along whenever the exchange kept them
     (`Analyzer(keep_raw=True)`): a live UI re-analyses them for its hex dump and inode map.
@@ -41,7 +43,7 @@ def exchange_json(ex: Exchange, *, raw: bool = False, now_ns: int | None = None)
     }
     if ex.held is not None:
         d["held"] = ex.held
-    age = ex.age_ns(now_ns) if now_ns is not None else None
+    age = ex.age_ns(now_ns, mono_ns) if now_ns is not None else None
     if age is not None:
         d["age_ms"] = round(age / 1e6, 1)
     if ex.submount:
@@ -62,9 +64,9 @@ def exchange_json(ex: Exchange, *, raw: bool = False, now_ns: int | None = None)
     return d
 
 
-def inflight_json(pending: list[Exchange], now_ns: int) -> dict[str, list[dict[str, Any]]]:
+def inflight_json(pending: list[Exchange], now_ns: int, mono_ns: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """The snapshot's `pending` (every open exchange, oldest first) and `held` (those a breakpoint holds)."""
-    rows = [exchange_json(ex, raw=True, now_ns=now_ns) for ex in pending]
+    rows = [exchange_json(ex, raw=True, now_ns=now_ns, mono_ns=mono_ns) for ex in pending]
     return {"pending": rows, "held": [r for r in rows if r["state"] == "held"]}
 
 
@@ -98,9 +100,10 @@ def syncfs_json(an: Analyzer) -> list[dict[str, Any]]:
              "error": r.error} for r in an.submounts.syncfs]
 
 
-def snapshot_json(an: Analyzer, now_ns: int) -> dict[str, Any]:
-    """What every source's control socket sends a client first (the source adds its own keys)."""
-    return {**inflight_json(an.pending, now_ns), "inodes": inodes_json(an), "stats": an.stats.as_dict(),
+def snapshot_json(an: Analyzer, now_ns: int, mono_ns: int | None = None) -> dict[str, Any]:
+    """What every source's control socket sends a client first (the source adds its own keys); ages on
+    CLOCK_MONOTONIC at `mono_ns` (a live source's)."""
+    return {**inflight_json(an.pending, now_ns, mono_ns), "inodes": inodes_json(an), "stats": an.stats.as_dict(),
             "lints": lints_json(an), "submounts": submounts_json(an), "syncfs": syncfs_json(an)}
 
 

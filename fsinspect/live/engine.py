@@ -133,7 +133,7 @@ class EngineSource:
     def snapshot(self) -> dict[str, Any]:
         """What a newly attached client gets first (called with self.lock held)."""
         assert self.analysis is not None
-        return snapshot_json(self.analysis.analyzer, time.time_ns())
+        return snapshot_json(self.analysis.analyzer, time.time_ns(), time.monotonic_ns())
 
     def summary(self) -> dict[str, Any]:
         """The exchanges' part of the end-of-run summary, shaped as the proxy's ({} without --control)."""

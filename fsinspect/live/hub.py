@@ -233,7 +233,7 @@ class Hub:
         """A request in flight (new, or changed while open); the snapshot lists the open ones instead.  Sent
         only if it is still open when its batch goes out: one answered by then comes as its exchange."""
         if self.clients:  # what the request's packet block says is taken now (its notes only grow)
-            self._broadcast(_REQUEST, ex, (time.time_ns(), ex.held, len(ex.notes)))
+            self._broadcast(_REQUEST, ex, ((time.time_ns(), time.monotonic_ns()), ex.held, len(ex.notes)))
 
     def _remember(self, ex: Exchange) -> None:
         """Keep `ex` for the snapshot's backlog, bounded in count and in bytes (what it holds, and its JSON's
@@ -379,7 +379,8 @@ class Hub:
                 else:
                     obj = None
                     if payload.state != DONE:
-                        obj = {"type": "request", **exchange_json(payload, raw=True, now_ns=pub[0])}
+                        wall, mono = pub[0]  # (ages on CLOCK_MONOTONIC: a wall-clock step changes none)
+                        obj = {"type": "request", **exchange_json(payload, raw=True, now_ns=wall, mono_ns=mono)}
                         _cut_raw(obj)
                     out.append((seq, kind, obj, payload, pub))
         return out

@@ -298,7 +298,7 @@ class Session:
         """What a newly attached client gets first (called with self.lock held)."""
         self.analysis.catch_up()  # a client is watching from now on: it sees everything analysed
         st = self.proxy.stats
-        return {**snapshot_json(self.analyzer, time.time_ns()), "features": self.proxy.cp.snapshot(),
+        return {**snapshot_json(self.analyzer, time.time_ns(), time.monotonic_ns()), "features": self.proxy.cp.snapshot(),
                 "capture": dict(self.proxy.capture.stats), "backend_lost": st.backend_lost_ns is not None}
 
     def summary(self) -> dict[str, Any]:
