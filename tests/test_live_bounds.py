@@ -3,6 +3,8 @@ control-plane events), whatever the source sends and however long it runs."""
 
 from __future__ import annotations
 
+import json
+
 from dissectors import fuse as F
 from fsinspect.live.feed import EVENTS_KEEP, ControlFeed, LiveState
 from fsinspect.tui import sources
@@ -22,8 +24,8 @@ def test_a_live_store_keeps_the_newest_rate_buckets_only() -> None:
                 st.trim(sources.LIVE_KEEP)
     with st.lock:
         st.trim(sources.LIVE_KEEP)
-    assert len(st.ops_buckets) <= sources.RATE_SECONDS + sources.RATE_SECONDS // 4
-    assert max(st.ops_buckets) == seconds and set(st.bytes_buckets) == set(st.ops_buckets)
+    assert len(st.second_rates) <= sources.RATE_SECONDS + sources.RATE_SECONDS // 4
+    assert max(st.second_rates.ops) == seconds and set(st.second_rates.bytes) == set(st.second_rates.ops)
     ops, _byts = st.rates(60)
     assert ops == [1.0] * 60  # the sparkline's last minute is whole
     assert an.stats.total == seconds  # the totals are the analyzer's, untouched
@@ -34,3 +36,35 @@ def test_a_source_spewing_bad_lines_does_not_grow_the_events() -> None:
     ControlFeed(state, "/nonexistent").feed_lines([b"not json %d" % i for i in range(EVENTS_KEEP * 3)])
     assert len(state.events) == EVENTS_KEEP
     assert state.events[-1]["detail"]["line"] == f"not json {EVENTS_KEEP * 3 - 1}"
+
+
+def test_a_replay_of_a_recording_of_days_keeps_the_newest_rate_seconds_only(tmp_path) -> None:
+    """The stats panel's ops/s and bytes/s of a replay: one bucket per capture second, for the newest
+    RATE_SECONDS seconds only, while the background pass builds them and when its saved analysis is read
+    back (both used to keep every second of the recording: a week is 604,800 buckets, in the side file too)."""
+    from fsinspect.recording.indexed import analysis_path
+    from fsinspect.recording.writer import RecordingWriter
+    from fsinspect.tui.sources import ReplaySource
+
+    path = tmp_path / "days.pcapng"
+    w = RecordingWriter(path, source="virtio")
+    seconds = sources.RATE_SECONDS * 3
+    t0 = 1_700_000_000 * 10**9
+    for sec in range(seconds):  # one GETATTR a second
+        ts = t0 + sec * 10**9
+        w.request(F.encode_request("GETATTR", {"getattr": {}}, unique=2 * sec + 2, nodeid=1), 1, 0, ts)
+        w.reply(F.encode_reply("GETATTR", {"attr_out": {}}, unique=2 * sec + 2), 1, 0, ts + 1000)
+    w.close()
+    bound = sources.RATE_SECONDS + sources.RATE_SECONDS // 4
+    for opening in ("analysed in the background", "analysis read back"):
+        st = Store()
+        src = ReplaySource(st, str(path))
+        src.start()
+        src.join(120)
+        assert not src.thread.is_alive() and st.error is None, (opening, st.error)
+        assert len(st.second_rates) <= bound, (opening, len(st.second_rates))
+        ops, _byts = st.rates(60)
+        assert ops == [1.0] * 60, opening  # the sparkline's last minute is whole
+        assert st.analyzer.stats.total == seconds  # the totals are the analysis', untouched
+        saved = json.loads(analysis_path(path).read_text())["rates"]
+        assert len(saved) <= sources.RATE_SECONDS and saved[-1][0] == (t0 // 10**9) + seconds - 1, opening

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,53 @@ def rate_series(points: list[tuple[int, int]], buckets: int = 60) -> tuple[int, 
         ops[i] += scale
         byts[i] += b * scale
     return bucket, ops, byts
+
+
+RATE_SECONDS = 4_096  # per-second ops/bytes buckets a UI keeps (the newest; its sparkline shows 120)
+
+
+class SecondRates:
+    """Exchanges and bytes per capture second, for the newest `keep` seconds that hold exchanges: a stats
+    panel's recent ops/s and bytes/s, in bounded memory for a live session or a recording of weeks.
+
+    Seconds without exchanges are left out, as in Stats.ops_per_second: a lying timestamp far from the rest
+    costs one bucket, not a window of empty seconds.  Trimming keeps a quarter more than `keep` so that it
+    happens rarely (amortised O(1) per exchange)."""
+
+    def __init__(self, keep: int = RATE_SECONDS) -> None:
+        self.keep = keep
+        self.ops: Counter[int] = Counter()
+        self.bytes: Counter[int] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def add(self, ts_ns: int, nbytes: int, count: int = 1) -> None:
+        sec = ts_ns // 1_000_000_000
+        if sec not in self.ops and len(self.ops) >= self.keep + self.keep // 4:
+            self._trim()
+        self.ops[sec] += count
+        self.bytes[sec] += nbytes
+
+    def _trim(self) -> None:
+        newest = heapq.nlargest(self.keep, self.ops)
+        self.ops = Counter({s: self.ops[s] for s in newest})
+        self.bytes = Counter({s: self.bytes[s] for s in newest})
+
+    def newest(self, seconds: int) -> tuple[list[float], list[float]]:
+        """ops/s and bytes/s of the newest `seconds` seconds that hold exchanges, oldest first."""
+        secs = heapq.nlargest(seconds, self.ops)[::-1]
+        return [float(self.ops[s]) for s in secs], [float(self.bytes[s]) for s in secs]
+
+    def rows(self) -> list[list[int]]:
+        """[second, exchanges, bytes] for the newest `keep` seconds, in time order (a recording's saved
+        analysis)."""
+        return [[s, self.ops[s], self.bytes[s]] for s in sorted(heapq.nlargest(self.keep, self.ops))]
+
+    def load(self, rows: Any) -> None:
+        """What `rows` saved (an older side file may hold every second: the newest are kept)."""
+        for sec, ops, byts in rows:
+            self.add(int(sec) * 1_000_000_000, int(byts), int(ops))
 
 
 RATE_BUCKETS = 1 << 17  # ops/s buckets kept; past that they merge in pairs (1 s -> 2 s ...): a session of weeks

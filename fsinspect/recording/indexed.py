@@ -22,7 +22,7 @@ import re
 import struct
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, overload
@@ -35,7 +35,7 @@ from ..analysis.exchange import LazyExchange, Lint, LintLog
 from ..analysis.filter import DECODE, FULL, HEADER, ROWS
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..analysis.render import submounts_json, syncfs_json
-from ..analysis.stats import Stats
+from ..analysis.stats import SecondRates, Stats
 from .index import MappedHeads, RecordingIndex, recording_stamp
 from .parts import ANALYSIS_SUFFIX, ROWS_SUFFIX, side_file
 from .reader import Record, RecordingError, RecordingReader
@@ -217,8 +217,7 @@ class AnalysisBuild:
         self.snapped = 0
         self.first_ts = 0
         self.control: list[int] = []
-        self.ops: Counter[int] = Counter()  # capture second -> exchanges, bytes (the stats panel's rates)
-        self.bytes: Counter[int] = Counter()
+        self.rates = SecondRates()  # the newest capture seconds' exchanges and bytes (the stats panel's rates)
         prime_from_header(analyzer, rec.reader)
         analyzer.listeners.append(self._done)
 
@@ -268,9 +267,7 @@ class AnalysisBuild:
                  | (SUBMOUNT if ex.submount else 0))
         self.snapped += ex.snapped
         if ex.ts_ns:
-            sec = ex.ts_ns // 1_000_000_000
-            self.ops[sec] += 1
-            self.bytes[sec] += ex.req_len + ex.reply_len
+            self.rates.add(ex.ts_ns, ex.req_len + ex.reply_len)
         self.rows.set_done(ex.index, flags, ex.latency_ns)
 
     def finish(self, end: int | None = None, error: str | None = None) -> dict[str, Any]:
@@ -299,7 +296,7 @@ class AnalysisBuild:
             "submounts": submounts_json(an),
             "syncfs": syncfs_json(an),
             "path_table": rec.path_table, "control": self.control,
-            "rates": [[sec, n, self.bytes[sec]] for sec, n in sorted(self.ops.items())],
+            "rates": self.rates.rows(),
             "state": {"inodes": [[n.nodeid, n.parent, None if n.name is None else n.name.hex(), n.ino, n.generation,
                                   n.nlookup, n.attr_flags] for n in inodes],
                       "announced": [[a.nodeid, a.parent, a.name.hex(), a.exchange, a.ino]

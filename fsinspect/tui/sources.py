@@ -8,9 +8,7 @@ the inode map or stats.  No textual import here: the sources are tested and benc
 from __future__ import annotations
 
 import bisect
-import collections
 import gc
-import heapq
 import itertools
 import os
 import threading
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ..analysis import Analyzer, Exchange
+from ..analysis.stats import RATE_SECONDS, SecondRates
 from ..live.feed import BATCH, CommandError, ControlFeed, Feed, LiveState
 from ..recording.export import Exported, export_recording, write_pcapng
 from ..recording.indexed import AnalysisBuild, IndexedRecording
@@ -29,8 +28,7 @@ from .render import number
 
 FREEZE_EVERY = BATCH  # exchanges between gc.freeze() calls (see Store.settle): one batch of the feed loop
 LIVE_KEEP = 500_000  # exchanges a live session keeps (~0.9 GB); older ones are forgotten
-RATE_SECONDS = 4_096  # per-second rate buckets a live session keeps (the newest; the sparkline shows 60)
-__all__ = ["AttachSource", "CommandError", "ReplaySource", "Source", "Store"]
+__all__ = ["RATE_SECONDS", "AttachSource", "CommandError", "ReplaySource", "Source", "Store"]
 
 
 @dataclass
@@ -47,8 +45,7 @@ class Store(LiveState):
     done: bool = False
     error: str | None = None
     ctl: ControlState = field(default_factory=ControlState)
-    ops_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> exchanges
-    bytes_buckets: collections.Counter[int] = field(default_factory=collections.Counter)  # second -> bytes
+    second_rates: SecondRates = field(default_factory=SecondRates)  # the newest seconds' ops and bytes
     kind: str = ""  # the source's kind: "replay" or "attach"
     base: int = 0  # Exchange.index of exchanges[0]: a live session forgets its oldest exchanges (trim)
     clock: Callable[[], int] = time.time_ns  # a live source's "now" for ages (tests fix it)
@@ -71,11 +68,8 @@ class Store(LiveState):
         return cast(Sequence[Exchange], self.rec) if self.rec is not None else self.analyzer.exchanges
 
     def _count(self, ex: Exchange) -> None:
-        ts = ex.ts_ns
-        if ts:
-            sec = ts // 1_000_000_000
-            self.ops_buckets[sec] += 1
-            self.bytes_buckets[sec] += ex.req_len + ex.reply_len
+        if ex.ts_ns:
+            self.second_rates.add(ex.ts_ns, ex.req_len + ex.reply_len)
 
     def feed_request(self, raw: bytes, *args: Any, **kw: Any) -> Exchange:
         """Feed a request, naming its nodeid first (FORGET removes it from the map, UNLINK detaches it)."""
@@ -154,13 +148,9 @@ class Store(LiveState):
         """Forget the oldest exchanges beyond `keep` (call with the lock held); returns how many went.
 
         A live session runs for hours: every exchange kept costs ~1.7 KB, so the attach source keeps a
-        bounded window (and the newest RATE_SECONDS rate buckets).  Trimming takes a fifth more than needed
-        so that it happens rarely.
+        bounded window (the rate buckets bound themselves).  Trimming takes a fifth more than needed so
+        that it happens rarely.
         """
-        if len(self.ops_buckets) > RATE_SECONDS + RATE_SECONDS // 4:  # one per second, for weeks: bounded
-            newest = set(heapq.nlargest(RATE_SECONDS, self.ops_buckets))
-            self.ops_buckets = collections.Counter({t: n for t, n in self.ops_buckets.items() if t in newest})
-            self.bytes_buckets = collections.Counter({t: n for t, n in self.bytes_buckets.items() if t in newest})
         exs = self.analyzer.exchanges
         if len(exs) <= keep:
             return 0
@@ -233,8 +223,7 @@ class Store(LiveState):
         Seconds without exchanges are left out, as in Stats.ops_per_second: a lying timestamp far from the
         rest costs one point, not a window of empty seconds."""
         with self.lock:
-            secs = heapq.nlargest(seconds, self.ops_buckets)[::-1]
-            return ([float(self.ops_buckets[s]) for s in secs], [float(self.bytes_buckets.get(s, 0)) for s in secs])
+            return self.second_rates.newest(seconds)
 
 
 class Source:
@@ -398,9 +387,7 @@ class ReplaySource(Feed, Source):
             rec.restore(st.analyzer)
             st.received = int(data["records"])
             st.snapped = int(data["snapped"])
-            for sec, ops, byts in data.get("rates", ()):
-                st.ops_buckets[int(sec)] = int(ops)
-                st.bytes_buckets[int(sec)] = int(byts)
+            st.second_rates.load(data.get("rates", ()))
         for off in data.get("control", ()):  # the control plane, from its own records (a few hundred)
             try:
                 with self._random_lock:  # (the recording's own reader belongs to its decoder)
