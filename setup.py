@@ -3,7 +3,9 @@
 - dissectors/ring/_ring: the split-ring engine (twin: dissectors/ring/_native.py);
 - fsinspect/recording/_scan: the live stream's packet-block scanner (twin: fsinspect/recording/scan.py);
 - daemon/passthrough/_sys: the passthrough filesystem's hot syscalls with the GIL released (twin:
-  daemon/passthrough/syscalls.py over ctypes).
+  daemon/passthrough/syscalls.py over ctypes);
+- daemon/passthrough/_fast: the fast path of the commonest metadata requests (twin: the Python op table,
+  daemon/server.py and daemon/passthrough/fs.py).
 
 `optional=True`: without a compiler the build still succeeds, and each falls back to its pure-Python
 twin, saying so at start-up.
@@ -27,5 +29,6 @@ setup(
         ext("fsinspect.recording._scan", ["fsinspect/recording/_scanmodule.c", "fsinspect/recording/scan_core.c"],
             ["fsinspect/recording/scan_core.h"], ["-Wno-cast-function-type"]),
         ext("daemon.passthrough._sys", ["daemon/passthrough/_sysmodule.c"]),
+        ext("daemon.passthrough._fast", ["daemon/passthrough/_fastmodule.c"]),
     ],
 )

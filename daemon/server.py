@@ -80,6 +80,7 @@ _dirent_codec: Any = F.CODECS["fuse_dirent"]
 _direntplus_codec: Any = F.CODECS["fuse_direntplus"]
 _out_pack = F.OUT_HEADER.struct.pack
 OUT_HEADER_SIZE = F.OUT_HEADER_SIZE
+IN_HEADER_SIZE = F.IN_HEADER_SIZE
 DIRENT_SIZE = _dirent_codec.size
 DIRENTPLUS_SIZE = _direntplus_codec.size
 
@@ -237,6 +238,17 @@ def encode_open_out(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
     return _open_out_pack(fh, open_flags, backing_id)
 
 
+class FastPath(Protocol):
+    """A native answerer for the commonest requests (daemon/passthrough/_fastmodule.c): the reply bytes, b""
+    for a request served that takes no reply, or None when the Python path must serve it (nothing changed)."""
+
+    def __call__(self, request: Buffer, /) -> bytes | None: ...
+
+    def counts(self) -> tuple[dict[int, int], dict[tuple[int, int], int], int]:
+        """({opcode: served}, {(opcode, errno): errors answered}, requests handed back to Python)."""
+        ...
+
+
 def _enosys(*_a: Any, **_k: Any) -> Any:
     raise OSError(errno.ENOSYS, "not implemented")
 
@@ -260,6 +272,11 @@ class FileSystem:
 
     def destroy(self) -> None:
         """FUSE_DESTROY or transport shutdown: release everything."""
+
+    def fast_path(self) -> FastPath | None:
+        """A native fast path over this filesystem's own state, answering byte for byte as its methods would;
+        None (the default) serves everything through the methods."""
+        return None
 
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         return _enosys()
@@ -455,6 +472,10 @@ class Server:
         self._complain = RateLimitedLog(log)
         self._waiters = LockWaiters(lock_waiters)
         self.destroyed = False
+        # The filesystem's fast path, used once INIT is done; never with a tap or a hold point (they see
+        # every request and reply as Python objects).
+        self._fast = fs.fast_path() if tap is None and hold is None else None
+        self.fast: FastPath | None = None
         self._handlers: dict[int, Callable[[Context, F.Request], list[Buffer] | None]] = {}
         for o in spec.OPCODES:
             h = getattr(self, f"_do_{o.name.lower()}", None)
@@ -468,6 +489,22 @@ class Server:
         `reply` is called exactly once, except for opcodes in NO_REPLY_OPS and for messages shorter than a
         fuse_in_header: those never get a reply, so a virtqueue transport completes their chains itself.
         """
+        fast = self.fast
+        if fast is not None:
+            try:
+                r = fast(buf)
+            except Exception:  # counted by the fast path; a request with a reply gets the Python path's
+                self._complain.bug("fast", "the fast path failed on a request")
+                if len(buf) < IN_HEADER_SIZE or F.peek_header(buf)[1] in NO_REPLY_OPS:
+                    return
+                r = None
+            if r is not None:
+                if r:
+                    try:
+                        reply((r,))
+                    except Exception as e:
+                        self._complain.bug(f"reply:{type(e).__name__}", "sending a fast-path reply failed")
+                return
         hold = self.hold
         if self.tap is not None or hold is not None:
             try:
@@ -619,8 +656,16 @@ class Server:
     def counters(self) -> dict[str, Any]:
         """Per-opcode counts, errors, dropped requests and the filesystem's own counters (syncfs per st_dev)."""
         with self._lock:
-            out: dict[str, Any] = {"ops": dict(self._stats.ops), "errors": dict(self._stats.errors),
-                                   "dropped": self._stats.dropped}
+            ops, errors = Counter(self._stats.ops), Counter(self._stats.errors)
+            out: dict[str, Any] = {"ops": ops, "errors": errors, "dropped": self._stats.dropped}
+        if self._fast is not None:
+            served, failed, fallbacks = self._fast.counts()
+            for opcode, n in served.items():
+                ops[spec.OPCODE_BY_VALUE[opcode].name] += n
+            for (opcode, err), n in failed.items():
+                errors[f"{spec.OPCODE_BY_VALUE[opcode].name}:{errno.errorcode.get(err, err)}"] += n
+            out["fast_path"] = {"served": sum(served.values()), "fallbacks": fallbacks}
+        out["ops"], out["errors"] = dict(ops), dict(errors)
         w = self._waiters
         out["lock_waits"] = {"waiting": w.busy(), "refused": w.refused, "interrupted": w.interrupted}
         out.update(self.fs.counters())
@@ -671,10 +716,12 @@ class Server:
                      max_stack_depth=self.fs.max_stack_depth if want & INIT_FLAG["PASSTHROUGH"] else 0)
         n.done = True
         self.ctx = F.FuseContext(n.minor, want)
+        self.fast = self._fast
         log.info("FUSE_INIT: kernel 7.%d, flags %s", i.minor, spec.INIT_FLAGS.render(want))
         return [F.CODECS["fuse_init_out"].encode(out)]
 
     def _do_destroy(self, ctx: Context, req: F.Request) -> list[Buffer]:
+        self.fast = None
         self.fs.destroy()
         self.negotiated.done = False
         return []

@@ -16,10 +16,9 @@ from typing import Any, cast
 
 from daemon.hold import EngineHoldPoint
 from daemon.passthrough import Options, PassthroughFS
-from daemon.passthrough.fs import ATTR_SUBMOUNT
 from daemon.sandbox import SandboxError
 from daemon.sandbox import enter as enter_sandbox
-from daemon.server import OUT_HEADER_SIZE, Buffer, Context, Entry, Server, Tap
+from daemon.server import OUT_HEADER_SIZE, Buffer, Context, Server, Tap
 from daemon.transport.vhost_user import DEFAULT_QUEUES, InPlace, VhostUserSession, accept_one, data_views
 
 from .mainloop import StopSignals, serve_until_signal
@@ -36,18 +35,11 @@ class GuestPassthroughFS(PassthroughFS):
 
     chain_for: Callable[[int], Any] | None = None
 
-    def _entry(self, inode: Any, st: Any, parent: Any) -> Entry:
-        """Submount points carry generation 0.
-
-        Linux 6.1 creates the inode of an automount point without setting i_generation (fuse_iget's
-        submount branch), so a revalidating LOOKUP that returns any other generation looks stale: the
-        dentry is invalidated and the submount mounted on it detached.  With cache=none every path walk
-        revalidates, so /mnt/sub lost its own st_dev; the C virtiofsd always answers generation 0.
-        """
-        e = super()._entry(inode, st, parent)
-        if e.attr_flags & ATTR_SUBMOUNT:
-            e.generation = 0
-        return e
+    # Submount points carry generation 0.  Linux 6.1 creates the inode of an automount point without setting
+    # i_generation (fuse_iget's submount branch), so a revalidating LOOKUP that returns any other generation
+    # looks stale: the dentry is invalidated and the submount mounted on it detached.  With cache=none every
+    # path walk revalidates, so /mnt/sub lost its own st_dev; the C virtiofsd always answers generation 0.
+    zero_submount_generation = True
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         lookup = self.chain_for

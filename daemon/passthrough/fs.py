@@ -34,8 +34,8 @@ from enum import StrEnum
 from typing import Any
 
 from daemon.lockwait import interruptible
-from daemon.server import Context, DirEntry, Entry, FileSystem, StatLike
-from dissectors.fuse import make
+from daemon.server import Context, DirEntry, Entry, FastPath, FileSystem, StatLike
+from dissectors.fuse import CODECS, make
 from dissectors.spec import fuse as spec
 
 from . import syscalls as sc
@@ -50,6 +50,7 @@ FATTR = spec.FATTR.by_name()
 WRITE_KILL_SUIDGID = spec.WRITE_FLAGS.by_name()["KILL_SUIDGID"]
 OPEN_KILL_SUIDGID = spec.OPEN_IN_FLAGS.by_name()["KILL_SUIDGID"]
 ATTR_SUBMOUNT = spec.ATTR_FLAGS.by_name()["SUBMOUNT"]
+GETATTR_FH = spec.GETATTR_FLAGS.by_name()["FH"]
 LK_FLOCK = spec.LK_FLAGS.by_name()["FLOCK"]
 RELEASE_FLUSH = spec.RELEASE_FLAGS.by_name()["FLUSH"]
 LOCK_TYPE = spec.LOCK_TYPE.by_name()
@@ -155,6 +156,9 @@ def proc_groups(pid: int, proc: str = "/proc/") -> tuple[int, ...]:
 
 
 class PassthroughFS(FileSystem):
+    # An entry announced FUSE_ATTR_SUBMOUNT carries generation 0 (virtio-fs guests: daemon/vhost.py says why).
+    zero_submount_generation = False
+
     def __init__(self, opts: Options) -> None:
         if not os.path.isdir(opts.shared_dir):
             raise OSError(errno.ENOTDIR, f"shared dir {opts.shared_dir} is not a directory")
@@ -242,6 +246,20 @@ class PassthroughFS(FileSystem):
         if self.passthrough and self.backing is not None:
             out["passthrough"] = self.backing.counters()
         return out
+
+    def fast_path(self) -> FastPath | None:
+        """The C fast path (_fastmodule.c) over this filesystem's own tables; FSINSPECT_FAST=python (or a
+        missing extension) leaves every request to the methods here, its twin."""
+        native = _fast_module()
+        if native is None:
+            return None
+        changed = [m for m in _FAST_METHODS if getattr(type(self), m) is not getattr(PassthroughFS, m)]
+        if changed:  # the C answers as these methods do here: a subclass that redefines one goes without it
+            log.info("no C fast path: %s redefines %s", type(self).__name__, ", ".join(changed))
+            return None
+        opcodes = {o.name: o.value for o in spec.OPCODES}
+        fast: FastPath = native.FastPath(self, opcodes, GETATTR_FH, ATTR_SUBMOUNT, spec.MAX_MESSAGE)
+        return fast
 
     def backing_id(self, fh: int) -> int:
         h = self._handles.get(fh)
@@ -336,6 +354,8 @@ class PassthroughFS(FileSystem):
         if (self.submounts and stat.S_ISDIR(st.st_mode)
                 and (inode.mnt_id != parent.mnt_id or inode.dev != parent.dev)):
             flags = ATTR_SUBMOUNT
+            if self.zero_submount_generation:
+                return Entry(inode.nodeid, 0, st, flags, self.timeout, self.timeout)
         return Entry(inode.nodeid, inode.generation, st, flags, self.timeout, self.timeout)
 
     def _do_lookup(self, parent: Inode, name: bytes) -> Entry:
@@ -766,6 +786,40 @@ class PassthroughFS(FileSystem):
         self._rw()
         with cm as fd:
             os.removexattr(f"{self.store.proc}self/fd/{fd}", name)
+
+
+# The layouts the fast path packs and reads (linux/fuse.h), against the spec's: a mismatch turns it off.
+_FAST_SIZES = {"SIZE_IN_HEADER": "fuse_in_header", "SIZE_ENTRY_OUT": "fuse_entry_out",
+               "SIZE_ATTR_OUT": "fuse_attr_out", "SIZE_STATFS_OUT": "fuse_statfs_out",
+               "SIZE_RELEASE_IN": "fuse_release_in", "SIZE_FLUSH_IN": "fuse_flush_in",
+               "SIZE_GETATTR_IN": "fuse_getattr_in"}
+_fast_loaded: list[Any] = []
+# What the fast path answers in C (with the attributes it reads: store, _handles, _lock_fds, backing, timeout,
+# submounts, zero_submount_generation); FORGET/BATCH_FORGET call forget()/batch_forget() themselves.
+_FAST_METHODS = ("lookup", "_do_lookup", "_entry", "getattr", "_stat", "release", "releasedir", "flush",
+                 "_handle", "_drop_owner", "statfs")
+
+
+def _fast_module() -> Any:
+    """daemon.passthrough._fast, once checked; None when off, missing (one warning) or built against
+    other struct layouts than the spec's."""
+    if os.environ.get("FSINSPECT_FAST", "c") == "python":
+        return None
+    if not _fast_loaded:
+        try:
+            from . import _fast  # type: ignore[attr-defined]
+        except ImportError as e:
+            log.warning("the daemon's C fast path is not built (%s): every request takes the Python path "
+                        "(run scripts/setup)", e)
+            _fast = None
+        if _fast is not None:
+            wrong = [n for k, n in _FAST_SIZES.items() if getattr(_fast, k) != CODECS[n].size]
+            if wrong:
+                log.warning("the C fast path was built against other layouts of %s than the spec's: off",
+                            ", ".join(wrong))
+                _fast = None
+        _fast_loaded.append(_fast)
+    return _fast_loaded[0]
 
 
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock (x86_64 / LP64)

@@ -1,0 +1,909 @@
+/* The passthrough filesystem's fast path: the commonest metadata requests answered without the interpreter.
+ *
+ * Mechanics only.  The Python op table (daemon/server.py, daemon/passthrough/fs.py) stays the description
+ * of every operation and its fallback: `FastPath(fs)(request) -> reply bytes | b"" | None` answers
+ * GETATTR, LOOKUP of an inode already held, RELEASE, RELEASEDIR, FLUSH and STATFS exactly as the Python
+ * path would (byte for byte; tests/test_daemon_fastpath.py replays the same requests through both), and
+ * hands FORGET/BATCH_FORGET to the filesystem's own forget() without the generic decode.  Anything it does
+ * not fully handle (a malformed or unusual message, an unknown nodeid, an inode not held yet, a directory
+ * whose fd is not cached, a handle with locks or a backing file) gives None: the caller then serves the
+ * request through Python, and nothing was changed.  b"" means served, no reply (FORGET).
+ *
+ * State: there is one inode table, the Python one (inodes.InodeStore); this reads it (and bumps nlookup
+ * under the store's own lock) with the GIL held, so it is coherent with Python by construction.  A cached
+ * directory fd (Inode.cached_fd) is used with the GIL held throughout (only a thread holding the GIL can
+ * evict or close it); an inode's own O_PATH fd and an fd opened from a handle are used with the GIL
+ * released, as the Python path does.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+#include <linux/fuse.h>
+
+#ifndef STATX_MNT_ID
+#define STATX_MNT_ID 0x1000U
+#endif
+#define MAX_HANDLE_SZ_ 128
+#define NAME_MAX_ 255
+#define NOPS 64
+
+/* Opcodes and flag bits come from the spec tables through the constructor; the struct layouts are the
+ * kernel's (linux/fuse.h), checked against the spec's sizes by fast.py at start-up. */
+enum { K_LOOKUP, K_FORGET, K_GETATTR, K_STATFS, K_RELEASE, K_FLUSH, K_RELEASEDIR, K_BATCH_FORGET, K_N };
+static const char *const op_keys[K_N] = {"LOOKUP", "FORGET", "GETATTR", "STATFS", "RELEASE", "FLUSH",
+                                         "RELEASEDIR", "BATCH_FORGET"};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *fs;
+    unsigned int op[K_N];
+    unsigned int getattr_fh;    /* FUSE_GETATTR_FH */
+    unsigned int attr_submount; /* FUSE_ATTR_SUBMOUNT */
+    unsigned long long max_message; /* longer messages are the decoder's to refuse */
+    unsigned long long served[NOPS];
+    unsigned long long fallbacks;
+    PyObject *errors; /* {(opcode, errno): count} */
+} FastPath;
+
+static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_mode, *S_handle, *S_mount,
+    *S_nodeid, *S_generation, *S_dev, *S_mnt_id, *S_nlookup, *S_handles, *S_is_dir, *S_lock_fds, *S_backing,
+    *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen;
+
+/* ------------------------------------------------------------------ small helpers */
+static int get_long(PyObject *o, PyObject *name, long long *out) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *reply_new(size_t body, uint64_t unique, char **out) {
+    PyObject *r = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(sizeof(struct fuse_out_header) + body));
+    if (r == NULL) return NULL;
+    char *p = PyBytes_AS_STRING(r);
+    struct fuse_out_header h = {(uint32_t)(sizeof h + body), 0, unique};
+    memcpy(p, &h, sizeof h);
+    memset(p + sizeof h, 0, body);
+    *out = p + sizeof h;
+    return r;
+}
+
+static int count_error(FastPath *self, unsigned int opcode, int err) {
+    PyObject *key = Py_BuildValue("(Ii)", opcode, err);
+    if (key == NULL) return -1;
+    PyObject *old = PyDict_GetItemWithError(self->errors, key);
+    long long n = old != NULL ? PyLong_AsLongLong(old) : 0;
+    PyObject *v = PyLong_FromLongLong(n + 1);
+    int rc = v == NULL ? -1 : PyDict_SetItem(self->errors, key, v);
+    Py_XDECREF(v);
+    Py_DECREF(key);
+    return rc;
+}
+
+/* The Python path's error reply: out_header with -errno (EIO outside 1..4095), counted as the engine does. */
+static PyObject *reply_error(FastPath *self, unsigned int opcode, uint64_t unique, int err) {
+    if (err < 1 || err > 4095) err = EIO;
+    self->served[opcode]++;
+    if (count_error(self, opcode, err) < 0) return NULL;
+    PyObject *r = PyBytes_FromStringAndSize(NULL, sizeof(struct fuse_out_header));
+    if (r == NULL) return NULL;
+    struct fuse_out_header h = {sizeof h, -err, unique};
+    memcpy(PyBytes_AS_STRING(r), &h, sizeof h);
+    return r;
+}
+
+static PyObject *fallback(FastPath *self) {
+    self->fallbacks++;
+    Py_RETURN_NONE;
+}
+
+/* fuse_attr from a stat: the order and rules of server._attr_values (seconds two's complement, rdev cut). */
+static void attr_from_stat(struct fuse_attr *a, const struct stat *st, uint32_t flags) {
+    a->ino = st->st_ino;
+    a->size = (uint64_t)st->st_size;
+    a->blocks = (uint64_t)st->st_blocks;
+    a->atime = (uint64_t)st->st_atim.tv_sec;
+    a->mtime = (uint64_t)st->st_mtim.tv_sec;
+    a->ctime = (uint64_t)st->st_ctim.tv_sec;
+    a->atimensec = (uint32_t)st->st_atim.tv_nsec;
+    a->mtimensec = (uint32_t)st->st_mtim.tv_nsec;
+    a->ctimensec = (uint32_t)st->st_ctim.tv_nsec;
+    a->mode = st->st_mode;
+    a->nlink = (uint32_t)st->st_nlink;
+    a->uid = st->st_uid;
+    a->gid = st->st_gid;
+    a->rdev = (uint32_t)(st->st_rdev & 0xFFFFFFFFu);
+    a->blksize = (uint32_t)st->st_blksize;
+    a->flags = flags;
+}
+
+static void attr_from_statx(struct fuse_attr *a, const struct statx *s, uint32_t flags) {
+    a->ino = s->stx_ino;
+    a->size = s->stx_size;
+    a->blocks = s->stx_blocks;
+    a->atime = (uint64_t)s->stx_atime.tv_sec;
+    a->mtime = (uint64_t)s->stx_mtime.tv_sec;
+    a->ctime = (uint64_t)s->stx_ctime.tv_sec;
+    a->atimensec = s->stx_atime.tv_nsec;
+    a->mtimensec = s->stx_mtime.tv_nsec;
+    a->ctimensec = s->stx_ctime.tv_nsec;
+    a->mode = s->stx_mode;
+    a->nlink = s->stx_nlink;
+    a->uid = s->stx_uid;
+    a->gid = s->stx_gid;
+    a->rdev = (uint32_t)(makedev(s->stx_rdev_major, s->stx_rdev_minor) & 0xFFFFFFFFu);
+    a->blksize = s->stx_blksize;
+    a->flags = flags;
+}
+
+/* server._split_timeout: (int(t), int((t - int(t)) * 1e9)) */
+static void split_timeout(double t, uint64_t *s, uint32_t *ns) {
+    long long whole = (long long)t;
+    *s = (uint64_t)whole;
+    *ns = (uint32_t)(long long)((t - (double)whole) * 1e9);
+}
+
+/* ------------------------------------------------------------------ inode access */
+typedef struct {
+    PyObject *inode; /* borrowed from the store's dict (valid while the GIL is held) */
+    int fd;          /* an fd for *at() calls, or -1 */
+    int own;         /* fd was opened here (from the handle): close it */
+    int gil;         /* fd is the cached directory fd: use it with the GIL held */
+    long long mode;
+} PathFd;
+
+/* inodes.PathFd without side effects: the inode's O_PATH fd, its cached directory fd, or (a file) an fd
+ * opened from its handle.  1: ready; 0: fall back (a directory without a cached fd: Python opens and
+ * caches it); -1 with errno in *err: the open failed (answered as Python would); -2: a Python error. */
+static int path_fd(PyObject *inode, PathFd *p, int *err) {
+    long long fd, cached;
+    p->inode = inode;
+    p->fd = -1;
+    p->own = p->gil = 0;
+    if (get_long(inode, S_fd, &fd) < 0 || get_long(inode, S_mode, &p->mode) < 0) return -2;
+    if (fd >= 0) {
+        p->fd = (int)fd;
+        return 1;
+    }
+    if (S_ISDIR(p->mode)) {
+        if (get_long(inode, S_cached_fd, &cached) < 0) return -2;
+        if (cached < 0) return 0;
+        p->fd = (int)cached;
+        p->gil = 1;
+        return 1;
+    }
+    PyObject *handle = PyObject_GetAttr(inode, S_handle);
+    if (handle == NULL) return -2;
+    PyObject *mount = PyObject_GetAttr(inode, S_mount);
+    if (mount == NULL) {
+        Py_DECREF(handle);
+        return -2;
+    }
+    long long mfd = -1;
+    int rc = 0;
+    if (!PyBytes_Check(handle) || mount == Py_None || get_long(mount, S_fd, &mfd) < 0) {
+        rc = PyErr_Occurred() ? -2 : 0;
+    } else if ((size_t)PyBytes_GET_SIZE(handle) < sizeof(struct file_handle)
+               || ((struct file_handle *)PyBytes_AS_STRING(handle))->handle_bytes
+                      > (size_t)PyBytes_GET_SIZE(handle) - sizeof(struct file_handle)) {
+        rc = 0;
+    } else {
+        struct file_handle *fh = (struct file_handle *)PyBytes_AS_STRING(handle);
+        int nfd, e = 0;
+        Py_BEGIN_ALLOW_THREADS
+        nfd = open_by_handle_at((int)mfd, fh, O_PATH | O_CLOEXEC);
+        if (nfd < 0) e = errno;
+        Py_END_ALLOW_THREADS
+        if (nfd < 0) {
+            *err = e;
+            rc = -1;
+        } else {
+            p->fd = nfd;
+            p->own = 1;
+            rc = 1;
+        }
+    }
+    Py_DECREF(handle);
+    Py_DECREF(mount);
+    return rc;
+}
+
+static void path_fd_done(PathFd *p) {
+    if (p->own && p->fd >= 0) close(p->fd);
+    p->fd = -1;
+}
+
+static int do_fstat(PathFd *p, struct stat *st) {
+    int rc, e = 0;
+    if (p->gil) {
+        rc = fstat(p->fd, st);
+        return rc == 0 ? 0 : errno;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = fstat(p->fd, st);
+    if (rc != 0) e = errno;
+    Py_END_ALLOW_THREADS
+    return rc == 0 ? 0 : e;
+}
+
+/* Borrowed: the inode of `nodeid`, or NULL (no error set) when the store has none. */
+static PyObject *inode_of(PyObject *by_id, uint64_t nodeid) {
+    PyObject *key = PyLong_FromUnsignedLongLong(nodeid);
+    if (key == NULL) return NULL;
+    PyObject *ino = PyDict_GetItemWithError(by_id, key);
+    Py_DECREF(key);
+    return ino;
+}
+
+/* A new reference to fs._handles[fh], or NULL: an error set, or no such handle. */
+static PyObject *handle_of(FastPath *self, uint64_t fh) {
+    PyObject *handles = PyObject_GetAttr(self->fs, S_handles);
+    if (handles == NULL) return NULL;
+    PyObject *key = PyLong_FromUnsignedLongLong(fh);
+    PyObject *hd = key != NULL ? PyDict_GetItemWithError(handles, key) : NULL;
+    Py_XDECREF(key);
+    Py_XINCREF(hd);
+    Py_DECREF(handles);
+    return hd;
+}
+
+/* fs.timeout: the cache mode's entry and attribute timeout. */
+static int fs_timeout(FastPath *self, double *out) {
+    PyObject *t = PyObject_GetAttr(self->fs, S_timeout);
+    if (t == NULL) return -1;
+    *out = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ ops */
+static PyObject *op_getattr(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
+                            PyObject *store) {
+    if (blen != sizeof(struct fuse_getattr_in)) return fallback(self);
+    struct fuse_getattr_in g;
+    memcpy(&g, body, sizeof g);
+    PyObject *by_id = PyObject_GetAttr(store, S_by_id);
+    if (by_id == NULL) return NULL;
+    PyObject *inode = inode_of(by_id, h->nodeid);
+    Py_DECREF(by_id);
+    if (inode == NULL) return PyErr_Occurred() ? NULL : fallback(self); /* Python answers EBADF */
+    double timeout;
+    if (fs_timeout(self, &timeout) < 0) return NULL;
+    struct stat st;
+    int e = 0;
+    if (g.getattr_flags & self->getattr_fh) {
+        PyObject *hd = handle_of(self, g.fh);
+        if (hd == NULL && PyErr_Occurred()) return NULL;
+        if (hd != NULL) {
+            long long fd;
+            int rc = get_long(hd, S_fd, &fd);
+            Py_DECREF(hd);
+            if (rc < 0) return NULL;
+            Py_BEGIN_ALLOW_THREADS
+            rc = fstat((int)fd, &st);
+            if (rc != 0) e = errno;
+            Py_END_ALLOW_THREADS
+            if (e) return reply_error(self, h->opcode, h->unique, e);
+            goto answer;
+        }
+    }
+    PathFd p;
+    int rc = path_fd(inode, &p, &e);
+    if (rc == -2) return NULL;
+    if (rc == 0) return fallback(self);
+    if (rc < 0) return reply_error(self, h->opcode, h->unique, e);
+    e = do_fstat(&p, &st);
+    path_fd_done(&p);
+    if (e) return reply_error(self, h->opcode, h->unique, e);
+answer:;
+    char *out;
+    PyObject *r = reply_new(sizeof(struct fuse_attr_out), h->unique, &out);
+    if (r == NULL) return NULL;
+    struct fuse_attr_out ao;
+    memset(&ao, 0, sizeof ao);
+    split_timeout(timeout, &ao.attr_valid, &ao.attr_valid_nsec);
+    attr_from_stat(&ao.attr, &st, 0);
+    memcpy(out, &ao, sizeof ao);
+    self->served[h->opcode]++;
+    return r;
+}
+
+/* LOOKUP of an inode the store already holds (fs._do_lookup + InodeStore.find_known); a new one falls back. */
+static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
+                           PyObject *store) {
+    /* check_name(lookup=True) and the decoder's NUL-terminated name: anything odd goes to Python. */
+    if (blen < 2 || body[blen - 1] != 0) return fallback(self);
+    size_t nlen = blen - 1;
+    if (nlen > NAME_MAX_ || memchr(body, 0, nlen) != NULL || memchr(body, '/', nlen) != NULL) return fallback(self);
+    const char *name = body;
+    int dotdot = nlen == 2 && name[0] == '.' && name[1] == '.';
+    if ((nlen == 1 && name[0] == '.') || (dotdot && h->nodeid == FUSE_ROOT_ID)) {
+        name = ".";
+        dotdot = 0;
+    }
+    PyObject *by_id = PyObject_GetAttr(store, S_by_id);
+    if (by_id == NULL) return NULL;
+    PyObject *result = NULL, *by_key = NULL, *lock = NULL, *key = NULL, *parent, *inode;
+    parent = inode_of(by_id, h->nodeid);
+    if (parent == NULL) {
+        result = PyErr_Occurred() ? NULL : fallback(self);
+        goto out;
+    }
+    Py_INCREF(parent);
+    PathFd p;
+    int e = 0, rc = path_fd(parent, &p, &e);
+    if (rc == -2) goto out_parent;
+    if (rc == 0 || !S_ISDIR(p.mode)) { /* a file as the parent: Python's path (ENOTDIR) */
+        path_fd_done(&p);
+        result = fallback(self);
+        goto out_parent;
+    }
+    if (rc < 0) {
+        result = reply_error(self, h->opcode, h->unique, e);
+        goto out_parent;
+    }
+    struct statx sx;
+    if (p.gil) {
+        rc = statx(p.fd, name, AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS | STATX_MNT_ID, &sx);
+        if (rc != 0) e = errno;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = statx(p.fd, name, AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS | STATX_MNT_ID, &sx);
+        if (rc != 0) e = errno;
+        Py_END_ALLOW_THREADS
+    }
+    if (rc != 0) {
+        path_fd_done(&p);
+        result = reply_error(self, h->opcode, h->unique, e);
+        goto out_parent;
+    }
+    unsigned long long mnt_id = (sx.stx_mask & STATX_MNT_ID) ? sx.stx_mnt_id : 0;
+    key = Py_BuildValue("(KKK)", (unsigned long long)makedev(sx.stx_dev_major, sx.stx_dev_minor),
+                        (unsigned long long)sx.stx_ino, mnt_id);
+    by_key = key != NULL ? PyObject_GetAttr(store, S_by_key) : NULL;
+    if (by_key == NULL) {
+        path_fd_done(&p);
+        goto out_parent;
+    }
+    inode = PyDict_GetItemWithError(by_key, key);
+    if (inode == NULL) { /* not held yet (or '..' leaving what was looked up): Python's path */
+        path_fd_done(&p);
+        result = PyErr_Occurred() ? NULL : fallback(self);
+        goto out_parent;
+    }
+    Py_INCREF(inode);
+    long long ifd;
+    if (get_long(inode, S_fd, &ifd) < 0) {
+        path_fd_done(&p);
+        goto out_inode;
+    }
+    if (ifd < 0) { /* held by handle: the st_ino may have been reused, the handle tells */
+        union {
+            struct file_handle fh;
+            unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
+        } hb;
+        int mount_id = 0;
+        hb.fh.handle_bytes = MAX_HANDLE_SZ_;
+        if (p.gil) {
+            rc = name_to_handle_at(p.fd, name, &hb.fh, &mount_id, 0);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            rc = name_to_handle_at(p.fd, name, &hb.fh, &mount_id, 0);
+            Py_END_ALLOW_THREADS
+        }
+        path_fd_done(&p);
+        if (rc != 0) {
+            result = fallback(self);
+            goto out_inode;
+        }
+        PyObject *held = PyObject_GetAttr(inode, S_handle);
+        if (held == NULL) goto out_inode;
+        size_t hlen = sizeof(struct file_handle) + hb.fh.handle_bytes;
+        int same = PyBytes_Check(held) && (size_t)PyBytes_GET_SIZE(held) == hlen
+                   && memcmp(PyBytes_AS_STRING(held), hb.raw, hlen) == 0;
+        Py_DECREF(held);
+        if (!same) {
+            result = fallback(self);
+            goto out_inode;
+        }
+    } else {
+        path_fd_done(&p);
+    }
+    /* Account the lookup under the store's lock, if the inode is still the one held for the key and id. */
+    lock = PyObject_GetAttr(store, S_lock);
+    if (lock == NULL) goto out_inode;
+    PyObject *ok = PyObject_CallMethodNoArgs(lock, S_acquire);
+    if (ok == NULL) goto out_inode;
+    Py_DECREF(ok);
+    long long nodeid = 0, nlookup = 0;
+    int current = PyDict_GetItemWithError(by_key, key) == inode && get_long(inode, S_nodeid, &nodeid) == 0
+                  && inode_of(by_id, (uint64_t)nodeid) == inode;
+    int failed = PyErr_Occurred() != NULL;
+    if (current && !failed) {
+        PyObject *v = NULL;
+        failed = get_long(inode, S_nlookup, &nlookup) < 0 || (v = PyLong_FromLongLong(nlookup + 1)) == NULL
+                 || PyObject_SetAttr(inode, S_nlookup, v) < 0;
+        Py_XDECREF(v);
+    }
+    PyObject *exc_type, *exc_val, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_val, &exc_tb);
+    PyObject *rel = PyObject_CallMethodNoArgs(lock, S_release);
+    Py_XDECREF(rel);
+    if (exc_type != NULL) {
+        PyErr_Restore(exc_type, exc_val, exc_tb);
+        goto out_inode;
+    }
+    if (rel == NULL) goto out_inode;
+    if (!current) {
+        result = fallback(self);
+        goto out_inode;
+    }
+    /* fs._entry: FUSE_ATTR_SUBMOUNT on a directory on another mount or st_dev than its parent */
+    long long generation, i_mnt, i_dev, p_mnt, p_dev;
+    if (get_long(inode, S_generation, &generation) < 0 || get_long(inode, S_mnt_id, &i_mnt) < 0
+        || get_long(inode, S_dev, &i_dev) < 0 || get_long(parent, S_mnt_id, &p_mnt) < 0
+        || get_long(parent, S_dev, &p_dev) < 0)
+        goto out_inode;
+    PyObject *sub = PyObject_GetAttr(self->fs, S_submounts);
+    if (sub == NULL) goto out_inode;
+    int submounts = PyObject_IsTrue(sub);
+    Py_DECREF(sub);
+    double timeout;
+    if (submounts < 0 || fs_timeout(self, &timeout) < 0) goto out_inode;
+    uint32_t flags = 0;
+    if (submounts && S_ISDIR(sx.stx_mode) && (i_mnt != p_mnt || i_dev != p_dev)) {
+        flags = self->attr_submount;
+        PyObject *zero = PyObject_GetAttr(self->fs, S_zero_gen);
+        int z = zero != NULL ? PyObject_IsTrue(zero) : -1;
+        Py_XDECREF(zero);
+        if (z < 0) goto out_inode;
+        if (z) generation = 0;
+    }
+    char *out;
+    result = reply_new(sizeof(struct fuse_entry_out), h->unique, &out);
+    if (result == NULL) goto out_inode;
+    struct fuse_entry_out eo;
+    memset(&eo, 0, sizeof eo);
+    eo.nodeid = (uint64_t)nodeid;
+    eo.generation = (uint64_t)generation;
+    split_timeout(timeout, &eo.entry_valid, &eo.entry_valid_nsec);
+    split_timeout(timeout, &eo.attr_valid, &eo.attr_valid_nsec);
+    attr_from_statx(&eo.attr, &sx, flags);
+    memcpy(out, &eo, sizeof eo);
+    self->served[h->opcode]++;
+out_inode:
+    Py_DECREF(inode);
+out_parent:
+    Py_DECREF(parent);
+out:
+    Py_XDECREF(lock);
+    Py_XDECREF(key);
+    Py_XDECREF(by_key);
+    Py_DECREF(by_id);
+    return result;
+}
+
+/* RELEASE / RELEASEDIR (fs.release / fs.releasedir) when no lock fd or backing file is involved. */
+static PyObject *op_release(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
+                            int is_dir) {
+    if (blen != sizeof(struct fuse_release_in)) return fallback(self);
+    struct fuse_release_in r;
+    memcpy(&r, body, sizeof r);
+    PyObject *backing = PyObject_GetAttr(self->fs, S_backing);
+    if (backing == NULL) return NULL;
+    int has_backing = backing != Py_None;
+    Py_DECREF(backing);
+    if (has_backing && !is_dir) return fallback(self);
+    PyObject *lock = PyObject_GetAttr(self->fs, S_lock);
+    if (lock == NULL) return NULL;
+    PyObject *handles = NULL, *lock_fds = NULL, *key = NULL, *hd = NULL, *result = NULL;
+    PyObject *ok = PyObject_CallMethodNoArgs(lock, S_acquire);
+    if (ok == NULL) goto out;
+    Py_DECREF(ok);
+    long long fd = -1;
+    int verdict = -1; /* -1 error, 0 fallback, 1 EBADF, 2 released */
+    handles = PyObject_GetAttr(self->fs, S_handles);
+    lock_fds = handles != NULL ? PyObject_GetAttr(self->fs, S_lock_fds) : NULL;
+    key = lock_fds != NULL ? PyLong_FromUnsignedLongLong(r.fh) : NULL;
+    if (key != NULL) {
+        if (!is_dir && (!PyDict_Check(lock_fds) || PyDict_GET_SIZE(lock_fds) != 0)) {
+            verdict = 0;
+        } else if ((hd = PyDict_GetItemWithError(handles, key)) == NULL) {
+            verdict = PyErr_Occurred() ? -1 : 1;
+        } else {
+            Py_INCREF(hd);
+            PyObject *d = PyObject_GetAttr(hd, S_is_dir);
+            int hd_dir = d != NULL ? PyObject_IsTrue(d) : -1;
+            Py_XDECREF(d);
+            if (hd_dir < 0 || get_long(hd, S_fd, &fd) < 0) {
+                verdict = -1;
+            } else if (hd_dir != is_dir) {
+                verdict = 1;
+            } else {
+                verdict = PyDict_DelItem(handles, key) < 0 ? -1 : 2;
+            }
+        }
+    }
+    PyObject *exc_type, *exc_val, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_val, &exc_tb);
+    PyObject *rel = PyObject_CallMethodNoArgs(lock, S_release);
+    if (exc_type != NULL) {
+        Py_XDECREF(rel);
+        PyErr_Restore(exc_type, exc_val, exc_tb);
+        goto out;
+    }
+    if (rel == NULL) goto out;
+    Py_DECREF(rel);
+    if (verdict == 0) {
+        result = fallback(self);
+    } else if (verdict == 1) {
+        result = reply_error(self, h->opcode, h->unique, EBADF);
+    } else if (verdict == 2) {
+        Py_BEGIN_ALLOW_THREADS
+        close((int)fd);
+        Py_END_ALLOW_THREADS
+        char *out;
+        result = reply_new(0, h->unique, &out);
+        if (result != NULL) self->served[h->opcode]++;
+    }
+out:
+    Py_XDECREF(hd);
+    Py_XDECREF(key);
+    Py_XDECREF(lock_fds);
+    Py_XDECREF(handles);
+    Py_DECREF(lock);
+    return result;
+}
+
+/* FLUSH (fs.flush): close a duplicate; with no lock fds there is no owner's lock to drop. */
+static PyObject *op_flush(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen) {
+    if (blen != sizeof(struct fuse_flush_in)) return fallback(self);
+    struct fuse_flush_in f;
+    memcpy(&f, body, sizeof f);
+    PyObject *lock_fds = PyObject_GetAttr(self->fs, S_lock_fds);
+    if (lock_fds == NULL) return NULL;
+    int none = PyDict_Check(lock_fds) && PyDict_GET_SIZE(lock_fds) == 0;
+    Py_DECREF(lock_fds);
+    if (!none) return fallback(self);
+    PyObject *hd = handle_of(self, f.fh);
+    if (hd == NULL) return PyErr_Occurred() ? NULL : reply_error(self, h->opcode, h->unique, EBADF);
+    PyObject *d = PyObject_GetAttr(hd, S_is_dir);
+    int hd_dir = d != NULL ? PyObject_IsTrue(d) : -1;
+    Py_XDECREF(d);
+    long long fd = -1;
+    int rc = hd_dir < 0 ? -1 : get_long(hd, S_fd, &fd);
+    Py_DECREF(hd);
+    if (rc < 0) return NULL;
+    if (hd_dir) return reply_error(self, h->opcode, h->unique, EBADF);
+    int e = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int dfd = dup((int)fd);
+    if (dfd < 0) e = errno;
+    else if (close(dfd) != 0) e = errno;
+    Py_END_ALLOW_THREADS
+    if (e) return reply_error(self, h->opcode, h->unique, e);
+    char *out;
+    PyObject *r = reply_new(0, h->unique, &out);
+    if (r != NULL) self->served[h->opcode]++;
+    return r;
+}
+
+static PyObject *op_statfs(FastPath *self, const struct fuse_in_header *h, size_t blen, PyObject *store) {
+    if (blen != 0) return fallback(self);
+    PyObject *by_id = PyObject_GetAttr(store, S_by_id);
+    if (by_id == NULL) return NULL;
+    PyObject *inode = inode_of(by_id, h->nodeid);
+    Py_XINCREF(inode);
+    Py_DECREF(by_id);
+    if (inode == NULL) return PyErr_Occurred() ? NULL : fallback(self);
+    PathFd p;
+    int e = 0, rc = path_fd(inode, &p, &e);
+    Py_DECREF(inode);
+    if (rc == -2) return NULL;
+    if (rc == 0) return fallback(self);
+    if (rc < 0) return reply_error(self, h->opcode, h->unique, e);
+    struct statvfs sv;
+    if (p.gil) {
+        rc = fstatvfs(p.fd, &sv);
+        if (rc != 0) e = errno;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = fstatvfs(p.fd, &sv);
+        if (rc != 0) e = errno;
+        Py_END_ALLOW_THREADS
+    }
+    path_fd_done(&p);
+    if (rc != 0) return reply_error(self, h->opcode, h->unique, e);
+    char *out;
+    PyObject *r = reply_new(sizeof(struct fuse_statfs_out), h->unique, &out);
+    if (r == NULL) return NULL;
+    struct fuse_statfs_out so;
+    memset(&so, 0, sizeof so);
+    so.st.blocks = sv.f_blocks;
+    so.st.bfree = sv.f_bfree;
+    so.st.bavail = sv.f_bavail;
+    so.st.files = sv.f_files;
+    so.st.ffree = sv.f_ffree;
+    so.st.bsize = (uint32_t)sv.f_bsize;
+    so.st.namelen = (uint32_t)sv.f_namemax;
+    so.st.frsize = (uint32_t)sv.f_frsize;
+    memcpy(out, &so, sizeof so);
+    self->served[h->opcode]++;
+    return r;
+}
+
+/* FORGET / BATCH_FORGET: the decode here, the operation the filesystem's own (fs.forget, fs.batch_forget). */
+static PyObject *op_forget(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
+                           int batch) {
+    PyObject *res;
+    if (!batch) {
+        if (blen != sizeof(struct fuse_forget_in)) return fallback(self);
+        struct fuse_forget_in f;
+        memcpy(&f, body, sizeof f);
+        PyObject *nodeid = PyLong_FromUnsignedLongLong(h->nodeid), *n = PyLong_FromUnsignedLongLong(f.nlookup);
+        if (nodeid == NULL || n == NULL) {
+            Py_XDECREF(nodeid);
+            Py_XDECREF(n);
+            return NULL;
+        }
+        res = PyObject_CallMethodObjArgs(self->fs, S_forget, Py_None, nodeid, n, NULL);
+        Py_DECREF(nodeid);
+        Py_DECREF(n);
+    } else {
+        if (blen < sizeof(struct fuse_batch_forget_in)) return fallback(self);
+        struct fuse_batch_forget_in b;
+        memcpy(&b, body, sizeof b);
+        if ((blen - sizeof b) != (size_t)b.count * sizeof(struct fuse_forget_one)) return fallback(self);
+        PyObject *list = PyList_New(b.count);
+        if (list == NULL) return NULL;
+        for (uint32_t i = 0; i < b.count; i++) {
+            struct fuse_forget_one one;
+            memcpy(&one, body + sizeof b + (size_t)i * sizeof one, sizeof one);
+            PyObject *pair = Py_BuildValue("(KK)", (unsigned long long)one.nodeid, (unsigned long long)one.nlookup);
+            if (pair == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            PyList_SET_ITEM(list, i, pair);
+        }
+        res = PyObject_CallMethodObjArgs(self->fs, S_batch_forget, Py_None, list, NULL);
+        Py_DECREF(list);
+    }
+    self->served[h->opcode]++;
+    if (res == NULL) { /* counted as the engine counts an op that raised; the caller logs it */
+        int err = EIO;
+        if (PyErr_ExceptionMatches(PyExc_OSError)) {
+            PyObject *t, *v, *tb;
+            PyErr_Fetch(&t, &v, &tb);
+            PyErr_NormalizeException(&t, &v, &tb);
+            PyObject *en = v != NULL ? PyObject_GetAttrString(v, "errno") : NULL;
+            if (en != NULL && PyLong_Check(en)) err = (int)PyLong_AsLong(en);
+            Py_XDECREF(en);
+            PyErr_Restore(t, v, tb);
+            if (err < 1 || err > 4095) err = EIO;
+        }
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        count_error(self, h->opcode, err);
+        PyErr_Restore(t, v, tb);
+        return NULL;
+    }
+    Py_DECREF(res);
+    return PyBytes_FromStringAndSize("", 0);
+}
+
+/* ------------------------------------------------------------------ the type */
+static PyObject *fast_call(PyObject *op, PyObject *args, PyObject *kwargs) {
+    FastPath *self = (FastPath *)op;
+    PyObject *req;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "FastPath(request) takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O:FastPath", &req)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(req, &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = NULL;
+    const char *buf = view.buf;
+    size_t len = (size_t)view.len;
+    struct fuse_in_header h;
+    if (len < sizeof h) {
+        result = fallback(self);
+        goto done;
+    }
+    memcpy(&h, buf, sizeof h);
+    /* Only a plain message: its length exact, no extensions (the decoder's checks stay Python's). */
+    if (h.len != len || h.total_extlen != 0 || len > self->max_message) {
+        result = fallback(self);
+        goto done;
+    }
+    const char *body = buf + sizeof h;
+    size_t blen = len - sizeof h;
+    unsigned int o = h.opcode;
+    if (o == self->op[K_GETATTR] || o == self->op[K_LOOKUP] || o == self->op[K_STATFS]) {
+        PyObject *store = PyObject_GetAttr(self->fs, S_store);
+        if (store == NULL) goto done;
+        if (o == self->op[K_GETATTR]) result = op_getattr(self, &h, body, blen, store);
+        else if (o == self->op[K_LOOKUP]) result = op_lookup(self, &h, body, blen, store);
+        else result = op_statfs(self, &h, blen, store);
+        Py_DECREF(store);
+    } else if (o == self->op[K_RELEASE]) {
+        result = op_release(self, &h, body, blen, 0);
+    } else if (o == self->op[K_RELEASEDIR]) {
+        result = op_release(self, &h, body, blen, 1);
+    } else if (o == self->op[K_FLUSH]) {
+        result = op_flush(self, &h, body, blen);
+    } else if (o == self->op[K_FORGET]) {
+        result = op_forget(self, &h, body, blen, 0);
+    } else if (o == self->op[K_BATCH_FORGET]) {
+        result = op_forget(self, &h, body, blen, 1);
+    } else {
+        result = fallback(self);
+    }
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
+    FastPath *self = (FastPath *)op;
+    static char *kw[] = {"fs", "opcodes", "getattr_fh", "attr_submount", "max_message", NULL};
+    PyObject *fs, *opcodes;
+    unsigned int getattr_fh, attr_submount;
+    unsigned long long max_message;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!IIK:FastPath", kw, &fs, &PyDict_Type, &opcodes, &getattr_fh,
+                                     &attr_submount, &max_message))
+        return -1;
+    for (int i = 0; i < K_N; i++) {
+        PyObject *v = PyDict_GetItemString(opcodes, op_keys[i]);
+        if (v == NULL) {
+            PyErr_Format(PyExc_KeyError, "FastPath: opcodes has no %s", op_keys[i]);
+            return -1;
+        }
+        unsigned long x = PyLong_AsUnsignedLong(v);
+        if (PyErr_Occurred()) return -1;
+        if (x >= NOPS) {
+            PyErr_Format(PyExc_ValueError, "FastPath: opcode %s = %lu is out of range", op_keys[i], x);
+            return -1;
+        }
+        self->op[i] = (unsigned int)x;
+    }
+    Py_INCREF(fs);
+    Py_XSETREF(self->fs, fs);
+    self->getattr_fh = getattr_fh;
+    self->attr_submount = attr_submount;
+    self->max_message = max_message;
+    if (self->errors == NULL && (self->errors = PyDict_New()) == NULL) return -1;
+    return 0;
+}
+
+static PyObject *fast_counts(PyObject *op, PyObject *unused) {
+    FastPath *self = (FastPath *)op;
+    (void)unused;
+    PyObject *served = PyDict_New();
+    if (served == NULL) return NULL;
+    for (int i = 0; i < NOPS; i++) {
+        if (!self->served[i]) continue;
+        PyObject *k = PyLong_FromLong(i), *v = PyLong_FromUnsignedLongLong(self->served[i]);
+        if (k == NULL || v == NULL || PyDict_SetItem(served, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            Py_DECREF(served);
+            return NULL;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    PyObject *errors = PyDict_Copy(self->errors);
+    if (errors == NULL) {
+        Py_DECREF(served);
+        return NULL;
+    }
+    return Py_BuildValue("(NNK)", served, errors, self->fallbacks);
+}
+
+static int fast_traverse(PyObject *op, visitproc visit, void *arg) {
+    FastPath *self = (FastPath *)op;
+    Py_VISIT(self->fs);
+    Py_VISIT(self->errors);
+    return 0;
+}
+
+static int fast_clear(PyObject *op) {
+    FastPath *self = (FastPath *)op;
+    Py_CLEAR(self->fs);
+    Py_CLEAR(self->errors);
+    return 0;
+}
+
+static void fast_dealloc(PyObject *op) {
+    PyObject_GC_UnTrack(op);
+    fast_clear(op);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyMethodDef fast_methods[] = {
+    {"counts", fast_counts, METH_NOARGS,
+     "counts() -> ({opcode: served}, {(opcode, errno): errors}, fallbacks): what this path answered"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FastPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "daemon.passthrough._fast.FastPath",
+    .tp_basicsize = sizeof(FastPath),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "FastPath(fs, opcodes, getattr_fh, attr_submount, max_message)(request) -> reply bytes | b'' | None",
+    .tp_new = PyType_GenericNew,
+    .tp_init = fast_init,
+    .tp_call = fast_call,
+    .tp_traverse = fast_traverse,
+    .tp_clear = fast_clear,
+    .tp_dealloc = fast_dealloc,
+    .tp_methods = fast_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "daemon.passthrough._fast",
+    "The passthrough filesystem's fast path for the commonest metadata requests (twin: the Python op table).",
+    -1, NULL, NULL, NULL, NULL, NULL,
+};
+
+#define INTERN(var, s) \
+    if ((var = PyUnicode_InternFromString(s)) == NULL) return NULL
+
+PyMODINIT_FUNC PyInit__fast(void) {
+    INTERN(S_store, "store");
+    INTERN(S_by_id, "_by_id");
+    INTERN(S_by_key, "_by_key");
+    INTERN(S_lock, "_lock");
+    INTERN(S_fd, "fd");
+    INTERN(S_cached_fd, "cached_fd");
+    INTERN(S_mode, "mode");
+    INTERN(S_handle, "handle");
+    INTERN(S_mount, "mount");
+    INTERN(S_nodeid, "nodeid");
+    INTERN(S_generation, "generation");
+    INTERN(S_dev, "dev");
+    INTERN(S_mnt_id, "mnt_id");
+    INTERN(S_nlookup, "nlookup");
+    INTERN(S_handles, "_handles");
+    INTERN(S_is_dir, "is_dir");
+    INTERN(S_lock_fds, "_lock_fds");
+    INTERN(S_backing, "backing");
+    INTERN(S_backing_id, "backing_id");
+    INTERN(S_timeout, "timeout");
+    INTERN(S_submounts, "submounts");
+    INTERN(S_acquire, "acquire");
+    INTERN(S_release, "release");
+    INTERN(S_forget, "forget");
+    INTERN(S_batch_forget, "batch_forget");
+    INTERN(S_zero_gen, "zero_submount_generation");
+    if (PyType_Ready(&FastPathType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&FastPathType);
+    if (PyModule_AddObject(m, "FastPath", (PyObject *)&FastPathType) < 0) {
+        Py_DECREF(&FastPathType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "SIZE_IN_HEADER", sizeof(struct fuse_in_header));
+    PyModule_AddIntConstant(m, "SIZE_ENTRY_OUT", sizeof(struct fuse_entry_out));
+    PyModule_AddIntConstant(m, "SIZE_ATTR_OUT", sizeof(struct fuse_attr_out));
+    PyModule_AddIntConstant(m, "SIZE_STATFS_OUT", sizeof(struct fuse_statfs_out));
+    PyModule_AddIntConstant(m, "SIZE_RELEASE_IN", sizeof(struct fuse_release_in));
+    PyModule_AddIntConstant(m, "SIZE_FLUSH_IN", sizeof(struct fuse_flush_in));
+    PyModule_AddIntConstant(m, "SIZE_GETATTR_IN", sizeof(struct fuse_getattr_in));
+    return m;
+}

@@ -1,0 +1,369 @@
+"""The daemon's C fast path (daemon/passthrough/_fastmodule.c) against its twin, the Python op table.
+
+Two engines over the same shared directory, one with the fast path and one without (FSINSPECT_FAST=python),
+get the same request bytes one after the other; every reply must be the same bytes, including errors
+(ENOENT, ESTALE, EBADF, bad names, truncated and odd messages), and so must the engines' counters.  The
+fast path must also really serve what it claims (its counts), and hand back what it does not handle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.passthrough import CacheMode, HandleMode, Options, PassthroughFS
+from daemon.server import Server
+from daemon.vhost import GuestPassthroughFS
+from dissectors import fuse as F
+from dissectors.spec import fuse as spec
+from tests.conftest import require_root
+from tests.daemon_client import KERNEL_FLAGS, EngineClient
+
+pytestmark = pytest.mark.root
+
+OP = {o.name: o.value for o in spec.OPCODES}
+GETATTR_FH = spec.GETATTR_FLAGS.by_name()["FH"]
+SUBMOUNT = spec.ATTR_FLAGS.by_name()["SUBMOUNT"]
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+def _native_built() -> bool:
+    try:
+        from daemon.passthrough import _fast  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> Iterator[Path]:
+    """Files, a directory, a symlink, and a tmpfs submount (another st_dev and mount)."""
+    require_root()
+    root = tmp_path / "share"
+    root.mkdir()
+    (root / "file").write_bytes(b"x" * 5000)
+    (root / "dir").mkdir()
+    (root / "dir" / "inner").write_bytes(b"inner")
+    (root / "gone").write_bytes(b"deleted later")
+    os.symlink("/etc/passwd", root / "link")
+    sub = root / "sub"
+    sub.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "fsinspect-fast", str(sub)], check=True)
+    try:
+        (sub / "deep").write_bytes(b"on tmpfs")
+        yield root
+    finally:
+        _libc.umount2(str(sub).encode(), 2)
+
+
+class Twins:
+    """The same request bytes to an engine with the fast path and to one without; replies compared."""
+
+    def __init__(self, share: Path, monkeypatch: pytest.MonkeyPatch, fs_class: type[PassthroughFS] = PassthroughFS,
+                 **opts: Any) -> None:
+        monkeypatch.delenv("FSINSPECT_FAST", raising=False)
+        self.fs_c = fs_class(Options(str(share), **opts))
+        self.c = EngineClient(Server(self.fs_c))
+        monkeypatch.setenv("FSINSPECT_FAST", "python")
+        self.fs_py = fs_class(Options(str(share), **opts))
+        self.py = EngineClient(Server(self.fs_py))
+        monkeypatch.delenv("FSINSPECT_FAST")
+        assert self.c.server._fast is not None and self.py.server._fast is None
+        self.unique = 0
+        self.log: list[tuple[str, bool, bytes | None]] = []
+        assert self.init() is not None
+
+    def served(self) -> int:
+        assert self.c.server._fast is not None
+        served, _errors, _fallbacks = self.c.server._fast.counts()
+        return sum(served.values())
+
+    def send(self, raw: bytes, what: str, *, reply: bool = True) -> bytes | None:
+        """Both engines; the (identical) reply, and whether the fast path served it."""
+        before = self.served()
+        timeout = 10.0 if reply else 0.2
+        a = self.c.raw(raw, timeout)
+        b = self.py.raw(raw, timeout)
+        assert a == b, f"{what}: fast path {a!r} != Python {b!r}"
+        self.log.append((what, self.served() > before, a))
+        return a
+
+    def req(self, op: str, args: dict[str, Any] | None = None, *, nodeid: int = 0, reply: bool = True,
+            what: str = "") -> bytes | None:
+        self.unique += 1
+        raw = F.encode_request(op, args, unique=self.unique, nodeid=nodeid, uid=0, gid=0, pid=1,
+                               ctx=self.c.server.ctx)
+        return self.send(raw, what or f"{op} {nodeid} {args}", reply=reply)
+
+    def init(self) -> bytes | None:
+        init = F.make("fuse_init_in", major=7, minor=spec.KERNEL_MINOR_VERSION, max_readahead=128 * 1024,
+                      flags=KERNEL_FLAGS & 0xFFFFFFFF, flags2=KERNEL_FLAGS >> 32)
+        return self.req("INIT", {"init": init}, what="INIT")
+
+    def decoded(self, op: str, args: dict[str, Any] | None, raw: bytes | None) -> F.Reply:
+        assert raw is not None
+        rep = F.decode_reply(raw, F.decode_request(F.encode_request(op, args, unique=self.unique),
+                                                   self.c.server.ctx), self.c.server.ctx)
+        assert isinstance(rep, F.Reply)
+        return rep
+
+    def ok(self, op: str, args: dict[str, Any] | None = None, *, nodeid: int = 0) -> F.Reply:
+        rep = self.decoded(op, args, self.req(op, args, nodeid=nodeid))
+        assert rep.error == 0, f"{op}: {rep.errname}"
+        return rep
+
+    def error(self, op: str, args: dict[str, Any] | None = None, *, nodeid: int = 0) -> int:
+        return self.decoded(op, args, self.req(op, args, nodeid=nodeid)).error
+
+    def last_fast(self) -> bool:
+        return self.log[-1][1]
+
+    def close(self) -> None:
+        for cl in (self.c, self.py):
+            cl.server.shutdown()
+        self.fs_c.close()
+        self.fs_py.close()
+
+
+@pytest.fixture
+def twins(share: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    if not _native_built():
+        pytest.fail("daemon.passthrough._fast is not built: run scripts/setup")
+    made: list[Twins] = []
+
+    def make(**opts: Any) -> Twins:
+        t = Twins(share, monkeypatch, **opts)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def _getattr(fh: int = 0, flags: int = 0) -> dict[str, Any]:
+    return {"getattr": F.make("fuse_getattr_in", getattr_flags=flags, fh=fh)}
+
+
+def _raw(op: str, body: bytes, *, unique: int, nodeid: int = 1, length: int | None = None, extlen: int = 0) -> bytes:
+    n = 40 + len(body) if length is None else length
+    return F.IN_HEADER.struct.pack(n, OP[op], unique, nodeid, 0, 0, 1, extlen, 0) + body
+
+
+@pytest.mark.parametrize("fs_class", [PassthroughFS, GuestPassthroughFS], ids=["standalone", "vhost"])
+@pytest.mark.parametrize("handles", [HandleMode.PREFER, HandleMode.NEVER])
+@pytest.mark.parametrize("cache", [CacheMode.NONE, CacheMode.AUTO, CacheMode.ALWAYS])
+def test_fast_path_replies_byte_for_byte_as_python(twins: Any, share: Path, handles: HandleMode,
+                                                   cache: CacheMode, fs_class: type[PassthroughFS]) -> None:
+    """The vhost-user filesystem answers a submount point with generation 0 (daemon/vhost.py): both paths."""
+    t: Twins = twins(cache=cache, inode_file_handles=handles, fs_class=fs_class)
+    look = lambda parent, name: t.ok("LOOKUP", {"name": name}, nodeid=parent).args["entry"]  # noqa: E731
+
+    # LOOKUP: a new inode is Python's (it makes the inode), a known one the fast path's.
+    f = look(1, b"file")
+    assert not t.last_fast()
+    assert look(1, b"file").nodeid == f.nodeid and t.last_fast()
+    d = look(1, b"dir")
+    inner = look(d.nodeid, b"inner")
+    assert look(d.nodeid, b"inner").nodeid == inner.nodeid
+    assert look(d.nodeid, b"..").nodeid == 1 and t.last_fast()  # the root, held by fd
+    assert look(1, b"..").nodeid == 1 and look(1, b".").nodeid == 1 and t.last_fast()
+    assert look(d.nodeid, b".").nodeid == d.nodeid
+    link = look(1, b"link")
+    assert look(1, b"link").nodeid == link.nodeid and t.last_fast()
+    # The submount: FUSE_ATTR_SUBMOUNT from both paths (the second LOOKUP is the fast path's).
+    s1 = look(1, b"sub")
+    s2 = look(1, b"sub")
+    assert s1.attr.flags & SUBMOUNT and s2.attr.flags & SUBMOUNT and t.last_fast()
+    assert (s2.generation == 0) == (fs_class is GuestPassthroughFS), s2
+    deep = look(s1.nodeid, b"deep")
+    assert look(s1.nodeid, b"deep").nodeid == deep.nodeid and not deep.attr.flags & SUBMOUNT
+    # Errors the fast path answers: a name that is not there.
+    assert t.error("LOOKUP", {"name": b"missing"}, nodeid=1) == errno.ENOENT and t.last_fast()
+    assert t.error("LOOKUP", {"name": b"x"}, nodeid=f.nodeid) == errno.ENOTDIR  # under a file
+    # ... and those it leaves to Python: bad names, unknown nodeids.
+    for name, err in ((b"a/b", errno.EINVAL), (b"n" * 256, errno.ENAMETOOLONG)):
+        assert t.error("LOOKUP", {"name": name}, nodeid=1) == err and not t.last_fast()
+    assert t.error("LOOKUP", {"name": b"file"}, nodeid=999) == errno.EBADF and not t.last_fast()
+
+    # GETATTR: files, directories (a handle-held one is served once its fd is cached), a symlink, the root.
+    for nodeid in (1, f.nodeid, d.nodeid, inner.nodeid, link.nodeid, s1.nodeid, deep.nodeid):
+        a = t.ok("GETATTR", _getattr(), nodeid=nodeid).args["attr_out"].attr
+        b = t.ok("GETATTR", _getattr(), nodeid=nodeid).args["attr_out"].attr
+        assert a == b and t.last_fast(), nodeid
+    assert t.ok("GETATTR", _getattr(), nodeid=f.nodeid).args["attr_out"].attr.size == 5000
+    assert t.error("GETATTR", _getattr(), nodeid=12345) == errno.EBADF and not t.last_fast()
+
+    # OPEN/OPENDIR are Python's; GETATTR with FH, FLUSH, RELEASE and RELEASEDIR the fast path's.
+    fh = t.ok("OPEN", {"open": F.make("fuse_open_in", flags=os.O_RDONLY)}, nodeid=f.nodeid).args["open"].fh
+    dfh = t.ok("OPENDIR", {"open": F.make("fuse_open_in")}, nodeid=d.nodeid).args["open"].fh
+    t.ok("GETATTR", _getattr(fh, GETATTR_FH), nodeid=f.nodeid)
+    assert t.last_fast()
+    t.ok("GETATTR", _getattr(9999, GETATTR_FH), nodeid=f.nodeid)  # an unknown fh: the inode's stat
+    t.ok("FLUSH", {"flush": F.make("fuse_flush_in", fh=fh)}, nodeid=f.nodeid)
+    assert t.last_fast()
+    assert t.error("FLUSH", {"flush": F.make("fuse_flush_in", fh=dfh)}, nodeid=d.nodeid) == errno.EBADF
+    assert t.error("FLUSH", {"flush": F.make("fuse_flush_in", fh=777)}, nodeid=d.nodeid) == errno.EBADF
+    rel = lambda h: {"release": F.make("fuse_release_in", fh=h)}  # noqa: E731
+    assert t.error("RELEASE", rel(dfh), nodeid=d.nodeid) == errno.EBADF and t.last_fast()  # a dir's fh
+    assert t.error("RELEASEDIR", rel(fh), nodeid=f.nodeid) == errno.EBADF and t.last_fast()  # a file's fh
+    t.ok("RELEASE", rel(fh), nodeid=f.nodeid)
+    assert t.last_fast()
+    assert t.error("RELEASE", rel(fh), nodeid=f.nodeid) == errno.EBADF  # released already
+    t.ok("RELEASEDIR", rel(dfh), nodeid=d.nodeid)
+    assert t.error("RELEASEDIR", rel(dfh), nodeid=d.nodeid) == errno.EBADF
+    assert t.fs_c._handles == {} and t.fs_py._handles == {}
+
+    # STATFS of the root, a file, the submount.
+    for nodeid in (1, f.nodeid, s1.nodeid):
+        t.ok("STATFS", nodeid=nodeid)
+        assert t.last_fast()
+    assert t.error("STATFS", nodeid=4242) == errno.EBADF
+
+    # A file deleted on the host: ESTALE by handle, its last attributes (nlink 0) by O_PATH fd.
+    gone = look(1, b"gone")
+    os.unlink(share / "gone")
+    raw = t.req("GETATTR", _getattr(), nodeid=gone.nodeid)
+    rep = t.decoded("GETATTR", _getattr(), raw)
+    if handles is HandleMode.PREFER:
+        assert rep.error == errno.ESTALE and t.last_fast()
+    else:
+        assert rep.error == 0 and rep.args["attr_out"].attr.nlink == 0
+
+    # FORGET and BATCH_FORGET go to the filesystem's forget(): the inode is gone on both sides.
+    t.req("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=link.nodeid, reply=False)
+    assert t.error("GETATTR", _getattr(), nodeid=link.nodeid) == 0  # looked up twice: one left
+    t.req("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=link.nodeid, reply=False)
+    assert t.error("GETATTR", _getattr(), nodeid=link.nodeid) == errno.EBADF
+    forgets = [F.make("fuse_forget_one", nodeid=n, nlookup=2) for n in (f.nodeid, inner.nodeid, 31337)]
+    t.req("BATCH_FORGET", {"batch": F.make("fuse_batch_forget_in", count=3), "forgets": forgets},
+          reply=False)
+    for n in (f.nodeid, inner.nodeid):
+        assert t.error("GETATTR", _getattr(), nodeid=n) == errno.EBADF
+    assert look(1, b"file").nodeid > f.nodeid  # a new nodeid, on both sides
+    assert t.fs_c.store.counts() == t.fs_py.store.counts()
+
+    # Odd messages: all Python's (the decoder's answer), byte for byte.
+    u = 10_000
+    odd = [
+        ("GETATTR with a short body", _raw("GETATTR", b"\0" * 8, unique=u + 1)),
+        ("GETATTR with a long body", _raw("GETATTR", b"\0" * 24, unique=u + 2)),
+        ("length past the buffer", _raw("GETATTR", b"\0" * 16, unique=u + 3, length=80)),
+        ("length short of the buffer", _raw("GETATTR", b"\0" * 16, unique=u + 4, length=48)),
+        ("extensions", _raw("GETATTR", b"\0" * 24, unique=u + 5, extlen=1)),
+        ("LOOKUP without NUL", _raw("LOOKUP", b"file", unique=u + 6)),
+        ("LOOKUP empty name", _raw("LOOKUP", b"\0", unique=u + 7)),
+        ("LOOKUP NUL inside", _raw("LOOKUP", b"fi\0le\0", unique=u + 8)),
+        ("RELEASE short", _raw("RELEASE", b"\0" * 16, unique=u + 9)),
+        ("FLUSH short", _raw("FLUSH", b"\0" * 8, unique=u + 10)),
+        ("STATFS with a body", _raw("STATFS", b"\0" * 8, unique=u + 11)),
+        ("truncated header", _raw("GETATTR", b"", unique=u + 12)[:30]),
+    ]
+    for what, raw in odd:
+        t.send(raw, what, reply=what != "truncated header")
+        assert not t.last_fast(), what
+    t.send(_raw("FORGET", b"\0" * 4, unique=u + 13), "FORGET short", reply=False)
+    t.send(_raw("BATCH_FORGET", struct.pack("<II", 2, 0) + b"\0" * 16, unique=u + 14), "BATCH_FORGET short",
+           reply=False)
+
+    # The engines agree on what they counted, and the fast path did serve most of it.
+    cc, pc = t.c.server.counters(), t.py.server.counters()
+    assert cc["ops"] == pc["ops"] and cc["errors"] == pc["errors"] and cc["dropped"] == pc["dropped"]
+    assert cc["fast_path"]["served"] >= 40 and cc["fast_path"]["fallbacks"] >= 15, cc["fast_path"]
+    assert "fast_path" not in pc
+
+
+def test_fast_path_off_with_a_tap_and_after_destroy(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tap (or hold point) sees every request as Python does: no fast path; none before INIT or after DESTROY."""
+    if not _native_built():
+        pytest.fail("daemon.passthrough._fast is not built: run scripts/setup")
+    monkeypatch.delenv("FSINSPECT_FAST", raising=False)
+    fs = PassthroughFS(Options(str(share)))
+    seen: list[str] = []
+    tapped = Server(fs, tap=lambda d, q, u, ts, raw: seen.append(d))
+    assert tapped._fast is None
+    plain = Server(fs)
+    assert plain._fast is not None and plain.fast is None
+    c = EngineClient(plain)
+    assert c.call("GETATTR", nodeid=1).error == errno.EIO  # before INIT: the engine's answer
+    assert c.init().error == 0 and plain.fast is plain._fast
+    c.ok("GETATTR", _getattr(), nodeid=1)
+    assert plain.counters()["fast_path"]["served"] == 1
+    c.call("DESTROY")
+    assert plain.fast is None and c.call("GETATTR", nodeid=1).error == errno.EIO
+    e = EngineClient(tapped)
+    e.init()
+    e.ok("GETATTR", _getattr(), nodeid=1)
+    assert seen.count("request") == 2 and "fast_path" not in tapped.counters()
+    for s in (plain, tapped):
+        s.shutdown()
+    fs.close()
+
+
+def test_a_filesystem_that_redefines_a_fast_op_gets_no_fast_path(share: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C answers as PassthroughFS's methods do: a subclass with its own LOOKUP entries must be asked."""
+    monkeypatch.delenv("FSINSPECT_FAST", raising=False)
+
+    class Renumbered(PassthroughFS):
+        def _entry(self, inode: Any, st: Any, parent: Any) -> Any:
+            e = super()._entry(inode, st, parent)
+            e.generation += 1000
+            return e
+
+    fs = Renumbered(Options(str(share)))
+    assert fs.fast_path() is None
+    c = EngineClient(Server(fs))
+    c.init()
+    assert c.lookup(1, b"file").args["entry"].generation > 1000
+    assert c.lookup(1, b"file").args["entry"].generation > 1000
+    c.server.shutdown()
+    fs.close()
+    plain = PassthroughFS(Options(str(share)))
+    assert plain.fast_path() is not None
+    plain.close()
+
+
+def test_lookup_fast_path_keeps_nlookup_under_concurrent_forgets(share: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOOKUPs on the fast path and FORGETs on another thread: every lookup is accounted (no lost update),
+    so the inode goes exactly when the last reference is forgotten."""
+    import threading
+
+    monkeypatch.delenv("FSINSPECT_FAST", raising=False)
+    fs = PassthroughFS(Options(str(share)))
+    server = Server(fs)
+    c = EngineClient(server)
+    c.init()
+    nodeid = c.nodeid(1, b"file")
+    n = 2000
+    stop = threading.Event()
+
+    def forget() -> None:
+        f = EngineClient(server)
+        msg = {"forget": F.make("fuse_forget_in", nlookup=1)}
+        for _ in range(n):
+            server.handle(f.encode("FORGET", msg, nodeid=nodeid), lambda parts: None)
+        stop.set()
+
+    for _ in range(n):  # n + 1 references before the forgets start
+        assert c.nodeid(1, b"file") == nodeid
+    th = threading.Thread(target=forget)
+    th.start()
+    looked = 0
+    while not stop.is_set():
+        if c.nodeid(1, b"file") == nodeid:
+            looked += 1
+    th.join()
+    assert nodeid in fs.store and fs.store.get(nodeid).nlookup == 1 + looked
+    assert server.counters()["fast_path"]["served"] >= n
+    server.shutdown()
+    fs.close()
