@@ -9,12 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from fsinspect.guest.launcher import short_tmpdir, stop_process
+from fsinspect.proxy.server import Cancelled, Proxy, ProxyConfig
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
@@ -159,3 +161,57 @@ def test_the_launchers_qemu_and_virtiofsd_die_with_a_sigkilled_runner(tmp_path: 
             for k in kids:  # a failed run: they are ours to clean
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(k, signal.SIGKILL)
+
+
+# -- connecting to the back-end (unixsock.connect_when_listening, shared with the rerun) ------------------
+def _proxy(path: Path, wait: float, cmd: str | None = None) -> Proxy:
+    return Proxy(ProxyConfig(backend=str(path), backend_cmd=cmd, backend_wait=wait))
+
+
+def test_the_proxy_connects_once_the_backend_listens_after_a_stale_file(tmp_path: Path) -> None:
+    path = tmp_path / "be.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # bound, nobody listening: refused until the back-end replaces it
+    stale.close()
+
+    def listen_later() -> None:
+        time.sleep(0.3)
+        path.unlink()
+        lst.bind(str(path))
+        lst.listen(1)
+
+    lst = socket.socket(socket.AF_UNIX)
+    t = threading.Thread(target=listen_later)
+    t.start()
+    try:
+        conn = _proxy(path, 10).connect_backend()
+        conn.close()
+    finally:
+        t.join()
+        lst.close()
+
+
+def test_the_proxy_says_why_the_backend_never_listened(tmp_path: Path) -> None:
+    path = tmp_path / "be.sock"
+    p = _proxy(path, 0.3)
+    with pytest.raises(OSError, match=r"^the back-end did not listen on .*be.sock within 0.3 s \(no socket file\)$"):
+        p.connect_backend()
+    p = _proxy(path, 30, cmd="sh -c 'exit 3'")
+    p.start_backend()
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="the back-end command exited with 3 before listening"):
+        p.connect_backend()
+    assert time.monotonic() - t0 < 10
+    path.write_bytes(b"")  # a file where a directory should be: waiting would not change it
+    with pytest.raises(OSError, match=r"cannot connect to the back-end socket .*be.sock/s: Not a directory") as e:
+        _proxy(path / "s", 30).connect_backend()
+    assert str(e.value).startswith("cannot connect")  # the CLI's one line
+
+
+def test_stopping_the_proxy_while_it_waits_for_the_backend_cancels_at_once(tmp_path: Path) -> None:
+    p = _proxy(tmp_path / "be.sock", 60)
+    threading.Timer(0.2, p.stop).start()
+    t0 = time.monotonic()
+    with pytest.raises(Cancelled):
+        p.connect_backend()
+    assert time.monotonic() - t0 < 5

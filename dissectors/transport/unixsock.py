@@ -1,4 +1,5 @@
-"""Listening Unix sockets at a path the user gave: only a stale socket is ever replaced.
+"""Listening Unix sockets at a path the user gave: only a stale socket is ever replaced; and connecting to
+a back-end's socket once it listens.
 
 One helper for `proxy --listen`, `daemon --socket-path` and every `--control`: a path that holds anything
 but a socket (a regular file, a directory, a symlink) is refused, a socket some process still listens on
@@ -15,7 +16,9 @@ import socket
 import stat
 import struct
 import threading
+import time
 import weakref
+from collections.abc import Callable
 
 # sock_diag (linux/sock_diag.h, linux/unix_diag.h, linux/netlink.h)
 _NETLINK_SOCK_DIAG = 4
@@ -158,3 +161,44 @@ def release_socket_path(path: str, sock: socket.socket) -> None:
         st = os.lstat(path)
         if ident is not None and (st.st_dev, st.st_ino) == ident:
             os.unlink(path)
+
+
+class ConnectError(OSError):
+    """No connection to a back-end's socket: its process went away first (ECONNREFUSED), the time ran out
+    (ETIMEDOUT), or the path cannot take one.  Its message is a whole sentence (str() is just that)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def connect_when_listening(path: str, timeout: float, *, gone: Callable[[], str | None] = lambda: None,
+                           wait: Callable[[float], object] = time.sleep, detail: Callable[[], str] = lambda: "",
+                           interval: float = 0.02) -> socket.socket:
+    """The connection to a back-end we started (the proxy's, the rerun's), once it listens.
+
+    Its socket file appears at bind(), before listen(), and a stale file from an earlier run refuses: both
+    are retried until `timeout`; any other error (EACCES, ENOTDIR) is raised at once, since waiting would
+    not change it.  Every failure is a ConnectError.  The connection is kept (not a probe): a vhost-user back-end such as the C virtiofsd
+    serves one front-end and exits when it hangs up.  `gone()` says why the back-end process is gone (None:
+    running; it may raise to cancel the wait); `wait(interval)` sleeps between attempts (a stop event's
+    wait, so a stop is not late); `detail()` is what to add to an error's message (the back-end's stderr)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            conn.connect(path)
+            return conn
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            conn.close()
+            last = "no socket file" if isinstance(e, FileNotFoundError) else "connection refused"
+        except OSError as e:
+            conn.close()
+            raise ConnectError(e.errno, f"cannot connect to the back-end socket {path}: {e.strerror or e}"
+                                        f"{detail()}") from None
+        why = gone()
+        if why:
+            raise ConnectError(errno.ECONNREFUSED, f"{why} before listening")
+        if time.monotonic() > deadline:
+            raise ConnectError(errno.ETIMEDOUT, f"the back-end did not listen on {path} within {timeout:g} s "
+                                                f"({last}){detail()}")
+        wait(interval)

@@ -11,7 +11,6 @@ Threads:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import mmap
 import os
@@ -32,6 +31,7 @@ from dissectors import vhost_user as V
 from dissectors.errors import DecodeError
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
+from dissectors.transport.unixsock import connect_when_listening
 from dissectors.transport.wire import (
     Cancelled,
     FdRefused,
@@ -155,25 +155,18 @@ class Proxy:
                                                  preexec_fn=children.die_with_parent(os.getpid()))
 
     def connect_backend(self) -> socket.socket:
+        """The back-end's socket, once it listens (within --backend-wait); Cancelled by stop(); else a
+        ConnectError (an OSError) that says why in a sentence."""
         assert self.cfg.backend
-        deadline = time.monotonic() + self.cfg.backend_wait
-        last: OSError | None = None
-        while time.monotonic() < deadline:
+
+        def gone() -> str | None:
             if self._stop.is_set():
                 raise Cancelled("stopped while connecting to the back-end")
             if self.backend_proc is not None and self.backend_proc.poll() is not None:
-                raise OSError(errno.ECONNREFUSED, f"back-end command exited with {self.backend_proc.returncode} "
-                              "before creating its socket")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                s.connect(self.cfg.backend)
-                return s
-            except OSError as e:
-                s.close()
-                last = e
-                self._stop.wait(0.05)
-        raise OSError(errno.ETIMEDOUT, f"back-end socket {self.cfg.backend} not connectable within "
-                      f"{self.cfg.backend_wait:.0f} s: {last}")
+                return f"the back-end command exited with {self.backend_proc.returncode}"
+            return None
+
+        return connect_when_listening(self.cfg.backend, self.cfg.backend_wait, gone=gone, wait=self._stop.wait)
 
     def accept_frontend(self, listener: socket.socket) -> socket.socket | None:
         """Wait for QEMU; None when stop() comes first (SIGTERM while nobody has connected)."""

@@ -22,6 +22,7 @@ from dissectors import vhost_user as V
 from dissectors.ring.driver import F_INDIRECT, F_NEXT, F_WRITE, GuestRing, pack_descs
 from dissectors.spec import vhost_user as vspec
 from dissectors.spec import virtio as vio
+from dissectors.transport.unixsock import ConnectError, connect_when_listening
 from dissectors.transport.wire import PeerClosed, WireError, recv_message, sealed_memfd, send_message
 
 GPA, UVA = 0x0, 0x7F00_0000_0000
@@ -355,27 +356,9 @@ def _round(n: int, to: int = PAGE) -> int:
 
 def connect_backend(path: Path, gone: Callable[[], str | None], timeout: float = 10.0,
                     detail: Callable[[], str] = lambda: "") -> socket.socket:
-    """The connection to a back-end we started, once it listens.
-
-    Its socket file appears at bind(), before listen(), and a stale file from an earlier run refuses: both
-    are retried until `timeout`.  The connection is kept (not a probe): a vhost-user back-end such as the
-    C virtiofsd serves one front-end and exits when it hangs up.  `gone()` says why the back-end process is
-    gone (None: running); `detail()` is what to add to an error (the back-end's stderr tail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            conn.connect(str(path))
-            return conn
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            conn.close()
-            last = "no socket file" if isinstance(e, FileNotFoundError) else "connection refused"
-        except OSError as e:
-            conn.close()
-            raise FrontError(f"cannot connect to the back-end socket {path}: {e.strerror or e}{detail()}") from None
-        why = gone()
-        if why:
-            raise FrontError(f"{why} before listening")
-        if time.monotonic() > deadline:
-            raise FrontError(f"the back-end did not listen on {path} within {timeout:g} s ({last}){detail()}")
-        time.sleep(0.02)
+    """The connection to the back-end we started, once it listens (unixsock.connect_when_listening); its
+    failures as FrontError."""
+    try:
+        return connect_when_listening(str(path), timeout, gone=gone, detail=detail)
+    except ConnectError as e:
+        raise FrontError(str(e)) from None
