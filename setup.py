@@ -6,6 +6,8 @@
   daemon/passthrough/syscalls.py over ctypes);
 - daemon/passthrough/_fast: the fast path of the commonest metadata requests (twin: the Python op table,
   daemon/server.py and daemon/passthrough/fs.py).
+- daemon/transport/_uring: FUSE-over-io_uring ring mechanics with the GIL released (twin:
+  daemon/transport/uring_py.py over ctypes and mmap).
 
 `optional=True`: without a compiler the build still succeeds, and each falls back to its pure-Python
 twin, saying so at start-up.
@@ -30,5 +32,6 @@ setup(
             ["fsinspect/recording/scan_core.h"], ["-Wno-cast-function-type"]),
         ext("daemon.passthrough._sys", ["daemon/passthrough/_sysmodule.c"]),
         ext("daemon.passthrough._fast", ["daemon/passthrough/_fastmodule.c"]),
+        ext("daemon.transport._uring", ["daemon/transport/_uringmodule.c"]),
     ],
 )

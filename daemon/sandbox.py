@@ -78,17 +78,18 @@ def check(level: str) -> None:
                                         "daemon as root, or choose --sandbox none")
 
 
-def enter(level: str, fs: PassthroughFS, seccomp: str = "none") -> None:
+def enter(level: str, fs: PassthroughFS, seccomp: str = "none", extra: tuple[str, ...] = ()) -> None:
     """Confine the calling thread (and the threads it starts from now on) at `level`, and make `fs`
-    hold its root from inside; then the `seccomp` allowlist.  Call before the first request, with no
-    other thread of the engine alive."""
+    hold its root from inside; then the `seccomp` allowlist, plus the `extra` system calls a transport
+    needs (io_uring_enter for FUSE over io_uring).  Call before the first request, with no other thread
+    of the engine alive."""
     if level == "none":
         return
     check(level)
     _preload(seccomp)
     try:
         _enter(level, fs)
-        load_seccomp(seccomp)
+        load_seccomp(seccomp, extra)
     except SandboxError:
         raise
     except OSError as e:
@@ -216,7 +217,7 @@ ALLOWED = (
 )
 
 
-def load_seccomp(action: str) -> None:
+def load_seccomp(action: str, extra: tuple[str, ...] = ()) -> None:
     """Allow only ALLOWED in the calling thread and the threads it starts (a filter is per thread unless
     synchronised); anything else kills the daemon (kill) or is only logged by the kernel's audit (log).
     A new thread (clone with CLONE_THREAD) is allowed, a new process is not; clone3 answers ENOSYS so glibc
@@ -227,7 +228,7 @@ def load_seccomp(action: str) -> None:
     import pyseccomp as s
 
     f = s.SyscallFilter(s.KILL_PROCESS if action == "kill" else s.LOG)
-    for name in ALLOWED:
+    for name in (*ALLOWED, *extra):
         try:
             f.add_rule(s.ALLOW, name)
         except (ValueError, RuntimeError, OSError):  # a name this architecture does not have

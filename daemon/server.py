@@ -464,6 +464,8 @@ class Server:
             hold.bind(self)
         self.dispatch = dispatch
         self.negotiated = Negotiated()
+        # What the transport adds to FUSE_INIT when the kernel offers it (FUSE_OVER_IO_URING: transport/uring.py).
+        self.transport_flags = 0
         self.ctx: F.FuseContext = F.DEFAULT_CONTEXT
         self._pool = ThreadPoolExecutor(max_workers=max(1, pool_size), thread_name_prefix="fuse-pool") \
             if dispatch != "inline" else None
@@ -703,7 +705,7 @@ class Server:
             raise OSError(errno.EPROTO, "protocol too old")
         kernel_flags = i.flags | ((i.flags2 << 32) if i.flags & INIT_FLAG["INIT_EXT"] else 0)
         want = self.fs.init(kernel_flags & ENGINE_FLAGS) & ENGINE_FLAGS & kernel_flags
-        want |= kernel_flags & (INIT_FLAG["MAX_PAGES"] | INIT_FLAG["BIG_WRITES"])
+        want |= kernel_flags & (INIT_FLAG["MAX_PAGES"] | INIT_FLAG["BIG_WRITES"] | self.transport_flags)
         if want >> 32:
             want |= INIT_FLAG["INIT_EXT"]  # the kernel reads flags2 only with INIT_EXT
         n.major, n.minor = 7, min(i.minor, spec.KERNEL_MINOR_VERSION)

@@ -28,6 +28,7 @@ from daemon.passthrough.backing import BackingFiles
 from daemon.sandbox import SandboxError
 from daemon.sandbox import enter as enter_sandbox
 from daemon.server import OP, Buffer, Server, Tap
+from daemon.transport import uring
 from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
 
 from .mainloop import StopSignals, serve_until_signal
@@ -48,9 +49,16 @@ def _may_allow_other() -> bool:
         return False
 
 
-def _reader(dev: FuseDev, server: Server, queue: int) -> None:
-    """Serve requests until the unmount; a reply goes to the fd its request came from (`dev`)."""
+def _reader(dev: FuseDev, server: Server, queue: int, after_reply: Callable[[], None] | None = None) -> None:
+    """Serve requests until the unmount; a reply goes to the fd its request came from (`dev`).
+    `after_reply` runs after each reply (the rings start once FUSE_INIT is answered)."""
     write = cast(Callable[[Sequence[Buffer]], None], dev.write)  # os.writev takes any buffers
+    if after_reply is not None:
+        dev_write = write
+
+        def write(parts: Sequence[Buffer]) -> None:
+            dev_write(parts)
+            after_reply()
     handle = server.handle
     try:
         for request in dev.requests():
@@ -85,7 +93,8 @@ class Standalone:
 
     def __init__(self, mountpoint: str, opts: Options, *, readers: int = 1, clone_fd: bool = False,
                  pool_size: int = 8, dispatch: str = "inline+pool", tap: Tap | None = None,
-                 hold: EngineHoldPoint | None = None, sandbox: str = "none", seccomp: str = "none") -> None:
+                 hold: EngineHoldPoint | None = None, sandbox: str = "none", seccomp: str = "none",
+                 use_uring: bool = False, pin: bool = True) -> None:
         check_outside(mountpoint, opts.shared_dir)
         self.sandbox = sandbox
         self.seccomp = seccomp
@@ -105,6 +114,17 @@ class Standalone:
             allowed = None if hold is None else (lambda: not hold.may_hold(PASSTHROUGH_HIDES))
             self.fs.backing = BackingFiles(self.dev, raise_cap=sandbox != "none", allowed=allowed)
         self.mountpoint = self.dev.mountpoint
+        # FUSE over io_uring: the rings exist before the sandbox; they serve once FUSE_INIT agreed.
+        self.uring: uring.UringQueues | None = None
+        if use_uring:
+            try:
+                self.uring = uring.UringQueues(self.dev.fd, self.server, first_queue=self.readers, pin=pin,
+                                               on_failure=self._ring_failed)
+            except BaseException:
+                self.dev.unmount(lazy=True)
+                self.fs.close()
+                raise
+        self._wake = threading.Event()
         self._close_lock = threading.Lock()
         self._closed = False
         log.info("serving %s at %s", opts.shared_dir, self.mountpoint)
@@ -118,16 +138,25 @@ class Standalone:
         confined = threading.Thread(target=self._read_confined, name="fuse-reader-0")
         try:
             confined.start()
+            self._wake.wait()  # the readers ended, or a ring failed: unmount from out here
+            if confined.is_alive():
+                self.stop()
             confined.join()
         finally:
             self.close()
 
     def _read_confined(self) -> None:
         try:
+            self._read_confined_until_unmounted()
+        finally:
+            self._wake.set()
+
+    def _read_confined_until_unmounted(self) -> None:
+        try:
             # /dev/fuse is out of reach in the sandbox: the clones are opened first.
             if self.clone_fd:
                 self.clones = [self.dev.clone() for _ in range(1, self.readers)]
-            enter_sandbox(self.sandbox, self.fs, self.seccomp)
+            enter_sandbox(self.sandbox, self.fs, self.seccomp, uring.SYSCALLS if self.uring is not None else ())
         except (SandboxError, FuseDevError) as e:
             self.error = e
             return
@@ -136,7 +165,13 @@ class Standalone:
                                     name=f"fuse-reader-{q}") for q, dev in enumerate(devs, 1)]
         for t in threads:
             t.start()
-        _reader(self.dev, self.server, 0)
+        _reader(self.dev, self.server, 0, None if self.uring is None else self.uring.start_if_agreed)
+
+    def _ring_failed(self, e: OSError) -> None:
+        """A ring thread is confined (no unmount in there): the serve thread unmounts."""
+        if self.error is None:
+            self.error = e
+        self._wake.set()
 
     def stop(self) -> None:
         """Unmount; the readers see ENODEV and return."""
@@ -157,6 +192,8 @@ class Standalone:
         if self.server.hold is not None:
             self.server.hold.flush()  # nothing held may outlive the mount
         self.stop()
+        if self.uring is not None:
+            self.uring.close()
         for dev in self.clones:
             dev.close()
         self.dev.close()
@@ -167,14 +204,15 @@ class Standalone:
 def run(mountpoint: str, opts: Options, *, readers: int = 1, clone_fd: bool = False, pool_size: int = 8,
         dispatch: str = "inline+pool", ready: Callable[[Standalone], None] | None = None, tap: Tap | None = None,
         hold: EngineHoldPoint | None = None, sandbox: str = "none", seccomp: str = "none",
-        stops: StopSignals | None = None) -> int:
+        stops: StopSignals | None = None, use_uring: bool = False) -> int:
     """The `fsinspect daemon --standalone` main loop: unmounts cleanly on SIGINT/SIGTERM.
 
     The readers run on threads; the main thread only waits for a signal or the end of the session,
     so a signal never lands in the middle of a reply.
     """
     session = Standalone(mountpoint, opts, readers=readers, clone_fd=clone_fd, pool_size=pool_size,
-                         dispatch=dispatch, tap=tap, hold=hold, sandbox=sandbox, seccomp=seccomp)
+                         dispatch=dispatch, tap=tap, hold=hold, sandbox=sandbox, seccomp=seccomp,
+                         use_uring=use_uring)
     serve_until_signal(session, "fuse-serve",
                        on_signal=lambda sig: log.info("%s: unmounting %s", sig, session.mountpoint),
                        ready=None if ready is None else lambda: ready(session), stops=stops)

@@ -19,10 +19,41 @@ _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 MNT_DETACH = 2
 
 
-def start(shared: Path, mnt: Path, *extra: str) -> subprocess.Popen[bytes]:
+# The /dev/fuse transports a standalone test runs on: daemon arguments and environment.  uring-c and
+# uring-py are FUSE over io_uring with the C rings and with their pure-Python twin (--uring on turns the
+# fuse module's enable_uring on, as root).
+TRANSPORTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "dev": (("--uring", "off"), {}),
+    "uring-c": (("--uring", "on"), {}),
+    "uring-py": (("--uring", "on"), {"FSINSPECT_URING": "python"}),
+}
+
+
+def uring_missing() -> str | None:
+    """Why FUSE over io_uring cannot run here, or None."""
+    if not os.path.exists("/sys/module/fuse/parameters/enable_uring"):
+        return "this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING=y)"
+    return None
+
+
+def ring_completions(pid: int) -> int:
+    """Completions the daemon's io_urings have posted (/proc/PID/fdinfo): requests served over the rings."""
+    total = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[io_uring]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("CqTail:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def start(shared: Path, mnt: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-m", "fsinspect.cli", "daemon", "--standalone", str(mnt),
                              "--shared-dir", str(shared), "--log-level", "warning", *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 15
     while not is_mounted(mnt):
         if proc.poll() is not None:
@@ -56,9 +87,10 @@ def stop(proc: subprocess.Popen[bytes], mnt: Path, sig: int = signal.SIGTERM) ->
 
 
 @contextmanager
-def standalone(shared: Path, mnt: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+def standalone(shared: Path, mnt: Path, *extra: str,
+               env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     mnt.mkdir(exist_ok=True)
-    proc = start(shared, mnt, *extra)
+    proc = start(shared, mnt, *extra, env=env)
     try:
         yield proc
     finally:

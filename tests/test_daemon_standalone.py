@@ -21,25 +21,42 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
-from tests.standalone_mount import REPO, is_mounted, standalone, start, stop
+from tests.standalone_mount import (
+    REPO,
+    TRANSPORTS,
+    is_mounted,
+    ring_completions,
+    standalone,
+    start,
+    stop,
+    uring_missing,
+)
 
 pytestmark = pytest.mark.root
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
-@pytest.fixture(scope="module", params=["on", "off"], ids=["passthrough", "no-passthrough"])
+@pytest.fixture(scope="module", params=[("on", "dev"), ("off", "dev"), ("on", "uring-c"), ("off", "uring-py")],
+                ids=["passthrough", "no-passthrough", "passthrough-uring", "no-passthrough-uring-py"])
 def mount(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
     """(shared dir, mountpoint) of one daemon shared by this module's tests, with FUSE passthrough (the
-    kernel moves file data itself) and without (every READ/WRITE through the daemon).  Not under
-    pytest's 0700 tmp dir: the credential tests reach the mount as uid 65534."""
+    kernel moves file data itself) and without (every READ/WRITE through the daemon), over /dev/fuse
+    reads and writes or over FUSE-over-io_uring rings (C and Python twin).  Not under pytest's 0700 tmp
+    dir: the credential tests reach the mount as uid 65534."""
     require_root()
+    passthrough, transport = request.param
+    if transport != "dev" and (why := uring_missing()):
+        pytest.skip(why)
+    args, env = TRANSPORTS[transport]
     base = Path(tempfile.mkdtemp(prefix="fsinspect-standalone-"))
     base.chmod(0o755)
     shared, mnt = base / "shared", base / "mnt"
     shared.mkdir(mode=0o755)
     try:
-        with standalone(shared, mnt, "--xattr", "--passthrough", request.param):
+        with standalone(shared, mnt, "--xattr", "--passthrough", passthrough, *args, env=env) as proc:
             yield shared, mnt
+            if transport != "dev":  # the module's requests really went over the rings
+                assert ring_completions(proc.pid) > 100
     finally:
         if not is_mounted(mnt):
             shutil.rmtree(base, ignore_errors=True)
@@ -251,17 +268,24 @@ def test_readonly_mount_rejects_writes(tmp_path: Path) -> None:
     assert sorted(os.listdir(shared)) == ["f"]
 
 
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_unmounts_cleanly(tmp_path: Path, sig: int) -> None:
+def test_signal_unmounts_cleanly(tmp_path: Path, sig: int, transport: str) -> None:
+    """On every transport: with the rings, the queue threads sleep in io_uring_enter and must see the
+    unmount too (the kernel ends their commands with ENOTCONN)."""
     require_root()
+    if transport != "dev" and (why := uring_missing()):
+        pytest.skip(why)
+    args, env = TRANSPORTS[transport]
     shared, mnt = tmp_path / "shared", tmp_path / "mnt"
     shared.mkdir()
     mnt.mkdir()
     (shared / "f").write_bytes(b"x")
-    proc = start(shared, mnt)
+    proc = start(shared, mnt, *args, env=env)
     try:
         assert (mnt / "f").read_bytes() == b"x"
         assert is_mounted(mnt)
+        assert (ring_completions(proc.pid) > 0) == (transport != "dev")
     finally:
         rc = stop(proc, mnt, sig)
     assert rc == 0

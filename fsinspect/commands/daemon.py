@@ -73,6 +73,12 @@ def register(sub: Any) -> None:
                         "auto: on unless --record, --control, --break or --inject asks to see them; on: even "
                         "then (files open while a rule can hold READ/WRITE are still served through the daemon) "
                         "(default: auto)")
+    t.add_argument("--uring", choices=("auto", "on", "off"), default="auto",
+                   help="--standalone: FUSE over io_uring (Linux 6.14+): one ring per CPU carries the requests, "
+                        "one system call per request instead of a read and a write on /dev/fuse.  auto: when the "
+                        "fuse module's enable_uring parameter is on; on: turn that parameter on (root; it applies "
+                        "to every FUSE mount of the host) and fail if that cannot be; off: /dev/fuse only "
+                        "(default: auto)")
     add_vhost_options(t)
     # Standalone reader threads, sharing the /dev/fuse fd or each with a clone of it (bench/standalone.py
     # measures both against one reader).
@@ -171,13 +177,21 @@ def _run(args: argparse.Namespace, intercept: Any, stops: Any) -> int:
         if args.passthrough == "on":
             raise UserError("--passthrough is for --standalone: a virtio-fs guest's kernel cannot open the "
                             "host's files")
+        if args.uring == "on":
+            raise UserError("--uring is for --standalone: a virtio-fs guest's requests come over virtqueues")
         return run_vhost(args, intercept, stops)
     if not args.standalone:
         raise UserError("choose a transport: --socket-path PATH or --fd N (vhost-user), or --standalone MOUNTPOINT")
     opts = fs_options(args)
     opts.passthrough = passthrough_wanted(args, intercept)
     from daemon import standalone
+    from daemon.transport import uring
     from daemon.transport.fusedev import FuseDevError
+
+    try:
+        use_uring = uring.decide(args.uring)
+    except FuseDevError as e:
+        raise UserError(str(e.strerror or e), status=1) from None
 
     src = open_source(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
 
@@ -186,7 +200,8 @@ def _run(args: argparse.Namespace, intercept: Any, stops: Any) -> int:
         try:
             standalone.run(args.standalone, opts, readers=args.readers, clone_fd=args.clone_fd,
                            pool_size=args.thread_pool_size, dispatch=args.dispatch, tap=tap, hold=hold,
-                           sandbox=args.sandbox, seccomp=args.seccomp, ready=served.append, stops=stops)
+                           sandbox=args.sandbox, seccomp=args.seccomp, ready=served.append, stops=stops,
+                           use_uring=use_uring)
         except FuseDevError as e:
             raise UserError(str(e.strerror or e), status=1) from None
         except OSError as e:
