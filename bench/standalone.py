@@ -19,6 +19,11 @@ host file, so the read storms measure OPEN/FLUSH/RELEASE there, not READ.  `--pa
 passthrough).  Neither side caches more than its `--cache` mode allows: a passthrough file has no FUSE
 page cache at all, the host file's is the one both daemons read through anyway.
 
+The `fsinspect` arm serves over FUSE over io_uring where the kernel has it (`--uring on`, which turns the
+fuse module's enable_uring parameter on for the host, as root: one ring per CPU queue, one system call per
+request); `--uring off` keeps it on /dev/fuse reads and writes, and `--uring-ab` adds the arm `fsinspect dev`
+(`--uring off`) to compare both transports in one interleaved run.
+
 `--tree NAME=DIR` adds a column with the daemon of another checkout (a `git worktree add` of an older
 commit), run by this interpreter with DIR first on the path: a regression hunt in one interleaved run.
 
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.transport.fusedev import in_mountinfo as mounted
+from daemon.transport.uring import ENABLE_PARAM as ENABLE_URING
 
 REPO = Path(__file__).resolve().parent.parent
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -159,7 +165,9 @@ def targets(args: argparse.Namespace, mnt: Path, shared: Path, cache: str) -> li
     base = [py, "-m", "fsinspect.cli", "daemon", "--standalone", str(mnt), "--shared-dir", str(shared),
             "--cache", cache, "--log-level", "warning"]
     out = [Target("native", None)] if not args.no_native else []
-    out.append(Target("fsinspect", base))
+    out.append(Target("fsinspect", [*base, "--uring", args.uring]))
+    if args.uring_ab:
+        out.append(Target("fsinspect dev", [*base, "--uring", "off"]))
     if args.passthrough:
         out.append(Target("fsinspect pt=off", [*base, "--passthrough", "off"]))
     for v in args.variant:
@@ -237,6 +245,11 @@ def main() -> int:
     ap.add_argument("--passthrough", action="store_true",
                     help="add the arm 'fsinspect pt=off': the daemon with --passthrough off (the fsinspect arm "
                          "has the default, auto)")
+    ap.add_argument("--uring", choices=("on", "off"), default=None,
+                    help="the fsinspect arm's transport: on = FUSE over io_uring (default where the kernel has it; "
+                         "turns enable_uring on), off = /dev/fuse reads and writes")
+    ap.add_argument("--uring-ab", action="store_true",
+                    help="add the arm 'fsinspect dev' (--uring off) beside the io_uring one")
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                     help="extra column: the daemon of another checkout DIR (e.g. an older commit's worktree)")
     ap.add_argument("--tree-args", default="", metavar="ARGS", help="extra daemon arguments for the --tree columns")
@@ -251,9 +264,12 @@ def main() -> int:
             import pyfuse3  # type: ignore[import-not-found]  # noqa: F401
         except ImportError:
             raise SystemExit("pyfuse3 is missing: run ./scripts/setup (or pass --no-pyfuse3)") from None
+    if args.uring is None:
+        args.uring = "on" if os.path.exists(ENABLE_URING) else "off"
     load = os.getloadavg()
     print(f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs); "
-          f"kernel {os.uname().release}", flush=True)
+          f"kernel {os.uname().release}; fsinspect transport: {'io_uring' if args.uring == 'on' else '/dev/fuse'}",
+          flush=True)
     base = Path(tempfile.mkdtemp(prefix="fsinspect-bench-"))
     shared, mnt = base / "shared", base / "mnt"
     mnt.mkdir()
