@@ -39,9 +39,9 @@ def _entries(idx: RecordingIndex) -> list[tuple[int | None, int | None]]:
     return [idx.offsets(i) for i in range(len(idx))]
 
 
-def _rebuilt(tmp: Path, parts: list[Path]) -> list[tuple[int | None, int | None]]:
+def _rebuilt(tmp: Path, parts: list[Path], name: str = "copy") -> list[tuple[int | None, int | None]]:
     """The entries a scan from the start gives, for copies of `parts` without any index."""
-    d = tmp / "copy"
+    d = tmp / name
     d.mkdir()
     for p in parts:
         shutil.copy(p, d / p.name)
@@ -70,6 +70,32 @@ def test_a_rotated_recording_opens_with_the_index_its_recorder_wrote(tmp_path: P
     idx = RecordingIndex(tmp_path)  # the directory names the recording
     assert not idx.rebuilt and idx.complete and len(idx) == 8000
     assert _entries(idx) == _rebuilt(tmp_path, w.paths)
+
+
+def test_every_part_of_a_rotate_keep_recording_opens_with_its_recorders_index(tmp_path: Path) -> None:
+    """--rotate-keep deletes the oldest parts, so the recording starts at whichever part is the oldest kept:
+    each part gets its own index (offsets from its own start), which a reader opening the recording there
+    takes as it is and extends over the later parts, to the entries a whole scan of them gives."""
+    p = tmp_path / "r.pcapng"
+    with RecordingWriter(p, rotate_mb=0.05, rotate_keep=3) as w:
+        _traffic(w, 8000)
+    kept = w.paths[-3:]
+    assert len(w.paths) > 5 and sorted(tmp_path.glob("r*.pcapng")) == kept
+    assert sorted(tmp_path.glob("*.fsidx")) == [index_path(part) for part in kept]
+    for i in reversed(range(3)):  # (from the newest: opening a part writes back its own index only)
+        idx = RecordingIndex(kept[i])
+        try:
+            assert idx.complete and len(idx) > 100 and idx.rebuilt == (i < 2), i  # (the newest: as it is)
+            assert idx.resumed_at == kept[i].stat().st_size, i  # the recorder's index, extended past its part
+            assert _entries(idx) == _rebuilt(tmp_path, kept[i:], f"copy{i}"), i
+            whole = len(idx)
+        finally:
+            idx.close()
+    rec = IndexedRecording(p, lazy_index=True)  # the replay UI's open, by the name of the deleted part 0:
+    try:                                        # every row at once, from the index written back
+        assert rec.parts == kept and len(rec) == whole and rec.index.complete and rec[whole - 1].unique > 0
+    finally:
+        rec.close()
 
 
 def test_a_killed_recorder_leaves_an_index_the_reader_extends(tmp_path: Path) -> None:

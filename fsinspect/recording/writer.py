@@ -172,8 +172,14 @@ class RecordingWriter:
         self._index: IndexFile | None = None
         self._check_head = b""  # the first and last CHECK bytes written: the index's content check
         self._check_tail = b""
-        if index and stream is None and sink is None and not rotate_keep:
-            self._open_index()
+        self._indexed = index and stream is None and sink is None
+        # One index for the parts back to back, beside part 0; with rotate_keep, whose oldest parts go (and
+        # with them the offsets of the rest), one per part, from that part's start: a reader opening the
+        # recording at the oldest part kept takes that part's index and extends it over the later ones.
+        self._index_per_part = bool(rotate_keep)
+        self._index_base = 0  # the index's offset 0 in the parts back to back
+        if self._indexed and not self._index_per_part:
+            self._open_index(part_path(self.base, 0))
         self._open_part()
 
     # -- public API ------------------------------------------------------------------------------
@@ -207,7 +213,8 @@ class RecordingWriter:
             notes = [*notes, fmt.debugger_comment(flags)]
         chan = self._req_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_INBOUND, queue)
         if self._index is not None:
-            self._index.packet(self._base + self._written + self._buffered, True, queue, head, self.epoch, raw)
+            self._index.packet(self._base - self._index_base + self._written + self._buffered, True, queue, head,
+                               self.epoch, raw)
         self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n)
 
     def reply(self, raw: bytes | bytearray | memoryview, queue: int = 0, head: int | None = None,
@@ -233,7 +240,8 @@ class RecordingWriter:
             notes = [*notes, fmt.debugger_comment(flags)]
         chan = self._rep_chan.get(queue) or self._channel(fmt.DISSECTOR_FUSE, fmt.DIR_OUTBOUND, queue)
         if self._index is not None:
-            self._index.packet(self._base + self._written + self._buffered, False, queue, head, self.epoch, raw)
+            self._index.packet(self._base - self._index_base + self._written + self._buffered, False, queue, head,
+                               self.epoch, raw)
         self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n)
 
     @staticmethod
@@ -260,6 +268,7 @@ class RecordingWriter:
             return
         self._write_out()
         if self.rotate_bytes and self._written >= self.rotate_bytes:
+            self._checkpoint()  # (a part's own index ends with it)
             os.close(self._fd)
             self._fd = -1
             self._base += self._written
@@ -290,10 +299,7 @@ class RecordingWriter:
             return
         self.flush()
         self._checkpoint()
-        if self._index is not None:
-            assert self._index.fd is not None
-            os.close(self._index.fd)  # (and its lock)
-            self._index = None
+        self._close_index()
         if self.stream is None and self._sink is None:
             os.close(self._fd)
         self._fd = -1
@@ -308,10 +314,13 @@ class RecordingWriter:
         self.close()
 
     # -- internals -------------------------------------------------------------------------------
-    def _open_index(self) -> None:
-        """The side index, written as the recording is (recording/indexfile.py), locked while it is: a reader
-        that opens the recording meanwhile indexes it on its own.  Without it the recording still records."""
-        path = side_file(part_path(self.base, 0), INDEX_SUFFIX)
+    def _open_index(self, part: Path) -> None:
+        """The side index beside `part`, written as the recording is (recording/indexfile.py), locked while it
+        is: a reader that opens the recording meanwhile indexes it on its own.  Without it the recording still
+        records."""
+        path = side_file(part, INDEX_SUFFIX)
+        self._index_base = self._base
+        self._check_head = self._check_tail = b""
         try:
             fd = privfile.create(path.name if self._dir_fd >= 0 else path, self.mode,
                                  dir_fd=self._dir_fd if self._dir_fd >= 0 else None)
@@ -326,7 +335,14 @@ class RecordingWriter:
     def _checkpoint(self) -> None:
         """The index accounts for everything written so far (called after each write of whole blocks)."""
         if self._index is not None and not self._buf:
-            self._index.checkpoint(self._base + self._written, content_check(self._check_head, self._check_tail))
+            self._index.checkpoint(self._base - self._index_base + self._written,
+                                   content_check(self._check_head, self._check_tail))
+
+    def _close_index(self) -> None:
+        if self._index is not None:
+            assert self._index.fd is not None
+            os.close(self._index.fd)  # (and its lock)
+            self._index = None
 
     def _open_part(self) -> None:
         """Start the next part with its section header, written at once and never counted towards
@@ -343,6 +359,9 @@ class RecordingWriter:
         else:
             self._fd = privfile.create(path, self.mode, append=True)
         self._written = 0
+        if self._indexed and self._index_per_part:
+            self._close_index()
+            self._open_index(path)
         self._ifaces = {}
         self._req_chan = {}
         self._rep_chan = {}
