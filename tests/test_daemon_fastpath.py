@@ -13,7 +13,7 @@ import errno
 import os
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,22 +86,26 @@ class Twins:
         served, _errors, _fallbacks = self.c.server._fast.counts()
         return sum(served.values())
 
-    def send(self, raw: bytes, what: str, *, reply: bool = True) -> bytes | None:
-        """Both engines; the (identical) reply, and whether the fast path served it."""
+    def send(self, raw: bytes, what: str, *, reply: bool = True, between: Callable[[], object] | None = None
+             ) -> bytes | None:
+        """Both engines; the (identical) reply, and whether the fast path served it.  `between` puts back
+        what the first engine's request changed in the share (an unlinked name), for the second."""
         before = self.served()
         timeout = 10.0 if reply else 0.2
         a = self.c.raw(raw, timeout)
+        if between is not None:
+            between()
         b = self.py.raw(raw, timeout)
         assert a == b, f"{what}: fast path {a!r} != Python {b!r}"
         self.log.append((what, self.served() > before, a))
         return a
 
     def req(self, op: str, args: dict[str, Any] | None = None, *, nodeid: int = 0, reply: bool = True,
-            what: str = "") -> bytes | None:
+            what: str = "", between: Callable[[], object] | None = None) -> bytes | None:
         self.unique += 1
         raw = F.encode_request(op, args, unique=self.unique, nodeid=nodeid, uid=0, gid=0, pid=1,
                                ctx=self.c.server.ctx)
-        return self.send(raw, what or f"{op} {nodeid} {args}", reply=reply)
+        return self.send(raw, what or f"{op} {nodeid} {args}", reply=reply, between=between)
 
     def init(self) -> bytes | None:
         init = F.make("fuse_init_in", major=7, minor=spec.KERNEL_MINOR_VERSION, max_readahead=128 * 1024,
@@ -222,6 +226,24 @@ def test_fast_path_replies_byte_for_byte_as_python(twins: Any, share: Path, hand
     assert t.error("RELEASEDIR", rel(dfh), nodeid=d.nodeid) == errno.EBADF
     assert t.fs_c._handles == {} and t.fs_py._handles == {}
 
+    # UNLINK and RMDIR: each engine removes its own copy (made again in between); errors without a change.
+    victim, vdir = share / "victim", share / "dir" / "vdir"
+    victim.write_bytes(b"v")
+    vdir.mkdir()
+    t.req("UNLINK", {"name": b"victim"}, nodeid=1, between=lambda: victim.write_bytes(b"v"))
+    assert t.last_fast() and not victim.exists()
+    t.req("RMDIR", {"name": b"vdir"}, nodeid=d.nodeid, between=vdir.mkdir)
+    assert t.last_fast() and not vdir.exists()
+    for op, parent, name, err in (("UNLINK", 1, b"missing", errno.ENOENT), ("UNLINK", 1, b"dir", errno.EISDIR),
+                                  ("RMDIR", 1, b"file", errno.ENOTDIR), ("RMDIR", 1, b"dir", errno.ENOTEMPTY),
+                                  ("RMDIR", 1, b"sub", errno.EBUSY)):
+        assert t.error(op, {"name": name}, nodeid=parent) == err and t.last_fast(), (op, name)
+    for op, parent, name, err in (("UNLINK", 1, b".", errno.EINVAL), ("RMDIR", d.nodeid, b"..", errno.EINVAL),
+                                  ("UNLINK", 1, b"a/b", errno.EINVAL), ("UNLINK", 999, b"file", errno.EBADF),
+                                  ("UNLINK", f.nodeid, b"x", errno.ENOTDIR)):
+        assert t.error(op, {"name": name}, nodeid=parent) == err and not t.last_fast(), (op, name)
+    assert (share / "file").exists() and (share / "dir").is_dir()
+
     # STATFS of the root, a file, the submount.
     for nodeid in (1, f.nodeid, s1.nodeid):
         t.ok("STATFS", nodeid=nodeid)
@@ -279,6 +301,14 @@ def test_fast_path_replies_byte_for_byte_as_python(twins: Any, share: Path, hand
     assert cc["ops"] == pc["ops"] and cc["errors"] == pc["errors"] and cc["dropped"] == pc["dropped"]
     assert cc["fast_path"]["served"] >= 40 and cc["fast_path"]["fallbacks"] >= 15, cc["fast_path"]
     assert "fast_path" not in pc
+
+
+def test_fast_path_leaves_a_read_only_export_to_python(twins: Any, share: Path) -> None:
+    t: Twins = twins(readonly=True)
+    assert t.error("UNLINK", {"name": b"file"}, nodeid=1) == errno.EROFS and not t.last_fast()
+    assert t.error("RMDIR", {"name": b"dir"}, nodeid=1) == errno.EROFS and not t.last_fast()
+    assert t.error("GETATTR", _getattr(), nodeid=1) == 0 and t.last_fast()
+    assert (share / "file").exists() and (share / "dir").is_dir()
 
 
 def test_fast_path_off_with_a_tap_and_after_destroy(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,8 +2,8 @@
  *
  * Mechanics only.  The Python op table (daemon/server.py, daemon/passthrough/fs.py) stays the description
  * of every operation and its fallback: `FastPath(fs)(request) -> reply bytes | b"" | None` answers
- * GETATTR, LOOKUP of an inode already held, RELEASE, RELEASEDIR, FLUSH and STATFS exactly as the Python
- * path would (byte for byte; tests/test_daemon_fastpath.py replays the same requests through both), and
+ * GETATTR, LOOKUP of an inode already held, UNLINK, RMDIR, RELEASE, RELEASEDIR, FLUSH and STATFS exactly as
+ * the Python path would (byte for byte; tests/test_daemon_fastpath.py replays the same requests through both), and
  * hands FORGET/BATCH_FORGET to the filesystem's own forget() without the generic decode.  Anything it does
  * not fully handle (a malformed or unusual message, an unknown nodeid, an inode not held yet, a directory
  * whose fd is not cached, a handle with locks or a backing file) gives None: the caller then serves the
@@ -38,9 +38,10 @@
 
 /* Opcodes and flag bits come from the spec tables through the constructor; the struct layouts are the
  * kernel's (linux/fuse.h), checked against the spec's sizes by fast.py at start-up. */
-enum { K_LOOKUP, K_FORGET, K_GETATTR, K_STATFS, K_RELEASE, K_FLUSH, K_RELEASEDIR, K_BATCH_FORGET, K_N };
+enum { K_LOOKUP, K_FORGET, K_GETATTR, K_STATFS, K_RELEASE, K_FLUSH, K_RELEASEDIR, K_BATCH_FORGET, K_UNLINK, K_RMDIR,
+       K_N };
 static const char *const op_keys[K_N] = {"LOOKUP", "FORGET", "GETATTR", "STATFS", "RELEASE", "FLUSH",
-                                         "RELEASEDIR", "BATCH_FORGET"};
+                                         "RELEASEDIR", "BATCH_FORGET", "UNLINK", "RMDIR"};
 
 typedef struct {
     PyObject_HEAD
@@ -56,7 +57,8 @@ typedef struct {
 
 static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_mode, *S_handle, *S_mount,
     *S_nodeid, *S_generation, *S_dev, *S_mnt_id, *S_nlookup, *S_handles, *S_is_dir, *S_lock_fds, *S_backing,
-    *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen;
+    *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
+    *S_readonly;
 
 /* ------------------------------------------------------------------ small helpers */
 static int get_long(PyObject *o, PyObject *name, long long *out) {
@@ -318,13 +320,20 @@ answer:;
     return r;
 }
 
+/* The decoder's NUL-terminated name and check_name()'s rules (not empty, no '/', at most 255 bytes): its
+ * length, or 0 for anything else (the Python path answers it). */
+static size_t plain_name(const char *body, size_t blen) {
+    if (blen < 2 || body[blen - 1] != 0) return 0;
+    size_t nlen = blen - 1;
+    if (nlen > NAME_MAX_ || memchr(body, 0, nlen) != NULL || memchr(body, '/', nlen) != NULL) return 0;
+    return nlen;
+}
+
 /* LOOKUP of an inode the store already holds (fs._do_lookup + InodeStore.find_known); a new one falls back. */
 static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
                            PyObject *store) {
-    /* check_name(lookup=True) and the decoder's NUL-terminated name: anything odd goes to Python. */
-    if (blen < 2 || body[blen - 1] != 0) return fallback(self);
-    size_t nlen = blen - 1;
-    if (nlen > NAME_MAX_ || memchr(body, 0, nlen) != NULL || memchr(body, '/', nlen) != NULL) return fallback(self);
+    size_t nlen = plain_name(body, blen);
+    if (nlen == 0) return fallback(self);
     const char *name = body;
     int dotdot = nlen == 2 && name[0] == '.' && name[1] == '.';
     if ((nlen == 1 && name[0] == '.') || (dotdot && h->nodeid == FUSE_ROOT_ID)) {
@@ -491,6 +500,51 @@ out:
     Py_XDECREF(by_key);
     Py_DECREF(by_id);
     return result;
+}
+
+/* UNLINK / RMDIR (fs.unlink / fs.rmdir): one unlinkat() under the parent, on a writable export. */
+static PyObject *op_unlink(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
+                           PyObject *store, int flags) {
+    size_t nlen = plain_name(body, blen);
+    if (nlen == 0 || (nlen == 1 && body[0] == '.') || (nlen == 2 && body[0] == '.' && body[1] == '.'))
+        return fallback(self);
+    PyObject *opts = PyObject_GetAttr(self->fs, S_opts);
+    PyObject *ro = opts != NULL ? PyObject_GetAttr(opts, S_readonly) : NULL;
+    Py_XDECREF(opts);
+    int readonly = ro != NULL ? PyObject_IsTrue(ro) : -1;
+    Py_XDECREF(ro);
+    if (readonly < 0) return NULL;
+    if (readonly) return fallback(self); /* EROFS is Python's to answer */
+    PyObject *by_id = PyObject_GetAttr(store, S_by_id);
+    if (by_id == NULL) return NULL;
+    PyObject *parent = inode_of(by_id, h->nodeid);
+    Py_XINCREF(parent);
+    Py_DECREF(by_id);
+    if (parent == NULL) return PyErr_Occurred() ? NULL : fallback(self);
+    PathFd p;
+    int e = 0, rc = path_fd(parent, &p, &e);
+    Py_DECREF(parent);
+    if (rc == -2) return NULL;
+    if (rc == 0 || (rc > 0 && !S_ISDIR(p.mode))) {
+        path_fd_done(&p);
+        return fallback(self);
+    }
+    if (rc < 0) return reply_error(self, h->opcode, h->unique, e);
+    if (p.gil) {
+        rc = unlinkat(p.fd, body, flags);
+        if (rc != 0) e = errno;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = unlinkat(p.fd, body, flags);
+        if (rc != 0) e = errno;
+        Py_END_ALLOW_THREADS
+    }
+    path_fd_done(&p);
+    if (rc != 0) return reply_error(self, h->opcode, h->unique, e);
+    char *out;
+    PyObject *r = reply_new(0, h->unique, &out);
+    if (r != NULL) self->served[h->opcode]++;
+    return r;
 }
 
 /* RELEASE / RELEASEDIR (fs.release / fs.releasedir) when no lock fd or backing file is involved. */
@@ -730,11 +784,14 @@ static PyObject *fast_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     const char *body = buf + sizeof h;
     size_t blen = len - sizeof h;
     unsigned int o = h.opcode;
-    if (o == self->op[K_GETATTR] || o == self->op[K_LOOKUP] || o == self->op[K_STATFS]) {
+    if (o == self->op[K_GETATTR] || o == self->op[K_LOOKUP] || o == self->op[K_STATFS] || o == self->op[K_UNLINK]
+        || o == self->op[K_RMDIR]) {
         PyObject *store = PyObject_GetAttr(self->fs, S_store);
         if (store == NULL) goto done;
         if (o == self->op[K_GETATTR]) result = op_getattr(self, &h, body, blen, store);
         else if (o == self->op[K_LOOKUP]) result = op_lookup(self, &h, body, blen, store);
+        else if (o == self->op[K_UNLINK]) result = op_unlink(self, &h, body, blen, store, 0);
+        else if (o == self->op[K_RMDIR]) result = op_unlink(self, &h, body, blen, store, AT_REMOVEDIR);
         else result = op_statfs(self, &h, blen, store);
         Py_DECREF(store);
     } else if (o == self->op[K_RELEASE]) {
@@ -889,6 +946,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_forget, "forget");
     INTERN(S_batch_forget, "batch_forget");
     INTERN(S_zero_gen, "zero_submount_generation");
+    INTERN(S_opts, "opts");
+    INTERN(S_readonly, "readonly");
     if (PyType_Ready(&FastPathType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

@@ -795,9 +795,9 @@ _FAST_SIZES = {"SIZE_IN_HEADER": "fuse_in_header", "SIZE_ENTRY_OUT": "fuse_entry
                "SIZE_GETATTR_IN": "fuse_getattr_in"}
 _fast_loaded: list[Any] = []
 # What the fast path answers in C (with the attributes it reads: store, _handles, _lock_fds, backing, timeout,
-# submounts, zero_submount_generation); FORGET/BATCH_FORGET call forget()/batch_forget() themselves.
+# submounts, zero_submount_generation, opts.readonly); FORGET/BATCH_FORGET call forget()/batch_forget() themselves.
 _FAST_METHODS = ("lookup", "_do_lookup", "_entry", "getattr", "_stat", "release", "releasedir", "flush",
-                 "_handle", "_drop_owner", "statfs")
+                 "_handle", "_drop_owner", "statfs", "unlink", "rmdir", "_rw")
 
 
 def _fast_module() -> Any:
