@@ -455,3 +455,34 @@ def test_posix_locks_between_processes(dirs: tuple[Path, Path]) -> None:
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def _io_urings(pid: int) -> int:
+    return sum(os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[io_uring]" for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("rules", [(), ("--inject", "op == MKDIR errno=EPERM")], ids=["no-rules", "inject"])
+def test_uring_auto_uses_the_rings_unless_a_rule_may_hold(tmp_path: Path, rules: tuple[str, ...]) -> None:
+    """--uring auto with enable_uring on: the rings serve, except where a debugger rule may hold requests
+    (each held one would keep one of its CPU queue's few entries, and the queue would stall behind them)."""
+    require_root()
+    if why := uring_missing():
+        pytest.skip(why)
+    Path("/sys/module/fuse/parameters/enable_uring").write_text("Y")  # what --uring on does
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    proc = start(shared, mnt, "--uring", "auto", *rules)
+    try:
+        (mnt / "f").write_bytes(b"x")
+        if rules:
+            with pytest.raises(PermissionError):
+                (mnt / "d").mkdir()
+            assert _io_urings(proc.pid) == 0
+        else:
+            (mnt / "d").mkdir()
+            assert _io_urings(proc.pid) > 0
+            assert ring_completions(proc.pid) > 0
+    finally:
+        rc = stop(proc, mnt)
+    assert rc == 0

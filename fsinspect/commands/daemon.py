@@ -154,6 +154,28 @@ def passthrough_wanted(args: argparse.Namespace, intercept: Any) -> bool:
     return True
 
 
+def uring_wanted(args: argparse.Namespace, intercept: Any) -> bool:
+    """--uring auto stays on /dev/fuse where a debugger rule may hold requests (--break/--inject, or
+    --control, whose clients add rules): a held request keeps one of its queue's few ring entries, and
+    once all are held the kernel queues that CPU's other requests behind them; /dev/fuse keeps reading."""
+    from daemon.transport import uring
+    from daemon.transport.fusedev import FuseDevError
+
+    log = logging.getLogger("fsinspect.daemon")
+    if args.uring == "auto" and intercept is not None:
+        log.info("FUSE over io_uring off: a debugger rule may hold requests, and each would keep one of the %d ring "
+                 "entries of its CPU's queue (--uring on to have it anyway)", uring.DEPTH)
+        return False
+    try:
+        use = uring.decide(args.uring)
+    except FuseDevError as e:
+        raise UserError(str(e.strerror or e), status=1) from None
+    if use and intercept is not None:
+        log.warning("--uring on with debugger rules: each held request keeps one of the %d ring entries of its "
+                    "CPU's queue; once all are held, that CPU's other requests wait behind them", uring.DEPTH)
+    return use
+
+
 def run(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(CAPABILITIES)
@@ -185,13 +207,9 @@ def _run(args: argparse.Namespace, intercept: Any, stops: Any) -> int:
     opts = fs_options(args)
     opts.passthrough = passthrough_wanted(args, intercept)
     from daemon import standalone
-    from daemon.transport import uring
     from daemon.transport.fusedev import FuseDevError
 
-    try:
-        use_uring = uring.decide(args.uring)
-    except FuseDevError as e:
-        raise UserError(str(e.strerror or e), status=1) from None
+    use_uring = uring_wanted(args, intercept)
 
     src = open_source(args, source="fusedev", backend="fsinspect daemon --standalone (passthrough)")
 
