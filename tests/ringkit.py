@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -96,5 +97,9 @@ class Rig:
         return bytes(self.gmem[gpa:gpa + n])
 
     def close(self) -> None:
+        """The memfds, and the garbage that holds their mappings: a RingError keeps its chains (and so
+        their queue and this memory), in a cycle with the frame that caught it (test_daemon_vhost_user_
+        protocol's fd checks saw those mappings go during their run)."""
         for fd in self.fds:
             os.close(fd)
+        gc.collect()

@@ -425,9 +425,12 @@ static int queue_complete(PyObject *queue, ChainObject *c, uint32_t len, int tru
 
 static void Chain_dealloc(ChainObject *self)
 {
-    Py_XDECREF(self->queue);
+    /* Views into the pool first, then the queue: if it held the last reference to the memory map, the
+     * map's dealloc empties the pool, these views included (pooled after it, they would pin the guest
+     * mapping until some later map went). */
     release_bytes(self->readable);
     release_writable(self->writable);
+    Py_XDECREF(self->queue);
     if (self->layout != self->inl)
         PyMem_Free(self->layout);
     Py_TYPE(self)->tp_free((PyObject *)self);
