@@ -102,6 +102,9 @@ def test_syncfs_eio_on_one_submount(guest_image: GuestImage, guest_share: Share,
 
 
 def test_getattr_delayed_once(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
+    """count=1: the recording says which GETATTR the rule delayed (one, held 300 ms or more), and the guest's
+    slowest stat waited that long.  (How fast the other stats were is the loaded host's business: a bound
+    on their wall time, 150 ms for a fork+exec+stat in a TCG guest, failed under load with nothing wrong.)"""
     (guest_share.root / "bystander").write_text("x")
     rule = ("--inject", "op == GETATTR and nodeid != 1", "delay=300ms", "count=1")
     with proxy_in_front(guest_share, tmp_path, cache="none", extra=rule) as run:
@@ -109,11 +112,13 @@ def test_getattr_delayed_once(guest_image: GuestImage, guest_share: Share, tmp_p
     assert res.status == "ok", explain(res)
     times = sorted(int(v) for v in _metric(res, "dbg-delay").values())  # centiseconds
     print("stat times (cs):", times)
-    assert times[-1] >= 30, times  # one stat waited for the delayed GETATTR
-    assert times[-2] < 15, times  # and no other slowed beyond noise (count=1)
+    assert len(times) == 8 and times[-1] >= 30, times  # one stat waited for the delayed GETATTR
     an = exchanges(run.record)
-    getattrs = [e for e in an.exchanges if e.opname == "GETATTR" and e.nodeid != 1 and e.latency_ns]
-    assert sum(e.latency_ns >= 300_000_000 for e in getattrs) == 1  # type: ignore[operator]
+    getattrs = [e for e in an.exchanges if e.opname == "GETATTR" and e.nodeid != 1]
+    delayed = [e for e in getattrs if "held by the debugger" in e.notes]
+    assert len(getattrs) >= 8 and len(delayed) == 1, [(e.n, e.notes) for e in getattrs]  # once, not more
+    assert delayed[0].latency_ns is not None and delayed[0].latency_ns >= 300_000_000, delayed[0].latency_ns
+    assert all(e.error == 0 and e.replied for e in getattrs)
 
 
 def test_breakpoint_driven_by_a_script(guest_image: GuestImage, guest_share: Share, tmp_path: Path) -> None:
