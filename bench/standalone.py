@@ -121,11 +121,31 @@ def populate(d: Path, n: int) -> None:
         (d / f"f{i:05d}").write_bytes(blob)
 
 
+CLIENTS = 1  # --clients: processes sharing each metadata storm's operations
+
+
 def measure(pid: int | None, n: int, fn: Callable[[int], None]) -> Sample:
+    """`n` operations, by one process or CLIENTS forked ones (operation i by client i % CLIENTS)."""
     c = cpu_seconds(pid)
     t = time.perf_counter()
-    for i in range(n):
-        fn(i)
+    if CLIENTS == 1:
+        for i in range(n):
+            fn(i)
+    else:
+        kids = []
+        for k in range(CLIENTS):
+            kid = os.fork()
+            if kid == 0:
+                status = 1
+                try:
+                    for i in range(k, n, CLIENTS):
+                        fn(i)
+                    status = 0
+                finally:
+                    os._exit(status)
+            kids.append(kid)
+        if any(os.waitstatus_to_exitcode(os.waitpid(kid, 0)[1]) for kid in kids):
+            raise SystemExit("a storm client failed")
     wall = time.perf_counter() - t
     return Sample(n / wall, (cpu_seconds(pid) - c) / n)
 
@@ -250,6 +270,9 @@ def main() -> int:
                          "turns enable_uring on), off = /dev/fuse reads and writes")
     ap.add_argument("--uring-ab", action="store_true",
                     help="add the arm 'fsinspect dev' (--uring off) beside the io_uring one")
+    ap.add_argument("--clients", type=int, default=1, metavar="N",
+                    help="processes sharing each stat, read-4K and create storm (the sequential read stays one): "
+                         "with FUSE over io_uring each CPU's queue serves its own callers")
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                     help="extra column: the daemon of another checkout DIR (e.g. an older commit's worktree)")
     ap.add_argument("--tree-args", default="", metavar="ARGS", help="extra daemon arguments for the --tree columns")
@@ -264,11 +287,14 @@ def main() -> int:
             import pyfuse3  # type: ignore[import-not-found]  # noqa: F401
         except ImportError:
             raise SystemExit("pyfuse3 is missing: run ./scripts/setup (or pass --no-pyfuse3)") from None
+    global CLIENTS
+    CLIENTS = max(1, args.clients)
     if args.uring is None:
         args.uring = "on" if os.path.exists(ENABLE_URING) else "off"
     load = os.getloadavg()
     print(f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs); "
-          f"kernel {os.uname().release}; fsinspect transport: {'io_uring' if args.uring == 'on' else '/dev/fuse'}",
+          f"kernel {os.uname().release}; fsinspect transport: {'io_uring' if args.uring == 'on' else '/dev/fuse'}; "
+          f"{CLIENTS} client(s)",
           flush=True)
     base = Path(tempfile.mkdtemp(prefix="fsinspect-bench-"))
     shared, mnt = base / "shared", base / "mnt"
