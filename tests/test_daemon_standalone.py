@@ -56,7 +56,7 @@ def mount(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
         with standalone(shared, mnt, "--xattr", "--passthrough", passthrough, *args, env=env) as proc:
             yield shared, mnt
             if transport != "dev":  # the module's requests really went over the rings
-                assert ring_completions(proc.pid) > 100
+                assert ring_completions(proc.pid) > 0
     finally:
         if not is_mounted(mnt):
             shutil.rmtree(base, ignore_errors=True)

@@ -6,27 +6,32 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from daemon.server import FileSystem, Server
 from daemon.transport import uring, uring_py
 from daemon.transport.fusedev import FuseDevError
+from dissectors import fuse as F
 from tests.standalone_mount import uring_missing
 
 
-def _impls() -> list[type]:
-    out: list[type] = [uring_py.Ring]
+def _both(name: str) -> list[Any]:
+    """The twin's `name` and, when the extension is built, the C one: the same tests run on both."""
+    out: list[Any] = [getattr(uring_py, name)]
     try:
         from daemon.transport import _uring  # type: ignore[attr-defined]
 
-        out.append(_uring.Ring)
+        out.append(getattr(_uring, name))
     except ImportError:
         pass
     return out
 
 
-@pytest.mark.parametrize("Ring", _impls(), ids=lambda c: c.__module__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("Ring", _both("Ring"), ids=lambda c: c.__module__.rsplit(".", 1)[-1])
 def test_ring_on_a_file_that_is_not_fuse_is_a_clear_error(Ring: type) -> None:
     """A REGISTER on something else than /dev/fuse comes back as an OSError naming the command, once;
     then the queue is over (wait() returns None), and close() is idempotent."""
@@ -48,7 +53,7 @@ def test_ring_on_a_file_that_is_not_fuse_is_a_clear_error(Ring: type) -> None:
         os.close(w)
 
 
-@pytest.mark.parametrize("Ring", _impls(), ids=lambda c: c.__module__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("Ring", _both("Ring"), ids=lambda c: c.__module__.rsplit(".", 1)[-1])
 def test_ring_arguments_are_checked(Ring: type) -> None:
     for args in ((0, 0, 0, 1 << 20), (0, 0, 300, 1 << 20), (0, -1, 2, 1 << 20), (0, 0, 2, 100)):
         with pytest.raises(ValueError):
@@ -81,3 +86,43 @@ def test_decide_follows_the_parameter(tmp_path: Path) -> None:
     assert uring.decide("auto", missing) is False
     with pytest.raises(FuseDevError, match="no FUSE over io_uring"):
         uring.decide("on", missing)
+
+
+def _entry(request: bytes, op_size: int) -> tuple[bytes, bytes]:
+    """The ring entry's buffers the kernel fills for `request` (a /dev/fuse-layout request): the in
+    header in in_out, the op's header in op_in, the rest in the payload, its size in ring_ent_in_out."""
+    payload = request[40 + op_size:]
+    header = bytearray(uring_py.HDR_SIZE)
+    header[0:40] = request[:40]
+    header[128:128 + op_size] = request[40:40 + op_size]
+    struct.pack_into("=QQI", header, 256, 0, 7, len(payload))
+    return bytes(header), payload
+
+
+@pytest.mark.parametrize("rebuild", _both("rebuild"), ids=lambda f: f.__module__.rsplit(".", 1)[-1])
+def test_rebuild_gives_dev_fuse_layout_and_clamps_what_does_not_add_up(rebuild: Any) -> None:
+    """What wait() hands the engine is byte for byte the /dev/fuse request; an entry whose sizes do not
+    add up (a length shorter than the payload, a payload size past the buffer, an op header past op_in)
+    is clamped, never read past, and the engine answers it with one error reply."""
+    getattr_req = F.encode_request("GETATTR", {"getattr": F.make("fuse_getattr_in")}, unique=5, nodeid=1)
+    lookup_req = F.encode_request("LOOKUP", {"name": b"victim"}, unique=6, nodeid=1)
+    write_req = F.encode_request("WRITE", {"write": F.make("fuse_write_in", size=5), "data": b"hello"}, unique=7)
+    for req, op in ((getattr_req, 16), (lookup_req, 0), (write_req, len(write_req) - 45)):
+        assert rebuild(*_entry(req, op)) == req
+    header, payload = _entry(lookup_req, 0)
+    short = bytearray(header)
+    struct.pack_into("=I", short, 0, 41)  # says 41 bytes, the payload alone is 7
+    bad = rebuild(bytes(short), payload)
+    assert len(bad) == 40 + len(payload)
+    big = bytearray(header)
+    struct.pack_into("=I", big, 272, 1 << 30)  # a payload size past the buffer
+    struct.pack_into("=I", big, 0, 1 << 31)  # and a length past op_in
+    assert len(rebuild(bytes(big), payload)) == 40 + 128 + len(payload)
+    with pytest.raises(ValueError):
+        rebuild(header[:100], payload)
+    replies: list[bytes] = []
+    server = Server(FileSystem())
+    server.handle(bad, lambda parts: replies.append(b"".join(parts)))
+    assert len(replies) == 1
+    _len, error, unique = struct.unpack_from("=IiQ", replies[0])
+    assert error < 0 and unique == 6

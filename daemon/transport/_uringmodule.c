@@ -291,13 +291,12 @@ static PyObject *Ring_register(Ring *r, PyObject *Py_UNUSED(ignored)) {
 /* The request in /dev/fuse's layout.  The header says the whole length; what the payload does not
  * hold is the op's header (op_in).  Inconsistent sizes are clamped: the engine's decoder then answers
  * the request with an error instead of the ring losing the entry. */
-static PyObject *request_bytes(Ring *r, unsigned idx) {
-    const char *h = r->headers + (size_t)idx * HDR_STRIDE;
+static PyObject *rebuild(const char *h, const char *payload, size_t payload_size) {
     uint32_t len;
     uint32_t payload_sz;
     memcpy(&len, h + HDR_IN_OUT, 4);
     memcpy(&payload_sz, h + HDR_ENT_IN_OUT + 16, 4);
-    if (payload_sz > r->payload_size) payload_sz = (uint32_t)r->payload_size;
+    if (payload_sz > payload_size) payload_sz = (uint32_t)payload_size;
     int64_t op = (int64_t)len - IN_HEADER_SIZE - payload_sz;
     if (op < 0) op = 0;
     if (op > 128) op = 128;
@@ -306,9 +305,33 @@ static PyObject *request_bytes(Ring *r, unsigned idx) {
     char *d = PyBytes_AS_STRING(b);
     memcpy(d, h + HDR_IN_OUT, IN_HEADER_SIZE);
     memcpy(d + IN_HEADER_SIZE, h + HDR_OP_IN, (size_t)op);
-    memcpy(d + IN_HEADER_SIZE + op, r->payloads + (size_t)idx * r->payload_size, payload_sz);
+    memcpy(d + IN_HEADER_SIZE + op, payload, payload_sz);
     return b;
 }
+
+static PyObject *request_bytes(Ring *r, unsigned idx) {
+    return rebuild(r->headers + (size_t)idx * HDR_STRIDE, r->payloads + (size_t)idx * r->payload_size,
+                   r->payload_size);
+}
+
+/* rebuild(header, payload): what wait() hands over for an entry holding these buffers (for tests). */
+static PyObject *mod_rebuild(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer h, p;
+    if (!PyArg_ParseTuple(args, "y*y*", &h, &p)) return NULL;
+    PyObject *out = NULL;
+    if (h.len < HDR_SIZE)
+        PyErr_Format(PyExc_ValueError, "a fuse_uring_req_header is %d bytes", HDR_SIZE);
+    else
+        out = rebuild(h.buf, p.buf, (size_t)p.len);
+    PyBuffer_Release(&h);
+    PyBuffer_Release(&p);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"rebuild", mod_rebuild, METH_VARARGS, "The request wait() rebuilds from an entry's header and payload."},
+    {NULL, NULL, 0, NULL},
+};
 
 /* wait(): the next request as (bytes, Entry), or None once the queue has ended (unmounted, aborted,
  * or close()).  Submits the queued commits and sleeps in the kernel with the GIL released. */
@@ -563,7 +586,7 @@ static PyTypeObject EntryType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "daemon.transport._uring",
-    "FUSE-over-io_uring ring mechanics (twin: daemon/transport/uring_py.py).", -1, NULL,
+    "FUSE-over-io_uring ring mechanics (twin: daemon/transport/uring_py.py).", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__uring(void) {

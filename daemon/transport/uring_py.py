@@ -70,6 +70,18 @@ def _address(buf: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
+def rebuild(header: bytes, payload: bytes) -> bytes:
+    """The request in /dev/fuse's layout from an entry's buffers: the header says the whole length, and
+    what the payload does not hold is the op's header (op_in).  Inconsistent sizes are clamped: the
+    engine's decoder then answers the request with an error instead of the ring losing the entry."""
+    if len(header) < HDR_SIZE:
+        raise ValueError(f"a fuse_uring_req_header is {HDR_SIZE} bytes")
+    length = _u32.unpack_from(header, 0)[0]
+    payload_sz = min(_u32.unpack_from(header, HDR_ENT_IN_OUT + 16)[0], len(payload))
+    op = max(0, min(128, length - IN_HEADER_SIZE - payload_sz))
+    return header[:IN_HEADER_SIZE] + header[HDR_OP_IN:HDR_OP_IN + op] + payload[:payload_sz]
+
+
 class Ring:
     """One FUSE-over-io_uring queue: Ring(dev_fd, qid, depth, payload_size)."""
 
@@ -165,14 +177,9 @@ class Ring:
                 self._prep(i, OP_URING_CMD, CMD_REGISTER)
 
     def _request(self, idx: int) -> bytes:
-        h = self._headers
-        base = idx * HDR_STRIDE
-        length = _u32.unpack_from(h, base)[0]
-        payload_sz = min(_u32.unpack_from(h, base + HDR_ENT_IN_OUT + 16)[0], self.payload_size)
-        op = max(0, min(128, length - IN_HEADER_SIZE - payload_sz))
-        p = idx * self.payload_size
-        return (h[base:base + IN_HEADER_SIZE] + h[base + HDR_OP_IN:base + HDR_OP_IN + op]
-                + self._payloads[p:p + payload_sz])
+        base, p = idx * HDR_STRIDE, idx * self.payload_size
+        size = min(_u32.unpack_from(self._headers, base + HDR_ENT_IN_OUT + 16)[0], self.payload_size)
+        return rebuild(self._headers[base:base + HDR_SIZE], self._payloads[p:p + size])
 
     def wait(self) -> tuple[bytes, Entry] | None:
         """The next request as (bytes, Entry), or None once the queue has ended."""
