@@ -110,15 +110,8 @@ def test_rss_is_bounded_at_1m_exchanges(tmp_path: Path) -> None:
         from fsinspect.recording.indexed import IndexedRecording
         t = time.monotonic()
         rec = IndexedRecording({str(p)!r}, lazy_index=True)  # as the replay UI opens it
-        build = rec.analysis_build()
-
-        def one_pass():
-            for r in rec.records():
-                build.apply(r)
-            build.finish(rec.records_end)
-
-        th = threading.Thread(target=one_pass)
-        th.start()
+        th = threading.Thread(target=rec.build_analysis)  # the one pass that indexes and analyses, beside
+        th.start()                                         # the thread that shows the first rows
         while len(rec) < 60:
             time.sleep(0.001)
         rows = [rec[i].n for i in range(60)]  # the first screen of rows, decoded
