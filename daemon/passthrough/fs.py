@@ -523,6 +523,8 @@ class PassthroughFS(FileSystem):
         return flags
 
     def open(self, ctx: Context, nodeid: int, flags: int, open_flags: int) -> tuple[int, int]:
+        if flags & os.O_DIRECTORY:  # (the kernel resolves it before it sends OPEN; the C virtiofsd: EINVAL)
+            raise OSError(errno.EINVAL, "O_DIRECTORY in OPEN: a directory is opened with OPENDIR")
         inode = self.store.get(nodeid)
         if inode.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
