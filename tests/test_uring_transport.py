@@ -7,15 +7,22 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from daemon import standalone
+from daemon.passthrough import CacheMode, Options, PassthroughFS
 from daemon.server import FileSystem, Server
 from daemon.transport import uring, uring_py
-from daemon.transport.fusedev import FuseDevError
+from daemon.transport.fusedev import FuseDev, FuseDevError, MountOptions, unmount
 from dissectors import fuse as F
+from tests.conftest import require_root
 from tests.standalone_mount import uring_missing
 
 
@@ -126,3 +133,59 @@ def test_rebuild_gives_dev_fuse_layout_and_clamps_what_does_not_add_up(rebuild: 
     assert len(replies) == 1
     _len, error, unique = struct.unpack_from("=IiQ", replies[0])
     assert error < 0 and unique == 6
+
+
+class _ThreadedReplies(Server):
+    """Every reply committed a moment later (the queue's thread is back waiting by then) from a thread
+    that ends right after, as a debugger's delayed or released reply may be."""
+
+    def handle(self, buf: Any, reply: Any, queue: int = 1) -> None:
+        def later(parts: Any) -> None:
+            time.sleep(0.002)
+            reply(parts)
+
+        super().handle(buf, lambda parts: threading.Thread(target=later, args=(parts,)).start(), queue)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("impl", ["C", "python"])
+def test_replies_from_threads_that_end_keep_every_queue_serving(tmp_path: Path, monkeypatch: Any,
+                                                                impl: str) -> None:
+    """The kernel cancels a ring command when the task that submitted it exits, and hands an entry its
+    next request by task work on that task: only a queue's own thread may submit.  Before, a commit
+    from another thread was submitted by that thread; once it ended, its entry came back ENOTCONN, the
+    queue stopped, and the callers on that CPU hung."""
+    require_root()
+    if why := uring_missing():
+        pytest.skip(why)
+    monkeypatch.setenv("FSINSPECT_URING", impl)
+    Path(uring.ENABLE_PARAM).write_text("Y")  # what --uring on does
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    (shared / "f").write_bytes(b"x")
+    fs = PassthroughFS(Options(str(shared), cache=CacheMode.NONE))
+    server = _ThreadedReplies(fs)
+    dev = FuseDev.mount(str(mnt), MountOptions(fsname=str(shared)))
+    queues = uring.UringQueues(dev.fd, server)
+    assert queues.impl == ("C" if impl == "C" else "Python")
+    reader = threading.Thread(target=standalone._reader, args=(dev, server, 0, queues.start_if_agreed), daemon=True)
+    reader.start()
+    try:
+        client = ("import os, sys\n"
+                  "for cpu in sorted(os.sched_getaffinity(0)):\n"
+                  "    os.sched_setaffinity(0, {cpu})\n"
+                  "    for i in range(20):\n"
+                  "        os.stat(sys.argv[1])\n"
+                  "        open(sys.argv[1], 'rb').read()\n")
+        for _ in range(2):
+            r = subprocess.run([sys.executable, "-c", client, str(mnt / "f")], timeout=30, check=False)
+            assert r.returncode == 0
+        assert queues.served() > 80
+    finally:
+        unmount(str(mnt), lazy=True, via_fusermount=False)
+        queues.close()
+        reader.join(10)
+        dev.close()
+        server.shutdown()
+        fs.close()

@@ -9,8 +9,11 @@
  *
  * wait() returns (request, Entry): the request rebuilt in /dev/fuse's layout (fuse_in_header, the op's
  * header, the payload), so the engine's op table is unchanged; calling Entry(iovecs) with the reply
- * (fuse_out_header + body) commits it, from any thread.  The owner thread submits the commits with its
- * next wait; a commit from another thread while the owner sleeps in the kernel is submitted at once.
+ * (fuse_out_header + body) commits it, from any thread.  Only the owner thread (the one in wait())
+ * ever submits: a command belongs to the task that submitted it, and the kernel cancels an entry whose
+ * command's task exits (a pool or lock-waiter thread) and hands it the next request by task work on
+ * that task.  A commit from another thread while the owner sleeps wakes it through an eventfd that the
+ * ring always has a read pending on.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -20,6 +23,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -36,7 +40,7 @@
 #define SQE_SIZE 128      /* IORING_SETUP_SQE128 */
 #define CMD_REGISTER 1
 #define CMD_COMMIT_AND_FETCH 2
-#define STOP_TAG UINT64_MAX
+#define WAKE_TAG UINT64_MAX /* the read on the eventfd: a commit from another thread, or close() */
 
 enum { ST_KERNEL = 0, ST_USER = 1 };
 
@@ -61,6 +65,9 @@ typedef struct {
     uint8_t *state;
     pthread_mutex_t lock;
     int waiting;  /* the owner sleeps in io_uring_enter */
+    int wake_fd;  /* eventfd, fixed file 1 */
+    int wake_armed;
+    uint64_t wake_buf;
     int stopped;  /* the kernel ended the queue (unmount) or close() was called */
     uint64_t served;
 } Ring;
@@ -109,7 +116,13 @@ static void prep(Ring *r, uint64_t tag, uint8_t opcode, uint32_t cmd_op, uint64_
     memset(sqe, 0, SQE_SIZE);
     sqe->opcode = opcode;
     sqe->user_data = tag;
-    if (opcode == IORING_OP_URING_CMD) {
+    if (opcode == IORING_OP_READ) {
+        sqe->flags = IOSQE_FIXED_FILE;
+        sqe->fd = 1;
+        sqe->addr = (uint64_t)(uintptr_t)&r->wake_buf;
+        sqe->len = 8;
+        sqe->off = (uint64_t)-1;
+    } else if (opcode == IORING_OP_URING_CMD) {
         unsigned idx = (unsigned)tag;
         sqe->flags = IOSQE_FIXED_FILE;
         sqe->fd = 0;
@@ -143,6 +156,10 @@ static void ring_release(Ring *r) {
         close(r->ring_fd); /* cancels what the kernel still holds */
         r->ring_fd = -1;
     }
+    if (r->wake_fd >= 0) {
+        close(r->wake_fd);
+        r->wake_fd = -1;
+    }
     if (r->sq_map == r->cq_map) r->cq_map = NULL; /* one mapping (IORING_FEAT_SINGLE_MMAP) */
     unmap(&r->sq_map, r->sq_len);
     unmap(&r->cq_map, r->cq_len);
@@ -166,7 +183,8 @@ static void Ring_dealloc(Ring *r) {
 }
 
 /* Ring(dev_fd, qid, depth, payload_size): the io_uring and the buffers of one queue.  The ring may only
- * carry URING_CMD (and NOP, to wake the owner): a restricted ring, as seccomp does not see its ops. */
+ * carry URING_CMD on /dev/fuse and READ (of its eventfd), both on registered files only: a restricted
+ * ring, as seccomp does not see its ops. */
 static int Ring_init(Ring *r, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"dev_fd", "qid", "depth", "payload_size", NULL};
     int dev_fd, qid;
@@ -182,6 +200,7 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kw) {
         return -1;
     }
     r->ring_fd = -1;
+    r->wake_fd = -1;
     r->qid = qid;
     r->depth = depth;
     r->payload_size = (size_t)payload_size;
@@ -224,8 +243,10 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kw) {
     r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
     r->sq_local_tail = *r->sq_tail;
 
-    int files[1] = {dev_fd};
-    if (sys_register(fd, IORING_REGISTER_FILES, files, 1) < 0) {
+    r->wake_fd = eventfd(0, EFD_CLOEXEC);
+    if (r->wake_fd < 0) goto fail_errno_eventfd;
+    int files[2] = {dev_fd, r->wake_fd};
+    if (sys_register(fd, IORING_REGISTER_FILES, files, 2) < 0) {
         os_error(errno, "io_uring_register(IORING_REGISTER_FILES)");
         goto fail_raised;
     }
@@ -234,7 +255,7 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kw) {
     res[0].opcode = IORING_RESTRICTION_SQE_OP;
     res[0].sqe_op = IORING_OP_URING_CMD;
     res[1].opcode = IORING_RESTRICTION_SQE_OP;
-    res[1].sqe_op = IORING_OP_NOP;
+    res[1].sqe_op = IORING_OP_READ;
     res[2].opcode = IORING_RESTRICTION_SQE_FLAGS_ALLOWED;
     res[2].sqe_flags = IOSQE_FIXED_FILE;
     if (sys_register(fd, IORING_REGISTER_RESTRICTIONS, res, 3) < 0) {
@@ -268,6 +289,9 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kw) {
         r->iovs[2 * i + 1].iov_len = r->payload_size;
     }
     return 0;
+fail_errno_eventfd:
+    os_error(errno, "eventfd");
+    goto fail_raised;
 fail:
     os_error(errno, "io_uring mmap");
 fail_raised:
@@ -283,6 +307,10 @@ static PyObject *Ring_register(Ring *r, PyObject *Py_UNUSED(ignored)) {
     for (unsigned i = 0; i < r->depth; i++) {
         r->state[i] = ST_KERNEL;
         prep(r, i, IORING_OP_URING_CMD, CMD_REGISTER, 0);
+    }
+    if (!r->wake_armed) {
+        r->wake_armed = 1;
+        prep(r, WAKE_TAG, IORING_OP_READ, 0, 0);
     }
     pthread_mutex_unlock(&r->lock);
     Py_RETURN_NONE;
@@ -349,7 +377,17 @@ static PyObject *Ring_wait(Ring *r, PyObject *Py_UNUSED(ignored)) {
             uint64_t tag = cqe->user_data;
             int res = cqe->res;
             __atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
-            if (tag == STOP_TAG || tag >= r->depth) {
+            if (tag == WAKE_TAG) { /* commits to submit, or close() */
+                if (res < 0 && res != -EINTR && res != -EAGAIN) {
+                    r->stopped = 1;
+                    pthread_mutex_unlock(&r->lock);
+                    return os_error(-res, "io_uring read of the wake-up eventfd");
+                }
+                prep(r, WAKE_TAG, IORING_OP_READ, 0, 0);
+                pthread_mutex_unlock(&r->lock);
+                continue;
+            }
+            if (tag >= r->depth) {
                 r->stopped = 1;
                 pthread_mutex_unlock(&r->lock);
                 Py_RETURN_NONE;
@@ -477,35 +515,33 @@ static PyObject *Entry_call(Entry *e, PyObject *args, PyObject *Py_UNUSED(kw)) {
         memcpy(r->headers + (size_t)idx * HDR_STRIDE + HDR_IN_OUT, hdr, OUT_HEADER_SIZE);
         memset(r->headers + (size_t)idx * HDR_STRIDE + HDR_ENT_IN_OUT + 16, 0, 4);
     }
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
+    int wake = 0;
     pthread_mutex_lock(&r->lock);
     if (r->ring_fd >= 0 && !r->stopped && r->state[idx] == ST_USER) {
         r->state[idx] = ST_KERNEL;
         prep(r, idx, IORING_OP_URING_CMD, CMD_COMMIT_AND_FETCH, r->commit_id[idx]);
-        if (r->waiting && sys_enter(r->ring_fd, unsubmitted(r), 0, 0) < 0) err = errno;
+        wake = r->waiting; /* then this is not the owner: it submits when woken */
     }
     pthread_mutex_unlock(&r->lock);
-    Py_END_ALLOW_THREADS
+    if (wake) {
+        uint64_t one = 1;
+        if (write(r->wake_fd, &one, sizeof one) < 0) return os_error(errno, "eventfd write");
+    }
     if (PyErr_Occurred()) return NULL;
-    if (err && err != EINTR && err != EAGAIN && err != EBUSY) return os_error(err, "io_uring_enter");
     return PyLong_FromSize_t(total);
 }
 
 /* close(): end the queue; a wait() sleeping in the kernel returns None.  The kernel completes what it
  * holds when the ring's fd closes (at dealloc) or at unmount. */
 static PyObject *Ring_close(Ring *r, PyObject *Py_UNUSED(ignored)) {
-    Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&r->lock);
-    if (r->ring_fd >= 0 && !r->stopped) {
-        r->stopped = 1;
-        if (r->waiting) {
-            prep(r, STOP_TAG, IORING_OP_NOP, 0, 0);
-            sys_enter(r->ring_fd, unsubmitted(r), 0, 0);
-        }
-    }
+    int wake = r->ring_fd >= 0 && !r->stopped && r->waiting;
+    r->stopped = 1;
     pthread_mutex_unlock(&r->lock);
-    Py_END_ALLOW_THREADS
+    if (wake) {
+        uint64_t one = 1;
+        if (write(r->wake_fd, &one, sizeof one) < 0) return os_error(errno, "eventfd write");
+    }
     Py_RETURN_NONE;
 }
 
@@ -527,7 +563,10 @@ static PyObject *Ring_get_depth(Ring *r, void *Py_UNUSED(c)) {
 
 static PyObject *Ring_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kw)) {
     Ring *r = (Ring *)type->tp_alloc(type, 0);
-    if (r != NULL) r->ring_fd = -1;
+    if (r != NULL) {
+        r->ring_fd = -1;
+        r->wake_fd = -1;
+    }
     return (PyObject *)r;
 }
 

@@ -29,12 +29,12 @@ FEAT_SINGLE_MMAP = 1
 OFF_SQ_RING, OFF_CQ_RING, OFF_SQES = 0, 0x8000000, 0x10000000
 REGISTER_FILES, REGISTER_RESTRICTIONS, REGISTER_ENABLE_RINGS = 2, 11, 12
 RESTRICTION_SQE_OP, RESTRICTION_SQE_FLAGS_ALLOWED = 1, 2
-OP_NOP, OP_URING_CMD = 0, 46
+OP_READ, OP_URING_CMD = 22, 46
 IOSQE_FIXED_FILE = 1
 ENTER_GETEVENTS = 1
 SQE_SIZE = 128
 CMD_REGISTER, CMD_COMMIT_AND_FETCH = 1, 2  # spec.URING_CMD
-STOP_TAG = (1 << 64) - 1
+WAKE_TAG = (1 << 64) - 1  # the read on the eventfd: a commit from another thread, or close()
 # struct fuse_uring_req_header, from the spec table: in_out[128], op_in[128], fuse_uring_ent_in_out
 HDR_SIZE = CODECS["fuse_uring_req_header"].size
 HDR_OP_IN, HDR_ENT_IN_OUT, HDR_STRIDE = 128, 256, 512
@@ -43,7 +43,7 @@ _ENDED = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV)
 _u32 = struct.Struct("=I")
 _u64 = struct.Struct("=Q")
 _cqe = struct.Struct("=Qi")
-_sqe_head = struct.Struct("=BBHiIIQIIQ")  # opcode flags ioprio fd cmd_op pad addr len rw_flags user_data
+_sqe_head = struct.Struct("=BBHiQQIIQ")  # opcode flags ioprio fd off/cmd_op addr len rw_flags user_data
 _cmd_req = struct.Struct("=QQH")  # fuse_uring_cmd_req at offset 48: flags, commit_id, qid
 
 
@@ -94,16 +94,19 @@ class Ring:
         self._waiting = False
         self._stopped = False
         self._fd = -1
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self._wake_armed = False
+        self._wake_buf = ctypes.c_uint64()
         p = _Params(flags=SETUP_SQE128 | SETUP_R_DISABLED | SETUP_CQSIZE, cq_entries=4 * (depth + 1))
         self._fd = _call(NR_IO_URING_SETUP, 2 * (depth + 1), ctypes.byref(p), what="io_uring_setup")
         try:
             self._map(p)
-            files = (ctypes.c_int * 1)(dev_fd)
-            _call(NR_IO_URING_REGISTER, self._fd, REGISTER_FILES, files, 1,
+            files = (ctypes.c_int * 2)(dev_fd, self._wake_fd)
+            _call(NR_IO_URING_REGISTER, self._fd, REGISTER_FILES, files, 2,
                   what="io_uring_register(IORING_REGISTER_FILES)")
             res = (ctypes.c_uint8 * 48)()  # three struct io_uring_restriction: u16 opcode, u8 sqe_op, ...
             struct.pack_into("=HB", res, 0, RESTRICTION_SQE_OP, OP_URING_CMD)
-            struct.pack_into("=HB", res, 16, RESTRICTION_SQE_OP, OP_NOP)
+            struct.pack_into("=HB", res, 16, RESTRICTION_SQE_OP, OP_READ)
             struct.pack_into("=HB", res, 32, RESTRICTION_SQE_FLAGS_ALLOWED, IOSQE_FIXED_FILE)
             _call(NR_IO_URING_REGISTER, self._fd, REGISTER_RESTRICTIONS, res, 3,
                   what="io_uring_register(IORING_REGISTER_RESTRICTIONS)")
@@ -111,7 +114,8 @@ class Ring:
                   what="io_uring_register(IORING_REGISTER_ENABLE_RINGS)")
         except BaseException:
             os.close(self._fd)
-            self._fd = -1
+            os.close(self._wake_fd)
+            self._fd = self._wake_fd = -1
             raise
         self._headers = mmap.mmap(-1, depth * HDR_STRIDE)
         self._payloads = mmap.mmap(-1, depth * payload_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -155,11 +159,12 @@ class Ring:
         sqes[off:off + SQE_SIZE] = bytes(SQE_SIZE)
         if opcode == OP_URING_CMD:
             addr, n = (self._iov_base + 2 * tag * ctypes.sizeof(_Iovec), 2) if cmd_op == CMD_REGISTER else (0, 0)
-            _sqe_head.pack_into(sqes, off, opcode, IOSQE_FIXED_FILE, 0, 0, cmd_op, 0, addr, n, 0, tag)
+            _sqe_head.pack_into(sqes, off, opcode, IOSQE_FIXED_FILE, 0, 0, cmd_op, addr, n, 0, tag)
             _cmd_req.pack_into(sqes, off + 48, 0, commit_id, self.qid)
             self._last_cmd[tag] = cmd_op
-        else:
-            _sqe_head.pack_into(sqes, off, opcode, 0, 0, 0, 0, 0, 0, 0, 0, tag)
+        else:  # the read on the eventfd (fixed file 1), at the current position
+            _sqe_head.pack_into(sqes, off, opcode, IOSQE_FIXED_FILE, 0, 1, (1 << 64) - 1,
+                                ctypes.addressof(self._wake_buf), 8, 0, tag)
         _u32.pack_into(self._sq, self._sq_array + 4 * slot, slot)
         self._local_tail = (tail + 1) & 0xFFFFFFFF
         _u32.pack_into(self._sq, self._sq_tail, self._local_tail)
@@ -175,6 +180,9 @@ class Ring:
             for i in range(self.depth):
                 self._in_user[i] = False
                 self._prep(i, OP_URING_CMD, CMD_REGISTER)
+            if not self._wake_armed:
+                self._wake_armed = True
+                self._prep(WAKE_TAG, OP_READ)
 
     def _request(self, idx: int) -> bytes:
         base, p = idx * HDR_STRIDE, idx * self.payload_size
@@ -191,6 +199,12 @@ class Ring:
                 if head != _u32.unpack_from(self._cq, self._cq_tail)[0]:
                     tag, res = _cqe.unpack_from(self._cq, self._cqes + 16 * (head & self._cq_mask))
                     _u32.pack_into(self._cq, self._cq_head, (head + 1) & 0xFFFFFFFF)
+                    if tag == WAKE_TAG:  # commits to submit, or close()
+                        if res < 0 and res not in (-errno.EINTR, -errno.EAGAIN):
+                            self._stopped = True
+                            raise OSError(-res, f"io_uring read of the wake-up eventfd: {os.strerror(-res)}")
+                        self._prep(WAKE_TAG, OP_READ)
+                        continue
                     if tag >= self.depth:
                         self._stopped = True
                         return None
@@ -249,32 +263,31 @@ class Ring:
             base = idx * HDR_STRIDE
             self._headers[base:base + OUT_HEADER_SIZE] = struct.pack("=IiQ", OUT_HEADER_SIZE, -errno.EIO, e.unique)
             _u32.pack_into(self._headers, base + HDR_ENT_IN_OUT + 16, 0)
-        err = 0
+        wake = False
         with self._lock:
             if self._fd >= 0 and not self._stopped and self._in_user[idx]:
                 self._in_user[idx] = False
                 self._prep(idx, OP_URING_CMD, CMD_COMMIT_AND_FETCH, self._commit_id[idx])
-                if self._waiting and _syscall(NR_IO_URING_ENTER, self._fd, self._unsubmitted(), 0, 0, None, 0) < 0:
-                    err = ctypes.get_errno()
+                wake = self._waiting  # then this is not the owner: it submits when woken
+        if wake:
+            os.eventfd_write(self._wake_fd, 1)
         if error is not None:
             raise error
-        if err and err not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
-            raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
         return total
 
     def close(self) -> None:
         """End the queue; a wait() sleeping in the kernel returns None."""
         with self._lock:
-            if self._fd >= 0 and not self._stopped:
-                self._stopped = True
-                if self._waiting:
-                    self._prep(STOP_TAG, OP_NOP)
-                    _syscall(NR_IO_URING_ENTER, self._fd, self._unsubmitted(), 0, 0, None, 0)
+            wake = self._fd >= 0 and not self._stopped and self._waiting
+            self._stopped = True
+        if wake:
+            os.eventfd_write(self._wake_fd, 1)
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for name in ("_fd", "_wake_fd"):
+            if getattr(self, name, -1) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
 
 class Entry:
