@@ -87,13 +87,24 @@ class BackingFiles:
         self.close_failed = 0
         self.refused: dict[str, int] = {}  # errno name -> backing files the kernel refused
         self.withheld = 0  # first opens served through the daemon because a rule could hold READ/WRITE
+        self.direct = 0  # O_DIRECT opens served through the daemon (open(direct=True))
         self._warned_rules = False
 
-    def open(self, nodeid: int, path_fd: PathFdSource) -> int:
+    def open(self, nodeid: int, path_fd: PathFdSource, *, direct: bool = False) -> int:
         """A new handle on `nodeid`: the backing id to answer, or 0.  `path_fd` gives an O_PATH fd of the
-        inode if a backing file has to be registered."""
+        inode if a backing file has to be registered.
+
+        `direct` (an O_DIRECT open): -1, not passthrough and not counted (answer FOPEN_DIRECT_IO, which
+        puts the inode in no io mode, so its other opens may still pass through), unless the inode is open
+        in passthrough already: the kernel wants every open of it in passthrough then (EINVAL otherwise).
+        The kernel opens the backing file with the opener's flags, so O_DIRECT would reach the host file:
+        its alignment rules (EINVAL on ext4 for a read the daemon serves, since it drops O_DIRECT as the C
+        virtiofsd does) and a host file system without O_DIRECT would fail what works without passthrough."""
         with self._lock:
             o = self._opens.get(nodeid)
+            if direct and (o is None or not o.backing_id):
+                self.direct += 1
+                return -1
             if o is None:
                 o = self._opens[nodeid] = _Opens()
             if o.handles == 0:
@@ -195,4 +206,5 @@ class BackingFiles:
     def counters(self) -> dict[str, object]:
         return {"opened": self.opened, "registered": self.registered, "closed": self.closed,
                 "close_failed": self.close_failed, "open_now": self.open_now(), "idle": len(self.idle),
-                "refused": dict(self.refused), "withheld_for_rules": self.withheld, "enabled": self.enabled}
+                "refused": dict(self.refused), "withheld_for_rules": self.withheld, "o_direct_served": self.direct,
+                "enabled": self.enabled}

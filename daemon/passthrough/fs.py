@@ -339,13 +339,16 @@ class PassthroughFS(FileSystem):
             self._handles[fh] = Handle(fd, inode, is_dir, backing_id)
         return fh
 
-    def _add_file(self, fd: int, inode: Inode) -> tuple[int, int]:
+    def _add_file(self, fd: int, inode: Inode, flags: int) -> tuple[int, int]:
         """A file handle and the FOPEN flags to answer: FOPEN_PASSTHROUGH alone when the kernel reads and
-        writes the host file itself (DIRECT_IO would override it, and there is no FUSE page cache to keep)."""
+        writes the host file itself (DIRECT_IO would override it, and there is no FUSE page cache to keep).
+        `flags`: the opener's (an O_DIRECT open is served through the daemon: BackingFiles.open)."""
         backing = self.backing
         if not self.passthrough or backing is None or not stat.S_ISREG(inode.mode):
             return self._add_handle(fd, inode), self._fopen_file
-        backing_id = backing.open(inode.nodeid, lambda: self.store.path_fd(inode))
+        backing_id = backing.open(inode.nodeid, lambda: self.store.path_fd(inode), direct=bool(flags & os.O_DIRECT))
+        if backing_id < 0:
+            return self._add_handle(fd, inode), FOPEN["DIRECT_IO"]
         fh = self._add_handle(fd, inode, backing_id=backing_id)
         return fh, FOPEN["PASSTHROUGH"] if backing_id else self._fopen_file
 
@@ -530,7 +533,7 @@ class PassthroughFS(FileSystem):
             raise OSError(errno.EISDIR, "is a directory")
         with self._kill_suidgid(bool(open_flags & OPEN_KILL_SUIDGID and flags & os.O_TRUNC)):
             fd = self.store.reopen(inode, self._open_flags(flags))
-        return self._add_file(fd, inode)
+        return self._add_file(fd, inode, flags)
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
                umask: int, open_flags: int = 0) -> tuple[Entry, int, int]:
@@ -538,7 +541,7 @@ class PassthroughFS(FileSystem):
         kill = bool(open_flags & OPEN_KILL_SUIDGID and flags & os.O_TRUNC)
         check_name(name)
         p = self.store.get(parent)
-        flags = self._open_flags(flags)
+        asked, flags = flags, self._open_flags(flags)
         with self.store.path_fd(p) as pfd, self._creating(ctx), self._kill_suidgid(kill):
             # O_NONBLOCK: an existing FIFO or device under that name must not block or be opened for real.
             fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode & 0o7777,
@@ -553,12 +556,12 @@ class PassthroughFS(FileSystem):
         except BaseException:
             os.close(fd)
             raise
-        return (self._entry(inode, st, p), *self._add_file(fd, inode))
+        return (self._entry(inode, st, p), *self._add_file(fd, inode, asked))
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, int, int]:
         self._rw()
         p = self.store.get(parent)
-        flags = self._open_flags(flags) & ~(os.O_CREAT | os.O_EXCL)
+        asked, flags = flags, self._open_flags(flags) & ~(os.O_CREAT | os.O_EXCL)
         if flags & os.O_ACCMODE == os.O_RDONLY:
             flags |= os.O_RDWR
         with self.store.path_fd(p) as pfd, self._creating(ctx):
@@ -571,7 +574,7 @@ class PassthroughFS(FileSystem):
         except BaseException:
             os.close(fd)
             raise
-        return (self._entry(inode, st, p), *self._add_file(fd, inode))
+        return (self._entry(inode, st, p), *self._add_file(fd, inode, asked))
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._handle(fh).fd, size, offset)
