@@ -35,7 +35,7 @@ from .stats import Stats
 Raw = bytes | bytearray | memoryview
 OP = {o.name: o.value for o in spec.OPCODES}
 _ENTRY_OPS = frozenset(OP[n] for n in ("LOOKUP", "CREATE", "MKDIR", "MKNOD", "SYMLINK", "LINK", "TMPFILE"))
-_NO_REPLY = frozenset(o.value for o in spec.OPCODES if o.reply is None)
+NO_REPLY = _NO_REPLY = frozenset(o.value for o in spec.OPCODES if o.reply is None)  # (FORGET, ...)
 _UNSUPPORTED = frozenset((_errno.ENOSYS, _errno.EOPNOTSUPP))
 _RENAME_EXCHANGE = spec.RENAME_FLAGS.by_name()["EXCHANGE"]
 _INIT_FLAG = spec.INIT_FLAGS.by_name()

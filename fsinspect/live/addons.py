@@ -15,17 +15,18 @@ from typing import Any
 from dissectors import vhost_user as V
 
 from ..analysis import exchange as X
-from ..analysis.analyzer import DEFAULT_STUCK_NS, Analyzer
+from ..analysis.analyzer import DEFAULT_STUCK_NS, NO_REPLY, Analyzer
 from ..analysis.render import exchanges_summary
 from ..recording import format as fmt
 from ..recording.writer import RecordingWriter
-from .hub import Hub
+from .hub import LIVE_SNAPLEN, OPENED, Hub
 from .pipeline import Addon
 
 BACKLOG_BYTES = 64 << 20  # captures held back for analysis, at most (then the oldest half is analysed)
 BACKLOG_CHUNK = 2000  # captures analysed per quiet spell of the guest (~20-40 ms of work)
 _BACKLOG_OVERHEAD = 160  # bytes per held-back capture besides its data (tuple, ints, list)
 STUCK_CHECK_NS = 100_000_000  # how often pending requests are checked against the stuck threshold
+WATCHED_CATCH_UP_NS = STUCK_CHECK_NS  # watched by binary clients only: the backlog is analysed this often
 
 # A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes, mono_ns)
 _Deferred = tuple[bool, bytes, int, "int | None", int, int, list[str], int]
@@ -96,7 +97,10 @@ class Analysis(Addon):
     captures wait in a bounded backlog; on a small machine decoding during a burst slows the guest
     (bench/proxy_overhead.py).  The backlog is analysed when the source is quiet (`tick`), when a client
     attaches (`catch_up` from the snapshot), when it grows past BACKLOG_BYTES, and at the end; every
-    capture carries its own timestamp, so the results are the same.
+    capture carries its own timestamp, so the results are the same.  While only binary clients watch a hub
+    that takes the captures (Publisher: their packet blocks come from the captures, numbered at capture),
+    the backlog is analysed at least every WATCHED_CATCH_UP_NS of capture time instead of at each capture
+    (a batch costs less per capture: the `stuck` lint and the snapshot stay within that of the guest).
 
     A held capture is analysed at once (the debugger names it by its exchange: `exchange_of`), without
     the recording's notes: its state says it is held, and one the rules let go at once shows no trace.  The
@@ -117,6 +121,7 @@ class Analysis(Addon):
         self._backlog: deque[_Deferred] = deque()
         self._backlog_bytes = 0
         self._stuck_checked = 0  # CLOCK_MONOTONIC of the last check
+        self._caught_up_ts = 0  # the capture time of the last catch-up while watched by binary clients only
         self._held: dict[tuple[int, int, int], X.Exchange] = {}  # (queue, head or unique, direction)
         self._held_replies: dict[tuple[int, int], int] = {}  # held replies not yet ended: their exchange n
 
@@ -175,10 +180,15 @@ class Analysis(Addon):
         return len(self._backlog)
 
     def _analyse(self, item: _Deferred) -> None:
-        if self.defer and not (self.hub is not None and self.hub.clients):  # inline: once per capture
+        hub = self.hub
+        if self.defer and (hub is None or not hub.clients or (hub.tee and not hub.json_clients)):
             self._backlog.append(item)
             self._backlog_bytes += len(item[1]) + _BACKLOG_OVERHEAD
-            if self._backlog_bytes > BACKLOG_BYTES:
+            if hub is not None and hub.clients:  # binary clients only: in batches, within WATCHED_CATCH_UP_NS
+                if item[4] - self._caught_up_ts >= WATCHED_CATCH_UP_NS:
+                    self._caught_up_ts = item[4]
+                    self.catch_up()
+            elif self._backlog_bytes > BACKLOG_BYTES:
                 self.catch_up(len(self._backlog) // 2 + 1)
             return
         if self._backlog:
@@ -261,14 +271,49 @@ class Summary(Addon):
 
 class Publisher(Addon):
     """The control-socket Hub as an addon: exchanges (through the analysis' listeners), vhost-user
-    messages, events, and "end" when the source ends.  Publishing never blocks (hub.py)."""
+    messages, events, and "end" when the source ends.  Publishing never blocks (hub.py).
+
+    With the analysis, every FUSE capture goes to the hub as it comes (Hub.publish_capture: the binary
+    stream's packet blocks, as the recording has them) with its exchange number, known at capture: the
+    analysis numbers requests in the order they are delivered (the n-th request is exchange n, held back or
+    not), and a reply takes the number of the request on its chain (queue, head; unique without a head).
+    Nothing is published while nobody watches (the map of open chains is kept: a client may come).
+    """
 
     def __init__(self, hub: Hub, analysis: Analysis | None = None, *, flush_timeout: float = 2.0) -> None:
         self.hub = hub
+        self.analysis = analysis
         self.flush_timeout = flush_timeout  # closing: how long clients that read may take to get the end
+        self._open: dict[tuple[int, int], int] = {}  # open chains: (queue, head or unique) -> n
         if analysis is not None:
             analysis.analyzer.listeners.append(hub.publish_exchange)
             analysis.analyzer.pending_listeners.append(hub.publish_request)
+            hub.take_captures()
+
+    def request(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
+                notes: list[str], flags: int) -> None:
+        if self.analysis is None:
+            return
+        n = self.analysis.requests  # this request's number (the analysis counted it already)
+        opened = self._open
+        if head is not None:
+            opened[(queue, head)] = n  # (a chain's head is reused only once it is answered: bounded)
+        elif len(data) >= 16 and int.from_bytes(data[4:8], "little") not in NO_REPLY:
+            if len(opened) >= OPENED:  # requests that never got a reply: their replies go unnumbered
+                opened.clear()
+            opened[(queue, int.from_bytes(data[8:16], "little"))] = n
+        if self.hub.clients:
+            self.hub.publish_capture(True, data if len(data) <= LIVE_SNAPLEN else data[:LIVE_SNAPLEN], queue, head,
+                                     ts_ns, orig_len, notes, flags, n)
+
+    def reply(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
+              notes: list[str], flags: int) -> None:
+        if self.analysis is None or flags & fmt.RF_HELD:  # held: the guest has not seen it (nor the recording)
+            return
+        n = self._open.pop((queue, head if head is not None else int.from_bytes(data[8:16], "little")), 0)
+        if self.hub.clients:
+            self.hub.publish_capture(False, data if len(data) <= LIVE_SNAPLEN else data[:LIVE_SNAPLEN], queue, head,
+                                     ts_ns, orig_len, notes, flags, n)
 
     def control(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
         if isinstance(msg, V.VhostUserMessage):

@@ -320,8 +320,10 @@ class ControlFeed(Feed):
                           notes=[x for x in notes if x not in opened.notes] if notes else ())
             ex = opened
             req = self._raw.get(ex.index, (None, None))[0] if keep else None
-        else:
+        else:  # (unnumbered: the source did not know its request; paired here by its chain, as a replay does)
             ex = an.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, notes=notes)
+            if n is None and st.open.get(ex.n) is ex:
+                del st.open[ex.n]
             req = None
         if keep:
             self._raw[ex.index] = (req, data)

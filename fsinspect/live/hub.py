@@ -34,9 +34,13 @@ Binary stream (any version): the hello lists `"streams": ["jsonl", "pcapng"]`.  
 `{"id": I, "cmd": "stream", "format": "pcapng"}` gets `{"type": "reply", "id": I, "ok": true, "format":
 "pcapng"}` as its last JSON line; every byte after that line's newline is a pcapng stream, the same blocks
 as a recording (recordings/FORMAT.md): a section header and the interfaces so far, then one EPB per
-captured message, each carrying the source's exchange number `n` (META_NUMBER): a request's EPB in capture
-order, with the batch it was captured in (as it was captured, even if answered since), its reply's with the
-finished exchange (an exchange whose request was not streamed yet gets both, in order).
+captured message, each carrying the source's exchange number `n` (META_NUMBER).  From a source that
+publishes its captures (`take_captures`: the proxy and the daemon, through live.addons.Publisher) the EPBs
+are the captures themselves, in capture order, with the batch they were captured in, numbered at capture
+(a reply the source could not number has none: the client pairs it by its chain, as a replay does).
+Otherwise (a hub fed exchanges only) a request's EPB goes in capture order, with the batch it was captured
+in (as it was captured, even if answered since), its reply's with the finished exchange (an exchange whose
+request was not streamed yet gets both, in order).
 Every other message of this protocol (control, event, held, resumed, reply, overflow, error, and
 `request` updates of an exchange already streamed and still open: state, held, lints; no raw bytes)
 travels as a custom block (BT_CB: PEN + the same JSON object).  The snapshot came before, as JSON.  `"format": "jsonl"` keeps
@@ -104,7 +108,8 @@ _BATCH = 256
 _RECV = 64 << 10
 STREAMS = ("jsonl", "pcapng")  # what a client may ask for with the `stream` command
 OPENED = 1 << 16  # requests streamed (binary) whose reply has not come yet, remembered at most
-_MSG, _EXCHANGE, _REQUEST = 0, 1, 2  # what an outbox item carries: a message, a finished exchange, a request
+# What an outbox item carries: a message, a finished exchange, a request, a capture (take_captures()).
+_MSG, _EXCHANGE, _REQUEST, _CAPTURE = 0, 1, 2, 3
 
 CommandHandler = Callable[[int, dict[str, Any]], dict[str, Any]]
 
@@ -160,6 +165,10 @@ class Hub:
         self.protocol_version = PROTOCOL_VERSION
         self.source = source
         self.clients: list[_Client] = []
+        self.json_clients = 0  # clients that read JSON lines (not switched to the binary stream)
+        # The binary stream's packet blocks come from the captures themselves (publish_capture) once the
+        # source says it publishes them (take_captures); else they are made from the exchanges.
+        self.tee = False
         self.lock = threading.Lock()
         self.recent: collections.deque[Exchange] = collections.deque(maxlen=BACKLOG_EXCHANGES)
         self._recent_sizes: collections.deque[int] = collections.deque()
@@ -227,13 +236,31 @@ class Hub:
         """A finished exchange: kept for the next snapshot and queued as it is (nothing is rendered here:
         the data path's thread pays two appends)."""
         self._remember(ex)
+        if self.tee and not self.json_clients and STUCK not in ex.lints:
+            return  # binary clients only: its packet blocks went with its captures
         self._broadcast(_EXCHANGE, ex)
 
     def publish_request(self, ex: Exchange) -> None:
         """A request in flight (new, or changed while open); the snapshot lists the open ones instead.  Sent
         only if it is still open when its batch goes out: one answered by then comes as its exchange."""
         if self.clients:  # what the request's packet block says is taken now (its notes only grow)
+            if self.tee and not self.json_clients and ex.held is None and STUCK not in ex.lints:
+                return  # binary clients only: its packet block went with its capture; nothing else to say
             self._broadcast(_REQUEST, ex, ((time.time_ns(), time.monotonic_ns()), ex.held, len(ex.notes)))
+
+    def take_captures(self) -> None:
+        """The source publishes every FUSE capture (publish_capture) with its exchange number: binary clients
+        get their packet blocks from those, not from the exchanges (which then only add what the source alone
+        knows: held, `stuck`), and a source watched only by binary clients may keep its analysis back."""
+        self.tee = True
+
+    def publish_capture(self, inbound: bool, data: bytes, queue: int, head: int | None, ts_ns: int,
+                        orig_len: int, notes: list[str], flags: int, n: int) -> None:
+        """A captured FUSE message (take_captures), as the recording has it, with the source's exchange number
+        (0: unknown): one packet block for binary clients, in capture order.  `data` is cut at LIVE_SNAPLEN
+        by the caller.  JSON clients skip it (their exchange lines say it)."""
+        if self.clients:
+            self._broadcast(_CAPTURE, (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n))
 
     def _remember(self, ex: Exchange) -> None:
         """Keep `ex` for the snapshot's backlog, bounded in count and in bytes (what it holds, and its JSON's
@@ -330,7 +357,8 @@ class Hub:
             # Each message once per form: JSON lines, and pcapng blocks (one bytes per message, so that each
             # form counts and cuts whole messages).
             forms = {False: _encoded([(seq, _line(obj if obj is not None else _exchange_obj(ex)))
-                                      for seq, kind, obj, ex, _ in chunk if obj is not None or kind != _REQUEST])
+                                      for seq, kind, obj, ex, _ in chunk
+                                      if obj is not None or kind == _EXCHANGE or kind == _MSG])
                             if text else None,
                      True: _encoded([(seq, data) for seq, kind, obj, ex, pub in chunk
                                      if (data := self._blocks(kind, obj, ex, pub))]) if binary else None}
@@ -376,6 +404,8 @@ class Hub:
                     out.append((seq, kind, payload, None, None))
                 elif kind == _EXCHANGE:
                     out.append((seq, kind, None, payload, None))
+                elif kind == _CAPTURE:
+                    out.append((seq, kind, None, None, payload))
                 else:
                     obj = None
                     if payload.state != DONE:
@@ -390,15 +420,23 @@ class Hub:
         exchange, a custom block for everything else (and for what a request's packet block cannot say)."""
         enc = self.encoder
         opened = self._opened
+        if kind == _CAPTURE:  # (take_captures: the packet blocks)
+            inbound, data, queue, head, ts, orig, notes, flags, n = pub
+            (enc.request if inbound else enc.reply)(data, queue, head, ts, orig_len=orig, notes=notes, flags=flags,
+                                                    n=n or None)
+            return enc.take()
+        if self.tee:  # what the captures' blocks cannot say: held and resumed requests, the `stuck` lint
+            if kind == _REQUEST:
+                return b"" if obj is None else custom_block(_update(obj))
+            if kind == _EXCHANGE:
+                return custom_block({"type": "lints", "n": ex.n, "lints": [STUCK]}) if STUCK in ex.lints else b""
+            return custom_block(obj)
         if kind == _REQUEST:
             n = ex.n
             if n in opened or ex.req_raw is None:  # an update of one already streamed: its state, no bytes
                 if obj is None:  # ... stale: it finished since
                     return b""
-                update = {k: v for k, v in obj.items() if k != "request_raw"}
-                if obj.get("held") != "reply":
-                    update.pop("reply_raw", None)
-                return custom_block(update)
+                return custom_block(_update(obj))
             # Its packet block as it was captured (in capture order, even if it finished since).
             _now, held, nnotes = pub
             self._request_block(ex, ex.notes[:nnotes], rfmt.RF_HELD if held == HELD_REQUEST else 0)
@@ -442,6 +480,7 @@ class Hub:
         if want == "pcapng" and not c.binary:
             with self.lock:  # after the reply line: the section header and every interface so far
                 c.binary = True
+                self.json_clients -= 1
                 self._enqueue(c, b"".join(self.encoder.header), force=True)
 
     def _accept(self) -> None:
@@ -484,6 +523,7 @@ class Hub:
                     snap["events"] = list(self.events)
                     c.start_seq = self._seq
                     self.clients.append(c)
+                    self.json_clients += 1
             self.sel.register(sock, selectors.EVENT_READ, c)
             hello: dict[str, Any] = {"type": "hello", "version": self.protocol_version}
             if self.protocol_version > 1:
@@ -527,6 +567,7 @@ class Hub:
         with self.lock:
             if c in self.clients:
                 self.clients.remove(c)
+                self.json_clients -= not c.binary
             c.queue.clear()
             c.queued_msgs = 0
             c.head = None
@@ -723,7 +764,10 @@ class Hub:
         """Send what is still queued (the end of the run matters most), then disconnect everyone.
 
         Clients that read get up to `flush_timeout`; one that does not read holds the exit CLOSE_STALL.
+        Closing again does nothing.
         """
+        if self._stop.is_set():
+            return
         self._progress = time.monotonic()
         self._closing_by = self._progress + flush_timeout
         self._wake()
@@ -754,6 +798,15 @@ def _exchange_obj(ex: Exchange) -> dict[str, Any]:
     obj = {"type": "exchange", **exchange_json(ex, raw=True)}
     _cut_raw(obj)
     return obj
+
+
+def _update(obj: dict[str, Any]) -> dict[str, Any]:
+    """A request message for a binary client that has its packet block: its state, without the bytes (but the
+    reply a breakpoint holds, which no block carries)."""
+    update = {k: v for k, v in obj.items() if k != "request_raw"}
+    if obj.get("held") != "reply":
+        update.pop("reply_raw", None)
+    return update
 
 
 def _not_json(name: str) -> Any:

@@ -1,0 +1,167 @@
+"""The binary stream of a real proxy Session: packet blocks made from the captures, numbered at capture.
+
+The session's Publisher hands every FUSE capture to the hub with its exchange number (the analysis numbers
+requests in delivery order; a reply takes its chain's number), so a binary client's packet blocks are the
+recording's, in capture order, whatever the analysis does meanwhile: with only binary clients watching,
+the proxy keeps its analysis back and analyses it in batches (at least every WATCHED_CATCH_UP_NS of
+capture time).  Real captures (the recorded guest sample) go through the session as the capture thread
+feeds them; the clients are the real ControlFeed and a bare socket."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fsinspect.analysis import Analyzer
+from fsinspect.live import addons as L
+from fsinspect.live.feed import ControlFeed, LiveState
+from fsinspect.live.hub import LIVE_SNAPLEN, Hub
+from fsinspect.proxy import session as S
+from fsinspect.proxy.server import ProxyConfig
+from fsinspect.recording.reader import Record, StreamReader
+from tests.test_live_stream import _read_all, _view
+from tests.test_proxy_session import captures
+
+
+@contextlib.contextmanager
+def proxy_session(tmp_path: Path, name: str) -> Iterator[S.Session]:
+    """A proxy Session with a recording and a control socket, never served (its captures are fed by hand)."""
+    s = S.Session(ProxyConfig(), S.SessionOptions(record=str(tmp_path / f"{name}.pcapng"),
+                                                  control=str(tmp_path / f"{name}.sock")))
+    try:
+        yield s
+    finally:
+        s.close()  # the hub sends what it holds, then closes
+        if s.writer is not None:
+            s.writer.close()
+        s.proxy.shutdown()
+
+
+def _done(s: S.Session) -> None:
+    """The source ends: every capture analysed, "end" published, the hub flushed and closed."""
+    with s.lock:
+        s.pipeline.emit("done", "replayed")
+    s.close()
+
+
+def _binary(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b'{"id": 1, "cmd": "stream", "format": "pcapng"}\n')
+    return s
+
+
+def _wait(cond: Any) -> None:
+    deadline = time.monotonic() + 30
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def _feed_thread(feed: ControlFeed) -> tuple[threading.Thread, threading.Event]:
+    feed.connect()
+    stop = threading.Event()
+    t = threading.Thread(target=feed.pump, args=(stop,), daemon=True)
+    t.start()
+    return t, stop
+
+
+def test_binary_clients_get_the_captures_blocks_numbered_at_capture(tmp_path: Path) -> None:
+    caps = captures()
+    with proxy_session(tmp_path, "tee") as s:
+        _stream_through(s, caps)
+
+
+def _stream_through(s: S.Session, caps: list[Any]) -> None:
+    assert s.hub is not None and s.hub.tee
+    raw = _binary(s.hub.path)
+    ui = ControlFeed(LiveState(analyzer=Analyzer(keep_exchanges=True, lazy=True)), s.hub.path)
+    t, stop = _feed_thread(ui)
+    _wait(lambda: len(s.hub.clients) == 2 and all(c.binary for c in s.hub.clients))  # type: ignore[union-attr]
+    held_back = 0
+    for c in caps:
+        s.proxy._capture_one(c)
+        held_back = max(held_back, s.backlog)
+        # analysed in batches: never more than WATCHED_CATCH_UP_NS of capture time behind
+        assert all(c.ts_ns - item[4] < L.WATCHED_CATCH_UP_NS for item in s.analysis._backlog)
+    assert held_back > 1  # only binary clients watch: the analysis was held back
+    _done(s)
+    t.join(30)
+    recs = [x for x in StreamReader().feed(_read_all(raw).partition(b'"format": "pcapng"}\n')[2])
+            if isinstance(x, Record)]
+    fuse = [c for c in caps if not (c.kind == "reply" and c.queue == 0 and c.length == 0)]  # FORGET: no reply
+    # One block per capture, in capture order, with the captured bytes: the recording's records.
+    assert [(r.inbound, r.queue, r.head, r.ts_ns, r.data) for r in recs] == \
+        [(c.kind == "request", c.queue, c.head, c.ts_ns, c.data[:LIVE_SNAPLEN]) for c in fuse]
+    # Requests numbered 1..N in capture order; each reply with its request's number.
+    assert [r.n for r in recs if r.inbound] == list(range(1, s.requests + 1))
+    opened: dict[tuple[int, int | None], int] = {}
+    for r in recs:
+        if r.inbound:
+            opened[(r.queue, r.head)] = r.n
+        else:
+            assert r.n == opened.pop((r.queue, r.head))
+    # The UI's feed ends with what the source's own analysis made of the same captures.
+    ref = Analyzer(keep_exchanges=True)
+    for c in fuse:
+        (ref.feed_request if c.kind == "request" else ref.feed_reply)(c.data, c.queue, c.head, c.ts_ns,
+                                                                    orig_len=c.length,
+                                                                    notes=[S._SNAPPED_NOTE] if c.truncated else ())
+    assert ui.streaming == "pcapng" and ui.state.overflow == 0
+    assert [_view(ex) for ex in ui.state.analyzer.exchanges] == [_view(ex) for ex in ref.exchanges]
+    assert s.analyzer.count == ref.count and not ui.state.open
+    stop.set()
+
+
+def test_a_json_client_makes_the_analysis_run_at_once_and_both_forms_agree(tmp_path: Path) -> None:
+    caps = captures()
+    with proxy_session(tmp_path, "mixed") as s:
+        _mixed(s, caps)
+
+
+def _mixed(s: S.Session, caps: list[Any]) -> None:
+    assert s.hub is not None
+    feeds = {f: ControlFeed(LiveState(analyzer=Analyzer(keep_exchanges=True)), s.hub.path, stream_format=f)
+             for f in ("pcapng", "jsonl")}
+    threads = [_feed_thread(f) for f in feeds.values()]
+    _wait(lambda: len(s.hub.clients) == 2 and s.hub.json_clients == 1)  # type: ignore[union-attr]
+    for c in caps:
+        s.proxy._capture_one(c)
+        assert s.backlog == 0  # a JSON client reads exchanges: analysed at once
+    _done(s)
+    for t, stop in threads:
+        t.join(30)
+        stop.set()
+    views = {f: [_view(ex) for ex in feed.state.analyzer.exchanges] for f, feed in feeds.items()}
+    assert views["pcapng"] and views["pcapng"] == views["jsonl"]
+    assert feeds["pcapng"].streaming == "pcapng" and feeds["jsonl"].streaming == "jsonl"
+
+
+def test_an_unnumbered_reply_completes_its_open_request_by_its_chain(tmp_path: Path) -> None:
+    """A reply the source could not number (n 0: its request came before the source knew it) completes the
+    request open on its chain, as a replay pairs them, and the feed forgets it as open."""
+    caps = [c for c in captures() if c.queue == 1][2:4]  # GETATTR and its reply
+    lock = threading.RLock()
+    hub = Hub(str(tmp_path / "ctl.sock"), lambda: {}, feed_lock=lock)
+    hub.take_captures()
+    feed = ControlFeed(LiveState(analyzer=Analyzer(keep_exchanges=True)), hub.path)
+    t, stop = _feed_thread(feed)
+    try:
+        _wait(lambda: hub.clients and hub.clients[0].binary)
+        req, rep = caps
+        with lock:
+            hub.publish_capture(True, req.data, 1, req.head, req.ts_ns, req.length, [], 0, 7)
+            hub.publish_capture(False, rep.data, 1, rep.head, rep.ts_ns, rep.length, [], 0, 0)
+        hub.publish_event("end", {"reason": "test"})
+        _wait(lambda: any(e.get("kind") == "end" for e in feed.state.events))
+        (ex,) = feed.state.analyzer.exchanges
+        assert ex.n == 7 and ex.replied and not feed.state.open
+    finally:
+        stop.set()
+        hub.close()
+        t.join(30)
