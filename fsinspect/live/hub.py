@@ -355,13 +355,16 @@ class Hub:
         for k in range(0, len(items), _BATCH):
             chunk = self._render(items[k:k + _BATCH])
             # Each message once per form: JSON lines, and pcapng blocks (one bytes per message, so that each
-            # form counts and cuts whole messages).
+            # form counts and cuts whole messages).  The captures' blocks are framed in one go.
+            framed = iter(self.encoder.frame([pub for _, kind, _, _, pub in chunk if kind == _CAPTURE])
+                          if binary and self.tee else ())
             forms = {False: _encoded([(seq, _line(obj if obj is not None else _exchange_obj(ex)))
                                       for seq, kind, obj, ex, _ in chunk
                                       if obj is not None or kind == _EXCHANGE or kind == _MSG])
                             if text else None,
                      True: _encoded([(seq, data) for seq, kind, obj, ex, pub in chunk
-                                     if (data := self._blocks(kind, obj, ex, pub))]) if binary else None}
+                                     if (data := next(framed) if kind == _CAPTURE else self._blocks(kind, obj, ex, pub))])
+                            if binary else None}
             fresh = b"".join(self.encoder.fresh)  # new interfaces: every binary reader gets them, first
             self.encoder.fresh.clear()
             with self.lock:
@@ -420,11 +423,6 @@ class Hub:
         exchange, a custom block for everything else (and for what a request's packet block cannot say)."""
         enc = self.encoder
         opened = self._opened
-        if kind == _CAPTURE:  # (take_captures: the packet blocks)
-            inbound, data, queue, head, ts, orig, notes, flags, n = pub
-            (enc.request if inbound else enc.reply)(data, queue, head, ts, orig_len=orig, notes=notes, flags=flags,
-                                                    n=n or None)
-            return enc.take()
         if self.tee:  # what the captures' blocks cannot say: held and resumed requests, the `stuck` lint
             if kind == _REQUEST:
                 return b"" if obj is None else custom_block(_update(obj))

@@ -8,6 +8,12 @@ block type, a packet with notes or a descriptor layout, a block not complete yet
 framing, an interface not defined yet): the caller reads that block with the general parser, which also
 says what is wrong with it.  `epb_row` reads one block body the same way (the file reader's fast path).
 
+The other way, `frame(items, start, ifaces, epoch, max_len)` makes the packet blocks of captures in that
+layout (with their notes), the bytes the writer's request()/reply() make, from `start` until an item the
+writer must make itself (a debugger flag: its note; an INIT request: a new epoch; a queue without its
+interface block yet; a message longer than `max_len`, which the writer may snap; anything unusual): the
+live stream's blocks, two per exchange on the control hub's thread (writer.BlockEncoder.frame).
+
 `BACKEND` says which scanner runs ("c" or "python"); FSINSPECT_SCAN=python forces the twin (the tests run
 on both).  The C scanner (scan_core.c) is given the layout's constants from recording/format.py here.
 """
@@ -125,23 +131,100 @@ def scan_python(buf: bytes, pos: int, base: int, n_ifaces: int, max_block: int) 
 
 
 Scan = Callable[[bytes, int, int, int, int], tuple[list[Row], int]]
+# A capture to frame: (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n); n 0 for none.
+Item = tuple[bool, bytes, int, "int | None", int, int, list[str], int, int]
+Frame = Callable[[list[Item], int, dict[int, int], int, int], tuple[list[bytes], int]]
+_OP_INIT = 26  # (fuse.h FUSE_INIT; checked against the spec by the tests)
+_EPB_HEAD = struct.Struct(f"<7I{PREFIX_LEN}s")
+_FLAGS_META = struct.Struct(f"<HHIHH{_META_FMT}")
+_NUMBER = struct.Struct(f"<HH{fmt.META_NUMBER_STRUCT.format.lstrip('<')}")
+_OPT = struct.Struct("<HH")
+_END = struct.Struct("<HHI")
+_MAX_NOTES = 16
+_U16, _U32_MAX, _U64_MAX = 0xFFFF, 0xFFFFFFFF, (1 << 64) - 1
+_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
-def _load() -> tuple[str, Scan]:
-    """The C scanner, configured (the tests compare it with the twin even when FSINSPECT_SCAN=python)."""
+def _framable(item: object, ifaces: dict[int, int], max_len: int) -> tuple[int, list[bytes]] | None:
+    """(interface, the notes as UTF-8) if the twin frames this item, else None (the writer makes it)."""
+    if type(item) is not tuple or len(item) != 9:
+        return None
+    inbound, data, queue, head, ts, orig, notes, flags, n = item
+    if (type(data) is not bytes or len(data) > max_len or type(notes) is not list or len(notes) > _MAX_NOTES
+            or type(queue) is not int or not 0 <= queue <= _U16 or type(flags) is not int or not 0 <= flags <= _U16
+            or flags & fmt.RF_DEBUGGER or type(ts) is not int or not 0 <= ts <= _U64_MAX or type(n) is not int
+            or not 0 <= n <= _U64_MAX or type(orig) is not int
+            or (head is not None and (type(head) is not int or not 0 <= head <= _U32_MAX))):
+        return None
+    if inbound and len(data) >= 8 and _U32.unpack_from(data, 4)[0] == _OP_INIT:
+        return None
+    iface = ifaces.get(queue)
+    if type(iface) is not int or not 0 <= iface <= _U32_MAX:
+        return None
+    texts = []
+    for note in notes:
+        if type(note) is not str:
+            return None
+        try:
+            text = note.encode()
+        except UnicodeEncodeError:
+            return None
+        if len(text) > _U16:
+            return None
+        texts.append(text)
+    return iface, texts
+
+
+def frame_python(items: list[Item], start: int, ifaces: dict[int, int], epoch: int,
+                 max_len: int) -> tuple[list[bytes], int]:
+    """The twin of the C framer: the packet blocks of items[start:] up to the first the writer must make."""
+    out: list[bytes] = []
+    i = max(start, 0)
+    while i < len(items):
+        ok = _framable(items[i], ifaces, max_len)
+        if ok is None:
+            break
+        iface, texts = ok
+        inbound, data, queue, head, ts, orig, _notes, flags, n = items[i]
+        caplen = PREFIX_LEN + len(data)
+        pad = _PADS[caplen & 3]
+        opts = b"".join(_OPT.pack(fmt.OPT_COMMENT, len(t)) + t + _PADS[len(t) & 3] for t in texts)
+        total = (_EPB_HEAD.size + len(data) + len(pad) + _FLAGS_META.size + (_NUMBER.size if n else 0) + len(opts)
+                 + _END.size)
+        orig = max(orig, len(data))
+        if total > _U32_MAX or PREFIX_LEN + orig > _U32_MAX:
+            break
+        out.append(b"".join((
+            _EPB_HEAD.pack(fmt.BT_EPB, total, iface, ts >> 32, ts & _U32_MAX, caplen, PREFIX_LEN + orig,
+                           PREFIX_IN if inbound else PREFIX_OUT),
+            data, pad,
+            _FLAGS_META.pack(fmt.EPB_FLAGS, 4, fmt.DIR_INBOUND if inbound else fmt.DIR_OUTBOUND, fmt.OPT_CUSTOM_BIN,
+                             fmt.META_RECORD_STRUCT.size, fmt.PEN, fmt.META_RECORD, 0, queue, flags,
+                             fmt.NO_HEAD if head is None else head, epoch),
+            _NUMBER.pack(fmt.OPT_CUSTOM_BIN, fmt.META_NUMBER_STRUCT.size, fmt.PEN, fmt.META_NUMBER, 0, n) if n else b"",
+            opts, _END.pack(fmt.OPT_ENDOFOPT, 0, total))))
+        i += 1
+    return out, i
+
+
+def _load() -> tuple[str, Scan, Frame]:
+    """The C scanner and framer, configured (the tests compare them with the twins even when
+    FSINSPECT_SCAN=python)."""
     try:
         from . import _scan  # type: ignore[attr-defined]
     except ImportError:
-        return "python", scan_python
+        return "python", scan_python, frame_python
     _scan.configure(prefix_in=PREFIX_IN, prefix_out=PREFIX_OUT, bt_epb=fmt.BT_EPB,
                     opt_epb_flags=fmt.EPB_FLAGS, opt_custom_bin=fmt.OPT_CUSTOM_BIN, opt_end=fmt.OPT_ENDOFOPT,
                     meta_record=fmt.META_RECORD, meta_number=fmt.META_NUMBER,
                     meta_record_size=fmt.META_RECORD_STRUCT.size, meta_number_size=fmt.META_NUMBER_STRUCT.size,
                     pen=fmt.PEN, no_head=fmt.NO_HEAD, dir_mask=_DIR_MASK, dir_inbound=fmt.DIR_INBOUND,
-                    rf_snapped=fmt.RF_SNAPPED, tail=TAIL.size, tail_n=TAIL_N.size, row_type=Row)
+                    rf_snapped=fmt.RF_SNAPPED, tail=TAIL.size, tail_n=TAIL_N.size, row_type=Row,
+                    dir_outbound=fmt.DIR_OUTBOUND, opt_comment=fmt.OPT_COMMENT, rf_debugger=fmt.RF_DEBUGGER,
+                    op_init=_OP_INIT)
     if os.environ.get("FSINSPECT_SCAN", "").lower() == "python":
-        return "python", scan_python
-    return "c", _scan.scan
+        return "python", scan_python, frame_python
+    return "c", _scan.scan, _scan.frame
 
 
-BACKEND, scan = _load()
+BACKEND, scan, frame = _load()

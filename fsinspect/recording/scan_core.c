@@ -1,5 +1,6 @@
 /* scan_core: see scan_core.h.  Every read is bounds-checked against the block, the block against the
- * buffer; the layout mirrors scan.py's _TAIL / _TAIL_N structs (little endian, no alignment). */
+ * buffer; the layout mirrors scan.py's _TAIL / _TAIL_N structs (little endian, no alignment), and sc_frame
+ * writes it as the recording writer's _epb does (twin: scan.py frame_python). */
 #include <string.h>
 
 #include "scan_core.h"
@@ -96,4 +97,89 @@ size_t sc_scan(const struct sc_config *c, const uint8_t *buf, size_t len, size_t
     }
     *pos = p;
     return k;
+}
+
+static inline uint8_t *w16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    return p + 2;
+}
+
+static inline uint8_t *w32(uint8_t *p, uint32_t v)
+{
+    p = w16(p, (uint16_t)v);
+    return w16(p, (uint16_t)(v >> 16));
+}
+
+static inline uint8_t *w64(uint8_t *p, uint64_t v)
+{
+    p = w32(p, (uint32_t)v);
+    return w32(p, (uint32_t)(v >> 32));
+}
+
+static inline uint64_t pad4(uint64_t n)
+{
+    return (4u - (n & 3u)) & 3u;
+}
+
+/* A custom binary option's head up to its body: code, length, PEN, kind, reserved. */
+static inline uint8_t *meta_option(const struct sc_config *c, uint8_t *o, uint16_t size, uint16_t kind)
+{
+    o = w16(o, c->opt_custom_bin);
+    o = w16(o, size);
+    o = w32(o, c->pen);
+    o = w16(o, kind);
+    return w16(o, 0);
+}
+
+uint64_t sc_frame_len(const struct sc_config *c, const struct sc_packet *p)
+{
+    uint64_t caplen = c->prefix_len + p->len;
+    uint64_t total = 28u + caplen + pad4(caplen) + SC_TAIL + (p->n ? SC_TAIL_N - SC_TAIL : 0u) + 4u;
+    for (uint32_t i = 0; i < p->n_notes; i++)
+        total += 4u + p->note_lens[i] + pad4(p->note_lens[i]);
+    if (total > UINT32_MAX || c->prefix_len + p->orig_len > UINT32_MAX)
+        return 0;
+    return total;
+}
+
+void sc_frame(const struct sc_config *c, const struct sc_packet *p, uint8_t *out)
+{
+    uint32_t total = (uint32_t)sc_frame_len(c, p);
+    uint32_t caplen = c->prefix_len + (uint32_t)p->len;
+    uint8_t *o = w32(out, c->bt_epb);
+    o = w32(o, total);
+    o = w32(o, p->iface);
+    o = w32(o, (uint32_t)(p->ts >> 32));
+    o = w32(o, (uint32_t)p->ts);
+    o = w32(o, caplen);
+    o = w32(o, c->prefix_len + (uint32_t)p->orig_len);
+    memcpy(o, c->prefix[p->inbound ? 0 : 1], c->prefix_len);
+    o += c->prefix_len;
+    memcpy(o, p->data, p->len);
+    o += p->len;
+    for (uint64_t k = pad4(caplen); k; k--)
+        *o++ = 0;
+    o = w16(o, c->opt_epb_flags);
+    o = w16(o, 4);
+    o = w32(o, p->inbound ? c->dir_inbound : c->dir_outbound);
+    o = meta_option(c, o, c->meta_record_size, c->meta_record);
+    o = w16(o, p->queue);
+    o = w16(o, p->flags);
+    o = w32(o, p->head);
+    o = w32(o, p->epoch);
+    if (p->n)
+        o = w64(meta_option(c, o, c->meta_number_size, c->meta_number), p->n);
+    for (uint32_t i = 0; i < p->n_notes; i++) {
+        o = w16(o, c->opt_comment);
+        o = w16(o, p->note_lens[i]);
+        memcpy(o, p->notes[i], p->note_lens[i]);
+        o += p->note_lens[i];
+        for (uint64_t k = pad4(p->note_lens[i]); k; k--)
+            *o++ = 0;
+    }
+    o = w16(o, c->opt_end);
+    o = w16(o, 0);
+    w32(o, total);
 }

@@ -30,6 +30,8 @@ struct sc_config {
     uint32_t no_head;
     uint32_t dir_mask, dir_inbound;
     uint32_t rf_snapped;
+    uint32_t dir_outbound;  /* sc_frame's: epb_flags of a reply, and the option code of a note */
+    uint16_t opt_comment;
 };
 
 /* One packet block taken: where its PDU lies in the buffer and what its options say. */
@@ -60,5 +62,25 @@ int sc_epb(const struct sc_config *c, const uint8_t *body, size_t blen, uint64_t
  * incomplete, not a packet block, not canonical, or that breaks the framing. */
 size_t sc_scan(const struct sc_config *c, const uint8_t *buf, size_t len, size_t *pos, uint64_t base,
                uint32_t n_ifaces, struct sc_row *rows, size_t max);
+
+/* One FUSE message to frame as a packet block in the writer's layout (sc_frame): epb_flags, META_RECORD,
+ * META_NUMBER when n is not 0, then an opt_comment per note (notes[i] of note_lens[i] UTF-8 bytes). */
+struct sc_packet {
+    const uint8_t *data;
+    uint64_t len, orig_len; /* orig_len >= len */
+    uint64_t ts, n;
+    uint32_t iface, head, epoch;
+    uint16_t queue, flags;
+    uint8_t inbound;
+    uint32_t n_notes;
+    const char *const *notes;
+    const uint16_t *note_lens;
+};
+
+/* The packet block's total length, or 0 when its length fields cannot say it (over 4 GiB). */
+uint64_t sc_frame_len(const struct sc_config *c, const struct sc_packet *p);
+
+/* Write the packet block (sc_frame_len bytes) to out: the same bytes as the writer's. */
+void sc_frame(const struct sc_config *c, const struct sc_packet *p, uint8_t *out);
 
 #endif

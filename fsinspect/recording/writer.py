@@ -24,6 +24,7 @@ from dissectors.spec import fuse as fspec
 
 from .. import __version__, privfile
 from . import format as fmt
+from . import scan
 from .indexfile import CHECK, IndexFile, content_check, try_lock
 from .parts import ANALYSIS_SUFFIX, INDEX_SUFFIX, part_path, side_file
 
@@ -479,6 +480,9 @@ class BlockEncoder(RecordingWriter):
         self._out: list[bytes] = []
         self.header: list[bytes] = []
         self.fresh: list[bytes] = []
+        self._fuse_ifaces: dict[int, int] = {}  # queue -> its FUSE interface (frame())
+        # frame() takes messages no longer than this: the writer never snaps them
+        self._frame_max = _READ_HEAD + snaplen if snaplen else 1 << 62
         super().__init__("-", source=source, snaplen=snaplen, comments=comments, sink=self._out.append,
                          flush_bytes=1 << 62, flush_interval=float("inf"))
         self.header.append(self.take())
@@ -491,7 +495,29 @@ class BlockEncoder(RecordingWriter):
             self._buffered -= len(blk)
             self.header.append(blk)
             self.fresh.append(blk)
+            if dissector == fmt.DISSECTOR_FUSE:
+                self._fuse_ifaces[queue] = idx
         return idx
+
+    def frame(self, items: list[scan.Item]) -> list[bytes]:
+        """One packet block per capture (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n; n 0 for
+        none), the bytes request()/reply() make, in bulk (scan.frame: C, or its twin); the captures the
+        framer leaves (an INIT, a debugger flag, a queue's first message: its interface) go through
+        request()/reply().  For messages cut at the snap length already (the live stream): none is snapped
+        here, so the READs in flight are not tracked."""
+        out: list[bytes] = []
+        i = 0
+        while i < len(items):
+            blocks, i = scan.frame(items, i, self._fuse_ifaces, self.epoch, self._frame_max)
+            out += blocks
+            if i < len(items):
+                inbound, data, queue, head, ts, orig, notes, flags, n = items[i]
+                (self.request if inbound else self.reply)(data, queue, head, ts, orig_len=orig, notes=notes,
+                                                          flags=flags, n=n or None)
+                self._reads.clear()
+                out.append(self.take())
+                i += 1
+        return out
 
     def take(self) -> bytes:
         """Every block encoded since the last call."""
