@@ -48,15 +48,17 @@ the JSON lines (the reply says so); anything else is refused with `"ok": false`.
 once per batch for every binary client, and the bytes are what `fsinspect attach --format pcapng` writes.
 
 Nothing a client does can exhaust the process or slow the data path:
-- publish_* only append to one bounded outbox (the Exchange itself: nothing is rendered on the source's
-  thread) and wake the hub thread; rendering, encoding and the fan-out to clients happen there, once per
+- publish_* only append to one bounded outbox (the Exchange itself, or the capture: nothing is rendered on
+  the source's thread) and wake the hub thread (once per burst: while traffic flows the hub thread comes
+  back every FAN_OUT_DELAY by itself); rendering, encoding and the fan-out to clients happen there, once per
   batch and only in the forms the clients read (JSON for JSON clients, packet blocks for binary ones; each
   encoded batch is shared by every client's queue).  A full outbox drops and counts, for every client;
 - the snapshot's backlog keeps the last exchanges themselves, rendered when a client attaches: a source
   nobody watches pays two appends per exchange;
 - each client's queue is bounded in bytes (its snapshot counts too); what does not fit is dropped and
   counted, and the client is told how much it missed once it drains;
-- the hub thread sleeps in epoll (selectors) until something happens, so idle clients cost no CPU and
+- the hub thread sleeps in epoll (selectors) until something happens, so idle clients cost no CPU (its
+  FAN_OUT_DELAY rounds stop with the traffic) and
   any fd number works; at most `max_clients` are attached, the rest get an error line and are closed;
 - a client whose replies pile up is not read until it drains, and a line over MAX_LINE drops the client.
 """
@@ -186,7 +188,8 @@ class Hub:
         self._opened: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._seq = 0
         self._outbox_dropped = 0
-        self._woken = False
+        self._woken = False  # the hub thread will look at the outbox without being woken
+        self._ticking = False  # traffic flows: the hub thread comes back every FAN_OUT_DELAY by itself
         self._next_id = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # 0600: the traffic holds file names and data.  Only a stale socket is replaced.
@@ -340,9 +343,12 @@ class Hub:
     def _fan_out(self) -> None:
         """Encode what was published since the last round, once, and queue it to every client."""
         with self.lock:
-            self._woken = False
             items = list(self._outbox)
             self._outbox.clear()
+            # While traffic flows the loop comes back in FAN_OUT_DELAY by itself, so publishing wakes nobody
+            # (a write to the wake pipe, and the other CPU's wake-up, per batch); a round that finds nothing
+            # goes back to sleeping until woken.
+            self._ticking = self._woken = bool(items)
             dropped, self._outbox_dropped = self._outbox_dropped, 0
             clients = list(self.clients)
         if dropped:
@@ -592,6 +598,8 @@ class Hub:
                     self._accept_paused_until = None
                     timeout = None
                     self.sel.register(self.listener, selectors.EVENT_READ, None)
+            if self._ticking:
+                timeout = FAN_OUT_DELAY if timeout is None else min(timeout, FAN_OUT_DELAY)
             if self._closing_by is not None:
                 with self.lock:
                     waiting = bool(self._outbox) or any(c.has_output for c in self.clients)
@@ -610,7 +618,7 @@ class Hub:
                 if key.fileobj is self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
-                    if self._closing_by is None:
+                    if self._closing_by is None and not self._ticking:
                         # Let a batch gather: the cost per client is then paid once for many messages.
                         self._stop.wait(FAN_OUT_DELAY)
                 elif key.fileobj is self.listener:
