@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import strategies as hs
 
+from fsinspect.recording import format as fmt
 from fsinspect.recording import reader as rreader
 from fsinspect.recording import scan as rscan
 from fsinspect.recording.reader import Record, StreamReader
@@ -71,6 +72,31 @@ def _chunks(cuts: list[int]) -> None:
 
 def test_any_chunking_gives_the_same_rows(scanner: str) -> None:
     fuzz(f"scan-chunking-{scanner}", hs.lists(hs.integers(0, len(STREAM)), max_size=30), _chunks, CI_CASES // 2)
+
+
+def _copied(cuts: list[int]) -> None:
+    r = StreamReader(rows=True)
+    r.copy = []
+    out: list[Any] = []
+    pos = 0
+    for c in [*sorted(cuts), len(STREAM)]:
+        out += r.feed(STREAM[pos:c])
+        pos = c
+    want, p = [], 0  # every block but the custom ones, each as it came
+    while p < len(STREAM):
+        btype, total = int.from_bytes(STREAM[p:p + 4], "little"), int.from_bytes(STREAM[p + 4:p + 8], "little")
+        if btype != fmt.BT_CB:
+            want.append((btype, STREAM[p:p + total]))
+        p += total
+    assert r.copy == want
+    assert [_as_record(x) for x in out] == WHOLE  # (the scanner's rows too: a copy decodes nothing more)
+    assert sum(isinstance(x, Row) for x in out) >= 30
+
+
+def test_a_copy_gets_each_block_as_it_came(scanner: str) -> None:
+    """The headless near-copy (StreamReader.copy): every block but the custom ones, in any chunking, with the
+    canonical packets still taken by the scanner."""
+    fuzz(f"scan-copy-{scanner}", hs.lists(hs.integers(0, len(STREAM)), max_size=30), _copied, CI_CASES // 3)
 
 
 def _ifaces() -> int:

@@ -24,6 +24,7 @@ from ..analysis.filter import Predicate
 from ..analysis.render import exchange_json, exchange_line
 from ..recording import format as rfmt
 from ..recording.reader import Record
+from ..recording.scan import Row
 from ..recording.writer import RecordingWriter
 from .feed import ControlFeed, LiveState
 
@@ -151,11 +152,11 @@ class HeadlessFeed(ControlFeed):
             return
         assert self.reader is not None and self.reader.copy is not None and isinstance(self.sink, PcapngSink)
         items = self.reader.feed(chunk)
-        recs = iter([x for x in items if x.__class__ is Record])
+        recs = iter([x for x in items if not isinstance(x, dict)])  # (Records, and Rows of the scanner)
         out = []
         for btype, blk in self.reader.copy:
             if btype == rfmt.BT_EPB:
-                rec: Record = next(recs)
+                rec: Record | Row = next(recs)
                 if rec.inbound:
                     if rec.n in self._copied_requests:  # the hub sent it again with its reply
                         self._copied_requests.discard(rec.n)

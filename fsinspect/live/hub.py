@@ -114,6 +114,7 @@ OPENED = 1 << 16  # requests streamed (binary) whose reply has not come yet, rem
 _MSG, _EXCHANGE, _REQUEST, _CAPTURE = 0, 1, 2, 3
 
 CommandHandler = Callable[[int, dict[str, Any]], dict[str, Any]]
+_Form = tuple[list[int], list[bytes], bytes, list[int]]  # a batch in one form (_encoded)
 
 
 class _Client:
@@ -359,18 +360,12 @@ class Hub:
         text = any(not c.binary for c in clients)
         binary = any(c.binary for c in clients)
         for k in range(0, len(items), _BATCH):
-            chunk = self._render(items[k:k + _BATCH])
+            chunk = items[k:k + _BATCH]
+            objs = self._render(chunk)
             # Each message once per form: JSON lines, and pcapng blocks (one bytes per message, so that each
-            # form counts and cuts whole messages).  The captures' blocks are framed in one go.
-            framed = iter(self.encoder.frame([pub for _, kind, _, _, pub in chunk if kind == _CAPTURE])
-                          if binary and self.tee else ())
-            forms = {False: _encoded([(seq, _line(obj if obj is not None else _exchange_obj(ex)))
-                                      for seq, kind, obj, ex, _ in chunk
-                                      if obj is not None or kind == _EXCHANGE or kind == _MSG])
-                            if text else None,
-                     True: _encoded([(seq, data) for seq, kind, obj, ex, pub in chunk
-                                     if (data := next(framed) if kind == _CAPTURE else self._blocks(kind, obj, ex, pub))])
-                            if binary else None}
+            # form counts and cuts whole messages).
+            forms = {False: self._text_form(chunk, objs) if text else None,
+                     True: self._binary_form(chunk, objs) if binary else None}
             fresh = b"".join(self.encoder.fresh)  # new interfaces: every binary reader gets them, first
             self.encoder.fresh.clear()
             with self.lock:
@@ -399,30 +394,51 @@ class Hub:
             if not c.blocked and c.has_output:
                 self._send(c)
 
-    def _render(self, items: list[tuple[int, int, Any, Any]]) -> list[tuple[int, int, Any, Any, Any]]:
-        """Outbox items as (seq, kind, message, exchange, as published).  A request's message is made here if
-        it is still open (under the feed lock, once a batch: the source changes an open exchange only while
-        holding it), else it is None: the exchange is published already.  A finished exchange's message is
-        made only for JSON clients (None here); any other message is as it was published."""
-        out: list[tuple[int, int, Any, Any, Any]] = []
+    def _render(self, items: list[tuple[int, int, Any, Any]]) -> list[Any]:
+        """The protocol message of each outbox item, or None: a request's is made here if it is still open
+        (under the feed lock, once a batch: the source changes an open exchange only while holding it), else
+        it is None (the exchange is published already); a finished exchange's is made only for JSON clients
+        (None here), a capture has none; any other message is as it was published."""
         # (A finished exchange stays finished: the lock is taken only if some request may still be open.)
-        requests = any(kind == _REQUEST and payload.state != DONE for _, kind, payload, _ in items)
-        with self.feed_lock if requests else contextlib.nullcontext():
-            for seq, kind, payload, pub in items:
-                if kind == _MSG:
-                    out.append((seq, kind, payload, None, None))
-                elif kind == _EXCHANGE:
-                    out.append((seq, kind, None, payload, None))
-                elif kind == _CAPTURE:
-                    out.append((seq, kind, None, None, payload))
-                else:
-                    obj = None
-                    if payload.state != DONE:
-                        wall, mono = pub[0]  # (ages on CLOCK_MONOTONIC: a wall-clock step changes none)
-                        obj = {"type": "request", **exchange_json(payload, raw=True, now_ns=wall, mono_ns=mono)}
-                        _cut_raw(obj)
-                    out.append((seq, kind, obj, payload, pub))
+        if not any(kind == _REQUEST and payload.state != DONE for _, kind, payload, _ in items):
+            return [payload if kind == _MSG else None for _, kind, payload, _ in items]
+        out: list[Any] = []
+        with self.feed_lock:
+            for _, kind, payload, pub in items:
+                obj = payload if kind == _MSG else None
+                if kind == _REQUEST and payload.state != DONE:
+                    wall, mono = pub[0]  # (ages on CLOCK_MONOTONIC: a wall-clock step changes none)
+                    obj = {"type": "request", **exchange_json(payload, raw=True, now_ns=wall, mono_ns=mono)}
+                    _cut_raw(obj)
+                out.append(obj)
         return out
+
+    @staticmethod
+    def _text_form(chunk: list[tuple[int, int, Any, Any]], objs: list[Any]) -> _Form:
+        """A batch as JSON lines: every message, finished exchange and request still open (not captures)."""
+        seqs: list[int] = []
+        lines: list[bytes] = []
+        for (seq, kind, payload, _), obj in zip(chunk, objs):
+            if obj is not None or kind == _EXCHANGE:
+                seqs.append(seq)
+                lines.append(_line(obj if obj is not None else _exchange_obj(payload)))
+        return _encoded(seqs, lines)
+
+    def _binary_form(self, chunk: list[tuple[int, int, Any, Any]], objs: list[Any]) -> _Form:
+        """A batch as pcapng blocks; the captures' packet blocks are framed in one go (take_captures)."""
+        caps = [payload for _, kind, payload, _ in chunk if kind == _CAPTURE]
+        framed = self.encoder.frame(caps) if caps else []
+        if len(caps) == len(chunk):  # (captures only: the common case)
+            return _encoded([item[0] for item in chunk], framed)
+        blocks = iter(framed)
+        seqs: list[int] = []
+        out: list[bytes] = []
+        for (seq, kind, payload, pub), obj in zip(chunk, objs):
+            data = next(blocks) if kind == _CAPTURE else self._blocks(kind, obj, payload, pub)
+            if data:
+                seqs.append(seq)
+                out.append(data)
+        return _encoded(seqs, out)
 
     def _blocks(self, kind: int, obj: Any, ex: Any, pub: Any) -> bytes:
         """A message as binary-stream blocks (hub thread): packet blocks for a captured request and a finished
@@ -825,8 +841,7 @@ def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, default=str) + "\n").encode()
 
 
-def _encoded(msgs: list[tuple[int, bytes]]) -> tuple[list[int], list[bytes], bytes, list[int]]:
-    """(seq, message) pairs as: their seqs, the messages, all of them joined, and the bytes up to each one's
-    end (to cut a batch at a budget)."""
-    data = [m for _, m in msgs]
-    return [seq for seq, _ in msgs], data, b"".join(data), list(itertools.accumulate(len(m) for m in data))
+def _encoded(seqs: list[int], data: list[bytes]) -> _Form:
+    """Messages (their seqs, their bytes) as: their seqs, the messages, all of them joined, and the bytes up
+    to each one's end (to cut a batch at a budget)."""
+    return seqs, data, b"".join(data), list(itertools.accumulate(map(len, data)))

@@ -479,10 +479,14 @@ class StreamReader(_BlockParser):
         unpack = _BLOCK_HEAD.unpack_from
         try:
             while end - pos >= 8:
-                if self.sections and self.copy is None:  # the run of canonical packet blocks, in one call
+                if self.sections:  # the run of canonical packet blocks, in one call
                     rows, stop = scan(buf, pos, self.offset, len(self.sections[-1].interfaces), self.max_block)
                     if rows:
                         out.extend(rows if self.rows else map(_row_record, rows))
+                        if self.copy is not None:  # (each block's bytes: from its offset to the next one's)
+                            ends = [r.offset - self.offset for r in rows[1:]]
+                            ends.append(stop)
+                            self.copy.extend((fmt.BT_EPB, buf[r.offset - self.offset:e]) for r, e in zip(rows, ends))
                         pos = stop
                         if end - pos < 8:
                             break
