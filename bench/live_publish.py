@@ -4,7 +4,9 @@ no --control, with --control and no client, and with one client of each kind att
 
 Prints CPU microseconds per exchange (the median of the rounds, and the min): the feeding thread's
 (time.thread_time: the capture thread's work), the hub thread's (/proc/self/task), and the process's.
-Wall time is not used: the machine may be shared.  The clients run in their own processes (their CPU is
+Wall time is not used: the machine may be shared.  `--rate N` feeds N exchanges/s in 5 ms chunks, as a guest
+does: the hub's batches are then as small as on a real proxy (a TCG guest's storm is ~1000/s), and its
+per-batch costs show.  The clients run in their own processes (their CPU is
 not counted): `pcapng`/`jsonl` are `fsinspect attach --format F -o FILE` (the real headless client),
 `drain-pcapng`/`drain-jsonl` a bare socket reader that asks for that stream and drops the bytes (what
 the hub alone costs, without a busy client beside it).  Idle ticks come every --tick captures, as a
@@ -75,9 +77,9 @@ def captures(path: Path) -> list[Capture]:
 
 
 def _thread_cpu(tid: int) -> float:
-    with open(f"/proc/self/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """A thread's CPU seconds, to the nanosecond (schedstat; /proc/.../stat counts 10 ms ticks)."""
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
 
 
 def _client(arm: str, ctl: Path, work: Path) -> subprocess.Popen[bytes]:
@@ -87,8 +89,9 @@ def _client(arm: str, ctl: Path, work: Path) -> subprocess.Popen[bytes]:
                              str(work / f"out.{arm}")], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def run_arm(caps: list[Capture], arm: str, work: Path, tick: int) -> dict[str, float]:
-    """One replay; CPU microseconds per exchange: feeding thread, hub thread, process."""
+def run_arm(caps: list[Capture], arm: str, work: Path, tick: int, rate: float = 0) -> dict[str, float]:
+    """One replay (`rate` exchanges/s, in 5 ms chunks; 0: as fast as it goes); CPU microseconds per exchange:
+    feeding thread, hub thread, process."""
     ctl = work / "c.sock"
     for p in (work / "rec.pcapng", ctl):
         p.unlink(missing_ok=True)
@@ -107,10 +110,15 @@ def run_arm(caps: list[Capture], arm: str, work: Path, tick: int) -> dict[str, f
             time.sleep(0.2)
         hub_tid = s.hub.thread.native_id if s.hub is not None else None
         p0, f0, h0 = os.times(), time.thread_time(), _thread_cpu(hub_tid) if hub_tid else 0.0
-        for i, cap in enumerate(caps):
-            s._on_capture(cap)
-            if i % tick == tick - 1:
-                s._on_idle()
+        chunk = max(1, int(rate * 2 * 0.005)) if rate else len(caps)
+        start = time.monotonic()
+        for k in range(0, len(caps), chunk):
+            for i in range(k, min(k + chunk, len(caps))):
+                s._on_capture(caps[i])
+                if i % tick == tick - 1:
+                    s._on_idle()
+            if rate:  # as a guest makes them: the hub's batches are as small as a real proxy's
+                time.sleep(max(0.0, start + (k + chunk) / (2 * rate) - time.monotonic()))
         with s.lock:
             s.pipeline.emit("done", "replayed")
         feed = time.thread_time() - f0
@@ -136,6 +144,10 @@ def main() -> int:
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tick", type=int, default=2000, help="an idle tick every N captures")
+    ap.add_argument("--rate", type=float, default=0,
+                    help="feed N exchanges/s, as a guest does (the real proxy's small batches; a TCG guest's storm "
+                         "is ~1000/s); default: as fast as it goes")
+    ap.add_argument("--limit", type=int, default=0, help="replay only the first N captures")
     args = ap.parse_args()
     arms = args.arms.split(",")
     if bad := [a for a in arms if a not in ARMS]:
@@ -143,13 +155,15 @@ def main() -> int:
     if args.make:
         make_recording(args.recording)
     caps = captures(args.recording)
+    if args.limit:
+        caps = caps[:args.limit]
     gc.freeze()  # the replay's own captures: a proxy holds no such list for the collector to walk
     print(f"{len(caps)} captures from {args.recording}", file=sys.stderr)
     results: dict[str, list[dict[str, float]]] = {a: [] for a in arms}
     with launcher.short_tmpdir() as work:
         for k in range(args.rounds):
             for arm in arms if k % 2 == 0 else arms[::-1]:
-                results[arm].append(run_arm(caps, arm, work, args.tick))
+                results[arm].append(run_arm(caps, arm, work, args.tick, args.rate))
             print(f"round {k + 1}/{args.rounds} done", file=sys.stderr)
     base = statistics.median(r["process"] for r in results[arms[0]])
     print(f"{'arm':<14} {'process us/ex':>14} {'min':>7} {'feed':>7} {'hub':>7} {'vs ' + arms[0]:>10}")
