@@ -165,3 +165,18 @@ def test_an_unnumbered_reply_completes_its_open_request_by_its_chain(tmp_path: P
         stop.set()
         hub.close()
         t.join(30)
+
+
+def test_the_sources_lints_before_the_reply_block_reach_the_open_exchange() -> None:
+    """A source that analyses each capture at once (a JSON client watches too) publishes an exchange's `stuck`
+    lint before its reply's capture: a binary client that keeps no finished exchanges (headless) still ends
+    with the lint on the exchange its reply completes."""
+    req, rep = [c for c in captures() if c.queue == 1][2:4]
+    feed = ControlFeed(LiveState(analyzer=Analyzer(keep_exchanges=False, keep_raw=True)), "/nonexistent")
+    done: list[Any] = []
+    feed.state.analyzer.listeners.append(done.append)
+    feed._packet(True, req.data, req.length, 1, req.head, req.ts_ns, 0, 5, [])
+    feed.apply({"type": "lints", "n": 5, "lints": ["stuck"]})
+    feed._packet(False, rep.data, rep.length, 1, rep.head, rep.ts_ns, 0, 5, [])
+    (ex,) = done
+    assert ex.n == 5 and ex.replied and "stuck" in ex.lints and not feed.state.open

@@ -385,7 +385,8 @@ class ControlFeed(Feed):
             else:
                 self._reply(obj)
         elif t == "lints":  # the source's verdicts on an exchange the binary stream completed
-            ex = st.find_n(obj.get("n", -1))
+            # (or is about to: a source that analyses at once publishes them before the reply's capture)
+            ex = st.open.get(obj.get("n", -1)) or st.find_n(obj.get("n", -1))
             if ex is not None:
                 self._source_lints(ex, obj)
         elif t == "control":
