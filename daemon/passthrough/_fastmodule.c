@@ -2,12 +2,13 @@
  *
  * Mechanics only.  The Python op table (daemon/server.py, daemon/passthrough/fs.py) stays the description
  * of every operation and its fallback: `FastPath(fs)(request) -> reply bytes | b"" | None` answers
- * GETATTR, LOOKUP of an inode already held, UNLINK, RMDIR, RELEASE, RELEASEDIR, FLUSH and STATFS exactly as
- * the Python path would (byte for byte; tests/test_daemon_fastpath.py replays the same requests through both), and
- * hands FORGET/BATCH_FORGET to the filesystem's own forget() without the generic decode.  Anything it does
- * not fully handle (a malformed or unusual message, an unknown nodeid, an inode not held yet, a directory
- * whose fd is not cached, a handle with locks or a backing file) gives None: the caller then serves the
- * request through Python, and nothing was changed.  b"" means served, no reply (FORGET).
+ * GETATTR, LOOKUP, UNLINK, RMDIR, RELEASE, RELEASEDIR, FLUSH and STATFS exactly as the Python path would
+ * (byte for byte; tests/test_daemon_fastpath.py replays the same requests through both).  Where the Python
+ * path changes the inode table it still does, called from here: a LOOKUP that finds a new inode hands its
+ * O_PATH fd to InodeStore.find_or_add, and FORGET/BATCH_FORGET go to the filesystem's forget() without the
+ * generic decode.  Anything it does not fully handle (a malformed or unusual message, an unknown nodeid, a
+ * directory whose fd is not cached, a handle with locks or a backing file) gives None: the caller then
+ * serves the request through Python, and nothing was changed.  b"" means served, no reply (FORGET).
  *
  * State: there is one inode table, the Python one (inodes.InodeStore); this reads it (and bumps nlookup
  * under the store's own lock) with the GIL held, so it is coherent with Python by construction.  A cached
@@ -50,6 +51,7 @@ typedef struct {
     unsigned int getattr_fh;    /* FUSE_GETATTR_FH */
     unsigned int attr_submount; /* FUSE_ATTR_SUBMOUNT */
     unsigned long long max_message; /* longer messages are the decoder's to refuse */
+    PyObject *stat_type;            /* syscalls.Statx: what InodeStore.find_or_add takes */
     unsigned long long served[NOPS];
     unsigned long long fallbacks;
     PyObject *errors; /* {(opcode, errno): count} */
@@ -58,7 +60,7 @@ typedef struct {
 static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_mode, *S_handle, *S_mount,
     *S_nodeid, *S_generation, *S_dev, *S_mnt_id, *S_nlookup, *S_handles, *S_is_dir, *S_lock_fds, *S_backing,
     *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
-    *S_readonly;
+    *S_readonly, *S_find_or_add;
 
 /* ------------------------------------------------------------------ small helpers */
 static int get_long(PyObject *o, PyObject *name, long long *out) {
@@ -329,7 +331,158 @@ static size_t plain_name(const char *body, size_t blen) {
     return nlen;
 }
 
-/* LOOKUP of an inode the store already holds (fs._do_lookup + InodeStore.find_known); a new one falls back. */
+/* Run `call` on the store's lock (InodeStore._lock) with a Python error kept across the release: 0 or -1. */
+static int under_lock(PyObject *store, int (*call)(void *), void *arg) {
+    PyObject *lock = PyObject_GetAttr(store, S_lock);
+    if (lock == NULL) return -1;
+    PyObject *ok = PyObject_CallMethodNoArgs(lock, S_acquire);
+    if (ok == NULL) {
+        Py_DECREF(lock);
+        return -1;
+    }
+    Py_DECREF(ok);
+    int rc = call(arg);
+    PyObject *exc_type, *exc_val, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_val, &exc_tb);
+    PyObject *rel = PyObject_CallMethodNoArgs(lock, S_release);
+    Py_DECREF(lock);
+    if (exc_type != NULL) {
+        Py_XDECREF(rel);
+        PyErr_Restore(exc_type, exc_val, exc_tb);
+        return -1;
+    }
+    if (rel == NULL) return -1;
+    Py_DECREF(rel);
+    return rc;
+}
+
+typedef struct {
+    PyObject *by_id, *by_key, *key, *inode;
+    long long nodeid;
+    int current;
+} Account;
+
+/* find_known's locked part: one more lookup of the inode, if it is still the one held for its key and id. */
+static int account_lookup(void *arg) {
+    Account *a = arg;
+    long long nlookup;
+    PyObject *v = NULL;
+    a->current = PyDict_GetItemWithError(a->by_key, a->key) == a->inode && get_long(a->inode, S_nodeid, &a->nodeid) == 0
+                 && inode_of(a->by_id, (uint64_t)a->nodeid) == a->inode;
+    if (PyErr_Occurred()) return -1;
+    if (!a->current) return 0;
+    int rc = (get_long(a->inode, S_nlookup, &nlookup) < 0 || (v = PyLong_FromLongLong(nlookup + 1)) == NULL
+              || PyObject_SetAttr(a->inode, S_nlookup, v) < 0) ? -1 : 0;
+    Py_XDECREF(v);
+    return rc;
+}
+
+static int statx_at(PathFd *p, const char *name, int flags, struct statx *sx) {
+    int rc, e = 0;
+    if (p != NULL && p->gil) {
+        rc = statx(p->fd, name, flags, STATX_BASIC_STATS | STATX_MNT_ID, sx);
+        return rc == 0 ? 0 : errno;
+    }
+    int fd = p != NULL ? p->fd : -1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = statx(fd, name, flags, STATX_BASIC_STATS | STATX_MNT_ID, sx);
+    if (rc != 0) e = errno;
+    Py_END_ALLOW_THREADS
+    return rc == 0 ? 0 : e;
+}
+
+/* 1: the inode held for this key is the one behind `name` (an O_PATH-held one pins its st_ino; a
+ * handle-held one must match its handle); 0: not known (find_known's None); -1: a Python error. */
+static int same_inode(PathFd *p, const char *name, PyObject *inode) {
+    long long ifd;
+    if (get_long(inode, S_fd, &ifd) < 0) return -1;
+    if (ifd >= 0) return 1;
+    union {
+        struct file_handle fh;
+        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
+    } hb;
+    int mount_id = 0, rc;
+    hb.fh.handle_bytes = MAX_HANDLE_SZ_;
+    if (p->gil) {
+        rc = name_to_handle_at(p->fd, name, &hb.fh, &mount_id, 0);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = name_to_handle_at(p->fd, name, &hb.fh, &mount_id, 0);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc != 0) return 0;
+    PyObject *held = PyObject_GetAttr(inode, S_handle);
+    if (held == NULL) return -1;
+    size_t hlen = sizeof(struct file_handle) + hb.fh.handle_bytes;
+    int same = PyBytes_Check(held) && (size_t)PyBytes_GET_SIZE(held) == hlen
+               && memcmp(PyBytes_AS_STRING(held), hb.raw, hlen) == 0;
+    Py_DECREF(held);
+    return same;
+}
+
+/* A new inode, as fs._do_lookup makes one: an O_PATH fd on the name, its statx, and the store's own
+ * find_or_add (Python: the handle, the mount fd, the new Inode; it keeps or closes the fd).  A new
+ * reference, or NULL with *err set (an errno to answer) or a Python error. */
+static PyObject *adopt(FastPath *self, PyObject *store, PathFd *p, const char *name, PyObject *parent,
+                       struct statx *sx, int *err) {
+    int fd, e = 0;
+    if (p->gil) {
+        fd = openat(p->fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) e = errno;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        fd = openat(p->fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) e = errno;
+        Py_END_ALLOW_THREADS
+    }
+    path_fd_done(p);
+    if (fd < 0) {
+        *err = e;
+        return NULL;
+    }
+    PathFd own = {NULL, fd, 0, 0, 0};
+    e = statx_at(&own, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, sx);
+    if (e) {
+        close(fd);
+        *err = e;
+        return NULL;
+    }
+    unsigned long long mnt_id = (sx->stx_mask & STATX_MNT_ID) ? sx->stx_mnt_id : 0;
+    PyObject *st = PyObject_CallFunction(
+        self->stat_type, "(KKKKKKKKKKKLLL)", (unsigned long long)sx->stx_mode, (unsigned long long)sx->stx_ino,
+        (unsigned long long)makedev(sx->stx_dev_major, sx->stx_dev_minor), mnt_id, (unsigned long long)sx->stx_nlink,
+        (unsigned long long)sx->stx_uid, (unsigned long long)sx->stx_gid, (unsigned long long)sx->stx_size,
+        (unsigned long long)sx->stx_blocks, (unsigned long long)sx->stx_blksize,
+        (unsigned long long)makedev(sx->stx_rdev_major, sx->stx_rdev_minor),
+        (long long)sx->stx_atime.tv_sec * 1000000000LL + sx->stx_atime.tv_nsec,
+        (long long)sx->stx_mtime.tv_sec * 1000000000LL + sx->stx_mtime.tv_nsec,
+        (long long)sx->stx_ctime.tv_sec * 1000000000LL + sx->stx_ctime.tv_nsec);
+    PyObject *fdo = st != NULL ? PyLong_FromLong(fd) : NULL;
+    if (fdo == NULL) {
+        Py_XDECREF(st);
+        close(fd);
+        return NULL;
+    }
+    PyObject *inode = PyObject_CallMethodObjArgs(store, S_find_or_add, fdo, st, parent, NULL);
+    Py_DECREF(fdo);
+    Py_DECREF(st);
+    if (inode == NULL && PyErr_ExceptionMatches(PyExc_OSError)) { /* answered with its errno, as _serve does */
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        PyObject *en = v != NULL ? PyObject_GetAttrString(v, "errno") : NULL;
+        *err = en != NULL && PyLong_Check(en) ? (int)PyLong_AsLong(en) : EIO;
+        if (*err == 0 || PyErr_Occurred()) *err = EIO;
+        PyErr_Clear();
+        Py_XDECREF(en);
+        Py_XDECREF(t);
+        Py_XDECREF(v);
+        Py_XDECREF(tb);
+    }
+    return inode;
+}
+
+/* LOOKUP (fs.lookup: check_name, fs._do_lookup with InodeStore.find_known / find_or_add, fs._entry). */
 static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
                            PyObject *store) {
     size_t nlen = plain_name(body, blen);
@@ -340,165 +493,119 @@ static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const
         name = ".";
         dotdot = 0;
     }
-    PyObject *by_id = PyObject_GetAttr(store, S_by_id);
-    if (by_id == NULL) return NULL;
-    PyObject *result = NULL, *by_key = NULL, *lock = NULL, *key = NULL, *parent, *inode;
-    parent = inode_of(by_id, h->nodeid);
+    Account a = {NULL, NULL, NULL, NULL, 0, 0};
+    PyObject *result = NULL, *parent = NULL;
+    a.by_id = PyObject_GetAttr(store, S_by_id);
+    if (a.by_id == NULL) return NULL;
+    parent = inode_of(a.by_id, h->nodeid);
     if (parent == NULL) {
-        result = PyErr_Occurred() ? NULL : fallback(self);
+        result = PyErr_Occurred() ? NULL : fallback(self); /* EBADF: Python's */
         goto out;
     }
     Py_INCREF(parent);
     PathFd p;
     int e = 0, rc = path_fd(parent, &p, &e);
-    if (rc == -2) goto out_parent;
-    if (rc == 0 || !S_ISDIR(p.mode)) { /* a file as the parent: Python's path (ENOTDIR) */
+    if (rc == -2) goto out;
+    if (rc == 0 || (rc > 0 && !S_ISDIR(p.mode))) { /* a directory not cached yet, or a file as the parent */
         path_fd_done(&p);
         result = fallback(self);
-        goto out_parent;
+        goto out;
     }
     if (rc < 0) {
         result = reply_error(self, h->opcode, h->unique, e);
-        goto out_parent;
+        goto out;
     }
     struct statx sx;
-    if (p.gil) {
-        rc = statx(p.fd, name, AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS | STATX_MNT_ID, &sx);
-        if (rc != 0) e = errno;
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        rc = statx(p.fd, name, AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS | STATX_MNT_ID, &sx);
-        if (rc != 0) e = errno;
-        Py_END_ALLOW_THREADS
-    }
-    if (rc != 0) {
+    e = statx_at(&p, name, AT_SYMLINK_NOFOLLOW, &sx);
+    if (e) {
         path_fd_done(&p);
         result = reply_error(self, h->opcode, h->unique, e);
-        goto out_parent;
+        goto out;
     }
     unsigned long long mnt_id = (sx.stx_mask & STATX_MNT_ID) ? sx.stx_mnt_id : 0;
-    key = Py_BuildValue("(KKK)", (unsigned long long)makedev(sx.stx_dev_major, sx.stx_dev_minor),
-                        (unsigned long long)sx.stx_ino, mnt_id);
-    by_key = key != NULL ? PyObject_GetAttr(store, S_by_key) : NULL;
-    if (by_key == NULL) {
+    a.key = Py_BuildValue("(KKK)", (unsigned long long)makedev(sx.stx_dev_major, sx.stx_dev_minor),
+                          (unsigned long long)sx.stx_ino, mnt_id);
+    a.by_key = a.key != NULL ? PyObject_GetAttr(store, S_by_key) : NULL;
+    if (a.by_key == NULL) {
         path_fd_done(&p);
-        goto out_parent;
+        goto out;
     }
-    inode = PyDict_GetItemWithError(by_key, key);
-    if (inode == NULL) { /* not held yet (or '..' leaving what was looked up): Python's path */
+    a.inode = PyDict_GetItemWithError(a.by_key, a.key);
+    if (a.inode == NULL && PyErr_Occurred()) {
         path_fd_done(&p);
-        result = PyErr_Occurred() ? NULL : fallback(self);
-        goto out_parent;
+        goto out;
     }
-    Py_INCREF(inode);
-    long long ifd;
-    if (get_long(inode, S_fd, &ifd) < 0) {
-        path_fd_done(&p);
-        goto out_inode;
-    }
-    if (ifd < 0) { /* held by handle: the st_ino may have been reused, the handle tells */
-        union {
-            struct file_handle fh;
-            unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
-        } hb;
-        int mount_id = 0;
-        hb.fh.handle_bytes = MAX_HANDLE_SZ_;
-        if (p.gil) {
-            rc = name_to_handle_at(p.fd, name, &hb.fh, &mount_id, 0);
-        } else {
-            Py_BEGIN_ALLOW_THREADS
-            rc = name_to_handle_at(p.fd, name, &hb.fh, &mount_id, 0);
-            Py_END_ALLOW_THREADS
+    Py_XINCREF(a.inode);
+    if (a.inode != NULL) {
+        rc = same_inode(&p, name, a.inode);
+        if (rc < 0 || (rc == 1 && under_lock(store, account_lookup, &a) < 0)) {
+            path_fd_done(&p);
+            goto out;
         }
-        path_fd_done(&p);
-        if (rc != 0) {
+        if (rc == 1 && !a.current && p.gil) {
+            /* Replaced meanwhile, and waiting for the lock may have let the GIL go: the cached directory
+             * fd may be gone too.  Nothing was changed: Python serves it. */
+            path_fd_done(&p);
             result = fallback(self);
-            goto out_inode;
+            goto out;
         }
-        PyObject *held = PyObject_GetAttr(inode, S_handle);
-        if (held == NULL) goto out_inode;
-        size_t hlen = sizeof(struct file_handle) + hb.fh.handle_bytes;
-        int same = PyBytes_Check(held) && (size_t)PyBytes_GET_SIZE(held) == hlen
-                   && memcmp(PyBytes_AS_STRING(held), hb.raw, hlen) == 0;
-        Py_DECREF(held);
-        if (!same) {
-            result = fallback(self);
-            goto out_inode;
+    }
+    if (!a.current) { /* find_known found nothing: a new inode (or the key's old one gone) */
+        Py_CLEAR(a.inode);
+        if (dotdot) { /* only an inode the client already reached from the root */
+            path_fd_done(&p);
+            result = reply_error(self, h->opcode, h->unique, EACCES);
+            goto out;
         }
+        e = 0;
+        a.inode = adopt(self, store, &p, name, parent, &sx, &e);
+        if (a.inode == NULL) {
+            if (e) result = reply_error(self, h->opcode, h->unique, e);
+            goto out;
+        }
+        if (get_long(a.inode, S_nodeid, &a.nodeid) < 0) goto out;
     } else {
         path_fd_done(&p);
-    }
-    /* Account the lookup under the store's lock, if the inode is still the one held for the key and id. */
-    lock = PyObject_GetAttr(store, S_lock);
-    if (lock == NULL) goto out_inode;
-    PyObject *ok = PyObject_CallMethodNoArgs(lock, S_acquire);
-    if (ok == NULL) goto out_inode;
-    Py_DECREF(ok);
-    long long nodeid = 0, nlookup = 0;
-    int current = PyDict_GetItemWithError(by_key, key) == inode && get_long(inode, S_nodeid, &nodeid) == 0
-                  && inode_of(by_id, (uint64_t)nodeid) == inode;
-    int failed = PyErr_Occurred() != NULL;
-    if (current && !failed) {
-        PyObject *v = NULL;
-        failed = get_long(inode, S_nlookup, &nlookup) < 0 || (v = PyLong_FromLongLong(nlookup + 1)) == NULL
-                 || PyObject_SetAttr(inode, S_nlookup, v) < 0;
-        Py_XDECREF(v);
-    }
-    PyObject *exc_type, *exc_val, *exc_tb;
-    PyErr_Fetch(&exc_type, &exc_val, &exc_tb);
-    PyObject *rel = PyObject_CallMethodNoArgs(lock, S_release);
-    Py_XDECREF(rel);
-    if (exc_type != NULL) {
-        PyErr_Restore(exc_type, exc_val, exc_tb);
-        goto out_inode;
-    }
-    if (rel == NULL) goto out_inode;
-    if (!current) {
-        result = fallback(self);
-        goto out_inode;
     }
     /* fs._entry: FUSE_ATTR_SUBMOUNT on a directory on another mount or st_dev than its parent */
     long long generation, i_mnt, i_dev, p_mnt, p_dev;
-    if (get_long(inode, S_generation, &generation) < 0 || get_long(inode, S_mnt_id, &i_mnt) < 0
-        || get_long(inode, S_dev, &i_dev) < 0 || get_long(parent, S_mnt_id, &p_mnt) < 0
+    if (get_long(a.inode, S_generation, &generation) < 0 || get_long(a.inode, S_mnt_id, &i_mnt) < 0
+        || get_long(a.inode, S_dev, &i_dev) < 0 || get_long(parent, S_mnt_id, &p_mnt) < 0
         || get_long(parent, S_dev, &p_dev) < 0)
-        goto out_inode;
+        goto out;
     PyObject *sub = PyObject_GetAttr(self->fs, S_submounts);
-    if (sub == NULL) goto out_inode;
+    if (sub == NULL) goto out;
     int submounts = PyObject_IsTrue(sub);
     Py_DECREF(sub);
     double timeout;
-    if (submounts < 0 || fs_timeout(self, &timeout) < 0) goto out_inode;
+    if (submounts < 0 || fs_timeout(self, &timeout) < 0) goto out;
     uint32_t flags = 0;
     if (submounts && S_ISDIR(sx.stx_mode) && (i_mnt != p_mnt || i_dev != p_dev)) {
         flags = self->attr_submount;
         PyObject *zero = PyObject_GetAttr(self->fs, S_zero_gen);
         int z = zero != NULL ? PyObject_IsTrue(zero) : -1;
         Py_XDECREF(zero);
-        if (z < 0) goto out_inode;
+        if (z < 0) goto out;
         if (z) generation = 0;
     }
     char *out;
     result = reply_new(sizeof(struct fuse_entry_out), h->unique, &out);
-    if (result == NULL) goto out_inode;
+    if (result == NULL) goto out;
     struct fuse_entry_out eo;
     memset(&eo, 0, sizeof eo);
-    eo.nodeid = (uint64_t)nodeid;
+    eo.nodeid = (uint64_t)a.nodeid;
     eo.generation = (uint64_t)generation;
     split_timeout(timeout, &eo.entry_valid, &eo.entry_valid_nsec);
     split_timeout(timeout, &eo.attr_valid, &eo.attr_valid_nsec);
     attr_from_statx(&eo.attr, &sx, flags);
     memcpy(out, &eo, sizeof eo);
     self->served[h->opcode]++;
-out_inode:
-    Py_DECREF(inode);
-out_parent:
-    Py_DECREF(parent);
 out:
-    Py_XDECREF(lock);
-    Py_XDECREF(key);
-    Py_XDECREF(by_key);
-    Py_DECREF(by_id);
+    Py_XDECREF(a.inode);
+    Py_XDECREF(a.key);
+    Py_XDECREF(a.by_key);
+    Py_XDECREF(parent);
+    Py_DECREF(a.by_id);
     return result;
 }
 
@@ -814,12 +921,12 @@ done:
 
 static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     FastPath *self = (FastPath *)op;
-    static char *kw[] = {"fs", "opcodes", "getattr_fh", "attr_submount", "max_message", NULL};
-    PyObject *fs, *opcodes;
+    static char *kw[] = {"fs", "opcodes", "getattr_fh", "attr_submount", "max_message", "stat_type", NULL};
+    PyObject *fs, *opcodes, *stat_type;
     unsigned int getattr_fh, attr_submount;
     unsigned long long max_message;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!IIK:FastPath", kw, &fs, &PyDict_Type, &opcodes, &getattr_fh,
-                                     &attr_submount, &max_message))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!IIKO:FastPath", kw, &fs, &PyDict_Type, &opcodes, &getattr_fh,
+                                     &attr_submount, &max_message, &stat_type))
         return -1;
     for (int i = 0; i < K_N; i++) {
         PyObject *v = PyDict_GetItemString(opcodes, op_keys[i]);
@@ -840,6 +947,8 @@ static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     self->getattr_fh = getattr_fh;
     self->attr_submount = attr_submount;
     self->max_message = max_message;
+    Py_INCREF(stat_type);
+    Py_XSETREF(self->stat_type, stat_type);
     if (self->errors == NULL && (self->errors = PyDict_New()) == NULL) return -1;
     return 0;
 }
@@ -873,6 +982,7 @@ static int fast_traverse(PyObject *op, visitproc visit, void *arg) {
     FastPath *self = (FastPath *)op;
     Py_VISIT(self->fs);
     Py_VISIT(self->errors);
+    Py_VISIT(self->stat_type);
     return 0;
 }
 
@@ -880,6 +990,7 @@ static int fast_clear(PyObject *op) {
     FastPath *self = (FastPath *)op;
     Py_CLEAR(self->fs);
     Py_CLEAR(self->errors);
+    Py_CLEAR(self->stat_type);
     return 0;
 }
 
@@ -900,7 +1011,8 @@ static PyTypeObject FastPathType = {
     .tp_name = "daemon.passthrough._fast.FastPath",
     .tp_basicsize = sizeof(FastPath),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "FastPath(fs, opcodes, getattr_fh, attr_submount, max_message)(request) -> reply bytes | b'' | None",
+    .tp_doc = "FastPath(fs, opcodes, getattr_fh, attr_submount, max_message, stat_type)(request)"
+              " -> reply bytes | b'' | None",
     .tp_new = PyType_GenericNew,
     .tp_init = fast_init,
     .tp_call = fast_call,
@@ -948,6 +1060,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_zero_gen, "zero_submount_generation");
     INTERN(S_opts, "opts");
     INTERN(S_readonly, "readonly");
+    INTERN(S_find_or_add, "find_or_add");
     if (PyType_Ready(&FastPathType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

@@ -258,7 +258,7 @@ class PassthroughFS(FileSystem):
             log.info("no C fast path: %s redefines %s", type(self).__name__, ", ".join(changed))
             return None
         opcodes = {o.name: o.value for o in spec.OPCODES}
-        fast: FastPath = native.FastPath(self, opcodes, GETATTR_FH, ATTR_SUBMOUNT, spec.MAX_MESSAGE)
+        fast: FastPath = native.FastPath(self, opcodes, GETATTR_FH, ATTR_SUBMOUNT, spec.MAX_MESSAGE, sc.Statx)
         return fast
 
     def backing_id(self, fh: int) -> int:
