@@ -135,6 +135,8 @@ def test_recording_rotates_beside_the_first_part_from_inside_the_sandbox(tmp_pat
         p.send_signal(signal.SIGTERM)
         out_text = p.communicate(timeout=20)[0]
     assert p.returncode == 0, out_text
-    parts = sorted(x.name for x in out.iterdir())
-    assert len(parts) == 2 and all(x.startswith("r.") and x.endswith(".pcapng") for x in parts), parts
+    files = sorted(x.name for x in out.iterdir())
+    parts = [x for x in files if x.endswith(".pcapng")]
+    assert len(parts) == 2 and all(x.startswith("r.") for x in parts), files
+    assert files == sorted(parts + [f"{x}.fsidx" for x in parts]), files  # each part kept with its index
     assert sorted(x.name for x in shared.iterdir()) == [f"f{i}" for i in range(8)]
