@@ -161,11 +161,13 @@ class Standalone:
             self.error = e
             return
         devs = self.clones or [self.dev] * (self.readers - 1)
-        threads = [threading.Thread(target=_reader, args=(dev, self.server, q), daemon=True,
+        # Whichever reader gets FUSE_INIT starts the rings once it has answered it.
+        after = None if self.uring is None else self.uring.start_if_agreed
+        threads = [threading.Thread(target=_reader, args=(dev, self.server, q, after), daemon=True,
                                     name=f"fuse-reader-{q}") for q, dev in enumerate(devs, 1)]
         for t in threads:
             t.start()
-        _reader(self.dev, self.server, 0, None if self.uring is None else self.uring.start_if_agreed)
+        _reader(self.dev, self.server, 0, after)
 
     def _ring_failed(self, e: OSError) -> None:
         """A ring thread is confined (no unmount in there): the serve thread unmounts."""

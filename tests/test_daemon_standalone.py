@@ -296,8 +296,9 @@ def _dev_fuse_fds(pid: int) -> int:
     return sum(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse" for fd in os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.parametrize("transport", ["dev", "uring-c"])
 @pytest.mark.parametrize("clone", [False, True], ids=["shared-fd", "clone-fd"])
-def test_several_readers(tmp_path: Path, clone: bool) -> None:
+def test_several_readers(tmp_path: Path, clone: bool, transport: str) -> None:
     """Three reader threads on one fd, or each on its own FUSE_DEV_IOC_CLONE fd (opened before the
     sandbox, which has no /dev/fuse): concurrent clients all get their replies (a reply written on
     another fd than its request's would be lost, and the caller would hang), and a signal still unmounts."""
@@ -305,7 +306,10 @@ def test_several_readers(tmp_path: Path, clone: bool) -> None:
     shared, mnt = tmp_path / "shared", tmp_path / "mnt"
     shared.mkdir()
     mnt.mkdir()
-    proc = start(shared, mnt, "--readers", "3", *(["--clone-fd"] if clone else []))
+    if transport != "dev" and (why := uring_missing()):
+        pytest.skip(why)
+    args, env = TRANSPORTS[transport]  # with the rings, whichever reader gets FUSE_INIT must start them
+    proc = start(shared, mnt, "--readers", "3", *(["--clone-fd"] if clone else []), *args, env=env)
     errors: list[BaseException] = []
 
     def client(k: int) -> None:
