@@ -176,7 +176,11 @@ class Standalone:
         self._wake.set()
 
     def stop(self) -> None:
-        """Unmount; the readers see ENODEV and return."""
+        """Unmount; the readers see ENODEV and return.
+
+        A request held by the debugger keeps its caller in the mount, so the unmount goes lazy and the
+        connection (and its readers) lives until that caller returns: it is let go at once (EIO), not
+        after the main loop's 30 s join."""
         if self.dev.mounted:
             try:
                 self.dev.mounted = False
@@ -184,6 +188,8 @@ class Standalone:
             except FuseDevError as e:
                 log.warning("%s; detaching lazily", e)
                 unmount(self.mountpoint, lazy=True, via_fusermount=self.dev.via_fusermount)
+        if self.server.hold is not None:
+            self.server.hold.flush()
 
     def close(self) -> None:
         """Unmount and release everything (idempotent; the serve thread and a signal may both get here)."""
