@@ -59,6 +59,9 @@ class EngineHoldPoint:
 
     def __init__(self) -> None:
         self.on_held: HeldCallback | None = None
+        # Told of each hold the engine resolves itself (flush: the session ends), so a delay rule's timer
+        # or a client's verdict does not come for it later.
+        self.on_resolved: Callable[[int, int, int, str], None] | None = None
         self.server: Server | None = None
         self._rules: tuple[HoldRule, ...] = ()
         self._req_ops: tuple[frozenset[int] | None, int] = (frozenset(), 0)  # cached prefilter, see set_rules
@@ -206,6 +209,9 @@ class EngineHoldPoint:
             elif h.opcode not in NO_REPLY_OPS:
                 server.send_reply(h.reply, h.queue, h.unique, _out_pack(F.OUT_HEADER_SIZE, -errno.EIO, h.unique),
                                   "reply:safety")
+        if self.on_resolved is not None:
+            for h in items:
+                self.on_resolved(h.queue, h.unique, h.direction, "released" if h.direction == HOLD_REPLY else "answered")
         if items:
             log.warning("released %d held exchange(s) safely (EIO for held requests)", len(items))
         return len(items)
