@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import stat
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,19 @@ OP = {o.name: o.value for o in spec.OPCODES}
 GETATTR_FH = spec.GETATTR_FLAGS.by_name()["FH"]
 SUBMOUNT = spec.ATTR_FLAGS.by_name()["SUBMOUNT"]
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+OPEN_KILL_SUIDGID = spec.OPEN_IN_FLAGS.by_name()["KILL_SUIDGID"]
+# A CREATE reply: fuse_out_header, fuse_entry_out (its fuse_attr from byte 56 on), fuse_open_out.
+CREATE_REPLY = F.OUT_HEADER_SIZE + F.CODECS["fuse_entry_out"].size + F.CODECS["fuse_open_out"].size
+_ATTR = F.OUT_HEADER_SIZE + 40
+_INO, _TIMES = slice(_ATTR, _ATTR + 8), slice(_ATTR + 24, _ATTR + 60)  # st_ino; a/m/ctime and their nsec
+
+
+def _identity_out(reply: bytes) -> bytes:
+    """A CREATE reply without the st_ino and times, which differ between two files made one after the other."""
+    b = bytearray(reply)
+    b[_INO] = bytes(8)
+    b[_TIMES] = bytes(36)
+    return bytes(b)
 
 
 def _native_built() -> bool:
@@ -65,16 +81,19 @@ def share(tmp_path: Path) -> Iterator[Path]:
 
 
 class Twins:
-    """The same request bytes to an engine with the fast path and to one without; replies compared."""
+    """The same request bytes to an engine with the fast path and to one without; replies compared.  Each
+    engine serves on a thread of its own, as a daemon's queue does (the main thread creates files through
+    Python: it switches the process's umask)."""
 
     def __init__(self, share: Path, monkeypatch: pytest.MonkeyPatch, fs_class: type[PassthroughFS] = PassthroughFS,
                  **opts: Any) -> None:
+        self.threads = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"twin-{n}") for n in ("c", "py")]
         monkeypatch.delenv("FSINSPECT_FAST", raising=False)
         self.fs_c = fs_class(Options(str(share), **opts))
-        self.c = EngineClient(Server(self.fs_c))
+        self.c = EngineClient(Server(self.fs_c), via=self.threads[0])
         monkeypatch.setenv("FSINSPECT_FAST", "python")
         self.fs_py = fs_class(Options(str(share), **opts))
-        self.py = EngineClient(Server(self.fs_py))
+        self.py = EngineClient(Server(self.fs_py), via=self.threads[1])
         monkeypatch.delenv("FSINSPECT_FAST")
         assert self.c.server._fast is not None and self.py.server._fast is None
         self.unique = 0
@@ -86,26 +105,34 @@ class Twins:
         served, _errors, _fallbacks = self.c.server._fast.counts()
         return sum(served.values())
 
-    def send(self, raw: bytes, what: str, *, reply: bool = True, between: Callable[[], object] | None = None
-             ) -> bytes | None:
+    def send(self, raw: bytes, what: str, *, reply: bool = True, between: Callable[[], object] | None = None,
+             new_file: Callable[[bytes, bytes], None] | None = None) -> bytes | None:
         """Both engines; the (identical) reply, and whether the fast path served it.  `between` puts back
-        what the first engine's request changed in the share (an unlinked name), for the second."""
+        what the first engine's request changed in the share (an unlinked name), for the second.  With
+        `new_file`, each engine's reply names a file of its own: its st_ino and times are compared by
+        new_file(fast, python) instead, every other byte must still be the same."""
         before = self.served()
         timeout = 10.0 if reply else 0.2
         a = self.c.raw(raw, timeout)
         if between is not None:
             between()
         b = self.py.raw(raw, timeout)
-        assert a == b, f"{what}: fast path {a!r} != Python {b!r}"
+        if new_file is not None and a is not None and b is not None and len(a) == len(b) == CREATE_REPLY:
+            new_file(a, b)
+            a_, b_ = _identity_out(a), _identity_out(b)
+            assert a_ == b_, f"{what}: fast path {a_!r} != Python {b_!r} (identity and times left out)"
+        else:
+            assert a == b, f"{what}: fast path {a!r} != Python {b!r}"
         self.log.append((what, self.served() > before, a))
         return a
 
     def req(self, op: str, args: dict[str, Any] | None = None, *, nodeid: int = 0, reply: bool = True,
-            what: str = "", between: Callable[[], object] | None = None) -> bytes | None:
+            what: str = "", between: Callable[[], object] | None = None,
+            new_file: Callable[[bytes, bytes], None] | None = None, uid: int = 0, gid: int = 0) -> bytes | None:
         self.unique += 1
-        raw = F.encode_request(op, args, unique=self.unique, nodeid=nodeid, uid=0, gid=0, pid=1,
+        raw = F.encode_request(op, args, unique=self.unique, nodeid=nodeid, uid=uid, gid=gid, pid=1,
                                ctx=self.c.server.ctx)
-        return self.send(raw, what or f"{op} {nodeid} {args}", reply=reply, between=between)
+        return self.send(raw, what or f"{op} {nodeid} {args}", reply=reply, between=between, new_file=new_file)
 
     def init(self) -> bytes | None:
         init = F.make("fuse_init_in", major=7, minor=spec.KERNEL_MINOR_VERSION, max_readahead=128 * 1024,
@@ -130,11 +157,18 @@ class Twins:
     def last_fast(self) -> bool:
         return self.log[-1][1]
 
+    def handles(self) -> tuple[dict[int, tuple[int, bool, int, int]], dict[int, tuple[int, bool, int, int]]]:
+        """Each engine's open-file table: fh -> (nodeid, is_dir, backing_id, the fd's status flags)."""
+        return tuple({fh: (h.inode.nodeid, h.is_dir, h.backing_id, fcntl.fcntl(h.fd, fcntl.F_GETFL))  # type: ignore[return-value]
+                      for fh, h in fs._handles.items()} for fs in (self.fs_c, self.fs_py))
+
     def close(self) -> None:
         for cl in (self.c, self.py):
             cl.server.shutdown()
         self.fs_c.close()
         self.fs_py.close()
+        for th in self.threads:
+            th.shutdown()
 
 
 @pytest.fixture
@@ -302,6 +336,189 @@ def test_fast_path_replies_byte_for_byte_as_python(twins: Any, share: Path, hand
     assert cc["ops"] == pc["ops"] and cc["errors"] == pc["errors"] and cc["dropped"] == pc["dropped"]
     assert cc["fast_path"]["served"] >= 40 and cc["fast_path"]["fallbacks"] >= 15, cc["fast_path"]
     assert "fast_path" not in pc
+
+
+def _create(flags: int, mode: int = 0o100644, umask: int = 0o022, open_flags: int = 0, *,
+            name: bytes) -> dict[str, Any]:
+    return {"create": F.make("fuse_create_in", flags=flags, mode=mode, umask=umask, open_flags=open_flags),
+            "name": name}
+
+
+def _open(flags: int, open_flags: int = 0) -> dict[str, Any]:
+    return {"open": F.make("fuse_open_in", flags=flags, open_flags=open_flags)}
+
+
+@pytest.mark.parametrize("fs_class", [PassthroughFS, GuestPassthroughFS], ids=["standalone", "vhost"])
+@pytest.mark.parametrize("handles", [HandleMode.PREFER, HandleMode.NEVER])
+@pytest.mark.parametrize("cache,writeback", [(CacheMode.NONE, False), (CacheMode.AUTO, False),
+                                             (CacheMode.ALWAYS, True)], ids=["none", "auto", "always-writeback"])
+def test_create_and_open_byte_for_byte_as_python(twins: Any, share: Path, handles: HandleMode, cache: CacheMode,
+                                                 writeback: bool, fs_class: type[PassthroughFS]) -> None:
+    """CREATE, OPEN and OPENDIR on the fast path: the same replies (a new file's st_ino and times are its own),
+    the same open-file tables (fd status flags included), the same files on the host and the same counters."""
+    t: Twins = twins(cache=cache, inode_file_handles=handles, fs_class=fs_class, writeback=writeback)
+    pub = share / "pub"
+    pub.mkdir()
+    pub.chmod(0o1777)
+    os.mkfifo(share / "fifo")
+    look = lambda parent, name: t.ok("LOOKUP", {"name": name}, nodeid=parent).args["entry"]  # noqa: E731
+    d = look(1, b"dir")
+    pubn = look(1, b"pub").nodeid
+    sub = look(1, b"sub")
+
+    def made(path: Path) -> Callable[[bytes, bytes], None]:
+        """The fast path created `path` (moved aside to path.c for the Python engine to create its own)."""
+        def check(a: bytes, b: bytes) -> None:
+            for reply, p, moved in ((a, path.with_name(path.name + ".c"), True), (b, path, False)):
+                st = os.stat(p)
+                assert int.from_bytes(reply[_INO], "little") == st.st_ino, p
+                a_s, m_s, c_s, a_ns, m_ns, c_ns = struct.unpack_from("<QQQIII", reply, _TIMES.start)
+                assert (a_s * 10**9 + a_ns, m_s * 10**9 + m_ns) == (st.st_atime_ns, st.st_mtime_ns), p
+                assert moved or c_s * 10**9 + c_ns == st.st_ctime_ns, p  # (moving it aside set its ctime)
+        return check
+
+    def create(parent: int, dirpath: Path, name: bytes, flags: int, **kw: Any) -> F.Reply:
+        """A new file made by each engine: the fast path's is moved aside before the Python engine's turn."""
+        path = dirpath / os.fsdecode(name)
+        args = _create(flags, name=name, **{k: v for k, v in kw.items() if k != "uid"})
+        uid = kw.get("uid", 0)
+        raw = t.req("CREATE", args, nodeid=parent, uid=uid, gid=uid, new_file=made(path),
+                    between=lambda: path.rename(path.with_name(path.name + ".c")))
+        rep = t.decoded("CREATE", args, raw)
+        assert rep.error == 0, rep.errname
+        return rep
+
+    excl = os.O_CREAT | os.O_EXCL
+    # New files, in the root (held by fd), in a directory and on the submount, with each access mode and the
+    # status flags the kernel passes on (O_APPEND, O_NONBLOCK, O_SYNC, O_DIRECT: dropped; writeback: O_WRONLY
+    # opened O_RDWR, O_APPEND dropped).  A directory held by handle is Python's until its fd is cached.
+    cases = [(1, share, b"n-ro", os.O_RDONLY | excl), (1, share, b"n-wo", os.O_WRONLY | excl),
+             (1, share, b"n-app", os.O_RDWR | os.O_APPEND | excl), (1, share, b"n-nb", os.O_WRONLY | os.O_NONBLOCK),
+             (1, share, b"n-sync", os.O_WRONLY | os.O_SYNC | excl), (1, share, b"n-direct", os.O_RDWR | os.O_DIRECT),
+             (d.nodeid, share / "dir", b"n1", os.O_RDWR | excl), (d.nodeid, share / "dir", b"n2", os.O_RDWR | excl),
+             (sub.nodeid, share / "sub", b"n1", os.O_RDWR | excl), (sub.nodeid, share / "sub", b"n2", os.O_RDWR)]
+    fhs = []
+    for parent, dirpath, name, flags in cases:
+        rep = create(parent, dirpath, name, flags | os.O_CREAT)
+        by_fd = parent == 1 or handles is HandleMode.NEVER
+        assert t.last_fast() == (by_fd or name == b"n2"), name
+        fhs.append((rep.args["entry"].nodeid, rep.args["open"].fh))
+        assert rep.args["entry"].attr.mode == stat.S_IFREG | 0o644  # the mode as sent (the kernel applied the umask)
+    fast_table, python_table = t.handles()
+    assert fast_table == python_table and len(fast_table) == len(cases)
+    ap = fast_table[fhs[2][1]][3]
+    assert (ap & os.O_APPEND == 0) == writeback and ap & os.O_NONBLOCK == 0
+    assert fast_table[fhs[1][1]][3] & os.O_ACCMODE == (os.O_RDWR if writeback else os.O_WRONLY)
+    assert fast_table[fhs[3][1]][3] & os.O_NONBLOCK and not fast_table[fhs[5][1]][3] & os.O_DIRECT
+    assert stat.S_IMODE(os.stat(share / "n-ro").st_mode) == stat.S_IMODE(os.stat(share / "n-ro.c").st_mode) == 0o644
+
+    # The mode as the kernel sent it, whatever the umask field: the serving threads create with umask 0.
+    create(1, share, b"n-666", os.O_RDWR | excl, mode=0o100666, umask=0o077)
+    assert stat.S_IMODE(os.stat(share / "n-666").st_mode) == stat.S_IMODE(os.stat(share / "n-666.c").st_mode) == 0o666
+    # As the caller: a file owned by uid 1000 where it may write, EACCES where it may not.
+    for name in (b"mine", b"mine2"):  # (the first one caches the handle-held directory's fd)
+        create(pubn, pub, name, os.O_WRONLY | excl, uid=1000)
+        assert t.last_fast() == (handles is HandleMode.NEVER or name == b"mine2")
+        for p in (pub / os.fsdecode(name), pub / (os.fsdecode(name) + ".c")):
+            assert (os.stat(p).st_uid, os.stat(p).st_gid) == (1000, 1000)
+    raw = t.req("CREATE", _create(os.O_WRONLY | excl, name=b"nope"), nodeid=1, uid=1000, gid=1000)
+    assert t.decoded("CREATE", _create(0, name=b"nope"), raw).error == errno.EACCES and t.last_fast()
+    assert not (share / "nope").exists()
+
+    # An existing file: the same inode for both, so the same bytes (O_TRUNC's times aside).
+    e = look(1, b"file")
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_CREAT):
+        rep = t.ok("CREATE", _create(flags, name=b"file"), nodeid=1)
+        assert rep.args["entry"].nodeid == e.nodeid and rep.args["entry"].attr.size == 5000 and t.last_fast()
+    (share / "trunc").write_bytes(b"t" * 100)
+    args = _create(os.O_RDWR | os.O_CREAT | os.O_TRUNC, name=b"trunc")
+    raw = t.req("CREATE", args, nodeid=1, between=lambda: (share / "trunc").write_bytes(b"t" * 100),
+                new_file=lambda a, b: None)
+    assert t.decoded("CREATE", args, raw).args["entry"].attr.size == 0 and t.last_fast()
+    # ... left to Python: KILL_SUIDGID with O_TRUNC, O_DIRECTORY, bad names, an unknown parent, a file as parent.
+    t.req("CREATE", _create(os.O_RDWR | os.O_CREAT | os.O_TRUNC, open_flags=OPEN_KILL_SUIDGID, name=b"trunc"),
+          nodeid=1, between=lambda: None, new_file=lambda a, b: None)
+    assert not t.last_fast()
+    for parent, name, flags, err in ((1, b".", os.O_RDWR, errno.EINVAL), (1, b"..", os.O_RDWR, errno.EINVAL),
+                                     (1, b"a/b", os.O_RDWR, errno.EINVAL), (999, b"x", os.O_RDWR, errno.EBADF),
+                                     (e.nodeid, b"x", os.O_RDWR, errno.ENOTDIR),
+                                     (1, b"n-dir", os.O_RDWR | os.O_DIRECTORY, errno.EINVAL)):
+        assert t.error("CREATE", _create(flags | os.O_CREAT, name=name), nodeid=parent) == err and not t.last_fast()
+    # Errors it answers: the name is there (O_EXCL), a directory, a FIFO (never opened for real: EPERM), and a
+    # symlink, never followed out of the share (O_NOFOLLOW: ELOOP, or EEXIST with O_EXCL).
+    for name, flags, err in ((b"file", os.O_RDWR | excl, errno.EEXIST), (b"dir", os.O_RDWR | os.O_CREAT, errno.EISDIR),
+                             (b"fifo", os.O_RDWR | os.O_CREAT, errno.EPERM), (b"link", os.O_RDWR | os.O_CREAT,
+                                                                               errno.ELOOP),
+                             (b"link", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, errno.ELOOP),
+                             (b"link", os.O_RDWR | excl, errno.EEXIST)):
+        assert t.error("CREATE", _create(flags, name=name), nodeid=1) == err and t.last_fast(), name
+    assert os.path.getsize("/etc/passwd") > 0
+
+    # OPEN of files by each access mode (the table keeps their status flags), OPENDIR of directories.
+    for flags in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR | os.O_APPEND, os.O_RDONLY | os.O_NONBLOCK,
+                  os.O_RDWR | os.O_DIRECT, os.O_RDONLY | os.O_NOATIME):
+        fhs.append((e.nodeid, t.ok("OPEN", _open(flags), nodeid=e.nodeid).args["open"].fh))
+        assert t.last_fast(), flags
+    t.req("OPEN", _open(os.O_WRONLY | os.O_TRUNC), nodeid=e.nodeid,
+          between=lambda: (share / "file").write_bytes(b"x" * 5000))
+    assert t.last_fast() and os.path.getsize(share / "file") == 0
+    (share / "file").write_bytes(b"x" * 5000)
+    for nodeid in (1, d.nodeid, sub.nodeid):
+        fhs.append((nodeid, t.ok("OPENDIR", _open(os.O_RDONLY), nodeid=nodeid).args["open"].fh))
+        assert t.last_fast(), nodeid
+    fast_table, python_table = t.handles()
+    assert fast_table == python_table
+    # ... left to Python: a directory (EISDIR), O_DIRECTORY (EINVAL), a symlink (ELOOP), a FIFO (EPERM), OPENDIR of a
+    # file (ENOTDIR), an unknown nodeid (EBADF), KILL_SUIDGID with O_TRUNC.
+    link, fifo = look(1, b"link"), look(1, b"fifo")
+    for op, nodeid, flags, err in (("OPEN", d.nodeid, os.O_RDONLY, errno.EISDIR),
+                                   ("OPEN", e.nodeid, os.O_RDONLY | os.O_DIRECTORY, errno.EINVAL),
+                                   ("OPEN", link.nodeid, os.O_RDONLY, errno.ELOOP),
+                                   ("OPEN", fifo.nodeid, os.O_RDONLY, errno.EPERM),
+                                   ("OPENDIR", e.nodeid, os.O_RDONLY, errno.ENOTDIR),
+                                   ("OPEN", 4242, os.O_RDONLY, errno.EBADF), ("OPENDIR", 4242, 0, errno.EBADF)):
+        assert t.error(op, _open(flags), nodeid=nodeid) == err and not t.last_fast(), (op, nodeid)
+    t.req("OPEN", _open(os.O_WRONLY | os.O_TRUNC, OPEN_KILL_SUIDGID), nodeid=e.nodeid,
+          between=lambda: (share / "file").write_bytes(b"x" * 5000))
+    assert not t.last_fast()
+    # A file deleted on the host: ESTALE through its handle (the fast path's answer), opened through its O_PATH fd.
+    gone = look(1, b"gone")
+    os.unlink(share / "gone")
+    raw = t.req("OPEN", _open(os.O_RDONLY), nodeid=gone.nodeid)
+    rep = t.decoded("OPEN", _open(0), raw)
+    assert t.last_fast() and rep.error == (errno.ESTALE if handles is HandleMode.PREFER else 0)
+    if rep.error == 0:
+        fhs.append((gone.nodeid, rep.args["open"].fh))
+
+    # Everything released the same way; the engines counted the same.
+    fast_table, python_table = t.handles()
+    assert fast_table == python_table and {fh for _n, fh in fhs} <= set(fast_table)
+    for fh, (nodeid, is_dir, _b, _fl) in fast_table.items():
+        t.ok("RELEASEDIR" if is_dir else "RELEASE", {"release": F.make("fuse_release_in", fh=fh)}, nodeid=nodeid)
+        assert t.last_fast()
+    assert t.fs_c._handles == {} and t.fs_py._handles == {}
+    assert t.fs_c.store.counts() == t.fs_py.store.counts()
+    cc, pc = t.c.server.counters(), t.py.server.counters()
+    assert cc["ops"] == pc["ops"] and cc["errors"] == pc["errors"], (cc, pc)
+    assert cc["fast_path"]["served"] >= 60, cc["fast_path"]
+
+
+def test_create_on_the_main_thread_is_pythons(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main thread has the process's umask (Python switches it around the call): no fast CREATE there."""
+    monkeypatch.delenv("FSINSPECT_FAST", raising=False)
+    fs = PassthroughFS(Options(str(share)))
+    c = EngineClient(Server(fs))
+    c.init()
+    old = os.umask(0o077)
+    try:
+        nodeid, fh = c.create(1, b"main", mode=0o100664)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(share / "main").st_mode) == 0o664
+    assert c.server.counters()["fast_path"]["fallbacks"] >= 1
+    c.release(nodeid, fh)
+    c.server.shutdown()
+    fs.close()
 
 
 def test_fast_path_leaves_a_read_only_export_to_python(twins: Any, share: Path) -> None:

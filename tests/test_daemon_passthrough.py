@@ -42,25 +42,25 @@ Factory = Callable[..., EngineClient]
 
 @pytest.fixture(params=["fast", "python"])
 def engine(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Factory]:
-    """make(shared, sandbox=LEVEL, **Options) -> a client of a fresh engine.  With a sandbox, the engine
-    is driven from a thread confined as `fsinspect daemon --sandbox LEVEL` confines its serving thread
-    (its pool threads start from it, so they are confined too).  Every test runs with the C fast path
-    (daemon/passthrough/_fastmodule.c) and with its twin, the Python op table alone."""
+    """make(shared, sandbox=LEVEL, **Options) -> a client of a fresh engine, driven from a serving thread of
+    its own, as a daemon's queue is.  With a sandbox, that thread is confined as `fsinspect daemon --sandbox
+    LEVEL` confines its serving thread (its pool threads start from it, so they are confined too).  Every
+    test runs with the C fast path (daemon/passthrough/_fastmodule.c) and with its twin, the Python op table
+    alone."""
     require_root()
     if request.param == "python":
         monkeypatch.setenv("FSINSPECT_FAST", "python")
     else:
         monkeypatch.delenv("FSINSPECT_FAST", raising=False)
-    made: list[tuple[Server, PassthroughFS, ThreadPoolExecutor | None]] = []
+    made: list[tuple[Server, PassthroughFS, ThreadPoolExecutor]] = []
 
     def make(shared: Path | None = None, *, flags: int = KERNEL_FLAGS, sandbox: str = "none",
              **kw: Any) -> EngineClient:
         fs = PassthroughFS(Options(str(shared or tmp_path), **kw))
         server = Server(fs)
         assert (server._fast is not None) == (request.param == "fast"), "the C fast path is not built"
-        via = None
+        via = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"serve-{sandbox}")
         if sandbox != "none":
-            via = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sandbox-{sandbox}")
             via.submit(enter_sandbox, sandbox, fs).result()
         made.append((server, fs, via))
         c = EngineClient(server, via=via)
@@ -71,8 +71,7 @@ def engine(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.M
     for server, fs, via in made:
         server.shutdown()
         fs.close()
-        if via is not None:
-            via.shutdown()
+        via.shutdown()
 
 
 # The confinement tests run at every level: the sandbox must not change what the name checks answer.

@@ -24,6 +24,7 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/fsuid.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/sysmacros.h>
@@ -40,9 +41,15 @@
 /* Opcodes and flag bits come from the spec tables through the constructor; the struct layouts are the
  * kernel's (linux/fuse.h), checked against the spec's sizes by fast.py at start-up. */
 enum { K_LOOKUP, K_FORGET, K_GETATTR, K_STATFS, K_RELEASE, K_FLUSH, K_RELEASEDIR, K_BATCH_FORGET, K_UNLINK, K_RMDIR,
-       K_N };
+       K_CREATE, K_OPEN, K_OPENDIR, K_N };
 static const char *const op_keys[K_N] = {"LOOKUP", "FORGET", "GETATTR", "STATFS", "RELEASE", "FLUSH",
-                                         "RELEASEDIR", "BATCH_FORGET", "UNLINK", "RMDIR"};
+                                         "RELEASEDIR", "BATCH_FORGET", "UNLINK", "RMDIR", "CREATE", "OPEN",
+                                         "OPENDIR"};
+
+/* Open flags the fast path leaves to Python: O_DIRECTORY (OPEN answers EINVAL; CREATE would make the host
+ * refuse), O_PATH and O_TMPFILE (not what a FUSE open means), O_ASYNC (F_SETFL with it needs an owner), and
+ * bit 31 (os.open takes a C int: Python answers what its OverflowError becomes). */
+#define OPEN_LEFT_TO_PYTHON (O_DIRECTORY | O_PATH | (O_TMPFILE & ~O_DIRECTORY) | O_ASYNC | 0x80000000u)
 
 typedef struct {
     PyObject_HEAD
@@ -52,6 +59,10 @@ typedef struct {
     unsigned int attr_submount; /* FUSE_ATTR_SUBMOUNT */
     unsigned long long max_message; /* longer messages are the decoder's to refuse */
     PyObject *stat_type;            /* syscalls.Statx: what InodeStore.find_or_add takes */
+    PyObject *handle_type;          /* fs.Handle: an entry of fs._handles */
+    PyObject *prepare_thread;       /* fs._prepare_thread(privileged): may this thread create (umask 0)? */
+    PyObject *not_owned;            /* {"owned": False}: find_or_add of an open file's fd */
+    unsigned int open_kill_suidgid; /* FUSE_OPEN_KILL_SUIDGID */
     unsigned long long served[NOPS];
     unsigned long long fallbacks;
     PyObject *errors; /* {(opcode, errno): count} */
@@ -60,7 +71,12 @@ typedef struct {
 static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_mode, *S_handle, *S_mount,
     *S_nodeid, *S_generation, *S_dev, *S_mnt_id, *S_nlookup, *S_handles, *S_is_dir, *S_lock_fds, *S_backing,
     *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
-    *S_readonly, *S_find_or_add;
+    *S_readonly, *S_find_or_add, *S_next_fh, *S_fopen_file, *S_fopen_dir, *S_writeback, *S_passthrough,
+    *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc;
+
+/* This thread's answer from fs._prepare_thread (Python keeps the same in a threading.local): 0 not asked
+ * yet, 1 its own umask 0 (a serving thread), -1 not (the main thread: Python switches the process umask). */
+static __thread signed char thread_ready;
 
 /* ------------------------------------------------------------------ small helpers */
 static int get_long(PyObject *o, PyObject *name, long long *out) {
@@ -109,6 +125,27 @@ static PyObject *reply_error(FastPath *self, unsigned int opcode, uint64_t uniqu
 static PyObject *fallback(FastPath *self) {
     self->fallbacks++;
     Py_RETURN_NONE;
+}
+
+/* fs.<name> / fs.opts.<name> as a truth value: 1, 0, or -1 with a Python error. */
+static int truth_of(PyObject *o, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int fs_true(FastPath *self, PyObject *name) {
+    return truth_of(self->fs, name);
+}
+
+static int opt_true(FastPath *self, PyObject *name) {
+    PyObject *opts = PyObject_GetAttr(self->fs, S_opts);
+    if (opts == NULL) return -1;
+    int r = truth_of(opts, name);
+    Py_DECREF(opts);
+    return r;
 }
 
 /* fuse_attr from a stat: the order and rules of server._attr_values (seconds two's complement, rdev cut). */
@@ -246,6 +283,16 @@ static PyObject *inode_of(PyObject *by_id, uint64_t nodeid) {
     if (key == NULL) return NULL;
     PyObject *ino = PyDict_GetItemWithError(by_id, key);
     Py_DECREF(key);
+    return ino;
+}
+
+/* A new reference to the inode of `nodeid`, or NULL: a Python error, or (none set) the store has none. */
+static PyObject *inode_ref(PyObject *store, uint64_t nodeid) {
+    PyObject *by_id = PyObject_GetAttr(store, S_by_id);
+    if (by_id == NULL) return NULL;
+    PyObject *ino = inode_of(by_id, nodeid);
+    Py_XINCREF(ino);
+    Py_DECREF(by_id);
     return ino;
 }
 
@@ -420,6 +467,60 @@ static int same_inode(PathFd *p, const char *name, PyObject *inode) {
     return same;
 }
 
+/* The OSError being raised becomes an errno to answer (as _serve answers it): 1 and *err set, the error
+ * cleared; 0 for any other exception (left set). */
+static int take_oserror(int *err) {
+    if (!PyErr_ExceptionMatches(PyExc_OSError)) return 0;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    PyObject *en = v != NULL ? PyObject_GetAttrString(v, "errno") : NULL;
+    *err = en != NULL && PyLong_Check(en) ? (int)PyLong_AsLong(en) : EIO;
+    if (*err == 0 || PyErr_Occurred()) *err = EIO;
+    PyErr_Clear();
+    Py_XDECREF(en);
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    return 1;
+}
+
+/* store.find_or_add(fd, Statx(...), parent, **kwargs): the inode, one more lookup of it.  A new reference, or
+ * NULL with *err set (its OSError's errno) or another Python error.  Who closes fd is find_or_add's rule. */
+static PyObject *find_or_add(FastPath *self, PyObject *store, int fd, const struct statx *sx, PyObject *parent,
+                             PyObject *kwargs, int *err) {
+    unsigned long long mnt_id = (sx->stx_mask & STATX_MNT_ID) ? sx->stx_mnt_id : 0;
+    PyObject *st = PyObject_CallFunction(
+        self->stat_type, "(KKKKKKKKKKKLLL)", (unsigned long long)sx->stx_mode, (unsigned long long)sx->stx_ino,
+        (unsigned long long)makedev(sx->stx_dev_major, sx->stx_dev_minor), mnt_id, (unsigned long long)sx->stx_nlink,
+        (unsigned long long)sx->stx_uid, (unsigned long long)sx->stx_gid, (unsigned long long)sx->stx_size,
+        (unsigned long long)sx->stx_blocks, (unsigned long long)sx->stx_blksize,
+        (unsigned long long)makedev(sx->stx_rdev_major, sx->stx_rdev_minor),
+        (long long)sx->stx_atime.tv_sec * 1000000000LL + sx->stx_atime.tv_nsec,
+        (long long)sx->stx_mtime.tv_sec * 1000000000LL + sx->stx_mtime.tv_nsec,
+        (long long)sx->stx_ctime.tv_sec * 1000000000LL + sx->stx_ctime.tv_nsec);
+    PyObject *fdo = st != NULL ? PyLong_FromLong(fd) : NULL;
+    if (fdo == NULL) {
+        Py_XDECREF(st);
+        if (kwargs == NULL) close(fd); /* owned: find_or_add would have closed it */
+        return NULL;
+    }
+    PyObject *inode;
+    if (kwargs == NULL) {
+        inode = PyObject_CallMethodObjArgs(store, S_find_or_add, fdo, st, parent, NULL);
+    } else {
+        PyObject *meth = PyObject_GetAttr(store, S_find_or_add);
+        PyObject *args = meth != NULL ? PyTuple_Pack(3, fdo, st, parent) : NULL;
+        inode = args != NULL ? PyObject_Call(meth, args, kwargs) : NULL;
+        Py_XDECREF(args);
+        Py_XDECREF(meth);
+    }
+    Py_DECREF(fdo);
+    Py_DECREF(st);
+    if (inode == NULL) take_oserror(err);
+    return inode;
+}
+
 /* A new inode, as fs._do_lookup makes one: an O_PATH fd on the name, its statx, and the store's own
  * find_or_add (Python: the handle, the mount fd, the new Inode; it keeps or closes the fd).  A new
  * reference, or NULL with *err set (an errno to answer) or a Python error. */
@@ -447,39 +548,60 @@ static PyObject *adopt(FastPath *self, PyObject *store, PathFd *p, const char *n
         *err = e;
         return NULL;
     }
-    unsigned long long mnt_id = (sx->stx_mask & STATX_MNT_ID) ? sx->stx_mnt_id : 0;
-    PyObject *st = PyObject_CallFunction(
-        self->stat_type, "(KKKKKKKKKKKLLL)", (unsigned long long)sx->stx_mode, (unsigned long long)sx->stx_ino,
-        (unsigned long long)makedev(sx->stx_dev_major, sx->stx_dev_minor), mnt_id, (unsigned long long)sx->stx_nlink,
-        (unsigned long long)sx->stx_uid, (unsigned long long)sx->stx_gid, (unsigned long long)sx->stx_size,
-        (unsigned long long)sx->stx_blocks, (unsigned long long)sx->stx_blksize,
-        (unsigned long long)makedev(sx->stx_rdev_major, sx->stx_rdev_minor),
-        (long long)sx->stx_atime.tv_sec * 1000000000LL + sx->stx_atime.tv_nsec,
-        (long long)sx->stx_mtime.tv_sec * 1000000000LL + sx->stx_mtime.tv_nsec,
-        (long long)sx->stx_ctime.tv_sec * 1000000000LL + sx->stx_ctime.tv_nsec);
-    PyObject *fdo = st != NULL ? PyLong_FromLong(fd) : NULL;
-    if (fdo == NULL) {
-        Py_XDECREF(st);
-        close(fd);
-        return NULL;
+    return find_or_add(self, store, fd, sx, parent, NULL, err);
+}
+
+/* fs._entry: the entry of `inode` found under `parent`, FUSE_ATTR_SUBMOUNT on a directory on another mount
+ * or st_dev than its parent (generation 0 there where the filesystem says so).  0, or -1 with a Python error. */
+static int entry_out(FastPath *self, PyObject *inode, PyObject *parent, const struct statx *sx,
+                     struct fuse_entry_out *eo) {
+    long long nodeid, generation, i_mnt, i_dev, p_mnt, p_dev;
+    if (get_long(inode, S_nodeid, &nodeid) < 0 || get_long(inode, S_generation, &generation) < 0
+        || get_long(inode, S_mnt_id, &i_mnt) < 0 || get_long(inode, S_dev, &i_dev) < 0
+        || get_long(parent, S_mnt_id, &p_mnt) < 0 || get_long(parent, S_dev, &p_dev) < 0)
+        return -1;
+    PyObject *sub = PyObject_GetAttr(self->fs, S_submounts);
+    if (sub == NULL) return -1;
+    int submounts = PyObject_IsTrue(sub);
+    Py_DECREF(sub);
+    double timeout;
+    if (submounts < 0 || fs_timeout(self, &timeout) < 0) return -1;
+    uint32_t flags = 0;
+    if (submounts && S_ISDIR(sx->stx_mode) && (i_mnt != p_mnt || i_dev != p_dev)) {
+        flags = self->attr_submount;
+        PyObject *zero = PyObject_GetAttr(self->fs, S_zero_gen);
+        int z = zero != NULL ? PyObject_IsTrue(zero) : -1;
+        Py_XDECREF(zero);
+        if (z < 0) return -1;
+        if (z) generation = 0;
     }
-    PyObject *inode = PyObject_CallMethodObjArgs(store, S_find_or_add, fdo, st, parent, NULL);
-    Py_DECREF(fdo);
-    Py_DECREF(st);
-    if (inode == NULL && PyErr_ExceptionMatches(PyExc_OSError)) { /* answered with its errno, as _serve does */
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-        PyErr_NormalizeException(&t, &v, &tb);
-        PyObject *en = v != NULL ? PyObject_GetAttrString(v, "errno") : NULL;
-        *err = en != NULL && PyLong_Check(en) ? (int)PyLong_AsLong(en) : EIO;
-        if (*err == 0 || PyErr_Occurred()) *err = EIO;
-        PyErr_Clear();
-        Py_XDECREF(en);
-        Py_XDECREF(t);
-        Py_XDECREF(v);
-        Py_XDECREF(tb);
+    memset(eo, 0, sizeof *eo);
+    eo->nodeid = (uint64_t)nodeid;
+    eo->generation = (uint64_t)generation;
+    split_timeout(timeout, &eo->entry_valid, &eo->entry_valid_nsec);
+    split_timeout(timeout, &eo->attr_valid, &eo->attr_valid_nsec);
+    attr_from_statx(&eo->attr, sx, flags);
+    return 0;
+}
+
+/* The parent directory's fd for a name op (path_fd): 1 ready; 0 answered in *result (the Python path's
+ * for a directory whose fd is not cached yet or a file as the parent, or the errno of opening it), or with
+ * *result NULL and a Python error. */
+static int parent_fd(FastPath *self, const struct fuse_in_header *h, PyObject *parent, PathFd *p,
+                     PyObject **result) {
+    int e = 0, rc = path_fd(parent, p, &e);
+    *result = NULL;
+    if (rc == -2) return 0;
+    if (rc == 0 || (rc > 0 && !S_ISDIR(p->mode))) {
+        path_fd_done(p);
+        *result = fallback(self);
+        return 0;
     }
-    return inode;
+    if (rc < 0) {
+        *result = reply_error(self, h->opcode, h->unique, e);
+        return 0;
+    }
+    return 1;
 }
 
 /* LOOKUP (fs.lookup: check_name, fs._do_lookup with InodeStore.find_known / find_or_add, fs._entry). */
@@ -504,17 +626,8 @@ static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const
     }
     Py_INCREF(parent);
     PathFd p;
-    int e = 0, rc = path_fd(parent, &p, &e);
-    if (rc == -2) goto out;
-    if (rc == 0 || (rc > 0 && !S_ISDIR(p.mode))) { /* a directory not cached yet, or a file as the parent */
-        path_fd_done(&p);
-        result = fallback(self);
-        goto out;
-    }
-    if (rc < 0) {
-        result = reply_error(self, h->opcode, h->unique, e);
-        goto out;
-    }
+    int e, rc;
+    if (!parent_fd(self, h, parent, &p, &result)) goto out;
     struct statx sx;
     e = statx_at(&p, name, AT_SYMLINK_NOFOLLOW, &sx);
     if (e) {
@@ -563,41 +676,14 @@ static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const
             if (e) result = reply_error(self, h->opcode, h->unique, e);
             goto out;
         }
-        if (get_long(a.inode, S_nodeid, &a.nodeid) < 0) goto out;
     } else {
         path_fd_done(&p);
     }
-    /* fs._entry: FUSE_ATTR_SUBMOUNT on a directory on another mount or st_dev than its parent */
-    long long generation, i_mnt, i_dev, p_mnt, p_dev;
-    if (get_long(a.inode, S_generation, &generation) < 0 || get_long(a.inode, S_mnt_id, &i_mnt) < 0
-        || get_long(a.inode, S_dev, &i_dev) < 0 || get_long(parent, S_mnt_id, &p_mnt) < 0
-        || get_long(parent, S_dev, &p_dev) < 0)
-        goto out;
-    PyObject *sub = PyObject_GetAttr(self->fs, S_submounts);
-    if (sub == NULL) goto out;
-    int submounts = PyObject_IsTrue(sub);
-    Py_DECREF(sub);
-    double timeout;
-    if (submounts < 0 || fs_timeout(self, &timeout) < 0) goto out;
-    uint32_t flags = 0;
-    if (submounts && S_ISDIR(sx.stx_mode) && (i_mnt != p_mnt || i_dev != p_dev)) {
-        flags = self->attr_submount;
-        PyObject *zero = PyObject_GetAttr(self->fs, S_zero_gen);
-        int z = zero != NULL ? PyObject_IsTrue(zero) : -1;
-        Py_XDECREF(zero);
-        if (z < 0) goto out;
-        if (z) generation = 0;
-    }
-    char *out;
-    result = reply_new(sizeof(struct fuse_entry_out), h->unique, &out);
-    if (result == NULL) goto out;
     struct fuse_entry_out eo;
-    memset(&eo, 0, sizeof eo);
-    eo.nodeid = (uint64_t)a.nodeid;
-    eo.generation = (uint64_t)generation;
-    split_timeout(timeout, &eo.entry_valid, &eo.entry_valid_nsec);
-    split_timeout(timeout, &eo.attr_valid, &eo.attr_valid_nsec);
-    attr_from_statx(&eo.attr, &sx, flags);
+    if (entry_out(self, a.inode, parent, &sx, &eo) < 0) goto out;
+    char *out;
+    result = reply_new(sizeof eo, h->unique, &out);
+    if (result == NULL) goto out;
     memcpy(out, &eo, sizeof eo);
     self->served[h->opcode]++;
 out:
@@ -615,28 +701,16 @@ static PyObject *op_unlink(FastPath *self, const struct fuse_in_header *h, const
     size_t nlen = plain_name(body, blen);
     if (nlen == 0 || (nlen == 1 && body[0] == '.') || (nlen == 2 && body[0] == '.' && body[1] == '.'))
         return fallback(self);
-    PyObject *opts = PyObject_GetAttr(self->fs, S_opts);
-    PyObject *ro = opts != NULL ? PyObject_GetAttr(opts, S_readonly) : NULL;
-    Py_XDECREF(opts);
-    int readonly = ro != NULL ? PyObject_IsTrue(ro) : -1;
-    Py_XDECREF(ro);
+    int readonly = opt_true(self, S_readonly);
     if (readonly < 0) return NULL;
     if (readonly) return fallback(self); /* EROFS is Python's to answer */
-    PyObject *by_id = PyObject_GetAttr(store, S_by_id);
-    if (by_id == NULL) return NULL;
-    PyObject *parent = inode_of(by_id, h->nodeid);
-    Py_XINCREF(parent);
-    Py_DECREF(by_id);
+    PyObject *parent = inode_ref(store, h->nodeid);
     if (parent == NULL) return PyErr_Occurred() ? NULL : fallback(self);
     PathFd p;
-    int e = 0, rc = path_fd(parent, &p, &e);
+    PyObject *answered;
+    int e = 0, rc, ready = parent_fd(self, h, parent, &p, &answered);
     Py_DECREF(parent);
-    if (rc == -2) return NULL;
-    if (rc == 0 || (rc > 0 && !S_ISDIR(p.mode))) {
-        path_fd_done(&p);
-        return fallback(self);
-    }
-    if (rc < 0) return reply_error(self, h->opcode, h->unique, e);
+    if (!ready) return answered;
     if (p.gil) {
         rc = unlinkat(p.fd, body, flags);
         if (rc != 0) e = errno;
@@ -652,6 +726,286 @@ static PyObject *op_unlink(FastPath *self, const struct fuse_in_header *h, const
     PyObject *r = reply_new(0, h->unique, &out);
     if (r != NULL) self->served[h->opcode]++;
     return r;
+}
+
+/* ------------------------------------------------------------------ open files */
+/* fs._open_flags for a writable export (a read-only one's EROFS is Python's): 1 and *out, 0 Python's, -1 error. */
+static int open_flags(FastPath *self, unsigned int flags, unsigned int *out) {
+    unsigned int acc = flags & O_ACCMODE;
+    int readonly = opt_true(self, S_readonly);
+    if (readonly < 0) return -1;
+    if (readonly && (acc != O_RDONLY || (flags & O_TRUNC))) return 0;
+    flags &= ~(unsigned int)(O_DIRECT | O_NOCTTY);
+    int writeback = fs_true(self, S_writeback);
+    if (writeback < 0) return -1;
+    if (writeback) { /* the kernel's page cache may read-modify-write and handles O_APPEND itself */
+        if (acc == O_WRONLY) flags = (flags & ~(unsigned int)O_ACCMODE) | O_RDWR;
+        flags &= ~(unsigned int)O_APPEND;
+    }
+    *out = flags;
+    return 1;
+}
+
+/* fs._add_file's plain case: FUSE passthrough (a backing file to register) is Python's.  1 plain, 0 not, -1. */
+static int plain_files(FastPath *self) {
+    int pt = fs_true(self, S_passthrough);
+    if (pt <= 0) return pt < 0 ? -1 : 1;
+    PyObject *backing = PyObject_GetAttr(self->fs, S_backing);
+    if (backing == NULL) return -1;
+    int none = backing == Py_None;
+    Py_DECREF(backing);
+    return none;
+}
+
+typedef struct {
+    FastPath *self;
+    int fd, is_dir;
+    PyObject *inode, *fh;
+} NewHandle;
+
+/* fs._add_handle's locked part: the next fh, and Handle(fd, inode, is_dir, -1) in fs._handles under it. */
+static int add_handle_locked(void *arg) {
+    NewHandle *n = arg;
+    long long next;
+    if (get_long(n->self->fs, S_next_fh, &next) < 0) return -1;
+    PyObject *after = PyLong_FromLongLong(next + 1);
+    if (after == NULL) return -1;
+    int rc = PyObject_SetAttr(n->self->fs, S_next_fh, after);
+    Py_DECREF(after);
+    if (rc < 0) return -1;
+    n->fh = PyLong_FromLongLong(next);
+    if (n->fh == NULL) return -1;
+    PyObject *hd = PyObject_CallFunction(n->self->handle_type, "iOOi", n->fd, n->inode, n->is_dir ? Py_True : Py_False,
+                                         -1);
+    PyObject *handles = hd != NULL ? PyObject_GetAttr(n->self->fs, S_handles) : NULL;
+    rc = handles != NULL ? PyObject_SetItem(handles, n->fh, hd) : -1;
+    Py_XDECREF(handles);
+    Py_XDECREF(hd);
+    return rc;
+}
+
+/* The reply to OPEN / OPENDIR / CREATE for a new handle on `fd`: [entry] + fuse_open_out with the cache mode's
+ * FOPEN flags (fs._fopen_file / fs._fopen_dir).  The fd is the handle's from here on; NULL: a Python error (fd
+ * closed if no handle holds it). */
+static PyObject *open_reply(FastPath *self, const struct fuse_in_header *h, int fd, PyObject *inode, int is_dir,
+                            const struct fuse_entry_out *eo) {
+    long long fopen;
+    if (get_long(self->fs, is_dir ? S_fopen_dir : S_fopen_file, &fopen) < 0) {
+        close(fd);
+        return NULL;
+    }
+    NewHandle n = {self, fd, is_dir, inode, NULL};
+    if (under_lock(self->fs, add_handle_locked, &n) < 0) {
+        if (n.fh == NULL) close(fd);
+        Py_XDECREF(n.fh);
+        return NULL;
+    }
+    struct fuse_open_out oo;
+    memset(&oo, 0, sizeof oo);
+    oo.fh = PyLong_AsUnsignedLongLong(n.fh);
+    oo.open_flags = (uint32_t)fopen;
+    Py_DECREF(n.fh);
+    if (PyErr_Occurred()) return NULL;
+    size_t head = eo != NULL ? sizeof *eo : 0;
+    char *out;
+    PyObject *r = reply_new(head + sizeof oo, h->unique, &out);
+    if (r == NULL) return NULL;
+    if (eo != NULL) memcpy(out, eo, sizeof *eo);
+    memcpy(out + head, &oo, sizeof oo);
+    self->served[h->opcode]++;
+    return r;
+}
+
+/* A Python error after the host was changed (a file created): answered EIO, as _serve answers an op that
+ * raised, with the error reported (sys.unraisablehook) rather than handed back to be served a second time. */
+static PyObject *created_but_failed(FastPath *self, const struct fuse_in_header *h) {
+    PyErr_WriteUnraisable(self->fs);
+    return reply_error(self, h->opcode, h->unique, EIO);
+}
+
+/* fs._creating's thread: 1 on a thread with its own umask 0 (fs._prepare_thread, asked once per thread), 0 on
+ * one without (the main thread: Python's to serve, it switches the process's umask), -1 a Python error. */
+static int thread_can_create(FastPath *self) {
+    if (thread_ready == 0) {
+        int privileged = fs_true(self, S_switch_creds);
+        if (privileged < 0) return -1;
+        PyObject *r = PyObject_CallFunctionObjArgs(self->prepare_thread, privileged ? Py_True : Py_False, NULL);
+        int ok = r != NULL ? PyObject_IsTrue(r) : -1;
+        Py_XDECREF(r);
+        if (ok < 0) return -1;
+        thread_ready = ok ? 1 : -1;
+    }
+    return thread_ready > 0;
+}
+
+/* fs._creds: 1 act as the caller (this thread's fsuid/fsgid, no supplementary groups: the request carries
+ * none, or it has extensions and is Python's), 0 as we are, 2 Python's (groups read from /proc), -1 error. */
+static int caller_creds(FastPath *self, const struct fuse_in_header *h) {
+    int sw = fs_true(self, S_switch_creds);
+    if (sw <= 0 || (h->uid == 0 && h->gid == 0)) return sw < 0 ? -1 : 0;
+    int kernel = fs_true(self, S_kernel_groups);
+    if (kernel < 0) return -1;
+    if (kernel) return 1;
+    int proc = opt_true(self, S_proc_groups);
+    return proc < 0 ? -1 : proc ? 2 : 1;
+}
+
+/* openat() as the caller when `creds` (fs._switched: this thread's fsgid and fsuid, back to 0 after); no
+ * Python API: it runs with the GIL held or released. */
+static int open_as(const struct fuse_in_header *h, int creds, int dirfd, const char *name, int flags, mode_t mode,
+                   int *err) {
+    if (creds) {
+        setfsgid(h->gid);
+        setfsuid(h->uid);
+    }
+    int fd = openat(dirfd, name, flags, mode);
+    if (fd < 0) *err = errno;
+    if (creds) {
+        setfsuid(0);
+        setfsgid(0);
+    }
+    return fd;
+}
+
+/* CREATE (fs.create): the caller's open(O_CREAT) under the parent, its statx, the store's own find_or_add and
+ * a new handle.  Left to Python: a read-only export, FUSE passthrough, KILL_SUIDGID with O_TRUNC (CAP_FSETID
+ * lowered), the flags above, a bad name, an unknown parent or one whose fd is not at hand, the main thread,
+ * callers whose groups come from /proc. */
+static PyObject *op_create(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
+                           PyObject *store) {
+    struct fuse_create_in c;
+    if (blen < sizeof c) return fallback(self);
+    memcpy(&c, body, sizeof c);
+    const char *name = body + sizeof c;
+    size_t nlen = plain_name(name, blen - sizeof c);
+    if (nlen == 0 || (nlen == 1 && name[0] == '.') || (nlen == 2 && name[0] == '.' && name[1] == '.')
+        || (c.flags & OPEN_LEFT_TO_PYTHON) || ((c.open_flags & self->open_kill_suidgid) && (c.flags & O_TRUNC)))
+        return fallback(self);
+    unsigned int flags;
+    int readonly = opt_true(self, S_readonly), rc;
+    if (readonly < 0) return NULL;
+    if (readonly || (rc = open_flags(self, c.flags, &flags)) == 0) return fallback(self);
+    if (rc < 0) return NULL;
+    int plain = plain_files(self), ready = plain > 0 ? thread_can_create(self) : plain;
+    int creds = ready > 0 ? caller_creds(self, h) : ready;
+    if (creds < 0) return NULL;
+    if (!ready || creds == 2) return fallback(self);
+    PyObject *parent = inode_ref(store, h->nodeid);
+    if (parent == NULL) return PyErr_Occurred() ? NULL : fallback(self); /* EBADF: Python's */
+    PyObject *result = NULL, *inode = NULL;
+    PathFd p;
+    int e = 0, fd;
+    if (!parent_fd(self, h, parent, &p, &result)) goto out;
+    /* O_NONBLOCK: an existing FIFO or device under that name must not block or be opened for real. */
+    int oflags = (int)(flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    mode_t mode = c.mode & 07777;
+    if (p.gil) {
+        fd = open_as(h, creds, p.fd, name, oflags, mode, &e);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        fd = open_as(h, creds, p.fd, name, oflags, mode, &e);
+        Py_END_ALLOW_THREADS
+    }
+    path_fd_done(&p);
+    if (fd < 0) {
+        result = reply_error(self, h->opcode, h->unique, e);
+        goto out;
+    }
+    /* identity from the open file itself: no second walk of the name */
+    struct statx sx;
+    PathFd own = {NULL, fd, 0, 0, 0};
+    e = statx_at(&own, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, &sx);
+    if (!e && !S_ISREG(sx.stx_mode)) e = EPERM; /* not a regular file */
+    if (!e && !(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, (int)flags) != 0) e = errno;
+    if (e) {
+        close(fd);
+        result = reply_error(self, h->opcode, h->unique, e);
+        goto out;
+    }
+    inode = find_or_add(self, store, fd, &sx, parent, self->not_owned, &e);
+    if (inode == NULL) {
+        close(fd);
+        if (e) result = reply_error(self, h->opcode, h->unique, e);
+        else result = created_but_failed(self, h);
+        goto out;
+    }
+    struct fuse_entry_out eo;
+    if (entry_out(self, inode, parent, &sx, &eo) < 0) {
+        close(fd);
+        result = created_but_failed(self, h);
+        goto out;
+    }
+    result = open_reply(self, h, fd, inode, 0, &eo);
+    if (result == NULL) result = created_but_failed(self, h);
+out:
+    Py_XDECREF(inode);
+    Py_DECREF(parent);
+    return result;
+}
+
+/* OPEN / OPENDIR (fs.open / fs.opendir): InodeStore.reopen of the inode (its O_PATH fd through procfs, or its
+ * handle) and a new handle.  Left to Python: the errors fs.open, fs.opendir and reopen raise themselves
+ * (EISDIR, ENOTDIR, ELOOP, EPERM, EINVAL, EBADF, EROFS), the flags above, KILL_SUIDGID with O_TRUNC, FUSE
+ * passthrough. */
+static PyObject *op_open(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
+                         PyObject *store, int is_dir) {
+    struct fuse_open_in o;
+    if (blen != sizeof o) return fallback(self);
+    memcpy(&o, body, sizeof o);
+    unsigned int flags = O_RDONLY | O_DIRECTORY;
+    int rc;
+    if (!is_dir) {
+        if ((o.flags & OPEN_LEFT_TO_PYTHON) || ((o.open_flags & self->open_kill_suidgid) && (o.flags & O_TRUNC)))
+            return fallback(self);
+        if ((rc = open_flags(self, o.flags, &flags)) <= 0 || (rc = plain_files(self)) <= 0)
+            return rc < 0 ? NULL : fallback(self);
+    }
+    flags &= ~(unsigned int)(O_CREAT | O_EXCL | O_NOFOLLOW | O_NOCTTY);
+    PyObject *inode = inode_ref(store, h->nodeid);
+    if (inode == NULL) return PyErr_Occurred() ? NULL : fallback(self);
+    PyObject *result = NULL, *handle = NULL, *mount = NULL, *proc = NULL;
+    long long mode, ifd, mfd = -1;
+    if (get_long(inode, S_mode, &mode) < 0 || get_long(inode, S_fd, &ifd) < 0) goto out;
+    if (is_dir ? !S_ISDIR(mode) : !S_ISREG(mode)) {
+        result = fallback(self);
+        goto out;
+    }
+    char path[64];
+    struct file_handle *fh = NULL;
+    if (ifd >= 0) {
+        proc = PyObject_GetAttr(store, S_proc);
+        const char *pre = proc != NULL ? PyUnicode_AsUTF8(proc) : NULL;
+        if (pre == NULL) goto out;
+        if ((size_t)snprintf(path, sizeof path, "%sself/fd/%lld", pre, ifd) >= sizeof path) {
+            result = fallback(self);
+            goto out;
+        }
+    } else {
+        handle = PyObject_GetAttr(inode, S_handle);
+        mount = handle != NULL ? PyObject_GetAttr(inode, S_mount) : NULL;
+        if (mount == NULL || (mount != Py_None && get_long(mount, S_fd, &mfd) < 0)) goto out;
+        if (!PyBytes_Check(handle) || mount == Py_None
+            || (size_t)PyBytes_GET_SIZE(handle) < sizeof(struct file_handle)
+            || ((struct file_handle *)PyBytes_AS_STRING(handle))->handle_bytes
+                   > (size_t)PyBytes_GET_SIZE(handle) - sizeof(struct file_handle)) {
+            result = fallback(self);
+            goto out;
+        }
+        fh = (struct file_handle *)PyBytes_AS_STRING(handle);
+    }
+    int fd, e = 0;
+    Py_BEGIN_ALLOW_THREADS
+    fd = fh == NULL ? open(path, (int)flags | O_CLOEXEC) : open_by_handle_at((int)mfd, fh, (int)flags | O_CLOEXEC);
+    if (fd < 0) e = errno;
+    Py_END_ALLOW_THREADS
+    if (fd < 0) result = reply_error(self, h->opcode, h->unique, e);
+    else result = open_reply(self, h, fd, inode, is_dir, NULL);
+out:
+    Py_XDECREF(proc);
+    Py_XDECREF(handle);
+    Py_XDECREF(mount);
+    Py_DECREF(inode);
+    return result;
 }
 
 /* RELEASE / RELEASEDIR (fs.release / fs.releasedir) when no lock fd or backing file is involved. */
@@ -761,11 +1115,7 @@ static PyObject *op_flush(FastPath *self, const struct fuse_in_header *h, const 
 
 static PyObject *op_statfs(FastPath *self, const struct fuse_in_header *h, size_t blen, PyObject *store) {
     if (blen != 0) return fallback(self);
-    PyObject *by_id = PyObject_GetAttr(store, S_by_id);
-    if (by_id == NULL) return NULL;
-    PyObject *inode = inode_of(by_id, h->nodeid);
-    Py_XINCREF(inode);
-    Py_DECREF(by_id);
+    PyObject *inode = inode_ref(store, h->nodeid);
     if (inode == NULL) return PyErr_Occurred() ? NULL : fallback(self);
     PathFd p;
     int e = 0, rc = path_fd(inode, &p, &e);
@@ -892,13 +1242,16 @@ static PyObject *fast_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     size_t blen = len - sizeof h;
     unsigned int o = h.opcode;
     if (o == self->op[K_GETATTR] || o == self->op[K_LOOKUP] || o == self->op[K_STATFS] || o == self->op[K_UNLINK]
-        || o == self->op[K_RMDIR]) {
+        || o == self->op[K_RMDIR] || o == self->op[K_CREATE] || o == self->op[K_OPEN] || o == self->op[K_OPENDIR]) {
         PyObject *store = PyObject_GetAttr(self->fs, S_store);
         if (store == NULL) goto done;
         if (o == self->op[K_GETATTR]) result = op_getattr(self, &h, body, blen, store);
         else if (o == self->op[K_LOOKUP]) result = op_lookup(self, &h, body, blen, store);
         else if (o == self->op[K_UNLINK]) result = op_unlink(self, &h, body, blen, store, 0);
         else if (o == self->op[K_RMDIR]) result = op_unlink(self, &h, body, blen, store, AT_REMOVEDIR);
+        else if (o == self->op[K_CREATE]) result = op_create(self, &h, body, blen, store);
+        else if (o == self->op[K_OPEN]) result = op_open(self, &h, body, blen, store, 0);
+        else if (o == self->op[K_OPENDIR]) result = op_open(self, &h, body, blen, store, 1);
         else result = op_statfs(self, &h, blen, store);
         Py_DECREF(store);
     } else if (o == self->op[K_RELEASE]) {
@@ -921,12 +1274,14 @@ done:
 
 static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     FastPath *self = (FastPath *)op;
-    static char *kw[] = {"fs", "opcodes", "getattr_fh", "attr_submount", "max_message", "stat_type", NULL};
-    PyObject *fs, *opcodes, *stat_type;
-    unsigned int getattr_fh, attr_submount;
+    static char *kw[] = {"fs", "opcodes", "getattr_fh", "attr_submount", "max_message", "stat_type", "handle_type",
+                         "prepare_thread", "open_kill_suidgid", NULL};
+    PyObject *fs, *opcodes, *stat_type, *handle_type, *prepare_thread;
+    unsigned int getattr_fh, attr_submount, open_kill_suidgid;
     unsigned long long max_message;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!IIKO:FastPath", kw, &fs, &PyDict_Type, &opcodes, &getattr_fh,
-                                     &attr_submount, &max_message, &stat_type))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!IIKOOOI:FastPath", kw, &fs, &PyDict_Type, &opcodes,
+                                     &getattr_fh, &attr_submount, &max_message, &stat_type, &handle_type,
+                                     &prepare_thread, &open_kill_suidgid))
         return -1;
     for (int i = 0; i < K_N; i++) {
         PyObject *v = PyDict_GetItemString(opcodes, op_keys[i]);
@@ -949,6 +1304,15 @@ static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     self->max_message = max_message;
     Py_INCREF(stat_type);
     Py_XSETREF(self->stat_type, stat_type);
+    Py_INCREF(handle_type);
+    Py_XSETREF(self->handle_type, handle_type);
+    Py_INCREF(prepare_thread);
+    Py_XSETREF(self->prepare_thread, prepare_thread);
+    self->open_kill_suidgid = open_kill_suidgid;
+    if (self->not_owned == NULL) {
+        if ((self->not_owned = PyDict_New()) == NULL) return -1;
+        if (PyDict_SetItemString(self->not_owned, "owned", Py_False) < 0) return -1;
+    }
     if (self->errors == NULL && (self->errors = PyDict_New()) == NULL) return -1;
     return 0;
 }
@@ -983,6 +1347,9 @@ static int fast_traverse(PyObject *op, visitproc visit, void *arg) {
     Py_VISIT(self->fs);
     Py_VISIT(self->errors);
     Py_VISIT(self->stat_type);
+    Py_VISIT(self->handle_type);
+    Py_VISIT(self->prepare_thread);
+    Py_VISIT(self->not_owned);
     return 0;
 }
 
@@ -991,6 +1358,9 @@ static int fast_clear(PyObject *op) {
     Py_CLEAR(self->fs);
     Py_CLEAR(self->errors);
     Py_CLEAR(self->stat_type);
+    Py_CLEAR(self->handle_type);
+    Py_CLEAR(self->prepare_thread);
+    Py_CLEAR(self->not_owned);
     return 0;
 }
 
@@ -1011,7 +1381,8 @@ static PyTypeObject FastPathType = {
     .tp_name = "daemon.passthrough._fast.FastPath",
     .tp_basicsize = sizeof(FastPath),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "FastPath(fs, opcodes, getattr_fh, attr_submount, max_message, stat_type)(request)"
+    .tp_doc = "FastPath(fs, opcodes, getattr_fh, attr_submount, max_message, stat_type, handle_type, prepare_thread,"
+              " open_kill_suidgid)(request)"
               " -> reply bytes | b'' | None",
     .tp_new = PyType_GenericNew,
     .tp_init = fast_init,
@@ -1061,6 +1432,15 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_opts, "opts");
     INTERN(S_readonly, "readonly");
     INTERN(S_find_or_add, "find_or_add");
+    INTERN(S_next_fh, "_next_fh");
+    INTERN(S_fopen_file, "_fopen_file");
+    INTERN(S_fopen_dir, "_fopen_dir");
+    INTERN(S_writeback, "writeback");
+    INTERN(S_passthrough, "passthrough");
+    INTERN(S_switch_creds, "_switch_creds");
+    INTERN(S_kernel_groups, "kernel_groups");
+    INTERN(S_proc_groups, "proc_groups");
+    INTERN(S_proc, "proc");
     if (PyType_Ready(&FastPathType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
@@ -1077,5 +1457,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     PyModule_AddIntConstant(m, "SIZE_RELEASE_IN", sizeof(struct fuse_release_in));
     PyModule_AddIntConstant(m, "SIZE_FLUSH_IN", sizeof(struct fuse_flush_in));
     PyModule_AddIntConstant(m, "SIZE_GETATTR_IN", sizeof(struct fuse_getattr_in));
+    PyModule_AddIntConstant(m, "SIZE_CREATE_IN", sizeof(struct fuse_create_in));
+    PyModule_AddIntConstant(m, "SIZE_OPEN_IN", sizeof(struct fuse_open_in));
+    PyModule_AddIntConstant(m, "SIZE_OPEN_OUT", sizeof(struct fuse_open_out));
     return m;
 }

@@ -258,7 +258,8 @@ class PassthroughFS(FileSystem):
             log.info("no C fast path: %s redefines %s", type(self).__name__, ", ".join(changed))
             return None
         opcodes = {o.name: o.value for o in spec.OPCODES}
-        fast: FastPath = native.FastPath(self, opcodes, GETATTR_FH, ATTR_SUBMOUNT, spec.MAX_MESSAGE, sc.Statx)
+        fast: FastPath = native.FastPath(self, opcodes, GETATTR_FH, ATTR_SUBMOUNT, spec.MAX_MESSAGE, sc.Statx, Handle,
+                                         _prepare_thread, OPEN_KILL_SUIDGID)
         return fast
 
     def backing_id(self, fh: int) -> int:
@@ -797,12 +798,17 @@ class PassthroughFS(FileSystem):
 _FAST_SIZES = {"SIZE_IN_HEADER": "fuse_in_header", "SIZE_ENTRY_OUT": "fuse_entry_out",
                "SIZE_ATTR_OUT": "fuse_attr_out", "SIZE_STATFS_OUT": "fuse_statfs_out",
                "SIZE_RELEASE_IN": "fuse_release_in", "SIZE_FLUSH_IN": "fuse_flush_in",
-               "SIZE_GETATTR_IN": "fuse_getattr_in"}
+               "SIZE_GETATTR_IN": "fuse_getattr_in", "SIZE_CREATE_IN": "fuse_create_in", "SIZE_OPEN_IN": "fuse_open_in",
+               "SIZE_OPEN_OUT": "fuse_open_out"}
 _fast_loaded: list[Any] = []
-# What the fast path answers in C (with the attributes it reads: store, _handles, _lock_fds, backing, timeout,
-# submounts, zero_submount_generation, opts.readonly); FORGET/BATCH_FORGET call forget()/batch_forget() themselves.
+# What the fast path answers in C (with the attributes it reads: store, _handles, _next_fh, _lock, _lock_fds,
+# backing, passthrough, timeout, submounts, zero_submount_generation, writeback, _fopen_file, _fopen_dir,
+# _switch_creds, kernel_groups, opts.readonly, opts.proc_groups); FORGET/BATCH_FORGET call forget()/batch_forget()
+# themselves, CREATE and LOOKUP the store's find_or_add, CREATE _prepare_thread.
 _FAST_METHODS = ("lookup", "_do_lookup", "_entry", "getattr", "_stat", "release", "releasedir", "flush",
-                 "_handle", "_drop_owner", "statfs", "unlink", "rmdir", "_rw")
+                 "_handle", "_drop_owner", "statfs", "unlink", "rmdir", "_rw", "create", "open", "opendir",
+                 "_open_flags", "_add_file", "_add_handle", "_creating", "_creds", "_switched", "_groups",
+                 "_kill_suidgid")
 
 
 def _fast_module() -> Any:
