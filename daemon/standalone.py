@@ -29,13 +29,22 @@ from daemon.sandbox import SandboxError
 from daemon.sandbox import enter as enter_sandbox
 from daemon.server import OP, Buffer, Server, Tap
 from daemon.transport import uring
-from daemon.transport.fusedev import DeviceClosed, FuseDev, FuseDevError, MountOptions, unmount
+from daemon.transport.fusedev import (
+    FUSECTL,
+    FuseDev,
+    FuseDevError,
+    MountOptions,
+    abort_connection,
+    unmount,
+)
 
 from .mainloop import StopSignals, serve_until_signal
 
 log = logging.getLogger("fsinspect.daemon.standalone")
 # What a debugger rule must be able to stop for a file to be opened in passthrough: never these.
 PASSTHROUGH_HIDES = frozenset((OP["READ"], OP["WRITE"]))
+# How long a mount still busy after the (then lazy) unmount gets to let go before its connection is aborted.
+ABORT_GRACE = 1.0
 
 
 def _may_allow_other() -> bool:
@@ -60,11 +69,8 @@ def _reader(dev: FuseDev, server: Server, queue: int, after_reply: Callable[[], 
             dev_write(parts)
             after_reply()
     handle = server.handle
-    try:
-        for request in dev.requests():
-            handle(request, write, queue)
-    except DeviceClosed:  # a reply's write saw the unmount
-        pass
+    for request in dev.requests():
+        handle(request, write, queue)
 
 
 def check_outside(mountpoint: str, shared_dir: str) -> None:
@@ -125,6 +131,7 @@ class Standalone:
                 self.fs.close()
                 raise
         self._wake = threading.Event()
+        self._readers_ended = threading.Event()
         self._close_lock = threading.Lock()
         self._closed = False
         log.info("serving %s at %s", opts.shared_dir, self.mountpoint)
@@ -149,6 +156,7 @@ class Standalone:
         try:
             self._read_confined_until_unmounted()
         finally:
+            self._readers_ended.set()
             self._wake.set()
 
     def _read_confined_until_unmounted(self) -> None:
@@ -180,7 +188,10 @@ class Standalone:
 
         A request held by the debugger keeps its caller in the mount, so the unmount goes lazy and the
         connection (and its readers) lives until that caller returns: it is let go at once (EIO), not
-        after the main loop's 30 s join."""
+        after the main loop's 30 s join.  Whatever else keeps the mount busy (a working directory, an
+        open file, a request the filesystem never finishes) gets ABORT_GRACE, then the connection is
+        aborted, or the readers would wait in the kernel for ever."""
+        lazy = False
         if self.dev.mounted:
             try:
                 self.dev.mounted = False
@@ -188,8 +199,26 @@ class Standalone:
             except FuseDevError as e:
                 log.warning("%s; detaching lazily", e)
                 unmount(self.mountpoint, lazy=True, via_fusermount=self.dev.via_fusermount)
+                lazy = True
         if self.server.hold is not None:
             self.server.hold.flush()
+        if lazy and not self._readers_ended.wait(ABORT_GRACE):
+            self._abort()
+
+    def _abort(self) -> None:
+        """End a connection that a lazy unmount left alive: its readers get ECONNABORTED and return."""
+        conn = self.dev.conn
+        try:
+            if conn is None:
+                raise FuseDevError(0, f"{self.mountpoint} was not in /proc/self/mountinfo after the mount")
+            abort_connection(conn)
+        except FuseDevError as e:
+            log.warning("the mount is still busy and its FUSE connection could not be aborted (%s): the daemon "
+                        "ends when what uses the mount lets go", e.strerror)
+            return
+        log.warning("the mount was still busy %.0f s after the unmount (a process has its working directory or a "
+                    "file open in it, or waits for a reply): aborted the FUSE connection (%s/%d); what still uses "
+                    "it gets ENOTCONN", ABORT_GRACE, FUSECTL, conn)
 
     def close(self) -> None:
         """Unmount and release everything (idempotent; the serve thread and a signal may both get here)."""
@@ -200,6 +229,7 @@ class Standalone:
         if self.server.hold is not None:
             self.server.hold.flush()  # nothing held may outlive the mount
         self.stop()
+        self.server.end_lock_waits()  # answered while the connection's fds are still open
         if self.uring is not None:
             self.uring.close()
         for dev in self.clones:

@@ -27,6 +27,7 @@ from dissectors.fuse import CODECS
 from dissectors.spec import fuse as spec
 
 DEV_FUSE = "/dev/fuse"
+FUSECTL = "/sys/fs/fuse/connections"  # fusectl: one directory per connection, named by its device number
 MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
@@ -64,6 +65,56 @@ def in_mountinfo(path: str | os.PathLike[str]) -> bool:
     target = os.path.realpath(path).encode()
     with open("/proc/self/mountinfo", "rb") as f:
         return any(line.split()[4] == target for line in f)
+
+
+def connection_id(path: str | os.PathLike[str], *, resolved: bool = False) -> int | None:
+    """The FUSE connection mounted at `path` (the newest, if several are stacked), as fusectl names it:
+    the superblock's kernel dev_t, read from the kernel's table (a stat would ask the daemon).  The
+    daemon itself passes a path it `resolved` before mounting: realpath's lstat of the mount's root would
+    wait for a FUSE_INIT that only the daemon can answer."""
+    target = os.fsencode(path if resolved else os.path.realpath(path))
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                major, minor = fields[2].split(b":")
+                found = (int(major) << 20) | int(minor)  # the kernel's MKDEV
+    return found
+
+
+def _fusectl_mounted() -> bool:
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == FUSECTL.encode() and fields[fields.index(b"-") + 1] == b"fusectl":
+                return True
+    return False
+
+
+def abort_connection(conn: int) -> None:
+    """Abort a FUSE connection through fusectl, as `echo 1 > /sys/fs/fuse/connections/N/abort`: every
+    request pending on it fails (ENOTCONN), its readers get ECONNABORTED and the connection ends though
+    a lazily unmounted mount is still busy.  As root fusectl is mounted for it when it is not (and
+    unmounted again); the owner of the mount may abort it when fusectl is there."""
+    mounted_here = False
+    if not _fusectl_mounted():
+        if os.geteuid() != 0:
+            raise FuseDevError(errno.EPERM, f"fusectl is not mounted at {FUSECTL} and only root may mount it")
+        if _libc.mount(b"fusectl", FUSECTL.encode(), b"fusectl", 0, None) != 0:
+            raise _err("mount fusectl on", FUSECTL)
+        mounted_here = True
+    try:
+        try:
+            with open(f"{FUSECTL}/{conn}/abort", "w") as f:
+                f.write("1")
+        except FileNotFoundError:
+            return  # the connection ended meanwhile
+        except OSError as e:
+            raise FuseDevError(e.errno or errno.EIO, f"abort {FUSECTL}/{conn}: {e.strerror}") from None
+    finally:
+        if mounted_here:
+            _libc.umount2(FUSECTL.encode(), 0)
 
 
 def is_mountpoint(path: str) -> bool:
@@ -114,18 +165,22 @@ class MountOptions:
 class FuseDev:
     """One mounted FUSE connection."""
 
-    def __init__(self, fd: int, mountpoint: str, *, via_fusermount: bool, bufsize: int = DEFAULT_BUFSIZE) -> None:
+    def __init__(self, fd: int, mountpoint: str, *, via_fusermount: bool, bufsize: int = DEFAULT_BUFSIZE,
+                 conn: int | None = None) -> None:
         self.fd = fd
         self.mountpoint = mountpoint
         self.via_fusermount = via_fusermount
         self.bufsize = bufsize
         self.mounted = True
+        # fusectl's name for the connection, taken while the mount is in the table (a lazy unmount hides it)
+        self.conn = conn
 
     @classmethod
     def mount(cls, mountpoint: str, opts: MountOptions | None = None) -> FuseDev:
         opts = opts or MountOptions()
         mountpoint = os.path.abspath(mountpoint)
         check_mountpoint(mountpoint)
+        real = os.path.realpath(mountpoint)  # before the mount: see connection_id
         if os.geteuid() == 0:
             fd = open_device()
             st = os.stat(mountpoint)
@@ -144,8 +199,9 @@ class FuseDev:
                 err = _err("mount", mountpoint)
                 os.close(fd)
                 raise err
-            return cls(fd, mountpoint, via_fusermount=False)
-        return cls(_fusermount(mountpoint, opts), mountpoint, via_fusermount=True)
+            return cls(fd, mountpoint, via_fusermount=False, conn=connection_id(real, resolved=True))
+        fd = _fusermount(mountpoint, opts)
+        return cls(fd, mountpoint, via_fusermount=True, conn=connection_id(real, resolved=True))
 
     def read(self) -> bytes:
         """One whole request.  Raises DeviceClosed when the filesystem is unmounted."""
@@ -185,17 +241,16 @@ class FuseDev:
 
     def write(self, data: bytes | Sequence[bytes]) -> None:
         """Send one reply (bytes or a list of iovecs) in one system call.  A reply to an interrupted
-        request is dropped."""
+        request is dropped, and so is one that comes after the connection ended (unmounted or aborted: the
+        kernel has failed that request itself; a lock wait ended at the session's end answers then)."""
         try:
             if isinstance(data, (bytes, bytearray, memoryview)):
                 os.write(self.fd, data)
             else:
                 os.writev(self.fd, data)
         except OSError as e:
-            if e.errno == errno.ENOENT:
+            if e.errno == errno.ENOENT or e.errno in _CLOSED:
                 return
-            if e.errno in _CLOSED:
-                raise DeviceClosed(str(e)) from None
             raise
 
     def clone(self) -> FuseDev:
@@ -208,7 +263,7 @@ class FuseDev:
         except OSError as e:
             os.close(fd)
             raise FuseDevError(e.errno or errno.EIO, f"FUSE_DEV_IOC_CLONE on {DEV_FUSE}: {e.strerror}") from None
-        dev = FuseDev(fd, self.mountpoint, via_fusermount=self.via_fusermount, bufsize=self.bufsize)
+        dev = FuseDev(fd, self.mountpoint, via_fusermount=self.via_fusermount, bufsize=self.bufsize, conn=self.conn)
         dev.mounted = False
         return dev
 
