@@ -216,3 +216,53 @@ def test_the_bundled_daemon_takes_the_same_rules(guest_image: GuestImage, guest_
     recs = _flags(rec)
     assert all(any(not inbound and u == e.unique and f & fmt.RF_INJECTED for inbound, _, u, f in recs)
                for e in victims)
+
+
+@pytest.mark.parametrize("rule", [["--break", "op == MKDIR"], ["--inject", "op == MKDIR", "delay=120s"]],
+                         ids=["breakpoint", "delay"])
+def test_a_stop_signal_with_a_request_held_ends_the_vhost_user_daemon_promptly(
+        guest_image: GuestImage, guest_share: Share, tmp_path: Path, rule: list[str]) -> None:
+    """`fsinspect daemon --socket-path` with the guest's mkdir held by a breakpoint or a delay rule: SIGTERM
+    ends it at once (the held request is answered EIO as its queue stops, not waited for), exits 0 without a
+    traceback, and writes its summary; the guest then sees its back-end gone."""
+    (guest_share.root / "bystander").write_text("x")
+    (guest_share.root / "dbg").mkdir()
+    started = threading.Event()
+
+    def on_event(ev: Event) -> None:
+        if ev.kind == "dbg-mkdir-started":
+            started.set()
+
+    result: list[Any] = []
+    with launcher.short_tmpdir() as work:
+        ctl = work / "ctl.sock"
+        with bundled_daemon(guest_share, work, tmp_path, ("--control", str(ctl), *rule)) as be:
+            daemon = be.processes[0]
+            t = threading.Thread(target=lambda: result.append(launcher.run_guest(
+                be.socket_path, image=guest_image, workload="dbg_break", timeout=180, watch=be.processes,
+                on_event=on_event, params={"xattr": 1})))
+            t.start()
+            try:
+                if rule[0] == "--break":
+                    with ControlClient(str(ctl), timeout=60) as c:
+                        c.wait_held(lambda m: m["opcode"] == "MKDIR", timeout=150)
+                else:  # a delay announces nothing: the guest has started its mkdir, a second on it waits
+                    assert started.wait(150), "the guest never started its mkdir"
+                    time.sleep(1)
+                    assert not (guest_share.root / "dbg" / "released").exists()
+                t0 = time.monotonic()
+                daemon.terminate()
+                rc = daemon.wait(60)  # type: ignore[union-attr]
+                took = time.monotonic() - t0
+                stderr = daemon.stderr.read().decode() if daemon.stderr else ""  # type: ignore[union-attr]
+            finally:
+                t.join(200)
+    assert rc == 0, stderr
+    assert took < 10, f"the daemon took {took:.1f} s to stop"
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
+    assert not (guest_share.root / "dbg" / "released").exists()  # let go with EIO, never made
+    counters = json.loads((tmp_path / "daemon.json").read_text())
+    print(f"stopped in {took:.2f} s; debugger {counters['debugger']}")
+    assert counters["debugger"]["held" if rule[0] == "--break" else "delayed"] == 1, counters["debugger"]
+    (res,) = result
+    assert res.status != "ok"  # the back-end went away under the guest
