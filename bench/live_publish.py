@@ -6,9 +6,10 @@ Prints CPU microseconds per exchange (the median of the rounds, and the min): th
 (time.thread_time: the capture thread's work), the hub thread's (/proc/self/task), and the process's.
 Wall time is not used: the machine may be shared.  `--rate N` feeds N exchanges/s in 5 ms chunks, as a guest
 does: the hub's batches are then as small as on a real proxy (a TCG guest's storm is ~1000/s), and its
-per-batch costs show.  The clients run in their own processes (their CPU is
-not counted): `pcapng`/`jsonl` are `fsinspect attach --format F -o FILE` (the real headless client),
-`drain-pcapng`/`drain-jsonl` a bare socket reader that asks for that stream and drops the bytes (what
+per-batch costs show.  The clients run in their own processes: their CPU from the moment they are
+attached until they wrote what they got is the `client` column (not in `process`).  `pcapng`/`jsonl` are
+`fsinspect attach --format F -o FILE` (the real headless client), `drain-pcapng`/`drain-jsonl` a bare
+socket reader that asks for that stream and drops the bytes (what
 the hub alone costs, without a busy client beside it).  Idle ticks come every --tick captures, as a
 quiet guest gives them.
 
@@ -20,6 +21,7 @@ only; bench/proxy_overhead.py --headless-client F measures the whole proxy on a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -82,6 +84,18 @@ def _thread_cpu(tid: int) -> float:
         return int(f.read().split()[0]) / 1e9
 
 
+def _proc_cpu(pid: int) -> float:
+    """A process's CPU seconds, every thread (schedstat, ns); 0 once it is gone."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except OSError:
+        return 0.0
+    return total / 1e9
+
+
 def _client(arm: str, ctl: Path, work: Path) -> subprocess.Popen[bytes]:
     if arm.startswith("drain-"):
         return subprocess.Popen([sys.executable, "-c", _DRAIN, str(ctl), arm.split("-", 1)[1]])
@@ -110,6 +124,7 @@ def run_arm(caps: list[Capture], arm: str, work: Path, tick: int, rate: float = 
             time.sleep(0.2)
         hub_tid = s.hub.thread.native_id if s.hub is not None else None
         p0, f0, h0 = os.times(), time.thread_time(), _thread_cpu(hub_tid) if hub_tid else 0.0
+        c0 = _proc_cpu(client.pid) if client is not None else 0.0
         chunk = max(1, int(rate * 2 * 0.005)) if rate else len(caps)
         start = time.monotonic()
         for k in range(0, len(caps), chunk):
@@ -128,13 +143,16 @@ def run_arm(caps: list[Capture], arm: str, work: Path, tick: int, rate: float = 
             time.sleep(0.02)
         hub = _thread_cpu(hub_tid) - h0 if hub_tid else 0.0
         p1 = os.times()
+        if client is not None:  # (it has written what it got: the hub's queue to it is empty)
+            time.sleep(0.2)
+        cl = _proc_cpu(client.pid) - c0 if client is not None else 0.0
     finally:
         s.close()
         if client is not None:
             client.wait(30)
     n = max(s.requests, 1)
     return {"feed": feed / n * 1e6, "hub": hub / n * 1e6,
-            "process": (p1.user + p1.system - p0.user - p0.system) / n * 1e6}
+            "process": (p1.user + p1.system - p0.user - p0.system) / n * 1e6, "client": cl / n * 1e6}
 
 
 def main() -> int:
@@ -166,11 +184,11 @@ def main() -> int:
                 results[arm].append(run_arm(caps, arm, work, args.tick, args.rate))
             print(f"round {k + 1}/{args.rounds} done", file=sys.stderr)
     base = statistics.median(r["process"] for r in results[arms[0]])
-    print(f"{'arm':<14} {'process us/ex':>14} {'min':>7} {'feed':>7} {'hub':>7} {'vs ' + arms[0]:>10}")
+    print(f"{'arm':<14} {'process us/ex':>14} {'min':>7} {'feed':>7} {'hub':>7} {'vs ' + arms[0]:>10} {'client':>7}")
     for arm, rs in results.items():
-        med: dict[str, Any] = {k: statistics.median(r[k] for r in rs) for k in ("process", "feed", "hub")}
+        med: dict[str, Any] = {k: statistics.median(r[k] for r in rs) for k in ("process", "feed", "hub", "client")}
         print(f"{arm:<14} {med['process']:>14.1f} {min(r['process'] for r in rs):>7.1f} {med['feed']:>7.1f} "
-              f"{med['hub']:>7.1f} {med['process'] / base:>9.2f}x")
+              f"{med['hub']:>7.1f} {med['process'] / base:>9.2f}x {med['client']:>7.1f}")
     return 0
 
 

@@ -7,7 +7,7 @@ Protocol (version 1), one JSON object per line, server to client:
    "pending": [...every request still waiting, with "age_ms"...], "held": [...those a breakpoint holds...]}
     (`"backlog_dropped": K` when the K oldest backlog exchanges did not fit the client's byte budget)
   {"type": "request", ...exchange_json...}         a request still open when its batch goes out (at most
-                                                   FAN_OUT_DELAY after its capture: "state": "pending" or
+                                                   FAN_OUT_EVERY after its capture: "state": "pending" or
                                                    "held", "age_ms" at capture); sent again, same "n", when it
                                                    changes while open (held, resumed, linted "stuck"); one
                                                    answered by then comes only as its exchange
@@ -50,7 +50,8 @@ once per batch for every binary client, and the bytes are what `fsinspect attach
 Nothing a client does can exhaust the process or slow the data path:
 - publish_* only append to one bounded outbox (the Exchange itself, or the capture: nothing is rendered on
   the source's thread) and wake the hub thread (once per burst: while traffic flows the hub thread comes
-  back every FAN_OUT_DELAY by itself); rendering, encoding and the fan-out to clients happen there, once per
+  back every FAN_OUT_EVERY by itself, or once WAKE_AT messages wait, or at once for a rare message: held,
+  resumed, a control-plane event); rendering, encoding and the fan-out to clients happen there, once per
   batch and only in the forms the clients read (JSON for JSON clients, packet blocks for binary ones; each
   encoded batch is shared by every client's queue).  A full outbox drops and counts, for every client;
 - the snapshot's backlog keeps the last exchanges themselves, rendered when a client attaches: a source
@@ -58,7 +59,7 @@ Nothing a client does can exhaust the process or slow the data path:
 - each client's queue is bounded in bytes (its snapshot counts too); what does not fit is dropped and
   counted, and the client is told how much it missed once it drains;
 - the hub thread sleeps in epoll (selectors) until something happens, so idle clients cost no CPU (its
-  FAN_OUT_DELAY rounds stop with the traffic) and
+  FAN_OUT_EVERY rounds stop with the traffic) and
   any fd number works; at most `max_clients` are attached, the rest get an error line and are closed;
 - a client whose replies pile up is not read until it drains, and a line over MAX_LINE drops the client.
 """
@@ -102,7 +103,15 @@ MIN_CLIENT_BYTES = 256 << 10  # ... this much (the worst case is TOTAL + MAX_CLI
 MAX_CLIENTS = 256
 MAX_LINE = 64 << 10  # a client->server line
 OUTBOX = 16384  # messages published but not yet fanned out (the hub thread is behind)
-FAN_OUT_DELAY = 0.01  # seconds a batch gathers before it goes out to the clients
+FAN_OUT_DELAY = 0.01  # seconds the first batch of a burst gathers before it goes out to the clients
+# While traffic flows: seconds between rounds.  Each round costs the process ~100-150 us whatever it carries
+# (the hub thread's wake-up and its GIL hand-off with the capture thread, a send, the client's wake-up and
+# its write): at a guest's pace (~1000 exchanges/s) 10 ms rounds cost a pcapng client's proxy 21 us of
+# hub thread and the client 25 us per exchange, 50 ms rounds 6.5 and 7 (bench/live_publish.py --rate 1000).
+FAN_OUT_EVERY = 0.05
+# Messages waiting that make a round at once (a fast source: a round brings a client no more than half what
+# its queue may hold, CLIENT_QUEUE; 10 ms of 100k exchanges/s).
+WAKE_AT = 2048
 CLOSE_STALL = 0.3  # closing: seconds without any client taking bytes before the rest is given up
 EVENTS = 1000  # control-plane events a snapshot repeats
 ACCEPT_PAUSE = 0.5  # seconds the listener is not watched after accept() ran out of fds
@@ -189,8 +198,11 @@ class Hub:
         self._opened: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._seq = 0
         self._outbox_dropped = 0
-        self._woken = False  # the hub thread will look at the outbox without being woken
-        self._ticking = False  # traffic flows: the hub thread comes back every FAN_OUT_DELAY by itself
+        self.wake_at = max(1, min(WAKE_AT, queue_len // 2))
+        self._woken = False  # the hub thread will look at the outbox without being woken (or is woken already)
+        self._nudged = False  # the wake pipe is written and not read yet
+        self._ticking = False  # traffic flows: the hub thread comes back every FAN_OUT_EVERY by itself
+        self.rounds = 0  # fan-out rounds that carried messages (what a client costs the source is per round)
         self._next_id = 0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # 0600: the traffic holds file names and data.  Only a stale socket is replaced.
@@ -227,9 +239,11 @@ class Hub:
             else:
                 self._outbox.append((self._seq, kind, payload, pub))
                 self._seq += 1
-            if self._woken:
+            # While the hub thread comes back by itself, only a rare message (_MSG: held, resumed, an event)
+            # or a batch as big as WAKE_AT calls it in early.
+            if self._nudged or (self._woken and kind != _MSG and len(self._outbox) < self.wake_at):
                 return
-            self._woken = True
+            self._woken = self._nudged = True
         self._wake()
 
     def _wake(self) -> None:
@@ -315,7 +329,7 @@ class Hub:
             return False
         with self.lock:
             self._enqueue(c, c.encode(obj), force=True)
-            self._woken = True
+            self._woken = self._nudged = True
         self._wake()
         return True
 
@@ -346,10 +360,12 @@ class Hub:
         with self.lock:
             items = list(self._outbox)
             self._outbox.clear()
-            # While traffic flows the loop comes back in FAN_OUT_DELAY by itself, so publishing wakes nobody
+            # While traffic flows the loop comes back in FAN_OUT_EVERY by itself, so publishing wakes nobody
             # (a write to the wake pipe, and the other CPU's wake-up, per batch); a round that finds nothing
             # goes back to sleeping until woken.
-            self._ticking = self._woken = bool(items)
+            self._ticking = bool(items)
+            self._woken = self._ticking or self._nudged
+            self.rounds += bool(items)
             dropped, self._outbox_dropped = self._outbox_dropped, 0
             clients = list(self.clients)
         if dropped:
@@ -615,7 +631,7 @@ class Hub:
                     timeout = None
                     self.sel.register(self.listener, selectors.EVENT_READ, None)
             if self._ticking:
-                timeout = FAN_OUT_DELAY if timeout is None else min(timeout, FAN_OUT_DELAY)
+                timeout = FAN_OUT_EVERY if timeout is None else min(timeout, FAN_OUT_EVERY)
             if self._closing_by is not None:
                 with self.lock:
                     waiting = bool(self._outbox) or any(c.has_output for c in self.clients)
@@ -634,6 +650,8 @@ class Hub:
                 if key.fileobj is self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                    with self.lock:
+                        self._nudged = False
                     if self._closing_by is None and not self._ticking:
                         # Let a batch gather: the cost per client is then paid once for many messages.
                         self._stop.wait(FAN_OUT_DELAY)
