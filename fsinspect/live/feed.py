@@ -63,6 +63,24 @@ class LiveState:
     events: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=EVENTS_KEEP))
     remote_lints: list[dict[str, Any]] = field(default_factory=list)  # lints from before we attached
     capture: dict[str, Any] = field(default_factory=dict)
+    # The source's clocks as it last told them (wall, CLOCK_MONOTONIC) and our monotonic clock then: requests
+    # are aged on the source's monotonic clock, not on ours (another clock, or one stepped meanwhile).
+    source_clock: tuple[int, int, int] | None = None
+    clock: Callable[[], int] = time.time_ns  # our wall clock, for a source that tells none (tests fix it)
+
+    def source_now(self) -> tuple[int, int | None]:
+        """Now on the source's clocks, (wall, monotonic): as it last told them, advanced by our own monotonic
+        clock since; our wall clock (and no monotonic one) for a source that never told them."""
+        c = self.source_clock
+        if c is None:
+            return self.clock(), None
+        since = time.monotonic_ns() - c[2]
+        return c[0] + since, c[1] + since
+
+    def source_mono(self, ts_ns: int) -> int | None:
+        """A capture stamp (the source's wall clock) on the source's monotonic clock."""
+        c = self.source_clock
+        return None if c is None or not ts_ns else ts_ns + c[1] - c[0]
 
     def feed_request(self, raw: bytes, *args: Any, **kw: Any) -> Exchange:
         return self.analyzer.feed_request(raw, *args, **kw)
@@ -307,8 +325,9 @@ class ControlFeed(Feed):
                 if flags & rfmt.RF_HELD and ex.held is None:
                     an.set_held(ex.n, X.HELD_REQUEST)
                 return
+            c = st.source_clock  # (its capture time on the source's monotonic clock: what it is aged from)
             ex = st.feed_request(data, queue, head, ts_ns, orig_len=orig_len, notes=notes, n=n,
-                                 held=bool(flags & rfmt.RF_HELD))
+                                 held=bool(flags & rfmt.RF_HELD), mono_ns=None if c is None else ts_ns + c[1] - c[0])
             if keep:
                 self._raw[ex.index] = (data, None)
             if n is not None and ex.state != X.DONE:
@@ -396,6 +415,8 @@ class ControlFeed(Feed):
             st.events.append(obj)
             if isinstance(obj.get("detail"), dict):
                 st.on_event(str(obj.get("kind", "")), obj["detail"])
+        elif t == "clock":
+            self._clock(obj)
         elif t == "overflow":
             st.overflow = max(st.overflow, int(obj.get("missed", 0)))
         elif t == "error":
@@ -408,10 +429,18 @@ class ControlFeed(Feed):
                 st.status = f"unknown control protocol version {obj.get('version')!r}"
             else:
                 self.version = 2 if 2 in versions else 1
+                if isinstance(obj.get("clock"), dict):
+                    self._clock(obj["clock"])
                 st.status = f"attached to {obj.get('source', '?')} ({obj.get('tool', '?')})"
                 streams = obj.get("streams")
                 if isinstance(streams, list):
                     self._ask_stream(streams)
+
+    def _clock(self, d: dict[str, Any]) -> None:
+        """The source's clocks, read together (the hello, and a `clock` message when its wall clock moved)."""
+        wall, mono = d.get("wall_ns"), d.get("mono_ns")
+        if isinstance(wall, int) and isinstance(mono, int):
+            self.state.source_clock = (wall, mono, time.monotonic_ns())
 
     def _snapshot(self, snap: dict[str, Any]) -> None:
         st = self.state
@@ -440,14 +469,20 @@ class ControlFeed(Feed):
         finished = list(snap.get("exchanges", ()))
         opened = list(snap.get("pending", ()))
         still_open = {id(d) for d in opened}
+        # A request waiting since before we attached is aged from its age then, on the source's monotonic clock
+        # (its wall stamp would be off by any step of the source's wall clock since its capture).
+        told = st.source_clock[1] if st.source_clock is not None else None
         for d in sorted(finished + opened, key=lambda d: int(d.get("n") or 0)):
             if id(d) in still_open:
-                self._request(d)
+                age = d.get("age_ms")
+                self._request(d, told - int(age * 1e6) if told is not None and isinstance(age, (int, float))
+                              else None)
             else:
                 self._exchange(d)
 
-    def _request(self, d: dict[str, Any]) -> None:
-        """A request in flight, new or changed (held, resumed, linted `stuck` by the source)."""
+    def _request(self, d: dict[str, Any], mono_ns: int | None = None) -> None:
+        """A request in flight, new or changed (held, resumed, linted `stuck` by the source); `mono_ns`, its
+        capture on the source's monotonic clock, if known better than from its stamp."""
         st = self.state
         n = d.get("n")
         if not isinstance(n, int):
@@ -461,9 +496,10 @@ class ControlFeed(Feed):
             req_hex = d.get("request_raw")
             if not isinstance(req_hex, str):
                 return
-            ex = st.feed_request(bytes.fromhex(req_hex), int(d.get("queue") or 0), d.get("head"),
-                                 int(d.get("ts_ns") or 0), orig_len=d.get("request_len"),
-                                 notes=list(d.get("notes", ())), n=n)
+            ts = int(d.get("ts_ns") or 0)
+            ex = st.feed_request(bytes.fromhex(req_hex), int(d.get("queue") or 0), d.get("head"), ts,
+                                 orig_len=d.get("request_len"), notes=list(d.get("notes", ())), n=n,
+                                 mono_ns=mono_ns if mono_ns is not None else st.source_mono(ts))
             self._keep_raw(ex, bytes.fromhex(req_hex), None)
             if ex.state == X.DONE:  # no reply expected (FORGET): complete already
                 return

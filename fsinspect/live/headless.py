@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import IO, Any, Protocol
 
 from ..analysis import Analyzer, Exchange
@@ -48,8 +47,13 @@ class TextSink:
         self.jsonl = jsonl
 
     def write(self, ex: Exchange) -> None:
-        now = None if ex.replied else time.time_ns()  # a request still waiting: its age (JSON) at the end
-        line = json.dumps(exchange_json(ex, now_ns=now)) if self.jsonl else exchange_line(ex, self.state.first_ts)
+        if not self.jsonl:
+            line = exchange_line(ex, self.state.first_ts)
+        elif ex.replied:
+            line = json.dumps(exchange_json(ex))
+        else:  # a request still waiting (held, or at the end): its age on the source's clock
+            now, mono = self.state.source_now()
+            line = json.dumps(exchange_json(ex, now_ns=now, mono_ns=mono))
         self.out.write(line.encode("utf-8", "surrogateescape") + b"\n")
 
     def flush(self) -> None:

@@ -1,7 +1,8 @@
 """The control socket: clients get a snapshot, then the live stream, as JSON lines.
 
 Protocol (version 1), one JSON object per line, server to client:
-  {"type": "hello", "version": 1, "source": "proxy", "tool": "fsinspect x.y"}
+  {"type": "hello", "version": 1, "source": "proxy", "tool": "fsinspect x.y",
+   "clock": {"wall_ns": W, "mono_ns": M}}        the source's wall clock and CLOCK_MONOTONIC, read together
   {"type": "snapshot", "exchanges": [...last N...], "inodes": [...], "stats": {...}, "lints": [...],
    "submounts": [...], "syncfs": [...], "control": [...recent vhost-user messages...], "events": [...],
    "pending": [...every request still waiting, with "age_ms"...], "held": [...those a breakpoint holds...]}
@@ -16,6 +17,12 @@ Protocol (version 1), one JSON object per line, server to client:
   {"type": "control", "direction": "...", "summary": "..."}   every vhost-user message
   {"type": "event", "kind": "...", "detail": {...}}          control-plane events (backend-lost, ...)
   {"type": "overflow", "missed": N}                 this client fell behind and N messages were dropped
+  {"type": "clock", "wall_ns": W, "mono_ns": M}     before a batch, when the source's wall clock moved against
+                                                   its monotonic one (a step, or CLOCK_SLACK of slewing):
+                                                   clients age requests on the source's monotonic clock
+                                                   (capture stamp + M - W, now = M + their own monotonic time
+                                                   since), so neither their clock nor a step of the source's
+                                                   makes a waiting request look young or old
   {"type": "error", "error": "..."}                 then the server closes: too many clients, a line too long
 Client to server: one JSON object a line (at most MAX_LINE bytes).  Each goes to the owner's
 `command_handler(client_id, obj) -> reply dict` (fsinspect/intercept/control.py); without one, a command
@@ -116,6 +123,7 @@ CLOSE_STALL = 0.3  # closing: seconds without any client taking bytes before the
 EVENTS = 1000  # control-plane events a snapshot repeats
 ACCEPT_PAUSE = 0.5  # seconds the listener is not watched after accept() ran out of fds
 _BATCH = 256
+CLOCK_SLACK = 1_000_000  # ns the source's wall clock may move against its monotonic one before clients are told
 _RECV = 64 << 10
 STREAMS = ("jsonl", "pcapng")  # what a client may ask for with the `stream` command
 OPENED = 1 << 16  # requests streamed (binary) whose reply has not come yet, remembered at most
@@ -204,6 +212,7 @@ class Hub:
         self._ticking = False  # traffic flows: the hub thread comes back every FAN_OUT_EVERY by itself
         self.rounds = 0  # fan-out rounds that carried messages (what a client costs the source is per round)
         self._next_id = 0
+        self._clock_offset = time.monotonic_ns() - time.time_ns()  # what the clients were last told
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # 0600: the traffic holds file names and data.  Only a stale socket is replaced.
         self.listener = claim_socket_path(path, backlog=64, mode=0o600, what="--control")
@@ -373,6 +382,11 @@ class Hub:
                 for c in clients:
                     c.missed += dropped
                     self.total_overflow += dropped
+        if items:
+            wall, mono = time.time_ns(), time.monotonic_ns()
+            if abs(mono - wall - self._clock_offset) >= CLOCK_SLACK:  # before the batch its stamps are read with
+                self._clock_offset = mono - wall
+                items.insert(0, (items[0][0], _MSG, {"type": "clock", "wall_ns": wall, "mono_ns": mono}, None))
         text = any(not c.binary for c in clients)
         binary = any(c.binary for c in clients)
         for k in range(0, len(items), _BATCH):
@@ -564,7 +578,8 @@ class Hub:
             hello: dict[str, Any] = {"type": "hello", "version": self.protocol_version}
             if self.protocol_version > 1:
                 hello["versions"] = list(range(1, self.protocol_version + 1))
-            hello.update(source=self.source, tool=f"fsinspect {__version__}", streams=list(STREAMS))
+            hello.update(source=self.source, tool=f"fsinspect {__version__}", streams=list(STREAMS),
+                         clock={"wall_ns": time.time_ns(), "mono_ns": time.monotonic_ns()})
             data = _line(hello) + self._encode_snapshot(c, snap)
             with self.lock:  # first in its queue: live messages queued meanwhile go after it
                 busy = len(data) > self._room(c) and self.total_queued > c.queued

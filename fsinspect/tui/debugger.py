@@ -74,8 +74,8 @@ class HeldPanel(OptionList):
     def refresh_from_store(self) -> None:
         with self.store.lock:
             held = self.store.held()
-        now = self.store.now_ns()
-        sig = tuple((ex.n, ex.held, age_text(ex, now)) for ex in held)
+        now, mono = self.store.now()
+        sig = tuple((ex.n, ex.held, age_text(ex, now, mono)) for ex in held)
         if sig == self._sig:
             return
         self._sig = sig
@@ -87,7 +87,7 @@ class HeldPanel(OptionList):
             t.append(f" HELD {ex.held} ", S_HELD)
             t.append(f" #{ex.n} {ex.opname} unique={ex.unique} nodeid={ex.nodeid} ")
             t.append(f"{self.store.path(ex.index)}  ", "dim")
-            t.append(age_text(ex, now) or "", "yellow")
+            t.append(age_text(ex, now, mono) or "", "yellow")
             self.add_option(Option(t))
         self.set_class(bool(held), "some")
         if held:

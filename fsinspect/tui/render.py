@@ -156,10 +156,10 @@ def _short_read(ex: Exchange) -> str:
     return " (short)" if data is not None and ask is not None and wire_len(data) < ask.size else ""
 
 
-def age_text(ex: Exchange, now_ns: int) -> str | None:
+def age_text(ex: Exchange, now_ns: int, mono_ns: int | None = None) -> str | None:
     """A pending request's age, ticking (`1.2s…`); `≥1.2s` when the stream ended without its reply;
-    None once it is complete."""
-    age = ex.age_ns(now_ns) if now_ns else None
+    None once it is complete.  `mono_ns`: the live source's monotonic now (Exchange.age_ns)."""
+    age = ex.age_ns(now_ns, mono_ns) if now_ns else None
     if age is None:
         return None
     return "≥" + fmt_age(age) if X.NO_REPLY in ex.lints else fmt_age(age) + "…"
@@ -179,16 +179,16 @@ def fmt_age(ns: int) -> str:
     return f"{m}m{int(s % 60):02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
-def row_key(ex: Exchange, now_ns: int) -> tuple[Any, ...]:
+def row_key(ex: Exchange, now_ns: int, mono_ns: int | None = None) -> tuple[Any, ...]:
     """What a row's rendering depends on beyond its position: its state, lints and (while open) its age."""
-    return (ex.replied, len(ex.lints), ex.held, age_text(ex, now_ns))
+    return (ex.replied, len(ex.lints), ex.held, age_text(ex, now_ns, mono_ns))
 
 
 def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool, *, mode: str = "relative",
-             prev_ts: int | None = None, now_ns: int = 0) -> Text:
+             prev_ts: int | None = None, now_ns: int = 0, mono_ns: int | None = None) -> Text:
     """One row of the exchanges list, exactly `width` cells wide.  `t0` is the first record's time
     (tshark's reference for relative times), `prev_ts` the previous row's (for delta).  A pending request
-    shows its age at `now_ns` in the latency column; a held one is highlighted."""
+    shows its age at `now_ns` (`mono_ns`) in the latency column; a held one is highlighted."""
     w = widths(width)
     sw = w["summary"]
     t = Text(no_wrap=True, overflow="crop", end="")
@@ -221,7 +221,7 @@ def row_text(ex: Exchange, path: str, width: int, t0: int, marked: bool, *, mode
     t.append(" ")
     res, style = result_text(ex)
     t.append(_fit(res, w["result"]) + " ", style)
-    age = age_text(ex, now_ns)
+    age = age_text(ex, now_ns, mono_ns)
     if age is not None:
         t.append(_fit(age, 8), S_STUCK if X.STUCK in ex.lints else S_PENDING)
     else:

@@ -48,7 +48,6 @@ class Store(LiveState):
     second_rates: SecondRates = field(default_factory=SecondRates)  # the newest seconds' ops and bytes
     kind: str = ""  # the source's kind: "replay" or "attach"
     base: int = 0  # Exchange.index of exchanges[0]: a live session forgets its oldest exchanges (trim)
-    clock: Callable[[], int] = time.time_ns  # a live source's "now" for ages (tests fix it)
     rec: IndexedRecording | None = None  # a replay's exchanges, read on demand through the side index
     snapped: int = 0  # a replay's exchanges cut to the snap length (the analysis counts them)
     _frozen_at: int = 0
@@ -89,9 +88,10 @@ class Store(LiveState):
     def seed_features(self, features: dict[str, Any]) -> None:
         self.ctl.seed(features)
 
-    def now_ns(self) -> int:
-        """What a pending request's age is measured against: the clock live, the last capture in a replay."""
-        return self.analyzer.last_ts if self.kind == "replay" else self.clock()
+    def now(self) -> tuple[int, int | None]:
+        """What a pending request's age is measured against, (wall, monotonic): the source's clocks live
+        (LiveState.source_now), the last capture in a replay."""
+        return (self.analyzer.last_ts, None) if self.kind == "replay" else self.source_now()
 
     def held(self) -> list[Exchange]:
         """The exchanges a breakpoint holds now, oldest first."""

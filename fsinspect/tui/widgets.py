@@ -154,13 +154,13 @@ class ExchangeList(ScrollView, can_focus=True):
             prev = self.store.get(p) if p is not None else None
             prev_ts = prev.ts_ns if prev is not None else None
         sel = 2 if row == self.cursor and self.has_focus else (1 if row == self.cursor else 0)
-        now = self.store.now_ns()
+        now, mono = self.store.now()
         path = self.store.path(i)
-        key = (i, width, sel, i in self.marks, self.time_mode, prev_ts, path, ex.submount, *row_key(ex, now))
+        key = (i, width, sel, i in self.marks, self.time_mode, prev_ts, path, ex.submount, *row_key(ex, now, mono))
         strip = self._strips.get(key)
         if strip is None:
             text = row_text(ex, path, width, self.t0, i in self.marks, mode=self.time_mode,
-                            prev_ts=prev_ts, now_ns=now)
+                            prev_ts=prev_ts, now_ns=now, mono_ns=mono)
             if sel:
                 text.stylize("reverse" if sel == 2 else "underline")
             strip = Strip([s for s in text.render(self.app.console) if s.text != "\n"], width).crop(0, width)
