@@ -4,9 +4,12 @@ control-plane events), whatever the source sends and however long it runs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from dissectors import fuse as F
+from fsinspect.analysis.exchange import Exchange
 from fsinspect.live.feed import EVENTS_KEEP, ControlFeed, LiveState
+from fsinspect.live.hub import BACKLOG_BYTES, BACKLOG_EXCHANGES, LIVE_SNAPLEN, Hub
 from fsinspect.tui import sources
 from fsinspect.tui.sources import Store
 
@@ -68,3 +71,21 @@ def test_a_replay_of_a_recording_of_days_keeps_the_newest_rate_seconds_only(tmp_
         assert st.analyzer.stats.total == seconds  # the totals are the analysis', untouched
         saved = json.loads(analysis_path(path).read_text())["rates"]
         assert len(saved) <= sources.RATE_SECONDS and saved[-1][0] == (t0 // 10**9) + seconds - 1, opening
+
+
+def test_the_hubs_snapshot_backlog_is_bounded_in_exchanges_and_in_bytes(tmp_path: Path) -> None:
+    """A source publishing for weeks keeps at most BACKLOG_EXCHANGES finished exchanges for the next snapshot,
+    and no more than BACKLOG_BYTES of them (raw bytes, and their hex cut at LIVE_SNAPLEN): the newest."""
+    hub = Hub(str(tmp_path / "c.sock"), lambda: {})
+    try:
+        small, big = bytes(64), bytes(4 * LIVE_SNAPLEN)  # (a daemon's engine hands over whole WRITEs)
+        for k in range(3 * BACKLOG_EXCHANGES):
+            hub.publish_exchange(Exchange(k, 1, k, 0, k, 15, 1, req_raw=small, reply_raw=small, n=k + 1))
+        assert [ex.n for ex in hub.recent] == list(range(2 * BACKLOG_EXCHANGES + 1, 3 * BACKLOG_EXCHANGES + 1))
+        for k in range(3 * BACKLOG_EXCHANGES, 4 * BACKLOG_EXCHANGES):
+            hub.publish_exchange(Exchange(k, 1, k, 0, k, 16, 1, req_raw=big, n=k + 1))
+        per = 512 + len(big) + 2 * LIVE_SNAPLEN
+        assert len(hub.recent) == BACKLOG_BYTES // per and hub.recent[-1].n == 4 * BACKLOG_EXCHANGES
+        assert hub._recent_bytes == sum(hub._recent_sizes) == len(hub.recent) * per <= BACKLOG_BYTES
+    finally:
+        hub.close()

@@ -286,25 +286,27 @@ class Hub:
         """A captured FUSE message (take_captures), as the recording has it, with the source's exchange number
         (0: unknown): one packet block for binary clients, in capture order.  `data` is cut at LIVE_SNAPLEN
         by the caller.  JSON clients skip it (their exchange lines say it)."""
-        if self.clients:
-            self._broadcast(_CAPTURE, (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n))
+        self._broadcast(_CAPTURE, (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n))
 
     def _remember(self, ex: Exchange) -> None:
         """Keep `ex` for the snapshot's backlog, bounded in count and in bytes (what it holds, and its JSON's
-        raw hex, which is cut at LIVE_SNAPLEN)."""
+        raw hex, which is cut at LIVE_SNAPLEN).  Once per exchange on the source's thread, under the feed lock
+        (exchanges change only under it), as every reader of `recent` is: no other lock."""
         size = 512
         for raw in (ex.req_raw, ex.reply_raw):
             if raw is not None:
-                size += len(raw) + 2 * min(len(raw), LIVE_SNAPLEN)
-        with self.lock:
-            if len(self.recent) == self.recent.maxlen:
-                self._recent_bytes -= self._recent_sizes.popleft()
-            self.recent.append(ex)
-            self._recent_sizes.append(size)
-            self._recent_bytes += size
-            while self._recent_bytes > BACKLOG_BYTES and len(self.recent) > 1:
-                self.recent.popleft()
-                self._recent_bytes -= self._recent_sizes.popleft()
+                k = len(raw)
+                size += 3 * k if k <= LIVE_SNAPLEN else k + 2 * LIVE_SNAPLEN
+        recent, sizes = self.recent, self._recent_sizes
+        total = self._recent_bytes + size
+        if len(recent) == recent.maxlen:
+            total -= sizes.popleft()  # (the deque's maxlen drops its oldest exchange)
+        recent.append(ex)
+        sizes.append(size)
+        while total > BACKLOG_BYTES and len(recent) > 1:
+            recent.popleft()
+            total -= sizes.popleft()
+        self._recent_bytes = total
 
     def backlog(self) -> list[dict[str, Any]]:
         """The exchanges a client attaching now gets in its snapshot, as JSON (under the feed lock: the
