@@ -491,22 +491,38 @@ class Server:
         `reply` is called exactly once, except for opcodes in NO_REPLY_OPS and for messages shorter than a
         fuse_in_header: those never get a reply, so a virtqueue transport completes their chains itself.
         """
-        fast = self.fast
-        if fast is not None:
-            try:
-                r = fast(buf)
-            except Exception:  # counted by the fast path; a request with a reply gets the Python path's
-                self._complain.bug("fast", "the fast path failed on a request")
-                if len(buf) < IN_HEADER_SIZE or F.peek_header(buf)[1] in NO_REPLY_OPS:
-                    return
-                r = None
+        if self.fast is not None:
+            r = self.fast_answer(buf)
             if r is not None:
                 if r:
-                    try:
-                        reply((r,))
-                    except Exception as e:
-                        self._complain.bug(f"reply:{type(e).__name__}", "sending a fast-path reply failed")
+                    self.send_fast(reply, r)
                 return
+        self.handle_slow(buf, reply, queue)
+
+    def fast_answer(self, buf: Buffer) -> bytes | None:
+        """The fast path's reply to `buf` (b"": served, no reply to send), or None: handle_slow() serves it.
+
+        For a transport that sends the reply itself (a virtqueue: the chain is the sink, so no bound method
+        or header peek per request); handle() is this plus handle_slow()."""
+        fast = self.fast
+        if fast is None:
+            return None
+        try:
+            return fast(buf)
+        except Exception:  # counted by the fast path; a request with a reply gets the Python path's
+            self._complain.bug("fast", "the fast path failed on a request")
+            if len(buf) < IN_HEADER_SIZE or F.peek_header(buf)[1] in NO_REPLY_OPS:
+                return b""
+            return None
+
+    def send_fast(self, reply: ReplySink, r: bytes) -> None:
+        try:
+            reply((r,))
+        except Exception as e:
+            self._complain.bug(f"reply:{type(e).__name__}", "sending a fast-path reply failed")
+
+    def handle_slow(self, buf: Buffer, reply: ReplySink, queue: int = 1) -> None:
+        """handle() after the fast path declined: the tap, the hold point, then serve_request()."""
         hold = self.hold
         if self.tap is not None or hold is not None:
             try:

@@ -1,8 +1,8 @@
 """What one request costs the running vhost-user daemon, counted in system calls (strace -c on the live
 process, attached after start-up): a count holds on a loaded machine where a time would not.
 
-The budgets are what each request needs: the queue thread's wait (poll and the kick eventfd's read), the
-op's own calls, and the call eventfd's write.  They pin the hot path against a cost coming back unseen:
+The budgets are what each request needs: the queue thread's wait (one epoll_wait: the kick eventfd is
+edge-triggered and never read), the op's own calls, and the call eventfd's write.  They pin the hot path against a cost coming back unseen:
 a credential switch per CREATE, or a handle-held directory opened and closed again for every name op.
 """
 
@@ -108,15 +108,15 @@ def test_getattr_lookup_create_syscall_budgets(daemon: tuple[int, Front]) -> Non
             made.append((r.args["entry"].nodeid, r.args["open"].fh))
 
     ops: dict[str, tuple[Callable[[], None], float]] = {
-        # poll + eventfd read + fstat/statx ... + eventfd write; a handle-held file opens and closes itself
-        "GETATTR of the root": (lambda: [_fuse(front, "GETATTR", getattr_in) for _ in range(N)] and None, 4.2),
+        # epoll_wait + fstat/statx ... + eventfd write; a handle-held file opens and closes itself
+        "GETATTR of the root": (lambda: [_fuse(front, "GETATTR", getattr_in) for _ in range(N)] and None, 3.2),
         "GETATTR of a handle-held file": (
-            lambda: [_fuse(front, "GETATTR", getattr_in, nodeid=f) for _ in range(N)] and None, 6.2),
+            lambda: [_fuse(front, "GETATTR", getattr_in, nodeid=f) for _ in range(N)] and None, 5.2),
         # statx by name + name_to_handle_at (the known inode's identity), nothing for the cached directory
         "LOOKUP in a handle-held directory": (
-            lambda: [_fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d) for _ in range(N)] and None, 5.2),
+            lambda: [_fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d) for _ in range(N)] and None, 4.2),
         # openat + statx + fcntl(F_SETFL) + name_to_handle_at; no credential switch for root's request
-        "CREATE in a handle-held directory": (creates, 7.2),
+        "CREATE in a handle-held directory": (creates, 6.2),
     }
     seen: dict[str, tuple[float, dict[str, int]]] = {}
     for name, (work, budget) in ops.items():
