@@ -43,23 +43,26 @@ def framer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
 
 
 def _items(path: Path) -> list[Any]:
-    """A recording's FUSE messages as capture items, numbered, some with notes or debugger flags."""
-    out = []
+    """A recording's FUSE messages as capture items, numbered, some with notes or debugger flags, most with
+    their descriptor layout (the proxy's captures have one; a 9-tuple or None: none)."""
+    out: list[Any] = []
     with RecordingReader(path) as r:
         for k, rec in enumerate(x for x in r.records() if x.is_fuse):
             notes = ["a note", "ünïcode ✓"][:k % 3] if k % 5 == 0 else []
             flags = rec.flags | (fmt.RF_HELD if k % 23 == 0 else 0) | (fmt.RF_SNAPPED if k % 7 == 0 else 0)
-            out.append((rec.inbound, rec.data[:SNAP], rec.queue, rec.head, rec.ts_ns, rec.orig_len, notes, flags,
-                        k // 2 + 1 if k % 11 else 0))
+            item = (rec.inbound, rec.data[:SNAP], rec.queue, rec.head, rec.ts_ns, rec.orig_len, notes, flags,
+                    k // 2 + 1 if k % 11 else 0)
+            layout = tuple(rec.layout or ((len(rec.data), 2 * (not rec.inbound)),))
+            out.append(item if k % 4 == 0 else (*item, None if k % 4 == 1 else layout))
     return out
 
 
 def _one_by_one(items: list[Any]) -> tuple[BlockEncoder, list[bytes]]:
     enc = BlockEncoder(snaplen=SNAP)
     out = []
-    for inbound, data, queue, head, ts, orig, notes, flags, n in items:
+    for inbound, data, queue, head, ts, orig, notes, flags, n, *layout in items:
         (enc.request if inbound else enc.reply)(data, queue, head, ts, orig_len=orig, notes=notes, flags=flags,
-                                                n=n or None)
+                                                n=n or None, layout=(layout or [None])[0] or ())
         out.append(enc.take())
     return enc, out
 
@@ -75,8 +78,8 @@ def test_framed_blocks_are_the_writers(framer: str, sample: Path) -> None:
     assert got == want
     assert enc.header[1:] == ref.header[1:] and enc.fresh == ref.fresh and enc.epoch == ref.epoch  # (ids differ)
     recs = [x for x in StreamReader().feed(b"".join(enc.header) + b"".join(got)) if isinstance(x, Record)]
-    assert [(r.inbound, r.data, r.n, r.notes[:len(i[6])]) for r, i in zip(recs, items)] == \
-        [(i[0], i[1], i[8], i[6]) for i in items]
+    assert [(r.inbound, r.data, r.n, r.notes[:len(i[6])], r.layout) for r, i in zip(recs, items)] == \
+        [(i[0], i[1], i[8], i[6], list(i[9]) if i[9:] and i[9] else None) for i in items]
     assert len(recs) == len(items)
 
 
@@ -122,6 +125,18 @@ ODD = [
     (True, b"abc", 1, 1, 1, 3, [], 0, 1.0),
     (0, b"abc", 1, 1, 1, 3, [], 0, 1),
     (True, b"abc", 1, 1, 1, 3, [], 0),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ((40, 1), (16, 2))),  # a descriptor layout
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ()),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ((0xFFFFFFFF, 0xFFFF),) * 64),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ((1, 1),) * 65),  # longer than the framer takes
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ((1 << 32, 0),)),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ((1, 1 << 16),)),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ((1, -1),)),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ((1, 1, 0),)),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, [(1, 1)]),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ([1, 1],)),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, ((True, 1),)),
+    (True, b"abc", 1, 1, 1, 3, [], 0, 1, None, 5),
     "not a tuple",
 ]
 
@@ -140,9 +155,11 @@ def _agree(items: list[Any]) -> None:
         assert _scan.frame(items, start, ifaces, 3, 64) == frame_python(items, start, ifaces, 3, 64)
 
 
-ITEM = hs.tuples(hs.booleans(), hs.binary(max_size=80), hs.integers(-1, 4), hs.none() | hs.integers(-1, 1 << 33),
-                 hs.integers(-1, 1 << 65), hs.integers(-(1 << 33), 1 << 33),
-                 hs.lists(hs.text(max_size=8), max_size=3), hs.integers(-1, 1 << 17), hs.integers(-1, 1 << 65))
+_ITEM9 = hs.tuples(hs.booleans(), hs.binary(max_size=80), hs.integers(-1, 4), hs.none() | hs.integers(-1, 1 << 33),
+                   hs.integers(-1, 1 << 65), hs.integers(-(1 << 33), 1 << 33),
+                   hs.lists(hs.text(max_size=8), max_size=3), hs.integers(-1, 1 << 17), hs.integers(-1, 1 << 65))
+_LAYOUT = hs.none() | hs.lists(hs.tuples(hs.integers(-1, 1 << 33), hs.integers(-1, 1 << 17)), max_size=66).map(tuple)
+ITEM = _ITEM9 | hs.tuples(_ITEM9, _LAYOUT).map(lambda t: (*t[0], t[1]))
 
 
 @needs_c

@@ -232,7 +232,8 @@ def _captures() -> list[Record]:
 
 # -- the client's block parser ------------------------------------------------------------------
 def _stream() -> bytes:
-    """A live stream's bytes: header, requests and replies with numbers, notes, a control message."""
+    """A live stream's bytes: header, requests and replies with numbers, notes, descriptor layouts (most), a
+    control message."""
     enc = BlockEncoder(snaplen=1 << 14)
     body = []
     with RecordingReader(SYNCFS) as r:
@@ -241,7 +242,8 @@ def _stream() -> bytes:
                 break
             (enc.request if rec.inbound else enc.reply)(rec.data, rec.queue, rec.head, rec.ts_ns,
                                                          orig_len=rec.orig_len, n=k // 2 + 1,
-                                                         notes=["a note"] if k % 7 == 0 else ())
+                                                         notes=["a note"] if k % 7 == 0 else (),
+                                                         layout=rec.layout if rec.layout and k % 5 else ())
             body.append(enc.take())
             if k % 9 == 0:
                 body.append(custom_block({"type": "event", "kind": "k", "detail": {"k": k}}))

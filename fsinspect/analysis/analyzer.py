@@ -126,7 +126,8 @@ class Analyzer:
             ex = LazyExchange(count, queue, head, self.epoch, unique, opcode, nodeid, None, None, ts_ns, None, req_len,
                               0, None, raw, None, None, [], False, orig_len is not None and orig_len > len(raw),
                               list(notes), False, ref, None, n if n is not None else count + 1,
-                              X.HELD_REQUEST if held else None, mono_ns, self.contexts.get(self.epoch), orig_len,
+                              X.HELD_REQUEST if held else None, mono_ns, None, None, self.contexts.get(self.epoch),
+                              orig_len,
                               None, True, False)
         else:
             ex = Exchange(count, queue, head, self.epoch, unique, opcode, nodeid, req_ts=ts_ns, req_len=req_len,

@@ -157,6 +157,10 @@ class Exchange:
     n: int = 0  # the source's exchange number (1-based, request-capture order): what every UI and command names
     held: str | None = None  # HELD_REQUEST / HELD_REPLY while a breakpoint holds it
     req_mono: int | None = None  # a live source's request capture time on CLOCK_MONOTONIC: its age for `stuck`
+    # The descriptor chains as a live source captured them: (len, flags) per vring_desc, or their META_LAYOUT
+    # items' bytes as the binary stream brings them (layout_list() reads either); None: not known.
+    req_layout: Any = None
+    reply_layout: Any = None
 
     @property
     def state(self) -> str:

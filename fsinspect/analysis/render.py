@@ -61,6 +61,9 @@ def exchange_json(ex: Exchange, *, raw: bool = False, now_ns: int | None = None,
         d["request_len"] = ex.req_len
         d["reply_len"] = ex.reply_len if ex.replied else None
         d["reply_ts_ns"] = ex.reply_ts
+        for key, layout in (("request_layout", ex.req_layout), ("reply_layout", ex.reply_layout)):
+            if isinstance(layout, (tuple, list)) and layout:  # the chain as captured: [len, flags] per descriptor
+                d[key] = [list(desc) for desc in layout]
     return d
 
 

@@ -28,8 +28,8 @@ _BACKLOG_OVERHEAD = 160  # bytes per held-back capture besides its data (tuple, 
 STUCK_CHECK_NS = 100_000_000  # how often pending requests are checked against the stuck threshold
 WATCHED_CATCH_UP_NS = STUCK_CHECK_NS  # watched by binary clients only: the backlog is analysed this often
 
-# A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes, mono_ns)
-_Deferred = tuple[bool, bytes, int, "int | None", int, int, list[str], int]
+# A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes, mono_ns, layout)
+_Deferred = tuple[bool, bytes, int, "int | None", int, int, list[str], int, Any]
 
 
 class Recorder(Addon):
@@ -135,10 +135,11 @@ class Analysis(Addon):
             self.catch_up()
             ex = self.analyzer.feed_request(data, queue, head, ts_ns, orig_len=orig_len, held=True,
                                             mono_ns=_mono(ts_ns))
+            ex.req_layout = layout or None
             self.opcount[ex.opname] += 1
             self._held[(queue, _key(head, data), 1)] = ex
             return
-        self._analyse((True, data, queue, head, ts_ns, orig_len, notes, _mono(ts_ns)))
+        self._analyse((True, data, queue, head, ts_ns, orig_len, notes, _mono(ts_ns), layout))
         if not self._backlog:  # analysis held back: nothing to check until it catches up
             self.check_stuck(self.analyzer.last_ts, _mono(self.analyzer.last_ts))
 
@@ -149,6 +150,7 @@ class Analysis(Addon):
         if flags & fmt.RF_HELD:  # counted once, as the guest gets it
             self.catch_up()
             ex = self.analyzer.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, held=True)
+            ex.reply_layout = layout or None
             self._held[(queue, _key(head, data), 2)] = ex
             self._held_replies[(queue, _key(head, data))] = ex.n
             return
@@ -158,9 +160,10 @@ class Analysis(Addon):
             if n is not None:
                 self.catch_up()
                 if self.analyzer.find(n) is not None:  # ... unless the debugger completed it already
-                    self.analyzer.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, notes=notes)
+                    self.analyzer.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, notes=notes).reply_layout = \
+                        layout or None
                 return
-        self._analyse((False, data, queue, head, ts_ns, orig_len, notes, 0))
+        self._analyse((False, data, queue, head, ts_ns, orig_len, notes, 0, layout))
         if not self._backlog:
             self.check_stuck(self.analyzer.last_ts, _mono(self.analyzer.last_ts))
 
@@ -196,12 +199,16 @@ class Analysis(Addon):
         self._analyse_one(item)
 
     def _analyse_one(self, item: _Deferred) -> None:
-        is_request, data, queue, head, ts, orig, notes, mono = item
+        is_request, data, queue, head, ts, orig, notes, mono, layout = item
         if is_request:
             ex = self.analyzer.feed_request(data, queue, head, ts, orig_len=orig, notes=notes, mono_ns=mono)
+            if layout:
+                ex.req_layout = layout
             self.opcount[ex.opname] += 1
         else:
-            self.analyzer.feed_reply(data, queue, head, ts, orig_len=orig, notes=notes)
+            ex = self.analyzer.feed_reply(data, queue, head, ts, orig_len=orig, notes=notes)
+            if layout:
+                ex.reply_layout = layout
 
     def catch_up(self, limit: int | None = None) -> int:
         """Analyse the held-back captures, oldest first (all of them, or at most `limit`); under the lock."""
@@ -304,7 +311,7 @@ class Publisher(Addon):
             opened[(queue, int.from_bytes(data[8:16], "little"))] = n
         if self.hub.clients:
             self.hub.publish_capture(True, data if len(data) <= LIVE_SNAPLEN else data[:LIVE_SNAPLEN], queue, head,
-                                     ts_ns, orig_len, notes, flags, n)
+                                     ts_ns, orig_len, notes, flags, n, layout or None)
 
     def reply(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
               notes: list[str], flags: int) -> None:
@@ -313,7 +320,7 @@ class Publisher(Addon):
         n = self._open.pop((queue, head if head is not None else int.from_bytes(data[8:16], "little")), 0)
         if self.hub.clients:
             self.hub.publish_capture(False, data if len(data) <= LIVE_SNAPLEN else data[:LIVE_SNAPLEN], queue, head,
-                                     ts_ns, orig_len, notes, flags, n)
+                                     ts_ns, orig_len, notes, flags, n, layout or None)
 
     def control(self, direction: str, raw: bytes, fds: list[int], msg: Any) -> None:
         if isinstance(msg, V.VhostUserMessage):

@@ -34,9 +34,10 @@ from ..analysis import exchange as X
 from ..analysis.inodes import Announcement, Inode, SyncfsRecord
 from ..recording import format as rfmt
 from ..recording.reader import Record, RecordingError, StreamReader
-from ..recording.scan import Row
+from ..recording.scan import Row, layout_items
 
 BATCH = 256  # lines applied per lock hold (~25 ms of decoding), then the thread yields the GIL
+LAYOUTS_SHARED = 4096  # distinct descriptor layouts a feed shares between exchanges (the rest are kept as they come)
 _OP_BY_NAME = {o.name: o.value for o in fspec.OPCODES}
 _ERRNO = fspec.ERRNO.by_name()
 
@@ -172,6 +173,8 @@ class ControlFeed(Feed):
         self._stream_id: int | None = None  # the `stream` command's id, until its reply switches the stream
         self.reader: StreamReader | None = None
         self.blocks = 0  # packet blocks received (the binary stream)
+        # Each descriptor layout once (a guest makes few chain shapes): a kept exchange holds a shared one.
+        self._layouts: dict[bytes, bytes] = {}
         state.analyzer.stuck_ns = 0  # the source lints `stuck` with its own threshold and clock
 
     def connect(self) -> None:
@@ -282,7 +285,7 @@ class ControlFeed(Feed):
         cls = item.__class__
         if cls is Row:
             self._packet(item.inbound, item.data, item.orig_len, item.queue, item.head, item.ts_ns, item.flags,
-                         item.n, [])
+                         item.n, [], item.layout)
         elif cls is Record:
             self._record(item)
         else:
@@ -306,15 +309,22 @@ class ControlFeed(Feed):
         """A packet block of the binary stream (read by the general parser: it may carry notes)."""
         if rec.is_fuse:
             self._packet(rec.inbound, rec.data, rec.orig_len, rec.queue, rec.head, rec.ts_ns, rec.flags, rec.n,
-                         rec.notes)
+                         rec.notes, rec.layout)
 
     def _packet(self, inbound: bool, data: bytes, orig_len: int, queue: int, head: int | None, ts_ns: int,
-                flags: int, number: int, notes: list[str]) -> None:
-        """A FUSE message of the binary stream: a request opens exchange `n`, a reply completes it.  (Run for
-        every message a live UI ingests: kept lean.)"""
+                flags: int, number: int, notes: list[str], layout: Any = None) -> None:
+        """A FUSE message of the binary stream: a request opens exchange `n`, a reply completes it; `layout`, its
+        descriptor chain (a scanner row's bytes, a record's list).  (Run for every message a live UI ingests:
+        kept lean.)"""
         st = self.state
         if not st.first_ts:
             st.first_ts = ts_ns
+        if layout.__class__ is bytes:
+            shared = self._layouts.get(layout)
+            if shared is not None:
+                layout = shared
+            elif len(self._layouts) < LAYOUTS_SHARED:
+                self._layouts[layout] = layout
         n = number or None
         self.blocks += 1
         an = st.analyzer
@@ -328,6 +338,8 @@ class ControlFeed(Feed):
             c = st.source_clock  # (its capture time on the source's monotonic clock: what it is aged from)
             ex = st.feed_request(data, queue, head, ts_ns, orig_len=orig_len, notes=notes, n=n,
                                  held=bool(flags & rfmt.RF_HELD), mono_ns=None if c is None else ts_ns + c[1] - c[0])
+            if layout:
+                ex.req_layout = layout
             if keep:
                 self._raw[ex.index] = (data, None)
             if n is not None and ex.state != X.DONE:
@@ -344,6 +356,8 @@ class ControlFeed(Feed):
             if n is None and st.open.get(ex.n) is ex:
                 del st.open[ex.n]
             req = None
+        if layout:
+            ex.reply_layout = layout
         if keep:
             self._raw[ex.index] = (req, data)
 
@@ -501,6 +515,7 @@ class ControlFeed(Feed):
                                  orig_len=d.get("request_len"), notes=list(d.get("notes", ())), n=n,
                                  mono_ns=mono_ns if mono_ns is not None else st.source_mono(ts))
             self._keep_raw(ex, bytes.fromhex(req_hex), None)
+            ex.req_layout = _json_layout(d.get("request_layout"))
             if ex.state == X.DONE:  # no reply expected (FORGET): complete already
                 return
             st.open[n] = ex
@@ -510,6 +525,7 @@ class ControlFeed(Feed):
             # The reply the breakpoint holds: decoded now, so `x` can edit it.
             st.analyzer.feed_reply(bytes.fromhex(rep_hex), ex.queue, ex.head, int(d.get("reply_ts_ns") or 0),
                                    orig_len=d.get("reply_len"), n=n, held=True)
+            ex.reply_layout = _json_layout(d.get("reply_layout"))
             self._keep_raw(ex, self._raw.get(ex.index, (None, None))[0], bytes.fromhex(rep_hex))
         elif held != ex.held:
             st.analyzer.set_held(n, held)
@@ -533,6 +549,7 @@ class ControlFeed(Feed):
         if req_hex is None and rep_hex is None:
             self._bare(d)
             return
+        req_layout, rep_layout = _json_layout(d.get("request_layout")), _json_layout(d.get("reply_layout"))
         notes = list(d.get("notes", ()))
         n = d.get("n") if isinstance(d.get("n"), int) else None
         opened = self.state.open.pop(n, None) if n is not None else None
@@ -543,6 +560,7 @@ class ControlFeed(Feed):
                               n=n, notes=[x for x in notes if x not in ex.notes])
             self._source_lints(ex, d)
             self._keep_raw(ex, self._raw.get(ex.index, (None, None))[0], bytes.fromhex(rep_hex) if rep_hex else None)
+            ex.reply_layout = rep_layout or ex.reply_layout
             return
         if req_hex is not None:
             ex = self.state.feed_request(bytes.fromhex(req_hex), queue, head, ts, orig_len=d.get("request_len"),
@@ -556,6 +574,8 @@ class ControlFeed(Feed):
             ex = an.feed_reply(bytes.fromhex(rep_hex), queue, head, int(rts or ts), orig_len=d.get("reply_len"),
                                notes=notes)
         self._keep_raw(ex, bytes.fromhex(req_hex) if req_hex else None, bytes.fromhex(rep_hex) if rep_hex else None)
+        ex.req_layout = req_layout or ex.req_layout
+        ex.reply_layout = rep_layout or ex.reply_layout
 
     def _bare(self, d: dict[str, Any]) -> None:
         """An exchange without raw bytes (an older proxy): list it with what the JSON says."""
@@ -590,6 +610,25 @@ class ControlFeed(Feed):
 
 
 def _live_record(data: bytes, inbound: bool, ex: Exchange) -> Record:
-    """The live bytes in the same shape a recording gives (no descriptor layout: the stream lacks it)."""
+    """The live bytes in the same shape a recording gives, with the descriptor layout the source sent."""
     return Record(-1, -1, "fuse", inbound, (ex.req_ts if inbound else ex.reply_ts) or 0, data,
-                  (ex.req_len if inbound else ex.reply_len) or len(data), ex.queue, ex.head, ex.epoch, 0)
+                  (ex.req_len if inbound else ex.reply_len) or len(data), ex.queue, ex.head, ex.epoch, 0,
+                  layout_list(ex.req_layout if inbound else ex.reply_layout))
+
+
+def layout_list(layout: Any) -> list[tuple[int, int]] | None:
+    """An exchange's layout as a reader Record has it ((len, flags) per descriptor): from the binary stream's
+    bytes (decoded only when shown), or the tuples the JSON lines or the source itself gave."""
+    if not layout:
+        return None
+    return layout_items(layout) if isinstance(layout, bytes) else [(int(ln), int(fl)) for ln, fl in layout]
+
+
+def _json_layout(v: Any) -> tuple[tuple[int, int], ...] | None:
+    """A JSON layout ([[len, flags], ...]) as tuples; None for anything else (a source's bad line loses it)."""
+    if not isinstance(v, list) or not v:
+        return None
+    try:
+        return tuple((int(ln), int(fl)) for ln, fl in v)
+    except (TypeError, ValueError):
+        return None

@@ -25,7 +25,7 @@ from ..recording import format as rfmt
 from ..recording.reader import Record
 from ..recording.scan import Row
 from ..recording.writer import RecordingWriter
-from .feed import ControlFeed, LiveState
+from .feed import ControlFeed, LiveState, layout_list
 
 FORMATS = ("text", "jsonl", "pcapng")
 
@@ -74,9 +74,10 @@ class PcapngSink:
         w = self.writer
         if ex.req_raw is not None:
             w.request(ex.req_raw, ex.queue, ex.head, ex.req_ts or 0, epoch=ex.epoch, orig_len=ex.req_len,
-                      notes=ex.notes)
+                      notes=ex.notes, layout=layout_list(ex.req_layout) or ())
         if ex.reply_raw is not None:
-            w.reply(ex.reply_raw, ex.queue, ex.head, ex.reply_ts or 0, epoch=ex.epoch, orig_len=ex.reply_len)
+            w.reply(ex.reply_raw, ex.queue, ex.head, ex.reply_ts or 0, epoch=ex.epoch, orig_len=ex.reply_len,
+                    layout=layout_list(ex.reply_layout) or ())
 
     def copy(self, blocks: bytes) -> None:
         """Blocks of the binary stream, as they came (after what the writer holds)."""
@@ -141,7 +142,7 @@ class HeadlessFeed(ControlFeed):
         for ex in still:  # in flight: the request now (its reply block follows), once
             if ex.req_raw is not None:
                 self.sink.writer.request(ex.req_raw, ex.queue, ex.head, ex.req_ts or 0, epoch=ex.epoch,
-                                         orig_len=ex.req_len, notes=ex.notes)
+                                         orig_len=ex.req_len, notes=ex.notes, layout=layout_list(ex.req_layout) or ())
                 self._copied_requests.add(ex.n)
         self.seen += len(still)
         self.written += len(still)

@@ -282,11 +282,12 @@ class Hub:
         self.tee = True
 
     def publish_capture(self, inbound: bool, data: bytes, queue: int, head: int | None, ts_ns: int,
-                        orig_len: int, notes: list[str], flags: int, n: int) -> None:
+                        orig_len: int, notes: list[str], flags: int, n: int, layout: Any = None) -> None:
         """A captured FUSE message (take_captures), as the recording has it, with the source's exchange number
         (0: unknown): one packet block for binary clients, in capture order.  `data` is cut at LIVE_SNAPLEN
-        by the caller.  JSON clients skip it (their exchange lines say it)."""
-        self._broadcast(_CAPTURE, (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n))
+        by the caller; `layout` is its descriptor chain ((len, flags) per descriptor, a tuple), if any.  JSON
+        clients skip it (their exchange lines say it)."""
+        self._broadcast(_CAPTURE, (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n, layout))
 
     def _remember(self, ex: Exchange) -> None:
         """Keep `ex` for the snapshot's backlog, bounded in count and in bytes (what it holds, and its JSON's
@@ -506,7 +507,7 @@ class Hub:
                 sent = len(notes)
             if ex.reply_raw is not None:
                 enc.reply(ex.reply_raw[:LIVE_SNAPLEN], ex.queue, ex.head, ex.reply_ts or 0, epoch=ex.epoch,
-                          orig_len=ex.reply_len, notes=notes[sent or 0:], n=ex.n)
+                          orig_len=ex.reply_len, notes=notes[sent or 0:], n=ex.n, layout=ex.reply_layout or ())
             data = enc.take()
             if STUCK in ex.lints:  # the source's clock and threshold: the client's analyzer cannot tell
                 data += custom_block({"type": "lints", "n": ex.n, "lints": [STUCK]})
@@ -515,7 +516,7 @@ class Hub:
 
     def _request_block(self, ex: Any, notes: list[str], flags: int) -> None:
         self.encoder.request(ex.req_raw[:LIVE_SNAPLEN], ex.queue, ex.head, ex.req_ts or 0, epoch=ex.epoch,
-                             orig_len=ex.req_len, notes=notes, flags=flags, n=ex.n)
+                             orig_len=ex.req_len, notes=notes, flags=flags, n=ex.n, layout=ex.req_layout or ())
 
     def _stream(self, c: _Client, obj: dict[str, Any]) -> None:
         """The `stream` command: switch this client to the pcapng stream (or keep JSON lines)."""

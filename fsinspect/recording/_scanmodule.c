@@ -3,10 +3,11 @@
  *
  * configure(**constants) once, from scan.py, with the format's values; then
  * scan(buf, pos, base, n_ifaces, max_block) -> (rows, pos): a scan.Row per canonical packet block
- * (offset, iface, inbound, ts_ns, data, orig_len, queue, head, epoch, flags, n), head None for none;
+ * (offset, iface, inbound, ts_ns, data, orig_len, queue, head, epoch, flags, n, layout), head None for none,
+ * layout the descriptor items' bytes or None;
  * frame(items, start, ifaces, epoch, max_len) -> (blocks, next): a packet block per capture item
- * (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n) from `start`, stopping in front of one
- * the writer must make itself (scan.py frame_python says which).
+ * (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n[, layout]) from `start`, stopping in front of
+ * one the writer must make itself (scan.py frame_python says which).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -16,6 +17,7 @@
 
 #define CHUNK 256
 #define MAX_NOTES 16
+#define MAX_DESCS 64 /* a longer descriptor layout is framed by the writer */
 
 static struct sc_config config;
 static int configured;
@@ -27,14 +29,14 @@ static PyObject *scan_configure(PyObject *self, PyObject *args, PyObject *kw)
     static char *names[] = {"prefix_in", "prefix_out", "bt_epb", "opt_epb_flags", "opt_custom_bin",
                             "opt_end", "meta_record", "meta_number", "meta_record_size", "meta_number_size", "pen",
                             "no_head", "dir_mask", "dir_inbound", "rf_snapped", "tail", "tail_n", "row_type",
-                            "dir_outbound", "opt_comment", "rf_debugger", "op_init", NULL};
+                            "dir_outbound", "opt_comment", "rf_debugger", "op_init", "meta_layout", NULL};
     Py_buffer in, out;
     PyObject *rt;
-    unsigned int bt, o1, o2, o3, m1, m2, s1, s2, pen, nh, dm, di, rs, tail, tail_n, dout, oc, rd, oi;
+    unsigned int bt, o1, o2, o3, m1, m2, s1, s2, pen, nh, dm, di, rs, tail, tail_n, dout, oc, rd, oi, ml;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*IIIIIIIIIIIIIIIOIIII", names, &in, &out, &bt, &o1, &o2, &o3,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*IIIIIIIIIIIIIIIOIIIII", names, &in, &out, &bt, &o1, &o2, &o3,
                                      &m1, &m2, &s1, &s2, &pen, &nh, &dm, &di, &rs, &tail, &tail_n, &rt, &dout, &oc,
-                                     &rd, &oi))
+                                     &rd, &oi, &ml))
         return NULL;
     int ok = in.len == out.len && in.len <= SC_MAX_PREFIX && tail == SC_TAIL && tail_n == SC_TAIL_N
              && PyType_Check(rt) && PyType_IsSubtype((PyTypeObject *)rt, &PyTuple_Type);
@@ -56,6 +58,7 @@ static PyObject *scan_configure(PyObject *self, PyObject *args, PyObject *kw)
     config.opt_end = (uint16_t)o3;
     config.meta_record = (uint16_t)m1;
     config.meta_number = (uint16_t)m2;
+    config.meta_layout = (uint16_t)ml;
     config.meta_record_size = (uint16_t)s1;
     config.meta_number_size = (uint16_t)s2;
     config.pen = pen;
@@ -73,10 +76,10 @@ static PyObject *scan_configure(PyObject *self, PyObject *args, PyObject *kw)
 
 static PyObject *row_tuple(const struct sc_row *r, const uint8_t *buf)
 {
-    PyObject *t = row_type->tp_alloc(row_type, 11);
+    PyObject *t = row_type->tp_alloc(row_type, 12);
     if (!t)
         return NULL;
-    PyObject *items[11] = {
+    PyObject *items[12] = {
         PyLong_FromUnsignedLongLong(r->offset),
         PyLong_FromUnsignedLong(r->iface),
         Py_NewRef(r->inbound ? Py_True : Py_False),
@@ -88,10 +91,12 @@ static PyObject *row_tuple(const struct sc_row *r, const uint8_t *buf)
         PyLong_FromUnsignedLong(r->epoch),
         PyLong_FromUnsignedLong(r->flags),
         PyLong_FromUnsignedLongLong(r->n),
+        r->has_layout ? PyBytes_FromStringAndSize((const char *)buf + r->layout_off, (Py_ssize_t)r->layout_len)
+                      : Py_NewRef(Py_None),
     };
-    for (int i = 0; i < 11; i++) {
+    for (int i = 0; i < 12; i++) {
         if (!items[i]) {
-            for (int j = i; j < 11; j++)
+            for (int j = i; j < 12; j++)
                 Py_XDECREF(items[j]);
             Py_DECREF(t);
             return NULL;
@@ -160,10 +165,32 @@ static long long small_uint(PyObject *o, unsigned long long max)
 /* One capture item as an sc_packet; 0 if it can be framed here, -1 if the writer must make it (no exception),
  * -2 on an error (exception set). */
 static int packet_of(PyObject *item, PyObject *ifaces, unsigned long epoch, Py_ssize_t max_len, struct sc_packet *p,
-                     const char **notes, uint16_t *note_lens)
+                     const char **notes, uint16_t *note_lens, uint8_t *layout)
 {
-    if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 9)
+    if (!PyTuple_CheckExact(item) || (PyTuple_GET_SIZE(item) != 9 && PyTuple_GET_SIZE(item) != 10))
         return -1;
+    /* The descriptor layout: a tuple of (len, flags) tuples, packed as the writer's META_LAYOUT items. */
+    PyObject *lay = PyTuple_GET_SIZE(item) == 10 ? PyTuple_GET_ITEM(item, 9) : Py_None;
+    uint32_t layout_len = 0;
+    if (lay != Py_None) {
+        if (!PyTuple_CheckExact(lay) || PyTuple_GET_SIZE(lay) > MAX_DESCS)
+            return -1;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(lay); i++) {
+            PyObject *d = PyTuple_GET_ITEM(lay, i);
+            if (!PyTuple_CheckExact(d) || PyTuple_GET_SIZE(d) != 2)
+                return -1;
+            long long ln = small_uint(PyTuple_GET_ITEM(d, 0), 0xFFFFFFFFu), fl = small_uint(PyTuple_GET_ITEM(d, 1), 0xFFFF);
+            if (ln < 0 || fl < 0)
+                return -1;
+            uint8_t *o = layout + 8 * i;
+            for (int k = 0; k < 4; k++)
+                o[k] = (uint8_t)((unsigned long long)ln >> (8 * k));
+            o[4] = (uint8_t)fl;
+            o[5] = (uint8_t)(fl >> 8);
+            o[6] = o[7] = 0;
+        }
+        layout_len = (uint32_t)(8 * PyTuple_GET_SIZE(lay));
+    }
     PyObject *data = PyTuple_GET_ITEM(item, 1), *head = PyTuple_GET_ITEM(item, 3), *nl = PyTuple_GET_ITEM(item, 6);
     PyObject *ts_o = PyTuple_GET_ITEM(item, 4), *orig_o = PyTuple_GET_ITEM(item, 5), *n_o = PyTuple_GET_ITEM(item, 8);
     if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) > max_len || !PyList_CheckExact(nl)
@@ -210,7 +237,8 @@ static int packet_of(PyObject *item, PyObject *ifaces, unsigned long epoch, Py_s
     *p = (struct sc_packet){.data = buf, .len = (uint64_t)len, .orig_len = orig > len ? (uint64_t)orig : (uint64_t)len,
                             .ts = ts, .n = n, .iface = (uint32_t)ifc, .head = (uint32_t)h, .epoch = (uint32_t)epoch,
                             .queue = (uint16_t)queue, .flags = (uint16_t)flags, .inbound = (uint8_t)inbound,
-                            .n_notes = (uint32_t)PyList_GET_SIZE(nl), .notes = notes, .note_lens = note_lens};
+                            .n_notes = (uint32_t)PyList_GET_SIZE(nl), .notes = notes, .note_lens = note_lens,
+                            .layout = layout, .layout_len = layout_len};
     return sc_frame_len(&config, p) ? 0 : -1;
 }
 
@@ -232,7 +260,8 @@ static PyObject *scan_frame(PyObject *self, PyObject *args)
         struct sc_packet p;
         const char *notes[MAX_NOTES];
         uint16_t note_lens[MAX_NOTES];
-        int r = packet_of(PyList_GET_ITEM(items, i), ifaces, epoch, max_len, &p, notes, note_lens);
+        uint8_t layout[8 * MAX_DESCS];
+        int r = packet_of(PyList_GET_ITEM(items, i), ifaces, epoch, max_len, &p, notes, note_lens, layout);
         if (r == -1)
             break;
         PyObject *blk = r == 0 ? PyBytes_FromStringAndSize(NULL, (Py_ssize_t)sc_frame_len(&config, &p)) : NULL;

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import format as fmt
 from .parts import Concat, PartsError, resolve
-from .scan import Row, epb_row, scan
+from .scan import Row, epb_row, layout_items, scan
 
 _U32 = struct.Struct("<I")
 _BLOCK_HEAD = struct.Struct("<II")
@@ -163,14 +163,14 @@ def strip_exported_pdu(data: bytes) -> tuple[str, int | None, bytes]:
 
 
 def _fast_epb(offset: int, body: bytes) -> Record | None:
-    """A packet block in the writer's own canonical layout (no layout option, no notes), or None."""
+    """A packet block in the writer's own canonical layout (no notes), or None."""
     r = epb_row(body, offset)
     return None if r is None else _row_record(r)
 
 
 def _row_record(r: Row) -> Record:
     return Record(r.offset, r.iface, fmt.DISSECTOR_FUSE, r.inbound, r.ts_ns, r.data, r.orig_len, r.queue, r.head,
-                  r.epoch, r.flags, None, [], r.n)
+                  r.epoch, r.flags, None if r.layout is None else layout_items(r.layout), [], r.n)
 
 
 class _BlockParser:

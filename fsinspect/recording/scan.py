@@ -2,9 +2,9 @@
 
 The live stream's reader gets a chunk of blocks at a time; nearly all of them are packet blocks exactly as
 the writer's fast path lays them out (a FUSE message after its exported-PDU tags, then epb_flags,
-META_RECORD, optionally META_NUMBER, end of options).  `scan(buf, pos, base, n_ifaces, max_block)` takes the run of
+META_RECORD, optionally the descriptor layout (META_LAYOUT) and META_NUMBER, end of options).  `scan(buf, pos, base, n_ifaces, max_block)` takes the run of
 such blocks that starts at `pos`, each as a `Row` tuple, and stops in front of anything else (another
-block type, a packet with notes or a descriptor layout, a block not complete yet, one that breaks the
+block type, a packet with notes, a block not complete yet, one that breaks the
 framing, an interface not defined yet): the caller reads that block with the general parser, which also
 says what is wrong with it.  `epb_row` reads one block body the same way (the file reader's fast path).
 
@@ -23,14 +23,15 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import format as fmt
 
 
 class Row(NamedTuple):
-    """A canonical packet block: the fields of a reader Record without dissector (always FUSE), layout and
-    notes (never present)."""
+    """A canonical packet block: the fields of a reader Record without dissector (always FUSE) and notes (never
+    present); the descriptor layout as its META_LAYOUT items' bytes (u32 len, u16 flags, u16 0 each), None
+    when the block has none (layout_items() reads them)."""
 
     offset: int
     iface: int
@@ -43,6 +44,12 @@ class Row(NamedTuple):
     epoch: int
     flags: int
     n: int
+    layout: bytes | None = None
+
+
+def layout_items(raw: bytes) -> list[tuple[int, int]]:
+    """A Row's layout bytes as the reader's Record.layout: (len, flags) per descriptor."""
+    return [(ln, fl) for ln, fl, _ in fmt.LAYOUT_ITEM.iter_unpack(raw)]
 
 
 _U32 = struct.Struct("<I")
@@ -68,6 +75,7 @@ TAIL = struct.Struct(f"<HHIHH{_META_FMT}HH")
 TAIL_N = struct.Struct(f"<HHIHH{_META_FMT}HH{fmt.META_NUMBER_STRUCT.format.lstrip('<')}HH")
 _TAIL_KEY = (fmt.EPB_FLAGS, 4, fmt.OPT_CUSTOM_BIN, fmt.META_RECORD_STRUCT.size, fmt.PEN, fmt.META_RECORD)
 _NUMBER_KEY = (fmt.OPT_CUSTOM_BIN, fmt.META_NUMBER_STRUCT.size, fmt.PEN, fmt.META_NUMBER)
+_LAYOUT_HEAD = struct.Struct("<HHIH")  # option code, size, PEN, kind (the items follow a reserved u16)
 _DIR_MASK = 3
 
 
@@ -85,6 +93,16 @@ def epb_row(body: bytes, offset: int, start: int = 0, stop: int | None = None) -
     end = 20 + caplen
     tail = end + (-caplen % 4)
     rest = blen - tail
+    layout = None
+    at = start + tail  # the options after epb_flags and META_RECORD (32 bytes)
+    if rest >= TAIL.size + 12 and (lh := _LAYOUT_HEAD.unpack_from(body, at + 32))[0] == fmt.OPT_CUSTOM_BIN \
+            and lh[1] >= 8 and lh[2:] == (fmt.PEN, fmt.META_LAYOUT):
+        size = lh[1]
+        if (size - 8) % 8 or rest < TAIL.size + 4 + size:
+            return None
+        layout = body[at + 44:at + 36 + size]
+        body = body[:at + 32] + body[at + 36 + size:start + blen]  # (what follows is as without it)
+        rest -= 4 + size
     if rest == TAIL.size:
         t = TAIL.unpack_from(body, start + tail)
         number = 0
@@ -109,7 +127,7 @@ def epb_row(body: bytes, offset: int, start: int = 0, stop: int | None = None) -
         orig = max(orig, _U32.unpack_from(pdu)[0])
     h = t[10]
     return Row(offset, iface, d == fmt.DIR_INBOUND if d else pre, (ts_hi << 32) | ts_lo, pdu, orig, t[8],
-               None if h == fmt.NO_HEAD else h, t[11], flags, number)
+               None if h == fmt.NO_HEAD else h, t[11], flags, number, layout)
 
 
 def scan_python(buf: bytes, pos: int, base: int, n_ifaces: int, max_block: int) -> tuple[list[Row], int]:
@@ -131,8 +149,9 @@ def scan_python(buf: bytes, pos: int, base: int, n_ifaces: int, max_block: int) 
 
 
 Scan = Callable[[bytes, int, int, int, int], tuple[list[Row], int]]
-# A capture to frame: (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n); n 0 for none.
-Item = tuple[bool, bytes, int, "int | None", int, int, list[str], int, int]
+# A capture to frame: (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n[, layout]); n 0 for none,
+# layout a tuple of (len, flags) per descriptor (or None).
+Item = tuple[Any, ...]
 Frame = Callable[[list[Item], int, dict[int, int], int, int], tuple[list[bytes], int]]
 _OP_INIT = 26  # (fuse.h FUSE_INIT; checked against the spec by the tests)
 _EPB_HEAD = struct.Struct(f"<7I{PREFIX_LEN}s")
@@ -140,16 +159,18 @@ _FLAGS_META = struct.Struct(f"<HHIHH{_META_FMT}")
 _NUMBER = struct.Struct(f"<HH{fmt.META_NUMBER_STRUCT.format.lstrip('<')}")
 _OPT = struct.Struct("<HH")
 _END = struct.Struct("<HHI")
+_LAYOUT_OPT = struct.Struct("<HHIHH")
 _MAX_NOTES = 16
+_MAX_DESCS = 64
 _U16, _U32_MAX, _U64_MAX = 0xFFFF, 0xFFFFFFFF, (1 << 64) - 1
 _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
 def _framable(item: object, ifaces: dict[int, int], max_len: int) -> tuple[int, list[bytes]] | None:
     """(interface, the notes as UTF-8) if the twin frames this item, else None (the writer makes it)."""
-    if type(item) is not tuple or len(item) != 9:
+    if type(item) is not tuple or len(item) not in (9, 10):
         return None
-    inbound, data, queue, head, ts, orig, notes, flags, n = item
+    inbound, data, queue, head, ts, orig, notes, flags, n = item[:9]
     if (type(data) is not bytes or len(data) > max_len or type(notes) is not list or len(notes) > _MAX_NOTES
             or type(queue) is not int or not 0 <= queue <= _U16 or type(flags) is not int or not 0 <= flags <= _U16
             or flags & fmt.RF_DEBUGGER or type(ts) is not int or not 0 <= ts <= _U64_MAX or type(n) is not int
@@ -172,7 +193,24 @@ def _framable(item: object, ifaces: dict[int, int], max_len: int) -> tuple[int, 
         if len(text) > _U16:
             return None
         texts.append(text)
+    if len(item) == 10 and item[9] is not None and _packed_layout(item[9]) is None:
+        return None
     return iface, texts
+
+
+def _packed_layout(layout: object) -> bytes | None:
+    """A layout tuple as its META_LAYOUT items, or None if the twin does not frame it."""
+    if type(layout) is not tuple or len(layout) > _MAX_DESCS:
+        return None
+    out = []
+    for d in layout:
+        if type(d) is not tuple or len(d) != 2:
+            return None
+        ln, fl = d
+        if type(ln) is not int or not 0 <= ln <= _U32_MAX or type(fl) is not int or not 0 <= fl <= _U16:
+            return None
+        out.append(fmt.LAYOUT_ITEM.pack(ln, fl, 0))
+    return b"".join(out)
 
 
 def frame_python(items: list[Item], start: int, ifaces: dict[int, int], epoch: int,
@@ -185,12 +223,14 @@ def frame_python(items: list[Item], start: int, ifaces: dict[int, int], epoch: i
         if ok is None:
             break
         iface, texts = ok
-        inbound, data, queue, head, ts, orig, _notes, flags, n = items[i]
+        inbound, data, queue, head, ts, orig, _notes, flags, n = items[i][:9]
+        lay = _packed_layout(items[i][9]) if len(items[i]) == 10 and items[i][9] is not None else b""
         caplen = PREFIX_LEN + len(data)
         pad = _PADS[caplen & 3]
         opts = b"".join(_OPT.pack(fmt.OPT_COMMENT, len(t)) + t + _PADS[len(t) & 3] for t in texts)
-        total = (_EPB_HEAD.size + len(data) + len(pad) + _FLAGS_META.size + (_NUMBER.size if n else 0) + len(opts)
-                 + _END.size)
+        lay_opt = _LAYOUT_OPT.pack(fmt.OPT_CUSTOM_BIN, 8 + len(lay), fmt.PEN, fmt.META_LAYOUT, 0) + lay if lay else b""
+        total = (_EPB_HEAD.size + len(data) + len(pad) + _FLAGS_META.size + len(lay_opt) + (_NUMBER.size if n else 0)
+                 + len(opts) + _END.size)
         orig = max(orig, len(data))
         if total > _U32_MAX or PREFIX_LEN + orig > _U32_MAX:
             break
@@ -201,6 +241,7 @@ def frame_python(items: list[Item], start: int, ifaces: dict[int, int], epoch: i
             _FLAGS_META.pack(fmt.EPB_FLAGS, 4, fmt.DIR_INBOUND if inbound else fmt.DIR_OUTBOUND, fmt.OPT_CUSTOM_BIN,
                              fmt.META_RECORD_STRUCT.size, fmt.PEN, fmt.META_RECORD, 0, queue, flags,
                              fmt.NO_HEAD if head is None else head, epoch),
+            lay_opt,
             _NUMBER.pack(fmt.OPT_CUSTOM_BIN, fmt.META_NUMBER_STRUCT.size, fmt.PEN, fmt.META_NUMBER, 0, n) if n else b"",
             opts, _END.pack(fmt.OPT_ENDOFOPT, 0, total))))
         i += 1
@@ -221,7 +262,7 @@ def _load() -> tuple[str, Scan, Frame]:
                     pen=fmt.PEN, no_head=fmt.NO_HEAD, dir_mask=_DIR_MASK, dir_inbound=fmt.DIR_INBOUND,
                     rf_snapped=fmt.RF_SNAPPED, tail=TAIL.size, tail_n=TAIL_N.size, row_type=Row,
                     dir_outbound=fmt.DIR_OUTBOUND, opt_comment=fmt.OPT_COMMENT, rf_debugger=fmt.RF_DEBUGGER,
-                    op_init=_OP_INIT)
+                    op_init=_OP_INIT, meta_layout=fmt.META_LAYOUT)
     if os.environ.get("FSINSPECT_SCAN", "").lower() == "python":
         return "python", scan_python, frame_python
     return "c", _scan.scan, _scan.frame

@@ -42,6 +42,20 @@ int sc_epb(const struct sc_config *c, const uint8_t *body, size_t blen, uint64_t
     uint64_t rest = blen - tail;
     const uint8_t *t = body + tail;
     uint64_t n = 0;
+    row->has_layout = 0;
+    row->layout_off = 0;
+    row->layout_len = 0;
+    if (rest >= SC_TAIL + 12u && u16(t + 32) == c->opt_custom_bin && u16(t + 34) >= 8u && u32(t + 36) == c->pen
+        && u16(t + 40) == c->meta_layout) {
+        uint32_t size = u16(t + 34);
+        if ((size - 8u) % 8u || rest < SC_TAIL + 4u + size)
+            return -1;
+        row->has_layout = 1;
+        row->layout_off = tail + 44u;
+        row->layout_len = size - 8u;
+        t += 4u + size; /* what follows is as without it */
+        rest -= 4u + size;
+    }
     if (rest == SC_TAIL) {
         if (u16(t + 32) != c->opt_end)
             return -1;
@@ -53,6 +67,7 @@ int sc_epb(const struct sc_config *c, const uint8_t *body, size_t blen, uint64_t
     } else {
         return -1;
     }
+    t = body + tail; /* epb_flags and META_RECORD come first */
     if (u16(t) != c->opt_epb_flags || u16(t + 2) != 4 || u16(t + 8) != c->opt_custom_bin
         || u16(t + 10) != c->meta_record_size || u32(t + 12) != c->pen || u16(t + 16) != c->meta_record)
         return -1;
@@ -92,6 +107,8 @@ size_t sc_scan(const struct sc_config *c, const uint8_t *buf, size_t len, size_t
         if (sc_epb(c, buf + p + 8, total - 12, base + p, r) < 0 || r->iface >= n_ifaces)
             break;
         r->pdu_off += p + 8; /* from the body to the buffer */
+        if (r->has_layout)
+            r->layout_off += p + 8;
         k++;
         p += total;
     }
@@ -136,7 +153,10 @@ static inline uint8_t *meta_option(const struct sc_config *c, uint8_t *o, uint16
 uint64_t sc_frame_len(const struct sc_config *c, const struct sc_packet *p)
 {
     uint64_t caplen = c->prefix_len + p->len;
-    uint64_t total = 28u + caplen + pad4(caplen) + SC_TAIL + (p->n ? SC_TAIL_N - SC_TAIL : 0u) + 4u;
+    uint64_t total = 28u + caplen + pad4(caplen) + SC_TAIL + (p->n ? SC_TAIL_N - SC_TAIL : 0u) + 4u
+                     + (p->layout_len ? 12u + p->layout_len : 0u);
+    if (p->layout_len % 8u || p->layout_len > 0xFFFFu - 8u)
+        return 0;
     for (uint32_t i = 0; i < p->n_notes; i++)
         total += 4u + p->note_lens[i] + pad4(p->note_lens[i]);
     if (total > UINT32_MAX || c->prefix_len + p->orig_len > UINT32_MAX)
@@ -169,6 +189,11 @@ void sc_frame(const struct sc_config *c, const struct sc_packet *p, uint8_t *out
     o = w16(o, p->flags);
     o = w32(o, p->head);
     o = w32(o, p->epoch);
+    if (p->layout_len) {
+        o = meta_option(c, o, (uint16_t)(8u + p->layout_len), c->meta_layout);
+        memcpy(o, p->layout, p->layout_len);
+        o += p->layout_len;
+    }
     if (p->n)
         o = w64(meta_option(c, o, c->meta_number_size, c->meta_number), p->n);
     for (uint32_t i = 0; i < p->n_notes; i++) {

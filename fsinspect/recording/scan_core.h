@@ -6,7 +6,7 @@
  * Why C: the UI's live stream is ~2 packet blocks per exchange at 100k exchanges/s; parsing them in
  * Python took a third of the ingest thread.  The layout's constants (option codes, PEN, kinds, the
  * exported-PDU prefixes) are not written here: the caller passes them from fsinspect/recording/format.py
- * (sc_config).  Anything else (another block type, a packet with notes or a layout, a block that lies) is
+ * (sc_config).  Anything else (another block type, a packet with notes, a block that lies) is
  * left to the caller, which reads it with the general parser: the scan stops in front of it.  The
  * pure-Python twin is fsinspect/recording/scan.py; the same tests run on both.
  */
@@ -24,7 +24,7 @@ struct sc_config {
     uint32_t bt_epb;
     uint32_t max_block;  /* a block longer than this is left to the caller (which refuses it) */
     uint16_t opt_epb_flags, opt_custom_bin, opt_end;
-    uint16_t meta_record, meta_number;
+    uint16_t meta_record, meta_number, meta_layout;
     uint16_t meta_record_size, meta_number_size;
     uint32_t pen;
     uint32_t no_head;
@@ -47,9 +47,13 @@ struct sc_row {
     uint32_t epoch;
     uint16_t queue, flags;
     uint8_t inbound;
+    uint8_t has_layout;  /* a descriptor layout (META_LAYOUT) right after META_RECORD: its items at layout_off */
+    uint64_t layout_off; /* like pdu_off */
+    uint32_t layout_len; /* bytes of (u32 len, u16 flags, u16 0) items */
 };
 
-/* Tail sizes of the canonical layout (after the padded packet data): without and with META_NUMBER. */
+/* Tail sizes of the canonical layout (after the padded packet data): without and with META_NUMBER; a
+ * descriptor layout option (META_LAYOUT) may come between META_RECORD and the rest, as the writer puts it. */
 #define SC_TAIL 36u
 #define SC_TAIL_N 56u
 
@@ -64,7 +68,8 @@ size_t sc_scan(const struct sc_config *c, const uint8_t *buf, size_t len, size_t
                uint32_t n_ifaces, struct sc_row *rows, size_t max);
 
 /* One FUSE message to frame as a packet block in the writer's layout (sc_frame): epb_flags, META_RECORD,
- * META_NUMBER when n is not 0, then an opt_comment per note (notes[i] of note_lens[i] UTF-8 bytes). */
+ * META_LAYOUT when layout_len is not 0 (the descriptor items, packed), META_NUMBER when n is not 0, then an
+ * opt_comment per note (notes[i] of note_lens[i] UTF-8 bytes). */
 struct sc_packet {
     const uint8_t *data;
     uint64_t len, orig_len; /* orig_len >= len */
@@ -75,6 +80,8 @@ struct sc_packet {
     uint32_t n_notes;
     const char *const *notes;
     const uint16_t *note_lens;
+    const uint8_t *layout;
+    uint32_t layout_len; /* a multiple of 8 */
 };
 
 /* The packet block's total length, or 0 when its length fields cannot say it (over 4 GiB). */

@@ -500,8 +500,8 @@ class BlockEncoder(RecordingWriter):
         return idx
 
     def frame(self, items: list[scan.Item]) -> list[bytes]:
-        """One packet block per capture (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n; n 0 for
-        none), the bytes request()/reply() make, in bulk (scan.frame: C, or its twin); the captures the
+        """One packet block per capture (inbound, data, queue, head, ts_ns, orig_len, notes, flags, n[, layout]; n 0
+        for none), the bytes request()/reply() make, in bulk (scan.frame: C, or its twin); the captures the
         framer leaves (an INIT, a debugger flag, a queue's first message: its interface) go through
         request()/reply().  For messages cut at the snap length already (the live stream): none is snapped
         here, so the READs in flight are not tracked."""
@@ -511,9 +511,10 @@ class BlockEncoder(RecordingWriter):
             blocks, i = scan.frame(items, i, self._fuse_ifaces, self.epoch, self._frame_max)
             out += blocks
             if i < len(items):
-                inbound, data, queue, head, ts, orig, notes, flags, n = items[i]
+                inbound, data, queue, head, ts, orig, notes, flags, n = items[i][:9]
+                layout = items[i][9] if len(items[i]) > 9 else None
                 (self.request if inbound else self.reply)(data, queue, head, ts, orig_len=orig, notes=notes,
-                                                          flags=flags, n=n or None)
+                                                          flags=flags, n=n or None, layout=layout or ())
                 self._reads.clear()
                 out.append(self.take())
                 i += 1
