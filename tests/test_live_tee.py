@@ -186,8 +186,9 @@ def test_the_sources_lints_before_the_reply_block_reach_the_open_exchange() -> N
 def test_at_a_guests_pace_the_hub_goes_out_every_fan_out_every_not_every_10_ms(tmp_path: Path) -> None:
     """Each round costs the source's process a hub-thread wake-up, a GIL hand-off with the capture thread and
     a send, and the client a wake-up and a write, whatever it carries: while traffic flows at a TCG guest's
-    pace (here 400 captures/s) the hub comes back every FAN_OUT_EVERY (50 ms), not every 10 ms (it made ~5x as
-    many rounds: bench/live_publish.py --rate 1000, hub thread 21 -> 7 us and client 25 -> 9 us per exchange).
+    pace (here 400 captures/s) the hub comes back every FAN_OUT_EVERY (100 ms), not every 10 ms (it made ~10x
+    as many rounds: bench/live_publish.py --rate 1000, hub thread 21.6 -> 4.7 us and client 24.9 -> 5.1 us per
+    exchange).
     Nothing is lost or reordered meanwhile."""
     caps = captures()
     with proxy_session(tmp_path, "pace") as s:
@@ -203,7 +204,7 @@ def test_at_a_guests_pace_the_hub_goes_out_every_fan_out_every_not_every_10_ms(t
         _done(s)
         recs = [x for x in StreamReader().feed(_read_all(raw).partition(b'"format": "pcapng"}\n')[2])
                 if isinstance(x, Record)]
-    assert rounds <= elapsed / 0.05 + 3, f"{rounds} rounds in {elapsed:.2f} s"  # (10 ms rounds: ~5x as many)
+    assert rounds <= elapsed / 0.1 + 3, f"{rounds} rounds in {elapsed:.2f} s"  # (10 ms rounds: ~10x as many)
     fuse = [c for c in caps if not (c.kind == "reply" and c.queue == 0 and c.length == 0)]
     assert [(r.ts_ns, r.data) for r in recs] == [(c.ts_ns, c.data[:LIVE_SNAPLEN]) for c in fuse]
 

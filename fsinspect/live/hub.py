@@ -111,11 +111,12 @@ MAX_CLIENTS = 256
 MAX_LINE = 64 << 10  # a client->server line
 OUTBOX = 16384  # messages published but not yet fanned out (the hub thread is behind)
 FAN_OUT_DELAY = 0.01  # seconds the first batch of a burst gathers before it goes out to the clients
-# While traffic flows: seconds between rounds.  Each round costs the process ~100-150 us whatever it carries
-# (the hub thread's wake-up and its GIL hand-off with the capture thread, a send, the client's wake-up and
-# its write): at a guest's pace (~1000 exchanges/s) 10 ms rounds cost a pcapng client's proxy 21 us of
-# hub thread and the client 25 us per exchange, 50 ms rounds 6.5 and 7 (bench/live_publish.py --rate 1000).
-FAN_OUT_EVERY = 0.05
+# While traffic flows: seconds between rounds.  Each round costs the process ~250 us whatever it carries
+# (the hub thread's wake-up and its GIL hand-offs with the capture thread, a send) and the client as much
+# (its wake-up, parse and write): at a guest's pace (~1000 exchanges/s, bench/live_publish.py --rate 1000,
+# one pcapng client, us per exchange) 10 ms rounds cost the hub thread 21.6 and the client 24.9, 50 ms 6.9
+# and 8.7, 100 ms 4.7 and 5.1.  A live view refreshes 10 times a second: 100 ms is what it shows anyway.
+FAN_OUT_EVERY = 0.1
 # Messages waiting that make a round at once (a fast source: a round brings a client no more than half what
 # its queue may hold, CLIENT_QUEUE; 10 ms of 100k exchanges/s).
 WAKE_AT = 2048
