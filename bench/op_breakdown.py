@@ -29,12 +29,12 @@ the Python path, FSINSPECT_FAST=python) and op, three passes of `--n` requests:
 3. **cProfile** on a second daemon of the same engine, run by this file (`--profiled-daemon`): its queue
    threads run under cProfile, the C fast path is called through a Python shim so its time stays apart,
    and SIGUSR1 dumps the stats before and after the pass.  Each project function's own time (tottime,
-   less the profiler's own cost per call, calibrated at start) goes to its file's and name's column:
+   less the profiler's own cost per call received and per call made, calibrated at start) goes to its file's and name's column:
    dissectors' decoders **decode**; encode_*/_attr_values/_entry_values **encode**; daemon/server.py and
    vhost_user._serve_chain **dispatch**; daemon/passthrough/*.py **fs** (its syscalls.py twin
    **syscalls**); vhost_user's queue loop and the ring's twin **ring**.  A builtin's or library
-   function's time goes to its callers' columns; the project's C modules and syscalls are left out (perf
-   has them).  These shares split the Python share of pass 2.  cProfile times wall, not CPU, and adds
+   function's time goes to its callers' columns; the project's C modules, syscalls and waits are left out
+   (perf has them).  These shares split the Python share of pass 2.  cProfile times wall, not CPU, and adds
    its cost per call unevenly; it only divides the Python share, whose size perf measured.
 
 A column's µs = its share of the perf samples x the total of pass 1, so a row adds up to the measured
@@ -192,7 +192,9 @@ def read_perf(data: Path, pid: int) -> Counter[str]:
 # cProfile from their start, the C fast path is called through _Native (so its time, which perf measures,
 # stays apart from Server.handle's), and SIGUSR1 writes the cumulative stats with the profiler's own cost per
 # call (calibrated at start) to $FSI_PROFILE_OUT.
-EXACT_BUILTINS = re.compile(r"_ring\.|SplitQueue|Chain|wait_kick|posix\.|_sys\.|_fast\.|_uring\.")
+# Builtins whose time perf books itself: the project's C modules, syscalls, waits (the queue thread's epoll).
+EXACT_BUILTINS = re.compile(r"_ring\.|SplitQueue|Chain|wait_kick|posix\.|_sys\.|_fast\.|_uring\.|select\.|"
+                            r"'acquire' of|time\.sleep")
 Key = tuple[str, int, str]
 
 
@@ -205,6 +207,36 @@ class _Native:
 
     def __call__(self, buf: Any) -> Any:
         return self.fast(buf)
+
+
+def _empty() -> None:
+    pass
+
+
+def _calls(n: int) -> None:
+    e = ()
+    for _ in range(n):
+        _empty()
+        len(e)
+
+
+def calibrate(n: int = 20000) -> dict[str, float]:
+    """cProfile's own cost per call, in this process: what it books to the callee ("py", "c": an empty
+    function's, len(())'s tottime per call) and to the caller ("caller": per call made, beyond what the
+    loop costs unprofiled).  python_split() subtracts them."""
+    import cProfile
+
+    t0 = time.perf_counter()
+    _calls(n)
+    bare = time.perf_counter() - t0
+    cal = cProfile.Profile()
+    cal.enable()
+    _calls(n)
+    cal.disable()
+    cal.create_stats()
+    st = {k[2]: v for k, v in cal.stats.items()}
+    py, c = st["_empty"][2] / n, st["<built-in method builtins.len>"][2] / n
+    return {"py": py, "c": c, "caller": max(0.0, (st["_calls"][2] + n * (py + c) - bare) / (2 * n) - (py + c) / 2)}
 
 
 def profiled_daemon(argv: list[str]) -> int:
@@ -232,18 +264,7 @@ def profiled_daemon(argv: list[str]) -> int:
         if self._fast is not None:
             self._fast = _Native(self._fast)
 
-    def empty() -> None:
-        pass
-
-    cal = cProfile.Profile()  # the profiler's own cost per call, booked to the callee: subtracted
-    cal.enable()
-    for _ in range(20000):
-        empty()
-        os.getpid()
-    cal.disable()
-    cal.create_stats()
-    per_call = {("py" if k[2] == "empty" else "c"): v[2] / v[1] for k, v in cal.stats.items()
-                if k[2] in ("empty", "<built-in method posix.getpid>")}
+    per_call = calibrate()
 
     def dump(_sig: int, _frame: Any) -> None:
         merged: dict[Key, list[Any]] = {}
@@ -323,11 +344,15 @@ def python_split(before: Path, after: Path, root: Path) -> dict[str, float]:
         memo[k] = out
         return out
 
+    made: Counter[Key] = Counter()  # calls each function made (the profiler books part of each to it)
+    for k, (_nc, _tt, callers) in stats.items():
+        for ck in callers:
+            made[ck] += b[k][4][ck][1] - (a[k][4][ck][1] if k in a and ck in a[k][4] else 0)
     got: dict[str, float] = {}
     for k, (nc, tt, _c) in stats.items():
         if nc <= 0 and tt <= 0:
             continue
-        own = max(0.0, tt - nc * per_call["c" if k[0] == "~" else "py"])
+        own = max(0.0, tt - nc * per_call["c" if k[0] == "~" else "py"] - made[k] * per_call.get("caller", 0.0))
         for st, f in shares(k).items():
             if st != "exact":
                 got[st] = got.get(st, 0.0) + own * f

@@ -85,3 +85,10 @@ def test_python_split_gives_a_builtin_to_its_callers(tmp_path: Path, monkeypatch
     got = ob.python_split(tmp_path / "a", tmp_path / "b", Path(__file__).resolve().parent)
     assert set(got) <= {"encode", "other"}
     assert got["encode"] > 0.9 * sum(got.values())
+
+
+def test_the_profilers_own_cost_is_measured() -> None:
+    """The cost cProfile adds per call received and per call made: positive and well under a microsecond."""
+    got = ob.calibrate(5000)
+    assert set(got) == {"py", "c", "caller"}
+    assert 0 < got["py"] < 1e-6 and 0 < got["c"] < 1e-6 and 0 <= got["caller"] < 1e-6, got
