@@ -25,19 +25,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Every command's parser, or only the one `argv` names: a command module imports what its options need
+    (the daemon's engine, the analysis, lark), and `attach --format` should not pay for all of them."""
     p = _Parser(prog="fsinspect", description="virtio-fs debugger and FUSE protocol inspector")
     p.add_argument("--version", action="version", version=f"fsinspect {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMANDS:
+    first = argv[0] if argv else None
+    for name in (first,) if first in COMMANDS else COMMANDS:
         mod = importlib.import_module(f"fsinspect.commands.{name}")
         mod.register(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)

@@ -63,8 +63,8 @@ def test_text_to_a_file_is_0600_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     try:
         gold = golden("guest-syncfs")
         deadline = time.monotonic() + 30
-        while len(out.read_text().splitlines()) < len(gold):
-            assert time.monotonic() < deadline, out.read_text()
+        while not out.exists() or len(out.read_text().splitlines()) < len(gold):  # (made once it has connected)
+            assert time.monotonic() < deadline, out.exists() and out.read_text()
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
@@ -237,3 +237,40 @@ def test_stop_signals_while_it_ends_print_nothing(tmp_path: Path) -> None:
     assert b"Traceback" not in err and b"Exception ignored" not in err, err
     assert proc.returncode == 0, err
     assert len(out.read_bytes().splitlines()) == len(gold)
+
+
+_WHAT_LOADED = """
+import sys
+from fsinspect import cli
+rc = cli.main(sys.argv[1:])
+heavy = ("lark", "fsinspect.analysis.filter", "fsinspect.commands.daemon", "fsinspect.commands.proxy",
+         "fsinspect.live.engine", "daemon.server", "textual")
+print("loaded:", *(m for m in heavy if m in sys.modules), file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("filt", [[], ["--filter", "op == SYNCFS"]], ids=["no-filter", "filter"])
+def test_a_headless_client_loads_only_what_it_uses(tmp_path: Path, filt: list[str]) -> None:
+    """Start-up cost: `attach --format jsonl` imports no other command's modules (the daemon's engine, the
+    proxy), and the filter language (lark, its grammar) only for a --filter; the output is the same."""
+    lock = threading.RLock()
+    hub = Hub(str(tmp_path / "ctl.sock"), lambda: {}, feed_lock=lock, queue_len=100_000)
+    proc = subprocess.Popen([sys.executable, "-c", _WHAT_LOADED, "attach", hub.path, "--format", "jsonl", *filt],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_clients(hub, 1, proc)
+    _publish_sample(hub, lock, SYNCFS)
+    hub.close()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    loaded = err.decode().strip().splitlines()[-1].split()[1:]
+    assert loaded == (["lark", "fsinspect.analysis.filter"] if filt else []), err
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert len(rows) == (6 if filt else len(golden("guest-syncfs")))
+
+
+def test_help_still_lists_every_command() -> None:
+    from fsinspect.cli import COMMANDS
+
+    out = subprocess.run([*FSINSPECT, "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(f"    {name}" in out for name in COMMANDS), out

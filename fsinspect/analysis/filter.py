@@ -10,6 +10,7 @@ errors raise FilterError carrying the column, and `str()` shows the expression w
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,15 @@ NAME: /(?!(and|or|not)(?![A-Za-z0-9_.]))[A-Za-z_][A-Za-z0-9_.-]*/
 %ignore WS
 """
 
-_PARSER = Lark(GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+
+@functools.cache
+def _parser() -> Lark:
+    """The LALR parser, built once, on the first expression (importing the module for its field tables, as
+    the UI does at start, does not pay for it)."""
+    return Lark(GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+
 _UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
 _ERRNO = spec.ERRNO.by_name()
 
@@ -288,7 +297,7 @@ def _costs(node: Tree[Token] | Token) -> frozenset[int]:
 def filter_costs(text: str) -> frozenset[int]:
     """What knowing an expression's value costs, as a set of HEADER, ROWS, DECODE, FULL: a pass over a
     recording reads no more of each exchange than that.  Call after compile_filter() accepted the text."""
-    return _costs(_PARSER.parse(text))
+    return _costs(_parser().parse(text))
 
 
 def _build(node: Tree[Token] | Token, text: str, path_of: PathOf | None = None) -> Predicate:
@@ -365,7 +374,7 @@ def completions(text: str) -> tuple[int, list[str]]:
     word = text[start:]
     head = text[:start]
     try:
-        ip = _PARSER.parse_interactive(head)
+        ip = _parser().parse_interactive(head)
         toks = list(ip.exhaust_lexer())
         accepts = ip.accepts()
     except (UnexpectedInput, UnexpectedEOF):
@@ -446,7 +455,7 @@ def filter_pins(text: str) -> tuple[frozenset[int] | None, frozenset[int] | None
     Used to compile a rule to the data path's native prefilter: a capture outside these sets can never
     match, so the path need not hold it.  Call after compile_filter() accepted the text.
     """
-    tree = _PARSER.parse(text)
+    tree = _parser().parse(text)
     ops, _ = _pin(tree, "op", _ALL_OPCODES)
     queues, _ = _pin(tree, "queue", None)
     return ops, queues
@@ -461,7 +470,7 @@ def compile_filter(text: str, *, path_of: PathOf | None = None) -> Predicate:
     if not text.strip():
         raise FilterError("empty filter", text, 1)
     try:
-        tree = _PARSER.parse(text)
+        tree = _parser().parse(text)
     except UnexpectedEOF as e:
         raise FilterError(f"unexpected end of expression (expected {_expected(e.expected)})", text,
                           len(text) + 1) from None

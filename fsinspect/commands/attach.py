@@ -53,11 +53,12 @@ def run_headless(ctrl: str, fmt: str, expr: str | None, dest: str | None, mode: 
     import signal
     import threading
 
-    from ..analysis import FilterError, compile_filter
     from ..live.headless import HeadlessFeed, open_sink
 
     feed = HeadlessFeed(ctrl)
-    if expr is not None:
+    if expr is not None:  # (the filter language, and lark, load only for a filter)
+        from ..analysis import FilterError, compile_filter
+
         try:
             feed.predicate = compile_filter(expr, path_of=feed.path_of)
         except FilterError as e:

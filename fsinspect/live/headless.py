@@ -16,16 +16,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ..analysis import Analyzer, Exchange
-from ..analysis.filter import Predicate
 from ..analysis.render import exchange_json, exchange_line
 from ..recording import format as rfmt
 from ..recording.reader import Record
 from ..recording.scan import Row
 from ..recording.writer import RecordingWriter
 from .feed import ControlFeed, LiveState, layout_list
+
+if TYPE_CHECKING:
+    from ..analysis.filter import Predicate
 
 FORMATS = ("text", "jsonl", "pcapng")
 
