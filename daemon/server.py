@@ -509,17 +509,26 @@ class Server:
             return None
         try:
             return fast(buf)
-        except Exception:  # counted by the fast path; a request with a reply gets the Python path's
-            self._complain.bug("fast", "the fast path failed on a request")
-            if len(buf) < IN_HEADER_SIZE or F.peek_header(buf)[1] in NO_REPLY_OPS:
-                return b""
-            return None
+        except Exception:
+            return self.fast_failed(buf)
+
+    def fast_failed(self, buf: Buffer) -> bytes | None:
+        """In the `except` of a fast-path call that raised (counted by the fast path): fast_answer()'s
+        result for it, b"" for a request without a reply, else None (the Python path answers it)."""
+        self._complain.bug("fast", "the fast path failed on a request")
+        if len(buf) < IN_HEADER_SIZE or F.peek_header(buf)[1] in NO_REPLY_OPS:
+            return b""
+        return None
 
     def send_fast(self, reply: ReplySink, r: bytes) -> None:
         try:
             reply((r,))
         except Exception as e:
-            self._complain.bug(f"reply:{type(e).__name__}", "sending a fast-path reply failed")
+            self.reply_failed(e)
+
+    def reply_failed(self, e: Exception) -> None:
+        """In the `except` of a fast-path reply that could not be sent (the transport is going)."""
+        self._complain.bug(f"reply:{type(e).__name__}", "sending a fast-path reply failed")
 
     def handle_slow(self, buf: Buffer, reply: ReplySink, queue: int = 1) -> None:
         """handle() after the fast path declined: the tap, the hold point, then serve_request()."""

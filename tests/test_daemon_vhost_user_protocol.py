@@ -336,3 +336,43 @@ def test_a_ring_resized_while_it_runs_is_refused_and_a_bad_head_never_kills_the_
         assert t.is_alive() and not s.closed
     assert not any(r.exc_info for r in caplog.records), caplog.text
     assert any("malformed chain" in r.getMessage() for r in caplog.records), caplog.text
+
+
+class _RaisingFastPath:
+    """A fast path with a bug: every call raises."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, buf: bytes) -> bytes | None:
+        self.calls += 1
+        raise RuntimeError("a bug in the fast path")
+
+    def counts(self) -> tuple[dict[int, int], dict[tuple[int, int], int], int]:
+        return {}, {}, 0
+
+
+def test_a_fast_path_that_raises_leaves_the_request_to_python(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The queue thread calls the fast path itself (no Server.handle frame): a request it fails on still gets
+    the Python path's answer, a FORGET is still completed with used.len 0, and the queue thread lives on."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"x")
+    with session(share) as (fe, s, t):
+        setup_queues(fe, f"/proc/self/fd/{fe.memfd}", table=False)
+        _fuse_init(fe)
+        broken = _RaisingFastPath()
+        s.server.fast = broken
+        with caplog.at_level(logging.WARNING, logger="fsinspect.daemon"):
+            e = fe.fuse("LOOKUP", {"name": b"f"})
+            assert e.error == 0 and e.args["entry"].attr.size == 1
+            fe.unique += 1
+            head, _ = fe.submit(0, F.encode_request("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)},
+                                                    unique=fe.unique, nodeid=e.args["entry"].nodeid), 0)
+            fe.wait_call(0)
+            assert fe.rings[0].collect_used() == [(head, 0)]
+            assert fe.fuse("GETATTR", {"getattr": F.make("fuse_getattr_in")}).error == 0
+        assert broken.calls == 3
+        assert "the fast path failed on a request" in caplog.text
+        assert t.is_alive() and all(vr.thread is not None and vr.thread.is_alive() for vr in s.vrings)
