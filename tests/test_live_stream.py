@@ -30,6 +30,7 @@ from fsinspect.analysis.render import exchange_json
 from fsinspect.live.feed import ControlFeed, LiveState
 from fsinspect.live.hub import Hub
 from fsinspect.recording import format as fmt
+from fsinspect.recording.indexed import IndexedRecording
 from fsinspect.recording.reader import Record, RecordingReader, StreamError, StreamReader
 from fsinspect.recording.writer import BlockEncoder, custom_block
 from tests.fuzzbudget import SLOW_CASES, fuzz, report
@@ -572,6 +573,11 @@ def test_headless_pcapng_is_a_near_copy_of_the_stream(tmp_path: Path) -> None:
     want = [x for x in StreamReader().feed(stream) if isinstance(x, Record)]
     assert len(want) == 2 * n - sum(1 for ex in src.exchanges if not ex.replied)
     assert [(x.inbound, x.data, x.n) for x in recs] == [(x.inbound, x.data, x.n) for x in want]
+    # Opened by number (the UI's way: through the side index the writer kept beside it), every exchange is
+    # there with its reply (before: the index held none of the copied blocks, and the file opened empty).
+    with IndexedRecording(out) as ir:
+        opened = [ir[i] for i in range(len(ir))]
+    assert [(ex.opname, ex.replied) for ex in opened] == [(ex.opname, ex.replied) for ex in src.exchanges]
 
 
 def test_a_lazy_body_that_does_not_decode_says_so_when_read() -> None:

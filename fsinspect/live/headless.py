@@ -81,9 +81,9 @@ class PcapngSink:
             w.reply(ex.reply_raw, ex.queue, ex.head, ex.reply_ts or 0, epoch=ex.epoch, orig_len=ex.reply_len,
                     layout=layout_list(ex.reply_layout) or ())
 
-    def copy(self, blocks: bytes) -> None:
-        """Blocks of the binary stream, as they came (after what the writer holds)."""
-        self.writer.append_blocks(blocks)
+    def copy(self, blocks: bytes, packets: list[tuple[int, bool, int, int | None, int, bytes]]) -> None:
+        """Blocks of the binary stream, as they came (after what the writer holds); `packets` index them."""
+        self.writer.append_blocks(blocks, packets)
 
     def flush(self) -> None:
         self.writer.flush()
@@ -161,6 +161,8 @@ class HeadlessFeed(ControlFeed):
         items = self.reader.feed(chunk)
         recs = iter([x for x in items if not isinstance(x, dict)])  # (Records, and Rows of the scanner)
         out = []
+        packets = []  # (offset in the output, inbound, queue, head, epoch, PDU) of the FUSE ones: the side index
+        pos = 0
         for btype, blk in self.reader.copy:
             if btype == rfmt.BT_EPB:
                 rec: Record | Row = next(recs)
@@ -170,10 +172,13 @@ class HeadlessFeed(ControlFeed):
                         continue
                     self.seen += 1
                     self.written += 1
+                if isinstance(rec, Row) or rec.is_fuse:
+                    packets.append((pos, rec.inbound, rec.queue, rec.head, rec.epoch, rec.data))
             out.append(blk)
+            pos += len(blk)
         self.reader.copy.clear()
         if out:
-            self.sink.copy(b"".join(out))
+            self.sink.copy(b"".join(out), packets)
         msgs: list[dict[str, Any] | Record] = [x for x in items if isinstance(x, dict)]
         if msgs:  # overflow, events, errors: counted and said as before
             self.apply_batch(msgs)

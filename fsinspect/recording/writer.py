@@ -257,8 +257,15 @@ class RecordingWriter:
         self._epb(self._channel(fmt.DISSECTOR_VHOST_USER, direction, 0), 0, raw, len(raw), None, ts_ns, 0, (),
                   notes)
 
-    def append_blocks(self, data: bytes) -> None:
-        """Whole blocks made elsewhere (the live stream's own, copied), after everything written so far."""
+    def append_blocks(self, data: bytes,
+                      packets: Iterable[tuple[int, bool, int, int | None, int, bytes]] = ()) -> None:
+        """Whole blocks made elsewhere (the live stream's own, copied), after everything written so far.
+        `packets`: the FUSE packet blocks among them as (offset in `data`, inbound, queue, head, epoch, PDU),
+        which the side index takes as it takes the writer's own (else a reader finds none of them)."""
+        if self._index is not None:
+            at = self._base - self._index_base + self._written + self._buffered
+            for off, inbound, queue, head, epoch, pdu in packets:
+                self._index.packet(at + off, inbound, queue, head, epoch, pdu)
         self._buf.append(data)
         self._buffered += len(data)
         self.flush()
