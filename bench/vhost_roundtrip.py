@@ -7,7 +7,7 @@ round trips: kick -> back-end -> call.  The difference is the back-end's own cos
 
 Beside the median round trip it prints the back-end's CPU per request (utime + stime of its whole process
 group over each op's requests / their number): the measure that stays meaningful on a busy machine, where
-wall times are noise.  CREATE, RELEASE and UNLINK run in batches on fresh names, each op's CPU taken
+wall times are noise.  CREATE, OPEN, RELEASE and UNLINK run in batches on fresh names, each op's CPU taken
 apart.  `--tree NAME=DIR` adds the bundled daemon of another checkout (e.g. `git archive main` unpacked
 and built with `python setup.py build_ext --inplace`) to the same alternating rounds: before and after
 in one run.
@@ -99,6 +99,10 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
     fuse(front, "INIT", {"init": init}, nodeid=0)
     e = fuse(front, "LOOKUP", {"name": b"big.bin"}).args["entry"]
     fh = fuse(front, "OPEN", {"open": F.make("fuse_open_in", flags=os.O_RDONLY)}, nodeid=e.nodeid).args["open"].fh
+    out = F.make("fuse_create_in", flags=os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode=0o100644)
+    w = fuse(front, "CREATE", {"create": out, "name": f"w{next(_RUN)}.bin".encode()})
+    wnode, wfh = w.args["entry"].nodeid, w.args["open"].fh
+    chunk = os.urandom(1 << 17)
     m = Meter(pgid)
     ops: dict[str, Callable[[int], Any]] = {
         "GETATTR": lambda i: fuse(front, "GETATTR", {"getattr": F.make("fuse_getattr_in")}, nodeid=e.nodeid),
@@ -106,6 +110,8 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
         "READ 128K": lambda i: fuse(front, "READ", {"read": F.make("fuse_read_in", fh=fh, offset=(i % 32) << 17,
                                                                    size=1 << 17)}, nodeid=e.nodeid,
                                           reply_size=16 + (1 << 17)),
+        "WRITE 128K": lambda i: fuse(front, "WRITE", {"write": F.make("fuse_write_in", fh=wfh, offset=(i % 32) << 17,
+                                                                      size=1 << 17), "data": chunk}, nodeid=wnode),
     }
     for name, fn in ops.items():
         with m.cpu_of(name):
@@ -120,6 +126,11 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
             for name in names:
                 r = m.timed("CREATE", lambda: fuse(front, "CREATE", {"create": create, "name": name}))  # noqa: B023
                 made.append((r.args["entry"].nodeid, r.args["open"].fh))
+        rdonly = {"open": F.make("fuse_open_in", flags=os.O_RDONLY)}
+        with m.cpu_of("OPEN"):
+            for nodeid, _h in list(made):
+                r = m.timed("OPEN", lambda: fuse(front, "OPEN", rdonly, nodeid=nodeid))  # noqa: B023
+                made.append((nodeid, r.args["open"].fh))
         with m.cpu_of("RELEASE"):
             for nodeid, h in made:
                 rel = F.make("fuse_release_in", fh=h, flags=os.O_RDWR)
@@ -132,7 +143,7 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
 
 def measure_at(sock: Path, n: int, pgid: int) -> dict[str, tuple[float, float]]:
     # INDIRECT descriptors as Linux sends them; no EVENT_IDX: a call for every reply
-    front = Front(sock, Negotiation(features=F_VERSION_1 | F_INDIRECT_DESC | F_PROTOCOL), max_request=4096,
+    front = Front(sock, Negotiation(features=F_VERSION_1 | F_INDIRECT_DESC | F_PROTOCOL), max_request=4096 + (1 << 17),
                   max_reply=1 << 17)
     try:
         return measure(front, n, pgid)

@@ -239,10 +239,13 @@ def encode_open_out(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
 
 
 class FastPath(Protocol):
-    """A native answerer for the commonest requests (daemon/passthrough/_fastmodule.c): the reply bytes, b""
-    for a request served that takes no reply, or None when the Python path must serve it (nothing changed)."""
+    """A native answerer for the commonest requests (daemon/passthrough/_fastmodule.c): the reply bytes (or a
+    tuple of reply parts), b"" for a request served that takes no reply, or None when the Python path must
+    serve it (nothing changed)."""
 
-    def __call__(self, request: Buffer, /) -> bytes | None: ...
+    def __call__(self, request: Buffer, chain: Any = None, /) -> bytes | tuple[Buffer, ...] | None:
+        """`chain`: the vhost-user chain the request came in, for a READ straight into its buffers."""
+        ...
 
     def counts(self) -> tuple[dict[int, int], dict[tuple[int, int], int], int]:
         """({opcode: served}, {(opcode, errno): errors answered}, requests handed back to Python)."""
@@ -499,7 +502,7 @@ class Server:
                 return
         self.handle_slow(buf, reply, queue)
 
-    def fast_answer(self, buf: Buffer) -> bytes | None:
+    def fast_answer(self, buf: Buffer) -> bytes | tuple[Buffer, ...] | None:
         """The fast path's reply to `buf` (b"": served, no reply to send), or None: handle_slow() serves it.
 
         For a transport that sends the reply itself (a virtqueue: the chain is the sink, so no bound method
@@ -520,9 +523,9 @@ class Server:
             return b""
         return None
 
-    def send_fast(self, reply: ReplySink, r: bytes) -> None:
+    def send_fast(self, reply: ReplySink, r: bytes | tuple[Buffer, ...]) -> None:
         try:
-            reply((r,))
+            reply(r if isinstance(r, tuple) else (r,))  # parts: a READ's header and its data in place
         except Exception as e:
             self.reply_failed(e)
 

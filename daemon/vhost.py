@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from daemon.hold import EngineHoldPoint
 from daemon.passthrough import Options, PassthroughFS
+from daemon.passthrough.fs import fast_twin
 from daemon.sandbox import SandboxError
 from daemon.sandbox import enter as enter_sandbox
 from daemon.server import OUT_HEADER_SIZE, Buffer, Context, Server, Tap
@@ -34,6 +35,7 @@ class GuestPassthroughFS(PassthroughFS):
     """
 
     chain_for: Callable[[int], Any] | None = None
+    in_place = InPlace  # what read() answers for bytes already in the chain's buffers (the C fast path too)
 
     # Submount points carry generation 0.  Linux 6.1 creates the inode of an automount point without setting
     # i_generation (fuse_iget's submount branch), so a revalidating LOOKUP that returns any other generation
@@ -41,6 +43,7 @@ class GuestPassthroughFS(PassthroughFS):
     # path walk revalidates, so /mnt/sub lost its own st_dev; the C virtiofsd always answers generation 0.
     zero_submount_generation = True
 
+    @fast_twin
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         lookup = self.chain_for
         chain = lookup(ctx.unique) if lookup is not None else None

@@ -503,6 +503,117 @@ def test_create_and_open_byte_for_byte_as_python(twins: Any, share: Path, handle
     assert cc["fast_path"]["served"] >= 60, cc["fast_path"]
 
 
+class GuestChain:
+    """A vhost-user chain as the ring engine gives it (daemon.transport.vhost_user): writable guest segments,
+    and reply() scattering the parts into them, a non-buffer part being bytes already written in place."""
+
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        self.memory = [bytearray(b"\xee" * n) for n in sizes]
+        self.writable = [memoryview(m) for m in self.memory]
+        self.written = -1
+
+    def reply(self, parts: Any) -> None:
+        flat = bytearray(b"".join(self.memory))
+        at = 0
+        for p in parts:
+            if isinstance(p, (bytes, bytearray, memoryview)):
+                flat[at:at + len(p)] = p
+            at += len(p)
+        self.written = at
+        self.contents = bytes(flat[:at])
+
+
+def test_read_write_byte_for_byte_as_python(twins: Any, share: Path) -> None:
+    """READ and WRITE on the fast path: plain (the reply carries the data) and, on the vhost-user filesystem,
+    READ straight into a chain's guest buffers; the same replies, files and counters as the Python path."""
+    t: Twins = twins(fs_class=GuestPassthroughFS)
+    look = lambda parent, name: t.ok("LOOKUP", {"name": name}, nodeid=parent).args["entry"]  # noqa: E731
+    e = look(1, b"file")
+    d = look(1, b"dir")
+    rw = t.ok("OPEN", _open(os.O_RDWR), nodeid=e.nodeid).args["open"].fh
+    ro = t.ok("OPEN", _open(os.O_RDONLY), nodeid=e.nodeid).args["open"].fh
+    ap = t.ok("OPEN", _open(os.O_WRONLY | os.O_APPEND), nodeid=e.nodeid).args["open"].fh
+    dfh = t.ok("OPENDIR", _open(0), nodeid=d.nodeid).args["open"].fh
+
+    def write(fh: int, offset: int, data: bytes, flags: int = 0) -> bytes | None:
+        w = F.make("fuse_write_in", fh=fh, offset=offset, size=len(data), write_flags=flags)
+        return t.req("WRITE", {"write": w, "data": data}, nodeid=e.nodeid)
+
+    def read(fh: int, offset: int, size: int) -> bytes | None:
+        return t.req("READ", {"read": F.make("fuse_read_in", fh=fh, offset=offset, size=size)}, nodeid=e.nodeid)
+
+    payload = os.urandom(70_000)
+    for offset, data in ((0, b"hello"), (4000, payload), (123_456, b"past the end")):
+        write(rw, offset, data)
+        assert t.last_fast()
+    write(ap, 0, b"appended")  # both engines append: the file ends with it twice
+    assert t.last_fast() and (share / "file").read_bytes().endswith(b"appended" * 2)
+    for fh, offset, size in ((rw, 0, 5), (ro, 4000, 70_000), (rw, 100_000, 65_536), (ro, 10**9, 4096), (ro, 0, 0),
+                             (rw, 0, 128 * 1024)):
+        raw = read(fh, offset, size)
+        assert raw is not None and t.last_fast()
+        got = raw[F.OUT_HEADER_SIZE:]
+        assert got == (share / "file").read_bytes()[offset:offset + size], (offset, size)
+    # Errors it answers (the host's): WRITE through a read-only fh, READ through a write-only one.
+    assert t.error("WRITE", {"write": F.make("fuse_write_in", fh=ro, size=1), "data": b"x"}, nodeid=e.nodeid) \
+        == errno.EBADF and t.last_fast()
+    assert t.error("READ", {"read": F.make("fuse_read_in", fh=ap, size=10)}, nodeid=e.nodeid) == errno.EBADF
+    assert t.last_fast()
+    # ... and what is Python's: an unknown fh, a directory's, KILL_SUIDGID, I/O bigger than the engine does inline.
+    big = os.urandom(128 * 1024 + 1)
+    for what, go in (("WRITE unknown fh", lambda: write(4242, 0, b"x")), ("WRITE dir fh", lambda: write(dfh, 0, b"x")),
+                     ("READ dir fh", lambda: read(dfh, 0, 10)), ("READ unknown fh", lambda: read(4242, 0, 10)),
+                     ("WRITE KILL_SUIDGID", lambda: write(rw, 0, b"h", spec.WRITE_FLAGS.by_name()["KILL_SUIDGID"])),
+                     ("WRITE big", lambda: write(rw, 0, big)), ("READ big", lambda: read(rw, 0, len(big)))):
+        go()
+        assert not t.last_fast(), what
+    u = 20_000
+    odd = [("WRITE size past the data", _raw("WRITE", struct.pack("<QQIIQII", rw, 0, 10, 0, 0, 0, 0) + b"abc",
+                                            unique=u + 1, nodeid=e.nodeid)),
+           ("WRITE size short of the data", _raw("WRITE", struct.pack("<QQIIQII", rw, 0, 1, 0, 0, 0, 0) + b"abc",
+                                                 unique=u + 2, nodeid=e.nodeid)),
+           ("READ short", _raw("READ", struct.pack("<QQI", rw, 0, 10), unique=u + 3, nodeid=e.nodeid))]
+    for what, raw in odd:
+        t.send(raw, what)
+        assert not t.last_fast(), what
+
+    # READ into a vhost-user chain's guest buffers: segments of odd sizes, the reply header in the first.
+    chains: dict[str, dict[int, GuestChain]] = {"c": {}, "py": {}}
+    t.fs_c.chain_for = chains["c"].get  # type: ignore[attr-defined]
+    t.fs_py.chain_for = chains["py"].get  # type: ignore[attr-defined]
+    for fh, offset, size, sizes in ((rw, 0, 5000, (10, 4096, 100, 70_000)), (ro, 4000, 70_000, (16, 65_536, 8192)),
+                                    (rw, 190_000, 4096, (4112,)), (ro, 0, 100, (8, 8, 50, 4096)),
+                                    (ro, 10, 9000, (16,)), (ap, 0, 10, (4096,))):
+        t.unique += 1
+        raw = F.encode_request("READ", {"read": F.make("fuse_read_in", fh=fh, offset=offset, size=size)},
+                               unique=t.unique, nodeid=e.nodeid, ctx=t.c.server.ctx)
+        before = t.served()
+        got = []
+        for side, cl in (("c", t.c), ("py", t.py)):
+            chain = GuestChain(sizes)
+            if side == "c":  # as the vhost-user queue thread calls it: the chain with the request
+                r = cl.via.submit(cl.server.fast, raw, chain).result()  # type: ignore[union-attr,misc]
+                assert r is not None
+                chain.reply(r if isinstance(r, tuple) else (r,))
+            else:  # the Python path finds it by unique (GuestPassthroughFS.chain_for)
+                chains[side][t.unique] = chain
+                cl.via.submit(cl.server.handle, raw, chain.reply).result()  # type: ignore[union-attr]
+            assert chain.written > 0
+            got.append((chain.written, chain.contents))
+        assert got[0] == got[1], (fh, offset, size, sizes)
+        assert t.served() > before, (fh, offset, size, sizes)
+        err = int.from_bytes(got[0][1][4:8], "little", signed=True)
+        if not err:
+            want = (share / "file").read_bytes()[offset:offset + min(size, sum(sizes) - F.OUT_HEADER_SIZE)]
+            assert got[0][1][F.OUT_HEADER_SIZE:] == want and got[0][0] == F.OUT_HEADER_SIZE + len(want)
+        else:
+            assert -err == errno.EBADF and fh == ap
+
+    cc, pc = t.c.server.counters(), t.py.server.counters()
+    assert cc["ops"] == pc["ops"] and cc["errors"] == pc["errors"], (cc, pc)
+    assert cc["ops"]["READ"] >= 15 and cc["ops"]["WRITE"] >= 8
+
+
 def test_create_on_the_main_thread_is_pythons(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The main thread has the process's umask (Python switches it around the call): no fast CREATE there."""
     monkeypatch.delenv("FSINSPECT_FAST", raising=False)

@@ -1,14 +1,17 @@
-/* The passthrough filesystem's fast path: the commonest metadata requests answered without the interpreter.
+/* The passthrough filesystem's fast path: the commonest requests answered without the interpreter.
  *
  * Mechanics only.  The Python op table (daemon/server.py, daemon/passthrough/fs.py) stays the description
- * of every operation and its fallback: `FastPath(fs)(request) -> reply bytes | b"" | None` answers
- * GETATTR, LOOKUP, UNLINK, RMDIR, RELEASE, RELEASEDIR, FLUSH and STATFS exactly as the Python path would
- * (byte for byte; tests/test_daemon_fastpath.py replays the same requests through both).  Where the Python
- * path changes the inode table it still does, called from here: a LOOKUP that finds a new inode hands its
- * O_PATH fd to InodeStore.find_or_add, and FORGET/BATCH_FORGET go to the filesystem's forget() without the
- * generic decode.  Anything it does not fully handle (a malformed or unusual message, an unknown nodeid, a
- * directory whose fd is not cached, a handle with locks or a backing file) gives None: the caller then
- * serves the request through Python, and nothing was changed.  b"" means served, no reply (FORGET).
+ * of every operation and its fallback: `FastPath(fs)(request[, chain]) -> reply | b"" | None` answers
+ * GETATTR, LOOKUP, UNLINK, RMDIR, RELEASE, RELEASEDIR, FLUSH, STATFS, CREATE, OPEN, OPENDIR, READ and WRITE
+ * exactly as the Python path would (byte for byte; tests/test_daemon_fastpath.py replays the same requests
+ * through both).  Where the Python path changes the inode table it still does, called from here: a LOOKUP
+ * that finds a new inode, or a CREATE, hands its fd to InodeStore.find_or_add, and FORGET/BATCH_FORGET go to
+ * the filesystem's forget() without the generic decode; a new open file is a fs.Handle in fs._handles.
+ * Anything it does not fully handle (a malformed or unusual message, an unknown nodeid, a directory whose fd
+ * is not cached, a handle with locks or a backing file, unusual open flags) gives None: the caller then
+ * serves the request through Python, and nothing was changed.  b"" means served, no reply (FORGET).  A
+ * reply is bytes, or for a READ into a vhost-user chain's buffers (`chain`, GuestPassthroughFS.read) the
+ * tuple (header, fs.in_place(n)): the data is already in place.
  *
  * State: there is one inode table, the Python one (inodes.InodeStore); this reads it (and bumps nlookup
  * under the store's own lock) with the GIL held, so it is coherent with Python by construction.  A cached
@@ -27,6 +30,7 @@
 #include <sys/fsuid.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 #include <linux/fuse.h>
@@ -41,10 +45,10 @@
 /* Opcodes and flag bits come from the spec tables through the constructor; the struct layouts are the
  * kernel's (linux/fuse.h), checked against the spec's sizes by fast.py at start-up. */
 enum { K_LOOKUP, K_FORGET, K_GETATTR, K_STATFS, K_RELEASE, K_FLUSH, K_RELEASEDIR, K_BATCH_FORGET, K_UNLINK, K_RMDIR,
-       K_CREATE, K_OPEN, K_OPENDIR, K_N };
+       K_CREATE, K_OPEN, K_OPENDIR, K_READ, K_WRITE, K_N };
 static const char *const op_keys[K_N] = {"LOOKUP", "FORGET", "GETATTR", "STATFS", "RELEASE", "FLUSH",
                                          "RELEASEDIR", "BATCH_FORGET", "UNLINK", "RMDIR", "CREATE", "OPEN",
-                                         "OPENDIR"};
+                                         "OPENDIR", "READ", "WRITE"};
 
 /* Open flags the fast path leaves to Python: O_DIRECTORY (OPEN answers EINVAL; CREATE would make the host
  * refuse), O_PATH and O_TMPFILE (not what a FUSE open means), O_ASYNC (F_SETFL with it needs an owner), and
@@ -63,6 +67,8 @@ typedef struct {
     PyObject *prepare_thread;       /* fs._prepare_thread(privileged): may this thread create (umask 0)? */
     PyObject *not_owned;            /* {"owned": False}: find_or_add of an open file's fd */
     unsigned int open_kill_suidgid; /* FUSE_OPEN_KILL_SUIDGID */
+    unsigned int write_kill_suidgid; /* FUSE_WRITE_KILL_SUIDGID */
+    unsigned long long inline_io_max; /* bigger READs and WRITEs go to the engine's pool: Python's */
     unsigned long long served[NOPS];
     unsigned long long fallbacks;
     PyObject *errors; /* {(opcode, errno): count} */
@@ -72,7 +78,7 @@ static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_
     *S_nodeid, *S_generation, *S_dev, *S_mnt_id, *S_nlookup, *S_handles, *S_is_dir, *S_lock_fds, *S_backing,
     *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
     *S_readonly, *S_find_or_add, *S_next_fh, *S_fopen_file, *S_fopen_dir, *S_writeback, *S_passthrough,
-    *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc;
+    *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc, *S_chain_for, *S_writable, *S_in_place;
 
 /* This thread's answer from fs._prepare_thread (Python keeps the same in a threading.local): 0 not asked
  * yet, 1 its own umask 0 (a serving thread), -1 not (the main thread: Python switches the process umask). */
@@ -1008,6 +1014,185 @@ out:
     return result;
 }
 
+/* ------------------------------------------------------------------ I/O */
+#define MAX_IOV 256
+
+/* The fd of fs._handles[fh] when it is a file's (fs._handle(fh)): 1 and *fd, 0 not (EBADF: Python's), -1. */
+static int file_fd(FastPath *self, uint64_t fh, int *fd) {
+    PyObject *hd = handle_of(self, fh);
+    if (hd == NULL) return PyErr_Occurred() ? -1 : 0;
+    long long v;
+    int is_dir = truth_of(hd, S_is_dir), rc = is_dir < 0 ? -1 : get_long(hd, S_fd, &v);
+    Py_DECREF(hd);
+    if (rc < 0) return -1;
+    if (is_dir) return 0;
+    *fd = (int)v;
+    return 1;
+}
+
+/* fs.chain_for(unique): the descriptor chain a vhost-user READ came in (GuestPassthroughFS.read fills its
+ * writable buffers in place), or None: no such filesystem, no chain, or a tap that needs the bytes.  `given`:
+ * the chain the transport handed over with the request (the one chain_for would name), or NULL. */
+static PyObject *chain_of(FastPath *self, uint64_t unique, PyObject *given) {
+    PyObject *lookup = PyObject_GetAttr(self->fs, S_chain_for);
+    if (lookup == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    if (lookup == Py_None) return lookup;
+    if (given != NULL && given != Py_None) {
+        Py_DECREF(lookup);
+        Py_INCREF(given);
+        return given;
+    }
+    PyObject *key = PyLong_FromUnsignedLongLong(unique);
+    PyObject *chain = key != NULL ? PyObject_CallOneArg(lookup, key) : NULL;
+    Py_XDECREF(key);
+    Py_DECREF(lookup);
+    return chain;
+}
+
+typedef struct {
+    struct iovec iov[MAX_IOV];
+    Py_buffer views[MAX_IOV];
+    int n;
+} GuestIov;
+
+static void guest_iov_done(GuestIov *g) {
+    for (int i = 0; i < g->n; i++) PyBuffer_Release(&g->views[i]);
+    g->n = 0;
+}
+
+/* vhost_user.data_views: the chain's writable buffers after the reply header, `size` bytes at most.  0, 1 when
+ * there are more than MAX_IOV of them (Python's), -1 a Python error. */
+static int guest_iov(PyObject *chain, size_t skip, size_t size, GuestIov *g) {
+    g->n = 0;
+    PyObject *segs = PyObject_GetAttr(chain, S_writable);
+    PyObject *seq = segs != NULL ? PySequence_Fast(segs, "writable segments") : NULL;
+    Py_XDECREF(segs);
+    if (seq == NULL) return -1;
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && size > 0; i++) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &v, PyBUF_WRITABLE) < 0) {
+            rc = -1;
+            break;
+        }
+        size_t len = (size_t)v.len;
+        if (skip >= len) {
+            skip -= len;
+            PyBuffer_Release(&v);
+            continue;
+        }
+        if (g->n == MAX_IOV) {
+            PyBuffer_Release(&v);
+            rc = 1;
+            break;
+        }
+        size_t k = len - skip < size ? len - skip : size;
+        g->iov[g->n].iov_base = (char *)v.buf + skip;
+        g->iov[g->n].iov_len = k;
+        g->views[g->n++] = v;
+        skip = 0;
+        size -= k;
+    }
+    Py_DECREF(seq);
+    if (rc) guest_iov_done(g);
+    return rc;
+}
+
+/* READ (fs.read, or GuestPassthroughFS.read: preadv straight into the chain's guest buffers, the reply then
+ * its header and the length already in place).  Left to Python: a READ bigger than the engine serves inline,
+ * a handle that is not a file's (EBADF). */
+static PyObject *op_read(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
+                         PyObject *given) {
+    struct fuse_read_in r;
+    if (blen != sizeof r) return fallback(self);
+    memcpy(&r, body, sizeof r);
+    if (r.size > self->inline_io_max) return fallback(self);
+    int fd, rc = file_fd(self, r.fh, &fd);
+    if (rc <= 0) return rc < 0 ? NULL : fallback(self);
+    PyObject *chain = chain_of(self, h->unique, given);
+    if (chain == NULL) return NULL;
+    ssize_t n;
+    int e = 0;
+    if (chain != Py_None) {
+        GuestIov g;
+        rc = guest_iov(chain, sizeof(struct fuse_out_header), r.size, &g);
+        Py_DECREF(chain);
+        if (rc) return rc < 0 ? NULL : fallback(self);
+        n = 0;
+        if (g.n > 0) {
+            Py_BEGIN_ALLOW_THREADS
+            n = preadv(fd, g.iov, g.n, (off_t)r.offset);
+            if (n < 0) e = errno;
+            Py_END_ALLOW_THREADS
+        }
+        guest_iov_done(&g);
+        if (n < 0) return reply_error(self, h->opcode, h->unique, e);
+        PyObject *in_place = PyObject_GetAttr(self->fs, S_in_place);
+        PyObject *len = in_place != NULL ? PyObject_CallFunction(in_place, "n", (Py_ssize_t)n) : NULL;
+        Py_XDECREF(in_place);
+        char *out;
+        PyObject *head = len != NULL ? reply_new(0, h->unique, &out) : NULL;
+        if (head == NULL) {
+            Py_XDECREF(len);
+            return NULL;
+        }
+        ((struct fuse_out_header *)PyBytes_AS_STRING(head))->len = (uint32_t)(sizeof(struct fuse_out_header) + n);
+        self->served[h->opcode]++;
+        return Py_BuildValue("(NN)", head, len);
+    }
+    Py_DECREF(chain);
+    char *out;
+    PyObject *res = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(sizeof(struct fuse_out_header) + r.size));
+    if (res == NULL) return NULL;
+    out = PyBytes_AS_STRING(res) + sizeof(struct fuse_out_header);
+    Py_BEGIN_ALLOW_THREADS
+    n = pread(fd, out, r.size, (off_t)r.offset);
+    if (n < 0) e = errno;
+    Py_END_ALLOW_THREADS
+    if (n < 0) {
+        Py_DECREF(res);
+        return reply_error(self, h->opcode, h->unique, e);
+    }
+    struct fuse_out_header oh = {(uint32_t)(sizeof oh + n), 0, h->unique};
+    memcpy(PyBytes_AS_STRING(res), &oh, sizeof oh);
+    if ((size_t)n < r.size && _PyBytes_Resize(&res, (Py_ssize_t)(sizeof oh + n)) < 0) return NULL;
+    self->served[h->opcode]++;
+    return res;
+}
+
+/* WRITE (fs.write): one pwrite of the request's data.  Left to Python: a read-only export, KILL_SUIDGID
+ * (CAP_FSETID lowered), a size that is not the data's, a WRITE bigger than the engine serves inline, a handle
+ * that is not a file's. */
+static PyObject *op_write(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen) {
+    struct fuse_write_in w;
+    if (blen < sizeof w) return fallback(self);
+    memcpy(&w, body, sizeof w);
+    if (blen - sizeof w != w.size || w.size > self->inline_io_max || (w.write_flags & self->write_kill_suidgid))
+        return fallback(self);
+    int readonly = opt_true(self, S_readonly), fd, rc;
+    if (readonly < 0) return NULL;
+    if (readonly) return fallback(self);
+    if ((rc = file_fd(self, w.fh, &fd)) <= 0) return rc < 0 ? NULL : fallback(self);
+    ssize_t n;
+    int e = 0;
+    Py_BEGIN_ALLOW_THREADS
+    n = pwrite(fd, body + sizeof w, w.size, (off_t)w.offset);
+    if (n < 0) e = errno;
+    Py_END_ALLOW_THREADS
+    if (n < 0) return reply_error(self, h->opcode, h->unique, e);
+    char *out;
+    PyObject *res = reply_new(sizeof(struct fuse_write_out), h->unique, &out);
+    if (res == NULL) return NULL;
+    struct fuse_write_out wo = {(uint32_t)n, 0};
+    memcpy(out, &wo, sizeof wo);
+    self->served[h->opcode]++;
+    return res;
+}
+
 /* RELEASE / RELEASEDIR (fs.release / fs.releasedir) when no lock fd or backing file is involved. */
 static PyObject *op_release(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
                             int is_dir) {
@@ -1216,12 +1401,12 @@ static PyObject *op_forget(FastPath *self, const struct fuse_in_header *h, const
 /* ------------------------------------------------------------------ the type */
 static PyObject *fast_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     FastPath *self = (FastPath *)op;
-    PyObject *req;
+    PyObject *req, *chain = NULL;
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
-        PyErr_SetString(PyExc_TypeError, "FastPath(request) takes no keyword arguments");
+        PyErr_SetString(PyExc_TypeError, "FastPath(request[, chain]) takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O:FastPath", &req)) return NULL;
+    if (!PyArg_ParseTuple(args, "O|O:FastPath", &req, &chain)) return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(req, &view, PyBUF_SIMPLE) < 0) return NULL;
     PyObject *result = NULL;
@@ -1260,6 +1445,10 @@ static PyObject *fast_call(PyObject *op, PyObject *args, PyObject *kwargs) {
         result = op_release(self, &h, body, blen, 1);
     } else if (o == self->op[K_FLUSH]) {
         result = op_flush(self, &h, body, blen);
+    } else if (o == self->op[K_READ]) {
+        result = op_read(self, &h, body, blen, chain);
+    } else if (o == self->op[K_WRITE]) {
+        result = op_write(self, &h, body, blen);
     } else if (o == self->op[K_FORGET]) {
         result = op_forget(self, &h, body, blen, 0);
     } else if (o == self->op[K_BATCH_FORGET]) {
@@ -1275,13 +1464,13 @@ done:
 static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     FastPath *self = (FastPath *)op;
     static char *kw[] = {"fs", "opcodes", "getattr_fh", "attr_submount", "max_message", "stat_type", "handle_type",
-                         "prepare_thread", "open_kill_suidgid", NULL};
+                         "prepare_thread", "open_kill_suidgid", "write_kill_suidgid", "inline_io_max", NULL};
     PyObject *fs, *opcodes, *stat_type, *handle_type, *prepare_thread;
-    unsigned int getattr_fh, attr_submount, open_kill_suidgid;
-    unsigned long long max_message;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!IIKOOOI:FastPath", kw, &fs, &PyDict_Type, &opcodes,
+    unsigned int getattr_fh, attr_submount, open_kill_suidgid, write_kill_suidgid;
+    unsigned long long max_message, inline_io_max;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!IIKOOOIIK:FastPath", kw, &fs, &PyDict_Type, &opcodes,
                                      &getattr_fh, &attr_submount, &max_message, &stat_type, &handle_type,
-                                     &prepare_thread, &open_kill_suidgid))
+                                     &prepare_thread, &open_kill_suidgid, &write_kill_suidgid, &inline_io_max))
         return -1;
     for (int i = 0; i < K_N; i++) {
         PyObject *v = PyDict_GetItemString(opcodes, op_keys[i]);
@@ -1309,6 +1498,8 @@ static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     Py_INCREF(prepare_thread);
     Py_XSETREF(self->prepare_thread, prepare_thread);
     self->open_kill_suidgid = open_kill_suidgid;
+    self->write_kill_suidgid = write_kill_suidgid;
+    self->inline_io_max = inline_io_max;
     if (self->not_owned == NULL) {
         if ((self->not_owned = PyDict_New()) == NULL) return -1;
         if (PyDict_SetItemString(self->not_owned, "owned", Py_False) < 0) return -1;
@@ -1382,8 +1573,8 @@ static PyTypeObject FastPathType = {
     .tp_basicsize = sizeof(FastPath),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "FastPath(fs, opcodes, getattr_fh, attr_submount, max_message, stat_type, handle_type, prepare_thread,"
-              " open_kill_suidgid)(request)"
-              " -> reply bytes | b'' | None",
+              " open_kill_suidgid, write_kill_suidgid, inline_io_max)(request[, chain])"
+              " -> reply bytes | (header, in place) | b'' | None",
     .tp_new = PyType_GenericNew,
     .tp_init = fast_init,
     .tp_call = fast_call,
@@ -1441,6 +1632,9 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_kernel_groups, "kernel_groups");
     INTERN(S_proc_groups, "proc_groups");
     INTERN(S_proc, "proc");
+    INTERN(S_chain_for, "chain_for");
+    INTERN(S_writable, "writable");
+    INTERN(S_in_place, "in_place");
     if (PyType_Ready(&FastPathType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
@@ -1460,5 +1654,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     PyModule_AddIntConstant(m, "SIZE_CREATE_IN", sizeof(struct fuse_create_in));
     PyModule_AddIntConstant(m, "SIZE_OPEN_IN", sizeof(struct fuse_open_in));
     PyModule_AddIntConstant(m, "SIZE_OPEN_OUT", sizeof(struct fuse_open_out));
+    PyModule_AddIntConstant(m, "SIZE_READ_IN", sizeof(struct fuse_read_in));
+    PyModule_AddIntConstant(m, "SIZE_WRITE_IN", sizeof(struct fuse_write_in));
+    PyModule_AddIntConstant(m, "SIZE_WRITE_OUT", sizeof(struct fuse_write_out));
     return m;
 }

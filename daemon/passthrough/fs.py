@@ -34,7 +34,7 @@ from enum import StrEnum
 from typing import Any
 
 from daemon.lockwait import interruptible
-from daemon.server import Context, DirEntry, Entry, FastPath, FileSystem, StatLike
+from daemon.server import INLINE_IO_MAX, Context, DirEntry, Entry, FastPath, FileSystem, StatLike
 from dissectors.fuse import CODECS, make
 from dissectors.spec import fuse as spec
 
@@ -253,13 +253,14 @@ class PassthroughFS(FileSystem):
         native = _fast_module()
         if native is None:
             return None
-        changed = [m for m in _FAST_METHODS if getattr(type(self), m) is not getattr(PassthroughFS, m)]
+        changed = [m for m in _FAST_METHODS if getattr(type(self), m) is not getattr(PassthroughFS, m)
+                   and getattr(type(self), m) not in _FAST_TWINS]
         if changed:  # the C answers as these methods do here: a subclass that redefines one goes without it
             log.info("no C fast path: %s redefines %s", type(self).__name__, ", ".join(changed))
             return None
         opcodes = {o.name: o.value for o in spec.OPCODES}
         fast: FastPath = native.FastPath(self, opcodes, GETATTR_FH, ATTR_SUBMOUNT, spec.MAX_MESSAGE, sc.Statx, Handle,
-                                         _prepare_thread, OPEN_KILL_SUIDGID)
+                                         _prepare_thread, OPEN_KILL_SUIDGID, WRITE_KILL_SUIDGID, INLINE_IO_MAX)
         return fast
 
     def backing_id(self, fh: int) -> int:
@@ -799,16 +800,25 @@ _FAST_SIZES = {"SIZE_IN_HEADER": "fuse_in_header", "SIZE_ENTRY_OUT": "fuse_entry
                "SIZE_ATTR_OUT": "fuse_attr_out", "SIZE_STATFS_OUT": "fuse_statfs_out",
                "SIZE_RELEASE_IN": "fuse_release_in", "SIZE_FLUSH_IN": "fuse_flush_in",
                "SIZE_GETATTR_IN": "fuse_getattr_in", "SIZE_CREATE_IN": "fuse_create_in", "SIZE_OPEN_IN": "fuse_open_in",
-               "SIZE_OPEN_OUT": "fuse_open_out"}
+               "SIZE_OPEN_OUT": "fuse_open_out", "SIZE_READ_IN": "fuse_read_in", "SIZE_WRITE_IN": "fuse_write_in",
+               "SIZE_WRITE_OUT": "fuse_write_out"}
 _fast_loaded: list[Any] = []
 # What the fast path answers in C (with the attributes it reads: store, _handles, _next_fh, _lock, _lock_fds,
 # backing, passthrough, timeout, submounts, zero_submount_generation, writeback, _fopen_file, _fopen_dir,
 # _switch_creds, kernel_groups, opts.readonly, opts.proc_groups); FORGET/BATCH_FORGET call forget()/batch_forget()
-# themselves, CREATE and LOOKUP the store's find_or_add, CREATE _prepare_thread.
+# themselves, CREATE and LOOKUP the store's find_or_add, CREATE _prepare_thread; READ fills a vhost-user chain's
+# buffers in place where the filesystem has chain_for (GuestPassthroughFS.read, a twin the C also answers as).
 _FAST_METHODS = ("lookup", "_do_lookup", "_entry", "getattr", "_stat", "release", "releasedir", "flush",
                  "_handle", "_drop_owner", "statfs", "unlink", "rmdir", "_rw", "create", "open", "opendir",
                  "_open_flags", "_add_file", "_add_handle", "_creating", "_creds", "_switched", "_groups",
-                 "_kill_suidgid")
+                 "_kill_suidgid", "read", "write")
+_FAST_TWINS: set[Any] = set()
+
+
+def fast_twin(method: Any) -> Any:
+    """Marks a subclass's redefinition of a fast op that the C answers as it does (it keeps the fast path)."""
+    _FAST_TWINS.add(method)
+    return method
 
 
 def _fast_module() -> Any:

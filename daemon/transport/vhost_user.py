@@ -710,13 +710,13 @@ class VhostUserSession:
         fast = server.fast
         if fast is not None:  # Server.fast_answer() and send_fast(), inline: two frames less per request
             try:
-                r = fast(raw)
+                r = fast(raw, chain)
             except Exception:
                 r = server.fast_failed(raw)
             if r is not None:
                 if r:
                     try:
-                        chain.reply((r,))
+                        chain.reply(r if isinstance(r, tuple) else (r,))  # a READ's header, its data in place
                     except Exception as e:
                         server.reply_failed(e)
                 else:
