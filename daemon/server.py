@@ -701,6 +701,12 @@ class Server:
         out.update(self.fs.counters())
         return out
 
+    @property
+    def lock_waiter_limit(self) -> int:
+        """Blocking lock waits that may run at once (past it, SETLKW is ENOLCK): what a transport that
+        lends each request a slot (an io_uring entry) must keep spare."""
+        return self._waiters.limit
+
     def end_lock_waits(self) -> None:
         """Answer every blocked lock wait ENOLCK now: the session is ending, and a wait can last forever
         (the transport waits for in-flight requests before it lets go of guest memory)."""

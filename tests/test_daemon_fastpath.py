@@ -61,10 +61,20 @@ def _native_built() -> bool:
 
 @pytest.fixture
 def share(tmp_path: Path) -> Iterator[Path]:
-    """Files, a directory, a symlink, and a tmpfs submount (another st_dev and mount)."""
+    """Files, a directory, a symlink, and a tmpfs submount (another st_dev and mount), on a tmpfs of its own:
+    STATFS replies carry free block and inode counts, which anything else writing to /tmp's filesystem
+    changed between the two engines' calls (a byte-for-byte mismatch, seen under load)."""
     require_root()
     root = tmp_path / "share"
     root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "fsinspect-fast-share", str(root)], check=True)
+    try:
+        yield from _fill_share(root)
+    finally:
+        _libc.umount2(str(root).encode(), 2)
+
+
+def _fill_share(root: Path) -> Iterator[Path]:
     (root / "file").write_bytes(b"x" * 5000)
     (root / "dir").mkdir()
     (root / "dir" / "inner").write_bytes(b"inner")

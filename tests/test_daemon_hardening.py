@@ -27,6 +27,7 @@ from daemon.server import Server
 from dissectors import fuse as F
 from tests.conftest import require_root
 from tests.daemon_client import EngineClient
+from tests.pipes import read_line
 from tests.standalone_mount import REPO, is_mounted, standalone
 
 pytestmark = pytest.mark.root
@@ -314,14 +315,34 @@ except Timeout:
 """
 
 
-def _waiter(path: Path, kind: str, alarm: int = 0) -> subprocess.Popen[str]:
+def _waiter(path: Path, kind: str, alarm: int = 0) -> subprocess.Popen[bytes]:
     p = subprocess.Popen([sys.executable, "-c", _WAITER, str(path), kind, str(alarm)], stdout=subprocess.PIPE,
-                         text=True)
-    assert p.stdout is not None and p.stdout.readline().strip() == "waiting"
+                         bufsize=0)
+    assert p.stdout is not None and read_line(p.stdout, 30, f"a {kind} waiter starting") == "waiting"
     return p
 
 
-def _reap(procs: list[subprocess.Popen[str]]) -> None:
+def _lock_waits_in(pid: int) -> int:
+    """Threads of `pid` blocked in a host lock wait (fcntl F_OFD_SETLKW, flock), from their kernel stacks."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stack = Path(f"/proc/{pid}/task/{tid}/stack").read_text()
+        except OSError:
+            continue
+        n += "fcntl_setlk" in stack or "sys_flock" in stack
+    return n
+
+
+def _wait_for_lock_waits(pid: int, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (have := _lock_waits_in(pid)) < n:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{have} of {n} lock waits reached the daemon within {timeout:g} s")
+        time.sleep(0.02)
+
+
+def _reap(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -339,20 +360,20 @@ def test_lock_waiters_do_not_stall_others_and_interrupt_ends_a_wait(base: Path) 
     A root dd of 4 MiB (1 MiB WRITEs and an fsync: pool work) still finishes within 1 s; a killed waiter
     and one whose alarm fires stop waiting (FUSE_INTERRUPT); the rest get the lock once it is free."""
     shared, mnt = base / "shared", base / "mnt"
-    procs: list[subprocess.Popen[str]] = []
-    with standalone(shared, mnt):
+    procs: list[subprocess.Popen[bytes]] = []
+    with standalone(shared, mnt) as daemon:
         f = mnt / "locked"
         f.write_bytes(b"\0" * 4096)
         f.chmod(0o666)
         holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(f)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, bufsize=0)
         procs.append(holder)
         try:
             assert holder.stdout is not None and holder.stdin is not None
-            assert holder.stdout.readline().strip() == "locked"
+            assert read_line(holder.stdout, 30, "the holder taking its locks") == "locked"
             waiters = [_waiter(f, "fcntl") for _ in range(8)] + [_waiter(f, "flock") for _ in range(2)]
             procs += waiters
-            time.sleep(0.5)  # every waiter is in the daemon now
+            _wait_for_lock_waits(daemon.pid, len(waiters))  # every waiter is in the daemon now
             assert all(p.poll() is None for p in waiters)
             t0 = time.monotonic()
             dd = subprocess.Popen(["dd", "if=/dev/zero", f"of={mnt}/big", "bs=1M", "count=4", "conv=fsync"],
@@ -375,19 +396,17 @@ def test_lock_waiters_do_not_stall_others_and_interrupt_ends_a_wait(base: Path) 
                 timed = _waiter(f, kind, alarm=1)
                 procs.append(timed)
                 assert timed.stdout is not None
-                assert timed.stdout.readline().strip() == "timeout", kind
+                assert read_line(timed.stdout, 30, f"a {kind} waiter with a 1 s alarm") == "timeout", kind
                 assert timed.wait(5) == 0
-            holder.stdin.write("\n")
-            holder.stdin.flush()
-            assert holder.stdout.readline().strip() == "closed"
+            holder.stdin.write(b"\n")
+            assert read_line(holder.stdout, 30, "the holder closing its POSIX-locked file") == "closed"
             # The holder closed its file: the fcntl waiters get the lock one after another; the flock
             # waiters follow once the holder's flock goes with its last descriptor.
-            holder.stdin.write("\n")
-            holder.stdin.flush()
+            holder.stdin.write(b"\n")
             holder.wait(10)
             for p in waiters:
                 assert p.stdout is not None
-                assert p.stdout.readline().strip() == "locked"
+                assert read_line(p.stdout, 30, "a waiter getting the lock once it is free") == "locked"
                 assert p.wait(10) == 0
         finally:
             _reap(procs)

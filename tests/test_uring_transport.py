@@ -189,3 +189,93 @@ def test_replies_from_threads_that_end_keep_every_queue_serving(tmp_path: Path, 
         dev.close()
         server.shutdown()
         fs.close()
+
+
+_LOCK_WAITER = r"""
+import fcntl, os, sys
+os.sched_setaffinity(0, {int(sys.argv[2])})
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, 0, 0)
+print("locked", flush=True)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("impl", ["C", "python"])
+def test_lock_waiters_on_one_cpu_leave_its_queue_serving(tmp_path: Path, monkeypatch: Any, impl: str) -> None:
+    """A SETLKW keeps its ring entry for as long as it waits, and the kernel parks a queue's requests
+    while every entry of that queue is busy: ten lock waiters on one CPU (more than its 8 entries) parked
+    every other request from that CPU, a root stat included, until a waiter gave up (the hang of
+    test_daemon_hardening's lock test under load).  The queue registers an entry more per waiter."""
+    require_root()
+    if why := uring_missing():
+        pytest.skip(why)
+    import fcntl
+
+    monkeypatch.setenv("FSINSPECT_URING", impl)
+    Path(uring.ENABLE_PARAM).write_text("Y")  # what --uring on does
+    shared, mnt = tmp_path / "shared", tmp_path / "mnt"
+    shared.mkdir()
+    mnt.mkdir()
+    (shared / "f").write_bytes(b"x" * 4096)
+    (shared / "other").write_bytes(b"y")
+    hold = os.open(shared / "f", os.O_RDWR)  # the host holds the lock: every waiter through the mount waits
+    fcntl.fcntl(hold, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+    fs = PassthroughFS(Options(str(shared), cache=CacheMode.NONE))
+    server = Server(fs)
+    dev = FuseDev.mount(str(mnt), MountOptions(fsname=str(shared)))
+    queues = uring.UringQueues(dev.fd, server)
+    reader = threading.Thread(target=standalone._reader, args=(dev, server, 0, queues.start_if_agreed), daemon=True)
+    reader.start()
+    cpu = min(os.sched_getaffinity(0))
+    ring = next(r for r in queues.rings if r.qid == cpu)
+    n = uring.DEPTH + 2
+    waiters: list[subprocess.Popen[str]] = []
+    try:
+        os.stat(mnt / "f")  # FUSE_INIT answered, the rings registered
+        waiters = [subprocess.Popen([sys.executable, "-c", _LOCK_WAITER, str(mnt / "f"), str(cpu)],
+                                    stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        deadline = time.monotonic() + 30
+        while server.counters()["lock_waits"]["waiting"] < n:
+            assert all(p.poll() is None for p in waiters), "a lock waiter ended before the lock was free"
+            assert time.monotonic() < deadline, \
+                f"only {server.counters()['lock_waits']['waiting']} of {n} lock waits reached the daemon in 30 s"
+            time.sleep(0.02)
+        assert ring.depth >= uring.DEPTH + n
+        probe = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[2])})\n"
+                 "os.stat(sys.argv[1])\nopen(sys.argv[1], 'rb').read()\n")
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run([sys.executable, "-c", probe, str(mnt / "other"), str(cpu)], timeout=10, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a stat on CPU {cpu} waited 10 s behind {n} lock waiters holding its queue")
+        assert r.returncode == 0 and time.monotonic() - t0 < 10
+        os.close(hold)  # the lock is free: the waiters get it one after another (each exit drops it)
+        hold = -1
+        for p in waiters:
+            assert p.stdout is not None
+            try:
+                assert p.wait(20) == 0
+            except subprocess.TimeoutExpired:
+                pytest.fail("a lock waiter did not get the lock within 20 s of its release")
+            assert p.stdout.read().strip() == "locked"
+        assert server.counters()["lock_waits"]["waiting"] == 0
+    finally:
+        for p in waiters:
+            if p.poll() is None:
+                p.kill()
+        if hold >= 0:
+            os.close(hold)
+        unmount(str(mnt), lazy=True, via_fusermount=False)
+        queues.close()
+        server.shutdown()
+        reader.join(10)
+        dev.close()
+        fs.close()
+        for p in waiters:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            if p.stdout is not None:
+                p.stdout.close()

@@ -3,7 +3,9 @@
  * Mechanics only, shaped like the pure-Python twin in uring_py.py (ctypes + mmap), which stays the
  * reference; the same tests run both.  One Ring is one FUSE queue (qid = a CPU): `depth` entries, each
  * a header buffer (struct fuse_uring_req_header: in_out[128], op_in[128], fuse_uring_ent_in_out) and a
- * payload buffer, registered with FUSE_IO_URING_CMD_REGISTER.  A completion hands one request over;
+ * payload buffer, registered with FUSE_IO_URING_CMD_REGISTER; grow() registers one more, up to `spare`
+ * more (a lock wait keeps its entry for as long as it waits, and the kernel parks a queue's requests
+ * when every entry is busy).  A completion hands one request over;
  * the reply goes back with FUSE_IO_URING_CMD_COMMIT_AND_FETCH, which also asks for the next request, so
  * a request costs one io_uring_enter(2) where /dev/fuse costs a read(2) and a write(2).
  *
@@ -48,7 +50,8 @@ typedef struct {
     PyObject_HEAD
     int ring_fd;
     int qid;
-    unsigned depth;
+    unsigned depth;    /* entries registered (or queued to be) */
+    unsigned capacity; /* depth + spare: what the buffers and the rings are sized for */
     size_t payload_size;
     void *sq_map, *cq_map, *sqe_map;
     size_t sq_len, cq_len, sqe_len;
@@ -108,7 +111,7 @@ static PyObject *os_error(int err, const char *what) {
     return NULL;
 }
 
-/* Queue one SQE (caller holds the lock).  Never full: at most depth + 1 commands are ever unconsumed. */
+/* Queue one SQE (caller holds the lock).  Never full: at most capacity + 1 commands are ever unconsumed. */
 static void prep(Ring *r, uint64_t tag, uint8_t opcode, uint32_t cmd_op, uint64_t commit_id) {
     unsigned tail = r->sq_local_tail;
     unsigned slot = tail & *r->sq_mask;
@@ -182,17 +185,19 @@ static void Ring_dealloc(Ring *r) {
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
-/* Ring(dev_fd, qid, depth, payload_size): the io_uring and the buffers of one queue.  The ring may only
+/* Ring(dev_fd, qid, depth, payload_size, spare=0): the io_uring and the buffers of one queue, with room
+ * for `spare` entries more (payloads are reserved, not committed, until used).  The ring may only
  * carry URING_CMD on /dev/fuse and READ (of its eventfd), both on registered files only: a restricted
  * ring, as seccomp does not see its ops. */
 static int Ring_init(Ring *r, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"dev_fd", "qid", "depth", "payload_size", NULL};
+    static char *kwlist[] = {"dev_fd", "qid", "depth", "payload_size", "spare", NULL};
     int dev_fd, qid;
-    unsigned depth;
+    unsigned depth, spare = 0;
     Py_ssize_t payload_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiIn", kwlist, &dev_fd, &qid, &depth, &payload_size)) return -1;
-    if (depth < 1 || depth > 256 || qid < 0 || qid > 65535 || payload_size < 8192) {
-        PyErr_SetString(PyExc_ValueError, "Ring: depth 1..256, qid 0..65535, payload_size >= 8192");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiIn|I", kwlist, &dev_fd, &qid, &depth, &payload_size, &spare))
+        return -1;
+    if (depth < 1 || depth > 256 || spare > 1024 || qid < 0 || qid > 65535 || payload_size < 8192) {
+        PyErr_SetString(PyExc_ValueError, "Ring: depth 1..256, spare 0..1024, qid 0..65535, payload_size >= 8192");
         return -1;
     }
     if (r->ring_fd > 0 || r->sq_map != NULL) {
@@ -203,13 +208,15 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kw) {
     r->wake_fd = -1;
     r->qid = qid;
     r->depth = depth;
+    r->capacity = depth + spare;
+    unsigned cap = r->capacity;
     r->payload_size = (size_t)payload_size;
     pthread_mutex_init(&r->lock, NULL);
     struct io_uring_params p;
     memset(&p, 0, sizeof p);
     p.flags = IORING_SETUP_SQE128 | IORING_SETUP_R_DISABLED | IORING_SETUP_CQSIZE;
-    p.cq_entries = 4 * (depth + 1);
-    int fd = sys_setup(2 * (depth + 1), &p);
+    p.cq_entries = 4 * (cap + 1);
+    int fd = sys_setup(2 * (cap + 1), &p);
     if (fd < 0) {
         os_error(errno, "io_uring_setup");
         return -1;
@@ -267,22 +274,22 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kw) {
         goto fail_raised;
     }
 
-    r->headers_len = (size_t)depth * HDR_STRIDE;
-    r->payloads_len = (size_t)depth * r->payload_size;
+    r->headers_len = (size_t)cap * HDR_STRIDE;
+    r->payloads_len = (size_t)cap * r->payload_size;
     r->headers = mmap(NULL, r->headers_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (r->headers == MAP_FAILED) goto fail;
     r->payloads = mmap(NULL, r->payloads_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                        -1, 0);
     if (r->payloads == MAP_FAILED) goto fail;
-    r->iovs = PyMem_Calloc(2 * depth, sizeof(struct iovec));
-    r->last_cmd = PyMem_Calloc(depth, 1);
-    r->commit_id = PyMem_Calloc(depth, sizeof(uint64_t));
-    r->state = PyMem_Calloc(depth, 1);
+    r->iovs = PyMem_Calloc(2 * cap, sizeof(struct iovec));
+    r->last_cmd = PyMem_Calloc(cap, 1);
+    r->commit_id = PyMem_Calloc(cap, sizeof(uint64_t));
+    r->state = PyMem_Calloc(cap, 1);
     if (!r->iovs || !r->last_cmd || !r->commit_id || !r->state) {
         PyErr_NoMemory();
         goto fail_raised;
     }
-    for (unsigned i = 0; i < depth; i++) {
+    for (unsigned i = 0; i < cap; i++) {
         r->iovs[2 * i].iov_base = r->headers + (size_t)i * HDR_STRIDE;
         r->iovs[2 * i].iov_len = HDR_SIZE;
         r->iovs[2 * i + 1].iov_base = r->payloads + (size_t)i * r->payload_size;
@@ -314,6 +321,27 @@ static PyObject *Ring_register(Ring *r, PyObject *Py_UNUSED(ignored)) {
     }
     pthread_mutex_unlock(&r->lock);
     Py_RETURN_NONE;
+}
+
+/* grow(): register one entry more (True), or False when the spare entries are all in use.  Submitted
+ * by the owner: at once when called from it (its next wait()), else the owner is woken for it.  A new
+ * entry takes new requests; one the kernel parked while every entry was busy waits for a commit. */
+static PyObject *Ring_grow(Ring *r, PyObject *Py_UNUSED(ignored)) {
+    pthread_mutex_lock(&r->lock);
+    if (r->ring_fd < 0 || r->stopped || r->depth >= r->capacity) {
+        pthread_mutex_unlock(&r->lock);
+        Py_RETURN_FALSE;
+    }
+    unsigned idx = r->depth++;
+    r->state[idx] = ST_KERNEL;
+    prep(r, idx, IORING_OP_URING_CMD, CMD_REGISTER, 0);
+    int wake = r->waiting;
+    pthread_mutex_unlock(&r->lock);
+    if (wake) {
+        uint64_t one = 1;
+        if (write(r->wake_fd, &one, sizeof one) < 0) return os_error(errno, "eventfd write");
+    }
+    Py_RETURN_TRUE;
 }
 
 /* The request in /dev/fuse's layout.  The header says the whole length; what the payload does not
@@ -558,7 +586,14 @@ static PyObject *Ring_get_qid(Ring *r, void *Py_UNUSED(c)) {
 }
 
 static PyObject *Ring_get_depth(Ring *r, void *Py_UNUSED(c)) {
-    return PyLong_FromUnsignedLong(r->depth);
+    pthread_mutex_lock(&r->lock);
+    unsigned depth = r->depth;
+    pthread_mutex_unlock(&r->lock);
+    return PyLong_FromUnsignedLong(depth);
+}
+
+static PyObject *Ring_get_capacity(Ring *r, void *Py_UNUSED(c)) {
+    return PyLong_FromUnsignedLong(r->capacity);
 }
 
 static PyObject *Ring_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kw)) {
@@ -572,6 +607,7 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObjec
 
 static PyMethodDef Ring_methods[] = {
     {"register", (PyCFunction)Ring_register, METH_NOARGS, "Queue FUSE_IO_URING_CMD_REGISTER for every entry."},
+    {"grow", (PyCFunction)Ring_grow, METH_NOARGS, "Register one entry more (False when none is spare)."},
     {"wait", (PyCFunction)Ring_wait, METH_NOARGS, "The next request as (bytes, Entry), or None at the end."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "End the queue; a sleeping wait() returns None."},
     {"fileno", (PyCFunction)Ring_fileno, METH_NOARGS, "The io_uring fd (-1 once released)."},
@@ -581,7 +617,8 @@ static PyMethodDef Ring_methods[] = {
 static PyGetSetDef Ring_getset[] = {
     {"served", (getter)Ring_get_served, NULL, "requests handed over", NULL},
     {"qid", (getter)Ring_get_qid, NULL, "the FUSE queue (a CPU)", NULL},
-    {"depth", (getter)Ring_get_depth, NULL, "entries", NULL},
+    {"depth", (getter)Ring_get_depth, NULL, "entries registered", NULL},
+    {"capacity", (getter)Ring_get_capacity, NULL, "entries it can grow to", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -590,7 +627,7 @@ static PyTypeObject RingType = {
     .tp_name = "daemon.transport._uring.Ring",
     .tp_basicsize = sizeof(Ring),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "One FUSE-over-io_uring queue: Ring(dev_fd, qid, depth, payload_size).",
+    .tp_doc = "One FUSE-over-io_uring queue: Ring(dev_fd, qid, depth, payload_size, spare=0).",
     .tp_new = Ring_new,
     .tp_init = (initproc)Ring_init,
     .tp_dealloc = (destructor)Ring_dealloc,

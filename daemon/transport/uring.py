@@ -20,11 +20,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from daemon.server import INIT_FLAG, MAX_WRITE, Server
+from daemon.server import INIT_FLAG, MAX_WRITE, OP, Server
 
 from .fusedev import FuseDevError
 
@@ -34,6 +35,8 @@ ENABLE_PARAM = "/sys/module/fuse/parameters/enable_uring"
 MODES = ("auto", "on", "off")
 OVER_IO_URING = INIT_FLAG["OVER_IO_URING"]
 DEPTH = 8  # entries per queue (libfuse's default); a held or slow request keeps one busy
+SETLKW = OP["SETLKW"]
+_opcode = struct.Struct("=I")  # fuse_in_header.opcode, at offset 4
 # The kernel asks each entry's payload buffer for max(FUSE_MIN_READ_BUFFER, max_write, max_pages * 4 KiB).
 PAYLOAD_SIZE = MAX_WRITE
 SYSCALLS = ("io_uring_enter", "sched_setaffinity")  # what the ring threads add to the seccomp allowlist
@@ -42,8 +45,11 @@ SYSCALLS = ("io_uring_enter", "sched_setaffinity")  # what the ring threads add 
 class RingLike(Protocol):
     qid: int
     served: int
+    depth: int
 
     def register(self) -> None: ...
+
+    def grow(self) -> bool: ...
 
     def wait(self) -> tuple[bytes, Callable[[Any], object]] | None: ...
 
@@ -130,9 +136,12 @@ class UringQueues:
         self.first_queue = first_queue
         self.pin = pin
         self.rings: list[RingLike] = []
+        self.depth = depth
+        # A lock wait keeps its entry until it ends; room for as many as the engine lets wait at once.
+        spare = server.lock_waiter_limit
         try:
             for qid in cpus if cpus is not None else possible_cpus():
-                self.rings.append(cls(dev_fd, qid, depth, payload_size))
+                self.rings.append(cls(dev_fd, qid, depth, payload_size, spare))
         except OSError as e:
             self.close()
             raise FuseDevError(e.errno or errno.EIO, f"FUSE over io_uring: {e.strerror or e} (io_uring may be "
@@ -140,6 +149,7 @@ class UringQueues:
         self.threads: list[threading.Thread] = []
         self.started = False
         self._lock = threading.Lock()
+        self._lock_waits = [0] * len(self.rings)  # per ring: SETLKW requests holding an entry
         server.transport_flags |= OVER_IO_URING
         log.info("FUSE over io_uring: %d queue(s) of %d entries (%s rings)", len(self.rings), depth, self.impl)
 
@@ -154,13 +164,13 @@ class UringQueues:
         if not self.server.negotiated.has("OVER_IO_URING"):
             log.info("FUSE over io_uring not agreed at FUSE_INIT: serving through /dev/fuse")
             return
-        for ring in self.rings:
+        for i, ring in enumerate(self.rings):
             ring.register()
-            t = threading.Thread(target=self._serve, args=(ring,), daemon=True, name=f"fuse-ring-{ring.qid}")
+            t = threading.Thread(target=self._serve, args=(i, ring), daemon=True, name=f"fuse-ring-{ring.qid}")
             self.threads.append(t)
             t.start()
 
-    def _serve(self, ring: RingLike) -> None:
+    def _serve(self, i: int, ring: RingLike) -> None:
         """One queue's loop: the commit of each reply goes out with the wait for the next request."""
         if self.pin:
             try:
@@ -172,7 +182,10 @@ class UringQueues:
         wait = ring.wait
         try:
             while (item := wait()) is not None:
-                handle(item[0], item[1], queue)
+                buf, reply = item
+                if _opcode.unpack_from(buf, 4)[0] == SETLKW:
+                    reply = self._lock_wait(i, ring, reply)
+                handle(buf, reply, queue)
         except OSError as e:
             # Once FUSE_INIT agreed on the rings the kernel holds every request until all queues have
             # entries: a queue that fails ends the session rather than leave the mount hanging.
@@ -180,6 +193,30 @@ class UringQueues:
                       ring.qid, e.strerror or e)
             if self.on_failure is not None:
                 self.on_failure(e)
+
+    def _lock_wait(self, i: int, ring: RingLike, reply: Callable[[Any], object]) -> Callable[[Any], object]:
+        """A SETLKW keeps its entry until the lock is had (any time later): register one more whenever
+        fewer than `depth` entries are left to everything else, or eight waiters on one CPU would park
+        every other request of that CPU (a root dd waited behind them until a waiter was killed).  Returns
+        the reply sink that gives the count back.  On the queue's own thread (only it submits)."""
+        with self._lock:
+            self._lock_waits[i] += 1
+            short = ring.depth - self._lock_waits[i] < self.depth
+        if short and not ring.grow():
+            log.debug("queue %d: %d lock waits hold its entries, no spare entry left", ring.qid, self._lock_waits[i])
+        done = False
+
+        def answered(parts: Any) -> object:
+            nonlocal done
+            try:
+                return reply(parts)
+            finally:
+                with self._lock:
+                    if not done:
+                        done = True
+                        self._lock_waits[i] -= 1
+
+        return answered
 
     def served(self) -> int:
         return sum(r.served for r in self.rings)

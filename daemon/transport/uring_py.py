@@ -31,6 +31,7 @@ REGISTER_FILES, REGISTER_RESTRICTIONS, REGISTER_ENABLE_RINGS = 2, 11, 12
 RESTRICTION_SQE_OP, RESTRICTION_SQE_FLAGS_ALLOWED = 1, 2
 OP_READ, OP_URING_CMD = 22, 46
 IOSQE_FIXED_FILE = 1
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # spare entries' payloads: reserved, not committed
 ENTER_GETEVENTS = 1
 SQE_SIZE = 128
 CMD_REGISTER, CMD_COMMIT_AND_FETCH = 1, 2  # spec.URING_CMD
@@ -83,12 +84,15 @@ def rebuild(header: bytes, payload: bytes) -> bytes:
 
 
 class Ring:
-    """One FUSE-over-io_uring queue: Ring(dev_fd, qid, depth, payload_size)."""
+    """One FUSE-over-io_uring queue: Ring(dev_fd, qid, depth, payload_size, spare=0).  grow() registers
+    one entry more, up to `spare` more: a lock wait keeps its entry for as long as it waits, and the
+    kernel parks a queue's requests while every entry is busy."""
 
-    def __init__(self, dev_fd: int, qid: int, depth: int, payload_size: int) -> None:
-        if not (1 <= depth <= 256 and 0 <= qid <= 65535 and payload_size >= 8192):
-            raise ValueError("Ring: depth 1..256, qid 0..65535, payload_size >= 8192")
+    def __init__(self, dev_fd: int, qid: int, depth: int, payload_size: int, spare: int = 0) -> None:
+        if not (1 <= depth <= 256 and 0 <= spare <= 1024 and 0 <= qid <= 65535 and payload_size >= 8192):
+            raise ValueError("Ring: depth 1..256, spare 0..1024, qid 0..65535, payload_size >= 8192")
         self.qid, self.depth, self.payload_size = qid, depth, payload_size
+        self.capacity = cap = depth + spare
         self.served = 0
         self._lock = threading.Lock()
         self._waiting = False
@@ -97,8 +101,8 @@ class Ring:
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._wake_armed = False
         self._wake_buf = ctypes.c_uint64()
-        p = _Params(flags=SETUP_SQE128 | SETUP_R_DISABLED | SETUP_CQSIZE, cq_entries=4 * (depth + 1))
-        self._fd = _call(NR_IO_URING_SETUP, 2 * (depth + 1), ctypes.byref(p), what="io_uring_setup")
+        p = _Params(flags=SETUP_SQE128 | SETUP_R_DISABLED | SETUP_CQSIZE, cq_entries=4 * (cap + 1))
+        self._fd = _call(NR_IO_URING_SETUP, 2 * (cap + 1), ctypes.byref(p), what="io_uring_setup")
         try:
             self._map(p)
             files = (ctypes.c_int * 2)(dev_fd, self._wake_fd)
@@ -117,17 +121,18 @@ class Ring:
             os.close(self._wake_fd)
             self._fd = self._wake_fd = -1
             raise
-        self._headers = mmap.mmap(-1, depth * HDR_STRIDE)
-        self._payloads = mmap.mmap(-1, depth * payload_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._headers = mmap.mmap(-1, cap * HDR_STRIDE)
+        self._payloads = mmap.mmap(-1, cap * payload_size,
+                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         hbase, pbase = _address(self._headers), _address(self._payloads)
-        self._iovs = (_Iovec * (2 * depth))()
-        for i in range(depth):
+        self._iovs = (_Iovec * (2 * cap))()
+        for i in range(cap):
             self._iovs[2 * i] = _Iovec(hbase + i * HDR_STRIDE, HDR_SIZE)
             self._iovs[2 * i + 1] = _Iovec(pbase + i * payload_size, payload_size)
         self._iov_base = ctypes.addressof(self._iovs)
-        self._last_cmd = [0] * depth
-        self._commit_id = [0] * depth
-        self._in_user = [False] * depth
+        self._last_cmd = [0] * cap
+        self._commit_id = [0] * cap
+        self._in_user = [False] * cap
 
     def _map(self, p: _Params) -> None:
         sq_len = p.sq_off[6] + p.sq_entries * 4
@@ -151,7 +156,7 @@ class Ring:
         return self._fd
 
     def _prep(self, tag: int, opcode: int, cmd_op: int = 0, commit_id: int = 0) -> None:
-        """Queue one SQE (the lock held); never full: at most depth + 1 are ever unconsumed."""
+        """Queue one SQE (the lock held); never full: at most capacity + 1 are ever unconsumed."""
         tail = self._local_tail
         slot = tail & self._sq_mask
         off = slot * SQE_SIZE
@@ -183,6 +188,22 @@ class Ring:
             if not self._wake_armed:
                 self._wake_armed = True
                 self._prep(WAKE_TAG, OP_READ)
+
+    def grow(self) -> bool:
+        """Register one entry more (True), or False when the spare ones are all in use.  Submitted by the
+        owner: at its next wait() when called from it, else the owner is woken for it.  A new entry takes
+        new requests; one the kernel parked while every entry was busy waits for a commit."""
+        with self._lock:
+            if self._fd < 0 or self._stopped or self.depth >= self.capacity:
+                return False
+            idx = self.depth
+            self.depth += 1
+            self._in_user[idx] = False
+            self._prep(idx, OP_URING_CMD, CMD_REGISTER)
+            wake = self._waiting
+        if wake:
+            os.eventfd_write(self._wake_fd, 1)
+        return True
 
     def _request(self, idx: int) -> bytes:
         base, p = idx * HDR_STRIDE, idx * self.payload_size
