@@ -114,7 +114,7 @@ def test_mountpoint_inside_the_shared_dir_is_refused(base: Path) -> None:
                 _out, err = p.communicate(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
-                _out, err = p.communicate()
+                _out, err = p.communicate(timeout=10)
             finally:
                 if is_mounted(mnt):
                     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -176,7 +176,7 @@ def vhost_daemon(sock: Path, shared: Path, log: Path, *extra: str) -> Iterator[s
     finally:
         if p.poll() is None:
             p.kill()
-            p.wait()
+            p.wait(10)
 
 
 def test_vhost_daemon_summary_json_is_not_world_writable(base: Path) -> None:
@@ -268,7 +268,7 @@ def member() -> Iterator[int]:
         yield p.pid
     finally:
         p.kill()
-        p.wait()
+        p.wait(10)
 
 
 def test_groups_from_proc_where_the_kernel_sends_none(tmp_path: Path, member: int) -> None:

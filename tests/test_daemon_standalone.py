@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_root
+from tests.pipes import read_line
 from tests.standalone_mount import (
     REPO,
     TRANSPORTS,
@@ -433,10 +434,10 @@ def test_posix_locks_between_processes(dirs: tuple[Path, Path]) -> None:
     f = m / "locked"
     f.write_bytes(b"\0" * 4096)
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(f)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, bufsize=0)
     try:
         assert holder.stdout is not None and holder.stdin is not None
-        assert holder.stdout.readline().strip() == "locked"
+        assert read_line(holder.stdout, 30, "the holder taking its locks") == "locked"
         fd = os.open(f, os.O_RDWR)
         try:
             with pytest.raises(BlockingIOError):
@@ -450,9 +451,8 @@ def test_posix_locks_between_processes(dirs: tuple[Path, Path]) -> None:
             res = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 10, 0))
             typ, _wh, start, length, _pid = struct.unpack("@hhqqi4x", res)
             assert (typ, start, length) == (fcntl.F_WRLCK, 0, 100)
-            holder.stdin.write("\n")
-            holder.stdin.flush()
-            assert holder.stdout.readline().strip() == "closed"
+            holder.stdin.write(b"\n")
+            assert read_line(holder.stdout, 30, "the holder closing its locked file") == "closed"
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 20)  # the holder's close released its locks
         finally:
             os.close(fd)

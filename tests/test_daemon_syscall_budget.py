@@ -25,6 +25,7 @@ from fsinspect.guest import launcher
 from fsinspect.guest.share import make_share
 from fsinspect.rerun.front import F_INDIRECT_DESC, F_PROTOCOL, F_VERSION_1, Front, Negotiation
 from tests.conftest import require_root
+from tests.pipes import read_line
 
 pytestmark = pytest.mark.root
 N = 200
@@ -69,16 +70,17 @@ def daemon(tmp_path: Path) -> Iterator[tuple[int, Front]]:
 def _count(pid: int, work: Callable[[], None]) -> dict[str, int]:
     """System calls of every thread of `pid` while `work` runs: {name: calls}."""
     st = subprocess.Popen(["strace", "-f", "-c", "-p", str(pid)], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
     assert st.stderr is not None
-    line = st.stderr.readline()  # "strace: Process N attached with M threads", once all are
-    assert " attached" in line, line
-    work()
-    st.send_signal(signal.SIGINT)
     try:
-        out = st.communicate(timeout=20)[1]
-    except subprocess.TimeoutExpired:
+        line = read_line(st.stderr, 30, "strace attaching")  # "strace: Process N attached with M threads"
+        assert " attached" in line, line
+        work()
+        st.send_signal(signal.SIGINT)
+        out = st.communicate(timeout=20)[1].decode()
+    except BaseException:
         st.kill()
+        st.wait(10)
         raise
     calls: dict[str, int] = {}
     for line in out.splitlines():

@@ -160,6 +160,8 @@ def test_control_tap_shows_requests_in_flight_and_lints_them_stuck(tmp_path: Pat
     first = socket.socket(socket.AF_UNIX)
     later = socket.socket(socket.AF_UNIX)
     files = []
+    for s in (first, later):
+        s.settimeout(20)  # a line that never comes fails the test instead of holding the run
     try:
         first.connect(str(tmp_path / "c.sock"))
         f1 = first.makefile("rb")

@@ -22,6 +22,7 @@ import pytest
 
 from daemon.transport.fusedev import FUSECTL, connection_id
 from tests.conftest import require_root
+from tests.pipes import read_line
 from tests.standalone_mount import REPO, TRANSPORTS, is_mounted, start, stop, uring_missing
 
 pytestmark = pytest.mark.root
@@ -32,12 +33,12 @@ _LOCK = ("import fcntl, sys; f = open(sys.argv[1], 'r+b'); print('locking', flus
 
 
 @contextmanager
-def _started(argv: list[str], ready: str | None = None, **kw: object) -> Iterator[subprocess.Popen[str]]:
+def _started(argv: list[str], ready: str | None = None, **kw: object) -> Iterator[subprocess.Popen[bytes]]:
     """A busy process of the test's own: killed by its PID at the end, whatever happened."""
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **kw)  # type: ignore[call-overload]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, **kw)  # type: ignore[call-overload]
     try:
         if ready is not None:
-            assert p.stdout is not None and p.stdout.readline().strip() == ready
+            assert p.stdout is not None and read_line(p.stdout, 30, f"{argv[-1]!r} saying {ready!r}") == ready
         yield p
     finally:
         if p.poll() is None:
@@ -47,17 +48,17 @@ def _started(argv: list[str], ready: str | None = None, **kw: object) -> Iterato
             p.stdout.close()
 
 
-def _in_cwd(mnt: Path, shared: Path) -> Iterator[subprocess.Popen[str]]:
+def _in_cwd(mnt: Path, shared: Path) -> Iterator[subprocess.Popen[bytes]]:
     with _started(["sleep", "300"], cwd=str(mnt)) as p:
         yield p
 
 
-def _file_open(mnt: Path, shared: Path) -> Iterator[subprocess.Popen[str]]:
+def _file_open(mnt: Path, shared: Path) -> Iterator[subprocess.Popen[bytes]]:
     with _started([sys.executable, "-c", _OPEN_AND_WAIT, str(mnt / "f")], ready="open") as p:
         yield p
 
 
-def _lock_wait(mnt: Path, shared: Path) -> Iterator[subprocess.Popen[str]]:
+def _lock_wait(mnt: Path, shared: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A SETLKW the daemon waits on for ever: the host file's lock is held by this test itself."""
     fd = os.open(shared / "f", os.O_RDWR)
     try:
@@ -72,7 +73,7 @@ def _lock_wait(mnt: Path, shared: Path) -> Iterator[subprocess.Popen[str]]:
         os.close(fd)
 
 
-BUSY: dict[str, Callable[[Path, Path], Iterator[subprocess.Popen[str]]]] = {
+BUSY: dict[str, Callable[[Path, Path], Iterator[subprocess.Popen[bytes]]]] = {
     "cwd": _in_cwd, "open-file": _file_open, "lock-wait": _lock_wait}
 CASES = [("dev", "cwd"), ("dev", "open-file"), ("dev", "lock-wait"), ("uring-c", "cwd"), ("uring-py", "cwd")]
 
