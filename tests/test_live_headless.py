@@ -223,9 +223,9 @@ def test_stop_signals_while_it_ends_print_nothing(tmp_path: Path) -> None:
     proc, hub = _serve(tmp_path, "--format", "jsonl", "-o", str(out))
     gold = golden("guest-syncfs")
     deadline = time.monotonic() + 30
-    try:
-        while len(out.read_bytes().splitlines()) < len(gold):
-            assert time.monotonic() < deadline, out.read_text()
+    try:  # the client makes the file once it has its hello, which may be after the hub counted it
+        while not out.exists() or len(out.read_bytes().splitlines()) < len(gold):
+            assert time.monotonic() < deadline, out.exists() and out.read_text()
             time.sleep(0.02)
     finally:
         hub.close()
