@@ -14,7 +14,11 @@ average at the start:
   counts none, so its run is taken to serve as many as the bundled run of its pair (the same guest
   workload with the same cache options: the per-pair request counts are printed to judge that by).
 
-`--tree DIR` runs another checkout's bundled daemon in each pair too and prints its CPU per request.
+`--tree DIR` runs another checkout's bundled daemon in each pair too (before/after in one run): its CPU per
+request, and per storm step and I/O step its speed against this checkout's (tree time / this time, per pair).
+`--aa` runs the C virtiofsd a second time in each pair and prints what the same statistics read when both
+sides are the same back-end: the noise floor of the median of 5 per-pair ratios on this machine.  Each
+step row also shows the ratio of the medians beside the median of the per-pair ratios.
 
 Not a test: these machines are noisy (2 shared cores); compare within one run, on a quiet machine.
 """
@@ -150,6 +154,16 @@ def goal_table(c_runs: list[dict[str, float]], ours: list[dict[str, float]], cpu
     return rows
 
 
+def side_by_side(title: str, num: list[dict[str, float]], den: list[dict[str, float]]) -> None:
+    """Per goal step: the median [min .. max] of num/den over the pairs, and the ratio of the medians."""
+    print(f"\n{title}")
+    for k in GOALS:
+        ratios = [a[k] / b[k] for a, b in zip(num, den) if k in a and k in b and b[k]]
+        if ratios:
+            of_medians = statistics.median(a[k] for a in num) / statistics.median(b[k] for b in den)
+            print(f"  {k:<18} {spread(ratios):<24} of medians {of_medians:.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", type=int, default=5)
@@ -161,7 +175,11 @@ def main() -> int:
                     help="the share's root: a tmpfs (default) or the host's disk (ext4), as before")
     ap.add_argument("--tree", metavar="DIR", type=Path,
                     help="also the bundled daemon of another checkout DIR in each pair (its CPU per request "
-                         "is printed beside; the goal table stays this checkout's)")
+                         "and its step times against this checkout's are printed; the goal table stays this "
+                         "checkout's)")
+    ap.add_argument("--aa", action="store_true",
+                    help="also a second C virtiofsd run in each pair: the ratios of C against itself (A/A), "
+                         "what the goal statistics read when nothing differs")
     args = ap.parse_args()
     image = build.build(progress=lambda m: print(m, file=sys.stderr))
     c_runs: list[dict[str, float]] = []
@@ -169,18 +187,25 @@ def main() -> int:
     cpu: dict[str, list[float]] = {"C": [], "bundled": []}
     requests: list[int] = []
     tree_cpu: list[float] = []
+    tree_runs: list[dict[str, float]] = []
+    c2_runs: list[dict[str, float]] = []
     load = os.getloadavg()[0]
     # A tmpfs root by default: on the host's ext4 a create storm soon after a delete storm (the previous
     # run's) pays ext4's scan past recently deleted inodes, which varies 3x between runs (make_share).
     with make_share(root_tmpfs_mb=1024 if args.share_fs == "tmpfs" else 0) as share:
         for i in range(args.pairs):
             order: tuple[str, ...] = ("C", "bundled") if i % 2 == 0 else ("bundled", "C")
-            if args.tree is not None:
-                order = (*order, "tree") if i % 2 == 0 else ("tree", *order)
+            for extra_arm, wanted in (("tree", args.tree is not None), ("C2", args.aa)):
+                if wanted:
+                    order = (*order, extra_arm) if i % 2 == 0 else (extra_arm, *order)
             for kind in order:
                 if kind == "tree":
-                    _steps_t, c, n = run_bundled(image, share.root, args.workload, args.daemon_arg, args.tree)
+                    steps_t, c, n = run_bundled(image, share.root, args.workload, args.daemon_arg, args.tree)
                     tree_cpu.append(c / n * 1e6 if n else 0.0)
+                    tree_runs.append(steps_t)
+                    continue
+                if kind == "C2":
+                    c2_runs.append(run_c(image, share.root, args.workload)[0])
                     continue
                 if kind == "C":
                     steps, c = run_c(image, share.root, args.workload)
@@ -196,8 +221,10 @@ def main() -> int:
     print(f"{args.pairs} alternating pairs, workload {args.workload}, share on {args.share_fs}, load average "
           f"{load:.2f} at the start; "
           f"times in s (median [min-max]); "
-          f"ratio = C time / bundled time (speed of the bundled daemon relative to the C virtiofsd)")
-    print(f"{'step':<18} {'C virtiofsd':>20} {'bundled daemon':>20} {'ratio':>6} {'min':>5} {'max':>5}  goal")
+          f"ratio = C time / bundled time (speed of the bundled daemon relative to the C virtiofsd), the median "
+          f"of the per-pair ratios; 'of med.' = C median / bundled median")
+    print(f"{'step':<18} {'C virtiofsd':>20} {'bundled daemon':>20} {'ratio':>6} {'min':>5} {'max':>5} "
+          f"{'of med.':>7}  goal")
     for k in keys:
         cs, bs = [d[k] for d in c_runs], [d[k] for d in ours]
         ratios = [c / b if b else 1.0 for c, b in zip(cs, bs)]
@@ -209,7 +236,12 @@ def main() -> int:
         mark = "" if goal is None else f">= {goal} {'met' if row['ratio'] >= goal else 'MISSED'}"
         print(f"{k:<18} {row['c_median']:>7.2f} [{row['c_min']:.2f}-{row['c_max']:.2f}] "
               f"{row['bundled_median']:>7.2f} [{row['bundled_min']:.2f}-{row['bundled_max']:.2f}] "
-              f"{row['ratio']:>6.2f} {row['ratio_min']:>5.2f} {row['ratio_max']:>5.2f}  {mark}")
+              f"{row['ratio']:>6.2f} {row['ratio_min']:>5.2f} {row['ratio_max']:>5.2f} "
+              f"{row['c_median'] / row['bundled_median'] if row['bundled_median'] else 1.0:>7.2f}  {mark}")
+    storm = "storm (4 steps)"
+    if all(storm in d for d in c_runs + ours):
+        print("storm per pair, C / bundled s (ratio): " + ", ".join(
+            f"{c[storm]:.2f}/{b[storm]:.2f} ({c[storm] / b[storm]:.2f})" for c, b in zip(c_runs, ours)))
     for kind, vals in cpu.items():
         print(f"{kind} back-end CPU per run: median {statistics.median(vals):.2f} s (min {min(vals):.2f}, "
               f"max {max(vals):.2f})")
@@ -217,9 +249,17 @@ def main() -> int:
     if tree_cpu:
         print(f"CPU µs per request of {args.tree}'s bundled daemon per pair: "
               + ", ".join(f"{v:.0f}" for v in tree_cpu))
+        side_by_side(f"{args.tree}'s daemon against this checkout's: tree time / this time per pair "
+                     f"(> 1: this checkout is faster)", tree_runs, ours)
+        side_by_side(f"{args.tree}'s daemon against the C virtiofsd: C time / tree time per pair", c_runs, tree_runs)
+    if c2_runs:
+        side_by_side("A/A: the C virtiofsd against itself, first run time / second run time per pair (nothing "
+                     "differs: the spread is the noise)", c_runs, c2_runs)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "cpu": cpu, "requests": requests, "load": load,
-                                               "goals": goals}, indent=1))
+                                               "goals": goals, "runs": {"C": c_runs, "bundled": ours,
+                                                                        "tree": tree_runs, "C2": c2_runs}},
+                                              indent=1))
     return 0
 
 
