@@ -8,6 +8,7 @@ back-end (the C virtiofsd by default) on a private socket behind itself.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -159,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
     if intercept is not None:
         add_debugger(session.pipeline, intercept, session, exchange_of=session.exchange_of,
                      listener=session.on_debugger, hub=session.hub)
-    if session.hub is not None:  # assembled: clients get the hello of what this proxy can do
+    # Assembled: what start-up made (modules, codecs, the filter language) lives as long as the process, so it
+    # leaves the collector's generations; each full collection the capture thread triggers then walks what the
+    # run made (~45 ms a collection less in-process, ~3.5 us per exchange of a 12.5k-exchange replay).
+    gc.freeze()
+    if session.hub is not None:  # clients get the hello of what this proxy can do
         session.hub.open_clients()
     frontend = None
     s: dict[str, Any] | None = None

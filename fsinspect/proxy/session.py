@@ -17,6 +17,7 @@ exit), the recording says so and `on_resolved` is told.
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -325,6 +326,8 @@ class Session:
             "features": self.proxy.cp.snapshot(),
             "recording": [str(p) for p in self.writer.paths] if self.writer else [],
             "holds": dict(self.holds),
+            # the collector's work (what a full collection walks is what the run made: start-up is frozen)
+            "gc": {"frozen": gc.get_freeze_count(), "collections": [g["collections"] for g in gc.get_stats()]},
         }
 
 
