@@ -11,6 +11,7 @@ from dissectors import fuse as F
 from dissectors.ring import HOLD_REPLY, HOLD_REQUEST
 from dissectors.spec import fuse as spec
 from fsinspect.analysis.analyzer import Analyzer
+from fsinspect.analysis.exchange import Exchange
 from fsinspect.analysis.filter import compile_filter
 from fsinspect.intercept.rules import NO_REPLY_OPS, RuleError, parse_rule, rule_from_args
 from tests.specgen import ALL_OPCODES, sample_args
@@ -115,3 +116,52 @@ def test_the_prefilter_never_misses_a_match(expr: str) -> None:
         if r.predicate(ex):  # type: ignore[arg-type]
             assert not r.opcodes or opcode in r.opcodes, (expr, opcode)
             assert not r.queues or r.queues >> ex.queue & 1, (expr, ex.queue)  # type: ignore[attr-defined]
+
+
+def _spellings() -> list[str]:
+    """`op == NAME` and `op != NAME` for every opcode, as users write them (case, FUSE_, spacing, opcode)."""
+    out = []
+    for o in spec.OPCODES:
+        for name in (o.name, o.name.lower(), f"FUSE_{o.name}"):
+            out += [f"op == {name}", f"op != {name}", f"opcode=={name}", f" \top  ==\n{name} "]
+    return out
+
+
+def test_op_rules_are_read_without_the_grammar_as_the_grammar_reads_them() -> None:
+    """`op == NAME` / `op != NAME` alone (the commonest rule: bench/proxy_overhead.py's idle one) skip lark:
+    for every opcode and spelling, the same predicate on every opcode, prefilter and cost as the grammar's
+    reading; anything else (an unknown name, a number, a string, more than one comparison) is the grammar's."""
+    from fsinspect.analysis import filter as FI
+
+    exchanges = [Exchange(0, 1, 0, 1, 1, code) for code in [-1, *(o.value for o in spec.OPCODES)]]
+    for text in _spellings():
+        assert FI._simple_op(text) is not None, text
+        tree = FI._parser().parse(text)
+        grammar = FI._build(tree, text)
+        fast = compile_filter(text)
+        assert [fast(e) for e in exchanges] == [grammar(e) for e in exchanges], text
+        assert FI.filter_pins(text) == (FI._pin(tree, "op", FI._ALL_OPCODES)[0], None), text
+        assert FI.filter_costs(text) == FI._costs(tree) == {FI.HEADER}, text
+    for text in ("op == NOSUCHOP", "op == 26", 'op == "LOOKUP"', "op == LOOKUP and queue == 1", "op ~ LOOK",
+                 "op == LOOKUP.x", "error == ENOENT", "op = LOOKUP", "op == and"):
+        assert FI._simple_op(text) is None, text
+    with pytest.raises(RuleError, match="unknown opcode 'NOSUCHOP'"):
+        parse_rule("op == NOSUCHOP errno=EIO")
+
+
+def test_a_proxy_armed_with_an_op_rule_does_not_load_the_grammar() -> None:
+    """lark (~100 ms of start-up CPU) loads for an expression that needs it, not for `op == NAME`: the idle
+    rule of bench/proxy_overhead.py cost every run that much.  The prefilter is the same."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from fsinspect.intercept.rules import rule_from_args\n"
+            "from fsinspect.intercept.addon import Intercept\n"
+            "r = rule_from_args('inject', ['op == SETUPMAPPING', 'errno=EIO'])\n"
+            "Intercept([r])\n"
+            "print('lark' in sys.modules, sorted(r.opcodes))\n"
+            "rule_from_args('inject', ['op == SETUPMAPPING and queue == 1', 'errno=EIO'])\n"
+            "print('lark' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == [f"False [{OP['SETUPMAPPING']}]", "True"], out

@@ -6,6 +6,9 @@
 
 A real grammar (lark, LALR) compiles an expression to a predicate over Exchanges.  Syntax and meaning
 errors raise FilterError carrying the column, and `str()` shows the expression with a caret under it.
+lark loads with the first expression that needs it: `op == NAME` and `op != NAME` alone (the commonest
+debugger rule) are read without it (_simple_op, checked against the grammar's reading in the tests), so a
+proxy armed with such a rule, or with a control socket, does not pay lark's ~100 ms of start-up CPU.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from lark import Lark, Token, Tree
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from typing import TYPE_CHECKING, Any
 
 from dissectors.spec import fuse as spec
 
 from .exchange import LINTS, Exchange
+
+if TYPE_CHECKING:
+    from lark import Lark, Token, Tree
 
 GRAMMAR = r"""
 ?start: or_expr
@@ -54,6 +57,8 @@ NAME: /(?!(and|or|not)(?![A-Za-z0-9_.]))[A-Za-z_][A-Za-z0-9_.-]*/
 def _parser() -> Lark:
     """The LALR parser, built once, on the first expression (importing the module for its field tables, as
     the UI does at start, does not pay for it)."""
+    from lark import Lark
+
     return Lark(GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
 
 
@@ -216,6 +221,8 @@ def _decoded_comparison(field: str, op: str, val: Token, text: str, col: int) ->
 
 
 def _comparison(node: Tree[Token], text: str, path_of: PathOf | None = None) -> Predicate:
+    from lark import Token, Tree
+
     field_tok, op_tok, val_tok = node.children
     assert isinstance(field_tok, Token) and isinstance(op_tok, Token)
     val = val_tok.children[0] if isinstance(val_tok, Tree) else val_tok
@@ -283,6 +290,8 @@ def _comparison(node: Tree[Token], text: str, path_of: PathOf | None = None) -> 
 
 def _costs(node: Tree[Token] | Token) -> frozenset[int]:
     """The costs (HEADER .. FULL) of the names an expression reads."""
+    from lark import Token
+
     if isinstance(node, Token):  # pragma: no cover - the grammar wraps tokens
         return frozenset({FULL})
     if node.data in ("comparison", "flag"):
@@ -297,10 +306,30 @@ def _costs(node: Tree[Token] | Token) -> frozenset[int]:
 def filter_costs(text: str) -> frozenset[int]:
     """What knowing an expression's value costs, as a set of HEADER, ROWS, DECODE, FULL: a pass over a
     recording reads no more of each exchange than that.  Call after compile_filter() accepted the text."""
+    if _simple_op(text) is not None:
+        return frozenset({HEADER})
     return _costs(_parser().parse(text))
 
 
+# `op == NAME` / `op != NAME` alone, as the grammar tokenizes it (WS is its %ignore'd whitespace; a value
+# with `.` or `-`, a number or a string goes to the grammar).
+_WS = "[ \t\f\r\n]*"
+_SIMPLE_OP = re.compile(f"{_WS}(op|opcode){_WS}(==|!=){_WS}([A-Za-z_][A-Za-z0-9_]*){_WS}")
+
+
+def _simple_op(text: str) -> tuple[int, bool] | None:
+    """(opcode, equal) for `op == NAME` or `op != NAME` with a known opcode NAME, read without lark; None
+    for anything else (an unknown name too: the grammar's reading gives the error and its caret)."""
+    m = _SIMPLE_OP.fullmatch(text)
+    if m is None:
+        return None
+    o = spec.OPCODE_BY_NAME.get(m.group(3).upper().removeprefix("FUSE_"))
+    return None if o is None else (o.value, m.group(2) == "==")
+
+
 def _build(node: Tree[Token] | Token, text: str, path_of: PathOf | None = None) -> Predicate:
+    from lark import Token
+
     if isinstance(node, Token):  # pragma: no cover - the grammar wraps tokens
         raise FilterError(f"unexpected {node!s}", text, node.column or 1)
     kind = node.data
@@ -367,6 +396,8 @@ def completions(text: str) -> tuple[int, list[str]]:
     The parser says what may come next, so a complete value (`latency > 500µs`) is followed by `and`/`or`,
     never by a field or flag name; after `op ==` come opcode names, after `error ==` errno names.
     """
+    from lark.exceptions import UnexpectedEOF, UnexpectedInput
+
     m = _TAIL_WORD.search(text)
     start = len(text)
     if m is not None and (m.start() == 0 or not (text[m.start() - 1].isalnum() or text[m.start() - 1] in "µ.\"")):
@@ -406,6 +437,8 @@ _ALL_OPCODES = frozenset(o.value for o in spec.OPCODES)
 
 
 def _pin(node: Tree[Token] | Token, field: str, universe: frozenset[int] | None) -> _Pin:
+    from lark import Token, Tree
+
     if isinstance(node, Token):  # pragma: no cover - the grammar wraps tokens
         return None, False
     kind = node.data
@@ -455,6 +488,10 @@ def filter_pins(text: str) -> tuple[frozenset[int] | None, frozenset[int] | None
     Used to compile a rule to the data path's native prefilter: a capture outside these sets can never
     match, so the path need not hold it.  Call after compile_filter() accepted the text.
     """
+    simple = _simple_op(text)
+    if simple is not None:
+        code, equal = simple
+        return (frozenset({code}) if equal else _ALL_OPCODES - {code}), None
     tree = _parser().parse(text)
     ops, _ = _pin(tree, "op", _ALL_OPCODES)
     queues, _ = _pin(tree, "queue", None)
@@ -469,6 +506,13 @@ def compile_filter(text: str, *, path_of: PathOf | None = None) -> Predicate:
     """
     if not text.strip():
         raise FilterError("empty filter", text, 1)
+    simple = _simple_op(text)
+    if simple is not None:
+        code, equal = simple
+        return (lambda e: e.opcode == code) if equal else (lambda e: e.opcode != code)
+    from lark import Token
+    from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
     try:
         tree = _parser().parse(text)
     except UnexpectedEOF as e:
