@@ -223,6 +223,9 @@ _entry_pack = _entry_codec.struct.pack
 _attr_out_pack = _attr_out_codec.struct.pack
 _open_out_pack = _open_out_codec.struct.pack
 _direntplus_pack = _direntplus_codec.struct.pack
+_in_header_pack = F.IN_HEADER.struct.pack
+_ENTRY_OUT_END = OUT_HEADER_SIZE + _entry_codec.size
+_FUSE_LOOKUP = spec.OPCODE_BY_NAME["LOOKUP"].value
 
 
 def encode_entry(e: Entry) -> bytes:
@@ -477,6 +480,9 @@ class Server:
         self._complain = RateLimitedLog(log)
         self._waiters = LockWaiters(lock_waiters)
         self.destroyed = False
+        # What READDIRPLUS's own LOOKUPs through the fast path added to its counters (served, errors by
+        # errno, fallbacks): counters() takes them out, as they are no requests of the client's.
+        self._inner_lookups: Counter[Any] = Counter()
         # The filesystem's fast path, used once INIT is done; never with a tap or a hold point (they see
         # every request and reply as Python objects).
         self._fast = fs.fast_path() if tap is None and hold is None else None
@@ -690,10 +696,21 @@ class Server:
             out: dict[str, Any] = {"ops": ops, "errors": errors, "dropped": self._stats.dropped}
         if self._fast is not None:
             served, failed, fallbacks = self._fast.counts()
+            with self._lock:
+                inner = Counter(self._inner_lookups)
+            served = dict(served)
+            failed = dict(failed)
+            if inner:
+                served[_FUSE_LOOKUP] = served.get(_FUSE_LOOKUP, 0) - inner.pop("served", 0)
+                fallbacks -= inner.pop("fallbacks", 0)
+                for err, n in inner.items():
+                    failed[(_FUSE_LOOKUP, err)] = failed.get((_FUSE_LOOKUP, err), 0) - n
             for opcode, n in served.items():
-                ops[spec.OPCODE_BY_VALUE[opcode].name] += n
+                if n:
+                    ops[spec.OPCODE_BY_VALUE[opcode].name] += n
             for (opcode, err), n in failed.items():
-                errors[f"{spec.OPCODE_BY_VALUE[opcode].name}:{errno.errorcode.get(err, err)}"] += n
+                if n:
+                    errors[f"{spec.OPCODE_BY_VALUE[opcode].name}:{errno.errorcode.get(err, err)}"] += n
             out["fast_path"] = {"served": sum(served.values()), "fallbacks": fallbacks}
         out["ops"], out["errors"] = dict(ops), dict(errors)
         w = self._waiters
@@ -881,6 +898,21 @@ class Server:
         size = min(r.size, MAX_WRITE)
         out = bytearray()
         head = DIRENTPLUS_SIZE if plus else DIRENT_SIZE
+        fast = self.fast if plus else None
+        inner: Counter[Any] = Counter()
+        try:
+            return self._readdir_into(ctx, r, size, head, plus, fast, inner, out)
+        finally:
+            if inner:
+                with self._lock:
+                    self._inner_lookups.update(inner)
+
+    def _readdir_into(self, ctx: Context, r: Any, size: int, head: int, plus: bool, fast: FastPath | None,
+                      inner: Counter[Any], out: bytearray) -> bytes:
+        """READDIR(PLUS)'s entries into `out`.  A READDIRPLUS entry's LOOKUP goes through the fast path
+        where there is one (its fuse_entry_out is the bytes a LOOKUP's reply carries, which the fast path
+        answers as the Python path does), else through fs.lookup; `inner` counts what the fast path was
+        asked, as it counts them as requests."""
         for d in self.fs.readdir(ctx, ctx.nodeid, r.fh, r.offset):
             reclen = spec.dirent_align(head + len(d.name))
             if len(out) + reclen > size:
@@ -893,6 +925,19 @@ class Server:
             if d.name in (b".", b".."):
                 vals: tuple[int, ...] = _ZERO_ENTRY
             else:
+                if fast is not None:
+                    entry = self._fast_entry(fast, ctx, d.name, inner)
+                    if entry is not None:
+                        err = -int.from_bytes(entry[4:8], "little", signed=True)  # fuse_out_header.error
+                        if not err:
+                            out += entry[OUT_HEADER_SIZE:_ENTRY_OUT_END] + \
+                                _dirent_codec.struct.pack(*dirent) + d.name + pad
+                            continue
+                        if err in (errno.ENOENT, errno.ESTALE):
+                            continue  # vanished since the listing
+                        if not out:
+                            raise OSError(err, os.strerror(err))
+                        break  # answer what we have; the kernel asks again from this offset
                 try:
                     e = self.fs.lookup(ctx, ctx.nodeid, d.name)
                 except OSError as ex:
@@ -904,6 +949,25 @@ class Server:
                 vals = _entry_values(e)
             out += _direntplus_pack(*vals, *dirent) + d.name + pad
         return bytes(out)
+
+    @staticmethod
+    def _fast_entry(fast: FastPath, ctx: Context, name: bytes, inner: Counter[Any]) -> bytes | None:
+        """The fast path's reply to a LOOKUP of `name` under the directory being read (its header with
+        the error, and the fuse_entry_out), or None where it leaves the name to Python."""
+        n = IN_HEADER_SIZE + len(name) + 1
+        try:
+            r = fast(_in_header_pack(n, _FUSE_LOOKUP, ctx.unique, ctx.nodeid, ctx.uid, ctx.gid, ctx.pid, 0, 0)
+                     + name + b"\0")
+        except Exception:
+            return None  # fs.lookup answers it, or raises what it raises
+        if not isinstance(r, bytes) or len(r) < OUT_HEADER_SIZE:
+            inner["fallbacks"] += r is None
+            return None
+        inner["served"] += 1
+        err = -int.from_bytes(r[4:8], "little", signed=True)
+        if err:
+            inner[err] += 1
+        return r
 
     def _do_releasedir(self, ctx: Context, req: F.Request) -> list[Buffer]:
         r = req.args["release"]
