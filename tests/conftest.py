@@ -49,6 +49,18 @@ def _children() -> dict[int, set[int]]:
     return kids
 
 
+def _own_children() -> set[int]:
+    """This process's children: /proc/self/task/*/children when the kernel has it (cheap, at every test)."""
+    try:
+        out: set[int] = set()
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out.update(int(x) for x in f.read().split())
+        return out
+    except OSError:
+        return _children().get(os.getpid(), set())
+
+
 def _descendants(roots: set[int], kids: dict[int, set[int]]) -> list[int]:
     out, todo = [], list(roots)
     while todo:
@@ -68,7 +80,7 @@ def _unstick(nodeid: str, conns_before: set[int], kids_before: set[int]) -> None
     from daemon.transport.fusedev import abort_connection
 
     kids = _children()
-    started = _descendants(kids.get(os.getpid(), set()) - kids_before, kids)
+    started = _descendants(_own_children() - kids_before, kids)
     conns = {c: m for c, m in fuse_connections().items() if c not in conns_before}
     sys.stderr.write(f"\n{nodeid}: still running {UNSTICK_AFTER:g} s past its timeout, likely blocked on a FUSE "
                      f"mount: killing the processes it started {started} and aborting the FUSE connections it "
@@ -85,7 +97,7 @@ def _unstick(nodeid: str, conns_before: set[int], kids_before: set[int]) -> None
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
     """Alongside pytest-timeout's own timer (returning None lets it run too): a watchdog past it."""
     timer = threading.Timer(settings.timeout + UNSTICK_AFTER, _unstick,
-                            (item.nodeid, set(fuse_connections()), _children().get(os.getpid(), set())))
+                            (item.nodeid, set(fuse_connections()), _own_children()))
     timer.daemon = True
     timer.name = f"unstick {item.nodeid}"
     timer.start()
