@@ -86,7 +86,7 @@ def _daemon(work: Path, *extra: str) -> subprocess.Popen[bytes]:
 
 
 def _err(p: subprocess.Popen[bytes]) -> str:
-    return p.communicate()[1].decode()
+    return p.communicate(timeout=30)[1].decode()
 
 
 def _wait_for(p: subprocess.Popen[bytes], path: Path) -> None:
@@ -94,6 +94,20 @@ def _wait_for(p: subprocess.Popen[bytes], path: Path) -> None:
     while not path.exists():
         assert p.poll() is None, _err(p)
         assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def _wait_catching_sigterm(p: subprocess.Popen[bytes]) -> None:
+    """Until `p` catches SIGTERM (SigCgt in /proc/PID/status).  The daemon sets its handler just after its
+    sockets; a fixed 0.5 s wait for it could run short under load, and SIGTERM's default action killed it."""
+    deadline = time.monotonic() + 20
+    while True:
+        with open(f"/proc/{p.pid}/status") as f:
+            caught = int(next(x for x in f if x.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (signal.SIGTERM - 1) & 1:
+            return
+        assert p.poll() is None, _err(p)
+        assert time.monotonic() < deadline, "the daemon did not catch SIGTERM within 20 s"
         time.sleep(0.02)
 
 
@@ -106,7 +120,7 @@ def test_daemon_recording_and_summary_modes(record_mode: str | None) -> None:
         p = _daemon(work, *extra, *(["--record-mode", record_mode] if record_mode else []))
         try:
             _wait_for(p, work / "c.sock")
-            time.sleep(0.5)  # its SIGTERM handler is set just after the sockets
+            _wait_catching_sigterm(p)
             p.send_signal(signal.SIGTERM)
             assert p.wait(20) == 0, _err(p)
         finally:
@@ -178,7 +192,7 @@ def test_daemon_socket_path_of_a_running_daemon_is_refused() -> None:
         first = _daemon(work)
         try:
             _wait_for(first, sock)
-            time.sleep(0.5)  # its SIGTERM handler is set just after the socket
+            _wait_catching_sigterm(first)
             ino = os.stat(sock).st_ino
             second = _daemon(work)
             try:
