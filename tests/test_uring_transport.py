@@ -65,9 +65,32 @@ def test_ring_on_a_file_that_is_not_fuse_is_a_clear_error(Ring: type) -> None:
 
 @pytest.mark.parametrize("Ring", _both("Ring"), ids=lambda c: c.__module__.rsplit(".", 1)[-1])
 def test_ring_arguments_are_checked(Ring: type) -> None:
-    for args in ((0, 0, 0, 1 << 20), (0, 0, 300, 1 << 20), (0, -1, 2, 1 << 20), (0, 0, 2, 100)):
+    for args in ((0, 0, 0, 1 << 20), (0, 0, 300, 1 << 20), (0, -1, 2, 1 << 20), (0, 0, 2, 100), (0, 0, 2, 1 << 20, 2000)):
         with pytest.raises(ValueError):
             Ring(*args)
+
+
+@pytest.mark.parametrize("Ring", _both("Ring"), ids=lambda c: c.__module__.rsplit(".", 1)[-1])
+def test_a_ring_grows_by_its_spare_entries_and_no_further(Ring: type) -> None:
+    """grow() registers one entry more while spare ones are left (a lock wait holds one: the queue keeps
+    its depth for everything else), then says False; a closed ring does not grow."""
+    if why := uring_missing():
+        pytest.skip(why)
+    r, w = os.pipe()
+    try:
+        ring = Ring(r, 0, 2, 1 << 20, 2)
+        assert (ring.depth, ring.capacity) == (2, 4)
+        assert ring.grow() is True and ring.grow() is True and ring.depth == 4
+        assert ring.grow() is False and ring.depth == 4
+        assert Ring(r, 0, 2, 1 << 20).capacity == 2  # no spare by default
+        ring.close()
+        assert Ring(r, 0, 2, 1 << 20, 1).grow() is True
+        closed = Ring(r, 0, 2, 1 << 20, 1)
+        closed.close()
+        assert closed.grow() is False
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_possible_cpus_parses_the_kernel_list(tmp_path: Path) -> None:
