@@ -210,56 +210,109 @@ def _count_handle_opens(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_name_ops_in_a_handle_held_directory_open_it_once(engine: Factory, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A create/stat/delete storm in a subdirectory opens that directory from its handle once, not twice
-    per request (the cost counted in syscalls, so the test holds on a loaded machine)."""
+    """A create/stat/delete storm in a subdirectory never opens that directory from its handle: its LOOKUP
+    cached the O_PATH fd it opened (the cost counted in syscalls, so the test holds on a loaded machine)."""
     c = engine(inode_file_handles=HandleMode.PREFER)
     (tmp_path / "d").mkdir()
+    fds_before = len(os.listdir("/proc/self/fd"))
     d = c.nodeid(1, b"d")
     fs = c.server.fs
     assert isinstance(fs, PassthroughFS)
     opened = _count_handle_opens(monkeypatch)
-    fds_before = len(os.listdir("/proc/self/fd"))
     for i in range(20):
         nid, fh = c.create(d, b"f%d" % i)
         c.release(nid, fh)
         assert c.lookup(d, b"f%d" % i).error == 0
     for i in range(20):
         assert c.ok("UNLINK", {"name": b"f%d" % i}, nodeid=d).error == 0
-    assert opened == [os.O_PATH]
-    assert fs.store.counts()["dir_fds_cached"] == 1
+    assert opened == []
+    assert fs.store.counts()["fds_cached"] == 1
     assert len(os.listdir("/proc/self/fd")) == fds_before + 1
-    # FORGET lets the directory's fd go; a file's GETATTR opens the file each time (never cached).
+    # FORGET lets the directory's fd go.
     c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=d)
-    assert fs.store.counts()["dir_fds_cached"] == 0 and len(os.listdir("/proc/self/fd")) == fds_before
+    assert fs.store.counts()["fds_cached"] == 0 and len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_files_getattr_uses_its_cached_fd(engine: Factory, tmp_path: Path) -> None:
+    """A handle-held file keeps the O_PATH fd its LOOKUP opened: GETATTR uses it (the same fd stays cached,
+    nothing else is opened; tests/test_daemon_syscall_budget.py counts the one fstat); one whose cached fd was
+    let go is opened from its handle once, then cached."""
+    c = engine(inode_file_handles=HandleMode.PREFER)
     (tmp_path / "f").write_bytes(b"x")
+    fds_before = len(os.listdir("/proc/self/fd"))
     f = c.nodeid(1, b"f")
-    opened.clear()
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    ino = fs.store.get(f)
+    cached = ino.cached_fd
+    assert cached >= 0 and os.fstat(cached).st_ino == (tmp_path / "f").stat().st_ino
     for _ in range(3):
+        assert c.ok("GETATTR", nodeid=f).args["attr_out"].attr.ino == (tmp_path / "f").stat().st_ino
+        assert ino.cached_fd == cached and len(os.listdir("/proc/self/fd")) == fds_before + 1
+    fs.store.drop_cached_fd(ino)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    c.ok("GETATTR", nodeid=f)
+    cached = ino.cached_fd
+    assert cached >= 0 and fs.store.counts()["fds_cached"] == 1
+    for _ in range(2):
         c.ok("GETATTR", nodeid=f)
-    assert opened == [os.O_PATH] * 3
+        assert ino.cached_fd == cached and len(os.listdir("/proc/self/fd")) == fds_before + 1
+    assert c.lookup(1, b"f").error == 0  # a known inode, pinned by its cached fd
+    c.send_noreply("FORGET", {"forget": F.make("fuse_forget_in", nlookup=2)}, nodeid=f)
+    assert fs.store.counts()["fds_cached"] == 0 and len(os.listdir("/proc/self/fd")) == fds_before
 
 
-def test_directory_fd_cache_is_bounded(engine: Factory, tmp_path: Path) -> None:
-    from daemon.passthrough.inodes import DIR_FD_CACHE
+def test_a_cached_file_deleted_on_the_host_answers_as_without_the_cache(engine: Factory, tmp_path: Path) -> None:
+    """The cached fd keeps the deleted file's inode alive (its handle still opens): GETATTR and OPEN see no
+    link left, let the cached fd go and ask the handle again, so they answer ESTALE as before; while the
+    guest holds the file open, the inode is alive anyway and both answer from it, nlink 0."""
+    c = engine(inode_file_handles=HandleMode.PREFER)
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(b"12345")
+    a, b, o = (c.nodeid(1, n) for n in (b"a", b"b", b"c"))
+    fh = c.open(o, os.O_RDONLY)
+    for n in ("a", "b", "c"):
+        os.unlink(tmp_path / n)
+    assert all(fs.store.get(n).cached_fd >= 0 for n in (a, b, o))
+    assert c.call("GETATTR", nodeid=a).error == errno.ESTALE
+    assert c.call("OPEN", {"open": F.make("fuse_open_in", flags=os.O_RDONLY)}, nodeid=b).error == errno.ESTALE
+    attr = c.ok("GETATTR", nodeid=o).args["attr_out"].attr
+    assert (attr.size, attr.nlink) == (5, 0)
+    assert [fs.store.get(n).cached_fd for n in (a, b, o)] == [-1, -1, -1]
+    c.release(o, fh)
+    assert c.call("GETATTR", nodeid=o).error == errno.ESTALE
+    _alive(c)
+
+
+def test_the_fd_cache_is_bounded(engine: Factory, tmp_path: Path) -> None:
+    from daemon.passthrough import inodes
 
     c = engine(inode_file_handles=HandleMode.PREFER)
-    n = DIR_FD_CACHE + 10
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    bound = fs.store.fd_cache_max
+    assert bound == inodes.fd_cache_bound() >= inodes.FD_CACHE_MIN
+    assert [inodes.fd_cache_bound(n) for n in (256, 1024, 20000, 1 << 20)] == [64, 128, 2500, 8192]
+    fs.store.fd_cache_max = bound = 40  # a small bound, so the test opens few fds
+    n = bound + 10
     for i in range(n):
         (tmp_path / f"d{i}").mkdir()
         (tmp_path / f"d{i}" / "f").write_bytes(b"")
     fds_before = len(os.listdir("/proc/self/fd"))
     dirs = [c.nodeid(1, b"d%d" % i) for i in range(n)]
-    for d in dirs:
-        assert c.lookup(d, b"f").error == 0
-    fs = c.server.fs
-    assert isinstance(fs, PassthroughFS)
-    assert fs.store.counts()["dir_fds_cached"] == DIR_FD_CACHE
-    assert len(os.listdir("/proc/self/fd")) == fds_before + DIR_FD_CACHE
-    # The least recently used went first: the first directories reopen, the last ones are still cached.
-    assert [fs.store.get(d).cached_fd >= 0 for d in (dirs[0], dirs[-1])] == [False, True]
+    files = [c.nodeid(d, b"f") for d in dirs]
+    for nid in files:
+        c.ok("GETATTR", nodeid=nid)
+    assert fs.store.counts()["fds_cached"] == bound
+    assert len(os.listdir("/proc/self/fd")) == fds_before + bound
+    # The oldest went first: the first directories and files reopen, the last ones are still cached.
+    assert [fs.store.get(x).cached_fd >= 0 for x in (dirs[0], files[0], files[-1])] == [False, False, True]
     assert c.lookup(dirs[0], b"f").error == 0 and fs.store.get(dirs[0]).cached_fd >= 0
+    assert fs.store.counts()["fds_cached"] == bound
     fs.destroy()
-    assert fs.store.counts()["dir_fds_cached"] == 0 and len(os.listdir("/proc/self/fd")) == fds_before
+    assert fs.store.counts()["fds_cached"] == 0 and len(os.listdir("/proc/self/fd")) == fds_before
 
 
 def test_a_directory_forgotten_while_in_use_is_closed_by_its_last_user(engine: Factory, tmp_path: Path) -> None:
@@ -270,12 +323,13 @@ def test_a_directory_forgotten_while_in_use_is_closed_by_its_last_user(engine: F
     assert isinstance(fs, PassthroughFS)
     store = fs.store
     ino = store.get(d)
-    fds_before = len(os.listdir("/proc/self/fd"))
+    assert ino.cached_fd >= 0  # its LOOKUP's O_PATH fd
+    fds_before = len(os.listdir("/proc/self/fd")) - 1
     with store.path_fd(ino) as fd1, store.path_fd(ino) as fd2:
         assert fd1 == fd2 == ino.cached_fd and ino.lent == 2
         store.forget(d, 1)  # the kernel forgets it while two ops use its fd
         assert os.fstat(fd1).st_ino == (tmp_path / "d").stat().st_ino  # still open
-        assert store.counts()["dir_fds_cached"] == 0
+        assert store.counts()["fds_cached"] == 0
     assert ino.lent == 0 and len(os.listdir("/proc/self/fd")) == fds_before
     with pytest.raises(OSError):
         os.fstat(fd1)
@@ -358,12 +412,16 @@ def _probe(shared: Path, mode: str, n: int) -> dict[str, Any]:
 
 
 def test_rlimit_prefer_100k_lookups_hold_few_fds(tmp_path: Path) -> None:
-    """RLIMIT_NOFILE=1024: 100k LOOKUPs all succeed in prefer mode with < 100 fds open."""
+    """RLIMIT_NOFILE=1024: 100k LOOKUPs all succeed in prefer mode with < 100 fds open besides the O_PATH fd
+    cache, which stays at its bound (1/8 of the limit: 128)."""
+    from daemon.passthrough.inodes import fd_cache_bound
+
     require_root()
     _make_files(tmp_path / "many", 100_000)
     res = _probe(tmp_path / "many", "prefer", 100_000)
     assert res["ok"] == 100_000 and res["errors"] == {}, res
-    assert res["fds"] < 100, res
+    assert res["inodes"]["fds_cached"] == fd_cache_bound(1024) == 128, res
+    assert res["fds"] < 100 + 128, res
     assert res["inodes"]["held_by_handle"] == 100_000 - 200  # the probe forgets 200 at the end
     assert res["alive"]
 

@@ -110,13 +110,15 @@ def test_getattr_lookup_create_syscall_budgets(daemon: tuple[int, Front]) -> Non
             made.append((r.args["entry"].nodeid, r.args["open"].fh))
 
     ops: dict[str, tuple[Callable[[], None], float]] = {
-        # epoll_wait + fstat/statx ... + eventfd write; a handle-held file opens and closes itself
+        # epoll_wait + fstat/statx ... + eventfd write; a handle-held file too: one fstat of the O_PATH fd its
+        # LOOKUP cached (it was open_by_handle_at + fstat + close)
         "GETATTR of the root": (lambda: [_fuse(front, "GETATTR", getattr_in) for _ in range(N)] and None, 3.2),
         "GETATTR of a handle-held file": (
-            lambda: [_fuse(front, "GETATTR", getattr_in, nodeid=f) for _ in range(N)] and None, 5.2),
-        # statx by name + name_to_handle_at (the known inode's identity), nothing for the cached directory
+            lambda: [_fuse(front, "GETATTR", getattr_in, nodeid=f) for _ in range(N)] and None, 3.2),
+        # statx by name, nothing for the cached directory; no name_to_handle_at: the known inode's cached fd
+        # pins it, so its key is its identity
         "LOOKUP in a handle-held directory": (
-            lambda: [_fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d) for _ in range(N)] and None, 4.2),
+            lambda: [_fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d) for _ in range(N)] and None, 3.2),
         # openat + statx + fcntl(F_SETFL) + name_to_handle_at; no credential switch for root's request
         "CREATE in a handle-held directory": (creates, 6.2),
     }

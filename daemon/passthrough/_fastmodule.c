@@ -15,9 +15,11 @@
  *
  * State: there is one inode table, the Python one (inodes.InodeStore); this reads it (and bumps nlookup
  * under the store's own lock) with the GIL held, so it is coherent with Python by construction.  A cached
- * directory fd (Inode.cached_fd) is used with the GIL held throughout (only a thread holding the GIL can
- * evict or close it); an inode's own O_PATH fd and an fd opened from a handle are used with the GIL
- * released, as the Python path does.
+ * fd (Inode.cached_fd: a directory's for name ops, a file's for GETATTR) is used with the GIL held throughout
+ * (only a thread holding the GIL can evict or close it), and marked used for the cache's second chance; a
+ * GETATTR that opened a handle-held inode from its handle gives the fd to the store's cache (keep_fd).  An
+ * inode's own O_PATH fd and an fd opened from a handle are used with the GIL released, as the Python path
+ * does.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -78,7 +80,8 @@ static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_
     *S_nodeid, *S_generation, *S_dev, *S_mnt_id, *S_nlookup, *S_handles, *S_is_dir, *S_lock_fds, *S_backing,
     *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
     *S_readonly, *S_find_or_add, *S_next_fh, *S_fopen_file, *S_fopen_dir, *S_writeback, *S_passthrough,
-    *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc, *S_chain_for, *S_writable, *S_in_place;
+    *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc, *S_chain_for, *S_writable, *S_in_place, *S_used,
+    *S_keep_fd, *S_drop_cached_fd;
 
 /* This thread's answer from fs._prepare_thread (Python keeps the same in a threading.local): 0 not asked
  * yet, 1 its own umask 0 (a serving thread), -1 not (the main thread: Python switches the process umask). */
@@ -209,10 +212,13 @@ typedef struct {
     long long mode;
 } PathFd;
 
+static int open_from_handle(PyObject *store, PyObject *inode, PathFd *p, int *err);
+static int unpinned(PyObject *store, PyObject *inode, int fd, int *again);
+
 /* inodes.PathFd without side effects: the inode's O_PATH fd, its cached directory fd, or (a file) an fd
  * opened from its handle.  1: ready; 0: fall back (a directory without a cached fd: Python opens and
  * caches it); -1 with errno in *err: the open failed (answered as Python would); -2: a Python error. */
-static int path_fd(PyObject *inode, PathFd *p, int *err) {
+static int path_fd(PyObject *store, PyObject *inode, PathFd *p, int *err) {
     long long fd, cached;
     p->inode = inode;
     p->fd = -1;
@@ -225,10 +231,17 @@ static int path_fd(PyObject *inode, PathFd *p, int *err) {
     if (S_ISDIR(p->mode)) {
         if (get_long(inode, S_cached_fd, &cached) < 0) return -2;
         if (cached < 0) return 0;
+        if (PyObject_SetAttr(inode, S_used, Py_True) < 0) return -2; /* the cache's second chance */
         p->fd = (int)cached;
         p->gil = 1;
         return 1;
     }
+    return open_from_handle(store, inode, p, err);
+}
+
+/* An O_PATH fd opened from the inode's handle (GIL released), the caller's to close (p->own): 1 ready; 0 fall
+ * back (no usable handle); -1 with errno in *err (ESTALE: the inode is gone); -2 a Python error. */
+static int open_from_handle(PyObject *store, PyObject *inode, PathFd *p, int *err) {
     PyObject *handle = PyObject_GetAttr(inode, S_handle);
     if (handle == NULL) return -2;
     PyObject *mount = PyObject_GetAttr(inode, S_mount);
@@ -251,7 +264,19 @@ static int path_fd(PyObject *inode, PathFd *p, int *err) {
         nfd = open_by_handle_at((int)mfd, fh, O_PATH | O_CLOEXEC);
         if (nfd < 0) e = errno;
         Py_END_ALLOW_THREADS
-        if (nfd < 0) {
+        int again = 0;
+        if (nfd >= 0 && unpinned(store, inode, nfd, &again) < 0) {
+            close(nfd);
+            rc = -2;
+        } else if (again) {
+            close(nfd);
+            Py_BEGIN_ALLOW_THREADS
+            nfd = open_by_handle_at((int)mfd, fh, O_PATH | O_CLOEXEC);
+            if (nfd < 0) e = errno;
+            Py_END_ALLOW_THREADS
+        }
+        if (rc == -2) {
+        } else if (nfd < 0) {
             *err = e;
             rc = -1;
         } else {
@@ -263,6 +288,23 @@ static int path_fd(PyObject *inode, PathFd *p, int *err) {
     Py_DECREF(handle);
     Py_DECREF(mount);
     return rc;
+}
+
+/* InodeStore._open_handle's rule, after a file's handle opened as `fd`: a cached fd keeps the host inode
+ * alive, so when the inode has one and `fd` shows no link left, the cached fd is let go (drop_cached_fd) and
+ * *again set: the caller closes `fd` and asks the handle again (ESTALE once the inode is gone), as it would
+ * have answered without the cache.  0, or -1 with a Python error. */
+static int unpinned(PyObject *store, PyObject *inode, int fd, int *again) {
+    long long cached, mode;
+    struct stat st;
+    *again = 0;
+    if (get_long(inode, S_cached_fd, &cached) < 0 || get_long(inode, S_mode, &mode) < 0) return -1;
+    if (cached < 0 || S_ISDIR(mode) || fstat(fd, &st) != 0 || st.st_nlink > 0) return 0;
+    PyObject *r = PyObject_CallMethodOneArg(store, S_drop_cached_fd, inode);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    *again = 1;
+    return 0;
 }
 
 static void path_fd_done(PathFd *p) {
@@ -323,6 +365,57 @@ static int fs_timeout(FastPath *self, double *out) {
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* store.<method>(inode[, fd]) as a truth value: 1, 0, or -1 with a Python error. */
+static int store_call(PyObject *store, PyObject *method, PyObject *inode, int fd) {
+    PyObject *r;
+    if (fd < 0) {
+        r = PyObject_CallMethodOneArg(store, method, inode);
+    } else {
+        PyObject *fdo = PyLong_FromLong(fd);
+        if (fdo == NULL) return -1;
+        r = PyObject_CallMethodObjArgs(store, method, inode, fdo, NULL);
+        Py_DECREF(fdo);
+    }
+    if (r == NULL) return -1;
+    int t = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return t;
+}
+
+/* InodeStore.stat: the inode's own O_PATH fd; its cached fd (with the GIL held, marked used; a file with no
+ * link left lets it go, store.drop_cached_fd, and asks its handle again); or an fd from its handle, then
+ * cached (store.keep_fd) unless it is a file with no link left.  1 and *st; 0 fall back; -1 with errno in
+ * *err; -2 a Python error. */
+static int inode_stat(PyObject *store, PyObject *inode, struct stat *st, int *err) {
+    long long fd, cached;
+    PathFd p = {inode, -1, 0, 0, 0};
+    if (get_long(inode, S_fd, &fd) < 0 || get_long(inode, S_cached_fd, &cached) < 0) return -2;
+    if (fd >= 0) {
+        p.fd = (int)fd;
+        *err = do_fstat(&p, st);
+        return *err ? -1 : 1;
+    }
+    if (cached >= 0) {
+        if (fstat((int)cached, st) != 0) { /* an O_PATH fd's fstat does not fail; answered as Python would */
+            *err = errno;
+            return -1;
+        }
+        if (st->st_nlink > 0 || S_ISDIR(st->st_mode)) return PyObject_SetAttr(inode, S_used, Py_True) < 0 ? -2 : 1;
+        if (store_call(store, S_drop_cached_fd, inode, -1) < 0) return -2;
+    }
+    int rc = open_from_handle(store, inode, &p, err);
+    if (rc <= 0) return rc;
+    *err = do_fstat(&p, st);
+    if (*err || (st->st_nlink == 0 && !S_ISDIR(st->st_mode)) || cached >= 0) {
+        path_fd_done(&p);
+        return *err ? -1 : 1;
+    }
+    rc = store_call(store, S_keep_fd, inode, p.fd);
+    if (rc != 0) p.own = 0; /* kept (keep_fd raises only after taking it: closing an evicted fd) */
+    path_fd_done(&p);
+    return rc < 0 ? -2 : 1;
+}
+
 /* ------------------------------------------------------------------ ops */
 static PyObject *op_getattr(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
                             PyObject *store) {
@@ -354,14 +447,10 @@ static PyObject *op_getattr(FastPath *self, const struct fuse_in_header *h, cons
             goto answer;
         }
     }
-    PathFd p;
-    int rc = path_fd(inode, &p, &e);
+    int rc = inode_stat(store, inode, &st, &e);
     if (rc == -2) return NULL;
     if (rc == 0) return fallback(self);
     if (rc < 0) return reply_error(self, h->opcode, h->unique, e);
-    e = do_fstat(&p, &st);
-    path_fd_done(&p);
-    if (e) return reply_error(self, h->opcode, h->unique, e);
 answer:;
     char *out;
     PyObject *r = reply_new(sizeof(struct fuse_attr_out), h->unique, &out);
@@ -444,12 +533,13 @@ static int statx_at(PathFd *p, const char *name, int flags, struct statx *sx) {
     return rc == 0 ? 0 : e;
 }
 
-/* 1: the inode held for this key is the one behind `name` (an O_PATH-held one pins its st_ino; a
- * handle-held one must match its handle); 0: not known (find_known's None); -1: a Python error. */
+/* 1: the inode held for this key is the one behind `name` (an O_PATH-held one, or one with a cached fd, pins
+ * its st_ino; any other handle-held one must match its handle); 0: not known (find_known's None); -1: a
+ * Python error. */
 static int same_inode(PathFd *p, const char *name, PyObject *inode) {
-    long long ifd;
-    if (get_long(inode, S_fd, &ifd) < 0) return -1;
-    if (ifd >= 0) return 1;
+    long long ifd, cached;
+    if (get_long(inode, S_fd, &ifd) < 0 || get_long(inode, S_cached_fd, &cached) < 0) return -1;
+    if (ifd >= 0 || cached >= 0) return 1; /* pinned: cached now, so alive at the statx (find_known) */
     union {
         struct file_handle fh;
         unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
@@ -593,9 +683,9 @@ static int entry_out(FastPath *self, PyObject *inode, PyObject *parent, const st
 /* The parent directory's fd for a name op (path_fd): 1 ready; 0 answered in *result (the Python path's
  * for a directory whose fd is not cached yet or a file as the parent, or the errno of opening it), or with
  * *result NULL and a Python error. */
-static int parent_fd(FastPath *self, const struct fuse_in_header *h, PyObject *parent, PathFd *p,
+static int parent_fd(FastPath *self, PyObject *store, const struct fuse_in_header *h, PyObject *parent, PathFd *p,
                      PyObject **result) {
-    int e = 0, rc = path_fd(parent, p, &e);
+    int e = 0, rc = path_fd(store, parent, p, &e);
     *result = NULL;
     if (rc == -2) return 0;
     if (rc == 0 || (rc > 0 && !S_ISDIR(p->mode))) {
@@ -633,7 +723,7 @@ static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const
     Py_INCREF(parent);
     PathFd p;
     int e, rc;
-    if (!parent_fd(self, h, parent, &p, &result)) goto out;
+    if (!parent_fd(self, store, h, parent, &p, &result)) goto out;
     struct statx sx;
     e = statx_at(&p, name, AT_SYMLINK_NOFOLLOW, &sx);
     if (e) {
@@ -714,7 +804,7 @@ static PyObject *op_unlink(FastPath *self, const struct fuse_in_header *h, const
     if (parent == NULL) return PyErr_Occurred() ? NULL : fallback(self);
     PathFd p;
     PyObject *answered;
-    int e = 0, rc, ready = parent_fd(self, h, parent, &p, &answered);
+    int e = 0, rc, ready = parent_fd(self, store, h, parent, &p, &answered);
     Py_DECREF(parent);
     if (!ready) return answered;
     if (p.gil) {
@@ -901,7 +991,7 @@ static PyObject *op_create(FastPath *self, const struct fuse_in_header *h, const
     PyObject *result = NULL, *inode = NULL;
     PathFd p;
     int e = 0, fd;
-    if (!parent_fd(self, h, parent, &p, &result)) goto out;
+    if (!parent_fd(self, store, h, parent, &p, &result)) goto out;
     /* O_NONBLOCK: an existing FIFO or device under that name must not block or be opened for real. */
     int oflags = (int)(flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     mode_t mode = c.mode & 07777;
@@ -999,11 +1089,22 @@ static PyObject *op_open(FastPath *self, const struct fuse_in_header *h, const c
         }
         fh = (struct file_handle *)PyBytes_AS_STRING(handle);
     }
-    int fd, e = 0;
+    int fd, e = 0, again = 0;
     Py_BEGIN_ALLOW_THREADS
     fd = fh == NULL ? open(path, (int)flags | O_CLOEXEC) : open_by_handle_at((int)mfd, fh, (int)flags | O_CLOEXEC);
     if (fd < 0) e = errno;
     Py_END_ALLOW_THREADS
+    if (fd >= 0 && fh != NULL && unpinned(store, inode, fd, &again) < 0) {
+        close(fd);
+        goto out;
+    }
+    if (again) { /* a file deleted on the host, kept alive by its cached fd only: as without the cache */
+        close(fd);
+        Py_BEGIN_ALLOW_THREADS
+        fd = open_by_handle_at((int)mfd, fh, (int)flags | O_CLOEXEC);
+        if (fd < 0) e = errno;
+        Py_END_ALLOW_THREADS
+    }
     if (fd < 0) result = reply_error(self, h->opcode, h->unique, e);
     else result = open_reply(self, h, fd, inode, is_dir, NULL);
 out:
@@ -1303,7 +1404,7 @@ static PyObject *op_statfs(FastPath *self, const struct fuse_in_header *h, size_
     PyObject *inode = inode_ref(store, h->nodeid);
     if (inode == NULL) return PyErr_Occurred() ? NULL : fallback(self);
     PathFd p;
-    int e = 0, rc = path_fd(inode, &p, &e);
+    int e = 0, rc = path_fd(store, inode, &p, &e);
     Py_DECREF(inode);
     if (rc == -2) return NULL;
     if (rc == 0) return fallback(self);
@@ -1635,6 +1736,9 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_chain_for, "chain_for");
     INTERN(S_writable, "writable");
     INTERN(S_in_place, "in_place");
+    INTERN(S_used, "used");
+    INTERN(S_keep_fd, "keep_fd");
+    INTERN(S_drop_cached_fd, "drop_cached_fd");
     if (PyType_Ready(&FastPathType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

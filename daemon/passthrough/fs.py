@@ -385,8 +385,7 @@ class PassthroughFS(FileSystem):
         return self._entry(inode, st, parent)
 
     def _stat(self, inode: Inode) -> os.stat_result:
-        with self.store.path_fd(inode) as fd:
-            return os.stat(fd)
+        return self.store.stat(inode)
 
     # ------------------------------------------------------------------ lookup / attributes
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:

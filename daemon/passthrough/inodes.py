@@ -8,10 +8,22 @@ not exhaust RLIMIT_NOFILE; O_PATH fds are the fallback where a filesystem has no
 Nodeids are never reused (a 64-bit counter), so a stale nodeid can only miss, never alias another
 inode.  The generation is a store-wide counter taken when the inode is created.
 
-A handle-held directory used recently keeps an O_PATH fd (at most DIR_FD_CACHE of them, least recently
-used let go first, and at its FORGET): every name op (LOOKUP, CREATE, UNLINK, ...) under it would
-otherwise open it from its handle and close it again, two syscalls for each request of a create or
-stat storm.  Files are never cached: their O_PATH fd would keep an unlinked file's data alive.
+A handle-held inode used recently keeps an O_PATH fd in a bounded cache (InodeStore.fd_cache_max of them,
+a fraction of RLIMIT_NOFILE, see fd_cache_bound; second-chance eviction of the oldest; closed at its FORGET):
+the point of handles is not holding an fd per inode, so the cache's size is explicit and never exceeded.
+- A directory's serves every name op under it (LOOKUP, CREATE, UNLINK, ...), which would otherwise open it
+  from its handle and close it again, two syscalls for each request of a create or stat storm.
+- A file's (or symlink's) serves GETATTR only (InodeStore.stat): one fstat, as the C virtiofsd does on the
+  O_PATH fd it holds, where the handle costs open_by_handle_at, fstat and close.  A cached fd whose file
+  shows no link left (deleted on the host) is let go and the stat goes through the handle, as it did
+  before: ESTALE once the inode is gone, so an unlinked file's data is not kept alive by the cache.  The
+  other ops on a file still open it from its handle, and where the file has a cached fd (which keeps the
+  host inode alive, so the handle still opens it) and no link left, the cached fd is let go and the
+  handle asked again: every op answers as without the cache.
+- A LOOKUP that finds a new handle-held inode opened an O_PATH fd on it anyway: that fd goes into the cache
+  instead of being closed.
+- A cached inode is pinned, so its st_ino can't be reused: a LOOKUP that finds its key needs no handle to
+  compare (as for an O_PATH-held inode).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat
 import threading
 from collections import OrderedDict
@@ -29,7 +42,19 @@ from . import syscalls as sc
 
 log = logging.getLogger("fsinspect.daemon.inodes")
 ROOT_ID = 1
-DIR_FD_CACHE = 64
+FD_CACHE_MIN = 64  # the directory cache's old size: a low RLIMIT_NOFILE still gets that many
+FD_CACHE_MAX = 8192
+FD_CACHE_SHARE = 8  # at most 1/8 of RLIMIT_NOFILE: open files, O_PATH-held inodes and mount fds need the rest
+
+
+def fd_cache_bound(nofile: int | None = None) -> int:
+    """How many O_PATH fds the store may cache: 1/FD_CACHE_SHARE of the soft RLIMIT_NOFILE (read now when
+    not given), within [FD_CACHE_MIN, FD_CACHE_MAX]."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY or nofile < 0:
+        nofile = FD_CACHE_MAX * FD_CACHE_SHARE
+    return max(FD_CACHE_MIN, min(nofile // FD_CACHE_SHARE, FD_CACHE_MAX))
 
 
 class HandleMode(StrEnum):
@@ -60,8 +85,9 @@ class Inode:
     mount: MountFd | None = None
     nlookup: int = 0
     parent_mnt_id: int = 0  # the mount of the directory it was first found in (submount detection)
-    cached_fd: int = -1  # a handle-held directory's O_PATH fd while it is in the store's cache
+    cached_fd: int = -1  # a handle-held inode's O_PATH fd while it is in the store's cache
     lent: int = 0  # ops using cached_fd right now: it is closed only when none does
+    used: bool = False  # cached_fd was used since the eviction scan last passed it (second chance)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -89,7 +115,7 @@ class PathFd:
         if ino.fd >= 0:
             return ino.fd
         if stat.S_ISDIR(ino.mode):
-            self.fd, self.cached = self.store._lend_dir_fd(ino)
+            self.fd, self.cached = self.store._lend_fd(ino)
         else:
             self.fd = self.store._open_handle(ino, os.O_PATH)
         return self.fd
@@ -99,7 +125,7 @@ class PathFd:
         if fd < 0:
             return
         if self.cached:
-            self.store._return_dir_fd(self.inode, fd)
+            self.store._return_fd(self.inode, fd)
         else:
             os.close(fd)
 
@@ -107,13 +133,14 @@ class PathFd:
 class InodeStore:
     """Thread-safe nodeid table with nlookup refcounting."""
 
-    def __init__(self, mode: HandleMode) -> None:
+    def __init__(self, mode: HandleMode, fd_cache_max: int | None = None) -> None:
         self.mode = mode
+        self.fd_cache_max = fd_cache_bound() if fd_cache_max is None else fd_cache_max
         self._lock = threading.Lock()
         self._by_id: dict[int, Inode] = {}
         self._by_key: dict[tuple[int, int, int], Inode] = {}
         self._mounts: dict[int, MountFd] = {}
-        self._dir_fds: OrderedDict[int, Inode] = OrderedDict()  # nodeid -> directory with a cached_fd, LRU first
+        self._cached: OrderedDict[int, Inode] = OrderedDict()  # nodeid -> inode with a cached_fd, oldest first
         self._next_id = ROOT_ID + 1
         self._generation = 0
         self.handle_failures = 0
@@ -174,16 +201,15 @@ class InodeStore:
         opened from a handle."""
         return PathFd(self, inode)
 
-    def _lend_dir_fd(self, ino: Inode) -> tuple[int, bool]:
-        """A handle-held directory's O_PATH fd: (fd, True) from the cache, to give back with _return_dir_fd;
-        (fd, False) for an fd of the caller's own to close (the inode was forgotten meanwhile)."""
+    def _lend_fd(self, ino: Inode) -> tuple[int, bool]:
+        """A handle-held inode's O_PATH fd: (fd, True) from the cache, to give back with _return_fd; (fd,
+        False) for an fd of the caller's own to close (the inode was forgotten meanwhile)."""
         with self._lock:
             if ino.cached_fd >= 0:
                 ino.lent += 1
-                self._dir_fds.move_to_end(ino.nodeid)
+                ino.used = True
                 return ino.cached_fd, True
         fd = self._open_handle(ino, os.O_PATH)  # outside the lock: the kernel may take a while
-        evicted = -1
         with self._lock:
             if ino.cached_fd >= 0:  # another thread cached one meanwhile: use that
                 ino.lent += 1
@@ -191,13 +217,9 @@ class InodeStore:
             elif self._by_id.get(ino.nodeid) is not ino:
                 return fd, False
             else:
-                ino.cached_fd, ino.lent, cached = fd, ino.lent + 1, -1
-                self._dir_fds[ino.nodeid] = ino
-                if len(self._dir_fds) > DIR_FD_CACHE:
-                    old = next((d for d in self._dir_fds.values() if d.lent == 0), None)
-                    if old is not None:
-                        del self._dir_fds[old.nodeid]
-                        evicted, old.cached_fd = old.cached_fd, -1
+                evicted = self._cache_locked(ino, fd)
+                ino.lent += 1
+                cached = -1
         if cached >= 0:
             os.close(fd)
             return cached, True
@@ -205,11 +227,76 @@ class InodeStore:
             os.close(evicted)
         return fd, True
 
-    def _return_dir_fd(self, ino: Inode, fd: int) -> None:
+    def _return_fd(self, ino: Inode, fd: int) -> None:
         with self._lock:
             ino.lent -= 1
-            orphan = ino.lent == 0 and ino.cached_fd != fd  # forgotten while lent: closing fell to the last user
+            orphan = ino.lent == 0 and ino.cached_fd != fd  # forgotten or let go while lent: the last user closes
         if orphan:
+            os.close(fd)
+
+    def _cache_locked(self, ino: Inode, fd: int) -> int:
+        """Cache `fd` as the inode's (it has none); the fd evicted to stay within fd_cache_max, for the caller
+        to close after the lock, or -1.  Second chance: the oldest not used since the last pass goes; one
+        in use by an op (lent) is skipped, so the bound may be passed by as many fds as ops run at once."""
+        ino.cached_fd, ino.used = fd, False
+        self._cached[ino.nodeid] = ino
+        if len(self._cached) <= self.fd_cache_max:
+            return -1
+        for _ in range(len(self._cached)):
+            nodeid, old = next(iter(self._cached.items()))
+            if old.lent == 0 and not old.used:
+                del self._cached[nodeid]
+                evicted, old.cached_fd = old.cached_fd, -1
+                return evicted
+            old.used = False
+            self._cached.move_to_end(nodeid)
+        return -1
+
+    def keep_fd(self, ino: Inode, fd: int) -> bool:
+        """Cache an O_PATH fd the caller opened on the handle-held inode `ino` (a GETATTR's from its handle, a
+        LOOKUP's on its name): True if the store took it, False if the caller still closes it (the inode has
+        one cached already, or was forgotten)."""
+        with self._lock:
+            if ino.cached_fd >= 0 or ino.fd >= 0 or self._by_id.get(ino.nodeid) is not ino:
+                return False
+            evicted = self._cache_locked(ino, fd)
+        if evicted >= 0:
+            os.close(evicted)
+        return True
+
+    def drop_cached_fd(self, ino: Inode) -> None:
+        """Let go of the inode's cached fd (its file showed no link left): closed now, or by its last user."""
+        with self._lock:
+            fd = ino.cached_fd
+            if fd < 0:
+                return
+            del self._cached[ino.nodeid]
+            ino.cached_fd = -1
+            if ino.lent:
+                return
+        os.close(fd)
+
+    def stat(self, ino: Inode) -> os.stat_result:
+        """GETATTR's stat: the inode's O_PATH fd, its cached fd, or (a miss) an fd from its handle that is
+        then cached.  A cached fd whose file has no link left is let go and the handle asked again (ESTALE
+        once the inode is gone, as without the cache)."""
+        if ino.fd >= 0:
+            return os.stat(ino.fd)
+        fd, cached = self._lend_fd(ino)
+        try:
+            st = os.stat(fd)
+        finally:
+            if cached:
+                self._return_fd(ino, fd)
+            else:
+                os.close(fd)
+        if st.st_nlink > 0 or stat.S_ISDIR(st.st_mode):
+            return st
+        self.drop_cached_fd(ino)
+        fd = self._open_handle(ino, os.O_PATH)
+        try:
+            return os.stat(fd)
+        finally:
             os.close(fd)
 
     def reopen(self, inode: Inode, flags: int) -> int:
@@ -227,20 +314,36 @@ class InodeStore:
         return self._open_handle(inode, flags)
 
     def _open_handle(self, inode: Inode, flags: int) -> int:
+        """open_by_handle_at, with the answer it would give without the cache: a file's cached fd keeps its
+        host inode alive, so a file deleted on the host (no link left) lets it go and asks again (ESTALE
+        once the inode is gone)."""
         assert inode.handle is not None and inode.mount is not None
+        fd = sc.open_by_handle_at(inode.mount.fd, inode.handle, flags)
+        if inode.cached_fd < 0 or stat.S_ISDIR(inode.mode):
+            return fd
+        try:
+            alive = os.stat(fd).st_nlink > 0
+        except BaseException:
+            os.close(fd)
+            raise
+        if alive:
+            return fd
+        os.close(fd)
+        self.drop_cached_fd(inode)
         return sc.open_by_handle_at(inode.mount.fd, inode.handle, flags)
 
     # ---------------------------------------------------------------- lookup
     def find_known(self, pfd: int, name: bytes, st: sc.Statx) -> Inode | None:
         """Fast LOOKUP of an inode we already hold, from a by-name statx: account one lookup, or None.
 
-        An O_PATH-held inode pins its st_ino, so the key alone identifies it; a handle-held one must also
-        match its handle (the old inode may be gone and its st_ino reused)."""
+        An O_PATH-held inode pins its st_ino, so the key alone identifies it, as does a handle-held one with
+        a cached fd (cached now, so alive at the statx, so the inode it found); any other handle-held one
+        must also match its handle (the old inode may be gone and its st_ino reused)."""
         key = (st.st_dev, st.st_ino, st.mnt_id)
         ino = self._by_key.get(key)
         if ino is None:
             return None
-        if ino.fd < 0:
+        if ino.fd < 0 and ino.cached_fd < 0:
             try:
                 handle, _mnt = sc.name_to_handle_at(pfd, name, 0)
             except OSError:
@@ -255,27 +358,32 @@ class InodeStore:
 
     def find_or_add(self, fd: int, st: sc.Statx, parent: Inode, *, force_fd: bool = False,
                     owned: bool = True) -> Inode:
-        """Account one lookup of the inode behind `fd`.  An owned fd (O_PATH) is kept or closed; a borrowed
-        one (an open file, owned=False) stays the caller's, and an O_PATH twin is made if one must be kept."""
+        """Account one lookup of the inode behind `fd`.  An owned fd (O_PATH) is kept (as a new inode's own
+        fd, or a new handle-held inode's cached one) or closed; a borrowed one (an open file, owned=False)
+        stays the caller's, and an O_PATH twin is made if one must be kept."""
+        evicted = -1
         try:
-            ino, kept = self._find_or_add(fd, st, parent, force_fd, owned)
+            ino, kept, evicted = self._find_or_add(fd, st, parent, force_fd, owned)
         except BaseException:
             if owned:
                 os.close(fd)
             raise
         if owned and not kept:
             os.close(fd)
+        if evicted >= 0:
+            os.close(evicted)
         return ino
 
     def _find_or_add(self, fd: int, st: sc.Statx, parent: Inode, force_fd: bool,
-                     owned: bool) -> tuple[Inode, bool]:
+                     owned: bool) -> tuple[Inode, bool, int]:
+        """(the inode, whether it kept `fd`, an fd evicted from the cache for the caller to close or -1)"""
         key = (st.st_dev, st.st_ino, st.mnt_id)
         with self._lock:
             ino = self._by_key.get(key)
-            if ino is not None and (ino.fd >= 0 or self.mode is HandleMode.NEVER or force_fd):
-                # An O_PATH fd pins the host inode, so its st_ino can't have been reused.
+            if ino is not None and (ino.fd >= 0 or ino.cached_fd >= 0 or self.mode is HandleMode.NEVER or force_fd):
+                # An O_PATH fd (its own or a cached one) pins the host inode, so its st_ino can't have been reused.
                 ino.nlookup += 1
-                return ino, False
+                return ino, False, -1
         handle: bytes | None = None
         mnt_id = 0
         if self.mode is not HandleMode.NEVER and not force_fd:
@@ -291,7 +399,7 @@ class InodeStore:
             ino = self._by_key.get(key)
             if ino is not None and (ino.fd >= 0 or ino.handle == handle):
                 ino.nlookup += 1
-                return ino, False
+                return ino, False, -1
             # Either new, or the key's old inode was deleted and its st_ino reused (handle differs).
             mount = self._mount_for(mnt_id, fd, st, parent) if handle is not None else None
             if handle is not None and mount is None:
@@ -309,7 +417,10 @@ class InodeStore:
             self._next_id += 1
             self._by_id[new.nodeid] = new
             self._by_key[key] = new
-            return new, keep_fd == fd
+            if keep_fd < 0 and owned and not force_fd:
+                # Handle-held: the O_PATH fd opened to find it becomes its cached one, not closed.
+                return new, True, self._cache_locked(new, fd)
+            return new, keep_fd == fd, -1
 
     def _mount_for(self, mnt_id: int, fd: int, st: sc.Statx, parent: Inode) -> MountFd | None:
         """The mount fd for `mnt_id`, opened from this inode if it is a directory, else from its parent."""
@@ -361,7 +472,7 @@ class InodeStore:
             os.close(ino.fd)
             ino.fd = -1
         if ino.cached_fd >= 0:
-            del self._dir_fds[ino.nodeid]
+            del self._cached[ino.nodeid]
             if ino.lent == 0:
                 os.close(ino.cached_fd)
             ino.cached_fd = -1  # else the last op using it closes it
@@ -396,4 +507,4 @@ class InodeStore:
             by_fd = sum(1 for i in self._by_id.values() if i.fd >= 0)
             return {"inodes": len(self._by_id), "held_by_fd": by_fd, "held_by_handle": len(self._by_id) - by_fd,
                     "mount_fds": len(self._mounts), "handle_failures": self.handle_failures,
-                    "dir_fds_cached": len(self._dir_fds)}
+                    "fds_cached": len(self._cached)}
