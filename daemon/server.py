@@ -925,20 +925,15 @@ class Server:
             if d.name in (b".", b".."):
                 vals: tuple[int, ...] = _ZERO_ENTRY
             else:
-                if fast is not None:
-                    entry = self._fast_entry(fast, ctx, d.name, inner)
-                    if entry is not None:
-                        err = -int.from_bytes(entry[4:8], "little", signed=True)  # fuse_out_header.error
-                        if not err:
-                            out += entry[OUT_HEADER_SIZE:_ENTRY_OUT_END] + \
-                                _dirent_codec.struct.pack(*dirent) + d.name + pad
-                            continue
-                        if err in (errno.ENOENT, errno.ESTALE):
-                            continue  # vanished since the listing
-                        if not out:
-                            raise OSError(err, os.strerror(err))
-                        break  # answer what we have; the kernel asks again from this offset
                 try:
+                    fast_r = self._fast_entry(fast, ctx, d.name, inner) if fast is not None else None
+                    if fast_r is not None:
+                        entry, err = fast_r
+                        if err:
+                            raise OSError(err, os.strerror(err))  # the same answer as fs.lookup's below
+                        out += entry[OUT_HEADER_SIZE:_ENTRY_OUT_END] + \
+                            _dirent_codec.struct.pack(*dirent) + d.name + pad
+                        continue
                     e = self.fs.lookup(ctx, ctx.nodeid, d.name)
                 except OSError as ex:
                     if ex.errno in (errno.ENOENT, errno.ESTALE):
@@ -951,9 +946,9 @@ class Server:
         return bytes(out)
 
     @staticmethod
-    def _fast_entry(fast: FastPath, ctx: Context, name: bytes, inner: Counter[Any]) -> bytes | None:
-        """The fast path's reply to a LOOKUP of `name` under the directory being read (its header with
-        the error, and the fuse_entry_out), or None where it leaves the name to Python."""
+    def _fast_entry(fast: FastPath, ctx: Context, name: bytes, inner: Counter[Any]) -> tuple[bytes, int] | None:
+        """The fast path's reply to a LOOKUP of `name` under the directory being read (its header and the
+        fuse_entry_out) with its errno (0 for an entry), or None where it leaves the name to Python."""
         n = IN_HEADER_SIZE + len(name) + 1
         try:
             r = fast(_in_header_pack(n, _FUSE_LOOKUP, ctx.unique, ctx.nodeid, ctx.uid, ctx.gid, ctx.pid, 0, 0)
@@ -967,7 +962,7 @@ class Server:
         err = -int.from_bytes(r[4:8], "little", signed=True)
         if err:
             inner[err] += 1
-        return r
+        return r, err
 
     def _do_releasedir(self, ctx: Context, req: F.Request) -> list[Buffer]:
         r = req.args["release"]
