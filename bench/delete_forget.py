@@ -4,8 +4,8 @@ Per file: GETATTR, UNLINK (each waited for), then a FORGET of it on the hiprio q
 for) while the next file's GETATTR goes out, as a guest's `rm -r` does; against the same without the
 FORGETs.  Both back-ends, alternating rounds, driven by bench/vhost_roundtrip.py's vhost-user front-end
 (INDIRECT descriptors, no EVENT_IDX).  Prints per arm the wall µs per file, the back-end's CPU µs per file
-(schedstat), and per back-end thread its voluntary/involuntary context switches per file: a request
-thread that waits for the GIL sleeps more than once per request.
+(schedstat), and per back-end thread its voluntary/involuntary context switches and CPU µs per file: a
+request thread that waits for the GIL sleeps more than once per request.
 
     sudo .venv/bin/python bench/delete_forget.py [--n 3000] [--rounds 3]
 """
@@ -19,6 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vhost_roundtrip import fuse, group_cpu  # the same driver and CPU meter
@@ -33,9 +35,9 @@ _RUN = itertools.count(1)
 KINDS = ("C virtiofsd", "bundled")
 
 
-def switches(pgid: int) -> dict[str, tuple[int, int]]:
-    """Voluntary and involuntary context switches of each thread of the process group."""
-    out: dict[str, tuple[int, int]] = {}
+def switches(pgid: int) -> dict[str, tuple[int, int, int]]:
+    """Voluntary and involuntary context switches and CPU ns (schedstat) of each thread of the process group."""
+    out: dict[str, tuple[int, int, int]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -44,8 +46,9 @@ def switches(pgid: int) -> dict[str, tuple[int, int]]:
                 continue
             for t in os.listdir(f"/proc/{d}/task"):
                 st = Path(f"/proc/{d}/task/{t}/status").read_text()
+                cpu = int(Path(f"/proc/{d}/task/{t}/schedstat").read_text().split()[0])
                 out[t] = (int(st.split("\nvoluntary_ctxt_switches:")[1].split()[0]),
-                          int(st.split("nonvoluntary_ctxt_switches:")[1].split()[0]))
+                          int(st.split("nonvoluntary_ctxt_switches:")[1].split()[0]), cpu)
         except (OSError, IndexError, ValueError):
             continue
     return out
@@ -74,34 +77,45 @@ def measure(front: Front, pgid: int, n: int, forget: bool) -> tuple[float, float
     t1, c1, sw1 = time.perf_counter(), group_cpu(pgid), switches(pgid)
     while front.in_flight():
         front.poll(0.1)
-    per = sorted(((v[0] - sw0.get(t, (0, 0))[0]) / n, (v[1] - sw0.get(t, (0, 0))[1]) / n) for t, v in sw1.items())
-    threads = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in per if a > 0.01)
+    per = sorted(((v[0] - sw0.get(t, (0, 0, 0))[0]) / n, (v[1] - sw0.get(t, (0, 0, 0))[1]) / n,
+                  (v[2] - sw0.get(t, (0, 0, 0))[2]) / n / 1e3) for t, v in sw1.items())
+    threads = ", ".join(f"{a:.2f}/{b:.2f} {c:.1f} µs" for a, b, c in per if a > 0.01)
     return (t1 - t0) / n * 1e6, (c1 - c0) / n * 1e6, threads
 
 
-def run(kind: str, share: Path, n: int, forget: bool) -> tuple[float, float, str]:
+@contextmanager
+def backend(kind: str, share: Path, tree: Path | None = None) -> Iterator[tuple[Front, int]]:
+    """A front-end on the back-end's socket, and the back-end's process group, while it runs; `tree`: the
+    bundled daemon of another checkout."""
     neg = Negotiation(features=F_VERSION_1 | F_INDIRECT_DESC | F_PROTOCOL)
     with launcher.short_tmpdir() as work:
         if kind == "C virtiofsd":
             with launcher.virtiofsd(share, work) as be:
                 front = Front(be.socket_path, neg, max_request=8192, max_reply=8192)
                 try:
-                    return measure(front, be.processes[0].pid, n, forget)
+                    yield front, be.processes[0].pid
                 finally:
                     front.close()
+            return
         sock = work / "d.sock"
+        env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
         proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}", "-o",
-                                 f"source={share}", "--log-level", "warning"], start_new_session=True)
+                                 f"source={share}", "--log-level", "error"], start_new_session=True, cwd=tree, env=env)
         try:
             while not sock.exists():
                 time.sleep(0.02)
             front = Front(sock, neg, max_request=8192, max_reply=8192)
             try:
-                return measure(front, proc.pid, n, forget)
+                yield front, proc.pid
             finally:
                 front.close()
         finally:
             launcher.stop_process(proc)
+
+
+def run(kind: str, share: Path, n: int, forget: bool) -> tuple[float, float, str]:
+    with backend(kind, share) as (front, pgid):
+        return measure(front, pgid, n, forget)
 
 
 def main() -> int:
@@ -120,7 +134,7 @@ def main() -> int:
         walls = [x[0] for x in v]
         print(f"{kind:<12} {'FORGETs beside' if forget else 'no FORGETs    '}  wall µs/file "
               f"{statistics.median(walls):7.1f} [{min(walls):.1f} .. {max(walls):.1f}]  back-end CPU µs/file "
-              f"{statistics.median(x[1] for x in v):6.1f}  switches vol/invol per file per thread: "
+              f"{statistics.median(x[1] for x in v):6.1f}  switches vol/invol and CPU per file per thread: "
               f"{'; '.join(x[2] for x in v)}")
     return 0
 

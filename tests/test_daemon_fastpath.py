@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -750,5 +752,177 @@ def test_lookup_fast_path_keeps_nlookup_under_concurrent_forgets(share: Path,
     th.join()
     assert nodeid in fs.store and fs.store.get(nodeid).nlookup == 1 + looked
     assert server.counters()["fast_path"]["served"] >= n
+    server.shutdown()
+    fs.close()
+
+
+def _tables(fs: PassthroughFS) -> tuple[Any, ...]:
+    """The store's whole state, as far as FORGET changes it: each inode, both indexes, the mounts' references,
+    the fd cache's order and the counts."""
+    s = fs.store
+    inodes = sorted((i.nodeid, i.key, i.nlookup, i.fd >= 0, i.cached_fd >= 0, i.lent, i.handle,
+                     None if i.mount is None else i.mount.mnt_id) for i in s._by_id.values())
+    return (inodes, {k: v.nodeid for k, v in s._by_key.items()}, {m: x.refs for m, x in s._mounts.items()},
+            list(s._cached), s.counts())
+
+
+@pytest.mark.parametrize("handles", [HandleMode.PREFER, HandleMode.NEVER])
+def test_forget_byte_for_byte_as_python(twins: Any, share: Path, handles: HandleMode,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """FORGET and BATCH_FORGET done in C on the store's tables: after each one both engines' tables are the same
+    (inodes, nlookup, indexes, mount references, the fd cache) and they logged the same lines: forgets to zero
+    (an inode with a cached fd, one held by fd, a submount's last inodes with their mount fd), unknown
+    nodeids, the root, over-forgets (nlookup underflow), a forget while an op has the fd lent, batches of mixed
+    entries, and malformed bodies (the decoder's answer)."""
+    caplog.set_level(logging.DEBUG, logger="fsinspect.daemon")
+    t: Twins = twins(inode_file_handles=handles)
+    look = lambda parent, name: t.ok("LOOKUP", {"name": name}, nodeid=parent).args["entry"].nodeid  # noqa: E731
+    one = lambda n: {"forget": F.make("fuse_forget_in", nlookup=n)}  # noqa: E731
+
+    def batch(*entries: tuple[int, int]) -> dict[str, Any]:
+        return {"batch": F.make("fuse_batch_forget_in", count=len(entries)),
+                "forgets": [F.make("fuse_forget_one", nodeid=n, nlookup=k) for n, k in entries]}
+
+    def send(raw: bytes, what: str, fast: bool = True) -> None:
+        lines = []
+        for side in (t.c, t.py):
+            caplog.clear()
+            assert side.raw(raw, 0) is None, what
+            lines.append([(r.levelname, r.getMessage()) for r in caplog.records])
+        assert lines[0] == lines[1], what
+        assert _tables(t.fs_c) == _tables(t.fs_py), what
+        t.log.append((what, fast, None))
+
+    def forget(nodeid: int, n: int, what: str) -> None:
+        t.unique += 1
+        send(F.encode_request("FORGET", one(n), unique=t.unique, nodeid=nodeid), what)
+
+    def batch_forget(what: str, *entries: tuple[int, int]) -> None:
+        t.unique += 1
+        send(F.encode_request("BATCH_FORGET", batch(*entries), unique=t.unique), what)
+
+    served = t.served()
+    f = look(1, b"file")
+    assert look(1, b"file") == f and look(1, b"file") == f
+    forget(f, 1, "3 -> 2")
+    forget(f, 2, "2 -> 0: dropped, its cached fd closed")
+    assert f not in t.fs_c.store and f not in t.fs_py.store
+    forget(f, 1, "forgotten already: unknown")
+    assert any("FORGET of unknown nodeid" in r.getMessage() for r in caplog.records)
+    forget(31337, 1, "never given out")
+    forget(1, 100, "the root stays")
+    link = look(1, b"link")
+    assert look(1, b"link") == link
+    forget(link, 5, "nlookup underflow: logged, dropped")
+    assert any("exceeds its nlookup 2" in r.getMessage() for r in caplog.records)
+    assert link not in t.fs_c.store
+    forget(link, (1 << 64) - 1, "unknown, the largest count")
+    huge = look(1, b"file")
+    forget(huge, 1 << 63, "a count past a signed 64-bit nlookup")
+    assert huge not in t.fs_c.store
+
+    # Forgotten while an op has its cached fd (handles: a directory's): the last user closes it.
+    d = look(1, b"dir")
+    with t.fs_c.store.path_fd(t.fs_c.store.get(d)) as fd_c, t.fs_py.store.path_fd(t.fs_py.store.get(d)) as fd_py:
+        lent = t.fs_c.store.get(d).lent
+        assert lent == (1 if handles is HandleMode.PREFER else 0)
+        forget(d, 1, "forgotten while lent")
+        if lent:  # (an inode held by its own fd closes it, on both paths)
+            assert os.fstat(fd_c).st_ino == os.fstat(fd_py).st_ino == (share / "dir").stat().st_ino
+    assert d not in t.fs_c.store
+
+    # Batches: the root, an unknown nodeid, a submount's last two inodes (its mount fd goes), a partial
+    # forget, an over-forget of what is left, a forget of 0, the same nodeid to zero and once more.
+    sub = look(1, b"sub")
+    deep = look(sub, b"deep")
+    inner_dir = look(1, b"dir")
+    inner = look(inner_dir, b"inner")
+    assert look(inner_dir, b"inner") == inner
+    mounts_before = len(t.fs_c.store._mounts)
+    batch_forget("mixed", (1, 1), (31337, 2), (deep, 1), (sub, 1), (inner, 1), (inner, 5), (inner_dir, 0))
+    assert len(t.fs_c.store._mounts) == mounts_before - (handles is HandleMode.PREFER)  # the submount's mount fd
+    assert inner not in t.fs_c.store and t.fs_c.store.get(inner_dir).nlookup == 1
+    batch_forget("to zero, then unknown", (inner_dir, 1), (inner_dir, 1))
+    batch_forget("empty")
+    assert t.fs_c.store.counts() == {**t.fs_c.store.counts(), "inodes": 1}  # only the root is left
+
+    # Malformed bodies: the decoder's (nothing changed, the same lines logged and counted).
+    u = 20_000
+    send(_raw("FORGET", b"\0" * 4, unique=u + 1, nodeid=1), "FORGET short", fast=False)
+    send(_raw("FORGET", b"\1" + b"\0" * 15, unique=u + 2, nodeid=3), "FORGET long", fast=False)
+    send(_raw("FORGET", b"\0" * 8, unique=u + 3, nodeid=3, extlen=1), "FORGET with extensions", fast=False)
+    send(_raw("BATCH_FORGET", struct.pack("<II", 3, 0) + b"\0" * 32, unique=u + 4), "BATCH_FORGET count 3, 2 given",
+         fast=False)
+    send(_raw("BATCH_FORGET", struct.pack("<II", 1, 0) + b"\0" * 20, unique=u + 5), "BATCH_FORGET trailing bytes",
+         fast=False)
+    send(_raw("BATCH_FORGET", b"\0" * 4, unique=u + 6), "BATCH_FORGET short", fast=False)
+
+    assert t.served() - served >= 18
+    cc, pc = t.c.server.counters(), t.py.server.counters()
+    assert cc["ops"] == pc["ops"] and cc["errors"] == pc["errors"] and cc["dropped"] == pc["dropped"]
+    assert cc["dropped"] >= 4, cc
+
+
+@pytest.mark.parametrize("handles", [HandleMode.PREFER, HandleMode.NEVER])
+def test_forget_to_zero_racing_lookups_leaves_the_tables_coherent(share: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  handles: HandleMode) -> None:
+    """Two threads each LOOKUP the same names and give their reference back at once (one by FORGET, one by
+    BATCH_FORGET), so the inodes go and come back all the time, with a third holding a reference to one of
+    them: every lookup is accounted, and at the end only what is still looked up is left, with its nlookup,
+    its mount's references and no fd leaked."""
+    import threading
+
+    monkeypatch.delenv("FSINSPECT_FAST", raising=False)
+    fs = PassthroughFS(Options(str(share), inode_file_handles=handles))
+    server = Server(fs)
+    c = EngineClient(server)
+    c.init()
+    names = (b"file", b"link", b"gone")
+    nodeid = c.nodeid(1, b"dir")
+    c.server.handle(c.encode("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=nodeid),
+                    lambda parts: None)
+    fds = len(os.listdir("/proc/self/fd"))
+    mounts = {m: x.refs for m, x in fs.store._mounts.items()}
+    n = 1500
+    held = []
+
+    def churn(batch: bool) -> None:
+        cl = EngineClient(server)
+        for i in range(n):
+            nid = cl.nodeid(1, names[i % len(names)])
+            if batch:
+                msg = {"batch": F.make("fuse_batch_forget_in", count=2),
+                       "forgets": [F.make("fuse_forget_one", nodeid=1, nlookup=1),
+                                   F.make("fuse_forget_one", nodeid=nid, nlookup=1)]}
+                server.handle(cl.encode("BATCH_FORGET", msg), lambda parts: None)
+            else:
+                server.handle(cl.encode("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=nid),
+                              lambda parts: None)
+
+    def keep() -> None:
+        cl = EngineClient(server)
+        for _ in range(n // 3):
+            held.append(cl.nodeid(1, b"file"))
+
+    threads = [threading.Thread(target=churn, args=(b,)) for b in (False, True)] + [threading.Thread(target=keep)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # many more switches between the threads than the default 5 ms
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    kept = held[-1]
+    assert kept in fs.store and fs.store.get(kept).nlookup == held.count(kept)
+    assert len(fs.store) == 2, fs.store.counts()  # the root and the file still looked up
+    counts = server.counters()
+    assert not counts["errors"] and counts["fast_path"]["served"] >= 4 * n
+    c.server.handle(c.encode("FORGET", {"forget": F.make("fuse_forget_in", nlookup=held.count(kept))},
+                             nodeid=kept), lambda parts: None)
+    assert len(fs.store) == 1 and not fs.store._cached
+    assert {m: x.refs for m, x in fs.store._mounts.items()} == mounts
+    assert len(os.listdir("/proc/self/fd")) == fds
     server.shutdown()
     fs.close()

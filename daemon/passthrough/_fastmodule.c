@@ -2,11 +2,12 @@
  *
  * Mechanics only.  The Python op table (daemon/server.py, daemon/passthrough/fs.py) stays the description
  * of every operation and its fallback: `FastPath(fs)(request[, chain]) -> reply | b"" | None` answers
- * GETATTR, LOOKUP, UNLINK, RMDIR, RELEASE, RELEASEDIR, FLUSH, STATFS, CREATE, OPEN, OPENDIR, READ and WRITE
- * exactly as the Python path would (byte for byte; tests/test_daemon_fastpath.py replays the same requests
- * through both).  Where the Python path changes the inode table it still does, called from here: a LOOKUP
- * that finds a new inode, or a CREATE, hands its fd to InodeStore.find_or_add, and FORGET/BATCH_FORGET go to
- * the filesystem's forget() without the generic decode; a new open file is a fs.Handle in fs._handles.
+ * GETATTR, LOOKUP, UNLINK, RMDIR, RELEASE, RELEASEDIR, FLUSH, STATFS, CREATE, OPEN, OPENDIR, READ, WRITE,
+ * FORGET and BATCH_FORGET exactly as the Python path would (byte for byte, and the same tables after;
+ * tests/test_daemon_fastpath.py replays the same requests through both).  Where the Python path adds to the
+ * inode table it still does, called from here: a LOOKUP that finds a new inode, or a CREATE, hands its fd to
+ * InodeStore.find_or_add; FORGET takes nlookup down and drops the inode here (InodeStore.forget's usual case
+ * and _drop), leaving what InodeStore.forget logs to it; a new open file is a fs.Handle in fs._handles.
  * Anything it does not fully handle (a malformed or unusual message, an unknown nodeid, a directory whose fd
  * is not cached, a handle with locks or a backing file, unusual open flags) gives None: the caller then
  * serves the request through Python, and nothing was changed.  b"" means served, no reply (FORGET).  A
@@ -81,7 +82,7 @@ static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_
     *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
     *S_readonly, *S_find_or_add, *S_next_fh, *S_fopen_file, *S_fopen_dir, *S_writeback, *S_passthrough,
     *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc, *S_chain_for, *S_writable, *S_in_place, *S_used,
-    *S_keep_fd, *S_drop_cached_fd;
+    *S_keep_fd, *S_drop_cached_fd, *S_ino, *S_lent, *S_refs, *S_cached, *S_mounts;
 
 /* This thread's answer from fs._prepare_thread (Python keeps the same in a threading.local): 0 not asked
  * yet, 1 its own umask 0 (a serving thread), -1 not (the main thread: Python switches the process umask). */
@@ -473,28 +474,37 @@ static size_t plain_name(const char *body, size_t blen) {
     return nlen;
 }
 
+/* lock.acquire() / lock.release(): 0, or -1 with a Python error. */
+static int lock_call(PyObject *lock, PyObject *method) {
+    PyObject *r = PyObject_CallMethodNoArgs(lock, method);
+    Py_XDECREF(r);
+    return r != NULL ? 0 : -1;
+}
+
+/* lock.release() with a Python error already set kept across it (over the release's own): 0, or -1 when the
+ * release failed. */
+static int release_keeping(PyObject *lock) {
+    PyObject *exc_type, *exc_val, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_val, &exc_tb);
+    int rc = lock_call(lock, S_release);
+    if (exc_type != NULL) {
+        if (rc < 0) PyErr_Clear();
+        PyErr_Restore(exc_type, exc_val, exc_tb);
+    }
+    return rc;
+}
+
 /* Run `call` on the store's lock (InodeStore._lock) with a Python error kept across the release: 0 or -1. */
 static int under_lock(PyObject *store, int (*call)(void *), void *arg) {
     PyObject *lock = PyObject_GetAttr(store, S_lock);
     if (lock == NULL) return -1;
-    PyObject *ok = PyObject_CallMethodNoArgs(lock, S_acquire);
-    if (ok == NULL) {
+    if (lock_call(lock, S_acquire) < 0) {
         Py_DECREF(lock);
         return -1;
     }
-    Py_DECREF(ok);
     int rc = call(arg);
-    PyObject *exc_type, *exc_val, *exc_tb;
-    PyErr_Fetch(&exc_type, &exc_val, &exc_tb);
-    PyObject *rel = PyObject_CallMethodNoArgs(lock, S_release);
+    if (release_keeping(lock) < 0) rc = -1;
     Py_DECREF(lock);
-    if (exc_type != NULL) {
-        Py_XDECREF(rel);
-        PyErr_Restore(exc_type, exc_val, exc_tb);
-        return -1;
-    }
-    if (rel == NULL) return -1;
-    Py_DECREF(rel);
     return rc;
 }
 
@@ -1439,45 +1449,198 @@ static PyObject *op_statfs(FastPath *self, const struct fuse_in_header *h, size_
     return r;
 }
 
-/* FORGET / BATCH_FORGET: the decode here, the operation the filesystem's own (fs.forget, fs.batch_forget). */
+/* ------------------------------------------------------------------ forget */
+typedef struct {
+    PyObject *by_id, *by_key, *cached, *mounts; /* InodeStore's tables */
+} Tables;
+
+static int tables_of(PyObject *store, Tables *t) {
+    t->by_id = PyObject_GetAttr(store, S_by_id);
+    t->by_key = t->by_id != NULL ? PyObject_GetAttr(store, S_by_key) : NULL;
+    t->cached = t->by_key != NULL ? PyObject_GetAttr(store, S_cached) : NULL;
+    t->mounts = t->cached != NULL ? PyObject_GetAttr(store, S_mounts) : NULL;
+    return t->mounts != NULL ? 0 : -1;
+}
+
+static void tables_done(Tables *t) {
+    Py_CLEAR(t->by_id);
+    Py_CLEAR(t->by_key);
+    Py_CLEAR(t->cached);
+    Py_CLEAR(t->mounts);
+}
+
+/* os.close(fd): 0, or -1 with its OSError. */
+static int close_or_raise(long long fd) {
+    if (close((int)fd) == 0) return 0;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
+static int set_long(PyObject *o, PyObject *name, long long v) {
+    PyObject *x = PyLong_FromLongLong(v);
+    if (x == NULL) return -1;
+    int rc = PyObject_SetAttr(o, name, x);
+    Py_DECREF(x);
+    return rc;
+}
+
+/* InodeStore._drop, step for step, under the store's lock: the inode leaves both tables; its O_PATH fd, its
+ * cached fd (unless an op has it lent: the last one closes it) and its mount's reference go.  0, or -1 with the
+ * Python error _drop would raise at the same step. */
+static int drop_locked(Tables *t, PyObject *inode) {
+    long long fd, cached, lent, refs, mfd;
+    PyObject *nodeid = PyObject_GetAttr(inode, S_nodeid);
+    if (nodeid == NULL) return -1;
+    int rc = -1;
+    PyObject *dev = NULL, *ino = NULL, *mnt = NULL, *key = NULL, *mount = NULL;
+    if (PyObject_DelItem(t->by_id, nodeid) < 0) goto out;
+    if ((dev = PyObject_GetAttr(inode, S_dev)) == NULL || (ino = PyObject_GetAttr(inode, S_ino)) == NULL
+        || (mnt = PyObject_GetAttr(inode, S_mnt_id)) == NULL || (key = PyTuple_Pack(3, dev, ino, mnt)) == NULL)
+        goto out;
+    PyObject *held = PyDict_GetItemWithError(t->by_key, key);
+    if (held == NULL && PyErr_Occurred()) goto out;
+    if (held == inode && PyDict_DelItem(t->by_key, key) < 0) goto out;
+    if (get_long(inode, S_fd, &fd) < 0) goto out;
+    if (fd >= 0 && (close_or_raise(fd) < 0 || set_long(inode, S_fd, -1) < 0)) goto out;
+    if (get_long(inode, S_cached_fd, &cached) < 0) goto out;
+    if (cached >= 0) {
+        if (PyObject_DelItem(t->cached, nodeid) < 0 || get_long(inode, S_lent, &lent) < 0) goto out;
+        if (lent == 0 && close_or_raise(cached) < 0) goto out;
+        if (set_long(inode, S_cached_fd, -1) < 0) goto out;
+    }
+    if ((mount = PyObject_GetAttr(inode, S_mount)) == NULL) goto out;
+    if (mount != Py_None) {
+        if (get_long(mount, S_refs, &refs) < 0 || set_long(mount, S_refs, refs - 1) < 0) goto out;
+        if (refs - 1 <= 0) {
+            PyObject *mid = PyObject_GetAttr(mount, S_mnt_id);
+            int del = mid != NULL ? PyObject_DelItem(t->mounts, mid) : -1;
+            Py_XDECREF(mid);
+            if (del < 0 || get_long(mount, S_fd, &mfd) < 0 || close_or_raise(mfd) < 0) goto out;
+        }
+    }
+    rc = 0;
+out:
+    Py_XDECREF(mount);
+    Py_XDECREF(key);
+    Py_XDECREF(mnt);
+    Py_XDECREF(ino);
+    Py_XDECREF(dev);
+    Py_DECREF(nodeid);
+    return rc;
+}
+
+/* InodeStore.forget's usual case, under the store's lock: `n` fewer lookups of a known inode that has at least
+ * that many, and _drop when none is left.  1 done; 0 Python's (an unknown nodeid or an over-forget: it logs
+ * them), nothing changed; -1 a Python error. */
+static int forget_locked(Tables *t, uint64_t nodeid, uint64_t n) {
+    PyObject *inode = inode_of(t->by_id, nodeid);
+    if (inode == NULL) return PyErr_Occurred() ? -1 : 0;
+    long long nlookup;
+    Py_INCREF(inode);
+    int rc = get_long(inode, S_nlookup, &nlookup) < 0 ? -1 : 1;
+    if (rc == 1 && (nlookup < 0 || n > (unsigned long long)nlookup)) {
+        rc = 0;
+    } else if (rc == 1) {
+        nlookup -= (long long)n;
+        if (set_long(inode, S_nlookup, nlookup) < 0 || (nlookup == 0 && drop_locked(t, inode) < 0)) rc = -1;
+    }
+    Py_DECREF(inode);
+    return rc;
+}
+
+/* fs.forget / fs.batch_forget with no backing files (PassthroughFS: InodeStore.forget for each entry, in
+ * order), the store's tables changed here under its own lock; an entry InodeStore.forget logs (unknown nodeid,
+ * more than its nlookup) is its own, called with the lock let go.  `v` holds `count` fuse_forget_one (maybe
+ * unaligned).  0, or -1 with a Python error (the entries after it are not done, as in the loop it replaces). */
+static int forget_entries(PyObject *store, const char *v, size_t count) {
+    Tables t = {NULL, NULL, NULL, NULL};
+    PyObject *lock = PyObject_GetAttr(store, S_lock);
+    if (lock == NULL || tables_of(store, &t) < 0) {
+        Py_XDECREF(lock);
+        tables_done(&t);
+        return -1;
+    }
+    int locked = 0, rc = 0;
+    for (size_t i = 0; i < count && rc == 0; i++) {
+        struct fuse_forget_one one;
+        memcpy(&one, v + i * sizeof one, sizeof one);
+        if (one.nodeid == FUSE_ROOT_ID) continue; /* never forgotten */
+        if (!locked && lock_call(lock, S_acquire) < 0) {
+            rc = -1;
+            break;
+        }
+        locked = 1;
+        int r = forget_locked(&t, one.nodeid, one.nlookup);
+        if (r == 1) continue;
+        locked = 0;
+        if (release_keeping(lock) < 0 || r < 0) {
+            rc = -1;
+            break;
+        }
+        PyObject *res = PyObject_CallMethod(store, "forget", "KK", (unsigned long long)one.nodeid,
+                                            (unsigned long long)one.nlookup);
+        if (res == NULL) rc = -1;
+        Py_XDECREF(res);
+    }
+    if (locked && release_keeping(lock) < 0) rc = -1;
+    Py_DECREF(lock);
+    tables_done(&t);
+    return rc;
+}
+
+/* FORGET / BATCH_FORGET (fs.forget, fs.batch_forget): decoded here, and the store's nlookup accounting done
+ * here too (forget_entries); with backing files (FUSE passthrough, which forgets an idle one with its inode)
+ * the filesystem's own methods. */
 static PyObject *op_forget(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
                            int batch) {
-    PyObject *res;
+    struct fuse_forget_one single;
+    const char *entries;
+    size_t count;
     if (!batch) {
         if (blen != sizeof(struct fuse_forget_in)) return fallback(self);
         struct fuse_forget_in f;
         memcpy(&f, body, sizeof f);
-        PyObject *nodeid = PyLong_FromUnsignedLongLong(h->nodeid), *n = PyLong_FromUnsignedLongLong(f.nlookup);
-        if (nodeid == NULL || n == NULL) {
-            Py_XDECREF(nodeid);
-            Py_XDECREF(n);
-            return NULL;
-        }
-        res = PyObject_CallMethodObjArgs(self->fs, S_forget, Py_None, nodeid, n, NULL);
-        Py_DECREF(nodeid);
-        Py_DECREF(n);
+        single.nodeid = h->nodeid;
+        single.nlookup = f.nlookup;
+        entries = (const char *)&single;
+        count = 1;
     } else {
         if (blen < sizeof(struct fuse_batch_forget_in)) return fallback(self);
         struct fuse_batch_forget_in b;
         memcpy(&b, body, sizeof b);
         if ((blen - sizeof b) != (size_t)b.count * sizeof(struct fuse_forget_one)) return fallback(self);
-        PyObject *list = PyList_New(b.count);
-        if (list == NULL) return NULL;
-        for (uint32_t i = 0; i < b.count; i++) {
-            struct fuse_forget_one one;
-            memcpy(&one, body + sizeof b + (size_t)i * sizeof one, sizeof one);
-            PyObject *pair = Py_BuildValue("(KK)", (unsigned long long)one.nodeid, (unsigned long long)one.nlookup);
-            if (pair == NULL) {
-                Py_DECREF(list);
-                return NULL;
-            }
-            PyList_SET_ITEM(list, i, pair);
-        }
-        res = PyObject_CallMethodObjArgs(self->fs, S_batch_forget, Py_None, list, NULL);
-        Py_DECREF(list);
+        entries = body + sizeof b;
+        count = b.count;
     }
+    int rc = -1;
+    PyObject *backing = PyObject_GetAttr(self->fs, S_backing);
+    if (backing != NULL && backing == Py_None) {
+        PyObject *store = PyObject_GetAttr(self->fs, S_store);
+        rc = store != NULL ? forget_entries(store, entries, count) : -1;
+        Py_XDECREF(store);
+    } else if (backing != NULL) {
+        PyObject *res = NULL;
+        if (!batch) {
+            res = PyObject_CallMethod(self->fs, "forget", "OKK", Py_None, (unsigned long long)single.nodeid,
+                                      (unsigned long long)single.nlookup);
+        } else {
+            PyObject *list = PyList_New((Py_ssize_t)count);
+            for (size_t i = 0; list != NULL && i < count; i++) {
+                struct fuse_forget_one one;
+                memcpy(&one, entries + i * sizeof one, sizeof one);
+                PyObject *pair = Py_BuildValue("(KK)", (unsigned long long)one.nodeid, (unsigned long long)one.nlookup);
+                if (pair == NULL) Py_CLEAR(list);
+                else PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
+            }
+            res = list != NULL ? PyObject_CallMethodObjArgs(self->fs, S_batch_forget, Py_None, list, NULL) : NULL;
+            Py_XDECREF(list);
+        }
+        rc = res != NULL ? 0 : -1;
+        Py_XDECREF(res);
+    }
+    Py_XDECREF(backing);
     self->served[h->opcode]++;
-    if (res == NULL) { /* counted as the engine counts an op that raised; the caller logs it */
+    if (rc < 0) { /* counted as the engine counts an op that raised; the caller logs it */
         int err = EIO;
         if (PyErr_ExceptionMatches(PyExc_OSError)) {
             PyObject *t, *v, *tb;
@@ -1495,7 +1658,6 @@ static PyObject *op_forget(FastPath *self, const struct fuse_in_header *h, const
         PyErr_Restore(t, v, tb);
         return NULL;
     }
-    Py_DECREF(res);
     return PyBytes_FromStringAndSize("", 0);
 }
 
@@ -1739,6 +1901,11 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_used, "used");
     INTERN(S_keep_fd, "keep_fd");
     INTERN(S_drop_cached_fd, "drop_cached_fd");
+    INTERN(S_ino, "ino");
+    INTERN(S_lent, "lent");
+    INTERN(S_refs, "refs");
+    INTERN(S_cached, "_cached");
+    INTERN(S_mounts, "_mounts");
     if (PyType_Ready(&FastPathType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

@@ -804,13 +804,14 @@ _FAST_SIZES = {"SIZE_IN_HEADER": "fuse_in_header", "SIZE_ENTRY_OUT": "fuse_entry
 _fast_loaded: list[Any] = []
 # What the fast path answers in C (with the attributes it reads: store, _handles, _next_fh, _lock, _lock_fds,
 # backing, passthrough, timeout, submounts, zero_submount_generation, writeback, _fopen_file, _fopen_dir,
-# _switch_creds, kernel_groups, opts.readonly, opts.proc_groups); FORGET/BATCH_FORGET call forget()/batch_forget()
-# themselves, CREATE and LOOKUP the store's find_or_add, CREATE _prepare_thread; READ fills a vhost-user chain's
+# _switch_creds, kernel_groups, opts.readonly, opts.proc_groups); FORGET/BATCH_FORGET do InodeStore.forget's
+# accounting and _drop on the store's tables (its own forget() for an unknown nodeid or an over-forget, which it
+# logs; forget()/batch_forget() themselves with backing files), CREATE and LOOKUP the store's find_or_add, CREATE _prepare_thread; READ fills a vhost-user chain's
 # buffers in place where the filesystem has chain_for (GuestPassthroughFS.read, a twin the C also answers as).
 _FAST_METHODS = ("lookup", "_do_lookup", "_entry", "getattr", "_stat", "release", "releasedir", "flush",
                  "_handle", "_drop_owner", "statfs", "unlink", "rmdir", "_rw", "create", "open", "opendir",
                  "_open_flags", "_add_file", "_add_handle", "_creating", "_creds", "_switched", "_groups",
-                 "_kill_suidgid", "read", "write")
+                 "_kill_suidgid", "read", "write", "forget", "batch_forget")
 _FAST_TWINS: set[Any] = set()
 
 
