@@ -239,3 +239,95 @@ def test_a_rare_message_or_a_big_batch_does_not_wait_for_the_next_round(tmp_path
         stop.set()
         hub.close()
         t.join(30)
+
+
+def _lines_until(sock: socket.socket, kind: str) -> dict[str, Any]:
+    """Read JSON lines from a control socket until the first of type `kind`."""
+    import json
+    buf = b""
+    sock.settimeout(30)
+    while True:
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            obj = json.loads(line)
+            if obj.get("type") == kind:
+                return obj
+        chunk = sock.recv(1 << 20)
+        assert chunk, f"closed before a {kind!r} line"
+        buf += chunk
+
+
+def test_while_only_binary_clients_watch_the_backlog_is_kept_off_the_capture_thread(tmp_path: Path,
+                                                                                   monkeypatch: Any) -> None:
+    """The snapshot's backlog of finished exchanges is the hub's, not the capture thread's, while only binary
+    clients watch: the analysis' listener is the bare append of the hub's `_fresh` (no Python frame per
+    exchange), and the hub thread sizes and bounds them in its rounds (bench/live_publish.py: the listener
+    cost the feed thread ~3.6 us per exchange at a guest's pace).  A JSON client that joins late still gets
+    every finished exchange in its snapshot (the newest BACKLOG_EXCHANGES), and from then on the listener is
+    publish_exchange again (it reads exchanges as they finish)."""
+    caps = captures()
+    where: list[int] = []
+    real = Hub._remember
+
+    def spy(self: Hub, ex: Any) -> None:
+        where.append(threading.get_ident())
+        real(self, ex)
+
+    monkeypatch.setattr(Hub, "_remember", spy)
+    with proxy_session(tmp_path, "late") as s:
+        hub = s.hub
+        assert hub is not None
+        listeners = s.analyzer.listeners
+        assert hub.publish_exchange in listeners  # nobody watches yet
+        raw = _binary(hub.path)
+        _wait(lambda: hub.clients and hub.clients[0].binary)
+        assert hub._fresh.append in listeners and hub.publish_exchange not in listeners
+        for c in caps:
+            s.proxy._capture_one(c)
+        s.catch_up()  # (every capture analysed: its exchanges finished on this thread)
+        assert threading.get_ident() not in where
+        ref = Analyzer(keep_exchanges=False)
+        done: list[Any] = []
+        ref.listeners.append(done.append)
+        for c in caps:
+            if not (c.kind == "reply" and c.queue == 0 and c.length == 0):
+                (ref.feed_request if c.kind == "request" else ref.feed_reply)(c.data, c.queue, c.head, c.ts_ns,
+                                                                            orig_len=c.length)
+        late = socket.socket(socket.AF_UNIX)
+        late.connect(hub.path)
+        snap = _lines_until(late, "snapshot")
+        want = done[-hub_mod.BACKLOG_EXCHANGES:]
+        assert [(e["n"], e["unique"], e["opcode"]) for e in snap["exchanges"]] == \
+            [(ex.n, ex.unique, ex.opname) for ex in want]
+        _wait(lambda: hub.json_clients == 1)
+        assert hub.publish_exchange in listeners and hub._fresh.append not in listeners and not hub._fresh
+        late.close()
+        raw.close()
+
+
+def test_a_stuck_lint_at_completion_reaches_a_binary_client_from_the_hub_thread(tmp_path: Path) -> None:
+    """An exchange the source lints `stuck` when its reply comes (it took longer than the threshold) is said
+    to binary clients by a custom block (their packet blocks cannot say it): while only they watch, the hub
+    thread finds it among the exchanges the source appended, and the source's quiet tick calls it in."""
+    caps = [c for c in captures() if c.queue == 1][2:4]  # GETATTR and its reply
+    s = S.Session(ProxyConfig(), S.SessionOptions(record=str(tmp_path / "st.pcapng"),
+                                                  control=str(tmp_path / "st.sock"), stuck_ns=1))
+    try:
+        hub = s.hub
+        assert hub is not None
+        feed = ControlFeed(LiveState(analyzer=Analyzer(keep_exchanges=True)), hub.path)
+        t, stop = _feed_thread(feed)
+        _wait(lambda: hub.clients and hub.clients[0].binary)
+        for c in caps:
+            s.proxy._capture_one(c)
+        s.catch_up()
+        s._on_idle()  # the guest is quiet: the hub thread settles what finished, now
+        _wait(lambda: feed.state.analyzer.exchanges and "stuck" in feed.state.analyzer.exchanges[0].lints, 10)
+        assert feed.state.analyzer.exchanges[0].replied
+        stop.set()
+    finally:
+        s.close()
+        if s.writer is not None:
+            s.writer.close()
+        s.proxy.shutdown()
+    t.join(30)

@@ -171,6 +171,8 @@ class Analysis(Addon):
         if self._backlog:
             self.catch_up(BACKLOG_CHUNK)
         self.check_stuck(now_ns, time.monotonic_ns())
+        if self.hub is not None:
+            self.hub.nudge()  # exchanges finished since its last round: their `stuck` lints, while traffic stops
 
     def done(self, reason: str) -> None:
         self.catch_up()
@@ -293,7 +295,7 @@ class Publisher(Addon):
         self.flush_timeout = flush_timeout  # closing: how long clients that read may take to get the end
         self._open: dict[tuple[int, int], int] = {}  # open chains: (queue, head or unique) -> n
         if analysis is not None:
-            analysis.analyzer.listeners.append(hub.publish_exchange)
+            hub.listen(analysis.analyzer.listeners)
             analysis.analyzer.pending_listeners.append(hub.publish_request)
             hub.take_captures()
 

@@ -194,6 +194,12 @@ class Hub:
         self.recent: collections.deque[Exchange] = collections.deque(maxlen=BACKLOG_EXCHANGES)
         self._recent_sizes: collections.deque[int] = collections.deque()
         self._recent_bytes = 0
+        # Finished exchanges not in `recent` yet (listen(): while only binary clients watch, the source's
+        # thread only appends here; the hub thread moves them into `recent`, sized, in its next round).
+        self._fresh: collections.deque[Exchange] = collections.deque(maxlen=BACKLOG_EXCHANGES)
+        self._recent_lock = threading.Lock()  # `recent` and its sizes change under it (settle, _remember)
+        self._listeners: list[Callable[[Exchange], None]] | None = None  # the source's (listen)
+        self._listening_fresh = False
         self.recent_control: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS)
         self.total_overflow = 0
@@ -263,10 +269,70 @@ class Hub:
     def publish_exchange(self, ex: Exchange) -> None:
         """A finished exchange: kept for the next snapshot and queued as it is (nothing is rendered here:
         the data path's thread pays two appends)."""
-        self._remember(ex)
+        if self._fresh:  # (listen(): a JSON client joined since; the older ones go first)
+            self.settle()
+        with self._recent_lock:
+            self._remember(ex)
         if self.tee and not self.json_clients and STUCK not in ex.lints:
             return  # binary clients only: its packet blocks went with its captures
         self._broadcast(_EXCHANGE, ex)
+
+    def listen(self, listeners: list[Callable[[Exchange], None]]) -> None:
+        """Hear about finished exchanges through the source's listener list (an Analyzer's `listeners`), at
+        the least cost to the source's thread: while only binary clients watch a source that publishes its
+        captures (take_captures), the listener is the bare append of `_fresh` (no Python frame, nothing
+        sized: their packet blocks went with the captures), and the hub thread keeps the snapshot's backlog
+        (settle) in its rounds; otherwise publish_exchange.  The hub swaps the two under the feed lock when a
+        client joins or switches streams (the source calls its listeners only while holding that lock)."""
+        self._listeners = listeners
+        self._listening_fresh = self._fresh_mode()
+        listeners.append(self._fresh.append if self._listening_fresh else self.publish_exchange)
+
+    def _fresh_mode(self) -> bool:
+        return self.tee and not self.json_clients and bool(self.clients)
+
+    def _relisten(self) -> None:
+        """Put the listener that fits the clients now in the source's list (with the feed lock held; a mode
+        that outlives its reason is only slower: a client leaving changes nothing)."""
+        lst = self._listeners
+        fresh = self._fresh_mode()
+        if lst is None or fresh == self._listening_fresh:
+            return
+        old = self._fresh.append if self._listening_fresh else self.publish_exchange
+        for k, cb in enumerate(lst):
+            if cb == old:
+                lst[k] = self._fresh.append if fresh else self.publish_exchange
+                break
+        self._listening_fresh = fresh
+
+    def nudge(self) -> None:
+        """The source went quiet: if it finished exchanges the hub thread has not settled yet (listen), call
+        the hub thread in for a round (it stops coming by itself once traffic stops)."""
+        if self._fresh and self.clients and not self._nudged:
+            with self.lock:
+                self._woken = self._nudged = True
+            self._wake()
+
+    def settle(self) -> int:
+        """Move the finished exchanges the source only appended (listen) into the snapshot's backlog, sized
+        and bounded; those the source linted `stuck` at completion go to the binary clients (the one thing
+        their packet blocks cannot say).  Any thread (the hub thread's rounds, a joining client's snapshot)."""
+        fresh = self._fresh
+        moved = 0
+        stuck: list[Exchange] = []
+        with self._recent_lock:
+            while fresh:
+                try:
+                    ex = fresh.popleft()
+                except IndexError:  # (taken by another settle meanwhile)
+                    break
+                self._remember(ex)
+                if STUCK in ex.lints:
+                    stuck.append(ex)
+                moved += 1
+        for ex in stuck:
+            self._broadcast(_EXCHANGE, ex)
+        return moved
 
     def publish_request(self, ex: Exchange) -> None:
         """A request in flight (new, or changed while open); the snapshot lists the open ones instead.  Sent
@@ -292,8 +358,8 @@ class Hub:
 
     def _remember(self, ex: Exchange) -> None:
         """Keep `ex` for the snapshot's backlog, bounded in count and in bytes (what it holds, and its JSON's
-        raw hex, which is cut at LIVE_SNAPLEN).  Once per exchange on the source's thread, under the feed lock
-        (exchanges change only under it), as every reader of `recent` is: no other lock."""
+        raw hex, which is cut at LIVE_SNAPLEN).  Under _recent_lock: on the source's thread (publish_exchange)
+        or on the hub thread (settle: a finished exchange's raw bytes no longer change)."""
         size = 512
         for raw in (ex.req_raw, ex.reply_raw):
             if raw is not None:
@@ -314,7 +380,8 @@ class Hub:
         """The exchanges a client attaching now gets in its snapshot, as JSON (under the feed lock: the
         source's thread changes exchanges only while it holds that lock)."""
         with self.feed_lock:
-            with self.lock:
+            self.settle()
+            with self._recent_lock:
                 recent = list(self.recent)
             return [_exchange_obj(ex) for ex in recent]
 
@@ -370,6 +437,8 @@ class Hub:
     # -- the hub thread -----------------------------------------------------------------------------
     def _fan_out(self) -> None:
         """Encode what was published since the last round, once, and queue it to every client."""
+        if self._fresh:
+            self.settle()
         with self.lock:
             items = list(self._outbox)
             self._outbox.clear()
@@ -532,10 +601,12 @@ class Hub:
             return
         self._reply(c, {"type": "reply", "id": cid, "ok": True, "format": want})
         if want == "pcapng" and not c.binary:
-            with self.lock:  # after the reply line: the section header and every interface so far
-                c.binary = True
-                self.json_clients -= 1
-                self._enqueue(c, b"".join(self.encoder.header), force=True)
+            with self.feed_lock:  # (the source calls its listeners only while holding it: _relisten)
+                with self.lock:  # after the reply line: the section header and every interface so far
+                    c.binary = True
+                    self.json_clients -= 1
+                    self._enqueue(c, b"".join(self.encoder.header), force=True)
+                self._relisten()
 
     def _accept(self) -> None:
         while True:
@@ -569,7 +640,8 @@ class Hub:
                         sock.send(_line({"type": "error", "error": f"no snapshot: {type(e).__name__}: {e}"}))
                     sock.close()
                     continue
-                with self.lock:
+                self.settle()  # (what the source only appended: its `stuck` lints go to the others first)
+                with self._recent_lock:
                     recent = list(self.recent)
                 snap["exchanges"] = [_exchange_obj(ex) for ex in recent]  # the source waits for the lock meanwhile
                 with self.lock:
@@ -578,6 +650,7 @@ class Hub:
                     c.start_seq = self._seq
                     self.clients.append(c)
                     self.json_clients += 1
+                self._relisten()  # a JSON client: every exchange goes out as it finishes
             self.sel.register(sock, selectors.EVENT_READ, c)
             hello: dict[str, Any] = {"type": "hello", "version": self.protocol_version}
             if self.protocol_version > 1:
