@@ -329,7 +329,7 @@ def test_fast_path_replies_byte_for_byte_as_python(twins: Any, share: Path, hand
     for n in (f.nodeid, inner.nodeid):
         assert t.error("GETATTR", _getattr(), nodeid=n) == errno.EBADF
     assert look(1, b"file").nodeid > f.nodeid  # a new nodeid, on both sides
-    assert t.fs_c.store.counts() == t.fs_py.store.counts()
+    assert _tables(t.fs_c) == _tables(t.fs_py)
 
     # Odd messages: all Python's (the decoder's answer), byte for byte.
     u = 10_000
@@ -525,7 +525,7 @@ def test_create_and_open_byte_for_byte_as_python(twins: Any, share: Path, handle
         t.ok("RELEASEDIR" if is_dir else "RELEASE", {"release": F.make("fuse_release_in", fh=fh)}, nodeid=nodeid)
         assert t.last_fast()
     assert t.fs_c._handles == {} and t.fs_py._handles == {}
-    assert t.fs_c.store.counts() == t.fs_py.store.counts()
+    assert _tables(t.fs_c, identity=False) == _tables(t.fs_py, identity=False)  # each created its own files
     cc, pc = t.c.server.counters(), t.py.server.counters()
     assert cc["ops"] == pc["ops"] and cc["errors"] == pc["errors"], (cc, pc)
     assert cc["fast_path"]["served"] >= 60, cc["fast_path"]
@@ -756,14 +756,17 @@ def test_lookup_fast_path_keeps_nlookup_under_concurrent_forgets(share: Path,
     fs.close()
 
 
-def _tables(fs: PassthroughFS) -> tuple[Any, ...]:
-    """The store's whole state, as far as FORGET changes it: each inode, both indexes, the mounts' references,
-    the fd cache's order and the counts."""
+def _tables(fs: PassthroughFS, identity: bool = True) -> tuple[Any, ...]:
+    """The store's whole state: each inode, both indexes, the mounts' references, the fd cache's order, the
+    counts and counters; without `identity`, what two engines that each created their own files share (the
+    inodes' keys and handles left out)."""
     s = fs.store
-    inodes = sorted((i.nodeid, i.key, i.nlookup, i.fd >= 0, i.cached_fd >= 0, i.lent, i.handle,
-                     None if i.mount is None else i.mount.mnt_id) for i in s._by_id.values())
-    return (inodes, {k: v.nodeid for k, v in s._by_key.items()}, {m: x.refs for m, x in s._mounts.items()},
-            list(s._cached), s.counts())
+    inodes = sorted((i.nodeid, i.generation, i.key if identity else None, i.mode, i.nlookup, i.fd >= 0,
+                     i.cached_fd >= 0, i.lent, i.used, i.handle if identity else None,
+                     None if i.mount is None else i.mount.mnt_id, i.parent_mnt_id) for i in s._by_id.values())
+    by_key = {k: v.nodeid for k, v in s._by_key.items()} if identity else sorted(v.nodeid for v in s._by_key.values())
+    return (inodes, by_key, {m: x.refs for m, x in s._mounts.items()}, list(s._cached), s.counts(),
+            (s._next_id, s._generation))
 
 
 @pytest.mark.parametrize("handles", [HandleMode.PREFER, HandleMode.NEVER])
@@ -926,3 +929,46 @@ def test_forget_to_zero_racing_lookups_leaves_the_tables_coherent(share: Path, m
     assert len(os.listdir("/proc/self/fd")) == fds
     server.shutdown()
     fs.close()
+
+
+@pytest.mark.parametrize("handles", [HandleMode.PREFER, HandleMode.NEVER])
+def test_new_inodes_byte_for_byte_as_python(twins: Any, share: Path, handles: HandleMode) -> None:
+    """A LOOKUP that finds a new inode and a CREATE put it in the store's tables from C (InodeStore.find_or_add's
+    usual case): the same tables after each request (nodeid, generation, key, handle, mount references,
+    cached fds and their order), with an fd cache of two (the third evicts, second chance), a CREATE of a
+    file the store holds pinned or only by its handle, and the first inode on a submount (Python's: the
+    mount fd is opened there)."""
+    t: Twins = twins(inode_file_handles=handles)
+    for fs in (t.fs_c, t.fs_py):
+        fs.store.fd_cache_max = 2
+    for i in range(6):
+        (share / f"n{i}").write_bytes(b"n")
+
+    def same(what: str) -> None:
+        assert _tables(t.fs_c) == _tables(t.fs_py), what
+
+    look = lambda parent, name: t.ok("LOOKUP", {"name": name}, nodeid=parent).args["entry"].nodeid  # noqa: E731
+    ids = []
+    for i in range(6):
+        ids.append(look(1, f"n{i}".encode()))
+        assert t.last_fast()
+        same(f"LOOKUP n{i}")
+    assert look(1, b"n0") == ids[0] and look(1, b"n4") == ids[4]  # known (by key, or by handle)
+    same("LOOKUP known")
+    sub = look(1, b"sub")
+    deep = look(sub, b"deep")
+    same("a submount's first inodes")
+    assert look(sub, b"deep") == deep
+    if handles is HandleMode.PREFER:
+        assert len(t.fs_c.store._cached) == 2 and t.fs_c.store.counts()["mount_fds"] == 2
+
+    # CREATE of a file the store holds: pinned by a cached fd, then only by its handle.
+    for k in (5, 3):
+        if handles is HandleMode.PREFER and k == 3:
+            assert t.fs_c.store.get(ids[k]).cached_fd < 0  # evicted: held by its handle alone
+        rep = t.decoded("CREATE", _create(os.O_RDWR, name=f"n{k}".encode()),
+                        t.req("CREATE", _create(os.O_RDWR, name=f"n{k}".encode()), nodeid=1))
+        assert rep.error == 0 and rep.args["entry"].nodeid == ids[k] and t.last_fast()
+        same(f"CREATE of n{k}, known")
+        t.ok("RELEASE", {"release": F.make("fuse_release_in", fh=rep.args["open"].fh)}, nodeid=ids[k])
+    assert t.fs_c.store.get(ids[3]).nlookup == 2

@@ -4,10 +4,12 @@
  * of every operation and its fallback: `FastPath(fs)(request[, chain]) -> reply | b"" | None` answers
  * GETATTR, LOOKUP, UNLINK, RMDIR, RELEASE, RELEASEDIR, FLUSH, STATFS, CREATE, OPEN, OPENDIR, READ, WRITE,
  * FORGET and BATCH_FORGET exactly as the Python path would (byte for byte, and the same tables after;
- * tests/test_daemon_fastpath.py replays the same requests through both).  Where the Python path adds to the
- * inode table it still does, called from here: a LOOKUP that finds a new inode, or a CREATE, hands its fd to
- * InodeStore.find_or_add; FORGET takes nlookup down and drops the inode here (InodeStore.forget's usual case
- * and _drop), leaving what InodeStore.forget logs to it; a new open file is a fs.Handle in fs._handles.
+ * tests/test_daemon_fastpath.py replays the same requests through both).  The inode table is the Python one,
+ * changed here under its own lock as the Python path changes it: a LOOKUP that finds a new inode, or a CREATE,
+ * does InodeStore.find_or_add's usual case (a handle-held inode on a mount the store has an fd for; anything
+ * else is find_or_add's own, called from here); FORGET takes nlookup down and drops the inode
+ * (InodeStore.forget's usual case and _drop), leaving what InodeStore.forget logs to it; a new open file is a
+ * fs.Handle in fs._handles.
  * Anything it does not fully handle (a malformed or unusual message, an unknown nodeid, a directory whose fd
  * is not cached, a handle with locks or a backing file, unusual open flags) gives None: the caller then
  * serves the request through Python, and nothing was changed.  b"" means served, no reply (FORGET).  A
@@ -82,7 +84,8 @@ static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_
     *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
     *S_readonly, *S_find_or_add, *S_next_fh, *S_fopen_file, *S_fopen_dir, *S_writeback, *S_passthrough,
     *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc, *S_chain_for, *S_writable, *S_in_place, *S_used,
-    *S_keep_fd, *S_drop_cached_fd, *S_ino, *S_lent, *S_refs, *S_cached, *S_mounts;
+    *S_keep_fd, *S_drop_cached_fd, *S_ino, *S_lent, *S_refs, *S_cached, *S_mounts,
+    *S_generation_, *S_next_id, *S_fd_cache_max, *S_evict_locked;
 
 /* This thread's answer from fs._prepare_thread (Python keeps the same in a threading.local): 0 not asked
  * yet, 1 its own umask 0 (a serving thread), -1 not (the main thread: Python switches the process umask). */
@@ -202,6 +205,40 @@ static void split_timeout(double t, uint64_t *s, uint32_t *ns) {
     long long whole = (long long)t;
     *s = (uint64_t)whole;
     *ns = (uint32_t)(long long)((t - (double)whole) * 1e9);
+}
+
+typedef struct {
+    PyObject *by_id, *by_key, *cached, *mounts; /* InodeStore's tables */
+} Tables;
+
+static int tables_of(PyObject *store, Tables *t) {
+    t->by_id = PyObject_GetAttr(store, S_by_id);
+    t->by_key = t->by_id != NULL ? PyObject_GetAttr(store, S_by_key) : NULL;
+    t->cached = t->by_key != NULL ? PyObject_GetAttr(store, S_cached) : NULL;
+    t->mounts = t->cached != NULL ? PyObject_GetAttr(store, S_mounts) : NULL;
+    return t->mounts != NULL ? 0 : -1;
+}
+
+static void tables_done(Tables *t) {
+    Py_CLEAR(t->by_id);
+    Py_CLEAR(t->by_key);
+    Py_CLEAR(t->cached);
+    Py_CLEAR(t->mounts);
+}
+
+/* os.close(fd): 0, or -1 with its OSError. */
+static int close_or_raise(long long fd) {
+    if (close((int)fd) == 0) return 0;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
+static int set_long(PyObject *o, PyObject *name, long long v) {
+    PyObject *x = PyLong_FromLongLong(v);
+    if (x == NULL) return -1;
+    int rc = PyObject_SetAttr(o, name, x);
+    Py_DECREF(x);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ inode access */
@@ -627,6 +664,161 @@ static PyObject *find_or_add(FastPath *self, PyObject *store, int fd, const stru
     return inode;
 }
 
+typedef struct {
+    Tables t;
+    PyObject *store, *key, *parent, *handle, *mount, *inode;
+    const struct statx *sx;
+    int fd, owned, mount_id, kept, python;
+    long long evicted;
+} Adding;
+
+/* One more lookup of the inode held for a.key, if it is the one behind the fd: pinned (its O_PATH fd, or a
+ * cached one) or, with `handle`, one whose handle matches (InodeStore._find_or_add's two checks).  a->inode
+ * set (a new reference) when it was; 0, or -1 with a Python error. */
+static int account_known(Adding *a, int by_handle) {
+    PyObject *ino = PyDict_GetItemWithError(a->t.by_key, a->key);
+    if (ino == NULL) return PyErr_Occurred() ? -1 : 0;
+    long long fd, cached, nlookup;
+    int same;
+    if (get_long(ino, S_fd, &fd) < 0) return -1;
+    if (fd >= 0) {
+        same = 1;
+    } else if (!by_handle) {
+        if (get_long(ino, S_cached_fd, &cached) < 0) return -1;
+        same = cached >= 0;
+    } else {
+        PyObject *held = PyObject_GetAttr(ino, S_handle);
+        if (held == NULL) return -1;
+        same = PyObject_RichCompareBool(held, a->handle, Py_EQ);
+        Py_DECREF(held);
+        if (same < 0) return -1;
+    }
+    if (!same) return 0;
+    if (get_long(ino, S_nlookup, &nlookup) < 0 || set_long(ino, S_nlookup, nlookup + 1) < 0) return -1;
+    Py_INCREF(ino);
+    a->inode = ino;
+    return 0;
+}
+
+static int account_pinned(void *arg) {
+    return account_known(arg, 0);
+}
+
+/* The rest of InodeStore._find_or_add under the lock, for a handle-held inode on a mount the store has a fd
+ * for: the inode if it is known by its handle, else a new Inode in both tables (and, for an fd the store owns,
+ * that fd as its cached one: _cache_locked's insertion here, its eviction InodeStore._evict_locked's).  A mount
+ * without an fd yet (the first inode on it) sets a->python: nothing changed, find_or_add does it all. */
+static int add_locked(void *arg) {
+    Adding *a = arg;
+    if (account_known(a, 1) < 0 || a->inode != NULL) return a->inode != NULL ? 0 : -1;
+    PyObject *mid = PyLong_FromLong(a->mount_id);
+    if (mid == NULL) return -1;
+    a->mount = PyDict_GetItemWithError(a->t.mounts, mid);
+    Py_DECREF(mid);
+    if (a->mount == NULL) {
+        a->python = !PyErr_Occurred();
+        return a->python ? 0 : -1;
+    }
+    Py_INCREF(a->mount);
+    long long generation, next, refs, max;
+    PyObject *pmnt = PyObject_GetAttr(a->parent, S_mnt_id);
+    if (pmnt == NULL) return -1;
+    int rc = get_long(a->store, S_generation_, &generation) < 0 || set_long(a->store, S_generation_, generation + 1) < 0
+             || get_long(a->store, S_next_id, &next) < 0 ? -1 : 0;
+    if (rc == 0) {
+        const struct statx *sx = a->sx;
+        a->inode = PyObject_CallFunction(
+            (PyObject *)Py_TYPE(a->parent), "LLKKKKiOOiO", next, generation + 1,
+            (unsigned long long)makedev(sx->stx_dev_major, sx->stx_dev_minor), (unsigned long long)sx->stx_ino,
+            (unsigned long long)((sx->stx_mask & STATX_MNT_ID) ? sx->stx_mnt_id : 0), (unsigned long long)sx->stx_mode,
+            -1, a->handle, a->mount, 1, pmnt);
+        if (a->inode == NULL || get_long(a->mount, S_refs, &refs) < 0 || set_long(a->mount, S_refs, refs + 1) < 0
+            || set_long(a->store, S_next_id, next + 1) < 0)
+            rc = -1;
+    }
+    Py_DECREF(pmnt);
+    PyObject *nodeid = rc == 0 ? PyLong_FromLongLong(next) : NULL;
+    if (nodeid == NULL || PyDict_SetItem(a->t.by_id, nodeid, a->inode) < 0
+        || PyDict_SetItem(a->t.by_key, a->key, a->inode) < 0)
+        rc = -1;
+    if (rc == 0 && a->owned) { /* _cache_locked(new, fd) */
+        a->kept = 1;
+        if (set_long(a->inode, S_cached_fd, a->fd) < 0 || PyObject_SetAttr(a->inode, S_used, Py_False) < 0
+            || PyObject_SetItem(a->t.cached, nodeid, a->inode) < 0 || get_long(a->store, S_fd_cache_max, &max) < 0) {
+            rc = -1;
+        } else if (PyObject_Length(a->t.cached) > max) {
+            PyObject *ev = PyObject_CallMethodNoArgs(a->store, S_evict_locked);
+            if (ev == NULL || (a->evicted = PyLong_AsLongLong(ev)) == -1) rc = PyErr_Occurred() ? -1 : 0;
+            Py_XDECREF(ev);
+        }
+    }
+    Py_XDECREF(nodeid);
+    return rc;
+}
+
+/* InodeStore.find_or_add for a handle-held inode, with the store's tables changed here under its lock (one
+ * more lookup of a known inode; a new Inode on a mount it has an fd for); anything else (handles off, no handle
+ * for this inode, a mount without an fd yet) is find_or_add's, called before anything was changed.  `owned`:
+ * the fd is the store's to keep (as the new inode's cached fd) or close, else the caller's (CREATE's open
+ * file).  A new reference, or NULL with *err set (an errno to answer) or a Python error. */
+static PyObject *store_add(FastPath *self, PyObject *store, int fd, const struct statx *sx, PyObject *parent,
+                           int owned, int *err) {
+    Adding a;
+    memset(&a, 0, sizeof a);
+    a.store = store;
+    a.parent = parent;
+    a.sx = sx;
+    a.fd = fd;
+    a.owned = owned;
+    a.evicted = -1;
+    PyObject *mode = PyObject_GetAttr(store, S_mode);
+    int never = mode != NULL ? PyUnicode_Check(mode) && PyUnicode_CompareWithASCIIString(mode, "never") == 0 : -1;
+    Py_XDECREF(mode);
+    if (never < 0 || tables_of(store, &a.t) < 0) goto error;
+    if (never) goto python;
+    a.key = Py_BuildValue("(KKK)", (unsigned long long)makedev(sx->stx_dev_major, sx->stx_dev_minor),
+                          (unsigned long long)sx->stx_ino,
+                          (unsigned long long)((sx->stx_mask & STATX_MNT_ID) ? sx->stx_mnt_id : 0));
+    if (a.key == NULL) goto error;
+    /* Not held now: as if the lock had been taken before whoever adds it next (add_locked looks again). */
+    PyObject *held = PyDict_GetItemWithError(a.t.by_key, a.key);
+    if (held == NULL && PyErr_Occurred()) goto error;
+    if (held != NULL && under_lock(store, account_pinned, &a) < 0) goto error;
+    if (a.inode == NULL) {
+        union {
+            struct file_handle fh;
+            unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
+        } hb;
+        int rc;
+        hb.fh.handle_bytes = MAX_HANDLE_SZ_;
+        Py_BEGIN_ALLOW_THREADS
+        rc = name_to_handle_at(fd, "", &hb.fh, &a.mount_id, AT_EMPTY_PATH);
+        Py_END_ALLOW_THREADS
+        if (rc != 0) goto python; /* counted, logged or refused there */
+        a.handle = PyBytes_FromStringAndSize((const char *)hb.raw,
+                                             (Py_ssize_t)(sizeof(struct file_handle) + hb.fh.handle_bytes));
+        if (a.handle == NULL || under_lock(store, add_locked, &a) < 0) goto error;
+        if (a.python) goto python;
+    }
+    if (owned && !a.kept) close(fd);
+    if (a.evicted >= 0) close((int)a.evicted);
+    goto out;
+python:
+    Py_CLEAR(a.inode);
+    a.inode = find_or_add(self, store, fd, sx, parent, owned ? NULL : self->not_owned, err);
+    goto out;
+error:
+    Py_CLEAR(a.inode);
+    if (owned && !a.kept) close(fd); /* find_or_add's rule: an owned fd it did not keep is closed */
+    take_oserror(err);
+out:
+    Py_XDECREF(a.key);
+    Py_XDECREF(a.handle);
+    Py_XDECREF(a.mount);
+    tables_done(&a.t);
+    return a.inode;
+}
+
 /* A new inode, as fs._do_lookup makes one: an O_PATH fd on the name, its statx, and the store's own
  * find_or_add (Python: the handle, the mount fd, the new Inode; it keeps or closes the fd).  A new
  * reference, or NULL with *err set (an errno to answer) or a Python error. */
@@ -654,7 +846,7 @@ static PyObject *adopt(FastPath *self, PyObject *store, PathFd *p, const char *n
         *err = e;
         return NULL;
     }
-    return find_or_add(self, store, fd, sx, parent, NULL, err);
+    return store_add(self, store, fd, sx, parent, 1, err);
 }
 
 /* fs._entry: the entry of `inode` found under `parent`, FUSE_ATTR_SUBMOUNT on a directory on another mount
@@ -1028,7 +1220,7 @@ static PyObject *op_create(FastPath *self, const struct fuse_in_header *h, const
         result = reply_error(self, h->opcode, h->unique, e);
         goto out;
     }
-    inode = find_or_add(self, store, fd, &sx, parent, self->not_owned, &e);
+    inode = store_add(self, store, fd, &sx, parent, 0, &e);
     if (inode == NULL) {
         close(fd);
         if (e) result = reply_error(self, h->opcode, h->unique, e);
@@ -1450,40 +1642,6 @@ static PyObject *op_statfs(FastPath *self, const struct fuse_in_header *h, size_
 }
 
 /* ------------------------------------------------------------------ forget */
-typedef struct {
-    PyObject *by_id, *by_key, *cached, *mounts; /* InodeStore's tables */
-} Tables;
-
-static int tables_of(PyObject *store, Tables *t) {
-    t->by_id = PyObject_GetAttr(store, S_by_id);
-    t->by_key = t->by_id != NULL ? PyObject_GetAttr(store, S_by_key) : NULL;
-    t->cached = t->by_key != NULL ? PyObject_GetAttr(store, S_cached) : NULL;
-    t->mounts = t->cached != NULL ? PyObject_GetAttr(store, S_mounts) : NULL;
-    return t->mounts != NULL ? 0 : -1;
-}
-
-static void tables_done(Tables *t) {
-    Py_CLEAR(t->by_id);
-    Py_CLEAR(t->by_key);
-    Py_CLEAR(t->cached);
-    Py_CLEAR(t->mounts);
-}
-
-/* os.close(fd): 0, or -1 with its OSError. */
-static int close_or_raise(long long fd) {
-    if (close((int)fd) == 0) return 0;
-    PyErr_SetFromErrno(PyExc_OSError);
-    return -1;
-}
-
-static int set_long(PyObject *o, PyObject *name, long long v) {
-    PyObject *x = PyLong_FromLongLong(v);
-    if (x == NULL) return -1;
-    int rc = PyObject_SetAttr(o, name, x);
-    Py_DECREF(x);
-    return rc;
-}
-
 /* InodeStore._drop, step for step, under the store's lock: the inode leaves both tables; its O_PATH fd, its
  * cached fd (unless an op has it lent: the last one closes it) and its mount's reference go.  0, or -1 with the
  * Python error _drop would raise at the same step. */
@@ -1906,6 +2064,10 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_refs, "refs");
     INTERN(S_cached, "_cached");
     INTERN(S_mounts, "_mounts");
+    INTERN(S_generation_, "_generation");
+    INTERN(S_next_id, "_next_id");
+    INTERN(S_fd_cache_max, "fd_cache_max");
+    INTERN(S_evict_locked, "_evict_locked");
     if (PyType_Ready(&FastPathType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

@@ -19,6 +19,7 @@ runs with CAP_FSETID lowered, so the host kernel clears the bits as it would for
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -801,13 +802,18 @@ _FAST_SIZES = {"SIZE_IN_HEADER": "fuse_in_header", "SIZE_ENTRY_OUT": "fuse_entry
                "SIZE_GETATTR_IN": "fuse_getattr_in", "SIZE_CREATE_IN": "fuse_create_in", "SIZE_OPEN_IN": "fuse_open_in",
                "SIZE_OPEN_OUT": "fuse_open_out", "SIZE_READ_IN": "fuse_read_in", "SIZE_WRITE_IN": "fuse_write_in",
                "SIZE_WRITE_OUT": "fuse_write_out"}
+# The fields the C gives a new Inode, by position (_fastmodule.c add_locked).
+_FAST_INODE_FIELDS = ("nodeid", "generation", "dev", "ino", "mnt_id", "mode", "fd", "handle", "mount", "nlookup",
+                      "parent_mnt_id")
 _fast_loaded: list[Any] = []
 # What the fast path answers in C (with the attributes it reads: store, _handles, _next_fh, _lock, _lock_fds,
 # backing, passthrough, timeout, submounts, zero_submount_generation, writeback, _fopen_file, _fopen_dir,
 # _switch_creds, kernel_groups, opts.readonly, opts.proc_groups); FORGET/BATCH_FORGET do InodeStore.forget's
 # accounting and _drop on the store's tables (its own forget() for an unknown nodeid or an over-forget, which it
-# logs; forget()/batch_forget() themselves with backing files), CREATE and LOOKUP the store's find_or_add, CREATE _prepare_thread; READ fills a vhost-user chain's
-# buffers in place where the filesystem has chain_for (GuestPassthroughFS.read, a twin the C also answers as).
+# logs; forget()/batch_forget() themselves with backing files), CREATE and LOOKUP put a new handle-held inode
+# in the store's tables (find_or_add's usual case; its own find_or_add otherwise, _evict_locked past the fd cache's
+# bound), CREATE _prepare_thread; READ fills a vhost-user chain's buffers in place where the filesystem has
+# chain_for (GuestPassthroughFS.read, a twin the C also answers as).
 _FAST_METHODS = ("lookup", "_do_lookup", "_entry", "getattr", "_stat", "release", "releasedir", "flush",
                  "_handle", "_drop_owner", "statfs", "unlink", "rmdir", "_rw", "create", "open", "opendir",
                  "_open_flags", "_add_file", "_add_handle", "_creating", "_creds", "_switched", "_groups",
@@ -838,6 +844,10 @@ def _fast_module() -> Any:
             if wrong:
                 log.warning("the C fast path was built against other layouts of %s than the spec's: off",
                             ", ".join(wrong))
+                _fast = None
+            elif tuple(f.name for f in dataclasses.fields(Inode))[:len(_FAST_INODE_FIELDS)] != _FAST_INODE_FIELDS:
+                log.warning("the C fast path makes an Inode from %s in that order, which Inode no longer has: off",
+                            ", ".join(_FAST_INODE_FIELDS))
                 _fast = None
         _fast_loaded.append(_fast)
     return _fast_loaded[0]

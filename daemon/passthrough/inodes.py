@@ -240,6 +240,11 @@ class InodeStore:
         in use by an op (lent) is skipped, so the bound may be passed by as many fds as ops run at once."""
         ino.cached_fd, ino.used = fd, False
         self._cached[ino.nodeid] = ino
+        return self._evict_locked()
+
+    def _evict_locked(self) -> int:
+        """_cache_locked's eviction, once an fd was added (the C fast path adds one itself, then calls this
+        when the cache is over its bound)."""
         if len(self._cached) <= self.fd_cache_max:
             return -1
         for _ in range(len(self._cached)):
