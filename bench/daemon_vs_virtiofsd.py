@@ -14,6 +14,10 @@ average at the start:
   counts none, so its run is taken to serve as many as the bundled run of its pair (the same guest
   workload with the same cache options: the per-pair request counts are printed to judge that by).
 
+Then each back-end's CPU over each guest step, from every thread's schedstat at the step's begin and end
+marks (ns; the per-run figures above are clock ticks), with the I/O steps per MiB: `--workload io` runs
+only the io steps (a pair takes about 15 s).
+
 `--tree DIR` runs another checkout's bundled daemon in each pair too (before/after in one run): its CPU per
 request, and per storm step and I/O step its speed against this checkout's (tree time / this time, per pair).
 `--aa` runs the C virtiofsd a second time in each pair and prints what the same statistics read when both
@@ -32,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ from fsinspect.guest.share import make_share
 STORM = ("storm-create", "storm-stat-warm", "storm-stat-cold", "storm-delete")
 GOALS = {"storm (4 steps)": 0.95, "io-write": 1.0, "io-read": 1.0}  # speed ratios, at least
 CPU_GOAL = 1.3  # bundled CPU per request / C's, at most
+IO_MIB = {"io-write": 64, "io-read": 64}  # the guest's io steps' size (io.sh's io_mb default)
 
 
 def _steps(res: Any) -> dict[str, float]:
@@ -61,21 +67,62 @@ def _cpu_of(pid: int) -> float:
         return 0.0
 
 
-def run_c(image: build.GuestImage, share: Path, workload: str) -> tuple[dict[str, float], float]:
+def run_c(image: build.GuestImage, share: Path, workload: str) -> tuple[dict[str, float], float, dict[str, float]]:
     with launcher.short_tmpdir() as work, launcher.virtiofsd(share, work) as be:
         # The C virtiofsd forks a sandboxed worker that does the work and exits with the connection: sample
         # the process group's CPU at every console event (the last ones come right before the power-off).
         seen = [0.0]
+        pgid = be.processes[0].pid
+        per_step = StepCpu(lambda: _group_pids(pgid))
 
-        def sample(_ev: Any) -> None:
-            seen[0] = max(seen[0], sum(_cpu_of(p) for p in _group_pids(be.processes[0].pid)))
+        def sample(ev: Any) -> None:
+            seen[0] = max(seen[0], sum(_cpu_of(p) for p in _group_pids(pgid)))
+            per_step(ev)
 
         res = launcher.run_guest(be.socket_path, image=image, workload=workload, timeout=400, watch=be.processes,
                                  params={"xattr": 0}, on_event=sample)
         cpu = seen[0]
     if not res.ok:
         raise SystemExit(f"C virtiofsd run failed: {res.status} {res.failed_steps} {res.errors}")
-    return _steps(res), cpu
+    return _steps(res), cpu, per_step.cpu
+
+
+def _threads_cpu_ns(pids: list[int]) -> int:
+    """CPU nanoseconds of every thread of `pids` (/proc/.../schedstat: ns, where utime/stime are 10 ms ticks)."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+class StepCpu:
+    """A console-event hook: the back-end's CPU seconds over each guest step (schedstat at its begin and end
+    marks, every thread of the back-end's processes; a thread that ends within a step takes its share with
+    it, and the back-ends' serving threads do not).  With the `io` metric, io-write and io-read per MiB too."""
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self.pids = pids
+        self.begin: dict[str, int] = {}
+        self.cpu: dict[str, float] = {}
+
+    def __call__(self, ev: Any) -> None:
+        if ev.kind not in ("step-begin", "step-end") or not ev.rest:
+            return
+        name = ev.rest.split()[0]
+        now = _threads_cpu_ns(self.pids())
+        if ev.kind == "step-begin":
+            self.begin[name] = now
+        elif name in self.begin:
+            self.cpu[name] = (now - self.begin.pop(name)) / 1e9
 
 
 def _group_pids(pgid: int) -> list[int]:
@@ -90,10 +137,10 @@ def _group_pids(pgid: int) -> list[int]:
     return out
 
 
-def run_bundled(image: build.GuestImage, share: Path, workload: str,
-                extra: list[str], tree: Path | None = None) -> tuple[dict[str, float], float, int]:
-    """(step times, CPU seconds, requests served) of one guest run against the bundled daemon (of the
-    checkout `tree`, its C extensions built in place, when given)."""
+def run_bundled(image: build.GuestImage, share: Path, workload: str, extra: list[str],
+                tree: Path | None = None) -> tuple[dict[str, float], float, int, dict[str, float]]:
+    """(step times, CPU seconds, requests served, CPU seconds per step) of one guest run against the bundled
+    daemon (of the checkout `tree`, its C extensions built in place, when given)."""
     with launcher.short_tmpdir() as work:
         sock = work / "d.sock"
         summary = work / "summary.json"
@@ -111,8 +158,9 @@ def run_bundled(image: build.GuestImage, share: Path, workload: str,
             # Listening means started: the interpreter's start-up and imports (about half a CPU second)
             # are no request's cost, and the C virtiofsd has none to speak of.
             startup = _cpu_of(proc.pid)
+            per_step = StepCpu(lambda: [proc.pid])
             res = launcher.run_guest(sock, image=image, workload=workload, timeout=400, watch=[proc],
-                                     params={"xattr": 0})
+                                     params={"xattr": 0}, on_event=per_step)
             _pid, _status, ru = os.wait4(proc.pid, 0)
             proc.returncode = 0
         finally:
@@ -123,7 +171,7 @@ def run_bundled(image: build.GuestImage, share: Path, workload: str,
             raise SystemExit(f"the bundled daemon wrote no usable --summary-json: {e}") from None
     if not res.ok:
         raise SystemExit(f"bundled daemon run failed: {res.status} {res.failed_steps} {res.errors}")
-    return _steps(res), ru.ru_utime + ru.ru_stime - startup, requests
+    return _steps(res), ru.ru_utime + ru.ru_stime - startup, requests, per_step.cpu
 
 
 def spread(values: list[float]) -> str:
@@ -152,6 +200,30 @@ def goal_table(c_runs: list[dict[str, float]], ours: list[dict[str, float]], cpu
     print(f"requests served per bundled run: {', '.join(str(n) for n in requests)}; CPU µs per request "
           f"bundled/C per pair (C taken to serve as many): {', '.join(per_req)}")
     return rows
+
+
+def step_cpu_table(step_cpu: dict[str, list[dict[str, float]]], tree: Path | None) -> None:
+    """Each back-end's CPU over each guest step (schedstat, ns resolution), median [min .. max] ms over the
+    runs, per MiB for the I/O steps; and bundled / C per pair.  The per-run CPU above is in clock ticks
+    (10 ms), too coarse for a step of a few hundred requests."""
+    arms = [("C", "C virtiofsd"), ("bundled", "bundled"), *([("tree", str(tree))] if tree else [])]
+    names = [k for k in step_cpu["C"][0] if all(k in d for a, _ in arms for d in step_cpu[a])] if step_cpu["C"] else []
+    if not names:
+        return
+    print("\nback-end CPU per step (schedstat), ms: median [min .. max] over the runs"
+          + "; bundled / C per pair" + "; the I/O steps also per MiB (64 MiB each)")
+    for k in names:
+        cols = []
+        for arm, label in arms:
+            v = [d[k] * 1e3 for d in step_cpu[arm]]
+            cols.append(f"{label} {spread(v)}")
+        ratios = [b[k] / c[k] for b, c in zip(step_cpu["bundled"], step_cpu["C"]) if c[k]]
+        line = f"  {k:<18} " + "; ".join(cols) + (f"; bundled/C {spread(ratios)}" if ratios else "")
+        if k in IO_MIB:
+            line += "; ms per MiB " + ", ".join(
+                f"{label} {statistics.median(d[k] for d in step_cpu[arm]) * 1e3 / IO_MIB[k]:.3f}"
+                for arm, label in arms)
+        print(line)
 
 
 def side_by_side(title: str, num: list[dict[str, float]], den: list[dict[str, float]]) -> None:
@@ -187,8 +259,10 @@ def main() -> int:
     cpu: dict[str, list[float]] = {"C": [], "bundled": []}
     requests: list[int] = []
     tree_cpu: list[float] = []
+    tree_cpu_s: list[float] = []  # CPU seconds per run, as cpu[...] holds for the other two
     tree_runs: list[dict[str, float]] = []
     c2_runs: list[dict[str, float]] = []
+    step_cpu: dict[str, list[dict[str, float]]] = {"C": [], "bundled": [], "tree": []}
     load = os.getloadavg()[0]
     # A tmpfs root by default: on the host's ext4 a create storm soon after a delete storm (the previous
     # run's) pays ext4's scan past recently deleted inodes, which varies 3x between runs (make_share).
@@ -200,21 +274,24 @@ def main() -> int:
                     order = (*order, extra_arm) if i % 2 == 0 else (extra_arm, *order)
             for kind in order:
                 if kind == "tree":
-                    steps_t, c, n = run_bundled(image, share.root, args.workload, args.daemon_arg, args.tree)
+                    steps_t, c, n, sc = run_bundled(image, share.root, args.workload, args.daemon_arg, args.tree)
                     tree_cpu.append(c / n * 1e6 if n else 0.0)
+                    tree_cpu_s.append(c)
                     tree_runs.append(steps_t)
+                    step_cpu["tree"].append(sc)
                     continue
                 if kind == "C2":
                     c2_runs.append(run_c(image, share.root, args.workload)[0])
                     continue
                 if kind == "C":
-                    steps, c = run_c(image, share.root, args.workload)
+                    steps, c, sc = run_c(image, share.root, args.workload)
                     c_runs.append(steps)
                 else:
-                    steps, c, n = run_bundled(image, share.root, args.workload, args.daemon_arg)
+                    steps, c, n, sc = run_bundled(image, share.root, args.workload, args.daemon_arg)
                     ours.append(steps)
                     requests.append(n)
                 cpu[kind].append(c)
+                step_cpu[kind].append(sc)
             print(f"pair {i + 1}/{args.pairs} done", file=sys.stderr)
     keys = [k for k in c_runs[0] if all(k in d for d in c_runs + ours)]
     rows: list[dict[str, Any]] = []
@@ -246,6 +323,7 @@ def main() -> int:
         print(f"{kind} back-end CPU per run: median {statistics.median(vals):.2f} s (min {min(vals):.2f}, "
               f"max {max(vals):.2f})")
     goals = goal_table(c_runs, ours, cpu, requests, load)
+    step_cpu_table(step_cpu, args.tree)
     if tree_cpu:
         print(f"CPU µs per request of {args.tree}'s bundled daemon per pair: "
               + ", ".join(f"{v:.0f}" for v in tree_cpu))
@@ -256,9 +334,10 @@ def main() -> int:
         side_by_side("A/A: the C virtiofsd against itself, first run time / second run time per pair (nothing "
                      "differs: the spread is the noise)", c_runs, c2_runs)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "cpu": cpu, "requests": requests, "load": load,
+        Path(args.json).write_text(json.dumps({"rows": rows, "cpu": {**cpu, "tree": tree_cpu_s}, "requests": requests, "load": load,
                                                "goals": goals, "runs": {"C": c_runs, "bundled": ours,
-                                                                        "tree": tree_runs, "C2": c2_runs}},
+                                                                        "tree": tree_runs, "C2": c2_runs},
+                                               "step_cpu": step_cpu},
                                               indent=1))
     return 0
 

@@ -13,10 +13,13 @@ back-end it prints:
   the next system call), against the sum of the latencies;
 - the INIT reply of each back-end, field by field where they differ.
 
+`--workload io` does the same for the io workload's io-write and io-read steps, READ and WRITE counted per
+request size (what a guest's dd sends after virtio-fs split it).
+
 The proxy masks EVENT_IDX, so both back-ends run without it here; step times are the proxied ones, not the
 goal table's.  Compare the counts and the latency distributions, not the step times, on a loaded machine.
 
-    sudo .venv/bin/python bench/storm_anatomy.py [--rounds 2] [--n 2000] [--keep DIR]
+    sudo .venv/bin/python bench/storm_anatomy.py [--rounds 2] [--n 2000] [--keep DIR] [--workload storm|io]
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from fsinspect.guest import build, launcher
 from fsinspect.guest.share import make_share
 
 STORM = ("storm-create", "storm-stat-warm", "storm-stat-cold", "storm-delete")
+STEPS = {"storm": STORM, "io": ("io-write", "io-read")}  # --workload: the guest workload and its steps
+SIZED = ("READ", "WRITE")  # the mix counts these per request size: larger requests mean fewer of them
 KINDS = ("C virtiofsd", "bundled")
 
 
@@ -69,8 +74,10 @@ def backend(kind: str, share: Path, work: Path) -> Iterator[Path]:
         launcher.stop_process(proc)
 
 
-def record(kind: str, image: build.GuestImage, share: Path, out: Path, n: int) -> dict[str, tuple[int, int]]:
-    """Record one storm through the proxy; the steps' host CLOCK_REALTIME windows (ns), as the recording's."""
+def record(kind: str, image: build.GuestImage, share: Path, out: Path, n: int,
+           workload: str = "storm") -> dict[str, tuple[int, int]]:
+    """Record one run of the workload through the proxy; the steps' host CLOCK_REALTIME windows (ns), as the
+    recording's."""
     marks: dict[str, list[int]] = {}
 
     def on_event(ev: Any) -> None:
@@ -84,7 +91,7 @@ def record(kind: str, image: build.GuestImage, share: Path, out: Path, n: int) -
                                  stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             wait_for(listen, proxy)
-            res = launcher.run_guest(listen, image=image, workload="storm", timeout=400,
+            res = launcher.run_guest(listen, image=image, workload=workload, timeout=400,
                                      params={"xattr": 0, "n": n}, on_event=on_event, watch=[proxy])
             proxy.wait(timeout=30)  # it ends with QEMU's connection: the recording is complete
         finally:
@@ -105,10 +112,19 @@ def pct(v: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _size(e: dict[str, Any]) -> str:
+    """' 131072' for a READ or WRITE of that many bytes, else ''."""
+    if e["opcode"] not in SIZED:
+        return ""
+    args = (e.get("request") or {}).get("args") or {}
+    body = args.get(e["opcode"].lower()) or {}
+    return f" {body['size']}" if "size" in body else ""
+
+
 def anatomy(ex: list[dict[str, Any]], t0: int, t1: int) -> dict[str, Any]:
     """One step of one run: opcode counts, latencies (µs) per opcode, the guest's gaps and the latency sum."""
     sel = [e for e in ex if t0 <= e["ts_ns"] <= t1]
-    mix = Counter(e["opcode"] + (f"/{e['error']}" if e.get("error") else "") for e in sel)
+    mix = Counter(e["opcode"] + _size(e) + (f"/{e['error']}" if e.get("error") else "") for e in sel)
     lat: dict[str, list[float]] = defaultdict(list)
     for e in sel:
         if e.get("latency_ns") is not None:
@@ -125,14 +141,15 @@ def init_out(ex: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: v for k, v in e["reply"]["args"]["init_out"].items() if k != "unused"}
 
 
-def report(runs: dict[str, list[tuple[list[dict[str, Any]], dict[str, tuple[int, int]]]]]) -> None:
+def report(runs: dict[str, list[tuple[list[dict[str, Any]], dict[str, tuple[int, int]]]]],
+           steps: tuple[str, ...] = STORM) -> None:
     inits = {k: init_out(v[0][0]) for k, v in runs.items()}
     a, b = (inits[k] for k in KINDS)
     print("INIT replies, the fields that differ (C virtiofsd | bundled):")
     for f in a:
         if a[f] != b.get(f):
             print(f"  {f:<22} {a[f]} | {b.get(f)}")
-    for step in STORM:
+    for step in steps:
         print(f"\n== {step}")
         for kind in KINDS:
             for i, (ex, marks) in enumerate(runs[kind]):
@@ -153,6 +170,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--n", type=int, default=2000, help="files in the storm (the guest's default)")
     ap.add_argument("--keep", type=Path, help="keep the recordings in DIR")
+    ap.add_argument("--workload", choices=sorted(STEPS), default="storm",
+                    help="the guest workload whose steps are cut out (io: io-write and io-read, READ and WRITE "
+                         "counted per request size)")
     args = ap.parse_args()
     image = build.build(progress=lambda m: print(m, file=sys.stderr))
     print(f"load average {os.getloadavg()[0]:.2f} at the start")
@@ -164,10 +184,10 @@ def main() -> int:
         for r in range(args.rounds):
             for kind in KINDS if r % 2 == 0 else KINDS[::-1]:
                 path = out_dir / f"{kind.split()[0]}-{r + 1}.pcapng"
-                marks = record(kind, image, share.root, path, args.n)
+                marks = record(kind, image, share.root, path, args.n, args.workload)
                 runs[kind].append((exchanges(path), marks))
                 print(f"{kind} round {r + 1} recorded", file=sys.stderr)
-    report(runs)
+    report(runs, STEPS[args.workload])
     return 0
 
 

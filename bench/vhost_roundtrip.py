@@ -35,8 +35,12 @@ from fsinspect.guest import launcher
 from fsinspect.guest.share import make_share
 from fsinspect.rerun.front import F_INDIRECT_DESC, F_PROTOCOL, F_VERSION_1, Front, Negotiation
 
+MAX_PAGES = F.spec.INIT_FLAGS.by_name()["MAX_PAGES"]
 _UNIQUE = itertools.count(1)
 _RUN = itertools.count(1)
+# The biggest WRITE a Linux guest sends over a 128-entry virtqueue (QEMU's default queue-size): virtio-fs
+# caps a request at queue size - 4 pages (fuse_conn.max_pages_limit), so dd bs=1M writes 496K, 496K, 32K.
+GUEST_WRITE = 124 * 4096
 BATCH = 250  # CREATEs before their RELEASEs and UNLINKs: the open fds stay well under RLIMIT_NOFILE
 
 
@@ -95,7 +99,8 @@ class Meter:
 
 
 def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
-    init = F.make("fuse_init_in", major=7, minor=38, max_readahead=128 << 10, flags=0)
+    # MAX_PAGES, as Linux offers it: without it the C virtiofsd keeps 128 KiB buffers and aborts on a bigger WRITE.
+    init = F.make("fuse_init_in", major=7, minor=38, max_readahead=128 << 10, flags=MAX_PAGES)
     fuse(front, "INIT", {"init": init}, nodeid=0)
     e = fuse(front, "LOOKUP", {"name": b"big.bin"}).args["entry"]
     fh = fuse(front, "OPEN", {"open": F.make("fuse_open_in", flags=os.O_RDONLY)}, nodeid=e.nodeid).args["open"].fh
@@ -103,6 +108,7 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
     w = fuse(front, "CREATE", {"create": out, "name": f"w{next(_RUN)}.bin".encode()})
     wnode, wfh = w.args["entry"].nodeid, w.args["open"].fh
     chunk = os.urandom(1 << 17)
+    big = os.urandom(GUEST_WRITE)
     m = Meter(pgid)
     ops: dict[str, Callable[[int], Any]] = {
         "GETATTR": lambda i: fuse(front, "GETATTR", {"getattr": F.make("fuse_getattr_in")}, nodeid=e.nodeid),
@@ -112,6 +118,8 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
                                           reply_size=16 + (1 << 17)),
         "WRITE 128K": lambda i: fuse(front, "WRITE", {"write": F.make("fuse_write_in", fh=wfh, offset=(i % 32) << 17,
                                                                       size=1 << 17), "data": chunk}, nodeid=wnode),
+        "WRITE 496K": lambda i: fuse(front, "WRITE", {"write": F.make("fuse_write_in", fh=wfh, offset=(i % 32) * GUEST_WRITE,
+                                                                      size=GUEST_WRITE), "data": big}, nodeid=wnode),
     }
     for name, fn in ops.items():
         with m.cpu_of(name):
@@ -143,7 +151,7 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
 
 def measure_at(sock: Path, n: int, pgid: int) -> dict[str, tuple[float, float]]:
     # INDIRECT descriptors as Linux sends them; no EVENT_IDX: a call for every reply
-    front = Front(sock, Negotiation(features=F_VERSION_1 | F_INDIRECT_DESC | F_PROTOCOL), max_request=4096 + (1 << 17),
+    front = Front(sock, Negotiation(features=F_VERSION_1 | F_INDIRECT_DESC | F_PROTOCOL), max_request=4096 + GUEST_WRITE,
                   max_reply=1 << 17)
     try:
         return measure(front, n, pgid)
