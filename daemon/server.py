@@ -62,14 +62,20 @@ ENGINE_FLAGS = (
 FOPEN_PASSTHROUGH = spec.FOPEN.by_name()["PASSTHROUGH"]
 EXT_GROUPS = spec.EXT_TYPE.by_name()["FUSE_EXT_GROUPS"]
 
-# Ops that may block for long on the host: they run in the pool, everything else inline.  READ and
-# WRITE join them only when big: a thread hand-off costs more than a small page-cache copy (measured
-# with bench/standalone.py), so small I/O stays inline, as in virtiofsd's default.
+# Ops that may block for long on the host: they run in the pool, everything else inline.  READ joins
+# them only when big: a thread hand-off costs more than a small page-cache copy (measured with
+# bench/standalone.py), so small I/O stays inline, as in virtiofsd's default.
 BLOCKING_OPS = frozenset(OP[n] for n in (
     "FSYNC", "FSYNCDIR", "SYNCFS", "FALLOCATE", "COPY_FILE_RANGE", "COPY_FILE_RANGE_64",
 ))  # SETLKW may wait forever: it gets threads of its own (lockwait.LockWaiters), never the pool's
-IO_OPS = {OP["READ"]: "read", OP["WRITE"]: "write"}
+FUSE_READ, FUSE_WRITE = OP["READ"], OP["WRITE"]
 INLINE_IO_MAX = 128 * 1024
+# A WRITE brings its data with it (nothing to wait for from a disk): served inline up to the largest a
+# kernel sends, as the C virtiofsd serves every request on its queue thread.  A guest's dd bs=1M sends
+# 496 KiB WRITEs (virtio-fs caps a request at the virtqueue's size, 128 entries, less 4 pages); through
+# the pool each paid a copy of its data in the decoder and a thread hand-off: 84 against the C
+# virtiofsd's 50 µs of CPU per WRITE in bench/vhost_roundtrip.py.
+INLINE_WRITE_MAX = MAX_WRITE
 NO_REPLY_OPS = frozenset((OP["FORGET"], OP["BATCH_FORGET"], OP["INTERRUPT"]))
 
 _attr_cls: Any = F.CODECS["fuse_attr"].cls
@@ -580,7 +586,8 @@ class Server:
                                  lambda err: self._refuse(req, reply, queue, err))
             return
         if self._pool is not None and (self.dispatch == "pool" or opcode in BLOCKING_OPS or (
-                opcode in IO_OPS and req.args[IO_OPS[opcode]].size > INLINE_IO_MAX)):
+                opcode == FUSE_READ and req.args["read"].size > INLINE_IO_MAX) or (
+                opcode == FUSE_WRITE and req.args["write"].size > INLINE_WRITE_MAX)):
             try:
                 self._pool.submit(self._serve, req, reply, queue)
                 return

@@ -42,6 +42,9 @@ class StatOnly(FileSystem):
             time.sleep(self.slow)
         return b"r" * size
 
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, data: Any, write_flags: int) -> int:
+        return len(data)
+
 
 def test_base_filesystem_answers_enosys_for_every_op() -> None:
     server = Server(FileSystem())
@@ -128,7 +131,8 @@ def test_slow_op_does_not_stall_getattr(dispatch: str, slow_op: str) -> None:
 
 
 def test_small_io_is_served_inline() -> None:
-    """A small READ answers before handle() returns (no pool hand-off); a big one goes to the pool."""
+    """A small READ answers before handle() returns (no pool hand-off); a big one goes to the pool.  A WRITE
+    of any size a kernel sends (up to max_write) is inline: its data is in the request, nothing to wait for."""
     server = Server(StatOnly(0.0))
     c = EngineClient(server)
     c.init()
@@ -140,6 +144,14 @@ def test_small_io_is_served_inline() -> None:
     server.handle(c.encode("READ", {"read": F.make("fuse_read_in", fh=1, size=1 << 20)}, nodeid=1),
                   lambda parts: big.set())
     assert big.wait(5)
+    for size in (4096, 124 * 4096, MAX_WRITE):
+        got.clear()
+        server.handle(c.encode("WRITE", {"write": F.make("fuse_write_in", fh=1, size=size), "data": b"w" * size},
+                               nodeid=1), lambda parts: got.append(b"".join(parts)))
+        assert len(got) == 1, size
+        rep = F.decode_reply(got[0], F.decode_request(c.encode("WRITE", {"write": F.make("fuse_write_in", size=0),
+                                                                         "data": b""}, nodeid=1)))
+        assert rep.error == 0 and rep.args["write_out"].size == size
     server.shutdown()
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from daemon.passthrough import CacheMode, HandleMode, Options, PassthroughFS
-from daemon.server import Server
+from daemon.server import MAX_WRITE, Server
 from daemon.vhost import GuestPassthroughFS
 from dissectors import fuse as F
 from dissectors.spec import fuse as spec
@@ -571,9 +571,12 @@ def test_read_write_byte_for_byte_as_python(twins: Any, share: Path) -> None:
         return t.req("READ", {"read": F.make("fuse_read_in", fh=fh, offset=offset, size=size)}, nodeid=e.nodeid)
 
     payload = os.urandom(70_000)
-    for offset, data in ((0, b"hello"), (4000, payload), (123_456, b"past the end")):
+    # ... up to the largest a kernel sends (max_write): a guest's dd bs=1M sends 496 KiB WRITEs.
+    for offset, data in ((0, b"hello"), (4000, payload), (123_456, b"past the end"),
+                         (300_000, os.urandom(124 * 4096)), (1 << 20, os.urandom(MAX_WRITE))):
         write(rw, offset, data)
         assert t.last_fast()
+        assert (share / "file").read_bytes()[offset:offset + len(data)] == data
     write(ap, 0, b"appended")  # both engines append: the file ends with it twice
     assert t.last_fast() and (share / "file").read_bytes().endswith(b"appended" * 2)
     for fh, offset, size in ((rw, 0, 5), (ro, 4000, 70_000), (rw, 100_000, 65_536), (ro, 10**9, 4096), (ro, 0, 0),
@@ -589,10 +592,11 @@ def test_read_write_byte_for_byte_as_python(twins: Any, share: Path) -> None:
     assert t.last_fast()
     # ... and what is Python's: an unknown fh, a directory's, KILL_SUIDGID, I/O bigger than the engine does inline.
     big = os.urandom(128 * 1024 + 1)
+    too_big = os.urandom(MAX_WRITE + 1)  # past max_write: no kernel sends it
     for what, go in (("WRITE unknown fh", lambda: write(4242, 0, b"x")), ("WRITE dir fh", lambda: write(dfh, 0, b"x")),
                      ("READ dir fh", lambda: read(dfh, 0, 10)), ("READ unknown fh", lambda: read(4242, 0, 10)),
                      ("WRITE KILL_SUIDGID", lambda: write(rw, 0, b"h", spec.WRITE_FLAGS.by_name()["KILL_SUIDGID"])),
-                     ("WRITE big", lambda: write(rw, 0, big)), ("READ big", lambda: read(rw, 0, len(big)))):
+                     ("WRITE past max_write", lambda: write(rw, 0, too_big)), ("READ big", lambda: read(rw, 0, len(big)))):
         go()
         assert not t.last_fast(), what
     u = 20_000

@@ -73,7 +73,8 @@ typedef struct {
     PyObject *not_owned;            /* {"owned": False}: find_or_add of an open file's fd */
     unsigned int open_kill_suidgid; /* FUSE_OPEN_KILL_SUIDGID */
     unsigned int write_kill_suidgid; /* FUSE_WRITE_KILL_SUIDGID */
-    unsigned long long inline_io_max; /* bigger READs and WRITEs go to the engine's pool: Python's */
+    unsigned long long inline_io_max; /* bigger READs go to the engine's pool: Python's */
+    unsigned long long inline_write_max; /* bigger WRITEs too (the engine's INLINE_WRITE_MAX) */
     unsigned long long served[NOPS];
     unsigned long long fallbacks;
     PyObject *errors; /* {(opcode, errno): count} */
@@ -1468,13 +1469,13 @@ static PyObject *op_read(FastPath *self, const struct fuse_in_header *h, const c
 }
 
 /* WRITE (fs.write): one pwrite of the request's data.  Left to Python: a read-only export, KILL_SUIDGID
- * (CAP_FSETID lowered), a size that is not the data's, a WRITE bigger than the engine serves inline, a handle
- * that is not a file's. */
+ * (CAP_FSETID lowered), a size that is not the data's, a WRITE bigger than the engine serves inline
+ * (INLINE_WRITE_MAX: the largest a kernel sends, so none), a handle that is not a file's. */
 static PyObject *op_write(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen) {
     struct fuse_write_in w;
     if (blen < sizeof w) return fallback(self);
     memcpy(&w, body, sizeof w);
-    if (blen - sizeof w != w.size || w.size > self->inline_io_max || (w.write_flags & self->write_kill_suidgid))
+    if (blen - sizeof w != w.size || w.size > self->inline_write_max || (w.write_flags & self->write_kill_suidgid))
         return fallback(self);
     int readonly = opt_true(self, S_readonly), fd, rc;
     if (readonly < 0) return NULL;
@@ -1885,13 +1886,15 @@ done:
 static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     FastPath *self = (FastPath *)op;
     static char *kw[] = {"fs", "opcodes", "getattr_fh", "attr_submount", "max_message", "stat_type", "handle_type",
-                         "prepare_thread", "open_kill_suidgid", "write_kill_suidgid", "inline_io_max", NULL};
+                         "prepare_thread", "open_kill_suidgid", "write_kill_suidgid", "inline_io_max",
+                         "inline_write_max", NULL};
     PyObject *fs, *opcodes, *stat_type, *handle_type, *prepare_thread;
     unsigned int getattr_fh, attr_submount, open_kill_suidgid, write_kill_suidgid;
-    unsigned long long max_message, inline_io_max;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!IIKOOOIIK:FastPath", kw, &fs, &PyDict_Type, &opcodes,
+    unsigned long long max_message, inline_io_max, inline_write_max = ULLONG_MAX; /* not given: inline_io_max */
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!IIKOOOIIK|K:FastPath", kw, &fs, &PyDict_Type, &opcodes,
                                      &getattr_fh, &attr_submount, &max_message, &stat_type, &handle_type,
-                                     &prepare_thread, &open_kill_suidgid, &write_kill_suidgid, &inline_io_max))
+                                     &prepare_thread, &open_kill_suidgid, &write_kill_suidgid, &inline_io_max,
+                                     &inline_write_max))
         return -1;
     for (int i = 0; i < K_N; i++) {
         PyObject *v = PyDict_GetItemString(opcodes, op_keys[i]);
@@ -1921,6 +1924,7 @@ static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     self->open_kill_suidgid = open_kill_suidgid;
     self->write_kill_suidgid = write_kill_suidgid;
     self->inline_io_max = inline_io_max;
+    self->inline_write_max = inline_write_max == ULLONG_MAX ? inline_io_max : inline_write_max;
     if (self->not_owned == NULL) {
         if ((self->not_owned = PyDict_New()) == NULL) return -1;
         if (PyDict_SetItemString(self->not_owned, "owned", Py_False) < 0) return -1;
@@ -1994,7 +1998,7 @@ static PyTypeObject FastPathType = {
     .tp_basicsize = sizeof(FastPath),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "FastPath(fs, opcodes, getattr_fh, attr_submount, max_message, stat_type, handle_type, prepare_thread,"
-              " open_kill_suidgid, write_kill_suidgid, inline_io_max)(request[, chain])"
+              " open_kill_suidgid, write_kill_suidgid, inline_io_max[, inline_write_max])(request[, chain])"
               " -> reply bytes | (header, in place) | b'' | None",
     .tp_new = PyType_GenericNew,
     .tp_init = fast_init,

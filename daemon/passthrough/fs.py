@@ -35,7 +35,16 @@ from enum import StrEnum
 from typing import Any
 
 from daemon.lockwait import interruptible
-from daemon.server import INLINE_IO_MAX, Context, DirEntry, Entry, FastPath, FileSystem, StatLike
+from daemon.server import (
+    INLINE_IO_MAX,
+    INLINE_WRITE_MAX,
+    Context,
+    DirEntry,
+    Entry,
+    FastPath,
+    FileSystem,
+    StatLike,
+)
 from dissectors.fuse import CODECS, make
 from dissectors.spec import fuse as spec
 
@@ -261,7 +270,8 @@ class PassthroughFS(FileSystem):
             return None
         opcodes = {o.name: o.value for o in spec.OPCODES}
         fast: FastPath = native.FastPath(self, opcodes, GETATTR_FH, ATTR_SUBMOUNT, spec.MAX_MESSAGE, sc.Statx, Handle,
-                                         _prepare_thread, OPEN_KILL_SUIDGID, WRITE_KILL_SUIDGID, INLINE_IO_MAX)
+                                         _prepare_thread, OPEN_KILL_SUIDGID, WRITE_KILL_SUIDGID, INLINE_IO_MAX,
+                                         INLINE_WRITE_MAX)
         return fast
 
     def backing_id(self, fh: int) -> int:

@@ -5,8 +5,8 @@ dissectors.transport.wire), guest memory regions are mmap-ed from the fds QEMU s
 is a `dissectors.ring.SplitQueue` served by one thread that waits on the queue's kick eventfd.
 
 Concurrency (the engine's model): each queue thread hands every popped chain to `Server.handle`;
-cheap ops are answered inline on that thread, blocking ops (READ, WRITE, fsync, ...) from the engine's
-pool.  The mechanics are the ring engine's (dissectors.ring, C or its twin): a chain is its own reply
+cheap ops (and every WRITE a kernel sends) are answered inline on that thread, blocking ops (big READs,
+fsync, ...) from the engine's pool.  The mechanics are the ring engine's (dissectors.ring, C or its twin): a chain is its own reply
 sink (`Chain.reply` scatters the reply into the chain's device-writable guest buffers and completes
 it), and the completions made on the queue thread between `begin_batch()` and `end_batch()` are
 published with one used->idx store and at most one call; a completion from another thread is
