@@ -7,7 +7,7 @@ FORGETs.  Both back-ends, alternating rounds, driven by bench/vhost_roundtrip.py
 (schedstat), and per back-end thread its voluntary/involuntary context switches and CPU µs per file: a
 request thread that waits for the GIL sleeps more than once per request.
 
-    sudo .venv/bin/python bench/delete_forget.py [--n 3000] [--rounds 3]
+    sudo .venv/bin/python bench/delete_forget.py [--n 3000] [--rounds 3] [--tree before=/tmp/old-checkout]
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def measure(front: Front, pgid: int, n: int, forget: bool) -> tuple[float, float
         fuse(front, "GETATTR", getattr_in, nodeid=nodeid)
         fuse(front, "UNLINK", {"name": name})
         if forget:
+            while not front.free_slots(0):  # the hiprio queue's buffers all in flight: wait for one
+                front.poll(0.1)
             front.submit(0, F.encode_request("FORGET", forget_in, unique=next(_UNIQUE), nodeid=nodeid), 0, None)
     t1, c1, sw1 = time.perf_counter(), group_cpu(pgid), switches(pgid)
     while front.in_flight():
@@ -113,8 +115,8 @@ def backend(kind: str, share: Path, tree: Path | None = None) -> Iterator[tuple[
             launcher.stop_process(proc)
 
 
-def run(kind: str, share: Path, n: int, forget: bool) -> tuple[float, float, str]:
-    with backend(kind, share) as (front, pgid):
+def run(kind: str, share: Path, n: int, forget: bool, tree: Path | None = None) -> tuple[float, float, str]:
+    with backend(kind, share, tree) as (front, pgid):
         return measure(front, pgid, n, forget)
 
 
@@ -122,20 +124,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=3000, help="files per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                    help="also the bundled daemon of another checkout (built in place), in the same rounds")
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} at the start")
+    kinds: list[tuple[str, Path | None]] = [(k, None) for k in KINDS]
+    kinds += [(name, Path(d).resolve()) for name, d in (t.split("=", 1) for t in args.tree)]
     res: dict[tuple[str, bool], list[tuple[float, float, str]]] = {}
     with make_share(root_tmpfs_mb=256) as share:
         for r in range(args.rounds):
-            arms = [(k, f) for k in KINDS for f in (False, True)]
-            for kind, forget in arms if r % 2 == 0 else arms[::-1]:
-                res.setdefault((kind, forget), []).append(run(kind, share.root, args.n, forget))
+            arms = [(k, f) for k in kinds for f in (False, True)]
+            for (kind, tree), forget in arms if r % 2 == 0 else arms[::-1]:
+                res.setdefault((kind, forget), []).append(run(kind, share.root, args.n, forget, tree))
     for (kind, forget), v in res.items():
         walls = [x[0] for x in v]
         print(f"{kind:<12} {'FORGETs beside' if forget else 'no FORGETs    '}  wall µs/file "
               f"{statistics.median(walls):7.1f} [{min(walls):.1f} .. {max(walls):.1f}]  back-end CPU µs/file "
               f"{statistics.median(x[1] for x in v):6.1f}  switches vol/invol and CPU per file per thread: "
               f"{'; '.join(x[2] for x in v)}")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 

@@ -7,6 +7,7 @@ it (the one serving that queue) and of the whole back-end:
 
 - `FORGET to 0`: the last reference of a created file (the inode goes);
 - `FORGET 1 of 2`: a reference of a file looked up twice (the inode stays);
+- `LOOKUP new`: a LOOKUP of a file whose inode was forgotten (a new inode in the table);
 - `FORGET unknown`: a nodeid the back-end never gave out;
 - `BATCH_FORGET x16`: 16 files' last references in one message (per entry);
 - `CREATE`: a new file on the request queue (RELEASEd afterwards, outside the measure).
@@ -121,6 +122,10 @@ def measure(front: Front, pgid: int, n: int, hook: Callable[[Phases, str], Any] 
     with ph.phase("FORGET 1 of 2", n):
         for _name, nodeid, _fh in single:
             forget_wait(front, "FORGET", one, nodeid)
+    for _name, nodeid, _fh in single:  # gone from the table, the files still there
+        forget_wait(front, "FORGET", one, nodeid)
+    with ph.phase("LOOKUP new", n):
+        single = [(name, fuse(front, "LOOKUP", {"name": name}).args["entry"].nodeid, fh) for name, _n, fh in single]
     for name, _nodeid, _fh in files:  # as rm does: UNLINK (of a known inode), then its FORGET
         fuse(front, "UNLINK", {"name": name})
     ctx = hook(ph, "FORGET to 0") if hook is not None else None
@@ -153,7 +158,7 @@ def perf_hook(out: Path) -> Callable[[Phases, str], Any]:
     def hook(ph: Phases, _name: str) -> Ctx:
         c = Ctx()
         tid = ph.busiest("FORGET 1 of 2")
-        c.proc = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "20000", "-t", str(tid), "-o", str(out)],
+        c.proc = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "5000", "-t", str(tid), "-o", str(out)],
                                   stdout=subprocess.DEVNULL)
         time.sleep(0.5)
         return c
