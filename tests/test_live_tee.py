@@ -10,6 +10,7 @@ feeds them; the clients are the real ControlFeed and a bare socket."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from fsinspect.live.feed import ControlFeed, LiveState
 from fsinspect.live.hub import LIVE_SNAPLEN, Hub
 from fsinspect.proxy import session as S
 from fsinspect.proxy.server import ProxyConfig
+from fsinspect.recording.format import BT_EPB
 from fsinspect.recording.reader import Record, StreamReader
 from tests.test_live_stream import _read_all, _view
 from tests.test_proxy_session import captures
@@ -243,7 +245,6 @@ def test_a_rare_message_or_a_big_batch_does_not_wait_for_the_next_round(tmp_path
 
 def _lines_until(sock: socket.socket, kind: str) -> dict[str, Any]:
     """Read JSON lines from a control socket until the first of type `kind`."""
-    import json
     buf = b""
     sock.settimeout(30)
     while True:
@@ -331,3 +332,54 @@ def test_a_stuck_lint_at_completion_reaches_a_binary_client_from_the_hub_thread(
             s.writer.close()
         s.proxy.shutdown()
     t.join(30)
+
+
+def _blocks_of(data: bytes) -> list[tuple[int, bytes]]:
+    """Every block of a pcapng stream or file but the custom ones (control-protocol messages), as (type, bytes)."""
+    r = StreamReader()
+    r.copy = []
+    r.feed(data)
+    assert r.failed is None and not r.pending
+    return r.copy
+
+
+def test_a_binary_client_gets_the_recordings_own_bytes(tmp_path: Path) -> None:
+    """A proxy that records hands its recorder's blocks to the hub (Recorder.tee, BlockPublisher): built once,
+    on the capture thread, and never framed again by the hub.  A binary client attached from the start gets
+    the recording byte for byte (section header, interfaces, every packet block, numbered as the analysis
+    numbers exchanges); one that joins later gets the same section header and interfaces, then the
+    recording's packet blocks from where it joined (what came before is in its snapshot)."""
+    caps = captures()
+    with proxy_session(tmp_path, "same") as s:
+        assert s.hub is not None and isinstance(s.pipeline.find(L.Publisher), L.BlockPublisher)
+        assert not any(isinstance(a, L.Publisher) for a in s.pipeline.request_hooks)  # no hook per capture
+        early = _binary(s.hub.path)
+        _wait(lambda: s.hub.clients and s.hub.clients[0].binary)  # type: ignore[union-attr]
+        half = len(caps) // 2
+        for c in caps[:half]:
+            s.proxy._capture_one(c)
+        late = _binary(s.hub.path)
+        _wait(lambda: len(s.hub.clients) == 2 and all(c.binary for c in s.hub.clients))  # type: ignore[union-attr]
+        for c in caps[half:]:
+            s.proxy._capture_one(c)
+        _done(s)
+        assert s.writer is not None
+        recording = Path(s.writer.paths[0]).read_bytes()
+        got_early = _read_all(early).partition(b'"format": "pcapng"}\n')[2]
+        got_late = _read_all(late)
+    # From the start: the recording itself.
+    assert b"".join(b for _t, b in _blocks_of(got_early)) == recording
+    # Joined mid-way: its snapshot, then the recording's section and interfaces and the packet blocks since.
+    head, _, stream = got_late.partition(b'"format": "pcapng"}\n')
+    snapshot = next(json.loads(line) for line in head.split(b"\n") if b'"type": "snapshot"' in line)
+    rec_blocks = _blocks_of(recording)
+    late_blocks = _blocks_of(stream)
+    header = [b for b in late_blocks if b[0] != BT_EPB]
+    packets = [b for b in late_blocks if b[0] == BT_EPB]
+    assert header == [b for b in rec_blocks if b[0] != BT_EPB]
+    assert packets and packets == [b for b in rec_blocks if b[0] == BT_EPB][-len(packets):]
+    recs = [x for x in StreamReader().feed(stream) if isinstance(x, Record)]
+    # numbered at capture: the late client's first request follows the snapshot's exchanges
+    first = next(r.n for r in recs if r.inbound)
+    assert first > max(e["n"] for e in snapshot["exchanges"] + snapshot["pending"])
+    assert [r.n for r in recs if r.inbound] == list(range(first, s.requests + 1))

@@ -25,11 +25,22 @@ from .pipeline import Addon
 BACKLOG_BYTES = 64 << 20  # captures held back for analysis, at most (then the oldest half is analysed)
 BACKLOG_CHUNK = 2000  # captures analysed per quiet spell of the guest (~20-40 ms of work)
 _BACKLOG_OVERHEAD = 160  # bytes per held-back capture besides its data (tuple, ints, list)
+TEE_EVERY = 0.05  # seconds: how often a recorder that tees (Recorder.tee) hands its blocks to the hub, at most
 STUCK_CHECK_NS = 100_000_000  # how often pending requests are checked against the stuck threshold
 WATCHED_CATCH_UP_NS = STUCK_CHECK_NS  # watched by binary clients only: the backlog is analysed this often
 
 # A held-back capture: (is_request, data, queue, head, ts_ns, orig_len, notes, mono_ns, layout)
 _Deferred = tuple[bool, bytes, int, "int | None", int, int, list[str], int, Any]
+
+
+def _opened(opened: dict[tuple[int, int], int], n: int, data: bytes, queue: int, head: int | None) -> None:
+    """Request `n` is open on its chain (queue, head), or by its unique without a head, until its reply."""
+    if head is not None:
+        opened[(queue, head)] = n  # (a chain's head is reused only once it is answered: bounded)
+    elif len(data) >= 16 and int.from_bytes(data[4:8], "little") not in NO_REPLY:
+        if len(opened) >= OPENED:  # requests that never got a reply: their replies go unnumbered
+            opened.clear()
+        opened[(queue, int.from_bytes(data[8:16], "little"))] = n
 
 
 class Recorder(Addon):
@@ -43,6 +54,12 @@ class Recorder(Addon):
     def __init__(self, writer: RecordingWriter, *, flush_every: float | None = None, lock: Any = None) -> None:
         self.writer = writer
         self._lock = lock if lock is not None else threading.RLock()  # the pipeline's lock
+        # tee(): FUSE records carry their exchange number, and their blocks go to the hub (on_blocks)
+        self.numbered = False
+        self.on_blocks: Callable[[], None] | None = None
+        self.requests = 0
+        self._open: dict[tuple[int, int], int] = {}  # open chains: (queue, head or unique) -> n
+        self._tee_due = 0.0
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         if flush_every:
@@ -50,14 +67,49 @@ class Recorder(Addon):
                                            name="recording-flush")
             self._timer.start()
 
+    def tee(self, on_blocks: Callable[[], None]) -> None:
+        """Number every FUSE record as the analysis numbers its exchange (META_NUMBER: the n-th request is
+        exchange n, a reply takes the number of the request on its chain, or of its unique without a head),
+        and keep its packet block for the control hub (RecordingWriter.start_tee): `on_blocks` (the hub's
+        pull) takes them at least every TEE_EVERY while traffic flows, at once for a capture with flags (a
+        held request: before the debugger publishes it), and when the source is quiet.  The recording and
+        the binary clients then get the same bytes, built once."""
+        self.numbered = True
+        self.on_blocks = on_blocks
+        self.writer.start_tee()
+
     def request(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
                 notes: list[str], flags: int) -> None:
-        self.writer.request(data, queue, head, ts_ns, layout=layout, notes=notes, flags=flags, orig_len=orig_len)
+        if not self.numbered:
+            self.writer.request(data, queue, head, ts_ns, layout=layout, notes=notes, flags=flags, orig_len=orig_len)
+            return
+        self.requests = n = self.requests + 1
+        _opened(self._open, n, data, queue, head)
+        self.writer.request(data, queue, head, ts_ns, layout=layout, notes=notes, flags=flags, orig_len=orig_len, n=n)
+        if flags or time.monotonic() >= self._tee_due:
+            self.hand_off()
 
     def reply(self, data: bytes, queue: int, head: int | None, ts_ns: int, orig_len: int, layout: Any,
               notes: list[str], flags: int) -> None:
-        if not flags & fmt.RF_HELD:
+        if flags & fmt.RF_HELD:
+            return
+        if not self.numbered:
             self.writer.reply(data, queue, head, ts_ns, layout=layout, notes=notes, flags=flags, orig_len=orig_len)
+            return
+        n = self._open.pop((queue, head if head is not None else int.from_bytes(data[8:16], "little")), None)
+        self.writer.reply(data, queue, head, ts_ns, layout=layout, notes=notes, flags=flags, orig_len=orig_len, n=n)
+        if flags or time.monotonic() >= self._tee_due:
+            self.hand_off()
+
+    def hand_off(self) -> None:
+        """The blocks kept since the last hand-off go to the hub (tee; under the pipeline's lock)."""
+        self._tee_due = time.monotonic() + TEE_EVERY
+        if self.on_blocks is not None:
+            self.on_blocks()
+
+    def tick(self, now_ns: int) -> None:
+        if self.numbered:
+            self.hand_off()
 
     def error(self, data: bytes, queue: int, head: int | None, ts_ns: int, note: str) -> None:
         self.writer.request(data, queue, head, ts_ns, notes=[note], flags=fmt.RF_DECODE_ERROR)
@@ -80,6 +132,8 @@ class Recorder(Addon):
 
     def done(self, reason: str) -> None:
         self._stop.set()  # (done runs under the lock the flusher takes: it is joined in close)
+        if self.numbered:
+            self.hand_off()  # (before the hub says "end")
         self.writer.close()
 
     def close(self) -> None:
@@ -304,13 +358,7 @@ class Publisher(Addon):
         if self.analysis is None:
             return
         n = self.analysis.requests  # this request's number (the analysis counted it already)
-        opened = self._open
-        if head is not None:
-            opened[(queue, head)] = n  # (a chain's head is reused only once it is answered: bounded)
-        elif len(data) >= 16 and int.from_bytes(data[4:8], "little") not in NO_REPLY:
-            if len(opened) >= OPENED:  # requests that never got a reply: their replies go unnumbered
-                opened.clear()
-            opened[(queue, int.from_bytes(data[8:16], "little"))] = n
+        _opened(self._open, n, data, queue, head)
         if self.hub.clients:
             self.hub.publish_capture(True, data if len(data) <= LIVE_SNAPLEN else data[:LIVE_SNAPLEN], queue, head,
                                      ts_ns, orig_len, notes, flags, n, layout or None)
@@ -336,6 +384,21 @@ class Publisher(Addon):
 
     def close(self) -> None:
         self.hub.close(flush_timeout=self.flush_timeout)  # one client that does not read holds nobody
+
+
+class BlockPublisher(Publisher):
+    """The Publisher of a source that records: binary clients get the recorder's own packet blocks (Recorder.tee:
+    numbered as the analysis numbers exchanges), the bytes of the recording, built once; so it has no hook per
+    capture (the recorder hands its blocks to the hub in bulk)."""
+
+    request = Addon.request  # (not called: Pipeline dispatches only overridden hooks)
+    reply = Addon.reply
+
+    def __init__(self, hub: Hub, analysis: Analysis, recorder: Recorder, *, flush_timeout: float = 2.0) -> None:
+        super().__init__(hub, analysis, flush_timeout=flush_timeout)
+        writer = recorder.writer
+        hub.take_blocks(writer.take_tee, lambda: writer.section)
+        recorder.tee(hub.pull)
 
 
 class Debugger(Addon):

@@ -130,6 +130,8 @@ STREAMS = ("jsonl", "pcapng")  # what a client may ask for with the `stream` com
 OPENED = 1 << 16  # requests streamed (binary) whose reply has not come yet, remembered at most
 # What an outbox item carries: a message, a finished exchange, a request, a capture (take_captures()).
 _MSG, _EXCHANGE, _REQUEST, _CAPTURE = 0, 1, 2, 3
+# ... packet blocks a recorder made (take_blocks), and a section header or interface block among them
+_BLOCKS, _HEADER = 4, 5
 
 CommandHandler = Callable[[int, dict[str, Any]], dict[str, Any]]
 _Form = tuple[list[int], list[bytes], bytes, list[int]]  # a batch in one form (_encoded)
@@ -151,6 +153,7 @@ class _Client:
         self.blocked = False  # the socket said EAGAIN: wait for EVENT_WRITE
         self.closing = False  # send what is queued (an error line), then close
         self.binary = False  # switched to the pcapng stream: messages go as blocks
+        self.header_seq = 0  # outbox messages before this one: their section/interface blocks are in its header
 
     def encode(self, obj: dict[str, Any]) -> bytes:
         """One protocol message as this client reads it: a JSON line, or a custom block once binary."""
@@ -199,6 +202,9 @@ class Hub:
         self._fresh: collections.deque[Exchange] = collections.deque(maxlen=BACKLOG_EXCHANGES)
         self._recent_lock = threading.Lock()  # `recent` and its sizes change under it (settle, _remember)
         self._listeners: list[Callable[[Exchange], None]] | None = None  # the source's (listen)
+        # take_blocks(): the recorder's packet blocks (what it made since: take) and its section so far
+        self._take: Callable[[], list[tuple[bool, bytes, int]]] | None = None
+        self._section: Callable[[], list[bytes]] | None = None
         self._listening_fresh = False
         self.recent_control: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS)
@@ -275,6 +281,8 @@ class Hub:
             self._remember(ex)
         if self.tee and not self.json_clients and STUCK not in ex.lints:
             return  # binary clients only: its packet blocks went with its captures
+        if self._take is not None and self.clients:
+            self.pull()  # (its packet blocks first)
         self._broadcast(_EXCHANGE, ex)
 
     def listen(self, listeners: list[Callable[[Exchange], None]]) -> None:
@@ -330,6 +338,9 @@ class Hub:
                 if STUCK in ex.lints:
                     stuck.append(ex)
                 moved += 1
+        if stuck and self._take is not None:
+            with self.feed_lock:
+                self.pull()  # (their packet blocks first)
         for ex in stuck:
             self._broadcast(_EXCHANGE, ex)
         return moved
@@ -340,6 +351,8 @@ class Hub:
         if self.clients:  # what the request's packet block says is taken now (its notes only grow)
             if self.tee and not self.json_clients and ex.held is None and STUCK not in ex.lints:
                 return  # binary clients only: its packet block went with its capture; nothing else to say
+            if self._take is not None:
+                self.pull()  # (its packet block first)
             self._broadcast(_REQUEST, ex, ((time.time_ns(), time.monotonic_ns()), ex.held, len(ex.notes)))
 
     def take_captures(self) -> None:
@@ -347,6 +360,28 @@ class Hub:
         get their packet blocks from those, not from the exchanges (which then only add what the source alone
         knows: held, `stuck`), and a source watched only by binary clients may keep its analysis back."""
         self.tee = True
+
+    def take_blocks(self, take: Callable[[], list[tuple[bool, bytes, int]]],
+                    section: Callable[[], list[bytes]]) -> None:
+        """The binary stream's packet blocks are a recorder's own (live.addons.Recorder.tee: numbered at
+        capture, the recording's bytes): `take()` gives what it made since it was last asked, in order, as
+        (True, a section header or interface block, 1) or (False, packet blocks, how many), and `section()`
+        the section header and interface blocks a binary client needs first.  Both are called with the feed
+        lock held (a reentrant one: the recorder's source hands its blocks over through pull())."""
+        self.take_captures()
+        self._take = take
+        self._section = section
+
+    def pull(self) -> None:
+        """Take the recorder's blocks into the outbox, in order (with the feed lock held: the recorder's source
+        calls it as it goes, and the hub before anything it publishes could name an exchange not streamed yet)."""
+        take = self._take
+        if take is None:
+            return
+        items = take()
+        if items and self.clients:  # (nobody watches: a client joining gets the section so far)
+            for header, data, count in items:
+                self._broadcast(_HEADER if header else _BLOCKS, data, count)
 
     def publish_capture(self, inbound: bool, data: bytes, queue: int, head: int | None, ts_ns: int,
                         orig_len: int, notes: list[str], flags: int, n: int, layout: Any = None) -> None:
@@ -462,6 +497,24 @@ class Hub:
                 items.insert(0, (items[0][0], _MSG, {"type": "clock", "wall_ns": wall, "mono_ns": mono}, None))
         text = any(not c.binary for c in clients)
         binary = any(c.binary for c in clients)
+        run: list[tuple[int, int, Any, Any]] = []
+        for item in items:
+            if item[1] != _HEADER:
+                run.append(item)
+                continue
+            self._fan_out_run(run, clients, text, binary)  # (what came before it, first)
+            run = []
+            with self.lock:  # every binary reader must have it, but one whose own header has it already
+                for c in clients:
+                    if c.binary and item[0] >= c.header_seq:
+                        self._enqueue(c, item[2], force=True)
+        self._fan_out_run(run, clients, text, binary)
+        for c in clients:
+            if not c.blocked and c.has_output:
+                self._send(c)
+
+    def _fan_out_run(self, items: list[tuple[int, int, Any, Any]], clients: list[_Client], text: bool,
+                     binary: bool) -> None:
         for k in range(0, len(items), _BATCH):
             chunk = items[k:k + _BATCH]
             objs = self._render(chunk)
@@ -493,9 +546,6 @@ class Hub:
                     rest = len(lines) - skip - fit
                     c.missed += rest
                     self.total_overflow += rest
-        for c in clients:
-            if not c.blocked and c.has_output:
-                self._send(c)
 
     def _render(self, items: list[tuple[int, int, Any, Any]]) -> list[Any]:
         """The protocol message of each outbox item, or None: a request's is made here if it is still open
@@ -529,9 +579,11 @@ class Hub:
 
     def _binary_form(self, chunk: list[tuple[int, int, Any, Any]], objs: list[Any]) -> _Form:
         """A batch as pcapng blocks; the captures' packet blocks are framed in one go (take_captures)."""
+        if all(item[1] == _BLOCKS for item in chunk):  # (a recorder's blocks only: the common case)
+            return _encoded([item[0] for item in chunk], [item[2] for item in chunk])
         caps = [payload for _, kind, payload, _ in chunk if kind == _CAPTURE]
         framed = self.encoder.frame(caps) if caps else []
-        if len(caps) == len(chunk):  # (captures only: the common case)
+        if len(caps) == len(chunk):  # (captures only: the common case without a recorder)
             return _encoded([item[0] for item in chunk], framed)
         blocks = iter(framed)
         seqs: list[int] = []
@@ -546,6 +598,8 @@ class Hub:
     def _blocks(self, kind: int, obj: Any, ex: Any, pub: Any) -> bytes:
         """A message as binary-stream blocks (hub thread): packet blocks for a captured request and a finished
         exchange, a custom block for everything else (and for what a request's packet block cannot say)."""
+        if kind == _BLOCKS:
+            return bytes(ex)  # (a recorder's packet blocks, as they are)
         enc = self.encoder
         opened = self._opened
         if self.tee:  # what the captures' blocks cannot say: held and resumed requests, the `stuck` lint
@@ -602,10 +656,13 @@ class Hub:
         self._reply(c, {"type": "reply", "id": cid, "ok": True, "format": want})
         if want == "pcapng" and not c.binary:
             with self.feed_lock:  # (the source calls its listeners only while holding it: _relisten)
+                self.pull()
+                header = self.encoder.header if self._section is None else self._section()
                 with self.lock:  # after the reply line: the section header and every interface so far
                     c.binary = True
+                    c.header_seq = self._seq
                     self.json_clients -= 1
-                    self._enqueue(c, b"".join(self.encoder.header), force=True)
+                    self._enqueue(c, b"".join(header), force=True)
                 self._relisten()
 
     def _accept(self) -> None:
@@ -632,6 +689,7 @@ class Hub:
             self._next_id += 1
             c = _Client(sock, self._next_id)
             with self.feed_lock:
+                self.pull()  # (what the recorder made before: to the clients already here)
                 try:
                     snap = {"type": "snapshot", **self.snapshot_fn()}
                 except Exception as e:  # a bug in the owner's snapshot must not end the hub for everyone

@@ -35,7 +35,7 @@ from ..analysis import exchange as X
 from ..analysis.analyzer import DEFAULT_STUCK_NS
 from ..analysis.inodes import group_syncfs
 from ..analysis.render import fmt_ns, opcode_counts, snapshot_json, wrap_items
-from ..live.addons import Analysis, Publisher, Recorder, Summary
+from ..live.addons import Analysis, BlockPublisher, Publisher, Recorder, Summary
 from ..live.hub import Hub
 from ..live.pipeline import Pipeline
 from ..recording import format as fmt
@@ -93,12 +93,14 @@ class Session:
             self.hub = Hub(opts.control, self.snapshot, feed_lock=self.lock, accept_clients=opts.accept_clients)
             self.analysis.hub = self.hub
         self.counts = Summary(self.analysis, self.hub)
-        if self.writer is not None:
-            self.pipeline.add(Recorder(self.writer, lock=self.lock))
+        recorder = Recorder(self.writer, lock=self.lock) if self.writer is not None else None
+        if recorder is not None:
+            self.pipeline.add(recorder)
         self.pipeline.add(self.analysis)
         self.pipeline.add(self.counts)
-        if self.hub is not None:
-            self.pipeline.add(Publisher(self.hub, self.analysis, flush_timeout=3.0))
+        if self.hub is not None:  # binary clients get the recording's own blocks, else the hub frames the captures
+            self.pipeline.add(Publisher(self.hub, self.analysis, flush_timeout=3.0) if recorder is None else
+                              BlockPublisher(self.hub, self.analysis, recorder, flush_timeout=3.0))
 
     # -- the source: captures into the pipeline -----------------------------------------------------
     def _on_capture(self, cap: Any) -> None:

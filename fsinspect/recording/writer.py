@@ -165,6 +165,14 @@ class RecordingWriter:
         self._reads: set[tuple[int, int]] = set()  # READ requests in flight, for snapping their replies
         self._init_key: tuple[int, int] | None = None
         self._init: dict[str, Any] | None = init  # an INIT from before this file's first record (export)
+        # The current part's section header and interface blocks, in order: what a reader joining the blocks
+        # mid-way needs first (the control hub's binary clients, start_tee).
+        self.section: list[bytes] = []
+        # start_tee(): the FUSE packet blocks made since the last take_tee(), as the parts _buf got, and the
+        # section header and interface blocks among them (kept apart, in order: see take_tee).
+        self._tee: list[bytes] | None = None
+        self._tee_out: list[tuple[bool, bytes, int]] = []
+        self._tee_records = 0
         # Later parts are created (and old ones removed) relative to the directory as it is now: the daemon's
         # sandbox may have moved the thread that rotates to another root meanwhile (daemon/sandbox.py).
         self._dir_fd = -1 if stream is not None or sink is not None or not rotate_mb else \
@@ -216,7 +224,7 @@ class RecordingWriter:
         if self._index is not None:
             self._index.packet(self._base - self._index_base + self._written + self._buffered, True, queue, head,
                                self.epoch, raw)
-        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n)
+        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n, not flags & fmt.RF_DECODE_ERROR)
 
     def reply(self, raw: bytes | bytearray | memoryview, queue: int = 0, head: int | None = None,
               ts_ns: int | None = None, *, epoch: int | None = None, layout: Sequence[tuple[int, int]] = (),
@@ -243,7 +251,7 @@ class RecordingWriter:
         if self._index is not None:
             self._index.packet(self._base - self._index_base + self._written + self._buffered, False, queue, head,
                                self.epoch, raw)
-        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n)
+        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n, True)
 
     @staticmethod
     def _unique(raw: bytes) -> int:
@@ -256,6 +264,39 @@ class RecordingWriter:
         direction = fmt.DIR_INBOUND if from_frontend else fmt.DIR_OUTBOUND
         self._epb(self._channel(fmt.DISSECTOR_VHOST_USER, direction, 0), 0, raw, len(raw), None, ts_ns, 0, (),
                   notes)
+
+    def start_tee(self) -> None:
+        """From now on keep the FUSE packet blocks this writer makes (request/reply: not control messages) for
+        take_tee() too, as well as the section header and interface blocks among them: the same bytes go to
+        the recording and to the control hub's binary clients, built once."""
+        if self._tee is None:
+            self._tee = []
+
+    def take_tee(self) -> list[tuple[bool, bytes, int]]:
+        """What start_tee() kept since the last call, in order: (True, one section header or interface block,
+        1) for a block every reader must get, and (False, packet blocks back to back, how many)."""
+        tee = self._tee
+        if tee is None:
+            return []
+        out = self._tee_out
+        if tee:
+            out.append((False, b"".join(tee), self._tee_records))
+            tee.clear()
+            self._tee_records = 0
+        if not out:
+            return out
+        self._tee_out = []
+        return out
+
+    def _tee_header(self, blk: bytes) -> None:
+        """A section header or interface block: after the packet blocks kept so far, before those that follow."""
+        tee = self._tee
+        if tee is not None:
+            if tee:
+                self._tee_out.append((False, b"".join(tee), self._tee_records))
+                tee.clear()
+                self._tee_records = 0
+            self._tee_out.append((True, blk, 1))
 
     def append_blocks(self, data: bytes,
                       packets: Iterable[tuple[int, bool, int, int | None, int, bytes]] = ()) -> None:
@@ -384,7 +425,10 @@ class RecordingWriter:
         opts += [(fmt.OPT_COMMENT, c.encode()) for c in self.comments]
         opts.append(_custom_json(meta))
         body = struct.pack("<IHHq", fmt.BYTE_ORDER_MAGIC, fmt.PCAPNG_MAJOR, fmt.PCAPNG_MINOR, -1) + _options(opts)
-        self._buf.append(_block(fmt.BT_SHB, body))
+        shb = _block(fmt.BT_SHB, body)
+        self.section = [shb]
+        self._tee_header(shb)
+        self._buf.append(shb)
         self._write_out()
         if self.rotate_keep:
             while len(self.paths) - len(self.removed) > self.rotate_keep:
@@ -412,6 +456,8 @@ class RecordingWriter:
                 _custom_json({"kind": kind, "queue": queue})]
         body = struct.pack("<HHI", fmt.LINKTYPE_WIRESHARK_UPPER_PDU, 0, 0) + _options(opts)
         blk = _block(fmt.BT_IDB, body)
+        self.section.append(blk)
+        self._tee_header(blk)
         self._buf.append(blk)
         self._buffered += len(blk)
         idx = self._ifaces[key] = len(self._ifaces)
@@ -429,7 +475,7 @@ class RecordingWriter:
 
     def _epb(self, chan: tuple[int, struct.Struct, bytes, int], queue: int, raw: bytes, orig: int,
              head: int | None, ts_ns: int | None, flags: int, layout: Sequence[tuple[int, int]],
-             notes: Sequence[str], n: int | None = None) -> None:
+             notes: Sequence[str], n: int | None = None, fuse: bool = False) -> None:
         iface, head_struct, prefix, direction = chan
         if ts_ns is None:
             ts_ns = time.time_ns()
@@ -467,6 +513,9 @@ class RecordingWriter:
                                                     queue, flags, head, self.epoch)
                          + extra + _EPB_END.pack(fmt.OPT_ENDOFOPT, 0, total))
         self.records += 1
+        if fuse and self._tee is not None:  # (the block's three parts, before a flush takes them)
+            self._tee += parts[-3:]
+            self._tee_records += 1
         self._buffered += total
         if (self._buffered >= self.flush_bytes or time.monotonic() - self._last_flush >= self.flush_interval
                 or (self.rotate_bytes and self._written + self._buffered >= self.rotate_bytes)):
