@@ -674,15 +674,16 @@ typedef struct {
 } Adding;
 
 /* One more lookup of the inode held for a.key, if it is the one behind the fd: pinned (its O_PATH fd, or a
- * cached one) or, with `handle`, one whose handle matches (InodeStore._find_or_add's two checks).  a->inode
- * set (a new reference) when it was; 0, or -1 with a Python error. */
+ * cached one), with `by_handle` 1 one whose handle matches a->handle (None with handles off), with 2 any
+ * (handles off: nothing to compare) (InodeStore._find_or_add's checks).  a->inode set (a new reference) when
+ * it was; 0, or -1 with a Python error. */
 static int account_known(Adding *a, int by_handle) {
     PyObject *ino = PyDict_GetItemWithError(a->t.by_key, a->key);
     if (ino == NULL) return PyErr_Occurred() ? -1 : 0;
     long long fd, cached, nlookup;
     int same;
     if (get_long(ino, S_fd, &fd) < 0) return -1;
-    if (fd >= 0) {
+    if (fd >= 0 || by_handle == 2) {
         same = 1;
     } else if (!by_handle) {
         if (get_long(ino, S_cached_fd, &cached) < 0) return -1;
@@ -705,20 +706,55 @@ static int account_pinned(void *arg) {
     return account_known(arg, 0);
 }
 
-/* The rest of InodeStore._find_or_add under the lock, for a handle-held inode on a mount the store has a fd
- * for: the inode if it is known by its handle, else a new Inode in both tables (and, for an fd the store owns,
- * that fd as its cached one: _cache_locked's insertion here, its eviction InodeStore._evict_locked's).  A mount
- * without an fd yet (the first inode on it) sets a->python: nothing changed, find_or_add does it all. */
+static int account_any(void *arg) {
+    return account_known(arg, 2);
+}
+
+/* The O_PATH twin of an fd that stays the caller's (os.open of procfs' self/fd/N, store.proc, with the GIL
+ * released as os.open does): the fd, or -1 with its OSError. */
+static int path_twin(PyObject *store, int fd) {
+    PyObject *proc = PyObject_GetAttr(store, S_proc);
+    PyObject *path = proc != NULL ? PyUnicode_FromFormat("%Sself/fd/%d", proc, fd) : NULL;
+    PyObject *raw = path != NULL ? PyUnicode_EncodeFSDefault(path) : NULL;
+    Py_XDECREF(proc);
+    int twin = -1, e = 0;
+    if (raw != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        twin = open(PyBytes_AS_STRING(raw), O_PATH | O_CLOEXEC);
+        if (twin < 0) e = errno;
+        Py_END_ALLOW_THREADS
+        if (twin < 0) {
+            errno = e;
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        }
+    }
+    Py_XDECREF(raw);
+    Py_XDECREF(path);
+    return twin;
+}
+
+/* The rest of InodeStore._find_or_add under the lock: the inode if it is known by its handle (a->handle, None
+ * with handles off), else a new Inode in both tables, held by its handle on a mount the store has an fd for
+ * (an fd the store owns becomes its cached one: _cache_locked's insertion here, its eviction
+ * InodeStore._evict_locked's) or, with handles off, by an O_PATH fd (the owned fd, or a twin of the caller's).
+ * A mount without an fd yet (the first inode on it) sets a->python: nothing changed, find_or_add does it all. */
 static int add_locked(void *arg) {
     Adding *a = arg;
     if (account_known(a, 1) < 0 || a->inode != NULL) return a->inode != NULL ? 0 : -1;
-    PyObject *mid = PyLong_FromLong(a->mount_id);
-    if (mid == NULL) return -1;
-    a->mount = PyDict_GetItemWithError(a->t.mounts, mid);
-    Py_DECREF(mid);
-    if (a->mount == NULL) {
-        a->python = !PyErr_Occurred();
-        return a->python ? 0 : -1;
+    int keep = -1;
+    if (a->handle != Py_None) {
+        PyObject *mid = PyLong_FromLong(a->mount_id);
+        if (mid == NULL) return -1;
+        a->mount = PyDict_GetItemWithError(a->t.mounts, mid);
+        Py_DECREF(mid);
+        if (a->mount == NULL) {
+            a->python = !PyErr_Occurred();
+            return a->python ? 0 : -1;
+        }
+    } else {
+        a->mount = Py_None;
+        keep = a->owned ? a->fd : path_twin(a->store, a->fd);
+        if (keep < 0) return -1;
     }
     Py_INCREF(a->mount);
     long long generation, next, refs, max;
@@ -732,8 +768,9 @@ static int add_locked(void *arg) {
             (PyObject *)Py_TYPE(a->parent), "LLKKKKiOOiO", next, generation + 1,
             (unsigned long long)makedev(sx->stx_dev_major, sx->stx_dev_minor), (unsigned long long)sx->stx_ino,
             (unsigned long long)((sx->stx_mask & STATX_MNT_ID) ? sx->stx_mnt_id : 0), (unsigned long long)sx->stx_mode,
-            -1, a->handle, a->mount, 1, pmnt);
-        if (a->inode == NULL || get_long(a->mount, S_refs, &refs) < 0 || set_long(a->mount, S_refs, refs + 1) < 0
+            keep, a->handle, a->mount, 1, pmnt);
+        if (a->inode == NULL
+            || (a->mount != Py_None && (get_long(a->mount, S_refs, &refs) < 0 || set_long(a->mount, S_refs, refs + 1) < 0))
             || set_long(a->store, S_next_id, next + 1) < 0)
             rc = -1;
     }
@@ -742,7 +779,8 @@ static int add_locked(void *arg) {
     if (nodeid == NULL || PyDict_SetItem(a->t.by_id, nodeid, a->inode) < 0
         || PyDict_SetItem(a->t.by_key, a->key, a->inode) < 0)
         rc = -1;
-    if (rc == 0 && a->owned) { /* _cache_locked(new, fd) */
+    if (rc == 0 && keep >= 0) a->kept = keep == a->fd; /* an owned fd the new inode holds */
+    if (rc == 0 && a->owned && keep < 0) { /* handle-held: _cache_locked(new, fd) */
         a->kept = 1;
         if (set_long(a->inode, S_cached_fd, a->fd) < 0 || PyObject_SetAttr(a->inode, S_used, Py_False) < 0
             || PyObject_SetItem(a->t.cached, nodeid, a->inode) < 0 || get_long(a->store, S_fd_cache_max, &max) < 0) {
@@ -757,9 +795,10 @@ static int add_locked(void *arg) {
     return rc;
 }
 
-/* InodeStore.find_or_add for a handle-held inode, with the store's tables changed here under its lock (one
- * more lookup of a known inode; a new Inode on a mount it has an fd for); anything else (handles off, no handle
- * for this inode, a mount without an fd yet) is find_or_add's, called before anything was changed.  `owned`:
+/* InodeStore.find_or_add, with the store's tables changed here under its lock (one more lookup of a known
+ * inode; a new Inode held by its handle on a mount it has an fd for, or with handles off by an O_PATH fd);
+ * anything else (no handle for this inode, a mount without an fd yet) is find_or_add's, called before anything
+ * was changed.  `owned`:
  * the fd is the store's to keep (as the new inode's cached fd) or close, else the caller's (CREATE's open
  * file).  A new reference, or NULL with *err set (an errno to answer) or a Python error. */
 static PyObject *store_add(FastPath *self, PyObject *store, int fd, const struct statx *sx, PyObject *parent,
@@ -776,7 +815,6 @@ static PyObject *store_add(FastPath *self, PyObject *store, int fd, const struct
     int never = mode != NULL ? PyUnicode_Check(mode) && PyUnicode_CompareWithASCIIString(mode, "never") == 0 : -1;
     Py_XDECREF(mode);
     if (never < 0 || tables_of(store, &a.t) < 0) goto error;
-    if (never) goto python;
     a.key = Py_BuildValue("(KKK)", (unsigned long long)makedev(sx->stx_dev_major, sx->stx_dev_minor),
                           (unsigned long long)sx->stx_ino,
                           (unsigned long long)((sx->stx_mask & STATX_MNT_ID) ? sx->stx_mnt_id : 0));
@@ -784,8 +822,12 @@ static PyObject *store_add(FastPath *self, PyObject *store, int fd, const struct
     /* Not held now: as if the lock had been taken before whoever adds it next (add_locked looks again). */
     PyObject *held = PyDict_GetItemWithError(a.t.by_key, a.key);
     if (held == NULL && PyErr_Occurred()) goto error;
-    if (held != NULL && under_lock(store, account_pinned, &a) < 0) goto error;
-    if (a.inode == NULL) {
+    if (held != NULL && under_lock(store, never ? account_any : account_pinned, &a) < 0) goto error;
+    if (a.inode == NULL && never) {
+        Py_INCREF(Py_None);
+        a.handle = Py_None;
+        if (under_lock(store, add_locked, &a) < 0) goto error;
+    } else if (a.inode == NULL) {
         union {
             struct file_handle fh;
             unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];

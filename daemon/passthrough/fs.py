@@ -820,9 +820,9 @@ _fast_loaded: list[Any] = []
 # backing, passthrough, timeout, submounts, zero_submount_generation, writeback, _fopen_file, _fopen_dir,
 # _switch_creds, kernel_groups, opts.readonly, opts.proc_groups); FORGET/BATCH_FORGET do InodeStore.forget's
 # accounting and _drop on the store's tables (its own forget() for an unknown nodeid or an over-forget, which it
-# logs; forget()/batch_forget() themselves with backing files), CREATE and LOOKUP put a new handle-held inode
-# in the store's tables (find_or_add's usual case; its own find_or_add otherwise, _evict_locked past the fd cache's
-# bound), CREATE _prepare_thread; READ fills a vhost-user chain's buffers in place where the filesystem has
+# logs; forget()/batch_forget() themselves with backing files), CREATE and LOOKUP put a new inode in the store's
+# tables (find_or_add's usual cases; its own find_or_add for a failed handle or a mount's first inode,
+# _evict_locked past the fd cache's bound), CREATE _prepare_thread; READ fills a vhost-user chain's buffers in place where the filesystem has
 # chain_for (GuestPassthroughFS.read, a twin the C also answers as).
 _FAST_METHODS = ("lookup", "_do_lookup", "_entry", "getattr", "_stat", "release", "releasedir", "flush",
                  "_handle", "_drop_owner", "statfs", "unlink", "rmdir", "_rw", "create", "open", "opendir",
