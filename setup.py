@@ -27,11 +27,11 @@ def ext(name: str, sources: list[str], depends: tuple[str, ...] | list[str] = ()
 setup(
     ext_modules=[
         ext("dissectors.ring._ring", ["dissectors/ring/_ringmodule.c", "dissectors/ring/ring_core.c"],
-            ["dissectors/ring/ring_core.h"], ["-Wno-cast-function-type"]),
+            ["dissectors/ring/ring_core.h", "dissectors/ring/ring_answer.h"], ["-Wno-cast-function-type"]),
         ext("fsinspect.recording._scan", ["fsinspect/recording/_scanmodule.c", "fsinspect/recording/scan_core.c"],
             ["fsinspect/recording/scan_core.h"], ["-Wno-cast-function-type"]),
         ext("daemon.passthrough._sys", ["daemon/passthrough/_sysmodule.c"]),
-        ext("daemon.passthrough._fast", ["daemon/passthrough/_fastmodule.c"]),
+        ext("daemon.passthrough._fast", ["daemon/passthrough/_fastmodule.c"], ["dissectors/ring/ring_answer.h"]),
         ext("daemon.transport._uring", ["daemon/transport/_uringmodule.c"]),
     ],
 )

@@ -40,6 +40,8 @@
 #include <unistd.h>
 #include <linux/fuse.h>
 
+#include "../../dissectors/ring/ring_answer.h"
+
 #ifndef STATX_MNT_ID
 #define STATX_MNT_ID 0x1000U
 #endif
@@ -1402,18 +1404,38 @@ static PyObject *chain_of(FastPath *self, uint64_t unique, PyObject *given) {
 typedef struct {
     struct iovec iov[MAX_IOV];
     Py_buffer views[MAX_IOV];
-    int n;
+    int n, nviews;
 } GuestIov;
 
 static void guest_iov_done(GuestIov *g) {
-    for (int i = 0; i < g->n; i++) PyBuffer_Release(&g->views[i]);
-    g->n = 0;
+    for (int i = 0; i < g->nviews; i++) PyBuffer_Release(&g->views[i]);
+    g->n = g->nviews = 0;
+}
+
+/* The same from the ring engine's iovec of the chain's writable buffers (the C entry, ring_answer.h: the
+ * engine keeps them mapped).  0, or 1 when there are more than MAX_IOV of them (Python's). */
+static int guest_iov_of(const struct iovec *wr, int nwr, size_t skip, size_t size, GuestIov *g) {
+    g->n = g->nviews = 0;
+    for (int i = 0; i < nwr && size > 0; i++) {
+        size_t len = wr[i].iov_len;
+        if (skip >= len) {
+            skip -= len;
+            continue;
+        }
+        if (g->n == MAX_IOV) return 1;
+        size_t k = len - skip < size ? len - skip : size;
+        g->iov[g->n].iov_base = (char *)wr[i].iov_base + skip;
+        g->iov[g->n++].iov_len = k;
+        skip = 0;
+        size -= k;
+    }
+    return 0;
 }
 
 /* vhost_user.data_views: the chain's writable buffers after the reply header, `size` bytes at most.  0, 1 when
  * there are more than MAX_IOV of them (Python's), -1 a Python error. */
 static int guest_iov(PyObject *chain, size_t skip, size_t size, GuestIov *g) {
-    g->n = 0;
+    g->n = g->nviews = 0;
     PyObject *segs = PyObject_GetAttr(chain, S_writable);
     PyObject *seq = segs != NULL ? PySequence_Fast(segs, "writable segments") : NULL;
     Py_XDECREF(segs);
@@ -1440,6 +1462,7 @@ static int guest_iov(PyObject *chain, size_t skip, size_t size, GuestIov *g) {
         g->iov[g->n].iov_base = (char *)v.buf + skip;
         g->iov[g->n].iov_len = k;
         g->views[g->n++] = v;
+        g->nviews = g->n;
         skip = 0;
         size -= k;
     }
@@ -1450,22 +1473,25 @@ static int guest_iov(PyObject *chain, size_t skip, size_t size, GuestIov *g) {
 
 /* READ (fs.read, or GuestPassthroughFS.read: preadv straight into the chain's guest buffers, the reply then
  * its header and the length already in place).  Left to Python: a READ bigger than the engine serves inline,
- * a handle that is not a file's (EBADF). */
+ * a handle that is not a file's (EBADF).  From the ring engine's C entry (`wr` not NULL) the chain's buffers
+ * are `wr`, and the length in place goes to *in_place instead of an fs.in_place object. */
 static PyObject *op_read(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
-                         PyObject *given) {
+                         PyObject *given, const struct iovec *wr, int nwr, size_t *in_place) {
     struct fuse_read_in r;
     if (blen != sizeof r) return fallback(self);
     memcpy(&r, body, sizeof r);
     if (r.size > self->inline_io_max) return fallback(self);
     int fd, rc = file_fd(self, r.fh, &fd);
     if (rc <= 0) return rc < 0 ? NULL : fallback(self);
-    PyObject *chain = chain_of(self, h->unique, given);
+    /* the C entry: Py_True stands for the chain whose buffers are `wr` (None: no zero-copy, as chain_of says) */
+    PyObject *chain = chain_of(self, h->unique, wr != NULL ? Py_True : given);
     if (chain == NULL) return NULL;
     ssize_t n;
     int e = 0;
     if (chain != Py_None) {
         GuestIov g;
-        rc = guest_iov(chain, sizeof(struct fuse_out_header), r.size, &g);
+        rc = wr != NULL ? guest_iov_of(wr, nwr, sizeof(struct fuse_out_header), r.size, &g)
+                        : guest_iov(chain, sizeof(struct fuse_out_header), r.size, &g);
         Py_DECREF(chain);
         if (rc) return rc < 0 ? NULL : fallback(self);
         n = 0;
@@ -1477,6 +1503,15 @@ static PyObject *op_read(FastPath *self, const struct fuse_in_header *h, const c
         }
         guest_iov_done(&g);
         if (n < 0) return reply_error(self, h->opcode, h->unique, e);
+        if (wr != NULL) {
+            char *out;
+            PyObject *head = reply_new(0, h->unique, &out);
+            if (head == NULL) return NULL;
+            ((struct fuse_out_header *)PyBytes_AS_STRING(head))->len = (uint32_t)(sizeof(struct fuse_out_header) + n);
+            self->served[h->opcode]++;
+            *in_place = (size_t)n;
+            return head;
+        }
         PyObject *in_place = PyObject_GetAttr(self->fs, S_in_place);
         PyObject *len = in_place != NULL ? PyObject_CallFunction(in_place, "n", (Py_ssize_t)n) : NULL;
         Py_XDECREF(in_place);
@@ -1863,37 +1898,22 @@ static PyObject *op_forget(FastPath *self, const struct fuse_in_header *h, const
 }
 
 /* ------------------------------------------------------------------ the type */
-static PyObject *fast_call(PyObject *op, PyObject *args, PyObject *kwargs) {
-    FastPath *self = (FastPath *)op;
-    PyObject *req, *chain = NULL;
-    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
-        PyErr_SetString(PyExc_TypeError, "FastPath(request[, chain]) takes no keyword arguments");
-        return NULL;
-    }
-    if (!PyArg_ParseTuple(args, "O|O:FastPath", &req, &chain)) return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(req, &view, PyBUF_SIMPLE) < 0) return NULL;
+/* One request: the Python call form's `chain` (or NULL), or the C entry's `wr`/`nwr`/`in_place` (ring_answer.h). */
+static PyObject *dispatch(FastPath *self, const char *buf, size_t len, PyObject *chain, const struct iovec *wr,
+                          int nwr, size_t *in_place) {
     PyObject *result = NULL;
-    const char *buf = view.buf;
-    size_t len = (size_t)view.len;
     struct fuse_in_header h;
-    if (len < sizeof h) {
-        result = fallback(self);
-        goto done;
-    }
+    if (len < sizeof h) return fallback(self);
     memcpy(&h, buf, sizeof h);
     /* Only a plain message: its length exact, no extensions (the decoder's checks stay Python's). */
-    if (h.len != len || h.total_extlen != 0 || len > self->max_message) {
-        result = fallback(self);
-        goto done;
-    }
+    if (h.len != len || h.total_extlen != 0 || len > self->max_message) return fallback(self);
     const char *body = buf + sizeof h;
     size_t blen = len - sizeof h;
     unsigned int o = h.opcode;
     if (o == self->op[K_GETATTR] || o == self->op[K_LOOKUP] || o == self->op[K_STATFS] || o == self->op[K_UNLINK]
         || o == self->op[K_RMDIR] || o == self->op[K_CREATE] || o == self->op[K_OPEN] || o == self->op[K_OPENDIR]) {
         PyObject *store = PyObject_GetAttr(self->fs, S_store);
-        if (store == NULL) goto done;
+        if (store == NULL) return NULL;
         if (o == self->op[K_GETATTR]) result = op_getattr(self, &h, body, blen, store);
         else if (o == self->op[K_LOOKUP]) result = op_lookup(self, &h, body, blen, store);
         else if (o == self->op[K_UNLINK]) result = op_unlink(self, &h, body, blen, store, 0);
@@ -1910,7 +1930,7 @@ static PyObject *fast_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     } else if (o == self->op[K_FLUSH]) {
         result = op_flush(self, &h, body, blen);
     } else if (o == self->op[K_READ]) {
-        result = op_read(self, &h, body, blen, chain);
+        result = op_read(self, &h, body, blen, chain, wr, nwr, in_place);
     } else if (o == self->op[K_WRITE]) {
         result = op_write(self, &h, body, blen);
     } else if (o == self->op[K_FORGET]) {
@@ -1920,10 +1940,32 @@ static PyObject *fast_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     } else {
         result = fallback(self);
     }
-done:
+    return result;
+}
+
+static PyObject *fast_call(PyObject *op, PyObject *args, PyObject *kwargs) {
+    PyObject *req, *chain = NULL;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "FastPath(request[, chain]) takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O|O:FastPath", &req, &chain)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(req, &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = dispatch((FastPath *)op, view.buf, (size_t)view.len, chain, NULL, 0, NULL);
     PyBuffer_Release(&view);
     return result;
 }
+
+/* The ring engine's C entry (SplitQueue.serve_fast, ring_answer.h): the same answers without a Chain object
+ * or a Python frame; a READ's data goes straight into `wr`. */
+static PyObject *fast_answer(PyObject *op, const char *req, size_t len, const struct iovec *wr, int nwr,
+                             size_t *in_place) {
+    *in_place = 0;
+    return dispatch((FastPath *)op, req, len, NULL, wr, nwr, in_place);
+}
+
+static struct rc_answerer fast_answerer = {RC_ANSWERER_VERSION, sizeof(struct rc_answerer), fast_answer};
 
 static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     FastPath *self = (FastPath *)op;
@@ -2115,6 +2157,13 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_fd_cache_max, "fd_cache_max");
     INTERN(S_evict_locked, "_evict_locked");
     if (PyType_Ready(&FastPathType) < 0) return NULL;
+    /* FastPath.answerer: the C entry for the ring engine (ring_answer.h) */
+    PyObject *cap = PyCapsule_New(&fast_answerer, RC_ANSWERER_CAPSULE, NULL);
+    if (cap == NULL) return NULL;
+    int bad = PyDict_SetItemString(FastPathType.tp_dict, "answerer", cap);
+    Py_DECREF(cap);
+    if (bad < 0) return NULL;
+    PyType_Modified(&FastPathType);
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&FastPathType);

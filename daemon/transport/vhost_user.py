@@ -161,13 +161,14 @@ class Vring:
     wake_fd: int = -1
     pending_kick: int | None = None  # a new kick fd for the queue thread (which owns the current one)
     stopping: bool = False
-    stats_chains: int = 0
-    stats_calls: int = 0  # of the queues already retired (the current one counts its own)
+    stats_chains: int = 0  # of the queues already retired (the current one counts its own)
+    stats_calls: int = 0
     stats_suppressed: int = 0
 
     def retire(self, q: SplitQueue) -> None:
-        """Keep a retired queue's call counters."""
+        """Keep a retired queue's counters."""
         c = q.counters
+        self.stats_chains += c["popped"]
         self.stats_calls += c["calls"]
         self.stats_suppressed += c["calls_suppressed"]
 
@@ -670,41 +671,75 @@ class VhostUserSession:
     def _drain(self, vr: Vring) -> None:
         """Pop every available chain and serve it; the inline replies of a batch go out together.
 
+        With the fast path, the ring engine's `serve_fast` pops, answers, scatters and publishes what the
+        fast path serves without a Chain object or a Python frame (C engine), and hands back only the
+        chains it declines, which `_serve_slow` serves as before, in their place in the batch.
         A batch begins after a pop that found chains: the last pop of a wake-up, which finds none (it
         re-arms the kick with EVENT_IDX), costs no batch."""
         q = vr.queue
         if q is None or not vr.enabled:
             return
-        while not vr.stopping:
-            err: RingError | None = None
-            try:
-                chains = q.pop_chains()
-            except RingError as e:
-                if e.reason == "avail_ahead":
-                    log.error("vring %d: %s; queue stalled", vr.index, e)
+        server = self.server
+        failed, reply_failed = server.fast_failed, server.reply_failed
+        batch = False  # serve_fast left a batch open (it returned a chain, or raised)
+        try:
+            while not vr.stopping:
+                fast = server.fast
+                if fast is None:
+                    if not self._drain_group(vr, q):
+                        return
+                    continue
+                batch = True
+                try:
+                    r = q.serve_fast(fast, failed, reply_failed)
+                except RingError as e:  # logged as text: a record holding it would keep its frames (the ring) alive
+                    if e.reason == "avail_ahead":
+                        log.error("vring %d: %s; queue stalled", vr.index, str(e))
+                        return
+                    log.error("vring %d: malformed chain: %s", vr.index, str(e))
+                    if e.head is not None and e.head < q.num:
+                        q.complete(e.head, 0)
+                    continue
+                if r is None:  # a group published, more available
+                    batch = False
+                elif isinstance(r, int):  # the ring is empty, every batch published
+                    batch = False
+                    _log_truncated(vr, r)
                     return
-                err, chains = e, e.chains
-            if not chains and err is None:
-                return
-            q.begin_batch()
-            try:
-                for c in chains:
-                    self._serve_chain(vr, c)
-                if err is not None:
-                    log.error("vring %d: malformed chain: %s", vr.index, err)
-                    if err.head is not None and err.head < q.num:  # the ring's own size, not a later SET_VRING_NUM
-                        q.complete(err.head, 0)
-            finally:
-                truncated = q.end_batch()
-                if truncated:
-                    log.error("vring %d: %d replies truncated to their chains' writable bytes", vr.index, truncated)
-            vr.stats_chains += len(chains)
+                else:  # declined by the fast path
+                    self._serve_slow(vr, r)
+        finally:
+            if batch:
+                _log_truncated(vr, q.end_batch())
+
+    def _drain_group(self, vr: Vring, q: SplitQueue) -> bool:
+        """One pop and its batch without the fast path; False when there was nothing to pop."""
+        err: RingError | None = None
+        try:
+            chains = q.pop_chains()
+        except RingError as e:
+            if e.reason == "avail_ahead":
+                log.error("vring %d: %s; queue stalled", vr.index, str(e))
+                return False
+            err, chains = e, e.chains
+        if not chains and err is None:
+            return False
+        q.begin_batch()
+        try:
+            for c in chains:
+                self._serve_chain(vr, c)
+            if err is not None:
+                log.error("vring %d: malformed chain: %s", vr.index, str(err))
+                if err.head is not None and err.head < q.num:  # the ring's own size, not a later SET_VRING_NUM
+                    q.complete(err.head, 0)
+        finally:
+            _log_truncated(vr, q.end_batch())
+        return True
 
     def _serve_chain(self, vr: Vring, chain: Chain) -> None:
         """The chain is the reply sink: `chain.reply(parts)` scatters and completes it (ring engine).
 
-        The fast path's answers go straight into the chain; what it declines is looked at (a request
-        without a reply, a zero-copy READ) and goes through the engine."""
+        The fast path's answers go straight into the chain; what it declines goes to `_serve_slow`."""
         raw = chain.readable
         server = self.server
         fast = server.fast
@@ -722,6 +757,13 @@ class VhostUserSession:
                 else:
                     chain.complete(0)
                 return
+        self._serve_slow(vr, chain)
+
+    def _serve_slow(self, vr: Vring, chain: Chain) -> None:
+        """A chain the fast path declined (or with no fast path): looked at (a request without a reply, a
+        zero-copy READ) and served by the engine."""
+        raw = chain.readable
+        server = self.server
         if len(raw) < IN_HEADER_SIZE:
             opcode = -1
         else:
@@ -770,10 +812,15 @@ class VhostUserSession:
         out: dict[int, dict[str, int]] = {}
         for vr in self.vrings:
             q = vr.queue
-            c = q.counters if q is not None else {"calls": 0, "calls_suppressed": 0}
-            out[vr.index] = {"chains": vr.stats_chains, "calls": vr.stats_calls + c["calls"],
+            c = q.counters if q is not None else {"calls": 0, "calls_suppressed": 0, "popped": 0}
+            out[vr.index] = {"chains": vr.stats_chains + c["popped"], "calls": vr.stats_calls + c["calls"],
                              "calls_suppressed": vr.stats_suppressed + c["calls_suppressed"]}
         return {"vhost_user_messages": self.messages, "queues": out}
+
+
+def _log_truncated(vr: Vring, n: int) -> None:
+    if n:
+        log.error("vring %d: %d replies truncated to their chains' writable bytes", vr.index, n)
 
 
 class _ReadReply:

@@ -36,7 +36,20 @@ API (identical in both engines; addresses are guest-physical unless named otherw
     no Chain (a malformed one); `inflight` counts popped chains not completed; `handover(new)` sends
     the completions of chains still in flight to the queue that replaced this one (the ring was
     re-made); `detach()` drops every later completion (the ring is gone; counted as `late`);
-    `counters` (calls, calls_suppressed, completed, late, truncated, inflight).  The C engine does all
+    `counters` (calls, calls_suppressed, completed, late, truncated, inflight, popped).
+  - `serve_fast(fast, failed, reply_failed) -> Chain | None | int`: a device's queue loop for what an
+    answerer serves.  It pops a group as pop_chains() would (EVENT_IDX kick request first), in a batch,
+    and answers each chain: `fast(request, chain)` (the twin, and a plain callable on the C engine) or,
+    when `fast` has an `answerer` capsule (ring_answer.h: the daemon's C fast path), its C entry with
+    the request bytes and the writable buffers as an iovec, so no Chain object and no Python frame; a
+    reply is scattered and completed, b"" completes with used.len 0; a raising answer goes to
+    `failed(request)` inside the `except` (its result taken as the answer's), a reply that cannot be
+    scattered to `reply_failed(exc)`.  Returns the first chain the answerer declines (None), in
+    flight, with the batch still open (the caller serves it and calls again); None after a group was
+    published with more available; when the ring is found empty, the replies truncated since last
+    asked (an int).  A malformed chain raises RingError(reason, head) with the batch open (consumed:
+    complete its head, call again); an error that escapes completes the chain being served with
+    used.len 0 first.  pop_chains(), begin_batch() and end_batch() end a group left open.  The C engine does all
     this with the GIL held, which serialises completions from several threads; the twin takes a lock.
 - `Chain`: `head`, `readable` (bytes, gathered), `writable` (tuple of writable memoryviews into guest
   memory), `layout` (((addr, len, flags), ...) effective descriptors; the INDIRECT descriptor itself is

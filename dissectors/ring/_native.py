@@ -361,8 +361,9 @@ class SplitQueue:
         self._batch: list[tuple[int, int]] | None = None
         self._batch_owner = 0
         self.inflight = 0
-        self._ctr = {"calls": 0, "calls_suppressed": 0, "completed": 0, "late": 0, "truncated": 0}
+        self._ctr = {"calls": 0, "calls_suppressed": 0, "completed": 0, "late": 0, "truncated": 0, "popped": 0}
         self._truncated_seen = 0
+        self._pending = 0  # serve_fast(): entries of the open batch's group not popped yet
 
     def avail_pending(self) -> int:
         n = (_load_idx(self._avail) - self.last_avail_idx) & 0xFFFF
@@ -370,26 +371,79 @@ class SplitQueue:
             raise RingError("avail_ahead")
         return n
 
-    def pop_chains(self, max: int = 0) -> list[Chain]:
-        if self._event_idx:  # ask for a kick at the next entry before reading avail->idx: no kick is lost
+    def _want_kick(self) -> int:
+        """avail_pending() after asking for a kick at the next entry (EVENT_IDX): no kick is lost."""
+        if self._event_idx:
             _put16(self._used, _USED_RING_OFF + _ELEM_SIZE * self.num, self.last_avail_idx)
-        n = self.avail_pending()
+        return self.avail_pending()
+
+    def _pop(self, popped: list[Chain]) -> Chain:
+        """The next available chain, in flight; a malformed one is consumed and raised (with `popped`)."""
+        off = _AVAIL_RING_OFF + 2 * (self.last_avail_idx & (self.num - 1))
+        head = self._avail[off] | self._avail[off + 1] << 8
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        w = _walk(self._mem, self._desc, self.num, head)
+        if w.err:
+            raise RingError(w.err, head, popped)
+        chain = Chain(head, w.gather(False, w.readable_len), tuple([mv for mv, wr in w.segs if wr]),
+                      tuple(w.layout), w.readable_len, w.writable_len, self)
+        with self._lock:
+            self.inflight += 1
+            self._ctr["popped"] += 1
+        return chain
+
+    def pop_chains(self, max: int = 0) -> list[Chain]:
+        self._pending = 0  # a serve_fast() group is over: what it had not popped is still available
+        n = self._want_kick()
         if max > 0:
             n = min(n, max)
         out: list[Chain] = []
-        avail, mask = self._avail, self.num - 1
         for _ in range(n):
-            off = _AVAIL_RING_OFF + 2 * (self.last_avail_idx & mask)
-            head = avail[off] | avail[off + 1] << 8
-            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-            w = _walk(self._mem, self._desc, self.num, head)
-            if w.err:
-                raise RingError(w.err, head, out)
-            out.append(Chain(head, w.gather(False, w.readable_len), tuple([mv for mv, wr in w.segs if wr]),
-                             tuple(w.layout), w.readable_len, w.writable_len, self))
-            with self._lock:
-                self.inflight += 1
+            out.append(self._pop(out))
         return out
+
+    def serve_fast(self, fast: Any, failed: Any, reply_failed: Any) -> Chain | int | None:
+        """The queue thread's loop for what `fast` answers (the C engine calls a native answerer's C entry,
+        ring_answer.h; this twin calls `fast(request, chain)`): pop a group as pop_chains() would, in a
+        batch, and answer each chain as the daemon's queue thread did in Python (`except Exception: r =
+        failed(request)`; a reply that cannot be sent: `reply_failed(e)`).  Returns the first chain `fast`
+        declines (None), in flight, with the batch still open: the caller serves it and calls again; None
+        when a group was published and more are available; the replies truncated since last asked (an
+        int) when the ring was found empty.  A malformed chain raises RingError(reason, head) with the
+        batch open (consumed: the caller completes its head and calls again); an escaped error completes
+        the chain it was serving with used.len 0 first."""
+        if self._pending == 0 or self._batch is None:
+            if self._batch is not None:  # the last group ended with a declined chain
+                self._close_batch()
+            n = self._want_kick()
+            if n == 0:
+                return self._truncated_since()
+            self.begin_batch()
+            self._pending = n
+        while self._pending > 0:
+            self._pending -= 1
+            chain = self._pop([])
+            try:
+                raw = chain.readable
+                try:
+                    r = fast(raw, chain)
+                except Exception:
+                    r = failed(raw)
+                if r is None:
+                    return chain
+                if r:
+                    try:
+                        chain.reply(r if isinstance(r, tuple) else (r,))
+                    except Exception as e:
+                        reply_failed(e)
+                else:
+                    chain.complete(0)
+            except BaseException:
+                if not chain.done:
+                    chain.complete(0)
+                raise
+        self._close_batch()
+        return self._truncated_since() if self._want_kick() == 0 else None
 
     def push_used(self, elems: Sequence[tuple[int, int]]) -> None:
         items = list(elems)
@@ -468,12 +522,21 @@ class SplitQueue:
                 self._publish(self._batch)
             self._batch = []
             self._batch_owner = threading.get_ident()
+            self._pending = 0
 
     def end_batch(self) -> int:
+        self._close_batch()
+        return self._truncated_since()
+
+    def _close_batch(self) -> None:
         with self._lock:
             batch, self._batch = self._batch, None
+            self._pending = 0
             if batch:
                 self._publish(batch)
+
+    def _truncated_since(self) -> int:
+        with self._lock:
             t = self._ctr["truncated"] - self._truncated_seen
             self._truncated_seen = self._ctr["truncated"]
             return t
@@ -481,6 +544,7 @@ class SplitQueue:
     def detach(self) -> None:
         with self._lock:
             batch, self._batch = self._batch, None
+            self._pending = 0
             if batch:
                 self._publish(batch)
             self._detached = True
@@ -498,6 +562,7 @@ class SplitQueue:
             raise ValueError("this queue was already handed over")
         with self._lock:
             batch, self._batch = self._batch, None
+            self._pending = 0
             if batch:
                 self._publish(batch)
             with new._lock:

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "ring_core.h"
+#include "ring_answer.h"
 
 static PyObject *RingError;   /* dissectors.ring._common.RingError */
 static PyObject *CaptureType; /* dissectors.ring._common.Capture */
@@ -645,15 +646,19 @@ static PyObject *reuse_writable(MemoryMapObject *mm, const struct rc_chain *c, P
 #endif
 }
 
-static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c, PyObject *queue)
+/* A Chain for the walked chain `c` whose readable bytes are `readable` (a bytes object; the reference is
+ * taken over, even on failure). */
+static PyObject *chain_with(MemoryMapObject *mm, const struct rc_chain *c, PyObject *queue, PyObject *readable)
 {
     ChainObject *o = PyObject_New(ChainObject, &ChainType);
-    if (!o)
+    if (!o) {
+        release_bytes(readable);
         return NULL;
+    }
     o->queue = Py_XNewRef(queue);
     o->done = 0;
     o->head = c->head;
-    o->readable = NULL;
+    o->readable = readable;
     o->writable = NULL;
     o->nlayout = c->nlayout;
     o->layout = o->inl;
@@ -668,16 +673,6 @@ static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c, 
         }
     }
     memcpy(o->layout, c->layout, c->nlayout * sizeof(struct rc_layout));
-    if (c->readable_len > PY_SSIZE_T_MAX / 2) {
-        Py_DECREF(o);
-        return ring_error(RC_E_OVERFLOW, c->head, NULL);
-    }
-    o->readable = gather_bytes((Py_ssize_t)c->readable_len);
-    if (!o->readable) {
-        Py_DECREF(o);
-        return NULL;
-    }
-    rc_chain_gather(c, (uint8_t *)PyBytes_AS_STRING(o->readable), c->readable_len);
     Py_ssize_t nw = 0;
     for (uint32_t i = 0; i < c->nseg; i++)
         nw += c->seg[i].write;
@@ -702,6 +697,23 @@ static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c, 
     return (PyObject *)o;
 }
 
+/* The chain's readable bytes, gathered into a bytes object (pooled). */
+static PyObject *readable_bytes(const struct rc_chain *c)
+{
+    if (c->readable_len > PY_SSIZE_T_MAX / 2)
+        return ring_error(RC_E_OVERFLOW, c->head, NULL);
+    PyObject *b = gather_bytes((Py_ssize_t)c->readable_len);
+    if (b)
+        rc_chain_gather(c, (uint8_t *)PyBytes_AS_STRING(b), c->readable_len);
+    return b;
+}
+
+static PyObject *chain_to_python(MemoryMapObject *mm, const struct rc_chain *c, PyObject *queue)
+{
+    PyObject *readable = readable_bytes(c);
+    return readable ? chain_with(mm, c, queue, readable) : NULL;
+}
+
 /* ================================================================== SplitQueue */
 
 typedef struct {
@@ -721,7 +733,8 @@ typedef struct {
     uint32_t nbatch;
     Py_ssize_t inflight;               /* popped chains not completed yet */
     PyObject *next;                    /* handover(): the queue that took this one's place */
-    unsigned long long calls, suppressed, completed, late, truncated, truncated_seen;
+    uint32_t pending;                  /* serve_fast(): entries of the open batch's group not popped yet */
+    unsigned long long calls, suppressed, completed, late, truncated, truncated_seen, popped;
 } SplitQueueObject;
 
 /* Publish entries (one used->idx store), then call the driver unless it asked for no call. */
@@ -769,16 +782,20 @@ static int queue_add(SplitQueueObject *q, uint32_t head, uint32_t len)
     return queue_publish(q, &e, 1);
 }
 
-static int queue_complete(PyObject *queue, ChainObject *c, uint32_t len, int truncated)
+static int queue_complete_head(SplitQueueObject *q, int head, uint32_t len, int truncated)
 {
-    SplitQueueObject *q = (SplitQueueObject *)queue;
     while (q->next) /* the ring was re-made (SET_MEM_TABLE, SET_VRING_ADDR) while this chain was served */
         q = (SplitQueueObject *)q->next;
-    c->done = 1;
     q->inflight--;
     q->completed++;
     q->truncated += truncated != 0;
-    return queue_add(q, (uint32_t)c->head, len);
+    return queue_add(q, (uint32_t)head, len);
+}
+
+static int queue_complete(PyObject *queue, ChainObject *c, uint32_t len, int truncated)
+{
+    c->done = 1;
+    return queue_complete_head((SplitQueueObject *)queue, c->head, len, truncated);
 }
 
 static PyObject *ring_owner_tuple(MemoryMapObject *mm, uint64_t a, uint64_t b, uint64_t c, uint64_t d,
@@ -858,6 +875,7 @@ static PyObject *SplitQueue_pop_chains(SplitQueueObject *self, PyObject *args, P
         return NULL;
     if (check_queue(self) < 0)
         return NULL;
+    self->pending = 0; /* a serve_fast() group is over: what it had not popped is still available */
     rc_queue_want_kick(&self->q); /* EVENT_IDX: before the avail load, so no kick is lost in between */
     int n = rc_queue_avail(&self->q);
     if (n < 0)
@@ -899,6 +917,7 @@ static PyObject *pop_into(SplitQueueObject *self, PyObject *out, int n)
         }
         PyList_SET_ITEM(out, i, c);
         self->inflight++;
+        self->popped++;
     }
     return out;
 }
@@ -1003,32 +1022,48 @@ static PyObject *SplitQueue_num(SplitQueueObject *self, void *closure)
 
 /* ---- completions: Chain.reply()/complete() land here */
 
+static int queue_begin_batch(SplitQueueObject *q)
+{
+    if (q->batch_open && queue_flush(q) < 0)
+        return -1;
+    q->batch_open = 1;
+    q->batch_owner = PyThread_get_thread_ident();
+    q->pending = 0;
+    return 0;
+}
+
 static PyObject *SplitQueue_begin_batch(SplitQueueObject *self, PyObject *unused)
 {
     (void)unused;
     if (check_queue(self) < 0)
         return NULL;
-    if (self->batch_open && queue_flush(self) < 0)
+    if (queue_begin_batch(self) < 0)
         return NULL;
-    self->batch_open = 1;
-    self->batch_owner = PyThread_get_thread_ident();
     Py_RETURN_NONE;
 }
 
 static int queue_end_batch(SplitQueueObject *q)
 {
     q->batch_open = 0;
+    q->pending = 0;
     return queue_flush(q);
 }
+
+/* end_batch()'s answer: the replies truncated to their chain's writable bytes since last asked */
+static PyObject *truncated_since(SplitQueueObject *q)
+{
+    unsigned long long t = q->truncated - q->truncated_seen;
+    q->truncated_seen = q->truncated;
+    return PyLong_FromUnsignedLongLong(t);
+}
+
 
 static PyObject *SplitQueue_end_batch(SplitQueueObject *self, PyObject *unused)
 {
     (void)unused;
     if (check_queue(self) < 0 || queue_end_batch(self) < 0)
         return NULL;
-    unsigned long long t = self->truncated - self->truncated_seen;
-    self->truncated_seen = self->truncated;
-    return PyLong_FromUnsignedLongLong(t);
+    return truncated_since(self);
 }
 
 static PyObject *SplitQueue_complete(SplitQueueObject *self, PyObject *args)
@@ -1042,6 +1077,341 @@ static PyObject *SplitQueue_complete(SplitQueueObject *self, PyObject *args)
         return ring_error(RC_E_HEAD_RANGE, (int)(head & 0x7fffffff), NULL);
     if (queue_add(self, head, len) < 0)
         return NULL;
+    Py_RETURN_NONE;
+}
+
+
+/* ---- serve_fast(): the queue thread's loop for what a native answerer serves (ring_answer.h) */
+
+#define SERVE_STACK 4096 /* requests up to this size are gathered on the stack (a LOOKUP, a CREATE) */
+#define SERVE_IOV 64     /* writable segments in the iovec on the stack; more take a heap array */
+
+static PyObject *S_answerer;
+
+static const struct rc_answerer *answerer_of(PyObject *fast)
+{
+    PyObject *cap = PyObject_GetAttr(fast, S_answerer);
+    if (!cap) { /* a plain callable: served through a Chain (NULL without an error) */
+        if (PyErr_ExceptionMatches(PyExc_AttributeError))
+            PyErr_Clear();
+        return NULL;
+    }
+    const struct rc_answerer *a = PyCapsule_GetPointer(cap, RC_ANSWERER_CAPSULE);
+    Py_DECREF(cap); /* the capsule's struct is static in the answerer's module, which `fast` keeps loaded */
+    if (a && (a->version != RC_ANSWERER_VERSION || a->size < sizeof *a || !a->answer)) {
+        PyErr_SetString(PyExc_TypeError, "serve_fast(): the answerer was built for another interface version");
+        return NULL;
+    }
+    return a;
+}
+
+/* fn(arg) inside an `except` of the exception now raised, as Python's `except Exception: fn(arg)` (a
+ * handler that logs it sees it in sys.exc_info()); arg NULL: the exception itself.  Anything that is not an
+ * Exception stays raised (NULL), as it would pass such an `except`. */
+static PyObject *call_in_except(PyObject *fn, PyObject *arg)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (!v || !PyErr_GivenExceptionMatches(t, PyExc_Exception)) {
+        PyErr_Restore(t, v, tb);
+        return NULL;
+    }
+    if (tb)
+        PyException_SetTraceback(v, tb);
+    PyObject *a = arg ? arg : v;
+    Py_INCREF(a);
+    PyObject *ot, *ov, *otb;
+    PyErr_GetExcInfo(&ot, &ov, &otb);
+    PyErr_SetExcInfo(t, v, tb); /* steals */
+    PyObject *r = PyObject_CallOneArg(fn, a);
+    PyErr_SetExcInfo(ot, ov, otb);
+    Py_DECREF(a);
+    return r;
+}
+
+/* Copy len bytes into the iovec from entry *si, offset *so on (src NULL: only skip bytes already in place);
+ * returns how many fitted.  scatter_at() for a chain that has no Chain object. */
+static size_t scatter_iov(const struct iovec *iov, int n, int *si, size_t *so, const char *src, size_t len)
+{
+    size_t done = 0;
+    while (*si < n && done < len) {
+        size_t room = iov[*si].iov_len - *so, k = room < len - done ? room : len - done;
+        if (src && k > 0)
+            memcpy((char *)iov[*si].iov_base + *so, src + done, k);
+        done += k;
+        *so += k;
+        if (*so >= iov[*si].iov_len) {
+            (*si)++;
+            *so = 0;
+        }
+    }
+    return done;
+}
+
+/* Chain.reply(r) for an answer: r's buffers in order (r a buffer, or a tuple of parts as reply() takes,
+ * a non-buffer part being that many bytes in place), then `in_place` bytes already written; 0 or -1.
+ * *done: the completion was made (as Chain.done, set even when publishing it failed). */
+static int reply_iov(SplitQueueObject *self, int head, const struct iovec *iov, int n, PyObject *r, size_t in_place,
+                     int *done)
+{
+    int si = 0, truncated = 0;
+    size_t so = 0, written = 0;
+    PyObject *one[1] = {r};
+    PyObject **items = one;
+    Py_ssize_t nparts = 1;
+    if (PyTuple_Check(r)) {
+        items = &PyTuple_GET_ITEM(r, 0);
+        nparts = PyTuple_GET_SIZE(r);
+    }
+    for (Py_ssize_t i = 0; i < nparts; i++) {
+        size_t want, got;
+        if (PyBytes_CheckExact(items[i])) {
+            want = (size_t)PyBytes_GET_SIZE(items[i]);
+            got = scatter_iov(iov, n, &si, &so, PyBytes_AS_STRING(items[i]), want);
+        } else if (PyObject_CheckBuffer(items[i])) {
+            Py_buffer b;
+            if (PyObject_GetBuffer(items[i], &b, PyBUF_SIMPLE) < 0)
+                return -1;
+            want = (size_t)b.len;
+            got = scatter_iov(iov, n, &si, &so, b.buf, want);
+            PyBuffer_Release(&b);
+        } else {
+            Py_ssize_t w = PyObject_Length(items[i]);
+            if (w < 0)
+                return -1;
+            want = (size_t)w;
+            got = scatter_iov(iov, n, &si, &so, NULL, want);
+        }
+        written += got;
+        truncated |= got < want;
+    }
+    if (in_place) {
+        size_t got = scatter_iov(iov, n, &si, &so, NULL, in_place);
+        written += got;
+        truncated |= got < in_place;
+    }
+    if (written > 0xffffffffULL) {
+        PyErr_SetString(PyExc_OverflowError, "reply longer than a used length");
+        return -1;
+    }
+    *done = 1;
+    return queue_complete_head(self, head, (uint32_t)written, truncated);
+}
+
+/* A chain an error escaped from completes with used.len 0 (the guest never waits on it); the error is kept. */
+static void complete_keeping_error(SplitQueueObject *self, int head)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    if (queue_complete_head(self, head, 0, 0) < 0)
+        PyErr_Clear();
+    PyErr_Restore(t, v, tb);
+}
+
+/* Serve the chain just popped into self->chain: Py_None when the answerer served it (completed), a new
+ * Chain when it declined (in flight: the caller serves it), NULL on an error that escaped (a chain not
+ * completed yet is completed with used.len 0 first, so the guest never waits on it).  Only the thread that
+ * pops may call it (self->chain is the queue's). */
+static PyObject *serve_one(SplitQueueObject *self, const struct rc_answerer *ans, PyObject *fast, PyObject *failed,
+                           PyObject *reply_failed)
+{
+    const struct rc_chain *c = &self->chain;
+    int head = c->head;
+    char stack[SERVE_STACK];
+    PyObject *raw = NULL, *r = NULL, *pins[RC_MAX_REGIONS];
+    uint64_t pinned = 0;
+    int npins = 0, nw = 0, done = 0;
+    struct iovec iov_stack[SERVE_IOV], *iov = iov_stack;
+    const char *req = stack;
+    size_t len = (size_t)c->readable_len, in_place = 0;
+
+    self->inflight++;
+    self->popped++;
+    if (len > SERVE_STACK) {
+        if (!(raw = readable_bytes(c)))
+            goto escaped;
+        req = PyBytes_AS_STRING(raw);
+    } else {
+        rc_chain_gather(c, (uint8_t *)stack, len);
+    }
+    for (uint32_t i = 0; i < c->nseg; i++)
+        nw += c->seg[i].write;
+    if (nw > SERVE_IOV && !(iov = PyMem_Malloc((size_t)nw * sizeof *iov))) {
+        iov = iov_stack;
+        PyErr_NoMemory();
+        goto escaped;
+    }
+    nw = 0;
+    for (uint32_t i = 0; i < c->nseg; i++) {
+        if (!c->seg[i].write)
+            continue;
+        iov[nw].iov_base = c->seg[i].host;
+        iov[nw++].iov_len = c->seg[i].len;
+        /* the answerer may release the GIL while it writes here: keep the region mapped meanwhile (a region
+         * removed by then is only unmapped once its last holder lets go, as with a Chain's views) */
+        unsigned reg = c->seg[i].region;
+        if (reg < 64 && !(pinned & (1ull << reg))) {
+            pinned |= 1ull << reg;
+            pins[npins++] = Py_NewRef(self->mem->owners[reg]);
+        }
+    }
+    r = ans->answer(fast, req, len, iov, nw, &in_place);
+    if (!r) { /* Python's `except Exception: r = failed(raw)` */
+        if (!raw && !(raw = PyBytes_FromStringAndSize(stack, (Py_ssize_t)len)))
+            goto escaped;
+        in_place = 0;
+        if (!(r = call_in_except(failed, raw)))
+            goto escaped;
+    }
+    if (r == Py_None) { /* declined: the chain goes to Python as it would have come from pop_chains() */
+        Py_CLEAR(r);
+        if (!raw && !(raw = PyBytes_FromStringAndSize(stack, (Py_ssize_t)len)))
+            goto escaped;
+        r = chain_with(self->mem, c, (PyObject *)self, raw);
+        raw = NULL;
+        if (!r)
+            goto escaped;
+        goto out;
+    }
+    int full = PyObject_IsTrue(r);
+    if (full < 0)
+        goto escaped;
+    if (!full) { /* served, no reply (FORGET) */
+        done = 1;
+        if (queue_complete_head(self, head, 0, 0) < 0)
+            goto escaped;
+    } else if (reply_iov(self, head, iov, nw, r, in_place, &done) < 0) {
+        /* Python: chain.reply() raised: reply_failed(e) */
+        PyObject *x = call_in_except(reply_failed, NULL);
+        if (!x)
+            goto escaped;
+        Py_DECREF(x);
+    }
+    Py_SETREF(r, Py_NewRef(Py_None));
+    goto out;
+escaped:
+    Py_CLEAR(r);
+    if (!done)
+        complete_keeping_error(self, head);
+out:
+    for (int i = 0; i < npins; i++)
+        Py_DECREF(pins[i]);
+    if (iov != iov_stack)
+        PyMem_Free(iov);
+    release_bytes(raw);
+    return r;
+}
+
+/* serve_one() for an answerer without a C entry (a Python callable): what the daemon's queue thread did in
+ * Python, through a Chain object (the twin's serve_fast, step for step). */
+static PyObject *serve_one_py(SplitQueueObject *self, PyObject *fast, PyObject *failed, PyObject *reply_failed)
+{
+    self->inflight++;
+    self->popped++;
+    PyObject *raw = readable_bytes(&self->chain), *r = NULL, *x;
+    if (!raw) {
+        complete_keeping_error(self, self->chain.head);
+        return NULL;
+    }
+    ChainObject *c = (ChainObject *)chain_with(self->mem, &self->chain, (PyObject *)self, Py_NewRef(raw));
+    if (!c) {
+        Py_DECREF(raw);
+        complete_keeping_error(self, self->chain.head);
+        return NULL;
+    }
+    r = PyObject_CallFunctionObjArgs(fast, raw, (PyObject *)c, NULL);
+    if (!r && !(r = call_in_except(failed, raw)))
+        goto escaped;
+    if (r == Py_None) {
+        Py_DECREF(r);
+        Py_DECREF(raw);
+        return (PyObject *)c;
+    }
+    int full = PyObject_IsTrue(r);
+    if (full < 0)
+        goto escaped;
+    if (full) {
+        PyObject *parts = PyTuple_Check(r) ? Py_NewRef(r) : PyTuple_Pack(1, r);
+        x = parts ? Chain_reply(c, parts) : NULL;
+        Py_XDECREF(parts);
+        if (!x && !(x = call_in_except(reply_failed, NULL)))
+            goto escaped;
+    } else {
+        PyObject *none = PyTuple_New(0);
+        x = none ? Chain_complete(c, none) : NULL;
+        Py_XDECREF(none);
+        if (!x)
+            goto escaped;
+    }
+    Py_DECREF(x);
+    Py_DECREF(r);
+    Py_DECREF(raw);
+    Py_DECREF(c);
+    Py_RETURN_NONE;
+escaped:
+    Py_XDECREF(r);
+    Py_DECREF(raw);
+    if (!c->done && c->queue) { /* completed with nothing written, the error kept */
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        if (queue_complete(c->queue, c, 0, 0) < 0)
+            PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+    }
+    Py_DECREF(c);
+    return NULL;
+}
+
+/* What pop_chains() would pop now (EVENT_IDX: the kick asked for first): n > 0, or 0 and *out the answer for
+ * the caller, the replies truncated since last asked when the ring is empty (NULL on an error). */
+static int next_group(SplitQueueObject *self, PyObject **out)
+{
+    rc_queue_want_kick(&self->q);
+    int n = rc_queue_avail(&self->q);
+    if (n > 0)
+        return n;
+    *out = n < 0 ? ring_error(n, -1, NULL) : truncated_since(self);
+    return 0;
+}
+
+static PyObject *SplitQueue_serve_fast(SplitQueueObject *self, PyObject *args)
+{
+    PyObject *fast, *failed, *reply_failed;
+    if (!PyArg_ParseTuple(args, "OOO:serve_fast", &fast, &failed, &reply_failed))
+        return NULL;
+    if (check_queue(self) < 0)
+        return NULL;
+    const struct rc_answerer *ans = answerer_of(fast);
+    if (!ans && PyErr_Occurred())
+        return NULL;
+    if (self->pending == 0 || !self->batch_open) { /* a new group: what pop_chains() would pop now */
+        if (self->batch_open && queue_end_batch(self) < 0) /* the last group ended with a declined chain */
+            return NULL;
+        PyObject *out;
+        int n = next_group(self, &out);
+        if (n == 0)
+            return out;
+        if (queue_begin_batch(self) < 0)
+            return NULL;
+        self->pending = (uint32_t)n;
+    }
+    while (self->pending > 0) {
+        self->pending--;
+        int err = rc_queue_pop(&self->q, &self->chain);
+        if (err) /* consumed; the batch stays open: the caller completes the head and calls again */
+            return ring_error(err, self->chain.head, NULL);
+        PyObject *r = ans ? serve_one(self, ans, fast, failed, reply_failed)
+                          : serve_one_py(self, fast, failed, reply_failed);
+        if (r != Py_None)
+            return r; /* a Chain the answerer declined (the batch stays open), or NULL */
+        Py_DECREF(r);
+    }
+    if (queue_end_batch(self) < 0)
+        return NULL;
+    PyObject *out;
+    if (next_group(self, &out) == 0)
+        return out;
     Py_RETURN_NONE;
 }
 
@@ -1130,9 +1500,9 @@ static PyObject *SplitQueue_get_inflight(SplitQueueObject *self, void *closure)
 static PyObject *SplitQueue_counters(SplitQueueObject *self, void *closure)
 {
     (void)closure;
-    return Py_BuildValue("{sKsKsKsKsKsn}", "calls", self->calls, "calls_suppressed", self->suppressed,
+    return Py_BuildValue("{sKsKsKsKsKsnsK}", "calls", self->calls, "calls_suppressed", self->suppressed,
                          "completed", self->completed, "late", self->late, "truncated", self->truncated,
-                         "inflight", self->inflight);
+                         "inflight", self->inflight, "popped", self->popped);
 }
 
 static PyMethodDef SplitQueue_methods[] = {
@@ -1147,6 +1517,10 @@ static PyMethodDef SplitQueue_methods[] = {
      "end_batch() -> truncated: publish the batch (one used->idx store, at most one call)"},
     {"complete", (PyCFunction)SplitQueue_complete, METH_VARARGS,
      "complete(head, len=0): a used entry for a head with no Chain (a malformed one)"},
+    {"serve_fast", (PyCFunction)SplitQueue_serve_fast, METH_VARARGS,
+     "serve_fast(fast, failed, reply_failed) -> Chain | None | truncated: pop and answer through a native "
+     "answerer (dissectors/ring/ring_answer.h) until it declines a chain (returned, batch open), a group is "
+     "published with more available (None) or the ring is empty (the replies truncated since last asked)"},
     {"detach", (PyCFunction)SplitQueue_detach, METH_NOARGS, "drop every later completion (the ring is gone)"},
     {"handover", (PyCFunction)SplitQueue_handover, METH_O,
      "handover(new): chains popped here complete on `new` from now on (the ring was re-made)"},
@@ -1829,6 +2203,8 @@ PyMODINIT_FUNC PyInit__ring(void)
     CaptureType = PyObject_GetAttrString(common, "Capture");
     Py_DECREF(common);
     if (!RingError || !CaptureType)
+        return NULL;
+    if (!(S_answerer = PyUnicode_InternFromString("answerer")))
         return NULL;
     const char *kinds[4] = {"pad", "request", "reply", "error"};
     for (int i = 0; i < 4; i++)
