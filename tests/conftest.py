@@ -109,6 +109,7 @@ def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
     timer = item.stash.get(_UNSTICK, None)
     if timer is not None:
         timer.cancel()
+        timer.join(1)  # gone before the next test counts its threads (cancel() only signals it)
 
 
 _UNSTICK = pytest.StashKey[threading.Timer]()
