@@ -57,8 +57,10 @@ def _items(path: Path) -> list[Any]:
     return out
 
 
-def _one_by_one(items: list[Any]) -> tuple[BlockEncoder, list[bytes]]:
+def _one_by_one(items: list[Any], framer: Any = None) -> tuple[BlockEncoder, list[bytes]]:
+    """Each item through the writer's request()/reply(), which frames with `framer` (None: its own Python)."""
     enc = BlockEncoder(snaplen=SNAP)
+    enc.framer = framer
     out = []
     for inbound, data, queue, head, ts, orig, notes, flags, n, *layout in items:
         (enc.request if inbound else enc.reply)(data, queue, head, ts, orig_len=orig, notes=notes, flags=flags,
@@ -81,6 +83,25 @@ def test_framed_blocks_are_the_writers(framer: str, sample: Path) -> None:
     assert [(r.inbound, r.data, r.n, r.notes[:len(i[6])], r.layout) for r, i in zip(recs, items)] == \
         [(i[0], i[1], i[8], i[6], list(i[9]) if i[9:] and i[9] else None) for i in items]
     assert len(recs) == len(items)
+
+
+@pytest.mark.parametrize("sample", [SYNCFS, WORKLOAD], ids=["guest-syncfs", "fusedev-workload"])
+def test_the_writer_frames_with_the_framer_and_makes_the_same_bytes(framer: str, sample: Path) -> None:
+    """The recording writer frames each FUSE record with the framer (C, or its twin; one call a record: the
+    recorder's per-exchange framing on the capture thread), leaving it what the framer leaves (INIT, debugger
+    notes, odd values): the bytes are those of its own Python framing, record for record."""
+    items = _items(sample)
+    _ref, want = _one_by_one(items)
+    calls: list[int] = []
+
+    def counting(*a: Any) -> Any:
+        calls.append(1)
+        return FRAMERS[framer](*a)
+
+    enc, got = _one_by_one(items, counting)
+    assert got == want and len(calls) == len(items)
+    framed = sum(1 for i in items if FRAMERS[framer]([i], 0, enc._fuse_ifaces, 1, 1 << 62)[1])
+    assert framed > len(items) * 3 // 4  # (most of them: not the INIT, the debugger's, the odd ones)
 
 
 def test_what_the_framer_leaves_to_the_writer(framer: str) -> None:

@@ -106,6 +106,9 @@ def host_info() -> dict[str, str]:
     return {"host": socket.gethostname(), "kernel": f"{u.system} {u.release} {u.machine}"}
 
 
+_NO_MAX = 1 << 62  # (the writer snapped what it snaps before framing)
+
+
 class RecordingWriter:
     """Writes one recording (and its rotated continuations).  Not thread-safe: feed it from one thread.
 
@@ -138,6 +141,9 @@ class RecordingWriter:
             raise ValueError("a stream cannot rotate")
         self.stream = stream
         self._sink = sink
+        # Frames each FUSE packet block in one call (recording/scan.py: C, or its twin) where it can, the same
+        # bytes as _epb's Python below (None: always that; the tests' reference).
+        self.framer: scan.Frame | None = scan.frame
         self.base = Path(path)
         self.source = source
         self.backend = backend
@@ -159,6 +165,7 @@ class RecordingWriter:
         self._written = 0
         self._last_flush = time.monotonic()
         self._ifaces: dict[tuple[str, int], int] = {}
+        self._fuse_ifaces: dict[int, int] = {}  # queue -> its FUSE interface (the framer's)
         # Per queue: (interface id, exported-PDU prefix + struct for the head, direction) for the hot path.
         self._req_chan: dict[int, tuple[int, struct.Struct, bytes, int]] = {}
         self._rep_chan: dict[int, tuple[int, struct.Struct, bytes, int]] = {}
@@ -224,7 +231,7 @@ class RecordingWriter:
         if self._index is not None:
             self._index.packet(self._base - self._index_base + self._written + self._buffered, True, queue, head,
                                self.epoch, raw)
-        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n, not flags & fmt.RF_DECODE_ERROR)
+        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n, True, not flags & fmt.RF_DECODE_ERROR)
 
     def reply(self, raw: bytes | bytearray | memoryview, queue: int = 0, head: int | None = None,
               ts_ns: int | None = None, *, epoch: int | None = None, layout: Sequence[tuple[int, int]] = (),
@@ -251,7 +258,7 @@ class RecordingWriter:
         if self._index is not None:
             self._index.packet(self._base - self._index_base + self._written + self._buffered, False, queue, head,
                                self.epoch, raw)
-        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n, True)
+        self._epb(chan, queue, raw, orig, head, ts_ns, flags, layout, notes, n, True, True)
 
     @staticmethod
     def _unique(raw: bytes) -> int:
@@ -412,6 +419,7 @@ class RecordingWriter:
             self._close_index()
             self._open_index(path)
         self._ifaces = {}
+        self._fuse_ifaces = {}
         self._req_chan = {}
         self._rep_chan = {}
         info = host_info()
@@ -461,6 +469,8 @@ class RecordingWriter:
         self._buf.append(blk)
         self._buffered += len(blk)
         idx = self._ifaces[key] = len(self._ifaces)
+        if dissector == fmt.DISSECTOR_FUSE:
+            self._fuse_ifaces[queue] = idx
         return idx
 
     def _channel(self, dissector: str, direction: int, queue: int) -> tuple[int, struct.Struct, bytes, int]:
@@ -475,10 +485,21 @@ class RecordingWriter:
 
     def _epb(self, chan: tuple[int, struct.Struct, bytes, int], queue: int, raw: bytes, orig: int,
              head: int | None, ts_ns: int | None, flags: int, layout: Sequence[tuple[int, int]],
-             notes: Sequence[str], n: int | None = None, fuse: bool = False) -> None:
+             notes: Sequence[str], n: int | None = None, fuse: bool = False, tee: bool = False) -> None:
         iface, head_struct, prefix, direction = chan
         if ts_ns is None:
             ts_ns = time.time_ns()
+        framer = self.framer
+        if fuse and framer is not None:  # one call to the framer (C), which leaves odd records to the code below
+            blocks, done = framer([(direction == fmt.DIR_INBOUND, raw, queue, head, ts_ns, orig,
+                                    notes if notes.__class__ is list else list(notes), flags, n or 0,
+                                    layout if layout.__class__ is tuple else tuple(layout))],
+                                  0, self._fuse_ifaces, self.epoch, _NO_MAX)
+            if done:
+                blk = blocks[0]
+                self._buf.append(blk)
+                self._end_record(len(blk), (blk,) if tee else ())
+                return
         plen = len(prefix)
         caplen = plen + len(raw)
         r = caplen & 3
@@ -512,9 +533,13 @@ class RecordingWriter:
                                                     fmt.META_RECORD_STRUCT.size, fmt.PEN, fmt.META_RECORD, 0,
                                                     queue, flags, head, self.epoch)
                          + extra + _EPB_END.pack(fmt.OPT_ENDOFOPT, 0, total))
+        self._end_record(total, parts[-3:] if tee else ())
+
+    def _end_record(self, total: int, tee: Sequence[bytes]) -> None:
+        """A record of `total` bytes is buffered (its parts `tee` go to start_tee()'s list too): flush if due."""
         self.records += 1
-        if fuse and self._tee is not None:  # (the block's three parts, before a flush takes them)
-            self._tee += parts[-3:]
+        if tee and self._tee is not None:  # (before a flush takes them)
+            self._tee += tee
             self._tee_records += 1
         self._buffered += total
         if (self._buffered >= self.flush_bytes or time.monotonic() - self._last_flush >= self.flush_interval
@@ -536,7 +561,6 @@ class BlockEncoder(RecordingWriter):
         self._out: list[bytes] = []
         self.header: list[bytes] = []
         self.fresh: list[bytes] = []
-        self._fuse_ifaces: dict[int, int] = {}  # queue -> its FUSE interface (frame())
         # frame() takes messages no longer than this: the writer never snaps them
         self._frame_max = _READ_HEAD + snaplen if snaplen else 1 << 62
         super().__init__("-", source=source, snaplen=snaplen, comments=comments, sink=self._out.append,
@@ -551,8 +575,6 @@ class BlockEncoder(RecordingWriter):
             self._buffered -= len(blk)
             self.header.append(blk)
             self.fresh.append(blk)
-            if dissector == fmt.DISSECTOR_FUSE:
-                self._fuse_ifaces[queue] = idx
         return idx
 
     def frame(self, items: list[scan.Item]) -> list[bytes]:
