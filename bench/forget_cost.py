@@ -8,6 +8,7 @@ it (the one serving that queue) and of the whole back-end:
 - `FORGET to 0`: the last reference of a created file (the inode goes);
 - `FORGET 1 of 2`: a reference of a file looked up twice (the inode stays);
 - `LOOKUP new`: a LOOKUP of a file whose inode was forgotten (a new inode in the table);
+- `FORGET burst`: one of two references each of n unlinked files, sent all at once (as a guest's reclaim sends them);
 - `FORGET unknown`: a nodeid the back-end never gave out;
 - `BATCH_FORGET x16`: 16 files' last references in one message (per entry);
 - `CREATE`: a new file on the request queue (RELEASEd afterwards, outside the measure).
@@ -126,6 +127,7 @@ def measure(front: Front, pgid: int, n: int, hook: Callable[[Phases, str], Any] 
         forget_wait(front, "FORGET", one, nodeid)
     with ph.phase("LOOKUP new", n):
         single = [(name, fuse(front, "LOOKUP", {"name": name}).args["entry"].nodeid, fh) for name, _n, fh in single]
+    again = [fuse(front, "LOOKUP", {"name": name}).args["entry"].nodeid for name, _n, _fh in batch]  # 2 each
     for name, _nodeid, _fh in files:  # as rm does: UNLINK (of a known inode), then its FORGET
         fuse(front, "UNLINK", {"name": name})
     ctx = hook(ph, "FORGET to 0") if hook is not None else None
@@ -134,6 +136,13 @@ def measure(front: Front, pgid: int, n: int, hook: Callable[[Phases, str], Any] 
             forget_wait(front, "FORGET", one, nodeid)
     if ctx is not None:
         ctx.__exit__(None, None, None)
+    with ph.phase("FORGET burst", n):  # as a guest's reclaim sends them: all at once, none waited for
+        for nodeid in again:
+            while not front.free_slots(0):
+                front.poll(0.1)
+            front.submit(0, F.encode_request("FORGET", one, unique=next(_UNIQUE), nodeid=nodeid), 0, None)
+        while front.in_flight():
+            front.poll(1.0)
     with ph.phase("FORGET unknown", n):
         for i in range(n):
             forget_wait(front, "FORGET", one, (1 << 50) + i)
