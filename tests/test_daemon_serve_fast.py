@@ -32,13 +32,15 @@ ENGINES = engines()
 Transcript = list[tuple[int, int, bytes]]
 
 
-def _per_chain(self: VhostUserSession, vr: Any) -> None:
-    """The queue thread's loop before serve_fast: pop a group, then each Chain through _serve_chain."""
+def _per_chain(self: VhostUserSession, vr: Any, ep: Any) -> bool:
+    """The queue thread's drain before serve_fast: pop a group, then each Chain through _serve_chain; the
+    queue thread then waits in Python."""
     q = vr.queue
     if q is None or not vr.enabled:
-        return
+        return False
     while not vr.stopping and self._drain_group(vr, q):
         pass
+    return False
 
 
 def batch(fe: Frontend, q: int, reqs: list[tuple[bytes | None, tuple[int, ...]]],

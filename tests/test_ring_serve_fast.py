@@ -6,8 +6,11 @@ the per-chain loop in tests/test_daemon_serve_fast.py."""
 from __future__ import annotations
 
 import os
+import select
 import sys
+import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -61,6 +64,7 @@ class Answerer:
     def __init__(self) -> None:
         self.seen: list[tuple[bytes, bool]] = []
         self.before: Any = None
+        self.fast: Any = self  # serve_fast(src, ...) reads src.fast before each chain (the daemon's Server)
 
     def __call__(self, raw: bytes, chain: Any = None) -> bytes | None:
         self.seen.append((bytes(raw), chain is not None))
@@ -164,7 +168,7 @@ def test_a_reply_that_cannot_be_scattered_goes_to_reply_failed(ring):
 
     sinks = Sinks()
     offer(rig, {1: b"x"})
-    assert q.serve_fast(odd, sinks.on_failed, sinks.on_reply_failed) == 0
+    assert q.serve_fast(SimpleNamespace(fast=odd), sinks.on_failed, sinks.on_reply_failed) == 0
     assert len(sinks.reply_failed) == 1 and isinstance(sinks.reply_failed[0], TypeError)
     assert q.inflight == 1  # as Chain.reply() raising left it: never completed
     assert rig.guest.collect_used() == []
@@ -217,3 +221,68 @@ def test_pop_chains_and_end_batch_end_a_group(ring):
     assert sorted(rig.guest.collect_used()) == [(0, 1), (3, 1), (6, 1)]
     assert q.counters["popped"] == 3
 
+
+
+def test_src_fast_is_read_before_each_chain(ring):
+    """The daemon's Server.fast can go away (DESTROY) while a group is served: the next chain comes back as a
+    declined one, and nothing is popped twice."""
+    rig, q, _fd = ring
+    ans, sinks = Answerer(), Sinks()
+    offer(rig, {0: b"ok-1", 3: b"ok-2", 6: b"ok-3"})
+
+    def after_first() -> None:
+        if len(ans.seen) == 1:
+            ans.fast = None
+    ans.before = after_first
+    r = q.serve_fast(ans, sinks.on_failed, sinks.on_reply_failed)
+    assert r.head == 3 and len(ans.seen) == 1 and not r.done
+    r.complete(1)
+    ans.fast = ans
+    assert q.serve_fast(ans, sinks.on_failed, sinks.on_reply_failed) == 0
+    assert rig.guest.collect_used() == [(0, 6), (3, 1), (6, 6)]
+    assert q.counters["popped"] == 3
+
+
+def test_serve_wait_waits_for_kicks_itself_and_returns_when_woken(ring):
+    """serve_wait: the queue thread's whole loop; kicks are served without returning, the wake fd returns."""
+    rig, q, call_fd = ring
+    ans, sinks = Answerer(), Sinks()
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ep = select.epoll()
+    ep.register(kick, select.EPOLLIN | select.EPOLLET)
+    ep.register(wake, select.EPOLLIN | select.EPOLLET)
+    out: list[Any] = []
+    served = threading.Event()
+    ans.before = served.set
+    try:
+        offer(rig, {0: b"ok-a"})
+        t = threading.Thread(target=lambda: out.append(q.serve_wait(ep, wake, ans, sinks.on_failed,
+                                                                    sinks.on_reply_failed)))
+        t.start()
+        assert served.wait(5)  # what was available is served first
+        served.clear()
+        offer(rig, {3: b"ok-b"})
+        os.eventfd_write(kick, 1)
+        assert served.wait(5)  # a kick: served in the same call
+        served.clear()
+        offer(rig, {6: b"py-c"})
+        os.eventfd_write(kick, 1)
+        t.join(5)
+        assert not t.is_alive() and out[0].head == 6  # declined: back to the caller, batch open
+        out[0].complete(2)
+        t = threading.Thread(target=lambda: out.append(q.serve_wait(ep, wake, ans, sinks.on_failed,
+                                                                    sinks.on_reply_failed)))
+        t.start()
+        t.join(0.2)
+        assert t.is_alive()  # waiting in the engine
+        os.eventfd_write(wake, 1)
+        t.join(5)
+        assert not t.is_alive() and out[1] == 0  # woken: the replies truncated meanwhile
+        assert rig.guest.collect_used() == [(0, 6), (3, 6), (6, 2)]
+        assert [x for x, _c in ans.seen] == [b"ok-a", b"ok-b", b"py-c"]
+        assert calls(call_fd) == 3  # one per group: a, b, and c's once the caller came back
+    finally:
+        ep.close()
+        os.close(kick)
+        os.close(wake)

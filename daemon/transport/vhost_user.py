@@ -517,6 +517,8 @@ class VhostUserSession:
             old.handover(q)
             vr.retire(old)
         vr.queue = q
+        if vr.started and vr.wake_fd >= 0:  # a queue thread waiting in the old ring's serve_wait moves over
+            _eventfd_write(vr.wake_fd)
         log.debug("vring %d: num %d desc %#x avail %#x used %#x, avail idx %d used idx %d", vr.index, vr.num,
                   desc, avail, used, q.last_avail_idx, q.used_idx)
 
@@ -638,13 +640,15 @@ class VhostUserSession:
             ep.register(vr.wake_fd, EDGE)
             if kick >= 0:
                 ep.register(kick, EDGE)  # ready at once if kicked before: a counter set earlier is an edge
-            self._drain(vr)  # buffers made available before the kick fd arrived
             wake = vr.wake_fd
             while True:
-                woken = False
-                for fd, _events in ep.poll():
-                    if fd == wake:
-                        woken = True
+                # Serve what is available (buffers made available before the kick fd arrived too); with the
+                # fast path on, the ring engine also waits for the next kick itself, until woken.
+                woken = self._drain(vr, ep)
+                if not woken and not vr.stopping:
+                    for fd, _events in ep.poll():
+                        if fd == wake:
+                            woken = True
                 if vr.stopping:
                     return
                 if woken:  # SET_VRING_KICK may have left a new kick fd
@@ -656,7 +660,6 @@ class VhostUserSession:
                             _close(kick)
                         kick = new
                         ep.register(kick, EDGE)
-                self._drain(vr)
         except Exception:
             log.exception("vring %d: queue thread failed", vr.index)
         finally:
@@ -668,17 +671,20 @@ class VhostUserSession:
                 elif kick >= 0:
                     _close(kick)
 
-    def _drain(self, vr: Vring) -> None:
+    def _drain(self, vr: Vring, ep: select.epoll) -> bool:
         """Pop every available chain and serve it; the inline replies of a batch go out together.
 
-        With the fast path, the ring engine's `serve_fast` pops, answers, scatters and publishes what the
+        With the fast path, the ring engine's `serve_wait` pops, answers, scatters and publishes what the
         fast path serves without a Chain object or a Python frame (C engine), and hands back only the
-        chains it declines, which `_serve_slow` serves as before, in their place in the batch.
+        chains it declines, which `_serve_slow` serves as before, in their place in the batch; while the
+        ring is empty it waits for the next kick in `ep` (the queue thread's epoll set) itself, so this
+        returns only once the wake fd fired (True).  Without the fast path (or when
+        not served: disabled, stopping, stalled) it returns False when the ring is empty: the caller waits.
         A batch begins after a pop that found chains: the last pop of a wake-up, which finds none (it
         re-arms the kick with EVENT_IDX), costs no batch."""
         q = vr.queue
         if q is None or not vr.enabled:
-            return
+            return False
         server = self.server
         failed, reply_failed = server.fast_failed, server.reply_failed
         batch = False  # serve_fast left a batch open (it returned a chain, or raised)
@@ -687,27 +693,26 @@ class VhostUserSession:
                 fast = server.fast
                 if fast is None:
                     if not self._drain_group(vr, q):
-                        return
+                        return False
                     continue
                 batch = True
                 try:
-                    r = q.serve_fast(fast, failed, reply_failed)
+                    r = q.serve_wait(ep, vr.wake_fd, server, failed, reply_failed)
                 except RingError as e:  # logged as text: a record holding it would keep its frames (the ring) alive
                     if e.reason == "avail_ahead":
                         log.error("vring %d: %s; queue stalled", vr.index, str(e))
-                        return
+                        return False
                     log.error("vring %d: malformed chain: %s", vr.index, str(e))
                     if e.head is not None and e.head < q.num:
                         q.complete(e.head, 0)
                     continue
-                if r is None:  # a group published, more available
-                    batch = False
-                elif isinstance(r, int):  # the ring is empty, every batch published
+                if isinstance(r, int):  # woken, every batch published
                     batch = False
                     _log_truncated(vr, r)
-                    return
+                    return True
                 else:  # declined by the fast path
                     self._serve_slow(vr, r)
+            return False
         finally:
             if batch:
                 _log_truncated(vr, q.end_batch())

@@ -37,9 +37,10 @@ API (identical in both engines; addresses are guest-physical unless named otherw
     the completions of chains still in flight to the queue that replaced this one (the ring was
     re-made); `detach()` drops every later completion (the ring is gone; counted as `late`);
     `counters` (calls, calls_suppressed, completed, late, truncated, inflight, popped).
-  - `serve_fast(fast, failed, reply_failed) -> Chain | None | int`: a device's queue loop for what an
+  - `serve_fast(src, failed, reply_failed) -> Chain | None | int`: a device's queue loop for what an
     answerer serves.  It pops a group as pop_chains() would (EVENT_IDX kick request first), in a batch,
-    and answers each chain: `fast(request, chain)` (the twin, and a plain callable on the C engine) or,
+    and answers each chain with `fast = src.fast`, read before each chain (None: the chain is handed
+    back as a declined one): `fast(request, chain)` (the twin, and a plain callable on the C engine) or,
     when `fast` has an `answerer` capsule (ring_answer.h: the daemon's C fast path), its C entry with
     the request bytes and the writable buffers as an iovec, so no Chain object and no Python frame; a
     reply is scattered and completed, b"" completes with used.len 0; a raising answer goes to
@@ -49,7 +50,11 @@ API (identical in both engines; addresses are guest-physical unless named otherw
     published with more available; when the ring is found empty, the replies truncated since last
     asked (an int).  A malformed chain raises RingError(reason, head) with the batch open (consumed:
     complete its head, call again); an error that escapes completes the chain being served with
-    used.len 0 first.  pop_chains(), begin_batch() and end_batch() end a group left open.  The C engine does all
+    used.len 0 first.  pop_chains(), begin_batch() and end_batch() end a group left open.
+  - `serve_wait(ep, wake_fd, src, failed, reply_failed) -> Chain | int`: serve_fast() and, whenever
+    the ring is empty, the wait for the next kick in `ep` (an edge-triggered epoll set, eventfds never
+    read; GIL released), in one loop: it returns a declined chain as serve_fast() does, or, once
+    `wake_fd` fired, the replies truncated meanwhile.  The C engine does all
     this with the GIL held, which serialises completions from several threads; the twin takes a lock.
 - `Chain`: `head`, `readable` (bytes, gathered), `writable` (tuple of writable memoryviews into guest
   memory), `layout` (((addr, len, flags), ...) effective descriptors; the INDIRECT descriptor itself is

@@ -371,6 +371,23 @@ class SplitQueue:
             raise RingError("avail_ahead")
         return n
 
+    def serve_wait(self, ep: Any, wake_fd: int, src: Any, failed: Any, reply_failed: Any) -> Chain | int:
+        """serve_fast(), and while the ring is empty the wait in `ep` (an edge-triggered epoll set whose
+        eventfds are never read) for the next kick, until a chain is declined (returned) or `wake_fd`
+        fired (the replies truncated meanwhile)."""
+        truncated = 0
+        while True:
+            r = self.serve_fast(src, failed, reply_failed)
+            if r is None:
+                timeout = 0.0  # a group published, more available: only look whether woken
+            elif isinstance(r, int):
+                truncated += r
+                timeout = -1.0
+            else:
+                return r
+            if any(fd == wake_fd for fd, _ev in ep.poll(timeout)):
+                return truncated
+
     def _want_kick(self) -> int:
         """avail_pending() after asking for a kick at the next entry (EVENT_IDX): no kick is lost."""
         if self._event_idx:
@@ -402,12 +419,13 @@ class SplitQueue:
             out.append(self._pop(out))
         return out
 
-    def serve_fast(self, fast: Any, failed: Any, reply_failed: Any) -> Chain | int | None:
-        """The queue thread's loop for what `fast` answers (the C engine calls a native answerer's C entry,
-        ring_answer.h; this twin calls `fast(request, chain)`): pop a group as pop_chains() would, in a
-        batch, and answer each chain as the daemon's queue thread did in Python (`except Exception: r =
-        failed(request)`; a reply that cannot be sent: `reply_failed(e)`).  Returns the first chain `fast`
-        declines (None), in flight, with the batch still open: the caller serves it and calls again; None
+    def serve_fast(self, src: Any, failed: Any, reply_failed: Any) -> Chain | int | None:
+        """The queue thread's loop for what `fast = src.fast` (read before each chain) answers (the C engine
+        calls a native answerer's C entry, ring_answer.h; this twin calls `fast(request, chain)`): pop a
+        group as pop_chains() would, in a batch, and answer each chain as the daemon's queue thread did in
+        Python (`except Exception: r = failed(request)`; a reply that cannot be sent: `reply_failed(e)`).
+        Returns the first chain `fast` declines (None), or popped while `src.fast` is None, in flight, with
+        the batch still open: the caller serves it and calls again; None
         when a group was published and more are available; the replies truncated since last asked (an
         int) when the ring was found empty.  A malformed chain raises RingError(reason, head) with the
         batch open (consumed: the caller completes its head and calls again); an escaped error completes
@@ -421,8 +439,11 @@ class SplitQueue:
             self.begin_batch()
             self._pending = n
         while self._pending > 0:
+            fast = src.fast
             self._pending -= 1
             chain = self._pop([])
+            if fast is None:
+                return chain
             try:
                 raw = chain.readable
                 try:

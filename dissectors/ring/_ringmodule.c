@@ -11,7 +11,9 @@
 #include <structmember.h>
 #include <stddef.h>
 #include <malloc.h>
+#include <errno.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <unistd.h>
 
 #include "ring_core.h"
@@ -1086,7 +1088,7 @@ static PyObject *SplitQueue_complete(SplitQueueObject *self, PyObject *args)
 #define SERVE_STACK 4096 /* requests up to this size are gathered on the stack (a LOOKUP, a CREATE) */
 #define SERVE_IOV 64     /* writable segments in the iovec on the stack; more take a heap array */
 
-static PyObject *S_answerer;
+static PyObject *S_answerer, *S_fast;
 
 static const struct rc_answerer *answerer_of(PyObject *fast)
 {
@@ -1375,16 +1377,8 @@ static int next_group(SplitQueueObject *self, PyObject **out)
     return 0;
 }
 
-static PyObject *SplitQueue_serve_fast(SplitQueueObject *self, PyObject *args)
+static PyObject *serve_fast(SplitQueueObject *self, PyObject *src, PyObject *failed, PyObject *reply_failed)
 {
-    PyObject *fast, *failed, *reply_failed;
-    if (!PyArg_ParseTuple(args, "OOO:serve_fast", &fast, &failed, &reply_failed))
-        return NULL;
-    if (check_queue(self) < 0)
-        return NULL;
-    const struct rc_answerer *ans = answerer_of(fast);
-    if (!ans && PyErr_Occurred())
-        return NULL;
     if (self->pending == 0 || !self->batch_open) { /* a new group: what pop_chains() would pop now */
         if (self->batch_open && queue_end_batch(self) < 0) /* the last group ended with a declined chain */
             return NULL;
@@ -1397,12 +1391,30 @@ static PyObject *SplitQueue_serve_fast(SplitQueueObject *self, PyObject *args)
         self->pending = (uint32_t)n;
     }
     while (self->pending > 0) {
+        PyObject *fast = PyObject_GetAttr(src, S_fast); /* read per chain, as the daemon's loop did */
+        if (!fast)
+            return NULL;
+        const struct rc_answerer *ans = fast != Py_None ? answerer_of(fast) : NULL;
+        if (!ans && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return NULL;
+        }
         self->pending--;
         int err = rc_queue_pop(&self->q, &self->chain);
-        if (err) /* consumed; the batch stays open: the caller completes the head and calls again */
+        if (err) { /* consumed; the batch stays open: the caller completes the head and calls again */
+            Py_DECREF(fast);
             return ring_error(err, self->chain.head, NULL);
-        PyObject *r = ans ? serve_one(self, ans, fast, failed, reply_failed)
-                          : serve_one_py(self, fast, failed, reply_failed);
+        }
+        PyObject *r;
+        if (fast == Py_None) { /* no answerer now: the chain goes to the caller as a declined one */
+            if ((r = chain_to_python(self->mem, &self->chain, (PyObject *)self))) {
+                self->inflight++;
+                self->popped++;
+            }
+        } else {
+            r = ans ? serve_one(self, ans, fast, failed, reply_failed) : serve_one_py(self, fast, failed, reply_failed);
+        }
+        Py_DECREF(fast);
         if (r != Py_None)
             return r; /* a Chain the answerer declined (the batch stays open), or NULL */
         Py_DECREF(r);
@@ -1413,6 +1425,63 @@ static PyObject *SplitQueue_serve_fast(SplitQueueObject *self, PyObject *args)
     if (next_group(self, &out) == 0)
         return out;
     Py_RETURN_NONE;
+}
+
+static PyObject *SplitQueue_serve_fast(SplitQueueObject *self, PyObject *args)
+{
+    PyObject *src, *failed, *reply_failed;
+    if (!PyArg_ParseTuple(args, "OOO:serve_fast", &src, &failed, &reply_failed))
+        return NULL;
+    if (check_queue(self) < 0)
+        return NULL;
+    return serve_fast(self, src, failed, reply_failed);
+}
+
+/* serve_fast(), and while the ring is empty the wait for the next kick, in one C loop: the queue thread of
+ * a daemon leaves it only for a chain the answerer declines (returned as serve_fast() returns it) or when
+ * `wake_fd` fired in the epoll set `ep` (returns the replies truncated meanwhile).  The wait releases the
+ * GIL; the set is edge-triggered and its eventfds are never read (the daemon's _queue_loop). */
+static PyObject *SplitQueue_serve_wait(SplitQueueObject *self, PyObject *args)
+{
+    PyObject *ep, *src, *failed, *reply_failed;
+    int wake;
+    if (!PyArg_ParseTuple(args, "OiOOO:serve_wait", &ep, &wake, &src, &failed, &reply_failed))
+        return NULL;
+    if (check_queue(self) < 0)
+        return NULL;
+    int epfd = PyObject_AsFileDescriptor(ep);
+    if (epfd < 0)
+        return NULL;
+    unsigned long long truncated = 0;
+    for (;;) {
+        PyObject *r = serve_fast(self, src, failed, reply_failed);
+        if (!r)
+            return NULL;
+        int timeout = 0; /* None: a group was published and more are available: only look whether woken */
+        if (PyLong_CheckExact(r)) { /* the ring is empty: wait */
+            truncated += PyLong_AsUnsignedLongLong(r);
+            timeout = -1;
+        } else if (r != Py_None) {
+            return r; /* a declined chain */
+        }
+        Py_DECREF(r);
+        struct epoll_event ev[4];
+        int n, err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        do
+            n = epoll_wait(epfd, ev, 4, timeout);
+        while (n < 0 && errno == EINTR);
+        if (n < 0)
+            err = errno;
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        for (int i = 0; i < n; i++)
+            if (ev[i].data.fd == wake)
+                return PyLong_FromUnsignedLongLong(truncated);
+    }
 }
 
 static PyObject *SplitQueue_detach(SplitQueueObject *self, PyObject *unused)
@@ -1518,9 +1587,13 @@ static PyMethodDef SplitQueue_methods[] = {
     {"complete", (PyCFunction)SplitQueue_complete, METH_VARARGS,
      "complete(head, len=0): a used entry for a head with no Chain (a malformed one)"},
     {"serve_fast", (PyCFunction)SplitQueue_serve_fast, METH_VARARGS,
-     "serve_fast(fast, failed, reply_failed) -> Chain | None | truncated: pop and answer through a native "
-     "answerer (dissectors/ring/ring_answer.h) until it declines a chain (returned, batch open), a group is "
+     "serve_fast(src, failed, reply_failed) -> Chain | None | truncated: pop and answer through src.fast (read "
+     "per chain; a native answerer through dissectors/ring/ring_answer.h) until it declines a chain (returned, "
+     "batch open), a group is "
      "published with more available (None) or the ring is empty (the replies truncated since last asked)"},
+    {"serve_wait", (PyCFunction)SplitQueue_serve_wait, METH_VARARGS,
+     "serve_wait(ep, wake_fd, src, failed, reply_failed) -> Chain | truncated: serve_fast(), waiting in `ep` "
+     "(GIL released) whenever the ring is empty, until a chain is declined or `wake_fd` fires"},
     {"detach", (PyCFunction)SplitQueue_detach, METH_NOARGS, "drop every later completion (the ring is gone)"},
     {"handover", (PyCFunction)SplitQueue_handover, METH_O,
      "handover(new): chains popped here complete on `new` from now on (the ring was re-made)"},
@@ -2204,7 +2277,7 @@ PyMODINIT_FUNC PyInit__ring(void)
     Py_DECREF(common);
     if (!RingError || !CaptureType)
         return NULL;
-    if (!(S_answerer = PyUnicode_InternFromString("answerer")))
+    if (!(S_answerer = PyUnicode_InternFromString("answerer")) || !(S_fast = PyUnicode_InternFromString("fast")))
         return NULL;
     const char *kinds[4] = {"pad", "request", "reply", "error"};
     for (int i = 0; i < 4; i++)
