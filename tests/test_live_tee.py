@@ -383,3 +383,25 @@ def test_a_binary_client_gets_the_recordings_own_bytes(tmp_path: Path) -> None:
     first = next(r.n for r in recs if r.inbound)
     assert first > max(e["n"] for e in snapshot["exchanges"] + snapshot["pending"])
     assert [r.n for r in recs if r.inbound] == list(range(first, s.requests + 1))
+
+
+def test_a_binary_client_follows_the_recording_across_its_parts(tmp_path: Path) -> None:
+    """A recording that rotates starts each part with its own section header and interfaces: a binary client
+    attached from the start gets every part byte for byte, back to back (each section's blocks in it)."""
+    caps = captures()
+    s = S.Session(ProxyConfig(), S.SessionOptions(record=str(tmp_path / "rot.pcapng"), rotate_mb=0.01,
+                                                  control=str(tmp_path / "rot.sock")))
+    try:
+        assert s.hub is not None
+        raw = _binary(s.hub.path)
+        _wait(lambda: s.hub.clients and s.hub.clients[0].binary)  # type: ignore[union-attr]
+        for c in caps:
+            s.proxy._capture_one(c)
+        _done(s)
+        assert s.writer is not None and len(s.writer.paths) > 2
+        parts = b"".join(Path(p).read_bytes() for p in s.writer.paths)
+        got = _read_all(raw).partition(b'"format": "pcapng"}\n')[2]
+    finally:
+        s.close()
+        s.proxy.shutdown()
+    assert b"".join(b for _t, b in _blocks_of(got)) == parts
