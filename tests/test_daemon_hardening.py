@@ -27,7 +27,7 @@ from daemon.server import Server
 from dissectors import fuse as F
 from tests.conftest import require_root
 from tests.daemon_client import EngineClient
-from tests.pipes import read_line
+from tests.pipes import error_lines, read_line
 from tests.standalone_mount import REPO, is_mounted, standalone
 
 pytestmark = pytest.mark.root
@@ -120,7 +120,7 @@ def test_mountpoint_inside_the_shared_dir_is_refused(base: Path) -> None:
                     subprocess.run(["umount", "-l", str(mnt)], check=False)
             assert p.returncode == 1, err
             assert "inside --shared-dir" in err and "Traceback" not in err
-            assert len(err.strip().splitlines()) == 1, err
+            assert len(error_lines(err)) == 1, err
     finally:
         subprocess.run(["umount", str(base / "view")], check=True)
 

@@ -26,6 +26,7 @@ from dissectors import fuse as F
 from dissectors.spec import fuse as spec
 from tests.conftest import require_root
 from tests.daemon_client import KERNEL_FLAGS, EngineClient
+from tests.pipes import error_lines
 
 pytestmark = pytest.mark.root
 
@@ -727,7 +728,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not a directory" in r.stderr
     r = run("--standalone", str(tmp_path), "--shared-dir", "/proc/sys", "--inode-file-handles", "mandatory")
     assert r.returncode == 1 and "mandatory" in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert len(error_lines(r.stderr)) == 1, r.stderr
     r = run("--socket-path", str(tmp_path / "s.sock"), "--shared-dir", str(tmp_path), "--passthrough", "on")
     assert r.returncode == 2 and "--passthrough is for --standalone" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "s.sock").exists()

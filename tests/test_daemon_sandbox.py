@@ -14,6 +14,7 @@ import pytest
 from daemon.sandbox import CAP, KEEP
 from daemon.transport.fusedev import in_mountinfo
 from tests.conftest import require_root
+from tests.pipes import error_lines
 
 pytestmark = pytest.mark.root
 
@@ -79,7 +80,7 @@ def test_a_level_this_process_cannot_enter_is_a_one_line_error() -> None:
                             "-m", "fsinspect", "daemon", "--standalone", "/nonexistent", "--shared-dir", "/usr",
                             "--sandbox", level], capture_output=True, text=True, timeout=30)
         assert r.returncode != 0 and "Traceback" not in r.stderr
-        assert f"--sandbox {level} needs root" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"--sandbox {level} needs root" in r.stderr and len(error_lines(r.stderr)) == 1, r.stderr
 
 
 _SECCOMP_PROBE = """
