@@ -3,15 +3,21 @@ control-plane events), whatever the source sends and however long it runs."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
+import pytest
+
 from dissectors import fuse as F
-from fsinspect.analysis.exchange import Exchange
+from fsinspect.analysis import Analyzer
+from fsinspect.analysis.exchange import Exchange, Kept
 from fsinspect.live.feed import EVENTS_KEEP, ControlFeed, LiveState
-from fsinspect.live.hub import BACKLOG_BYTES, BACKLOG_EXCHANGES, LIVE_SNAPLEN, Hub
+from fsinspect.live.hub import BACKLOG_BYTES, BACKLOG_EXCHANGES, LIVE_SNAPLEN, Hub, _exchange_obj
+from fsinspect.recording.reader import RecordingReader
 from fsinspect.tui import sources
 from fsinspect.tui.sources import Store
+from tests.test_tui import SYNCFS, WORKLOAD
 
 
 def test_a_live_store_keeps_the_newest_rate_buckets_only() -> None:
@@ -87,5 +93,33 @@ def test_the_hubs_snapshot_backlog_is_bounded_in_exchanges_and_in_bytes(tmp_path
         per = 512 + len(big) + 2 * LIVE_SNAPLEN
         assert len(hub.recent) == BACKLOG_BYTES // per and hub.recent[-1].n == 4 * BACKLOG_EXCHANGES
         assert hub._recent_bytes == sum(hub._recent_sizes) == len(hub.recent) * per <= BACKLOG_BYTES
+    finally:
+        hub.close()
+
+
+@pytest.mark.parametrize("sample", [SYNCFS, WORKLOAD], ids=["guest-syncfs", "fusedev-workload"])
+def test_the_backlog_keeps_exchanges_without_their_decoded_messages(tmp_path: Path, sample: Path) -> None:
+    """The snapshot's backlog holds each finished exchange as one Kept (bytes, ints, strings: the collector walks
+    one object, not the exchange's decoded request and reply, for as long as it is kept), and a joining
+    client's snapshot renders them as the exchanges themselves, their messages decoded again with the
+    source's contexts."""
+    an = Analyzer(keep_exchanges=False, keep_raw=True)
+    done: list[Exchange] = []
+    an.listeners.append(done.append)
+    hub = Hub(str(tmp_path / "c.sock"), lambda: {})
+    try:
+        hub.listen(an.listeners)
+        hub.contexts = lambda: an.contexts
+        with RecordingReader(sample) as r:
+            for rec in r:
+                if rec.is_fuse:
+                    (an.feed_request if rec.inbound else an.feed_reply)(rec.data, rec.queue, rec.head, rec.ts_ns,
+                                                                        orig_len=rec.orig_len, notes=rec.notes)
+        an.finish()
+        assert done and all(isinstance(k, Kept) for k in hub.recent)
+        gc.collect()
+        for k in hub.recent:  # nothing the collector walks but the record itself
+            assert all(not gc.is_tracked(x) for x in (*k, *k.values))
+        assert hub.backlog() == [_exchange_obj(ex) for ex in done[-BACKLOG_EXCHANGES:]]
     finally:
         hub.close()

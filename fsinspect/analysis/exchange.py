@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import heapq
+import operator
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from dissectors import fuse as F
 from dissectors.errors import DecodeError
@@ -232,6 +233,57 @@ class Exchange:
 
 _REQUEST = Exchange.__dict__["request"]  # the slots under the lazy properties
 _REPLY = Exchange.__dict__["reply"]
+
+
+_KEPT = tuple(f for f in Exchange.__slots__ if f not in ("request", "reply", "notes", "lints"))
+_kept_values = operator.attrgetter(*_KEPT)
+_KEPT_N, _KEPT_UNIQUE = _KEPT.index("n"), _KEPT.index("unique")
+
+
+class Kept(NamedTuple):
+    """A finished exchange without its decoded messages (keep()): bytes, ints, strings and tuples of them only,
+    which the garbage collector stops walking, where an Exchange with its decoded request and reply is a
+    couple of dozen objects it walks at every collection for as long as it is kept (a live snapshot's
+    backlog: ~5 us per exchange of a guest's traffic).  revive() decodes it again."""
+
+    decoded: int  # 1: the request was decoded, 2: the reply
+    notes: tuple[str, ...]
+    lints: tuple[str, ...]
+    values: tuple[Any, ...]  # the other fields, in _KEPT order
+
+    @property
+    def n(self) -> int:
+        return int(self.values[_KEPT_N])
+
+    @property
+    def unique(self) -> int:
+        return int(self.values[_KEPT_UNIQUE])
+
+
+def keep(ex: Exchange) -> Kept | Exchange:
+    """`ex` as a Kept (a LazyExchange, whose messages are decoded when read, stays as it is)."""
+    if ex.__class__ is not Exchange:
+        return ex
+    return Kept((ex.request is not None) | (ex.reply is not None) << 1, tuple(ex.notes), tuple(ex.lints),
+                _kept_values(ex))
+
+
+def revive(k: Kept | Exchange, contexts: dict[int, F.FuseContext]) -> Exchange:
+    """The Exchange a Kept was made of, its messages decoded again as the analyzer decoded them (with its
+    contexts by epoch)."""
+    if not isinstance(k, Kept):
+        return k
+    ex = Exchange(**dict(zip(_KEPT, k.values)), notes=list(k.notes), lints=list(k.lints))
+    ctx = contexts.get(ex.epoch, F.DEFAULT_CONTEXT)
+    try:
+        if k.decoded & 1 and ex.req_raw is not None:
+            ex.request = F.decode_request(ex.req_raw, ctx, wire_len=ex.req_len)
+        if k.decoded & 2 and ex.reply_raw is not None:
+            ex.reply = F.decode_reply(ex.reply_raw, ex.request if ex.request is not None else ex.opcode, ctx,
+                                      wire_len=ex.reply_len)
+    except DecodeError:  # (they decoded once: not with these contexts)
+        pass
+    return ex
 
 
 @dataclass(slots=True, eq=False)

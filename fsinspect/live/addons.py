@@ -350,6 +350,7 @@ class Publisher(Addon):
         self._open: dict[tuple[int, int], int] = {}  # open chains: (queue, head or unique) -> n
         if analysis is not None:
             hub.listen(analysis.analyzer.listeners)
+            hub.contexts = lambda: analysis.analyzer.contexts
             analysis.analyzer.pending_listeners.append(hub.publish_request)
             hub.take_captures()
 

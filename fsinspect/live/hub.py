@@ -91,7 +91,7 @@ from typing import Any
 from dissectors.transport.unixsock import claim_socket_path, release_socket_path
 
 from .. import __version__
-from ..analysis.exchange import DONE, HELD_REQUEST, STUCK, Exchange
+from ..analysis.exchange import DONE, HELD_REQUEST, STUCK, Exchange, Kept, keep, revive
 from ..analysis.render import exchange_json
 from ..recording import format as rfmt
 from ..recording.writer import BlockEncoder, custom_block
@@ -194,7 +194,10 @@ class Hub:
         # source says it publishes them (take_captures); else they are made from the exchanges.
         self.tee = False
         self.lock = threading.Lock()
-        self.recent: collections.deque[Exchange] = collections.deque(maxlen=BACKLOG_EXCHANGES)
+        # The snapshot's backlog: the newest finished exchanges, kept without their decoded messages (Kept)
+        self.recent: collections.deque[Kept | Exchange] = collections.deque(maxlen=BACKLOG_EXCHANGES)
+        # The source's FUSE contexts by epoch (what revives a kept exchange's messages), if it has an analysis
+        self.contexts: Callable[[], dict[int, Any]] = dict
         self._recent_sizes: collections.deque[int] = collections.deque()
         self._recent_bytes = 0
         # Finished exchanges not in `recent` yet (listen(): while only binary clients watch, the source's
@@ -400,11 +403,12 @@ class Hub:
             if raw is not None:
                 k = len(raw)
                 size += 3 * k if k <= LIVE_SNAPLEN else k + 2 * LIVE_SNAPLEN
+        kept = keep(ex)  # (what the collector walks: one object, not the exchange's couple of dozen)
         recent, sizes = self.recent, self._recent_sizes
         total = self._recent_bytes + size
         if len(recent) == recent.maxlen:
             total -= sizes.popleft()  # (the deque's maxlen drops its oldest exchange)
-        recent.append(ex)
+        recent.append(kept)
         sizes.append(size)
         while total > BACKLOG_BYTES and len(recent) > 1:
             recent.popleft()
@@ -418,7 +422,8 @@ class Hub:
             self.settle()
             with self._recent_lock:
                 recent = list(self.recent)
-            return [_exchange_obj(ex) for ex in recent]
+            contexts = self.contexts()
+            return [_exchange_obj(revive(k, contexts)) for k in recent]
 
     def publish_control(self, direction: str, summary: str) -> None:
         obj = {"type": "control", "direction": direction, "summary": summary}
@@ -701,7 +706,8 @@ class Hub:
                 self.settle()  # (what the source only appended: its `stuck` lints go to the others first)
                 with self._recent_lock:
                     recent = list(self.recent)
-                snap["exchanges"] = [_exchange_obj(ex) for ex in recent]  # the source waits for the lock meanwhile
+                contexts = self.contexts()  # (the source waits for the lock meanwhile)
+                snap["exchanges"] = [_exchange_obj(revive(k, contexts)) for k in recent]
                 with self.lock:
                     snap["control"] = list(self.recent_control)
                     snap["events"] = list(self.events)
