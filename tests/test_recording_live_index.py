@@ -14,6 +14,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from dissectors import fuse as F
 from fsinspect.recording.index import RecordingIndex, index_path
 from fsinspect.recording.indexed import IndexedRecording
@@ -175,3 +177,79 @@ def test_a_recording_without_an_index_opens_at_once_and_grows(tmp_path: Path) ->
     rec.close()
     again = IndexedRecording(p)
     assert not again.index.rebuilt and again.analysis is not None
+
+
+class _Killed(Exception):
+    """The recorder stops here, as a SIGKILL stops it: no write after this one."""
+
+
+@pytest.mark.parametrize("gap", [16, 128])  # 16 (one entry): appends move the list nearly every time
+def test_a_recorder_killed_before_any_index_write_leaves_a_checkpoint_the_reader_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gap: int) -> None:
+    """Each write the index makes (entries, a pending list moved out of the entries' way, a new list, the
+    header, the trim), in turn, is where the recorder dies: the reader must always find the last whole
+    checkpoint and resume from it (never a torn file rebuilt from the start), to the entries a whole scan
+    gives.  The lists are kept close behind the entries, so appends have to move them."""
+    from fsinspect.recording import indexfile
+
+    monkeypatch.setattr(indexfile, "GAP", gap)
+    monkeypatch.setattr(indexfile.IndexFile, "FLUSH", 256)
+    state = {"left": -1, "headers": 0}
+    real = os
+
+    class KillingOs:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def _tick(self) -> None:
+            if state["left"] == 0:
+                raise _Killed
+            state["left"] -= 1
+
+        def pwrite(self, fd: int, data: bytes, pos: int) -> int:
+            self._tick()
+            n = real.pwrite(fd, data, pos)
+            state["headers"] += pos == 0
+            return n
+
+        def ftruncate(self, fd: int, length: int) -> None:
+            self._tick()
+            real.ftruncate(fd, length)
+
+    monkeypatch.setattr(indexfile, "os", KillingOs())
+
+    def record(d: Path, stop: int) -> Path:
+        d.mkdir()
+        state["left"], state["headers"] = stop, 0
+        w = RecordingWriter(d / "r.pcapng", flush_bytes=1 << 10)
+        try:
+            _traffic(w, 400)
+            w.close()
+        except _Killed:
+            ix = w._index
+            assert ix is not None and ix.fd is not None
+            real.close(ix.fd)
+            real.close(w._fd)
+        return d / "r.pcapng"
+
+    record(tmp_path / "whole", -1)
+    writes = -1 - state["left"]
+    assert writes > 100
+    moved = 0
+    for stop in range(writes):
+        p = record(tmp_path / f"k{stop}", stop)
+        headers = state["headers"]
+        monkeypatch.setattr(indexfile, "os", real)  # the reader's own writes are not killed
+        try:
+            idx = RecordingIndex(p)
+            try:
+                assert idx.complete, stop
+                if headers:
+                    assert idx.resumed_at > 0, (stop, headers)
+                    moved += idx.resumed_at < p.stat().st_size
+                assert _entries(idx) == _rebuilt(tmp_path / f"k{stop}", [p]), stop
+            finally:
+                idx.close()
+        finally:
+            monkeypatch.setattr(indexfile, "os", KillingOs())
+    assert moved > writes // 2  # (most kills left records past the last checkpoint to pair on from it)

@@ -265,9 +265,9 @@ class RecordingIndex:
                 rfd = -1
             if rfd >= 0:
                 got = None if rebuild else load(rfd, self.parts, self.total)
-                if got is not None and got[0] >= self.total:
-                    self._fd, self.covered = rfd, got[0]
-                    return IndexFile(None, count=got[1])
+                if got is not None and got.covered >= self.total:
+                    self._fd, self.covered = rfd, got.covered
+                    return IndexFile(None, count=got.entries)
                 os.close(rfd)
         if fd < 0:  # a private index, never saved
             fd = _private(self.path.parent)
@@ -280,8 +280,8 @@ class RecordingIndex:
         if got is None:
             os.ftruncate(fd, 0)
             return IndexFile(fd)
-        self.covered, count, pending = got
-        return IndexFile(fd, count=count, pending=pending)
+        self.covered = got.covered
+        return IndexFile(fd, count=got.entries, pending=dict(got.table), saved=got)
 
     # -- building ------------------------------------------------------------------------------------------
     def add(self, offset: int, inbound: bool, queue: int, head: int | None, epoch: int,
@@ -296,12 +296,12 @@ class RecordingIndex:
         self.rebuilt = True
         f.packet(offset, inbound, queue, head, epoch, data)
 
-    def _checkpoint(self, covered: int) -> None:
-        self._file.checkpoint(covered, recording_check(self.parts, covered))
+    def _checkpoint(self, covered: int, *, last: bool = False) -> None:
+        self._file.checkpoint(covered, recording_check(self.parts, covered), last=last)
 
     def finish(self, end: int) -> None:
         """Every record up to `end` (where reading stopped: the end, or a truncated tail) has been added."""
-        self._checkpoint(end)
+        self._checkpoint(end, last=True)
         self.rebuilt = self.rebuilt or end > self.covered
         self.covered = max(self.covered, end)
         self._complete()

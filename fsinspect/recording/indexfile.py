@@ -1,17 +1,23 @@
 """The side index's file, FILE.fsidx (format 2), and the pairing that fills it: shared by the recorder, which
 writes it while it records, and the reader, which builds or extends it.
 
-    header   magic, covered, count, content check, pending count, pending check   (HEAD)
+    header   magic, covered, count, content check, pending count, pending check, where the pending list is
     entries  count x (request offset, reply offset), u64 each, NONE where a side is absent
     pending  the requests still waiting for a reply at `covered` (epoch, queue or -1, head or unique, number)
 
 `covered` is the byte offset in the recording (its parts back to back) up to which the entries account for
-every record: always a block boundary.  A writer checkpoints by writing the entries, then the pending list
-after them, then the header, so a writer killed at any point leaves either its previous checkpoint or one
-whose pending list fails its check.  A reader trusts an index only if the recording still holds the same
-bytes where the index says it stopped (the content check: CRC-32 of the first and the last 4 KiB before
-`covered`), then extends it from `covered` with the saved pending requests, so the numbering is the one a
-whole rebuild gives; anything else is rebuilt from the start.
+every record: always a block boundary.  Nothing a writer does overwrites what the header names: entries are
+only appended, and never over the pending list the header points at (a list the entries would reach is
+first copied further on, and the header pointed there); a checkpoint writes its pending list where no
+named byte lies, then the header, in one pwrite, then trims the file.  So a writer killed at any point
+(SIGKILL, OOM) leaves its last checkpoint or the new one, never a torn file: the reader resumes instead of
+rebuilding.  While a recording grows the list sits at least GAP past the entries (a hole in a sparse file),
+so appends rarely have to move it; the last checkpoint puts it right after them.
+
+A reader trusts an index only if the recording still holds the same bytes where the index says it stopped
+(the content check: CRC-32 of the first and the last 4 KiB before `covered`), then extends it from
+`covered` with the saved pending requests, so the numbering is the one a whole rebuild gives; anything else
+(another format, a check that fails, a power cut's torn pages) is rebuilt from the start.
 """
 
 from __future__ import annotations
@@ -23,15 +29,18 @@ import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from dissectors.spec import fuse as spec
 
-MAGIC = b"FSIDX\x00\x00\x02"
-HEAD = struct.Struct("<8sQQIII4x")  # magic, covered, count, content check, pending count, pending check
+MAGIC = b"FSIDX\x00\x00\x03"
+# magic, covered, count, content check, pending count, pending check, (padding), the pending list's offset
+HEAD = struct.Struct("<8sQQIII4xQ")
 ENTRY = struct.Struct("<QQ")  # request offset, reply offset
 PEND = struct.Struct("<IiQQ")  # epoch, queue (-1: no head), head (or unique), exchange index
 NONE = 0xFFFFFFFFFFFFFFFF
 CHECK = 4096  # bytes at each end of the covered span that the content check reads
+GAP = 1 << 24  # how far past the entries a growing index keeps its pending list (> FLUSH: appends miss it)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _NO_REPLY = frozenset(o.value for o in spec.OPCODES if o.reply is None)
@@ -75,8 +84,12 @@ class IndexFile:
 
     FLUSH = 1 << 22  # bytes of entries buffered before they are written
 
-    def __init__(self, fd: int | None, *, count: int = 0, pending: dict[Key, int] | None = None) -> None:
+    def __init__(self, fd: int | None, *, count: int = 0, pending: dict[Key, int] | None = None,
+                 saved: Loaded | None = None) -> None:
         self.fd = fd
+        # The checkpoint the header names (a loaded index's, then each new one): a list the entries would
+        # reach is copied on with it, so the header is never left pointing at overwritten bytes.
+        self.saved = saved
         self.buf = bytearray()
         self.base = count  # entries already in the file
         self.count = count
@@ -135,6 +148,13 @@ class IndexFile:
     def _flush(self) -> None:
         if self.fd is None or not self.buf:
             return
+        end = HEAD.size + self.count * ENTRY.size
+        s = self.saved
+        if s is not None and end > s.pend_at and s.pending:  # move the named list out of the way first
+            at = max(_zone(end), s.pend_at + len(s.pending))
+            _pwrite_all(self.fd, s.pending, at)
+            self.saved = s = s._replace(pend_at=at)
+            os.pwrite(self.fd, s.head(), 0)
         _pwrite_all(self.fd, self.buf, HEAD.size + self.base * ENTRY.size)
         self.base = self.count
         self.buf = bytearray()
@@ -154,11 +174,13 @@ class IndexFile:
 
     def memory(self) -> bytes:
         """The whole index as bytes (an index kept in memory)."""
-        return HEAD.pack(MAGIC, 0, self.count, 0, 0, 0) + bytes(self.buf)
+        return HEAD.pack(MAGIC, 0, self.count, 0, 0, 0, HEAD.size + len(self.buf)) + bytes(self.buf)
 
     # -- checkpoints -------------------------------------------------------------------------------------
-    def checkpoint(self, covered: int, check: int) -> None:
-        """Make the file say: the entries account for the recording up to `covered` (a block boundary)."""
+    def checkpoint(self, covered: int, check: int, *, last: bool = False) -> None:
+        """Make the file say: the entries account for the recording up to `covered` (a block boundary).
+        `last`: no entries follow for now (a recording closed, an index complete), so the pending list goes
+        right after the entries and the file has no hole."""
         if self.fd is None:
             return
         with self.lock:
@@ -167,9 +189,15 @@ class IndexFile:
                 os.pwrite(self.fd, _U64.pack(off), HEAD.size + n * ENTRY.size + 8)
             self.patches.clear()
             pend = b"".join(PEND.pack(e, q, h, n) for (e, q, h), n in self.pending.items())
-            _pwrite_all(self.fd, pend, HEAD.size + self.count * ENTRY.size)
-            os.ftruncate(self.fd, HEAD.size + self.count * ENTRY.size + len(pend))
-            os.pwrite(self.fd, HEAD.pack(MAGIC, covered, self.count, check, len(self.pending), zlib.crc32(pend)), 0)
+            end = HEAD.size + self.count * ENTRY.size
+            at = end if last or not pend else _zone(end)  # (an empty list is nowhere to overwrite)
+            s = self.saved
+            if s is not None and at < s.pend_at + len(s.pending) and at + len(pend) > s.pend_at:
+                at = s.pend_at + len(s.pending)  # not over the list the header names until the header moves
+            _pwrite_all(self.fd, pend, at)
+            self.saved = s = Loaded(covered, self.count, self.pending.copy(), check, at, pend)
+            os.pwrite(self.fd, s.head(), 0)
+            os.ftruncate(self.fd, at + len(pend))
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray, pos: int) -> None:
@@ -180,20 +208,44 @@ def _pwrite_all(fd: int, data: bytes | bytearray, pos: int) -> None:
         view = view[k:]
 
 
-def load(fd: int, parts: Sequence[Path], total: int) -> tuple[int, int, dict[Key, int]] | None:
-    """(covered, count, pending) of the index file open on `fd` if it can be trusted for this recording (its
-    parts, `total` bytes now), else None: another format, torn, or the recording changed where it stopped."""
+def _zone(end: int) -> int:
+    """Where a growing index puts its pending list: at least GAP past the entries' `end`, on a GAP boundary
+    (so consecutive checkpoints take turns at it and just after the list there, not a list per checkpoint)."""
+    return -(-(end + GAP) // GAP) * GAP
+
+
+class Loaded(NamedTuple):
+    """A checkpoint as its header and pending list say it."""
+
+    covered: int
+    entries: int
+    table: dict[Key, int]
+    check: int
+    pend_at: int
+    pending: bytes  # the list's bytes as stored
+
+    def head(self) -> bytes:
+        return HEAD.pack(MAGIC, self.covered, self.entries, self.check, len(self.pending) // PEND.size,
+                         zlib.crc32(self.pending), self.pend_at)
+
+
+def load(fd: int, parts: Sequence[Path], total: int) -> Loaded | None:
+    """The checkpoint of the index file open on `fd` if it can be trusted for this recording (its parts,
+    `total` bytes now), else None: another format, torn, or the recording changed where it stopped."""
     size = os.fstat(fd).st_size
     if size < HEAD.size:
         return None
-    magic, covered, count, check, npend, pcheck = HEAD.unpack(os.pread(fd, HEAD.size, 0))
+    magic, covered, count, check, npend, pcheck, at = HEAD.unpack(os.pread(fd, HEAD.size, 0))
     end = HEAD.size + count * ENTRY.size
-    if magic != MAGIC or covered > total or size != end + npend * PEND.size:
+    if magic != MAGIC or covered > total or at < end or size < at + npend * PEND.size:
         return None
-    pend = os.pread(fd, npend * PEND.size, end)
-    if zlib.crc32(pend) != pcheck or recording_check(parts, covered) != check:
+    pend = os.pread(fd, npend * PEND.size, at)
+    if len(pend) != npend * PEND.size or zlib.crc32(pend) != pcheck or recording_check(parts, covered) != check:
         return None
-    return covered, count, {(e, q, h): n for e, q, h, n in PEND.iter_unpack(pend)}
+    table = {(e, q, h): n for e, q, h, n in PEND.iter_unpack(pend)}
+    if len(table) != npend:  # a key twice: not a list this module wrote
+        return None
+    return Loaded(covered, count, table, check, at, pend)
 
 
 def try_lock(fd: int) -> bool:

@@ -324,7 +324,7 @@ class RecordingWriter:
             return
         self._write_out()
         if self.rotate_bytes and self._written >= self.rotate_bytes:
-            self._checkpoint()  # (a part's own index ends with it)
+            self._checkpoint(last=True)  # (a part's own index ends with it)
             os.close(self._fd)
             self._fd = -1
             self._base += self._written
@@ -354,7 +354,7 @@ class RecordingWriter:
         if self._fd < 0:
             return
         self.flush()
-        self._checkpoint()
+        self._checkpoint(last=True)
         self._close_index()
         if self.stream is None and self._sink is None:
             os.close(self._fd)
@@ -388,11 +388,11 @@ class RecordingWriter:
         try_lock(fd)
         self._index = IndexFile(fd)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, *, last: bool = False) -> None:
         """The index accounts for everything written so far (called after each write of whole blocks)."""
         if self._index is not None and not self._buf:
             self._index.checkpoint(self._base - self._index_base + self._written,
-                                   content_check(self._check_head, self._check_tail))
+                                   content_check(self._check_head, self._check_tail), last=last)
 
     def _close_index(self) -> None:
         if self._index is not None:
