@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.transport.fusedev import FUSECTL, connection_id
+from daemon.transport.fusedev import FUSECTL, _fusectl_mounted, connection_id
 from tests.conftest import require_root
 from tests.pipes import read_line
 from tests.standalone_mount import REPO, TRANSPORTS, is_mounted, start, stop, uring_missing
@@ -78,7 +78,24 @@ BUSY: dict[str, Callable[[Path, Path], Iterator[subprocess.Popen[bytes]]]] = {
 CASES = [("dev", "cwd"), ("dev", "open-file"), ("dev", "lock-wait"), ("uring-c", "cwd"), ("uring-py", "cwd")]
 
 
+@pytest.fixture
+def host_fusectl() -> Iterator[None]:
+    """fusectl mounted, as systemd mounts it at boot on most hosts (a machine that loaded the fuse module
+    later has none): these tests watch the connection's directory there.  Without it the daemon mounts it
+    for the abort itself (the next test); mounted here, unmounted after only if this mounted it."""
+    require_root()
+    if _fusectl_mounted():
+        yield
+        return
+    subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], check=True, timeout=10)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", FUSECTL], check=False, timeout=10)
+
+
 @pytest.mark.parametrize(("transport", "busy"), CASES, ids=[f"{t}-{b}" for t, b in CASES])
+@pytest.mark.usefixtures("host_fusectl")
 def test_a_stop_signal_ends_the_daemon_although_the_mount_is_busy(tmp_path: Path, transport: str,
                                                                   busy: str) -> None:
     require_root()
