@@ -127,12 +127,14 @@ def test_a_json_client_makes_the_analysis_run_at_once_and_both_forms_agree(tmp_p
         _mixed(s, caps)
 
 
-def _mixed(s: S.Session, caps: list[Any]) -> None:
+def _mixed(s: S.Session, caps: list[Any], *, others: int = 0) -> list[list[dict[str, Any]]]:
+    """A pcapng and a JSON-lines UI feed (and `others` clients already attached) through the session: both
+    end with the same exchanges (returned as the views)."""
     assert s.hub is not None
     feeds = {f: ControlFeed(LiveState(analyzer=Analyzer(keep_exchanges=True)), s.hub.path, stream_format=f)
              for f in ("pcapng", "jsonl")}
     threads = [_feed_thread(f) for f in feeds.values()]
-    _wait(lambda: len(s.hub.clients) == 2 and s.hub.json_clients == 1)  # type: ignore[union-attr]
+    _wait(lambda: len(s.hub.clients) == 2 + others and s.hub.json_clients == 1)  # type: ignore[union-attr]
     for c in caps:
         s.proxy._capture_one(c)
         assert s.backlog == 0  # a JSON client reads exchanges: analysed at once
@@ -143,6 +145,7 @@ def _mixed(s: S.Session, caps: list[Any]) -> None:
     views = {f: [_view(ex) for ex in feed.state.analyzer.exchanges] for f, feed in feeds.items()}
     assert views["pcapng"] and views["pcapng"] == views["jsonl"]
     assert feeds["pcapng"].streaming == "pcapng" and feeds["jsonl"].streaming == "jsonl"
+    return list(views.values())
 
 
 def test_an_unnumbered_reply_completes_its_open_request_by_its_chain(tmp_path: Path) -> None:
@@ -405,3 +408,47 @@ def test_a_binary_client_follows_the_recording_across_its_parts(tmp_path: Path) 
         s.close()
         s.proxy.shutdown()
     assert b"".join(b for _t, b in _blocks_of(got)) == parts
+
+
+def _with_orphans(caps: list[Any]) -> list[Any]:
+    """The sample's captures with two replies that complete nothing (a misbehaving back-end's: a head no
+    request is open on, an unknown unique) between them."""
+    rep = next(c for c in caps if c.kind == "reply" and c.length >= 16)
+    out = list(caps)
+    for at, head in ((10, 900), (len(caps) // 2, 901)):
+        ts = out[at - 1].ts_ns
+        data = rep.data[:8] + (0xDEAD0000 + head).to_bytes(8, "little") + rep.data[16:]
+        out.insert(at, rep._replace(head=head, ts_ns=ts, data=data))
+    return out
+
+
+def test_an_orphan_reply_takes_a_number_and_every_form_keeps_the_sources_numbers(tmp_path: Path) -> None:
+    """A reply that completes nothing is an exchange of its own for the analysis (an orphan-reply lint), with
+    the next number: the live stream numbers it at capture the same way, so the numbers after it (those a
+    UI shows and the debugger's commands name) are the source's in the binary stream, in JSON lines, in the
+    recording and in a replay, not one behind for each orphan."""
+    caps = _with_orphans(captures())
+    with proxy_session(tmp_path, "orph") as s:
+        assert s.hub is not None
+        raw = _binary(s.hub.path)
+        _wait(lambda: s.hub.clients and s.hub.clients[0].binary)  # type: ignore[union-attr]
+        views = _mixed(s, caps, others=1)
+        recs = [x for x in StreamReader().feed(_read_all(raw).partition(b'"format": "pcapng"}\n')[2])
+                if isinstance(x, Record)]
+    ref = Analyzer(keep_exchanges=True)
+    fuse = [c for c in caps if not (c.kind == "reply" and c.queue == 0 and c.length == 0)]
+    for c in fuse:
+        (ref.feed_request if c.kind == "request" else ref.feed_reply)(c.data, c.queue, c.head, c.ts_ns,
+                                                                    orig_len=c.length,
+                                                                    notes=[S._SNAPPED_NOTE] if c.truncated else ())
+    orphans = [ex for ex in ref.exchanges if "orphan-reply" in ex.lints]
+    assert len(orphans) == 2 and all(ex.n == ex.index + 1 for ex in ref.exchanges)
+    # The binary stream: each record carries the number of the exchange the analysis put it in.
+    got = {(r.inbound, r.queue, r.head, r.ts_ns): r.n for r in recs}
+    for ex in ref.exchanges:
+        if ex.opcode >= 0:
+            assert got[(True, ex.queue, ex.head, ex.req_ts)] == ex.n, ex.n
+        if ex.replied:
+            assert got[(False, ex.queue, ex.head, ex.reply_ts)] == ex.n, ex.n
+    # Both clients' exchanges, numbers included, are the source's own analysis of the same captures.
+    assert views == [[_view(ex) for ex in ref.exchanges]] * 2

@@ -233,13 +233,13 @@ class Analyzer:
         if epoch is not None and epoch > self.epoch:
             self._new_epoch(epoch)
         if unique == 0:  # a notification: it stands alone
-            ex = self._lone(queue, head, unique, ts_ns, rlen, notes, ref)
+            ex = self._lone(queue, head, unique, ts_ns, rlen, notes, ref, n)
             self._decode_reply(ex, decoded, raw, None, orig_len)
             self._finish(ex)
             return ex
         ex_or_none = self._pop(queue, head, unique, n, keep=held)
         if ex_or_none is None:
-            ex = self._lone(queue, head, unique, ts_ns, rlen, notes, ref)
+            ex = self._lone(queue, head, unique, ts_ns, rlen, notes, ref, n)
             ex.error = -err if err <= 0 else None
             where = f" on chain (queue {queue}, head {head})" if head is not None else ""
             self._lint(ex, X.ORPHAN_REPLY, f"reply unique {unique}{where} without a request")
@@ -387,25 +387,26 @@ class Analyzer:
 
     def _pop(self, queue: int, head: int | None, unique: int, n: int | None = None, *,
              keep: bool = False) -> Exchange | None:
-        """The pending exchange a reply completes: exchange `n`, else this epoch's chain (or unique), else the
-        previous epoch's; removed from the pending ones unless `keep`."""
-        key: tuple[int, ...] | None
-        if n is not None:
-            key = self._by_n.get(n)
-        else:  # no key list built: the reply's own epoch nearly always has it
+        """The pending exchange a reply completes: exchange `n` (if pending), else this epoch's chain (or unique),
+        else the previous epoch's; removed from the pending ones unless `keep`."""
+        key: tuple[int, ...] | None = self._by_n.get(n) if n is not None else None
+        if key is None:  # no key list built: the reply's own epoch nearly always has it
             key = self._key(queue, head, unique, self.epoch)
             if key not in self._pending:
                 key = self._key(queue, head, unique, self.epoch - 1)
-        ex = self._pending.get(key) if key is not None else None
+        ex = self._pending.get(key)
         if ex is not None and not keep:
-            del self._pending[key]  # type: ignore[arg-type]
+            del self._pending[key]
             self._by_n.pop(ex.n, None)
         return ex
 
     def _lone(self, queue: int, head: int | None, unique: int, ts_ns: int, rlen: int,
-              notes: Sequence[str], ref: Any) -> Exchange:
+              notes: Sequence[str], ref: Any, n: int | None = None) -> Exchange:
+        """A reply that completes nothing (a notification, an orphan) is an exchange of its own, numbered in
+        the same sequence as requests (index + 1, or the source's number): a live source numbers it so at
+        capture too, so the numbers a UI, the debugger's commands and a replay use never drift apart."""
         ex = Exchange(self.count, queue, head, self.epoch, max(unique, 0), -1, reply_ts=ts_ns, reply_len=rlen,
-                      notes=list(notes), reply_ref=ref)
+                      notes=list(notes), reply_ref=ref, n=n if n else self.count + 1)
         self.count += 1
         if self.keep_exchanges:
             self.exchanges.append(ex)

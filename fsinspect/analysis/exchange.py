@@ -155,7 +155,8 @@ class Exchange:
     replied: bool = False
     req_ref: Any = None  # the feeder's handles (recording offsets), for random access back to the bytes
     reply_ref: Any = None
-    n: int = 0  # the source's exchange number (1-based, request-capture order): what every UI and command names
+    n: int = 0  # the source's exchange number (1-based, capture order of requests and of replies that complete
+    # none): what every UI and command names
     held: str | None = None  # HELD_REQUEST / HELD_REPLY while a breakpoint holds it
     req_mono: int | None = None  # a live source's request capture time on CLOCK_MONOTONIC: its age for `stuck`
     # The descriptor chains as a live source captured them: (len, flags) per vring_desc, or their META_LAYOUT

@@ -33,6 +33,15 @@ WATCHED_CATCH_UP_NS = STUCK_CHECK_NS  # watched by binary clients only: the back
 _Deferred = tuple[bool, bytes, int, "int | None", int, int, list[str], int, Any]
 
 
+def _answered(opened: dict[tuple[int, int], int], data: bytes, queue: int, head: int | None) -> int | None:
+    """The number of the request a reply completes, or None: the reply stands alone (a notification, unique
+    0; an orphan), and takes the next number itself, as the analysis numbers it (Analyzer._lone)."""
+    unique = int.from_bytes(data[8:16], "little") if len(data) >= 16 else -1
+    if unique == 0:
+        return None
+    return opened.pop((queue, head if head is not None else unique), None)
+
+
 def _opened(opened: dict[tuple[int, int], int], n: int, data: bytes, queue: int, head: int | None) -> None:
     """Request `n` is open on its chain (queue, head), or by its unique without a head, until its reply."""
     if head is not None:
@@ -57,7 +66,7 @@ class Recorder(Addon):
         # tee(): FUSE records carry their exchange number, and their blocks go to the hub (on_blocks)
         self.numbered = False
         self.on_blocks: Callable[[], None] | None = None
-        self.requests = 0
+        self.requests = 0  # exchanges numbered so far (tee): requests, and replies of their own
         self._open: dict[tuple[int, int], int] = {}  # open chains: (queue, head or unique) -> n
         self._tee_due = 0.0
         self._stop = threading.Event()
@@ -68,8 +77,9 @@ class Recorder(Addon):
             self._timer.start()
 
     def tee(self, on_blocks: Callable[[], None]) -> None:
-        """Number every FUSE record as the analysis numbers its exchange (META_NUMBER: the n-th request is
-        exchange n, a reply takes the number of the request on its chain, or of its unique without a head),
+        """Number every FUSE record as the analysis numbers its exchange (META_NUMBER: requests in capture
+        order, a reply takes the number of the request on its chain, or of its unique without a head, and a
+        reply that completes none, a notification or an orphan, takes the next number itself),
         and keep its packet block for the control hub (RecordingWriter.start_tee): `on_blocks` (the hub's
         pull) takes them at least every TEE_EVERY while traffic flows, at once for a capture with flags (a
         held request: before the debugger publishes it), and when the source is quiet.  The recording and
@@ -96,7 +106,9 @@ class Recorder(Addon):
         if not self.numbered:
             self.writer.reply(data, queue, head, ts_ns, layout=layout, notes=notes, flags=flags, orig_len=orig_len)
             return
-        n = self._open.pop((queue, head if head is not None else int.from_bytes(data[8:16], "little")), None)
+        n = _answered(self._open, data, queue, head)
+        if n is None:  # an exchange of its own: the next number
+            self.requests = n = self.requests + 1
         self.writer.reply(data, queue, head, ts_ns, layout=layout, notes=notes, flags=flags, orig_len=orig_len, n=n)
         if flags or time.monotonic() >= self._tee_due:
             self.hand_off()
@@ -338,8 +350,9 @@ class Publisher(Addon):
 
     With the analysis, every FUSE capture goes to the hub as it comes (Hub.publish_capture: the binary
     stream's packet blocks, as the recording has them) with its exchange number, known at capture: the
-    analysis numbers requests in the order they are delivered (the n-th request is exchange n, held back or
-    not), and a reply takes the number of the request on its chain (queue, head; unique without a head).
+    analysis numbers requests in the order they are delivered (held back or not), a reply takes the number of
+    the request on its chain (queue, head; unique without a head), and a reply that completes none (a
+    notification, an orphan) is an exchange of its own with the next number, as Analyzer._lone numbers it.
     Nothing is published while nobody watches (the map of open chains is kept: a client may come).
     """
 
@@ -348,6 +361,7 @@ class Publisher(Addon):
         self.analysis = analysis
         self.flush_timeout = flush_timeout  # closing: how long clients that read may take to get the end
         self._open: dict[tuple[int, int], int] = {}  # open chains: (queue, head or unique) -> n
+        self._lone = 0  # replies numbered as exchanges of their own (notifications, orphans)
         if analysis is not None:
             hub.listen(analysis.analyzer.listeners)
             hub.contexts = lambda: analysis.analyzer.contexts
@@ -358,7 +372,7 @@ class Publisher(Addon):
                 notes: list[str], flags: int) -> None:
         if self.analysis is None:
             return
-        n = self.analysis.requests  # this request's number (the analysis counted it already)
+        n = self.analysis.requests + self._lone  # this request's number (the analysis counted it already)
         _opened(self._open, n, data, queue, head)
         if self.hub.clients:
             self.hub.publish_capture(True, data if len(data) <= LIVE_SNAPLEN else data[:LIVE_SNAPLEN], queue, head,
@@ -368,7 +382,10 @@ class Publisher(Addon):
               notes: list[str], flags: int) -> None:
         if self.analysis is None or flags & fmt.RF_HELD:  # held: the guest has not seen it (nor the recording)
             return
-        n = self._open.pop((queue, head if head is not None else int.from_bytes(data[8:16], "little")), 0)
+        n = _answered(self._open, data, queue, head)
+        if n is None:  # an exchange of its own: the next number
+            self._lone += 1
+            n = self.analysis.requests + self._lone
         if self.hub.clients:
             self.hub.publish_capture(False, data if len(data) <= LIVE_SNAPLEN else data[:LIVE_SNAPLEN], queue, head,
                                      ts_ns, orig_len, notes, flags, n, layout or None)

@@ -351,8 +351,9 @@ class ControlFeed(Feed):
                           notes=[x for x in notes if x not in opened.notes] if notes else ())
             ex = opened
             req = self._raw.get(ex.index, (None, None))[0] if keep else None
-        else:  # (unnumbered: the source did not know its request; paired here by its chain, as a replay does)
-            ex = an.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, notes=notes)
+        else:  # a reply of its own, with the source's number (n); or unnumbered: the source did not know
+            # its request, paired here by its chain, as a replay does
+            ex = an.feed_reply(data, queue, head, ts_ns, orig_len=orig_len, notes=notes, n=n)
             if n is None and st.open.get(ex.n) is ex:
                 del st.open[ex.n]
             req = None
