@@ -698,13 +698,10 @@ class VhostUserSession:
                 batch = True
                 try:
                     r = q.serve_wait(ep, vr.wake_fd, server, failed, reply_failed)
-                except RingError as e:  # logged as text: a record holding it would keep its frames (the ring) alive
-                    if e.reason == "avail_ahead":
-                        log.error("vring %d: %s; queue stalled", vr.index, str(e))
+                except RingError as e:
+                    if _stalled(vr, e):
                         return False
-                    log.error("vring %d: malformed chain: %s", vr.index, str(e))
-                    if e.head is not None and e.head < q.num:
-                        q.complete(e.head, 0)
+                    _malformed(vr, q, e)
                     continue
                 if isinstance(r, int):  # woken, every batch published
                     batch = False
@@ -723,8 +720,7 @@ class VhostUserSession:
         try:
             chains = q.pop_chains()
         except RingError as e:
-            if e.reason == "avail_ahead":
-                log.error("vring %d: %s; queue stalled", vr.index, str(e))
+            if _stalled(vr, e):
                 return False
             err, chains = e, e.chains
         if not chains and err is None:
@@ -734,9 +730,7 @@ class VhostUserSession:
             for c in chains:
                 self._serve_chain(vr, c)
             if err is not None:
-                log.error("vring %d: malformed chain: %s", vr.index, str(err))
-                if err.head is not None and err.head < q.num:  # the ring's own size, not a later SET_VRING_NUM
-                    q.complete(err.head, 0)
+                _malformed(vr, q, err)
         finally:
             _log_truncated(vr, q.end_batch())
         return True
@@ -821,6 +815,21 @@ class VhostUserSession:
             out[vr.index] = {"chains": vr.stats_chains + c["popped"], "calls": vr.stats_calls + c["calls"],
                              "calls_suppressed": vr.stats_suppressed + c["calls_suppressed"]}
         return {"vhost_user_messages": self.messages, "queues": out}
+
+
+def _stalled(vr: Vring, e: RingError) -> bool:
+    """The guest's avail index ran ahead of the ring: nothing can be popped safely, the queue stops."""
+    if e.reason != "avail_ahead":
+        return False
+    log.error("vring %d: %s; queue stalled", vr.index, str(e))  # (as text: the error's frames hold the ring)
+    return True
+
+
+def _malformed(vr: Vring, q: SplitQueue, e: RingError) -> None:
+    """A malformed chain (after the good ones popped with it): said, and given back with used.len 0."""
+    log.error("vring %d: malformed chain: %s", vr.index, str(e))
+    if e.head is not None and e.head < q.num:  # the ring's own size, not a later SET_VRING_NUM
+        q.complete(e.head, 0)
 
 
 def _log_truncated(vr: Vring, n: int) -> None:
