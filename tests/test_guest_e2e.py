@@ -205,3 +205,27 @@ def test_syncfs_reaches_every_superblock(guest_image, guest_share):
     assert len({node for node, _ in by_sync}) == 3 and "1" in {node for node, _ in by_sync}
     assert {node for node, _ in per_mount} == {node for node, _ in by_sync}
     assert len({pid for _, pid in per_mount}) == 3, "one `sync -f` process per mount"
+
+
+def test_a_launcher_that_runs_late_reads_done_before_calling_the_backend_lost(guest_image, guest_share):
+    """The launcher shares its process with a busy caller (a test thread holding the GIL): by the time it
+    polls again, the guest may have written `done`, powered off, and the backend left after QEMU.  The
+    backend's exit is a loss only if the guest had not finished: the launcher reads the pipe first.
+    CI saw it as a `backend_lost` on a passing `hold` (the proxy had exited 0 behind a powered-off guest)."""
+    with launcher.short_tmpdir() as work, launcher.virtiofsd(guest_share.root, work) as be:
+        waited: list[float] = []
+
+        def on_event(ev: Event) -> None:
+            if ev.kind == "result":
+                # Run late: do not come back until the guest is gone and the backend with it.
+                t = time.monotonic()
+                while be.processes[0].poll() is None:
+                    assert time.monotonic() - t < 30, "the backend never left after the guest powered off"
+                    time.sleep(0.05)
+                waited.append(time.monotonic() - t)
+
+        res = launcher.run_guest(be.socket_path, image=guest_image, workload="smoke", timeout=90,
+                                 watch=be.processes, on_event=on_event)
+    assert waited, explain(res)
+    assert res.ok and not res.backend_lost, explain(res)
+    assert res.done_uptime is not None

@@ -177,37 +177,60 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
             result.backend_lost_reason = reason
             lost_at = time.monotonic()
 
+    suspects: list[str] = []
+
+    def pump(timeout: float) -> bool:
+        """Read what the pipes hold; False when nothing was ready."""
+        nonlocal err_buf, last_output
+        ready = sel.select(timeout=timeout)
+        for key, _ in ready:
+            fd = int(key.fd)
+            data = os.read(fd, 65536)
+            if not data:
+                sel.unregister(fd)
+                continue
+            if fd == proc.stdout.fileno():  # type: ignore[union-attr]
+                last_output = time.monotonic()
+                for ev in parser.feed(data):
+                    if on_event is not None:
+                        on_event(ev)
+            else:
+                err_buf += data
+                *lines, err_buf = err_buf.split(b"\n")
+                for raw in lines:
+                    text = raw.decode("utf-8", "replace").rstrip()
+                    result.qemu_stderr.append(text)
+                    if any(p.search(text) for p in BACKEND_LOST_PATTERNS):
+                        suspects.append(f"QEMU: {text}")
+        return bool(ready)
+
+    def drain() -> None:
+        """Read all the guest had already written before judging a loss.
+
+        The launcher may run late (a busy caller holds the GIL): the guest's `done`, its poweroff, QEMU's
+        exit and then the proxy's can all happen before this thread reads the pipe again.  After `done` the
+        guest has unmounted, so a backend leaving then is no loss.
+        """
+        deadline = time.monotonic() + 1.0
+        while sel.get_map() and pump(0) and time.monotonic() < deadline:
+            pass
+
     try:
         while sel.get_map():
-            for key, _ in sel.select(timeout=0.1):
-                fd = int(key.fd)
-                data = os.read(fd, 65536)
-                if not data:
-                    sel.unregister(fd)
-                    continue
-                if fd == proc.stdout.fileno():
-                    last_output = time.monotonic()
-                    for ev in parser.feed(data):
-                        if on_event is not None:
-                            on_event(ev)
-                else:
-                    err_buf += data
-                    *lines, err_buf = err_buf.split(b"\n")
-                    for raw in lines:
-                        text = raw.decode("utf-8", "replace").rstrip()
-                        result.qemu_stderr.append(text)
-                        # After `done` the guest has unmounted: a backend leaving then is no loss.
-                        if result.done_uptime is None and any(p.search(text) for p in BACKEND_LOST_PATTERNS):
-                            backend_lost(f"QEMU: {text}")
-            now = time.monotonic()
+            pump(0.1)
             if result.done_uptime is None:
-                for w in watch:
-                    rc = w.poll()
-                    if rc is not None:
-                        backend_lost(f"backend process {w.pid} exited (status {rc})")
+                gone = [f"backend process {w.pid} exited (status {rc})" for w in watch if (rc := w.poll()) is not None]
+                if suspects or gone:
+                    drain()
+                    if result.done_uptime is None:
+                        backend_lost((suspects or gone)[0])
                 if (stall_timeout and result.mounted_uptime is not None
-                        and now - last_output > stall_timeout):
-                    backend_lost(f"console silent for {now - last_output:.1f} s (guest blocked on a request)")
+                        and time.monotonic() - last_output > stall_timeout):
+                    drain()
+                    silent = time.monotonic() - last_output
+                    if silent > stall_timeout:
+                        backend_lost(f"console silent for {silent:.1f} s (guest blocked on a request)")
+            now = time.monotonic()
             if result.backend_lost:
                 break
             if now - t0 > timeout:
