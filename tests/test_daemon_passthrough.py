@@ -316,6 +316,26 @@ def test_the_fd_cache_is_bounded(engine: Factory, tmp_path: Path) -> None:
     assert fs.store.counts()["fds_cached"] == 0 and len(os.listdir("/proc/self/fd")) == fds_before
 
 
+def test_reserving_the_fd_table_never_replaces_an_open_fd(tmp_path: Path) -> None:
+    """reserve_fd_table asks for a descriptor at or above an index (F_DUPFD), never a given one: an fd
+    already open there stays what it was, and none is left open."""
+    from daemon.passthrough import inodes
+
+    f = tmp_path / "f"
+    f.write_bytes(b"kept")
+    fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+    high = os.dup2(fd, 700)
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        assert inodes.reserve_fd_table(high + 1) > high  # the lowest free fd at or above 700
+        assert sorted(os.listdir("/proc/self/fd")) == before
+        assert os.pread(high, 4, 0) == b"kept"
+        assert inodes.reserve_fd_table(1) == 0
+    finally:
+        os.close(high)
+        os.close(fd)
+
+
 def test_a_directory_forgotten_while_in_use_is_closed_by_its_last_user(engine: Factory, tmp_path: Path) -> None:
     c = engine(inode_file_handles=HandleMode.PREFER)
     (tmp_path / "d").mkdir()
