@@ -24,6 +24,12 @@ fuse module's enable_uring parameter on for the host, as root: one ring per CPU 
 request); `--uring off` keeps it on /dev/fuse reads and writes, and `--uring-ab` adds the arm `fsinspect dev`
 (`--uring off`) to compare both transports in one interleaved run.
 
+`--requests` counts the FUSE requests each daemon gets per operation, by opcode, from the kernel's own
+`fuse:fuse_request_send` tracepoint (a private tracefs mount and trace instance, filtered to the mount's
+connection): what the kernel asks each side, whatever each daemon says of itself.  With `--cache auto` the
+stat storm is one LOOKUP per file (500) and no GETATTR on either side: the other 2500 stats are the
+kernel's, at about 2 us each for both.
+
 `--tree NAME=DIR` adds a column with the daemon of another checkout (a `git worktree add` of an older
 commit), run by this interpreter with DIR first on the path: a regression hunt in one interleaved run.
 
@@ -69,6 +75,74 @@ class Target:
 class Sample:
     rate: float  # ops/s (MB/s for the sequential read)
     cpu: float  # daemon CPU seconds per op (per MiB for the sequential read); 0 for native
+    requests: dict[str, float] = field(default_factory=dict)  # --requests: FUSE requests per op, by opcode
+
+
+class Requests:
+    """The FUSE requests the kernel sends one mount's daemon (the fuse:fuse_request_send tracepoint), counted
+    by opcode, in a trace instance of a tracefs mounted privately under `base` (other tracers are left alone)."""
+
+    def __init__(self, base: Path) -> None:
+        self.tracefs = base / "tracefs"
+        self.tracefs.mkdir()
+        if _libc.mount(b"tracefs", str(self.tracefs).encode(), b"tracefs", 0, None) != 0:
+            raise SystemExit(f"--requests: mount tracefs: {os.strerror(ctypes.get_errno())}")
+        self.dir = self.tracefs / "instances" / f"fsinspect-bench-{os.getpid()}"
+        self.dir.mkdir()
+        self.event = self.dir / "events" / "fuse" / "fuse_request_send"
+        if not self.event.is_dir():
+            self.close()
+            raise SystemExit("--requests: this kernel has no fuse:fuse_request_send tracepoint")
+        (self.dir / "tracing_on").write_text("0")
+        (self.dir / "buffer_size_kb").write_text("16384")
+        (self.event / "enable").write_text("1")
+        self.connection = -1
+
+    def follow(self, mnt: Path) -> None:
+        """Count the requests of the FUSE connection mounted at `mnt` (its st_dev) from now on."""
+        self.connection = os.stat(mnt).st_dev
+        (self.event / "filter").write_text(f"connection == {self.connection}")
+
+    def start(self) -> None:
+        (self.dir / "trace").write_text("")
+        (self.dir / "tracing_on").write_text("1")
+
+    def stop(self) -> dict[str, int]:
+        (self.dir / "tracing_on").write_text("0")
+        counts: dict[str, int] = {}
+        with open(self.dir / "trace") as f:
+            for line in f:
+                _, sep, rest = line.partition(" opcode ")
+                if sep:  # "... opcode 1 (FUSE_LOOKUP) len 47"
+                    name = rest.split()[1].strip("()").removeprefix("FUSE_")
+                    counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def close(self) -> None:
+        if self.dir.is_dir():
+            if self.event.is_dir():
+                (self.event / "enable").write_text("0")
+            self.dir.rmdir()
+        _libc.umount2(str(self.tracefs).encode(), 2)
+        self.tracefs.rmdir()
+
+
+REQUESTS: Requests | None = None  # --requests
+
+
+def trace_start(pid: int | None) -> bool:
+    """Start counting a daemon's requests (--requests; not for the native directory)."""
+    if REQUESTS is None or pid is None:
+        return False
+    REQUESTS.start()
+    return True
+
+
+def trace_stop(tracing: bool, sample: Sample, per: float) -> Sample:
+    """`sample` with the requests counted since trace_start, per op (`per` ops)."""
+    if tracing and REQUESTS is not None:
+        sample.requests = {op: k / per for op, k in REQUESTS.stop().items()}
+    return sample
 
 
 def start(t: Target, mnt: Path) -> subprocess.Popen[bytes]:
@@ -126,6 +200,7 @@ CLIENTS = 1  # --clients: processes sharing each metadata storm's operations
 
 def measure(pid: int | None, n: int, fn: Callable[[int], None]) -> Sample:
     """`n` operations, by one process or CLIENTS forked ones (operation i by client i % CLIENTS)."""
+    tracing = trace_start(pid)
     c = cpu_seconds(pid)
     t = time.perf_counter()
     if CLIENTS == 1:
@@ -147,7 +222,7 @@ def measure(pid: int | None, n: int, fn: Callable[[int], None]) -> Sample:
         if any(os.waitstatus_to_exitcode(os.waitpid(kid, 0)[1]) for kid in kids):
             raise SystemExit("a storm client failed")
     wall = time.perf_counter() - t
-    return Sample(n / wall, (cpu_seconds(pid) - c) / n)
+    return trace_stop(tracing, Sample(n / wall, (cpu_seconds(pid) - c) / n), n)
 
 
 def storms(root: Path, files: int, n: int, tag: str, pid: int | None) -> dict[str, Sample]:
@@ -169,6 +244,7 @@ def storms(root: Path, files: int, n: int, tag: str, pid: int | None) -> dict[st
         os.close(os.open(f"{new}/c{i}", os.O_CREAT | os.O_WRONLY, 0o644))
 
     out["create"] = measure(pid, n, create_one)
+    tracing = trace_start(pid)
     c = cpu_seconds(pid)
     t = time.perf_counter()
     total = 0
@@ -176,7 +252,7 @@ def storms(root: Path, files: int, n: int, tag: str, pid: int | None) -> dict[st
         while chunk := f.read(128 * 1024):
             total += len(chunk)
     wall = time.perf_counter() - t
-    out[SEQ] = Sample(total / wall / 1e6, (cpu_seconds(pid) - c) / (total / MIB))
+    out[SEQ] = trace_stop(tracing, Sample(total / wall / 1e6, (cpu_seconds(pid) - c) / (total / MIB)), total / MIB)
     return out
 
 
@@ -215,6 +291,8 @@ def run_mode(args: argparse.Namespace, shared: Path, mnt: Path, cache: str) -> d
             else:
                 proc = start(t, mnt)
                 try:
+                    if REQUESTS is not None:
+                        REQUESTS.follow(mnt)
                     samples[t.name].append(storms(mnt, args.files, args.n, tag, proc.pid))
                 finally:
                     stop(proc, mnt)
@@ -249,6 +327,20 @@ def table(samples: dict[str, list[dict[str, Sample]]], cache: str, rounds: int, 
     return lines
 
 
+def request_table(samples: dict[str, list[dict[str, Sample]]], cache: str) -> list[str]:
+    """FUSE requests per op by opcode (per MiB for the sequential read), median over the rounds."""
+    lines = [f"--cache {cache}: FUSE requests per op (seq read: per MiB) by opcode, the kernel's tracepoint, "
+             "median over the rounds"]
+    for storm in next(iter(samples.values()))[0]:
+        for name, runs in samples.items():
+            ops = sorted({op for r in runs for op in r[storm].requests})
+            if name == "native" or not ops:
+                continue
+            per = ", ".join(f"{op} {statistics.median(r[storm].requests.get(op, 0.0) for r in runs):.2f}" for op in ops)
+            lines.append(f"{storm:<10}{name:<22}{per}")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=500)
@@ -273,6 +365,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=1, metavar="N",
                     help="processes sharing each stat, read-4K and create storm (the sequential read stays one): "
                          "with FUSE over io_uring each CPU's queue serves its own callers")
+    ap.add_argument("--requests", action="store_true",
+                    help="count the FUSE requests each daemon gets per op, by opcode (the kernel's "
+                         "fuse:fuse_request_send tracepoint, in a private tracefs)")
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                     help="extra column: the daemon of another checkout DIR (e.g. an older commit's worktree)")
     ap.add_argument("--tree-args", default="", metavar="ARGS", help="extra daemon arguments for the --tree columns")
@@ -307,9 +402,17 @@ def main() -> int:
         populate(shared / "src", args.files)
         with open(shared / "src" / "big", "wb") as f:
             f.write(os.urandom(MIB) * args.big_mb)
+        global REQUESTS
+        if args.requests:
+            REQUESTS = Requests(base)
         for cache in modes:
-            print("\n".join(table(run_mode(args, shared, mnt, cache), cache, args.rounds, args.n)), flush=True)
+            samples = run_mode(args, shared, mnt, cache)
+            print("\n".join(table(samples, cache, args.rounds, args.n)), flush=True)
+            if REQUESTS is not None:
+                print("\n".join(request_table(samples, cache)), flush=True)
     finally:
+        if REQUESTS is not None:
+            REQUESTS.close()
         if not mounted(mnt):
             if not args.on_disk:
                 _libc.umount2(str(shared).encode(), 2)
