@@ -3,6 +3,11 @@ passthroughfs.py example in pyfuse3's sdist (path map keyed by host st_ino), wit
 `fsinspect daemon --cache none|auto`: none = 0 s entry/attr timeouts and direct_io, so both serve every
 request; auto = 1 s timeouts and the page cache, as the daemon's (and virtiofsd's) auto.
 
+Every open is answered without FOPEN_KEEP_CACHE (pyfuse3's FileInfo sets it by default), as the daemon's and
+virtiofsd's auto answer it: the kernel drops a file's page cache at each open, so each open-read-close of
+the read-4K storm READs again.  With it the peer kept the data across opens (0.17 READ per op against the
+daemon's 1.00 with `--passthrough off`, `bench/standalone.py --requests`): it cached more than the mode allows.
+
 Usage: python bench/pyfuse3_passthrough.py [--cache none|auto] SHARED_DIR MOUNTPOINT
 """
 
@@ -96,7 +101,7 @@ class Passthrough(pyfuse3.Operations):  # type: ignore[misc]
             fd = os.open(self._path(inode), flags & ~os.O_CREAT)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        return pyfuse3.FileInfo(fh=fd, direct_io=self.direct_io)
+        return pyfuse3.FileInfo(fh=fd, direct_io=self.direct_io, keep_cache=False)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         path = os.path.join(self._path(parent), os.fsdecode(name))
@@ -106,7 +111,7 @@ class Passthrough(pyfuse3.Operations):  # type: ignore[misc]
             raise pyfuse3.FUSEError(e.errno) from None
         a = self._attr(fd)
         self._remember(a.st_ino, path)
-        return pyfuse3.FileInfo(fh=fd, direct_io=self.direct_io), a
+        return pyfuse3.FileInfo(fh=fd, direct_io=self.direct_io, keep_cache=False), a
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(fh, size, off)
