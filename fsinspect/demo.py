@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import privfile
 from .analysis.inodes import group_syncfs
 from .analysis.render import fmt_ns, opcode_counts, wrap_items
 from .guest import build, launcher
@@ -76,7 +77,7 @@ def run_demo(opts: DemoOptions, progress: Progress, ui: Callable[[Path], int] | 
     py = sys.executable
     guest_thread: threading.Thread | None = None
     with make_share() as share, launcher.short_tmpdir("fsi-demo-") as work, \
-            open(work / "backend.log", "wb") as logf:
+            os.fdopen(privfile.create(work / "backend.log"), "wb") as logf:  # 0600: it names guest files
         try:
             be_sock = work / "backend.sock"
             progress(f"share {share.root} (tmpfs submounts: {', '.join(str(m) for m in share.mounts)}); work dir {work}")

@@ -45,10 +45,19 @@ def create(path: str | os.PathLike[str], mode: int = DEFAULT_MODE, *, append: bo
 
 def open_rw(path: str | os.PathLike[str], mode: int = DEFAULT_MODE) -> int:
     """Open `path` for reading and writing as it is, or create it empty with exactly `mode`."""
+    return _open_or_create(path, os.O_RDWR, mode)
+
+
+def open_append(path: str | os.PathLike[str], mode: int = DEFAULT_MODE) -> int:
+    """Open `path` to append to it as it is (its mode is the user's), or create it empty with exactly `mode`."""
+    return _open_or_create(path, os.O_WRONLY | os.O_APPEND, mode)
+
+
+def _open_or_create(path: str | os.PathLike[str], flags: int, mode: int) -> int:
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except FileExistsError:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return os.open(path, flags | os.O_CLOEXEC)
     try:
         os.fchmod(fd, mode)
     except BaseException:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from .. import privfile
 from ..errors import UserError
 
 
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"demo: {msg}", file=sys.stderr, flush=True)
         if args.log is not None:
-            with open(args.log, "a") as f:
+            with os.fdopen(privfile.open_append(args.log), "a") as f:  # 0600 if new: guest names
                 print(f"demo: {msg}", file=f)
 
     ui = None
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     text = render(result)
     print(text)
     if args.log is not None:
-        with open(args.log, "a") as f:
+        with os.fdopen(privfile.open_append(args.log), "a") as f:  # 0600 if new: guest names
             print(text, file=f)
     g = result.guest
     ok = g is not None and (g.ok or result.quit_by_user)

@@ -10,6 +10,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from .. import privfile
 from ..errors import UserError
 from ..guest import build as gbuild
 from ..guest import launcher, share
@@ -184,7 +185,7 @@ def run_run(args: argparse.Namespace) -> int:
         except launcher.LaunchError as e:
             raise UserError(str(e), status=1) from None
         if args.console:
-            Path(args.console).write_text("\n".join(res.console) + "\n")
+            privfile.write_file(args.console, "\n".join(res.console) + "\n")  # 0600: the guest's output
         sums = res.verify_sums(host_root) if host_root is not None else {}
         if host_root is not None:
             # The io workload's scratch file: verified now, not worth keeping in the share.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import privfile
 from ..children import die_with_parent
 from ..errors import UserError
 from ..rerun import report
@@ -127,7 +128,7 @@ def backend(args: argparse.Namespace, workdir: Path) -> Iterator[Backend]:
         raise UserError(f"--backend-cmd: {e}") from None
     if "{socket}" not in args.backend_cmd:
         raise UserError("--backend-cmd must name its socket as {socket}")
-    log = open(workdir / "backend.log", "wb")
+    log = os.fdopen(privfile.create(workdir / "backend.log"), "wb")  # 0600: the back-end's log names guest files
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent(os.getpid()))

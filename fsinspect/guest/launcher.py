@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from .. import privfile
 from ..children import die_with_parent
 from .build import GuestImage
 from .console import ConsoleParser, Event, GuestResult
@@ -334,7 +335,7 @@ def virtiofsd(shared_dir: Path | str, workdir: Path, *, announce_submounts: bool
         opts.append("announce_submounts")  # off by default; QEMU 7.2's virtiofsd has no "no_" form
     opts.append("xattr" if xattr else "no_xattr")
     cmd = [binary, f"--socket-path={sock}", "-o", ",".join(opts), *extra_args]
-    with open(log, "wb") as logf:
+    with os.fdopen(privfile.create(log), "wb") as logf:  # 0600: virtiofsd logs the guest's file names
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
     try:

@@ -22,6 +22,7 @@ from dissectors.spec import fuse as fspec
 from .. import privfile
 from ..analysis import Analyzer, Exchange
 from . import format as fmt
+from .parts import INDEX_SUFFIX, side_file
 from .reader import Record, RecordingReader
 from .replay import feed_records, prime_from_header
 from .writer import RecordingWriter
@@ -173,6 +174,7 @@ def write_pcapng(dest: str | os.PathLike[str], records: Iterable[tuple[Record, b
     """
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    idx = side_file(tmp, INDEX_SUFFIX)
     snaplen = meta.get("snaplen")
     w = RecordingWriter(tmp, source=str(meta.get("source") or "virtio"), backend=str(meta.get("backend") or ""),
                         comments=[*meta.get("comments", ()), *comments],
@@ -194,8 +196,11 @@ def write_pcapng(dest: str | os.PathLike[str], records: Iterable[tuple[Record, b
                 n += 1
                 picked += chosen
         os.replace(tmp, dest)
+        if idx.exists():  # the index the writer kept goes with it (it is trusted by content, not by name)
+            os.replace(idx, side_file(dest, INDEX_SUFFIX))
     except BaseException:
         tmp.unlink(missing_ok=True)
+        idx.unlink(missing_ok=True)
         raise
     return Exported(dest, n, picked)
 
