@@ -7,8 +7,8 @@ round trips: kick -> back-end -> call.  The difference is the back-end's own cos
 
 Beside the median round trip it prints the back-end's CPU per request (utime + stime of its whole process
 group over each op's requests / their number): the measure that stays meaningful on a busy machine, where
-wall times are noise.  CREATE, OPEN, RELEASE and UNLINK run in batches on fresh names, each op's CPU taken
-apart.  `--tree NAME=DIR` adds the bundled daemon of another checkout (e.g. `git archive main` unpacked
+wall times are noise.  CREATE, OPEN, RELEASE, FORGET, LOOKUP cold (a name whose inode was forgotten: a new
+inode in the table) and UNLINK run in batches on fresh names, each op's CPU taken apart.  `--tree NAME=DIR` adds the bundled daemon of another checkout (e.g. `git archive main` unpacked
 and built with `python setup.py build_ext --inplace`) to the same alternating rounds: before and after
 in one run.
 
@@ -52,6 +52,13 @@ def fuse(front: Front, op: str, args: dict[str, Any] | None = None, nodeid: int 
     if not isinstance(rep, F.Reply) or rep.error:
         raise SystemExit(f"{op}: {rep}")
     return rep
+
+
+def forget(front: Front, args: dict[str, Any], nodeid: int) -> None:
+    """One FORGET on the hiprio queue, waited for (its chain back in the used ring; it has no reply)."""
+    front.submit(0, F.encode_request("FORGET", args, unique=next(_UNIQUE), nodeid=nodeid), 0, None)
+    while front.in_flight():
+        front.poll(1.0)
 
 
 def group_cpu(pgid: int) -> float:
@@ -143,6 +150,15 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
             for nodeid, h in made:
                 rel = F.make("fuse_release_in", fh=h, flags=os.O_RDWR)
                 m.timed("RELEASE", lambda: fuse(front, "RELEASE", {"release": rel}, nodeid=nodeid))  # noqa: B023
+        # Their last references forgotten (hiprio queue, each waited for), then a LOOKUP of each: a new inode
+        # in the back-end's table (the guest's stat-cold step), which UNLINK then finds known as before.
+        one = {"forget": F.make("fuse_forget_in", nlookup=1)}
+        with m.cpu_of("FORGET"):
+            for nodeid, _h in made[:len(names)]:
+                m.timed("FORGET", lambda: forget(front, one, nodeid))  # noqa: B023
+        with m.cpu_of("LOOKUP cold"):
+            for name in names:
+                m.timed("LOOKUP cold", lambda: fuse(front, "LOOKUP", {"name": name}))  # noqa: B023
         with m.cpu_of("UNLINK"):
             for name in names:
                 m.timed("UNLINK", lambda: fuse(front, "UNLINK", {"name": name}))  # noqa: B023
