@@ -9,6 +9,7 @@ fast path must also really serve what it claims (its counts), and hand back what
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -25,6 +26,9 @@ from typing import Any
 import pytest
 
 from daemon.passthrough import CacheMode, HandleMode, Options, PassthroughFS
+from daemon.passthrough import syscalls as sc
+from daemon.passthrough.fs import Handle
+from daemon.passthrough.inodes import Inode, InodeStore, MountFd
 from daemon.server import MAX_WRITE, Server
 from daemon.vhost import GuestPassthroughFS
 from dissectors import fuse as F
@@ -721,6 +725,70 @@ def test_a_filesystem_that_redefines_a_fast_op_gets_no_fast_path(share: Path,
     plain = PassthroughFS(Options(str(share)))
     assert plain.fast_path() is not None
     plain.close()
+
+
+def _fields(inode: Any) -> tuple[Any, ...]:
+    return tuple(getattr(inode, f) for f in (*(f.name for f in dataclasses.fields(Inode)), "key", "is_dir"))
+
+
+def test_the_c_inode_is_its_twin_the_dataclass() -> None:
+    """_fast.Inode, what a store served by the C holds, reads and writes as inodes.Inode, the Python op table's:
+    the same constructor (positions, keywords, defaults), fields, key and is_dir, and the handle's bytes back."""
+    if not _native_built():
+        pytest.fail("daemon.passthrough._fast is not built: run scripts/setup")
+    from daemon.passthrough import _fast  # type: ignore[attr-defined]
+
+    handle = struct.pack("@Ii", 8, 1) + b"\x01\x02\x03\x04\x05\x06\x07\x08"  # struct file_handle + f_handle
+    mount = MountFd(42, 7, 1)
+    for args, kw in [((2, 1, 2049, 12, 42, 0o100644), {}),
+                     ((3, 9, (1 << 64) - 1, (1 << 63) + 5, 42, 0o40755, -1, handle, mount, 1, 41), {}),
+                     ((4, 2, 5, 6, 7, 0o120777), {"fd": 12, "nlookup": 3, "cached_fd": 9, "lent": 2, "used": True})]:
+        c, py = _fast.Inode(*args, **kw), Inode(*args, **kw)
+        assert _fields(c) == _fields(py)
+        c.nlookup += 5
+        py.nlookup += 5
+        c.fd = py.fd = -1
+        c.cached_fd = py.cached_fd = 33
+        c.used = py.used = True
+        c.lent = py.lent = 0
+        assert _fields(c) == _fields(py)
+    assert _fast.Inode(1, 1, 1, 1, 1, 0, handle=handle).handle == handle
+    for bad in (b"short", handle + b"x"):  # not a whole struct file_handle
+        with pytest.raises(ValueError):
+            _fast.Inode(1, 1, 1, 1, 1, 0, handle=bad)
+
+
+def test_the_c_serves_only_its_own_inodes(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The twins' stores hold each its own Inode (the differential tests compare the C object with the
+    dataclass); a store of the dataclass's inodes gets no fast path, and a FastPath made over one anyway hands
+    every request back untouched rather than read a dataclass as its struct."""
+    monkeypatch.delenv("FSINSPECT_FAST", raising=False)
+    from daemon.passthrough import _fast  # type: ignore[attr-defined]
+
+    t = Twins(share, monkeypatch)
+    try:
+        t.ok("LOOKUP", {"name": b"file"}, nodeid=1)
+        assert {type(i) for i in t.fs_c.store._by_id.values()} == {_fast.Inode}
+        assert {type(i) for i in t.fs_py.store._by_id.values()} == {Inode}
+    finally:
+        t.close()
+    fs = PassthroughFS(Options(str(share)))
+    fs.reroot(str(share), "/proc/")
+    assert fs.store.inode_type is _fast.Inode and type(fs.root) is _fast.Inode
+    fs.store = InodeStore(fs.store.mode, inode_type=Inode)
+    fs.root = fs.store.add_root(str(share))
+    assert fs.fast_path() is None
+    fast = _fast.FastPath(fs, OP, GETATTR_FH, SUBMOUNT, spec.MAX_MESSAGE, sc.Statx, Handle, lambda _p: True, 0, 0,
+                          1 << 20, 1 << 20)
+    nodeid = fs.lookup(None, 1, b"file").nodeid  # type: ignore[arg-type]
+    for op, args, at in [("LOOKUP", {"name": b"file"}, 1), ("GETATTR", _getattr(), nodeid)]:
+        assert fast(F.encode_request(op, args, unique=1, nodeid=at)) is None, op
+    assert fs.store.get(nodeid).nlookup == 1
+    # FORGET: the store's own forget() does it (as for a nodeid the C does not know)
+    assert fast(F.encode_request("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, unique=1,
+                                 nodeid=nodeid)) == b""
+    assert nodeid not in fs.store and len(fs.store) == 1
+    fs.close()
 
 
 def test_lookup_fast_path_keeps_nlookup_under_concurrent_forgets(share: Path,

@@ -27,6 +27,7 @@
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -244,6 +245,198 @@ static int set_long(PyObject *o, PyObject *name, long long v) {
     return rc;
 }
 
+/* ------------------------------------------------------------------ the Inode */
+/* inodes.Inode as a C object (its twin: the dataclass there, which the Python op table's stores hold): the same
+ * fields in the same constructor order (INODE_FIELDS, checked against the dataclass by fs.py), read and written
+ * by Python as attributes and here as struct members, so a new inode costs one allocation and no attribute
+ * traffic.  The file handle is kept inline (Inode.handle makes the bytes when Python asks).  Not a GC type: its
+ * only reference (mount, a MountFd) never leads back to an inode. */
+typedef struct {
+    PyObject_HEAD
+    unsigned long long nodeid, generation, dev, ino, mnt_id, parent_mnt_id;
+    long long nlookup, lent;
+    unsigned int mode; /* file type bits (S_IFMT) + permissions at lookup time */
+    int fd;            /* O_PATH fd, or -1 when held by handle */
+    int cached_fd;     /* a handle-held inode's O_PATH fd while it is in the store's cache */
+    char used;         /* cached_fd was used since the eviction scan last passed it (second chance) */
+    PyObject *mount;   /* MountFd or None */
+    unsigned int handle_len; /* 0: no handle; else sizeof(struct file_handle) + handle_bytes */
+    union {
+        struct file_handle fh;
+        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
+    } handle;
+} InodeObject;
+
+static PyTypeObject InodeType;
+#define INODE(o) ((InodeObject *)(o))
+#define IS_INODE(o) Py_IS_TYPE((o), &InodeType)
+
+static char *inode_kw[] = {"nodeid", "generation", "dev", "ino", "mnt_id", "mode", "fd", "handle", "mount",
+                           "nlookup", "parent_mnt_id", "cached_fd", "lent", "used", NULL};
+
+/* A handle's bytes (struct file_handle + f_handle, as name_to_handle_at fills it) into the inode: 0, or -1 with
+ * a Python error for anything that is not one. */
+static int inode_set_handle(InodeObject *self, PyObject *v) {
+    if (v == NULL || v == Py_None) {
+        self->handle_len = 0;
+        return 0;
+    }
+    if (!PyBytes_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "Inode.handle: bytes or None");
+        return -1;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(v);
+    struct file_handle fh;
+    if ((size_t)n < sizeof fh || (size_t)n > sizeof self->handle.raw) {
+        PyErr_SetString(PyExc_ValueError, "Inode.handle: not a file handle");
+        return -1;
+    }
+    memcpy(&fh, PyBytes_AS_STRING(v), sizeof fh);
+    if (fh.handle_bytes != (size_t)n - sizeof fh) {
+        PyErr_SetString(PyExc_ValueError, "Inode.handle: its length is not its handle_bytes");
+        return -1;
+    }
+    memcpy(self->handle.raw, PyBytes_AS_STRING(v), (size_t)n);
+    self->handle_len = (unsigned int)n;
+    return 0;
+}
+
+static int inode_init(PyObject *op, PyObject *args, PyObject *kwargs) {
+    InodeObject *self = INODE(op);
+    unsigned long long nodeid, generation, dev, ino, mnt_id, parent_mnt_id = 0;
+    unsigned int mode;
+    int fd = -1, cached_fd = -1, used = 0;
+    long long nlookup = 0, lent = 0;
+    PyObject *handle = Py_None, *mount = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KKKKKI|iOOLKiLp:Inode", inode_kw, &nodeid, &generation, &dev,
+                                     &ino, &mnt_id, &mode, &fd, &handle, &mount, &nlookup, &parent_mnt_id,
+                                     &cached_fd, &lent, &used))
+        return -1;
+    if (inode_set_handle(self, handle) < 0) return -1;
+    self->nodeid = nodeid;
+    self->generation = generation;
+    self->dev = dev;
+    self->ino = ino;
+    self->mnt_id = mnt_id;
+    self->mode = mode;
+    self->fd = fd;
+    Py_INCREF(mount);
+    Py_XSETREF(self->mount, mount);
+    self->nlookup = nlookup;
+    self->parent_mnt_id = parent_mnt_id;
+    self->cached_fd = cached_fd;
+    self->lent = lent;
+    self->used = (char)used;
+    return 0;
+}
+
+static PyObject *inode_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    (void)args;
+    (void)kwargs;
+    PyObject *op = type->tp_alloc(type, 0);
+    if (op == NULL) return NULL;
+    InodeObject *self = INODE(op);
+    self->fd = self->cached_fd = -1;
+    Py_INCREF(Py_None);
+    self->mount = Py_None;
+    return op;
+}
+
+static void inode_dealloc(PyObject *op) {
+    Py_CLEAR(INODE(op)->mount);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyObject *inode_get_handle(PyObject *op, void *unused) {
+    (void)unused;
+    InodeObject *self = INODE(op);
+    if (!self->handle_len) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)self->handle.raw, (Py_ssize_t)self->handle_len);
+}
+
+static int inode_put_handle(PyObject *op, PyObject *v, void *unused) {
+    (void)unused;
+    return inode_set_handle(INODE(op), v);
+}
+
+static PyObject *inode_key(PyObject *op, void *unused) {
+    (void)unused;
+    InodeObject *self = INODE(op);
+    return Py_BuildValue("(KKK)", self->dev, self->ino, self->mnt_id);
+}
+
+static PyObject *inode_is_dir(PyObject *op, void *unused) {
+    (void)unused;
+    return PyBool_FromLong(S_ISDIR(INODE(op)->mode));
+}
+
+static PyObject *inode_repr(PyObject *op) {
+    InodeObject *self = INODE(op);
+    PyObject *handle = inode_get_handle(op, NULL);
+    if (handle == NULL) return NULL;
+    PyObject *r = PyUnicode_FromFormat(
+        "Inode(nodeid=%llu, generation=%llu, dev=%llu, ino=%llu, mnt_id=%llu, mode=%u, fd=%d, handle=%R, mount=%R, "
+        "nlookup=%lld, parent_mnt_id=%llu, cached_fd=%d, lent=%lld, used=%s)", self->nodeid, self->generation,
+        self->dev, self->ino, self->mnt_id, self->mode, self->fd, handle, self->mount, self->nlookup,
+        self->parent_mnt_id, self->cached_fd, self->lent, self->used ? "True" : "False");
+    Py_DECREF(handle);
+    return r;
+}
+
+#define INODE_MEMBER(name, type) {#name, type, offsetof(InodeObject, name), 0, NULL}
+static PyMemberDef inode_members[] = {
+    INODE_MEMBER(nodeid, T_ULONGLONG),    INODE_MEMBER(generation, T_ULONGLONG), INODE_MEMBER(dev, T_ULONGLONG),
+    INODE_MEMBER(ino, T_ULONGLONG),       INODE_MEMBER(mnt_id, T_ULONGLONG),     INODE_MEMBER(mode, T_UINT),
+    INODE_MEMBER(fd, T_INT),              INODE_MEMBER(mount, T_OBJECT),         INODE_MEMBER(nlookup, T_LONGLONG),
+    INODE_MEMBER(parent_mnt_id, T_ULONGLONG), INODE_MEMBER(cached_fd, T_INT),    INODE_MEMBER(lent, T_LONGLONG),
+    INODE_MEMBER(used, T_BOOL),           {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef inode_getset[] = {
+    {"handle", inode_get_handle, inode_put_handle, "the file handle's bytes, or None (held by its O_PATH fd)", NULL},
+    {"key", inode_key, NULL, "(dev, ino, mnt_id): its identity in the store", NULL},
+    {"is_dir", inode_is_dir, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject InodeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "daemon.passthrough._fast.Inode",
+    .tp_basicsize = sizeof(InodeObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Inode(nodeid, generation, dev, ino, mnt_id, mode, fd=-1, handle=None, mount=None, nlookup=0,"
+              " parent_mnt_id=0, cached_fd=-1, lent=0, used=False): inodes.Inode, as a C object",
+    .tp_new = inode_new,
+    .tp_init = inode_init,
+    .tp_dealloc = inode_dealloc,
+    .tp_repr = inode_repr,
+    .tp_members = inode_members,
+    .tp_getset = inode_getset,
+};
+
+/* A new inode for the store's tables, as InodeStore._find_or_add makes one (nlookup 1, not cached yet). */
+static PyObject *inode_make(unsigned long long nodeid, unsigned long long generation, const struct statx *sx,
+                            int fd, const unsigned char *handle, unsigned int handle_len, PyObject *mount,
+                            unsigned long long parent_mnt_id) {
+    PyObject *op = inode_new(&InodeType, NULL, NULL);
+    if (op == NULL) return NULL;
+    InodeObject *self = INODE(op);
+    self->nodeid = nodeid;
+    self->generation = generation;
+    self->dev = makedev(sx->stx_dev_major, sx->stx_dev_minor);
+    self->ino = sx->stx_ino;
+    self->mnt_id = (sx->stx_mask & STATX_MNT_ID) ? sx->stx_mnt_id : 0;
+    self->mode = sx->stx_mode;
+    self->fd = fd;
+    Py_INCREF(mount);
+    Py_SETREF(self->mount, mount);
+    self->nlookup = 1;
+    self->parent_mnt_id = parent_mnt_id;
+    if (handle_len) memcpy(self->handle.raw, handle, handle_len);
+    self->handle_len = handle_len;
+    return op;
+}
+
 /* ------------------------------------------------------------------ inode access */
 typedef struct {
     PyObject *inode; /* borrowed from the store's dict (valid while the GIL is held) */
@@ -260,20 +453,19 @@ static int unpinned(PyObject *store, PyObject *inode, int fd, int *again);
  * opened from its handle.  1: ready; 0: fall back (a directory without a cached fd: Python opens and
  * caches it); -1 with errno in *err: the open failed (answered as Python would); -2: a Python error. */
 static int path_fd(PyObject *store, PyObject *inode, PathFd *p, int *err) {
-    long long fd, cached;
+    InodeObject *ino = INODE(inode);
     p->inode = inode;
     p->fd = -1;
     p->own = p->gil = 0;
-    if (get_long(inode, S_fd, &fd) < 0 || get_long(inode, S_mode, &p->mode) < 0) return -2;
-    if (fd >= 0) {
-        p->fd = (int)fd;
+    p->mode = ino->mode;
+    if (ino->fd >= 0) {
+        p->fd = ino->fd;
         return 1;
     }
     if (S_ISDIR(p->mode)) {
-        if (get_long(inode, S_cached_fd, &cached) < 0) return -2;
-        if (cached < 0) return 0;
-        if (PyObject_SetAttr(inode, S_used, Py_True) < 0) return -2; /* the cache's second chance */
-        p->fd = (int)cached;
+        if (ino->cached_fd < 0) return 0;
+        ino->used = 1; /* the cache's second chance */
+        p->fd = ino->cached_fd;
         p->gil = 1;
         return 1;
     }
@@ -283,52 +475,39 @@ static int path_fd(PyObject *store, PyObject *inode, PathFd *p, int *err) {
 /* An O_PATH fd opened from the inode's handle (GIL released), the caller's to close (p->own): 1 ready; 0 fall
  * back (no usable handle); -1 with errno in *err (ESTALE: the inode is gone); -2 a Python error. */
 static int open_from_handle(PyObject *store, PyObject *inode, PathFd *p, int *err) {
-    PyObject *handle = PyObject_GetAttr(inode, S_handle);
-    if (handle == NULL) return -2;
-    PyObject *mount = PyObject_GetAttr(inode, S_mount);
-    if (mount == NULL) {
-        Py_DECREF(handle);
+    InodeObject *ino = INODE(inode);
+    long long mfd = -1;
+    if (!ino->handle_len || ino->mount == Py_None) return 0;
+    if (get_long(ino->mount, S_fd, &mfd) < 0) return -2;
+    /* a copy: the inode may be dropped (and freed) while the GIL is let go */
+    union {
+        struct file_handle fh;
+        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
+    } hb;
+    memcpy(hb.raw, ino->handle.raw, ino->handle_len);
+    int nfd, e = 0, again = 0;
+    Py_BEGIN_ALLOW_THREADS
+    nfd = open_by_handle_at((int)mfd, &hb.fh, O_PATH | O_CLOEXEC);
+    if (nfd < 0) e = errno;
+    Py_END_ALLOW_THREADS
+    if (nfd >= 0 && unpinned(store, inode, nfd, &again) < 0) {
+        close(nfd);
         return -2;
     }
-    long long mfd = -1;
-    int rc = 0;
-    if (!PyBytes_Check(handle) || mount == Py_None || get_long(mount, S_fd, &mfd) < 0) {
-        rc = PyErr_Occurred() ? -2 : 0;
-    } else if ((size_t)PyBytes_GET_SIZE(handle) < sizeof(struct file_handle)
-               || ((struct file_handle *)PyBytes_AS_STRING(handle))->handle_bytes
-                      > (size_t)PyBytes_GET_SIZE(handle) - sizeof(struct file_handle)) {
-        rc = 0;
-    } else {
-        struct file_handle *fh = (struct file_handle *)PyBytes_AS_STRING(handle);
-        int nfd, e = 0;
+    if (again) {
+        close(nfd);
         Py_BEGIN_ALLOW_THREADS
-        nfd = open_by_handle_at((int)mfd, fh, O_PATH | O_CLOEXEC);
+        nfd = open_by_handle_at((int)mfd, &hb.fh, O_PATH | O_CLOEXEC);
         if (nfd < 0) e = errno;
         Py_END_ALLOW_THREADS
-        int again = 0;
-        if (nfd >= 0 && unpinned(store, inode, nfd, &again) < 0) {
-            close(nfd);
-            rc = -2;
-        } else if (again) {
-            close(nfd);
-            Py_BEGIN_ALLOW_THREADS
-            nfd = open_by_handle_at((int)mfd, fh, O_PATH | O_CLOEXEC);
-            if (nfd < 0) e = errno;
-            Py_END_ALLOW_THREADS
-        }
-        if (rc == -2) {
-        } else if (nfd < 0) {
-            *err = e;
-            rc = -1;
-        } else {
-            p->fd = nfd;
-            p->own = 1;
-            rc = 1;
-        }
     }
-    Py_DECREF(handle);
-    Py_DECREF(mount);
-    return rc;
+    if (nfd < 0) {
+        *err = e;
+        return -1;
+    }
+    p->fd = nfd;
+    p->own = 1;
+    return 1;
 }
 
 /* InodeStore._open_handle's rule, after a file's handle opened as `fd`: a cached fd keeps the host inode
@@ -336,11 +515,9 @@ static int open_from_handle(PyObject *store, PyObject *inode, PathFd *p, int *er
  * *again set: the caller closes `fd` and asks the handle again (ESTALE once the inode is gone), as it would
  * have answered without the cache.  0, or -1 with a Python error. */
 static int unpinned(PyObject *store, PyObject *inode, int fd, int *again) {
-    long long cached, mode;
     struct stat st;
     *again = 0;
-    if (get_long(inode, S_cached_fd, &cached) < 0 || get_long(inode, S_mode, &mode) < 0) return -1;
-    if (cached < 0 || S_ISDIR(mode) || fstat(fd, &st) != 0 || st.st_nlink > 0) return 0;
+    if (INODE(inode)->cached_fd < 0 || S_ISDIR(INODE(inode)->mode) || fstat(fd, &st) != 0 || st.st_nlink > 0) return 0;
     PyObject *r = PyObject_CallMethodOneArg(store, S_drop_cached_fd, inode);
     if (r == NULL) return -1;
     Py_DECREF(r);
@@ -372,7 +549,7 @@ static PyObject *inode_of(PyObject *by_id, uint64_t nodeid) {
     if (key == NULL) return NULL;
     PyObject *ino = PyDict_GetItemWithError(by_id, key);
     Py_DECREF(key);
-    return ino;
+    return ino != NULL && IS_INODE(ino) ? ino : NULL; /* a store of the dataclass's inodes is Python's */
 }
 
 /* A new reference to the inode of `nodeid`, or NULL: a Python error, or (none set) the store has none. */
@@ -428,20 +605,23 @@ static int store_call(PyObject *store, PyObject *method, PyObject *inode, int fd
  * cached (store.keep_fd) unless it is a file with no link left.  1 and *st; 0 fall back; -1 with errno in
  * *err; -2 a Python error. */
 static int inode_stat(PyObject *store, PyObject *inode, struct stat *st, int *err) {
-    long long fd, cached;
+    InodeObject *ino = INODE(inode);
+    int fd = ino->fd, cached = ino->cached_fd;
     PathFd p = {inode, -1, 0, 0, 0};
-    if (get_long(inode, S_fd, &fd) < 0 || get_long(inode, S_cached_fd, &cached) < 0) return -2;
     if (fd >= 0) {
-        p.fd = (int)fd;
+        p.fd = fd;
         *err = do_fstat(&p, st);
         return *err ? -1 : 1;
     }
     if (cached >= 0) {
-        if (fstat((int)cached, st) != 0) { /* an O_PATH fd's fstat does not fail; answered as Python would */
+        if (fstat(cached, st) != 0) { /* an O_PATH fd's fstat does not fail; answered as Python would */
             *err = errno;
             return -1;
         }
-        if (st->st_nlink > 0 || S_ISDIR(st->st_mode)) return PyObject_SetAttr(inode, S_used, Py_True) < 0 ? -2 : 1;
+        if (st->st_nlink > 0 || S_ISDIR(st->st_mode)) {
+            ino->used = 1;
+            return 1;
+        }
         if (store_call(store, S_drop_cached_fd, inode, -1) < 0) return -2;
     }
     int rc = open_from_handle(store, inode, &p, err);
@@ -458,6 +638,9 @@ static int inode_stat(PyObject *store, PyObject *inode, struct stat *st, int *er
 }
 
 /* ------------------------------------------------------------------ ops */
+static PyObject *getattr_of(FastPath *self, const struct fuse_in_header *h, const struct fuse_getattr_in *gp,
+                            PyObject *store, PyObject *inode);
+
 static PyObject *op_getattr(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
                             PyObject *store) {
     if (blen != sizeof(struct fuse_getattr_in)) return fallback(self);
@@ -468,6 +651,16 @@ static PyObject *op_getattr(FastPath *self, const struct fuse_in_header *h, cons
     PyObject *inode = inode_of(by_id, h->nodeid);
     Py_DECREF(by_id);
     if (inode == NULL) return PyErr_Occurred() ? NULL : fallback(self); /* Python answers EBADF */
+    Py_INCREF(inode); /* a FORGET on another thread may drop it while the GIL is let go */
+    PyObject *r = getattr_of(self, h, &g, store, inode);
+    Py_DECREF(inode);
+    return r;
+}
+
+/* op_getattr for a known inode (held by the caller). */
+static PyObject *getattr_of(FastPath *self, const struct fuse_in_header *h, const struct fuse_getattr_in *gp,
+                            PyObject *store, PyObject *inode) {
+    struct fuse_getattr_in g = *gp;
     double timeout;
     if (fs_timeout(self, &timeout) < 0) return NULL;
     struct stat st;
@@ -550,23 +743,17 @@ static int under_lock(PyObject *store, int (*call)(void *), void *arg) {
 
 typedef struct {
     PyObject *by_id, *by_key, *key, *inode;
-    long long nodeid;
     int current;
 } Account;
 
 /* find_known's locked part: one more lookup of the inode, if it is still the one held for its key and id. */
 static int account_lookup(void *arg) {
     Account *a = arg;
-    long long nlookup;
-    PyObject *v = NULL;
-    a->current = PyDict_GetItemWithError(a->by_key, a->key) == a->inode && get_long(a->inode, S_nodeid, &a->nodeid) == 0
-                 && inode_of(a->by_id, (uint64_t)a->nodeid) == a->inode;
+    a->current = PyDict_GetItemWithError(a->by_key, a->key) == a->inode
+                 && inode_of(a->by_id, INODE(a->inode)->nodeid) == a->inode;
     if (PyErr_Occurred()) return -1;
-    if (!a->current) return 0;
-    int rc = (get_long(a->inode, S_nlookup, &nlookup) < 0 || (v = PyLong_FromLongLong(nlookup + 1)) == NULL
-              || PyObject_SetAttr(a->inode, S_nlookup, v) < 0) ? -1 : 0;
-    Py_XDECREF(v);
-    return rc;
+    if (a->current) INODE(a->inode)->nlookup++;
+    return 0;
 }
 
 static int statx_at(PathFd *p, const char *name, int flags, struct statx *sx) {
@@ -587,9 +774,8 @@ static int statx_at(PathFd *p, const char *name, int flags, struct statx *sx) {
  * its st_ino; any other handle-held one must match its handle); 0: not known (find_known's None); -1: a
  * Python error. */
 static int same_inode(PathFd *p, const char *name, PyObject *inode) {
-    long long ifd, cached;
-    if (get_long(inode, S_fd, &ifd) < 0 || get_long(inode, S_cached_fd, &cached) < 0) return -1;
-    if (ifd >= 0 || cached >= 0) return 1; /* pinned: cached now, so alive at the statx (find_known) */
+    InodeObject *ino = INODE(inode);
+    if (ino->fd >= 0 || ino->cached_fd >= 0) return 1; /* pinned: cached now, so alive at the statx (find_known) */
     union {
         struct file_handle fh;
         unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
@@ -604,13 +790,8 @@ static int same_inode(PathFd *p, const char *name, PyObject *inode) {
         Py_END_ALLOW_THREADS
     }
     if (rc != 0) return 0;
-    PyObject *held = PyObject_GetAttr(inode, S_handle);
-    if (held == NULL) return -1;
     size_t hlen = sizeof(struct file_handle) + hb.fh.handle_bytes;
-    int same = PyBytes_Check(held) && (size_t)PyBytes_GET_SIZE(held) == hlen
-               && memcmp(PyBytes_AS_STRING(held), hb.raw, hlen) == 0;
-    Py_DECREF(held);
-    return same;
+    return ino->handle_len == hlen && memcmp(ino->handle.raw, hb.raw, hlen) == 0;
 }
 
 /* The OSError being raised becomes an errno to answer (as _serve answers it): 1 and *err set, the error
@@ -669,10 +850,15 @@ static PyObject *find_or_add(FastPath *self, PyObject *store, int fd, const stru
 
 typedef struct {
     Tables t;
-    PyObject *store, *key, *parent, *handle, *mount, *inode;
+    PyObject *store, *key, *parent, *mount, *inode;
     const struct statx *sx;
     int fd, owned, mount_id, kept, python;
     long long evicted;
+    unsigned int handle_len; /* 0: no handle (handles off) */
+    union {
+        struct file_handle fh;
+        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
+    } handle;
 } Adding;
 
 /* One more lookup of the inode held for a.key, if it is the one behind the fd: pinned (its O_PATH fd, or a
@@ -680,27 +866,21 @@ typedef struct {
  * (handles off: nothing to compare) (InodeStore._find_or_add's checks).  a->inode set (a new reference) when
  * it was; 0, or -1 with a Python error. */
 static int account_known(Adding *a, int by_handle) {
-    PyObject *ino = PyDict_GetItemWithError(a->t.by_key, a->key);
-    if (ino == NULL) return PyErr_Occurred() ? -1 : 0;
-    long long fd, cached, nlookup;
-    int same;
-    if (get_long(ino, S_fd, &fd) < 0) return -1;
-    if (fd >= 0 || by_handle == 2) {
-        same = 1;
-    } else if (!by_handle) {
-        if (get_long(ino, S_cached_fd, &cached) < 0) return -1;
-        same = cached >= 0;
-    } else {
-        PyObject *held = PyObject_GetAttr(ino, S_handle);
-        if (held == NULL) return -1;
-        same = PyObject_RichCompareBool(held, a->handle, Py_EQ);
-        Py_DECREF(held);
-        if (same < 0) return -1;
+    PyObject *held = PyDict_GetItemWithError(a->t.by_key, a->key);
+    if (held == NULL) return PyErr_Occurred() ? -1 : 0;
+    if (!IS_INODE(held)) {
+        PyErr_SetString(PyExc_TypeError, "the inode store holds an inode that is not a _fast.Inode");
+        return -1;
     }
+    InodeObject *ino = INODE(held);
+    int same;
+    if (ino->fd >= 0 || by_handle == 2) same = 1;
+    else if (!by_handle) same = ino->cached_fd >= 0;
+    else same = ino->handle_len == a->handle_len && memcmp(ino->handle.raw, a->handle.raw, a->handle_len) == 0;
     if (!same) return 0;
-    if (get_long(ino, S_nlookup, &nlookup) < 0 || set_long(ino, S_nlookup, nlookup + 1) < 0) return -1;
-    Py_INCREF(ino);
-    a->inode = ino;
+    ino->nlookup++;
+    Py_INCREF(held);
+    a->inode = held;
     return 0;
 }
 
@@ -744,7 +924,7 @@ static int add_locked(void *arg) {
     Adding *a = arg;
     if (account_known(a, 1) < 0 || a->inode != NULL) return a->inode != NULL ? 0 : -1;
     int keep = -1;
-    if (a->handle != Py_None) {
+    if (a->handle_len) {
         PyObject *mid = PyLong_FromLong(a->mount_id);
         if (mid == NULL) return -1;
         a->mount = PyDict_GetItemWithError(a->t.mounts, mid);
@@ -760,32 +940,26 @@ static int add_locked(void *arg) {
     }
     Py_INCREF(a->mount);
     long long generation, next, refs, max;
-    PyObject *pmnt = PyObject_GetAttr(a->parent, S_mnt_id);
-    if (pmnt == NULL) return -1;
-    int rc = get_long(a->store, S_generation_, &generation) < 0 || set_long(a->store, S_generation_, generation + 1) < 0
-             || get_long(a->store, S_next_id, &next) < 0 ? -1 : 0;
-    if (rc == 0) {
-        const struct statx *sx = a->sx;
-        a->inode = PyObject_CallFunction(
-            (PyObject *)Py_TYPE(a->parent), "LLKKKKiOOiO", next, generation + 1,
-            (unsigned long long)makedev(sx->stx_dev_major, sx->stx_dev_minor), (unsigned long long)sx->stx_ino,
-            (unsigned long long)((sx->stx_mask & STATX_MNT_ID) ? sx->stx_mnt_id : 0), (unsigned long long)sx->stx_mode,
-            keep, a->handle, a->mount, 1, pmnt);
-        if (a->inode == NULL
-            || (a->mount != Py_None && (get_long(a->mount, S_refs, &refs) < 0 || set_long(a->mount, S_refs, refs + 1) < 0))
-            || set_long(a->store, S_next_id, next + 1) < 0)
-            rc = -1;
-    }
-    Py_DECREF(pmnt);
-    PyObject *nodeid = rc == 0 ? PyLong_FromLongLong(next) : NULL;
+    if (get_long(a->store, S_generation_, &generation) < 0 || set_long(a->store, S_generation_, generation + 1) < 0
+        || get_long(a->store, S_next_id, &next) < 0)
+        return -1;
+    a->inode = inode_make((unsigned long long)next, (unsigned long long)generation + 1, a->sx, keep, a->handle.raw,
+                          a->handle_len, a->mount, INODE(a->parent)->mnt_id);
+    if (a->inode == NULL
+        || (a->mount != Py_None && (get_long(a->mount, S_refs, &refs) < 0 || set_long(a->mount, S_refs, refs + 1) < 0))
+        || set_long(a->store, S_next_id, next + 1) < 0)
+        return -1;
+    PyObject *nodeid = PyLong_FromLongLong(next);
+    int rc = 0;
     if (nodeid == NULL || PyDict_SetItem(a->t.by_id, nodeid, a->inode) < 0
         || PyDict_SetItem(a->t.by_key, a->key, a->inode) < 0)
         rc = -1;
     if (rc == 0 && keep >= 0) a->kept = keep == a->fd; /* an owned fd the new inode holds */
     if (rc == 0 && a->owned && keep < 0) { /* handle-held: _cache_locked(new, fd) */
         a->kept = 1;
-        if (set_long(a->inode, S_cached_fd, a->fd) < 0 || PyObject_SetAttr(a->inode, S_used, Py_False) < 0
-            || PyObject_SetItem(a->t.cached, nodeid, a->inode) < 0 || get_long(a->store, S_fd_cache_max, &max) < 0) {
+        INODE(a->inode)->cached_fd = a->fd;
+        INODE(a->inode)->used = 0;
+        if (PyObject_SetItem(a->t.cached, nodeid, a->inode) < 0 || get_long(a->store, S_fd_cache_max, &max) < 0) {
             rc = -1;
         } else if (PyObject_Length(a->t.cached) > max) {
             PyObject *ev = PyObject_CallMethodNoArgs(a->store, S_evict_locked);
@@ -826,23 +1000,16 @@ static PyObject *store_add(FastPath *self, PyObject *store, int fd, const struct
     if (held == NULL && PyErr_Occurred()) goto error;
     if (held != NULL && under_lock(store, never ? account_any : account_pinned, &a) < 0) goto error;
     if (a.inode == NULL && never) {
-        Py_INCREF(Py_None);
-        a.handle = Py_None;
         if (under_lock(store, add_locked, &a) < 0) goto error;
     } else if (a.inode == NULL) {
-        union {
-            struct file_handle fh;
-            unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
-        } hb;
         int rc;
-        hb.fh.handle_bytes = MAX_HANDLE_SZ_;
+        a.handle.fh.handle_bytes = MAX_HANDLE_SZ_;
         Py_BEGIN_ALLOW_THREADS
-        rc = name_to_handle_at(fd, "", &hb.fh, &a.mount_id, AT_EMPTY_PATH);
+        rc = name_to_handle_at(fd, "", &a.handle.fh, &a.mount_id, AT_EMPTY_PATH);
         Py_END_ALLOW_THREADS
         if (rc != 0) goto python; /* counted, logged or refused there */
-        a.handle = PyBytes_FromStringAndSize((const char *)hb.raw,
-                                             (Py_ssize_t)(sizeof(struct file_handle) + hb.fh.handle_bytes));
-        if (a.handle == NULL || under_lock(store, add_locked, &a) < 0) goto error;
+        a.handle_len = (unsigned int)(sizeof(struct file_handle) + a.handle.fh.handle_bytes);
+        if (under_lock(store, add_locked, &a) < 0) goto error;
         if (a.python) goto python;
     }
     if (owned && !a.kept) close(fd);
@@ -851,6 +1018,10 @@ static PyObject *store_add(FastPath *self, PyObject *store, int fd, const struct
 python:
     Py_CLEAR(a.inode);
     a.inode = find_or_add(self, store, fd, sx, parent, owned ? NULL : self->not_owned, err);
+    if (a.inode != NULL && !IS_INODE(a.inode)) {
+        Py_CLEAR(a.inode);
+        PyErr_SetString(PyExc_TypeError, "InodeStore.find_or_add made an inode that is not a _fast.Inode");
+    }
     goto out;
 error:
     Py_CLEAR(a.inode);
@@ -858,7 +1029,6 @@ error:
     take_oserror(err);
 out:
     Py_XDECREF(a.key);
-    Py_XDECREF(a.handle);
     Py_XDECREF(a.mount);
     tables_done(&a.t);
     return a.inode;
@@ -898,11 +1068,8 @@ static PyObject *adopt(FastPath *self, PyObject *store, PathFd *p, const char *n
  * or st_dev than its parent (generation 0 there where the filesystem says so).  0, or -1 with a Python error. */
 static int entry_out(FastPath *self, PyObject *inode, PyObject *parent, const struct statx *sx,
                      struct fuse_entry_out *eo) {
-    long long nodeid, generation, i_mnt, i_dev, p_mnt, p_dev;
-    if (get_long(inode, S_nodeid, &nodeid) < 0 || get_long(inode, S_generation, &generation) < 0
-        || get_long(inode, S_mnt_id, &i_mnt) < 0 || get_long(inode, S_dev, &i_dev) < 0
-        || get_long(parent, S_mnt_id, &p_mnt) < 0 || get_long(parent, S_dev, &p_dev) < 0)
-        return -1;
+    InodeObject *i = INODE(inode), *p = INODE(parent);
+    unsigned long long generation = i->generation;
     PyObject *sub = PyObject_GetAttr(self->fs, S_submounts);
     if (sub == NULL) return -1;
     int submounts = PyObject_IsTrue(sub);
@@ -910,7 +1077,7 @@ static int entry_out(FastPath *self, PyObject *inode, PyObject *parent, const st
     double timeout;
     if (submounts < 0 || fs_timeout(self, &timeout) < 0) return -1;
     uint32_t flags = 0;
-    if (submounts && S_ISDIR(sx->stx_mode) && (i_mnt != p_mnt || i_dev != p_dev)) {
+    if (submounts && S_ISDIR(sx->stx_mode) && (i->mnt_id != p->mnt_id || i->dev != p->dev)) {
         flags = self->attr_submount;
         PyObject *zero = PyObject_GetAttr(self->fs, S_zero_gen);
         int z = zero != NULL ? PyObject_IsTrue(zero) : -1;
@@ -919,8 +1086,8 @@ static int entry_out(FastPath *self, PyObject *inode, PyObject *parent, const st
         if (z) generation = 0;
     }
     memset(eo, 0, sizeof *eo);
-    eo->nodeid = (uint64_t)nodeid;
-    eo->generation = (uint64_t)generation;
+    eo->nodeid = i->nodeid;
+    eo->generation = generation;
     split_timeout(timeout, &eo->entry_valid, &eo->entry_valid_nsec);
     split_timeout(timeout, &eo->attr_valid, &eo->attr_valid_nsec);
     attr_from_statx(&eo->attr, sx, flags);
@@ -958,7 +1125,7 @@ static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const
         name = ".";
         dotdot = 0;
     }
-    Account a = {NULL, NULL, NULL, NULL, 0, 0};
+    Account a = {NULL, NULL, NULL, NULL, 0};
     PyObject *result = NULL, *parent = NULL;
     a.by_id = PyObject_GetAttr(store, S_by_id);
     if (a.by_id == NULL) return NULL;
@@ -989,6 +1156,12 @@ static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const
     a.inode = PyDict_GetItemWithError(a.by_key, a.key);
     if (a.inode == NULL && PyErr_Occurred()) {
         path_fd_done(&p);
+        goto out;
+    }
+    if (a.inode != NULL && !IS_INODE(a.inode)) { /* not one of ours: Python's (nothing changed) */
+        a.inode = NULL;
+        path_fd_done(&p);
+        result = fallback(self);
         goto out;
     }
     Py_XINCREF(a.inode);
@@ -1306,35 +1479,36 @@ static PyObject *op_open(FastPath *self, const struct fuse_in_header *h, const c
     flags &= ~(unsigned int)(O_CREAT | O_EXCL | O_NOFOLLOW | O_NOCTTY);
     PyObject *inode = inode_ref(store, h->nodeid);
     if (inode == NULL) return PyErr_Occurred() ? NULL : fallback(self);
-    PyObject *result = NULL, *handle = NULL, *mount = NULL, *proc = NULL;
-    long long mode, ifd, mfd = -1;
-    if (get_long(inode, S_mode, &mode) < 0 || get_long(inode, S_fd, &ifd) < 0) goto out;
-    if (is_dir ? !S_ISDIR(mode) : !S_ISREG(mode)) {
+    PyObject *result = NULL, *proc = NULL;
+    InodeObject *ino = INODE(inode);
+    long long mfd = -1;
+    int ifd = ino->fd;
+    if (is_dir ? !S_ISDIR(ino->mode) : !S_ISREG(ino->mode)) {
         result = fallback(self);
         goto out;
     }
     char path[64];
     struct file_handle *fh = NULL;
+    union {
+        struct file_handle fh;
+        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
+    } hb;
     if (ifd >= 0) {
         proc = PyObject_GetAttr(store, S_proc);
         const char *pre = proc != NULL ? PyUnicode_AsUTF8(proc) : NULL;
         if (pre == NULL) goto out;
-        if ((size_t)snprintf(path, sizeof path, "%sself/fd/%lld", pre, ifd) >= sizeof path) {
+        if ((size_t)snprintf(path, sizeof path, "%sself/fd/%d", pre, ifd) >= sizeof path) {
             result = fallback(self);
             goto out;
         }
     } else {
-        handle = PyObject_GetAttr(inode, S_handle);
-        mount = handle != NULL ? PyObject_GetAttr(inode, S_mount) : NULL;
-        if (mount == NULL || (mount != Py_None && get_long(mount, S_fd, &mfd) < 0)) goto out;
-        if (!PyBytes_Check(handle) || mount == Py_None
-            || (size_t)PyBytes_GET_SIZE(handle) < sizeof(struct file_handle)
-            || ((struct file_handle *)PyBytes_AS_STRING(handle))->handle_bytes
-                   > (size_t)PyBytes_GET_SIZE(handle) - sizeof(struct file_handle)) {
+        if (!ino->handle_len || ino->mount == Py_None) {
             result = fallback(self);
             goto out;
         }
-        fh = (struct file_handle *)PyBytes_AS_STRING(handle);
+        if (get_long(ino->mount, S_fd, &mfd) < 0) goto out;
+        memcpy(hb.raw, ino->handle.raw, ino->handle_len); /* the inode holds no lock against a FORGET */
+        fh = &hb.fh;
     }
     int fd, e = 0, again = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -1356,8 +1530,6 @@ static PyObject *op_open(FastPath *self, const struct fuse_in_header *h, const c
     else result = open_reply(self, h, fd, inode, is_dir, NULL);
 out:
     Py_XDECREF(proc);
-    Py_XDECREF(handle);
-    Py_XDECREF(mount);
     Py_DECREF(inode);
     return result;
 }
@@ -1724,27 +1896,28 @@ static PyObject *op_statfs(FastPath *self, const struct fuse_in_header *h, size_
  * cached fd (unless an op has it lent: the last one closes it) and its mount's reference go.  0, or -1 with the
  * Python error _drop would raise at the same step. */
 static int drop_locked(Tables *t, PyObject *inode) {
-    long long fd, cached, lent, refs, mfd;
-    PyObject *nodeid = PyObject_GetAttr(inode, S_nodeid);
+    InodeObject *ino = INODE(inode);
+    long long refs, mfd;
+    PyObject *nodeid = PyLong_FromUnsignedLongLong(ino->nodeid);
     if (nodeid == NULL) return -1;
     int rc = -1;
-    PyObject *dev = NULL, *ino = NULL, *mnt = NULL, *key = NULL, *mount = NULL;
+    PyObject *key = NULL, *mount = NULL;
     if (PyObject_DelItem(t->by_id, nodeid) < 0) goto out;
-    if ((dev = PyObject_GetAttr(inode, S_dev)) == NULL || (ino = PyObject_GetAttr(inode, S_ino)) == NULL
-        || (mnt = PyObject_GetAttr(inode, S_mnt_id)) == NULL || (key = PyTuple_Pack(3, dev, ino, mnt)) == NULL)
-        goto out;
+    if ((key = Py_BuildValue("(KKK)", ino->dev, ino->ino, ino->mnt_id)) == NULL) goto out;
     PyObject *held = PyDict_GetItemWithError(t->by_key, key);
     if (held == NULL && PyErr_Occurred()) goto out;
     if (held == inode && PyDict_DelItem(t->by_key, key) < 0) goto out;
-    if (get_long(inode, S_fd, &fd) < 0) goto out;
-    if (fd >= 0 && (close_or_raise(fd) < 0 || set_long(inode, S_fd, -1) < 0)) goto out;
-    if (get_long(inode, S_cached_fd, &cached) < 0) goto out;
-    if (cached >= 0) {
-        if (PyObject_DelItem(t->cached, nodeid) < 0 || get_long(inode, S_lent, &lent) < 0) goto out;
-        if (lent == 0 && close_or_raise(cached) < 0) goto out;
-        if (set_long(inode, S_cached_fd, -1) < 0) goto out;
+    if (ino->fd >= 0) {
+        if (close_or_raise(ino->fd) < 0) goto out;
+        ino->fd = -1;
     }
-    if ((mount = PyObject_GetAttr(inode, S_mount)) == NULL) goto out;
+    if (ino->cached_fd >= 0) {
+        if (PyObject_DelItem(t->cached, nodeid) < 0) goto out;
+        if (ino->lent == 0 && close_or_raise(ino->cached_fd) < 0) goto out;
+        ino->cached_fd = -1;
+    }
+    mount = ino->mount;
+    Py_INCREF(mount);
     if (mount != Py_None) {
         if (get_long(mount, S_refs, &refs) < 0 || set_long(mount, S_refs, refs - 1) < 0) goto out;
         if (refs - 1 <= 0) {
@@ -1758,9 +1931,6 @@ static int drop_locked(Tables *t, PyObject *inode) {
 out:
     Py_XDECREF(mount);
     Py_XDECREF(key);
-    Py_XDECREF(mnt);
-    Py_XDECREF(ino);
-    Py_XDECREF(dev);
     Py_DECREF(nodeid);
     return rc;
 }
@@ -1771,15 +1941,12 @@ out:
 static int forget_locked(Tables *t, uint64_t nodeid, uint64_t n) {
     PyObject *inode = inode_of(t->by_id, nodeid);
     if (inode == NULL) return PyErr_Occurred() ? -1 : 0;
-    long long nlookup;
+    InodeObject *ino = INODE(inode);
+    if (ino->nlookup < 0 || n > (unsigned long long)ino->nlookup) return 0;
     Py_INCREF(inode);
-    int rc = get_long(inode, S_nlookup, &nlookup) < 0 ? -1 : 1;
-    if (rc == 1 && (nlookup < 0 || n > (unsigned long long)nlookup)) {
-        rc = 0;
-    } else if (rc == 1) {
-        nlookup -= (long long)n;
-        if (set_long(inode, S_nlookup, nlookup) < 0 || (nlookup == 0 && drop_locked(t, inode) < 0)) rc = -1;
-    }
+    int rc = 1;
+    ino->nlookup -= (long long)n;
+    if (ino->nlookup == 0 && drop_locked(t, inode) < 0) rc = -1;
     Py_DECREF(inode);
     return rc;
 }
@@ -2156,7 +2323,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_next_id, "_next_id");
     INTERN(S_fd_cache_max, "fd_cache_max");
     INTERN(S_evict_locked, "_evict_locked");
-    if (PyType_Ready(&FastPathType) < 0) return NULL;
+    if (PyType_Ready(&FastPathType) < 0 || PyType_Ready(&InodeType) < 0) return NULL;
     /* FastPath.answerer: the C entry for the ring engine (ring_answer.h) */
     PyObject *cap = PyCapsule_New(&fast_answerer, RC_ANSWERER_CAPSULE, NULL);
     if (cap == NULL) return NULL;
@@ -2169,6 +2336,23 @@ PyMODINIT_FUNC PyInit__fast(void) {
     Py_INCREF(&FastPathType);
     if (PyModule_AddObject(m, "FastPath", (PyObject *)&FastPathType) < 0) {
         Py_DECREF(&FastPathType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&InodeType);
+    if (PyModule_AddObject(m, "Inode", (PyObject *)&InodeType) < 0) {
+        Py_DECREF(&InodeType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *fields = PyTuple_New(sizeof inode_kw / sizeof inode_kw[0] - 1);
+    for (Py_ssize_t i = 0; fields != NULL && inode_kw[i] != NULL; i++) {
+        PyObject *name = PyUnicode_FromString(inode_kw[i]);
+        if (name == NULL) Py_CLEAR(fields);
+        else PyTuple_SET_ITEM(fields, i, name);
+    }
+    if (fields == NULL || PyModule_AddObject(m, "INODE_FIELDS", fields) < 0) { /* Inode's constructor order */
+        Py_XDECREF(fields);
         Py_DECREF(m);
         return NULL;
     }

@@ -173,7 +173,9 @@ class PassthroughFS(FileSystem):
         if not os.path.isdir(opts.shared_dir):
             raise OSError(errno.ENOTDIR, f"shared dir {opts.shared_dir} is not a directory")
         self.opts = opts
-        self.store = InodeStore(HandleMode(opts.inode_file_handles))
+        # The C fast path's own Inode object where it is on (its twin, the dataclass, where it is not).
+        native = _fast_module()
+        self.store = InodeStore(HandleMode(opts.inode_file_handles), inode_type=Inode if native is None else native.Inode)
         self.root = self.store.add_root(opts.shared_dir)
         timeout, self._fopen_file, self._fopen_dir = CACHE_POLICY[CacheMode(opts.cache)]
         self.timeout = timeout
@@ -200,7 +202,7 @@ class PassthroughFS(FileSystem):
         """
         mode = self.store.mode
         self.store.close()
-        self.store = InodeStore(mode)
+        self.store = InodeStore(mode, inode_type=self.store.inode_type)
         self.store.proc = proc
         self.root = self.store.add_root(path)
 
@@ -262,6 +264,9 @@ class PassthroughFS(FileSystem):
         missing extension) leaves every request to the methods here, its twin."""
         native = _fast_module()
         if native is None:
+            return None
+        if self.store.inode_type is not native.Inode:  # the C reads its own Inode's fields, no other
+            log.info("no C fast path: the inode store holds %s", self.store.inode_type.__name__)
             return None
         changed = [m for m in _FAST_METHODS if getattr(type(self), m) is not getattr(PassthroughFS, m)
                    and getattr(type(self), m) not in _FAST_TWINS]
@@ -812,9 +817,6 @@ _FAST_SIZES = {"SIZE_IN_HEADER": "fuse_in_header", "SIZE_ENTRY_OUT": "fuse_entry
                "SIZE_GETATTR_IN": "fuse_getattr_in", "SIZE_CREATE_IN": "fuse_create_in", "SIZE_OPEN_IN": "fuse_open_in",
                "SIZE_OPEN_OUT": "fuse_open_out", "SIZE_READ_IN": "fuse_read_in", "SIZE_WRITE_IN": "fuse_write_in",
                "SIZE_WRITE_OUT": "fuse_write_out"}
-# The fields the C gives a new Inode, by position (_fastmodule.c add_locked).
-_FAST_INODE_FIELDS = ("nodeid", "generation", "dev", "ino", "mnt_id", "mode", "fd", "handle", "mount", "nlookup",
-                      "parent_mnt_id")
 _fast_loaded: list[Any] = []
 # What the fast path answers in C (with the attributes it reads: store, _handles, _next_fh, _lock, _lock_fds,
 # backing, passthrough, timeout, submounts, zero_submount_generation, writeback, _fopen_file, _fopen_dir,
@@ -855,9 +857,9 @@ def _fast_module() -> Any:
                 log.warning("the C fast path was built against other layouts of %s than the spec's: off",
                             ", ".join(wrong))
                 _fast = None
-            elif tuple(f.name for f in dataclasses.fields(Inode))[:len(_FAST_INODE_FIELDS)] != _FAST_INODE_FIELDS:
-                log.warning("the C fast path makes an Inode from %s in that order, which Inode no longer has: off",
-                            ", ".join(_FAST_INODE_FIELDS))
+            elif _fast.INODE_FIELDS != tuple(f.name for f in dataclasses.fields(Inode)):
+                log.warning("the C fast path's Inode has the fields %s, its twin inodes.Inode has others: off",
+                            ", ".join(_fast.INODE_FIELDS))
                 _fast = None
         _fast_loaded.append(_fast)
     return _fast_loaded[0]

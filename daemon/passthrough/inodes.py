@@ -105,6 +105,10 @@ class MountFd:
 
 @dataclass(eq=False, slots=True)
 class Inode:
+    """One host inode the store holds.  Its C twin, _fast.Inode (the same fields in the same order, checked at
+    load), is what a store served by the C fast path holds: the C makes a new one and reads and changes its
+    fields without the interpreter."""
+
     nodeid: int
     generation: int
     dev: int
@@ -164,8 +168,11 @@ class PathFd:
 class InodeStore:
     """Thread-safe nodeid table with nlookup refcounting."""
 
-    def __init__(self, mode: HandleMode, fd_cache_max: int | None = None) -> None:
+    def __init__(self, mode: HandleMode, fd_cache_max: int | None = None, inode_type: type[Inode] = Inode) -> None:
         self.mode = mode
+        # What holds each inode: this module's Inode, or its C twin (_fast.Inode, the same fields) where the C
+        # fast path serves the store: it reads that one's fields directly.
+        self.inode_type = inode_type
         self.fd_cache_max = fd_cache_bound() if fd_cache_max is None else fd_cache_max
         reserve_fd_table(self.fd_cache_max + FD_TABLE_HEADROOM)
         self._lock = threading.Lock()
@@ -197,7 +204,7 @@ class InodeStore:
                 raise OSError(e.errno, f"--inode-file-handles=mandatory: file handles do not work for {path}: "
                                        f"{e.strerror} (needs a filesystem that supports them and "
                                        "CAP_DAC_READ_SEARCH)") from None
-        root = Inode(ROOT_ID, 0, st.st_dev, st.st_ino, st.mnt_id, st.st_mode, fd=fd, nlookup=1, parent_mnt_id=st.mnt_id)
+        root = self.inode_type(ROOT_ID, 0, st.st_dev, st.st_ino, st.mnt_id, st.st_mode, fd=fd, nlookup=1, parent_mnt_id=st.mnt_id)
         if self.mode is not HandleMode.NEVER:
             try:
                 h, mnt_id = sc.name_to_handle_at(fd)
@@ -447,7 +454,7 @@ class InodeStore:
             if handle is None:
                 keep_fd = fd if owned else os.open(f"{self.proc}self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
             self._generation += 1
-            new = Inode(self._next_id, self._generation, st.st_dev, st.st_ino, st.mnt_id, st.st_mode, fd=keep_fd,
+            new = self.inode_type(self._next_id, self._generation, st.st_dev, st.st_ino, st.mnt_id, st.st_mode, fd=keep_fd,
                         handle=handle, mount=mount, nlookup=1, parent_mnt_id=parent.mnt_id)
             if mount is not None:
                 mount.refs += 1
