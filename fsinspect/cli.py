@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import UserError
+from .workdir import Stopped
 
 __all__ = ["UserError", "build_parser", "main"]
 
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.status
     except KeyboardInterrupt:
         return 130
+    except Stopped as e:  # cleaned up after: now end by the signal, as its default action would have
+        e.die()
+        return 128 + e.signum
     except BrokenPipeError:
         return 0
     return int(rc or 0)

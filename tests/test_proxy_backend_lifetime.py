@@ -17,6 +17,8 @@ import pytest
 
 from fsinspect.guest.launcher import short_tmpdir, stop_process
 from fsinspect.proxy.server import Cancelled, Proxy, ProxyConfig
+from fsinspect.workdir import sweep
+from tests.test_workdir_cleanup import owned_workdir
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
@@ -53,12 +55,14 @@ def test_backend_cmd_dies_with_a_sigkilled_proxy() -> None:
                 time.sleep(0.02)
             children = _group_alive(p.pid, but=p.pid)
             assert "virtiofsd" in children.values(), children
+            workdir = owned_workdir(p.pid, "fsi-proxy-")
             os.kill(p.pid, signal.SIGKILL)
             p.wait(10)
             t0 = time.monotonic()
             while (left := _group_alive(p.pid, but=p.pid)) and time.monotonic() - t0 < 2.0:
                 time.sleep(0.02)
             assert not left, f"still running 2 s after the proxy was SIGKILLed: {left}"
+            assert workdir is not None and workdir in sweep(), "the killed proxy's work dir is not the next run's"
         finally:
             stop_process(p)  # the group: whatever a failed run left behind
 
@@ -110,10 +114,12 @@ def test_rerun_backend_cmd_dies_with_a_sigkilled_rerun() -> None:
                 time.sleep(0.05)
                 kids = _children(p.pid)
             time.sleep(0.5)  # connected and waiting
+            workdir = owned_workdir(p.pid, "fsi-rerun-")
             os.kill(p.pid, signal.SIGKILL)
             p.wait(10)
             left = _still_running(kids, 2.0)
             assert not left, f"the rerun's back-end still runs 2 s after the rerun was SIGKILLed: {left}"
+            assert workdir is not None and workdir in sweep(), "the killed rerun's work dir is not the next run's"
         finally:
             stop_process(p)
             for k in kids:  # a failed run: the back-end is ours to clean

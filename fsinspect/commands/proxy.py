@@ -12,20 +12,21 @@ import gc
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import privfile
 from ..errors import UserError
 from ..intercept.cli import add_intercept_options, intercept_from_args
 from ..live.addons import add_debugger
 from ..recording.options import add_record_options, writer_options
+from ..workdir import short_tmpdir, unwind_on
 from ._stuck import add_stuck_option, stuck_ns
+
+if TYPE_CHECKING:
+    from ..intercept.addon import Intercept
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 # Bytes of each chain the native path copies when --snaplen > 0.  Metadata fits (Linux 6.1 asks for
@@ -107,11 +108,6 @@ def _wrapper_backend(args: argparse.Namespace, workdir: str) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dissectors.transport.wire import Cancelled
-
-    from ..proxy.server import ProxyConfig
-    from ..proxy.session import Session, SessionOptions, render_summary, summary_json
-
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES, indent=2))
         return 0
@@ -130,7 +126,20 @@ def run(args: argparse.Namespace) -> int:
     if args.poll_us and ring.BACKEND != "c":
         print("fsinspect: warning: --poll-us needs the C ring engine; the Python twin sleeps between requests",
               file=sys.stderr)
-    workdir = tempfile.mkdtemp(prefix="fsi-proxy-", dir="/tmp")
+    # Until the session's stop takes over below, SIGTERM/SIGHUP unwind start-up (the work dir and the listening
+    # socket go) and end the process by that signal; SIGINT does so as KeyboardInterrupt.
+    unwind_on(signal.SIGTERM, signal.SIGHUP)
+    with short_tmpdir("fsi-proxy-") as work:
+        return _serve(args, record, stuck, intercept, str(work))
+
+
+def _serve(args: argparse.Namespace, record: dict[str, Any], stuck: int, intercept: Intercept | None,
+           workdir: str) -> int:
+    from dissectors.transport.wire import Cancelled
+
+    from ..proxy.server import ProxyConfig
+    from ..proxy.session import Session, SessionOptions, render_summary, summary_json
+
     backend_sock, backend_cmd = args.backend, args.backend_cmd
     if backend_sock is None:
         backend_sock, wrapped = _wrapper_backend(args, workdir)
@@ -138,11 +147,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ProxyConfig(backend=backend_sock, backend_cmd=backend_cmd,
                       lossless=args.lossless, snaplen=0 if args.snaplen == 0 else CAPTURE_SNAPLEN,
                       spin_us=args.poll_us)
-    try:
-        listener = _listener(args)
-    except UserError:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
+    listener = _listener(args)
     try:
         session = Session(cfg, SessionOptions(record=args.record, control=args.control, snaplen=record["snaplen"],
                                               rotate_mb=record["rotate_mb"], rotate_keep=record["rotate_keep"],
@@ -151,11 +156,13 @@ def run(args: argparse.Namespace) -> int:
                                               accept_clients=False))
     except OSError as e:
         _close_listener(args, listener)
-        shutil.rmtree(workdir, ignore_errors=True)
         raise UserError(f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e)) from None
-    # SIGTERM (a service manager) and SIGINT end the run in every state, within a second: the proxy's
-    # waits all watch its stop fd (see Proxy.stop).
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    except BaseException:  # a stop signal
+        _close_listener(args, listener)
+        raise
+    # SIGTERM (a service manager), SIGHUP (its terminal gone) and SIGINT end the run in every state, within a
+    # second: the proxy's waits all watch its stop fd (see Proxy.stop).
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda *_: session.proxy.stop())
     if intercept is not None:
         add_debugger(session.pipeline, intercept, session, exchange_of=session.exchange_of,
@@ -192,9 +199,6 @@ def run(args: argparse.Namespace) -> int:
         _close_listener(args, listener)
         session.proxy.shutdown()  # idempotent: after serve() it has nothing left to do
         session.close()
-        for f in Path(workdir).iterdir():
-            f.unlink(missing_ok=True)
-        os.rmdir(workdir)
     if s is None:
         s = session.summary()
     if args.summary_json:

@@ -26,6 +26,7 @@ from ..rerun import report
 from ..rerun.front import Front, FrontError, connect_backend
 from ..rerun.plan import Plan, PlanError, load
 from ..rerun.runner import Rerun, RerunError
+from ..workdir import short_tmpdir, unwind_on
 
 EPILOG = """\
 The share: a rerun needs the share as it was when the recording started.  --prepare-share DIR rebuilds
@@ -152,8 +153,7 @@ def backend(args: argparse.Namespace, workdir: Path) -> Iterator[Backend]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..guest.launcher import short_tmpdir
-
+    unwind_on(signal.SIGTERM, signal.SIGHUP)  # the back-end is stopped and the work dir goes (SIGINT: likewise)
     try:
         plan = load(args.file, allow_truncated=args.allow_truncated, allow_snapped=args.allow_snapped)
     except PlanError as e:

@@ -18,7 +18,6 @@ import selectors
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -28,6 +27,7 @@ from typing import IO, Any, Protocol
 
 from .. import privfile
 from ..children import die_with_parent
+from ..workdir import short_tmpdir, virtiofsd_pidfile
 from .build import GuestImage
 from .console import ConsoleParser, Event, GuestResult
 
@@ -316,11 +316,6 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 3.0, group: bool 
             time.sleep(0.02)
 
 
-def virtiofsd_pidfile(socket_path: Path) -> Path:
-    """The lock file the C virtiofsd leaves behind: /run/virtiofsd/<socket path with / as .>.pid."""
-    return Path("/run/virtiofsd") / (str(socket_path).replace("/", ".") + ".pid")
-
-
 @contextmanager
 def virtiofsd(shared_dir: Path | str, workdir: Path, *, announce_submounts: bool = True,
               cache: str = "auto", xattr: bool = False, extra_args: Sequence[str] = (),
@@ -359,16 +354,6 @@ def socket_backend(socket_path: Path | str, pids: Sequence[int] = ()) -> Backend
     def factory(_workdir: Path) -> Iterator[RunningBackend]:
         yield RunningBackend(Path(socket_path), [PidWatch(p) for p in pids], "external")
     return factory
-
-
-@contextmanager
-def short_tmpdir(prefix: str = "fsi-") -> Iterator[Path]:
-    """A private directory under /tmp for sockets (AF_UNIX paths must stay under 108 bytes)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def run_with_backend(backend: BackendFactory, *, on_backend: Callable[[RunningBackend], None] | None = None,
