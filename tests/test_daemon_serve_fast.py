@@ -15,6 +15,8 @@ import gc
 import os
 import select
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +45,31 @@ def _per_chain(self: VhostUserSession, vr: Any, ep: Any) -> bool:
     return False
 
 
-def batch(fe: Frontend, q: int, reqs: list[tuple[bytes | None, tuple[int, ...]]],
-          timeout: float = 10.0) -> Transcript:
-    """The requests as chains behind one kick (each an INDIRECT table: the request, then writable segments of
-    the given sizes; None: a malformed table); every (index, used.len, reply bytes), in the order used."""
+def batch(fe: Frontend, q: int, reqs: list[tuple[bytes | None, tuple[int, ...]]]
+          | list[tuple[bytes | None, tuple[int, ...], tuple[int, ...]]], timeout: float = 10.0) -> Transcript:
+    """The requests as chains behind one kick (each an INDIRECT table: the request, in readable segments of
+    the sizes given third (one segment when not given), then writable segments of the given sizes; None: a
+    malformed table); every (index, used.len, reply bytes), in the order used."""
     ring = fe.rings[q]
     heads: dict[int, tuple[int, list[tuple[int, int]]]] = {}
-    for i, (raw, wsizes) in enumerate(reqs):
+    for i, (raw, wsizes, *rest) in enumerate(reqs):
         head = (ring.avail_idx + i) % NUM
         segs = [(fe.alloc(n), n) for n in wsizes]
         if raw is None:
             table = fe.alloc(20)
             ring.set_desc(head, table, 20, F_INDIRECT)  # not a multiple of 16: RingError("indirect_len")
         else:
-            req = fe.alloc(len(raw))
-            fe.gpa_view(req, len(raw))[:] = raw
-            descs = [(req, len(raw), 1 if segs else 0, 1)]
-            descs += [(g, n, F_WRITE | (1 if k + 1 < len(segs) else 0), k + 2) for k, (g, n) in enumerate(segs)]
+            rsizes = rest[0] if rest else (len(raw),)
+            assert sum(rsizes) == len(raw)
+            descs, at = [], 0
+            for n in rsizes:
+                g = fe.alloc(n)
+                fe.gpa_view(g, n)[:] = raw[at:at + n]
+                at += n
+                descs.append((g, n, 1, len(descs) + 1))
+            descs[-1] = (*descs[-1][:2], 1 if segs else 0, len(descs))
+            descs += [(g, n, F_WRITE | (1 if k + 1 < len(segs) else 0), len(descs) + k + 1)
+                      for k, (g, n) in enumerate(segs)]
             table = fe.alloc(16 * len(descs))
             fe.gpa_view(table, 16 * len(descs))[:] = pack_descs(descs)
             ring.set_desc(head, table, 16 * len(descs), F_INDIRECT)
@@ -157,47 +167,57 @@ def share(tmp_path: Path) -> Path:
     return root
 
 
+@contextmanager
+def engine_loop(monkeypatch: pytest.MonkeyPatch, engine: str, loop: str) -> Iterator[tuple[Any, pytest.MonkeyPatch]]:
+    """The daemon on `engine` ("c" or "python") with its queue loop: serve_fast, or the per-chain loop
+    ("chain"); (the engine's module, the patches, to add more to)."""
+    e = ENGINES[engine]
+    if isinstance(e, Exception):
+        pytest.fail(f"the C ring engine did not build/import: {e}")
+    with monkeypatch.context() as m:
+        m.setattr(vu, "MemoryMap", e.MemoryMap)
+        m.setattr(vu, "SplitQueue", e.SplitQueue)
+        if loop == "chain":
+            m.setattr(VhostUserSession, "_drain", _per_chain)
+        yield e, m
+
+
+LOOPS = [(engine, loop) for engine in ("c", "python") for loop in ("fast", "chain")]
+
+
 def test_serve_fast_answers_byte_for_byte_as_the_per_chain_loop(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runs: dict[str, list[Any]] = {}
     calls: dict[str, dict[str, int]] = {}
-    for engine in ("c", "python"):
-        e = ENGINES[engine]
-        if isinstance(e, Exception):
-            pytest.fail(f"the C ring engine did not build/import: {e}")
-        for loop in ("fast", "chain"):
-            tag = f"{engine}-{loop}"
-            with monkeypatch.context() as m:
-                m.setattr(vu, "MemoryMap", e.MemoryMap)
-                m.setattr(vu, "SplitQueue", e.SplitQueue)
-                if loop == "chain":
-                    m.setattr(VhostUserSession, "_drain", _per_chain)
-                seen = {"slow": 0, "chain": 0}
-                slow, per_chain = VhostUserSession._serve_slow, VhostUserSession._serve_chain
+    for engine, loop in LOOPS:
+        tag = f"{engine}-{loop}"
+        with engine_loop(monkeypatch, engine, loop) as (e, m):
+            seen = {"slow": 0, "chain": 0}
+            slow, per_chain = VhostUserSession._serve_slow, VhostUserSession._serve_chain
 
-                def count_slow(self: Any, vr: Any, chain: Any, _s: Any = seen, _f: Any = slow) -> None:
-                    _s["slow"] += 1
-                    _f(self, vr, chain)
+            def count_slow(self: Any, vr: Any, chain: Any, _s: Any = seen, _f: Any = slow) -> None:
+                _s["slow"] += 1
+                _f(self, vr, chain)
 
-                def count_chain(self: Any, vr: Any, chain: Any, _s: Any = seen, _f: Any = per_chain) -> None:
-                    _s["chain"] += 1
-                    _f(self, vr, chain)
+            def count_chain(self: Any, vr: Any, chain: Any, _s: Any = seen, _f: Any = per_chain) -> None:
+                _s["chain"] += 1
+                _f(self, vr, chain)
 
-                m.setattr(VhostUserSession, "_serve_slow", count_slow)
-                m.setattr(VhostUserSession, "_serve_chain", count_chain)
-                with session(share) as (fe, s, _t):
-                    assert s.mem.map.__class__ is e.MemoryMap
-                    runs[tag] = scenario(fe, tag)
-                    assert (share / f"cd-{tag}" / "new").read_bytes() == b"\0\0\0hello"
-                    counters = s.counters()
-                    fast = s.server._fast
-                    assert fast is not None
-                    served, _errors, fallbacks = fast.counts()
-                    calls[tag] = {**seen, "served": sum(served.values()), "fallbacks": fallbacks,
-                                  "chains": counters["queues"][1]["chains"], "forgets": counters["queues"][0]["chains"]}
-                # Nothing keeps a view of guest memory once the session is gone (a mapping still exported at its
-                # close is parked): neither engine's loop, nor the log record of the malformed chain.
-                gc.collect()
-                assert s.mem.reap() == 0
+            m.setattr(VhostUserSession, "_serve_slow", count_slow)
+            m.setattr(VhostUserSession, "_serve_chain", count_chain)
+            with session(share) as (fe, s, _t):
+                assert s.mem.map.__class__ is e.MemoryMap
+                runs[tag] = scenario(fe, tag)
+                assert (share / f"cd-{tag}" / "new").read_bytes() == b"\0\0\0hello"
+                counters = s.counters()
+                fast = s.server._fast
+                assert fast is not None
+                served, _errors, fallbacks = fast.counts()
+                calls[tag] = {**seen, "served": sum(served.values()), "fallbacks": fallbacks,
+                              "chains": counters["queues"][1]["chains"], "forgets": counters["queues"][0]["chains"]}
+            # Nothing keeps a view of guest memory once the session is gone (a mapping still exported at its
+            # close is parked): neither engine's loop, nor the log record of the malformed chain.
+            gc.collect()
+            assert s.mem.reap() == 0
     first = runs["c-chain"]
     for tag, got in runs.items():
         for k, (a, b) in enumerate(zip(first, got, strict=True)):
@@ -215,3 +235,84 @@ def test_serve_fast_answers_byte_for_byte_as_the_per_chain_loop(share: Path, mon
             assert c["chain"] == 1 and c["slow"] == 1 + c["fallbacks"], (tag, c)
         else:
             assert c["chain"] == 19 + 1 and c["slow"] == 1 + c["fallbacks"], (tag, c)
+
+
+def _pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(n))
+
+
+def long_requests(fe: Frontend, tag: str) -> tuple[list[Any], bytes]:
+    """Requests longer than the C engine gathers on its stack (4096 bytes): WRITEs whose data it writes from
+    guest memory (answer_iov), in the Linux driver's layout (the header's two parts, then a segment per page)
+    and in odd ones (the header itself split, the stack's end inside a segment, more segments than the
+    fast path's iovec holds on its stack, more than a pwritev takes), a WRITE to a handle that is not open
+    (declined: Python answers it), and a LOOKUP with a name that long (gathered, declined; the file system
+    says ENAMETOOLONG); what each batch answered, and the file's bytes after."""
+    setup_queues(fe, f"/proc/self/fd/{fe.memfd}", table=False)
+    _fuse_init(fe)
+    create = {"create": F.make("fuse_create_in", flags=os.O_RDWR | os.O_CREAT, mode=0o100644, umask=0o022),
+              "name": b"long"}
+    d = batch(fe, 1, [(_req("LOOKUP", {"name": f"cd-{tag}".encode()}, fe), (4096,))])
+    cd = F.decode_reply(d[0][2], F.decode_request(_req("LOOKUP", {"name": b"x"}, fe))).args["entry"]
+    c = batch(fe, 1, [(_req("CREATE", create, fe, cd.nodeid), (4096,))])
+    created = F.decode_reply(c[0][2], F.decode_request(_req("CREATE", create, fe, cd.nodeid)))
+    fh, node = created.args["open"].fh, created.args["entry"].nodeid
+
+    def write(off: int, data: bytes, fh: int = fh) -> bytes:
+        return _req("WRITE", {"write": F.make("fuse_write_in", fh=fh, offset=off, size=len(data)), "data": data}, fe,
+                    node)
+
+    guest = _pattern(124 * 4096, 1)  # what a guest's dd bs=1M sends first
+    at_stack = _pattern(4096 - 80, 2)  # the whole request exactly on the stack
+    one_over = _pattern(4096 - 80 + 1, 3)
+    odd = _pattern(20_000, 4)
+    many = _pattern(1100 * 16 - 80, 5)
+    o1, o2, o3, o4 = len(guest), len(guest) + len(at_stack), len(guest) + len(at_stack) + len(one_over), 600_000
+    o5 = o4 + len(odd)
+    w = batch(fe, 1, [
+        (write(0, guest), (16, 8), (40, 40, *[4096] * 124)),
+        (write(o1, at_stack), (16, 8)),
+        (write(o2, one_over), (16, 8)),
+        (write(o3 + 4096, one_over, fh=fh + 1000), (16, 8), (4097,)),  # no such handle: Python's EBADF
+        (write(o4, odd), (16, 8), (17, 23, 3000, 1500, 15_540)),  # the header split; the stack ends mid-segment
+        (write(o5, many), (16, 8), tuple([16] * 1100)),  # 1100 segments: more than IOV_MAX
+        (_req("LOOKUP", {"name": b"n" * 4090}, fe, cd.nodeid), (4096,), (40, 4091)),
+    ])
+    want = bytearray(o5 + len(many))
+    for off, data in ((0, guest), (o1, at_stack), (o2, one_over), (o4, odd), (o5, many)):
+        want[off:off + len(data)] = data
+    rel = batch(fe, 1, [(_req("RELEASE", {"release": F.make("fuse_release_in", fh=fh)}, fe, node), (4096,))])
+    return [_identity_out_of(d), _identity_out_of(c), sorted(w), rel], bytes(want)
+
+
+def _identity_out_of(t: Transcript) -> Transcript:
+    return [(i, n, _identity_out(d)) for i, n, d in t]
+
+
+def test_a_request_longer_than_the_stack_answers_as_the_per_chain_loop(share: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C engine's answer_iov (a WRITE's data written from guest memory) against the pure-Python engine and
+    the per-chain loop (both gather the request first), byte for byte, and the file the same."""
+    runs: dict[str, list[Any]] = {}
+    for engine, loop in LOOPS:
+        tag = f"{engine}-{loop}"
+        with engine_loop(monkeypatch, engine, loop):
+            with session(share) as (fe, s, _t):
+                runs[tag], want = long_requests(fe, tag)
+                fast = s.server._fast
+                assert fast is not None
+                served, _errors, _fallbacks = fast.counts()
+                assert served.get(F.spec.OPCODE_BY_NAME["WRITE"].value) == 5, (tag, served)
+            assert (share / f"cd-{tag}" / "long").read_bytes() == want, tag
+            gc.collect()
+            assert s.mem.reap() == 0, tag
+    first = runs["c-chain"]
+    for tag, got in runs.items():
+        for k, (a, b) in enumerate(zip(first, got, strict=True)):
+            assert a == b, f"{tag}: batch {k} differs from the per-chain loop on the C engine"
+    w = first[2]
+    assert [n for _i, n, _d in w] == [24, 24, 24, 16, 24, 24, 16]
+    assert [int.from_bytes(d[16:20], "little") for _i, n, d in w if n == 24] == [
+        124 * 4096, 4096 - 80, 4096 - 79, 20_000, 1100 * 16 - 80]
+    errors = [int.from_bytes(d[4:8], "little", signed=True) for _i, n, d in w if n == 16]
+    assert errors == [-9, -36]  # EBADF, ENAMETOOLONG

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from dissectors import fuse as F
+from dissectors import ring
 from fsinspect.guest import launcher
 from fsinspect.guest.share import make_share
 from fsinspect.rerun.front import F_INDIRECT_DESC, F_PROTOCOL, F_VERSION_1, Front, Negotiation
@@ -131,3 +132,26 @@ def test_getattr_lookup_create_syscall_budgets(daemon: tuple[int, Front]) -> Non
     for name in ("LOOKUP in a handle-held directory", "CREATE in a handle-held directory"):
         assert "open_by_handle_at" not in seen[name][1], seen[name]  # the directory's fd stays cached
     assert not {"setfsuid", "setfsgid", "capset"} & set(seen["CREATE in a handle-held directory"][1])
+
+
+def test_a_guest_sized_write_is_one_pwritev_from_guest_memory(daemon: tuple[int, Front]) -> None:
+    """A WRITE as a Linux guest sends it (496 KiB): epoll_wait, one pwritev of the data where it is in guest
+    memory (the C ring engine gathers only the request's first page; the pure-Python twin, which the daemon
+    here runs under FSINSPECT_RING=python as this process does, gathers all of it and pwrites that), the
+    call's eventfd write."""
+    pid, front = daemon
+    create_in = F.make("fuse_create_in", flags=os.O_RDWR | os.O_CREAT, mode=0o100644, umask=0o022)
+    r = _fuse(front, "CREATE", {"create": create_in, "name": b"w"})
+    node, fh = r.args["entry"].nodeid, r.args["open"].fh
+    data = os.urandom(124 * 4096)
+    args = [{"write": F.make("fuse_write_in", fh=fh, offset=(i % 8) * len(data), size=len(data)), "data": data}
+            for i in range(N)]
+
+    def writes() -> None:
+        for a in args:
+            assert _fuse(front, "WRITE", a, nodeid=node).args["write_out"].size == len(data)
+
+    calls = _count(pid, writes)
+    want, not_want = ("pwritev", "pwrite64") if ring.BACKEND == "c" else ("pwrite64", "pwritev")
+    assert calls.get(want) == N and not_want not in calls, calls
+    assert _per_request(calls) <= 3.2, calls

@@ -31,6 +31,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/fsuid.h>
@@ -49,6 +50,7 @@
 #define MAX_HANDLE_SZ_ 128
 #define NAME_MAX_ 255
 #define NOPS 64
+#define WRITE_IOV 64 /* a WRITE's data segments in the iovec on the stack; more take a heap array */
 
 /* Opcodes and flag bits come from the spec tables through the constructor; the struct layouts are the
  * kernel's (linux/fuse.h), checked against the spec's sizes by fast.py at start-up. */
@@ -1719,10 +1721,14 @@ static PyObject *op_read(FastPath *self, const struct fuse_in_header *h, const c
 
 /* WRITE (fs.write): one pwrite of the request's data.  Left to Python: a read-only export, KILL_SUIDGID
  * (CAP_FSETID lowered), a size that is not the data's, a WRITE bigger than the engine serves inline
- * (INLINE_WRITE_MAX: the largest a kernel sends, so none), a handle that is not a file's. */
-static PyObject *op_write(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen) {
+ * (INLINE_WRITE_MAX: the largest a kernel sends, so none), a handle that is not a file's.
+ * `body` holds `got` bytes of the body, which is `blen` long: the rest (`rest`, `nrest` entries; the ring
+ * engine's answer_iov) is in guest memory, and the data is written from there with one pwritev, as the
+ * C virtiofsd writes it: no copy of it in between. */
+static PyObject *op_write(FastPath *self, const struct fuse_in_header *h, const char *body, size_t got,
+                          const struct iovec *rest, int nrest, size_t blen) {
     struct fuse_write_in w;
-    if (blen < sizeof w) return fallback(self);
+    if (blen < sizeof w || got < sizeof w) return fallback(self);
     memcpy(&w, body, sizeof w);
     if (blen - sizeof w != w.size || w.size > self->inline_write_max || (w.write_flags & self->write_kill_suidgid))
         return fallback(self);
@@ -1730,12 +1736,21 @@ static PyObject *op_write(FastPath *self, const struct fuse_in_header *h, const 
     if (readonly < 0) return NULL;
     if (readonly) return fallback(self);
     if ((rc = file_fd(self, w.fh, &fd)) <= 0) return rc < 0 ? NULL : fallback(self);
+    struct iovec v_stack[WRITE_IOV], *v = v_stack;
+    if (nrest > 0) {
+        if (nrest >= WRITE_IOV && (v = PyMem_Malloc(((size_t)nrest + 1) * sizeof *v)) == NULL) return PyErr_NoMemory();
+        v[0].iov_base = (void *)(body + sizeof w);
+        v[0].iov_len = got - sizeof w;
+        memcpy(v + 1, rest, (size_t)nrest * sizeof *v);
+    }
     ssize_t n;
     int e = 0;
     Py_BEGIN_ALLOW_THREADS
-    n = pwrite(fd, body + sizeof w, w.size, (off_t)w.offset);
+    if (nrest > 0) n = pwritev(fd, v, nrest + 1, (off_t)w.offset);
+    else n = pwrite(fd, body + sizeof w, w.size, (off_t)w.offset);
     if (n < 0) e = errno;
     Py_END_ALLOW_THREADS
+    if (v != v_stack) PyMem_Free(v);
     if (n < 0) return reply_error(self, h->opcode, h->unique, e);
     char *out;
     PyObject *res = reply_new(sizeof(struct fuse_write_out), h->unique, &out);
@@ -2099,7 +2114,7 @@ static PyObject *dispatch(FastPath *self, const char *buf, size_t len, PyObject 
     } else if (o == self->op[K_READ]) {
         result = op_read(self, &h, body, blen, chain, wr, nwr, in_place);
     } else if (o == self->op[K_WRITE]) {
-        result = op_write(self, &h, body, blen);
+        result = op_write(self, &h, body, blen, NULL, 0, blen);
     } else if (o == self->op[K_FORGET]) {
         result = op_forget(self, &h, body, blen, 0);
     } else if (o == self->op[K_BATCH_FORGET]) {
@@ -2132,7 +2147,25 @@ static PyObject *fast_answer(PyObject *op, const char *req, size_t len, const st
     return dispatch((FastPath *)op, req, len, NULL, wr, nwr, in_place);
 }
 
-static struct rc_answerer fast_answerer = {RC_ANSWERER_VERSION, sizeof(struct rc_answerer), fast_answer};
+/* The C entry for a request longer than the engine's stack (ring_answer.h's answer_iov): a WRITE's data is
+ * written from guest memory where it is; anything else asks to be gathered (NULL, no exception) and comes
+ * back through fast_answer.  The checks are dispatch()'s, in its order. */
+static PyObject *fast_answer_iov(PyObject *op, const char *head, size_t hlen, const struct iovec *rd, int nrd,
+                                 size_t len, const struct iovec *wr, int nwr, size_t *in_place) {
+    FastPath *self = (FastPath *)op;
+    struct fuse_in_header h;
+    (void)wr;
+    (void)nwr;
+    *in_place = 0;
+    if (hlen < sizeof h + sizeof(struct fuse_write_in) || hlen > len || nrd >= IOV_MAX) return NULL;
+    memcpy(&h, head, sizeof h);
+    if (h.opcode != self->op[K_WRITE]) return NULL;
+    if (h.len != len || h.total_extlen != 0 || len > self->max_message) return fallback(self);
+    return op_write(self, &h, head + sizeof h, hlen - sizeof h, rd, nrd, len - sizeof h);
+}
+
+static struct rc_answerer fast_answerer = {RC_ANSWERER_VERSION, sizeof(struct rc_answerer), fast_answer,
+                                           fast_answer_iov};
 
 static int fast_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     FastPath *self = (FastPath *)op;

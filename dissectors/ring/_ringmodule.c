@@ -1223,44 +1223,77 @@ static PyObject *serve_one(SplitQueueObject *self, const struct rc_answerer *ans
     char stack[SERVE_STACK];
     PyObject *raw = NULL, *r = NULL, *pins[RC_MAX_REGIONS];
     uint64_t pinned = 0;
-    int npins = 0, nw = 0, done = 0;
-    struct iovec iov_stack[SERVE_IOV], *iov = iov_stack;
+    int npins = 0, nw = 0, nr = 0, done = 0;
+    struct iovec iov_stack[SERVE_IOV], *iov = iov_stack, rd_stack[SERVE_IOV], *rd = rd_stack;
     const char *req = stack;
     size_t len = (size_t)c->readable_len, in_place = 0;
+    /* A request longer than the stack: its head gathered there, the rest left in guest memory (answer_iov),
+     * or all of it gathered into a bytes object for an answerer without that entry. */
+    int split = len > SERVE_STACK && RC_ANSWERER_HAS_IOV(ans);
 
     self->inflight++;
     self->popped++;
-    if (len > SERVE_STACK) {
+    if (len > SERVE_STACK && !split) {
         if (!(raw = readable_bytes(c)))
             goto escaped;
         req = PyBytes_AS_STRING(raw);
     } else {
-        rc_chain_gather(c, (uint8_t *)stack, len);
+        rc_chain_gather(c, (uint8_t *)stack, split ? SERVE_STACK : len);
     }
-    for (uint32_t i = 0; i < c->nseg; i++)
+    for (uint32_t i = 0; i < c->nseg; i++) {
         nw += c->seg[i].write;
+        nr += !c->seg[i].write;
+    }
     if (nw > SERVE_IOV && !(iov = PyMem_Malloc((size_t)nw * sizeof *iov))) {
         iov = iov_stack;
         PyErr_NoMemory();
         goto escaped;
     }
-    nw = 0;
+    if (split && nr > SERVE_IOV && !(rd = PyMem_Malloc((size_t)nr * sizeof *rd))) {
+        rd = rd_stack;
+        PyErr_NoMemory();
+        goto escaped;
+    }
+    nw = nr = 0;
+    size_t skip = SERVE_STACK; /* split: the head's bytes, gathered */
     for (uint32_t i = 0; i < c->nseg; i++) {
-        if (!c->seg[i].write)
-            continue;
-        iov[nw].iov_base = c->seg[i].host;
-        iov[nw++].iov_len = c->seg[i].len;
-        /* the answerer may release the GIL while it writes here: keep the region mapped meanwhile (a region
-         * removed by then is only unmapped once its last holder lets go, as with a Chain's views) */
+        if (!c->seg[i].write) {
+            if (!split)
+                continue;
+            if (skip >= c->seg[i].len) {
+                skip -= c->seg[i].len;
+                continue;
+            }
+            rd[nr].iov_base = c->seg[i].host + skip;
+            rd[nr++].iov_len = c->seg[i].len - skip;
+            skip = 0;
+        } else {
+            iov[nw].iov_base = c->seg[i].host;
+            iov[nw++].iov_len = c->seg[i].len;
+        }
+        /* the answerer may release the GIL while it writes to the writable buffers or from the readable ones:
+         * keep their regions mapped meanwhile (a region removed by then is only unmapped once its last holder
+         * lets go, as with a Chain's views) */
         unsigned reg = c->seg[i].region;
         if (reg < 64 && !(pinned & (1ull << reg))) {
             pinned |= 1ull << reg;
             pins[npins++] = Py_NewRef(self->mem->owners[reg]);
         }
     }
-    r = ans->answer(fast, req, len, iov, nw, &in_place);
+    if (split) {
+        r = ans->answer_iov(fast, stack, SERVE_STACK, rd, nr, len, iov, nw, &in_place);
+        if (!r && !PyErr_Occurred()) { /* "gather it" */
+            if (!(raw = readable_bytes(c)))
+                goto escaped;
+            req = PyBytes_AS_STRING(raw);
+            in_place = 0;
+            r = ans->answer(fast, req, len, iov, nw, &in_place);
+        }
+    } else {
+        r = ans->answer(fast, req, len, iov, nw, &in_place);
+    }
     if (!r) { /* Python's `except Exception: r = failed(raw)` */
-        if (!raw && !(raw = PyBytes_FromStringAndSize(stack, (Py_ssize_t)len)))
+        if (!raw && !(raw = split ? readable_bytes(c) : PyBytes_FromStringAndSize(stack, (Py_ssize_t)len)))
             goto escaped;
         in_place = 0;
         if (!(r = call_in_except(failed, raw)))
@@ -1268,7 +1301,7 @@ static PyObject *serve_one(SplitQueueObject *self, const struct rc_answerer *ans
     }
     if (r == Py_None) { /* declined: the chain goes to Python as it would have come from pop_chains() */
         Py_CLEAR(r);
-        if (!raw && !(raw = PyBytes_FromStringAndSize(stack, (Py_ssize_t)len)))
+        if (!raw && !(raw = split ? readable_bytes(c) : PyBytes_FromStringAndSize(stack, (Py_ssize_t)len)))
             goto escaped;
         r = chain_with(self->mem, c, (PyObject *)self, raw);
         raw = NULL;
@@ -1301,6 +1334,8 @@ out:
         Py_DECREF(pins[i]);
     if (iov != iov_stack)
         PyMem_Free(iov);
+    if (rd != rd_stack)
+        PyMem_Free(rd);
     release_bytes(raw);
     return r;
 }

@@ -16,6 +16,13 @@
  * - None: declined, nothing changed (the engine hands the chain to Python);
  * - NULL with an exception set: it failed (the engine calls the caller's `failed` as Python would).
  *
+ * `answer_iov` (added later: present when `size` covers it) is the same for a request longer than the
+ * engine gathers on its stack: `head` holds its first `hlen` bytes, gathered, and `rd` (`nrd` entries) the
+ * rest of its readable bytes where they are in guest memory, `len` bytes in all.  A WRITE's data is written
+ * from there (no copy of it in between); the engine keeps those regions mapped for the call too.  It
+ * returns what `answer` returns, or NULL with no exception set: "gather it": the engine then gathers the
+ * whole request and calls `answer`.
+ *
  * Callers check `version` and `size` before use; fields are only ever added at the end.
  */
 #ifndef FSINSPECT_RING_ANSWER_H
@@ -33,6 +40,12 @@ struct rc_answerer {
     unsigned int size; /* sizeof(struct rc_answerer) as the answerer was built */
     PyObject *(*answer)(PyObject *self, const char *req, size_t len, const struct iovec *wr, int nwr,
                         size_t *in_place);
+    PyObject *(*answer_iov)(PyObject *self, const char *head, size_t hlen, const struct iovec *rd, int nrd,
+                            size_t len, const struct iovec *wr, int nwr, size_t *in_place);
 };
+
+/* Whether the answerer `a` (version and size checked) has answer_iov. */
+#define RC_ANSWERER_HAS_IOV(a) \
+    ((a)->size >= offsetof(struct rc_answerer, answer_iov) + sizeof(void *) && (a)->answer_iov != NULL)
 
 #endif
