@@ -1044,3 +1044,28 @@ def test_new_inodes_byte_for_byte_as_python(twins: Any, share: Path, handles: Ha
         same(f"CREATE of n{k}, known")
         t.ok("RELEASE", {"release": F.make("fuse_release_in", fh=rep.args["open"].fh)}, nodeid=ids[k])
     assert t.fs_c.store.get(ids[3]).nlookup == 2
+
+
+@pytest.mark.parametrize("handles", [HandleMode.PREFER, HandleMode.NEVER])
+def test_a_run_of_new_inodes_byte_for_byte_as_python(twins: Any, share: Path, handles: HandleMode) -> None:
+    """Once two LOOKUPs in a row under a directory found new inodes, the C opens the next name there first and
+    takes its statx from that fd (no statx by name): whatever the name turns out to be (new; known, pinned by
+    a cached fd or held by its handle alone; missing; a symlink; a directory; '.' and '..'), the reply and the
+    whole tables after it are Python's, which always asks by name first."""
+    t: Twins = twins(inode_file_handles=handles)
+    for fs in (t.fs_c, t.fs_py):
+        fs.store.fd_cache_max = 3  # the first files are evicted: later LOOKUPs of them go by their handle
+    d = share / "cold"
+    d.mkdir()
+    for i in range(8):
+        (d / f"f{i}").write_bytes(b"c")
+    os.symlink("f0", d / "ln")
+    (d / "sub").mkdir()
+    cold = t.ok("LOOKUP", {"name": b"cold"}, nodeid=1).args["entry"].nodeid
+    names = [b"f0", b"f1", b"f2", b"f3", b"f0", b"f4", b"f5", b"missing", b"f6", b"ln", b"sub", b".", b"..",
+             b"f7", b"f1", b"f2", b"missing", b"f3"]
+    for name in names:
+        raw = t.req("LOOKUP", {"name": name}, nodeid=cold)
+        assert raw is not None and t.last_fast(), name
+        assert _tables(t.fs_c) == _tables(t.fs_py), name
+    assert t.fs_c.store.get(cold).nlookup == 2  # the first LOOKUP and '.'

@@ -51,6 +51,7 @@
 #define NAME_MAX_ 255
 #define NOPS 64
 #define WRITE_IOV 64 /* a WRITE's data segments in the iovec on the stack; more take a heap array */
+#define NEW_RUN 2 /* new inodes in a row under a directory after which its LOOKUPs open the name first */
 
 /* Opcodes and flag bits come from the spec tables through the constructor; the struct layouts are the
  * kernel's (linux/fuse.h), checked against the spec's sizes by fast.py at start-up. */
@@ -261,6 +262,7 @@ typedef struct {
     int fd;            /* O_PATH fd, or -1 when held by handle */
     int cached_fd;     /* a handle-held inode's O_PATH fd while it is in the store's cache */
     char used;         /* cached_fd was used since the eviction scan last passed it (second chance) */
+    unsigned char new_run; /* C only: LOOKUPs under this directory that found a new inode, in a row (op_lookup) */
     PyObject *mount;   /* MountFd or None */
     unsigned int handle_len; /* 0: no handle; else sizeof(struct file_handle) + handle_bytes */
     union {
@@ -854,7 +856,7 @@ typedef struct {
     Tables t;
     PyObject *store, *key, *parent, *mount, *inode;
     const struct statx *sx;
-    int fd, owned, mount_id, kept, python;
+    int fd, owned, mount_id, kept, python, made;
     long long evicted;
     unsigned int handle_len; /* 0: no handle (handles off) */
     union {
@@ -951,6 +953,7 @@ static int add_locked(void *arg) {
         || (a->mount != Py_None && (get_long(a->mount, S_refs, &refs) < 0 || set_long(a->mount, S_refs, refs + 1) < 0))
         || set_long(a->store, S_next_id, next + 1) < 0)
         return -1;
+    a->made = 1;
     PyObject *nodeid = PyLong_FromLongLong(next);
     int rc = 0;
     if (nodeid == NULL || PyDict_SetItem(a->t.by_id, nodeid, a->inode) < 0
@@ -980,7 +983,7 @@ static int add_locked(void *arg) {
  * the fd is the store's to keep (as the new inode's cached fd) or close, else the caller's (CREATE's open
  * file).  A new reference, or NULL with *err set (an errno to answer) or a Python error. */
 static PyObject *store_add(FastPath *self, PyObject *store, int fd, const struct statx *sx, PyObject *parent,
-                           int owned, int *err) {
+                           int owned, int *err, int *made) {
     Adding a;
     memset(&a, 0, sizeof a);
     a.store = store;
@@ -1016,6 +1019,7 @@ static PyObject *store_add(FastPath *self, PyObject *store, int fd, const struct
     }
     if (owned && !a.kept) close(fd);
     if (a.evicted >= 0) close((int)a.evicted);
+    if (made != NULL) *made = a.made;
     goto out;
 python:
     Py_CLEAR(a.inode);
@@ -1036,11 +1040,8 @@ out:
     return a.inode;
 }
 
-/* A new inode, as fs._do_lookup makes one: an O_PATH fd on the name, its statx, and the store's own
- * find_or_add (Python: the handle, the mount fd, the new Inode; it keeps or closes the fd).  A new
- * reference, or NULL with *err set (an errno to answer) or a Python error. */
-static PyObject *adopt(FastPath *self, PyObject *store, PathFd *p, const char *name, PyObject *parent,
-                       struct statx *sx, int *err) {
+/* An O_PATH fd on `name` under the parent (with the GIL held for a cached directory fd): the fd, or -1 and *err. */
+static int open_path(PathFd *p, const char *name, int *err) {
     int fd, e = 0;
     if (p->gil) {
         fd = openat(p->fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
@@ -1051,19 +1052,37 @@ static PyObject *adopt(FastPath *self, PyObject *store, PathFd *p, const char *n
         if (fd < 0) e = errno;
         Py_END_ALLOW_THREADS
     }
-    path_fd_done(p);
-    if (fd < 0) {
-        *err = e;
-        return NULL;
-    }
+    *err = e;
+    return fd;
+}
+
+/* The inode behind an O_PATH fd of the store's own, as fs._do_lookup finds a new one: the fd's statx (into sx)
+ * and the store's find_or_add (store_add: the inode known by its key and handle gets one more lookup, *made 0;
+ * else a new one, *made 1; it keeps or closes the fd).  A new reference, or NULL with *err set (an errno to
+ * answer) or a Python error. */
+static PyObject *adopt_fd(FastPath *self, PyObject *store, int fd, PyObject *parent, struct statx *sx, int *err,
+                          int *made) {
     PathFd own = {NULL, fd, 0, 0, 0};
-    e = statx_at(&own, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, sx);
+    int e = statx_at(&own, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, sx);
     if (e) {
         close(fd);
         *err = e;
         return NULL;
     }
-    return store_add(self, store, fd, sx, parent, 1, err);
+    return store_add(self, store, fd, sx, parent, 1, err, made);
+}
+
+/* A new inode, as fs._do_lookup makes one after find_known found none: an O_PATH fd on the name (the parent's
+ * fd is done with after it), then adopt_fd. */
+static PyObject *adopt(FastPath *self, PyObject *store, PathFd *p, const char *name, PyObject *parent,
+                       struct statx *sx, int *err, int *made) {
+    int e, fd = open_path(p, name, &e);
+    path_fd_done(p);
+    if (fd < 0) {
+        *err = e;
+        return NULL;
+    }
+    return adopt_fd(self, store, fd, parent, sx, err, made);
 }
 
 /* fs._entry: the entry of `inode` found under `parent`, FUSE_ATTR_SUBMOUNT on a directory on another mount
@@ -1138,9 +1157,30 @@ static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const
     }
     Py_INCREF(parent);
     PathFd p;
-    int e, rc;
+    int e, rc, made = 0;
     if (!parent_fd(self, store, h, parent, &p, &result)) goto out;
     struct statx sx;
+    if (!dotdot && !(name[0] == '.' && name[1] == 0) && INODE(parent)->new_run >= NEW_RUN) {
+        /* The last LOOKUPs here found new inodes (a cold stat of a tree): the name opened first, as a new inode
+         * needs, and its statx from that fd, with no statx by name before (the C virtiofsd's two calls).  A
+         * known inode found so costs an open and a close more than by name: the run starts again from 0. */
+        int fd = open_path(&p, name, &e);
+        if (fd >= 0 || e == ENOENT) {
+            path_fd_done(&p);
+            if (fd < 0) {
+                result = reply_error(self, h->opcode, h->unique, e);
+                goto out;
+            }
+            e = 0;
+            a.inode = adopt_fd(self, store, fd, parent, &sx, &e, &made);
+            if (a.inode == NULL) {
+                if (e) result = reply_error(self, h->opcode, h->unique, e);
+                goto out;
+            }
+            goto answer;
+        }
+        /* any other error: asked by name, as below, which answers it */
+    }
     e = statx_at(&p, name, AT_SYMLINK_NOFOLLOW, &sx);
     if (e) {
         path_fd_done(&p);
@@ -1189,7 +1229,7 @@ static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const
             goto out;
         }
         e = 0;
-        a.inode = adopt(self, store, &p, name, parent, &sx, &e);
+        a.inode = adopt(self, store, &p, name, parent, &sx, &e, &made);
         if (a.inode == NULL) {
             if (e) result = reply_error(self, h->opcode, h->unique, e);
             goto out;
@@ -1197,6 +1237,8 @@ static PyObject *op_lookup(FastPath *self, const struct fuse_in_header *h, const
     } else {
         path_fd_done(&p);
     }
+answer:
+    INODE(parent)->new_run = !made ? 0 : INODE(parent)->new_run < NEW_RUN ? INODE(parent)->new_run + 1 : NEW_RUN;
     struct fuse_entry_out eo;
     if (entry_out(self, a.inode, parent, &sx, &eo) < 0) goto out;
     char *out;
@@ -1440,7 +1482,7 @@ static PyObject *op_create(FastPath *self, const struct fuse_in_header *h, const
         result = reply_error(self, h->opcode, h->unique, e);
         goto out;
     }
-    inode = store_add(self, store, fd, &sx, parent, 0, &e);
+    inode = store_add(self, store, fd, &sx, parent, 0, &e, NULL);
     if (inode == NULL) {
         close(fd);
         if (e) result = reply_error(self, h->opcode, h->unique, e);
