@@ -112,7 +112,8 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
     e = fuse(front, "LOOKUP", {"name": b"big.bin"}).args["entry"]
     fh = fuse(front, "OPEN", {"open": F.make("fuse_open_in", flags=os.O_RDONLY)}, nodeid=e.nodeid).args["open"].fh
     out = F.make("fuse_create_in", flags=os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode=0o100644)
-    w = fuse(front, "CREATE", {"create": out, "name": f"w{next(_RUN)}.bin".encode()})
+    wname = f"w{next(_RUN)}.bin".encode()
+    w = fuse(front, "CREATE", {"create": out, "name": wname})
     wnode, wfh = w.args["entry"].nodeid, w.args["open"].fh
     chunk = os.urandom(1 << 17)
     big = os.urandom(GUEST_WRITE)
@@ -162,6 +163,9 @@ def measure(front: Front, n: int, pgid: int) -> dict[str, tuple[float, float]]:
         with m.cpu_of("UNLINK"):
             for name in names:
                 m.timed("UNLINK", lambda: fuse(front, "UNLINK", {"name": name}))  # noqa: B023
+    # The written file goes (16 MiB a run: rounds x back-ends of them filled the share's tmpfs)
+    fuse(front, "RELEASE", {"release": F.make("fuse_release_in", fh=wfh, flags=os.O_RDWR)}, nodeid=wnode)
+    fuse(front, "UNLINK", {"name": wname})
     return m.result()
 
 
