@@ -736,6 +736,15 @@ class Server:
         (the transport waits for in-flight requests before it lets go of guest memory)."""
         self._waiters.shutdown()
 
+    def start_pool(self) -> None:
+        """Start the pool's first thread now, from the calling thread, and wait until it runs.  The first
+        blocking request (a guest's FSYNC at the end of a dd) would otherwise start it on its own critical
+        path: 0.2-3 ms against the 20-90 µs of a hand-off to a running thread.  A transport calls it from
+        the thread that entered the sandbox, which every serving thread is started from: a thread started
+        in that thread shares its root and takes its seccomp filter and capabilities."""
+        if self._pool is not None:
+            self._pool.submit(int).result()
+
     def shutdown(self) -> None:
         """End the lock waits, stop the pool and release the filesystem (idempotent); nothing stays held."""
         if self.hold is not None:

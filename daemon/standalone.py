@@ -168,6 +168,7 @@ class Standalone:
         except (SandboxError, FuseDevError) as e:
             self.error = e
             return
+        self.server.start_pool()
         devs = self.clones or [self.dev] * (self.readers - 1)
         # Whichever reader gets FUSE_INIT starts the rings once it has answered it.
         after = None if self.uring is None else self.uring.start_if_agreed

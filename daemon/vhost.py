@@ -87,6 +87,7 @@ class VhostDaemon:
                 self.error = e
                 conn.close()
                 return
+            self.server.start_pool()
             log.info("front-end connected; serving %s", self.fs.opts.shared_dir)
             self.session = VhostUserSession(conn, self.server, queues=self.queues)
             if self.server.tap is None and self.server.hold is None:  # a held reply needs its bytes

@@ -13,8 +13,10 @@ import pytest
 
 from daemon.sandbox import CAP, KEEP
 from daemon.transport.fusedev import in_mountinfo
+from dissectors import fuse as F
 from tests.conftest import require_root
 from tests.pipes import error_lines
+from tests.vhostkit import cli_daemon, fuse_ok
 
 pytestmark = pytest.mark.root
 
@@ -51,6 +53,11 @@ def test_standalone_serving_threads_are_confined_the_main_thread_is_not(tmp_path
         assert os.getxattr(mnt / "new", "user.k") == b"v"
         os.link(mnt / "new", mnt / "new2")
         assert (shared / "new2").read_text() == "x"
+        # The first blocking request (FSYNC: the engine's pool) starts no thread: the pool's runs already.
+        before = set(os.listdir(f"/proc/{p.pid}/task"))
+        with open(mnt / "new", "rb") as f:
+            os.fsync(f.fileno())
+        assert set(os.listdir(f"/proc/{p.pid}/task")) == before
         me = _task(os.getpid(), os.getpid())
         tasks = {tid: _task(p.pid, tid) for tid in map(int, os.listdir(f"/proc/{p.pid}/task"))}
         main = tasks.pop(p.pid)
@@ -141,3 +148,30 @@ def test_recording_rotates_beside_the_first_part_from_inside_the_sandbox(tmp_pat
     assert len(parts) == 2 and all(x.startswith("r.") for x in parts), files
     assert files == sorted(parts + [f"{x}.fsidx" for x in parts]), files  # each part kept with its index
     assert sorted(x.name for x in shared.iterdir()) == [f"f{i}" for i in range(8)]
+
+
+@pytest.mark.parametrize("level", ["namespace", "chroot"])
+def test_vhost_serving_threads_and_the_pool_are_confined_before_the_first_request(tmp_path: Path,
+                                                                                  level: str) -> None:
+    """The vhost-user daemon: every thread but the main one is confined once QEMU's connection is served,
+    the engine's pool thread among them, started then (Server.start_pool): the first blocking request (a
+    guest's FSYNC) starts no thread on its own critical path."""
+    require_root()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with cli_daemon(shared, "--sandbox", level) as (p, front):
+        r = fuse_ok(front, "CREATE", {"create": F.make("fuse_create_in", flags=os.O_RDWR | os.O_CREAT, mode=0o100644),
+                                      "name": b"f"})
+        before = {tid: _task(p.pid, tid) for tid in map(int, os.listdir(f"/proc/{p.pid}/task"))}
+        fuse_ok(front, "FSYNC", {"fsync": F.make("fuse_fsync_in", fh=r.args["open"].fh)}, nodeid=r.args["entry"].nodeid)
+        assert set(map(int, os.listdir(f"/proc/{p.pid}/task"))) == set(before)
+    me = _task(os.getpid(), os.getpid())
+    main = before.pop(p.pid)
+    assert main["mnt"] == me["mnt"] and main["root"] == "/"
+    assert len(before) >= 4, before  # the connection's, the queues' and the pool's threads at least
+    for t in before.values():
+        assert t["caps"] == KEEP_MASK and t["nnp"] == "1", t
+        if level == "namespace":
+            assert t["mnt"] != me["mnt"], t
+        else:
+            assert t["root"] == str(shared.resolve()), t

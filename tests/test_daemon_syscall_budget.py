@@ -8,36 +8,24 @@ a credential switch per CREATE, or a handle-held directory opened and closed aga
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dissectors import fuse as F
 from dissectors import ring
-from fsinspect.guest import launcher
 from fsinspect.guest.share import make_share
-from fsinspect.rerun.front import F_INDIRECT_DESC, F_PROTOCOL, F_VERSION_1, Front, Negotiation
+from fsinspect.rerun.front import Front
 from tests.conftest import require_root
 from tests.pipes import read_line
+from tests.vhostkit import cli_daemon, fuse_ok, unique
 
 pytestmark = pytest.mark.root
 N = 200
-_UNIQUE = itertools.count(1)
-
-
-def _fuse(front: Front, op: str, args: dict[str, Any] | None = None, nodeid: int = 1) -> F.Reply:
-    raw = F.encode_request(op, args, unique=next(_UNIQUE), nodeid=nodeid)
-    rep = F.decode_reply(front.roundtrip(raw), F.decode_request(raw))
-    assert isinstance(rep, F.Reply) and rep.error == 0, (op, rep)
-    return rep
 
 
 @pytest.fixture
@@ -46,26 +34,11 @@ def daemon(tmp_path: Path) -> Iterator[tuple[int, Front]]:
     require_root()
     if not os.path.exists("/usr/bin/strace"):
         pytest.fail("strace is missing (scripts/setup installs it)")
-    with make_share(root_tmpfs_mb=64) as share, launcher.short_tmpdir() as work:
+    with make_share(root_tmpfs_mb=64) as share:
         (share.root / "d").mkdir()
         (share.root / "d" / "f").write_bytes(b"x")
-        sock = work / "d.sock"
-        proc = subprocess.Popen([sys.executable, "-m", "fsinspect", "daemon", f"--socket-path={sock}", "-o",
-                                 f"source={share.root}", "--log-level", "error"], stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 20
-            while not sock.exists():
-                assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not start"
-                time.sleep(0.02)
-            front = Front(sock, Negotiation(features=F_VERSION_1 | F_INDIRECT_DESC | F_PROTOCOL))
-            try:
-                _fuse(front, "INIT", {"init": F.make("fuse_init_in", major=7, minor=38, flags=0)}, nodeid=0)
-                yield proc.pid, front
-            finally:
-                front.close()
-        finally:
-            launcher.stop_process(proc)
+        with cli_daemon(share.root) as (proc, front):
+            yield proc.pid, front
 
 
 def _count(pid: int, work: Callable[[], None]) -> dict[str, int]:
@@ -98,43 +71,43 @@ def _per_request(calls: dict[str, int]) -> float:
 
 def test_getattr_lookup_create_syscall_budgets(daemon: tuple[int, Front]) -> None:
     pid, front = daemon
-    d = _fuse(front, "LOOKUP", {"name": b"d"}).args["entry"].nodeid  # a handle-held directory
-    f = _fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d).args["entry"].nodeid
-    _fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d)  # warm: the directory's fd is cached from here
+    d = fuse_ok(front, "LOOKUP", {"name": b"d"}).args["entry"].nodeid  # a handle-held directory
+    f = fuse_ok(front, "LOOKUP", {"name": b"f"}, nodeid=d).args["entry"].nodeid
+    fuse_ok(front, "LOOKUP", {"name": b"f"}, nodeid=d)  # warm: the directory's fd is cached from here
     getattr_in = {"getattr": F.make("fuse_getattr_in")}
     create_in = F.make("fuse_create_in", flags=os.O_RDWR | os.O_CREAT | os.O_EXCL, mode=0o100644, umask=0o022)
     made: list[tuple[int, int]] = []
 
     def creates() -> None:
         for i in range(N):
-            r = _fuse(front, "CREATE", {"create": create_in, "name": b"c%d" % i}, nodeid=d)
+            r = fuse_ok(front, "CREATE", {"create": create_in, "name": b"c%d" % i}, nodeid=d)
             made.append((r.args["entry"].nodeid, r.args["open"].fh))
 
     ops: dict[str, tuple[Callable[[], None], float]] = {
         # epoll_wait + fstat/statx ... + eventfd write; a handle-held file too: one fstat of the O_PATH fd its
         # LOOKUP cached (it was open_by_handle_at + fstat + close)
-        "GETATTR of the root": (lambda: [_fuse(front, "GETATTR", getattr_in) for _ in range(N)] and None, 3.2),
+        "GETATTR of the root": (lambda: [fuse_ok(front, "GETATTR", getattr_in) for _ in range(N)] and None, 3.2),
         "GETATTR of a handle-held file": (
-            lambda: [_fuse(front, "GETATTR", getattr_in, nodeid=f) for _ in range(N)] and None, 3.2),
+            lambda: [fuse_ok(front, "GETATTR", getattr_in, nodeid=f) for _ in range(N)] and None, 3.2),
         # statx by name, nothing for the cached directory; no name_to_handle_at: the known inode's cached fd
         # pins it, so its key is its identity
         "LOOKUP in a handle-held directory": (
-            lambda: [_fuse(front, "LOOKUP", {"name": b"f"}, nodeid=d) for _ in range(N)] and None, 3.2),
+            lambda: [fuse_ok(front, "LOOKUP", {"name": b"f"}, nodeid=d) for _ in range(N)] and None, 3.2),
         # openat + statx + fcntl(F_SETFL) + name_to_handle_at; no credential switch for root's request
         "CREATE in a handle-held directory": (creates, 6.2),
         # a name whose inode was forgotten (the guest's cold stat): after two such in a row the name is opened
         # first and stat-ed on the fd, openat + statx + name_to_handle_at, no statx by name before (the first
         # two: 4 calls each)
         "LOOKUP of a new inode": (
-            lambda: [_fuse(front, "LOOKUP", {"name": b"c%d" % i}, nodeid=d) for i in range(N)] and None, 5.2),
+            lambda: [fuse_ok(front, "LOOKUP", {"name": b"c%d" % i}, nodeid=d) for i in range(N)] and None, 5.2),
     }
     seen: dict[str, tuple[float, dict[str, int]]] = {}
     for name, (work, budget) in ops.items():
         if name == "LOOKUP of a new inode":  # the created files closed and forgotten: their inodes are gone
             for nodeid, fh in made:
-                _fuse(front, "RELEASE", {"release": F.make("fuse_release_in", fh=fh, flags=os.O_RDWR)}, nodeid=nodeid)
+                fuse_ok(front, "RELEASE", {"release": F.make("fuse_release_in", fh=fh, flags=os.O_RDWR)}, nodeid=nodeid)
                 front.submit(0, F.encode_request("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)},
-                                                 unique=next(_UNIQUE), nodeid=nodeid), 0, None)
+                                                 unique=unique(), nodeid=nodeid), 0, None)
                 while front.in_flight():
                     front.poll(1.0)
         calls = _count(pid, work)
@@ -154,7 +127,7 @@ def test_a_guest_sized_write_is_one_pwritev_from_guest_memory(daemon: tuple[int,
     call's eventfd write."""
     pid, front = daemon
     create_in = F.make("fuse_create_in", flags=os.O_RDWR | os.O_CREAT, mode=0o100644, umask=0o022)
-    r = _fuse(front, "CREATE", {"create": create_in, "name": b"w"})
+    r = fuse_ok(front, "CREATE", {"create": create_in, "name": b"w"})
     node, fh = r.args["entry"].nodeid, r.args["open"].fh
     data = os.urandom(124 * 4096)
     args = [{"write": F.make("fuse_write_in", fh=fh, offset=(i % 8) * len(data), size=len(data)), "data": data}
@@ -162,7 +135,7 @@ def test_a_guest_sized_write_is_one_pwritev_from_guest_memory(daemon: tuple[int,
 
     def writes() -> None:
         for a in args:
-            assert _fuse(front, "WRITE", a, nodeid=node).args["write_out"].size == len(data)
+            assert fuse_ok(front, "WRITE", a, nodeid=node).args["write_out"].size == len(data)
 
     calls = _count(pid, writes)
     want, not_want = ("pwritev", "pwrite64") if ring.BACKEND == "c" else ("pwrite64", "pwritev")
