@@ -756,6 +756,11 @@ def test_the_c_inode_is_its_twin_the_dataclass() -> None:
     for bad in (b"short", handle + b"x"):  # not a whole struct file_handle
         with pytest.raises(ValueError):
             _fast.Inode(1, 1, 1, 1, 1, 0, handle=bad)
+    fixed = _fast.Inode(1, 1, 1, 1, 1, 0, mount=mount)
+    for name in ("nodeid", "generation", "dev", "ino", "mnt_id", "mode", "handle", "mount", "parent_mnt_id"):
+        with pytest.raises(AttributeError):  # what identifies it is fixed when it is made (the C never sees it unset)
+            delattr(fixed, name)
+    assert fixed.mount is mount
 
 
 def test_the_c_serves_only_its_own_inodes(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -358,11 +358,6 @@ static PyObject *inode_get_handle(PyObject *op, void *unused) {
     return PyBytes_FromStringAndSize((const char *)self->handle.raw, (Py_ssize_t)self->handle_len);
 }
 
-static int inode_put_handle(PyObject *op, PyObject *v, void *unused) {
-    (void)unused;
-    return inode_set_handle(INODE(op), v);
-}
-
 static PyObject *inode_key(PyObject *op, void *unused) {
     (void)unused;
     InodeObject *self = INODE(op);
@@ -387,17 +382,20 @@ static PyObject *inode_repr(PyObject *op) {
     return r;
 }
 
-#define INODE_MEMBER(name, type) {#name, type, offsetof(InodeObject, name), 0, NULL}
+/* What identifies the inode is fixed at its making (read-only: never unset under the C); the rest is the store's. */
+#define INODE_MEMBER(name, type, flags) {#name, type, offsetof(InodeObject, name), flags, NULL}
 static PyMemberDef inode_members[] = {
-    INODE_MEMBER(nodeid, T_ULONGLONG),    INODE_MEMBER(generation, T_ULONGLONG), INODE_MEMBER(dev, T_ULONGLONG),
-    INODE_MEMBER(ino, T_ULONGLONG),       INODE_MEMBER(mnt_id, T_ULONGLONG),     INODE_MEMBER(mode, T_UINT),
-    INODE_MEMBER(fd, T_INT),              INODE_MEMBER(mount, T_OBJECT),         INODE_MEMBER(nlookup, T_LONGLONG),
-    INODE_MEMBER(parent_mnt_id, T_ULONGLONG), INODE_MEMBER(cached_fd, T_INT),    INODE_MEMBER(lent, T_LONGLONG),
-    INODE_MEMBER(used, T_BOOL),           {NULL, 0, 0, 0, NULL},
+    INODE_MEMBER(nodeid, T_ULONGLONG, READONLY),  INODE_MEMBER(generation, T_ULONGLONG, READONLY),
+    INODE_MEMBER(dev, T_ULONGLONG, READONLY),     INODE_MEMBER(ino, T_ULONGLONG, READONLY),
+    INODE_MEMBER(mnt_id, T_ULONGLONG, READONLY),  INODE_MEMBER(mode, T_UINT, READONLY),
+    INODE_MEMBER(mount, T_OBJECT, READONLY),      INODE_MEMBER(parent_mnt_id, T_ULONGLONG, READONLY),
+    INODE_MEMBER(fd, T_INT, 0),                   INODE_MEMBER(nlookup, T_LONGLONG, 0),
+    INODE_MEMBER(cached_fd, T_INT, 0),            INODE_MEMBER(lent, T_LONGLONG, 0),
+    INODE_MEMBER(used, T_BOOL, 0),                {NULL, 0, 0, 0, NULL},
 };
 
 static PyGetSetDef inode_getset[] = {
-    {"handle", inode_get_handle, inode_put_handle, "the file handle's bytes, or None (held by its O_PATH fd)", NULL},
+    {"handle", inode_get_handle, NULL, "the file handle's bytes, or None (held by its O_PATH fd)", NULL},
     {"key", inode_key, NULL, "(dev, ino, mnt_id): its identity in the store", NULL},
     {"is_dir", inode_is_dir, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
