@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import json
 import logging
 import os
 import stat
@@ -1074,3 +1075,49 @@ def test_a_run_of_new_inodes_byte_for_byte_as_python(twins: Any, share: Path, ha
         assert raw is not None and t.last_fast(), name
         assert _tables(t.fs_c) == _tables(t.fs_py), name
     assert t.fs_c.store.get(cold).nlookup == 2  # the first LOOKUP and '.'
+
+
+# A CREATE on the fast path with file handles off whose new inode cannot get its O_PATH twin of the open file
+# (EMFILE: one fd left below the limit, which the open itself took).  Run in a process of its own: the fd limit
+# is the process's, and the reference count this guards would abort the interpreter.
+_NO_TWIN = """
+import json, os, resource, sys
+from concurrent.futures import ThreadPoolExecutor
+from daemon.passthrough import HandleMode, Options, PassthroughFS
+from daemon.server import Server
+from dissectors import fuse as F
+from tests.daemon_client import EngineClient
+
+c = EngineClient(Server(PassthroughFS(Options(sys.argv[1], inode_file_handles=HandleMode.NEVER))),
+                 via=ThreadPoolExecutor(max_workers=1))
+c.init()
+args = {"create": F.make("fuse_create_in", flags=os.O_RDWR | os.O_CREAT, mode=0o100644, umask=0, open_flags=0),
+        "name": b"f"}
+c.ok("CREATE", {**args, "name": b"g"}, nodeid=1)  # the serving thread ready to create (its umask 0)
+reqs = [c.encode("CREATE", args, nodeid=1) for _ in range(int(sys.argv[2]))]
+fill = [os.open("/dev/null", os.O_RDONLY)]
+while fill[-1] < 200:
+    fill.append(os.open("/dev/null", os.O_RDONLY))
+resource.setrlimit(resource.RLIMIT_NOFILE, (fill[-1] + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+os.close(fill.pop())
+before = sys.getrefcount(None)
+errors = {int.from_bytes(c.raw(r)[4:8], "little", signed=True) for r in reqs}
+after = sys.getrefcount(None)
+print(json.dumps([sorted(errors), after - before, sum(c.server._fast.counts()[0].values())]))
+"""
+
+
+def test_a_create_without_an_fd_for_its_inode_leaves_none_alone(tmp_path: Path) -> None:
+    """Each such CREATE (EMFILE, as Python answers it) released a reference to None that add_locked never
+    took: a guest that filled the daemon's fd table could crash it ("deallocating None") with ~10,000 of them.
+    Fails before: None's count fell by one per CREATE and the interpreter aborted at exit."""
+    if not _native_built():
+        pytest.skip("the C fast path is not built")
+    n = 3000
+    r = subprocess.run([sys.executable, "-c", _NO_TWIN, str(tmp_path), str(n)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    errors, drift, served = json.loads(r.stdout)
+    assert errors == [-errno.EMFILE], r.stdout
+    assert served == n + 1, f"not all on the fast path: {r.stdout}"  # the first CREATE and the n refused
+    assert abs(drift) < n // 10, f"None's reference count moved by {drift} over {n} refused CREATEs"

@@ -936,9 +936,9 @@ static int add_locked(void *arg) {
             return a->python ? 0 : -1;
         }
     } else {
-        a->mount = Py_None;
         keep = a->owned ? a->fd : path_twin(a->store, a->fd);
-        if (keep < 0) return -1;
+        if (keep < 0) return -1; /* a->mount still NULL: store_add releases no reference it never took */
+        a->mount = Py_None;
     }
     Py_INCREF(a->mount);
     long long generation, next, refs, max;
