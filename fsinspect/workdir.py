@@ -132,9 +132,16 @@ class Stopped(BaseException):
         os.kill(os.getpid(), self.signum)
 
 
+def not_ignored(*signums: int) -> list[int]:
+    """Those of `signums` this process does not ignore.  One ignored when it started stays ignored, as whoever
+    started it asked: nohup's SIGHUP, the SIGINT of a shell script's background job (Python leaves an ignored
+    SIGINT alone for the same reason)."""
+    return [s for s in signums if signal.getsignal(s) is not signal.SIG_IGN]
+
+
 def unwind_on(*signums: int) -> None:
-    """Make each of `signums` raise Stopped in the main thread, once: a second one while the first is being
-    cleaned up after does not cut that short (SIGKILL still ends it at once)."""
+    """Make each of `signums` (not ignored: `not_ignored`) raise Stopped in the main thread, once: a second one
+    while the first is being cleaned up after does not cut that short (SIGKILL still ends it at once)."""
     fired: list[int] = []
 
     def handler(signum: int, _frame: FrameType | None) -> None:
@@ -142,5 +149,5 @@ def unwind_on(*signums: int) -> None:
             fired.append(signum)
             raise Stopped(signum)
 
-    for s in signums:
+    for s in not_ignored(*signums):
         signal.signal(s, handler)

@@ -49,9 +49,9 @@ def wait_for_workdir(p: subprocess.Popen[bytes], prefix: str, also: Path | None 
     return d
 
 
-def _rerun_against_a_mute_backend(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def _rerun_against_a_mute_backend(work: Path, *, nohup: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
     cmd = shlex.join([sys.executable, "-c", MUTE_BACKEND]) + " {socket}"
-    p = subprocess.Popen([sys.executable, "-m", "fsinspect", "rerun", str(SAMPLE), "--backend-cmd", cmd,
+    p = subprocess.Popen([*(["nohup"] if nohup else []), sys.executable, "-m", "fsinspect", "rerun", str(SAMPLE), "--backend-cmd", cmd,
                           "--allow-snapped", "--timeout", "60"], stdin=subprocess.DEVNULL, cwd=work,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -176,3 +176,54 @@ def test_a_sweep_leaves_live_runs_others_and_mounts_alone() -> None:
         assert dead in sweep() and not dead.exists()
     finally:
         shutil.rmtree(dead, ignore_errors=True)
+
+
+def test_a_rerun_started_under_nohup_outlives_a_hangup() -> None:
+    """A stop signal ignored when the run started (nohup's SIGHUP) stays ignored: the rerun goes on, and a
+    SIGTERM still ends it cleanly.  Fails before: unwind_on's handler replaced nohup's SIG_IGN and the hangup
+    killed it."""
+    with short_tmpdir() as work:
+        p, d = _rerun_against_a_mute_backend(work, nohup=True)
+        try:
+            time.sleep(0.3)
+            p.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+            assert p.poll() is None, f"ended by a SIGHUP it was started to ignore: {p.returncode}"
+            assert d.exists()
+            p.send_signal(signal.SIGTERM)
+            rc = p.wait(15)
+            err = p.stderr.read().decode() if p.stderr else ""
+            assert rc == -signal.SIGTERM and "Traceback" not in err, (rc, err)
+            assert not d.exists(), f"{d} left: {sorted(os.listdir(d))}"
+        finally:
+            stop_process(p)
+
+
+def test_a_serving_proxy_started_under_nohup_outlives_a_hangup() -> None:
+    """The same for the proxy once serving (waiting for QEMU, its back-end started): its stop handlers leave
+    an ignored SIGHUP ignored.  Fails before: the hangup stopped it."""
+    with short_tmpdir() as work:
+        listen, be = work / "p.sock", work / "be.sock"
+        cmd = shlex.join([sys.executable, "-c", MUTE_BACKEND, str(be)])
+        p = subprocess.Popen(["nohup", sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
+                              "--backend", str(be), "--backend-cmd", cmd, "--quiet"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
+        try:
+            d = wait_for_workdir(p, "fsi-proxy-", also=listen)
+            children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+            deadline = time.monotonic() + 20
+            while not children.read_text().split():  # its back-end started: the session's handlers are set
+                assert p.poll() is None and time.monotonic() < deadline, "the proxy never started its back-end"
+                time.sleep(0.02)
+            p.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+            assert p.poll() is None, f"ended by a SIGHUP it was started to ignore: {p.returncode}"
+            p.send_signal(signal.SIGTERM)
+            rc = p.wait(15)
+            err = p.stderr.read().decode() if p.stderr else ""
+            assert rc == 0 and "Traceback" not in err, (rc, err)
+            assert not d.exists(), f"{d} left: {sorted(os.listdir(d))}"
+            assert not listen.exists(), "the --listen socket was left"
+        finally:
+            stop_process(p)

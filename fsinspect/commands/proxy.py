@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..intercept.cli import add_intercept_options, intercept_from_args
 from ..live.addons import add_debugger
 from ..recording.options import add_record_options, writer_options
-from ..workdir import short_tmpdir, unwind_on
+from ..workdir import not_ignored, short_tmpdir, unwind_on
 from ._stuck import add_stuck_option, stuck_ns
 
 if TYPE_CHECKING:
@@ -161,8 +161,8 @@ def _serve(args: argparse.Namespace, record: dict[str, Any], stuck: int, interce
         _close_listener(args, listener)
         raise
     # SIGTERM (a service manager), SIGHUP (its terminal gone) and SIGINT end the run in every state, within a
-    # second: the proxy's waits all watch its stop fd (see Proxy.stop).
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    # second: the proxy's waits all watch its stop fd (see Proxy.stop).  One ignored since start (nohup) is not.
+    for sig in not_ignored(signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda *_: session.proxy.stop())
     if intercept is not None:
         add_debugger(session.pipeline, intercept, session, exchange_of=session.exchange_of,
