@@ -49,11 +49,20 @@ def wait_for_workdir(p: subprocess.Popen[bytes], prefix: str, also: Path | None 
     return d
 
 
+def _default_stop_signals() -> None:
+    """In the child: SIGTERM, SIGHUP and SIGINT as a terminal leaves them, whatever the test runner ignores (a
+    run started with one ignored keeps it ignored)."""
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _rerun_against_a_mute_backend(work: Path, *, nohup: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
+    """A rerun waiting on a back-end that never answers (under nohup: SIGHUP ignored from its start)."""
     cmd = shlex.join([sys.executable, "-c", MUTE_BACKEND]) + " {socket}"
-    p = subprocess.Popen([*(["nohup"] if nohup else []), sys.executable, "-m", "fsinspect", "rerun", str(SAMPLE), "--backend-cmd", cmd,
-                          "--allow-snapped", "--timeout", "60"], stdin=subprocess.DEVNULL, cwd=work,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    p = subprocess.Popen([*(["nohup"] if nohup else []), sys.executable, "-m", "fsinspect", "rerun", str(SAMPLE),
+                          "--backend-cmd", cmd, "--allow-snapped", "--timeout", "60"], stdin=subprocess.DEVNULL,
+                         cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=_default_stop_signals)
     try:
         d = wait_for_workdir(p, "fsi-rerun-", also=None)
         deadline = time.monotonic() + 20
@@ -208,7 +217,7 @@ def test_a_serving_proxy_started_under_nohup_outlives_a_hangup() -> None:
         p = subprocess.Popen(["nohup", sys.executable, "-m", "fsinspect", "proxy", "--listen", str(listen),
                               "--backend", str(be), "--backend-cmd", cmd, "--quiet"],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=_default_stop_signals)
         try:
             d = wait_for_workdir(p, "fsi-proxy-", also=listen)
             children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
