@@ -98,13 +98,16 @@ class OracleServer:
                 if again != raw:
                     self.reencode_mismatch.append(f"{req.op.name}: {raw.hex()} != {again.hex()}")
                 reply = self.answer(req)
-                if reply is not None:
-                    self.replies.append(F.decode_reply(reply, req))  # type: ignore[arg-type]
-                    self.dev.write(reply)
+                # Recorded before the reply goes out: once a client's call returns, what it caused is here
+                # (appended after the write, a STATX could be missed by a test reading on stat's exit).
                 with self.seen:
                     self.requests.append(req)
                     self.raw.append(raw)
+                    if reply is not None:
+                        self.replies.append(F.decode_reply(reply, req))  # type: ignore[arg-type]
                     self.seen.notify_all()
+                if reply is not None:
+                    self.dev.write(reply)
         except BaseException as e:  # surfaced by the test
             self.errors.append(e)
 
