@@ -87,7 +87,7 @@ GIL_SYMS = re.compile(r"^(take_gil|drop_gil|PyEval_RestoreThread|PyEval_SaveThre
 FAST_ENCODE = re.compile(r"^(attr_from_stat|attr_from_statx|split_timeout|reply_new|reply_error|entry_out|"
                          r"fill_entry|encode)")
 FAST_FS = re.compile(r"^(inode_of|handle_of|path_fd|path_fd_done|do_fstat|statx_at|same_inode|adopt|under_lock|"
-                     r"account_lookup|fs_timeout|get_long)")
+                     r"account_lookup|fs_timeout|get_long|lend|lend_locked|give_back|give_back_locked)")
 # Python-level stage of a frame, innermost project frame first.
 PY_ENCODE = re.compile(r"(^|\.)(encode\w*|_attr_values|_entry_values|_split_timeout|attr_from_stat|_open_out|"
                        r"pack\w*)$")

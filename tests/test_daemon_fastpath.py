@@ -902,15 +902,18 @@ def test_forget_byte_for_byte_as_python(twins: Any, share: Path, handles: Handle
     forget(huge, 1 << 63, "a count past a signed 64-bit nlookup")
     assert huge not in t.fs_c.store
 
-    # Forgotten while an op has its cached fd (handles: a directory's): the last user closes it.
+    # Forgotten while an op has its fd lent (handles: a directory's cached fd; without: its own O_PATH fd): the
+    # last user closes it (the C leaves such a forget to Python).
     d = look(1, b"dir")
-    with t.fs_c.store.path_fd(t.fs_c.store.get(d)) as fd_c, t.fs_py.store.path_fd(t.fs_py.store.get(d)) as fd_py:
-        lent = t.fs_c.store.get(d).lent
-        assert lent == (1 if handles is HandleMode.PREFER else 0)
+    ino_c, ino_py = t.fs_c.store.get(d), t.fs_py.store.get(d)
+    with t.fs_c.store.path_fd(ino_c) as fd_c, t.fs_py.store.path_fd(ino_py) as fd_py:
+        assert ino_c.lent == ino_py.lent == 1
         forget(d, 1, "forgotten while lent")
-        if lent:  # (an inode held by its own fd closes it, on both paths)
-            assert os.fstat(fd_c).st_ino == os.fstat(fd_py).st_ino == (share / "dir").stat().st_ino
-    assert d not in t.fs_c.store
+        assert os.fstat(fd_c).st_ino == os.fstat(fd_py).st_ino == (share / "dir").stat().st_ino
+    assert d not in t.fs_c.store and ino_c.lent == ino_py.lent == 0
+    for fd in (fd_c, fd_py):
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
     # Batches: the root, an unknown nodeid, a submount's last two inodes (its mount fd goes), a partial
     # forget, an over-forget of what is left, a forget of 0, the same nodeid to zero and once more.

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 from daemon.passthrough import CacheMode, HandleMode, Options, PassthroughFS
 from daemon.passthrough import fs as fs_module
+from daemon.passthrough.inodes import InodeStore, MountFd
 from daemon.sandbox import enter as enter_sandbox
 from daemon.server import Server
 from dissectors import fuse as F
@@ -354,6 +357,147 @@ def test_a_directory_forgotten_while_in_use_is_closed_by_its_last_user(engine: F
     assert ino.lent == 0 and len(os.listdir("/proc/self/fd")) == fds_before
     with pytest.raises(OSError):
         os.fstat(fd1)
+
+
+# ---------------------------------------------------------------- a hostile guest's FORGET racing a request
+# A kernel never FORGETs an inode while a request on it is in flight; a hostile guest can, on the hiprio queue.
+# The request must keep the inode's fds (its O_PATH fd, its mount's fd) until it is done: closed at the FORGET,
+# the number goes to the daemon's next open (a recording part, a log), and the request runs on that file.  The
+# hooks below run on the real code path, between the request's lookup of the inode and its use of the fd: the
+# FORGET is served from another thread (as the hiprio queue's), then the daemon opens a file of its own, which
+# takes the forgotten fd's number if it is free (F_DUPFD: the lowest free fd at or above it).
+
+
+class _ProcHookStore(InodeStore):
+    """The store, with a hook run once when its procfs prefix is next read: OPEN reads it to reopen an O_PATH-held
+    inode through /proc/self/fd/N, after it has found the inode (the C has read N by then; Python has checked it)."""
+
+    @property
+    def proc(self) -> str:
+        hook = self.__dict__.pop("hook", None)
+        if hook is not None:
+            hook()
+        return str(self.__dict__["_proc"])
+
+    @proc.setter
+    def proc(self, value: str) -> None:
+        self.__dict__["_proc"] = value
+
+
+class _FdHookMount(MountFd):
+    """A MountFd whose fd, once read, runs the hook (the value is read first: then the reader lets the GIL go)."""
+
+    __slots__ = ()
+    hooks: list[Callable[[], None]] = []
+
+    @property  # type: ignore[override]
+    def fd(self) -> int:
+        value = int(MountFd.fd.__get__(self))  # type: ignore[attr-defined]
+        while self.hooks:
+            self.hooks.pop()()
+        return value
+
+    @fd.setter
+    def fd(self, value: int) -> None:
+        MountFd.fd.__set__(self, value)  # type: ignore[attr-defined]
+
+
+def _forget_then_open(server: Server, forget: bytes, fd: int, secret: Path, taken: list[int]) -> Callable[[], None]:
+    own = os.open(secret, os.O_RDONLY | os.O_CLOEXEC)  # opened now: the hook's dup below is the only new fd
+    taken.append(own)
+
+    def hook() -> None:
+        th = threading.Thread(target=server.handle, args=(forget, lambda parts: None, 0))
+        th.start()
+        th.join()
+        taken.append(fcntl.fcntl(own, fcntl.F_DUPFD_CLOEXEC, fd))
+    return hook
+
+
+def test_a_forget_racing_an_open_leaves_the_inodes_fd_to_the_open(engine: Factory, tmp_path: Path) -> None:
+    """OPEN of an O_PATH-held inode (handles off) reopens it through /proc/self/fd/N; a FORGET of it to zero in
+    between must not close N under it.  Before: the C path opened the daemon's own file (its READ gave the
+    secret), the Python path answered ENOENT; now both open the shared file, and N is closed when the OPEN ends."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"shared")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the daemon's own file")
+    c = engine(share, inode_file_handles=HandleMode.NEVER)
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    f = c.nodeid(1, b"f")
+    ino = fs.store.get(f)
+    n = ino.fd
+    assert n >= 0
+    taken: list[int] = []
+    forget = c.encode("FORGET", {"forget": F.make("fuse_forget_in", nlookup=1)}, nodeid=f)
+    store = fs.store
+    store.__dict__["_proc"] = store.__dict__.pop("proc")
+    store.__class__ = _ProcHookStore
+    store.__dict__["hook"] = _forget_then_open(c.server, forget, n, secret, taken)
+    try:
+        fh = c.open(f, os.O_RDONLY)
+        assert len(taken) == 2 and "hook" not in store.__dict__  # the FORGET came in the middle of the OPEN
+        assert c.read(f, fh, 100) == b"shared"  # (before, in C: b"the daemon's own file")
+        assert f not in store and ino.lent == 0 and ino.fd == -1
+        assert taken[1] != n  # the OPEN kept N open: the daemon's own open got another number
+        with pytest.raises(OSError) as e:
+            os.fstat(n)  # closed by the OPEN, its last user
+        assert e.value.errno == errno.EBADF
+        c.release(f, fh)
+    finally:
+        for fd in taken:
+            os.close(fd)
+        store.__class__ = InodeStore
+        store.__dict__["proc"] = store.__dict__.pop("_proc")
+    assert c.call("GETATTR", {"getattr": F.make("fuse_getattr_in")}, nodeid=f).errname == "EBADF"
+
+
+def test_a_forget_racing_a_handle_open_leaves_the_mount_fd_to_it(engine: Factory, tmp_path: Path) -> None:
+    """OPEN of a handle-held file on a submount opens its handle against the mount's fd; a BATCH_FORGET of every
+    inode on that mount in between must not close the mount fd under it (before: its number went to the
+    daemon's own file, on another filesystem, and the OPEN failed with ESTALE; now the OPEN opens the file)."""
+    share = tmp_path / "share"
+    (share / "sub").mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the daemon's own file")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "fsinspect-fdlife", str(share / "sub")], check=True)
+    try:
+        (share / "sub" / "deep").write_bytes(b"on the submount")
+        c = engine(share, inode_file_handles=HandleMode.PREFER)
+        fs = c.server.fs
+        assert isinstance(fs, PassthroughFS)
+        sub = c.nodeid(1, b"sub")
+        deep = c.nodeid(sub, b"deep")
+        ino = fs.store.get(deep)
+        if ino.handle is None:
+            pytest.skip("no file handles here (needs CAP_DAC_READ_SEARCH)")
+        mount = ino.mount
+        assert mount is not None and mount.refs == 2 and fs.store.get(sub).mount is mount
+        mfd = mount.fd
+        forgets = [F.make("fuse_forget_one", nodeid=deep, nlookup=1), F.make("fuse_forget_one", nodeid=sub, nlookup=1)]
+        batch = c.encode("BATCH_FORGET", {"batch": F.make("fuse_batch_forget_in", count=2), "forgets": forgets})
+        taken: list[int] = []
+        mount.__class__ = _FdHookMount
+        _FdHookMount.hooks.append(_forget_then_open(c.server, batch, mfd, secret, taken))
+        try:
+            fh = c.open(deep, os.O_RDONLY)
+            assert len(taken) == 2
+            assert c.read(deep, fh, 100) == b"on the submount"
+            assert deep not in fs.store and sub not in fs.store and mount.mnt_id not in fs.store._mounts
+            assert taken[1] != mfd  # kept open by the OPEN
+            with pytest.raises(OSError) as e:
+                os.fstat(mfd)  # closed with the mount's last inode, by the OPEN that had it lent
+            assert e.value.errno == errno.EBADF
+            c.release(deep, fh)
+        finally:
+            _FdHookMount.hooks.clear()
+            mount.__class__ = MountFd
+            for fd in taken:
+                os.close(fd)
+    finally:
+        _libc.umount2(str(share / "sub").encode(), 2)
 
 
 def test_mandatory_fails_clearly_without_handles(engine: Factory) -> None:

@@ -22,7 +22,8 @@
  * (only a thread holding the GIL can evict or close it), and marked used for the cache's second chance; a
  * GETATTR that opened a handle-held inode from its handle gives the fd to the store's cache (keep_fd).  An
  * inode's own O_PATH fd and an fd opened from a handle are used with the GIL released, as the Python path
- * does.
+ * does, with the inode lent meanwhile (InodeStore._lend: a FORGET then leaves its fd and its mount's fd open
+ * for the op, the last user closes them).
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -91,7 +92,7 @@ static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_
     *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
     *S_readonly, *S_find_or_add, *S_next_fh, *S_fopen_file, *S_fopen_dir, *S_writeback, *S_passthrough,
     *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc, *S_chain_for, *S_writable, *S_in_place, *S_used,
-    *S_keep_fd, *S_drop_cached_fd, *S_ino, *S_lent, *S_refs, *S_cached, *S_mounts,
+    *S_keep_fd, *S_drop_cached_fd, *S_ino, *S_lent, *S_orphans, *S_settle_locked, *S_refs, *S_cached, *S_mounts,
     *S_generation_, *S_next_id, *S_fd_cache_max, *S_evict_locked;
 
 /* This thread's answer from fs._prepare_thread (Python keeps the same in a threading.local): 0 not asked
@@ -446,22 +447,94 @@ typedef struct {
     int own;         /* fd was opened here (from the handle): close it */
     int gil;         /* fd is the cached directory fd: use it with the GIL held */
     long long mode;
+    PyObject *lent;  /* the store, while the inode is lent (a reference to each): path_fd_done gives it back */
 } PathFd;
 
 static int open_from_handle(PyObject *store, PyObject *inode, PathFd *p, int *err);
 static int unpinned(PyObject *store, PyObject *inode, int fd, int *again);
+static int under_lock(PyObject *store, int (*call)(void *), void *arg);
 
-/* inodes.PathFd without side effects: the inode's O_PATH fd, its cached directory fd, or (a file) an fd
- * opened from its handle.  1: ready; 0: fall back (a directory without a cached fd: Python opens and
- * caches it); -1 with errno in *err: the open failed (answered as Python would); -2: a Python error. */
+/* ------------------------------------------------------------------ lending (InodeStore._lend, _give_back) */
+/* An op that uses an inode's O_PATH fd or its mount's fd with the GIL let go lends the inode first, under the
+ * store's lock, and gives it back at its end: a FORGET meanwhile (a hostile guest's, on the hiprio queue) then
+ * leaves the fds open for the last user to close, as the C virtiofsd's lo_inode refcount does, so the fd's
+ * number cannot be reused under the op by the daemon's next open.  A cached fd used with the GIL held needs no
+ * lending (only a thread holding the GIL closes one).  The root's fd lives as long as the store. */
+typedef struct {
+    PyObject *store, *inode;
+    int ok;
+} Lending;
+
+static int lend_locked(void *arg) {
+    Lending *l = arg;
+    InodeObject *ino = INODE(l->inode);
+    l->ok = ino->nlookup > 0;
+    if (l->ok) ino->lent++;
+    return 0;
+}
+
+/* 1 lent (a reference to the inode and the store taken), 0 forgotten already (Python's: EBADF), -1 error. */
+static int lend(PyObject *store, PyObject *inode) {
+    Lending l = {store, inode, 0};
+    if (under_lock(store, lend_locked, &l) < 0) return -1;
+    if (l.ok) {
+        Py_INCREF(store);
+        Py_INCREF(inode);
+    }
+    return l.ok;
+}
+
+static int give_back_locked(void *arg) {
+    Lending *l = arg;
+    InodeObject *ino = INODE(l->inode);
+    if (--ino->lent != 0) return 0;
+    if (ino->nlookup > 0) {
+        PyObject *orphans = PyObject_GetAttr(l->store, S_orphans);
+        if (orphans == NULL) return -1;
+        Py_ssize_t n = PyObject_Length(orphans);
+        Py_DECREF(orphans);
+        if (n <= 0) return (int)n;
+    }
+    PyObject *r = PyObject_CallMethodOneArg(l->store, S_settle_locked, l->inode); /* closes what was let go */
+    Py_XDECREF(r);
+    return r != NULL ? 0 : -1;
+}
+
+/* The end of a lending (the references lend took go): 0, or -1 with a Python error. */
+static int give_back(PyObject *store, PyObject *inode) {
+    Lending l = {store, inode, 0};
+    int rc = under_lock(store, give_back_locked, &l);
+    Py_DECREF(inode);
+    Py_DECREF(store);
+    return rc;
+}
+
+/* give_back on an error path: the Python error already set is kept (over one of the give-back's own). */
+static void give_back_keeping(PyObject *store, PyObject *inode) {
+    PyObject *exc_type, *exc_val, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_val, &exc_tb);
+    if (give_back(store, inode) < 0 && exc_type != NULL) PyErr_Clear();
+    if (exc_type != NULL) PyErr_Restore(exc_type, exc_val, exc_tb);
+}
+
+/* inodes.PathFd without side effects: the inode's O_PATH fd (the inode lent until path_fd_done), its cached
+ * directory fd, or (a file) an fd opened from its handle.  1: ready; 0: fall back (a directory without a cached
+ * fd: Python opens and caches it; an inode forgotten meanwhile); -1 with errno in *err: the open failed
+ * (answered as Python would); -2: a Python error. */
 static int path_fd(PyObject *store, PyObject *inode, PathFd *p, int *err) {
     InodeObject *ino = INODE(inode);
     p->inode = inode;
     p->fd = -1;
     p->own = p->gil = 0;
     p->mode = ino->mode;
+    p->lent = NULL;
     if (ino->fd >= 0) {
-        p->fd = ino->fd;
+        if (ino->nodeid != FUSE_ROOT_ID) {
+            int rc = lend(store, inode);
+            if (rc <= 0) return rc < 0 ? -2 : 0;
+            p->lent = store;
+        }
+        p->fd = ino->fd; /* read once lent: open until it is given back */
         return 1;
     }
     if (S_ISDIR(p->mode)) {
@@ -480,8 +553,12 @@ static int open_from_handle(PyObject *store, PyObject *inode, PathFd *p, int *er
     InodeObject *ino = INODE(inode);
     long long mfd = -1;
     if (!ino->handle_len || ino->mount == Py_None) return 0;
-    if (get_long(ino->mount, S_fd, &mfd) < 0) return -2;
-    /* a copy: the inode may be dropped (and freed) while the GIL is let go */
+    int rc = lend(store, inode); /* its mount's fd stays open while it is used */
+    if (rc <= 0) return rc < 0 ? -2 : 0;
+    if (get_long(ino->mount, S_fd, &mfd) < 0) {
+        give_back_keeping(store, inode);
+        return -2;
+    }
     union {
         struct file_handle fh;
         unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
@@ -494,6 +571,7 @@ static int open_from_handle(PyObject *store, PyObject *inode, PathFd *p, int *er
     Py_END_ALLOW_THREADS
     if (nfd >= 0 && unpinned(store, inode, nfd, &again) < 0) {
         close(nfd);
+        give_back_keeping(store, inode);
         return -2;
     }
     if (again) {
@@ -502,6 +580,10 @@ static int open_from_handle(PyObject *store, PyObject *inode, PathFd *p, int *er
         nfd = open_by_handle_at((int)mfd, &hb.fh, O_PATH | O_CLOEXEC);
         if (nfd < 0) e = errno;
         Py_END_ALLOW_THREADS
+    }
+    if (give_back(store, inode) < 0) {
+        if (nfd >= 0) close(nfd);
+        return -2;
     }
     if (nfd < 0) {
         *err = e;
@@ -520,7 +602,9 @@ static int unpinned(PyObject *store, PyObject *inode, int fd, int *again) {
     struct stat st;
     *again = 0;
     if (INODE(inode)->cached_fd < 0 || S_ISDIR(INODE(inode)->mode) || fstat(fd, &st) != 0 || st.st_nlink > 0) return 0;
-    PyObject *r = PyObject_CallMethodOneArg(store, S_drop_cached_fd, inode);
+    PyObject *one = PyLong_FromLong(1); /* the caller has the inode lent (open_from_handle, op_open) */
+    PyObject *r = one != NULL ? PyObject_CallMethodObjArgs(store, S_drop_cached_fd, inode, one, NULL) : NULL;
+    Py_XDECREF(one);
     if (r == NULL) return -1;
     Py_DECREF(r);
     *again = 1;
@@ -530,6 +614,10 @@ static int unpinned(PyObject *store, PyObject *inode, int fd, int *again) {
 static void path_fd_done(PathFd *p) {
     if (p->own && p->fd >= 0) close(p->fd);
     p->fd = -1;
+    PyObject *store = p->lent;
+    p->lent = NULL;
+    if (store != NULL && give_back(store, p->inode) < 0) /* the answer stands; the error is reported */
+        PyErr_WriteUnraisable(p->inode);
 }
 
 static int do_fstat(PathFd *p, struct stat *st) {
@@ -609,10 +697,12 @@ static int store_call(PyObject *store, PyObject *method, PyObject *inode, int fd
 static int inode_stat(PyObject *store, PyObject *inode, struct stat *st, int *err) {
     InodeObject *ino = INODE(inode);
     int fd = ino->fd, cached = ino->cached_fd;
-    PathFd p = {inode, -1, 0, 0, 0};
+    PathFd p = {inode, -1, 0, 0, 0, NULL};
     if (fd >= 0) {
-        p.fd = fd;
+        int rc = path_fd(store, inode, &p, err);
+        if (rc <= 0) return rc;
         *err = do_fstat(&p, st);
+        path_fd_done(&p);
         return *err ? -1 : 1;
     }
     if (cached >= 0) {
@@ -1060,7 +1150,7 @@ static int open_path(PathFd *p, const char *name, int *err) {
  * answer) or a Python error. */
 static PyObject *adopt_fd(FastPath *self, PyObject *store, int fd, PyObject *parent, struct statx *sx, int *err,
                           int *made) {
-    PathFd own = {NULL, fd, 0, 0, 0};
+    PathFd own = {NULL, fd, 0, 0, 0, NULL};
     int e = statx_at(&own, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, sx);
     if (e) {
         close(fd);
@@ -1471,7 +1561,7 @@ static PyObject *op_create(FastPath *self, const struct fuse_in_header *h, const
     }
     /* identity from the open file itself: no second walk of the name */
     struct statx sx;
-    PathFd own = {NULL, fd, 0, 0, 0};
+    PathFd own = {NULL, fd, 0, 0, 0, NULL};
     e = statx_at(&own, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, &sx);
     if (!e && !S_ISREG(sx.stx_mode)) e = EPERM; /* not a regular file */
     if (!e && !(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, (int)flags) != 0) e = errno;
@@ -1524,11 +1614,18 @@ static PyObject *op_open(FastPath *self, const struct fuse_in_header *h, const c
     PyObject *result = NULL, *proc = NULL;
     InodeObject *ino = INODE(inode);
     long long mfd = -1;
-    int ifd = ino->fd;
+    int lent = 0;
     if (is_dir ? !S_ISDIR(ino->mode) : !S_ISREG(ino->mode)) {
         result = fallback(self);
         goto out;
     }
+    if (ino->nodeid != FUSE_ROOT_ID) { /* its fd, or its mount's, stays open while it is used */
+        if ((lent = lend(store, inode)) <= 0) {
+            result = lent < 0 ? NULL : fallback(self);
+            goto out;
+        }
+    }
+    int ifd = ino->fd;
     char path[64];
     struct file_handle *fh = NULL;
     union {
@@ -1549,7 +1646,7 @@ static PyObject *op_open(FastPath *self, const struct fuse_in_header *h, const c
             goto out;
         }
         if (get_long(ino->mount, S_fd, &mfd) < 0) goto out;
-        memcpy(hb.raw, ino->handle.raw, ino->handle_len); /* the inode holds no lock against a FORGET */
+        memcpy(hb.raw, ino->handle.raw, ino->handle_len);
         fh = &hb.fh;
     }
     int fd, e = 0, again = 0;
@@ -1568,9 +1665,20 @@ static PyObject *op_open(FastPath *self, const struct fuse_in_header *h, const c
         if (fd < 0) e = errno;
         Py_END_ALLOW_THREADS
     }
+    if (lent > 0) {
+        lent = 0;
+        if (give_back(store, inode) < 0) {
+            if (fd >= 0) close(fd);
+            goto out;
+        }
+    }
     if (fd < 0) result = reply_error(self, h->opcode, h->unique, e);
     else result = open_reply(self, h, fd, inode, is_dir, NULL);
 out:
+    if (lent > 0) {
+        if (result == NULL) give_back_keeping(store, inode);
+        else if (give_back(store, inode) < 0) Py_CLEAR(result);
+    }
     Py_XDECREF(proc);
     Py_DECREF(inode);
     return result;
@@ -1947,9 +2055,9 @@ static PyObject *op_statfs(FastPath *self, const struct fuse_in_header *h, size_
 }
 
 /* ------------------------------------------------------------------ forget */
-/* InodeStore._drop, step for step, under the store's lock: the inode leaves both tables; its O_PATH fd, its
- * cached fd (unless an op has it lent: the last one closes it) and its mount's reference go.  0, or -1 with the
- * Python error _drop would raise at the same step. */
+/* InodeStore._drop of an inode no op has lent (forget_locked leaves a lent one to Python), step for step, under
+ * the store's lock: the inode leaves both tables; its O_PATH fd, its cached fd and its mount's reference go.  0,
+ * or -1 with the Python error _drop would raise at the same step. */
 static int drop_locked(Tables *t, PyObject *inode) {
     InodeObject *ino = INODE(inode);
     long long refs, mfd;
@@ -1968,7 +2076,7 @@ static int drop_locked(Tables *t, PyObject *inode) {
     }
     if (ino->cached_fd >= 0) {
         if (PyObject_DelItem(t->cached, nodeid) < 0) goto out;
-        if (ino->lent == 0 && close_or_raise(ino->cached_fd) < 0) goto out;
+        if (close_or_raise(ino->cached_fd) < 0) goto out;
         ino->cached_fd = -1;
     }
     mount = ino->mount;
@@ -1992,12 +2100,13 @@ out:
 
 /* InodeStore.forget's usual case, under the store's lock: `n` fewer lookups of a known inode that has at least
  * that many, and _drop when none is left.  1 done; 0 Python's (an unknown nodeid or an over-forget: it logs
- * them), nothing changed; -1 a Python error. */
+ * them; a forget to zero of an inode an op has lent), nothing changed; -1 a Python error. */
 static int forget_locked(Tables *t, uint64_t nodeid, uint64_t n) {
     PyObject *inode = inode_of(t->by_id, nodeid);
     if (inode == NULL) return PyErr_Occurred() ? -1 : 0;
     InodeObject *ino = INODE(inode);
     if (ino->nlookup < 0 || n > (unsigned long long)ino->nlookup) return 0;
+    if (ino->lent > 0 && n == (unsigned long long)ino->nlookup) return 0; /* in use: its last user closes its fds */
     Py_INCREF(inode);
     int rc = 1;
     ino->nlookup -= (long long)n;
@@ -2389,6 +2498,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_drop_cached_fd, "drop_cached_fd");
     INTERN(S_ino, "ino");
     INTERN(S_lent, "lent");
+    INTERN(S_orphans, "_orphans");
+    INTERN(S_settle_locked, "_settle_locked");
     INTERN(S_refs, "refs");
     INTERN(S_cached, "_cached");
     INTERN(S_mounts, "_mounts");

@@ -25,6 +25,14 @@ the point of handles is not holding an fd per inode, so the cache's size is expl
 - A cached inode is pinned, so its st_ino can't be reused: a LOOKUP that finds its key needs no handle to
   compare (as for an O_PATH-held inode).
 
+An op that uses an inode's fds (its O_PATH fd, its cached fd, its mount's fd for open_by_handle_at) lends the
+inode for that time (InodeStore._lend / _give_back, PathFd), as the C virtiofsd's lo_inode refcount does: a
+FORGET that drops it meanwhile (a kernel never sends one for an inode in use, a hostile guest can, on the hiprio
+queue) takes it out of the tables at once but leaves its fds and its mount reference to the last op using it.
+Closed at once, an fd's number would go to the daemon's next open (a recording part, a log) and the op would run
+on that file: an OPEN through /proc/self/fd/N would hand the guest a file outside the shared directory.  The
+root's fd lives as long as the store and is not lent.
+
 The store grows the process's fd table once, when it is made (reserve_fd_table), to hold its fd cache and
 FD_TABLE_HEADROOM more.  The kernel grows a table by doubling it, and when the table is shared by threads
 (as the serving daemon's is) each doubling waits for an RCU grace period (fs/file.c, expand_fdtable:
@@ -135,34 +143,46 @@ class Inode:
 
 class PathFd:
     """The context manager path_fd() returns: a plain class, as every request uses one (a generator-based
-    one costs about a microsecond more)."""
+    one costs about a microsecond more).  It lends the inode (InodeStore._lend) for as long as the fd is in
+    use, so a FORGET meanwhile leaves the fd open until the op is done (the root's lives as long as the store)."""
 
-    __slots__ = ("cached", "fd", "inode", "store")
+    __slots__ = ("fd", "inode", "lent", "store")
 
     def __init__(self, store: InodeStore, inode: Inode) -> None:
         self.store = store
         self.inode = inode
         self.fd = -1
-        self.cached = False
+        self.lent = False
 
     def __enter__(self) -> int:
         ino = self.inode
+        if ino.nodeid == ROOT_ID:
+            return ino.fd
+        store = self.store
+        is_dir = stat.S_ISDIR(ino.mode)
+        cached = store._lend(ino, is_dir)
+        self.lent = True
         if ino.fd >= 0:
             return ino.fd
-        if stat.S_ISDIR(ino.mode):
-            self.fd, self.cached = self.store._lend_fd(ino)
-        else:
-            self.fd = self.store._open_handle(ino, os.O_PATH)
-        return self.fd
+        if cached >= 0:
+            return cached
+        try:
+            self.fd = store._fill_cache(ino) if is_dir else store._open_handle(ino, os.O_PATH)
+        except BaseException:
+            self.lent = False
+            store._give_back(ino)
+            raise
+        return ino.cached_fd if self.fd < 0 else self.fd
 
     def __exit__(self, *_exc: object) -> None:
         fd, self.fd = self.fd, -1
-        if fd < 0:
-            return
-        if self.cached:
-            self.store._return_fd(self.inode, fd)
-        else:
-            os.close(fd)
+        try:
+            if fd >= 0:
+                os.close(fd)
+        finally:
+            if self.lent:
+                self.lent = False
+                self.store._give_back(self.inode)
 
 
 class InodeStore:
@@ -180,6 +200,7 @@ class InodeStore:
         self._by_key: dict[tuple[int, int, int], Inode] = {}
         self._mounts: dict[int, MountFd] = {}
         self._cached: OrderedDict[int, Inode] = OrderedDict()  # nodeid -> inode with a cached_fd, oldest first
+        self._orphans: dict[int, list[int]] = {}  # nodeid -> its cached fds let go while lent: its last user closes
         self._next_id = ROOT_ID + 1
         self._generation = 0
         self.handle_failures = 0
@@ -240,38 +261,52 @@ class InodeStore:
         opened from a handle."""
         return PathFd(self, inode)
 
-    def _lend_fd(self, ino: Inode) -> tuple[int, bool]:
-        """A handle-held inode's O_PATH fd: (fd, True) from the cache, to give back with _return_fd; (fd,
-        False) for an fd of the caller's own to close (the inode was forgotten meanwhile)."""
+    def _lend(self, ino: Inode, use_cached: bool) -> int:
+        """One more op using the inode's fds (its O_PATH fd, its cached fd, its mount's fd): none of them is
+        closed until every such op gave it back (_give_back), even if the inode is forgotten meanwhile, as
+        the C virtiofsd's lo_inode refcount keeps its fd (a guest can FORGET an inode while a request on it
+        runs; closed at once, the fd's number could be reused by the daemon's next open and the op would
+        run on another file).  Its cached fd (marked used when `use_cached`), or -1.  EBADF when the inode
+        was forgotten already, as for its nodeid."""
         with self._lock:
-            if ino.cached_fd >= 0:
-                ino.lent += 1
+            if ino.nlookup <= 0:
+                raise OSError(errno.EBADF, f"unknown nodeid {ino.nodeid}")
+            ino.lent += 1
+            fd = ino.cached_fd
+            if use_cached and fd >= 0:
                 ino.used = True
-                return ino.cached_fd, True
+            return fd
+
+    def _give_back(self, ino: Inode) -> None:
+        """The end of an op that lent the inode: the last one closes what was let go meanwhile."""
+        with self._lock:
+            ino.lent -= 1
+            if ino.lent == 0 and (ino.nlookup <= 0 or self._orphans):
+                self._settle_locked(ino)
+
+    def _settle_locked(self, ino: Inode) -> None:
+        """No op uses the inode's fds any more: close its cached fds let go meanwhile, and its fds and mount
+        reference if it was forgotten."""
+        for fd in self._orphans.pop(ino.nodeid, ()):
+            os.close(fd)
+        if ino.nlookup <= 0:
+            self._release_locked(ino)
+
+    def _fill_cache(self, ino: Inode) -> int:
+        """A lent handle-held directory without a cached fd: one opened from its handle becomes its cached one
+        (-1 returned: use ino.cached_fd, kept while lent), or the fd, the caller's to close (the inode was
+        forgotten meanwhile)."""
         fd = self._open_handle(ino, os.O_PATH)  # outside the lock: the kernel may take a while
         with self._lock:
             if ino.cached_fd >= 0:  # another thread cached one meanwhile: use that
-                ino.lent += 1
-                cached = ino.cached_fd
-            elif self._by_id.get(ino.nodeid) is not ino:
-                return fd, False
+                evicted = fd
+            elif ino.nlookup <= 0:
+                return fd
             else:
                 evicted = self._cache_locked(ino, fd)
-                ino.lent += 1
-                cached = -1
-        if cached >= 0:
-            os.close(fd)
-            return cached, True
         if evicted >= 0:
             os.close(evicted)
-        return fd, True
-
-    def _return_fd(self, ino: Inode, fd: int) -> None:
-        with self._lock:
-            ino.lent -= 1
-            orphan = ino.lent == 0 and ino.cached_fd != fd  # forgotten or let go while lent: the last user closes
-        if orphan:
-            os.close(fd)
+        return -1
 
     def _cache_locked(self, ino: Inode, fd: int) -> int:
         """Cache `fd` as the inode's (it has none); the fd evicted to stay within fd_cache_max, for the caller
@@ -308,43 +343,50 @@ class InodeStore:
             os.close(evicted)
         return True
 
-    def drop_cached_fd(self, ino: Inode) -> None:
-        """Let go of the inode's cached fd (its file showed no link left): closed now, or by its last user."""
+    def drop_cached_fd(self, ino: Inode, held: int = 0) -> None:
+        """Let go of the inode's cached fd (its file showed no link left): closed now, or, when other ops than
+        the caller's `held` lendings have the inode lent (one may be using the fd), by its last user
+        (InodeStore._orphans until then)."""
         with self._lock:
             fd = ino.cached_fd
-            if fd < 0:
+            if fd < 0 or ino.nlookup <= 0:  # a forgotten inode's goes with its last user
                 return
             del self._cached[ino.nodeid]
             ino.cached_fd = -1
-            if ino.lent:
+            if ino.lent > held:
+                self._orphans.setdefault(ino.nodeid, []).append(fd)
                 return
         os.close(fd)
 
     def stat(self, ino: Inode) -> os.stat_result:
         """GETATTR's stat: the inode's O_PATH fd, its cached fd, or (a miss) an fd from its handle that is
         then cached.  A cached fd whose file has no link left is let go and the handle asked again (ESTALE
-        once the inode is gone, as without the cache)."""
-        if ino.fd >= 0:
+        once the inode is gone, as without the cache).  The inode is lent meanwhile (_lend)."""
+        if ino.nodeid == ROOT_ID:
             return os.stat(ino.fd)
-        fd, cached = self._lend_fd(ino)
+        cached = self._lend(ino, True)
         try:
-            st = os.stat(fd)
-        finally:
-            if cached:
-                self._return_fd(ino, fd)
-            else:
+            if ino.fd >= 0:
+                return os.stat(ino.fd)
+            if cached >= 0:
+                st = os.stat(cached)
+                if st.st_nlink > 0 or stat.S_ISDIR(st.st_mode):
+                    return st
+                self.drop_cached_fd(ino, 1)
+            fd = self._open_handle(ino, os.O_PATH)
+            try:
+                st = os.stat(fd)
+            except BaseException:
                 os.close(fd)
-        if st.st_nlink > 0 or stat.S_ISDIR(st.st_mode):
+                raise
+            if cached >= 0 or (st.st_nlink == 0 and not stat.S_ISDIR(st.st_mode)) or not self.keep_fd(ino, fd):
+                os.close(fd)
             return st
-        self.drop_cached_fd(ino)
-        fd = self._open_handle(ino, os.O_PATH)
-        try:
-            return os.stat(fd)
         finally:
-            os.close(fd)
+            self._give_back(ino)
 
     def reopen(self, inode: Inode, flags: int) -> int:
-        """A new open file description on the inode (the caller closes it)."""
+        """A new open file description on the inode (the caller closes it), the inode lent meanwhile."""
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY)
         if stat.S_ISLNK(inode.mode):
             raise OSError(errno.ELOOP, "is a symlink")
@@ -353,9 +395,15 @@ class InodeStore:
             # daemon: opening a guest-made device node here would reach the host device (and a FIFO
             # would block the daemon).
             raise OSError(errno.EPERM, "the daemon opens only regular files and directories")
-        if inode.fd >= 0:
+        if inode.nodeid == ROOT_ID:
             return os.open(f"{self.proc}self/fd/{inode.fd}", flags | os.O_CLOEXEC)
-        return self._open_handle(inode, flags)
+        self._lend(inode, False)
+        try:
+            if inode.fd >= 0:
+                return os.open(f"{self.proc}self/fd/{inode.fd}", flags | os.O_CLOEXEC)
+            return self._open_handle(inode, flags)
+        finally:
+            self._give_back(inode)
 
     def _open_handle(self, inode: Inode, flags: int) -> int:
         """open_by_handle_at, with the answer it would give without the cache: a file's cached fd keeps its
@@ -373,7 +421,7 @@ class InodeStore:
         if alive:
             return fd
         os.close(fd)
-        self.drop_cached_fd(inode)
+        self.drop_cached_fd(inode, 1)  # (every caller has the inode lent)
         return sc.open_by_handle_at(inode.mount.fd, inode.handle, flags)
 
     # ---------------------------------------------------------------- lookup
@@ -471,6 +519,8 @@ class InodeStore:
         m = self._mounts.get(mnt_id)
         if m is not None:
             return m
+        if parent.nlookup <= 0 and parent.lent == 0:
+            return None  # the parent was forgotten meanwhile: its fds are closed
         # A directory, never a file: a mount fd on a file would keep that file alive (and its handle valid).
         mfd = -1
         try:
@@ -509,17 +559,25 @@ class InodeStore:
                 self._drop(ino)
 
     def _drop(self, ino: Inode) -> None:
+        """The inode leaves both tables; its fds and its mount's reference go now, or with the last op that has
+        it lent (_give_back)."""
         del self._by_id[ino.nodeid]
         if self._by_key.get(ino.key) is ino:
             del self._by_key[ino.key]
+        ino.nlookup = 0
+        if ino.cached_fd >= 0:
+            del self._cached[ino.nodeid]
+        if ino.lent == 0:
+            self._release_locked(ino)
+
+    def _release_locked(self, ino: Inode) -> None:
+        """A forgotten inode that no op uses: its O_PATH fd, its cached fd and its mount's reference go."""
         if ino.fd >= 0:
             os.close(ino.fd)
             ino.fd = -1
         if ino.cached_fd >= 0:
-            del self._cached[ino.nodeid]
-            if ino.lent == 0:
-                os.close(ino.cached_fd)
-            ino.cached_fd = -1  # else the last op using it closes it
+            os.close(ino.cached_fd)
+            ino.cached_fd = -1
         m = ino.mount
         if m is not None:
             m.refs -= 1
