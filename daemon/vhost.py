@@ -50,7 +50,8 @@ class GuestPassthroughFS(PassthroughFS):
         if chain is None:
             return super().read(ctx, nodeid, fh, offset, size)
         views = data_views(chain, OUT_HEADER_SIZE, size)
-        n = os.preadv(self._handle(fh).fd, views, offset) if views else 0
+        with self._using(fh) as h:
+            n = os.preadv(h.fd, views, offset) if views else 0
         return cast(bytes, InPlace(n))  # the engine only takes its len(); the sink knows it is in place
 
 

@@ -16,12 +16,13 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from daemon.passthrough import CacheMode, HandleMode, Options, PassthroughFS
 from daemon.passthrough import fs as fs_module
+from daemon.passthrough.fs import Handle
 from daemon.passthrough.inodes import InodeStore, MountFd
 from daemon.sandbox import enter as enter_sandbox
 from daemon.server import Server
@@ -402,8 +403,9 @@ class _FdHookMount(MountFd):
         MountFd.fd.__set__(self, value)  # type: ignore[attr-defined]
 
 
-def _forget_then_open(server: Server, forget: bytes, fd: int, secret: Path, taken: list[int]) -> Callable[[], None]:
-    own = os.open(secret, os.O_RDONLY | os.O_CLOEXEC)  # opened now: the hook's dup below is the only new fd
+def _forget_then_open(server: Server, forget: bytes, fd: int, secret: Path, taken: list[int],
+                      flags: int = os.O_RDONLY) -> Callable[[], None]:
+    own = os.open(secret, flags | os.O_CLOEXEC)  # opened now: the hook's dup below is the only new fd
     taken.append(own)
 
     def hook() -> None:
@@ -498,6 +500,75 @@ def test_a_forget_racing_a_handle_open_leaves_the_mount_fd_to_it(engine: Factory
                 os.close(fd)
     finally:
         _libc.umount2(str(share / "sub").encode(), 2)
+
+
+# ---------------------------------------------------------------- a hostile guest's RELEASE racing a READ/WRITE
+# The same for an open file: a kernel never RELEASEs a handle while a READ or WRITE on it is in flight; a hostile
+# guest can, on another queue.  The hook runs when the op reads the handle's fd (after its lookup in fs._handles).
+
+
+class _FdHookHandle(Handle):
+    """A Handle whose fd, once read, runs the hook (the value is read first: then the op uses it)."""
+
+    hooks: ClassVar[list[Callable[[], None]]] = []
+
+    @property  # type: ignore[override]
+    def fd(self) -> int:
+        value = int(self.__dict__["fd"])
+        while self.hooks:
+            self.hooks.pop()()
+        return value
+
+    @fd.setter
+    def fd(self, value: int) -> None:
+        self.__dict__["fd"] = value
+
+
+@pytest.mark.parametrize("op", ["READ", "WRITE"])
+def test_a_release_racing_a_read_or_write_leaves_the_handles_fd_to_it(engine: Factory, tmp_path: Path,
+                                                                      op: str) -> None:
+    """A RELEASE of the handle between the READ's (WRITE's) lookup of it and its use of the fd must not close the
+    fd under it.  Before: the daemon's next open took the number, and the READ returned the daemon's own file, the
+    WRITE wrote into it; now both use the guest's file, the fd is closed when the op ends, and the released fh is
+    EBADF."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "f").write_bytes(b"shared")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the daemon's own file")
+    c = engine(share)
+    fs = c.server.fs
+    assert isinstance(fs, PassthroughFS)
+    f = c.nodeid(1, b"f")
+    fh = c.open(f, os.O_RDWR)
+    h = fs._handles[fh]
+    n = h.fd
+    release = c.encode("RELEASE", {"release": F.make("fuse_release_in", fh=fh)}, nodeid=f)
+    taken: list[int] = []
+    h.__class__ = _FdHookHandle
+    _FdHookHandle.hooks.append(_forget_then_open(c.server, release, n, secret, taken, os.O_RDWR))
+    try:
+        if op == "READ":
+            assert c.read(f, fh, 100) == b"shared"  # (before: b"the daemon's own file")
+        else:
+            assert c.write(f, fh, b"GUEST") == 5
+        assert secret.read_bytes() == b"the daemon's own file"  # (before: b"GUESTaemon's own file")
+        assert (share / "f").read_bytes() == (b"shared" if op == "READ" else b"GUESTd")
+        assert len(taken) == 2 and not _FdHookHandle.hooks  # the RELEASE came in the middle of the op
+        assert fh not in fs._handles and not h.users
+        assert taken[1] != n  # the op kept N open: the daemon's own open got another number
+        with pytest.raises(OSError) as e:
+            os.fstat(n)  # closed by the op, its last user
+        assert e.value.errno == errno.EBADF
+    finally:
+        _FdHookHandle.hooks.clear()
+        h.__class__ = Handle
+        for fd in taken:
+            os.close(fd)
+    r = F.make("fuse_read_in", fh=fh, offset=0, size=10)
+    assert c.call("READ", {"read": r}, nodeid=f).errname == "EBADF"
+    w = F.make("fuse_write_in", fh=fh, offset=0, size=1)
+    assert c.call("WRITE", {"write": w, "data": b"x"}, nodeid=f).errname == "EBADF"
 
 
 def test_mandatory_fails_clearly_without_handles(engine: Factory) -> None:

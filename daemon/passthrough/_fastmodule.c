@@ -88,7 +88,8 @@ typedef struct {
 } FastPath;
 
 static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_mode, *S_handle, *S_mount,
-    *S_nodeid, *S_generation, *S_dev, *S_mnt_id, *S_nlookup, *S_handles, *S_is_dir, *S_lock_fds, *S_backing,
+    *S_nodeid, *S_generation, *S_dev, *S_mnt_id, *S_nlookup, *S_handles, *S_is_dir, *S_lock_fds, *S_backing, *S_users,
+    *S_unclosed,
     *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
     *S_readonly, *S_find_or_add, *S_next_fh, *S_fopen_file, *S_fopen_dir, *S_writeback, *S_passthrough,
     *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc, *S_chain_for, *S_writable, *S_in_place, *S_used,
@@ -664,6 +665,73 @@ static PyObject *handle_of(FastPath *self, uint64_t fh) {
     return hd;
 }
 
+/* ------------------------------------------------------------------ a handle's holders (Handle.users) */
+/* An op that uses a handle's fd holds the handle (one more entry in Handle.users) from its lookup in fs._handles
+ * to its end, as PassthroughFS._hold does: a RELEASE meanwhile (a hostile guest's, on another queue) takes the
+ * handle out of the table at once and gives back the table's hold, and the last holder closes the fd, so its
+ * number cannot go to the daemon's next open while the op reads or writes through it.  The lookup and the hold
+ * are one step with the GIL held (a RELEASE takes the handle out of the table before it gives its hold back);
+ * Handle.users and Handle.unclosed are lists, whose append and pop are atomic under the GIL on both paths. */
+static int handle_hold(PyObject *hd) {
+    PyObject *users = PyObject_GetAttr(hd, S_users);
+    if (users == NULL) return -1;
+    int rc = PyList_Check(users) ? PyList_Append(users, Py_None) : -1;
+    if (rc < 0 && !PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "Handle.users is not a list");
+    Py_DECREF(users);
+    return rc;
+}
+
+/* Handle.give_back: one holder less; the last one closes the fd (once: whoever takes Handle.unclosed's entry).
+ * 0, or -1 with a Python error. */
+static int handle_give_back(PyObject *hd) {
+    PyObject *users = PyObject_GetAttr(hd, S_users);
+    if (users == NULL) return -1;
+    Py_ssize_t n = PyList_Check(users) ? PyList_GET_SIZE(users) : 0;
+    int rc = n > 0 ? PyList_SetSlice(users, n - 1, n, NULL) : -1;
+    int last = rc == 0 && PyList_GET_SIZE(users) == 0;
+    Py_DECREF(users);
+    if (rc < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "a handle given back more often than held");
+        return -1;
+    }
+    if (!last) return 0;
+    PyObject *unclosed = PyObject_GetAttr(hd, S_unclosed);
+    if (unclosed == NULL) return -1;
+    n = PyList_Check(unclosed) ? PyList_GET_SIZE(unclosed) : 0;
+    rc = n > 0 ? PyList_SetSlice(unclosed, 0, n, NULL) : 0;
+    Py_DECREF(unclosed);
+    if (rc < 0 || n == 0) return rc;
+    long long fd;
+    if (get_long(hd, S_fd, &fd) < 0) return -1;
+    Py_BEGIN_ALLOW_THREADS
+    close((int)fd);
+    Py_END_ALLOW_THREADS
+    return 0;
+}
+
+/* The end of an op that held `hd` (its reference goes too): 0, or -1 with a Python error. */
+static int handle_end(PyObject *hd) {
+    int rc = handle_give_back(hd);
+    Py_DECREF(hd);
+    return rc;
+}
+
+/* The same with the op's result: `result` as it is, or NULL when the give-back failed (an error already set
+ * is kept). */
+static PyObject *handle_done(PyObject *hd, PyObject *result) {
+    PyObject *exc_type, *exc_val, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_val, &exc_tb);
+    int rc = handle_give_back(hd);
+    Py_DECREF(hd);
+    if (exc_type != NULL) {
+        if (rc < 0) PyErr_Clear();
+        PyErr_Restore(exc_type, exc_val, exc_tb);
+        return result;
+    }
+    if (rc < 0) Py_CLEAR(result);
+    return result;
+}
+
 /* fs.timeout: the cache mode's entry and attribute timeout. */
 static int fs_timeout(FastPath *self, double *out) {
     PyObject *t = PyObject_GetAttr(self->fs, S_timeout);
@@ -762,13 +830,22 @@ static PyObject *getattr_of(FastPath *self, const struct fuse_in_header *h, cons
         if (hd == NULL && PyErr_Occurred()) return NULL;
         if (hd != NULL) {
             long long fd;
-            int rc = get_long(hd, S_fd, &fd);
-            Py_DECREF(hd);
+            int rc = handle_hold(hd);
+            if (rc == 0 && get_long(hd, S_fd, &fd) < 0) {
+                handle_done(hd, NULL);
+                return NULL;
+            }
+            if (rc == 0) {
+                Py_BEGIN_ALLOW_THREADS
+                rc = fstat((int)fd, &st);
+                if (rc != 0) e = errno;
+                Py_END_ALLOW_THREADS
+                if (handle_end(hd) < 0) return NULL;
+                rc = 0;
+            } else {
+                Py_DECREF(hd);
+            }
             if (rc < 0) return NULL;
-            Py_BEGIN_ALLOW_THREADS
-            rc = fstat((int)fd, &st);
-            if (rc != 0) e = errno;
-            Py_END_ALLOW_THREADS
             if (e) return reply_error(self, h->opcode, h->unique, e);
             goto answer;
         }
@@ -1687,16 +1764,27 @@ out:
 /* ------------------------------------------------------------------ I/O */
 #define MAX_IOV 256
 
-/* The fd of fs._handles[fh] when it is a file's (fs._handle(fh)): 1 and *fd, 0 not (EBADF: Python's), -1. */
-static int file_fd(FastPath *self, uint64_t fh, int *fd) {
+/* The fd of fs._handles[fh] when it is a file's (fs._using(fh)): 1, *fd and *held (the handle, held until
+ * handle_done), 0 not (EBADF: Python's), -1. */
+static int file_fd(FastPath *self, uint64_t fh, int *fd, PyObject **held) {
     PyObject *hd = handle_of(self, fh);
     if (hd == NULL) return PyErr_Occurred() ? -1 : 0;
     long long v;
-    int is_dir = truth_of(hd, S_is_dir), rc = is_dir < 0 ? -1 : get_long(hd, S_fd, &v);
-    Py_DECREF(hd);
-    if (rc < 0) return -1;
-    if (is_dir) return 0;
+    int is_dir = truth_of(hd, S_is_dir), rc = is_dir < 0 ? -1 : 0;
+    if (rc < 0 || is_dir) {
+        Py_DECREF(hd);
+        return rc;
+    }
+    if (handle_hold(hd) < 0) { /* held before its fd is read: the number stays the handle's until given back */
+        Py_DECREF(hd);
+        return -1;
+    }
+    if (get_long(hd, S_fd, &v) < 0) {
+        handle_done(hd, NULL);
+        return -1;
+    }
     *fd = (int)v;
+    *held = hd;
     return 1;
 }
 
@@ -1797,14 +1885,25 @@ static int guest_iov(PyObject *chain, size_t skip, size_t size, GuestIov *g) {
  * its header and the length already in place).  Left to Python: a READ bigger than the engine serves inline,
  * a handle that is not a file's (EBADF).  From the ring engine's C entry (`wr` not NULL) the chain's buffers
  * are `wr`, and the length in place goes to *in_place instead of an fs.in_place object. */
+static PyObject *read_fd(FastPath *self, const struct fuse_in_header *h, struct fuse_read_in r, int fd,
+                         PyObject *given, const struct iovec *wr, int nwr, size_t *in_place);
+
 static PyObject *op_read(FastPath *self, const struct fuse_in_header *h, const char *body, size_t blen,
                          PyObject *given, const struct iovec *wr, int nwr, size_t *in_place) {
     struct fuse_read_in r;
     if (blen != sizeof r) return fallback(self);
     memcpy(&r, body, sizeof r);
     if (r.size > self->inline_io_max) return fallback(self);
-    int fd, rc = file_fd(self, r.fh, &fd);
+    PyObject *hd;
+    int fd, rc = file_fd(self, r.fh, &fd, &hd);
     if (rc <= 0) return rc < 0 ? NULL : fallback(self);
+    return handle_done(hd, read_fd(self, h, r, fd, given, wr, nwr, in_place));
+}
+
+/* op_read on the held handle's fd. */
+static PyObject *read_fd(FastPath *self, const struct fuse_in_header *h, struct fuse_read_in r, int fd,
+                         PyObject *given, const struct iovec *wr, int nwr, size_t *in_place) {
+    int rc;
     /* the C entry: Py_True stands for the chain whose buffers are `wr` (None: no zero-copy, as chain_of says) */
     PyObject *chain = chain_of(self, h->unique, wr != NULL ? Py_True : given);
     if (chain == NULL) return NULL;
@@ -1883,10 +1982,12 @@ static PyObject *op_write(FastPath *self, const struct fuse_in_header *h, const 
     int readonly = opt_true(self, S_readonly), fd, rc;
     if (readonly < 0) return NULL;
     if (readonly) return fallback(self);
-    if ((rc = file_fd(self, w.fh, &fd)) <= 0) return rc < 0 ? NULL : fallback(self);
+    PyObject *hd;
+    if ((rc = file_fd(self, w.fh, &fd, &hd)) <= 0) return rc < 0 ? NULL : fallback(self);
     struct iovec v_stack[WRITE_IOV], *v = v_stack;
     if (nrest > 0) {
-        if (nrest >= WRITE_IOV && (v = PyMem_Malloc(((size_t)nrest + 1) * sizeof *v)) == NULL) return PyErr_NoMemory();
+        if (nrest >= WRITE_IOV && (v = PyMem_Malloc(((size_t)nrest + 1) * sizeof *v)) == NULL)
+            return handle_done(hd, PyErr_NoMemory());
         v[0].iov_base = (void *)(body + sizeof w);
         v[0].iov_len = got - sizeof w;
         memcpy(v + 1, rest, (size_t)nrest * sizeof *v);
@@ -1899,6 +2000,7 @@ static PyObject *op_write(FastPath *self, const struct fuse_in_header *h, const 
     if (n < 0) e = errno;
     Py_END_ALLOW_THREADS
     if (v != v_stack) PyMem_Free(v);
+    if (handle_end(hd) < 0) return NULL;
     if (n < 0) return reply_error(self, h->opcode, h->unique, e);
     char *out;
     PyObject *res = reply_new(sizeof(struct fuse_write_out), h->unique, &out);
@@ -1926,7 +2028,7 @@ static PyObject *op_release(FastPath *self, const struct fuse_in_header *h, cons
     PyObject *ok = PyObject_CallMethodNoArgs(lock, S_acquire);
     if (ok == NULL) goto out;
     Py_DECREF(ok);
-    long long fd = -1;
+    long long fd = -1; /* (read as a check of the handle's fields, as Python's) */
     int verdict = -1; /* -1 error, 0 fallback, 1 EBADF, 2 released */
     handles = PyObject_GetAttr(self->fs, S_handles);
     lock_fds = handles != NULL ? PyObject_GetAttr(self->fs, S_lock_fds) : NULL;
@@ -1964,10 +2066,7 @@ static PyObject *op_release(FastPath *self, const struct fuse_in_header *h, cons
         result = fallback(self);
     } else if (verdict == 1) {
         result = reply_error(self, h->opcode, h->unique, EBADF);
-    } else if (verdict == 2) {
-        Py_BEGIN_ALLOW_THREADS
-        close((int)fd);
-        Py_END_ALLOW_THREADS
+    } else if (verdict == 2 && handle_give_back(hd) == 0) { /* the table's hold: closed now, or by its last user */
         char *out;
         result = reply_new(0, h->unique, &out);
         if (result != NULL) self->served[h->opcode]++;
@@ -1997,16 +2096,22 @@ static PyObject *op_flush(FastPath *self, const struct fuse_in_header *h, const 
     int hd_dir = d != NULL ? PyObject_IsTrue(d) : -1;
     Py_XDECREF(d);
     long long fd = -1;
-    int rc = hd_dir < 0 ? -1 : get_long(hd, S_fd, &fd);
-    Py_DECREF(hd);
-    if (rc < 0) return NULL;
-    if (hd_dir) return reply_error(self, h->opcode, h->unique, EBADF);
+    int rc = hd_dir < 0 ? -1 : hd_dir ? 0 : handle_hold(hd);
+    if (rc < 0 || hd_dir) {
+        Py_DECREF(hd);
+        return rc < 0 ? NULL : reply_error(self, h->opcode, h->unique, EBADF);
+    }
+    if (get_long(hd, S_fd, &fd) < 0) {
+        handle_done(hd, NULL);
+        return NULL;
+    }
     int e = 0;
     Py_BEGIN_ALLOW_THREADS
     int dfd = dup((int)fd);
     if (dfd < 0) e = errno;
     else if (close(dfd) != 0) e = errno;
     Py_END_ALLOW_THREADS
+    if (handle_end(hd) < 0) return NULL;
     if (e) return reply_error(self, h->opcode, h->unique, e);
     char *out;
     PyObject *r = reply_new(0, h->unique, &out);
@@ -2468,6 +2573,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_nlookup, "nlookup");
     INTERN(S_handles, "_handles");
     INTERN(S_is_dir, "is_dir");
+    INTERN(S_users, "users");
+    INTERN(S_unclosed, "unclosed");
     INTERN(S_lock_fds, "_lock_fds");
     INTERN(S_backing, "backing");
     INTERN(S_backing_id, "backing_id");

@@ -114,6 +114,22 @@ class Handle:
     backing_id: int = -1  # passthrough sessions: the backing id answered (0: none), -1: not counted
     listing: list[DirEntry] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Who holds the fd: one entry for fs._handles, one per op using it (PassthroughFS._hold, the C's
+    # handle_hold).  RELEASE takes the handle out of the table at once; the last holder closes the fd, so a
+    # hostile guest's RELEASE racing a READ or WRITE cannot free the number for the daemon's next open under
+    # it.  Lists: append and pop are atomic under the GIL, for the C fast path and Python alike.
+    users: list[None] = field(default_factory=lambda: [None])
+    unclosed: list[None] = field(default_factory=lambda: [None])  # taken by the one holder that closes
+
+    def give_back(self) -> None:
+        """One holder done with the fd: the last one closes it (once, whoever races it)."""
+        self.users.pop()
+        if not self.users:
+            try:
+                self.unclosed.pop()
+            except IndexError:
+                return
+            os.close(self.fd)
 
 
 def check_name(name: bytes, *, lookup: bool = False) -> None:
@@ -238,9 +254,12 @@ class PassthroughFS(FileSystem):
 
     def destroy(self) -> None:
         with self._lock:
-            fds = [h.fd for h in self._handles.values()] + list(self._lock_fds.values())
+            handles = list(self._handles.values())
+            fds = list(self._lock_fds.values())
             self._handles.clear()
             self._lock_fds.clear()
+        for h in handles:
+            h.give_back()  # (an op still using one closes it)
         for fd in fds:
             os.close(fd)
         self.store.clear()
@@ -350,6 +369,27 @@ class PassthroughFS(FileSystem):
             raise OSError(errno.EBADF, f"bad fh {fh}")
         return h
 
+    def _hold(self, fh: int, *, is_dir: bool = False) -> Handle:
+        """The handle fh, held (Handle.users) until its give_back(): a RELEASE meanwhile leaves the fd's close to
+        the last holder.  Without a lock: a RELEASE takes the handle out of the table before it gives back the
+        table's hold, so a handle still in the table after the hold was taken is closed by a holder, not under
+        one (the C takes the two steps with the GIL held)."""
+        h = self._handle(fh, is_dir=is_dir)
+        h.users.append(None)
+        if self._handles.get(fh) is not h:  # released meanwhile
+            h.give_back()
+            raise OSError(errno.EBADF, f"bad fh {fh}")
+        return h
+
+    @contextmanager
+    def _using(self, fh: int, *, is_dir: bool = False) -> Iterator[Handle]:
+        """_hold for the length of the block."""
+        h = self._hold(fh, is_dir=is_dir)
+        try:
+            yield h
+        finally:
+            h.give_back()
+
     def _add_handle(self, fd: int, inode: Inode, *, is_dir: bool = False, backing_id: int = -1) -> int:
         with self._lock:
             fh = self._next_fh
@@ -415,16 +455,25 @@ class PassthroughFS(FileSystem):
 
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[StatLike, float]:
         inode = self.store.get(nodeid)
-        if fh is not None and fh in self._handles:
-            return os.fstat(self._handles[fh].fd), self.timeout
+        if fh is not None and (found := self._handles.get(fh)) is not None:
+            try:
+                h = self._hold(fh, is_dir=found.is_dir)
+            except OSError:
+                pass  # released meanwhile: as if never there
+            else:
+                try:
+                    return os.fstat(h.fd), self.timeout
+                finally:
+                    h.give_back()
         return self._stat(inode), self.timeout
 
     def setattr(self, ctx: Context, nodeid: int, sa: Any) -> tuple[StatLike, float]:
         self._rw()
         inode = self.store.get(nodeid)
         valid = sa.valid
-        hfd = self._handle(sa.fh, is_dir=inode.is_dir).fd if valid & FATTR["FH"] else None
-        with self.store.path_fd(inode) as pfd:
+        using = self._using(sa.fh, is_dir=inode.is_dir) if valid & FATTR["FH"] else nullcontext(None)
+        with using as h, self.store.path_fd(inode) as pfd:
+            hfd = h.fd if h is not None else None
             if valid & FATTR["MODE"]:
                 if hfd is not None:
                     os.fchmod(hfd, sa.mode)
@@ -594,18 +643,26 @@ class PassthroughFS(FileSystem):
         return (self._entry(inode, st, p), *self._add_file(fd, inode, asked))
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
-        return os.pread(self._handle(fh).fd, size, offset)
+        h = self._hold(fh)
+        try:
+            return os.pread(h.fd, size, offset)
+        finally:
+            h.give_back()
 
     def write(self, ctx: Context, nodeid: int, fh: int, offset: int, data: Any, write_flags: int) -> int:
         self._rw()
-        fd = self._handle(fh).fd
-        with self._kill_suidgid(bool(write_flags & WRITE_KILL_SUIDGID)):
-            return os.pwrite(fd, data, offset)
+        h = self._hold(fh)
+        try:
+            with self._kill_suidgid(bool(write_flags & WRITE_KILL_SUIDGID)):
+                return os.pwrite(h.fd, data, offset)
+        finally:
+            h.give_back()
 
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
         # close() of a duplicate gives the host filesystem its close-time semantics (NFS), and the
         # owner's POSIX locks go away as with close(2).
-        os.close(os.dup(self._handle(fh).fd))
+        with self._using(fh) as h:
+            os.close(os.dup(h.fd))
         self._drop_owner(nodeid, lock_owner)
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
@@ -620,7 +677,7 @@ class PassthroughFS(FileSystem):
             orphans = [k for k in self._lock_fds if k[0] == nodeid] if self._lock_fds and not any(
                 o.inode.nodeid == nodeid for o in self._handles.values()) else []
             lock_fds = [self._lock_fds.pop(k) for k in orphans]
-        os.close(h.fd)
+        h.give_back()  # the table's hold: the fd closes now, or with the last op using it
         for fd in lock_fds:
             os.close(fd)
         if h.backing_id >= 0 and self.backing is not None:
@@ -629,22 +686,25 @@ class PassthroughFS(FileSystem):
             self._drop_owner(nodeid, lock_owner)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
-        fd = self._handle(fh).fd
-        os.fdatasync(fd) if datasync else os.fsync(fd)
+        with self._using(fh) as h:
+            os.fdatasync(h.fd) if datasync else os.fsync(h.fd)
 
     def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
         self._rw()
-        sc.fallocate(self._handle(fh).fd, mode, offset, length)
+        with self._using(fh) as h:
+            sc.fallocate(h.fd, mode, offset, length)
 
     def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
-        return os.lseek(self._handle(fh).fd, offset, whence)
+        with self._using(fh) as h:
+            return os.lseek(h.fd, offset, whence)
 
     def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int,
                         fh_out: int, off_out: int, length: int, flags: int) -> int:
         self._rw()
         if flags:
             raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
-        return os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, length, off_in, off_out)
+        with self._using(fh_in) as h_in, self._using(fh_out) as h_out:
+            return os.copy_file_range(h_in.fd, h_out.fd, length, off_in, off_out)
 
     # POSIX (fcntl) locks: one extra open file description per (inode, lock owner) carries that owner's
     # OFD locks, so owners conflict with each other exactly as processes do; closing it on FLUSH (the
@@ -674,25 +734,26 @@ class PassthroughFS(FileSystem):
     def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lk: Any, lk_flags: int) -> Any:
         if lk_flags & LK_FLOCK:
             raise OSError(errno.EINVAL, "no GETLK for flock locks")
-        fd = self._owner_fd(self._handle(fh), owner)
+        with self._using(fh) as h:
+            fd = self._owner_fd(h, owner)
         res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _pack_flock(lk.type, lk.start, lk.end))
         typ, _wh, start, length, _pid = _FLOCK.unpack(res)
         end = start + length - 1 if length else OFFSET_MAX
         return _file_lock(start, end, typ)
 
     def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lk: Any, lk_flags: int, sleep: bool) -> None:
-        h = self._handle(fh)
-        if lk_flags & LK_FLOCK:
-            op = {LOCK_TYPE["F_RDLCK"]: fcntl.LOCK_SH, LOCK_TYPE["F_WRLCK"]: fcntl.LOCK_EX,
-                  LOCK_TYPE["F_UNLCK"]: fcntl.LOCK_UN}.get(lk.type)
-            if op is None:
-                raise OSError(errno.EINVAL, f"bad lock type {lk.type}")
-            if sleep:
-                interruptible(lambda: sc.flock_wait(h.fd, op))
-            else:
-                fcntl.flock(h.fd, op | fcntl.LOCK_NB)
-            return
-        fd = self._owner_fd(h, owner)
+        with self._using(fh) as h:
+            if lk_flags & LK_FLOCK:
+                op = {LOCK_TYPE["F_RDLCK"]: fcntl.LOCK_SH, LOCK_TYPE["F_WRLCK"]: fcntl.LOCK_EX,
+                      LOCK_TYPE["F_UNLCK"]: fcntl.LOCK_UN}.get(lk.type)
+                if op is None:
+                    raise OSError(errno.EINVAL, f"bad lock type {lk.type}")
+                if sleep:
+                    interruptible(lambda: sc.flock_wait(h.fd, op))
+                else:
+                    fcntl.flock(h.fd, op | fcntl.LOCK_NB)
+                return
+            fd = self._owner_fd(h, owner)
         flock = _pack_flock(lk.type, lk.start, lk.end)
         if sleep:
             interruptible(lambda: sc.fcntl_lock_wait(fd, fcntl.F_OFD_SETLKW, flock))
@@ -735,8 +796,7 @@ class PassthroughFS(FileSystem):
         return out
 
     def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int) -> Iterator[DirEntry]:
-        h = self._handle(fh, is_dir=True)
-        with h.lock:
+        with self._using(fh, is_dir=True) as h, h.lock:
             if offset == 0 or h.listing is None:
                 h.listing = self._list(h)
             listing = h.listing
@@ -748,11 +808,11 @@ class PassthroughFS(FileSystem):
             if h is None or not h.is_dir:
                 raise OSError(errno.EBADF, f"bad fh {fh}")
             del self._handles[fh]
-        os.close(h.fd)
+        h.give_back()  # the table's hold: the fd closes now, or with the last op using it
 
     def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
-        fd = self._handle(fh, is_dir=True).fd
-        os.fdatasync(fd) if datasync else os.fsync(fd)
+        with self._using(fh, is_dir=True) as h:
+            os.fdatasync(h.fd) if datasync else os.fsync(h.fd)
 
     # ------------------------------------------------------------------ filesystem-wide
     def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
@@ -827,7 +887,7 @@ _fast_loaded: list[Any] = []
 # _evict_locked past the fd cache's bound), CREATE _prepare_thread; READ fills a vhost-user chain's buffers in place where the filesystem has
 # chain_for (GuestPassthroughFS.read, a twin the C also answers as).
 _FAST_METHODS = ("lookup", "_do_lookup", "_entry", "getattr", "_stat", "release", "releasedir", "flush",
-                 "_handle", "_drop_owner", "statfs", "unlink", "rmdir", "_rw", "create", "open", "opendir",
+                 "_handle", "_using", "_drop_owner", "statfs", "unlink", "rmdir", "_rw", "create", "open", "opendir",
                  "_open_flags", "_add_file", "_add_handle", "_creating", "_creds", "_switched", "_groups",
                  "_kill_suidgid", "read", "write", "forget", "batch_forget")
 _FAST_TWINS: set[Any] = set()
