@@ -87,14 +87,12 @@ typedef struct {
     PyObject *errors; /* {(opcode, errno): count} */
 } FastPath;
 
-static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_cached_fd, *S_mode, *S_handle, *S_mount,
-    *S_nodeid, *S_generation, *S_dev, *S_mnt_id, *S_nlookup, *S_handles, *S_is_dir, *S_lock_fds, *S_backing, *S_users,
-    *S_unclosed,
-    *S_backing_id, *S_timeout, *S_submounts, *S_acquire, *S_release, *S_forget, *S_batch_forget, *S_zero_gen, *S_opts,
-    *S_readonly, *S_find_or_add, *S_next_fh, *S_fopen_file, *S_fopen_dir, *S_writeback, *S_passthrough,
-    *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc, *S_chain_for, *S_writable, *S_in_place, *S_used,
-    *S_keep_fd, *S_drop_cached_fd, *S_ino, *S_lent, *S_orphans, *S_settle_locked, *S_refs, *S_cached, *S_mounts,
-    *S_generation_, *S_next_id, *S_fd_cache_max, *S_evict_locked;
+static PyObject *S_store, *S_by_id, *S_by_key, *S_lock, *S_fd, *S_mode, *S_mnt_id, *S_handles, *S_is_dir,
+    *S_lock_fds, *S_backing, *S_users, *S_unclosed, *S_timeout, *S_submounts, *S_acquire, *S_release,
+    *S_batch_forget, *S_zero_gen, *S_opts, *S_readonly, *S_find_or_add, *S_next_fh, *S_fopen_file, *S_fopen_dir,
+    *S_writeback, *S_passthrough, *S_switch_creds, *S_kernel_groups, *S_proc_groups, *S_proc, *S_chain_for,
+    *S_writable, *S_in_place, *S_keep_fd, *S_drop_cached_fd, *S_orphans, *S_settle_locked, *S_refs, *S_cached,
+    *S_mounts, *S_generation_, *S_next_id, *S_fd_cache_max, *S_evict_locked;
 
 /* This thread's answer from fs._prepare_thread (Python keeps the same in a threading.local): 0 not asked
  * yet, 1 its own umask 0 (a serving thread), -1 not (the main thread: Python switches the process umask). */
@@ -250,6 +248,12 @@ static int set_long(PyObject *o, PyObject *name, long long v) {
     return rc;
 }
 
+/* A file handle as name_to_handle_at fills it: struct file_handle and its bytes, on the stack or inline. */
+typedef union {
+    struct file_handle fh;
+    unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
+} HandleBuf;
+
 /* ------------------------------------------------------------------ the Inode */
 /* inodes.Inode as a C object (its twin: the dataclass there, which the Python op table's stores hold): the same
  * fields in the same constructor order (INODE_FIELDS, checked against the dataclass by fs.py), read and written
@@ -267,10 +271,7 @@ typedef struct {
     unsigned char new_run; /* C only: LOOKUPs under this directory that found a new inode, in a row (op_lookup) */
     PyObject *mount;   /* MountFd or None */
     unsigned int handle_len; /* 0: no handle; else sizeof(struct file_handle) + handle_bytes */
-    union {
-        struct file_handle fh;
-        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
-    } handle;
+    HandleBuf handle;
 } InodeObject;
 
 static PyTypeObject InodeType;
@@ -560,10 +561,7 @@ static int open_from_handle(PyObject *store, PyObject *inode, PathFd *p, int *er
         give_back_keeping(store, inode);
         return -2;
     }
-    union {
-        struct file_handle fh;
-        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
-    } hb;
+    HandleBuf hb;
     memcpy(hb.raw, ino->handle.raw, ino->handle_len);
     int nfd, e = 0, again = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -945,10 +943,7 @@ static int statx_at(PathFd *p, const char *name, int flags, struct statx *sx) {
 static int same_inode(PathFd *p, const char *name, PyObject *inode) {
     InodeObject *ino = INODE(inode);
     if (ino->fd >= 0 || ino->cached_fd >= 0) return 1; /* pinned: cached now, so alive at the statx (find_known) */
-    union {
-        struct file_handle fh;
-        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
-    } hb;
+    HandleBuf hb;
     int mount_id = 0, rc;
     hb.fh.handle_bytes = MAX_HANDLE_SZ_;
     if (p->gil) {
@@ -1024,10 +1019,7 @@ typedef struct {
     int fd, owned, mount_id, kept, python, made;
     long long evicted;
     unsigned int handle_len; /* 0: no handle (handles off) */
-    union {
-        struct file_handle fh;
-        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
-    } handle;
+    HandleBuf handle;
 } Adding;
 
 /* One more lookup of the inode held for a.key, if it is the one behind the fd: pinned (its O_PATH fd, or a
@@ -1705,10 +1697,7 @@ static PyObject *op_open(FastPath *self, const struct fuse_in_header *h, const c
     int ifd = ino->fd;
     char path[64];
     struct file_handle *fh = NULL;
-    union {
-        struct file_handle fh;
-        unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ_];
-    } hb;
+    HandleBuf hb;
     if (ifd >= 0) {
         proc = PyObject_GetAttr(store, S_proc);
         const char *pre = proc != NULL ? PyUnicode_AsUTF8(proc) : NULL;
@@ -2562,27 +2551,18 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_by_key, "_by_key");
     INTERN(S_lock, "_lock");
     INTERN(S_fd, "fd");
-    INTERN(S_cached_fd, "cached_fd");
     INTERN(S_mode, "mode");
-    INTERN(S_handle, "handle");
-    INTERN(S_mount, "mount");
-    INTERN(S_nodeid, "nodeid");
-    INTERN(S_generation, "generation");
-    INTERN(S_dev, "dev");
     INTERN(S_mnt_id, "mnt_id");
-    INTERN(S_nlookup, "nlookup");
     INTERN(S_handles, "_handles");
     INTERN(S_is_dir, "is_dir");
     INTERN(S_users, "users");
     INTERN(S_unclosed, "unclosed");
     INTERN(S_lock_fds, "_lock_fds");
     INTERN(S_backing, "backing");
-    INTERN(S_backing_id, "backing_id");
     INTERN(S_timeout, "timeout");
     INTERN(S_submounts, "submounts");
     INTERN(S_acquire, "acquire");
     INTERN(S_release, "release");
-    INTERN(S_forget, "forget");
     INTERN(S_batch_forget, "batch_forget");
     INTERN(S_zero_gen, "zero_submount_generation");
     INTERN(S_opts, "opts");
@@ -2600,11 +2580,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(S_chain_for, "chain_for");
     INTERN(S_writable, "writable");
     INTERN(S_in_place, "in_place");
-    INTERN(S_used, "used");
     INTERN(S_keep_fd, "keep_fd");
     INTERN(S_drop_cached_fd, "drop_cached_fd");
-    INTERN(S_ino, "ino");
-    INTERN(S_lent, "lent");
     INTERN(S_orphans, "_orphans");
     INTERN(S_settle_locked, "_settle_locked");
     INTERN(S_refs, "refs");
