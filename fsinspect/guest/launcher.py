@@ -163,7 +163,8 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
     assert proc.stdout is not None and proc.stderr is not None
     result.qemu_pid = proc.pid
     sel = selectors.DefaultSelector()
-    streams: dict[int, IO[bytes]] = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
+    out_fd = proc.stdout.fileno()
+    streams: dict[int, IO[bytes]] = {out_fd: proc.stdout, proc.stderr.fileno(): proc.stderr}
     for fd in streams:
         os.set_blocking(fd, False)
         sel.register(fd, selectors.EVENT_READ)
@@ -190,7 +191,7 @@ def run_guest(socket_path: Path | str, *, image: GuestImage | None = None, tag: 
             if not data:
                 sel.unregister(fd)
                 continue
-            if fd == proc.stdout.fileno():  # type: ignore[union-attr]
+            if fd == out_fd:
                 last_output = time.monotonic()
                 for ev in parser.feed(data):
                     if on_event is not None:
